@@ -1,0 +1,97 @@
+"""The one collective: every partial of a call travels in one float64 buffer, in one all-reduce.
+
+Finite orders combine with SUM, which propagates NaN by itself. ``inf`` combines with MAX, which backends do
+not promise to propagate NaN through (gloo's ``std::max`` and NCCL's ``fmax`` may drop it depending on the
+order of operands), so NaN is carried explicitly: the buffer is doubled into ``[values with NaN -> 0,
+isnan flags]`` and the flags turn the result back into NaN after the reduction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ._norm import ReduceOp
+
+__all__ = ["all_reduce_partials", "collective_device", "group_rank", "group_size", "reduction_group"]
+
+
+def group_size(group: dist.ProcessGroup | None) -> int:
+    """World size of ``group`` (1 when there is nothing to combine)."""
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+def group_rank(group: dist.ProcessGroup | None) -> int:
+    """This rank's index in ``group`` (0 when there is nothing to combine)."""
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return 0
+    return dist.get_rank(group)
+
+
+def _world() -> dist.ProcessGroup:
+    world = dist.group.WORLD
+    assert world is not None
+    return world
+
+
+def reduction_group(groups: Iterable[dist.ProcessGroup | None]) -> dist.ProcessGroup | None:
+    """The one group a call reduces over: the common group of its pieces, or the world when they differ.
+
+    Reducing pieces of several groups over a bigger one is exact because every piece is counted by exactly
+    one rank (the adapters mark replicas ``counted=False``): contributions of ranks outside a piece's own
+    group are other pieces, never second copies.
+    """
+    distinct: list[dist.ProcessGroup] = []
+    for g in groups:
+        if g is not None and all(g is not d for d in distinct):
+            distinct.append(g)
+    if not distinct:
+        return None
+    if len(distinct) == 1:
+        return distinct[0]
+    return _world()
+
+
+def collective_device(group: dist.ProcessGroup, preferred: torch.device) -> torch.device:
+    """Where the buffer must live for ``group``'s backend: CUDA for NCCL, the grads' device where possible."""
+    backend = str(dist.get_backend(group)).lower()
+    if preferred.type != "cpu":
+        # gloo and MPI both reduce CUDA tensors; a "cpu:gloo,cuda:nccl" style backend names its devices.
+        if ":" not in backend or f"{preferred.type}:" in backend:
+            return preferred
+        return torch.device("cpu")
+    if backend == "nccl" or (":" in backend and "cpu:" not in backend):
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+    return preferred
+
+
+def all_reduce_partials(partials: Tensor, op: ReduceOp, group: dist.ProcessGroup | None) -> Tensor:
+    """Combine a float64 vector of partials across ``group`` with one all-reduce; NaN-safe for MAX.
+
+    Args:
+        partials: float64 1-D tensor, the same length and layout on every rank of ``group``.
+        op: "sum" or "max".
+        group: the ranks to combine over; ``None`` or a one-rank group means no collective at all.
+
+    Returns:
+        The combined vector, identical on every rank, on the device of ``partials``.
+    """
+    if group is None or group_size(group) == 1:
+        return partials
+    home = partials.device
+    device = collective_device(group, home)
+    if op == "sum":
+        buf = partials.to(device)  # the caller's scratch vector: reducing it in place is fine
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+        return buf.to(home, non_blocking=True)
+    nan = torch.isnan(partials)
+    buf = torch.cat([torch.where(nan, torch.zeros_like(partials), partials), nan.to(torch.float64)]).to(device)
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
+    values, flags = buf.to(home, non_blocking=True).chunk(2)
+    return torch.where(flags > 0, torch.full_like(values, float("nan")), values)

@@ -1,0 +1,62 @@
+"""In-place scaling of gradient pieces by the clip coefficient, foreach-grouped by (device, dtype)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["EPS", "clip_coefficient", "group_by_device_dtype", "resolve_foreach", "scale_"]
+
+#: Added to the total norm before dividing, as torch.nn.utils.clip_grad_norm_ does.
+EPS = 1e-6
+
+
+def group_by_device_dtype(tensors: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
+    """Bucket tensors for fused kernels (the C++ grouping torch's own clip uses, when present)."""
+    try:
+        grouped = torch._C._group_tensors_by_device_and_dtype([list(tensors)], False)
+        return {key: lists[0] for key, (lists, _) in grouped.items()}
+    except (AttributeError, RuntimeError, TypeError):  # pragma: no cover - older or exotic builds
+        out: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        for t in tensors:
+            out.setdefault((t.device, t.dtype), []).append(t)
+        return out
+
+
+def resolve_foreach(foreach: bool | None, device: torch.device, tensors: Sequence[Tensor]) -> bool:
+    """torch's tri-state: None = fused where supported, True = fused or RuntimeError, False = per tensor."""
+    from torch.utils._foreach_utils import _device_has_foreach_support, _has_foreach_support
+
+    if foreach is None:
+        return _has_foreach_support(list(tensors), device)
+    if foreach and not _device_has_foreach_support(device):
+        raise RuntimeError(f"foreach=True was passed, but can't use the foreach API on {device.type} tensors")
+    return bool(foreach)
+
+
+def clip_coefficient(max_norm: float | Tensor, total_norm: Tensor) -> Tensor:
+    """``min(1, max_norm / (total + 1e-6))`` as a float32 device tensor: clamped, never tested (no sync)."""
+    total = total_norm.to(torch.float32)
+    return torch.clamp(max_norm / (total + EPS), max=1.0)
+
+
+def scale_(tensors: Sequence[Tensor], coef: Tensor, foreach: bool | None = None) -> None:
+    """Multiply every tensor in place by ``coef`` in its own dtype.
+
+    On the CPU, where reading ``coef`` costs nothing, a coefficient of exactly 1 skips the pass, so
+    gradients that need no clipping are left bit-for-bit untouched. Elsewhere the multiply always runs: a
+    branch on a device value would stall the host.
+    """
+    if not tensors:
+        return
+    if coef.device.type == "cpu" and bool(coef == 1.0):
+        return
+    for (device, _), group in group_by_device_dtype(tensors).items():
+        c = coef.to(device, non_blocking=True)
+        if resolve_foreach(foreach, device, group):
+            torch._foreach_mul_(group, c)
+        else:
+            for t in group:
+                t.mul_(c)

@@ -1,0 +1,55 @@
+"""Adapters turn whatever a user trains with into :class:`~dist_clip.shards.Shards`.
+
+Each adapter module exposes ``matches(target) -> bool`` and ``shards(target, group) -> list[Shards]`` and
+imports its framework lazily, inside those functions, so ``import dist_clip`` needs torch only. Order matters:
+the most specific wrapper is tried first and the generic parameter adapter last.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Protocol
+
+import torch.distributed as dist
+
+from ..shards import Shards
+
+__all__ = ["ADAPTERS", "Adapter", "resolve"]
+
+
+class Adapter(Protocol):
+    def matches(self, target: object) -> bool: ...
+
+    def shards(self, target: object, group: dist.ProcessGroup | None) -> list[Shards]: ...
+
+
+#: Adapter modules in the order they are tried; adding a framework means adding one module here.
+ADAPTERS: tuple[str, ...] = (
+    "dist_clip.adapters.deepspeed",
+    "dist_clip.adapters.fairscale",
+    "dist_clip.adapters.fsdp",
+    "dist_clip.adapters.params",
+)
+
+
+def _load(name: str) -> Adapter | None:
+    try:
+        return importlib.import_module(name)  # type: ignore[return-value]
+    except ModuleNotFoundError as e:
+        if e.name == name:  # the adapter itself is absent, not its framework
+            return None
+        raise
+
+
+def resolve(target: object, group: dist.ProcessGroup | None = None) -> list[Shards]:
+    """The Shards of ``target`` on this rank, from the first adapter that recognises it."""
+    if target is None:
+        raise TypeError("target must be a tensor, an iterable of tensors/parameters, a module or an engine; got None")
+    for name in ADAPTERS:
+        adapter = _load(name)
+        if adapter is not None and adapter.matches(target):
+            return adapter.shards(target, group)
+    raise TypeError(
+        f"dist_clip does not know how to find gradients in a {type(target).__module__}.{type(target).__name__}; "
+        "pass a tensor, an iterable of parameters/tensors, an nn.Module, or a supported wrapper"
+    )

@@ -1,0 +1,95 @@
+"""Plain tensors, iterables of parameters, plain modules and DistributedDataParallel.
+
+Under DDP every rank holds the same, already averaged gradients, so the norm needs no collective at all.
+Plain tensors with ``group=`` are pieces that differ on every rank of ``group`` (the caller's own sharding):
+one collective over ``group`` sums them. DTensor gradients met anywhere here are handed to the DTensor logic
+of the FSDP adapter, so ``model.parameters()`` of an FSDP2 model is as good as the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..shards import Shards
+
+__all__ = ["gradient_of", "matches", "shards", "split_dtensors"]
+
+
+def gradient_of(t: Tensor) -> Tensor | None:
+    """The gradient a target element stands for: ``.grad`` of a parameter, the tensor itself otherwise.
+
+    A tensor that is a parameter or requires grad is a parameter (its ``.grad`` is measured, and skipped when
+    ``None``); any other tensor is taken to be a gradient already (as in ``torch.nn.utils.get_total_norm``).
+    """
+    if isinstance(t, nn.Parameter) or t.requires_grad:
+        return t.grad
+    return t
+
+
+def matches(target: object) -> bool:
+    return isinstance(target, (Tensor, nn.Module, Iterable))
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return type(t).__name__ == "DTensor" and type(t).__module__.startswith("torch.distributed")
+
+
+def split_dtensors(grads: Iterable[tuple[str, Tensor]]) -> tuple[list[tuple[str, Tensor]], list[tuple[str, Tensor]]]:
+    """Separate (name, grad) pairs into plain and DTensor gradients, keeping order."""
+    plain: list[tuple[str, Tensor]] = []
+    dtensors: list[tuple[str, Tensor]] = []
+    for name, g in grads:
+        (dtensors if _is_dtensor(g) else plain).append((name, g))
+    return plain, dtensors
+
+
+def named_grads(target: object) -> list[tuple[str, Tensor]]:
+    """(name, gradient) pairs of a tensor, an iterable or a module; duplicates (tied weights) once."""
+    if isinstance(target, Tensor):
+        items: Iterable[tuple[str, Tensor]] = [("0", target)]
+    elif isinstance(target, nn.Module):
+        items = target.named_parameters()
+    elif isinstance(target, Iterable) and not isinstance(target, (str, bytes)):
+        items = ((str(i), t) for i, t in enumerate(target))
+    else:
+        raise TypeError(f"expected a tensor, an iterable of tensors or an nn.Module, got {type(target).__name__}")
+    seen: set[int] = set()
+    out: list[tuple[str, Tensor]] = []
+    for name, t in items:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"expected tensors or parameters in the target, got {type(t).__name__} at {name}")
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        g = gradient_of(t)
+        if g is not None:
+            out.append((name, g))
+    return out
+
+
+def _ddp_types() -> tuple[type, ...]:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return (DistributedDataParallel,)
+
+
+def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
+    is_ddp = isinstance(target, _ddp_types())
+    if is_ddp:
+        # DDP gradients are identical on every rank once backward() returns: nothing to combine. A group
+        # passed by the caller cannot make replicas distinct, so it is not used.
+        group = None
+        target = target.module  # type: ignore[union-attr]
+    plain, dtensors = split_dtensors(named_grads(target))
+    out: list[Shards] = []
+    if plain or not dtensors:
+        out.append(Shards([g for _, g in plain], group=group, names=[n for n, _ in plain]))
+    if dtensors:
+        from .fsdp import dtensor_shards
+
+        out.extend(dtensor_shards(dtensors, group))
+    return out

@@ -1,0 +1,199 @@
+"""The public functions: resolve a target to Shards, measure, combine with one collective, scale in place."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import _norm, _reduce, _scale
+from .adapters import resolve
+from .shards import Shards
+
+__all__ = ["clip_grad_norm_", "clip_grads_with_norm_", "get_total_norm", "local_total_partial", "total_from_shards"]
+
+
+def _check_group(group: object) -> dist.ProcessGroup | None:
+    if group is None:
+        return None
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("group= was given but torch.distributed is not initialized; call init_process_group first")
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
+    return group
+
+
+def _check_foreach(foreach: object) -> bool | None:
+    if foreach is not None and not isinstance(foreach, bool):
+        raise TypeError(f"foreach must be None, True or False, got {foreach!r}")
+    return foreach
+
+
+def _check_max_norm(max_norm: object) -> float | Tensor:
+    if isinstance(max_norm, bool) or not isinstance(max_norm, (numbers.Real, Tensor)):
+        raise TypeError(f"max_norm must be a real number, got {type(max_norm).__name__} {max_norm!r}")
+    if isinstance(max_norm, Tensor):
+        if max_norm.numel() != 1 or not max_norm.is_floating_point():
+            raise TypeError(f"max_norm as a tensor must hold one floating-point value, got shape {tuple(max_norm.shape)}")
+        if max_norm.device.type != "cpu":
+            return max_norm.reshape(())  # validating would be a device sync: trusted as given
+        value = float(max_norm)
+    else:
+        value = float(max_norm)
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"max_norm must be a number >= 0, got {value}")
+    return max_norm.reshape(()) if isinstance(max_norm, Tensor) else value
+
+
+def _all_tensors(shards: Sequence[Shards]) -> list[Tensor]:
+    seen: set[int] = set()
+    out: list[Tensor] = []
+    for s in shards:
+        for t in s.tensors:
+            if id(t) not in seen:
+                seen.add(id(t))
+                out.append(t)
+    return out
+
+
+def _counted_tensors(shards: Sequence[Shards], group: dist.ProcessGroup | None) -> list[Tensor]:
+    """The pieces this rank measures: counted ones, and replicated (group None) ones on rank 0 only."""
+    first = _reduce.group_rank(group) == 0
+    out: list[Tensor] = []
+    for s in shards:
+        if s.counted and (s.group is not None or first):
+            out.extend(t for t in s.tensors if t.numel() > 0)
+    return out
+
+
+def local_total_partial(tensors: Sequence[Tensor], p: float, foreach: bool | None, device: torch.device) -> Tensor:
+    """This rank's one partial (float64, 0-dim, on ``device``) over all its counted pieces."""
+    parts: list[Tensor] = []
+    for (dev, _), group in _scale.group_by_device_dtype(tensors).items():
+        use_foreach = _scale.resolve_foreach(foreach, dev, group)
+        partials = _norm.local_partials(group, p, use_foreach)
+        reduced = partials.max() if math.isinf(p) and partials.numel() else partials.sum()
+        parts.append(reduced.to(device, non_blocking=True))
+    if not parts:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    stacked = torch.stack(parts)
+    if math.isinf(p):
+        # torch.max propagates NaN, which is what a NaN gradient must do.
+        return stacked.max()
+    return stacked.sum()
+
+
+def _home_device(tensors: Sequence[Tensor], group: dist.ProcessGroup | None) -> torch.device:
+    if tensors:
+        return tensors[0].device
+    if group is not None:
+        return _reduce.collective_device(group, torch.device("cpu"))
+    return torch.device("cpu")
+
+
+def total_from_shards(
+    shards: Sequence[Shards], p: float, error_if_nonfinite: bool, foreach: bool | None
+) -> Tensor:
+    """The global norm of ``shards``: local partials, one collective, root. Identical on every rank."""
+    group = _reduce.reduction_group(s.group for s in shards)
+    everything = _all_tensors(shards)
+    home = _home_device(everything, group)
+    if not everything and group is None:
+        warnings.warn("dist_clip: the target holds no gradients; the total norm is 0", UserWarning, stacklevel=4)
+    partial = local_total_partial(_counted_tensors(shards, group), p, foreach, home)
+    combined = _reduce.all_reduce_partials(partial.reshape(1), _norm.combine_op(p), group)
+    total = _norm.finalize(combined[0], p).to(torch.float32)
+    if error_if_nonfinite and not bool(torch.isfinite(total)):
+        raise RuntimeError(
+            f"The total norm of order {p} for gradients is non-finite ({total.item()}), so it cannot be clipped. "
+            "Every rank of the group raises this error together. To disable it and scale the gradients by the "
+            "non-finite norm anyway, set `error_if_nonfinite=False`"
+        )
+    return total
+
+
+@torch.no_grad()
+def get_total_norm(
+    target: object,
+    norm_type: float | str = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    *,
+    group: dist.ProcessGroup | None = None,
+) -> Tensor:
+    """Norm of all gradients of ``target`` as if unsharded, combined across ranks with one collective.
+
+    Must be called on all ranks of the group (every rank of the wrapper's process group, or of ``group``),
+    including ranks that hold no gradients: they contribute a neutral partial.
+
+    Args:
+        target: a tensor, an iterable of parameters or gradient tensors, an ``nn.Module`` (plain, DDP, FSDP1,
+            FSDP2) or a supported framework object. Parameters contribute their ``.grad`` (``None`` is
+            skipped); other tensors are taken to be gradients.
+        norm_type: order ``p >= 0`` of the norm, or ``inf``/``"inf"``. ``0`` counts non-zero entries (the
+            L0 "norm", as ``torch.linalg.vector_norm``; ``torch.nn.utils`` returns something else for 0).
+        error_if_nonfinite: raise ``RuntimeError`` on every rank when the total is NaN or infinite.
+        foreach: ``None`` uses fused multi-tensor kernels where supported, ``True`` requires them, ``False``
+            measures tensor by tensor.
+        group: overrides the process group the adapter would choose. For plain tensors it means "each rank
+            of ``group`` holds different pieces": their partials are summed over it.
+
+    Returns:
+        A 0-dim float32 tensor on the gradients' device, identical on every rank of the group.
+    """
+    p = _norm.parse_norm_type(norm_type)
+    _check_foreach(foreach)
+    shards = resolve(target, _check_group(group))
+    return total_from_shards(shards, p, error_if_nonfinite, foreach)
+
+
+@torch.no_grad()
+def clip_grads_with_norm_(
+    target: object, max_norm: float | Tensor, total_norm: Tensor | float, foreach: bool | None = None
+) -> None:
+    """Scale this rank's gradient pieces of ``target`` in place by ``min(1, max_norm / (total_norm + 1e-6))``.
+
+    Purely local: ``total_norm`` should come from :func:`get_total_norm`, which must be called on all ranks
+    of the group. Each piece is scaled in its own dtype; no host sync on CUDA.
+    """
+    limit = _check_max_norm(max_norm)
+    _check_foreach(foreach)
+    tensors = _all_tensors(resolve(target, None))
+    if not tensors:
+        return
+    if not isinstance(total_norm, Tensor):
+        total_norm = torch.tensor(float(total_norm), dtype=torch.float32, device=tensors[0].device)
+    _scale.scale_(tensors, _scale.clip_coefficient(limit, total_norm), foreach)
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    target: object,
+    max_norm: float | Tensor,
+    norm_type: float | str = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    *,
+    group: dist.ProcessGroup | None = None,
+) -> Tensor:
+    """Clip the gradient norm of ``target`` exactly as if it were unsharded: one collective, in place.
+
+    Must be called on all ranks of the group, after ``backward()`` and before ``optimizer.step()``. The
+    arguments are those of :func:`get_total_norm` plus ``max_norm``; gradients are multiplied in place by
+    ``min(1, max_norm / (total + 1e-6))``.
+
+    Returns:
+        The total norm before clipping: a 0-dim float32 tensor, identical on every rank of the group.
+    """
+    limit = _check_max_norm(max_norm)
+    p = _norm.parse_norm_type(norm_type)
+    _check_foreach(foreach)
+    shards = resolve(target, _check_group(group))
+    total = total_from_shards(shards, p, error_if_nonfinite, foreach)
+    _scale.scale_(_all_tensors(shards), _scale.clip_coefficient(limit, total), foreach)
+    return total
