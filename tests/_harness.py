@@ -136,8 +136,9 @@ class RankPool:
                 q.put(None)
             except Exception:  # noqa: BLE001
                 pass
+        deadline = time.monotonic() + (2.0 if not self.broken else 0.0)
         for p in self._procs:
-            p.join(timeout=5 if not self.broken else 0.1)
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)

@@ -1,0 +1,199 @@
+"""Distributed tier for the core: spawned gloo ranks (world sizes 1-4), against the float64 reference.
+
+Every rank builds the same full set of gradients from a seed, keeps its own (uneven, sometimes empty) share,
+and checks the total and the clipped pieces against the reference computed from the full set; totals must be
+bit-identical across ranks, and each call must issue exactly the expected number of collectives.
+Run: ``.venv/bin/python -m pytest tests/test_dist_core.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import dist_clip
+from dist_clip.testing import count_collectives, reference_norm
+
+ORDERS = (0.0, 1.0, 2.0, 3.5, math.inf)
+WORLD_SIZES = (1, 2, 3, 4)
+
+
+def _full_grads(seed: int, dtype: torch.dtype, sizes=(1, 7, 13 * 7, 5000, 0, 70000, 2, 300)) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, n in enumerate(sizes):
+        t = torch.randn(n, generator=g, dtype=torch.float64) * (10.0 ** (i % 3 - 1))
+        t[torch.rand(n, generator=g) < 0.2] = 0
+        out.append(t.to(dtype))
+    return out
+
+
+def _my_share(items: list, rank: int, world: int) -> list:
+    # Uneven on purpose: rank 0 takes every item whose index % (world + 1) is 0 or 1, the last rank may
+    # get nothing at all when world >= 3.
+    return [x for i, x in enumerate(items) if min(i % (world + 1), world - 1) == rank and not (world >= 3 and rank == world - 1)]
+
+
+def body_plain_group(dtype_name: str, max_norm: float) -> list:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dtype = getattr(torch, dtype_name)
+    out = []
+    for p in ORDERS:
+        full = _full_grads(17, dtype)
+        mine = _my_share(full, rank, world)
+        # Items held by no rank (the excluded last rank's) are not part of the model on any rank.
+        held = [x for r in range(world) for x in _my_share(full, r, world)]
+        want = reference_norm(held, p)
+        before = [t.clone() for t in mine]
+        with count_collectives() as calls:
+            total = dist_clip.clip_grad_norm_(mine, max_norm, p, group=dist.group.WORLD)
+        rtol = 1e-6 if dtype == torch.float32 else 1e-5
+        assert total.dtype == torch.float32 and total.dim() == 0
+        assert abs(total.item() - want) <= rtol * want, (p, total.item(), want)
+        assert calls.total == (1 if world > 1 else 0), calls.names
+        coef = min(1.0, max_norm / (want + 1e-6))
+        # One rounding in the gradient's own dtype; fp16 results below 6.1e-5 are subnormal (spacing 6e-8).
+        rtol_g = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+        atol_g = 6e-8 if dtype == torch.float16 else 1e-30
+        for t, b in zip(mine, before):
+            torch.testing.assert_close(t.double(), b.double() * coef, rtol=rtol_g, atol=atol_g)
+        out.append(total.item())
+    return out
+
+
+@pytest.mark.parametrize("world", WORLD_SIZES)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_plain_tensors_with_group(run_ranks, world, dtype):
+    values = run_ranks(world, body_plain_group, dtype, 0.7)
+    assert all(v == values[0] for v in values), "totals differ across ranks"
+
+
+def body_nan_on_one_rank(bad_rank: int) -> list:
+    rank = dist.get_rank()
+    out = []
+    for p in ORDERS:
+        t = torch.randn(1000) if rank != bad_rank else torch.randn(100000)
+        if rank == bad_rank:
+            t[123] = math.nan
+        out.append(math.isnan(dist_clip.get_total_norm([t], p, group=dist.group.WORLD).item()))
+        try:
+            dist_clip.clip_grad_norm_([t.clone()], 1.0, p, error_if_nonfinite=True, group=dist.group.WORLD)
+            out.append("no error")
+        except RuntimeError as e:
+            out.append("non-finite" in str(e))
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_nan_on_one_rank_is_nan_everywhere_and_errors_everywhere(run_ranks, world):
+    for values in run_ranks(world, body_nan_on_one_rank, world - 1):
+        assert values == [True] * (2 * len(ORDERS)), values
+
+
+def body_inf_elements_do_not_break_max() -> list:
+    rank = dist.get_rank()
+    t = torch.full((10,), -3.0 if rank == 0 else 2.0)
+    return [dist_clip.get_total_norm([t], p, group=dist.group.WORLD).item() for p in ("inf", 0)]
+
+
+def test_inf_norm_of_negative_values_across_ranks(run_ranks):
+    for values in run_ranks(2, body_inf_elements_do_not_break_max):
+        assert values == [3.0, 20.0]
+
+
+def body_ddp(max_norm: float) -> list:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(13, 7), nn.ReLU(), nn.Linear(7, 3))
+    ref = [p.detach().clone() for p in model.parameters()]
+    ddp = nn.parallel.DistributedDataParallel(model)
+    g = torch.Generator().manual_seed(100)
+    xs = torch.randn(dist.get_world_size(), 5, 13, generator=g)
+    ddp(xs[dist.get_rank()]).square().mean().backward()
+    # Reference: the same model unsharded on the global batch (DDP averages the per-rank mean losses).
+    ref_model = nn.Sequential(nn.Linear(13, 7), nn.ReLU(), nn.Linear(7, 3))
+    with torch.no_grad():
+        for p, r in zip(ref_model.parameters(), ref):
+            p.copy_(r)
+    torch.stack([ref_model(x).square().mean() for x in xs]).mean().backward()
+    ref_grads = [p.grad for p in ref_model.parameters()]
+    out = []
+    for p in ORDERS:
+        want = reference_norm(ref_grads, p)
+        with count_collectives() as calls:
+            total = dist_clip.get_total_norm(ddp, p)
+        assert calls.total == 0, calls.names
+        assert abs(total.item() - want) <= 1e-5 * want, (p, total.item(), want)
+        out.append(total.item())
+    torch_total = torch.nn.utils.get_total_norm([q.grad for q in model.parameters()])
+    ours = dist_clip.clip_grad_norm_(ddp, max_norm)
+    assert ours.item() == pytest.approx(torch_total.item(), rel=1e-5)
+    coef = min(1.0, max_norm / (reference_norm(ref_grads) + 1e-6))
+    for q, r in zip(model.parameters(), ref_grads):
+        torch.testing.assert_close(q.grad.double(), r.double() * coef, rtol=1e-5, atol=1e-8)
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ddp_needs_no_collective(run_ranks, world):
+    values = run_ranks(world, body_ddp, 0.05)
+    assert all(v == values[0] for v in values)
+
+
+def body_many_tensors_one_collective() -> int:
+    rank = dist.get_rank()
+    tensors = [torch.randn(i + 1, dtype=dt) for i in range(300) for dt in (torch.float32, torch.bfloat16, torch.float16)]
+    if rank == 1:
+        tensors = []  # a rank with nothing still takes part
+    counts = []
+    for p in ORDERS:
+        with count_collectives() as calls:
+            dist_clip.clip_grad_norm_(tensors, 1.0, p, group=dist.group.WORLD)
+        counts.append(calls.total)
+    assert counts == [1] * len(ORDERS), counts
+    return rank
+
+
+def test_one_collective_whatever_the_number_of_tensors_and_dtypes(run_ranks):
+    assert run_ranks(3, body_many_tensors_one_collective) == [0, 1, 2]
+
+
+def body_subgroups() -> float:
+    rank = dist.get_rank()
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    mine = groups[rank // 2]
+    full = _full_grads(3 + rank // 2, torch.float32)
+    share = full[rank % 2 :: 2]
+    with count_collectives() as calls:
+        total = dist_clip.get_total_norm(share, 2.0, group=mine)
+    assert calls.total == 1
+    want = reference_norm(full, 2.0)
+    assert abs(total.item() - want) <= 1e-6 * want
+    return total.item()
+
+
+def test_group_override_reduces_over_that_group_only(run_ranks):
+    a, b, c, d = run_ranks(4, body_subgroups)
+    assert a == b and c == d and a != c
+
+
+def body_silent_peer() -> str:
+    if dist.get_rank() == 1:
+        return "skipped the call"
+    try:
+        dist_clip.get_total_norm([torch.ones(3)], group=dist.group.WORLD)
+    except RuntimeError as e:  # gloo's timeout surfaces as a RuntimeError subclass, not a hang
+        return f"RuntimeError: {type(e).__name__}"
+    return "returned"
+
+
+def test_a_peer_that_does_not_answer_gives_a_runtime_error(pools):
+    pool = pools.get(2, pg_timeout_s=3.0)
+    try:
+        values = pool.run(body_silent_peer, timeout_s=60)
+    finally:
+        pool.broken = True  # the timed-out group is unusable afterwards: never reuse these ranks
+    assert values[0].startswith("RuntimeError"), values

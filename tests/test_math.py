@@ -1,0 +1,207 @@
+"""Math tier: single process, against the float64 unsharded reference.
+
+Checks the local partials for every norm order and dtype (hypothesis-generated shapes, values and orders),
+the overflow/underflow rescues, and the NaN-safe combination with a mocked collective whose MAX drops NaN as
+real backends may. Run: ``.venv/bin/python -m pytest tests/test_math.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import dist_clip
+from dist_clip import _norm, _reduce
+from dist_clip.testing import reference_norm
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+# Relative accuracy promised against the float64 reference (fp32 output rounding is 6e-8).
+RTOL = {torch.float32: 1e-6, torch.float64: 1e-6, torch.bfloat16: 1e-5, torch.float16: 1e-5}
+
+orders = st.one_of(
+    st.sampled_from([0.0, 0.5, 1.0, 2.0, 3.0, 3.5, math.inf]),
+    st.floats(min_value=0.25, max_value=8.0, allow_nan=False),
+)
+sizes = st.lists(st.integers(min_value=0, max_value=20000), min_size=0, max_size=6)
+
+
+def _close(got: float, want: float, rtol: float) -> bool:
+    if math.isnan(want):
+        return math.isnan(got)
+    if math.isinf(want):
+        return got == want
+    return abs(got - want) <= rtol * abs(want) + 1e-30
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    sizes=sizes,
+    p=orders,
+    dtype=st.sampled_from(DTYPES),
+    scale_exp=st.integers(min_value=-4, max_value=4),
+    seed=st.integers(0, 2**16),
+    sparsity=st.sampled_from([0.0, 0.5]),
+)
+def test_total_matches_float64_reference(sizes, p, dtype, scale_exp, seed, sparsity):
+    g = torch.Generator().manual_seed(seed)
+    grads = []
+    for n in sizes:
+        t = torch.randn(n, generator=g, dtype=torch.float64) * 10.0**scale_exp
+        if sparsity:
+            t[torch.rand(n, generator=g) < sparsity] = 0
+        grads.append(t.to(dtype))
+    total = dist_clip.get_total_norm(grads, p)
+    want = reference_norm(grads, p)
+    assert total.dtype == torch.float32 and total.shape == ()
+    # The reference itself is rounded to float32 when we return it, so compare with that rounding in mind.
+    assert _close(total.item(), want, RTOL[dtype]), (total.item(), want)
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0, math.inf])
+def test_fp32_elements_whose_powers_overflow_float32(p):
+    g = torch.full((5000,), 1e20)
+    g[::7] = 3e19
+    want = reference_norm([g], p)
+    assert math.isfinite(want)
+    assert dist_clip.get_total_norm([g], p).item() == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0])
+def test_fp32_elements_whose_powers_underflow_float32(p):
+    g = torch.full((5000,), 1e-25)
+    want = reference_norm([g], p)
+    assert dist_clip.get_total_norm([g], p).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_fp16_norm_above_fp16_max_is_finite_and_exact():
+    # 100000 elements of 316.25 (exact in fp16): norm 1.00006e5 > 65504, the largest fp16.
+    g = torch.full((100000,), 316.25, dtype=torch.float16)
+    want = reference_norm([g])
+    assert want > 65504
+    ours = dist_clip.get_total_norm([g])
+    assert ours.item() == pytest.approx(want, rel=1e-6)
+    # torch accumulates in fp16 and overflows; clipping by that inf norm zeroes the gradients.
+    assert math.isinf(torch.nn.utils.get_total_norm([g]).item())
+    p = torch.nn.Parameter(torch.zeros(100000, dtype=torch.float16))
+    p.grad = g.clone()
+    dist_clip.clip_grad_norm_([p], 1.0)
+    assert p.grad.float().norm().item() == pytest.approx(1.0, rel=1e-3)
+
+
+def test_large_fp32_tensor_accuracy_beats_torch():
+    torch.manual_seed(0)
+    g = torch.randn(1 << 24)
+    want = reference_norm([g])
+    ours = dist_clip.get_total_norm([g]).item()
+    assert abs(ours - want) / want <= 1e-6
+    torch_err = abs(torch.linalg.vector_norm(g).item() - want) / want
+    assert torch_err > 1e-5  # torch's float32 norm is visibly off at this size: the bar is not trivial
+
+
+def test_constant_inputs_do_not_accumulate_rounding_bias():
+    g = torch.full((3 * _norm.BLOCK * 100 + 17,), 316.3)
+    assert dist_clip.get_total_norm([g]).item() == pytest.approx(reference_norm([g]), rel=1e-6)
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0, 2.0, 3.5, math.inf])
+@pytest.mark.parametrize("n", [10, 100000])
+def test_nan_anywhere_gives_nan_for_every_order(p, n):
+    g = torch.randn(n)
+    g[n // 2] = math.nan
+    assert math.isnan(dist_clip.get_total_norm([torch.ones(3), g], p).item())
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, math.inf])
+def test_inf_gradient_gives_inf(p):
+    g = torch.randn(100000)
+    g[5] = math.inf
+    assert dist_clip.get_total_norm([g], p).item() == math.inf
+
+
+def test_l0_counts_non_zeros_and_treats_inf_as_non_zero():
+    g = torch.tensor([0.0, 1.0, -2.0, 0.0, math.inf])
+    assert dist_clip.get_total_norm([g, torch.zeros(4), torch.ones(3)], 0).item() == 6.0
+
+
+def test_l0_differs_from_torch_which_counts_non_zero_tensors():
+    grads = [torch.tensor([1.0, 2.0, 0.0]), torch.tensor([0.0, 5.0])]
+    assert dist_clip.get_total_norm(grads, 0).item() == 3.0  # the L0 "norm" of the concatenation
+    assert torch.nn.utils.get_total_norm(grads, 0).item() == 2.0  # torch: non-zero per-tensor norms
+
+
+@pytest.mark.parametrize("foreach", [None, True, False])
+@pytest.mark.parametrize("p", [0.0, 1.0, 2.0, 3.0, math.inf])
+def test_foreach_modes_agree(foreach, p):
+    torch.manual_seed(1)
+    grads = [torch.randn(n) for n in (3, 5000, 100000)] + [torch.randn(7, dtype=torch.bfloat16)]
+    want = reference_norm(grads, p)
+    assert dist_clip.get_total_norm(grads, p, foreach=foreach).item() == pytest.approx(want, rel=1e-6)
+
+
+# --- the collective, mocked: a backend whose MAX drops NaN (fmax) must still give NaN -----------------
+
+
+class _FakeBackend:
+    """Stands in for a 2-rank group: the other rank's buffer is given, MAX is fmax (drops NaN), SUM adds."""
+
+    def __init__(self, other: torch.Tensor):
+        self.other = other
+        self.calls = 0
+
+    def all_reduce(self, buf, op=None, group=None):
+        self.calls += 1
+        other = self.other.to(buf.dtype)
+        if op == torch.distributed.ReduceOp.MAX:
+            buf.copy_(torch.fmax(buf, other))
+        else:
+            buf.add_(other)
+
+
+@pytest.fixture
+def fake_two_ranks(monkeypatch):
+    def install(other_partials: torch.Tensor, op: str) -> _FakeBackend:
+        if op == "max":
+            nan = torch.isnan(other_partials)
+            other = torch.cat([torch.where(nan, torch.zeros_like(other_partials), other_partials), nan.double()])
+        else:
+            other = other_partials
+        fake = _FakeBackend(other)
+        monkeypatch.setattr(_reduce, "group_size", lambda group: 2)
+        monkeypatch.setattr(_reduce, "collective_device", lambda group, preferred: preferred)
+        monkeypatch.setattr(_reduce.dist, "all_reduce", fake.all_reduce)
+        return fake
+
+    return install
+
+
+def test_nan_survives_a_max_that_drops_it(fake_two_ranks):
+    fake = fake_two_ranks(torch.tensor([3.0], dtype=torch.float64), "max")
+    out = _reduce.all_reduce_partials(torch.tensor([math.nan], dtype=torch.float64), "max", group=object())
+    assert math.isnan(out.item()) and fake.calls == 1
+    # And from the other side: the NaN is on the peer.
+    fake = fake_two_ranks(torch.tensor([math.nan], dtype=torch.float64), "max")
+    out = _reduce.all_reduce_partials(torch.tensor([3.0], dtype=torch.float64), "max", group=object())
+    assert math.isnan(out.item()) and fake.calls == 1
+
+
+def test_plain_fmax_would_have_dropped_it():
+    assert torch.fmax(torch.tensor(math.nan), torch.tensor(3.0)).item() == 3.0
+
+
+def test_sum_combines_partials(fake_two_ranks):
+    fake_two_ranks(torch.tensor([9.0, 1.0], dtype=torch.float64), "sum")
+    out = _reduce.all_reduce_partials(torch.tensor([16.0, 2.0], dtype=torch.float64), "sum", group=object())
+    assert out.tolist() == [25.0, 3.0]
+
+
+def test_finalize_roots():
+    t = torch.tensor(16.0, dtype=torch.float64)
+    assert _norm.finalize(t, 2.0).item() == 4.0
+    assert _norm.finalize(t, 4.0).item() == pytest.approx(2.0)
+    assert _norm.finalize(t, 0.0).item() == 16.0
+    assert _norm.finalize(t, math.inf).item() == 16.0
+    assert _norm.combine_op(math.inf) == "max" and _norm.combine_op(2.0) == "sum" and _norm.combine_op(0.0) == "sum"
