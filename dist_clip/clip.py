@@ -101,13 +101,20 @@ def total_from_shards(
 ) -> Tensor:
     """The global norm of ``shards``: local partials, one collective, root. Identical on every rank."""
     group = _reduce.reduction_group(s.group for s in shards)
+    scales = {float(s.loss_scale) for s in shards}
+    if len(scales) > 1:
+        raise ValueError(f"the Shards of one call must share one loss_scale, got {sorted(scales)}")
+    scale = scales.pop() if scales else 1.0
     everything = _all_tensors(shards)
     home = _home_device(everything, group)
     if not everything and group is None:
         warnings.warn("dist_clip: the target holds no gradients; the total norm is 0", UserWarning, stacklevel=4)
     partial = local_total_partial(_counted_tensors(shards, group), p, foreach, home)
     combined = _reduce.all_reduce_partials(partial.reshape(1), _norm.combine_op(p), group)
-    total = _norm.finalize(combined[0], p).to(torch.float32)
+    total = _norm.finalize(combined[0], p)
+    if scale != 1.0 and p != 0:  # every p-norm is homogeneous of degree 1; the L0 count is scale-free
+        total = total / scale
+    total = total.to(torch.float32)
     if error_if_nonfinite and not bool(torch.isfinite(total)):
         raise RuntimeError(
             f"The total norm of order {p} for gradients is non-finite ({total.item()}), so it cannot be clipped. "

@@ -27,13 +27,19 @@ class Shards:
         counted: ``False`` where another rank of ``group`` already counts these very pieces (HSDP replicas,
             tensor-parallel duplicates). Such pieces are only scaled, never measured.
         names: optional names of the pieces, for reports and error messages; empty or one per tensor.
+        loss_scale: the pieces hold ``loss_scale`` times the gradients (mixed-precision loss scaling, as under
+            DeepSpeed fp16). The norm is that of the unscaled gradients; the clip coefficient computed from it
+            applies to the scaled pieces unchanged. All ``Shards`` of one call must share one value.
     """
 
     tensors: Sequence[Tensor]
     group: dist.ProcessGroup | None = None
     counted: bool = True
     names: Sequence[str] = field(default=())
+    loss_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.names and len(self.names) != len(self.tensors):
             raise ValueError(f"Shards.names has {len(self.names)} entries for {len(self.tensors)} tensors")
+        if not (self.loss_scale > 0 and self.loss_scale < float("inf")):
+            raise ValueError(f"Shards.loss_scale must be a finite number > 0, got {self.loss_scale}")

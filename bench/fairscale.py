@@ -1,0 +1,107 @@
+"""fairscale's ``OSS.clip_grad_norm`` vs ``dist_clip.clip_grad_norm_(oss, ...)``: the clipping call alone.
+
+Two gloo ranks on the CPU, OSS + torch DDP, fp32 (and bf16 for the accuracy column): after one backward the
+same gradients are clipped by each in turn (restored in between), p = 2 and inf. ``python -m bench fairscale``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from datetime import timedelta
+
+from .common import table
+
+WORLD = 2
+
+
+def _rank(rank: int, store_path: str, out_path: str, quick: bool) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, WORLD), rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=300))
+    from fairscale.optim import OSS
+    from torch.nn.parallel import DistributedDataParallel
+
+    import dist_clip
+    from dist_clip.testing import count_collectives, reference_norm
+
+    width, depth, iters = (64, 2, 5) if quick else (1024, 4, 11)
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        layers: list[torch.nn.Module] = []
+        for _ in range(depth):
+            layers += [torch.nn.Linear(width, width), torch.nn.Tanh()]
+        model = torch.nn.Sequential(*layers).to(dtype)
+        opt = OSS(model.parameters(), optim=torch.optim.SGD, lr=1e-3)
+        ddp = DistributedDataParallel(model)
+        x = torch.randn(8, width, generator=torch.Generator().manual_seed(rank)).to(dtype)
+        ddp(x).float().pow(2).mean().backward()
+        params = list(model.parameters())
+        saved = [p.grad.clone() for p in params]
+        exact_grads = [g.double() for g in saved]  # DDP: whole and identical on every rank
+
+        def restore(params: list = params, saved: list = saved) -> None:
+            for p, g in zip(params, saved):
+                p.grad.copy_(g)
+
+        for p in (2.0, math.inf):
+            row: dict = {"dtype": str(dtype).replace("torch.", ""), "p": p, "exact": reference_norm(exact_grads, p)}
+            for name, fn in (("fairscale", lambda opt=opt, p=p: opt.clip_grad_norm(1e-3, p)),
+                             ("dist_clip", lambda opt=opt, p=p: dist_clip.clip_grad_norm_(opt, 1e-3, p))):
+                times = []
+                for _ in range(iters):
+                    restore()
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    value = fn()
+                    times.append(time.perf_counter() - t0)
+                restore()
+                with count_collectives() as c:  # untimed: the profiler costs time
+                    fn()
+                row[name] = {"ms": 1e3 * statistics.median(times[1:]), "collectives": c.total, "norm": float(value),
+                             "norm_dtype": str(value.dtype).replace("torch.", "")}
+            results.append(row)
+        n = sum(p.numel() for p in params)
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump({"rows": results, "params": n}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main(quick: bool = False) -> str:
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="bench_fairscale_") as tmp:
+        out = os.path.join(tmp, "out.json")
+        mp.start_processes(_rank, args=(os.path.join(tmp, "store"), out, quick), nprocs=WORLD, start_method="spawn")
+        with open(out) as f:
+            data = json.load(f)
+    rows = []
+    for r in data["rows"]:
+        fs, dc = r["fairscale"], r["dist_clip"]
+        exact = r["exact"]
+        rel = lambda v, exact=exact: abs(v - exact) / exact  # noqa: E731
+        rows.append([r["dtype"], "inf" if math.isinf(r["p"]) else int(r["p"]), fs["ms"], dc["ms"],
+                     f"{fs['collectives']} / {dc['collectives']}", f"{fs['norm_dtype']}, {rel(fs['norm']):.1e}",
+                     f"{dc['norm_dtype']}, {rel(dc['norm']):.1e}"])
+    head = (f"{WORLD} gloo ranks, 1 thread each, OSS + torch DDP, {data['params'] / 1e6:.2f} M parameters, "
+            f"clipping call alone, medians{' (quick: tiny model)' if quick else ''}\n\n")
+    return head + table(["grads", "p", "fairscale OSS.clip_grad_norm (ms)", "dist_clip (ms)",
+                         "collectives fairscale / dist_clip", "fairscale norm: dtype, rel. error",
+                         "dist_clip norm: dtype, rel. error"], rows)
+
+
+if __name__ == "__main__":
+    print(main(quick=bool(os.environ.get("QUICK"))))

@@ -1,0 +1,364 @@
+"""Rank-side bodies of the DeepSpeed tests (module level, so spawned ranks can import them).
+
+Every case builds a tiny model with the same seed on every rank, feeds each rank its own batch, and compares
+dist_clip on the DeepSpeed engine with
+
+* a float64 unsharded torch model fed all ranks' batches (the definition of the norm, and of the step),
+* DeepSpeed's own L2 norm and clipping (``gradient_clipping`` set, dist_clip not called),
+* the count of backend collectives issued by the dist_clip call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import os
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import dist_clip
+from dist_clip.testing import count_collectives, reference_norm
+
+P_ALL = (0.0, 1.0, 2.0, 3.5, math.inf)
+IN, HID, OUT, BATCH = 6, 7, 4, 3
+LR, MOMENTUM = 0.1, 0.9
+
+
+def _quiet() -> Any:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    for name in ("DeepSpeed", "deepspeed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    deepspeed.utils.logger.setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*")
+    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*")
+    return deepspeed
+
+
+def make_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(IN, HID), torch.nn.Tanh(), torch.nn.Linear(HID, HID), torch.nn.ReLU(), torch.nn.Linear(HID, OUT)
+    )
+
+
+def batch(rank: int, step: int, micro: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 * step + 100 * micro + rank)
+    return torch.randn(BATCH, IN, generator=g) * (1.0 + rank)
+
+
+def loss_fn(out: torch.Tensor) -> torch.Tensor:
+    return (out.float() - 0.5).pow(2).sum()
+
+
+def ds_config(stage: int, *, dtype: str = "fp32", gas: int = 1, offload: bool = False, clip: float = 0.0,
+              grad_accum_dtype: str | None = None, initial_scale_power: int = 8) -> dict:
+    zero: dict[str, Any] = {"stage": stage}
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": BATCH,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if dtype == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    elif dtype == "fp16":
+        cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": initial_scale_power,
+                       "loss_scale_window": 1000, "hysteresis": 1, "min_loss_scale": 1}
+    if grad_accum_dtype is not None:
+        cfg["data_types"] = {"grad_accum_dtype": grad_accum_dtype}
+    return cfg
+
+
+def allow_cpu_fp16() -> None:
+    """TEST-ONLY SHIM: DeepSpeed's CPU accelerator refuses fp16 unless oneDNN has fp16 kernels (this CPU has
+    none), although torch computes fp16 on the CPU, only slowly. The fp16 tests lift that refusal so that
+    the loss-scaling code paths, the ones that run on GPUs, can be exercised here."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if not acc.is_fp16_supported():
+        acc.is_fp16_supported = lambda: True  # test-only, see the docstring
+
+
+def make_engine(cfg: dict, seed: int = 0) -> Any:
+    deepspeed = _quiet()
+    if "fp16" in cfg:
+        allow_cpu_fp16()
+    model = make_model(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    with contextlib.redirect_stdout(io.StringIO()):
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    return engine
+
+
+def _engine_dtype(engine: Any) -> torch.dtype:
+    if engine.bfloat16_enabled():
+        return torch.bfloat16
+    if engine.fp16_enabled():
+        return torch.float16
+    return torch.float32
+
+
+def full_params(engine: Any) -> list[torch.Tensor]:
+    """The engine's whole parameters (gathered under ZeRO-3), float64, in model order."""
+    params = list(engine.module.parameters())
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            return [p.detach().to(torch.float64).clone() for p in params]
+    return [p.detach().to(torch.float64).clone() for p in params]
+
+
+def micro_batches(engine: Any, step: int) -> list[list[torch.Tensor]]:
+    """Batches of every rank for every micro step of ``step``: [micro][rank]."""
+    world = dist.get_world_size()
+    return [[batch(r, step, m) for r in range(world)] for m in range(engine.gradient_accumulation_steps())]
+
+
+def run_engine_step(engine: Any, step: int, clip: tuple[float, float] | None) -> tuple[float | None, int]:
+    """One optimizer step of ``engine`` (all micro steps); dist_clip at the boundary when ``clip`` is given.
+
+    Returns (dist_clip's total norm or None, collectives of the dist_clip call).
+    """
+    rank = dist.get_rank()
+    dtype = _engine_dtype(engine)
+    total, ncoll = None, -1
+    for per_rank in micro_batches(engine, step):
+        out = engine(per_rank[rank].to(dtype))
+        engine.backward(loss_fn(out))
+        if engine.is_gradient_accumulation_boundary() and clip is not None:
+            max_norm, p = clip
+            with count_collectives() as c:
+                t = dist_clip.clip_grad_norm_(engine, max_norm, p)
+            total, ncoll = float(t), c.total
+        engine.step()
+    return total, ncoll
+
+
+class Reference:
+    """The unsharded float64 torch run: same init, all ranks' batches, DeepSpeed's averaging, same SGD."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.model = make_model(seed).double()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=LR, momentum=MOMENTUM)
+
+    def grads(self, batches: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        """DeepSpeed's gradient: the mean over ranks of each rank's loss, each micro loss divided by GAS."""
+        self.opt.zero_grad(set_to_none=True)
+        gas, world = len(batches), len(batches[0])
+        for per_rank in batches:
+            for x in per_rank:
+                (loss_fn(self.model(x.double())) / (gas * world)).backward()
+        return [p.grad for p in self.model.parameters()]
+
+    def step(self, batches: list[list[torch.Tensor]], max_norm: float, p: float) -> float:
+        grads = self.grads(batches)
+        total = reference_norm(grads, p)
+        coef = min(1.0, max_norm / (total + 1e-6))
+        for g in grads:
+            g.mul_(coef)
+        self.opt.step()
+        return total
+
+    def params(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.model.parameters()]
+
+
+def _close(a: float, b: float, rtol: float, what: str) -> None:
+    if math.isinf(b) or math.isnan(b):
+        assert (math.isnan(a) and math.isnan(b)) or a == b, f"{what}: {a} != {b}"
+        return
+    assert abs(a - b) <= rtol * abs(b) + 1e-12, f"{what}: {a} vs {b} (rel {abs(a - b) / max(abs(b), 1e-30):.2e})"
+
+
+def _params_close(got: list[torch.Tensor], want: list[torch.Tensor], rtol: float, atol: float, what: str) -> None:
+    for i, (a, b) in enumerate(zip(got, want)):
+        err = (a - b).abs().max().item()
+        assert torch.allclose(a, b, rtol=rtol, atol=atol), f"{what}: param {i} differs by {err:.3e}"
+
+
+def expected_collectives(engine: Any) -> int:
+    """One collective for ZeRO's partitions; none where every rank holds the same whole gradients."""
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    partitioned = isinstance(engine.optimizer, (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3))
+    return 1 if partitioned and dist.get_world_size() > 1 else 0
+
+
+def case_fp32_vs_reference(stage: int, gas: int = 1, offload: bool = False, steps: int = 2,
+                           ps: tuple[float, ...] = P_ALL) -> dict:
+    """For every p: the norm equals the float64 unsharded reference, params after ``steps`` equal the
+    unsharded torch run, one collective per call (none at stage 0, whose gradients are replicated)."""
+    report: dict[str, Any] = {}
+    for p in ps:
+        engine = make_engine(ds_config(stage, gas=gas, offload=offload))
+        ref = Reference()
+        _params_close(full_params(engine), ref.params(), 0, 1e-7, "initial params")
+        for step in range(steps):
+            batches = micro_batches(engine, step)
+            want_total = ref.step(batches, max_norm=_max_norm(p), p=p)
+            got_total, ncoll = run_engine_step(engine, step, (_max_norm(p), p))
+            _close(got_total, want_total, 2e-6, f"stage {stage} p={p} step {step} norm")
+            assert ncoll == expected_collectives(engine), f"p={p}: {ncoll} collectives"
+            assert _max_norm(p) < want_total, "the case must actually clip"
+        _params_close(full_params(engine), ref.params(), 1e-5, 1e-6, f"stage {stage} p={p} params after step")
+        report[str(p)] = got_total
+    return report
+
+
+def _max_norm(p: float) -> float:
+    # Below every total of the tiny model, so every step clips.
+    return 2.0 if p == 0 else 0.05 if math.isinf(p) else 0.3
+
+
+def case_l2_vs_deepspeed(stage: int, dtype: str = "fp32", gas: int = 1, offload: bool = False, steps: int = 2,
+                         grad_accum_dtype: str | None = None, rtol: float = 1e-6, compare_params: bool = True) -> dict:
+    """For L2 the norm equals DeepSpeed's own ``get_global_grad_norm()`` and dist_clip's clipping gives the
+    parameters DeepSpeed's own ``gradient_clipping`` gives."""
+    max_norm = 0.3
+    ours = make_engine(ds_config(stage, dtype=dtype, gas=gas, offload=offload, grad_accum_dtype=grad_accum_dtype))
+    theirs = make_engine(ds_config(stage, dtype=dtype, gas=gas, offload=offload, clip=max_norm,
+                                   grad_accum_dtype=grad_accum_dtype))
+    norms = []
+    for step in range(steps):
+        got, ncoll = run_engine_step(ours, step, (max_norm, 2.0))
+        run_engine_step(theirs, step, None)
+        if theirs.get_global_grad_norm() is not None:  # stage 0 with a plain torch optimizer keeps none
+            want = float(theirs.get_global_grad_norm())
+            # From the second step on, low-precision parameters may differ by an ulp (see below), and so
+            # may the gradients: the first step is the exact comparison.
+            tol = rtol if step == 0 or dtype == "fp32" else 1e-2
+            _close(got, want, tol, f"stage {stage} {dtype} step {step} L2 vs DeepSpeed")
+        else:
+            want = None
+        assert ncoll == expected_collectives(ours)
+        norms.append((got, want))
+    # Low-precision parameters may round the last bit apart: DeepSpeed multiplies by 1/(clip*scale), we by
+    # coef and then 1/scale. A clipped step moves them by far more than a few ulps, so the check still tells.
+    # Over two momentum steps such ulps compound a little: allow 4 ulps of the largest parameter.
+    eps = {"fp32": 0.0, "bf16": 2.0**-8, "fp16": 2.0**-11}[dtype]
+    if compare_params:
+        got_p, want_p = full_params(ours), full_params(theirs)
+        atol = max(1e-6, 4 * eps * max(float(t.abs().max()) for t in want_p))
+        _params_close(got_p, want_p, 1e-6 if dtype == "fp32" else 2 * eps, atol,
+                      f"stage {stage} {dtype} params vs DeepSpeed's clipping")
+    return {"norms": norms}
+
+
+def _gathered_reference(engine: Any, p: float) -> float:
+    """The float64 norm of exactly the pieces DeepSpeed holds, unscaled, gathered from every rank.
+
+    Independent of dist_clip's arithmetic (its partials, its collective, its finalisation); the choice of
+    pieces is checked against DeepSpeed's own L2 norm in :func:`case_l2_vs_deepspeed`.
+    """
+    from dist_clip.adapters import deepspeed as adapter
+
+    mine = []
+    for s in adapter.shards(engine, None):
+        counted = s.counted and (s.group is not None or dist.get_rank() == 0)
+        if counted:
+            mine += [t.detach().reshape(-1).to(torch.float64) / s.loss_scale for t in s.tensors]
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return reference_norm([t for pieces in everyone for t in pieces], p)
+
+
+def case_lowp_vs_reference(stage: int, dtype: str, offload: bool = False, grad_accum_dtype: str | None = None) -> dict:
+    """bf16/fp16 (loss-scaled) gradients: for every p the norm equals the float64 norm of the gathered,
+    unscaled gradients (to float64 rounding) and the float64 unsharded model (to the dtype's precision);
+    one collective per call."""
+    engine = make_engine(ds_config(stage, dtype=dtype, offload=offload, grad_accum_dtype=grad_accum_dtype))
+    ref = Reference()
+    rank = dist.get_rank()
+    batches = micro_batches(engine, 0)
+    ref_grads = ref.grads(batches)
+    engine.backward(loss_fn(engine(batches[0][rank].to(_engine_dtype(engine)))))
+    out = {}
+    for p in P_ALL:
+        with count_collectives() as c:
+            got = float(dist_clip.get_total_norm(engine, p))
+        assert c.total == expected_collectives(engine), f"{c.total} collectives"
+        exact = _gathered_reference(engine, p)
+        _close(got, exact, 1e-6, f"stage {stage} {dtype} p={p} vs gathered float64")
+        if p != 0:  # low-precision grads may round small entries to zero: the count is not comparable
+            _close(got, reference_norm(ref_grads, p), 0.05, f"stage {stage} {dtype} p={p} vs float64 model")
+        out[str(p)] = got
+    engine.step()
+    return out
+
+
+def case_fp16_overflow(stage: int, offload: bool = False, steps: int = 5) -> dict:
+    """fp16 with a loss scale so high that the first steps overflow: dist_clip returns a non-finite norm on
+    exactly the steps DeepSpeed skips, DeepSpeed skips them (params untouched, loss scale lowered) as it does
+    with its own clipping, and the steps after agree with DeepSpeed's own clipping."""
+    max_norm = 0.3
+    ours = make_engine(ds_config(stage, dtype="fp16", offload=offload, initial_scale_power=17))
+    theirs = make_engine(ds_config(stage, dtype="fp16", offload=offload, clip=max_norm, initial_scale_power=17))
+    history = []
+    for step in range(steps):
+        before = full_params(ours)
+        got, _ = run_engine_step(ours, step, (max_norm, 2.0))
+        run_engine_step(theirs, step, None)
+        skipped = not ours._step_applied
+        assert skipped == (not theirs._step_applied), f"step {step}: DeepSpeed skipped one run only"
+        assert skipped == (not math.isfinite(got)), f"step {step}: norm {got} but skipped={skipped}"
+        if skipped:
+            _params_close(full_params(ours), before, 0, 0, f"step {step} skipped but params moved")
+        else:
+            _close(got, float(theirs.get_global_grad_norm()), 1e-4, f"step {step} L2 vs DeepSpeed")
+        assert ours.optimizer.loss_scale == theirs.optimizer.loss_scale
+        history.append((got, skipped, ours.optimizer.loss_scale))
+    assert ours.skipped_steps == theirs.skipped_steps
+    assert 0 < ours.skipped_steps < steps, f"the case must both overflow and step: {history}"
+    _params_close(full_params(ours), full_params(theirs), 2 * 2.0**-11, 1e-6, "params vs DeepSpeed's clipping")
+    return {"history": history}
+
+
+def case_contract() -> dict:
+    """The attributes the adapter reads exist on every optimizer kind; misuse fails loudly and together."""
+    from dist_clip.adapters import deepspeed as adapter
+
+    kinds = {}
+    for stage, dtype, extra in ((0, "fp32", {}), (1, "fp32", {}), (2, "fp32", {"offload": True}), (3, "fp32", {}),
+                                (3, "fp32", {"offload": True}), (1, "bf16", {"grad_accum_dtype": "fp32"}),
+                                (0, "bf16", {})):
+        engine = make_engine(ds_config(stage, dtype=dtype, **extra))
+        name = type(engine.optimizer).__name__
+        required = adapter.required_attributes().get(name, ())
+        missing = [a for a in required if not hasattr(engine.optimizer, a)]
+        assert not missing, f"DeepSpeed's {name} no longer has {missing}: the adapter must be updated"
+        kinds[f"{stage}/{dtype}/{extra}"] = name
+    # Between accumulation boundaries the gradients are not reduced: a clear error on every rank.
+    engine = make_engine(ds_config(2, gas=2))
+    engine.backward(loss_fn(engine(batch(dist.get_rank(), 0, 0))))
+    try:
+        dist_clip.clip_grad_norm_(engine, 1.0)
+    except ValueError as e:
+        assert "accumulation" in str(e)
+    else:
+        raise AssertionError("no error between accumulation boundaries")
+    engine.step()
+    # DeepSpeed's own clipping left on: a warning that names the fix.
+    engine = make_engine(ds_config(1, clip=1.0))
+    engine.backward(loss_fn(engine(batch(dist.get_rank(), 0, 0))))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dist_clip.clip_grad_norm_(engine, 1.0)
+    assert any("gradient_clipping" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    engine.step()
+    return kinds

@@ -1,0 +1,203 @@
+"""Rank-side bodies of the fairscale tests (module level, so spawned ranks can import them).
+
+Same checks as the DeepSpeed cases: the float64 unsharded torch run (norm for every p, parameters after
+``step()``), fairscale's own clipping, and the collectives of each dist_clip call. fairscale's
+FullyShardedDataParallel needs CUDA; its CPU runs here go through :func:`cpu_stream_shim`, test code only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import types
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import dist_clip
+from dist_clip.testing import count_collectives, reference_norm
+from tests.ds_cases import P_ALL, Reference, _close, _max_norm, _params_close, batch, loss_fn, make_model
+
+LR, MOMENTUM = 0.1, 0.9
+
+warnings.filterwarnings("ignore", message=".*_reduce_scatter_base.*")
+warnings.filterwarnings("ignore", message=".*_all_gather_base.*")
+
+
+class _NoStream:
+    """Stands in for every CUDA stream: waiting on it or recording on it does nothing."""
+
+    def wait_stream(self, other: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def cpu_stream_shim() -> Iterator[None]:
+    """TEST-ONLY SHIM, never used by dist_clip itself: lets fairscale 0.4.13's FullyShardedDataParallel run on
+    the CPU with gloo. fairscale's FSDP needs CUDA in real use.
+
+    Inside fairscale's FSDP module only, ``torch.cuda``'s streams become one no-op stream (the CPU runs every
+    op in order anyway); ``Tensor.record_stream`` on CPU tensors does nothing; the ``*_base`` collectives gloo
+    lacks are switched off (as ``ENABLE_NCCL_BASE_COLLECTIVES=0`` would at import); ``Tensor.cuda()`` returns
+    the tensor itself (fairscale's own ``clip_grad_norm_`` moves its norm to CUDA). Everything is restored on
+    exit, as the test ranks are reused.
+    """
+    import fairscale.internal.reduce_scatter_bucketer as bucketer
+    import fairscale.nn.data_parallel.fully_sharded_data_parallel as fsdp_mod
+
+    stream = _NoStream()
+    fake_cuda = types.SimpleNamespace(
+        is_available=lambda: True,
+        Stream=lambda *a, **k: stream,
+        stream=lambda s: contextlib.nullcontext(),
+        current_stream=lambda *a, **k: stream,
+        synchronize=lambda *a, **k: None,
+    )
+    fake_torch = types.ModuleType("torch_with_no_cuda_streams")
+    fake_torch.__dict__.update({k: v for k, v in vars(torch).items() if not k.startswith("__")})
+    fake_torch.cuda = fake_cuda  # type: ignore[attr-defined]
+    saved = (fsdp_mod.torch, fsdp_mod.enable_nccl_base_collectives, bucketer.enable_nccl_base_collectives,
+             torch.Tensor.record_stream, torch.Tensor.cuda)
+    real_record = torch.Tensor.record_stream
+
+    def record_stream(self: torch.Tensor, s: Any) -> None:
+        if self.device.type != "cpu":
+            real_record(self, s)
+
+    fsdp_mod.torch = fake_torch
+    fsdp_mod.enable_nccl_base_collectives = False
+    bucketer.enable_nccl_base_collectives = False
+    torch.Tensor.record_stream = record_stream  # type: ignore[method-assign]
+    torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        (fsdp_mod.torch, fsdp_mod.enable_nccl_base_collectives, bucketer.enable_nccl_base_collectives,
+         torch.Tensor.record_stream, torch.Tensor.cuda) = saved
+
+
+def _one_step(model: torch.nn.Module, opt: Any, step: int, clip_target: Any, max_norm: float, p: float,
+              dtype: torch.dtype = torch.float32) -> tuple[float, int]:
+    rank = dist.get_rank()
+    model.zero_grad()  # ShardedDDP's own zero_grad keeps its gradient buckets; set_to_none would break them
+    loss_fn(model(batch(rank, step, 0).to(dtype))).backward()
+    with count_collectives() as c:
+        total = dist_clip.clip_grad_norm_(clip_target, max_norm, p)
+    opt.step()
+    return float(total), c.total
+
+
+def _batches(step: int) -> list[list[torch.Tensor]]:
+    return [[batch(r, step, 0) for r in range(dist.get_world_size())]]
+
+
+def build(kind: str, seed: int = 0, dtype: torch.dtype = torch.float32, **fsdp_kwargs: Any) -> tuple[Any, Any, Any]:
+    """(model, optimizer, what to hand dist_clip) for one fairscale set-up."""
+    from fairscale.optim import OSS
+
+    model = make_model(seed).to(dtype)
+    if kind == "oss_sdp":
+        from fairscale.nn.data_parallel import ShardedDataParallel
+
+        opt = OSS(model.parameters(), optim=torch.optim.SGD, lr=LR, momentum=MOMENTUM)
+        wrapped = ShardedDataParallel(model, opt)
+        return wrapped, opt, wrapped
+    if kind == "oss_ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        opt = OSS(model.parameters(), optim=torch.optim.SGD, lr=LR, momentum=MOMENTUM)
+        return DistributedDataParallel(model), opt, opt
+    if kind in ("fsdp", "fsdp_nested"):
+        from fairscale.nn import FullyShardedDataParallel as FSDP
+
+        kw = dict(compute_device=torch.device("cpu"), **fsdp_kwargs)
+        if kind == "fsdp_nested":
+            model[0] = FSDP(model[0], **kw)
+            model[2] = FSDP(model[2], **kw)
+        wrapped = FSDP(model, **kw)
+        opt = torch.optim.SGD(wrapped.parameters(), lr=LR, momentum=MOMENTUM)
+        return wrapped, opt, wrapped
+    raise ValueError(kind)
+
+
+def full_params(kind: str, model: Any) -> list[torch.Tensor]:
+    if kind.startswith("fsdp"):
+        with model.summon_full_params():
+            return [p.detach().to(torch.float64).clone() for p in model.parameters()]
+    inner = model.module
+    return [p.detach().to(torch.float64).clone() for p in inner.parameters()]
+
+
+def case_vs_reference(kind: str, steps: int = 2, **fsdp_kwargs: Any) -> dict:
+    """For every p: norm equals the float64 unsharded reference, params after ``steps`` equal the unsharded
+    torch SGD run, one collective per call."""
+    shim = cpu_stream_shim() if kind.startswith("fsdp") else contextlib.nullcontext()
+    out = {}
+    with shim:
+        for p in P_ALL:
+            model, opt, target = build(kind, **fsdp_kwargs)
+            ref = Reference()
+            for step in range(steps):
+                want = ref.step(_batches(step), _max_norm(p), p)
+                got, ncoll = _one_step(model, opt, step, target, _max_norm(p), p)
+                _close(got, want, 2e-6, f"{kind} p={p} step {step} norm")
+                assert ncoll == 1, f"{kind} p={p}: {ncoll} collectives"
+            _params_close(full_params(kind, model), ref.params(), 1e-5, 1e-6, f"{kind} p={p} params")
+            out[str(p)] = got
+    return out
+
+
+def case_vs_fairscale(kind: str, **fsdp_kwargs: Any) -> dict:
+    """For p=2 and inf the norm and the parameters equal fairscale's own clipping (its fp32 path)."""
+    shim = cpu_stream_shim() if kind.startswith("fsdp") else contextlib.nullcontext()
+    out = {}
+    with shim:
+        for p in (2.0, math.inf):
+            ours, ours_opt, target = build(kind, **fsdp_kwargs)
+            theirs, theirs_opt, _ = build(kind, **fsdp_kwargs)
+            for step in range(2):
+                got, ncoll = _one_step(ours, ours_opt, step, target, _max_norm(p), p)
+                theirs.zero_grad()
+                loss_fn(theirs(batch(dist.get_rank(), step, 0))).backward()
+                clipper = theirs if kind.startswith("fsdp") else theirs_opt
+                with count_collectives() as c:
+                    want = clipper.clip_grad_norm_(_max_norm(p), p) if kind.startswith("fsdp") else \
+                        clipper.clip_grad_norm(_max_norm(p), p)
+                theirs_opt.step()
+                _close(got, float(want), 1e-6, f"{kind} p={p} step {step} vs fairscale")
+                out[f"{p}/{step}"] = (got, float(want), ncoll, c.total)
+            _params_close(full_params(kind, ours), full_params(kind, theirs), 1e-6, 1e-7, f"{kind} p={p} params")
+    return out
+
+
+def case_bf16_not_quantised(kind: str = "oss_ddp") -> dict:
+    """bf16 parameters: fairscale casts its local norms to bf16 before the all-reduce, so its total is
+    quantised; dist_clip's equals the float64 norm of the very same bf16 gradients."""
+    shim = cpu_stream_shim() if kind.startswith("fsdp") else contextlib.nullcontext()
+    with shim:
+        model, opt, target = build(kind, dtype=torch.bfloat16)
+        loss_fn(model(batch(dist.get_rank(), 0, 0).to(torch.bfloat16))).backward()
+        if kind.startswith("fsdp"):
+            local = [g for s in dist_clip.adapters.fairscale.shards(target, None) for g in s.tensors]  # type: ignore[attr-defined]
+            everyone: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, [g.double() for g in local])
+            grads = [g for gs in everyone for g in gs]
+        else:
+            grads = [p.grad for p in model.module.parameters()]  # DDP: whole, identical everywhere
+        out = {}
+        for p in (1.0, 2.0, math.inf):
+            exact = reference_norm(grads, p)
+            ours = float(dist_clip.get_total_norm(target, p))
+            theirs_t = target.clip_grad_norm_(1e9, p) if kind.startswith("fsdp") else opt.clip_grad_norm(1e9, p)
+            theirs = float(theirs_t)
+            _close(ours, exact, 1e-6, f"p={p} dist_clip vs float64")
+            out[str(p)] = {"exact": exact, "dist_clip": ours, "fairscale": theirs,
+                           "fairscale_dtype": str(theirs_t.dtype)}
+        assert any(abs(v["fairscale"] - v["exact"]) > 1e-4 * v["exact"] for v in out.values()), out
+        return out

@@ -1,0 +1,118 @@
+"""dist_clip on DeepSpeed engines: ZeRO 0-3, fp32/bf16/fp16, accumulation, offload, on spawned gloo ranks.
+
+Each test runs a body of ``tests/ds_cases.py`` on every rank and compares dist_clip with the float64 unsharded
+torch run (norm for p in {0, 1, 2, 3.5, inf}, and parameters after ``step()``), with DeepSpeed's own L2 norm
+and ``gradient_clipping``, and counts the collectives of each call. Run with
+``.venv/bin/python -m pytest tests/test_deepspeed.py`` (``DS_ACCELERATOR=cpu`` is set by conftest).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("deepspeed")
+
+from tests import ds_cases  # noqa: E402
+
+pytestmark = pytest.mark.deepspeed
+
+TIMEOUT = 300
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_fp32_every_p_matches_unsharded_run(run_ranks, stage):
+    run_ranks(2, ds_cases.case_fp32_vs_reference, stage, timeout_s=TIMEOUT)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_l2_matches_deepspeeds_own_clipping(run_ranks, stage):
+    run_ranks(2, ds_cases.case_l2_vs_deepspeed, stage, timeout_s=TIMEOUT)
+
+
+@pytest.mark.parametrize("stage,gas,offload", [(1, 3, False), (2, 2, False), (3, 2, False), (2, 1, True), (3, 2, True)])
+def test_accumulation_and_offload_match_unsharded_run(run_ranks, stage, gas, offload):
+    run_ranks(2, ds_cases.case_fp32_vs_reference, stage, gas=gas, offload=offload, timeout_s=TIMEOUT)
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_stage3_uneven_partitions_three_ranks(run_ranks, offload):
+    run_ranks(3, ds_cases.case_fp32_vs_reference, 3, offload=offload, gas=2 if offload else 1, timeout_s=TIMEOUT)
+
+
+@pytest.mark.parametrize("stage,dtype,offload,accum", [
+    (1, "bf16", False, None), (2, "bf16", False, None), (3, "bf16", False, None), (3, "bf16", True, None),
+    (1, "bf16", False, "fp32"),
+    (1, "fp16", False, None), (2, "fp16", False, None), (3, "fp16", False, None), (2, "fp16", True, None),
+])
+def test_low_precision_every_p(run_ranks, stage, dtype, offload, accum):
+    run_ranks(2, ds_cases.case_lowp_vs_reference, stage, dtype, offload=offload, grad_accum_dtype=accum,
+              timeout_s=TIMEOUT)
+
+
+@pytest.mark.parametrize("stage,dtype,accum", [(1, "bf16", None), (2, "bf16", None), (3, "bf16", None),
+                                               (0, "bf16", None), (1, "bf16", "fp32"),
+                                               (1, "fp16", None), (2, "fp16", None), (3, "fp16", None)])
+def test_low_precision_l2_matches_deepspeed(run_ranks, stage, dtype, accum):
+    run_ranks(2, ds_cases.case_l2_vs_deepspeed, stage, dtype=dtype, grad_accum_dtype=accum, rtol=1e-4,
+              timeout_s=TIMEOUT)
+
+
+def test_stage0_fp16_norm_matches_deepspeed(run_ranks):
+    # DeepSpeed 0.19's engine.backward() does not scale the loss for its non-ZeRO fp16 wrapper, yet its step()
+    # divides by the loss scale: the parameters of that configuration are DeepSpeed's business, the norm is ours.
+    run_ranks(2, ds_cases.case_l2_vs_deepspeed, 0, dtype="fp16", rtol=1e-4, steps=1, compare_params=False,
+              timeout_s=TIMEOUT)
+
+
+@pytest.mark.parametrize("stage,offload", [(1, False), (2, False), (3, False), (2, True), (3, True)])
+def test_fp16_overflow_steps_are_skipped_like_deepspeed(run_ranks, stage, offload):
+    run_ranks(2, ds_cases.case_fp16_overflow, stage, offload=offload, timeout_s=TIMEOUT)
+
+
+def test_internals_still_exist_and_misuse_is_loud(run_ranks):
+    run_ranks(2, ds_cases.case_contract, timeout_s=TIMEOUT)
+
+
+def test_version_guard(monkeypatch):
+    from dist_clip.adapters import deepspeed as adapter
+
+    adapter.check_version()  # the installed release is a tested one
+    adapter.check_version("0.19.8")
+    with pytest.raises(RuntimeError, match="tested with DeepSpeed 0.19.x, found 0.20.0"):
+        adapter.check_version("0.20.0")
+    monkeypatch.setenv(adapter.ALLOW_UNTESTED_ENV, "1")
+    adapter.check_version("0.20.0")
+
+
+_BLOCKED = r"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("deepspeed", "fairscale"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Block())
+import torch, dist_clip
+g = torch.ones(4, requires_grad=True); g.grad = torch.full((4,), 3.0)
+assert abs(float(dist_clip.clip_grad_norm_([g], 1.0)) - 6.0) < 1e-6
+assert "deepspeed" not in sys.modules and "fairscale" not in sys.modules
+from dist_clip.adapters import deepspeed as ds_adapter, fairscale as fs_adapter
+for adapter, extra in ((ds_adapter, "dist_clip[deepspeed]"), (fs_adapter, "dist_clip[fairscale]")):
+    try:
+        adapter.shards(object(), None)
+    except ImportError as e:
+        assert extra in str(e), str(e)
+    else:
+        raise AssertionError("no ImportError")
+print("ok")
+"""
+
+
+def test_optional_imports_stay_lazy():
+    """``import dist_clip`` and clipping plain tensors work with neither package; the adapters name the extra."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", _BLOCKED], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

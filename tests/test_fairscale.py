@@ -1,0 +1,67 @@
+"""dist_clip on fairscale 0.4.13: OSS + ShardedDataParallel, OSS + torch DDP, FullyShardedDataParallel.
+
+Each test runs a body of ``tests/fairscale_cases.py`` on 2 spawned gloo ranks and compares dist_clip with the
+float64 unsharded torch run (norm for p in {0, 1, 2, 3.5, inf}, parameters after ``step()``), with fairscale's
+own clipping, and counts collectives. fairscale's FSDP needs CUDA; its tests run through a test-only stream
+shim (``fairscale_cases.cpu_stream_shim``). Run with ``.venv/bin/python -m pytest tests/test_fairscale.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("fairscale")
+
+from tests import fairscale_cases  # noqa: E402
+
+pytestmark = pytest.mark.fairscale
+
+TIMEOUT = 180
+FSDP_SETUPS = [
+    pytest.param("fsdp", {}, id="flat"),
+    pytest.param("fsdp", {"flatten_parameters": False}, id="not-flat"),
+    pytest.param("fsdp_nested", {}, id="nested-flat"),
+    pytest.param("fsdp_nested", {"flatten_parameters": False}, id="nested-not-flat"),
+]
+
+
+@pytest.mark.parametrize("kind", ["oss_sdp", "oss_ddp"])
+def test_oss_every_p_matches_unsharded_run(run_ranks, kind):
+    run_ranks(2, fairscale_cases.case_vs_reference, kind, timeout_s=TIMEOUT)
+
+
+@pytest.mark.parametrize("kind", ["oss_sdp", "oss_ddp"])
+def test_oss_matches_fairscales_own_clipping(run_ranks, kind):
+    run_ranks(2, fairscale_cases.case_vs_fairscale, kind, timeout_s=TIMEOUT)
+
+
+def test_oss_bf16_norm_is_not_quantised(run_ranks):
+    out = run_ranks(2, fairscale_cases.case_bf16_not_quantised, "oss_ddp", timeout_s=TIMEOUT)[0]
+    assert all(v["fairscale_dtype"] == "torch.bfloat16" for v in out.values())
+
+
+@pytest.mark.parametrize("kind,kwargs", FSDP_SETUPS)
+def test_fsdp_every_p_matches_unsharded_run(run_ranks, kind, kwargs):
+    run_ranks(2, fairscale_cases.case_vs_reference, kind, timeout_s=TIMEOUT, **kwargs)
+
+
+@pytest.mark.parametrize("kind,kwargs", [FSDP_SETUPS[0], FSDP_SETUPS[3]])
+def test_fsdp_matches_fairscales_own_clipping(run_ranks, kind, kwargs):
+    run_ranks(2, fairscale_cases.case_vs_fairscale, kind, timeout_s=TIMEOUT, **kwargs)
+
+
+def test_adapter_requires_fairscale_by_name(monkeypatch):
+    import builtins
+
+    from dist_clip.adapters import fairscale as adapter
+
+    real_import = builtins.__import__
+
+    def no_fairscale(name, *args, **kwargs):
+        if name.split(".")[0] == "fairscale":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_fairscale)
+    with pytest.raises(ImportError, match=r"pip install dist_clip\[fairscale\]"):
+        adapter.shards(object(), None)
