@@ -53,3 +53,227 @@ def reference_norm(grads: Sequence[Tensor], norm_type: float | str = 2.0) -> flo
     if p == 0 and any(bool(torch.isnan(f).any()) for f in flat):
         return math.nan  # dist_clip's documented choice: NaN anywhere gives NaN for every p
     return value
+
+
+# --------------------------------------------------------------------------------------------------------------
+# assert_clip_matches_unsharded: the check users run in their own multi-GPU CI (appended; the helpers above are
+# unchanged).
+
+from typing import Any  # noqa: E402 - appended section
+
+__all__ += ["assert_clip_matches_unsharded", "reference_agc_", "reference_param_norms"]  # noqa: PLE0605
+
+
+def reference_param_norms(grads: dict[str, Tensor], norm_type: float | str = 2.0) -> dict[str, float]:
+    """The norm of each full gradient in float64, by name: the definition of a per-parameter report."""
+    p = float(norm_type)
+    return {
+        n: torch.linalg.vector_norm(g.detach().to("cpu", torch.float64).reshape(-1), p).item() for n, g in grads.items()
+    }
+
+
+def reference_agc_(
+    params: dict[str, Tensor], grads: dict[str, Tensor], clipping: float, eps: float, norm_type: float | str = 2.0
+) -> None:
+    """Unit-wise AGC on full tensors in place, single process (the timm formulation): the reference of
+    ``mode="unitwise"``. A unit is a row along dim 0 (the whole tensor for 0/1-D parameters)."""
+    p = float(norm_type)
+
+    def unit_norm(x: Tensor) -> Tensor:
+        if x.dim() <= 1:
+            return torch.linalg.vector_norm(x, p)
+        return torch.linalg.vector_norm(x, p, dim=tuple(range(1, x.dim())), keepdim=True)
+
+    for name, g in grads.items():
+        w = params[name].detach().to(g.dtype)
+        limit = unit_norm(w).clamp(min=eps) * clipping
+        gn = unit_norm(g)
+        g.copy_(torch.where(gn < limit, g, g * (limit / gn.clamp(min=1e-6))))
+
+
+def _diff_table(want: dict[str, float], got: dict[str, float], rtol: float, atol: float, what: str) -> list[str]:
+    rows = []
+    bad = False
+    for name in sorted(set(want) | set(got)):
+        w, g = want.get(name), got.get(name)
+        ok = w is not None and g is not None and (
+            (math.isnan(w) and math.isnan(g)) or abs(w - g) <= atol + rtol * abs(w)
+        )
+        bad |= not ok
+        rel = "" if w is None or g is None or w == 0 else f"{abs(g - w) / abs(w):.2e}"
+        rows.append(f"  {'!!' if not ok else '  '} {name:<40} {w!s:>24} {g!s:>24} {rel:>10}")
+    if not bad:
+        return []
+    return [f"{what} per parameter (!! = mismatch, rtol={rtol}, atol={atol}):",
+            f"     {'name':<40} {'unsharded reference':>24} {'sharded (dist_clip)':>24} {'rel err':>10}", *rows]
+
+
+def _check_rank(
+    build_model: Any, wrap_fn: Any, batch_fn: Any, loss_fn: Any, norm_type: float | str, max_norm: float,
+    mode: str, agc: Any, rtol: float, atol: float, seed: int,
+) -> dict[str, float]:
+    """One rank's side of :func:`assert_clip_matches_unsharded`; raises AssertionError with a readable diff."""
+    import copy
+
+    import torch.distributed as dist
+
+    from .adaptive import AGC
+    from .clipper import GradClipper
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    p = float(norm_type)
+    loss_of = loss_fn if loss_fn is not None else (lambda out: out.float().square().mean())
+    torch.manual_seed(seed)
+    model = build_model()
+    ref = copy.deepcopy(model).to("cpu", torch.float64)
+    target = wrap_fn(model)
+    loss_of(target(batch_fn(rank, world))).backward()
+
+    def as64(x: Any) -> Any:
+        return x.to("cpu", torch.float64) if isinstance(x, Tensor) and x.is_floating_point() else x
+
+    torch.stack([loss_of(ref(as64(batch_fn(r, world)))) for r in range(world)]).mean().backward()
+    ref_params = dict(ref.named_parameters())
+    ref_grads = {n: q.grad for n, q in ref_params.items() if q.grad is not None}
+    before = reference_param_norms(ref_grads, p)
+    total = reference_norm(list(ref_grads.values()), p)
+    agc_cfg = agc if agc is not None else AGC()
+    if mode == "total":
+        coef = min(1.0, max_norm / (total + 1e-6))
+        for g in ref_grads.values():
+            g.mul_(coef)
+    elif mode == "per_param":
+        for n, g in ref_grads.items():
+            g.mul_(min(1.0, max_norm / (before[n] + 1e-6)))
+    elif mode == "unitwise":
+        reference_agc_(ref_params, ref_grads, agc_cfg.clipping, agc_cfg.eps, p)
+    else:
+        raise ValueError(f"mode must be 'total', 'per_param' or 'unitwise', got {mode!r}")
+    after = reference_param_norms(ref_grads, p)
+
+    clipper = GradClipper(max_norm=max_norm, norm_type=norm_type, mode=mode, agc=agc_cfg, report=True)
+    with count_collectives() as calls:
+        result = clipper(target)
+    got_before = result.norms or {}
+    got_after = GradClipper(max_norm=math.inf, norm_type=norm_type, report=True)(target).norms or {}
+    problems: list[str] = []
+    if calls.total > 1:
+        problems.append(f"the clip issued {calls.total} collectives, expected at most 1: {calls.names}")
+    got_total = float(result.total_norm)
+    if not ((math.isnan(total) and math.isnan(got_total)) or abs(got_total - total) <= atol + rtol * abs(total)):
+        problems.append(f"total norm: unsharded reference {total!r}, sharded {got_total!r}")
+    problems += _diff_table(before, got_before, rtol, atol, "gradient norm before clipping")
+    problems += _diff_table(after, got_after, rtol, atol, "gradient norm after clipping")
+    if problems:
+        raise AssertionError(
+            f"dist_clip on rank {rank}/{world} does not match the unsharded float64 model "
+            f"(norm_type={norm_type}, mode={mode}, max_norm={max_norm}):\n" + "\n".join(problems)
+        )
+    return got_before
+
+
+def _spawned(rank: int, world: int, store_path: str, args: tuple[Any, ...], out: Any) -> None:
+    import traceback
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    try:
+        torch.set_num_threads(1)
+        store = dist.FileStore(store_path, world)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=120))
+        try:
+            out.put((rank, True, _check_rank(*args)))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        out.put((rank, False, traceback.format_exc()))
+
+
+def assert_clip_matches_unsharded(
+    build_model: Any,
+    wrap_fn: Any,
+    batch_fn: Any,
+    *,
+    world_size: int | None = None,
+    norm_type: float | str = 2.0,
+    max_norm: float = 1.0,
+    mode: str = "total",
+    agc: Any = None,
+    loss_fn: Any = None,
+    rtol: float = 1e-5,
+    atol: float = 1e-7,
+    seed: int = 0,
+    timeout_s: float = 300.0,
+) -> dict[str, float]:
+    """Check that dist_clip on your sharded model clips exactly like the unsharded model; for your own CI.
+
+    Every rank seeds torch with ``seed``, calls ``build_model()``, keeps a float64 CPU copy, wraps the model
+    with ``wrap_fn(model)`` (DDP, FSDP1, ``fully_shard``...: whatever your training does; return the object to
+    clip and to call), runs ``loss_fn(target(batch_fn(rank, world)))`` (default: mean of squares) backward and
+    clips with :class:`dist_clip.GradClipper` (``mode`` "total", "per_param" or "unitwise"). The copy is fed
+    every rank's batch (the mean of their losses, which is what data parallelism averages), and clipped by the
+    single-process float64 definition. Norms per parameter before and after clipping, the total, and the
+    number of collectives (at most one) must agree; otherwise ``AssertionError`` with a table of norms per
+    parameter.
+
+    Args:
+        build_model: ``() -> nn.Module``; called on every rank (and picklable when ``world_size`` is given).
+        wrap_fn: ``(model) -> target`` run on every rank inside the process group.
+        batch_fn: ``(rank, world_size) -> input`` of that rank.
+        world_size: spawn this many CPU gloo ranks (the functions must be module-level); ``None`` runs inside
+            the existing process group, on every rank, like any collective.
+        norm_type, max_norm, mode, agc: the clip to check.
+        loss_fn: ``(output) -> scalar loss``.
+        rtol, atol: tolerance of every norm comparison.
+        seed: seeds the model on every rank.
+        timeout_s: how long spawned ranks may take.
+
+    Returns:
+        The sharded per-parameter norms before clipping (name -> float), from this rank (or rank 0 when spawned).
+    """
+    args = (build_model, wrap_fn, batch_fn, loss_fn, norm_type, max_norm, mode, agc, rtol, atol, seed)
+    if world_size is None:
+        return _check_rank(*args)
+    import os
+    import queue
+    import tempfile
+    import time
+
+    import torch.multiprocessing as mp
+
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be None or an int >= 1, got {world_size!r}")
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    with tempfile.TemporaryDirectory(prefix="dist_clip_check_") as tmp:
+        procs = [
+            ctx.Process(target=_spawned, args=(r, world_size, os.path.join(tmp, "store"), args, out), daemon=True)
+            for r in range(world_size)
+        ]
+        for proc in procs:
+            proc.start()
+        results: dict[int, tuple[bool, Any]] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(results) < world_size and time.monotonic() < deadline:
+            try:
+                rank, ok, value = out.get(timeout=1.0)
+            except queue.Empty:
+                if any(not proc.is_alive() for proc in procs) and out.empty():
+                    time.sleep(1.0)
+                    if out.empty():
+                        break
+                continue
+            results[rank] = (ok, value)
+        for proc in procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+    failures = {r: v for r, (ok, v) in results.items() if not ok}
+    missing = sorted(set(range(world_size)) - results.keys())
+    if failures or missing:
+        detail = "".join(f"\n--- rank {r} ---\n{tb}" for r, tb in sorted(failures.items()))
+        lost = f" ranks {missing} did not report within {timeout_s:.0f}s or died;" if missing else ""
+        raise AssertionError(f"assert_clip_matches_unsharded failed on {world_size} ranks:{lost}{detail}")
+    return results[0][1]

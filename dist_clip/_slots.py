@@ -1,0 +1,546 @@
+"""Many norms from one collective: every counted piece of a call is measured into a *slot*.
+
+A slot is whatever a caller wants one norm of: one parameter of the full model (per-parameter clipping and
+reports), one optimizer param group, or the single total of :func:`dist_clip.clip_grad_norm_`. Each rank
+computes one float64 partial per slot from the pieces it counts, the whole vector travels in one
+``_reduce.all_reduce_partials`` call, and every slot norm, and the global total, are read from the result.
+
+The slot layout must be identical on every rank *without communication*: it is derived from names every rank
+knows from the structure of the target (the parameter names of the unsharded model, in model order), never
+from which pieces a rank happens to hold. A rank holding an empty piece of a parameter, or no piece at all,
+contributes the neutral 0 to that slot. An optional *presence* count per slot (the number of gradient pieces
+seen, summed like the partials) tells apart a parameter without a gradient anywhere from one whose gradient is
+zero, in the same collective.
+
+FSDP1 with ``use_orig_params=False`` keeps one flat gradient per wrapped module; :func:`fsdp1_pieces` splits it
+back into per-parameter views with the flat parameter's ``_shard_param_infos`` and ``_fqns``, under the names of
+the unwrapped model.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from . import _norm, _reduce, _scale
+from .adapters import resolve
+from .shards import Shards
+
+__all__ = [
+    "FlatPiece",
+    "Fsdp1Layout",
+    "Measurement",
+    "Named",
+    "all_pieces",
+    "clean_name",
+    "counted_pieces",
+    "fsdp1_pieces",
+    "is_fsdp1",
+    "measure",
+    "merge_partials",
+    "named_shards",
+    "scale_slots_",
+    "slot_partials",
+]
+
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def clean_name(name: str) -> str:
+    """A parameter name as the unwrapped model spells it (FSDP1, activation checkpointing, compile prefixes)."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    for prefix in _WRAPPER_PREFIXES:
+        bare = prefix[:-1]
+        if name == bare:
+            return ""
+        if name.endswith("." + bare):
+            name = name[: -len(bare) - 1]
+    return name
+
+
+@dataclass
+class Named:
+    """A target seen parameter by parameter.
+
+    Attributes:
+        shards: the call's Shards; their ``names`` are full-model parameter names (one per tensor).
+        names: every parameter name of the full model, in an order identical on every rank. A name may have
+            no piece on this rank, or no gradient anywhere.
+        params: name -> the tensor an optimizer holds for it (an FSDP1 flat parameter, a DTensor, a plain
+            parameter), for param-group lookups. Names of plain gradient tensors map to the tensor itself.
+    """
+
+    shards: list[Shards]
+    names: tuple[str, ...]
+    params: dict[str, Tensor] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------- FSDP1 names
+
+
+@dataclass(frozen=True)
+class FlatPiece:
+    """This rank's piece of one original parameter inside an FSDP1 flat parameter.
+
+    Attributes:
+        name: the parameter's name in the unwrapped model.
+        grad: the local gradient piece (a 1-D view that scales the real gradient in place), or ``None``.
+        data: the local piece of the parameter's values, aligned with ``grad`` (1-D).
+        start: index of the piece's first element in the flattened full parameter.
+        shape: shape of the full parameter.
+        group: the flat parameter's shard group; ``None`` when it is not sharded (``NO_SHARD``).
+        optim_param: what an optimizer holds for this parameter (the flat parameter unless
+            ``use_orig_params=True``).
+        split_at: offsets, in the flattened full parameter, where shard boundaries of *any* rank cut it:
+            identical on every rank, so every rank knows which of its rows are split without communicating.
+    """
+
+    name: str
+    grad: Tensor | None
+    data: Tensor
+    start: int
+    shape: torch.Size
+    group: dist.ProcessGroup | None
+    optim_param: Tensor
+    split_at: tuple[int, ...]
+
+
+def _fsdp1_type() -> type:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel
+
+
+def is_fsdp1(target: object) -> bool:
+    """An FSDP1 root, or a plain module holding FSDP1 children (whose FlatParameters are shards)."""
+    if not isinstance(target, nn.Module):
+        return False
+    fsdp = _fsdp1_type()
+    return isinstance(target, fsdp) or any(isinstance(m, fsdp) for m in target.modules())
+
+
+@dataclass
+class Fsdp1Layout:
+    """Every FSDP1 parameter of a root module, per parameter (see :func:`fsdp1_pieces`)."""
+
+    pieces: list[FlatPiece]
+    unmanaged: list[tuple[str, nn.Parameter]]
+    names: tuple[str, ...]
+    optim: dict[str, Tensor]
+    geometry: dict[str, tuple[torch.Size, tuple[int, ...]]]  # name -> (full shape, cuts), every parameter
+
+
+def fsdp1_pieces(root: nn.Module, group: dist.ProcessGroup | None = None) -> Fsdp1Layout:
+    """Split every FSDP1 flat gradient of ``root`` into per-parameter pieces under full-model names.
+
+    Works for ``use_orig_params`` False (views into the flat gradient, by ``_shard_param_infos``) and True
+    (the original parameters' sharded ``.grad`` views), for sharded strategies and ``NO_SHARD``.
+
+    Returns:
+        An :class:`Fsdp1Layout`: this rank's in-shard pieces of every flat parameter, the parameters no FSDP1
+        handle manages (whole and identical on every rank), every parameter name of the unwrapped model in an
+        order identical on every rank, and name -> the tensor an optimizer holds for it.
+    """
+    fsdp = _fsdp1_type()
+    module_names = {id(m): n for n, m in root.named_modules(remove_duplicate=False)}
+    pieces: list[FlatPiece] = []
+    names: list[str] = []
+    optim: dict[str, Tensor] = {}
+    geometry: dict[str, tuple[torch.Size, tuple[int, ...]]] = {}
+    managed: set[int] = set()
+    for module in fsdp.fsdp_modules(root):
+        handle = module._handle
+        if handle is None:
+            continue
+        flat = handle.flat_param
+        managed.add(id(flat))
+        path = module_names.get(id(handle._fully_sharded_module), "")
+        prefix = clean_name(path + "." if path else "")
+        sharded = bool(handle.uses_sharded_strategy)
+        pg = (group if group is not None else handle.process_group) if sharded else None
+        world = _reduce.group_size(handle.process_group) if sharded else 1
+        shard_numel = int(flat._local_shard.numel()) if sharded else 0
+        # Offsets of the original parameters in the (padded) unsharded flat parameter, padding included.
+        offsets: list[int] = []
+        at = 0
+        for numel, is_pad in zip(flat._numels_with_padding, flat._is_padding_mask):
+            if not is_pad:
+                offsets.append(at)
+            at += numel
+        local = flat._local_shard if sharded else flat.data
+        use_orig = bool(handle._use_orig_params)
+        for i, (fqn, info) in enumerate(zip(flat._fqns, flat._shard_param_infos)):
+            name = clean_name(prefix + fqn)
+            names.append(name)
+            numel = int(flat._numels[i])
+            bounds = range(shard_numel, shard_numel * world, shard_numel) if sharded and shard_numel else ()
+            cuts = tuple(b - offsets[i] for b in bounds if offsets[i] < b < offsets[i] + numel)
+            geometry[name] = (torch.Size(flat._shapes[i]), cuts)
+            orig = flat._params[i] if use_orig and flat._params is not None else None
+            optim[name] = orig if orig is not None else flat
+            if orig is not None:
+                managed.add(id(orig))
+            if not info.in_shard:
+                continue
+            if orig is not None:
+                g = orig.grad
+                data = orig.detach().reshape(-1)
+            else:
+                g = None if flat.grad is None else flat.grad.narrow(0, info.offset_in_shard, info.numel_in_shard)
+                data = local.detach().narrow(0, info.offset_in_shard, info.numel_in_shard)
+            if g is not None:
+                g = g.reshape(-1)
+            shape = flat._shapes[i]
+            pieces.append(FlatPiece(name, g, data, int(info.intra_param_start_idx), shape, pg, optim[name], cuts))
+    unmanaged: list[tuple[str, nn.Parameter]] = []
+    for n, p in root.named_parameters():
+        if id(p) not in managed:
+            unmanaged.append((clean_name(n), p))
+            names.append(clean_name(n))
+            optim[clean_name(n)] = p
+            geometry[clean_name(n)] = (p.shape, ())
+    return Fsdp1Layout(pieces, unmanaged, tuple(names), optim, geometry)
+
+
+def _fsdp1_named(root: nn.Module, group: dist.ProcessGroup | None) -> Named:
+    layout = fsdp1_pieces(root, group)
+    by_group: dict[int, tuple[dist.ProcessGroup | None, list[str], list[Tensor]]] = {}
+    for piece in layout.pieces:
+        if piece.grad is None:
+            continue
+        entry = by_group.setdefault(id(piece.group), (piece.group, [], []))
+        entry[1].append(piece.name)
+        entry[2].append(piece.grad)
+    out = [Shards(ts, group=pg, names=ns) for pg, ns, ts in by_group.values() if pg is not None]
+    repl_names = [n for pg, ns, _ in by_group.values() if pg is None for n in ns]
+    repl_tensors = [t for pg, _, ts in by_group.values() if pg is None for t in ts]
+    for n, p in layout.unmanaged:
+        if p.grad is not None:
+            repl_names.append(n)
+            repl_tensors.append(p.grad)
+    if repl_tensors or not out:
+        out.append(Shards(repl_tensors, group=None, names=repl_names))
+    if group is not None and all(s.group is None for s in out):
+        out.append(Shards([], group=group))
+    return Named(out, layout.names, layout.optim)
+
+
+# --------------------------------------------------------------------------------------------- named targets
+
+
+def _named_plain(items: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup | None) -> Named:
+    """Named pieces of plain tensors/parameters (and DTensor gradients) from a list of (name, tensor)."""
+    from .adapters.params import gradient_of, split_dtensors
+
+    seen: set[int] = set()
+    grads: list[tuple[str, Tensor]] = []
+    params: dict[str, Tensor] = {}
+    names: list[str] = []
+    for name, t in items:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"expected tensors or parameters in the target, got {type(t).__name__} at {name!r}")
+        names.append(name)
+        params[name] = t
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        g = gradient_of(t)
+        if g is not None:
+            grads.append((name, g))
+    plain, dtensors = split_dtensors(grads)
+    out: list[Shards] = []
+    if plain or not dtensors:
+        out.append(Shards([g for _, g in plain], group=group, names=[n for n, _ in plain]))
+    if dtensors:
+        from .adapters.fsdp import dtensor_shards
+
+        out.extend(dtensor_shards(dtensors, group))
+    return Named(out, tuple(dict.fromkeys(names)), params)
+
+
+def _ddp_module(target: nn.Module) -> nn.Module | None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return target.module if isinstance(target, DistributedDataParallel) else None
+
+
+def _deepspeed_named(engine: object, group: dist.ProcessGroup | None) -> Named:
+    """DeepSpeed: per-parameter names where the adapter exposes them (stage 0, ZeRO-3), else ValueError."""
+    module: nn.Module = engine.module  # type: ignore[attr-defined]
+    by_id = {}
+    names = []
+    params: dict[str, Tensor] = {}
+    for n, p in module.named_parameters():
+        names.append(n)
+        params[n] = p
+        if hasattr(p, "ds_id"):
+            by_id[f"ds_id{p.ds_id}"] = n
+    shards = resolve(engine, group)
+    out = []
+    known = set(names)
+    for s in shards:
+        mapped = [by_id.get(n, n) for n in s.names]
+        if s.tensors and (len(mapped) != len(s.tensors) or not set(mapped) <= known):
+            raise ValueError(
+                "this DeepSpeed engine's gradient partitions are not per parameter (ZeRO-1/2 keep one flat "
+                f"partition per param group, named {sorted(set(s.names))[:3]}...): per-parameter clipping, "
+                "per-group clipping and reports need ZeRO stage 0 or 3; mode='total' works with every stage"
+            )
+        out.append(Shards(s.tensors, group=s.group, counted=s.counted, names=mapped, loss_scale=s.loss_scale))
+    return Named(out, tuple(names), params)
+
+
+def named_shards(target: object, group: dist.ProcessGroup | None = None) -> Named:
+    """The Shards of ``target`` named by full-model parameter names, and every such name.
+
+    Targets: an ``nn.Module`` (plain, DDP, FSDP2, FSDP1 in both ``use_orig_params`` modes), a DeepSpeed engine
+    at stage 0 or 3, a mapping ``{name: tensor or parameter}`` (the caller's own names: every rank must pass
+    the same keys, with an empty tensor where it holds nothing), a tensor, or an iterable of tensors or
+    parameters (named by position: with ``group=``, the i-th tensor of every rank is a piece of the same
+    parameter).
+    """
+    if target is None:
+        raise TypeError("target must be a tensor, an iterable of tensors/parameters, a module or an engine; got None")
+    if is_fsdp1(target):
+        return _fsdp1_named(target, group)  # type: ignore[arg-type]
+    engine = sys.modules.get("deepspeed.runtime.engine")  # never import DeepSpeed here: it takes seconds
+    if engine is not None and isinstance(target, engine.DeepSpeedEngine):
+        return _deepspeed_named(target, group)
+    if isinstance(target, Mapping):
+        keys = sorted(target)
+        if not all(isinstance(k, str) for k in keys):
+            raise TypeError(f"a mapping target needs str keys (parameter names), got {type(keys[0]).__name__}")
+        return _named_plain([(k, target[k]) for k in keys], group)
+    if isinstance(target, nn.Module):
+        inner = _ddp_module(target)
+        if inner is not None:
+            named = _named_plain(list(inner.named_parameters()), None)
+            return named  # DDP: replicated gradients, nothing to combine (as the params adapter does)
+        return _named_plain(list(target.named_parameters()), group)
+    if isinstance(target, Tensor):
+        return _named_plain([("0", target)], group)
+    if isinstance(target, Iterable) and not isinstance(target, (str, bytes)):
+        return _named_plain([(str(i), t) for i, t in enumerate(target)], group)
+    raise TypeError(
+        f"dist_clip cannot name the gradients of a {type(target).__module__}.{type(target).__name__} per "
+        "parameter; pass a module, a mapping {name: tensor}, an iterable of tensors, or use mode='total'"
+    )
+
+
+# --------------------------------------------------------------------------------------------- measurement
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What one collective tells every rank; all tensors float64 on ``device``, identical on every rank.
+
+    Attributes:
+        slot_norms: the norm of each slot (the p-th root of its combined partial, loss scale removed).
+        total: the global norm over every slot (0-dim).
+        presence: per slot, how many gradient pieces exist across ranks (``None`` unless asked for).
+        extra: the combined extra values the caller packed into the same buffer (``None`` if none).
+        partials: the combined partials per slot (before the root), for callers that merge slots.
+        group: the reduction group of the call (``None`` when nothing was combined).
+        device: where the vector lives.
+    """
+
+    slot_norms: Tensor
+    total: Tensor
+    presence: Tensor | None
+    extra: Tensor | None
+    partials: Tensor
+    group: dist.ProcessGroup | None
+    device: torch.device
+    loss_scale: float
+
+
+def _loss_scale(shards: Sequence[Shards]) -> float:
+    scales = {float(s.loss_scale) for s in shards}
+    if len(scales) > 1:
+        raise ValueError(f"the Shards of one call must share one loss_scale, got {sorted(scales)}")
+    return scales.pop() if scales else 1.0
+
+
+def home_device(shards: Sequence[Shards], group: dist.ProcessGroup | None) -> torch.device:
+    for s in shards:
+        for t in s.tensors:
+            return t.device
+    if group is not None:
+        return _reduce.collective_device(group, torch.device("cpu"))
+    return torch.device("cpu")
+
+
+def counted_pieces(
+    shards: Sequence[Shards], group: dist.ProcessGroup | None, slot_of: Callable[[str, int], int]
+) -> list[tuple[Tensor, int]]:
+    """(tensor, slot) of the pieces this rank measures: counted ones, replicated ones on rank 0 only."""
+    first = _reduce.group_rank(group) == 0
+    out: list[tuple[Tensor, int]] = []
+    for s in shards:
+        if not s.counted or (s.group is None and not first):
+            continue
+        for i, t in enumerate(s.tensors):
+            if t.numel() > 0:
+                out.append((t, slot_of(s.names[i] if s.names else "", i)))
+    return out
+
+
+def slot_partials(
+    pieces: Sequence[tuple[Tensor, int]], n_slots: int, p: float, foreach: bool | None, device: torch.device
+) -> Tensor:
+    """Per-slot partials (float64, ``n_slots``) of ``pieces``: SUM of partials, or NaN-propagating MAX for inf."""
+    out = torch.zeros(n_slots, dtype=torch.float64, device=device)
+    if not pieces:
+        return out
+    buckets: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[int]]] = {}
+    for t, slot in pieces:
+        entry = buckets.setdefault((t.device, t.dtype), ([], []))
+        entry[0].append(t)
+        entry[1].append(slot)
+    nan_seen = torch.zeros(n_slots, dtype=torch.float64, device=device) if math.isinf(p) else None
+    for (dev, _), (tensors, slots) in buckets.items():
+        use_foreach = _scale.resolve_foreach(foreach, dev, tensors)
+        parts = _norm.local_partials(tensors, p, use_foreach).to(device, non_blocking=True)
+        index = torch.tensor(slots, dtype=torch.long).to(device, non_blocking=True)
+        if nan_seen is None:
+            out.index_add_(0, index, parts)  # NaN propagates through the sum by itself
+        else:
+            nan_seen.index_add_(0, index, torch.isnan(parts).to(torch.float64))
+            out.scatter_reduce_(0, index, torch.nan_to_num(parts, nan=0.0), reduce="amax")
+    if nan_seen is not None:
+        out = torch.where(nan_seen > 0, torch.full_like(out, math.nan), out)
+    return out
+
+
+def merge_partials(partials: Tensor, index: Tensor, n_out: int, p: float) -> Tensor:
+    """Combine slot partials into ``n_out`` coarser slots (``index[i]`` is slot i's target; -1 drops it)."""
+    keep = index >= 0
+    out = torch.zeros(n_out, dtype=torch.float64, device=partials.device)
+    if math.isinf(p):
+        nan = torch.zeros_like(out).index_add_(0, index[keep], torch.isnan(partials[keep]).to(torch.float64))
+        out.scatter_reduce_(0, index[keep], torch.nan_to_num(partials[keep], nan=0.0), reduce="amax")
+        return torch.where(nan > 0, torch.full_like(out, math.nan), out)
+    return out.index_add_(0, index[keep], partials[keep])
+
+
+def finalize_norms(partials: Tensor, p: float, loss_scale: float) -> Tensor:
+    """Norms (float64) from combined partials, with the loss scale removed (the L0 count is scale-free)."""
+    norms = _norm.finalize(partials, p)
+    if loss_scale != 1.0 and p != 0:
+        norms = norms / loss_scale
+    return norms
+
+
+def measure(
+    shards: Sequence[Shards],
+    slot_of: Callable[[str, int], int] | None,
+    n_slots: int,
+    p: float,
+    foreach: bool | None = None,
+    *,
+    presence: bool = False,
+    extra: Tensor | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> Measurement:
+    """Measure every counted piece into its slot and combine everything with ONE all-reduce.
+
+    Args:
+        shards: the call's Shards.
+        slot_of: ``(name, index in its Shards) -> slot``; ``None`` puts everything into slot 0.
+        n_slots: the number of slots, identical on every rank.
+        p: a validated norm order.
+        foreach: as in the public API.
+        presence: also count gradient pieces per slot (to tell "no gradient anywhere" from "zero").
+        extra: more float64 values to combine with the same reduction (same length on every rank).
+        group: the reduction group; by default the common group of the Shards (the world when they differ).
+
+    Returns:
+        A :class:`Measurement`, identical on every rank.
+    """
+    if n_slots < 1:
+        raise ValueError(f"a measurement needs at least one slot, got {n_slots}")
+    red = group if group is not None else _reduce.reduction_group(s.group for s in shards)
+    scale = _loss_scale(shards)
+    device = home_device(shards, red)
+    pick = slot_of if slot_of is not None else (lambda _n, _i: 0)
+    vector = slot_partials(counted_pieces(shards, red, pick), n_slots, p, foreach, device)
+    parts = [vector]
+    if presence:
+        counts = torch.zeros(n_slots, dtype=torch.float64)
+        for s in shards:
+            for i, _t in enumerate(s.tensors):
+                counts[pick(s.names[i] if s.names else "", i)] += 1
+        parts.append(counts.to(device, non_blocking=True))
+    if extra is not None:
+        parts.append(extra.to(device=device, dtype=torch.float64))
+    buffer = torch.cat(parts) if len(parts) > 1 else vector
+    combined = _reduce.all_reduce_partials(buffer, _norm.combine_op(p), red)
+    partials = combined[:n_slots]
+    at = n_slots
+    counts_out = None
+    if presence:
+        counts_out = combined[at : at + n_slots]
+        at += n_slots
+    extra_out = combined[at:] if extra is not None else None
+    if math.isinf(p):
+        total_partial = partials.max()  # torch.max propagates NaN
+    else:
+        total_partial = partials.sum()
+    return Measurement(
+        slot_norms=finalize_norms(partials, p, scale),
+        total=finalize_norms(total_partial, p, scale),
+        presence=counts_out,
+        extra=extra_out,
+        partials=partials,
+        group=red,
+        device=device,
+        loss_scale=scale,
+    )
+
+
+def all_pieces(shards: Sequence[Shards], slot_of: Callable[[str, int], int] | None) -> list[tuple[Tensor, int]]:
+    """(tensor, slot) of every local piece (counted or not), each tensor once: what scaling touches."""
+    seen: set[int] = set()
+    pick = slot_of if slot_of is not None else (lambda _n, _i: 0)
+    out: list[tuple[Tensor, int]] = []
+    for s in shards:
+        for i, t in enumerate(s.tensors):
+            if id(t) not in seen:
+                seen.add(id(t))
+                out.append((t, pick(s.names[i] if s.names else "", i)))
+    return out
+
+
+def scale_slots_(pieces: Sequence[tuple[Tensor, int]], coefs: Tensor, foreach: bool | None = None) -> None:
+    """Multiply each piece in place by the coefficient of its slot (``coefs``: float32, one per slot).
+
+    One coefficient for everything goes through the fused ``_scale.scale_``. Otherwise each piece is
+    multiplied by a 0-dim device tensor (no host sync); on the CPU, where reading is free, pieces whose
+    coefficient is exactly 1 are left bit-for-bit untouched.
+    """
+    if not pieces:
+        return
+    if coefs.numel() == 1:
+        _scale.scale_([t for t, _ in pieces], coefs.reshape(()), foreach)
+        return
+    on_cpu = coefs.device.type == "cpu"
+    values = coefs.tolist() if on_cpu else None
+    by_key: dict[tuple[torch.device, torch.dtype, int], list[Tensor]] = {}
+    for t, slot in pieces:
+        if t.numel() == 0 or (values is not None and values[slot] == 1.0):
+            continue
+        by_key.setdefault((t.device, t.dtype, slot), []).append(t)
+    for (device, _, slot), tensors in by_key.items():
+        c = coefs[slot].to(device, non_blocking=True)
+        if _scale.resolve_foreach(foreach, device, tensors):
+            torch._foreach_mul_(tensors, c)
+        else:
+            for t in tensors:
+                t.mul_(c)

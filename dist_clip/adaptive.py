@@ -1,0 +1,573 @@
+"""Adaptive clipping: thresholds that follow the norm history (AutoClip, ZClip) and unit-wise AGC.
+
+AutoClip and ZClip turn the history of total norms into this step's ``max_norm``. Their state lives on the
+gradients' device as float64 tensors and is updated with tensor ops only (no host sync on CUDA); since every
+rank feeds it the same total norm (from the call's one collective), the state is identical on every rank.
+Use them through :class:`dist_clip.GradClipper`::
+
+    clipper = dist_clip.GradClipper(max_norm=dist_clip.ZClip(alpha=0.97, z_thresh=2.5))
+    result = clipper(model)            # every rank
+
+AGC (adaptive gradient clipping, Brock et al. 2021, as in timm) clips every *unit* (a row along dim 0 of a
+weight, or the whole of a 1-D parameter) whose gradient norm exceeds ``clipping * max(||w_unit||, eps)``. It is
+shard-aware: rows kept whole by FSDP2's dim-0 sharding are measured locally; units that a shard boundary cuts
+(FSDP1 flat shards, FSDP2-sharded 1-D parameters) have their weight and gradient partials combined, and every
+one of them travels in the call's one collective, beside the per-parameter norms used for the total.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from . import _norm, _reduce, _slots
+from .shards import Shards
+
+__all__ = ["AGC", "AutoClip", "ZClip"]
+
+
+def _real(name: str, value: object, *, low: float | None = None, high: float | None = None,
+          low_open: bool = False, high_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    bad = math.isnan(v)
+    if low is not None:
+        bad = bad or (v <= low if low_open else v < low)
+    if high is not None:
+        bad = bad or (v >= high if high_open else v > high)
+    if bad:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+        raise ValueError(f"{name} must be a number {' and '.join(x for x in (lo, hi) if x)}, got {v}")
+    return v
+
+
+def _int(name: str, value: object, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if int(value) < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value}")
+    return int(value)
+
+
+# ---------------------------------------------------------------------------------------------- AutoClip
+
+
+@dataclass(frozen=True)
+class AutoClip:
+    """AutoClip (Seetharaman et al. 2020): clip at a percentile of the history of total norms.
+
+    Each call appends the current total norm to the history and clips at its ``percentile``-th percentile
+    (linear interpolation, as ``numpy.percentile``), current norm included, exactly as the original. Non-finite
+    norms are kept out of the history.
+
+    Attributes:
+        percentile: in [0, 100]; the paper's defaults are 5-10.
+        window: keep only the last ``window`` norms (``None``: every norm seen, as the original).
+    """
+
+    percentile: float = 10.0
+    window: int | None = None
+
+    def __post_init__(self) -> None:
+        _real("AutoClip.percentile", self.percentile, low=0.0, high=100.0)
+        if self.window is not None:
+            _int("AutoClip.window", self.window, 1)
+
+
+class _AutoClipState:
+    """The norm history as a float64 device buffer; non-finite entries are stored as NaN and skipped."""
+
+    def __init__(self, config: AutoClip) -> None:
+        self.config = config
+        self.count = 0  # calls seen: host-side, identical on every rank, never read from the device
+        self.buffer: Tensor | None = None
+
+    def _grow(self, device: torch.device) -> Tensor:
+        cap = self.config.window
+        if self.buffer is None:
+            size = cap if cap is not None else 64
+            self.buffer = torch.full((size,), math.nan, dtype=torch.float64, device=device)
+        elif self.buffer.device != device:
+            self.buffer = self.buffer.to(device)
+        if cap is None and self.count >= self.buffer.numel():
+            bigger = torch.full((2 * self.buffer.numel(),), math.nan, dtype=torch.float64, device=device)
+            bigger[: self.buffer.numel()] = self.buffer
+            self.buffer = bigger
+        return self.buffer
+
+    def threshold(self, total: Tensor, finite: Tensor) -> Tensor:
+        buf = self._grow(total.device)
+        cap = self.config.window
+        slot = self.count % cap if cap is not None else self.count
+        buf[slot] = torch.where(finite, total.to(torch.float64), torch.full_like(total, math.nan, dtype=torch.float64))
+        self.count += 1
+        filled = min(self.count, cap) if cap is not None else self.count
+        return torch.nanquantile(buf[:filled], self.config.percentile / 100.0, interpolation="linear")
+
+    def coefficient(self, threshold: Tensor, total: Tensor) -> Tensor:
+        # torch.nn.utils.clip_grad_norm_(params, clip_value), as the original calls it.
+        return torch.clamp(threshold / (total.to(torch.float64) + 1e-6), max=1.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        cap = self.config.window
+        filled = min(self.count, cap) if cap is not None else self.count
+        hist = self.buffer[:filled].detach().cpu().clone() if self.buffer is not None else torch.zeros(0)
+        return {"count": self.count, "history": hist.to(torch.float64)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        count = _int("AutoClip state 'count'", state["count"], 0)
+        hist = state["history"]
+        cap = self.config.window
+        want = min(count, cap) if cap is not None else count
+        if not isinstance(hist, Tensor) or hist.dim() != 1 or hist.numel() != want:
+            raise ValueError(f"AutoClip state 'history' must be a 1-D tensor of {want} norms, got {hist!r:.80}")
+        size = cap if cap is not None else max(64, 1 << max(0, (count - 1)).bit_length())
+        buf = torch.full((size,), math.nan, dtype=torch.float64)
+        buf[:want] = hist.to(torch.float64)
+        self.buffer, self.count = buf, count
+
+
+# ---------------------------------------------------------------------------------------------- ZClip
+
+
+@dataclass(frozen=True)
+class ZClip:
+    """ZClip (Kumar et al. 2025): clip spikes found by a z-score against an EMA of the norm's mean and variance.
+
+    For the first ``warmup_steps`` calls the norms are collected (and clipped at ``max_norm`` if set, as
+    ``clip_grad_norm_`` would); then mean and variance start from their plain average and follow
+    ``mean = a*mean + (1-a)*g`` and ``var = a*var + (1-a)*(g - mean)**2``. A norm whose
+    ``z = (g - mean) / (std + eps)`` exceeds ``z_thresh`` is a spike: it is clipped to
+    ``(mean + z_thresh * std / (z / z_thresh)) * clip_factor`` ("adaptive_scaling") or to ``mean`` ("mean"),
+    never above ``max_norm``, and the EMA is fed the clipped value (or not fed at all with
+    ``skip_update_on_spike``). This follows the reference implementation of the paper; non-finite norms are
+    kept out of the statistics.
+    """
+
+    alpha: float = 0.97
+    z_thresh: float = 2.5
+    max_norm: float | None = 1.0
+    eps: float = 1e-6
+    warmup_steps: int = 25
+    clip_option: Literal["adaptive_scaling", "mean"] = "adaptive_scaling"
+    clip_factor: float = 1.0
+    skip_update_on_spike: bool = False
+
+    def __post_init__(self) -> None:
+        _real("ZClip.alpha", self.alpha, low=0.0, high=1.0, high_open=True)
+        _real("ZClip.z_thresh", self.z_thresh, low=0.0, low_open=True)
+        if self.max_norm is not None:
+            _real("ZClip.max_norm", self.max_norm, low=0.0)
+        _real("ZClip.eps", self.eps, low=0.0)
+        _int("ZClip.warmup_steps", self.warmup_steps, 1)
+        if self.clip_option not in ("adaptive_scaling", "mean"):
+            raise ValueError(f"ZClip.clip_option must be 'adaptive_scaling' or 'mean', got {self.clip_option!r}")
+        _real("ZClip.clip_factor", self.clip_factor, low=0.0, low_open=True)
+        if not isinstance(self.skip_update_on_spike, bool):
+            raise TypeError(f"ZClip.skip_update_on_spike must be a bool, got {self.skip_update_on_spike!r}")
+
+
+class _ZClipState:
+    def __init__(self, config: ZClip) -> None:
+        self.config = config
+        self.count = 0  # calls seen (host-side; warm-up is decided from it, never from the device)
+        self.warm: Tensor | None = None  # warm-up norms, NaN where non-finite
+        self.mean: Tensor | None = None
+        self.var: Tensor | None = None
+        self._warmup_now = False
+
+    def _ensure(self, device: torch.device) -> None:
+        if self.warm is None:
+            self.warm = torch.full((self.config.warmup_steps,), math.nan, dtype=torch.float64, device=device)
+            self.mean = torch.full((), math.nan, dtype=torch.float64, device=device)
+            self.var = torch.full((), math.nan, dtype=torch.float64, device=device)
+        elif self.warm.device != device:
+            self.warm, self.mean, self.var = (t.to(device) for t in (self.warm, self.mean, self.var))
+
+    def threshold(self, total: Tensor, finite: Tensor) -> Tensor:
+        cfg = self.config
+        self._ensure(total.device)
+        assert self.warm is not None and self.mean is not None and self.var is not None
+        g = total.to(torch.float64)
+        nan = torch.full_like(g, math.nan)
+        inf = torch.full_like(g, math.inf)
+        if self.count < cfg.warmup_steps:
+            self._warmup_now = True
+            self.warm[self.count] = torch.where(finite, g, nan)
+            self.count += 1
+            if self.count == cfg.warmup_steps:
+                ok = torch.isfinite(self.warm)
+                n = ok.sum()
+                vals = torch.where(ok, self.warm, torch.zeros_like(self.warm))
+                mean = vals.sum() / n
+                var = torch.where(ok, (self.warm - mean) ** 2, torch.zeros_like(self.warm)).sum() / n
+                self.mean.copy_(mean)
+                self.var.copy_(var)
+            return torch.full_like(g, cfg.max_norm) if cfg.max_norm is not None else inf
+        self._warmup_now = False
+        self.count += 1
+        std = self.var.sqrt()
+        z = (g - self.mean) / (std + cfg.eps)
+        spike = z > cfg.z_thresh
+        if cfg.clip_option == "adaptive_scaling":
+            eta = z / cfg.z_thresh
+            clip_val = (self.mean + (cfg.z_thresh * std) / eta) * cfg.clip_factor
+        else:
+            clip_val = self.mean.clone()
+        effective = torch.where(spike, clip_val, g)
+        if cfg.max_norm is not None:
+            effective = torch.minimum(effective, torch.full_like(g, cfg.max_norm))
+        update = finite & torch.isfinite(self.mean)
+        if cfg.skip_update_on_spike:
+            update = update & ~spike
+        fed = torch.where(spike, clip_val, g)
+        new_mean = cfg.alpha * self.mean + (1 - cfg.alpha) * fed
+        new_var = cfg.alpha * self.var + (1 - cfg.alpha) * (fed - new_mean) ** 2
+        self.mean.copy_(torch.where(update, new_mean, self.mean))
+        self.var.copy_(torch.where(update, new_var, self.var))
+        return effective
+
+    def coefficient(self, threshold: Tensor, total: Tensor) -> Tensor:
+        g = total.to(torch.float64)
+        if self._warmup_now:
+            return torch.clamp(threshold / (g + 1e-6), max=1.0)  # clip_grad_norm_(max_norm) during warm-up
+        return torch.where(g > threshold, threshold / (g + 1e-6), torch.ones_like(g))
+
+    def state_dict(self) -> dict[str, Any]:
+        def cpu(t: Tensor | None, shape: tuple[int, ...]) -> Tensor:
+            return t.detach().cpu().clone() if t is not None else torch.full(shape, math.nan, dtype=torch.float64)
+
+        return {
+            "count": self.count,
+            "warmup": cpu(self.warm, (self.config.warmup_steps,)),
+            "mean": cpu(self.mean, ()),
+            "var": cpu(self.var, ()),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        count = _int("ZClip state 'count'", state["count"], 0)
+        warm = state["warmup"]
+        if not isinstance(warm, Tensor) or warm.shape != (self.config.warmup_steps,):
+            raise ValueError(
+                f"ZClip state 'warmup' must be a tensor of shape ({self.config.warmup_steps},) (warmup_steps), "
+                f"got {getattr(warm, 'shape', type(warm).__name__)}"
+            )
+        self.count = count
+        self.warm = warm.to(torch.float64).clone()
+        self.mean = torch.as_tensor(state["mean"], dtype=torch.float64).clone().reshape(())
+        self.var = torch.as_tensor(state["var"], dtype=torch.float64).clone().reshape(())
+
+
+def make_state(threshold: AutoClip | ZClip) -> _AutoClipState | _ZClipState:
+    return _AutoClipState(threshold) if isinstance(threshold, AutoClip) else _ZClipState(threshold)
+
+
+# ---------------------------------------------------------------------------------------------- AGC
+
+
+@dataclass(frozen=True)
+class AGC:
+    """Unit-wise adaptive gradient clipping (Brock et al. 2021, "High-Performance Large-Scale Image Recognition
+    Without Normalization"; the formulation of timm's ``adaptive_clip_grad``).
+
+    For every unit (row along dim 0 of a parameter with 2+ dims, the whole of a 0/1-D parameter), with
+    ``max = clipping * max(||w_unit||, eps)``: a gradient unit with ``||g_unit|| >= max`` is scaled to norm
+    ``max`` (``g * max / max(||g_unit||, 1e-6)``), others are left alone. Norms are of the clipper's order.
+
+    Attributes:
+        clipping: the ratio λ (0.01 for batch sizes up to 4096 in the paper, smaller for larger batches).
+        eps: floor on the weight norm, so zero-initialised units can still move.
+        exclude: ``fnmatch`` patterns of parameter names left alone (the paper leaves the final classifier).
+    """
+
+    clipping: float = 0.01
+    eps: float = 1e-3
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _real("AGC.clipping", self.clipping, low=0.0, low_open=True)
+        _real("AGC.eps", self.eps, low=0.0)
+        if isinstance(self.exclude, str) or not all(isinstance(x, str) for x in self.exclude):
+            raise TypeError(f"AGC.exclude must be a tuple of name patterns, got {self.exclude!r}")
+
+
+@dataclass
+class _Unit:
+    """One local piece of one parameter with how it maps onto that parameter's units."""
+
+    name: str
+    grad: Tensor
+    data: Tensor
+    group: dist.ProcessGroup | None
+    counted: bool
+    kind: str  # "rows": a block of whole rows [row0, row0 + rows) (or the whole 0/1-D tensor); "flat": a range
+    row0: int = 0
+    start: int = 0  # flat: index of the first element in the flattened full parameter
+    row_len: int = 1  # flat: elements per unit
+    split_units: tuple[int, ...] = ()  # units of this parameter cut across ranks (global ids)
+
+
+def _row_partials(x: Tensor, p: float) -> Tensor:
+    """Partials per row of a 2-D tensor (float64): sum |x|^p, or max |x| for inf."""
+    if x.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.float64, device=x.device)
+    if x.shape[1] == 0:
+        return torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    if math.isinf(p):
+        return x.abs().amax(dim=1).to(torch.float64)
+    norms = torch.linalg.vector_norm(x, p, dim=1, dtype=torch.float64)
+    return norms if p == 1 else norms.square() if p == 2 else norms.pow(p)
+
+
+def _flat_segments(u: _Unit) -> list[tuple[int, int, int]]:
+    """(unit id, offset in the local piece, length) of the head, whole-row block and tail of a flat piece."""
+    n = u.grad.numel()
+    out: list[tuple[int, int, int]] = []
+    at, pos = 0, u.start
+    head = min(n, (-pos) % u.row_len)
+    if head:
+        out.append((pos // u.row_len, 0, head))
+        at, pos = head, pos + head
+    rows = (n - at) // u.row_len
+    if rows:
+        out.append((-(pos // u.row_len) - 1, at, rows))  # negative id: a block of `rows` whole rows
+        at += rows * u.row_len
+        pos += rows * u.row_len
+    if at < n:
+        out.append((pos // u.row_len, at, n - at))
+    return out
+
+
+def _unit_partials(u: _Unit, x: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """(global unit ids, partials) of tensor ``x`` laid out like ``u.grad``."""
+    dev = x.device
+    if u.kind == "rows":
+        if x.dim() <= 1:
+            return torch.zeros(1, dtype=torch.long), _row_partials(x.reshape(1, -1), p)
+        rows = x.shape[0]
+        if x.numel() == 0:
+            return torch.arange(u.row0, u.row0 + rows), torch.zeros(rows, dtype=torch.float64, device=dev)
+        return torch.arange(u.row0, u.row0 + rows), _row_partials(x.reshape(rows, -1), p)
+    ids: list[Tensor] = []
+    parts: list[Tensor] = []
+    flat = x.reshape(-1)
+    for uid, off, length in _flat_segments(u):
+        if uid >= 0:
+            ids.append(torch.tensor([uid]))
+            parts.append(_row_partials(flat[off : off + length].reshape(1, -1), p))
+        else:
+            first = -uid - 1
+            ids.append(torch.arange(first, first + length))
+            parts.append(_row_partials(flat[off : off + length * u.row_len].reshape(length, u.row_len), p))
+    if not parts:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64, device=dev)
+    return torch.cat(ids), torch.cat(parts)
+
+
+def _apply_unit_coefs_(u: _Unit, coefs: Tensor) -> None:
+    """Scale ``u.grad`` in place, each unit by its coefficient (``coefs`` aligned with ``_unit_partials``)."""
+    g = u.grad
+    if g.numel() == 0:
+        return
+    if not g.is_contiguous():
+        work = g.contiguous()
+        _apply_unit_coefs_(_Unit(u.name, work, u.data, u.group, u.counted, u.kind, u.row0, u.start, u.row_len,
+                                 u.split_units), coefs)
+        g.copy_(work)
+        return
+    c = coefs.to(g.device, g.dtype if g.is_floating_point() else torch.float32)
+    if u.kind == "rows":
+        if g.dim() <= 1:
+            g.mul_(c.reshape(()))
+        else:
+            g.view(g.shape[0], -1).mul_(c.unsqueeze(1))
+        return
+    flat = g.view(-1)
+    at = 0
+    for uid, off, length in _flat_segments(u):
+        if uid >= 0:
+            flat[off : off + length].mul_(c[at])
+            at += 1
+        else:
+            flat[off : off + length * u.row_len].view(length, u.row_len).mul_(c[at : at + length].unsqueeze(1))
+            at += length
+
+
+def _dtensor_geometry(name: str, param: Tensor) -> tuple[int, bool, dist.ProcessGroup, bool]:
+    """(row offset, whether its single unit is cut, group spanning its mesh, counted) of a DTensor parameter."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    mesh, placements = param.device_mesh, param.placements
+    shard_dims = [d for d, pl in enumerate(placements) if pl.is_shard()]
+    unsupported = any(pl.is_partial() for pl in placements) or any(placements[d].dim != 0 for d in shard_dims)
+    if unsupported or len(shard_dims) > 1:
+        raise NotImplementedError(
+            f"unit-wise clipping of {name!r} with placements {tuple(placements)}: only Shard(0) on one mesh "
+            "dimension (FSDP2, HSDP) and Replicate are supported"
+        )
+    _, offset = compute_local_shape_and_global_offset(param.shape, mesh, placements)
+    coord = mesh.get_coordinate()
+    counted = coord is not None and all(coord[d] == 0 for d, pl in enumerate(placements) if not pl.is_shard())
+    cut = param.dim() <= 1 and any(mesh.size(d) > 1 for d in shard_dims)
+    if mesh.ndim == 1:
+        group = mesh.get_group()
+    else:
+        world = dist.group.WORLD
+        assert world is not None
+        if mesh.size() != dist.get_world_size():
+            raise NotImplementedError(f"unit-wise clipping of {name!r}: a multi-dim mesh must span the world")
+        group = world
+    return (int(offset[0]) if param.dim() >= 1 and offset else 0), cut, group, counted
+
+
+def unit_pieces(
+    target: object, group: dist.ProcessGroup | None
+) -> tuple[list[_Unit], list[tuple[str, int]], tuple[str, ...]]:
+    """Every local piece of ``target`` with its unit geometry, the cut units (identical on every rank) and names.
+
+    Cut units are listed by (parameter name, unit id) in an order every rank derives from the model's
+    structure alone.
+    """
+    units: list[_Unit] = []
+    cut: list[tuple[str, int]] = []
+    if _slots.is_fsdp1(target):
+        layout = _slots.fsdp1_pieces(target, group)  # type: ignore[arg-type]
+        for name in layout.names:
+            shape, cuts = layout.geometry[name]
+            numel = int(math.prod(shape))
+            row_len = numel // shape[0] if len(shape) >= 2 and shape[0] > 0 else max(numel, 1)
+            cut.extend((name, c // row_len) for c in cuts if c % row_len)
+        cut_by_name: dict[str, list[int]] = {}
+        for name, uid in cut:
+            cut_by_name.setdefault(name, []).append(uid)
+        for piece in layout.pieces:
+            if piece.grad is None:
+                continue
+            numel = int(math.prod(piece.shape))
+            row_len = numel // piece.shape[0] if len(piece.shape) >= 2 and piece.shape[0] > 0 else max(numel, 1)
+            units.append(_Unit(piece.name, piece.grad, piece.data, piece.group, True, "flat", start=piece.start,
+                               row_len=row_len, split_units=tuple(cut_by_name.get(piece.name, ()))))
+        for name, param in layout.unmanaged:
+            if param.grad is not None:
+                units.append(_Unit(name, param.grad, param.detach(), None, True, "rows"))
+        return units, cut, layout.names
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(target, DistributedDataParallel):
+        items, group = list(target.module.named_parameters()), None
+    elif isinstance(target, nn.Module):
+        items = list(target.named_parameters())
+    elif isinstance(target, dict):
+        items = [(k, target[k]) for k in sorted(target)]
+    elif isinstance(target, Tensor):
+        items = [("0", target)]
+    else:
+        items = [(str(i), t) for i, t in enumerate(target)]  # type: ignore[arg-type]
+    names: list[str] = []
+    for name, param in items:
+        if not isinstance(param, Tensor) or not (isinstance(param, nn.Parameter) or param.requires_grad):
+            raise TypeError(
+                f"unit-wise clipping needs parameters (it reads their values), got {type(param).__name__} at {name!r}"
+            )
+        names.append(name)
+        is_dt = type(param).__name__ == "DTensor"
+        if is_dt:
+            row0, is_cut, pg, counted = _dtensor_geometry(name, param)
+            if is_cut:
+                cut.append((name, 0))
+            g = param.grad
+            if g is None:
+                continue
+            if type(g).__name__ == "DTensor":
+                g = g._local_tensor
+            units.append(_Unit(name, g, param._local_tensor.detach(), pg if group is None else group, counted,
+                               "rows", row0=row0, split_units=(0,) if is_cut else ()))
+        elif param.grad is not None:
+            units.append(_Unit(name, param.grad, param.detach(), group, True, "rows"))
+    return units, cut, tuple(dict.fromkeys(names))
+
+
+@dataclass(frozen=True)
+class UnitwiseOutcome:
+    total: Tensor  # float64 0-dim, pre-clip norm over every gradient
+    slot_norms: Tensor  # float64 per name (pre-clip)
+    names: tuple[str, ...]
+    min_coef: Tensor  # float32 0-dim, the smallest unit coefficient applied (1 when nothing clipped)
+    group: dist.ProcessGroup | None
+    units: list[_Unit]
+    coefs: list[Tensor]  # per unit piece, aligned with _unit_partials
+
+
+def unitwise_measure(target: object, config: AGC, p: float, foreach: bool | None,
+                     group: dist.ProcessGroup | None) -> UnitwiseOutcome:
+    """Measure per-unit weight and gradient norms (cut units combined) and per-parameter norms, ONE collective."""
+    if p == 0:
+        raise ValueError("unit-wise clipping needs a norm order p > 0 or inf, got norm_type=0")
+    units, cut, names = unit_pieces(target, group)
+    index = {n: i for i, n in enumerate(names)}
+    cut_index = {key: i for i, key in enumerate(cut)}
+    red = _reduce.reduction_group([u.group for u in units] + ([group] if group is not None else []))
+    shards = [Shards([u.grad], group=u.group, counted=u.counted, names=[u.name]) for u in units]
+    device = _slots.home_device(shards, red)
+    k = len(cut)
+    extra = torch.zeros(2 * k, dtype=torch.float64, device=device)
+    first = _reduce.group_rank(red) == 0
+    local: list[tuple[Tensor, Tensor, Tensor]] = []  # per unit piece: (ids, weight partials, grad partials)
+    for u in units:
+        ids, gp = _unit_partials(u, u.grad, p)
+        _, wp = _unit_partials(u, u.data, p)
+        gp, wp = gp.to(device), wp.to(device)
+        local.append((ids, wp, gp))
+        contributes = u.counted and (u.group is not None or first)
+        if u.split_units and contributes:
+            pos = [j for j, uid in enumerate(ids.tolist()) if (u.name, uid) in cut_index]
+            if pos:
+                where = torch.tensor([cut_index[(u.name, int(ids[j]))] for j in pos], device=device)
+                sel = torch.tensor(pos, device=device)
+                if math.isinf(p):
+                    extra[:k].scatter_reduce_(0, where, wp[sel], reduce="amax")
+                    extra[k:].scatter_reduce_(0, where, gp[sel], reduce="amax")
+                else:
+                    extra[:k].index_add_(0, where, wp[sel])
+                    extra[k:].index_add_(0, where, gp[sel])
+    m = _slots.measure(shards, lambda n, _i: index[n], len(names), p, foreach, extra=extra if k else None,
+                       group=red)
+    combined = m.extra
+    coefs: list[Tensor] = []
+    smallest = torch.ones((), dtype=torch.float32, device=device)
+    for u, (ids, wp, gp) in zip(units, local):
+        if combined is not None and u.split_units:
+            hits = [(j, cut_index[(u.name, uid)]) for j, uid in enumerate(ids.tolist()) if (u.name, uid) in cut_index]
+            if hits:
+                sel = torch.tensor([j for j, _ in hits], device=device)
+                src = torch.tensor([c for _, c in hits], device=device)
+                wp = wp.clone()
+                gp = gp.clone()
+                wp[sel] = combined[:k][src]
+                gp[sel] = combined[k:][src]
+        wn = _norm.finalize(wp, p)
+        gn = _norm.finalize(gp, p)
+        limit = wn.clamp(min=config.eps) * config.clipping
+        coef = torch.where(gn < limit, torch.ones_like(gn), limit / gn.clamp(min=1e-6)).to(torch.float32)
+        if any(fnmatch.fnmatchcase(u.name, pat) for pat in config.exclude):
+            coef = torch.ones_like(coef)
+        coefs.append(coef)
+        if coef.numel():
+            smallest = torch.minimum(smallest, coef.min().to(device))
+    return UnitwiseOutcome(m.total, m.slot_norms, names, smallest, red, units, coefs)
+
+
+def unitwise_scale_(outcome: UnitwiseOutcome) -> None:
+    for u, coef in zip(outcome.units, outcome.coefs):
+        if coef.numel():
+            _apply_unit_coefs_(u, coef)
+

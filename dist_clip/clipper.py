@@ -1,0 +1,592 @@
+"""A stateful clipper beside the functional API: per-parameter and per-group limits, reports, adaptive
+thresholds, unit-wise AGC and a non-finite policy, each with one collective per call.
+
+::
+
+    clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+    loss.backward()
+    result = clipper(model, optimizer=optimizer)   # every rank; result holds device tensors
+    optimizer.step()                               # a no-op when the norm was not finite
+
+Every mode measures into the slots of :mod:`dist_clip._slots` and reduces one float64 vector with one
+all-reduce; every decision (clip or not, skip or not, the adaptive threshold) is taken from that vector, so it
+is identical on every rank. No host sync on CUDA except where a mode needs host values: ``on_nonfinite="error"``
+(to raise), ``report=True`` (to build the dict) and a non-fused optimizer under ``on_nonfinite="skip"`` whose
+state lives on the host (see :func:`skip_next_step_`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import _norm, _reduce, _scale, _slots
+from .adapters import resolve
+from .adaptive import AGC, AutoClip, ZClip, make_state, unitwise_measure, unitwise_scale_
+from .shards import Shards
+
+__all__ = ["ClipResult", "ClipperConfig", "GradClipper", "skip_next_step_"]
+
+Mode = Literal["total", "per_param", "per_group", "unitwise"]
+OnNonFinite = Literal["error", "skip", "zero", "ignore"]
+MODES: tuple[str, ...] = ("total", "per_param", "per_group", "unitwise")
+POLICIES: tuple[str, ...] = ("error", "skip", "zero", "ignore")
+_STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ClipperConfig:
+    """What a :class:`GradClipper` does; frozen, so a checkpoint can record it and a run can compare it.
+
+    Attributes:
+        max_norm: a fixed limit ``>= 0``, or an adaptive one (:class:`~dist_clip.AutoClip`,
+            :class:`~dist_clip.ZClip`; ``mode="total"`` only). In ``per_group`` mode a param group's own
+            ``"max_norm"`` entry overrides it.
+        norm_type: the order ``p >= 0`` or ``inf``/``"inf"``, as in the functional API.
+        mode: ``"total"`` (one norm, as ``clip_grad_norm_``), ``"per_param"`` (each parameter's norm across all
+            its shards against ``max_norm``), ``"per_group"`` (each optimizer param group's norm against its
+            own limit), ``"unitwise"`` (AGC, configured by ``agc``).
+        on_nonfinite: when the total norm is NaN or infinite: ``"error"`` raises ``RuntimeError`` on every rank
+            naming the ranks and parameters holding non-finite values; ``"skip"`` turns the next
+            ``optimizer.step()`` into a no-op (needs ``optimizer=``); ``"zero"`` zeroes every gradient;
+            ``"ignore"`` scales by the non-finite coefficient, as ``torch.nn.utils.clip_grad_norm_`` does.
+        report: return the norm of every parameter as a dict (one host read).
+        report_depth: report per module prefix of this many dotted components instead of per parameter.
+        agc: the unit-wise clipping settings of ``mode="unitwise"``.
+        foreach: as in the functional API.
+    """
+
+    max_norm: float | AutoClip | ZClip = 1.0
+    norm_type: float | str = 2.0
+    mode: Mode = "total"
+    on_nonfinite: OnNonFinite = "ignore"
+    report: bool = False
+    report_depth: int | None = None
+    agc: AGC = field(default_factory=AGC)
+    foreach: bool | None = None
+
+    def __post_init__(self) -> None:
+        m = self.max_norm
+        if isinstance(m, (AutoClip, ZClip)):
+            if self.mode != "total":
+                raise ValueError(
+                    f"an adaptive max_norm ({type(m).__name__}) works with mode='total', got mode={self.mode!r}"
+                )
+        elif isinstance(m, bool) or not isinstance(m, numbers.Real):
+            raise TypeError(f"max_norm must be a real number, AutoClip or ZClip, got {type(m).__name__} {m!r}")
+        elif math.isnan(float(m)) or float(m) < 0:
+            raise ValueError(f"max_norm must be a number >= 0, got {float(m)}")
+        _norm.parse_norm_type(self.norm_type)
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.on_nonfinite not in POLICIES:
+            raise ValueError(f"on_nonfinite must be one of {POLICIES}, got {self.on_nonfinite!r}")
+        if not isinstance(self.report, bool):
+            raise TypeError(f"report must be a bool, got {type(self.report).__name__} {self.report!r}")
+        if self.report_depth is not None and (
+            isinstance(self.report_depth, bool) or not isinstance(self.report_depth, int) or self.report_depth < 1
+        ):
+            raise ValueError(f"report_depth must be None or an int >= 1, got {self.report_depth!r}")
+        if not isinstance(self.agc, AGC):
+            raise TypeError(f"agc must be a dist_clip.AGC, got {type(self.agc).__name__}")
+        if self.foreach is not None and not isinstance(self.foreach, bool):
+            raise TypeError(f"foreach must be None, True or False, got {self.foreach!r}")
+        if self.mode == "unitwise" and _norm.parse_norm_type(self.norm_type) == 0:
+            raise ValueError("mode='unitwise' needs a norm order p > 0 or inf, got norm_type=0")
+
+    @property
+    def p(self) -> float:
+        return _norm.parse_norm_type(self.norm_type)
+
+
+@dataclass(frozen=True)
+class ClipResult:
+    """What one call did; tensors stay on the gradients' device and are identical on every rank.
+
+    Attributes:
+        total_norm: 0-dim float32, the norm of every gradient before clipping (the unsharded definition).
+        clip_coef: the coefficient applied: 0-dim in ``total`` mode, one per entry of ``slots`` in
+            ``per_param``/``per_group`` modes; in ``unitwise`` mode the smallest unit coefficient.
+        clipped: 0-dim bool, whether some gradient was scaled down (False when the norm was not finite).
+        finite: 0-dim bool, whether the total norm was finite.
+        max_norm: the limit used (0-dim, or one per slot of ``per_group``; the AGC ratio in ``unitwise``).
+        slots: names of the entries of ``clip_coef`` (parameter names or param group names), else empty.
+        norms: the report, name (or module prefix) -> norm, when asked for; parameters without a gradient
+            on any rank are left out.
+    """
+
+    total_norm: Tensor
+    clip_coef: Tensor
+    clipped: Tensor
+    finite: Tensor
+    max_norm: Tensor
+    slots: tuple[str, ...] = ()
+    norms: dict[str, float] | None = None
+
+
+# ------------------------------------------------------------------------------------------- skipping
+
+
+class _SkipGuard:
+    """Hooks on one optimizer that turn its next step into a no-op when armed with a true flag.
+
+    Fused optimizers (``fused=True`` Adam, AdamW, SGD, Adagrad) read ``optimizer.found_inf`` in their kernels, as
+    ``torch.amp.GradScaler`` uses them: nothing is read on the host. Other optimizers are snapshotted before the
+    step and restored after it, with ``torch.where`` on the device (on the CPU, where reading the flag is free,
+    only when the flag is set).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.flag: Tensor | None = None
+        self.found_inf: Tensor | None = None
+        self.saved: tuple[list[Tensor], list[Tensor], dict[int, dict[str, Any]], list[Tensor]] | None = None
+        optimizer.register_step_pre_hook(self._pre)
+        optimizer.register_step_post_hook(self._post)
+
+    @staticmethod
+    def fused(optimizer: torch.optim.Optimizer) -> bool:
+        return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
+            g.get("fused") for g in optimizer.param_groups
+        )
+
+    def arm(self, optimizer: torch.optim.Optimizer, flag: Tensor) -> None:
+        if self.fused(optimizer):
+            self.found_inf = flag.to(torch.float32)
+            optimizer.found_inf = self.found_inf  # type: ignore[attr-defined]
+            self.flag = None
+        else:
+            self.flag = flag
+
+    @staticmethod
+    def _local(t: Tensor) -> Tensor:
+        return t._local_tensor if type(t).__name__ == "DTensor" else t  # type: ignore[attr-defined]
+
+    def _pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        flag = self.flag
+        if flag is None:
+            return
+        if flag.device.type == "cpu" and not bool(flag):
+            self.flag = None
+            return
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        locals_ = [self._local(p.detach()) for p in params]
+        states: dict[int, dict[str, Any]] = {}
+        for p in params:
+            if p in optimizer.state:
+                states[id(p)] = {
+                    k: (self._local(v).detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v))
+                    for k, v in optimizer.state[p].items()
+                }
+        self.saved = ([t.clone() for t in locals_], locals_, states, params)
+
+    def _post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.found_inf is not None:
+            if getattr(optimizer, "found_inf", None) is self.found_inf:
+                del optimizer.found_inf  # type: ignore[attr-defined]
+            self.found_inf = None
+        flag, saved = self.flag, self.saved
+        self.flag = self.saved = None
+        if saved is None or flag is None:
+            return
+        values, live, states, params = saved
+        known = flag.device.type == "cpu"  # we only snapshot on the CPU when the flag is set
+        with torch.no_grad():
+            for old, now in zip(values, live):
+                now.copy_(old if known else torch.where(flag.to(now.device), old, now))
+            for p in params:
+                before = states.get(id(p))
+                if p not in optimizer.state:
+                    continue
+                after = optimizer.state[p]
+                if known:
+                    if before is None:
+                        del optimizer.state[p]
+                        continue
+                    for k, v in before.items():
+                        if isinstance(v, Tensor) and isinstance(after.get(k), Tensor):
+                            self._local(after[k]).copy_(v)
+                        else:
+                            after[k] = v
+                    continue
+                for k, v in after.items():
+                    if not isinstance(v, Tensor):
+                        continue
+                    loc = self._local(v)
+                    prev = before.get(k) if before is not None else None
+                    base = prev if isinstance(prev, Tensor) and prev.shape == loc.shape else torch.zeros_like(loc)
+                    loc.copy_(torch.where(flag.to(loc.device), base.to(loc.device), loc))
+
+
+def skip_next_step_(optimizer: torch.optim.Optimizer, flag: Tensor) -> None:
+    """Make the next ``optimizer.step()`` a no-op where the 0-dim bool ``flag`` is true, without a host sync.
+
+    Fused optimizers get ``optimizer.found_inf`` (their kernels skip the update and the step count, as under
+    ``GradScaler``). Any other optimizer gets a step pre-hook that snapshots parameters and state and a post-hook
+    that restores them with ``torch.where`` on the device (on the CPU only when the flag is set, since reading
+    it is free there). The snapshot costs one copy of parameters and state per step on accelerators: prefer a
+    fused optimizer. State that a first step creates is reset to zeros on accelerators (the usual initial state)
+    and removed on the CPU; optimizer state kept on the host for device parameters (``capturable=False`` step
+    counters) makes the restore a host sync.
+    """
+    guard = getattr(optimizer, "_dist_clip_skip_guard", None)
+    if guard is None:
+        guard = _SkipGuard(optimizer)
+        optimizer._dist_clip_skip_guard = guard  # type: ignore[attr-defined]
+    guard.arm(optimizer, flag.reshape(()).to(torch.bool))
+
+
+# ------------------------------------------------------------------------------------------- the clipper
+
+
+def _check_group(group: object) -> dist.ProcessGroup | None:
+    from .clip import _check_group as check
+
+    return check(group)
+
+
+def _nonfinite_message(
+    shards: Sequence[Shards], group: dist.ProcessGroup | None, total: float, p: float
+) -> str:
+    """Which ranks hold non-finite values in which parameters: the debug pass of ``on_nonfinite="error"``."""
+    local: list[str] = []
+    for s in shards:
+        for i, t in enumerate(s.tensors):
+            if t.numel() and not bool(torch.isfinite(t).all()):
+                name = _slots.clean_name(s.names[i]) if s.names else f"<piece {i}>"
+                if name not in local:
+                    local.append(name)
+    if group is not None and _reduce.group_size(group) > 1:
+        gathered: list[Any] = [None] * _reduce.group_size(group)
+        dist.all_gather_object(gathered, local, group=group)
+        ranks = [dist.get_global_rank(group, i) for i in range(len(gathered))]
+    elif dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered = [local]
+        ranks = ["every rank (replicated gradients)"]  # type: ignore[list-item]
+    else:
+        gathered = [local]
+        ranks = [0]
+    holders = [
+        f"{r if isinstance(r, str) else f'rank {r}'}: {', '.join(names)}" for r, names in zip(ranks, gathered) if names
+    ]
+    where = "; ".join(holders) if holders else "no rank found a non-finite element (the norm itself overflowed)"
+    return (
+        f"The total gradient norm of order {p} is non-finite ({total}); non-finite gradients on {where}. Every "
+        "rank raises this error together. Set on_nonfinite='skip' to skip the optimizer step, 'zero' to zero the "
+        "gradients, or 'ignore' to scale by the non-finite coefficient as torch does"
+    )
+
+
+class GradClipper:
+    """Gradient clipping with state: ``clipper(target) -> ClipResult``, checkpointable with ``state_dict()``.
+
+    Must be called on all ranks of the group, after ``backward()`` and before ``optimizer.step()``, like the
+    functional API; each call issues one collective (none where nothing is sharded), whatever the mode.
+
+    Args:
+        config: a :class:`ClipperConfig`; or leave it out and pass its fields as keyword arguments.
+    """
+
+    def __init__(self, config: ClipperConfig | None = None, **kwargs: Any) -> None:
+        if config is not None and kwargs:
+            raise TypeError(f"pass either a ClipperConfig or keyword arguments, got both (keywords: {sorted(kwargs)})")
+        if config is not None and not isinstance(config, ClipperConfig):
+            raise TypeError(f"config must be a ClipperConfig, got {type(config).__name__}")
+        self.config = config if config is not None else ClipperConfig(**kwargs)
+        thr = self.config.max_norm
+        self._threshold = make_state(thr) if isinstance(thr, (AutoClip, ZClip)) else None
+        self.step = 0
+        self._num_clipped: Tensor | None = None
+        self._num_nonfinite: Tensor | None = None
+
+    def __repr__(self) -> str:
+        return f"GradClipper({self.config!r}, step={self.step})"
+
+    # ---------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue identically (CPU tensors; reading them syncs once)."""
+        def count(t: Tensor | None) -> Tensor:
+            return t.detach().cpu().clone() if t is not None else torch.zeros((), dtype=torch.int64)
+
+        return {
+            "version": _STATE_VERSION,
+            "step": self.step,
+            "num_clipped": count(self._num_clipped),
+            "num_nonfinite": count(self._num_nonfinite),
+            "threshold": None if self._threshold is None else {
+                "kind": type(self.config.max_norm).__name__, **self._threshold.state_dict()
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; the config must use the same kind of threshold."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from GradClipper.state_dict(), got {type(state).__name__}")
+        missing = {"version", "step", "num_clipped", "num_nonfinite", "threshold"} - state.keys()
+        if missing:
+            raise ValueError(
+                f"GradClipper state lacks {sorted(missing)}; expected a dict from GradClipper.state_dict()"
+            )
+        if state["version"] != _STATE_VERSION:
+            raise ValueError(f"GradClipper state version {state['version']!r} is not {_STATE_VERSION}")
+        thr = state["threshold"]
+        want = type(self.config.max_norm).__name__ if self._threshold is not None else None
+        got = None if thr is None else thr.get("kind")
+        if want != got:
+            raise ValueError(
+                f"this clipper's threshold is {want or 'fixed'} but the state is of {got or 'a fixed one'}"
+            )
+        if self._threshold is not None:
+            self._threshold.load_state_dict({k: v for k, v in thr.items() if k != "kind"})
+        self.step = int(state["step"])
+        self._num_clipped = torch.as_tensor(state["num_clipped"], dtype=torch.int64).clone()
+        self._num_nonfinite = torch.as_tensor(state["num_nonfinite"], dtype=torch.int64).clone()
+
+    @property
+    def num_clipped(self) -> Tensor:
+        """How many calls scaled some gradient down (a device tensor)."""
+        return self._num_clipped if self._num_clipped is not None else torch.zeros((), dtype=torch.int64)
+
+    @property
+    def num_nonfinite(self) -> Tensor:
+        """How many calls met a non-finite norm (a device tensor)."""
+        return self._num_nonfinite if self._num_nonfinite is not None else torch.zeros((), dtype=torch.int64)
+
+    def _count(self, clipped: Tensor, finite: Tensor) -> None:
+        dev = clipped.device
+        if self._num_clipped is None or self._num_nonfinite is None:
+            self._num_clipped = torch.zeros((), dtype=torch.int64)
+            self._num_nonfinite = torch.zeros((), dtype=torch.int64)
+        self._num_clipped = self._num_clipped.to(dev)
+        self._num_nonfinite = self._num_nonfinite.to(dev)
+        self._num_clipped += clipped.to(torch.int64)
+        self._num_nonfinite += (~finite).to(torch.int64)
+
+    # ---------------------------------------------------------------------------------------- call
+    @torch.no_grad()
+    def __call__(
+        self,
+        target: object,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        group: dist.ProcessGroup | None = None,
+        plan: Any = None,
+        report: bool | None = None,
+    ) -> ClipResult:
+        """Measure (one collective), decide, and scale the gradients of ``target`` in place.
+
+        Args:
+            target: anything the functional API takes; per-parameter modes and reports also take a mapping
+                ``{name: tensor}`` (every rank the same keys).
+            optimizer: needed by ``mode="per_group"`` (its param groups) and ``on_nonfinite="skip"``.
+            group: as in the functional API.
+            plan: a :class:`dist_clip.compose.ParallelPlan` describing tensor/pipeline/expert parallelism.
+            report: overrides ``config.report`` for this call.
+
+        Returns:
+            A :class:`ClipResult`, identical on every rank.
+        """
+        cfg = self.config
+        p = cfg.p
+        want_report = cfg.report if report is None else bool(report)
+        if cfg.on_nonfinite == "skip" and optimizer is None:
+            raise ValueError("on_nonfinite='skip' needs optimizer= (the optimizer whose next step is skipped)")
+        if cfg.mode == "per_group" and optimizer is None:
+            raise ValueError("mode='per_group' needs optimizer= (whose param groups set the slots)")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        group = _check_group(group)
+        self.step += 1
+        if cfg.mode == "unitwise":
+            if plan is not None:
+                raise ValueError("mode='unitwise' does not take a plan= (AGC reads FSDP/DTensor layouts itself)")
+            return self._unitwise(target, optimizer, group, want_report)
+
+        named_mode = plan is not None or cfg.mode != "total" or want_report
+        if plan is not None:
+            named: _slots.Named | None = plan.named_shards(target)
+        elif named_mode:
+            named = _slots.named_shards(target, group)
+        else:
+            named = None
+        if named is not None:
+            shards = named.shards
+            index = {n: i for i, n in enumerate(named.names)}
+
+            def slot_of(name: str, _i: int) -> int:
+                try:
+                    return index[name]
+                except KeyError:
+                    raise ValueError(
+                        f"a gradient piece is named {name!r}, which is not a parameter name of the target "
+                        f"({len(index)} known, e.g. {list(index)[:3]}); name every piece by its full-model name"
+                    ) from None
+
+            n_slots = max(len(named.names), 1)
+            pick = slot_of if named.names else None
+        else:
+            # A mapping {name: tensor} is not something the adapters know; its names are not needed here.
+            if isinstance(target, Mapping):
+                shards = _slots.named_shards(target, group).shards
+            else:
+                shards = resolve(target, group)
+            pick, n_slots = None, 1
+        m = _slots.measure(shards, pick, n_slots, p, cfg.foreach, presence=named is not None,
+                           group=plan.reduction_group if plan is not None else None)
+        total = m.total.to(torch.float32)
+        finite = torch.isfinite(total)
+
+        slot_names: tuple[str, ...] = ()
+        if cfg.mode == "per_param":
+            assert named is not None
+            limit = torch.full_like(total, float(cfg.max_norm))  # type: ignore[arg-type]
+            coef = _scale.clip_coefficient(limit, m.slot_norms.to(torch.float32))
+            slot_coef = coef
+            slot_names = named.names
+            limit_out = limit
+        elif cfg.mode == "per_group":
+            assert named is not None and optimizer is not None
+            coef, slot_coef, slot_names, limit_out = self._per_group(named, m, optimizer, p)
+        else:
+            if self._threshold is not None:
+                thr = self._threshold.threshold(m.total, finite)
+                coef = self._threshold.coefficient(thr, m.total).to(torch.float32)
+                limit_out = thr.to(torch.float32)
+            else:
+                limit_out = torch.full_like(total, float(cfg.max_norm))  # type: ignore[arg-type]
+                coef = _scale.clip_coefficient(float(cfg.max_norm), total)  # type: ignore[arg-type]
+            slot_coef = coef.reshape(1)
+        if plan is not None:
+            plan.check_once(shards, m, p)
+
+        policy = cfg.on_nonfinite
+        if policy == "error" and not bool(finite):
+            raise RuntimeError(_nonfinite_message(shards, m.group, total.item(), p))
+        pieces = _slots.all_pieces(shards, pick)
+        on_cpu = total.device.type == "cpu"
+        if policy in ("skip", "zero"):
+            keep = 1.0 if policy == "skip" else 0.0
+            slot_coef = torch.where(finite, slot_coef, torch.full_like(slot_coef, keep))
+        if policy == "zero" and on_cpu and not bool(finite):
+            for t, _ in pieces:
+                t.zero_()
+        else:
+            _slots.scale_slots_(pieces, slot_coef, cfg.foreach)
+            if policy == "zero" and not on_cpu:
+                for t, _ in pieces:
+                    t.masked_fill_(~finite.to(t.device), 0)  # 0 * NaN is NaN: zero explicitly, no sync
+        if policy == "skip":
+            assert optimizer is not None
+            skip_next_step_(optimizer, ~finite)
+        clipped = finite & (slot_coef < 1).any()
+        self._count(clipped, finite)
+        norms = self._report(named, m, p) if want_report and named is not None else None
+        return ClipResult(total, coef, clipped, finite, limit_out, slot_names, norms)
+
+    def _per_group(
+        self, named: _slots.Named, m: _slots.Measurement, optimizer: torch.optim.Optimizer, p: float
+    ) -> tuple[Tensor, Tensor, tuple[str, ...], Tensor]:
+        where: dict[int, int] = {}
+        limits: list[float] = []
+        labels: list[str] = []
+        for gi, pg in enumerate(optimizer.param_groups):
+            value = pg.get("max_norm", self.config.max_norm)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) or value < 0:
+                raise ValueError(f"param group {gi} has max_norm {value!r}; expected a number >= 0")
+            limits.append(float(value))
+            labels.append(str(pg.get("name", f"param_group{gi}")))
+            for q in pg["params"]:
+                where[id(q)] = gi
+        index = torch.tensor(
+            [where.get(id(named.params[n]), -1) if n in named.params else -1 for n in named.names] or [-1],
+            dtype=torch.long,
+        ).to(m.device)
+        partials = _slots.merge_partials(m.partials, index, len(limits), p)
+        norms = _slots.finalize_norms(partials, p, m.loss_scale).to(torch.float32)
+        limit = torch.tensor(limits, dtype=torch.float32, device=norms.device)
+        coef = _scale.clip_coefficient(limit, norms)
+        # Parameters outside the optimizer count in the total but keep their gradients (coefficient 1).
+        slot_coef = torch.where(index >= 0, coef[index.clamp(min=0)], torch.ones_like(index, dtype=torch.float32))
+        return coef, slot_coef, tuple(labels), limit
+
+    def _report(self, named: _slots.Named, m: _slots.Measurement, p: float) -> dict[str, float]:
+        names = named.names
+        partials = m.partials.tolist()
+        present = m.presence.tolist() if m.presence is not None else [1.0] * len(names)
+        depth = self.config.report_depth
+        buckets: dict[str, float] = {}
+        for name, part, seen in zip(names, partials, present):
+            if seen <= 0:
+                continue
+            key = ".".join(name.split(".")[:depth]) if depth is not None else name
+            if key not in buckets:
+                buckets[key] = part
+            elif math.isinf(p):
+                buckets[key] = math.nan if math.isnan(part) or math.isnan(buckets[key]) else max(buckets[key], part)
+            else:
+                buckets[key] += part
+        out = {}
+        for key, part in buckets.items():
+            value = _slots.finalize_norms(torch.tensor(part, dtype=torch.float64), p, m.loss_scale)
+            out[key] = float(value)
+        return out
+
+    def _unitwise(
+        self,
+        target: object,
+        optimizer: torch.optim.Optimizer | None,
+        group: dist.ProcessGroup | None,
+        want_report: bool,
+    ) -> ClipResult:
+        cfg = self.config
+        p = cfg.p
+        outcome = unitwise_measure(target, cfg.agc, p, cfg.foreach, group)
+        total = outcome.total.to(torch.float32)
+        finite = torch.isfinite(total)
+        units = outcome.units
+        if cfg.on_nonfinite == "error" and not bool(finite):
+            shards = [Shards([u.grad], group=u.group, names=[u.name]) for u in units]
+            raise RuntimeError(_nonfinite_message(shards, outcome.group, total.item(), p))
+        policy = cfg.on_nonfinite
+        on_cpu = total.device.type == "cpu"
+        if policy == "zero" and on_cpu and not bool(finite):
+            for u in units:
+                u.grad.zero_()
+        elif not (policy == "skip" and on_cpu and not bool(finite)):
+            if policy in ("skip", "zero") and not on_cpu:
+                keep = 1.0 if policy == "skip" else 0.0
+                outcome = type(outcome)(**{**outcome.__dict__, "coefs": [
+                    torch.where(finite.to(c.device), c, torch.full_like(c, keep)) for c in outcome.coefs]})
+            unitwise_scale_(outcome)
+            if policy == "zero" and not on_cpu:
+                for u in units:
+                    u.grad.masked_fill_(~finite.to(u.grad.device), 0)
+        if policy == "skip":
+            assert optimizer is not None
+            skip_next_step_(optimizer, ~finite)
+        clipped = finite & (outcome.min_coef < 1)
+        self._count(clipped, finite)
+        norms = None
+        if want_report:
+            values = outcome.slot_norms.tolist()
+            depth = cfg.report_depth
+            if depth is None:
+                norms = dict(zip(outcome.names, values))
+            else:
+                parts: dict[str, float] = {}
+                for name, v in zip(outcome.names, values):
+                    key = ".".join(name.split(".")[:depth])
+                    if math.isinf(p):
+                        parts[key] = max(parts.get(key, 0.0), v)
+                    else:
+                        parts[key] = parts.get(key, 0.0) + v**p
+                norms = parts if math.isinf(p) else {k: v ** (1.0 / p) for k, v in parts.items()}
+        limit = torch.full_like(total, cfg.agc.clipping)
+        return ClipResult(total, outcome.min_coef.to(total.device), clipped, finite, limit, (), norms)

@@ -1,0 +1,292 @@
+"""Tensor, pipeline, expert and data parallelism composed in one call: a small explicit plan, one collective.
+
+A rank of a composed layout holds pieces of some parameters of the full model: its pipeline stage's
+parameters, sliced over the tensor-parallel group, possibly sharded over a data-parallel group, possibly
+duplicated. The norm of the full model needs every *distinct* piece counted exactly once. A plan says, per
+parameter, along which mesh dimensions the pieces are identical copies; everything else (tensor-parallel
+shards, pipeline stages, expert-parallel ranks, FSDP shards) holds distinct pieces. Each rank then counts its
+piece only where its coordinate is 0 along every copy dimension (the owner), the partials of every parameter
+of every stage travel in one all-reduce over the whole mesh, and tied parameters that appear in two stages
+(an embedding and its output projection) are counted once, under the owner's name::
+
+    mesh = init_device_mesh("cuda", (2, 2), mesh_dim_names=("pp", "tp"))
+    plan = ParallelPlan(
+        mesh,
+        names=full_model_parameter_names,            # every rank knows them: identical slots everywhere
+        rules=(Rule("*.norm.weight", replicate=("tp",)), Rule("*")),
+        tied=(("output.weight", "tok_embeddings.weight"),),
+    )
+    result = dist_clip.GradClipper(max_norm=1.0)(stage_module, plan=plan)
+
+DTensor gradients add their own ``Replicate`` mesh dimensions to the rule's copy dimensions, so a
+tensor-parallel module built with ``parallelize_module`` needs only ``Rule("*")``. ``debug=True`` cross-checks
+the plan once, on the first call, against an all-gathered reference and raises on any over- or under-counting.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from . import _slots
+from .shards import Shards
+
+__all__ = ["ParallelPlan", "Rule", "clip_grad_norm_", "get_total_norm"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How the pieces of the parameters whose names match ``pattern`` count.
+
+    Attributes:
+        pattern: an ``fnmatch`` pattern over full-model parameter names (``"layers.*.attn_norm.weight"``).
+        replicate: mesh dimension names along which ranks hold identical copies of their piece (data-parallel
+            replicas, tensor-parallel duplicates of a norm weight): only coordinate 0 counts it. Every other
+            dimension holds distinct pieces, or the parameter is absent there, and is summed.
+    """
+
+    pattern: str
+    replicate: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise TypeError(f"Rule.pattern must be a non-empty str, got {self.pattern!r}")
+        if isinstance(self.replicate, str) or not all(isinstance(d, str) for d in self.replicate):
+            raise TypeError(f"Rule.replicate must be a tuple of mesh dimension names, got {self.replicate!r}")
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    """Where the parameters of a model live on a device mesh, for an exact norm in one collective.
+
+    Args:
+        mesh: a ``DeviceMesh`` with named dimensions spanning every rank of the call (the world, or ``group``).
+        names: every parameter of the full, unsharded model (not the tied copies), identical on every rank:
+            these are the slots of per-parameter modes and reports.
+        rules: first match wins; every name must match one (end with ``Rule("*")`` for a default).
+        tied: ``(copy name, owner name)`` pairs: the copy is the owner's parameter appearing in another stage
+            (its gradient already summed with the owner's). Copies are scaled, never counted.
+        debug: cross-check the plan on the first call against an all-gathered reference (an extra collective,
+            once) and raise ``RuntimeError`` on any over- or under-counting.
+        group: the process group to reduce over, when the mesh does not span the world.
+    """
+
+    mesh: Any
+    names: tuple[str, ...]
+    rules: tuple[Rule, ...] = (Rule("*"),)
+    tied: tuple[tuple[str, str], ...] = ()
+    debug: bool = False
+    group: dist.ProcessGroup | None = None
+    _memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False, hash=False)
+
+    def __post_init__(self) -> None:
+        dims = getattr(self.mesh, "mesh_dim_names", None)
+        if not dims:
+            raise ValueError("ParallelPlan needs a DeviceMesh with mesh_dim_names (e.g. ('pp', 'tp')), got none")
+        if isinstance(self.names, str) or not all(isinstance(n, str) for n in self.names):
+            raise TypeError(f"ParallelPlan.names must be a tuple of parameter names, got {type(self.names).__name__}")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError("ParallelPlan.names has duplicates; list every parameter of the full model once")
+        if not all(isinstance(r, Rule) for r in self.rules):
+            raise TypeError("ParallelPlan.rules must be a tuple of Rule")
+        for r in self.rules:
+            unknown = [d for d in r.replicate if d not in dims]
+            if unknown:
+                raise ValueError(f"Rule({r.pattern!r}) names mesh dimensions {unknown}; the mesh has {tuple(dims)}")
+        known = set(self.names)
+        for pair in self.tied:
+            if len(pair) != 2 or pair[1] not in known or pair[0] in known:
+                raise ValueError(
+                    f"tied entry {pair!r}: expected (copy name, owner name) with the owner in names and the copy not"
+                )
+        unmatched = [n for n in self.names if self._rule(n) is None]
+        if unmatched:
+            raise ValueError(
+                f"no rule matches {unmatched[:5]}{'...' if len(unmatched) > 5 else ''}; add a Rule for them "
+                "(Rule('*') makes every remaining piece distinct)"
+            )
+        if self.group is None and self.mesh.size() != (dist.get_world_size() if dist.is_initialized() else 1):
+            raise ValueError(
+                f"the mesh spans {self.mesh.size()} ranks, not the world ({dist.get_world_size()}); pass group= "
+                "naming a process group of exactly the mesh's ranks"
+            )
+
+    def _rule(self, name: str) -> Rule | None:
+        for r in self.rules:
+            if fnmatch.fnmatchcase(name, r.pattern):
+                return r
+        return None
+
+    @property
+    def reduction_group(self) -> dist.ProcessGroup | None:
+        if self.group is not None:
+            return self.group
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return None
+        return dist.group.WORLD
+
+    def owner(self, name: str) -> str:
+        """The full-model name a local parameter name stands for (the owner of a tied copy)."""
+        return dict(self.tied).get(name, name)
+
+    def counts_here(self, name: str, grad: Tensor) -> bool:
+        """Whether this rank is the one that counts its piece of ``name`` (grad may be a DTensor)."""
+        if name in dict(self.tied):
+            return False
+        rule = self._rule(self.owner(name))
+        assert rule is not None
+        coord = self.mesh.get_coordinate()
+        if coord is None:
+            return False
+        dims = list(self.mesh.mesh_dim_names)
+        if any(coord[dims.index(d)] != 0 for d in rule.replicate):
+            return False
+        if type(grad).__name__ == "DTensor":
+            sub = grad.device_mesh.get_coordinate()
+            if sub is None:
+                return False
+            for d, pl in enumerate(grad.placements):
+                if pl.is_partial():
+                    raise ValueError(
+                        f"gradient of {name!r} has placements {tuple(grad.placements)}: a Partial gradient is not "
+                        "reduced yet; redistribute it before clipping"
+                    )
+                if pl.is_replicate() and sub[d] != 0:
+                    return False
+        return True
+
+    def named_shards(self, target: object) -> _slots.Named:
+        """This rank's pieces as Shards named by owner names, counted by the owner only."""
+        from .adapters.params import gradient_of
+
+        if isinstance(target, Mapping):
+            items = [(k, target[k]) for k in sorted(target)]
+        elif isinstance(target, nn.Module):
+            items = list(target.named_parameters())
+        elif isinstance(target, Sequence) and all(isinstance(x, nn.Module) for x in target):
+            items = [(n, q) for mod in target for n, q in mod.named_parameters()]  # several stages per rank
+        else:
+            raise TypeError(
+                f"a plan's target is this rank's module (or list of stage modules) or a mapping {{name: tensor}}, "
+                f"got {type(target).__name__}"
+            )
+        index = set(self.names)
+        group = self.reduction_group
+        counted: list[tuple[str, Tensor]] = []
+        copies: list[tuple[str, Tensor]] = []
+        seen: set[int] = set()
+        params: dict[str, Tensor] = {}
+        for name, t in items:
+            if not isinstance(t, Tensor):
+                raise TypeError(f"expected tensors or parameters, got {type(t).__name__} at {name!r}")
+            owner = self.owner(name)
+            if owner not in index:
+                raise ValueError(
+                    f"this rank holds {name!r}, which is neither in the plan's names nor a tied copy; list every "
+                    "parameter of the full model in ParallelPlan.names"
+                )
+            params.setdefault(owner, t)
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            g = gradient_of(t)
+            if g is None:
+                continue
+            here = self.counts_here(name, g)
+            local = g._local_tensor if type(g).__name__ == "DTensor" else g
+            (counted if here else copies).append((owner, local))
+        out = [
+            Shards([g for _, g in counted], group=group, counted=True, names=[n for n, _ in counted]),
+            Shards([g for _, g in copies], group=group, counted=False, names=[n for n, _ in copies]),
+        ]
+        return _slots.Named(out, tuple(self.names), params)
+
+    def check_once(self, shards: Sequence[Shards], m: _slots.Measurement, p: float) -> None:
+        """``debug=True``: on the first call, all-gather every piece and check the counting and the norm."""
+        if not self.debug or self._memo.get("checked"):
+            return
+        self._memo["checked"] = True
+        local = [
+            (s.names[i], bool(s.counted), t.detach().to("cpu", torch.float64).reshape(-1).clone())
+            for s in shards
+            for i, t in enumerate(s.tensors)
+        ]
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        group = self.reduction_group
+        if group is not None:
+            gathered: list[Any] = [None] * dist.get_world_size(group)
+            dist.all_gather_object(gathered, (rank, local), group=group)
+        else:
+            gathered = [(rank, local)]
+        problems, reference = _audit(gathered, p)
+        got = float(m.total)
+        if not problems and not _close(got, reference):
+            problems.append(f"the one-collective norm {got!r} differs from the all-gathered reference {reference!r}")
+        if problems:
+            raise RuntimeError(
+                "ParallelPlan debug check failed (every rank raises together):\n  " + "\n  ".join(problems[:20])
+                + "\nA piece counted by two ranks is over-counted (add the copy dimension to the rule's "
+                "replicate=, or declare the tie); a piece counted by none is under-counted (remove a dimension "
+                "that holds distinct pieces from replicate=)."
+            )
+
+
+def _close(a: float, b: float) -> bool:
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    return abs(a - b) <= 1e-6 * max(abs(a), abs(b)) + 1e-30
+
+
+def _audit(gathered: Sequence[tuple[int, list[tuple[str, bool, Tensor]]]], p: float) -> tuple[list[str], float]:
+    """Every distinct non-zero piece must be counted by exactly one rank.
+
+    Pieces are told apart by content, whatever name they are held under: copies (replicas, tensor-parallel
+    duplicates, tied parameters in two stages) hold the same values, distinct shards of real gradients do not.
+    All-zero pieces add nothing to any norm and are not checked. Returns the problems and the reference norm
+    over the distinct pieces.
+    """
+    by_content: dict[bytes, list[tuple[int, str, bool, Tensor]]] = {}
+    for rank, pieces in gathered:
+        for name, counted, t in pieces:
+            if t.numel() == 0 or not bool((t != 0).any()):
+                continue
+            by_content.setdefault(t.numpy().tobytes(), []).append((rank, name, counted, t))
+    problems: list[str] = []
+    distinct: list[Tensor] = []
+    for holders in sorted(by_content.values(), key=lambda h: (h[0][1], h[0][0])):
+        names = sorted({n for _, n, _, _ in holders})
+        counters = sorted(r for r, _, c, _ in holders if c)
+        ranks = sorted(r for r, _, _, _ in holders)
+        what = f"a piece of {names[0]!r}" if len(names) == 1 else f"a piece held as {names}"
+        if len(counters) > 1:
+            problems.append(f"over-counted: {what} held by ranks {ranks} is counted by ranks {counters}")
+        elif not counters:
+            problems.append(f"under-counted: {what} held by ranks {ranks} is counted by no rank")
+        distinct.append(holders[0][3])
+    if not distinct:
+        return problems, 0.0
+    return problems, float(torch.linalg.vector_norm(torch.cat(distinct), p))
+
+
+def get_total_norm(target: object, plan: ParallelPlan, norm_type: float | str = 2.0) -> Tensor:
+    """The norm of the full model's gradients under ``plan``; one collective. Must be called on every rank."""
+    from .clipper import GradClipper
+
+    return GradClipper(max_norm=math.inf, norm_type=norm_type)(target, plan=plan).total_norm
+
+
+def clip_grad_norm_(target: object, max_norm: float, plan: ParallelPlan, norm_type: float | str = 2.0) -> Tensor:
+    """Clip this rank's pieces so that the full model's gradient norm is at most ``max_norm``; one collective.
+
+    Must be called on every rank of the plan's mesh. Returns the total norm before clipping (0-dim float32).
+    """
+    from .clipper import GradClipper
+
+    return GradClipper(max_norm=max_norm, norm_type=norm_type)(target, plan=plan).total_norm

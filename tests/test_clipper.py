@@ -1,0 +1,313 @@
+"""GradClipper: config validation, parity with the functional API, the non-finite policies, checkpoint resume,
+and one collective per call in every mode.
+
+The non-finite cases put a NaN into one rank's shard only: every rank must take the same decision from the one
+collective (raise together naming the rank and parameter, skip the step, zero the gradients, or scale as torch
+does). "skip" is checked with fused Adam (``found_inf``) and with non-fused Adam and SGD (snapshot/restore):
+parameters and optimizer state are bit-for-bit unchanged, and the next finite step matches an optimizer that
+never saw the bad step. Run: ``.venv/bin/python -m pytest tests/test_clipper.py``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import dist_clip
+from dist_clip import AGC, AutoClip, ClipperConfig, GradClipper, ZClip
+from dist_clip.testing import count_collectives, reference_norm
+from tests import beyond_cases as cases
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"max_norm": -1.0}, ValueError, "max_norm must be a number >= 0, got -1.0"),
+        ({"max_norm": "1"}, TypeError, "max_norm must be a real number"),
+        ({"max_norm": True}, TypeError, "max_norm"),
+        ({"norm_type": -2}, ValueError, "norm_type"),
+        ({"mode": "layer"}, ValueError, r"mode must be one of .*got 'layer'"),
+        ({"on_nonfinite": "raise"}, ValueError, r"on_nonfinite must be one of .*got 'raise'"),
+        ({"report": 1}, TypeError, "report must be a bool"),
+        ({"report_depth": 0}, ValueError, "report_depth"),
+        ({"agc": 0.01}, TypeError, "agc must be a dist_clip.AGC"),
+        ({"foreach": "yes"}, TypeError, "foreach"),
+        ({"max_norm": AutoClip(), "mode": "per_param"}, ValueError, "adaptive max_norm"),
+        ({"mode": "unitwise", "norm_type": 0}, ValueError, "p > 0"),
+    ],
+)
+def test_config_errors_name_expected_and_received(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        GradClipper(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "match"),
+    [
+        (lambda: AutoClip(percentile=120), ValueError, "percentile"),
+        (lambda: AutoClip(window=0), ValueError, "window must be an int >= 1, got 0"),
+        (lambda: ZClip(alpha=1.0), ValueError, "alpha"),
+        (lambda: ZClip(clip_option="max"), ValueError, "clip_option"),
+        (lambda: ZClip(warmup_steps=2.5), TypeError, "warmup_steps must be an int"),
+        (lambda: AGC(clipping=0), ValueError, "clipping"),
+        (lambda: AGC(exclude="fc.*"), TypeError, "exclude"),
+    ],
+)
+def test_adaptive_config_errors(build, error, match):
+    with pytest.raises(error, match=match):
+        build()
+
+
+def test_config_is_frozen_and_clipper_takes_one_form():
+    cfg = ClipperConfig(max_norm=2.0)
+    with pytest.raises(AttributeError):
+        cfg.max_norm = 3.0  # type: ignore[misc]
+    with pytest.raises(TypeError, match="either a ClipperConfig or keyword"):
+        GradClipper(cfg, max_norm=1.0)
+    assert GradClipper(cfg).config is cfg
+    with pytest.raises(ValueError, match="optimizer="):
+        GradClipper(on_nonfinite="skip")([torch.ones(2)])
+    with pytest.raises(TypeError, match="optimizer must be"):
+        GradClipper()([torch.ones(2)], optimizer="sgd")
+
+
+def test_state_dict_errors():
+    clipper = GradClipper(max_norm=ZClip())
+    with pytest.raises(ValueError, match="lacks"):
+        clipper.load_state_dict({"step": 1})
+    with pytest.raises(ValueError, match="threshold is ZClip but the state is of AutoClip"):
+        clipper.load_state_dict(GradClipper(max_norm=AutoClip()).state_dict())
+    with pytest.raises(TypeError, match="state must be a dict"):
+        clipper.load_state_dict([1])
+
+
+def test_single_process_matches_torch():
+    torch.manual_seed(0)
+    for p in (1.0, 2.0, math.inf):
+        ps = [nn.Parameter(torch.randn(s)) for s in ((7, 5), (3,), (1000,))]
+        for q in ps:
+            q.grad = torch.randn_like(q) * 3
+        twins = [nn.Parameter(q.detach().clone()) for q in ps]
+        for q, t in zip(ps, twins):
+            t.grad = q.grad.clone()
+        want = torch.nn.utils.clip_grad_norm_(twins, 0.5, p)
+        result = GradClipper(max_norm=0.5, norm_type=p)(ps)
+        assert result.total_norm.item() == pytest.approx(want.item(), rel=1e-6)
+        for q, t in zip(ps, twins):
+            torch.testing.assert_close(q.grad, t.grad, rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------------------------- distributed
+
+
+def body_total_parity(names: list[str]) -> list[float]:
+    """mode='total' gives the functional API's norm and clipping on every wrapper."""
+    out = []
+    for name in names:
+        for p in (0.0, 2.0, math.inf):
+            target, _ = cases.trained(name)
+            grads = [g.clone() for g in _local_grads(target)]
+            want = dist_clip.get_total_norm(target, p)
+            with count_collectives() as calls:
+                result = GradClipper(max_norm=0.01, norm_type=p)(target)
+            assert calls.total == (0 if name == "ddp" else 1), calls.names
+            assert result.total_norm.item() == pytest.approx(want.item(), rel=1e-6)
+            coef = min(1.0, 0.01 / (want.item() + 1e-6))
+            for g, before in zip(_local_grads(target), grads):
+                torch.testing.assert_close(g, before * coef, rtol=1e-6, atol=1e-9)
+            out.append(result.total_norm.item())
+    return out
+
+
+def _local_grads(target: nn.Module) -> list[torch.Tensor]:
+    out = []
+    for q in target.parameters():
+        g = q.grad
+        if g is not None:
+            out.append(g._local_tensor if type(g).__name__ == "DTensor" else g)
+    return out
+
+
+def test_total_mode_matches_functional(run_ranks):
+    values = run_ranks(2, body_total_parity, ["ddp", "fsdp2", "fsdp1_flat"])
+    assert values[0] == values[1]
+
+
+def _poisoned(rank_with_nan: int) -> nn.Module:
+    """An FSDP2 model whose gradient of '2.weight' holds a NaN on one rank's shard only."""
+    target, _ = cases.trained("fsdp2")
+    if dist.get_rank() == rank_with_nan:
+        target[2].weight.grad._local_tensor.view(-1)[0] = math.nan
+    return target
+
+
+def body_error_policy() -> str:
+    target = _poisoned(1)
+    try:
+        GradClipper(on_nonfinite="error")(target)
+    except RuntimeError as e:
+        return str(e)
+    return "no error"
+
+
+def test_error_policy_raises_on_every_rank_naming_rank_and_parameter(run_ranks):
+    for message in run_ranks(2, body_error_policy):
+        assert "rank 1: 2.weight" in message and "rank 0" not in message, message
+        assert "on_nonfinite='skip'" in message
+
+
+def _optimizer(kind: str, params) -> torch.optim.Optimizer:  # noqa: ANN001
+    if kind == "adam_fused":
+        return torch.optim.Adam(params, lr=0.1, fused=True)
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=0.1, foreach=True)
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+
+
+def _snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    out = [q.detach()._local_tensor.clone() for q in model.parameters()]
+    for q in model.parameters():
+        for v in opt.state.get(q, {}).values():
+            if isinstance(v, torch.Tensor):
+                out.append((v._local_tensor if type(v).__name__ == "DTensor" else v).clone())
+    return out
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def body_skip_policy(kind: str) -> bool:
+    """A good step, a poisoned step skipped, a good step: equals two good steps of an untouched twin."""
+    rank = dist.get_rank()
+    model, _ = cases.trained("fsdp2", seed=3)
+    twin, _ = cases.trained("fsdp2", seed=3)
+    opt, twin_opt = _optimizer(kind, model.parameters()), _optimizer(kind, twin.parameters())
+    clipper, twin_clipper = GradClipper(max_norm=0.05, on_nonfinite="skip"), GradClipper(max_norm=0.05)
+    for step in range(3):
+        if step > 0:
+            for m in (model, twin):
+                m.zero_grad()
+                m(cases.batch(rank + 10 * step, 2)).square().mean().backward()
+        if step == 1:
+            if rank == 1:
+                model[2].weight.grad._local_tensor.view(-1)[0] = math.nan
+            before = _snapshot(model, opt)
+            with count_collectives() as calls:
+                result = clipper(model, optimizer=opt)
+            assert calls.total == 1 and not bool(result.finite) and not bool(result.clipped)
+            opt.step()
+            assert _same(before, _snapshot(model, opt)), f"{kind}: the skipped step changed parameters or state"
+            assert not hasattr(opt, "found_inf")
+            continue
+        assert bool(clipper(model, optimizer=opt).finite)
+        opt.step()
+        twin_clipper(twin)
+        twin_opt.step()
+        assert _same(_snapshot(model, opt), _snapshot(twin, twin_opt)), f"{kind}: step {step} differs from the twin"
+    assert int(clipper.num_nonfinite) == 1
+    return True
+
+
+@pytest.mark.parametrize("kind", ["adam_fused", "adam", "sgd"])
+def test_skip_policy_makes_the_step_a_no_op(run_ranks, kind):
+    assert run_ranks(2, body_skip_policy, kind) == [True, True]
+
+
+def body_zero_and_ignore() -> list[bool]:
+    out = []
+    target = _poisoned(0)
+    result = GradClipper(on_nonfinite="zero")(target)
+    out.append(not bool(result.finite) and all(bool((g == 0).all()) for g in _local_grads(target)))
+    target = _poisoned(0)
+    GradClipper(on_nonfinite="ignore")(target)
+    twin = _poisoned(0)
+    dist_clip.clip_grad_norm_(twin, 1.0)  # torch's behaviour: scale by the non-finite coefficient
+    pairs = zip(_local_grads(target), _local_grads(twin))
+    out.append(all(torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)) for a, b in pairs))
+    out.append(all(bool(g.isnan().all()) for g in _local_grads(target) if g.numel()))
+    return out
+
+
+def test_zero_and_ignore_policies(run_ranks):
+    assert run_ranks(2, body_zero_and_ignore) == [[True, True, True]] * 2
+
+
+def _step_grads(step: int, rank: int) -> dict[str, torch.Tensor]:
+    """This rank's half of a gradient whose norm wanders, with spikes at steps 6 and 9."""
+    g = torch.Generator().manual_seed(step)
+    full = torch.randn(40, generator=g, dtype=torch.float64) * (1.0 + 0.1 * step)
+    if step in (6, 9):
+        full *= 25
+    return {"w": full[rank * 20 : (rank + 1) * 20].float().clone()}
+
+
+def body_resume() -> list[list[float]]:
+    rank = dist.get_rank()
+    configs = [
+        ClipperConfig(max_norm=ZClip(warmup_steps=3, max_norm=None)),
+        ClipperConfig(max_norm=AutoClip(percentile=50, window=4)),
+        ClipperConfig(max_norm=AutoClip(percentile=25)),
+        ClipperConfig(max_norm=0.5, on_nonfinite="zero"),
+    ]
+    out = []
+    for cfg in configs:
+        straight = GradClipper(cfg)
+        through = [straight(_step_grads(s, rank), group=dist.group.WORLD) for s in range(12)]
+        first = GradClipper(cfg)
+        for s in range(5):
+            first(_step_grads(s, rank), group=dist.group.WORLD)
+        buf = io.BytesIO()
+        torch.save(first.state_dict(), buf)
+        buf.seek(0)
+        resumed = GradClipper(cfg)
+        resumed.load_state_dict(torch.load(buf))
+        again = [resumed(_step_grads(s, rank), group=dist.group.WORLD) for s in range(5, 12)]
+        for a, b in zip(through[5:], again):
+            assert torch.equal(a.clip_coef, b.clip_coef) and torch.equal(a.max_norm, b.max_norm), cfg
+        assert resumed.step == straight.step == 12
+        assert torch.equal(resumed.num_clipped, straight.num_clipped)
+        out.append([r.clip_coef.item() for r in through])
+    return out
+
+
+def test_state_dict_resume_continues_identically(run_ranks):
+    a, b = run_ranks(2, body_resume)
+    assert a == b
+
+
+def body_one_collective_per_mode() -> list[int]:
+    counts = []
+    for cfg, needs_opt in (
+        (ClipperConfig(), False),
+        (ClipperConfig(report=True), False),
+        (ClipperConfig(mode="per_param"), False),
+        (ClipperConfig(mode="per_group"), True),
+        (ClipperConfig(mode="unitwise", report=True), False),
+        (ClipperConfig(max_norm=ZClip(warmup_steps=1)), False),
+        (ClipperConfig(max_norm=AutoClip(), norm_type="inf"), False),
+        (ClipperConfig(on_nonfinite="skip"), True),
+    ):
+        for name in ("fsdp2", "fsdp1_flat", "fsdp1_orig"):
+            target, _ = cases.trained(name)
+            opt = torch.optim.SGD(target.parameters(), lr=0.1) if needs_opt else None
+            with count_collectives() as calls:
+                GradClipper(cfg)(target, optimizer=opt)
+            counts.append(calls.total)
+    return counts
+
+
+def test_one_collective_per_call_in_every_mode(run_ranks):
+    for counts in run_ranks(2, body_one_collective_per_mode):
+        assert counts == [1] * len(counts), counts
+
+
+def test_reference_norm_agrees_with_report():
+    g = {"a": torch.randn(10), "b": torch.randn(3, 3)}
+    norms = GradClipper(max_norm=math.inf, report=True)(g).norms
+    assert norms == pytest.approx({k: reference_norm([v]) for k, v in g.items()}, rel=1e-6)

@@ -1,0 +1,189 @@
+"""Per-parameter and per-param-group clipping and the per-parameter report, against the float64 reference.
+
+Every parameter's norm is taken across all its shards; all of them travel in one collective as one vector.
+Single-process: the classic per-tensor experiment. Distributed (gloo ranks): hand-sharded tensors passed as a
+mapping with ``group=`` (uneven and empty pieces), DDP, FSDP2 (1-D and HSDP), FSDP1 with and without
+``use_orig_params`` (nested, rows cut by flat shards) and ``NO_SHARD``.
+Run: ``.venv/bin/python -m pytest tests/test_per_param.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import dist_clip
+from dist_clip import GradClipper
+from dist_clip.testing import assert_clip_matches_unsharded, count_collectives, reference_norm
+from tests import beyond_cases as cases
+
+ORDERS = (0.0, 1.0, 2.0, 3.5, math.inf)
+
+
+def test_classic_per_tensor_experiment():
+    big = nn.Parameter(torch.zeros(4))
+    small = nn.Parameter(torch.zeros(3))
+    big.grad = torch.full((4,), 15.38 / 2)
+    small.grad = torch.tensor([0.88, 0.0, 0.0])
+    untouched = small.grad.clone()
+    result = GradClipper(max_norm=1.0, mode="per_param", report=True)([big, small])
+    assert result.norms == pytest.approx({"0": 15.38, "1": 0.88}, rel=1e-6)
+    assert f"{big.grad.norm().item():.4f}" == "1.0000"
+    assert torch.equal(small.grad, untouched)  # bit for bit: coefficient 1 is never applied on the CPU
+    assert result.slots == ("0", "1") and result.clip_coef.shape == (2,)
+    assert bool(result.clipped) and bool(result.finite)
+    assert result.total_norm.item() == pytest.approx(math.hypot(15.38, 0.88), rel=1e-6)
+
+
+def test_report_by_module_prefix_and_unused_parameters_left_out():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.Linear(4, 2), nn.Linear(2, 2)))
+    model[1][1].weight.requires_grad_(False)
+    model(torch.randn(5, 3)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    for p in ORDERS:
+        full = GradClipper(max_norm=math.inf, norm_type=p, report=True)(model).norms
+        assert set(full) == set(grads)  # the frozen weight has no gradient anywhere: not reported
+        for n, g in grads.items():
+            assert full[n] == pytest.approx(reference_norm([g], p), rel=1e-6)
+        by_module = GradClipper(max_norm=math.inf, norm_type=p, report=True, report_depth=1)(model).norms
+        assert set(by_module) == {"0", "1"}
+        want = reference_norm([g for n, g in grads.items() if n.startswith("1.")], p)
+        assert by_module["1"] == pytest.approx(want, rel=1e-6)
+
+
+def test_per_group_single_process():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    model(torch.randn(5, 3)).square().sum().backward()
+    grads = {n: p.grad.clone().double() for n, p in model.named_parameters()}
+    groups = [{"params": model[0].parameters(), "max_norm": 0.3}, {"params": model[1].parameters()}]
+    opt = torch.optim.SGD(groups, lr=0.1)
+    result = GradClipper(max_norm=0.7, mode="per_group")(model, optimizer=opt)
+    norms = [reference_norm([grads["0.weight"], grads["0.bias"]]), reference_norm([grads["1.weight"], grads["1.bias"]])]
+    coefs = [min(1.0, 0.3 / (norms[0] + 1e-6)), min(1.0, 0.7 / (norms[1] + 1e-6))]
+    torch.testing.assert_close(result.clip_coef.double(), torch.tensor(coefs, dtype=torch.float64), rtol=1e-6, atol=0)
+    assert result.slots == ("param_group0", "param_group1")
+    for n, p in model.named_parameters():
+        want = grads[n] * coefs[0 if n.startswith("0.") else 1]
+        torch.testing.assert_close(p.grad.double(), want, rtol=1e-6, atol=1e-9)
+
+
+def test_bad_input_names_expected_and_received():
+    with pytest.raises(ValueError, match="optimizer="):
+        GradClipper(mode="per_group")([torch.ones(2)])
+    with pytest.raises(TypeError, match="str keys"):
+        GradClipper(mode="per_param")({1: torch.ones(2)})
+    opt = torch.optim.SGD([{"params": [nn.Parameter(torch.ones(2))], "max_norm": -1.0}], lr=0.1)
+    with pytest.raises(ValueError, match="max_norm"):
+        GradClipper(mode="per_group")([p for g in opt.param_groups for p in g["params"]], optimizer=opt)
+
+
+# ----------------------------------------------------------------------------------------------- distributed
+
+
+def _full(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sizes = {"a.weight": (5, 3), "a.bias": (5,), "b.weight": (2, 4), "big": (3000,), "tiny": (1,), "zero": (4,)}
+    out = {}
+    for i, (name, shape) in enumerate(sizes.items()):
+        t = torch.randn(shape, generator=g, dtype=torch.float64) * (10.0 ** (i % 3 - 1))
+        out[name] = torch.zeros(shape, dtype=torch.float64) if name == "zero" else t
+    return out
+
+
+def body_mapping(world_size: int) -> list[float]:
+    """Each rank holds an uneven contiguous chunk of every flattened gradient (the last rank often nothing)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    assert world == world_size
+    out = []
+    for p in ORDERS:
+        full = _full(7)
+        mine: dict[str, torch.Tensor] = {}
+        for name, t in full.items():
+            cuts = [1, t.numel() // 2, t.numel() - 1][: world - 1]
+            cuts = [max(cuts[: i + 1]) for i in range(len(cuts))]  # monotone: every element held exactly once
+            pieces = torch.tensor_split(t.reshape(-1).float(), cuts)
+            mine[name] = pieces[rank].clone() if rank < len(pieces) else torch.zeros(0)
+        mine["frozen"] = nn.Parameter(torch.ones(2))  # a parameter whose gradient is None on every rank
+        before = {n: t.clone() for n, t in mine.items()}
+        clipper = GradClipper(max_norm=0.9, norm_type=p, mode="per_param", report=True)
+        with count_collectives() as calls:
+            result = clipper(mine, group=dist.group.WORLD)
+        assert calls.total == (1 if world > 1 else 0), calls.names
+        want = {n: reference_norm([t], p) for n, t in full.items()}
+        assert set(result.norms) == set(want), result.norms
+        for n, w in want.items():
+            assert result.norms[n] == pytest.approx(w, rel=1e-6, abs=1e-12), (p, n)
+        assert result.total_norm.item() == pytest.approx(reference_norm(list(full.values()), p), rel=1e-6)
+        assert result.slots == tuple(sorted(mine))
+        for n, w in want.items():
+            coef = min(1.0, 0.9 / (w + 1e-6))
+            torch.testing.assert_close(mine[n].double(), before[n].double() * coef, rtol=1e-6, atol=1e-30)
+        out.append(result.total_norm.item())
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_hand_sharded_mapping(run_ranks, world):
+    values = run_ranks(world, body_mapping, world)
+    assert all(v == values[0] for v in values), "totals differ across ranks"
+
+
+def body_wrappers(names: list[str]) -> int:
+    checked = 0
+    for name in names:
+        for p, mode, max_norm in ((2.0, "per_param", 0.05), (math.inf, "per_param", 0.02), (1.0, "total", 0.1)):
+            assert_clip_matches_unsharded(cases.build_mlp, cases.WRAPS[name], cases.batch, norm_type=p,
+                                          max_norm=max_norm, mode=mode)
+            checked += 1
+    return checked
+
+
+def test_per_param_on_every_wrapper(run_ranks):
+    assert run_ranks(2, body_wrappers, ["ddp", "fsdp2", "fsdp1_flat", "fsdp1_orig", "fsdp1_noshard"]) == [15, 15]
+
+
+def body_hsdp() -> int:
+    cases.WRAPS["hsdp"] = cases.wrap_hsdp
+    return body_wrappers(["hsdp", "fsdp2", "fsdp1_flat"])
+
+
+def test_per_param_hsdp_and_four_ranks(run_ranks):
+    assert run_ranks(4, body_hsdp) == [9] * 4
+
+
+def body_per_group(names: list[str]) -> list[str]:
+    out = []
+    for name in names:
+        target, ref = cases.trained(name)
+        params = list(target.named_parameters())
+        inner = [dist_clip._slots.clean_name(n).removeprefix("module.").startswith("2.") for n, _ in params]
+        first = [q for (_, q), hit in zip(params, inner) if hit]
+        rest = [q for (_, q), hit in zip(params, inner) if not hit]
+        opt = torch.optim.SGD([{"params": first, "max_norm": 0.01}, {"params": rest, "name": "others"}], lr=0.1)
+        ref_grads = {n: q.grad for n, q in ref.named_parameters()}
+        norms = [reference_norm([g for n, g in ref_grads.items() if n.startswith("2.")]),
+                 reference_norm([g for n, g in ref_grads.items() if not n.startswith("2.")])]
+        coefs = [min(1.0, 0.01 / (norms[0] + 1e-6)), min(1.0, 0.03 / (norms[1] + 1e-6))]
+        with count_collectives() as calls:
+            result = GradClipper(max_norm=0.03, mode="per_group")(target, optimizer=opt)
+        assert calls.total == (0 if name in ("ddp", "fsdp1_noshard") else 1), (name, calls.names)
+        assert result.slots == ("param_group0", "others")
+        want_coefs = torch.tensor(coefs, dtype=torch.float64)
+        torch.testing.assert_close(result.clip_coef.double(), want_coefs, rtol=1e-5, atol=0)
+        after = GradClipper(max_norm=math.inf, report=True)(target).norms
+        for n, g in ref_grads.items():
+            want = reference_norm([g]) * coefs[0 if n.startswith("2.") else 1]
+            assert after[n] == pytest.approx(want, rel=1e-5), (name, n)
+        out.append(name)
+    return out
+
+
+def test_per_group_on_every_wrapper(run_ranks):
+    names = ["ddp", "fsdp2", "fsdp1_flat", "fsdp1_orig", "fsdp1_noshard"]
+    assert run_ranks(2, body_per_group, names) == [names, names]

@@ -1,0 +1,65 @@
+"""``dist_clip.testing.assert_clip_matches_unsharded``: the check users run in their own multi-GPU CI.
+
+Inside an existing process group (our gloo ranks) it must pass on DDP, FSDP2 and FSDP1 for every mode it
+knows, return the per-parameter norms under the unsharded model's names, and fail with a readable table of
+norms per parameter when the sharded model is not what the reference is (here: no data-parallel wrapper at
+all, so each rank only sees its own batch). It also spawns its own ranks when given ``world_size``.
+Run: ``.venv/bin/python -m pytest tests/test_testing_helper.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from dist_clip import AGC
+from dist_clip.testing import assert_clip_matches_unsharded
+from tests import beyond_cases as cases
+
+
+def body_passes() -> list[list[str]]:
+    out = []
+    for wrap in (cases.wrap_ddp, cases.wrap_fsdp2, cases.wrap_fsdp1_flat):
+        for kwargs in (
+            {"norm_type": 2.0, "max_norm": 0.05},
+            {"norm_type": math.inf, "mode": "per_param", "max_norm": 0.01},
+            {"mode": "unitwise", "agc": AGC(0.02)},
+        ):
+            norms = assert_clip_matches_unsharded(cases.build_mlp, wrap, cases.batch, **kwargs)
+            out.append(sorted(norms))
+    return out
+
+
+def test_passes_on_ddp_fsdp2_fsdp1_inside_a_process_group(run_ranks):
+    names = sorted(n for n, _ in cases.build_mlp().named_parameters())
+    for per_rank in run_ranks(2, body_passes):
+        assert all(n == names for n in per_rank)
+
+
+def body_fails_readably() -> str:
+    try:
+        assert_clip_matches_unsharded(cases.build_mlp, cases.wrap_none, cases.batch)
+    except AssertionError as e:
+        return str(e)
+    return "passed"
+
+
+def test_fails_with_a_table_of_norms_per_parameter(run_ranks):
+    for message in run_ranks(2, body_fails_readably):
+        assert "does not match the unsharded float64 model" in message, message
+        assert "unsharded reference" in message and "sharded (dist_clip)" in message
+        assert "!! 0.weight" in message and "total norm" in message
+
+
+def test_spawns_its_own_ranks():
+    norms = assert_clip_matches_unsharded(cases.build_mlp, cases.wrap_fsdp2, cases.batch, world_size=2,
+                                          mode="per_param", max_norm=0.02)
+    assert set(norms) == {n for n, _ in cases.build_mlp().named_parameters()}
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="world_size must be None or an int >= 1, got 0"):
+        assert_clip_matches_unsharded(cases.build_mlp, cases.wrap_none, cases.batch, world_size=0)
+    with pytest.raises(ValueError, match="mode must be"):
+        assert_clip_matches_unsharded(cases.build_mlp, cases.wrap_none, cases.batch, mode="per_group")
