@@ -1,20 +1,28 @@
 """FSDP1 (``FullyShardedDataParallel``, FlatParameter) and FSDP2 (``fully_shard``, DTensor) adapters.
 
-FSDP2 and any DTensor gradient: the placements say how a piece counts. ``Shard`` mesh dims hold distinct
-pieces (their partials are summed), ``Replicate`` dims hold copies (counted once), ``Partial`` gradients are not
-gradients yet and are refused. When every DTensor of a call needs the same group, the reduction runs over the
-shard dimension only and replicas each compute the same total; when blocks live on different meshes, every
-piece is reduced over its whole mesh (the world) and counted only by the replica at coordinate 0, so the call
-still issues exactly one collective.
+FSDP2 and any DTensor gradient: the placements say how a piece counts. ``Shard`` (and ``_StridedShard``) mesh
+dims hold distinct pieces whose partials are summed, ``Replicate`` dims hold copies that count once, and
+``Partial`` gradients are not gradients yet and are refused. A mesh sliced from a bigger one (``mesh["shard"]``)
+has siblings on the other coordinates of its root mesh: they hold copies too, as under HSDP.
+
+Two plans, both with exactly one collective per call:
+
+* *minimal*: every sharded piece is sharded along the same dimension of the same root mesh (the FSDP and
+  HSDP layouts). The call reduces over that dimension's group only; replicas compute the same total each.
+* *full*: blocks live on different meshes, a piece is sharded along several dims, or ``group=`` was given.
+  Every piece is reduced over the world (or ``group``) and counted by one replica only: the one at coordinate
+  0 of every replicated dim of its mesh, on the sibling slice that holds its root mesh's first rank.
 
 FSDP1: each FlatParamHandle is sharded over its process group (the intra-node group for the hybrid
 strategies, whose replicas are identical after FSDP's inter-node all-reduce) or replicated (``NO_SHARD``);
-parameters no handle manages are replicated. The padding FSDP1 appends to the last shard is sliced off.
+parameters no handle manages (ignored modules, or modules of a plain root outside every FSDP instance) are
+replicated. The padding FSDP1 appends to the last shards is sliced off.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -22,6 +30,8 @@ from torch import Tensor, nn
 from ..shards import Shards
 
 __all__ = ["dtensor_shards", "matches", "shards"]
+
+_HYBRID = ("HYBRID_SHARD", "_HYBRID_SHARD_ZERO2")
 
 
 def _fsdp1_type() -> type:
@@ -37,74 +47,108 @@ def _fsdp2_type() -> type:
 
 
 def matches(target: object) -> bool:
-    return isinstance(target, nn.Module) and isinstance(target, (_fsdp1_type(), _fsdp2_type()))
+    if not isinstance(target, nn.Module):
+        return False
+    if isinstance(target, (_fsdp1_type(), _fsdp2_type())):
+        return True
+    # A plain root holding FSDP1 children: its FlatParameters are shards, never replicated gradients.
+    fsdp1 = _fsdp1_type()
+    return any(isinstance(m, fsdp1) for m in target.modules())
 
 
-def _mesh_group(mesh, override: dist.ProcessGroup | None) -> dist.ProcessGroup:  # noqa: ANN001
-    """A group spanning every rank of ``mesh``."""
-    if override is not None:
-        return override
-    if mesh.ndim == 1:
-        return mesh.get_group()
-    if mesh.size() == dist.get_world_size():
-        world = dist.group.WORLD
-        assert world is not None
-        return world
-    raise ValueError(
-        f"gradients live on a {mesh.ndim}-D device mesh of {mesh.size()} ranks that is not the whole world "
-        f"({dist.get_world_size()} ranks) while other gradients need another group; pass group= naming a "
-        "process group that spans all of them"
-    )
+def _world() -> dist.ProcessGroup:
+    world = dist.group.WORLD
+    assert world is not None
+    return world
+
+
+def _is_distinct(placement: Any) -> bool:  # noqa: ANN401 - torch's Placement, imported lazily
+    """Whether a mesh dim holds different pieces: Shard and _StridedShard do (the latter is not ``is_shard()``)."""
+    return not placement.is_replicate() and not placement.is_partial()
+
+
+def _root_mesh(mesh: Any) -> Any:  # noqa: ANN401
+    getter = getattr(mesh, "_get_root_mesh", None)
+    if getter is not None:
+        return getter()
+    from torch.distributed.device_mesh import _mesh_resources  # older torch
+
+    return _mesh_resources.get_root_mesh(mesh)
+
+
+def _dim_key(mesh: Any, root: Any, dim: int) -> tuple[int, object]:  # noqa: ANN401
+    """Identifies a mesh dim by its root mesh and name, the same on every rank and every sibling slice."""
+    names = mesh.mesh_dim_names
+    return (id(root), names[dim] if names else (mesh.ndim, dim))
+
+
+def _counted_here(mesh: Any, root: Any, coord: Sequence[int], distinct: Sequence[bool], siblings: bool) -> bool:  # noqa: ANN401
+    """Whether this rank's piece is the one copy that counts, when pieces are reduced over the world."""
+    if any(c != 0 for c, d in zip(coord, distinct) if not d):
+        return False  # a copy along one of the mesh's own Replicate dims
+    if siblings and root is not mesh:
+        origin = int(root.mesh.reshape(-1)[0])
+        return origin in mesh.mesh.reshape(-1).tolist()  # the slice holding the root's first rank counts
+    return True
 
 
 def dtensor_shards(pairs: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup | None) -> list[Shards]:
-    """Shards for (name, DTensor gradient) pairs, read from their meshes and placements."""
-    minimal: list[tuple[dist.ProcessGroup | None, str, Tensor]] = []
-    full: list[tuple[dist.ProcessGroup, bool, str, Tensor]] = []
+    """Shards for (name, DTensor gradient) pairs, read from their meshes and placements.
+
+    Args:
+        pairs: (name, gradient) with DTensor gradients.
+        group: the caller's override. With it, ranks of ``group`` outside a gradient's mesh are taken to hold
+            different pieces (pipeline stages): only the mesh's own Replicate dims make copies.
+    """
+    items: list[tuple[str, Tensor, Any, Any, tuple[int, ...], list[bool]]] = []
+    keys: set[tuple[int, object]] = set()
+    multi = False
     for name, g in pairs:
-        mesh, placements = g.device_mesh, g.placements
+        mesh, placements = g.device_mesh, tuple(g.placements)
+        if any(pl.is_partial() for pl in placements):
+            raise ValueError(
+                f"gradient of {name!r} has placements {placements}: a Partial gradient is not reduced yet, so "
+                "its norm is undefined; redistribute it to Shard/Replicate before clipping"
+            )
+        distinct = [_is_distinct(pl) for pl in placements]
+        root = _root_mesh(mesh)
+        dims = [d for d, is_d in enumerate(distinct) if is_d]
+        multi = multi or len(dims) > 1
+        keys.update(_dim_key(mesh, root, d) for d in dims)  # on every rank, on the mesh or not: same plan
         coord = mesh.get_coordinate()
         if coord is None:  # this rank is not on the gradient's mesh: it holds nothing of it
             continue
-        if any(pl.is_partial() for pl in placements):
-            raise ValueError(
-                f"gradient of {name!r} has placements {tuple(placements)}: a Partial gradient is not reduced "
-                "yet, so its norm is undefined; redistribute it to Shard/Replicate before clipping"
-            )
-        local = g._local_tensor
-        shard_dims = [d for d, pl in enumerate(placements) if pl.is_shard()]
-        replicated_here = all(coord[d] == 0 for d, pl in enumerate(placements) if not pl.is_shard())
-        full.append((_mesh_group(mesh, group), replicated_here, name, local))
-        if group is None:
-            if not shard_dims:
-                minimal.append((None, name, local))
-            elif len(shard_dims) == 1:
-                minimal.append((mesh.get_group(shard_dims[0]), name, local))
-            else:
-                minimal.append((_mesh_group(mesh, None), name, local))  # forces the full plan below
-    distinct = {id(gr): gr for gr, _, _ in minimal if gr is not None}
-    use_minimal = group is None and len(minimal) == len(full) and len(distinct) <= 1 and not any(
-        len([pl for pl in g.placements if pl.is_shard()]) > 1 for _, g in pairs
-    )
-    buckets: dict[tuple[int, bool], tuple[dist.ProcessGroup | None, bool, list[str], list[Tensor]]] = {}
-    if use_minimal:
-        for gr, name, local in minimal:
-            key = (id(gr), True)
-            buckets.setdefault(key, (gr, True, [], []))
-            buckets[key][2].append(name)
-            buckets[key][3].append(local)
-    else:
-        for gr, counted, name, local in full:
-            key = (id(gr), counted)
-            buckets.setdefault(key, (gr, counted, [], []))
-            buckets[key][2].append(name)
-            buckets[key][3].append(local)
-    return [Shards(tensors, group=gr, counted=counted, names=names) for gr, counted, names, tensors in buckets.values()]
+        items.append((name, g._local_tensor, mesh, root, tuple(coord), distinct))
+
+    if group is None and not multi and len(keys) <= 1:
+        # Minimal plan: one shard dim everywhere (or none). Replicas of it each reduce their own copy.
+        buckets: dict[int, tuple[dist.ProcessGroup | None, list[str], list[Tensor]]] = {}
+        for name, local, mesh, _, _, distinct in items:
+            gr = mesh.get_group(distinct.index(True)) if any(distinct) else None
+            entry = buckets.setdefault(id(gr), (gr, [], []))
+            entry[1].append(name)
+            entry[2].append(local)
+        return [Shards(ts, group=gr, names=ns) for gr, ns, ts in buckets.values()]
+
+    reduce_over = group if group is not None else _world()
+    counted: tuple[list[str], list[Tensor]] = ([], [])
+    scaled_only: tuple[list[str], list[Tensor]] = ([], [])
+    for name, local, mesh, root, coord, distinct in items:
+        target = counted if _counted_here(mesh, root, coord, distinct, siblings=group is None) else scaled_only
+        target[0].append(name)
+        target[1].append(local)
+    out = [Shards(counted[1], group=reduce_over, counted=True, names=counted[0])]
+    if scaled_only[1]:
+        out.append(Shards(scaled_only[1], group=reduce_over, counted=False, names=scaled_only[0]))
+    return out
 
 
 def _fsdp1_shards(root: nn.Module, group: dist.ProcessGroup | None) -> list[Shards]:
     fsdp = _fsdp1_type()
-    sharded: dict[int, tuple[dist.ProcessGroup, list[str], list[Tensor]]] = {}
+    # Sharded pieces as (process group, counted in a full plan, name, grad), and the groups of every sharded
+    # handle: a rank whose shards are padding only has no grad at all (use_orig_params) yet must join the call.
+    sharded: list[tuple[dist.ProcessGroup, bool, str, Tensor]] = []
+    groups: dict[int, dist.ProcessGroup] = {}
     replicated_names: list[str] = []
     replicated: list[Tensor] = []
     managed: set[int] = set()
@@ -117,6 +161,8 @@ def _fsdp1_shards(root: nn.Module, group: dist.ProcessGroup | None) -> list[Shar
         managed.add(id(flat))
         pieces: list[tuple[str, Tensor]] = []
         if handle._use_orig_params:
+            # The original parameters' grads are views of this rank's part of the flat grad (None where that
+            # part is empty): the alignment and end padding belong to no parameter and are never seen here.
             for p, fqn in zip(flat._params, flat._fqns):
                 managed.add(id(p))
                 if p.grad is not None:
@@ -124,33 +170,44 @@ def _fsdp1_shards(root: nn.Module, group: dist.ProcessGroup | None) -> list[Shar
         elif flat.grad is not None:
             g = flat.grad
             if handle.uses_sharded_strategy and flat._shard_numel_padded:
-                g = g[: g.numel() - flat._shard_numel_padded]  # FSDP1's zero padding is not gradient
+                g = g[: g.numel() - flat._shard_numel_padded]  # FSDP1's padding is not gradient
             pieces.append((names.get(id(flat), "flat_param"), g))
         if handle.uses_sharded_strategy:
-            pg = group if group is not None else handle.process_group
-            entry = sharded.setdefault(id(pg), (pg, [], []))
-            for n, g in pieces:
-                entry[1].append(n)
-                entry[2].append(g)
+            groups.setdefault(id(handle.process_group), handle.process_group)
+            # Hybrid replicas (same shard, other inter-node rank) hold identical copies after backward().
+            hybrid = handle._sharding_strategy.name in _HYBRID
+            first_replica = not hybrid or dist.get_rank(module._inter_node_pg) == 0
+            sharded.extend((handle.process_group, first_replica, n, g) for n, g in pieces)
         else:
-            for n, g in pieces:
-                replicated_names.append(n)
-                replicated.append(g)
+            replicated_names.extend(n for n, _ in pieces)
+            replicated.extend(g for _, g in pieces)
     for n, p in root.named_parameters():
-        if id(p) not in managed and p.grad is not None:  # left unwrapped: identical on every rank
+        if id(p) not in managed and p.grad is not None:  # not FSDP-managed: identical on every rank
             replicated_names.append(n)
             replicated.append(p.grad)
-    out = [Shards(ts, group=pg, names=ns) for pg, ns, ts in sharded.values()]
+
+    out: list[Shards] = []
+    if group is None and len(groups) == 1:
+        # Minimal plan: reduce over the one shard group; hybrid replicas each compute the same total.
+        (pg,) = groups.values()
+        out.append(Shards([g for _, _, _, g in sharded], group=pg, names=[n for _, _, n, _ in sharded]))
+    elif groups or group is not None:
+        # Handles on different groups (or group=): reduce over the world and count each shard on one replica.
+        reduce_over = group if group is not None else _world()
+        for flag in (True, False):
+            part = [(n, g) for _, first, n, g in sharded if first is flag]
+            if part or flag:
+                out.append(
+                    Shards([g for _, g in part], group=reduce_over, counted=flag, names=[n for n, _ in part])
+                )
     if replicated or not out:
         out.append(Shards(replicated, group=None, names=replicated_names))
-    if not sharded and group is not None:
-        out.append(Shards([], group=group))
     return out
 
 
 def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
-    if isinstance(target, _fsdp1_type()):
-        return _fsdp1_shards(target, group)
-    from .params import shards as param_shards
+    if not isinstance(target, _fsdp2_type()):  # an FSDP1 root, or a plain root with FSDP1 children
+        return _fsdp1_shards(target, group)  # type: ignore[arg-type]
+    from .params import shards as param_shards  # FSDP2: DTensor grads, plus any left unsharded
 
     return param_shards(target, group)

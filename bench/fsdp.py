@@ -1,0 +1,184 @@
+"""FSDP's own clipping vs dist_clip: median time per clip call and collectives per call.
+
+About 50 M fp32 parameters (8 x ``Linear(2500, 2500)``) sharded over 2 and over 4 gloo ranks on the CPU, one
+thread per rank. For p = 2 and inf, on the same gradients (restored, untimed, before every call so that every
+call really scales):
+
+* FSDP1 (``FullyShardedDataParallel``, FULL_SHARD): ``dist_clip.clip_grad_norm_(model)`` vs
+  ``model.clip_grad_norm_``;
+* FSDP2 (``fully_shard`` per layer and on the root): ``dist_clip.clip_grad_norm_(model)`` vs
+  ``torch.nn.utils.clip_grad_norm_(model.parameters())`` on the DTensor gradients.
+
+Times are rank 0's medians of 21 calls, the two clips interleaved; every call ends in a collective, so the
+ranks move in step. With 4 ranks on a
+2-core machine the ranks share cores: compare rows of one world size, not across them.
+``python -m bench fsdp`` (``--quick``: a tiny model, 2 ranks, few repeats: seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+from datetime import timedelta
+from typing import Any
+
+from .common import table
+
+
+def _init(rank: int, world: int, store_path: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    store = dist.FileStore(store_path, world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=600))
+
+
+def _model(width: int, depth: int) -> Any:
+    import torch
+
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = []
+    for _ in range(depth):
+        layers += [torch.nn.Linear(width, width), torch.nn.Tanh()]
+    return torch.nn.Sequential(*layers)
+
+
+def _backward(model: Any, width: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    x = torch.randn(4, width, generator=torch.Generator().manual_seed(dist.get_rank()))
+    model(x).pow(2).mean().backward()
+
+
+def _local_grads(model: Any) -> list[Any]:
+    out = []
+    for p in model.parameters():
+        if p.grad is not None:
+            g = p.grad
+            out.append(g._local_tensor if hasattr(g, "_local_tensor") else g)
+    return out
+
+
+def _time(model: Any, calls: dict[str, Any], repeats: int, warmup: int) -> dict[str, dict[str, float]]:
+    """Median ms and collectives of each call, every call starting from the same gradients.
+
+    The calls are interleaved (a, b, a, b, ...) so that load from outside hits them alike.
+    """
+    import statistics
+    import time
+
+    import torch.distributed as dist
+
+    from dist_clip.testing import count_collectives
+
+    grads = _local_grads(model)
+    saved = [g.clone() for g in grads]
+
+    def restore() -> None:
+        for g, s in zip(grads, saved):
+            g.copy_(s)
+        dist.barrier()  # every rank starts the timed call together
+
+    counts: dict[str, int] = {}
+    for name, fn in calls.items():
+        restore()
+        with count_collectives() as c:
+            fn()
+        counts[name] = c.total
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for i in range(warmup + repeats):
+        for name, fn in calls.items():
+            restore()
+            start = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    restore()
+    return {name: {"ms": statistics.median(times[name]), "collectives": counts[name]} for name in calls}
+
+
+def _rank(rank: int, world: int, store_path: str, out_path: str, quick: bool) -> None:
+    _init(rank, world, store_path)
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy, fully_shard
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    import dist_clip
+
+    warnings.filterwarnings("ignore")
+    width, depth, repeats, warmup = (64, 2, 3, 1) if quick else (2500, 8, 21, 3)
+    max_norm = 1e-3  # below every norm here: every call scales
+    results: list[dict[str, Any]] = []
+
+    full = _model(width, depth)
+    n_params = sum(p.numel() for p in full.parameters())
+    model = FullyShardedDataParallel(
+        full, sharding_strategy=ShardingStrategy.FULL_SHARD, device_id=torch.device("cpu"),
+        auto_wrap_policy=ModuleWrapPolicy({torch.nn.Linear}),
+    )
+    _backward(model, width)
+    for p in (2.0, math.inf):
+        timed = _time(model, {
+            "dist_clip": lambda p=p: dist_clip.clip_grad_norm_(model, max_norm, p),
+            "FSDP1.clip_grad_norm_": lambda p=p: model.clip_grad_norm_(max_norm, p),
+        }, repeats, warmup)
+        results.append({"wrapper": "FSDP1 FULL_SHARD", "p": p, "timed": timed})
+    del model, full
+
+    model = _model(width, depth)
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    _backward(model, width)
+    for p in (2.0, math.inf):
+        timed = _time(model, {
+            "dist_clip": lambda p=p: dist_clip.clip_grad_norm_(model, max_norm, p),
+            "torch clip on DTensors": lambda p=p: torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, p),
+        }, repeats, warmup)
+        results.append({"wrapper": "FSDP2 fully_shard", "p": p, "timed": timed})
+
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump({"params": n_params, "rows": results}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main(quick: bool = False) -> str:
+    import torch.multiprocessing as mp
+
+    rows = []
+    params = 0
+    for world in (2,) if quick else (2, 4):
+        with tempfile.TemporaryDirectory(prefix="bench_fsdp_") as tmp:
+            out = os.path.join(tmp, "out.json")
+            mp.start_processes(_rank, args=(world, os.path.join(tmp, "store"), out, quick), nprocs=world,
+                               start_method="spawn")
+            with open(out) as f:
+                result = json.load(f)
+        params = result["params"]
+        for r in result["rows"]:
+            ours = r["timed"].pop("dist_clip")
+            (own_name, own), = r["timed"].items()
+            rows.append([world, r["wrapper"], "inf" if math.isinf(r["p"]) else f"{r['p']:g}", ours["ms"], own_name,
+                         own["ms"], f"{own['ms'] / ours['ms']:.2f}x", f"{ours['collectives']} / {own['collectives']}"])
+    size = f"{params / 1e6:.1f} M" if params >= 1e5 else f"{params:,}"
+    head = (f"gloo ranks on the CPU, 1 thread each, fp32, {size} parameters"
+            f"{' (quick: tiny model)' if quick else ''}, every call clips; median ms per call (rank 0)\n\n")
+    return head + table(
+        ["ranks", "wrapping", "p", "dist_clip (ms)", "own clip", "own clip (ms)", "own / dist_clip",
+         "collectives dist_clip / own"], rows)
+
+
+if __name__ == "__main__":
+    print(main(quick=bool(os.environ.get("QUICK"))))

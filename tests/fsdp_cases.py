@@ -1,0 +1,700 @@
+"""Rank-side bodies of tests/test_fsdp.py: build a model, wrap it, backward, then check dist_clip three ways.
+
+Every body runs on all ranks of a reused gloo pool. It builds its model from a fixed seed, keeps a float64
+deep copy as the unsharded reference, and feeds rank ``r`` the batch of "data rank" ``data_ranks[r]``; the
+reference loss is the mean of those per-rank losses, which is what FSDP's gradient averaging computes. Then,
+for every norm order p (looping here, so one spawned call covers them all), starting each time from the same
+gradients and parameters:
+
+1. ``dist_clip.clip_grad_norm_`` / ``get_total_norm``: a plain float32 0-dim tensor equal to the float64
+   reference, exactly one collective (none where every gradient is replicated);
+2. the clipped gradients, gathered, against the reference gradients times the reference coefficient, and the
+   parameters after one SGD step against the reference model stepped the same way;
+3. the wrapper's own clipping (FSDP1 ``clip_grad_norm_``, torch's ``clip_grad_norm_`` on DTensors): its
+   norm, whether its clipped gradients are right, and its collective count, reported to the test, which
+   knows the cases where the wrapper is wrong.
+
+Device meshes are cached per process: creating process groups is collective and slow, and every rank of a
+pool runs the same tests in the same order, so a cached mesh is the same on all of them.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+import dist_clip
+from dist_clip.testing import count_collectives, reference_norm
+
+PS = (0.0, 1.0, 2.0, 3.5, math.inf)
+LR = 0.1
+RTOL = 1e-5  # fp32 gradients against the float64 reference
+ATOL = 1e-6  # gradients here are O(0.1-1): fp32 rounding of the averaged gradients stays far below this
+# bf16 keeps 8 significant bits: one rounding is off by at most u = 2**-8 relative. A bf16 gradient scaled in
+# bf16 sees one rounding; a bf16 parameter stepped in bf16 sees two (the scaled gradient, then the update), so
+# 2u = 2**-7 relative, plus lr * u * |clipped grad| <= 0.1 * 2**-8 * 1.4 = 5.5e-4 absolute where the update
+# brings a parameter near zero: 1e-3.
+BF16_RTOL, BF16_ATOL = 2.0**-7, 1e-3
+# bf16 *compute* (MixedPrecisionPolicy(param_dtype=bf16)) against the fp32 model: every matmul input and output
+# is rounded to bf16 (u = 2**-8 = 3.9e-3) and the layers compound several such roundings per gradient entry,
+# partly cancelling in the norm. Measured on 2 and 3 ranks, all p: at most 4.1e-3 (about 1 u) for the norms, so
+# 1e-2 (2.5 u). A single entry's error is about u times the terms summed into it (activations times upstream
+# gradients, up to about 1 here), not u times the entry, which may be small: measured up to 3.1e-3 absolute
+# (13% of a small entry), so 5e-3 absolute beside 5e-2 relative.
+BF16_MODEL_NORM_RTOL = 1e-2
+BF16_MODEL_GRAD_RTOL, BF16_MODEL_GRAD_ATOL = 5e-2, 5e-3
+
+_MESHES: dict[tuple[Any, ...], Any] = {}
+
+
+def mesh(shape: tuple[int, ...], names: tuple[str, ...] | None = None):  # noqa: ANN201
+    """A cached CPU device mesh (one per shape and names per rank process)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    key = (shape, names)
+    if key not in _MESHES:
+        _MESHES[key] = init_device_mesh("cpu", shape, mesh_dim_names=names)
+    return _MESHES[key]
+
+
+# --------------------------------------------------------------------------------------------------- model
+
+
+class Block(nn.Module):
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(d_in, d_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(self.lin(x))
+
+
+class Net(nn.Module):
+    """Uneven and tiny parameters on purpose.
+
+    ``inp.weight`` is 7x13 (rows 4,3 over 2 ranks; 3,3,1 over 3; 2,2,2,1 over 4); ``head`` has one output row, so
+    its Shard(0) pieces are empty on every rank but the first; ``scale`` has two entries (empty on ranks >= 2);
+    ``side`` is left unsharded by the FSDP2 cases that do not shard the root, and ignored by FSDP1. ``wide=True``
+    gives every parameter at least 7 rows, so that no rank of 2, 3 or 4 holds an empty shard.
+    """
+
+    def __init__(self, wide: bool = False) -> None:
+        super().__init__()
+        self.wide = wide
+        d, out = (12, 12) if wide else (5, 1)
+        self.inp = nn.Linear(13, 7)
+        self.blocks = nn.ModuleList([Block(7, 7), Block(7, d)])
+        self.head = nn.Linear(d, out)
+        self.scale = nn.Parameter(torch.linspace(1.5, -0.25, 12 if wide else 2))
+        self.side = nn.Linear(13, out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.inp(x))
+        for block in self.blocks:
+            h = block(h)
+        if self.wide:
+            # Weighted, so that side's rows have different gradients and the largest is on one rank only.
+            weights = torch.linspace(0.2, 2.0, self.scale.numel(), dtype=x.dtype)
+            return (self.head(h) * self.scale + self.side(x) * weights).mean(-1, keepdim=True)
+        return self.head(h) * self.scale[0] + self.scale[1] + self.side(x)
+
+
+def batch(data_rank: int, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(1234 + data_rank)
+    return torch.randn(6, 13, generator=g).to(dtype), torch.randn(6, 1, generator=g).to(dtype)
+
+
+def loss_fn(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    out = model(x)
+    return (out.float() - y.float()).pow(2).mean()
+
+
+def new_model(seed: int = 0, wide: bool = False) -> Net:
+    torch.manual_seed(seed)
+    return Net(wide)
+
+
+@dataclass
+class Reference:
+    """The unsharded model in float64 after backward on the mean of every rank's loss."""
+
+    params: dict[str, Tensor]
+    grads: dict[str, Tensor]
+
+
+def reference(model: nn.Module, data_ranks: list[int]) -> Reference:
+    ref = copy.deepcopy(model).double()
+    loss = sum(loss_fn(ref, *batch(d, torch.float64)) for d in data_ranks) / len(data_ranks)
+    loss.backward()
+    return Reference(
+        {n: p.detach().clone() for n, p in ref.named_parameters()},
+        {n: p.grad.detach().clone() for n, p in ref.named_parameters()},
+    )
+
+
+def average_grads_(params: list[nn.Parameter]) -> None:
+    """What a user must do for parameters no wrapper averages (FSDP1 ignored, FSDP2 left unsharded)."""
+    ws = dist.get_world_size()
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(ws)
+
+
+# -------------------------------------------------------------------------------------------------- checks
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return hasattr(t, "_local_tensor") and hasattr(t, "placements")
+
+
+def _local(t: Tensor) -> Tensor:
+    return t._local_tensor if _is_dtensor(t) else t
+
+
+def _clean(name: str) -> str:
+    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+
+
+def _close(actual: Tensor, expected: Tensor, rtol: float, atol: float, what: str) -> None:
+    actual = actual.detach().to(torch.float64)
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{what}: shape {tuple(actual.shape)} != reference {tuple(expected.shape)}")
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def _norm_close(value: float, expected: float, rtol: float) -> bool:
+    if math.isnan(expected) or math.isnan(value):
+        return math.isnan(expected) and math.isnan(value)
+    return abs(value - expected) <= rtol * abs(expected) + 1e-12
+
+
+@dataclass
+class Case:
+    """How one wrapped model is driven and observed; the bodies below fill it in."""
+
+    model: nn.Module
+    ref: Reference
+    gather_grads: Callable[[], dict[str, Tensor]]
+    gather_params: Callable[[], dict[str, Tensor]]
+    wrapper_clip: Callable[[float, float], Tensor] | None
+    # Checks the clipped local gradients directly where they cannot be gathered (FSDP1 flat shards).
+    check_local_grads: Callable[[dict[str, Tensor], float, float, str], None] | None = None
+    # Overwrites FSDP1's padding after every restore: nothing in it may count or be scaled as gradient.
+    poison: Callable[[], None] | None = None
+    expected_collectives: int = 1
+    # torch's inf norm raises on an empty tensor ("does not have an identity"): a wrapper built on it raises on
+    # the ranks holding an empty shard while the others block in its collective until the gloo timeout.
+    wrapper_raises_on_empty_inf: bool = False
+    grad_rtol: float = RTOL
+    grad_atol: float = ATOL
+    # For bf16 compute: the fp32 model, whose gradients are compared at the bf16 tolerances.
+    model_ref: Reference | None = None
+    # group= says that the ranks of the group hold *different* pieces (pipeline stages) wherever the gradients
+    # do not say otherwise: False where they hold copies the gradients cannot show, which would count twice:
+    # plain tensors (replicated by the user) and the other slices of a sliced mesh.
+    group_override_ok: bool = True
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def _snapshot(model: nn.Module) -> tuple[list[tuple[Tensor, Tensor]], list[tuple[Tensor, Tensor]]]:
+    grads, data = [], []
+    for p in model.parameters():
+        data.append((_local(p), _local(p).detach().clone()))
+        if p.grad is not None:
+            grads.append((_local(p.grad), _local(p.grad).clone()))
+    return grads, data
+
+
+def _restore(snap: tuple[list[tuple[Tensor, Tensor]], list[tuple[Tensor, Tensor]]]) -> None:
+    with torch.no_grad():
+        for live, saved in snap[0] + snap[1]:
+            live.copy_(saved)
+
+
+def _check_grads(case: Case, expected: dict[str, Tensor], rtol: float, atol: float, what: str) -> None:
+    if case.check_local_grads is not None:
+        case.check_local_grads(expected, rtol, atol, what)
+        return
+    full = case.gather_grads()
+    if set(full) != set(expected):
+        raise AssertionError(f"{what}: gradients of {sorted(full)} != reference {sorted(expected)}")
+    for n, g in full.items():
+        _close(g, expected[n], rtol, atol, f"{what} {n}")
+
+
+def _scalar(total: Tensor) -> tuple[float, float]:
+    """(value, rank-local value) of a norm the wrapper returned: a DTensor's local value may differ."""
+    if _is_dtensor(total):
+        return float(total.full_tensor()), float(total.to_local())
+    return float(total), float(total)
+
+
+EMPTY_INF = "not called: some rank holds an empty shard, where the inf norm raises and the other ranks hang"
+
+
+def _some_rank_has_empty_grad(model: nn.Module) -> bool:
+    flag = torch.tensor(
+        [float(any(_local(p.grad).numel() == 0 for p in model.parameters() if p.grad is not None))]
+    )
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def run_case(case: Case) -> dict[float, dict[str, Any]]:
+    """The three-way check for every p; raises on any dist_clip mismatch, returns what the test reports."""
+    model, ref = case.model, case.ref
+    snap = _snapshot(model)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    out: dict[float, dict[str, Any]] = {}
+    for p in PS:
+        ref_norm = reference_norm(list(ref.grads.values()), p)
+        max_norm = ref_norm / 2  # always clips: the coefficient is about 1/2
+        coef = min(1.0, max_norm / (ref_norm + 1e-6))
+        clipped = {n: g * coef for n, g in ref.grads.items()}
+        stepped = {n: ref.params[n] - LR * clipped[n] for n in ref.params}
+        what = f"p={p}"
+
+        # 1. dist_clip: norm and collectives.
+        _restore(snap)
+        if case.poison is not None:
+            case.poison()
+        with count_collectives() as counted:
+            total = dist_clip.clip_grad_norm_(model, max_norm, p)
+        if type(total) is not torch.Tensor or total.dtype != torch.float32 or total.dim() != 0:
+            raise AssertionError(f"{what}: expected a plain 0-dim float32 tensor, got {type(total).__name__} {total!r}")
+        ours = float(total)
+        if not _norm_close(ours, ref_norm, RTOL):
+            raise AssertionError(f"{what}: dist_clip norm {ours!r} != float64 reference {ref_norm!r}")
+        if counted.total != case.expected_collectives:
+            raise AssertionError(
+                f"{what}: dist_clip issued {counted.names}, expected {case.expected_collectives} collective(s)"
+            )
+        model_norm = None
+        if case.model_ref is not None:
+            model_norm = reference_norm(list(case.model_ref.grads.values()), p)
+            if not _norm_close(ours, model_norm, BF16_MODEL_NORM_RTOL):
+                raise AssertionError(f"{what}: norm {ours} vs fp32 model {model_norm}: beyond the bf16 tolerance")
+
+        # 2. clipped gradients, then parameters after one SGD step.
+        _check_grads(case, clipped, case.grad_rtol, case.grad_atol, f"{what} clipped grad")
+        if case.model_ref is not None and p == 2.0:
+            model_ref = case.model_ref
+            model_clipped = {n: g * min(1.0, max_norm / (ref_norm + 1e-6)) for n, g in model_ref.grads.items()}
+            _check_grads(case, model_clipped, BF16_MODEL_GRAD_RTOL, BF16_MODEL_GRAD_ATOL, f"{what} vs fp32 model")
+        opt.step()
+        params = case.gather_params()
+        for n, value in params.items():
+            _close(value, stepped[n], case.grad_rtol, case.grad_atol, f"{what} param after step {n}")
+
+        # get_total_norm: same value, one collective, nothing scaled.
+        _restore(snap)
+        if case.poison is not None:
+            case.poison()
+        with count_collectives() as counted_norm:
+            again = dist_clip.get_total_norm(model, p)
+        if type(again) is not torch.Tensor or not _norm_close(float(again), ref_norm, RTOL):
+            raise AssertionError(f"{what}: get_total_norm gave {again!r}, reference {ref_norm}")
+        if counted_norm.total != case.expected_collectives:
+            raise AssertionError(f"{what}: get_total_norm issued {counted_norm.names}")
+
+        # 3. the wrapper's own clipping, from the same (unpoisoned) gradients.
+        _restore(snap)
+        entry: dict[str, Any] = {"ours": ours, "ref": ref_norm, "count": counted.total}
+        entry["grad_tensors"] = sum(1 for q in model.parameters() if q.grad is not None)
+        if model_norm is not None:
+            entry["model_norm"] = model_norm
+        if case.group_override_ok:
+            # group= spanning every rank: the full plan (each piece counted on one replica), same answer.
+            with count_collectives() as counted_world:
+                world_total = dist_clip.get_total_norm(model, p, group=dist.group.WORLD)
+            if not _norm_close(float(world_total), ref_norm, RTOL) or counted_world.total != 1:
+                raise AssertionError(
+                    f"{what}: group=WORLD gave {float(world_total)} with {counted_world.names}, reference {ref_norm}"
+                )
+        if case.wrapper_clip is None:
+            out[p] = entry
+            continue
+        if math.isinf(p) and case.wrapper_raises_on_empty_inf and _some_rank_has_empty_grad(model):
+            entry["wrapper_error"] = EMPTY_INF
+            out[p] = entry
+            continue
+        try:
+            with count_collectives() as wc:
+                wtotal = case.wrapper_clip(max_norm, p)
+            entry["wrapper_count"] = wc.total
+            entry["wrapper"], entry["wrapper_local"] = _scalar(wtotal)
+            entry["wrapper_returns"] = type(wtotal).__name__ + (
+                f"{tuple(wtotal.placements)}" if _is_dtensor(wtotal) else ""
+            )
+            try:
+                _check_grads(case, clipped, case.grad_rtol, case.grad_atol, f"{what} wrapper-clipped grad")
+                entry["wrapper_grads_ok"] = True
+            except AssertionError:
+                entry["wrapper_grads_ok"] = False
+        except Exception as e:  # noqa: BLE001 - reported: the test names the cases where the wrapper raises
+            entry["wrapper_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        out[p] = entry
+    _restore(snap)
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- FSDP2
+
+
+def _fsdp2_gatherers(model: nn.Module) -> tuple[Callable[[], dict[str, Tensor]], Callable[[], dict[str, Tensor]]]:
+    def grads() -> dict[str, Tensor]:
+        return {
+            n: (p.grad.full_tensor() if _is_dtensor(p.grad) else p.grad).detach().double()
+            for n, p in model.named_parameters()
+            if p.grad is not None
+        }
+
+    def params() -> dict[str, Tensor]:
+        return {n: (p.full_tensor() if _is_dtensor(p) else p).detach().double() for n, p in model.named_parameters()}
+
+    return grads, params
+
+
+def _torch_clip(model: nn.Module) -> Callable[[float, float], Tensor]:
+    def clip(max_norm: float, p: float) -> Tensor:
+        return torch.nn.utils.clip_grad_norm_(list(model.parameters()), max_norm, p)
+
+    return clip
+
+
+def _fsdp2_case(model: nn.Module, ref: Reference, **kw: Any) -> Case:
+    grads, params = _fsdp2_gatherers(model)
+    return Case(model, ref, grads, params, _torch_clip(model), wrapper_raises_on_empty_inf=True, **kw)
+
+
+def fsdp2_1d(shard_root: bool, wide: bool = False) -> dict[str, Any]:
+    """One 1-D mesh over the world; with ``shard_root=False``, ``scale`` and ``side`` stay plain tensors.
+
+    ``wide=True``: no empty shards, so that torch's own clip can be called with p = inf too.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    model = new_model(wide=wide)
+    ref = reference(model, list(range(ws)))
+    m = mesh((ws,))
+    for module in (model.inp, *model.blocks, model.head):
+        fully_shard(module, mesh=m)
+    if shard_root:
+        fully_shard(model, mesh=m)
+    loss_fn(model, *batch(rank)).backward()
+    average_grads_([p for p in model.parameters() if not _is_dtensor(p)])
+    return {"per_p": run_case(_fsdp2_case(model, ref, group_override_ok=shard_root))}
+
+
+def fsdp2_hsdp() -> dict[str, Any]:
+    """HSDP on a 2x2 mesh (replicate x shard) of 4 ranks: replicas hold identical shards and count once."""
+    from torch.distributed.fsdp import fully_shard
+
+    rank = dist.get_rank()
+    model = new_model()
+    ref = reference(model, [0, 1, 2, 3])
+    m = mesh((2, 2), ("replicate", "shard"))
+    for module in (model.inp, *model.blocks, model.head, model):
+        fully_shard(module, mesh=m)
+    loss_fn(model, *batch(rank)).backward()
+    return {"per_p": run_case(_fsdp2_case(model, ref))}
+
+
+def fsdp2_mixed_meshes(plain_root: bool) -> dict[str, Any]:
+    """Blocks on different meshes and sub-meshes in one model; ``plain_root``: the root's own parameters
+    (``scale``, ``side``) left unsharded, else sharded on the 1-D mesh.
+
+    * 2 ranks: ``inp``/``head`` on a 1-D mesh, block 0 on a 2x1 HSDP mesh (pure replication), block 1 on a
+      1x2 mesh (a 2-D mesh whose replicate dim has one rank).
+    * 3 ranks: 1-D mesh; block 0 on 3x1 HSDP; block 1 on the "replicate" slice of that 3x1 mesh, sharded 3 ways.
+    * 4 ranks: 1-D mesh; block 0 on 2x2 HSDP; block 1 on the "shard" slice of that mesh: FSDP2 averages its
+      gradients within each slice only, so ranks r and r+2 are fed the same batch (data rank r % 2) and the
+      two slices hold identical copies, which must count once.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    one_d = mesh((ws,))
+    if ws == 2:
+        hsdp, other, data_ranks = mesh((2, 1), ("replicate", "shard")), mesh((1, 2), ("replicate", "shard")), [0, 1]
+    elif ws == 3:
+        hsdp = mesh((3, 1), ("replicate", "shard"))
+        other, data_ranks = hsdp["replicate"], [0, 1, 2]
+    else:
+        hsdp = mesh((2, 2), ("replicate", "shard"))
+        other, data_ranks = hsdp["shard"], [0, 1, 0, 1]
+    model = new_model()
+    ref = reference(model, data_ranks)
+    fully_shard(model.inp, mesh=one_d)
+    fully_shard(model.blocks[0], mesh=hsdp)
+    fully_shard(model.blocks[1], mesh=other)
+    fully_shard(model.head, mesh=one_d)
+    if not plain_root:
+        fully_shard(model, mesh=one_d)
+    loss_fn(model, *batch(data_ranks[rank])).backward()
+    average_grads_([p for p in model.parameters() if not _is_dtensor(p)])
+    return {"per_p": run_case(_fsdp2_case(model, ref, group_override_ok=ws != 4 and not plain_root))}
+
+
+def fsdp2_mixed_precision(storage: str, reduce: str) -> dict[str, Any]:
+    """``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=...)`` on a 1-D mesh, fp32 or bf16 storage.
+
+    The exact reference is the float64 norm of the gradients FSDP2 produced (gathered): dist_clip must match
+    it at fp32 precision whatever their dtype. The fp32 unsharded model is compared at the bf16 tolerances
+    (see ``BF16_MODEL_*``). With bf16 storage the gradients and parameters are bf16 and are scaled and stepped
+    in bf16: ``BF16_RTOL`` and ``BF16_ATOL``.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    model = new_model()
+    model_ref = reference(model, list(range(ws)))
+    model = model.to(dtypes[storage])
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=dtypes[reduce])
+    m = mesh((ws,))
+    for module in (model.inp, *model.blocks, model.head, model):
+        fully_shard(module, mesh=m, mp_policy=policy)
+    loss_fn(model, *batch(rank)).backward()
+    grads, params = _fsdp2_gatherers(model)
+    # Exact reference: what FSDP2 produced, unsharded, in float64 (and the parameters it will step).
+    exact = Reference({n: t.clone() for n, t in params().items()}, {n: t.clone() for n, t in grads().items()})
+    tol = (BF16_RTOL, BF16_ATOL) if storage == "bf16" else (RTOL, ATOL)
+    case = Case(
+        model, exact, grads, params, _torch_clip(model), grad_rtol=tol[0], grad_atol=tol[1], model_ref=model_ref,
+        wrapper_raises_on_empty_inf=True,
+    )
+    return {"per_p": run_case(case)}
+
+
+# -------------------------------------------------------------------------------------------------- FSDP1
+
+
+def _fsdp1_wrap(model: Net, strategy: str, use_orig_params: bool, plain_root: bool = False) -> nn.Module:
+    """Blocks get their own FSDP1 instances. With an FSDP1 root, inp, head and scale share the root's
+    FlatParameter and ``side`` is ignored; with ``plain_root`` only the blocks are wrapped."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import ShardingStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    kw: dict[str, Any] = {
+        "sharding_strategy": getattr(ShardingStrategy, strategy),
+        "use_orig_params": use_orig_params,
+        "device_id": torch.device("cpu"),
+    }
+    if strategy in ("HYBRID_SHARD", "_HYBRID_SHARD_ZERO2"):
+        kw["device_mesh"] = mesh((2, 2), ("replicate", "shard"))
+    if plain_root:
+        for i, block in enumerate(model.blocks):
+            model.blocks[i] = FSDP(block, **kw)
+        return model
+    return FSDP(model, auto_wrap_policy=ModuleWrapPolicy({Block}), ignored_modules=[model.side], **kw)
+
+
+def _flat_layout(fsdp_model: nn.Module) -> list[tuple[Any, list[str]]]:
+    """(handle, full names of its parameters in flat order) for every FSDP1 instance."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    prefixes = {id(m): _clean(n) for n, m in fsdp_model.named_modules()}
+    out = []
+    for module in FSDP.fsdp_modules(fsdp_model):
+        if module._handle is None:
+            continue
+        prefix = prefixes[id(module)]
+        out.append((module._handle, [f"{prefix}.{f}" if prefix else f for f in module._handle.flat_param._fqns]))
+    return out
+
+
+def _fsdp1_flat_checker(fsdp_model: nn.Module) -> Callable[[dict[str, Tensor], float, float, str], None]:
+    """Compare flat grad shards with the same slices of the reference, laid out as FSDP1 does (chunk)."""
+    from torch.distributed.fsdp._flat_param import FlatParameter
+
+    layout = _flat_layout(fsdp_model)
+
+    def check(expected: dict[str, Tensor], rtol: float, atol: float, what: str) -> None:
+        seen: set[str] = set()
+        for handle, names in layout:
+            full = torch.cat([expected[n].reshape(-1) for n in names])
+            seen.update(names)
+            g = handle.flat_param.grad
+            if handle.uses_sharded_strategy:
+                pg = handle.process_group
+                chunks = full.chunk(dist.get_world_size(pg))
+                rank = dist.get_rank(pg)
+                local = chunks[rank] if rank < len(chunks) else full.new_empty(0)
+                assert g.numel() == chunks[0].numel(), (g.numel(), chunks[0].numel())
+                _close(g[: local.numel()], local, rtol, atol, f"{what} flat shard of {names}")
+            else:
+                _close(g, full, rtol, atol, f"{what} flat grad of {names}")
+        for n, p in fsdp_model.named_parameters():
+            if not isinstance(p, FlatParameter) and p.grad is not None:
+                _close(p.grad, expected[_clean(n)], rtol, atol, f"{what} {n}")
+                seen.add(_clean(n))
+        if seen != set(expected):
+            raise AssertionError(f"{what}: checked {sorted(seen)}, reference has {sorted(expected)}")
+
+    return check
+
+
+def fsdp1(strategy: str, use_orig_params: bool, plain_root: bool = False) -> dict[str, Any]:
+    """FSDP1 with nested auto-wrapping (Blocks), the rest in the root's FlatParameter, ``side`` ignored.
+
+    ``plain_root``: only the blocks are FSDP1 instances, the root is a plain module (dist_clip must still see
+    FlatParameters, not replicated tensors); FSDP1's own clip needs an FSDP1 root, so it is not compared.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    model = new_model()
+    ref = reference(model, list(range(ws)))
+    fsdp_model = _fsdp1_wrap(model, strategy, use_orig_params, plain_root)
+    loss_fn(fsdp_model, *batch(rank)).backward()
+    # Parameters outside every FSDP1 instance: averaging them is the user's job, as in code without DDP.
+    outside = [model.inp, model.head, model.side] if plain_root else [model.side]
+    average_grads_([p for m in outside for p in m.parameters()] + ([model.scale] if plain_root else []))
+
+    def grads() -> dict[str, Tensor]:
+        with FSDP.summon_full_params(fsdp_model, with_grads=True):
+            return {_clean(n): p.grad.detach().double().clone() for n, p in fsdp_model.named_parameters()}
+
+    def params() -> dict[str, Tensor]:
+        with FSDP.summon_full_params(fsdp_model):
+            return {_clean(n): p.detach().double().clone() for n, p in fsdp_model.named_parameters()}
+
+    poison = None
+    if not use_orig_params and strategy != "NO_SHARD":
+        flats = [handle.flat_param for handle, _ in _flat_layout(fsdp_model)]
+
+        def poison() -> None:
+            # FSDP1's padding grads are zero after reduce-scatter; a large value shows that they never count.
+            for flat in flats:
+                if flat._shard_numel_padded:
+                    flat.grad[flat.grad.numel() - flat._shard_numel_padded :] = 1e3
+
+    case = Case(
+        fsdp_model,
+        ref,
+        grads,
+        params,
+        None if plain_root else lambda max_norm, p: fsdp_model.clip_grad_norm_(max_norm, p),
+        check_local_grads=None if use_orig_params else _fsdp1_flat_checker(fsdp_model),
+        poison=poison,
+        expected_collectives=0 if strategy == "NO_SHARD" else 1,
+    )
+    result = run_case(case)
+    padded = [h.flat_param._shard_numel_padded for h, _ in _flat_layout(fsdp_model)]
+    return {"per_p": result, "padded": padded}
+
+
+# ------------------------------------------------------------------------------------- DTensor placements
+
+
+def dtensor_placements() -> dict[str, Any]:
+    """Hand-made DTensor gradients on a 2x2 mesh of 4 ranks, every placement FSDP2 and TP produce.
+
+    ``two_d``: Shard on both dims (FSDP x TP); ``strided``: ``_StridedShard`` (FSDP2 over TP; its
+    ``is_shard()`` is False, yet it holds distinct pieces); ``replicated``: Replicate twice; ``hsdp``:
+    (Replicate, Shard); ``slice``: Shard on the "shard" slice, whose two sibling slices hold equal copies.
+    Each subset is one call: the plan (minimal or full) changes with the subset, the answer must not. The
+    reference is the float64 norm of every tensor's ``full_tensor()``, each counted once.
+    """
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    m = mesh((2, 2), ("replicate", "shard"))
+    rep, sh = m.get_coordinate()
+
+    def make(name: str, shape: tuple[int, ...], device_mesh, placements, seed: tuple[int, ...]) -> Tensor:  # noqa: ANN001
+        g = torch.Generator().manual_seed(zlib.crc32(repr((name, *seed)).encode()))  # hash() differs by process
+        return DTensor.from_local(torch.randn(shape, generator=g), device_mesh, placements, run_check=False)
+
+    grads = {
+        "two_d": make("two_d", (3, 5), m, [Shard(0), Shard(1)], (rep, sh)),
+        "strided": make("strided", (4, 3), m, [_StridedShard(0, split_factor=2), Replicate()], (rep,)),
+        "replicated": make("replicated", (2, 3), m, [Replicate(), Replicate()], ()),
+        "hsdp": make("hsdp", (5, 2), m, [Replicate(), Shard(0)], (sh,)),
+        "slice": make("slice", (3, 4), m["shard"], [Shard(0)], (sh,)),
+    }
+    full = {n: g.full_tensor().double() for n, g in grads.items()}
+    subsets = [tuple(grads), ("two_d",), ("strided",), ("replicated",), ("hsdp",), ("slice",), ("hsdp", "slice"),
+               ("replicated", "hsdp"), ("strided", "slice")]
+    out: dict[str, Any] = {}
+    for subset in subsets:
+        for p in PS:
+            ref_norm = reference_norm([full[n] for n in subset], p)
+            with count_collectives() as counted:
+                total = dist_clip.get_total_norm([grads[n] for n in subset], p)
+            if type(total) is not torch.Tensor or not _norm_close(float(total), ref_norm, RTOL):
+                raise AssertionError(f"{subset} p={p}: {total!r} != reference {ref_norm}")
+            expected = 0 if subset == ("replicated",) else 1
+            if counted.total != expected:
+                raise AssertionError(f"{subset} p={p}: {counted.names}, expected {expected} collective(s)")
+            out[f"{'+'.join(subset)} p={p}"] = float(total)
+        # Scaling: every local piece scaled by the one coefficient.
+        saved = {n: grads[n]._local_tensor.clone() for n in subset}
+        ref_norm = reference_norm([full[n] for n in subset], 2.0)
+        dist_clip.clip_grad_norm_([grads[n] for n in subset], ref_norm / 4, 2.0)
+        coef = (ref_norm / 4) / (ref_norm + 1e-6)
+        for n in subset:
+            _close(grads[n].full_tensor(), full[n] * coef, RTOL, ATOL, f"{subset} clipped {n}")
+            grads[n]._local_tensor.copy_(saved[n])
+    # A Partial gradient is not a gradient yet: every rank refuses it, none enters a collective.
+    partial = DTensor.from_local(torch.ones(2), m, [Partial(), Shard(0)], run_check=False)
+    try:
+        dist_clip.get_total_norm([grads["hsdp"], partial])
+    except ValueError as e:
+        out["partial"] = str(e).split(":")[0]
+    else:
+        raise AssertionError("a Partial DTensor gradient was accepted")
+    return out
+
+
+class Tiny(nn.Module):
+    """Two parameters in all: over 3 or 4 ranks some FSDP1 shards hold padding only (no gradient at all)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([0.5, -1.0]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x[:, :2] * self.w).sum(-1, keepdim=True)
+
+
+def fsdp1_tiny(use_orig_params: bool) -> dict[str, Any]:
+    """A FlatParameter smaller than the world: ranks whose shard is padding only must still join the call."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    model = Tiny()
+    ref = reference(model, list(range(ws)))
+    fsdp_model = FSDP(model, use_orig_params=use_orig_params, device_id=torch.device("cpu"))
+    loss_fn(fsdp_model, *batch(rank)).backward()
+
+    def grads() -> dict[str, Tensor]:
+        with FSDP.summon_full_params(fsdp_model, with_grads=True):
+            return {_clean(n): p.grad.detach().double().clone() for n, p in fsdp_model.named_parameters()}
+
+    def params() -> dict[str, Tensor]:
+        with FSDP.summon_full_params(fsdp_model):
+            return {_clean(n): p.detach().double().clone() for n, p in fsdp_model.named_parameters()}
+
+    case = Case(
+        fsdp_model, ref, grads, params, lambda max_norm, p: fsdp_model.clip_grad_norm_(max_norm, p),
+        check_local_grads=None if use_orig_params else _fsdp1_flat_checker(fsdp_model),
+    )
+    # Gradient entries this rank holds, padding excluded (a flat grad of padding only is all padding).
+    held = sum(
+        q.grad.numel() - getattr(q, "_shard_numel_padded", 0) for q in fsdp_model.parameters() if q.grad is not None
+    )
+    return {"per_p": run_case(case), "nothing_here": held == 0}
