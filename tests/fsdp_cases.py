@@ -200,7 +200,7 @@ class Case:
     model_ref: Reference | None = None
     # group= says that the ranks of the group hold *different* pieces (pipeline stages) wherever the gradients
     # do not say otherwise: False where they hold copies the gradients cannot show, which would count twice:
-    # plain tensors (replicated by the user) and the other slices of a sliced mesh.
+    # the other slices of a sliced mesh. (Plain tensors beside DTensors are always taken as replicated.)
     group_override_ok: bool = True
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -393,7 +393,7 @@ def fsdp2_1d(shard_root: bool, wide: bool = False) -> dict[str, Any]:
         fully_shard(model, mesh=m)
     loss_fn(model, *batch(rank)).backward()
     average_grads_([p for p in model.parameters() if not _is_dtensor(p)])
-    return {"per_p": run_case(_fsdp2_case(model, ref, group_override_ok=shard_root))}
+    return {"per_p": run_case(_fsdp2_case(model, ref))}
 
 
 def fsdp2_hsdp() -> dict[str, Any]:
@@ -443,7 +443,7 @@ def fsdp2_mixed_meshes(plain_root: bool) -> dict[str, Any]:
         fully_shard(model, mesh=one_d)
     loss_fn(model, *batch(data_ranks[rank])).backward()
     average_grads_([p for p in model.parameters() if not _is_dtensor(p)])
-    return {"per_p": run_case(_fsdp2_case(model, ref, group_override_ok=ws != 4 and not plain_root))}
+    return {"per_p": run_case(_fsdp2_case(model, ref, group_override_ok=ws != 4))}
 
 
 def fsdp2_mixed_precision(storage: str, reduce: str) -> dict[str, Any]:

@@ -197,3 +197,18 @@ def test_a_peer_that_does_not_answer_gives_a_runtime_error(pools):
     finally:
         pool.broken = True  # the timed-out group is unusable afterwards: never reuse these ranks
     assert values[0].startswith("RuntimeError"), values
+
+
+def body_fsdp1_parameters_are_refused() -> str:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    torch.manual_seed(0)
+    model = FSDP(nn.Linear(7, 13), device_id=torch.device("cpu"), use_orig_params=False)
+    model(torch.randn(3, 7)).sum().backward()
+    with pytest.raises(ValueError, match="pass the\\s+FullyShardedDataParallel module"):
+        dist_clip.get_total_norm(model.parameters())
+    return "refused"
+
+
+def test_fsdp1_flat_parameters_are_not_taken_for_replicated_tensors(run_ranks):
+    assert run_ranks(2, body_fsdp1_parameters_are_refused) == ["refused", "refused"]

@@ -65,6 +65,13 @@ def named_grads(target: object) -> list[tuple[str, Tensor]]:
         if id(t) in seen:
             continue
         seen.add(id(t))
+        if getattr(t, "_is_flat_param", False):
+            # Its gradient is one rank's shard of many parameters, which nothing here can tell apart from a
+            # replicated tensor: counting it as one would give a silently wrong total.
+            raise ValueError(
+                f"{name} is an FSDP1 FlatParameter (a shard of flattened parameters); pass the "
+                "FullyShardedDataParallel module itself, not its parameters()"
+            )
         g = gradient_of(t)
         if g is not None:
             out.append((name, g))
@@ -87,7 +94,10 @@ def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
     plain, dtensors = split_dtensors(named_grads(target))
     out: list[Shards] = []
     if plain or not dtensors:
-        out.append(Shards([g for _, g in plain], group=group, names=[n for n, _ in plain]))
+        # Plain tensors beside DTensors are the parameters FSDP2 left unsharded: copies on every rank,
+        # whatever group= says about the DTensors. Alone, with group=, they are the caller's own shards.
+        plain_group = None if dtensors else group
+        out.append(Shards([g for _, g in plain], group=plain_group, names=[n for n, _ in plain]))
     if dtensors:
         from .fsdp import dtensor_shards
 
