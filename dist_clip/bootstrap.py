@@ -1,0 +1,233 @@
+"""Start ``torch.distributed`` under whatever launched this process: torchrun, MPI, DeepSpeed, or nothing.
+
+* ``RANK`` and ``WORLD_SIZE`` in the environment (torchrun, the DeepSpeed launcher, ``mp.spawn`` helpers):
+  ``env://`` with the launcher's ``MASTER_ADDR``/``MASTER_PORT``.
+* An MPI launcher (``mpiexec`` of MPICH, Intel MPI, MVAPICH or Open MPI): rank, world size and local rank
+  come from mpi4py's ``COMM_WORLD`` (the local rank from a shared-memory split), and rank 0 broadcasts its
+  address and a free port over MPI. Without mpi4py they come from the launcher's environment variables
+  (``PMI_RANK``/``PMI_SIZE``/``MPI_LOCALRANKID`` for MPICH Hydra, ``OMPI_COMM_WORLD_*`` for Open MPI), and
+  ``MASTER_ADDR``/``MASTER_PORT`` must be given (``launch/mpirun.sh`` exports them).
+* Nothing: one process. A one-rank group (in-memory store) is started only when a wrapper needs one.
+
+Then the process group is initialised with nccl on CUDA or gloo on CPU (``backend="auto"``). MPI only
+bootstraps: every collective afterwards goes through gloo or nccl.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistInfo", "LaunchEnv", "detect_launch", "free_port", "init_distributed", "resolve_backend", "shutdown"]
+
+#: Seconds a collective may wait before the job fails (``DIST_CLIP_TIMEOUT_S`` overrides; tests lower it).
+DEFAULT_TIMEOUT_S = 1800.0
+
+# (rank, size, local rank, local size) variables set by MPI launchers, most specific first.
+_MPI_VARS: tuple[tuple[str, str, str, str], ...] = (
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_SIZE"),
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),  # MPICH Hydra, Intel MPI
+    ("PMIX_RANK", "", "", ""),  # PMIx (srun, prterun): the size needs mpi4py
+)
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """What the launcher told this process before any communication."""
+
+    rank: int
+    world_size: int  # 0 when only mpi4py can tell (PMIx)
+    local_rank: int
+    local_world_size: int
+    launcher: str  # "torchrun", "deepspeed", "env", "mpi" or "single"
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This rank's place in the job once ``torch.distributed`` is up (or not needed)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    launcher: str
+    backend: str | None  # None: no process group (one process, no wrapper)
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _int(environ: os._Environ[str] | dict[str, str], name: str, default: int) -> int:
+    value = environ.get(name, "") if name else ""
+    try:
+        return int(value) if value != "" else default
+    except ValueError:
+        raise RuntimeError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def detect_launch(environ: os._Environ[str] | dict[str, str] | None = None) -> LaunchEnv:
+    """Rank, world size and local rank as the launcher's environment states them (no communication)."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world = _int(env, "RANK", 0), _int(env, "WORLD_SIZE", 1)
+        local_world = _int(env, "LOCAL_WORLD_SIZE", _int(env, "LOCAL_SIZE", world))
+        if "TORCHELASTIC_RUN_ID" in env:
+            launcher = "torchrun"
+        elif "CROSS_RANK" in env or "LOCAL_SIZE" in env:
+            launcher = "deepspeed"
+        else:
+            launcher = "env"
+        return LaunchEnv(rank, world, _int(env, "LOCAL_RANK", rank), local_world, launcher)
+    for rank_var, size_var, local_var, local_size_var in _MPI_VARS:
+        if rank_var in env:
+            rank = _int(env, rank_var, 0)
+            world = _int(env, size_var, 0)
+            return LaunchEnv(
+                rank, world, _int(env, local_var, rank), _int(env, local_size_var, world), "mpi"
+            )
+    return LaunchEnv(0, 1, 0, 1, "single")
+
+
+def resolve_backend(backend: str) -> str:
+    """``auto`` means nccl where CUDA is present and gloo otherwise."""
+    if backend == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise RuntimeError("backend nccl needs CUDA, and this machine has none; use backend: gloo or auto")
+    return backend
+
+
+def free_port() -> int:
+    """A TCP port free right now on this host (the OS picks; never a fixed number)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _mpi_comm():  # noqa: ANN202 - mpi4py's Comm, or None
+    """mpi4py's COMM_WORLD, or None when mpi4py is absent or disabled (``DIST_CLIP_MPI4PY=0``)."""
+    if os.environ.get("DIST_CLIP_MPI4PY", "1") == "0":
+        return None
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return None
+    return MPI.COMM_WORLD
+
+
+def _from_mpi(launch: LaunchEnv) -> LaunchEnv:
+    """Rank facts from mpi4py, and MASTER_ADDR/MASTER_PORT agreed through it (rank 0 picks and broadcasts)."""
+    comm = _mpi_comm()
+    if comm is None:
+        if launch.world_size <= 0:
+            raise RuntimeError(
+                "launched by an MPI launcher that does not state the world size in the environment; "
+                "install mpi4py (pip install 'dist_clip[mpi]') so that it can be read from COMM_WORLD"
+            )
+        missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+        if missing and launch.world_size > 1:
+            raise RuntimeError(
+                f"launched by MPI without mpi4py, and {' and '.join(missing)} not set: export MASTER_ADDR (the "
+                "address of rank 0's host) and MASTER_PORT to every rank (launch/mpirun.sh does), or install "
+                "mpi4py (pip install 'dist_clip[mpi]')"
+            )
+        return launch
+    from mpi4py import MPI
+
+    rank, world = comm.Get_rank(), comm.Get_size()
+    if launch.world_size > 0 and world != launch.world_size:
+        # mpi4py built for another MPI than the launcher's starts as a singleton: every process would be rank 0.
+        raise RuntimeError(
+            f"the launcher says {launch.world_size} ranks but mpi4py's COMM_WORLD has {world}: mpi4py was built "
+            "for another MPI than the mpiexec that started this job; use that MPI's mpiexec, install mpi4py for "
+            "this MPI, or set DIST_CLIP_MPI4PY=0 (then export MASTER_ADDR and MASTER_PORT, as launch/mpirun.sh does)"
+        )
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+    local_rank, local_world = local.Get_rank(), local.Get_size()
+    local.Free()
+    if os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):
+        addr, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]  # the user knows better
+    else:
+        chosen = None
+        if rank == 0:
+            # One node: loopback. Several: rank 0's host name, which the other nodes resolve.
+            host = "127.0.0.1" if local_world == world else socket.gethostname()
+            chosen = (os.environ.get("MASTER_ADDR") or host, os.environ.get("MASTER_PORT") or str(free_port()))
+        addr, port = comm.bcast(chosen, root=0)
+    os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port))
+    return LaunchEnv(rank, world, local_rank, local_world, "mpi")
+
+
+def _timeout() -> timedelta:
+    return timedelta(seconds=float(os.environ.get("DIST_CLIP_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
+
+
+def init_distributed(backend: str = "auto", *, need_group: bool = True) -> DistInfo:
+    """Initialise ``torch.distributed`` for this process, whatever launched it; idempotent.
+
+    Args:
+        backend: ``auto``, ``gloo`` or ``nccl``.
+        need_group: start a one-rank group even when this is the only process (wrappers such as DDP and FSDP
+            need a process group); with ``False`` a lone process runs without one.
+
+    Returns:
+        The rank facts, the backend in use and the device this rank computes on (``cuda:<local rank>`` with
+        nccl, the CPU otherwise).
+    """
+    launch = detect_launch()
+    if dist.is_available() and dist.is_initialized():
+        name = dist.get_backend()
+        device = torch.device("cuda", torch.cuda.current_device()) if name == "nccl" else torch.device("cpu")
+        return DistInfo(
+            dist.get_rank(), dist.get_world_size(), launch.local_rank, launch.local_world_size,
+            launch.launcher, name, device,
+        )
+    if launch.launcher == "mpi":
+        launch = _from_mpi(launch)
+    name = resolve_backend(backend)
+    if name == "nccl":
+        device = torch.device("cuda", launch.local_rank % max(1, torch.cuda.device_count()))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if launch.world_size == 1 and not need_group:
+        return DistInfo(0, 1, 0, 1, launch.launcher, None, device)
+    kwargs = {"device_id": device} if name == "nccl" else {}
+    if launch.world_size == 1 and launch.launcher in ("single", "mpi"):
+        # No launcher rendezvous to join: an in-memory store needs no port at all.
+        dist.init_process_group(name, store=dist.HashStore(), rank=0, world_size=1, timeout=_timeout(), **kwargs)
+    else:
+        os.environ.update(
+            RANK=str(launch.rank), WORLD_SIZE=str(launch.world_size), LOCAL_RANK=str(launch.local_rank),
+            LOCAL_WORLD_SIZE=str(launch.local_world_size),
+        )
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        dist.init_process_group(
+            name, init_method="env://", rank=launch.rank, world_size=launch.world_size, timeout=_timeout(),
+            **kwargs,
+        )
+    return DistInfo(
+        launch.rank, launch.world_size, launch.local_rank, launch.local_world_size, launch.launcher, name, device
+    )
+
+
+def shutdown() -> None:
+    """Destroy the default process group if one is up (safe to call twice).
+
+    Wrappers that made groups of their own (fairscale) are collected first: a gloo group whose last reference
+    dies only at interpreter exit can abort the process ("terminate called without an active exception").
+    """
+    import gc
+
+    gc.collect()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()

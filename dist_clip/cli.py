@@ -1,0 +1,90 @@
+"""The ``dist-clip`` command: ``train`` (the demo run) and ``check`` (the replay equivalence check alone).
+
+Exit status: 0 when the run agrees with its unsharded replay (or no replay was asked for), 1 when it does not
+or the job failed, 2 for a bad config or bad arguments (one line on stderr, from rank 0 only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .config import ConfigError, TrainConfig, from_dict, load_config, with_overrides
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="YAML", help="run config (default: the built-in one, = configs/fsdp2.yaml)")
+    common.add_argument("--data", metavar="PATH", help="train on this file or folder instead of the config's data")
+    common.add_argument("--steps", type=int, metavar="N", help="override the config's number of steps")
+    common.add_argument("--out", metavar="DIR", help="write the run folder under DIR instead of the config's out_dir")
+    # The DeepSpeed launcher (and torch.distributed.launch) pass --local_rank; the environment says the same.
+    common.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(
+        prog="dist-clip",
+        description="Train a small transformer LM under a distributed wrapper, clipping gradients with dist_clip, "
+        "and check it against the same steps replayed unsharded on one process.",
+        parents=[common],
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,check}")
+    train = sub.add_parser(
+        "train", parents=[common], help="train, log, plot, replay and check (exit 1 on disagreement)"
+    )
+    train.add_argument("--no-replay", action="store_true", help="skip the unsharded replay and its check")
+    train.add_argument("--no-plot", action="store_true", help="do not draw the PNG plot")
+    sub.add_parser("check", parents=[common], help="the equivalence check alone, for CI: exit status 0 agrees, 1 not")
+    return parser
+
+
+def _is_main_rank() -> bool:
+    from .bootstrap import detect_launch
+
+    return detect_launch().rank == 0
+
+
+def _fail(message: str, code: int) -> int:
+    if _is_main_rank():
+        print(message, file=sys.stderr, flush=True)
+    return code
+
+
+def _load(args: argparse.Namespace) -> tuple[TrainConfig, str]:
+    source = args.config or "<built-in config>"
+    cfg = load_config(args.config) if args.config else from_dict({}, source)
+    steps_or_data = {"steps": args.steps, "data": args.data, "out_dir": args.out}
+    if any(v is not None for v in steps_or_data.values()):
+        cfg = with_overrides(cfg, f"{source} (with command-line overrides)", **steps_or_data)
+    return cfg, source
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``dist-clip`` and ``python -m dist_clip``; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        cfg, source = _load(args)
+    except ConfigError as e:
+        return _fail(f"config error: {e}", 2)
+
+    from . import bootstrap, train
+
+    try:
+        info = bootstrap.init_distributed(cfg.backend, need_group=cfg.wrapper != "none")
+    except RuntimeError as e:
+        return _fail(f"error: {e}", 1)
+    try:
+        check = args.command == "check"
+        return train.run_job(
+            cfg, info, source=source, out_dir=cfg.out_dir, replay_check=check or not args.no_replay,
+            show_progress=not check, make_plot=not check and not args.no_plot,
+        )
+    except ConfigError as e:  # found once the world is known (mesh shape, wrapper none on several ranks)
+        return _fail(f"config error: {e}", 2)
+    finally:
+        bootstrap.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

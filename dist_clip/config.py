@@ -1,0 +1,304 @@
+"""The main job's configuration: frozen dataclasses, loaded from YAML and validated field by field.
+
+A config file names every knob of a demo run (wrapper and topology, model size, optimisation, clipping,
+precision, backend, seed). Loading is strict: an unknown key, a value of the wrong type or out of range raises
+:class:`ConfigError` naming the file and the dotted field, which the command line prints as one line. This
+module needs PyYAML only when a file is read, and never torch, so a bad config fails fast, before any rank
+starts up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+from dataclasses import dataclass, field
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+__all__ = [
+    "BACKENDS",
+    "CLIP_MODES",
+    "PRECISIONS",
+    "NORM_TOLERANCE_FACTOR",
+    "WRAPPERS",
+    "ClipConfig",
+    "ConfigError",
+    "ModelConfig",
+    "TrainConfig",
+    "default_tolerance",
+    "from_dict",
+    "load_config",
+    "with_overrides",
+]
+
+#: Wrappers the training loop knows. ``none`` is one plain process; ``hsdp`` is FSDP2 on a 2-D mesh.
+WRAPPERS: tuple[str, ...] = ("none", "ddp", "fsdp1", "fsdp2", "hsdp", "zero1", "zero2", "zero3", "fairscale-oss")
+#: ``auto`` picks nccl when CUDA is present and gloo otherwise.
+BACKENDS: tuple[str, ...] = ("auto", "gloo", "nccl")
+#: ``bf16`` runs forward and backward under bfloat16 autocast; parameters, gradients and optimizer stay fp32.
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+#: ``dist_clip`` clips with this library; ``native`` with the wrapper's own clipping (for comparison);
+#: ``off`` only measures the norm.
+CLIP_MODES: tuple[str, ...] = ("dist_clip", "native", "off")
+
+#: Relative tolerance of the loss comparison with the unsharded replay, by precision. In fp32 the run differs
+#: from the replay only by the order of floating-point sums (per-rank batches and an all-reduce vs one batch):
+#: at most about 3e-6 relative over 60 steps of the default model, so 1e-4 leaves a wide margin. bf16 autocast
+#: rounds every matmul output to 8 bits of mantissa, and a different batch split changes which elements round
+#: which way: up to about 4e-3 over 60 steps, hence 2e-2.
+_TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2}
+#: The gradient norm before clipping is a noisier quantity than the loss (a step on either side of max_norm
+#: changes the update): in fp32 it is compared at ten times the loss tolerance (seen: up to 8e-5 relative).
+#: In bf16 it moves by up to about 10% per step and is reported, not compared.
+NORM_TOLERANCE_FACTOR = {"fp32": 10.0, "bf16": None}
+
+
+class ConfigError(ValueError):
+    """A config file or value is wrong. ``str()`` is the one line the command line prints."""
+
+    def __init__(self, source: str, field_name: str, why: str) -> None:
+        self.source = source
+        self.field = field_name
+        self.why = why
+        super().__init__(f"{source}: {field_name}: {why}" if field_name else f"{source}: {why}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only transformer over bytes (vocabulary 256)."""
+
+    d_model: int = 192
+    n_layers: int = 4
+    n_heads: int = 4
+    seq_len: int = 64
+    mlp_ratio: int = 4
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    max_norm: float = 1.0
+    norm_type: Union[float, str] = 2.0  # noqa: UP007 - evaluated by get_type_hints on Python 3.10
+    mode: str = "dist_clip"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One demo run. The defaults are ``configs/fsdp2.yaml``, the config of ``make demo``.
+
+    Attributes:
+        name: label of the run (defaults to the config file's stem); the log goes to ``out_dir/name``.
+        wrapper: one of :data:`WRAPPERS`.
+        mesh: ``[replicas, shard size]`` for ``hsdp``; ``None`` shards within a node, replicates across.
+        backend: one of :data:`BACKENDS`.
+        precision: one of :data:`PRECISIONS`.
+        seed: seeds the initial weights and the choice of batches (identical on every rank).
+        steps: optimizer steps.
+        lr: AdamW learning rate (constant).
+        weight_decay: AdamW weight decay.
+        batch_size: sequences per rank per step; the global batch is ``batch_size * world size``.
+        data: ``stdlib`` (the Python standard library's own source, read at run time) or a file or folder.
+        out_dir: where the run's folder (JSON-lines log, plot) is written.
+        tolerance: relative tolerance on the loss in the replay check; ``None`` = by precision (fp32 1e-4,
+            bf16 2e-2). In fp32 the norms before clipping are compared at ten times this tolerance.
+    """
+
+    name: str = "fsdp2"
+    wrapper: str = "fsdp2"
+    mesh: Union[list[int], None] = None  # noqa: UP007
+    backend: str = "auto"
+    precision: str = "fp32"
+    seed: int = 0
+    steps: int = 50
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    data: str = "stdlib"
+    out_dir: str = "runs"
+    tolerance: Union[float, None] = None  # noqa: UP007
+    model: ModelConfig = field(default_factory=ModelConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+
+    @property
+    def norm_p(self) -> float:
+        """The norm order as a float (``inf`` for ``"inf"``)."""
+        return float(self.clip.norm_type)
+
+    @property
+    def rtol(self) -> float:
+        """Relative tolerance on the loss of every step."""
+        return self.tolerance if self.tolerance is not None else default_tolerance(self.precision)
+
+    @property
+    def norm_rtol(self) -> float | None:
+        """Relative tolerance on the norm before clipping of every step; None where it is not compared."""
+        factor = NORM_TOLERANCE_FACTOR[self.precision]
+        return None if factor is None else factor * self.rtol
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def default_tolerance(precision: str) -> float:
+    return _TOLERANCE[precision]
+
+
+# --- loading and validation -------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, tp.__name__)
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if not isinstance(value, dict) else "a mapping"
+
+
+def _coerce(value: Any, tp: Any, source: str, name: str) -> Any:
+    """``value`` checked against the annotation ``tp``; raises ConfigError naming ``name``."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for option in get_args(tp):
+            try:
+                return _coerce(value, option, source, name)
+            except ConfigError:
+                continue
+        raise ConfigError(source, name, f"expected {_type_name(tp)}, got {_describe(value)}")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif origin is list:
+        if isinstance(value, list):
+            return [_coerce(v, get_args(tp)[0], source, f"{name}[{i}]") for i, v in enumerate(value)]
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return _build(tp, value, source, f"{name}.")
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads 3e-4 (no dot) as a string; a number-looking string is meant as a number.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(source, name, f"expected {_type_name(tp)}, got {_describe(value)}")
+
+
+def _build(cls: type, data: dict[str, Any], source: str, prefix: str = "") -> Any:
+    hints = get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(source, f"{prefix}{key}", f"unknown key (known: {', '.join(known)})")
+        kwargs[key] = _coerce(value, hints[key], source, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _one_of(value: str, options: tuple[str, ...], source: str, name: str) -> None:
+    if value not in options:
+        raise ConfigError(source, name, f"expected one of {', '.join(options)}, got {value!r}")
+
+
+def _validate(cfg: TrainConfig, source: str) -> TrainConfig:
+    _one_of(cfg.wrapper, WRAPPERS, source, "wrapper")
+    _one_of(cfg.backend, BACKENDS, source, "backend")
+    _one_of(cfg.precision, PRECISIONS, source, "precision")
+    _one_of(cfg.clip.mode, CLIP_MODES, source, "clip.mode")
+
+    def positive(name: str, value: float, strict: bool = True) -> None:
+        if math.isnan(value) or (value <= 0 if strict else value < 0):
+            raise ConfigError(source, name, f"must be {'> 0' if strict else '>= 0'}, got {value}")
+
+    positive("steps", cfg.steps)
+    positive("batch_size", cfg.batch_size)
+    positive("lr", cfg.lr)
+    positive("weight_decay", cfg.weight_decay, strict=False)
+    positive("clip.max_norm", cfg.clip.max_norm, strict=False)
+    if math.isinf(cfg.clip.max_norm):
+        raise ConfigError(source, "clip.max_norm", "must be finite (use clip.mode: off to measure without clipping)")
+    if cfg.tolerance is not None:
+        positive("tolerance", cfg.tolerance)
+    p = cfg.clip.norm_type
+    if isinstance(p, str):
+        try:
+            p = float(p)  # "inf", "2"
+        except ValueError:
+            raise ConfigError(source, "clip.norm_type", f"expected a number >= 0 or inf, got {p!r}") from None
+    if math.isnan(p) or p < 0 or (math.isinf(p) and p < 0):
+        raise ConfigError(source, "clip.norm_type", f"expected a number >= 0 or inf, got {cfg.clip.norm_type!r}")
+    m = cfg.model
+    for name in ("d_model", "n_layers", "n_heads", "mlp_ratio"):
+        positive(f"model.{name}", getattr(m, name))
+    if m.seq_len < 2:
+        raise ConfigError(source, "model.seq_len", f"must be >= 2, got {m.seq_len}")
+    if m.d_model % m.n_heads:
+        raise ConfigError(source, "model.n_heads", f"must divide model.d_model ({m.d_model}), got {m.n_heads}")
+    if cfg.mesh is not None:
+        if cfg.wrapper != "hsdp":
+            raise ConfigError(source, "mesh", f"only used by wrapper hsdp, not {cfg.wrapper}; remove it")
+        if len(cfg.mesh) != 2 or min(cfg.mesh) < 1:
+            raise ConfigError(source, "mesh", f"expected [replicas, shard size] of positive integers, got {cfg.mesh}")
+    if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
+        raise ConfigError(source, "name", f"must be a plain non-empty file name, got {cfg.name!r}")
+    return dataclasses.replace(cfg, clip=dataclasses.replace(cfg.clip, norm_type=float(p)))
+
+
+def from_dict(data: Any, source: str = "<config>", name: str | None = None) -> TrainConfig:
+    """A validated config from a parsed mapping; ``name`` is the default of the ``name`` field."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, "", f"expected a mapping of keys to values at the top level, got {_describe(data)}")
+    if name is not None and "name" not in data:
+        data = {**data, "name": name}
+    return _validate(_build(TrainConfig, data, source), source)
+
+
+def load_config(path: str | os.PathLike[str]) -> TrainConfig:
+    """Read, parse and validate a YAML config file; every failure is a one-line :class:`ConfigError`."""
+    source = os.fspath(path)
+    try:
+        with open(source, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError(source, "", "no such file") from None
+    except OSError as e:
+        raise ConfigError(source, "", f"cannot read: {e.strerror or e}") from None
+    try:
+        import yaml
+    except ImportError:
+        raise ConfigError(source, "", "reading YAML needs PyYAML: pip install 'dist_clip[train]'") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(source, "", f"invalid YAML: {where}{problem}") from None
+    stem = os.path.splitext(os.path.basename(source))[0]
+    return from_dict(data, source, name=stem)
+
+
+def with_overrides(cfg: TrainConfig, source: str, **values: Any) -> TrainConfig:
+    """``cfg`` with top-level fields replaced (command-line overrides), validated again."""
+    data = cfg.to_dict()
+    data.update({k: v for k, v in values.items() if v is not None})
+    return from_dict(data, source)

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Launch `dist-clip` (python -m dist_clip) with the DeepSpeed launcher; every argument is passed through.
+# Any config runs under it (the launcher only starts processes); the zero1/zero2/zero3 configs are the point.
+#
+#   launch/deepspeed.sh train --config configs/zero2.yaml                 # one node, NPROC ranks
+#   HOSTFILE=hosts NNODES=2 launch/deepspeed.sh train --config ...        # from node 0; pdsh/ssh to the others
+#   HOSTFILE=hosts NNODES=2 NO_SSH=1 NODE_RANK=<i> MASTER_ADDR=<node 0> launch/deepspeed.sh train ...
+#                                                                         # on every node, no ssh
+# A host file lists one node per line, node 0 first: "node0 slots=2".
+#
+# Environment overrides:
+#   NPROC        ranks per node (default 2). Passed as --num_gpus, which the launcher also needs on the CPU
+#                (without it a CPU node gets one rank per NUMA node).
+#   NNODES       nodes (default 1)
+#   HOSTFILE     the host file (needed for NNODES > 1)
+#   NO_SSH       1: this node starts only its own ranks (--no_ssh), NODE_RANK says which node it is
+#   NODE_RANK    with NO_SSH=1, this node's index in HOSTFILE
+#   MASTER_ADDR  address of node 0 (several nodes; default: DeepSpeed asks node 0 over ssh)
+#   MASTER_PORT  default: a free port on one node, 29500 on several
+#   DS_LAUNCHER  multi-node backend: pdsh (default), openmpi, mpich, impi, mvapich, slurm
+#   DS_ARGS      extra launcher options, e.g. "--bind_cores_to_rank"
+#   PYTHON       interpreter (default: the repository's .venv, else python3 on PATH)
+# DS_ACCELERATOR is set to cpu where there is no nvidia-smi (DeepSpeed's CPU accelerator then uses gloo).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
+fi
+# The interpreter's bin first on PATH: its ninja builds DeepSpeed's ops, and a different ninja on a later run
+# would rebuild them (about 25 s) every time.
+if [[ "$PYTHON" == */* ]]; then export PATH="$(cd "$(dirname "$PYTHON")" && pwd):$PATH"; fi
+NPROC=${NPROC:-2}
+NNODES=${NNODES:-1}
+# No NVIDIA driver: DeepSpeed's CPU accelerator (it would guess so too, after probing and a warning).
+if ! command -v nvidia-smi >/dev/null 2>&1; then export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}; fi
+if [[ "$NPROC" -gt 1 ]]; then export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}; fi
+
+ARGS=(--num_gpus "$NPROC" --no_local_rank)
+if [[ "$NNODES" == 1 && -z "${HOSTFILE:-}" ]]; then
+    MASTER_PORT=${MASTER_PORT:-$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("",0)); print(s.getsockname()[1])')}
+    # A host file that does not exist keeps a stray /job/hostfile (DeepSpeed's default) from making this a
+    # multi-node run: the launcher then uses local resources only.
+    ARGS+=(--hostfile "$(mktemp -u)" --master_port "$MASTER_PORT")
+else
+    : "${HOSTFILE:?set HOSTFILE to a host file listing the NNODES nodes (one 'host slots=N' per line)}"
+    ARGS+=(--hostfile "$HOSTFILE" --num_nodes "$NNODES" --master_port "${MASTER_PORT:-29500}" --launcher "${DS_LAUNCHER:-pdsh}")
+    [[ -n "${MASTER_ADDR:-}" ]] && ARGS+=(--master_addr "$MASTER_ADDR")
+    [[ "${NO_SSH:-0}" == 1 ]] && ARGS+=(--no_ssh --node_rank "${NODE_RANK:?set NODE_RANK with NO_SSH=1}")
+fi
+set -x
+exec "$PYTHON" -m deepspeed.launcher.runner "${ARGS[@]}" ${DS_ARGS:-} --module dist_clip "$@"

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Launch `dist-clip` (python -m dist_clip) with MPI's mpiexec; every argument is passed through to dist-clip.
+# MPI only starts the processes and tells each its rank (dist_clip.bootstrap reads mpi4py's COMM_WORLD, and
+# rank 0 broadcasts its address and a free port); training then talks gloo (CPU) or nccl (CUDA).
+#
+#   launch/mpirun.sh train --config configs/fsdp2.yaml                     # one node, NPROC ranks
+#   NNODES=2 HOSTS=node0,node1 launch/mpirun.sh train --config configs/hsdp.yaml   # from node 0, 2 x NPROC ranks
+#
+# Environment overrides:
+#   NPROC       ranks per node (default 2)
+#   NNODES      nodes (default 1); with more, HOSTS or HOSTFILE names them (ssh must reach each node)
+#   HOSTS       comma-separated host names, node 0 first
+#   HOSTFILE    an MPI host file instead of HOSTS
+#   MPIEXEC     mpiexec to use (default: the repository's .venv/bin/mpiexec from the mpich wheel, else PATH)
+#   MPI_FLAVOR  mpich | openmpi (default: read from `mpiexec --version`)
+#   MPI_ARGS    extra mpiexec options, e.g. "-bind-to core" (MPICH) or "--mca btl_tcp_if_include eth0" (Open MPI)
+#   PYTHON      interpreter (default: the repository's .venv, else python3 on PATH)
+#   MASTER_ADDR, MASTER_PORT  rendezvous of torch.distributed; default: agreed through mpi4py. Without mpi4py
+#               this script exports them (node 0 = first of HOSTS, a free port picked here).
+#
+# MPICH (the `mpich` wheel of `make install`, Intel MPI, MVAPICH): the environment is passed to every rank.
+# Open MPI: variables are forwarded with -x; as root it refuses to run unless OMPI_ALLOW_RUN_AS_ROOT=1 and
+# OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 (this script sets them when it runs as root).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
+fi
+# The interpreter's bin first on PATH: its ninja builds DeepSpeed's ops, and a different ninja on a later run
+# would rebuild them (about 25 s) every time.
+if [[ "$PYTHON" == */* ]]; then export PATH="$(cd "$(dirname "$PYTHON")" && pwd):$PATH"; fi
+if [[ -z "${MPIEXEC:-}" ]]; then
+    if [[ -x "$ROOT/.venv/bin/mpiexec" ]]; then MPIEXEC="$ROOT/.venv/bin/mpiexec"; else MPIEXEC=mpiexec; fi
+fi
+NPROC=${NPROC:-2}
+NNODES=${NNODES:-1}
+TOTAL=$((NPROC * NNODES))
+if [[ -z "${MPI_FLAVOR:-}" ]]; then
+    case "$("$MPIEXEC" --version 2>&1)" in
+        *"Open MPI"*|*OpenRTE*|*"Open RTE"*|*PRRTE*) MPI_FLAVOR=openmpi ;;
+        *) MPI_FLAVOR=mpich ;;  # HYDRA: MPICH, Intel MPI, MVAPICH
+    esac
+fi
+# As torchrun does: one intra-op thread per rank unless told otherwise (spinning OpenMP threads of
+# oversubscribed ranks slow everything down).
+if [[ "$NPROC" -gt 1 ]]; then export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}; fi
+
+if [[ "${DIST_CLIP_MPI4PY:-1}" == 0 ]] || ! "$PYTHON" -c "import mpi4py" 2>/dev/null; then
+    # No mpi4py: the ranks read their rank from the launcher's environment and need the rendezvous given.
+    FIRST_HOST=${HOSTS:-}; FIRST_HOST=${FIRST_HOST%%,*}
+    export MASTER_ADDR=${MASTER_ADDR:-${FIRST_HOST:-127.0.0.1}}
+    export MASTER_PORT=${MASTER_PORT:-$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("",0)); print(s.getsockname()[1])')}
+fi
+
+ARGS=(-n "$TOTAL")
+if [[ "$MPI_FLAVOR" == openmpi ]]; then
+    if [[ $EUID -eq 0 ]]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
+    [[ -n "${HOSTS:-}" ]] && ARGS+=(--host "$(echo "$HOSTS" | sed "s/\([^,]*\)/\1:$NPROC/g")")
+    [[ -n "${HOSTFILE:-}" ]] && ARGS+=(--hostfile "$HOSTFILE")
+    ARGS+=(--map-by "ppr:$NPROC:node" --bind-to none)
+    for v in PATH LD_LIBRARY_PATH PYTHONPATH DS_ACCELERATOR OMP_NUM_THREADS MASTER_ADDR MASTER_PORT \
+             DIST_CLIP_TIMEOUT_S DIST_CLIP_MPI4PY GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME; do
+        [[ -n "${!v:-}" ]] && ARGS+=(-x "$v")
+    done
+else
+    [[ -n "${HOSTS:-}" ]] && ARGS+=(-hosts "$HOSTS")
+    [[ -n "${HOSTFILE:-}" ]] && ARGS+=(-f "$HOSTFILE")
+    ARGS+=(-ppn "$NPROC")
+fi
+set -x
+exec "$MPIEXEC" "${ARGS[@]}" ${MPI_ARGS:-} "$PYTHON" -m dist_clip "$@"

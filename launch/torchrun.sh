@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Launch `dist-clip` (python -m dist_clip) with torchrun; every argument is passed through to dist-clip.
+#
+#   launch/torchrun.sh train --config configs/fsdp2.yaml                 # one node, NPROC ranks (--standalone)
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 launch/torchrun.sh train ...  # on node 0
+#   NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 launch/torchrun.sh train ...  # on node 1 (c10d rendezvous)
+#
+# Environment overrides:
+#   NPROC        ranks per node (default 2)
+#   NNODES       nodes (default 1: --standalone, a free port picked by torchrun)
+#   NODE_RANK    this node's rank, 0..NNODES-1 (default 0); node 0 hosts the rendezvous store
+#   MASTER_ADDR  address of node 0 (default 127.0.0.1)
+#   MASTER_PORT  rendezvous port on node 0 (default 29500)
+#   RDZV_ID      rendezvous id shared by the nodes of one job (default dist-clip)
+#   PYTHON       interpreter (default: the repository's .venv, else python3 on PATH)
+#   TORCHRUN_ARGS  extra torchrun options, e.g. "--max-restarts 1"
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
+fi
+# The interpreter's bin first on PATH: its ninja builds DeepSpeed's ops, and a different ninja on a later run
+# would rebuild them (about 25 s) every time.
+if [[ "$PYTHON" == */* ]]; then export PATH="$(cd "$(dirname "$PYTHON")" && pwd):$PATH"; fi
+NPROC=${NPROC:-2}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+RDZV_ID=${RDZV_ID:-dist-clip}
+
+if [[ "$NNODES" == 1 ]]; then
+    # One node: torchrun's own rendezvous on a free local port.
+    set -x
+    exec "$PYTHON" -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node "$NPROC" \
+        ${TORCHRUN_ARGS:-} -m dist_clip "$@"
+fi
+
+# Several nodes: c10d rendezvous hosted by node 0 at MASTER_ADDR:MASTER_PORT. is_host tells node 0 to host
+# the store even when every node resolves MASTER_ADDR to itself (all agents on one machine, as in the tests).
+IS_HOST=$([[ "$NODE_RANK" == 0 ]] && echo true || echo false)
+set -x
+exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NPROC" \
+    --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$RDZV_ID" \
+    --rdzv-conf "is_host=$IS_HOST" ${TORCHRUN_ARGS:-} -m dist_clip "$@"
