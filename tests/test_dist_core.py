@@ -202,11 +202,13 @@ def test_a_peer_that_does_not_answer_gives_a_runtime_error(pools):
 def body_fsdp1_parameters_are_refused() -> str:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    torch.manual_seed(0)
-    model = FSDP(nn.Linear(7, 13), device_id=torch.device("cpu"), use_orig_params=False)
-    model(torch.randn(3, 7)).sum().backward()
-    with pytest.raises(ValueError, match="pass the\\s+FullyShardedDataParallel module"):
-        dist_clip.get_total_norm(model.parameters())
+    for use_orig_params in (False, True):
+        torch.manual_seed(0)
+        model = FSDP(nn.Linear(7, 13), device_id=torch.device("cpu"), use_orig_params=use_orig_params)
+        model(torch.randn(3, 7)).sum().backward()
+        with pytest.raises(ValueError, match="pass the\\s+FullyShardedDataParallel module"):
+            dist_clip.get_total_norm(model.parameters())
+        assert dist_clip.get_total_norm(model).item() > 0  # the module itself is fine
     return "refused"
 
 

@@ -65,11 +65,12 @@ def named_grads(target: object) -> list[tuple[str, Tensor]]:
         if id(t) in seen:
             continue
         seen.add(id(t))
-        if getattr(t, "_is_flat_param", False):
-            # Its gradient is one rank's shard of many parameters, which nothing here can tell apart from a
+        if getattr(t, "_fsdp_flattened", False):
+            # FSDP1 marks its FlatParameters and, under use_orig_params=True, the original parameters whose
+            # gradients are views into a rank's flat shard. Nothing here can tell such a shard from a
             # replicated tensor: counting it as one would give a silently wrong total.
             raise ValueError(
-                f"{name} is an FSDP1 FlatParameter (a shard of flattened parameters); pass the "
+                f"{name} is managed by FSDP1 (its gradient may be a shard of flattened parameters); pass the "
                 "FullyShardedDataParallel module itself, not its parameters()"
             )
         g = gradient_of(t)
