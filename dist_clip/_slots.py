@@ -272,7 +272,9 @@ def _ddp_module(target: nn.Module) -> nn.Module | None:
 
 
 def _deepspeed_named(engine: object, group: dist.ProcessGroup | None) -> Named:
-    """DeepSpeed: per-parameter names where the adapter exposes them (stage 0, ZeRO-3), else ValueError."""
+    """DeepSpeed: the adapter names every piece by its module name (ZeRO 0-3); anything unnamed: ValueError."""
+    from .adapters import deepspeed as ds_adapter
+
     module: nn.Module = engine.module  # type: ignore[attr-defined]
     by_id = {}
     names = []
@@ -283,15 +285,16 @@ def _deepspeed_named(engine: object, group: dist.ProcessGroup | None) -> Named:
         if hasattr(p, "ds_id"):
             by_id[f"ds_id{p.ds_id}"] = n
     shards = resolve(engine, group)
+    params.update(ds_adapter.optimizer_tensors(engine))  # what the torch optimizer holds (per-group lookups)
     out = []
     known = set(names)
     for s in shards:
         mapped = [by_id.get(n, n) for n in s.names]
         if s.tensors and (len(mapped) != len(s.tensors) or not set(mapped) <= known):
             raise ValueError(
-                "this DeepSpeed engine's gradient partitions are not per parameter (ZeRO-1/2 keep one flat "
-                f"partition per param group, named {sorted(set(s.names))[:3]}...): per-parameter clipping, "
-                "per-group clipping and reports need ZeRO stage 0 or 3; mode='total' works with every stage"
+                "this DeepSpeed engine's gradient pieces are not all named by parameters of engine.module "
+                f"({sorted(set(mapped) - known)[:3] or 'unnamed pieces'}): per-parameter clipping, per-group "
+                "clipping and reports need them; mode='total' works with every stage"
             )
         out.append(Shards(s.tensors, group=s.group, counted=s.counted, names=mapped, loss_scale=s.loss_scale))
     return Named(out, tuple(names), params)
@@ -301,7 +304,7 @@ def named_shards(target: object, group: dist.ProcessGroup | None = None) -> Name
     """The Shards of ``target`` named by full-model parameter names, and every such name.
 
     Targets: an ``nn.Module`` (plain, DDP, FSDP2, FSDP1 in both ``use_orig_params`` modes), a DeepSpeed engine
-    at stage 0 or 3, a mapping ``{name: tensor or parameter}`` (the caller's own names: every rank must pass
+    (ZeRO stages 0-3), a mapping ``{name: tensor or parameter}`` (the caller's own names: every rank must pass
     the same keys, with an empty tensor where it holds nothing), a tensor, or an iterable of tensors or
     parameters (named by position: with ``group=``, the i-th tensor of every rank is a piece of the same
     parameter).

@@ -20,10 +20,17 @@ boundary, and ``step()`` reads them from the very buffers read here:
   DeepSpeed's all-reduce (``param.grad``, or ``BF16_Optimizer``'s fp32 accumulation buffers).
 
 Partitions are distinct pieces (their partials are summed over the data-parallel group); the alignment padding
-DeepSpeed appends is sliced off. Under fp16 the buffers hold loss-scaled gradients: the ``Shards`` carry the
-loss scale, so the norm is that of the unscaled gradients, and the coefficient multiplies the scaled buffers,
-which ``step()`` then unscales as usual. An fp16 overflow makes the norm inf or NaN; the scaled buffers then
-hold inf or NaN and ``step()`` skips the step and lowers the loss scale exactly as it would without dist_clip.
+DeepSpeed appends is sliced off. Every piece is named with its parameter's name in ``engine.module`` (a ZeRO-1/2
+partition is cut into one piece per parameter slice it holds, from ``round_robin_bit16_offsets`` and
+``partition_size``, cross-checked against ``params_in_partition`` and ``first_offset``), so per-parameter and
+per-group clipping and reports (:mod:`dist_clip._slots`) work at every stage; :func:`optimizer_tensors` tells
+which tensor the torch optimizer holds for each parameter (ZeRO-3's param groups are empty between steps, so
+per-group clipping does not work there yet).
+
+Under fp16 the buffers hold loss-scaled gradients: the ``Shards`` carry the loss scale, so the norm is that of
+the unscaled gradients, and the coefficient multiplies the scaled buffers, which ``step()`` then unscales as
+usual. An fp16 overflow makes the norm inf or NaN; the scaled buffers then hold inf or NaN and ``step()`` skips
+the step and lowers the loss scale exactly as it would without dist_clip.
 
 These buffers are internals of DeepSpeed, so the adapter checks the version (``TESTED_VERSIONS``) and the
 attributes it reads, and raises a ``RuntimeError`` naming what changed instead of clipping the wrong tensors.
@@ -34,6 +41,8 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch.distributed as dist
@@ -41,7 +50,15 @@ from torch import Tensor
 
 from ..shards import Shards
 
-__all__ = ["ALLOW_UNTESTED_ENV", "TESTED_VERSIONS", "check_version", "matches", "required_attributes", "shards"]
+__all__ = [
+    "ALLOW_UNTESTED_ENV",
+    "TESTED_VERSIONS",
+    "check_version",
+    "matches",
+    "optimizer_tensors",
+    "required_attributes",
+    "shards",
+]
 
 #: (major, minor) releases of DeepSpeed whose ZeRO internals this adapter was tested against.
 TESTED_VERSIONS: tuple[tuple[int, int], ...] = ((0, 19),)
@@ -81,7 +98,8 @@ def check_version(version: str | None = None) -> None:
 
 #: What the adapter reads, by optimizer class name; a test asserts that every name still exists.
 _ZERO12 = ("averaged_gradients", "cpu_offload", "single_partition_of_fp32_groups", "real_dp_process_group",
-           "bit16_groups", "groups_padding", "loss_scaler")
+           "bit16_groups", "loss_scaler", "round_robin_bit16_groups", "round_robin_bit16_offsets",
+           "round_robin_bit16_meta", "partition_size", "params_in_partition", "first_offset")
 _ZERO3 = ("averaged_gradients", "offload_optimizer", "fp32_partitioned_groups_flat", "fp16_groups",
           "dp_process_group", "loss_scaler", "_swappable_optimizer_subgroup", "grad_position", "get_param_id")
 _BF16 = ("fp32_groups_gradients", "fp32_groups_has_gradients", "bf16_groups")
@@ -124,25 +142,118 @@ def _real_pieces(pieces: list[Tensor] | None, what: str) -> list[Tensor]:
     return [t for t in pieces if not getattr(t, "_zero_padding", False)]
 
 
-def _zero12_shards(opt: Any, group: dist.ProcessGroup | None, scale: float) -> list[Shards]:
+@dataclass(frozen=True)
+class _Slice:
+    """The part of one parameter inside this rank's ZeRO-1/2 partition of its param group."""
+
+    name: str
+    dest: int  # offset in the rank's partition
+    src: int  # offset in the flattened parameter
+    numel: int
+
+
+# optimizer -> per param group: (partition size, the parameter slices of this rank's partition, in flat order).
+_ZERO12_LAYOUTS: weakref.WeakKeyDictionary[Any, list[tuple[int, list[_Slice]]]] = weakref.WeakKeyDictionary()
+
+
+def _names_by_id(engine: Any) -> dict[int, str]:
+    """id(parameter) -> its name in ``engine.module`` (the first name of a tied parameter)."""
+    return {id(p): n for n, p in engine.module.named_parameters()}
+
+
+def _layout_error(what: str) -> RuntimeError:
+    return RuntimeError(
+        f"DeepSpeed {_require().__version__}'s ZeRO-1/2 partition layout is not the one dist_clip expects ({what}); "
+        f"this release changed its ZeRO internals and is not supported (tested: {TESTED_VERSIONS})"
+    )
+
+
+def _zero12_layout(engine: Any, opt: Any) -> list[tuple[int, list[_Slice]]]:
+    """Where each parameter lies in this rank's partition of each flat param group (cached per optimizer).
+
+    ZeRO-1/2 flatten each group's parameters, in ``round_robin_bit16_groups`` order, at
+    ``round_robin_bit16_offsets`` (which include the per-parameter alignment padding of
+    ``parameter_alignment``), pad the buffer to a multiple of the world size and give rank r the elements
+    ``[r * partition_size, (r + 1) * partition_size)``. A parameter cut by a partition boundary has a slice on
+    each side. The result is checked against DeepSpeed's own ``params_in_partition`` and ``first_offset``.
+    """
+    try:
+        return _ZERO12_LAYOUTS[opt]
+    except (KeyError, TypeError):
+        pass
+    names = _names_by_id(engine)
+    layout: list[tuple[int, list[_Slice]]] = []
+    for i, params in enumerate(opt.round_robin_bit16_groups):
+        size = int(opt.partition_size[i])
+        start = dist.get_rank(opt.real_dp_process_group[i]) * size
+        end = start + size
+        slices: list[_Slice] = []
+        ids: list[int] = []
+        numels: dict[int, int] = {}
+        offsets, metas = opt.round_robin_bit16_offsets[i], opt.round_robin_bit16_meta[i]
+        for k, (p, off, meta) in enumerate(zip(params, offsets, metas)):
+            off, numel = int(off), int(meta.numel())  # meta: the shape, even while p.data is swapped out
+            numels[id(p)] = numel
+            lo, hi = max(off, start), min(off + numel, end)
+            if lo < hi:
+                slices.append(_Slice(names.get(id(p), f"zero_group{i}.param{k}"), lo - start, lo - off, hi - lo))
+                ids.append(id(p))
+        theirs = [id(p) for p in opt.params_in_partition[i] if numels.get(id(p), 1) > 0]
+        if ids != theirs:
+            raise _layout_error(f"param group {i}: the parameters found in this rank's partition differ from "
+                                "params_in_partition")
+        first = int(opt.first_offset[i])
+        if slices and slices[0].src != first:
+            raise _layout_error(f"param group {i}: first_offset is {first}, expected {slices[0].src}")
+        layout.append((size, slices))
+    try:
+        _ZERO12_LAYOUTS[opt] = layout
+    except TypeError:
+        pass
+    return layout
+
+
+def _zero12_shards(engine: Any, opt: Any, group: dist.ProcessGroup | None, scale: float) -> list[Shards]:
+    """One Shards per param group: this rank's slice of every parameter in its partition, named."""
     _check_attributes(opt, _ZERO12)
+    layout = _zero12_layout(engine, opt)
     out: list[Shards] = []
-    for i in range(len(opt.bit16_groups)):
+    for i, (size, slices) in enumerate(layout):
         pg = group if group is not None else opt.real_dp_process_group[i]
+        pieces: list[Tensor] = []
         if opt.cpu_offload:
             flat = opt.single_partition_of_fp32_groups[i].grad
-            pieces = _real_pieces(None if flat is None else [flat], "single_partition_of_fp32_groups[i].grad")
-            pad = int(opt.groups_padding[i])
-            if pad:
-                pieces = [pieces[0].narrow(0, 0, pieces[0].numel() - pad)]
+            if flat is None:
+                _real_pieces(None, "single_partition_of_fp32_groups[i].grad")
+            if flat.numel() != size:
+                raise _layout_error(f"the offloaded fp32 gradient partition of group {i} has {flat.numel()} "
+                                    f"elements, partition_size is {size}")
+            pieces = [flat.narrow(0, s.dest, s.numel) for s in slices]
         else:
-            pieces = _real_pieces(opt.averaged_gradients.get(i), "averaged_gradients")
-        out.append(Shards(pieces, group=pg, loss_scale=scale, names=[f"zero_group{i}"] * len(pieces)))
+            grads = opt.averaged_gradients.get(i)
+            # The parameter slices in flat order, then padding: marked ``_zero_padding``, or (for the unpadded
+            # layout and for a partition holding no parameter) a trailing zero buffer left unmarked.
+            real = [t for t in _real_pieces(grads, "averaged_gradients") if t.numel() > 0]
+            if sum(t.numel() for t in grads) != size or len(real) < len(slices):
+                raise _layout_error(f"averaged_gradients[{i}] does not cover this rank's partition of {size} "
+                                    f"elements with {len(slices)} parameter slices")
+            for s, t in zip(slices, real):
+                if t.numel() != s.numel:
+                    raise _layout_error(f"averaged_gradients[{i}] holds {t.numel()} elements of {s.name!r}, "
+                                        f"expected {s.numel}")
+                pieces.append(t)
+        out.append(Shards(pieces, group=pg, loss_scale=scale, names=[s.name for s in slices]))
     return out
 
 
-def _zero3_shards(opt: Any, group: dist.ProcessGroup | None, scale: float) -> list[Shards]:
+def _zero3_name(names: dict[int, str], p: Any) -> str:
+    name = names.get(id(p))
+    return name if name is not None else getattr(p, "ds_name", f"ds_id{p.ds_id}")
+
+
+def _zero3_shards(engine: Any, opt: Any, group: dist.ProcessGroup | None, scale: float) -> list[Shards]:
     _check_attributes(opt, _ZERO3)
+    names_by_id = _names_by_id(engine)
     out: list[Shards] = []
     for i, params in enumerate(opt.fp16_groups):
         if group is not None:
@@ -166,12 +277,12 @@ def _zero3_shards(opt: Any, group: dist.ProcessGroup | None, scale: float) -> li
                 _, offset, _ = opt.grad_position[opt.get_param_id(p)]
                 real = _real_numel(p, rank)
                 pieces.append(flat.narrow(0, int(offset), real))
-                names.append(getattr(p, "ds_name", f"ds_id{p.ds_id}"))
+                names.append(_zero3_name(names_by_id, p))
         else:
             grads = _real_pieces(opt.averaged_gradients.get(i), "averaged_gradients")
             for p, g in zip(params, grads):
                 pieces.append(g.reshape(-1).narrow(0, 0, _real_numel(p, rank)))
-                names.append(getattr(p, "ds_name", f"ds_id{p.ds_id}"))
+                names.append(_zero3_name(names_by_id, p))
         out.append(Shards(pieces, group=pg, loss_scale=scale, names=names))
     return out
 
@@ -203,16 +314,21 @@ def _replicated_shards(engine: Any, opt: Any) -> list[Shards]:
     name = type(opt).__name__
     if name == "BF16_Optimizer":
         _check_attributes(opt, _BF16)
-        pieces = [
-            g for i, grads in enumerate(opt.fp32_groups_gradients) for j, g in enumerate(grads)
+        names = _names_by_id(engine)
+        named = [
+            (names.get(id(opt.bf16_groups[i][j]), f"bf16_group{i}.param{j}"), g)
+            for i, grads in enumerate(opt.fp32_groups_gradients) for j, g in enumerate(grads)
             if opt.fp32_groups_has_gradients[i][j]
         ]
-        return [Shards(pieces, group=None)]
-    if name in ("FP16_UnfusedOptimizer", "FP16_Optimizer"):
+    elif name in ("FP16_UnfusedOptimizer", "FP16_Optimizer"):
         _check_attributes(opt, _FP16_UNFUSED)
-        pieces = [p.grad for group in opt.fp16_groups for p in group if p.grad is not None]
-        return [Shards(pieces, group=None)]
-    named = [(n, p.grad) for n, p in engine.module.named_parameters() if p.grad is not None]
+        names = _names_by_id(engine)
+        named = [
+            (names.get(id(p), f"fp16_group{i}.param{j}"), p.grad)
+            for i, group in enumerate(opt.fp16_groups) for j, p in enumerate(group) if p.grad is not None
+        ]
+    else:
+        named = [(n, p.grad) for n, p in engine.module.named_parameters() if p.grad is not None]
     return [Shards([g for _, g in named], group=None, names=[n for n, _ in named])]
 
 
@@ -252,7 +368,43 @@ def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
     scale = _loss_scale(opt, ZeROOptimizer)
 
     if isinstance(opt, DeepSpeedZeroOptimizer_Stage3):
-        return _zero3_shards(opt, group, scale)
+        return _zero3_shards(engine, opt, group, scale)
     if isinstance(opt, DeepSpeedZeroOptimizer):
-        return _zero12_shards(opt, group, scale)
+        return _zero12_shards(engine, opt, group, scale)
     return _replicated_shards(engine, opt)
+
+
+def optimizer_tensors(target: object) -> dict[str, Tensor]:
+    """Parameter name -> the tensor DeepSpeed put in the torch optimizer's ``param_groups`` in its place.
+
+    DeepSpeed's mixed-precision and ZeRO-1/2 wrappers replace each param group's ``params`` with their fp32
+    copies (one flat partition per group for ZeRO-1/2 and ``BF16_Optimizer``): per-group clipping finds a
+    parameter's group through this tensor. Empty where the torch optimizer holds the module's parameters
+    themselves (stage 0 without a wrapper), and for ZeRO-3, whose param groups stay empty between steps.
+    """
+    engine: Any = target
+    opt = engine.optimizer
+    name = type(opt).__name__
+    names = _names_by_id(engine)
+    out: dict[str, Tensor] = {}
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    def put(params: Any, held: Any) -> None:
+        for k, p in enumerate(params):
+            n = names.get(id(p))
+            if n is not None:
+                out.setdefault(n, held[k] if isinstance(held, (list, tuple)) else held)
+
+    if isinstance(opt, DeepSpeedZeroOptimizer):
+        for i, params in enumerate(opt.bit16_groups):
+            put(params, opt.single_partition_of_fp32_groups[i])
+    elif name == "BF16_Optimizer" and hasattr(opt, "fp32_groups_flat_partition"):
+        for i, params in enumerate(opt.bf16_groups):
+            put(params, opt.fp32_groups_flat_partition[i])
+    elif name == "FP16_Optimizer" and hasattr(opt, "fp32_groups_flat"):
+        for i, params in enumerate(opt.fp16_groups):
+            put(params, opt.fp32_groups_flat[i])
+    elif name == "FP16_UnfusedOptimizer" and hasattr(opt, "fp32_groups"):
+        for i, params in enumerate(opt.fp16_groups):
+            put(params, list(opt.fp32_groups[i]))
+    return out
