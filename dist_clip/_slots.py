@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from . import _norm, _reduce, _scale
 from .adapters import resolve
+from .adapters.fsdp import clean_name, fsdp1_shards
 from .shards import Shards
 
 __all__ = [
@@ -48,22 +49,6 @@ __all__ = [
     "scale_slots_",
     "slot_partials",
 ]
-
-_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-
-
-def clean_name(name: str) -> str:
-    """A parameter name as the unwrapped model spells it (FSDP1, activation checkpointing, compile prefixes)."""
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    for prefix in _WRAPPER_PREFIXES:
-        bare = prefix[:-1]
-        if name == bare:
-            return ""
-        if name.endswith("." + bare):
-            name = name[: -len(bare) - 1]
-    return name
-
 
 @dataclass
 class Named:
@@ -210,26 +195,9 @@ def fsdp1_pieces(root: nn.Module, group: dist.ProcessGroup | None = None) -> Fsd
 
 
 def _fsdp1_named(root: nn.Module, group: dist.ProcessGroup | None) -> Named:
+    # The adapter's own plan (shard groups, hybrid replicas, padding-only ranks), cut per parameter.
     layout = fsdp1_pieces(root, group)
-    by_group: dict[int, tuple[dist.ProcessGroup | None, list[str], list[Tensor]]] = {}
-    for piece in layout.pieces:
-        if piece.grad is None:
-            continue
-        entry = by_group.setdefault(id(piece.group), (piece.group, [], []))
-        entry[1].append(piece.name)
-        entry[2].append(piece.grad)
-    out = [Shards(ts, group=pg, names=ns) for pg, ns, ts in by_group.values() if pg is not None]
-    repl_names = [n for pg, ns, _ in by_group.values() if pg is None for n in ns]
-    repl_tensors = [t for pg, _, ts in by_group.values() if pg is None for t in ts]
-    for n, p in layout.unmanaged:
-        if p.grad is not None:
-            repl_names.append(n)
-            repl_tensors.append(p.grad)
-    if repl_tensors or not out:
-        out.append(Shards(repl_tensors, group=None, names=repl_names))
-    if group is not None and all(s.group is None for s in out):
-        out.append(Shards([], group=group))
-    return Named(out, layout.names, layout.optim)
+    return Named(fsdp1_shards(root, group, per_param=True), layout.names, layout.optim)
 
 
 # --------------------------------------------------------------------------------------------- named targets
@@ -237,7 +205,7 @@ def _fsdp1_named(root: nn.Module, group: dist.ProcessGroup | None) -> Named:
 
 def _named_plain(items: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup | None) -> Named:
     """Named pieces of plain tensors/parameters (and DTensor gradients) from a list of (name, tensor)."""
-    from .adapters.params import gradient_of, split_dtensors
+    from .adapters.params import gradient_of, shards_of_grads
 
     seen: set[int] = set()
     grads: list[tuple[str, Tensor]] = []
@@ -254,14 +222,7 @@ def _named_plain(items: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup |
         g = gradient_of(t)
         if g is not None:
             grads.append((name, g))
-    plain, dtensors = split_dtensors(grads)
-    out: list[Shards] = []
-    if plain or not dtensors:
-        out.append(Shards([g for _, g in plain], group=group, names=[n for n, _ in plain]))
-    if dtensors:
-        from .adapters.fsdp import dtensor_shards
-
-        out.extend(dtensor_shards(dtensors, group))
+    out = shards_of_grads(grads, group)
     return Named(out, tuple(dict.fromkeys(names)), params)
 
 

@@ -693,6 +693,14 @@ def fsdp1_tiny(use_orig_params: bool) -> dict[str, Any]:
         fsdp_model, ref, grads, params, lambda max_norm, p: fsdp_model.clip_grad_norm_(max_norm, p),
         check_local_grads=None if use_orig_params else _fsdp1_flat_checker(fsdp_model),
     )
+    # The per-parameter path (GradClipper's report) shares the adapter's plan: padding-only ranks join it too.
+    from dist_clip import ClipperConfig, GradClipper
+
+    with count_collectives() as counted:
+        report = GradClipper(ClipperConfig(max_norm=1e9, mode="per_param", report=True))(fsdp_model).norms
+    want = {n: torch.linalg.vector_norm(g).item() for n, g in ref.grads.items()}
+    assert counted.total == 1, counted.names
+    assert report.keys() == want.keys() and all(_norm_close(report[n], want[n], RTOL) for n in want), (report, want)
     # Gradient entries this rank holds, padding excluded (a flat grad of padding only is all padding).
     held = sum(
         q.grad.numel() - getattr(q, "_shard_numel_padded", 0) for q in fsdp_model.parameters() if q.grad is not None

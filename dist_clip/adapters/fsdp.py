@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..shards import Shards
 
-__all__ = ["dtensor_shards", "matches", "shards"]
+__all__ = ["clean_name", "dtensor_shards", "fsdp1_shards", "matches", "shards"]
 
 _HYBRID = ("HYBRID_SHARD", "_HYBRID_SHARD_ZERO2")
 
@@ -143,7 +143,51 @@ def dtensor_shards(pairs: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup
     return out
 
 
-def _fsdp1_shards(root: nn.Module, group: dist.ProcessGroup | None) -> list[Shards]:
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def clean_name(name: str) -> str:
+    """A parameter name as the unwrapped model spells it (FSDP1, activation checkpointing, compile prefixes)."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    for prefix in _WRAPPER_PREFIXES:
+        bare = prefix[:-1]
+        if name == bare:
+            return ""
+        if name.endswith("." + bare):
+            name = name[: -len(bare) - 1]
+    return name
+
+
+def _handle_pieces(handle: Any, prefix: str, per_param: bool) -> list[tuple[str, Tensor]]:
+    """This rank's gradient pieces of one FlatParamHandle, under full-model names, padding excluded.
+
+    With ``use_orig_params=True`` the original parameters' grads are views of this rank's part of the flat
+    grad (``None`` where that part is empty). Otherwise the flat grad is one piece (``per_param=False``: the
+    fewest tensors to measure) or one view per original parameter (``per_param=True``: per-parameter norms),
+    cut with ``_shard_param_infos``.
+    """
+    flat = handle.flat_param
+    if handle._use_orig_params:
+        return [
+            (clean_name(prefix + fqn), p.grad) for p, fqn in zip(flat._params, flat._fqns) if p.grad is not None
+        ]
+    if flat.grad is None:
+        return []
+    if per_param:
+        return [
+            (clean_name(prefix + fqn), flat.grad.narrow(0, info.offset_in_shard, info.numel_in_shard))
+            for fqn, info in zip(flat._fqns, flat._shard_param_infos)
+            if info.in_shard
+        ]
+    g = flat.grad
+    if handle.uses_sharded_strategy and flat._shard_numel_padded:
+        g = g[: g.numel() - flat._shard_numel_padded]  # FSDP1's padding is not gradient
+    return [(clean_name(prefix + "flat_param"), g)]
+
+
+def fsdp1_shards(root: nn.Module, group: dist.ProcessGroup | None, per_param: bool = False) -> list[Shards]:
+    """Shards of an FSDP1 root (or a plain root holding FSDP1 children); see :func:`_handle_pieces`."""
     fsdp = _fsdp1_type()
     # Sharded pieces as (process group, counted in a full plan, name, grad), and the groups of every sharded
     # handle: a rank whose shards are padding only has no grad at all (use_orig_params) yet must join the call.
@@ -152,26 +196,16 @@ def _fsdp1_shards(root: nn.Module, group: dist.ProcessGroup | None) -> list[Shar
     replicated_names: list[str] = []
     replicated: list[Tensor] = []
     managed: set[int] = set()
-    names = {id(p): n for n, p in root.named_parameters(remove_duplicate=False)}
+    module_names = {id(m): n for n, m in root.named_modules(remove_duplicate=False)}
     for module in fsdp.fsdp_modules(root):
         handle = module._handle
         if handle is None:
             continue
         flat = handle.flat_param
         managed.add(id(flat))
-        pieces: list[tuple[str, Tensor]] = []
-        if handle._use_orig_params:
-            # The original parameters' grads are views of this rank's part of the flat grad (None where that
-            # part is empty): the alignment and end padding belong to no parameter and are never seen here.
-            for p, fqn in zip(flat._params, flat._fqns):
-                managed.add(id(p))
-                if p.grad is not None:
-                    pieces.append((names.get(id(p), fqn), p.grad))
-        elif flat.grad is not None:
-            g = flat.grad
-            if handle.uses_sharded_strategy and flat._shard_numel_padded:
-                g = g[: g.numel() - flat._shard_numel_padded]  # FSDP1's padding is not gradient
-            pieces.append((names.get(id(flat), "flat_param"), g))
+        managed.update(id(p) for p in (flat._params or ()) if handle._use_orig_params)
+        path = module_names.get(id(handle._fully_sharded_module), "")
+        pieces = _handle_pieces(handle, path + "." if path else "", per_param)
         if handle.uses_sharded_strategy:
             groups.setdefault(id(handle.process_group), handle.process_group)
             # Hybrid replicas (same shard, other inter-node rank) hold identical copies after backward().
@@ -183,7 +217,7 @@ def _fsdp1_shards(root: nn.Module, group: dist.ProcessGroup | None) -> list[Shar
             replicated.extend(g for _, g in pieces)
     for n, p in root.named_parameters():
         if id(p) not in managed and p.grad is not None:  # not FSDP-managed: identical on every rank
-            replicated_names.append(n)
+            replicated_names.append(clean_name(n))
             replicated.append(p.grad)
 
     out: list[Shards] = []
@@ -207,7 +241,7 @@ def _fsdp1_shards(root: nn.Module, group: dist.ProcessGroup | None) -> list[Shar
 
 def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
     if not isinstance(target, _fsdp2_type()):  # an FSDP1 root, or a plain root with FSDP1 children
-        return _fsdp1_shards(target, group)  # type: ignore[arg-type]
+        return fsdp1_shards(target, group)  # type: ignore[arg-type]
     from .params import shards as param_shards  # FSDP2: DTensor grads, plus any left unsharded
 
     return param_shards(target, group)

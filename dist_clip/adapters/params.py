@@ -8,15 +8,14 @@ of the FSDP adapter, so ``model.parameters()`` of an FSDP2 model is as good as t
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
-import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..shards import Shards
 
-__all__ = ["gradient_of", "matches", "shards", "split_dtensors"]
+__all__ = ["gradient_of", "matches", "named_grads", "shards", "shards_of_grads", "split_dtensors"]
 
 
 def gradient_of(t: Tensor) -> Tensor | None:
@@ -85,14 +84,9 @@ def _ddp_types() -> tuple[type, ...]:
     return (DistributedDataParallel,)
 
 
-def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
-    is_ddp = isinstance(target, _ddp_types())
-    if is_ddp:
-        # DDP gradients are identical on every rank once backward() returns: nothing to combine. A group
-        # passed by the caller cannot make replicas distinct, so it is not used.
-        group = None
-        target = target.module  # type: ignore[union-attr]
-    plain, dtensors = split_dtensors(named_grads(target))
+def shards_of_grads(grads: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup | None) -> list[Shards]:
+    """Shards for (name, gradient) pairs: plain tensors and DTensors, each by its own rule."""
+    plain, dtensors = split_dtensors(grads)
     out: list[Shards] = []
     if plain or not dtensors:
         # Plain tensors beside DTensors are the parameters FSDP2 left unsharded: copies on every rank,
@@ -104,3 +98,11 @@ def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
 
         out.extend(dtensor_shards(dtensors, group))
     return out
+
+
+def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
+    if isinstance(target, _ddp_types()):
+        # DDP gradients are identical on every rank once backward() returns: nothing to combine. A group
+        # passed by the caller cannot make replicas distinct, so it is not used.
+        return shards_of_grads(named_grads(target.module), None)  # type: ignore[union-attr]
+    return shards_of_grads(named_grads(target), group)
