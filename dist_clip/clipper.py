@@ -504,10 +504,15 @@ class GradClipper:
             labels.append(str(pg.get("name", f"param_group{gi}")))
             for q in pg["params"]:
                 where[id(q)] = gi
-        index = torch.tensor(
-            [where.get(id(named.params[n]), -1) if n in named.params else -1 for n in named.names] or [-1],
-            dtype=torch.long,
-        ).to(m.device)
+        groups_of = [where.get(id(named.params[n]), -1) if n in named.params else -1 for n in named.names]
+        if groups_of and max(groups_of) < 0:
+            # Every rank sees the same names and groups, so every rank raises here: none steps alone.
+            raise ValueError(
+                "per_group clipping found none of the target's parameters in optimizer.param_groups, so it "
+                "would clip nothing; pass the optimizer that steps these parameters (DeepSpeed ZeRO-3 empties "
+                "the torch optimizer's param groups between steps: per_group is not supported there)"
+            )
+        index = torch.tensor(groups_of or [-1], dtype=torch.long).to(m.device)
         partials = _slots.merge_partials(m.partials, index, len(limits), p)
         norms = _slots.finalize_norms(partials, p, m.loss_scale).to(torch.float32)
         limit = torch.tensor(limits, dtype=torch.float32, device=norms.device)

@@ -81,6 +81,11 @@ def test_bad_input_names_expected_and_received():
     opt = torch.optim.SGD([{"params": [nn.Parameter(torch.ones(2))], "max_norm": -1.0}], lr=0.1)
     with pytest.raises(ValueError, match="max_norm"):
         GradClipper(mode="per_group")([p for g in opt.param_groups for p in g["params"]], optimizer=opt)
+    other = torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=0.1)
+    model = nn.Linear(2, 2)
+    model(torch.ones(1, 2)).sum().backward()
+    with pytest.raises(ValueError, match="would clip nothing"):  # the wrong optimizer: never a silent no-op
+        GradClipper(mode="per_group")(model, optimizer=other)
 
 
 # ----------------------------------------------------------------------------------------------- distributed
