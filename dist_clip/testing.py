@@ -47,9 +47,10 @@ def reference_norm(grads: Sequence[Tensor], norm_type: float | str = 2.0) -> flo
     """The definition: ``vector_norm`` of the concatenation of every full gradient, in float64, as a float."""
     p = float(norm_type)
     flat = [g.detach().reshape(-1).to("cpu", torch.float64) for g in grads if g is not None]
-    if not flat:
-        return 0.0
-    value = torch.linalg.vector_norm(torch.cat(flat), p).item()
+    whole = torch.cat(flat) if flat else torch.zeros(0, dtype=torch.float64)
+    if whole.numel() == 0:
+        return 0.0  # the norm of nothing (vector_norm has no identity for inf on an empty tensor)
+    value = torch.linalg.vector_norm(whole, p).item()
     if p == 0 and any(bool(torch.isnan(f).any()) for f in flat):
         return math.nan  # dist_clip's documented choice: NaN anywhere gives NaN for every p
     return value

@@ -205,3 +205,10 @@ def test_finalize_roots():
     assert _norm.finalize(t, 0.0).item() == 16.0
     assert _norm.finalize(t, math.inf).item() == 16.0
     assert _norm.combine_op(math.inf) == "max" and _norm.combine_op(2.0) == "sum" and _norm.combine_op(0.0) == "sum"
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0, 2.0, math.inf])
+def test_only_empty_tensors_give_zero(p):
+    # A rank whose every shard is empty: torch's vector_norm(inf) has no identity there; ours is 0.
+    assert dist_clip.get_total_norm([torch.zeros(0), torch.zeros(0, 3)], p).item() == 0.0
+    assert reference_norm([torch.zeros(0)], p) == 0.0
