@@ -15,30 +15,16 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 import statistics
-import tempfile
 import time
 import warnings
-from datetime import timedelta
 from typing import Any
 
-from .common import table
+from .common import on_ranks, table
 
 WORLD = 2
-
-
-def _init(rank: int, store_path: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    store = dist.FileStore(store_path, WORLD)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD, timeout=timedelta(seconds=300))
 
 
 def _engine(stage: int, clip: float, ds_norm: bool, width: int, depth: int) -> Any:
@@ -100,31 +86,18 @@ def _measure(stage: int, mode: str, quick: bool) -> dict[str, float]:
             "params": (width * width + width) * depth}
 
 
-def _rank(rank: int, store_path: str, out_path: str, quick: bool) -> None:
-    _init(rank, store_path)
-    import torch.distributed as dist
-
+def _rank(quick: bool) -> list[dict[str, Any]]:
     warnings.filterwarnings("ignore")
     results = []
     for stage in (1, 2, 3):
         modes = ["deepspeed", "dist_clip"] + (["dist_clip, no DS norm"] if stage < 3 else [])
         for mode in modes:
             results.append({"stage": stage, "mode": mode, **_measure(stage, mode, quick)})
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(results, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    return results
 
 
 def main(quick: bool = False) -> str:
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory(prefix="bench_deepspeed_") as tmp:
-        out = os.path.join(tmp, "out.json")
-        mp.start_processes(_rank, args=(os.path.join(tmp, "store"), out, quick), nprocs=WORLD, start_method="spawn")
-        with open(out) as f:
-            results = json.load(f)
+    results = on_ranks(WORLD, _rank, quick)
     rows = []
     base = {r["stage"]: r["total_ms"] for r in results if r["mode"] == "deepspeed"}
     for r in results:

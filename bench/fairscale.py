@@ -6,29 +6,23 @@ same gradients are clipped by each in turn (restored in between), p = 2 and inf.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
-import tempfile
 import time
 import warnings
-from datetime import timedelta
+from typing import Any
 
-from .common import table
+from .common import on_ranks, table
 
 WORLD = 2
 
 
-def _rank(rank: int, store_path: str, out_path: str, quick: bool) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+def _rank(quick: bool) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, WORLD), rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=300))
     from fairscale.optim import OSS
     from torch.nn.parallel import DistributedDataParallel
 
@@ -45,7 +39,7 @@ def _rank(rank: int, store_path: str, out_path: str, quick: bool) -> None:
         model = torch.nn.Sequential(*layers).to(dtype)
         opt = OSS(model.parameters(), optim=torch.optim.SGD, lr=1e-3)
         ddp = DistributedDataParallel(model)
-        x = torch.randn(8, width, generator=torch.Generator().manual_seed(rank)).to(dtype)
+        x = torch.randn(8, width, generator=torch.Generator().manual_seed(dist.get_rank())).to(dtype)
         ddp(x).float().pow(2).mean().backward()
         params = list(model.parameters())
         saved = [p.grad.clone() for p in params]
@@ -73,21 +67,11 @@ def _rank(rank: int, store_path: str, out_path: str, quick: bool) -> None:
                              "norm_dtype": str(value.dtype).replace("torch.", "")}
             results.append(row)
         n = sum(p.numel() for p in params)
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump({"rows": results, "params": n}, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    return {"rows": results, "params": n}
 
 
 def main(quick: bool = False) -> str:
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory(prefix="bench_fairscale_") as tmp:
-        out = os.path.join(tmp, "out.json")
-        mp.start_processes(_rank, args=(os.path.join(tmp, "store"), out, quick), nprocs=WORLD, start_method="spawn")
-        with open(out) as f:
-            data = json.load(f)
+    data = on_ranks(WORLD, _rank, quick)
     rows = []
     for r in data["rows"]:
         fs, dc = r["fairscale"], r["dist_clip"]

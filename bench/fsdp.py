@@ -17,25 +17,12 @@ ranks move in step. With 4 ranks on a
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 import warnings
-from datetime import timedelta
 from typing import Any
 
-from .common import table
-
-
-def _init(rank: int, world: int, store_path: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    store = dist.FileStore(store_path, world)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=600))
+from .common import on_ranks, table
 
 
 def _model(width: int, depth: int) -> Any:
@@ -103,8 +90,7 @@ def _time(model: Any, calls: dict[str, Any], repeats: int, warmup: int) -> dict[
     return {name: {"ms": statistics.median(times[name]), "collectives": counts[name]} for name in calls}
 
 
-def _rank(rank: int, world: int, store_path: str, out_path: str, quick: bool) -> None:
-    _init(rank, world, store_path)
+def _rank(quick: bool) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -134,7 +120,7 @@ def _rank(rank: int, world: int, store_path: str, out_path: str, quick: bool) ->
     del model, full
 
     model = _model(width, depth)
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer, mesh=mesh)
@@ -147,25 +133,15 @@ def _rank(rank: int, world: int, store_path: str, out_path: str, quick: bool) ->
         }, repeats, warmup)
         results.append({"wrapper": "FSDP2 fully_shard", "p": p, "timed": timed})
 
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump({"params": n_params, "rows": results}, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    return {"params": n_params, "rows": results}
 
 
 def main(quick: bool = False) -> str:
-    import torch.multiprocessing as mp
 
     rows = []
     params = 0
     for world in (2,) if quick else (2, 4):
-        with tempfile.TemporaryDirectory(prefix="bench_fsdp_") as tmp:
-            out = os.path.join(tmp, "out.json")
-            mp.start_processes(_rank, args=(world, os.path.join(tmp, "store"), out, quick), nprocs=world,
-                               start_method="spawn")
-            with open(out) as f:
-                result = json.load(f)
+        result = on_ranks(world, _rank, quick)
         params = result["params"]
         for r in result["rows"]:
             ours = r["timed"].pop("dist_clip")
