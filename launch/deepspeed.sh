@@ -23,13 +23,7 @@
 # DS_ACCELERATOR is set to cpu where there is no nvidia-smi (DeepSpeed's CPU accelerator then uses gloo).
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if [[ -z "${PYTHON:-}" ]]; then
-    if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
-fi
-# The interpreter's bin first on PATH: its ninja builds DeepSpeed's ops, and a different ninja on a later run
-# would rebuild them (about 25 s) every time.
-if [[ "$PYTHON" == */* ]]; then export PATH="$(cd "$(dirname "$PYTHON")" && pwd):$PATH"; fi
+source "$(dirname "${BASH_SOURCE[0]}")/_python.sh"  # PYTHON, ROOT, PATH
 NPROC=${NPROC:-2}
 NNODES=${NNODES:-1}
 # No NVIDIA driver: DeepSpeed's CPU accelerator (it would guess so too, after probing and a warning).

@@ -23,13 +23,7 @@
 # OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 (this script sets them when it runs as root).
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if [[ -z "${PYTHON:-}" ]]; then
-    if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
-fi
-# The interpreter's bin first on PATH: its ninja builds DeepSpeed's ops, and a different ninja on a later run
-# would rebuild them (about 25 s) every time.
-if [[ "$PYTHON" == */* ]]; then export PATH="$(cd "$(dirname "$PYTHON")" && pwd):$PATH"; fi
+source "$(dirname "${BASH_SOURCE[0]}")/_python.sh"  # PYTHON, ROOT, PATH
 if [[ -z "${MPIEXEC:-}" ]]; then
     if [[ -x "$ROOT/.venv/bin/mpiexec" ]]; then MPIEXEC="$ROOT/.venv/bin/mpiexec"; else MPIEXEC=mpiexec; fi
 fi

@@ -16,13 +16,7 @@
 #   TORCHRUN_ARGS  extra torchrun options, e.g. "--max-restarts 1"
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if [[ -z "${PYTHON:-}" ]]; then
-    if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
-fi
-# The interpreter's bin first on PATH: its ninja builds DeepSpeed's ops, and a different ninja on a later run
-# would rebuild them (about 25 s) every time.
-if [[ "$PYTHON" == */* ]]; then export PATH="$(cd "$(dirname "$PYTHON")" && pwd):$PATH"; fi
+source "$(dirname "${BASH_SOURCE[0]}")/_python.sh"  # PYTHON, ROOT, PATH
 NPROC=${NPROC:-2}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
