@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from . import _norm, _reduce, _scale
 from .adapters import resolve
-from .adapters.fsdp import clean_name, fsdp1_shards
+from .adapters.fsdp import clean_name, fsdp1_handles, fsdp1_shards
 from .shards import Shards
 
 __all__ = [
@@ -133,21 +133,15 @@ def fsdp1_pieces(root: nn.Module, group: dist.ProcessGroup | None = None) -> Fsd
         handle manages (whole and identical on every rank), every parameter name of the unwrapped model in an
         order identical on every rank, and name -> the tensor an optimizer holds for it.
     """
-    fsdp = _fsdp1_type()
-    module_names = {id(m): n for n, m in root.named_modules(remove_duplicate=False)}
     pieces: list[FlatPiece] = []
     names: list[str] = []
     optim: dict[str, Tensor] = {}
     geometry: dict[str, tuple[torch.Size, tuple[int, ...]]] = {}
     managed: set[int] = set()
-    for module in fsdp.fsdp_modules(root):
-        handle = module._handle
-        if handle is None:
-            continue
+    for _, handle, path in fsdp1_handles(root):
         flat = handle.flat_param
         managed.add(id(flat))
-        path = module_names.get(id(handle._fully_sharded_module), "")
-        prefix = clean_name(path + "." if path else "")
+        prefix = clean_name(path)
         sharded = bool(handle.uses_sharded_strategy)
         pg = (group if group is not None else handle.process_group) if sharded else None
         world = _reduce.group_size(handle.process_group) if sharded else 1

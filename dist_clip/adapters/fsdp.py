@@ -21,7 +21,7 @@ replicated. The padding FSDP1 appends to the last shards is sliced off.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch.distributed as dist
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..shards import Shards
 
-__all__ = ["clean_name", "dtensor_shards", "fsdp1_shards", "matches", "shards"]
+__all__ = ["clean_name", "dtensor_shards", "fsdp1_handles", "fsdp1_shards", "matches", "shards"]
 
 _HYBRID = ("HYBRID_SHARD", "_HYBRID_SHARD_ZERO2")
 
@@ -186,9 +186,19 @@ def _handle_pieces(handle: Any, prefix: str, per_param: bool) -> list[tuple[str,
     return [(clean_name(prefix + "flat_param"), g)]
 
 
+def fsdp1_handles(root: nn.Module) -> Iterator[tuple[nn.Module, Any, str]]:
+    """(FSDP1 instance, its FlatParamHandle, the dotted path of the module it wraps) for every instance with
+    parameters under ``root``; the path is as ``root.named_modules()`` spells it, wrapper prefixes included."""
+    module_names = {id(m): n for n, m in root.named_modules(remove_duplicate=False)}
+    for module in _fsdp1_type().fsdp_modules(root):
+        handle = module._handle
+        if handle is not None:
+            path = module_names.get(id(handle._fully_sharded_module), "")
+            yield module, handle, path + "." if path else ""
+
+
 def fsdp1_shards(root: nn.Module, group: dist.ProcessGroup | None, per_param: bool = False) -> list[Shards]:
     """Shards of an FSDP1 root (or a plain root holding FSDP1 children); see :func:`_handle_pieces`."""
-    fsdp = _fsdp1_type()
     # Sharded pieces as (process group, counted in a full plan, name, grad), and the groups of every sharded
     # handle: a rank whose shards are padding only has no grad at all (use_orig_params) yet must join the call.
     sharded: list[tuple[dist.ProcessGroup, bool, str, Tensor]] = []
@@ -196,16 +206,11 @@ def fsdp1_shards(root: nn.Module, group: dist.ProcessGroup | None, per_param: bo
     replicated_names: list[str] = []
     replicated: list[Tensor] = []
     managed: set[int] = set()
-    module_names = {id(m): n for n, m in root.named_modules(remove_duplicate=False)}
-    for module in fsdp.fsdp_modules(root):
-        handle = module._handle
-        if handle is None:
-            continue
+    for module, handle, prefix in fsdp1_handles(root):
         flat = handle.flat_param
         managed.add(id(flat))
         managed.update(id(p) for p in (flat._params or ()) if handle._use_orig_params)
-        path = module_names.get(id(handle._fully_sharded_module), "")
-        pieces = _handle_pieces(handle, path + "." if path else "", per_param)
+        pieces = _handle_pieces(handle, prefix, per_param)
         if handle.uses_sharded_strategy:
             groups.setdefault(id(handle.process_group), handle.process_group)
             # Hybrid replicas (same shard, other inter-node rank) hold identical copies after backward().
