@@ -60,11 +60,16 @@ class Named:
             no piece on this rank, or no gradient anywhere.
         params: name -> the tensor an optimizer holds for it (an FSDP1 flat parameter, a DTensor, a plain
             parameter), for param-group lookups. Names of plain gradient tensors map to the tensor itself.
+        group_of: name -> index of its param group in ``group_optimizer.param_groups``, where the optimizer
+            does not hold the parameter between steps (DeepSpeed ZeRO-3); empty elsewhere.
+        group_optimizer: the optimizer ``group_of`` refers to.
     """
 
     shards: list[Shards]
     names: tuple[str, ...]
     params: dict[str, Tensor] = field(default_factory=dict)
+    group_of: dict[str, int] = field(default_factory=dict)
+    group_optimizer: object = None
 
 
 # --------------------------------------------------------------------------------------------- FSDP1 names
@@ -252,17 +257,19 @@ def _deepspeed_named(engine: object, group: dist.ProcessGroup | None) -> Named:
                 "clipping and reports need them; mode='total' works with every stage"
             )
         out.append(Shards(s.tensors, group=s.group, counted=s.counted, names=mapped, loss_scale=s.loss_scale))
-    return Named(out, tuple(names), params)
+    group_of, group_optimizer = ds_adapter.zero3_param_groups(engine)  # ZeRO-3: its own name -> group map
+    return Named(out, tuple(names), params, group_of, group_optimizer)
 
 
 def named_shards(target: object, group: dist.ProcessGroup | None = None) -> Named:
     """The Shards of ``target`` named by full-model parameter names, and every such name.
 
     Targets: an ``nn.Module`` (plain, DDP, FSDP2, FSDP1 in both ``use_orig_params`` modes), a DeepSpeed engine
-    (ZeRO stages 0-3), a mapping ``{name: tensor or parameter}`` (the caller's own names: every rank must pass
-    the same keys, with an empty tensor where it holds nothing), a tensor, or an iterable of tensors or
-    parameters (named by position: with ``group=``, the i-th tensor of every rank is a piece of the same
-    parameter).
+    (ZeRO stages 0-3), a fairscale OSS optimizer (names ``"group{g}.param{i}"``), ShardedDataParallel or
+    FullyShardedDataParallel (names of the unwrapped model), a mapping ``{name: tensor or parameter}`` (the
+    caller's own names: every rank must pass the same keys, with an empty tensor where it holds nothing), a
+    tensor, or an iterable of tensors or parameters (named by position: with ``group=``, the i-th tensor of every
+    rank is a piece of the same parameter).
     """
     if target is None:
         raise TypeError("target must be a tensor, an iterable of tensors/parameters, a module or an engine; got None")
@@ -271,6 +278,11 @@ def named_shards(target: object, group: dist.ProcessGroup | None = None) -> Name
     engine = sys.modules.get("deepspeed.runtime.engine")  # never import DeepSpeed here: it takes seconds
     if engine is not None and isinstance(target, engine.DeepSpeedEngine):
         return _deepspeed_named(target, group)
+    from .adapters import fairscale as fs_adapter
+
+    if fs_adapter.matches(target):  # reads sys.modules only: never imports fairscale
+        fs_shards, fs_names, fs_params = fs_adapter.named(target, group)
+        return Named(fs_shards, tuple(fs_names), fs_params)
     if isinstance(target, Mapping):
         keys = sorted(target)
         if not all(isinstance(k, str) for k in keys):

@@ -504,13 +504,16 @@ class GradClipper:
             labels.append(str(pg.get("name", f"param_group{gi}")))
             for q in pg["params"]:
                 where[id(q)] = gi
+        # DeepSpeed ZeRO-3 empties the torch optimizer's param groups between steps; its own map stands in.
+        fallback = named.group_of if named.group_optimizer is optimizer else {}
         groups_of = [where.get(id(named.params[n]), -1) if n in named.params else -1 for n in named.names]
+        groups_of = [g if g >= 0 else fallback.get(n, -1) for g, n in zip(groups_of, named.names)]
         if groups_of and max(groups_of) < 0:
             # Every rank sees the same names and groups, so every rank raises here: none steps alone.
             raise ValueError(
                 "per_group clipping found none of the target's parameters in optimizer.param_groups, so it "
-                "would clip nothing; pass the optimizer that steps these parameters (DeepSpeed ZeRO-3 empties "
-                "the torch optimizer's param groups between steps: per_group is not supported there)"
+                "would clip nothing; pass the optimizer that steps these parameters (under DeepSpeed ZeRO-3: "
+                "the torch optimizer given to deepspeed.initialize)"
             )
         index = torch.tensor(groups_of or [-1], dtype=torch.long).to(m.device)
         partials = _slots.merge_partials(m.partials, index, len(limits), p)

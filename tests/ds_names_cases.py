@@ -7,8 +7,9 @@ its 42 elements, ``2.weight`` at 44 of 49), and checks against the float64 unsha
 * step 0: ``GradClipper(report=True)`` for p = 2 and inf: every parameter's norm, and the total; then
   ``mode="per_param"`` clipping (the coefficient of every parameter, the norms after it), ``engine.step()`` and
   the parameters after it;
-* step 1 (where the torch optimizer's param groups hold the parameters' stand-ins, i.e. not ZeRO-3):
-  ``mode="per_group"`` clipping for p = inf with a ``max_norm`` per param group, the step and the parameters;
+* step 1: ``mode="per_group"`` clipping for p = inf with a ``max_norm`` per param group, the step and the
+  parameters (under ZeRO-3, whose torch optimizer holds no parameters between steps, through the stage-3
+  optimizer's ``sub_group_to_group_id``);
 * every dist_clip call issues exactly one collective.
 """
 

@@ -4,6 +4,8 @@ ZeRO-1/2 keep one flat gradient partition per param group; the adapter cuts each
 one piece per parameter slice under the names of ``engine.module``. The bodies in ``tests/ds_names_cases.py``
 compare norms per parameter (p = 2 and inf), per-parameter and per-group clipping and the parameters after
 ``step()`` with the float64 unsharded torch run, on 2 gloo ranks, with a weight split by the partition boundary.
+ZeRO-3 pieces are whole parameters' partitions, named by module name; their param groups come from the stage-3
+optimizer's own map (``fp16_groups``, ``sub_group_to_group_id``).
 """
 
 from __future__ import annotations
@@ -38,11 +40,13 @@ def test_per_param_report_and_clipping_match_unsharded(run_ranks, stage, offload
               groups=groups, timeout_s=TIMEOUT)
 
 
-@pytest.mark.parametrize("offload", [False, True], ids=["zero3", "zero3-offload"])
-def test_zero3_per_param_report_and_clipping_match_unsharded(run_ranks, offload):
-    # ZeRO-3 empties the torch optimizer's param groups between steps, so mode="per_group" cannot find a
-    # parameter's group there (not supported yet): no per-group part in this case.
-    run_ranks(2, ds_names_cases.case_names_vs_reference, 3, offload=offload, per_group=False, timeout_s=TIMEOUT)
+@pytest.mark.parametrize("offload,groups", [(False, "layers"), (True, "layers"), (False, "shuffled")],
+                         ids=["zero3", "zero3-offload", "zero3-shuffled-groups"])
+def test_zero3_per_param_report_and_clipping_match_unsharded(run_ranks, offload, groups):
+    # ZeRO-3 empties the torch optimizer's param groups between steps: mode="per_group" finds each parameter's
+    # group through the stage-3 optimizer's fp16_groups and sub_group_to_group_id (groups out of module order
+    # in "shuffled").
+    run_ranks(2, ds_names_cases.case_names_vs_reference, 3, offload=offload, groups=groups, timeout_s=TIMEOUT)
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -58,6 +58,7 @@ __all__ = [
     "optimizer_tensors",
     "required_attributes",
     "shards",
+    "zero3_param_groups",
 ]
 
 #: (major, minor) releases of DeepSpeed whose ZeRO internals this adapter was tested against.
@@ -380,7 +381,8 @@ def optimizer_tensors(target: object) -> dict[str, Tensor]:
     DeepSpeed's mixed-precision and ZeRO-1/2 wrappers replace each param group's ``params`` with their fp32
     copies (one flat partition per group for ZeRO-1/2 and ``BF16_Optimizer``): per-group clipping finds a
     parameter's group through this tensor. Empty where the torch optimizer holds the module's parameters
-    themselves (stage 0 without a wrapper), and for ZeRO-3, whose param groups stay empty between steps.
+    themselves (stage 0 without a wrapper), and for ZeRO-3, whose param groups stay empty between steps (see
+    :func:`zero3_param_groups`).
     """
     engine: Any = target
     opt = engine.optimizer
@@ -408,3 +410,30 @@ def optimizer_tensors(target: object) -> dict[str, Tensor]:
         for i, params in enumerate(opt.fp16_groups):
             put(params, list(opt.fp32_groups[i]))
     return out
+
+
+def zero3_param_groups(target: object) -> tuple[dict[str, int], Any]:
+    """ZeRO-3: parameter name -> index of its param group in the torch optimizer, and that optimizer.
+
+    ZeRO-3 empties the torch optimizer's ``param_groups[i]["params"]`` between steps (it puts one flat fp32
+    partition there only while stepping a sub-group), but keeps the mapping: ``fp16_groups[k]`` holds the module
+    parameters of sub-group ``k``, ``sub_group_to_group_id[k]`` the index of their param group in
+    ``optimizer.param_groups`` (whose dicts, and their other keys, persist). ``({}, None)`` for other stages.
+    """
+    engine: Any = target
+    opt = engine.optimizer
+    stage3 = sys.modules.get("deepspeed.runtime.zero.stage3")
+    cls = getattr(stage3, "DeepSpeedZeroOptimizer_Stage3", None) if stage3 is not None else None
+    if cls is None or not isinstance(opt, cls):
+        return {}, None
+    names = _names_by_id(engine)
+    out: dict[str, int] = {}
+    for k, params in enumerate(opt.fp16_groups):
+        gid = opt.sub_group_to_group_id.get(k)
+        if gid is None:
+            continue
+        for p in params:
+            n = names.get(id(p))
+            if n is not None:
+                out.setdefault(n, int(gid))
+    return out, opt.optimizer

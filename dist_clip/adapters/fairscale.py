@@ -8,6 +8,11 @@
   parameter's gradient is this rank's shard, padded with zeros at the end of the last shards; the padding is
   sliced off. Parameters of a one-rank wrapper are whole and identical everywhere (replicated).
 
+:func:`named` names every piece for per-parameter and per-group clipping and reports: OSS parameters by their
+position in the optimizer's param groups (``"group{g}.param{i}"``), ShardedDataParallel's by ``.module``'s
+names, FSDP's flat shards split per original parameter (``FlatParameter.metadata()``) under the unwrapped
+model's names.
+
 The adapter reads fairscale's public attributes and patches nothing. fairscale's FSDP itself needs CUDA.
 """
 
@@ -21,7 +26,7 @@ from torch import Tensor
 
 from ..shards import Shards
 
-__all__ = ["matches", "shards"]
+__all__ = ["matches", "named", "shards"]
 
 _INSTALL_HINT = "pip install dist_clip[fairscale]"
 _OSS = ("fairscale.optim.oss", "OSS")
@@ -99,4 +104,117 @@ def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
         return _oss_shards(optimizers, group)
     if _is(target, _OSS):
         return _oss_shards([target], group)
+    raise TypeError(f"not a fairscale OSS optimizer, ShardedDataParallel or FullyShardedDataParallel: {type(target)}")
+
+
+# ------------------------------------------------------------------------------------------- named pieces
+
+
+def _clean(path: str) -> str:
+    # fairscale's own clean_path: drop the wrappers' components from a module path.
+    return ".".join(c for c in path.split(".") if c and c not in {"_fsdp_wrapped_module", "_fpw_module"})
+
+
+def _oss_named(
+    optimizers: list[Any], group: dist.ProcessGroup | None, module_names: dict[int, str] | None
+) -> tuple[list[Shards], list[str], dict[str, Tensor]]:
+    names: list[str] = []
+    params: dict[str, Tensor] = {}
+    name_of: dict[int, str] = {}
+    out: list[Shards] = []
+    for k, opt in enumerate(optimizers):
+        prefix = f"optim{k}." if len(optimizers) > 1 else ""
+        for gi, pg in enumerate(opt.param_groups):  # every rank's OSS holds every original param group
+            for pi, p in enumerate(pg["params"]):
+                if id(p) in name_of:
+                    continue
+                n = module_names.get(id(p)) if module_names is not None else None
+                n = n if n is not None else f"{prefix}group{gi}.param{pi}"
+                name_of[id(p)] = n
+                names.append(n)
+                params[n] = p
+        mine = opt.partition_parameters()[opt.rank]
+        owned = [(name_of[id(p)], p.grad) for g in mine for p in g["params"] if p.grad is not None]
+        out.append(Shards([g for _, g in owned], group=group if group is not None else opt.group,
+                          names=[n for n, _ in owned]))
+    if module_names is not None:  # module order, and parameters no optimizer holds (no pieces anywhere)
+        order = list(dict.fromkeys(module_names.values()))
+        known = set(order)
+        names = order + [n for n in names if n not in known]
+    return out, names, params
+
+
+def _fsdp_named(root: Any, group: dist.ProcessGroup | None) -> tuple[list[Shards], list[str], dict[str, Tensor]]:
+    """Each fairscale FSDP parameter's local shard, split per original parameter of a flat parameter.
+
+    A flat parameter of N elements is cut by ``torch.chunk`` into shards of ``c = ceil(N / world)`` elements
+    (rank r holds ``[r c, min((r+1) c, N))``, zero-padded to ``c``); its original parameters lie back to back in
+    the order of ``FlatParameter.metadata()``. Names, shapes and numels are identical on every rank.
+    """
+    fsdp = _loaded(_FSDP)
+    flat_type = getattr(sys.modules.get("fairscale.nn.misc.flatten_params_wrapper"), "FlatParameter", None)
+    param_names = {id(p): _clean(n) for n, p in root.named_parameters()}
+    names: list[str] = []
+    params: dict[str, Tensor] = {}
+    sharded: dict[int, tuple[dist.ProcessGroup, list[str], list[Tensor]]] = {}
+    replicated: tuple[list[str], list[Tensor]] = ([], [])
+    for path, module in root.named_modules():
+        if not isinstance(module, fsdp):
+            continue
+        for p, pad in zip(module.params, module.numel_padded_per_param):
+            is_flat = flat_type is not None and isinstance(p, flat_type)
+            if is_flat:
+                meta_names, _, numels = p.metadata()
+                own = [_clean(f"{path}.{n}") for n in meta_names]
+            else:
+                own, numels = [param_names.get(id(p), _clean(f"{path}.<param>"))], [int(p._orig_size.numel())]
+            for n in own:
+                names.append(n)
+                params[n] = p
+            if p.grad is None:
+                continue
+            g = p.grad.reshape(-1)
+            is_sharded = bool(getattr(p, "_is_sharded", False))
+            start = int(module.rank) * g.numel() if is_sharded else 0
+            valid = g.numel() - (int(pad) if is_sharded else 0)
+            if is_sharded:
+                pg = group if group is not None else module.process_group
+                entry = sharded.setdefault(id(pg), (pg, [], []))
+                ns, ts = entry[1], entry[2]
+            else:
+                ns, ts = replicated
+            at = 0
+            for n, numel in zip(own, numels):
+                lo, hi = max(at, start), min(at + int(numel), start + valid)
+                at += int(numel)
+                if hi > lo:
+                    ns.append(n)
+                    ts.append(g.narrow(0, lo - start, hi - lo))
+    out = [Shards(ts, group=pg, names=ns) for pg, ns, ts in sharded.values()]
+    if replicated[1] or not out:
+        out.append(Shards(replicated[1], group=None, names=replicated[0]))
+    return out, list(dict.fromkeys(names)), params
+
+
+def named(target: object, group: dist.ProcessGroup | None) -> tuple[list[Shards], list[str], dict[str, Tensor]]:
+    """``(shards, names, params)``: every piece named by a parameter name identical on every rank.
+
+    * OSS optimizer: ``"group{g}.param{i}"``, the position in the optimizer's original param groups (every
+      rank's OSS holds all of them); each rank measures only the parameters it owns.
+    * ShardedDataParallel: the names of ``target.module``; each rank measures what its OSS optimizers own.
+    * FullyShardedDataParallel: the names of the unwrapped model; flat shards are split per parameter.
+
+    ``params`` maps each name to the tensor an optimizer holds for it (for ``mode="per_group"``).
+    """
+    _require()
+    if _is(target, _FSDP):
+        return _fsdp_named(target, group)
+    if _is(target, _SDP):
+        optimizers = list({id(o): o for o in target._sharded_optimizers}.values())  # type: ignore[attr-defined]
+        module_names = {}
+        for n, p in target.module.named_parameters():  # type: ignore[attr-defined]
+            module_names.setdefault(id(p), n)
+        return _oss_named(optimizers, group, module_names)
+    if _is(target, _OSS):
+        return _oss_named([target], group, None)
     raise TypeError(f"not a fairscale OSS optimizer, ShardedDataParallel or FullyShardedDataParallel: {type(target)}")
