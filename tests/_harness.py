@@ -14,7 +14,6 @@ import faulthandler
 import os
 import queue
 import signal
-import sys
 import tempfile
 import time
 import traceback
@@ -39,7 +38,9 @@ def _worker(rank: int, world_size: int, workdir: str, pg_timeout_s: float, tasks
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size)
+    )
     store = dist.FileStore(os.path.join(workdir, "store"), world_size)
     dist.init_process_group(
         "gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout_s)
