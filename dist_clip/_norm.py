@@ -7,22 +7,28 @@ A *partial* is what one rank contributes for one slot before the collective:
 * ``p == inf``: the max of ``|g|`` (MAX).
 
 Partials are float64 whatever the gradient dtype, so a fp16 gradient whose norm exceeds 65504 and a fp32
-gradient whose squares overflow float32 both give finite, correct totals. On the CPU, large tensors are
-reduced for p=2 in blocks of ``BLOCK`` elements in float32 and the block results are combined in float64: as
-fast as torch's float32 norm and accurate to float32 rounding. Blocks whose float32 result overflowed or may
-have underflowed are recomputed in float64, so no input range is lost. Other finite orders accumulate in
-float64 directly (exact, slower: the performance work replaces this path).
+gradient whose squares overflow float32 both give finite, correct totals.
+
+On the CPU, contiguous float32/bfloat16/float16 gradients go through the native kernel (``_native.c``): one
+read pass over every tensor of a call, each element widened to double before it is raised to the power, at
+the read bandwidth of ``torch.sum``. Everything else, and every CPU when the kernel cannot be built, takes the
+plain-torch path below, exact too: p=2 in float32 rows of ``BLOCK`` elements combined in float64 with a
+vectorised float64 recomputation of the rows that overflowed or may have underflowed, other orders in float64
+chunk by chunk (slower: see docs/notes/performance.md). Accelerators use fused multi-tensor float64 norms.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Sequence
+import operator
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor
+
+from . import _native
 
 __all__ = [
     "BLOCK",
@@ -39,6 +45,8 @@ BLOCK = 64
 # Tensors up to this size are measured in float64 directly, in one fused multi-tensor call: the upcast costs
 # little at this size and needs no rescue.
 _SMALL = 4096
+# Elements per chunk of the plain-torch float64 path: the float64 copy (512 KiB) stays in L2.
+_CHUNK = 1 << 16
 # A float32 block result below this (as a p-th power sum) may have lost underflowed terms: recompute.
 _UNDERFLOW = 1e-20
 
@@ -116,41 +124,43 @@ def _sum_pow_exact(t: Tensor, p: float) -> Tensor:
     return torch.linalg.vector_norm(t, p, dtype=torch.float64).pow(p)
 
 
-def _rescue_(partials: Tensor, piece: Callable[[int], Tensor], p: float) -> Tensor:
-    """Recompute in float64 the partials whose float32 evaluation overflowed or may have underflowed.
+def _rescue_rows_(row_parts: Tensor, body: Tensor, p: float) -> Tensor:
+    """Recompute in float64 the rows whose float32 evaluation overflowed or may have underflowed.
 
-    CPU only (reading the flags is free there). An overflowed entry is ``inf`` while its elements may all be
-    finite; an underflowed entry is tiny or zero while its elements may not all be zero. NaN entries are
-    already right (NaN) and are left alone.
+    CPU only (reading the flag is free there). An overflowed row is ``inf`` while its elements may all be
+    finite; an underflowed row is tiny or zero while its elements may not all be zero. All suspicious rows
+    are recomputed in one vectorised float64 pass (all-zero rows come back as exactly 0, which costs little);
+    NaN rows are NaN either way.
     """
-    suspicious = torch.isinf(partials) | (partials < _UNDERFLOW)
+    suspicious = torch.isinf(row_parts) | (row_parts < _UNDERFLOW)
     if not bool(suspicious.any()):
-        return partials
-    for i in suspicious.nonzero().flatten().tolist():
-        t = piece(i)
-        if t.numel() == 0:
-            continue
-        lo, hi = torch.aminmax(t.reshape(-1))
-        if bool(lo == 0) and bool(hi == 0):
-            continue  # all zeros: exactly 0, nothing was lost
-        partials[i] = _sum_pow_exact(t, p)
-    return partials
+        return row_parts
+    idx = suspicious.nonzero().flatten()
+    rows = body.index_select(0, idx).to(torch.float64).abs_()
+    exact = rows.square_().sum(dim=1) if p == 2 else rows.pow_(p).sum(dim=1)
+    return row_parts.index_put_((idx,), exact)
 
 
 def _blocked_sum_pow_cpu(t: Tensor, p: float) -> Tensor:
-    """sum(|t|**p) of one large CPU tensor: float32 norms of BLOCK-element rows, combined in float64."""
+    """sum(|t|**2) of one large CPU tensor: float32 norms of BLOCK-element rows, combined in float64."""
     flat = t.reshape(-1)
     n = flat.numel()
     rows = n // BLOCK
     body = flat[: rows * BLOCK].view(rows, BLOCK)
     row_norms = torch.linalg.vector_norm(body, p, dim=1, dtype=_acc_dtype(t)).to(torch.float64)
-    row_parts = row_norms if p == 1 else row_norms.square() if p == 2 else row_norms.pow(p)
-    row_parts = _rescue_(row_parts, body.__getitem__, p)
-    total = row_parts.sum()
+    row_parts = row_norms.square() if p == 2 else row_norms.pow(p)
+    total = _rescue_rows_(row_parts, body, p).sum()
     if rows * BLOCK < n:
-        tail = flat[rows * BLOCK :]
-        tail_part = torch.linalg.vector_norm(tail, p, dtype=torch.float64)
-        total = total + (tail_part if p == 1 else tail_part.pow(p))
+        total = total + _sum_pow_exact(flat[rows * BLOCK :], p)
+    return total
+
+
+def _chunked_sum_pow_exact(t: Tensor, p: float) -> Tensor:
+    """sum(|t|**p) in float64, a chunk at a time: the float64 copy of each chunk stays in cache."""
+    flat = t.reshape(-1)
+    total = torch.zeros((), dtype=torch.float64, device=t.device)
+    for chunk in flat.split(_CHUNK):
+        total += _sum_pow_exact(chunk, p)
     return total
 
 
@@ -176,7 +186,8 @@ def _sum_pow_partials(tensors: Sequence[Tensor], p: float, device: torch.device,
         out[torch.tensor(small)] = parts if p == 1 else parts.pow(p)
     for i, t in enumerate(tensors):
         if t.numel() > _SMALL:
-            out[i] = _blocked_sum_pow_cpu(t, p) if p == 2 else _sum_pow_exact(t, p)
+            blocked = p == 2 and t.dtype == torch.float32
+            out[i] = _blocked_sum_pow_cpu(t, p) if blocked else _chunked_sum_pow_exact(t, p)
     return out
 
 
@@ -204,13 +215,51 @@ def _count_partials(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
     return _as_float64_stack(parts, device)
 
 
+def _torch_partials(tensors: Sequence[Tensor], p: float, device: torch.device, use_foreach: bool) -> Tensor:
+    if p == 0:
+        return _count_partials(tensors, device)
+    if math.isinf(p):
+        return _max_abs_partials(tensors, device)
+    return _sum_pow_partials(tensors, p, device, use_foreach)
+
+
+_dtype_of = operator.attrgetter("dtype")
+
+
+def _cpu_partials(tensors: Sequence[Tensor], p: float, use_foreach: bool) -> Tensor:
+    """CPU partials: the native kernel for every tensor it supports, plain torch for the rest."""
+    if not _native.available():
+        return _torch_partials(tensors, p, torch.device("cpu"), use_foreach)
+    first = tensors[0].dtype
+    if (
+        first in _native.DTYPES
+        and all(map(Tensor.is_contiguous, tensors))
+        and all(d is first for d in map(_dtype_of, tensors))
+    ):
+        out = _native.partials(tensors, p)  # the common case: one call, no loop over tensors in Python
+        assert out is not None
+        return out
+    native: dict[torch.dtype, list[int]] = {}
+    rest: list[int] = []
+    for i, t in enumerate(tensors):
+        (native.setdefault(t.dtype, []) if _native.supports(t) else rest).append(i)
+    out = torch.empty(len(tensors), dtype=torch.float64)
+    for idx in native.values():
+        parts = _native.partials([tensors[i] for i in idx], p)
+        assert parts is not None
+        out[torch.tensor(idx)] = parts
+    if rest:
+        out[torch.tensor(rest)] = _torch_partials([tensors[i] for i in rest], p, torch.device("cpu"), use_foreach)
+    return out
+
+
 def local_partials(tensors: Sequence[Tensor], p: float, use_foreach: bool = True) -> Tensor:
     """Per-tensor partials of order ``p``, float64, on the tensors' (common) device.
 
     Args:
         tensors: gradient pieces on one device, any floating dtype. Empty tensors contribute the neutral 0.
         p: a validated norm order (see :func:`parse_norm_type`).
-        use_foreach: allow fused multi-tensor kernels.
+        use_foreach: allow fused multi-tensor kernels (the CPU native kernel is always multi-tensor).
 
     Returns:
         A float64 vector with one partial per tensor, in input order.
@@ -218,8 +267,6 @@ def local_partials(tensors: Sequence[Tensor], p: float, use_foreach: bool = True
     if not tensors:
         return torch.zeros(0, dtype=torch.float64)
     device = tensors[0].device
-    if p == 0:
-        return _count_partials(tensors, device)
-    if math.isinf(p):
-        return _max_abs_partials(tensors, device)
-    return _sum_pow_partials(tensors, p, device, use_foreach)
+    if device.type == "cpu":
+        return _cpu_partials(tensors, p, use_foreach)
+    return _torch_partials(tensors, p, device, use_foreach)

@@ -7,10 +7,17 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from . import _native
+
 __all__ = ["EPS", "clip_coefficient", "group_by_device_dtype", "resolve_foreach", "scale_"]
 
 #: Added to the total norm before dividing, as torch.nn.utils.clip_grad_norm_ does.
 EPS = 1e-6
+# Groups of many small CPU tensors are scaled by the native kernel: torch's CPU _foreach_mul_ is a loop of
+# mul_ calls (0.5-1.5 us of dispatch each, measured 2-6x slower on 1000 x 1 Ki); for large tensors torch's
+# mul_ runs at memory bandwidth and stays in charge.
+_NATIVE_MIN_TENSORS = 32
+_NATIVE_MAX_AVG = 1 << 16  # elements per tensor on average: above, torch's own kernel is as fast or faster
 
 
 def group_by_device_dtype(tensors: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
@@ -46,14 +53,30 @@ def scale_(tensors: Sequence[Tensor], coef: Tensor, foreach: bool | None = None)
     """Multiply every tensor in place by ``coef`` in its own dtype.
 
     On the CPU, where reading ``coef`` costs nothing, a coefficient of exactly 1 skips the pass, so
-    gradients that need no clipping are left bit-for-bit untouched. Elsewhere the multiply always runs: a
-    branch on a device value would stall the host.
+    gradients that need no clipping are left bit-for-bit untouched, and groups of many contiguous
+    float32/bfloat16/float16 tensors are scaled by the native kernel in one call (bit-identical to
+    ``torch._foreach_mul_`` except for NaN payloads; ``foreach=False`` keeps torch's per-tensor ``mul_``).
+    Elsewhere the multiply always runs: a branch on a device value would stall the host.
     """
     if not tensors:
         return
-    if coef.device.type == "cpu" and bool(coef == 1.0):
+    on_cpu = coef.device.type == "cpu"
+    if on_cpu and bool(coef == 1.0):
         return
-    for (device, _), group in group_by_device_dtype(tensors).items():
+    value = float(coef) if on_cpu else None
+    for (device, dtype), group in group_by_device_dtype(tensors).items():
+        if (
+            value is not None
+            and len(group) >= _NATIVE_MIN_TENSORS
+            and device.type == "cpu"
+            and sum(map(Tensor.numel, group)) <= _NATIVE_MAX_AVG * len(group)
+            and foreach is not False
+            and dtype in _native.DTYPES
+            and all(map(Tensor.is_contiguous, group))
+            and _native.available()
+            and _native.scale_(group, value)
+        ):
+            continue  # one native multi-tensor pass, rounded exactly as torch's mul_
         c = coef.to(device, non_blocking=True)
         if resolve_foreach(foreach, device, group):
             torch._foreach_mul_(group, c)

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import _norm, _reduce, _scale
+from . import _fused, _norm, _reduce, _scale
 from .adapters import resolve
 from .shards import Shards
 
@@ -187,6 +187,7 @@ def clip_grad_norm_(
     foreach: bool | None = None,
     *,
     group: dist.ProcessGroup | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> Tensor:
     """Clip the gradient norm of ``target`` exactly as if it were unsharded: one collective, in place.
 
@@ -194,13 +195,23 @@ def clip_grad_norm_(
     arguments are those of :func:`get_total_norm` plus ``max_norm``; gradients are multiplied in place by
     ``min(1, max_norm / (total + 1e-6))``.
 
+    ``optimizer``: the optimizer whose next ``step()`` consumes these gradients. When it is one of torch's
+    fused optimizers (``fused=True``: Adam, AdamW, SGD, Adagrad) the gradients are not scaled here: the
+    coefficient reaches its ``step()`` as ``grad_scale`` and a non-finite total as ``found_inf`` (the next
+    step is then skipped), so clipping costs one read pass and no host sync. The optimizer must step exactly
+    the clipped gradients. Any other optimizer: the gradients are scaled here, as without the argument.
+
     Returns:
         The total norm before clipping: a 0-dim float32 tensor, identical on every rank of the group.
     """
     limit = _check_max_norm(max_norm)
     p = _norm.parse_norm_type(norm_type)
     _check_foreach(foreach)
+    fused = optimizer is not None and _fused.supports_grad_scale(optimizer)
     shards = resolve(target, _check_group(group))
     total = total_from_shards(shards, p, error_if_nonfinite, foreach)
+    if fused:
+        _fused.hand_over_(optimizer, _scale.clip_coefficient(limit, total), total)
+        return total
     _scale.scale_(_all_tensors(shards), _scale.clip_coefficient(limit, total), foreach)
     return total

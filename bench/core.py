@@ -1,0 +1,344 @@
+"""Single-process benchmark: dist_clip against ``torch.nn.utils.clip_grad_norm_`` on the same tensors.
+
+Run: ``python -m bench core`` (``--quick`` for a smoke run). Every figure is a median over repeats in which
+the contenders take turns (torch, ours, torch, ours...), so machine noise hits both alike; ratios are
+ours / torch. The "torch err" and "ours err" columns are relative errors of the returned norm against the
+float64 reference on the same data.
+
+Sections: the norm orders and dtypes on a 64 Mi-element tensor and on 100 tensors of the same total (256 MiB
+fp32), clipping (max_norm below the norm) and not clipping (above it); the local pass against the read
+bandwidth of ``torch.sum``; 1000 small tensors; clipping folded into a fused optimizer step; and the same on
+CUDA when a GPU is present ("not measured" otherwise).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import torch
+
+import dist_clip
+from dist_clip import _native
+from dist_clip.clip import local_total_partial
+from dist_clip.testing import reference_norm
+
+from .common import table
+
+#: Target ratios (ours / torch) from the performance issue, by norm order, for fp32.
+TARGET_CLIP = {2.0: 1.0, math.inf: 0.3}
+TARGET_OTHER_P = 0.5
+TARGET_NO_CLIP_P2 = 0.6
+TARGET_HALF = 1.0  # bf16/fp16 p=2 against torch's (inaccurate) bf16/fp16 time
+TARGET_BANDWIDTH = 0.8
+TARGET_FUSED = 0.6
+TARGET_SMALL = 1.0
+
+
+def interleaved(
+    fns: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    setup: Callable[[], object] | None = None,
+    sync: Callable[[], object] | None = None,
+    budget_s: float = 20.0,
+) -> dict[str, float]:
+    """Median milliseconds of each function, the functions taking turns in every repeat.
+
+    Slow rounds (seconds) cut the repeats down to what fits in about ``budget_s``, never below 5.
+    """
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    r = 0
+    while r < warmup + repeats:
+        round_ms = 0.0
+        for name, fn in fns.items():
+            if setup is not None:
+                setup()
+            if sync is not None:
+                sync()
+            start = time.perf_counter()
+            fn()
+            if sync is not None:
+                sync()
+            elapsed = (time.perf_counter() - start) * 1e3
+            if r >= warmup:
+                times[name].append(elapsed)
+            round_ms += elapsed
+        if r == warmup - 1 or (warmup == 0 and r == 0):
+            repeats = max(min(repeats, 5), min(repeats, int(budget_s * 1e3 / max(round_ms, 1e-3))))
+        r += 1
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+_SCRATCH: list[torch.Tensor] = []
+
+
+def flush_caches() -> None:
+    """Read 64 MiB of unrelated memory (twice this machine's L3): the gradients a setup just wrote are then
+    in DRAM, as after a backward pass over a large model, and their dirty lines are no longer in the way."""
+    if not _SCRATCH:
+        _SCRATCH.append(torch.ones(16 << 20))
+    _SCRATCH[0].sum()
+
+
+def _grads(layout: str, dtype: torch.dtype, quick: bool, device: str = "cpu") -> list[torch.Tensor]:
+    total = (1 << 16) if quick else (64 << 20)
+    if layout.startswith("1 x"):
+        sizes = [total]
+    elif layout.startswith("100 x"):
+        sizes = [total // 100] * 100
+    else:
+        sizes = [64 if quick else 1024] * 1000
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for n in sizes:
+        out.append((torch.randn(n, generator=g) * 0.01).to(device=device, dtype=dtype))
+    return out
+
+
+def _restore(grads: list[torch.Tensor], saved: list[torch.Tensor], flush: bool) -> None:
+    torch._foreach_copy_(grads, saved)
+    if flush:
+        flush_caches()
+
+
+def _clip_pair(ps: list[torch.nn.Parameter], max_norm: float, p: float) -> dict[str, Callable[[], object]]:
+    return {
+        "torch": lambda: torch.nn.utils.clip_grad_norm_(ps, max_norm, p, foreach=True),
+        "ours": lambda: dist_clip.clip_grad_norm_(ps, max_norm, p),
+    }
+
+
+def _step_fns(
+    ps: list[torch.nn.Parameter], opt: torch.optim.Optimizer, max_norm: float
+) -> dict[str, Callable[[], object]]:
+    return {
+        "step": opt.step,
+        "clip then step": lambda: (dist_clip.clip_grad_norm_(ps, max_norm), opt.step()),
+        "fused clip+step": lambda: (dist_clip.clip_grad_norm_(ps, max_norm, optimizer=opt), opt.step()),
+        "torch clip then step": lambda: (torch.nn.utils.clip_grad_norm_(ps, max_norm), opt.step()),
+    }
+
+
+def _params(grads: Sequence[torch.Tensor]) -> list[torch.nn.Parameter]:
+    ps = []
+    for g in grads:
+        # A zero-stride stand-in: the parameter's values are never read, so it needs no memory of its own.
+        p = torch.nn.Parameter(torch.zeros(1, dtype=g.dtype, device=g.device).expand(g.shape))
+        p.grad = g
+        ps.append(p)
+    return ps
+
+
+def _rel(got: float, want: float) -> float:
+    if math.isnan(want) or want == 0:
+        return float("nan") if got != want else 0.0
+    return abs(got - want) / abs(want)
+
+
+def _p_name(p: float) -> str:
+    return "inf" if math.isinf(p) else f"{p:g}"
+
+
+def _target(p: float, dtype: torch.dtype, clipping: bool) -> float:
+    if dtype in (torch.bfloat16, torch.float16):
+        return TARGET_HALF if p == 2 else TARGET_CLIP.get(p, TARGET_OTHER_P)
+    if p == 2 and not clipping:
+        return TARGET_NO_CLIP_P2
+    return TARGET_CLIP.get(p, TARGET_OTHER_P)
+
+
+def _fmt_ratio(ratio: float, target: float | None) -> tuple[str, str]:
+    if target is None:
+        return f"{ratio:.2f}", ""
+    return f"{ratio:.2f}", f"<= {target:g}: " + ("met" if ratio <= target else "MISSED")
+
+
+def bench_orders(quick: bool, device: str = "cpu") -> str:
+    """The main table: every order, dtype, layout, clipping or not."""
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    repeats = 3 if quick else 15
+    orders = [2.0, math.inf] if quick else [0.0, 1.0, 2.0, 3.0, math.inf]
+    rows = []
+    layouts = ["100 x 0.64 Mi"] if quick else ["1 x 64 Mi", "100 x 0.64 Mi"]
+    dtypes = (torch.float32, torch.bfloat16) if quick else (torch.float32, torch.bfloat16, torch.float16)
+    for layout in layouts:
+        for dtype in dtypes:
+            grads = _grads(layout, dtype, quick, device)
+            ps = _params(grads)
+            saved = [g.clone() for g in grads]
+            nbytes = sum(g.numel() * g.element_size() for g in grads)
+            restore = partial(_restore, grads, saved, device == "cpu")
+
+            for p in orders:
+                want = reference_norm(grads, p)
+                torch_total = torch.nn.utils.get_total_norm(grads, p, foreach=True).item()
+                ours_total = dist_clip.get_total_norm(ps, p).item()
+                for clipping in (True, False):
+                    if p == 0 and clipping and dtype != torch.float32:
+                        continue  # L0 with clipping: one row (fp32) is enough
+                    max_norm = want * 0.5 if clipping else want * 2 + 1.0
+                    # Every call starts from the same gradients: clipping changes them, and torch's fp16 L1
+                    # norm overflows to inf, which makes its clip zero them (its coefficient is 0).
+                    t = interleaved(_clip_pair(ps, max_norm, p), repeats, setup=restore, sync=sync)
+                    target = _target(p, dtype, clipping)
+                    ratio, verdict = _fmt_ratio(t["ours"] / t["torch"], target)
+                    rows.append(
+                        [
+                            layout,
+                            str(dtype).replace("torch.", ""),
+                            _p_name(p),
+                            "yes" if clipping else "no",
+                            f"{t['torch']:.2f}",
+                            f"{t['ours']:.2f}",
+                            ratio,
+                            verdict,
+                            f"{_rel(torch_total, want):.1e}",
+                            f"{_rel(ours_total, want):.1e}",
+                            f"{nbytes / t['ours'] / 1e6:.1f}",
+                        ]
+                    )
+    headers = ["layout", "dtype", "p", "clips", "torch ms", "ours ms", "ratio", "target", "torch err", "ours err",
+               "ours GB/s"]
+    return table(headers, rows)
+
+
+def bench_bandwidth(quick: bool) -> str:
+    """The local norm pass (``local_total_partial``: this rank's partial, before the collective and the root)
+    against torch.sum on the same bytes; the whole ``get_total_norm`` call for comparison."""
+    repeats = 5 if quick else 21
+    nbytes = (1 << 18) if quick else (256 << 20)  # the same bytes for every dtype
+    rows = []
+    for dtype in (torch.float32,) if quick else (torch.float32, torch.bfloat16, torch.float16):
+        x = (torch.randn(nbytes // dtype.itemsize) * 0.01).to(dtype)
+        for p in (2.0, math.inf) if quick else (0.0, 1.0, 2.0, 3.0, 3.5, math.inf):
+            fns = {
+                "sum": x.sum,
+                "local": partial(local_total_partial, [x], p, None, x.device),
+                "full": partial(dist_clip.get_total_norm, [x], p),
+            }
+            t = interleaved(fns, repeats)
+            frac = t["sum"] / t["local"]
+            target = TARGET_BANDWIDTH if p != 3.5 else None
+            rows.append(
+                [
+                    str(dtype).replace("torch.", ""),
+                    _p_name(p),
+                    f"{nbytes / t['sum'] / 1e6:.1f}",
+                    f"{nbytes / t['local'] / 1e6:.1f}",
+                    f"{frac:.2f}",
+                    (f">= {target:g}: " + ("met" if frac >= target else "MISSED")) if target else "(no target)",
+                    f"{nbytes / t['full'] / 1e6:.1f}",
+                ]
+            )
+    headers = ["dtype", "p", "torch.sum GB/s", "local pass GB/s", "fraction", "target", "get_total_norm GB/s"]
+    return table(headers, rows)
+
+
+def bench_small(quick: bool) -> str:
+    """1000 tensors of 1 Ki elements: per-call overhead."""
+    repeats = 5 if quick else 51
+    rows = []
+    for dtype in (torch.float32,) if quick else (torch.float32, torch.bfloat16):
+        grads = _grads("1000 x 1 Ki", dtype, quick)
+        ps = _params(grads)
+        saved = [g.clone() for g in grads]
+        for p in (2.0,) if quick else (2.0, math.inf, 1.0):
+            want = reference_norm(grads, p)
+            for clipping in (True, False):
+                max_norm = want * 0.5 if clipping else want * 2 + 1.0
+                t = interleaved(
+                    _clip_pair(ps, max_norm, p), repeats, warmup=3, setup=partial(_restore, grads, saved, False)
+                )
+                ratio, verdict = _fmt_ratio(t["ours"] / t["torch"], TARGET_SMALL)
+                rows.append(
+                    [str(dtype).replace("torch.", ""), _p_name(p), "yes" if clipping else "no",
+                     f"{t['torch']:.3f}", f"{t['ours']:.3f}", ratio, verdict]
+                )
+    return table(["dtype", "p", "clips", "torch ms", "ours ms", "ratio", "target"], rows)
+
+
+def bench_fused(quick: bool) -> str:
+    """Clipping folded into torch's fused optimizers vs clipping then stepping, on the same parameters."""
+    repeats = 3 if quick else 15
+    n_tensors, size = (4, 1 << 14) if quick else (16, 4 << 20)
+    rows = []
+    makers = [
+        ("AdamW(fused)", lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True)),
+        ("SGD(fused, momentum)", lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, fused=True)),
+    ]
+    for name, make in makers[:1] if quick else makers:
+        g = torch.Generator().manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(size, generator=g)) for _ in range(n_tensors)]
+        saved = [torch.randn(size, generator=g) for _ in range(n_tensors)]
+        for p in ps:
+            p.grad = torch.empty(size)
+        opt = make(ps)
+        want = reference_norm(saved)
+        max_norm = want * 0.5
+
+        grads = [p.grad for p in ps]
+        t = interleaved(_step_fns(ps, opt, max_norm), repeats, setup=partial(_restore, grads, saved, True))
+        sep = t["clip then step"] - t["step"]
+        fused = t["fused clip+step"] - t["step"]
+        torch_part = t["torch clip then step"] - t["step"]
+        ratio = fused / sep if sep > 0 else float("nan")
+        rows.append(
+            [name, f"{n_tensors * size / 2**20:.0f} Mi", f"{t['step']:.1f}", f"{t['torch clip then step']:.1f}",
+             f"{t['clip then step']:.1f}", f"{t['fused clip+step']:.1f}", f"{torch_part:.1f}", f"{sep:.1f}",
+             f"{fused:.1f}", f"{ratio:.2f}", f"<= {TARGET_FUSED:g}: " + ("met" if ratio <= TARGET_FUSED else "MISSED")]
+        )
+    headers = ["optimizer", "params", "step ms", "torch clip+step", "clip then step", "fused clip+step",
+               "torch clip part", "our clip part", "fused clip part", "fused / separate", "target"]
+    return table(headers, rows)
+
+
+def _gpu_section(quick: bool) -> str:
+    if not torch.cuda.is_available():
+        return (
+            "GPU: not measured (no CUDA device on this machine). The CUDA path runs the same benchmark with "
+            "`python -m bench core` on a GPU machine; rows to fill: p = 0, 1, 2, 3, inf in fp32/bf16/fp16 "
+            "against torch, the local pass against a device copy's bandwidth, zero host syncs "
+            "(`tests/test_gpu.py`)."
+        )
+    name = torch.cuda.get_device_name()
+    return f"GPU: {name}\n\n" + bench_orders(quick, device="cuda") + "\n\n" + _gpu_bandwidth(quick)
+
+
+def _gpu_bandwidth(quick: bool) -> str:
+    n = (1 << 16) if quick else (256 << 20)
+    x = torch.randn(n, device="cuda")
+    y = torch.empty_like(x)
+    rows = []
+    for p in (2.0, 1.0, math.inf):
+        fns = {"copy": partial(y.copy_, x), "ours": partial(dist_clip.get_total_norm, [x], p)}
+        t = interleaved(fns, 5 if quick else 31, sync=torch.cuda.synchronize)
+        copy_bw = 2 * x.numel() * 4 / t["copy"] / 1e6  # read + write
+        ours_bw = x.numel() * 4 / t["ours"] / 1e6
+        frac = ours_bw / copy_bw
+        rows.append([_p_name(p), f"{copy_bw:.0f}", f"{ours_bw:.0f}", f"{frac:.2f}",
+                     ">= 0.8: " + ("met" if frac >= 0.8 else "MISSED")])
+    return table(["p", "device copy GB/s", "ours GB/s", "fraction", "target"], rows)
+
+
+def main(quick: bool = False) -> str:
+    threads = torch.get_num_threads()
+    kernel = "native kernel" if _native.available() else f"plain torch ({_native.status()})"
+    parts = [
+        f"torch {torch.__version__}, {threads} threads, CPU path: {kernel}. Medians, ours / torch.",
+        "### Norm orders and dtypes (CPU)\n\n" + bench_orders(quick),
+        "### Local pass vs torch.sum read bandwidth (CPU, one tensor of 256 MiB)\n\n" + bench_bandwidth(quick),
+        "### 1000 tensors of 1 Ki elements (CPU)\n\n" + bench_small(quick),
+        "### Clipping folded into a fused optimizer step (CPU)\n\n" + bench_fused(quick),
+        "### CUDA\n\n" + _gpu_section(quick),
+    ]
+    return "\n\n".join(parts)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(main(quick="--quick" in sys.argv))

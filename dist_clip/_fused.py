@@ -1,0 +1,99 @@
+"""Clipping folded into a fused optimizer step: the clip coefficient travels as ``grad_scale``.
+
+torch's fused optimizers (``Adam``/``AdamW``/``SGD``/``Adagrad`` with ``fused=True``) take two device tensors
+meant for mixed-precision loss scaling: every gradient is divided by ``grad_scale`` inside the update kernel
+(and written back, so ``p.grad`` ends up clipped), and ``found_inf == 1`` makes the kernel skip the update and
+roll the step count back. Handing them ``1 / coef`` and ``not isfinite(total)`` clips inside the optimizer's
+own read of the gradients: the clip costs the norm's read pass only, no separate scaling pass, and a
+non-finite norm skips the step without the host ever reading the norm (no device sync on CUDA).
+
+The values are stashed on the optimizer by :func:`hand_over_` and consumed by a step pre-hook, so they apply to
+exactly the next ``step()``. The hook combines with what a ``GradScaler`` sets for the same step (it sets
+``grad_scale``/``found_inf`` before calling ``step``): scales multiply, ``found_inf`` flags add. A post-hook
+restores the attributes as they were.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["hand_over_", "supports_grad_scale"]
+
+_PENDING = "_dist_clip_pending"
+_HOOKS = "_dist_clip_hooks"
+_SAVED = "_dist_clip_saved"
+_MISSING = object()
+
+
+def supports_grad_scale(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` reads ``grad_scale``/``found_inf``: torch's fused optimizers.
+
+    ``_step_supports_amp_scaling`` is the flag ``GradScaler`` relies on for the same contract; it is set by
+    torch's optimizers exactly when they run fused.
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
+        g.get("fused", False) for g in optimizer.param_groups
+    )
+
+
+def _prepare_sgd_first_step(optimizer: torch.optim.Optimizer) -> None:
+    """torch's fused SGD allocates momentum buffers with ``empty_like`` before a possibly skipped first step
+    and keeps them: a skipped first step would leave garbage momentum. With ``dampening == 0`` a zero buffer
+    makes the first update ``0 * momentum + grad``, bit-for-bit the first-step rule, so start from zeros."""
+    if not isinstance(optimizer, torch.optim.SGD):
+        return
+    for group in optimizer.param_groups:
+        if group.get("momentum", 0) == 0 or group.get("dampening", 0) != 0:
+            continue
+        for p in group["params"]:
+            if p.grad is not None and optimizer.state[p].get("momentum_buffer") is None:
+                optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+
+
+def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    pending = optimizer.__dict__.pop(_PENDING, None)
+    if pending is None:
+        return
+    scale, found = pending
+    saved = (optimizer.__dict__.get("grad_scale", _MISSING), optimizer.__dict__.get("found_inf", _MISSING))
+    optimizer.__dict__[_SAVED] = saved
+    theirs_scale, theirs_found = saved
+    if isinstance(theirs_scale, Tensor):
+        scale = scale * theirs_scale.to(scale.device, non_blocking=True)
+    if isinstance(theirs_found, Tensor):
+        found = found + theirs_found.to(found.device, non_blocking=True)
+    _prepare_sgd_first_step(optimizer)
+    optimizer.grad_scale = scale  # type: ignore[attr-defined]
+    optimizer.found_inf = found  # type: ignore[attr-defined]
+
+
+def _post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    saved = optimizer.__dict__.pop(_SAVED, None)
+    if saved is None:
+        return
+    for name, value in zip(("grad_scale", "found_inf"), saved):
+        if value is _MISSING:
+            optimizer.__dict__.pop(name, None)
+        else:
+            setattr(optimizer, name, value)
+
+
+def hand_over_(optimizer: torch.optim.Optimizer, coef: Tensor, total: Tensor) -> None:
+    """Make the next ``optimizer.step()`` multiply every gradient by ``coef``, or skip if ``total`` is not finite.
+
+    ``coef`` and ``total`` are 0-dim device tensors; nothing here reads them on the host. The caller has
+    checked :func:`supports_grad_scale`.
+    """
+    if _HOOKS not in optimizer.__dict__:
+        optimizer.__dict__[_HOOKS] = (
+            optimizer.register_step_pre_hook(_pre_hook),
+            optimizer.register_step_post_hook(_post_hook),
+        )
+    scale = torch.reciprocal(coef.to(torch.float32))  # the kernels divide: 1/1 == 1 keeps an unclipped step exact
+    found = torch.logical_not(torch.isfinite(total)).to(torch.float32)
+    optimizer.__dict__[_PENDING] = (scale, found)

@@ -1,0 +1,158 @@
+"""GPU tier: CUDA accuracy, zero host syncs on the default path, one NCCL collective per call.
+
+Skipped without CUDA (``tests/conftest.py`` skips every ``gpu``-marked test). On a GPU machine:
+``.venv/bin/python -m pytest tests/test_gpu.py``. The NCCL check spawns ``min(2, device_count)`` ranks, one
+GPU each (NCCL refuses two ranks on one device): with one GPU it checks the one-rank case (no collective).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from datetime import timedelta
+
+import pytest
+import torch
+
+import dist_clip
+from dist_clip.testing import count_collectives, reference_norm
+
+pytestmark = pytest.mark.gpu
+
+ORDERS = [0.0, 1.0, 2.0, 3.0, 3.5, math.inf]
+RTOL = {torch.float32: 1e-6, torch.bfloat16: 1e-5, torch.float16: 1e-5}
+
+
+def _grads(dtype: torch.dtype, device: str = "cuda", seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sizes = (1, 1000, 4097, 1 << 20, 3 * (1 << 20) + 5)
+    scales = [10.0 ** (i % 3 - 1) for i in range(len(sizes))]
+    return [(torch.randn(n, generator=g) * s).to(device=device, dtype=dtype) for n, s in zip(sizes, scales)]
+
+
+def _params(grads: list[torch.Tensor]) -> list[torch.nn.Parameter]:
+    ps = []
+    for g in grads:
+        p = torch.nn.Parameter(torch.zeros_like(g))
+        p.grad = g
+        ps.append(p)
+    return ps
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("p", ORDERS)
+def test_cuda_total_matches_float64_reference(dtype, p):
+    grads = _grads(dtype)
+    total = dist_clip.get_total_norm(grads, p)
+    assert total.device.type == "cuda" and total.dtype == torch.float32
+    want = reference_norm(grads, p)
+    assert abs(total.item() - want) <= RTOL[dtype] * want, (total.item(), want)
+
+
+@pytest.mark.parametrize("p", ORDERS)
+def test_cuda_nan_gives_nan(p):
+    grads = _grads(torch.float32)
+    grads[3][12345] = math.nan
+    assert math.isnan(dist_clip.get_total_norm(grads, p).item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", ORDERS)
+def test_default_path_makes_no_host_sync(dtype, p):
+    ps = _params(_grads(dtype))
+    dist_clip.clip_grad_norm_(ps, 1.0, p)  # warm-up: lazy initialisation may sync once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        total = dist_clip.get_total_norm(ps, p)
+        dist_clip.clip_grads_with_norm_(ps, 1.0, total)
+        dist_clip.clip_grad_norm_(ps, 1.0, p)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("name", ["AdamW", "SGD"])
+def test_fused_optimizer_hand_over_makes_no_host_sync_and_matches(name):
+    make = {
+        "AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
+        "SGD": lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, fused=True),
+    }[name]
+    ref_ps, ps = _params(_grads(torch.float32)), _params(_grads(torch.float32))
+    ref_opt, opt = make(ref_ps), make(ps)
+    for step in range(3):
+        for a, b in zip(ref_ps, ps):
+            b.grad.copy_(a.grad)
+        total = dist_clip.get_total_norm(ref_ps)
+        coef = torch.clamp(0.5 / (total + 1e-6), max=1.0)
+        torch._foreach_div_([p.grad for p in ref_ps], torch.reciprocal(coef))
+        ref_opt.step()
+        torch.cuda.synchronize()
+        if step > 0:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            dist_clip.clip_grad_norm_(ps, 0.5, optimizer=opt)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        opt.step()
+    for a, b in zip(ref_ps, ps):
+        assert torch.equal(a, b)
+
+
+def _nccl_rank(rank: int, world: int, store_path: str, results) -> None:
+    import torch.distributed as dist
+
+    try:
+        torch.cuda.set_device(rank)
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+        store = dist.FileStore(store_path, world)
+        dist.init_process_group("nccl", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=120))
+        full = _grads(torch.float32, device="cpu", seed=7)
+        mine = [t.cuda() for i, t in enumerate(full) if i % world == rank]
+        ps = _params(mine)
+        out = []
+        for p in ORDERS:
+            want = reference_norm(full, p)
+            dist_clip.get_total_norm(ps, p, group=dist.group.WORLD)  # warm-up (NCCL communicator set-up)
+            torch.cuda.synchronize()
+            with count_collectives() as calls:
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    total = dist_clip.get_total_norm(ps, p, group=dist.group.WORLD)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+                torch.cuda.synchronize()
+            out.append((p, total.item(), want, calls.names))
+        dist.destroy_process_group()
+        results.put((rank, True, out))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        import traceback
+
+        results.put((rank, False, f"{e!r}\n{traceback.format_exc()}"))
+
+
+def test_nccl_one_collective_per_call_and_exact():
+    import torch.multiprocessing as mp
+
+    world = min(2, torch.cuda.device_count())
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "store")
+        procs = [ctx.Process(target=_nccl_rank, args=(r, world, store, results)) for r in range(world)]
+        for proc in procs:
+            proc.start()
+        got = [results.get(timeout=300) for _ in range(world)]
+        for proc in procs:
+            proc.join(timeout=60)
+    failures = [msg for _, ok, msg in got if not ok]
+    assert not failures, failures
+    by_rank = {rank: out for rank, _, out in got}
+    for p_idx, p in enumerate(ORDERS):
+        totals = {by_rank[r][p_idx][1] for r in range(world)}
+        assert len(totals) == 1, (p, totals)  # identical on every rank
+        _, total, want, names = by_rank[0][p_idx]
+        assert abs(total - want) <= 1e-6 * want or (math.isnan(want) and math.isnan(total)), (p, total, want)
+        nccl = [n for n in names if n.startswith("nccl:")]
+        assert len(nccl) == (1 if world > 1 else 0), (p, names)

@@ -1,0 +1,482 @@
+"""The fast paths of the performance work, each against a float64 reference and a plain implementation.
+
+* The CPU norm partials, on both paths (the native kernel ``_native.c`` and the plain-torch fallback), for
+  every dtype and order: random data, adversarial constant inputs (rounding that does not cancel), fp32
+  values whose powers overflow or underflow float32, fp16/bf16 extremes and subnormals, NaN and inf anywhere,
+  many small tensors in one call, non-contiguous and mixed inputs, and independence from the thread count.
+* Clipping folded into torch's fused optimizers (``clip_grad_norm_(..., optimizer=opt)``): parameters and
+  gradients against clip-then-step, for fused and non-fused Adam/AdamW/SGD; a non-finite norm skips the step.
+
+Run: ``.venv/bin/python -m pytest tests/test_perf_paths.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+import dist_clip
+from dist_clip import _fused, _native, _norm
+from dist_clip.testing import reference_norm
+
+ORDERS = [0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 8.0, math.inf]
+HALF = [torch.bfloat16, torch.float16]
+RTOL = {torch.float32: 1e-6, torch.bfloat16: 1e-5, torch.float16: 1e-5}
+
+
+@pytest.fixture(params=["native", "torch"])
+def path(request, monkeypatch):
+    """Run the test on the native kernel and on the plain-torch fallback."""
+    if request.param == "native":
+        if not _native.available():
+            pytest.skip(f"native kernel unavailable: {_native.status()}")
+    else:
+        monkeypatch.setattr(_native, "available", lambda: False)
+    return request.param
+
+
+def _ref_partials(tensors, p):
+    out = []
+    for t in tensors:
+        d = t.detach().reshape(-1).double()
+        if p == 0:
+            v = float("nan") if bool(torch.isnan(d).any()) else float((d != 0).sum())
+        elif math.isinf(p):
+            v = float("nan") if bool(torch.isnan(d).any()) else (float(d.abs().max()) if d.numel() else 0.0)
+        else:
+            v = float(d.abs().pow(p).sum())
+        out.append(v)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def _assert_partials(got, want, rtol):
+    assert got.dtype == torch.float64 and got.shape == want.shape
+    for g, w in zip(got.tolist(), want.tolist()):
+        if math.isnan(w):
+            assert math.isnan(g), (g, w)
+        elif math.isinf(w):
+            assert g == w, (g, w)
+        else:
+            assert abs(g - w) <= rtol * abs(w), (g, w, abs(g - w) / max(abs(w), 1e-300))
+
+
+def _total_close(got: float, want: float, rtol: float) -> bool:
+    if math.isnan(want):
+        return math.isnan(got)
+    if math.isinf(want):
+        return got == want
+    return abs(got - want) <= rtol * abs(want)
+
+
+def test_native_kernel_builds_where_a_compiler_exists():
+    if shutil.which("gcc") is None and shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    assert _native.available(), _native.status()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF])
+@pytest.mark.parametrize("p", ORDERS)
+def test_partials_match_float64_for_every_order_and_dtype(path, dtype, p):
+    g = torch.Generator().manual_seed(3)
+    sizes = [0, 1, 31, 32, 33, 4096, 4097, 65535, 65537, 200001]
+    ts = []
+    for i, n in enumerate(sizes):
+        t = torch.randn(n, generator=g) * 10.0 ** (i % 5 - 2)
+        t[torch.rand(n, generator=g) < 0.1] = 0
+        ts.append(t.to(dtype))
+    # The kernel is exact up to float64 rounding for fp32; halves sum 16 terms a lane in float before widening
+    # (at most 16 * 2**-24 = 9.5e-7 relative); the plain-torch path is within its float32 blocks.
+    rtol = 1e-12 if path == "native" and dtype == torch.float32 else 1e-6
+    _assert_partials(_norm.local_partials(ts, p), _ref_partials(ts, p), rtol)
+    total = dist_clip.get_total_norm(ts, p).item()
+    assert _total_close(total, reference_norm(ts, p), RTOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF])
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0, 3.5, 0.5, math.inf])
+@pytest.mark.parametrize("value", [316.3, 0.1, 7.0])
+def test_constant_inputs_where_rounding_does_not_cancel(path, dtype, p, value):
+    n = (1 << 22) + 13 if dtype == torch.float32 else (1 << 20) + 13
+    g = torch.full((n,), value, dtype=dtype)
+    want = reference_norm([g], p)
+    assert _total_close(dist_clip.get_total_norm([g], p).item(), want, RTOL[dtype]), (
+        dist_clip.get_total_norm([g], p).item(),
+        want,
+    )
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0, 2.5, 4.0, math.inf])
+def test_fp32_values_whose_powers_overflow_float32(path, p):
+    g = torch.full((100_003,), 1e20)
+    g[::7] = -3e19
+    g[5] = 3.4e38
+    want = reference_norm([g], p)
+    assert math.isfinite(want)
+    assert _total_close(dist_clip.get_total_norm([g], p).item(), want, 1e-6)
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0, 2.5, 0.5])
+@pytest.mark.parametrize("value", [1e-25, 1e-40])  # 1e-40 is a float32 subnormal
+def test_fp32_values_whose_powers_underflow_float32(path, p, value):
+    g = torch.full((100_003,), value)
+    g[::11] = -value / 3
+    want = reference_norm([g], p)
+    got = dist_clip.get_total_norm([g], p).item()
+    assert want > 0 and _total_close(got, want, 1e-6), (got, want)
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0])
+@pytest.mark.parametrize("value", [1e-25, 1e-39, 1e20, 3e38])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_bf16_powers_outside_float32_range(path, p, value, mixed):
+    """bf16 spans float32's exponent range: its squares and cubes overflow or underflow the float lanes the
+    kernel sums halves in; the block and whole-tensor checks must recover the exact value."""
+    g = torch.full((100_003,), value).to(torch.bfloat16)
+    if mixed:
+        g[::5] = 0.5  # ordinary values beside them: only some blocks (or none) need the exact path
+    # Partials, not the float32 total: the norm of 1e5 values of 3e38 is beyond float32 itself.
+    _assert_partials(_norm.local_partials([g], p), _ref_partials([g], p), 1e-6)
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0, 2.0, 3.0, 3.5, math.inf])
+def test_fp16_extremes_and_subnormals(path, p):
+    bits = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16)
+    every = bits.view(torch.float16)  # every fp16 value: zeros, subnormals, normals, inf, NaN
+    finite = every[torch.isfinite(every)]
+    _assert_partials(_norm.local_partials([finite], p), _ref_partials([finite], p), 1e-6)
+    assert math.isnan(_norm.local_partials([every], p).item())  # NaN among them
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0, 2.0, 3.0, 3.5, math.inf])
+def test_bf16_extremes_and_subnormals(path, p):
+    bits = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16)
+    every = bits.view(torch.bfloat16)
+    finite = every[torch.isfinite(every)]
+    if p not in (0.0, math.inf):
+        finite = finite[finite.abs() < 1e30]  # keep |x|**p finite in float64 for the comparison
+    _assert_partials(_norm.local_partials([finite], p), _ref_partials([finite], p), 1e-6)
+    assert math.isnan(_norm.local_partials([every], p).item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF])
+@pytest.mark.parametrize("p", ORDERS)
+@pytest.mark.parametrize("where", [0, 33, 70_000, 99_999])
+def test_nan_anywhere_gives_nan(path, dtype, p, where):
+    g = torch.randn(100_000).to(dtype)
+    g[where] = math.nan
+    assert math.isnan(dist_clip.get_total_norm([torch.ones(5, dtype=dtype), g], p).item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF])
+@pytest.mark.parametrize("p", ORDERS)
+def test_inf_gives_inf_and_nan_beats_inf(path, dtype, p):
+    g = torch.randn(100_000).to(dtype)
+    g[77_777] = -math.inf
+    total = dist_clip.get_total_norm([g], p).item()
+    if p == 0:
+        assert total == float((g != 0).sum())  # inf is a non-zero like any other
+    else:
+        assert total == math.inf
+    g[5] = math.nan
+    assert math.isnan(dist_clip.get_total_norm([g], p).item())
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0, 2.0, 3.5, math.inf])
+def test_many_small_tensors_in_one_native_call(monkeypatch, p):
+    if not _native.available():
+        pytest.skip(_native.status())
+    calls = []
+    real = _native.partials
+    monkeypatch.setattr(_native, "partials", lambda ts, q: calls.append(len(ts)) or real(ts, q))
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(1024, generator=g) for _ in range(1000)]
+    got = _norm.local_partials(ts, p)
+    assert calls == [1000]
+    _assert_partials(got, _ref_partials(ts, p), 1e-12)
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0, math.inf, 0.0])
+def test_non_contiguous_and_mixed_inputs(path, p):
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(300, 400, generator=g)
+    ts = [
+        base.t(),  # non-contiguous
+        base[:, ::3],
+        torch.randn(5000, generator=g).to(torch.bfloat16),
+        torch.randn(70000, generator=g, dtype=torch.float64),
+        torch.randn(1000, generator=g),
+        torch.randn(2, 3, generator=g).to(torch.float16).expand(4, 2, 3),  # zero stride
+    ]
+    _assert_partials(_norm.local_partials(ts, p), _ref_partials(ts, p), 1e-6)
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.5, math.inf, 0.0])
+def test_result_does_not_depend_on_the_thread_count(p):
+    g = torch.randn(3_000_001)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(_norm.local_partials([g, g[:100_000]], p))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
+def test_native_disabled_by_environment(tmp_path):
+    import subprocess
+    import sys
+
+    code = "from dist_clip import _native; print(_native.available(), _native.status())"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**__import__("os").environ, "DIST_CLIP_NATIVE": "0"},
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert out.startswith("False disabled")
+
+
+def test_native_build_is_cached_and_survives_a_missing_compiler(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    env = {**__import__("os").environ, "DIST_CLIP_CACHE_DIR": str(tmp_path), "CC": "/nonexistent/cc"}
+    env["PATH"] = "/nonexistent"
+    code = (
+        "import torch, dist_clip\n"
+        "from dist_clip import _native\n"
+        "assert not _native.available(), _native.status()\n"
+        "assert 'compiler' in _native.status(), _native.status()\n"
+        "g = torch.full((100000,), 316.3)\n"
+        "want = float(g.double().norm())\n"
+        "assert abs(dist_clip.get_total_norm([g]).item() - want) <= 1e-6 * want\n"
+    )
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF])
+@pytest.mark.parametrize("coef", [0.999, 0.5, 1e-3, 0.123456789, 3e-8, 0.0])
+def test_native_scaling_rounds_like_torch(dtype, coef):
+    """Every bit pattern of the halves (and wide-ranging fp32) scaled in place: the same values as
+    ``torch._foreach_mul_`` bit for bit, NaN where torch has NaN (only NaN payloads may differ)."""
+    if not _native.available():
+        pytest.skip(_native.status())
+    if dtype == torch.float32:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1 << 18, generator=g) * 10.0 ** torch.randint(-44, 38, (1 << 18,), generator=g).float()
+        x = torch.cat([x, torch.tensor([3.4e38, -3.4e38, 1e-45, 0.0, -0.0, math.inf, -math.inf, math.nan])])
+    else:
+        x = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(dtype)
+    pieces = list(x.split(1000))  # many tensors, with a ragged last one
+    ours, theirs = [t.clone() for t in pieces], [t.clone() for t in pieces]
+    c = torch.tensor(coef, dtype=torch.float32)
+    torch._foreach_mul_(theirs, c)
+    if not _native.scale_(ours, float(c)):
+        pytest.skip("this build leaves fp16 scaling to torch (no F16C)")
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a.isnan(), b.isnan())
+        bits = torch.int32 if dtype == torch.float32 else torch.int16
+        assert torch.equal(a[~a.isnan()].view(bits), b[~b.isnan()].view(bits))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF])
+def test_clipping_many_small_tensors_matches_torch(dtype):
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(int(n), generator=g).to(dtype) for n in torch.randint(1, 3000, (500,), generator=g)]
+    ours, theirs = [t.clone() for t in grads], [t.clone() for t in grads]
+    total = dist_clip.clip_grad_norm_(ours, 0.5)
+    coef = torch.clamp(0.5 / (total + 1e-6), max=1.0)
+    torch._foreach_mul_(theirs, coef)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+
+
+# --- clipping folded into a fused optimizer -----------------------------------------------------------------
+
+OPTIMIZERS = {
+    "Adam": lambda ps, fused: torch.optim.Adam(ps, lr=1e-2, fused=fused),
+    "AdamW": lambda ps, fused: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=fused),
+    "SGD": lambda ps, fused: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, fused=fused),
+    "SGD-nesterov-wd": lambda ps, fused: torch.optim.SGD(
+        ps, lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.01, fused=fused
+    ),
+}
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 8))
+
+
+def _backward(model: nn.Module, step: int, scaler: torch.amp.GradScaler | None = None) -> None:
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(16, 32, generator=g)
+    model.zero_grad(set_to_none=True)
+    loss = model(x).square().sum()
+    (loss if scaler is None else scaler.scale(loss)).backward()
+
+
+def _run(name: str, fused: bool | None, hand_over: bool, max_norm: float, steps: int = 4):
+    model = _model()
+    opt = OPTIMIZERS[name](list(model.parameters()), fused)
+    totals = []
+    for step in range(steps):
+        _backward(model, step)
+        if hand_over:
+            totals.append(dist_clip.clip_grad_norm_(model, max_norm, optimizer=opt))
+        else:
+            totals.append(dist_clip.clip_grad_norm_(model, max_norm))
+        opt.step()
+    return model, opt, totals
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("fused", [True, False, None])
+@pytest.mark.parametrize("max_norm", [0.5, 1e9])
+def test_optimizer_argument_gives_the_parameters_of_clip_then_step(name, fused, max_norm):
+    ref_model, ref_opt, ref_totals = _run(name, fused, hand_over=False, max_norm=max_norm)
+    model, opt, totals = _run(name, fused, hand_over=True, max_norm=max_norm)
+    assert _fused.supports_grad_scale(opt) == bool(fused)
+    clipping_inside = bool(fused) and max_norm < 1e9
+    assert torch.equal(ref_totals[0], totals[0])
+    for a, b in zip(ref_totals, totals):  # later steps start from parameters an ulp apart when clipping inside
+        torch.testing.assert_close(a, b, rtol=0 if not clipping_inside else 1e-5, atol=0)
+    for (n, p_ref), p in zip(ref_model.named_parameters(), model.parameters()):
+        if clipping_inside:
+            # The fused kernels divide by grad_scale = 1/coef where clip-then-step multiplies by coef: the
+            # gradients differ by an ulp, and Adam's normalised update turns that into at most an ulp or two
+            # of the parameters (values of order 1: 1.2e-7) over these steps.
+            torch.testing.assert_close(p, p_ref, rtol=1e-6, atol=5e-7, msg=n)
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=1e-6, msg=n)  # written back, clipped
+        else:
+            assert torch.equal(p, p_ref), n  # unclipped (1/1 == 1) or non-fused (scaled in place): identical
+            assert torch.equal(p.grad, p_ref.grad), n
+    assert "grad_scale" not in opt.__dict__ and "found_inf" not in opt.__dict__
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_fused_step_is_bit_identical_to_dividing_by_the_handed_over_scale(name):
+    """The exact contract: the step equals clipping by ``g / (1 / coef)`` then stepping, bit for bit."""
+    ref_model = _model()
+    ref_opt = OPTIMIZERS[name](list(ref_model.parameters()), True)
+    model = _model()
+    opt = OPTIMIZERS[name](list(model.parameters()), True)
+    for step in range(3):
+        _backward(ref_model, step)
+        _backward(model, step)
+        total = dist_clip.get_total_norm(ref_model)
+        coef = torch.clamp(0.5 / (total + 1e-6), max=1.0)
+        for p in ref_model.parameters():
+            p.grad.div_(torch.reciprocal(coef))
+        ref_opt.step()
+        dist_clip.clip_grad_norm_(model, 0.5, optimizer=opt)
+        opt.step()
+    for p_ref, p in zip(ref_model.parameters(), model.parameters()):
+        assert torch.equal(p, p_ref)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("first", [True, False])
+def test_non_finite_norm_skips_the_fused_step(name, bad, first):
+    """A non-finite total makes the fused step a no-op (parameters, state, step count), then training goes on
+    exactly as if that step had never been attempted; nothing reads the norm on the host."""
+    ref_model = _model()
+    ref_opt = OPTIMIZERS[name](list(ref_model.parameters()), True)
+    model = _model()
+    opt = OPTIMIZERS[name](list(model.parameters()), True)
+    bad_step = 0 if first else 2
+    for step in range(4):
+        _backward(model, step)
+        if step == bad_step:
+            before = [p.detach().clone() for p in model.parameters()]
+            state_before = {k: {n: v.clone() for n, v in s.items()} for k, s in enumerate(opt.state.values())}
+            next(model.parameters()).grad.view(-1)[3] = bad
+            total = dist_clip.clip_grad_norm_(model, 0.5, optimizer=opt)
+            opt.step()
+            assert not math.isfinite(total.item())
+            for p, b in zip(model.parameters(), before):
+                assert torch.equal(p, b)
+            after = {k: {n: v for n, v in s.items()} for k, s in enumerate(opt.state.values())}
+            if not first:
+                for k in state_before:
+                    for n in state_before[k]:
+                        assert torch.equal(after[k][n], state_before[k][n]), (k, n)
+            continue
+        _backward(ref_model, step)
+        dist_clip.clip_grad_norm_(ref_model, 0.5, optimizer=ref_opt)
+        ref_opt.step()
+        dist_clip.clip_grad_norm_(model, 0.5, optimizer=opt)
+        opt.step()
+    for p_ref, p in zip(ref_model.parameters(), model.parameters()):
+        assert torch.equal(p, p_ref)
+
+
+def test_handed_over_scale_applies_to_exactly_one_step():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0, fused=True)
+    _backward(model, 0)
+    dist_clip.clip_grad_norm_(model, 1e-3, optimizer=opt)
+    opt.step()
+    assert "grad_scale" not in opt.__dict__ and "_dist_clip_pending" not in opt.__dict__
+    # A second step with fresh, unclipped gradients sees no scale.
+    _backward(model, 1)
+    grads = [p.grad.clone() for p in model.parameters()]
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    for p, b, g in zip(model.parameters(), before, grads):
+        assert torch.equal(p.detach(), b - g)
+
+
+def test_gradscaler_and_fused_clip_compose():
+    """With a GradScaler the documented recipe (unscale_, clip, scaler.step) clips inside the fused step."""
+    ref_model, model = _model(), _model()
+    ref_opt = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    ref_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for step in range(3):
+        for m, o, s, hand in ((ref_model, ref_opt, ref_scaler, False), (model, opt, scaler, True)):
+            _backward(m, step, s)
+            s.unscale_(o)
+            if hand:
+                dist_clip.clip_grad_norm_(m, 0.5, optimizer=o)
+            else:
+                dist_clip.clip_grad_norm_(m, 0.5)
+            s.step(o)
+            s.update()
+    for p_ref, p in zip(ref_model.parameters(), model.parameters()):
+        torch.testing.assert_close(p, p_ref, rtol=1e-6, atol=5e-7)
+    assert "grad_scale" not in opt.__dict__
+
+
+def test_optimizer_argument_validation():
+    with pytest.raises(TypeError, match="optimizer"):
+        dist_clip.clip_grad_norm_(_model(), 1.0, optimizer=object())
+
+
+# --- the benchmarks' smoke runs ------------------------------------------------------------------------------
+
+
+def test_bench_core_quick_runs_and_reports_targets():
+    from bench import core
+
+    out = core.main(quick=True)
+    assert "| layout |" in out and "| optimizer |" in out and "target" in out
+    assert ("not measured" in out) != torch.cuda.is_available()
+
+
+@pytest.mark.slow
+def test_bench_scaling_quick_writes_a_png():
+    import re
+
+    from bench import scaling
+
+    out = scaling.main(quick=True)
+    png = re.search(r"PNG: (\S+)", out).group(1)
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
