@@ -39,7 +39,9 @@ def _check_max_norm(max_norm: object) -> float | Tensor:
         raise TypeError(f"max_norm must be a real number, got {type(max_norm).__name__} {max_norm!r}")
     if isinstance(max_norm, Tensor):
         if max_norm.numel() != 1 or not max_norm.is_floating_point():
-            raise TypeError(f"max_norm as a tensor must hold one floating-point value, got shape {tuple(max_norm.shape)}")
+            raise TypeError(
+                f"max_norm as a tensor must hold one floating-point value, got shape {tuple(max_norm.shape)}"
+            )
         if max_norm.device.type != "cpu":
             return max_norm.reshape(())  # validating would be a device sync: trusted as given
         value = float(max_norm)
