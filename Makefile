@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q numpy setuptools wheel ninja
 	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8
 	$(BIN)/pip install -q torch==2.13.0 -e '.[fairscale,mpi,train,dev]'
+	# The native CPU kernel, built ahead of first use; without a compiler dist_clip falls back to plain torch.
+	-$(BIN)/python -m dist_clip._native
 	touch $(STAMP)
 
 test: install
