@@ -1,16 +1,17 @@
 """The native CPU kernel (``_native.c``): build once with the system C compiler, load with ctypes.
 
 Why a small C file and not plain torch, inductor or a torch C++ extension (measured on the 2-core CI machine,
-see docs/notes/performance.md): torch has one fast, but float32-inaccurate, reduction per norm order at best
-(p=2 only); every accurate plain-torch formulation of p=1, p=3, other p, bf16 and fp16 is two or more passes
-and misses the bandwidth target. The kernel widens each element to double and reads the gradients once for
-every order and dtype, at the bandwidth of ``torch.sum``. It needs no torch headers, so it builds in about
-0.3 s (a torch extension takes a minute; inductor's first compile took 17 s and then 3 s per process).
+see docs/notes/performance.md): torch's single-pass reductions are float32-accurate only (vector_norm p=2) or
+cover one order (aminmax for inf); every accurate plain-torch formulation of p=1, p=3, other p, bf16 and fp16
+is two or more passes and misses the bandwidth target. The kernel widens each element to double and reads the
+gradients once for every order and dtype, at the bandwidth of ``torch.sum``. It needs no torch headers: one
+compiler call of about 4 s, once per machine (then loaded from the cache in milliseconds); inductor's first
+compile took 17 s here and then 3 s in every new process, spawned ranks included.
 
 The build is cached by a hash of the source, compiler and flags under ``$DIST_CLIP_CACHE_DIR`` (default
 ``$XDG_CACHE_HOME/dist_clip`` or ``~/.cache/dist_clip``) and published with an atomic rename, so concurrent
-first uses are safe. ``make install`` builds it ahead of time (``python -m dist_clip._native``). Anything that
-goes wrong (no compiler, a read-only cache, ``DIST_CLIP_NATIVE=0``) leaves the plain-torch path in charge:
+first uses are safe. ``python -m dist_clip._native`` builds it ahead of time (for ``make install``). Anything
+that goes wrong (no compiler, a read-only cache, ``DIST_CLIP_NATIVE=0``) leaves the plain-torch path in charge:
 :func:`available` says which, and :func:`status` says why.
 """
 
