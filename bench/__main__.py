@@ -8,7 +8,7 @@ import os
 import sys
 
 #: Scenario modules in bench/, run in this order when none is named.
-SCENARIOS = ("core", "fsdp", "deepspeed", "fairscale")
+SCENARIOS = ("core", "scaling", "fsdp", "deepspeed", "fairscale")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,8 +2,10 @@
 
 Run: ``python -m bench core`` (``--quick`` for a smoke run). Every figure is a median over repeats in which
 the contenders take turns (torch, ours, torch, ours...), so machine noise hits both alike; ratios are
-ours / torch. The "torch err" and "ours err" columns are relative errors of the returned norm against the
-float64 reference on the same data.
+ours / torch. Before every timed call the gradients are restored from a copy (clipping changes them, and
+torch's fp16 clip can zero them) and, on the CPU, the caches flushed, as after a backward pass over a large
+model. The "torch err" and "ours err" columns are relative errors of the returned norm against the float64
+reference on the same data.
 
 Sections: the norm orders and dtypes on a 64 Mi-element tensor and on 100 tensors of the same total (256 MiB
 fp32), clipping (max_norm below the norm) and not clipping (above it); the local pass against the read
