@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ._norm import ReduceOp
 
-__all__ = ["all_reduce_partials", "collective_device", "group_rank", "group_size", "reduction_group"]
+__all__ = ["all_reduce_partials", "collective_device", "group_rank", "group_size", "home_device", "reduction_group"]
 
 
 def group_size(group: dist.ProcessGroup | None) -> int:
@@ -69,6 +69,15 @@ def collective_device(group: dist.ProcessGroup, preferred: torch.device) -> torc
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
     return preferred
+
+
+def home_device(tensors: Iterable[Tensor], group: dist.ProcessGroup | None) -> torch.device:
+    """Where a call's result lives: the first piece's device, else where ``group`` reduces, else the CPU."""
+    for t in tensors:
+        return t.device
+    if group is not None:
+        return collective_device(group, torch.device("cpu"))
+    return torch.device("cpu")
 
 
 def all_reduce_partials(partials: Tensor, op: ReduceOp, group: dist.ProcessGroup | None) -> Tensor:

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from . import _norm, _reduce, _scale
 from .adapters import resolve
 from .adapters.fsdp import clean_name, fsdp1_handles, fsdp1_shards
-from .shards import Shards
+from .shards import Shards, common_loss_scale
 
 __all__ = [
     "FlatPiece",
@@ -331,22 +331,6 @@ class Measurement:
     loss_scale: float
 
 
-def _loss_scale(shards: Sequence[Shards]) -> float:
-    scales = {float(s.loss_scale) for s in shards}
-    if len(scales) > 1:
-        raise ValueError(f"the Shards of one call must share one loss_scale, got {sorted(scales)}")
-    return scales.pop() if scales else 1.0
-
-
-def home_device(shards: Sequence[Shards], group: dist.ProcessGroup | None) -> torch.device:
-    for s in shards:
-        for t in s.tensors:
-            return t.device
-    if group is not None:
-        return _reduce.collective_device(group, torch.device("cpu"))
-    return torch.device("cpu")
-
-
 def counted_pieces(
     shards: Sequence[Shards], group: dist.ProcessGroup | None, slot_of: Callable[[str, int], int]
 ) -> list[tuple[Tensor, int]]:
@@ -437,8 +421,8 @@ def measure(
     if n_slots < 1:
         raise ValueError(f"a measurement needs at least one slot, got {n_slots}")
     red = group if group is not None else _reduce.reduction_group(s.group for s in shards)
-    scale = _loss_scale(shards)
-    device = home_device(shards, red)
+    scale = common_loss_scale(shards)
+    device = _reduce.home_device((t for s in shards for t in s.tensors), red)
     pick = slot_of if slot_of is not None else (lambda _n, _i: 0)
     vector = slot_partials(counted_pieces(shards, red, pick), n_slots, p, foreach, device)
     parts = [vector]

@@ -517,7 +517,7 @@ def unitwise_measure(target: object, config: AGC, p: float, foreach: bool | None
     cut_index = {key: i for i, key in enumerate(cut)}
     red = _reduce.reduction_group([u.group for u in units] + ([group] if group is not None else []))
     shards = [Shards([u.grad], group=u.group, counted=u.counted, names=[u.name]) for u in units]
-    device = _slots.home_device(shards, red)
+    device = _reduce.home_device((t for s in shards for t in s.tensors), red)
     k = len(cut)
     extra = torch.zeros(2 * k, dtype=torch.float64, device=device)
     first = _reduce.group_rank(red) == 0

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from . import _fused, _norm, _reduce, _scale
 from .adapters import resolve
-from .shards import Shards
+from .shards import Shards, common_loss_scale
 
 __all__ = ["clip_grad_norm_", "clip_grads_with_norm_", "get_total_norm", "local_total_partial", "total_from_shards"]
 
@@ -90,25 +90,14 @@ def local_total_partial(tensors: Sequence[Tensor], p: float, foreach: bool | Non
     return stacked.sum()
 
 
-def _home_device(tensors: Sequence[Tensor], group: dist.ProcessGroup | None) -> torch.device:
-    if tensors:
-        return tensors[0].device
-    if group is not None:
-        return _reduce.collective_device(group, torch.device("cpu"))
-    return torch.device("cpu")
-
-
 def total_from_shards(
     shards: Sequence[Shards], p: float, error_if_nonfinite: bool, foreach: bool | None
 ) -> Tensor:
     """The global norm of ``shards``: local partials, one collective, root. Identical on every rank."""
     group = _reduce.reduction_group(s.group for s in shards)
-    scales = {float(s.loss_scale) for s in shards}
-    if len(scales) > 1:
-        raise ValueError(f"the Shards of one call must share one loss_scale, got {sorted(scales)}")
-    scale = scales.pop() if scales else 1.0
+    scale = common_loss_scale(shards)
     everything = _all_tensors(shards)
-    home = _home_device(everything, group)
+    home = _reduce.home_device(everything, group)
     if not everything and group is None:
         warnings.warn("dist_clip: the target holds no gradients; the total norm is 0", UserWarning, stacklevel=4)
     partial = local_total_partial(_counted_tensors(shards, group), p, foreach, home)

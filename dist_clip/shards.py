@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Shards"]
+__all__ = ["Shards", "common_loss_scale"]
 
 
 @dataclass(frozen=True)
@@ -43,3 +43,11 @@ class Shards:
             raise ValueError(f"Shards.names has {len(self.names)} entries for {len(self.tensors)} tensors")
         if not (self.loss_scale > 0 and self.loss_scale < float("inf")):
             raise ValueError(f"Shards.loss_scale must be a finite number > 0, got {self.loss_scale}")
+
+
+def common_loss_scale(shards: Sequence[Shards]) -> float:
+    """The one loss scale of a call's Shards (1 when there are none); differing scales are a ValueError."""
+    scales = {float(s.loss_scale) for s in shards}
+    if len(scales) > 1:
+        raise ValueError(f"the Shards of one call must share one loss_scale, got {sorted(scales)}")
+    return scales.pop() if scales else 1.0
