@@ -226,10 +226,19 @@ def _torch_partials(tensors: Sequence[Tensor], p: float, device: torch.device, u
 _dtype_of = operator.attrgetter("dtype")
 
 
-def _cpu_partials(tensors: Sequence[Tensor], p: float, use_foreach: bool) -> Tensor:
+def _foreach_for(use_foreach: bool | None, device: torch.device, tensors: Sequence[Tensor]) -> bool:
+    if use_foreach is None or use_foreach:
+        from ._scale import resolve_foreach  # torch's tri-state, resolved only where torch kernels run
+
+        return resolve_foreach(use_foreach, device, tensors)
+    return False
+
+
+def _cpu_partials(tensors: Sequence[Tensor], p: float, use_foreach: bool | None) -> Tensor:
     """CPU partials: the native kernel for every tensor it supports, plain torch for the rest."""
+    cpu = torch.device("cpu")
     if not _native.available():
-        return _torch_partials(tensors, p, torch.device("cpu"), use_foreach)
+        return _torch_partials(tensors, p, cpu, _foreach_for(use_foreach, cpu, tensors))
     first = tensors[0].dtype
     if (
         first in _native.DTYPES
@@ -249,17 +258,19 @@ def _cpu_partials(tensors: Sequence[Tensor], p: float, use_foreach: bool) -> Ten
         assert parts is not None
         out[torch.tensor(idx)] = parts
     if rest:
-        out[torch.tensor(rest)] = _torch_partials([tensors[i] for i in rest], p, torch.device("cpu"), use_foreach)
+        others = [tensors[i] for i in rest]
+        out[torch.tensor(rest)] = _torch_partials(others, p, cpu, _foreach_for(use_foreach, cpu, others))
     return out
 
 
-def local_partials(tensors: Sequence[Tensor], p: float, use_foreach: bool = True) -> Tensor:
+def local_partials(tensors: Sequence[Tensor], p: float, use_foreach: bool | None = True) -> Tensor:
     """Per-tensor partials of order ``p``, float64, on the tensors' (common) device.
 
     Args:
         tensors: gradient pieces on one device, any floating dtype. Empty tensors contribute the neutral 0.
         p: a validated norm order (see :func:`parse_norm_type`).
-        use_foreach: allow fused multi-tensor kernels (the CPU native kernel is always multi-tensor).
+        use_foreach: allow fused multi-tensor kernels (the CPU native kernel is always multi-tensor); ``None``
+            uses them where torch supports them, ``True`` requires them (torch's tri-state).
 
     Returns:
         A float64 vector with one partial per tensor, in input order.
@@ -269,4 +280,4 @@ def local_partials(tensors: Sequence[Tensor], p: float, use_foreach: bool = True
     device = tensors[0].device
     if device.type == "cpu":
         return _cpu_partials(tensors, p, use_foreach)
-    return _torch_partials(tensors, p, device, use_foreach)
+    return _torch_partials(tensors, p, device, _foreach_for(use_foreach, device, tensors))

@@ -50,14 +50,20 @@ def clip_coefficient(max_norm: float | Tensor, total_norm: Tensor) -> Tensor:
     return torch.clamp(max_norm / (total + EPS), max=1.0)
 
 
-def scale_(tensors: Sequence[Tensor], coef: Tensor, foreach: bool | None = None) -> None:
+def scale_(
+    tensors: Sequence[Tensor],
+    coef: Tensor,
+    foreach: bool | None = None,
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] | None = None,
+) -> None:
     """Multiply every tensor in place by ``coef`` in its own dtype.
 
     On the CPU, where reading ``coef`` costs nothing, a coefficient of exactly 1 skips the pass, so
     gradients that need no clipping are left bit-for-bit untouched, and groups of many small contiguous
     bfloat16/float16 tensors are scaled by the native kernel in one call (bit-identical to
     ``torch._foreach_mul_`` except for NaN payloads; ``foreach=False`` keeps torch's per-tensor ``mul_``).
-    Elsewhere the multiply always runs: a branch on a device value would stall the host.
+    Elsewhere the multiply always runs: a branch on a device value would stall the host. ``groups``:
+    ``tensors`` already bucketed by :func:`group_by_device_dtype`, when the caller has it.
     """
     if not tensors:
         return
@@ -65,7 +71,7 @@ def scale_(tensors: Sequence[Tensor], coef: Tensor, foreach: bool | None = None)
     if on_cpu and bool(coef == 1.0):
         return
     value = float(coef) if on_cpu else None
-    for (device, dtype), group in group_by_device_dtype(tensors).items():
+    for (device, dtype), group in (groups if groups is not None else group_by_device_dtype(tensors)).items():
         if (
             value is not None
             and dtype in _NATIVE_DTYPES

@@ -53,6 +53,11 @@ def _check_max_norm(max_norm: object) -> float | Tensor:
 
 
 def _all_tensors(shards: Sequence[Shards]) -> list[Tensor]:
+    """Every piece of a call once (a tensor listed twice must not be scaled twice)."""
+    if len(shards) == 1:
+        only = list(shards[0].tensors)
+        if len(set(map(id, only))) == len(only):  # the common case, checked in C
+            return only
     seen: set[int] = set()
     out: list[Tensor] = []
     for s in shards:
@@ -63,26 +68,44 @@ def _all_tensors(shards: Sequence[Shards]) -> list[Tensor]:
     return out
 
 
-def _counted_tensors(shards: Sequence[Shards], group: dist.ProcessGroup | None) -> list[Tensor]:
-    """The pieces this rank measures: counted ones, and replicated (group None) ones on rank 0 only."""
+def _counted_tensors(shards: Sequence[Shards], group: dist.ProcessGroup | None) -> tuple[list[Tensor], bool]:
+    """The pieces this rank measures (counted ones, and replicated ones on rank 0 only), and whether that is
+    every piece of every Shards. Empty pieces stay in: they measure as the neutral partial.
+    """
     first = _reduce.group_rank(group) == 0
     out: list[Tensor] = []
+    whole = True
     for s in shards:
         if s.counted and (s.group is not None or first):
-            out.extend(t for t in s.tensors if t.numel() > 0)
-    return out
+            out.extend(s.tensors)
+        else:
+            whole = False
+    return out, whole
 
 
-def local_total_partial(tensors: Sequence[Tensor], p: float, foreach: bool | None, device: torch.device) -> Tensor:
-    """This rank's one partial (float64, 0-dim, on ``device``) over all its counted pieces."""
+_Groups = dict[tuple[torch.device, torch.dtype], list[Tensor]]
+
+
+def local_total_partial(
+    tensors: Sequence[Tensor],
+    p: float,
+    foreach: bool | None,
+    device: torch.device,
+    groups: _Groups | None = None,
+) -> Tensor:
+    """This rank's one partial (float64, 0-dim, on ``device``) over all its counted pieces.
+
+    ``groups``: ``tensors`` already bucketed by :func:`_scale.group_by_device_dtype`, when the caller has it.
+    """
     parts: list[Tensor] = []
-    for (dev, _), group in _scale.group_by_device_dtype(tensors).items():
-        use_foreach = _scale.resolve_foreach(foreach, dev, group)
-        partials = _norm.local_partials(group, p, use_foreach)
+    for (_, _), group in (groups if groups is not None else _scale.group_by_device_dtype(tensors)).items():
+        partials = _norm.local_partials(group, p, foreach)
         reduced = partials.max() if math.isinf(p) and partials.numel() else partials.sum()
         parts.append(reduced.to(device, non_blocking=True))
     if not parts:
         return torch.zeros((), dtype=torch.float64, device=device)
+    if len(parts) == 1:
+        return parts[0]
     stacked = torch.stack(parts)
     if math.isinf(p):
         # torch.max propagates NaN, which is what a NaN gradient must do.
@@ -91,16 +114,29 @@ def local_total_partial(tensors: Sequence[Tensor], p: float, foreach: bool | Non
 
 
 def total_from_shards(
-    shards: Sequence[Shards], p: float, error_if_nonfinite: bool, foreach: bool | None
+    shards: Sequence[Shards],
+    p: float,
+    error_if_nonfinite: bool,
+    foreach: bool | None,
+    everything: list[Tensor] | None = None,
+    groups: _Groups | None = None,
 ) -> Tensor:
-    """The global norm of ``shards``: local partials, one collective, root. Identical on every rank."""
+    """The global norm of ``shards``: local partials, one collective, root. Identical on every rank.
+
+    ``everything`` (``_all_tensors(shards)``) and ``groups`` (its device/dtype buckets) save recomputing them
+    when the caller needs them again to scale; the buckets are used only where every piece is counted here.
+    """
     group = _reduce.reduction_group(s.group for s in shards)
     scale = common_loss_scale(shards)
-    everything = _all_tensors(shards)
+    if everything is None:
+        everything = _all_tensors(shards)
     home = _reduce.home_device(everything, group)
     if not everything and group is None:
         warnings.warn("dist_clip: the target holds no gradients; the total norm is 0", UserWarning, stacklevel=4)
-    partial = local_total_partial(_counted_tensors(shards, group), p, foreach, home)
+    counted, whole = _counted_tensors(shards, group)
+    if not (whole and len(counted) == len(everything)):  # then counted is everything, each piece once
+        groups = None
+    partial = local_total_partial(counted, p, foreach, home, groups)
     combined = _reduce.all_reduce_partials(partial.reshape(1), _norm.combine_op(p), group)
     total = _norm.finalize(combined[0], p)
     if scale != 1.0 and p != 0:  # every p-norm is homogeneous of degree 1; the L0 count is scale-free
@@ -200,9 +236,11 @@ def clip_grad_norm_(
     _check_foreach(foreach)
     fused = optimizer is not None and _fused.supports_grad_scale(optimizer)
     shards = resolve(target, _check_group(group))
-    total = total_from_shards(shards, p, error_if_nonfinite, foreach)
+    everything = _all_tensors(shards)
+    groups = _scale.group_by_device_dtype(everything)  # bucketed once, for measuring and for scaling
+    total = total_from_shards(shards, p, error_if_nonfinite, foreach, everything, groups)
     if fused:
         _fused.hand_over_(optimizer, _scale.clip_coefficient(limit, total), total)
         return total
-    _scale.scale_(_all_tensors(shards), _scale.clip_coefficient(limit, total), foreach)
+    _scale.scale_(everything, _scale.clip_coefficient(limit, total), foreach, groups)
     return total

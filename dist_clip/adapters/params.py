@@ -8,6 +8,8 @@ of the FSDP adapter, so ``model.parameters()`` of an FSDP2 model is as good as t
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections.abc import Iterable, Sequence
 
 import torch.distributed as dist
@@ -16,6 +18,22 @@ from torch import Tensor, nn
 from ..shards import Shards
 
 __all__ = ["gradient_of", "matches", "named_grads", "shards", "shards_of_grads", "split_dtensors"]
+
+_NAMES: list[str] = []
+
+
+def _positions(n: int) -> list[str]:
+    """``["0", "1", ..., str(n - 1)]``, from a cache: formatting 1000 ints costs as much as measuring them."""
+    if len(_NAMES) < n:
+        _NAMES.extend(map(str, range(len(_NAMES), n)))
+    return _NAMES[:n]
+
+
+_PLAIN_KINDS = frozenset((Tensor, nn.Parameter))
+_PARAMETER = frozenset((nn.Parameter,))
+_requires_grad = operator.attrgetter("requires_grad")
+_grad = operator.attrgetter("grad")
+_second = operator.itemgetter(1)
 
 
 def gradient_of(t: Tensor) -> Tensor | None:
@@ -39,26 +57,51 @@ def _is_dtensor(t: Tensor) -> bool:
 
 def split_dtensors(grads: Iterable[tuple[str, Tensor]]) -> tuple[list[tuple[str, Tensor]], list[tuple[str, Tensor]]]:
     """Separate (name, grad) pairs into plain and DTensor gradients, keeping order."""
+    grads = grads if isinstance(grads, list) else list(grads)
+    if set(map(type, map(_second, grads))) <= _PLAIN_KINDS:  # no DTensor: checked in C
+        return grads, []
     plain: list[tuple[str, Tensor]] = []
     dtensors: list[tuple[str, Tensor]] = []
-    for name, g in grads:
-        (dtensors if _is_dtensor(g) else plain).append((name, g))
+    for pair in grads:
+        g = pair[1]
+        if type(g) is Tensor or not _is_dtensor(g):
+            plain.append(pair)
+        else:
+            dtensors.append(pair)
     return plain, dtensors
 
 
 def named_grads(target: object) -> list[tuple[str, Tensor]]:
     """(name, gradient) pairs of a tensor, an iterable or a module; duplicates (tied weights) once."""
     if isinstance(target, Tensor):
-        items: Iterable[tuple[str, Tensor]] = [("0", target)]
+        names: Sequence[str] = ("0",)
+        items: Sequence[object] = (target,)
     elif isinstance(target, nn.Module):
-        items = target.named_parameters()
+        pairs = list(target.named_parameters())  # already without duplicates
+        names, items = (list(x) for x in zip(*pairs)) if pairs else ([], [])
     elif isinstance(target, Iterable) and not isinstance(target, (str, bytes)):
-        items = ((str(i), t) for i, t in enumerate(target))
+        items = list(target)
+        names = _positions(len(items))
     else:
         raise TypeError(f"expected a tensor, an iterable of tensors or an nn.Module, got {type(target).__name__}")
+    # The hot path of every call: with only parameters (or only plain gradient tensors), no duplicates and no
+    # FSDP1 marks, every check runs in C over the whole list (1000 parameters: ~0.1 ms instead of ~0.4 ms).
+    kinds = set(map(type, items))
+    if (
+        kinds <= _PLAIN_KINDS
+        and len(set(map(id, items))) == len(items)
+        and not any(map(hasattr, items, itertools.repeat("_fsdp_flattened")))
+    ):
+        if kinds == _PARAMETER:
+            grads = list(map(_grad, items))
+        elif nn.Parameter in kinds or any(map(_requires_grad, items)):
+            grads = [t.grad if type(t) is nn.Parameter or t.requires_grad else t for t in items]  # type: ignore[attr-defined]
+        else:
+            grads = items  # type: ignore[assignment]
+        return [pair for pair in zip(names, grads) if pair[1] is not None]  # type: ignore[misc]
     seen: set[int] = set()
     out: list[tuple[str, Tensor]] = []
-    for name, t in items:
+    for name, t in zip(names, items):
         if not isinstance(t, Tensor):
             raise TypeError(f"expected tensors or parameters in the target, got {type(t).__name__} at {name}")
         if id(t) in seen:
@@ -92,7 +135,8 @@ def shards_of_grads(grads: Sequence[tuple[str, Tensor]], group: dist.ProcessGrou
         # Plain tensors beside DTensors are the parameters FSDP2 left unsharded: copies on every rank,
         # whatever group= says about the DTensors. Alone, with group=, they are the caller's own shards.
         plain_group = None if dtensors else group
-        out.append(Shards([g for _, g in plain], group=plain_group, names=[n for n, _ in plain]))
+        names, tensors = zip(*plain) if plain else ((), ())
+        out.append(Shards(list(tensors), group=plain_group, names=list(names)))
     if dtensors:
         from .fsdp import dtensor_shards
 
