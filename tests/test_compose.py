@@ -230,3 +230,153 @@ def test_plan_validation_names_expected_and_received(run_ranks):
     assert "tied entry" in msgs[2]
     assert "duplicates" in msgs[3]
     assert "'zzz'" in msgs[4] and "ParallelPlan.names" in msgs[4]
+
+
+# ------------------------------------------------------------------------------------------ real PP x TP
+#
+# The same 2 PP x 2 TP layout built with the real torch APIs: parallelize_module over the "tp" sub-mesh on each
+# stage's module, and torch.distributed.pipelining (PipelineStage + a schedule) running forward and backward
+# over microbatches on gloo, so the gradients come from the schedule. The embedding (stage 0) and the output
+# projection (stage 1) share one weight; the user sums their gradients over "pp", the plan counts them once.
+
+PD, PH, PV, PS = 6, 10, 8, 5  # model width, hidden width (splits over tp), vocabulary (splits over tp), sequence
+
+
+class PipeBlock(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(PD, bias=False)  # a plain weight duplicated over tp
+        self.w1 = torch.nn.Linear(PD, PH)
+        self.w2 = torch.nn.Linear(PH, PD)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.w2(torch.tanh(self.w1(self.norm(x))))
+
+
+class PipeNet(torch.nn.Module):
+    """Embedding, two blocks, final norm, output projection tied to the embedding; stages drop what they lack."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok_embeddings = torch.nn.Embedding(PV, PD)
+        self.layers = torch.nn.ModuleDict({"0": PipeBlock(), "1": PipeBlock()})
+        self.final_norm = torch.nn.LayerNorm(PD, bias=False)
+        self.output = torch.nn.Linear(PD, PV, bias=False)
+        self.output.weight = self.tok_embeddings.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
+        for layer in self.layers.values():
+            h = layer(h)
+        h = self.final_norm(h) if self.final_norm is not None else h
+        return self.output(h) if self.output is not None else h
+
+
+def pipe_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, PV), target.reshape(-1))
+
+
+def _pipe_full(seed: int) -> PipeNet:
+    torch.manual_seed(seed)
+    model = PipeNet()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.normal_(1.0, 0.3)
+    return model
+
+
+def _pipe_stage(full: PipeNet, pp: int, tp_mesh) -> torch.nn.Module:  # noqa: ANN001
+    import copy
+
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    stage = copy.deepcopy(full)
+    if pp == 0:
+        del stage.layers["1"]
+        stage.final_norm, stage.output = None, None
+        tp_plan = {"tok_embeddings": RowwiseParallel(input_layouts=Replicate()),
+                   "layers.0.w1": ColwiseParallel(), "layers.0.w2": RowwiseParallel()}
+    else:
+        del stage.layers["0"]
+        stage.tok_embeddings = None  # output.weight stays: this stage's copy of the tied weight
+        tp_plan = {"layers.1.w1": ColwiseParallel(), "layers.1.w2": RowwiseParallel(),
+                   "output": ColwiseParallel(output_layouts=Replicate())}
+    return parallelize_module(stage, tp_mesh, tp_plan)
+
+
+def _run_pipeline(stage: torch.nn.Module, pp: int, pp_group, schedule: str, n_micro: int,  # noqa: ANN001
+                  tokens: torch.Tensor, target: torch.Tensor) -> None:
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    pipe = PipelineStage(stage, pp, 2, torch.device("cpu"), group=pp_group)
+    kind = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
+    sched = kind(pipe, n_microbatches=n_micro, loss_fn=pipe_loss)  # scale_grads: the mean over microbatches
+    if pp == 0:
+        sched.step(tokens)
+    else:
+        sched.step(target=target)
+    # The tied weight: torch gives the vocab-parallel embedding a Replicate gradient (embedding_dense_backward
+    # has no Shard(0) strategy); bring it to the parameter's Shard(0) (a local slice), then sum the two stages'
+    # gradients over pp, as a training loop with tied stages must.
+    tied = stage.tok_embeddings.weight if pp == 0 else stage.output.weight
+    tied.grad = tied.grad.redistribute(tied.device_mesh, tied.placements)
+    dist.all_reduce(tied.grad._local_tensor, group=pp_group)
+
+
+def _grad_full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if type(t).__name__ == "DTensor" else t).detach().double()
+
+
+def body_real_pp_tp(schedule: str, n_micro: int) -> list[float]:
+    mesh = cases.mesh((2, 2), ("pp", "tp"))
+    pp, _ = mesh.get_coordinate()
+    full = _pipe_full(5)
+    names = tuple(n for n, _ in full.named_parameters())  # the tied output weight is listed once
+    ref = __import__("copy").deepcopy(full).double()
+    stage = _pipe_stage(full, pp, mesh["tp"])
+    g = torch.Generator().manual_seed(9)
+    tokens, target = torch.randint(0, PV, (4, PS), generator=g), torch.randint(0, PV, (4, PS), generator=g)
+    _run_pipeline(stage, pp, mesh["pp"].get_group(), schedule, n_micro, tokens, target)
+    pipe_loss(ref(tokens), target).backward()  # the unsharded model on the whole batch, float64
+    ref_grads = {n: q.grad for n, q in ref.named_parameters()}
+    owner = {"output.weight": "tok_embeddings.weight"}
+    for n, q in stage.named_parameters():  # the schedule's gradients are the reference's, piece by piece
+        torch.testing.assert_close(_grad_full(q.grad), ref_grads[owner.get(n, n)], rtol=1e-5, atol=1e-6)
+    saved = {n: q.grad._local_tensor.clone() if type(q.grad).__name__ == "DTensor" else q.grad.clone()
+             for n, q in stage.named_parameters()}
+
+    def restore() -> None:
+        for n, q in stage.named_parameters():
+            (q.grad._local_tensor if type(q.grad).__name__ == "DTensor" else q.grad).copy_(saved[n])
+
+    out = []
+    for p in (2.0, math.inf):
+        want_total = reference_norm(list(ref_grads.values()), p)
+        want = {n: reference_norm([t], p) for n, t in ref_grads.items()}
+        per_limit = sorted(want.values())[len(want) // 2]  # some parameters clipped, some not
+        for i, (mode, max_norm) in enumerate((("total", 0.5 * want_total), ("per_param", per_limit))):
+            debug = i == 0  # the first call of each plan audits once against an all-gather
+            plan = ParallelPlan(mesh, names=names, rules=(Rule("*norm.weight", replicate=("tp",)), Rule("*")),
+                                tied=(("output.weight", "tok_embeddings.weight"),), debug=debug)
+            restore()
+            with count_collectives() as calls:
+                result = GradClipper(max_norm=max_norm, norm_type=p, mode=mode, report=True)(stage, plan=plan)
+            assert calls.names.count("gloo:all_reduce") == 1 and calls.total == (3 if debug else 1), calls.names
+            assert result.total_norm.item() == pytest.approx(want_total, rel=1e-5)
+            assert result.norms == pytest.approx(want, rel=1e-5)  # every stage's parameters, on every rank
+            for n, q in stage.named_parameters():
+                o = owner.get(n, n)
+                coef = min(1.0, max_norm / ((want_total if mode == "total" else want[o]) + 1e-6))
+                torch.testing.assert_close(_grad_full(q.grad), ref_grads[o] * coef, rtol=1e-5, atol=1e-6)
+            assert bool(result.clipped)
+            out.append(result.total_norm.item())
+    return out
+
+
+def test_real_pipeline_schedule_with_tensor_parallel_stages(run_ranks):
+    values = run_ranks(4, body_real_pp_tp, "gpipe", 2)
+    assert all(v == values[0] for v in values)
+    values = run_ranks(4, body_real_pp_tp, "1f1b", 4)
+    assert all(v == values[0] for v in values)
