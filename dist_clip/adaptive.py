@@ -10,16 +10,21 @@ Use them through :class:`dist_clip.GradClipper`::
 
 AGC (adaptive gradient clipping, Brock et al. 2021, as in timm) clips every *unit* (a row along dim 0 of a
 weight, or the whole of a 1-D parameter) whose gradient norm exceeds ``clipping * max(||w_unit||, eps)``. It is
-shard-aware: rows kept whole by FSDP2's dim-0 sharding are measured locally; units that a shard boundary cuts
-(FSDP1 flat shards, FSDP2-sharded 1-D parameters) have their weight and gradient partials combined, and every
-one of them travels in the call's one collective, beside the per-parameter norms used for the total.
+shard-aware: rows kept whole by dim-0 sharding (FSDP2, ColwiseParallel) are measured locally; units that a shard
+boundary cuts (FSDP1 flat shards, sharded 1-D parameters, every row of a RowwiseParallel ``Shard(1)`` weight) have
+their weight and gradient partials combined, and every one of them travels in the call's one collective, beside
+the per-parameter norms used for the total. DeepSpeed engines and fairscale targets describe their pieces
+through their adapter's ``unit_layout`` (:class:`dist_clip.shards.UnitLayout`: ZeRO partitions and fairscale flat
+shards placed in each full parameter, the cuts every rank knows from the structure alone, the loss scale).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 import numbers
+import sys
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,7 +33,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import _norm, _reduce, _slots
-from .shards import Shards
+from .shards import Shards, UnitLayout
 
 __all__ = ["AGC", "AutoClip", "ZClip"]
 
@@ -314,6 +319,8 @@ class _Unit:
     start: int = 0  # flat: index of the first element in the flattened full parameter
     row_len: int = 1  # flat: elements per unit
     split_units: tuple[int, ...] = ()  # units of this parameter cut across ranks (global ids)
+    rows: Tensor | None = None  # "rows": global ids of the local rows when they are not [row0, row0 + n)
+    loss_scale: float = 1.0  # the gradient holds loss_scale times the gradient (DeepSpeed fp16)
 
 
 def _row_partials(x: Tensor, p: float) -> Tensor:
@@ -354,9 +361,10 @@ def _unit_partials(u: _Unit, x: Tensor, p: float) -> tuple[Tensor, Tensor]:
         if x.dim() <= 1:
             return torch.zeros(1, dtype=torch.long), _row_partials(x.reshape(1, -1), p)
         rows = x.shape[0]
+        ids = u.rows if u.rows is not None else torch.arange(u.row0, u.row0 + rows)
         if x.numel() == 0:
-            return torch.arange(u.row0, u.row0 + rows), torch.zeros(rows, dtype=torch.float64, device=dev)
-        return torch.arange(u.row0, u.row0 + rows), _row_partials(x.reshape(rows, -1), p)
+            return ids, torch.zeros(rows, dtype=torch.float64, device=dev)
+        return ids, _row_partials(x.reshape(rows, -1), p)
     ids: list[Tensor] = []
     parts: list[Tensor] = []
     flat = x.reshape(-1)
@@ -380,8 +388,7 @@ def _apply_unit_coefs_(u: _Unit, coefs: Tensor) -> None:
         return
     if not g.is_contiguous():
         work = g.contiguous()
-        _apply_unit_coefs_(_Unit(u.name, work, u.data, u.group, u.counted, u.kind, u.row0, u.start, u.row_len,
-                                 u.split_units), coefs)
+        _apply_unit_coefs_(dataclasses.replace(u, grad=work), coefs)
         g.copy_(work)
         return
     c = coefs.to(g.device, g.dtype if g.is_floating_point() else torch.float32)
@@ -402,43 +409,128 @@ def _apply_unit_coefs_(u: _Unit, coefs: Tensor) -> None:
             at += length
 
 
-def _dtensor_geometry(name: str, param: Tensor) -> tuple[int, bool, dist.ProcessGroup, bool]:
-    """(row offset, whether its single unit is cut, group spanning its mesh, counted) of a DTensor parameter."""
+@dataclass(frozen=True)
+class _DtGeometry:
+    """How one DTensor parameter's local piece maps onto its units, and how it counts."""
+
+    row0: int  # global id of the first local row (dim 0); only computed where rows are cut
+    rows: Tensor | None  # global ids of the local rows when not one contiguous block (_StridedShard on dim 0)
+    cut: Literal["", "unit", "rows"]  # "": rows whole here; "unit": the one unit of a 0/1-D param; "rows": all
+    group: dist.ProcessGroup | None
+    counted: bool
+    here: bool  # this rank is on the parameter's mesh
+
+
+def _dt_distinct(placement: Any) -> bool:  # noqa: ANN401 - torch's Placement
+    """Shard and _StridedShard mesh dims hold different pieces (the latter is not ``is_shard()``)."""
+    return not placement.is_replicate() and not placement.is_partial()
+
+
+def _dt_rows(name: str, param: Any, coord: list[int]) -> tuple[int, Tensor | None]:  # noqa: ANN401
+    """(first global row, global row ids or None when contiguous) of the local piece along dim 0.
+
+    Shard placements are applied left to right as ``compute_local_shape_and_global_offset`` does; a
+    ``_StridedShard`` on dim 0 (FSDP2 over a tensor-parallel ``Shard(0)``) gives non-contiguous rows, whose
+    ids are composed from each placement's own ``_local_shard_size_and_offset`` (torch's offset logic).
+    """
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    mesh, placements = param.device_mesh, param.placements
-    shard_dims = [d for d, pl in enumerate(placements) if pl.is_shard()]
-    unsupported = any(pl.is_partial() for pl in placements) or any(placements[d].dim != 0 for d in shard_dims)
-    if unsupported or len(shard_dims) > 1:
+    mesh, placements = param.device_mesh, tuple(param.placements)
+    local_rows = int(param._local_tensor.shape[0])
+    if not any(type(pl).__name__ == "_StridedShard" and pl.dim == 0 for pl in placements):
+        _, offset = compute_local_shape_and_global_offset(param.shape, mesh, placements)
+        return (int(offset[0]) if offset else 0), None
+    from torch.distributed.tensor.placement_types import _StridedShardOffsetMode
+
+    ids = torch.arange(int(param.shape[0]))
+    for d, pl in enumerate(placements):
+        if not _dt_distinct(pl) or pl.dim != 0:
+            continue
+        if type(pl).__name__ == "_StridedShard":
+            size, offs = pl._local_shard_size_and_offset(ids.numel(), mesh.size(d), coord[d],
+                                                         offset_mode=_StridedShardOffsetMode.ALL)
+            pick = torch.tensor(list(offs) if size else [], dtype=torch.long)
+        else:
+            size, off = pl._local_shard_size_and_offset(ids.numel(), mesh.size(d), coord[d])
+            pick = torch.arange(int(off), int(off) + int(size))
+        ids = ids[pick]
+    if ids.numel() != local_rows:
         raise NotImplementedError(
-            f"unit-wise clipping of {name!r} with placements {tuple(placements)}: only Shard(0) on one mesh "
-            "dimension (FSDP2, HSDP) and Replicate are supported"
+            f"unit-wise clipping of {name!r}: placements {placements} give {ids.numel()} rows here but the local "
+            f"tensor has {local_rows}; this _StridedShard layout is not supported"
         )
-    _, offset = compute_local_shape_and_global_offset(param.shape, mesh, placements)
-    coord = mesh.get_coordinate()
-    counted = coord is not None and all(coord[d] == 0 for d, pl in enumerate(placements) if not pl.is_shard())
-    cut = param.dim() <= 1 and any(mesh.size(d) > 1 for d in shard_dims)
-    if mesh.ndim == 1:
-        group = mesh.get_group()
+    return (int(ids[0]) if ids.numel() else 0), ids
+
+
+def _dt_needs_world(params: list[tuple[str, Any]]) -> bool:  # noqa: ANN401
+    """Whether the DTensor parameters must reduce over the world: a multi-dim mesh, or 1-D meshes of
+    different groups (FSDP2 over tensor parallelism puts norms on the dp slice, matrices on dp x tp)."""
+    from .adapters.fsdp import _dim_key, _root_mesh
+
+    keys = set()
+    for _, param in params:
+        mesh = param.device_mesh
+        if mesh.ndim > 1:
+            return True
+        keys.add(_dim_key(mesh, _root_mesh(mesh), 0))
+    return len(keys) > 1
+
+
+def _dtensor_geometry(name: str, param: Any, world: bool, group: dist.ProcessGroup | None) -> _DtGeometry:  # noqa: ANN401
+    """Units, group and counting of a DTensor parameter.
+
+    A unit is a row along dim 0 (the whole tensor for 0/1-D). Rows stay whole unless the parameter is sharded
+    along a dim > 0 on a mesh dim of size > 1 (tensor parallelism's ``Shard(1)``): then every row is cut and
+    its partials are combined across ranks. A sharded 0/1-D parameter is one cut unit. ``world``: reduce over
+    ``group`` (or the world) and count each piece once, on coordinate 0 of the mesh's ``Replicate`` dims and
+    (without ``group``) on the sibling slice of its root mesh that holds the root's first rank; otherwise the
+    mesh is 1-D and reduces over its own group.
+    """
+    from .adapters.fsdp import _counted_here, _root_mesh
+
+    mesh, placements = param.device_mesh, tuple(param.placements)
+    if any(pl.is_partial() for pl in placements):
+        raise NotImplementedError(
+            f"unit-wise clipping of {name!r} with placements {placements}: a Partial parameter is not supported; "
+            "redistribute it to Shard/Replicate"
+        )
+    distinct = [_dt_distinct(pl) for pl in placements]
+    spread = [d for d, is_d in enumerate(distinct) if is_d and mesh.size(d) > 1]
+    if param.dim() <= 1:
+        cut: Literal["", "unit", "rows"] = "unit" if spread else ""
     else:
-        world = dist.group.WORLD
-        assert world is not None
-        if mesh.size() != dist.get_world_size():
-            raise NotImplementedError(f"unit-wise clipping of {name!r}: a multi-dim mesh must span the world")
-        group = world
-    return (int(offset[0]) if param.dim() >= 1 and offset else 0), cut, group, counted
+        cut = "rows" if any(placements[d].dim > 0 for d in spread) else ""
+    root = _root_mesh(mesh)
+    if world and group is None and root.size() != dist.get_world_size():
+        raise NotImplementedError(
+            f"unit-wise clipping of {name!r}: its mesh {tuple(mesh.shape)} is cut from a root mesh of "
+            f"{root.size()} ranks, not the world ({dist.get_world_size()}); pass group= naming the root's ranks"
+        )
+    coord = mesh.get_coordinate()
+    if coord is None:  # this rank holds nothing of it
+        return _DtGeometry(0, None, cut, None, False, False)
+    # Unit ids are looked up only for cut rows; whole rows and 0/1-D units never need them (no per-step work).
+    row0, rows = _dt_rows(name, param, coord) if cut == "rows" else (0, None)
+    if world:
+        pg = group if group is not None else dist.group.WORLD
+        counted = _counted_here(mesh, root, coord, distinct, siblings=group is None)
+    else:
+        pg = mesh.get_group()
+        counted = all(c == 0 for c, d in zip(coord, distinct) if not d)
+    return _DtGeometry(row0, rows, cut, pg, counted, True)
 
 
 def unit_pieces(
     target: object, group: dist.ProcessGroup | None
-) -> tuple[list[_Unit], list[tuple[str, int]], tuple[str, ...]]:
+) -> tuple[list[_Unit], list[tuple[str, int | range]], tuple[str, ...]]:
     """Every local piece of ``target`` with its unit geometry, the cut units (identical on every rank) and names.
 
     Cut units are listed by (parameter name, unit id) in an order every rank derives from the model's
-    structure alone.
+    structure alone; (parameter name, range of unit ids) is a parameter whose every unit is cut (a
+    tensor-parallel ``Shard(1)`` weight), combined as one block of the buffer.
     """
     units: list[_Unit] = []
-    cut: list[tuple[str, int]] = []
+    cut: list[tuple[str, int | range]] = []
     if _slots.is_fsdp1(target):
         layout = _slots.fsdp1_pieces(target, group)  # type: ignore[arg-type]
         for name in layout.names:
@@ -460,6 +552,9 @@ def unit_pieces(
             if param.grad is not None:
                 units.append(_Unit(name, param.grad, param.detach(), None, True, "rows"))
         return units, cut, layout.names
+    wrapped = _wrapper_layout(target, group)  # DeepSpeed engines, fairscale: the adapter places its pieces
+    if wrapped is not None:
+        return _layout_units(wrapped)
     from torch.nn.parallel import DistributedDataParallel
 
     if isinstance(target, DistributedDataParallel):
@@ -473,6 +568,8 @@ def unit_pieces(
     else:
         items = [(str(i), t) for i, t in enumerate(target)]  # type: ignore[arg-type]
     names: list[str] = []
+    dtensors = [(n, q) for n, q in items if type(q).__name__ == "DTensor"]
+    world = bool(dtensors) and (group is not None or _dt_needs_world(dtensors))
     for name, param in items:
         if not isinstance(param, Tensor) or not (isinstance(param, nn.Parameter) or param.requires_grad):
             raise TypeError(
@@ -481,19 +578,84 @@ def unit_pieces(
         names.append(name)
         is_dt = type(param).__name__ == "DTensor"
         if is_dt:
-            row0, is_cut, pg, counted = _dtensor_geometry(name, param)
-            if is_cut:
+            geo = _dtensor_geometry(name, param, world, group)
+            if geo.cut == "unit":
                 cut.append((name, 0))
+            elif geo.cut == "rows":
+                cut.append((name, range(int(param.shape[0]))))  # one block: every row is cut
             g = param.grad
-            if g is None:
+            if g is None or not geo.here:
                 continue
             if type(g).__name__ == "DTensor":
+                if tuple(g.placements) != tuple(param.placements):
+                    raise NotImplementedError(
+                        f"unit-wise clipping of {name!r}: its gradient has placements {tuple(g.placements)}, its "
+                        f"parameter {tuple(param.placements)} (torch gives a vocab-parallel nn.Embedding a Replicate "
+                        "gradient); redistribute it first: p.grad = p.grad.redistribute(p.device_mesh, p.placements)"
+                    )
                 g = g._local_tensor
-            units.append(_Unit(name, g, param._local_tensor.detach(), pg if group is None else group, counted,
-                               "rows", row0=row0, split_units=(0,) if is_cut else ()))
+            units.append(_Unit(name, g, param._local_tensor.detach(), geo.group, geo.counted, "rows",
+                               row0=geo.row0, split_units=(0,) if geo.cut == "unit" else (), rows=geo.rows))
         elif param.grad is not None:
             units.append(_Unit(name, param.grad, param.detach(), group, True, "rows"))
     return units, cut, tuple(dict.fromkeys(names))
+
+
+def _wrapper_layout(target: object, group: dist.ProcessGroup | None) -> UnitLayout | None:
+    """The adapter's unit layout of a DeepSpeed engine or a fairscale target; ``None`` for anything else."""
+    engine = sys.modules.get("deepspeed.runtime.engine")  # never import DeepSpeed here: it takes seconds
+    if engine is not None and isinstance(target, engine.DeepSpeedEngine):
+        from .adapters import deepspeed as ds_adapter
+
+        return ds_adapter.unit_layout(target, group)
+    from .adapters import fairscale as fs_adapter
+
+    if fs_adapter.matches(target):  # reads sys.modules only: never imports fairscale
+        return fs_adapter.unit_layout(target, group)
+    return None
+
+
+def _row_len(shape: torch.Size) -> int:
+    """Elements per unit of a parameter of ``shape``: a row along dim 0, or the whole 0/1-D tensor."""
+    numel = int(math.prod(shape))
+    return numel // shape[0] if len(shape) >= 2 and shape[0] > 0 else max(numel, 1)
+
+
+def _layout_units(layout: UnitLayout) -> tuple[list[_Unit], list[tuple[str, int | range]], tuple[str, ...]]:
+    """Units of an adapter's :class:`UnitLayout`: flat pieces placed by their start offset, whole ones as rows.
+
+    Every rank gets one empty unit per group of the layout, so a rank holding no piece still joins the one
+    collective, with the same loss scale.
+    """
+    cut: list[tuple[str, int | range]] = []
+    for name in layout.names:  # identical order on every rank
+        if name in layout.geometry:
+            shape, cuts = layout.geometry[name]
+            row_len = _row_len(shape)
+            cut.extend(dict.fromkeys((name, c // row_len) for c in cuts if c % row_len))
+    unknown = set(layout.geometry) - set(layout.names)
+    if unknown:
+        raise RuntimeError(f"unit layout places parameters it does not name: {sorted(unknown)[:3]}")
+    split: dict[str, tuple[int, ...]] = {}
+    for name, uid in cut:
+        split[name] = split.get(name, ()) + (uid,)  # type: ignore[operator]
+    scale = float(layout.loss_scale)
+    units: list[_Unit] = []
+    for pc in layout.pieces:
+        if pc.start is None:
+            units.append(_Unit(pc.name, pc.grad, pc.data, pc.group, pc.counted, "rows", loss_scale=scale))
+            continue
+        if pc.name not in layout.geometry or pc.grad.numel() != pc.data.numel() or pc.grad.dim() != 1:
+            raise RuntimeError(f"unit layout: the flat piece of {pc.name!r} has no geometry or differs from its "
+                               f"values ({tuple(pc.grad.shape)} vs {tuple(pc.data.shape)})")
+        units.append(_Unit(pc.name, pc.grad, pc.data, pc.group, pc.counted, "flat", start=pc.start,
+                           row_len=_row_len(layout.geometry[pc.name][0]), split_units=split.get(pc.name, ()),
+                           loss_scale=scale))
+    if layout.names:
+        empty = torch.zeros(0, device=layout.device)
+        for g in layout.groups:
+            units.append(_Unit(layout.names[0], empty, empty, g, True, "flat", loss_scale=scale))
+    return units, cut, layout.names
 
 
 @dataclass(frozen=True)
@@ -507,6 +669,16 @@ class UnitwiseOutcome:
     coefs: list[Tensor]  # per unit piece, aligned with _unit_partials
 
 
+def _add_partials_(extra: Tensor, k: int, where: Tensor, wp: Tensor, gp: Tensor, p: float) -> None:
+    """Fold weight and gradient partials into the cut-unit buffer ``[weights (k), gradients (k)]``."""
+    if math.isinf(p):
+        extra[:k].scatter_reduce_(0, where, wp, reduce="amax")
+        extra[k:].scatter_reduce_(0, where, gp, reduce="amax")
+    else:
+        extra[:k].index_add_(0, where, wp)
+        extra[k:].index_add_(0, where, gp)
+
+
 def unitwise_measure(target: object, config: AGC, p: float, foreach: bool | None,
                      group: dist.ProcessGroup | None) -> UnitwiseOutcome:
     """Measure per-unit weight and gradient norms (cut units combined) and per-parameter norms, ONE collective."""
@@ -514,38 +686,50 @@ def unitwise_measure(target: object, config: AGC, p: float, foreach: bool | None
         raise ValueError("unit-wise clipping needs a norm order p > 0 or inf, got norm_type=0")
     units, cut, names = unit_pieces(target, group)
     index = {n: i for i, n in enumerate(names)}
-    cut_index = {key: i for i, key in enumerate(cut)}
+    cut_index: dict[tuple[str, int], int] = {}
+    blocks: dict[str, tuple[int, int]] = {}  # a parameter whose every unit is cut: (first position, first id)
+    k = 0
+    for cname, uid in cut:
+        if isinstance(uid, range):
+            blocks[cname] = (k, uid.start)
+            k += len(uid)
+        else:
+            cut_index[(cname, uid)] = k
+            k += 1
     red = _reduce.reduction_group([u.group for u in units] + ([group] if group is not None else []))
-    shards = [Shards([u.grad], group=u.group, counted=u.counted, names=[u.name]) for u in units]
+    shards = [Shards([u.grad], group=u.group, counted=u.counted, names=[u.name], loss_scale=u.loss_scale)
+              for u in units]
     device = _reduce.home_device((t for s in shards for t in s.tensors), red)
-    k = len(cut)
     extra = torch.zeros(2 * k, dtype=torch.float64, device=device)
     first = _reduce.group_rank(red) == 0
     local: list[tuple[Tensor, Tensor, Tensor]] = []  # per unit piece: (ids, weight partials, grad partials)
-    for u in units:
+    in_block: dict[int, Tensor] = {}  # unit piece -> positions of its rows in the extra buffer
+    for i, u in enumerate(units):
         ids, gp = _unit_partials(u, u.grad, p)
         _, wp = _unit_partials(u, u.data, p)
         gp, wp = gp.to(device), wp.to(device)
         local.append((ids, wp, gp))
         contributes = u.counted and (u.group is not None or first)
-        if u.split_units and contributes:
+        if u.name in blocks:  # every row cut (tensor parallelism's Shard(1)): vectorised, no per-row Python
+            at, first_id = blocks[u.name]
+            in_block[i] = ids.to(device) - first_id + at
+            if contributes:
+                _add_partials_(extra, k, in_block[i], wp, gp, p)
+        elif u.split_units and contributes:
             pos = [j for j, uid in enumerate(ids.tolist()) if (u.name, uid) in cut_index]
             if pos:
                 where = torch.tensor([cut_index[(u.name, int(ids[j]))] for j in pos], device=device)
                 sel = torch.tensor(pos, device=device)
-                if math.isinf(p):
-                    extra[:k].scatter_reduce_(0, where, wp[sel], reduce="amax")
-                    extra[k:].scatter_reduce_(0, where, gp[sel], reduce="amax")
-                else:
-                    extra[:k].index_add_(0, where, wp[sel])
-                    extra[k:].index_add_(0, where, gp[sel])
+                _add_partials_(extra, k, where, wp[sel], gp[sel], p)
     m = _slots.measure(shards, lambda n, _i: index[n], len(names), p, foreach, extra=extra if k else None,
                        group=red)
     combined = m.extra
     coefs: list[Tensor] = []
     smallest = torch.ones((), dtype=torch.float32, device=device)
-    for u, (ids, wp, gp) in zip(units, local):
-        if combined is not None and u.split_units:
+    for i, (u, (ids, wp, gp)) in enumerate(zip(units, local)):
+        if combined is not None and i in in_block:
+            wp, gp = combined[:k][in_block[i]], combined[k:][in_block[i]]
+        elif combined is not None and u.split_units:
             hits = [(j, cut_index[(u.name, uid)]) for j, uid in enumerate(ids.tolist()) if (u.name, uid) in cut_index]
             if hits:
                 sel = torch.tensor([j for j, _ in hits], device=device)
@@ -556,6 +740,8 @@ def unitwise_measure(target: object, config: AGC, p: float, foreach: bool | None
                 gp[sel] = combined[k:][src]
         wn = _norm.finalize(wp, p)
         gn = _norm.finalize(gp, p)
+        if u.loss_scale != 1.0:  # loss-scaled pieces: compare the true gradient; the coefficient scales either
+            gn = gn / u.loss_scale
         limit = wn.clamp(min=config.eps) * config.clipping
         coef = torch.where(gn < limit, torch.ones_like(gn), limit / gn.clamp(min=1e-6)).to(torch.float32)
         if any(fnmatch.fnmatchcase(u.name, pat) for pat in config.exclude):

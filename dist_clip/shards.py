@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Shards", "common_loss_scale"]
+__all__ = ["Shards", "UnitLayout", "UnitPiece", "common_loss_scale"]
 
 
 @dataclass(frozen=True)
@@ -51,3 +52,49 @@ def common_loss_scale(shards: Sequence[Shards]) -> float:
     if len(scales) > 1:
         raise ValueError(f"the Shards of one call must share one loss_scale, got {sorted(scales)}")
     return scales.pop() if scales else 1.0
+
+
+@dataclass(frozen=True)
+class UnitPiece:
+    """One local piece of one parameter and where it lies in the full parameter (unit-wise clipping).
+
+    Attributes:
+        name: the parameter's name in the unwrapped model (identical on every rank).
+        grad: the local gradient piece, scaled in place: a 1-D view of the real gradient when ``start`` is set,
+            else the whole gradient (any shape, the parameter's).
+        data: the parameter's values aligned with ``grad`` (same numel; 1-D when ``start`` is set).
+        start: index of the piece's first element in the flattened full parameter; ``None``: the whole parameter.
+        group: as :attr:`Shards.group`: the ranks whose partials of this parameter combine (``None``: whole and
+            identical on every rank).
+        counted: as :attr:`Shards.counted`.
+    """
+
+    name: str
+    grad: Tensor
+    data: Tensor
+    start: int | None
+    group: dist.ProcessGroup | None
+    counted: bool = True
+
+
+@dataclass(frozen=True)
+class UnitLayout:
+    """Every local piece of a wrapper's parameters for unit-wise clipping, and what every rank knows alike.
+
+    Attributes:
+        pieces: this rank's pieces (those with an empty gradient may be left out).
+        names: every parameter name of the full model, in an order identical on every rank.
+        geometry: name -> (full shape, offsets in the flattened parameter where *any* rank's piece boundary
+            cuts it), for every parameter some rank holds in flat pieces; identical on every rank.
+        groups: every group a piece of *any* rank may name (identical on every rank), so that a rank holding
+            no piece still joins the collective.
+        loss_scale: as :attr:`Shards.loss_scale`, for every piece.
+        device: where a rank holding no piece keeps its partials (the device of the wrapper's gradients).
+    """
+
+    pieces: list[UnitPiece]
+    names: tuple[str, ...]
+    geometry: dict[str, tuple[torch.Size, tuple[int, ...]]]
+    groups: tuple[dist.ProcessGroup | None, ...] = ()
+    loss_scale: float = 1.0
+    device: torch.device | None = None

@@ -27,6 +27,10 @@ per-group clipping and reports (:mod:`dist_clip._slots`) work at every stage; :f
 which tensor the torch optimizer holds for each parameter (ZeRO-3's param groups are empty between steps, so
 per-group clipping does not work there yet).
 
+Unit-wise clipping (AGC) reads the same pieces through :func:`unit_layout`, which places each in its full parameter
+(cuts from ``partition_size`` / ``partition_numel()`` alone, so every rank knows them without communicating) beside
+the matching slice of the fp32 master partition as its weights.
+
 Under fp16 the buffers hold loss-scaled gradients: the ``Shards`` carry the loss scale, so the norm is that of
 the unscaled gradients, and the coefficient multiplies the scaled buffers, which ``step()`` then unscales as
 usual. An fp16 overflow makes the norm inf or NaN; the scaled buffers then hold inf or NaN and ``step()`` skips
@@ -45,10 +49,11 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..shards import Shards
+from ..shards import Shards, UnitLayout, UnitPiece
 
 __all__ = [
     "ALLOW_UNTESTED_ENV",
@@ -58,6 +63,7 @@ __all__ = [
     "optimizer_tensors",
     "required_attributes",
     "shards",
+    "unit_layout",
     "zero3_param_groups",
 ]
 
@@ -437,3 +443,131 @@ def zero3_param_groups(target: object) -> tuple[dict[str, int], Any]:
             if n is not None:
                 out.setdefault(n, int(gid))
     return out, opt.optimizer
+
+
+# ------------------------------------------------------------------------------------ unit-wise clipping (AGC)
+
+
+def _cuts(offset: int, numel: int, boundaries: range) -> tuple[int, ...]:
+    """Offsets inside a parameter at ``offset`` of a flat buffer where partition ``boundaries`` cut it."""
+    return tuple(b - offset for b in boundaries if offset < b < offset + numel)
+
+
+def _zero12_units(engine: Any, opt: Any, found: list[Shards]) -> tuple[list[UnitPiece], dict[str, Any], list[str]]:
+    """ZeRO-1/2: the named gradient slices with the matching slices of the fp32 master partition.
+
+    Rank r of a group's data-parallel group holds the elements ``[r * partition_size, (r + 1) * partition_size)``
+    of the flat group buffer, where parameter k starts at ``round_robin_bit16_offsets[i][k]``: the cuts of every
+    parameter follow from those numbers alone, identical on every rank.
+    """
+    layout = _zero12_layout(engine, opt)
+    names = _names_by_id(engine)
+    pieces: list[UnitPiece] = []
+    geometry: dict[str, Any] = {}
+    order: list[str] = []
+    for i, ((size, slices), s) in enumerate(zip(layout, found)):
+        world = dist.get_world_size(opt.real_dp_process_group[i])
+        bounds = range(size, size * world, size) if size else range(0)
+        for k, (p, off, meta) in enumerate(zip(opt.round_robin_bit16_groups[i], opt.round_robin_bit16_offsets[i],
+                                               opt.round_robin_bit16_meta[i])):
+            name = names.get(id(p), f"zero_group{i}.param{k}")
+            geometry[name] = (meta.shape, _cuts(int(off), int(meta.numel()), bounds))
+            order.append(name)
+        master = opt.single_partition_of_fp32_groups[i]
+        if master.numel() != size or len(s.tensors) != len(slices):
+            raise _layout_error(f"param group {i}: the master partition has {master.numel()} elements (partition "
+                                f"size {size}) and {len(s.tensors)} gradient pieces for {len(slices)} slices")
+        flat = master.detach().reshape(-1)
+        for sl, g in zip(slices, s.tensors):
+            # A slice holding a whole parameter may come shaped like it: view(-1) keeps scaling in place.
+            pieces.append(UnitPiece(sl.name, g.view(-1), flat.narrow(0, sl.dest, sl.numel), sl.src, s.group))
+    return pieces, geometry, order
+
+
+def _zero3_units(engine: Any, opt: Any, found: list[Shards]) -> tuple[list[UnitPiece], dict[str, Any], list[str]]:
+    """ZeRO-3: rank r of a parameter's partition group holds its flattened elements ``[r * n, (r + 1) * n)``,
+    ``n = param.partition_numel()`` (the last partitions padded); the fp32 master of the piece lies in the
+    sub-group's ``fp32_partitioned_groups_flat`` at the parameter's ``grad_position`` offset."""
+    if type(opt).__name__ == "MiCS_Optimizer":
+        raise NotImplementedError("unit-wise clipping (AGC) does not handle DeepSpeed MiCS (ZeRO-3 partitions "
+                                  "replicated across MiCS replica groups)")
+    pieces: list[UnitPiece] = []
+    geometry: dict[str, Any] = {}
+    order: list[str] = []
+    for i, (params, s) in enumerate(zip(opt.fp16_groups, found)):
+        pg = opt._get_sub_group_process_group(i) if hasattr(opt, "_get_sub_group_process_group") \
+            else opt.dp_process_group
+        world, rank = dist.get_world_size(pg), dist.get_rank(pg)
+        master = opt.fp32_partitioned_groups_flat[i]
+        if len(s.tensors) != len(params):
+            raise RuntimeError(f"ZeRO-3 sub-group {i} has {len(s.tensors)} gradient pieces for {len(params)} "
+                               "parameters: this DeepSpeed release changed its ZeRO internals")
+        if master.numel() == 0 and any(_real_numel(p, rank) for p in params):
+            raise NotImplementedError("ZeRO-3 with NVMe optimizer swapping keeps the fp32 master weights on disk: "
+                                      "unit-wise clipping (AGC) cannot read them")
+        flat = master.detach().reshape(-1)
+        for p, g, name in zip(params, s.tensors, s.names):
+            per_rank, numel = int(p.partition_numel()), int(p.ds_numel)
+            geometry[name] = (torch.Size(p.ds_shape), _cuts(0, numel, range(per_rank, per_rank * world, per_rank)))
+            order.append(name)
+            real = _real_numel(p, rank)
+            if g.numel() != real:
+                raise RuntimeError(f"ZeRO-3 gradient piece of {name!r} has {g.numel()} elements, its partition "
+                                   f"{real}: this DeepSpeed release changed its ZeRO internals")
+            if real:
+                _, offset, _ = opt.grad_position[opt.get_param_id(p)]
+                pieces.append(UnitPiece(name, g, flat.narrow(0, int(offset), real), rank * per_rank, s.group))
+    return pieces, geometry, order
+
+
+def _replicated_units(engine: Any, found: list[Shards]) -> list[UnitPiece]:
+    """Whole gradients identical on every rank (stage 0, BF16_Optimizer's fp32 buffers): weights are the
+    module's parameters, as every rank holds them."""
+    params = dict(engine.module.named_parameters())
+    pieces: list[UnitPiece] = []
+    for s in found:
+        for name, g in zip(s.names, s.tensors):
+            p = params.get(name)
+            if p is None:
+                raise ValueError(f"unit-wise clipping (AGC) needs the parameter of every gradient, and {name!r} "
+                                 "is not a parameter of engine.module")
+            if g.shape == p.shape:
+                pieces.append(UnitPiece(name, g, p.detach(), None, None))
+            elif g.numel() == p.numel() and g.dim() == 1:  # BF16_Optimizer: flat fp32 views
+                pieces.append(UnitPiece(name, g, p.detach().reshape(-1), 0, None))
+            else:
+                raise _layout_error(f"the gradient of {name!r} has shape {tuple(g.shape)}, the parameter "
+                                    f"{tuple(p.shape)}")
+    return pieces
+
+
+def unit_layout(target: object, group: dist.ProcessGroup | None) -> UnitLayout:
+    """This rank's pieces of every parameter for unit-wise clipping (AGC), ZeRO stages 0-3.
+
+    The gradient pieces (and every check, and the loss scale) are those of :func:`shards`; weights are the fp32
+    master partition under ZeRO 1-3 (what ``step()`` updates, aligned with the gradient pieces), the module's
+    parameters where gradients are whole. Raises ``NotImplementedError`` for what it cannot read (MoE, MiCS,
+    NVMe optimizer swapping).
+    """
+    engine: Any = target
+    found = shards(target, group)
+    opt = engine.optimizer
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    scale = found[0].loss_scale if found else 1.0
+    module_names = list(dict.fromkeys(n for n, _ in engine.module.named_parameters()))
+    geometry: dict[str, Any] = {}
+    order: list[str] = []
+    if isinstance(opt, DeepSpeedZeroOptimizer_Stage3):
+        pieces, geometry, order = _zero3_units(engine, opt, found)
+    elif isinstance(opt, DeepSpeedZeroOptimizer):
+        pieces, geometry, order = _zero12_units(engine, opt, found)
+    else:
+        pieces = _replicated_units(engine, found)
+        shapes = {n: p.shape for n, p in engine.module.named_parameters()}
+        geometry = {pc.name: (shapes[pc.name], ()) for pc in pieces if pc.start is not None}
+    names = tuple(dict.fromkeys(module_names + order))
+    groups = tuple(dict.fromkeys(s.group for s in found))
+    device = next((t.device for s in found for t in s.tensors), None)
+    return UnitLayout(pieces, names, geometry, groups, scale, device)

@@ -21,12 +21,13 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..shards import Shards
+from ..shards import Shards, UnitLayout, UnitPiece
 
-__all__ = ["matches", "named", "shards"]
+__all__ = ["matches", "named", "shards", "unit_layout"]
 
 _INSTALL_HINT = "pip install dist_clip[fairscale]"
 _OSS = ("fairscale.optim.oss", "OSS")
@@ -218,3 +219,73 @@ def named(target: object, group: dist.ProcessGroup | None) -> tuple[list[Shards]
     if _is(target, _OSS):
         return _oss_named([target], group, None)
     raise TypeError(f"not a fairscale OSS optimizer, ShardedDataParallel or FullyShardedDataParallel: {type(target)}")
+
+
+# ------------------------------------------------------------------------------------ unit-wise clipping (AGC)
+
+
+def _fsdp_units(root: Any, group: dist.ProcessGroup | None) -> UnitLayout:
+    """fairscale FSDP: each original parameter's part of this rank's flat shard, with the matching part of the
+    fp32 parameter shard; a flat parameter of N elements is cut at multiples of ``c = ceil(N / world)``."""
+    fsdp = _loaded(_FSDP)
+    flat_type = getattr(sys.modules.get("fairscale.nn.misc.flatten_params_wrapper"), "FlatParameter", None)
+    param_names = {id(p): _clean(n) for n, p in root.named_parameters()}
+    names: list[str] = []
+    geometry: dict[str, Any] = {}
+    pieces: list[UnitPiece] = []
+    groups: list[dist.ProcessGroup | None] = []
+    device = None
+    for path, module in root.named_modules():
+        if not isinstance(module, fsdp):
+            continue
+        for p, pad in zip(module.params, module.numel_padded_per_param):
+            if flat_type is not None and isinstance(p, flat_type):
+                meta_names, shapes, numels = p.metadata()
+                own = [_clean(f"{path}.{n}") for n in meta_names]
+            else:
+                own = [param_names.get(id(p), _clean(f"{path}.<param>"))]
+                shapes, numels = [p._orig_size], [int(p._orig_size.numel())]
+            sharded = bool(getattr(p, "_is_sharded", False))
+            local = getattr(p, "_fp32_shard", p.data).detach().reshape(-1)  # this rank's (padded) shard
+            world = int(module.world_size) if sharded else 1
+            size = local.numel() if sharded else sum(int(n) for n in numels)
+            start = int(module.rank) * size if sharded else 0
+            valid = size - (int(pad) if sharded else 0)
+            pg = (group if group is not None else module.process_group) if sharded else None
+            groups.append(pg)
+            g = None if p.grad is None else p.grad.view(-1)  # a view: scaling it scales the real gradient
+            if g is not None:
+                device = device or g.device
+                if g.numel() != local.numel():
+                    raise ValueError(f"the fairscale FSDP parameter of {own} has a gradient of {g.numel()} elements "
+                                     f"and a shard of {local.numel()}: its gradient is not reduced and sharded yet "
+                                     "(inside no_sync()?); clip after the backward() that synchronises")
+            at = 0
+            for n, shape, numel in zip(own, shapes, numels):
+                numel = int(numel)
+                names.append(n)
+                cuts = tuple(b - at for b in range(size, size * world, size) if at < b < at + numel) if size else ()
+                geometry[n] = (torch.Size(shape), cuts)
+                lo, hi = max(at, start), min(at + numel, start + valid)
+                if g is not None and hi > lo:
+                    pieces.append(UnitPiece(n, g.narrow(0, lo - start, hi - lo), local.narrow(0, lo - start, hi - lo),
+                                            lo - at, pg))
+                at += numel
+    return UnitLayout(pieces, tuple(dict.fromkeys(names)), geometry, tuple(dict.fromkeys(groups)), 1.0, device)
+
+
+def _oss_units(found: tuple[list[Shards], list[str], dict[str, Tensor]]) -> UnitLayout:
+    """OSS: whole parameters, each measured by the one rank that owns (steps) it, summed over the OSS group."""
+    out, names, params = found
+    pieces = [UnitPiece(n, g, params[n].detach(), None, s.group) for s in out for n, g in zip(s.names, s.tensors)]
+    device = next((pc.grad.device for pc in pieces), None)
+    return UnitLayout(pieces, tuple(names), {}, tuple(dict.fromkeys(s.group for s in out)), 1.0, device)
+
+
+def unit_layout(target: object, group: dist.ProcessGroup | None) -> UnitLayout:
+    """This rank's pieces of every parameter for unit-wise clipping (AGC): OSS (and ShardedDataParallel) owned
+    parameters whole; FullyShardedDataParallel flat shards split per original parameter, cuts included."""
+    _require()
+    if _is(target, _FSDP):
+        return _fsdp_units(target, group)
+    return _oss_units(named(target, group))
