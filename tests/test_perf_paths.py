@@ -480,3 +480,26 @@ def test_bench_scaling_quick_writes_a_png():
     png = re.search(r"PNG: (\S+)", out).group(1)
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_bench_fsdp_quick_reports_one_collective_and_targets():
+    from bench import fsdp
+
+    out = fsdp.main(quick=True)
+    rows = [line for line in out.splitlines() if line.startswith("| 2 |")]
+    assert len(rows) == 4  # FSDP1 and FSDP2, p = 2 and inf
+    assert all(row.rstrip(" |").endswith("1 / 1") and ("met" in row or "MISSED" in row) for row in rows), rows
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+def test_bench_deepspeed_quick_reports_costs_and_collectives():
+    pytest.importorskip("deepspeed")
+    from bench import deepspeed as ds_bench
+
+    out = ds_bench.main(quick=True)
+    ours = [line for line in out.splitlines() if "| dist_clip |" in line]
+    assert len(ours) == 3 and all(line.rstrip(" |").endswith("| 1") for line in ours), ours  # one collective
+    isolated = [line for line in out.splitlines() if line.startswith("| ZeRO-") and "<= 0.1" in line]
+    assert len(isolated) == 2, out
