@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -56,7 +56,8 @@ class ClipperConfig:
             own limit), ``"unitwise"`` (AGC, configured by ``agc``).
         on_nonfinite: when the total norm is NaN or infinite: ``"error"`` raises ``RuntimeError`` on every rank
             naming the ranks and parameters holding non-finite values; ``"skip"`` turns the next
-            ``optimizer.step()`` into a no-op (needs ``optimizer=``); ``"zero"`` zeroes every gradient;
+            ``optimizer.step()`` into a no-op (needs ``optimizer=``; on a DeepSpeed engine the next
+            ``engine.step()``, through DeepSpeed's overflow path under ZeRO 1-3); ``"zero"`` zeroes every gradient;
             ``"ignore"`` scales by the non-finite coefficient, as ``torch.nn.utils.clip_grad_norm_`` does.
         report: return the norm of every parameter as a dict (one host read).
         report_depth: report per module prefix of this many dotted components instead of per parameter.
@@ -231,16 +232,48 @@ def skip_next_step_(optimizer: torch.optim.Optimizer, flag: Tensor) -> None:
     Fused optimizers get ``optimizer.found_inf`` (their kernels skip the update and the step count, as under
     ``GradScaler``). Any other optimizer gets a step pre-hook that snapshots parameters and state and a post-hook
     that restores them with ``torch.where`` on the device (on the CPU only when the flag is set, since reading
-    it is free there). The snapshot costs one copy of parameters and state per step on accelerators: prefer a
-    fused optimizer. State that a first step creates is reset to zeros on accelerators (the usual initial state)
-    and removed on the CPU; optimizer state kept on the host for device parameters (``capturable=False`` step
-    counters) makes the restore a host sync.
+    it is free there). A fairscale ``OSS`` arms its inner ``optim`` (which holds the state), so the broadcast
+    that ends ``OSS.step()`` carries the restored parameters. The snapshot costs one copy of parameters and
+    state per step on accelerators: prefer a fused optimizer. State that a first step creates is reset to zeros
+    on accelerators (the usual initial state) and removed on the CPU; optimizer state kept on the host for device
+    parameters (``capturable=False`` step counters) makes the restore a host sync.
     """
+    from .adapters.fairscale import skip_optimizers
+
+    inner = skip_optimizers(optimizer)  # a fairscale OSS: the torch optimizer stepping this rank's parameters
+    if inner is not None:
+        for opt in inner:
+            skip_next_step_(opt, flag)
+        return
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"skip_next_step_ needs a torch.optim.Optimizer, got {type(optimizer).__name__}; for a DeepSpeed engine "
+            "use GradClipper(on_nonfinite='skip') with the engine as the target"
+        )
     guard = getattr(optimizer, "_dist_clip_skip_guard", None)
     if guard is None:
         guard = _SkipGuard(optimizer)
         optimizer._dist_clip_skip_guard = guard  # type: ignore[attr-defined]
     guard.arm(optimizer, flag.reshape(()).to(torch.bool))
+
+
+def _skip_handle(target: object, optimizer: Any) -> tuple[Callable[[Tensor], None], Any]:
+    """``(arm, optimizer)`` for ``on_nonfinite="skip"``: ``arm(flag)`` makes the next step a no-op where the flag
+    is true; ``optimizer`` is what the other modes use (a DeepSpeed wrapper becomes its torch optimizer)."""
+    from .adapters import deepspeed as ds_adapter
+    from .adapters import fairscale as fs_adapter
+
+    if ds_adapter.matches(target):
+        arm, torch_opt = ds_adapter.skip_handle(target, optimizer)
+        return arm, (torch_opt if optimizer is not None else None)
+    if optimizer is None and fs_adapter.skip_optimizers(target) is not None:
+        optimizer = target  # an OSS target steps itself
+    if optimizer is None:
+        raise ValueError("on_nonfinite='skip' needs optimizer= (the optimizer whose next step is skipped)")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    chosen = optimizer
+    return (lambda flag: skip_next_step_(chosen, flag)), optimizer
 
 
 # ------------------------------------------------------------------------------------------- the clipper
@@ -385,7 +418,9 @@ class GradClipper:
         Args:
             target: anything the functional API takes; per-parameter modes and reports also take a mapping
                 ``{name: tensor}`` (every rank the same keys).
-            optimizer: needed by ``mode="per_group"`` (its param groups) and ``on_nonfinite="skip"``.
+            optimizer: needed by ``mode="per_group"`` (its param groups) and ``on_nonfinite="skip"`` (whose
+                step is skipped; optional on a DeepSpeed engine, where it may also be ``engine.optimizer``, and
+                on a fairscale OSS target).
             group: as in the functional API.
             plan: a :class:`dist_clip.compose.ParallelPlan` describing tensor/pipeline/expert parallelism.
             report: overrides ``config.report`` for this call.
@@ -396,8 +431,9 @@ class GradClipper:
         cfg = self.config
         p = cfg.p
         want_report = cfg.report if report is None else bool(report)
-        if cfg.on_nonfinite == "skip" and optimizer is None:
-            raise ValueError("on_nonfinite='skip' needs optimizer= (the optimizer whose next step is skipped)")
+        arm_skip = None
+        if cfg.on_nonfinite == "skip":
+            arm_skip, optimizer = _skip_handle(target, optimizer)
         if cfg.mode == "per_group" and optimizer is None:
             raise ValueError("mode='per_group' needs optimizer= (whose param groups set the slots)")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
@@ -407,7 +443,7 @@ class GradClipper:
         if cfg.mode == "unitwise":
             if plan is not None:
                 raise ValueError("mode='unitwise' does not take a plan= (AGC reads FSDP/DTensor layouts itself)")
-            return self._unitwise(target, optimizer, group, want_report)
+            return self._unitwise(target, arm_skip, group, want_report)
 
         named_mode = plan is not None or cfg.mode != "total" or want_report
         if plan is not None:
@@ -468,7 +504,14 @@ class GradClipper:
 
         policy = cfg.on_nonfinite
         if policy == "error" and not bool(finite):
-            raise RuntimeError(_nonfinite_message(shards, m.group, total.item(), p))
+            culprits = shards
+            from .adapters import fairscale as fs_adapter
+
+            if named is None and fs_adapter.matches(target):
+                # fairscale's plain pieces are unnamed (OSS) or flat (FSDP): name them by the unwrapped model's
+                # parameters (no collective) for the message.
+                culprits = _slots.named_shards(target, group).shards
+            raise RuntimeError(_nonfinite_message(culprits, m.group, total.item(), p))
         pieces = _slots.all_pieces(shards, pick)
         on_cpu = total.device.type == "cpu"
         if policy in ("skip", "zero"):
@@ -482,9 +525,8 @@ class GradClipper:
             if policy == "zero" and not on_cpu:
                 for t, _ in pieces:
                     t.masked_fill_(~finite.to(t.device), 0)  # 0 * NaN is NaN: zero explicitly, no sync
-        if policy == "skip":
-            assert optimizer is not None
-            skip_next_step_(optimizer, ~finite)
+        if arm_skip is not None:
+            arm_skip(~finite)
         clipped = finite & (slot_coef < 1).any()
         self._count(clipped, finite)
         norms = self._report(named, m, p) if want_report and named is not None else None
@@ -549,7 +591,7 @@ class GradClipper:
     def _unitwise(
         self,
         target: object,
-        optimizer: torch.optim.Optimizer | None,
+        arm_skip: Callable[[Tensor], None] | None,
         group: dist.ProcessGroup | None,
         want_report: bool,
     ) -> ClipResult:
@@ -576,9 +618,8 @@ class GradClipper:
             if policy == "zero" and not on_cpu:
                 for u in units:
                     u.grad.masked_fill_(~finite.to(u.grad.device), 0)
-        if policy == "skip":
-            assert optimizer is not None
-            skip_next_step_(optimizer, ~finite)
+        if arm_skip is not None:
+            arm_skip(~finite)
         clipped = finite & (outcome.min_coef < 1)
         self._count(clipped, finite)
         norms = None

@@ -36,6 +36,9 @@ the unscaled gradients, and the coefficient multiplies the scaled buffers, which
 usual. An fp16 overflow makes the norm inf or NaN; the scaled buffers then hold inf or NaN and ``step()`` skips
 the step and lowers the loss scale exactly as it would without dist_clip.
 
+``GradClipper(on_nonfinite="skip")`` on an engine drives DeepSpeed's own overflow path under ZeRO 1-3 (see
+:func:`skip_handle`): the next ``engine.step()`` skips every param group, as it does on an fp16 overflow.
+
 These buffers are internals of DeepSpeed, so the adapter checks the version (``TESTED_VERSIONS``) and the
 attributes it reads, and raises a ``RuntimeError`` naming what changed instead of clipping the wrong tensors.
 """
@@ -63,6 +66,7 @@ __all__ = [
     "optimizer_tensors",
     "required_attributes",
     "shards",
+    "skip_handle",
     "unit_layout",
     "zero3_param_groups",
 ]
@@ -111,13 +115,15 @@ _ZERO3 = ("averaged_gradients", "offload_optimizer", "fp32_partitioned_groups_fl
           "dp_process_group", "loss_scaler", "_swappable_optimizer_subgroup", "grad_position", "get_param_id")
 _BF16 = ("fp32_groups_gradients", "fp32_groups_has_gradients", "bf16_groups")
 _FP16_UNFUSED = ("fp16_groups",)
+#: What ``on_nonfinite="skip"`` drives on ZeRO 1-3 (see :func:`skip_handle`).
+_SKIP_ZERO = ("overflow", "_update_scale")
 
 
 def required_attributes() -> dict[str, tuple[str, ...]]:
     """Optimizer class name -> the attributes (or methods) of its instances that the adapter reads."""
     return {
-        "DeepSpeedZeroOptimizer": _ZERO12,
-        "DeepSpeedZeroOptimizer_Stage3": _ZERO3,
+        "DeepSpeedZeroOptimizer": _ZERO12 + _SKIP_ZERO,
+        "DeepSpeedZeroOptimizer_Stage3": _ZERO3 + _SKIP_ZERO,
         "BF16_Optimizer": _BF16,
         "FP16_UnfusedOptimizer": _FP16_UNFUSED,
         "FP16_Optimizer": _FP16_UNFUSED,
@@ -379,6 +385,79 @@ def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
     if isinstance(opt, DeepSpeedZeroOptimizer):
         return _zero12_shards(engine, opt, group, scale)
     return _replicated_shards(engine, opt)
+
+
+class _ZeroSkip:
+    """Stands in for a ZeRO optimizer's ``_update_scale`` (an instance attribute shadowing the method).
+
+    In DeepSpeed 0.19, ``DeepSpeedZeroOptimizer.step()`` (stage_1_and_2.py) and
+    ``DeepSpeedZeroOptimizer_Stage3.step()`` (stage3.py, through ``_loss_scale_update_and_overflow_cleanup``)
+    each call ``self._update_scale(self.overflow)`` exactly once, after their own overflow check and before they
+    read ``self.overflow`` to choose between their overflow path (zero the gradients, release the partitions,
+    return without touching the torch optimizer, the fp32 masters or the bit16 parameters; the engine then
+    counts ``skipped_steps`` and does not step its LR scheduler) and the update. This hook lets the loss scaler
+    see DeepSpeed's own verdict, then sets ``overflow`` when the armed flag is true, and forgets the flag.
+    """
+
+    def __init__(self, opt: Any) -> None:
+        self.method = opt._update_scale  # the bound class method
+        self.flag: Tensor | None = None
+
+    def __call__(self, has_overflow: bool = False) -> Any:
+        flag, self.flag = self.flag, None
+        out = self.method(has_overflow)
+        if flag is not None and bool(flag):  # a host read; DeepSpeed's step() reads its own flags on the host too
+            self.method.__self__.overflow = True
+        return out
+
+
+def skip_handle(target: object, optimizer: object) -> tuple[Any, Any]:
+    """How ``on_nonfinite="skip"`` makes the next ``engine.step()`` a no-op: ``(arm, torch_optimizer)``.
+
+    ``arm(flag)`` takes the 0-dim bool flag (true: skip). ``optimizer`` may be ``None``, ``engine.optimizer``
+    or the torch optimizer given to ``deepspeed.initialize`` (``torch_optimizer`` is that one, or ``None``
+    where there is none to name). ZeRO 1-3 take DeepSpeed's own overflow path (:class:`_ZeroSkip`): the step
+    is skipped for every param group and sub-group at once, parameters, fp32 masters and optimizer state stay
+    as they were. Stage 0 without a mixed-precision wrapper steps the torch optimizer once per
+    ``engine.step()``: its step hooks (:func:`dist_clip.clipper.skip_next_step_`) skip it. DeepSpeed's
+    non-ZeRO mixed-precision wrappers raise ``NotImplementedError``. Raises before anything is measured, and
+    identically on every rank.
+    """
+    ds = _require()
+    check_version(ds.__version__)
+    engine: Any = target
+    opt = engine.optimizer
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    zero = isinstance(opt, (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3))
+    inner = getattr(opt, "optimizer", None) if zero else opt
+    if optimizer is not None and optimizer is not opt and optimizer is not inner:
+        raise ValueError(
+            f"on_nonfinite='skip' on a DeepSpeed engine skips engine.step(); optimizer= must be left out, or be "
+            f"engine.optimizer ({type(opt).__name__}) or the torch optimizer given to deepspeed.initialize, got "
+            f"another {type(optimizer).__name__}"
+        )
+    torch_opt = inner if isinstance(inner, torch.optim.Optimizer) else None
+    if zero:
+        _check_attributes(opt, _SKIP_ZERO)
+        hook = vars(opt).get("_update_scale")
+        if not isinstance(hook, _ZeroSkip):
+            hook = _ZeroSkip(opt)
+            opt._update_scale = hook
+
+        def arm(flag: Tensor) -> None:
+            hook.flag = flag
+
+        return arm, torch_opt
+    if isinstance(opt, torch.optim.Optimizer):
+        from ..clipper import skip_next_step_
+
+        return (lambda flag: skip_next_step_(opt, flag)), opt
+    raise NotImplementedError(
+        f"on_nonfinite='skip' on a DeepSpeed engine supports ZeRO stages 1-3 and stage 0 without a "
+        f"mixed-precision wrapper; this engine's optimizer is {type(opt).__name__}"
+    )
 
 
 def optimizer_tensors(target: object) -> dict[str, Tensor]:

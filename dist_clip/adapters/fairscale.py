@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..shards import Shards, UnitLayout, UnitPiece
 
-__all__ = ["matches", "named", "shards", "unit_layout"]
+__all__ = ["matches", "named", "shards", "skip_optimizers", "unit_layout"]
 
 _INSTALL_HINT = "pip install dist_clip[fairscale]"
 _OSS = ("fairscale.optim.oss", "OSS")
@@ -106,6 +106,26 @@ def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
     if _is(target, _OSS):
         return _oss_shards([target], group)
     raise TypeError(f"not a fairscale OSS optimizer, ShardedDataParallel or FullyShardedDataParallel: {type(target)}")
+
+
+def skip_optimizers(optimizer: object) -> list[Any] | None:
+    """The torch optimizers ``on_nonfinite="skip"`` arms for ``optimizer``, or ``None`` if it is not an OSS.
+
+    ``OSS.step()`` (fairscale 0.4.13, optim/oss.py) calls ``self.optim.step()`` once, the torch optimizer over
+    this rank's own parameters, which holds all the optimizer state, then broadcasts every rank's parameters
+    from their owners. Arming that inner optimizer restores (or, fused, never changes) this rank's parameters
+    and state before the broadcast, so the broadcast carries the unchanged values: the whole step is a no-op on
+    every rank. ``OSS.state`` itself is empty: a snapshot of the OSS would miss the momentum buffers.
+    """
+    if not _is(optimizer, _OSS):
+        return None
+    inner = getattr(optimizer, "optim", None)
+    if not isinstance(inner, torch.optim.Optimizer):
+        raise RuntimeError(
+            f"fairscale {_require().__version__}'s OSS has no torch optimizer at .optim (found "
+            f"{type(inner).__name__}); dist_clip cannot skip its step"
+        )
+    return [inner]
 
 
 # ------------------------------------------------------------------------------------------- named pieces

@@ -1,0 +1,403 @@
+"""GradClipper's non-finite policies and adaptive thresholds on DeepSpeed engines and fairscale wrappers.
+
+The policies put a NaN into one piece of rank 1's partition only (after DeepSpeed/fairscale reduced the
+gradients); every rank takes the same decision from the one collective:
+
+* ``"error"`` raises on every rank, naming rank 1 and the unwrapped model's parameter holding the NaN;
+* ``"zero"`` zeroes every local piece (one collective);
+* ``"skip"``: a good step, the poisoned step skipped (parameters, fp32 masters and optimizer state bit-for-bit
+  unchanged; one collective), a good step: equal to a twin that only took the two good steps, and (fp32) to the
+  float64 unsharded torch run. On DeepSpeed the engine is handed its optimizer in each accepted form (left out,
+  ``engine.optimizer``, the torch optimizer), over two param groups; the hook on DeepSpeed's overflow path is
+  also driven alone on finite gradients, which DeepSpeed would never skip by itself.
+
+AutoClip and ZClip run a few steps (one a spike) on ZeRO-2 and on OSS + ShardedDataParallel: thresholds,
+coefficients and ZClip's running statistics equal the single-process references of ``tests/test_adaptive.py``
+fed the float64 reference norms, with identical state on every rank.
+Run: ``.venv/bin/python -m pytest tests/test_policies_wrappers.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dist_clip import AutoClip, GradClipper, ZClip
+from dist_clip.testing import count_collectives, reference_norm
+
+pytest.importorskip("deepspeed")
+pytest.importorskip("fairscale")
+
+from tests import ds_cases, ds_names_cases, fairscale_cases  # noqa: E402
+from tests.test_adaptive import ZClipReference, _same_state, autoclip_reference, percentile_reference  # noqa: E402
+
+TIMEOUT = 240
+MAX_NORM = 0.3
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def _diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> str:
+    if len(a) != len(b):
+        return f"{len(a)} vs {len(b)} tensors"
+    return "; ".join(f"#{i} {tuple(x.shape)}/{tuple(y.shape)} max diff {(x.double() - y.double()).abs().max():.3e}"
+                     for i, (x, y) in enumerate(zip(a, b)) if not torch.equal(x, y))
+
+
+def _everyone(value: Any) -> list[Any]:
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def _poison(pieces: list[tuple[str, torch.Tensor]]) -> str:
+    """A NaN in rank 1's last non-empty piece; the name of its parameter, on every rank."""
+    name = None
+    if dist.get_rank() == 1:
+        name, t = [(n, t) for n, t in pieces if t.numel()][-1]
+        t.view(-1)[0] = math.nan
+    return _everyone(name)[1]
+
+
+def _error_message(clip_target: Any, **kwargs: Any) -> str:
+    try:
+        GradClipper(on_nonfinite="error")(clip_target, **kwargs)
+    except RuntimeError as e:
+        return str(e)
+    return "no error"
+
+
+def _check_error(message: str, name: str, names: set[str]) -> None:
+    assert name in names, f"{name!r} is not a parameter name of the unwrapped model {sorted(names)}"
+    assert f"rank 1: {name}" in message and "rank 0" not in message, message
+
+
+def _clip_once(clipper: GradClipper, clip_target: Any, **kwargs: Any) -> Any:
+    with count_collectives() as calls:
+        result = clipper(clip_target, **kwargs)
+    assert calls.total == 1, f"{calls.total} collectives"
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ DeepSpeed
+
+
+def _engine(stage: int, dtype: str) -> tuple[Any, torch.optim.Optimizer]:
+    """``ds_names_cases``' engine (two SGD param groups); bf16 with DeepSpeed's own overflow check off, so
+    ZeRO-1/2 would step a NaN gradient if dist_clip did not skip it."""
+    deepspeed = ds_cases._quiet()
+    cfg = ds_cases.ds_config(stage, dtype=dtype)
+    if dtype == "bf16":
+        cfg["bf16"]["check_grad_overflow"] = False
+    model = ds_cases.make_model(0)
+    by_name = dict(model.named_parameters())
+    opt = torch.optim.SGD([{"params": [by_name[n] for n in g]} for g in ds_names_cases.GROUPS["layers"]],
+                          lr=ds_cases.LR, momentum=ds_cases.MOMENTUM)
+    with contextlib.redirect_stdout(io.StringIO()):
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    return engine, opt
+
+
+def _ds_pieces(engine: Any) -> list[tuple[str, torch.Tensor]]:
+    from dist_clip.adapters import deepspeed as adapter
+
+    return [(n, t) for s in adapter.shards(engine, None) for n, t in zip(s.names, s.tensors)]
+
+
+def _ds_state(engine: Any) -> list[torch.Tensor]:
+    """Whole bit16 parameters (gathered under ZeRO-3), this rank's fp32 masters, the torch optimizer's state."""
+    opt = engine.optimizer
+    out = ds_cases.full_params(engine)
+    state = opt.optimizer.state
+    if engine.zero_optimization_stage() < 3:
+        for master in opt.single_partition_of_fp32_groups:
+            out.append(master.detach().clone())
+            out += [v.detach().clone() for v in state.get(master, {}).values() if isinstance(v, torch.Tensor)]
+        return out
+    # ZeRO-3's flat fp32 partitions hold uninitialised alignment padding: compare the parameters' elements only.
+    from dist_clip.adapters.deepspeed import _real_numel
+
+    for i, master in enumerate(opt.fp32_partitioned_groups_flat):
+        cuts = [(int(opt.grad_position[opt.get_param_id(p)][1]), _real_numel(p, dist.get_rank()))
+                for p in opt.fp16_groups[i]]
+        held = [master] + [v for v in state.get(master, {}).values() if isinstance(v, torch.Tensor)]
+        out += [t.detach().reshape(-1).narrow(0, o, n).clone() for t in held for o, n in cuts]
+    return out
+
+
+def _ds_backward(engine: Any, step: int) -> list[list[torch.Tensor]]:
+    batches = ds_cases.micro_batches(engine, step)
+    dtype = next(engine.module.parameters()).dtype
+    engine.backward(ds_cases.loss_fn(engine(batches[0][dist.get_rank()].to(dtype))))
+    return batches
+
+
+def case_ds_policies(stage: int, dtype: str = "fp32") -> dict:
+    from dist_clip.adapters import deepspeed as adapter
+
+    exact = dtype == "fp32"
+    # -- "error" and "zero" on one engine.
+    engine, _ = _engine(stage, dtype)
+    _ds_backward(engine, 0)
+    name = _poison(_ds_pieces(engine))
+    _check_error(_error_message(engine), name, {n for n, _ in engine.module.named_parameters()})
+    result = _clip_once(GradClipper(on_nonfinite="zero"), engine)
+    assert not bool(result.finite)
+    assert all(bool((t == 0).all()) for _, t in _ds_pieces(engine)), "a local piece was not zeroed"
+    engine.step()
+
+    # -- "skip": good, poisoned (skipped), good == a twin that took the good steps only (== float64 run).
+    ours, torch_opt = _engine(stage, dtype)
+    twin, _ = _engine(stage, dtype)
+    ref = ds_cases.Reference()
+    try:
+        GradClipper(on_nonfinite="skip")(ours, optimizer=torch.optim.SGD(ref.model.parameters(), lr=0.1))
+    except ValueError as e:
+        assert "deepspeed.initialize" in str(e), e
+    else:
+        raise AssertionError("a foreign optimizer= was accepted")
+    clipper, twin_clipper = GradClipper(max_norm=MAX_NORM, on_nonfinite="skip"), GradClipper(max_norm=MAX_NORM)
+    forms = [{}, {"optimizer": ours.optimizer}, {"optimizer": torch_opt}]
+    for step in range(3):
+        batches = _ds_backward(ours, step)
+        if step == 1:
+            _poison(_ds_pieces(ours))
+            before = _ds_state(ours)
+            result = _clip_once(clipper, ours, **forms[step])
+            assert not bool(result.finite) and not bool(result.clipped)
+            ours.step()
+            assert _same(before, _ds_state(ours)), f"stage {stage} {dtype}: the skipped step changed something"
+            assert ours.skipped_steps == 1 and not ours._step_applied
+            continue
+        assert bool(_clip_once(clipper, ours, **forms[step]).finite)
+        ours.step()
+        _ds_backward(twin, step)
+        twin_clipper(twin)
+        twin.step()
+        if exact:
+            ref.step(batches, MAX_NORM, 2.0)
+        a, b = _ds_state(ours), _ds_state(twin)
+        assert _same(a, b), f"stage {stage} {dtype}: step {step} differs from the twin: {_diff(a, b)}"
+    if exact:
+        ds_cases._params_close(ds_cases.full_params(ours), ref.params(), 1e-5, 1e-6, f"stage {stage} vs float64")
+    assert int(clipper.num_nonfinite) == 1
+
+    # -- the hook alone: finite gradients, DeepSpeed would step them; armed with True, the step is skipped.
+    _ds_backward(ours, 3)
+    arm, _ = adapter.skip_handle(ours, None)
+    arm(torch.tensor(True))
+    before = _ds_state(ours)
+    ours.step()
+    assert _same(before, _ds_state(ours)) and ours.skipped_steps == 2
+    assert vars(ours.optimizer)["_update_scale"].flag is None, "the flag must be consumed by the step"
+    _ds_backward(ours, 4)
+    assert bool(_clip_once(clipper, ours).finite)
+    ours.step()
+    assert ours._step_applied and not _same(before, _ds_state(ours)), "a finite step after a skip must step"
+    return {"name": name, "skipped": ours.skipped_steps}
+
+
+def case_ds_stage0() -> dict:
+    """Stage 0 steps its torch optimizer once per engine.step(): its step hooks skip it. DeepSpeed's non-ZeRO
+    mixed-precision wrappers (stage 0 bf16 here) are refused, on every rank, before anything is measured."""
+    engine = ds_cases.make_engine(ds_cases.ds_config(0))
+    _ds_backward(engine, 0)
+    for p in engine.module.parameters():  # replicated gradients: every rank holds the NaN
+        p.grad.view(-1)[0] = math.nan
+    before = ds_cases.full_params(engine)
+    result = GradClipper(on_nonfinite="skip")(engine)
+    assert not bool(result.finite)
+    engine.step()
+    assert _same(before, ds_cases.full_params(engine))
+    engine = ds_cases.make_engine(ds_cases.ds_config(0, dtype="bf16"))
+    _ds_backward(engine, 0)
+    with count_collectives() as calls:
+        try:
+            GradClipper(on_nonfinite="skip")(engine)
+        except NotImplementedError as e:
+            message = str(e)
+        else:
+            raise AssertionError(f"{type(engine.optimizer).__name__} was accepted")
+    assert type(engine.optimizer).__name__ in message and calls.total == 0, (message, calls.total)
+    engine.step()
+    return {"message": message}
+
+
+# ------------------------------------------------------------------------------------------------- fairscale
+
+
+def _fs_pieces(clip_target: Any) -> list[tuple[str, torch.Tensor]]:
+    from dist_clip import _slots
+
+    named = _slots.named_shards(clip_target, None)
+    return [(n, t) for s in named.shards for n, t in zip(s.names, s.tensors)]
+
+
+def _fs_state(kind: str, model: Any, opt: Any) -> list[torch.Tensor]:
+    out = fairscale_cases.full_params(kind, model)
+    out += [p.detach().clone() for p in model.parameters()]  # FSDP: this rank's shards
+    inner = opt.optim if hasattr(opt, "optim") else opt  # OSS keeps the state in its torch optimizer
+    for state in inner.state.values():
+        out += [v.detach().clone() for v in state.values() if isinstance(v, torch.Tensor)]
+    return out
+
+
+def _fs_backward(model: Any, step: int, scale: float = 1.0) -> None:
+    model.zero_grad()  # ShardedDDP's own zero_grad keeps its buckets
+    (scale * ds_cases.loss_fn(model(ds_cases.batch(dist.get_rank(), step, 0)))).backward()
+
+
+def case_fs_policies(kind: str) -> dict:
+    shim = fairscale_cases.cpu_stream_shim() if kind.startswith("fsdp") else contextlib.nullcontext()
+    with shim:
+        model, opt, target = fairscale_cases.build(kind)
+        unwrapped = {n for n, _ in ds_cases.make_model(0).named_parameters()}
+        _fs_backward(model, 0)
+        name = _poison(_fs_pieces(target))
+        _check_error(_error_message(target, optimizer=opt), name, unwrapped)
+        result = _clip_once(GradClipper(on_nonfinite="zero"), target)
+        assert not bool(result.finite)
+        assert all(bool((t == 0).all()) for _, t in _fs_pieces(target)), "a local piece was not zeroed"
+        opt.step()
+
+        ours, ours_opt, ours_target = fairscale_cases.build(kind)
+        twin, twin_opt, twin_target = fairscale_cases.build(kind)
+        ref = ds_cases.Reference()
+        clipper, twin_clipper = GradClipper(max_norm=MAX_NORM, on_nonfinite="skip"), GradClipper(max_norm=MAX_NORM)
+        for step in range(3):
+            _fs_backward(ours, step)
+            if step == 1:
+                _poison(_fs_pieces(ours_target))
+                before = _fs_state(kind, ours, ours_opt)
+                result = _clip_once(clipper, ours_target, optimizer=ours_opt)
+                assert not bool(result.finite) and not bool(result.clipped)
+                ours_opt.step()
+                assert _same(before, _fs_state(kind, ours, ours_opt)), f"{kind}: the skipped step changed something"
+                continue
+            assert bool(_clip_once(clipper, ours_target, optimizer=ours_opt).finite)
+            ours_opt.step()
+            _fs_backward(twin, step)
+            twin_clipper(twin_target)
+            twin_opt.step()
+            ref.step(fairscale_cases._batches(step), MAX_NORM, 2.0)
+            assert _same(_fs_state(kind, ours, ours_opt), _fs_state(kind, twin, twin_opt)), f"{kind}: step {step}"
+        ds_cases._params_close(fairscale_cases.full_params(kind, ours), ref.params(), 1e-5, 1e-6, f"{kind} vs float64")
+    return {"name": name}
+
+
+# ------------------------------------------------------------------------------------------ AutoClip, ZClip
+
+SPIKES = {4: 30.0}  # step -> loss multiplier: a gradient norm spike
+STEPS = 6
+
+
+def _zclip_reference_threshold(z: ZClipReference, g: float) -> float:
+    """The threshold ZClipReference.step(g) applies (computed from its state before the step)."""
+    if not z.initialized:
+        return z.max_norm if z.max_norm is not None else math.inf
+    std = z.var**0.5
+    zscore = (g - z.mean) / (std + z.eps)
+    effective = g
+    if zscore > z.z_thresh:
+        if z.clip_option == "adaptive_scaling":
+            effective = (z.mean + (z.z_thresh * std) / (zscore / z.z_thresh)) * z.clip_factor
+        else:
+            effective = z.mean
+    return min(effective, z.max_norm) if z.max_norm is not None else effective
+
+
+def case_adaptive(wrapper: str) -> list:
+    """For each threshold: ``STEPS`` steps of the wrapper against the float64 run clipped by the reference."""
+    out = []
+    for threshold in (AutoClip(percentile=25), ZClip(warmup_steps=3, max_norm=None, z_thresh=2.0)):
+        ref = ds_cases.Reference()
+        if wrapper == "zero2":
+            engine, _ = _engine(2, "fp32")
+        else:
+            model, opt, target = fairscale_cases.build("oss_sdp")
+        clipper = GradClipper(max_norm=threshold)
+        zref = ZClipReference(threshold.alpha, threshold.z_thresh, threshold.max_norm, threshold.eps,
+                              threshold.warmup_steps, threshold.clip_option, threshold.clip_factor,
+                              threshold.skip_update_on_spike) if isinstance(threshold, ZClip) else None
+        norms: list[float] = []
+        got, want = [], []
+        for step in range(STEPS):
+            scale = SPIKES.get(step, 1.0)
+            batches = [[ds_cases.batch(r, step, 0) for r in range(dist.get_world_size())]]
+            grads = ref.grads(batches)
+            for g in grads:
+                g.mul_(scale)
+            norm = reference_norm(grads, 2.0)
+            norms.append(norm)
+            if zref is None:
+                thr = percentile_reference(norms, threshold.percentile)
+                coef = autoclip_reference(norms, threshold.percentile, threshold.window)[-1]
+            else:
+                thr = _zclip_reference_threshold(zref, norm)
+                coef = zref.step(norm)
+            for g in grads:
+                g.mul_(coef)
+            ref.opt.step()
+            if wrapper == "zero2":
+                engine.backward(scale * ds_cases.loss_fn(engine(batches[0][dist.get_rank()])))
+                result = _clip_once(clipper, engine)
+                engine.step()
+            else:
+                _fs_backward(model, step, scale)
+                result = _clip_once(clipper, target)
+                opt.step()
+            got.append((float(result.total_norm), float(result.max_norm), float(result.clip_coef)))
+            want.append((norm, thr, coef))
+            if zref is not None and zref.initialized:
+                st = clipper.state_dict()["threshold"]
+                assert float(st["mean"]) == pytest.approx(zref.mean, rel=1e-5), (step, st, zref.mean)
+                assert float(st["var"]) == pytest.approx(zref.var, rel=1e-4), (step, st, zref.var)
+        for (gn, gt, gc), (wn, wt, wc) in zip(got, want):
+            assert gn == pytest.approx(wn, rel=2e-6), (threshold, got, want)
+            assert gt == pytest.approx(wt, rel=1e-5), (threshold, got, want)
+            assert gc == pytest.approx(wc, rel=1e-5), (threshold, got, want)
+        assert any(c < 0.999 for _, _, c in want) and any(c > 0.999 for _, _, c in want), want
+        final = (fairscale_cases.full_params("oss_sdp", model) if wrapper != "zero2"
+                 else ds_cases.full_params(engine))
+        ds_cases._params_close(final, ref.params(), 1e-5, 1e-6, f"{wrapper} {threshold} params")
+        out.append(clipper.state_dict())
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- the tests
+
+
+@pytest.mark.deepspeed
+@pytest.mark.parametrize("stage,dtype", [(1, "fp32"), (2, "fp32"), (3, "fp32"), (1, "bf16")])
+def test_deepspeed_policies(run_ranks, stage, dtype):
+    names = [r["name"] for r in run_ranks(2, case_ds_policies, stage, dtype, timeout_s=TIMEOUT)]
+    assert names[0] == names[1]
+
+
+@pytest.mark.deepspeed
+def test_deepspeed_stage0_skip_and_refusal(run_ranks):
+    run_ranks(2, case_ds_stage0, timeout_s=TIMEOUT)
+
+
+@pytest.mark.fairscale
+@pytest.mark.parametrize("kind", ["oss_sdp", "fsdp"])
+def test_fairscale_policies(run_ranks, kind):
+    run_ranks(2, case_fs_policies, kind, timeout_s=TIMEOUT)
+
+
+@pytest.mark.parametrize("wrapper", [pytest.param("zero2", marks=pytest.mark.deepspeed),
+                                     pytest.param("oss_sdp", marks=pytest.mark.fairscale)])
+def test_adaptive_thresholds_match_references(run_ranks, wrapper):
+    states = run_ranks(2, case_adaptive, wrapper, timeout_s=TIMEOUT)
+    assert _same_state(states[0], states[1]), "adaptive state differs across ranks"
