@@ -55,6 +55,24 @@ class ZClipReference:
         self.initialized = False
         self.mean = self.var = 0.0
 
+    def _clip_val(self, g: float) -> float | None:
+        """The spike's replacement value once warmed up, or None when ``g`` is no spike."""
+        std = self.var**0.5
+        z = (g - self.mean) / (std + self.eps)
+        if z <= self.z_thresh:
+            return None
+        if self.clip_option == "adaptive_scaling":
+            return (self.mean + (self.z_thresh * std) / (z / self.z_thresh)) * self.clip_factor
+        return self.mean
+
+    def threshold(self, g: float) -> float:
+        """The threshold ``step(g)`` applies, from the state before the step."""
+        if not self.initialized:
+            return self.max_norm if self.max_norm is not None else math.inf
+        clip_val = self._clip_val(g)
+        effective = clip_val if clip_val is not None else g
+        return min(effective, self.max_norm) if self.max_norm is not None else effective
+
     def step(self, g: float) -> float:
         if not self.initialized:
             self.buffer.append(g)
@@ -63,17 +81,8 @@ class ZClipReference:
                 self.var = sum((x - self.mean) ** 2 for x in self.buffer) / len(self.buffer)
                 self.initialized = True
             return min(1.0, self.max_norm / (g + 1e-6)) if self.max_norm is not None else 1.0
-        std = self.var**0.5
-        z = (g - self.mean) / (std + self.eps)
-        clip_val = None
-        if z > self.z_thresh:
-            if self.clip_option == "adaptive_scaling":
-                clip_val = (self.mean + (self.z_thresh * std) / (z / self.z_thresh)) * self.clip_factor
-            else:
-                clip_val = self.mean
-        effective = clip_val if clip_val is not None else g
-        if self.max_norm is not None:
-            effective = min(effective, self.max_norm)
+        clip_val = self._clip_val(g)
+        effective = self.threshold(g)
         coef = effective / (g + 1e-6) if g > effective else 1.0
         if clip_val is not None and self.skip:
             return coef

@@ -302,21 +302,6 @@ SPIKES = {4: 30.0}  # step -> loss multiplier: a gradient norm spike
 STEPS = 6
 
 
-def _zclip_reference_threshold(z: ZClipReference, g: float) -> float:
-    """The threshold ZClipReference.step(g) applies (computed from its state before the step)."""
-    if not z.initialized:
-        return z.max_norm if z.max_norm is not None else math.inf
-    std = z.var**0.5
-    zscore = (g - z.mean) / (std + z.eps)
-    effective = g
-    if zscore > z.z_thresh:
-        if z.clip_option == "adaptive_scaling":
-            effective = (z.mean + (z.z_thresh * std) / (zscore / z.z_thresh)) * z.clip_factor
-        else:
-            effective = z.mean
-    return min(effective, z.max_norm) if z.max_norm is not None else effective
-
-
 def case_adaptive(wrapper: str) -> list:
     """For each threshold: ``STEPS`` steps of the wrapper against the float64 run clipped by the reference."""
     out = []
@@ -344,7 +329,7 @@ def case_adaptive(wrapper: str) -> list:
                 thr = percentile_reference(norms, threshold.percentile)
                 coef = autoclip_reference(norms, threshold.percentile, threshold.window)[-1]
             else:
-                thr = _zclip_reference_threshold(zref, norm)
+                thr = zref.threshold(norm)
                 coef = zref.step(norm)
             for g in grads:
                 g.mul_(coef)
