@@ -487,9 +487,11 @@ def test_bench_fsdp_quick_reports_one_collective_and_targets():
     from bench import fsdp
 
     out = fsdp.main(quick=True)
-    rows = [line for line in out.splitlines() if line.startswith("| 2 |")]
+    calls, folded = out.split("fused AdamW step:")
+    rows = [line for line in calls.splitlines() if line.startswith("| 2 |")]
     assert len(rows) == 4  # FSDP1 and FSDP2, p = 2 and inf
     assert all(row.rstrip(" |").endswith("1 / 1") and ("met" in row or "MISSED" in row) for row in rows), rows
+    assert len([line for line in folded.splitlines() if line.startswith("| 2 |")]) == 2  # FSDP1, FSDP2 with a step
 
 
 @pytest.mark.slow
