@@ -151,6 +151,14 @@ def total_from_shards(
     return total
 
 
+def _steps_per_group(target: object) -> bool:
+    """A target whose training step calls the torch optimizer's ``step()`` more than once (DeepSpeed ZeRO 1-3,
+    once per param group or sub-group): a coefficient handed to the first call would miss the others."""
+    from .adapters import deepspeed as ds_adapter
+
+    return ds_adapter.matches(target) and ds_adapter.steps_per_group(target)
+
+
 @torch.no_grad()
 def get_total_norm(
     target: object,
@@ -226,7 +234,8 @@ def clip_grad_norm_(
     fused optimizers (``fused=True``: Adam, AdamW, SGD, Adagrad) the gradients are not scaled here: the
     coefficient reaches its ``step()`` as ``grad_scale`` and a non-finite total as ``found_inf`` (the next
     step is then skipped), so clipping costs one read pass and no host sync. The optimizer must step exactly
-    the clipped gradients. Any other optimizer: the gradients are scaled here, as without the argument.
+    the clipped gradients, once. Any other optimizer, and a DeepSpeed ZeRO engine (which steps its torch
+    optimizer once per param group): the gradients are scaled here, as without the argument.
 
     Returns:
         The total norm before clipping: a 0-dim float32 tensor, identical on every rank of the group.
@@ -234,7 +243,7 @@ def clip_grad_norm_(
     limit = _check_max_norm(max_norm)
     p = _norm.parse_norm_type(norm_type)
     _check_foreach(foreach)
-    fused = optimizer is not None and _fused.supports_grad_scale(optimizer)
+    fused = optimizer is not None and _fused.supports_grad_scale(optimizer) and not _steps_per_group(target)
     shards = resolve(target, _check_group(group))
     everything = _all_tensors(shards)
     groups = _scale.group_by_device_dtype(everything)  # bucketed once, for measuring and for scaling

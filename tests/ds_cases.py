@@ -362,3 +362,29 @@ def case_contract() -> dict:
     assert any("gradient_clipping" in str(w.message) for w in caught), [str(w.message) for w in caught]
     engine.step()
     return kinds
+
+
+def case_fused_inner_optimizer(stage: int) -> bool:
+    """``clip_grad_norm_(engine, ..., optimizer=<the fused torch optimizer given to DeepSpeed>)`` with two param
+    groups: ZeRO steps that optimizer once per group, so the coefficient must reach every group's step (or the
+    gradients be scaled): parameters must equal those of clipping without ``optimizer=``."""
+    import dist_clip
+
+    deepspeed = _quiet()
+    results = []
+    for hand_over in (False, True):
+        model = make_model(0)
+        groups = [{"params": list(model[0].parameters())},
+                  {"params": [*model[2].parameters(), *model[4].parameters()], "lr": LR / 2}]
+        opt = torch.optim.AdamW(groups, lr=LR, fused=True)
+        with contextlib.redirect_stdout(io.StringIO()):
+            engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage))
+        for step in range(2):
+            engine.backward(loss_fn(engine(batch(dist.get_rank(), step, 0))))
+            dist_clip.clip_grad_norm_(engine, 1e-3, optimizer=opt if hand_over else None)
+            engine.step()
+        results.append(full_params(engine))
+    plain, handed = results
+    for a, b in zip(plain, handed):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9)
+    return True

@@ -73,6 +73,11 @@ def test_fp16_overflow_steps_are_skipped_like_deepspeed(run_ranks, stage, offloa
     run_ranks(2, ds_cases.case_fp16_overflow, stage, offload=offload, timeout_s=TIMEOUT)
 
 
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_optimizer_argument_with_a_fused_torch_optimizer_clips_every_group(run_ranks, stage):
+    assert run_ranks(2, ds_cases.case_fused_inner_optimizer, stage, timeout_s=TIMEOUT) == [True, True]
+
+
 def test_internals_still_exist_and_misuse_is_loud(run_ranks):
     run_ranks(2, ds_cases.case_contract, timeout_s=TIMEOUT)
 

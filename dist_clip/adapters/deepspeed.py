@@ -67,6 +67,7 @@ __all__ = [
     "required_attributes",
     "shards",
     "skip_handle",
+    "steps_per_group",
     "unit_layout",
     "zero3_param_groups",
 ]
@@ -134,6 +135,17 @@ def matches(target: object) -> bool:
     # An engine can only exist once DeepSpeed is imported: never import it here (it takes seconds).
     engine = sys.modules.get("deepspeed.runtime.engine")
     return engine is not None and isinstance(target, engine.DeepSpeedEngine)
+
+
+def steps_per_group(target: object) -> bool:
+    """Whether ``engine.step()`` calls the torch optimizer's ``step()`` once per param group (or ZeRO-3
+    sub-group) rather than once: true under ZeRO 1-3 (``_optimizer_step(i)`` with ``param_groups`` narrowed to
+    group ``i``). ``clip_grad_norm_(..., optimizer=)`` then scales the gradients instead of handing the
+    coefficient to the first of those calls only."""
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    return isinstance(target.optimizer, (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3))  # type: ignore[attr-defined]
 
 
 def _check_attributes(opt: object, names: tuple[str, ...]) -> None:
