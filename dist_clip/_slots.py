@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import sys
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -392,6 +393,32 @@ def finalize_norms(partials: Tensor, p: float, loss_scale: float) -> Tensor:
     return norms
 
 
+def _layout_values(layout: Sequence[str], p: float) -> Tensor:
+    """Two values that combine to a fingerprint check: a digest ``d`` of ``layout`` (an integer in [1, 2**20]),
+    and ``d**2`` for a SUM or ``-d`` for a MAX reduction. Exact in float64 for any realistic world size."""
+    d = float(zlib.crc32("\x00".join(layout).encode()) % (1 << 20) + 1)
+    return torch.tensor([d, -d if math.isinf(p) else d * d], dtype=torch.float64)
+
+
+def _layout_check(combined: Tensor, p: float, world: int, n_slots: int) -> Tensor:
+    """Strip the two check values; every rank had the same digest iff ``S1**2 == n * S2`` (SUM; Cauchy-Schwarz
+    is an equality only for equal terms) or ``max(d) == -max(-d)`` (MAX). On the CPU a mismatch raises on
+    every rank (they all see the same sums); elsewhere the values become NaN, without a host sync."""
+    a, b = combined[-2], combined[-1]
+    same = (a == -b) if math.isinf(p) else (a * a == world * b)
+    body = combined[:-2]
+    if body.device.type == "cpu":
+        if not bool(same):
+            raise RuntimeError(
+                f"the ranks of this call disagree on the target's parameter names ({n_slots} slots here): "
+                "per-parameter, per-group and unit-wise clipping and reports need the same names in the same order "
+                "on every rank. A pipeline stage's module holds only its own parameters: pass a "
+                "dist_clip.ParallelPlan with the full model's names (plan=), or use mode='total'"
+            )
+        return body
+    return torch.where(same, body, torch.full_like(body, math.nan))
+
+
 def measure(
     shards: Sequence[Shards],
     slot_of: Callable[[str, int], int] | None,
@@ -402,6 +429,7 @@ def measure(
     presence: bool = False,
     extra: Tensor | None = None,
     group: dist.ProcessGroup | None = None,
+    layout: Sequence[str] | None = None,
 ) -> Measurement:
     """Measure every counted piece into its slot and combine everything with ONE all-reduce.
 
@@ -414,6 +442,10 @@ def measure(
         presence: also count gradient pieces per slot (to tell "no gradient anywhere" from "zero").
         extra: more float64 values to combine with the same reduction (same length on every rank).
         group: the reduction group; by default the common group of the Shards (the world when they differ).
+        layout: what gives the slots and ``extra`` their meaning (the parameter names, in slot order), which
+            must be identical on every rank. Two more values in the same all-reduce check it (see
+            :func:`_layout_check`): a mismatch (a pipeline stage's module passed without a ``ParallelPlan``)
+            raises ``RuntimeError`` on every rank on the CPU and turns every norm into NaN elsewhere (no sync).
 
     Returns:
         A :class:`Measurement`, identical on every rank.
@@ -434,8 +466,13 @@ def measure(
         parts.append(counts.to(device, non_blocking=True))
     if extra is not None:
         parts.append(extra.to(device=device, dtype=torch.float64))
+    check = layout is not None and red is not None and _reduce.group_size(red) > 1
+    if check:
+        parts.append(_layout_values(layout, p).to(device, non_blocking=True))  # type: ignore[arg-type]
     buffer = torch.cat(parts) if len(parts) > 1 else vector
     combined = _reduce.all_reduce_partials(buffer, _norm.combine_op(p), red)
+    if check:
+        combined = _layout_check(combined, p, _reduce.group_size(red), n_slots)  # type: ignore[arg-type]
     partials = combined[:n_slots]
     at = n_slots
     counts_out = None

@@ -721,8 +721,9 @@ def unitwise_measure(target: object, config: AGC, p: float, foreach: bool | None
                 where = torch.tensor([cut_index[(u.name, int(ids[j]))] for j in pos], device=device)
                 sel = torch.tensor(pos, device=device)
                 _add_partials_(extra, k, where, wp[sel], gp[sel], p)
+    layout = [*names, *(f"{c[0]}:{c[1]}" for c in cut)]  # the slots, then the cut units' order in ``extra``
     m = _slots.measure(shards, lambda n, _i: index[n], len(names), p, foreach, extra=extra if k else None,
-                       group=red)
+                       layout=layout, group=red)
     combined = m.extra
     coefs: list[Tensor] = []
     smallest = torch.ones((), dtype=torch.float32, device=device)

@@ -475,7 +475,8 @@ class GradClipper:
                 shards = resolve(target, group)
             pick, n_slots = None, 1
         m = _slots.measure(shards, pick, n_slots, p, cfg.foreach, presence=named is not None,
-                           group=plan.reduction_group if plan is not None else None)
+                           group=plan.reduction_group if plan is not None else None,
+                           layout=named.names if named is not None else None)
         total = m.total.to(torch.float32)
         finite = torch.isfinite(total)
 

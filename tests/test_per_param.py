@@ -192,3 +192,36 @@ def body_per_group(names: list[str]) -> list[str]:
 def test_per_group_on_every_wrapper(run_ranks):
     names = ["ddp", "fsdp2", "fsdp1_flat", "fsdp1_orig", "fsdp1_noshard"]
     assert run_ranks(2, body_per_group, names) == [names, names]
+
+
+def body_stage_modules_without_plan() -> list[str]:
+    """Each rank passes its own pipeline stage (different parameter names, the same count): per-parameter
+    modes would pair rank 0's slot i with rank 1's slot i, a different parameter. Every rank must raise."""
+    rank = dist.get_rank()
+    torch.manual_seed(rank)
+    stage = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)) if rank == 0 else nn.Sequential(nn.Linear(4, 4))
+    if rank == 1:
+        stage.add_module("head", nn.Linear(4, 2))  # names 0.*, head.* against rank 0's 0.*, 1.*
+    stage(torch.randn(3, 4)).square().sum().backward()
+    group = dist.group.WORLD
+    out = []
+    for kwargs in ({"mode": "per_param", "max_norm": 0.1}, {"report": True}, {"mode": "unitwise"}):
+        try:
+            GradClipper(**kwargs)(stage, group=group)
+        except RuntimeError as e:
+            out.append(str(e))
+        else:
+            out.append("no error")
+    # Total mode needs no names: it still works, and equals the norm of both stages' gradients together.
+    total = GradClipper(max_norm=1e9)(stage, group=group).total_norm
+    grads = [q.grad for q in stage.parameters()]
+    gathered: list = [None, None]
+    dist.all_gather_object(gathered, grads)
+    out.append(f"{abs(float(total) - reference_norm(gathered[0] + gathered[1])):.1e}")
+    return out
+
+
+def test_ranks_disagreeing_on_names_raise_everywhere(run_ranks):
+    for messages in run_ranks(2, body_stage_modules_without_plan):
+        assert all("disagree on the target's parameter names" in m for m in messages[:3]), messages
+        assert float(messages[3]) < 1e-6, messages
