@@ -215,7 +215,26 @@ def _count_partials(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
     return _as_float64_stack(parts, device)
 
 
+_is_real = operator.methodcaller("is_floating_point")
+
+
+def _real_inputs(tensors: Sequence[Tensor]) -> Sequence[Tensor]:
+    """Complex gradients measure by their moduli (``|z|``, as ``vector_norm`` does); integers are refused."""
+    if all(map(_is_real, tensors)):
+        return tensors
+    out = []
+    for t in tensors:
+        if t.is_complex():
+            out.append(t.abs())  # a real copy of the moduli: exact, NaN stays NaN, zero stays zero
+        elif not t.is_floating_point():
+            raise TypeError(f"gradients must be floating-point or complex tensors, got one of dtype {t.dtype}")
+        else:
+            out.append(t)
+    return out
+
+
 def _torch_partials(tensors: Sequence[Tensor], p: float, device: torch.device, use_foreach: bool) -> Tensor:
+    tensors = _real_inputs(tensors)
     if p == 0:
         return _count_partials(tensors, device)
     if math.isinf(p):

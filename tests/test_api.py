@@ -231,3 +231,23 @@ def test_import_needs_torch_only():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0, 2.0, 3.5, math.inf])
+def test_complex_gradients_measure_by_modulus_and_scale(p):
+    g = torch.Generator().manual_seed(7)
+    grads = [torch.randn(300, generator=g, dtype=torch.complex64), torch.randn(7, 3, generator=g),
+             torch.tensor([0j, 3 + 4j], dtype=torch.complex64)]
+    want = torch.linalg.vector_norm(torch.cat([x.reshape(-1).to(torch.complex128) for x in grads]), p).item()
+    before = [x.clone() for x in grads]
+    total = dist_clip.clip_grad_norm_(grads, 0.5 * want, p)
+    assert total.item() == pytest.approx(want, rel=1e-6)
+    coef = 0.5 * want / (want + 1e-6)
+    for after, old in zip(grads, before):
+        assert after.dtype == old.dtype
+        torch.testing.assert_close(after, old * coef, rtol=1e-6, atol=1e-6)
+
+
+def test_integer_gradients_are_a_type_error():
+    with pytest.raises(TypeError, match="floating-point or complex.*torch.int64"):
+        dist_clip.get_total_norm([torch.arange(10)])
