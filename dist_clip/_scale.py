@@ -45,8 +45,9 @@ def resolve_foreach(foreach: bool | None, device: torch.device, tensors: Sequenc
 
 
 def clip_coefficient(max_norm: float | Tensor, total_norm: Tensor) -> Tensor:
-    """``min(1, max_norm / (total + 1e-6))`` as a float32 device tensor: clamped, never tested (no sync)."""
-    total = total_norm.to(torch.float32)
+    """``min(1, max_norm / (total + 1e-6))`` as a device tensor: clamped, never tested (no sync). float64 for a
+    float64 total (float64 gradients), float32 otherwise."""
+    total = total_norm if total_norm.dtype == torch.float64 else total_norm.to(torch.float32)
     return torch.clamp(max_norm / (total + EPS), max=1.0)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import warnings
 from collections.abc import Sequence
 
@@ -113,6 +114,17 @@ def local_total_partial(
     return stacked.sum()
 
 
+_WIDE = (torch.float64, torch.complex128)
+_dtype = operator.attrgetter("dtype")
+
+
+def _result_dtype(tensors: Sequence[Tensor], groups: _Groups | None) -> torch.dtype:
+    """float64 where any gradient is float64 (or complex128), as torch returns its norm in the gradients' dtype;
+    float32 otherwise (never bf16/fp16: torch's low-precision totals are rounded to 2-3 digits)."""
+    dtypes = {dtype for _, dtype in groups} if groups is not None else set(map(_dtype, tensors))
+    return torch.float64 if any(d in _WIDE for d in dtypes) else torch.float32
+
+
 def total_from_shards(
     shards: Sequence[Shards],
     p: float,
@@ -133,6 +145,7 @@ def total_from_shards(
     home = _reduce.home_device(everything, group)
     if not everything and group is None:
         warnings.warn("dist_clip: the target holds no gradients; the total norm is 0", UserWarning, stacklevel=4)
+    everything_groups = groups
     counted, whole = _counted_tensors(shards, group)
     if not (whole and len(counted) == len(everything)):  # then counted is everything, each piece once
         groups = None
@@ -141,7 +154,7 @@ def total_from_shards(
     total = _norm.finalize(combined[0], p)
     if scale != 1.0 and p != 0:  # every p-norm is homogeneous of degree 1; the L0 count is scale-free
         total = total / scale
-    total = total.to(torch.float32)
+    total = total.to(_result_dtype(everything, everything_groups))
     if error_if_nonfinite and not bool(torch.isfinite(total)):
         raise RuntimeError(
             f"The total norm of order {p} for gradients is non-finite ({total.item()}), so it cannot be clipped. "
@@ -186,7 +199,8 @@ def get_total_norm(
             of ``group`` holds different pieces": their partials are summed over it.
 
     Returns:
-        A 0-dim float32 tensor on the gradients' device, identical on every rank of the group.
+        A 0-dim tensor on the gradients' device, identical on every rank of the group: float64 where some
+        gradient is float64, float32 otherwise.
     """
     p = _norm.parse_norm_type(norm_type)
     _check_foreach(foreach)
@@ -238,7 +252,8 @@ def clip_grad_norm_(
     optimizer once per param group): the gradients are scaled here, as without the argument.
 
     Returns:
-        The total norm before clipping: a 0-dim float32 tensor, identical on every rank of the group.
+        The total norm before clipping: a 0-dim tensor (float64 where some gradient is float64, float32
+        otherwise), identical on every rank of the group.
     """
     limit = _check_max_norm(max_norm)
     p = _norm.parse_norm_type(norm_type)

@@ -73,10 +73,23 @@ def test_distributed_options_are_keyword_only():
         dist_clip.clip_grad_norm_(_params(), 1.0, 2.0, False, None, None)
 
 
-def test_return_is_float32_scalar_on_grad_device_for_every_dtype():
+def test_return_is_a_scalar_on_grad_device_float64_only_for_float64_grads():
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         total = dist_clip.get_total_norm(_params(dtype=dtype))
-        assert total.dtype == torch.float32 and total.dim() == 0 and total.device.type == "cpu"
+        want = torch.float64 if dtype == torch.float64 else torch.float32
+        assert total.dtype == want and total.dim() == 0 and total.device.type == "cpu"
+
+
+def test_float64_gradients_keep_float64_precision():
+    g = torch.Generator().manual_seed(3)
+    grads = [torch.randn(n, generator=g, dtype=torch.float64) * 10.0**k for n, k in ((1000, 3), (17, -2), (64, 0))]
+    want = torch.linalg.vector_norm(torch.cat(grads))
+    before = [x.clone() for x in grads]
+    total = dist_clip.clip_grad_norm_(grads, 1.0)
+    assert total.dtype == torch.float64 and abs(total.item() - want.item()) <= 1e-14 * want.item()
+    coef = 1.0 / (want + 1e-6)
+    for after, old in zip(grads, before):
+        torch.testing.assert_close(after, old * coef, rtol=1e-14, atol=0)
 
 
 @pytest.mark.parametrize("target", ["list", "generator", "module", "tensor", "grads"])
