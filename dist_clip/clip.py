@@ -223,7 +223,7 @@ def clip_grads_with_norm_(
     if not tensors:
         return
     if not isinstance(total_norm, Tensor):
-        total_norm = torch.tensor(float(total_norm), dtype=torch.float32, device=tensors[0].device)
+        total_norm = torch.tensor(float(total_norm), dtype=torch.float64, device=tensors[0].device)  # exact
     _scale.scale_(tensors, _scale.clip_coefficient(limit, total_norm), foreach)
 
 
