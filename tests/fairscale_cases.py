@@ -82,6 +82,16 @@ def cpu_stream_shim() -> Iterator[None]:
          torch.Tensor.record_stream, torch.Tensor.cuda) = saved
 
 
+#: Every fairscale layout the per-parameter tests run on: (kind, build kwargs, test id).
+LAYOUTS = [
+    ("oss_sdp", {}, "oss-sharded-ddp"),
+    ("oss_ddp", {}, "oss-ddp"),
+    ("fsdp", {}, "fsdp-flat"),
+    ("fsdp", {"flatten_parameters": False}, "fsdp-not-flat"),
+    ("fsdp_nested", {}, "fsdp-nested-flat"),
+]
+
+
 def _one_step(model: torch.nn.Module, opt: Any, step: int, clip_target: Any, max_norm: float, p: float,
               dtype: torch.dtype = torch.float32) -> tuple[float, int]:
     rank = dist.get_rank()

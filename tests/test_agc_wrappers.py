@@ -29,6 +29,7 @@ import torch.distributed as dist
 from dist_clip import AGC, GradClipper
 from dist_clip.adaptive import unit_pieces
 from dist_clip.testing import count_collectives, reference_norm, reference_param_norms
+from tests.fairscale_cases import LAYOUTS as FAIRSCALE_LAYOUTS
 from tests.test_adaptive import agc_reference
 
 TIMEOUT = 300
@@ -324,13 +325,7 @@ def test_agc_on_deepspeed_three_ranks_uneven(run_ranks, stage):
 
 
 @pytest.mark.fairscale
-@pytest.mark.parametrize("kind,kwargs", [
-    pytest.param("oss_sdp", {}, id="oss-sharded-ddp"),
-    pytest.param("oss_ddp", {}, id="oss-ddp"),
-    pytest.param("fsdp", {}, id="fsdp-flat"),
-    pytest.param("fsdp", {"flatten_parameters": False}, id="fsdp-not-flat"),
-    pytest.param("fsdp_nested", {}, id="fsdp-nested-flat"),
-])
+@pytest.mark.parametrize("kind,kwargs", [pytest.param(k, kw, id=i) for k, kw, i in FAIRSCALE_LAYOUTS])
 def test_agc_on_fairscale_matches_reference(run_ranks, kind, kwargs):
     pytest.importorskip("fairscale")
     cuts = _same_cuts_on_every_rank(run_ranks(2, case_fairscale, kind, timeout_s=TIMEOUT, **kwargs))

@@ -29,6 +29,7 @@ pytest.importorskip("fairscale")
 import dist_clip  # noqa: E402
 from dist_clip.testing import count_collectives, reference_norm, reference_param_norms  # noqa: E402
 from tests.ds_cases import Reference, _close, batch, loss_fn, make_model  # noqa: E402
+from tests.fairscale_cases import LAYOUTS as FAIRSCALE_LAYOUTS
 from tests.fairscale_cases import LR, MOMENTUM, _batches, cpu_stream_shim, full_params  # noqa: E402
 
 pytestmark = pytest.mark.fairscale
@@ -195,13 +196,7 @@ def case_oss_layout() -> dict:
     return {"names": named.names, "mine": mine}
 
 
-@pytest.mark.parametrize("kind,kwargs", [
-    pytest.param("oss_sdp", {}, id="oss-sharded-ddp"),
-    pytest.param("oss_ddp", {}, id="oss-optimizer"),
-    pytest.param("fsdp", {}, id="fsdp-flat"),
-    pytest.param("fsdp", {"flatten_parameters": False}, id="fsdp-not-flat"),
-    pytest.param("fsdp_nested", {}, id="fsdp-nested-flat"),
-])
+@pytest.mark.parametrize("kind,kwargs", [pytest.param(k, kw, id=i) for k, kw, i in FAIRSCALE_LAYOUTS])
 def test_per_param_per_group_and_report_match_unsharded(run_ranks, kind, kwargs):
     run_ranks(2, case_names, kind, timeout_s=TIMEOUT, **kwargs)
 
