@@ -219,11 +219,14 @@ _is_real = operator.methodcaller("is_floating_point")
 
 
 def _real_inputs(tensors: Sequence[Tensor]) -> Sequence[Tensor]:
-    """Complex gradients measure by their moduli (``|z|``, as ``vector_norm`` does); integers are refused."""
-    if all(map(_is_real, tensors)):
+    """Complex gradients measure by their moduli (``|z|``, as ``vector_norm`` does), sparse ones by their
+    coalesced values; integers are refused."""
+    if all(map(_is_real, tensors)) and not any(t.is_sparse for t in tensors):
         return tensors
     out = []
     for t in tensors:
+        if t.is_sparse:  # a sparse COO gradient (nn.Embedding(sparse=True)): its coalesced values, duplicates summed
+            t = t.coalesce().values()
         if t.is_complex():
             out.append(t.abs())  # a real copy of the moduli: exact, NaN stays NaN, zero stays zero
         elif not t.is_floating_point():

@@ -264,3 +264,19 @@ def test_complex_gradients_measure_by_modulus_and_scale(p):
 def test_integer_gradients_are_a_type_error():
     with pytest.raises(TypeError, match="floating-point or complex.*torch.int64"):
         dist_clip.get_total_norm([torch.arange(10)])
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0, 2.0, 3.5, math.inf])
+def test_sparse_gradients_measure_by_coalesced_values_and_scale(p):
+    torch.manual_seed(0)
+    emb, lin = nn.Embedding(10, 3, sparse=True), nn.Linear(3, 2)
+    lin(emb(torch.tensor([1, 2, 2, 7]))).sum().backward()  # index 2 twice: uncoalesced duplicates
+    assert emb.weight.grad.is_sparse
+    dense = [emb.weight.grad.to_dense(), lin.weight.grad.clone(), lin.bias.grad.clone()]
+    want = reference_norm(dense, p)
+    total = dist_clip.clip_grad_norm_([*emb.parameters(), *lin.parameters()], 0.5 * want, p)
+    assert total.item() == pytest.approx(want, rel=1e-6)
+    coef = 0.5 * want / (want + 1e-6)
+    assert emb.weight.grad.is_sparse
+    torch.testing.assert_close(emb.weight.grad.to_dense(), dense[0] * coef, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(lin.weight.grad, dense[1] * coef, rtol=1e-6, atol=1e-7)
