@@ -393,20 +393,29 @@ def finalize_norms(partials: Tensor, p: float, loss_scale: float) -> Tensor:
     return norms
 
 
+_DIGEST_BITS = 10  # n * d stays below 2**26, so (n * d)**2 is exact in float64 up to 65536 ranks
+
+
 def _layout_values(layout: Sequence[str], p: float) -> Tensor:
-    """Two values that combine to a fingerprint check: a digest ``d`` of ``layout`` (an integer in [1, 2**20]),
-    and ``d**2`` for a SUM or ``-d`` for a MAX reduction. Exact in float64 for any realistic world size."""
-    d = float(zlib.crc32("\x00".join(layout).encode()) % (1 << 20) + 1)
-    return torch.tensor([d, -d if math.isinf(p) else d * d], dtype=torch.float64)
+    """Four values that combine to a fingerprint check: two independent digests ``d`` of ``layout`` (integers in
+    [1, 2**10]), each followed by ``d**2`` for a SUM or ``-d`` for a MAX reduction; every sum stays an integer
+    below 2**53, so the check is exact. Two digests: a mismatch slips through once in about a million layouts."""
+    data = "\x00".join(layout).encode()
+    out: list[float] = []
+    for h in (zlib.crc32(data), zlib.adler32(data)):
+        d = float(h % (1 << _DIGEST_BITS) + 1)
+        out += [d, -d if math.isinf(p) else d * d]
+    return torch.tensor(out, dtype=torch.float64)
 
 
 def _layout_check(combined: Tensor, p: float, world: int, n_slots: int) -> Tensor:
-    """Strip the two check values; every rank had the same digest iff ``S1**2 == n * S2`` (SUM; Cauchy-Schwarz
-    is an equality only for equal terms) or ``max(d) == -max(-d)`` (MAX). On the CPU a mismatch raises on
-    every rank (they all see the same sums); elsewhere the values become NaN, without a host sync."""
-    a, b = combined[-2], combined[-1]
-    same = (a == -b) if math.isinf(p) else (a * a == world * b)
-    body = combined[:-2]
+    """Strip the four check values; every rank had the same digests iff ``S1**2 == n * S2`` for both (SUM: the
+    difference is the sum of squared pairwise differences) or ``max(d) == -max(-d)`` (MAX). On the CPU a mismatch
+    raises on every rank (they all see the same sums); elsewhere the values become NaN, without a host sync."""
+    v = combined[-4:]
+    a, b = v[0::2], v[1::2]
+    same = ((a == -b) if math.isinf(p) else (a * a == world * b)).all()
+    body = combined[:-4]
     if body.device.type == "cpu":
         if not bool(same):
             raise RuntimeError(
@@ -443,7 +452,7 @@ def measure(
         extra: more float64 values to combine with the same reduction (same length on every rank).
         group: the reduction group; by default the common group of the Shards (the world when they differ).
         layout: what gives the slots and ``extra`` their meaning (the parameter names, in slot order), which
-            must be identical on every rank. Two more values in the same all-reduce check it (see
+            must be identical on every rank. Four more values in the same all-reduce check it (see
             :func:`_layout_check`): a mismatch (a pipeline stage's module passed without a ``ParallelPlan``)
             raises ``RuntimeError`` on every rank on the CPU and turns every norm into NaN elsewhere (no sync).
 
