@@ -421,11 +421,6 @@ class _DtGeometry:
     here: bool  # this rank is on the parameter's mesh
 
 
-def _dt_distinct(placement: Any) -> bool:  # noqa: ANN401 - torch's Placement
-    """Shard and _StridedShard mesh dims hold different pieces (the latter is not ``is_shard()``)."""
-    return not placement.is_replicate() and not placement.is_partial()
-
-
 def _dt_rows(name: str, param: Any, coord: list[int]) -> tuple[int, Tensor | None]:  # noqa: ANN401
     """(first global row, global row ids or None when contiguous) of the local piece along dim 0.
 
@@ -434,6 +429,8 @@ def _dt_rows(name: str, param: Any, coord: list[int]) -> tuple[int, Tensor | Non
     ids are composed from each placement's own ``_local_shard_size_and_offset`` (torch's offset logic).
     """
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    from .adapters.fsdp import _is_distinct
 
     mesh, placements = param.device_mesh, tuple(param.placements)
     local_rows = int(param._local_tensor.shape[0])
@@ -444,7 +441,7 @@ def _dt_rows(name: str, param: Any, coord: list[int]) -> tuple[int, Tensor | Non
 
     ids = torch.arange(int(param.shape[0]))
     for d, pl in enumerate(placements):
-        if not _dt_distinct(pl) or pl.dim != 0:
+        if not _is_distinct(pl) or pl.dim != 0:
             continue
         if type(pl).__name__ == "_StridedShard":
             size, offs = pl._local_shard_size_and_offset(ids.numel(), mesh.size(d), coord[d],
@@ -486,7 +483,7 @@ def _dtensor_geometry(name: str, param: Any, world: bool, group: dist.ProcessGro
     (without ``group``) on the sibling slice of its root mesh that holds the root's first rank; otherwise the
     mesh is 1-D and reduces over its own group.
     """
-    from .adapters.fsdp import _counted_here, _root_mesh
+    from .adapters.fsdp import _counted_here, _is_distinct, _root_mesh
 
     mesh, placements = param.device_mesh, tuple(param.placements)
     if any(pl.is_partial() for pl in placements):
@@ -494,7 +491,7 @@ def _dtensor_geometry(name: str, param: Any, world: bool, group: dist.ProcessGro
             f"unit-wise clipping of {name!r} with placements {placements}: a Partial parameter is not supported; "
             "redistribute it to Shard/Replicate"
         )
-    distinct = [_dt_distinct(pl) for pl in placements]
+    distinct = [_is_distinct(pl) for pl in placements]
     spread = [d for d, is_d in enumerate(distinct) if is_d and mesh.size(d) > 1]
     if param.dim() <= 1:
         cut: Literal["", "unit", "rows"] = "unit" if spread else ""
