@@ -117,6 +117,17 @@ static inline double pow_pos(double a, double p) {
     return r;
 }
 
+/* The end of every sum: the elements past the last full block, in double, then the lanes pairwise. */
+#define SUM_TAIL(LOAD, TERM)                                                                              \
+    double s = 0.0;                                                                                       \
+    for (; i < n; i++) {                                                                                  \
+        double a = (double)LOAD(x, i);                                                                    \
+        s += TERM;                                                                                        \
+    }                                                                                                     \
+    for (int j = 0; j < LANES; j += 2) s += acc[j] + acc[j + 1];                                          \
+    (void)p;                                                                                              \
+    return s;
+
 /* Sum of |x|**k over one item, in double lanes. */
 #define DEF_SUM(NAME, LOAD, TERM)                                                                            \
     DC_CLONES static double NAME(const void *x, int64_t n, double p) {                                     \
@@ -127,42 +138,38 @@ static inline double pow_pos(double a, double p) {
                 double a = (double)LOAD(x, i + j);                                                        \
                 acc[j] += TERM;                                                                           \
             }                                                                                             \
-        double s = 0.0;                                                                                   \
-        for (; i < n; i++) {                                                                              \
-            double a = (double)LOAD(x, i);                                                                \
-            s += TERM;                                                                                    \
-        }                                                                                                 \
-        for (int j = 0; j < LANES; j += 2) s += acc[j] + acc[j + 1];                                      \
-        (void)p;                                                                                          \
-        return s;                                                                                         \
+        SUM_TAIL(LOAD, TERM)                                                                              \
     }
 
-/* Count of non-zeros; NaN anywhere gives NaN (a NaN gradient must not hide behind a count). */
-#define DEF_COUNT(NAME, LOAD)                                                                                \
-    DC_CLONES static double NAME(const void *x, int64_t n, double p) {                                     \
+/* Count of non-zeros; NaN anywhere gives NaN (a NaN gradient must not hide behind a count). Element k is
+ * read as TYPE v = VAL; NZ and BAD test it (non-zero, NaN). */
+#define DEF_COUNT_BY(NAME, TYPE, VAL, NZ, BAD)                                                            \
+    DC_CLONES static double NAME(const void *x, int64_t n, double p) {                                    \
         int32_t cnt[LANES] = {0}, nan[LANES] = {0};                                                       \
         int64_t total = 0, i = 0;                                                                         \
-        while (i + LANES <= n) { /* int32 lanes, emptied every 2**20 rows: no overflow */                  \
+        while (i + LANES <= n) { /* int32 lanes, emptied every 2**20 rows: no overflow */                 \
             int64_t stop = n - (n - i) % LANES;                                                           \
-            if (stop - i > ((int64_t)LANES << 20)) stop = i + ((int64_t)LANES << 20);                      \
+            if (stop - i > ((int64_t)LANES << 20)) stop = i + ((int64_t)LANES << 20);                     \
             for (; i < stop; i += LANES)                                                                  \
                 for (int j = 0; j < LANES; j++) {                                                         \
-                    float v = LOAD(x, i + j);                                                             \
-                    cnt[j] += v != 0.0f;                                                                  \
-                    nan[j] |= v != v;                                                                     \
+                    int64_t k = i + j;                                                                    \
+                    TYPE v = VAL;                                                                         \
+                    cnt[j] += NZ;                                                                         \
+                    nan[j] |= BAD;                                                                        \
                 }                                                                                         \
             for (int j = 0; j < LANES; j++) total += cnt[j], cnt[j] = 0;                                  \
         }                                                                                                 \
         int anynan = 0;                                                                                   \
-        for (; i < n; i++) {                                                                              \
-            float v = LOAD(x, i);                                                                         \
-            total += v != 0.0f;                                                                           \
-            anynan |= v != v;                                                                             \
+        for (int64_t k = i; k < n; k++) {                                                                 \
+            TYPE v = VAL;                                                                                 \
+            total += NZ;                                                                                  \
+            anynan |= BAD;                                                                                \
         }                                                                                                 \
         for (int j = 0; j < LANES; j++) anynan |= nan[j];                                                 \
         (void)p;                                                                                          \
         return anynan ? NAN : (double)total;                                                              \
     }
+#define DEF_COUNT(NAME, LOAD) DEF_COUNT_BY(NAME, float, LOAD(x, k), v != 0.0f, v != v)
 
 /* Max of |x| (exact in float); NaN anywhere gives NaN. */
 #define DEF_MAX(NAME, LOAD)                                                                                  \
@@ -220,43 +227,11 @@ static inline double pow_pos(double a, double p) {
                 for (int j = 0; j < LANES; j++) acc[j] += (double)f[j];                                   \
             }                                                                                             \
         }                                                                                                 \
-        double s = 0.0;                                                                                   \
-        for (; i < n; i++) {                                                                              \
-            double a = (double)LOAD(x, i);                                                                \
-            s += TERM;                                                                                    \
-        }                                                                                                 \
-        for (int j = 0; j < LANES; j += 2) s += acc[j] + acc[j + 1];                                      \
-        (void)p;                                                                                          \
-        return s;                                                                                         \
+        SUM_TAIL(LOAD, TERM)                                                                              \
     }
 
 /* Count and max of halves on their bits: |x| orders like the integer (bits & 0x7fff), NaN is above INF. */
-#define DEF_HCOUNT(NAME, INF)                                                                                \
-    DC_CLONES static double NAME(const void *x, int64_t n, double p) {                                     \
-        const uint16_t *h = (const uint16_t *)x;                                                          \
-        int32_t cnt[LANES] = {0}, nan[LANES] = {0};                                                       \
-        int64_t total = 0, i = 0;                                                                         \
-        while (i + LANES <= n) {                                                                          \
-            int64_t stop = n - (n - i) % LANES;                                                           \
-            if (stop - i > ((int64_t)LANES << 20)) stop = i + ((int64_t)LANES << 20);                      \
-            for (; i < stop; i += LANES)                                                                  \
-                for (int j = 0; j < LANES; j++) {                                                         \
-                    uint32_t m = h[i + j] & 0x7fffu;                                                      \
-                    cnt[j] += m != 0;                                                                     \
-                    nan[j] |= m > INF;                                                                    \
-                }                                                                                         \
-            for (int j = 0; j < LANES; j++) total += cnt[j], cnt[j] = 0;                                  \
-        }                                                                                                 \
-        int anynan = 0;                                                                                   \
-        for (; i < n; i++) {                                                                              \
-            uint32_t m = h[i] & 0x7fffu;                                                                  \
-            total += m != 0;                                                                              \
-            anynan |= m > INF;                                                                            \
-        }                                                                                                 \
-        for (int j = 0; j < LANES; j++) anynan |= nan[j];                                                 \
-        (void)p;                                                                                          \
-        return anynan ? NAN : (double)total;                                                              \
-    }
+#define DEF_HCOUNT(NAME, INF) DEF_COUNT_BY(NAME, uint32_t, ((const uint16_t *)x)[k] & 0x7fffu, v != 0, v > INF)
 
 #define DEF_HMAX(NAME, INF, LOAD)                                                                            \
     DC_CLONES static double NAME(const void *x, int64_t n, double p) {                                     \
