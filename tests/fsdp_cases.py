@@ -515,6 +515,21 @@ def _flat_layout(fsdp_model: nn.Module) -> list[tuple[Any, list[str]]]:
     return out
 
 
+def _fsdp1_full_views(fsdp_model: nn.Module) -> tuple[Callable[[], dict[str, Tensor]], Callable[[], dict[str, Tensor]]]:
+    """(grads, params): float64 copies of an FSDP1 model's full gradients and parameters, by unwrapped name."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    def grads() -> dict[str, Tensor]:
+        with FSDP.summon_full_params(fsdp_model, with_grads=True):
+            return {_clean(n): p.grad.detach().double().clone() for n, p in fsdp_model.named_parameters()}
+
+    def params() -> dict[str, Tensor]:
+        with FSDP.summon_full_params(fsdp_model):
+            return {_clean(n): p.detach().double().clone() for n, p in fsdp_model.named_parameters()}
+
+    return grads, params
+
+
 def _fsdp1_flat_checker(fsdp_model: nn.Module) -> Callable[[dict[str, Tensor], float, float, str], None]:
     """Compare flat grad shards with the same slices of the reference, laid out as FSDP1 does (chunk)."""
     from torch.distributed.fsdp._flat_param import FlatParameter
@@ -552,7 +567,6 @@ def fsdp1(strategy: str, use_orig_params: bool, plain_root: bool = False) -> dic
     ``plain_root``: only the blocks are FSDP1 instances, the root is a plain module (dist_clip must still see
     FlatParameters, not replicated tensors); FSDP1's own clip needs an FSDP1 root, so it is not compared.
     """
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     rank, ws = dist.get_rank(), dist.get_world_size()
     model = new_model()
@@ -563,13 +577,7 @@ def fsdp1(strategy: str, use_orig_params: bool, plain_root: bool = False) -> dic
     outside = [model.inp, model.head, model.side] if plain_root else [model.side]
     average_grads_([p for m in outside for p in m.parameters()] + ([model.scale] if plain_root else []))
 
-    def grads() -> dict[str, Tensor]:
-        with FSDP.summon_full_params(fsdp_model, with_grads=True):
-            return {_clean(n): p.grad.detach().double().clone() for n, p in fsdp_model.named_parameters()}
-
-    def params() -> dict[str, Tensor]:
-        with FSDP.summon_full_params(fsdp_model):
-            return {_clean(n): p.detach().double().clone() for n, p in fsdp_model.named_parameters()}
+    grads, params = _fsdp1_full_views(fsdp_model)
 
     poison = None
     if not use_orig_params and strategy != "NO_SHARD":
@@ -681,13 +689,7 @@ def fsdp1_tiny(use_orig_params: bool) -> dict[str, Any]:
     fsdp_model = FSDP(model, use_orig_params=use_orig_params, device_id=torch.device("cpu"))
     loss_fn(fsdp_model, *batch(rank)).backward()
 
-    def grads() -> dict[str, Tensor]:
-        with FSDP.summon_full_params(fsdp_model, with_grads=True):
-            return {_clean(n): p.grad.detach().double().clone() for n, p in fsdp_model.named_parameters()}
-
-    def params() -> dict[str, Tensor]:
-        with FSDP.summon_full_params(fsdp_model):
-            return {_clean(n): p.detach().double().clone() for n, p in fsdp_model.named_parameters()}
+    grads, params = _fsdp1_full_views(fsdp_model)
 
     case = Case(
         fsdp_model, ref, grads, params, lambda max_norm, p: fsdp_model.clip_grad_norm_(max_norm, p),
