@@ -216,12 +216,14 @@ def _count_partials(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
 
 
 _is_real = operator.methodcaller("is_floating_point")
+_layout_of = operator.attrgetter("layout")
+_STRIDED = frozenset((torch.strided,))
 
 
 def _real_inputs(tensors: Sequence[Tensor]) -> Sequence[Tensor]:
     """Complex gradients measure by their moduli (``|z|``, as ``vector_norm`` does), sparse ones by their
     coalesced values; integers are refused."""
-    if all(map(_is_real, tensors)) and not any(t.is_sparse for t in tensors):
+    if all(map(_is_real, tensors)) and _STRIDED.issuperset(map(_layout_of, tensors)):  # the usual case, in C
         return tensors
     out = []
     for t in tensors:
