@@ -7,6 +7,7 @@ import numbers
 import operator
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -164,6 +165,14 @@ def total_from_shards(
     return total
 
 
+def _deepspeed_fold(target: object, optimizer: object) -> Any:
+    """The hand-over of the coefficient into a DeepSpeed ZeRO engine's ``step()``, or None (see
+    :func:`dist_clip.adapters.deepspeed.fold_handle`)."""
+    from .adapters import deepspeed as ds_adapter
+
+    return ds_adapter.fold_handle(target, optimizer) if ds_adapter.matches(target) else None
+
+
 def _steps_per_group(target: object) -> bool:
     """A target whose training step calls the torch optimizer's ``step()`` more than once (DeepSpeed ZeRO 1-3,
     once per param group or sub-group): a coefficient handed to the first call would miss the others."""
@@ -236,7 +245,7 @@ def clip_grad_norm_(
     foreach: bool | None = None,
     *,
     group: dist.ProcessGroup | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: object | None = None,
 ) -> Tensor:
     """Clip the gradient norm of ``target`` exactly as if it were unsharded: one collective, in place.
 
@@ -248,8 +257,11 @@ def clip_grad_norm_(
     fused optimizers (``fused=True``: Adam, AdamW, SGD, Adagrad) the gradients are not scaled here: the
     coefficient reaches its ``step()`` as ``grad_scale`` and a non-finite total as ``found_inf`` (the next
     step is then skipped), so clipping costs one read pass and no host sync. The optimizer must step exactly
-    the clipped gradients, once. Any other optimizer, and a DeepSpeed ZeRO engine (which steps its torch
-    optimizer once per param group): the gradients are scaled here, as without the argument.
+    the clipped gradients, once. On a DeepSpeed ZeRO 1-3 engine, ``optimizer`` may be the engine,
+    ``engine.optimizer`` or the torch optimizer given to ``deepspeed.initialize``: the next ``engine.step()``
+    multiplies each gradient partition by the coefficient while it copies it into its flat buffer (or in its
+    loss-scale division), so clipping costs the norm's read pass only. Any other optimizer: the gradients are
+    scaled here, as without the argument.
 
     Returns:
         The total norm before clipping: a 0-dim tensor (float64 where some gradient is float64, float32
@@ -258,11 +270,20 @@ def clip_grad_norm_(
     limit = _check_max_norm(max_norm)
     p = _norm.parse_norm_type(norm_type)
     _check_foreach(foreach)
-    fused = optimizer is not None and _fused.supports_grad_scale(optimizer) and not _steps_per_group(target)
     shards = resolve(target, _check_group(group))
+    fold = _deepspeed_fold(target, optimizer) if optimizer is not None else None
+    fused = (
+        fold is None
+        and optimizer is not None
+        and _fused.supports_grad_scale(optimizer)  # type: ignore[arg-type]
+        and not _steps_per_group(target)
+    )
     everything = _all_tensors(shards)
     groups = _scale.group_by_device_dtype(everything)  # bucketed once, for measuring and for scaling
     total = total_from_shards(shards, p, error_if_nonfinite, foreach, everything, groups)
+    if fold is not None:
+        fold(_scale.clip_coefficient(limit, total))
+        return total
     if fused:
         _fused.hand_over_(optimizer, _scale.clip_coefficient(limit, total), total)
         return total

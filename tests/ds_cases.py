@@ -129,8 +129,10 @@ def micro_batches(engine: Any, step: int) -> list[list[torch.Tensor]]:
     return [[batch(r, step, m) for r in range(world)] for m in range(engine.gradient_accumulation_steps())]
 
 
-def run_engine_step(engine: Any, step: int, clip: tuple[float, float] | None) -> tuple[float | None, int]:
-    """One optimizer step of ``engine`` (all micro steps); dist_clip at the boundary when ``clip`` is given.
+def run_engine_step(engine: Any, step: int, clip: tuple[float, float] | None,
+                    hand_over: bool = False) -> tuple[float | None, int]:
+    """One optimizer step of ``engine`` (all micro steps); dist_clip at the boundary when ``clip`` is given,
+    handing the coefficient to ``engine.step()`` (``optimizer=engine.optimizer``) when ``hand_over``.
 
     Returns (dist_clip's total norm or None, collectives of the dist_clip call).
     """
@@ -143,7 +145,7 @@ def run_engine_step(engine: Any, step: int, clip: tuple[float, float] | None) ->
         if engine.is_gradient_accumulation_boundary() and clip is not None:
             max_norm, p = clip
             with count_collectives() as c:
-                t = dist_clip.clip_grad_norm_(engine, max_norm, p)
+                t = dist_clip.clip_grad_norm_(engine, max_norm, p, optimizer=engine.optimizer if hand_over else None)
             total, ncoll = float(t), c.total
         engine.step()
     return total, ncoll
@@ -201,9 +203,10 @@ def expected_collectives(engine: Any) -> int:
 
 
 def case_fp32_vs_reference(stage: int, gas: int = 1, offload: bool = False, steps: int = 2,
-                           ps: tuple[float, ...] = P_ALL) -> dict:
+                           ps: tuple[float, ...] = P_ALL, hand_over: bool = False) -> dict:
     """For every p: the norm equals the float64 unsharded reference, params after ``steps`` equal the
-    unsharded torch run, one collective per call (none at stage 0, whose gradients are replicated)."""
+    unsharded torch run, one collective per call (none at stage 0, whose gradients are replicated).
+    ``hand_over``: the coefficient rides in ``engine.step()`` (``optimizer=engine.optimizer``)."""
     report: dict[str, Any] = {}
     for p in ps:
         engine = make_engine(ds_config(stage, gas=gas, offload=offload))
@@ -212,7 +215,7 @@ def case_fp32_vs_reference(stage: int, gas: int = 1, offload: bool = False, step
         for step in range(steps):
             batches = micro_batches(engine, step)
             want_total = ref.step(batches, max_norm=_max_norm(p), p=p)
-            got_total, ncoll = run_engine_step(engine, step, (_max_norm(p), p))
+            got_total, ncoll = run_engine_step(engine, step, (_max_norm(p), p), hand_over)
             _close(got_total, want_total, 2e-6, f"stage {stage} p={p} step {step} norm")
             assert ncoll == expected_collectives(engine), f"p={p}: {ncoll} collectives"
             assert _max_norm(p) < want_total, "the case must actually clip"
@@ -227,7 +230,8 @@ def _max_norm(p: float) -> float:
 
 
 def case_l2_vs_deepspeed(stage: int, dtype: str = "fp32", gas: int = 1, offload: bool = False, steps: int = 2,
-                         grad_accum_dtype: str | None = None, rtol: float = 1e-6, compare_params: bool = True) -> dict:
+                         grad_accum_dtype: str | None = None, rtol: float = 1e-6, compare_params: bool = True,
+                         hand_over: bool = False) -> dict:
     """For L2 the norm equals DeepSpeed's own ``get_global_grad_norm()`` and dist_clip's clipping gives the
     parameters DeepSpeed's own ``gradient_clipping`` gives."""
     max_norm = 0.3
@@ -236,7 +240,7 @@ def case_l2_vs_deepspeed(stage: int, dtype: str = "fp32", gas: int = 1, offload:
                                    grad_accum_dtype=grad_accum_dtype))
     norms = []
     for step in range(steps):
-        got, ncoll = run_engine_step(ours, step, (max_norm, 2.0))
+        got, ncoll = run_engine_step(ours, step, (max_norm, 2.0), hand_over)
         run_engine_step(theirs, step, None)
         if theirs.get_global_grad_norm() is not None:  # stage 0 with a plain torch optimizer keeps none
             want = float(theirs.get_global_grad_norm())
@@ -302,7 +306,7 @@ def case_lowp_vs_reference(stage: int, dtype: str, offload: bool = False, grad_a
     return out
 
 
-def case_fp16_overflow(stage: int, offload: bool = False, steps: int = 5) -> dict:
+def case_fp16_overflow(stage: int, offload: bool = False, steps: int = 5, hand_over: bool = False) -> dict:
     """fp16 with a loss scale so high that the first steps overflow: dist_clip returns a non-finite norm on
     exactly the steps DeepSpeed skips, DeepSpeed skips them (params untouched, loss scale lowered) as it does
     with its own clipping, and the steps after agree with DeepSpeed's own clipping."""
@@ -312,7 +316,7 @@ def case_fp16_overflow(stage: int, offload: bool = False, steps: int = 5) -> dic
     history = []
     for step in range(steps):
         before = full_params(ours)
-        got, _ = run_engine_step(ours, step, (max_norm, 2.0))
+        got, _ = run_engine_step(ours, step, (max_norm, 2.0), hand_over)
         run_engine_step(theirs, step, None)
         skipped = not ours._step_applied
         assert skipped == (not theirs._step_applied), f"step {step}: DeepSpeed skipped one run only"
@@ -387,4 +391,32 @@ def case_fused_inner_optimizer(stage: int) -> bool:
     plain, handed = results
     for a, b in zip(plain, handed):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9)
+    return True
+
+
+def case_fold_applies_to_one_step(stage: int, offload: bool = False) -> bool:
+    """``clip_grad_norm_(engine, ..., optimizer=engine.optimizer)`` leaves the gradients as they are (the
+    coefficient rides in ``step()``), clips exactly the next step (a following step without dist_clip is not
+    clipped), and gives the parameters of scaling the gradients in the call; every accepted ``optimizer``
+    (the engine, ``engine.optimizer``, the torch optimizer) folds."""
+    from dist_clip.adapters import deepspeed as adapter
+
+    results = []
+    for how in ("scale", "engine", "zero", "torch"):
+        engine = make_engine(ds_config(stage, offload=offload))
+        for step in range(3):
+            for per_rank in micro_batches(engine, step):
+                engine.backward(loss_fn(engine(per_rank[dist.get_rank()])))
+            if step != 1:  # step 1 is not clipped: a left-over coefficient would show
+                before = [t.clone() for s in adapter.shards(engine, None) for t in s.tensors]
+                target = {"scale": None, "engine": engine, "zero": engine.optimizer,
+                          "torch": engine.optimizer.optimizer}[how]
+                dist_clip.clip_grad_norm_(engine, 0.3, optimizer=target)
+                after = [t for s in adapter.shards(engine, None) for t in s.tensors]
+                same = all(torch.equal(a, b) for a, b in zip(before, after))
+                assert same == (target is not None), f"{how}: gradients scaled in the call: {not same}"
+            engine.step()
+        results.append(full_params(engine))
+    for how, got in zip(("engine", "zero", "torch"), results[1:]):
+        _params_close(got, results[0], 1e-6, 1e-9, f"stage {stage} folded via {how} vs scaled")
     return True

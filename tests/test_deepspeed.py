@@ -78,6 +78,32 @@ def test_optimizer_argument_with_a_fused_torch_optimizer_clips_every_group(run_r
     assert run_ranks(2, ds_cases.case_fused_inner_optimizer, stage, timeout_s=TIMEOUT) == [True, True]
 
 
+@pytest.mark.parametrize("stage,offload", [(1, False), (2, False), (3, False), (2, True), (3, True)])
+def test_coefficient_folded_into_step_applies_to_one_step(run_ranks, stage, offload):
+    assert run_ranks(2, ds_cases.case_fold_applies_to_one_step, stage, offload=offload,
+                     timeout_s=TIMEOUT) == [True, True]
+
+
+@pytest.mark.parametrize("stage,gas,offload", [(1, 1, False), (2, 2, False), (3, 1, False), (2, 1, True), (3, 2, True)])
+def test_folded_into_step_matches_unsharded_run(run_ranks, stage, gas, offload):
+    run_ranks(2, ds_cases.case_fp32_vs_reference, stage, gas=gas, offload=offload, ps=(2.0, float("inf")),
+              hand_over=True, timeout_s=TIMEOUT)
+
+
+def test_folded_into_step_three_ranks_uneven(run_ranks):
+    run_ranks(3, ds_cases.case_fp32_vs_reference, 3, ps=(2.0,), hand_over=True, timeout_s=TIMEOUT)
+
+
+@pytest.mark.parametrize("stage,dtype", [(1, "bf16"), (2, "fp16"), (3, "bf16"), (3, "fp16")])
+def test_folded_into_step_low_precision_matches_deepspeed(run_ranks, stage, dtype):
+    run_ranks(2, ds_cases.case_l2_vs_deepspeed, stage, dtype=dtype, rtol=1e-4, hand_over=True, timeout_s=TIMEOUT)
+
+
+@pytest.mark.parametrize("stage,offload", [(2, False), (3, True)])
+def test_folded_into_step_fp16_overflow_skips(run_ranks, stage, offload):
+    run_ranks(2, ds_cases.case_fp16_overflow, stage, offload=offload, hand_over=True, timeout_s=TIMEOUT)
+
+
 def test_internals_still_exist_and_misuse_is_loud(run_ranks):
     run_ranks(2, ds_cases.case_contract, timeout_s=TIMEOUT)
 

@@ -62,6 +62,7 @@ __all__ = [
     "ALLOW_UNTESTED_ENV",
     "TESTED_VERSIONS",
     "check_version",
+    "fold_handle",
     "matches",
     "optimizer_tensors",
     "required_attributes",
@@ -118,13 +119,15 @@ _BF16 = ("fp32_groups_gradients", "fp32_groups_has_gradients", "bf16_groups")
 _FP16_UNFUSED = ("fp16_groups",)
 #: What ``on_nonfinite="skip"`` drives on ZeRO 1-3 (see :func:`skip_handle`).
 _SKIP_ZERO = ("overflow", "_update_scale")
+#: What ``clip_grad_norm_(engine, ..., optimizer=)`` wraps on ZeRO 1-3 (see :class:`_ZeroFold`).
+_FOLD_ZERO = ("step", "flatten", "unscale_and_clip_grads", "averaged_gradients", "clip_grad", "loss_scale")
 
 
 def required_attributes() -> dict[str, tuple[str, ...]]:
     """Optimizer class name -> the attributes (or methods) of its instances that the adapter reads."""
     return {
-        "DeepSpeedZeroOptimizer": _ZERO12 + _SKIP_ZERO,
-        "DeepSpeedZeroOptimizer_Stage3": _ZERO3 + _SKIP_ZERO,
+        "DeepSpeedZeroOptimizer": _ZERO12 + _SKIP_ZERO + _FOLD_ZERO,
+        "DeepSpeedZeroOptimizer_Stage3": _ZERO3 + _SKIP_ZERO + _FOLD_ZERO + ("fp32_partitioned_groups_flat",),
         "BF16_Optimizer": _BF16,
         "FP16_UnfusedOptimizer": _FP16_UNFUSED,
         "FP16_Optimizer": _FP16_UNFUSED,
@@ -470,6 +473,133 @@ def skip_handle(target: object, optimizer: object) -> tuple[Any, Any]:
         f"on_nonfinite='skip' on a DeepSpeed engine supports ZeRO stages 1-3 and stage 0 without a "
         f"mixed-precision wrapper; this engine's optimizer is {type(opt).__name__}"
     )
+
+
+def _scaled_flatten(tensors: list[Tensor], coef: Tensor) -> Tensor:
+    """``_flatten_dense_tensors(tensors) * coef`` in one pass: each piece multiplied straight into its place."""
+    first = tensors[0]
+    out = torch.empty(sum(t.numel() for t in tensors), dtype=first.dtype, device=first.device)
+    c = coef.to(first.device)
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        torch.mul(t.reshape(-1), c, out=out.narrow(0, offset, n))
+        offset += n
+    return out
+
+
+def _scale_grads(grads: Any, factor: Tensor) -> None:
+    for g in grads:
+        if isinstance(g, list):  # ZeRO-1/2 sub-partitions
+            _scale_grads(g, factor)
+        elif g is not None:
+            g.mul_(factor.to(g.device))
+
+
+class _ZeroFold:
+    """Folds dist_clip's clip coefficient into the passes a ZeRO optimizer's ``step()`` already makes over its
+    gradient partition, instead of a multiply pass of its own (``clip_grad_norm_(engine, ..., optimizer=)``).
+
+    In DeepSpeed 0.19, ``step()`` of ZeRO-1/2 (stage_1_and_2.py, without offload) and of ZeRO-3
+    (``_prepare_fp32_grad_for_sub_group``, stage3.py) copies each group's reduced gradients into one flat
+    buffer with ``self.flatten(self.averaged_gradients[i])`` (ZeRO-1/2's last rank through
+    ``flatten_dense_tensors_aligned``, which appends padding), then calls ``self.unscale_and_clip_grads`` on that
+    buffer, which divides by the loss scale (ZeRO-1/2 skip it when the scale is 1 and DeepSpeed does not clip).
+    Wrapped here (instance attributes shadowing the methods): that flatten multiplies each piece by the
+    coefficient as it copies it (the same read and write, so clipping costs no pass of its own); where no copy
+    carries it (ZeRO-1/2 offload, DeepSpeed's pre-flattened partitions, ZeRO-3 offload) the unscale's own
+    multiply takes ``coef / loss_scale`` instead of ``1 / loss_scale`` (free where DeepSpeed multiplies anyway:
+    fp16, ZeRO-3). ``step`` is wrapped to forget the coefficient when it returns, overflow skips included, so
+    it applies to exactly one ``step()``. Numerically the same products as scaling the gradients first.
+    """
+
+    def __init__(self, opt: Any, stage3: bool) -> None:
+        self.stage3 = stage3
+        self.step_method = opt.step
+        self.unscale_method = opt.unscale_and_clip_grads
+        self.flatten_fn = opt.flatten
+        self.coef: Tensor | None = None
+        self.stepping = False
+        self.copied = False  # the flatten just before the next unscale carried the coefficient
+        opt.step = self._step
+        opt.flatten = self._flatten
+        opt.unscale_and_clip_grads = self._unscale
+
+    @property
+    def opt(self) -> Any:
+        return self.step_method.__self__
+
+    def _step(self, *args: Any, **kwargs: Any) -> Any:
+        self.stepping = True
+        try:
+            return self.step_method(*args, **kwargs)
+        finally:
+            self.coef, self.stepping, self.copied = None, False, False
+
+    def _is_partition(self, tensors: Any) -> bool:
+        held = self.opt.averaged_gradients
+        for grads in held.values() if isinstance(held, dict) else held:
+            if isinstance(grads, list) and grads and len(tensors) >= len(grads):
+                if all(a is b for a, b in zip(grads, tensors)):
+                    return True
+        return False
+
+    def _flatten(self, tensors: Any) -> Tensor:
+        coef = self.coef
+        if coef is None or not self.stepping or not tensors or not self._is_partition(tensors):
+            return self.flatten_fn(tensors)
+        self.copied = True
+        if coef.device.type == "cpu" and bool(coef == 1.0):
+            return self.flatten_fn(tensors)
+        return _scaled_flatten(list(tensors), coef)
+
+    def _unscale(self, grads: Any, total_norm: Any) -> Any:
+        coef = self.coef
+        if coef is None or not self.stepping or self.copied:
+            self.copied = False
+            return self.unscale_method(grads, total_norm)
+        opt = self.opt
+        held = [opt.fp32_partitioned_groups_flat[grads].grad] if self.stage3 else grads
+        if opt.clip_grad > 0:  # DeepSpeed clips as well (the adapter warned): its pass, then ours
+            out = self.unscale_method(grads, total_norm)
+            _scale_grads(held, coef)
+            return out
+        scale = float(opt.loss_scale)  # DeepSpeed's combined scale when it does not clip
+        factor = coef if scale == 1.0 else coef * (1.0 / scale)
+        if factor.device.type == "cpu" and bool(factor == 1.0):
+            return None
+        _scale_grads(held, factor)
+        return None
+
+
+def fold_handle(target: object, optimizer: object) -> Any:
+    """``clip_grad_norm_(engine, ..., optimizer=)`` on ZeRO 1-3: a function taking the clip coefficient (a 0-dim
+    device tensor) that makes the next ``engine.step()`` apply it (:class:`_ZeroFold`), or ``None`` where it
+    does not apply (stage 0 and DeepSpeed's other wrappers; an ``optimizer`` that is not the engine,
+    ``engine.optimizer`` or the torch optimizer given to ``deepspeed.initialize``): the caller then scales the
+    gradients, or hands the coefficient to a fused torch optimizer's ``step()``.
+    """
+    engine: Any = target
+    opt = engine.optimizer
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if not isinstance(opt, (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3)):
+        return None
+    if optimizer is not engine and optimizer is not opt and optimizer is not getattr(opt, "optimizer", None):
+        return None
+    if getattr(opt, "zenflow", False):  # ZenFlow flattens and steps its own way
+        return None
+    fold = vars(opt).get("_dist_clip_fold")
+    if fold is None:
+        _check_attributes(opt, _FOLD_ZERO)
+        fold = _ZeroFold(opt, isinstance(opt, DeepSpeedZeroOptimizer_Stage3))
+        opt._dist_clip_fold = fold
+
+    def hand_over(coef: Tensor) -> None:
+        fold.coef = coef
+
+    return hand_over
 
 
 def optimizer_tensors(target: object) -> dict[str, Tensor]:
