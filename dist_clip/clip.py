@@ -165,12 +165,22 @@ def total_from_shards(
     return total
 
 
-def _deepspeed_fold(target: object, optimizer: object) -> Any:
-    """The hand-over of the coefficient into a DeepSpeed ZeRO engine's ``step()``, or None (see
-    :func:`dist_clip.adapters.deepspeed.fold_handle`)."""
+def _deepspeed_fold(target: object, optimizer: object) -> tuple[Any, object]:
+    """``(fold, optimizer)``: the hand-over of the coefficient into a DeepSpeed ZeRO engine's ``step()`` (see
+    :func:`dist_clip.adapters.deepspeed.fold_handle`) or None, and what is left of ``optimizer`` for the fused
+    torch hand-over (None where the engine or its own wrapper was named and nothing folds: the gradients are
+    scaled in the call)."""
     from .adapters import deepspeed as ds_adapter
 
-    return ds_adapter.fold_handle(target, optimizer) if ds_adapter.matches(target) else None
+    if optimizer is None or not ds_adapter.matches(target):
+        return None, optimizer
+    fold = ds_adapter.fold_handle(target, optimizer)
+    if fold is not None:
+        return fold, None
+    own = getattr(target, "optimizer", None)
+    if optimizer is target or (optimizer is own and not isinstance(own, torch.optim.Optimizer)):
+        return None, None
+    return None, optimizer
 
 
 def _steps_per_group(target: object) -> bool:
@@ -271,10 +281,9 @@ def clip_grad_norm_(
     p = _norm.parse_norm_type(norm_type)
     _check_foreach(foreach)
     shards = resolve(target, _check_group(group))
-    fold = _deepspeed_fold(target, optimizer) if optimizer is not None else None
+    fold, optimizer = _deepspeed_fold(target, optimizer)
     fused = (
-        fold is None
-        and optimizer is not None
+        optimizer is not None
         and _fused.supports_grad_scale(optimizer)  # type: ignore[arg-type]
         and not _steps_per_group(target)
     )

@@ -394,29 +394,32 @@ def case_fused_inner_optimizer(stage: int) -> bool:
     return True
 
 
-def case_fold_applies_to_one_step(stage: int, offload: bool = False) -> bool:
+def case_fold_applies_to_one_step(stage: int, offload: bool = False, dtype: str = "fp32") -> bool:
     """``clip_grad_norm_(engine, ..., optimizer=engine.optimizer)`` leaves the gradients as they are (the
     coefficient rides in ``step()``), clips exactly the next step (a following step without dist_clip is not
     clipped), and gives the parameters of scaling the gradients in the call; every accepted ``optimizer``
-    (the engine, ``engine.optimizer``, the torch optimizer) folds."""
+    (the engine, ``engine.optimizer``, the torch optimizer) folds. Stage 0 has no ZeRO step to fold into:
+    the same calls scale the gradients in the call, without error."""
     from dist_clip.adapters import deepspeed as adapter
 
     results = []
     for how in ("scale", "engine", "zero", "torch"):
-        engine = make_engine(ds_config(stage, offload=offload))
+        engine = make_engine(ds_config(stage, offload=offload, dtype=dtype))
         for step in range(3):
             for per_rank in micro_batches(engine, step):
-                engine.backward(loss_fn(engine(per_rank[dist.get_rank()])))
+                engine.backward(loss_fn(engine(per_rank[dist.get_rank()].to(_engine_dtype(engine)))))
             if step != 1:  # step 1 is not clipped: a left-over coefficient would show
                 before = [t.clone() for s in adapter.shards(engine, None) for t in s.tensors]
                 target = {"scale": None, "engine": engine, "zero": engine.optimizer,
-                          "torch": engine.optimizer.optimizer}[how]
+                          "torch": getattr(engine.optimizer, "optimizer", engine.optimizer)}[how]
                 dist_clip.clip_grad_norm_(engine, 0.3, optimizer=target)
                 after = [t for s in adapter.shards(engine, None) for t in s.tensors]
                 same = all(torch.equal(a, b) for a, b in zip(before, after))
-                assert same == (target is not None), f"{how}: gradients scaled in the call: {not same}"
+                folds = target is not None and stage > 0
+                assert same == folds, f"{how}: gradients scaled in the call: {not same}"
             engine.step()
         results.append(full_params(engine))
+    eps = {"fp32": 1e-6, "bf16": 2.0**-7, "fp16": 2.0**-10}[dtype]
     for how, got in zip(("engine", "zero", "torch"), results[1:]):
-        _params_close(got, results[0], 1e-6, 1e-9, f"stage {stage} folded via {how} vs scaled")
+        _params_close(got, results[0], eps, 1e-9, f"stage {stage} {dtype} folded via {how} vs scaled")
     return True

@@ -78,9 +78,11 @@ def test_optimizer_argument_with_a_fused_torch_optimizer_clips_every_group(run_r
     assert run_ranks(2, ds_cases.case_fused_inner_optimizer, stage, timeout_s=TIMEOUT) == [True, True]
 
 
-@pytest.mark.parametrize("stage,offload", [(1, False), (2, False), (3, False), (2, True), (3, True)])
-def test_coefficient_folded_into_step_applies_to_one_step(run_ranks, stage, offload):
-    assert run_ranks(2, ds_cases.case_fold_applies_to_one_step, stage, offload=offload,
+@pytest.mark.parametrize("stage,offload,dtype", [(1, False, "fp32"), (2, False, "fp32"), (3, False, "fp32"),
+                                                 (2, True, "fp32"), (3, True, "fp32"), (2, False, "bf16"),
+                                                 (0, False, "fp32"), (0, False, "bf16")])
+def test_coefficient_folded_into_step_applies_to_one_step(run_ranks, stage, offload, dtype):
+    assert run_ranks(2, ds_cases.case_fold_applies_to_one_step, stage, offload=offload, dtype=dtype,
                      timeout_s=TIMEOUT) == [True, True]
 
 
