@@ -39,6 +39,10 @@ the step and lowers the loss scale exactly as it would without dist_clip.
 ``GradClipper(on_nonfinite="skip")`` on an engine drives DeepSpeed's own overflow path under ZeRO 1-3 (see
 :func:`skip_handle`): the next ``engine.step()`` skips every param group, as it does on an fp16 overflow.
 
+``clip_grad_norm_(engine, ..., optimizer=engine.optimizer)`` measures only: under ZeRO 1-3 the coefficient is
+multiplied in by the next ``step()`` while it copies the gradients into its flat partition buffers (see
+:class:`_ZeroFold` and :func:`fold_handle`), which saves the multiply pass over the partition.
+
 These buffers are internals of DeepSpeed, so the adapter checks the version (``TESTED_VERSIONS``) and the
 attributes it reads, and raises a ``RuntimeError`` naming what changed instead of clipping the wrong tensors.
 """
