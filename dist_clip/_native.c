@@ -365,7 +365,7 @@ static item_fn pick(int dtype, int op) {
 static int elem_size(int dtype) { return dtype == DT_F32 ? 4 : 2; }
 
 /* Version of this interface, checked by the loader. */
-int dc_version(void) { return 2; }
+int dc_version(void) { return 3; }
 
 /* out[t] = partial of order p of tensor t (sum of |x|**p, count of non-zeros, or max |x|), in double.
  * ptrs/numels describe n contiguous tensors of one dtype. Returns 0, or -1 on bad arguments or no memory. */
@@ -423,16 +423,18 @@ int dc_partials(int dtype, int op, double p, int64_t n, const int64_t *ptrs, con
     return 0;
 }
 
-/* ---- in-place scaling: x *= c in the tensor's own dtype, rounded as torch's mul_ rounds ------------------ */
+/* ---- scaling: y = x * c in the tensor's own dtype, rounded as torch's mul_ rounds; y == x in place -------- */
 
-DC_CLONES static void scale_f32(void *x, int64_t n, float c) {
-    float *f = (float *)x;
-    for (int64_t i = 0; i < n; i++) f[i] *= c;
+DC_CLONES static void scale_f32(const void *x, void *y, int64_t n, float c) {
+    const float *f = (const float *)x;
+    float *o = (float *)y;
+    for (int64_t i = 0; i < n; i++) o[i] = f[i] * c;
 }
 
 /* float -> bf16, round to nearest even, and NaN -> 0xffff: bit for bit what torch's vectorised CPU mul_ writes. */
-DC_CLONES static void scale_bf16(void *x, int64_t n, float c) {
-    uint16_t *h = (uint16_t *)x;
+DC_CLONES static void scale_bf16(const void *x, void *y, int64_t n, float c) {
+    const uint16_t *h = (const uint16_t *)x;
+    uint16_t *o = (uint16_t *)y;
     for (int64_t i = 0; i < n; i++) {
         uint32_t u = (uint32_t)h[i] << 16;
         float f;
@@ -440,34 +442,37 @@ DC_CLONES static void scale_bf16(void *x, int64_t n, float c) {
         f *= c;
         memcpy(&u, &f, 4);
         uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-        h[i] = (uint16_t)(f != f ? 0xffffu : r);
+        o[i] = (uint16_t)(f != f ? 0xffffu : r);
     }
 }
 
 #ifdef HAVE_F16C_KERNELS
-__attribute__((target("avx2,f16c"))) static void scale_f16c(void *x, int64_t n, float c) {
-    uint16_t *h = (uint16_t *)x;
+__attribute__((target("avx2,f16c"))) static void scale_f16c(const void *x, void *y, int64_t n, float c) {
+    const uint16_t *h = (const uint16_t *)x;
+    uint16_t *o = (uint16_t *)y;
     const __m256 cv = _mm256_set1_ps(c);
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
         __m256 f = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))), cv);
-        _mm_storeu_si128((__m128i *)(h + i), _mm256_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        _mm_storeu_si128((__m128i *)(o + i), _mm256_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     }
     if (i < n) { /* the tail through an 8-wide scratch: same instructions, same rounding */
         uint16_t tmp[8] = {0};
         memcpy(tmp, h + i, (size_t)(n - i) * 2);
         __m256 f = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)tmp)), cv);
         _mm_storeu_si128((__m128i *)tmp, _mm256_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-        memcpy(h + i, tmp, (size_t)(n - i) * 2);
+        memcpy(o + i, tmp, (size_t)(n - i) * 2);
     }
 }
 #endif
 
-typedef void (*scale_fn)(void *, int64_t, float);
+typedef void (*scale_fn)(const void *, void *, int64_t, float);
 
-/* Multiply n contiguous tensors of one dtype in place by c. Returns 0; -2 when this build cannot scale the
+/* Write n contiguous tensors of one dtype, multiplied by c, to dsts (dsts == ptrs: in place; or the places of
+ * the pieces in one flat buffer: a scaled flatten in one pass). Returns 0; -2 when this build cannot scale the
  * dtype exactly as torch does (fp16 without F16C: the caller keeps torch's own kernel); -1 on bad arguments. */
-int dc_scale(int dtype, int64_t n, const int64_t *ptrs, const int64_t *numels, float c, int nthreads) {
+int dc_scale_to(int dtype, int64_t n, const int64_t *ptrs, const int64_t *dsts, const int64_t *numels, float c,
+                int nthreads) {
     scale_fn fn = dtype == DT_F32 ? scale_f32 : (dtype == DT_BF16 ? scale_bf16 : 0);
 #ifdef HAVE_F16C_KERNELS
     if (dtype == DT_F16 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) fn = scale_f16c;
@@ -484,7 +489,7 @@ int dc_scale(int dtype, int64_t n, const int64_t *ptrs, const int64_t *numels, f
     }
     if (nitems == 0) return 0;
     if (total < PARALLEL_MIN || nthreads <= 1) {
-        for (int64_t t = 0; t < n; t++) fn((char *)(intptr_t)ptrs[t], numels[t], c);
+        for (int64_t t = 0; t < n; t++) fn((const char *)(intptr_t)ptrs[t], (char *)(intptr_t)dsts[t], numels[t], c);
         return 0;
     }
     int64_t *owner = (int64_t *)malloc((size_t)nitems * sizeof(int64_t));
@@ -502,8 +507,12 @@ int dc_scale(int dtype, int64_t n, const int64_t *ptrs, const int64_t *numels, f
     for (int64_t i = 0; i < nitems; i++) {
         int64_t t = owner[i], s = start[i];
         int64_t len = numels[t] - s < ITEM ? numels[t] - s : ITEM;
-        fn((char *)(intptr_t)ptrs[t] + s * es, len, c);
+        fn((const char *)(intptr_t)ptrs[t] + s * es, (char *)(intptr_t)dsts[t] + s * es, len, c);
     }
     free(owner), free(start);
     return 0;
+}
+
+int dc_scale(int dtype, int64_t n, const int64_t *ptrs, const int64_t *numels, float c, int nthreads) {
+    return dc_scale_to(dtype, n, ptrs, ptrs, numels, c, nthreads);
 }

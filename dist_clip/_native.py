@@ -21,6 +21,7 @@ import array
 import contextlib
 import ctypes
 import hashlib
+import itertools
 import math
 import os
 import shutil
@@ -35,10 +36,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["DTYPES", "available", "build", "partials", "scale_", "status", "supports"]
+__all__ = ["DTYPES", "available", "build", "partials", "scale_", "scaled_flatten", "status", "supports"]
 
 _SOURCE = Path(__file__).with_name("_native.c")
-_VERSION = 2
+_VERSION = 3
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _OP_COUNT, _OP_P1, _OP_P2, _OP_P3, _OP_POW, _OP_MAX = range(6)
 # Flag sets tried in order: OpenMP with per-CPU clones, then without clones (no ifunc: musl, old binutils),
@@ -152,6 +153,10 @@ def _load() -> ctypes.CDLL | None:
             sc = lib.dc_scale
             sc.restype = ctypes.c_int
             sc.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_int]
+            st = lib.dc_scale_to
+            st.restype = ctypes.c_int
+            st.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                           ctypes.c_float, ctypes.c_int]
             _lib = lib
             _why = f"loaded {path}"
         except OSError as e:
@@ -235,6 +240,30 @@ def scale_(tensors: Sequence[Tensor], coef: float) -> bool:
     if rc != 0:  # pragma: no cover - only on allocation failure
         raise RuntimeError(f"dist_clip native kernel failed with code {rc} scaling {n} tensors")
     return True
+
+
+def scaled_flatten(tensors: Sequence[Tensor], coef: float) -> Tensor | None:
+    """``torch.cat([t.reshape(-1) for t in tensors]) * coef`` in one pass (each piece multiplied straight into
+    its place, rounded as torch's ``mul`` rounds), or None when the kernel cannot (unavailable, fp16 without
+    F16C). Every tensor must pass :func:`supports` and share one dtype."""
+    lib = _load()
+    if lib is None or not tensors:
+        return None
+    dtype = tensors[0].dtype
+    numel_list = list(map(Tensor.numel, tensors))
+    out = torch.empty(sum(numel_list), dtype=dtype)
+    size = out.element_size()
+    ptrs = array.array("q", list(map(Tensor.data_ptr, tensors)))
+    numels = array.array("q", numel_list)
+    # Each piece's place in ``out``: its byte offset, a running sum of the sizes before it.
+    dst = array.array("q", itertools.accumulate((n * size for n in numel_list[:-1]), initial=out.data_ptr()))
+    rc = lib.dc_scale_to(DTYPES[dtype], len(tensors), ptrs.buffer_info()[0], dst.buffer_info()[0],
+                         numels.buffer_info()[0], coef, torch.get_num_threads())
+    if rc == -2:
+        return None
+    if rc != 0:  # pragma: no cover - only on allocation failure
+        raise RuntimeError(f"dist_clip native kernel failed with code {rc} flattening {len(tensors)} tensors")
+    return out
 
 
 if __name__ == "__main__":

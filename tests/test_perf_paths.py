@@ -277,10 +277,33 @@ def test_native_scaling_rounds_like_torch(dtype, coef):
     torch._foreach_mul_(theirs, c)
     if not _native.scale_(ours, float(c)):
         pytest.skip("this build leaves fp16 scaling to torch (no F16C)")
-    for a, b in zip(ours, theirs):
+    flat = _native.scaled_flatten(pieces, float(c))  # the same products, written into one flat buffer
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    for a, b in zip([*ours, flat], [*theirs, torch.cat(theirs)]):
         assert torch.equal(a.isnan(), b.isnan())
-        bits = torch.int32 if dtype == torch.float32 else torch.int16
         assert torch.equal(a[~a.isnan()].view(bits), b[~b.isnan()].view(bits))
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("sizes", [[0, 1, 7, 1000, 3, 70001], [1024] * 300, [5]])
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF, torch.float64])
+def test_scaled_flatten_equals_flatten_then_multiply(monkeypatch, native, sizes, dtype):
+    """What DeepSpeed's step() runs in place of its flatten when dist_clip folds the coefficient into it: the
+    native one-pass kernel, and without it the piecewise (few pieces) or copy-then-multiply (many) paths."""
+    from torch._utils import _flatten_dense_tensors
+
+    from dist_clip.adapters import deepspeed as adapter
+
+    if not native:
+        monkeypatch.setattr(_native, "scaled_flatten", lambda tensors, coef: None)
+    g = torch.Generator().manual_seed(len(sizes))
+    pieces = [torch.randn(n, generator=g).to(dtype) for n in sizes]
+    c = torch.tensor(0.3712, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    got = adapter._scaled_flatten(pieces, c)
+    want = _flatten_dense_tensors(pieces) * c
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    transposed = [torch.randn(4, 6, generator=g).to(dtype).t(), *pieces]  # not contiguous: torch's path
+    assert torch.equal(adapter._scaled_flatten(transposed, c), _flatten_dense_tensors(transposed) * c)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, *HALF])
