@@ -367,6 +367,31 @@ static int elem_size(int dtype) { return dtype == DT_F32 ? 4 : 2; }
 /* Version of this interface, checked by the loader. */
 int dc_version(void) { return 3; }
 
+/* The work items of n contiguous tensors: each tensor cut into runs of at most `item` elements. Sets *nitems
+ * and *total (elements); when *nitems > 0, *owner and *start (malloc'd, the caller frees them) hold the tensor
+ * and first element of each item, in order. Returns 0, or -1 on a negative numel or no memory. */
+static int split_items(int64_t n, const int64_t *numels, int64_t item, int64_t *nitems, int64_t *total,
+                       int64_t **owner, int64_t **start) {
+    int64_t count = 0, sum = 0;
+    for (int64_t t = 0; t < n; t++) {
+        if (numels[t] < 0) return -1;
+        count += (numels[t] + item - 1) / item;
+        sum += numels[t];
+    }
+    *nitems = count, *total = sum, *owner = 0, *start = 0;
+    if (count == 0) return 0;
+    *owner = (int64_t *)malloc((size_t)count * sizeof(int64_t));
+    *start = (int64_t *)malloc((size_t)count * sizeof(int64_t));
+    if (!*owner || !*start) {
+        free(*owner), free(*start);
+        return -1;
+    }
+    int64_t k = 0;
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t s = 0; s < numels[t]; s += item) (*owner)[k] = t, (*start)[k] = s, k++;
+    return 0;
+}
+
 /* out[t] = partial of order p of tensor t (sum of |x|**p, count of non-zeros, or max |x|), in double.
  * ptrs/numels describe n contiguous tensors of one dtype. Returns 0, or -1 on bad arguments or no memory. */
 int dc_partials(int dtype, int op, double p, int64_t n, const int64_t *ptrs, const int64_t *numels,
@@ -375,24 +400,15 @@ int dc_partials(int dtype, int op, double p, int64_t n, const int64_t *ptrs, con
     if (!fn || n < 0) return -1;
     const int es = elem_size(dtype);
     const int64_t ITEM = ITEM_BYTES / es;
-    int64_t nitems = 0, total = 0;
-    for (int64_t t = 0; t < n; t++) {
-        if (numels[t] < 0) return -1;
-        nitems += (numels[t] + ITEM - 1) / ITEM;
-        total += numels[t];
-    }
+    int64_t nitems, total, *owner, *start;
+    if (split_items(n, numels, ITEM, &nitems, &total, &owner, &start)) return -1;
     for (int64_t t = 0; t < n; t++) out[t] = 0.0;
     if (nitems == 0) return 0;
-    int64_t *owner = (int64_t *)malloc((size_t)nitems * sizeof(int64_t));
-    int64_t *start = (int64_t *)malloc((size_t)nitems * sizeof(int64_t));
     double *part = (double *)malloc((size_t)nitems * sizeof(double));
-    if (!owner || !start || !part) {
-        free(owner), free(start), free(part);
+    if (!part) {
+        free(owner), free(start);
         return -1;
     }
-    int64_t k = 0;
-    for (int64_t t = 0; t < n; t++)
-        for (int64_t s = 0; s < numels[t]; s += ITEM) owner[k] = t, start[k] = s, k++;
 #ifdef _OPENMP
     int nt = nthreads > 0 ? nthreads : 1;
     if (total < PARALLEL_MIN || nitems < 2) nt = 1;
@@ -481,26 +497,18 @@ int dc_scale_to(int dtype, int64_t n, const int64_t *ptrs, const int64_t *dsts, 
     if (!fn || n < 0) return -1;
     const int es = elem_size(dtype);
     const int64_t ITEM = ITEM_BYTES / es;
-    int64_t nitems = 0, total = 0;
+    int64_t total = 0;
     for (int64_t t = 0; t < n; t++) {
         if (numels[t] < 0) return -1;
-        nitems += (numels[t] + ITEM - 1) / ITEM;
         total += numels[t];
     }
-    if (nitems == 0) return 0;
+    if (total == 0) return 0;
     if (total < PARALLEL_MIN || nthreads <= 1) {
         for (int64_t t = 0; t < n; t++) fn((const char *)(intptr_t)ptrs[t], (char *)(intptr_t)dsts[t], numels[t], c);
         return 0;
     }
-    int64_t *owner = (int64_t *)malloc((size_t)nitems * sizeof(int64_t));
-    int64_t *start = (int64_t *)malloc((size_t)nitems * sizeof(int64_t));
-    if (!owner || !start) {
-        free(owner), free(start);
-        return -1;
-    }
-    int64_t k = 0;
-    for (int64_t t = 0; t < n; t++)
-        for (int64_t s = 0; s < numels[t]; s += ITEM) owner[k] = t, start[k] = s, k++;
+    int64_t nitems, *owner, *start;
+    if (split_items(n, numels, ITEM, &nitems, &total, &owner, &start)) return -1;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
 #endif
