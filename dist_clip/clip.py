@@ -168,8 +168,9 @@ def total_from_shards(
 def _deepspeed_fold(target: object, optimizer: object) -> tuple[Any, object]:
     """``(fold, optimizer)``: the hand-over of the coefficient into a DeepSpeed ZeRO engine's ``step()`` (see
     :func:`dist_clip.adapters.deepspeed.fold_handle`) or None, and what is left of ``optimizer`` for the fused
-    torch hand-over (None where the engine or its own wrapper was named and nothing folds: the gradients are
-    scaled in the call)."""
+    torch hand-over. None (the gradients are scaled in the call) where nothing folds and the engine or its own
+    wrapper was named, or the engine steps its torch optimizer more than once per step (ZeRO 1-3, once per param
+    group or sub-group: a coefficient handed to the first call would miss the others)."""
     from .adapters import deepspeed as ds_adapter
 
     if optimizer is None or not ds_adapter.matches(target):
@@ -178,17 +179,13 @@ def _deepspeed_fold(target: object, optimizer: object) -> tuple[Any, object]:
     if fold is not None:
         return fold, None
     own = getattr(target, "optimizer", None)
-    if optimizer is target or (optimizer is own and not isinstance(own, torch.optim.Optimizer)):
+    if (
+        optimizer is target
+        or (optimizer is own and not isinstance(own, torch.optim.Optimizer))
+        or ds_adapter.steps_per_group(target)
+    ):
         return None, None
     return None, optimizer
-
-
-def _steps_per_group(target: object) -> bool:
-    """A target whose training step calls the torch optimizer's ``step()`` more than once (DeepSpeed ZeRO 1-3,
-    once per param group or sub-group): a coefficient handed to the first call would miss the others."""
-    from .adapters import deepspeed as ds_adapter
-
-    return ds_adapter.matches(target) and ds_adapter.steps_per_group(target)
 
 
 @torch.no_grad()
@@ -282,11 +279,7 @@ def clip_grad_norm_(
     _check_foreach(foreach)
     shards = resolve(target, _check_group(group))
     fold, optimizer = _deepspeed_fold(target, optimizer)
-    fused = (
-        optimizer is not None
-        and _fused.supports_grad_scale(optimizer)  # type: ignore[arg-type]
-        and not _steps_per_group(target)
-    )
+    fused = optimizer is not None and _fused.supports_grad_scale(optimizer)  # type: ignore[arg-type]
     everything = _all_tensors(shards)
     groups = _scale.group_by_device_dtype(everything)  # bucketed once, for measuring and for scaling
     total = total_from_shards(shards, p, error_if_nonfinite, foreach, everything, groups)

@@ -62,7 +62,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch._utils import _flatten_dense_tensors
 
-from .. import _native
+from .. import _native, _scale
 from ..shards import Shards, UnitLayout, UnitPiece
 
 __all__ = [
@@ -513,12 +513,15 @@ def _scaled_flatten(tensors: list[Tensor], coef: Tensor) -> Tensor:
     return out
 
 
-def _scale_grads(grads: Any, factor: Tensor) -> None:
+def _flat_grads(grads: Any) -> list[Tensor]:
+    """The tensors of ``unscale_and_clip_grads``' argument (ZeRO-1/2 may nest sub-partition lists)."""
+    out: list[Tensor] = []
     for g in grads:
-        if isinstance(g, list):  # ZeRO-1/2 sub-partitions
-            _scale_grads(g, factor)
+        if isinstance(g, list):
+            out += _flat_grads(g)
         elif g is not None:
-            g.mul_(factor.to(g.device))
+            out.append(g)
+    return out
 
 
 class _ZeroFold:
@@ -584,16 +587,13 @@ class _ZeroFold:
             self.copied = False
             return self.unscale_method(grads, total_norm)
         opt = self.opt
-        held = [opt.fp32_partitioned_groups_flat[grads].grad] if self.stage3 else grads
+        held = _flat_grads([opt.fp32_partitioned_groups_flat[grads].grad] if self.stage3 else grads)
         if opt.clip_grad > 0:  # DeepSpeed clips as well (the adapter warned): its pass, then ours
             out = self.unscale_method(grads, total_norm)
-            _scale_grads(held, coef)
+            _scale.scale_(held, coef)
             return out
         scale = float(opt.loss_scale)  # DeepSpeed's combined scale when it does not clip
-        factor = coef if scale == 1.0 else coef * (1.0 / scale)
-        if factor.device.type == "cpu" and bool(factor == 1.0):
-            return None
-        _scale_grads(held, factor)
+        _scale.scale_(held, coef if scale == 1.0 else coef * (1.0 / scale))  # skips a factor of 1 on the CPU
         return None
 
 
