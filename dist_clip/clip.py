@@ -283,11 +283,11 @@ def clip_grad_norm_(
     everything = _all_tensors(shards)
     groups = _scale.group_by_device_dtype(everything)  # bucketed once, for measuring and for scaling
     total = total_from_shards(shards, p, error_if_nonfinite, foreach, everything, groups)
+    coef = _scale.clip_coefficient(limit, total)
     if fold is not None:
-        fold(_scale.clip_coefficient(limit, total))
-        return total
-    if fused:
-        _fused.hand_over_(optimizer, _scale.clip_coefficient(limit, total), total)
-        return total
-    _scale.scale_(everything, _scale.clip_coefficient(limit, total), foreach, groups)
+        fold(coef)
+    elif fused:
+        _fused.hand_over_(optimizer, coef, total)
+    else:
+        _scale.scale_(everything, coef, foreach, groups)
     return total
