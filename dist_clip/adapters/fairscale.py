@@ -165,6 +165,26 @@ def _oss_named(
     return out, names, params
 
 
+def _fsdp_params(root: Any) -> Any:
+    """Every parameter of the fairscale FSDP modules under ``root``: ``(module, param, padding, names, shapes,
+    numels)``, a flat parameter's original parameters (``FlatParameter.metadata()``, back to back in this order)
+    named under the unwrapped model's names, identical on every rank."""
+    fsdp = _loaded(_FSDP)
+    flat_type = getattr(sys.modules.get("fairscale.nn.misc.flatten_params_wrapper"), "FlatParameter", None)
+    param_names = {id(p): _clean(n) for n, p in root.named_parameters()}
+    for path, module in root.named_modules():
+        if not isinstance(module, fsdp):
+            continue
+        for p, pad in zip(module.params, module.numel_padded_per_param):
+            if flat_type is not None and isinstance(p, flat_type):
+                meta_names, shapes, numels = p.metadata()
+                own = [_clean(f"{path}.{n}") for n in meta_names]
+            else:
+                own = [param_names.get(id(p), _clean(f"{path}.<param>"))]
+                shapes, numels = [p._orig_size], [int(p._orig_size.numel())]
+            yield module, p, int(pad), own, shapes, [int(n) for n in numels]
+
+
 def _fsdp_named(root: Any, group: dist.ProcessGroup | None) -> tuple[list[Shards], list[str], dict[str, Tensor]]:
     """Each fairscale FSDP parameter's local shard, split per original parameter of a flat parameter.
 
@@ -172,45 +192,33 @@ def _fsdp_named(root: Any, group: dist.ProcessGroup | None) -> tuple[list[Shards
     (rank r holds ``[r c, min((r+1) c, N))``, zero-padded to ``c``); its original parameters lie back to back in
     the order of ``FlatParameter.metadata()``. Names, shapes and numels are identical on every rank.
     """
-    fsdp = _loaded(_FSDP)
-    flat_type = getattr(sys.modules.get("fairscale.nn.misc.flatten_params_wrapper"), "FlatParameter", None)
-    param_names = {id(p): _clean(n) for n, p in root.named_parameters()}
     names: list[str] = []
     params: dict[str, Tensor] = {}
     sharded: dict[int, tuple[dist.ProcessGroup, list[str], list[Tensor]]] = {}
     replicated: tuple[list[str], list[Tensor]] = ([], [])
-    for path, module in root.named_modules():
-        if not isinstance(module, fsdp):
+    for module, p, pad, own, _, numels in _fsdp_params(root):
+        for n in own:
+            names.append(n)
+            params[n] = p
+        if p.grad is None:
             continue
-        for p, pad in zip(module.params, module.numel_padded_per_param):
-            is_flat = flat_type is not None and isinstance(p, flat_type)
-            if is_flat:
-                meta_names, _, numels = p.metadata()
-                own = [_clean(f"{path}.{n}") for n in meta_names]
-            else:
-                own, numels = [param_names.get(id(p), _clean(f"{path}.<param>"))], [int(p._orig_size.numel())]
-            for n in own:
-                names.append(n)
-                params[n] = p
-            if p.grad is None:
-                continue
-            g = p.grad.reshape(-1)
-            is_sharded = bool(getattr(p, "_is_sharded", False))
-            start = int(module.rank) * g.numel() if is_sharded else 0
-            valid = g.numel() - (int(pad) if is_sharded else 0)
-            if is_sharded:
-                pg = group if group is not None else module.process_group
-                entry = sharded.setdefault(id(pg), (pg, [], []))
-                ns, ts = entry[1], entry[2]
-            else:
-                ns, ts = replicated
-            at = 0
-            for n, numel in zip(own, numels):
-                lo, hi = max(at, start), min(at + int(numel), start + valid)
-                at += int(numel)
-                if hi > lo:
-                    ns.append(n)
-                    ts.append(g.narrow(0, lo - start, hi - lo))
+        g = p.grad.reshape(-1)
+        is_sharded = bool(getattr(p, "_is_sharded", False))
+        start = int(module.rank) * g.numel() if is_sharded else 0
+        valid = g.numel() - (pad if is_sharded else 0)
+        if is_sharded:
+            pg = group if group is not None else module.process_group
+            entry = sharded.setdefault(id(pg), (pg, [], []))
+            ns, ts = entry[1], entry[2]
+        else:
+            ns, ts = replicated
+        at = 0
+        for n, numel in zip(own, numels):
+            lo, hi = max(at, start), min(at + numel, start + valid)
+            at += numel
+            if hi > lo:
+                ns.append(n)
+                ts.append(g.narrow(0, lo - start, hi - lo))
     out = [Shards(ts, group=pg, names=ns) for pg, ns, ts in sharded.values()]
     if replicated[1] or not out:
         out.append(Shards(replicated[1], group=None, names=replicated[0]))
@@ -247,50 +255,37 @@ def named(target: object, group: dist.ProcessGroup | None) -> tuple[list[Shards]
 def _fsdp_units(root: Any, group: dist.ProcessGroup | None) -> UnitLayout:
     """fairscale FSDP: each original parameter's part of this rank's flat shard, with the matching part of the
     fp32 parameter shard; a flat parameter of N elements is cut at multiples of ``c = ceil(N / world)``."""
-    fsdp = _loaded(_FSDP)
-    flat_type = getattr(sys.modules.get("fairscale.nn.misc.flatten_params_wrapper"), "FlatParameter", None)
-    param_names = {id(p): _clean(n) for n, p in root.named_parameters()}
     names: list[str] = []
     geometry: dict[str, Any] = {}
     pieces: list[UnitPiece] = []
     groups: list[dist.ProcessGroup | None] = []
     device = None
-    for path, module in root.named_modules():
-        if not isinstance(module, fsdp):
-            continue
-        for p, pad in zip(module.params, module.numel_padded_per_param):
-            if flat_type is not None and isinstance(p, flat_type):
-                meta_names, shapes, numels = p.metadata()
-                own = [_clean(f"{path}.{n}") for n in meta_names]
-            else:
-                own = [param_names.get(id(p), _clean(f"{path}.<param>"))]
-                shapes, numels = [p._orig_size], [int(p._orig_size.numel())]
-            sharded = bool(getattr(p, "_is_sharded", False))
-            local = getattr(p, "_fp32_shard", p.data).detach().reshape(-1)  # this rank's (padded) shard
-            world = int(module.world_size) if sharded else 1
-            size = local.numel() if sharded else sum(int(n) for n in numels)
-            start = int(module.rank) * size if sharded else 0
-            valid = size - (int(pad) if sharded else 0)
-            pg = (group if group is not None else module.process_group) if sharded else None
-            groups.append(pg)
-            g = None if p.grad is None else p.grad.view(-1)  # a view: scaling it scales the real gradient
-            if g is not None:
-                device = device or g.device
-                if g.numel() != local.numel():
-                    raise ValueError(f"the fairscale FSDP parameter of {own} has a gradient of {g.numel()} elements "
-                                     f"and a shard of {local.numel()}: its gradient is not reduced and sharded yet "
-                                     "(inside no_sync()?); clip after the backward() that synchronises")
-            at = 0
-            for n, shape, numel in zip(own, shapes, numels):
-                numel = int(numel)
-                names.append(n)
-                cuts = tuple(b - at for b in range(size, size * world, size) if at < b < at + numel) if size else ()
-                geometry[n] = (torch.Size(shape), cuts)
-                lo, hi = max(at, start), min(at + numel, start + valid)
-                if g is not None and hi > lo:
-                    pieces.append(UnitPiece(n, g.narrow(0, lo - start, hi - lo), local.narrow(0, lo - start, hi - lo),
-                                            lo - at, pg))
-                at += numel
+    for module, p, pad, own, shapes, numels in _fsdp_params(root):
+        sharded = bool(getattr(p, "_is_sharded", False))
+        local = getattr(p, "_fp32_shard", p.data).detach().reshape(-1)  # this rank's (padded) shard
+        world = int(module.world_size) if sharded else 1
+        size = local.numel() if sharded else sum(numels)
+        start = int(module.rank) * size if sharded else 0
+        valid = size - (pad if sharded else 0)
+        pg = (group if group is not None else module.process_group) if sharded else None
+        groups.append(pg)
+        g = None if p.grad is None else p.grad.view(-1)  # a view: scaling it scales the real gradient
+        if g is not None:
+            device = device or g.device
+            if g.numel() != local.numel():
+                raise ValueError(f"the fairscale FSDP parameter of {own} has a gradient of {g.numel()} elements "
+                                 f"and a shard of {local.numel()}: its gradient is not reduced and sharded yet "
+                                 "(inside no_sync()?); clip after the backward() that synchronises")
+        at = 0
+        for n, shape, numel in zip(own, shapes, numels):
+            names.append(n)
+            cuts = tuple(b - at for b in range(size, size * world, size) if at < b < at + numel) if size else ()
+            geometry[n] = (torch.Size(shape), cuts)
+            lo, hi = max(at, start), min(at + numel, start + valid)
+            if g is not None and hi > lo:
+                pieces.append(UnitPiece(n, g.narrow(0, lo - start, hi - lo), local.narrow(0, lo - start, hi - lo),
+                                        lo - at, pg))
+            at += numel
     return UnitLayout(pieces, tuple(dict.fromkeys(names)), geometry, tuple(dict.fromkeys(groups)), 1.0, device)
 
 
