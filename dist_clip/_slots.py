@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from . import _norm, _reduce, _scale
 from .adapters import resolve
 from .adapters.fsdp import clean_name, fsdp1_handles, fsdp1_shards
-from .shards import Shards, common_loss_scale
+from .shards import Shards, common_loss_scale, partition_cuts
 
 __all__ = [
     "FlatPiece",
@@ -165,8 +165,7 @@ def fsdp1_pieces(root: nn.Module, group: dist.ProcessGroup | None = None) -> Fsd
             name = clean_name(prefix + fqn)
             names.append(name)
             numel = int(flat._numels[i])
-            bounds = range(shard_numel, shard_numel * world, shard_numel) if sharded and shard_numel else ()
-            cuts = tuple(b - offsets[i] for b in bounds if offsets[i] < b < offsets[i] + numel)
+            cuts = partition_cuts(offsets[i], numel, shard_numel, world)
             geometry[name] = (torch.Size(flat._shapes[i]), cuts)
             orig = flat._params[i] if use_orig and flat._params is not None else None
             optim[name] = orig if orig is not None else flat

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Shards", "UnitLayout", "UnitPiece", "common_loss_scale"]
+__all__ = ["Shards", "UnitLayout", "UnitPiece", "common_loss_scale", "partition_cuts"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,14 @@ def common_loss_scale(shards: Sequence[Shards]) -> float:
     if len(scales) > 1:
         raise ValueError(f"the Shards of one call must share one loss_scale, got {sorted(scales)}")
     return scales.pop() if scales else 1.0
+
+
+def partition_cuts(offset: int, numel: int, size: int, world: int) -> tuple[int, ...]:
+    """Where a flat buffer cut into ``world`` partitions of ``size`` elements cuts the parameter lying at
+    ``offset`` (``numel`` elements): offsets inside the parameter, as :attr:`UnitLayout.geometry` lists them."""
+    if size <= 0:
+        return ()
+    return tuple(b - offset for b in range(size, size * world, size) if offset < b < offset + numel)
 
 
 @dataclass(frozen=True)

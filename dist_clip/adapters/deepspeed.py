@@ -63,7 +63,7 @@ from torch import Tensor
 from torch._utils import _flatten_dense_tensors
 
 from .. import _native, _scale
-from ..shards import Shards, UnitLayout, UnitPiece
+from ..shards import Shards, UnitLayout, UnitPiece, partition_cuts
 
 __all__ = [
     "ALLOW_UNTESTED_ENV",
@@ -694,11 +694,6 @@ def zero3_param_groups(target: object) -> tuple[dict[str, int], Any]:
 # ------------------------------------------------------------------------------------ unit-wise clipping (AGC)
 
 
-def _cuts(offset: int, numel: int, boundaries: range) -> tuple[int, ...]:
-    """Offsets inside a parameter at ``offset`` of a flat buffer where partition ``boundaries`` cut it."""
-    return tuple(b - offset for b in boundaries if offset < b < offset + numel)
-
-
 def _zero12_units(engine: Any, opt: Any, found: list[Shards]) -> tuple[list[UnitPiece], dict[str, Any], list[str]]:
     """ZeRO-1/2: the named gradient slices with the matching slices of the fp32 master partition.
 
@@ -713,11 +708,10 @@ def _zero12_units(engine: Any, opt: Any, found: list[Shards]) -> tuple[list[Unit
     order: list[str] = []
     for i, ((size, slices), s) in enumerate(zip(layout, found)):
         world = dist.get_world_size(opt.real_dp_process_group[i])
-        bounds = range(size, size * world, size) if size else range(0)
         for k, (p, off, meta) in enumerate(zip(opt.round_robin_bit16_groups[i], opt.round_robin_bit16_offsets[i],
                                                opt.round_robin_bit16_meta[i])):
             name = names.get(id(p), f"zero_group{i}.param{k}")
-            geometry[name] = (meta.shape, _cuts(int(off), int(meta.numel()), bounds))
+            geometry[name] = (meta.shape, partition_cuts(int(off), int(meta.numel()), size, world))
             order.append(name)
         master = opt.single_partition_of_fp32_groups[i]
         if master.numel() != size or len(s.tensors) != len(slices):
@@ -754,7 +748,7 @@ def _zero3_units(engine: Any, opt: Any, found: list[Shards]) -> tuple[list[UnitP
         flat = master.detach().reshape(-1)
         for p, g, name in zip(params, s.tensors, s.names):
             per_rank, numel = int(p.partition_numel()), int(p.ds_numel)
-            geometry[name] = (torch.Size(p.ds_shape), _cuts(0, numel, range(per_rank, per_rank * world, per_rank)))
+            geometry[name] = (torch.Size(p.ds_shape), partition_cuts(0, numel, per_rank, world))
             order.append(name)
             real = _real_numel(p, rank)
             if g.numel() != real:

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..shards import Shards, UnitLayout, UnitPiece
+from ..shards import Shards, UnitLayout, UnitPiece, partition_cuts
 
 __all__ = ["matches", "named", "shards", "skip_optimizers", "unit_layout"]
 
@@ -279,8 +279,7 @@ def _fsdp_units(root: Any, group: dist.ProcessGroup | None) -> UnitLayout:
         at = 0
         for n, shape, numel in zip(own, shapes, numels):
             names.append(n)
-            cuts = tuple(b - at for b in range(size, size * world, size) if at < b < at + numel) if size else ()
-            geometry[n] = (torch.Size(shape), cuts)
+            geometry[n] = (torch.Size(shape), partition_cuts(at, numel, size, world))
             lo, hi = max(at, start), min(at + numel, start + valid)
             if g is not None and hi > lo:
                 pieces.append(UnitPiece(n, g.narrow(0, lo - start, hi - lo), local.narrow(0, lo - start, hi - lo),
