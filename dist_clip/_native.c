@@ -1,11 +1,11 @@
 /* dist_clip native CPU kernel: per-tensor norm partials of many tensors in one read pass.
  *
  * Plain C (no torch headers): compiled by dist_clip/_native.py with the system C compiler in well under a
- * second, loaded with ctypes, and used only on the CPU. Every element is widened to double before it is
- * raised to the power p and accumulated, so there is no float32 rounding bias to control, no overflow (the
- * largest float32 squared is 1e77) and no underflow (the smallest float32 subnormal cubed is 3e-135) to
- * rescue: the result is the float64 reference up to float64 rounding. With AVX-512 or AVX2 the widening and
- * the double arithmetic cost less than the memory traffic, so the pass runs at read bandwidth.
+ * second, loaded with ctypes, and used only on the CPU. Powers 1-3 are summed a few terms at a time in float
+ * lanes and accumulated in double (DEF_BSUM: at most 4.8e-7 relative for fp32, 9.5e-7 for halves, with exact
+ * double recomputation where float would overflow or underflow); other orders widen every element to double
+ * before raising it to the power p (the float64 reference up to float64 rounding); counts and maxima are exact.
+ * With AVX2 or AVX-512 the arithmetic costs less than the memory traffic: the pass runs at read bandwidth.
  *
  * Work is split into items of at most ITEM_BYTES of one tensor; items run in parallel (OpenMP, the
  * runtime torch already loaded), each summed in LANES independent double accumulators, and the per-tensor
@@ -198,18 +198,24 @@ static inline double pow_pos(double a, double p) {
         return anynan ? NAN : (double)m;                                                                  \
     }
 
-/* Halves (bf16, fp16) hold 8 or 11 significant bits: their powers are summed in float lanes for HBLOCK terms
- * (relative error below HBLOCK * 2**-24 = 1e-6, against the 1e-5 promised for halves) before being widened,
- * which halves the arithmetic per element and keeps the pass at read bandwidth. A block whose float sums
- * overflowed (or hold NaN) is summed again in double; fp16 needs no check for p <= 3 (65504**3 * 512 fits). */
+/* Powers 1-3 are summed in float lanes for BLOCK terms, then widened and accumulated in double: a lane's BLOCK
+ * roundings bound the relative error by BLOCK * 2**-24, and the float arithmetic keeps the pass at read
+ * bandwidth where widening every element does not (AVX2: two vcvtps2pd per 8 floats, about 2 floats a cycle,
+ * under the read rate of one core). fp32 takes blocks of FBLOCK = 8 terms (4.8e-7 at most, against the 1e-6
+ * promised; about 1e-10 on real data), halves (8 or 11 significant bits) blocks of HBLOCK = 16 (9.5e-7, against
+ * 1e-5). A block whose float sums overflowed (or hold NaN) is summed again in double; fp16 needs no check for
+ * p <= 3 (65504**3 * 512 fits). Float squares and cubes of tiny values underflow: see dc_partials. */
 #define HBLOCK 16
-#define DEF_HSUM(NAME, LOAD, TERM, CHECK)                                                                    \
+#ifndef FBLOCK
+#define FBLOCK 8
+#endif
+#define DEF_BSUM(NAME, LOAD, TERM, CHECK, BLOCK)                                                             \
     DC_CLONES static double NAME(const void *x, int64_t n, double p) {                                     \
         double acc[LANES] = {0};                                                                          \
         int64_t i = 0;                                                                                    \
-        for (; i + LANES * HBLOCK <= n; i += LANES * HBLOCK) {                                            \
+        for (; i + LANES * BLOCK <= n; i += LANES * BLOCK) {                                              \
             float f[LANES] = {0};                                                                         \
-            for (int r = 0; r < LANES * HBLOCK; r += LANES)                                               \
+            for (int r = 0; r < LANES * BLOCK; r += LANES)                                                \
                 for (int j = 0; j < LANES; j++) {                                                         \
                     float a = LOAD(x, i + r + j);                                                         \
                     f[j] += TERM;                                                                         \
@@ -218,7 +224,7 @@ static inline double pow_pos(double a, double p) {
             if (CHECK)                                                                                    \
                 for (int j = 0; j < LANES; j++) bad |= !(f[j] <= 3.4028234663852886e38f);                 \
             if (__builtin_expect(bad, 0)) {                                                               \
-                for (int r = 0; r < LANES * HBLOCK; r += LANES)                                           \
+                for (int r = 0; r < LANES * BLOCK; r += LANES)                                            \
                     for (int j = 0; j < LANES; j++) {                                                     \
                         double a = (double)LOAD(x, i + r + j);                                            \
                         acc[j] += TERM;                                                                   \
@@ -255,17 +261,19 @@ static inline double pow_pos(double a, double p) {
 
 #define DEF_ALL(SUFFIX, LOAD)                                                                                \
     DEF_COUNT(count_##SUFFIX, LOAD)                                                                        \
-    DEF_SUM(p1_##SUFFIX, LOAD, a)                                                                          \
-    DEF_SUM(p2_##SUFFIX, LOAD, a * a)                                                                      \
-    DEF_SUM(p3_##SUFFIX, LOAD, a * a * a)                                                                  \
+    DEF_BSUM(p1_##SUFFIX, LOAD, a, 1, FBLOCK)                                                              \
+    DEF_BSUM(p2_##SUFFIX, LOAD, a * a, 1, FBLOCK)                                                          \
+    DEF_BSUM(p3_##SUFFIX, LOAD, a * a * a, 1, FBLOCK)                                                      \
     DEF_SUM(pow_##SUFFIX, LOAD, pow_pos(a, p))                                                             \
-    DEF_MAX(max_##SUFFIX, LOAD)
+    DEF_MAX(max_##SUFFIX, LOAD)                                                                            \
+    DEF_SUM(p2x_##SUFFIX, LOAD, a * a)                                                                     \
+    DEF_SUM(p3x_##SUFFIX, LOAD, a * a * a)
 
 #define DEF_HALF(SUFFIX, LOAD, INF, CHECK)                                                                   \
     DEF_HCOUNT(count_##SUFFIX, INF)                                                                        \
-    DEF_HSUM(p1_##SUFFIX, LOAD, a, CHECK)                                                                  \
-    DEF_HSUM(p2_##SUFFIX, LOAD, a * a, CHECK)                                                              \
-    DEF_HSUM(p3_##SUFFIX, LOAD, a * a * a, CHECK)                                                          \
+    DEF_BSUM(p1_##SUFFIX, LOAD, a, CHECK, HBLOCK)                                                          \
+    DEF_BSUM(p2_##SUFFIX, LOAD, a * a, CHECK, HBLOCK)                                                      \
+    DEF_BSUM(p3_##SUFFIX, LOAD, a * a * a, CHECK, HBLOCK)                                                  \
     DEF_SUM(pow_##SUFFIX, LOAD, pow_pos(a, p))                                                             \
     DEF_HMAX(max_##SUFFIX, INF, LOAD)                                                                      \
     DEF_SUM(p2x_##SUFFIX, LOAD, a * a)                                                                     \
@@ -280,8 +288,8 @@ typedef double (*item_fn)(const void *, int64_t, double);
 #if defined(__x86_64__) && !defined(DC_NO_CLONES)
 #include <immintrin.h>
 /* fp16 with F16C: gcc does not vectorise _Float16 -> float, and the integer decode above costs about an
- * instruction per element; vcvtph2ps converts 8 per instruction. Same blocking as DEF_HSUM (no checks are
- * needed: fp16 powers up to 3 cannot overflow or underflow float). Chosen at run time in pick(). */
+ * instruction per element; vcvtph2ps converts 8 per instruction. Blocks of 16 as DEF_BSUM at HBLOCK (no checks
+ * are needed: fp16 powers up to 3 cannot overflow or underflow float). Chosen at run time in pick(). */
 #define DEF_F16C(NAME, TERM)                                                                                 \
     __attribute__((target("avx2,fma,f16c"))) static double NAME(const void *x, int64_t n, double p) {       \
         const uint16_t *h = (const uint16_t *)x;                                                          \
@@ -428,13 +436,14 @@ int dc_partials(int dtype, int op, double p, int64_t n, const int64_t *ptrs, con
             *o += part[i];
     }
     free(owner), free(start), free(part);
-    if (dtype == DT_BF16 && (op == OP_P2 || op == OP_P3)) {
-        /* bf16 spans float32's exponent range: float squares and cubes of tiny values underflow (absolute
-         * error below 2**-126 a term, flush-to-zero included). That is negligible unless the whole partial
-         * is tiny: then sum the tensor again in double, exactly (all-zero tensors land here too). */
+    if ((dtype == DT_BF16 || dtype == DT_F32) && (op == OP_P2 || op == OP_P3)) {
+        /* fp32 and bf16 span float32's exponent range: float squares and cubes of tiny values underflow
+         * (absolute error below 2**-126 a term, flush-to-zero included). That is negligible unless the whole
+         * partial is tiny: then sum the tensor again in double, exactly (all-zero tensors land here too). */
         for (int64_t t = 0; t < n; t++)
             if (out[t] < (double)numels[t] * 0x1p-103)
-                out[t] = (op == OP_P2 ? p2x_bf16 : p3x_bf16)((const void *)(intptr_t)ptrs[t], numels[t], p);
+                out[t] = (dtype == DT_F32 ? (op == OP_P2 ? p2x_f32 : p3x_f32) : (op == OP_P2 ? p2x_bf16 : p3x_bf16))(
+                    (const void *)(intptr_t)ptrs[t], numels[t], p);
     }
     return 0;
 }
