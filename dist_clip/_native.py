@@ -43,11 +43,14 @@ _VERSION = 3
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _OP_COUNT, _OP_P1, _OP_P2, _OP_P3, _OP_POW, _OP_MAX = range(6)
 # Flag sets tried in order: OpenMP with per-CPU clones, then without clones (no ifunc: musl, old binutils),
-# then without OpenMP (a compiler without it: single-threaded, still one pass).
+# then without OpenMP (a compiler without it: single-threaded, still one pass). -fno-trapping-math changes no
+# result (the kernel never reads FP exception flags); it lets gcc turn the float selects of pow_pos into blends
+# and vectorise it without AVX-512's masks: 0.17 -> several GB/s for p = 3.5 on AVX2.
+_BASE = ["-O3", "-std=gnu11", "-ffp-contract=fast", "-fno-trapping-math"]
 _FLAG_SETS = (
-    ["-O3", "-std=gnu11", "-ffp-contract=fast", "-fopenmp"],
-    ["-O3", "-std=gnu11", "-ffp-contract=fast", "-fopenmp", "-DDC_NO_CLONES"],
-    ["-O3", "-std=gnu11", "-ffp-contract=fast", "-DDC_NO_CLONES"],
+    [*_BASE, "-fopenmp"],
+    [*_BASE, "-fopenmp", "-DDC_NO_CLONES"],
+    [*_BASE, "-DDC_NO_CLONES"],
 )
 
 _lock = threading.Lock()
