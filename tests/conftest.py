@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# The interpreter's own bin first, as `make test` and the launch scripts put it: DeepSpeed builds its CPU comm op
+# with the first `ninja` on PATH, and a system ninja of another version rewrites the op cache's log, so that every
+# switch between the two rebuilt the op (about a minute each) when pytest was started as `.venv/bin/python -m
+# pytest` without the venv on PATH.
+_BIN = os.path.dirname(sys.executable)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
+    os.environ["PATH"] = _BIN + os.pathsep + os.environ.get("PATH", "")
 
 from tests._harness import PoolCache  # noqa: E402
 
