@@ -604,6 +604,45 @@ def fsdp1(strategy: str, use_orig_params: bool, plain_root: bool = False) -> dic
     return {"per_p": result, "padded": padded}
 
 
+def fsdp1_plan_across_steps(use_orig_params: bool) -> dict[str, Any]:
+    """The walk over an FSDP1 model's handles is kept on the root between calls (FSDP fixes them at its lazy
+    init): three steps of new gradients (set to None, then zeroed in place), the total and per-parameter norms of
+    each against the float64 reference, one walk per mode, and a new one once FSDP's handle list is replaced."""
+    from dist_clip import ClipperConfig, GradClipper
+    from dist_clip.adapters import fsdp as adapter
+
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    model = new_model()
+    refs = [reference(model, [r + 10 * step for r in range(ws)]) for step in range(3)]
+    fsdp_model = _fsdp1_wrap(model, "FULL_SHARD", use_orig_params)
+    walks: list[int] = []
+    real = adapter.fsdp1_handles
+    adapter.fsdp1_handles = lambda root: (walks.append(1), real(root))[1]
+
+    def check(ref: Reference, step: int) -> None:
+        got = dist_clip.get_total_norm(fsdp_model, 2.0).item()
+        assert _norm_close(got, reference_norm(list(ref.grads.values()), 2.0), RTOL), (step, got)
+        report = GradClipper(ClipperConfig(max_norm=1e9, mode="per_param", report=True))(fsdp_model).norms
+        want = {n: torch.linalg.vector_norm(g).item() for n, g in ref.grads.items()}
+        assert report.keys() == want.keys(), (step, sorted(report), sorted(want))
+        assert all(_norm_close(report[n], want[n], RTOL) for n in want), (step, report, want)
+
+    try:
+        counts = []
+        for step, ref in enumerate(refs):
+            fsdp_model.zero_grad(set_to_none=step != 2)
+            loss_fn(fsdp_model, *batch(rank + 10 * step)).backward()
+            average_grads_(list(model.side.parameters()))  # ignored by FSDP1: the user's job
+            check(ref, step)
+            counts.append(len(walks))
+        fsdp_model._all_handles = list(fsdp_model._all_handles)  # as a new lazy init would
+        check(refs[-1], 3)
+        counts.append(len(walks))
+    finally:
+        adapter.fsdp1_handles = real
+    return {"walks": counts}
+
+
 # ------------------------------------------------------------------------------------- DTensor placements
 
 
