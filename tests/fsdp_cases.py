@@ -396,6 +396,32 @@ def fsdp2_1d(shard_root: bool, wide: bool = False) -> dict[str, Any]:
     return {"per_p": run_case(_fsdp2_case(model, ref))}
 
 
+def fsdp2_frozen_block() -> dict[str, Any]:
+    """A frozen block under FSDP2: its DTensor parameters have no gradient, and must not be taken for gradients
+    (a tensor that is neither a parameter nor requires grad is one), through the module and its parameters()."""
+    from torch.distributed.fsdp import fully_shard
+
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    model = new_model()
+    model.blocks[0].requires_grad_(False)
+    ref = copy.deepcopy(model).double()
+    (sum(loss_fn(ref, *batch(d, torch.float64)) for d in range(ws)) / ws).backward()
+    want = {p: reference_norm([q.grad for q in ref.parameters() if q.grad is not None], p) for p in (2.0, math.inf)}
+    m = mesh((ws,))
+    for module in (model.inp, *model.blocks, model.head):
+        fully_shard(module, mesh=m)
+    fully_shard(model, mesh=m)
+    loss_fn(model, *batch(rank)).backward()
+    assert all(q.grad is None for q in model.blocks[0].parameters())
+    out = {}
+    for p, w in want.items():
+        for target in ("module", "parameters"):
+            got = dist_clip.get_total_norm(model if target == "module" else list(model.parameters()), p).item()
+            assert _norm_close(got, w, RTOL), (p, target, got, w)
+            out[f"{target} {p}"] = got
+    return out
+
+
 def fsdp2_hsdp() -> dict[str, Any]:
     """HSDP on a 2x2 mesh (replicate x shard) of 4 ranks: replicas hold identical shards and count once."""
     from torch.distributed.fsdp import fully_shard

@@ -109,6 +109,13 @@ def test_fsdp2_1d_mesh(run_ranks, world_size: int, shard_root: bool, wide: bool)
     check(results, "torch", plain=not shard_root, empty=not wide)
 
 
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_fsdp2_frozen_block(run_ranks, world_size: int) -> None:
+    """Frozen DTensor parameters count as parameters without gradients, not as gradients."""
+    results = run_ranks(world_size, cases.fsdp2_frozen_block)
+    assert all(r == results[0] for r in results)
+
+
 def test_fsdp2_hsdp(run_ranks) -> None:
     """2x2 HSDP mesh (replicate x shard): one collective over the shard group, replicas counted once."""
     check(run_ranks(4, cases.fsdp2_hsdp), "torch", empty=True)

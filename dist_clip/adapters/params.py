@@ -84,16 +84,20 @@ def named_grads(target: object) -> list[tuple[str, Tensor]]:
         names = _positions(len(items))
     else:
         raise TypeError(f"expected a tensor, an iterable of tensors or an nn.Module, got {type(target).__name__}")
-    # The hot path of every call: with only parameters (or only plain gradient tensors), no duplicates and no
-    # FSDP1 marks, every check runs in C over the whole list (1000 parameters: ~0.1 ms instead of ~0.4 ms).
+    # The hot path of every call: with only tensors (parameters, gradients, DTensor parameters), no duplicates
+    # and no FSDP1 marks, every check runs in C over the whole list (1000 parameters: ~0.1 ms instead of ~0.4).
     kinds = set(map(type, items))
     if (
-        kinds <= _PLAIN_KINDS
+        all(issubclass(k, Tensor) for k in kinds)
         and len(set(map(id, items))) == len(items)
         and not any(map(hasattr, items, itertools.repeat("_fsdp_flattened")))
     ):
         if kinds == _PARAMETER:
             grads = list(map(_grad, items))
+        elif not kinds <= _PLAIN_KINDS:
+            # Tensor subclasses: FSDP2's DTensor parameters are DTensors marked ``_is_param`` (what makes
+            # isinstance(t, nn.Parameter) true, at ~2 us a call in Python: 1536 parameters, 3 ms a call).
+            grads = [t.grad if t.requires_grad or getattr(t, "_is_param", False) else t for t in items]  # type: ignore[attr-defined]
         elif nn.Parameter in kinds or any(map(_requires_grad, items)):
             grads = [t.grad if type(t) is nn.Parameter or t.requires_grad else t for t in items]  # type: ignore[attr-defined]
         else:
