@@ -9,6 +9,9 @@ call really scales):
 * FSDP2 (``fully_shard`` per layer and on the root): ``dist_clip.clip_grad_norm_(model)`` vs
   ``torch.nn.utils.clip_grad_norm_(model.parameters())`` on the DTensor gradients.
 
+A third table times the same calls on many small gradients (96 blocks of 16 parameters each, every block an
+FSDP unit: 1536 gradients, 0.2 M parameters), where host time, not memory traffic, is the cost.
+
 Times are rank 0's medians of 21 calls, the two clips interleaved; every call ends in a collective, so the
 ranks move in step. With 4 ranks on a
 2-core machine the ranks share cores: compare rows of one world size, not across them.
@@ -36,6 +39,65 @@ def _model(width: int, depth: int) -> Any:
     for _ in range(depth):
         layers += [torch.nn.Linear(width, width), torch.nn.Tanh()]
     return torch.nn.Sequential(*layers)
+
+
+def _blocks(count: int) -> Any:
+    """``count`` transformer-shaped blocks of 16 small parameters (two LayerNorms, six Linears): many gradients."""
+    import torch
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            lin = torch.nn.Linear
+            self.ln1, self.ln2 = torch.nn.LayerNorm(16), torch.nn.LayerNorm(16)
+            self.q, self.k, self.v, self.o = lin(16, 16), lin(16, 16), lin(16, 16), lin(16, 16)
+            self.up, self.down = lin(16, 64), lin(64, 16)
+
+        def forward(self, x: Any) -> Any:  # noqa: ANN401
+            h = self.ln1(x)
+            x = x + self.o(self.q(h) + self.k(h) + self.v(h))
+            return x + self.down(torch.relu(self.up(self.ln2(x))))
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[Block() for _ in range(count)])
+
+
+def _many_small(count: int, repeats: int, warmup: int) -> list[dict[str, Any]]:
+    """p=2 on ``_blocks(count)`` under FSDP1 (``use_orig_params=True``, a unit per block) and FSDP2."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy, fully_shard
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    import dist_clip
+
+    x = torch.randn(2, 16, generator=torch.Generator().manual_seed(dist.get_rank()))
+    rows = []
+    model = _blocks(count)
+    block_type = type(model[0])
+    model = FullyShardedDataParallel(
+        model, sharding_strategy=ShardingStrategy.FULL_SHARD, device_id=torch.device("cpu"),
+        auto_wrap_policy=ModuleWrapPolicy({block_type}), use_orig_params=True,
+    )
+    model(x).pow(2).mean().backward()
+    m = _half_norm(model, 2.0)
+    rows.append({"wrapper": "FSDP1 use_orig_params", "grads": len(_local_grads(model)), "timed": _time(model, {
+        "dist_clip": lambda: dist_clip.clip_grad_norm_(model, m),
+        "FSDP1.clip_grad_norm_": lambda: model.clip_grad_norm_(m),
+    }, repeats, warmup)})
+    model = _blocks(count)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for block in model:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model(x).pow(2).mean().backward()
+    m2 = _half_norm(model, 2.0)
+    rows.append({"wrapper": "FSDP2 fully_shard", "grads": len(_local_grads(model)), "timed": _time(model, {
+        "dist_clip": lambda: dist_clip.clip_grad_norm_(model, m2),
+        "torch clip on DTensors": lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), m2),
+    }, repeats, warmup)})
+    return rows
 
 
 def _backward(model: Any, width: int) -> None:
@@ -165,18 +227,25 @@ def _rank(quick: bool) -> dict[str, Any]:
     folded.append({"wrapper": "FSDP2 fully_shard", "timed": _time_folded(
         model, lambda m: torch.nn.utils.clip_grad_norm_(model.parameters(), m), repeats, warmup)})
 
-    return {"params": n_params, "rows": results, "folded": folded}
+    small = _many_small(4 if quick else 96, repeats, warmup)
+    return {"params": n_params, "rows": results, "folded": folded, "small": small}
 
 
 def main(quick: bool = False) -> str:
 
     rows = []
     folded_by_world: list[tuple[int, list[dict[str, Any]]]] = []
+    small_rows = []
     params = 0
     for world in (2,) if quick else (2, 4):
         result = on_ranks(world, _rank, quick)
         params = result["params"]
         folded_by_world.append((world, result["folded"]))
+        for r in result["small"]:
+            ours = r["timed"].pop("dist_clip")
+            (own_name, own), = r["timed"].items()
+            small_rows.append([world, r["wrapper"], r["grads"], ours["ms"], own_name, own["ms"],
+                               f"{ours['ms'] / own['ms']:.2f}x"])
         for r in result["rows"]:
             ours = r["timed"].pop("dist_clip")
             (own_name, own), = r["timed"].items()
@@ -204,7 +273,10 @@ def main(quick: bool = False) -> str:
         "\n\np = 2 with a fused AdamW step: what clipping adds to `step()` when the wrapper's clip scales the "
         "gradients, and when dist_clip hands the coefficient to the step (`optimizer=opt`):\n\n") + table(
         ["ranks", "wrapping", "fused AdamW step (ms)", "own clip + step - step (ms)",
-         "dist_clip(optimizer=) + step - step (ms)", "ours / own", "target"], folded_rows)
+         "dist_clip(optimizer=) + step - step (ms)", "ours / own", "target"], folded_rows) + (
+        "\n\nMany small gradients (blocks of 16 parameters, a unit per block), p = 2: host time per call\n\n") + table(
+        ["ranks", "wrapping", "gradients on rank 0", "dist_clip (ms)", "own clip", "own clip (ms)",
+         "dist_clip / own"], small_rows)
 
 
 if __name__ == "__main__":
