@@ -511,11 +511,14 @@ def test_bench_fsdp_quick_reports_one_collective_and_targets():
     from bench import fsdp
 
     out = fsdp.main(quick=True)
-    calls, folded = out.split("fused AdamW step:")
+    calls, rest = out.split("fused AdamW step:")
+    folded, small = rest.split("Many small gradients")
     rows = [line for line in calls.splitlines() if line.startswith("| 2 |")]
     assert len(rows) == 4  # FSDP1 and FSDP2, p = 2 and inf
     assert all(row.rstrip(" |").endswith("1 / 1") and ("met" in row or "MISSED" in row) for row in rows), rows
     assert len([line for line in folded.splitlines() if line.startswith("| 2 |")]) == 2  # FSDP1, FSDP2 with a step
+    small_rows = [line.split(" | ") for line in small.splitlines() if line.startswith("| 2 |")]
+    assert [(r[1], int(r[2]) > 0) for r in small_rows] == [("FSDP1 use_orig_params", True), ("FSDP2 fully_shard", True)]
 
 
 @pytest.mark.slow
