@@ -41,6 +41,38 @@ def _model(width: int, depth: int) -> Any:
     return torch.nn.Sequential(*layers)
 
 
+def _fsdp1(model: Any, unit: type, **kw: Any) -> Any:  # noqa: ANN401
+    """FSDP1 FULL_SHARD on the CPU, an instance per ``unit`` module."""
+    import torch
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    return FullyShardedDataParallel(
+        model, sharding_strategy=ShardingStrategy.FULL_SHARD, device_id=torch.device("cpu"),
+        auto_wrap_policy=ModuleWrapPolicy({unit}), **kw,
+    )
+
+
+def _fsdp2(model: Any, unit: type) -> Any:  # noqa: ANN401
+    """``fully_shard`` on every ``unit`` module and on the root, over one mesh of the world."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for module in model:
+        if isinstance(module, unit):
+            fully_shard(module, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def _ours_own(timed: dict[str, dict[str, float]]) -> tuple[dict[str, float], str, dict[str, float]]:
+    """(dist_clip's timing, the wrapper clip's name, its timing) from one ``_time`` result."""
+    ours = timed.pop("dist_clip")
+    ((own_name, own),) = timed.items()
+    return ours, own_name, own
+
+
 def _blocks(count: int) -> Any:
     """``count`` transformer-shaped blocks of 16 small parameters (two LayerNorms, six Linears): many gradients."""
     import torch
@@ -66,9 +98,6 @@ def _many_small(count: int, repeats: int, warmup: int) -> list[dict[str, Any]]:
     """p=2 on ``_blocks(count)`` under FSDP1 (``use_orig_params=True``, a unit per block) and FSDP2."""
     import torch
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy, fully_shard
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     import dist_clip
 
@@ -76,21 +105,14 @@ def _many_small(count: int, repeats: int, warmup: int) -> list[dict[str, Any]]:
     rows = []
     model = _blocks(count)
     block_type = type(model[0])
-    model = FullyShardedDataParallel(
-        model, sharding_strategy=ShardingStrategy.FULL_SHARD, device_id=torch.device("cpu"),
-        auto_wrap_policy=ModuleWrapPolicy({block_type}), use_orig_params=True,
-    )
+    model = _fsdp1(model, block_type, use_orig_params=True)
     model(x).pow(2).mean().backward()
     m = _half_norm(model, 2.0)
     rows.append({"wrapper": "FSDP1 use_orig_params", "grads": len(_local_grads(model)), "timed": _time(model, {
         "dist_clip": lambda: dist_clip.clip_grad_norm_(model, m),
         "FSDP1.clip_grad_norm_": lambda: model.clip_grad_norm_(m),
     }, repeats, warmup)})
-    model = _blocks(count)
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    for block in model:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    model = _fsdp2(_blocks(count), block_type)
     model(x).pow(2).mean().backward()
     m2 = _half_norm(model, 2.0)
     rows.append({"wrapper": "FSDP2 fully_shard", "grads": len(_local_grads(model)), "timed": _time(model, {
@@ -182,10 +204,6 @@ def _half_norm(model: Any, p: float) -> float:
 
 def _rank(quick: bool) -> dict[str, Any]:
     import torch
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy, fully_shard
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     import dist_clip
 
@@ -195,10 +213,7 @@ def _rank(quick: bool) -> dict[str, Any]:
 
     full = _model(width, depth)
     n_params = sum(p.numel() for p in full.parameters())
-    model = FullyShardedDataParallel(
-        full, sharding_strategy=ShardingStrategy.FULL_SHARD, device_id=torch.device("cpu"),
-        auto_wrap_policy=ModuleWrapPolicy({torch.nn.Linear}),
-    )
+    model = _fsdp1(full, torch.nn.Linear)
     _backward(model, width)
     for p in (2.0, math.inf):
         max_norm = _half_norm(model, p)
@@ -210,12 +225,7 @@ def _rank(quick: bool) -> dict[str, Any]:
     folded = [{"wrapper": "FSDP1 FULL_SHARD", "timed": _time_folded(model, model.clip_grad_norm_, repeats, warmup)}]
     del model, full
 
-    model = _model(width, depth)
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    model = _fsdp2(_model(width, depth), torch.nn.Linear)
     _backward(model, width)
     for p in (2.0, math.inf):
         max_norm = _half_norm(model, p)
@@ -242,13 +252,11 @@ def main(quick: bool = False) -> str:
         params = result["params"]
         folded_by_world.append((world, result["folded"]))
         for r in result["small"]:
-            ours = r["timed"].pop("dist_clip")
-            (own_name, own), = r["timed"].items()
+            ours, own_name, own = _ours_own(r["timed"])
             small_rows.append([world, r["wrapper"], r["grads"], ours["ms"], own_name, own["ms"],
                                f"{ours['ms'] / own['ms']:.2f}x"])
         for r in result["rows"]:
-            ours = r["timed"].pop("dist_clip")
-            (own_name, own), = r["timed"].items()
+            ours, own_name, own = _ours_own(r["timed"])
             ratio = ours["ms"] / own["ms"]
             target = TARGETS[math.isinf(r["p"])]
             rows.append([world, r["wrapper"], "inf" if math.isinf(r["p"]) else f"{r['p']:g}", ours["ms"], own_name,
