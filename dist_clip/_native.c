@@ -206,9 +206,7 @@ static inline double pow_pos(double a, double p) {
  * 1e-5). A block whose float sums overflowed (or hold NaN) is summed again in double; fp16 needs no check for
  * p <= 3 (65504**3 * 512 fits). Float squares and cubes of tiny values underflow: see dc_partials. */
 #define HBLOCK 16
-#ifndef FBLOCK
 #define FBLOCK 8
-#endif
 #define DEF_BSUM(NAME, LOAD, TERM, CHECK, BLOCK)                                                             \
     DC_CLONES static double NAME(const void *x, int64_t n, double p) {                                     \
         double acc[LANES] = {0};                                                                          \
