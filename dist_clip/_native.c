@@ -438,10 +438,9 @@ int dc_partials(int dtype, int op, double p, int64_t n, const int64_t *ptrs, con
         /* fp32 and bf16 span float32's exponent range: float squares and cubes of tiny values underflow
          * (absolute error below 2**-126 a term, flush-to-zero included). That is negligible unless the whole
          * partial is tiny: then sum the tensor again in double, exactly (all-zero tensors land here too). */
+        item_fn exact = dtype == DT_F32 ? (op == OP_P2 ? p2x_f32 : p3x_f32) : (op == OP_P2 ? p2x_bf16 : p3x_bf16);
         for (int64_t t = 0; t < n; t++)
-            if (out[t] < (double)numels[t] * 0x1p-103)
-                out[t] = (dtype == DT_F32 ? (op == OP_P2 ? p2x_f32 : p3x_f32) : (op == OP_P2 ? p2x_bf16 : p3x_bf16))(
-                    (const void *)(intptr_t)ptrs[t], numels[t], p);
+            if (out[t] < (double)numels[t] * 0x1p-103) out[t] = exact((const void *)(intptr_t)ptrs[t], numels[t], p);
     }
     return 0;
 }
