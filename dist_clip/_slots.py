@@ -24,14 +24,16 @@ import sys
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import _norm, _reduce, _scale
+from .adapters import fsdp as _fsdp
 from .adapters import resolve
-from .adapters.fsdp import clean_name, fsdp1_handles, fsdp1_shards
+from .adapters.fsdp import clean_name
 from .shards import Shards, common_loss_scale, partition_cuts
 
 __all__ = [
@@ -128,6 +130,64 @@ class Fsdp1Layout:
     geometry: dict[str, tuple[torch.Size, tuple[int, ...]]]  # name -> (full shape, cuts), every parameter
 
 
+# One in-shard piece of an FSDP1 parameter, all but its tensors: (handle, the original parameter under
+# use_orig_params or None, offset and numel in the local shard, name, start, shape, shard group, what an optimizer
+# holds for it, cuts).
+_Place = tuple[Any, "nn.Parameter | None", int, int, str, int, torch.Size, "dist.ProcessGroup | None", Tensor,
+               tuple[int, ...]]
+
+
+def _fsdp1_places(root: nn.Module, group: dist.ProcessGroup | None) -> tuple[list[_Place], Fsdp1Layout]:
+    """Where every FSDP1 parameter of ``root`` lies, kept on the root while its handles stand (a walk costs tens
+    of milliseconds on a model of a thousand parameters): the in-shard places, and a layout without pieces."""
+
+    def build() -> tuple[list[_Place], Fsdp1Layout]:
+        places: list[_Place] = []
+        names: list[str] = []
+        optim: dict[str, Tensor] = {}
+        geometry: dict[str, tuple[torch.Size, tuple[int, ...]]] = {}
+        managed: set[int] = set()
+        for _, handle, path in _fsdp.fsdp1_handles(root):
+            flat = handle.flat_param
+            managed.add(id(flat))
+            prefix = clean_name(path)
+            sharded = bool(handle.uses_sharded_strategy)
+            pg = (group if group is not None else handle.process_group) if sharded else None
+            world = _reduce.group_size(handle.process_group) if sharded else 1
+            shard_numel = int(flat._local_shard.numel()) if sharded else 0
+            # Offsets of the original parameters in the (padded) unsharded flat parameter, padding included.
+            offsets: list[int] = []
+            at = 0
+            for numel, is_pad in zip(flat._numels_with_padding, flat._is_padding_mask):
+                if not is_pad:
+                    offsets.append(at)
+                at += numel
+            use_orig = bool(handle._use_orig_params)
+            for i, (fqn, info) in enumerate(zip(flat._fqns, flat._shard_param_infos)):
+                name = clean_name(prefix + fqn)
+                names.append(name)
+                cuts = partition_cuts(offsets[i], int(flat._numels[i]), shard_numel, world)
+                shape = torch.Size(flat._shapes[i])
+                geometry[name] = (shape, cuts)
+                orig = flat._params[i] if use_orig and flat._params is not None else None
+                optim[name] = orig if orig is not None else flat
+                if orig is not None:
+                    managed.add(id(orig))
+                if info.in_shard:
+                    places.append((handle, orig, int(info.offset_in_shard), int(info.numel_in_shard), name,
+                                   int(info.intra_param_start_idx), shape, pg, optim[name], cuts))
+        unmanaged: list[tuple[str, nn.Parameter]] = []
+        for n, p in root.named_parameters():
+            if id(p) not in managed:
+                unmanaged.append((clean_name(n), p))
+                names.append(clean_name(n))
+                optim[clean_name(n)] = p
+                geometry[clean_name(n)] = (p.shape, ())
+        return places, Fsdp1Layout([], unmanaged, tuple(names), optim, geometry)
+
+    return _fsdp.kept_on_root(root, ("pieces", group), build)
+
+
 def fsdp1_pieces(root: nn.Module, group: dist.ProcessGroup | None = None) -> Fsdp1Layout:
     """Split every FSDP1 flat gradient of ``root`` into per-parameter pieces under full-model names.
 
@@ -139,64 +199,27 @@ def fsdp1_pieces(root: nn.Module, group: dist.ProcessGroup | None = None) -> Fsd
         handle manages (whole and identical on every rank), every parameter name of the unwrapped model in an
         order identical on every rank, and name -> the tensor an optimizer holds for it.
     """
+    places, static = _fsdp1_places(root, group)
     pieces: list[FlatPiece] = []
-    names: list[str] = []
-    optim: dict[str, Tensor] = {}
-    geometry: dict[str, tuple[torch.Size, tuple[int, ...]]] = {}
-    managed: set[int] = set()
-    for _, handle, path in fsdp1_handles(root):
-        flat = handle.flat_param
-        managed.add(id(flat))
-        prefix = clean_name(path)
-        sharded = bool(handle.uses_sharded_strategy)
-        pg = (group if group is not None else handle.process_group) if sharded else None
-        world = _reduce.group_size(handle.process_group) if sharded else 1
-        shard_numel = int(flat._local_shard.numel()) if sharded else 0
-        # Offsets of the original parameters in the (padded) unsharded flat parameter, padding included.
-        offsets: list[int] = []
-        at = 0
-        for numel, is_pad in zip(flat._numels_with_padding, flat._is_padding_mask):
-            if not is_pad:
-                offsets.append(at)
-            at += numel
-        local = flat._local_shard if sharded else flat.data
-        use_orig = bool(handle._use_orig_params)
-        for i, (fqn, info) in enumerate(zip(flat._fqns, flat._shard_param_infos)):
-            name = clean_name(prefix + fqn)
-            names.append(name)
-            numel = int(flat._numels[i])
-            cuts = partition_cuts(offsets[i], numel, shard_numel, world)
-            geometry[name] = (torch.Size(flat._shapes[i]), cuts)
-            orig = flat._params[i] if use_orig and flat._params is not None else None
-            optim[name] = orig if orig is not None else flat
-            if orig is not None:
-                managed.add(id(orig))
-            if not info.in_shard:
-                continue
-            if orig is not None:
-                g = orig.grad
-                data = orig.detach().reshape(-1)
-            else:
-                g = None if flat.grad is None else flat.grad.narrow(0, info.offset_in_shard, info.numel_in_shard)
-                data = local.detach().narrow(0, info.offset_in_shard, info.numel_in_shard)
-            if g is not None:
-                g = g.reshape(-1)
-            shape = flat._shapes[i]
-            pieces.append(FlatPiece(name, g, data, int(info.intra_param_start_idx), shape, pg, optim[name], cuts))
-    unmanaged: list[tuple[str, nn.Parameter]] = []
-    for n, p in root.named_parameters():
-        if id(p) not in managed:
-            unmanaged.append((clean_name(n), p))
-            names.append(clean_name(n))
-            optim[clean_name(n)] = p
-            geometry[clean_name(n)] = (p.shape, ())
-    return Fsdp1Layout(pieces, unmanaged, tuple(names), optim, geometry)
+    for handle, orig, offset, numel, name, start, shape, pg, optim_param, cuts in places:
+        if orig is not None:
+            g = orig.grad
+            data = orig.detach().reshape(-1)
+        else:
+            flat = handle.flat_param
+            local = flat._local_shard if handle.uses_sharded_strategy else flat.data
+            g = None if flat.grad is None else flat.grad.narrow(0, offset, numel)
+            data = local.detach().narrow(0, offset, numel)
+        if g is not None:
+            g = g.reshape(-1)
+        pieces.append(FlatPiece(name, g, data, start, shape, pg, optim_param, cuts))
+    return Fsdp1Layout(pieces, static.unmanaged, static.names, static.optim, static.geometry)
 
 
 def _fsdp1_named(root: nn.Module, group: dist.ProcessGroup | None) -> Named:
     # The adapter's own plan (shard groups, hybrid replicas, padding-only ranks), cut per parameter.
-    layout = fsdp1_pieces(root, group)
-    return Named(fsdp1_shards(root, group, per_param=True), layout.names, layout.optim)
+    _, static = _fsdp1_places(root, group)
+    return Named(_fsdp.fsdp1_shards(root, group, per_param=True), static.names, static.optim)
 
 
 # --------------------------------------------------------------------------------------------- named targets
@@ -467,11 +490,11 @@ def measure(
     vector = slot_partials(counted_pieces(shards, red, pick), n_slots, p, foreach, device)
     parts = [vector]
     if presence:
-        counts = torch.zeros(n_slots, dtype=torch.float64)
+        seen = [0.0] * n_slots  # counted in Python: a tensor write per piece costs ~10 us
         for s in shards:
-            for i, _t in enumerate(s.tensors):
-                counts[pick(s.names[i] if s.names else "", i)] += 1
-        parts.append(counts.to(device, non_blocking=True))
+            for i in range(len(s.tensors)):
+                seen[pick(s.names[i] if s.names else "", i)] += 1
+        parts.append(torch.tensor(seen, dtype=torch.float64).to(device, non_blocking=True))
     if extra is not None:
         parts.append(extra.to(device=device, dtype=torch.float64))
     check = layout is not None and red is not None and _reduce.group_size(red) > 1

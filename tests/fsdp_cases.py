@@ -632,8 +632,9 @@ def fsdp1(strategy: str, use_orig_params: bool, plain_root: bool = False) -> dic
 def fsdp1_plan_across_steps(use_orig_params: bool) -> dict[str, Any]:
     """The walk over an FSDP1 model's handles is kept on the root between calls (FSDP fixes them at its lazy
     init): three steps of new gradients (set to None, then zeroed in place), the total and per-parameter norms of
-    each against the float64 reference, one walk per mode, and a new one once FSDP's handle list is replaced."""
-    from dist_clip import ClipperConfig, GradClipper
+    each against the float64 reference, and the per-parameter pieces AGC reads; one walk per mode (total,
+    per-parameter, AGC's pieces), and new ones once FSDP's handle list is replaced."""
+    from dist_clip import ClipperConfig, GradClipper, _slots
     from dist_clip.adapters import fsdp as adapter
 
     rank, ws = dist.get_rank(), dist.get_world_size()
@@ -651,6 +652,18 @@ def fsdp1_plan_across_steps(use_orig_params: bool) -> dict[str, Any]:
         want = {n: torch.linalg.vector_norm(g).item() for n, g in ref.grads.items()}
         assert report.keys() == want.keys(), (step, sorted(report), sorted(want))
         assert all(_norm_close(report[n], want[n], RTOL) for n in want), (step, report, want)
+        # The per-parameter pieces AGC reads (their places kept too) give this step's full gradients back.
+        layout = _slots.fsdp1_pieces(fsdp_model)
+        local = [(pc.name, pc.start, pc.grad.double().clone()) for pc in layout.pieces if pc.grad is not None]
+        local += [(n, 0, q.grad.double().reshape(-1).clone()) for n, q in layout.unmanaged if q.grad is not None]
+        gathered: list[Any] = [None] * ws
+        dist.all_gather_object(gathered, local)
+        full = {n: torch.zeros(shape, dtype=torch.float64).reshape(-1) for n, (shape, _) in layout.geometry.items()}
+        for rank_pieces in gathered:
+            for n, start, values in rank_pieces:
+                full[n][start : start + values.numel()] = values
+        for n, g in ref.grads.items():
+            assert torch.allclose(full[n].reshape(g.shape), g.double(), rtol=1e-5, atol=1e-7), (step, n)
 
     try:
         counts = []

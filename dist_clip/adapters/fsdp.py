@@ -21,15 +21,17 @@ replicated. The padding FSDP1 appends to the last shards is sliced off.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..shards import Shards
 
-__all__ = ["clean_name", "dtensor_shards", "fsdp1_handles", "fsdp1_shards", "matches", "shards"]
+__all__ = ["clean_name", "dtensor_shards", "fsdp1_handles", "fsdp1_shards", "kept_on_root", "matches", "shards"]
+
+_T = TypeVar("_T")
 
 _HYBRID = ("HYBRID_SHARD", "_HYBRID_SHARD_ZERO2")
 
@@ -223,38 +225,47 @@ _Unit = tuple[Any, list[tuple[str, int, int | None]], "dist.ProcessGroup | None"
 _PLAN_ATTR = "_dist_clip_fsdp1_plan"
 
 
-def _plan(root: nn.Module, per_param: bool) -> tuple[list[_Unit], list[tuple[str, nn.Parameter]]]:
-    """The handles under ``root`` and the parameters no handle manages (identical on every rank), with their
-    names: everything about an FSDP1 model that does not change from step to step.
+def kept_on_root(root: nn.Module, key: Hashable, build: Callable[[], _T]) -> _T:
+    """``build()``, kept on an FSDP1 root for as long as its handles stand: what does not change from step to step.
 
-    Walking the module tree for it costs about 30 ms a call on a 96-block model with 1248 parameters (most of
-    the call there, and host time on a GPU), so an FSDP1 root keeps it, in its own
-    ``__dict__`` (it lives and dies with the model), for as long as FSDP's own list of the root's handles
+    Walking the module tree costs about 30 ms a call on a 96-block model with 1248 parameters (most of the call
+    there, and host time on a GPU), so an FSDP1 root keeps what a walk finds in its own ``__dict__`` (it lives
+    and dies with the model), under ``key``, for as long as FSDP's own list of the root's handles
     (``_all_handles``, set at the root's lazy init) is the same list. A plain root holding FSDP1 children, or a
     root not yet run, is walked every call.
     """
     token = root.__dict__.get("_all_handles")
-    cached = root.__dict__.get(_PLAN_ATTR, {}).get(per_param)
+    cached = root.__dict__.get(_PLAN_ATTR, {}).get(key)
     if token is not None and cached is not None and cached[0] is token and cached[1] == len(token):
-        return cached[2]
-    units: list[_Unit] = []
-    managed: set[int] = set()
-    for module, handle, prefix in fsdp1_handles(root):
-        flat = handle.flat_param
-        managed.add(id(flat))
-        managed.update(id(p) for p in (flat._params or ()) if handle._use_orig_params)
-        layout = _handle_layout(handle, prefix, per_param)
-        if handle.uses_sharded_strategy:
-            hybrid = handle._sharding_strategy.name in _HYBRID
-            first = not hybrid or dist.get_rank(module._inter_node_pg) == 0
-            units.append((handle, layout, handle.process_group, first))
-        else:
-            units.append((handle, layout, None, True))
-    unmanaged = [(clean_name(n), p) for n, p in root.named_parameters() if id(p) not in managed]
-    plan = (units, unmanaged)
+        return cached[2]  # type: ignore[no-any-return]
+    value = build()
     if token is not None:
-        root.__dict__.setdefault(_PLAN_ATTR, {})[per_param] = (token, len(token), plan)
-    return plan
+        root.__dict__.setdefault(_PLAN_ATTR, {})[key] = (token, len(token), value)
+    return value
+
+
+def _plan(root: nn.Module, per_param: bool) -> tuple[list[_Unit], list[tuple[str, nn.Parameter]]]:
+    """The handles under ``root`` and the parameters no handle manages (identical on every rank), with their
+    names, kept on the root (:func:`kept_on_root`)."""
+
+    def build() -> tuple[list[_Unit], list[tuple[str, nn.Parameter]]]:
+        units: list[_Unit] = []
+        managed: set[int] = set()
+        for module, handle, prefix in fsdp1_handles(root):
+            flat = handle.flat_param
+            managed.add(id(flat))
+            managed.update(id(p) for p in (flat._params or ()) if handle._use_orig_params)
+            layout = _handle_layout(handle, prefix, per_param)
+            if handle.uses_sharded_strategy:
+                hybrid = handle._sharding_strategy.name in _HYBRID
+                first = not hybrid or dist.get_rank(module._inter_node_pg) == 0
+                units.append((handle, layout, handle.process_group, first))
+            else:
+                units.append((handle, layout, None, True))
+        unmanaged = [(clean_name(n), p) for n, p in root.named_parameters() if id(p) not in managed]
+        return units, unmanaged
+
+    return kept_on_root(root, ("shards", per_param), build)
 
 
 def fsdp1_shards(root: nn.Module, group: dist.ProcessGroup | None, per_param: bool = False) -> list[Shards]:
