@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import _norm, _reduce, _scale
+from . import clip as _clip
 from .adapters import fsdp as _fsdp
 from .adapters import resolve
 from .adapters.fsdp import clean_name
@@ -487,7 +488,10 @@ def measure(
     scale = common_loss_scale(shards)
     device = _reduce.home_device((t for s in shards for t in s.tensors), red)
     pick = slot_of if slot_of is not None else (lambda _n, _i: 0)
-    vector = slot_partials(counted_pieces(shards, red, pick), n_slots, p, foreach, device)
+    if slot_of is None and n_slots == 1:  # one total: clip_grad_norm_'s path, no Python step per piece
+        vector = _clip.local_total_partial(_clip._counted_tensors(shards, red)[0], p, foreach, device).reshape(1)
+    else:
+        vector = slot_partials(counted_pieces(shards, red, pick), n_slots, p, foreach, device)
     parts = [vector]
     if presence:
         seen = [0.0] * n_slots  # counted in Python: a tensor write per piece costs ~10 us
@@ -529,14 +533,15 @@ def measure(
 
 def all_pieces(shards: Sequence[Shards], slot_of: Callable[[str, int], int] | None) -> list[tuple[Tensor, int]]:
     """(tensor, slot) of every local piece (counted or not), each tensor once: what scaling touches."""
+    if slot_of is None:
+        return [(t, 0) for t in _clip._all_tensors(shards)]
     seen: set[int] = set()
-    pick = slot_of if slot_of is not None else (lambda _n, _i: 0)
     out: list[tuple[Tensor, int]] = []
     for s in shards:
         for i, t in enumerate(s.tensors):
             if id(t) not in seen:
                 seen.add(id(t))
-                out.append((t, pick(s.names[i] if s.names else "", i)))
+                out.append((t, slot_of(s.names[i] if s.names else "", i)))
     return out
 
 
