@@ -546,7 +546,7 @@ def all_pieces(shards: Sequence[Shards], slot_of: Callable[[str, int], int] | No
 
 
 def scale_slots_(pieces: Sequence[tuple[Tensor, int]], coefs: Tensor, foreach: bool | None = None) -> None:
-    """Multiply each piece in place by the coefficient of its slot (``coefs``: float32, one per slot).
+    """Multiply each piece in place by the coefficient of its slot (``coefs``: one per slot).
 
     One coefficient for everything goes through the fused ``_scale.scale_``. Otherwise each piece is
     multiplied by a 0-dim device tensor (no host sync); on the CPU, where reading is free, pieces whose

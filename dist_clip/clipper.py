@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _norm, _reduce, _scale, _slots
+from . import clip as _clip
 from .adapters import resolve
 from .adaptive import AGC, AutoClip, ZClip, make_state, unitwise_measure, unitwise_scale_
 from .shards import Shards
@@ -113,7 +114,9 @@ class ClipResult:
     """What one call did; tensors stay on the gradients' device and are identical on every rank.
 
     Attributes:
-        total_norm: 0-dim float32, the norm of every gradient before clipping (the unsharded definition).
+        total_norm: 0-dim, the norm of every gradient before clipping (the unsharded definition): float32, or
+            float64 where some gradient is float64, as :func:`dist_clip.clip_grad_norm_` returns it. The
+            coefficients and limits take the same dtype.
         clip_coef: the coefficient applied: 0-dim in ``total`` mode, one per entry of ``slots`` in
             ``per_param``/``per_group`` modes; in ``unitwise`` mode the smallest unit coefficient.
         clipped: 0-dim bool, whether some gradient was scaled down (False when the norm was not finite).
@@ -477,25 +480,26 @@ class GradClipper:
         m = _slots.measure(shards, pick, n_slots, p, cfg.foreach, presence=named is not None,
                            group=plan.reduction_group if plan is not None else None,
                            layout=named.names if named is not None else None)
-        total = m.total.to(torch.float32)
+        out = _clip._result_dtype([t for s in shards for t in s.tensors], None)
+        total = m.total.to(out)
         finite = torch.isfinite(total)
 
         slot_names: tuple[str, ...] = ()
         if cfg.mode == "per_param":
             assert named is not None
             limit = torch.full_like(total, float(cfg.max_norm))  # type: ignore[arg-type]
-            coef = _scale.clip_coefficient(limit, m.slot_norms.to(torch.float32))
+            coef = _scale.clip_coefficient(limit, m.slot_norms.to(out))
             slot_coef = coef
             slot_names = named.names
             limit_out = limit
         elif cfg.mode == "per_group":
             assert named is not None and optimizer is not None
-            coef, slot_coef, slot_names, limit_out = self._per_group(named, m, optimizer, p)
+            coef, slot_coef, slot_names, limit_out = self._per_group(named, m, optimizer, p, out)
         else:
             if self._threshold is not None:
                 thr = self._threshold.threshold(m.total, finite)
-                coef = self._threshold.coefficient(thr, m.total).to(torch.float32)
-                limit_out = thr.to(torch.float32)
+                coef = self._threshold.coefficient(thr, m.total).to(out)
+                limit_out = thr.to(out)
             else:
                 limit_out = torch.full_like(total, float(cfg.max_norm))  # type: ignore[arg-type]
                 coef = _scale.clip_coefficient(float(cfg.max_norm), total)  # type: ignore[arg-type]
@@ -534,7 +538,8 @@ class GradClipper:
         return ClipResult(total, coef, clipped, finite, limit_out, slot_names, norms)
 
     def _per_group(
-        self, named: _slots.Named, m: _slots.Measurement, optimizer: torch.optim.Optimizer, p: float
+        self, named: _slots.Named, m: _slots.Measurement, optimizer: torch.optim.Optimizer, p: float,
+        out: torch.dtype,
     ) -> tuple[Tensor, Tensor, tuple[str, ...], Tensor]:
         where: dict[int, int] = {}
         limits: list[float] = []
@@ -560,11 +565,11 @@ class GradClipper:
             )
         index = torch.tensor(groups_of or [-1], dtype=torch.long).to(m.device)
         partials = _slots.merge_partials(m.partials, index, len(limits), p)
-        norms = _slots.finalize_norms(partials, p, m.loss_scale).to(torch.float32)
-        limit = torch.tensor(limits, dtype=torch.float32, device=norms.device)
+        norms = _slots.finalize_norms(partials, p, m.loss_scale).to(out)
+        limit = torch.tensor(limits, dtype=out, device=norms.device)
         coef = _scale.clip_coefficient(limit, norms)
         # Parameters outside the optimizer count in the total but keep their gradients (coefficient 1).
-        slot_coef = torch.where(index >= 0, coef[index.clamp(min=0)], torch.ones_like(index, dtype=torch.float32))
+        slot_coef = torch.where(index >= 0, coef[index.clamp(min=0)], torch.ones_like(index, dtype=out))
         return coef, slot_coef, tuple(labels), limit
 
     def _report(self, named: _slots.Named, m: _slots.Measurement, p: float) -> dict[str, float]:
@@ -599,7 +604,7 @@ class GradClipper:
         cfg = self.config
         p = cfg.p
         outcome = unitwise_measure(target, cfg.agc, p, cfg.foreach, group)
-        total = outcome.total.to(torch.float32)
+        total = outcome.total.to(_clip._result_dtype([u.grad for u in outcome.units], None))
         finite = torch.isfinite(total)
         units = outcome.units
         if cfg.on_nonfinite == "error" and not bool(finite):

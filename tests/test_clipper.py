@@ -102,6 +102,31 @@ def test_single_process_matches_torch():
             torch.testing.assert_close(q.grad, t.grad, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("mode", ["total", "per_param", "unitwise"])
+def test_float64_gradients_keep_float64(mode):
+    """float64 gradients get a float64 total and coefficient, as clip_grad_norm_ gives them: exact to 1e-14."""
+    torch.manual_seed(0)
+    ps = [nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in ((7, 5), (3,), (1000,))]
+    for q in ps:
+        q.grad = torch.randn_like(q) * 3
+    before = [q.grad.clone() for q in ps]
+    extra = {"agc": AGC(clipping=0.01)} if mode == "unitwise" else {"max_norm": 0.5}
+    result = GradClipper(norm_type=2.0, mode=mode, **extra)(ps)
+    want = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in before]))
+    assert result.total_norm.dtype == torch.float64, result.total_norm.dtype
+    assert abs(result.total_norm.item() - want.item()) <= 1e-14 * want.item()
+    if mode == "total":
+        assert result.clip_coef.dtype == result.max_norm.dtype == torch.float64
+        coef = 0.5 / (want.item() + 1e-6)
+        for q, g in zip(ps, before):
+            torch.testing.assert_close(q.grad, g * coef, rtol=1e-14, atol=0)
+    elif mode == "per_param":
+        assert result.clip_coef.dtype == torch.float64
+        for q, g in zip(ps, before):
+            n = torch.linalg.vector_norm(g).item()
+            torch.testing.assert_close(q.grad, g * min(1.0, 0.5 / (n + 1e-6)), rtol=1e-14, atol=0)
+
+
 # ----------------------------------------------------------------------------------------------- distributed
 
 
