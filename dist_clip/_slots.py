@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from . import _norm, _reduce, _scale
 from . import clip as _clip
 from .adapters import fsdp as _fsdp
-from .adapters import resolve
+from .adapters import resolve, unwrap_compiled
 from .adapters.fsdp import clean_name
 from .shards import Shards, common_loss_scale, partition_cuts
 
@@ -49,6 +49,7 @@ __all__ = [
     "is_fsdp1",
     "measure",
     "merge_partials",
+    "module_parameters",
     "named_shards",
     "scale_slots_",
     "slot_partials",
@@ -249,6 +250,12 @@ def _named_plain(items: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup |
     return Named(out, tuple(dict.fromkeys(names)), params)
 
 
+def module_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """``named_parameters()`` under the unwrapped model's names: without the prefixes that activation
+    checkpointing, FSDP1 and a compiled submodule insert (``_checkpoint_wrapped_module.``, ...)."""
+    return [(clean_name(n), q) for n, q in unwrap_compiled(module).named_parameters()]  # type: ignore[union-attr]
+
+
 def _ddp_module(target: nn.Module) -> nn.Module | None:
     from torch.nn.parallel import DistributedDataParallel
 
@@ -297,6 +304,7 @@ def named_shards(target: object, group: dist.ProcessGroup | None = None) -> Name
     """
     if target is None:
         raise TypeError("target must be a tensor, an iterable of tensors/parameters, a module or an engine; got None")
+    target = unwrap_compiled(target)
     if is_fsdp1(target):
         return _fsdp1_named(target, group)  # type: ignore[arg-type]
     engine = sys.modules.get("deepspeed.runtime.engine")  # never import DeepSpeed here: it takes seconds
@@ -315,9 +323,9 @@ def named_shards(target: object, group: dist.ProcessGroup | None = None) -> Name
     if isinstance(target, nn.Module):
         inner = _ddp_module(target)
         if inner is not None:
-            named = _named_plain(list(inner.named_parameters()), None)
-            return named  # DDP: replicated gradients, nothing to combine (as the params adapter does)
-        return _named_plain(list(target.named_parameters()), group)
+            # DDP: replicated gradients, nothing to combine (as the params adapter does)
+            return _named_plain(module_parameters(inner), None)
+        return _named_plain(module_parameters(target), group)
     if isinstance(target, Tensor):
         return _named_plain([("0", target)], group)
     if isinstance(target, Iterable) and not isinstance(target, (str, bytes)):

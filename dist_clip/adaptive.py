@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import _norm, _reduce, _slots
+from .adapters import unwrap_compiled
 from .shards import Shards, UnitLayout
 
 __all__ = ["AGC", "AutoClip", "ZClip"]
@@ -528,6 +529,7 @@ def unit_pieces(
     """
     units: list[_Unit] = []
     cut: list[tuple[str, int | range]] = []
+    target = unwrap_compiled(target)
     if _slots.is_fsdp1(target):
         layout = _slots.fsdp1_pieces(target, group)  # type: ignore[arg-type]
         for name in layout.names:
@@ -555,9 +557,9 @@ def unit_pieces(
     from torch.nn.parallel import DistributedDataParallel
 
     if isinstance(target, DistributedDataParallel):
-        items, group = list(target.module.named_parameters()), None
+        items, group = _slots.module_parameters(target.module), None
     elif isinstance(target, nn.Module):
-        items = list(target.named_parameters())
+        items = _slots.module_parameters(target)
     elif isinstance(target, dict):
         items = [(k, target[k]) for k in sorted(target)]
     elif isinstance(target, Tensor):

@@ -169,9 +169,9 @@ class ParallelPlan:
         if isinstance(target, Mapping):
             items = [(k, target[k]) for k in sorted(target)]
         elif isinstance(target, nn.Module):
-            items = list(target.named_parameters())
+            items = _slots.module_parameters(target)
         elif isinstance(target, Sequence) and all(isinstance(x, nn.Module) for x in target):
-            items = [(n, q) for mod in target for n, q in mod.named_parameters()]  # several stages per rank
+            items = [pair for mod in target for pair in _slots.module_parameters(mod)]  # several stages per rank
         else:
             raise TypeError(
                 f"a plan's target is this rank's module (or list of stage modules) or a mapping {{name: tensor}}, "

@@ -681,6 +681,50 @@ def fsdp1_plan_across_steps(use_orig_params: bool) -> dict[str, Any]:
     return {"walks": counts}
 
 
+def wrapped_names(kind: str) -> dict[str, Any]:
+    """A model under activation checkpointing and ``torch.compile`` (eager backend) as users stack them: the
+    total, the per-parameter report and AGC's per-parameter norms name every parameter as the unwrapped model
+    does (no ``_orig_mod.`` / ``_checkpoint_wrapped_module.`` / ``module.``), each against the float64
+    reference. ``fsdp2``: checkpointed blocks under ``fully_shard``, compiled; ``fsdp1``: a compiled FSDP1 root
+    with checkpointed blocks (the handle walk still kept on the root); ``ddp``: a compiled DDP."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from torch.nn.parallel import DistributedDataParallel
+
+    from dist_clip import AGC, ClipperConfig, GradClipper
+
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    model = new_model()
+    ref = reference(model, list(range(ws)))
+    is_block = lambda m: isinstance(m, Block)  # noqa: E731
+    if kind == "fsdp2":
+        apply_activation_checkpointing(model, check_fn=is_block)
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh((ws,)))
+        fully_shard(model, mesh=mesh((ws,)))
+        wrapped: nn.Module = model
+    elif kind == "fsdp1":
+        wrapped = FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({Block}), use_orig_params=True,
+                                           device_id=torch.device("cpu"))
+        apply_activation_checkpointing(wrapped, check_fn=is_block)
+    else:
+        wrapped = DistributedDataParallel(model)
+    compiled = torch.compile(wrapped, backend="eager")
+    loss_fn(compiled, *batch(rank)).backward()
+    want = {n: torch.linalg.vector_norm(g).item() for n, g in ref.grads.items()}
+    total = dist_clip.get_total_norm(compiled, 2.0).item()
+    assert _norm_close(total, reference_norm(list(ref.grads.values()), 2.0), RTOL), (total, want)
+    report = GradClipper(ClipperConfig(max_norm=1e9, mode="per_param", report=True))(compiled).norms
+    assert report.keys() == want.keys(), (sorted(report), sorted(want))
+    assert all(_norm_close(report[n], want[n], RTOL) for n in want), (report, want)
+    agc = GradClipper(ClipperConfig(agc=AGC(clipping=1e9), mode="unitwise", report=True))(compiled).norms
+    assert agc.keys() == want.keys(), (sorted(agc), sorted(want))
+    assert all(_norm_close(agc[n], want[n], RTOL) for n in want), (agc, want)
+    kept = "_dist_clip_fsdp1_plan" in wrapped.__dict__
+    return {"names": sorted(report), "fsdp1_plan_kept": kept}
+
+
 # ------------------------------------------------------------------------------------- DTensor placements
 
 

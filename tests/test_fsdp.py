@@ -116,6 +116,15 @@ def test_fsdp2_frozen_block(run_ranks, world_size: int) -> None:
     assert all(r == results[0] for r in results)
 
 
+@pytest.mark.parametrize("kind", ["fsdp2", "fsdp1", "ddp"])
+def test_compiled_and_checkpointed_models_keep_their_names(run_ranks, kind: str) -> None:
+    """torch.compile and activation checkpointing around or inside the wrapper: exact norms under the
+    unwrapped model's parameter names, per parameter and for AGC."""
+    results = run_ranks(2, cases.wrapped_names, kind)
+    assert results[0]["names"] == results[1]["names"]
+    assert all(r["fsdp1_plan_kept"] is (kind == "fsdp1") for r in results)
+
+
 def test_fsdp2_hsdp(run_ranks) -> None:
     """2x2 HSDP mesh (replicate x shard): one collective over the shard group, replicas counted once."""
     check(run_ranks(4, cases.fsdp2_hsdp), "torch", empty=True)

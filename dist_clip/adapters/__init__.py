@@ -11,10 +11,11 @@ import importlib
 from typing import Protocol
 
 import torch.distributed as dist
+from torch import nn
 
 from ..shards import Shards
 
-__all__ = ["ADAPTERS", "Adapter", "resolve"]
+__all__ = ["ADAPTERS", "Adapter", "resolve", "unwrap_compiled"]
 
 
 class Adapter(Protocol):
@@ -41,10 +42,19 @@ def _load(name: str) -> Adapter | None:
         raise
 
 
+def unwrap_compiled(target: object) -> object:
+    """The module ``torch.compile`` wrapped: its ``OptimizedModule`` holds it as ``_orig_mod``, with the very same
+    parameters. Adapters then see the wrapper they know (DDP, an FSDP1 root) and names lose ``_orig_mod.``."""
+    while type(target).__name__ == "OptimizedModule" and isinstance(getattr(target, "_orig_mod", None), nn.Module):
+        target = target._orig_mod  # type: ignore[attr-defined]
+    return target
+
+
 def resolve(target: object, group: dist.ProcessGroup | None = None) -> list[Shards]:
     """The Shards of ``target`` on this rank, from the first adapter that recognises it."""
     if target is None:
         raise TypeError("target must be a tensor, an iterable of tensors/parameters, a module or an engine; got None")
+    target = unwrap_compiled(target)
     for name in ADAPTERS:
         adapter = _load(name)
         if adapter is not None and adapter.matches(target):
