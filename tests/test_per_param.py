@@ -39,6 +39,27 @@ def test_classic_per_tensor_experiment():
     assert result.total_norm.item() == pytest.approx(math.hypot(15.38, 0.88), rel=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("foreach", [None, False])
+def test_per_slot_scaling_rounds_as_mul_by_each_coefficient(dtype, foreach):
+    """On the CPU the slots' coefficients are applied as Python scalars, fused where torch's foreach keeps the
+    scalar's precision (fp32, fp64): bit for bit ``t.mul_(coefs[slot])``, and coefficient 1 leaves a piece alone."""
+    from dist_clip import _slots
+
+    torch.manual_seed(0)
+    for coef_dtype in (torch.float32, torch.float64):
+        tensors = [torch.randn(n, dtype=dtype) * 7 for n in (1, 33, 1000, 0, 4096)]
+        slots = [0, 1, 2, 1, 3]
+        coefs = torch.tensor([0.3, 1.0, 0.123456789, 0.7071], dtype=coef_dtype)
+        want = [t.clone().mul_(coefs[s]) for t, s in zip(tensors, slots)]
+        before = [t.clone() for t in tensors]
+        _slots.scale_slots_(list(zip(tensors, slots)), coefs, foreach)
+        for got, w, b, s in zip(tensors, want, before, slots):
+            assert torch.equal(got, w), (dtype, coef_dtype, s)
+            if s == 1:
+                assert torch.equal(got, b)
+
+
 def test_report_by_module_prefix_and_unused_parameters_left_out():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.Linear(4, 2), nn.Linear(2, 2)))
