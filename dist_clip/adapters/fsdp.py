@@ -161,6 +161,8 @@ _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_o
 
 def clean_name(name: str) -> str:
     """A parameter name as the unwrapped model spells it (FSDP1, activation checkpointing, compile prefixes)."""
+    if "wrapped_module" not in name and "_orig_mod" not in name:  # most names: two scans in C
+        return name
     for prefix in _WRAPPER_PREFIXES:
         name = name.replace(prefix, "")
     for prefix in _WRAPPER_PREFIXES:
