@@ -519,6 +519,7 @@ def test_bench_fsdp_quick_reports_one_collective_and_targets():
     assert len([line for line in folded.splitlines() if line.startswith("| 2 |")]) == 2  # FSDP1, FSDP2 with a step
     small_rows = [line.split(" | ") for line in small.splitlines() if line.startswith("| 2 |")]
     assert [(r[1], int(r[2]) > 0) for r in small_rows] == [("FSDP1 use_orig_params", True), ("FSDP2 fully_shard", True)]
+    assert all(r[-1].rstrip(" |") == "1" for r in small_rows), small_rows  # per-parameter clipping: one collective
 
 
 @pytest.mark.slow
