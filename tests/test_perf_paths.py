@@ -120,6 +120,18 @@ def test_fp32_values_whose_powers_overflow_float32(path, p):
     assert _total_close(dist_clip.get_total_norm([g], p).item(), want, 1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0])
+def test_overflow_in_one_work_item_of_many(path, dtype, p):
+    """Normal values over several of the kernel's work items, and one run of values whose powers overflow the
+    float lanes in the middle of one item: that item is summed again in double, the others are not needed to."""
+    g = torch.randn(1_000_003, generator=torch.Generator().manual_seed(3)).to(dtype)
+    g[600_001:600_011] = 3e37 if p == 1.0 else 1e20
+    want = reference_norm([g], p)
+    assert math.isfinite(want)
+    assert _total_close(dist_clip.get_total_norm([g], p).item(), want, RTOL[dtype])
+
+
 @pytest.mark.parametrize("p", [1.0, 2.0, 3.0, 2.5, 0.5])
 @pytest.mark.parametrize("value", [1e-25, 1e-40])  # 1e-40 is a float32 subnormal
 def test_fp32_values_whose_powers_underflow_float32(path, p, value):
