@@ -98,7 +98,7 @@ def named_grads(target: object) -> list[tuple[str, Tensor]]:
             # A parameter requires grad, is an nn.Parameter, or (a tensor subclass: FSDP2's DTensor parameters)
             # is marked ``_is_param``: what isinstance(t, nn.Parameter) tests, at ~2 us a call in Python.
             grads = [
-                t.grad if t.requires_grad or type(t) is nn.Parameter or getattr(t, "_is_param", False) else t
+                t.grad if type(t) is nn.Parameter or getattr(t, "_is_param", False) or t.requires_grad else t
                 for t in items
             ]  # type: ignore[attr-defined]
         else:
