@@ -187,7 +187,7 @@ def _fsdp1_places(root: nn.Module, group: dist.ProcessGroup | None) -> tuple[lis
                 geometry[clean_name(n)] = (p.shape, ())
         return places, Fsdp1Layout([], unmanaged, tuple(names), optim, geometry)
 
-    return _fsdp.kept_on_root(root, ("pieces", group), build)
+    return _fsdp.kept_on_root(root, "pieces", build, also=group)
 
 
 def fsdp1_pieces(root: nn.Module, group: dist.ProcessGroup | None = None) -> Fsdp1Layout:

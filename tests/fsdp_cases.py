@@ -676,9 +676,15 @@ def fsdp1_plan_across_steps(use_orig_params: bool) -> dict[str, Any]:
         fsdp_model._all_handles = list(fsdp_model._all_handles)  # as a new lazy init would
         check(refs[-1], 3)
         counts.append(len(walks))
+        # A caller's group= changes what the pieces say; a new group object each time keeps one entry, not one more.
+        for _ in range(3):
+            other = dist.new_group(list(range(ws)))
+            assert {pc.group for pc in _slots.fsdp1_pieces(fsdp_model, other).pieces} == {other}
+        assert {pc.group for pc in _slots.fsdp1_pieces(fsdp_model).pieces} != {other}
+        kept = len(fsdp_model.__dict__[adapter._PLAN_ATTR])
     finally:
         adapter.fsdp1_handles = real
-    return {"walks": counts}
+    return {"walks": counts, "kept": kept}
 
 
 def wrapped_names(kind: str) -> dict[str, Any]:

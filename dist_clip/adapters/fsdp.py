@@ -227,22 +227,29 @@ _Unit = tuple[Any, list[tuple[str, int, int | None]], "dist.ProcessGroup | None"
 _PLAN_ATTR = "_dist_clip_fsdp1_plan"
 
 
-def kept_on_root(root: nn.Module, key: Hashable, build: Callable[[], _T]) -> _T:
+def kept_on_root(root: nn.Module, key: Hashable, build: Callable[[], _T], also: object = None) -> _T:
     """``build()``, kept on an FSDP1 root for as long as its handles stand: what does not change from step to step.
 
     Walking the module tree costs about 30 ms a call on a 96-block model with 1248 parameters (most of the call
     there, and host time on a GPU), so an FSDP1 root keeps what a walk finds in its own ``__dict__`` (it lives
     and dies with the model), under ``key``, for as long as FSDP's own list of the root's handles
-    (``_all_handles``, set at the root's lazy init) is the same list. A plain root holding FSDP1 children, or a
-    root not yet run, is walked every call.
+    (``_all_handles``, set at the root's lazy init) is the same list, and ``also`` (what else ``build`` reads,
+    such as a caller's process group) the same object: one entry per key, whatever the caller passes over time.
+    A plain root holding FSDP1 children, or a root not yet run, is walked every call.
     """
     token = root.__dict__.get("_all_handles")
     cached = root.__dict__.get(_PLAN_ATTR, {}).get(key)
-    if token is not None and cached is not None and cached[0] is token and cached[1] == len(token):
-        return cached[2]  # type: ignore[no-any-return]
+    if (
+        token is not None
+        and cached is not None
+        and cached[0] is token
+        and cached[1] == len(token)
+        and cached[2] is also
+    ):
+        return cached[3]  # type: ignore[no-any-return]
     value = build()
     if token is not None:
-        root.__dict__.setdefault(_PLAN_ATTR, {})[key] = (token, len(token), value)
+        root.__dict__.setdefault(_PLAN_ATTR, {})[key] = (token, len(token), also, value)
     return value
 
 
