@@ -502,10 +502,15 @@ def measure(
         vector = slot_partials(counted_pieces(shards, red, pick), n_slots, p, foreach, device)
     parts = [vector]
     if presence:
-        seen = [0.0] * n_slots  # counted in Python: a tensor write per piece costs ~10 us
+        # The pieces this rank counts (as counted_pieces picks them, empty ones included): over the ranks every
+        # gradient has at least one, and a piece only joining a group (counted=False) none. Counted in Python: a
+        # tensor write per piece costs ~10 us.
+        seen = [0.0] * n_slots
+        first = _reduce.group_rank(red) == 0
         for s in shards:
-            for i in range(len(s.tensors)):
-                seen[pick(s.names[i] if s.names else "", i)] += 1
+            if s.counted and (s.group is not None or first):
+                for i in range(len(s.tensors)):
+                    seen[pick(s.names[i] if s.names else "", i)] += 1
         parts.append(torch.tensor(seen, dtype=torch.float64).to(device, non_blocking=True))
     if extra is not None:
         parts.append(extra.to(device=device, dtype=torch.float64))

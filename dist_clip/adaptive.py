@@ -652,8 +652,8 @@ def _layout_units(layout: UnitLayout) -> tuple[list[_Unit], list[tuple[str, int 
                            loss_scale=scale))
     if layout.names:
         empty = torch.zeros(0, device=layout.device)
-        for g in layout.groups:
-            units.append(_Unit(layout.names[0], empty, empty, g, True, "flat", loss_scale=scale))
+        for g in layout.groups:  # join every group even holding nothing; not a gradient piece of names[0]
+            units.append(_Unit(layout.names[0], empty, empty, g, False, "flat", loss_scale=scale))
     return units, cut, layout.names
 
 
@@ -662,6 +662,7 @@ class UnitwiseOutcome:
     total: Tensor  # float64 0-dim, pre-clip norm over every gradient
     slot_norms: Tensor  # float64 per name (pre-clip)
     names: tuple[str, ...]
+    measurement: _slots.Measurement  # the one collective's outcome, presence per name included (for reports)
     min_coef: Tensor  # float32 0-dim, the smallest unit coefficient applied (1 when nothing clipped)
     group: dist.ProcessGroup | None
     units: list[_Unit]
@@ -721,8 +722,8 @@ def unitwise_measure(target: object, config: AGC, p: float, foreach: bool | None
                 sel = torch.tensor(pos, device=device)
                 _add_partials_(extra, k, where, wp[sel], gp[sel], p)
     layout = [*names, *(f"{c[0]}:{c[1]}" for c in cut)]  # the slots, then the cut units' order in ``extra``
-    m = _slots.measure(shards, lambda n, _i: index[n], len(names), p, foreach, extra=extra if k else None,
-                       layout=layout, group=red)
+    m = _slots.measure(shards, lambda n, _i: index[n], len(names), p, foreach, presence=True,
+                       extra=extra if k else None, layout=layout, group=red)
     combined = m.extra
     coefs: list[Tensor] = []
     smallest = torch.ones((), dtype=torch.float32, device=device)
@@ -749,7 +750,7 @@ def unitwise_measure(target: object, config: AGC, p: float, foreach: bool | None
         coefs.append(coef)
         if coef.numel():
             smallest = torch.minimum(smallest, coef.min().to(device))
-    return UnitwiseOutcome(m.total, m.slot_norms, names, smallest, red, units, coefs)
+    return UnitwiseOutcome(m.total, m.slot_norms, names, m, smallest, red, units, coefs)
 
 
 def unitwise_scale_(outcome: UnitwiseOutcome) -> None:

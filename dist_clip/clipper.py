@@ -534,7 +534,7 @@ class GradClipper:
             arm_skip(~finite)
         clipped = finite & (slot_coef < 1).any()
         self._count(clipped, finite)
-        norms = self._report(named, m, p) if want_report and named is not None else None
+        norms = self._report(named.names, m, p) if want_report and named is not None else None
         return ClipResult(total, coef, clipped, finite, limit_out, slot_names, norms)
 
     def _per_group(
@@ -572,8 +572,7 @@ class GradClipper:
         slot_coef = torch.where(index >= 0, coef[index.clamp(min=0)], torch.ones_like(index, dtype=out))
         return coef, slot_coef, tuple(labels), limit
 
-    def _report(self, named: _slots.Named, m: _slots.Measurement, p: float) -> dict[str, float]:
-        names = named.names
+    def _report(self, names: Sequence[str], m: _slots.Measurement, p: float) -> dict[str, float]:
         partials = m.partials.tolist()
         present = m.presence.tolist() if m.presence is not None else [1.0] * len(names)
         depth = self.config.report_depth
@@ -628,20 +627,6 @@ class GradClipper:
             arm_skip(~finite)
         clipped = finite & (outcome.min_coef < 1)
         self._count(clipped, finite)
-        norms = None
-        if want_report:
-            values = outcome.slot_norms.tolist()
-            depth = cfg.report_depth
-            if depth is None:
-                norms = dict(zip(outcome.names, values))
-            else:
-                parts: dict[str, float] = {}
-                for name, v in zip(outcome.names, values):
-                    key = ".".join(name.split(".")[:depth])
-                    if math.isinf(p):
-                        parts[key] = max(parts.get(key, 0.0), v)
-                    else:
-                        parts[key] = parts.get(key, 0.0) + v**p
-                norms = parts if math.isinf(p) else {k: v ** (1.0 / p) for k, v in parts.items()}
+        norms = self._report(outcome.names, outcome.measurement, p) if want_report else None
         limit = torch.full_like(total, cfg.agc.clipping)
         return ClipResult(total, outcome.min_coef.to(total.device), clipped, finite, limit, (), norms)

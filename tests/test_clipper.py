@@ -127,6 +127,23 @@ def test_float64_gradients_keep_float64(mode):
             torch.testing.assert_close(q.grad, g * min(1.0, 0.5 / (n + 1e-6)), rtol=1e-14, atol=0)
 
 
+@pytest.mark.parametrize("mode", ["per_param", "unitwise"])
+def test_report_leaves_out_parameters_without_gradients(mode):
+    """A frozen layer has no gradient anywhere: neither report lists it (AGC's listed it with a norm of 0)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    model[0].requires_grad_(False)
+    model(torch.randn(5, 3)).sum().backward()
+    extra = {"agc": AGC(clipping=1e9)} if mode == "unitwise" else {"max_norm": 1e9}
+    for depth in (None, 1):
+        norms = GradClipper(mode=mode, report=True, report_depth=depth, **extra)(model).norms
+        if depth is None:
+            assert set(norms) == {"2.weight", "2.bias"}, norms
+            assert norms["2.weight"] == pytest.approx(model[2].weight.grad.norm().item(), rel=1e-6)
+        else:
+            assert set(norms) == {"2"}, norms
+
+
 # ----------------------------------------------------------------------------------------------- distributed
 
 
