@@ -1,0 +1,154 @@
+"""Rank-side bodies of tests/test_random_models.py: small models of random widths, wrapped at random.
+
+Widths of 1-9 give every kind of shard the hand-made cases give one at a time: uneven rows, empty pieces on
+some ranks, parameters smaller than the world, FSDP1 padding. Each model is drawn from a fixed seed (the same on
+every rank), so a failure names its trial and replays. The reference is the float64 unsharded model fed every
+rank's batch, its gradients averaged over the ranks as the wrappers average them; every check is against it:
+the total and per-parameter norms for p in {0, 1, 2, 3.5, inf}, AGC's per-parameter norms, and the clipped
+gradients.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import dist_clip
+from dist_clip import AGC, ClipperConfig, GradClipper
+from dist_clip.testing import reference_norm
+from tests.fsdp_cases import mesh
+
+ORDERS = (0.0, 1.0, 2.0, 3.5, math.inf)
+RTOL = 1e-5  # fp32 gradients of a sharded model against the float64 reference
+
+
+class Layer(nn.Module):
+    def __init__(self, d_in: int, d_out: int, bias: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(d_in, d_out, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.lin(x))
+
+
+def _draw(trial: int) -> tuple[random.Random, list[int], nn.Sequential]:
+    rnd = random.Random(trial)
+    widths = [rnd.randint(1, 9) for _ in range(rnd.randint(2, 5))]
+    torch.manual_seed(trial)
+    model = nn.Sequential(*[Layer(a, b, rnd.random() < 0.7) for a, b in zip(widths, widths[1:])])
+    if len(model) > 1 and rnd.random() < 0.3:
+        for q in model[0].parameters():
+            q.requires_grad_(False)  # a frozen layer: parameters without gradients anywhere
+    return rnd, widths, model
+
+
+def _batch(rank: int, width: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(3, width, generator=torch.Generator().manual_seed(100 + rank)).to(dtype)
+
+
+def _reference(model: nn.Module, width: int) -> dict[str, torch.Tensor]:
+    ws = dist.get_world_size()
+    ref = copy.deepcopy(model).double()
+    for r in range(ws):
+        (ref(_batch(r, width, torch.float64)).pow(2).sum() / ws).backward()
+    return {n: q.grad.detach().clone() for n, q in ref.named_parameters() if q.grad is not None}
+
+
+def _close(got: float, want: float) -> bool:
+    return got == want if want == 0 else abs(got - want) <= RTOL * want
+
+
+def _check_norms(target: nn.Module, grads: dict[str, torch.Tensor], where: str, agc: bool = True) -> list[str]:
+    errors = []
+    for p in ORDERS:
+        want = reference_norm(list(grads.values()), p) if grads else 0.0
+        got = dist_clip.get_total_norm(target, p).item()
+        if not _close(got, want):
+            errors.append(f"{where} p={p}: total {got} != {want}")
+        modes = [("per_param", ClipperConfig(max_norm=1e9, norm_type=p, mode="per_param", report=True))]
+        if agc and p > 0:
+            modes.append(("unitwise", ClipperConfig(agc=AGC(clipping=1e9), norm_type=p, mode="unitwise", report=True)))
+        for mode, cfg in modes:
+            norms = GradClipper(cfg)(target).norms
+            if set(norms) != set(grads):
+                errors.append(f"{where} p={p} {mode}: names {sorted(norms)} != {sorted(grads)}")
+                continue
+            errors += [f"{where} p={p} {mode}: {n} {norms[n]} != {w}" for n, g in grads.items()
+                       if not _close(norms[n], w := reference_norm([g], p))]
+    return errors
+
+
+def _clip_coef(grads: dict[str, torch.Tensor]) -> tuple[float, float]:
+    total = reference_norm(list(grads.values()), 2.0) if grads else 0.0
+    max_norm = 0.5 * total if total else 1.0
+    return max_norm, min(1.0, max_norm / (total + 1e-6))
+
+
+def fsdp2_models(trials: int, hsdp: bool) -> list[str]:
+    """FSDP2 on a 1-D mesh (or a 2 x (world/2) HSDP mesh): every layer sharded or not at random, the root sharded
+    or not (then its unsharded parameters are averaged by hand, as a user must)."""
+    from torch.distributed.fsdp import fully_shard
+
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    m = mesh((2, ws // 2), ("replicate", "shard")) if hsdp else mesh((ws,))
+    errors: list[str] = []
+    for trial in range(trials):
+        rnd, widths, model = _draw(trial)
+        grads = _reference(model, widths[0])
+        for layer in model:
+            if rnd.random() < 0.8:
+                fully_shard(layer, mesh=m)
+        if rnd.random() < 0.6:
+            fully_shard(model, mesh=m)
+        model(_batch(rank, widths[0])).pow(2).sum().backward()
+        for q in model.parameters():
+            if q.grad is not None and type(q.grad).__name__ != "DTensor":
+                dist.all_reduce(q.grad)
+                q.grad.div_(ws)
+        where = f"trial {trial} widths {widths}"
+        errors += _check_norms(model, grads, where)
+        max_norm, coef = _clip_coef(grads)
+        dist_clip.clip_grad_norm_(model, max_norm)
+        for n, q in model.named_parameters():
+            if q.grad is not None:
+                g = q.grad.full_tensor() if type(q.grad).__name__ == "DTensor" else q.grad
+                if not torch.allclose(g.double(), grads[n] * coef, rtol=RTOL, atol=1e-7):
+                    errors.append(f"{where}: clipped {n}")
+    return errors
+
+
+def fsdp1_models(trials: int) -> list[str]:
+    """FSDP1: use_orig_params, the sharding strategy and an instance per layer (or one for the whole model) at
+    random. Clipped gradients are gathered with ``summon_full_params`` where FSDP1 allows it (use_orig_params)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    rank = dist.get_rank()
+    errors: list[str] = []
+    for trial in range(trials):
+        rnd, widths, model = _draw(1000 + trial)
+        grads = _reference(model, widths[0])
+        orig = rnd.random() < 0.5 or not all(q.requires_grad for q in model.parameters())
+        strategy = rnd.choice(["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"])
+        policy = ModuleWrapPolicy({Layer}) if rnd.random() < 0.7 else None
+        wrapped = FullyShardedDataParallel(model, auto_wrap_policy=policy, use_orig_params=orig,
+                                           sharding_strategy=getattr(ShardingStrategy, strategy),
+                                           device_id=torch.device("cpu"))
+        wrapped(_batch(rank, widths[0])).pow(2).sum().backward()
+        where = f"trial {trial} widths {widths} {strategy} use_orig_params={orig}"
+        errors += _check_norms(wrapped, grads, where)
+        max_norm, coef = _clip_coef(grads)
+        dist_clip.clip_grad_norm_(wrapped, max_norm)
+        if orig:
+            with FullyShardedDataParallel.summon_full_params(wrapped, with_grads=True):
+                for n, q in wrapped.named_parameters():
+                    n = n.replace("_fsdp_wrapped_module.", "")
+                    if q.grad is not None and not torch.allclose(q.grad.double(), grads[n] * coef, rtol=RTOL,
+                                                                 atol=1e-7):
+                        errors.append(f"{where}: clipped {n}")
+    return errors
