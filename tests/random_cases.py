@@ -1,4 +1,5 @@
-"""Rank-side bodies of tests/test_random_models.py: small models of random widths, wrapped at random.
+"""Rank-side bodies of tests/test_random_models.py: small models of random widths, wrapped at random (FSDP2, HSDP,
+FSDP1) or handed to DeepSpeed ZeRO 1-3.
 
 Widths of 1-9 give every kind of shard the hand-made cases give one at a time: uneven rows, empty pieces on
 some ranks, parameters smaller than the world, FSDP1 padding. Each model is drawn from a fixed seed (the same on
@@ -151,4 +152,30 @@ def fsdp1_models(trials: int) -> list[str]:
                     if q.grad is not None and not torch.allclose(q.grad.double(), grads[n] * coef, rtol=RTOL,
                                                                  atol=1e-7):
                         errors.append(f"{where}: clipped {n}")
+    return errors
+
+
+def deepspeed_models(trials: int) -> list[str]:
+    """DeepSpeed ZeRO 1-3 engines (fp32, SGD) around the same random models: partitions of every shape, the
+    total and per-parameter norms against the float64 model fed every rank's batch, averaged."""
+    import contextlib
+    import io
+
+    from tests import ds_cases
+
+    deepspeed = ds_cases._quiet()
+    rank = dist.get_rank()
+    errors: list[str] = []
+    for trial in range(trials):
+        for stage in (1, 2, 3):
+            _, widths, model = _draw(2000 + trial)
+            grads = _reference(model, widths[0])
+            cfg = ds_cases.ds_config(stage)
+            cfg["train_micro_batch_size_per_gpu"] = 3
+            opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=0.0)
+            with contextlib.redirect_stdout(io.StringIO()):
+                engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+            engine.backward(engine(_batch(rank, widths[0])).pow(2).sum())
+            errors += _check_norms(engine, grads, f"trial {trial} widths {widths} ZeRO-{stage}", agc=False)
+            engine.step()
     return errors

@@ -1,4 +1,5 @@
-"""Small models of random widths (1-9) under FSDP2, HSDP and FSDP1, against the float64 unsharded reference.
+"""Small models of random widths (1-9) under FSDP2, HSDP, FSDP1 and DeepSpeed ZeRO 1-3, against the float64
+unsharded reference.
 
 The hand-made cases in tests/test_fsdp.py place one kind of shard each; these draw many at once from fixed
 seeds (uneven rows, empty pieces, parameters smaller than the world, frozen layers, unsharded layers beside
@@ -27,4 +28,11 @@ def test_hsdp_random_models(run_ranks) -> None:
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_fsdp1_random_models(run_ranks, world_size: int) -> None:
     for errors in run_ranks(world_size, cases.fsdp1_models, 6, timeout_s=240):
+        assert not errors, errors[:10]
+
+
+@pytest.mark.deepspeed
+def test_deepspeed_random_models(run_ranks) -> None:
+    pytest.importorskip("deepspeed")
+    for errors in run_ranks(2, cases.deepspeed_models, 2, timeout_s=300):
         assert not errors, errors[:10]
