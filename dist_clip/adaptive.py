@@ -660,9 +660,8 @@ def _layout_units(layout: UnitLayout) -> tuple[list[_Unit], list[tuple[str, int 
 @dataclass(frozen=True)
 class UnitwiseOutcome:
     total: Tensor  # float64 0-dim, pre-clip norm over every gradient
-    slot_norms: Tensor  # float64 per name (pre-clip)
     names: tuple[str, ...]
-    measurement: _slots.Measurement  # the one collective's outcome, presence per name included (for reports)
+    measurement: _slots.Measurement  # the one collective's outcome: per-name norms and presence (for reports)
     min_coef: Tensor  # float32 0-dim, the smallest unit coefficient applied (1 when nothing clipped)
     group: dist.ProcessGroup | None
     units: list[_Unit]
@@ -750,7 +749,7 @@ def unitwise_measure(target: object, config: AGC, p: float, foreach: bool | None
         coefs.append(coef)
         if coef.numel():
             smallest = torch.minimum(smallest, coef.min().to(device))
-    return UnitwiseOutcome(m.total, m.slot_norms, names, m, smallest, red, units, coefs)
+    return UnitwiseOutcome(m.total, names, m, smallest, red, units, coefs)
 
 
 def unitwise_scale_(outcome: UnitwiseOutcome) -> None:
