@@ -835,3 +835,25 @@ def fsdp1_tiny(use_orig_params: bool) -> dict[str, Any]:
         q.grad.numel() - getattr(q, "_shard_numel_padded", 0) for q in fsdp_model.parameters() if q.grad is not None
     )
     return {"per_p": run_case(case), "nothing_here": held == 0}
+
+
+def fsdp1_tiny_float64(use_orig_params: bool) -> dict[str, Any]:
+    """The tiny model in float64: every rank returns the same float64 total, the padding-only ones included."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from dist_clip import ClipperConfig, GradClipper
+
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    model = Tiny().double()
+    ref = reference(model, list(range(ws)))
+    fsdp_model = FSDP(model, use_orig_params=use_orig_params, device_id=torch.device("cpu"))
+    loss_fn(fsdp_model, *batch(rank, torch.float64)).backward()
+    held = sum(
+        q.grad.numel() - getattr(q, "_shard_numel_padded", 0) for q in fsdp_model.parameters() if q.grad is not None
+    )
+    total = dist_clip.get_total_norm(fsdp_model, 2.0)
+    result = GradClipper(ClipperConfig(max_norm=1e9, mode="per_param", report=True))(fsdp_model)
+    want = reference_norm(list(ref.grads.values()), 2.0)
+    return {"dtype": str(total.dtype), "total": total.item(), "want": want, "nothing_here": held == 0,
+            "clipper_dtype": str(result.total_norm.dtype), "report": sorted(result.norms)}

@@ -195,6 +195,17 @@ def test_fsdp1_plan_kept_across_steps(run_ranks, world_size: int, use_orig_param
         assert r["kept"] == 3, r["kept"]  # total, per-parameter shards, pieces: one entry each
 
 
+@pytest.mark.parametrize("use_orig_params", [True, False])
+def test_fsdp1_float64_total_is_float64_on_every_rank(run_ranks, use_orig_params: bool) -> None:
+    """A float64 model over 4 ranks whose last shards are padding only: the same float64 total everywhere."""
+    results = run_ranks(4, cases.fsdp1_tiny_float64, use_orig_params, timeout_s=90)
+    assert results[-1]["nothing_here"], "the last rank holds gradient: the case tests nothing"
+    assert {r["dtype"] for r in results} == {r["clipper_dtype"] for r in results} == {"torch.float64"}, results
+    assert len({r["total"] for r in results}) == 1, results
+    assert abs(results[0]["total"] - results[0]["want"]) <= 1e-12 * results[0]["want"], results[0]
+    assert all(r["report"] == results[0]["report"] for r in results), results
+
+
 @pytest.mark.parametrize(("world_size", "use_orig_params"), [(3, True), (4, True), (4, False)])
 def test_fsdp1_rank_without_gradients(run_ranks, world_size: int, use_orig_params: bool) -> None:
     """Two parameters over 3 or 4 ranks: the last ranks' shards are padding only, yet they join the collective."""

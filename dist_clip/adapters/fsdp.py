@@ -222,8 +222,9 @@ def fsdp1_handles(root: nn.Module) -> Iterator[tuple[nn.Module, Any, str]]:
 
 
 # One handle of the plan: (handle, its layout, its process group or None when replicated (NO_SHARD), whether this
-# rank's copy counts in a full plan: hybrid replicas hold identical shards after backward(), the first counts).
-_Unit = tuple[Any, list[tuple[str, int, int | None]], "dist.ProcessGroup | None", bool]
+# rank's copy counts in a full plan: hybrid replicas hold identical shards after backward(), the first counts,
+# and the name of its first parameter).
+_Unit = tuple[Any, list[tuple[str, int, int | None]], "dist.ProcessGroup | None", bool, str]
 _PLAN_ATTR = "_dist_clip_fsdp1_plan"
 
 
@@ -265,12 +266,13 @@ def _plan(root: nn.Module, per_param: bool) -> tuple[list[_Unit], list[tuple[str
             managed.add(id(flat))
             managed.update(id(p) for p in (flat._params or ()) if handle._use_orig_params)
             layout = _handle_layout(handle, prefix, per_param)
+            first_name = clean_name(prefix + flat._fqns[0]) if flat._fqns else clean_name(prefix + "flat_param")
             if handle.uses_sharded_strategy:
                 hybrid = handle._sharding_strategy.name in _HYBRID
                 first = not hybrid or dist.get_rank(module._inter_node_pg) == 0
-                units.append((handle, layout, handle.process_group, first))
+                units.append((handle, layout, handle.process_group, first, first_name))
             else:
-                units.append((handle, layout, None, True))
+                units.append((handle, layout, None, True, first_name))
         unmanaged = [(clean_name(n), p) for n, p in root.named_parameters() if id(p) not in managed]
         return units, unmanaged
 
@@ -286,11 +288,14 @@ def fsdp1_shards(root: nn.Module, group: dist.ProcessGroup | None, per_param: bo
     replicated_names: list[str] = []
     replicated: list[Tensor] = []
     units, unmanaged = _plan(root, per_param)
-    for handle, layout, pg, first_replica in units:
+    hint: tuple[str, Tensor] | None = None  # an empty tensor of a handle's dtype, for a rank holding no gradient
+    for handle, layout, pg, first_replica, first_name in units:
         pieces = _handle_pieces(handle, layout)
         if pg is not None:
             groups.setdefault(id(pg), pg)
             sharded.extend((first_replica, n, g) for n, g in pieces)
+            if not pieces and hint is None:
+                hint = (first_name, handle.flat_param.detach().new_empty(0))
         else:
             replicated_names.extend(n for n, _ in pieces)
             replicated.extend(g for _, g in pieces)
@@ -315,6 +320,10 @@ def fsdp1_shards(root: nn.Module, group: dist.ProcessGroup | None, per_param: bo
                 )
     if replicated or not out:
         out.append(Shards(replicated, group=None, names=replicated_names))
+    if hint is not None and not sharded and not replicated:
+        # Padding only here (use_orig_params): nothing to measure or scale, but the total's dtype follows the
+        # gradients' (float64 for a float64 model), as on the ranks that hold some. Not counted: no presence.
+        out.append(Shards([hint[1]], group=out[0].group, counted=False, names=[hint[0]]))
     return out
 
 
