@@ -117,14 +117,21 @@ static inline double pow_pos(double a, double p) {
     return r;
 }
 
-/* The end of every sum: the elements past the last full block, in double, then the lanes pairwise. */
-#define SUM_TAIL(LOAD, TERM)                                                                              \
-    double s = 0.0;                                                                                       \
+/* s += |x|**k over the elements i..n-1, in double. */
+#define DOUBLE_SUM(LOAD, TERM)                                                                            \
     for (; i < n; i++) {                                                                                  \
         double a = (double)LOAD(x, i);                                                                    \
         s += TERM;                                                                                        \
-    }                                                                                                     \
-    for (int j = 0; j < LANES; j += 2) s += acc[j] + acc[j + 1];                                          \
+    }
+
+/* The end of every sum: s, the elements past the last full block in double, then the lanes pairwise. */
+#define SUM_REST(LOAD, TERM)                                                                              \
+    double s = 0.0;                                                                                       \
+    DOUBLE_SUM(LOAD, TERM)                                                                                \
+    for (int j = 0; j < LANES; j += 2) s += acc[j] + acc[j + 1];
+
+#define SUM_TAIL(LOAD, TERM)                                                                              \
+    SUM_REST(LOAD, TERM)                                                                                  \
     (void)p;                                                                                              \
     return s;
 
@@ -222,18 +229,11 @@ static inline double pow_pos(double a, double p) {
                 }                                                                                         \
             for (int j = 0; j < LANES; j++) acc[j] += (double)f[j];                                       \
         }                                                                                                 \
-        double s = 0.0;                                                                                   \
-        for (; i < n; i++) {                                                                              \
-            double a = (double)LOAD(x, i);                                                                \
-            s += TERM;                                                                                    \
-        }                                                                                                 \
-        for (int j = 0; j < LANES; j += 2) s += acc[j] + acc[j + 1];                                      \
-        if (CHECK && __builtin_expect(!(s <= 1.7976931348623157e308), 0)) {                               \
+        SUM_REST(LOAD, TERM)                                                                              \
+        if (CHECK && __builtin_expect(!(s <= 1.7976931348623157e308), 0)) { /* the whole item in double */ \
             s = 0.0;                                                                                      \
-            for (i = 0; i < n; i++) {                                                                     \
-                double a = (double)LOAD(x, i);                                                            \
-                s += TERM;                                                                                \
-            }                                                                                             \
+            i = 0;                                                                                        \
+            DOUBLE_SUM(LOAD, TERM)                                                                        \
         }                                                                                                 \
         (void)p;                                                                                          \
         return s;                                                                                         \
