@@ -148,10 +148,8 @@ def _fsdp1_places(root: nn.Module, group: dist.ProcessGroup | None) -> tuple[lis
         names: list[str] = []
         optim: dict[str, Tensor] = {}
         geometry: dict[str, tuple[torch.Size, tuple[int, ...]]] = {}
-        managed: set[int] = set()
         for _, handle, path in _fsdp.fsdp1_handles(root):
             flat = handle.flat_param
-            managed.add(id(flat))
             prefix = clean_name(path)
             sharded = bool(handle.uses_sharded_strategy)
             pg = (group if group is not None else handle.process_group) if sharded else None
@@ -173,18 +171,14 @@ def _fsdp1_places(root: nn.Module, group: dist.ProcessGroup | None) -> tuple[lis
                 geometry[name] = (shape, cuts)
                 orig = flat._params[i] if use_orig and flat._params is not None else None
                 optim[name] = orig if orig is not None else flat
-                if orig is not None:
-                    managed.add(id(orig))
                 if info.in_shard:
                     places.append((handle, orig, int(info.offset_in_shard), int(info.numel_in_shard), name,
                                    int(info.intra_param_start_idx), shape, pg, optim[name], cuts))
-        unmanaged: list[tuple[str, nn.Parameter]] = []
-        for n, p in root.named_parameters():
-            if id(p) not in managed:
-                unmanaged.append((clean_name(n), p))
-                names.append(clean_name(n))
-                optim[clean_name(n)] = p
-                geometry[clean_name(n)] = (p.shape, ())
+        unmanaged = _fsdp.unmanaged_parameters(root)  # the shard plan's list, not a second walk
+        for n, p in unmanaged:
+            names.append(n)
+            optim[n] = p
+            geometry[n] = (p.shape, ())
         return places, Fsdp1Layout([], unmanaged, tuple(names), optim, geometry)
 
     return _fsdp.kept_on_root(root, "pieces", build, also=group)

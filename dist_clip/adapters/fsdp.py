@@ -29,7 +29,16 @@ from torch import Tensor, nn
 
 from ..shards import Shards
 
-__all__ = ["clean_name", "dtensor_shards", "fsdp1_handles", "fsdp1_shards", "kept_on_root", "matches", "shards"]
+__all__ = [
+    "clean_name",
+    "dtensor_shards",
+    "fsdp1_handles",
+    "fsdp1_shards",
+    "kept_on_root",
+    "matches",
+    "shards",
+    "unmanaged_parameters",
+]
 
 _T = TypeVar("_T")
 
@@ -277,6 +286,11 @@ def _plan(root: nn.Module, per_param: bool) -> tuple[list[_Unit], list[tuple[str
         return units, unmanaged
 
     return kept_on_root(root, ("shards", per_param), build)
+
+
+def unmanaged_parameters(root: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of every parameter under ``root`` no FSDP1 handle manages (whole on every rank)."""
+    return _plan(root, False)[1]
 
 
 def fsdp1_shards(root: nn.Module, group: dist.ProcessGroup | None, per_param: bool = False) -> list[Shards]:
