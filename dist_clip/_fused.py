@@ -41,18 +41,28 @@ def supports_grad_scale(optimizer: torch.optim.Optimizer) -> bool:
     )
 
 
-def _prepare_sgd_first_step(optimizer: torch.optim.Optimizer) -> None:
+def _prepare_sgd_first_step(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     """torch's fused SGD allocates momentum buffers with ``empty_like`` before a possibly skipped first step
     and keeps them: a skipped first step would leave garbage momentum. With ``dampening == 0`` a zero buffer
-    makes the first update ``0 * momentum + grad``, bit-for-bit the first-step rule, so start from zeros."""
+    makes the first update ``0 * momentum + grad``, bit-for-bit the first-step rule, so start from zeros.
+    With ``dampening != 0`` no buffer does (``momentum * buf + (1 - dampening) * grad`` is not ``grad``):
+    returns those parameters, whose new buffers :func:`_post_hook` drops again if the step was skipped."""
+    fresh: list[Tensor] = []
     if not isinstance(optimizer, torch.optim.SGD):
-        return
+        return fresh
     for group in optimizer.param_groups:
-        if group.get("momentum", 0) == 0 or group.get("dampening", 0) != 0:
+        if group.get("momentum", 0) == 0:
             continue
+        dampened = group.get("dampening", 0) != 0
         for p in group["params"]:
             if p.grad is not None and optimizer.state[p].get("momentum_buffer") is None:
-                optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+                if dampened:
+                    fresh.append(p)
+                else:
+                    optimizer.state[p]["momentum_buffer"] = torch.zeros_like(
+                        p.grad, memory_format=torch.preserve_format
+                    )
+    return fresh
 
 
 def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -61,21 +71,26 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         return
     scale, found = pending
     saved = (optimizer.__dict__.get("grad_scale", _MISSING), optimizer.__dict__.get("found_inf", _MISSING))
-    optimizer.__dict__[_SAVED] = saved
     theirs_scale, theirs_found = saved
     if isinstance(theirs_scale, Tensor):
         scale = scale * theirs_scale.to(scale.device, non_blocking=True)
     if isinstance(theirs_found, Tensor):
         found = found + theirs_found.to(found.device, non_blocking=True)
-    _prepare_sgd_first_step(optimizer)
+    optimizer.__dict__[_SAVED] = (saved, _prepare_sgd_first_step(optimizer), found)
     optimizer.grad_scale = scale  # type: ignore[attr-defined]
     optimizer.found_inf = found  # type: ignore[attr-defined]
 
 
 def _post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    saved = optimizer.__dict__.pop(_SAVED, None)
-    if saved is None:
+    stashed = optimizer.__dict__.pop(_SAVED, None)
+    if stashed is None:
         return
+    saved, fresh, found = stashed
+    # The first step of a fused SGD with dampening: one host read of the flag (a sync on CUDA, that step only),
+    # so that a skipped step leaves no buffer and the next one takes the first-step rule, as if never called.
+    if fresh and bool(found != 0):
+        for p in fresh:
+            optimizer.state[p].pop("momentum_buffer", None)
     for name, value in zip(("grad_scale", "found_inf"), saved):
         if value is _MISSING:
             optimizer.__dict__.pop(name, None)

@@ -345,6 +345,7 @@ OPTIMIZERS = {
     "SGD-nesterov-wd": lambda ps, fused: torch.optim.SGD(
         ps, lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.01, fused=fused
     ),
+    "SGD-dampening": lambda ps, fused: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, dampening=0.3, fused=fused),
 }
 
 
@@ -447,6 +448,13 @@ def test_non_finite_norm_skips_the_fused_step(name, bad, first):
                 for k in state_before:
                     for n in state_before[k]:
                         assert torch.equal(after[k][n], state_before[k][n]), (k, n)
+            else:
+                # torch's fused SGD allocates momentum buffers with empty_like before the (skipped) kernel:
+                # none may survive with whatever memory held (a zero buffer is the first-step rule only
+                # without dampening; with it the buffer must be gone).
+                for s in after.values():
+                    buf = s.get("momentum_buffer")
+                    assert buf is None or (not opt.param_groups[0]["dampening"] and not buf.any())
             continue
         _backward(ref_model, step)
         dist_clip.clip_grad_norm_(ref_model, 0.5, optimizer=ref_opt)
