@@ -216,15 +216,17 @@ def _count_partials(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
     return _as_float64_stack(parts, device)
 
 
-_is_real = operator.methodcaller("is_floating_point")
 _layout_of = operator.attrgetter("layout")
+_dtype_of = operator.attrgetter("dtype")
 _STRIDED = frozenset((torch.strided,))
+# The floating dtypes torch can measure and multiply in place (float8 has neither kernel on the CPU).
+_REAL = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
 
 
 def _real_inputs(tensors: Sequence[Tensor]) -> Sequence[Tensor]:
     """Complex gradients measure by their moduli (``|z|``, as ``vector_norm`` does), sparse ones by their
     coalesced values; integers are refused."""
-    if all(map(_is_real, tensors)) and _STRIDED.issuperset(map(_layout_of, tensors)):  # the usual case, in C
+    if _REAL.issuperset(map(_dtype_of, tensors)) and _STRIDED.issuperset(map(_layout_of, tensors)):  # usual, in C
         return tensors
     out = []
     for t in tensors:
@@ -232,8 +234,11 @@ def _real_inputs(tensors: Sequence[Tensor]) -> Sequence[Tensor]:
             t = t.coalesce().values()
         if t.is_complex():
             out.append(t.abs())  # a real copy of the moduli: exact, NaN stays NaN, zero stays zero
-        elif not t.is_floating_point():
-            raise TypeError(f"gradients must be floating-point or complex tensors, got one of dtype {t.dtype}")
+        elif t.dtype not in _REAL:
+            raise TypeError(
+                "gradients must be float16, bfloat16, float32, float64 or complex tensors, got one of dtype "
+                f"{t.dtype}"
+            )
         else:
             out.append(t)
     return out

@@ -40,10 +40,13 @@ def _check_max_norm(max_norm: object) -> float | Tensor:
     if isinstance(max_norm, bool) or not isinstance(max_norm, (numbers.Real, Tensor)):
         raise TypeError(f"max_norm must be a real number, got {type(max_norm).__name__} {max_norm!r}")
     if isinstance(max_norm, Tensor):
-        if max_norm.numel() != 1 or not max_norm.is_floating_point():
+        if max_norm.numel() != 1 or max_norm.dtype == torch.bool or max_norm.is_complex():
             raise TypeError(
-                f"max_norm as a tensor must hold one floating-point value, got shape {tuple(max_norm.shape)}"
+                "max_norm as a tensor must hold one real number, got a tensor of shape "
+                f"{tuple(max_norm.shape)} and dtype {max_norm.dtype}"
             )
+        if not max_norm.is_floating_point():
+            max_norm = max_norm.to(torch.float32)  # an integer tensor, as torch.nn.utils accepts it
         if max_norm.device.type != "cpu":
             return max_norm.reshape(())  # validating would be a device sync: trusted as given
         value = float(max_norm)
@@ -190,22 +193,23 @@ def _deepspeed_fold(target: object, optimizer: object) -> tuple[Any, object]:
 
 @torch.no_grad()
 def get_total_norm(
-    target: object,
+    tensors: object,
     norm_type: float | str = 2.0,
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
     *,
     group: dist.ProcessGroup | None = None,
 ) -> Tensor:
-    """Norm of all gradients of ``target`` as if unsharded, combined across ranks with one collective.
+    """Norm of all gradients of ``tensors`` as if unsharded, combined across ranks with one collective.
 
     Must be called on all ranks of the group (every rank of the wrapper's process group, or of ``group``),
     including ranks that hold no gradients: they contribute a neutral partial.
 
     Args:
-        target: a tensor, an iterable of parameters or gradient tensors, an ``nn.Module`` (plain, DDP, FSDP1,
-            FSDP2) or a supported framework object. Parameters contribute their ``.grad`` (``None`` is
-            skipped); other tensors are taken to be gradients.
+        tensors: the target (named as in ``torch.nn.utils.get_total_norm``): a tensor, an iterable of
+            parameters or gradient tensors, an ``nn.Module`` (plain, DDP, FSDP1, FSDP2) or a supported
+            framework object. Parameters contribute their ``.grad`` (``None`` is skipped); other tensors are
+            taken to be gradients.
         norm_type: order ``p >= 0`` of the norm, or ``inf``/``"inf"``. ``0`` counts non-zero entries (the
             L0 "norm", as ``torch.linalg.vector_norm``; ``torch.nn.utils`` returns something else for 0).
         error_if_nonfinite: raise ``RuntimeError`` on every rank when the total is NaN or infinite.
@@ -220,22 +224,25 @@ def get_total_norm(
     """
     p = _norm.parse_norm_type(norm_type)
     _check_foreach(foreach)
-    shards = resolve(target, _check_group(group))
+    shards = resolve(tensors, _check_group(group))
     return total_from_shards(shards, p, error_if_nonfinite, foreach)
 
 
 @torch.no_grad()
 def clip_grads_with_norm_(
-    target: object, max_norm: float | Tensor, total_norm: Tensor | float, foreach: bool | None = None
+    parameters: object, max_norm: float | Tensor, total_norm: Tensor | float, foreach: bool | None = None
 ) -> None:
-    """Scale this rank's gradient pieces of ``target`` in place by ``min(1, max_norm / (total_norm + 1e-6))``.
+    """Scale this rank's gradient pieces of ``parameters`` (any target) in place by
+    ``min(1, max_norm / (total_norm + 1e-6))``.
 
     Purely local: ``total_norm`` should come from :func:`get_total_norm`, which must be called on all ranks
     of the group. Each piece is scaled in its own dtype; no host sync on CUDA.
     """
     limit = _check_max_norm(max_norm)
     _check_foreach(foreach)
-    tensors = _all_tensors(resolve(target, None))
+    if isinstance(total_norm, Tensor) and total_norm.numel() != 1:
+        raise ValueError(f"total_norm must be a single value, got a tensor of shape {tuple(total_norm.shape)}")
+    tensors = _all_tensors(resolve(parameters, None))
     if not tensors:
         return
     if not isinstance(total_norm, Tensor):
@@ -245,7 +252,7 @@ def clip_grads_with_norm_(
 
 @torch.no_grad()
 def clip_grad_norm_(
-    target: object,
+    parameters: object,
     max_norm: float | Tensor,
     norm_type: float | str = 2.0,
     error_if_nonfinite: bool = False,
@@ -254,7 +261,8 @@ def clip_grad_norm_(
     group: dist.ProcessGroup | None = None,
     optimizer: object | None = None,
 ) -> Tensor:
-    """Clip the gradient norm of ``target`` exactly as if it were unsharded: one collective, in place.
+    """Clip the gradient norm of ``parameters`` (any target, see :func:`get_total_norm`) exactly as if it were
+    unsharded: one collective, in place.
 
     Must be called on all ranks of the group, after ``backward()`` and before ``optimizer.step()``. The
     arguments are those of :func:`get_total_norm` plus ``max_norm``; gradients are multiplied in place by
@@ -277,8 +285,8 @@ def clip_grad_norm_(
     limit = _check_max_norm(max_norm)
     p = _norm.parse_norm_type(norm_type)
     _check_foreach(foreach)
-    shards = resolve(target, _check_group(group))
-    fold, optimizer = _deepspeed_fold(target, optimizer)
+    shards = resolve(parameters, _check_group(group))
+    fold, optimizer = _deepspeed_fold(parameters, optimizer)
     fused = optimizer is not None and _fused.supports_grad_scale(optimizer)  # type: ignore[arg-type]
     everything = _all_tensors(shards)
     groups = _scale.group_by_device_dtype(everything)  # bucketed once, for measuring and for scaling

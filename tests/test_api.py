@@ -45,10 +45,47 @@ def test_bad_max_norm_is_a_value_error(bad):
         dist_clip.clip_grad_norm_(_params(), bad)
 
 
-@pytest.mark.parametrize("bad", ["1.0", None, [1.0], True])
+@pytest.mark.parametrize(
+    "bad", ["1.0", None, [1.0], True, torch.tensor([1.0, 2.0]), torch.tensor(True), torch.tensor(1 + 0j)]
+)
 def test_non_numeric_max_norm_is_a_type_error(bad):
     with pytest.raises(TypeError, match="max_norm"):
         dist_clip.clip_grad_norm_(_params(), bad)
+
+
+@pytest.mark.parametrize("max_norm", [torch.tensor(1), torch.tensor([2], dtype=torch.int32), torch.tensor(0.5)])
+def test_max_norm_as_a_tensor_of_any_real_dtype(max_norm):
+    """As torch.nn.utils.clip_grad_norm_ takes it: an integer tensor is a number too."""
+    ours, theirs, before = _params(), _params(), _params()
+    total = dist_clip.clip_grad_norm_(ours, max_norm)
+    torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+    want = reference_norm([p.grad for p in before])
+    assert total.item() == pytest.approx(want, rel=1e-6)
+    coef = float(max_norm) / (want + 1e-6)
+    assert coef < 1
+    for a, b, c in zip(ours, theirs, before):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.grad.double(), c.grad.double() * coef, rtol=1e-6, atol=1e-7)
+
+
+def test_arguments_have_torch_nn_utils_names():
+    """Keyword calls written for torch.nn.utils work unchanged."""
+    want = reference_norm([p.grad for p in _params()], 1.0)
+    assert dist_clip.get_total_norm(tensors=[p.grad for p in _params()], norm_type=1.0).item() == pytest.approx(
+        want, rel=1e-6
+    )
+    ps = _params()
+    total = dist_clip.clip_grad_norm_(parameters=ps, max_norm=1.0, norm_type=1.0, error_if_nonfinite=True,
+                                      foreach=None)
+    assert total.item() == pytest.approx(want, rel=1e-6)
+    ps = _params()
+    dist_clip.clip_grads_with_norm_(parameters=ps, max_norm=1.0, total_norm=total, foreach=None)
+    assert reference_norm([p.grad for p in ps], 1.0) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_total_norm_of_several_values_is_a_value_error():
+    with pytest.raises(ValueError, match="total_norm.*shape \\(2,\\)"):
+        dist_clip.clip_grads_with_norm_(_params(), 1.0, torch.tensor([1.0, 2.0]))
 
 
 def test_bad_foreach_and_target():
@@ -118,6 +155,41 @@ def test_none_grads_are_skipped_and_tied_weights_count_once():
     want = reference_norm([net[0].weight.grad])
     assert model["unused"].weight.grad is None
     assert dist_clip.get_total_norm(model).item() == pytest.approx(want, rel=1e-6)
+
+
+class _CustomParameter(nn.Parameter):
+    """A Parameter subclass, as quantisation libraries define them (e.g. bitsandbytes' Int8Params)."""
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
+@pytest.mark.parametrize("form", ["module", "parameters", "list"])
+def test_frozen_parameter_subclass_is_a_parameter_not_a_gradient(dtype, form):
+    """A frozen weight of an nn.Parameter subclass has no gradient: it must be neither measured nor scaled."""
+    model = nn.Linear(4, 4)
+    model.weight = _CustomParameter(torch.full((4, 4), 100).to(dtype), requires_grad=False)
+    model.bias.grad = torch.ones(4)
+    target = {"module": model, "parameters": model.parameters(), "list": [model.weight, model.bias]}[form]
+    total = dist_clip.clip_grad_norm_(target, 1.0)
+    assert total.item() == pytest.approx(2.0, rel=1e-6)
+    assert torch.equal(model.weight, torch.full((4, 4), 100).to(dtype))
+    torch.testing.assert_close(model.bias.grad, torch.full((4,), 1 / (2 + 1e-6)))
+
+
+def test_gradients_made_with_create_graph_are_gradients():
+    """backward(create_graph=True) leaves gradients that require grad (and have a grad_fn): passed as tensors
+    they are measured themselves, as torch.nn.utils.get_total_norm measures them; parameters still count by
+    their .grad."""
+    w = nn.Parameter(torch.arange(1.0, 7.0))
+    x = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 2.0])
+    (w.pow(3) * x).sum().backward(create_graph=True)
+    assert w.grad.requires_grad and w.grad.grad_fn is not None
+    want = reference_norm([w.grad.detach()])
+    assert dist_clip.get_total_norm([w.grad]).item() == pytest.approx(want, rel=1e-6)
+    assert dist_clip.get_total_norm([w]).item() == pytest.approx(want, rel=1e-6)
+    leaf = torch.ones(3, requires_grad=True)  # a leaf that requires grad is a parameter: its .grad counts
+    leaf.grad = torch.full((3,), 2.0)
+    assert dist_clip.get_total_norm([leaf]).item() == pytest.approx(math.sqrt(12), rel=1e-6)
+    w.grad = None  # break the reference cycle create_graph makes
 
 
 @pytest.mark.parametrize("empty", [[], "generator", "module"])
@@ -262,8 +334,15 @@ def test_complex_gradients_measure_by_modulus_and_scale(p):
 
 
 def test_integer_gradients_are_a_type_error():
-    with pytest.raises(TypeError, match="floating-point or complex.*torch.int64"):
+    with pytest.raises(TypeError, match="float32, float64 or complex.*torch.int64"):
         dist_clip.get_total_norm([torch.arange(10)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_gradients_are_a_type_error(dtype):
+    """torch has no CPU kernel to measure or multiply float8 in place: a clear TypeError, not an internal one."""
+    with pytest.raises(TypeError, match=f"float32, float64 or complex.*{dtype}"):
+        dist_clip.clip_grad_norm_([torch.randn(10), torch.ones(4).to(dtype)], 1.0)
 
 
 @pytest.mark.parametrize("p", [0.0, 1.0, 2.0, 3.5, math.inf])

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..shards import Shards
 
-__all__ = ["gradient_of", "matches", "named_grads", "shards", "shards_of_grads", "split_dtensors"]
+__all__ = ["gradient_of", "is_parameter", "matches", "named_grads", "shards", "shards_of_grads", "split_dtensors"]
 
 _NAMES: list[str] = []
 
@@ -39,12 +39,26 @@ _second = operator.itemgetter(1)
 def gradient_of(t: Tensor) -> Tensor | None:
     """The gradient a target element stands for: ``.grad`` of a parameter, the tensor itself otherwise.
 
-    A tensor that is a parameter or requires grad is a parameter (its ``.grad`` is measured, and skipped when
-    ``None``); any other tensor is taken to be a gradient already (as in ``torch.nn.utils.get_total_norm``).
+    See :func:`is_parameter`; a parameter's ``.grad`` is measured, and skipped when ``None``.
     """
-    if isinstance(t, nn.Parameter) or t.requires_grad:
-        return t.grad
-    return t
+    return t.grad if is_parameter(t) else t
+
+
+def is_parameter(t: Tensor) -> bool:
+    """Whether a target element is a parameter (its ``.grad`` counts) rather than a gradient.
+
+    An ``nn.Parameter`` (any subclass, frozen or not, and tensor subclasses marked ``_is_param`` such as
+    FSDP2's DTensor parameters) or a leaf tensor that requires grad is a parameter. Any other tensor is taken to
+    be a gradient already, as ``torch.nn.utils.get_total_norm`` takes it: also a gradient that requires grad
+    because ``backward(create_graph=True)`` made it part of a graph (it has a ``grad_fn``).
+    """
+    # The cheap tests first: isinstance goes through nn.Parameter's metaclass in Python (~1-2 us a call).
+    return (
+        type(t) is nn.Parameter
+        or getattr(t, "_is_param", False)
+        or (t.requires_grad and t.grad_fn is None)
+        or isinstance(t, nn.Parameter)
+    )
 
 
 def matches(target: object) -> bool:
@@ -95,12 +109,7 @@ def named_grads(target: object) -> list[tuple[str, Tensor]]:
         if kinds == _PARAMETER:
             grads = list(map(_grad, items))
         elif nn.Parameter in kinds or not kinds <= _PLAIN_KINDS or any(map(_requires_grad, items)):
-            # A parameter requires grad, is an nn.Parameter, or (a tensor subclass: FSDP2's DTensor parameters)
-            # is marked ``_is_param``: what isinstance(t, nn.Parameter) tests, at ~2 us a call in Python.
-            grads = [
-                t.grad if type(t) is nn.Parameter or getattr(t, "_is_param", False) or t.requires_grad else t
-                for t in items
-            ]  # type: ignore[attr-defined]
+            grads = [t.grad if is_parameter(t) else t for t in items]
         else:
             grads = items  # type: ignore[assignment]
         return [pair for pair in zip(names, grads) if pair[1] is not None]  # type: ignore[misc]
