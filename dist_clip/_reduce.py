@@ -16,7 +16,10 @@ from torch import Tensor
 
 from ._norm import ReduceOp
 
-__all__ = ["all_reduce_partials", "collective_device", "group_rank", "group_size", "home_device", "reduction_group"]
+__all__ = [
+    "all_reduce_partials", "collective_device", "group_rank", "group_size", "home_device", "reduces_on_host",
+    "reduction_group",
+]
 
 
 def group_size(group: dist.ProcessGroup | None) -> int:
@@ -69,6 +72,15 @@ def collective_device(group: dist.ProcessGroup, preferred: torch.device) -> torc
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
     return preferred
+
+
+def reduces_on_host(group: dist.ProcessGroup | None) -> bool:
+    """Whether ``group`` combines more than one rank with a host backend (gloo or MPI only), the same answer on
+    every rank: there, reading a combined value costs no device sync (gloo copies CUDA tensors through the host
+    anyway), so the ranks may agree on something through the collective and act on it."""
+    if group_size(group) <= 1:
+        return False
+    return str(dist.get_backend(group)).lower() in ("gloo", "mpi")
 
 
 def home_device(tensors: Iterable[Tensor], group: dist.ProcessGroup | None) -> torch.device:

@@ -345,6 +345,8 @@ class Measurement:
         partials: the combined partials per slot (before the root), for callers that merge slots.
         group: the reduction group of the call (``None`` when nothing was combined).
         device: where the vector lives.
+        result_dtype: the caller's ``result_dtype``, agreed over the ranks where the group reduces on the host
+            (float64 on every rank when any rank's was float64).
     """
 
     slot_norms: Tensor
@@ -355,6 +357,7 @@ class Measurement:
     group: dist.ProcessGroup | None
     device: torch.device
     loss_scale: float
+    result_dtype: torch.dtype | None = None
 
 
 def counted_pieces(
@@ -464,6 +467,7 @@ def measure(
     extra: Tensor | None = None,
     group: dist.ProcessGroup | None = None,
     layout: Sequence[str] | None = None,
+    result_dtype: torch.dtype | None = None,
 ) -> Measurement:
     """Measure every counted piece into its slot and combine everything with ONE all-reduce.
 
@@ -475,6 +479,8 @@ def measure(
         foreach: as in the public API.
         presence: also count gradient pieces per slot (to tell "no gradient anywhere" from "zero").
         extra: more float64 values to combine with the same reduction (same length on every rank).
+        result_dtype: the dtype this rank's result would take from its own pieces; where the group reduces on
+            the host, one more value agrees on it (see :func:`dist_clip.clip.wide_flag`).
         group: the reduction group; by default the common group of the Shards (the world when they differ).
         layout: what gives the slots and ``extra`` their meaning (the parameter names, in slot order), which
             must be identical on every rank. Four more values in the same all-reduce check it (see
@@ -508,6 +514,9 @@ def measure(
         parts.append(torch.tensor(seen, dtype=torch.float64).to(device, non_blocking=True))
     if extra is not None:
         parts.append(extra.to(device=device, dtype=torch.float64))
+    agree = result_dtype is not None and _reduce.reduces_on_host(red)
+    if agree:
+        parts.append(_clip.wide_flag(result_dtype, device))  # type: ignore[arg-type]
     check = layout is not None and red is not None and _reduce.group_size(red) > 1
     if check:
         parts.append(_layout_values(layout, p).to(device, non_blocking=True))  # type: ignore[arg-type]
@@ -521,7 +530,10 @@ def measure(
     if presence:
         counts_out = combined[at : at + n_slots]
         at += n_slots
-    extra_out = combined[at:] if extra is not None else None
+    extra_out = combined[at : at + extra.numel()] if extra is not None else None
+    if agree:
+        at += extra.numel() if extra is not None else 0
+        result_dtype = _clip.agreed_dtype(combined[at])
     if math.isinf(p):
         total_partial = partials.max()  # torch.max propagates NaN
     else:
@@ -535,6 +547,7 @@ def measure(
         group=red,
         device=device,
         loss_scale=scale,
+        result_dtype=result_dtype,
     )
 
 

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import _norm, _reduce, _slots
+from . import clip as _clip
 from .adapters import unwrap_compiled
 from .shards import Shards, UnitLayout
 
@@ -722,7 +723,8 @@ def unitwise_measure(target: object, config: AGC, p: float, foreach: bool | None
                 _add_partials_(extra, k, where, wp[sel], gp[sel], p)
     layout = [*names, *(f"{c[0]}:{c[1]}" for c in cut)]  # the slots, then the cut units' order in ``extra``
     m = _slots.measure(shards, lambda n, _i: index[n], len(names), p, foreach, presence=True,
-                       extra=extra if k else None, layout=layout, group=red)
+                       extra=extra if k else None, layout=layout, group=red,
+                       result_dtype=_clip._result_dtype([u.grad for u in units], None))
     combined = m.extra
     coefs: list[Tensor] = []
     smallest = torch.ones((), dtype=torch.float32, device=device)

@@ -129,6 +129,18 @@ def _result_dtype(tensors: Sequence[Tensor], groups: _Groups | None) -> torch.dt
     return torch.float64 if any(d in _WIDE for d in dtypes) else torch.float32
 
 
+def wide_flag(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """1.0 where this rank's result dtype is float64, else 0.0: combined by SUM or MAX, positive iff some rank's
+    is. Packed into a call's all-reduce where :func:`_reduce.reduces_on_host`, so that a rank holding only
+    float32 pieces (or none) returns the float64 total the ranks holding float64 gradients return."""
+    return torch.tensor([1.0 if dtype == torch.float64 else 0.0], dtype=torch.float64).to(device, non_blocking=True)
+
+
+def agreed_dtype(combined_flag: Tensor) -> torch.dtype:
+    """The result dtype every rank takes from the combined :func:`wide_flag` (a host read: host backends only)."""
+    return torch.float64 if bool(combined_flag > 0) else torch.float32
+
+
 def total_from_shards(
     shards: Sequence[Shards],
     p: float,
@@ -153,12 +165,18 @@ def total_from_shards(
     counted, whole = _counted_tensors(shards, group)
     if not (whole and len(counted) == len(everything)):  # then counted is everything, each piece once
         groups = None
-    partial = local_total_partial(counted, p, foreach, home, groups)
-    combined = _reduce.all_reduce_partials(partial.reshape(1), _norm.combine_op(p), group)
+    partial = local_total_partial(counted, p, foreach, home, groups).reshape(1)
+    out = _result_dtype(everything, everything_groups)
+    agree = _reduce.reduces_on_host(group)
+    if agree:  # one more value in the same all-reduce: whether any rank holds float64 gradients
+        partial = torch.cat([partial, wide_flag(out, home)])
+    combined = _reduce.all_reduce_partials(partial, _norm.combine_op(p), group)
     total = _norm.finalize(combined[0], p)
     if scale != 1.0 and p != 0:  # every p-norm is homogeneous of degree 1; the L0 count is scale-free
         total = total / scale
-    total = total.to(_result_dtype(everything, everything_groups))
+    if agree:
+        out = agreed_dtype(combined[1])
+    total = total.to(out)
     if error_if_nonfinite and not bool(torch.isfinite(total)):
         raise RuntimeError(
             f"The total norm of order {p} for gradients is non-finite ({total.item()}), so it cannot be clipped. "

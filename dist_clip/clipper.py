@@ -479,8 +479,10 @@ class GradClipper:
             pick, n_slots = None, 1
         m = _slots.measure(shards, pick, n_slots, p, cfg.foreach, presence=named is not None,
                            group=plan.reduction_group if plan is not None else None,
-                           layout=named.names if named is not None else None)
-        out = _clip._result_dtype([t for s in shards for t in s.tensors], None)
+                           layout=named.names if named is not None else None,
+                           result_dtype=_clip._result_dtype([t for s in shards for t in s.tensors], None))
+        out = m.result_dtype
+        assert out is not None
         total = m.total.to(out)
         finite = torch.isfinite(total)
 
@@ -603,7 +605,9 @@ class GradClipper:
         cfg = self.config
         p = cfg.p
         outcome = unitwise_measure(target, cfg.agc, p, cfg.foreach, group)
-        total = outcome.total.to(_clip._result_dtype([u.grad for u in outcome.units], None))
+        out = outcome.measurement.result_dtype
+        assert out is not None
+        total = outcome.total.to(out)
         finite = torch.isfinite(total)
         units = outcome.units
         if cfg.on_nonfinite == "error" and not bool(finite):
