@@ -90,11 +90,15 @@ class FlatPiece:
         data: the local piece of the parameter's values, aligned with ``grad`` (1-D).
         start: index of the piece's first element in the flattened full parameter.
         shape: shape of the full parameter.
-        group: the flat parameter's shard group; ``None`` when it is not sharded (``NO_SHARD``).
+        group: the group the piece's partials combine over: the flat parameter's shard group when the root's
+            sharded handles share one and no ``group=`` was given, else that group or the world; ``None`` when
+            it is not sharded (``NO_SHARD``).
         optim_param: what an optimizer holds for this parameter (the flat parameter unless
             ``use_orig_params=True``).
         split_at: offsets, in the flattened full parameter, where shard boundaries of *any* rank cut it:
             identical on every rank, so every rank knows which of its rows are split without communicating.
+        counted: whether this rank's copy counts: hybrid replicas hold identical shards, and where ``group``
+            spans more than one replica only the first counts.
     """
 
     name: str
@@ -105,6 +109,7 @@ class FlatPiece:
     group: dist.ProcessGroup | None
     optim_param: Tensor
     split_at: tuple[int, ...]
+    counted: bool = True
 
 
 def _fsdp1_type() -> type:
@@ -130,13 +135,15 @@ class Fsdp1Layout:
     names: tuple[str, ...]
     optim: dict[str, Tensor]
     geometry: dict[str, tuple[torch.Size, tuple[int, ...]]]  # name -> (full shape, cuts), every parameter
+    # The group sharded pieces combine over, on every rank (one holding padding only too), or None (no sharding).
+    group: dist.ProcessGroup | None = None
 
 
 # One in-shard piece of an FSDP1 parameter, all but its tensors: (handle, the original parameter under
-# use_orig_params or None, offset and numel in the local shard, name, start, shape, shard group, what an optimizer
-# holds for it, cuts).
+# use_orig_params or None, offset and numel in the local shard, name, start, shape, group, what an optimizer
+# holds for it, cuts, counted).
 _Place = tuple[Any, "nn.Parameter | None", int, int, str, int, torch.Size, "dist.ProcessGroup | None", Tensor,
-               tuple[int, ...]]
+               tuple[int, ...], bool]
 
 
 def _fsdp1_places(root: nn.Module, group: dist.ProcessGroup | None) -> tuple[list[_Place], Fsdp1Layout]:
@@ -148,11 +155,18 @@ def _fsdp1_places(root: nn.Module, group: dist.ProcessGroup | None) -> tuple[lis
         names: list[str] = []
         optim: dict[str, Tensor] = {}
         geometry: dict[str, tuple[torch.Size, tuple[int, ...]]] = {}
-        for _, handle, path in _fsdp.fsdp1_handles(root):
+        handles = list(_fsdp.fsdp1_handles(root))
+        shard_groups = {id(h.process_group): h.process_group for _, h, _ in handles if h.uses_sharded_strategy}
+        # As the adapter's plan reduces: over the one shard group the handles share (each hybrid replica then
+        # computes the same total), else over group= or the world, counting the first hybrid replica only.
+        whole = group is None and len(shard_groups) == 1
+        red = next(iter(shard_groups.values())) if whole else (group if group is not None else dist.group.WORLD)
+        for module, handle, path in handles:
             flat = handle.flat_param
             prefix = clean_name(path)
             sharded = bool(handle.uses_sharded_strategy)
-            pg = (group if group is not None else handle.process_group) if sharded else None
+            pg = red if sharded else None
+            counted = not sharded or whole or _fsdp.first_replica(module, handle)
             world = _reduce.group_size(handle.process_group) if sharded else 1
             shard_numel = int(flat._local_shard.numel()) if sharded else 0
             # Offsets of the original parameters in the (padded) unsharded flat parameter, padding included.
@@ -173,13 +187,13 @@ def _fsdp1_places(root: nn.Module, group: dist.ProcessGroup | None) -> tuple[lis
                 optim[name] = orig if orig is not None else flat
                 if info.in_shard:
                     places.append((handle, orig, int(info.offset_in_shard), int(info.numel_in_shard), name,
-                                   int(info.intra_param_start_idx), shape, pg, optim[name], cuts))
+                                   int(info.intra_param_start_idx), shape, pg, optim[name], cuts, counted))
         unmanaged = _fsdp.unmanaged_parameters(root)  # the shard plan's list, not a second walk
         for n, p in unmanaged:
             names.append(n)
             optim[n] = p
             geometry[n] = (p.shape, ())
-        return places, Fsdp1Layout([], unmanaged, tuple(names), optim, geometry)
+        return places, Fsdp1Layout([], unmanaged, tuple(names), optim, geometry, red if shard_groups else None)
 
     return _fsdp.kept_on_root(root, "pieces", build, also=group)
 
@@ -197,7 +211,7 @@ def fsdp1_pieces(root: nn.Module, group: dist.ProcessGroup | None = None) -> Fsd
     """
     places, static = _fsdp1_places(root, group)
     pieces: list[FlatPiece] = []
-    for handle, orig, offset, numel, name, start, shape, pg, optim_param, cuts in places:
+    for handle, orig, offset, numel, name, start, shape, pg, optim_param, cuts, counted in places:
         if orig is not None:
             g = orig.grad
             data = orig.detach().reshape(-1)
@@ -208,8 +222,8 @@ def fsdp1_pieces(root: nn.Module, group: dist.ProcessGroup | None = None) -> Fsd
             data = local.detach().narrow(0, offset, numel)
         if g is not None:
             g = g.reshape(-1)
-        pieces.append(FlatPiece(name, g, data, start, shape, pg, optim_param, cuts))
-    return Fsdp1Layout(pieces, static.unmanaged, static.names, static.optim, static.geometry)
+        pieces.append(FlatPiece(name, g, data, start, shape, pg, optim_param, cuts, counted))
+    return Fsdp1Layout(pieces, static.unmanaged, static.names, static.optim, static.geometry, static.group)
 
 
 def _fsdp1_named(root: nn.Module, group: dist.ProcessGroup | None) -> Named:

@@ -546,11 +546,16 @@ def unit_pieces(
                 continue
             numel = int(math.prod(piece.shape))
             row_len = numel // piece.shape[0] if len(piece.shape) >= 2 and piece.shape[0] > 0 else max(numel, 1)
-            units.append(_Unit(piece.name, piece.grad, piece.data, piece.group, True, "flat", start=piece.start,
-                               row_len=row_len, split_units=tuple(cut_by_name.get(piece.name, ()))))
+            units.append(_Unit(piece.name, piece.grad, piece.data, piece.group, piece.counted, "flat",
+                               start=piece.start, row_len=row_len,
+                               split_units=tuple(cut_by_name.get(piece.name, ()))))
         for name, param in layout.unmanaged:
             if param.grad is not None:
                 units.append(_Unit(name, param.grad, param.detach(), None, True, "rows"))
+        if layout.group is not None and layout.names:
+            # Join the reduction even holding nothing (a rank whose shards are padding only); not a gradient piece.
+            empty = layout.optim[layout.names[0]].detach().new_zeros(0)  # the model's dtype and device
+            units.append(_Unit(layout.names[0], empty, empty, layout.group, False, "flat"))
         return units, cut, layout.names
     wrapped = _wrapper_layout(target, group)  # DeepSpeed engines, fairscale: the adapter places its pieces
     if wrapped is not None:

@@ -626,7 +626,15 @@ def fsdp1(strategy: str, use_orig_params: bool, plain_root: bool = False) -> dic
     )
     result = run_case(case)
     padded = [h.flat_param._shard_numel_padded for h, _ in _flat_layout(fsdp_model)]
-    return {"per_p": result, "padded": padded}
+    refused = None
+    if not plain_root:
+        # The module the root wraps holds its own flat parameter (or, with use_orig_params, sharded views) beside
+        # FSDP1 children: passed instead of the root, it must be refused, not measured as replicated tensors.
+        try:
+            dist_clip.get_total_norm(fsdp_model.module)
+        except ValueError as e:
+            refused = "pass the FullyShardedDataParallel module" in str(e)
+    return {"per_p": result, "padded": padded, "inner_refused": refused}
 
 
 def fsdp1_plan_across_steps(use_orig_params: bool) -> dict[str, Any]:
@@ -830,6 +838,16 @@ def fsdp1_tiny(use_orig_params: bool) -> dict[str, Any]:
     want = {n: torch.linalg.vector_norm(g).item() for n, g in ref.grads.items()}
     assert counted.total == 1, counted.names
     assert report.keys() == want.keys() and all(_norm_close(report[n], want[n], RTOL) for n in want), (report, want)
+    # AGC's per-unit path too: a rank holding padding only joins its one collective (it used to skip it and
+    # return a local 0, leaving the others waiting).
+    from dist_clip import AGC
+
+    with count_collectives() as counted:
+        agc = GradClipper(ClipperConfig(agc=AGC(clipping=1e9), mode="unitwise", report=True))(fsdp_model)
+    assert counted.total == 1, counted.names
+    assert agc.norms.keys() == want.keys() and all(_norm_close(agc.norms[n], want[n], RTOL) for n in want), agc.norms
+    total = reference_norm(list(ref.grads.values()), 2.0)
+    assert _norm_close(agc.total_norm.item(), total, RTOL), (agc.total_norm.item(), total)
     # Gradient entries this rank holds, padding excluded (a flat grad of padding only is all padding).
     held = sum(
         q.grad.numel() - getattr(q, "_shard_numel_padded", 0) for q in fsdp_model.parameters() if q.grad is not None

@@ -64,18 +64,19 @@ def _close(got: float, want: float) -> bool:
     return got == want if want == 0 else abs(got - want) <= RTOL * want
 
 
-def _check_norms(target: nn.Module, grads: dict[str, torch.Tensor], where: str, agc: bool = True) -> list[str]:
+def _check_norms(target: nn.Module, grads: dict[str, torch.Tensor], where: str, agc: bool = True,
+                 group: dist.ProcessGroup | None = None) -> list[str]:
     errors = []
     for p in ORDERS:
         want = reference_norm(list(grads.values()), p) if grads else 0.0
-        got = dist_clip.get_total_norm(target, p).item()
+        got = dist_clip.get_total_norm(target, p, group=group).item()
         if not _close(got, want):
             errors.append(f"{where} p={p}: total {got} != {want}")
         modes = [("per_param", ClipperConfig(max_norm=1e9, norm_type=p, mode="per_param", report=True))]
         if agc and p > 0:
             modes.append(("unitwise", ClipperConfig(agc=AGC(clipping=1e9), norm_type=p, mode="unitwise", report=True)))
         for mode, cfg in modes:
-            norms = GradClipper(cfg)(target).norms
+            norms = GradClipper(cfg)(target, group=group).norms
             if set(norms) != set(grads):
                 errors.append(f"{where} p={p} {mode}: names {sorted(norms)} != {sorted(grads)}")
                 continue
@@ -152,6 +153,41 @@ def fsdp1_models(trials: int) -> list[str]:
                     if q.grad is not None and not torch.allclose(q.grad.double(), grads[n] * coef, rtol=RTOL,
                                                                  atol=1e-7):
                         errors.append(f"{where}: clipped {n}")
+    return errors
+
+
+def fsdp1_mixed_models(trials: int) -> list[str]:
+    """FSDP1 on 4 ranks: every layer its own instance under a plain root, each with a strategy drawn from hybrid
+    (2 x 2 device mesh), full sharding and no sharding, or one hybrid instance for the whole model; measured with
+    and without ``group=``, so that hybrid replicas must count once whether a call reduces over their shard
+    group or the world. A last layer of 1 x 1 leaves ranks whose shard of it is padding only."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+
+    rank = dist.get_rank()
+    m = mesh((2, dist.get_world_size() // 2), ("replicate", "shard"))
+    errors: list[str] = []
+    for trial in range(trials):
+        rnd, widths, model = _draw(3000 + trial)
+        model.append(Layer(widths[-1], 1, True))
+        model.append(Layer(1, 1, False))
+        grads = _reference(model, widths[0])
+        chosen = []
+        if rnd.random() < 0.25:
+            chosen.append("whole model HYBRID_SHARD")
+            model = FullyShardedDataParallel(model, sharding_strategy=ShardingStrategy.HYBRID_SHARD,
+                                             device_mesh=m, use_orig_params=True, device_id=torch.device("cpu"))
+        else:
+            for i, layer in enumerate(model):
+                strategy = rnd.choice(["HYBRID_SHARD", "_HYBRID_SHARD_ZERO2", "FULL_SHARD", "NO_SHARD"])
+                orig = rnd.random() < 0.5
+                chosen.append(f"{strategy}{'/orig' if orig else ''}")
+                kwargs = {"device_mesh": m} if "HYBRID" in strategy else {}
+                model[i] = FullyShardedDataParallel(layer, sharding_strategy=getattr(ShardingStrategy, strategy),
+                                                    use_orig_params=orig, device_id=torch.device("cpu"), **kwargs)
+        model(_batch(rank, widths[0])).pow(2).sum().backward()
+        for group in (None, dist.group.WORLD):
+            where = f"trial {trial} widths {widths} {chosen} group={'world' if group else None}"
+            errors += _check_norms(model, grads, where, group=group)
     return errors
 
 

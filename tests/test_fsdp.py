@@ -176,6 +176,7 @@ def test_fsdp1(run_ranks, world_size: int, strategy: str, use_orig_params: bool)
     """Nested auto-wrapping, an ignored module, and (flat, 3 or 4 ranks) padding poisoned with 1e3."""
     results = run_ranks(world_size, cases.fsdp1, strategy, use_orig_params)
     check(results, "fsdp1", no_shard=strategy == "NO_SHARD")
+    assert all(r["inner_refused"] for r in results), [r["inner_refused"] for r in results]  # root.module
     if not use_orig_params and strategy != "NO_SHARD" and world_size in (3, 4) and "HYBRID" not in strategy:
         assert any(any(r["padded"]) for r in results), "no rank had padding: the poison test checked nothing"
 

@@ -31,6 +31,11 @@ def test_fsdp1_random_models(run_ranks, world_size: int) -> None:
         assert not errors, errors[:10]
 
 
+def test_fsdp1_hybrid_and_mixed_random_models(run_ranks) -> None:
+    for errors in run_ranks(4, cases.fsdp1_mixed_models, 4, timeout_s=300):
+        assert not errors, errors[:10]
+
+
 @pytest.mark.deepspeed
 def test_deepspeed_random_models(run_ranks) -> None:
     pytest.importorskip("deepspeed")

@@ -263,6 +263,12 @@ def kept_on_root(root: nn.Module, key: Hashable, build: Callable[[], _T], also: 
     return value
 
 
+def first_replica(module: nn.Module, handle: Any) -> bool:
+    """Whether this rank's shard of a sharded handle counts where the reduction spans more than its shard group:
+    hybrid replicas hold identical shards after backward(), and the first of them counts."""
+    return handle._sharding_strategy.name not in _HYBRID or dist.get_rank(module._inter_node_pg) == 0
+
+
 def _plan(root: nn.Module, per_param: bool) -> tuple[list[_Unit], list[tuple[str, nn.Parameter]]]:
     """The handles under ``root`` and the parameters no handle manages (identical on every rank), with their
     names, kept on the root (:func:`kept_on_root`)."""
@@ -277,12 +283,18 @@ def _plan(root: nn.Module, per_param: bool) -> tuple[list[_Unit], list[tuple[str
             layout = _handle_layout(handle, prefix, per_param)
             first_name = clean_name(prefix + flat._fqns[0]) if flat._fqns else clean_name(prefix + "flat_param")
             if handle.uses_sharded_strategy:
-                hybrid = handle._sharding_strategy.name in _HYBRID
-                first = not hybrid or dist.get_rank(module._inter_node_pg) == 0
-                units.append((handle, layout, handle.process_group, first, first_name))
+                units.append((handle, layout, handle.process_group, first_replica(module, handle), first_name))
             else:
                 units.append((handle, layout, None, True, first_name))
         unmanaged = [(clean_name(n), p) for n, p in root.named_parameters() if id(p) not in managed]
+        for n, p in unmanaged:
+            if getattr(p, "_fsdp_flattened", False):
+                # A module an FSDP1 instance wraps, passed instead of that instance: its own flat parameter (or,
+                # under use_orig_params, its parameters' sharded views) would pass for whole, replicated tensors.
+                raise ValueError(
+                    f"{n} is a shard managed by an FSDP1 instance above the module passed; pass the "
+                    "FullyShardedDataParallel module that wraps it (the root), not its .module"
+                )
         return units, unmanaged
 
     return kept_on_root(root, ("shards", per_param), build)
