@@ -15,17 +15,21 @@ restores the attributes as they were.
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["hand_over_", "supports_grad_scale"]
+__all__ = ["drop_pending", "hand_over_", "supports_grad_scale"]
 
 _PENDING = "_dist_clip_pending"
 _HOOKS = "_dist_clip_hooks"
 _SAVED = "_dist_clip_saved"
 _MISSING = object()
+# Optimizers holding a coefficient for their next step(): a later clip that scales the same gradients drops it.
+_WAITING: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
 
 
 def supports_grad_scale(optimizer: torch.optim.Optimizer) -> bool:
@@ -65,7 +69,29 @@ def _prepare_sgd_first_step(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     return fresh
 
 
+def _storage(t: Tensor) -> int | None:
+    try:
+        return int(getattr(t, "_local_tensor", t).untyped_storage().data_ptr())  # DTensor: its local shard
+    except (RuntimeError, NotImplementedError):  # sparse gradients have no single storage
+        return None
+
+
+def drop_pending(tensors: Sequence[Tensor]) -> None:
+    """Forget the coefficient an earlier ``clip_grad_norm_(..., optimizer=)`` left for the next ``step()`` of an
+    optimizer whose gradients are among ``tensors`` (the pieces a clip is about to scale, views included): that
+    clip supersedes it, as a second clip of clipped gradients would (applying both would clip twice)."""
+    if not _WAITING:  # the usual case: nothing handed over, or already stepped
+        return
+    held = {_storage(t) for t in tensors} - {None}
+    for optimizer in list(_WAITING):
+        grads = (p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None)
+        if any(_storage(g) in held for g in grads):
+            optimizer.__dict__.pop(_PENDING, None)
+            _WAITING.discard(optimizer)
+
+
 def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    _WAITING.discard(optimizer)
     pending = optimizer.__dict__.pop(_PENDING, None)
     if pending is None:
         return
@@ -112,3 +138,4 @@ def hand_over_(optimizer: torch.optim.Optimizer, coef: Tensor, total: Tensor) ->
     scale = torch.reciprocal(coef.to(torch.float32))  # the kernels divide: 1/1 == 1 keeps an unclipped step exact
     found = torch.logical_not(torch.isfinite(total)).to(torch.float32)
     optimizer.__dict__[_PENDING] = (scale, found)
+    _WAITING.add(optimizer)

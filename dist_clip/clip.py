@@ -186,6 +186,17 @@ def total_from_shards(
     return total
 
 
+def drop_pending_hand_over(target: object, tensors: Sequence[Tensor]) -> None:
+    """A clip about to scale ``tensors`` now supersedes a coefficient an earlier ``optimizer=`` call left for the
+    next ``step()`` of the same gradients (a DeepSpeed engine's, or a fused torch optimizer's): the gradients were
+    not scaled then, they are now, and the step must not scale them again."""
+    from .adapters import deepspeed as ds_adapter
+
+    if ds_adapter.matches(target):
+        ds_adapter.drop_pending(target)
+    _fused.drop_pending(tensors)
+
+
 def _deepspeed_fold(target: object, optimizer: object) -> tuple[Any, object]:
     """``(fold, optimizer)``: the hand-over of the coefficient into a DeepSpeed ZeRO engine's ``step()`` (see
     :func:`dist_clip.adapters.deepspeed.fold_handle`) or None, and what is left of ``optimizer`` for the fused
@@ -261,6 +272,7 @@ def clip_grads_with_norm_(
     if isinstance(total_norm, Tensor) and total_norm.numel() != 1:
         raise ValueError(f"total_norm must be a single value, got a tensor of shape {tuple(total_norm.shape)}")
     tensors = _all_tensors(resolve(parameters, None))
+    drop_pending_hand_over(parameters, tensors)
     if not tensors:
         return
     if not isinstance(total_norm, Tensor):
@@ -315,5 +327,6 @@ def clip_grad_norm_(
     elif fused:
         _fused.hand_over_(optimizer, coef, total)
     else:
+        drop_pending_hand_over(parameters, everything)
         _scale.scale_(everything, coef, foreach, groups)
     return total

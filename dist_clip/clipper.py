@@ -520,6 +520,7 @@ class GradClipper:
                 culprits = _slots.named_shards(target, group).shards
             raise RuntimeError(_nonfinite_message(culprits, m.group, total.item(), p))
         pieces = _slots.all_pieces(shards, pick)
+        _clip.drop_pending_hand_over(target, [t for t, _ in pieces])
         on_cpu = total.device.type == "cpu"
         if policy in ("skip", "zero"):
             keep = 1.0 if policy == "skip" else 0.0
@@ -615,6 +616,7 @@ class GradClipper:
             raise RuntimeError(_nonfinite_message(shards, outcome.group, total.item(), p))
         policy = cfg.on_nonfinite
         on_cpu = total.device.type == "cpu"
+        _clip.drop_pending_hand_over(target, [u.grad for u in units])
         if policy == "zero" and on_cpu and not bool(finite):
             for u in units:
                 u.grad.zero_()

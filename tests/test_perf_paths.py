@@ -465,6 +465,29 @@ def test_non_finite_norm_skips_the_fused_step(name, bad, first):
         assert torch.equal(p, p_ref)
 
 
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("second", ["clip_grad_norm_", "clip_grads_with_norm_", "GradClipper"])
+def test_a_plain_clip_after_a_hand_over_clips_once(name, second):
+    """Handed over, then clipped in place before step(): the gradients are scaled once, by the second call, and
+    the pending coefficient is dropped (applying both clipped twice): the parameters of one clip then step."""
+    ref_model, ref_opt, _ = _run(name, True, hand_over=False, max_norm=0.5, steps=1)
+    model = _model()
+    opt = OPTIMIZERS[name](list(model.parameters()), True)
+    _backward(model, 0)
+    first = dist_clip.clip_grad_norm_(model, 0.5, optimizer=opt)
+    if second == "clip_grad_norm_":
+        again = dist_clip.clip_grad_norm_(model, 0.5)
+    elif second == "clip_grads_with_norm_":
+        dist_clip.clip_grads_with_norm_(model.parameters(), 0.5, first)
+        again = first
+    else:
+        again = dist_clip.GradClipper(max_norm=0.5)(model).total_norm
+    assert torch.equal(first, again)  # the hand-over left the gradients as they were
+    opt.step()
+    for p_ref, p in zip(ref_model.parameters(), model.parameters()):
+        assert torch.equal(p, p_ref)
+
+
 def test_handed_over_scale_applies_to_exactly_one_step():
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=1.0, fused=True)

@@ -627,6 +627,14 @@ def fold_handle(target: object, optimizer: object) -> Any:
     return hand_over
 
 
+def drop_pending(target: object) -> None:
+    """Forget a coefficient an earlier ``clip_grad_norm_(engine, ..., optimizer=)`` left for the next ``step()``:
+    a clip that scales the same gradients now supersedes it (applying both would clip twice)."""
+    fold = getattr(getattr(target, "optimizer", None), "__dict__", {}).get("_dist_clip_fold")
+    if fold is not None and not fold.stepping:
+        fold.coef = None
+
+
 def optimizer_tensors(target: object) -> dict[str, Tensor]:
     """Parameter name -> the tensor DeepSpeed put in the torch optimizer's ``param_groups`` in its place.
 
