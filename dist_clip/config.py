@@ -226,6 +226,8 @@ def _validate(cfg: TrainConfig, source: str) -> TrainConfig:
     def positive(name: str, value: float, strict: bool = True) -> None:
         if math.isnan(value) or (value <= 0 if strict else value < 0):
             raise ConfigError(source, name, f"must be {'> 0' if strict else '>= 0'}, got {value}")
+        if math.isinf(value) and name != "clip.max_norm":  # max_norm's own message follows
+            raise ConfigError(source, name, f"must be finite, got {value}")
 
     positive("steps", cfg.steps)
     positive("batch_size", cfg.batch_size)
@@ -236,6 +238,8 @@ def _validate(cfg: TrainConfig, source: str) -> TrainConfig:
         raise ConfigError(source, "clip.max_norm", "must be finite (use clip.mode: off to measure without clipping)")
     if cfg.tolerance is not None:
         positive("tolerance", cfg.tolerance)
+    if not 0 <= cfg.seed < 2**63:  # torch.manual_seed takes a signed 64-bit value
+        raise ConfigError(source, "seed", f"must be in [0, 2**63), got {cfg.seed}")
     p = cfg.clip.norm_type
     if isinstance(p, str):
         try:
@@ -244,6 +248,12 @@ def _validate(cfg: TrainConfig, source: str) -> TrainConfig:
             raise ConfigError(source, "clip.norm_type", f"expected a number >= 0 or inf, got {p!r}") from None
     if math.isnan(p) or p < 0 or (math.isinf(p) and p < 0):
         raise ConfigError(source, "clip.norm_type", f"expected a number >= 0 or inf, got {cfg.clip.norm_type!r}")
+    if cfg.clip.mode == "native" and cfg.wrapper.startswith("zero"):
+        if p != 2.0:
+            raise ConfigError(source, "clip.norm_type", "DeepSpeed's own clipping (clip.mode: native) only does 2")
+        if cfg.clip.max_norm == 0:
+            raise ConfigError(source, "clip.max_norm", "DeepSpeed's own clipping (clip.mode: native) reads "
+                              "gradient_clipping: 0 as no clipping; use a max_norm > 0")
     m = cfg.model
     for name in ("d_model", "n_layers", "n_heads", "mlp_ratio"):
         positive(f"model.{name}", getattr(m, name))
@@ -272,6 +282,23 @@ def from_dict(data: Any, source: str = "<config>", name: str | None = None) -> T
     return _validate(_build(TrainConfig, data, source), source)
 
 
+def _yaml_loader(yaml: Any) -> type:
+    """PyYAML's SafeLoader with YAML 1.2 booleans: only true/false are booleans, so ``clip: {mode: off}`` reads as
+    the string "off" (YAML 1.1 also reads on/off/yes/no/y/n as booleans)."""
+    import re
+
+    class Loader(yaml.SafeLoader):  # type: ignore[misc,name-defined]
+        pass
+
+    bool_tag = "tag:yaml.org,2002:bool"
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != bool_tag]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    Loader.add_implicit_resolver(bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+    return Loader
+
+
 def load_config(path: str | os.PathLike[str]) -> TrainConfig:
     """Read, parse and validate a YAML config file; every failure is a one-line :class:`ConfigError`."""
     source = os.fspath(path)
@@ -287,7 +314,7 @@ def load_config(path: str | os.PathLike[str]) -> TrainConfig:
     except ImportError:
         raise ConfigError(source, "", "reading YAML needs PyYAML: pip install 'dist_clip[train]'") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_yaml_loader(yaml))  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""

@@ -286,9 +286,7 @@ def _wrap_deepspeed(model: nn.Module, cfg: TrainConfig, stage: int, source: str)
     # DeepSpeed calls torch collectives that torch 2.13 deprecates, once per call: not the user's business.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
-    native = cfg.clip.mode == "native"
-    if native and cfg.norm_p != 2.0:
-        raise ConfigError(source, "clip.norm_type", "DeepSpeed's own clipping (clip.mode: native) only does 2")
+    native = cfg.clip.mode == "native"  # its limits (p = 2, max_norm > 0) are checked with the config
     ds_config = {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
         "gradient_accumulation_steps": 1,

@@ -88,7 +88,25 @@ BAD_CONFIGS = [
     ("precision: fp8\n", "precision", "expected one of"),
     ("batch_size: true\n", "batch_size", "expected an integer"),
     ("wrapper: ddp\nmesh: [2, 2]\n", "mesh", "only used by wrapper hsdp"),
+    ("lr: .inf\n", "lr", "must be finite"),
+    ("weight_decay: .inf\n", "weight_decay", "must be finite"),
+    ("tolerance: .inf\n", "tolerance", "must be finite"),
+    ("seed: 100000000000000000000000\n", "seed", "must be in [0, 2**63)"),
+    ("seed: -3\n", "seed", "must be in [0, 2**63)"),
+    ("wrapper: zero1\nclip: {mode: native, max_norm: 0}\n", "clip.max_norm", "reads gradient_clipping: 0"),
+    ("wrapper: zero3\nclip: {mode: native, norm_type: inf}\n", "clip.norm_type", "only does 2"),
+    ("batch_size: yes\n", "batch_size", "expected an integer"),
 ]
+
+
+def test_yaml_off_on_yes_no_are_strings(tmp_path):
+    """YAML 1.1 reads unquoted off/on/yes/no as booleans; the config reads YAML 1.2's: only true/false."""
+    path = tmp_path / "off.yaml"
+    path.write_text("clip: {mode: off}\nname: off\n")
+    cfg = load_config(path)
+    assert cfg.clip.mode == "off" and cfg.name == "off"
+    path.write_text("wrapper: ddp\n")
+    assert load_config(path).wrapper == "ddp"
 
 
 @pytest.mark.timeout(60)
