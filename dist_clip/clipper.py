@@ -477,9 +477,13 @@ class GradClipper:
             else:
                 shards = resolve(target, group)
             pick, n_slots = None, 1
+        membership = None
+        if cfg.mode == "per_group" and plan is not None:
+            assert named is not None and optimizer is not None
+            membership = self._group_membership(named, optimizer)
         m = _slots.measure(shards, pick, n_slots, p, cfg.foreach, presence=named is not None,
                            group=plan.reduction_group if plan is not None else None,
-                           layout=named.names if named is not None else None,
+                           layout=named.names if named is not None else None, extra=membership,
                            result_dtype=_clip._result_dtype([t for s in shards for t in s.tensors], None))
         out = m.result_dtype
         assert out is not None
@@ -540,15 +544,17 @@ class GradClipper:
         norms = self._report(named.names, m, p) if want_report and named is not None else None
         return ClipResult(total, coef, clipped, finite, limit_out, slot_names, norms)
 
-    def _per_group(
-        self, named: _slots.Named, m: _slots.Measurement, optimizer: torch.optim.Optimizer, p: float,
-        out: torch.dtype,
-    ) -> tuple[Tensor, Tensor, tuple[str, ...], Tensor]:
+    def _groups(
+        self, named: _slots.Named, optimizer: torch.optim.Optimizer
+    ) -> tuple[list[int], list[float], list[str]]:
+        """Each slot's param group in this rank's optimizer (-1: none), and every group's limit and label."""
         where: dict[int, int] = {}
         limits: list[float] = []
         labels: list[str] = []
         for gi, pg in enumerate(optimizer.param_groups):
             value = pg.get("max_norm", self.config.max_norm)
+            if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
+                value = float(value)  # a one-value tensor is a number, as max_norm= takes it
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) or value < 0:
                 raise ValueError(f"param group {gi} has max_norm {value!r}; expected a number >= 0")
             limits.append(float(value))
@@ -559,6 +565,24 @@ class GradClipper:
         fallback = named.group_of if named.group_optimizer is optimizer else {}
         groups_of = [where.get(id(named.params[n]), -1) if n in named.params else -1 for n in named.names]
         groups_of = [g if g >= 0 else fallback.get(n, -1) for g, n in zip(groups_of, named.names)]
+        return groups_of, limits, labels
+
+    def _group_membership(self, named: _slots.Named, optimizer: torch.optim.Optimizer) -> Tensor:
+        """Under a plan each pipeline stage's optimizer holds its own stage's parameters only: which slot is in
+        which group travels in the measurement's all-reduce, one-hot (slot x group), so that every rank sees
+        every stage's groups (summed or maxed, a positive entry marks the group of that slot)."""
+        groups_of, limits, _ = self._groups(named, optimizer)
+        onehot = torch.zeros(max(len(named.names), 1), max(len(limits), 1), dtype=torch.float64)
+        for slot, gi in enumerate(groups_of):
+            if gi >= 0:
+                onehot[slot, gi] = 1.0
+        return onehot.reshape(-1)
+
+    def _per_group(
+        self, named: _slots.Named, m: _slots.Measurement, optimizer: torch.optim.Optimizer, p: float,
+        out: torch.dtype,
+    ) -> tuple[Tensor, Tensor, tuple[str, ...], Tensor]:
+        groups_of, limits, labels = self._groups(named, optimizer)
         if groups_of and max(groups_of) < 0:
             # Every rank sees the same names and groups, so every rank raises here: none steps alone.
             raise ValueError(
@@ -567,6 +591,9 @@ class GradClipper:
                 "the torch optimizer given to deepspeed.initialize)"
             )
         index = torch.tensor(groups_of or [-1], dtype=torch.long).to(m.device)
+        if m.extra is not None:  # under a plan: the groups of every rank's slots, combined (on the device)
+            held = m.extra.reshape(index.numel(), max(len(limits), 1)) > 0
+            index = torch.where(held.any(dim=1), held.to(torch.int8).argmax(dim=1), -1)
         partials = _slots.merge_partials(m.partials, index, len(limits), p)
         norms = _slots.finalize_norms(partials, p, m.loss_scale).to(out)
         limit = torch.tensor(limits, dtype=out, device=norms.device)

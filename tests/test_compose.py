@@ -121,6 +121,44 @@ def body_pp_tp() -> list[float]:
     return out
 
 
+def body_pp_tp_per_group() -> list[list[float]]:
+    """per_group under a plan: each stage's optimizer holds its own stage's parameters only, yet a group's norm
+    spans every stage (the same coefficients on every rank), each group against its own max_norm."""
+    rank = dist.get_rank()
+    pp, tp = divmod(rank, 2)
+    full = full_model_grads(14)
+
+    def group_of(name: str) -> int:
+        return 0 if name.endswith(("w1.weight", "w2.weight", "embed.weight", "output.weight")) else 1
+
+    limits = (0.7, 0.2)
+    out = []
+    for p in (0.0, 1.0, 2.0, 3.5, math.inf):
+        params = {}
+        for name, g in pp_tp_pieces(full, pp, tp).items():
+            params[name] = torch.nn.Parameter(torch.zeros_like(g))
+            params[name].grad = g
+        before = {n: q.grad.clone() for n, q in params.items()}
+        opt = torch.optim.SGD([{"params": [q for n, q in params.items() if group_of(n) == k], "max_norm": limits[k]}
+                               for k in (0, 1)], lr=0.1)
+        with count_collectives() as calls:
+            result = GradClipper(norm_type=p, mode="per_group")(params, plan=pp_tp_plan(), optimizer=opt)
+        assert calls.total == 1, calls.names
+        want = [reference_norm([t for n, t in full.items() if group_of(n) == k], p) for k in (0, 1)]
+        coefs = [min(1.0, limits[k] / (want[k] + 1e-6)) for k in (0, 1)]
+        assert result.clip_coef.tolist() == pytest.approx(coefs, rel=1e-6), (p, result.clip_coef, coefs)
+        for name, q in params.items():
+            coef = coefs[group_of(name)]  # output.weight, embed.weight's tied copy, is in group 0 too
+            torch.testing.assert_close(q.grad.double(), before[name].double() * coef, rtol=1e-6, atol=1e-9)
+        out.append(result.clip_coef.tolist())
+    return out
+
+
+def test_per_group_under_a_plan_spans_every_stage(run_ranks):
+    results = run_ranks(4, body_pp_tp_per_group)
+    assert all(r == results[0] for r in results), results
+
+
 def body_bad_plans() -> list[str]:
     """Each wrong plan must make debug=True raise on every rank, naming the miscounted piece."""
     rank = dist.get_rank()
