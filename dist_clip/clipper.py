@@ -529,6 +529,7 @@ class GradClipper:
         if policy in ("skip", "zero"):
             keep = 1.0 if policy == "skip" else 0.0
             slot_coef = torch.where(finite, slot_coef, torch.full_like(slot_coef, keep))
+            coef = torch.where(finite, coef, torch.full_like(coef, keep))  # what is applied, as documented
         if policy == "zero" and on_cpu and not bool(finite):
             for t, _ in pieces:
                 t.zero_()
@@ -662,4 +663,7 @@ class GradClipper:
         self._count(clipped, finite)
         norms = self._report(outcome.names, outcome.measurement, p) if want_report else None
         limit = torch.full_like(total, cfg.agc.clipping)
-        return ClipResult(total, outcome.min_coef.to(total.device), clipped, finite, limit, (), norms)
+        applied = outcome.min_coef.to(device=total.device, dtype=total.dtype)
+        if policy in ("skip", "zero"):
+            applied = torch.where(finite, applied, torch.full_like(applied, 1.0 if policy == "skip" else 0.0))
+        return ClipResult(total, applied, clipped, finite, limit, (), norms)

@@ -114,6 +114,7 @@ def test_float64_gradients_keep_float64(mode):
     result = GradClipper(norm_type=2.0, mode=mode, **extra)(ps)
     want = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in before]))
     assert result.total_norm.dtype == torch.float64, result.total_norm.dtype
+    assert result.clip_coef.dtype == torch.float64, result.clip_coef.dtype  # unitwise's smallest too
     assert abs(result.total_norm.item() - want.item()) <= 1e-14 * want.item()
     if mode == "total":
         assert result.clip_coef.dtype == result.max_norm.dtype == torch.float64
@@ -125,6 +126,26 @@ def test_float64_gradients_keep_float64(mode):
         for q, g in zip(ps, before):
             n = torch.linalg.vector_norm(g).item()
             torch.testing.assert_close(q.grad, g * min(1.0, 0.5 / (n + 1e-6)), rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["total", "per_param", "per_group", "unitwise"])
+@pytest.mark.parametrize("policy,applied", [("skip", 1.0), ("zero", 0.0)])
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_clip_coef_is_the_coefficient_applied_under_a_policy(mode, policy, applied, bad):
+    """A non-finite total under "skip" leaves the gradients (coefficient 1), under "zero" zeroes them
+    (coefficient 0): ClipResult.clip_coef says so, as documented, rather than the NaN or 0 computed."""
+    model = nn.Linear(3, 2)
+    model.weight.grad = torch.full((2, 3), 2.0)
+    model.bias.grad = torch.tensor([4.0, bad])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    kwargs = {"agc": AGC(clipping=0.01)} if mode == "unitwise" else {"max_norm": 0.5}
+    result = GradClipper(mode=mode, on_nonfinite=policy, **kwargs)(model, optimizer=opt)
+    assert not bool(result.finite)
+    assert torch.equal(result.clip_coef, torch.full_like(result.clip_coef, applied)), result.clip_coef
+    if policy == "skip":
+        assert model.weight.grad.eq(2.0).all()
+    else:
+        assert model.weight.grad.eq(0.0).all() and model.bias.grad.eq(0.0).all()
 
 
 @pytest.mark.parametrize("mode", ["per_param", "unitwise"])
