@@ -690,6 +690,13 @@ def unitwise_measure(target: object, config: AGC, p: float, foreach: bool | None
     if p == 0:
         raise ValueError("unit-wise clipping needs a norm order p > 0 or inf, got norm_type=0")
     units, cut, names = unit_pieces(target, group)
+    for u in units:
+        if u.grad.is_sparse or u.grad.is_complex() or u.data.is_complex():
+            # AGC's units are rows of a real weight; the other modes measure these, unit-wise clipping does not.
+            raise TypeError(
+                f"mode='unitwise' needs dense real gradients and weights, got a {u.grad.dtype} "
+                f"{'sparse ' if u.grad.is_sparse else ''}gradient for {u.name!r}; use mode='total' or 'per_param'"
+            )
     index = {n: i for i, n in enumerate(names)}
     cut_index: dict[tuple[str, int], int] = {}
     blocks: dict[str, tuple[int, int]] = {}  # a parameter whose every unit is cut: (first position, first id)

@@ -128,6 +128,20 @@ def test_float64_gradients_keep_float64(mode):
             torch.testing.assert_close(q.grad, g * min(1.0, 0.5 / (n + 1e-6)), rtol=1e-14, atol=0)
 
 
+@pytest.mark.parametrize("kind", ["complex", "sparse"])
+def test_unitwise_refuses_complex_and_sparse_gradients_clearly(kind):
+    if kind == "sparse":
+        model = nn.Embedding(5, 3, sparse=True)
+        model(torch.tensor([1, 2])).sum().backward()
+    else:
+        model = nn.Linear(3, 2).to(torch.complex64)
+        model.weight.grad = torch.ones_like(model.weight)
+        model.bias.grad = torch.ones_like(model.bias)
+    with pytest.raises(TypeError, match="mode='unitwise' needs dense real gradients"):
+        GradClipper(mode="unitwise", agc=AGC(clipping=0.01))(model)
+    GradClipper(mode="per_param", max_norm=0.5)(model)  # the other modes measure them
+
+
 @pytest.mark.parametrize("mode", ["total", "per_param", "per_group", "unitwise"])
 @pytest.mark.parametrize("policy,applied", [("skip", 1.0), ("zero", 0.0)])
 @pytest.mark.parametrize("bad", [math.inf, math.nan])
