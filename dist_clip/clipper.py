@@ -253,6 +253,11 @@ def skip_next_step_(optimizer: torch.optim.Optimizer, flag: Tensor) -> None:
             f"skip_next_step_ needs a torch.optim.Optimizer, got {type(optimizer).__name__}; for a DeepSpeed engine "
             "use GradClipper(on_nonfinite='skip') with the engine as the target"
         )
+    if not isinstance(flag, Tensor) or flag.numel() != 1:
+        raise TypeError(
+            f"flag must be a one-value tensor (a 0-dim bool on the device), got {type(flag).__name__}"
+            + (f" of shape {tuple(flag.shape)}" if isinstance(flag, Tensor) else "")
+        )
     guard = getattr(optimizer, "_dist_clip_skip_guard", None)
     if guard is None:
         guard = _SkipGuard(optimizer)
@@ -373,6 +378,8 @@ class GradClipper:
         if state["version"] != _STATE_VERSION:
             raise ValueError(f"GradClipper state version {state['version']!r} is not {_STATE_VERSION}")
         thr = state["threshold"]
+        if thr is not None and not isinstance(thr, dict):
+            raise TypeError(f"GradClipper state['threshold'] must be a dict or None, got {type(thr).__name__}")
         want = type(self.config.max_norm).__name__ if self._threshold is not None else None
         got = None if thr is None else thr.get("kind")
         if want != got:
@@ -380,7 +387,10 @@ class GradClipper:
                 f"this clipper's threshold is {want or 'fixed'} but the state is of {got or 'a fixed one'}"
             )
         if self._threshold is not None:
-            self._threshold.load_state_dict({k: v for k, v in thr.items() if k != "kind"})
+            try:
+                self._threshold.load_state_dict({k: v for k, v in thr.items() if k != "kind"})
+            except KeyError as e:
+                raise ValueError(f"GradClipper state['threshold'] lacks {e}; expected one from state_dict()") from None
         self.step = int(state["step"])
         self._num_clipped = torch.as_tensor(state["num_clipped"], dtype=torch.int64).clone()
         self._num_nonfinite = torch.as_tensor(state["num_nonfinite"], dtype=torch.int64).clone()
@@ -442,6 +452,10 @@ class GradClipper:
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         group = _check_group(group)
+        from .compose import ParallelPlan
+
+        if plan is not None and not isinstance(plan, ParallelPlan):
+            raise TypeError(f"plan must be a dist_clip.ParallelPlan, got {type(plan).__name__}")
         self.step += 1
         if cfg.mode == "unitwise":
             if plan is not None:

@@ -388,3 +388,25 @@ def test_reference_norm_agrees_with_report():
     g = {"a": torch.randn(10), "b": torch.randn(3, 3)}
     norms = GradClipper(max_norm=math.inf, report=True)(g).norms
     assert norms == pytest.approx({k: reference_norm([v]) for k, v in g.items()}, rel=1e-6)
+
+
+def test_bad_call_arguments_name_what_was_expected():
+    model = nn.Linear(3, 2)
+    model(torch.randn(4, 3)).sum().backward()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="plan must be a dist_clip.ParallelPlan, got object"):
+        GradClipper(max_norm=1.0)(model, plan=object())
+    with pytest.raises(TypeError, match="flag must be a one-value tensor.*got bool"):
+        dist_clip.skip_next_step_(opt, True)
+    with pytest.raises(TypeError, match=r"flag must be a one-value tensor.*shape \(2,\)"):
+        dist_clip.skip_next_step_(opt, torch.tensor([True, False]))
+    clipper = GradClipper(max_norm=AutoClip(percentile=10))
+    state = clipper.state_dict()
+    with pytest.raises(TypeError, match=r"state\['threshold'\] must be a dict or None, got int"):
+        clipper.load_state_dict({**state, "threshold": 5})
+    thr = {k: v for k, v in state["threshold"].items() if k != "history"}
+    with pytest.raises(ValueError, match=r"state\['threshold'\] lacks 'history'"):
+        clipper.load_state_dict({**state, "threshold": thr})
+    opt.param_groups[0]["max_norm"] = torch.tensor(0.25)  # a one-value tensor is a number here too
+    result = GradClipper(mode="per_group")(model, optimizer=opt)
+    assert result.max_norm.tolist() == [0.25]
