@@ -875,3 +875,36 @@ def fsdp1_tiny_float64(use_orig_params: bool) -> dict[str, Any]:
     want = reference_norm(list(ref.grads.values()), 2.0)
     return {"dtype": str(total.dtype), "total": total.item(), "want": want, "nothing_here": held == 0,
             "clipper_dtype": str(result.total_norm.dtype), "report": sorted(result.norms)}
+
+
+def replicated_on_a_submesh() -> list[float]:
+    """A Replicate DTensor on a mesh without rank 0 (beside a Shard(0) one on the world, or on disjoint 2-rank
+    meshes): counted once, on every rank's total (the minimal plan left it to rank 0, which does not hold it)."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    ws = dist.get_world_size()
+    a_full = torch.arange(1.0, 7.0).reshape(6, 1)
+    b_full = torch.full((4,), 2.0)
+    world = DeviceMesh("cpu", list(range(ws)))
+    upper = DeviceMesh("cpu", list(range(1, ws)))
+    out = []
+    layouts = [(world, upper)]
+    if ws == 4:
+        layouts.append((DeviceMesh("cpu", [0, 1]), DeviceMesh("cpu", [2, 3])))
+    for a_mesh, b_mesh in layouts:
+        for p in (0.0, 1.0, 2.0, 3.5, math.inf):
+            a = distribute_tensor(a_full.clone(), a_mesh, [Shard(0)])  # it may share the storage
+            b = distribute_tensor(b_full.clone(), b_mesh, [Replicate()])
+            want = reference_norm([a_full, b_full], p)
+            with count_collectives() as calls:
+                total = dist_clip.clip_grad_norm_([a, b], 0.5, p)
+            assert calls.total == 1, calls.names
+            assert _norm_close(total.item(), want, RTOL), (p, total.item(), want)
+            coef = min(1.0, 0.5 / (want + 1e-6))
+            if a_mesh.get_coordinate() is not None:
+                torch.testing.assert_close(a.full_tensor(), a_full * coef, rtol=1e-6, atol=1e-7)
+            if b_mesh.get_coordinate() is not None:
+                torch.testing.assert_close(b.to_local(), b_full * coef, rtol=1e-6, atol=1e-7)
+            out.append(total.item())
+    return out

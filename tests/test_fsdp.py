@@ -213,3 +213,9 @@ def test_fsdp1_rank_without_gradients(run_ranks, world_size: int, use_orig_param
     results = run_ranks(world_size, cases.fsdp1_tiny, use_orig_params, timeout_s=90)
     assert results[-1]["nothing_here"], "the last rank holds gradient: the case tests nothing"
     check(results, "fsdp1")
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_replicated_dtensor_on_a_mesh_without_rank_zero(run_ranks, world_size: int) -> None:
+    results = run_ranks(world_size, cases.replicated_on_a_submesh)
+    assert all(r == results[0] for r in results), results

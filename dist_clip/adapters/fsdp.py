@@ -129,7 +129,9 @@ def dtensor_shards(pairs: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup
             distinct = [_is_distinct(pl) for pl in placements]
             root = _root_mesh(mesh)
             dims = [d for d, is_d in enumerate(distinct) if is_d]
-            multi = multi or len(dims) > 1
+            # Two shard dims need the full plan; so does a replicated gradient on a mesh short of the world,
+            # which the minimal plan would leave to the first rank of a group that may not hold it.
+            multi = multi or len(dims) > 1 or (not dims and mesh.size() < dist.get_world_size())
             keys.update(_dim_key(mesh, root, d) for d in dims)  # on every rank, on the mesh or not: same plan
             coord = mesh.get_coordinate()
             known = seen[(id(mesh), placements)] = (root, distinct, None if coord is None else tuple(coord))
