@@ -175,6 +175,20 @@ def test_frozen_parameter_subclass_is_a_parameter_not_a_gradient(dtype, form):
     torch.testing.assert_close(model.bias.grad, torch.full((4,), 1 / (2 + 1e-6)))
 
 
+def test_a_view_of_a_parameter_is_not_a_gradient():
+    """p.view(-1) requires grad and has a grad_fn, like a create_graph gradient, but it is a parameter's view: its
+    .grad is None and it is skipped, as torch skips it; the weight itself is neither measured nor scaled."""
+    lin = nn.Linear(2, 2)
+    lin.weight.grad = torch.ones(2, 2)
+    lin.bias.grad = torch.ones(2)
+    weight = lin.weight.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that a non-leaf's .grad is read
+        total = dist_clip.clip_grad_norm_([lin.weight.view(-1), lin.bias], 0.1)
+    assert total.item() == pytest.approx(math.sqrt(2), rel=1e-6)
+    assert torch.equal(lin.weight.detach(), weight)
+
+
 def test_gradients_made_with_create_graph_are_gradients():
     """backward(create_graph=True) leaves gradients that require grad (and have a grad_fn): passed as tensors
     they are measured themselves, as torch.nn.utils.get_total_norm measures them; parameters still count by

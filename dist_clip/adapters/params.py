@@ -48,15 +48,16 @@ def is_parameter(t: Tensor) -> bool:
     """Whether a target element is a parameter (its ``.grad`` counts) rather than a gradient.
 
     An ``nn.Parameter`` (any subclass, frozen or not, and tensor subclasses marked ``_is_param`` such as
-    FSDP2's DTensor parameters) or a leaf tensor that requires grad is a parameter. Any other tensor is taken to
-    be a gradient already, as ``torch.nn.utils.get_total_norm`` takes it: also a gradient that requires grad
-    because ``backward(create_graph=True)`` made it part of a graph (it has a ``grad_fn``).
+    FSDP2's DTensor parameters), a leaf tensor that requires grad, or a view of one (``p.view(-1)``: its
+    ``.grad`` is ``None`` and it is skipped, as torch skips it) is a parameter. Any other tensor is taken to be
+    a gradient already, as ``torch.nn.utils.get_total_norm`` takes it: also a gradient that requires grad
+    because ``backward(create_graph=True)`` made it part of a graph (it has a ``grad_fn`` and is not a view).
     """
     # The cheap tests first: isinstance goes through nn.Parameter's metaclass in Python (~1-2 us a call).
     return (
         type(t) is nn.Parameter
         or getattr(t, "_is_param", False)
-        or (t.requires_grad and t.grad_fn is None)
+        or (t.requires_grad and (t.grad_fn is None or t._is_view()))
         or isinstance(t, nn.Parameter)
     )
 
