@@ -9,12 +9,13 @@ non-finite norm skips the step without the host ever reading the norm (no device
 
 The values are stashed on the optimizer by :func:`hand_over_` and consumed by a step pre-hook, so they apply to
 exactly the next ``step()``. The hook combines with what a ``GradScaler`` sets for the same step (it sets
-``grad_scale``/``found_inf`` before calling ``step``): scales multiply, ``found_inf`` flags add. A post-hook
+``grad_scale``/``found_inf`` before calling ``step``): scales multiply, either ``found_inf`` flag skips. A post-hook
 restores the attributes as they were.
 """
 
 from __future__ import annotations
 
+import bisect
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -69,23 +70,39 @@ def _prepare_sgd_first_step(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     return fresh
 
 
-def _storage(t: Tensor) -> int | None:
-    try:
-        return int(getattr(t, "_local_tensor", t).untyped_storage().data_ptr())  # DTensor: its local shard
-    except (RuntimeError, NotImplementedError):  # sparse gradients have no single storage
+def _span(t: Tensor) -> tuple[int, int] | None:
+    """The bytes a gradient's elements lie in, [first, last + 1) (a DTensor: its local shard); None when it has
+    no elements or no single strided storage (sparse)."""
+    t = getattr(t, "_local_tensor", t)
+    if t.layout != torch.strided or t.numel() == 0:
         return None
+    start = t.data_ptr()
+    last = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) if t.dim() else 0
+    return start, start + (last + 1) * t.element_size()
 
 
 def drop_pending(tensors: Sequence[Tensor]) -> None:
     """Forget the coefficient an earlier ``clip_grad_norm_(..., optimizer=)`` left for the next ``step()`` of an
-    optimizer whose gradients are among ``tensors`` (the pieces a clip is about to scale, views included): that
-    clip supersedes it, as a second clip of clipped gradients would (applying both would clip twice)."""
+    optimizer one of whose gradients overlaps ``tensors`` (the pieces a clip is about to scale: the same tensors,
+    or views of them such as FSDP1's flat shards): that clip supersedes it, as a second clip of clipped gradients
+    would (applying both would clip twice). Gradients that merely share a buffer (bucket views) do not overlap."""
     if not _WAITING:  # the usual case: nothing handed over, or already stepped
         return
-    held = {_storage(t) for t in tensors} - {None}
+    spans = sorted(filter(None, map(_span, tensors)))
+    if not spans:
+        return
+    starts = [a for a, _ in spans]
+    reach: list[int] = []  # the furthest end among the spans sorted up to each position
+    for _, b in spans:
+        reach.append(max(b, reach[-1]) if reach else b)
+
+    def overlaps(span: tuple[int, int] | None) -> bool:
+        at = bisect.bisect_left(starts, span[1]) - 1 if span is not None else -1  # spans starting before its end
+        return at >= 0 and reach[at] > span[0]  # type: ignore[index]
+
     for optimizer in list(_WAITING):
         grads = (p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None)
-        if any(_storage(g) in held for g in grads):
+        if any(overlaps(_span(g)) for g in grads):
             optimizer.__dict__.pop(_PENDING, None)
             _WAITING.discard(optimizer)
 
@@ -101,7 +118,9 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     if isinstance(theirs_scale, Tensor):
         scale = scale * theirs_scale.to(scale.device, non_blocking=True)
     if isinstance(theirs_found, Tensor):
-        found = found + theirs_found.to(found.device, non_blocking=True)
+        # Either flag skips: the larger, kept 0 or 1 (torch's CPU fused kernels skip on exactly 1, so a sum of
+        # two raised flags, 2, would step with non-finite gradients).
+        found = torch.maximum(found, theirs_found.to(device=found.device, dtype=found.dtype, non_blocking=True))
     optimizer.__dict__[_SAVED] = (saved, _prepare_sgd_first_step(optimizer), found)
     optimizer.grad_scale = scale  # type: ignore[attr-defined]
     optimizer.found_inf = found  # type: ignore[attr-defined]

@@ -488,6 +488,41 @@ def test_a_plain_clip_after_a_hand_over_clips_once(name, second):
         assert torch.equal(p, p_ref)
 
 
+@pytest.mark.parametrize("case", ["bucket views", "empty gradients"])
+def test_a_plain_clip_keeps_a_hand_over_of_other_gradients(case):
+    """Only a clip of the handed-over gradients (or views of them) drops the coefficient: gradients that are
+    other views of one bucket, or empty ones (whose storages all start at 0), leave it in place."""
+    a, b = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
+    if case == "bucket views":
+        bucket = torch.full((6,), 10.0)
+        a.grad, b.grad = bucket[:3], bucket[3:]
+        extra_a = extra_b = []
+    else:
+        a.grad, b.grad = torch.full((3,), 10.0), torch.full((3,), 10.0)
+        ea, eb = nn.Parameter(torch.ones(0)), nn.Parameter(torch.ones(0))
+        ea.grad, eb.grad = torch.zeros(0), torch.zeros(0)
+        extra_a, extra_b = [ea], [eb]
+    opt_a = torch.optim.SGD([a, *extra_a], lr=1.0, fused=True)
+    total = dist_clip.clip_grad_norm_([a, *extra_a], 1.0, optimizer=opt_a)
+    dist_clip.clip_grad_norm_([b, *extra_b], 1.0)  # another optimizer's gradients
+    opt_a.step()
+    coef = 1.0 / (total.item() + 1e-6)
+    torch.testing.assert_close(a.detach(), torch.ones(3) - 10.0 * coef)
+
+
+def test_either_skip_flag_skips_the_fused_step():
+    """A GradScaler's found_inf and dist_clip's both raised: the step is skipped (a sum of 2 is not a skip for
+    torch's CPU fused kernels, which test for exactly 1)."""
+    p = nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([p], lr=0.1, fused=True)
+    p.grad = torch.tensor([1.0, math.nan, 1.0])
+    dist_clip.clip_grad_norm_([p], 1.0, optimizer=opt)
+    opt.found_inf = torch.ones(())  # as GradScaler sets it before step()
+    opt.step()
+    assert torch.equal(p.detach(), torch.ones(3))
+    assert torch.equal(opt.found_inf, torch.ones(()))  # put back as it was
+
+
 def test_handed_over_scale_applies_to_exactly_one_step():
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=1.0, fused=True)
