@@ -584,14 +584,14 @@ class GradClipper:
 
     def _group_membership(self, named: _slots.Named, optimizer: torch.optim.Optimizer) -> Tensor:
         """Under a plan each pipeline stage's optimizer holds its own stage's parameters only: which slot is in
-        which group travels in the measurement's all-reduce, one-hot (slot x group), so that every rank sees
-        every stage's groups (summed or maxed, a positive entry marks the group of that slot)."""
-        groups_of, limits, _ = self._groups(named, optimizer)
-        onehot = torch.zeros(max(len(named.names), 1), max(len(limits), 1), dtype=torch.float64)
-        for slot, gi in enumerate(groups_of):
-            if gi >= 0:
-                onehot[slot, gi] = 1.0
-        return onehot.reshape(-1)
+        which group travels in the measurement's all-reduce, so that every rank sees every stage's groups. Per
+        slot, ``group + 1`` where this rank's optimizer holds it (else 0), then 1 where it holds it: summed, the
+        first over the second is ``group + 1`` (tensor-parallel ranks hold the same slot in the same group);
+        maxed, the first is. The length depends on the slots only: stages may have different numbers of groups."""
+        groups_of, _, _ = self._groups(named, optimizer)
+        gi = torch.tensor(groups_of or [-1], dtype=torch.float64)
+        held = (gi >= 0).to(torch.float64)
+        return torch.cat([(gi + 1) * held, held])
 
     def _per_group(
         self, named: _slots.Named, m: _slots.Measurement, optimizer: torch.optim.Optimizer, p: float,
@@ -607,8 +607,11 @@ class GradClipper:
             )
         index = torch.tensor(groups_of or [-1], dtype=torch.long).to(m.device)
         if m.extra is not None:  # under a plan: the groups of every rank's slots, combined (on the device)
-            held = m.extra.reshape(index.numel(), max(len(limits), 1)) > 0
-            index = torch.where(held.any(dim=1), held.to(torch.int8).argmax(dim=1), -1)
+            ids, holders = m.extra.reshape(2, index.numel())
+            ids = ids if math.isinf(p) else ids / holders.clamp(min=1)  # MAX: the id itself; SUM: id x holders
+            index = torch.where(holders > 0, ids.round().long() - 1, -1)
+            # A group this rank's optimizer lacks (stages with fewer groups) has no limit here: left out.
+            index = torch.where(index < len(limits), index, -1)
         partials = _slots.merge_partials(m.partials, index, len(limits), p)
         norms = _slots.finalize_norms(partials, p, m.loss_scale).to(out)
         limit = torch.tensor(limits, dtype=out, device=norms.device)

@@ -154,6 +154,42 @@ def body_pp_tp_per_group() -> list[list[float]]:
     return out
 
 
+def body_pp_tp_per_group_uneven() -> list[list[float]]:
+    """Stages with different numbers of param groups: the last stage puts final_norm.weight in a third group of
+    its own; group i still means group i of every stage that has it."""
+    rank = dist.get_rank()
+    pp, tp = divmod(rank, 2)
+    full = full_model_grads(15)
+
+    def group_of(name: str) -> int:
+        if name == "final_norm.weight":
+            return 2
+        return 0 if name.endswith(("w1.weight", "w2.weight", "embed.weight", "output.weight")) else 1
+
+    limits = (0.7, 0.2, 0.3)
+    params = {}
+    for name, g in pp_tp_pieces(full, pp, tp).items():
+        params[name] = torch.nn.Parameter(torch.zeros_like(g))
+        params[name].grad = g
+    before = {n: q.grad.clone() for n, q in params.items()}
+    mine = sorted({group_of(n) for n in params} | {0, 1})  # stage 0: groups 0 and 1; stage 1: 0, 1 and 2
+    opt = torch.optim.SGD([{"params": [q for n, q in params.items() if group_of(n) == k], "max_norm": limits[k]}
+                           for k in mine], lr=0.1)
+    result = GradClipper(mode="per_group")(params, plan=pp_tp_plan(), optimizer=opt)
+    want = [reference_norm([t for n, t in full.items() if group_of(n) == k], 2.0) for k in mine]
+    coefs = [min(1.0, limits[k] / (w + 1e-6)) for k, w in zip(mine, want)]
+    assert result.clip_coef.tolist() == pytest.approx(coefs, rel=1e-6), (result.clip_coef, coefs)
+    for name, q in params.items():
+        torch.testing.assert_close(q.grad.double(), before[name].double() * coefs[group_of(name)], rtol=1e-6,
+                                   atol=1e-9)
+    return result.clip_coef.tolist()
+
+
+def test_per_group_under_a_plan_with_uneven_group_counts(run_ranks):
+    results = run_ranks(4, body_pp_tp_per_group_uneven)
+    assert results[0] == results[1] and results[2] == results[3] and results[0] == results[2][:2], results
+
+
 def test_per_group_under_a_plan_spans_every_stage(run_ranks):
     results = run_ranks(4, body_pp_tp_per_group)
     assert all(r == results[0] for r in results), results
