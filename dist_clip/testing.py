@@ -234,6 +234,17 @@ def assert_clip_matches_unsharded(
     Returns:
         The sharded per-parameter norms before clipping (name -> float), from this rank (or rank 0 when spawned).
     """
+    # Checked here, before any rank starts, so that a bad argument is a ValueError, not a failure of the ranks.
+    from . import _norm
+    from .clip import _check_max_norm
+
+    _norm.parse_norm_type(norm_type)
+    _check_max_norm(max_norm)
+    if mode not in ("total", "per_param", "unitwise"):
+        raise ValueError(f"mode must be 'total', 'per_param' or 'unitwise', got {mode!r}")
+    for name, tol in (("rtol", rtol), ("atol", atol)):
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < math.inf:
+            raise ValueError(f"{name} must be a finite number >= 0, got {tol!r}")
     args = (build_model, wrap_fn, batch_fn, loss_fn, norm_type, max_norm, mode, agc, rtol, atol, seed)
     if world_size is None:
         return _check_rank(*args)
@@ -261,7 +272,9 @@ def assert_clip_matches_unsharded(
             try:
                 rank, ok, value = out.get(timeout=1.0)
             except queue.Empty:
-                if any(not proc.is_alive() for proc in procs) and out.empty():
+                # A rank that died before reporting ends the wait; ranks that reported and exited do not.
+                waiting = [proc for r, proc in enumerate(procs) if r not in results]
+                if any(not proc.is_alive() for proc in waiting) and out.empty():
                     time.sleep(1.0)
                     if out.empty():
                         break

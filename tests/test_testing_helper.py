@@ -63,3 +63,18 @@ def test_bad_arguments():
         assert_clip_matches_unsharded(cases.build_mlp, cases.wrap_none, cases.batch, world_size=0)
     with pytest.raises(ValueError, match="mode must be"):
         assert_clip_matches_unsharded(cases.build_mlp, cases.wrap_none, cases.batch, mode="per_group")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"mode": "bogus"}, "mode must be"),
+    ({"norm_type": "fro"}, "norm_type"),
+    ({"norm_type": -1}, "norm_type"),
+    ({"max_norm": -1.0}, "max_norm"),
+    ({"rtol": -1.0}, "rtol must be a finite number >= 0"),
+    ({"atol": math.nan}, "atol must be a finite number >= 0"),
+])
+def test_bad_arguments_are_refused_before_any_rank_starts(kwargs, match):
+    """With world_size, a bad argument used to surface as a failure of the spawned ranks (or, for rtol < 0, as a
+    mismatch that was not there)."""
+    with pytest.raises(ValueError, match=match):
+        assert_clip_matches_unsharded(cases.build_mlp, cases.wrap_none, cases.batch, world_size=2, **kwargs)
