@@ -157,10 +157,7 @@ def _fsdp1_places(root: nn.Module, group: dist.ProcessGroup | None) -> tuple[lis
         geometry: dict[str, tuple[torch.Size, tuple[int, ...]]] = {}
         handles = list(_fsdp.fsdp1_handles(root))
         shard_groups = {id(h.process_group): h.process_group for _, h, _ in handles if h.uses_sharded_strategy}
-        # As the adapter's plan reduces: over the one shard group the handles share (each hybrid replica then
-        # computes the same total), else over group= or the world, counting the first hybrid replica only.
-        whole = group is None and len(shard_groups) == 1
-        red = next(iter(shard_groups.values())) if whole else (group if group is not None else dist.group.WORLD)
+        red, whole = _fsdp.fsdp1_reduction(list(shard_groups.values()), group)  # as the adapter's plan reduces
         for module, handle, path in handles:
             flat = handle.flat_param
             prefix = clean_name(path)

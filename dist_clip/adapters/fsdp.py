@@ -33,6 +33,7 @@ __all__ = [
     "clean_name",
     "dtensor_shards",
     "fsdp1_handles",
+    "fsdp1_reduction",
     "fsdp1_shards",
     "kept_on_root",
     "matches",
@@ -271,6 +272,17 @@ def first_replica(module: nn.Module, handle: Any) -> bool:
     return handle._sharding_strategy.name not in _HYBRID or dist.get_rank(module._inter_node_pg) == 0
 
 
+def fsdp1_reduction(
+    shard_groups: Sequence[dist.ProcessGroup], group: dist.ProcessGroup | None
+) -> tuple[dist.ProcessGroup, bool]:
+    """Over which group an FSDP1 root's sharded pieces combine, and whether every replica's copy counts there:
+    the one shard group its handles share, when no ``group=`` is given (each hybrid replica then reduces its own
+    copy to the same total), else ``group`` or the world, where only the first hybrid replica counts."""
+    if group is None and len(shard_groups) == 1:
+        return shard_groups[0], True
+    return (group if group is not None else _world()), False
+
+
 def _plan(root: nn.Module, per_param: bool) -> tuple[list[_Unit], list[tuple[str, nn.Parameter]]]:
     """The handles under ``root`` and the parameters no handle manages (identical on every rank), with their
     names, kept on the root (:func:`kept_on_root`)."""
@@ -317,11 +329,11 @@ def fsdp1_shards(root: nn.Module, group: dist.ProcessGroup | None, per_param: bo
     replicated: list[Tensor] = []
     units, unmanaged = _plan(root, per_param)
     hint: tuple[str, Tensor] | None = None  # an empty tensor of a handle's dtype, for a rank holding no gradient
-    for handle, layout, pg, first_replica, first_name in units:
+    for handle, layout, pg, first, first_name in units:
         pieces = _handle_pieces(handle, layout)
         if pg is not None:
             groups.setdefault(id(pg), pg)
-            sharded.extend((first_replica, n, g) for n, g in pieces)
+            sharded.extend((first, n, g) for n, g in pieces)
             if not pieces and hint is None:
                 hint = (first_name, handle.flat_param.detach().new_empty(0))
         else:
@@ -333,13 +345,12 @@ def fsdp1_shards(root: nn.Module, group: dist.ProcessGroup | None, per_param: bo
             replicated.append(p.grad)
 
     out: list[Shards] = []
-    if group is None and len(groups) == 1:
+    reduce_over, whole = fsdp1_reduction(list(groups.values()), group)
+    if whole:
         # Minimal plan: reduce over the one shard group; hybrid replicas each compute the same total.
-        (pg,) = groups.values()
-        out.append(Shards([g for _, _, g in sharded], group=pg, names=[n for _, n, _ in sharded]))
+        out.append(Shards([g for _, _, g in sharded], group=reduce_over, names=[n for _, n, _ in sharded]))
     elif groups or group is not None:
         # Handles on different groups (or group=): reduce over the world and count each shard on one replica.
-        reduce_over = group if group is not None else _world()
         for flag in (True, False):
             part = [(n, g) for first, n, g in sharded if first is flag]
             if part or flag:
