@@ -541,9 +541,11 @@ def measure(
     if presence:
         counts_out = combined[at : at + n_slots]
         at += n_slots
-    extra_out = combined[at : at + extra.numel()] if extra is not None else None
+    extra_out = None
+    if extra is not None:
+        extra_out = combined[at : at + extra.numel()]
+        at += extra.numel()
     if agree:
-        at += extra.numel() if extra is not None else 0
         result_dtype = _clip.agreed_dtype(combined[at])
     if math.isinf(p):
         total_partial = partials.max()  # torch.max propagates NaN
