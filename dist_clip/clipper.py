@@ -32,6 +32,7 @@ from . import _norm, _reduce, _scale, _slots
 from . import clip as _clip
 from .adapters import resolve
 from .adaptive import AGC, AutoClip, ZClip, make_state, unitwise_measure, unitwise_scale_
+from .compose import ParallelPlan
 from .shards import Shards
 
 __all__ = ["ClipResult", "ClipperConfig", "GradClipper", "skip_next_step_"]
@@ -227,6 +228,15 @@ class _SkipGuard:
                     prev = before.get(k) if before is not None else None
                     base = prev if isinstance(prev, Tensor) and prev.shape == loc.shape else torch.zeros_like(loc)
                     loc.copy_(torch.where(flag.to(loc.device), base.to(loc.device), loc))
+
+
+def _kept(coef: Tensor, finite: Tensor, policy: str) -> Tensor:
+    """The coefficient applied under ``policy`` where the total is not finite: 1 for "skip" (the gradients are
+    left for a skipped step), 0 for "zero"; ``coef`` itself under the other policies."""
+    if policy not in ("skip", "zero"):
+        return coef
+    keep = torch.full_like(coef, 1.0 if policy == "skip" else 0.0)
+    return torch.where(finite.to(coef.device), coef, keep)
 
 
 def skip_next_step_(optimizer: torch.optim.Optimizer, flag: Tensor) -> None:
@@ -452,8 +462,6 @@ class GradClipper:
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         group = _check_group(group)
-        from .compose import ParallelPlan
-
         if plan is not None and not isinstance(plan, ParallelPlan):
             raise TypeError(f"plan must be a dist_clip.ParallelPlan, got {type(plan).__name__}")
         self.step += 1
@@ -491,10 +499,12 @@ class GradClipper:
             else:
                 shards = resolve(target, group)
             pick, n_slots = None, 1
-        membership = None
-        if cfg.mode == "per_group" and plan is not None:
+        grouping = membership = None
+        if cfg.mode == "per_group":
             assert named is not None and optimizer is not None
-            membership = self._group_membership(named, optimizer)
+            grouping = self._groups(named, optimizer)
+            if plan is not None:
+                membership = _group_membership(grouping[0])
         m = _slots.measure(shards, pick, n_slots, p, cfg.foreach, presence=named is not None,
                            group=plan.reduction_group if plan is not None else None,
                            layout=named.names if named is not None else None, extra=membership,
@@ -514,7 +524,8 @@ class GradClipper:
             limit_out = limit
         elif cfg.mode == "per_group":
             assert named is not None and optimizer is not None
-            coef, slot_coef, slot_names, limit_out = self._per_group(named, m, optimizer, p, out)
+            assert grouping is not None
+            coef, slot_coef, slot_names, limit_out = _per_group(grouping, m, p, out)
         else:
             if self._threshold is not None:
                 thr = self._threshold.threshold(m.total, finite)
@@ -540,10 +551,8 @@ class GradClipper:
         pieces = _slots.all_pieces(shards, pick)
         _clip.drop_pending_hand_over(target, [t for t, _ in pieces])
         on_cpu = total.device.type == "cpu"
-        if policy in ("skip", "zero"):
-            keep = 1.0 if policy == "skip" else 0.0
-            slot_coef = torch.where(finite, slot_coef, torch.full_like(slot_coef, keep))
-            coef = torch.where(finite, coef, torch.full_like(coef, keep))  # what is applied, as documented
+        slot_coef = _kept(slot_coef, finite, policy)
+        coef = _kept(coef, finite, policy)  # what is applied, as documented
         if policy == "zero" and on_cpu and not bool(finite):
             for t, _ in pieces:
                 t.zero_()
@@ -581,44 +590,6 @@ class GradClipper:
         groups_of = [where.get(id(named.params[n]), -1) if n in named.params else -1 for n in named.names]
         groups_of = [g if g >= 0 else fallback.get(n, -1) for g, n in zip(groups_of, named.names)]
         return groups_of, limits, labels
-
-    def _group_membership(self, named: _slots.Named, optimizer: torch.optim.Optimizer) -> Tensor:
-        """Under a plan each pipeline stage's optimizer holds its own stage's parameters only: which slot is in
-        which group travels in the measurement's all-reduce, so that every rank sees every stage's groups. Per
-        slot, ``group + 1`` where this rank's optimizer holds it (else 0), then 1 where it holds it: summed, the
-        first over the second is ``group + 1`` (tensor-parallel ranks hold the same slot in the same group);
-        maxed, the first is. The length depends on the slots only: stages may have different numbers of groups."""
-        groups_of, _, _ = self._groups(named, optimizer)
-        gi = torch.tensor(groups_of or [-1], dtype=torch.float64)
-        held = (gi >= 0).to(torch.float64)
-        return torch.cat([(gi + 1) * held, held])
-
-    def _per_group(
-        self, named: _slots.Named, m: _slots.Measurement, optimizer: torch.optim.Optimizer, p: float,
-        out: torch.dtype,
-    ) -> tuple[Tensor, Tensor, tuple[str, ...], Tensor]:
-        groups_of, limits, labels = self._groups(named, optimizer)
-        if groups_of and max(groups_of) < 0:
-            # Every rank sees the same names and groups, so every rank raises here: none steps alone.
-            raise ValueError(
-                "per_group clipping found none of the target's parameters in optimizer.param_groups, so it "
-                "would clip nothing; pass the optimizer that steps these parameters (under DeepSpeed ZeRO-3: "
-                "the torch optimizer given to deepspeed.initialize)"
-            )
-        index = torch.tensor(groups_of or [-1], dtype=torch.long).to(m.device)
-        if m.extra is not None:  # under a plan: the groups of every rank's slots, combined (on the device)
-            ids, holders = m.extra.reshape(2, index.numel())
-            ids = ids if math.isinf(p) else ids / holders.clamp(min=1)  # MAX: the id itself; SUM: id x holders
-            index = torch.where(holders > 0, ids.round().long() - 1, -1)
-            # A group this rank's optimizer lacks (stages with fewer groups) has no limit here: left out.
-            index = torch.where(index < len(limits), index, -1)
-        partials = _slots.merge_partials(m.partials, index, len(limits), p)
-        norms = _slots.finalize_norms(partials, p, m.loss_scale).to(out)
-        limit = torch.tensor(limits, dtype=out, device=norms.device)
-        coef = _scale.clip_coefficient(limit, norms)
-        # Parameters outside the optimizer count in the total but keep their gradients (coefficient 1).
-        slot_coef = torch.where(index >= 0, coef[index.clamp(min=0)], torch.ones_like(index, dtype=out))
-        return coef, slot_coef, tuple(labels), limit
 
     def _report(self, names: Sequence[str], m: _slots.Measurement, p: float) -> dict[str, float]:
         partials = m.partials.tolist()
@@ -667,9 +638,8 @@ class GradClipper:
                 u.grad.zero_()
         elif not (policy == "skip" and on_cpu and not bool(finite)):
             if policy in ("skip", "zero") and not on_cpu:
-                keep = 1.0 if policy == "skip" else 0.0
                 outcome = type(outcome)(**{**outcome.__dict__, "coefs": [
-                    torch.where(finite.to(c.device), c, torch.full_like(c, keep)) for c in outcome.coefs]})
+                    _kept(c, finite, policy) for c in outcome.coefs]})
             unitwise_scale_(outcome)
             if policy == "zero" and not on_cpu:
                 for u in units:
@@ -680,7 +650,44 @@ class GradClipper:
         self._count(clipped, finite)
         norms = self._report(outcome.names, outcome.measurement, p) if want_report else None
         limit = torch.full_like(total, cfg.agc.clipping)
-        applied = outcome.min_coef.to(device=total.device, dtype=total.dtype)
-        if policy in ("skip", "zero"):
-            applied = torch.where(finite, applied, torch.full_like(applied, 1.0 if policy == "skip" else 0.0))
+        applied = _kept(outcome.min_coef.to(device=total.device, dtype=total.dtype), finite, policy)
         return ClipResult(total, applied, clipped, finite, limit, (), norms)
+
+
+def _group_membership(groups_of: Sequence[int]) -> Tensor:
+    """Under a plan each pipeline stage's optimizer holds its own stage's parameters only: which slot is in which
+    group travels in the measurement's all-reduce, so that every rank sees every stage's groups. Per slot,
+    ``group + 1`` where this rank's optimizer holds it (else 0), then 1 where it holds it: summed, the first over
+    the second is ``group + 1`` (tensor-parallel ranks hold the same slot in the same group); maxed, the first
+    is. The length depends on the slots only: stages may have different numbers of groups."""
+    gi = torch.tensor(list(groups_of) or [-1], dtype=torch.float64)
+    held = (gi >= 0).to(torch.float64)
+    return torch.cat([(gi + 1) * held, held])
+
+
+def _per_group(
+    grouping: tuple[list[int], list[float], list[str]], m: _slots.Measurement, p: float, out: torch.dtype
+) -> tuple[Tensor, Tensor, tuple[str, ...], Tensor]:
+    """Coefficients per param group (``grouping`` from :meth:`GradClipper._groups`) and per slot."""
+    groups_of, limits, labels = grouping
+    if groups_of and max(groups_of) < 0:
+        # Every rank sees the same names and groups, so every rank raises here: none steps alone.
+        raise ValueError(
+            "per_group clipping found none of the target's parameters in optimizer.param_groups, so it "
+            "would clip nothing; pass the optimizer that steps these parameters (under DeepSpeed ZeRO-3: "
+            "the torch optimizer given to deepspeed.initialize)"
+        )
+    index = torch.tensor(groups_of or [-1], dtype=torch.long).to(m.device)
+    if m.extra is not None:  # under a plan: the groups of every rank's slots, combined (on the device)
+        ids, holders = m.extra.reshape(2, index.numel())
+        ids = ids if math.isinf(p) else ids / holders.clamp(min=1)  # MAX: the id itself; SUM: id x holders
+        index = torch.where(holders > 0, ids.round().long() - 1, -1)
+        # A group this rank's optimizer lacks (stages with fewer groups) has no limit here: left out.
+        index = torch.where(index < len(limits), index, -1)
+    partials = _slots.merge_partials(m.partials, index, len(limits), p)
+    norms = _slots.finalize_norms(partials, p, m.loss_scale).to(out)
+    limit = torch.tensor(limits, dtype=out, device=norms.device)
+    coef = _scale.clip_coefficient(limit, norms)
+    # Parameters outside the optimizer count in the total but keep their gradients (coefficient 1).
+    slot_coef = torch.where(index >= 0, coef[index.clamp(min=0)], torch.ones_like(index, dtype=out))
+    return coef, slot_coef, tuple(labels), limit
