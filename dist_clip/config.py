@@ -226,16 +226,16 @@ def _validate(cfg: TrainConfig, source: str) -> TrainConfig:
     def positive(name: str, value: float, strict: bool = True) -> None:
         if math.isnan(value) or (value <= 0 if strict else value < 0):
             raise ConfigError(source, name, f"must be {'> 0' if strict else '>= 0'}, got {value}")
-        if math.isinf(value) and name != "clip.max_norm":  # max_norm's own message follows
+        if math.isinf(value):
             raise ConfigError(source, name, f"must be finite, got {value}")
 
     positive("steps", cfg.steps)
     positive("batch_size", cfg.batch_size)
     positive("lr", cfg.lr)
     positive("weight_decay", cfg.weight_decay, strict=False)
-    positive("clip.max_norm", cfg.clip.max_norm, strict=False)
-    if math.isinf(cfg.clip.max_norm):
+    if cfg.clip.max_norm == math.inf:  # checked first: its message says what to use instead
         raise ConfigError(source, "clip.max_norm", "must be finite (use clip.mode: off to measure without clipping)")
+    positive("clip.max_norm", cfg.clip.max_norm, strict=False)
     if cfg.tolerance is not None:
         positive("tolerance", cfg.tolerance)
     if not 0 <= cfg.seed < 2**63:  # torch.manual_seed takes a signed 64-bit value

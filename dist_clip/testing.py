@@ -147,10 +147,8 @@ def _check_rank(
     elif mode == "per_param":
         for n, g in ref_grads.items():
             g.mul_(min(1.0, max_norm / (before[n] + 1e-6)))
-    elif mode == "unitwise":
+    else:  # "unitwise" (assert_clip_matches_unsharded checked the mode)
         reference_agc_(ref_params, ref_grads, agc_cfg.clipping, agc_cfg.eps, p)
-    else:
-        raise ValueError(f"mode must be 'total', 'per_param' or 'unitwise', got {mode!r}")
     after = reference_param_norms(ref_grads, p)
 
     clipper = GradClipper(max_norm=max_norm, norm_type=norm_type, mode=mode, agc=agc_cfg, report=True)
