@@ -206,6 +206,18 @@ def test_gradients_made_with_create_graph_are_gradients():
     w.grad = None  # break the reference cycle create_graph makes
 
 
+def test_create_graph_gradients_that_are_views_are_gradients():
+    """autograd.grad(create_graph=True) hands back some gradients as views (the gradient of w.sum() is an expand
+    of a scalar) and slices of such gradients are views too: their base is not a leaf, so they are gradients."""
+    w = nn.Parameter(torch.randn(4, 3, generator=torch.Generator().manual_seed(0)))
+    b = nn.Parameter(torch.randn(3, generator=torch.Generator().manual_seed(1)))
+    gw, gb = torch.autograd.grad(w.sum() ** 2 + (b**2).sum(), [w, b], create_graph=True)
+    assert gw._is_view() and gw.grad_fn is not None
+    for tensors in ([gw, gb], [gw], [gb[:2]]):
+        want = reference_norm([t.detach() for t in tensors])
+        assert dist_clip.get_total_norm(tensors).item() == pytest.approx(want, rel=1e-6)
+
+
 @pytest.mark.parametrize("empty", [[], "generator", "module"])
 def test_empty_target_gives_zero_with_a_warning(empty):
     target = {"generator": (p for p in []), "module": nn.ReLU()}.get(empty, []) if empty != [] else []

@@ -51,15 +51,21 @@ def is_parameter(t: Tensor) -> bool:
     FSDP2's DTensor parameters), a leaf tensor that requires grad, or a view of one (``p.view(-1)``: its
     ``.grad`` is ``None`` and it is skipped, as torch skips it) is a parameter. Any other tensor is taken to be
     a gradient already, as ``torch.nn.utils.get_total_norm`` takes it: also a gradient that requires grad
-    because ``backward(create_graph=True)`` made it part of a graph (it has a ``grad_fn`` and is not a view).
+    because ``backward(create_graph=True)`` or ``autograd.grad(create_graph=True)`` made it part of a graph (it
+    has a ``grad_fn``, and is not a view of a leaf: such gradients often come back as views, e.g. expanded).
     """
     # The cheap tests first: isinstance goes through nn.Parameter's metaclass in Python (~1-2 us a call).
     return (
         type(t) is nn.Parameter
         or getattr(t, "_is_param", False)
-        or (t.requires_grad and (t.grad_fn is None or t._is_view()))
+        or (t.requires_grad and (t.grad_fn is None or _views_a_leaf(t)))
         or isinstance(t, nn.Parameter)
     )
+
+
+def _views_a_leaf(t: Tensor) -> bool:
+    base = t._base if t._is_view() else None
+    return base is not None and base.grad_fn is None and base.requires_grad
 
 
 def matches(target: object) -> bool:
