@@ -269,8 +269,10 @@ def clip_grads_with_norm_(
     """
     limit = _check_max_norm(max_norm)
     _check_foreach(foreach)
-    if isinstance(total_norm, Tensor) and total_norm.numel() != 1:
-        raise ValueError(f"total_norm must be a single value, got a tensor of shape {tuple(total_norm.shape)}")
+    if isinstance(total_norm, Tensor):
+        if total_norm.numel() != 1:
+            raise ValueError(f"total_norm must be a single value, got a tensor of shape {tuple(total_norm.shape)}")
+        total_norm = total_norm.reshape(())  # a (1,)-shaped value, as the fused multiply takes only 0-dim ones
     tensors = _all_tensors(resolve(parameters, None))
     drop_pending_hand_over(parameters, tensors)
     if not tensors:

@@ -88,6 +88,15 @@ def test_total_norm_of_several_values_is_a_value_error():
         dist_clip.clip_grads_with_norm_(_params(), 1.0, torch.tensor([1.0, 2.0]))
 
 
+@pytest.mark.parametrize("foreach", [None, False])
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1)])
+def test_total_norm_of_one_value_in_any_shape(shape, foreach):
+    ps = _params()
+    total = dist_clip.get_total_norm(ps)
+    dist_clip.clip_grads_with_norm_(ps, 1.0, total.reshape(shape), foreach=foreach)
+    assert reference_norm([p.grad for p in ps]) == pytest.approx(1.0, rel=1e-5)
+
+
 def test_bad_foreach_and_target():
     with pytest.raises(TypeError, match="foreach"):
         dist_clip.get_total_norm(_params(), foreach="yes")
