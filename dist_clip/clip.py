@@ -322,6 +322,8 @@ def clip_grad_norm_(
     fused = optimizer is not None and _fused.supports_grad_scale(optimizer)  # type: ignore[arg-type]
     everything = _all_tensors(shards)
     groups = _scale.group_by_device_dtype(everything)  # bucketed once, for measuring and for scaling
+    if fused and any(dtype in _WIDE for _, dtype in groups):
+        fused = False  # torch's fused kernels take grad_scale in float32 only: float64 gradients are scaled here
     total = total_from_shards(shards, p, error_if_nonfinite, foreach, everything, groups)
     coef = _scale.clip_coefficient(limit, total)
     if fold is not None:

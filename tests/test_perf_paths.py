@@ -523,6 +523,26 @@ def test_either_skip_flag_skips_the_fused_step():
     assert torch.equal(opt.found_inf, torch.ones(()))  # put back as it was
 
 
+@pytest.mark.parametrize("name", ["AdamW", "SGD"])
+def test_float64_gradients_are_scaled_in_the_call_not_handed_over(name):
+    """torch's fused kernels take grad_scale in float32 only: handing a float64 model's coefficient over would
+    round it to float32 (3e-8 relative). Its gradients are scaled in the call instead: clip-then-step exactly."""
+    def run(hand_over):
+        model = _model().double()
+        opt = OPTIMIZERS[name](list(model.parameters()), True)
+        for step in range(3):
+            model.zero_grad(set_to_none=True)
+            x = torch.randn(16, 32, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
+            model(x).square().sum().backward()
+            dist_clip.clip_grad_norm_(model, 0.5, optimizer=opt if hand_over else None)
+            opt.step()
+        return model
+
+    for p_ref, p in zip(run(False).parameters(), run(True).parameters()):
+        assert torch.equal(p, p_ref)
+        assert torch.equal(p.grad, p_ref.grad)
+
+
 def test_handed_over_scale_applies_to_exactly_one_step():
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=1.0, fused=True)
