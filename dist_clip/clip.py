@@ -154,6 +154,21 @@ def total_from_shards(
     ``everything`` (``_all_tensors(shards)``) and ``groups`` (its device/dtype buckets) save recomputing them
     when the caller needs them again to scale; the buckets are used only where every piece is counted here.
     """
+    wide, out = _wide_total(shards, p, error_if_nonfinite, foreach, everything, groups)
+    return wide.to(out)
+
+
+def _wide_total(
+    shards: Sequence[Shards],
+    p: float,
+    error_if_nonfinite: bool,
+    foreach: bool | None,
+    everything: list[Tensor] | None,
+    groups: _Groups | None,
+) -> tuple[Tensor, torch.dtype]:
+    """:func:`total_from_shards` before its cast: the float64 total and the dtype to return it in. Clipping
+    and the finiteness test use the float64 value: the norm of fp32 gradients may exceed float32's range
+    (3.4e38) while every element is finite."""
     group = _reduce.reduction_group(s.group for s in shards)
     scale = common_loss_scale(shards)
     if everything is None:
@@ -176,14 +191,13 @@ def total_from_shards(
         total = total / scale
     if agree:
         out = agreed_dtype(combined[1])
-    total = total.to(out)
     if error_if_nonfinite and not bool(torch.isfinite(total)):
         raise RuntimeError(
             f"The total norm of order {p} for gradients is non-finite ({total.item()}), so it cannot be clipped. "
             "Every rank of the group raises this error together. To disable it and scale the gradients by the "
             "non-finite norm anyway, set `error_if_nonfinite=False`"
         )
-    return total
+    return total, out
 
 
 def drop_pending_hand_over(target: object, tensors: Sequence[Tensor]) -> None:
@@ -324,12 +338,13 @@ def clip_grad_norm_(
     groups = _scale.group_by_device_dtype(everything)  # bucketed once, for measuring and for scaling
     if fused and any(dtype in _WIDE for _, dtype in groups):
         fused = False  # torch's fused kernels take grad_scale in float32 only: float64 gradients are scaled here
-    total = total_from_shards(shards, p, error_if_nonfinite, foreach, everything, groups)
-    coef = _scale.clip_coefficient(limit, total)
+    wide, out = _wide_total(shards, p, error_if_nonfinite, foreach, everything, groups)
+    total = wide.to(out)
+    coef = _scale.clip_coefficient(limit, wide).to(out)  # from the float64 total, which float32 may not hold
     if fold is not None:
         fold(coef)
     elif fused:
-        _fused.hand_over_(optimizer, coef, total)
+        _fused.hand_over_(optimizer, coef, wide)
     else:
         drop_pending_hand_over(parameters, everything)
         _scale.scale_(everything, coef, foreach, groups)

@@ -93,6 +93,25 @@ def test_fp16_norm_above_fp16_max_is_finite_and_exact():
     assert p.grad.float().norm().item() == pytest.approx(1.0, rel=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0])
+def test_norm_above_float32_range_clips_by_the_float64_total(dtype, p):
+    """Every element finite, the norm beyond float32's 3.4e38: the float32 total reads inf, but clipping uses
+    the float64 total (torch divides by that inf and zeroes the gradients) and error_if_nonfinite does not
+    raise: nothing is non-finite."""
+    g = torch.full((4,), 3e38).to(dtype)
+    g[1] = 1e38
+    want = reference_norm([g], p)
+    assert 3.5e38 < want < math.inf
+    param = torch.nn.Parameter(torch.zeros(4, dtype=dtype))
+    param.grad = g.clone()
+    total = dist_clip.clip_grad_norm_([param], 1.0, p, error_if_nonfinite=True)
+    assert total.dtype == torch.float32 and math.isinf(total.item())
+    coef = 1.0 / (want + 1e-6)
+    elementwise = 1e-6 if dtype == torch.float32 else 2**-8  # the scaled element rounded to its dtype
+    torch.testing.assert_close(param.grad.double(), g.double() * coef, rtol=elementwise, atol=0)
+
+
 def test_large_fp32_tensor_accuracy_beats_torch():
     torch.manual_seed(0)
     g = torch.randn(1 << 24)

@@ -329,8 +329,9 @@ def test_clipping_many_small_tensors_matches_torch(dtype):
     g = torch.Generator().manual_seed(0)
     grads = [torch.randn(int(n), generator=g).to(dtype) for n in torch.randint(1, 3000, (500,), generator=g)]
     ours, theirs = [t.clone() for t in grads], [t.clone() for t in grads]
-    total = dist_clip.clip_grad_norm_(ours, 0.5)
-    coef = torch.clamp(0.5 / (total + 1e-6), max=1.0)
+    total = dist_clip.get_total_norm(ours)
+    dist_clip.clip_grads_with_norm_(ours, 0.5, total)  # the multiply alone (clip_grad_norm_'s coefficient comes
+    coef = torch.clamp(0.5 / (total + 1e-6), max=1.0)  # from the float64 total, rounded once)
     torch._foreach_mul_(theirs, coef)
     for a, b in zip(ours, theirs):
         assert torch.equal(a, b)
@@ -410,12 +411,14 @@ def test_fused_step_is_bit_identical_to_dividing_by_the_handed_over_scale(name):
     for step in range(3):
         _backward(ref_model, step)
         _backward(model, step)
-        total = dist_clip.get_total_norm(ref_model)
-        coef = torch.clamp(0.5 / (total + 1e-6), max=1.0)
+        total = dist_clip.clip_grad_norm_(model, 0.5, optimizer=opt)
+        scale = opt.__dict__[_fused._PENDING][0]
+        # the coefficient of the float64 total, rounded once to float32
+        want = torch.clamp(0.5 / (total.double() + 1e-6), max=1.0).float()
+        torch.testing.assert_close(torch.reciprocal(scale), want, rtol=2e-7, atol=0)
         for p in ref_model.parameters():
-            p.grad.div_(torch.reciprocal(coef))
+            p.grad.div_(scale)
         ref_opt.step()
-        dist_clip.clip_grad_norm_(model, 0.5, optimizer=opt)
         opt.step()
     for p_ref, p in zip(ref_model.parameters(), model.parameters()):
         assert torch.equal(p, p_ref)
