@@ -410,3 +410,26 @@ def test_bad_call_arguments_name_what_was_expected():
     opt.param_groups[0]["max_norm"] = torch.tensor(0.25)  # a one-value tensor is a number here too
     result = GradClipper(mode="per_group")(model, optimizer=opt)
     assert result.max_norm.tolist() == [0.25]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    ("mode", "report"), [("total", True), ("per_param", False), ("per_group", False), ("unitwise", False)]
+)
+def test_an_inf_gradient_at_p_inf_is_inf_in_every_per_slot_path(dtype, mode, report):
+    """The per-slot max dropped NaN by mapping it to 0, and mapped inf to float64's largest value with it: the
+    float64 total came out finite (1.8e308), so a non-finite policy never fired."""
+    w = nn.Parameter(torch.ones(3, dtype=dtype))
+    w.grad = torch.tensor([1.0, math.inf, 2.0], dtype=dtype)
+    v = nn.Parameter(torch.ones(2, dtype=dtype))
+    v.grad = torch.tensor([0.5, 0.25], dtype=dtype)
+    opt = torch.optim.SGD([w, v], lr=0.1)
+    before = [w.detach().clone(), v.detach().clone()]
+    out = GradClipper(max_norm=1.0, norm_type="inf", mode=mode, report=report, on_nonfinite="skip")(
+        {"w": w, "v": v}, optimizer=opt
+    )
+    assert math.isinf(out.total_norm.item()) and not bool(out.finite)
+    opt.step()
+    assert torch.equal(w.detach(), before[0]) and torch.equal(v.detach(), before[1])
+    if report:
+        assert math.isinf(out.norms["w"]) and out.norms["v"] == 0.5
