@@ -18,6 +18,7 @@ state lives on the host (see :func:`skip_next_step_`).
 from __future__ import annotations
 
 import copy
+import sys
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
@@ -239,14 +240,22 @@ def _kept(coef: Tensor, finite: Tensor, policy: str) -> Tensor:
     return torch.where(finite.to(coef.device), coef, keep)
 
 
+def _is_torch_zero(optimizer: object) -> bool:
+    """torch's ``ZeroRedundancyOptimizer``: like fairscale's OSS, ``step()`` steps ``.optim`` (this rank's
+    parameters, all the state) and then broadcasts every rank's parameters from their owners."""
+    module = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    cls = getattr(module, "ZeroRedundancyOptimizer", None)
+    return cls is not None and isinstance(optimizer, cls) and isinstance(optimizer.optim, torch.optim.Optimizer)
+
+
 def skip_next_step_(optimizer: torch.optim.Optimizer, flag: Tensor) -> None:
     """Make the next ``optimizer.step()`` a no-op where the 0-dim bool ``flag`` is true, without a host sync.
 
     Fused optimizers get ``optimizer.found_inf`` (their kernels skip the update and the step count, as under
     ``GradScaler``). Any other optimizer gets a step pre-hook that snapshots parameters and state and a post-hook
     that restores them with ``torch.where`` on the device (on the CPU only when the flag is set, since reading
-    it is free there). A fairscale ``OSS`` arms its inner ``optim`` (which holds the state), so the broadcast
-    that ends ``OSS.step()`` carries the restored parameters. The snapshot costs one copy of parameters and
+    it is free there). A fairscale ``OSS`` or torch ``ZeroRedundancyOptimizer`` arms its inner ``optim`` (which
+    holds the state), so the broadcast that ends its ``step()`` carries the restored parameters. The snapshot costs one copy of parameters and
     state per step on accelerators: prefer a fused optimizer. State that a first step creates is reset to zeros
     on accelerators (the usual initial state) and removed on the CPU; optimizer state kept on the host for device
     parameters (``capturable=False`` step counters) makes the restore a host sync.
@@ -254,6 +263,8 @@ def skip_next_step_(optimizer: torch.optim.Optimizer, flag: Tensor) -> None:
     from .adapters.fairscale import skip_optimizers
 
     inner = skip_optimizers(optimizer)  # a fairscale OSS: the torch optimizer stepping this rank's parameters
+    if inner is None and _is_torch_zero(optimizer):
+        inner = [optimizer.optim]  # type: ignore[attr-defined]  # torch's own ZeroRedundancyOptimizer, alike
     if inner is not None:
         for opt in inner:
             skip_next_step_(opt, flag)

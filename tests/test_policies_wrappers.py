@@ -296,6 +296,35 @@ def case_fs_policies(kind: str) -> dict:
     return {"name": name}
 
 
+def case_torch_zero_skip(fused: bool) -> dict:
+    """torch's ZeroRedundancyOptimizer keeps the state in its inner .optim, as OSS does: a skipped step must leave
+    it (and the parameters) as they were, so the run equals one without that step."""
+    from torch import nn
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    rank = dist.get_rank()
+    finals = []
+    for poison in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam, lr=0.1, fused=fused)
+        clipper = GradClipper(max_norm=0.5, on_nonfinite="skip")
+        for step in [0, 1, 2, 3] if poison else [0, 2, 3]:
+            x = torch.randn(4, 6, generator=torch.Generator().manual_seed(100 * step + rank))
+            ddp(x).square().sum().backward()
+            if step == 1:
+                model[2].weight.grad.view(-1)[0] = math.nan
+            result = clipper(ddp, optimizer=opt)
+            assert bool(result.finite) == (step != 1)
+            opt.step()
+            opt.zero_grad()
+        state = [v.clone() for s in opt.optim.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        finals.append([q.detach().clone() for q in model.parameters()] + state)
+    assert _same(finals[0], finals[1]), "the skipped step changed parameters or the inner optimizer's state"
+    return {}
+
+
 # ------------------------------------------------------------------------------------------ AutoClip, ZClip
 
 SPIKES = {4: 30.0}  # step -> loss multiplier: a gradient norm spike
@@ -379,6 +408,11 @@ def test_deepspeed_stage0_skip_and_refusal(run_ranks):
 @pytest.mark.parametrize("kind", ["oss_sdp", "fsdp"])
 def test_fairscale_policies(run_ranks, kind):
     run_ranks(2, case_fs_policies, kind, timeout_s=TIMEOUT)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_torch_zero_redundancy_optimizer_skip(run_ranks, fused):
+    run_ranks(2, case_torch_zero_skip, fused, timeout_s=TIMEOUT)
 
 
 @pytest.mark.parametrize("wrapper", [pytest.param("zero2", marks=pytest.mark.deepspeed),
