@@ -92,6 +92,14 @@ def test_folded_into_step_matches_unsharded_run(run_ranks, stage, gas, offload):
               hand_over=True, timeout_s=TIMEOUT)
 
 
+@pytest.mark.parametrize("stage,offload", [(1, False), (2, False), (3, False), (2, True)])
+def test_folded_into_step_with_deepspeeds_own_clipping_on(run_ranks, stage, offload):
+    """DeepSpeed's default gradient_clipping is 1.0: its clip in step() used the norm it measured before our
+    coefficient reached the gradients, and so clipped the clipped gradients again (8x too small a step here)."""
+    run_ranks(2, ds_cases.case_fp32_vs_reference, stage, offload=offload, ps=(2.0,), hand_over=True, ds_clip=1.0,
+              timeout_s=TIMEOUT)
+
+
 def test_folded_into_step_three_ranks_uneven(run_ranks):
     run_ranks(3, ds_cases.case_fp32_vs_reference, 3, ps=(2.0,), hand_over=True, timeout_s=TIMEOUT)
 

@@ -49,6 +49,7 @@ attributes it reads, and raises a ``RuntimeError`` naming what changed instead o
 
 from __future__ import annotations
 
+import math
 import operator
 import os
 import sys
@@ -583,18 +584,35 @@ class _ZeroFold:
 
     def _unscale(self, grads: Any, total_norm: Any) -> Any:
         coef = self.coef
-        if coef is None or not self.stepping or self.copied:
+        if coef is None or not self.stepping:
             self.copied = False
             return self.unscale_method(grads, total_norm)
         opt = self.opt
+        if opt.clip_grad > 0:
+            # DeepSpeed clips as well (the adapter warned), by a norm it measured before our coefficient reached
+            # the gradients: it must see the norm of the clipped gradients, as after a plain dist_clip call.
+            total_norm = _times_coef(total_norm, coef)
+        if self.copied:
+            self.copied = False
+            return self.unscale_method(grads, total_norm)
         held = _flat_grads([opt.fp32_partitioned_groups_flat[grads].grad] if self.stage3 else grads)
-        if opt.clip_grad > 0:  # DeepSpeed clips as well (the adapter warned): its pass, then ours
+        if opt.clip_grad > 0:  # its pass, then ours
             out = self.unscale_method(grads, total_norm)
             _scale.scale_(held, coef)
             return out
         scale = float(opt.loss_scale)  # DeepSpeed's combined scale when it does not clip
         _scale.scale_(held, coef if scale == 1.0 else coef * (1.0 / scale))  # skips a factor of 1 on the CPU
         return None
+
+
+def _times_coef(total_norm: Any, coef: Tensor) -> Any:
+    """DeepSpeed's (loss-scaled) norm of the gradients once multiplied by ``coef``; its invalid-norm sentinels
+    (negative, non-finite) kept as they are. On the device: no sync."""
+    if not isinstance(total_norm, Tensor):
+        value = float(total_norm)
+        return value if not math.isfinite(value) or value < 0 else coef.to(torch.float32) * value
+    scaled = total_norm * coef.to(device=total_norm.device, dtype=total_norm.dtype)
+    return torch.where(total_norm < 0, total_norm, scaled)
 
 
 def fold_handle(target: object, optimizer: object) -> Any:
