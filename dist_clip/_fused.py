@@ -8,7 +8,9 @@ own read of the gradients: the clip costs the norm's read pass only, no separate
 non-finite norm skips the step without the host ever reading the norm (no device sync on CUDA).
 
 The values are stashed on the optimizer by :func:`hand_over_` and consumed by a step pre-hook, so they apply to
-exactly the next ``step()``. The hook combines with what a ``GradScaler`` sets for the same step (it sets
+exactly the next ``step()``. A dist_clip call that reads those gradients before that step (another clip, a
+norm, a report) first applies the coefficient to them (:func:`settle`), so it sees them clipped, exactly as
+after a clip that scaled them. The hook combines with what a ``GradScaler`` sets for the same step (it sets
 ``grad_scale``/``found_inf`` before calling ``step``): scales multiply, either ``found_inf`` flag skips. A post-hook
 restores the attributes as they were.
 """
@@ -23,13 +25,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["drop_pending", "hand_over_", "supports_grad_scale"]
+from . import _scale
+
+__all__ = ["hand_over_", "settle", "supports_grad_scale"]
 
 _PENDING = "_dist_clip_pending"
 _HOOKS = "_dist_clip_hooks"
 _SAVED = "_dist_clip_saved"
 _MISSING = object()
-# Optimizers holding a coefficient for their next step(): a later clip that scales the same gradients drops it.
+# Optimizers holding a coefficient for their next step(): a later call reading the same gradients settles it.
 _WAITING: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
 
 
@@ -81,11 +85,25 @@ def _span(t: Tensor) -> tuple[int, int] | None:
     return start, start + (last + 1) * t.element_size()
 
 
-def drop_pending(tensors: Sequence[Tensor]) -> None:
-    """Forget the coefficient an earlier ``clip_grad_norm_(..., optimizer=)`` left for the next ``step()`` of an
-    optimizer one of whose gradients overlaps ``tensors`` (the pieces a clip is about to scale: the same tensors,
-    or views of them such as FSDP1's flat shards): that clip supersedes it, as a second clip of clipped gradients
-    would (applying both would clip twice). Gradients that merely share a buffer (bucket views) do not overlap."""
+def _grads(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """The gradients ``optimizer.step()`` reads (a DTensor's: its local shard)."""
+    return [
+        getattr(p.grad, "_local_tensor", p.grad)
+        for group in optimizer.param_groups
+        for p in group["params"]
+        if p.grad is not None
+    ]
+
+
+def settle(tensors: Sequence[Tensor]) -> None:
+    """Apply the coefficient an earlier ``clip_grad_norm_(..., optimizer=)`` left for the next ``step()`` of an
+    optimizer one of whose gradients overlaps ``tensors`` (the pieces a dist_clip call is about to read: the same
+    tensors, or views of them such as FSDP1's flat shards): its gradients are multiplied now, and the step keeps
+    only the skip flag. The call then sees the gradients clipped, as after a clip that scaled them in place: a
+    second clip composes with the first, a report reads clipped norms, a clip of part of the model leaves the
+    rest clipped. Gradients replaced or modified in place since the hand-over (a new backward) are not the
+    ones it measured: the coefficient is dropped instead. Gradients that merely share a buffer (bucket views)
+    do not overlap."""
     if not _WAITING:  # the usual case: nothing handed over, or already stepped
         return
     spans = sorted(filter(None, map(_span, tensors)))
@@ -101,10 +119,19 @@ def drop_pending(tensors: Sequence[Tensor]) -> None:
         return at >= 0 and reach[at] > span[0]  # type: ignore[index]
 
     for optimizer in list(_WAITING):
-        grads = (p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None)
-        if any(overlaps(_span(g)) for g in grads):
-            optimizer.__dict__.pop(_PENDING, None)
+        grads = _grads(optimizer)
+        if not any(overlaps(_span(g)) for g in grads):
+            continue
+        scale, found, coef, held, versions = optimizer.__dict__.pop(_PENDING)
+        unchanged = len(held) == len(grads) and all(
+            a is b and a._version == v for a, b, v in zip(held, grads, versions)
+        )
+        if not unchanged:
             _WAITING.discard(optimizer)
+            continue
+        if coef is not None:
+            _scale.scale_(grads, coef)
+        optimizer.__dict__[_PENDING] = (torch.ones_like(scale), found, None, grads, [g._version for g in grads])
 
 
 def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -112,7 +139,7 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     pending = optimizer.__dict__.pop(_PENDING, None)
     if pending is None:
         return
-    scale, found = pending
+    scale, found = pending[:2]
     saved = (optimizer.__dict__.get("grad_scale", _MISSING), optimizer.__dict__.get("found_inf", _MISSING))
     theirs_scale, theirs_found = saved
     if isinstance(theirs_scale, Tensor):
@@ -156,5 +183,6 @@ def hand_over_(optimizer: torch.optim.Optimizer, coef: Tensor, total: Tensor) ->
         )
     scale = torch.reciprocal(coef.to(torch.float32))  # the kernels divide: 1/1 == 1 keeps an unclipped step exact
     found = torch.logical_not(torch.isfinite(total)).to(torch.float32)
-    optimizer.__dict__[_PENDING] = (scale, found)
+    grads = _grads(optimizer)  # what settle() checks and scales if a call reads them before the step
+    optimizer.__dict__[_PENDING] = (scale, found, coef, grads, [g._version for g in grads])
     _WAITING.add(optimizer)

@@ -55,7 +55,6 @@ __all__ = [
     "slot_partials",
 ]
 
-
 @dataclass
 class Named:
     """A target seen parameter by parameter.
@@ -143,19 +142,8 @@ class Fsdp1Layout:
 # One in-shard piece of an FSDP1 parameter, all but its tensors: (handle, the original parameter under
 # use_orig_params or None, offset and numel in the local shard, name, start, shape, group, what an optimizer
 # holds for it, cuts, counted).
-_Place = tuple[
-    Any,
-    "nn.Parameter | None",
-    int,
-    int,
-    str,
-    int,
-    torch.Size,
-    "dist.ProcessGroup | None",
-    Tensor,
-    tuple[int, ...],
-    bool,
-]
+_Place = tuple[Any, "nn.Parameter | None", int, int, str, int, torch.Size, "dist.ProcessGroup | None", Tensor,
+               tuple[int, ...], bool]
 
 
 def _fsdp1_places(root: nn.Module, group: dist.ProcessGroup | None) -> tuple[list[_Place], Fsdp1Layout]:
@@ -195,21 +183,8 @@ def _fsdp1_places(root: nn.Module, group: dist.ProcessGroup | None) -> tuple[lis
                 orig = flat._params[i] if use_orig and flat._params is not None else None
                 optim[name] = orig if orig is not None else flat
                 if info.in_shard:
-                    places.append(
-                        (
-                            handle,
-                            orig,
-                            int(info.offset_in_shard),
-                            int(info.numel_in_shard),
-                            name,
-                            int(info.intra_param_start_idx),
-                            shape,
-                            pg,
-                            optim[name],
-                            cuts,
-                            counted,
-                        )
-                    )
+                    places.append((handle, orig, int(info.offset_in_shard), int(info.numel_in_shard), name,
+                                   int(info.intra_param_start_idx), shape, pg, optim[name], cuts, counted))
         unmanaged = _fsdp.unmanaged_parameters(root)  # the shard plan's list, not a second walk
         for n, p in unmanaged:
             names.append(n)
@@ -444,7 +419,8 @@ def merge_partials(partials: Tensor, index: Tensor, n_out: int, p: float) -> Ten
     out = torch.zeros(n_out, dtype=torch.float64, device=partials.device)
     if math.isinf(p):
         nan = torch.zeros_like(out).index_add_(0, index[keep], torch.isnan(partials[keep]).to(torch.float64))
-        out.scatter_reduce_(0, index[keep], torch.nan_to_num(partials[keep], nan=0.0, posinf=math.inf), reduce="amax")
+        kept = torch.nan_to_num(partials[keep], nan=0.0, posinf=math.inf)
+        out.scatter_reduce_(0, index[keep], kept, reduce="amax")
         return torch.where(nan > 0, torch.full_like(out, math.nan), out)
     return out.index_add_(0, index[keep], partials[keep])
 

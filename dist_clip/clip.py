@@ -6,7 +6,7 @@ import math
 import numbers
 import operator
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -200,15 +200,17 @@ def _wide_total(
     return total, out
 
 
-def drop_pending_hand_over(target: object, tensors: Sequence[Tensor]) -> None:
-    """A clip about to scale ``tensors`` now supersedes a coefficient an earlier ``optimizer=`` call left for the
-    next ``step()`` of the same gradients (a DeepSpeed engine's, or a fused torch optimizer's): the gradients were
-    not scaled then, they are now, and the step must not scale them again."""
+def settle_hand_over(target: object, tensors: Sequence[Tensor] | Callable[[], Sequence[Tensor]]) -> None:
+    """Before a dist_clip call reads ``tensors`` (the pieces of ``target``; a function giving them, called only if
+    a hand-over is pending): apply the coefficient an earlier ``optimizer=`` call left for the next ``step()``
+    of the same gradients (a DeepSpeed engine's, or a fused torch optimizer's), so the call sees them clipped,
+    as after a clip that scaled them in place."""
     from .adapters import deepspeed as ds_adapter
 
     if ds_adapter.matches(target):
-        ds_adapter.drop_pending(target)
-    _fused.drop_pending(tensors)
+        ds_adapter.settle(target)
+    if _fused._WAITING:
+        _fused.settle(tensors() if callable(tensors) else tensors)
 
 
 def _deepspeed_fold(target: object, optimizer: object) -> tuple[Any, object]:
@@ -268,6 +270,7 @@ def get_total_norm(
     p = _norm.parse_norm_type(norm_type)
     _check_foreach(foreach)
     shards = resolve(tensors, _check_group(group))
+    settle_hand_over(tensors, lambda: _all_tensors(shards))
     return total_from_shards(shards, p, error_if_nonfinite, foreach)
 
 
@@ -288,7 +291,7 @@ def clip_grads_with_norm_(
             raise ValueError(f"total_norm must be a single value, got a tensor of shape {tuple(total_norm.shape)}")
         total_norm = total_norm.reshape(())  # a (1,)-shaped value, as the fused multiply takes only 0-dim ones
     tensors = _all_tensors(resolve(parameters, None))
-    drop_pending_hand_over(parameters, tensors)
+    settle_hand_over(parameters, tensors)
     if not tensors:
         return
     if not isinstance(total_norm, Tensor):
@@ -338,14 +341,14 @@ def clip_grad_norm_(
     groups = _scale.group_by_device_dtype(everything)  # bucketed once, for measuring and for scaling
     if fused and any(dtype in _WIDE for _, dtype in groups):
         fused = False  # torch's fused kernels take grad_scale in float32 only: float64 gradients are scaled here
+    settle_hand_over(parameters, everything)
     wide, out = _wide_total(shards, p, error_if_nonfinite, foreach, everything, groups)
     total = wide.to(out)
     coef = _scale.clip_coefficient(limit, wide).to(out)  # from the float64 total, which float32 may not hold
     if fold is not None:
-        fold(coef)
+        fold(coef, everything)
     elif fused:
         _fused.hand_over_(optimizer, coef, wide)
     else:
-        drop_pending_hand_over(parameters, everything)
         _scale.scale_(everything, coef, foreach, groups)
     return total

@@ -18,9 +18,9 @@ state lives on the host (see :func:`skip_next_step_`).
 from __future__ import annotations
 
 import copy
-import sys
 import math
 import numbers
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -255,10 +255,11 @@ def skip_next_step_(optimizer: torch.optim.Optimizer, flag: Tensor) -> None:
     ``GradScaler``). Any other optimizer gets a step pre-hook that snapshots parameters and state and a post-hook
     that restores them with ``torch.where`` on the device (on the CPU only when the flag is set, since reading
     it is free there). A fairscale ``OSS`` or torch ``ZeroRedundancyOptimizer`` arms its inner ``optim`` (which
-    holds the state), so the broadcast that ends its ``step()`` carries the restored parameters. The snapshot costs one copy of parameters and
-    state per step on accelerators: prefer a fused optimizer. State that a first step creates is reset to zeros
-    on accelerators (the usual initial state) and removed on the CPU; optimizer state kept on the host for device
-    parameters (``capturable=False`` step counters) makes the restore a host sync.
+    holds the state), so the broadcast that ends its ``step()`` carries the restored parameters. The snapshot
+    costs one copy of parameters and state per step on accelerators: prefer a fused optimizer. State that a
+    first step creates is reset to zeros on accelerators (the usual initial state) and removed on the CPU;
+    optimizer state kept on the host for device parameters (``capturable=False`` step counters) makes the
+    restore a host sync.
     """
     from .adapters.fairscale import skip_optimizers
 
@@ -306,6 +307,12 @@ def _skip_handle(target: object, optimizer: Any) -> tuple[Callable[[Tensor], Non
 
 
 # ------------------------------------------------------------------------------------------- the clipper
+
+
+def _pieces_of(target: object, group: dist.ProcessGroup | None) -> list[Tensor]:
+    """This rank's gradient pieces of a target (a mapping of names to tensors too)."""
+    shards = _slots.named_shards(target, group).shards if isinstance(target, Mapping) else resolve(target, group)
+    return [t for s in shards for t in s.tensors]
 
 
 def _check_group(group: object) -> dist.ProcessGroup | None:
@@ -516,6 +523,7 @@ class GradClipper:
             grouping = self._groups(named, optimizer)
             if plan is not None:
                 membership = _group_membership(grouping[0])
+        _clip.settle_hand_over(target, lambda: [t for s in shards for t in s.tensors])
         m = _slots.measure(shards, pick, n_slots, p, cfg.foreach, presence=named is not None,
                            group=plan.reduction_group if plan is not None else None,
                            layout=named.names if named is not None else None, extra=membership,
@@ -560,7 +568,6 @@ class GradClipper:
                 culprits = _slots.named_shards(target, group).shards
             raise RuntimeError(_nonfinite_message(culprits, m.group, total.item(), p))
         pieces = _slots.all_pieces(shards, pick)
-        _clip.drop_pending_hand_over(target, [t for t, _ in pieces])
         on_cpu = total.device.type == "cpu"
         slot_coef = _kept(slot_coef, finite, policy)
         coef = _kept(coef, finite, policy)  # what is applied, as documented
@@ -632,6 +639,7 @@ class GradClipper:
     ) -> ClipResult:
         cfg = self.config
         p = cfg.p
+        _clip.settle_hand_over(target, lambda: _pieces_of(target, group))
         outcome = unitwise_measure(target, cfg.agc, p, cfg.foreach, group)
         out = outcome.measurement.result_dtype
         assert out is not None
@@ -643,7 +651,6 @@ class GradClipper:
             raise RuntimeError(_nonfinite_message(shards, outcome.group, total.item(), p))
         policy = cfg.on_nonfinite
         on_cpu = total.device.type == "cpu"
-        _clip.drop_pending_hand_over(target, [u.grad for u in units])
         if policy == "zero" and on_cpu and not bool(finite):
             for u in units:
                 u.grad.zero_()

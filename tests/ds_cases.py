@@ -407,7 +407,7 @@ def case_fold_applies_to_one_step(stage: int, offload: bool = False, dtype: str 
     from dist_clip.adapters import deepspeed as adapter
 
     results = []
-    ways = ("scale", "engine", "zero", "torch", "then plain")
+    ways = ("scale", "engine", "zero", "torch", "then plain", "then report")
     for how in ways:
         engine = make_engine(ds_config(stage, offload=offload, dtype=dtype))
         for step in range(3):
@@ -416,6 +416,7 @@ def case_fold_applies_to_one_step(stage: int, offload: bool = False, dtype: str 
             if step != 1:  # step 1 is not clipped: a left-over coefficient would show
                 before = [t.clone() for s in adapter.shards(engine, None) for t in s.tensors]
                 target = {"scale": None, "engine": engine, "zero": engine.optimizer, "then plain": engine,
+                          "then report": engine,
                           "torch": getattr(engine.optimizer, "optimizer", engine.optimizer)}[how]
                 dist_clip.clip_grad_norm_(engine, 0.3, optimizer=target)
                 after = [t for s in adapter.shards(engine, None) for t in s.tensors]
@@ -423,9 +424,16 @@ def case_fold_applies_to_one_step(stage: int, offload: bool = False, dtype: str 
                 folds = target is not None and stage > 0
                 assert same == folds, f"{how}: gradients scaled in the call: {not same}"
                 if how == "then plain" and folds:
-                    # A plain clip of the same gradients before step(): it scales them now and the handed-over
-                    # coefficient is dropped (both would clip twice): the parameters of clipping once.
-                    dist_clip.clip_grad_norm_(engine, 0.3)
+                    # A plain clip of the same gradients before step(): the handed-over coefficient is applied
+                    # first, so it measures the clipped norm 0.3 and a max_norm of 1 changes nothing, and the
+                    # step applies nothing more (dropping the coefficient would clip by 1 / the unclipped norm,
+                    # applying it in step() too would clip twice).
+                    total = dist_clip.clip_grad_norm_(engine, 1.0)
+                    assert abs(float(total) - 0.3) < (1e-5 if dtype == "fp32" else 2e-3), float(total)
+                if how == "then report" and folds:
+                    # A report before step() reads the clipped norm, and does not cancel the clipping.
+                    result = dist_clip.GradClipper(max_norm=1e30, report=True)(engine)
+                    assert abs(float(result.total_norm) - 0.3) < (1e-5 if dtype == "fp32" else 2e-3), result
             engine.step()
         results.append(full_params(engine))
     eps = {"fp32": 1e-6, "bf16": 2.0**-7, "fp16": 2.0**-10}[dtype]

@@ -468,24 +468,65 @@ def test_non_finite_norm_skips_the_fused_step(name, bad, first):
         assert torch.equal(p, p_ref)
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
-@pytest.mark.parametrize("second", ["clip_grad_norm_", "clip_grads_with_norm_", "GradClipper"])
-def test_a_plain_clip_after_a_hand_over_clips_once(name, second):
-    """Handed over, then clipped in place before step(): the gradients are scaled once, by the second call, and
-    the pending coefficient is dropped (applying both clipped twice): the parameters of one clip then step."""
-    ref_model, ref_opt, _ = _run(name, True, hand_over=False, max_norm=0.5, steps=1)
-    model = _model()
-    opt = OPTIMIZERS[name](list(model.parameters()), True)
-    _backward(model, 0)
-    first = dist_clip.clip_grad_norm_(model, 0.5, optimizer=opt)
+def _second_call(second: str, model: nn.Module, first: torch.Tensor):
+    """A dist_clip call reading the gradients between a clip and step(); returns the norm it saw."""
     if second == "clip_grad_norm_":
-        again = dist_clip.clip_grad_norm_(model, 0.5)
-    elif second == "clip_grads_with_norm_":
-        dist_clip.clip_grads_with_norm_(model.parameters(), 0.5, first)
-        again = first
-    else:
-        again = dist_clip.GradClipper(max_norm=0.5)(model).total_norm
-    assert torch.equal(first, again)  # the hand-over left the gradients as they were
+        return dist_clip.clip_grad_norm_(model, 0.5)
+    if second == "larger max_norm":
+        return dist_clip.clip_grad_norm_(model, 5.0)
+    if second == "part":
+        return dist_clip.clip_grad_norm_(model[2], 0.1)
+    if second == "clip_grads_with_norm_":
+        dist_clip.clip_grads_with_norm_(model.parameters(), 0.25, first)
+        return None
+    if second == "get_total_norm":
+        return dist_clip.get_total_norm(model)
+    if second == "report":
+        return dist_clip.GradClipper(max_norm=1e30, report=True)(model).total_norm
+    if second == "GradClipper":
+        return dist_clip.GradClipper(max_norm=0.5)(model).total_norm
+    assert second == "per_param"
+    return dist_clip.GradClipper(max_norm=0.05, mode="per_param")(model).total_norm
+
+
+SECOND_CALLS = ["clip_grad_norm_", "larger max_norm", "part", "clip_grads_with_norm_", "get_total_norm", "report",
+                "GradClipper", "per_param"]
+
+
+@pytest.mark.parametrize("name", ["AdamW", "SGD"])
+@pytest.mark.parametrize("second", SECOND_CALLS)
+def test_a_call_after_a_hand_over_sees_the_gradients_clipped(name, second):
+    """Handed over, then another dist_clip call before step() (a second clip of all or part of the model, a norm,
+    a report): the handed-over coefficient is applied to the gradients first, so that call sees them clipped and
+    the step gives the parameters of the same calls without optimizer= (the coefficient was dropped before: a
+    clip of part of the model left the rest unclipped, a report cancelled the clipping)."""
+    results = []
+    for hand_over in (False, True):
+        model = _model()
+        opt = OPTIMIZERS[name](list(model.parameters()), True)
+        _backward(model, 0)
+        first = dist_clip.clip_grad_norm_(model, 0.5, optimizer=opt if hand_over else None)
+        seen = _second_call(second, model, first)
+        opt.step()
+        results.append((first, seen, [p.detach().clone() for p in model.parameters()]))
+    (first_ref, seen_ref, params_ref), (first, seen, params) = results
+    assert torch.equal(first, first_ref)
+    if seen is not None:
+        torch.testing.assert_close(seen, seen_ref, rtol=1e-6, atol=0)
+    for a, b in zip(params, params_ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_stale_hand_over_is_dropped_not_applied():
+    """Handed over, step() never called, a new backward: the coefficient was measured on gradients that are
+    gone, so a later call drops it rather than scaling the new gradients by it."""
+    ref_model, ref_opt, _ = _run("SGD", True, hand_over=False, max_norm=0.5, steps=1)
+    model = _model()
+    opt = OPTIMIZERS["SGD"](list(model.parameters()), True)
+    _backward(model, 5)
+    dist_clip.clip_grad_norm_(model, 1e-4, optimizer=opt)  # the step that never comes
+    _backward(model, 0)  # zero_grad(set_to_none) and backward: new gradients
+    dist_clip.clip_grad_norm_(model, 0.5)
     opt.step()
     for p_ref, p in zip(ref_model.parameters(), model.parameters()):
         assert torch.equal(p, p_ref)

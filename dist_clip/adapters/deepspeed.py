@@ -548,6 +548,7 @@ class _ZeroFold:
         self.unscale_method = opt.unscale_and_clip_grads
         self.flatten_fn = opt.flatten
         self.coef: Tensor | None = None
+        self.held: tuple[list[Tensor], list[int]] = ([], [])  # the pieces coef was measured on, their versions
         self.stepping = False
         self.copied = False  # the flatten just before the next unscale carried the coefficient
         opt.step = self._step
@@ -563,7 +564,7 @@ class _ZeroFold:
         try:
             return self.step_method(*args, **kwargs)
         finally:
-            self.coef, self.stepping, self.copied = None, False, False
+            self.coef, self.stepping, self.copied, self.held = None, False, False, ([], [])
 
     def _is_partition(self, tensors: Any) -> bool:
         held = self.opt.averaged_gradients
@@ -639,18 +640,25 @@ def fold_handle(target: object, optimizer: object) -> Any:
         fold = _ZeroFold(opt, isinstance(opt, DeepSpeedZeroOptimizer_Stage3))
         opt._dist_clip_fold = fold
 
-    def hand_over(coef: Tensor) -> None:
+    def hand_over(coef: Tensor, pieces: list[Tensor]) -> None:
         fold.coef = coef
+        fold.held = (pieces, [t._version for t in pieces])
 
     return hand_over
 
 
-def drop_pending(target: object) -> None:
-    """Forget a coefficient an earlier ``clip_grad_norm_(engine, ..., optimizer=)`` left for the next ``step()``:
-    a clip that scales the same gradients now supersedes it (applying both would clip twice)."""
+def settle(target: object) -> None:
+    """Apply a coefficient an earlier ``clip_grad_norm_(engine, ..., optimizer=)`` left for the next ``step()``
+    to the gradients now, because a dist_clip call is about to read them: it then sees them clipped, as after
+    the plain call (a second clip composes with the first, a report reads clipped norms). Pieces modified in
+    place since (a new backward) are not the ones it measured: the coefficient is dropped instead."""
     fold = getattr(getattr(target, "optimizer", None), "__dict__", {}).get("_dist_clip_fold")
-    if fold is not None and not fold.stepping:
-        fold.coef = None
+    if fold is None or fold.stepping or fold.coef is None:
+        return
+    coef, (pieces, versions) = fold.coef, fold.held
+    fold.coef, fold.held = None, ([], [])
+    if all(t._version == v for t, v in zip(pieces, versions)):
+        _scale.scale_(pieces, coef)
 
 
 def optimizer_tensors(target: object) -> dict[str, Tensor]:
