@@ -757,7 +757,8 @@ def unitwise_measure(target: object, config: AGC, p: float, foreach: bool | None
         if u.loss_scale != 1.0:  # loss-scaled pieces: compare the true gradient; the coefficient scales either
             gn = gn / u.loss_scale
         limit = wn.clamp(min=config.eps) * config.clipping
-        coef = torch.where(gn < limit, torch.ones_like(gn), limit / gn.clamp(min=1e-6)).to(torch.float32)
+        coef = torch.where(gn < limit, torch.ones_like(gn), limit / gn.clamp(min=1e-6))
+        coef = coef.to(torch.float64 if u.grad.dtype == torch.float64 else torch.float32)  # the gradient's precision
         if any(fnmatch.fnmatchcase(u.name, pat) for pat in config.exclude):
             coef = torch.ones_like(coef)
         coefs.append(coef)

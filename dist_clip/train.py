@@ -170,7 +170,7 @@ def global_batch(text: Tensor, step: int, seed: int, rows: int, seq_len: int) ->
     n = text.numel()
     if n < seq_len + 2:
         raise ConfigError("data", "data", f"holds {n} bytes, fewer than model.seq_len + 2 = {seq_len + 2}")
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    g = torch.Generator().manual_seed((seed * 1_000_003 + step) % (1 << 63))  # manual_seed takes < 2^63
     starts = torch.randint(0, n - seq_len - 1, (rows,), generator=g)
     window = text[starts[:, None] + torch.arange(seq_len + 1)].long()
     return window[:, :-1], window[:, 1:]

@@ -433,3 +433,17 @@ def test_an_inf_gradient_at_p_inf_is_inf_in_every_per_slot_path(dtype, mode, rep
     assert torch.equal(w.detach(), before[0]) and torch.equal(v.detach(), before[1])
     if report:
         assert math.isinf(out.norms["w"]) and out.norms["v"] == 0.5
+
+
+def test_unitwise_coefficients_of_float64_gradients_stay_float64():
+    """AGC's per-unit coefficients were rounded to float32 for every dtype (3e-8 off for float64 gradients)."""
+    g = torch.Generator().manual_seed(0)
+    w = nn.Parameter(torch.randn(3, 5, dtype=torch.float64, generator=g))
+    grad = torch.randn(3, 5, dtype=torch.float64, generator=g) * 10
+    w.grad = grad.clone()
+    result = GradClipper(mode="unitwise", agc=AGC(clipping=0.01, eps=1e-3))([w])
+    limit = torch.linalg.vector_norm(w.detach(), dim=1).clamp(min=1e-3) * 0.01
+    norms = torch.linalg.vector_norm(grad, dim=1)
+    coef = torch.where(norms < limit, torch.ones_like(norms), limit / norms)
+    torch.testing.assert_close(w.grad, grad * coef[:, None], rtol=1e-13, atol=0)
+    assert result.clip_coef.item() == pytest.approx(coef.min().item(), rel=1e-13)

@@ -296,3 +296,19 @@ def test_topology_errors_are_config_errors_on_every_rank(run_ranks):
     assert got == ["<test>: mesh: [2, 2] needs 4 ranks, launched with 2"] * 2
     got = run_ranks(2, _case_config_error, {**TINY, "wrapper": "none"}, timeout_s=60)
     assert got == ["<test>: wrapper: none trains one process, but 2 were launched"] * 2
+
+
+@pytest.mark.parametrize("seed", [0, 18446688733643, 2 * 10**13, 2**63 - 1])
+def test_every_accepted_seed_draws_batches(seed):
+    """The config takes seeds in [0, 2^63); the batch generator's seed (seed * 1000003 + step) overflowed
+    manual_seed above seed 1.8e13. Seeds below that draw the batches they always drew."""
+    import torch
+
+    from dist_clip.train import global_batch
+
+    text = torch.arange(256, dtype=torch.uint8).repeat(4)
+    x, y = global_batch(text, 3, seed, rows=2, seq_len=8)
+    assert x.shape == y.shape == (2, 8) and torch.equal(x[:, 1:], y[:, :-1])
+    if seed < 18446688733643:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + 3)
+        assert torch.equal(x[:, 0], text[torch.randint(0, text.numel() - 9, (2,), generator=g)].long())
