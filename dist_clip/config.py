@@ -254,6 +254,10 @@ def _validate(cfg: TrainConfig, source: str) -> TrainConfig:
         if cfg.clip.max_norm == 0:
             raise ConfigError(source, "clip.max_norm", "DeepSpeed's own clipping (clip.mode: native) reads "
                               "gradient_clipping: 0 as no clipping; use a max_norm > 0")
+    if cfg.clip.mode == "native" and p == 0 and cfg.wrapper in ("fsdp1", "fairscale-oss"):
+        # FSDP1's clip_grad_norm_ and OSS.clip_grad_norm take the sharded total to the power 1 / norm_type.
+        raise ConfigError(source, "clip.norm_type", f"the {cfg.wrapper} wrapper's own clipping (clip.mode: native) "
+                          "divides by norm_type and cannot do 0; use clip.mode: dist_clip")
     m = cfg.model
     for name in ("d_model", "n_layers", "n_heads", "mlp_ratio"):
         positive(f"model.{name}", getattr(m, name))
@@ -266,7 +270,7 @@ def _validate(cfg: TrainConfig, source: str) -> TrainConfig:
             raise ConfigError(source, "mesh", f"only used by wrapper hsdp, not {cfg.wrapper}; remove it")
         if len(cfg.mesh) != 2 or min(cfg.mesh) < 1:
             raise ConfigError(source, "mesh", f"expected [replicas, shard size] of positive integers, got {cfg.mesh}")
-    if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
+    if not cfg.name or "/" in cfg.name or "\0" in cfg.name or cfg.name in (".", ".."):
         raise ConfigError(source, "name", f"must be a plain non-empty file name, got {cfg.name!r}")
     return dataclasses.replace(cfg, clip=dataclasses.replace(cfg.clip, norm_type=float(p)))
 

@@ -96,6 +96,9 @@ BAD_CONFIGS = [
     ("wrapper: zero1\nclip: {mode: native, max_norm: 0}\n", "clip.max_norm", "reads gradient_clipping: 0"),
     ("wrapper: zero3\nclip: {mode: native, norm_type: inf}\n", "clip.norm_type", "only does 2"),
     ("batch_size: yes\n", "batch_size", "expected an integer"),
+    ("wrapper: fairscale-oss\nclip: {mode: native, norm_type: 0}\n", "clip.norm_type", "cannot do 0"),
+    ("wrapper: fsdp1\nclip: {mode: native, norm_type: 0.0}\n", "clip.norm_type", "cannot do 0"),
+    ('name: "x\\0y"\n', "name", "plain non-empty file name"),
 ]
 
 
