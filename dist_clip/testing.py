@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -147,8 +148,9 @@ def _check_rank(
     elif mode == "per_param":
         for n, g in ref_grads.items():
             g.mul_(min(1.0, max_norm / (before[n] + 1e-6)))
-    else:  # "unitwise" (assert_clip_matches_unsharded checked the mode)
-        reference_agc_(ref_params, ref_grads, agc_cfg.clipping, agc_cfg.eps, p)
+    else:  # "unitwise" (assert_clip_matches_unsharded checked the mode); excluded parameters stay as they are
+        clipped = {n: g for n, g in ref_grads.items() if not any(fnmatch.fnmatchcase(n, x) for x in agc_cfg.exclude)}
+        reference_agc_(ref_params, clipped, agc_cfg.clipping, agc_cfg.eps, p)
     after = reference_param_norms(ref_grads, p)
 
     clipper = GradClipper(max_norm=max_norm, norm_type=norm_type, mode=mode, agc=agc_cfg, report=True)
@@ -240,6 +242,11 @@ def assert_clip_matches_unsharded(
     _check_max_norm(max_norm)
     if mode not in ("total", "per_param", "unitwise"):
         raise ValueError(f"mode must be 'total', 'per_param' or 'unitwise', got {mode!r}")
+    from .adaptive import AGC
+    from .clipper import ClipperConfig
+
+    # What the ranks would build, checked here (unitwise needs p > 0, agc must be an AGC, ...).
+    ClipperConfig(max_norm=max_norm, norm_type=norm_type, mode=mode, agc=agc if agc is not None else AGC())
     for name, tol in (("rtol", rtol), ("atol", atol)):
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < math.inf:
             raise ValueError(f"{name} must be a finite number >= 0, got {tol!r}")

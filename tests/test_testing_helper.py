@@ -25,6 +25,7 @@ def body_passes() -> list[list[str]]:
             {"norm_type": 2.0, "max_norm": 0.05},
             {"norm_type": math.inf, "mode": "per_param", "max_norm": 0.01},
             {"mode": "unitwise", "agc": AGC(0.02)},
+            {"mode": "unitwise", "agc": AGC(0.02, exclude=("2.*",))},  # excluded parameters stay unclipped
         ):
             norms = assert_clip_matches_unsharded(cases.build_mlp, wrap, cases.batch, **kwargs)
             out.append(sorted(norms))
@@ -72,9 +73,11 @@ def test_bad_arguments():
     ({"max_norm": -1.0}, "max_norm"),
     ({"rtol": -1.0}, "rtol must be a finite number >= 0"),
     ({"atol": math.nan}, "atol must be a finite number >= 0"),
+    ({"mode": "unitwise", "norm_type": 0}, "unitwise"),
+    ({"mode": "unitwise", "agc": 0.02}, "agc"),
 ])
 def test_bad_arguments_are_refused_before_any_rank_starts(kwargs, match):
     """With world_size, a bad argument used to surface as a failure of the spawned ranks (or, for rtol < 0, as a
     mismatch that was not there)."""
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(TypeError if match == "agc" else ValueError, match=match):
         assert_clip_matches_unsharded(cases.build_mlp, cases.wrap_none, cases.batch, world_size=2, **kwargs)
