@@ -559,13 +559,9 @@ class GradClipper:
 
         policy = cfg.on_nonfinite
         if policy == "error" and not bool(finite):
-            culprits = shards
-            from .adapters import fairscale as fs_adapter
-
-            if named is None and fs_adapter.matches(target):
-                # fairscale's plain pieces are unnamed (OSS) or flat (FSDP): name them by the unwrapped model's
-                # parameters (no collective) for the message.
-                culprits = _slots.named_shards(target, group).shards
+            # The plain pieces may be unnamed (fairscale OSS) or flat (FSDP1 without use_orig_params, fairscale
+            # FSDP): name them by the unwrapped model's parameters (no collective) for the message.
+            culprits = shards if named is not None else _slots.named_shards(target, group).shards
             raise RuntimeError(_nonfinite_message(culprits, m.group, total.item(), p))
         pieces = _slots.all_pieces(shards, pick)
         on_cpu = total.device.type == "cpu"

@@ -238,6 +238,27 @@ def test_error_policy_raises_on_every_rank_naming_rank_and_parameter(run_ranks):
         assert "on_nonfinite='skip'" in message
 
 
+def body_error_policy_fsdp1_flat() -> str:
+    """FSDP1 without use_orig_params: the total mode's pieces are flat shards; the message must still name the
+    unwrapped model's parameters (it said 'flat_param')."""
+    target, _ = cases.trained("fsdp1_flat")
+    if dist.get_rank() == 1:
+        flat = next(m._flat_param for m in target.modules() if getattr(m, "_flat_param", None) is not None)
+        flat.grad.view(-1)[0] = math.nan
+    try:
+        GradClipper(on_nonfinite="error")(target)
+    except RuntimeError as e:
+        return str(e)
+    return "no error"
+
+
+def test_error_policy_names_parameters_inside_fsdp1_flat_shards(run_ranks):
+    names = [n for n, _ in cases.build_mlp().named_parameters()]
+    for message in run_ranks(2, body_error_policy_fsdp1_flat):
+        assert "flat_param" not in message and "rank 0" not in message, message
+        assert any(f"rank 1: {n}" in message for n in names), message
+
+
 def _optimizer(kind: str, params) -> torch.optim.Optimizer:  # noqa: ANN001
     if kind == "adam_fused":
         return torch.optim.Adam(params, lr=0.1, fused=True)
