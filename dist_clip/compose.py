@@ -272,7 +272,10 @@ def _audit(gathered: Sequence[tuple[int, list[tuple[str, bool, Tensor]]]], p: fl
         distinct.append(holders[0][3])
     if not distinct:
         return problems, 0.0
-    return problems, float(torch.linalg.vector_norm(torch.cat(distinct), p))
+    flat = torch.cat(distinct)
+    if bool(flat.isnan().any()):  # NaN for every p, as the one-collective norm gives (vector_norm counts it at 0)
+        return problems, math.nan
+    return problems, float(torch.linalg.vector_norm(flat, p))
 
 
 def get_total_norm(target: object, plan: ParallelPlan, norm_type: float | str = 2.0) -> Tensor:

@@ -454,3 +454,27 @@ def test_real_pipeline_schedule_with_tensor_parallel_stages(run_ranks):
     assert all(v == values[0] for v in values)
     values = run_ranks(4, body_real_pp_tp, "1f1b", 4)
     assert all(v == values[0] for v in values)
+
+
+def body_debug_audit_with_nan() -> list[float]:
+    """A NaN gradient under a right plan: the audit's all-gathered reference is NaN for every p, as the
+    one-collective norm is (vector_norm counts a NaN as one non-zero at p = 0: a false alarm that pre-empted
+    on_nonfinite)."""
+    rank = dist.get_rank()
+    mesh = cases.mesh((dist.get_world_size(),), ("tp",))
+    out = []
+    for p in (2.0, math.inf, 0.0):
+        g = torch.arange(1.0, 5.0) * (rank + 1)
+        if rank == 1:
+            g[0] = math.nan
+        result = GradClipper(max_norm=1.0, norm_type=p, on_nonfinite="zero")(
+            {"w": g}, plan=ParallelPlan(mesh, names=("w",), debug=True)
+        )
+        assert not bool(result.finite) and bool((g == 0).all())
+        out.append(float(result.total_norm))
+    return out
+
+
+def test_debug_audit_accepts_nan_for_every_order(run_ranks):
+    for totals in run_ranks(2, body_debug_audit_with_nan):
+        assert all(math.isnan(t) for t in totals), totals
