@@ -143,8 +143,13 @@ def _rescue_rows_(row_parts: Tensor, body: Tensor, p: float) -> Tensor:
 
 
 def _blocked_sum_pow_cpu(t: Tensor, p: float) -> Tensor:
-    """sum(|t|**2) of one large CPU tensor: float32 norms of BLOCK-element rows, combined in float64."""
+    """sum(|t|**2) of one large CPU tensor: float32 norms of BLOCK-element rows, combined in float64.
+
+    The rows are made contiguous: torch sums a contiguous row in vector lanes (a few terms each), a strided one
+    term after term, where up to BLOCK - 1 small terms can each round away against a large one (1.9e-6)."""
     flat = t.reshape(-1)
+    if not flat.is_contiguous():  # a strided view that reshape kept as a view
+        flat = flat.contiguous()
     n = flat.numel()
     rows = n // BLOCK
     body = flat[: rows * BLOCK].view(rows, BLOCK)

@@ -232,6 +232,28 @@ def test_non_contiguous_and_mixed_inputs(path, p):
     _assert_partials(_norm.local_partials(ts, p), _ref_partials(ts, p), 1e-6)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "stride 2", "transposed"])
+def test_fp32_rows_whose_small_terms_round_away_one_by_one(path, layout):
+    """One 1.0 then 63 terms whose squares are just under half an ulp of 1.0, row after row: summed one after
+    the other in float32 every small term is lost (63 x 2^-25 = 1.9e-6 relative). The fallback's float32 rows
+    were summed that way when they were strided (a view that reshape(-1) keeps non-contiguous)."""
+    n = 64 * 20000
+    v = torch.full((n,), math.sqrt(0.49 * 2.0**-23))
+    v[::64] = 1.0
+    if layout == "stride 2":
+        buf = torch.zeros(2 * n)
+        buf[::2] = v
+        t = buf[::2]
+    elif layout == "transposed":
+        t = v.view(64, n // 64).t().contiguous().t()  # same values, element order of v under reshape(-1)
+        assert not t.is_contiguous()
+    else:
+        t = v
+    want = torch.linalg.vector_norm(v.double()).item()
+    got = dist_clip.get_total_norm([t]).item()
+    assert abs(got - want) / want <= 1e-6, abs(got - want) / want
+
+
 @pytest.mark.parametrize("p", [1.0, 2.0, 3.5, math.inf, 0.0])
 def test_result_does_not_depend_on_the_thread_count(p):
     g = torch.randn(3_000_001)
