@@ -122,7 +122,11 @@ def settle(tensors: Sequence[Tensor]) -> None:
         grads = _grads(optimizer)
         if not any(overlaps(_span(g)) for g in grads):
             continue
-        scale, found, coef, held, versions = optimizer.__dict__.pop(_PENDING)
+        pending = optimizer.__dict__.pop(_PENDING, None)
+        if pending is None:
+            _WAITING.discard(optimizer)
+            continue
+        scale, found, coef, held, versions = pending
         unchanged = len(held) == len(grads) and all(
             a is b and a._version == v for a, b, v in zip(held, grads, versions)
         )
