@@ -33,6 +33,8 @@ _PENDING = "_dist_clip_pending"
 _HOOKS = "_dist_clip_hooks"
 _SAVED = "_dist_clip_saved"
 _MISSING = object()
+#: Marks a ``found_inf`` tensor armed for one step only (the skip policy's): restored by nobody after that step.
+ONE_STEP = "_dist_clip_one_step"
 # Optimizers holding a coefficient for their next step(): a later call reading the same gradients settles it.
 _WAITING: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
 
@@ -127,10 +129,7 @@ def settle(tensors: Sequence[Tensor]) -> None:
             _WAITING.discard(optimizer)
             continue
         scale, found, coef, held, versions = pending
-        unchanged = len(held) == len(grads) and all(
-            a is b and a._version == v for a, b, v in zip(held, grads, versions)
-        )
-        if not unchanged:
+        if not _unchanged(held, versions, grads):
             _WAITING.discard(optimizer)
             continue
         if coef is not None:
@@ -138,12 +137,24 @@ def settle(tensors: Sequence[Tensor]) -> None:
         optimizer.__dict__[_PENDING] = (torch.ones_like(scale), found, None, grads, [g._version for g in grads])
 
 
+def _unchanged(held: list[Tensor], versions: list[int], grads: list[Tensor]) -> bool:
+    """Whether ``grads`` are still the gradients a coefficient was measured on: the same tensors, and those that
+    are not views not written since (``zero_grad(set_to_none=False)`` then backward). A view's version counter
+    is its whole buffer's (DDP's bucket views): a write to another view of it would look like a change, so views
+    are checked by identity alone."""
+    return len(held) == len(grads) and all(
+        a is b and (a._is_view() or a._version == v) for a, b, v in zip(held, grads, versions)
+    )
+
+
 def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     _WAITING.discard(optimizer)
     pending = optimizer.__dict__.pop(_PENDING, None)
     if pending is None:
         return
-    scale, found = pending[:2]
+    scale, found, _, held, versions = pending
+    if not _unchanged(held, versions, _grads(optimizer)):
+        return  # measured on gradients that are gone (the step it was for never came): not this step's
     saved = (optimizer.__dict__.get("grad_scale", _MISSING), optimizer.__dict__.get("found_inf", _MISSING))
     theirs_scale, theirs_found = saved
     if isinstance(theirs_scale, Tensor):
@@ -168,7 +179,7 @@ def _post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None
         for p in fresh:
             optimizer.state[p].pop("momentum_buffer", None)
     for name, value in zip(("grad_scale", "found_inf"), saved):
-        if value is _MISSING:
+        if value is _MISSING or getattr(value, ONE_STEP, False):  # a skip flag armed for this step only: spent
             optimizer.__dict__.pop(name, None)
         else:
             setattr(optimizer, name, value)

@@ -345,6 +345,10 @@ def clip_grad_norm_(
     wide, out = _wide_total(shards, p, error_if_nonfinite, foreach, everything, groups)
     total = wide.to(out)
     coef = _scale.clip_coefficient(limit, wide).to(out)  # from the float64 total, which float32 may not hold
+    if fused and coef.device.type == "cpu":
+        # A finite total's coef below 1 / 3.4e38: the handed-over grad_scale, 1 / coef, would be inf (zeroing the
+        # gradients); scaled here instead (reading it is free on the CPU).
+        fused = not bool(torch.reciprocal(coef.to(torch.float32)).isinf() & wide.isfinite())
     if fold is not None:
         fold(coef, everything)
     elif fused:

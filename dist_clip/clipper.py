@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import _norm, _reduce, _scale, _slots
+from . import _fused, _norm, _reduce, _scale, _slots
 from . import clip as _clip
 from .adapters import resolve
 from .adaptive import AGC, AutoClip, ZClip, make_state, unitwise_measure, unitwise_scale_
@@ -166,6 +166,7 @@ class _SkipGuard:
     def arm(self, optimizer: torch.optim.Optimizer, flag: Tensor) -> None:
         if self.fused(optimizer):
             self.found_inf = flag.to(torch.float32)
+            setattr(self.found_inf, _fused.ONE_STEP, True)  # a hand-over's hooks must not put it back after the step
             optimizer.found_inf = self.found_inf  # type: ignore[attr-defined]
             self.flag = None
         else:

@@ -554,6 +554,88 @@ def test_a_stale_hand_over_is_dropped_not_applied():
         assert torch.equal(p, p_ref)
 
 
+@pytest.mark.parametrize("set_to_none", [True, False])
+@pytest.mark.parametrize("name", ["AdamW", "SGD"])
+def test_a_stale_hand_over_does_not_reach_the_next_step(name, set_to_none):
+    """Handed over, step() never called, zero_grad and a new backward, then step() with no dist_clip call in
+    between: the new gradients step unclipped, as in the same loop without optimizer= (the pre-hook applied
+    the old coefficient to them)."""
+    results = []
+    for hand_over in (False, True):
+        model = _model()
+        opt = OPTIMIZERS[name](list(model.parameters()), True)
+        _backward(model, 5)
+        dist_clip.clip_grad_norm_(model, 1e-3, optimizer=opt if hand_over else None)
+        opt.zero_grad(set_to_none=set_to_none)
+        model(torch.randn(16, 32, generator=torch.Generator().manual_seed(0))).square().sum().backward()
+        opt.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_two_hand_overs_over_views_of_one_bucket_both_apply():
+    """Two fused optimizers over gradients that are views of one bucket (DDP's gradient_as_bucket_view), each
+    handed over, then a plain clip of both: settling one writes the shared buffer, whose version counter the
+    other's gradient shares; that is not a new backward, and the other's coefficient must survive."""
+    results = []
+    for hand_over in (False, True):
+        a, b = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
+        bucket = torch.cat([torch.full((3,), 10.0), torch.full((3,), -4.0)])
+        a.grad, b.grad = bucket[:3], bucket[3:]
+        opt_a = torch.optim.SGD([a], lr=1.0, fused=True)
+        opt_b = torch.optim.SGD([b], lr=1.0, fused=True)
+        seen = [dist_clip.clip_grad_norm_([a], 1.0, optimizer=opt_a if hand_over else None),
+                dist_clip.clip_grad_norm_([b], 0.5, optimizer=opt_b if hand_over else None),
+                dist_clip.clip_grad_norm_([a, b], 1.0)]
+        opt_a.step()
+        opt_b.step()
+        results.append((seen, a.detach().clone(), b.detach().clone()))
+    (seen_ref, a_ref, b_ref), (seen, a, b) = results
+    for x, y in zip(seen, seen_ref):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=0)
+    torch.testing.assert_close(a, a_ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(b, b_ref, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["AdamW", "SGD"])
+def test_skip_policy_and_hand_over_leave_no_flag_behind(name):
+    """A skip-policy GradClipper used on the optimizer before its first hand-over (its hooks run first), a NaN
+    step with a hand-over and the clipper, then clean steps: they must step (the hand-over's post-hook put the
+    clipper's one-step flag back, and every later step was skipped)."""
+    results = []
+    for hand_over in (False, True):
+        model = _model()
+        opt = OPTIMIZERS[name](list(model.parameters()), True)
+        clipper = dist_clip.GradClipper(max_norm=0.5, on_nonfinite="skip")
+        for step in range(4):
+            _backward(model, step)
+            if step == 1:
+                next(model.parameters()).grad.view(-1)[0] = math.nan
+                dist_clip.clip_grad_norm_(model, 0.5, optimizer=opt if hand_over else None)
+            clipper(model, optimizer=opt)
+            opt.step()
+            assert "found_inf" not in opt.__dict__ and "grad_scale" not in opt.__dict__
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_coefficient_below_float32_reciprocal_range_is_scaled_in_the_call():
+    """coef < 1 / 3.4e38 (finite gradients whose norm exceeds float32's range): the handed-over grad_scale,
+    1 / coef, would be inf and the kernels would zero the gradients; on the CPU they are scaled in the call."""
+    results = []
+    for hand_over in (False, True):
+        p = nn.Parameter(torch.zeros(4))
+        p.grad = torch.full((4,), 3e38)
+        opt = torch.optim.SGD([p], lr=1.0, fused=True)
+        dist_clip.clip_grad_norm_([p], 1.0, optimizer=opt if hand_over else None)
+        opt.step()
+        results.append(p.detach().clone())
+    assert torch.equal(results[0], results[1])
+    torch.testing.assert_close(results[1], torch.full((4,), -0.5), rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("case", ["bucket views", "empty gradients"])
 def test_a_plain_clip_keeps_a_hand_over_of_other_gradients(case):
     """Only a clip of the handed-over gradients (or views of them) drops the coefficient: gradients that are
