@@ -214,9 +214,22 @@ def init_distributed(backend: str = "auto", *, need_group: bool = True) -> DistI
             name, init_method="env://", rank=launch.rank, world_size=launch.world_size, timeout=_timeout(),
             **kwargs,
         )
+    _later_groups_time_out_alike()
     return DistInfo(
         launch.rank, launch.world_size, launch.local_rank, launch.local_world_size, launch.launcher, name, device
     )
+
+
+def _later_groups_time_out_alike() -> None:
+    """Groups made after this one without a timeout of their own (DeepSpeed's data-parallel groups, device
+    meshes) take torch's default, 30 minutes, which ``dist.new_group`` reads from these module globals at call
+    time: set them to ours, so that a hung peer fails every collective at ``DIST_CLIP_TIMEOUT_S``."""
+    from torch.distributed import distributed_c10d as c10d
+
+    timeout = _timeout()
+    c10d.default_pg_timeout = timeout
+    if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), timedelta):
+        c10d.default_pg_nccl_timeout = timeout
 
 
 def shutdown() -> None:

@@ -171,3 +171,23 @@ def test_launch_environment_is_read_for_each_launcher(env, expected):
 
     got = detect_launch(env)
     assert (got.rank, got.world_size, got.local_rank, got.local_world_size, got.launcher) == expected
+
+
+@pytest.mark.timeout(120)
+def test_groups_made_after_init_take_the_collective_timeout():
+    """DeepSpeed's data-parallel groups (dist.new_group without a timeout) took torch's 30-minute default: a
+    stopped peer hung ZeRO-2's backward far past DIST_CLIP_TIMEOUT_S. Later groups now take it too."""
+    code = (
+        "import torch.distributed as dist\n"
+        "from torch.distributed import distributed_c10d as c10d\n"
+        "from dist_clip import bootstrap\n"
+        "bootstrap.init_distributed('gloo')\n"
+        "dist.new_group([0])\n"
+        "print(c10d._get_default_timeout(dist.Backend('gloo')).total_seconds())\n"
+        "bootstrap.shutdown()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE")}
+    env["DIST_CLIP_TIMEOUT_S"] = "7"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=100)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "7.0", out.stdout
