@@ -23,6 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--out", metavar="DIR", help="write the run folder under DIR instead of the config's out_dir")
     # The DeepSpeed launcher (and torch.distributed.launch) pass --local_rank; the environment says the same.
     common.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    # launch/torchrun.sh checks the arguments in one process first: torchrun turns a rank's exit 2 into its own 1.
+    common.add_argument("--validate-only", action="store_true", help=argparse.SUPPRESS)
     parser = argparse.ArgumentParser(
         prog="dist-clip",
         description="Train a small transformer LM under a distributed wrapper, clipping gradients with dist_clip, "
@@ -60,13 +62,31 @@ def _load(args: argparse.Namespace) -> tuple[TrainConfig, str]:
     return cfg, source
 
 
+def _check_out_dir(cfg: TrainConfig, source: str) -> None:
+    """The run folder's parent must be a writable folder: found now rather than after training and replay."""
+    import os
+    from pathlib import Path
+
+    out = Path(cfg.out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(source, "out_dir", f"cannot be made a folder: {out} ({e.strerror})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(source, "out_dir", f"is not writable: {out}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``dist-clip`` and ``python -m dist_clip``; returns the exit status."""
     args = _parser().parse_args(argv)
     try:
         cfg, source = _load(args)
+        if _is_main_rank():
+            _check_out_dir(cfg, source)
     except ConfigError as e:
         return _fail(f"config error: {e}", 2)
+    if args.validate_only:
+        return 0
 
     from . import bootstrap, train
 

@@ -24,6 +24,10 @@ MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 RDZV_ID=${RDZV_ID:-dist-clip}
 
+# Arguments and config checked in one process first: torchrun reports a rank's exit status 2 (bad config or
+# arguments) as its own 1 with a traceback; this way a bad config is one line and exit status 2.
+"$PYTHON" -m dist_clip "$@" --validate-only || exit $?
+
 if [[ "$NNODES" == 1 ]]; then
     # One node: torchrun's own rendezvous on a free local port.
     set -x

@@ -150,9 +150,20 @@ def test_bad_config_under_a_launcher_is_one_line_from_rank_0(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("wrapper: ddp\nclip: {max_norm: -1}\n")
     code, out = finish(start("torchrun.sh", ["train", "--config", str(cfg)], job_env(NPROC="2")))
-    assert code != 0
+    assert code == 2, out[-6000:]  # torchrun itself would report 1 with a traceback: checked before it starts
     errors = [line for line in out.splitlines() if "config error" in line]
     assert errors == [f"config error: {cfg}: clip.max_norm: must be >= 0, got -1.0"], out[-6000:]
+    assert "Traceback" not in out, out[-6000:]
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 30)
+def test_an_out_dir_that_cannot_be_made_is_a_config_error_before_training(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    code, out = finish(start("torchrun.sh", ["check", "--config", str(ROOT / "configs" / "ddp.yaml"), "--steps",
+                                             "2", "--out", str(blocker / "sub")], job_env(NPROC="2")))
+    assert code == 2, out[-6000:]
+    assert "out_dir: cannot be made a folder" in out and "train:" not in out and "Traceback" not in out, out[-6000:]
 
 
 @pytest.mark.timeout(30)
