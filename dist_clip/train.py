@@ -26,6 +26,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -617,10 +618,15 @@ def _verdict_everywhere(code: int, info: DistInfo) -> int:
     """Rank 0's exit code, on every rank (so that every launcher agrees on the job's status)."""
     if info.backend is None or info.world_size == 1:
         return code
-    group = None if info.backend == "gloo" else dist.new_group(backend="gloo")  # waits without a GPU spin
-    value = torch.tensor([code], dtype=torch.int64)
-    dist.broadcast(value, src=0, group=group)
-    return int(value)
+    # Through the rendezvous store, not a collective: the others wait for the whole of rank 0's replay, which
+    # may take longer than the collective timeout. A rank 0 that dies closes the store (an error, not a hang).
+    store = dist.distributed_c10d._get_default_store()
+    key = "dist_clip/verdict"
+    if info.rank == 0:
+        store.set(key, str(code))
+        return code
+    store.wait([key], timedelta(hours=24))
+    return int(store.get(key))
 
 
 def run_job(

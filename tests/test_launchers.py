@@ -202,3 +202,14 @@ def test_groups_made_after_init_take_the_collective_timeout():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=100)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "7.0", out.stdout
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 30)
+def test_a_replay_longer_than_the_collective_timeout_still_gives_the_verdict(tmp_path):
+    """The other ranks waited for rank 0's replay in a broadcast, which timed out when the replay took longer
+    than DIST_CLIP_TIMEOUT_S: a correct run failed with no check line. They wait on the store now."""
+    args = ["check", "--config", str(ROOT / "configs" / "ddp.yaml"), "--steps", "60", "--out", str(tmp_path)]
+    code, out = finish(start("torchrun.sh", args, job_env(NPROC="2", DIST_CLIP_TIMEOUT_S="2")))
+    replay = [line for line in out.splitlines() if line.startswith("replay:")]
+    assert replay and float(replay[0].split(" in ")[-1].split(" s")[0]) > 2.0, out[-3000:]  # longer than the timeout
+    assert code == 0 and check_line(out).startswith("check: PASS"), out[-6000:]
