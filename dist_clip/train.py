@@ -619,7 +619,8 @@ def _verdict_everywhere(code: int, info: DistInfo) -> int:
     if info.backend is None or info.world_size == 1:
         return code
     # Through the rendezvous store, not a collective: the others wait for the whole of rank 0's replay, which
-    # may take longer than the collective timeout. A rank 0 that dies closes the store (an error, not a hang).
+    # may take longer than the collective timeout. A rank 0 that dies ends the job through its launcher
+    # (torchrun, mpirun), or closes the store it hosts (env:// rendezvous): an error, not a hang.
     store = dist.distributed_c10d._get_default_store()
     key = "dist_clip/verdict"
     if info.rank == 0:
