@@ -99,6 +99,7 @@ BAD_CONFIGS = [
     ("wrapper: fairscale-oss\nclip: {mode: native, norm_type: 0}\n", "clip.norm_type", "cannot do 0"),
     ("wrapper: fsdp1\nclip: {mode: native, norm_type: 0.0}\n", "clip.norm_type", "cannot do 0"),
     ('name: "x\\0y"\n', "name", "plain non-empty file name"),
+    ('data: ""\n', "data", "expected 'stdlib' or the path"),
 ]
 
 
