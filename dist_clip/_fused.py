@@ -134,7 +134,7 @@ def settle(tensors: Sequence[Tensor]) -> None:
             continue
         if coef is not None:
             _scale.scale_(grads, coef)
-        optimizer.__dict__[_PENDING] = (torch.ones_like(scale), found, None, grads, [g._version for g in grads])
+        _stash(optimizer, torch.ones_like(scale), found, None, grads)
 
 
 def _unchanged(held: list[Tensor], versions: list[int], grads: list[Tensor]) -> bool:
@@ -198,6 +198,13 @@ def hand_over_(optimizer: torch.optim.Optimizer, coef: Tensor, total: Tensor) ->
         )
     scale = torch.reciprocal(coef.to(torch.float32))  # the kernels divide: 1/1 == 1 keeps an unclipped step exact
     found = torch.logical_not(torch.isfinite(total)).to(torch.float32)
-    grads = _grads(optimizer)  # what settle() checks and scales if a call reads them before the step
-    optimizer.__dict__[_PENDING] = (scale, found, coef, grads, [g._version for g in grads])
+    _stash(optimizer, scale, found, coef, _grads(optimizer))
     _WAITING.add(optimizer)
+
+
+def _stash(
+    optimizer: torch.optim.Optimizer, scale: Tensor, found: Tensor, coef: Tensor | None, grads: list[Tensor]
+) -> None:
+    """What the next step applies (``scale``, ``found``), the coefficient settle() would apply instead (None once
+    applied), and the gradients it was measured on with their versions (see :func:`_unchanged`)."""
+    optimizer.__dict__[_PENDING] = (scale, found, coef, grads, [g._version for g in grads])

@@ -310,10 +310,14 @@ def _skip_handle(target: object, optimizer: Any) -> tuple[Callable[[Tensor], Non
 # ------------------------------------------------------------------------------------------- the clipper
 
 
+def _plain_shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
+    """A target's Shards without names (a mapping {name: tensor} is not something the adapters know)."""
+    return _slots.named_shards(target, group).shards if isinstance(target, Mapping) else resolve(target, group)
+
+
 def _pieces_of(target: object, group: dist.ProcessGroup | None) -> list[Tensor]:
     """This rank's gradient pieces of a target (a mapping of names to tensors too)."""
-    shards = _slots.named_shards(target, group).shards if isinstance(target, Mapping) else resolve(target, group)
-    return [t for s in shards for t in s.tensors]
+    return [t for s in _plain_shards(target, group) for t in s.tensors]
 
 
 def _check_group(group: object) -> dist.ProcessGroup | None:
@@ -512,11 +516,7 @@ class GradClipper:
             n_slots = max(len(named.names), 1)
             pick = slot_of if named.names else None
         else:
-            # A mapping {name: tensor} is not something the adapters know; its names are not needed here.
-            if isinstance(target, Mapping):
-                shards = _slots.named_shards(target, group).shards
-            else:
-                shards = resolve(target, group)
+            shards = _plain_shards(target, group)  # names are not needed here
             pick, n_slots = None, 1
         grouping = membership = None
         if cfg.mode == "per_group":

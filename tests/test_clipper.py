@@ -223,13 +223,16 @@ def _poisoned(rank_with_nan: int) -> nn.Module:
     return target
 
 
-def body_error_policy() -> str:
-    target = _poisoned(1)
+def _error_message(target: nn.Module) -> str:
     try:
         GradClipper(on_nonfinite="error")(target)
     except RuntimeError as e:
         return str(e)
     return "no error"
+
+
+def body_error_policy() -> str:
+    return _error_message(_poisoned(1))
 
 
 def test_error_policy_raises_on_every_rank_naming_rank_and_parameter(run_ranks):
@@ -245,11 +248,7 @@ def body_error_policy_fsdp1_flat() -> str:
     if dist.get_rank() == 1:
         flat = next(m._flat_param for m in target.modules() if getattr(m, "_flat_param", None) is not None)
         flat.grad.view(-1)[0] = math.nan
-    try:
-        GradClipper(on_nonfinite="error")(target)
-    except RuntimeError as e:
-        return str(e)
-    return "no error"
+    return _error_message(target)
 
 
 def test_error_policy_names_parameters_inside_fsdp1_flat_shards(run_ranks):
