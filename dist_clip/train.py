@@ -146,6 +146,8 @@ def load_text(data: str) -> tuple[Tensor, str]:
             files = [root]
         elif root.is_dir():
             files = sorted(p for p in root.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.parts))
+        elif root.exists():
+            raise ConfigError(str(data), "data", "is neither a regular file nor a folder")
         else:
             raise ConfigError(str(data), "data", "no such file or folder")
         limit, what = MAX_DATA_BYTES, str(root)
@@ -430,6 +432,9 @@ def train(
     if info.device.type == "cpu":
         torch.set_num_threads(_threads_for(info.local_world_size))
     _agree_on_data(text, info)
+    if text.numel() < cfg.model.seq_len + 2:  # every rank alike (they agreed on the data just above)
+        raise ConfigError(source, "data", f"{cfg.data} holds {text.numel()} bytes, fewer than model.seq_len + 2 = "
+                                          f"{cfg.model.seq_len + 2}")
     setup = _wrap(make_model(cfg, info.device), cfg, info, source)
     rows, p = cfg.batch_size * info.world_size, cfg.norm_p
     mine = slice(info.rank * cfg.batch_size, (info.rank + 1) * cfg.batch_size)

@@ -25,6 +25,7 @@ import yaml
 
 from dist_clip import cli
 from dist_clip.config import WRAPPERS, ConfigError, TrainConfig, from_dict, load_config
+from dist_clip.train import load_text
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -300,6 +301,19 @@ def test_topology_errors_are_config_errors_on_every_rank(run_ranks):
     assert got == ["<test>: mesh: [2, 2] needs 4 ranks, launched with 2"] * 2
     got = run_ranks(2, _case_config_error, {**TINY, "wrapper": "none"}, timeout_s=60)
     assert got == ["<test>: wrapper: none trains one process, but 2 were launched"] * 2
+
+
+@pytest.mark.timeout(120)
+def test_unusable_data_is_a_config_error_naming_the_path_on_every_rank(run_ranks, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_bytes(b"x" * 10)
+    got = run_ranks(2, _case_config_error, {**TINY, "wrapper": "ddp", "data": str(short)}, timeout_s=60)
+    seq_len = TINY["model"]["seq_len"]
+    assert got == [f"<test>: data: {short} holds 10 bytes, fewer than model.seq_len + 2 = {seq_len + 2}"] * 2
+    with pytest.raises(ConfigError, match="/dev/null: data: is neither a regular file nor a folder"):
+        load_text("/dev/null")
+    with pytest.raises(ConfigError, match="no such file or folder"):
+        load_text(str(tmp_path / "missing"))
 
 
 @pytest.mark.parametrize("seed", [0, 18446688733643, 2 * 10**13, 2**63 - 1])
