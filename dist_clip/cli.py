@@ -9,14 +9,23 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import IO
 
 from .config import ConfigError, TrainConfig, from_dict, load_config, with_overrides
 
 __all__ = ["main"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors and help from rank 0 only: under a launcher every rank parses the same arguments."""
+
+    def _print_message(self, message: str, file: IO[str] | None = None) -> None:
+        if _is_main_rank():
+            super()._print_message(message, file)
+
+
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--config", metavar="YAML", help="run config (default: the built-in one, = configs/fsdp2.yaml)")
     common.add_argument("--data", metavar="PATH", help="train on this file or folder instead of the config's data")
     common.add_argument("--steps", type=int, metavar="N", help="override the config's number of steps")
@@ -25,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     # launch/torchrun.sh checks the arguments in one process first: torchrun turns a rank's exit 2 into its own 1.
     common.add_argument("--validate-only", action="store_true", help=argparse.SUPPRESS)
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dist-clip",
         description="Train a small transformer LM under a distributed wrapper, clipping gradients with dist_clip, "
         "and check it against the same steps replayed unsharded on one process.",

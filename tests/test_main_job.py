@@ -141,6 +141,18 @@ def test_bad_override_is_a_config_error(capsys):
     assert "steps: must be > 0, got 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("rank,printed", [("0", True), ("1", False)])
+def test_usage_errors_are_printed_by_rank_0_only(monkeypatch, capsys, rank, printed):
+    """Under a launcher every rank parses the same bad arguments: one usage message, not one per rank."""
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--stepz", "3"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert ("unrecognized arguments: --stepz" in err and "usage: dist-clip" in err) if printed else err == ""
+
+
 @pytest.mark.timeout(120)
 def test_missing_and_bad_config_from_the_command_line_exit_2_without_traceback(tmp_path):
     """The real entry points, in a fresh interpreter: exit status 2, one line on stderr, nothing on stdout."""
