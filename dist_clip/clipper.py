@@ -522,7 +522,9 @@ class GradClipper:
         if cfg.mode == "per_group":
             assert named is not None and optimizer is not None
             grouping = self._groups(named, optimizer)
-            if plan is not None:
+            if plan is not None or isinstance(target, Mapping):
+                # Pipeline stages, or named pieces whose ranks' optimizers differ (a rank holding nothing of a
+                # parameter may leave it out): every rank's memberships travel in the measurement.
                 membership = _group_membership(grouping[0])
         _clip.settle_hand_over(target, lambda: [t for s in shards for t in s.tensors])
         m = _slots.measure(shards, pick, n_slots, p, cfg.foreach, presence=named is not None,
@@ -685,7 +687,7 @@ def _per_group(
 ) -> tuple[Tensor, Tensor, tuple[str, ...], Tensor]:
     """Coefficients per param group (``grouping`` from :meth:`GradClipper._groups`) and per slot."""
     groups_of, limits, labels = grouping
-    if groups_of and max(groups_of) < 0:
+    if groups_of and max(groups_of) < 0 and m.extra is None:
         # Every rank sees the same names and groups, so every rank raises here: none steps alone.
         raise ValueError(
             "per_group clipping found none of the target's parameters in optimizer.param_groups, so it "
@@ -693,10 +695,15 @@ def _per_group(
             "the torch optimizer given to deepspeed.initialize)"
         )
     index = torch.tensor(groups_of or [-1], dtype=torch.long).to(m.device)
-    if m.extra is not None:  # under a plan: the groups of every rank's slots, combined (on the device)
+    if m.extra is not None:  # plan or named pieces: the groups of every rank's slots, combined (on the device)
         ids, holders = m.extra.reshape(2, index.numel())
         ids = ids if math.isinf(p) else ids / holders.clamp(min=1)  # MAX: the id itself; SUM: id x holders
         index = torch.where(holders > 0, ids.round().long() - 1, -1)
+        if index.device.type == "cpu" and bool((index < 0).all()):  # all-reduced: the same verdict everywhere
+            raise ValueError(
+                "per_group clipping found none of the target's parameters in any rank's optimizer.param_groups, "
+                "so it would clip nothing; pass the optimizer that steps these parameters"
+            )
         # A group this rank's optimizer lacks (stages with fewer groups) has no limit here: left out.
         index = torch.where(index < len(limits), index, -1)
     partials = _slots.merge_partials(m.partials, index, len(limits), p)

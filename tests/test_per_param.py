@@ -160,6 +160,48 @@ def test_hand_sharded_mapping(run_ranks, world):
     assert all(v == values[0] for v in values), "totals differ across ranks"
 
 
+def body_mapping_per_group(world_size: int) -> list[list[float]]:
+    """per_group on hand-sharded pieces where a rank holding nothing of a parameter leaves it out of its
+    optimizer: the group's norm still spans every rank (rank 0 scaled its share of that group by its own
+    pieces' norm, 0.53 instead of 0.080, before memberships travelled in the all-reduce)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    assert world == world_size
+    out = []
+    for p in ORDERS:
+        full = _full(11)
+        mine: dict[str, nn.Parameter] = {}
+        for name, t in full.items():
+            if name == "b.weight":  # held whole by the last rank, absent from every other rank's optimizer
+                piece = t.reshape(-1).float() if rank == world - 1 else torch.zeros(0)
+            else:
+                piece = t.reshape(-1).float().tensor_split(world)[rank]
+            mine[name] = nn.Parameter(torch.zeros_like(piece))
+            mine[name].grad = piece.clone()
+        before = {n: q.grad.clone() for n, q in mine.items()}
+        first = [mine["a.weight"], mine["a.bias"]]
+        second = [mine[n] for n in ("big", "tiny", "zero")] + ([mine["b.weight"]] if rank == world - 1 else [])
+        opt = torch.optim.SGD([{"params": first, "max_norm": 0.5}, {"params": second, "max_norm": 0.2}], lr=0.1)
+        with count_collectives() as calls:
+            result = GradClipper(norm_type=p, mode="per_group")(mine, optimizer=opt, group=dist.group.WORLD)
+        assert calls.total == 1, calls.names
+        norms = [reference_norm([full["a.weight"], full["a.bias"]], p),
+                 reference_norm([full[n] for n in ("big", "tiny", "zero", "b.weight")], p)]
+        coefs = [min(1.0, 0.5 / (norms[0] + 1e-6)), min(1.0, 0.2 / (norms[1] + 1e-6))]
+        torch.testing.assert_close(result.clip_coef.double(), torch.tensor(coefs, dtype=torch.float64), rtol=1e-5,
+                                   atol=0)
+        for n, q in mine.items():
+            coef = coefs[0] if n.startswith("a.") else coefs[1]
+            torch.testing.assert_close(q.grad.double(), before[n].double() * coef, rtol=1e-6, atol=1e-30)
+        out.append(result.clip_coef.tolist())
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_per_group_on_pieces_whose_ranks_optimizers_differ(run_ranks, world):
+    values = run_ranks(world, body_mapping_per_group, world)
+    assert all(v == values[0] for v in values), "coefficients differ across ranks"
+
+
 def body_wrappers(names: list[str]) -> int:
     checked = 0
     for name in names:
