@@ -9,7 +9,7 @@ from torch import Tensor
 
 from . import _native
 
-__all__ = ["EPS", "clip_coefficient", "group_by_device_dtype", "resolve_foreach", "scale_"]
+__all__ = ["EPS", "clip_coefficient", "group_by_device_dtype", "resolve_foreach", "scale_", "subnormal_split"]
 
 #: Added to the total norm before dividing, as torch.nn.utils.clip_grad_norm_ does.
 EPS = 1e-6
@@ -49,6 +49,23 @@ def clip_coefficient(max_norm: float | Tensor, total_norm: Tensor) -> Tensor:
     float64 total (float64 gradients), float32 otherwise."""
     total = total_norm if total_norm.dtype == torch.float64 else total_norm.to(torch.float32)
     return torch.clamp(max_norm / (total + EPS), max=1.0)
+
+
+FP32_TINY = 2.0**-126  # float32's smallest normal number
+SPLIT = 2.0**-64  # exact in every float dtype's range used here (float32, bfloat16)
+
+
+def subnormal_split(coef: Tensor, out: torch.dtype) -> tuple[Tensor, Tensor] | None:
+    """For a float64 coefficient that ``out`` (float32) can only hold as a subnormal, losing digits or all of
+    them (finite gradients whose norm is beyond float32's range): two normal factors whose product it is, to
+    multiply in turn (the second a power of two, exact). None when one factor does (or off the CPU, where
+    the test would be a host read)."""
+    if out == torch.float64 or coef.device.type != "cpu":
+        return None
+    value = float(coef)
+    if not 0.0 < value < FP32_TINY:
+        return None
+    return torch.tensor(value / SPLIT, dtype=out), torch.tensor(SPLIT, dtype=out)
 
 
 def scale_(

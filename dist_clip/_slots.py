@@ -234,7 +234,7 @@ def _fsdp1_named(root: nn.Module, group: dist.ProcessGroup | None) -> Named:
 
 def _named_plain(items: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup | None) -> Named:
     """Named pieces of plain tensors/parameters (and DTensor gradients) from a list of (name, tensor)."""
-    from .adapters.params import gradient_of, shards_of_grads
+    from .adapters.params import gradient_of, refuse_managed, shards_of_grads
 
     seen: set[int] = set()
     grads: list[tuple[str, Tensor]] = []
@@ -248,6 +248,7 @@ def _named_plain(items: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup |
         if id(t) in seen:
             continue
         seen.add(id(t))
+        refuse_managed(name, t)
         g = gradient_of(t)
         if g is not None:
             grads.append((name, g))
@@ -580,6 +581,19 @@ def all_pieces(shards: Sequence[Shards], slot_of: Callable[[str, int], int] | No
 
 
 _SCALAR_LIST_EXACT = (torch.float32, torch.float64)
+
+
+def subnormal_factors(coefs: Tensor, out: torch.dtype) -> tuple[Tensor, Tensor] | None:
+    """float64 per-slot coefficients that ``out`` (float32) holds only as subnormals for some slot (norms
+    beyond float32's range): two ``out`` factors per slot, to apply in turn, whose product is each coefficient
+    (see ``_scale.subnormal_split``). None when ``coefs.to(out)`` loses nothing (or off the CPU)."""
+    if out == torch.float64 or coefs.device.type != "cpu":
+        return None
+    small = (coefs > 0) & (coefs < _scale.FP32_TINY)
+    if not bool(small.any()):
+        return None
+    first = torch.where(small, coefs / _scale.SPLIT, coefs).to(out)
+    return first, torch.where(small, _scale.SPLIT, 1.0).to(out)
 
 
 def scale_slots_(pieces: Sequence[tuple[Tensor, int]], coefs: Tensor, foreach: bool | None = None) -> None:

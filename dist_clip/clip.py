@@ -344,15 +344,19 @@ def clip_grad_norm_(
     settle_hand_over(parameters, everything)
     wide, out = _wide_total(shards, p, error_if_nonfinite, foreach, everything, groups)
     total = wide.to(out)
-    coef = _scale.clip_coefficient(limit, wide).to(out)  # from the float64 total, which float32 may not hold
-    if fused and coef.device.type == "cpu":
-        # A finite total's coef below 1 / 3.4e38: the handed-over grad_scale, 1 / coef, would be inf (zeroing the
-        # gradients); scaled here instead (reading it is free on the CPU).
-        fused = not bool(torch.reciprocal(coef.to(torch.float32)).isinf() & wide.isfinite())
-    if fold is not None:
+    coef_wide = _scale.clip_coefficient(limit, wide)  # from the float64 total, which float32 may not hold
+    coef = coef_wide.to(out)
+    # A finite total beyond float32's range whose coef float32 holds only as a subnormal (digits lost, or 0):
+    # applied here in two normal factors (on the CPU, where reading it is free; never handed over: the
+    # grad_scale 1 / coef would be imprecise or inf).
+    split = _scale.subnormal_split(coef_wide, out)
+    if fold is not None and split is None:
         fold(coef, everything)
-    elif fused:
+    elif fused and split is None:
         _fused.hand_over_(optimizer, coef, wide)
+    elif split is not None:
+        for factor in split:
+            _scale.scale_(everything, factor, foreach, groups)
     else:
         _scale.scale_(everything, coef, foreach, groups)
     return total

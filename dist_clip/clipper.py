@@ -534,28 +534,31 @@ class GradClipper:
         out = m.result_dtype
         assert out is not None
         total = m.total.to(out)
-        finite = torch.isfinite(total)
+        # Finiteness and coefficients from the float64 norms: finite gradients whose norm float32 cannot hold
+        # (beyond 3.4e38) are clipped, as clip_grad_norm_ clips them, not zeroed or taken for non-finite.
+        finite = torch.isfinite(m.total)
 
         slot_names: tuple[str, ...] = ()
         if cfg.mode == "per_param":
             assert named is not None
-            limit = torch.full_like(total, float(cfg.max_norm))  # type: ignore[arg-type]
-            coef = _scale.clip_coefficient(limit, m.slot_norms.to(out))
+            limit = torch.full_like(m.total, float(cfg.max_norm))  # type: ignore[arg-type]
+            coef = _scale.clip_coefficient(limit, m.slot_norms)
             slot_coef = coef
             slot_names = named.names
-            limit_out = limit
+            limit_out = limit.to(out)
         elif cfg.mode == "per_group":
             assert named is not None and optimizer is not None
             assert grouping is not None
-            coef, slot_coef, slot_names, limit_out = _per_group(grouping, m, p, out)
+            coef, slot_coef, slot_names, limit_out = _per_group(grouping, m, p, torch.float64)
+            limit_out = limit_out.to(out)
         else:
             if self._threshold is not None:
                 thr = self._threshold.threshold(m.total, finite)
-                coef = self._threshold.coefficient(thr, m.total).to(out)
+                coef = self._threshold.coefficient(thr, m.total)
                 limit_out = thr.to(out)
             else:
                 limit_out = torch.full_like(total, float(cfg.max_norm))  # type: ignore[arg-type]
-                coef = _scale.clip_coefficient(float(cfg.max_norm), total)  # type: ignore[arg-type]
+                coef = _scale.clip_coefficient(float(cfg.max_norm), m.total)  # type: ignore[arg-type]
             slot_coef = coef.reshape(1)
         if plan is not None:
             plan.check_once(shards, m, p)
@@ -568,13 +571,16 @@ class GradClipper:
             raise RuntimeError(_nonfinite_message(culprits, m.group, total.item(), p))
         pieces = _slots.all_pieces(shards, pick)
         on_cpu = total.device.type == "cpu"
-        slot_coef = _kept(slot_coef, finite, policy)
-        coef = _kept(coef, finite, policy)  # what is applied, as documented
+        slot_wide = _kept(slot_coef, finite, policy)  # float64
+        slot_coef = slot_wide.to(out)
+        coef = _kept(coef, finite, policy).to(out)  # what is applied, as documented
         if policy == "zero" and on_cpu and not bool(finite):
             for t, _ in pieces:
                 t.zero_()
         else:
-            _slots.scale_slots_(pieces, slot_coef, cfg.foreach)
+            split = _slots.subnormal_factors(slot_wide, out)
+            for factors in split if split is not None else (slot_coef,):
+                _slots.scale_slots_(pieces, factors, cfg.foreach)
             if policy == "zero" and not on_cpu:
                 for t, _ in pieces:
                     t.masked_fill_(~finite.to(t.device), 0)  # 0 * NaN is NaN: zero explicitly, no sync

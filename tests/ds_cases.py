@@ -351,6 +351,26 @@ def case_contract() -> dict:
         missing = [a for a in required if not hasattr(engine.optimizer, a)]
         assert not missing, f"DeepSpeed's {name} no longer has {missing}: the adapter must be updated"
         kinds[f"{stage}/{dtype}/{extra}"] = name
+    # torch-style targets (engine.module, its parameters, a submodule): ZeRO holds the
+    # gradients in its partitions and .grad is None, so the total silently read 0 and nothing was clipped.
+    for stage in (1, 2, 3):
+        engine = make_engine(ds_config(stage))
+        engine.backward(loss_fn(engine(batch(dist.get_rank(), 0, 0))))
+        module = engine.module
+        targets = {"engine.module": lambda: module, "parameters()": lambda: module.parameters(),
+                   "submodule": lambda: next(module.children())}
+        for what, target in targets.items():
+            for call in (lambda t: dist_clip.clip_grad_norm_(t, 1.0, group=dist.group.WORLD),
+                         lambda t: dist_clip.clip_grad_norm_(t, 1.0),
+                         lambda t: dist_clip.GradClipper(mode="per_param")(t)):
+                try:
+                    call(target())
+                except ValueError as e:
+                    assert "managed by DeepSpeed ZeRO" in str(e) and "pass the engine" in str(e), str(e)
+                else:
+                    raise AssertionError(f"stage {stage}: {what} was taken for plain parameters")
+        dist_clip.clip_grad_norm_(engine, 1.0)
+        engine.step()
     # Between accumulation boundaries the gradients are not reduced: a clear error on every rank.
     engine = make_engine(ds_config(2, gas=2))
     engine.backward(loss_fn(engine(batch(dist.get_rank(), 0, 0))))

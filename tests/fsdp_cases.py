@@ -634,6 +634,14 @@ def fsdp1(strategy: str, use_orig_params: bool, plain_root: bool = False) -> dic
             dist_clip.get_total_norm(fsdp_model.module)
         except ValueError as e:
             refused = "pass the FullyShardedDataParallel module" in str(e)
+        # So must its parameters in the per-parameter modes (named by position, they were measured as
+        # replicated: a different norm on every rank).
+        try:
+            dist_clip.GradClipper(mode="per_param", report=True)(list(fsdp_model.parameters()))
+        except ValueError as e:
+            refused = refused and "pass the FullyShardedDataParallel module" in str(e)
+        else:
+            refused = False
     return {"per_p": result, "padded": padded, "inner_refused": refused}
 
 

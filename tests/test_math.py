@@ -112,6 +112,35 @@ def test_norm_above_float32_range_clips_by_the_float64_total(dtype, p):
     torch.testing.assert_close(param.grad.double(), g.double() * coef, rtol=elementwise, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("how", ["clip_grad_norm_", "total", "per_param", "per_group"])
+def test_a_coefficient_float32_holds_only_as_a_subnormal_is_applied_exactly(dtype, how):
+    """A million elements of 3e38 (p = 1): coef ~3e-45, which float32 rounds to 2 significant bits or less
+    (clipped norms 0.84, or 0 at ten million elements, before); applied in two normal factors it is exact up to
+    the gradients' own rounding. GradClipper zeroed such gradients and took them for non-finite."""
+    from dist_clip import GradClipper
+
+    n = 1_000_000
+    g = torch.full((n,), 3e38).to(dtype)
+    g[::7] = 1e38
+    want = reference_norm([g], 1.0)
+    coef = 1.0 / (want + 1e-6)
+    assert coef < 2.0**-126
+    param = torch.nn.Parameter(torch.zeros(n, dtype=dtype))
+    param.grad = g.clone()
+    if how == "clip_grad_norm_":
+        dist_clip.clip_grad_norm_([param], 1.0, 1.0, error_if_nonfinite=True)
+    else:
+        opt = torch.optim.SGD([param], lr=0.1)
+        result = GradClipper(max_norm=1.0, norm_type=1.0, mode=how, on_nonfinite="error")(
+            {"w": param}, optimizer=opt)
+        assert bool(result.finite) and bool(result.clipped)
+        assert result.clip_coef.reshape(-1)[0].item() == pytest.approx(coef, rel=0.5)  # a subnormal: as held
+    elementwise = 2e-7 if dtype == torch.float32 else 2**-8  # the scaled element rounded to its dtype
+    torch.testing.assert_close(param.grad.double(), g.double() * coef, rtol=elementwise, atol=0)
+    assert param.grad.double().abs().sum().item() == pytest.approx(1.0, rel=elementwise)
+
+
 def test_large_fp32_tensor_accuracy_beats_torch():
     torch.manual_seed(0)
     g = torch.randn(1 << 24)

@@ -111,7 +111,7 @@ def named_grads(target: object) -> list[tuple[str, Tensor]]:
     if (
         all(issubclass(k, Tensor) for k in kinds)
         and len(set(map(id, items))) == len(items)
-        and not any(map(hasattr, items, itertools.repeat("_fsdp_flattened")))
+        and not any(any(map(hasattr, items, itertools.repeat(mark))) for mark in _MANAGED_MARKS)
     ):
         if kinds == _PARAMETER:
             grads = list(map(_grad, items))
@@ -128,18 +128,32 @@ def named_grads(target: object) -> list[tuple[str, Tensor]]:
         if id(t) in seen:
             continue
         seen.add(id(t))
-        if getattr(t, "_fsdp_flattened", False):
-            # FSDP1 marks its FlatParameters and, under use_orig_params=True, the original parameters whose
-            # gradients are views into a rank's flat shard. Nothing here can tell such a shard from a
-            # replicated tensor: counting it as one would give a silently wrong total.
-            raise ValueError(
-                f"{name} is managed by FSDP1 (its gradient may be a shard of flattened parameters); pass the "
-                "FullyShardedDataParallel module itself, not its parameters()"
-            )
+        refuse_managed(name, t)
         g = gradient_of(t)
         if g is not None:
             out.append((name, g))
     return out
+
+
+# Attributes that FSDP1 (its FlatParameters and, under use_orig_params=True, the original parameters) and
+# DeepSpeed ZeRO (stage 3: ds_id; stages 1-2: param_idx_in_group) set on the parameters they manage.
+_MANAGED_MARKS = ("_fsdp_flattened", "ds_id", "param_idx_in_group")
+
+
+def refuse_managed(name: str, t: Tensor) -> None:
+    """ValueError for a parameter whose gradient a sharding wrapper holds: an FSDP1 parameter's gradient may be
+    a shard of flattened parameters, which nothing here can tell from a replicated tensor, and DeepSpeed ZeRO
+    moves gradients into its partitions and sets ``.grad`` to None (the total would silently read 0)."""
+    if getattr(t, "_fsdp_flattened", False):
+        raise ValueError(
+            f"parameter {name} is managed by FSDP1 (its gradient may be a shard of flattened parameters); pass "
+            "the FullyShardedDataParallel module itself, not its parameters()"
+        )
+    if hasattr(t, "ds_id") or hasattr(t, "param_idx_in_group"):
+        raise ValueError(
+            f"parameter {name} is managed by DeepSpeed ZeRO (its gradient lives in the engine's partitions, not "
+            "in .grad); pass the engine itself, not engine.module or its parameters()"
+        )
 
 
 def _ddp_types() -> tuple[type, ...]:
