@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import bisect
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -87,6 +87,36 @@ def _span(t: Tensor) -> tuple[int, int] | None:
     return start, start + (last + 1) * t.element_size()
 
 
+def _overlap_test(tensors: Sequence[Tensor]) -> Callable[[tuple[int, int] | None], bool] | None:
+    """A test of whether a span overlaps the bytes of any of ``tensors`` (None when they have none)."""
+    spans = sorted(filter(None, map(_span, tensors)))
+    if not spans:
+        return None
+    starts = [a for a, _ in spans]
+    reach: list[int] = []  # the furthest end among the spans sorted up to each position
+    for _, b in spans:
+        reach.append(max(b, reach[-1]) if reach else b)
+
+    def overlaps(span: tuple[int, int] | None) -> bool:
+        at = bisect.bisect_left(starts, span[1]) - 1 if span is not None else -1  # spans starting before its end
+        return at >= 0 and reach[at] > span[0]  # type: ignore[index]
+
+    return overlaps
+
+
+def steps_what_was_measured(optimizer: torch.optim.Optimizer, tensors: Sequence[Tensor]) -> bool:
+    """Whether ``optimizer`` steps the gradients ``tensors`` are (or are pieces of): every gradient it holds
+    overlaps one of them and each of them overlaps one of its gradients. A handed-over coefficient would
+    otherwise also scale gradients nobody measured, or miss measured ones that another optimizer steps."""
+    grads = _grads(optimizer)
+    if {id(g) for g in grads} == {id(t) for t in tensors}:  # the usual case, without a walk over the bytes
+        return True
+    theirs, ours = _overlap_test(grads), _overlap_test(tensors)
+    if theirs is None or ours is None:
+        return theirs is ours
+    return all(map(ours, filter(None, map(_span, grads)))) and all(map(theirs, filter(None, map(_span, tensors))))
+
+
 def _grads(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     """The gradients ``optimizer.step()`` reads (a DTensor's: its local shard)."""
     return [
@@ -108,18 +138,9 @@ def settle(tensors: Sequence[Tensor]) -> None:
     do not overlap."""
     if not _WAITING:  # the usual case: nothing handed over, or already stepped
         return
-    spans = sorted(filter(None, map(_span, tensors)))
-    if not spans:
+    overlaps = _overlap_test(tensors)
+    if overlaps is None:
         return
-    starts = [a for a, _ in spans]
-    reach: list[int] = []  # the furthest end among the spans sorted up to each position
-    for _, b in spans:
-        reach.append(max(b, reach[-1]) if reach else b)
-
-    def overlaps(span: tuple[int, int] | None) -> bool:
-        at = bisect.bisect_left(starts, span[1]) - 1 if span is not None else -1  # spans starting before its end
-        return at >= 0 and reach[at] > span[0]  # type: ignore[index]
-
     for optimizer in list(_WAITING):
         grads = _grads(optimizer)
         if not any(overlaps(_span(g)) for g in grads):

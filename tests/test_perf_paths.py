@@ -658,6 +658,32 @@ def test_a_plain_clip_keeps_a_hand_over_of_other_gradients(case):
     torch.testing.assert_close(a.detach(), torch.ones(3) - 10.0 * coef)
 
 
+@pytest.mark.parametrize("case", ["optimizer holds more", "optimizer holds less", "the same"])
+def test_a_hand_over_is_made_only_to_an_optimizer_stepping_what_was_measured(case):
+    """The handed-over grad_scale divides every gradient the optimizer steps: with more than was measured it
+    clipped gradients nobody measured (b stepped to -0.06 instead of -3); with less, measured gradients another
+    optimizer steps were never clipped. Such calls scale in place, as for any other optimizer."""
+    results = []
+    for hand_over in (False, True):
+        a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+        a.grad, b.grad = torch.tensor([6.0, 8.0]), torch.tensor([3.0, 4.0])
+        held, clipped = {"optimizer holds more": ([a, b], [a]), "optimizer holds less": ([a], [a, b]),
+                         "the same": ([a, b], [a, b])}[case]
+        fused = torch.optim.SGD(held, lr=0.1, fused=True)
+        rest = [q for q in (a, b) if all(q is not h for h in held)]
+        plain = torch.optim.SGD(rest, lr=0.1) if rest else None
+        dist_clip.clip_grad_norm_(clipped, 1.0, optimizer=fused if hand_over else None)
+        if hand_over:  # handed over (gradients untouched until the step) exactly when the sets agree
+            assert torch.equal(a.grad, torch.tensor([6.0, 8.0])) == (case == "the same"), case
+        fused.step()
+        if plain is not None:
+            plain.step()
+        results.append((a.detach().clone(), b.detach().clone()))
+    (a_ref, b_ref), (a_got, b_got) = results
+    torch.testing.assert_close(a_got, a_ref, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(b_got, b_ref, rtol=1e-6, atol=1e-8)
+
+
 def test_either_skip_flag_skips_the_fused_step():
     """A GradScaler's found_inf and dist_clip's both raised: the step is skipped (a sum of 2 is not a skip for
     torch's CPU fused kernels, which test for exactly 1)."""
