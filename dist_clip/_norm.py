@@ -238,7 +238,9 @@ def _real_inputs(tensors: Sequence[Tensor]) -> Sequence[Tensor]:
         if t.is_sparse:  # a sparse COO gradient (nn.Embedding(sparse=True)): its coalesced values, duplicates summed
             t = t.coalesce().values()
         if t.is_complex():
-            out.append(t.abs())  # a real copy of the moduli: exact, NaN stays NaN, zero stays zero
+            # A real copy of the moduli, in float64: a complex64 modulus beyond float32's range (|3e38+3e38j|)
+            # read inf, and subnormal ones lost digits. NaN stays NaN, zero stays zero.
+            out.append(t.to(torch.complex128).abs())
         elif t.dtype not in _REAL:
             raise TypeError(
                 "gradients must be float16, bfloat16, float32, float64 or complex tensors, got one of dtype "

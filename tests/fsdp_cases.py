@@ -202,6 +202,9 @@ class Case:
     # do not say otherwise: False where they hold copies the gradients cannot show, which would count twice:
     # the other slices of a sliced mesh. (Plain tensors beside DTensors are always taken as replicated.)
     group_override_ok: bool = True
+    # HSDP / HYBRID_SHARD: this rank's shard group, passed as group= it must give the same total on every
+    # replica (the replicas it does not reach read 0 once).
+    shard_group: Any = None
     notes: dict[str, Any] = field(default_factory=dict)
 
 
@@ -320,6 +323,14 @@ def run_case(case: Case) -> dict[float, dict[str, Any]]:
                 raise AssertionError(
                     f"{what}: group=WORLD gave {float(world_total)} with {counted_world.names}, reference {ref_norm}"
                 )
+        if case.shard_group is not None:
+            with count_collectives() as counted_shard:
+                shard_total = dist_clip.get_total_norm(model, p, group=case.shard_group)
+            if not _norm_close(float(shard_total), ref_norm, RTOL) or counted_shard.total != 1:
+                raise AssertionError(
+                    f"{what}: group=<shard group> gave {float(shard_total)} with {counted_shard.names}, "
+                    f"reference {ref_norm}"
+                )
         if case.wrapper_clip is None:
             out[p] = entry
             continue
@@ -432,7 +443,7 @@ def fsdp2_hsdp() -> dict[str, Any]:
     for module in (model.inp, *model.blocks, model.head, model):
         fully_shard(module, mesh=m)
     loss_fn(model, *batch(rank)).backward()
-    return {"per_p": run_case(_fsdp2_case(model, ref))}
+    return {"per_p": run_case(_fsdp2_case(model, ref, shard_group=m["shard"].get_group()))}
 
 
 def fsdp2_mixed_meshes(plain_root: bool) -> dict[str, Any]:
@@ -623,6 +634,8 @@ def fsdp1(strategy: str, use_orig_params: bool, plain_root: bool = False) -> dic
         check_local_grads=None if use_orig_params else _fsdp1_flat_checker(fsdp_model),
         poison=poison,
         expected_collectives=0 if strategy == "NO_SHARD" else 1,
+        # Another group object with the shard group's ranks (every rank makes both groups).
+        shard_group=[dist.new_group([0, 1]), dist.new_group([2, 3])][rank // 2] if "HYBRID" in strategy else None,
     )
     result = run_case(case)
     padded = [h.flat_param._shard_numel_padded for h, _ in _flat_layout(fsdp_model)]
@@ -916,3 +929,30 @@ def replicated_on_a_submesh() -> list[float]:
                 torch.testing.assert_close(b.to_local(), b_full * coef, rtol=1e-6, atol=1e-7)
             out.append(total.item())
     return out
+
+
+def fsdp2_rank_without_gradients() -> dict[str, Any]:
+    """FSDP2 on a 1-D mesh, the last rank's gradients dropped (set to None): it must still join the other
+    ranks' collective (it returned 0 at once while they waited in the all-reduce until the timeout), and the
+    total is the norm of the gradients the others hold, in total mode and in the named modes; a parameter
+    without a gradient anywhere stays out of reports."""
+    from torch.distributed.fsdp import fully_shard
+
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    model = new_model()
+    m = mesh((ws,))
+    for module in (model.inp, *model.blocks, model.head, model):
+        fully_shard(module, mesh=m)
+    loss_fn(model, *batch(rank)).backward()
+    model.scale.grad = None  # no gradient on any rank
+    if rank == ws - 1:
+        model.zero_grad(set_to_none=True)
+    pieces = [p.grad._local_tensor.double() for p in model.parameters() if p.grad is not None]
+    mine = torch.cat([t.reshape(-1) for t in pieces]) if pieces else torch.zeros(0, dtype=torch.float64)
+    gathered = [None] * ws
+    dist.all_gather_object(gathered, mine)
+    want = float(torch.linalg.vector_norm(torch.cat(gathered)))
+    total = float(dist_clip.get_total_norm(model))
+    report = dist_clip.GradClipper(max_norm=1e9, mode="per_param", report=True)(model)
+    return {"total": total, "want": want, "per_param_total": float(report.total_norm),
+            "report": sorted(report.norms)}

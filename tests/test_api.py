@@ -353,6 +353,22 @@ def test_import_needs_torch_only():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.parametrize("p", [1.0, 2.0, math.inf])
+def test_complex64_moduli_beyond_float32_range_or_subnormal_are_exact(p):
+    """|3e38+3e38j| overflowed float32 (the total read inf as a non-finite: error_if_nonfinite raised, the
+    gradients were zeroed); subnormal moduli lost digits (2.5e-4 relative on 1000 of 1e-42+1e-42j)."""
+    big = torch.tensor([3e38 + 3e38j, 1.0 + 0j], dtype=torch.complex64)
+    want = torch.linalg.vector_norm(big.to(torch.complex128), p).item()
+    assert math.isfinite(want) and want > 3.4e38
+    grad = big.clone()
+    dist_clip.clip_grad_norm_([grad], 1.0, p, error_if_nonfinite=True)
+    torch.testing.assert_close(grad.to(torch.complex128), big.to(torch.complex128) / (want + 1e-6), rtol=1e-6,
+                               atol=0)
+    tiny = torch.full((1000,), 1e-42 + 1e-42j, dtype=torch.complex64)
+    want = torch.linalg.vector_norm(tiny.to(torch.complex128), p).item()
+    assert dist_clip.get_total_norm([tiny], p).item() == pytest.approx(want, rel=2e-6)  # float32's rounding
+
+
 @pytest.mark.parametrize("p", [0.0, 1.0, 2.0, 3.5, math.inf])
 def test_complex_gradients_measure_by_modulus_and_scale(p):
     g = torch.Generator().manual_seed(7)

@@ -215,6 +215,15 @@ def test_fsdp1_rank_without_gradients(run_ranks, world_size: int, use_orig_param
     check(results, "fsdp1")
 
 
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_fsdp2_rank_without_gradients(run_ranks, world_size: int) -> None:
+    results = run_ranks(world_size, cases.fsdp2_rank_without_gradients, timeout_s=60)
+    for r in results:
+        assert r["total"] == pytest.approx(r["want"], rel=1e-6) and r["per_param_total"] == pytest.approx(
+            r["want"], rel=1e-6), r
+        assert r["report"] == results[0]["report"] and "scale" not in r["report"], r
+
+
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_replicated_dtensor_on_a_mesh_without_rank_zero(run_ranks, world_size: int) -> None:
     results = run_ranks(world_size, cases.replicated_on_a_submesh)

@@ -141,7 +141,7 @@ def dtensor_shards(pairs: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup
             continue
         items.append((name, g._local_tensor, mesh, root, here, distinct))
 
-    if group is None and not multi and len(keys) <= 1:
+    if not multi and len(keys) <= 1 and (group is None or any(distinct for *_, distinct in items)):
         # Minimal plan: one shard dim everywhere (or none). Replicas of it each reduce their own copy.
         buckets: dict[int, tuple[dist.ProcessGroup | None, list[str], list[Tensor]]] = {}
         groups: dict[tuple[int, tuple[bool, ...]], dist.ProcessGroup | None] = {}
@@ -153,7 +153,15 @@ def dtensor_shards(pairs: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup
             entry = buckets.setdefault(id(gr), (gr, [], []))
             entry[1].append(name)
             entry[2].append(local)
-        return [Shards(ts, group=gr, names=ns) for gr, ns, ts in buckets.values()]
+        minimal = [Shards(ts, group=gr, names=ns) for gr, ns, ts in buckets.values()]
+        # group= naming that shard dim's own group (HSDP's shard group) means this plan too: the full plan below
+        # counts the first replica only, which such a group does not hold on the other replicas (they read 0).
+        if group is None:
+            return minimal
+        if all(sh.group is not None and same_ranks(sh.group, group) for sh in minimal):
+            # The caller's group object: a rank holding nothing of these gradients takes the full plan below,
+            # over that same object, and the two must meet in one collective.
+            return [Shards(sh.tensors, group=group, names=sh.names) for sh in minimal]
 
     reduce_over = group if group is not None else _world()
     counted: tuple[list[str], list[Tensor]] = ([], [])
@@ -272,14 +280,21 @@ def first_replica(module: nn.Module, handle: Any) -> bool:
     return handle._sharding_strategy.name not in _HYBRID or dist.get_rank(module._inter_node_pg) == 0
 
 
+def same_ranks(a: dist.ProcessGroup, b: dist.ProcessGroup) -> bool:
+    """Whether two process groups hold the same ranks (a group passed as group= may be another object)."""
+    return a is b or sorted(dist.get_process_group_ranks(a)) == sorted(dist.get_process_group_ranks(b))
+
+
 def fsdp1_reduction(
     shard_groups: Sequence[dist.ProcessGroup], group: dist.ProcessGroup | None
 ) -> tuple[dist.ProcessGroup, bool]:
     """Over which group an FSDP1 root's sharded pieces combine, and whether every replica's copy counts there:
     the one shard group its handles share, when no ``group=`` is given (each hybrid replica then reduces its own
     copy to the same total), else ``group`` or the world, where only the first hybrid replica counts."""
-    if group is None and len(shard_groups) == 1:
-        return shard_groups[0], True
+    if len(shard_groups) == 1 and (group is None or same_ranks(group, shard_groups[0])):
+        # group= naming the shard group (HYBRID_SHARD's intra-node group) is the same plan: counted as the first
+        # replica only, the other replicas, which that group does not reach, read 0. The caller's object is used.
+        return (group if group is not None else shard_groups[0]), True
     return (group if group is not None else _world()), False
 
 

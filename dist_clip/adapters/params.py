@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..shards import Shards
 
-__all__ = ["gradient_of", "is_parameter", "matches", "named_grads", "shards", "shards_of_grads", "split_dtensors"]
+__all__ = ["absent_dtensor_grads", "gradient_of", "is_parameter", "matches", "named_grads", "shards", "shards_of_grads", "split_dtensors"]
 
 _NAMES: list[str] = []
 
@@ -184,4 +184,23 @@ def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
         # DDP gradients are identical on every rank once backward() returns: nothing to combine. A group
         # passed by the caller cannot make replicas distinct, so it is not used.
         return shards_of_grads(named_grads(target.module), None)  # type: ignore[union-attr]
-    return shards_of_grads(named_grads(target), group)
+    pairs = named_grads(target)
+    if isinstance(target, nn.Module) and set(map(type, map(_second, pairs))) <= _PLAIN_KINDS:
+        pairs += absent_dtensor_grads(list(target.named_parameters()))
+    return shards_of_grads(pairs, group)
+
+
+def absent_dtensor_grads(params: Sequence[tuple[str, Tensor]]) -> list[tuple[str, Tensor]]:
+    """A rank holding no gradient of a module's DTensor parameters (FSDP2) must still join the collective the
+    other ranks make over their meshes: empty DTensor stand-ins, laid out as those parameters are, give it
+    the same plan. Nothing for a module without DTensor parameters (checked in C). Call it only when no
+    gradient among the caller's is a DTensor."""
+    if set(map(type, map(_second, params))) <= _PLAIN_KINDS:
+        return []
+    from torch.distributed.tensor import DTensor
+
+    return [
+        (name, DTensor.from_local(p._local_tensor.new_empty(0), p.device_mesh, p.placements, run_check=False))
+        for name, p in params
+        if p.grad is None and p.requires_grad and _is_dtensor(p)
+    ]
