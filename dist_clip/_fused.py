@@ -18,6 +18,7 @@ restores the attributes as they were.
 from __future__ import annotations
 
 import bisect
+import operator
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,7 +28,7 @@ from torch import Tensor
 
 from . import _scale
 
-__all__ = ["hand_over_", "settle", "supports_grad_scale"]
+__all__ = ["gradients", "hand_over_", "settle", "steps_what_was_measured", "supports_grad_scale"]
 
 _PENDING = "_dist_clip_pending"
 _HOOKS = "_dist_clip_hooks"
@@ -104,12 +105,15 @@ def _overlap_test(tensors: Sequence[Tensor]) -> Callable[[tuple[int, int] | None
     return overlaps
 
 
-def steps_what_was_measured(optimizer: torch.optim.Optimizer, tensors: Sequence[Tensor]) -> bool:
-    """Whether ``optimizer`` steps the gradients ``tensors`` are (or are pieces of): every gradient it holds
-    overlaps one of them and each of them overlaps one of its gradients. A handed-over coefficient would
-    otherwise also scale gradients nobody measured, or miss measured ones that another optimizer steps."""
-    grads = _grads(optimizer)
-    if {id(g) for g in grads} == {id(t) for t in tensors}:  # the usual case, without a walk over the bytes
+def steps_what_was_measured(grads: Sequence[Tensor], tensors: Sequence[Tensor]) -> bool:
+    """Whether an optimizer whose gradients are ``grads`` (:func:`gradients`) steps the gradients ``tensors``
+    are (or are pieces of): every one of its gradients overlaps one of them and each of them overlaps one of its
+    gradients. A handed-over coefficient would otherwise also scale gradients nobody measured, or miss measured
+    ones that another optimizer steps."""
+    # The usual case (the same tensors, in the same order or not), without a walk over the bytes.
+    if len(grads) == len(tensors) and all(map(operator.is_, grads, tensors)):
+        return True
+    if set(map(id, grads)) == set(map(id, tensors)):
         return True
     theirs, ours = _overlap_test(grads), _overlap_test(tensors)
     if theirs is None or ours is None:
@@ -117,7 +121,7 @@ def steps_what_was_measured(optimizer: torch.optim.Optimizer, tensors: Sequence[
     return all(map(ours, filter(None, map(_span, grads)))) and all(map(theirs, filter(None, map(_span, tensors))))
 
 
-def _grads(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+def gradients(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     """The gradients ``optimizer.step()`` reads (a DTensor's: its local shard)."""
     return [
         getattr(p.grad, "_local_tensor", p.grad)
@@ -142,7 +146,7 @@ def settle(tensors: Sequence[Tensor]) -> None:
     if overlaps is None:
         return
     for optimizer in list(_WAITING):
-        grads = _grads(optimizer)
+        grads = gradients(optimizer)
         if not any(overlaps(_span(g)) for g in grads):
             continue
         pending = optimizer.__dict__.pop(_PENDING, None)
@@ -174,7 +178,7 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     if pending is None:
         return
     scale, found, _, held, versions = pending
-    if not _unchanged(held, versions, _grads(optimizer)):
+    if not _unchanged(held, versions, gradients(optimizer)):
         return  # measured on gradients that are gone (the step it was for never came): not this step's
     saved = (optimizer.__dict__.get("grad_scale", _MISSING), optimizer.__dict__.get("found_inf", _MISSING))
     theirs_scale, theirs_found = saved
@@ -206,11 +210,13 @@ def _post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None
             setattr(optimizer, name, value)
 
 
-def hand_over_(optimizer: torch.optim.Optimizer, coef: Tensor, total: Tensor) -> None:
+def hand_over_(
+    optimizer: torch.optim.Optimizer, coef: Tensor, total: Tensor, grads: list[Tensor] | None = None
+) -> None:
     """Make the next ``optimizer.step()`` multiply every gradient by ``coef``, or skip if ``total`` is not finite.
 
     ``coef`` and ``total`` are 0-dim device tensors; nothing here reads them on the host. The caller has
-    checked :func:`supports_grad_scale`.
+    checked :func:`supports_grad_scale`. ``grads``: the optimizer's :func:`gradients`, when the caller has them.
     """
     if _HOOKS not in optimizer.__dict__:
         optimizer.__dict__[_HOOKS] = (
@@ -219,7 +225,7 @@ def hand_over_(optimizer: torch.optim.Optimizer, coef: Tensor, total: Tensor) ->
         )
     scale = torch.reciprocal(coef.to(torch.float32))  # the kernels divide: 1/1 == 1 keeps an unclipped step exact
     found = torch.logical_not(torch.isfinite(total)).to(torch.float32)
-    _stash(optimizer, scale, found, coef, _grads(optimizer))
+    _stash(optimizer, scale, found, coef, grads if grads is not None else gradients(optimizer))
     _WAITING.add(optimizer)
 
 

@@ -19,7 +19,6 @@ the unwrapped model.
 
 from __future__ import annotations
 
-
 import math
 import sys
 import zlib
@@ -235,7 +234,7 @@ def _fsdp1_named(root: nn.Module, group: dist.ProcessGroup | None) -> Named:
 
 def _named_plain(items: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup | None) -> Named:
     """Named pieces of plain tensors/parameters (and DTensor gradients) from a list of (name, tensor)."""
-    from .adapters.params import _PLAIN_KINDS, absent_dtensor_grads, gradient_of, refuse_managed, shards_of_grads
+    from .adapters.params import absent_dtensor_grads, gradient_of, refuse_managed, shards_of_grads
 
     seen: set[int] = set()
     grads: list[tuple[str, Tensor]] = []
@@ -254,8 +253,8 @@ def _named_plain(items: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup |
         if g is not None:
             grads.append((name, g))
     out = shards_of_grads(grads, group)
-    if {type(g) for _, g in grads} <= _PLAIN_KINDS:
-        # No DTensor gradient here: empty stand-ins join the FSDP2 ranks' collective, not counted (a parameter
+    if not grads:
+        # No gradient here at all: empty stand-ins join the FSDP2 ranks' collective, not counted (a parameter
         # without a gradient anywhere stays out of reports).
         absent = absent_dtensor_grads(list(items))
         if absent:

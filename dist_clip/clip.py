@@ -321,7 +321,8 @@ def clip_grad_norm_(
     fused optimizers (``fused=True``: Adam, AdamW, SGD, Adagrad) the gradients are not scaled here: the
     coefficient reaches its ``step()`` as ``grad_scale`` and a non-finite total as ``found_inf`` (the next
     step is then skipped), so clipping costs one read pass and no host sync. An optimizer that does not step
-    exactly the clipped gradients (more, or fewer) gets nothing: they are scaled here. On a DeepSpeed ZeRO 1-3 engine, ``optimizer`` may be the engine,
+    exactly the clipped gradients (more, or fewer) gets nothing: they are scaled here. On a DeepSpeed ZeRO 1-3
+    engine, ``optimizer`` may be the engine,
     ``engine.optimizer`` or the torch optimizer given to ``deepspeed.initialize``: the next ``engine.step()``
     multiplies each gradient partition by the coefficient while it copies it into its flat buffer (or in its
     loss-scale division), so clipping costs the norm's read pass only. Any other optimizer: the gradients are
@@ -340,7 +341,8 @@ def clip_grad_norm_(
     everything = _all_tensors(shards)
     # Handed over only to an optimizer that steps exactly these gradients; otherwise scaled here, as documented
     # for any other optimizer (its grad_scale would also divide gradients nobody measured, or miss some).
-    fused = fused and _fused.steps_what_was_measured(optimizer, everything)  # type: ignore[arg-type]
+    stepped = _fused.gradients(optimizer) if fused else None  # type: ignore[arg-type]
+    fused = fused and _fused.steps_what_was_measured(stepped, everything)  # type: ignore[arg-type]
     groups = _scale.group_by_device_dtype(everything)  # bucketed once, for measuring and for scaling
     if fused and any(dtype in _WIDE for _, dtype in groups):
         fused = False  # torch's fused kernels take grad_scale in float32 only: float64 gradients are scaled here
@@ -356,7 +358,7 @@ def clip_grad_norm_(
     if fold is not None and split is None:
         fold(coef, everything)
     elif fused and split is None:
-        _fused.hand_over_(optimizer, coef, wide)
+        _fused.hand_over_(optimizer, coef, wide, stepped)
     elif split is not None:
         for factor in split:
             _scale.scale_(everything, factor, foreach, groups)

@@ -525,7 +525,7 @@ class GradClipper:
             if plan is not None or isinstance(target, Mapping):
                 # Pipeline stages, or named pieces whose ranks' optimizers differ (a rank holding nothing of a
                 # parameter may leave it out): every rank's memberships travel in the measurement.
-                membership = _group_membership(grouping[0])
+                membership = _group_membership(grouping[0], p)
         _clip.settle_hand_over(target, lambda: [t for s in shards for t in s.tensors])
         m = _slots.measure(shards, pick, n_slots, p, cfg.foreach, presence=named is not None,
                            group=plan.reduction_group if plan is not None else None,
@@ -549,7 +549,8 @@ class GradClipper:
         elif cfg.mode == "per_group":
             assert named is not None and optimizer is not None
             assert grouping is not None
-            coef, slot_coef, slot_names, limit_out = _per_group(grouping, m, p, torch.float64)
+            coef, slot_coef, slot_names, limit_out = _per_group(grouping, m, p, torch.float64,
+                                                                fill_only=plan is None)
             limit_out = limit_out.to(out)
         else:
             if self._threshold is not None:
@@ -677,23 +678,33 @@ class GradClipper:
         return ClipResult(total, applied, clipped, finite, limit, (), norms)
 
 
-def _group_membership(groups_of: Sequence[int]) -> Tensor:
+def _group_membership(groups_of: Sequence[int], p: float) -> Tensor:
     """Under a plan each pipeline stage's optimizer holds its own stage's parameters only: which slot is in which
     group travels in the measurement's all-reduce, so that every rank sees every stage's groups. Per slot,
     ``group + 1`` where this rank's optimizer holds it (else 0), then 1 where it holds it: summed, the first over
     the second is ``group + 1`` (tensor-parallel ranks hold the same slot in the same group); maxed, the first
-    is. The length depends on the slots only: stages may have different numbers of groups."""
+    is. A third row tells whether the holders agree: summed, ``(group + 1)**2`` (they agree where its product
+    with the holders is the first row squared); maxed, ``-(group + 1)`` (they agree where it is minus the first).
+    The length depends on the slots only: stages may have different numbers of groups."""
     gi = torch.tensor(list(groups_of) or [-1], dtype=torch.float64)
     held = (gi >= 0).to(torch.float64)
-    return torch.cat([(gi + 1) * held, held])
+    third = torch.where(held > 0, -(gi + 1), -1e9) if math.isinf(p) else (gi + 1) ** 2 * held
+    return torch.cat([(gi + 1) * held, held, third])
 
 
 def _per_group(
-    grouping: tuple[list[int], list[float], list[str]], m: _slots.Measurement, p: float, out: torch.dtype
+    grouping: tuple[list[int], list[float], list[str]],
+    m: _slots.Measurement,
+    p: float,
+    out: torch.dtype,
+    fill_only: bool = False,
 ) -> tuple[Tensor, Tensor, tuple[str, ...], Tensor]:
-    """Coefficients per param group (``grouping`` from :meth:`GradClipper._groups`) and per slot."""
+    """Coefficients per param group (``grouping`` from :meth:`GradClipper._groups`) and per slot.
+
+    ``fill_only`` (named pieces, no plan): the combined memberships only fill in the slots this rank's optimizer
+    leaves out, and only where they agree with this rank's own numbering of the slots it holds."""
     groups_of, limits, labels = grouping
-    if groups_of and max(groups_of) < 0 and m.extra is None:
+    if groups_of and max(groups_of) < 0 and (m.extra is None or (fill_only and m.device.type != "cpu")):
         # Every rank sees the same names and groups, so every rank raises here: none steps alone.
         raise ValueError(
             "per_group clipping found none of the target's parameters in optimizer.param_groups, so it "
@@ -702,14 +713,23 @@ def _per_group(
         )
     index = torch.tensor(groups_of or [-1], dtype=torch.long).to(m.device)
     if m.extra is not None:  # plan or named pieces: the groups of every rank's slots, combined (on the device)
-        ids, holders = m.extra.reshape(2, index.numel())
+        ids, holders, third = m.extra.reshape(3, index.numel())
+        same = (ids == -third) if math.isinf(p) else (third * holders == ids * ids)
+        consistent = (same | (holders <= 0)).all()  # every holder of every slot names the same group
         ids = ids if math.isinf(p) else ids / holders.clamp(min=1)  # MAX: the id itself; SUM: id x holders
-        index = torch.where(holders > 0, ids.round().long() - 1, -1)
-        if index.device.type == "cpu" and bool((index < 0).all()):  # all-reduced: the same verdict everywhere
+        combined = torch.where(holders > 0, ids.round().long() - 1, -1)
+        if combined.device.type == "cpu" and bool((combined < 0).all()):  # all-reduced: the same verdict everywhere
             raise ValueError(
                 "per_group clipping found none of the target's parameters in any rank's optimizer.param_groups, "
                 "so it would clip nothing; pass the optimizer that steps these parameters"
             )
+        if fill_only:
+            # Ranks may number their groups differently (one holding nothing of a group's parameters may leave
+            # the group out): then every rank keeps its own numbering (its groups must hold all it holds);
+            # where all agree, the combined groups also place what a rank's optimizer left out.
+            index = torch.where(consistent, combined, index)
+        else:
+            index = combined
         # A group this rank's optimizer lacks (stages with fewer groups) has no limit here: left out.
         index = torch.where(index < len(limits), index, -1)
     partials = _slots.merge_partials(m.partials, index, len(limits), p)

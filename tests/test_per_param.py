@@ -160,7 +160,7 @@ def test_hand_sharded_mapping(run_ranks, world):
     assert all(v == values[0] for v in values), "totals differ across ranks"
 
 
-def body_mapping_per_group(world_size: int) -> list[list[float]]:
+def body_mapping_per_group(world_size: int, shifted: bool = False) -> list[list[float]]:
     """per_group on hand-sharded pieces where a rank holding nothing of a parameter leaves it out of its
     optimizer: the group's norm still spans every rank (rank 0 scaled its share of that group by its own
     pieces' norm, 0.53 instead of 0.080, before memberships travelled in the all-reduce)."""
@@ -171,19 +171,32 @@ def body_mapping_per_group(world_size: int) -> list[list[float]]:
         full = _full(11)
         mine: dict[str, nn.Parameter] = {}
         for name, t in full.items():
-            if name == "b.weight":  # held whole by the last rank, absent from every other rank's optimizer
+            if name == "b.weight" and not shifted:  # held whole by the last rank, in its optimizer only
                 piece = t.reshape(-1).float() if rank == world - 1 else torch.zeros(0)
+            elif shifted and name.startswith("a."):  # held by rank 0 only: the others' optimizers lack group 0
+                piece = t.reshape(-1).float() if rank == 0 else torch.zeros(0)
             else:
                 piece = t.reshape(-1).float().tensor_split(world)[rank]
             mine[name] = nn.Parameter(torch.zeros_like(piece))
             mine[name].grad = piece.clone()
         before = {n: q.grad.clone() for n, q in mine.items()}
         first = [mine["a.weight"], mine["a.bias"]]
-        second = [mine[n] for n in ("big", "tiny", "zero")] + ([mine["b.weight"]] if rank == world - 1 else [])
-        opt = torch.optim.SGD([{"params": first, "max_norm": 0.5}, {"params": second, "max_norm": 0.2}], lr=0.1)
+        in_second = rank == world - 1 or shifted
+        second = [mine[n] for n in ("big", "tiny", "zero")] + ([mine["b.weight"]] if in_second else [])
+        groups = [{"params": first, "max_norm": 0.5}, {"params": second, "max_norm": 0.2}]
+        if shifted and rank > 0:  # numbered differently: these ranks' group 0 is rank 0's group 1
+            groups = groups[1:]
+        opt = torch.optim.SGD(groups, lr=0.1)
         with count_collectives() as calls:
             result = GradClipper(norm_type=p, mode="per_group")(mine, optimizer=opt, group=dist.group.WORLD)
         assert calls.total == 1, calls.names
+        if shifted:  # each rank's coefficients follow its own numbering: compare the scaled gradients only
+            norm_b = reference_norm([full[n] for n in ("big", "tiny", "zero", "b.weight")], p)
+            coef_b = min(1.0, 0.2 / (norm_b + 1e-6))
+            for n in ("big", "tiny", "zero", "b.weight"):
+                torch.testing.assert_close(mine[n].grad.double(), before[n].double() * coef_b, rtol=1e-6, atol=1e-30)
+            out.append([coef_b])
+            continue
         norms = [reference_norm([full["a.weight"], full["a.bias"]], p),
                  reference_norm([full[n] for n in ("big", "tiny", "zero", "b.weight")], p)]
         coefs = [min(1.0, 0.5 / (norms[0] + 1e-6)), min(1.0, 0.2 / (norms[1] + 1e-6))]
@@ -197,8 +210,11 @@ def body_mapping_per_group(world_size: int) -> list[list[float]]:
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_per_group_on_pieces_whose_ranks_optimizers_differ(run_ranks, world):
-    values = run_ranks(world, body_mapping_per_group, world)
+@pytest.mark.parametrize("shifted", [False, True])
+def test_per_group_on_pieces_whose_ranks_optimizers_differ(run_ranks, world, shifted):
+    """Also with group numberings that differ across ranks (a rank left a whole group out: b's group is 1 on
+    rank 0 and 0 elsewhere), where combining the numberings left b unclipped on the other ranks."""
+    values = run_ranks(world, body_mapping_per_group, world, shifted)
     assert all(v == values[0] for v in values), "coefficients differ across ranks"
 
 

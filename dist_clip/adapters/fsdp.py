@@ -141,7 +141,7 @@ def dtensor_shards(pairs: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup
             continue
         items.append((name, g._local_tensor, mesh, root, here, distinct))
 
-    if not multi and len(keys) <= 1 and (group is None or any(distinct for *_, distinct in items)):
+    if group is None and not multi and len(keys) <= 1:
         # Minimal plan: one shard dim everywhere (or none). Replicas of it each reduce their own copy.
         buckets: dict[int, tuple[dist.ProcessGroup | None, list[str], list[Tensor]]] = {}
         groups: dict[tuple[int, tuple[bool, ...]], dist.ProcessGroup | None] = {}
@@ -153,15 +153,14 @@ def dtensor_shards(pairs: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup
             entry = buckets.setdefault(id(gr), (gr, [], []))
             entry[1].append(name)
             entry[2].append(local)
-        minimal = [Shards(ts, group=gr, names=ns) for gr, ns, ts in buckets.values()]
-        # group= naming that shard dim's own group (HSDP's shard group) means this plan too: the full plan below
-        # counts the first replica only, which such a group does not hold on the other replicas (they read 0).
-        if group is None:
-            return minimal
-        if all(sh.group is not None and same_ranks(sh.group, group) for sh in minimal):
-            # The caller's group object: a rank holding nothing of these gradients takes the full plan below,
-            # over that same object, and the two must meet in one collective.
-            return [Shards(sh.tensors, group=group, names=sh.names) for sh in minimal]
+        return [Shards(ts, group=gr, names=ns) for gr, ns, ts in buckets.values()]
+
+    if group is not None and items and _only_shard_groups_like(items, group):
+        # group= naming the one dim each gradient is sharded over (HSDP's shard group): each replica reduces its
+        # own copy, as without group=; the full plan below counts the first replica only, which such a group
+        # does not hold on the other replicas (they read 0). Over the caller's object: a rank holding nothing
+        # takes the full plan below over that same object, and the two meet in one collective.
+        return [Shards([local for _, local, *_ in items], group=group, names=[name for name, *_ in items])]
 
     reduce_over = group if group is not None else _world()
     counted: tuple[list[str], list[Tensor]] = ([], [])
@@ -278,6 +277,19 @@ def first_replica(module: nn.Module, handle: Any) -> bool:
     """Whether this rank's shard of a sharded handle counts where the reduction spans more than its shard group:
     hybrid replicas hold identical shards after backward(), and the first of them counts."""
     return handle._sharding_strategy.name not in _HYBRID or dist.get_rank(module._inter_node_pg) == 0
+
+
+def _only_shard_groups_like(items: Sequence[tuple[Any, ...]], group: dist.ProcessGroup) -> bool:
+    """Whether every (name, local, mesh, root, coord, distinct) item is sharded over exactly one mesh dim whose
+    group holds the ranks of ``group`` (worked out once per mesh and layout)."""
+    known: dict[tuple[int, tuple[bool, ...]], bool] = {}
+    for _, _, mesh, _, _, distinct in items:
+        key = (id(mesh), tuple(distinct))
+        if key not in known:
+            known[key] = sum(distinct) == 1 and same_ranks(mesh.get_group(distinct.index(True)), group)
+        if not known[key]:
+            return False
+    return True
 
 
 def same_ranks(a: dist.ProcessGroup, b: dist.ProcessGroup) -> bool:

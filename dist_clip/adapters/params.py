@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+import sys
 from collections.abc import Iterable, Sequence
 
 import torch.distributed as dist
@@ -17,7 +18,17 @@ from torch import Tensor, nn
 
 from ..shards import Shards
 
-__all__ = ["absent_dtensor_grads", "gradient_of", "is_parameter", "matches", "named_grads", "shards", "shards_of_grads", "split_dtensors"]
+__all__ = [
+    "absent_dtensor_grads",
+    "gradient_of",
+    "is_parameter",
+    "matches",
+    "named_grads",
+    "refuse_managed",
+    "shards",
+    "shards_of_grads",
+    "split_dtensors",
+]
 
 _NAMES: list[str] = []
 
@@ -111,7 +122,7 @@ def named_grads(target: object) -> list[tuple[str, Tensor]]:
     if (
         all(issubclass(k, Tensor) for k in kinds)
         and len(set(map(id, items))) == len(items)
-        and not any(any(map(hasattr, items, itertools.repeat(mark))) for mark in _MANAGED_MARKS)
+        and not any(any(map(hasattr, items, itertools.repeat(mark))) for mark in _managed_marks())
     ):
         if kinds == _PARAMETER:
             grads = list(map(_grad, items))
@@ -137,7 +148,13 @@ def named_grads(target: object) -> list[tuple[str, Tensor]]:
 
 # Attributes that FSDP1 (its FlatParameters and, under use_orig_params=True, the original parameters) and
 # DeepSpeed ZeRO (stage 3: ds_id; stages 1-2: param_idx_in_group) set on the parameters they manage.
-_MANAGED_MARKS = ("_fsdp_flattened", "ds_id", "param_idx_in_group")
+_FSDP1_MARKS = ("_fsdp_flattened",)
+_ALL_MARKS = ("_fsdp_flattened", "ds_id", "param_idx_in_group")
+
+
+def _managed_marks() -> tuple[str, ...]:
+    """The marks to look for: DeepSpeed's only once it is imported (none can exist before)."""
+    return _ALL_MARKS if "deepspeed" in sys.modules else _FSDP1_MARKS
 
 
 def refuse_managed(name: str, t: Tensor) -> None:
@@ -185,16 +202,16 @@ def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
         # passed by the caller cannot make replicas distinct, so it is not used.
         return shards_of_grads(named_grads(target.module), None)  # type: ignore[union-attr]
     pairs = named_grads(target)
-    if isinstance(target, nn.Module) and set(map(type, map(_second, pairs))) <= _PLAIN_KINDS:
-        pairs += absent_dtensor_grads(list(target.named_parameters()))
+    if not pairs and isinstance(target, nn.Module):  # no gradient here at all (never on the hot path)
+        pairs = absent_dtensor_grads(list(target.named_parameters()))
     return shards_of_grads(pairs, group)
 
 
 def absent_dtensor_grads(params: Sequence[tuple[str, Tensor]]) -> list[tuple[str, Tensor]]:
     """A rank holding no gradient of a module's DTensor parameters (FSDP2) must still join the collective the
     other ranks make over their meshes: empty DTensor stand-ins, laid out as those parameters are, give it
-    the same plan. Nothing for a module without DTensor parameters (checked in C). Call it only when no
-    gradient among the caller's is a DTensor."""
+    the same plan. Nothing for a module without DTensor parameters (checked in C). Called for a rank that
+    holds no gradient at all."""
     if set(map(type, map(_second, params))) <= _PLAIN_KINDS:
         return []
     from torch.distributed.tensor import DTensor
