@@ -701,8 +701,10 @@ def _per_group(
 ) -> tuple[Tensor, Tensor, tuple[str, ...], Tensor]:
     """Coefficients per param group (``grouping`` from :meth:`GradClipper._groups`) and per slot.
 
-    ``fill_only`` (named pieces, no plan): the combined memberships only fill in the slots this rank's optimizer
-    leaves out, and only where they agree with this rank's own numbering of the slots it holds."""
+    ``fill_only`` (named pieces, no plan): the combined memberships are taken only when every holder of every
+    slot numbers it alike (they then also place the slots a rank's optimizer left out); otherwise each rank keeps
+    its own numbering. On accelerators a rank whose optimizer holds none of the slots raises alone (the combined
+    test would be a host read)."""
     groups_of, limits, labels = grouping
     if groups_of and max(groups_of) < 0 and (m.extra is None or (fill_only and m.device.type != "cpu")):
         # Every rank sees the same names and groups, so every rank raises here: none steps alone.
