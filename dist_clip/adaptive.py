@@ -475,15 +475,17 @@ def _dt_needs_world(params: list[tuple[str, Any]]) -> bool:  # noqa: ANN401
     return len(keys) > 1
 
 
-def _dtensor_geometry(name: str, param: Any, world: bool, group: dist.ProcessGroup | None) -> _DtGeometry:  # noqa: ANN401
+def _dtensor_geometry(name: str, param: Any, world: bool, group: dist.ProcessGroup | None,  # noqa: ANN401
+                      counting: Any = None) -> _DtGeometry:  # noqa: ANN401
     """Units, group and counting of a DTensor parameter.
 
     A unit is a row along dim 0 (the whole tensor for 0/1-D). Rows stay whole unless the parameter is sharded
     along a dim > 0 on a mesh dim of size > 1 (tensor parallelism's ``Shard(1)``): then every row is cut and
     its partials are combined across ranks. A sharded 0/1-D parameter is one cut unit. ``world``: reduce over
     ``group`` (or the world) and count each piece once, on coordinate 0 of the mesh's ``Replicate`` dims and
-    (without ``group``) on the sibling slice of its root mesh that holds the root's first rank; otherwise the
-    mesh is 1-D and reduces over its own group.
+    (without ``group``) on the sibling slice of its root mesh that holds the root's first rank (with it, as
+    ``counting``, a :class:`~dist_clip.adapters.fsdp.GroupCounting`, decides); otherwise the mesh is 1-D and
+    reduces over its own group.
     """
     from .adapters.fsdp import _counted_here, _is_distinct, _root_mesh
 
@@ -512,7 +514,10 @@ def _dtensor_geometry(name: str, param: Any, world: bool, group: dist.ProcessGro
     row0, rows = _dt_rows(name, param, coord) if cut == "rows" else (0, None)
     if world:
         pg = group if group is not None else dist.group.WORLD
-        counted = _counted_here(mesh, root, coord, distinct, siblings=group is None)
+        if counting is not None:
+            counted = counting.counted(name, mesh, root, coord, distinct)
+        else:
+            counted = _counted_here(mesh, root, coord, distinct, siblings=True)
     else:
         pg = mesh.get_group()
         counted = all(c == 0 for c, d in zip(coord, distinct) if not d)
@@ -575,6 +580,12 @@ def unit_pieces(
     names: list[str] = []
     dtensors = [(n, q) for n, q in items if type(q).__name__ == "DTensor"]
     world = bool(dtensors) and (group is not None or _dt_needs_world(dtensors))
+    counting = None
+    if world and group is not None:
+        from .adapters.fsdp import GroupCounting
+
+        on_mesh = [q.device_mesh for _, q in dtensors if q.device_mesh.get_coordinate() is not None]
+        counting = GroupCounting(group, on_mesh)
     for name, param in items:
         if not isinstance(param, Tensor) or not (isinstance(param, nn.Parameter) or param.requires_grad):
             raise TypeError(
@@ -583,7 +594,7 @@ def unit_pieces(
         names.append(name)
         is_dt = type(param).__name__ == "DTensor"
         if is_dt:
-            geo = _dtensor_geometry(name, param, world, group)
+            geo = _dtensor_geometry(name, param, world, group, counting)
             if geo.cut == "unit":
                 cut.append((name, 0))
             elif geo.cut == "rows":
@@ -668,7 +679,7 @@ class UnitwiseOutcome:
     total: Tensor  # float64 0-dim, pre-clip norm over every gradient
     names: tuple[str, ...]
     measurement: _slots.Measurement  # the one collective's outcome: per-name norms and presence (for reports)
-    min_coef: Tensor  # float32 0-dim, the smallest unit coefficient applied (1 when nothing clipped)
+    min_coef: Tensor  # float64 0-dim, the smallest unit coefficient applied on any rank (1 when nothing clipped)
     group: dist.ProcessGroup | None
     units: list[_Unit]
     coefs: list[Tensor]  # per unit piece, aligned with _unit_partials
@@ -682,6 +693,22 @@ def _add_partials_(extra: Tensor, k: int, where: Tensor, wp: Tensor, gp: Tensor,
     else:
         extra[:k].index_add_(0, where, wp)
         extra[k:].index_add_(0, where, gp)
+
+
+def _unit_coefs(wp: Tensor, gp: Tensor, p: float, loss_scale: float, config: AGC, name: str,
+                dtype: torch.dtype | None) -> Tensor:
+    """AGC's coefficients of units from their weight and gradient partials, in the gradient's precision (float32
+    unless float64); all ones for a parameter ``config.exclude`` names."""
+    wn = _norm.finalize(wp, p)
+    gn = _norm.finalize(gp, p)
+    if loss_scale != 1.0:  # loss-scaled pieces: compare the true gradient; the coefficient scales either
+        gn = gn / loss_scale
+    limit = wn.clamp(min=config.eps) * config.clipping
+    coef = torch.where(gn < limit, torch.ones_like(gn), limit / gn.clamp(min=1e-6))
+    coef = coef.to(torch.float64 if dtype == torch.float64 else torch.float32)  # the gradient's precision
+    if name and any(fnmatch.fnmatchcase(name, pat) for pat in config.exclude):
+        coef = torch.ones_like(coef)
+    return coef
 
 
 def unitwise_measure(target: object, config: AGC, p: float, foreach: bool | None,
@@ -712,58 +739,78 @@ def unitwise_measure(target: object, config: AGC, p: float, foreach: bool | None
     shards = [Shards([u.grad], group=u.group, counted=u.counted, names=[u.name], loss_scale=u.loss_scale)
               for u in units]
     device = _reduce.home_device((t for s in shards for t in s.tensors), red)
-    extra = torch.zeros(2 * k, dtype=torch.float64, device=device)
-    first = _reduce.group_rank(red) == 0
+    # The cut units' partials, then one value per rank of the reduction: the smallest coefficient of the units
+    # this rank holds whole, at its own position (zeros elsewhere), so that after the sum (or max) every rank
+    # reads every rank's smallest and all report the same one (each reported its own: clipped on one rank only).
+    n_ranks = _reduce.group_size(red) if red is not None else 1
+    me = _reduce.group_rank(red) if red is not None else 0
+    extra = torch.zeros(2 * k + n_ranks, dtype=torch.float64, device=device)
+    first = me == 0
     local: list[tuple[Tensor, Tensor, Tensor]] = []  # per unit piece: (ids, weight partials, grad partials)
+    whole: list[Tensor | None] = []  # per unit piece: its coefficients where no unit is cut (None: redo them all)
     in_block: dict[int, Tensor] = {}  # unit piece -> positions of its rows in the extra buffer
+    mine = torch.ones((), dtype=torch.float64, device=device)
     for i, u in enumerate(units):
         ids, gp = _unit_partials(u, u.grad, p)
         _, wp = _unit_partials(u, u.data, p)
         gp, wp = gp.to(device), wp.to(device)
         local.append((ids, wp, gp))
         contributes = u.counted and (u.group is not None or first)
+        pos: list[int] = []
         if u.name in blocks:  # every row cut (tensor parallelism's Shard(1)): vectorised, no per-row Python
             at, first_id = blocks[u.name]
             in_block[i] = ids.to(device) - first_id + at
             if contributes:
                 _add_partials_(extra, k, in_block[i], wp, gp, p)
-        elif u.split_units and contributes:
+        elif u.split_units:
             pos = [j for j, uid in enumerate(ids.tolist()) if (u.name, uid) in cut_index]
-            if pos:
+            if pos and contributes:
                 where = torch.tensor([cut_index[(u.name, int(ids[j]))] for j in pos], device=device)
                 sel = torch.tensor(pos, device=device)
                 _add_partials_(extra, k, where, wp[sel], gp[sel], p)
+        if i in in_block:
+            whole.append(None)
+            continue
+        coef = _unit_coefs(wp, gp, p, u.loss_scale, config, u.name, u.grad.dtype)
+        whole.append(None if pos else coef)
+        kept = coef
+        if pos:  # the rows cut across ranks are counted from the combined buffer below, on every rank
+            keep = torch.ones(coef.numel(), dtype=torch.bool, device=device)
+            keep[torch.tensor(pos, device=device)] = False
+            kept = coef[keep]
+        if kept.numel():
+            mine = torch.minimum(mine, kept.min().to(device, torch.float64))
+    extra[2 * k + me] = mine
     layout = [*names, *(f"{c[0]}:{c[1]}" for c in cut)]  # the slots, then the cut units' order in ``extra``
-    m = _slots.measure(shards, lambda n, _i: index[n], len(names), p, foreach, presence=True,
-                       extra=extra if k else None, layout=layout, group=red,
-                       result_dtype=_clip._result_dtype([u.grad for u in units], None))
-    combined = m.extra
+    result_dtype = _clip._result_dtype([u.grad for u in units], None)
+    m = _slots.measure(shards, lambda n, _i: index[n], max(len(names), 1), p, foreach, presence=True,
+                       extra=extra, layout=layout, group=red, result_dtype=result_dtype)
+    assert m.extra is not None
+    combined = m.extra[: 2 * k]
+    smallest = m.extra[2 * k :].min()
+    if k:  # every cut unit's coefficient, from the combined partials every rank holds
+        cut_names = [c[0] for c in cut for _ in (c[1] if isinstance(c[1], range) else (0,))]
+        excluded = torch.tensor([any(fnmatch.fnmatchcase(n, pat) for pat in config.exclude) for n in cut_names],
+                                device=device)
+        cut_coefs = _unit_coefs(combined[:k], combined[k:], p, m.loss_scale, config, "", m.result_dtype)
+        smallest = torch.minimum(smallest, torch.where(excluded, 1.0, cut_coefs.to(torch.float64)).min())
     coefs: list[Tensor] = []
-    smallest = torch.ones((), dtype=torch.float32, device=device)
     for i, (u, (ids, wp, gp)) in enumerate(zip(units, local)):
-        if combined is not None and i in in_block:
+        known = whole[i]
+        if known is not None:
+            coefs.append(known)
+            continue
+        if i in in_block:
             wp, gp = combined[:k][in_block[i]], combined[k:][in_block[i]]
-        elif combined is not None and u.split_units:
+        else:
             hits = [(j, cut_index[(u.name, uid)]) for j, uid in enumerate(ids.tolist()) if (u.name, uid) in cut_index]
-            if hits:
-                sel = torch.tensor([j for j, _ in hits], device=device)
-                src = torch.tensor([c for _, c in hits], device=device)
-                wp = wp.clone()
-                gp = gp.clone()
-                wp[sel] = combined[:k][src]
-                gp[sel] = combined[k:][src]
-        wn = _norm.finalize(wp, p)
-        gn = _norm.finalize(gp, p)
-        if u.loss_scale != 1.0:  # loss-scaled pieces: compare the true gradient; the coefficient scales either
-            gn = gn / u.loss_scale
-        limit = wn.clamp(min=config.eps) * config.clipping
-        coef = torch.where(gn < limit, torch.ones_like(gn), limit / gn.clamp(min=1e-6))
-        coef = coef.to(torch.float64 if u.grad.dtype == torch.float64 else torch.float32)  # the gradient's precision
-        if any(fnmatch.fnmatchcase(u.name, pat) for pat in config.exclude):
-            coef = torch.ones_like(coef)
-        coefs.append(coef)
-        if coef.numel():
-            smallest = torch.minimum(smallest, coef.min().to(device))
+            sel = torch.tensor([j for j, _ in hits], device=device)
+            src = torch.tensor([c for _, c in hits], device=device)
+            wp = wp.clone()
+            gp = gp.clone()
+            wp[sel] = combined[:k][src]
+            gp[sel] = combined[k:][src]
+        coefs.append(_unit_coefs(wp, gp, p, u.loss_scale, config, u.name, u.grad.dtype))
     return UnitwiseOutcome(m.total, names, m, smallest, red, units, coefs)
 
 

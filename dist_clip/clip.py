@@ -26,6 +26,11 @@ def _check_group(group: object) -> dist.ProcessGroup | None:
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("group= was given but torch.distributed is not initialized; call init_process_group first")
     if not isinstance(group, dist.ProcessGroup):
+        if isinstance(group, int) and group == getattr(dist.GroupMember, "NON_GROUP_MEMBER", None):
+            raise ValueError(
+                f"group= is a group this rank ({dist.get_rank()}) is not a member of (dist.new_group returns "
+                "GroupMember.NON_GROUP_MEMBER on the other ranks): call with group= only on the group's ranks"
+            )
         raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
     return group
 
@@ -36,7 +41,17 @@ def _check_foreach(foreach: object) -> bool | None:
     return foreach
 
 
+def _undistributed(value: object) -> object:
+    """A DTensor value (``torch.nn.utils.get_total_norm`` returns one on FSDP2 gradients, ``Partial`` for inf)
+    as the plain tensor it stands for: ``full_tensor()``, local for ``Replicate``, a collective for ``Partial``
+    (every rank calls, as torch's own clipping would redistribute it)."""
+    if isinstance(value, Tensor) and type(value).__name__ == "DTensor":
+        return value.full_tensor()  # type: ignore[attr-defined]
+    return value
+
+
 def _check_max_norm(max_norm: object) -> float | Tensor:
+    max_norm = _undistributed(max_norm)
     if isinstance(max_norm, bool) or not isinstance(max_norm, (numbers.Real, Tensor)):
         raise TypeError(f"max_norm must be a real number, got {type(max_norm).__name__} {max_norm!r}")
     if isinstance(max_norm, Tensor):
@@ -227,6 +242,11 @@ def _deepspeed_fold(target: object, optimizer: object) -> tuple[Any, object]:
     if fold is not None:
         return fold, None
     own = getattr(target, "optimizer", None)
+    if not (optimizer is target or optimizer is own or isinstance(optimizer, torch.optim.Optimizer)):
+        raise TypeError(
+            "optimizer must be a torch.optim.Optimizer, the DeepSpeed engine or its engine.optimizer, got "
+            f"{type(optimizer).__name__}"
+        )
     if (
         optimizer is target
         or (optimizer is own and not isinstance(own, torch.optim.Optimizer))
@@ -286,6 +306,12 @@ def clip_grads_with_norm_(
     """
     limit = _check_max_norm(max_norm)
     _check_foreach(foreach)
+    total_norm = _undistributed(total_norm)  # type: ignore[assignment]
+    if isinstance(total_norm, bool) or not isinstance(total_norm, (numbers.Real, Tensor)):
+        raise TypeError(
+            f"total_norm must be a real number or a one-value tensor (get_total_norm's result), got "
+            f"{type(total_norm).__name__} {total_norm!r}"
+        )
     if isinstance(total_norm, Tensor):
         if total_norm.numel() != 1:
             raise ValueError(f"total_norm must be a single value, got a tensor of shape {tuple(total_norm.shape)}")

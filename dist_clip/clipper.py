@@ -21,7 +21,7 @@ import copy
 import math
 import numbers
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -477,6 +477,10 @@ class GradClipper:
         cfg = self.config
         p = cfg.p
         want_report = cfg.report if report is None else bool(report)
+        if isinstance(target, Iterator):
+            # A generator (``model.parameters()``) is read more than once below (a pending hand-over, the
+            # measurement, an error message naming culprits): it read empty after the first.
+            target = list(target)
         arm_skip = None
         if cfg.on_nonfinite == "skip":
             arm_skip, optimizer = _skip_handle(target, optimizer)
@@ -650,7 +654,7 @@ class GradClipper:
         out = outcome.measurement.result_dtype
         assert out is not None
         total = outcome.total.to(out)
-        finite = torch.isfinite(total)
+        finite = torch.isfinite(outcome.total)  # the float64 norm: one beyond float32's range is finite
         units = outcome.units
         if cfg.on_nonfinite == "error" and not bool(finite):
             shards = [Shards([u.grad], group=u.group, names=[u.name]) for u in units]

@@ -369,6 +369,15 @@ def case_contract() -> dict:
                     assert "managed by DeepSpeed ZeRO" in str(e) and "pass the engine" in str(e), str(e)
                 else:
                     raise AssertionError(f"stage {stage}: {what} was taken for plain parameters")
+        # optimizer= that is none of the engine, engine.optimizer or a torch optimizer: a TypeError, as at stage
+        # 0 and on plain models (stages 1-3 dropped it and scaled in the call).
+        for bad in ("adam", 42):
+            try:
+                dist_clip.clip_grad_norm_(engine, 1.0, optimizer=bad)
+            except TypeError as e:
+                assert "optimizer must be a torch.optim.Optimizer" in str(e), str(e)
+            else:
+                raise AssertionError(f"stage {stage}: optimizer={bad!r} was accepted")
         dist_clip.clip_grad_norm_(engine, 1.0)
         engine.step()
     # Between accumulation boundaries the gradients are not reduced: a clear error on every rank.

@@ -198,10 +198,6 @@ class Case:
     grad_atol: float = ATOL
     # For bf16 compute: the fp32 model, whose gradients are compared at the bf16 tolerances.
     model_ref: Reference | None = None
-    # group= says that the ranks of the group hold *different* pieces (pipeline stages) wherever the gradients
-    # do not say otherwise: False where they hold copies the gradients cannot show, which would count twice:
-    # the other slices of a sliced mesh. (Plain tensors beside DTensors are always taken as replicated.)
-    group_override_ok: bool = True
     # HSDP / HYBRID_SHARD: this rank's shard group, passed as group= it must give the same total on every
     # replica (the replicas it does not reach read 0 once).
     shard_group: Any = None
@@ -315,14 +311,14 @@ def run_case(case: Case) -> dict[float, dict[str, Any]]:
         entry["grad_tensors"] = sum(1 for q in model.parameters() if q.grad is not None)
         if model_norm is not None:
             entry["model_norm"] = model_norm
-        if case.group_override_ok:
-            # group= spanning every rank: the full plan (each piece counted on one replica), same answer.
-            with count_collectives() as counted_world:
-                world_total = dist_clip.get_total_norm(model, p, group=dist.group.WORLD)
-            if not _norm_close(float(world_total), ref_norm, RTOL) or counted_world.total != 1:
-                raise AssertionError(
-                    f"{what}: group=WORLD gave {float(world_total)} with {counted_world.names}, reference {ref_norm}"
-                )
+        # group= spanning every rank: the full plan (each piece counted on one replica), same answer. Sibling
+        # slices of a sliced mesh that the rank's other gradients span hold copies (counted once), as here.
+        with count_collectives() as counted_world:
+            world_total = dist_clip.get_total_norm(model, p, group=dist.group.WORLD)
+        if not _norm_close(float(world_total), ref_norm, RTOL) or counted_world.total != 1:
+            raise AssertionError(
+                f"{what}: group=WORLD gave {float(world_total)} with {counted_world.names}, reference {ref_norm}"
+            )
         if case.shard_group is not None:
             with count_collectives() as counted_shard:
                 shard_total = dist_clip.get_total_norm(model, p, group=case.shard_group)
@@ -479,7 +475,7 @@ def fsdp2_mixed_meshes(plain_root: bool) -> dict[str, Any]:
         fully_shard(model, mesh=one_d)
     loss_fn(model, *batch(data_ranks[rank])).backward()
     average_grads_([p for p in model.parameters() if not _is_dtensor(p)])
-    return {"per_p": run_case(_fsdp2_case(model, ref, group_override_ok=ws != 4))}
+    return {"per_p": run_case(_fsdp2_case(model, ref))}
 
 
 def fsdp2_mixed_precision(storage: str, reduce: str) -> dict[str, Any]:
@@ -956,3 +952,132 @@ def fsdp2_rank_without_gradients() -> dict[str, Any]:
     report = dist_clip.GradClipper(max_norm=1e9, mode="per_param", report=True)(model)
     return {"total": total, "want": want, "per_param_total": float(report.total_norm),
             "report": sorted(report.norms)}
+
+
+def group_over_sliced_meshes() -> dict[str, Any]:
+    """``group=`` over gradients on mesh slices, 4 ranks, every p, against the float64 unsharded model.
+
+    * FSDP2 over tensor parallelism (2 dp x 2 tp): the LayerNorm and the plain Linear are sharded on
+      ``mesh["dp"]`` alone, so the two tp slices hold equal copies of them; ``group=WORLD`` (or a new group of
+      every rank) must count them once, as no ``group=`` does (it counted them twice: 1.60 for 1.38).
+    * pipeline stages (2 pp x 2 dp): each stage a different model sharded on its own ``mesh["dp"]``;
+      ``group=WORLD`` sums the stages (other slices no gradient of the rank spans hold other pieces).
+    * HSDP 2x2 with ``group=`` its replicate group, which misses the other shard: a ``ValueError`` on every
+      rank (each replica read a different wrong total, 0.33 / 0.27 for 0.43).
+    """
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    rank = dist.get_rank()
+    out: dict[str, Any] = {}
+    everyone = dist.new_group(list(range(dist.get_world_size())))
+
+    def seq(seed: int, widths: tuple[int, ...]) -> nn.Sequential:
+        torch.manual_seed(seed)
+        layers: list[nn.Module] = []
+        for a, b in zip(widths, widths[1:]):
+            layers += [nn.Linear(a, b), nn.Tanh()]
+        return nn.Sequential(*layers[:-1], nn.LayerNorm(widths[-1]))
+
+    def data(d: int, width: int) -> Tensor:
+        return torch.randn(4, width, generator=torch.Generator().manual_seed(50 + d)) * 2
+
+    def check(model: nn.Module, want_grads: list[Tensor], what: str, with_none: bool) -> None:
+        full = [q.grad.full_tensor() for q in model.parameters()]
+        saved = [_local(q.grad).clone() for q in model.parameters()]
+        for p in PS:
+            want = reference_norm(want_grads, p)
+            for gname, group in (("none", None), ("WORLD", dist.group.WORLD), ("new_group", everyone))[not with_none:]:
+                with count_collectives() as calls:
+                    total = dist_clip.get_total_norm(model, p, group=group)
+                if not _norm_close(float(total), want, RTOL) or calls.total != 1:
+                    raise AssertionError(f"{what} p={p} group={gname}: {float(total)} ({calls.names}), want {want}")
+                if not with_none:
+                    continue  # stages name their parameters alike ("0.weight"): per-parameter needs a ParallelPlan
+                report = dist_clip.GradClipper(max_norm=1e9, norm_type=p, mode="per_param", report=True)(
+                    model, group=group)
+                if not _norm_close(float(report.total_norm), want, RTOL):
+                    raise AssertionError(f"{what} p={p} group={gname}: per_param total {float(report.total_norm)}")
+            total = dist_clip.clip_grad_norm_(model, want / 3, p, group=dist.group.WORLD)
+            coef = min(1.0, (want / 3) / (want + 1e-6))
+            for q, f in zip(model.parameters(), full):
+                _close(q.grad.full_tensor(), f.double() * coef, RTOL, ATOL, f"{what} p={p} clipped")
+            for q, s in zip(model.parameters(), saved):
+                _local(q.grad).copy_(s)
+            out[f"{what} p={p}"] = float(total)
+
+    # FSDP2 over TP.
+    m = mesh((2, 2), ("dp", "tp"))
+    dp = m.get_coordinate()[0]
+    model = seq(7, (6, 12, 5, 3))  # 0: Linear 6->12, 2: Linear 12->5, 4: Linear 5->3, 5: LayerNorm
+    ref = copy.deepcopy(model).double()
+    parallelize_module(model, m["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    fully_shard(model, mesh=m["dp"])
+    model(data(dp, 6)).square().mean().backward()
+    torch.stack([ref(data(d, 6).double()).square().mean() for d in range(2)]).mean().backward()
+    check(model, [q.grad for q in ref.parameters()], "fsdp2+tp", with_none=True)
+
+    # Pipeline stages as slices of a (pp, dp) mesh, each a different model.
+    m = mesh((2, 2), ("pp", "dp"))
+    stage, dp = m.get_coordinate()
+    widths = ((5, 9, 4), (4, 3, 7, 2))[stage]
+    model = seq(20 + stage, widths)
+    ref = copy.deepcopy(model).double()
+    fully_shard(model, mesh=m["dp"])
+    model(data(dp, widths[0])).square().mean().backward()
+    torch.stack([ref(data(d, widths[0]).double()).square().mean() for d in range(2)]).mean().backward()
+    stages: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(stages, (stage, [q.grad for q in ref.parameters()]))
+    check(model, [g for s in (0, 1) for g in next(grads for st, grads in stages if st == s)], "pipeline",
+          with_none=False)  # the stages are not visible in the gradients: group= says they are there
+
+    # HSDP with its replicate group: refused on every rank.
+    m = mesh((2, 2), ("replicate", "shard"))
+    model = seq(30, (5, 6, 3))
+    fully_shard(model, mesh=m)
+    model(data(rank, 5)).square().mean().backward()
+    try:
+        dist_clip.get_total_norm(model, group=m["replicate"].get_group())
+    except ValueError as e:
+        out["replicate group"] = str(e).split(" holds ranks")[0] + " ... " + str(e).split("outside the group")[1][:30]
+    else:
+        raise AssertionError("group= missing the shard peers was accepted")
+    return out
+
+
+def dtensor_norm_values() -> dict[str, Any]:
+    """``torch.nn.utils.get_total_norm`` of FSDP2 gradients is a DTensor (``Replicate``, ``Partial`` for inf):
+    as ``total_norm`` of ``clip_grads_with_norm_`` and as ``max_norm`` it stands for its full value (it raised
+    "got mixed torch.Tensor and DTensor")."""
+    from torch.distributed.fsdp import fully_shard
+
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    model = new_model()
+    ref = reference(model, list(range(ws)))
+    for module in (model.inp, *model.blocks, model.head, model):
+        fully_shard(module, mesh=mesh((ws,)))
+    loss_fn(model, *batch(rank)).backward()
+    saved = [_local(q.grad).clone() for q in model.parameters()]
+    out: dict[str, Any] = {}
+    for p in (2.0, math.inf):
+        want = reference_norm(list(ref.grads.values()), p)
+        if p == 2.0:
+            theirs, value = torch.nn.utils.get_total_norm([q.grad for q in model.parameters()], p), want
+        else:  # get_total_norm(inf) raises on the empty shards of small parameters: one weight's max, Partial
+            theirs = torch.linalg.vector_norm(model.inp.weight.grad, p)
+            value = reference_norm([ref.grads["inp.weight"]], p)
+        assert _is_dtensor(theirs), type(theirs)
+        for how in ("clip_grads_with_norm_", "max_norm"):
+            if how == "clip_grads_with_norm_":
+                coef = min(1.0, (want / 4) / (value + 1e-6))
+                dist_clip.clip_grads_with_norm_(model, want / 4, theirs)
+            else:
+                coef = min(1.0, (value / 4) / (want + 1e-6))
+                total = dist_clip.clip_grad_norm_(model, theirs / 4, p)  # a DTensor max_norm
+                assert _norm_close(float(total), want, RTOL), (p, float(total), want)
+            for n, q in model.named_parameters():
+                _close(q.grad.full_tensor(), ref.grads[_clean(n)] * coef, 1e-4, ATOL, f"{how} p={p} {n}")
+            for q, s in zip(model.parameters(), saved):
+                _local(q.grad).copy_(s)
+            out[f"{how} p={p}"] = "ok"
+    return out

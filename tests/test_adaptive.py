@@ -273,6 +273,17 @@ def body_agc(names: list[str]) -> list[int]:
                 torch.testing.assert_close(got[n], w, rtol=1e-5, atol=1e-8, msg=lambda m, where=where: f"{where}: {m}")
             changed = sum(int((~torch.isclose(want[n], ref_grads[n])).any()) for n in want)
             assert 0 < changed, name
+            # The smallest unit coefficient of the whole model, on every rank (each rank reported its own:
+            # clipped=False and 1.0 on a rank whose units were all left alone).
+            smallest = min(
+                float((torch.linalg.vector_norm(want[n].reshape(len(want[n]), -1), p, dim=1)
+                       / torch.linalg.vector_norm(ref_grads[n].reshape(len(want[n]), -1), p, dim=1)).min())
+                for n in want if want[n].dim() > 1
+            )
+            smallest = min([smallest] + [float(torch.linalg.vector_norm(want[n], p) / torch.linalg.vector_norm(
+                ref_grads[n], p)) for n in want if want[n].dim() <= 1])
+            assert result.clip_coef.item() == pytest.approx(smallest, rel=1e-4), (name, p, result.clip_coef, smallest)
+            assert bool(result.clipped), (name, p)
             cuts.append(len(cut))
     return cuts
 

@@ -99,8 +99,10 @@ def _check_row_ids(model: nn.Module) -> int:
     return strided
 
 
-def body_agc_tp(layouts: list[str]) -> list[list]:
+def body_agc_tp(layouts: list[str], group_world: bool = False) -> list[list]:
+    """``group_world``: every call with ``group=WORLD`` (copies on the other tp slices still count once)."""
     out = []
+    group = dist.group.WORLD if group_world else None
     for layout in layouts:
         model, n_dp, dp = _parallel(_build(3), layout)
         ref = copy.deepcopy(_build(3)).double()
@@ -121,7 +123,7 @@ def body_agc_tp(layouts: list[str]) -> list[list]:
             ref_grads = {n: q.grad for n, q in ref.named_parameters()}
             want = agc_reference(ref_params, ref_grads, clipping, 1e-3, p)
             with count_collectives() as calls:
-                result = GradClipper(mode="unitwise", norm_type=p, agc=AGC(clipping))(model)
+                result = GradClipper(mode="unitwise", norm_type=p, agc=AGC(clipping))(model, group=group)
             assert calls.total == 1, (layout, p, calls.names)
             assert result.total_norm.item() == pytest.approx(reference_norm(list(ref_grads.values()), p), rel=1e-5)
             assert bool(result.clipped)
@@ -166,3 +168,7 @@ def test_agc_tensor_parallel_four_ranks_with_fsdp2(run_ranks):
     # either on the dp slice alone (plain LayerNorm) or replicated over tp.
     results = run_ranks(4, body_agc_tp, ["tp", "dp_tp", "dp_tp_tp_norm"])
     assert all(r == results[0] for r in results), "ranks disagree"
+    # group=WORLD: the LayerNorm on mesh["dp"] alone has a copy on the other tp slice; counted once (it counted
+    # twice: total 15% high), the same numbers as without group=.
+    with_group = run_ranks(4, body_agc_tp, ["dp_tp", "dp_tp_tp_norm"], True)
+    assert with_group[0] == results[0][1:], (with_group[0], results[0][1:])

@@ -106,6 +106,17 @@ def test_bad_foreach_and_target():
         dist_clip.get_total_norm([1.0, 2.0])
 
 
+def test_mapping_target_and_bad_total_norm_are_type_errors():
+    # A dict iterates its keys: "got str at 0" said nothing of the mapping.
+    with pytest.raises(TypeError, match=r"got a dict \(iterating it gives its keys\)"):
+        dist_clip.clip_grad_norm_({"w": _params()[0]}, 1.0)
+    g = [torch.tensor([3.0, 4.0])]
+    for bad in ("5", None, True, [5.0]):  # a string was parsed as 5 and clipped by it
+        with pytest.raises(TypeError, match="total_norm must be a real number"):
+            dist_clip.clip_grads_with_norm_(g, 1.0, bad)
+    assert g[0].tolist() == [3.0, 4.0]
+
+
 def test_group_without_process_group_is_a_value_error():
     assert not torch.distributed.is_initialized()
     with pytest.raises(ValueError, match="not initialized"):

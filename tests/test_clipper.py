@@ -467,3 +467,34 @@ def test_unitwise_coefficients_of_float64_gradients_stay_float64():
     coef = torch.where(norms < limit, torch.ones_like(norms), limit / norms)
     torch.testing.assert_close(w.grad, grad * coef[:, None], rtol=1e-13, atol=0)
     assert result.clip_coef.item() == pytest.approx(coef.min().item(), rel=1e-13)
+
+
+def test_a_generator_target_is_read_once_in_every_mode():
+    """``model.parameters()`` was read more than once by a call: unit-wise clipping after a pending fused
+    hand-over found it empty ("a measurement needs at least one slot"), and the error policy's message said
+    "non-finite gradients on no rank" for a NaN it had just measured."""
+    torch.manual_seed(0)
+    m = nn.Linear(4, 4)
+    opt = torch.optim.Adam(m.parameters(), lr=0.1, fused=True)
+    for q in m.parameters():
+        q.grad = torch.randn_like(q) * 10
+    dist_clip.clip_grad_norm_(m, 1.0, optimizer=opt)  # the coefficient rides to opt's next step
+    result = GradClipper(mode="unitwise", agc=AGC(clipping=1e9))(m.parameters())
+    assert result.total_norm.item() == pytest.approx(1.0, rel=1e-5)  # sees the gradients clipped
+    m.weight.grad[0, 0] = math.nan
+    with pytest.raises(RuntimeError, match=r"non-finite gradients on rank 0: 0\b"):
+        GradClipper(on_nonfinite="error")(m.parameters())
+
+
+def test_unitwise_takes_a_norm_beyond_float32_range_for_finite():
+    """As the other modes: finite gradients whose norm overflows float32 are finite (unit-wise mode zeroed them
+    under "zero" and raised under "error")."""
+    for policy in ("zero", "error"):
+        w = nn.Parameter(torch.ones(1, 2))
+        w.grad = torch.tensor([[3e38, -3e38]])
+        result = GradClipper(mode="unitwise", on_nonfinite=policy, agc=AGC(clipping=0.01))([w])
+        assert bool(result.finite) and bool(result.clipped), policy
+        limit = 0.01 * math.sqrt(2.0)
+        # The unit's coefficient, 3.3e-41, is a float32 subnormal (AGC applies it in the gradient's precision,
+        # not in two factors as the total modes do): 2e-5 off.
+        torch.testing.assert_close(w.grad, torch.tensor([[1.0, -1.0]]) * (limit / math.sqrt(2.0)), rtol=1e-4, atol=0)

@@ -223,6 +223,37 @@ def test_group_override_reduces_over_that_group_only(run_ranks):
     assert a == b and c == d and a != c
 
 
+def body_outsider_and_empty_unitwise() -> list[str]:
+    """A rank outside group= gets a ValueError saying so (torch hands it an int sentinel, which read "got int");
+    a rank with nothing to clip unit-wise while the others hold tensors raises on every rank at once (it raised
+    alone and left the others in the collective until the timeout)."""
+    rank = dist.get_rank()
+    pair = dist.new_group([0, 1])
+    out = []
+    if rank == 2:
+        try:
+            dist_clip.get_total_norm([torch.ones(2)], group=pair)
+        except ValueError as e:
+            out.append(str(e).split(" (")[0])
+    else:
+        out.append(f"{dist_clip.get_total_norm([torch.ones(2)], group=pair).item():.4f}")
+    ps = [nn.Parameter(torch.ones(2, 2))] if rank == 0 else []
+    for q in ps:
+        q.grad = torch.ones(2, 2)
+    try:
+        dist_clip.GradClipper(mode="unitwise")(ps, group=dist.group.WORLD)
+    except RuntimeError as e:
+        out.append(str(e).split(" (")[0])
+    return out
+
+
+def test_outsider_of_group_and_empty_unitwise_rank(run_ranks):
+    a, b, c = run_ranks(3, body_outsider_and_empty_unitwise, timeout_s=60)
+    assert a == b and a[0] == "2.0000", (a, b)
+    assert c[0] == "group= is a group this rank", c
+    assert a[1] == b[1] == c[1] == "the ranks of this call disagree on the target's parameter names", (a, b, c)
+
+
 def body_silent_peer() -> str:
     if dist.get_rank() == 1:
         return "skipped the call"

@@ -228,3 +228,18 @@ def test_fsdp2_rank_without_gradients(run_ranks, world_size: int) -> None:
 def test_replicated_dtensor_on_a_mesh_without_rank_zero(run_ranks, world_size: int) -> None:
     results = run_ranks(world_size, cases.replicated_on_a_submesh)
     assert all(r == results[0] for r in results), results
+
+
+def test_group_over_sliced_meshes(run_ranks) -> None:
+    """group= over FSDP2 + TP (copies on the tp slices count once), pipeline stages (summed), and an HSDP
+    replicate group (refused on every rank)."""
+    results = run_ranks(4, cases.group_over_sliced_meshes, timeout_s=120)
+    assert all(r == results[0] for r in results), "ranks disagree"
+    assert results[0]["replicate group"].startswith("group= ..."), results[0]["replicate group"]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_dtensor_total_norm_and_max_norm(run_ranks, world_size: int) -> None:
+    results = run_ranks(world_size, cases.dtensor_norm_values)
+    assert results[0] == {f"{how} p={p}": "ok" for p in (2.0, math.inf)
+                          for how in ("clip_grads_with_norm_", "max_norm")}, results[0]

@@ -11,7 +11,9 @@ Two plans, both with exactly one collective per call:
   HSDP layouts). The call reduces over that dimension's group only; replicas compute the same total each.
 * *full*: blocks live on different meshes, a piece is sharded along several dims, or ``group=`` was given.
   Every piece is reduced over the world (or ``group``) and counted by one replica only: the one at coordinate
-  0 of every replicated dim of its mesh, on the sibling slice that holds its root mesh's first rank.
+  0 of every replicated dim of its mesh, on the sibling slice that holds its root mesh's first rank. With
+  ``group``, :class:`GroupCounting` decides: sibling slices the rank's other gradients span hold copies (tensor
+  parallelism), the others other pieces (pipeline stages); a group missing a shard's peers is refused.
 
 FSDP1: each FlatParamHandle is sharded over its process group (the intra-node group for the hybrid
 strategies, whose replicas are identical after FSDP's inter-node all-reduce) or replicated (``NO_SHARD``);
@@ -104,6 +106,69 @@ def _counted_here(mesh: Any, root: Any, coord: Sequence[int], distinct: Sequence
     return True
 
 
+class GroupCounting:
+    """Which copy of a DTensor piece counts when pieces are reduced over a caller's ``group=``.
+
+    Copies are the ranks along the mesh's own ``Replicate`` dims, and the sibling slices of its root mesh that
+    this rank's other gradients span (a tensor-parallel dim: the peers hold the same non-TP parameters, sharded
+    on ``mesh["dp"]`` alike; HSDP replicas of a block on ``mesh["shard"]`` beside blocks on the whole mesh).
+    Sibling slices no gradient of this rank spans hold other pieces (pipeline stages). Along each copy dim the
+    lowest rank of ``group`` counts. A group missing a rank that holds another shard of a gradient cannot give
+    its norm: ``ValueError`` on every rank (every rank misses its own peers), not a partial total.
+    """
+
+    def __init__(self, group: dist.ProcessGroup, meshes: Sequence[Any]) -> None:  # noqa: ANN401
+        self.ranks = frozenset(dist.get_process_group_ranks(group))
+        self.me = dist.get_rank()
+        self.spanned: set[int] = set()
+        for mesh in {id(m): m for m in meshes}.values():
+            self.spanned.update(mesh.mesh.reshape(-1).tolist())
+        self._known: dict[tuple[int, tuple[bool, ...]], bool] = {}
+
+    def _first_in_group(self, line: list[int]) -> bool:
+        return self.me == min((r for r in line if r in self.ranks), default=self.me)
+
+    def counted(self, name: str, mesh: Any, root: Any, coord: Sequence[int], distinct: Sequence[bool]) -> bool:  # noqa: ANN401
+        """Whether this rank's piece of ``name`` (on ``mesh`` at ``coord``; ``distinct``: its Shard dims) counts."""
+        key = (id(mesh), tuple(distinct))
+        known = self._known.get(key)
+        if known is None:
+            known = self._known[key] = self._decide(name, mesh, root, coord, distinct)
+        return known
+
+    def _decide(self, name: str, mesh: Any, root: Any, coord: Sequence[int], distinct: Sequence[bool]) -> bool:  # noqa: ANN401
+        grid = mesh.mesh
+        peers = set(grid[tuple(slice(None) if d else c for c, d in zip(coord, distinct))].reshape(-1).tolist())
+        missing = peers - self.ranks
+        if missing:
+            raise ValueError(
+                f"group= holds ranks {sorted(self.ranks)}, but the gradient of {name!r} is sharded over ranks "
+                f"{sorted(peers)} (mesh {tuple(grid.shape)}, dims {mesh.mesh_dim_names}, sharded along "
+                f"{[d for d, is_d in enumerate(distinct) if is_d]}): "
+                f"ranks {sorted(missing)} hold pieces of it outside the group, so its norm cannot be formed; pass "
+                "a group holding them (the shard group, the world) or no group="
+            )
+        for d, is_d in enumerate(distinct):  # the mesh's own Replicate dims: the group's first copy counts
+            if not is_d:
+                index = list(coord)
+                index[d] = slice(None)
+                if not self._first_in_group(grid[tuple(index)].reshape(-1).tolist()):
+                    return False
+        if root is mesh:
+            return True
+        own = set(grid.reshape(-1).tolist())
+        rgrid, rcoord = root.mesh, root.get_coordinate()
+        for d in range(root.ndim):
+            index = list(rcoord)
+            index[d] = slice(None)
+            line = rgrid[tuple(index)].reshape(-1).tolist()
+            if set(line) <= own or not set(line) <= self.spanned:
+                continue  # a dim of the mesh itself, or sibling slices holding other pieces (pipeline stages)
+            if not self._first_in_group(line):
+                return False  # a copy on a sibling slice that this rank's other gradients span
+        return True
+
+
 def dtensor_shards(pairs: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup | None) -> list[Shards]:
     """Shards for (name, DTensor gradient) pairs, read from their meshes and placements.
 
@@ -163,10 +228,15 @@ def dtensor_shards(pairs: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup
         return [Shards([local for _, local, *_ in items], group=group, names=[name for name, *_ in items])]
 
     reduce_over = group if group is not None else _world()
+    counting = GroupCounting(group, [mesh for _, _, mesh, *_ in items]) if group is not None else None
     counted: tuple[list[str], list[Tensor]] = ([], [])
     scaled_only: tuple[list[str], list[Tensor]] = ([], [])
     for name, local, mesh, root, coord, distinct in items:
-        target = counted if _counted_here(mesh, root, coord, distinct, siblings=group is None) else scaled_only
+        if counting is not None:
+            here = counting.counted(name, mesh, root, coord, distinct)
+        else:
+            here = _counted_here(mesh, root, coord, distinct, siblings=True)
+        target = counted if here else scaled_only
         target[0].append(name)
         target[1].append(local)
     out = [Shards(counted[1], group=reduce_over, counted=True, names=counted[0])]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import operator
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -111,6 +111,11 @@ def named_grads(target: object) -> list[tuple[str, Tensor]]:
     elif isinstance(target, nn.Module):
         pairs = list(target.named_parameters())  # already without duplicates
         names, items = (list(x) for x in zip(*pairs)) if pairs else ([], [])
+    elif isinstance(target, Mapping):
+        raise TypeError(
+            f"expected a tensor, an iterable of tensors or an nn.Module, got a {type(target).__name__} (iterating "
+            "it gives its keys): pass its .values(), or the mapping to GradClipper, whose modes take {name: tensor}"
+        )
     elif isinstance(target, Iterable) and not isinstance(target, (str, bytes)):
         items = list(target)
         names = _positions(len(items))
