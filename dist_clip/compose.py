@@ -94,18 +94,24 @@ class ParallelPlan:
             raise TypeError(f"ParallelPlan.names must be a tuple of parameter names, got {type(self.names).__name__}")
         if len(set(self.names)) != len(self.names):
             raise ValueError("ParallelPlan.names has duplicates; list every parameter of the full model once")
-        if not all(isinstance(r, Rule) for r in self.rules):
-            raise TypeError("ParallelPlan.rules must be a tuple of Rule")
+        if isinstance(self.rules, Rule) or not all(isinstance(r, Rule) for r in self.rules):
+            raise TypeError(f"ParallelPlan.rules must be a tuple of Rule, got {type(self.rules).__name__}")
+        if not isinstance(self.debug, bool):
+            raise TypeError(f"ParallelPlan.debug must be True or False, got {self.debug!r}")
         for r in self.rules:
             unknown = [d for d in r.replicate if d not in dims]
             if unknown:
                 raise ValueError(f"Rule({r.pattern!r}) names mesh dimensions {unknown}; the mesh has {tuple(dims)}")
         known = set(self.names)
+        copies: set[str] = set()
         for pair in self.tied:
             if len(pair) != 2 or pair[1] not in known or pair[0] in known:
                 raise ValueError(
                     f"tied entry {pair!r}: expected (copy name, owner name) with the owner in names and the copy not"
                 )
+            if pair[0] in copies:
+                raise ValueError(f"tied entry {pair!r}: {pair[0]!r} is already tied to another owner; one owner each")
+            copies.add(pair[0])
         unmatched = [n for n in self.names if self._rule(n) is None]
         if unmatched:
             raise ValueError(
@@ -169,9 +175,9 @@ class ParallelPlan:
         if isinstance(target, Mapping):
             items = [(k, target[k]) for k in sorted(target)]
         elif isinstance(target, nn.Module):
-            items = _slots.module_parameters(target)
+            items = _module_parameters(target)
         elif isinstance(target, Sequence) and all(isinstance(x, nn.Module) for x in target):
-            items = [pair for mod in target for pair in _slots.module_parameters(mod)]  # several stages per rank
+            items = [pair for mod in target for pair in _module_parameters(mod)]  # several stages per rank
         else:
             raise TypeError(
                 f"a plan's target is this rank's module (or list of stage modules) or a mapping {{name: tensor}}, "
@@ -183,6 +189,14 @@ class ParallelPlan:
         copies: list[tuple[str, Tensor]] = []
         seen: set[int] = set()
         params: dict[str, Tensor] = {}
+        # One tensor under a tied copy's name and its owner's (the tie on one rank, e.g. a plan reused at one
+        # pipeline stage): it is the owner's piece, whichever name comes first (the copy's went uncounted).
+        tied = dict(self.tied)
+        own_name: dict[int, str] = {}
+        for name, t in items:
+            if id(t) not in own_name or (own_name[id(t)] in tied and name in index):
+                own_name[id(t)] = name
+        items = [(name, t) for name, t in items if own_name[id(t)] == name]
         for name, t in items:
             if not isinstance(t, Tensor):
                 raise TypeError(f"expected tensors or parameters, got {type(t).__name__} at {name!r}")
@@ -238,6 +252,13 @@ class ParallelPlan:
             )
 
 
+def _module_parameters(module: nn.Module) -> list[tuple[str, Tensor]]:
+    """Every name of every parameter (a tied weight under each of its names), unwrapped as
+    :func:`dist_clip._slots.module_parameters` names them."""
+    inner = _slots.unwrap_compiled(module)
+    return [(_slots.clean_name(n), q) for n, q in inner.named_parameters(remove_duplicate=False)]  # type: ignore[union-attr]
+
+
 def _close(a: float, b: float) -> bool:
     if math.isnan(a) or math.isnan(b):
         return math.isnan(a) and math.isnan(b)
@@ -279,10 +300,26 @@ def _audit(gathered: Sequence[tuple[int, list[tuple[str, bool, Tensor]]]], p: fl
 
 
 def get_total_norm(target: object, plan: ParallelPlan, norm_type: float | str = 2.0) -> Tensor:
-    """The norm of the full model's gradients under ``plan``; one collective. Must be called on every rank."""
-    from .clipper import GradClipper
+    """The norm of the full model's gradients under ``plan``; one collective. Must be called on every rank.
 
-    return GradClipper(max_norm=math.inf, norm_type=norm_type)(target, plan=plan).total_norm
+    A measurement only: the gradients are not touched (a clipper with an infinite limit multiplied them by
+    inf / (inf + 1e-6) = NaN when the norm was inf or NaN)."""
+    from . import _norm
+    from . import clip as _clip_api
+
+    p = _norm.parse_norm_type(norm_type)
+    if not isinstance(plan, ParallelPlan):
+        raise TypeError(f"plan must be a dist_clip.ParallelPlan, got {type(plan).__name__}")
+    named = plan.named_shards(target)
+    index = {n: i for i, n in enumerate(named.names)}
+    tensors = [t for s in named.shards for t in s.tensors]
+    _clip_api.settle_hand_over(target, lambda: tensors)
+    m = _slots.measure(named.shards, (lambda n, _i: index[n]) if named.names else None, max(len(named.names), 1),
+                       p, None, presence=True, group=plan.reduction_group, layout=named.names,
+                       result_dtype=_clip_api._result_dtype(tensors, None))
+    plan.check_once(named.shards, m, p)
+    assert m.result_dtype is not None
+    return m.total.to(m.result_dtype)
 
 
 def clip_grad_norm_(target: object, max_norm: float, plan: ParallelPlan, norm_type: float | str = 2.0) -> Tensor:

@@ -294,6 +294,56 @@ def body_plan_errors() -> list[str]:
         GradClipper()({"zzz": torch.ones(2)}, plan=plan)
     except ValueError as e:
         out.append(str(e))
+    for kwargs in (
+        {"names": ("a", "z"), "tied": (("b", "a"), ("b", "z"))},  # one copy, two owners: dict() kept the last
+        {"names": ("a",), "debug": "no"},  # a non-empty string was taken for True
+        {"names": ("a",), "rules": Rule("*")},  # "'Rule' object is not iterable"
+    ):
+        try:
+            ParallelPlan(mesh, **kwargs)
+            out.append("accepted")
+        except (ValueError, TypeError) as e:
+            out.append(f"{type(e).__name__}: {e}")
+    return out
+
+
+def body_tie_on_one_rank_and_measure_only() -> list[float]:
+    """A tied weight on one rank under both names (the copy's registered first, so named_parameters() gives only
+    the copy's name): counted once, as its owner (it was not counted at all: 1.85 for 4.00). And
+    ``compose.get_total_norm`` only measures: an inf on one rank left every rank's gradients as they were (a
+    clipper with an infinite limit multiplied them by inf / inf = NaN)."""
+    mesh = cases.mesh((dist.get_world_size(),), ("tp",))
+
+    class Tied(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = torch.nn.Linear(3, 4, bias=False)
+            self.tok = torch.nn.Module()
+            self.tok.weight = self.head.weight
+            self.other = torch.nn.Parameter(torch.zeros(2))
+
+    model = Tied()
+    g = torch.Generator().manual_seed(3)
+    model.head.weight.grad = torch.randn(4, 3, generator=g)
+    model.other.grad = torch.randn(2, generator=g)
+    plan = ParallelPlan(mesh, names=("tok.weight", "other"), rules=(Rule("*", replicate=("tp",)),),
+                        tied=(("head.weight", "tok.weight"),))
+    want = reference_norm([model.head.weight.grad, model.other.grad], 2.0)
+    out = []
+    for p in (2.0, math.inf):
+        ref = reference_norm([model.head.weight.grad, model.other.grad], p)
+        got = compose.get_total_norm(model, plan, p).item()
+        assert got == pytest.approx(ref, rel=1e-6), (p, got, ref)
+        out.append(got)
+    assert GradClipper(max_norm=1e9, mode="per_param", report=True)(model, plan=plan).norms == pytest.approx(
+        {"tok.weight": float(model.head.weight.grad.norm()), "other": float(model.other.grad.norm())}, rel=1e-6)
+    assert out[0] == pytest.approx(want, rel=1e-6)
+    if dist.get_rank() == 0:  # the rank that counts the replicated pieces
+        model.other.grad[0] = math.inf
+    before = [model.head.weight.grad.clone(), model.other.grad.clone()]
+    total = compose.get_total_norm(model, plan)
+    assert math.isinf(total.item()), total
+    assert torch.equal(model.head.weight.grad, before[0]) and torch.equal(model.other.grad, before[1])
     return out
 
 
@@ -304,6 +354,14 @@ def test_plan_validation_names_expected_and_received(run_ranks):
     assert "tied entry" in msgs[2]
     assert "duplicates" in msgs[3]
     assert "'zzz'" in msgs[4] and "ParallelPlan.names" in msgs[4]
+    assert msgs[5].startswith("ValueError: tied entry ('b', 'z')") and "already tied" in msgs[5], msgs[5]
+    assert msgs[6] == "TypeError: ParallelPlan.debug must be True or False, got 'no'", msgs[6]
+    assert msgs[7] == "TypeError: ParallelPlan.rules must be a tuple of Rule, got Rule", msgs[7]
+
+
+def test_tie_on_one_rank_and_a_measurement_that_touches_nothing(run_ranks):
+    results = run_ranks(2, body_tie_on_one_rank_and_measure_only)
+    assert results[0] == results[1], results
 
 
 # ------------------------------------------------------------------------------------------ real PP x TP
