@@ -15,6 +15,7 @@ bootstraps: every collective afterwards goes through gloo or nccl.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -167,7 +168,14 @@ def _from_mpi(launch: LaunchEnv) -> LaunchEnv:
 
 
 def _timeout() -> timedelta:
-    return timedelta(seconds=float(os.environ.get("DIST_CLIP_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
+    raw = os.environ.get("DIST_CLIP_TIMEOUT_S", DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise ValueError(f"DIST_CLIP_TIMEOUT_S must be a number of seconds > 0, got {raw!r}")
+    return timedelta(seconds=seconds)
 
 
 def init_distributed(backend: str = "auto", *, need_group: bool = True) -> DistInfo:
@@ -202,7 +210,9 @@ def init_distributed(backend: str = "auto", *, need_group: bool = True) -> DistI
         return DistInfo(0, 1, 0, 1, launch.launcher, None, device)
     kwargs = {"device_id": device} if name == "nccl" else {}
     if launch.world_size == 1 and launch.launcher in ("single", "mpi"):
-        # No launcher rendezvous to join: an in-memory store needs no port at all.
+        # No launcher rendezvous to join: an in-memory store needs no port at all. The variables a launcher
+        # would set are set too: DeepSpeed's initialize() asserts LOCAL_RANK (zero1-3 run directly crashed).
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         dist.init_process_group(name, store=dist.HashStore(), rank=0, world_size=1, timeout=_timeout(), **kwargs)
     else:
         os.environ.update(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import IO
+from typing import IO, Any
 
 from .config import ConfigError, TrainConfig, from_dict, load_config, with_overrides
 
@@ -24,29 +24,40 @@ class _Parser(argparse.ArgumentParser):
             super()._print_message(message, file)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _common(suppress: bool) -> argparse.ArgumentParser:
+    """The options taken before and after the subcommand. After it (``suppress``) they default to absent, so
+    that ``dist-clip --config X train`` keeps X (the subcommand's defaults overwrote what came before it)."""
+    kw: dict[str, Any] = {"default": argparse.SUPPRESS} if suppress else {}
     common = _Parser(add_help=False)
-    common.add_argument("--config", metavar="YAML", help="run config (default: the built-in one, = configs/fsdp2.yaml)")
-    common.add_argument("--data", metavar="PATH", help="train on this file or folder instead of the config's data")
-    common.add_argument("--steps", type=int, metavar="N", help="override the config's number of steps")
-    common.add_argument("--out", metavar="DIR", help="write the run folder under DIR instead of the config's out_dir")
+    common.add_argument("--config", metavar="YAML", help="run config (default: the built-in one, = configs/fsdp2.yaml)",
+                        **kw)
+    common.add_argument("--data", metavar="PATH", help="train on this file or folder instead of the config's data",
+                        **kw)
+    common.add_argument("--steps", type=int, metavar="N", help="override the config's number of steps", **kw)
+    common.add_argument("--out", metavar="DIR", help="write the run folder under DIR instead of the config's out_dir",
+                        **kw)
     # The DeepSpeed launcher (and torch.distributed.launch) pass --local_rank; the environment says the same.
-    common.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    common.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS, **kw)
     # launch/torchrun.sh checks the arguments in one process first: torchrun turns a rank's exit 2 into its own 1.
-    common.add_argument("--validate-only", action="store_true", help=argparse.SUPPRESS)
+    common.add_argument("--validate-only", action="store_true", help=argparse.SUPPRESS, **kw)
+    return common
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="dist-clip",
         description="Train a small transformer LM under a distributed wrapper, clipping gradients with dist_clip, "
         "and check it against the same steps replayed unsharded on one process.",
-        parents=[common],
+        parents=[_common(suppress=False)],
     )
+    after = _common(suppress=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,check}")
     train = sub.add_parser(
-        "train", parents=[common], help="train, log, plot, replay and check (exit 1 on disagreement)"
+        "train", parents=[after], help="train, log, plot, replay and check (exit 1 on disagreement)"
     )
     train.add_argument("--no-replay", action="store_true", help="skip the unsharded replay and its check")
     train.add_argument("--no-plot", action="store_true", help="do not draw the PNG plot")
-    sub.add_parser("check", parents=[common], help="the equivalence check alone, for CI: exit status 0 agrees, 1 not")
+    sub.add_parser("check", parents=[after], help="the equivalence check alone, for CI: exit status 0 agrees, 1 not")
     return parser
 
 
@@ -67,22 +78,34 @@ def _load(args: argparse.Namespace) -> tuple[TrainConfig, str]:
     cfg = load_config(args.config) if args.config else from_dict({}, source)
     steps_or_data = {"steps": args.steps, "data": args.data, "out_dir": args.out}
     if any(v is not None for v in steps_or_data.values()):
-        cfg = with_overrides(cfg, f"{source} (with command-line overrides)", **steps_or_data)
+        source = f"{source} (with command-line overrides)"
+        cfg = with_overrides(cfg, source, **steps_or_data)
     return cfg, source
 
 
-def _check_out_dir(cfg: TrainConfig, source: str) -> None:
-    """The run folder's parent must be a writable folder: found now rather than after training and replay."""
+def _check_out_dir(cfg: TrainConfig, source: str, main_rank: bool = True) -> None:
+    """The run folder (``out_dir/name``) must be, or be makeable as, a writable folder, and its log and plot not
+    folders: found now rather than after training and replay. Every rank checks (a rank that went on alone
+    waited in MPI_Init for a rank 0 that had exited); only the main rank makes the folder."""
     import os
     from pathlib import Path
 
     out = Path(cfg.out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(source, "out_dir", f"cannot be made a folder: {out} ({e.strerror})") from None
-    if not os.access(out, os.W_OK | os.X_OK):
+    run = out / cfg.name
+    if main_rank:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(source, "out_dir", f"cannot be made a folder: {out} ({e.strerror})") from None
+    if out.exists() and not os.access(out, os.W_OK | os.X_OK):
         raise ConfigError(source, "out_dir", f"is not writable: {out}")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(source, "out_dir", f"is not a folder: {out}")
+    if run.exists() and not run.is_dir():
+        raise ConfigError(source, "out_dir", f"holds a file where the run folder goes: {run}")
+    for name in ("log.jsonl", "plot.png"):
+        if (run / name).is_dir():
+            raise ConfigError(source, "out_dir", f"holds a folder where the run's {name} goes: {run / name}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -90,8 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         cfg, source = _load(args)
-        if _is_main_rank():
-            _check_out_dir(cfg, source)
+        _check_out_dir(cfg, source, main_rank=_is_main_rank())
     except ConfigError as e:
         return _fail(f"config error: {e}", 2)
     if args.validate_only:
@@ -101,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         info = bootstrap.init_distributed(cfg.backend, need_group=cfg.wrapper != "none")
+    except ValueError as e:  # a bad DIST_CLIP_TIMEOUT_S
+        return _fail(f"config error: {e}", 2)
     except RuntimeError as e:
         return _fail(f"error: {e}", 1)
     try:

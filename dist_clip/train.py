@@ -145,7 +145,9 @@ def load_text(data: str) -> tuple[Tensor, str]:
         if root.is_file():
             files = [root]
         elif root.is_dir():
-            files = sorted(p for p in root.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.parts))
+            # Hidden files and folders inside it are skipped; a dotted folder above it (~/.cache, ..) is not.
+            files = sorted(p for p in root.rglob("*")
+                           if p.is_file() and not any(s.startswith(".") for s in p.relative_to(root).parts))
         elif root.exists():
             raise ConfigError(str(data), "data", "is neither a regular file nor a folder")
         else:

@@ -342,3 +342,69 @@ def test_every_accepted_seed_draws_batches(seed):
     if seed < 18446688733643:
         g = torch.Generator().manual_seed(seed * 1_000_003 + 3)
         assert torch.equal(x[:, 0], text[torch.randint(0, text.numel() - 9, (2,), generator=g)].long())
+
+
+def test_options_before_the_subcommand_are_kept(tmp_path, capsys):
+    """``dist-clip --config X train``: the subcommand's defaults overwrote what came before it, so the built-in
+    config ran and X was never read (a missing file passed --validate-only with exit 0)."""
+    missing = tmp_path / "missing.yaml"
+    assert cli.main(["--config", str(missing), "train", "--validate-only"]) == 2
+    assert f"config error: {missing}: no such file" in capsys.readouterr().err
+    assert cli.main(["--steps", "-3", "check", "--validate-only"]) == 2
+    assert "steps: must be > 0, got -3" in capsys.readouterr().err
+    args = cli._parser().parse_args(["--steps", "2", "--out", "o", "train", "--no-plot"])
+    assert (args.steps, args.out, args.config, args.no_plot) == (2, "o", None, True)
+    args = cli._parser().parse_args(["--steps", "2", "check", "--steps", "5"])  # after the subcommand wins
+    assert args.steps == 5
+
+
+def test_output_paths_that_cannot_hold_the_run_are_config_errors_on_every_rank(tmp_path, capsys, monkeypatch):
+    """A file where the run folder goes, or a folder where its log goes: found before training (tracebacks
+    after training and replay before), and on every rank, each without printing (a rank that went on alone
+    waited in MPI_Init for a rank 0 that had exited)."""
+    cfg = write_config(tmp_path, "solo", wrapper="none")
+    (tmp_path / "o1").mkdir()
+    (tmp_path / "o1" / "solo").write_text("")
+    (tmp_path / "o2" / "solo" / "log.jsonl").mkdir(parents=True)
+    (tmp_path / "afile").write_text("")
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        for out, why in (("o1", "holds a file where the run folder goes"),
+                         ("o2", "holds a folder where the run's log.jsonl goes"),
+                         ("afile", "cannot be made a folder" if rank == "0" else "is not a folder")):
+            assert cli.main(["check", "--config", str(cfg), "--out", str(tmp_path / out), "--validate-only"]) == 2
+            err = capsys.readouterr().err
+            assert (why in err and "(with command-line overrides): out_dir:" in err) if rank == "0" else err == ""
+
+
+def test_a_data_folder_under_a_dotted_folder_is_read(tmp_path):
+    """Hidden files inside the folder are skipped, not every file under a dotted parent (~/.cache/...)."""
+    root = tmp_path / ".cache" / "corpus"
+    root.mkdir(parents=True)
+    (root / "a.txt").write_text("hello world " * 20)
+    (root / ".hidden.txt").write_text("x" * 1000)
+    data, _ = load_text(str(root))
+    assert bytes(data.tolist()) == b"hello world " * 20  # the hidden file left out
+
+
+def test_a_bad_timeout_variable_is_a_config_error(monkeypatch):
+    from dist_clip import bootstrap
+
+    for bad in ("abc", "-5", "0", "nan"):
+        monkeypatch.setenv("DIST_CLIP_TIMEOUT_S", bad)
+        with pytest.raises(ValueError, match=f"DIST_CLIP_TIMEOUT_S must be a number of seconds > 0, got '{bad}'"):
+            bootstrap._timeout()
+
+
+@pytest.mark.timeout(120)
+def test_a_lone_process_gets_the_variables_deepspeed_asserts():
+    """zero1-3 run with no launcher (or mpirun -n 1) crashed in deepspeed.initialize: "DeepSpeed requires the
+    LOCAL_RANK environment variable"; the one-rank group now sets what a launcher would."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    code = ("import os; from dist_clip import bootstrap; bootstrap.init_distributed('gloo'); "
+            "print(*(os.environ[k] for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=100, env=env, cwd=ROOT)
+    assert proc.returncode == 0 and proc.stdout.split() == ["0", "1", "0", "1"], proc
