@@ -467,11 +467,13 @@ def _dt_needs_world(params: list[tuple[str, Any]]) -> bool:  # noqa: ANN401
     from .adapters.fsdp import _dim_key, _root_mesh
 
     keys = set()
+    world = dist.get_world_size() if dist.is_initialized() else 1
     for _, param in params:
         mesh = param.device_mesh
-        if mesh.ndim > 1:
+        root = _root_mesh(mesh)
+        if mesh.ndim > 1 or root.size() < world:  # a mesh short of the world: the ranks off it read 0 alone
             return True
-        keys.add(_dim_key(mesh, _root_mesh(mesh), 0))
+        keys.add(_dim_key(mesh, root, 0))
     return len(keys) > 1
 
 
@@ -516,6 +518,13 @@ def _dtensor_geometry(name: str, param: Any, world: bool, group: dist.ProcessGro
         pg = group if group is not None else dist.group.WORLD
         if counting is not None:
             counted = counting.counted(name, mesh, root, coord, distinct)
+            if cut and id(mesh) in counting.apart:
+                # Cut units are combined by (name, unit) over the group: the stages' units would be mixed.
+                raise NotImplementedError(
+                    f"unit-wise clipping of {name!r}: its units are cut across ranks, and group= spans other "
+                    "slices of its mesh that hold other pieces (pipeline stages), whose units would be combined "
+                    "with its own; clip each stage's AGC without group=, or use mode='per_param'"
+                )
         else:
             counted = _counted_here(mesh, root, coord, distinct, siblings=True)
     else:

@@ -272,6 +272,8 @@ def _validate(cfg: TrainConfig, source: str) -> TrainConfig:
             raise ConfigError(source, "mesh", f"expected [replicas, shard size] of positive integers, got {cfg.mesh}")
     if not cfg.data.strip() or "\0" in cfg.data:  # Path("") is the current folder: never what was meant
         raise ConfigError(source, "data", f"expected 'stdlib' or the path of a file or folder, got {cfg.data!r}")
+    if not cfg.out_dir.strip() or "\0" in cfg.out_dir:
+        raise ConfigError(source, "out_dir", f"expected the path of a folder, got {cfg.out_dir!r}")
     if not cfg.name or "/" in cfg.name or "\0" in cfg.name or cfg.name in (".", ".."):
         raise ConfigError(source, "name", f"must be a plain non-empty file name, got {cfg.name!r}")
     return dataclasses.replace(cfg, clip=dataclasses.replace(cfg.clip, norm_type=float(p)))

@@ -1081,3 +1081,68 @@ def dtensor_norm_values() -> dict[str, Any]:
                 _local(q.grad).copy_(s)
             out[f"{how} p={p}"] = "ok"
     return out
+
+
+def short_meshes_and_stage_ties() -> dict[str, Any]:
+    """4 ranks, hand-made DTensors, against float64 sums of squares.
+
+    * A Shard(0) gradient on a mesh of ranks 0-1 beside one replicated over the world, no group=: ranks 2-3
+      read only the replicated one (2.0 for 8.72) and clipped their copy of it by another coefficient.
+    * A Shard(0) gradient on ranks 1-3 alone: rank 0 read 0; AGC there is a NotImplementedError on every rank.
+    * Pipeline stages on a (pp, dp) mesh with group=WORLD, plus a weight tied between the stages on a mesh of
+      its own (ranks 0 and 2): the stages summed (rank 2 took its stage's block for a copy of rank 0's, as
+      the tied weight's mesh spans both: 18.03 for 18.47).
+    * AGC with group= over those stages where a unit is cut across ranks: a NotImplementedError on every rank
+      (the stages' units were combined with each other: silently wrong rows).
+    """
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    out: dict[str, Any] = {}
+
+    def param(full: Tensor, m: Any, placements: list[Any]) -> nn.Parameter:  # noqa: ANN401
+        w = nn.Parameter(distribute_tensor(full + 1, m, placements, src_data_rank=None))
+        w.grad = distribute_tensor(full.clone(), m, placements, src_data_rank=None)
+        return w
+
+    world = mesh((4,))
+    a, b = torch.full((4, 2), 3.0), torch.full((2, 2), 1.0)
+    pa, pb = param(a, DeviceMesh("cpu", [0, 1]), [Shard(0)]), param(b, world, [Replicate()])
+    want = math.sqrt(float((a**2).sum() + (b**2).sum()))
+    total = float(dist_clip.clip_grad_norm_([pa, pb], 1.0))
+    assert _norm_close(total, want, RTOL), (total, want)
+    coef = 1.0 / (want + 1e-6)
+    torch.testing.assert_close(pb.grad._local_tensor, b * coef)  # every rank's copy alike
+    out["short mesh + world"] = round(total, 5)
+
+    full = torch.arange(1.0, 13.0).reshape(6, 2)
+    g = param(full, DeviceMesh("cpu", [1, 2, 3]), [Shard(0)])
+    for p in PS:
+        got = float(dist_clip.get_total_norm([g], p))
+        assert _norm_close(got, reference_norm([full], p), RTOL), (p, got)
+    try:
+        dist_clip.GradClipper(mode="unitwise", agc=dist_clip.AGC(clipping=0.05))([g])
+    except NotImplementedError as e:
+        out["agc short mesh"] = str(e).split(":")[0]
+
+    pp = mesh((2, 2), ("pp", "dp"))
+    stage = pp.get_coordinate()[0]
+    blocks = [torch.tensor([[1.0], [2.0]]), torch.tensor([[4.0], [8.0]])]
+    emb = torch.tensor([[16.0]])
+    tie_mesh = DeviceMesh("cpu", [0, 2])
+    pieces = [param(blocks[stage], pp["dp"], [Shard(0)]), param(emb, tie_mesh, [Replicate()])]
+    want = math.sqrt(sum(float((t**2).sum()) for t in (*blocks, emb)))
+    for call in ("norm", "agc"):
+        if call == "norm":
+            got = float(dist_clip.get_total_norm(pieces, 2.0, group=dist.group.WORLD))
+        else:
+            got = float(dist_clip.GradClipper(mode="unitwise", agc=dist_clip.AGC(clipping=100.0))(
+                pieces, group=dist.group.WORLD).total_norm)
+        assert _norm_close(got, want, RTOL), (call, got, want)
+        out[f"stages + tie {call}"] = round(got, 5)
+    cut = param(torch.arange(1.0, 9.0).reshape(2, 4) * (stage + 1), pp["dp"], [Shard(1)])
+    try:
+        dist_clip.GradClipper(mode="unitwise", agc=dist_clip.AGC(clipping=0.05))([cut], group=dist.group.WORLD)
+    except NotImplementedError as e:
+        out["agc cut across stages"] = str(e).split(":")[0]
+    return out

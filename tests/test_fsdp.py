@@ -243,3 +243,10 @@ def test_dtensor_total_norm_and_max_norm(run_ranks, world_size: int) -> None:
     results = run_ranks(world_size, cases.dtensor_norm_values)
     assert results[0] == {f"{how} p={p}": "ok" for p in (2.0, math.inf)
                           for how in ("clip_grads_with_norm_", "max_norm")}, results[0]
+
+
+def test_short_meshes_and_stage_ties(run_ranks) -> None:
+    results = run_ranks(4, cases.short_meshes_and_stage_ties, timeout_s=120)
+    assert all(r == results[0] for r in results), results
+    assert results[0]["agc short mesh"] == "unit-wise clipping of '0'", results[0]
+    assert results[0]["agc cut across stages"] == "unit-wise clipping of '0'", results[0]

@@ -408,3 +408,9 @@ def test_a_lone_process_gets_the_variables_deepspeed_asserts():
             "print(*(os.environ[k] for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE')))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=100, env=env, cwd=ROOT)
     assert proc.returncode == 0 and proc.stdout.split() == ["0", "1", "0", "1"], proc
+
+
+def test_an_empty_out_dir_is_a_config_error(capsys):
+    """``--out ""`` wrote the run into the current folder, where ``data: ""`` was already refused."""
+    assert cli.main(["check", "--out", "", "--validate-only"]) == 2
+    assert "out_dir: expected the path of a folder, got ''" in capsys.readouterr().err

@@ -110,8 +110,10 @@ class GroupCounting:
     """Which copy of a DTensor piece counts when pieces are reduced over a caller's ``group=``.
 
     Copies are the ranks along the mesh's own ``Replicate`` dims, and the sibling slices of its root mesh that
-    this rank's other gradients span (a tensor-parallel dim: the peers hold the same non-TP parameters, sharded
-    on ``mesh["dp"]`` alike; HSDP replicas of a block on ``mesh["shard"]`` beside blocks on the whole mesh).
+    this rank's other gradients on the same root mesh span (a tensor-parallel dim: the peers hold the same
+    non-TP parameters, sharded on ``mesh["dp"]`` alike; HSDP replicas of a block on ``mesh["shard"]`` beside
+    blocks on the whole mesh). A gradient replicated over the whole root mesh spans it too: a weight tied
+    between pipeline stages belongs on a mesh of its own (a DeviceMesh of the ranks that hold it).
     Sibling slices no gradient of this rank spans hold other pieces (pipeline stages). Along each copy dim the
     lowest rank of ``group`` counts. A group missing a rank that holds another shard of a gradient cannot give
     its norm: ``ValueError`` on every rank (every rank misses its own peers), not a partial total.
@@ -120,10 +122,13 @@ class GroupCounting:
     def __init__(self, group: dist.ProcessGroup, meshes: Sequence[Any]) -> None:  # noqa: ANN401
         self.ranks = frozenset(dist.get_process_group_ranks(group))
         self.me = dist.get_rank()
-        self.spanned: set[int] = set()
+        # Per root mesh: the ranks its meshes among this rank's gradients cover (a mesh made apart, such as a
+        # tied weight's over the first and last stage, says nothing of another root's slices).
+        self.spanned: dict[int, set[int]] = {}
         for mesh in {id(m): m for m in meshes}.values():
-            self.spanned.update(mesh.mesh.reshape(-1).tolist())
+            self.spanned.setdefault(id(_root_mesh(mesh)), set()).update(mesh.mesh.reshape(-1).tolist())
         self._known: dict[tuple[int, tuple[bool, ...]], bool] = {}
+        self.apart: set[int] = set()  # meshes (ids) whose sibling slices hold other pieces (pipeline stages)
 
     def _first_in_group(self, line: list[int]) -> bool:
         return self.me == min((r for r in line if r in self.ranks), default=self.me)
@@ -157,13 +162,17 @@ class GroupCounting:
         if root is mesh:
             return True
         own = set(grid.reshape(-1).tolist())
+        spanned = self.spanned.get(id(root), own)
         rgrid, rcoord = root.mesh, root.get_coordinate()
         for d in range(root.ndim):
             index = list(rcoord)
             index[d] = slice(None)
             line = rgrid[tuple(index)].reshape(-1).tolist()
-            if set(line) <= own or not set(line) <= self.spanned:
-                continue  # a dim of the mesh itself, or sibling slices holding other pieces (pipeline stages)
+            if set(line) <= own:
+                continue  # a dim of the mesh itself
+            if not set(line) <= spanned:
+                self.apart.add(id(mesh))
+                continue  # sibling slices holding other pieces (pipeline stages)
             if not self._first_in_group(line):
                 return False  # a copy on a sibling slice that this rank's other gradients span
         return True
@@ -196,8 +205,11 @@ def dtensor_shards(pairs: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup
             root = _root_mesh(mesh)
             dims = [d for d, is_d in enumerate(distinct) if is_d]
             # Two shard dims need the full plan; so does a replicated gradient on a mesh short of the world,
-            # which the minimal plan would leave to the first rank of a group that may not hold it.
-            multi = multi or len(dims) > 1 or (not dims and mesh.size() < dist.get_world_size())
+            # which the minimal plan would leave to the first rank of a group that may not hold it, and any
+            # gradient on a root mesh short of the world: the ranks off it reduced nothing and read 0 (or
+            # their other pieces alone), a different total per rank.
+            ws = dist.get_world_size()
+            multi = multi or len(dims) > 1 or (not dims and mesh.size() < ws) or root.size() < ws
             keys.update(_dim_key(mesh, root, d) for d in dims)  # on every rank, on the mesh or not: same plan
             coord = mesh.get_coordinate()
             known = seen[(id(mesh), placements)] = (root, distinct, None if coord is None else tuple(coord))
