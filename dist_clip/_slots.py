@@ -455,6 +455,12 @@ def _layout_values(layout: Sequence[str], p: float) -> Tensor:
     return torch.tensor(out, dtype=torch.float64)
 
 
+REFUSED = (
+    "another rank of this call refused its input before the collective (its own ValueError or TypeError says "
+    "why) and joined only to say so: every rank raises together instead of waiting for the timeout"
+)
+
+
 def _layout_check(combined: Tensor, p: float, world: int, n_slots: int) -> Tensor:
     """Strip the four check values; every rank had the same digests iff ``S1**2 == n * S2`` for both (SUM: the
     difference is the sum of squared pairwise differences) or ``max(d) == -max(-d)`` (MAX). On the CPU a mismatch
@@ -464,6 +470,8 @@ def _layout_check(combined: Tensor, p: float, world: int, n_slots: int) -> Tenso
     same = ((a == -b) if math.isinf(p) else (a * a == world * b)).all()
     body = combined[:-4]
     if body.device.type == "cpu":
+        if bool(torch.isnan(v).any()):
+            raise RuntimeError(REFUSED)
         if not bool(same):
             raise RuntimeError(
                 f"the ranks of this call disagree on the target's parameter names ({n_slots} slots here): "
@@ -487,6 +495,7 @@ def measure(
     group: dist.ProcessGroup | None = None,
     layout: Sequence[str] | None = None,
     result_dtype: torch.dtype | None = None,
+    refused: bool = False,
 ) -> Measurement:
     """Measure every counted piece into its slot and combine everything with ONE all-reduce.
 
@@ -505,6 +514,9 @@ def measure(
             must be identical on every rank. Four more values in the same all-reduce check it (see
             :func:`_layout_check`): a mismatch (a pipeline stage's module passed without a ``ParallelPlan``)
             raises ``RuntimeError`` on every rank on the CPU and turns every norm into NaN elsewhere (no sync).
+        refused: this rank found bad input and joins only so that the others do not wait: its fingerprint is
+            NaN, and every rank raises ``RuntimeError`` (:data:`REFUSED`) on the CPU; the caller then raises
+            its own error.
 
     Returns:
         A :class:`Measurement`, identical on every rank.
@@ -538,7 +550,10 @@ def measure(
         parts.append(_clip.wide_flag(result_dtype, device))  # type: ignore[arg-type]
     check = layout is not None and red is not None and _reduce.group_size(red) > 1
     if check:
-        parts.append(_layout_values(layout, p).to(device, non_blocking=True))  # type: ignore[arg-type]
+        values = _layout_values(layout, p)  # type: ignore[arg-type]
+        if refused:  # this rank found bad input: NaN fingerprints make every rank raise (NaN-safe under MAX)
+            values = torch.full_like(values, math.nan)
+        parts.append(values.to(device, non_blocking=True))
     buffer = torch.cat(parts) if len(parts) > 1 else vector
     combined = _reduce.all_reduce_partials(buffer, _norm.combine_op(p), red)
     if check:

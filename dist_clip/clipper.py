@@ -499,7 +499,14 @@ class GradClipper:
 
         named_mode = plan is not None or cfg.mode != "total" or want_report
         if plan is not None:
-            named: _slots.Named | None = plan.named_shards(target)
+            try:
+                named: _slots.Named | None = plan.named_shards(target)
+                if cfg.mode == "per_group":
+                    assert optimizer is not None
+                    self._groups(named, optimizer)  # type: ignore[arg-type]  # its errors, found here
+            except (ValueError, TypeError) as e:
+                _refuse_together(plan, p, cfg.mode == "per_group")
+                raise e
         elif named_mode:
             named = _slots.named_shards(target, group)
         else:
@@ -680,6 +687,22 @@ class GradClipper:
         limit = torch.full_like(total, cfg.agc.clipping)
         applied = _kept(outcome.min_coef.to(device=total.device, dtype=total.dtype), finite, policy)
         return ClipResult(total, applied, clipped, finite, limit, (), norms)
+
+
+def _refuse_together(plan: ParallelPlan, p: float, per_group: bool) -> None:
+    """Bad input on this rank under a plan (a name the plan lacks, a Partial gradient, a bad group limit), which
+    the other stages may not share: join their one collective with the same layout and a NaN fingerprint, so
+    that every rank raises now (they waited in it until the process group's timeout)."""
+    group = plan.reduction_group
+    if group is None or _reduce.group_size(group) == 1:
+        return
+    n = max(len(plan.names), 1)
+    extra = torch.zeros(3 * n, dtype=torch.float64) if per_group else None
+    try:
+        _slots.measure([], None, n, p, presence=True, group=group, layout=plan.names, extra=extra,
+                       result_dtype=torch.float32, refused=True)
+    except RuntimeError:
+        pass  # the REFUSED error every rank raises; this rank raises its own
 
 
 def _group_membership(groups_of: Sequence[int], p: float) -> Tensor:

@@ -536,3 +536,45 @@ def body_debug_audit_with_nan() -> list[float]:
 def test_debug_audit_accepts_nan_for_every_order(run_ranks):
     for totals in run_ranks(2, body_debug_audit_with_nan):
         assert all(math.isnan(t) for t in totals), totals
+
+
+def body_one_sided_bad_input() -> list[str]:
+    """Bad input on one stage only (a name the plan lacks, a negative group limit, a Partial gradient): that
+    rank raises its ValueError and every other rank a RuntimeError at once (they waited in the collective
+    until the process group's timeout)."""
+    from torch.distributed.tensor import DTensor, Partial
+
+    rank = dist.get_rank()
+    mesh = cases.mesh((2,), ("pp",))
+    plan = ParallelPlan(mesh, names=("a.weight", "b.weight"))
+    out = []
+    for case in ("missing name", "bad group limit", "partial"):
+        q = torch.nn.Parameter(torch.zeros(4))
+        q.grad = torch.arange(1.0, 5.0)
+        pieces = {("a.weight", "b.weight")[rank]: q}
+        kw, opt = {}, None
+        if case == "missing name" and rank == 1:
+            pieces["c.bias"] = torch.nn.Parameter(torch.zeros(2))
+            pieces["c.bias"].grad = torch.ones(2)
+        if case == "bad group limit":
+            kw = {"mode": "per_group"}
+            opt = torch.optim.SGD([{"params": [q], "max_norm": 1.0 if rank == 0 else -1.0}], lr=0.1)
+        if case == "partial" and rank == 1:
+            w = torch.nn.Parameter(torch.zeros(4))
+            w.grad = DTensor.from_local(torch.ones(4), mesh, [Partial()], run_check=False)
+            pieces = {"b.weight": w}
+        try:
+            GradClipper(max_norm=1.0, **kw)(pieces, plan=plan, optimizer=opt)
+            out.append("no error")
+        except (ValueError, RuntimeError) as e:
+            out.append(f"{type(e).__name__}: {e}")
+    return out
+
+
+def test_bad_input_on_one_stage_raises_on_every_rank_at_once(run_ranks):
+    a, b = run_ranks(2, body_one_sided_bad_input, timeout_s=60)
+    assert all(m.startswith("RuntimeError: another rank of this call refused its input") for m in a), a
+    expected = ("ValueError: this rank holds 'c.bias', which is neither in the plan's names",
+                "ValueError: param group 0 has max_norm -1.0; expected a number >= 0",
+                "ValueError: gradient of 'b.weight' has placements (Partial(sum),)")
+    assert len(b) == 3 and all(m.startswith(e) for m, e in zip(b, expected)), b
