@@ -296,7 +296,17 @@ def _yaml_loader(yaml: Any) -> type:
     import re
 
     class Loader(yaml.SafeLoader):  # type: ignore[misc,name-defined]
-        pass
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:  # noqa: ANN401
+            # A key given twice (``steps: 3`` ... ``steps: 4``): PyYAML keeps the last one silently.
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, str) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} given twice in one mapping", key_node.start_mark
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
 
     bool_tag = "tag:yaml.org,2002:bool"
     Loader.yaml_implicit_resolvers = {

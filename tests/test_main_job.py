@@ -126,7 +126,9 @@ def test_bad_config_is_one_line_naming_the_field(tmp_path, capsys, text, field, 
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("text,why", [("steps: [\n", "invalid YAML: line 2"), ("- a\n", "expected a mapping")])
+@pytest.mark.parametrize("text,why", [("steps: [\n", "invalid YAML: line 2"), ("- a\n", "expected a mapping"),
+                                      ("steps: 3\nclip: {max_norm: 1, max_norm: 2}\n",  # the last one won silently
+                                       "invalid YAML: line 2, column 21: key 'max_norm' given twice")])
 def test_unparsable_config_is_one_line(tmp_path, capsys, text, why):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
