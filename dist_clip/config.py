@@ -258,6 +258,12 @@ def _validate(cfg: TrainConfig, source: str) -> TrainConfig:
         # FSDP1's clip_grad_norm_ and OSS.clip_grad_norm take the sharded total to the power 1 / norm_type.
         raise ConfigError(source, "clip.norm_type", f"the {cfg.wrapper} wrapper's own clipping (clip.mode: native) "
                           "divides by norm_type and cannot do 0; use clip.mode: dist_clip")
+    if cfg.clip.mode == "native" and p == 0:
+        # torch.nn.utils.clip_grad_norm_(norm_type=0) counts the tensors with a non-zero entry: the check, against
+        # the L0 norm (entries), could only fail.
+        raise ConfigError(source, "clip.norm_type", "torch's own clipping (clip.mode: native) at norm_type 0 counts "
+                          "tensors with a non-zero entry, not entries, so it cannot match the L0 norm the check "
+                          "replays; use clip.mode: dist_clip")
     m = cfg.model
     for name in ("d_model", "n_layers", "n_heads", "mlp_ratio"):
         positive(f"model.{name}", getattr(m, name))

@@ -99,6 +99,8 @@ BAD_CONFIGS = [
     ("batch_size: yes\n", "batch_size", "expected an integer"),
     ("wrapper: fairscale-oss\nclip: {mode: native, norm_type: 0}\n", "clip.norm_type", "cannot do 0"),
     ("wrapper: fsdp1\nclip: {mode: native, norm_type: 0.0}\n", "clip.norm_type", "cannot do 0"),
+    ("wrapper: ddp\nclip: {mode: native, norm_type: 0}\n", "clip.norm_type", "counts tensors with a non-zero"),
+    ("wrapper: fsdp2\nclip: {mode: native, norm_type: 0}\n", "clip.norm_type", "counts tensors with a non-zero"),
     ('name: "x\\0y"\n', "name", "plain non-empty file name"),
     ('data: ""\n', "data", "expected 'stdlib' or the path"),
 ]
