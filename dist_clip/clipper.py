@@ -536,7 +536,7 @@ class GradClipper:
             if plan is not None or isinstance(target, Mapping):
                 # Pipeline stages, or named pieces whose ranks' optimizers differ (a rank holding nothing of a
                 # parameter may leave it out): every rank's memberships travel in the measurement.
-                membership = _group_membership(grouping[0], p)
+                membership = _group_membership(grouping[0], p, grouping[1])
         _clip.settle_hand_over(target, lambda: [t for s in shards for t in s.tensors])
         m = _slots.measure(shards, pick, n_slots, p, cfg.foreach, presence=named is not None,
                            group=plan.reduction_group if plan is not None else None,
@@ -697,7 +697,7 @@ def _refuse_together(plan: ParallelPlan, p: float, per_group: bool) -> None:
     if group is None or _reduce.group_size(group) == 1:
         return
     n = max(len(plan.names), 1)
-    extra = torch.zeros(3 * n, dtype=torch.float64) if per_group else None
+    extra = _group_membership([-1] * n, p) if per_group else None
     try:
         _slots.measure([], None, n, p, presence=True, group=group, layout=plan.names, extra=extra,
                        result_dtype=torch.float32, refused=True)
@@ -705,18 +705,59 @@ def _refuse_together(plan: ParallelPlan, p: float, per_group: bool) -> None:
         pass  # the REFUSED error every rank raises; this rank raises its own
 
 
-def _group_membership(groups_of: Sequence[int], p: float) -> Tensor:
+def _group_membership(groups_of: Sequence[int], p: float, limits: Sequence[float] = ()) -> Tensor:
     """Under a plan each pipeline stage's optimizer holds its own stage's parameters only: which slot is in which
     group travels in the measurement's all-reduce, so that every rank sees every stage's groups. Per slot,
     ``group + 1`` where this rank's optimizer holds it (else 0), then 1 where it holds it: summed, the first over
     the second is ``group + 1`` (tensor-parallel ranks hold the same slot in the same group); maxed, the first
     is. A third row tells whether the holders agree: summed, ``(group + 1)**2`` (they agree where its product
     with the holders is the first row squared); maxed, ``-(group + 1)`` (they agree where it is minus the first).
-    The length depends on the slots only: stages may have different numbers of groups."""
+    The length depends on the slots only: stages may have different numbers of groups. Two more rows carry the
+    limit (``max_norm``) of each slot's group, so that a group whose stages give it different limits is found on
+    every rank alike (see :func:`_limits_agree`): summed, ``limit`` and ``limit**2`` where held; maxed,
+    ``limit`` and ``-limit`` (-inf where not held)."""
     gi = torch.tensor(list(groups_of) or [-1], dtype=torch.float64)
     held = (gi >= 0).to(torch.float64)
     third = torch.where(held > 0, -(gi + 1), -1e9) if math.isinf(p) else (gi + 1) ** 2 * held
-    return torch.cat([(gi + 1) * held, held, third])
+    lim = torch.tensor([float(limits[g]) if 0 <= g < len(limits) else 0.0 for g in (list(groups_of) or [-1])],
+                       dtype=torch.float64)
+    if math.isinf(p):
+        none = torch.full_like(lim, -math.inf)
+        fourth, fifth = torch.where(held > 0, lim, none), torch.where(held > 0, -lim, none)
+    else:
+        fourth, fifth = lim * held, lim * lim * held
+    return torch.cat([(gi + 1) * held, held, third, fourth, fifth])
+
+
+def _limits_agree(extra: Tensor, combined: Tensor, p: float, labels: Sequence[str]) -> None:
+    """On the CPU (where reading is free): every holder of a slot, and every slot of a group, must give the group
+    the same ``max_norm`` (under a plan each stage's optimizer gives its own: it clipped a group's pieces by
+    different coefficients). All ranks see the same combined values, so all raise together."""
+    if extra.device.type != "cpu":
+        return
+    n = combined.numel()
+    _, holders, _, fourth, fifth = extra.reshape(5, n)
+    if math.isinf(p):
+        hi, lo = fourth, -fifth
+    else:
+        hi = lo = fourth / holders.clamp(min=1)
+        agree = (fourth * fourth - holders * fifth).abs() <= 1e-12 * fourth * fourth
+        hi = torch.where(agree, hi, math.inf)
+    seen: dict[int, tuple[float, float]] = {}
+    for g, a, b in zip(combined.tolist(), hi.tolist(), lo.tolist()):
+        if g < 0:
+            continue
+        was = seen.get(g)
+        seen[g] = (a, b) if was is None else (max(was[0], a), min(was[1], b))
+    bad = {g: v for g, v in seen.items() if v[0] != v[1]}
+    if bad:
+        g, (a, b) = next(iter(bad.items()))
+        label = labels[g] if g < len(labels) else f"param_group{g}"
+        raise ValueError(
+            f"param group {g} ({label!r}) has different max_norm on different ranks (from {b} to {a}): every "
+            "stage's optimizer must give a group the same limit, or the group's pieces are clipped by different "
+            "coefficients"
+        )
 
 
 def _per_group(
@@ -742,7 +783,8 @@ def _per_group(
         )
     index = torch.tensor(groups_of or [-1], dtype=torch.long).to(m.device)
     if m.extra is not None:  # plan or named pieces: the groups of every rank's slots, combined (on the device)
-        ids, holders, third = m.extra.reshape(3, index.numel())
+        rows = m.extra.reshape(-1, index.numel())
+        ids, holders, third = rows[0], rows[1], rows[2]
         same = (ids == -third) if math.isinf(p) else (third * holders == ids * ids)
         consistent = (same | (holders <= 0)).all()  # every holder of every slot names the same group
         ids = ids if math.isinf(p) else ids / holders.clamp(min=1)  # MAX: the id itself; SUM: id x holders
@@ -752,6 +794,8 @@ def _per_group(
                 "per_group clipping found none of the target's parameters in any rank's optimizer.param_groups, "
                 "so it would clip nothing; pass the optimizer that steps these parameters"
             )
+        if rows.shape[0] == 5 and not fill_only:
+            _limits_agree(m.extra, combined, p, labels)
         if fill_only:
             # Ranks may number their groups differently (one holding nothing of a group's parameters may leave
             # the group out): then every rank keeps its own numbering (its groups must hold all it holds);

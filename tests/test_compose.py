@@ -578,3 +578,33 @@ def test_bad_input_on_one_stage_raises_on_every_rank_at_once(run_ranks):
                 "ValueError: param group 0 has max_norm -1.0; expected a number >= 0",
                 "ValueError: gradient of 'b.weight' has placements (Partial(sum),)")
     assert len(b) == 3 and all(m.startswith(e) for m, e in zip(b, expected)), b
+
+
+def body_group_limits_across_stages() -> list[str]:
+    """One param group index over two stages: the same max_norm gives the same coefficient on every rank; two
+    different ones are a ValueError on every rank (each stage clipped its half by its own limit: 0.14 / 0.014)."""
+    rank = dist.get_rank()
+    plan = ParallelPlan(cases.mesh((2,), ("pp",)), names=("a.weight", "b.weight"))
+    out = []
+    for p in (2.0, math.inf):
+        for limits in ((1.0, 1.0), (1.0, 0.1)):
+            q = torch.nn.Parameter(torch.zeros(4))
+            q.grad = torch.arange(1.0, 5.0) * (rank + 1)
+            opt = torch.optim.SGD([{"params": [q], "max_norm": limits[rank]}], lr=0.1)
+            try:
+                r = GradClipper(mode="per_group", norm_type=p)({("a.weight", "b.weight")[rank]: q}, plan=plan,
+                                                              optimizer=opt)
+                full = torch.cat([torch.arange(1.0, 5.0), torch.arange(1.0, 5.0) * 2])
+                want = min(1.0, 1.0 / (float(torch.linalg.vector_norm(full, p)) + 1e-6))
+                assert r.clip_coef.tolist() == pytest.approx([want], rel=1e-6), (p, r.clip_coef)
+                out.append(f"{r.clip_coef.item():.6f}")
+            except ValueError as e:
+                out.append(str(e).split(" (from")[0])
+    return out
+
+
+def test_a_group_limit_differing_across_stages_is_refused_on_every_rank(run_ranks):
+    a, b = run_ranks(2, body_group_limits_across_stages, timeout_s=60)
+    assert a == b, (a, b)
+    refused = "param group 0 ('param_group0') has different max_norm on different ranks"
+    assert a[1] == a[3] == refused and a[0] != refused and a[2] != refused, a
