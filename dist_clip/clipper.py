@@ -741,7 +741,7 @@ def _limits_agree(extra: Tensor, combined: Tensor, p: float, labels: Sequence[st
         hi, lo = fourth, -fifth
     else:
         hi = lo = fourth / holders.clamp(min=1)
-        agree = (fourth * fourth - holders * fifth).abs() <= 1e-12 * fourth * fourth
+        agree = torch.isclose(fourth * fourth, holders * fifth, rtol=1e-12, atol=0.0)  # inf limits agree too
         hi = torch.where(agree, hi, math.inf)
     seen: dict[int, tuple[float, float]] = {}
     for g, a, b in zip(combined.tolist(), hi.tolist(), lo.tolist()):
