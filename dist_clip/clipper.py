@@ -714,8 +714,8 @@ def _group_membership(groups_of: Sequence[int], p: float, limits: Sequence[float
     with the holders is the first row squared); maxed, ``-(group + 1)`` (they agree where it is minus the first).
     The length depends on the slots only: stages may have different numbers of groups. Two more rows carry the
     limit (``max_norm``) of each slot's group, so that a group whose stages give it different limits is found on
-    every rank alike (see :func:`_limits_agree`): summed, ``limit`` and ``limit**2`` where held; maxed,
-    ``limit`` and ``-limit`` (-inf where not held)."""
+    every rank alike (see :func:`_limits_agree`): summed, ``t = 1 / (1 + limit)`` and ``t**2`` where held;
+    maxed, ``limit`` and ``-limit`` (-inf where not held)."""
     gi = torch.tensor(list(groups_of) or [-1], dtype=torch.float64)
     held = (gi >= 0).to(torch.float64)
     third = torch.where(held > 0, -(gi + 1), -1e9) if math.isinf(p) else (gi + 1) ** 2 * held
@@ -724,8 +724,9 @@ def _group_membership(groups_of: Sequence[int], p: float, limits: Sequence[float
     if math.isinf(p):
         none = torch.full_like(lim, -math.inf)
         fourth, fifth = torch.where(held > 0, lim, none), torch.where(held > 0, -lim, none)
-    else:
-        fourth, fifth = lim * held, lim * lim * held
+    else:  # summed: t = 1 / (1 + limit), in [0, 1] for any limit >= 0 (inf: 0), so that sums stay finite
+        t = 1.0 / (1.0 + lim)
+        fourth, fifth = t * held, t * t * held
     return torch.cat([(gi + 1) * held, held, third, fourth, fifth])
 
 
@@ -738,25 +739,29 @@ def _limits_agree(extra: Tensor, combined: Tensor, p: float, labels: Sequence[st
     n = combined.numel()
     _, holders, _, fourth, fifth = extra.reshape(5, n)
     if math.isinf(p):
-        hi, lo = fourth, -fifth
-    else:
-        hi = lo = fourth / holders.clamp(min=1)
-        agree = torch.isclose(fourth * fourth, holders * fifth, rtol=1e-12, atol=0.0)  # inf limits agree too
-        hi = torch.where(agree, hi, math.inf)
-    seen: dict[int, tuple[float, float]] = {}
-    for g, a, b in zip(combined.tolist(), hi.tolist(), lo.tolist()):
+        hi, lo = fourth, -fifth  # the largest and smallest limit its holders give each slot
+        known = hi == lo
+    else:  # t = 1 / (1 + limit) summed, and t**2: equal for every holder iff (sum t)**2 == holders * sum t**2
+        known = torch.isclose(fourth * fourth, holders * fifth, rtol=1e-12, atol=1e-300)
+        t = fourth / holders.clamp(min=1)
+        hi = lo = torch.where(t > 0, 1.0 / t - 1.0, math.inf)
+    values: dict[int, set[float]] = {}
+    split: set[int] = set()
+    for g, ok, value in zip(combined.tolist(), known.tolist(), hi.tolist()):
         if g < 0:
             continue
-        was = seen.get(g)
-        seen[g] = (a, b) if was is None else (max(was[0], a), min(was[1], b))
-    bad = {g: v for g, v in seen.items() if v[0] != v[1]}
+        values.setdefault(g, set()).add(value)
+        if not ok:
+            split.add(g)
+    # Sums over different numbers of holders round differently: limits within 1e-9 of each other agree.
+    bad = sorted(split | {g for g, v in values.items() if not math.isclose(min(v), max(v), rel_tol=1e-9)})
     if bad:
-        g, (a, b) = next(iter(bad.items()))
+        g = bad[0]
         label = labels[g] if g < len(labels) else f"param_group{g}"
+        seen = "" if g in split else f" ({', '.join(f'{v:g}' for v in sorted(values[g]))})"
         raise ValueError(
-            f"param group {g} ({label!r}) has different max_norm on different ranks (from {b} to {a}): every "
-            "stage's optimizer must give a group the same limit, or the group's pieces are clipped by different "
-            "coefficients"
+            f"param group {g} ({label!r}) has different max_norm on different ranks{seen}: every stage's optimizer "
+            "must give a group the same limit, or the group's pieces are clipped by different coefficients"
         )
 
 

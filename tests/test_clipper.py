@@ -498,3 +498,25 @@ def test_unitwise_takes_a_norm_beyond_float32_range_for_finite():
         # The unit's coefficient, 3.3e-41, is a float32 subnormal (AGC applies it in the gradient's precision,
         # not in two factors as the total modes do): 2e-5 off.
         torch.testing.assert_close(w.grad, torch.tensor([[1.0, -1.0]]) * (limit / math.sqrt(2.0)), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, math.inf])
+def test_group_limits_that_holders_of_one_slot_give_differently_are_found(p):
+    """Two tensor-parallel ranks hold halves of one slot, one with max_norm 1, the other inf: the summed
+    check read inf + inf as agreement; limits ride as 1 / (1 + limit) now. Equal limits (inf too) agree,
+    also summed over different numbers of holders."""
+    from dist_clip.clipper import _group_membership, _limits_agree
+
+    def combine(*parts):
+        out = parts[0]
+        for x in parts[1:]:
+            out = torch.maximum(out, x) if math.isinf(p) else out + x
+        return out
+
+    slot = torch.tensor([0])
+    with pytest.raises(ValueError, match="param group 0 .* has different max_norm on different ranks"):
+        _limits_agree(combine(_group_membership([0], p, [1.0]), _group_membership([0], p, [math.inf])), slot, p, ["g"])
+    for limit in (2.0, math.inf, 0.0):
+        _limits_agree(combine(_group_membership([0], p, [limit]), _group_membership([0], p, [limit])), slot, p, ["g"])
+        three = combine(*[_group_membership([0, -1], p, [limit])] * 3, _group_membership([-1, 0], p, [limit]))
+        _limits_agree(three, torch.tensor([0, 0]), p, ["g"])
