@@ -498,15 +498,10 @@ class GradClipper:
             return self._unitwise(target, arm_skip, group, want_report)
 
         named_mode = plan is not None or cfg.mode != "total" or want_report
+        grouping = None
         if plan is not None:
-            try:
-                named: _slots.Named | None = plan.named_shards(target)
-                if cfg.mode == "per_group":
-                    assert optimizer is not None
-                    self._groups(named, optimizer)  # type: ignore[arg-type]  # its errors, found here
-            except (ValueError, TypeError) as e:
-                _refuse_together(plan, p, cfg.mode == "per_group")
-                raise e
+            groups = (lambda nm: self._groups(nm, optimizer)) if cfg.mode == "per_group" else None  # type: ignore[arg-type]
+            named, grouping = named_under_plan(plan, target, p, groups)
         elif named_mode:
             named = _slots.named_shards(target, group)
         else:
@@ -529,10 +524,11 @@ class GradClipper:
         else:
             shards = _plain_shards(target, group)  # names are not needed here
             pick, n_slots = None, 1
-        grouping = membership = None
+        membership = None
         if cfg.mode == "per_group":
             assert named is not None and optimizer is not None
-            grouping = self._groups(named, optimizer)
+            if grouping is None:
+                grouping = self._groups(named, optimizer)
             if plan is not None or isinstance(target, Mapping):
                 # Pipeline stages, or named pieces whose ranks' optimizers differ (a rank holding nothing of a
                 # parameter may leave it out): every rank's memberships travel in the measurement.
@@ -689,6 +685,24 @@ class GradClipper:
         return ClipResult(total, applied, clipped, finite, limit, (), norms)
 
 
+def named_under_plan(
+    plan: ParallelPlan,
+    target: object,
+    p: float,
+    groups: Callable[[_slots.Named], tuple[list[int], list[float], list[str]]] | None = None,
+) -> tuple[_slots.Named, tuple[list[int], list[float], list[str]] | None]:
+    """This rank's named pieces under ``plan`` and, for per_group, its groups (``groups``), both checked before
+    the collective: bad input (a name the plan lacks, a Partial gradient, a bad group limit) that only this
+    stage sees is refused together with the other ranks (:func:`_refuse_together`) rather than left to them
+    waiting in the collective."""
+    try:
+        named = plan.named_shards(target)
+        return named, groups(named) if groups is not None else None
+    except (ValueError, TypeError):
+        _refuse_together(plan, p, groups is not None)
+        raise
+
+
 def _refuse_together(plan: ParallelPlan, p: float, per_group: bool) -> None:
     """Bad input on this rank under a plan (a name the plan lacks, a Partial gradient, a bad group limit), which
     the other stages may not share: join their one collective with the same layout and a NaN fingerprint, so
@@ -788,8 +802,7 @@ def _per_group(
         )
     index = torch.tensor(groups_of or [-1], dtype=torch.long).to(m.device)
     if m.extra is not None:  # plan or named pieces: the groups of every rank's slots, combined (on the device)
-        rows = m.extra.reshape(-1, index.numel())
-        ids, holders, third = rows[0], rows[1], rows[2]
+        ids, holders, third = m.extra.reshape(5, index.numel())[:3]  # see _group_membership
         same = (ids == -third) if math.isinf(p) else (third * holders == ids * ids)
         consistent = (same | (holders <= 0)).all()  # every holder of every slot names the same group
         ids = ids if math.isinf(p) else ids / holders.clamp(min=1)  # MAX: the id itself; SUM: id x holders
@@ -799,7 +812,7 @@ def _per_group(
                 "per_group clipping found none of the target's parameters in any rank's optimizer.param_groups, "
                 "so it would clip nothing; pass the optimizer that steps these parameters"
             )
-        if rows.shape[0] == 5 and not fill_only:
+        if not fill_only:
             _limits_agree(m.extra, combined, p, labels)
         if fill_only:
             # Ranks may number their groups differently (one holding nothing of a group's parameters may leave

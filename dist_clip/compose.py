@@ -306,11 +306,12 @@ def get_total_norm(target: object, plan: ParallelPlan, norm_type: float | str = 
     inf / (inf + 1e-6) = NaN when the norm was inf or NaN)."""
     from . import _norm
     from . import clip as _clip_api
+    from .clipper import named_under_plan
 
     p = _norm.parse_norm_type(norm_type)
     if not isinstance(plan, ParallelPlan):
         raise TypeError(f"plan must be a dist_clip.ParallelPlan, got {type(plan).__name__}")
-    named = plan.named_shards(target)
+    named, _ = named_under_plan(plan, target, p)  # one stage's bad input: every rank raises together
     index = {n: i for i, n in enumerate(named.names)}
     tensors = [t for s in named.shards for t in s.tensors]
     _clip_api.settle_hand_over(target, lambda: tensors)

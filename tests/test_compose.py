@@ -548,12 +548,12 @@ def body_one_sided_bad_input() -> list[str]:
     mesh = cases.mesh((2,), ("pp",))
     plan = ParallelPlan(mesh, names=("a.weight", "b.weight"))
     out = []
-    for case in ("missing name", "bad group limit", "partial"):
+    for case in ("missing name", "bad group limit", "partial", "measure only"):
         q = torch.nn.Parameter(torch.zeros(4))
         q.grad = torch.arange(1.0, 5.0)
         pieces = {("a.weight", "b.weight")[rank]: q}
         kw, opt = {}, None
-        if case == "missing name" and rank == 1:
+        if case in ("missing name", "measure only") and rank == 1:
             pieces["c.bias"] = torch.nn.Parameter(torch.zeros(2))
             pieces["c.bias"].grad = torch.ones(2)
         if case == "bad group limit":
@@ -564,7 +564,10 @@ def body_one_sided_bad_input() -> list[str]:
             w.grad = DTensor.from_local(torch.ones(4), mesh, [Partial()], run_check=False)
             pieces = {"b.weight": w}
         try:
-            GradClipper(max_norm=1.0, **kw)(pieces, plan=plan, optimizer=opt)
+            if case == "measure only":  # compose.get_total_norm refuses the same way
+                compose.get_total_norm(pieces, plan)
+            else:
+                GradClipper(max_norm=1.0, **kw)(pieces, plan=plan, optimizer=opt)
             out.append("no error")
         except (ValueError, RuntimeError) as e:
             out.append(f"{type(e).__name__}: {e}")
@@ -573,11 +576,12 @@ def body_one_sided_bad_input() -> list[str]:
 
 def test_bad_input_on_one_stage_raises_on_every_rank_at_once(run_ranks):
     a, b = run_ranks(2, body_one_sided_bad_input, timeout_s=60)
-    assert all(m.startswith("RuntimeError: another rank of this call refused its input") for m in a), a
+    assert len(a) == 4 and all(m.startswith("RuntimeError: another rank of this call refused its input") for m in a), a
     expected = ("ValueError: this rank holds 'c.bias', which is neither in the plan's names",
                 "ValueError: param group 0 has max_norm -1.0; expected a number >= 0",
-                "ValueError: gradient of 'b.weight' has placements (Partial(sum),)")
-    assert len(b) == 3 and all(m.startswith(e) for m, e in zip(b, expected)), b
+                "ValueError: gradient of 'b.weight' has placements (Partial(sum),)",
+                "ValueError: this rank holds 'c.bias', which is neither in the plan's names")
+    assert len(b) == 4 and all(m.startswith(e) for m, e in zip(b, expected)), b
 
 
 def body_group_limits_across_stages() -> list[str]:

@@ -133,6 +133,13 @@ class GroupCounting:
     def _first_in_group(self, line: list[int]) -> bool:
         return self.me == min((r for r in line if r in self.ranks), default=self.me)
 
+    @staticmethod
+    def _line(grid: Any, coord: Sequence[int], d: int) -> list[int]:  # noqa: ANN401
+        """The ranks of ``grid`` that differ from ``coord`` along dim ``d`` only (``coord``'s included)."""
+        index: list[Any] = list(coord)
+        index[d] = slice(None)
+        return grid[tuple(index)].reshape(-1).tolist()
+
     def counted(self, name: str, mesh: Any, root: Any, coord: Sequence[int], distinct: Sequence[bool]) -> bool:  # noqa: ANN401
         """Whether this rank's piece of ``name`` (on ``mesh`` at ``coord``; ``distinct``: its Shard dims) counts."""
         key = (id(mesh), tuple(distinct))
@@ -154,20 +161,15 @@ class GroupCounting:
                 "a group holding them (the shard group, the world) or no group="
             )
         for d, is_d in enumerate(distinct):  # the mesh's own Replicate dims: the group's first copy counts
-            if not is_d:
-                index = list(coord)
-                index[d] = slice(None)
-                if not self._first_in_group(grid[tuple(index)].reshape(-1).tolist()):
-                    return False
+            if not is_d and not self._first_in_group(self._line(grid, coord, d)):
+                return False
         if root is mesh:
             return True
         own = set(grid.reshape(-1).tolist())
         spanned = self.spanned.get(id(root), own)
         rgrid, rcoord = root.mesh, root.get_coordinate()
         for d in range(root.ndim):
-            index = list(rcoord)
-            index[d] = slice(None)
-            line = rgrid[tuple(index)].reshape(-1).tolist()
+            line = self._line(rgrid, rcoord, d)
             if set(line) <= own:
                 continue  # a dim of the mesh itself
             if not set(line) <= spanned:
