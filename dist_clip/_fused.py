@@ -28,14 +28,13 @@ from torch import Tensor
 
 from . import _scale
 
-__all__ = ["gradients", "hand_over_", "settle", "steps_what_was_measured", "supports_grad_scale"]
+__all__ = ["arm_skip_", "gradients", "hand_over_", "settle", "steps_what_was_measured", "supports_grad_scale"]
 
 _PENDING = "_dist_clip_pending"
 _HOOKS = "_dist_clip_hooks"
 _SAVED = "_dist_clip_saved"
+_SKIP = "_dist_clip_skip"
 _MISSING = object()
-#: Marks a ``found_inf`` tensor armed for one step only (the skip policy's): restored by nobody after that step.
-ONE_STEP = "_dist_clip_one_step"
 # Optimizers holding a coefficient for their next step(): a later call reading the same gradients settles it.
 _WAITING: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
 
@@ -172,24 +171,45 @@ def _unchanged(held: list[Tensor], versions: list[int], grads: list[Tensor]) -> 
     )
 
 
+def _install_hooks(optimizer: torch.optim.Optimizer) -> None:
+    if _HOOKS not in optimizer.__dict__:
+        optimizer.__dict__[_HOOKS] = (
+            optimizer.register_step_pre_hook(_pre_hook),
+            optimizer.register_step_post_hook(_post_hook),
+        )
+
+
+def arm_skip_(optimizer: torch.optim.Optimizer, flag: Tensor) -> None:
+    """Make the next ``step()`` of a fused optimizer skip where the 0-dim ``flag`` is true: ``found_inf``, set in
+    the step pre-hook (combined with a pending hand-over's flag and with what a ``GradScaler`` set just before
+    ``step()``: either skips), put back as it was after the step. Set at arming time instead, it was overwritten
+    by ``GradScaler.step`` (the skip was lost) and missed the first-step preparation of fused SGD's momentum."""
+    _install_hooks(optimizer)
+    optimizer.__dict__[_SKIP] = flag.reshape(()).to(torch.float32)
+
+
 def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     _WAITING.discard(optimizer)
     pending = optimizer.__dict__.pop(_PENDING, None)
-    if pending is None:
+    skip = optimizer.__dict__.pop(_SKIP, None)
+    if pending is not None and not _unchanged(pending[3], pending[4], gradients(optimizer)):
+        pending = None  # measured on gradients that are gone (the step it was for never came): not this step's
+    if pending is None and skip is None:
         return
-    scale, found, _, held, versions = pending
-    if not _unchanged(held, versions, gradients(optimizer)):
-        return  # measured on gradients that are gone (the step it was for never came): not this step's
+    scale, found = (pending[0], pending[1]) if pending is not None else (None, skip)
+    if pending is not None and skip is not None:
+        found = torch.maximum(found, skip.to(found.device, non_blocking=True))
     saved = (optimizer.__dict__.get("grad_scale", _MISSING), optimizer.__dict__.get("found_inf", _MISSING))
     theirs_scale, theirs_found = saved
-    if isinstance(theirs_scale, Tensor):
+    if scale is not None and isinstance(theirs_scale, Tensor):
         scale = scale * theirs_scale.to(scale.device, non_blocking=True)
     if isinstance(theirs_found, Tensor):
         # Either flag skips: the larger, kept 0 or 1 (torch's CPU fused kernels skip on exactly 1, so a sum of
         # two raised flags, 2, would step with non-finite gradients).
         found = torch.maximum(found, theirs_found.to(device=found.device, dtype=found.dtype, non_blocking=True))
     optimizer.__dict__[_SAVED] = (saved, _prepare_sgd_first_step(optimizer), found)
-    optimizer.grad_scale = scale  # type: ignore[attr-defined]
+    if scale is not None:
+        optimizer.grad_scale = scale  # type: ignore[attr-defined]
     optimizer.found_inf = found  # type: ignore[attr-defined]
 
 
@@ -204,7 +224,7 @@ def _post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None
         for p in fresh:
             optimizer.state[p].pop("momentum_buffer", None)
     for name, value in zip(("grad_scale", "found_inf"), saved):
-        if value is _MISSING or getattr(value, ONE_STEP, False):  # a skip flag armed for this step only: spent
+        if value is _MISSING:
             optimizer.__dict__.pop(name, None)
         else:
             setattr(optimizer, name, value)
@@ -218,11 +238,7 @@ def hand_over_(
     ``coef`` and ``total`` are 0-dim device tensors; nothing here reads them on the host. The caller has
     checked :func:`supports_grad_scale`. ``grads``: the optimizer's :func:`gradients`, when the caller has them.
     """
-    if _HOOKS not in optimizer.__dict__:
-        optimizer.__dict__[_HOOKS] = (
-            optimizer.register_step_pre_hook(_pre_hook),
-            optimizer.register_step_post_hook(_post_hook),
-        )
+    _install_hooks(optimizer)
     scale = torch.reciprocal(coef.to(torch.float32))  # the kernels divide: 1/1 == 1 keeps an unclipped step exact
     found = torch.logical_not(torch.isfinite(total)).to(torch.float32)
     _stash(optimizer, scale, found, coef, grads if grads is not None else gradients(optimizer))

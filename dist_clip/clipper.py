@@ -145,14 +145,17 @@ class _SkipGuard:
     """Hooks on one optimizer that turn its next step into a no-op when armed with a true flag.
 
     Fused optimizers (``fused=True`` Adam, AdamW, SGD, Adagrad) read ``optimizer.found_inf`` in their kernels, as
-    ``torch.amp.GradScaler`` uses them: nothing is read on the host. Other optimizers are snapshotted before the
-    step and restored after it, with ``torch.where`` on the device (on the CPU, where reading the flag is free,
-    only when the flag is set).
+    ``torch.amp.GradScaler`` uses them: nothing is read on the host (:func:`_fused.arm_skip_` sets it in a step
+    pre-hook, combined with the scaler's). Other optimizers are snapshotted before the step and restored after
+    it, with ``torch.where`` on the device (on the CPU, where reading the flag is free, only when the flag is
+    set). State that only the host can restore makes the accelerator path read the flag once: state created by
+    the step (each optimizer has its own initial values: NAdam's ``mu_product`` 1, Rprop's ``step_size`` lr, so
+    no device-side default is right: it is removed, as if never stepped) and state that is not a tensor
+    (SparseAdam's and LBFGS's counters and histories).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.flag: Tensor | None = None
-        self.found_inf: Tensor | None = None
         self.saved: tuple[list[Tensor], list[Tensor], dict[int, dict[str, Any]], list[Tensor]] | None = None
         optimizer.register_step_pre_hook(self._pre)
         optimizer.register_step_post_hook(self._post)
@@ -165,12 +168,15 @@ class _SkipGuard:
 
     def arm(self, optimizer: torch.optim.Optimizer, flag: Tensor) -> None:
         if self.fused(optimizer):
-            self.found_inf = flag.to(torch.float32)
-            setattr(self.found_inf, _fused.ONE_STEP, True)  # a hand-over's hooks must not put it back after the step
-            optimizer.found_inf = self.found_inf  # type: ignore[attr-defined]
+            _fused.arm_skip_(optimizer, flag)
             self.flag = None
         else:
             self.flag = flag
+
+    @staticmethod
+    def _on_host(flag: Tensor) -> bool:
+        """Whether reading ``flag`` is free (the CPU): then the snapshot is taken only when it is set."""
+        return flag.device.type == "cpu"
 
     @staticmethod
     def _local(t: Tensor) -> Tensor:
@@ -180,7 +186,7 @@ class _SkipGuard:
         flag = self.flag
         if flag is None:
             return
-        if flag.device.type == "cpu" and not bool(flag):
+        if self._on_host(flag) and not bool(flag):
             self.flag = None
             return
         params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -195,16 +201,16 @@ class _SkipGuard:
         self.saved = ([t.clone() for t in locals_], locals_, states, params)
 
     def _post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self.found_inf is not None:
-            if getattr(optimizer, "found_inf", None) is self.found_inf:
-                del optimizer.found_inf  # type: ignore[attr-defined]
-            self.found_inf = None
         flag, saved = self.flag, self.saved
         self.flag = self.saved = None
         if saved is None or flag is None:
             return
         values, live, states, params = saved
-        known = flag.device.type == "cpu"  # we only snapshot on the CPU when the flag is set
+        known = self._on_host(flag)  # we only snapshot on the host when the flag is set
+        if not known and self._host_state(optimizer, params, states):
+            if not bool(flag):  # one host read: state the device cannot put back
+                return
+            known = True
         with torch.no_grad():
             for old, now in zip(values, live):
                 now.copy_(old if known else torch.where(flag.to(now.device), old, now))
@@ -217,6 +223,8 @@ class _SkipGuard:
                     if before is None:
                         del optimizer.state[p]
                         continue
+                    for k in [k for k in after if k not in before]:
+                        del after[k]
                     for k, v in before.items():
                         if isinstance(v, Tensor) and isinstance(after.get(k), Tensor):
                             self._local(after[k]).copy_(v)
@@ -224,12 +232,27 @@ class _SkipGuard:
                             after[k] = v
                     continue
                 for k, v in after.items():
-                    if not isinstance(v, Tensor):
-                        continue
                     loc = self._local(v)
-                    prev = before.get(k) if before is not None else None
-                    base = prev if isinstance(prev, Tensor) and prev.shape == loc.shape else torch.zeros_like(loc)
-                    loc.copy_(torch.where(flag.to(loc.device), base.to(loc.device), loc))
+                    prev = before[k]  # present: _host_state found no new state
+                    loc.copy_(torch.where(flag.to(loc.device), prev.to(loc.device), loc))
+
+    @staticmethod
+    def _host_state(optimizer: torch.optim.Optimizer, params: list[Tensor], states: dict[int, dict[str, Any]]) -> bool:
+        """Whether the step created state, changed its layout, or holds state that is not a tensor: only the host
+        can restore those (see the class)."""
+        for p in params:
+            if p not in optimizer.state:
+                continue
+            before, after = states.get(id(p)), optimizer.state[p]
+            if before is None or before.keys() != after.keys():
+                return True
+            for k, v in after.items():
+                prev = before[k]
+                if not (isinstance(v, Tensor) and isinstance(prev, Tensor)):
+                    return True
+                if prev.shape != _SkipGuard._local(v).shape:
+                    return True
+        return False
 
 
 def _kept(coef: Tensor, finite: Tensor, policy: str) -> Tensor:
@@ -257,10 +280,12 @@ def skip_next_step_(optimizer: torch.optim.Optimizer, flag: Tensor) -> None:
     that restores them with ``torch.where`` on the device (on the CPU only when the flag is set, since reading
     it is free there). A fairscale ``OSS`` or torch ``ZeroRedundancyOptimizer`` arms its inner ``optim`` (which
     holds the state), so the broadcast that ends its ``step()`` carries the restored parameters. The snapshot
-    costs one copy of parameters and state per step on accelerators: prefer a fused optimizer. State that a
-    first step creates is reset to zeros on accelerators (the usual initial state) and removed on the CPU;
-    optimizer state kept on the host for device parameters (``capturable=False`` step counters) makes the
-    restore a host sync.
+    costs one copy of parameters and state per step on accelerators: prefer a fused optimizer. A fused
+    optimizer's flag is set in a step pre-hook, combined with a ``GradScaler``'s (either skips). State that
+    a skipped step creates is removed (as if never stepped), and state that is not a tensor (SparseAdam's,
+    LBFGS's counters) put back; on accelerators deciding either reads the flag on the host once (the first
+    step of each parameter, or every step for such optimizers), as does optimizer state kept on the host for
+    device parameters (``capturable=False`` step counters).
     """
     from .adapters.fairscale import skip_optimizers
 

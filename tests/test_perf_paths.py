@@ -490,6 +490,126 @@ def test_non_finite_norm_skips_the_fused_step(name, bad, first):
         assert torch.equal(p, p_ref)
 
 
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("how", ["GradClipper", "skip_next_step_"])
+@pytest.mark.parametrize("first", [True, False])
+def test_skip_policy_on_a_fused_optimizer_is_as_if_never_stepped(name, how, first):
+    """The skip policy on a fused optimizer (found_inf, no hand-over): a skipped first step of a fused SGD with
+    momentum left torch's empty_like momentum buffers (1e36 after one skip), and the next good step moved the
+    parameters by that garbage; training must go on exactly as if the skipped step had never been attempted."""
+    ref_model, model = _model(), _model()
+    ref_opt = OPTIMIZERS[name](list(ref_model.parameters()), True)
+    opt = OPTIMIZERS[name](list(model.parameters()), True)
+    clipper = dist_clip.GradClipper(max_norm=0.5, on_nonfinite="skip")
+    bad_step = 0 if first else 2
+    for step in range(4):
+        _backward(model, step)
+        if step == bad_step:
+            before = [p.detach().clone() for p in model.parameters()]
+            next(model.parameters()).grad.view(-1)[3] = math.nan
+        if how == "GradClipper":
+            finite = clipper(model, optimizer=opt).finite
+        else:
+            dist_clip.clip_grad_norm_(model, 0.5)
+            finite = torch.tensor(step != bad_step)
+            dist_clip.skip_next_step_(opt, ~finite)
+        opt.step()
+        assert "found_inf" not in opt.__dict__ and "grad_scale" not in opt.__dict__
+        if step == bad_step:
+            assert not bool(finite)
+            assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+            continue
+        _backward(ref_model, step)
+        dist_clip.clip_grad_norm_(ref_model, 0.5)
+        ref_opt.step()
+    for p_ref, p in zip(ref_model.parameters(), model.parameters()):
+        assert torch.equal(p, p_ref)
+
+
+@pytest.mark.parametrize("flagged", ["dist_clip", "scaler", "neither"])
+def test_skip_flag_of_a_fused_optimizer_survives_gradscaler_step(flagged):
+    """GradScaler.step sets optimizer.found_inf itself just before step(): a skip flag set when the clipper
+    ran was overwritten, so a rank whose own gradients were finite stepped while the others skipped. Either
+    flag must skip; neither steps as without dist_clip; the scaler's attributes are gone after its step."""
+    results = []
+    for armed in (False, True):
+        model = _model()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        _backward(model, 0, scaler)
+        if flagged == "scaler":
+            next(model.parameters()).grad.view(-1)[0] = math.inf
+        scaler.unscale_(opt)
+        if armed:
+            dist_clip.skip_next_step_(opt, torch.tensor(flagged == "dist_clip"))
+        before = [p.detach().clone() for p in model.parameters()]
+        scaler.step(opt)
+        scaler.update()
+        assert "found_inf" not in opt.__dict__ and "grad_scale" not in opt.__dict__
+        stepped = not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+        assert stepped == (flagged == "neither" or (flagged == "dist_clip" and not armed)), (flagged, armed)
+        results.append([p.detach().clone() for p in model.parameters()])
+    if flagged != "dist_clip":
+        assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def _host_state_optimizers() -> dict[str, object]:
+    return {
+        "NAdam": lambda ps: torch.optim.NAdam(ps, lr=1e-2),
+        "Rprop": lambda ps: torch.optim.Rprop(ps, lr=1e-2),
+        "ASGD": lambda ps: torch.optim.ASGD(ps, lr=1e-2),
+        "Adam": lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True),
+        "SparseAdam": lambda ps: torch.optim.SparseAdam(ps, lr=1e-2),
+        "LBFGS": lambda ps: torch.optim.LBFGS(ps, lr=0.1, max_iter=3, history_size=4),
+    }
+
+
+@pytest.mark.parametrize("name", list(_host_state_optimizers()))
+@pytest.mark.parametrize("bad_step", [0, 2])
+def test_skip_restore_on_the_accelerator_path_is_as_if_never_stepped(monkeypatch, name, bad_step):
+    """The restore for a flag that cannot be read for free (an accelerator's; simulated on the CPU): state a
+    skipped first step created was reset to zeros, which is no optimizer's initial state for NAdam
+    (mu_product 1), Rprop (step_size lr), ASGD (ax, eta); state that is not a tensor (SparseAdam's step,
+    LBFGS's counters and history) was not put back at all. Both must end as if the step was never taken."""
+    monkeypatch.setattr(dist_clip.clipper._SkipGuard, "_on_host", staticmethod(lambda flag: False))
+    make = _host_state_optimizers()[name]
+    sparse = name == "SparseAdam"
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Embedding(10, 4, sparse=True) if sparse else _model()
+
+    def loss_of(m, step):
+        if sparse:
+            return m(torch.tensor([step % 10, (3 * step + 1) % 10])).square().sum()
+        return m(torch.randn(16, 32, generator=torch.Generator().manual_seed(100 + step))).square().sum()
+
+    ref_model, model = build(), build()
+    ref_opt, opt = make(list(ref_model.parameters())), make(list(model.parameters()))
+    for step in range(4):
+        for m, o in ((model, opt), (ref_model, ref_opt)):
+            if m is ref_model and step == bad_step:
+                continue
+            if m is model:
+                dist_clip.skip_next_step_(o, torch.tensor(step == bad_step))
+
+            def closure(m=m, step=step):
+                m.zero_grad(set_to_none=True)
+                loss = loss_of(m, step)
+                loss.backward()
+                return loss
+
+            if name == "LBFGS":
+                o.step(closure)
+            else:
+                closure()
+                o.step()
+        if step == bad_step:
+            continue
+        for p_ref, p in zip(ref_model.parameters(), model.parameters()):
+            assert torch.equal(p, p_ref), (name, step)
+
+
 def _second_call(second: str, model: nn.Module, first: torch.Tensor):
     """A dist_clip call reading the gradients between a clip and step(); returns the norm it saw."""
     if second == "clip_grad_norm_":
