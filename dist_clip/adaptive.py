@@ -135,8 +135,8 @@ class _AutoClipState:
         hist = state["history"]
         cap = self.config.window
         want = min(count, cap) if cap is not None else count
-        if not isinstance(hist, Tensor) or hist.dim() != 1 or hist.numel() != want:
-            raise ValueError(f"AutoClip state 'history' must be a 1-D tensor of {want} norms, got {hist!r:.80}")
+        if not isinstance(hist, Tensor) or hist.dim() != 1 or hist.numel() != want or not hist.is_floating_point():
+            raise ValueError(f"AutoClip state 'history' must be a 1-D float tensor of {want} norms, got {hist!r:.80}")
         size = cap if cap is not None else max(64, 1 << max(0, (count - 1)).bit_length())
         buf = torch.full((size,), math.nan, dtype=torch.float64)
         buf[:want] = hist.to(torch.float64)
@@ -150,9 +150,9 @@ class _AutoClipState:
 class ZClip:
     """ZClip (Kumar et al. 2025): clip spikes found by a z-score against an EMA of the norm's mean and variance.
 
-    For the first ``warmup_steps`` calls the norms are collected (and clipped at ``max_norm`` if set, as
-    ``clip_grad_norm_`` would); then mean and variance start from their plain average and follow
-    ``mean = a*mean + (1-a)*g`` and ``var = a*var + (1-a)*(g - mean)**2``. A norm whose
+    Until ``warmup_steps`` finite norms are collected the norms are clipped at ``max_norm`` if set, as
+    ``clip_grad_norm_`` would (left alone with ``max_norm=None``); then mean and variance start from their plain
+    average and follow ``mean = a*mean + (1-a)*g`` and ``var = a*var + (1-a)*(g - mean)**2``. A norm whose
     ``z = (g - mean) / (std + eps)`` exceeds ``z_thresh`` is a spike: it is clipped to
     ``(mean + z_thresh * std / (z / z_thresh)) * clip_factor`` ("adaptive_scaling") or to ``mean`` ("mean"),
     never above ``max_norm``, and the EMA is fed the clipped value (or not fed at all with
@@ -184,47 +184,54 @@ class ZClip:
 
 
 class _ZClipState:
+    """Warm-up buffer, EMA mean and variance, all float64 device tensors updated with tensor ops only.
+
+    Warm-up lasts until ``warmup_steps`` finite norms are collected (``seen``, a device count): it counted calls
+    before, so a warm-up of non-finite norms only (fp16 overflows in the first steps) left the mean NaN and
+    every later spike unclipped, with nothing said.
+    """
+
     def __init__(self, config: ZClip) -> None:
         self.config = config
-        self.count = 0  # calls seen (host-side; warm-up is decided from it, never from the device)
-        self.warm: Tensor | None = None  # warm-up norms, NaN where non-finite
+        self.count = 0  # calls seen (host-side, for the record)
+        self.seen: Tensor | None = None  # finite warm-up norms collected, up to warmup_steps
+        self.warm: Tensor | None = None  # warm-up norms in the order seen, NaN beyond ``seen``
         self.mean: Tensor | None = None
         self.var: Tensor | None = None
-        self._warmup_now = False
+        self._warming: Tensor | None = None  # whether the last call was still in warm-up (device bool)
 
     def _ensure(self, device: torch.device) -> None:
         if self.warm is None:
             self.warm = torch.full((self.config.warmup_steps,), math.nan, dtype=torch.float64, device=device)
             self.mean = torch.full((), math.nan, dtype=torch.float64, device=device)
             self.var = torch.full((), math.nan, dtype=torch.float64, device=device)
-        elif self.warm.device != device:
-            self.warm, self.mean, self.var = (t.to(device) for t in (self.warm, self.mean, self.var))
+        if self.seen is None:
+            self.seen = torch.zeros((), dtype=torch.float64, device=device)
+        if self.warm.device != device:
+            self.warm, self.mean, self.var, self.seen = (
+                t.to(device) for t in (self.warm, self.mean, self.var, self.seen)  # type: ignore[union-attr]
+            )
 
     def threshold(self, total: Tensor, finite: Tensor) -> Tensor:
         cfg = self.config
         self._ensure(total.device)
-        assert self.warm is not None and self.mean is not None and self.var is not None
-        g = total.to(torch.float64)
-        nan = torch.full_like(g, math.nan)
-        inf = torch.full_like(g, math.inf)
-        if self.count < cfg.warmup_steps:
-            self._warmup_now = True
-            self.warm[self.count] = torch.where(finite, g, nan)
-            self.count += 1
-            if self.count == cfg.warmup_steps:
-                ok = torch.isfinite(self.warm)
-                n = ok.sum()
-                vals = torch.where(ok, self.warm, torch.zeros_like(self.warm))
-                mean = vals.sum() / n
-                var = torch.where(ok, (self.warm - mean) ** 2, torch.zeros_like(self.warm)).sum() / n
-                self.mean.copy_(mean)
-                self.var.copy_(var)
-            return torch.full_like(g, cfg.max_norm) if cfg.max_norm is not None else inf
-        self._warmup_now = False
+        assert self.warm is not None and self.mean is not None and self.var is not None and self.seen is not None
         self.count += 1
+        g = total.to(torch.float64)
+        finite = finite.to(g.device)
+        width = cfg.warmup_steps
+        warming = self.seen < width
+        take = warming & finite
+        slot = torch.arange(width, device=g.device) == self.seen.clamp(max=width - 1).to(torch.int64)
+        self.warm.copy_(torch.where(slot & take, g, self.warm))
+        seen = self.seen + take.to(torch.float64)
+        ready = warming & (seen >= width)  # the warm-up ends with this norm: every entry is finite now
+        mean0 = self.warm.mean()
+        var0 = ((self.warm - mean0) ** 2).mean()
+
         std = self.var.sqrt()
         z = (g - self.mean) / (std + cfg.eps)
-        spike = z > cfg.z_thresh
+        spike = ~warming & (z > cfg.z_thresh)
         if cfg.clip_option == "adaptive_scaling":
             eta = z / cfg.z_thresh
             clip_val = (self.mean + (cfg.z_thresh * std) / eta) * cfg.clip_factor
@@ -233,28 +240,36 @@ class _ZClipState:
         effective = torch.where(spike, clip_val, g)
         if cfg.max_norm is not None:
             effective = torch.minimum(effective, torch.full_like(g, cfg.max_norm))
-        update = finite & torch.isfinite(self.mean)
+        update = ~warming & finite
         if cfg.skip_update_on_spike:
             update = update & ~spike
         fed = torch.where(spike, clip_val, g)
         new_mean = cfg.alpha * self.mean + (1 - cfg.alpha) * fed
         new_var = cfg.alpha * self.var + (1 - cfg.alpha) * (fed - new_mean) ** 2
-        self.mean.copy_(torch.where(update, new_mean, self.mean))
-        self.var.copy_(torch.where(update, new_var, self.var))
-        return effective
+        self.mean.copy_(torch.where(ready, mean0, torch.where(update, new_mean, self.mean)))
+        self.var.copy_(torch.where(ready, var0, torch.where(update, new_var, self.var)))
+        self.seen.copy_(seen)
+        self._warming = warming
+        during = torch.full_like(g, cfg.max_norm if cfg.max_norm is not None else math.inf)
+        return torch.where(warming, during, effective)
 
     def coefficient(self, threshold: Tensor, total: Tensor) -> Tensor:
         g = total.to(torch.float64)
-        if self._warmup_now:
-            return torch.clamp(threshold / (g + 1e-6), max=1.0)  # clip_grad_norm_(max_norm) during warm-up
-        return torch.where(g > threshold, threshold / (g + 1e-6), torch.ones_like(g))
+        after = torch.where(g > threshold, threshold / (g + 1e-6), torch.ones_like(g))
+        if self.config.max_norm is None:
+            during = torch.ones_like(g)  # nothing is clipped in warm-up (inf / inf or inf / NaN was NaN)
+        else:
+            during = torch.clamp(threshold / (g + 1e-6), max=1.0)  # clip_grad_norm_(max_norm) during warm-up
+        warming = self._warming if self._warming is not None else torch.zeros((), dtype=torch.bool)
+        return torch.where(warming.to(g.device), during, after)
 
     def state_dict(self) -> dict[str, Any]:
-        def cpu(t: Tensor | None, shape: tuple[int, ...]) -> Tensor:
-            return t.detach().cpu().clone() if t is not None else torch.full(shape, math.nan, dtype=torch.float64)
+        def cpu(t: Tensor | None, shape: tuple[int, ...], fill: float = math.nan) -> Tensor:
+            return t.detach().cpu().clone() if t is not None else torch.full(shape, fill, dtype=torch.float64)
 
         return {
             "count": self.count,
+            "seen": cpu(self.seen, (), 0.0),
             "warmup": cpu(self.warm, (self.config.warmup_steps,)),
             "mean": cpu(self.mean, ()),
             "var": cpu(self.var, ()),
@@ -262,16 +277,36 @@ class _ZClipState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         count = _int("ZClip state 'count'", state["count"], 0)
+        width = self.config.warmup_steps
         warm = state["warmup"]
-        if not isinstance(warm, Tensor) or warm.shape != (self.config.warmup_steps,):
+        if not isinstance(warm, Tensor) or warm.shape != (width,) or not warm.is_floating_point():
             raise ValueError(
-                f"ZClip state 'warmup' must be a tensor of shape ({self.config.warmup_steps},) (warmup_steps), "
+                f"ZClip state 'warmup' must be a float tensor of shape ({width},) (warmup_steps), "
                 f"got {getattr(warm, 'shape', type(warm).__name__)}"
             )
-        self.count = count
-        self.warm = warm.to(torch.float64).clone()
-        self.mean = torch.as_tensor(state["mean"], dtype=torch.float64).clone().reshape(())
-        self.var = torch.as_tensor(state["var"], dtype=torch.float64).clone().reshape(())
+        moments = []
+        for key in ("mean", "var"):
+            value = state[key]
+            if not (isinstance(value, Tensor) and value.numel() == 1 and value.is_floating_point()):
+                raise ValueError(f"ZClip state {key!r} must be a one-value float tensor, got {value!r:.80}")
+            moments.append(value.detach().to(torch.float64).cpu().clone().reshape(()))
+        warm = warm.detach().to(torch.float64).cpu().clone()
+        if "seen" in state:
+            seen = state["seen"]
+            if not (isinstance(seen, Tensor) and seen.numel() == 1) or not 0 <= float(seen) <= width:
+                raise ValueError(f"ZClip state 'seen' must be a one-value tensor in [0, {width}], got {seen!r:.80}")
+            seen = seen.detach().to(torch.float64).cpu().clone().reshape(())
+        else:  # a state saved when warm-up counted calls: its finite warm-up norms, in order
+            ok = torch.isfinite(warm[: min(count, width)])
+            kept = warm[: min(count, width)][ok]
+            warm = torch.full((width,), math.nan, dtype=torch.float64)
+            warm[: kept.numel()] = kept
+            done = count >= width and bool(torch.isfinite(moments[0]))
+            seen = torch.tensor(float(width if done else kept.numel()), dtype=torch.float64)
+        # Assigned only once everything is checked: a bad state leaves the clipper as it was.
+        self.count, self.seen, self.warm = count, seen, warm
+        self.mean, self.var = moments
+        self._warming = None
 
 
 def make_state(threshold: AutoClip | ZClip) -> _AutoClipState | _ZClipState:

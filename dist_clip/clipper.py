@@ -32,7 +32,7 @@ from torch import Tensor
 from . import _fused, _norm, _reduce, _scale, _slots
 from . import clip as _clip
 from .adapters import resolve
-from .adaptive import AGC, AutoClip, ZClip, make_state, unitwise_measure, unitwise_scale_
+from .adaptive import AGC, AutoClip, ZClip, _int, make_state, unitwise_measure, unitwise_scale_
 from .compose import ParallelPlan
 from .shards import Shards
 
@@ -255,6 +255,15 @@ class _SkipGuard:
         return False
 
 
+def _counter(name: str, value: object) -> Tensor:
+    """A saved counter: an int >= 0, or a one-value integer tensor holding one (as state_dict() saves it)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(f"{name} must be a one-value integer tensor, got {value!r:.80}")
+        value = int(value)
+    return torch.tensor(_int(name, value, 0), dtype=torch.int64)
+
+
 def _kept(coef: Tensor, finite: Tensor, policy: str) -> Tensor:
     """The coefficient applied under ``policy`` where the total is not finite: 1 for "skip" (the gradients are
     left for a skipped step), 0 for "zero"; ``coef`` itself under the other policies."""
@@ -439,19 +448,22 @@ class GradClipper:
         if thr is not None and not isinstance(thr, dict):
             raise TypeError(f"GradClipper state['threshold'] must be a dict or None, got {type(thr).__name__}")
         want = type(self.config.max_norm).__name__ if self._threshold is not None else None
-        got = None if thr is None else thr.get("kind")
+        if thr is not None and "kind" not in thr:
+            raise ValueError("GradClipper state['threshold'] lacks 'kind'; expected one from state_dict()")
+        got = None if thr is None else thr["kind"]
         if want != got:
             raise ValueError(
                 f"this clipper's threshold is {want or 'fixed'} but the state is of {got or 'a fixed one'}"
             )
-        if self._threshold is not None:
+        step = _int("GradClipper state 'step'", state["step"], 0)
+        counters = [_counter(f"GradClipper state {key!r}", state[key]) for key in ("num_clipped", "num_nonfinite")]
+        if self._threshold is not None:  # assigns only once its own checks pass
             try:
                 self._threshold.load_state_dict({k: v for k, v in thr.items() if k != "kind"})
             except KeyError as e:
                 raise ValueError(f"GradClipper state['threshold'] lacks {e}; expected one from state_dict()") from None
-        self.step = int(state["step"])
-        self._num_clipped = torch.as_tensor(state["num_clipped"], dtype=torch.int64).clone()
-        self._num_nonfinite = torch.as_tensor(state["num_nonfinite"], dtype=torch.int64).clone()
+        self.step = step
+        self._num_clipped, self._num_nonfinite = counters
 
     @property
     def num_clipped(self) -> Tensor:
@@ -464,6 +476,9 @@ class GradClipper:
         return self._num_nonfinite if self._num_nonfinite is not None else torch.zeros((), dtype=torch.int64)
 
     def _count(self, clipped: Tensor, finite: Tensor) -> None:
+        """One measured call: ``step`` and the counters move here, after every check of the input (a call that
+        raised on bad input counted as a step before)."""
+        self.step += 1
         dev = clipped.device
         if self._num_clipped is None or self._num_nonfinite is None:
             self._num_clipped = torch.zeros((), dtype=torch.int64)
@@ -516,7 +531,6 @@ class GradClipper:
         group = _check_group(group)
         if plan is not None and not isinstance(plan, ParallelPlan):
             raise TypeError(f"plan must be a dist_clip.ParallelPlan, got {type(plan).__name__}")
-        self.step += 1
         if cfg.mode == "unitwise":
             if plan is not None:
                 raise ValueError("mode='unitwise' does not take a plan= (AGC reads FSDP/DTensor layouts itself)")
@@ -601,6 +615,7 @@ class GradClipper:
             # The plain pieces may be unnamed (fairscale OSS) or flat (FSDP1 without use_orig_params, fairscale
             # FSDP): name them by the unwrapped model's parameters (no collective) for the message.
             culprits = shards if named is not None else _slots.named_shards(target, group).shards
+            self._count(torch.zeros_like(finite), finite)  # a measured call: counted before it raises
             raise RuntimeError(_nonfinite_message(culprits, m.group, total.item(), p))
         pieces = _slots.all_pieces(shards, pick)
         on_cpu = total.device.type == "cpu"
@@ -686,6 +701,7 @@ class GradClipper:
         units = outcome.units
         if cfg.on_nonfinite == "error" and not bool(finite):
             shards = [Shards([u.grad], group=u.group, names=[u.name]) for u in units]
+            self._count(torch.zeros_like(finite), finite)
             raise RuntimeError(_nonfinite_message(shards, outcome.group, total.item(), p))
         policy = cfg.on_nonfinite
         on_cpu = total.device.type == "cpu"

@@ -203,8 +203,101 @@ def test_nonfinite_norms_stay_out_of_the_history():
     for g in (1.0, math.nan, 3.0, 2.0):
         z([torch.tensor([g])])
     state = z.state_dict()["threshold"]
-    # Warm-up counts calls: {1, NaN} leaves mean 1, std 0; 3 and 2 are then spikes, fed back as the mean.
-    assert state["mean"].item() == 1.0 and state["var"].item() == 0.0
+    # Warm-up collects finite norms: {1, 3} gives mean 2, var 1; then 2 (z = 0) feeds the EMA.
+    assert state["mean"].item() == 2.0 and state["var"].item() == pytest.approx(0.97, rel=1e-12)
+
+
+@pytest.mark.parametrize("max_norm", [None, 10.0])
+def test_zclip_warm_up_collects_finite_norms_only(max_norm):
+    """Warm-up counted calls: a warm-up of non-finite norms only (fp16 overflows in the first steps) left the
+    mean NaN for good, and every later spike went unclipped (coef 1.0 for a norm of 100 among norms near 1).
+    It must end after warmup_steps finite norms, as the reference fed those norms only."""
+    threshold = ZClip(warmup_steps=3, max_norm=max_norm)
+    clipper = GradClipper(max_norm=threshold)
+    ref = ZClipReference(threshold.alpha, threshold.z_thresh, max_norm, threshold.eps, 3, threshold.clip_option,
+                         threshold.clip_factor, threshold.skip_update_on_spike)
+    norms = [math.inf, math.nan, math.inf, 1.0, 1.2, math.nan, 0.9, 1.1, 1.0, 100.0, 1.05]
+    coefs = []
+    for g in norms:
+        result = clipper([torch.tensor([g, 0.0], dtype=torch.float64)])
+        if math.isfinite(g):
+            coefs.append(result.clip_coef.item())
+            assert coefs[-1] == pytest.approx(ref.step(g), rel=1e-12), (g, coefs)
+    assert coefs[-2] < 0.05  # the spike of 100 is clipped
+    state = clipper.state_dict()
+    assert state["step"] == len(norms) and int(state["num_nonfinite"]) == 4
+    assert state["threshold"]["mean"].item() == pytest.approx(ref.mean, rel=1e-12)
+
+
+def test_zclip_without_max_norm_leaves_warm_up_gradients_alone():
+    """max_norm=None clips nothing during warm-up: a non-finite norm there gave inf / NaN = NaN as the
+    coefficient, and every finite gradient became NaN under the default policy (after warm-up a NaN norm
+    already left them alone)."""
+    for bad in (math.nan, math.inf):
+        clipper = GradClipper(max_norm=ZClip(warmup_steps=3, max_norm=None))
+        finite_piece = torch.tensor([3.0, 4.0])
+        result = clipper([finite_piece, torch.tensor([bad, 1.0])])
+        assert result.clip_coef.item() == 1.0 and not bool(result.finite)
+        assert torch.equal(finite_piece, torch.tensor([3.0, 4.0]))
+
+
+def test_step_and_counters_move_once_per_measured_call():
+    """The step counter moved on calls that raised on bad input before measuring anything; the "error" policy
+    raised before counting its non-finite call (num_nonfinite stayed 0 while the step moved)."""
+    clipper = GradClipper(max_norm=ZClip(warmup_steps=2), on_nonfinite="error")
+    clipper([torch.tensor([0.5])])
+    with pytest.raises(RuntimeError, match="non-finite"):
+        clipper([torch.tensor([math.nan])])
+    with pytest.raises(TypeError):
+        clipper([torch.tensor([1, 2])])  # integer gradients
+    state = clipper.state_dict()
+    assert state["step"] == 2 and int(state["num_nonfinite"]) == 1 and int(state["num_clipped"]) == 0
+    assert state["threshold"]["seen"].item() == 1.0  # the NaN took no warm-up slot
+
+
+@pytest.mark.parametrize("key,value,error", [
+    ("step", -5, ValueError), ("step", "3", TypeError), ("num_clipped", torch.tensor([1, 2]), ValueError),
+    ("num_clipped", 2.7, TypeError), ("num_nonfinite", torch.tensor(1.5), ValueError),
+    ("mean", torch.zeros(2), ValueError), ("mean", "1.0", ValueError), ("seen", torch.tensor(9.0), ValueError),
+    ("kind", None, ValueError),
+])
+def test_bad_state_is_refused_and_leaves_the_clipper_as_it_was(key, value, error):
+    """A bad state was half loaded (the ZClip count replaced, then a RuntimeError on the mean's shape) or taken
+    as is (a negative step, a float counter cut to an int)."""
+    clipper = GradClipper(max_norm=ZClip(warmup_steps=3))
+    for g in (1.0, 2.0, 1.5, 1.2):
+        clipper([torch.tensor([g])])
+    before = clipper.state_dict()
+    state = clipper.state_dict()
+    where = state["threshold"] if key in ("mean", "seen", "kind") else state
+    if value is None:
+        del where[key]
+    else:
+        where[key] = value
+    with pytest.raises(error):
+        clipper.load_state_dict(state)
+    assert _same_state(clipper.state_dict(), before)
+
+
+def test_zclip_state_saved_when_warm_up_counted_calls_still_loads():
+    """A state without 'seen' (saved by the version whose warm-up counted calls) resumes with its finite
+    warm-up norms; a finished warm-up stays finished."""
+    old = {"version": 1, "step": 2, "num_clipped": torch.tensor(0), "num_nonfinite": torch.tensor(1),
+           "threshold": {"kind": "ZClip", "count": 2, "warmup": torch.tensor([math.nan, 2.0, math.nan],
+                                                                             dtype=torch.float64),
+                         "mean": torch.tensor(math.nan, dtype=torch.float64),
+                         "var": torch.tensor(math.nan, dtype=torch.float64)}}
+    clipper = GradClipper(max_norm=ZClip(warmup_steps=3))
+    clipper.load_state_dict(old)
+    for g in (4.0, 3.0):
+        clipper([torch.tensor([g], dtype=torch.float64)])
+    state = clipper.state_dict()["threshold"]
+    assert state["seen"].item() == 3.0 and state["mean"].item() == 3.0
+    done = {**old, "threshold": {**old["threshold"], "count": 5, "mean": torch.tensor(2.0, dtype=torch.float64),
+                                 "var": torch.tensor(0.5, dtype=torch.float64)}}
+    clipper = GradClipper(max_norm=ZClip(warmup_steps=3))
+    clipper.load_state_dict(done)
+    assert clipper.state_dict()["threshold"]["seen"].item() == 3.0
 
 
 # ------------------------------------------------------------------------------------------ AGC
