@@ -206,6 +206,7 @@ def fsdp1_pieces(root: nn.Module, group: dist.ProcessGroup | None = None) -> Fsd
         handle manages (whole and identical on every rank), every parameter name of the unwrapped model in an
         order identical on every rank, and name -> the tensor an optimizer holds for it.
     """
+    _fsdp.check_reduced(root)
     places, static = _fsdp1_places(root, group)
     pieces: list[FlatPiece] = []
     for handle, orig, offset, numel, name, start, shape, pg, optim_param, cuts, counted in places:
@@ -271,7 +272,12 @@ def module_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
 def _ddp_module(target: nn.Module) -> nn.Module | None:
     from torch.nn.parallel import DistributedDataParallel
 
-    return target.module if isinstance(target, DistributedDataParallel) else None
+    if not isinstance(target, DistributedDataParallel):
+        return None
+    from .adapters.params import check_ddp_synced
+
+    check_ddp_synced(target)
+    return target.module
 
 
 def _deepspeed_named(engine: object, group: dist.ProcessGroup | None) -> Named:

@@ -612,6 +612,9 @@ def unit_pieces(
     from torch.nn.parallel import DistributedDataParallel
 
     if isinstance(target, DistributedDataParallel):
+        from .adapters.params import check_ddp_synced
+
+        check_ddp_synced(target)
         items, group = _slots.module_parameters(target.module), None
     elif isinstance(target, nn.Module):
         items = _slots.module_parameters(target)

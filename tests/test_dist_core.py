@@ -185,6 +185,44 @@ def test_ddp_needs_no_collective(run_ranks, world):
     assert all(v == values[0] for v in values)
 
 
+def body_ddp_no_sync() -> list:
+    """Inside DDP's no_sync() each rank holds its own gradients: every mode measured them as identical replicas
+    (no collective) and each rank clipped by its own total (12.0, 19.0, 68.8 on 3 ranks). Refused on every
+    rank; after a synchronised backward the accumulated gradients give the reference's total."""
+    from dist_clip import AGC, GradClipper
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(13, 7), nn.ReLU(), nn.Linear(7, 3))
+    ref_model = nn.Sequential(nn.Linear(13, 7), nn.ReLU(), nn.Linear(7, 3)).double()
+    with torch.no_grad():
+        for p, r in zip(ref_model.parameters(), model.parameters()):
+            p.copy_(r)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    xs = torch.randn(2, world, 5, 13, generator=torch.Generator().manual_seed(7))
+    calls = (lambda: dist_clip.clip_grad_norm_(ddp, 1.0), lambda: GradClipper(mode="per_param")(ddp),
+             lambda: GradClipper(mode="unitwise", agc=AGC(0.1))(ddp))
+    out = []
+    with ddp.no_sync():
+        ddp(xs[0, rank]).square().mean().backward()
+        for call in calls:
+            try:
+                call()
+                out.append("measured")
+            except ValueError as e:
+                out.append("refused" if "no_sync()" in str(e) else str(e))
+    ddp(xs[1, rank]).square().mean().backward()
+    sum(ref_model(x.double()).square().mean() for x in xs.reshape(-1, 5, 13)).div(world).backward()
+    want = reference_norm([p.grad for p in ref_model.parameters()])
+    total = dist_clip.get_total_norm(ddp).item()
+    out.append(abs(total - want) <= 1e-5 * want)
+    return out
+
+
+def test_ddp_no_sync_gradients_are_refused(run_ranks):
+    assert run_ranks(3, body_ddp_no_sync) == [["refused"] * 3 + [True]] * 3
+
+
 def body_many_tensors_one_collective() -> int:
     rank = dist.get_rank()
     dtypes = (torch.float32, torch.bfloat16, torch.float16)

@@ -196,6 +196,19 @@ def test_fsdp1_plan_kept_across_steps(run_ranks, world_size: int, use_orig_param
         assert r["kept"] == 3, r["kept"]  # total, per-parameter shards, pieces: one entry each
 
 
+@pytest.mark.parametrize(("world_size", "strategy", "use_orig_params"), [
+    (2, "FULL_SHARD", True), (3, "FULL_SHARD", False), (2, "SHARD_GRAD_OP", False), (2, "NO_SHARD", True)])
+def test_fsdp1_no_sync_gradients_are_refused(run_ranks, world_size: int, strategy: str,
+                                              use_orig_params: bool) -> None:
+    results = run_ranks(world_size, cases.fsdp1_no_sync, strategy, use_orig_params, timeout_s=90)
+    for r in results:
+        assert r["inside"] == [True, True, True], r
+        # After the context, before a synchronised backward: a sharded handle's gradient shows it; NO_SHARD's
+        # full-size gradient does not (documented).
+        assert r["after"] is (True if strategy != "NO_SHARD" else None), r
+        assert r["total"] == pytest.approx(r["want"], rel=1e-6), r
+
+
 @pytest.mark.parametrize("use_orig_params", [True, False])
 def test_fsdp1_float64_total_is_float64_on_every_rank(run_ranks, use_orig_params: bool) -> None:
     """A float64 model over 4 ranks whose last shards are padding only: the same float64 total everywhere."""

@@ -439,6 +439,7 @@ def fsdp1_shards(root: nn.Module, group: dist.ProcessGroup | None, per_param: bo
     replicated_names: list[str] = []
     replicated: list[Tensor] = []
     units, unmanaged = _plan(root, per_param)
+    check_reduced(root, units)
     hint: tuple[str, Tensor] | None = None  # an empty tensor of a handle's dtype, for a rank holding no gradient
     for handle, layout, pg, first, first_name in units:
         pieces = _handle_pieces(handle, layout)
@@ -475,6 +476,26 @@ def fsdp1_shards(root: nn.Module, group: dist.ProcessGroup | None, per_param: bo
         # gradients' (float64 for a float64 model), as on the ranks that hold some. Not counted: no presence.
         out.append(Shards([hint[1]], group=out[0].group, counted=False, names=[hint[0]]))
     return out
+
+
+_UNREDUCED = (
+    "the FSDP1 gradients are not reduced yet: dist_clip was called inside no_sync(), or after a backward inside "
+    "it with no synchronised backward since (each rank then holds its own whole, unreduced gradient). Clip "
+    "after the last backward of the accumulation, outside no_sync()"
+)
+
+
+def check_reduced(root: nn.Module, units: list[_Unit] | None = None) -> None:
+    """ValueError unless the FSDP1 gradients under ``root`` are reduced. Inside ``no_sync()`` (the root's
+    ``_sync_gradients`` is off) each rank holds its own gradient; a sharded handle keeps the whole unsharded,
+    unreduced gradient where its shard will be until a synchronised backward, which measured as a shard gave a
+    meaningless total (the ranks' local norms combined) and, less its padding, dropped real entries."""
+    if getattr(root, "_sync_gradients", True) is False:
+        raise ValueError(_UNREDUCED)
+    for handle, _, pg, _, _ in units if units is not None else _plan(root, False)[0]:
+        flat = handle.flat_param
+        if pg is not None and flat.grad is not None and flat.grad.numel() != flat._sharded_size.numel():
+            raise ValueError(_UNREDUCED)
 
 
 def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:

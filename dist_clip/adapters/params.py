@@ -201,10 +201,22 @@ def shards_of_grads(grads: Sequence[tuple[str, Tensor]], group: dist.ProcessGrou
     return out
 
 
+def check_ddp_synced(ddp: nn.Module) -> None:
+    """ValueError inside DDP's ``no_sync()``: each rank holds its own, unaveraged gradients there, and the
+    total measured on them (no collective: replicas are taken to be identical) differed on every rank."""
+    if getattr(ddp, "require_backward_grad_sync", True) is False:
+        raise ValueError(
+            "dist_clip was called inside DistributedDataParallel.no_sync(): the gradients are not averaged yet "
+            "(each rank would clip by its own norm). Clip after the last backward of the accumulation, outside "
+            "no_sync()"
+        )
+
+
 def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
     if isinstance(target, _ddp_types()):
         # DDP gradients are identical on every rank once backward() returns: nothing to combine. A group
         # passed by the caller cannot make replicas distinct, so it is not used.
+        check_ddp_synced(target)  # type: ignore[arg-type]
         return shards_of_grads(named_grads(target.module), None)  # type: ignore[union-attr]
     pairs = named_grads(target)
     if not pairs and isinstance(target, nn.Module):  # no gradient here at all (never on the hot path)
