@@ -390,6 +390,24 @@ def case_contract() -> dict:
     else:
         raise AssertionError("no error between accumulation boundaries")
     engine.step()
+    # A trainable parameter left out of the optimizer: ZeRO 1-3 neither reduce nor step it, and the total was
+    # silently taken without it (9.24 for 9.83) while it stayed unclipped. Refused in every mode.
+    deepspeed = _quiet()
+    for stage in (1, 2, 3):
+        model = make_model()
+        opt = torch.optim.SGD(list(model.parameters())[2:], lr=LR)
+        with contextlib.redirect_stdout(io.StringIO()):
+            engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage))
+        engine.backward(loss_fn(engine(batch(dist.get_rank(), 0, 0))))
+        for call in (lambda: dist_clip.clip_grad_norm_(engine, 1.0),
+                     lambda: dist_clip.GradClipper(mode="per_param", report=True)(engine),
+                     lambda: dist_clip.GradClipper(mode="unitwise")(engine)):
+            try:
+                call()
+            except ValueError as e:
+                assert "0.weight, 0.bias require gradients but are in no param group" in str(e), str(e)
+            else:
+                raise AssertionError(f"stage {stage}: a trainable parameter outside the optimizer was left out")
     # DeepSpeed's own clipping left on: a warning that names the fix.
     engine = make_engine(ds_config(1, clip=1.0))
     engine.backward(loss_fn(engine(batch(dist.get_rank(), 0, 0))))

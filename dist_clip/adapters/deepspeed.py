@@ -252,6 +252,7 @@ def _zero12_layout(engine: Any, opt: Any) -> list[tuple[int, list[_Slice]]]:
 def _zero12_shards(engine: Any, opt: Any, group: dist.ProcessGroup | None, scale: float) -> list[Shards]:
     """One Shards per param group: this rank's slice of every parameter in its partition, named."""
     _check_attributes(opt, _ZERO12)
+    _check_trainable_in_groups(engine, opt, opt.bit16_groups)
     layout = _zero12_layout(engine, opt)
     out: list[Shards] = []
     for i, (size, slices) in enumerate(layout):
@@ -289,6 +290,7 @@ def _zero3_name(names: dict[int, str], p: Any) -> str:
 
 def _zero3_shards(engine: Any, opt: Any, group: dist.ProcessGroup | None, scale: float) -> list[Shards]:
     _check_attributes(opt, _ZERO3)
+    _check_trainable_in_groups(engine, opt, opt.fp16_groups)
     names_by_id = _names_by_id(engine)
     out: list[Shards] = []
     for i, params in enumerate(opt.fp16_groups):
@@ -408,6 +410,32 @@ def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
     if isinstance(opt, DeepSpeedZeroOptimizer):
         return _zero12_shards(engine, opt, group, scale)
     return _replicated_shards(engine, opt)
+
+
+# ZeRO optimizers whose engine's trainable parameters are all in their groups (checked once per optimizer).
+_CHECKED_GROUPS: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _check_trainable_in_groups(engine: Any, opt: Any, groups: Any) -> None:
+    """ValueError for a parameter that requires a gradient but is in no param group of a ZeRO 1-3 optimizer:
+    ZeRO neither reduces nor steps it, so its ``.grad`` is each rank's own, and the norm was silently taken
+    without it (9.24 for 9.83; stage 0, which reduces every gradient, counted it) and it stayed unclipped."""
+    if opt in _CHECKED_GROUPS:
+        return
+    held = {id(p) for group in groups for p in group}
+    outside = [n for n, p in engine.module.named_parameters() if p.requires_grad and id(p) not in held]
+    if outside:
+        more = f" and {len(outside) - 5} more" if len(outside) > 5 else ""
+        raise ValueError(
+            f"{', '.join(outside[:5])}{more} require gradients but are in no param group of the DeepSpeed "
+            f"{type(opt).__name__}: ZeRO neither reduces nor steps them, so their gradients are each rank's own "
+            "and the norm of the model cannot include them. Give them to the optimizer passed to "
+            "deepspeed.initialize, or set requires_grad=False"
+        )
+    try:
+        _CHECKED_GROUPS.add(opt)
+    except TypeError:
+        pass
 
 
 class _ZeroSkip:
