@@ -112,7 +112,7 @@ def _diff_table(want: dict[str, float], got: dict[str, float], rtol: float, atol
 
 def _check_rank(
     build_model: Any, wrap_fn: Any, batch_fn: Any, loss_fn: Any, norm_type: float | str, max_norm: float,
-    mode: str, agc: Any, rtol: float, atol: float, seed: int,
+    mode: str, agc: Any, rtol: float | None, atol: float, seed: int,
 ) -> dict[str, float]:
     """One rank's side of :func:`assert_clip_matches_unsharded`; raises AssertionError with a readable diff."""
     import copy
@@ -129,8 +129,12 @@ def _check_rank(
     torch.manual_seed(seed)
     model = build_model()
     ref = copy.deepcopy(model).to("cpu", torch.float64)
+    if rtol is None:  # the float64 model differs from a low-precision one by its rounding, not by the clip
+        dtypes = {q.dtype for q in model.parameters() if q.is_floating_point()}
+        rtol = max((_LOW_PRECISION_RTOL.get(d, 1e-5) for d in dtypes), default=1e-5)
     target = wrap_fn(model)
     loss_of(target(batch_fn(rank, world))).backward()
+    local_before = _local_pieces(target) if mode != "unitwise" else []
 
     def as64(x: Any) -> Any:
         return x.to("cpu", torch.float64) if isinstance(x, Tensor) and x.is_floating_point() else x
@@ -166,12 +170,69 @@ def _check_rank(
         problems.append(f"total norm: unsharded reference {total!r}, sharded {got_total!r}")
     problems += _diff_table(before, got_before, rtol, atol, "gradient norm before clipping")
     problems += _diff_table(after, got_after, rtol, atol, "gradient norm after clipping")
+    problems += _scaling_problems(local_before, result, got_before, max_norm, mode)
     if problems:
         raise AssertionError(
             f"dist_clip on rank {rank}/{world} does not match the unsharded float64 model "
             f"(norm_type={norm_type}, mode={mode}, max_norm={max_norm}):\n" + "\n".join(problems)
         )
     return got_before
+
+
+# Default rtol against the float64 model for models holding low-precision parameters: their gradients differ
+# from the float64 model's by a few roundings of the dtype (measured up to 4.9e-3 for bf16), not by the clip.
+_LOW_PRECISION_RTOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def _local_pieces(target: Any) -> list[tuple[str, Tensor, Tensor]]:
+    """(name, this rank's gradient piece, a copy of it) for every piece dist_clip would scale here."""
+    from ._slots import named_shards
+
+    out = []
+    seen: set[int] = set()
+    for shard in named_shards(target, None).shards:
+        for name, t in zip(shard.names, shard.tensors):
+            t = getattr(t, "_local_tensor", t)
+            if id(t) not in seen and t.is_floating_point():
+                seen.add(id(t))
+                out.append((name, t, t.detach().clone()))
+    return out
+
+
+def _scaling_problems(
+    pieces: list[tuple[str, Tensor, Tensor]], result: Any, norms: dict[str, float], max_norm: float, mode: str
+) -> list[str]:
+    """The clip applied here is exactly the one its total implies: ``clip_coef`` is ``min(1, max_norm / (norm +
+    1e-6))`` of the returned total (per parameter: of the reported norm), and every local piece is its copy times
+    that coefficient, multiplied in float32 (float64 for float64 gradients) and rounded to the gradient's dtype,
+    bit for bit. This holds whatever the dtype: a coefficient off by 1e-3 hides within a bf16 model's tolerance
+    against the float64 model, not here."""
+    problems = []
+    coefs = result.clip_coef.detach().to("cpu", torch.float64).reshape(-1)
+    if mode == "total":
+        want = {"": min(1.0, max_norm / (float(result.total_norm) + 1e-6))}
+        index = {"": 0}
+    else:
+        index = {n: i for i, n in enumerate(result.slots)}
+        want = {n: min(1.0, max_norm / (norms[n] + 1e-6)) for n in index if n in norms}
+    for key, w in want.items():
+        got = float(coefs[index[key]])
+        if not ((math.isnan(w) and math.isnan(got)) or abs(got - w) <= 1e-6 * abs(w) + 1e-30):
+            problems.append(f"clip_coef{' of ' + key if key else ''}: {got!r}, but its norm implies {w!r}")
+    wrong = []
+    for name, now, then in pieces:
+        at = index.get("" if mode == "total" else name)
+        if at is None:
+            continue
+        op = torch.float64 if then.dtype == torch.float64 else torch.float32
+        expected = (then.to(op) * coefs[at].to(device=then.device, dtype=op)).to(then.dtype)
+        differ = int((expected != now.detach()).logical_and(~(expected.isnan() & now.detach().isnan())).sum())
+        if differ:
+            wrong.append(f"{name} ({differ} of {now.numel()} entries)")
+    if wrong:
+        problems.append("gradient pieces on this rank not equal to their copy before the clip times clip_coef: "
+                        + ", ".join(wrong[:8]) + (f" and {len(wrong) - 8} more" if len(wrong) > 8 else ""))
+    return problems
 
 
 def _spawned(rank: int, world: int, store_path: str, args: tuple[Any, ...], out: Any) -> None:
@@ -203,7 +264,7 @@ def assert_clip_matches_unsharded(
     mode: str = "total",
     agc: Any = None,
     loss_fn: Any = None,
-    rtol: float = 1e-5,
+    rtol: float | None = None,
     atol: float = 1e-7,
     seed: int = 0,
     timeout_s: float = 300.0,
@@ -217,7 +278,10 @@ def assert_clip_matches_unsharded(
     every rank's batch (the mean of their losses, which is what data parallelism averages), and clipped by the
     single-process float64 definition. Norms per parameter before and after clipping, the total, and the
     number of collectives (at most one) must agree; otherwise ``AssertionError`` with a table of norms per
-    parameter.
+    parameter. Each rank also checks that the clip it applied is exactly the one the returned norms imply
+    (``clip_coef`` from the total, or per parameter, and every local gradient piece equal to its copy before
+    the clip times that coefficient, bit for bit, in modes "total" and "per_param"): that check does not
+    depend on the model's precision.
 
     Args:
         build_model: ``() -> nn.Module``; called on every rank (and picklable when ``world_size`` is given).
@@ -227,9 +291,12 @@ def assert_clip_matches_unsharded(
             the existing process group, on every rank, like any collective.
         norm_type, max_norm, mode, agc: the clip to check.
         loss_fn: ``(output) -> scalar loss``.
-        rtol, atol: tolerance of every norm comparison.
-        seed: seeds the model on every rank.
-        timeout_s: how long spawned ranks may take.
+        rtol, atol: tolerance of every comparison with the float64 model. ``rtol=None``: 1e-5, or 2e-2 for
+            a model holding bf16 parameters and 5e-3 for fp16 ones (their gradients differ from the float64
+            model's by the dtype's roundings); pass it for mixed-precision wrappers that compute in low
+            precision on float32 parameters.
+        seed: seeds the model on every rank (an int >= 0).
+        timeout_s: how long spawned ranks may take (seconds, > 0).
 
     Returns:
         The sharded per-parameter norms before clipping (name -> float), from this rank (or rank 0 when spawned).
@@ -248,8 +315,14 @@ def assert_clip_matches_unsharded(
     # What the ranks would build, checked here (unitwise needs p > 0, agc must be an AGC, ...).
     ClipperConfig(max_norm=max_norm, norm_type=norm_type, mode=mode, agc=agc if agc is not None else AGC())
     for name, tol in (("rtol", rtol), ("atol", atol)):
+        if name == "rtol" and tol is None:
+            continue
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < math.inf:
             raise ValueError(f"{name} must be a finite number >= 0, got {tol!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < math.inf:
+        raise ValueError(f"timeout_s must be a finite number of seconds > 0, got {timeout_s!r}")
     args = (build_model, wrap_fn, batch_fn, loss_fn, norm_type, max_norm, mode, agc, rtol, atol, seed)
     if world_size is None:
         return _check_rank(*args)
@@ -269,26 +342,30 @@ def assert_clip_matches_unsharded(
             ctx.Process(target=_spawned, args=(r, world_size, os.path.join(tmp, "store"), args, out), daemon=True)
             for r in range(world_size)
         ]
-        for proc in procs:
-            proc.start()
         results: dict[int, tuple[bool, Any]] = {}
-        deadline = time.monotonic() + timeout_s
-        while len(results) < world_size and time.monotonic() < deadline:
-            try:
-                rank, ok, value = out.get(timeout=1.0)
-            except queue.Empty:
-                # A rank that died before reporting ends the wait; ranks that reported and exited do not.
-                waiting = [proc for r, proc in enumerate(procs) if r not in results]
-                if any(not proc.is_alive() for proc in waiting) and out.empty():
-                    time.sleep(1.0)
-                    if out.empty():
-                        break
-                continue
-            results[rank] = (ok, value)
-        for proc in procs:
-            proc.join(timeout=5)
-            if proc.is_alive():
-                proc.kill()
+        try:
+            for proc in procs:
+                proc.start()
+            deadline = time.monotonic() + timeout_s
+            while len(results) < world_size and time.monotonic() < deadline:
+                try:
+                    rank, ok, value = out.get(timeout=1.0)
+                except queue.Empty:
+                    # A rank that died before reporting ends the wait; ranks that reported and exited do not.
+                    waiting = [proc for r, proc in enumerate(procs) if r not in results]
+                    if any(not proc.is_alive() for proc in waiting) and out.empty():
+                        time.sleep(1.0)
+                        if out.empty():
+                            break
+                    continue
+                results[rank] = (ok, value)
+        finally:  # whatever happened here (an interrupt too), no rank outlives the call
+            for proc in procs:
+                if proc.pid is not None:
+                    proc.join(timeout=5)
+                    if proc.is_alive():
+                        proc.kill()
+                        proc.join(timeout=5)
     failures = {r: v for r, (ok, v) in results.items() if not ok}
     missing = sorted(set(range(world_size)) - results.keys())
     if failures or missing:

@@ -35,6 +35,14 @@ def batch(rank: int, world: int) -> torch.Tensor:
     return torch.randn(4, IN, generator=g) * 3
 
 
+def build_mlp_bf16() -> nn.Module:
+    return build_mlp().to(torch.bfloat16)
+
+
+def batch_bf16(rank: int, world: int) -> torch.Tensor:
+    return batch(rank, world).to(torch.bfloat16)
+
+
 def wrap_none(model: nn.Module) -> nn.Module:
     return model
 

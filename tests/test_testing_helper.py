@@ -53,6 +53,35 @@ def test_fails_with_a_table_of_norms_per_parameter(run_ranks):
         assert "!! 0.weight" in message and "total norm" in message
 
 
+def body_low_precision() -> list[bool]:
+    """A bf16 model: the float64 model's norms differ by bf16 roundings (4.9e-3), so correct setups failed at
+    the default rtol, and at rtol=1e-2 a coefficient off by 1e-3 passed. Now the default follows the dtype, and
+    the applied clip is checked bit for bit against the returned norms whatever the dtype."""
+    from dist_clip import _scale
+
+    for wrap in (cases.wrap_ddp, cases.wrap_fsdp2):
+        for kwargs in ({"max_norm": 0.05}, {"mode": "per_param", "max_norm": 0.02, "norm_type": 1.0}):
+            assert_clip_matches_unsharded(cases.build_mlp_bf16, wrap, cases.batch_bf16, **kwargs)
+    out = []
+    real = _scale.clip_coefficient
+    _scale.clip_coefficient = lambda limit, norms: real(limit, norms) * 0.999
+    try:
+        for kwargs in ({"max_norm": 0.05}, {"mode": "per_param", "max_norm": 0.02}):
+            try:
+                assert_clip_matches_unsharded(cases.build_mlp_bf16, cases.wrap_ddp, cases.batch_bf16, **kwargs)
+            except AssertionError as e:
+                out.append("clip_coef" in str(e) and "implies" in str(e))
+            else:
+                out.append(False)
+    finally:
+        _scale.clip_coefficient = real
+    return out
+
+
+def test_low_precision_models_pass_and_a_wrong_coefficient_fails(run_ranks):
+    assert run_ranks(2, body_low_precision) == [[True, True]] * 2
+
+
 def test_spawns_its_own_ranks():
     norms = assert_clip_matches_unsharded(cases.build_mlp, cases.wrap_fsdp2, cases.batch, world_size=2,
                                           mode="per_param", max_norm=0.02)
@@ -73,6 +102,9 @@ def test_bad_arguments():
     ({"max_norm": -1.0}, "max_norm"),
     ({"rtol": -1.0}, "rtol must be a finite number >= 0"),
     ({"atol": math.nan}, "atol must be a finite number >= 0"),
+    ({"timeout_s": math.nan}, "timeout_s must be"),
+    ({"timeout_s": "10"}, "timeout_s must be"),
+    ({"seed": -1}, "seed must be an int >= 0"),
     ({"mode": "unitwise", "norm_type": 0}, "unitwise"),
     ({"mode": "unitwise", "agc": 0.02}, "agc"),
 ])
@@ -81,3 +113,26 @@ def test_bad_arguments_are_refused_before_any_rank_starts(kwargs, match):
     mismatch that was not there)."""
     with pytest.raises(TypeError if match == "agc" else ValueError, match=match):
         assert_clip_matches_unsharded(cases.build_mlp, cases.wrap_none, cases.batch, world_size=2, **kwargs)
+
+
+def test_scaling_check_names_pieces_not_scaled_by_the_coefficient():
+    """The bit-for-bit part of the check: a piece scaled by anything but clip_coef is named, with its count of
+    differing entries; pieces scaled right pass in every dtype."""
+    import torch
+
+    from dist_clip import GradClipper
+    from dist_clip.testing import _local_pieces, _scaling_problems
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        params = {n: torch.nn.Parameter(torch.zeros(k, dtype=dtype)) for n, k in (("a", 50), ("b", 7))}
+        for i, q in enumerate(params.values()):
+            q.grad = (torch.randn(q.shape, generator=torch.Generator().manual_seed(i)) * 3).to(dtype)
+        for mode in ("total", "per_param"):
+            pieces = _local_pieces(params)
+            result = GradClipper(max_norm=0.5, mode=mode, report=True)(params)
+            assert _scaling_problems(pieces, result, result.norms, 0.5, mode) == [], (dtype, mode)
+        pieces = _local_pieces(params)
+        result = GradClipper(max_norm=0.5, report=True)(params)
+        params["b"].grad.mul_(0.5)
+        problems = _scaling_problems(pieces, result, result.norms, 0.5, "total")
+        assert len(problems) == 1 and "b (7 of 7 entries)" in problems[0], problems
