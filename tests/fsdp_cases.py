@@ -689,6 +689,42 @@ def fsdp1_no_sync(strategy: str, use_orig_params: bool) -> dict[str, Any]:
     return {"inside": inside, "after": after, "total": total, "want": want}
 
 
+def fsdp1_parameters_changed_after_first_call(use_orig_params: bool) -> list[tuple[float, float]]:
+    """The plan kept on an FSDP1 root listed the parameters no handle manages by object: an ignored module's
+    weight replaced after the first call (``side.weight = nn.Parameter(...)``) kept being read from the old
+    object (its stale gradient, 5.35 for 5.51, the new gradient never clipped), and a parameter registered after
+    the first call was never counted (2.55 for 69.3). (total, reference) per step, and the report's keys."""
+    from dist_clip import GradClipper
+
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    model = new_model()
+    ref = copy.deepcopy(model).double()
+    fsdp_model = _fsdp1_wrap(model, "FULL_SHARD", use_orig_params)
+    out: list[tuple[float, float]] = []
+
+    def step(extra: float = 0.0) -> None:
+        fsdp_model.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+        loss_fn(fsdp_model, *batch(rank)).backward()
+        average_grads_(list(model.side.parameters()))
+        (sum(loss_fn(ref, *batch(d, torch.float64)) for d in range(ws)) / ws).backward()
+        grads = [p.grad for p in ref.parameters() if p.grad is not None]
+        if extra:
+            model.extra.grad = torch.full((3,), extra)
+            grads.append(torch.full((3,), extra, dtype=torch.float64))
+        report = GradClipper(max_norm=math.inf, mode="per_param", report=True)(fsdp_model).norms
+        out.append((dist_clip.get_total_norm(fsdp_model).item(), reference_norm(grads), "extra" in report))
+
+    step()
+    with torch.no_grad():
+        model.side.weight = nn.Parameter(model.side.weight.detach() * 3)
+        ref.side.weight = nn.Parameter(ref.side.weight.detach() * 3)
+    step()
+    model.extra = nn.Parameter(torch.zeros(3))
+    step(extra=5.0)
+    return out
+
+
 def fsdp1_plan_across_steps(use_orig_params: bool) -> dict[str, Any]:
     """The walk over an FSDP1 model's handles is kept on the root between calls (FSDP fixes them at its lazy
     init): three steps of new gradients (set to None, then zeroed in place), the total and per-parameter norms of

@@ -210,6 +210,14 @@ def test_fsdp1_no_sync_gradients_are_refused(run_ranks, world_size: int, strateg
 
 
 @pytest.mark.parametrize("use_orig_params", [True, False])
+def test_fsdp1_parameters_changed_after_first_call(run_ranks, use_orig_params: bool) -> None:
+    for steps in run_ranks(2, cases.fsdp1_parameters_changed_after_first_call, use_orig_params, timeout_s=90):
+        for i, (total, want, has_extra) in enumerate(steps):
+            assert total == pytest.approx(want, rel=1e-6), (i, steps)
+            assert has_extra == (i == 2), (i, steps)
+
+
+@pytest.mark.parametrize("use_orig_params", [True, False])
 def test_fsdp1_float64_total_is_float64_on_every_rank(run_ranks, use_orig_params: bool) -> None:
     """A float64 model over 4 ranks whose last shards are padding only: the same float64 total everywhere."""
     results = run_ranks(4, cases.fsdp1_tiny_float64, use_orig_params, timeout_s=90)

@@ -341,6 +341,7 @@ def kept_on_root(root: nn.Module, key: Hashable, build: Callable[[], _T], also: 
     such as a caller's process group) the same object: one entry per key, whatever the caller passes over time.
     A plain root holding FSDP1 children, or a root not yet run, is walked every call.
     """
+    _watch_registrations()
     token = root.__dict__.get("_all_handles")
     cached = root.__dict__.get(_PLAN_ATTR, {}).get(key)
     if (
@@ -349,12 +350,34 @@ def kept_on_root(root: nn.Module, key: Hashable, build: Callable[[], _T], also: 
         and cached[0] is token
         and cached[1] == len(token)
         and cached[2] is also
+        and cached[3] == _REGISTRATIONS[0]
     ):
-        return cached[3]  # type: ignore[no-any-return]
+        return cached[4]  # type: ignore[no-any-return]
     value = build()
     if token is not None:
-        root.__dict__.setdefault(_PLAN_ATTR, {})[key] = (token, len(token), also, value)
+        root.__dict__.setdefault(_PLAN_ATTR, {})[key] = (token, len(token), also, _REGISTRATIONS[0], value)
     return value
+
+
+# Parameters registered anywhere since import, other than FSDP1's own (FSDP1 re-registers its flat and, under
+# use_orig_params, original parameters whenever it switches views: those are marked ``_fsdp_flattened``). A kept
+# plan lists the parameters no FSDP1 handle manages by object: one added to the model after the first call, or
+# replaced (``module.weight = nn.Parameter(...)``, an ignored module's), was never counted or clipped, and the
+# old object's stale gradient was read instead. Counted by torch's global registration hook, at no cost per call.
+_REGISTRATIONS = [0]
+_WATCHING: list[object] = []
+
+
+def _watch_registrations() -> None:
+    if _WATCHING:
+        return
+    from torch.nn.modules.module import register_module_parameter_registration_hook
+
+    def counted(module: nn.Module, name: str, param: object) -> None:
+        if not getattr(param, "_fsdp_flattened", False):
+            _REGISTRATIONS[0] += 1
+
+    _WATCHING.append(register_module_parameter_registration_hook(counted))
 
 
 def first_replica(module: nn.Module, handle: Any) -> bool:
