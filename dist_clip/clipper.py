@@ -572,6 +572,9 @@ class GradClipper:
                 # Pipeline stages, or named pieces whose ranks' optimizers differ (a rank holding nothing of a
                 # parameter may leave it out): every rank's memberships travel in the measurement.
                 membership = _group_membership(grouping[0], p, grouping[1])
+                if plan is None:
+                    held = {n for s in named.shards for n, t in zip(s.names, s.tensors) if t.numel() > 0}
+                    membership = torch.cat([membership, _group_signatures(grouping[0], named.names, held, p)])
         _clip.settle_hand_over(target, lambda: [t for s in shards for t in s.tensors])
         m = _slots.measure(shards, pick, n_slots, p, cfg.foreach, presence=named is not None,
                            group=plan.reduction_group if plan is not None else None,
@@ -785,6 +788,66 @@ def _group_membership(groups_of: Sequence[int], p: float, limits: Sequence[float
     return torch.cat([(gi + 1) * held, held, third, fourth, fifth])
 
 
+def _group_signatures(groups_of: Sequence[int], names: Sequence[str], held: set[str], p: float) -> Tensor:
+    """Three more rows per slot for named pieces without a plan, telling whether the ranks listing a slot agree
+    on the *set* of slots in its group (which the group numbers cannot tell when ranks number groups
+    differently): a rank listing slot s gives the signature of its group, the sum over the group's slots j of
+    ``w_j = 1 + frac(j * golden ratio)``; a rank holding a piece of s without listing it gives -1. Summed: the
+    participants, the signatures and their squares (all equal iff sum**2 == count * sum of squares); maxed:
+    the largest signature and minus the smallest (-inf where not taking part), and a row of zeros."""
+    n = max(len(groups_of), 1)
+    gi = torch.tensor(list(groups_of) or [-1], dtype=torch.long)
+    w = 1.0 + torch.frac(torch.arange(n, dtype=torch.float64) * 0.6180339887498949)
+    listed = gi >= 0
+    width = int(gi.max()) + 1 if bool(listed.any()) else 1
+    sums = torch.zeros(width, dtype=torch.float64).index_add_(0, gi[listed], w[listed])
+    sig = torch.where(listed, sums[gi.clamp(min=0)], -1.0)
+    holds = torch.tensor([name in held for name in names] or [False])
+    takes_part = listed | holds
+    if math.isinf(p):
+        none = torch.full((n,), -math.inf, dtype=torch.float64)
+        return torch.cat([torch.where(takes_part, sig, none), torch.where(takes_part, -sig, none),
+                          torch.zeros(n, dtype=torch.float64)])
+    part = takes_part.to(torch.float64)
+    return torch.cat([part, sig * part, sig * sig * part])
+
+
+def _group_limits_agree(rows: Tensor, combined: Tensor, p: float) -> Tensor:
+    """Whether, numbered by ``combined``, every group has one limit: every holder of each slot gives the same
+    (rows 4-5 of :func:`_group_membership`), and every slot of a group the same (sorted by group, neighbours
+    compared). A device bool: no host read."""
+    holders, fourth, fifth = rows[1], rows[3], rows[4]
+    if math.isinf(p):
+        known = fourth == -fifth
+        limit = fourth
+    else:
+        known = torch.isclose(fourth * fourth, holders * fifth, rtol=1e-12, atol=1e-300)
+        t = fourth / holders.clamp(min=1)
+        limit = torch.where(t > 0, 1.0 / t - 1.0, math.inf)
+    listed = combined >= 0
+    ok = (known | ~listed).all()
+    key = torch.where(listed, combined, -1)
+    order = torch.argsort(key, stable=True)
+    k, lim = key[order], limit[order]
+    same_group = (k[1:] == k[:-1]) & (k[1:] >= 0)
+    close = torch.isclose(lim[1:], lim[:-1], rtol=1e-9, atol=0) | (torch.isinf(lim[1:]) & torch.isinf(lim[:-1]))
+    return ok & (close | ~same_group).all()
+
+
+def _own_groups_agree(rows: Tensor, p: float) -> Tensor:
+    """Whether each rank's own numbering is right: for every slot, the ranks listing it (or holding a piece of
+    it) give the same group signature (:func:`_group_signatures`) and the same limit. A device bool."""
+    holders, fourth, fifth = rows[1], rows[3], rows[4]
+    a, b, c = rows[5], rows[6], rows[7]
+    if math.isinf(p):
+        sig_ok = (a == -b) | torch.isinf(a)  # -inf: nobody takes part
+        lim_ok = fourth == -fifth
+    else:
+        sig_ok = torch.isclose(b * b, a * c, rtol=1e-12, atol=1e-300)
+        lim_ok = torch.isclose(fourth * fourth, holders * fifth, rtol=1e-12, atol=1e-300)
+    return (sig_ok & (lim_ok | (holders <= 0))).all()
+
+
 def _limits_agree(extra: Tensor, combined: Tensor, p: float, labels: Sequence[str]) -> None:
     """On the CPU (where reading is free): every holder of a slot, and every slot of a group, must give the group
     the same ``max_norm`` (under a plan each stage's optimizer gives its own: it clipped a group's pieces by
@@ -792,7 +855,7 @@ def _limits_agree(extra: Tensor, combined: Tensor, p: float, labels: Sequence[st
     if extra.device.type != "cpu":
         return
     n = combined.numel()
-    _, holders, _, fourth, fifth = extra.reshape(5, n)
+    _, holders, _, fourth, fifth = extra.reshape(-1, n)[:5]
     if math.isinf(p):
         hi, lo = fourth, -fifth  # the largest and smallest limit its holders give each slot
         known = hi == lo
@@ -843,7 +906,8 @@ def _per_group(
         )
     index = torch.tensor(groups_of or [-1], dtype=torch.long).to(m.device)
     if m.extra is not None:  # plan or named pieces: the groups of every rank's slots, combined (on the device)
-        ids, holders, third = m.extra.reshape(5, index.numel())[:3]  # see _group_membership
+        rows = m.extra.reshape(-1, index.numel())
+        ids, holders, third = rows[:3]  # see _group_membership
         same = (ids == -third) if math.isinf(p) else (third * holders == ids * ids)
         consistent = (same | (holders <= 0)).all()  # every holder of every slot names the same group
         ids = ids if math.isinf(p) else ids / holders.clamp(min=1)  # MAX: the id itself; SUM: id x holders
@@ -857,9 +921,23 @@ def _per_group(
             _limits_agree(m.extra, combined, p, labels)
         if fill_only:
             # Ranks may number their groups differently (one holding nothing of a group's parameters may leave
-            # the group out): then every rank keeps its own numbering (its groups must hold all it holds);
-            # where all agree, the combined groups also place what a rank's optimizer left out.
-            index = torch.where(consistent, combined, index)
+            # the group out): then every rank keeps its own numbering, which is right only where every rank
+            # listing a parameter lists the same group of parameters with the same limit, and lists every
+            # parameter it holds a piece of (_own_groups_agree). Where all number alike (every holder of a slot
+            # names the same group, and each group has one limit), the combined groups also place what a rank's
+            # optimizer left out. A numbering that looked alike because each slot had one holder merged two
+            # ranks' different "group 0"s (each limit applied to the merged norm).
+            alike = consistent & _group_limits_agree(rows, combined, p)
+            own_ok = _own_groups_agree(rows, p)
+            if m.device.type == "cpu" and not bool(alike | own_ok):  # all-reduced: every rank raises alike
+                raise ValueError(
+                    "per_group on named pieces: the ranks' optimizers number their param groups differently, so "
+                    "each rank's own groups are used, but a parameter's group (or its max_norm) differs between "
+                    "ranks listing it, or a rank holds a piece of a parameter its optimizer does not list: give "
+                    "every rank's optimizer the same groups in the same order (a rank may leave out parameters "
+                    "it holds nothing of), or list every parameter of a group on every rank holding part of it"
+                )
+            index = torch.where(alike, combined, index)
         else:
             index = combined
         # A group this rank's optimizer lacks (stages with fewer groups) has no limit here: left out.

@@ -218,6 +218,57 @@ def test_per_group_on_pieces_whose_ranks_optimizers_differ(run_ranks, world, shi
     assert all(v == values[0] for v in values), "coefficients differ across ranks"
 
 
+def body_per_group_numberings() -> list:
+    """Two ranks whose optimizers each hold one group of their own pieces: rank 0 {body} (limit 10), rank 1
+    {head} (limit 1). Each slot has one holder, so the numbering looked alike and both "group 0"s were merged:
+    head (0.5, under its limit 1) was scaled by 1/10. Different limits tell them apart: each rank's own group.
+    With equal limits they are one group (numbered alike, each rank listing what it holds), as documented.
+    A rank that leaves out a whole group and a parameter of another group it holds nothing of cannot use its
+    own numbering (its group of {c} is {b, c} elsewhere): a ValueError on every rank, where it kept c's piece
+    unclipped on one rank and scaled it by 0.1 on the other."""
+    rank = dist.get_rank()
+    out: list = []
+    for p in ORDERS:
+        for limits in ((10.0, 1.0), (1.0, 1.0)):
+            body = torch.tensor([6.0, 8.0]) if rank == 0 else torch.zeros(0)
+            head = torch.tensor([0.5]) if rank == 1 else torch.zeros(0)
+            mine = {"body": nn.Parameter(torch.zeros_like(body)), "head": nn.Parameter(torch.zeros_like(head))}
+            mine["body"].grad, mine["head"].grad = body.clone(), head.clone()
+            own = "body" if rank == 0 else "head"
+            opt = torch.optim.SGD([{"params": [mine[own]], "max_norm": limits[rank]}], lr=0.1)
+            GradClipper(norm_type=p, mode="per_group")(mine, optimizer=opt, group=dist.group.WORLD)
+            if limits[0] != limits[1]:
+                norm = reference_norm([body if rank == 0 else head], p)
+            else:
+                norm = reference_norm([torch.tensor([6.0, 8.0]), torch.tensor([0.5])], p)
+            coef = min(1.0, limits[rank] / (norm + 1e-6))
+            got = mine[own].grad.double()
+            torch.testing.assert_close(got, (body if rank == 0 else head).double() * coef, rtol=1e-6, atol=0)
+            out.append(round(coef, 6))
+        pieces = {"a": torch.tensor([1.0]) if rank == 0 else torch.zeros(0),
+                  "b": torch.tensor([3.0, 4.0]) if rank == 0 else torch.zeros(0),
+                  "c": torch.tensor([0.3, 0.4])[rank:rank + 1]}
+        mine = {n: nn.Parameter(torch.zeros_like(t)) for n, t in pieces.items()}
+        for n, t in pieces.items():
+            mine[n].grad = t.clone()
+        groups = [{"params": [mine["a"]], "max_norm": 1.0}, {"params": [mine["b"], mine["c"]], "max_norm": 0.5}]
+        if rank == 1:
+            groups = [{"params": [mine["c"]], "max_norm": 0.5}]
+        try:
+            GradClipper(norm_type=p, mode="per_group")(mine, optimizer=torch.optim.SGD(groups, lr=0.1),
+                                                      group=dist.group.WORLD)
+        except ValueError as e:
+            out.append("number their param groups differently" in str(e))
+        else:
+            out.append(False)
+    return out
+
+
+def test_per_group_on_pieces_tells_numberings_apart(run_ranks):
+    values = run_ranks(2, body_per_group_numberings)
+    assert values[0][2::3] == [True] * len(ORDERS) and values[1][2::3] == [True] * len(ORDERS), values
+
+
 def body_wrappers(names: list[str]) -> int:
     checked = 0
     for name in names:
