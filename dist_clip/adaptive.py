@@ -428,10 +428,14 @@ def _apply_unit_coefs_(u: _Unit, coefs: Tensor) -> None:
         _apply_unit_coefs_(dataclasses.replace(u, grad=work), coefs)
         g.copy_(work)
         return
-    c = coefs.to(g.device, g.dtype if g.is_floating_point() else torch.float32)
+    # float32 (float64 for float64 gradients), never the gradient's own dtype: a coefficient rounded to fp16
+    # first lost its digits (fp16 subnormals: 0.1-3% off) or became 0 (1e-9 zeroed a row of 500s, which fp16
+    # holds as 4.8e-7). Multiplied by tensors of one or more dims (not 0-dim), the product is taken in that
+    # precision and rounded once to the gradient's dtype, as the other modes scale.
+    c = coefs.to(g.device, torch.float64 if g.dtype in (torch.float64, torch.complex128) else torch.float32)
     if u.kind == "rows":
         if g.dim() <= 1:
-            g.mul_(c.reshape(()))
+            g.view(-1).mul_(c.reshape(1))
         else:
             g.view(g.shape[0], -1).mul_(c.unsqueeze(1))
         return
@@ -439,7 +443,7 @@ def _apply_unit_coefs_(u: _Unit, coefs: Tensor) -> None:
     at = 0
     for uid, off, length in _flat_segments(u):
         if uid >= 0:
-            flat[off : off + length].mul_(c[at])
+            flat[off : off + length].mul_(c[at : at + 1])
             at += 1
         else:
             flat[off : off + length * u.row_len].view(length, u.row_len).mul_(c[at : at + length].unsqueeze(1))
@@ -751,7 +755,9 @@ def _unit_coefs(wp: Tensor, gp: Tensor, p: float, loss_scale: float, config: AGC
     if loss_scale != 1.0:  # loss-scaled pieces: compare the true gradient; the coefficient scales either
         gn = gn / loss_scale
     limit = wn.clamp(min=config.eps) * config.clipping
-    coef = torch.where(gn < limit, torch.ones_like(gn), limit / gn.clamp(min=1e-6))
+    # A zero gradient unit is left as it is whatever its limit (with eps=0 and a zero weight the limit is 0 and
+    # the formula gives 0: a parameter without gradient anywhere made clip_coef 0 and clipped True).
+    coef = torch.where((gn < limit) | (gn == 0), torch.ones_like(gn), limit / gn.clamp(min=1e-6))
     coef = coef.to(torch.float64 if dtype == torch.float64 else torch.float32)  # the gradient's precision
     if name and any(fnmatch.fnmatchcase(name, pat) for pat in config.exclude):
         coef = torch.ones_like(coef)

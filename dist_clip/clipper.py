@@ -637,7 +637,10 @@ class GradClipper:
                     t.masked_fill_(~finite.to(t.device), 0)  # 0 * NaN is NaN: zero explicitly, no sync
         if arm_skip is not None:
             arm_skip(~finite)
-        clipped = finite & (slot_coef < 1).any()
+        # Some gradient was scaled down: a slot (or group) whose gradients are all zero, or absent, is left as it
+        # was whatever its coefficient (max_norm=0 on a parameter without gradient read as clipped).
+        scaled = m.slot_norms.to(slot_coef.device) > 0 if m.slot_norms.numel() == slot_coef.numel() else m.total > 0
+        clipped = finite & ((slot_coef < 1) & scaled).any()
         self._count(clipped, finite)
         norms = self._report(named.names, m, p) if want_report and named is not None else None
         return ClipResult(total, coef, clipped, finite, limit_out, slot_names, norms)

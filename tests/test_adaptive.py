@@ -403,3 +403,46 @@ def body_agc_four() -> list[int]:
 def test_agc_on_four_ranks(run_ranks):
     results = run_ranks(4, body_agc_four)
     assert all(r == results[0] for r in results)
+
+
+def test_agc_scales_low_precision_gradients_in_float32():
+    """AGC rounded each unit coefficient to the gradient's dtype before multiplying: in fp16 a coefficient of
+    1e-9 became 0 and zeroed a row of 500s (fp16 holds 500e-9 as 4.8e-7), and fp16-subnormal coefficients lost
+    0.1-3%. Now the product is taken in float32 and rounded once, as the other modes scale."""
+    for dtype in (torch.float16, torch.bfloat16):
+        w = nn.Parameter(torch.ones(3, 4, dtype=dtype))
+        w.grad = torch.tensor([[500.0] * 4, [1.0, 2.0, 3.0, 4.0], [0.01] * 4], dtype=dtype)
+        before = w.grad.clone()
+        result = GradClipper(mode="unitwise", agc=AGC(clipping=5e-7, eps=1e-3))({"w": w})
+        assert bool(result.clipped)
+        limit = 2.0 * 5e-7  # ||w_row|| = 2: row 0 (norm 1000) gets a coefficient of 1e-9
+        for row in range(3):
+            gn = before[row].double().norm().item()
+            coef = torch.tensor(min(1.0, limit / gn) if gn >= limit else 1.0, dtype=torch.float32)
+            want = (before[row].float() * coef).to(dtype)
+            assert torch.equal(w.grad[row], want), (dtype, row, w.grad[row], want)
+        assert bool((w.grad[0] != 0).all())
+
+
+def test_agc_leaves_zero_gradient_units_alone_and_unclipped():
+    """With eps=0 a unit whose weight and gradient are zero has a limit of 0, and the formula gave it a
+    coefficient of 0: clip_coef 0 and clipped True while nothing changed (FSDP2: a bias without gradient)."""
+    lin = nn.Linear(4, 3)
+    with torch.no_grad():
+        lin.bias.zero_()
+    lin.weight.grad = torch.full((3, 4), 1e-3)
+    lin.bias.grad = torch.zeros(3)
+    result = GradClipper(mode="unitwise", agc=AGC(clipping=1e6, eps=0.0))(lin)
+    assert result.clip_coef.item() == 1.0 and not bool(result.clipped)
+    assert torch.equal(lin.weight.grad, torch.full((3, 4), 1e-3))
+
+
+def test_clipped_counts_only_slots_whose_gradients_were_scaled():
+    """A group with max_norm 0 whose parameter has no gradient (coefficient 0 on nothing) made clipped True."""
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(3))
+    b.grad = torch.tensor([0.1, 0.2, 0.3])
+    opt = torch.optim.SGD([{"params": [a], "max_norm": 0.0}, {"params": [b], "max_norm": 10.0}], lr=0.1)
+    result = GradClipper(mode="per_group")({"a": a, "b": b}, optimizer=opt)
+    assert not bool(result.clipped) and torch.equal(b.grad, torch.tensor([0.1, 0.2, 0.3]))
+    b.grad = torch.tensor([30.0, 40.0, 0.0])
+    assert bool(GradClipper(mode="per_group")({"a": a, "b": b}, optimizer=opt).clipped)
