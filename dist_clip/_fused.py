@@ -28,7 +28,7 @@ from torch import Tensor
 
 from . import _scale
 
-__all__ = ["arm_skip_", "gradients", "hand_over_", "settle", "steps_what_was_measured", "supports_grad_scale"]
+__all__ = ["arm_skip_", "gradients", "hand_over_", "same_tensors", "settle", "steps_what_was_measured", "supports_grad_scale"]
 
 _PENDING = "_dist_clip_pending"
 _HOOKS = "_dist_clip_hooks"
@@ -183,17 +183,28 @@ def arm_skip_(optimizer: torch.optim.Optimizer, flag: Tensor) -> None:
     """Make the next ``step()`` of a fused optimizer skip where the 0-dim ``flag`` is true: ``found_inf``, set in
     the step pre-hook (combined with a pending hand-over's flag and with what a ``GradScaler`` set just before
     ``step()``: either skips), put back as it was after the step. Set at arming time instead, it was overwritten
-    by ``GradScaler.step`` (the skip was lost) and missed the first-step preparation of fused SGD's momentum."""
+    by ``GradScaler.step`` (the skip was lost) and missed the first-step preparation of fused SGD's momentum.
+    Decided on the optimizer's gradients as they are now: once they are replaced (the step it was for never
+    came: the batch was dropped and ``zero_grad()`` set them to None) the flag is dropped. Gradients written in
+    place keep it: a wrapper may rewrite them before the step it was for (DeepSpeed's own clipping at stage 0),
+    and a NaN step taken is worse than a good one skipped."""
     _install_hooks(optimizer)
-    optimizer.__dict__[_SKIP] = flag.reshape(()).to(torch.float32)
+    optimizer.__dict__[_SKIP] = (flag.reshape(()).to(torch.float32), gradients(optimizer))
+
+
+def same_tensors(held: list[Tensor], grads: list[Tensor]) -> bool:
+    """Whether ``grads`` are the very gradient tensors ``held`` (none replaced, none added or gone)."""
+    return len(held) == len(grads) and all(map(operator.is_, held, grads))
 
 
 def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     _WAITING.discard(optimizer)
     pending = optimizer.__dict__.pop(_PENDING, None)
-    skip = optimizer.__dict__.pop(_SKIP, None)
-    if pending is not None and not _unchanged(pending[3], pending[4], gradients(optimizer)):
+    armed = optimizer.__dict__.pop(_SKIP, None)
+    grads = gradients(optimizer) if pending is not None or armed is not None else []
+    if pending is not None and not _unchanged(pending[3], pending[4], grads):
         pending = None  # measured on gradients that are gone (the step it was for never came): not this step's
+    skip = armed[0] if armed is not None and same_tensors(armed[1], grads) else None  # likewise
     if pending is None and skip is None:
         return
     scale, found = (pending[0], pending[1]) if pending is not None else (None, skip)

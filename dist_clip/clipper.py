@@ -156,6 +156,7 @@ class _SkipGuard:
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.flag: Tensor | None = None
+        self.armed_on: list[Tensor] | None = None  # the gradients the flag was decided on
         self.saved: tuple[list[Tensor], list[Tensor], dict[int, dict[str, Any]], list[Tensor]] | None = None
         optimizer.register_step_pre_hook(self._pre)
         optimizer.register_step_post_hook(self._post)
@@ -172,6 +173,7 @@ class _SkipGuard:
             self.flag = None
         else:
             self.flag = flag
+            self.armed_on = _fused.gradients(optimizer)
 
     @staticmethod
     def _on_host(flag: Tensor) -> bool:
@@ -186,7 +188,12 @@ class _SkipGuard:
         flag = self.flag
         if flag is None:
             return
-        if self._on_host(flag) and not bool(flag):
+        armed_on, self.armed_on = self.armed_on, None
+        if (self._on_host(flag) and not bool(flag)) or (
+            armed_on is not None and not _fused.same_tensors(armed_on, _fused.gradients(optimizer))
+        ):
+            # Not set, or decided on gradients that are gone (the step it was for never came: a dropped batch
+            # whose gradients zero_grad() set to None): it skipped the next good step. See _fused.arm_skip_.
             self.flag = None
             return
         params = [p for g in optimizer.param_groups for p in g["params"]]

@@ -590,19 +590,19 @@ def test_skip_restore_on_the_accelerator_path_is_as_if_never_stepped(monkeypatch
         for m, o in ((model, opt), (ref_model, ref_opt)):
             if m is ref_model and step == bad_step:
                 continue
-            if m is model:
-                dist_clip.skip_next_step_(o, torch.tensor(step == bad_step))
-
             def closure(m=m, step=step):
                 m.zero_grad(set_to_none=True)
                 loss = loss_of(m, step)
                 loss.backward()
                 return loss
 
+            if name != "LBFGS":
+                closure()
+            if m is model:  # after backward: a flag is decided on the gradients the step reads
+                dist_clip.skip_next_step_(o, torch.tensor(step == bad_step))
             if name == "LBFGS":
                 o.step(closure)
             else:
-                closure()
                 o.step()
         if step == bad_step:
             continue
@@ -930,3 +930,30 @@ def test_bench_deepspeed_quick_reports_costs_and_collectives():
     assert len(ours) == 3 and all(line.rstrip(" |").endswith("| 1") for line in ours), ours  # one collective
     isolated = [line for line in out.splitlines() if line.startswith("| ZeRO-") and "<= 0.1" in line]
     assert len(isolated) == 2, out
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_skip_flag_of_a_dropped_batch_does_not_skip_the_next_good_step(fused):
+    """A NaN batch armed the skip; the user dropped it (zero_grad(), next batch) without stepping: the next good
+    step was skipped. A flag is dropped once the gradients it was decided on are replaced; gradients rewritten in
+    place before the step it was for (a wrapper's own clipping) keep it: the NaN step is never taken."""
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+    clipper = dist_clip.GradClipper(max_norm=0.5, on_nonfinite="skip")
+    _backward(model, 0)
+    next(model.parameters()).grad.view(-1)[0] = math.nan
+    assert not bool(clipper(model, optimizer=opt).finite)
+    opt.zero_grad()  # the batch is dropped
+    _backward(model, 1)
+    dist_clip.clip_grad_norm_(model, 0.5)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert not any(torch.equal(p, b) for p, b in zip(model.parameters(), before)), "the good step was skipped"
+    _backward(model, 2)
+    next(model.parameters()).grad.view(-1)[0] = math.nan
+    clipper(model, optimizer=opt)
+    for p in model.parameters():
+        p.grad.mul_(0.5)  # rewritten in place before the step it was for
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)), "the NaN step was taken"
