@@ -28,7 +28,9 @@ from torch import Tensor
 
 from . import _scale
 
-__all__ = ["arm_skip_", "gradients", "hand_over_", "same_tensors", "settle", "steps_what_was_measured", "supports_grad_scale"]
+__all__ = [
+    "arm_skip_", "gradients", "hand_over_", "same_tensors", "settle", "steps_what_was_measured", "supports_grad_scale",
+]
 
 _PENDING = "_dist_clip_pending"
 _HOOKS = "_dist_clip_hooks"
