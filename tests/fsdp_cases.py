@@ -716,6 +716,12 @@ def fsdp1_parameters_changed_after_first_call(use_orig_params: bool) -> list[tup
         out.append((dist_clip.get_total_norm(fsdp_model).item(), reference_norm(grads), "extra" in report))
 
     step()
+    # A model built elsewhere (parameters registered outside this root) keeps the plan: nothing is walked again.
+    kept = {k: v[-1] for k, v in fsdp_model.__dict__["_dist_clip_fsdp1_plan"].items()}
+    nn.Linear(2, 2)
+    dist_clip.get_total_norm(fsdp_model)
+    again = {k: v[-1] for k, v in fsdp_model.__dict__["_dist_clip_fsdp1_plan"].items()}
+    out.append((float(all(again[k] is v for k, v in kept.items())), 1.0, False))
     with torch.no_grad():
         model.side.weight = nn.Parameter(model.side.weight.detach() * 3)
         ref.side.weight = nn.Parameter(ref.side.weight.detach() * 3)

@@ -214,7 +214,7 @@ def test_fsdp1_parameters_changed_after_first_call(run_ranks, use_orig_params: b
     for steps in run_ranks(2, cases.fsdp1_parameters_changed_after_first_call, use_orig_params, timeout_s=90):
         for i, (total, want, has_extra) in enumerate(steps):
             assert total == pytest.approx(want, rel=1e-6), (i, steps)
-            assert has_extra == (i == 2), (i, steps)
+            assert has_extra == (i == 3), (i, steps)
 
 
 @pytest.mark.parametrize("use_orig_params", [True, False])

@@ -23,6 +23,7 @@ replicated. The padding FSDP1 appends to the last shards is sliced off.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -343,41 +344,62 @@ def kept_on_root(root: nn.Module, key: Hashable, build: Callable[[], _T], also: 
     """
     _watch_registrations()
     token = root.__dict__.get("_all_handles")
-    cached = root.__dict__.get(_PLAN_ATTR, {}).get(key)
+    entries = root.__dict__.get(_PLAN_ATTR, {})
+    cached = entries.get(key)
     if (
         token is not None
         and cached is not None
         and cached[0] is token
         and cached[1] == len(token)
         and cached[2] is also
-        and cached[3] == _REGISTRATIONS[0]
+        and _unregistered_since(cached[3], cached[4])
     ):
-        return cached[4]  # type: ignore[no-any-return]
+        cached[3] = _REGISTRATIONS[0]  # nothing under the root since: checked up to now
+        return cached[5]  # type: ignore[no-any-return]
     value = build()
     if token is not None:
-        root.__dict__.setdefault(_PLAN_ATTR, {})[key] = (token, len(token), also, _REGISTRATIONS[0], value)
+        modules = frozenset(id(m) for m in root.modules())
+        root.__dict__.setdefault(_PLAN_ATTR, entries)[key] = [token, len(token), also, _REGISTRATIONS[0], modules,
+                                                              value]
     return value
 
 
-# Parameters registered anywhere since import, other than FSDP1's own (FSDP1 re-registers its flat and, under
-# use_orig_params, original parameters whenever it switches views: those are marked ``_fsdp_flattened``). A kept
-# plan lists the parameters no FSDP1 handle manages by object: one added to the model after the first call, or
-# replaced (``module.weight = nn.Parameter(...)``, an ignored module's), was never counted or clipped, and the
-# old object's stale gradient was read instead. Counted by torch's global registration hook, at no cost per call.
+# Parameters and submodules registered anywhere since import, other than FSDP1's own re-registrations (FSDP1
+# re-registers its flat and, under use_orig_params, original parameters whenever it switches views: those are
+# marked ``_fsdp_flattened``), with the id of the module registered on. A kept plan lists the parameters no
+# FSDP1 handle manages by object: one added to the model after the first call, or replaced
+# (``module.weight = nn.Parameter(...)``, an ignored module's), was never counted or clipped, and the old
+# object's stale gradient was read instead. Recorded by torch's global registration hooks; a plan is rebuilt
+# only when one of them landed on a module of its root (a model built elsewhere each step costs nothing).
 _REGISTRATIONS = [0]
+_LOG: collections.deque[tuple[int, int]] = collections.deque(maxlen=4096)
 _WATCHING: list[object] = []
+
+
+def _unregistered_since(count: int, modules: frozenset[int]) -> bool:
+    """Whether no parameter or submodule was registered on one of ``modules`` after registration ``count``."""
+    if count == _REGISTRATIONS[0]:
+        return True
+    if not _LOG or _LOG[0][0] > count + 1:  # the log no longer reaches back that far
+        return False
+    return not any(n > count and owner in modules for n, owner in reversed(_LOG))
 
 
 def _watch_registrations() -> None:
     if _WATCHING:
         return
-    from torch.nn.modules.module import register_module_parameter_registration_hook
+    from torch.nn.modules.module import (
+        register_module_module_registration_hook,
+        register_module_parameter_registration_hook,
+    )
 
-    def counted(module: nn.Module, name: str, param: object) -> None:
-        if not getattr(param, "_fsdp_flattened", False):
+    def counted(module: nn.Module, name: str, value: object) -> None:
+        if not getattr(value, "_fsdp_flattened", False):
             _REGISTRATIONS[0] += 1
+            _LOG.append((_REGISTRATIONS[0], id(module)))
 
     _WATCHING.append(register_module_parameter_registration_hook(counted))
+    _WATCHING.append(register_module_module_registration_hook(counted))
 
 
 def first_replica(module: nn.Module, handle: Any) -> bool:
