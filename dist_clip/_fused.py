@@ -186,12 +186,18 @@ def arm_skip_(optimizer: torch.optim.Optimizer, flag: Tensor) -> None:
     the step pre-hook (combined with a pending hand-over's flag and with what a ``GradScaler`` set just before
     ``step()``: either skips), put back as it was after the step. Set at arming time instead, it was overwritten
     by ``GradScaler.step`` (the skip was lost) and missed the first-step preparation of fused SGD's momentum.
-    Decided on the optimizer's gradients as they are now: once they are replaced (the step it was for never
-    came: the batch was dropped and ``zero_grad()`` set them to None) the flag is dropped. Gradients written in
-    place keep it: a wrapper may rewrite them before the step it was for (DeepSpeed's own clipping at stage 0),
-    and a NaN step taken is worse than a good one skipped."""
+    A flag lasts until the next ``step()``, whatever happens to the gradients meanwhile (they may be copied to
+    master weights, or rewritten by a wrapper's own clipping: a NaN step taken is worse than a good one
+    skipped). Armed again on the same gradient tensors (two calls clipping parts of one model), either flag
+    skips (the second call's False replaced the first's True, and the NaN step was taken); armed on new ones
+    (the next batch, after a dropped one), the new flag replaces the old."""
     _install_hooks(optimizer)
-    optimizer.__dict__[_SKIP] = (flag.reshape(()).to(torch.float32), gradients(optimizer))
+    grads = gradients(optimizer)
+    value = flag.reshape(()).to(torch.float32)
+    armed = optimizer.__dict__.get(_SKIP)
+    if armed is not None and same_tensors(armed[1], grads):
+        value = torch.maximum(armed[0], value.to(armed[0].device))
+    optimizer.__dict__[_SKIP] = (value, grads)
 
 
 def same_tensors(held: list[Tensor], grads: list[Tensor]) -> bool:
@@ -203,10 +209,10 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     _WAITING.discard(optimizer)
     pending = optimizer.__dict__.pop(_PENDING, None)
     armed = optimizer.__dict__.pop(_SKIP, None)
-    grads = gradients(optimizer) if pending is not None or armed is not None else []
+    grads = gradients(optimizer) if pending is not None else []
     if pending is not None and not _unchanged(pending[3], pending[4], grads):
         pending = None  # measured on gradients that are gone (the step it was for never came): not this step's
-    skip = armed[0] if armed is not None and same_tensors(armed[1], grads) else None  # likewise
+    skip = armed[0] if armed is not None else None
     if pending is None and skip is None:
         return
     scale, found = (pending[0], pending[1]) if pending is not None else (None, skip)

@@ -156,7 +156,7 @@ class _SkipGuard:
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.flag: Tensor | None = None
-        self.armed_on: list[Tensor] | None = None  # the gradients the flag was decided on
+        self.armed_on: list[Tensor] | None = None  # the gradients the pending flag was decided on
         self.saved: tuple[list[Tensor], list[Tensor], dict[int, dict[str, Any]], list[Tensor]] | None = None
         optimizer.register_step_pre_hook(self._pre)
         optimizer.register_step_post_hook(self._post)
@@ -172,8 +172,11 @@ class _SkipGuard:
             _fused.arm_skip_(optimizer, flag)
             self.flag = None
         else:
+            grads = _fused.gradients(optimizer)
+            if self.flag is not None and self.armed_on is not None and _fused.same_tensors(self.armed_on, grads):
+                flag = self.flag | flag.to(self.flag.device)  # two calls on the same gradients: either skips
             self.flag = flag
-            self.armed_on = _fused.gradients(optimizer)
+            self.armed_on = grads
 
     @staticmethod
     def _on_host(flag: Tensor) -> bool:
@@ -188,12 +191,8 @@ class _SkipGuard:
         flag = self.flag
         if flag is None:
             return
-        armed_on, self.armed_on = self.armed_on, None
-        if (self._on_host(flag) and not bool(flag)) or (
-            armed_on is not None and not _fused.same_tensors(armed_on, _fused.gradients(optimizer))
-        ):
-            # Not set, or decided on gradients that are gone (the step it was for never came: a dropped batch
-            # whose gradients zero_grad() set to None): it skipped the next good step. See _fused.arm_skip_.
+        self.armed_on = None
+        if self._on_host(flag) and not bool(flag):
             self.flag = None
             return
         params = [p for g in optimizer.param_groups for p in g["params"]]

@@ -933,10 +933,16 @@ def test_bench_deepspeed_quick_reports_costs_and_collectives():
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_skip_flag_of_a_dropped_batch_does_not_skip_the_next_good_step(fused):
-    """A NaN batch armed the skip; the user dropped it (zero_grad(), next batch) without stepping: the next good
-    step was skipped. A flag is dropped once the gradients it was decided on are replaced; gradients rewritten in
-    place before the step it was for (a wrapper's own clipping) keep it: the NaN step is never taken."""
+def test_skip_flag_lasts_until_the_step_and_combines_on_the_same_gradients(fused):
+    """A flag lasts until the next step whatever happens to the gradients (copied to master weights: a check
+    that dropped it on new gradient tensors took the NaN step; rewritten in place), two calls on parts of
+    one model's gradients combine (the finite part's False replaced the NaN part's True: the NaN step was
+    taken), and a call on the next batch (after a dropped one) replaces it: that good step is taken."""
+    def moved(model, opt) -> bool:
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.step()
+        return not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
     model = _model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
     clipper = dist_clip.GradClipper(max_norm=0.5, on_nonfinite="skip")
@@ -945,15 +951,20 @@ def test_skip_flag_of_a_dropped_batch_does_not_skip_the_next_good_step(fused):
     assert not bool(clipper(model, optimizer=opt).finite)
     opt.zero_grad()  # the batch is dropped
     _backward(model, 1)
-    dist_clip.clip_grad_norm_(model, 0.5)
-    before = [p.detach().clone() for p in model.parameters()]
-    opt.step()
-    assert not any(torch.equal(p, b) for p, b in zip(model.parameters(), before)), "the good step was skipped"
-    _backward(model, 2)
-    next(model.parameters()).grad.view(-1)[0] = math.nan
-    clipper(model, optimizer=opt)
-    for p in model.parameters():
-        p.grad.mul_(0.5)  # rewritten in place before the step it was for
-    before = [p.detach().clone() for p in model.parameters()]
-    opt.step()
-    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)), "the NaN step was taken"
+    assert bool(clipper(model, optimizer=opt).finite)
+    assert moved(model, opt), "the next good batch's step was skipped"
+    for rewrite in ("in place", "new tensors"):
+        _backward(model, 2)
+        next(model.parameters()).grad.view(-1)[0] = math.nan
+        clipper(model, optimizer=opt)
+        for p in model.parameters():
+            if rewrite == "in place":
+                p.grad.mul_(0.5)  # a wrapper's own clipping
+            else:
+                p.grad = p.grad.clone()  # copied to master weights
+        assert not moved(model, opt), f"the NaN step was taken ({rewrite})"
+    _backward(model, 3)
+    model[0].weight.grad.view(-1)[0] = math.nan
+    assert not bool(clipper(model[0], optimizer=opt).finite)
+    assert bool(clipper(model[2], optimizer=opt).finite)  # the other part of the same gradients
+    assert not moved(model, opt), "the second call's flag replaced the first's"
