@@ -828,18 +828,19 @@ def _group_limits_agree(rows: Tensor, combined: Tensor, p: float) -> Tensor:
     holders, fourth, fifth = rows[1], rows[3], rows[4]
     if math.isinf(p):
         known = fourth == -fifth
-        limit = fourth
+        value = fourth  # the limit itself (exact under MAX)
     else:
         known = torch.isclose(fourth * fourth, holders * fifth, rtol=1e-12, atol=1e-300)
-        t = fourth / holders.clamp(min=1)
-        limit = torch.where(t > 0, 1.0 / t - 1.0, math.inf)
+        # t = 1 / (1 + limit), compared as is: the limit recovered from t loses its digits for tiny limits
+        # (1/t - 1 at 1e-8), and sums over different numbers of holders then read as different limits.
+        value = fourth / holders.clamp(min=1)
     listed = combined >= 0
     ok = (known | ~listed).all()
     key = torch.where(listed, combined, -1)
     order = torch.argsort(key, stable=True)
-    k, lim = key[order], limit[order]
+    k, v = key[order], value[order]
     same_group = (k[1:] == k[:-1]) & (k[1:] >= 0)
-    close = torch.isclose(lim[1:], lim[:-1], rtol=1e-9, atol=0) | (torch.isinf(lim[1:]) & torch.isinf(lim[:-1]))
+    close = torch.isclose(v[1:], v[:-1], rtol=1e-12, atol=0) | (torch.isinf(v[1:]) & torch.isinf(v[:-1]))
     return ok & (close | ~same_group).all()
 
 
@@ -868,24 +869,28 @@ def _limits_agree(extra: Tensor, combined: Tensor, p: float, labels: Sequence[st
     if math.isinf(p):
         hi, lo = fourth, -fifth  # the largest and smallest limit its holders give each slot
         known = hi == lo
+        compared = hi
     else:  # t = 1 / (1 + limit) summed, and t**2: equal for every holder iff (sum t)**2 == holders * sum t**2
         known = torch.isclose(fourth * fourth, holders * fifth, rtol=1e-12, atol=1e-300)
         t = fourth / holders.clamp(min=1)
         hi = lo = torch.where(t > 0, 1.0 / t - 1.0, math.inf)
+        compared = t  # compared as t: the limit recovered from it loses its digits for tiny limits
     values: dict[int, set[float]] = {}
+    shown: dict[int, set[float]] = {}
     split: set[int] = set()
-    for g, ok, value in zip(combined.tolist(), known.tolist(), hi.tolist()):
+    for g, ok, value, limit in zip(combined.tolist(), known.tolist(), compared.tolist(), hi.tolist()):
         if g < 0:
             continue
         values.setdefault(g, set()).add(value)
+        shown.setdefault(g, set()).add(limit)
         if not ok:
             split.add(g)
-    # Sums over different numbers of holders round differently: limits within 1e-9 of each other agree.
-    bad = sorted(split | {g for g, v in values.items() if not math.isclose(min(v), max(v), rel_tol=1e-9)})
+    # Sums over different numbers of holders round differently: values within 1e-12 of each other agree.
+    bad = sorted(split | {g for g, v in values.items() if not math.isclose(min(v), max(v), rel_tol=1e-12)})
     if bad:
         g = bad[0]
         label = labels[g] if g < len(labels) else f"param_group{g}"
-        seen = "" if g in split else f" ({', '.join(f'{v:g}' for v in sorted(values[g]))})"
+        seen = "" if g in split else f" ({', '.join(f'{v:g}' for v in sorted(shown[g]))})"
         raise ValueError(
             f"param group {g} ({label!r}) has different max_norm on different ranks{seen}: every stage's optimizer "
             "must give a group the same limit, or the group's pieces are clipped by different coefficients"

@@ -160,7 +160,7 @@ def test_hand_sharded_mapping(run_ranks, world):
     assert all(v == values[0] for v in values), "totals differ across ranks"
 
 
-def body_mapping_per_group(world_size: int, shifted: bool = False) -> list[list[float]]:
+def body_mapping_per_group(world_size: int, shifted: bool = False, scale: float = 1.0) -> list[list[float]]:
     """per_group on hand-sharded pieces where a rank holding nothing of a parameter leaves it out of its
     optimizer: the group's norm still spans every rank (rank 0 scaled its share of that group by its own
     pieces' norm, 0.53 instead of 0.080, before memberships travelled in the all-reduce)."""
@@ -183,7 +183,7 @@ def body_mapping_per_group(world_size: int, shifted: bool = False) -> list[list[
         first = [mine["a.weight"], mine["a.bias"]]
         in_second = rank == world - 1 or shifted
         second = [mine[n] for n in ("big", "tiny", "zero")] + ([mine["b.weight"]] if in_second else [])
-        groups = [{"params": first, "max_norm": 0.5}, {"params": second, "max_norm": 0.2}]
+        groups = [{"params": first, "max_norm": 0.5 * scale}, {"params": second, "max_norm": 0.2 * scale}]
         if shifted and rank > 0:  # numbered differently: these ranks' group 0 is rank 0's group 1
             groups = groups[1:]
         opt = torch.optim.SGD(groups, lr=0.1)
@@ -192,14 +192,14 @@ def body_mapping_per_group(world_size: int, shifted: bool = False) -> list[list[
         assert calls.total == 1, calls.names
         if shifted:  # each rank's coefficients follow its own numbering: compare the scaled gradients only
             norm_b = reference_norm([full[n] for n in ("big", "tiny", "zero", "b.weight")], p)
-            coef_b = min(1.0, 0.2 / (norm_b + 1e-6))
+            coef_b = min(1.0, 0.2 * scale / (norm_b + 1e-6))
             for n in ("big", "tiny", "zero", "b.weight"):
                 torch.testing.assert_close(mine[n].grad.double(), before[n].double() * coef_b, rtol=1e-6, atol=1e-30)
             out.append([coef_b])
             continue
         norms = [reference_norm([full["a.weight"], full["a.bias"]], p),
                  reference_norm([full[n] for n in ("big", "tiny", "zero", "b.weight")], p)]
-        coefs = [min(1.0, 0.5 / (norms[0] + 1e-6)), min(1.0, 0.2 / (norms[1] + 1e-6))]
+        coefs = [min(1.0, 0.5 * scale / (norms[0] + 1e-6)), min(1.0, 0.2 * scale / (norms[1] + 1e-6))]
         torch.testing.assert_close(result.clip_coef.double(), torch.tensor(coefs, dtype=torch.float64), rtol=1e-5,
                                    atol=0)
         for n, q in mine.items():
@@ -215,6 +215,13 @@ def test_per_group_on_pieces_whose_ranks_optimizers_differ(run_ranks, world, shi
     """Also with group numberings that differ across ranks (a rank left a whole group out: b's group is 1 on
     rank 0 and 0 elsewhere), where combining the numberings left b unclipped on the other ranks."""
     values = run_ranks(world, body_mapping_per_group, world, shifted)
+    assert all(v == values[0] for v in values), "coefficients differ across ranks"
+
+
+def test_per_group_on_pieces_with_tiny_limits(run_ranks):
+    """Limits of 2e-8 and 5e-8: each group's limit, recovered from 1/(1 + limit) summed over different numbers of
+    holders, lost its digits and the ranks' alike numbering read as different (a false ValueError)."""
+    values = run_ranks(3, body_mapping_per_group, 3, False, 1e-7)
     assert all(v == values[0] for v in values), "coefficients differ across ranks"
 
 
