@@ -9,7 +9,7 @@ from torch import Tensor
 
 from . import _native
 
-__all__ = ["EPS", "clip_coefficient", "group_by_device_dtype", "resolve_foreach", "scale_", "subnormal_split"]
+__all__ = ["EPS", "clip_coefficient", "group_by_device_dtype", "resolve_foreach", "power_split", "scale_", "subnormal_split"]
 
 #: Added to the total norm before dividing, as torch.nn.utils.clip_grad_norm_ does.
 EPS = 1e-6
@@ -52,20 +52,36 @@ def clip_coefficient(max_norm: float | Tensor, total_norm: Tensor) -> Tensor:
 
 
 FP32_TINY = 2.0**-126  # float32's smallest normal number
-SPLIT = 2.0**-64  # exact in every float dtype's range used here (float32, bfloat16)
+STEP = 2.0**-100  # a power of two, exact in float32 and bfloat16: the factor split off a too-small coefficient
 
 
-def subnormal_split(coef: Tensor, out: torch.dtype) -> tuple[Tensor, Tensor] | None:
-    """For a float64 coefficient that ``out`` (float32) can only hold as a subnormal, losing digits or all of
-    them (finite gradients whose norm is beyond float32's range): two normal factors whose product it is, to
-    multiply in turn (the second a power of two, exact). None when one factor does (or off the CPU, where
-    the test would be a host read)."""
-    if out == torch.float64 or coef.device.type != "cpu":
+def power_split(coefs: Tensor) -> list[Tensor] | None:
+    """float64 ``coefs`` some of which float32 holds only as subnormals (or not at all): factors whose product
+    is each coefficient, the first normal, the others ``STEP`` (exact), to multiply in turn, or None when none
+    is below float32's smallest normal. As many factors as the smallest needs: two cover coefficients down to
+    2**-226 (one split at 2**-64 lost digits below 2**-190 and zeroed gradients below 2**-213)."""
+    small = (coefs > 0) & (coefs < FP32_TINY)
+    if not bool(small.any()):
         return None
-    value = float(coef)
-    if not 0.0 < value < FP32_TINY:
+    first = coefs.clone()
+    steps: list[Tensor] = []
+    while bool(small.any()):
+        steps.append(torch.where(small, STEP, 1.0).to(coefs.dtype))
+        first = torch.where(small, first / STEP, first)
+        small = (first > 0) & (first < FP32_TINY)
+    return [first, *steps]
+
+
+def subnormal_split(coef: Tensor, out: torch.dtype) -> list[Tensor] | None:
+    """For a float64 coefficient that float32 can only hold as a subnormal, losing digits or all of them (finite
+    gradients whose norm is beyond float32's range): normal factors whose product it is, in ``out``, to
+    multiply in turn (all but the first powers of two, exact). Also where ``out`` is float64: float32 and
+    bfloat16 gradients beside float64 ones would get the coefficient rounded to float32. None when one
+    factor does (or off the CPU, where the test would be a host read)."""
+    if coef.device.type != "cpu":
         return None
-    return torch.tensor(value / SPLIT, dtype=out), torch.tensor(SPLIT, dtype=out)
+    factors = power_split(coef.to(torch.float64).reshape(()))
+    return None if factors is None else [f.to(out) for f in factors]
 
 
 def scale_(

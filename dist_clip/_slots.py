@@ -610,17 +610,15 @@ def all_pieces(shards: Sequence[Shards], slot_of: Callable[[str, int], int] | No
 _SCALAR_LIST_EXACT = (torch.float32, torch.float64)
 
 
-def subnormal_factors(coefs: Tensor, out: torch.dtype) -> tuple[Tensor, Tensor] | None:
-    """float64 per-slot coefficients that ``out`` (float32) holds only as subnormals for some slot (norms
-    beyond float32's range): two ``out`` factors per slot, to apply in turn, whose product is each coefficient
-    (see ``_scale.subnormal_split``). None when ``coefs.to(out)`` loses nothing (or off the CPU)."""
-    if out == torch.float64 or coefs.device.type != "cpu":
+def subnormal_factors(coefs: Tensor, out: torch.dtype) -> list[Tensor] | None:
+    """float64 per-slot coefficients that float32 holds only as subnormals for some slot (norms beyond float32's
+    range): ``out`` factors per slot, to apply in turn, whose product is each coefficient (see
+    ``_scale.power_split``; also for a float64 ``out``, whose float32 pieces would round them). None when no
+    slot needs it (or off the CPU)."""
+    if coefs.device.type != "cpu":
         return None
-    small = (coefs > 0) & (coefs < _scale.FP32_TINY)
-    if not bool(small.any()):
-        return None
-    first = torch.where(small, coefs / _scale.SPLIT, coefs).to(out)
-    return first, torch.where(small, _scale.SPLIT, 1.0).to(out)
+    factors = _scale.power_split(coefs.to(torch.float64))
+    return None if factors is None else [f.to(out) for f in factors]
 
 
 def scale_slots_(pieces: Sequence[tuple[Tensor, int]], coefs: Tensor, foreach: bool | None = None) -> None:

@@ -261,3 +261,32 @@ def test_only_empty_tensors_give_zero(p):
     # A rank whose every shard is empty: torch's vector_norm(inf) has no identity there; ours is 0.
     assert dist_clip.get_total_norm([torch.zeros(0), torch.zeros(0, 3)], p).item() == 0.0
     assert reference_norm([torch.zeros(0)], p) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("how", ["clip_grad_norm_", "total", "per_param"])
+@pytest.mark.parametrize("case", ["beside float64", "max_norm 1e-30"])
+def test_tiny_coefficients_stay_exact_beside_float64_and_below_two_to_the_minus_190(dtype, how, case):
+    """A float64 gradient in the call turned the two-factor split off (the float64 coefficient was rounded to a
+    float32 subnormal for the float32 gradients: 3e-3 off at max_norm 1e-3, 0 at 1e-6); and one split at 2**-64
+    left the first factor subnormal below 2**-190 (max_norm 1e-30 on gradients of 3e38 zeroed them)."""
+    from dist_clip import GradClipper
+
+    g = torch.full((100,), 3e38).to(dtype)
+    grads = {"w": g}
+    max_norm = 1e-6 if case == "beside float64" else 1e-30
+    if case == "beside float64":
+        grads["v"] = torch.ones(3, dtype=torch.float64)
+    params = {n: torch.nn.Parameter(torch.zeros_like(t)) for n, t in grads.items()}
+    for n, t in grads.items():
+        params[n].grad = t.clone()
+    if how == "clip_grad_norm_":
+        dist_clip.clip_grad_norm_(list(params.values()), max_norm)
+        want_norm = reference_norm(list(grads.values()))
+    else:
+        GradClipper(max_norm=max_norm, mode=how)(params)
+        want_norm = reference_norm([g]) if how == "per_param" else reference_norm(list(grads.values()))
+    coef = max_norm / (want_norm + 1e-6)
+    expected = (g.double() * coef).to(dtype)  # the exact product, rounded once to the gradient's dtype
+    assert bool((expected != 0).all())
+    torch.testing.assert_close(params["w"].grad, expected, rtol=2e-7 if dtype == torch.float32 else 2**-8, atol=0)
