@@ -9,7 +9,9 @@ from torch import Tensor
 
 from . import _native
 
-__all__ = ["EPS", "clip_coefficient", "group_by_device_dtype", "resolve_foreach", "power_split", "scale_", "subnormal_split"]
+__all__ = [
+    "EPS", "clip_coefficient", "group_by_device_dtype", "power_split", "resolve_foreach", "scale_", "subnormal_split",
+]
 
 #: Added to the total norm before dividing, as torch.nn.utils.clip_grad_norm_ does.
 EPS = 1e-6
