@@ -651,7 +651,14 @@ def unit_pieces(
             elif geo.cut == "rows":
                 cut.append((name, range(int(param.shape[0]))))  # one block: every row is cut
             g = param.grad
-            if g is None or not geo.here:
+            if not geo.here:
+                continue
+            if g is None:
+                # Joins the reduction over this parameter's mesh without a gradient piece (not counted): a rank
+                # whose DTensor gradients were all None skipped the collective, returned 0 and left the other
+                # ranks waiting until the timeout (the other modes joined already).
+                empty = param._local_tensor.detach().new_zeros(0)
+                units.append(_Unit(name, empty, empty, geo.group, False, "rows"))
                 continue
             if type(g).__name__ == "DTensor":
                 if tuple(g.placements) != tuple(param.placements):

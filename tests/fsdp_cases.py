@@ -1027,8 +1027,11 @@ def fsdp2_rank_without_gradients() -> dict[str, Any]:
     want = float(torch.linalg.vector_norm(torch.cat(gathered)))
     total = float(dist_clip.get_total_norm(model))
     report = dist_clip.GradClipper(max_norm=1e9, mode="per_param", report=True)(model)
+    # AGC too: that rank skipped the collective (its units were all absent), returned 0 and left the others
+    # waiting until the timeout.
+    agc = dist_clip.GradClipper(mode="unitwise", agc=dist_clip.AGC(clipping=1e9))(model)
     return {"total": total, "want": want, "per_param_total": float(report.total_norm),
-            "report": sorted(report.norms)}
+            "report": sorted(report.norms), "agc_total": float(agc.total_norm)}
 
 
 def group_over_sliced_meshes() -> dict[str, Any]:

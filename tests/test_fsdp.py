@@ -242,6 +242,7 @@ def test_fsdp2_rank_without_gradients(run_ranks, world_size: int) -> None:
     for r in results:
         assert r["total"] == pytest.approx(r["want"], rel=1e-6) and r["per_param_total"] == pytest.approx(
             r["want"], rel=1e-6), r
+        assert r["agc_total"] == pytest.approx(r["want"], rel=1e-6), r
         assert r["report"] == results[0]["report"] and "scale" not in r["report"], r
 
 
