@@ -228,6 +228,18 @@ _STRIDED = frozenset((torch.strided,))
 _REAL = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
 
 
+def check_dtypes(tensors: Sequence[Tensor]) -> None:
+    """The TypeError :func:`_real_inputs` raises for integer (or bool) gradients, without measuring anything."""
+    if _REAL.issuperset(map(_dtype_of, tensors)):  # the usual case, in C
+        return
+    for t in tensors:
+        if t.dtype not in _REAL and not t.is_complex():
+            raise TypeError(
+                "gradients must be float16, bfloat16, float32, float64 or complex tensors, got one of dtype "
+                f"{t.dtype}"
+            )
+
+
 def _real_inputs(tensors: Sequence[Tensor]) -> Sequence[Tensor]:
     """Complex gradients measure by their moduli (``|z|``, as ``vector_norm`` does), sparse ones by their
     coalesced values; integers are refused."""
@@ -258,9 +270,6 @@ def _torch_partials(tensors: Sequence[Tensor], p: float, device: torch.device, u
     if math.isinf(p):
         return _max_abs_partials(tensors, device)
     return _sum_pow_partials(tensors, p, device, use_foreach)
-
-
-_dtype_of = operator.attrgetter("dtype")
 
 
 def _foreach_for(use_foreach: bool | None, device: torch.device, tensors: Sequence[Tensor]) -> bool:

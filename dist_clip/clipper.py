@@ -594,6 +594,7 @@ class GradClipper:
         finite = torch.isfinite(m.total)
 
         slot_names: tuple[str, ...] = ()
+        clipped_anywhere: Tensor | None = None
         if cfg.mode == "per_param":
             assert named is not None
             limit = torch.full_like(m.total, float(cfg.max_norm))  # type: ignore[arg-type]
@@ -604,8 +605,8 @@ class GradClipper:
         elif cfg.mode == "per_group":
             assert named is not None and optimizer is not None
             assert grouping is not None
-            coef, slot_coef, slot_names, limit_out = _per_group(grouping, m, p, torch.float64,
-                                                                fill_only=plan is None)
+            coef, slot_coef, slot_names, limit_out, clipped_anywhere = _per_group(
+                grouping, m, p, torch.float64, fill_only=plan is None)
             limit_out = limit_out.to(out)
         else:
             if self._threshold is not None:
@@ -647,6 +648,8 @@ class GradClipper:
         # was whatever its coefficient (max_norm=0 on a parameter without gradient read as clipped).
         scaled = m.slot_norms.to(slot_coef.device) > 0 if m.slot_norms.numel() == slot_coef.numel() else m.total > 0
         clipped = finite & ((slot_coef < 1) & scaled).any()
+        if clipped_anywhere is not None:  # per_group under a plan: groups this stage's optimizer lacks count too
+            clipped = finite & clipped_anywhere.to(clipped.device)
         self._count(clipped, finite)
         norms = self._report(named.names, m, p) if want_report and named is not None else None
         return ClipResult(total, coef, clipped, finite, limit_out, slot_names, norms)
@@ -750,6 +753,8 @@ def named_under_plan(
     waiting in the collective."""
     try:
         named = plan.named_shards(target)
+        for shard in named.shards:  # the measurement would refuse them on this rank alone, after this check
+            _norm.check_dtypes(shard.tensors)
         return named, groups(named) if groups is not None else None
     except (ValueError, TypeError):
         _refuse_together(plan, p, groups is not None)
@@ -903,8 +908,9 @@ def _per_group(
     p: float,
     out: torch.dtype,
     fill_only: bool = False,
-) -> tuple[Tensor, Tensor, tuple[str, ...], Tensor]:
-    """Coefficients per param group (``grouping`` from :meth:`GradClipper._groups`) and per slot.
+) -> tuple[Tensor, Tensor, tuple[str, ...], Tensor, Tensor | None]:
+    """Coefficients per param group (``grouping`` from :meth:`GradClipper._groups`) and per slot, the limits,
+    and under a plan on the CPU whether any group of any stage is clipped (:func:`_clipped_in_any_group`).
 
     ``fill_only`` (named pieces, no plan): the combined memberships are taken only when every holder of every
     slot numbers it alike (they then also place the slots a rank's optimizer left out); otherwise each rank keeps
@@ -932,6 +938,12 @@ def _per_group(
                 "so it would clip nothing; pass the optimizer that steps these parameters"
             )
         if not fill_only:
+            if m.device.type == "cpu" and not bool(consistent):  # all-reduced: every rank raises alike
+                raise ValueError(
+                    "mode='per_group' under a plan: the ranks holding a parameter (tensor-parallel peers, a tied "
+                    "copy and its owner) put it in different param group indices; group i must be group i of "
+                    "every stage's optimizer (the indices were averaged into another group)"
+                )
             _limits_agree(m.extra, combined, p, labels)
         if fill_only:
             # Ranks may number their groups differently (one holding nothing of a group's parameters may leave
@@ -962,4 +974,30 @@ def _per_group(
     coef = _scale.clip_coefficient(limit, norms)
     # Parameters outside the optimizer count in the total but keep their gradients (coefficient 1).
     slot_coef = torch.where(index >= 0, coef[index.clamp(min=0)], torch.ones_like(index, dtype=out))
-    return coef, slot_coef, tuple(labels), limit
+    anywhere = None
+    if m.extra is not None and not fill_only and m.device.type == "cpu":
+        anywhere = _clipped_in_any_group(m, combined, p)
+    return coef, slot_coef, tuple(labels), limit, anywhere
+
+
+def _clipped_in_any_group(m: _slots.Measurement, combined: Tensor, p: float) -> Tensor:
+    """Under a plan, whether any group of any stage scales some gradient down, from the combined memberships
+    and limits every rank holds (on the CPU): each rank's own coefficients cover only the groups its optimizer
+    has, and ``clipped`` (and ``num_clipped``) differed between stages with different numbers of groups."""
+    assert m.extra is not None
+    listed = combined >= 0
+    if not bool(listed.any()):
+        return torch.zeros((), dtype=torch.bool)
+    rows = m.extra.reshape(-1, combined.numel())
+    holders, fourth = rows[1], rows[3]
+    if math.isinf(p):
+        slot_limit = fourth
+    else:
+        t = fourth / holders.clamp(min=1)
+        slot_limit = torch.where(t > 0, 1.0 / t - 1.0, math.inf)
+    ids, inverse = torch.unique(combined[listed], return_inverse=True)
+    norms = _slots.finalize_norms(_slots.merge_partials(m.partials[listed], inverse, ids.numel(), p), p,
+                                  m.loss_scale)
+    limits = torch.zeros(ids.numel(), dtype=torch.float64).scatter_(0, inverse, slot_limit[listed])
+    coefs = _scale.clip_coefficient(limits, norms)
+    return ((coefs < 1) & (norms > 0)).any()

@@ -613,3 +613,61 @@ def test_a_group_limit_differing_across_stages_is_refused_on_every_rank(run_rank
     refused = "param group 0 ('param_group0') has different max_norm on different ranks (0.1, 1)"
     assert a[1] == a[4] == refused and a[0] != refused and a[3] != refused, a
     assert a[2] == a[5] == "param group 0 ('param_group0') has different max_norm on different ranks (1, inf)", a
+
+
+def body_plan_edge_cases() -> list:
+    """Four cases on a (pp=2, tp=1) mesh: clipped (and num_clipped) the same on both stages when only the stage
+    with more param groups clips (stage 0 said False); a parameter both ranks hold put in different group
+    indices is a ValueError on every rank (the indices were averaged into a third group, silently); a debug
+    audit of a correct plan on an overflowing step passes (inf - inf read as a mismatch); an integer gradient on
+    one stage is refused with the other ranks at once (they waited until the timeout)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("pp", "tp"))
+    pp = mesh.get_coordinate()[0]
+    out: list = []
+    params: dict[str, torch.nn.Parameter] = {}
+
+    def param(name: str, grad: list[float]) -> torch.nn.Parameter:
+        params[name] = torch.nn.Parameter(torch.zeros(len(grad)))
+        params[name].grad = torch.tensor(grad)
+        return params[name]
+
+    plan = ParallelPlan(mesh, names=("s0.w", "s1.w", "s1.b"))
+    if pp == 0:
+        opt = torch.optim.SGD([{"params": [param("s0.w", [0.3, 0.4])], "max_norm": 1.0}], lr=0.1)
+    else:
+        opt = torch.optim.SGD([{"params": [param("s1.w", [0.3, 0.4])], "max_norm": 1.0},
+                               {"params": [param("s1.b", [30.0, 40.0])], "max_norm": 1.0}], lr=0.1)
+    clipper = GradClipper(mode="per_group")
+    out.append(bool(clipper(params, plan=plan, optimizer=opt).clipped))
+    out.append(int(clipper.num_clipped))
+
+    shared = ParallelPlan(mesh, names=("a",), tied=(("b", "a"),))
+    params.clear()
+    mine = param("a" if pp == 0 else "b", [3.0, 4.0])
+    groups = [{"params": [], "max_norm": 1.0}] * pp + [{"params": [mine], "max_norm": 1.0}]
+    try:
+        GradClipper(mode="per_group")(params, plan=shared, optimizer=torch.optim.SGD(groups, lr=0.1))
+    except ValueError as e:
+        out.append("different param group indices" in str(e))
+    else:
+        out.append(False)
+
+    plan = ParallelPlan(mesh, names=("s0.w", "s1.w"), debug=True)
+    params.clear()
+    param("s0.w" if pp == 0 else "s1.w", [math.inf, 1.0] if pp == 0 else [1.0, 2.0])
+    out.append(math.isinf(GradClipper()(params, plan=plan).total_norm.item()))
+
+    grads = {"s0.w": torch.tensor([1.0, 2.0])} if pp == 0 else {"s1.w": torch.tensor([1, 2])}  # raw gradients
+    try:
+        GradClipper()(grads, plan=ParallelPlan(mesh, names=("s0.w", "s1.w")))
+    except (TypeError, RuntimeError) as e:
+        out.append(type(e).__name__)
+    return out
+
+
+def test_plan_edge_cases(run_ranks):
+    results = run_ranks(2, body_plan_edge_cases, timeout_s=60)
+    assert results[0] == [True, 1, True, True, "RuntimeError"], results
+    assert results[1] == [True, 1, True, True, "TypeError"], results
