@@ -402,7 +402,9 @@ class GradClipper:
     """Gradient clipping with state: ``clipper(target) -> ClipResult``, checkpointable with ``state_dict()``.
 
     Must be called on all ranks of the group, after ``backward()`` and before ``optimizer.step()``, like the
-    functional API; each call issues one collective (none where nothing is sharded), whatever the mode.
+    functional API; each call issues one collective (none where nothing is sharded), whatever the mode, except
+    ``on_nonfinite="error"`` on a non-finite norm (an all-gather of the culprits' names, then the error) and the
+    first call under a ``ParallelPlan(debug=True)`` (its audit gathers every piece once).
 
     Args:
         config: a :class:`ClipperConfig`; or leave it out and pass its fields as keyword arguments.
