@@ -29,7 +29,8 @@ from torch import Tensor
 from . import _scale
 
 __all__ = [
-    "arm_skip_", "gradients", "hand_over_", "same_tensors", "settle", "steps_what_was_measured", "supports_grad_scale",
+    "arm_skip_", "grad_state", "gradients", "hand_over_", "same_state", "same_tensors", "settle",
+    "steps_what_was_measured", "supports_grad_scale",
 ]
 
 _PENDING = "_dist_clip_pending"
@@ -181,23 +182,38 @@ def _install_hooks(optimizer: torch.optim.Optimizer) -> None:
         )
 
 
-def arm_skip_(optimizer: torch.optim.Optimizer, flag: Tensor) -> None:
+def arm_skip_(
+    optimizer: torch.optim.Optimizer, flag: Tensor, started: tuple[list[Tensor], list[int]] | None = None
+) -> None:
     """Make the next ``step()`` of a fused optimizer skip where the 0-dim ``flag`` is true: ``found_inf``, set in
     the step pre-hook (combined with a pending hand-over's flag and with what a ``GradScaler`` set just before
     ``step()``: either skips), put back as it was after the step. Set at arming time instead, it was overwritten
     by ``GradScaler.step`` (the skip was lost) and missed the first-step preparation of fused SGD's momentum.
     A flag lasts until the next ``step()``, whatever happens to the gradients meanwhile (they may be copied to
     master weights, or rewritten by a wrapper's own clipping: a NaN step taken is worse than a good one
-    skipped). Armed again on the same gradient tensors (two calls clipping parts of one model), either flag
-    skips (the second call's False replaced the first's True, and the NaN step was taken); armed on new ones
-    (the next batch, after a dropped one), the new flag replaces the old."""
+    skipped). Armed again by a call that found the gradients as the previous arming left them (``started``,
+    :func:`grad_state` at that call's start: the same tensors, not written since; two calls clipping parts of
+    one model), either flag skips (the second call's False replaced the first's True, and the NaN step was
+    taken); found them replaced or rewritten (the next batch after a dropped one, ``zero_grad()`` either way),
+    the new flag replaces the old."""
     _install_hooks(optimizer)
-    grads = gradients(optimizer)
+    now = grad_state(optimizer)
     value = flag.reshape(()).to(torch.float32)
     armed = optimizer.__dict__.get(_SKIP)
-    if armed is not None and same_tensors(armed[1], grads):
+    if armed is not None and same_state(armed[1], started if started is not None else now):
         value = torch.maximum(armed[0], value.to(armed[0].device))
-    optimizer.__dict__[_SKIP] = (value, grads)
+    optimizer.__dict__[_SKIP] = (value, now)
+
+
+def grad_state(optimizer: torch.optim.Optimizer) -> tuple[list[Tensor], list[int]]:
+    """The optimizer's gradient tensors and their version counters (a view's is its buffer's)."""
+    grads = gradients(optimizer)
+    return grads, [g._version for g in grads]
+
+
+def same_state(a: tuple[list[Tensor], list[int]], b: tuple[list[Tensor], list[int]]) -> bool:
+    """Whether two :func:`grad_state` snapshots hold the same gradient tensors, none written in between."""
+    return same_tensors(a[0], b[0]) and a[1] == b[1]
 
 
 def same_tensors(held: list[Tensor], grads: list[Tensor]) -> bool:

@@ -156,7 +156,7 @@ class _SkipGuard:
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.flag: Tensor | None = None
-        self.armed_on: list[Tensor] | None = None  # the gradients the pending flag was decided on
+        self.armed_on: tuple[list[Tensor], list[int]] | None = None  # grad_state when the flag was armed
         self.saved: tuple[list[Tensor], list[Tensor], dict[int, dict[str, Any]], list[Tensor]] | None = None
         optimizer.register_step_pre_hook(self._pre)
         optimizer.register_step_post_hook(self._post)
@@ -167,16 +167,24 @@ class _SkipGuard:
             g.get("fused") for g in optimizer.param_groups
         )
 
-    def arm(self, optimizer: torch.optim.Optimizer, flag: Tensor) -> None:
+    def arm(
+        self, optimizer: torch.optim.Optimizer, flag: Tensor, started: tuple[list[Tensor], list[int]] | None = None
+    ) -> None:
+        """``started``: the optimizer's :func:`_fused.grad_state` when the arming call began (see
+        :func:`_fused.arm_skip_` for how a second arming combines with the first)."""
         if self.fused(optimizer):
-            _fused.arm_skip_(optimizer, flag)
+            _fused.arm_skip_(optimizer, flag, started)
             self.flag = None
-        else:
-            grads = _fused.gradients(optimizer)
-            if self.flag is not None and self.armed_on is not None and _fused.same_tensors(self.armed_on, grads):
-                flag = self.flag | flag.to(self.flag.device)  # two calls on the same gradients: either skips
-            self.flag = flag
-            self.armed_on = grads
+            return
+        now = _fused.grad_state(optimizer)
+        if (
+            self.flag is not None
+            and self.armed_on is not None
+            and _fused.same_state(self.armed_on, started if started is not None else now)
+        ):
+            flag = self.flag | flag.to(self.flag.device)  # two calls on the same gradients: either skips
+        self.flag = flag
+        self.armed_on = now
 
     @staticmethod
     def _on_host(flag: Tensor) -> bool:
@@ -302,14 +310,26 @@ def skip_next_step_(optimizer: torch.optim.Optimizer, flag: Tensor) -> None:
     step of each parameter, or every step for such optimizers), as does optimizer state kept on the host for
     device parameters (``capturable=False`` step counters).
     """
+    _arm_skip(optimizer, flag, None)
+
+
+def _stepping_optimizers(optimizer: Any) -> list[Any] | None:
+    """The torch optimizers a fairscale ``OSS`` or torch ``ZeroRedundancyOptimizer`` steps (None otherwise)."""
     from .adapters.fairscale import skip_optimizers
 
     inner = skip_optimizers(optimizer)  # a fairscale OSS: the torch optimizer stepping this rank's parameters
     if inner is None and _is_torch_zero(optimizer):
-        inner = [optimizer.optim]  # type: ignore[attr-defined]  # torch's own ZeroRedundancyOptimizer, alike
+        inner = [optimizer.optim]  # torch's own ZeroRedundancyOptimizer, alike
+    return inner
+
+
+def _arm_skip(optimizer: Any, flag: Tensor, started: dict[int, tuple[list[Tensor], list[int]]] | None) -> None:
+    """:func:`skip_next_step_`, with each torch optimizer's :func:`_fused.grad_state` at the start of the
+    arming call (``started``, by ``id``), when a call scaled the gradients before arming."""
+    inner = _stepping_optimizers(optimizer)
     if inner is not None:
         for opt in inner:
-            skip_next_step_(opt, flag)
+            _arm_skip(opt, flag, started)
         return
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
@@ -325,7 +345,7 @@ def skip_next_step_(optimizer: torch.optim.Optimizer, flag: Tensor) -> None:
     if guard is None:
         guard = _SkipGuard(optimizer)
         optimizer._dist_clip_skip_guard = guard  # type: ignore[attr-defined]
-    guard.arm(optimizer, flag.reshape(()).to(torch.bool))
+    guard.arm(optimizer, flag.reshape(()).to(torch.bool), started.get(id(optimizer)) if started else None)
 
 
 def _skip_handle(target: object, optimizer: Any) -> tuple[Callable[[Tensor], None], Any]:
@@ -344,7 +364,11 @@ def _skip_handle(target: object, optimizer: Any) -> tuple[Callable[[Tensor], Non
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     chosen = optimizer
-    return (lambda flag: skip_next_step_(chosen, flag)), optimizer
+    # The gradients as this call finds them, before it scales any: a second call on the same ones (clipping
+    # another part of the model) combines its flag with the first's (see _fused.arm_skip_).
+    started = {id(o): _fused.grad_state(o) for o in (_stepping_optimizers(chosen) or [chosen])
+               if isinstance(o, torch.optim.Optimizer)}
+    return (lambda flag: _arm_skip(chosen, flag, started)), optimizer
 
 
 # ------------------------------------------------------------------------------------------- the clipper

@@ -946,13 +946,15 @@ def test_skip_flag_lasts_until_the_step_and_combines_on_the_same_gradients(fused
     model = _model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
     clipper = dist_clip.GradClipper(max_norm=0.5, on_nonfinite="skip")
-    _backward(model, 0)
-    next(model.parameters()).grad.view(-1)[0] = math.nan
-    assert not bool(clipper(model, optimizer=opt).finite)
-    opt.zero_grad()  # the batch is dropped
-    _backward(model, 1)
-    assert bool(clipper(model, optimizer=opt).finite)
-    assert moved(model, opt), "the next good batch's step was skipped"
+    for to_none in (True, False):  # gradients replaced, or zeroed in place and accumulated into again
+        _backward(model, 0)
+        next(model.parameters()).grad.view(-1)[0] = math.nan
+        assert not bool(clipper(model, optimizer=opt).finite)
+        opt.zero_grad(set_to_none=to_none)  # the batch is dropped
+        x = torch.randn(16, 32, generator=torch.Generator().manual_seed(7))
+        model(x).square().sum().backward()
+        assert bool(clipper(model, optimizer=opt).finite)
+        assert moved(model, opt), f"the next good batch's step was skipped (set_to_none={to_none})"
     for rewrite in ("in place", "new tensors"):
         _backward(model, 2)
         next(model.parameters()).grad.view(-1)[0] = math.nan
