@@ -183,7 +183,10 @@ def _install_hooks(optimizer: torch.optim.Optimizer) -> None:
 
 
 def arm_skip_(
-    optimizer: torch.optim.Optimizer, flag: Tensor, started: tuple[list[Tensor], list[int]] | None = None
+    optimizer: torch.optim.Optimizer,
+    flag: Tensor,
+    started: tuple[list[Tensor], list[int]] | None = None,
+    combine: bool = True,
 ) -> None:
     """Make the next ``step()`` of a fused optimizer skip where the 0-dim ``flag`` is true: ``found_inf``, set in
     the step pre-hook (combined with a pending hand-over's flag and with what a ``GradScaler`` set just before
@@ -195,12 +198,12 @@ def arm_skip_(
     :func:`grad_state` at that call's start: the same tensors, not written since; two calls clipping parts of
     one model), either flag skips (the second call's False replaced the first's True, and the NaN step was
     taken); found them replaced or rewritten (the next batch after a dropped one, ``zero_grad()`` either way),
-    the new flag replaces the old."""
+    the new flag replaces the old. ``combine=False`` (an explicit ``skip_next_step_``) always replaces it."""
     _install_hooks(optimizer)
     now = grad_state(optimizer)
     value = flag.reshape(()).to(torch.float32)
     armed = optimizer.__dict__.get(_SKIP)
-    if armed is not None and same_state(armed[1], started if started is not None else now):
+    if combine and armed is not None and same_state(armed[1], started if started is not None else now):
         value = torch.maximum(armed[0], value.to(armed[0].device))
     optimizer.__dict__[_SKIP] = (value, now)
 
@@ -226,8 +229,10 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     pending = optimizer.__dict__.pop(_PENDING, None)
     armed = optimizer.__dict__.pop(_SKIP, None)
     grads = gradients(optimizer) if pending is not None else []
-    if pending is not None and not _unchanged(pending[3], pending[4], grads):
+    if pending is not None and pending[2] is not None and not _unchanged(pending[3], pending[4], grads):
         pending = None  # measured on gradients that are gone (the step it was for never came): not this step's
+    # A coefficient already applied by settle() leaves only its skip flag, which lasts until this step whatever
+    # wrote the gradients since (a later clip of part of them: dropping it took a NaN step).
     skip = armed[0] if armed is not None else None
     if pending is None and skip is None:
         return

@@ -168,17 +168,22 @@ class _SkipGuard:
         )
 
     def arm(
-        self, optimizer: torch.optim.Optimizer, flag: Tensor, started: tuple[list[Tensor], list[int]] | None = None
+        self,
+        optimizer: torch.optim.Optimizer,
+        flag: Tensor,
+        started: tuple[list[Tensor], list[int]] | None = None,
+        combine: bool = True,
     ) -> None:
         """``started``: the optimizer's :func:`_fused.grad_state` when the arming call began (see
-        :func:`_fused.arm_skip_` for how a second arming combines with the first)."""
+        :func:`_fused.arm_skip_` for how a second arming combines with the first; ``combine=False`` replaces)."""
         if self.fused(optimizer):
-            _fused.arm_skip_(optimizer, flag, started)
+            _fused.arm_skip_(optimizer, flag, started, combine)
             self.flag = None
             return
         now = _fused.grad_state(optimizer)
         if (
-            self.flag is not None
+            combine
+            and self.flag is not None
             and self.armed_on is not None
             and _fused.same_state(self.armed_on, started if started is not None else now)
         ):
@@ -310,7 +315,7 @@ def skip_next_step_(optimizer: torch.optim.Optimizer, flag: Tensor) -> None:
     step of each parameter, or every step for such optimizers), as does optimizer state kept on the host for
     device parameters (``capturable=False`` step counters).
     """
-    _arm_skip(optimizer, flag, None)
+    _arm_skip(optimizer, flag, None, combine=False)
 
 
 def _stepping_optimizers(optimizer: Any) -> list[Any] | None:
@@ -323,13 +328,16 @@ def _stepping_optimizers(optimizer: Any) -> list[Any] | None:
     return inner
 
 
-def _arm_skip(optimizer: Any, flag: Tensor, started: dict[int, tuple[list[Tensor], list[int]]] | None) -> None:
+def _arm_skip(
+    optimizer: Any, flag: Tensor, started: dict[int, tuple[list[Tensor], list[int]]] | None, combine: bool = True
+) -> None:
     """:func:`skip_next_step_`, with each torch optimizer's :func:`_fused.grad_state` at the start of the
-    arming call (``started``, by ``id``), when a call scaled the gradients before arming."""
+    arming call (``started``, by ``id``), when a call scaled the gradients before arming. ``combine=False``
+    (an explicit ``skip_next_step_``): the flag replaces any pending one."""
     inner = _stepping_optimizers(optimizer)
     if inner is not None:
         for opt in inner:
-            _arm_skip(opt, flag, started)
+            _arm_skip(opt, flag, started, combine)
         return
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
@@ -345,7 +353,7 @@ def _arm_skip(optimizer: Any, flag: Tensor, started: dict[int, tuple[list[Tensor
     if guard is None:
         guard = _SkipGuard(optimizer)
         optimizer._dist_clip_skip_guard = guard  # type: ignore[attr-defined]
-    guard.arm(optimizer, flag.reshape(()).to(torch.bool), started.get(id(optimizer)) if started else None)
+    guard.arm(optimizer, flag.reshape(()).to(torch.bool), started.get(id(optimizer)) if started else None, combine)
 
 
 def _skip_handle(target: object, optimizer: Any) -> tuple[Callable[[Tensor], None], Any]:

@@ -970,3 +970,28 @@ def test_skip_flag_lasts_until_the_step_and_combines_on_the_same_gradients(fused
     assert not bool(clipper(model[0], optimizer=opt).finite)
     assert bool(clipper(model[2], optimizer=opt).finite)  # the other part of the same gradients
     assert not moved(model, opt), "the second call's flag replaced the first's"
+
+
+def test_a_settled_hand_over_keeps_its_skip_flag_and_skip_next_step_replaces():
+    """A non-finite hand-over whose coefficient a later call applied (settle) keeps only its skip flag: a
+    skip-policy clip of part of the gradients then wrote them, the stale-gradients check dropped the flag, and
+    the step ran with inf. An explicit skip_next_step_ replaces a pending flag (the way to clear the flag of a
+    batch dropped when the optimizer steps master gradients filled after the clip)."""
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
+    _backward(model, 0)
+    model[0].weight.grad.view(-1)[0] = math.inf
+    assert math.isinf(dist_clip.clip_grad_norm_(model, 1.0, optimizer=opt).item())
+    dist_clip.GradClipper(max_norm=0.0, on_nonfinite="skip")(list(model[2].parameters()), optimizer=opt)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)), "the inf step was taken"
+    for fused in (True, False):
+        plain = _model()
+        sgd = torch.optim.SGD(plain.parameters(), lr=0.1, fused=fused)
+        _backward(plain, 1)
+        dist_clip.skip_next_step_(sgd, torch.tensor(True))
+        dist_clip.skip_next_step_(sgd, torch.tensor(False))  # replaces: the step runs
+        before = [p.detach().clone() for p in plain.parameters()]
+        sgd.step()
+        assert not any(torch.equal(p, b) for p, b in zip(plain.parameters(), before)), fused
