@@ -302,6 +302,7 @@ def _is_torch_zero(optimizer: object) -> bool:
 
 def skip_next_step_(optimizer: torch.optim.Optimizer, flag: Tensor) -> None:
     """Make the next ``optimizer.step()`` a no-op where the 0-dim bool ``flag`` is true, without a host sync.
+    The flag replaces any pending one (``GradClipper``'s own armings within one step combine instead).
 
     Fused optimizers get ``optimizer.found_inf`` (their kernels skip the update and the step count, as under
     ``GradScaler``). Any other optimizer gets a step pre-hook that snapshots parameters and state and a post-hook
