@@ -861,19 +861,25 @@ def _group_signatures(groups_of: Sequence[int], names: Sequence[str], held: set[
     return torch.cat([part, sig * part, sig * sig * part])
 
 
-def _group_limits_agree(rows: Tensor, combined: Tensor, p: float) -> Tensor:
-    """Whether, numbered by ``combined``, every group has one limit: every holder of each slot gives the same
-    (rows 4-5 of :func:`_group_membership`), and every slot of a group the same (sorted by group, neighbours
-    compared). A device bool: no host read."""
+def _slot_limits(rows: Tensor, p: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Each slot's group limit from rows 4-5 of :func:`_group_membership`: whether every holder gives the same
+    (summed: t = 1 / (1 + limit) and t**2 agree iff (sum t)**2 == holders * sum t**2; maxed: the largest and
+    smallest match), the value to compare limits by, and the limit. Compared as t when summed: the limit
+    recovered from t loses its digits for tiny limits (1/t - 1 at 1e-8), and sums over different numbers of
+    holders then read as different limits."""
     holders, fourth, fifth = rows[1], rows[3], rows[4]
     if math.isinf(p):
-        known = fourth == -fifth
-        value = fourth  # the limit itself (exact under MAX)
-    else:
-        known = torch.isclose(fourth * fourth, holders * fifth, rtol=1e-12, atol=1e-300)
-        # t = 1 / (1 + limit), compared as is: the limit recovered from t loses its digits for tiny limits
-        # (1/t - 1 at 1e-8), and sums over different numbers of holders then read as different limits.
-        value = fourth / holders.clamp(min=1)
+        return fourth == -fifth, fourth, fourth  # the limit itself (exact under MAX)
+    known = torch.isclose(fourth * fourth, holders * fifth, rtol=1e-12, atol=1e-300)
+    t = fourth / holders.clamp(min=1)
+    return known, t, torch.where(t > 0, 1.0 / t - 1.0, math.inf)
+
+
+def _group_limits_agree(rows: Tensor, combined: Tensor, p: float) -> Tensor:
+    """Whether, numbered by ``combined``, every group has one limit: every holder of each slot gives the same
+    (:func:`_slot_limits`), and every slot of a group the same (sorted by group, neighbours compared). A device
+    bool: no host read."""
+    known, value, _ = _slot_limits(rows, p)
     listed = combined >= 0
     ok = (known | ~listed).all()
     key = torch.where(listed, combined, -1)
@@ -887,14 +893,13 @@ def _group_limits_agree(rows: Tensor, combined: Tensor, p: float) -> Tensor:
 def _own_groups_agree(rows: Tensor, p: float) -> Tensor:
     """Whether each rank's own numbering is right: for every slot, the ranks listing it (or holding a piece of
     it) give the same group signature (:func:`_group_signatures`) and the same limit. A device bool."""
-    holders, fourth, fifth = rows[1], rows[3], rows[4]
+    holders = rows[1]
     a, b, c = rows[5], rows[6], rows[7]
     if math.isinf(p):
         sig_ok = (a == -b) | torch.isinf(a)  # -inf: nobody takes part
-        lim_ok = fourth == -fifth
     else:
         sig_ok = torch.isclose(b * b, a * c, rtol=1e-12, atol=1e-300)
-        lim_ok = torch.isclose(fourth * fourth, holders * fifth, rtol=1e-12, atol=1e-300)
+    lim_ok, _, _ = _slot_limits(rows, p)
     return (sig_ok & (lim_ok | (holders <= 0))).all()
 
 
@@ -904,21 +909,11 @@ def _limits_agree(extra: Tensor, combined: Tensor, p: float, labels: Sequence[st
     different coefficients). All ranks see the same combined values, so all raise together."""
     if extra.device.type != "cpu":
         return
-    n = combined.numel()
-    _, holders, _, fourth, fifth = extra.reshape(-1, n)[:5]
-    if math.isinf(p):
-        hi, lo = fourth, -fifth  # the largest and smallest limit its holders give each slot
-        known = hi == lo
-        compared = hi
-    else:  # t = 1 / (1 + limit) summed, and t**2: equal for every holder iff (sum t)**2 == holders * sum t**2
-        known = torch.isclose(fourth * fourth, holders * fifth, rtol=1e-12, atol=1e-300)
-        t = fourth / holders.clamp(min=1)
-        hi = lo = torch.where(t > 0, 1.0 / t - 1.0, math.inf)
-        compared = t  # compared as t: the limit recovered from it loses its digits for tiny limits
+    known, compared, limits = _slot_limits(extra.reshape(-1, combined.numel()), p)
     values: dict[int, set[float]] = {}
     shown: dict[int, set[float]] = {}
     split: set[int] = set()
-    for g, ok, value, limit in zip(combined.tolist(), known.tolist(), compared.tolist(), hi.tolist()):
+    for g, ok, value, limit in zip(combined.tolist(), known.tolist(), compared.tolist(), limits.tolist()):
         if g < 0:
             continue
         values.setdefault(g, set()).add(value)
@@ -1023,13 +1018,7 @@ def _clipped_in_any_group(m: _slots.Measurement, combined: Tensor, p: float) -> 
     listed = combined >= 0
     if not bool(listed.any()):
         return torch.zeros((), dtype=torch.bool)
-    rows = m.extra.reshape(-1, combined.numel())
-    holders, fourth = rows[1], rows[3]
-    if math.isinf(p):
-        slot_limit = fourth
-    else:
-        t = fourth / holders.clamp(min=1)
-        slot_limit = torch.where(t > 0, 1.0 / t - 1.0, math.inf)
+    _, _, slot_limit = _slot_limits(m.extra.reshape(-1, combined.numel()), p)
     ids, inverse = torch.unique(combined[listed], return_inverse=True)
     norms = _slots.finalize_norms(_slots.merge_partials(m.partials[listed], inverse, ids.numel(), p), p,
                                   m.loss_scale)
