@@ -29,7 +29,7 @@ from torch import Tensor
 from . import _scale
 
 __all__ = [
-    "arm_skip_", "grad_state", "gradients", "hand_over_", "same_state", "same_tensors", "settle",
+    "arm_skip_", "grad_state", "gradients", "hand_over_", "pending_skip", "same_state", "same_tensors", "settle",
     "steps_what_was_measured", "supports_grad_scale",
 ]
 
@@ -206,6 +206,11 @@ def arm_skip_(
     if combine and armed is not None and same_state(armed[1], started if started is not None else now):
         value = torch.maximum(armed[0], value.to(armed[0].device))
     optimizer.__dict__[_SKIP] = (value, now)
+
+
+def pending_skip(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether :func:`arm_skip_` left a flag for the next ``step()``."""
+    return _SKIP in optimizer.__dict__
 
 
 def grad_state(optimizer: torch.optim.Optimizer) -> tuple[list[Tensor], list[int]]:

@@ -228,16 +228,19 @@ _STRIDED = frozenset((torch.strided,))
 _REAL = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
 
 
+def _dtype_refused(dtype: torch.dtype) -> TypeError:
+    return TypeError(
+        f"gradients must be float16, bfloat16, float32, float64 or complex tensors, got one of dtype {dtype}"
+    )
+
+
 def check_dtypes(tensors: Sequence[Tensor]) -> None:
     """The TypeError :func:`_real_inputs` raises for integer (or bool) gradients, without measuring anything."""
     if _REAL.issuperset(map(_dtype_of, tensors)):  # the usual case, in C
         return
     for t in tensors:
         if t.dtype not in _REAL and not t.is_complex():
-            raise TypeError(
-                "gradients must be float16, bfloat16, float32, float64 or complex tensors, got one of dtype "
-                f"{t.dtype}"
-            )
+            raise _dtype_refused(t.dtype)
 
 
 def _real_inputs(tensors: Sequence[Tensor]) -> Sequence[Tensor]:
@@ -254,10 +257,7 @@ def _real_inputs(tensors: Sequence[Tensor]) -> Sequence[Tensor]:
             # read inf, and subnormal ones lost digits. NaN stays NaN, zero stays zero.
             out.append(t.to(torch.complex128).abs())
         elif t.dtype not in _REAL:
-            raise TypeError(
-                "gradients must be float16, bfloat16, float32, float64 or complex tensors, got one of dtype "
-                f"{t.dtype}"
-            )
+            raise _dtype_refused(t.dtype)
         else:
             out.append(t)
     return out

@@ -74,15 +74,16 @@ def power_split(coefs: Tensor) -> list[Tensor] | None:
     return [first, *steps]
 
 
-def subnormal_split(coef: Tensor, out: torch.dtype) -> list[Tensor] | None:
-    """For a float64 coefficient that float32 can only hold as a subnormal, losing digits or all of them (finite
-    gradients whose norm is beyond float32's range): normal factors whose product it is, in ``out``, to
-    multiply in turn (all but the first powers of two, exact). Also where ``out`` is float64: float32 and
-    bfloat16 gradients beside float64 ones would get the coefficient rounded to float32. None when one
-    factor does (or off the CPU, where the test would be a host read)."""
-    if coef.device.type != "cpu":
+def subnormal_split(coefs: Tensor, out: torch.dtype) -> list[Tensor] | None:
+    """For float64 coefficients (one, or one per slot) that float32 can only hold as subnormals, losing digits or
+    all of them (finite gradients whose norm is beyond float32's range): normal factors whose product each is,
+    in ``out``, to multiply in turn (all but the first powers of two, exact; see :func:`power_split`). Also
+    where ``out`` is float64: float32 and bfloat16 gradients beside float64 ones would get the coefficient
+    rounded to float32. None when no coefficient needs it (or off the CPU, where the test would be a host
+    read)."""
+    if coefs.device.type != "cpu":
         return None
-    factors = power_split(coef.to(torch.float64).reshape(()))
+    factors = power_split(coefs.to(torch.float64))
     return None if factors is None else [f.to(out) for f in factors]
 
 

@@ -610,17 +610,6 @@ def all_pieces(shards: Sequence[Shards], slot_of: Callable[[str, int], int] | No
 _SCALAR_LIST_EXACT = (torch.float32, torch.float64)
 
 
-def subnormal_factors(coefs: Tensor, out: torch.dtype) -> list[Tensor] | None:
-    """float64 per-slot coefficients that float32 holds only as subnormals for some slot (norms beyond float32's
-    range): ``out`` factors per slot, to apply in turn, whose product is each coefficient (see
-    ``_scale.power_split``; also for a float64 ``out``, whose float32 pieces would round them). None when no
-    slot needs it (or off the CPU)."""
-    if coefs.device.type != "cpu":
-        return None
-    factors = _scale.power_split(coefs.to(torch.float64))
-    return None if factors is None else [f.to(out) for f in factors]
-
-
 def scale_slots_(pieces: Sequence[tuple[Tensor, int]], coefs: Tensor, foreach: bool | None = None) -> None:
     """Multiply each piece in place by the coefficient of its slot (``coefs``: one per slot).
 

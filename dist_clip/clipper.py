@@ -161,12 +161,6 @@ class _SkipGuard:
         optimizer.register_step_pre_hook(self._pre)
         optimizer.register_step_post_hook(self._post)
 
-    @staticmethod
-    def fused(optimizer: torch.optim.Optimizer) -> bool:
-        return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
-            g.get("fused") for g in optimizer.param_groups
-        )
-
     def arm(
         self,
         optimizer: torch.optim.Optimizer,
@@ -176,7 +170,7 @@ class _SkipGuard:
     ) -> None:
         """``started``: the optimizer's :func:`_fused.grad_state` when the arming call began (see
         :func:`_fused.arm_skip_` for how a second arming combines with the first; ``combine=False`` replaces)."""
-        if self.fused(optimizer):
+        if _fused.supports_grad_scale(optimizer):
             _fused.arm_skip_(optimizer, flag, started, combine)
             self.flag = None
             return
@@ -319,6 +313,12 @@ def skip_next_step_(optimizer: torch.optim.Optimizer, flag: Tensor) -> None:
     _arm_skip(optimizer, flag, None, combine=False)
 
 
+def _skip_pending(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether a skip flag armed on ``optimizer`` waits for its next step (fused or not)."""
+    guard = optimizer.__dict__.get("_dist_clip_skip_guard")
+    return (guard is not None and guard.flag is not None) or _fused.pending_skip(optimizer)
+
+
 def _stepping_optimizers(optimizer: Any) -> list[Any] | None:
     """The torch optimizers a fairscale ``OSS`` or torch ``ZeroRedundancyOptimizer`` steps (None otherwise)."""
     from .adapters.fairscale import skip_optimizers
@@ -375,8 +375,9 @@ def _skip_handle(target: object, optimizer: Any) -> tuple[Callable[[Tensor], Non
     chosen = optimizer
     # The gradients as this call finds them, before it scales any: a second call on the same ones (clipping
     # another part of the model) combines its flag with the first's (see _fused.arm_skip_).
+    # Taken only where a flag is pending (none, in a loop that steps after every call): it walks the gradients.
     started = {id(o): _fused.grad_state(o) for o in (_stepping_optimizers(chosen) or [chosen])
-               if isinstance(o, torch.optim.Optimizer)}
+               if isinstance(o, torch.optim.Optimizer) and _skip_pending(o)}
     return (lambda flag: _arm_skip(chosen, flag, started)), optimizer
 
 
@@ -671,7 +672,7 @@ class GradClipper:
             for t, _ in pieces:
                 t.zero_()
         else:
-            split = _slots.subnormal_factors(slot_wide, out)
+            split = _scale.subnormal_split(slot_wide, out)
             for factors in split if split is not None else (slot_coef,):
                 _slots.scale_slots_(pieces, factors, cfg.foreach)
             if policy == "zero" and not on_cpu:

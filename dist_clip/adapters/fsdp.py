@@ -382,7 +382,12 @@ def _unregistered_since(count: int, modules: frozenset[int]) -> bool:
         return True
     if not _LOG or _LOG[0][0] > count + 1:  # the log no longer reaches back that far
         return False
-    return not any(n > count and owner in modules for n, owner in reversed(_LOG))
+    for n, owner in reversed(_LOG):  # newest first: stop at what the plan has already seen
+        if n <= count:
+            return True
+        if owner in modules:
+            return False
+    return True
 
 
 def _watch_registrations() -> None:
