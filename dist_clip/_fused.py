@@ -107,20 +107,42 @@ def _overlap_test(tensors: Sequence[Tensor]) -> Callable[[tuple[int, int] | None
     return overlaps
 
 
+def _covered(tensors: Sequence[Tensor]) -> list[tuple[int, int]] | None:
+    """The bytes ``tensors`` cover, as sorted disjoint intervals; None when one of them covers bytes it does not
+    own (a view with gaps, ``g[::2]``, or one whose elements share memory, ``expand``), whose span would
+    overstate its elements."""
+    spans = []
+    for t in tensors:
+        span = _span(t)
+        if span is None:
+            if getattr(t, "_local_tensor", t).layout != torch.strided:
+                return None  # sparse: no bytes to compare
+            continue  # no elements
+        if span[1] - span[0] != getattr(t, "_local_tensor", t).numel() * t.element_size():
+            return None
+        spans.append(span)
+    merged: list[tuple[int, int]] = []
+    for a, b in sorted(spans):
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(b, merged[-1][1]))
+        else:
+            merged.append((a, b))
+    return merged
+
+
 def steps_what_was_measured(grads: Sequence[Tensor], tensors: Sequence[Tensor]) -> bool:
-    """Whether an optimizer whose gradients are ``grads`` (:func:`gradients`) steps the gradients ``tensors``
-    are (or are pieces of): every one of its gradients overlaps one of them and each of them overlaps one of its
-    gradients. A handed-over coefficient would otherwise also scale gradients nobody measured, or miss measured
-    ones that another optimizer steps."""
+    """Whether an optimizer whose gradients are ``grads`` (:func:`gradients`) steps exactly the gradients
+    ``tensors`` are (or are pieces of): the same tensors, or tensors covering exactly the same bytes. A
+    handed-over coefficient would otherwise also scale gradient elements nobody measured (a measured slice
+    ``g[:5]`` of a stepped ``g``: an overlap is not enough), or miss measured ones that another optimizer
+    steps. Views with gaps are matched by identity only."""
     # The usual case (the same tensors, in the same order or not), without a walk over the bytes.
     if len(grads) == len(tensors) and all(map(operator.is_, grads, tensors)):
         return True
     if set(map(id, grads)) == set(map(id, tensors)):
         return True
-    theirs, ours = _overlap_test(grads), _overlap_test(tensors)
-    if theirs is None or ours is None:
-        return theirs is ours
-    return all(map(ours, filter(None, map(_span, grads)))) and all(map(theirs, filter(None, map(_span, tensors))))
+    theirs, ours = _covered(grads), _covered(tensors)
+    return theirs is not None and theirs == ours
 
 
 def gradients(optimizer: torch.optim.Optimizer) -> list[Tensor]:

@@ -804,6 +804,36 @@ def test_a_hand_over_is_made_only_to_an_optimizer_stepping_what_was_measured(cas
     torch.testing.assert_close(b_got, b_ref, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("case", ["halves of each gradient", "every other element", "the same bytes"])
+def test_a_hand_over_needs_the_measured_bytes_to_cover_the_stepped_gradients(case):
+    """Measured pieces that only overlap the stepped gradients (the first halves, or g[::2], whose span covers
+    the gaps) left the step dividing the unmeasured halves by the handed-over scale too (a parameter moved
+    -0.24 instead of -8.38). Pieces covering exactly the stepped bytes (views of one flat buffer) are handed over."""
+    torch.manual_seed(0)
+    grads = torch.randn(20, dtype=torch.float64) * 10
+    ps = [nn.Parameter(torch.zeros(10)) for _ in range(2)]
+    flat = grads.float()
+    ps[0].grad, ps[1].grad = flat[:10], flat[10:]
+    picks = {"halves of each gradient": [torch.arange(0, 5), torch.arange(10, 15)],
+             "every other element": [torch.arange(0, 10, 2), torch.arange(10, 20, 2)],
+             "the same bytes": [torch.arange(20)]}[case]
+    measured = {"halves of each gradient": [q.grad[:5] for q in ps],
+                "every other element": [q.grad[::2] for q in ps],
+                "the same bytes": [flat]}[case]
+    # The float64 reference: the measured elements scaled by the clip coefficient, the others as they were.
+    index = torch.cat(picks)
+    coef = min(1.0, 1.0 / (torch.linalg.vector_norm(grads[index]).item() + 1e-6))
+    expected = grads.clone()
+    expected[index] *= coef
+    opt = torch.optim.SGD(ps, lr=1.0, fused=True)
+    before = flat.clone()
+    dist_clip.clip_grad_norm_(measured, 1.0, optimizer=opt)
+    # Handed over (gradients untouched until the step) exactly when the bytes agree.
+    assert torch.equal(flat, before) == (case == "the same bytes"), case
+    opt.step()
+    torch.testing.assert_close(torch.cat([q.detach() for q in ps]).double(), -expected, rtol=1e-6, atol=1e-6)
+
+
 def test_either_skip_flag_skips_the_fused_step():
     """A GradScaler's found_inf and dist_clip's both raised: the step is skipped (a sum of 2 is not a skip for
     torch's CPU fused kernels, which test for exactly 1)."""
