@@ -54,6 +54,14 @@ _UNDERFLOW = 1e-20
 ReduceOp = Literal["sum", "max"]
 
 
+def numpy_scalar(value: object) -> object:
+    """A 0-dim numpy array (``np.array(2.0)``, which torch's arithmetic takes as a number) as its Python value;
+    anything else as it is."""
+    if type(value).__name__ == "ndarray" and type(value).__module__ == "numpy" and value.ndim == 0:  # type: ignore[attr-defined]
+        return value.item()  # type: ignore[attr-defined]
+    return value
+
+
 def parse_norm_type(norm_type: object) -> float:
     """Validate ``norm_type`` the way users write it and return it as a float.
 
@@ -62,6 +70,7 @@ def parse_norm_type(norm_type: object) -> float:
     Raises:
         ValueError: for negative, NaN or ``-inf`` orders, booleans and anything not a number.
     """
+    norm_type = numpy_scalar(norm_type)
     if isinstance(norm_type, bool):
         raise ValueError(f"norm_type must be a number >= 0 or 'inf', got the bool {norm_type!r}")
     if isinstance(norm_type, str):

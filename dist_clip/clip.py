@@ -51,7 +51,7 @@ def _undistributed(value: object) -> object:
 
 
 def _check_max_norm(max_norm: object) -> float | Tensor:
-    max_norm = _undistributed(max_norm)
+    max_norm = _norm.numpy_scalar(_undistributed(max_norm))
     if isinstance(max_norm, bool) or not isinstance(max_norm, (numbers.Real, Tensor)):
         raise TypeError(f"max_norm must be a real number, got {type(max_norm).__name__} {max_norm!r}")
     if isinstance(max_norm, Tensor):
@@ -306,16 +306,22 @@ def clip_grads_with_norm_(
     """
     limit = _check_max_norm(max_norm)
     _check_foreach(foreach)
-    total_norm = _undistributed(total_norm)  # type: ignore[assignment]
-    if isinstance(total_norm, bool) or not isinstance(total_norm, (numbers.Real, Tensor)):
+    total_norm = _norm.numpy_scalar(_undistributed(total_norm))  # type: ignore[assignment]
+    real_tensor = isinstance(total_norm, Tensor) and not (total_norm.is_complex() or total_norm.dtype == torch.bool)
+    if isinstance(total_norm, bool) or not (isinstance(total_norm, numbers.Real) or real_tensor):
         raise TypeError(
-            f"total_norm must be a real number or a one-value tensor (get_total_norm's result), got "
+            f"total_norm must be a real number or a one-value real tensor (get_total_norm's result), got "
             f"{type(total_norm).__name__} {total_norm!r}"
         )
     if isinstance(total_norm, Tensor):
         if total_norm.numel() != 1:
             raise ValueError(f"total_norm must be a single value, got a tensor of shape {tuple(total_norm.shape)}")
         total_norm = total_norm.reshape(())  # a (1,)-shaped value, as the fused multiply takes only 0-dim ones
+    # A negative total would flip the gradients' signs (coefficient max_norm / -5): not a norm. Checked where
+    # reading it is free (a number, a CPU tensor); NaN passes, as get_total_norm returns it for NaN gradients.
+    if not isinstance(total_norm, Tensor) or total_norm.device.type == "cpu":
+        if float(total_norm) < 0:
+            raise ValueError(f"total_norm must be a norm (>= 0, or NaN), got {float(total_norm)}")
     tensors = _all_tensors(resolve(parameters, None))
     settle_hand_over(parameters, tensors)
     if not tensors:

@@ -117,6 +117,41 @@ def test_mapping_target_and_bad_total_norm_are_type_errors():
     assert g[0].tolist() == [3.0, 4.0]
 
 
+def test_a_total_norm_that_is_no_norm_is_refused():
+    """A negative total flipped every gradient's sign (coefficient 1 / -5), -inf zeroed them, and a complex
+    5+0j was taken for 5: none is a norm. NaN passes (get_total_norm returns it for NaN gradients, and torch
+    multiplies by the NaN coefficient the same way)."""
+    g = [torch.tensor([3.0, 4.0])]
+    for bad in (-5.0, -math.inf, torch.tensor(-1.0), torch.tensor([-0.5])):
+        with pytest.raises(ValueError, match=r"total_norm must be a norm \(>= 0, or NaN\)"):
+            dist_clip.clip_grads_with_norm_(g, 1.0, bad)
+    for bad in (torch.tensor(5 + 0j), torch.tensor(True)):
+        with pytest.raises(TypeError, match="one-value real tensor"):
+            dist_clip.clip_grads_with_norm_(g, 1.0, bad)
+    assert g[0].tolist() == [3.0, 4.0]
+    dist_clip.clip_grads_with_norm_(g, 1.0, float("nan"))
+    assert g[0].isnan().all()
+
+
+def test_numpy_zero_dim_arrays_are_numbers_as_in_torch():
+    """torch.nn.utils takes 0-dim numpy arrays as max_norm and norm_type (np.array(0.5)); they were refused."""
+    import numpy as np
+
+    for max_norm, norm_type in ((np.array(0.5), np.array(2.0)), (np.float32(0.5), np.int64(1))):
+        ours, theirs = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+        ours.grad, theirs.grad = torch.tensor([3.0, 4.0]), torch.tensor([3.0, 4.0])
+        got = dist_clip.clip_grad_norm_([ours], max_norm, norm_type)
+        want = torch.nn.utils.clip_grad_norm_([theirs], max_norm, norm_type)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(ours.grad, theirs.grad)
+        assert ours.grad.abs().sum().item() < 5.0  # clipped
+    g = [torch.tensor([3.0, 4.0])]
+    dist_clip.clip_grads_with_norm_(g, np.array(1.0), np.array(5.0))
+    torch.testing.assert_close(g[0], torch.tensor([3.0, 4.0]) / (5.0 + 1e-6))
+    with pytest.raises(TypeError, match="max_norm must be a real number"):
+        dist_clip.clip_grad_norm_(g, np.array([0.5, 0.5]))
+
+
 def test_group_without_process_group_is_a_value_error():
     assert not torch.distributed.is_initialized()
     with pytest.raises(ValueError, match="not initialized"):
