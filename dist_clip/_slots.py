@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from . import _norm, _reduce, _scale
 from . import clip as _clip
+from .adapters import BUILT_IN as _adapters_built_in
 from .adapters import fsdp as _fsdp
 from .adapters import resolve, unwrap_compiled
 from .adapters.fsdp import clean_name
@@ -310,6 +311,37 @@ def _deepspeed_named(engine: object, group: dist.ProcessGroup | None) -> Named:
     return Named(out, tuple(names), params, group_of, group_optimizer)
 
 
+_BUILT_IN = frozenset(_adapters_built_in)
+
+
+def _custom_adapter(target: object) -> object | None:
+    """The adapter a user added to ``ADAPTERS`` that takes ``target`` (tried in the tuple's order, as
+    :func:`~dist_clip.adapters.resolve` tries them); None where a built-in one comes first, or none does."""
+    from . import adapters
+
+    for name in adapters.ADAPTERS:
+        adapter = adapters._load(name)
+        if adapter is not None and adapter.matches(target):
+            return None if name in _BUILT_IN else adapter
+    return None
+
+
+def _named_by_adapter(adapter: object, target: object, group: dist.ProcessGroup | None) -> Named:
+    """A user adapter's Shards, named by their own ``names``: every rank must name the same parameters (an
+    empty piece where it holds none, as for a mapping target); the layout check finds a disagreement."""
+    shards = adapter.shards(target, group)  # type: ignore[attr-defined]
+    for s in shards:
+        if s.tensors and len(s.names) != len(s.tensors):
+            raise ValueError(
+                f"the {type(target).__name__} adapter gives Shards without a name for each piece ({len(s.names)} "
+                f"names for {len(s.tensors)} tensors): per-parameter clipping, per-group clipping and reports "
+                "need them (Shards(..., names=[...])); mode='total' works without"
+            )
+    names = sorted({n for s in shards for n in s.names})
+    params = {n: t for s in shards for n, t in zip(s.names, s.tensors)}
+    return Named(list(shards), tuple(names), params)
+
+
 def named_shards(target: object, group: dist.ProcessGroup | None = None) -> Named:
     """The Shards of ``target`` named by full-model parameter names, and every such name.
 
@@ -323,6 +355,9 @@ def named_shards(target: object, group: dist.ProcessGroup | None = None) -> Name
     if target is None:
         raise TypeError("target must be a tensor, an iterable of tensors/parameters, a module or an engine; got None")
     target = unwrap_compiled(target)
+    custom = _custom_adapter(target)
+    if custom is not None:
+        return _named_by_adapter(custom, target, group)
     if is_fsdp1(target):
         return _fsdp1_named(target, group)  # type: ignore[arg-type]
     engine = sys.modules.get("deepspeed.runtime.engine")  # never import DeepSpeed here: it takes seconds

@@ -223,6 +223,57 @@ def test_ddp_no_sync_gradients_are_refused(run_ranks):
     assert run_ranks(3, body_ddp_no_sync) == [["refused"] * 3 + [True]] * 3
 
 
+def body_custom_adapter(p: float) -> list:
+    """Rows of "w" split unevenly over the ranks (rank 1 holds none), a bf16 "b" split likewise, and a
+    replicated "r" counted on rank 0 only; every rank names every parameter."""
+    import dist_clip.adapters as adapters
+
+    adapters.ADAPTERS = ("tests.custom_adapter", *adapters.BUILT_IN)
+    try:
+        return _custom_adapter_values(p)
+    finally:
+        adapters.ADAPTERS = adapters.BUILT_IN  # the ranks serve later tests too
+
+
+def _custom_adapter_values(p: float) -> list:
+    from dist_clip import GradClipper, Shards
+
+    from .custom_adapter import HandSharded
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    full = {"w": torch.randn(10, 3) * 3, "b": (torch.randn(7) * 5).bfloat16(), "r": torch.randn(4)}
+    cuts = {"w": [0, 6, 6, 10], "b": [0, 0, 3, 7], "r": [0, 4] * world}  # "r": whole on every rank
+
+    def mine(name: str) -> torch.Tensor:
+        return full[name][cuts[name][rank]:cuts[name][rank + 1]]
+
+    def pieces() -> HandSharded:
+        return HandSharded([Shards([mine("w").clone(), mine("b").clone()], dist.group.WORLD, True, ["w", "b"]),
+                            Shards([mine("r").clone()], dist.group.WORLD, rank == 0, ["r"])])
+
+    out = []
+    target = pieces()
+    res = GradClipper(max_norm=1.0, norm_type=p, mode="per_param", report=True)(target)
+    got = dict(zip(("w", "b", "r"), target.pieces[0].tensors + target.pieces[1].tensors))
+    for name, t in full.items():
+        want = reference_norm([t], p)  # bf16 "b": of its own values, in float64
+        out.append(abs(float(res.norms[name]) - want) <= 1e-5 * want)
+        coef = min(1.0, 1.0 / (want + 1e-6))
+        out.append(torch.allclose(got[name].double(), mine(name).double() * coef, rtol=1e-2 if name == "b" else 1e-6))
+    total = dist_clip.get_total_norm(pieces(), p)
+    out.append(abs(total.item() - reference_norm(list(full.values()), p)) <= 1e-5 * total.item())
+    return out
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, math.inf])
+def test_a_custom_adapter_is_named_per_parameter_by_its_shards(run_ranks, p):
+    """README's "Adding a framework": Shards.names serve the per-parameter modes and reports. They were
+    ignored there: TypeError "cannot name the gradients of a HandSharded per parameter" on every rank."""
+    for values in run_ranks(3, body_custom_adapter, p):
+        assert values == [True] * 7, values
+
+
 def body_many_tensors_one_collective() -> int:
     rank = dist.get_rank()
     dtypes = (torch.float32, torch.bfloat16, torch.float16)

@@ -31,6 +31,9 @@ ADAPTERS: tuple[str, ...] = (
     "dist_clip.adapters.fsdp",
     "dist_clip.adapters.params",
 )
+#: The adapters dist_clip ships, whose targets the per-parameter modes name themselves (others: by their
+#: Shards' ``names``).
+BUILT_IN: tuple[str, ...] = ADAPTERS
 
 
 def _load(name: str) -> Adapter | None:
