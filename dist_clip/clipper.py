@@ -286,6 +286,19 @@ def _kept(coef: Tensor, finite: Tensor, policy: str) -> Tensor:
     return torch.where(finite.to(coef.device), coef, keep)
 
 
+def _policy(policy: str, target: object) -> str:
+    """The policy applied: ``"zero"`` on a DeepSpeed engine whose ``step()`` tests the gradients for overflow
+    (fp16 ZeRO 1-3) leaves them as they are, for that test to skip the step and lower the loss scale, as
+    ``"skip"`` does (zeroed, they read finite: the scale never came down and every later step was zeroed too);
+    as under torch's ``GradScaler``, whose overflow check precedes the clip."""
+    if policy == "zero" and "deepspeed" in sys.modules:
+        from .adapters import deepspeed as ds_adapter
+
+        if ds_adapter.checks_overflow(target):
+            return "skip"
+    return policy
+
+
 def _is_torch_zero(optimizer: object) -> bool:
     """torch's ``ZeroRedundancyOptimizer``: like fairscale's OSS, ``step()`` steps ``.optim`` (this rank's
     parameters, all the state) and then broadcasts every rank's parameters from their owners."""
@@ -656,7 +669,7 @@ class GradClipper:
         if plan is not None:
             plan.check_once(shards, m, p)
 
-        policy = cfg.on_nonfinite
+        policy = _policy(cfg.on_nonfinite, target)
         if policy == "error" and not bool(finite):
             # The plain pieces may be unnamed (fairscale OSS) or flat (FSDP1 without use_orig_params, fairscale
             # FSDP): name them by the unwrapped model's parameters (no collective) for the message.
@@ -754,7 +767,7 @@ class GradClipper:
             shards = [Shards([u.grad], group=u.group, names=[u.name]) for u in units]
             self._count(torch.zeros_like(finite), finite)
             raise RuntimeError(_nonfinite_message(shards, outcome.group, total.item(), p))
-        policy = cfg.on_nonfinite
+        policy = _policy(cfg.on_nonfinite, target)
         on_cpu = total.device.type == "cpu"
         if policy == "zero" and on_cpu and not bool(finite):
             for u in units:

@@ -130,9 +130,10 @@ def micro_batches(engine: Any, step: int) -> list[list[torch.Tensor]]:
 
 
 def run_engine_step(engine: Any, step: int, clip: tuple[float, float] | None,
-                    hand_over: bool = False) -> tuple[float | None, int]:
+                    hand_over: bool = False, policy: str | None = None) -> tuple[float | None, int]:
     """One optimizer step of ``engine`` (all micro steps); dist_clip at the boundary when ``clip`` is given,
-    handing the coefficient to ``engine.step()`` (``optimizer=engine.optimizer``) when ``hand_over``.
+    handing the coefficient to ``engine.step()`` (``optimizer=engine.optimizer``) when ``hand_over``, through a
+    ``GradClipper`` with ``on_nonfinite=policy`` when that is given.
 
     Returns (dist_clip's total norm or None, collectives of the dist_clip call).
     """
@@ -145,7 +146,11 @@ def run_engine_step(engine: Any, step: int, clip: tuple[float, float] | None,
         if engine.is_gradient_accumulation_boundary() and clip is not None:
             max_norm, p = clip
             with count_collectives() as c:
-                t = dist_clip.clip_grad_norm_(engine, max_norm, p, optimizer=engine.optimizer if hand_over else None)
+                if policy is not None:
+                    t = dist_clip.GradClipper(max_norm=max_norm, norm_type=p, on_nonfinite=policy)(engine).total_norm
+                else:
+                    t = dist_clip.clip_grad_norm_(engine, max_norm, p,
+                                                  optimizer=engine.optimizer if hand_over else None)
             total, ncoll = float(t), c.total
         engine.step()
     return total, ncoll
@@ -310,17 +315,19 @@ def case_lowp_vs_reference(stage: int, dtype: str, offload: bool = False, grad_a
     return out
 
 
-def case_fp16_overflow(stage: int, offload: bool = False, steps: int = 5, hand_over: bool = False) -> dict:
+def case_fp16_overflow(stage: int, offload: bool = False, steps: int = 5, hand_over: bool = False,
+                       policy: str | None = None) -> dict:
     """fp16 with a loss scale so high that the first steps overflow: dist_clip returns a non-finite norm on
     exactly the steps DeepSpeed skips, DeepSpeed skips them (params untouched, loss scale lowered) as it does
-    with its own clipping, and the steps after agree with DeepSpeed's own clipping."""
+    with its own clipping, and the steps after agree with DeepSpeed's own clipping. Under the "zero" policy
+    too: zeroed, the gradients read finite to DeepSpeed, whose scale then never came down (every step zeroed)."""
     max_norm = 0.3
     ours = make_engine(ds_config(stage, dtype="fp16", offload=offload, initial_scale_power=17))
     theirs = make_engine(ds_config(stage, dtype="fp16", offload=offload, clip=max_norm, initial_scale_power=17))
     history = []
     for step in range(steps):
         before = full_params(ours)
-        got, _ = run_engine_step(ours, step, (max_norm, 2.0), hand_over)
+        got, _ = run_engine_step(ours, step, (max_norm, 2.0), hand_over, policy)
         run_engine_step(theirs, step, None)
         skipped = not ours._step_applied
         assert skipped == (not theirs._step_applied), f"step {step}: DeepSpeed skipped one run only"

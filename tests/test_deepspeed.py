@@ -114,6 +114,11 @@ def test_folded_into_step_fp16_overflow_skips(run_ranks, stage, offload):
     run_ranks(2, ds_cases.case_fp16_overflow, stage, offload=offload, hand_over=True, timeout_s=TIMEOUT)
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_policy_leaves_fp16_overflow_to_deepspeed(run_ranks, stage):
+    run_ranks(2, ds_cases.case_fp16_overflow, stage, policy="zero", timeout_s=TIMEOUT)
+
+
 def test_internals_still_exist_and_misuse_is_loud(run_ranks):
     run_ranks(2, ds_cases.case_contract, timeout_s=TIMEOUT)
 

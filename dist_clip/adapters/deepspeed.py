@@ -347,6 +347,22 @@ def _loss_scale(opt: Any, zero_optimizer: type) -> float:
     return float(scaler.cur_scale) if scaler is not None else 1.0
 
 
+def checks_overflow(target: object) -> bool:
+    """Whether ``engine.step()`` itself skips a step whose gradients are not finite: fp16 ZeRO 1-3 (and bf16
+    with ``check_grad_overflow``) test for overflow inside ``step()`` and then lower the loss scale. Zeroing the
+    gradients before it hides the overflow: the scale never comes down."""
+    if not matches(target):
+        return False
+    opt = getattr(target, "optimizer", None)
+    stage3 = sys.modules.get("deepspeed.runtime.zero.stage3")
+    stage12 = sys.modules.get("deepspeed.runtime.zero.stage_1_and_2")
+    if stage3 is not None and isinstance(opt, stage3.DeepSpeedZeroOptimizer_Stage3):
+        return getattr(opt, "dtype", None) == torch.float16
+    if stage12 is not None and isinstance(opt, stage12.DeepSpeedZeroOptimizer):
+        return bool(getattr(opt, "check_grad_overflow", False))
+    return False
+
+
 def _replicated_shards(engine: Any, opt: Any) -> list[Shards]:
     """Whole gradients, identical on every rank after DeepSpeed's all-reduce: nothing to combine."""
     name = type(opt).__name__
