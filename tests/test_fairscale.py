@@ -50,6 +50,11 @@ def test_fsdp_matches_fairscales_own_clipping(run_ranks, kind, kwargs):
     run_ranks(2, fairscale_cases.case_vs_fairscale, kind, timeout_s=TIMEOUT, **kwargs)
 
 
+@pytest.mark.parametrize("kind", ["oss_sdp", "fsdp"])
+def test_inside_no_sync_is_refused_and_the_boundary_is_exact(run_ranks, kind):
+    assert run_ranks(2, fairscale_cases.case_no_sync, kind, timeout_s=TIMEOUT) == [[True, True]] * 2
+
+
 def test_adapter_requires_fairscale_by_name(monkeypatch):
     import builtins
 

@@ -96,8 +96,28 @@ def _fsdp_shards(root: Any, group: dist.ProcessGroup | None) -> list[Shards]:
     return out
 
 
+def _check_synced(target: object) -> None:
+    """ValueError inside ``no_sync()`` of ShardedDataParallel or FullyShardedDataParallel: each rank holds its
+    own unreduced gradients there (ShardedDDP measured them as reduced: 4.81 then 6.51 at the boundary for
+    8.67, and scaled the accumulation). ``_should_accumulate_grads`` / ``_require_backward_grad_sync`` are
+    the flags fairscale 0.4.13's ``no_sync()`` sets."""
+    if _is(target, _SDP):
+        inside = bool(getattr(target, "_should_accumulate_grads", False))
+    elif _is(target, _FSDP):
+        inside = any(getattr(m, "_require_backward_grad_sync", True) is False for m in target.modules())  # type: ignore[attr-defined]
+    else:
+        return
+    if inside:
+        raise ValueError(
+            f"dist_clip was called inside fairscale {type(target).__name__}.no_sync(): the gradients are not "
+            "reduced yet (each rank would clip by its own norm). Clip after the last backward of the "
+            "accumulation, outside no_sync()"
+        )
+
+
 def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
     _require()
+    _check_synced(target)
     if _is(target, _FSDP):
         return _fsdp_shards(target, group)
     if _is(target, _SDP):
@@ -236,6 +256,7 @@ def named(target: object, group: dist.ProcessGroup | None) -> tuple[list[Shards]
     ``params`` maps each name to the tensor an optimizer holds for it (for ``mode="per_group"``).
     """
     _require()
+    _check_synced(target)
     if _is(target, _FSDP):
         return _fsdp_named(target, group)
     if _is(target, _SDP):
@@ -300,6 +321,7 @@ def unit_layout(target: object, group: dist.ProcessGroup | None) -> UnitLayout:
     """This rank's pieces of every parameter for unit-wise clipping (AGC): OSS (and ShardedDataParallel) owned
     parameters whole; FullyShardedDataParallel flat shards split per original parameter, cuts included."""
     _require()
+    _check_synced(target)
     if _is(target, _FSDP):
         return _fsdp_units(target, group)
     return _oss_units(named(target, group))
