@@ -251,6 +251,10 @@ def same_tensors(held: list[Tensor], grads: list[Tensor]) -> bool:
     return len(held) == len(grads) and all(map(operator.is_, held, grads))
 
 
+# Run as Python under torch.compile(opt.step): traced into the graph, found_inf set here was not seen by the
+# fused kernel (a NaN step taken; torch does the same to a plain hook setting it), and a settled coefficient's
+# flag was lost.
+@torch.compiler.disable
 def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     _WAITING.discard(optimizer)
     pending = optimizer.__dict__.pop(_PENDING, None)
@@ -280,6 +284,7 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     optimizer.found_inf = found  # type: ignore[attr-defined]
 
 
+@torch.compiler.disable
 def _post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     stashed = optimizer.__dict__.pop(_SAVED, None)
     if stashed is None:

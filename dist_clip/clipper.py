@@ -194,6 +194,7 @@ class _SkipGuard:
     def _local(t: Tensor) -> Tensor:
         return t._local_tensor if type(t).__name__ == "DTensor" else t  # type: ignore[attr-defined]
 
+    @torch.compiler.disable  # run as Python under torch.compile(opt.step): see _fused._pre_hook
     def _pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         flag = self.flag
         if flag is None:
@@ -213,6 +214,7 @@ class _SkipGuard:
                 }
         self.saved = ([t.clone() for t in locals_], locals_, states, params)
 
+    @torch.compiler.disable
     def _post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         flag, saved = self.flag, self.saved
         self.flag = self.saved = None

@@ -834,6 +834,33 @@ def test_a_hand_over_needs_the_measured_bytes_to_cover_the_stepped_gradients(cas
     torch.testing.assert_close(torch.cat([q.detach() for q in ps]).double(), -expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("how,fused", [("clipper", True), ("clipper", False), ("skip_next_step_", True),
+                                       ("skip_next_step_", False), ("settled hand-over", True)])
+def test_a_compiled_step_honours_the_skip_flag(how, fused):
+    """torch.compile(opt.step) traced the step pre-hook into its graph, and the fused kernel never saw the
+    found_inf set there: the NaN step was taken ([nan, 0.4, ...]); a hand-over settled by a later call lost its
+    flag too (all NaN). The hooks run as Python now (the eager backend shows it as inductor does, in seconds)."""
+    torch._dynamo.reset()
+    w = nn.Parameter(torch.ones(4))
+    opt = torch.optim.SGD([w], lr=0.1, **({"fused": True} if fused else {"foreach": True}))
+    step = torch.compile(opt.step, backend="eager")
+    clipper = dist_clip.GradClipper(max_norm=100.0, on_nonfinite="skip")
+    for s in range(3):
+        opt.zero_grad()
+        (w * 2.0).sum().backward()
+        if s == 1:
+            w.grad[0] = float("nan")
+        if how == "clipper":
+            clipper([w], optimizer=opt)
+        elif how == "settled hand-over":
+            dist_clip.clip_grad_norm_([w], 100.0, optimizer=opt)
+            dist_clip.get_total_norm([w])  # applies the coefficient now; the step keeps only the flag
+        else:
+            dist_clip.skip_next_step_(opt, torch.tensor(s == 1))
+        step()
+    torch.testing.assert_close(w.detach(), torch.full((4,), 0.6), rtol=0, atol=1e-6)  # two steps of 0.2 taken
+
+
 def test_either_skip_flag_skips_the_fused_step():
     """A GradScaler's found_inf and dist_clip's both raised: the step is skipped (a sum of 2 is not a skip for
     torch's CPU fused kernels, which test for exactly 1)."""
