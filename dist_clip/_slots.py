@@ -252,7 +252,8 @@ def _named_plain(items: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup |
         seen.add(id(t))
         refuse_managed(name, t)
         g = gradient_of(t)
-        if g is not None:
+        if g is not None and id(g) not in seen:  # [p, p.grad]: one gradient, scaled once
+            seen.add(id(g))
             grads.append((name, g))
     out = shards_of_grads(grads, group)
     if not grads:

@@ -637,11 +637,15 @@ def unit_pieces(
 
         on_mesh = [q.device_mesh for _, q in dtensors if q.device_mesh.get_coordinate() is not None]
         counting = GroupCounting(group, on_mesh)
+    seen: set[int] = set()
     for name, param in items:
         if not isinstance(param, Tensor) or not (isinstance(param, nn.Parameter) or param.requires_grad):
             raise TypeError(
                 f"unit-wise clipping needs parameters (it reads their values), got {type(param).__name__} at {name!r}"
             )
+        if id(param) in seen:  # a tied weight listed twice ({"emb": w, "head": w}): counted and scaled once
+            continue
+        seen.add(id(param))
         names.append(name)
         is_dt = type(param).__name__ == "DTensor"
         if is_dt:
@@ -776,6 +780,12 @@ def unitwise_measure(target: object, config: AGC, p: float, foreach: bool | None
     """Measure per-unit weight and gradient norms (cut units combined) and per-parameter norms, ONE collective."""
     if p == 0:
         raise ValueError("unit-wise clipping needs a norm order p > 0 or inf, got norm_type=0")
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(unwrap_compiled(target), DistributedDataParallel):
+        # Replicas: nothing to combine, as in the other modes. Reduced over group= they were counted on its
+        # first rank only, and another DDP group's ranks took that group's norms and NaN verdict.
+        group = None
     units, cut, names = unit_pieces(target, group)
     for u in units:
         if u.grad.is_sparse or u.grad.is_complex() or u.data.is_complex():

@@ -405,6 +405,24 @@ def test_agc_on_four_ranks(run_ranks):
     assert all(r == results[0] for r in results)
 
 
+@pytest.mark.parametrize("as_dict", [True, False])
+def test_agc_counts_and_scales_a_weight_listed_twice_once(as_dict):
+    """A tied weight named twice ({"emb": w, "head": w}, or [w, w, b]) was two units lists: its norm counted
+    twice (14.10 for 10.04) and its rows scaled twice (the coefficient squared), unlike every other mode."""
+    torch.manual_seed(0)
+    w, b = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(4))
+    w.grad, b.grad = torch.randn(4, 3) * 5, torch.randn(4) * 5
+    grads = {"emb": w.grad.clone(), "b": b.grad.clone()}
+    want = agc_reference({"emb": w.detach().clone(), "b": b.detach().clone()}, grads, 0.05, 1e-3, 2.0)
+    target = {"emb": w, "head": w, "b": b} if as_dict else [w, w, b]
+    result = GradClipper(mode="unitwise", agc=AGC(0.05, 1e-3), report=True)(target)
+    total = torch.linalg.vector_norm(torch.cat([g.double().reshape(-1) for g in grads.values()])).item()
+    assert result.total_norm.item() == pytest.approx(total, rel=1e-6)
+    torch.testing.assert_close(w.grad.double(), want["emb"], rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(b.grad.double(), want["b"], rtol=1e-5, atol=1e-8)
+    assert len(result.norms) == 2
+
+
 def test_agc_scales_low_precision_gradients_in_float32():
     """AGC rounded each unit coefficient to the gradient's dtype before multiplying: in fp16 a coefficient of
     1e-9 became 0 and zeroed a row of 500s (fp16 holds 500e-9 as 4.8e-7), and fp16-subnormal coefficients lost

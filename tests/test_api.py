@@ -152,6 +152,30 @@ def test_numpy_zero_dim_arrays_are_numbers_as_in_torch():
         dist_clip.clip_grad_norm_(g, np.array([0.5, 0.5]))
 
 
+@pytest.mark.parametrize("case", ["a parameter beside its own grad", "two parameters sharing one grad"])
+def test_a_gradient_reached_twice_counts_once(case):
+    """[p, p.grad, q] (or two parameters given one gradient tensor) counted p's gradient twice in the norm while
+    the in-place scaling touched it once: the clipped gradients' norm was not max_norm."""
+    p, q = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2))
+    p.grad, q.grad = torch.tensor([3.0, 4.0, 12.0]), torch.tensor([6.0, 8.0])
+    if case == "a parameter beside its own grad":
+        target, grads = [p, p.grad, q], [p.grad, q.grad]
+    else:
+        r = nn.Parameter(torch.zeros(3))
+        r.grad = p.grad
+        target, grads = [p, r, q], [p.grad, q.grad]
+    want = reference_norm(grads, 2.0)
+    assert dist_clip.get_total_norm(target).item() == pytest.approx(want, rel=1e-6)
+    saved = [g.clone() for g in grads]
+    total = dist_clip.clip_grad_norm_(target, 1.0)
+    assert total.item() == pytest.approx(want, rel=1e-6)
+    assert reference_norm(grads, 2.0) == pytest.approx(1.0, rel=1e-5)
+    for g, s in zip(grads, saved):  # per_param: p's gradient is one slot, scaled once to its limit
+        g.copy_(s)
+    result = dist_clip.GradClipper(max_norm=1.0, mode="per_param")(target)
+    assert [reference_norm([g], 2.0) for g in grads] == pytest.approx([1.0, 1.0], rel=1e-5), result.slots
+
+
 def test_group_without_process_group_is_a_value_error():
     assert not torch.distributed.is_initialized()
     with pytest.raises(ValueError, match="not initialized"):

@@ -274,6 +274,46 @@ def test_a_custom_adapter_is_named_per_parameter_by_its_shards(run_ranks, p):
         assert values == [True] * 7, values
 
 
+def body_ddp_groups_unitwise() -> list:
+    """Two DDP replica groups (ranks 0-1, 2-3) with different data, AGC with group=WORLD: each group gets its
+    own averaged gradient's norm and verdict, with no collective (ranks 2-3 read group 0's norm, 0.473 for
+    0.476, and a NaN in group 1 stepped NaN weights there while group 0's verdict said finite)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from dist_clip import AGC, GradClipper
+
+    rank = dist.get_rank()
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    out = []
+    for nan_group in (None, 1):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        ref = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+        ref.load_state_dict(model.state_dict())
+        ddp = DistributedDataParallel(model, process_group=groups[rank // 2])
+        torch.manual_seed(1 + rank // 2)
+        xs = torch.randn(2, 5, 4) * (1 + 3 * (rank // 2))
+        x = xs[rank % 2].clone()
+        if nan_group == rank // 2 and rank % 2 == 0:
+            x[0, 0] = float("nan")
+        ddp(x).square().mean().backward()
+        for r in range(2):
+            ref(xs[r].double()).square().mean().div(2).backward()
+        want = reference_norm([q.grad for q in ref.parameters()], 2.0)
+        clipper = GradClipper(mode="unitwise", agc=AGC(0.05), on_nonfinite="skip")
+        opt = torch.optim.SGD(model.parameters())
+        with count_collectives() as c:
+            res = clipper(ddp, group=dist.group.WORLD, optimizer=opt)
+        nan_here = nan_group == rank // 2
+        out.append((c.total, bool(res.finite) != nan_here,
+                    nan_here or abs(res.total_norm.item() - want) <= 1e-6 * want))
+    return out
+
+
+def test_ddp_groups_unitwise_with_a_wider_group(run_ranks):
+    assert run_ranks(4, body_ddp_groups_unitwise) == [[(0, True, True)] * 2] * 4
+
+
 def body_many_tensors_one_collective() -> int:
     rank = dist.get_rank()
     dtypes = (torch.float32, torch.bfloat16, torch.float16)

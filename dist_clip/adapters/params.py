@@ -134,8 +134,8 @@ def named_grads(target: object) -> list[tuple[str, Tensor]]:
         elif nn.Parameter in kinds or not kinds <= _PLAIN_KINDS or any(map(_requires_grad, items)):
             grads = [t.grad if is_parameter(t) else t for t in items]
         else:
-            grads = items  # type: ignore[assignment]
-        return [pair for pair in zip(names, grads) if pair[1] is not None]  # type: ignore[misc]
+            return [pair for pair in zip(names, items) if pair[1] is not None]  # type: ignore[misc]
+        return _once([pair for pair in zip(names, grads) if pair[1] is not None])  # type: ignore[misc]
     seen: set[int] = set()
     out: list[tuple[str, Tensor]] = []
     for name, t in zip(names, items):
@@ -147,6 +147,20 @@ def named_grads(target: object) -> list[tuple[str, Tensor]]:
         refuse_managed(name, t)
         g = gradient_of(t)
         if g is not None:
+            out.append((name, g))
+    return _once(out)
+
+
+def _once(pairs: list[tuple[str, Tensor]]) -> list[tuple[str, Tensor]]:
+    """Each gradient once: a parameter listed beside its own ``.grad`` ([p, p.grad]), or two parameters given one
+    gradient tensor, counted it twice in the norm while the scaling touched it once (set-based)."""
+    if len(set(map(id, map(_second, pairs)))) == len(pairs):  # the common case, checked in C
+        return pairs
+    seen: set[int] = set()
+    out = []
+    for name, g in pairs:
+        if id(g) not in seen:
+            seen.add(id(g))
             out.append((name, g))
     return out
 
