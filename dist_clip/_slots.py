@@ -268,7 +268,9 @@ def _named_plain(items: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup |
 def module_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """``named_parameters()`` under the unwrapped model's names: without the prefixes that activation
     checkpointing, FSDP1 and a compiled submodule insert (``_checkpoint_wrapped_module.``, ...)."""
-    return [(clean_name(n), q) for n, q in unwrap_compiled(module).named_parameters()]  # type: ignore[union-attr]
+    from .adapters.params import module_parameters as registered
+
+    return [(clean_name(n), q) for n, q in registered(unwrap_compiled(module))]  # type: ignore[arg-type]
 
 
 def _ddp_module(target: nn.Module) -> nn.Module | None:

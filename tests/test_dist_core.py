@@ -185,10 +185,13 @@ def test_ddp_needs_no_collective(run_ranks, world):
     assert all(v == values[0] for v in values)
 
 
-def body_ddp_no_sync() -> list:
+def body_ddp_no_sync(composable: bool = False) -> list:
     """Inside DDP's no_sync() each rank holds its own gradients: every mode measured them as identical replicas
     (no collective) and each rank clipped by its own total (12.0, 19.0, 68.8 on 3 ranks). Refused on every
-    rank; after a synchronised backward the accumulated gradients give the reference's total."""
+    rank; after a synchronised backward the accumulated gradients give the reference's total. Composable
+    ``replicate`` with ``set_requires_gradient_sync(False)`` likewise (0.42 and 0.57 on 2 ranks, no error)."""
+    import contextlib
+
     from dist_clip import AGC, GradClipper
 
     torch.manual_seed(0)
@@ -197,20 +200,32 @@ def body_ddp_no_sync() -> list:
     with torch.no_grad():
         for p, r in zip(ref_model.parameters(), model.parameters()):
             p.copy_(r)
-    ddp = nn.parallel.DistributedDataParallel(model)
+    if composable:
+        from torch.distributed._composable.replicate import replicate
+
+        ddp = replicate(model)
+
+        @contextlib.contextmanager
+        def no_sync():  # noqa: ANN202
+            ddp.set_requires_gradient_sync(False)
+            yield
+            ddp.set_requires_gradient_sync(True)
+    else:
+        ddp = nn.parallel.DistributedDataParallel(model)
+        no_sync = ddp.no_sync
     world, rank = dist.get_world_size(), dist.get_rank()
     xs = torch.randn(2, world, 5, 13, generator=torch.Generator().manual_seed(7))
     calls = (lambda: dist_clip.clip_grad_norm_(ddp, 1.0), lambda: GradClipper(mode="per_param")(ddp),
              lambda: GradClipper(mode="unitwise", agc=AGC(0.1))(ddp))
     out = []
-    with ddp.no_sync():
+    with no_sync():
         ddp(xs[0, rank]).square().mean().backward()
         for call in calls:
             try:
                 call()
                 out.append("measured")
             except ValueError as e:
-                out.append("refused" if "no_sync()" in str(e) else str(e))
+                out.append("refused" if "no_sync()" in str(e) or "gradient sync off" in str(e) else str(e))
     ddp(xs[1, rank]).square().mean().backward()
     sum(ref_model(x.double()).square().mean() for x in xs.reshape(-1, 5, 13)).div(world).backward()
     want = reference_norm([p.grad for p in ref_model.parameters()])
@@ -219,8 +234,9 @@ def body_ddp_no_sync() -> list:
     return out
 
 
-def test_ddp_no_sync_gradients_are_refused(run_ranks):
-    assert run_ranks(3, body_ddp_no_sync) == [["refused"] * 3 + [True]] * 3
+@pytest.mark.parametrize("composable", [False, True])
+def test_ddp_no_sync_gradients_are_refused(run_ranks, composable):
+    assert run_ranks(3, body_ddp_no_sync, composable) == [["refused"] * 3 + [True]] * 3
 
 
 def body_custom_adapter(p: float) -> list:

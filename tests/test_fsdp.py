@@ -209,6 +209,16 @@ def test_fsdp1_no_sync_gradients_are_refused(run_ranks, world_size: int, strateg
         assert r["total"] == pytest.approx(r["want"], rel=1e-6), r
 
 
+@pytest.mark.parametrize("unsharded", ["none", "root", "all"])
+def test_fsdp2_accumulation_refuses_unsynced_and_reads_unsharded_modules(run_ranks, unsharded: str) -> None:
+    for r in run_ranks(2, cases.fsdp2_accumulation, unsharded, timeout_s=90):
+        assert r["inside"] == [True, True, True], r
+        assert r["report"], r
+        for key in ("total", "agc_total", "clipped"):
+            assert r[key] == pytest.approx(r["want"], rel=1e-6), (key, r)
+        assert r["after"] == pytest.approx(r["want"] / 2, rel=1e-5), r
+
+
 @pytest.mark.parametrize("use_orig_params", [True, False])
 def test_fsdp1_parameters_changed_after_first_call(run_ranks, use_orig_params: bool) -> None:
     for steps in run_ranks(2, cases.fsdp1_parameters_changed_after_first_call, use_orig_params, timeout_s=90):

@@ -103,13 +103,54 @@ def split_dtensors(grads: Iterable[tuple[str, Tensor]]) -> tuple[list[tuple[str,
     return plain, dtensors
 
 
+def module_parameters(module: nn.Module) -> list[tuple[str, Tensor]]:
+    """``module.named_parameters()`` as an optimizer holds them, refused where gradients are not reduced yet.
+
+    FSDP2 (``fully_shard``): a parameter group left unsharded (``set_reshard_after_backward(False)``, torch's
+    accumulation recipe) registers plain unsharded parameters whose ``.grad`` is ``None`` (reduced) or this
+    rank's own unreduced sum; the reduced gradient sits on the sharded parameter the optimizer steps, which
+    stands in for it here (it was left out: 0.70 for 1.31, or 0 with every module unsharded). Gradient sync
+    off (``set_requires_gradient_sync(False)``, HSDP's ``set_requires_all_reduce(False)``), and composable
+    ``replicate``'s: ``ValueError`` (each rank's own total, or 0, was returned).
+    """
+    pairs = list(module.named_parameters())  # already without duplicates
+    fully_shard = sys.modules.get("torch.distributed.fsdp._fully_shard._fully_shard")
+    replicate = sys.modules.get("torch.distributed._composable.replicate")
+    if fully_shard is None and replicate is None:
+        return pairs
+    swap: dict[int, Tensor] = {}
+    for m in module.modules():
+        if fully_shard is not None and isinstance(m, fully_shard.FSDPModule):
+            for pg in m._get_fsdp_state()._fsdp_param_groups:
+                if not pg.reduce_grads or (pg._is_hsdp and not pg.all_reduce_grads):
+                    _unsynced(type(m).__name__, "set_requires_gradient_sync(False)" if not pg.reduce_grads
+                              else "set_requires_all_reduce(False)")
+                if not pg.is_sharded:
+                    for fp in pg.fsdp_params:
+                        unsharded = getattr(fp, "_unsharded_param", None)
+                        if unsharded is not None:
+                            swap[id(unsharded)] = fp.sharded_param
+        elif replicate is not None:
+            state = replicate.replicate.state(m)
+            if state is not None and getattr(state, "_no_sync", False):
+                _unsynced(type(m).__name__, "set_requires_gradient_sync(False) (composable replicate)")
+    return [(n, swap.get(id(q), q)) for n, q in pairs] if swap else pairs
+
+
+def _unsynced(what: str, how: str) -> None:
+    raise ValueError(
+        f"dist_clip was called on a {what} with gradient sync off ({how}): the gradients are not reduced yet "
+        "(each rank would clip by its own norm). Clip after the last backward of the accumulation, with sync on"
+    )
+
+
 def named_grads(target: object) -> list[tuple[str, Tensor]]:
     """(name, gradient) pairs of a tensor, an iterable or a module; duplicates (tied weights) once."""
     if isinstance(target, Tensor):
         names: Sequence[str] = ("0",)
         items: Sequence[object] = (target,)
     elif isinstance(target, nn.Module):
-        pairs = list(target.named_parameters())  # already without duplicates
+        pairs = module_parameters(target)
         names, items = (list(x) for x in zip(*pairs)) if pairs else ([], [])
     elif isinstance(target, Mapping):
         raise TypeError(
@@ -234,7 +275,7 @@ def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
         return shards_of_grads(named_grads(target.module), None)  # type: ignore[union-attr]
     pairs = named_grads(target)
     if not pairs and isinstance(target, nn.Module):  # no gradient here at all (never on the hot path)
-        pairs = absent_dtensor_grads(list(target.named_parameters()))
+        pairs = absent_dtensor_grads(module_parameters(target))
     return shards_of_grads(pairs, group)
 
 
