@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import operator
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -178,22 +179,43 @@ def settle(tensors: Sequence[Tensor]) -> None:
             _WAITING.discard(optimizer)
             continue
         scale, found, coef, held, versions = pending
-        if not _unchanged(held, versions, grads):
+        verdict = _verdict(held, versions, grads)
+        if verdict not in ("same", "intact"):
+            if verdict == "written" and coef is not None:
+                warnings.warn(
+                    "dist_clip: the clip coefficient an earlier call handed to this optimizer's next step() was "
+                    "dropped: its gradients were written since (a further backward accumulating into them, or "
+                    "zeroed in place and recomputed), and this call reads them as they are now, unclipped. With "
+                    "optimizer=, clip after the last backward before step()",
+                    UserWarning,
+                    stacklevel=4,
+                )
             _WAITING.discard(optimizer)
             continue
         if coef is not None:
-            _scale.scale_(grads, coef)
+            _scale.scale_(held, coef)
         _stash(optimizer, torch.ones_like(scale), found, None, grads)
 
 
-def _unchanged(held: list[Tensor], versions: list[int], grads: list[Tensor]) -> bool:
-    """Whether ``grads`` are still the gradients a coefficient was measured on: the same tensors, and those that
-    are not views not written since (``zero_grad(set_to_none=False)`` then backward). A view's version counter
-    is its whole buffer's (DDP's bucket views): a write to another view of it would look like a change, so views
-    are checked by identity alone."""
-    return len(held) == len(grads) and all(
-        a is b and (a._is_view() or a._version == v) for a, b, v in zip(held, grads, versions)
-    )
+def _verdict(held: list[Tensor], versions: list[int], grads: list[Tensor]) -> str:
+    """What became of the gradients ``held`` a coefficient was measured on, now that the optimizer steps
+    ``grads``: "same" (the very tensors, not written since), "intact" (not written, but the optimizer now steps
+    others too: a param group added since), "stale" (replaced: the next batch, after ``zero_grad()`` to None;
+    the coefficient is dropped, as a loop without ``optimizer=`` would step them unclipped) or "written" (the
+    same tensors written in place since: ``zero_grad(set_to_none=False)`` then backward, or a further backward
+    accumulating into them; dropped, with a warning where the step then takes them unclipped). A view's version counter
+    is its whole buffer's (DDP's bucket views): a write to another view of it would look like a change, so
+    views are checked by identity alone (README's Limits)."""
+    if len(held) == len(grads) and all(map(operator.is_, held, grads)):
+        verdict = "same"
+    else:
+        stepped = set(map(id, grads))
+        if not all(id(a) in stepped for a in held):
+            return "stale"
+        verdict = "intact"
+    if not all(a._is_view() or a._version == v for a, v in zip(held, versions)):
+        return "written"
+    return verdict
 
 
 def _install_hooks(optimizer: torch.optim.Optimizer) -> None:
@@ -260,8 +282,24 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     pending = optimizer.__dict__.pop(_PENDING, None)
     armed = optimizer.__dict__.pop(_SKIP, None)
     grads = gradients(optimizer) if pending is not None else []
-    if pending is not None and pending[2] is not None and not _unchanged(pending[3], pending[4], grads):
-        pending = None  # measured on gradients that are gone (the step it was for never came): not this step's
+    if pending is not None and pending[2] is not None:
+        verdict = _verdict(pending[3], pending[4], grads)
+        if verdict == "intact":
+            # Measured gradients untouched, others added to the optimizer since (add_param_group): grad_scale
+            # would divide those too, so the measured ones are scaled here and the step keeps only the flag.
+            _scale.scale_(pending[3], pending[2])
+            pending = (None, pending[1], None, pending[3], pending[4])
+        elif verdict != "same":
+            if verdict == "written":
+                warnings.warn(
+                    "dist_clip: the clip coefficient handed to this optimizer's step() was dropped: its gradients "
+                    "were written after the clip (a further backward accumulating into them, or zeroed in place "
+                    "and recomputed), so they are no longer the ones measured and this step takes them unclipped. "
+                    "Clip after the last backward before step()",
+                    UserWarning,
+                    stacklevel=4,
+                )
+            pending = None  # measured on gradients that are gone (the step it was for never came): not this step's
     # A coefficient already applied by settle() leaves only its skip flag, which lasts until this step whatever
     # wrote the gradients since (a later clip of part of them: dropping it took a NaN step).
     skip = armed[0] if armed is not None else None
@@ -321,5 +359,5 @@ def _stash(
     optimizer: torch.optim.Optimizer, scale: Tensor, found: Tensor, coef: Tensor | None, grads: list[Tensor]
 ) -> None:
     """What the next step applies (``scale``, ``found``), the coefficient settle() would apply instead (None once
-    applied), and the gradients it was measured on with their versions (see :func:`_unchanged`)."""
+    applied), and the gradients it was measured on with their versions (see :func:`_verdict`)."""
     optimizer.__dict__[_PENDING] = (scale, found, coef, grads, [g._version for g in grads])

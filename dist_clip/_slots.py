@@ -239,6 +239,7 @@ def _named_plain(items: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup |
     from .adapters.params import absent_dtensor_grads, gradient_of, refuse_managed, shards_of_grads
 
     seen: set[int] = set()
+    seen_grads: set[int] = set()
     grads: list[tuple[str, Tensor]] = []
     params: dict[str, Tensor] = {}
     names: list[str] = []
@@ -252,8 +253,8 @@ def _named_plain(items: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup |
         seen.add(id(t))
         refuse_managed(name, t)
         g = gradient_of(t)
-        if g is not None and id(g) not in seen:  # [p, p.grad]: one gradient, scaled once
-            seen.add(id(g))
+        if g is not None and id(g) not in seen_grads:  # [p, p.grad]: one gradient, scaled once
+            seen_grads.add(id(g))
             grads.append((name, g))
     out = shards_of_grads(grads, group)
     if not grads:

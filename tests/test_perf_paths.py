@@ -861,6 +861,37 @@ def test_a_compiled_step_honours_the_skip_flag(how, fused):
     torch.testing.assert_close(w.detach(), torch.full((4,), 0.6), rtol=0, atol=1e-6)  # two steps of 0.2 taken
 
 
+def test_a_hand_over_survives_a_param_group_added_before_the_step():
+    """add_param_group between the clip and the step: the hand-over was dropped (the step saw more gradients
+    than were measured) and a stepped with its unclipped gradient (-3 instead of -0.5). The measured gradients
+    are untouched, so they are scaled at the step and the new group's are left alone."""
+    a, b = nn.Parameter(torch.zeros(4)), nn.Parameter(torch.zeros(2))
+    a.grad, b.grad = torch.full((4,), 3.0), torch.full((2,), 5.0)
+    opt = torch.optim.SGD([a], lr=1.0, fused=True)
+    dist_clip.clip_grad_norm_([a], 1.0, optimizer=opt)
+    opt.add_param_group({"params": [b]})
+    opt.step()
+    torch.testing.assert_close(a.detach(), torch.full((4,), -3.0 / (6.0 + 1e-6)))
+    torch.testing.assert_close(b.detach(), torch.full((2,), -5.0))
+
+
+@pytest.mark.parametrize("then", ["step", "measure"])
+def test_a_hand_over_whose_gradients_are_accumulated_into_warns(then):
+    """A further backward accumulating into handed-over gradients before the step: they are no longer the
+    measured ones and the coefficient is dropped (the loop without optimizer= clips the first part only); that
+    was silent, and the step took 3.1 where the clipped loop takes 0.6."""
+    w = nn.Parameter(torch.ones(4))
+    opt = torch.optim.SGD([w], lr=1.0, fused=True)
+    (w * 3.0).sum().backward()
+    dist_clip.clip_grad_norm_([w], 1.0, optimizer=opt)
+    (w * 0.1).sum().backward()  # accumulates into the same .grad
+    with pytest.warns(UserWarning, match="coefficient .* was dropped: its gradients were written"):
+        if then == "step":
+            opt.step()
+        else:
+            dist_clip.get_total_norm([w])
+
+
 def test_either_skip_flag_skips_the_fused_step():
     """A GradScaler's found_inf and dist_clip's both raised: the step is skipped (a sum of 2 is not a skip for
     torch's CPU fused kernels, which test for exactly 1)."""
