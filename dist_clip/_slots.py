@@ -19,6 +19,7 @@ the unwrapped model.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import zlib
@@ -488,11 +489,25 @@ def finalize_norms(partials: Tensor, p: float, loss_scale: float) -> Tensor:
 _DIGEST_BITS = 10  # n * d stays below 2**26, so (n * d)**2 is exact in float64 up to 65536 ranks
 
 
-def _layout_values(layout: Sequence[str], p: float) -> Tensor:
-    """Four values that combine to a fingerprint check: two independent digests ``d`` of ``layout`` (integers in
-    [1, 2**10]), each followed by ``d**2`` for a SUM or ``-d`` for a MAX reduction; every sum stays an integer
-    below 2**53, so the check is exact. Two digests: a mismatch slips through once in about a million layouts."""
-    data = "\x00".join(layout).encode()
+def _layout_values(layout: Sequence[str], p: float, settings: str = "") -> Tensor:
+    """Four values that combine to a fingerprint check: two independent digests ``d`` of ``layout`` and the
+    call's ``settings`` (integers in [1, 2**10]), each followed by ``d**2`` for a SUM or ``-d`` for a MAX
+    reduction; every sum stays an integer below 2**53, so the check is exact. Two digests: a mismatch slips
+    through once in about a million layouts."""
+    if not layout:
+        return _settings_values(settings, p)
+    data = ("\x00".join(layout) + "\x01" + settings).encode()
+    out: list[float] = []
+    for h in (zlib.crc32(data), zlib.adler32(data)):
+        d = float(h % (1 << _DIGEST_BITS) + 1)
+        out += [d, -d if math.isinf(p) else d * d]
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@functools.lru_cache(maxsize=64)
+def _settings_values(settings: str, p: float) -> Tensor:
+    """:func:`_layout_values` of no names: a total's fingerprint, the same every call (kept, not recomputed)."""
+    data = ("\x01" + settings).encode()
     out: list[float] = []
     for h in (zlib.crc32(data), zlib.adler32(data)):
         d = float(h % (1 << _DIGEST_BITS) + 1)
@@ -506,7 +521,8 @@ REFUSED = (
 )
 
 
-def _layout_check(combined: Tensor, p: float, world: int, n_slots: int) -> Tensor:
+def _layout_check(combined: Tensor, p: float, world: int, n_slots: int, settings: str = "",
+                  named: bool = True) -> Tensor:
     """Strip the four check values; every rank had the same digests iff ``S1**2 == n * S2`` for both (SUM: the
     difference is the sum of squared pairwise differences) or ``max(d) == -max(-d)`` (MAX). On the CPU a mismatch
     raises on every rank (they all see the same sums); elsewhere the values become NaN, without a host sync."""
@@ -518,6 +534,19 @@ def _layout_check(combined: Tensor, p: float, world: int, n_slots: int) -> Tenso
         if bool(torch.isnan(v).any()):
             raise RuntimeError(REFUSED)
         if not bool(same):
+            if settings and not named:
+                raise RuntimeError(
+                    f"the ranks of this call disagree on its settings ({settings} here): every rank must clip with "
+                    "the same ones (each rank's own norm order or limit gave each its own total or coefficient, "
+                    "unnoticed)"
+                )
+            if settings:
+                raise RuntimeError(
+                    f"the ranks of this call disagree on the target's parameter names ({n_slots} slots here) or on "
+                    f"its settings ({settings} here): per-parameter, per-group and unit-wise clipping and reports "
+                    "need the same names in the same order (a pipeline stage's module holds only its own: pass a "
+                    "dist_clip.ParallelPlan, plan=), and every rank the same settings"
+                )
             raise RuntimeError(
                 f"the ranks of this call disagree on the target's parameter names ({n_slots} slots here): "
                 "per-parameter, per-group and unit-wise clipping and reports need the same names in the same order "
@@ -541,6 +570,7 @@ def measure(
     layout: Sequence[str] | None = None,
     result_dtype: torch.dtype | None = None,
     refused: bool = False,
+    settings: str = "",
 ) -> Measurement:
     """Measure every counted piece into its slot and combine everything with ONE all-reduce.
 
@@ -562,6 +592,8 @@ def measure(
         refused: this rank found bad input and joins only so that the others do not wait: its fingerprint is
             NaN, and every rank raises ``RuntimeError`` (:data:`REFUSED`) on the CPU; the caller then raises
             its own error.
+        settings: the call's settings every rank must share (norm order, mode, limit, ...), checked with the
+            layout (with no layout, on their own).
 
     Returns:
         A :class:`Measurement`, identical on every rank.
@@ -593,16 +625,17 @@ def measure(
     agree = result_dtype is not None and _reduce.reduces_on_host(red)
     if agree:
         parts.append(_clip.wide_flag(result_dtype, device))  # type: ignore[arg-type]
-    check = layout is not None and red is not None and _reduce.group_size(red) > 1
+    check = (layout is not None or bool(settings)) and red is not None and _reduce.group_size(red) > 1
     if check:
-        values = _layout_values(layout, p)  # type: ignore[arg-type]
+        values = _layout_values(layout or (), p, settings)
         if refused:  # this rank found bad input: NaN fingerprints make every rank raise (NaN-safe under MAX)
             values = torch.full_like(values, math.nan)
         parts.append(values.to(device, non_blocking=True))
     buffer = torch.cat(parts) if len(parts) > 1 else vector
     combined = _reduce.all_reduce_partials(buffer, _norm.combine_op(p), red)
     if check:
-        combined = _layout_check(combined, p, _reduce.group_size(red), n_slots)  # type: ignore[arg-type]
+        combined = _layout_check(combined, p, _reduce.group_size(red), n_slots, settings,  # type: ignore[arg-type]
+                                 named=layout is not None)
     partials = combined[:n_slots]
     at = n_slots
     counts_out = None

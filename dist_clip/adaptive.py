@@ -776,7 +776,7 @@ def _unit_coefs(wp: Tensor, gp: Tensor, p: float, loss_scale: float, config: AGC
 
 
 def unitwise_measure(target: object, config: AGC, p: float, foreach: bool | None,
-                     group: dist.ProcessGroup | None) -> UnitwiseOutcome:
+                     group: dist.ProcessGroup | None, settings: str = "") -> UnitwiseOutcome:
     """Measure per-unit weight and gradient norms (cut units combined) and per-parameter norms, ONE collective."""
     if p == 0:
         raise ValueError("unit-wise clipping needs a norm order p > 0 or inf, got norm_type=0")
@@ -854,7 +854,7 @@ def unitwise_measure(target: object, config: AGC, p: float, foreach: bool | None
     layout = [*names, *(f"{c[0]}:{c[1]}" for c in cut)]  # the slots, then the cut units' order in ``extra``
     result_dtype = _clip._result_dtype([u.grad for u in units], None)
     m = _slots.measure(shards, lambda n, _i: index[n], max(len(names), 1), p, foreach, presence=True,
-                       extra=extra, layout=layout, group=red, result_dtype=result_dtype)
+                       extra=extra, layout=layout, group=red, result_dtype=result_dtype, settings=settings)
     assert m.extra is not None
     combined = m.extra[: 2 * k]
     smallest = m.extra[2 * k :].min()

@@ -200,7 +200,17 @@ def _wide_total(
     agree = _reduce.reduces_on_host(group)
     if agree:  # one more value in the same all-reduce: whether any rank holds float64 gradients
         partial = torch.cat([partial, wide_flag(out, home)])
+    # Four more: a fingerprint of the settings every rank must share (norm_type 2 on one rank and 1 or inf on
+    # another gave each rank its own wrong total, unnoticed): RuntimeError on every rank on the CPU, NaN elsewhere.
+    settings = f"norm_type={p!r}, error_if_nonfinite={bool(error_if_nonfinite)}"
+    check = group is not None and _reduce.group_size(group) > 1
+    if check:
+        from . import _slots
+
+        partial = torch.cat([partial, _slots._settings_values(settings, p).to(home, non_blocking=True)])
     combined = _reduce.all_reduce_partials(partial, _norm.combine_op(p), group)
+    if check:
+        combined = _slots._layout_check(combined, p, _reduce.group_size(group), 1, settings, named=False)
     total = _norm.finalize(combined[0], p)
     if scale != 1.0 and p != 0:  # every p-norm is homogeneous of degree 1; the L0 count is scale-free
         total = total / scale

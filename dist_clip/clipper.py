@@ -110,6 +110,15 @@ class ClipperConfig:
     def p(self) -> float:
         return _norm.parse_norm_type(self.norm_type)
 
+    @property
+    def settings(self) -> str:
+        """What every rank's clipper must share, checked in the call's one collective: a rank clipping with
+        another limit, order or mode scaled its pieces of a parameter by another coefficient, unnoticed."""
+        m = self.max_norm
+        limit = type(m).__name__ if isinstance(m, (AutoClip, ZClip)) else repr(float(m))
+        agc = f", agc={self.agc!r}" if self.mode == "unitwise" else ""
+        return f"norm_type={self.p!r}, mode={self.mode}, max_norm={limit}, on_nonfinite={self.on_nonfinite}{agc}"
+
 
 @dataclass(frozen=True)
 class ClipResult:
@@ -636,7 +645,8 @@ class GradClipper:
         m = _slots.measure(shards, pick, n_slots, p, cfg.foreach, presence=named is not None,
                            group=plan.reduction_group if plan is not None else None,
                            layout=named.names if named is not None else None, extra=membership,
-                           result_dtype=_clip._result_dtype([t for s in shards for t in s.tensors], None))
+                           result_dtype=_clip._result_dtype([t for s in shards for t in s.tensors], None),
+                           settings=cfg.settings)
         out = m.result_dtype
         assert out is not None
         total = m.total.to(out)
@@ -759,7 +769,7 @@ class GradClipper:
         cfg = self.config
         p = cfg.p
         _clip.settle_hand_over(target, lambda: _pieces_of(target, group))
-        outcome = unitwise_measure(target, cfg.agc, p, cfg.foreach, group)
+        outcome = unitwise_measure(target, cfg.agc, p, cfg.foreach, group, cfg.settings)
         out = outcome.measurement.result_dtype
         assert out is not None
         total = outcome.total.to(out)

@@ -741,6 +741,27 @@ def fsdp2_accumulation(unsharded: str) -> dict[str, Any]:
     return out
 
 
+def fsdp1_summon_with_grads() -> list[bool]:
+    """Inside summon_full_params(with_grads=True) the gradients are unsharded for the context: refused on every
+    rank with a message naming the context (it blamed no_sync()); outside it, the reference's total."""
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    model = new_model()
+    ref = reference(model, list(range(ws)))
+    fsdp_model = _fsdp1_wrap(model, "FULL_SHARD", True)
+    loss_fn(fsdp_model, *batch(rank)).backward()
+    average_grads_(list(model.side.parameters()))  # the ignored module: the user's job
+    out = []
+    with fsdp_model.summon_full_params(fsdp_model, with_grads=True):
+        try:
+            dist_clip.get_total_norm(fsdp_model)
+            out.append(False)
+        except ValueError as e:
+            out.append("summon_full_params(with_grads=True)" in str(e))
+    want = reference_norm(list(ref.grads.values()), 2.0)
+    out.append(abs(dist_clip.get_total_norm(fsdp_model).item() - want) <= 1e-6 * want)
+    return out
+
+
 def fsdp1_parameters_changed_after_first_call(use_orig_params: bool) -> list[tuple[float, float]]:
     """The plan kept on an FSDP1 root listed the parameters no handle manages by object: an ignored module's
     weight replaced after the first call (``side.weight = nn.Parameter(...)``) kept being read from the old

@@ -330,6 +330,41 @@ def test_ddp_groups_unitwise_with_a_wider_group(run_ranks):
     assert run_ranks(4, body_ddp_groups_unitwise) == [[(0, True, True)] * 2] * 4
 
 
+def body_settings_disagree() -> list:
+    """Ranks calling with different settings (norm_type 2 here and 1 there; a GradClipper with another limit,
+    mode or order) each returned their own wrong total, or clipped one parameter's pieces by different
+    coefficients, unnoticed: RuntimeError on every rank. Equal settings still measure."""
+    from dist_clip import GradClipper
+
+    rank = dist.get_rank()
+    torch.manual_seed(rank)
+    grads = [torch.randn(5), torch.randn(3, 2)]
+    out = []
+    calls = [
+        lambda: dist_clip.get_total_norm(grads, 2.0 if rank == 0 else 1.0, group=dist.group.WORLD),
+        lambda: dist_clip.clip_grad_norm_(grads, 1.0, 2.0, error_if_nonfinite=rank == 0, group=dist.group.WORLD),
+        lambda: GradClipper(max_norm=1.0 + rank)(grads, group=dist.group.WORLD),
+        lambda: GradClipper(norm_type=2.0 if rank else 3.0, mode="per_param")(grads, group=dist.group.WORLD),
+        lambda: GradClipper(on_nonfinite="zero" if rank else "ignore")(grads, group=dist.group.WORLD),
+    ]
+    for call in calls:
+        try:
+            call()
+            out.append("measured")
+        except RuntimeError as e:
+            out.append("disagree on" in str(e) and "settings (norm_type=" in str(e))
+    everyone = [torch.cat([torch.randn(5, generator=torch.Generator().manual_seed(r)) for r in range(2)])]
+    torch.manual_seed(rank)
+    mine = [torch.randn(5)]
+    total = dist_clip.get_total_norm(mine, 2.0, group=dist.group.WORLD).item()
+    out.append(abs(total - reference_norm(everyone)) <= 1e-6 * total)
+    return out
+
+
+def test_ranks_calling_with_different_settings_raise_together(run_ranks):
+    assert run_ranks(2, body_settings_disagree) == [[True] * 5 + [True]] * 2
+
+
 def body_many_tensors_one_collective() -> int:
     rank = dist.get_rank()
     dtypes = (torch.float32, torch.bfloat16, torch.float16)

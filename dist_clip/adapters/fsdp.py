@@ -545,6 +545,11 @@ def check_reduced(root: nn.Module, units: list[_Unit] | None = None) -> None:
     for handle, _, pg, _, _ in units if units is not None else _plan(root, False)[0]:
         flat = handle.flat_param
         if pg is not None and flat.grad is not None and flat.grad.numel() != flat._sharded_size.numel():
+            if getattr(getattr(handle, "_training_state", None), "name", "") == "SUMMON_FULL_PARAMS":
+                raise ValueError(
+                    "dist_clip was called inside FSDP1's summon_full_params(with_grads=True): the gradients are "
+                    "unsharded for the context, not laid out as shards. Clip outside it"
+                )
             raise ValueError(_UNREDUCED)
 
 
