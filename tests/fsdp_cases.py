@@ -720,7 +720,7 @@ def fsdp2_accumulation(unsharded: str) -> dict[str, Any]:
         try:
             call()
         except ValueError as e:
-            return "gradient sync off" in str(e)
+            return "gradients are not reduced yet" in str(e)
         return None
 
     model.set_requires_gradient_sync(False)
@@ -738,6 +738,41 @@ def fsdp2_accumulation(unsharded: str) -> dict[str, Any]:
     out["clipped"] = dist_clip.clip_grad_norm_(model, want / 2).item()
     assert all(_is_dtensor(p) for p in held) and all(p.grad is not None for p in held)
     out["after"] = reference_norm([p.grad.full_tensor().double() for p in held], 2.0)
+    return out
+
+
+def fsdp2_enclosed_and_late_sync() -> list:
+    """A submodule clipped on its own whose parameters belong to an enclosing FSDP2 module: left unsharded after
+    backward, its gradients were missed (total 0, unclipped); with sync off on the enclosing module the call
+    returned 0 instead of refusing. Sync turned back on after the last backward (the gradients never reduced)
+    read 0 too: refused."""
+    from torch.distributed.fsdp import fully_shard
+
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    model = new_model(wide=True)
+    ref = reference(model, list(range(ws)))
+    m = mesh((ws,))
+    for module in (model.inp, *model.blocks):
+        fully_shard(module, mesh=m)
+    fully_shard(model, mesh=m)  # head, scale and side belong to the root's group
+    model.set_reshard_after_backward(False, recurse=False)
+    loss_fn(model, *batch(rank)).backward()
+    want = reference_norm([ref.grads["head.weight"], ref.grads["head.bias"]], 2.0)
+    out: list = [abs(dist_clip.get_total_norm(model.head).item() - want) <= 1e-6 * want]
+
+    def refused(call: Callable[[], object]) -> bool | None:
+        try:
+            call()
+        except ValueError as e:
+            return "not reduced yet" in str(e)
+        return None
+
+    model.zero_grad()
+    model.set_requires_gradient_sync(False)
+    loss_fn(model, *batch(rank)).backward()
+    out.append(refused(lambda: dist_clip.get_total_norm(model.head)))
+    model.set_requires_gradient_sync(True)  # too late: the backward ran without sync
+    out.append(refused(lambda: dist_clip.get_total_norm(model)))
     return out
 
 

@@ -209,6 +209,10 @@ def test_fsdp1_no_sync_gradients_are_refused(run_ranks, world_size: int, strateg
         assert r["total"] == pytest.approx(r["want"], rel=1e-6), r
 
 
+def test_fsdp2_enclosed_submodule_and_late_sync(run_ranks) -> None:
+    assert run_ranks(2, cases.fsdp2_enclosed_and_late_sync, timeout_s=90) == [[True, True, True]] * 2
+
+
 def test_fsdp1_inside_summon_full_params_with_grads_is_named(run_ranks) -> None:
     assert run_ranks(2, cases.fsdp1_summon_with_grads, timeout_s=90) == [[True, True]] * 2
 

@@ -12,6 +12,7 @@ import itertools
 import operator
 import sys
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -110,37 +111,68 @@ def module_parameters(module: nn.Module) -> list[tuple[str, Tensor]]:
     accumulation recipe) registers plain unsharded parameters whose ``.grad`` is ``None`` (reduced) or this
     rank's own unreduced sum; the reduced gradient sits on the sharded parameter the optimizer steps, which
     stands in for it here (it was left out: 0.70 for 1.31, or 0 with every module unsharded). Gradient sync
-    off (``set_requires_gradient_sync(False)``, HSDP's ``set_requires_all_reduce(False)``), and composable
-    ``replicate``'s: ``ValueError`` (each rank's own total, or 0, was returned).
+    off (``set_requires_gradient_sync(False)``; ``set_requires_all_reduce(False)`` where replicas all-reduce),
+    or gradients accumulated without it and not reduced since (sync turned back on after the last backward),
+    and composable ``replicate``'s sync off: ``ValueError`` (each rank's own total, or 0, was returned). The
+    FSDP2 module owning a parameter may enclose the target (a submodule clipped on its own): it is found
+    through torch's registry of composable states.
     """
     pairs = list(module.named_parameters())  # already without duplicates
     fully_shard = sys.modules.get("torch.distributed.fsdp._fully_shard._fully_shard")
     replicate = sys.modules.get("torch.distributed._composable.replicate")
     if fully_shard is None and replicate is None:
         return pairs
-    swap: dict[int, Tensor] = {}
+    groups: dict[int, Any] = {}
     for m in module.modules():
         if fully_shard is not None and isinstance(m, fully_shard.FSDPModule):
-            for pg in m._get_fsdp_state()._fsdp_param_groups:
-                if not pg.reduce_grads or (pg._is_hsdp and not pg.all_reduce_grads):
-                    _unsynced(type(m).__name__, "set_requires_gradient_sync(False)" if not pg.reduce_grads
-                              else "set_requires_all_reduce(False)")
-                if not pg.is_sharded:
-                    for fp in pg.fsdp_params:
-                        unsharded = getattr(fp, "_unsharded_param", None)
-                        if unsharded is not None:
-                            swap[id(unsharded)] = fp.sharded_param
+            groups.update((id(pg), pg) for pg in m._get_fsdp_state()._fsdp_param_groups)
         elif replicate is not None:
             state = replicate.replicate.state(m)
             if state is not None and getattr(state, "_no_sync", False):
-                _unsynced(type(m).__name__, "set_requires_gradient_sync(False) (composable replicate)")
+                _unsynced(f"a replicated {type(m).__name__}", "set_requires_gradient_sync(False)")
+    if fully_shard is None:
+        return pairs
+    if not isinstance(module, fully_shard.FSDPModule) and pairs:
+        # Not an FSDP2 module itself: the one managing its parameters may enclose it (a submodule clipped alone).
+        from torch.distributed._composable_state import _module_state_mapping
+
+        for ref in list(_module_state_mapping.values()):
+            state = ref() if callable(ref) else ref  # weak references to the states
+            groups.update((id(pg), pg) for pg in getattr(state, "_fsdp_param_groups", ()))
+    if not groups:
+        return pairs
+    from torch.distributed.fsdp._fully_shard._fsdp_common import DDPMeshInfo
+
+    mine = set(map(id, map(_second, pairs)))
+    swap: dict[int, Tensor] = {}
+    for pg in groups.values():
+        fps = pg.fsdp_params
+        unsharded = [getattr(fp, "_unsharded_param", None) for fp in fps]
+        if not any(id(fp.sharded_param) in mine or id(u) in mine for fp, u in zip(fps, unsharded)):
+            continue  # another model's, or another part of this one
+        what = f"the FSDP2 module {getattr(pg, '_module_fqn', '') or '(root)'!r}"
+        if not pg.reduce_grads:
+            _unsynced(what, "set_requires_gradient_sync(False)")
+        if isinstance(pg.mesh_info, DDPMeshInfo) and not pg.all_reduce_grads:
+            _unsynced(what, "set_requires_all_reduce(False)")
+        if getattr(pg, "_partial_reduce_output", None) is not None or any(
+            getattr(fp, "unsharded_accumulated_grad", None) is not None for fp in fps
+        ):
+            _unsynced(what, "gradients accumulated without sync and not reduced since: sync was turned back on "
+                            "after the last backward")
+        if not pg.is_sharded:
+            for fp, u in zip(fps, unsharded):
+                if u is not None:
+                    if u.grad is not None:
+                        _unsynced(what, "an unsharded parameter holds this rank's own gradient")
+                    swap[id(u)] = fp.sharded_param
     return [(n, swap.get(id(q), q)) for n, q in pairs] if swap else pairs
 
 
 def _unsynced(what: str, how: str) -> None:
     raise ValueError(
-        f"dist_clip was called on a {what} with gradient sync off ({how}): the gradients are not reduced yet "
-        "(each rank would clip by its own norm). Clip after the last backward of the accumulation, with sync on"
+        f"dist_clip was called on {what} whose gradients are not reduced yet ({how}): each rank would clip by "
+        "its own norm. Clip after the last backward of the accumulation, with gradient sync on for that backward"
     )
 
 
