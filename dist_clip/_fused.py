@@ -138,6 +138,8 @@ def steps_what_was_measured(grads: Sequence[Tensor], tensors: Sequence[Tensor]) 
     ``g[:5]`` of a stepped ``g``: an overlap is not enough), or miss measured ones that another optimizer
     steps. Views with gaps are matched by identity only."""
     # The usual case (the same tensors, in the same order or not), without a walk over the bytes.
+    if len(set(map(id, grads))) != len(grads):
+        return False  # one gradient tensor stepped for two parameters: the kernel would divide it twice
     if len(grads) == len(tensors) and all(map(operator.is_, grads, tensors)):
         return True
     if set(map(id, grads)) == set(map(id, tensors)):
@@ -181,15 +183,8 @@ def settle(tensors: Sequence[Tensor]) -> None:
         scale, found, coef, held, versions = pending
         verdict = _verdict(held, versions, grads)
         if verdict not in ("same", "intact"):
-            if verdict == "written" and coef is not None:
-                warnings.warn(
-                    "dist_clip: the clip coefficient an earlier call handed to this optimizer's next step() was "
-                    "dropped: its gradients were written since (a further backward accumulating into them, or "
-                    "zeroed in place and recomputed), and this call reads them as they are now, unclipped. With "
-                    "optimizer=, clip after the last backward before step()",
-                    UserWarning,
-                    stacklevel=4,
-                )
+            # Dropped without a word here: a step skipped, then gradients zeroed in place and recomputed, looks
+            # the same as an accumulation after the clip; the step itself warns if it would take them unclipped.
             _WAITING.discard(optimizer)
             continue
         if coef is not None:

@@ -340,6 +340,10 @@ class AGC:
         _real("AGC.eps", self.eps, low=0.0)
         if isinstance(self.exclude, str) or not all(isinstance(x, str) for x in self.exclude):
             raise TypeError(f"AGC.exclude must be a tuple of name patterns, got {self.exclude!r}")
+        # A tuple, whatever iterable came: a set's order depends on each process's hash seed, and the call's
+        # settings fingerprint (which holds this repr) read as the ranks disagreeing.
+        patterns = sorted(self.exclude) if isinstance(self.exclude, (set, frozenset)) else self.exclude
+        object.__setattr__(self, "exclude", tuple(patterns))
 
 
 @dataclass

@@ -423,6 +423,15 @@ def test_agc_counts_and_scales_a_weight_listed_twice_once(as_dict):
     assert len(result.norms) == 2
 
 
+def test_agc_exclude_given_as_a_set_is_a_sorted_tuple():
+    """A set's order follows each process's hash seed: in the call's settings fingerprint the ranks read as
+    disagreeing (RuntimeError on a correct call)."""
+    assert AGC(exclude={"zz.*", "head.*", "b*"}).exclude == ("b*", "head.*", "zz.*")
+    assert AGC(exclude=["y", "x"]).exclude == ("y", "x")
+    clipper = GradClipper(mode="unitwise", agc=AGC(exclude=frozenset({"q", "p"})))
+    assert "exclude=('p', 'q')" in clipper.config.settings
+
+
 def test_agc_scales_low_precision_gradients_in_float32():
     """AGC rounded each unit coefficient to the gradient's dtype before multiplying: in fp16 a coefficient of
     1e-9 became 0 and zeroed a row of 500s (fp16 holds 500e-9 as 4.8e-7), and fp16-subnormal coefficients lost

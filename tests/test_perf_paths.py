@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -875,8 +876,7 @@ def test_a_hand_over_survives_a_param_group_added_before_the_step():
     torch.testing.assert_close(b.detach(), torch.full((2,), -5.0))
 
 
-@pytest.mark.parametrize("then", ["step", "measure"])
-def test_a_hand_over_whose_gradients_are_accumulated_into_warns(then):
+def test_a_hand_over_whose_gradients_are_accumulated_into_warns():
     """A further backward accumulating into handed-over gradients before the step: they are no longer the
     measured ones and the coefficient is dropped (the loop without optimizer= clips the first part only); that
     was silent, and the step took 3.1 where the clipped loop takes 0.6."""
@@ -886,10 +886,37 @@ def test_a_hand_over_whose_gradients_are_accumulated_into_warns(then):
     dist_clip.clip_grad_norm_([w], 1.0, optimizer=opt)
     (w * 0.1).sum().backward()  # accumulates into the same .grad
     with pytest.warns(UserWarning, match="coefficient .* was dropped: its gradients were written"):
-        if then == "step":
-            opt.step()
-        else:
-            dist_clip.get_total_norm([w])
+        opt.step()
+
+
+def test_a_skipped_step_then_gradients_zeroed_in_place_do_not_warn():
+    """A loop stepping only on a finite norm, zero_grad(set_to_none=False): after a skipped step the next clip
+    finds the old hand-over's gradients rewritten; that is no accumulation and warned falsely."""
+    w = nn.Parameter(torch.ones(4))
+    opt = torch.optim.SGD([w], lr=0.1, fused=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for s in range(3):
+            opt.zero_grad(set_to_none=False)
+            (w * (float("nan") if s == 1 else 2.0)).sum().backward()
+            total = dist_clip.clip_grad_norm_([w], 1.0, optimizer=opt)
+            if torch.isfinite(total):
+                opt.step()
+    torch.testing.assert_close(w.detach(), torch.full((4,), 1.0 - 2 * 0.1 * 2.0 / (4.0 + 1e-6)))
+
+
+def test_two_parameters_sharing_a_gradient_are_not_handed_over():
+    """p1.grad is p2.grad: the fused kernel divided the shared gradient once per parameter, so p2 moved by
+    coef**2 * g; it is scaled in the call."""
+    g = torch.tensor([3.0, 4.0])
+    p1, p2 = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    p1.grad = p2.grad = g
+    opt = torch.optim.SGD([p1, p2], lr=1.0, fused=True)
+    dist_clip.clip_grad_norm_([p1, p2], 0.5, optimizer=opt)
+    opt.step()
+    step = torch.tensor([3.0, 4.0]) * 0.5 / (5.0 + 1e-6)
+    torch.testing.assert_close(p1.detach(), -step)
+    torch.testing.assert_close(p2.detach(), -step)
 
 
 def test_either_skip_flag_skips_the_fused_step():
