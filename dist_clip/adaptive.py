@@ -344,6 +344,9 @@ class AGC:
         # settings fingerprint (which holds this repr) read as the ranks disagreeing.
         patterns = sorted(self.exclude) if isinstance(self.exclude, (set, frozenset)) else self.exclude
         object.__setattr__(self, "exclude", tuple(patterns))
+        # Numbers as floats, so that 1 and 1.0 (or np.float64(0.01)) are the same settings on every rank.
+        object.__setattr__(self, "clipping", float(self.clipping))
+        object.__setattr__(self, "eps", float(self.eps))
 
 
 @dataclass

@@ -180,8 +180,10 @@ def _wide_total(
     foreach: bool | None,
     everything: list[Tensor] | None,
     groups: _Groups | None,
+    limit: float | Tensor | None = None,
 ) -> tuple[Tensor, torch.dtype]:
-    """:func:`total_from_shards` before its cast: the float64 total and the dtype to return it in. Clipping
+    """:func:`total_from_shards` before its cast: the float64 total and the dtype to return it in (``limit``:
+    clip_grad_norm_'s ``max_norm``, part of the settings every rank must share). Clipping
     and the finiteness test use the float64 value: the norm of fp32 gradients may exceed float32's range
     (3.4e38) while every element is finite."""
     group = _reduce.reduction_group(s.group for s in shards)
@@ -203,6 +205,8 @@ def _wide_total(
     # Four more: a fingerprint of the settings every rank must share (norm_type 2 on one rank and 1 or inf on
     # another gave each rank its own wrong total, unnoticed): RuntimeError on every rank on the CPU, NaN elsewhere.
     settings = f"norm_type={p!r}, error_if_nonfinite={bool(error_if_nonfinite)}"
+    if limit is not None:  # a device tensor is not read (a host sync): compared as given
+        settings += f", max_norm={float(limit)!r}" if not isinstance(limit, Tensor) else ", max_norm=tensor"
     check = group is not None and _reduce.group_size(group) > 1
     if check:
         from . import _slots
@@ -389,7 +393,7 @@ def clip_grad_norm_(
     if fused and any(dtype in _WIDE for _, dtype in groups):
         fused = False  # torch's fused kernels take grad_scale in float32 only: float64 gradients are scaled here
     settle_hand_over(parameters, everything)
-    wide, out = _wide_total(shards, p, error_if_nonfinite, foreach, everything, groups)
+    wide, out = _wide_total(shards, p, error_if_nonfinite, foreach, everything, groups, limit)
     total = wide.to(out)
     coef_wide = _scale.clip_coefficient(limit, wide)  # from the float64 total, which float32 may not hold
     coef = coef_wide.to(out)

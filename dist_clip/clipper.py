@@ -115,9 +115,9 @@ class ClipperConfig:
         """What every rank's clipper must share, checked in the call's one collective: a rank clipping with
         another limit, order or mode scaled its pieces of a parameter by another coefficient, unnoticed."""
         m = self.max_norm
-        limit = type(m).__name__ if isinstance(m, (AutoClip, ZClip)) else repr(float(m))
-        agc = f", agc={self.agc!r}" if self.mode == "unitwise" else ""
-        return f"norm_type={self.p!r}, mode={self.mode}, max_norm={limit}, on_nonfinite={self.on_nonfinite}{agc}"
+        limit = repr(m) if isinstance(m, (AutoClip, ZClip)) else repr(float(m))  # an adaptive one's settings
+        used = f", agc={self.agc!r}" if self.mode == "unitwise" else f", max_norm={limit}"  # AGC has its own
+        return f"norm_type={self.p!r}, mode={self.mode}{used}, on_nonfinite={self.on_nonfinite}"
 
 
 @dataclass(frozen=True)
@@ -641,12 +641,18 @@ class GradClipper:
                 if plan is None:
                     held = {n for s in named.shards for n, t in zip(s.names, s.tensors) if t.numel() > 0}
                     membership = torch.cat([membership, _group_signatures(grouping[0], named.names, held, p)])
+        settings = cfg.settings
+        if cfg.mode == "per_group" and membership is None:
+            # The group limits do not travel in the measurement here (every rank's optimizer holds the same
+            # groups): a rank with another group max_norm clipped a parameter's pieces by another coefficient.
+            assert grouping is not None
+            settings += f", group_limits=[{', '.join(repr(float(x)) for x in grouping[1])}]"
         _clip.settle_hand_over(target, lambda: [t for s in shards for t in s.tensors])
         m = _slots.measure(shards, pick, n_slots, p, cfg.foreach, presence=named is not None,
                            group=plan.reduction_group if plan is not None else None,
                            layout=named.names if named is not None else None, extra=membership,
                            result_dtype=_clip._result_dtype([t for s in shards for t in s.tensors], None),
-                           settings=cfg.settings)
+                           settings=settings)
         out = m.result_dtype
         assert out is not None
         total = m.total.to(out)

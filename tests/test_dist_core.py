@@ -331,21 +331,32 @@ def test_ddp_groups_unitwise_with_a_wider_group(run_ranks):
 
 
 def body_settings_disagree() -> list:
-    """Ranks calling with different settings (norm_type 2 here and 1 there; a GradClipper with another limit,
-    mode or order) each returned their own wrong total, or clipped one parameter's pieces by different
-    coefficients, unnoticed: RuntimeError on every rank. Equal settings still measure."""
-    from dist_clip import GradClipper
+    """Ranks calling with different settings (norm_type 2 here and 1 there; max_norm; a GradClipper with another
+    limit, adaptive threshold, group limit, mode or order) each returned their own wrong total, or clipped one
+    parameter's pieces by different coefficients, unnoticed: RuntimeError on every rank. Equal settings still
+    measure."""
+    from dist_clip import AGC, AutoClip, GradClipper
 
     rank = dist.get_rank()
     torch.manual_seed(rank)
     grads = [torch.randn(5), torch.randn(3, 2)]
+    ps = [nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(3, 2))]
+    for q, g in zip(ps, grads):
+        q.grad = g.clone()
     out = []
+    # The same settings spelt differently are the same: AGC's 1 and 1.0, a list and a tuple of patterns.
+    agc = AGC(clipping=1, exclude=["zz*"]) if rank else AGC(clipping=1.0, exclude=("zz*",))
+    out.append(GradClipper(mode="unitwise", agc=agc)(ps, group=dist.group.WORLD).total_norm.item() > 0)
     calls = [
         lambda: dist_clip.get_total_norm(grads, 2.0 if rank == 0 else 1.0, group=dist.group.WORLD),
         lambda: dist_clip.clip_grad_norm_(grads, 1.0, 2.0, error_if_nonfinite=rank == 0, group=dist.group.WORLD),
         lambda: GradClipper(max_norm=1.0 + rank)(grads, group=dist.group.WORLD),
         lambda: GradClipper(norm_type=2.0 if rank else 3.0, mode="per_param")(grads, group=dist.group.WORLD),
         lambda: GradClipper(on_nonfinite="zero" if rank else "ignore")(grads, group=dist.group.WORLD),
+        lambda: dist_clip.clip_grad_norm_(grads, 1.0 + rank, group=dist.group.WORLD),
+        lambda: GradClipper(max_norm=AutoClip(percentile=10.0 + 80 * rank))(grads, group=dist.group.WORLD),
+        lambda: GradClipper(mode="per_group")(ps, group=dist.group.WORLD, optimizer=torch.optim.SGD(
+            [{"params": ps, "max_norm": 1.0 + rank}])),
     ]
     for call in calls:
         try:
@@ -362,7 +373,7 @@ def body_settings_disagree() -> list:
 
 
 def test_ranks_calling_with_different_settings_raise_together(run_ranks):
-    assert run_ranks(2, body_settings_disagree) == [[True] * 5 + [True]] * 2
+    assert run_ranks(2, body_settings_disagree) == [[True] + [True] * 8 + [True]] * 2
 
 
 def body_many_tensors_one_collective() -> int:
