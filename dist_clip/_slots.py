@@ -496,18 +496,16 @@ def _layout_values(layout: Sequence[str], p: float, settings: str = "") -> Tenso
     through once in about a million layouts."""
     if not layout:
         return _settings_values(settings, p)
-    data = ("\x00".join(layout) + "\x01" + settings).encode()
-    out: list[float] = []
-    for h in (zlib.crc32(data), zlib.adler32(data)):
-        d = float(h % (1 << _DIGEST_BITS) + 1)
-        out += [d, -d if math.isinf(p) else d * d]
-    return torch.tensor(out, dtype=torch.float64)
+    return _digest_values(("\x00".join(layout) + "\x01" + settings).encode(), p)
 
 
 @functools.lru_cache(maxsize=64)
 def _settings_values(settings: str, p: float) -> Tensor:
     """:func:`_layout_values` of no names: a total's fingerprint, the same every call (kept, not recomputed)."""
-    data = ("\x01" + settings).encode()
+    return _digest_values(("\x01" + settings).encode(), p)
+
+
+def _digest_values(data: bytes, p: float) -> Tensor:
     out: list[float] = []
     for h in (zlib.crc32(data), zlib.adler32(data)):
         d = float(h % (1 << _DIGEST_BITS) + 1)
