@@ -18,6 +18,7 @@ state lives on the host (see :func:`skip_next_step_`).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import numbers
 import sys
@@ -115,7 +116,15 @@ class ClipperConfig:
         """What every rank's clipper must share, checked in the call's one collective: a rank clipping with
         another limit, order or mode scaled its pieces of a parameter by another coefficient, unnoticed."""
         m = self.max_norm
-        limit = repr(m) if isinstance(m, (AutoClip, ZClip)) else repr(float(m))  # an adaptive one's settings
+        if isinstance(m, (AutoClip, ZClip)):  # an adaptive threshold's settings, numbers as floats (10 is 10.0)
+            values = {f.name: getattr(m, f.name) for f in dataclasses.fields(m)}
+            fields = ", ".join(
+                f"{k}={float(v)!r}" if isinstance(v, numbers.Real) and not isinstance(v, bool) else f"{k}={v!r}"
+                for k, v in values.items()
+            )
+            limit = f"{type(m).__name__}({fields})"
+        else:
+            limit = repr(float(m))
         used = f", agc={self.agc!r}" if self.mode == "unitwise" else f", max_norm={limit}"  # AGC has its own
         return f"norm_type={self.p!r}, mode={self.mode}{used}, on_nonfinite={self.on_nonfinite}"
 

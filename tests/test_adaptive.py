@@ -432,6 +432,17 @@ def test_agc_exclude_given_as_a_set_is_a_sorted_tuple():
     assert "exclude=('p', 'q')" in clipper.config.settings
 
 
+def test_adaptive_threshold_settings_compare_numbers_as_floats():
+    """The settings fingerprint held the threshold's repr: AutoClip(percentile=10) on one rank and 10.0 on
+    another raised on a correct call; different percentiles must still differ."""
+    def settings(m):  # noqa: ANN001, ANN202
+        return GradClipper(max_norm=m).config.settings
+
+    assert settings(AutoClip(percentile=10)) == settings(AutoClip(percentile=10.0))
+    assert settings(AutoClip(percentile=10)) != settings(AutoClip(percentile=90))
+    assert settings(ZClip(max_norm=1)) == settings(ZClip(max_norm=1.0)) != settings(ZClip(max_norm=5.0))
+
+
 def test_agc_scales_low_precision_gradients_in_float32():
     """AGC rounded each unit coefficient to the gradient's dtype before multiplying: in fp16 a coefficient of
     1e-9 became 0 and zeroed a row of 500s (fp16 holds 500e-9 as 4.8e-7), and fp16-subnormal coefficients lost
