@@ -123,16 +123,27 @@ def module_parameters(module: nn.Module) -> list[tuple[str, Tensor]]:
     if fully_shard is None and replicate is None:
         return pairs
     groups: dict[int, Any] = {}
-    for m in module.modules():
-        if fully_shard is not None and isinstance(m, fully_shard.FSDPModule):
-            groups.update((id(pg), pg) for pg in m._get_fsdp_state()._fsdp_param_groups)
-        elif replicate is not None:
-            state = replicate.replicate.state(m)
-            if state is not None and getattr(state, "_no_sync", False):
-                _unsynced(f"a replicated {type(m).__name__}", "set_requires_gradient_sync(False)")
+    root = fully_shard is not None and isinstance(module, fully_shard.FSDPModule)
+    if root:
+        # An FSDP2 root after its lazy init lists every state under it: no walk over the module tree (which took
+        # 0.3 ms a call on a 32-block model).
+        state = module._get_fsdp_state()  # type: ignore[operator]
+        everyone = state._state_ctx.all_states if state._is_root else []
+        for st in everyone:
+            groups.update((id(pg), pg) for pg in st._fsdp_param_groups)
+        root = bool(everyone)
+    if not root:
+        for m in module.modules():
+            if fully_shard is not None and isinstance(m, fully_shard.FSDPModule):
+                groups.update((id(pg), pg) for pg in m._get_fsdp_state()._fsdp_param_groups)
+            elif replicate is not None:
+                state = replicate.replicate.state(m)
+                if state is not None and getattr(state, "_no_sync", False):
+                    _unsynced(f"a replicated {type(m).__name__}", "set_requires_gradient_sync(False)")
     if fully_shard is None:
         return pairs
-    if not isinstance(module, fully_shard.FSDPModule) and pairs:
+    enclosed = not isinstance(module, fully_shard.FSDPModule) and bool(pairs)
+    if enclosed:
         # Not an FSDP2 module itself: the one managing its parameters may enclose it (a submodule clipped alone).
         from torch.distributed._composable_state import _module_state_mapping
 
@@ -143,33 +154,36 @@ def module_parameters(module: nn.Module) -> list[tuple[str, Tensor]]:
         return pairs
     from torch.distributed.fsdp._fully_shard._fsdp_common import DDPMeshInfo
 
-    mine = set(map(id, map(_second, pairs)))
+    mine = set(map(id, map(_second, pairs))) if enclosed else set()
     swap: dict[int, Tensor] = {}
     for pg in groups.values():
         fps = pg.fsdp_params
-        unsharded = [getattr(fp, "_unsharded_param", None) for fp in fps]
-        if not any(id(fp.sharded_param) in mine or id(u) in mine for fp, u in zip(fps, unsharded)):
+        unsharded = [getattr(fp, "_unsharded_param", None) for fp in fps] if enclosed or not pg.is_sharded else []
+        if enclosed and not any(id(fp.sharded_param) in mine or id(u) in mine for fp, u in zip(fps, unsharded)):
             continue  # another model's, or another part of this one
-        what = f"the FSDP2 module {getattr(pg, '_module_fqn', '') or '(root)'!r}"
         if not pg.reduce_grads:
-            _unsynced(what, "set_requires_gradient_sync(False)")
-        if isinstance(pg.mesh_info, DDPMeshInfo) and not pg.all_reduce_grads:
-            _unsynced(what, "set_requires_all_reduce(False)")
-        if getattr(pg, "_partial_reduce_output", None) is not None or any(
-            getattr(fp, "unsharded_accumulated_grad", None) is not None for fp in fps
-        ):
-            _unsynced(what, "gradients accumulated without sync and not reduced since: sync was turned back on "
-                            "after the last backward")
+            _unsynced(pg, "set_requires_gradient_sync(False)")
+        if not pg.all_reduce_grads and isinstance(pg.mesh_info, DDPMeshInfo):
+            _unsynced(pg, "set_requires_all_reduce(False)")
+        if getattr(pg, "_partial_reduce_output", None) is not None or any(map(_accumulated, fps)):
+            _unsynced(pg, "gradients accumulated without sync and not reduced since: sync was turned back on "
+                          "after the last backward")
         if not pg.is_sharded:
             for fp, u in zip(fps, unsharded):
                 if u is not None:
                     if u.grad is not None:
-                        _unsynced(what, "an unsharded parameter holds this rank's own gradient")
+                        _unsynced(pg, "an unsharded parameter holds this rank's own gradient")
                     swap[id(u)] = fp.sharded_param
     return [(n, swap.get(id(q), q)) for n, q in pairs] if swap else pairs
 
 
-def _unsynced(what: str, how: str) -> None:
+def _accumulated(fsdp_param: Any) -> bool:
+    """Whether an FSDP2 parameter holds a gradient accumulated without sync (not reduced yet)."""
+    return getattr(fsdp_param, "unsharded_accumulated_grad", None) is not None
+
+
+def _unsynced(where: object, how: str) -> None:
+    what = where if isinstance(where, str) else f"the FSDP2 module {getattr(where, '_module_fqn', '') or '(root)'!r}"
     raise ValueError(
         f"dist_clip was called on {what} whose gradients are not reduced yet ({how}): each rank would clip by "
         "its own norm. Clip after the last backward of the accumulation, with gradient sync on for that backward"
