@@ -140,7 +140,7 @@ def steps_what_was_measured(grads: Sequence[Tensor], tensors: Sequence[Tensor]) 
     # The usual case (the same tensors, in the same order or not), without a walk over the bytes.
     if len(set(map(id, grads))) != len(grads):
         return False  # one gradient tensor stepped for two parameters: the kernel would divide it twice
-    if len(grads) == len(tensors) and all(map(operator.is_, grads, tensors)):
+    if same_tensors(grads, tensors):
         return True
     if set(map(id, grads)) == set(map(id, tensors)):
         return True
@@ -201,7 +201,7 @@ def _verdict(held: list[Tensor], versions: list[int], grads: list[Tensor]) -> st
     accumulating into them; dropped, with a warning where the step then takes them unclipped). A view's version counter
     is its whole buffer's (DDP's bucket views): a write to another view of it would look like a change, so
     views are checked by identity alone (README's Limits)."""
-    if len(held) == len(grads) and all(map(operator.is_, held, grads)):
+    if same_tensors(held, grads):
         verdict = "same"
     else:
         stepped = set(map(id, grads))

@@ -237,10 +237,9 @@ def _fsdp1_named(root: nn.Module, group: dist.ProcessGroup | None) -> Named:
 
 def _named_plain(items: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup | None) -> Named:
     """Named pieces of plain tensors/parameters (and DTensor gradients) from a list of (name, tensor)."""
-    from .adapters.params import absent_dtensor_grads, gradient_of, refuse_managed, shards_of_grads
+    from .adapters.params import absent_dtensor_grads, each_gradient_once, gradient_of, refuse_managed, shards_of_grads
 
     seen: set[int] = set()
-    seen_grads: set[int] = set()
     grads: list[tuple[str, Tensor]] = []
     params: dict[str, Tensor] = {}
     names: list[str] = []
@@ -254,9 +253,9 @@ def _named_plain(items: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup |
         seen.add(id(t))
         refuse_managed(name, t)
         g = gradient_of(t)
-        if g is not None and id(g) not in seen_grads:  # [p, p.grad]: one gradient, scaled once
-            seen_grads.add(id(g))
+        if g is not None:
             grads.append((name, g))
+    grads = each_gradient_once(grads)  # [p, p.grad]: one gradient, scaled once
     out = shards_of_grads(grads, group)
     if not grads:
         # No gradient here at all: empty stand-ins join the FSDP2 ranks' collective, not counted (a parameter
@@ -324,11 +323,8 @@ def _custom_adapter(target: object) -> object | None:
     :func:`~dist_clip.adapters.resolve` tries them); None where a built-in one comes first, or none does."""
     from . import adapters
 
-    for name in adapters.ADAPTERS:
-        adapter = adapters._load(name)
-        if adapter is not None and adapter.matches(target):
-            return None if name in _BUILT_IN else adapter
-    return None
+    found = adapters.find(target)
+    return found[1] if found is not None and found[0] not in _BUILT_IN else None
 
 
 def _named_by_adapter(adapter: object, target: object, group: dist.ProcessGroup | None) -> Named:

@@ -204,13 +204,13 @@ def _wide_total(
         partial = torch.cat([partial, wide_flag(out, home)])
     # Four more: a fingerprint of the settings every rank must share (norm_type 2 on one rank and 1 or inf on
     # another gave each rank its own wrong total, unnoticed): RuntimeError on every rank on the CPU, NaN elsewhere.
-    settings = f"norm_type={p!r}, error_if_nonfinite={bool(error_if_nonfinite)}"
-    if limit is not None:  # a device tensor is not read (a host sync): compared as given
-        settings += f", max_norm={float(limit)!r}" if not isinstance(limit, Tensor) else ", max_norm=tensor"
     check = group is not None and _reduce.group_size(group) > 1
-    if check:
+    if check:  # (no string to build where nothing is combined: one process, DDP)
         from . import _slots
 
+        settings = f"norm_type={p!r}, error_if_nonfinite={bool(error_if_nonfinite)}"
+        if limit is not None:  # a device tensor is not read (a host sync): compared as given
+            settings += f", max_norm={float(limit)!r}" if not isinstance(limit, Tensor) else ", max_norm=tensor"
         partial = torch.cat([partial, _slots._settings_values(settings, p).to(home, non_blocking=True)])
     combined = _reduce.all_reduce_partials(partial, _norm.combine_op(p), group)
     if check:

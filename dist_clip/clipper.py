@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import numbers
 import sys
@@ -111,7 +112,7 @@ class ClipperConfig:
     def p(self) -> float:
         return _norm.parse_norm_type(self.norm_type)
 
-    @property
+    @functools.cached_property
     def settings(self) -> str:
         """What every rank's clipper must share, checked in the call's one collective: a rank clipping with
         another limit, order or mode scaled its pieces of a parameter by another coefficient, unnoticed."""

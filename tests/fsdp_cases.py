@@ -654,6 +654,15 @@ def fsdp1(strategy: str, use_orig_params: bool, plain_root: bool = False) -> dic
     return {"per_p": result, "padded": padded, "inner_refused": refused}
 
 
+def _refused(call: Callable[[], object], reason: str) -> bool | None:
+    """None when ``call`` measured; else whether its ValueError gives ``reason``."""
+    try:
+        call()
+    except ValueError as e:
+        return reason in str(e)
+    return None
+
+
 def fsdp1_no_sync(strategy: str, use_orig_params: bool) -> dict[str, Any]:
     """Clipping inside FSDP1's ``no_sync()``, where each rank's whole, unreduced gradient sits in place of its
     shard: measured as a shard it gave the ranks' local norms combined (72.36 and 72.27 on 3 ranks, no error),
@@ -670,19 +679,12 @@ def fsdp1_no_sync(strategy: str, use_orig_params: bool) -> dict[str, Any]:
     want = reference_norm([p.grad for p in ref.parameters() if p.grad is not None], 2.0)
     fsdp_model = _fsdp1_wrap(model, strategy, use_orig_params)
 
-    def refused(call: Callable[[], object]) -> bool | None:
-        try:
-            call()
-        except ValueError as e:
-            return "not reduced yet" in str(e)
-        return None
-
     calls = (lambda: dist_clip.get_total_norm(fsdp_model), lambda: GradClipper(mode="per_param")(fsdp_model),
              lambda: GradClipper(mode="unitwise")(fsdp_model))
     with fsdp_model.no_sync():
         loss_fn(fsdp_model, *batch(rank)).backward()
-        inside = [refused(c) for c in calls]
-    after = refused(calls[0])
+        inside = [_refused(c, "not reduced yet") for c in calls]
+    after = _refused(calls[0], "not reduced yet")
     loss_fn(fsdp_model, *batch(ws + rank)).backward()
     average_grads_(list(model.side.parameters()))  # the ignored module: the user's job
     total = dist_clip.clip_grad_norm_(fsdp_model, 1e9).item()
@@ -716,18 +718,11 @@ def fsdp2_accumulation(unsharded: str) -> dict[str, Any]:
     elif unsharded == "root":
         model.set_reshard_after_backward(False, recurse=False)
 
-    def refused(call: Callable[[], object]) -> bool | None:
-        try:
-            call()
-        except ValueError as e:
-            return "gradients are not reduced yet" in str(e)
-        return None
-
     model.set_requires_gradient_sync(False)
     loss_fn(model, *batch(rank)).backward()
     calls = (lambda: dist_clip.get_total_norm(model), lambda: GradClipper(mode="per_param")(model),
              lambda: GradClipper(mode="unitwise")(model))
-    inside = [refused(c) for c in calls]
+    inside = [_refused(c, "gradients are not reduced yet") for c in calls]
     model.set_requires_gradient_sync(True)
     loss_fn(model, *batch(ws + rank)).backward()
     out: dict[str, Any] = {"inside": inside, "want": want}
@@ -760,19 +755,12 @@ def fsdp2_enclosed_and_late_sync() -> list:
     want = reference_norm([ref.grads["head.weight"], ref.grads["head.bias"]], 2.0)
     out: list = [abs(dist_clip.get_total_norm(model.head).item() - want) <= 1e-6 * want]
 
-    def refused(call: Callable[[], object]) -> bool | None:
-        try:
-            call()
-        except ValueError as e:
-            return "not reduced yet" in str(e)
-        return None
-
     model.zero_grad()
     model.set_requires_gradient_sync(False)
     loss_fn(model, *batch(rank)).backward()
-    out.append(refused(lambda: dist_clip.get_total_norm(model.head)))
+    out.append(_refused(lambda: dist_clip.get_total_norm(model.head), "not reduced yet"))
     model.set_requires_gradient_sync(True)  # too late: the backward ran without sync
-    out.append(refused(lambda: dist_clip.get_total_norm(model)))
+    out.append(_refused(lambda: dist_clip.get_total_norm(model), "not reduced yet"))
     return out
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..shards import Shards
 
-__all__ = ["ADAPTERS", "Adapter", "resolve", "unwrap_compiled"]
+__all__ = ["ADAPTERS", "BUILT_IN", "Adapter", "find", "resolve", "unwrap_compiled"]
 
 
 class Adapter(Protocol):
@@ -53,15 +53,23 @@ def unwrap_compiled(target: object) -> object:
     return target
 
 
+def find(target: object) -> tuple[str, Adapter] | None:
+    """The first adapter of ``ADAPTERS`` whose ``matches`` takes ``target``, with its module name; None if none."""
+    for name in ADAPTERS:
+        adapter = _load(name)
+        if adapter is not None and adapter.matches(target):
+            return name, adapter
+    return None
+
+
 def resolve(target: object, group: dist.ProcessGroup | None = None) -> list[Shards]:
     """The Shards of ``target`` on this rank, from the first adapter that recognises it."""
     if target is None:
         raise TypeError("target must be a tensor, an iterable of tensors/parameters, a module or an engine; got None")
     target = unwrap_compiled(target)
-    for name in ADAPTERS:
-        adapter = _load(name)
-        if adapter is not None and adapter.matches(target):
-            return adapter.shards(target, group)
+    found = find(target)
+    if found is not None:
+        return found[1].shards(target, group)
     raise TypeError(
         f"dist_clip does not know how to find gradients in a {type(target).__module__}.{type(target).__name__}; "
         "pass a tensor, an iterable of parameters/tensors, an nn.Module, or a supported wrapper"

@@ -222,7 +222,7 @@ def named_grads(target: object) -> list[tuple[str, Tensor]]:
             grads = [t.grad if is_parameter(t) else t for t in items]
         else:
             return [pair for pair in zip(names, items) if pair[1] is not None]  # type: ignore[misc]
-        return _once([pair for pair in zip(names, grads) if pair[1] is not None])  # type: ignore[misc]
+        return each_gradient_once([pair for pair in zip(names, grads) if pair[1] is not None])  # type: ignore[misc]
     seen: set[int] = set()
     out: list[tuple[str, Tensor]] = []
     for name, t in zip(names, items):
@@ -235,10 +235,10 @@ def named_grads(target: object) -> list[tuple[str, Tensor]]:
         g = gradient_of(t)
         if g is not None:
             out.append((name, g))
-    return _once(out)
+    return each_gradient_once(out)
 
 
-def _once(pairs: list[tuple[str, Tensor]]) -> list[tuple[str, Tensor]]:
+def each_gradient_once(pairs: list[tuple[str, Tensor]]) -> list[tuple[str, Tensor]]:
     """Each gradient once: a parameter listed beside its own ``.grad`` ([p, p.grad]), or two parameters given one
     gradient tensor, counted it twice in the norm while the scaling touched it once (set-based)."""
     if len(set(map(id, map(_second, pairs)))) == len(pairs):  # the common case, checked in C
