@@ -1218,6 +1218,27 @@ def group_over_sliced_meshes() -> dict[str, Any]:
         out["replicate group"] = str(e).split(" holds ranks")[0] + " ... " + str(e).split("outside the group")[1][:30]
     else:
         raise AssertionError("group= missing the shard peers was accepted")
+
+    # FSDP1 the same: HYBRID_SHARD with its replicate group, FULL_SHARD over the world with a half of it; every
+    # mode (each half returned the norm of its own shards: 1.42 and 2.74 for 3.09).
+    halves = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    for strategy, grp in (("HYBRID_SHARD", "replicate"), ("FULL_SHARD", "half")):
+        model = _fsdp1_wrap(new_model(31), strategy, use_orig_params=True)
+        loss_fn(model, *batch(rank)).backward()
+        sub = model._inter_node_pg if grp == "replicate" else halves[rank // 2]
+        for mode in ("total", "per_param", "unitwise"):
+            try:
+                if mode == "total":
+                    dist_clip.get_total_norm(model, group=sub)
+                elif mode == "unitwise":
+                    dist_clip.GradClipper(mode="unitwise")(model, group=sub)
+                else:
+                    dist_clip.GradClipper(max_norm=1.0, mode=mode)(model, group=sub)
+            except ValueError as e:
+                out[f"fsdp1 {strategy} {mode}"] = str(e).split(" holds ranks")[0] + " ... " + str(e).split(
+                    "outside the group")[0][-12:]
+            else:
+                raise AssertionError(f"FSDP1 {strategy} {mode}: group= missing the shard peers was accepted")
     return out
 
 

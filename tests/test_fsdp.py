@@ -272,10 +272,14 @@ def test_replicated_dtensor_on_a_mesh_without_rank_zero(run_ranks, world_size: i
 
 def test_group_over_sliced_meshes(run_ranks) -> None:
     """group= over FSDP2 + TP (copies on the tp slices count once), pipeline stages (summed), and an HSDP
-    replicate group (refused on every rank)."""
+    replicate group (refused on every rank); FSDP1 HYBRID_SHARD's replicate group and half of FULL_SHARD's
+    world the same, in every mode."""
     results = run_ranks(4, cases.group_over_sliced_meshes, timeout_s=120)
     assert all(r == results[0] for r in results), "ranks disagree"
     assert results[0]["replicate group"].startswith("group= ..."), results[0]["replicate group"]
+    for strategy in ("HYBRID_SHARD", "FULL_SHARD"):
+        for mode in ("total", "per_param", "unitwise"):
+            assert results[0][f"fsdp1 {strategy} {mode}"].startswith("group= ..."), results[0]
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
