@@ -495,6 +495,29 @@ __attribute__((target("avx2,f16c"))) static void scale_f16c(const void *x, void 
 
 typedef void (*scale_fn)(const void *, void *, int64_t, float);
 
+typedef struct {
+    int64_t lo, hi; /* byte range [lo, hi) */
+} byte_range;
+
+static int by_start(const void *a, const void *b) {
+    int64_t x = ((const byte_range *)a)->lo, y = ((const byte_range *)b)->lo;
+    return (x > y) - (x < y);
+}
+
+/* Whether any two of the n contiguous tensors share a byte: 1 or 0; -1 when out of memory. */
+static int ranges_overlap(int64_t n, const int64_t *ptrs, const int64_t *numels, int es) {
+    byte_range *r = (byte_range *)malloc((size_t)n * sizeof(byte_range));
+    if (!r) return -1;
+    int64_t m = 0;
+    for (int64_t t = 0; t < n; t++)
+        if (numels[t] > 0) r[m].lo = ptrs[t], r[m].hi = ptrs[t] + numels[t] * es, m++;
+    qsort(r, (size_t)m, sizeof(byte_range), by_start);
+    int hit = 0;
+    for (int64_t t = 1; t < m && !hit; t++) hit = r[t].lo < r[t - 1].hi;
+    free(r);
+    return hit;
+}
+
 /* Write n contiguous tensors of one dtype, multiplied by c, to dsts (dsts == ptrs: in place; or the places of
  * the pieces in one flat buffer: a scaled flatten in one pass). Returns 0; -2 when this build cannot scale the
  * dtype exactly as torch does (fp16 without F16C: the caller keeps torch's own kernel); -1 on bad arguments. */
@@ -514,7 +537,11 @@ int dc_scale_to(int dtype, int64_t n, const int64_t *ptrs, const int64_t *dsts, 
         total += numels[t];
     }
     if (total == 0) return 0;
-    if (total < PARALLEL_MIN || nthreads <= 1) {
+    int overlap = dsts == ptrs && n > 1 && ranges_overlap(n, ptrs, numels, elem_size(dtype));
+    if (overlap < 0) return -1;
+    if (total < PARALLEL_MIN || nthreads <= 1 || overlap) {
+        /* In place on overlapping tensors (views sharing elements): one after the other, as torch's mul_ on each
+         * in turn, so a shared element is scaled once per tensor; in parallel two items raced on it. */
         for (int64_t t = 0; t < n; t++) fn((const char *)(intptr_t)ptrs[t], (char *)(intptr_t)dsts[t], numels[t], c);
         return 0;
     }

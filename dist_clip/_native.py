@@ -188,9 +188,21 @@ def _op(p: float) -> int:
     return {1.0: _OP_P1, 2.0: _OP_P2, 3.0: _OP_P3}.get(p, _OP_POW)
 
 
+#: The tensor types the kernel reads through ``data_ptr()``. A subclass may have no storage of its own (a nested
+#: jagged tensor, a wrapper subclass, a FakeTensor: contiguous, ``data_ptr()`` 0; the kernel read address 0 and
+#: the process died) or mean its elements differently: it takes torch's ops.
+PLAIN = frozenset({Tensor, torch.nn.Parameter})
+
+
+def plain(tensors: Sequence[Tensor]) -> bool:
+    """Whether every tensor is a plain ``Tensor`` or ``Parameter`` (:data:`PLAIN`): no Python loop."""
+    return set(map(type, tensors)) <= PLAIN
+
+
 def supports(t: Tensor) -> bool:
-    """Whether ``t`` can go through the kernel: a contiguous CPU float32/bfloat16/float16 tensor."""
-    return t.device.type == "cpu" and t.dtype in DTYPES and t.is_contiguous() and not t.is_conj()
+    """Whether ``t`` can go through the kernel: a contiguous CPU float32/bfloat16/float16 plain tensor."""
+    return (type(t) in PLAIN and t.device.type == "cpu" and t.dtype in DTYPES and t.is_contiguous()
+            and not t.is_conj())
 
 
 def partials(tensors: Sequence[Tensor], p: float) -> Tensor | None:

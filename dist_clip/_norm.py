@@ -62,6 +62,15 @@ def numpy_scalar(value: object) -> object:
     return value
 
 
+def as_float(name: str, value: numbers.Real) -> float:
+    """``float(value)``, with an integer beyond float's range (``10**400``) a ``ValueError`` naming ``name``
+    instead of Python's ``OverflowError``."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must fit a float64, got an integer of {len(str(int(value)))} digits") from None
+
+
 def parse_norm_type(norm_type: object) -> float:
     """Validate ``norm_type`` the way users write it and return it as a float.
 
@@ -79,8 +88,9 @@ def parse_norm_type(norm_type: object) -> float:
         except ValueError:
             raise ValueError(f"norm_type must be a number >= 0 or 'inf', got the string {norm_type!r}") from None
     elif isinstance(norm_type, numbers.Real):
-        p = float(norm_type)
-    elif isinstance(norm_type, Tensor) and norm_type.numel() == 1 and not norm_type.is_complex():
+        p = as_float("norm_type", norm_type)
+    elif (isinstance(norm_type, Tensor) and norm_type.numel() == 1 and not norm_type.is_complex()
+          and norm_type.dtype != torch.bool):  # tensor(True) is no order, as True is not
         p = float(norm_type.item())
     else:
         raise ValueError(
@@ -233,6 +243,7 @@ def _count_partials(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
 _layout_of = operator.attrgetter("layout")
 _dtype_of = operator.attrgetter("dtype")
 _STRIDED = frozenset((torch.strided,))
+_MEASURED_LAYOUTS = frozenset((torch.strided, torch.sparse_coo))
 # The floating dtypes torch can measure and multiply in place (float8 has neither kernel on the CPU).
 _REAL = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
 
@@ -259,6 +270,8 @@ def _real_inputs(tensors: Sequence[Tensor]) -> Sequence[Tensor]:
         return tensors
     out = []
     for t in tensors:
+        if t.layout not in _MEASURED_LAYOUTS:
+            raise TypeError(f"gradients must be strided or sparse COO tensors, got one of layout {t.layout}")
         if t.is_sparse:  # a sparse COO gradient (nn.Embedding(sparse=True)): its coalesced values, duplicates summed
             t = t.coalesce().values()
         if t.is_complex():
@@ -295,10 +308,13 @@ def _cpu_partials(tensors: Sequence[Tensor], p: float, use_foreach: bool | None)
     if not _native.available():
         return _torch_partials(tensors, p, cpu, _foreach_for(use_foreach, cpu, tensors))
     first = tensors[0].dtype
+    if not _STRIDED.issuperset(map(_layout_of, tensors)):  # sparse ones have no is_contiguous (CSR raises)
+        tensors = _real_inputs(tensors)
     if (
         first in _native.DTYPES
         and all(map(Tensor.is_contiguous, tensors))
         and all(d is first for d in map(_dtype_of, tensors))
+        and _native.plain(tensors)
     ):
         out = _native.partials(tensors, p)  # the common case: one call, no loop over tensors in Python
         assert out is not None

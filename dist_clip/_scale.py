@@ -117,6 +117,7 @@ def scale_(
             and len(group) >= _NATIVE_MIN_TENSORS
             and sum(map(Tensor.numel, group)) <= _NATIVE_MAX_AVG * len(group)
             and all(map(Tensor.is_contiguous, group))
+            and _native.plain(group)
             and _native.available()
             and _native.scale_(group, value)
         ):

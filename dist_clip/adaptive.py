@@ -44,7 +44,7 @@ def _real(name: str, value: object, *, low: float | None = None, high: float | N
           low_open: bool = False, high_open: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    v = float(value)
+    v = _norm.as_float(name, value)
     bad = math.isnan(v)
     if low is not None:
         bad = bad or (v <= low if low_open else v < low)

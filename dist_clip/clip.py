@@ -66,7 +66,7 @@ def _check_max_norm(max_norm: object) -> float | Tensor:
             return max_norm.reshape(())  # validating would be a device sync: trusted as given
         value = float(max_norm)
     else:
-        value = float(max_norm)
+        value = _norm.as_float("max_norm", max_norm)
     if math.isnan(value) or value < 0:
         raise ValueError(f"max_norm must be a number >= 0, got {value}")
     return max_norm.reshape(()) if isinstance(max_norm, Tensor) else value
@@ -327,7 +327,9 @@ def clip_grads_with_norm_(
             f"total_norm must be a real number or a one-value real tensor (get_total_norm's result), got "
             f"{type(total_norm).__name__} {total_norm!r}"
         )
-    if isinstance(total_norm, Tensor):
+    if not isinstance(total_norm, Tensor):
+        total_norm = _norm.as_float("total_norm", total_norm)
+    else:
         if total_norm.numel() != 1:
             raise ValueError(f"total_norm must be a single value, got a tensor of shape {tuple(total_norm.shape)}")
         total_norm = total_norm.reshape(())  # a (1,)-shaped value, as the fused multiply takes only 0-dim ones
@@ -342,7 +344,13 @@ def clip_grads_with_norm_(
         return
     if not isinstance(total_norm, Tensor):
         total_norm = torch.tensor(float(total_norm), dtype=torch.float64, device=tensors[0].device)  # exact
-    _scale.scale_(tensors, _scale.clip_coefficient(limit, total_norm), foreach)
+    coef = _scale.clip_coefficient(limit, total_norm)
+    # A coefficient float32 holds only as a subnormal (a norm near float32's top, a tiny max_norm): in normal
+    # factors, as clip_grad_norm_ applies it (get_total_norm then this call zeroed gradients that
+    # clip_grad_norm_ scaled to 8e-21). On the CPU only, where the test reads nothing from a device.
+    split = _scale.subnormal_split(_scale.clip_coefficient(limit, total_norm.double()), coef.dtype)
+    for factor in split if split is not None else (coef,):
+        _scale.scale_(tensors, factor, foreach)
 
 
 @torch.no_grad()

@@ -88,7 +88,7 @@ class ClipperConfig:
                 )
         elif isinstance(m, bool) or not isinstance(m, numbers.Real):
             raise TypeError(f"max_norm must be a real number, AutoClip or ZClip, got {type(m).__name__} {m!r}")
-        elif math.isnan(float(m)) or float(m) < 0:
+        elif math.isnan(_norm.as_float("max_norm", m)) or float(m) < 0:
             raise ValueError(f"max_norm must be a number >= 0, got {float(m)}")
         _norm.parse_norm_type(self.norm_type)
         if self.mode not in MODES:
@@ -742,9 +742,12 @@ class GradClipper:
             value = pg.get("max_norm", self.config.max_norm)
             if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
                 value = float(value)  # a one-value tensor is a number, as max_norm= takes it
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise ValueError(f"param group {gi} has max_norm {value!r}; expected a number >= 0")
-            limits.append(float(value))
+            value = _norm.as_float(f"param group {gi}'s max_norm", value)
+            if math.isnan(value) or value < 0:
+                raise ValueError(f"param group {gi} has max_norm {value!r}; expected a number >= 0")
+            limits.append(value)
             labels.append(str(pg.get("name", f"param_group{gi}")))
             for q in pg["params"]:
                 where[id(q)] = gi

@@ -466,6 +466,41 @@ def test_float8_gradients_are_a_type_error(dtype):
         dist_clip.clip_grad_norm_([torch.randn(10), torch.ones(4).to(dtype)], 1.0)
 
 
+def test_sparse_csr_gradients_and_out_of_range_numbers_are_refused_clearly():
+    """A CSR gradient raised torch's "Sparse CSR tensors do not have is_contiguous"; an integer beyond float's
+    range as norm_type / max_norm / total_norm an OverflowError; tensor(True) passed as p = 1 (True is refused)."""
+    csr = (torch.eye(3) * 3).to_sparse_csr()
+    with pytest.raises(TypeError, match="strided or sparse COO.*sparse_csr"):
+        dist_clip.get_total_norm([torch.ones(2), csr])
+    g = [torch.ones(3)]
+    with pytest.raises(ValueError, match="norm_type must fit a float64"):
+        dist_clip.get_total_norm(g, norm_type=10**400)
+    with pytest.raises(ValueError, match="max_norm must fit a float64"):
+        dist_clip.clip_grad_norm_(g, 10**400)
+    with pytest.raises(ValueError, match="max_norm must fit a float64"):
+        dist_clip.GradClipper(max_norm=10**400)
+    with pytest.raises(ValueError, match="total_norm must fit a float64"):
+        dist_clip.clip_grads_with_norm_(g, 1.0, 10**400)
+    with pytest.raises(ValueError, match="clipping must fit a float64"):
+        dist_clip.AGC(clipping=10**400)
+    with pytest.raises(ValueError, match="norm_type must be a number"):
+        dist_clip.get_total_norm(g, norm_type=torch.tensor(True))
+    assert dist_clip.get_total_norm(g, norm_type=torch.tensor(1)).item() == 3.0  # an integer tensor is a number
+
+
+def test_tensor_subclasses_without_storage_take_torchs_ops():
+    """A wrapper subclass (no storage, data_ptr() 0, contiguous) went to the native kernel, which read address 0:
+    the process died (SIGSEGV). It takes torch's ops now, as any subclass does."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    g = TwoTensor(torch.full((8,), 2.0), torch.full((8,), 2.0))
+    assert g.data_ptr() == 0 and g.is_contiguous()
+    for p in (1.0, 2.0, math.inf):
+        total = dist_clip.get_total_norm([g, torch.ones(4)], p)
+        want = reference_norm([torch.full((8,), 2.0), torch.ones(4)], p)
+        assert float(total) == pytest.approx(want, rel=1e-6)
+
+
 @pytest.mark.parametrize("p", [0.0, 1.0, 2.0, 3.5, math.inf])
 def test_sparse_gradients_measure_by_coalesced_values_and_scale(p):
     torch.manual_seed(0)

@@ -141,6 +141,25 @@ def test_a_coefficient_float32_holds_only_as_a_subnormal_is_applied_exactly(dtyp
     assert param.grad.double().abs().sum().item() == pytest.approx(1.0, rel=elementwise)
 
 
+@pytest.mark.parametrize("max_norm", [1e-10, 1e-20])
+@pytest.mark.parametrize("total_as", ["tensor", "float"])
+def test_two_steps_apply_a_subnormal_coefficient_as_clip_grad_norm_does(max_norm, total_as):
+    """get_total_norm then clip_grads_with_norm_ (torch's two steps) on a total float32 holds (1.26e30) with a
+    tiny max_norm: the coefficient (8e-41, 8e-51) float32 holds as a subnormal or 0 was applied as such (2.4e-6
+    off, or the gradients zeroed) where clip_grad_norm_ splits it into normal factors."""
+    g = torch.tensor([1e30, -3e29, 7e29])
+    want = reference_norm([g], 2.0)
+    expected = g.double() * (max_norm / (want + 1e-6))
+    total = dist_clip.get_total_norm([g])
+    assert total.dtype == torch.float32 and math.isfinite(total.item())
+    mine, theirs = g.clone(), torch.nn.Parameter(torch.zeros(3))
+    theirs.grad = g.clone()
+    dist_clip.clip_grads_with_norm_([mine], max_norm, total if total_as == "tensor" else float(total))
+    dist_clip.clip_grad_norm_([theirs], max_norm)
+    for got in (mine, theirs.grad):
+        torch.testing.assert_close(got.double(), expected, rtol=2e-7, atol=0)
+
+
 def test_large_fp32_tensor_accuracy_beats_torch():
     torch.manual_seed(0)
     g = torch.randn(1 << 24)

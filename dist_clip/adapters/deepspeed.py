@@ -543,6 +543,7 @@ def _scaled_flatten(tensors: list[Tensor], coef: Tensor) -> Tensor:
         and first.dtype in _native.DTYPES
         and len(set(map(_dtype, tensors))) == 1
         and all(map(Tensor.is_contiguous, tensors))
+        and _native.plain(tensors)
     ):
         out = _native.scaled_flatten(tensors, float(c))
         if out is not None:
