@@ -20,6 +20,11 @@ from .shards import Shards, common_loss_scale
 __all__ = ["clip_grad_norm_", "clip_grads_with_norm_", "get_total_norm", "local_total_partial", "total_from_shards"]
 
 
+# Never traced: under torch.compile the writes a call makes to the optimizer (the fused hand-over, skip flags)
+# and to its own state were dropped (a compiled clip with a fused SGD stepped unclipped; a skipped step ran).
+_eager = torch.compiler.disable
+
+
 def _check_group(group: object) -> dist.ProcessGroup | None:
     if group is None:
         return None
@@ -270,6 +275,7 @@ def _deepspeed_fold(target: object, optimizer: object) -> tuple[Any, object]:
     return None, optimizer
 
 
+@_eager
 @torch.no_grad()
 def get_total_norm(
     tensors: object,
@@ -308,6 +314,7 @@ def get_total_norm(
     return total_from_shards(shards, p, error_if_nonfinite, foreach)
 
 
+@_eager
 @torch.no_grad()
 def clip_grads_with_norm_(
     parameters: object, max_norm: float | Tensor, total_norm: Tensor | float, foreach: bool | None = None
@@ -353,6 +360,7 @@ def clip_grads_with_norm_(
         _scale.scale_(tensors, factor, foreach)
 
 
+@_eager
 @torch.no_grad()
 def clip_grad_norm_(
     parameters: object,

@@ -328,6 +328,7 @@ def _is_torch_zero(optimizer: object) -> bool:
     return cls is not None and isinstance(optimizer, cls) and isinstance(optimizer.optim, torch.optim.Optimizer)
 
 
+@_clip._eager
 def skip_next_step_(optimizer: torch.optim.Optimizer, flag: Tensor) -> None:
     """Make the next ``optimizer.step()`` a no-op where the 0-dim bool ``flag`` is true, without a host sync.
     The flag replaces any pending one (``GradClipper``'s own armings within one step combine instead).
@@ -565,6 +566,7 @@ class GradClipper:
         self._num_nonfinite += (~finite).to(torch.int64)
 
     # ---------------------------------------------------------------------------------------- call
+    @_clip._eager
     @torch.no_grad()
     def __call__(
         self,

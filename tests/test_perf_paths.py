@@ -889,6 +889,35 @@ def test_a_compiled_step_honours_the_skip_flag(how, fused):
     torch.testing.assert_close(w.detach(), torch.full((4,), 0.6), rtol=0, atol=1e-6)  # two steps of 0.2 taken
 
 
+@pytest.mark.parametrize("how", ["clip_grad_norm_", "clipper skip", "skip_next_step_"])
+def test_a_compiled_clip_call_hands_over_to_a_fused_optimizer(how):
+    """The clip call itself under torch.compile: the writes it makes to the optimizer (the handed-over
+    coefficient, the skip flag) were dropped by the trace, so the fused step took the unclipped gradient (x1
+    for x0.0129) or the NaN one. dist_clip's entry points run eagerly inside compiled code now."""
+    torch._dynamo.reset()
+    w = nn.Parameter(torch.ones(4))
+    opt = torch.optim.SGD([w], lr=0.1, fused=True)
+    clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+    calls = {
+        "clip_grad_norm_": lambda: dist_clip.clip_grad_norm_([w], 1.0, optimizer=opt),
+        "clipper skip": lambda: clipper([w], optimizer=opt),
+        "skip_next_step_": lambda: dist_clip.skip_next_step_(opt, ~torch.isfinite(w.grad).all()),
+    }
+    call = torch.compile(calls[how], backend="eager")
+    (w * 10.0).sum().backward()  # gradient 10 each, norm 20: clipped to 1 (0.5 each)
+    call()
+    opt.step()
+    want = 1.0 - 0.1 * (10.0 if how == "skip_next_step_" else 10.0 / (20.0 + 1e-6))
+    torch.testing.assert_close(w.detach(), torch.full((4,), want), rtol=0, atol=1e-6)
+    opt.zero_grad()
+    (w * 10.0).sum().backward()
+    w.grad[0] = float("nan")
+    call()
+    opt.step()
+    # Skipped: found_inf from a handed-over non-finite total, the skip policy's or skip_next_step_'s flag.
+    torch.testing.assert_close(w.detach(), torch.full((4,), want), rtol=0, atol=1e-6)
+
+
 def test_a_hand_over_survives_a_param_group_added_before_the_step():
     """add_param_group between the clip and the step: the hand-over was dropped (the step saw more gradients
     than were measured) and a stepped with its unclipped gradient (-3 instead of -0.5). The measured gradients
