@@ -618,7 +618,7 @@ class GradClipper:
         grouping = None
         if plan is not None:
             groups = (lambda nm: self._groups(nm, optimizer)) if cfg.mode == "per_group" else None  # type: ignore[arg-type]
-            named, grouping = named_under_plan(plan, target, p, groups)
+            named, grouping = named_under_plan(plan, target, p, groups, group)
         elif named_mode:
             named = _slots.named_shards(target, group)
         else:
@@ -828,12 +828,18 @@ def named_under_plan(
     target: object,
     p: float,
     groups: Callable[[_slots.Named], tuple[list[int], list[float], list[str]]] | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> tuple[_slots.Named, tuple[list[int], list[float], list[str]] | None]:
     """This rank's named pieces under ``plan`` and, for per_group, its groups (``groups``), both checked before
     the collective: bad input (a name the plan lacks, a Partial gradient, a bad group limit) that only this
     stage sees is refused together with the other ranks (:func:`_refuse_together`) rather than left to them
     waiting in the collective."""
     try:
+        if group is not None:  # it was ignored: the plan's group was used whatever the call said
+            raise ValueError(
+                "group= does not combine with plan=: the plan reduces over its own group (ParallelPlan(group=...), "
+                "the world without it); drop group= from the call"
+            )
         named = plan.named_shards(target)
         for shard in named.shards:  # the measurement would refuse them on this rank alone, after this check
             _norm.check_dtypes(shard.tensors)

@@ -118,7 +118,22 @@ class ParallelPlan:
                 f"no rule matches {unmatched[:5]}{'...' if len(unmatched) > 5 else ''}; add a Rule for them "
                 "(Rule('*') makes every remaining piece distinct)"
             )
-        if self.group is None and self.mesh.size() != (dist.get_world_size() if dist.is_initialized() else 1):
+        if self.group is not None:
+            if not isinstance(self.group, dist.ProcessGroup):
+                raise TypeError(
+                    f"ParallelPlan.group must be a torch.distributed ProcessGroup holding this rank, got "
+                    f"{type(self.group).__name__} {self.group!r}"
+                )
+            held = sorted(dist.get_process_group_ranks(self.group))
+            spanned = sorted(int(r) for r in self.mesh.mesh.reshape(-1).tolist())
+            if held != spanned:
+                # A rank of the group off the mesh had no coordinate and counted nothing (10.13 for 17.42); a
+                # group missing coordinate 0 of a replicate dim counted no copy (0 for 17.42).
+                raise ValueError(
+                    f"ParallelPlan.group holds ranks {held}, but the mesh spans ranks {spanned}: group= must name "
+                    "exactly the mesh's ranks"
+                )
+        elif self.mesh.size() != (dist.get_world_size() if dist.is_initialized() else 1):
             raise ValueError(
                 f"the mesh spans {self.mesh.size()} ranks, not the world ({dist.get_world_size()}); pass group= "
                 "naming a process group of exactly the mesh's ranks"

@@ -304,6 +304,20 @@ def body_plan_errors() -> list[str]:
             out.append("accepted")
         except (ValueError, TypeError) as e:
             out.append(f"{type(e).__name__}: {e}")
+    # group= not naming exactly the mesh's ranks: a rank off the mesh counted nothing (10.13 for 17.42), a group
+    # without coordinate 0 of a replicate dim no copy (0 for 17.42). And group= beside plan= was ignored.
+    half = dist.new_group([2, 3])
+    for m, g in ((mesh["tp"], dist.group.WORLD), (mesh, half), (mesh, dist.group.WORLD)):
+        try:
+            ParallelPlan(m, names=("a",), group=g)
+            out.append("accepted")
+        except (ValueError, TypeError) as e:
+            out.append(f"{type(e).__name__}: {e}")
+    try:
+        GradClipper()({"a": torch.ones(2)}, plan=plan, group=dist.group.WORLD)
+        out.append("accepted")
+    except ValueError as e:
+        out.append(str(e))
     return out
 
 
@@ -357,6 +371,12 @@ def test_plan_validation_names_expected_and_received(run_ranks):
     assert msgs[5].startswith("ValueError: tied entry ('b', 'z')") and "already tied" in msgs[5], msgs[5]
     assert msgs[6] == "TypeError: ParallelPlan.debug must be True or False, got 'no'", msgs[6]
     assert msgs[7] == "TypeError: ParallelPlan.rules must be a tuple of Rule, got Rule", msgs[7]
+    assert msgs[8].startswith("ValueError: ParallelPlan.group holds ranks [0, 1, 2, 3], but the mesh spans ranks"), msgs
+    assert "group= must name exactly the mesh's ranks" in msgs[8]
+    assert msgs[9].startswith("TypeError: ParallelPlan.group must be") or msgs[9].startswith(
+        "ValueError: ParallelPlan.group holds ranks [2, 3], but the mesh spans ranks [0, 1, 2, 3]"), msgs[9]
+    assert msgs[10] == "accepted", msgs[10]
+    assert msgs[11].startswith("group= does not combine with plan="), msgs[11]
 
 
 def test_tie_on_one_rank_and_a_measurement_that_touches_nothing(run_ranks):
