@@ -90,6 +90,16 @@ class AutoClip:
             _int("AutoClip.window", self.window, 1)
 
 
+def _norms_or_nan(name: str, values: Tensor, nan: bool = True) -> None:
+    """Saved norms must be finite and >= 0 (NaN too where ``nan``: a non-finite norm stored as skipped): a
+    negative one flipped the gradients' signs, an infinite one made them NaN."""
+    bad = ~((torch.isfinite(values) & (values >= 0)) | (torch.isnan(values) if nan else False))
+    if bool(bad.any()):
+        raise ValueError(
+            f"{name} must hold norms (finite, >= 0{', or NaN' if nan else ''}), got {values[bad][:3].tolist()}"
+        )
+
+
 class _AutoClipState:
     """The norm history as a float64 device buffer; non-finite entries are stored as NaN and skipped."""
 
@@ -137,6 +147,7 @@ class _AutoClipState:
         want = min(count, cap) if cap is not None else count
         if not isinstance(hist, Tensor) or hist.dim() != 1 or hist.numel() != want or not hist.is_floating_point():
             raise ValueError(f"AutoClip state 'history' must be a 1-D float tensor of {want} norms, got {hist!r:.80}")
+        _norms_or_nan("AutoClip state 'history'", hist)
         size = cap if cap is not None else max(64, 1 << max(0, (count - 1)).bit_length())
         buf = torch.full((size,), math.nan, dtype=torch.float64)
         buf[:want] = hist.to(torch.float64)
@@ -291,11 +302,26 @@ class _ZClipState:
                 raise ValueError(f"ZClip state {key!r} must be a one-value float tensor, got {value!r:.80}")
             moments.append(value.detach().to(torch.float64).cpu().clone().reshape(()))
         warm = warm.detach().to(torch.float64).cpu().clone()
+        unknown = state.keys() - {"count", "seen", "warmup", "mean", "var"}
+        if unknown:
+            raise ValueError(
+                f"ZClip state has unknown keys {sorted(map(str, unknown))}; expected one from state_dict()"
+            )
         if "seen" in state:
             seen = state["seen"]
-            if not (isinstance(seen, Tensor) and seen.numel() == 1) or not 0 <= float(seen) <= width:
-                raise ValueError(f"ZClip state 'seen' must be a one-value tensor in [0, {width}], got {seen!r:.80}")
+            if (not (isinstance(seen, Tensor) and seen.numel() == 1) or seen.dtype == torch.bool or seen.is_complex()
+                    or not 0 <= float(seen) <= width or float(seen) != int(float(seen))):
+                raise ValueError(
+                    f"ZClip state 'seen' must be a one-value tensor holding an integer in [0, {width}], "
+                    f"got {seen!r:.80}"
+                )
             seen = seen.detach().to(torch.float64).cpu().clone().reshape(())
+            n = int(seen)
+            _norms_or_nan("ZClip state 'warmup'", warm[:n], nan=False)  # the finite warm-up norms collected
+            for key, value in zip(("mean", "var"), moments):
+                # NaN until the warm-up ends (a NaN mean after it left ZClip off for good), never negative or inf
+                # (a negative variance gave NaN thresholds; an inf mean never clipped).
+                _norms_or_nan(f"ZClip state {key!r}", value.reshape(1), nan=n < width)
         else:  # a state saved when warm-up counted calls: its finite warm-up norms, in order
             ok = torch.isfinite(warm[: min(count, width)])
             kept = warm[: min(count, width)][ok]

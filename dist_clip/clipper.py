@@ -532,8 +532,15 @@ class GradClipper:
             raise ValueError(
                 f"this clipper's threshold is {want or 'fixed'} but the state is of {got or 'a fixed one'}"
             )
+        unknown = state.keys() - {"version", "step", "num_clipped", "num_nonfinite", "threshold"}
+        if unknown:
+            raise ValueError(f"GradClipper state has unknown keys {sorted(map(str, unknown))}; expected a dict from "
+                             "GradClipper.state_dict()")
         step = _int("GradClipper state 'step'", state["step"], 0)
         counters = [_counter(f"GradClipper state {key!r}", state[key]) for key in ("num_clipped", "num_nonfinite")]
+        for key, c in zip(("num_clipped", "num_nonfinite"), counters):
+            if int(c) > step:
+                raise ValueError(f"GradClipper state {key!r} is {int(c)}, more than its {step} steps")
         if self._threshold is not None:  # assigns only once its own checks pass
             try:
                 self._threshold.load_state_dict({k: v for k, v in thr.items() if k != "kind"})

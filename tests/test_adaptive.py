@@ -260,16 +260,23 @@ def test_step_and_counters_move_once_per_measured_call():
     ("num_clipped", 2.7, TypeError), ("num_nonfinite", torch.tensor(1.5), ValueError),
     ("mean", torch.zeros(2), ValueError), ("mean", "1.0", ValueError), ("seen", torch.tensor(9.0), ValueError),
     ("kind", None, ValueError),
+    # Taken as they came before: a NaN mean after the warm-up (ZClip off for good), an inf mean, a negative
+    # variance, a fractional or bool 'seen', an inf warm-up norm, a counter above the step, unknown keys.
+    ("mean", torch.tensor(math.nan, dtype=torch.float64), ValueError),
+    ("mean", torch.tensor(math.inf, dtype=torch.float64), ValueError),
+    ("var", torch.tensor(-1.0, dtype=torch.float64), ValueError), ("seen", torch.tensor(2.5), ValueError),
+    ("seen", torch.tensor(True), ValueError), ("warmup", torch.tensor([1.0, math.inf, 1.5]), ValueError),
+    ("num_clipped", 9, ValueError), ("extra", 1, ValueError), ("zzz", 1, ValueError),
 ])
 def test_bad_state_is_refused_and_leaves_the_clipper_as_it_was(key, value, error):
     """A bad state was half loaded (the ZClip count replaced, then a RuntimeError on the mean's shape) or taken
-    as is (a negative step, a float counter cut to an int)."""
+    as is (a negative step, a float counter cut to an int, the values below)."""
     clipper = GradClipper(max_norm=ZClip(warmup_steps=3))
     for g in (1.0, 2.0, 1.5, 1.2):
         clipper([torch.tensor([g])])
     before = clipper.state_dict()
     state = clipper.state_dict()
-    where = state["threshold"] if key in ("mean", "seen", "kind") else state
+    where = state["threshold"] if key in ("mean", "var", "seen", "warmup", "kind", "zzz") else state
     if value is None:
         del where[key]
     else:
@@ -277,6 +284,24 @@ def test_bad_state_is_refused_and_leaves_the_clipper_as_it_was(key, value, error
     with pytest.raises(error):
         clipper.load_state_dict(state)
     assert _same_state(clipper.state_dict(), before)
+
+
+@pytest.mark.parametrize("bad", [-5.0, math.inf, -math.inf])
+def test_autoclip_history_must_hold_norms(bad):
+    """A negative saved norm made the threshold negative and flipped the gradients' signs ([3, 4] became
+    [-3, -4], clipped True); an infinite one made them NaN with finite True. NaN (a skipped norm) loads."""
+    clipper = GradClipper(max_norm=AutoClip(percentile=50))
+    for g in (1.0, 2.0):
+        clipper([torch.tensor([g])])
+    state = clipper.state_dict()
+    state["threshold"]["history"] = torch.tensor([bad, 1.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match="AutoClip state 'history' must hold norms"):
+        clipper.load_state_dict(state)
+    state["threshold"]["history"] = torch.tensor([math.nan, 1.0], dtype=torch.float64)
+    clipper.load_state_dict(state)
+    g = torch.tensor([3.0, 4.0])
+    clipper([g])
+    assert torch.all(g > 0)
 
 
 def test_zclip_state_saved_when_warm_up_counted_calls_still_loads():
