@@ -666,6 +666,10 @@ class GradClipper:
             # groups): a rank with another group max_norm clipped a parameter's pieces by another coefficient.
             assert grouping is not None
             settings += f", group_limits=[{', '.join(repr(float(x)) for x in grouping[1])}]"
+        if self._threshold is not None:
+            # How many norms the adaptive threshold has seen (host-side): a checkpoint loaded on one rank only
+            # gave each rank its own threshold, so one gradient was scaled by a different factor on each.
+            settings += f", threshold_calls={self._threshold.count}"
         _clip.settle_hand_over(target, lambda: [t for s in shards for t in s.tensors])
         m = _slots.measure(shards, pick, n_slots, p, cfg.foreach, presence=named is not None,
                            group=plan.reduction_group if plan is not None else None,

@@ -332,9 +332,9 @@ def test_ddp_groups_unitwise_with_a_wider_group(run_ranks):
 
 def body_settings_disagree() -> list:
     """Ranks calling with different settings (norm_type 2 here and 1 there; max_norm; a GradClipper with another
-    limit, adaptive threshold, group limit, mode or order) each returned their own wrong total, or clipped one
-    parameter's pieces by different coefficients, unnoticed: RuntimeError on every rank. Equal settings still
-    measure."""
+    limit, adaptive threshold or its state's length, group limit, mode or order) each returned their own wrong
+    total, or clipped one parameter's pieces by different coefficients, unnoticed: RuntimeError on every rank.
+    Equal settings still measure."""
     from dist_clip import AGC, AutoClip, GradClipper
 
     rank = dist.get_rank()
@@ -357,7 +357,19 @@ def body_settings_disagree() -> list:
         lambda: GradClipper(max_norm=AutoClip(percentile=10.0 + 80 * rank))(grads, group=dist.group.WORLD),
         lambda: GradClipper(mode="per_group")(ps, group=dist.group.WORLD, optimizer=torch.optim.SGD(
             [{"params": ps, "max_norm": 1.0 + rank}])),
+        lambda: resumed_on_rank_0()(grads, group=dist.group.WORLD),
     ]
+
+    def resumed_on_rank_0() -> GradClipper:
+        # A checkpoint loaded on rank 0 only: each rank's threshold scaled the same gradient by its own factor.
+        clipper = GradClipper(max_norm=AutoClip(percentile=25.0))
+        if rank == 0:
+            saved = GradClipper(max_norm=AutoClip(percentile=25.0))
+            for k in range(5):
+                saved([torch.full((3,), float(k + 1))])
+            clipper.load_state_dict(saved.state_dict())
+        return clipper
+
     for call in calls:
         try:
             call()
@@ -373,7 +385,7 @@ def body_settings_disagree() -> list:
 
 
 def test_ranks_calling_with_different_settings_raise_together(run_ranks):
-    assert run_ranks(2, body_settings_disagree) == [[True] + [True] * 8 + [True]] * 2
+    assert run_ranks(2, body_settings_disagree) == [[True] + [True] * 9 + [True]] * 2
 
 
 def body_many_tensors_one_collective() -> int:
