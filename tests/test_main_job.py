@@ -242,8 +242,11 @@ def test_compare_tolerances():
     assert compare(near, ref, 1e-4, None).passed  # norms reported, not compared
     nan = [dataclasses.replace(ref[0], loss=math.nan), *ref[1:]]
     assert not compare(nan, ref, 1e-4).passed
-    unknown_norm = [dataclasses.replace(r, norm=math.nan) for r in ref]  # a wrapper that does not report it
-    assert compare(unknown_norm, ref, 1e-4, 1e-3).passed
+    unknown_norm = [dataclasses.replace(r, norm=math.nan) for r in ref]  # DeepSpeed's own clipping: unreported
+    assert compare(unknown_norm, ref, 1e-4, 1e-3, norm_unreported=True).passed
+    # Anywhere else a NaN norm is a broken run, not an unreported one (it used to pass every check).
+    assert not compare(unknown_norm, ref, 1e-4, 1e-3).passed
+    assert compare(unknown_norm, ref, 1e-4, 1e-3).first_failed_step == 1
     assert not compare(ref[:2], ref, 1e-4).passed
 
 
