@@ -421,3 +421,58 @@ def test_an_empty_out_dir_is_a_config_error(capsys):
     """``--out ""`` wrote the run into the current folder, where ``data: ""`` was already refused."""
     assert cli.main(["check", "--out", "", "--validate-only"]) == 2
     assert "out_dir: expected the path of a folder, got ''" in capsys.readouterr().err
+
+
+def test_an_empty_config_path_is_a_config_error(capsys):
+    """``--config ""`` ran the built-in config silently (an unset variable in a script: ``--config "$CFG"``)."""
+    assert cli.main(["train", "--config", "", "--validate-only"]) == 2
+    err = capsys.readouterr().err
+    assert err == "config error: --config: expected the path of a YAML file, got ''\n", err
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("env", [{"RANK": "x", "WORLD_SIZE": "2"}, {"PMI_RANK": "x", "PMI_SIZE": "2"}],
+                         ids=["RANK", "PMI_RANK"])
+def test_a_malformed_launcher_variable_is_one_line_exit_2(tmp_path, env):
+    """``RANK=x`` was an uncaught RuntimeError traceback from the rank-0 test of the error path itself."""
+    import os
+
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "PMI_RANK", "PMI_SIZE")}
+    name = next(iter(env))
+    for args in (["train", "--validate-only", "--out", str(tmp_path)], ["train", "--config", "missing.yaml"]):
+        proc = subprocess.run([sys.executable, "-m", "dist_clip", *args], capture_output=True, text=True,
+                              timeout=100, env={**clean, **env}, cwd=ROOT)
+        assert proc.returncode == 2, proc
+        assert proc.stderr == f"config error: environment variable {name}='x' is not an integer\n", proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "dist_clip", "train", "--stepz", "3"], capture_output=True,
+                          text=True, timeout=100, env={**clean, **env}, cwd=ROOT)  # a usage error, printed
+    assert proc.returncode == 2 and "unrecognized arguments: --stepz" in proc.stderr, proc
+    assert "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_machine_errors_are_found_by_validate_only(tmp_path, capsys, monkeypatch):
+    """A missing --data path and backend nccl without CUDA do not depend on the number of ranks: found before
+    any rank starts (torchrun.sh's --validate-only passed them, and every started rank failed alone)."""
+    missing = tmp_path / "nope"
+    assert cli.main(["train", "--data", str(missing), "--out", str(tmp_path), "--validate-only"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"config error: <built-in config> (with command-line overrides): data: no such file or folder: " \
+                  f"{missing}\n", err
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = write_config(tmp_path, "nccl", backend="nccl")
+    assert cli.main(["check", "--config", str(cfg), "--out", str(tmp_path), "--validate-only"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"config error: {cfg} (with command-line overrides): backend: nccl needs CUDA"), err
+    assert err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("abbrev", ["--val", "--no-rep", "--conf"])
+def test_abbreviated_options_are_refused(capsys, abbrev):
+    """argparse took ``train --val`` for the hidden ``--validate-only`` (exit 0, nothing trained)."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", abbrev, "x"] if abbrev == "--conf" else ["train", abbrev])
+    assert e.value.code == 2
+    assert f"unrecognized arguments: {abbrev}" in capsys.readouterr().err
