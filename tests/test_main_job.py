@@ -476,3 +476,50 @@ def test_abbreviated_options_are_refused(capsys, abbrev):
         cli.main(["train", abbrev, "x"] if abbrev == "--conf" else ["train", abbrev])
     assert e.value.code == 2
     assert f"unrecognized arguments: {abbrev}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("steps: 010\n", ("steps", 10)),  # YAML 1.1 read a leading zero as octal: 8
+    ("steps: 0o10\nseed: 0x1f\n", ("steps", 8)), ("seed: 0x1f\n", ("seed", 31)), ("steps: +7\n", ("steps", 7)),
+    ("steps: 1_000\n", "steps: expected an integer, got str '1_000'"),  # YAML 1.1 forms, strings in 1.2
+    ("steps: 1:30\n", "steps: expected an integer, got str '1:30'"),
+    ("steps: 0b11\n", "steps: expected an integer, got str '0b11'"),
+    ("steps: !!int abc\n", "invalid YAML: line 1, column 8: not an integer: 'abc'"),
+    ("steps: 99999999999999999999999\n", "steps: must be at most 2147483647 (2**31 - 1), got 99999999999999999999999"),
+    ("model: {d_model: 4294967296}\n", "model.d_model: must be at most 2147483647"),
+    ("wrapper: hsdp\nmesh: [1, 4294967296]\n", "mesh: entries must be at most 2147483647"),
+], ids=["leading-zero", "octal", "hex", "plus", "underscore", "sexagesimal", "binary", "tagged", "huge-steps",
+        "huge-width", "huge-mesh"])
+def test_yaml_integers_are_yaml_1_2_and_bounded(tmp_path, capsys, text, expected):
+    path = tmp_path / "ints.yaml"
+    path.write_text(text)
+    if isinstance(expected, tuple):
+        assert getattr(load_config(path), expected[0]) == expected[1]
+        return
+    assert cli.main(["train", "--config", str(path), "--validate-only", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"config error: {path}") and expected in err and err.count("\n") == 1, err
+
+
+def test_absurd_steps_from_the_command_line_are_refused(capsys):
+    assert cli.main(["check", "--steps", "99999999999999999999999", "--validate-only"]) == 2
+    assert "steps: must be at most 2147483647" in capsys.readouterr().err
+
+
+def test_yaml_merge_keys_are_read(tmp_path):
+    """``<<: *anchor`` was refused: "could not determine a constructor for the tag 'tag:yaml.org,2002:merge'"."""
+    path = tmp_path / "merge.yaml"
+    path.write_text("model: &m {d_model: 64, n_heads: 2}\nclip: {<<: [{max_norm: 2.0, mode: 'off'}], max_norm: 3.0}\n")
+    cfg = load_config(path)
+    assert (cfg.model.d_model, cfg.model.n_heads, cfg.clip.max_norm, cfg.clip.mode) == (64, 2, 3.0, "off")
+    path.write_text("clip: {<<: {max_norm: 2.0}, mode: 'off', mode: native}\n")  # own keys twice: still refused
+    with pytest.raises(ConfigError, match="key 'mode' given twice"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("name", [" ", " lead", "trail ", "a\nb", "a\\b", "a/b", "a\tb", "..", "x\x7f"])
+def test_odd_run_names_are_refused(capsys, name):
+    """The name is the run folder's: " ", a newline or a backslash made odd folders."""
+    with pytest.raises(ConfigError, match="name: must be a plain non-empty file name"):
+        from_dict({"name": name})
+    assert from_dict({"name": "run 1.b-c_d"}).name == "run 1.b-c_d"
