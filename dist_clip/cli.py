@@ -171,8 +171,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except ConfigError as e:  # found once the world is known (mesh shape, wrapper none on several ranks)
         return _fail(f"config error: {e}", 2)
+    except BaseException as e:
+        _abort_mpi_job(e)
+        raise
     finally:
         bootstrap.shutdown()
+
+
+def _abort_mpi_job(error: BaseException) -> None:
+    """Under mpiexec with mpi4py, end every rank now when this one fails. Otherwise this rank finalizes MPI
+    cleanly and waits there, mpiexec kills no one, and the others wait in their next collective for the full
+    ``DIST_CLIP_TIMEOUT_S`` (30 minutes by default). The exit statuses of a clean return (0, 1, 2) are left
+    alone: those every rank reaches together."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if isinstance(error, SystemExit) or mpi is None or not mpi.Is_initialized() or mpi.Is_finalized():
+        return
+    if mpi.COMM_WORLD.Get_size() < 2:
+        return
+    import traceback
+
+    rank = mpi.COMM_WORLD.Get_rank()  # prefixed as torch prints an uncaught exception of a rank
+    sys.stdout.flush()
+    print("".join(f"[rank{rank}]: {line}\n" for line in traceback.format_exc().splitlines()), end="",
+          file=sys.stderr, flush=True)
+    mpi.COMM_WORLD.Abort(130 if isinstance(error, KeyboardInterrupt) else 1)
 
 
 if __name__ == "__main__":
