@@ -17,7 +17,12 @@ __all__ = ["main"]
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage errors and help from rank 0 only: under a launcher every rank parses the same arguments."""
+    """Usage errors and help from rank 0 only: under a launcher every rank parses the same arguments. No
+    abbreviated options: ``train --val`` was taken for the hidden ``--validate-only``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def _print_message(self, message: str, file: IO[str] | None = None) -> None:
         if _is_main_rank():
@@ -62,9 +67,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _is_main_rank() -> bool:
+    """Rank 0 of the launch, or any rank when the launcher's variables cannot be read (every rank then prints)."""
     from .bootstrap import detect_launch
 
-    return detect_launch().rank == 0
+    try:
+        return detect_launch().rank == 0
+    except RuntimeError:  # RANK=x: main() reports it
+        return True
 
 
 def _fail(message: str, code: int) -> int:
@@ -74,8 +83,10 @@ def _fail(message: str, code: int) -> int:
 
 
 def _load(args: argparse.Namespace) -> tuple[TrainConfig, str]:
+    if args.config is not None and not args.config.strip():  # --config "": the built-in config ran silently
+        raise ConfigError("--config", "", f"expected the path of a YAML file, got {args.config!r}")
     source = args.config or "<built-in config>"
-    cfg = load_config(args.config) if args.config else from_dict({}, source)
+    cfg = load_config(args.config) if args.config is not None else from_dict({}, source)
     steps_or_data = {"steps": args.steps, "data": args.data, "out_dir": args.out}
     if any(v is not None for v in steps_or_data.values()):
         source = f"{source} (with command-line overrides)"
@@ -108,12 +119,37 @@ def _check_out_dir(cfg: TrainConfig, source: str, main_rank: bool = True) -> Non
             raise ConfigError(source, "out_dir", f"holds a folder where the run's {name} goes: {run / name}")
 
 
+def _check_machine(cfg: TrainConfig, source: str) -> None:
+    """What the config needs of this machine, whatever the number of ranks: found by ``--validate-only`` (before
+    torchrun starts the ranks) rather than by every rank once it has started."""
+    from pathlib import Path
+
+    if cfg.data != "stdlib":
+        data = Path(cfg.data).expanduser()
+        if not data.exists():
+            raise ConfigError(source, "data", f"no such file or folder: {cfg.data}")
+        if not (data.is_file() or data.is_dir()):
+            raise ConfigError(source, "data", f"is neither a regular file nor a folder: {cfg.data}")
+    if cfg.backend == "nccl":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(source, "backend", "nccl needs CUDA, and this machine has none; use gloo or auto")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``dist-clip`` and ``python -m dist_clip``; returns the exit status."""
     args = _parser().parse_args(argv)
+    from .bootstrap import detect_launch
+
+    try:
+        main_rank = detect_launch().rank == 0
+    except RuntimeError as e:  # RANK=x, PMI_RANK=x: a traceback from every rank before
+        return _fail(f"config error: {e}", 2)
     try:
         cfg, source = _load(args)
-        _check_out_dir(cfg, source, main_rank=_is_main_rank())
+        _check_machine(cfg, source)
+        _check_out_dir(cfg, source, main_rank=main_rank)
     except ConfigError as e:
         return _fail(f"config error: {e}", 2)
     if args.validate_only:
@@ -135,8 +171,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except ConfigError as e:  # found once the world is known (mesh shape, wrapper none on several ranks)
         return _fail(f"config error: {e}", 2)
+    except BaseException as e:
+        _abort_mpi_job(e)
+        raise
     finally:
         bootstrap.shutdown()
+
+
+def _abort_mpi_job(error: BaseException) -> None:
+    """Under mpiexec with mpi4py, end every rank now when this one fails. Otherwise this rank finalizes MPI
+    cleanly and waits there, mpiexec kills no one, and the others wait in their next collective for the full
+    ``DIST_CLIP_TIMEOUT_S`` (30 minutes by default). The exit statuses of a clean return (0, 1, 2) are left
+    alone: those every rank reaches together."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if isinstance(error, SystemExit) or mpi is None or not mpi.Is_initialized() or mpi.Is_finalized():
+        return
+    if mpi.COMM_WORLD.Get_size() < 2:
+        return
+    import traceback
+
+    rank = mpi.COMM_WORLD.Get_rank()  # prefixed as torch prints an uncaught exception of a rank
+    sys.stdout.flush()
+    print("".join(f"[rank{rank}]: {line}\n" for line in traceback.format_exc().splitlines()), end="",
+          file=sys.stderr, flush=True)
+    mpi.COMM_WORLD.Abort(130 if isinstance(error, KeyboardInterrupt) else 1)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,10 @@ _TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2}
 NORM_TOLERANCE_FACTOR = {"fp32": 10.0, "bf16": None}
 
 
+#: The largest count or size a config may give (seed aside, which takes any signed 64-bit value >= 0).
+_MAX_INT = 2**31 - 1
+
+
 class ConfigError(ValueError):
     """A config file or value is wrong. ``str()`` is the one line the command line prints."""
 
@@ -229,6 +233,15 @@ def _validate(cfg: TrainConfig, source: str) -> TrainConfig:
         if math.isinf(value):
             raise ConfigError(source, name, f"must be finite, got {value}")
 
+    for int_name in ("steps", "batch_size", "model.d_model", "model.n_layers", "model.n_heads", "model.seq_len",
+                     "model.mlp_ratio"):
+        value = cfg
+        for part in int_name.split("."):
+            value = getattr(value, part)
+        if value > _MAX_INT:  # steps: 99999999999999999999999 ran "forever" (and bigger sizes failed in torch)
+            raise ConfigError(source, int_name, f"must be at most {_MAX_INT} (2**31 - 1), got {value}")
+    if cfg.mesh is not None and max(cfg.mesh, default=0) > _MAX_INT:
+        raise ConfigError(source, "mesh", f"entries must be at most {_MAX_INT} (2**31 - 1), got {cfg.mesh}")
     positive("steps", cfg.steps)
     positive("batch_size", cfg.batch_size)
     positive("lr", cfg.lr)
@@ -280,8 +293,12 @@ def _validate(cfg: TrainConfig, source: str) -> TrainConfig:
         raise ConfigError(source, "data", f"expected 'stdlib' or the path of a file or folder, got {cfg.data!r}")
     if not cfg.out_dir.strip() or "\0" in cfg.out_dir:
         raise ConfigError(source, "out_dir", f"expected the path of a folder, got {cfg.out_dir!r}")
-    if not cfg.name or "/" in cfg.name or "\0" in cfg.name or cfg.name in (".", ".."):
-        raise ConfigError(source, "name", f"must be a plain non-empty file name, got {cfg.name!r}")
+    name = cfg.name
+    if (not name or name in (".", "..") or name != name.strip() or any(c in name for c in "/\\")
+            or any(ord(c) < 32 or ord(c) == 127 for c in name)):
+        # " " or a newline or backslash made an odd run folder (or, with a separator, one somewhere else).
+        raise ConfigError(source, "name", f"must be a plain non-empty file name (no / or \\, control characters, "
+                          f"or leading or trailing spaces), got {name!r}")
     return dataclasses.replace(cfg, clip=dataclasses.replace(cfg.clip, norm_type=float(p)))
 
 
@@ -297,15 +314,22 @@ def from_dict(data: Any, source: str = "<config>", name: str | None = None) -> T
 
 
 def _yaml_loader(yaml: Any) -> type:
-    """PyYAML's SafeLoader with YAML 1.2 booleans: only true/false are booleans, so ``clip: {mode: off}`` reads as
-    the string "off" (YAML 1.1 also reads on/off/yes/no/y/n as booleans)."""
+    """PyYAML's SafeLoader with YAML 1.2 booleans and integers: only true/false are booleans, so ``clip: {mode:
+    off}`` reads as the string "off" (YAML 1.1 also reads on/off/yes/no/y/n as booleans); integers are decimal
+    (``010`` is 10, not YAML 1.1's octal 8), ``0o17`` or ``0x1f`` (YAML 1.1's ``1_000``, ``0b11`` and ``1:30``
+    are strings, refused where a number is expected). Merge keys (``<<: *defaults``) work as in PyYAML."""
     import re
+
+    merge_tag = "tag:yaml.org,2002:merge"
 
     class Loader(yaml.SafeLoader):  # type: ignore[misc,name-defined]
         def construct_mapping(self, node: Any, deep: bool = False) -> Any:  # noqa: ANN401
-            # A key given twice (``steps: 3`` ... ``steps: 4``): PyYAML keeps the last one silently.
+            # A key given twice (``steps: 3`` ... ``steps: 4``): PyYAML keeps the last one silently. Keys brought
+            # in by a merge key may be overridden: that is what merge keys are for.
             seen: set[Any] = set()
             for key_node, _ in node.value:
+                if key_node.tag == merge_tag:
+                    continue
                 key = self.construct_object(key_node, deep=True)
                 if isinstance(key, str) and key in seen:
                     raise yaml.constructor.ConstructorError(
@@ -320,6 +344,27 @@ def _yaml_loader(yaml: Any) -> type:
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
     }
     Loader.add_implicit_resolver(bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+    int_tag = "tag:yaml.org,2002:int"
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != int_tag]
+        for first, resolvers in Loader.yaml_implicit_resolvers.items()
+    }
+    Loader.add_implicit_resolver(int_tag, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+                                 list("-+0123456789"))
+
+    def construct_int(loader: Any, node: Any) -> int:  # noqa: ANN401
+        text = loader.construct_scalar(node)
+        try:
+            if text[:2] in ("0o", "0x"):
+                return int(text[2:], 8 if text[1] == "o" else 16)
+            return int(text, 10)
+        except ValueError:  # an explicit !!int on something else
+            raise yaml.constructor.ConstructorError(
+                None, None, f"not an integer: {text!r}", node.start_mark
+            ) from None
+
+    Loader.add_constructor(int_tag, construct_int)
     return Loader
 
 

@@ -213,3 +213,59 @@ def test_a_replay_longer_than_the_collective_timeout_still_gives_the_verdict(tmp
     replay = [line for line in out.splitlines() if line.startswith("replay:")]
     assert replay and float(replay[0].split(" in ")[-1].split(" s")[0]) > 2.0, out[-3000:]  # longer than the timeout
     assert code == 0 and check_line(out).startswith("check: PASS"), out[-6000:]
+
+
+_FAIL_ONE_RANK = '''
+import os
+if os.environ.get("PMI_RANK") == "1":  # rank 1 of mpiexec raises at its second clip; rank 0 goes on into it
+    import dist_clip.train as train
+
+    calls, clip = [0], train._clip
+
+    def failing_clip(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise RuntimeError("injected failure on rank 1")
+        return clip(*args, **kwargs)
+
+    train._clip = failing_clip
+'''
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 30)
+def test_mpirun_ends_every_rank_when_one_fails(tmp_path):
+    """One rank raised: it finalized MPI cleanly (and waited there), mpiexec killed no one, and the other ranks
+    waited in their next collective for the whole DIST_CLIP_TIMEOUT_S (30 minutes by default). The failing rank
+    now aborts the MPI job: every rank ends at once, with a non-zero status."""
+    if not (BIN / "mpiexec").exists() and shutil.which("mpiexec") is None:
+        pytest.skip("no mpiexec: `make install` installs the mpich wheel")
+    pytest.importorskip("mpi4py", reason="mpi4py is not installed (`make install` installs it)")
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(_FAIL_ONE_RANK)
+    cfg = write_config(tmp_path, "fsdp2", wrapper="fsdp2")  # seen waiting out the timeout (ddp errored out sooner)
+    env = job_env(NPROC="2", DIST_CLIP_TIMEOUT_S="600", MPI_FLAVOR="mpich",
+                  PYTHONPATH=os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")])))
+    code, out = finish(start("mpirun.sh", ["check", "--config", str(cfg), "--out", str(tmp_path)], env),
+                       timeout_s=JOB_TIMEOUT_S - 30)  # far less than the collective timeout
+    assert "injected failure on rank 1" in out, out[-6000:]
+    assert code == 1, out[-6000:]
+    assert "check:" not in out, out[-6000:]
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 30)
+def test_mpirun_config_errors_stay_one_line_exit_2(tmp_path):
+    """Found before MPI starts (a bad value) and once the ranks are known (wrapper none on 2 ranks): one line
+    from rank 0 and exit status 2, no MPI abort message."""
+    if not (BIN / "mpiexec").exists() and shutil.which("mpiexec") is None:
+        pytest.skip("no mpiexec: `make install` installs the mpich wheel")
+    pytest.importorskip("mpi4py", reason="mpi4py is not installed (`make install` installs it)")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("clip: {max_norm: -1}\n")
+    solo = write_config(tmp_path, "solo", wrapper="none")
+    for cfg, why in ((bad, "clip.max_norm: must be >= 0"), (solo, "wrapper: none trains one process")):
+        code, out = finish(start("mpirun.sh", ["check", "--config", str(cfg), "--out", str(tmp_path)],
+                                 job_env(NPROC="2", MPI_FLAVOR="mpich")))
+        errors = [line for line in out.splitlines() if "config error" in line]
+        assert code == 2 and len(errors) == 1 and why in errors[0], out[-6000:]
+        assert "Traceback" not in out and "Abort" not in out, out[-6000:]

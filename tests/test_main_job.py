@@ -242,8 +242,11 @@ def test_compare_tolerances():
     assert compare(near, ref, 1e-4, None).passed  # norms reported, not compared
     nan = [dataclasses.replace(ref[0], loss=math.nan), *ref[1:]]
     assert not compare(nan, ref, 1e-4).passed
-    unknown_norm = [dataclasses.replace(r, norm=math.nan) for r in ref]  # a wrapper that does not report it
-    assert compare(unknown_norm, ref, 1e-4, 1e-3).passed
+    unknown_norm = [dataclasses.replace(r, norm=math.nan) for r in ref]  # DeepSpeed's own clipping: unreported
+    assert compare(unknown_norm, ref, 1e-4, 1e-3, norm_unreported=True).passed
+    # Anywhere else a NaN norm is a broken run, not an unreported one (it used to pass every check).
+    assert not compare(unknown_norm, ref, 1e-4, 1e-3).passed
+    assert compare(unknown_norm, ref, 1e-4, 1e-3).first_failed_step == 1
     assert not compare(ref[:2], ref, 1e-4).passed
 
 
@@ -418,3 +421,105 @@ def test_an_empty_out_dir_is_a_config_error(capsys):
     """``--out ""`` wrote the run into the current folder, where ``data: ""`` was already refused."""
     assert cli.main(["check", "--out", "", "--validate-only"]) == 2
     assert "out_dir: expected the path of a folder, got ''" in capsys.readouterr().err
+
+
+def test_an_empty_config_path_is_a_config_error(capsys):
+    """``--config ""`` ran the built-in config silently (an unset variable in a script: ``--config "$CFG"``)."""
+    assert cli.main(["train", "--config", "", "--validate-only"]) == 2
+    err = capsys.readouterr().err
+    assert err == "config error: --config: expected the path of a YAML file, got ''\n", err
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("env", [{"RANK": "x", "WORLD_SIZE": "2"}, {"PMI_RANK": "x", "PMI_SIZE": "2"}],
+                         ids=["RANK", "PMI_RANK"])
+def test_a_malformed_launcher_variable_is_one_line_exit_2(tmp_path, env):
+    """``RANK=x`` was an uncaught RuntimeError traceback from the rank-0 test of the error path itself."""
+    import os
+
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "PMI_RANK", "PMI_SIZE")}
+    name = next(iter(env))
+    for args in (["train", "--validate-only", "--out", str(tmp_path)], ["train", "--config", "missing.yaml"]):
+        proc = subprocess.run([sys.executable, "-m", "dist_clip", *args], capture_output=True, text=True,
+                              timeout=100, env={**clean, **env}, cwd=ROOT)
+        assert proc.returncode == 2, proc
+        assert proc.stderr == f"config error: environment variable {name}='x' is not an integer\n", proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "dist_clip", "train", "--stepz", "3"], capture_output=True,
+                          text=True, timeout=100, env={**clean, **env}, cwd=ROOT)  # a usage error, printed
+    assert proc.returncode == 2 and "unrecognized arguments: --stepz" in proc.stderr, proc
+    assert "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_machine_errors_are_found_by_validate_only(tmp_path, capsys, monkeypatch):
+    """A missing --data path and backend nccl without CUDA do not depend on the number of ranks: found before
+    any rank starts (torchrun.sh's --validate-only passed them, and every started rank failed alone)."""
+    missing = tmp_path / "nope"
+    assert cli.main(["train", "--data", str(missing), "--out", str(tmp_path), "--validate-only"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"config error: <built-in config> (with command-line overrides): data: no such file or folder: " \
+                  f"{missing}\n", err
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = write_config(tmp_path, "nccl", backend="nccl")
+    assert cli.main(["check", "--config", str(cfg), "--out", str(tmp_path), "--validate-only"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"config error: {cfg} (with command-line overrides): backend: nccl needs CUDA"), err
+    assert err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("abbrev", ["--val", "--no-rep", "--conf"])
+def test_abbreviated_options_are_refused(capsys, abbrev):
+    """argparse took ``train --val`` for the hidden ``--validate-only`` (exit 0, nothing trained)."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", abbrev, "x"] if abbrev == "--conf" else ["train", abbrev])
+    assert e.value.code == 2
+    assert f"unrecognized arguments: {abbrev}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("steps: 010\n", ("steps", 10)),  # YAML 1.1 read a leading zero as octal: 8
+    ("steps: 0o10\nseed: 0x1f\n", ("steps", 8)), ("seed: 0x1f\n", ("seed", 31)), ("steps: +7\n", ("steps", 7)),
+    ("steps: 1_000\n", "steps: expected an integer, got str '1_000'"),  # YAML 1.1 forms, strings in 1.2
+    ("steps: 1:30\n", "steps: expected an integer, got str '1:30'"),
+    ("steps: 0b11\n", "steps: expected an integer, got str '0b11'"),
+    ("steps: !!int abc\n", "invalid YAML: line 1, column 8: not an integer: 'abc'"),
+    ("steps: 99999999999999999999999\n", "steps: must be at most 2147483647 (2**31 - 1), got 99999999999999999999999"),
+    ("model: {d_model: 4294967296}\n", "model.d_model: must be at most 2147483647"),
+    ("wrapper: hsdp\nmesh: [1, 4294967296]\n", "mesh: entries must be at most 2147483647"),
+], ids=["leading-zero", "octal", "hex", "plus", "underscore", "sexagesimal", "binary", "tagged", "huge-steps",
+        "huge-width", "huge-mesh"])
+def test_yaml_integers_are_yaml_1_2_and_bounded(tmp_path, capsys, text, expected):
+    path = tmp_path / "ints.yaml"
+    path.write_text(text)
+    if isinstance(expected, tuple):
+        assert getattr(load_config(path), expected[0]) == expected[1]
+        return
+    assert cli.main(["train", "--config", str(path), "--validate-only", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"config error: {path}") and expected in err and err.count("\n") == 1, err
+
+
+def test_absurd_steps_from_the_command_line_are_refused(capsys):
+    assert cli.main(["check", "--steps", "99999999999999999999999", "--validate-only"]) == 2
+    assert "steps: must be at most 2147483647" in capsys.readouterr().err
+
+
+def test_yaml_merge_keys_are_read(tmp_path):
+    """``<<: *anchor`` was refused: "could not determine a constructor for the tag 'tag:yaml.org,2002:merge'"."""
+    path = tmp_path / "merge.yaml"
+    path.write_text("model: &m {d_model: 64, n_heads: 2}\nclip: {<<: [{max_norm: 2.0, mode: 'off'}], max_norm: 3.0}\n")
+    cfg = load_config(path)
+    assert (cfg.model.d_model, cfg.model.n_heads, cfg.clip.max_norm, cfg.clip.mode) == (64, 2, 3.0, "off")
+    path.write_text("clip: {<<: {max_norm: 2.0}, mode: 'off', mode: native}\n")  # own keys twice: still refused
+    with pytest.raises(ConfigError, match="key 'mode' given twice"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("name", [" ", " lead", "trail ", "a\nb", "a\\b", "a/b", "a\tb", "..", "x\x7f"])
+def test_odd_run_names_are_refused(capsys, name):
+    """The name is the run folder's: " ", a newline or a backslash made odd folders."""
+    with pytest.raises(ConfigError, match="name: must be a plain non-empty file name"):
+        from_dict({"name": name})
+    assert from_dict({"name": "run 1.b-c_d"}).name == "run 1.b-c_d"
