@@ -494,3 +494,28 @@ def case_fold_applies_to_one_step(stage: int, offload: bool = False, dtype: str 
     for how, got in zip(ways[1:], results[1:]):
         _params_close(got, results[0], eps, 1e-9, f"stage {stage} {dtype} folded via {how} vs scaled")
     return True
+
+
+def case_unfrozen_after_first_call(stage: int) -> bool:
+    """A parameter frozen when the engine is built is in no ZeRO param group; unfrozen after the first dist_clip
+    call it must be refused as when unfrozen before (the check ran once per optimizer: it was left out of the
+    norm and stayed unclipped, its .grad each rank's own). Frozen again, the calls work again."""
+    deepspeed = _quiet()
+    model = make_model()
+    model[0].bias.requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    with contextlib.redirect_stdout(io.StringIO()):
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage))
+    rank = dist.get_rank()
+    for step, trainable in enumerate((False, True, False)):
+        model[0].bias.requires_grad_(trainable)
+        engine.backward(loss_fn(engine(batch(rank, step, 0))))
+        try:
+            dist_clip.clip_grad_norm_(engine, 1.0)
+        except ValueError as e:
+            assert trainable, f"step {step}: {e}"
+            assert "0.bias require gradients but are in no param group" in str(e), str(e)
+        else:
+            assert not trainable, f"stage {stage}: 0.bias unfrozen after the first call was left out of the norm"
+        engine.step()
+    return True

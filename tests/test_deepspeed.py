@@ -123,6 +123,11 @@ def test_internals_still_exist_and_misuse_is_loud(run_ranks):
     run_ranks(2, ds_cases.case_contract, timeout_s=TIMEOUT)
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_parameter_unfrozen_after_first_call_is_refused(run_ranks, stage):
+    assert run_ranks(2, ds_cases.case_unfrozen_after_first_call, stage, timeout_s=TIMEOUT) == [True, True]
+
+
 def test_version_guard(monkeypatch):
     from dist_clip.adapters import deepspeed as adapter
 

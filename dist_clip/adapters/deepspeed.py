@@ -428,16 +428,40 @@ def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
     return _replicated_shards(engine, opt)
 
 
-# ZeRO optimizers whose engine's trainable parameters are all in their groups (checked once per optimizer).
-_CHECKED_GROUPS: weakref.WeakSet[Any] = weakref.WeakSet()
+#: Parameters and submodules registered on any module since the hooks below went in (first ZeRO 1-3 call).
+_REGISTRATIONS = [0]
+_REGISTRATION_HOOKS: list[Any] = []
+_requires_grad = operator.attrgetter("requires_grad")
+
+
+def _count_registration(*_: Any) -> None:
+    _REGISTRATIONS[0] += 1
+
+
+def _watch_registrations() -> None:
+    if not _REGISTRATION_HOOKS:
+        from torch.nn.modules import module as nn_module
+
+        _REGISTRATION_HOOKS.append(nn_module.register_module_parameter_registration_hook(_count_registration))
+        _REGISTRATION_HOOKS.append(nn_module.register_module_module_registration_hook(_count_registration))
 
 
 def _check_trainable_in_groups(engine: Any, opt: Any, groups: Any) -> None:
     """ValueError for a parameter that requires a gradient but is in no param group of a ZeRO 1-3 optimizer:
     ZeRO neither reduces nor steps it, so its ``.grad`` is each rank's own, and the norm was silently taken
-    without it (9.24 for 9.83; stage 0, which reduces every gradient, counted it) and it stayed unclipped."""
-    if opt in _CHECKED_GROUPS:
+    without it (9.24 for 9.83; stage 0, which reduces every gradient, counted it) and it stayed unclipped.
+
+    Checked again whenever a parameter's ``requires_grad`` changes or a parameter or submodule is registered
+    anywhere (a parameter unfrozen after the first call was left out of the norm and unclipped: the check ran
+    once per optimizer). A passed check is kept on the optimizer with the module's parameters and their
+    ``requires_grad``: a later call re-reads only those flags (a walk of ``engine.module.parameters()`` costs
+    ~2 us per submodule)."""
+    seen = vars(opt).get("_dist_clip_trainable")
+    if seen is not None and seen[0] == _REGISTRATIONS[0] and list(map(_requires_grad, seen[1])) == seen[2]:
         return
+    _watch_registrations()
+    count = _REGISTRATIONS[0]
+    params = list(engine.module.parameters())
     held = {id(p) for group in groups for p in group}
     outside = [n for n, p in engine.module.named_parameters() if p.requires_grad and id(p) not in held]
     if outside:
@@ -448,10 +472,7 @@ def _check_trainable_in_groups(engine: Any, opt: Any, groups: Any) -> None:
             "and the norm of the model cannot include them. Give them to the optimizer passed to "
             "deepspeed.initialize, or set requires_grad=False"
         )
-    try:
-        _CHECKED_GROUPS.add(opt)
-    except TypeError:
-        pass
+    opt._dist_clip_trainable = (count, params, list(map(_requires_grad, params)))
 
 
 class _ZeroSkip:
