@@ -357,6 +357,8 @@ def case_contract() -> dict:
         required = adapter.required_attributes().get(name, ())
         missing = [a for a in required if not hasattr(engine.optimizer, a)]
         assert not missing, f"DeepSpeed's {name} no longer has {missing}: the adapter must be updated"
+        missing = [a for a in adapter.required_attributes()["DeepSpeedEngine"] if not hasattr(engine, a)]
+        assert not missing, f"DeepSpeed's engine no longer has {missing}: the adapter must be updated"
         kinds[f"{stage}/{dtype}/{extra}"] = name
     # torch-style targets (engine.module, its parameters, a submodule): ZeRO holds the
     # gradients in its partitions and .grad is None, so the total silently read 0 and nothing was clipped.
@@ -494,3 +496,79 @@ def case_fold_applies_to_one_step(stage: int, offload: bool = False, dtype: str 
     for how, got in zip(ways[1:], results[1:]):
         _params_close(got, results[0], eps, 1e-9, f"stage {stage} {dtype} folded via {how} vs scaled")
     return True
+
+
+def case_unfrozen_after_first_call(stage: int) -> bool:
+    """A parameter frozen when the engine is built is in no ZeRO param group; unfrozen after the first dist_clip
+    call it must be refused as when unfrozen before (the check ran once per optimizer: it was left out of the
+    norm and stayed unclipped, its .grad each rank's own). Frozen again, the calls work again."""
+    deepspeed = _quiet()
+    model = make_model()
+    model[0].bias.requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    with contextlib.redirect_stdout(io.StringIO()):
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage))
+    rank = dist.get_rank()
+    for step, trainable in enumerate((False, True, False)):
+        model[0].bias.requires_grad_(trainable)
+        engine.backward(loss_fn(engine(batch(rank, step, 0))))
+        try:
+            dist_clip.clip_grad_norm_(engine, 1.0)
+        except ValueError as e:
+            assert trainable, f"step {step}: {e}"
+            assert "0.bias require gradients but are in no param group" in str(e), str(e)
+        else:
+            assert not trainable, f"stage {stage}: 0.bias unfrozen after the first call was left out of the norm"
+        engine.step()
+    return True
+
+
+def _refused(engine: Any, what: str) -> None:
+    try:
+        dist_clip.clip_grad_norm_(engine, 1e-3)
+    except RuntimeError as e:
+        assert "holds no reduced gradients" in str(e), f"{what}: {e}"
+    else:
+        raise AssertionError(f"{what}: accepted")
+
+
+def case_call_before_boundary_backward(stage: int, dtype: str = "fp32", offload: bool = False) -> dict:
+    """With accumulation, ``is_gradient_accumulation_boundary()`` is already True after the previous micro step's
+    ``step()``, before the boundary micro step's backward: a call there read the partial sum (ZeRO-3: 3.03 for
+    6.07) or, at stage 0, each rank's own unreduced gradients (no collective: ranks clipped by different
+    coefficients). Refused on every rank, before and after that micro step's forward, as after ``step()``
+    without accumulation; the norm at the real boundary then matches the unsharded run (nothing was scaled).
+    Stage 0 (a plain torch optimizer, or the bf16/fp16 wrappers) has no flag of DeepSpeed's to read: it is
+    checked from the second call on an engine (the first installs the backward counter), except after step(),
+    where no gradient is left."""
+    rank = dist.get_rank()
+    low = dtype != "fp32"
+    engine = make_engine(ds_config(stage, dtype=dtype, gas=2, offload=offload))
+    ref = Reference()
+    norms = []
+    for step in range(2):
+        batches = micro_batches(engine, step)
+        want = ref.step(batches, max_norm=0.3, p=2.0)
+        for micro, per_rank in enumerate(batches):
+            first_call = step == 0 and micro == 1
+            if micro == 1 and not (first_call and stage == 0):
+                assert engine.is_gradient_accumulation_boundary()
+                _refused(engine, f"step {step}: before the boundary's forward")
+            out = engine(per_rank[rank].to(_engine_dtype(engine)))
+            if micro == 1 and not (first_call and stage == 0):
+                _refused(engine, f"step {step}: between the boundary's forward and backward")
+            engine.backward(loss_fn(out))
+            if micro == 1:
+                got = float(dist_clip.clip_grad_norm_(engine, 0.3))
+                _close(got, want, 2e-2 if low else 2e-6, f"stage {stage} step {step} norm")
+                norms.append(got)
+            engine.step()
+    # Without accumulation, after step(): stages 1-3 hold no partitions any more, stage 0 no .grad (it read 0.0).
+    for calls_before in (1, 0):
+        engine = make_engine(ds_config(stage, dtype=dtype, offload=offload))
+        engine.backward(loss_fn(engine(batch(rank, 0, 0).to(_engine_dtype(engine)))))
+        for _ in range(calls_before):
+            dist_clip.clip_grad_norm_(engine, 0.3)
+        engine.step()
+        _refused(engine, f"after step() ({calls_before} call before)")
+    return {"norms": norms}

@@ -123,6 +123,17 @@ def test_internals_still_exist_and_misuse_is_loud(run_ranks):
     run_ranks(2, ds_cases.case_contract, timeout_s=TIMEOUT)
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_parameter_unfrozen_after_first_call_is_refused(run_ranks, stage):
+    assert run_ranks(2, ds_cases.case_unfrozen_after_first_call, stage, timeout_s=TIMEOUT) == [True, True]
+
+
+@pytest.mark.parametrize("stage,dtype,offload", [(0, "fp32", False), (1, "fp32", False), (2, "fp32", False),
+                                                 (3, "fp32", False), (0, "bf16", False), (3, "fp32", True)])
+def test_call_before_the_boundary_backward_is_refused(run_ranks, stage, dtype, offload):
+    run_ranks(2, ds_cases.case_call_before_boundary_backward, stage, dtype=dtype, offload=offload, timeout_s=TIMEOUT)
+
+
 def test_version_guard(monkeypatch):
     from dist_clip.adapters import deepspeed as adapter
 

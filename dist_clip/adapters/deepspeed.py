@@ -120,10 +120,14 @@ def check_version(version: str | None = None) -> None:
 #: What the adapter reads, by optimizer class name; a test asserts that every name still exists.
 _ZERO12 = ("averaged_gradients", "cpu_offload", "single_partition_of_fp32_groups", "real_dp_process_group",
            "bit16_groups", "loss_scaler", "round_robin_bit16_groups", "round_robin_bit16_offsets",
-           "round_robin_bit16_meta", "partition_size", "params_in_partition", "first_offset")
+           "round_robin_bit16_meta", "partition_size", "params_in_partition", "first_offset",
+           "is_gradient_accumulation_boundary")
 _ZERO3 = ("averaged_gradients", "offload_optimizer", "fp32_partitioned_groups_flat", "fp16_groups",
-          "dp_process_group", "loss_scaler", "_swappable_optimizer_subgroup", "grad_position", "get_param_id")
-_BF16 = ("fp32_groups_gradients", "fp32_groups_has_gradients", "bf16_groups")
+          "dp_process_group", "loss_scaler", "_swappable_optimizer_subgroup", "grad_position", "get_param_id",
+          "is_gradient_accumulation_boundary", "_epilogue_ran_this_backward")
+#: What the adapter reads on the engine itself (see :class:`_BackwardMark`).
+_ENGINE = ("micro_steps", "_backward_epilogue")
+_BF16 = ("fp32_groups_gradients", "fp32_groups_has_gradients", "bf16_groups", "is_gradient_accumulation_boundary")
 _FP16_UNFUSED = ("fp16_groups",)
 #: What ``on_nonfinite="skip"`` drives on ZeRO 1-3 (see :func:`skip_handle`).
 _SKIP_ZERO = ("overflow", "_update_scale")
@@ -139,6 +143,7 @@ def required_attributes() -> dict[str, tuple[str, ...]]:
         "BF16_Optimizer": _BF16,
         "FP16_UnfusedOptimizer": _FP16_UNFUSED,
         "FP16_Optimizer": _FP16_UNFUSED,
+        "DeepSpeedEngine": _ENGINE,
     }
 
 
@@ -169,12 +174,16 @@ def _check_attributes(opt: object, names: tuple[str, ...]) -> None:
         )
 
 
+def _no_reduced_gradients(what: str) -> RuntimeError:
+    return RuntimeError(
+        f"the engine holds no reduced gradients ({what}): call dist_clip after engine.backward() and before "
+        "engine.step(), on a gradient accumulation boundary"
+    )
+
+
 def _real_pieces(pieces: list[Tensor] | None, what: str) -> list[Tensor]:
     if pieces is None:
-        raise RuntimeError(
-            f"the engine holds no reduced gradients ({what} is empty): call dist_clip after engine.backward() "
-            "and before engine.step(), on a gradient accumulation boundary"
-        )
+        raise _no_reduced_gradients(f"{what} is empty")
     return [t for t in pieces if not getattr(t, "_zero_padding", False)]
 
 
@@ -252,6 +261,7 @@ def _zero12_layout(engine: Any, opt: Any) -> list[tuple[int, list[_Slice]]]:
 def _zero12_shards(engine: Any, opt: Any, group: dist.ProcessGroup | None, scale: float) -> list[Shards]:
     """One Shards per param group: this rank's slice of every parameter in its partition, named."""
     _check_attributes(opt, _ZERO12)
+    _check_last_backward_on_boundary(opt)
     _check_trainable_in_groups(engine, opt, opt.bit16_groups)
     layout = _zero12_layout(engine, opt)
     out: list[Shards] = []
@@ -290,6 +300,9 @@ def _zero3_name(names: dict[int, str], p: Any) -> str:
 
 def _zero3_shards(engine: Any, opt: Any, group: dist.ProcessGroup | None, scale: float) -> list[Shards]:
     _check_attributes(opt, _ZERO3)
+    _check_last_backward_on_boundary(opt)
+    if not opt._epilogue_ran_this_backward:  # reset by forward() and step(), set by each backward's epilogue
+        raise _no_reduced_gradients("no engine.backward() since the last forward or step()")
     _check_trainable_in_groups(engine, opt, opt.fp16_groups)
     names_by_id = _names_by_id(engine)
     out: list[Shards] = []
@@ -323,6 +336,49 @@ def _zero3_shards(engine: Any, opt: Any, group: dist.ProcessGroup | None, scale:
                 names.append(_zero3_name(names_by_id, p))
         out.append(Shards(pieces, group=pg, loss_scale=scale, names=names))
     return out
+
+
+class _BackwardMark:
+    """Stands in for ``engine._backward_epilogue`` (an instance attribute shadowing the method), which DeepSpeed
+    0.19 runs at the end of every backward (``engine.backward()`` and the torch-style backward hook), after the
+    boundary's reduction: it records ``engine.micro_steps`` (the count of ``engine.step()`` calls) then. A call at
+    another count comes before its micro step's backward (the boundary micro step, whose gradients hold the
+    partial sum of the earlier ones: ZeRO-3's partitions, or at stage 0 each rank's own unreduced gradients) or
+    after its ``step()``. Installed by the first call on an engine, which it takes as valid: that one is checked
+    by the optimizer's own flags (ZeRO 1-3, ``BF16_Optimizer``) only."""
+
+    def __init__(self, engine: Any) -> None:
+        self.method = engine._backward_epilogue  # the bound class method
+        self.micro_step = engine.micro_steps
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.method(*args, **kwargs)
+        self.micro_step = self.method.__self__.micro_steps
+        return out
+
+
+def _check_backward_ran(engine: Any) -> None:
+    """RuntimeError, on every rank alike, unless an ``engine.backward()`` ran since the last ``engine.step()``
+    (see :class:`_BackwardMark`); ZeRO optimizers also check their own flags (:func:`_zero12_shards`,
+    :func:`_zero3_shards`, :func:`_replicated_shards`)."""
+    _check_attributes(engine, _ENGINE)
+    mark = vars(engine).get("_backward_epilogue")
+    if not isinstance(mark, _BackwardMark):
+        engine._backward_epilogue = _BackwardMark(engine)
+    elif mark.micro_step != engine.micro_steps:
+        raise _no_reduced_gradients("no engine.backward() since the last engine.step()")
+    opt = engine.optimizer
+    if type(opt).__name__ == "BF16_Optimizer":  # stage 0: the engine mirrors its boundary flag into it too
+        _check_attributes(opt, _BF16)
+        _check_last_backward_on_boundary(opt)
+
+
+def _check_last_backward_on_boundary(opt: Any) -> None:
+    """ZeRO optimizers mirror the engine's accumulation boundary when each backward starts (and, at stage 0,
+    when it reduces): False here means the last backward was not the boundary's, i.e. the call came after an
+    earlier micro step's ``step()`` and before the boundary micro step's backward."""
+    if not opt.is_gradient_accumulation_boundary():
+        raise _no_reduced_gradients("the last engine.backward() was before the accumulation boundary")
 
 
 def _real_numel(param: Any, rank: int) -> int:
@@ -383,6 +439,9 @@ def _replicated_shards(engine: Any, opt: Any) -> list[Shards]:
         ]
     else:
         named = [(n, p.grad) for n, p in engine.module.named_parameters() if p.grad is not None]
+    if not named and any(p.requires_grad for p in engine.module.parameters()):
+        # engine.step() sets every .grad to None; the boundary's reduction gives every trainable parameter one.
+        raise _no_reduced_gradients("no parameter has a gradient")
     return [Shards([g for _, g in named], group=None, names=[n for n, _ in named])]
 
 
@@ -402,6 +461,7 @@ def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
             "are not reduced yet. Clip only where engine.is_gradient_accumulation_boundary() is True (after the "
             "last engine.backward() of the accumulation window, before engine.step())"
         )
+    _check_backward_ran(engine)
     if engine.gradient_clipping() > 0:
         warnings.warn(
             f"DeepSpeed's gradient_clipping is {engine.gradient_clipping()}, so engine.step() clips the gradients "
@@ -428,16 +488,40 @@ def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
     return _replicated_shards(engine, opt)
 
 
-# ZeRO optimizers whose engine's trainable parameters are all in their groups (checked once per optimizer).
-_CHECKED_GROUPS: weakref.WeakSet[Any] = weakref.WeakSet()
+#: Parameters and submodules registered on any module since the hooks below went in (first ZeRO 1-3 call).
+_REGISTRATIONS = [0]
+_REGISTRATION_HOOKS: list[Any] = []
+_requires_grad = operator.attrgetter("requires_grad")
+
+
+def _count_registration(*_: Any) -> None:
+    _REGISTRATIONS[0] += 1
+
+
+def _watch_registrations() -> None:
+    if not _REGISTRATION_HOOKS:
+        from torch.nn.modules import module as nn_module
+
+        _REGISTRATION_HOOKS.append(nn_module.register_module_parameter_registration_hook(_count_registration))
+        _REGISTRATION_HOOKS.append(nn_module.register_module_module_registration_hook(_count_registration))
 
 
 def _check_trainable_in_groups(engine: Any, opt: Any, groups: Any) -> None:
     """ValueError for a parameter that requires a gradient but is in no param group of a ZeRO 1-3 optimizer:
     ZeRO neither reduces nor steps it, so its ``.grad`` is each rank's own, and the norm was silently taken
-    without it (9.24 for 9.83; stage 0, which reduces every gradient, counted it) and it stayed unclipped."""
-    if opt in _CHECKED_GROUPS:
+    without it (9.24 for 9.83; stage 0, which reduces every gradient, counted it) and it stayed unclipped.
+
+    Checked again whenever a parameter's ``requires_grad`` changes or a parameter or submodule is registered
+    anywhere (a parameter unfrozen after the first call was left out of the norm and unclipped: the check ran
+    once per optimizer). A passed check is kept on the optimizer with the module's parameters and their
+    ``requires_grad``: a later call re-reads only those flags (a walk of ``engine.module.parameters()`` costs
+    ~2 us per submodule)."""
+    seen = vars(opt).get("_dist_clip_trainable")
+    if seen is not None and seen[0] == _REGISTRATIONS[0] and list(map(_requires_grad, seen[1])) == seen[2]:
         return
+    _watch_registrations()
+    count = _REGISTRATIONS[0]
+    params = list(engine.module.parameters())
     held = {id(p) for group in groups for p in group}
     outside = [n for n, p in engine.module.named_parameters() if p.requires_grad and id(p) not in held]
     if outside:
@@ -448,10 +532,7 @@ def _check_trainable_in_groups(engine: Any, opt: Any, groups: Any) -> None:
             "and the norm of the model cannot include them. Give them to the optimizer passed to "
             "deepspeed.initialize, or set requires_grad=False"
         )
-    try:
-        _CHECKED_GROUPS.add(opt)
-    except TypeError:
-        pass
+    opt._dist_clip_trainable = (count, params, list(map(_requires_grad, params)))
 
 
 class _ZeroSkip:
