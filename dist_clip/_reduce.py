@@ -42,6 +42,22 @@ def _world() -> dist.ProcessGroup:
     return world
 
 
+def check_covers(group: dist.ProcessGroup | None, peers: dist.ProcessGroup, what: str) -> None:
+    """ValueError unless ``group=`` (None: the wrapper's own) holds every rank of ``peers``, the ranks among
+    which ``what`` (a wrapper's shards or partitions) are spread: a peer outside it holds pieces no rank of the
+    group adds, so each group would return the norm of its own pieces and clip by it."""
+    if group is None or group is peers:
+        return
+    held = set(dist.get_process_group_ranks(group))
+    spread = set(dist.get_process_group_ranks(peers))
+    if not spread <= held:
+        raise ValueError(
+            f"group= holds ranks {sorted(held)}, but {what} over ranks {sorted(spread)}: ranks "
+            f"{sorted(spread - held)} hold pieces outside the group, so the norm cannot be formed; pass a group "
+            "holding them (the wrapper's own group, the world) or no group="
+        )
+
+
 def reduction_group(groups: Iterable[dist.ProcessGroup | None]) -> dist.ProcessGroup | None:
     """The one group a call reduces over: the common group of its pieces, or the world when they differ.
 

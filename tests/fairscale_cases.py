@@ -207,11 +207,46 @@ def case_no_sync(kind: str) -> list:
                     out.append("measured")
                 except ValueError as e:
                     out.append("no_sync()" in str(e))
+        # Out of no_sync() with no synchronising backward yet: the gradients are still each rank's own (FSDP
+        # measured them as shards, 41.11 for 28.45; ShardedDDP as reduced, 30.01).
+        for call in (lambda: dist_clip.get_total_norm(target),
+                     lambda: dist_clip.GradClipper(max_norm=0.3, mode="per_param")(target)):
+            try:
+                call()
+                out.append("measured")
+            except ValueError as e:
+                out.append("no_sync()" in str(e))
         (loss_fn(model(batch(rank, 0, 1))) / 2).backward()
         got = float(dist_clip.clip_grad_norm_(target, 0.3))
         opt.step()
         _close(got, want, 2e-6, f"{kind} boundary norm")
         _params_close(full_params(kind, model), ref.params(), 1e-5, 1e-6, f"{kind} params")
+    return out
+
+
+def case_refused_targets(kind: str) -> list:
+    """4 ranks. group= holding half of the wrapper's ranks: each half returned the norm of its own shards or
+    owned parameters (FSDP 14.35 and 20.81, OSS 24.18 and 7.36 for 25.28) and clipped by it. A fairscale FSDP
+    reached through its parameters() or a plain module holding it: each rank measured its shards as whole
+    tensors (17.08 and 22.75 for 28.45). ValueError on every rank, in every mode."""
+    shim = cpu_stream_shim() if kind.startswith("fsdp") else contextlib.nullcontext()
+    rank = dist.get_rank()
+    halves = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    out = []
+    with shim:
+        model, _, target = build(kind)
+        loss_fn(model(batch(rank, 0, 0))).backward()
+        calls = [lambda: dist_clip.get_total_norm(target, group=halves[rank // 2]),
+                 lambda: dist_clip.GradClipper(max_norm=1.0, mode="per_param")(target, group=halves[rank // 2])]
+        if kind.startswith("fsdp"):
+            calls += [lambda: dist_clip.get_total_norm(model.parameters()),
+                      lambda: dist_clip.clip_grad_norm_(torch.nn.Sequential(model), 1.0)]
+        for call in calls:
+            try:
+                call()
+                out.append("measured")
+            except ValueError as e:
+                out.append("outside the group" in str(e) or "sharded by fairscale" in str(e))
     return out
 
 

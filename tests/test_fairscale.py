@@ -52,7 +52,13 @@ def test_fsdp_matches_fairscales_own_clipping(run_ranks, kind, kwargs):
 
 @pytest.mark.parametrize("kind", ["oss_sdp", "fsdp"])
 def test_inside_no_sync_is_refused_and_the_boundary_is_exact(run_ranks, kind):
-    assert run_ranks(2, fairscale_cases.case_no_sync, kind, timeout_s=TIMEOUT) == [[True, True]] * 2
+    assert run_ranks(2, fairscale_cases.case_no_sync, kind, timeout_s=TIMEOUT) == [[True] * 4] * 2
+
+
+@pytest.mark.parametrize("kind", ["oss_ddp", "fsdp"])
+def test_a_group_short_of_the_wrappers_ranks_or_a_non_root_target_is_refused(run_ranks, kind):
+    out = run_ranks(4, fairscale_cases.case_refused_targets, kind, timeout_s=TIMEOUT)
+    assert out == [[True] * (4 if kind == "fsdp" else 2)] * 4, out
 
 
 def test_adapter_requires_fairscale_by_name(monkeypatch):

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .._reduce import check_covers
 from ..shards import Shards, UnitLayout, UnitPiece, partition_cuts
 
 __all__ = ["matches", "named", "shards", "skip_optimizers", "unit_layout"]
@@ -60,12 +61,38 @@ def matches(target: object) -> bool:
     return _is(target, _OSS) or _is(target, _SDP) or _is(target, _FSDP)
 
 
+def _oss_group(opt: Any, group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+    """Where an OSS's owned gradients combine: ``group=`` when it holds every rank of the OSS's group (a pair
+    group of a 4-rank OSS returned each pair's own norm, 24.18 and 7.36 for 25.28), else ValueError."""
+    check_covers(group, opt.group, "OSS partitions the parameters")
+    return group if group is not None else opt.group
+
+
+def _fsdp_group(module: Any, group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+    """The same for a sharded fairscale FSDP parameter (14.35 and 20.81 for 25.28 before)."""
+    check_covers(group, module.process_group, "fairscale FSDP shards gradients")
+    return group if group is not None else module.process_group
+
+
+def _shard_grad(p: Any, what: object) -> Tensor:
+    """The flat gradient of a sharded fairscale FSDP parameter, checked to be its reduced shard: after a backward
+    inside ``no_sync()`` and none outside it, ``.grad`` is this rank's unreduced full gradient (172 elements for
+    a shard of 86), which was measured as a shard (41.11 for 28.45)."""
+    g = p.grad.reshape(-1)
+    local = getattr(p, "_fp32_shard", p.data)
+    if g.numel() != local.numel():
+        raise ValueError(f"the fairscale FSDP parameter of {what} has a gradient of {g.numel()} elements "
+                         f"and a shard of {local.numel()}: its gradient is not reduced and sharded yet "
+                         "(inside no_sync()?); clip after the backward() that synchronises")
+    return g
+
+
 def _oss_shards(optimizers: list[Any], group: dist.ProcessGroup | None) -> list[Shards]:
     out: list[Shards] = []
     for opt in optimizers:
         mine = opt.partition_parameters()[opt.rank]  # this rank's param groups, cached by OSS
         owned = [p.grad for g in mine for p in g["params"] if p.grad is not None]
-        out.append(Shards(owned, group=group if group is not None else opt.group))
+        out.append(Shards(owned, group=_oss_group(opt, group)))
     return out
 
 
@@ -83,10 +110,10 @@ def _fsdp_shards(root: Any, group: dist.ProcessGroup | None) -> list[Shards]:
             if not getattr(p, "_is_sharded", False):
                 replicated.append(p.grad)
                 continue
-            g = p.grad.reshape(-1)
+            g = _shard_grad(p, names.get(id(p), "flat_param"))
             if pad:
                 g = g.narrow(0, 0, g.numel() - int(pad))  # fairscale pads the last shards with zeros
-            pg = group if group is not None else module.process_group
+            pg = _fsdp_group(module, group)
             entry = sharded.setdefault(id(pg), (pg, [], []))
             entry[1].append(names.get(id(p), "flat_param"))
             entry[2].append(g)
@@ -103,15 +130,22 @@ def _check_synced(target: object) -> None:
     the flags fairscale 0.4.13's ``no_sync()`` sets."""
     if _is(target, _SDP):
         inside = bool(getattr(target, "_should_accumulate_grads", False))
+        # After a backward inside no_sync() and none outside it: fairscale keeps, per trainable parameter, whether
+        # its gradient still waits for the reduce (set at forward, cleared by the reduce hook); one holding a
+        # gradient that waits is this rank's own, unreduced (30.01 measured for 28.45).
+        waiting = getattr(target, "_grad_to_be_reduced", ())
+        trainable = getattr(target, "_trainable_params", ())
+        if not inside and len(waiting) == len(trainable):
+            inside = any(w and q.grad is not None for w, q in zip(waiting, trainable))
     elif _is(target, _FSDP):
         inside = any(getattr(m, "_require_backward_grad_sync", True) is False for m in target.modules())  # type: ignore[attr-defined]
     else:
         return
     if inside:
         raise ValueError(
-            f"dist_clip was called inside fairscale {type(target).__name__}.no_sync(): the gradients are not "
-            "reduced yet (each rank would clip by its own norm). Clip after the last backward of the "
-            "accumulation, outside no_sync()"
+            f"dist_clip was called inside fairscale {type(target).__name__}.no_sync(), or after a backward inside "
+            "it and none outside: the gradients are not reduced yet (each rank would clip by its own norm). Clip "
+            "after the last backward of the accumulation, outside no_sync()"
         )
 
 
@@ -176,8 +210,7 @@ def _oss_named(
                 params[n] = p
         mine = opt.partition_parameters()[opt.rank]
         owned = [(name_of[id(p)], p.grad) for g in mine for p in g["params"] if p.grad is not None]
-        out.append(Shards([g for _, g in owned], group=group if group is not None else opt.group,
-                          names=[n for n, _ in owned]))
+        out.append(Shards([g for _, g in owned], group=_oss_group(opt, group), names=[n for n, _ in owned]))
     if module_names is not None:  # module order, and parameters no optimizer holds (no pieces anywhere)
         order = list(dict.fromkeys(module_names.values()))
         known = set(order)
@@ -222,12 +255,12 @@ def _fsdp_named(root: Any, group: dist.ProcessGroup | None) -> tuple[list[Shards
             params[n] = p
         if p.grad is None:
             continue
-        g = p.grad.reshape(-1)
         is_sharded = bool(getattr(p, "_is_sharded", False))
+        g = _shard_grad(p, own) if is_sharded else p.grad.reshape(-1)
         start = int(module.rank) * g.numel() if is_sharded else 0
         valid = g.numel() - (pad if is_sharded else 0)
         if is_sharded:
-            pg = group if group is not None else module.process_group
+            pg = _fsdp_group(module, group)
             entry = sharded.setdefault(id(pg), (pg, [], []))
             ns, ts = entry[1], entry[2]
         else:
@@ -288,15 +321,13 @@ def _fsdp_units(root: Any, group: dist.ProcessGroup | None) -> UnitLayout:
         size = local.numel() if sharded else sum(numels)
         start = int(module.rank) * size if sharded else 0
         valid = size - (pad if sharded else 0)
-        pg = (group if group is not None else module.process_group) if sharded else None
+        pg = _fsdp_group(module, group) if sharded else None
         groups.append(pg)
         g = None if p.grad is None else p.grad.view(-1)  # a view: scaling it scales the real gradient
         if g is not None:
             device = device or g.device
-            if g.numel() != local.numel():
-                raise ValueError(f"the fairscale FSDP parameter of {own} has a gradient of {g.numel()} elements "
-                                 f"and a shard of {local.numel()}: its gradient is not reduced and sharded yet "
-                                 "(inside no_sync()?); clip after the backward() that synchronises")
+            if sharded:
+                _shard_grad(p, own)
         at = 0
         for n, shape, numel in zip(own, shapes, numels):
             names.append(n)

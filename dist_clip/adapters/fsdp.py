@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .._reduce import check_covers
 from ..shards import Shards
 
 __all__ = [
@@ -441,19 +442,8 @@ def fsdp1_reduction(
         # group= naming the shard group (HYBRID_SHARD's intra-node group) is the same plan: counted as the first
         # replica only, the other replicas, which that group does not reach, read 0. The caller's object is used.
         return (group if group is not None else shard_groups[0]), True
-    if group is not None:
-        # Every shard group must lie inside group=: a shard peer outside it holds a piece no rank of the group
-        # adds (FSDP1 over the world with a subgroup, HYBRID_SHARD with its replicate group): each group would
-        # return the norm of its own pieces and clip by it. FSDP2's GroupCounting refuses the same.
-        held = set(dist.get_process_group_ranks(group))
-        for pg in shard_groups:
-            peers = set(dist.get_process_group_ranks(pg))
-            if not peers <= held:
-                raise ValueError(
-                    f"group= holds ranks {sorted(held)}, but FSDP1 shards gradients over ranks {sorted(peers)}: "
-                    f"ranks {sorted(peers - held)} hold pieces outside the group, so the norm cannot be formed; "
-                    "pass a group holding them (the shard group, the world) or no group="
-                )
+    for pg in shard_groups:  # FSDP1 over the world with a subgroup, HYBRID_SHARD with its replicate group
+        check_covers(group, pg, "FSDP1 shards gradients")
     return (group if group is not None else _world()), False
 
 

@@ -258,19 +258,30 @@ _FSDP1_MARKS = ("_fsdp_flattened",)
 _ALL_MARKS = ("_fsdp_flattened", "ds_id", "param_idx_in_group")
 
 
+#: fairscale FSDP sets ``_is_sharded`` (True where this rank holds a shard) on every parameter it manages.
+_FAIRSCALE_MARKS = ("_is_sharded",)
+
+
 def _managed_marks() -> tuple[str, ...]:
-    """The marks to look for: DeepSpeed's only once it is imported (none can exist before)."""
-    return _ALL_MARKS if "deepspeed" in sys.modules else _FSDP1_MARKS
+    """The marks to look for: DeepSpeed's and fairscale's only once imported (none can exist before)."""
+    marks = _ALL_MARKS if "deepspeed" in sys.modules else _FSDP1_MARKS
+    return marks + _FAIRSCALE_MARKS if "fairscale" in sys.modules else marks
 
 
 def refuse_managed(name: str, t: Tensor) -> None:
-    """ValueError for a parameter whose gradient a sharding wrapper holds: an FSDP1 parameter's gradient may be
-    a shard of flattened parameters, which nothing here can tell from a replicated tensor, and DeepSpeed ZeRO
+    """ValueError for a parameter whose gradient a sharding wrapper holds: an FSDP1 (or fairscale FSDP)
+    parameter's gradient may be a shard, which nothing here can tell from a replicated tensor, and DeepSpeed ZeRO
     moves gradients into its partitions and sets ``.grad`` to None (the total would silently read 0)."""
     if getattr(t, "_fsdp_flattened", False):
         raise ValueError(
             f"parameter {name} is managed by FSDP1 (its gradient may be a shard of flattened parameters); pass "
             "the FullyShardedDataParallel module itself, not its parameters()"
+        )
+    if getattr(t, "_is_sharded", False) is True and hasattr(t, "_orig_size"):
+        # Each rank measured its own shards as whole tensors: 17.08 on one rank, 22.75 on the other for 28.45.
+        raise ValueError(
+            f"parameter {name} is sharded by fairscale's FullyShardedDataParallel (its gradient is this rank's "
+            "shard); pass the FullyShardedDataParallel module itself, not its parameters() or a module holding it"
         )
     if hasattr(t, "ds_id") or hasattr(t, "param_idx_in_group"):
         raise ValueError(
