@@ -90,14 +90,18 @@ class AutoClip:
             _int("AutoClip.window", self.window, 1)
 
 
-def _norms_or_nan(name: str, values: Tensor, nan: bool = True) -> None:
-    """Saved norms must be finite and >= 0 (NaN too where ``nan``: a non-finite norm stored as skipped): a
-    negative one flipped the gradients' signs, an infinite one made them NaN."""
-    bad = ~((torch.isfinite(values) & (values >= 0)) | (torch.isnan(values) if nan else False))
+def _norms_or_nan(name: str, values: Tensor, nan: bool = True, inf: bool = False) -> None:
+    """Saved norms must be finite and >= 0 (NaN too where ``nan``: a non-finite norm stored as skipped; +inf
+    where ``inf``): a negative one flipped the gradients' signs, an infinite history entry made them NaN."""
+    ok = torch.isfinite(values) & (values >= 0)
+    if nan:
+        ok |= torch.isnan(values)
+    if inf:
+        ok |= values == math.inf
+    bad = ~ok
     if bool(bad.any()):
-        raise ValueError(
-            f"{name} must hold norms (finite, >= 0{', or NaN' if nan else ''}), got {values[bad][:3].tolist()}"
-        )
+        allowed = "".join((", or NaN" if nan else "", ", or +inf" if inf else ""))
+        raise ValueError(f"{name} must hold norms (finite, >= 0{allowed}), got {values[bad][:3].tolist()}")
 
 
 class _AutoClipState:
@@ -319,9 +323,10 @@ class _ZClipState:
             n = int(seen)
             _norms_or_nan("ZClip state 'warmup'", warm[:n], nan=False)  # the finite warm-up norms collected
             for key, value in zip(("mean", "var"), moments):
-                # NaN until the warm-up ends (a NaN mean after it left ZClip off for good), never negative or inf
-                # (a negative variance gave NaN thresholds; an inf mean never clipped).
-                _norms_or_nan(f"ZClip state {key!r}", value.reshape(1), nan=n < width)
+                # NaN until the warm-up ends (a NaN mean after it left ZClip off for good), never negative (a
+                # negative variance gave NaN thresholds); +inf where the moments outgrew float64 (norms of 1e300
+                # in float64), as ZClip itself saves them.
+                _norms_or_nan(f"ZClip state {key!r}", value.reshape(1), nan=n < width, inf=True)
         else:  # a state saved when warm-up counted calls: its finite warm-up norms, in order
             ok = torch.isfinite(warm[: min(count, width)])
             kept = warm[: min(count, width)][ok]

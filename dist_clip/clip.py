@@ -355,7 +355,8 @@ def clip_grads_with_norm_(
     # A coefficient float32 holds only as a subnormal (a norm near float32's top, a tiny max_norm): in normal
     # factors, as clip_grad_norm_ applies it (get_total_norm then this call zeroed gradients that
     # clip_grad_norm_ scaled to 8e-21). On the CPU only, where the test reads nothing from a device.
-    split = _scale.subnormal_split(_scale.clip_coefficient(limit, total_norm.double()), coef.dtype)
+    on_cpu = total_norm.device.type == "cpu"
+    split = _scale.subnormal_split(_scale.clip_coefficient(limit, total_norm.double()), coef.dtype) if on_cpu else None
     for factor in split if split is not None else (coef,):
         _scale.scale_(tensors, factor, foreach)
 

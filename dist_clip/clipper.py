@@ -34,6 +34,7 @@ from torch import Tensor
 from . import _fused, _norm, _reduce, _scale, _slots
 from . import clip as _clip
 from .adapters import resolve
+from .adapters.fsdp import same_ranks
 from .adaptive import AGC, AutoClip, ZClip, _int, make_state, unitwise_measure, unitwise_scale_
 from .compose import ParallelPlan
 from .shards import Shards
@@ -846,7 +847,8 @@ def named_under_plan(
     stage sees is refused together with the other ranks (:func:`_refuse_together`) rather than left to them
     waiting in the collective."""
     try:
-        if group is not None:  # it was ignored: the plan's group was used whatever the call said
+        own = plan.reduction_group if plan.reduction_group is not None else dist.group.WORLD
+        if group is not None and not same_ranks(group, own):  # another group was ignored before
             raise ValueError(
                 "group= does not combine with plan=: the plan reduces over its own group (ParallelPlan(group=...), "
                 "the world without it); drop group= from the call"

@@ -306,18 +306,20 @@ def body_plan_errors() -> list[str]:
             out.append(f"{type(e).__name__}: {e}")
     # group= not naming exactly the mesh's ranks: a rank off the mesh counted nothing (10.13 for 17.42), a group
     # without coordinate 0 of a replicate dim no copy (0 for 17.42). And group= beside plan= was ignored.
-    half = dist.new_group([2, 3])
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    half = pairs[1]
     for m, g in ((mesh["tp"], dist.group.WORLD), (mesh, half), (mesh, dist.group.WORLD)):
         try:
             ParallelPlan(m, names=("a",), group=g)
             out.append("accepted")
         except (ValueError, TypeError) as e:
             out.append(f"{type(e).__name__}: {e}")
-    try:
-        GradClipper()({"a": torch.ones(2)}, plan=plan, group=dist.group.WORLD)
-        out.append("accepted")
-    except ValueError as e:
-        out.append(str(e))
+    for g in (pairs[dist.get_rank() // 2], dist.group.WORLD):  # another group than the plan's; the plan's own
+        try:
+            GradClipper()({"a": torch.ones(2)}, plan=plan, group=g)
+            out.append("accepted")
+        except ValueError as e:
+            out.append(str(e))
     return out
 
 
@@ -377,6 +379,7 @@ def test_plan_validation_names_expected_and_received(run_ranks):
         "ValueError: ParallelPlan.group holds ranks [2, 3], but the mesh spans ranks [0, 1, 2, 3]"), msgs[9]
     assert msgs[10] == "accepted", msgs[10]
     assert msgs[11].startswith("group= does not combine with plan="), msgs[11]
+    assert msgs[12] == "accepted", msgs[12]  # the plan's own group, given again
 
 
 def test_tie_on_one_rank_and_a_measurement_that_touches_nothing(run_ranks):

@@ -121,10 +121,10 @@ def check_version(version: str | None = None) -> None:
 _ZERO12 = ("averaged_gradients", "cpu_offload", "single_partition_of_fp32_groups", "real_dp_process_group",
            "bit16_groups", "loss_scaler", "round_robin_bit16_groups", "round_robin_bit16_offsets",
            "round_robin_bit16_meta", "partition_size", "params_in_partition", "first_offset",
-           "is_gradient_accumulation_boundary")
+           "is_gradient_accumulation_boundary", "_epilogue_ran_this_backward", "micro_step_id")
 _ZERO3 = ("averaged_gradients", "offload_optimizer", "fp32_partitioned_groups_flat", "fp16_groups",
           "dp_process_group", "loss_scaler", "_swappable_optimizer_subgroup", "grad_position", "get_param_id",
-          "is_gradient_accumulation_boundary", "_epilogue_ran_this_backward")
+          "is_gradient_accumulation_boundary", "_epilogue_ran_this_backward", "micro_step_id")
 #: What the adapter reads on the engine itself (see :class:`_BackwardMark`).
 _ENGINE = ("micro_steps", "_backward_epilogue")
 _BF16 = ("fp32_groups_gradients", "fp32_groups_has_gradients", "bf16_groups", "is_gradient_accumulation_boundary")
@@ -301,8 +301,11 @@ def _zero3_name(names: dict[int, str], p: Any) -> str:
 def _zero3_shards(engine: Any, opt: Any, group: dist.ProcessGroup | None, scale: float) -> list[Shards]:
     _check_attributes(opt, _ZERO3)
     _check_last_backward_on_boundary(opt)
-    if not opt._epilogue_ran_this_backward:  # reset by forward() and step(), set by each backward's epilogue
-        raise _no_reduced_gradients("no engine.backward() since the last forward or step()")
+    # No backward since step() (or zero_grad()): both reset micro_step_id to 0 and _epilogue_ran_this_backward;
+    # an engine forward resets the flag too but first counts the backward it saw into micro_step_id, so an
+    # evaluation forward between the backward and the clip (reduced partitions intact) is not refused.
+    if not opt._epilogue_ran_this_backward and opt.micro_step_id == 0:
+        raise _no_reduced_gradients("no engine.backward() since the last step() or zero_grad()")
     _check_trainable_in_groups(engine, opt, opt.fp16_groups)
     names_by_id = _names_by_id(engine)
     out: list[Shards] = []
