@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import math
+import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -93,14 +94,26 @@ def reference_agc_(
         g.copy_(torch.where(gn < limit, g, g * (limit / gn.clamp(min=1e-6))))
 
 
+def _coef(max_norm: float, norm: float) -> float:
+    """``min(1, max_norm / (norm + 1e-6))`` as the clip computes it: NaN for a NaN norm (Python's ``min(1.0,
+    nan)`` is 1.0, and correct NaN clips failed the check)."""
+    return math.nan if math.isnan(norm) else min(1.0, max_norm / (norm + 1e-6))
+
+
+def _agree(want: float, got: float, rtol: float, atol: float) -> bool:
+    """Within tolerance, or the same non-finite value (inf - inf is NaN: matching infinite norms failed; and a
+    tolerance relative to inf took any number for it)."""
+    if not (math.isfinite(want) and math.isfinite(got)):
+        return want == got or (math.isnan(want) and math.isnan(got))
+    return abs(want - got) <= atol + rtol * abs(want)
+
+
 def _diff_table(want: dict[str, float], got: dict[str, float], rtol: float, atol: float, what: str) -> list[str]:
     rows = []
     bad = False
     for name in sorted(set(want) | set(got)):
         w, g = want.get(name), got.get(name)
-        ok = w is not None and g is not None and (
-            (math.isnan(w) and math.isnan(g)) or abs(w - g) <= atol + rtol * abs(w)
-        )
+        ok = w is not None and g is not None and _agree(w, g, rtol, atol)
         bad |= not ok
         rel = "" if w is None or g is None or w == 0 else f"{abs(g - w) / abs(w):.2e}"
         rows.append(f"  {'!!' if not ok else '  '} {name:<40} {w!s:>24} {g!s:>24} {rel:>10}")
@@ -146,12 +159,12 @@ def _check_rank(
     total = reference_norm(list(ref_grads.values()), p)
     agc_cfg = agc if agc is not None else AGC()
     if mode == "total":
-        coef = min(1.0, max_norm / (total + 1e-6))
+        coef = _coef(max_norm, total)
         for g in ref_grads.values():
             g.mul_(coef)
     elif mode == "per_param":
         for n, g in ref_grads.items():
-            g.mul_(min(1.0, max_norm / (before[n] + 1e-6)))
+            g.mul_(_coef(max_norm, before[n]))
     else:  # "unitwise" (assert_clip_matches_unsharded checked the mode); excluded parameters stay as they are
         clipped = {n: g for n, g in ref_grads.items() if not any(fnmatch.fnmatchcase(n, x) for x in agc_cfg.exclude)}
         reference_agc_(ref_params, clipped, agc_cfg.clipping, agc_cfg.eps, p)
@@ -161,16 +174,20 @@ def _check_rank(
     with count_collectives() as calls:
         result = clipper(target)
     got_before = result.norms or {}
-    got_after = GradClipper(max_norm=math.inf, norm_type=norm_type, report=True)(target).norms or {}
+    # The applied clip, checked before anything else touches the gradients.
+    scaling = _scaling_problems(local_before, result, got_before, max_norm, mode)
+    # Measured per parameter: an infinite limit leaves finite slots alone (coefficient 1), where in one total a
+    # NaN or inf norm multiplied every gradient by NaN.
+    got_after = GradClipper(max_norm=math.inf, norm_type=norm_type, mode="per_param", report=True)(target).norms or {}
     problems: list[str] = []
     if calls.total > 1:
         problems.append(f"the clip issued {calls.total} collectives, expected at most 1: {calls.names}")
     got_total = float(result.total_norm)
-    if not ((math.isnan(total) and math.isnan(got_total)) or abs(got_total - total) <= atol + rtol * abs(total)):
+    if not _agree(total, got_total, rtol, atol):
         problems.append(f"total norm: unsharded reference {total!r}, sharded {got_total!r}")
     problems += _diff_table(before, got_before, rtol, atol, "gradient norm before clipping")
     problems += _diff_table(after, got_after, rtol, atol, "gradient norm after clipping")
-    problems += _scaling_problems(local_before, result, got_before, max_norm, mode)
+    problems += scaling
     if problems:
         raise AssertionError(
             f"dist_clip on rank {rank}/{world} does not match the unsharded float64 model "
@@ -210,11 +227,11 @@ def _scaling_problems(
     problems = []
     coefs = result.clip_coef.detach().to("cpu", torch.float64).reshape(-1)
     if mode == "total":
-        want = {"": min(1.0, max_norm / (float(result.total_norm) + 1e-6))}
+        want = {"": _coef(max_norm, float(result.total_norm))}
         index = {"": 0}
     else:
         index = {n: i for i, n in enumerate(result.slots)}
-        want = {n: min(1.0, max_norm / (norms[n] + 1e-6)) for n in index if n in norms}
+        want = {n: _coef(max_norm, norms[n]) for n in index if n in norms}
     for key, w in want.items():
         got = float(coefs[index[key]])
         if not ((math.isnan(w) and math.isnan(got)) or abs(got - w) <= 1e-6 * abs(w) + 1e-30):
@@ -314,10 +331,16 @@ def assert_clip_matches_unsharded(
 
     # What the ranks would build, checked here (unitwise needs p > 0, agc must be an AGC, ...).
     ClipperConfig(max_norm=max_norm, norm_type=norm_type, mode=mode, agc=agc if agc is not None else AGC())
-    for name, tol in (("rtol", rtol), ("atol", atol)):
+    if agc is not None and mode != "unitwise":  # it was ignored, and the check passed
+        raise ValueError(f"agc= is the setting of mode='unitwise'; got it with mode={mode!r}")
+    for name, fn in (("build_model", build_model), ("wrap_fn", wrap_fn), ("batch_fn", batch_fn),
+                     ("loss_fn", loss_fn)):
+        if not callable(fn) and not (name == "loss_fn" and fn is None):  # surfaced as a rank's traceback
+            raise TypeError(f"{name} must be callable, got {type(fn).__name__} {fn!r}")
+    for name, tol in (("rtol", _norm.numpy_scalar(rtol)), ("atol", _norm.numpy_scalar(atol))):
         if name == "rtol" and tol is None:
             continue
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < math.inf:
+        if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 <= tol < math.inf:
             raise ValueError(f"{name} must be a finite number >= 0, got {tol!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")

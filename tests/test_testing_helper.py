@@ -107,12 +107,38 @@ def test_bad_arguments():
     ({"seed": -1}, "seed must be an int >= 0"),
     ({"mode": "unitwise", "norm_type": 0}, "unitwise"),
     ({"mode": "unitwise", "agc": 0.02}, "agc"),
+    ({"agc": AGC(0.5)}, "agc= is the setting of mode='unitwise'"),  # ignored in mode "total", and passed
+    ({"build_model": None}, "build_model must be callable"),  # a rank's traceback 5 s later
+    ({"wrap_fn": "x"}, "wrap_fn must be callable"),
+    ({"loss_fn": 3}, "loss_fn must be callable"),
 ])
 def test_bad_arguments_are_refused_before_any_rank_starts(kwargs, match):
     """With world_size, a bad argument used to surface as a failure of the spawned ranks (or, for rtol < 0, as a
     mismatch that was not there)."""
-    with pytest.raises(TypeError if match == "agc" else ValueError, match=match):
-        assert_clip_matches_unsharded(cases.build_mlp, cases.wrap_none, cases.batch, world_size=2, **kwargs)
+    fns = {"build_model": cases.build_mlp, "wrap_fn": cases.wrap_none, "batch_fn": cases.batch}
+    fns.update({k: kwargs.pop(k) for k in list(kwargs) if k in fns})
+    with pytest.raises(TypeError if match == "agc" or "callable" in match else ValueError, match=match):
+        assert_clip_matches_unsharded(fns["build_model"], fns["wrap_fn"], fns["batch_fn"], world_size=2, **kwargs)
+
+
+@pytest.mark.parametrize("mode", ["total", "per_param"])
+def test_non_finite_gradients_of_a_correct_setup_pass(mode):
+    """NaN gradients (one parameter's): the check expected clip_coef 1 (Python's min(1.0, nan) is 1.0) where the
+    clip gives NaN, as torch's does, and its measurement after the clip multiplied every gradient by NaN before
+    the bit-for-bit check. Matching infinite norms read as a mismatch (inf - inf is NaN). A numpy rtol passes."""
+    import numpy as np
+
+    from dist_clip.testing import _diff_table
+
+    def batch(rank: int, world: int):  # noqa: ANN202
+        x = cases.batch(rank, world)
+        x[0, 0] = math.inf  # the first layer's weight gradient gets NaN entries, the others stay finite
+        return x
+
+    norms = assert_clip_matches_unsharded(cases.build_mlp, cases.wrap_none, batch, mode=mode, rtol=np.float32(1e-5))
+    assert math.isnan(norms["0.weight"]) and math.isfinite(norms["4.bias"]), norms
+    assert _diff_table({"a": math.inf, "b": 1.0}, {"a": math.inf, "b": 1.0}, 1e-5, 0.0, "x") == []
+    assert _diff_table({"a": math.inf}, {"a": 1e38}, 1e-5, 0.0, "x") != []
 
 
 def test_scaling_check_names_pieces_not_scaled_by_the_coefficient():
