@@ -121,7 +121,7 @@ def check_version(version: str | None = None) -> None:
 _ZERO12 = ("averaged_gradients", "cpu_offload", "single_partition_of_fp32_groups", "real_dp_process_group",
            "bit16_groups", "loss_scaler", "round_robin_bit16_groups", "round_robin_bit16_offsets",
            "round_robin_bit16_meta", "partition_size", "params_in_partition", "first_offset",
-           "is_gradient_accumulation_boundary", "_epilogue_ran_this_backward", "micro_step_id")
+           "is_gradient_accumulation_boundary")
 _ZERO3 = ("averaged_gradients", "offload_optimizer", "fp32_partitioned_groups_flat", "fp16_groups",
           "dp_process_group", "loss_scaler", "_swappable_optimizer_subgroup", "grad_position", "get_param_id",
           "is_gradient_accumulation_boundary", "_epilogue_ran_this_backward", "micro_step_id")
