@@ -131,12 +131,14 @@ def _check_synced(target: object) -> None:
     if _is(target, _SDP):
         inside = bool(getattr(target, "_should_accumulate_grads", False))
         # After a backward inside no_sync() and none outside it: fairscale keeps, per trainable parameter, whether
-        # its gradient still waits for the reduce (set at forward, cleared by the reduce hook); one holding a
-        # gradient that waits is this rank's own, unreduced (30.01 measured for 28.45).
+        # its gradient still waits for the reduce (set at forward, cleared by the reduce hook): when every one
+        # holding a gradient waits, they are this rank's own, unreduced (30.01 measured for 28.45). Not "any":
+        # a parameter unused in the forward keeps waiting after a synchronised backward, its gradient zeroed.
         waiting = getattr(target, "_grad_to_be_reduced", ())
         trainable = getattr(target, "_trainable_params", ())
         if not inside and len(waiting) == len(trainable):
-            inside = any(w and q.grad is not None for w, q in zip(waiting, trainable))
+            held = [w for w, q in zip(waiting, trainable) if q.grad is not None]
+            inside = bool(held) and all(held)
     elif _is(target, _FSDP):
         inside = any(getattr(m, "_require_backward_grad_sync", True) is False for m in target.modules())  # type: ignore[attr-defined]
     else:
