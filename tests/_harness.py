@@ -30,6 +30,16 @@ class RankFailure(AssertionError):
     pass
 
 
+def outcome(call: Callable[[], object], error: type[Exception], expected: Callable[[str], bool]) -> str | bool:
+    """What a rank reports for a call that should be refused: "measured" when it returned, else whether it
+    raised ``error`` with a message ``expected`` accepts (another exception propagates)."""
+    try:
+        call()
+    except error as e:
+        return expected(str(e))
+    return "measured"
+
+
 def _worker(rank: int, world_size: int, workdir: str, pg_timeout_s: float, tasks: Any, results: Any) -> None:
     stack_file = open(os.path.join(workdir, f"stacks.{rank}"), "w")  # noqa: SIM115 - lives with the process
     faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
