@@ -24,7 +24,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "LaunchEnv", "detect_launch", "free_port", "init_distributed", "resolve_backend", "shutdown"]
+__all__ = ["DistInfo", "LaunchEnv", "backend_problem", "detect_launch", "free_port", "init_distributed",
+           "resolve_backend", "shutdown"]
 
 #: Seconds a collective may wait before the job fails (``DIST_CLIP_TIMEOUT_S`` overrides; tests lower it).
 DEFAULT_TIMEOUT_S = 1800.0
@@ -97,12 +98,20 @@ def detect_launch(environ: os._Environ[str] | dict[str, str] | None = None) -> L
     return LaunchEnv(0, 1, 0, 1, "single")
 
 
+def backend_problem(backend: str) -> str | None:
+    """Why ``backend`` cannot run on this machine, or None: read when the ranks start and by ``--validate-only``."""
+    if backend == "nccl" and not torch.cuda.is_available():
+        return "nccl needs CUDA, and this machine has none"
+    return None
+
+
 def resolve_backend(backend: str) -> str:
     """``auto`` means nccl where CUDA is present and gloo otherwise."""
     if backend == "auto":
         return "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl" and not torch.cuda.is_available():
-        raise RuntimeError("backend nccl needs CUDA, and this machine has none; use backend: gloo or auto")
+    problem = backend_problem(backend)
+    if problem is not None:
+        raise RuntimeError(f"backend {problem}; use backend: gloo or auto")
     return backend
 
 

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import IO, Any
 
-from .config import ConfigError, TrainConfig, from_dict, load_config, with_overrides
+from .config import ConfigError, TrainConfig, data_root, from_dict, load_config, with_overrides
 
 __all__ = ["main"]
 
@@ -122,19 +122,14 @@ def _check_out_dir(cfg: TrainConfig, source: str, main_rank: bool = True) -> Non
 def _check_machine(cfg: TrainConfig, source: str) -> None:
     """What the config needs of this machine, whatever the number of ranks: found by ``--validate-only`` (before
     torchrun starts the ranks) rather than by every rank once it has started."""
-    from pathlib import Path
-
     if cfg.data != "stdlib":
-        data = Path(cfg.data).expanduser()
-        if not data.exists():
-            raise ConfigError(source, "data", f"no such file or folder: {cfg.data}")
-        if not (data.is_file() or data.is_dir()):
-            raise ConfigError(source, "data", f"is neither a regular file nor a folder: {cfg.data}")
-    if cfg.backend == "nccl":
-        import torch
+        data_root(cfg.data, source)
+    if cfg.backend == "nccl":  # torch imported only for it
+        from .bootstrap import backend_problem
 
-        if not torch.cuda.is_available():
-            raise ConfigError(source, "backend", "nccl needs CUDA, and this machine has none; use gloo or auto")
+        problem = backend_problem(cfg.backend)
+        if problem is not None:
+            raise ConfigError(source, "backend", f"{problem}; use gloo or auto")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import pathlib
 import types
 from dataclasses import dataclass, field
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -25,6 +26,7 @@ __all__ = [
     "ClipConfig",
     "ConfigError",
     "ModelConfig",
+    "data_root",
     "TrainConfig",
     "default_tolerance",
     "from_dict",
@@ -366,6 +368,17 @@ def _yaml_loader(yaml: Any) -> type:
 
     Loader.add_constructor(int_tag, construct_int)
     return Loader
+
+
+def data_root(data: str, source: str) -> pathlib.Path:
+    """The file or folder ``data`` names (not "stdlib"), else ConfigError: read by the training loop, and checked
+    by ``--validate-only`` before any rank starts."""
+    root = pathlib.Path(data).expanduser()
+    if root.is_file() or root.is_dir():
+        return root
+    if root.exists():
+        raise ConfigError(source, "data", f"is neither a regular file nor a folder: {data}")
+    raise ConfigError(source, "data", f"no such file or folder: {data}")
 
 
 def load_config(path: str | os.PathLike[str]) -> TrainConfig:

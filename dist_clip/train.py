@@ -38,7 +38,7 @@ from torch import Tensor, nn
 import dist_clip
 
 from .bootstrap import DistInfo
-from .config import ConfigError, ModelConfig, TrainConfig
+from .config import ConfigError, ModelConfig, TrainConfig, data_root
 
 __all__ = [
     "CheckResult",
@@ -141,17 +141,13 @@ def load_text(data: str) -> tuple[Tensor, str]:
         root, files = _stdlib_files()
         limit, what = STDLIB_BYTES, f"the standard library's source ({root})"
     else:
-        root = Path(data).expanduser()
+        root = data_root(data, str(data))
         if root.is_file():
             files = [root]
-        elif root.is_dir():
+        else:
             # Hidden files and folders inside it are skipped; a dotted folder above it (~/.cache, ..) is not.
             files = sorted(p for p in root.rglob("*")
                            if p.is_file() and not any(s.startswith(".") for s in p.relative_to(root).parts))
-        elif root.exists():
-            raise ConfigError(str(data), "data", "is neither a regular file nor a folder")
-        else:
-            raise ConfigError(str(data), "data", "no such file or folder")
         limit, what = MAX_DATA_BYTES, str(root)
     chunks: list[bytes] = []
     total = 0
