@@ -65,6 +65,7 @@ from torch._utils import _flatten_dense_tensors
 
 from .. import _native, _scale
 from ..shards import Shards, UnitLayout, UnitPiece, partition_cuts
+from .fsdp import registrations
 
 __all__ = [
     "ALLOW_UNTESTED_ENV",
@@ -491,22 +492,7 @@ def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
     return _replicated_shards(engine, opt)
 
 
-#: Parameters and submodules registered on any module since the hooks below went in (first ZeRO 1-3 call).
-_REGISTRATIONS = [0]
-_REGISTRATION_HOOKS: list[Any] = []
 _requires_grad = operator.attrgetter("requires_grad")
-
-
-def _count_registration(*_: Any) -> None:
-    _REGISTRATIONS[0] += 1
-
-
-def _watch_registrations() -> None:
-    if not _REGISTRATION_HOOKS:
-        from torch.nn.modules import module as nn_module
-
-        _REGISTRATION_HOOKS.append(nn_module.register_module_parameter_registration_hook(_count_registration))
-        _REGISTRATION_HOOKS.append(nn_module.register_module_module_registration_hook(_count_registration))
 
 
 def _check_trainable_in_groups(engine: Any, opt: Any, groups: Any) -> None:
@@ -520,10 +506,9 @@ def _check_trainable_in_groups(engine: Any, opt: Any, groups: Any) -> None:
     ``requires_grad``: a later call re-reads only those flags (a walk of ``engine.module.parameters()`` costs
     ~2 us per submodule)."""
     seen = vars(opt).get("_dist_clip_trainable")
-    if seen is not None and seen[0] == _REGISTRATIONS[0] and list(map(_requires_grad, seen[1])) == seen[2]:
+    count = registrations()  # torch's registration hooks, shared with the FSDP1 plans
+    if seen is not None and seen[0] == count and list(map(_requires_grad, seen[1])) == seen[2]:
         return
-    _watch_registrations()
-    count = _REGISTRATIONS[0]
     params = list(engine.module.parameters())
     held = {id(p) for group in groups for p in group}
     outside = [n for n, p in engine.module.named_parameters() if p.requires_grad and id(p) not in held]

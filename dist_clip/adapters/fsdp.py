@@ -391,6 +391,14 @@ def _unregistered_since(count: int, modules: frozenset[int]) -> bool:
     return True
 
 
+def registrations() -> int:
+    """Parameters and submodules registered on any module since the hooks below went in (on the first call; FSDP1's
+    own flat parameters aside): caches of what a model holds (FSDP1 plans, DeepSpeed's trainable check) keep it
+    and are rebuilt when it moved."""
+    _watch_registrations()
+    return _REGISTRATIONS[0]
+
+
 def _watch_registrations() -> None:
     if _WATCHING:
         return
