@@ -105,12 +105,18 @@ def _norms_or_nan(name: str, values: Tensor, nan: bool = True, inf: bool = False
 
 
 class _AutoClipState:
-    """The norm history as a float64 device buffer; non-finite entries are stored as NaN and skipped."""
+    """The norm history as a float64 device buffer; non-finite norms are stored as NaN and skipped.
+
+    With a ``window`` the buffer is a ring of the last ``window`` finite norms, written at a device position
+    that only finite norms advance: a position advanced by every call let a run of skipped non-finite steps as
+    long as the window evict every finite norm, so the next spike set its own threshold and passed unclipped.
+    """
 
     def __init__(self, config: AutoClip) -> None:
         self.config = config
         self.count = 0  # calls seen: host-side, identical on every rank, never read from the device
         self.buffer: Tensor | None = None
+        self.written: Tensor | None = None  # with a window: finite norms written so far (device int64)
 
     def _grow(self, device: torch.device) -> Tensor:
         cap = self.config.window
@@ -119,6 +125,11 @@ class _AutoClipState:
             self.buffer = torch.full((size,), math.nan, dtype=torch.float64, device=device)
         elif self.buffer.device != device:
             self.buffer = self.buffer.to(device)
+        if cap is not None:
+            if self.written is None:
+                self.written = torch.zeros((), dtype=torch.int64, device=device)
+            elif self.written.device != device:
+                self.written = self.written.to(device)
         if cap is None and self.count >= self.buffer.numel():
             bigger = torch.full((2 * self.buffer.numel(),), math.nan, dtype=torch.float64, device=device)
             bigger[: self.buffer.numel()] = self.buffer
@@ -128,21 +139,42 @@ class _AutoClipState:
     def threshold(self, total: Tensor, finite: Tensor) -> Tensor:
         buf = self._grow(total.device)
         cap = self.config.window
-        slot = self.count % cap if cap is not None else self.count
-        buf[slot] = torch.where(finite, total.to(torch.float64), torch.full_like(total, math.nan, dtype=torch.float64))
+        finite = finite.to(total.device)
+        value = torch.where(finite, total.to(torch.float64), torch.full_like(total, math.nan, dtype=torch.float64))
         self.count += 1
-        filled = min(self.count, cap) if cap is not None else self.count
-        return torch.nanquantile(buf[:filled], self.config.percentile / 100.0, interpolation="linear")
+        if cap is None:
+            buf[self.count - 1] = value
+            return torch.nanquantile(buf[: self.count], self.config.percentile / 100.0, interpolation="linear")
+        assert self.written is not None
+        slot = (torch.arange(cap, device=buf.device) == self.written % cap) & finite
+        buf.copy_(torch.where(slot, value, buf))
+        self.written += finite.to(torch.int64)
+        return torch.nanquantile(buf, self.config.percentile / 100.0, interpolation="linear")
 
     def coefficient(self, threshold: Tensor, total: Tensor) -> Tensor:
-        # torch.nn.utils.clip_grad_norm_(params, clip_value), as the original calls it.
-        return torch.clamp(threshold / (total.to(torch.float64) + 1e-6), max=1.0)
+        # torch.nn.utils.clip_grad_norm_(params, clip_value), as the original calls it. An inf norm with no
+        # finite history (NaN threshold) takes 0, as any threshold over inf does (NaN turned finite entries NaN).
+        g = total.to(torch.float64)
+        coef = torch.clamp(threshold / (g + 1e-6), max=1.0)
+        return torch.where(g == math.inf, torch.zeros_like(coef), coef)
+
+    def _history(self) -> Tensor:
+        """The norms in the order seen (with a window: the last finite ones, NaN-padded in front to the
+        ``min(count, window)`` entries the saved format has always had)."""
+        cap = self.config.window
+        if self.buffer is None:
+            return torch.zeros(0, dtype=torch.float64)
+        buf = self.buffer.detach().cpu()
+        if cap is None:
+            return buf[: self.count].clone().to(torch.float64)
+        written = int(self.written) if self.written is not None else 0
+        start = written % cap
+        ring = torch.cat((buf[start:], buf[:start])) if written >= cap else buf[:written]
+        pad = torch.full((min(self.count, cap) - ring.numel(),), math.nan, dtype=torch.float64)
+        return torch.cat((pad, ring.to(torch.float64)))
 
     def state_dict(self) -> dict[str, Any]:
-        cap = self.config.window
-        filled = min(self.count, cap) if cap is not None else self.count
-        hist = self.buffer[:filled].detach().cpu().clone() if self.buffer is not None else torch.zeros(0)
-        return {"count": self.count, "history": hist.to(torch.float64)}
+        return {"count": self.count, "history": self._history()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         count = _int("AutoClip state 'count'", state["count"], 0)
@@ -152,10 +184,17 @@ class _AutoClipState:
         if not isinstance(hist, Tensor) or hist.dim() != 1 or hist.numel() != want or not hist.is_floating_point():
             raise ValueError(f"AutoClip state 'history' must be a 1-D float tensor of {want} norms, got {hist!r:.80}")
         _norms_or_nan("AutoClip state 'history'", hist)
-        size = cap if cap is not None else max(64, 1 << max(0, (count - 1)).bit_length())
-        buf = torch.full((size,), math.nan, dtype=torch.float64)
-        buf[:want] = hist.to(torch.float64)
+        hist = hist.detach().cpu().to(torch.float64)
+        if cap is None:
+            buf = torch.full((max(64, 1 << max(0, (count - 1)).bit_length()),), math.nan, dtype=torch.float64)
+            buf[:want] = hist
+            self.buffer, self.written, self.count = buf, None, count
+            return
+        kept = hist[~torch.isnan(hist)]  # the finite norms in the order seen, oldest first
+        buf = torch.full((cap,), math.nan, dtype=torch.float64)
+        buf[: kept.numel()] = kept
         self.buffer, self.count = buf, count
+        self.written = torch.tensor(kept.numel(), dtype=torch.int64)
 
 
 # ---------------------------------------------------------------------------------------------- ZClip
@@ -271,6 +310,7 @@ class _ZClipState:
     def coefficient(self, threshold: Tensor, total: Tensor) -> Tensor:
         g = total.to(torch.float64)
         after = torch.where(g > threshold, threshold / (g + 1e-6), torch.ones_like(g))
+        after = torch.where(torch.isnan(g), g, after)  # NaN > x is False: a NaN norm took 1, not NaN as torch
         if self.config.max_norm is None:
             during = torch.ones_like(g)  # nothing is clipped in warm-up (inf / inf or inf / NaN was NaN)
         else:

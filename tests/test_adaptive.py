@@ -34,12 +34,13 @@ def percentile_reference(values: list[float], q: float) -> float:
 
 
 def autoclip_reference(norms: list[float], percentile: float, window: int | None) -> list[float]:
-    history: list[float | None] = []
+    history: list[float] = []  # finite norms only: a window holds the last ``window`` of them
     coefs = []
     for g in norms:
-        history.append(g if math.isfinite(g) else None)
+        if math.isfinite(g):
+            history.append(g)
         recent = history[-window:] if window else history
-        threshold = percentile_reference([x for x in recent if x is not None], percentile)
+        threshold = percentile_reference(recent, percentile)
         coefs.append(min(1.0, threshold / (g + 1e-6)))
     return coefs
 
@@ -205,6 +206,69 @@ def test_nonfinite_norms_stay_out_of_the_history():
     state = z.state_dict()["threshold"]
     # Warm-up collects finite norms: {1, 3} gives mean 2, var 1; then 2 (z = 0) feeds the EMA.
     assert state["mean"].item() == 2.0 and state["var"].item() == pytest.approx(0.97, rel=1e-12)
+
+
+@pytest.mark.parametrize("policy", ["skip", "zero", "ignore", "error"])
+def test_autoclip_window_holds_the_last_finite_norms(policy):
+    """The window's write position moved on every call: three skipped NaN steps in a window of 3 evicted every
+    finite norm, so the spike of 1000 that followed set its own threshold (1000) and passed unclipped."""
+    clipper = GradClipper(max_norm=AutoClip(percentile=10, window=3), on_nonfinite=policy)
+    norms = [1.0, 2.0, 1.5, math.nan, math.inf, math.nan, 1000.0, 3.0, math.nan, 0.5]
+    want = autoclip_reference(norms, 10, 3)
+    for i, g in enumerate(norms):
+        grad = torch.tensor([g, 0.0])
+        opt = torch.optim.SGD([torch.nn.Parameter(grad.clone())], lr=0.1) if policy == "skip" else None
+        if policy == "error" and not math.isfinite(g):
+            with pytest.raises(RuntimeError):
+                clipper([grad])
+            continue
+        result = clipper([grad], optimizer=opt)
+        if math.isfinite(g):
+            assert result.clip_coef.item() == pytest.approx(want[i], rel=1e-6), (i, g)
+            assert grad[0].item() == pytest.approx(g * want[i], rel=1e-6)
+    assert want[6] == pytest.approx(1.6 / 1000.0, rel=1e-6)  # 10th percentile of {2, 1.5, 1000}, not 1000
+
+
+def test_autoclip_window_state_round_trips_mid_ring():
+    """A windowed history saved after the ring wrapped (non-finite norms among the calls) reloads into a
+    clipper that continues exactly as the saved one, in a fresh clipper and across a save of a save."""
+    norms = [1.0, math.nan, 2.0, 4.0, 3.0, math.inf, 5.0, 0.5, 2.5, 7.0, math.nan, 1.2]
+    first = GradClipper(max_norm=AutoClip(percentile=40, window=4))
+    for g in norms[:7]:
+        first([torch.tensor([g])])
+    state = first.state_dict()
+    assert state["threshold"]["history"].tolist() == [2.0, 4.0, 3.0, 5.0]
+    second = GradClipper(max_norm=AutoClip(percentile=40, window=4))
+    second.load_state_dict(state)
+    assert _same_state(second.state_dict(), state)
+    want = autoclip_reference(norms, 40, 4)
+    for i, g in enumerate(norms[7:], start=7):
+        a, b = first([torch.tensor([g])]), second([torch.tensor([g])])
+        assert a.clip_coef.nan_to_num(-1).item() == b.clip_coef.nan_to_num(-1).item()
+        if math.isfinite(g):
+            assert a.clip_coef.item() == pytest.approx(want[i], rel=1e-6)
+    few = GradClipper(max_norm=AutoClip(percentile=40, window=4))
+    for g in (math.nan, 1.0, math.nan):  # fewer finite norms than calls: NaN in front, as many entries as calls
+        few([torch.tensor([g])])
+    assert few.state_dict()["threshold"]["history"].nan_to_num(-1).tolist() == [-1.0, -1.0, 1.0]
+
+
+def test_adaptive_coefficients_of_nonfinite_norms_follow_torch_under_ignore():
+    """With on_nonfinite="ignore" the coefficient is torch's: 0 for an inf norm (AutoClip's first call, with no
+    finite history, gave NaN and turned finite entries NaN) and NaN for a NaN norm (ZClip after warm-up gave 1:
+    NaN > threshold is False)."""
+    auto = GradClipper(max_norm=AutoClip(percentile=10), on_nonfinite="ignore")
+    grad = torch.tensor([math.inf, 1.0])
+    assert auto([grad]).clip_coef.item() == 0.0
+    assert grad[1].item() == 0.0
+    z = GradClipper(max_norm=ZClip(warmup_steps=2), on_nonfinite="ignore")
+    for g in (1.0, 1.1, 1.05):
+        z([torch.tensor([g])])
+    grad = torch.tensor([math.nan, 5.0])
+    assert math.isnan(z([grad]).clip_coef.item())
+    assert math.isnan(grad[1].item())
+    grad = torch.tensor([math.inf, 5.0])
+    assert z([grad]).clip_coef.item() == 0.0
 
 
 @pytest.mark.parametrize("max_norm", [None, 10.0])
