@@ -157,8 +157,14 @@ class ParallelPlan:
         """The full-model name a local parameter name stands for (the owner of a tied copy)."""
         return dict(self.tied).get(name, name)
 
-    def counts_here(self, name: str, grad: Tensor) -> bool:
-        """Whether this rank is the one that counts its piece of ``name`` (grad may be a DTensor)."""
+    def counts_here(self, name: str, grad: Tensor, siblings: Any = None) -> bool:  # noqa: ANN401
+        """Whether this rank is the one that counts its piece of ``name`` (grad may be a DTensor).
+
+        ``siblings``: a :class:`~dist_clip.adapters.fsdp.GroupCounting` over this rank's DTensor gradients. Under
+        a rule without ``replicate=`` it finds a DTensor's copies on the sibling slices of its mesh that this
+        rank's other gradients span: FSDP2 over tensor parallelism leaves the norm layers' gradients on
+        ``mesh["dp"]``, the same on every tp slice (``Rule("*")`` counted them once per slice: 1.33 for 1.28).
+        """
         if name in dict(self.tied):
             return False
         rule = self._rule(self.owner(name))
@@ -170,17 +176,23 @@ class ParallelPlan:
         if any(coord[dims.index(d)] != 0 for d in rule.replicate):
             return False
         if type(grad).__name__ == "DTensor":
-            sub = grad.device_mesh.get_coordinate()
+            mesh = grad.device_mesh
+            sub = mesh.get_coordinate()
             if sub is None:
                 return False
-            for d, pl in enumerate(grad.placements):
+            for pl in grad.placements:
                 if pl.is_partial():
                     raise ValueError(
                         f"gradient of {name!r} has placements {tuple(grad.placements)}: a Partial gradient is not "
                         "reduced yet; redistribute it before clipping"
                     )
-                if pl.is_replicate() and sub[d] != 0:
-                    return False
+            distinct = [not pl.is_replicate() for pl in grad.placements]
+            if siblings is not None and not rule.replicate:
+                from .adapters.fsdp import _root_mesh
+
+                return bool(siblings.counted(name, mesh, _root_mesh(mesh), tuple(sub), distinct))
+            if any(sub[d] != 0 for d, is_d in enumerate(distinct) if not is_d):
+                return False
         return True
 
     def named_shards(self, target: object) -> _slots.Named:
@@ -212,6 +224,13 @@ class ParallelPlan:
             if id(t) not in own_name or (own_name[id(t)] in tied and name in index):
                 own_name[id(t)] = name
         items = [(name, t) for name, t in items if own_name[id(t)] == name]
+        siblings = None
+        if group is not None:
+            meshes = [t.device_mesh for _, t in items if type(t).__name__ == "DTensor"]
+            if meshes:
+                from .adapters.fsdp import GroupCounting
+
+                siblings = GroupCounting(group, meshes)
         for name, t in items:
             if not isinstance(t, Tensor):
                 raise TypeError(f"expected tensors or parameters, got {type(t).__name__} at {name!r}")
@@ -228,7 +247,7 @@ class ParallelPlan:
             g = gradient_of(t)
             if g is None:
                 continue
-            here = self.counts_here(name, g)
+            here = self.counts_here(name, g, siblings)
             local = g._local_tensor if type(g).__name__ == "DTensor" else g
             (counted if here else copies).append((owner, local))
         out = [
@@ -241,7 +260,6 @@ class ParallelPlan:
         """``debug=True``: on the first call, all-gather every piece and check the counting and the norm."""
         if not self.debug or self._memo.get("checked"):
             return
-        self._memo["checked"] = True
         local = [
             (s.names[i], bool(s.counted), t.detach().to("cpu", torch.float64).reshape(-1).clone())
             for s in shards
@@ -258,6 +276,8 @@ class ParallelPlan:
         got = float(m.total)
         if not problems and not _close(got, reference):
             problems.append(f"the one-collective norm {got!r} differs from the all-gathered reference {reference!r}")
+        # Marked once it passed (on every rank alike): a caught failure audited nothing on the next call.
+        self._memo["checked"] = not problems
         if problems:
             raise RuntimeError(
                 "ParallelPlan debug check failed (every rank raises together):\n  " + "\n  ".join(problems[:20])
