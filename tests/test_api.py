@@ -515,3 +515,24 @@ def test_sparse_gradients_measure_by_coalesced_values_and_scale(p):
     assert emb.weight.grad.is_sparse
     torch.testing.assert_close(emb.weight.grad.to_dense(), dense[0] * coef, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(lin.weight.grad, dense[1] * coef, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("form", ["frozen_after_backward", "grad_set_by_hand", "beside_a_parameter"])
+def test_a_plain_tensor_with_a_grad_is_a_parameter(form):
+    """A plain tensor whose .grad is set (a weight frozen after its backward, a .grad assigned by hand) was taken
+    for a gradient: its values were measured (5.48 for 22.36) and scaled, the weights changed and the gradient
+    left unclipped, where torch.nn.utils clips its .grad."""
+    w = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    if form == "frozen_after_backward":
+        w.requires_grad_(True)
+        (w * torch.tensor([10.0, 20.0, 0.0, 0.0])).sum().backward()
+        w.requires_grad_(False)
+    else:
+        w.grad = torch.tensor([10.0, 20.0, 0.0, 0.0])
+    target = [w] if form != "beside_a_parameter" else [w, nn.Parameter(torch.zeros(2))]
+    ref_w, ref_g = w.clone(), w.grad.clone()
+    total = dist_clip.clip_grad_norm_(target, 1.0)
+    assert total.item() == pytest.approx(reference_norm([ref_g]), rel=1e-6)
+    assert torch.equal(w, ref_w)
+    torch.testing.assert_close(w.grad, ref_g / (reference_norm([ref_g]) + 1e-6), rtol=1e-6, atol=0)
+    assert dist_clip.get_total_norm([torch.tensor([3.0, 4.0])]).item() == 5.0  # a gradient is still a gradient

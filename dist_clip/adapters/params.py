@@ -8,6 +8,7 @@ of the FSDP adapter, so ``model.parameters()`` of an FSDP2 model is as good as t
 
 from __future__ import annotations
 
+import functools
 import itertools
 import operator
 import sys
@@ -45,6 +46,7 @@ _PLAIN_KINDS = frozenset((Tensor, nn.Parameter))
 _PARAMETER = frozenset((nn.Parameter,))
 _requires_grad = operator.attrgetter("requires_grad")
 _grad = operator.attrgetter("grad")
+_is_set = functools.partial(operator.is_not, None)
 _second = operator.itemgetter(1)
 
 
@@ -61,7 +63,9 @@ def is_parameter(t: Tensor) -> bool:
 
     An ``nn.Parameter`` (any subclass, frozen or not, and tensor subclasses marked ``_is_param`` such as
     FSDP2's DTensor parameters), a leaf tensor that requires grad, or a view of one (``p.view(-1)``: its
-    ``.grad`` is ``None`` and it is skipped, as torch skips it) is a parameter. Any other tensor is taken to be
+    ``.grad`` is ``None`` and it is skipped, as torch skips it) is a parameter, and so is a tensor whose ``.grad``
+    is set (a weight frozen after its backward, a tensor given a ``.grad`` by hand: its values were measured and
+    scaled as a gradient, where torch clips its ``.grad``). Any other tensor is taken to be
     a gradient already, as ``torch.nn.utils.get_total_norm`` takes it: also a gradient that requires grad
     because ``backward(create_graph=True)`` or ``autograd.grad(create_graph=True)`` made it part of a graph (it
     has a ``grad_fn``, and is not a view of a leaf: such gradients often come back as views, e.g. expanded).
@@ -72,6 +76,7 @@ def is_parameter(t: Tensor) -> bool:
         or getattr(t, "_is_param", False)
         or (t.requires_grad and (t.grad_fn is None or _views_a_leaf(t)))
         or isinstance(t, nn.Parameter)
+        or (not t.requires_grad and t.grad is not None)  # a leaf: reading .grad does not warn
     )
 
 
@@ -218,7 +223,12 @@ def named_grads(target: object) -> list[tuple[str, Tensor]]:
     ):
         if kinds == _PARAMETER:
             grads = list(map(_grad, items))
-        elif nn.Parameter in kinds or not kinds <= _PLAIN_KINDS or any(map(_requires_grad, items)):
+        elif (
+            nn.Parameter in kinds
+            or not kinds <= _PLAIN_KINDS
+            or any(map(_requires_grad, items))
+            or any(map(_is_set, map(_grad, items)))  # a tensor with a .grad is a parameter (is_parameter)
+        ):
             grads = [t.grad if is_parameter(t) else t for t in items]
         else:
             return [pair for pair in zip(names, items) if pair[1] is not None]  # type: ignore[misc]
