@@ -346,6 +346,8 @@ def skip_next_step_(optimizer: torch.optim.Optimizer, flag: Tensor) -> None:
     step of each parameter, or every step for such optimizers), as does optimizer state kept on the host for
     device parameters (``capturable=False`` step counters).
     """
+    if isinstance(flag, Tensor) and flag.dtype != torch.bool:
+        raise TypeError(f"flag must be a bool tensor (e.g. ~torch.isfinite(norm)), got dtype {flag.dtype}")
     _arm_skip(optimizer, flag, None, combine=False)
 
 
@@ -602,7 +604,9 @@ class GradClipper:
         """
         cfg = self.config
         p = cfg.p
-        want_report = cfg.report if report is None else bool(report)
+        if report is not None and not isinstance(report, bool):
+            raise TypeError(f"report must be None, True or False, got {type(report).__name__} {report!r}")
+        want_report = cfg.report if report is None else report
         if isinstance(target, Iterator):
             # A generator (``model.parameters()``) is read more than once below (a pending hand-over, the
             # measurement, an error message naming culprits): it read empty after the first.
@@ -690,6 +694,8 @@ class GradClipper:
             assert named is not None
             limit = torch.full_like(m.total, float(cfg.max_norm))  # type: ignore[arg-type]
             coef = _scale.clip_coefficient(limit, m.slot_norms)
+            if not named.names:
+                coef = coef[:0]  # the one slot measured for an empty target names nothing (slots is ())
             slot_coef = coef
             slot_names = named.names
             limit_out = limit.to(out)

@@ -420,6 +420,13 @@ def test_bad_call_arguments_name_what_was_expected():
         dist_clip.skip_next_step_(opt, True)
     with pytest.raises(TypeError, match=r"flag must be a one-value tensor.*shape \(2,\)"):
         dist_clip.skip_next_step_(opt, torch.tensor([True, False]))
+    with pytest.raises(TypeError, match="flag must be a bool tensor.*got dtype torch.float32"):
+        dist_clip.skip_next_step_(opt, torch.tensor(0.5))  # was taken as True
+    for bad in ("no", 0):  # report="no" gave a report, report=0 none, where the config refuses both
+        with pytest.raises(TypeError, match="report must be None, True or False"):
+            GradClipper(max_norm=1.0)(model, report=bad)
+    empty = GradClipper(max_norm=1.0, mode="per_param")([])  # one coefficient for no slots before
+    assert empty.slots == () and empty.clip_coef.shape == (0,) and not bool(empty.clipped)
     clipper = GradClipper(max_norm=AutoClip(percentile=10))
     state = clipper.state_dict()
     with pytest.raises(TypeError, match=r"state\['threshold'\] must be a dict or None, got int"):
