@@ -583,9 +583,12 @@ def measure(
             must be identical on every rank. Four more values in the same all-reduce check it (see
             :func:`_layout_check`): a mismatch (a pipeline stage's module passed without a ``ParallelPlan``)
             raises ``RuntimeError`` on every rank on the CPU and turns every norm into NaN elsewhere (no sync).
-        refused: this rank found bad input and joins only so that the others do not wait: its fingerprint is
-            NaN, and every rank raises ``RuntimeError`` (:data:`REFUSED`) on the CPU; the caller then raises
-            its own error.
+        refused: this rank found bad input and joins only so that the others do not wait: nothing is measured,
+            its fingerprint is NaN, and every rank raises ``RuntimeError`` (:data:`REFUSED`) on the CPU (NaN norms
+            elsewhere, no sync); the caller then raises its own error. A ``ValueError`` or ``TypeError`` found
+            while measuring (an integer gradient, a piece under an unknown name) joins the same way by itself,
+            where the payload carries a fingerprint (a layout or settings, a group of more than one rank), and is
+            raised after the collective.
         settings: the call's settings every rank must share (norm order, mode, limit, ...), checked with the
             layout (with no layout, on their own).
 
@@ -595,41 +598,62 @@ def measure(
     if n_slots < 1:
         raise ValueError(f"a measurement needs at least one slot, got {n_slots}")
     red = group if group is not None else _reduce.reduction_group(s.group for s in shards)
-    scale = common_loss_scale(shards)
     device = _reduce.home_device((t for s in shards for t in s.tensors), red)
+    check = (layout is not None or bool(settings)) and red is not None and _reduce.group_size(red) > 1
     pick = slot_of if slot_of is not None else (lambda _n, _i: 0)
-    if slot_of is None and n_slots == 1:  # one total: clip_grad_norm_'s path, no Python step per piece
-        vector = _clip.local_total_partial(_clip._counted_tensors(shards, red)[0], p, foreach, device).reshape(1)
-    else:
-        vector = slot_partials(counted_pieces(shards, red, pick), n_slots, p, foreach, device)
+    error: ValueError | TypeError | None = None
+    if not refused:
+        try:
+            scale = common_loss_scale(shards)
+            if slot_of is None and n_slots == 1:  # one total: clip_grad_norm_'s path, no Python step per piece
+                vector = _clip.local_total_partial(_clip._counted_tensors(shards, red)[0], p, foreach,
+                                                   device).reshape(1)
+            else:
+                vector = slot_partials(counted_pieces(shards, red, pick), n_slots, p, foreach, device)
+            seen: list[float] | None = None
+            if presence:
+                # The pieces this rank counts (as counted_pieces picks them, empty ones included): over the ranks
+                # every gradient has at least one, and a piece only joining a group (counted=False) none. Counted in
+                # Python: a tensor write per piece costs ~10 us.
+                seen = [0.0] * n_slots
+                first = _reduce.group_rank(red) == 0
+                for s in shards:
+                    if s.counted and (s.group is not None or first):
+                        for i in range(len(s.tensors)):
+                            seen[pick(s.names[i] if s.names else "", i)] += 1
+        except (ValueError, TypeError) as e:
+            if not check:  # no fingerprint to say so: joining with zeros would be a silent wrong answer
+                raise
+            error = e  # bad input on this rank only, perhaps: join the others' collective, then raise it
+    if refused or error is not None:
+        refused, scale = True, 1.0
+        vector = torch.zeros(n_slots, dtype=torch.float64, device=device)
+        seen = [0.0] * n_slots if presence else None
     parts = [vector]
-    if presence:
-        # The pieces this rank counts (as counted_pieces picks them, empty ones included): over the ranks every
-        # gradient has at least one, and a piece only joining a group (counted=False) none. Counted in Python: a
-        # tensor write per piece costs ~10 us.
-        seen = [0.0] * n_slots
-        first = _reduce.group_rank(red) == 0
-        for s in shards:
-            if s.counted and (s.group is not None or first):
-                for i in range(len(s.tensors)):
-                    seen[pick(s.names[i] if s.names else "", i)] += 1
+    if seen is not None:
         parts.append(torch.tensor(seen, dtype=torch.float64).to(device, non_blocking=True))
     if extra is not None:
         parts.append(extra.to(device=device, dtype=torch.float64))
     agree = result_dtype is not None and _reduce.reduces_on_host(red)
     if agree:
         parts.append(_clip.wide_flag(result_dtype, device))  # type: ignore[arg-type]
-    check = (layout is not None or bool(settings)) and red is not None and _reduce.group_size(red) > 1
     if check:
-        values = _layout_values(layout or (), p, settings)
         if refused:  # this rank found bad input: NaN fingerprints make every rank raise (NaN-safe under MAX)
-            values = torch.full_like(values, math.nan)
+            values = torch.full((4,), math.nan, dtype=torch.float64)
+        else:
+            values = _layout_values(layout or (), p, settings)
         parts.append(values.to(device, non_blocking=True))
     buffer = torch.cat(parts) if len(parts) > 1 else vector
     combined = _reduce.all_reduce_partials(buffer, _norm.combine_op(p), red)
     if check:
-        combined = _layout_check(combined, p, _reduce.group_size(red), n_slots, settings,  # type: ignore[arg-type]
-                                 named=layout is not None)
+        try:
+            combined = _layout_check(combined, p, _reduce.group_size(red), n_slots,  # type: ignore[arg-type]
+                                     settings, named=layout is not None)
+        except RuntimeError:
+            if error is None:
+                raise
+    if error is not None:
+        raise error  # this rank's own reason; the others raise REFUSED (NaN norms on accelerators)
     partials = combined[:n_slots]
     at = n_slots
     counts_out = None

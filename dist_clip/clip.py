@@ -186,52 +186,121 @@ def _wide_total(
     everything: list[Tensor] | None,
     groups: _Groups | None,
     limit: float | Tensor | None = None,
+    refused: bool = False,
 ) -> tuple[Tensor, torch.dtype]:
     """:func:`total_from_shards` before its cast: the float64 total and the dtype to return it in (``limit``:
     clip_grad_norm_'s ``max_norm``, part of the settings every rank must share). Clipping
     and the finiteness test use the float64 value: the norm of fp32 gradients may exceed float32's range
-    (3.4e38) while every element is finite."""
+    (3.4e38) while every element is finite.
+
+    ``refused``: this rank found bad input before the call (see :func:`_refuse_together`): nothing is measured,
+    the payload the other ranks send is sent with a NaN fingerprint, and every rank raises ``RuntimeError``
+    (:data:`dist_clip._slots.REFUSED`) on the CPU; elsewhere their norms are NaN (no host sync). A ``ValueError``
+    or ``TypeError`` found while measuring (an integer gradient on this rank only) joins the same way, then is
+    raised here: a rank that raised before the collective, caught it and called again paired its next call with
+    the others' current one (a total of two steps, and every later call misaligned, silently)."""
     group = _reduce.reduction_group(s.group for s in shards)
-    scale = common_loss_scale(shards)
     if everything is None:
         everything = _all_tensors(shards)
     home = _reduce.home_device(everything, group)
-    if not everything and group is None:
-        warnings.warn("dist_clip: the target holds no gradients; the total norm is 0", UserWarning, stacklevel=4)
-    everything_groups = groups
-    counted, whole = _counted_tensors(shards, group)
-    if not (whole and len(counted) == len(everything)):  # then counted is everything, each piece once
-        groups = None
-    partial = local_total_partial(counted, p, foreach, home, groups).reshape(1)
-    out = _result_dtype(everything, everything_groups)
+    # Four more values in the all-reduce: a fingerprint of the settings every rank must share (norm_type 2 on one
+    # rank and 1 or inf on another gave each rank its own wrong total, unnoticed): RuntimeError on every rank on
+    # the CPU, NaN elsewhere. None where nothing is combined (one process, DDP): no string to build, and bad input
+    # raises here alone.
+    check = group is not None and _reduce.group_size(group) > 1
+    error: ValueError | TypeError | None = None
+    scale, out = 1.0, torch.float32
+    if not refused:
+        try:
+            scale = common_loss_scale(shards)
+            if not everything and group is None:
+                warnings.warn("dist_clip: the target holds no gradients; the total norm is 0", UserWarning,
+                              stacklevel=4)
+            everything_groups = groups
+            counted, whole = _counted_tensors(shards, group)
+            if not (whole and len(counted) == len(everything)):  # then counted is everything, each piece once
+                groups = None
+            partial = local_total_partial(counted, p, foreach, home, groups).reshape(1)
+            out = _result_dtype(everything, everything_groups)
+        except (ValueError, TypeError) as e:
+            if not check:
+                raise
+            error, refused, scale = e, True, 1.0
+    if refused:
+        partial = torch.zeros(1, dtype=torch.float64, device=home)
     agree = _reduce.reduces_on_host(group)
     if agree:  # one more value in the same all-reduce: whether any rank holds float64 gradients
         partial = torch.cat([partial, wide_flag(out, home)])
-    # Four more: a fingerprint of the settings every rank must share (norm_type 2 on one rank and 1 or inf on
-    # another gave each rank its own wrong total, unnoticed): RuntimeError on every rank on the CPU, NaN elsewhere.
-    check = group is not None and _reduce.group_size(group) > 1
-    if check:  # (no string to build where nothing is combined: one process, DDP)
+    settings = ""
+    if check:
         from . import _slots
 
-        settings = f"norm_type={p!r}, error_if_nonfinite={bool(error_if_nonfinite)}"
-        if limit is not None:  # a device tensor is not read (a host sync): compared as given
-            settings += f", max_norm={float(limit)!r}" if not isinstance(limit, Tensor) else ", max_norm=tensor"
-        partial = torch.cat([partial, _slots._settings_values(settings, p).to(home, non_blocking=True)])
+        if refused:  # NaN: every rank's check fails, and says another rank refused (NaN-safe under MAX)
+            values = torch.full((4,), math.nan, dtype=torch.float64)
+        else:
+            settings = f"norm_type={p!r}, error_if_nonfinite={bool(error_if_nonfinite)}"
+            if limit is not None:
+                settings += f", max_norm={_limit_setting(limit)}"
+            values = _slots._settings_values(settings, p)
+        partial = torch.cat([partial, values.to(home, non_blocking=True)])
     combined = _reduce.all_reduce_partials(partial, _norm.combine_op(p), group)
     if check:
-        combined = _slots._layout_check(combined, p, _reduce.group_size(group), 1, settings, named=False)
+        try:
+            combined = _slots._layout_check(combined, p, _reduce.group_size(group), 1, settings, named=False)
+        except RuntimeError:
+            if not refused:
+                raise
+    if error is not None:
+        raise error  # this rank's own reason; the others raised REFUSED (or hold NaN norms on accelerators)
     total = _norm.finalize(combined[0], p)
     if scale != 1.0 and p != 0:  # every p-norm is homogeneous of degree 1; the L0 count is scale-free
         total = total / scale
     if agree:
         out = agreed_dtype(combined[1])
-    if error_if_nonfinite and not bool(torch.isfinite(total)):
+    if error_if_nonfinite and not refused and not bool(torch.isfinite(total)):
         raise RuntimeError(
             f"The total norm of order {p} for gradients is non-finite ({total.item()}), so it cannot be clipped. "
             "Every rank of the group raises this error together. To disable it and scale the gradients by the "
             "non-finite norm anyway, set `error_if_nonfinite=False`"
         )
     return total, out
+
+
+def _limit_setting(limit: float | Tensor) -> str:
+    """``max_norm`` as the settings fingerprint compares it: the value of a number or a CPU tensor (reading it is
+    free: ``torch.tensor(1.0)`` on one rank and ``1.0`` on another are the same limit, which read as a
+    disagreement before); ``tensor`` for a device tensor, which is not read (a host sync): compared as given."""
+    if isinstance(limit, Tensor) and limit.device.type != "cpu":
+        return "tensor"
+    return repr(float(limit))
+
+
+def _refuse_together(
+    target: object, norm_type: object, group: object, shards: Sequence[Shards] | None = None
+) -> None:
+    """Bad input this rank found before the collective of :func:`clip_grad_norm_` or :func:`get_total_norm` (a
+    ``max_norm``, an ``optimizer=``, ``foreach=``...), which the other ranks may not share: join their one
+    collective with the payload they send and a NaN fingerprint, so that they raise ``RuntimeError`` now instead
+    of pairing this rank's next call with their current one (silently). The caller then raises its own error.
+
+    Not joined where the layout cannot be known here: an invalid ``norm_type`` (the combine op is unknown), a
+    ``group=`` or target that does not resolve (the group is unknown), or nothing combined (one process, no
+    group, one rank): those raise on this rank alone, as before."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        p = _norm.parse_norm_type(norm_type)
+        if shards is None:
+            shards = resolve(target, _check_group(group))
+        red = _reduce.reduction_group(s.group for s in shards)
+    except Exception:  # noqa: BLE001 - the layout is unknown: raise the caller's error alone
+        return
+    if red is None or _reduce.group_size(red) <= 1:
+        return
+    try:
+        _wide_total(shards, p, False, None, None, None, refused=True)
+    except RuntimeError:
+        pass  # (a peer gone): the caller raises its own error anyway
 
 
 def settle_hand_over(target: object, tensors: Sequence[Tensor] | Callable[[], Sequence[Tensor]]) -> None:
@@ -307,10 +376,15 @@ def get_total_norm(
         A 0-dim tensor on the gradients' device, identical on every rank of the group: float64 where some
         gradient is float64, float32 otherwise.
     """
-    p = _norm.parse_norm_type(norm_type)
-    _check_foreach(foreach)
-    shards = resolve(tensors, _check_group(group))
-    settle_hand_over(tensors, lambda: _all_tensors(shards))
+    shards = None
+    try:
+        p = _norm.parse_norm_type(norm_type)
+        _check_foreach(foreach)
+        shards = resolve(tensors, _check_group(group))
+        settle_hand_over(tensors, lambda: _all_tensors(shards))
+    except (ValueError, TypeError):
+        _refuse_together(tensors, norm_type, group, shards)  # every rank raises, none waits or misaligns
+        raise
     return total_from_shards(shards, p, error_if_nonfinite, foreach)
 
 
@@ -395,21 +469,27 @@ def clip_grad_norm_(
         The total norm before clipping: a 0-dim tensor (float64 where some gradient is float64, float32
         otherwise), identical on every rank of the group.
     """
-    limit = _check_max_norm(max_norm)
-    p = _norm.parse_norm_type(norm_type)
-    _check_foreach(foreach)
-    shards = resolve(parameters, _check_group(group))
-    fold, optimizer = _deepspeed_fold(parameters, optimizer)
-    fused = optimizer is not None and _fused.supports_grad_scale(optimizer)  # type: ignore[arg-type]
-    everything = _all_tensors(shards)
-    # Handed over only to an optimizer that steps exactly these gradients; otherwise scaled here, as documented
-    # for any other optimizer (its grad_scale would also divide gradients nobody measured, or miss some).
-    stepped = _fused.gradients(optimizer) if fused else None  # type: ignore[arg-type]
-    fused = fused and _fused.steps_what_was_measured(stepped, everything)  # type: ignore[arg-type]
-    groups = _scale.group_by_device_dtype(everything)  # bucketed once, for measuring and for scaling
-    if fused and any(dtype in _WIDE for _, dtype in groups):
-        fused = False  # torch's fused kernels take grad_scale in float32 only: float64 gradients are scaled here
-    settle_hand_over(parameters, everything)
+    shards = None
+    try:  # bad input found before the collective: every rank raises (see _refuse_together)
+        limit = _check_max_norm(max_norm)
+        p = _norm.parse_norm_type(norm_type)
+        _check_foreach(foreach)
+        shards = resolve(parameters, _check_group(group))
+        fold, optimizer = _deepspeed_fold(parameters, optimizer)
+        fused = optimizer is not None and _fused.supports_grad_scale(optimizer)  # type: ignore[arg-type]
+        everything = _all_tensors(shards)
+        # Handed over only to an optimizer that steps exactly these gradients; otherwise scaled here, as
+        # documented for any other optimizer (its grad_scale would also divide gradients nobody measured, or miss
+        # some).
+        stepped = _fused.gradients(optimizer) if fused else None  # type: ignore[arg-type]
+        fused = fused and _fused.steps_what_was_measured(stepped, everything)  # type: ignore[arg-type]
+        groups = _scale.group_by_device_dtype(everything)  # bucketed once, for measuring and for scaling
+        if fused and any(dtype in _WIDE for _, dtype in groups):
+            fused = False  # torch's fused kernels take grad_scale in float32 only: float64 ones are scaled here
+        settle_hand_over(parameters, everything)
+    except (ValueError, TypeError):
+        _refuse_together(parameters, norm_type, group, shards)
+        raise
     wide, out = _wide_total(shards, p, error_if_nonfinite, foreach, everything, groups, limit)
     total = wide.to(out)
     coef_wide = _scale.clip_coefficient(limit, wide)  # from the float64 total, which float32 may not hold

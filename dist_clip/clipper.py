@@ -611,71 +611,81 @@ class GradClipper:
             # A generator (``model.parameters()``) is read more than once below (a pending hand-over, the
             # measurement, an error message naming culprits): it read empty after the first.
             target = list(target)
-        arm_skip = None
-        if cfg.on_nonfinite == "skip":
-            arm_skip, optimizer = _skip_handle(target, optimizer)
-        if cfg.mode == "per_group" and optimizer is None:
-            raise ValueError("mode='per_group' needs optimizer= (whose param groups set the slots)")
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        group = _check_group(group)
-        if plan is not None and not isinstance(plan, ParallelPlan):
-            raise TypeError(f"plan must be a dist_clip.ParallelPlan, got {type(plan).__name__}")
-        if cfg.mode == "unitwise":
+        # Bad input found on this rank before the collective joins the other ranks' one collective (see
+        # _join_refused); under a plan named_under_plan does, and unit-wise layouts are not known here.
+        before = plan is None and cfg.mode != "unitwise"
+        named = shards = None
+        try:
+            arm_skip = None
+            if cfg.on_nonfinite == "skip":
+                arm_skip, optimizer = _skip_handle(target, optimizer)
+            if cfg.mode == "per_group" and optimizer is None:
+                raise ValueError("mode='per_group' needs optimizer= (whose param groups set the slots)")
+            if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+                raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            group = _check_group(group)
+            if plan is not None and not isinstance(plan, ParallelPlan):
+                raise TypeError(f"plan must be a dist_clip.ParallelPlan, got {type(plan).__name__}")
+            if cfg.mode == "unitwise":
+                if plan is not None:
+                    raise ValueError("mode='unitwise' does not take a plan= (AGC reads FSDP/DTensor layouts itself)")
+                return self._unitwise(target, arm_skip, group, want_report)
+
+            named_mode = plan is not None or cfg.mode != "total" or want_report
+            grouping = None
             if plan is not None:
-                raise ValueError("mode='unitwise' does not take a plan= (AGC reads FSDP/DTensor layouts itself)")
-            return self._unitwise(target, arm_skip, group, want_report)
+                groups = (lambda nm: self._groups(nm, optimizer)) if cfg.mode == "per_group" else None  # type: ignore[arg-type]
+                named, grouping = named_under_plan(plan, target, p, groups, group)
+            elif named_mode:
+                named = _slots.named_shards(target, group)
+            else:
+                named = None
+            if named is not None:
+                shards = named.shards
+                index = {n: i for i, n in enumerate(named.names)}
 
-        named_mode = plan is not None or cfg.mode != "total" or want_report
-        grouping = None
-        if plan is not None:
-            groups = (lambda nm: self._groups(nm, optimizer)) if cfg.mode == "per_group" else None  # type: ignore[arg-type]
-            named, grouping = named_under_plan(plan, target, p, groups, group)
-        elif named_mode:
-            named = _slots.named_shards(target, group)
-        else:
-            named = None
-        if named is not None:
-            shards = named.shards
-            index = {n: i for i, n in enumerate(named.names)}
+                def slot_of(name: str, _i: int) -> int:
+                    try:
+                        return index[name]
+                    except KeyError:
+                        raise ValueError(
+                            f"a gradient piece is named {name!r}, which is not a parameter name of the target "
+                            f"({len(index)} known, e.g. {list(index)[:3]}); name every piece by its full-model name"
+                        ) from None
 
-            def slot_of(name: str, _i: int) -> int:
-                try:
-                    return index[name]
-                except KeyError:
-                    raise ValueError(
-                        f"a gradient piece is named {name!r}, which is not a parameter name of the target "
-                        f"({len(index)} known, e.g. {list(index)[:3]}); name every piece by its full-model name"
-                    ) from None
-
-            n_slots = max(len(named.names), 1)
-            pick = slot_of if named.names else None
-        else:
-            shards = _plain_shards(target, group)  # names are not needed here
-            pick, n_slots = None, 1
-        membership = None
-        if cfg.mode == "per_group":
-            assert named is not None and optimizer is not None
-            if grouping is None:
-                grouping = self._groups(named, optimizer)
-            if plan is not None or isinstance(target, Mapping):
-                # Pipeline stages, or named pieces whose ranks' optimizers differ (a rank holding nothing of a
-                # parameter may leave it out): every rank's memberships travel in the measurement.
-                membership = _group_membership(grouping[0], p, grouping[1])
-                if plan is None:
-                    held = {n for s in named.shards for n, t in zip(s.names, s.tensors) if t.numel() > 0}
-                    membership = torch.cat([membership, _group_signatures(grouping[0], named.names, held, p)])
-        settings = cfg.settings
-        if cfg.mode == "per_group" and membership is None:
-            # The group limits do not travel in the measurement here (every rank's optimizer holds the same
-            # groups): a rank with another group max_norm clipped a parameter's pieces by another coefficient.
-            assert grouping is not None
-            settings += f", group_limits=[{', '.join(repr(float(x)) for x in grouping[1])}]"
-        if self._threshold is not None:
-            # How many norms the adaptive threshold has seen (host-side): a checkpoint loaded on one rank only
-            # gave each rank its own threshold, so one gradient was scaled by a different factor on each.
-            settings += f", threshold_calls={self._threshold.count}"
-        _clip.settle_hand_over(target, lambda: [t for s in shards for t in s.tensors])
+                n_slots = max(len(named.names), 1)
+                pick = slot_of if named.names else None
+            else:
+                shards = _plain_shards(target, group)  # names are not needed here
+                pick, n_slots = None, 1
+            membership = None
+            if cfg.mode == "per_group":
+                assert named is not None and optimizer is not None
+                if grouping is None:
+                    grouping = self._groups(named, optimizer)
+                if plan is not None or isinstance(target, Mapping):
+                    # Pipeline stages, or named pieces whose ranks' optimizers differ (a rank holding nothing of a
+                    # parameter may leave it out): every rank's memberships travel in the measurement.
+                    membership = _group_membership(grouping[0], p, grouping[1])
+                    if plan is None:
+                        held = {n for s in named.shards for n, t in zip(s.names, s.tensors) if t.numel() > 0}
+                        membership = torch.cat([membership, _group_signatures(grouping[0], named.names, held, p)])
+            settings = cfg.settings
+            if cfg.mode == "per_group" and membership is None:
+                # The group limits do not travel in the measurement here (every rank's optimizer holds the same
+                # groups): a rank with another group max_norm clipped a parameter's pieces by another coefficient.
+                assert grouping is not None
+                settings += f", group_limits=[{', '.join(repr(float(x)) for x in grouping[1])}]"
+            if self._threshold is not None:
+                # How many norms the adaptive threshold has seen (host-side): a checkpoint loaded on one rank only
+                # gave each rank its own threshold, so one gradient was scaled by a different factor on each.
+                settings += f", threshold_calls={self._threshold.count}"
+            _clip.settle_hand_over(target, lambda: [t for s in shards for t in s.tensors])
+            before = False
+        except (ValueError, TypeError):
+            if before:
+                self._join_refused(target, group, want_report, named, shards)
+            raise
         m = _slots.measure(shards, pick, n_slots, p, cfg.foreach, presence=named is not None,
                            group=plan.reduction_group if plan is not None else None,
                            layout=named.names if named is not None else None, extra=membership,
@@ -750,6 +760,46 @@ class GradClipper:
         self._count(clipped, finite)
         norms = self._report(named.names, m, p) if want_report and named is not None else None
         return ClipResult(total, coef, clipped, finite, limit_out, slot_names, norms)
+
+    def _join_refused(
+        self,
+        target: object,
+        group: object,
+        want_report: bool,
+        named: _slots.Named | None,
+        shards: Sequence[Shards] | None,
+    ) -> None:
+        """Bad input this rank found before the collective (an ``optimizer=`` missing or of another type, a param
+        group's ``max_norm``...), which the other ranks may not share: join their one collective with the payload
+        they send (its slot count from the target's names, the same on every rank) and a NaN fingerprint, so that
+        they raise ``RuntimeError`` now instead of pairing this rank's next call with their current one. Bad input
+        found while measuring (an integer gradient) joins in :func:`_slots.measure`. Not joined where the layout
+        is unknown here: a ``group=`` or target that does not resolve, or nothing combined."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        cfg = self.config
+        per_name = cfg.mode != "total" or want_report
+        try:
+            g = _check_group(group)
+            if per_name:
+                named = named if named is not None else _slots.named_shards(target, g)
+                shards, names = named.shards, named.names
+            else:
+                shards, names = (shards if shards is not None else _plain_shards(target, g)), None
+            red = _reduce.reduction_group(s.group for s in shards)
+        except Exception:  # noqa: BLE001 - the layout is unknown: raise the caller's error alone
+            return
+        if red is None or _reduce.group_size(red) <= 1:
+            return
+        n = max(len(names), 1) if names is not None else 1
+        # per_group on a mapping: the memberships and signatures (_group_membership, _group_signatures) travel too.
+        rows = 8 if cfg.mode == "per_group" and isinstance(target, Mapping) else 0
+        extra = torch.zeros(rows * n, dtype=torch.float64) if rows else None
+        try:
+            _slots.measure(shards, None, n, cfg.p, presence=per_name, extra=extra, group=red, layout=names,
+                           result_dtype=torch.float32, refused=True, settings=cfg.settings)
+        except RuntimeError:
+            pass  # the REFUSED error every other rank raises; the caller raises its own
 
     def _groups(
         self, named: _slots.Named, optimizer: torch.optim.Optimizer

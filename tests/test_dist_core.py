@@ -488,3 +488,155 @@ def body_fsdp1_parameters_are_refused() -> str:
 
 def test_fsdp1_flat_parameters_are_not_taken_for_replicated_tensors(run_ranks):
     assert run_ranks(2, body_fsdp1_parameters_are_refused) == ["refused", "refused"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Bad input on one rank, caught, and the loop goes on: the refusing rank joins the call's one collective with a
+# NaN fingerprint, so that the others raise RuntimeError in the same call and the next call is aligned (its next
+# call paired with the others' current one before: 6.547664 returned where the reference was 4.857076).
+
+_REFUSED = "another rank of this call refused its input"
+
+
+def _named_pieces(full: list, rank: int, world: int, params: bool = False) -> dict:
+    """Every rank's own part of every tensor of ``full`` under the same names (some parts empty)."""
+    out = {}
+    for i, t in enumerate(full):
+        piece = t.tensor_split(world)[rank].clone()
+        if params:
+            q = nn.Parameter(torch.zeros_like(piece))
+            q.grad = piece
+            piece = q
+        out[f"g{i}"] = piece
+    return out
+
+
+def _refusal_call(case: str, full: list, bad: bool, p: float):
+    """One call of ``case`` on this rank's share of ``full`` (bad input where ``bad``); returns the total."""
+    from dist_clip import GradClipper
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    world_group = dist.group.WORLD
+    mine = _my_share(full, rank, world)
+    wrong = [torch.ones(3, dtype=torch.int64)] + mine  # an integer gradient: refused on this rank only
+    if case == "clip_max_norm":
+        return lambda: dist_clip.clip_grad_norm_(mine, -1.0 if bad else 1e9, p, group=world_group).item()
+    if case == "clip_int_grad":
+        return lambda: dist_clip.clip_grad_norm_(wrong if bad else mine, 1e9, p, group=world_group).item()
+    if case == "total_int_grad":
+        return lambda: dist_clip.get_total_norm(wrong if bad else mine, p, group=world_group).item()
+    if case == "clipper_total_skip":  # on_nonfinite="skip" without optimizer=: refused before measuring
+        opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+        clipper = GradClipper(max_norm=1e9, norm_type=p, on_nonfinite="skip")
+        return lambda: clipper(mine, group=world_group, optimizer=None if bad else opt).total_norm.item()
+    if case == "clipper_per_param_int":  # refused while measuring, slots from the mapping's names
+        named = _named_pieces(full, rank, world)
+        if bad:
+            named["g1"] = torch.ones(2, dtype=torch.int64)
+        clipper = GradClipper(max_norm=1e9, norm_type=p, mode="per_param")
+        return lambda: clipper(named, group=world_group).total_norm.item()
+    if case == "clipper_per_group_limit":  # a param group's max_norm refused before measuring
+        named = _named_pieces(full, rank, world, params=True)
+        opt = torch.optim.SGD([{"params": list(named.values()), "max_norm": -1.0 if bad else 1e9}], lr=0.1)
+        clipper = GradClipper(norm_type=p, mode="per_group")
+        return lambda: clipper(named, group=world_group, optimizer=opt).total_norm.item()
+    raise AssertionError(case)
+
+
+def _attempt(call) -> tuple:
+    """(what happened, collectives issued): the total, "refused" (a peer's refusal), or this rank's own error."""
+    got: object = None
+    with count_collectives() as calls:
+        try:
+            got = call()
+        except RuntimeError as e:
+            got = "refused" if _REFUSED in str(e) else f"RuntimeError: {e}"
+        except (ValueError, TypeError) as e:
+            got = type(e).__name__
+    return got, calls.total
+
+
+def body_refuse_then_continue(case: str, bad_rank: int, p: float, all_refuse: bool = False) -> list:
+    """Step 0: ``bad_rank`` passes bad input and catches its error; (``all_refuse``: step 1, every rank passes
+    bad input); then a good call, which must return the float64 reference on every rank. A rank whose refused
+    call measured a total instead stops there: its peers' calls are misaligned (going on would wait for the
+    timeout)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    steps = [rank == bad_rank] + ([True] if all_refuse else []) + [False]
+    out = []
+    for step, bad in enumerate(steps):
+        full = _full_grads(300 + step, torch.float32, sizes=(1, 7, 91, 500, 0, 2, 30))
+        held = [x for r in range(world) for x in _my_share(full, r, world)]
+        got, collectives = _attempt(_refusal_call(case, full, bad, p))
+        if isinstance(got, float):
+            want = reference_norm(held, p)
+            out.append((abs(got - want) <= 1e-6 * want, collectives))
+            if step < len(steps) - 1:
+                break
+        else:
+            out.append((got, collectives))
+    return out
+
+
+def _refusal_expected(case: str, world: int, bad_rank: int, all_refuse: bool = False) -> list:
+    own = "TypeError" if case in ("clip_int_grad", "total_int_grad", "clipper_per_param_int") else "ValueError"
+    return [
+        [(own if r == bad_rank else "refused", 1)] + ([(own, 1)] if all_refuse else []) + [(True, 1)]
+        for r in range(world)
+    ]
+
+
+@pytest.mark.parametrize(
+    "case,p",
+    [
+        ("clip_max_norm", 2.0),
+        ("clip_max_norm", math.inf),
+        ("clip_int_grad", 2.0),
+        ("total_int_grad", math.inf),
+        ("clipper_total_skip", 2.0),
+        ("clipper_per_param_int", 2.0),
+        ("clipper_per_param_int", math.inf),
+        ("clipper_per_group_limit", 2.0),
+    ],
+)
+def test_bad_input_on_one_rank_raises_on_every_rank_and_the_next_call_is_aligned(run_ranks, case, p):
+    assert run_ranks(2, body_refuse_then_continue, case, 1, p) == _refusal_expected(case, 2, 1)
+
+
+@pytest.mark.parametrize("case,bad_rank,p", [("total_int_grad", 2, 2.0), ("clip_max_norm", 1, math.inf)])
+def test_bad_input_on_one_of_three_ranks(run_ranks, case, bad_rank, p):
+    # Rank 2 holds no gradient of its own at 3 ranks: its only piece is the integer one.
+    assert run_ranks(3, body_refuse_then_continue, case, bad_rank, p) == _refusal_expected(case, 3, bad_rank)
+
+
+def test_every_rank_refusing_joins_once_and_raises_its_own_error(run_ranks):
+    # One rank refuses, then every rank refuses the same bad max_norm (each joins once, each raises its own
+    # ValueError), then a good call: aligned.
+    expected = _refusal_expected("clip_max_norm", 2, 0, all_refuse=True)
+    assert run_ranks(2, body_refuse_then_continue, "clip_max_norm", 0, 2.0, True) == expected
+
+
+def body_max_norm_tensor_or_float() -> list:
+    """``max_norm=torch.tensor(1.0)`` on one rank and ``1.0`` on another are the same limit (a CPU tensor's value
+    is read for free): measured and clipped alike, not "ranks disagree on settings"; another value still is."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    full = _full_grads(41, torch.float32)
+    want = reference_norm([x for r in range(world) for x in _my_share(full, r, world)])
+    out = []
+    for limit in (torch.tensor(1.0), torch.tensor(1), torch.tensor(0.5, dtype=torch.float64)):
+        mine = _my_share([t.clone() for t in full], rank, world)
+        before = [t.clone() for t in mine]
+        given = limit if rank == 0 else float(limit)
+        total = dist_clip.clip_grad_norm_(mine, given, group=dist.group.WORLD).item()
+        coef = float(limit) / (want + 1e-6)
+        scaled = all(torch.allclose(t.double(), b.double() * coef, rtol=1e-6, atol=1e-30) for t, b in zip(mine, before))
+        out.append(abs(total - want) <= 1e-6 * want and scaled)
+    mine = _my_share([t.clone() for t in full], rank, world)
+    out.append(outcome(lambda: dist_clip.clip_grad_norm_(mine, torch.tensor(1.0) if rank == 0 else 2.0,
+                                                         group=dist.group.WORLD),
+                       RuntimeError, lambda m: "disagree on" in m and "max_norm=" in m))
+    return out
+
+
+def test_max_norm_as_a_cpu_tensor_on_one_rank_and_a_float_on_another(run_ranks):
+    assert run_ranks(2, body_max_norm_tensor_or_float) == [[True] * 4] * 2
