@@ -1067,16 +1067,6 @@ def test_bench_quick_fails_on_a_wrong_norm_or_clip(monkeypatch, capsys):
     (the accuracy column printed it and the run exited 0), ``python -m bench --quick core`` exits 1 naming rows."""
     from bench import __main__ as bench_main
     from bench import core
-    from bench.common import check_clipped, check_norm
-
-    g = [torch.randn(1000, generator=torch.Generator().manual_seed(0))]
-    want = reference_norm(g)
-    assert check_norm("r", torch.tensor(want), want, 2.0, torch.float32) == []
-    assert check_norm("r", torch.tensor(want * (1 + 5e-6)), want, 2.0, torch.bfloat16) == []
-    assert check_norm("r", torch.tensor(want * (1 + 5e-6)), want, 2.0, torch.float32)[0].startswith("r: norm")
-    assert check_norm("r", torch.tensor(1001.0), 1000.0, 0.0, torch.float32)  # p = 0: an exact count
-    assert check_clipped("r", [g[0] * 0.5], g, want, 0.5 * want) == []
-    assert check_clipped("r", [g[0] * 0.505], g, want, 0.5 * want)[0].startswith("r: clipped gradient 0")
 
     get_total_norm, clip_grad_norm_ = dist_clip.get_total_norm, dist_clip.clip_grad_norm_
 
@@ -1098,6 +1088,17 @@ def test_bench_quick_fails_on_a_wrong_norm_or_clip(monkeypatch, capsys):
     monkeypatch.setattr(dist_clip, "get_total_norm", get_total_norm)
     monkeypatch.setattr(dist_clip, "clip_grad_norm_", clip_grad_norm_)
     assert bench_main.main(["--quick", "core"]) == 0
+
+    from bench.common import check_clipped, check_norm
+
+    g = [torch.randn(1000, generator=torch.Generator().manual_seed(0))]
+    want = reference_norm(g)
+    assert check_norm("r", torch.tensor(want), want, 2.0, torch.float32) == []
+    assert check_norm("r", torch.tensor(want * (1 + 5e-6)), want, 2.0, torch.bfloat16) == []
+    assert check_norm("r", torch.tensor(want * (1 + 5e-6)), want, 2.0, torch.float32)[0].startswith("r: norm")
+    assert check_norm("r", torch.tensor(1001.0), 1000.0, 0.0, torch.float32)  # p = 0: an exact count
+    assert check_clipped("r", [g[0] * 0.5], g, want, 0.5 * want) == []
+    assert check_clipped("r", [g[0] * 0.505], g, want, 0.5 * want)[0].startswith("r: clipped gradient 0")
 
 
 def _interleaved_with_unequal_budgets():
