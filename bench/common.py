@@ -76,3 +76,109 @@ def on_ranks(world: int, body: Callable[..., object], *args: object) -> object:
         )
         with open(out) as f:
             return json.load(f)
+
+
+# --- correctness checks of dist_clip's side (untimed): a benchmark of a wrong number must not pass --------------
+
+#: The library's accuracy contract for the returned norm, relative to the float64 reference, by gradient dtype
+#: (README, Semantics: "Accuracy"); p = 0 is an exact count (up to the returned dtype's rounding).
+NORM_RTOL = {"float32": 1e-6, "float64": 1e-6, "bfloat16": 1e-5, "float16": 1e-5}
+
+
+class CheckFailed(AssertionError):
+    """dist_clip's norm or clipped gradients missed the float64 reference; ``output`` holds the tables."""
+
+    def __init__(self, scenario: str, problems: Sequence[str], output: str = "") -> None:
+        self.output = output
+        super().__init__(f"bench {scenario}: dist_clip check FAILED on {len(problems)} row(s):\n"
+                         + "\n".join(f"  {p}" for p in problems))
+
+
+def _dtype_name(dtype: object) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_norm(row: str, got: object, want: float, p: float, dtype: object) -> list[str]:
+    """Problems (empty: none) of dist_clip's returned norm ``got`` against the float64 reference ``want``."""
+    import math
+
+    import torch
+
+    value = float(got)
+    if p == 0:  # a count: exact, up to the rounding of the returned dtype (float32 holds counts to 2^24 exactly)
+        rounded = want
+        if isinstance(got, torch.Tensor):
+            rounded = float(torch.tensor(want, dtype=torch.float64).to(got.dtype))
+        return [] if value == rounded else [f"{row}: L0 norm {value!r} != exact count {want!r}"]
+    if math.isnan(want) or math.isinf(want):
+        ok = (math.isnan(value) and math.isnan(want)) or value == want
+        return [] if ok else [f"{row}: norm {value!r}, reference {want!r}"]
+    rtol = NORM_RTOL.get(_dtype_name(dtype), 1e-5)
+    rel = abs(value - want) / abs(want) if want else abs(value)
+    return [] if rel <= rtol else [f"{row}: norm {value!r} vs float64 reference {want!r}: relative error "
+                                   f"{rel:.2e} > {rtol:g} ({_dtype_name(dtype)})"]
+
+
+def check_clipped(row: str, after: Sequence[object], before: Sequence[object], want: float,
+                  max_norm: float) -> list[str]:
+    """Problems of the gradients ``after`` dist_clip's clip against ``before`` (copies taken before it) times
+    ``coef = min(1, max_norm / (want + 1e-6))`` of the float64 reference norm ``want``, element by element, in
+    float64: within the gradient dtype's rounding (eps, and its subnormal spacing) plus the norm's tolerance."""
+    import torch
+
+    coef = min(1.0, max_norm / (want + 1e-6))
+    for i, (a, b) in enumerate(zip(after, before, strict=True)):
+        if a.numel() == 0:
+            continue
+        fi = torch.finfo(a.dtype)
+        rtol = fi.eps + NORM_RTOL.get(_dtype_name(a.dtype), 1e-5)
+        expect = b.detach().to("cpu", torch.float64) * coef
+        got = a.detach().to("cpu", torch.float64)
+        err = (got - expect).abs()
+        bound = rtol * expect.abs() + fi.tiny * fi.eps
+        if not bool((err <= bound).all()):
+            k = int(torch.argmax(err - bound))
+            return [f"{row}: clipped gradient {i} element {k} is {got.reshape(-1)[k].item()!r}, expected "
+                    f"{expect.reshape(-1)[k].item()!r} (before {b.reshape(-1)[k].item()!r} x coef {coef:.6g})"]
+    return []
+
+
+def sharded_reference_norm(local: Sequence[object], p: float) -> float:
+    """The float64 norm of gradients split across the ranks (each element on one rank): every rank's float64
+    partial of ``local``, combined over the default group. Without a process group: ``local``'s norm."""
+    import math
+
+    import torch
+    import torch.distributed as dist
+
+    flat = [g.detach().reshape(-1).to("cpu", torch.float64) for g in local]
+    whole = torch.cat(flat) if flat else torch.zeros(0, dtype=torch.float64)
+    if math.isinf(p):
+        part, op = (whole.abs().max() if whole.numel() else torch.zeros((), dtype=torch.float64)), "MAX"
+    elif p == 0:
+        part, op = (whole != 0).sum().to(torch.float64), "SUM"
+    else:
+        part, op = whole.abs().pow(p).sum(), "SUM"
+    part = part.reshape(1).clone()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(part, op=getattr(dist.ReduceOp, op))
+    value = float(part)
+    return value if math.isinf(p) or p == 0 else value ** (1.0 / p)
+
+
+def gather_problems(problems: list[str]) -> list[str]:
+    """Every rank's problems, on every rank (rank-prefixed); unchanged without a multi-rank process group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return problems
+    everyone: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, problems)
+    return [f"rank {r}: {p}" for r, ps in enumerate(everyone) for p in ps]
+
+
+def fail_on(scenario: str, problems: Sequence[str], output: str) -> str:
+    """``output``, or ``CheckFailed`` carrying it when a check found problems."""
+    if problems:
+        raise CheckFailed(scenario, problems, output)
+    return output

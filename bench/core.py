@@ -5,7 +5,10 @@ the contenders take turns (torch, ours, torch, ours...), so machine noise hits b
 ours / torch. Before every timed call the gradients are restored from a copy (clipping changes them, and
 torch's fp16 clip can zero them) and, on the CPU, the caches flushed, as after a backward pass over a large
 model. The "torch err" and "ours err" columns are relative errors of the returned norm against the float64
-reference on the same data.
+reference on the same data. Untimed, every row also checks dist_clip's norm against that reference (the
+library's contract: 1e-6 relative for fp32, 1e-5 for bf16/fp16, p = 0 exact) and its clipped gradients
+against the reference gradients times ``min(1, max_norm / (norm + 1e-6))``; a miss raises
+``bench.common.CheckFailed`` naming the row (``python -m bench`` then exits 1). torch's side is only reported.
 
 Sections: the norm orders and dtypes on a 64 Mi-element tensor and on 100 tensors of the same total (256 MiB
 fp32), clipping (max_norm below the norm) and not clipping (above it); the local pass against the read
@@ -28,7 +31,7 @@ from dist_clip import _native
 from dist_clip.clip import local_total_partial
 from dist_clip.testing import reference_norm
 
-from .common import table
+from .common import check_clipped, check_norm, fail_on, table
 
 #: Target ratios (ours / torch) from the performance issue, by norm order, for fp32.
 TARGET_CLIP = {2.0: 1.0, math.inf: 0.3}
@@ -50,7 +53,9 @@ def interleaved(
 ) -> dict[str, float]:
     """Median milliseconds of each function, the functions taking turns in every repeat.
 
-    Slow rounds (seconds) cut the repeats down to what fits in about ``budget_s``, never below 5.
+    Slow rounds (seconds) cut the repeats down to what fits in about ``budget_s``, never below 5. Under a
+    multi-rank process group every rank must call it (``fns`` may hold collectives, ``setup`` a barrier): the
+    ranks take the smallest of their repeat counts, or one would wait forever for the others' extra rounds.
     """
     times: dict[str, list[float]] = {k: [] for k in fns}
     r = 0
@@ -70,9 +75,36 @@ def interleaved(
                 times[name].append(elapsed)
             round_ms += elapsed
         if r == warmup - 1 or (warmup == 0 and r == 0):
-            repeats = max(min(repeats, 5), min(repeats, int(budget_s * 1e3 / max(round_ms, 1e-3))))
+            repeats = _agreed(max(min(repeats, 5), min(repeats, int(budget_s * 1e3 / max(round_ms, 1e-3)))))
         r += 1
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _agreed(repeats: int) -> int:
+    """The smallest ``repeats`` over the default process group's ranks (itself without a multi-rank group)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([repeats], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
+    return repeats
+
+
+def check_clip(
+    row: str, ps: list[torch.nn.Parameter], saved: list[torch.Tensor], max_norm: float, p: float,
+    restore: Callable[[], object] | None = None,
+) -> list[str]:
+    """Untimed: one ``dist_clip.clip_grad_norm_(ps, max_norm, p)`` on the gradients ``saved`` holds (restored
+    first when ``restore`` is given), its norm against the float64 reference and its gradients against the
+    reference's clip. Problems, or an empty list."""
+    if restore is not None:
+        restore()
+    want = reference_norm(saved, p)
+    total = dist_clip.clip_grad_norm_(ps, max_norm, p)
+    return check_norm(row, total, want, p, saved[0].dtype) + check_clipped(
+        row, [q.grad for q in ps], saved, want, max_norm
+    )
 
 
 _SCRATCH: list[torch.Tensor] = []
@@ -142,6 +174,10 @@ def _rel(got: float, want: float) -> float:
     return abs(got - want) / abs(want)
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def _p_name(p: float) -> str:
     return "inf" if math.isinf(p) else f"{p:g}"
 
@@ -160,8 +196,9 @@ def _fmt_ratio(ratio: float, target: float | None) -> tuple[str, str]:
     return f"{ratio:.2f}", f"<= {target:g}: " + ("met" if ratio <= target else "MISSED")
 
 
-def bench_orders(quick: bool, device: str = "cpu") -> str:
-    """The main table: every order, dtype, layout, clipping or not."""
+def bench_orders(quick: bool, device: str = "cpu", problems: list[str] | None = None) -> str:
+    """The main table: every order, dtype, layout, clipping or not. Failed checks are appended to ``problems``."""
+    problems = [] if problems is None else problems
     sync = torch.cuda.synchronize if device == "cuda" else None
     repeats = 3 if quick else 15
     orders = [2.0, math.inf] if quick else [0.0, 1.0, 2.0, 3.0, math.inf]
@@ -179,7 +216,7 @@ def bench_orders(quick: bool, device: str = "cpu") -> str:
             for p in orders:
                 want = reference_norm(grads, p)
                 torch_total = torch.nn.utils.get_total_norm(grads, p, foreach=True).item()
-                ours_total = dist_clip.get_total_norm(ps, p).item()
+                ours_total = dist_clip.get_total_norm(ps, p)
                 for clipping in (True, False):
                     if p == 0 and clipping and dtype != torch.float32:
                         continue  # L0 with clipping: one row (fp32) is enough
@@ -187,6 +224,9 @@ def bench_orders(quick: bool, device: str = "cpu") -> str:
                     # Every call starts from the same gradients: clipping changes them, and torch's fp16 L1
                     # norm overflows to inf, which makes its clip zero them (its coefficient is 0).
                     t = interleaved(_clip_pair(ps, max_norm, p), repeats, setup=restore, sync=sync)
+                    row = f"{device} {layout} {_dtype_name(dtype)} p={_p_name(p)} clips={'yes' if clipping else 'no'}"
+                    problems += check_norm(row + " (get_total_norm)", ours_total, want, p, dtype)
+                    problems += check_clip(row, ps, saved, max_norm, p, restore)
                     target = _target(p, dtype, clipping)
                     ratio, verdict = _fmt_ratio(t["ours"] / t["torch"], target)
                     rows.append(
@@ -200,7 +240,7 @@ def bench_orders(quick: bool, device: str = "cpu") -> str:
                             ratio,
                             verdict,
                             f"{_rel(torch_total, want):.1e}",
-                            f"{_rel(ours_total, want):.1e}",
+                            f"{_rel(ours_total.item(), want):.1e}",
                             f"{nbytes / t['ours'] / 1e6:.1f}",
                         ]
                     )
@@ -209,9 +249,10 @@ def bench_orders(quick: bool, device: str = "cpu") -> str:
     return table(headers, rows)
 
 
-def bench_bandwidth(quick: bool) -> str:
+def bench_bandwidth(quick: bool, problems: list[str] | None = None) -> str:
     """The local norm pass (``local_total_partial``: this rank's partial, before the collective and the root)
     against torch.sum on the same bytes; the whole ``get_total_norm`` call for comparison."""
+    problems = [] if problems is None else problems
     repeats = 5 if quick else 21
     nbytes = (1 << 18) if quick else (256 << 20)  # the same bytes for every dtype
     rows = []
@@ -224,6 +265,8 @@ def bench_bandwidth(quick: bool) -> str:
                 "full": partial(dist_clip.get_total_norm, [x], p),
             }
             t = interleaved(fns, repeats)
+            problems += check_norm(f"bandwidth {_dtype_name(dtype)} p={_p_name(p)}", dist_clip.get_total_norm([x], p),
+                                   reference_norm([x], p), p, dtype)
             frac = t["sum"] / t["local"]
             target = TARGET_BANDWIDTH if p != 3.5 else None
             rows.append(
@@ -241,7 +284,7 @@ def bench_bandwidth(quick: bool) -> str:
     return table(headers, rows)
 
 
-def bench_small(quick: bool) -> str:
+def bench_small(quick: bool, problems: list[str] | None = None) -> str:
     """1000 tensors of 1 Ki elements: per-call overhead."""
     repeats = 5 if quick else 51
     rows = []
@@ -253,9 +296,11 @@ def bench_small(quick: bool) -> str:
             want = reference_norm(grads, p)
             for clipping in (True, False):
                 max_norm = want * 0.5 if clipping else want * 2 + 1.0
-                t = interleaved(
-                    _clip_pair(ps, max_norm, p), repeats, warmup=3, setup=partial(_restore, grads, saved, False)
-                )
+                restore = partial(_restore, grads, saved, False)
+                t = interleaved(_clip_pair(ps, max_norm, p), repeats, warmup=3, setup=restore)
+                if problems is not None:
+                    problems += check_clip(f"1000 x 1 Ki {_dtype_name(dtype)} p={_p_name(p)} "
+                                           f"clips={'yes' if clipping else 'no'}", ps, saved, max_norm, p, restore)
                 ratio, verdict = _fmt_ratio(t["ours"] / t["torch"], TARGET_SMALL)
                 rows.append(
                     [str(dtype).replace("torch.", ""), _p_name(p), "yes" if clipping else "no",
@@ -264,7 +309,7 @@ def bench_small(quick: bool) -> str:
     return table(["dtype", "p", "clips", "torch ms", "ours ms", "ratio", "target"], rows)
 
 
-def bench_fused(quick: bool) -> str:
+def bench_fused(quick: bool, problems: list[str] | None = None) -> str:
     """Clipping folded into torch's fused optimizers vs clipping then stepping, on the same parameters."""
     repeats = 3 if quick else 15
     n_tensors, size = (4, 1 << 14) if quick else (16, 4 << 20)
@@ -284,7 +329,14 @@ def bench_fused(quick: bool) -> str:
         max_norm = want * 0.5
 
         grads = [p.grad for p in ps]
-        t = interleaved(_step_fns(ps, opt, max_norm), repeats, setup=partial(_restore, grads, saved, True))
+        restore = partial(_restore, grads, saved, True)
+        t = interleaved(_step_fns(ps, opt, max_norm), repeats, setup=restore)
+        if problems is not None:  # the plain clip's gradients; the fused call's norm (its coefficient rides the step)
+            restore()
+            total = dist_clip.clip_grad_norm_(ps, max_norm, optimizer=opt)
+            opt.step()  # takes the handed coefficient
+            problems += check_norm(f"fused {name} optimizer=", total, want, 2.0, torch.float32)
+            problems += check_clip(f"fused {name}", ps, saved, max_norm, 2.0, restore)
         sep = t["clip then step"] - t["step"]
         fused = t["fused clip+step"] - t["step"]
         torch_part = t["torch clip then step"] - t["step"]
@@ -301,7 +353,7 @@ def bench_fused(quick: bool) -> str:
     return table(headers, rows)
 
 
-def _gpu_section(quick: bool) -> str:
+def _gpu_section(quick: bool, problems: list[str] | None = None) -> str:
     if not torch.cuda.is_available():
         return (
             "GPU: not measured (no CUDA device on this machine). The CUDA path runs the same benchmark with "
@@ -310,10 +362,11 @@ def _gpu_section(quick: bool) -> str:
             "(`tests/test_gpu.py`)."
         )
     name = torch.cuda.get_device_name()
-    return f"GPU: {name}\n\n" + bench_orders(quick, device="cuda") + "\n\n" + _gpu_bandwidth(quick)
+    orders = bench_orders(quick, device="cuda", problems=problems)
+    return f"GPU: {name}\n\n" + orders + "\n\n" + _gpu_bandwidth(quick, problems)
 
 
-def _gpu_bandwidth(quick: bool) -> str:
+def _gpu_bandwidth(quick: bool, problems: list[str] | None = None) -> str:
     n = (1 << 16) if quick else (256 << 20)
     x = torch.randn(n, device="cuda")
     y = torch.empty_like(x)
@@ -321,6 +374,9 @@ def _gpu_bandwidth(quick: bool) -> str:
     for p in (2.0, 1.0, math.inf):
         fns = {"copy": partial(y.copy_, x), "ours": partial(dist_clip.get_total_norm, [x], p)}
         t = interleaved(fns, 5 if quick else 31, sync=torch.cuda.synchronize)
+        if problems is not None:
+            problems += check_norm(f"cuda bandwidth p={_p_name(p)}", dist_clip.get_total_norm([x], p),
+                                   reference_norm([x], p), p, x.dtype)
         copy_bw = 2 * x.numel() * 4 / t["copy"] / 1e6  # read + write
         ours_bw = x.numel() * 4 / t["ours"] / 1e6
         frac = ours_bw / copy_bw
@@ -330,17 +386,20 @@ def _gpu_bandwidth(quick: bool) -> str:
 
 
 def main(quick: bool = False) -> str:
+    """The tables; ``bench.common.CheckFailed`` (carrying them) when a check of dist_clip's side failed."""
+    problems: list[str] = []
     threads = torch.get_num_threads()
     kernel = "native kernel" if _native.available() else f"plain torch ({_native.status()})"
     parts = [
         f"torch {torch.__version__}, {threads} threads, CPU path: {kernel}. Medians, ours / torch.",
-        "### Norm orders and dtypes (CPU)\n\n" + bench_orders(quick),
-        "### Local pass vs torch.sum read bandwidth (CPU, one tensor of 256 MiB)\n\n" + bench_bandwidth(quick),
-        "### 1000 tensors of 1 Ki elements (CPU)\n\n" + bench_small(quick),
-        "### Clipping folded into a fused optimizer step (CPU)\n\n" + bench_fused(quick),
-        "### CUDA\n\n" + _gpu_section(quick),
+        "### Norm orders and dtypes (CPU)\n\n" + bench_orders(quick, problems=problems),
+        "### Local pass vs torch.sum read bandwidth (CPU, one tensor of 256 MiB)\n\n"
+        + bench_bandwidth(quick, problems),
+        "### 1000 tensors of 1 Ki elements (CPU)\n\n" + bench_small(quick, problems),
+        "### Clipping folded into a fused optimizer step (CPU)\n\n" + bench_fused(quick, problems),
+        "### CUDA\n\n" + _gpu_section(quick, problems),
     ]
-    return "\n\n".join(parts)
+    return fail_on("core", problems, "\n\n".join(parts))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,11 @@ engine's in the same round. ``step()`` itself swings by tens of ms (its all-gath
 isolated table below, which times exactly the added work on the same gradients, is the steadier figure. The
 issue's target for ZeRO 1/2 is dist_clip's cost <= 0.1x DeepSpeed's. ZeRO-3 has no ``compute_grad_norm`` switch: its
 baseline still pays DeepSpeed's norm, so only the dist_clip call itself is reported there. Also the collectives
-of ``step()`` and of the dist_clip call. ``python -m bench deepspeed``.
+of ``step()`` and of the dist_clip call. ``max_norm`` is half the norm of the first step's gradients (computed
+once, untimed, on a plain copy of the model), so every step clips (a fixed 1e-3 gave a coefficient of ~0.9).
+Untimed checks: the first round's dist_clip norms against that float64 norm; in the isolated table, dist_clip's
+norm and its clipped partition against the float64 partition times ``min(1, max_norm / (norm + 1e-6))``; a
+miss raises ``bench.common.CheckFailed``. ``python -m bench deepspeed``.
 """
 
 from __future__ import annotations
@@ -33,10 +37,31 @@ import time
 import warnings
 from typing import Any
 
-from .common import on_ranks, table
+from .common import check_clipped, check_norm, fail_on, gather_problems, on_ranks, sharded_reference_norm, table
 
 WORLD = 2
 TARGET_VS_DEEPSPEED = 0.1  # the issue's: dist_clip's clipping cost / DeepSpeed's internal norm+clip (ZeRO 1/2)
+
+
+def _first_norm(width: int, depth: int, x: Any) -> float:  # noqa: ANN401
+    """The float64 norm of the first step's data-parallel gradient (the ranks' mean), on a plain copy of the
+    model ``_engine`` builds: every engine starts from it."""
+    import torch
+    import torch.distributed as dist
+
+    from dist_clip.testing import reference_norm
+
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = []
+    for _ in range(depth):
+        layers += [torch.nn.Linear(width, width), torch.nn.Tanh()]
+    model = torch.nn.Sequential(*layers)
+    model(x).pow(2).mean().backward()
+    grads = [q.grad.double() for q in model.parameters()]
+    for g in grads:
+        dist.all_reduce(g)
+        g /= dist.get_world_size()
+    return reference_norm(grads)
 
 
 def _engine(stage: int, clip: float, ds_norm: bool, width: int, depth: int) -> Any:
@@ -69,7 +94,7 @@ MODES = {
 }
 
 
-def _measure(stage: int, quick: bool) -> dict[str, dict[str, float]]:
+def _measure(stage: int, quick: bool, problems: list[str]) -> dict[str, dict[str, float]]:
     """Every loop of ``MODES`` on its own engine, the engines taking turns step by step (so that drift in the
     machine's load hits them alike); what clipping adds is the median over steps of the paired difference
     with the baseline's step of the same round."""
@@ -82,11 +107,12 @@ def _measure(stage: int, quick: bool) -> dict[str, dict[str, float]]:
     from dist_clip.testing import count_collectives
 
     width, depth, iters = (64, 2, 3) if quick else (2500, 8, 21)
-    max_norm = 1e-3  # below the norm: every step clips
+    x = torch.randn(8, width, generator=torch.Generator().manual_seed(dist.get_rank()))
+    first = _first_norm(width, depth, x)
+    max_norm = 0.5 * first  # every step clips (SGD at lr 1e-3 barely moves the norm over the rounds)
     engines = {}
     for mode, (ds_clips, ds_norm, _) in MODES.items():
         engines[mode] = _engine(stage, max_norm if ds_clips else 0.0, ds_norm or stage == 3, width, depth)
-    x = torch.randn(8, width, generator=torch.Generator().manual_seed(dist.get_rank()))
     rec: dict[str, dict[str, list[float]]] = {m: {"total": [], "after": [], "clip": []} for m in MODES}
     colls: dict[str, dict[str, int]] = {m: {} for m in MODES}
     for i in range(iters + 3):
@@ -101,9 +127,11 @@ def _measure(stage: int, quick: bool) -> dict[str, dict[str, float]]:
             if ours:
                 handed = engine.optimizer if "optimizer=" in mode else None
                 with count_collectives() if counting else contextlib.nullcontext() as c:
-                    dist_clip.clip_grad_norm_(engine, max_norm, optimizer=handed)
+                    total = dist_clip.clip_grad_norm_(engine, max_norm, optimizer=handed)
                 if counting:
                     colls[mode]["clip"] = c.total
+                if i == 0:  # the first step's gradients: those of the plain copy
+                    problems += check_norm(f"ZeRO-{stage} {mode}, first step", total, first, 2.0, torch.float32)
             t2 = time.perf_counter()
             with count_collectives() if counting else contextlib.nullcontext() as s:
                 engine.step()
@@ -128,7 +156,7 @@ def _measure(stage: int, quick: bool) -> dict[str, dict[str, float]]:
     return out
 
 
-def _isolated(stage: int, quick: bool) -> dict[str, float]:
+def _isolated(stage: int, quick: bool, problems: list[str]) -> dict[str, float]:
     """ZeRO-1/2 at a boundary, on the same reduced gradients: DeepSpeed's own norm + clip, called as ``step()``
     calls them (``scaled_global_norm`` with its all-reduce, then ``unscale_and_clip_grads`` on the flat fp32
     partition ``step()`` builds), against one ``dist_clip.clip_grad_norm_(engine)``; the two take turns, the
@@ -139,13 +167,14 @@ def _isolated(stage: int, quick: bool) -> dict[str, float]:
     import dist_clip
 
     width, depth, repeats = (64, 2, 3) if quick else (2500, 8, 15)
-    max_norm = 1e-3
-    engine = _engine(stage, max_norm, True, width, depth)
+    engine = _engine(stage, 1.0, True, width, depth)
     opt = engine.optimizer
     x = torch.randn(8, width, generator=torch.Generator().manual_seed(dist.get_rank()))
     engine.backward(engine(x).pow(2).mean())
     pieces = [t for i in sorted(opt.averaged_gradients) for t in opt.averaged_gradients[i]]
     saved = [t.clone() for t in pieces]
+    want = sharded_reference_norm(saved, 2.0)  # each rank's partition: float64 over the ranks
+    max_norm = opt.clip_grad = 0.5 * want  # both clip
     flats = [torch.empty(int(size)) for size in opt.partition_size]
 
     def theirs() -> None:
@@ -185,17 +214,22 @@ def _isolated(stage: int, quick: bool) -> dict[str, float]:
             fn()
             if r:
                 times[name].append(time.perf_counter() - t0)
+    torch._foreach_copy_(pieces, saved)  # untimed: dist_clip's norm and clipped partition against float64
+    problems += check_norm(f"ZeRO-{stage} isolated", dist_clip.clip_grad_norm_(engine, max_norm), want, 2.0,
+                           torch.float32)
+    problems += check_clipped(f"ZeRO-{stage} isolated", pieces, saved, want, max_norm)
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}  # the engine goes with this frame
 
 
 def _rank(quick: bool) -> dict[str, Any]:
     warnings.filterwarnings("ignore")
     loops = []
+    problems: list[str] = []
     for stage in (1, 2, 3):
-        for mode, r in _measure(stage, quick).items():
+        for mode, r in _measure(stage, quick, problems).items():
             loops.append({"stage": stage, "mode": mode, **r})
-    isolated = [{"stage": stage, **_isolated(stage, quick)} for stage in (1, 2)]
-    return {"loops": loops, "isolated": isolated}
+    isolated = [{"stage": stage, **_isolated(stage, quick, problems)} for stage in (1, 2)]
+    return {"loops": loops, "isolated": isolated, "problems": gather_problems(problems)}
 
 
 def main(quick: bool = False) -> str:
@@ -224,7 +258,8 @@ def main(quick: bool = False) -> str:
                     r["dist_clip norm"], f"{r['scaled flatten'] - r['flatten']:+.2f}", folded,
                     f"{folded / r['deepspeed']:.2f}x", verdict(folded / r["deepspeed"])])
     n = results[0]["params"]
-    head = (f"{WORLD} gloo ranks, 1 thread each, fp32, SGD, {n / 1e6:.1f} M parameters, every step clips; medians "
+    head = (f"{WORLD} gloo ranks, 1 thread each, fp32, SGD, {n / 1e6:.1f} M parameters, every step clips "
+            f"(max_norm: half the first step's norm); medians "
             f"{'(quick: tiny model)' if quick else ''}\n\n")
     loops = table(
         ["stage", "clipping", "backward..step (ms)", "clip call + step() (ms)", "added by clipping (ms)",
@@ -233,8 +268,8 @@ def main(quick: bool = False) -> str:
     isolated = table(["stage", "DeepSpeed norm + clip (ms)", "dist_clip call (ms)", "ours / DeepSpeed's", "target",
                       "optimizer=: the call (norm alone, ms)", "step()'s copy, scaled - plain (ms)",
                       "optimizer=: total (ms, a faster copy not counted)", "ours / DeepSpeed's", "target"], iso)
-    return (head + loops + "\n\nThe same gradients, the two clippings taking turns (DeepSpeed's called as step() "
-            "calls them):\n\n" + isolated)
+    return fail_on("deepspeed", out["problems"], head + loops + "\n\nThe same gradients, the two clippings taking "
+                   "turns (DeepSpeed's called as step() calls them):\n\n" + isolated)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,10 @@ FSDP unit: 1536 gradients, 0.2 M parameters), where host time, not memory traffi
 
 Times are rank 0's medians of 21 calls, the two clips interleaved; every call ends in a collective, so the
 ranks move in step. With 4 ranks on a
-2-core machine the ranks share cores: compare rows of one world size, not across them.
+2-core machine the ranks share cores: compare rows of one world size, not across them. Untimed, every dist_clip
+row is checked: its norm against the float64 norm of every rank's gradient shards (1e-6 relative), its
+clipped shards against the float64 shards times ``min(1, max_norm / (norm + 1e-6))``; a miss raises
+``bench.common.CheckFailed`` naming the row.
 ``python -m bench fsdp`` (``--quick``: a tiny model, 2 ranks, few repeats: seconds).
 """
 
@@ -25,7 +28,7 @@ import os
 import warnings
 from typing import Any
 
-from .common import on_ranks, table
+from .common import check_clipped, check_norm, fail_on, gather_problems, on_ranks, sharded_reference_norm, table
 
 #: The issue's targets, dist_clip's time / the wrapper's own clip, by "p is inf".
 TARGETS = {False: 0.8, True: 0.3}
@@ -94,7 +97,7 @@ def _blocks(count: int) -> Any:
     return torch.nn.Sequential(*[Block() for _ in range(count)])
 
 
-def _many_small(count: int, repeats: int, warmup: int) -> list[dict[str, Any]]:
+def _many_small(count: int, repeats: int, warmup: int, problems: list[str]) -> list[dict[str, Any]]:
     """p=2 on ``_blocks(count)`` under FSDP1 (``use_orig_params=True``, a unit per block) and FSDP2."""
     import torch
     import torch.distributed as dist
@@ -115,6 +118,7 @@ def _many_small(count: int, repeats: int, warmup: int) -> list[dict[str, Any]]:
         "FSDP1.clip_grad_norm_": lambda: model.clip_grad_norm_(m),
         "per_param": lambda: per_param(model),
     }, repeats, warmup)})
+    problems += _check("small FSDP1 use_orig_params p=2", model, lambda: dist_clip.clip_grad_norm_(model, m), 2.0, m)
     model = _fsdp2(_blocks(count), block_type)
     model(x).pow(2).mean().backward()
     m2 = _half_norm(model, 2.0)
@@ -123,6 +127,7 @@ def _many_small(count: int, repeats: int, warmup: int) -> list[dict[str, Any]]:
         "torch clip on DTensors": lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), m2),
         "per_param": lambda: per_param(model),
     }, repeats, warmup)})
+    problems += _check("small FSDP2 fully_shard p=2", model, lambda: dist_clip.clip_grad_norm_(model, m2), 2.0, m2)
     return rows
 
 
@@ -198,6 +203,22 @@ def _time_folded(model: Any, own_clip: Any, repeats: int, warmup: int) -> dict[s
     }, repeats, warmup)
 
 
+def _check(row: str, model: Any, call: Any, p: float, max_norm: float) -> list[str]:  # noqa: ANN401
+    """Untimed, on every rank: one dist_clip ``call()`` on this rank's gradient shards, its norm against the
+    float64 norm of every rank's shards, its clipped shards against theirs times the reference coefficient;
+    the gradients are restored after. Problems, or an empty list."""
+    grads = _local_grads(model)
+    saved = [g.clone() for g in grads]
+    want = sharded_reference_norm(saved, p)
+    total = call()
+    total = total[0] if isinstance(total, tuple) else total
+    problems = check_norm(row, total, want, p, saved[0].dtype if saved else None)
+    problems += check_clipped(row, grads, saved, want, max_norm)
+    for g, s in zip(grads, saved):
+        g.copy_(s)
+    return problems
+
+
 def _half_norm(model: Any, p: float) -> float:
     """Half the gradients' norm: every timed call scales (on the CPU dist_clip skips a coefficient of 1, the
     wrappers never do; with a fixed max_norm the inf norm of these gradients, ~3e-5, would not clip)."""
@@ -214,6 +235,7 @@ def _rank(quick: bool) -> dict[str, Any]:
     warnings.filterwarnings("ignore")
     width, depth, repeats, warmup = (64, 2, 3, 1) if quick else (2500, 8, 21, 3)
     results: list[dict[str, Any]] = []
+    problems: list[str] = []
 
     full = _model(width, depth)
     n_params = sum(p.numel() for p in full.parameters())
@@ -226,6 +248,8 @@ def _rank(quick: bool) -> dict[str, Any]:
             "FSDP1.clip_grad_norm_": lambda p=p, m=max_norm: model.clip_grad_norm_(m, p),
         }, repeats, warmup)
         results.append({"wrapper": "FSDP1 FULL_SHARD", "p": p, "timed": timed})
+        problems += _check(f"FSDP1 FULL_SHARD p={p:g}", model, lambda p=p, m=max_norm: dist_clip.clip_grad_norm_(
+            model, m, p), p, max_norm)
     folded = [{"wrapper": "FSDP1 FULL_SHARD", "timed": _time_folded(model, model.clip_grad_norm_, repeats, warmup)}]
     del model, full
 
@@ -238,11 +262,14 @@ def _rank(quick: bool) -> dict[str, Any]:
             "torch clip on DTensors": lambda p=p, m=max_norm: torch.nn.utils.clip_grad_norm_(model.parameters(), m, p),
         }, repeats, warmup)
         results.append({"wrapper": "FSDP2 fully_shard", "p": p, "timed": timed})
+        problems += _check(f"FSDP2 fully_shard p={p:g}", model, lambda p=p, m=max_norm: dist_clip.clip_grad_norm_(
+            model, m, p), p, max_norm)
     folded.append({"wrapper": "FSDP2 fully_shard", "timed": _time_folded(
         model, lambda m: torch.nn.utils.clip_grad_norm_(model.parameters(), m), repeats, warmup)})
 
-    small = _many_small(4 if quick else 96, repeats, warmup)
-    return {"params": n_params, "rows": results, "folded": folded, "small": small}
+    small = _many_small(4 if quick else 96, repeats, warmup, problems)
+    return {"params": n_params, "rows": results, "folded": folded, "small": small,
+            "problems": gather_problems(problems)}
 
 
 def main(quick: bool = False) -> str:
@@ -251,9 +278,11 @@ def main(quick: bool = False) -> str:
     folded_by_world: list[tuple[int, list[dict[str, Any]]]] = []
     small_rows = []
     params = 0
+    problems: list[str] = []
     for world in (2,) if quick else (2, 4):
         result = on_ranks(world, _rank, quick)
         params = result["params"]
+        problems += [f"{world} ranks, {p}" for p in result["problems"]]
         folded_by_world.append((world, result["folded"]))
         for r in result["small"]:
             per_param = r["timed"].pop("per_param")
@@ -280,7 +309,7 @@ def main(quick: bool = False) -> str:
     size = f"{params / 1e6:.1f} M" if params >= 1e5 else f"{params:,}"
     head = (f"gloo ranks on the CPU, 1 thread each, fp32, {size} parameters"
             f"{' (quick: tiny model)' if quick else ''}, every call clips; median ms per call (rank 0)\n\n")
-    return head + table(
+    return fail_on("fsdp", problems, head + table(
         ["ranks", "wrapping", "p", "dist_clip (ms)", "own clip", "own clip (ms)", "dist_clip / own", "target",
          "collectives dist_clip / own"], rows) + (
         "\n\np = 2 with a fused AdamW step: what clipping adds to `step()` when the wrapper's clip scales the "
@@ -289,7 +318,7 @@ def main(quick: bool = False) -> str:
          "dist_clip(optimizer=) + step - step (ms)", "ours / own", "target"], folded_rows) + (
         "\n\nMany small gradients (blocks of 16 parameters, a unit per block), p = 2: host time per call\n\n") + table(
         ["ranks", "wrapping", "gradients on rank 0", "dist_clip (ms)", "own clip", "own clip (ms)",
-         "dist_clip / own", "GradClipper per_param (ms)", "its collectives"], small_rows)
+         "dist_clip / own", "GradClipper per_param (ms)", "its collectives"], small_rows))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ panel: ours on 1, 2 and 4 gloo ranks spawned on this machine (``bench.common.on_
 that many elements of its own (``group=`` over plain tensors: one all-reduce per call), the slowest rank's
 median. The 2-core CI machine runs 4 ranks on 2 cores (2 // world threads each, at least one), so the 4-rank
 line measures oversubscription as well.
+Untimed, every size checks dist_clip's norm against the float64 norm (over every rank's elements) and its
+clipped gradients against the float64 ones times ``min(1, max_norm / (norm + 1e-6))``; a miss raises
+``bench.common.CheckFailed``. The ranks agree on the repeat count (``bench.core.interleaved``).
 The PNG goes to ``docs/notes/scaling.png`` (``$DIST_CLIP_BENCH_DIR`` overrides; quick runs use a temporary
 directory).
 """
@@ -22,7 +25,15 @@ import torch
 
 import dist_clip
 
-from .common import on_ranks, table
+from .common import (
+    check_clipped,
+    check_norm,
+    fail_on,
+    gather_problems,
+    on_ranks,
+    sharded_reference_norm,
+    table,
+)
 from .core import _params, interleaved
 
 N_TENSORS = 8
@@ -46,25 +57,40 @@ def _clip_pair(params: list[torch.nn.Parameter], max_norm: float) -> dict[str, C
     }
 
 
-def sweep_size(sizes: list[int], repeats: int) -> list[tuple[int, float, float, float]]:
+def _check(row: str, grads: list[torch.Tensor], clip: Callable[[], object], max_norm: float) -> list[str]:
+    """Untimed: one ``clip()`` of ``grads`` (p=2), its norm and gradients against the float64 reference over
+    every rank's ``grads`` (this process's alone without a process group)."""
+    saved = [g.clone() for g in grads]
+    want = sharded_reference_norm(saved, 2.0)
+    return check_norm(row, clip(), want, 2.0, torch.float32) + check_clipped(row, grads, saved, want, max_norm)
+
+
+def sweep_size(
+    sizes: list[int], repeats: int, problems: list[str] | None = None
+) -> list[tuple[int, float, float, float]]:
     rows = []
     for n in sizes:
         grads = _grads(n)
         params = _params(grads)  # torch's clip reads .grad of parameters
         max_norm, setup = _clip_cycle(grads)
         t = interleaved(_clip_pair(params, max_norm), repeats, setup=setup)
+        if problems is not None:
+            setup()
+            problems += _check(f"one process, {n / 2**20:g} Mi", grads, _clip_pair(params, max_norm)["ours"], max_norm)
         t_norm = interleaved({"norm": partial(dist_clip.get_total_norm, grads)}, repeats)["norm"]
         rows.append((n, t["torch"], t["ours"], t_norm))
     return rows
 
 
-def _world_body(sizes: list[int], repeats: int) -> list[float]:
-    """On every rank: the median time of one clip per size; rank 0 returns the slowest rank's medians."""
+def _world_body(sizes: list[int], repeats: int) -> dict[str, list]:
+    """On every rank: the median time of one clip per size; rank 0 returns the slowest rank's medians and the
+    checks' problems of every rank."""
     import torch.distributed as dist
 
     world = dist.get_world_size()
     torch.set_num_threads(max(1, 2 // world))  # the 2-core machine's cores, shared between the ranks
     out = []
+    problems: list[str] = []
     for n in sizes:
         grads = _grads(n, seed=dist.get_rank())
         # Every rank must clip by the same coefficient: max_norm from the global norm halves the gradients.
@@ -75,9 +101,12 @@ def _world_body(sizes: list[int], repeats: int) -> list[float]:
             setup=partial(_double_then_barrier, grads),
         )
         out.append(t["ours"])
+        _double_then_barrier(grads)
+        problems += _check(f"{world} ranks, {n / 2**20:g} Mi per rank", grads, partial(
+            dist_clip.clip_grad_norm_, grads, max_norm, group=dist.group.WORLD), max_norm)
     slowest = torch.tensor(out, dtype=torch.float64)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-    return slowest.tolist()
+    return {"ms": slowest.tolist(), "problems": gather_problems(problems)}
 
 
 def _double_then_barrier(grads: list[torch.Tensor]) -> None:
@@ -87,8 +116,11 @@ def _double_then_barrier(grads: list[torch.Tensor]) -> None:
     dist.barrier()  # start each timed call together, as a training step would
 
 
-def sweep_world(world: int, sizes: list[int], repeats: int) -> list[float]:
-    return list(on_ranks(world, _world_body, sizes, repeats))
+def sweep_world(world: int, sizes: list[int], repeats: int, problems: list[str] | None = None) -> list[float]:
+    result = on_ranks(world, _world_body, sizes, repeats)
+    if problems is not None:
+        problems += result["problems"]
+    return list(result["ms"])
 
 
 def _plot(path: Path, size_rows, world_rows: dict[int, list[float]], world_sizes: list[int]) -> None:
@@ -133,8 +165,9 @@ def main(quick: bool = False) -> str:
         worlds = [1, 2, 4]
         repeats = 9
         out_dir = Path(os.environ.get("DIST_CLIP_BENCH_DIR", Path(__file__).resolve().parent.parent / "docs" / "notes"))
-    size_rows = sweep_size(sizes, repeats)
-    world_rows = {w: sweep_world(w, world_sizes_el, repeats) for w in worlds}
+    problems: list[str] = []
+    size_rows = sweep_size(sizes, repeats, problems)
+    world_rows = {w: sweep_world(w, world_sizes_el, repeats, problems) for w in worlds}
     png = out_dir / "scaling.png"
     _plot(png, size_rows, world_rows, world_sizes_el)
     t1 = table(
@@ -146,7 +179,7 @@ def main(quick: bool = False) -> str:
         ["elements per rank", *[f"{w} rank{'s' if w > 1 else ''} ms" for w in worlds]],
         [[f"{n / 2**20:g} Mi", *[f"{world_rows[w][i]:.2f}" for w in worlds]] for i, n in enumerate(world_sizes_el)],
     )
-    return f"{t1}\n\n{t2}\n\nPNG: {png}"
+    return fail_on("scaling", problems, f"{t1}\n\n{t2}\n\nPNG: {png}")
 
 
 if __name__ == "__main__":

@@ -1062,6 +1062,65 @@ def test_bench_core_quick_runs_and_reports_targets():
     assert ("not measured" in out) != torch.cuda.is_available()
 
 
+def test_bench_quick_fails_on_a_wrong_norm_or_clip(monkeypatch, capsys):
+    """A benchmark must not pass a wrong number: with dist_clip's norm 1% high and its clip by 3x the coefficient
+    (the accuracy column printed it and the run exited 0), ``python -m bench --quick core`` exits 1 naming rows."""
+    from bench import __main__ as bench_main
+    from bench import core
+
+    get_total_norm, clip_grad_norm_ = dist_clip.get_total_norm, dist_clip.clip_grad_norm_
+
+    def bad_clip(params, max_norm, norm_type=2.0, **kw):
+        kw.pop("optimizer", None)
+        total = get_total_norm(params, norm_type, **kw)
+        dist_clip.clip_grads_with_norm_(params, max_norm * 3, total)
+        return total
+
+    monkeypatch.setattr(core, "flush_caches", lambda: None)  # seconds, not tens of seconds
+    monkeypatch.setattr(dist_clip, "get_total_norm", lambda *a, **k: get_total_norm(*a, **k) * 1.01)
+    monkeypatch.setattr(dist_clip, "clip_grad_norm_", bad_clip)
+    assert bench_main.main(["--quick", "core"]) == 1
+    err = capsys.readouterr().err
+    assert "dist_clip check FAILED" in err and "missed the float64 reference in: core" in err, err
+    assert "cpu 100 x 0.64 Mi float32 p=2 clips=yes (get_total_norm): norm" in err, err
+    assert "cpu 100 x 0.64 Mi float32 p=2 clips=yes: clipped gradient" in err, err
+
+    monkeypatch.setattr(dist_clip, "get_total_norm", get_total_norm)
+    monkeypatch.setattr(dist_clip, "clip_grad_norm_", clip_grad_norm_)
+    assert bench_main.main(["--quick", "core"]) == 0
+
+    from bench.common import check_clipped, check_norm
+
+    g = [torch.randn(1000, generator=torch.Generator().manual_seed(0))]
+    want = reference_norm(g)
+    assert check_norm("r", torch.tensor(want), want, 2.0, torch.float32) == []
+    assert check_norm("r", torch.tensor(want * (1 + 5e-6)), want, 2.0, torch.bfloat16) == []
+    assert check_norm("r", torch.tensor(want * (1 + 5e-6)), want, 2.0, torch.float32)[0].startswith("r: norm")
+    assert check_norm("r", torch.tensor(1001.0), 1000.0, 0.0, torch.float32)  # p = 0: an exact count
+    assert check_clipped("r", [g[0] * 0.5], g, want, 0.5 * want) == []
+    assert check_clipped("r", [g[0] * 0.505], g, want, 0.5 * want)[0].startswith("r: clipped gradient 0")
+
+
+def _interleaved_with_unequal_budgets():
+    import torch.distributed as dist
+
+    from bench.core import interleaved
+
+    calls = []
+
+    def fn():  # a collective in every round, as bench/scaling.py's barrier
+        calls.append(1)
+        dist.barrier()
+
+    # rank 0's time budget cuts the repeats to 5, rank 1's keeps all 40: unless they agree, rank 1 waits forever
+    interleaved({"fn": fn}, 40, budget_s=1e-9 if dist.get_rank() == 0 else 1e9)
+    return len(calls)
+
+
+def test_bench_interleaved_ranks_agree_on_the_repeat_count(run_ranks):
+    assert run_ranks(2, _interleaved_with_unequal_budgets, timeout_s=60) == [6, 6]  # a warm-up round and 5
+
+
 @pytest.mark.slow
 def test_bench_scaling_quick_writes_a_png():
     import re
