@@ -386,14 +386,17 @@ def _threads_for(ranks_here: int) -> int:
 
 @contextlib.contextmanager
 def _progress(enabled: bool, total: int, desc: str) -> Iterator[Callable[[StepRecord], None]]:
-    """A tqdm bar on a terminal; plain lines (about ten per run) when stderr is a file or a pipe."""
+    """A tqdm bar on a terminal; plain lines (about ten per run) when stderr is a file or a pipe, or when tqdm
+    (the ``train`` extra) is not installed."""
     if not enabled:
         yield lambda rec: None
         return
-    if sys.stderr.isatty():
-        import shutil
-
+    try:
         from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is not None and sys.stderr.isatty():
+        import shutil
 
         # A terminal of unknown size (a pty without a window) reports 0 x 0, and tqdm then hides the bar.
         size = shutil.get_terminal_size((100, 24))
