@@ -281,8 +281,13 @@ def scaled_flatten(tensors: Sequence[Tensor], coef: float) -> Tensor | None:
     return out
 
 
-if __name__ == "__main__":
-    # `python -m dist_clip._native`: build ahead of time (make install) and report.
+def main() -> None:
+    """Build ahead of time and report: ``make install`` runs ``python -c 'import dist_clip._native as n; n.main()'``
+    (``python -m dist_clip._native`` warns that the package's ``__init__`` already imported this module)."""
     path = build(verbose=True)
     print(path if path else f"dist_clip native kernel not built: {_why}")
     print(f"status: {status()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -20,6 +20,7 @@ chunk by chunk (slower: see docs/notes/performance.md). Accelerators use fused m
 
 from __future__ import annotations
 
+import ctypes
 import math
 import numbers
 import operator
@@ -60,6 +61,14 @@ def numpy_scalar(value: object) -> object:
     if type(value).__name__ == "ndarray" and type(value).__module__ == "numpy" and value.ndim == 0:  # type: ignore[attr-defined]
         return value.item()  # type: ignore[attr-defined]
     return value
+
+
+def tensor_bytes(t: Tensor) -> bytes:
+    """The bytes of ``t``'s elements in order, with torch alone (numpy is not a dependency; ``t.numpy()`` raises
+    "Numpy is not available" without it): a copy of the memory of a contiguous CPU copy."""
+    t = t.detach().cpu().resolve_conj().resolve_neg().contiguous()
+    n = t.numel() * t.element_size()
+    return ctypes.string_at(t.data_ptr(), n) if n else b""
 
 
 def as_float(name: str, value: numbers.Real) -> float:

@@ -132,6 +132,35 @@ def _check_machine(cfg: TrainConfig, source: str) -> None:
             raise ConfigError(source, "backend", f"{problem}; use gloo or auto")
 
 
+#: The framework each wrapper imports, and the pip extra that installs it.
+_FRAMEWORKS = {"zero1": ("deepspeed", "DeepSpeed"), "zero2": ("deepspeed", "DeepSpeed"),
+               "zero3": ("deepspeed", "DeepSpeed"), "fairscale-oss": ("fairscale", "fairscale")}
+
+
+def _installed(module: str) -> bool:
+    """Whether ``import module`` would find it, without importing it (DeepSpeed's import takes seconds)."""
+    if module in sys.modules:
+        return sys.modules[module] is not None  # None: an import blocked on purpose
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _check_installed(cfg: TrainConfig, source: str, args: argparse.Namespace) -> None:
+    """The optional packages the run will import, found before any rank starts: a wrapper's framework failed
+    with a traceback once the process group and the data were set up, and matplotlib after the whole run."""
+    module, name = _FRAMEWORKS.get(cfg.wrapper, (None, None))
+    if module is not None and not _installed(module):
+        raise ConfigError(source, "wrapper", f"{cfg.wrapper} needs {name}, which is not installed: "
+                          f"pip install 'dist_clip[{module}]'")
+    if args.command == "train" and not args.no_plot and not _installed("matplotlib"):
+        raise ConfigError(source, "", "the plot needs matplotlib, which is not installed: "
+                          "pip install 'dist_clip[train]', or pass --no-plot")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``dist-clip`` and ``python -m dist_clip``; returns the exit status."""
     args = _parser().parse_args(argv)
@@ -144,6 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg, source = _load(args)
         _check_machine(cfg, source)
+        _check_installed(cfg, source, args)
         _check_out_dir(cfg, source, main_rank=main_rank)
     except ConfigError as e:
         return _fail(f"config error: {e}", 2)

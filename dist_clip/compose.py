@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import _slots
+from . import _norm, _slots
 from .shards import Shards
 
 __all__ = ["ParallelPlan", "Rule", "clip_grad_norm_", "get_total_norm"]
@@ -315,7 +315,7 @@ def _audit(gathered: Sequence[tuple[int, list[tuple[str, bool, Tensor]]]], p: fl
         for name, counted, t in pieces:
             if t.numel() == 0 or not bool((t != 0).any()):
                 continue
-            by_content.setdefault(t.numpy().tobytes(), []).append((rank, name, counted, t))
+            by_content.setdefault(_norm.tensor_bytes(t), []).append((rank, name, counted, t))
     problems: list[str] = []
     distinct: list[Tensor] = []
     for holders in sorted(by_content.values(), key=lambda h: (h[0][1], h[0][0])):

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 import dist_clip
 
+from . import _norm
 from .bootstrap import DistInfo
 from .config import ConfigError, ModelConfig, TrainConfig, data_root
 
@@ -181,7 +182,7 @@ def _agree_on_data(text: Tensor, info: DistInfo) -> None:
     """Fail on every rank together when ranks read different corpora (e.g. different Python versions)."""
     if info.world_size == 1 or info.backend is None:
         return
-    mine = torch.tensor([text.numel(), zlib.crc32(text.numpy().tobytes())], dtype=torch.int64, device=info.device)
+    mine = torch.tensor([text.numel(), zlib.crc32(_norm.tensor_bytes(text))], dtype=torch.int64, device=info.device)
     everyone = [torch.zeros_like(mine) for _ in range(info.world_size)]
     dist.all_gather(everyone, mine)
     if any(not torch.equal(e, mine) for e in everyone):
@@ -385,14 +386,17 @@ def _threads_for(ranks_here: int) -> int:
 
 @contextlib.contextmanager
 def _progress(enabled: bool, total: int, desc: str) -> Iterator[Callable[[StepRecord], None]]:
-    """A tqdm bar on a terminal; plain lines (about ten per run) when stderr is a file or a pipe."""
+    """A tqdm bar on a terminal; plain lines (about ten per run) when stderr is a file or a pipe, or when tqdm
+    (the ``train`` extra) is not installed."""
     if not enabled:
         yield lambda rec: None
         return
-    if sys.stderr.isatty():
-        import shutil
-
+    try:
         from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is not None and sys.stderr.isatty():
+        import shutil
 
         # A terminal of unknown size (a pty without a window) reports 0 x 0, and tqdm then hides the bar.
         size = shutil.get_terminal_size((100, 24))

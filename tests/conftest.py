@@ -37,9 +37,17 @@ def run_ranks(pools):
 
 
 def pytest_collection_modifyitems(config, items):
+    import importlib.util
+
     import torch
 
     skip_gpu = pytest.mark.skip(reason="needs CUDA and NCCL (runs on GPU machines only)")
+    # Only the tests marked for a framework skip without it, not every test of their module.
+    skip_missing = {name: pytest.mark.skip(reason=f"needs {name}: pip install 'dist_clip[{name}]'")
+                    for name in ("deepspeed", "fairscale") if importlib.util.find_spec(name) is None}
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+        for name, skip in skip_missing.items():
+            if name in item.keywords:
+                item.add_marker(skip)

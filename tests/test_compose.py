@@ -773,3 +773,27 @@ def body_fsdp2_over_tp_plan() -> list[float]:
 def test_a_plan_over_fsdp2_and_tensor_parallel_counts_dp_only_pieces_once(run_ranks):
     values = run_ranks(4, body_fsdp2_over_tp_plan)
     assert all(v == values[0] for v in values)
+
+
+def test_debug_audit_needs_no_numpy(monkeypatch):
+    """``debug=True`` told pieces apart by ``t.numpy().tobytes()``, and numpy is not a dependency: without it
+    every rank raised "Numpy is not available". The key is now torch's own bytes: exact, so copies meet and
+    pieces one ulp apart do not."""
+    from dist_clip import _norm
+
+    def no_numpy(self, *args, **kwargs):
+        raise RuntimeError("Numpy is not available")
+
+    monkeypatch.setattr(torch.Tensor, "numpy", no_numpy)
+    a = torch.tensor([3.0, -4.0], dtype=torch.float64)
+    b = torch.tensor([1.0, 2.0, 2.0], dtype=torch.float64)
+    b_next = b.clone()
+    b_next[0] = math.nextafter(1.0, 2.0)
+    gathered = [(0, [("a", True, a), ("b", True, b)]), (1, [("a", False, a.clone()), ("b", True, b.clone())]),
+                (2, [("b", True, b_next)])]
+    problems, reference = compose._audit(gathered, 2.0)
+    assert problems == ["over-counted: a piece of 'b' held by ranks [0, 1] is counted by ranks [0, 1]"], problems
+    assert reference == pytest.approx(math.sqrt(25 + 9 + 9 + 2 * (b_next[0].item() - 1.0)), rel=1e-12)
+    assert _norm.tensor_bytes(torch.tensor([], dtype=torch.float64)) == b""
+    assert _norm.tensor_bytes(torch.arange(6.0, dtype=torch.float64).reshape(2, 3)[:, 1]) == \
+        bytes(torch.tensor([1.0, 4.0], dtype=torch.float64).view(torch.uint8).tolist())

@@ -523,3 +523,46 @@ def test_odd_run_names_are_refused(capsys, name):
     with pytest.raises(ConfigError, match="name: must be a plain non-empty file name"):
         from_dict({"name": name})
     assert from_dict({"name": "run 1.b-c_d"}).name == "run 1.b-c_d"
+
+
+@pytest.mark.parametrize(("wrapper", "module", "name"), [("zero2", "deepspeed", "DeepSpeed"),
+                                                         ("fairscale-oss", "fairscale", "fairscale")])
+def test_a_wrapper_whose_framework_is_not_installed_is_refused_up_front(tmp_path, capsys, monkeypatch, wrapper,
+                                                                        module, name):
+    """A ZeRO or fairscale config without the framework failed with a ModuleNotFoundError traceback and exit 1,
+    after the process group and the data were set up (and --validate-only passed it)."""
+    from dist_clip import bootstrap
+
+    monkeypatch.setitem(sys.modules, module, None)  # `import deepspeed` now fails, as where it is not installed
+    monkeypatch.setattr(bootstrap, "init_distributed", lambda *a, **k: pytest.fail("started the run"))
+    cfg = write_config(tmp_path, wrapper, wrapper=wrapper)
+    line = (f"config error: {cfg} (with command-line overrides): wrapper: {wrapper} needs {name}, which is not "
+            f"installed: pip install 'dist_clip[{module}]'\n")
+    for extra in (["--validate-only"], []):
+        assert cli.main(["check", "--config", str(cfg), "--out", str(tmp_path), *extra]) == 2
+        assert capsys.readouterr().err == line
+
+
+def test_train_without_matplotlib_is_refused_up_front_unless_no_plot(tmp_path, capsys, monkeypatch):
+    """``dist-clip train`` without the train extra failed on ``import matplotlib`` after training and replay."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert cli.main(["train", "--out", str(tmp_path), "--validate-only"]) == 2
+    assert capsys.readouterr().err == ("config error: <built-in config> (with command-line overrides): the plot "
+                                       "needs matplotlib, which is not installed: pip install 'dist_clip[train]', "
+                                       "or pass --no-plot\n")
+    assert cli.main(["train", "--out", str(tmp_path), "--no-plot", "--validate-only"]) == 0
+    assert cli.main(["check", "--out", str(tmp_path), "--validate-only"]) == 0  # check draws no plot
+    assert capsys.readouterr().err == ""
+
+
+def test_progress_on_a_terminal_without_tqdm_prints_lines(monkeypatch, capsys):
+    """The tqdm bar (train extra) on a terminal: without tqdm, the plain lines a pipe gets (an ImportError before)."""
+    from dist_clip import train
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    with train._progress(True, 2, "train") as update:
+        for step in (1, 2):
+            update(train.StepRecord(step=step, loss=1.5, norm=2.0, norm_clipped=1.0, clip_coef=0.5, time_s=0.1))
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split()[:3] for line in lines] == [["train", "step", "1/2"], ["train", "step", "2/2"]], lines
