@@ -653,6 +653,7 @@ def measure(
             if error is None:
                 raise
     if error is not None:
+        error.dist_clip_joined = True  # type: ignore[union-attr]  # (GradClipper counts the call as joined)
         raise error  # this rank's own reason; the others raise REFUSED (NaN norms on accelerators)
     partials = combined[:n_slots]
     at = n_slots

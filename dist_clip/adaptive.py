@@ -131,7 +131,10 @@ class _AutoClipState:
             elif self.written.device != device:
                 self.written = self.written.to(device)
         if cap is None and self.count >= self.buffer.numel():
-            bigger = torch.full((2 * self.buffer.numel(),), math.nan, dtype=torch.float64, device=device)
+            size = self.buffer.numel()
+            while self.count >= size:  # calls refused together advance the count without a write
+                size *= 2
+            bigger = torch.full((size,), math.nan, dtype=torch.float64, device=device)
             bigger[: self.buffer.numel()] = self.buffer
             self.buffer = bigger
         return self.buffer
@@ -174,9 +177,12 @@ class _AutoClipState:
         return torch.cat((pad, ring.to(torch.float64)))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"count": self.count, "history": self._history()}
+        return {"count": self.count, "history": self._history(), "oldest_first": True}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        unknown = state.keys() - {"count", "history", "oldest_first"}
+        if unknown:
+            raise ValueError(f"AutoClip state has unknown keys {sorted(map(str, unknown))}; expected one from state_dict()")
         count = _int("AutoClip state 'count'", state["count"], 0)
         hist = state["history"]
         cap = self.config.window
@@ -190,6 +196,11 @@ class _AutoClipState:
             buf[:want] = hist
             self.buffer, self.written, self.count = buf, None, count
             return
+        if not state.get("oldest_first", False) and count > cap:
+            # Saved before the window held finite norms only (no "oldest_first"): its entries sit in ring order,
+            # the oldest at count % window; read as oldest first, the newest norm was the next evicted.
+            start = count % cap
+            hist = torch.cat((hist[start:], hist[:start]))
         kept = hist[~torch.isnan(hist)]  # the finite norms in the order seen, oldest first
         buf = torch.full((cap,), math.nan, dtype=torch.float64)
         buf[: kept.numel()] = kept

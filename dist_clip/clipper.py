@@ -604,9 +604,7 @@ class GradClipper:
         """
         cfg = self.config
         p = cfg.p
-        if report is not None and not isinstance(report, bool):
-            raise TypeError(f"report must be None, True or False, got {type(report).__name__} {report!r}")
-        want_report = cfg.report if report is None else report
+        want_report = report if isinstance(report, bool) else cfg.report  # a bad one joins as the config's
         if isinstance(target, Iterator):
             # A generator (``model.parameters()``) is read more than once below (a pending hand-over, the
             # measurement, an error message naming culprits): it read empty after the first.
@@ -616,6 +614,8 @@ class GradClipper:
         before = plan is None and cfg.mode != "unitwise"
         named = shards = None
         try:
+            if report is not None and not isinstance(report, bool):
+                raise TypeError(f"report must be None, True or False, got {type(report).__name__} {report!r}")
             arm_skip = None
             if cfg.on_nonfinite == "skip":
                 arm_skip, optimizer = _skip_handle(target, optimizer)
@@ -682,15 +682,25 @@ class GradClipper:
                 settings += f", threshold_calls={self._threshold.count}"
             _clip.settle_hand_over(target, lambda: [t for s in shards for t in s.tensors])
             before = False
-        except (ValueError, TypeError):
+        except (ValueError, TypeError) as e:
             if before:
                 self._join_refused(target, group, want_report, named, shards)
+            elif isinstance(plan, ParallelPlan) and cfg.mode != "unitwise":
+                # named_under_plan joins for what it finds; bad input found before it (an optimizer= of the
+                # wrong type on one stage) joins here, with the same layout
+                if getattr(e, "dist_clip_joined", False) or _refuse_together(plan, p, cfg.mode == "per_group"):
+                    self._count_refused_call()
             raise
-        m = _slots.measure(shards, pick, n_slots, p, cfg.foreach, presence=named is not None,
-                           group=plan.reduction_group if plan is not None else None,
-                           layout=named.names if named is not None else None, extra=membership,
-                           result_dtype=_clip._result_dtype([t for s in shards for t in s.tensors], None),
-                           settings=settings)
+        try:
+            m = _slots.measure(shards, pick, n_slots, p, cfg.foreach, presence=named is not None,
+                               group=plan.reduction_group if plan is not None else None,
+                               layout=named.names if named is not None else None, extra=membership,
+                               result_dtype=_clip._result_dtype([t for s in shards for t in s.tensors], None),
+                               settings=settings)
+        except (ValueError, TypeError, RuntimeError) as e:
+            if getattr(e, "dist_clip_joined", False) or (isinstance(e, RuntimeError) and str(e) == _slots.REFUSED):
+                self._count_refused_call()
+            raise
         out = m.result_dtype
         assert out is not None
         total = m.total.to(out)
@@ -800,6 +810,15 @@ class GradClipper:
                            result_dtype=torch.float32, refused=True, settings=cfg.settings)
         except RuntimeError:
             pass  # the REFUSED error every other rank raises; the caller raises its own
+        self._count_refused_call()
+
+    def _count_refused_call(self) -> None:
+        """A call refused together still counts as one call of the adaptive threshold on every rank: elsewhere
+        than on the CPU the other ranks do not raise, and their threshold takes the call's NaN norm (left out of
+        its statistics) and counts it; the count rides in the settings fingerprint, so a refusing rank left one
+        behind made every later call's norms NaN."""
+        if self._threshold is not None:
+            self._threshold.count += 1
 
     def _groups(
         self, named: _slots.Named, optimizer: torch.optim.Optimizer
@@ -913,18 +932,19 @@ def named_under_plan(
         for shard in named.shards:  # the measurement would refuse them on this rank alone, after this check
             _norm.check_dtypes(shard.tensors)
         return named, groups(named) if groups is not None else None
-    except (ValueError, TypeError):
-        _refuse_together(plan, p, groups is not None)
+    except (ValueError, TypeError) as e:
+        if _refuse_together(plan, p, groups is not None):
+            e.dist_clip_joined = True  # type: ignore[attr-defined]  # (the call counts as joined)
         raise
 
 
-def _refuse_together(plan: ParallelPlan, p: float, per_group: bool) -> None:
+def _refuse_together(plan: ParallelPlan, p: float, per_group: bool) -> bool:
     """Bad input on this rank under a plan (a name the plan lacks, a Partial gradient, a bad group limit), which
     the other stages may not share: join their one collective with the same layout and a NaN fingerprint, so
-    that every rank raises now (they waited in it until the process group's timeout)."""
+    that every rank raises now (they waited in it until the process group's timeout). Whether it joined."""
     group = plan.reduction_group
     if group is None or _reduce.group_size(group) == 1:
-        return
+        return False
     n = max(len(plan.names), 1)
     extra = _group_membership([-1] * n, p) if per_group else None
     try:
@@ -932,6 +952,7 @@ def _refuse_together(plan: ParallelPlan, p: float, per_group: bool) -> None:
                        result_dtype=torch.float32, refused=True)
     except RuntimeError:
         pass  # the REFUSED error every rank raises; this rank raises its own
+    return True
 
 
 def _group_membership(groups_of: Sequence[int], p: float, limits: Sequence[float] = ()) -> Tensor:

@@ -253,6 +253,20 @@ def test_autoclip_window_state_round_trips_mid_ring():
     assert few.state_dict()["threshold"]["history"].nan_to_num(-1).tolist() == [-1.0, -1.0, 1.0]
 
 
+def test_autoclip_window_state_saved_in_ring_order_still_loads():
+    """States saved before the window held finite norms only keep the window in ring order (the oldest at
+    count % window) and have no "oldest_first": read as oldest first, the newest norm was evicted next."""
+    clipper = GradClipper(max_norm=AutoClip(percentile=0, window=4))
+    old = {"version": 1, "step": 6, "num_clipped": torch.tensor(0), "num_nonfinite": torch.tensor(0),
+           "threshold": {"kind": "AutoClip", "count": 6, "history": torch.tensor([5.0, 6.0, 3.0, 4.0],
+                                                                                dtype=torch.float64)}}
+    clipper.load_state_dict(old)  # norms 1..6 seen: the window is 3, 4, 5, 6; a 7 evicts the 3
+    assert clipper([torch.tensor([7.0])]).max_norm.item() == 4.0
+    assert clipper.state_dict()["threshold"]["history"].tolist() == [4.0, 5.0, 6.0, 7.0]
+    with pytest.raises(ValueError, match="AutoClip state has unknown keys"):
+        clipper.load_state_dict({**old, "threshold": {**old["threshold"], "extra": 1}})
+
+
 def test_adaptive_coefficients_of_nonfinite_norms_follow_torch_under_ignore():
     """With on_nonfinite="ignore" the coefficient is torch's: 0 for an inf norm (AutoClip's first call, with no
     finite history, gave NaN and turned finite entries NaN) and NaN for a NaN norm (ZClip after warm-up gave 1:

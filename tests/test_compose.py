@@ -571,7 +571,7 @@ def body_one_sided_bad_input() -> list[str]:
     mesh = cases.mesh((2,), ("pp",))
     plan = ParallelPlan(mesh, names=("a.weight", "b.weight"))
     out = []
-    for case in ("missing name", "bad group limit", "partial", "measure only"):
+    for case in ("missing name", "bad group limit", "partial", "measure only", "optimizer", "report"):
         q = torch.nn.Parameter(torch.zeros(4))
         q.grad = torch.arange(1.0, 5.0)
         pieces = {("a.weight", "b.weight")[rank]: q}
@@ -586,25 +586,33 @@ def body_one_sided_bad_input() -> list[str]:
             w = torch.nn.Parameter(torch.zeros(4))
             w.grad = DTensor.from_local(torch.ones(4), mesh, [Partial()], run_check=False)
             pieces = {"b.weight": w}
+        if case == "optimizer" and rank == 1:  # refused before the plan's names are read: never joined, and
+            opt = "sgd"  # rank 0's next call paired with this one's
+        if case == "report" and rank == 1:
+            kw = {"report": "yes"}
         try:
             if case == "measure only":  # compose.get_total_norm refuses the same way
                 compose.get_total_norm(pieces, plan)
+            elif case == "report":
+                GradClipper(max_norm=1.0)(pieces, plan=plan, **kw)
             else:
                 GradClipper(max_norm=1.0, **kw)(pieces, plan=plan, optimizer=opt)
             out.append("no error")
-        except (ValueError, RuntimeError) as e:
+        except (ValueError, TypeError, RuntimeError) as e:
             out.append(f"{type(e).__name__}: {e}")
     return out
 
 
 def test_bad_input_on_one_stage_raises_on_every_rank_at_once(run_ranks):
     a, b = run_ranks(2, body_one_sided_bad_input, timeout_s=60)
-    assert len(a) == 4 and all(m.startswith("RuntimeError: another rank of this call refused its input") for m in a), a
+    assert len(a) == 6 and all(m.startswith("RuntimeError: another rank of this call refused its input") for m in a), a
     expected = ("ValueError: this rank holds 'c.bias', which is neither in the plan's names",
                 "ValueError: param group 0 has max_norm -1.0; expected a number >= 0",
                 "ValueError: gradient of 'b.weight' has placements (Partial(sum),)",
-                "ValueError: this rank holds 'c.bias', which is neither in the plan's names")
-    assert len(b) == 4 and all(m.startswith(e) for m, e in zip(b, expected)), b
+                "ValueError: this rank holds 'c.bias', which is neither in the plan's names",
+                "TypeError: optimizer must be a torch.optim.Optimizer, got str",
+                "TypeError: report must be None, True or False, got str")
+    assert len(b) == 6 and all(m.startswith(e) for m, e in zip(b, expected)), b
 
 
 def body_group_limits_across_stages() -> list[str]:

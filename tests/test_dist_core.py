@@ -535,6 +535,9 @@ def _refusal_call(case: str, full: list, bad: bool, p: float):
             named["g1"] = torch.ones(2, dtype=torch.int64)
         clipper = GradClipper(max_norm=1e9, norm_type=p, mode="per_param")
         return lambda: clipper(named, group=world_group).total_norm.item()
+    if case == "clipper_report_str":  # report="no" was checked before the refusal could join
+        clipper = GradClipper(max_norm=1e9, norm_type=p)
+        return lambda: clipper(mine, group=world_group, report="no" if bad else None).total_norm.item()
     if case == "clipper_per_group_limit":  # a param group's max_norm refused before measuring
         named = _named_pieces(full, rank, world, params=True)
         opt = torch.optim.SGD([{"params": list(named.values()), "max_norm": -1.0 if bad else 1e9}], lr=0.1)
@@ -579,7 +582,8 @@ def body_refuse_then_continue(case: str, bad_rank: int, p: float, all_refuse: bo
 
 
 def _refusal_expected(case: str, world: int, bad_rank: int, all_refuse: bool = False) -> list:
-    own = "TypeError" if case in ("clip_int_grad", "total_int_grad", "clipper_per_param_int") else "ValueError"
+    own = ("TypeError" if case in ("clip_int_grad", "total_int_grad", "clipper_per_param_int", "clipper_report_str")
+           else "ValueError")
     return [
         [(own if r == bad_rank else "refused", 1)] + ([(own, 1)] if all_refuse else []) + [(True, 1)]
         for r in range(world)
@@ -597,6 +601,7 @@ def _refusal_expected(case: str, world: int, bad_rank: int, all_refuse: bool = F
         ("clipper_per_param_int", 2.0),
         ("clipper_per_param_int", math.inf),
         ("clipper_per_group_limit", 2.0),
+        ("clipper_report_str", 2.0),
     ],
 )
 def test_bad_input_on_one_rank_raises_on_every_rank_and_the_next_call_is_aligned(run_ranks, case, p):
@@ -640,3 +645,57 @@ def body_max_norm_tensor_or_float() -> list:
 
 def test_max_norm_as_a_cpu_tensor_on_one_rank_and_a_float_on_another(run_ranks):
     assert run_ranks(2, body_max_norm_tensor_or_float) == [[True] * 4] * 2
+
+
+def body_refused_call_counts_once_for_the_threshold(accelerator: bool) -> list:
+    """An AutoClip clipper: rank 1 refuses step 0 (an integer gradient, found while measuring, or a missing
+    optimizer=, found before), then good steps. The threshold's call count rides in the settings fingerprint;
+    elsewhere than on the CPU (simulated: the layout check's NaN branch instead of its raise) the other ranks
+    took the refused call's NaN norm and counted it while the refusing rank did not, so every later call's norms
+    were NaN. Each call counts once on every rank now."""
+    from dist_clip import AutoClip, GradClipper, _slots
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    original = _slots._layout_check
+
+    def nan_instead_of_raise(combined, p, world_size, n_slots, settings="", named=True):  # noqa: ANN001, ANN202
+        v = combined[-4:]
+        same = ((v[0::2] == -v[1::2]) if math.isinf(p) else (v[0::2] ** 2 == world_size * v[1::2])).all()
+        body = combined[:-4]
+        return torch.where(same, body, torch.full_like(body, math.nan))
+
+    out = []
+    if accelerator:
+        _slots._layout_check = nan_instead_of_raise
+    try:
+        for how in ("int gradient", "no optimizer"):
+            clipper = GradClipper(max_norm=AutoClip(percentile=50), on_nonfinite="skip")
+            opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+            got = []
+            for step in range(3):
+                full = _full_grads(500 + step, torch.float32)
+                mine = _my_share(full, rank, world)
+                want = reference_norm([x for r in range(world) for x in _my_share(full, r, world)])
+                bad = step == 0 and rank == 1
+                if bad and how == "int gradient":
+                    mine = [torch.ones(2, dtype=torch.int64)] + mine
+                try:
+                    total = clipper(mine, group=dist.group.WORLD,
+                                    optimizer=None if bad and how == "no optimizer" else opt).total_norm.item()
+                    got.append("nan" if math.isnan(total) else abs(total - want) <= 1e-6 * want)
+                except RuntimeError as e:
+                    got.append("refused" if _REFUSED in str(e) else str(e))
+                except (ValueError, TypeError) as e:
+                    got.append(type(e).__name__)
+            out.append((got, clipper._threshold.count))
+    finally:
+        _slots._layout_check = original
+    return out
+
+
+@pytest.mark.parametrize("accelerator", [False, True])
+def test_a_refused_call_counts_once_for_the_adaptive_threshold_on_every_rank(run_ranks, accelerator):
+    first = "nan" if accelerator else "refused"
+    a, b = run_ranks(2, body_refused_call_counts_once_for_the_threshold, accelerator)
+    assert a == [([first, True, True], 3), ([first, True, True], 3)], a
+    assert b == [(["TypeError", True, True], 3), (["ValueError", True, True], 3)], b
