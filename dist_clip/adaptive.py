@@ -182,7 +182,9 @@ class _AutoClipState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         unknown = state.keys() - {"count", "history", "oldest_first"}
         if unknown:
-            raise ValueError(f"AutoClip state has unknown keys {sorted(map(str, unknown))}; expected one from state_dict()")
+            raise ValueError(
+                f"AutoClip state has unknown keys {sorted(map(str, unknown))}; expected one from state_dict()"
+            )
         count = _int("AutoClip state 'count'", state["count"], 0)
         hist = state["history"]
         cap = self.config.window
