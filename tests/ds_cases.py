@@ -577,3 +577,29 @@ def case_call_before_boundary_backward(stage: int, dtype: str = "fp32", offload:
         engine.step()
         _refused(engine, f"after step() ({calls_before} call before)")
     return {"norms": norms}
+
+
+def case_bad_input_on_one_rank(stage: int) -> list:
+    """One rank refuses bad input on an engine (a negative ``max_norm``; then an ``optimizer=`` of another type
+    on the other rank) and goes on: every other rank raises in the same call and the next call measures the
+    float64 reference on both (the refusing rank used to raise alone and pair its next call with the others')."""
+    engine = make_engine(ds_config(stage))
+    rank = dist.get_rank()
+    engine.backward(loss_fn(engine(batch(rank, 0, 0))))
+    want = _gathered_reference(engine, 2.0)
+    out: list = []
+
+    def attempt(call: Any) -> None:
+        try:
+            call()
+            out.append("measured")
+        except RuntimeError as e:
+            out.append("refused" if "refused its input" in str(e) else f"RuntimeError: {e}")
+        except (ValueError, TypeError) as e:
+            out.append(type(e).__name__)
+        out.append(abs(float(dist_clip.get_total_norm(engine)) - want) <= 1e-6 * want)
+
+    attempt(lambda: dist_clip.clip_grad_norm_(engine, -1.0 if rank == 1 else 1e9))
+    attempt(lambda: dist_clip.GradClipper(max_norm=1e9)(engine, optimizer="sgd" if rank == 0 else None))
+    engine.step()
+    return out

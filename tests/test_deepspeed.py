@@ -173,3 +173,10 @@ def test_optional_imports_stay_lazy():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", _BLOCKED], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_bad_input_on_one_rank_is_refused_on_every_rank(run_ranks, stage):
+    a, b = run_ranks(2, ds_cases.case_bad_input_on_one_rank, stage, timeout_s=TIMEOUT)
+    assert a == ["refused", True, "TypeError", True], a
+    assert b == ["ValueError", True, "refused", True], b
