@@ -802,9 +802,12 @@ class GradClipper:
         if red is None or _reduce.group_size(red) <= 1:
             return
         n = max(len(names), 1) if names is not None else 1
-        # per_group on a mapping: the memberships and signatures (_group_membership, _group_signatures) travel too.
-        rows = 8 if cfg.mode == "per_group" and isinstance(target, Mapping) else 0
-        extra = torch.zeros(rows * n, dtype=torch.float64) if rows else None
+        # per_group on a mapping: the memberships and signatures travel too, built as a rank listing no slot builds
+        # them (their width follows the two functions; neutral values under MAX too, where zeros were not)
+        extra = None
+        if cfg.mode == "per_group" and isinstance(target, Mapping):
+            none = [-1] * n
+            extra = torch.cat([_group_membership(none, cfg.p), _group_signatures(none, names or (), set(), cfg.p)])
         try:
             _slots.measure(shards, None, n, cfg.p, presence=per_name, extra=extra, group=red, layout=names,
                            result_dtype=torch.float32, refused=True, settings=cfg.settings)

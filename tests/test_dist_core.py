@@ -601,6 +601,7 @@ def _refusal_expected(case: str, world: int, bad_rank: int, all_refuse: bool = F
         ("clipper_per_param_int", 2.0),
         ("clipper_per_param_int", math.inf),
         ("clipper_per_group_limit", 2.0),
+        ("clipper_per_group_limit", math.inf),
         ("clipper_report_str", 2.0),
     ],
 )
