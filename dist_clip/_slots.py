@@ -509,6 +509,11 @@ def _digest_values(data: bytes, p: float) -> Tensor:
     return torch.tensor(out, dtype=torch.float64)
 
 
+class RefusedElsewhere(RuntimeError):
+    """The error a rank raises when another rank of its call refused its input and joined the collective only to
+    say so (a NaN fingerprint): recognised by type, not by its message."""
+
+
 REFUSED = (
     "another rank of this call refused its input before the collective (its own ValueError or TypeError says "
     "why) and joined only to say so: every rank raises together instead of waiting for the timeout"
@@ -527,7 +532,7 @@ def _layout_check(combined: Tensor, p: float, world: int, n_slots: int, settings
     if body.device.type == "cpu":
         if not bool(same):  # one host read on the way that passes (a NaN fingerprint is not "same" either)
             if bool(torch.isnan(v).any()):
-                raise RuntimeError(REFUSED)
+                raise RefusedElsewhere(REFUSED)
             if settings and not named:
                 raise RuntimeError(
                     f"the ranks of this call disagree on its settings ({settings} here): every rank must clip with "

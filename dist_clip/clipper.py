@@ -698,7 +698,7 @@ class GradClipper:
                                result_dtype=_clip._result_dtype([t for s in shards for t in s.tensors], None),
                                settings=settings)
         except (ValueError, TypeError, RuntimeError) as e:
-            if getattr(e, "dist_clip_joined", False) or (isinstance(e, RuntimeError) and str(e) == _slots.REFUSED):
+            if getattr(e, "dist_clip_joined", False) or isinstance(e, _slots.RefusedElsewhere):
                 self._count_refused_call()
             raise
         out = m.result_dtype

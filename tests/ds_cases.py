@@ -594,7 +594,8 @@ def case_bad_input_on_one_rank(stage: int) -> list:
             call()
             out.append("measured")
         except RuntimeError as e:
-            out.append("refused" if "refused its input" in str(e) else f"RuntimeError: {e}")
+            refused = isinstance(e, dist_clip._slots.RefusedElsewhere) and "refused its input" in str(e)
+            out.append("refused" if refused else f"RuntimeError: {e}")
         except (ValueError, TypeError) as e:
             out.append(type(e).__name__)
         out.append(abs(float(dist_clip.get_total_norm(engine)) - want) <= 1e-6 * want)

@@ -498,6 +498,13 @@ def test_fsdp1_flat_parameters_are_not_taken_for_replicated_tensors(run_ranks):
 _REFUSED = "another rank of this call refused its input"
 
 
+def _is_refused(e: RuntimeError) -> bool:
+    """A peer's refusal: its own type (callers tell it from other runtime errors by type) and message."""
+    from dist_clip import _slots
+
+    return isinstance(e, _slots.RefusedElsewhere) and _REFUSED in str(e)
+
+
 def _named_pieces(full: list, rank: int, world: int, params: bool = False) -> dict:
     """Every rank's own part of every tensor of ``full`` under the same names (some parts empty)."""
     out = {}
@@ -553,7 +560,7 @@ def _attempt(call) -> tuple:
         try:
             got = call()
         except RuntimeError as e:
-            got = "refused" if _REFUSED in str(e) else f"RuntimeError: {e}"
+            got = "refused" if _is_refused(e) else f"RuntimeError: {e}"
         except (ValueError, TypeError) as e:
             got = type(e).__name__
     return got, calls.total
@@ -685,7 +692,7 @@ def body_refused_call_counts_once_for_the_threshold(accelerator: bool) -> list:
                                     optimizer=None if bad and how == "no optimizer" else opt).total_norm.item()
                     got.append("nan" if math.isnan(total) else abs(total - want) <= 1e-6 * want)
                 except RuntimeError as e:
-                    got.append("refused" if _REFUSED in str(e) else str(e))
+                    got.append("refused" if _is_refused(e) else str(e))
                 except (ValueError, TypeError) as e:
                     got.append(type(e).__name__)
             out.append((got, clipper._threshold.count))
