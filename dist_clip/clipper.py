@@ -35,7 +35,17 @@ from . import _fused, _norm, _reduce, _scale, _slots
 from . import clip as _clip
 from .adapters import resolve
 from .adapters.fsdp import same_ranks
-from .adaptive import AGC, AutoClip, ZClip, _int, make_state, unitwise_measure, unitwise_scale_
+from .adaptive import (
+    AGC,
+    AutoClip,
+    ZClip,
+    _AutoClipState,
+    _int,
+    _ZClipState,
+    make_state,
+    unitwise_measure,
+    unitwise_scale_,
+)
 from .compose import ParallelPlan
 from .shards import Shards
 
@@ -485,14 +495,31 @@ class GradClipper:
     def __init__(self, config: ClipperConfig | None = None, **kwargs: Any) -> None:
         if config is not None and kwargs:
             raise TypeError(f"pass either a ClipperConfig or keyword arguments, got both (keywords: {sorted(kwargs)})")
-        if config is not None and not isinstance(config, ClipperConfig):
-            raise TypeError(f"config must be a ClipperConfig, got {type(config).__name__}")
+        self._threshold: _AutoClipState | _ZClipState | None = None
         self.config = config if config is not None else ClipperConfig(**kwargs)
-        thr = self.config.max_norm
-        self._threshold = make_state(thr) if isinstance(thr, (AutoClip, ZClip)) else None
         self.step = 0
         self._num_clipped: Tensor | None = None
         self._num_nonfinite: Tensor | None = None
+
+    @property
+    def config(self) -> ClipperConfig:
+        """What this clipper does. A new :class:`ClipperConfig` may be assigned between calls (a schedule of
+        limits, say), on every rank alike: an adaptive threshold keeps its history while ``max_norm`` is the same
+        policy, and starts afresh when it changes (another policy or parameter, or to or from a fixed limit): the
+        history of one policy is not the other's (a clipper built once kept the first threshold, silently)."""
+        return self._config
+
+    @config.setter
+    def config(self, config: ClipperConfig) -> None:
+        if not isinstance(config, ClipperConfig):
+            raise TypeError(f"config must be a ClipperConfig, got {type(config).__name__}")
+        thr = config.max_norm
+        old = getattr(self, "_config", None)
+        same = (old is not None and isinstance(thr, (AutoClip, ZClip)) and type(old.max_norm) is type(thr)
+                and old.max_norm == thr)
+        if not same:
+            self._threshold = make_state(thr) if isinstance(thr, (AutoClip, ZClip)) else None
+        self._config = config
 
     def __repr__(self) -> str:
         return f"GradClipper({self.config!r}, step={self.step})"

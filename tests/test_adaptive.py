@@ -9,6 +9,7 @@ across ranks. Run: ``.venv/bin/python -m pytest tests/test_adaptive.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -206,6 +207,33 @@ def test_nonfinite_norms_stay_out_of_the_history():
     state = z.state_dict()["threshold"]
     # Warm-up collects finite norms: {1, 3} gives mean 2, var 1; then 2 (z = 0) feeds the EMA.
     assert state["mean"].item() == 2.0 and state["var"].item() == pytest.approx(0.97, rel=1e-12)
+
+
+def test_a_new_config_assigned_between_calls_takes_effect():
+    """The adaptive threshold was built once from the first config: assigning ``clipper.config`` another policy
+    kept clipping at the old one's threshold (AutoClip(10) -> AutoClip(90) gave the 10th percentile), a fixed
+    limit after AutoClip clipped at the AutoClip threshold, and AutoClip after a fixed limit raised a bare
+    TypeError. A changed policy starts afresh, as a new clipper would; the same policy keeps its history."""
+
+    def coefs(clipper: GradClipper, norms: list[float]) -> list[float]:
+        return [clipper([torch.tensor([n, 0.0])]).clip_coef.item() for n in norms]
+
+    first, then = [1.0, 2.0, 3.0, 4.0], [5.0, 4.5, 1.0]
+    cases = [(AutoClip(percentile=10), AutoClip(percentile=90)), (AutoClip(percentile=50), 0.5),
+             (1.0, AutoClip(percentile=50)), (ZClip(warmup_steps=2), AutoClip(percentile=25)),
+             (AutoClip(percentile=50), ZClip(warmup_steps=2, max_norm=1.0)), (2.0, 0.5)]
+    for before, after in cases:
+        clipper = GradClipper(max_norm=before)
+        coefs(clipper, first)
+        clipper.config = dataclasses.replace(clipper.config, max_norm=after)
+        assert coefs(clipper, then) == pytest.approx(coefs(GradClipper(max_norm=after), then), rel=1e-12), after
+    # the same policy (another field changed) keeps its history: the 90th percentile of all seven norms
+    kept, plain = GradClipper(max_norm=AutoClip(percentile=90)), GradClipper(max_norm=AutoClip(percentile=90))
+    coefs(kept, first), coefs(plain, first)
+    kept.config = dataclasses.replace(kept.config, on_nonfinite="zero")
+    assert coefs(kept, then) == pytest.approx(coefs(plain, then), rel=1e-12)
+    with pytest.raises(TypeError, match="config must be a ClipperConfig, got dict"):
+        kept.config = {"max_norm": 1.0}  # type: ignore[assignment]
 
 
 @pytest.mark.parametrize("policy", ["skip", "zero", "ignore", "error"])
