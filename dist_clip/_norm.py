@@ -263,11 +263,18 @@ def _dtype_refused(dtype: torch.dtype) -> TypeError:
     )
 
 
+def _layout_refused(layout: torch.layout) -> TypeError:
+    return TypeError(f"gradients must be strided or sparse COO tensors, got one of layout {layout}")
+
+
 def check_dtypes(tensors: Sequence[Tensor]) -> None:
-    """The TypeError :func:`_real_inputs` raises for integer (or bool) gradients, without measuring anything."""
-    if _REAL.issuperset(map(_dtype_of, tensors)):  # the usual case, in C
+    """The TypeError :func:`_real_inputs` raises for integer, bool or float8 gradients, or sparse ones other than
+    COO (CSR...), without measuring anything."""
+    if _REAL.issuperset(map(_dtype_of, tensors)) and _STRIDED.issuperset(map(_layout_of, tensors)):  # in C
         return
     for t in tensors:
+        if t.layout not in _MEASURED_LAYOUTS:
+            raise _layout_refused(t.layout)
         if t.dtype not in _REAL and not t.is_complex():
             raise _dtype_refused(t.dtype)
 
@@ -280,7 +287,7 @@ def _real_inputs(tensors: Sequence[Tensor]) -> Sequence[Tensor]:
     out = []
     for t in tensors:
         if t.layout not in _MEASURED_LAYOUTS:
-            raise TypeError(f"gradients must be strided or sparse COO tensors, got one of layout {t.layout}")
+            raise _layout_refused(t.layout)
         if t.is_sparse:  # a sparse COO gradient (nn.Embedding(sparse=True)): its coalesced values, duplicates summed
             t = t.coalesce().values()
         if t.is_complex():

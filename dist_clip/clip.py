@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import os
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -214,8 +216,7 @@ def _wide_total(
         try:
             scale = common_loss_scale(shards)
             if not everything and group is None:
-                warnings.warn("dist_clip: the target holds no gradients; the total norm is 0", UserWarning,
-                              stacklevel=4)
+                warn_at_caller("dist_clip: the target holds no gradients; the total norm is 0")
             everything_groups = groups
             counted, whole = _counted_tensors(shards, group)
             if not (whole and len(counted) == len(everything)):  # then counted is everything, each piece once
@@ -264,6 +265,19 @@ def _wide_total(
             "non-finite norm anyway, set `error_if_nonfinite=False`"
         )
     return total, out
+
+
+def warn_at_caller(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the user's line: the first frame outside dist_clip and torch. A fixed
+    ``stacklevel`` pointed into torch (the entry points' ``torch.compiler.disable`` and ``no_grad`` wrappers
+    stand between), so Python's default filter showed the warning once per process for every call site."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
+
+
+_INTERNAL_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, sys.modules[__package__]))
 
 
 def _limit_setting(limit: float | Tensor) -> str:
@@ -420,6 +434,9 @@ def clip_grads_with_norm_(
         if float(total_norm) < 0:
             raise ValueError(f"total_norm must be a norm (>= 0, or NaN), got {float(total_norm)}")
     tensors = _all_tensors(resolve(parameters, None))
+    # Before anything is scaled: an integer, bool or float8 gradient raised torch's error from the scaling, after
+    # the float gradients grouped before it were scaled (half-clipped gradients for a caller that caught it).
+    _norm.check_dtypes(tensors)
     settle_hand_over(parameters, tensors)
     if not tensors:
         return

@@ -48,7 +48,7 @@ def count_collectives() -> Iterator[CollectiveCount]:
 def reference_norm(grads: Sequence[Tensor], norm_type: float | str = 2.0) -> float:
     """The definition: ``vector_norm`` of the concatenation of every full gradient, in float64, as a float."""
     p = float(norm_type)
-    flat = [g.detach().reshape(-1).to("cpu", torch.float64) for g in grads if g is not None]
+    flat = [_wide(g) for g in grads if g is not None]
     whole = torch.cat(flat) if flat else torch.zeros(0, dtype=torch.float64)
     if whole.numel() == 0:
         return 0.0  # the norm of nothing (vector_norm has no identity for inf on an empty tensor)
@@ -56,6 +56,23 @@ def reference_norm(grads: Sequence[Tensor], norm_type: float | str = 2.0) -> flo
     if p == 0 and any(bool(torch.isnan(f).any()) for f in flat):
         return math.nan  # dist_clip's documented choice: NaN anywhere gives NaN for every p
     return value
+
+
+def _wide(g: Tensor) -> Tensor:
+    """A gradient's values as one float64 (complex128 for complex) CPU vector, as the definition measures them:
+    a sparse COO gradient by its coalesced values (duplicates summed), a complex one by its moduli (casting it to
+    float64 kept the real part only: 3 for |3+4j, 1j| = 5.10)."""
+    g = g.detach()
+    if g.layout == torch.sparse_coo:
+        g = g.coalesce().values()
+    return g.reshape(-1).to("cpu", torch.complex128 if g.is_complex() else torch.float64)
+
+
+def _as64(x: Any) -> Any:
+    """A floating or complex tensor in float64 or complex128 on the CPU; anything else as it is."""
+    if isinstance(x, Tensor) and (x.is_floating_point() or x.is_complex()):
+        return x.to("cpu", torch.complex128 if x.is_complex() else torch.float64)
+    return x
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -71,7 +88,7 @@ def reference_param_norms(grads: dict[str, Tensor], norm_type: float | str = 2.0
     """The norm of each full gradient in float64, by name: the definition of a per-parameter report."""
     p = float(norm_type)
     return {
-        n: torch.linalg.vector_norm(g.detach().to("cpu", torch.float64).reshape(-1), p).item() for n, g in grads.items()
+        n: torch.linalg.vector_norm(_wide(g), p).item() for n, g in grads.items()
     }
 
 
@@ -141,7 +158,7 @@ def _check_rank(
     loss_of = loss_fn if loss_fn is not None else (lambda out: out.float().square().mean())
     torch.manual_seed(seed)
     model = build_model()
-    ref = copy.deepcopy(model).to("cpu", torch.float64)
+    ref = copy.deepcopy(model)._apply(lambda t: _as64(t).to("cpu"))  # complex stays complex (Module.to: real)
     if rtol is None:  # the float64 model differs from a low-precision one by its rounding, not by the clip
         dtypes = {q.dtype for q in model.parameters() if q.is_floating_point()}
         rtol = max((_LOW_PRECISION_RTOL.get(d, 1e-5) for d in dtypes), default=1e-5)
@@ -149,10 +166,7 @@ def _check_rank(
     loss_of(target(batch_fn(rank, world))).backward()
     local_before = _local_pieces(target) if mode != "unitwise" else []
 
-    def as64(x: Any) -> Any:
-        return x.to("cpu", torch.float64) if isinstance(x, Tensor) and x.is_floating_point() else x
-
-    torch.stack([loss_of(ref(as64(batch_fn(r, world)))) for r in range(world)]).mean().backward()
+    torch.stack([loss_of(ref(_as64(batch_fn(r, world)))) for r in range(world)]).mean().backward()
     ref_params = dict(ref.named_parameters())
     ref_grads = {n: q.grad for n, q in ref_params.items() if q.grad is not None}
     before = reference_param_norms(ref_grads, p)

@@ -305,6 +305,15 @@ def test_empty_target_gives_zero_with_a_warning(empty):
     assert total.item() == 0.0 and total.dtype == torch.float32
 
 
+def test_the_empty_target_warning_names_the_callers_line():
+    """A fixed stacklevel pointed into torch's wrappers of the entry points (torch/_dynamo/eval_frame.py), so
+    Python's default filter printed the warning once per process for every call site."""
+    for call in (lambda: dist_clip.clip_grad_norm_([], 1.0), lambda: dist_clip.get_total_norm([])):
+        with pytest.warns(UserWarning, match="no gradients") as seen:
+            call()
+        assert [w.filename for w in seen] == [__file__], [w.filename for w in seen]
+
+
 @pytest.mark.parametrize("p", [1.0, 2.0, 3.0, math.inf])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_clip_scales_in_place_in_own_dtype(p, dtype):
@@ -464,6 +473,19 @@ def test_float8_gradients_are_a_type_error(dtype):
     """torch has no CPU kernel to measure or multiply float8 in place: a clear TypeError, not an internal one."""
     with pytest.raises(TypeError, match=f"float32, float64 or complex.*{dtype}"):
         dist_clip.clip_grad_norm_([torch.randn(10), torch.ones(4).to(dtype)], 1.0)
+
+
+@pytest.mark.parametrize("bad", [torch.tensor([1, 2], dtype=torch.int32), torch.tensor([True, False]),
+                                 torch.ones(2).to(torch.float8_e4m3fn), (torch.eye(2) * 3).to_sparse_csr()],
+                         ids=["int32", "bool", "float8", "csr"])
+@pytest.mark.parametrize("foreach", [None, False])
+def test_clip_grads_with_norm_refuses_bad_gradients_before_scaling_any(bad, foreach):
+    """clip_grads_with_norm_ never checked: torch's own error came from the scaling, after the float gradients
+    grouped before the bad one were scaled ([3, 4] became [0.6, 0.8] for a caller that caught it)."""
+    good = torch.tensor([3.0, 4.0])
+    with pytest.raises(TypeError, match="gradients must be"):
+        dist_clip.clip_grads_with_norm_([good, bad], 1.0, torch.tensor(5.0), foreach=foreach)
+    assert good.tolist() == [3.0, 4.0]
 
 
 def test_sparse_csr_gradients_and_out_of_range_numbers_are_refused_clearly():

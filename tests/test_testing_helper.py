@@ -162,3 +162,28 @@ def test_scaling_check_names_pieces_not_scaled_by_the_coefficient():
         params["b"].grad.mul_(0.5)
         problems = _scaling_problems(pieces, result, result.norms, 0.5, "total")
         assert len(problems) == 1 and "b (7 of 7 entries)" in problems[0], problems
+
+
+def test_references_measure_complex_and_sparse_gradients_as_dist_clip_does():
+    """The float64 references cast complex gradients to float64 (the real part: 3 for |3+4j, 1j| = sqrt(26)) and
+    raised on sparse ones; the CI helper's float64 model copy dropped complex parameters' imaginary parts."""
+    import torch
+    from torch import nn
+
+    import dist_clip
+    from dist_clip.testing import reference_norm, reference_param_norms
+
+    z = torch.tensor([3 + 4j, 1j], dtype=torch.complex64)
+    coo = torch.sparse_coo_tensor(torch.tensor([[0, 1, 1]]), torch.tensor([3.0, 2.0, 2.0]), (3,))  # 3 and 2+2
+    for p in (1.0, 2.0, math.inf):
+        want = float(dist_clip.get_total_norm([z, coo], p))
+        assert reference_norm([z, coo], p) == pytest.approx(want, rel=1e-6)
+        assert reference_param_norms({"z": z}, p)["z"] == pytest.approx(float(dist_clip.get_total_norm([z], p)))
+    assert reference_norm([z], 2.0) == pytest.approx(math.sqrt(26), rel=1e-12)
+    assert reference_norm([coo], 2.0) == pytest.approx(5.0, rel=1e-12)
+
+    def batch(rank: int, world: int) -> torch.Tensor:
+        return torch.randn(5, 4, dtype=torch.complex64, generator=torch.Generator().manual_seed(rank))
+
+    assert_clip_matches_unsharded(lambda: nn.Linear(4, 3, dtype=torch.complex64), lambda m: m, batch,
+                                  loss_fn=lambda out: out.abs().square().mean(), max_norm=0.1)
