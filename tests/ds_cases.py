@@ -579,6 +579,39 @@ def case_call_before_boundary_backward(stage: int, dtype: str = "fp32", offload:
     return {"norms": norms}
 
 
+def case_no_sync(stage: int, dtype: str = "fp32", grad_accum_dtype: str | None = None) -> list:
+    """A backward inside ``engine.no_sync()`` (DeepSpeed allows it at stages 0-1) skips DeepSpeed's all-reduce:
+    each rank holds its own unreduced gradients, and dist_clip returned each rank's own norm (1.197645 and
+    1.378025 at stage 0), without a collective, so the ranks clipped by different coefficients. ValueError on
+    every rank inside the context and after it until a backward outside it; then the gathered reference."""
+    rank = dist.get_rank()
+    engine = make_engine(ds_config(stage, dtype=dtype, grad_accum_dtype=grad_accum_dtype))
+    dt = _engine_dtype(engine)
+    engine.backward(loss_fn(engine(batch(rank, 0, 0).to(dt))))
+    dist_clip.clip_grad_norm_(engine, 1e9)  # a first call (it installs the backward counter)
+    engine.step()
+
+    def attempt() -> object:
+        try:
+            return float(dist_clip.clip_grad_norm_(engine, 1e9))
+        except ValueError as e:
+            return "no_sync" if "engine.no_sync()" in str(e) else f"ValueError: {e}"
+        except RuntimeError as e:
+            return f"RuntimeError: {e}"
+
+    out = []
+    with engine.no_sync():
+        engine.backward(loss_fn(engine(batch(rank, 1, 0).to(dt))))
+        out.append(attempt())
+    out.append(attempt())  # after it, before any synchronising backward
+    engine.backward(0.0 * loss_fn(engine(batch(rank, 1, 0).to(dt))))  # one backward outside: all-reduced
+    want = _gathered_reference(engine, 2.0)
+    got = attempt()
+    out.append(abs(got - want) <= 1e-5 * want if isinstance(got, float) else got)
+    engine.step()
+    return out
+
+
 def case_bad_input_on_one_rank(stage: int) -> list:
     """One rank refuses bad input on an engine (a negative ``max_norm``; then an ``optimizer=`` of another type
     on the other rank) and goes on: every other rank raises in the same call and the next call measures the

@@ -134,6 +134,13 @@ def test_call_before_the_boundary_backward_is_refused(run_ranks, stage, dtype, o
     run_ranks(2, ds_cases.case_call_before_boundary_backward, stage, dtype=dtype, offload=offload, timeout_s=TIMEOUT)
 
 
+@pytest.mark.parametrize("stage,dtype,accum", [(0, "fp32", None), (0, "bf16", None), (1, "bf16", "fp32"),
+                                               (1, "fp32", None)])
+def test_a_call_after_a_backward_inside_no_sync_is_refused(run_ranks, stage, dtype, accum):
+    results = run_ranks(2, ds_cases.case_no_sync, stage, dtype, accum, timeout_s=TIMEOUT)
+    assert results == [["no_sync", "no_sync", True]] * 2, results
+
+
 def test_version_guard(monkeypatch):
     from dist_clip.adapters import deepspeed as adapter
 

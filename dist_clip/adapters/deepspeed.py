@@ -354,11 +354,29 @@ class _BackwardMark:
     def __init__(self, engine: Any) -> None:
         self.method = engine._backward_epilogue  # the bound class method
         self.micro_step = engine.micro_steps
+        self.synced = True  # whether the last backward ran outside engine.no_sync() (its all-reduce ran)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         out = self.method(*args, **kwargs)
-        self.micro_step = self.method.__self__.micro_steps
+        engine = self.method.__self__
+        self.micro_step = engine.micro_steps
+        self.synced = not _inside_no_sync(engine)
         return out
+
+
+def _inside_no_sync(engine: Any) -> bool:
+    """Inside ``engine.no_sync()``, where a backward skips DeepSpeed's all-reduce; not inside
+    ``coalesce_grad_reduction()``, which sets the same flag and reduces when it exits (its own checks refuse a
+    call inside it)."""
+    return bool(getattr(engine, "inside_no_sync_ctxt", False)) and not getattr(
+        engine.optimizer, "_coalesce_grad_reduction", False)
+
+
+_NO_SYNC = (
+    "dist_clip was called inside DeepSpeed's engine.no_sync(), or after a backward inside it with none outside "
+    "it since: each rank holds its own unreduced gradients (each returned its own norm and clipped by its own "
+    "coefficient). Clip after the last engine.backward() of the accumulation, outside no_sync()"
+)
 
 
 def _check_backward_ran(engine: Any) -> None:
@@ -465,7 +483,12 @@ def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
             "are not reduced yet. Clip only where engine.is_gradient_accumulation_boundary() is True (after the "
             "last engine.backward() of the accumulation window, before engine.step())"
         )
+    if _inside_no_sync(engine):
+        raise ValueError(_NO_SYNC)
     _check_backward_ran(engine)
+    mark = vars(engine).get("_backward_epilogue")
+    if isinstance(mark, _BackwardMark) and not mark.synced:  # the last backward ran inside no_sync()
+        raise ValueError(_NO_SYNC)
     if engine.gradient_clipping() > 0:
         warnings.warn(
             f"DeepSpeed's gradient_clipping is {engine.gradient_clipping()}, so engine.step() clips the gradients "
