@@ -289,9 +289,27 @@ class ParallelPlan:
 
 def _module_parameters(module: nn.Module) -> list[tuple[str, Tensor]]:
     """Every name of every parameter (a tied weight under each of its names), unwrapped as
-    :func:`dist_clip._slots.module_parameters` names them."""
+    :func:`dist_clip._slots.module_parameters` names them, with the same checks and FSDP2 swap as the path
+    without a plan (:func:`dist_clip.adapters.params.module_parameters`): a module FSDP2 left unsharded after
+    backward is measured by its sharded parameters (its plain unsharded ones read 0: 0 for 3.26), gradient sync
+    off (FSDP2, composable ``replicate``) and DDP's ``no_sync()`` are refused (each rank measured its own
+    unreduced gradients), and DDP is unwrapped (its ``module.`` prefix was not in the plan's names)."""
+    from .adapters.params import module_parameters
+
     inner = _slots.unwrap_compiled(module)
-    return [(_slots.clean_name(n), q) for n, q in inner.named_parameters(remove_duplicate=False)]  # type: ignore[union-attr]
+    ddp = _slots._ddp_module(inner)  # type: ignore[arg-type]  # refuses a call inside no_sync()
+    if ddp is not None:
+        inner = _slots.unwrap_compiled(ddp)
+    pairs = module_parameters(inner, remove_duplicate=False)  # type: ignore[arg-type]
+    if any(getattr(q, "_fsdp_flattened", False) for _, q in pairs):
+        # FlatParameters (or, with use_orig_params=True, views of this rank's part of one, whole unreduced
+        # gradients inside no_sync()): nothing here maps them to the plan's names and slices.
+        raise ValueError(
+            "FSDP1 flat parameters are not supported under a plan (the target's parameters are managed by "
+            "FullyShardedDataParallel, with use_orig_params or without): clip the FSDP1 module without plan=, "
+            "or shard it with FSDP2 (fully_shard), whose DTensor gradients a plan reads"
+        )
+    return [(_slots.clean_name(n), q) for n, q in pairs]
 
 
 def _close(a: float, b: float) -> bool:

@@ -10,6 +10,7 @@ Run: ``.venv/bin/python -m pytest tests/test_compose.py``.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -805,3 +806,91 @@ def test_debug_audit_needs_no_numpy(monkeypatch):
     assert _norm.tensor_bytes(torch.tensor([], dtype=torch.float64)) == b""
     assert _norm.tensor_bytes(torch.arange(6.0, dtype=torch.float64).reshape(2, 3)[:, 1]) == \
         bytes(torch.tensor([1.0, 4.0], dtype=torch.float64).view(torch.uint8).tolist())
+
+
+# ------------------------------------------------------------------------------------------ wrappers under a plan
+
+
+def _wrapped_stage(kind: str, mesh) -> tuple[torch.nn.Module, torch.nn.Module, dict[str, torch.Tensor]]:  # noqa: ANN001
+    """A small MLP wrapped as ``kind`` on 2 ranks, after one backward of each rank's own batch; also what the
+    optimizer steps (name -> parameter: FSDP2's sharded parameters) and the float64 reference gradients."""
+    import copy
+
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    ref = copy.deepcopy(model).double()
+    stepped = dict(model.named_parameters())
+    if kind.startswith("fsdp2"):
+        for m in (model[0], model[2], model):
+            fully_shard(m, mesh=mesh)
+        stepped = dict(model.named_parameters())  # the sharded DTensor parameters, before any unshard
+        if kind == "fsdp2 unsharded":
+            model.set_reshard_after_backward(False)
+        if kind == "fsdp2 sync off":
+            model.set_requires_gradient_sync(False)
+        wrapped = model
+    elif kind.startswith("replicate"):
+        from torch.distributed._composable.replicate import replicate
+
+        wrapped = replicate(model)
+        if kind == "replicate sync off":
+            wrapped.set_requires_gradient_sync(False)
+    elif kind.startswith("ddp"):
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    else:  # fsdp1
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        wrapped = FullyShardedDataParallel(model, use_orig_params=kind.endswith("orig"), device_id=torch.device("cpu"))
+    xs = [torch.randn(2, 4, generator=torch.Generator().manual_seed(k)) for k in range(2)]
+    if kind == "ddp no_sync":
+        wrapped.require_backward_grad_sync = False  # what no_sync() sets: the call happens inside it
+    wrapped(xs[dist.get_rank()]).pow(2).sum().backward()
+    torch.stack([ref(x.double()).pow(2).sum() for x in xs]).mean().backward()
+    return wrapped, stepped, {n: q.grad for n, q in ref.named_parameters()}
+
+
+def body_wrappers_under_a_plan() -> list:
+    """A plan over an FSDP2, composable ``replicate`` or DDP stage module runs the checks and the FSDP2 swap of
+    the path without a plan. FSDP2 left unsharded after backward (``set_reshard_after_backward(False)``) read its
+    plain unsharded parameters, whose gradients are None once reduced: 0 for 3.26, and a clip to 0.1 left the
+    stepped gradients at 3.26; FSDP2 or ``replicate`` with gradient sync off, and DDP inside ``no_sync()``,
+    measured each rank's unreduced gradients silently (both ranks returned rank 0's 5.92); DDP's ``module.``
+    prefix was not unwrapped; FSDP1 was refused as "'_flat_param' not in names"."""
+    from tests._harness import outcome
+
+    mesh = cases.mesh((2,), ("dp",))
+    names = ("0.weight", "0.bias", "2.weight", "2.bias")
+    out: list = []
+    for kind, rules in (("fsdp2", (Rule("*"),)), ("fsdp2 unsharded", (Rule("*"),)),
+                        ("replicate", (Rule("*", replicate=("dp",)),)), ("ddp", (Rule("*", replicate=("dp",)),))):
+        wrapped, stepped, ref = _wrapped_stage(kind, mesh)
+        plan = ParallelPlan(mesh, names=names, rules=rules, debug=kind == "ddp")
+        want = reference_norm(list(ref.values()), 2.0)
+        got = GradClipper(max_norm=1e9)(wrapped, plan=plan).total_norm.item()
+        assert got == pytest.approx(want, rel=1e-6), (kind, got, want)
+        report = GradClipper(max_norm=1e9, mode="per_param", report=True)(wrapped, plan=plan).norms
+        assert report == pytest.approx({n: reference_norm([t], 2.0) for n, t in ref.items()}, rel=1e-5), kind
+        GradClipper(max_norm=0.1)(wrapped, plan=plan)
+        after = [_grad_full(q.grad).double() for q in stepped.values()]  # what the optimizer steps
+        clipped = reference_norm(after, 2.0)
+        assert clipped == pytest.approx(0.1, rel=1e-5), (kind, clipped)
+        out.append(round(got, 6))
+    for kind, expected in (("fsdp2 sync off", "set_requires_gradient_sync(False)"),
+                           ("replicate sync off", "set_requires_gradient_sync(False)"),
+                           ("ddp no_sync", "no_sync()"),
+                           ("fsdp1", "FSDP1 flat parameters are not supported under a plan"),
+                           ("fsdp1 orig", "FSDP1 flat parameters are not supported under a plan")):
+        wrapped, _, _ = _wrapped_stage(kind, mesh)
+        plan = ParallelPlan(mesh, names=names, rules=(Rule("*", replicate=("dp",)),))
+        for mode in ("total", "per_param"):
+            call = functools.partial(GradClipper(max_norm=1e9, mode=mode), wrapped, plan=plan)
+            out.append(outcome(call, ValueError, lambda m, e=expected: e in m))
+    return out
+
+
+def test_wrapped_stage_modules_get_the_checks_and_swap_without_a_plan(run_ranks):
+    results = run_ranks(2, body_wrappers_under_a_plan, timeout_s=180)
+    assert results[0] == results[1], results
+    assert results[0][4:] == [True] * 10, results[0]
