@@ -540,11 +540,17 @@ def _layout_check(combined: Tensor, p: float, world: int, n_slots: int, settings
                     "unnoticed)"
                 )
             if settings:
+                # Unit-wise clipping refuses plan=: recommending one sent the caller into that refusal.
+                stages = (
+                    "a pipeline stage's module holds only its own, and unit-wise clipping takes no plan=: clip "
+                    "each stage with a group= of the ranks holding the same parameters (its data- and "
+                    "tensor-parallel peers), or none" if "mode=unitwise" in settings else
+                    "a pipeline stage's module holds only its own: pass a dist_clip.ParallelPlan, plan="
+                )
                 raise RuntimeError(
                     f"the ranks of this call disagree on the target's parameter names ({n_slots} slots here) or on "
                     f"its settings ({settings} here): per-parameter, per-group and unit-wise clipping and reports "
-                    "need the same names in the same order (a pipeline stage's module holds only its own: pass a "
-                    "dist_clip.ParallelPlan, plan=), and every rank the same settings"
+                    f"need the same names in the same order ({stages}), and every rank the same settings"
                 )
             raise RuntimeError(
                 f"the ranks of this call disagree on the target's parameter names ({n_slots} slots here): "

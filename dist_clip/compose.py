@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,16 +50,37 @@ class Rule:
         replicate: mesh dimension names along which ranks hold identical copies of their piece (data-parallel
             replicas, tensor-parallel duplicates of a norm weight): only coordinate 0 counts it. Every other
             dimension holds distinct pieces, or the parameter is absent there, and is summed.
+        distinct: mesh dimension names along which ranks hold distinct pieces, whatever the gradients' meshes
+            suggest. Without ``replicate=``, a DTensor gradient on a slice of the mesh is counted once over the
+            sibling slices this rank's other gradients span (FSDP2 over TP: the norm layers on ``mesh["dp"]``,
+            the same on every tp slice); experts on ``mesh["dp"]`` beside dense layers sharded over the
+            flattened ``("dp", "ep")`` mesh span the ep line too but differ along it: ``Rule("moe.*",
+            distinct=("ep",))`` (without it only ep = 0 counted). A DTensor's own ``Replicate`` dims named here
+            count on every coordinate. Must not overlap ``replicate``.
+
+    ``replicate`` and ``distinct`` take any iterable of names and are stored as tuples.
     """
 
     pattern: str
     replicate: tuple[str, ...] = ()
+    distinct: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.pattern, str) or not self.pattern:
             raise TypeError(f"Rule.pattern must be a non-empty str, got {self.pattern!r}")
-        if isinstance(self.replicate, str) or not all(isinstance(d, str) for d in self.replicate):
-            raise TypeError(f"Rule.replicate must be a tuple of mesh dimension names, got {self.replicate!r}")
+        for attr in ("replicate", "distinct"):
+            dims = getattr(self, attr)
+            if isinstance(dims, (str, bytes, Mapping)) or not isinstance(dims, Iterable):
+                raise TypeError(f"Rule.{attr} must be a tuple of mesh dimension names, got {dims!r}")
+            dims = tuple(dims)  # a generator was consumed by the check below and left empty (counted everywhere)
+            if not all(isinstance(d, str) for d in dims):
+                raise TypeError(f"Rule.{attr} must be a tuple of mesh dimension names, got {dims!r}")
+            object.__setattr__(self, attr, dims)
+        both = sorted(set(self.replicate) & set(self.distinct))
+        if both:
+            raise ValueError(
+                f"Rule({self.pattern!r}) names {both} in both replicate= (copies) and distinct= (distinct pieces)"
+            )
 
 
 @dataclass(frozen=True)
@@ -90,16 +111,28 @@ class ParallelPlan:
         dims = getattr(self.mesh, "mesh_dim_names", None)
         if not dims:
             raise ValueError("ParallelPlan needs a DeviceMesh with mesh_dim_names (e.g. ('pp', 'tp')), got none")
-        if isinstance(self.names, str) or not all(isinstance(n, str) for n in self.names):
+        # Any iterable, stored as a tuple ("object of type 'generator' has no len()" before; a list of rules
+        # or of tied pairs was kept as a list).
+        if isinstance(self.names, (str, bytes, Mapping)) or not isinstance(self.names, Iterable):
             raise TypeError(f"ParallelPlan.names must be a tuple of parameter names, got {type(self.names).__name__}")
+        object.__setattr__(self, "names", tuple(self.names))
+        if not all(isinstance(n, str) for n in self.names):
+            raise TypeError(f"ParallelPlan.names must be a tuple of parameter names (str), got {self.names[:5]!r}")
         if len(set(self.names)) != len(self.names):
             raise ValueError("ParallelPlan.names has duplicates; list every parameter of the full model once")
-        if isinstance(self.rules, Rule) or not all(isinstance(r, Rule) for r in self.rules):
+        if isinstance(self.rules, Rule) or not isinstance(self.rules, Iterable):
             raise TypeError(f"ParallelPlan.rules must be a tuple of Rule, got {type(self.rules).__name__}")
+        object.__setattr__(self, "rules", tuple(self.rules))
+        if not all(isinstance(r, Rule) for r in self.rules):
+            raise TypeError(f"ParallelPlan.rules must be a tuple of Rule, got {self.rules!r}")
+        if not isinstance(self.tied, Iterable) or isinstance(self.tied, (str, bytes, Mapping)):
+            raise TypeError(f"ParallelPlan.tied must be a tuple of (copy name, owner name) pairs, got {self.tied!r}")
+        object.__setattr__(self, "tied", tuple(
+            tuple(pair) if isinstance(pair, (tuple, list)) else pair for pair in self.tied))
         if not isinstance(self.debug, bool):
             raise TypeError(f"ParallelPlan.debug must be True or False, got {self.debug!r}")
         for r in self.rules:
-            unknown = [d for d in r.replicate if d not in dims]
+            unknown = [d for d in (*r.replicate, *r.distinct) if d not in dims]
             if unknown:
                 raise ValueError(f"Rule({r.pattern!r}) names mesh dimensions {unknown}; the mesh has {tuple(dims)}")
         known = set(self.names)
@@ -112,11 +145,23 @@ class ParallelPlan:
             if pair[0] in copies:
                 raise ValueError(f"tied entry {pair!r}: {pair[0]!r} is already tied to another owner; one owner each")
             copies.add(pair[0])
-        unmatched = [n for n in self.names if self._rule(n) is None]
+        chosen = {n: self._rule(n) for n in self.names}
+        unmatched = [n for n, r in chosen.items() if r is None]
         if unmatched:
             raise ValueError(
                 f"no rule matches {unmatched[:5]}{'...' if len(unmatched) > 5 else ''}; add a Rule for them "
                 "(Rule('*') makes every remaining piece distinct)"
+            )
+        # A rule no name reaches (a typo, or shadowed by an earlier rule: first match wins) was ignored, and the
+        # names it meant fell to another rule (Rule('*') after a misspelt norm rule: 15.94 for 15.13).
+        used = {id(r) for r in chosen.values()}
+        dead = [r for r in self.rules if id(r) not in used]
+        if dead:
+            raise ValueError(
+                f"{', '.join(repr(r) for r in dead)} match{'es' if len(dead) == 1 else ''} no name of the plan: "
+                "rules are tried in order and the first match wins, so a rule after a broader one (Rule('*') "
+                "first) is never reached, and a misspelt pattern matches nothing; put specific rules first, fix "
+                "or drop the rule"
             )
         if self.group is not None:
             if not isinstance(self.group, dist.ProcessGroup):
@@ -164,6 +209,8 @@ class ParallelPlan:
         a rule without ``replicate=`` it finds a DTensor's copies on the sibling slices of its mesh that this
         rank's other gradients span: FSDP2 over tensor parallelism leaves the norm layers' gradients on
         ``mesh["dp"]``, the same on every tp slice (``Rule("*")`` counted them once per slice: 1.33 for 1.28).
+        The rule's ``distinct=`` dims are never taken for copies (experts on ``mesh["dp"]`` beside dense layers
+        on the flattened ``("dp", "ep")`` mesh: only ep = 0 counted, 6.06 for 8.14).
         """
         if name in dict(self.tied):
             return False
@@ -186,11 +233,16 @@ class ParallelPlan:
                         f"gradient of {name!r} has placements {tuple(grad.placements)}: a Partial gradient is not "
                         "reduced yet; redistribute it before clipping"
                     )
-            distinct = [not pl.is_replicate() for pl in grad.placements]
+            mesh_names = mesh.mesh_dim_names or ()
+            distinct = [
+                not pl.is_replicate() or (d < len(mesh_names) and mesh_names[d] in rule.distinct)
+                for d, pl in enumerate(grad.placements)
+            ]
             if siblings is not None and not rule.replicate:
                 from .adapters.fsdp import _root_mesh
 
-                return bool(siblings.counted(name, mesh, _root_mesh(mesh), tuple(sub), distinct))
+                return bool(siblings.counted(name, mesh, _root_mesh(mesh), tuple(sub), distinct,
+                                             frozenset(rule.distinct)))
             if any(sub[d] != 0 for d, is_d in enumerate(distinct) if not is_d):
                 return False
         return True
@@ -272,26 +324,57 @@ class ParallelPlan:
             dist.all_gather_object(gathered, (rank, local), group=group)
         else:
             gathered = [(rank, local)]
-        problems, reference = _audit(gathered, p)
+        under: list[str] = []
+        problems, reference = _audit(gathered, p, under)
         got = float(m.total)
         if not problems and not _close(got, reference):
             problems.append(f"the one-collective norm {got!r} differs from the all-gathered reference {reference!r}")
         # Marked once it passed (on every rank alike): a caught failure audited nothing on the next call.
         self._memo["checked"] = not problems
         if problems:
+            # Under a rule without replicate=, a DTensor piece left uncounted was taken for a copy on the sibling
+            # slices of its mesh (experts beside a flattened dense mesh): the advice to shorten replicate= was
+            # no use there.
+            bare = sorted({r.pattern for r in map(self._rule, map(self.owner, under)) if r is not None
+                           and not r.replicate})
+            advice = "remove a dimension that holds distinct pieces from replicate="
+            if bare:
+                advice += (
+                    f"; under {', '.join(f'Rule({b!r})' for b in bare)}, without replicate=, a DTensor on a slice "
+                    "of the mesh is taken to be copied on the sibling slices this rank's other gradients span: "
+                    "name the dimension along which the pieces differ in distinct=, e.g. "
+                    "Rule('moe.*', distinct=('ep',))"
+                )
             raise RuntimeError(
                 "ParallelPlan debug check failed (every rank raises together):\n  " + "\n  ".join(problems[:20])
                 + "\nA piece counted by two ranks is over-counted (add the copy dimension to the rule's "
-                "replicate=, or declare the tie); a piece counted by none is under-counted (remove a dimension "
-                "that holds distinct pieces from replicate=)."
+                f"replicate=, or declare the tie); a piece counted by none is under-counted ({advice})."
             )
 
 
 def _module_parameters(module: nn.Module) -> list[tuple[str, Tensor]]:
     """Every name of every parameter (a tied weight under each of its names), unwrapped as
-    :func:`dist_clip._slots.module_parameters` names them."""
+    :func:`dist_clip._slots.module_parameters` names them, with the same checks and FSDP2 swap as the path
+    without a plan (:func:`dist_clip.adapters.params.module_parameters`): a module FSDP2 left unsharded after
+    backward is measured by its sharded parameters (its plain unsharded ones read 0: 0 for 3.26), gradient sync
+    off (FSDP2, composable ``replicate``) and DDP's ``no_sync()`` are refused (each rank measured its own
+    unreduced gradients), and DDP is unwrapped (its ``module.`` prefix was not in the plan's names)."""
+    from .adapters.params import module_parameters
+
     inner = _slots.unwrap_compiled(module)
-    return [(_slots.clean_name(n), q) for n, q in inner.named_parameters(remove_duplicate=False)]  # type: ignore[union-attr]
+    ddp = _slots._ddp_module(inner)  # type: ignore[arg-type]  # refuses a call inside no_sync()
+    if ddp is not None:
+        inner = _slots.unwrap_compiled(ddp)
+    pairs = module_parameters(inner, remove_duplicate=False)  # type: ignore[arg-type]
+    if any(getattr(q, "_fsdp_flattened", False) for _, q in pairs):
+        # FlatParameters (or, with use_orig_params=True, views of this rank's part of one, whole unreduced
+        # gradients inside no_sync()): nothing here maps them to the plan's names and slices.
+        raise ValueError(
+            "FSDP1 flat parameters are not supported under a plan (the target's parameters are managed by "
+            "FullyShardedDataParallel, with use_orig_params or without): clip the FSDP1 module without plan=, "
+            "or shard it with FSDP2 (fully_shard), whose DTensor gradients a plan reads"
+        )
+    return [(_slots.clean_name(n), q) for n, q in pairs]
 
 
 def _close(a: float, b: float) -> bool:
@@ -302,13 +385,14 @@ def _close(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-6 * max(abs(a), abs(b)) + 1e-30
 
 
-def _audit(gathered: Sequence[tuple[int, list[tuple[str, bool, Tensor]]]], p: float) -> tuple[list[str], float]:
+def _audit(gathered: Sequence[tuple[int, list[tuple[str, bool, Tensor]]]], p: float,
+           under: list[str] | None = None) -> tuple[list[str], float]:
     """Every distinct non-zero piece must be counted by exactly one rank.
 
     Pieces are told apart by content, whatever name they are held under: copies (replicas, tensor-parallel
     duplicates, tied parameters in two stages) hold the same values, distinct shards of real gradients do not.
     All-zero pieces add nothing to any norm and are not checked. Returns the problems and the reference norm
-    over the distinct pieces.
+    over the distinct pieces; the names of under-counted pieces are appended to ``under``.
     """
     by_content: dict[bytes, list[tuple[int, str, bool, Tensor]]] = {}
     for rank, pieces in gathered:
@@ -327,6 +411,8 @@ def _audit(gathered: Sequence[tuple[int, list[tuple[str, bool, Tensor]]]], p: fl
             problems.append(f"over-counted: {what} held by ranks {ranks} is counted by ranks {counters}")
         elif not counters:
             problems.append(f"under-counted: {what} held by ranks {ranks} is counted by no rank")
+            if under is not None:
+                under.extend(names)
         distinct.append(holders[0][3])
     if not distinct:
         return problems, 0.0

@@ -129,7 +129,7 @@ class GroupCounting:
         self.spanned: dict[int, set[int]] = {}
         for mesh in {id(m): m for m in meshes}.values():
             self.spanned.setdefault(id(_root_mesh(mesh)), set()).update(mesh.mesh.reshape(-1).tolist())
-        self._known: dict[tuple[int, tuple[bool, ...]], bool] = {}
+        self._known: dict[tuple[int, tuple[bool, ...], frozenset[str]], bool] = {}
         self.apart: set[int] = set()  # meshes (ids) whose sibling slices hold other pieces (pipeline stages)
 
     def _first_in_group(self, line: list[int]) -> bool:
@@ -142,15 +142,20 @@ class GroupCounting:
         index[d] = slice(None)
         return grid[tuple(index)].reshape(-1).tolist()
 
-    def counted(self, name: str, mesh: Any, root: Any, coord: Sequence[int], distinct: Sequence[bool]) -> bool:  # noqa: ANN401
-        """Whether this rank's piece of ``name`` (on ``mesh`` at ``coord``; ``distinct``: its Shard dims) counts."""
-        key = (id(mesh), tuple(distinct))
+    def counted(self, name: str, mesh: Any, root: Any, coord: Sequence[int], distinct: Sequence[bool],  # noqa: ANN401
+                apart: frozenset[str] = frozenset()) -> bool:
+        """Whether this rank's piece of ``name`` (on ``mesh`` at ``coord``; ``distinct``: its Shard dims) counts.
+
+        ``apart``: names of root mesh dims whose sibling slices are known to hold other pieces (a
+        :class:`~dist_clip.Rule`'s ``distinct=``, expert parallelism): never taken for copies."""
+        key = (id(mesh), tuple(distinct), apart)
         known = self._known.get(key)
         if known is None:
-            known = self._known[key] = self._decide(name, mesh, root, coord, distinct)
+            known = self._known[key] = self._decide(name, mesh, root, coord, distinct, apart)
         return known
 
-    def _decide(self, name: str, mesh: Any, root: Any, coord: Sequence[int], distinct: Sequence[bool]) -> bool:  # noqa: ANN401
+    def _decide(self, name: str, mesh: Any, root: Any, coord: Sequence[int], distinct: Sequence[bool],  # noqa: ANN401
+                apart: frozenset[str] = frozenset()) -> bool:
         grid = mesh.mesh
         peers = set(grid[tuple(slice(None) if d else c for c, d in zip(coord, distinct))].reshape(-1).tolist())
         missing = peers - self.ranks
@@ -170,13 +175,14 @@ class GroupCounting:
         own = set(grid.reshape(-1).tolist())
         spanned = self.spanned.get(id(root), own)
         rgrid, rcoord = root.mesh, root.get_coordinate()
+        rnames = root.mesh_dim_names or ()
         for d in range(root.ndim):
             line = self._line(rgrid, rcoord, d)
             if set(line) <= own:
                 continue  # a dim of the mesh itself
-            if not set(line) <= spanned:
+            if not set(line) <= spanned or (d < len(rnames) and rnames[d] in apart):
                 self.apart.add(id(mesh))
-                continue  # sibling slices holding other pieces (pipeline stages)
+                continue  # sibling slices holding other pieces (pipeline stages; experts: a rule's distinct=)
             if not self._first_in_group(line):
                 return False  # a copy on a sibling slice that this rank's other gradients span
         return True

@@ -109,8 +109,11 @@ def split_dtensors(grads: Iterable[tuple[str, Tensor]]) -> tuple[list[tuple[str,
     return plain, dtensors
 
 
-def module_parameters(module: nn.Module) -> list[tuple[str, Tensor]]:
+def module_parameters(module: nn.Module, remove_duplicate: bool = True) -> list[tuple[str, Tensor]]:
     """``module.named_parameters()`` as an optimizer holds them, refused where gradients are not reduced yet.
+
+    ``remove_duplicate=False`` lists a tied parameter under each of its names (what a
+    :class:`~dist_clip.ParallelPlan` reads: it names the copy and the owner), with the same swap and checks.
 
     FSDP2 (``fully_shard``): a parameter group left unsharded (``set_reshard_after_backward(False)``, torch's
     accumulation recipe) registers plain unsharded parameters whose ``.grad`` is ``None`` (reduced) or this
@@ -122,7 +125,7 @@ def module_parameters(module: nn.Module) -> list[tuple[str, Tensor]]:
     FSDP2 module owning a parameter may enclose the target (a submodule clipped on its own): it is found
     through torch's registry of composable states.
     """
-    pairs = list(module.named_parameters())  # already without duplicates
+    pairs = list(module.named_parameters(remove_duplicate=remove_duplicate))
     fully_shard = sys.modules.get("torch.distributed.fsdp._fully_shard._fully_shard")
     replicate = sys.modules.get("torch.distributed._composable.replicate")
     if fully_shard is None and replicate is None:
