@@ -182,32 +182,41 @@ def settle(tensors: Sequence[Tensor]) -> None:
             continue
         scale, found, coef, held, versions = pending
         verdict = _verdict(held, versions, grads)
-        if verdict not in ("same", "intact"):
+        if verdict not in ("same", "intact", "fewer"):
             # Dropped without a word here: a step skipped, then gradients zeroed in place and recomputed, looks
             # the same as an accumulation after the clip; the step itself warns if it would take them unclipped.
             _WAITING.discard(optimizer)
             continue
         if coef is not None:
-            _scale.scale_(held, coef)
+            # "fewer": the measured gradients still stepped (grads, all held); the ones dropped since are gone.
+            _scale.scale_(grads if verdict == "fewer" else held, coef)
         _stash(optimizer, torch.ones_like(scale), found, None, grads)
 
 
 def _verdict(held: list[Tensor], versions: list[int], grads: list[Tensor]) -> str:
     """What became of the gradients ``held`` a coefficient was measured on, now that the optimizer steps
     ``grads``: "same" (the very tensors, not written since), "intact" (not written, but the optimizer now steps
-    others too: a param group added since), "stale" (replaced: the next batch, after ``zero_grad()`` to None;
-    the coefficient is dropped, as a loop without ``optimizer=`` would step them unclipped) or "written" (the
-    same tensors written in place since: ``zero_grad(set_to_none=False)`` then backward, or a further backward
-    accumulating into them; dropped, with a warning where the step then takes them unclipped). A view's version counter
-    is its whole buffer's (DDP's bucket views): a write to another view of it would look like a change, so
-    views are checked by identity alone (README's Limits)."""
+    others too: a param group added since), "fewer" (not written, but some of them are no longer stepped: a
+    ``p.grad`` set to None since; every gradient stepped was measured, so the coefficient still applies to
+    each, as after a clip that scaled them in place), "stale" (replaced: the next batch, after ``zero_grad()``
+    to None; the coefficient is dropped, as a loop without ``optimizer=`` would step them unclipped) or
+    "written" (the same tensors written in place since: ``zero_grad(set_to_none=False)`` then backward, or a
+    further backward accumulating into them; dropped, with a warning where the step then takes them
+    unclipped). A view's version counter is its whole buffer's (DDP's bucket views): a write to another view
+    of it would look like a change, so views are checked by identity alone (README's Limits)."""
     if same_tensors(held, grads):
         verdict = "same"
     else:
         stepped = set(map(id, grads))
-        if not all(id(a) in stepped for a in held):
+        if all(id(a) in stepped for a in held):
+            verdict = "intact"
+        elif len(stepped) < len(held) and stepped <= set(map(id, held)):
+            verdict = "fewer"
+            # Only the gradients still stepped matter: a dropped one may be rewritten by whoever kept it.
+            versions = [v for a, v in zip(held, versions) if id(a) in stepped]
+            held = [a for a in held if id(a) in stepped]
+        else:
             return "stale"
-        verdict = "intact"
     if not all(a._is_view() or a._version == v for a, v in zip(held, versions)):
         return "written"
     return verdict
@@ -284,7 +293,7 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             # would divide those too, so the measured ones are scaled here and the step keeps only the flag.
             _scale.scale_(pending[3], pending[2])
             pending = (None, pending[1], None, pending[3], pending[4])
-        elif verdict != "same":
+        elif verdict not in ("same", "fewer"):  # fewer: grad_scale reaches only stepped gradients, all measured
             if verdict == "written":
                 warnings.warn(
                     "dist_clip: the clip coefficient handed to this optimizer's step() was dropped: its gradients "

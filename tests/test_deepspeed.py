@@ -92,6 +92,12 @@ def test_folded_into_step_matches_unsharded_run(run_ranks, stage, gas, offload):
               hand_over=True, timeout_s=TIMEOUT)
 
 
+@pytest.mark.parametrize("stage,offload", [(1, False), (2, False), (3, False), (2, True), (3, True)])
+def test_folded_coefficient_of_a_dropped_batch_is_not_applied_to_the_next(run_ranks, stage, offload):
+    assert run_ranks(2, ds_cases.case_fold_dropped_with_its_batch, stage, offload=offload,
+                     timeout_s=TIMEOUT) == [True, True]
+
+
 @pytest.mark.parametrize("stage,offload", [(1, False), (2, False), (3, False), (2, True)])
 def test_folded_into_step_with_deepspeeds_own_clipping_on(run_ranks, stage, offload):
     """DeepSpeed's default gradient_clipping is 1.0: its clip in step() used the norm it measured before our

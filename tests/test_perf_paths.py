@@ -932,6 +932,53 @@ def test_a_hand_over_survives_a_param_group_added_before_the_step():
     torch.testing.assert_close(b.detach(), torch.full((2,), -5.0))
 
 
+@pytest.mark.parametrize("between", ["nothing", "get_total_norm", "clip_grad_norm_", "non-finite"])
+@pytest.mark.parametrize("name", ["AdamW", "SGD"])
+def test_a_hand_over_survives_a_gradient_dropped_before_the_step(name, between):
+    """One gradient set to None between the clip and the step (a parameter kept out of this step): the others
+    are the measured ones, untouched, yet the hand-over was dropped as stale, so the step took them unclipped
+    (SGD 2.17 off the plain call, which gives the float64 reference to 1e-8) and a norm read before the step saw
+    64.2 for 0.30. The step applies the coefficient to the gradients it still steps, a call before it sees them
+    clipped, and a non-finite total still skips the step."""
+    results = []
+    for hand_over in (False, True):
+        model = _model()
+        opt = OPTIMIZERS[name](list(model.parameters()), True)
+        _backward(model, 0)
+        if between == "non-finite":
+            model[2].weight.grad[0, 0] = math.nan
+        total = dist_clip.clip_grad_norm_(model, 0.5, optimizer=opt if hand_over else None)
+        model[0].bias.grad = None
+        seen = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            if between == "get_total_norm":
+                seen = dist_clip.get_total_norm(model)
+            elif between == "clip_grad_norm_":
+                seen = dist_clip.clip_grad_norm_(model, 0.2)
+            if hand_over or torch.isfinite(total):  # the plain loop steps on a finite norm; the hand-over skips
+                opt.step()
+        results.append((total, seen, [p.detach().clone() for p in model.parameters()]))
+    (total_ref, seen_ref, params_ref), (total, seen, params) = results
+    assert torch.equal(total, total_ref) or (between == "non-finite" and total.isnan() and total_ref.isnan())
+    if seen is not None:
+        torch.testing.assert_close(seen, seen_ref, rtol=1e-6, atol=0)
+        assert float(seen) < 0.5
+    for a, b in zip(params, params_ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    model = _model()
+    if between == "non-finite":  # skipped: nothing moved, the dropped parameter neither
+        for a, b in zip(params, model.parameters()):
+            assert torch.equal(a, b.detach())
+    elif name == "SGD" and between == "nothing":  # the first step of momentum SGD is p - lr * g
+        _backward(model, 0)
+        grads = [p.grad.double() for p in model.parameters()]
+        coef = min(1.0, 0.5 / (torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads])).item() + 1e-6))
+        for i, (a, p, g) in enumerate(zip(params, model.parameters(), grads)):
+            want = p.detach().double() if i == 1 else p.detach().double() - 1e-2 * coef * g  # 1: 0.bias, not stepped
+            torch.testing.assert_close(a.double(), want, rtol=0, atol=1e-7)
+
+
 def test_a_hand_over_whose_gradients_are_accumulated_into_warns():
     """A further backward accumulating into handed-over gradients before the step: they are no longer the
     measured ones and the coefficient is dropped (the loop without optimizer= clips the first part only); that

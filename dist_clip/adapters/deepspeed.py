@@ -677,6 +677,13 @@ class _ZeroFold:
     multiply takes ``coef / loss_scale`` instead of ``1 / loss_scale`` (free where DeepSpeed multiplies anyway:
     fp16, ZeRO-3). ``step`` is wrapped to forget the coefficient when it returns, overflow skips included, so
     it applies to exactly one ``step()``. Numerically the same products as scaling the gradients first.
+
+    The coefficient applies only to the gradients it was measured on: at the step's entry (and in
+    :func:`settle`) :meth:`verdict` compares the buffers the step reads and the measured pieces with what the
+    hand-over recorded. A backward since (a batch dropped without a step) replaced them (ZeRO-1/2's new
+    partition tensors) or wrote into them (ZeRO-3 accumulates into its partitions; the offloaded buffers are
+    rewritten): the coefficient is dropped and the step takes them unclipped, with a warning where they were
+    written in place.
     """
 
     def __init__(self, opt: Any, stage3: bool) -> None:
@@ -685,7 +692,10 @@ class _ZeroFold:
         self.unscale_method = opt.unscale_and_clip_grads
         self.flatten_fn = opt.flatten
         self.coef: Tensor | None = None
-        self.held: tuple[list[Tensor], list[int]] = ([], [])  # the pieces coef was measured on, their versions
+        self.held: list[Tensor] = []  # the pieces coef was measured on
+        # What step() reads (see _buffers) when coef was handed over, and their version counters (the pieces are
+        # these or views of them: the same counters).
+        self.reads: tuple[list[Tensor | None], list[int]] = ([], [])
         self.stepping = False
         self.copied = False  # the flatten just before the next unscale carried the coefficient
         opt.step = self._step
@@ -696,12 +706,63 @@ class _ZeroFold:
     def opt(self) -> Any:
         return self.step_method.__self__
 
+    def hand_over(self, coef: Tensor, pieces: list[Tensor]) -> None:
+        self.coef, self.held = coef, pieces
+        buffers = self._buffers()
+        self.reads = (buffers, [-1 if t is None else t._version for t in buffers])
+
+    def _buffers(self) -> list[Tensor | None]:
+        """The gradient tensors ``step()`` reads: each group's reduced partition pieces (``averaged_gradients``),
+        or with offload the fp32 partitions' ``.grad``. The measured pieces are these or views of them."""
+        opt = self.opt
+        if opt.offload_optimizer if self.stage3 else opt.cpu_offload:
+            flats = opt.fp32_partitioned_groups_flat if self.stage3 else opt.single_partition_of_fp32_groups
+            return [f.grad for f in flats]
+        out: list[Tensor | None] = []
+        groups = opt.averaged_gradients
+        for grads in groups.values() if isinstance(groups, dict) else groups:
+            if isinstance(grads, (list, tuple)):
+                out.extend(grads)
+            else:
+                out.append(grads)
+        return out
+
+    def verdict(self) -> str:
+        """What became of the gradients the pending coefficient was measured on: "same" (the step reads the
+        very buffers, none written since), "stale" (replaced: a backward since, ZeRO-1/2 building new partition
+        tensors) or "written" (written in place since: a backward accumulating into ZeRO-3's partitions, or
+        rewriting the offloaded buffers). Identity and version counters only: no pass over the data, no device sync."""
+        now = self._buffers()
+        then, versions = self.reads
+        if len(now) != len(then) or not all(map(operator.is_, now, then)):
+            return "stale"
+        if [-1 if t is None else t._version for t in now] != versions:
+            return "written"
+        return "same"
+
+    def forget(self) -> None:
+        self.coef, self.held, self.reads = None, [], ([], [])
+
     def _step(self, *args: Any, **kwargs: Any) -> Any:
+        if self.coef is not None:
+            verdict = self.verdict()  # one identity and one version read per buffer: about 0.1 us each
+            if verdict != "same":
+                self.forget()
+                if verdict == "written":
+                    warnings.warn(
+                        "dist_clip: the clip coefficient handed to engine.step() was dropped: its gradients were "
+                        "written after the clip (a further backward, accumulating into them or rewriting their "
+                        "buffers), so they are no longer the ones measured and this step takes them unclipped. "
+                        "Clip after the last backward before step()",
+                        UserWarning,
+                        stacklevel=4,  # the caller of engine.step(), through _take_model_step
+                    )
         self.stepping = True
         try:
             return self.step_method(*args, **kwargs)
         finally:
-            self.coef, self.stepping, self.copied, self.held = None, False, False, ([], [])
+            self.forget()
+            self.stepping, self.copied = False, False
 
     def _is_partition(self, tensors: Any) -> bool:
         held = self.opt.averaged_gradients
@@ -777,24 +838,21 @@ def fold_handle(target: object, optimizer: object) -> Any:
         fold = _ZeroFold(opt, isinstance(opt, DeepSpeedZeroOptimizer_Stage3))
         opt._dist_clip_fold = fold
 
-    def hand_over(coef: Tensor, pieces: list[Tensor]) -> None:
-        fold.coef = coef
-        fold.held = (pieces, [t._version for t in pieces])
-
-    return hand_over
+    return fold.hand_over
 
 
 def settle(target: object) -> None:
     """Apply a coefficient an earlier ``clip_grad_norm_(engine, ..., optimizer=)`` left for the next ``step()``
     to the gradients now, because a dist_clip call is about to read them: it then sees them clipped, as after
-    the plain call (a second clip composes with the first, a report reads clipped norms). Pieces modified in
-    place since (a new backward) are not the ones it measured: the coefficient is dropped instead."""
+    the plain call (a second clip composes with the first, a report reads clipped norms). Pieces replaced or
+    modified in place since (a new backward, :meth:`_ZeroFold.verdict`) are not the ones it measured: the
+    coefficient is dropped instead."""
     fold = getattr(getattr(target, "optimizer", None), "__dict__", {}).get("_dist_clip_fold")
     if fold is None or fold.stepping or fold.coef is None:
         return
-    coef, (pieces, versions) = fold.coef, fold.held
-    fold.coef, fold.held = None, ([], [])
-    if all(t._version == v for t, v in zip(pieces, versions)):
+    coef, pieces, verdict = fold.coef, fold.held, fold.verdict()
+    fold.forget()
+    if verdict == "same":
         _scale.scale_(pieces, coef)
 
 
