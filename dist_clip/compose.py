@@ -154,8 +154,9 @@ class ParallelPlan:
             )
         # A rule no name reaches (a typo, or shadowed by an earlier rule: first match wins) was ignored, and the
         # names it meant fell to another rule (Rule('*') after a misspelt norm rule: 15.94 for 15.13).
+        # A catch-all Rule('*') that earlier rules left nothing to is a default, not a mistake: allowed.
         used = {id(r) for r in chosen.values()}
-        dead = [r for r in self.rules if id(r) not in used]
+        dead = [r for r in self.rules if id(r) not in used and r.pattern != "*"]
         if dead:
             raise ValueError(
                 f"{', '.join(repr(r) for r in dead)} match{'es' if len(dead) == 1 else ''} no name of the plan: "

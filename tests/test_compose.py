@@ -1000,6 +1000,9 @@ def body_plan_arguments() -> list:
             out.append("accepted")
         except ValueError as e:
             out.append(str(e))
+    # a catch-all Rule('*') the rules before it leave nothing to is a default, not a mistake: accepted
+    ParallelPlan(mesh, names=("w.weight", "norm.weight"),
+                 rules=(Rule("norm.weight", replicate=("tp",)), Rule("w.*"), Rule("*")))
     plan = ParallelPlan(mesh, names=("w.weight", "norm.weight"),
                         rules=(Rule("norm.weight", replicate=("tp",)), Rule("*")))
     got = GradClipper(max_norm=1e9)({"w.weight": w.chunk(2)[tp].clone(), "norm.weight": norm.clone()}, plan=plan)
