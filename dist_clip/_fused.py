@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _scale
+from . import _reduce, _scale
 
 __all__ = [
     "arm_skip_", "grad_state", "gradients", "hand_over_", "pending_skip", "same_state", "same_tensors", "settle",
@@ -311,15 +311,15 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         return
     scale, found = (pending[0], pending[1]) if pending is not None else (None, skip)
     if pending is not None and skip is not None:
-        found = torch.maximum(found, skip.to(found.device, non_blocking=True))
+        found = torch.maximum(found, _reduce.moved(skip, found.device))
     saved = (optimizer.__dict__.get("grad_scale", _MISSING), optimizer.__dict__.get("found_inf", _MISSING))
     theirs_scale, theirs_found = saved
     if scale is not None and isinstance(theirs_scale, Tensor):
-        scale = scale * theirs_scale.to(scale.device, non_blocking=True)
+        scale = scale * _reduce.moved(theirs_scale, scale.device)
     if isinstance(theirs_found, Tensor):
         # Either flag skips: the larger, kept 0 or 1 (torch's CPU fused kernels skip on exactly 1, so a sum of
         # two raised flags, 2, would step with non-finite gradients).
-        found = torch.maximum(found, theirs_found.to(device=found.device, dtype=found.dtype, non_blocking=True))
+        found = torch.maximum(found, _reduce.moved(theirs_found, found.device).to(found.dtype))
     optimizer.__dict__[_SAVED] = (saved, _prepare_sgd_first_step(optimizer), found)
     if scale is not None:
         optimizer.grad_scale = scale  # type: ignore[attr-defined]

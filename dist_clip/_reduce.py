@@ -108,6 +108,15 @@ def home_device(tensors: Iterable[Tensor], group: dist.ProcessGroup | None) -> t
     return torch.device("cpu")
 
 
+def moved(t: Tensor, device: torch.device | str) -> Tensor:
+    """``t`` on ``device``: without waiting where the destination is an accelerator (a host-to-device copy of
+    pageable memory is staged before it returns), with a wait where it is the CPU: a non-blocking copy to the
+    host returns before the data lands (pinned memory filled asynchronously), and the CPU read what was there
+    before (zeros, or the previous call's values: a total of 0 or the previous step's norm, silently). torch's
+    own clipping copies to the host blocking too."""
+    return t.to(device, non_blocking=torch.device(device).type != "cpu")
+
+
 def all_reduce_partials(partials: Tensor, op: ReduceOp, group: dist.ProcessGroup | None) -> Tensor:
     """Combine a float64 vector of partials across ``group`` with one all-reduce; NaN-safe for MAX.
 
@@ -126,9 +135,9 @@ def all_reduce_partials(partials: Tensor, op: ReduceOp, group: dist.ProcessGroup
     if op == "sum":
         buf = partials.to(device)  # the caller's scratch vector: reducing it in place is fine
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
-        return buf.to(home, non_blocking=True)
+        return moved(buf, home)
     nan = torch.isnan(partials)
     buf = torch.cat([torch.where(nan, torch.zeros_like(partials), partials), nan.to(torch.float64)]).to(device)
     dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
-    values, flags = buf.to(home, non_blocking=True).chunk(2)
+    values, flags = moved(buf, home).chunk(2)
     return torch.where(flags > 0, torch.full_like(values, float("nan")), values)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import _native
+from . import _native, _reduce
 
 __all__ = [
     "EPS", "clip_coefficient", "group_by_device_dtype", "power_split", "resolve_foreach", "scale_", "subnormal_split",
@@ -122,7 +122,7 @@ def scale_(
             and _native.scale_(group, value)
         ):
             continue  # one native multi-tensor pass, rounded exactly as torch's mul_
-        c = coef.to(device, non_blocking=True)
+        c = _reduce.moved(coef, device)
         if resolve_foreach(foreach, device, group):
             torch._foreach_mul_(group, c)
         else:

@@ -450,7 +450,7 @@ def slot_partials(
     nan_seen = torch.zeros(n_slots, dtype=torch.float64, device=device) if math.isinf(p) else None
     for (dev, _), (tensors, slots) in buckets.items():
         use_foreach = _scale.resolve_foreach(foreach, dev, tensors)
-        parts = _norm.local_partials(tensors, p, use_foreach).to(device, non_blocking=True)
+        parts = _reduce.moved(_norm.local_partials(tensors, p, use_foreach), device)
         index = torch.tensor(slots, dtype=torch.long).to(device, non_blocking=True)
         if nan_seen is None:
             out.index_add_(0, index, parts)  # NaN propagates through the sum by itself
@@ -749,7 +749,7 @@ def scale_slots_(pieces: Sequence[tuple[Tensor, int]], coefs: Tensor, foreach: b
         if t.numel():
             by_key.setdefault((t.device, t.dtype, slot), []).append(t)
     for (device, _, slot), tensors in by_key.items():
-        c = coefs[slot].to(device, non_blocking=True)
+        c = _reduce.moved(coefs[slot], device)
         if _scale.resolve_foreach(foreach, device, tensors):
             torch._foreach_mul_(tensors, c)
         else:

@@ -128,7 +128,7 @@ def local_total_partial(
     for (_, _), group in (groups if groups is not None else _scale.group_by_device_dtype(tensors)).items():
         partials = _norm.local_partials(group, p, foreach)
         reduced = partials.max() if math.isinf(p) and partials.numel() else partials.sum()
-        parts.append(reduced.to(device, non_blocking=True))
+        parts.append(_reduce.moved(reduced, device))
     if not parts:
         return torch.zeros((), dtype=torch.float64, device=device)
     if len(parts) == 1:

@@ -558,3 +558,22 @@ def test_a_plain_tensor_with_a_grad_is_a_parameter(form):
     assert torch.equal(w, ref_w)
     torch.testing.assert_close(w.grad, ref_g / (reference_norm([ref_g]) + 1e-6), rtol=1e-6, atol=0)
     assert dist_clip.get_total_norm([torch.tensor([3.0, 4.0])]).item() == 5.0  # a gradient is still a gradient
+
+
+def test_copies_to_the_host_wait_and_copies_to_accelerators_do_not():
+    """A non-blocking copy from a GPU to the host returns before the data lands, and the CPU then read stale
+    memory (a total of 0, or the previous step's norm; simulated on gloo by a reviewer): every copy of partials,
+    reduced buffers, coefficients and flags goes through ``_reduce.moved``, which waits only where the
+    destination is the CPU (``tests/test_gpu.py`` checks mixed CPU/CUDA gradients on a GPU)."""
+    from dist_clip import _reduce
+
+    calls = []
+
+    class Probe:
+        def to(self, device, non_blocking=False):
+            calls.append((str(device), non_blocking))
+            return self
+
+    for dev in ("cpu", torch.device("cpu"), "cuda:0", torch.device("cuda", 1), "meta"):
+        _reduce.moved(Probe(), dev)
+    assert calls == [("cpu", False), ("cpu", False), ("cuda:0", True), ("cuda:1", True), ("meta", True)]
