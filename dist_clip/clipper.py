@@ -1076,11 +1076,18 @@ def _own_groups_agree(rows: Tensor, p: float) -> Tensor:
     return (sig_ok & (lim_ok | (holders <= 0))).all()
 
 
+def _host_checks(device: torch.device) -> bool:
+    """Whether checks may read their verdict on the host (the CPU: free); elsewhere a failed check turns the
+    norms into NaN, without a host sync."""
+    return device.type == "cpu"
+
+
 def _limits_agree(extra: Tensor, combined: Tensor, p: float, labels: Sequence[str]) -> None:
     """On the CPU (where reading is free): every holder of a slot, and every slot of a group, must give the group
     the same ``max_norm`` (under a plan each stage's optimizer gives its own: it clipped a group's pieces by
-    different coefficients). All ranks see the same combined values, so all raise together."""
-    if extra.device.type != "cpu":
+    different coefficients). All ranks see the same combined values, so all raise together. Elsewhere
+    :func:`_per_group` turns the norms into NaN (:func:`_group_limits_agree`)."""
+    if not _host_checks(extra.device):
         return
     known, compared, limits = _slot_limits(extra.reshape(-1, combined.numel()), p)
     values: dict[int, set[float]] = {}
@@ -1128,6 +1135,8 @@ def _per_group(
             "the torch optimizer given to deepspeed.initialize)"
         )
     index = torch.tensor(groups_of or [-1], dtype=torch.long).to(m.device)
+    host = _host_checks(m.device)
+    agreed: Tensor | None = None  # off the CPU: whether the checks raising on the CPU pass (else NaN norms)
     if m.extra is not None:  # plan or named pieces: the groups of every rank's slots, combined (on the device)
         rows = m.extra.reshape(-1, index.numel())
         ids, holders, third = rows[:3]  # see _group_membership
@@ -1135,13 +1144,15 @@ def _per_group(
         consistent = (same | (holders <= 0)).all()  # every holder of every slot names the same group
         ids = ids if math.isinf(p) else ids / holders.clamp(min=1)  # MAX: the id itself; SUM: id x holders
         combined = torch.where(holders > 0, ids.round().long() - 1, -1)
-        if combined.device.type == "cpu" and bool((combined < 0).all()):  # all-reduced: the same verdict everywhere
+        if host and bool((combined < 0).all()):  # all-reduced: the same verdict everywhere
             raise ValueError(
                 "per_group clipping found none of the target's parameters in any rank's optimizer.param_groups, "
                 "so it would clip nothing; pass the optimizer that steps these parameters"
             )
         if not fill_only:
-            if m.device.type == "cpu" and not bool(consistent):  # all-reduced: every rank raises alike
+            if not host:  # a host read: the same verdict as NaN norms on every rank, as _slots._layout_check does
+                agreed = consistent & _group_limits_agree(rows, combined, p) & (combined >= 0).any()
+            elif not bool(consistent):  # all-reduced: every rank raises alike
                 raise ValueError(
                     "mode='per_group' under a plan: the ranks holding a parameter (tensor-parallel peers, a tied "
                     "copy and its owner) put it in different param group indices; group i must be group i of "
@@ -1158,7 +1169,9 @@ def _per_group(
             # ranks' different "group 0"s (each limit applied to the merged norm).
             alike = consistent & _group_limits_agree(rows, combined, p)
             own_ok = _own_groups_agree(rows, p)
-            if m.device.type == "cpu" and not bool(alike | own_ok):  # all-reduced: every rank raises alike
+            if not host:
+                agreed = alike | own_ok
+            elif not bool(alike | own_ok):  # all-reduced: every rank raises alike
                 raise ValueError(
                     "per_group on named pieces: the ranks' optimizers number their param groups differently, so "
                     "each rank's own groups are used, but a parameter's group (or its max_norm) differs between "
@@ -1172,13 +1185,15 @@ def _per_group(
         # A group this rank's optimizer lacks (stages with fewer groups) has no limit here: left out.
         index = torch.where(index < len(limits), index, -1)
     partials = _slots.merge_partials(m.partials, index, len(limits), p)
+    if agreed is not None:
+        partials = torch.where(agreed, partials, torch.full_like(partials, math.nan))
     norms = _slots.finalize_norms(partials, p, m.loss_scale).to(out)
     limit = torch.tensor(limits, dtype=out, device=norms.device)
     coef = _scale.clip_coefficient(limit, norms)
     # Parameters outside the optimizer count in the total but keep their gradients (coefficient 1).
     slot_coef = torch.where(index >= 0, coef[index.clamp(min=0)], torch.ones_like(index, dtype=out))
     anywhere = None
-    if m.extra is not None and not fill_only and m.device.type == "cpu":
+    if m.extra is not None and not fill_only and host:
         anywhere = _clipped_in_any_group(m, combined, p)
     return coef, slot_coef, tuple(labels), limit, anywhere
 

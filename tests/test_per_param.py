@@ -276,6 +276,68 @@ def test_per_group_on_pieces_tells_numberings_apart(run_ranks):
     assert values[0][2::3] == [True] * len(ORDERS) and values[1][2::3] == [True] * len(ORDERS), values
 
 
+def body_per_group_checks_off_the_host() -> list:
+    """On accelerators the per_group checks that raise ValueError on the CPU (a reading of the verdict there is a
+    host sync) were skipped: ranks putting one parameter in different group indices under a plan had the
+    indices averaged into another group, different limits clipped a group's pieces by different coefficients,
+    and named pieces numbered differently kept each rank's own numbering, all silently. Off the host the norms
+    now read NaN on every rank (simulated here: the checks are told the CPU is not the host)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from dist_clip import ParallelPlan
+    from dist_clip import clipper as clipper_module
+
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("pp",))
+    out: list = []
+
+    def coefs(target: dict, groups: list, plan: object = None) -> list[float]:
+        opt = torch.optim.SGD(groups, lr=0.1)
+        kw = {"plan": plan} if plan is not None else {"group": dist.group.WORLD}
+        result = GradClipper(mode="per_group", on_nonfinite="ignore")(target, optimizer=opt, **kw)
+        return [round(float(c), 6) for c in result.clip_coef]
+
+    def param(grad: list[float]) -> nn.Parameter:
+        q = nn.Parameter(torch.zeros(len(grad)))
+        q.grad = torch.tensor(grad)
+        return q
+
+    saved = clipper_module._host_checks
+    clipper_module._host_checks = lambda device: False
+    try:
+        shared = ParallelPlan(mesh, names=("a",), tied=(("b", "a"),))
+        mine = param([3.0, 4.0])
+        # a tied copy in group 1 on stage 1, its owner in group 0 on stage 0
+        out.append(coefs({"a" if rank == 0 else "b": mine},
+                         [{"params": [], "max_norm": 1.0}] * rank + [{"params": [mine], "max_norm": 1.0}], shared))
+        # the same group index with a different max_norm on each stage
+        plan = ParallelPlan(mesh, names=("s0.w", "s1.w"))
+        mine = param([0.3, 0.4])
+        out.append(coefs({f"s{rank}.w": mine}, [{"params": [mine], "max_norm": 1.0 + rank}], plan))
+        # named pieces whose ranks number their groups differently (see body_per_group_numberings)
+        pieces = {"a": torch.tensor([1.0]) if rank == 0 else torch.zeros(0),
+                  "b": torch.tensor([3.0, 4.0]) if rank == 0 else torch.zeros(0),
+                  "c": torch.tensor([0.3, 0.4])[rank:rank + 1]}
+        named = {n: nn.Parameter(torch.zeros_like(t)) for n, t in pieces.items()}
+        for n, t in pieces.items():
+            named[n].grad = t.clone()
+        groups = [{"params": [named["a"]], "max_norm": 1.0}, {"params": [named["b"], named["c"]], "max_norm": 0.5}]
+        out.append(coefs(named, groups if rank == 0 else [{"params": [named["c"]], "max_norm": 0.5}]))
+        # a consistent plan stays exact: one group over both stages, 0.5 / |(0.3, 0.4, 0.6, 0.8)|
+        mine = param([0.3, 0.4] if rank == 0 else [0.6, 0.8])
+        out.append(coefs({f"s{rank}.w": mine}, [{"params": [mine], "max_norm": 0.5}], plan))
+    finally:
+        clipper_module._host_checks = saved
+    return out
+
+
+def test_per_group_checks_off_the_host_give_nan_norms(run_ranks):
+    for got in run_ranks(2, body_per_group_checks_off_the_host):
+        assert all(math.isnan(c) for c in got[0]) and all(math.isnan(c) for c in got[1]), got
+        assert got[2] and all(math.isnan(c) for c in got[2]), got
+        assert got[3] == [pytest.approx(0.5 / math.sqrt(0.25 + 1.0), rel=1e-5)], got
+
+
 def body_wrappers(names: list[str]) -> int:
     checked = 0
     for name in names:
