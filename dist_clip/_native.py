@@ -111,6 +111,14 @@ def build(verbose: bool = False) -> Path | None:
             out = None
             errors.append(f"{' '.join(cmd)}: {e}")
         if out is not None and out.returncode == 0:
+            # Durable and readable before it is published: os.replace without an fsync could leave a truncated
+            # file under the final name after a crash (mapped, it killed every later process with SIGBUS), and
+            # mkstemp's mode 0600 kept other users sharing DIST_CLIP_CACHE_DIR on the slower torch path.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o755 & ~umask)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
             os.replace(tmp, target)  # atomic: a concurrent builder publishes an identical file
             if verbose:
                 print(" ".join(cmd), file=sys.stderr)
@@ -121,6 +129,27 @@ def build(verbose: bool = False) -> Path | None:
             os.unlink(tmp)
     _why = "compilation failed:\n" + "\n".join(errors)
     return None
+
+
+def intact(path: Path) -> bool:
+    """Whether a cached ELF library is whole: its section header table, which the linker writes at the end, lies
+    inside the file (a truncated copy, mapped, dies with SIGBUS at its first call). Other formats: trusted."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    if len(head) < 64 or head[:4] != b"\x7fELF":
+        return head[:4] != b"\x7fELF" and len(head) > 0  # not ELF (macOS): nothing to check; empty: broken
+    order = "little" if head[5] == 1 else "big"
+    if head[4] == 2:  # ELF64
+        shoff, entsize, num = (int.from_bytes(head[0x28:0x30], order), int.from_bytes(head[0x3A:0x3C], order),
+                               int.from_bytes(head[0x3C:0x3E], order))
+    else:  # ELF32
+        shoff, entsize, num = (int.from_bytes(head[0x20:0x24], order), int.from_bytes(head[0x2E:0x30], order),
+                               int.from_bytes(head[0x30:0x32], order))
+    return 0 < shoff and shoff + entsize * num <= size
 
 
 def _load() -> ctypes.CDLL | None:
@@ -135,6 +164,13 @@ def _load() -> ctypes.CDLL | None:
                 _why = "disabled by DIST_CLIP_NATIVE=0"
                 return None
             path = build()
+            if path is not None and not intact(path):  # a damaged cache entry: rebuilt, never mapped
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                path = build()
+                if path is not None and not intact(path):
+                    _why = f"{path} is damaged and could not be rebuilt"
+                    return None
             if path is None:
                 return None
             lib = ctypes.CDLL(str(path))
@@ -205,6 +241,12 @@ def supports(t: Tensor) -> bool:
             and not t.is_conj())
 
 
+def _null(ptrs: array.array, numels: array.array) -> bool:
+    """Whether a tensor with elements has no memory (``data_ptr()`` 0: a plain-typed ZeroTensor, which the
+    kernel read at address 0 and the process died): such calls take torch's ops. One C-level scan."""
+    return 0 in ptrs and any(p == 0 and n > 0 for p, n in zip(ptrs, numels))
+
+
 def partials(tensors: Sequence[Tensor], p: float) -> Tensor | None:
     """Per-tensor float64 partials of order ``p`` (see ``_norm``), or None when the kernel is unavailable.
 
@@ -220,6 +262,8 @@ def partials(tensors: Sequence[Tensor], p: float) -> Tensor | None:
     # list(map(...)) then array: the cheapest way found to hand 1000 pointers to C (about 0.1 us a tensor).
     ptrs = array.array("q", list(map(Tensor.data_ptr, tensors)))
     numels = array.array("q", list(map(Tensor.numel, tensors)))
+    if _null(ptrs, numels):
+        return None
     rc = lib.dc_partials(
         DTYPES[tensors[0].dtype],
         _op(p),
@@ -247,6 +291,8 @@ def scale_(tensors: Sequence[Tensor], coef: float) -> bool:
     n = len(tensors)
     ptrs = array.array("q", list(map(Tensor.data_ptr, tensors)))
     numels = array.array("q", list(map(Tensor.numel, tensors)))
+    if _null(ptrs, numels):
+        return False
     rc = lib.dc_scale(
         DTYPES[tensors[0].dtype], n, ptrs.buffer_info()[0], numels.buffer_info()[0], coef, torch.get_num_threads()
     )
@@ -254,6 +300,9 @@ def scale_(tensors: Sequence[Tensor], coef: float) -> bool:
         return False
     if rc != 0:  # pragma: no cover - only on allocation failure
         raise RuntimeError(f"dist_clip native kernel failed with code {rc} scaling {n} tensors")
+    # Written through raw pointers: torch's version counters learn of it as after mul_ (autograd's check of
+    # saved tensors modified in place, the hand-over's staleness test), where they stayed unchanged.
+    torch.autograd.graph.increment_version(tensors)
     return True
 
 
@@ -270,6 +319,8 @@ def scaled_flatten(tensors: Sequence[Tensor], coef: float) -> Tensor | None:
     size = out.element_size()
     ptrs = array.array("q", list(map(Tensor.data_ptr, tensors)))
     numels = array.array("q", numel_list)
+    if _null(ptrs, numels):
+        return None
     # Each piece's place in ``out``: its byte offset, a running sum of the sizes before it.
     dst = array.array("q", itertools.accumulate((n * size for n in numel_list[:-1]), initial=out.data_ptr()))
     rc = lib.dc_scale_to(DTYPES[dtype], len(tensors), ptrs.buffer_info()[0], dst.buffer_info()[0],

@@ -333,16 +333,20 @@ def _cpu_partials(tensors: Sequence[Tensor], p: float, use_foreach: bool | None)
         and _native.plain(tensors)
     ):
         out = _native.partials(tensors, p)  # the common case: one call, no loop over tensors in Python
-        assert out is not None
-        return out
+        if out is not None:
+            return out
+        # a tensor without memory (a plain-typed ZeroTensor: data_ptr() 0): torch's ops, as for the rest below
+        return _torch_partials(tensors, p, cpu, _foreach_for(use_foreach, cpu, tensors))
     native: dict[torch.dtype, list[int]] = {}
     rest: list[int] = []
     for i, t in enumerate(tensors):
         (native.setdefault(t.dtype, []) if _native.supports(t) else rest).append(i)
     out = torch.empty(len(tensors), dtype=torch.float64)
     for idx in native.values():
-        parts = _native.partials([tensors[i] for i in idx], p)
-        assert parts is not None
+        chosen = [tensors[i] for i in idx]
+        parts = _native.partials(chosen, p)
+        if parts is None:  # a tensor without memory (see above)
+            parts = _torch_partials(chosen, p, cpu, _foreach_for(use_foreach, cpu, chosen))
         out[torch.tensor(idx)] = parts
     if rest:
         others = [tensors[i] for i in rest]

@@ -299,6 +299,69 @@ def test_native_build_is_cached_and_survives_a_missing_compiler(tmp_path, monkey
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
 
 
+def test_a_damaged_cached_kernel_is_rebuilt_and_the_cache_is_shared(tmp_path):
+    """A truncated cached library (a crash between write and rename without fsync, a partial copy) was mapped:
+    every later process died with SIGBUS at its first norm. It is rebuilt now; a new build is published durable
+    and readable by other users (mkstemp's 0600 kept them on torch's slower path)."""
+    import os
+    import subprocess
+    import sys
+
+    if not _native.available():
+        pytest.skip(_native.status())
+    env = {**os.environ, "DIST_CLIP_CACHE_DIR": str(tmp_path)}
+    code = ("import torch, dist_clip\nfrom dist_clip import _native\nassert _native.available(), _native.status()\n"
+            "print(dist_clip.get_total_norm([torch.full((1000,), 2.0)]).item())\n")
+    run = lambda: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)  # noqa: E731
+    first = run()
+    assert first.returncode == 0 and float(first.stdout) == pytest.approx(math.sqrt(4000.0)), first.stderr
+    (built,) = tmp_path.glob("dist_clip_native-*.so")
+    assert built.stat().st_mode & 0o777 == 0o755 & ~_umask(), oct(built.stat().st_mode)
+    assert _native.intact(built)
+    whole = built.read_bytes()
+    for size in (100_000, 1000, 64, 0):
+        built.write_bytes(whole[:size])
+        assert not _native.intact(built)
+        again = run()
+        assert again.returncode == 0 and float(again.stdout) == pytest.approx(math.sqrt(4000.0)), (size, again)
+        assert _native.intact(built) and built.stat().st_size == len(whole), size
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_native_scaling_tells_autograd_and_skips_tensors_without_memory():
+    """The kernel writes through raw pointers: version counters stayed unchanged, so autograd used a saved
+    gradient scaled in place without complaint (a wrong double-backward gradient, silently); a plain-typed
+    ZeroTensor (``data_ptr()`` 0) was read and written at address 0 (SIGSEGV). Version counters move as after
+    ``mul_`` now, and tensors without memory take torch's ops (which measure it, and refuse to scale it)."""
+    if not _native.available():
+        pytest.skip(_native.status())
+    grads = [torch.full((100,), 0.5, dtype=torch.bfloat16) for _ in range(40)]
+    before = [g._version for g in grads]
+    dist_clip.clip_grads_with_norm_(grads, 1.0, torch.tensor(10.0))
+    assert [g._version for g in grads] == [v + 1 for v in before]
+    w = torch.ones(100, dtype=torch.bfloat16, requires_grad=True)
+    (g0,) = torch.autograd.grad((w * w).sum(), w, create_graph=True)
+    penalty = (g0 * g0).float().sum()  # saves g0 for its backward
+    with torch.no_grad():
+        dist_clip.clip_grads_with_norm_([g0] + grads[1:], 1.0, torch.tensor(10.0))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        penalty.backward()
+    zero = torch._efficientzerotensor(1000)
+    assert type(zero) is torch.Tensor and zero.data_ptr() == 0
+    assert dist_clip.get_total_norm([zero, torch.ones(3)]).item() == pytest.approx(math.sqrt(3.0))
+    zeros = [torch._efficientzerotensor(100, dtype=torch.bfloat16) for _ in range(40)]
+    assert dist_clip.get_total_norm(zeros).item() == 0.0
+    with pytest.raises(RuntimeError, match="ZeroTensors are immutable"):  # torch's own error, as for _foreach_mul_
+        dist_clip.clip_grads_with_norm_(zeros, 1.0, torch.tensor(2.0))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, *HALF])
 @pytest.mark.parametrize("coef", [0.999, 0.5, 1e-3, 0.123456789, 3e-8, 0.0])
 def test_native_scaling_rounds_like_torch(dtype, coef):
