@@ -545,7 +545,8 @@ def _layout_check(combined: Tensor, p: float, world: int, n_slots: int, settings
                     "a pipeline stage's module holds only its own, and unit-wise clipping takes no plan=: clip "
                     "each stage with a group= of the ranks holding the same parameters (its data- and "
                     "tensor-parallel peers), or none" if "mode=unitwise" in settings else
-                    "a pipeline stage's module holds only its own: pass a dist_clip.ParallelPlan, plan="
+                    "a pipeline stage's module holds only its own: pass a dist_clip.ParallelPlan, plan=; under a "
+                    "plan, every rank's ParallelPlan must list the same names in the same order"
                 )
                 raise RuntimeError(
                     f"the ranks of this call disagree on the target's parameter names ({n_slots} slots here) or on "
@@ -556,7 +557,8 @@ def _layout_check(combined: Tensor, p: float, world: int, n_slots: int, settings
                 f"the ranks of this call disagree on the target's parameter names ({n_slots} slots here): "
                 "per-parameter, per-group and unit-wise clipping and reports need the same names in the same order "
                 "on every rank. A pipeline stage's module holds only its own parameters: pass a "
-                "dist_clip.ParallelPlan with the full model's names (plan=), or use mode='total'"
+                "dist_clip.ParallelPlan with the full model's names (plan=; every rank's plan with the same names "
+                "in the same order), or use mode='total'"
             )
         return body
     return torch.where(same, body, torch.full_like(body, math.nan))

@@ -521,6 +521,13 @@ class GradClipper:
             self._threshold = make_state(thr) if isinstance(thr, (AutoClip, ZClip)) else None
         self._config = config
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A clipper pickled before ``config`` became a property holds it as "config": under "_config" now (it
+        # loaded, then every use raised AttributeError).
+        if "config" in state and "_config" not in state:
+            state = {("_config" if k == "config" else k): v for k, v in state.items()}
+        self.__dict__.update(state)
+
     def __repr__(self) -> str:
         return f"GradClipper({self.config!r}, step={self.step})"
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,14 +114,16 @@ class ParallelPlan:
             raise ValueError("ParallelPlan needs a DeviceMesh with mesh_dim_names (e.g. ('pp', 'tp')), got none")
         # Any iterable, stored as a tuple ("object of type 'generator' has no len()" before; a list of rules
         # or of tied pairs was kept as a list).
-        if isinstance(self.names, (str, bytes, Mapping)) or not isinstance(self.names, Iterable):
+        # Not a set: its order is the process's hash order, different on each rank (names are the slots' order,
+        # rules are tried in order); a dict's keys() keep their insertion order: taken.
+        if isinstance(self.names, (str, bytes, Mapping, set, frozenset)) or not isinstance(self.names, Iterable):
             raise TypeError(f"ParallelPlan.names must be a tuple of parameter names, got {type(self.names).__name__}")
         object.__setattr__(self, "names", tuple(self.names))
         if not all(isinstance(n, str) for n in self.names):
             raise TypeError(f"ParallelPlan.names must be a tuple of parameter names (str), got {self.names[:5]!r}")
         if len(set(self.names)) != len(self.names):
             raise ValueError("ParallelPlan.names has duplicates; list every parameter of the full model once")
-        if isinstance(self.rules, Rule) or not isinstance(self.rules, Iterable):
+        if isinstance(self.rules, (Rule, set, frozenset)) or not isinstance(self.rules, Iterable):
             raise TypeError(f"ParallelPlan.rules must be a tuple of Rule, got {type(self.rules).__name__}")
         object.__setattr__(self, "rules", tuple(self.rules))
         if not all(isinstance(r, Rule) for r in self.rules):
@@ -128,7 +131,8 @@ class ParallelPlan:
         if not isinstance(self.tied, Iterable) or isinstance(self.tied, (str, bytes, Mapping)):
             raise TypeError(f"ParallelPlan.tied must be a tuple of (copy name, owner name) pairs, got {self.tied!r}")
         object.__setattr__(self, "tied", tuple(
-            tuple(pair) if isinstance(pair, (tuple, list)) else pair for pair in self.tied))
+            tuple(pair) if isinstance(pair, Iterable) and not isinstance(pair, (str, bytes, Mapping)) else pair
+            for pair in self.tied))
         if not isinstance(self.debug, bool):
             raise TypeError(f"ParallelPlan.debug must be True or False, got {self.debug!r}")
         for r in self.rules:
@@ -152,17 +156,33 @@ class ParallelPlan:
                 f"no rule matches {unmatched[:5]}{'...' if len(unmatched) > 5 else ''}; add a Rule for them "
                 "(Rule('*') makes every remaining piece distinct)"
             )
-        # A rule no name reaches (a typo, or shadowed by an earlier rule: first match wins) was ignored, and the
-        # names it meant fell to another rule (Rule('*') after a misspelt norm rule: 15.94 for 15.13).
-        # A catch-all Rule('*') that earlier rules left nothing to is a default, not a mistake: allowed.
+        # A rule shadowed by earlier ones (it matches names, every one of them taken by an earlier rule: first
+        # match wins) was ignored, and the names it meant fell to another rule (Rule('*') before a norm rule:
+        # 15.94 for 15.13): refused. A rule matching no name at all is a template's rule for layers this model
+        # lacks, or a misspelt pattern: warned. A repeated rule and a catch-all Rule('*') with nothing left are
+        # fine.
         used = {id(r) for r in chosen.values()}
-        dead = [r for r in self.rules if id(r) not in used and r.pattern != "*"]
-        if dead:
+        seen: list[Rule] = []
+        shadowed, unused = [], []
+        for r in self.rules:
+            if id(r) in used or r in seen or r.pattern == "*":
+                seen.append(r)
+                continue
+            seen.append(r)
+            (shadowed if any(fnmatch.fnmatchcase(n, r.pattern) for n in self.names) else unused).append(r)
+        if shadowed:
             raise ValueError(
-                f"{', '.join(repr(r) for r in dead)} match{'es' if len(dead) == 1 else ''} no name of the plan: "
-                "rules are tried in order and the first match wins, so a rule after a broader one (Rule('*') "
-                "first) is never reached, and a misspelt pattern matches nothing; put specific rules first, fix "
-                "or drop the rule"
+                f"{', '.join(repr(r) for r in shadowed)} never applies: every name it matches is taken by an earlier "
+                "rule (rules are tried in order and the first match wins, so a rule after a broader one, such as "
+                "Rule('*') first, is never reached); put specific rules first"
+            )
+        if unused:
+            warnings.warn(
+                f"dist_clip: {', '.join(repr(r) for r in unused)} match{'es' if len(unused) == 1 else ''} no name of "
+                "the plan (a misspelt pattern, or a rule for layers this model lacks): the names it meant, if any, "
+                "fall to a later rule",
+                UserWarning,
+                stacklevel=3,
             )
         if self.group is not None:
             if not isinstance(self.group, dist.ProcessGroup):

@@ -236,6 +236,21 @@ def test_a_new_config_assigned_between_calls_takes_effect():
         kept.config = {"max_norm": 1.0}  # type: ignore[assignment]
 
 
+def test_a_clipper_pickled_before_config_was_a_property_loads():
+    """A pickle made before ``config`` became a property holds "config" in the instance dict: it loaded, then
+    every use raised AttributeError ('_config'). ``pickle`` hands the old dict to ``__setstate__``."""
+    import pickle
+
+    new = GradClipper(max_norm=AutoClip(percentile=10))
+    legacy = dict(vars(new))
+    legacy["config"] = legacy.pop("_config")
+    old = GradClipper.__new__(GradClipper)
+    old.__setstate__(legacy)
+    assert old.config == new.config and "_config" in vars(old) and "config" not in vars(old)
+    assert old([torch.tensor([3.0, 4.0])]).total_norm.item() == 5.0 and old.state_dict()["step"] == 1
+    assert pickle.loads(pickle.dumps(old)).config == new.config
+
+
 @pytest.mark.parametrize("policy", ["skip", "zero", "ignore", "error"])
 def test_autoclip_window_holds_the_last_finite_norms(policy):
     """The window's write position moved on every call: three skipped NaN steps in a window of 3 evicted every
