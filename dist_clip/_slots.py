@@ -247,7 +247,12 @@ def _named_plain(items: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup |
         if not isinstance(t, Tensor):
             raise TypeError(f"expected tensors or parameters in the target, got {type(t).__name__} at {name!r}")
         names.append(name)
-        params[name] = t
+        if params.setdefault(name, t) is not t:
+            raise ValueError(
+                f"two different tensors of the target are named {name!r} (after dropping the path parts wrappers "
+                "insert: _orig_mod, _checkpoint_wrapped_module, _fsdp_wrapped_module): rename one, since "
+                "per-parameter clipping, reports and AGC key everything by name"
+            )
         if id(t) in seen:
             continue
         seen.add(id(t))
@@ -289,11 +294,10 @@ def _deepspeed_named(engine: object, group: dist.ProcessGroup | None) -> Named:
     """DeepSpeed: the adapter names every piece by its module name (ZeRO 0-3); anything unnamed: ValueError."""
     from .adapters import deepspeed as ds_adapter
 
-    module: nn.Module = engine.module  # type: ignore[attr-defined]
     by_id = {}
     names = []
     params: dict[str, Tensor] = {}
-    for n, p in module.named_parameters():
+    for n, p in ds_adapter._module_named(engine):
         names.append(n)
         params[n] = p
         if hasattr(p, "ds_id"):

@@ -189,3 +189,37 @@ def case_layout(stage: int, offload: bool = False, zero_extra: dict | None = Non
         assert every_start[1][1] == 2, f"rank 1's group 1 partition must start with 2 padding elements: {every_start}"
     engine.step()
     return {"pieces": mine, "split": split, "starts": every_start}
+
+
+def case_wrapped_block_names(stage: int) -> dict:
+    """An activation-checkpointed block and a compiled block inside a DeepSpeed engine: the report named them
+    ``0._checkpoint_wrapped_module.weight`` and ``2._orig_mod.weight`` (every other wrapper reports the unwrapped
+    model's names), and an AGC ``exclude=("0.weight", "0.bias")`` missed them (0.362 clipped to 1e-4)."""
+    from deepspeed.utils import safe_get_full_grad
+    from torch import nn
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    deepspeed = ds_cases._quiet()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    model = nn.Sequential(checkpoint_wrapper(nn.Linear(4, 6)), nn.Tanh(),
+                          torch.compile(nn.Linear(6, 6), backend="eager"), nn.Tanh(), nn.Linear(6, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    with contextlib.redirect_stdout(io.StringIO()):
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cases.ds_config(stage))
+    torch.manual_seed(100 + rank)
+    engine.backward(engine(torch.randn(4, 4)).pow(2).sum())
+    report = dist_clip.GradClipper(max_norm=1e30, report=True)(engine).norms or {}
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    for r in range(world):  # DeepSpeed averages the ranks' gradients
+        torch.manual_seed(100 + r)
+        (ref(torch.randn(4, 4).double()).pow(2).sum() / world).backward()
+    want = reference_param_norms({n: q.grad for n, q in ref.named_parameters()})
+    first = engine.module[0]._checkpoint_wrapped_module.weight
+    before = safe_get_full_grad(first).clone()
+    agc = dist_clip.AGC(clipping=1e-4, exclude=("0.weight", "0.bias"))
+    unit = dist_clip.GradClipper(mode="unitwise", agc=agc, report=True)(engine).norms or {}
+    return {"names": list(report), "unitwise names": list(unit), "want": list(want),
+            "close": all(abs(report[n] - w) <= 1e-6 * w for n, w in want.items() if n in report),
+            "excluded": torch.equal(before, safe_get_full_grad(first))}

@@ -71,3 +71,10 @@ def test_bf16_with_fp32_accumulation(run_ranks, stage):
 def test_zero12_pieces_cover_every_parameter_once(run_ranks, stage, offload, zero_extra, groups):
     run_ranks(2, ds_names_cases.case_layout, stage, offload=offload, zero_extra=zero_extra, groups=groups,
               timeout_s=TIMEOUT)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_checkpointed_and_compiled_blocks_keep_the_models_names(run_ranks, stage):
+    for got in run_ranks(2, ds_names_cases.case_wrapped_block_names, stage):
+        assert got["names"] == got["unitwise names"] == got["want"], got
+        assert got["close"] and got["excluded"], got

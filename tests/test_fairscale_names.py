@@ -209,3 +209,36 @@ def test_fsdp_flat_shards_split_a_parameter_across_ranks(run_ranks):
 
 def test_oss_names_identical_and_pieces_owned(run_ranks):
     run_ranks(2, case_oss_layout, timeout_s=TIMEOUT)
+
+
+def body_wrapped_block_names(kind: str) -> dict:
+    """An activation-checkpointed block under fairscale: the report kept ``0._checkpoint_wrapped_module.weight``
+    (fairscale's own path cleaning drops only its wrappers' parts) where every other wrapper reports the model's
+    names, and an AGC ``exclude=("0.weight", "0.bias")`` missed the block (0.362 clipped to 1e-4)."""
+    from fairscale.optim import OSS
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    want = [n for n, _ in make_model(0).named_parameters()]
+    model = make_model(0)
+    model[0] = checkpoint_wrapper(model[0])
+    with cpu_stream_shim() if kind == "fsdp" else contextlib.nullcontext():
+        if kind == "fsdp":
+            from fairscale.nn import FullyShardedDataParallel as FSDP
+
+            target = FSDP(model, compute_device=torch.device("cpu"))
+        else:
+            from fairscale.nn.data_parallel import ShardedDataParallel
+
+            target = ShardedDataParallel(model, OSS(model.parameters(), optim=torch.optim.SGD, lr=LR))
+        loss_fn(target(batch(dist.get_rank(), 0, 0))).backward()
+        report = dist_clip.GradClipper(max_norm=1e30, report=True)(target).norms or {}
+        agc = dist_clip.AGC(clipping=1e-4, exclude=("0.weight", "0.bias"))
+        unit = dist_clip.GradClipper(mode="unitwise", agc=agc, report=True)(target).norms or {}
+    return {"want": want, "names": list(report), "unitwise names": list(unit)}
+
+
+@pytest.mark.fairscale
+@pytest.mark.parametrize("kind", ["oss_sdp", "fsdp"])
+def test_checkpointed_blocks_keep_the_models_names(run_ranks, kind):
+    for got in run_ranks(2, body_wrapped_block_names, kind):
+        assert got["names"] == got["unitwise names"] == got["want"], got

@@ -18,7 +18,7 @@ from torch import nn
 
 import dist_clip
 from dist_clip import GradClipper
-from dist_clip.testing import assert_clip_matches_unsharded, count_collectives, reference_norm
+from dist_clip.testing import assert_clip_matches_unsharded, count_collectives, reference_norm, reference_param_norms
 from tests import beyond_cases as cases
 
 ORDERS = (0.0, 1.0, 2.0, 3.5, math.inf)
@@ -424,3 +424,38 @@ def test_ranks_disagreeing_on_names_raise_everywhere(run_ranks):
     for messages in run_ranks(2, body_stage_modules_without_plan):
         assert all("disagree on the target's parameter names" in m for m in messages[:3]), messages
         assert float(messages[3]) < 1e-6, messages
+
+
+def test_wrapper_parts_are_dropped_from_names_as_whole_parts_only():
+    """The wrappers' name parts (``_orig_mod``, ...) were cut out of names as text: a user's submodule
+    ``enc_orig_mod`` beside a root parameter ``encweight`` both became ``encweight``, one slot clipped by their
+    combined norm (both gradients by 0.0167, where each has its own coefficient), and an AGC exclude written
+    against ``head_orig_mod.*`` missed it. Two tensors that do clean to one name are refused."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.enc_orig_mod = nn.Linear(3, 3, bias=False)
+    model.encweight = nn.Parameter(torch.randn(3))
+    model.encweight.grad = torch.randn(3) * 4
+    model.enc_orig_mod.weight.grad = torch.randn(3, 3) * 20
+    grads = {"encweight": model.encweight.grad.clone(), "enc_orig_mod.weight": model.enc_orig_mod.weight.grad.clone()}
+    result = GradClipper(max_norm=1.0, mode="per_param", report=True)(model)
+    assert sorted(result.slots) == sorted(grads), result.slots  # two slots, not one merged
+    want = reference_param_norms(grads)
+    assert result.norms == pytest.approx(want, rel=1e-6)
+    for name in grads:
+        got = model.get_parameter(name).grad
+        assert torch.linalg.vector_norm(got.double()).item() == pytest.approx(1.0, rel=1e-5), name
+    head = nn.Sequential()
+    head.add_module("body", nn.Linear(2, 2))
+    head.add_module("head_orig_mod", nn.Linear(2, 2))
+    head(torch.randn(4, 2)).sum().backward()
+    kept = head.head_orig_mod.weight.grad.clone()
+    agc = dist_clip.AGC(clipping=1e-6, exclude=("head_orig_mod.*",))
+    names = GradClipper(mode="unitwise", agc=agc, report=True)(head).norms or {}
+    assert list(names) == [n for n, _ in head.named_parameters()] and torch.equal(head.head_orig_mod.weight.grad, kept)
+    clash = nn.Module()
+    clash.weight = nn.Parameter(torch.ones(2))
+    clash.add_module("_orig_mod", nn.Linear(2, 2, bias=False))  # "_orig_mod.weight" is "weight" unwrapped
+    clash.weight.grad, clash._orig_mod.weight.grad = torch.ones(2), torch.ones(2, 2)
+    with pytest.raises(ValueError, match="two different tensors of the target are named 'weight'"):
+        GradClipper(max_norm=1.0, report=True)(clash)

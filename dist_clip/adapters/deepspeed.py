@@ -202,9 +202,18 @@ class _Slice:
 _ZERO12_LAYOUTS: weakref.WeakKeyDictionary[Any, list[tuple[int, list[_Slice]]]] = weakref.WeakKeyDictionary()
 
 
+def _module_named(engine: Any) -> list[tuple[str, Any]]:
+    """``engine.module``'s parameters under the unwrapped model's names: without the path parts activation
+    checkpointing and a compiled module insert (``0._checkpoint_wrapped_module.weight`` was reported as such, and
+    an AGC ``exclude=("0.*",)`` written against the model's names missed it), as for every other wrapper."""
+    from .fsdp import clean_name
+
+    return [(clean_name(n), p) for n, p in engine.module.named_parameters()]
+
+
 def _names_by_id(engine: Any) -> dict[int, str]:
     """id(parameter) -> its name in ``engine.module`` (the first name of a tied parameter)."""
-    return {id(p): n for n, p in engine.module.named_parameters()}
+    return {id(p): n for n, p in _module_named(engine)}
 
 
 def _layout_error(what: str) -> RuntimeError:
@@ -460,7 +469,7 @@ def _replicated_shards(engine: Any, opt: Any) -> list[Shards]:
             for i, group in enumerate(opt.fp16_groups) for j, p in enumerate(group) if p.grad is not None
         ]
     else:
-        named = [(n, p.grad) for n, p in engine.module.named_parameters() if p.grad is not None]
+        named = [(n, p.grad) for n, p in _module_named(engine) if p.grad is not None]
     if not named and any(p.requires_grad for p in engine.module.parameters()):
         # engine.step() sets every .grad to None; the boundary's reduction gives every trainable parameter one.
         raise _no_reduced_gradients("no parameter has a gradient")
@@ -534,7 +543,7 @@ def _check_trainable_in_groups(engine: Any, opt: Any, groups: Any) -> None:
         return
     params = list(engine.module.parameters())
     held = {id(p) for group in groups for p in group}
-    outside = [n for n, p in engine.module.named_parameters() if p.requires_grad and id(p) not in held]
+    outside = [n for n, p in _module_named(engine) if p.requires_grad and id(p) not in held]
     if outside:
         more = f" and {len(outside) - 5} more" if len(outside) > 5 else ""
         raise ValueError(
@@ -992,7 +1001,7 @@ def _zero3_units(engine: Any, opt: Any, found: list[Shards]) -> tuple[list[UnitP
 def _replicated_units(engine: Any, found: list[Shards]) -> list[UnitPiece]:
     """Whole gradients identical on every rank (stage 0, BF16_Optimizer's fp32 buffers): weights are the
     module's parameters, as every rank holds them."""
-    params = dict(engine.module.named_parameters())
+    params = dict(_module_named(engine))
     pieces: list[UnitPiece] = []
     for s in found:
         for name, g in zip(s.names, s.tensors):
@@ -1025,7 +1034,7 @@ def unit_layout(target: object, group: dist.ProcessGroup | None) -> UnitLayout:
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     scale = found[0].loss_scale if found else 1.0
-    module_names = list(dict.fromkeys(n for n, _ in engine.module.named_parameters()))
+    module_names = list(dict.fromkeys(n for n, _ in _module_named(engine)))
     geometry: dict[str, Any] = {}
     order: list[str] = []
     if isinstance(opt, DeepSpeedZeroOptimizer_Stage3):
@@ -1034,7 +1043,7 @@ def unit_layout(target: object, group: dist.ProcessGroup | None) -> UnitLayout:
         pieces, geometry, order = _zero12_units(engine, opt, found)
     else:
         pieces = _replicated_units(engine, found)
-        shapes = {n: p.shape for n, p in engine.module.named_parameters()}
+        shapes = {n: p.shape for n, p in _module_named(engine)}
         geometry = {pc.name: (shapes[pc.name], ()) for pc in pieces if pc.start is not None}
     names = tuple(dict.fromkeys(module_names + order))
     groups = tuple(dict.fromkeys(s.group for s in found))

@@ -98,7 +98,7 @@ def _oss_shards(optimizers: list[Any], group: dist.ProcessGroup | None) -> list[
 
 def _fsdp_shards(root: Any, group: dist.ProcessGroup | None) -> list[Shards]:
     fsdp = _loaded(_FSDP)
-    names = {id(p): n for n, p in root.named_parameters()}
+    names = {id(p): _clean(n) for n, p in root.named_parameters()}
     sharded: dict[int, tuple[dist.ProcessGroup, list[str], list[Tensor]]] = {}
     replicated: list[Tensor] = []
     for module in root.modules():
@@ -188,8 +188,13 @@ def skip_optimizers(optimizer: object) -> list[Any] | None:
 
 
 def _clean(path: str) -> str:
-    # fairscale's own clean_path: drop the wrappers' components from a module path.
-    return ".".join(c for c in path.split(".") if c and c not in {"_fsdp_wrapped_module", "_fpw_module"})
+    # fairscale's own clean_path: drop the wrappers' components from a module path; also activation
+    # checkpointing's and torch.compile's, as for every other wrapper (they were reported as such, and an AGC
+    # exclude written against the model's names missed them).
+    return ".".join(c for c in path.split(".") if c and c not in _WRAPPER_PARTS)
+
+
+_WRAPPER_PARTS = frozenset({"_fsdp_wrapped_module", "_fpw_module", "_checkpoint_wrapped_module", "_orig_mod"})
 
 
 def _oss_named(
@@ -298,7 +303,7 @@ def named(target: object, group: dist.ProcessGroup | None) -> tuple[list[Shards]
         optimizers = list({id(o): o for o in target._sharded_optimizers}.values())  # type: ignore[attr-defined]
         module_names = {}
         for n, p in target.module.named_parameters():  # type: ignore[attr-defined]
-            module_names.setdefault(id(p), n)
+            module_names.setdefault(id(p), _clean(n))
         return _oss_named(optimizers, group, module_names)
     if _is(target, _OSS):
         return _oss_named([target], group, None)

@@ -267,22 +267,16 @@ def dtensor_shards(pairs: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup
     return out
 
 
-_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+_WRAPPER_PARTS = frozenset(("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"))
 
 
 def clean_name(name: str) -> str:
-    """A parameter name as the unwrapped model spells it (FSDP1, activation checkpointing, compile prefixes)."""
+    """A parameter name as the unwrapped model spells it: without the path parts FSDP1, activation checkpointing
+    and a compiled submodule insert. Whole parts only: a user's submodule ``enc_orig_mod`` beside a parameter
+    ``encweight`` lost its ``_orig_mod.`` text and merged with it (one slot, clipped by their combined norm)."""
     if "wrapped_module" not in name and "_orig_mod" not in name:  # most names: two scans in C
         return name
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    for prefix in _WRAPPER_PREFIXES:
-        bare = prefix[:-1]
-        if name == bare:
-            return ""
-        if name.endswith("." + bare):
-            name = name[: -len(bare) - 1]
-    return name
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
 
 
 def _handle_layout(handle: Any, prefix: str, per_param: bool) -> list[tuple[str, int, int | None]]:
