@@ -176,11 +176,17 @@ def settle(tensors: Sequence[Tensor]) -> None:
         grads = gradients(optimizer)
         if not any(overlaps(_span(g)) for g in grads):
             continue
-        pending = optimizer.__dict__.pop(_PENDING, None)
+        pending = optimizer.__dict__.get(_PENDING)
         if pending is None:
             _WAITING.discard(optimizer)
             continue
         scale, found, coef, held, versions = pending
+        if coef is None:
+            # Applied already: only the skip flag is left, and it lasts until the step whatever wrote the
+            # gradients since (the verdict of a later read dropped it: a NaN hand-over, a clip in place, then
+            # get_total_norm, and the NaN step ran), as in the step's own check (_pre_hook).
+            continue
+        del optimizer.__dict__[_PENDING]
         verdict = _verdict(held, versions, grads)
         if verdict not in ("same", "intact", "fewer"):
             # Dropped without a word here: a step skipped, then gradients zeroed in place and recomputed, looks

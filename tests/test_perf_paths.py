@@ -1312,6 +1312,28 @@ def test_skip_flag_lasts_until_the_step_and_combines_on_the_same_gradients(fused
     assert not moved(model, opt), "the second call's flag replaced the first's"
 
 
+@pytest.mark.parametrize("between", ["get_total_norm", "clip_grads_with_norm_", "zero policy"])
+def test_a_settled_skip_flag_survives_a_later_read(between):
+    """A NaN hand-over, then a call that applies it and writes the gradients in place (a plain clip), then any
+    dist_clip call reading them: its settle() checked the already-applied entry against the gradients, saw them
+    written, and dropped it with its skip flag, so the NaN step ran (a read-only call decided it)."""
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
+    _backward(model, 0)
+    model[0].weight.grad.view(-1)[0] = math.nan
+    assert math.isnan(dist_clip.clip_grad_norm_(model, 1.0, optimizer=opt).item())
+    dist_clip.clip_grad_norm_(model, 1.0)  # applies the pending coefficient (NaN), then scales in place again
+    if between == "get_total_norm":
+        dist_clip.get_total_norm(model)
+    elif between == "clip_grads_with_norm_":
+        dist_clip.clip_grads_with_norm_(model, 1.0, torch.tensor(2.0))
+    else:
+        dist_clip.GradClipper(max_norm=1.0, on_nonfinite="zero")(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)), "the NaN step was taken"
+
+
 def test_a_settled_hand_over_keeps_its_skip_flag_and_skip_next_step_replaces():
     """A non-finite hand-over whose coefficient a later call applied (settle) keeps only its skip flag: a
     skip-policy clip of part of the gradients then wrote them, the stale-gradients check dropped the flag, and
