@@ -38,6 +38,8 @@ _PENDING = "_dist_clip_pending"
 _HOOKS = "_dist_clip_hooks"
 _SAVED = "_dist_clip_saved"
 _SKIP = "_dist_clip_skip"
+_WRITES = "_dist_clip_backward_writes"  # on a parameter: see _write_cell
+_PLAIN_PARAMS = (Tensor, torch.nn.Parameter)  # DTensor parameters (FSDP2) get their gradients outside autograd
 _MISSING = object()
 # Optimizers holding a coefficient for their next step(): a later call reading the same gradients settles it.
 _WAITING: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
@@ -223,9 +225,35 @@ def _verdict(held: list[Tensor], versions: list[int], grads: list[Tensor]) -> st
             held = [a for a in held if id(a) in stepped]
         else:
             return "stale"
-    if not all(a._is_view() or a._version == v for a, v in zip(held, versions)):
+    if not all(_unwritten(a, v) for a, v in zip(held, versions)):
         return "written"
     return verdict
+
+
+def _unwritten(grad: Tensor, seen: Any) -> bool:
+    """Whether ``grad`` was not written since :func:`_stash` recorded ``seen``: its version counter; for a view
+    of a plain parameter's gradient (DDP's bucket views), the count of backwards that accumulated into it
+    (:func:`_write_cell`); other views (FSDP2's shards): by identity alone (README's Limits)."""
+    if isinstance(seen, tuple):
+        return seen[0][0] == seen[1]
+    return grad._is_view() or grad._version == seen
+
+
+def _write_cell(param: Tensor) -> list[int]:
+    """A counter of the backwards that accumulated into ``param.grad``, kept by a post-accumulate-grad hook
+    installed once per parameter. DDP's reducer gives a parameter the same bucket view back after
+    ``zero_grad(set_to_none=True)``, and a view's version counter is its whole bucket's (written by clips of
+    other parameters too): a dropped batch's coefficient and skip flag reached the next batch's step."""
+    cell = param.__dict__.get(_WRITES)
+    if cell is None:
+        cell = [0]
+
+        def bump(_: Tensor, cell: list[int] = cell) -> None:
+            cell[0] += 1
+
+        param.register_post_accumulate_grad_hook(bump)
+        param.__dict__[_WRITES] = cell
+    return cell
 
 
 def _install_hooks(optimizer: torch.optim.Optimizer) -> None:
@@ -370,4 +398,13 @@ def _stash(
 ) -> None:
     """What the next step applies (``scale``, ``found``), the coefficient settle() would apply instead (None once
     applied), and the gradients it was measured on with their versions (see :func:`_verdict`)."""
-    optimizer.__dict__[_PENDING] = (scale, found, coef, grads, [g._version for g in grads])
+    versions: list[Any] = [g._version for g in grads]
+    if coef is not None and any(map(Tensor._is_view, grads)):
+        params = {id(getattr(p.grad, "_local_tensor", p.grad)): p for group in optimizer.param_groups
+                  for p in group["params"] if p.grad is not None}
+        for i, g in enumerate(grads):
+            p = params.get(id(g))
+            if g._is_view() and p is not None and type(p) in _PLAIN_PARAMS and p.requires_grad:
+                cell = _write_cell(p)
+                versions[i] = (cell, cell[0])
+    optimizer.__dict__[_PENDING] = (scale, found, coef, grads, versions)

@@ -1334,6 +1334,60 @@ def test_a_settled_skip_flag_survives_a_later_read(between):
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)), "the NaN step was taken"
 
 
+def body_ddp_bucket_views_dropped_batch() -> list:
+    """DDP with ``gradient_as_bucket_view=True`` gives a parameter the same bucket view back after
+    ``zero_grad(set_to_none=True)``, and a view's version counter is its bucket's: a hand-over whose batch was
+    dropped passed the identity check, and the next batch stepped by its coefficient (update 0.0007 for 20.09)
+    or was skipped after a NaN one. Backwards into the gradient are counted by a hook now; the hand-over of a
+    batch that is stepped still applies (update = the clipped gradient)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    model = DDP(torch.nn.Linear(4, 3), gradient_as_bucket_view=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
+    rank = dist.get_rank()
+
+    def backward(scale: float) -> None:
+        model(torch.randn(8, 4, generator=torch.Generator().manual_seed(rank)) * scale).pow(2).sum().backward()
+
+    def update_over_lr(step) -> float:  # noqa: ANN001
+        before = torch.cat([p.detach().flatten().double() for p in model.parameters()])
+        step()
+        return float((before - torch.cat([p.detach().flatten().double() for p in model.parameters()])).norm() / 0.1)
+
+    for _ in range(2):  # DDP rebuilds its buckets after the first iteration and then keeps its views
+        backward(1.0)
+        opt.step()
+        opt.zero_grad()
+    out = []
+    for poison in (False, True):
+        backward(10.0)
+        if poison:
+            next(model.parameters()).grad.view(-1)[0] = math.nan
+        dist_clip.clip_grad_norm_(model, 0.1, optimizer=opt)
+        ids = [id(p.grad) for p in model.parameters()]
+        opt.zero_grad()  # the batch is dropped
+        backward(1.0)
+        same = [id(p.grad) for p in model.parameters()] == ids
+        want = float(torch.cat([p.grad.detach().flatten().double() for p in model.parameters()]).norm())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the step says it takes gradients written after the clip unclipped
+            out.append((same, update_over_lr(opt.step), want))
+        opt.zero_grad()
+    backward(10.0)
+    assert float(dist_clip.clip_grad_norm_(model, 0.1, optimizer=opt)) > 1.0
+    out.append(update_over_lr(opt.step))  # the clipped gradient's norm: max_norm
+    return out
+
+
+def test_a_dropped_batch_hand_over_does_not_reach_the_next_one_through_ddp_bucket_views(run_ranks):
+    for got in run_ranks(2, body_ddp_bucket_views_dropped_batch):
+        for same, update, want in got[:2]:
+            assert same and update == pytest.approx(want, rel=1e-5), got
+        assert got[2] == pytest.approx(0.1, rel=1e-4), got
+
+
 def test_a_settled_hand_over_keeps_its_skip_flag_and_skip_next_step_replaces():
     """A non-finite hand-over whose coefficient a later call applied (settle) keeps only its skip flag: a
     skip-policy clip of part of the gradients then wrote them, the stale-gradients check dropped the flag, and
