@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import _reduce, _scale
 
@@ -38,7 +39,7 @@ _PENDING = "_dist_clip_pending"
 _HOOKS = "_dist_clip_hooks"
 _SAVED = "_dist_clip_saved"
 _SKIP = "_dist_clip_skip"
-_WRITES = "_dist_clip_backward_writes"  # on a parameter: see _write_cell
+_WRITES: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # parameter -> backward count (see _write_cell)
 _PLAIN_PARAMS = (Tensor, torch.nn.Parameter)  # DTensor parameters (FSDP2) get their gradients outside autograd
 _MISSING = object()
 # Optimizers holding a coefficient for their next step(): a later call reading the same gradients settles it.
@@ -244,7 +245,7 @@ def _write_cell(param: Tensor) -> list[int]:
     installed once per parameter. DDP's reducer gives a parameter the same bucket view back after
     ``zero_grad(set_to_none=True)``, and a view's version counter is its whole bucket's (written by clips of
     other parameters too): a dropped batch's coefficient and skip flag reached the next batch's step."""
-    cell = param.__dict__.get(_WRITES)
+    cell = _WRITES.get(param)
     if cell is None:
         cell = [0]
 
@@ -252,7 +253,7 @@ def _write_cell(param: Tensor) -> list[int]:
             cell[0] += 1
 
         param.register_post_accumulate_grad_hook(bump)
-        param.__dict__[_WRITES] = cell
+        _WRITES[param] = cell  # beside the parameter, not on it: a pickled copy got the counter without its hook
     return cell
 
 

@@ -165,7 +165,7 @@ class ParallelPlan:
         seen: list[Rule] = []
         shadowed, unused = [], []
         for r in self.rules:
-            if id(r) in used or r in seen or r.pattern == "*":
+            if id(r) in used or r in seen or all(fnmatch.fnmatchcase(n, r.pattern) for n in self.names):  # catch-all
                 seen.append(r)
                 continue
             seen.append(r)

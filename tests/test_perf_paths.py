@@ -1381,6 +1381,45 @@ def body_ddp_bucket_views_dropped_batch() -> list:
     return out
 
 
+@pytest.mark.parametrize("copy_how", ["none", "deepcopy", "pickle"])
+def test_view_gradients_written_by_a_backward_drop_the_hand_over_after_a_model_copy(copy_how):
+    """Gradients that are views of one buffer (as DDP's buckets), zeroed in place and written by a new backward
+    after a hand-over: the step takes them unclipped. The backward counter lived on the parameter and travelled
+    in a pickle without its hook: a reloaded model stepped the next batch by the dropped batch's coefficient."""
+    import copy
+    import pickle
+
+    def backward(m: nn.Module, scale: float) -> None:
+        m(torch.randn(8, 4, generator=torch.Generator().manual_seed(1)) * scale).pow(2).sum().backward()
+
+    def trial(m: nn.Module) -> tuple[float, float]:
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, fused=True)
+        buf, off = torch.zeros(sum(p.numel() for p in m.parameters())), 0
+        for p in m.parameters():
+            p.grad = buf[off:off + p.numel()].view_as(p)
+            off += p.numel()
+        backward(m, 10.0)
+        dist_clip.clip_grad_norm_(m, 0.1, optimizer=opt)
+        for p in m.parameters():  # the batch is dropped: zeroed in place, the views kept
+            p.grad.zero_()
+        backward(m, 1.0)
+        want = float(torch.cat([p.grad.flatten().double() for p in m.parameters()]).norm())
+        before = torch.cat([p.detach().flatten().double() for p in m.parameters()])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.step()
+        return float((before - torch.cat([p.detach().flatten().double() for p in m.parameters()])).norm() / 0.1), want
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    update, want = trial(model)
+    assert update == pytest.approx(want, rel=1e-6)
+    if copy_how != "none":
+        model = copy.deepcopy(model) if copy_how == "deepcopy" else pickle.loads(pickle.dumps(model))
+        update, want = trial(model)
+        assert update == pytest.approx(want, rel=1e-6)
+
+
 def test_a_dropped_batch_hand_over_does_not_reach_the_next_one_through_ddp_bucket_views(run_ranks):
     for got in run_ranks(2, body_ddp_bucket_views_dropped_batch):
         for same, update, want in got[:2]:
