@@ -235,6 +235,14 @@ def _fsdp1_named(root: nn.Module, group: dist.ProcessGroup | None) -> Named:
 # --------------------------------------------------------------------------------------------- named targets
 
 
+def _name_clash(name: str) -> ValueError:
+    return ValueError(
+        f"two different tensors of the target are named {name!r} (after dropping the path parts wrappers insert: "
+        "_orig_mod, _checkpoint_wrapped_module, _fsdp_wrapped_module): rename one, since per-parameter clipping, "
+        "reports and AGC key everything by name"
+    )
+
+
 def _named_plain(items: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup | None) -> Named:
     """Named pieces of plain tensors/parameters (and DTensor gradients) from a list of (name, tensor)."""
     from .adapters.params import absent_dtensor_grads, each_gradient_once, gradient_of, refuse_managed, shards_of_grads
@@ -248,11 +256,7 @@ def _named_plain(items: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup |
             raise TypeError(f"expected tensors or parameters in the target, got {type(t).__name__} at {name!r}")
         names.append(name)
         if params.setdefault(name, t) is not t:
-            raise ValueError(
-                f"two different tensors of the target are named {name!r} (after dropping the path parts wrappers "
-                "insert: _orig_mod, _checkpoint_wrapped_module, _fsdp_wrapped_module): rename one, since "
-                "per-parameter clipping, reports and AGC key everything by name"
-            )
+            raise _name_clash(name)
         if id(t) in seen:
             continue
         seen.add(id(t))
@@ -299,7 +303,8 @@ def _deepspeed_named(engine: object, group: dist.ProcessGroup | None) -> Named:
     params: dict[str, Tensor] = {}
     for n, p in ds_adapter._module_named(engine):
         names.append(n)
-        params[n] = p
+        if params.setdefault(n, p) is not p:
+            raise _name_clash(n)
         if hasattr(p, "ds_id"):
             by_id[f"ds_id{p.ds_id}"] = n
     shards = resolve(engine, group)

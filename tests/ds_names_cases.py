@@ -223,3 +223,24 @@ def case_wrapped_block_names(stage: int) -> dict:
     return {"names": list(report), "unitwise names": list(unit), "want": list(want),
             "close": all(abs(report[n] - w) <= 1e-6 * w for n, w in want.items() if n in report),
             "excluded": torch.equal(before, safe_get_full_grad(first))}
+
+
+def case_names_that_clash(stage: int) -> str:
+    """Two parameters whose names coincide once the wrappers' parts are dropped (``weight`` and
+    ``_orig_mod.weight``): the second overwrote the first in the per-name lookup. Refused, as for plain models."""
+    from torch import nn
+
+    deepspeed = ds_cases._quiet()
+    model = nn.Module()
+    model.weight = nn.Parameter(torch.ones(2))
+    model.add_module("_orig_mod", nn.Linear(2, 2, bias=False))
+    model.forward = lambda x: model._orig_mod(x) * model.weight  # type: ignore[method-assign]
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    with contextlib.redirect_stdout(io.StringIO()):
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cases.ds_config(stage))
+    engine.backward(engine(torch.ones(3, 2)).sum())
+    try:
+        dist_clip.GradClipper(max_norm=1.0, report=True)(engine)
+    except ValueError as e:
+        return str(e)
+    return "measured"

@@ -78,3 +78,8 @@ def test_checkpointed_and_compiled_blocks_keep_the_models_names(run_ranks, stage
     for got in run_ranks(2, ds_names_cases.case_wrapped_block_names, stage):
         assert got["names"] == got["unitwise names"] == got["want"], got
         assert got["close"] and got["excluded"], got
+
+
+def test_parameter_names_that_clash_once_unwrapped_are_refused(run_ranks):
+    for got in run_ranks(2, ds_names_cases.case_names_that_clash, 2):
+        assert got.startswith("two different tensors of the target are named 'weight'"), got
