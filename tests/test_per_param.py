@@ -225,6 +225,20 @@ def test_per_group_on_pieces_with_tiny_limits(run_ranks):
     assert all(v == values[0] for v in values), "coefficients differ across ranks"
 
 
+def _numbered_differently(rank: int) -> tuple[dict[str, nn.Parameter], list[dict]]:
+    """Named pieces and param groups whose ranks number the groups differently: rank 0 {a} and {b, c}, rank 1
+    (holding only a piece of c) {c}, so its own group of {c} is {b, c} elsewhere."""
+    pieces = {"a": torch.tensor([1.0]) if rank == 0 else torch.zeros(0),
+              "b": torch.tensor([3.0, 4.0]) if rank == 0 else torch.zeros(0),
+              "c": torch.tensor([0.3, 0.4])[rank:rank + 1]}
+    mine = {n: nn.Parameter(torch.zeros_like(t)) for n, t in pieces.items()}
+    for n, t in pieces.items():
+        mine[n].grad = t.clone()
+    if rank == 1:
+        return mine, [{"params": [mine["c"]], "max_norm": 0.5}]
+    return mine, [{"params": [mine["a"]], "max_norm": 1.0}, {"params": [mine["b"], mine["c"]], "max_norm": 0.5}]
+
+
 def body_per_group_numberings() -> list:
     """Two ranks whose optimizers each hold one group of their own pieces: rank 0 {body} (limit 10), rank 1
     {head} (limit 1). Each slot has one holder, so the numbering looked alike and both "group 0"s were merged:
@@ -252,15 +266,7 @@ def body_per_group_numberings() -> list:
             got = mine[own].grad.double()
             torch.testing.assert_close(got, (body if rank == 0 else head).double() * coef, rtol=1e-6, atol=0)
             out.append(round(coef, 6))
-        pieces = {"a": torch.tensor([1.0]) if rank == 0 else torch.zeros(0),
-                  "b": torch.tensor([3.0, 4.0]) if rank == 0 else torch.zeros(0),
-                  "c": torch.tensor([0.3, 0.4])[rank:rank + 1]}
-        mine = {n: nn.Parameter(torch.zeros_like(t)) for n, t in pieces.items()}
-        for n, t in pieces.items():
-            mine[n].grad = t.clone()
-        groups = [{"params": [mine["a"]], "max_norm": 1.0}, {"params": [mine["b"], mine["c"]], "max_norm": 0.5}]
-        if rank == 1:
-            groups = [{"params": [mine["c"]], "max_norm": 0.5}]
+        mine, groups = _numbered_differently(rank)
         try:
             GradClipper(norm_type=p, mode="per_group")(mine, optimizer=torch.optim.SGD(groups, lr=0.1),
                                                       group=dist.group.WORLD)
@@ -315,14 +321,7 @@ def body_per_group_checks_off_the_host() -> list:
         mine = param([0.3, 0.4])
         out.append(coefs({f"s{rank}.w": mine}, [{"params": [mine], "max_norm": 1.0 + rank}], plan))
         # named pieces whose ranks number their groups differently (see body_per_group_numberings)
-        pieces = {"a": torch.tensor([1.0]) if rank == 0 else torch.zeros(0),
-                  "b": torch.tensor([3.0, 4.0]) if rank == 0 else torch.zeros(0),
-                  "c": torch.tensor([0.3, 0.4])[rank:rank + 1]}
-        named = {n: nn.Parameter(torch.zeros_like(t)) for n, t in pieces.items()}
-        for n, t in pieces.items():
-            named[n].grad = t.clone()
-        groups = [{"params": [named["a"]], "max_norm": 1.0}, {"params": [named["b"], named["c"]], "max_norm": 0.5}]
-        out.append(coefs(named, groups if rank == 0 else [{"params": [named["c"]], "max_norm": 0.5}]))
+        out.append(coefs(*_numbered_differently(rank)))
         # a consistent plan stays exact: one group over both stages, 0.5 / |(0.3, 0.4, 0.6, 0.8)|
         mine = param([0.3, 0.4] if rank == 0 else [0.6, 0.8])
         out.append(coefs({f"s{rank}.w": mine}, [{"params": [mine], "max_norm": 0.5}], plan))
