@@ -162,14 +162,13 @@ class ParallelPlan:
         # lacks, or a misspelt pattern: warned. A repeated rule and a catch-all Rule('*') with nothing left are
         # fine.
         used = {id(r) for r in chosen.values()}
-        seen: list[Rule] = []
         shadowed, unused = [], []
-        for r in self.rules:
-            if id(r) in used or r in seen or all(fnmatch.fnmatchcase(n, r.pattern) for n in self.names):  # catch-all
-                seen.append(r)
+        for i, r in enumerate(self.rules):
+            if id(r) in used or r in self.rules[:i]:
                 continue
-            seen.append(r)
-            (shadowed if any(fnmatch.fnmatchcase(n, r.pattern) for n in self.names) else unused).append(r)
+            hits = [fnmatch.fnmatchcase(n, r.pattern) for n in self.names]
+            if not all(hits):  # (a catch-all matching every name is a default, even with nothing left)
+                (shadowed if any(hits) else unused).append(r)
         if shadowed:
             raise ValueError(
                 f"{', '.join(repr(r) for r in shadowed)} never applies: every name it matches is taken by an earlier "
