@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .._reduce import check_covers
 from ..shards import Shards, UnitLayout, UnitPiece, partition_cuts
+from . import fsdp as _fsdp
 
 __all__ = ["matches", "named", "shards", "skip_optimizers", "unit_layout"]
 
@@ -194,7 +195,7 @@ def _clean(path: str) -> str:
     return ".".join(c for c in path.split(".") if c and c not in _WRAPPER_PARTS)
 
 
-_WRAPPER_PARTS = frozenset({"_fsdp_wrapped_module", "_fpw_module", "_checkpoint_wrapped_module", "_orig_mod"})
+_WRAPPER_PARTS = _fsdp._WRAPPER_PARTS | {"_fpw_module"}  # torch's wrappers' parts, and fairscale's flattening
 
 
 def _oss_named(
