@@ -219,7 +219,39 @@ def _abort_mpi_job(error: BaseException) -> None:
     sys.stdout.flush()
     print("".join(f"[rank{rank}]: {line}\n" for line in traceback.format_exc().splitlines()), end="",
           file=sys.stderr, flush=True)
+    _wait_until_read((sys.stdout, sys.stderr))
     mpi.COMM_WORLD.Abort(130 if isinstance(error, KeyboardInterrupt) else 1)
+
+
+def _wait_until_read(streams: Sequence[IO[str]], limit_s: float = 5.0) -> None:
+    """Wait (at most ``limit_s``) until the launcher has read what this process wrote to its output pipes.
+    mpiexec's proxy reads a rank's stdout/stderr pipes and its PMI socket in one loop: an abort it handles first
+    kills the job with the traceback still in the pipe, and it never reaches the user (seen under load, about
+    1 job in 12). A pipe it has read is forwarded before the abort. Outputs that are not pipes are left alone."""
+    import fcntl
+    import os
+    import stat
+    import termios
+    import time
+
+    fds = []
+    for stream in streams:
+        try:
+            fd = stream.fileno()
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                fds.append(fd)
+        except (AttributeError, OSError, ValueError):  # replaced by a stream without a file, or closed
+            continue
+    deadline = time.monotonic() + limit_s
+    unread = bytearray(4)
+    while fds and time.monotonic() < deadline:
+        try:
+            fds = [fd for fd in fds if fcntl.ioctl(fd, termios.FIONREAD, unread) == 0
+                   and int.from_bytes(unread, sys.byteorder) > 0]
+        except OSError:
+            return
+        if fds:
+            time.sleep(0.005)
 
 
 if __name__ == "__main__":

@@ -253,6 +253,46 @@ def test_mpirun_ends_every_rank_when_one_fails(tmp_path):
     assert "check:" not in out, out[-6000:]
 
 
+@pytest.mark.timeout(30)
+def test_an_aborting_rank_waits_until_its_traceback_is_read(tmp_path, monkeypatch):
+    """mpiexec's proxy handled the abort before reading the failing rank's stderr pipe about 1 job in 12 under
+    load: the job ended with exit 1 and no word of why (CI saw it). The rank now waits until its output pipes are
+    read. Here the reader reads only once the rank waits; a file is not waited on; an unread pipe gives up."""
+    import threading
+    import time
+
+    from dist_clip import cli
+
+    read, write = os.pipe()
+    with os.fdopen(write, "w") as stream, os.fdopen(read, "rb") as reader:
+        stream.write("[rank1]: RuntimeError: injected\n")
+        stream.flush()
+        got, waits = [], []
+
+        def sleep(seconds):  # the wait's poll: the reader reads the pipe the first time the rank waits
+            if not waits:
+                thread = threading.Thread(target=lambda: got.append(os.read(reader.fileno(), 1 << 16)))
+                thread.start()
+                thread.join()
+            waits.append(seconds)
+
+        monkeypatch.setattr(time, "sleep", sleep)
+        cli._wait_until_read([stream])
+        assert waits and got == [b"[rank1]: RuntimeError: injected\n"]
+        waits.clear()
+        (tmp_path / "log").write_text("x")
+        with open(tmp_path / "log") as log:
+            cli._wait_until_read([log])  # a file (or a terminal) is not waited on
+        assert waits == []
+        stream.write("never read\n")
+        stream.flush()
+        monkeypatch.setattr(time, "sleep", waits.append)
+        clock = iter(range(100))
+        monkeypatch.setattr(time, "monotonic", lambda: next(clock))
+        cli._wait_until_read([stream], limit_s=3)  # gives up at the limit, then aborts anyway
+        assert len(waits) == 2
+
+
 @pytest.mark.timeout(JOB_TIMEOUT_S + 30)
 def test_mpirun_config_errors_stay_one_line_exit_2(tmp_path):
     """Found before MPI starts (a bad value) and once the ranks are known (wrapper none on 2 ranks): one line
