@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -1238,9 +1239,11 @@ def test_bench_scaling_quick_writes_a_png():
     from bench import scaling
 
     out = scaling.main(quick=True)
-    png = re.search(r"PNG: (\S+)", out).group(1)
-    with open(png, "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    png = Path(re.search(r"PNG: (\S+)", out).group(1))
+    try:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        shutil.rmtree(png.parent)  # the quick run's own temporary folder: left for a user to look at, not here
 
 
 @pytest.mark.slow
