@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import bisect
 import operator
-import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,6 +28,7 @@ from torch import Tensor
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import _reduce, _scale
+from ._warn import warn_at_caller
 
 __all__ = [
     "arm_skip_", "grad_state", "gradients", "hand_over_", "pending_skip", "same_state", "same_tensors", "settle",
@@ -330,13 +330,11 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             pending = (None, pending[1], None, pending[3], pending[4])
         elif verdict not in ("same", "fewer"):  # fewer: grad_scale reaches only stepped gradients, all measured
             if verdict == "written":
-                warnings.warn(
+                warn_at_caller(  # the line calling step(), past torch's step wrappers and hooks
                     "dist_clip: the clip coefficient handed to this optimizer's step() was dropped: its gradients "
                     "were written after the clip (a further backward accumulating into them, or zeroed in place "
                     "and recomputed), so they are no longer the ones measured and this step takes them unclipped. "
-                    "Clip after the last backward before step()",
-                    UserWarning,
-                    stacklevel=4,
+                    "Clip after the last backward before step()"
                 )
             pending = None  # measured on gradients that are gone (the step it was for never came): not this step's
     # A coefficient already applied by settle() leaves only its skip flag, which lasts until this step whatever

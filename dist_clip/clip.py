@@ -5,9 +5,6 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-import os
-import sys
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,6 +13,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _fused, _norm, _reduce, _scale
+from ._warn import warn_at_caller
 from .adapters import resolve
 from .shards import Shards, common_loss_scale
 
@@ -265,19 +263,6 @@ def _wide_total(
             "non-finite norm anyway, set `error_if_nonfinite=False`"
         )
     return total, out
-
-
-def warn_at_caller(message: str, category: type[Warning] = UserWarning) -> None:
-    """``warnings.warn`` attributed to the user's line: the first frame outside dist_clip and torch. A fixed
-    ``stacklevel`` pointed into torch (the entry points' ``torch.compiler.disable`` and ``no_grad`` wrappers
-    stand between), so Python's default filter showed the warning once per process for every call site."""
-    frame, level = sys._getframe(1), 2
-    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, category, stacklevel=level)
-
-
-_INTERNAL_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, sys.modules[__package__]))
 
 
 def _limit_setting(limit: float | Tensor) -> str:

@@ -15,6 +15,7 @@ import io
 import logging
 import math
 import os
+import sys
 import warnings
 from typing import Any
 
@@ -420,10 +421,13 @@ def case_contract() -> dict:
     # DeepSpeed's own clipping left on: a warning that names the fix.
     engine = make_engine(ds_config(1, clip=1.0))
     engine.backward(loss_fn(engine(batch(dist.get_rank(), 0, 0))))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        dist_clip.clip_grad_norm_(engine, 1.0)
-    assert any("gradient_clipping" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    for call in (lambda: dist_clip.clip_grad_norm_(engine, 1.0), lambda: dist_clip.GradClipper(max_norm=1.0)(engine)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        where = [(w.filename, w.lineno) for w in caught if "gradient_clipping" in str(w.message)]
+        # attributed to the calling line (it named torch's _contextlib.py: shown once per process for all calls)
+        assert where == [(__file__, call.__code__.co_firstlineno)], (where, [str(w.message) for w in caught])
     engine.step()
     return kinds
 
@@ -518,7 +522,10 @@ def case_fold_dropped_with_its_batch(stage: int, offload: bool = False) -> bool:
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
             engine.step()
+        step_line = sys._getframe().f_lineno - 1
         caught.append([str(x.message) for x in w if "dist_clip" in str(x.message)])
+        assert all((x.filename, x.lineno) == (__file__, step_line) for x in w if "dist_clip" in str(x.message)), [
+            (x.filename, x.lineno) for x in w]  # the engine.step() line, past DeepSpeed's frames
         results.append(full_params(engine))
     folded, plain_loop = results
     _params_close(folded, plain_loop, 1e-6, 1e-9, f"stage {stage} offload {offload}: dropped batch's coefficient")

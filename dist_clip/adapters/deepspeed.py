@@ -53,7 +53,6 @@ import math
 import operator
 import os
 import sys
-import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +63,7 @@ from torch import Tensor
 from torch._utils import _flatten_dense_tensors
 
 from .. import _native, _scale
+from .._warn import warn_at_caller
 from ..shards import Shards, UnitLayout, UnitPiece, partition_cuts
 from .fsdp import registrations
 
@@ -499,12 +499,10 @@ def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
     if isinstance(mark, _BackwardMark) and not mark.synced:  # the last backward ran inside no_sync()
         raise ValueError(_NO_SYNC)
     if engine.gradient_clipping() > 0:
-        warnings.warn(
+        warn_at_caller(
             f"DeepSpeed's gradient_clipping is {engine.gradient_clipping()}, so engine.step() clips the gradients "
             "again with DeepSpeed's own L2 norm after dist_clip; set \"gradient_clipping\": 0 in the DeepSpeed "
-            "config when clipping with dist_clip",
-            UserWarning,
-            stacklevel=4,
+            "config when clipping with dist_clip"
         )
     if getattr(engine, "has_moe_layers", False):
         raise NotImplementedError("dist_clip's DeepSpeed adapter does not handle MoE expert groups yet")
@@ -758,13 +756,11 @@ class _ZeroFold:
             if verdict != "same":
                 self.forget()
                 if verdict == "written":
-                    warnings.warn(
+                    warn_at_caller(  # the caller of engine.step(), past DeepSpeed's frames
                         "dist_clip: the clip coefficient handed to engine.step() was dropped: its gradients were "
                         "written after the clip (a further backward, accumulating into them or rewriting their "
                         "buffers), so they are no longer the ones measured and this step takes them unclipped. "
-                        "Clip after the last backward before step()",
-                        UserWarning,
-                        stacklevel=4,  # the caller of engine.step(), through _take_model_step
+                        "Clip after the last backward before step()"
                     )
         self.stepping = True
         try:
