@@ -229,10 +229,14 @@ def init_distributed(backend: str = "auto", *, need_group: bool = True) -> DistI
             LOCAL_WORLD_SIZE=str(launch.local_world_size),
         )
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        # Start-up waits for every rank to arrive, which a short collective timeout would cut off: ranks start
+        # seconds apart (imports, a slow node), and DIST_CLIP_TIMEOUT_S=2 failed a correct job in init under
+        # load. The group takes the collective timeout once it stands.
         dist.init_process_group(
-            name, init_method="env://", rank=launch.rank, world_size=launch.world_size, timeout=_timeout(),
-            **kwargs,
+            name, init_method="env://", rank=launch.rank, world_size=launch.world_size,
+            timeout=max(_timeout(), timedelta(seconds=DEFAULT_TIMEOUT_S)), **kwargs,
         )
+        dist.distributed_c10d._set_pg_timeout(_timeout())
     _later_groups_time_out_alike()
     return DistInfo(
         launch.rank, launch.world_size, launch.local_rank, launch.local_world_size, launch.launcher, name, device

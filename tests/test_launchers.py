@@ -204,6 +204,56 @@ def test_groups_made_after_init_take_the_collective_timeout():
     assert out.stdout.strip().splitlines()[-1] == "7.0", out.stdout
 
 
+_LATE_START = (
+    "import os, sys, time, torch, torch.distributed as dist\n"
+    "from dist_clip import bootstrap\n"
+    "print('init', flush=True)\n"
+    "bootstrap.init_distributed('gloo')\n"
+    "print('joined', flush=True)\n"
+    "if dist.get_rank() == 0:\n"
+    "    start = time.monotonic()\n"
+    "    try:\n"
+    "        dist.all_reduce(torch.ones(1))  # rank 1 never joins this one\n"
+    "    except RuntimeError:\n"
+    "        print(f'timed out after {time.monotonic() - start:.1f} s', flush=True)\n"
+    "    os._exit(0)  # a timed-out gloo group can abort the process in its destructor\n"
+    "else:\n"
+    "    sys.stdin.read()  # until rank 0 is done\n"
+)
+
+
+@pytest.mark.timeout(120)
+def test_ranks_may_start_further_apart_than_the_collective_timeout():
+    """DIST_CLIP_TIMEOUT_S bounded start-up too: a rank arriving more than that after the first failed the job in
+    init ("wait timeout after 2000ms, keys: /default_pg/...", a correct job under load). Start-up now waits as
+    torch's default does; the group's collectives still time out at DIST_CLIP_TIMEOUT_S."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")}
+    env.update(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), DIST_CLIP_TIMEOUT_S="1",
+               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    procs = []
+    try:
+        first = subprocess.Popen([sys.executable, "-c", _LATE_START], env={**env, "RANK": "0"},
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        procs.append(first)
+        assert first.stdout.readline().strip() == "init"
+        with pytest.raises(subprocess.TimeoutExpired):  # rank 0 is still waiting in init past the timeout
+            first.wait(timeout=3)
+        late = subprocess.Popen([sys.executable, "-c", _LATE_START], env={**env, "RANK": "1"},
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        procs.append(late)
+        out, _ = first.communicate(timeout=90)
+        late.communicate("", timeout=30)
+        assert first.returncode == 0, out
+        lines = out.splitlines()  # after "init", read above
+        assert lines[0] == "joined" and lines[1].startswith("timed out after"), out
+        assert float(lines[1].split()[3]) < 30, out  # the collective timeout, not start-up's 30 minutes
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+
+
 @pytest.mark.timeout(JOB_TIMEOUT_S + 30)
 def test_a_replay_longer_than_the_collective_timeout_still_gives_the_verdict(tmp_path):
     """The other ranks waited for rank 0's replay in a broadcast, which timed out when the replay took longer
