@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 import dist_clip
-from dist_clip.testing import count_collectives, reference_norm
+from dist_clip.testing import count_collectives, reference_norm, reference_param_norms
 from tests._harness import outcome
 from tests.ds_cases import P_ALL, Reference, _close, _max_norm, _params_close, batch, loss_fn, make_model
 
@@ -264,3 +264,89 @@ def case_bf16_not_quantised(kind: str = "oss_ddp") -> dict:
                            "fairscale_dtype": str(theirs_t.dtype)}
         assert any(abs(v["fairscale"] - v["exact"]) > 1e-4 * v["exact"] for v in out.values()), out
         return out
+
+
+class _TwoParams(torch.nn.Module):
+    """``w0`` (10 elements) and ``w1`` (3): OSS gives ``w0`` to rank 0 and ``w1`` to rank 1 (largest first);
+    ``w1`` enters the loss only when asked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.w0 = torch.nn.Parameter(torch.randn(10))
+        self.w1 = torch.nn.Parameter(torch.randn(3))
+
+    def forward(self, x: torch.Tensor, use_w1: bool) -> torch.Tensor:
+        y = (x * self.w0).sum()
+        return y + self.w1.sum() * x.sum() if use_w1 else y
+
+
+def case_sdp_owner_of_unused_params() -> dict:
+    """ShardedDDP (reduce_buffer_size=0) where rank 1 owns only ``w1``, unused in step 1; ``zero_grad()`` keeps
+    its zeroed gradient from step 0. Rank 1 raised "inside no_sync()" (no no_sync() anywhere) while rank 0
+    entered the all-reduce and waited there; the norm is the float64 reference's (2.3603 for p=2) on every
+    rank, and the parameters after ``step()`` equal the unsharded SGD run's."""
+    from fairscale.nn.data_parallel import ShardedDataParallel
+    from fairscale.optim import OSS
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    xs = [torch.randn(10, generator=torch.Generator().manual_seed(r)) for r in range(world)]
+    out = {}
+    for p in P_ALL:
+        model = _TwoParams()
+        opt = OSS(model.parameters(), optim=torch.optim.SGD, lr=LR)
+        sdp = ShardedDataParallel(model, opt, reduce_buffer_size=0)
+        owned = [n for n, q in model.named_parameters() if opt._param_to_rank[q] == rank]
+        assert owned == [["w0"], ["w1"]][rank], owned
+        ref = _TwoParams().double()
+        ref_opt = torch.optim.SGD(ref.parameters(), lr=LR)
+        for step, use_w1 in enumerate((True, False)):
+            ref_opt.zero_grad(set_to_none=False)
+            for x in xs:
+                (ref(x.double(), use_w1) / world).backward()
+            want = reference_norm([q.grad for q in ref.parameters() if q.grad is not None], p)
+            coef = min(1.0, _max_norm(p) / (want + 1e-6))
+            for q in ref.parameters():
+                if q.grad is not None:
+                    q.grad.mul_(coef)
+            ref_opt.step()
+            sdp.zero_grad()
+            sdp(xs[rank], use_w1).backward()
+            got = float(dist_clip.clip_grad_norm_(sdp, _max_norm(p), p))
+            opt.step()
+            _close(got, want, 2e-6, f"p={p} step {step} norm")
+            out[f"{p}/{step}"] = got
+        _params_close([q.detach().double() for q in model.parameters()], [q.detach() for q in ref.parameters()],
+                      1e-5, 1e-6, f"p={p} params")
+    return out
+
+
+def case_sdp_forward_after_backward() -> dict:
+    """A synchronised backward, then a forward under ``torch.no_grad()`` in train mode (a logging forward), then
+    the clip: ShardedDDP's forward marks every parameter as waiting for its reduce again, and the call was
+    refused on every rank although the gradients were reduced. For every p the norm and the step equal the
+    unsharded float64 run's, in both modes."""
+    rank = dist.get_rank()
+    out = {}
+    for p in P_ALL:
+        model, opt, target = build("oss_sdp")
+        ref = Reference()
+        for step in range(2):
+            names = [n for n, _ in ref.model.named_parameters()]
+            want_each = reference_param_norms(dict(zip(names, ref.grads(_batches(step)))), p)
+            want = ref.step(_batches(step), _max_norm(p), p)
+            model.zero_grad()
+            loss_fn(model(batch(rank, step, 0))).backward()
+            with torch.no_grad():
+                model(batch(rank, step, 1))
+            assert model.training
+            report = dist_clip.GradClipper(max_norm=1e9, mode="per_param", norm_type=p)(target, report=True).norms
+            got = float(dist_clip.clip_grad_norm_(target, _max_norm(p), p))
+            opt.step()
+            _close(got, want, 2e-6, f"p={p} step {step} norm")
+            assert report is not None and sorted(report) == sorted(names), report
+            for n in names:
+                _close(report[n], want_each[n], 2e-6, f"p={p} step {step} {n}")
+            out[f"{p}/{step}"] = got
+        _params_close(full_params("oss_sdp", model), ref.params(), 1e-5, 1e-6, f"p={p} params")
+    return out

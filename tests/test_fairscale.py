@@ -55,6 +55,16 @@ def test_inside_no_sync_is_refused_and_the_boundary_is_exact(run_ranks, kind):
     assert run_ranks(2, fairscale_cases.case_no_sync, kind, timeout_s=TIMEOUT) == [[True] * 4] * 2
 
 
+def test_sdp_rank_owning_only_params_unused_in_the_step_is_measured_on_every_rank(run_ranks):
+    out = run_ranks(2, fairscale_cases.case_sdp_owner_of_unused_params, timeout_s=TIMEOUT)
+    assert out[0] == out[1], out
+
+
+def test_sdp_forward_without_backward_after_the_backward_is_measured(run_ranks):
+    out = run_ranks(2, fairscale_cases.case_sdp_forward_after_backward, timeout_s=TIMEOUT)
+    assert out[0] == out[1], out
+
+
 @pytest.mark.parametrize("kind", ["oss_ddp", "fsdp"])
 def test_a_group_short_of_the_wrappers_ranks_or_a_non_root_target_is_refused(run_ranks, kind):
     out = run_ranks(4, fairscale_cases.case_refused_targets, kind, timeout_s=TIMEOUT)
@@ -76,3 +86,4 @@ def test_adapter_requires_fairscale_by_name(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_fairscale)
     with pytest.raises(ImportError, match=r"pip install dist_clip\[fairscale\]"):
         adapter.shards(object(), None)
+

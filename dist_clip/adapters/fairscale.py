@@ -128,18 +128,21 @@ def _check_synced(target: object) -> None:
     """ValueError inside ``no_sync()`` of ShardedDataParallel or FullyShardedDataParallel: each rank holds its
     own unreduced gradients there (ShardedDDP measured them as reduced: 4.81 then 6.51 at the boundary for
     8.67, and scaled the accumulation). ``_should_accumulate_grads`` / ``_require_backward_grad_sync`` are
-    the flags fairscale 0.4.13's ``no_sync()`` sets."""
+    the flags fairscale 0.4.13's ``no_sync()`` sets.
+
+    The verdict reads only state that is the same on every rank, so every rank raises or none does."""
     if _is(target, _SDP):
-        inside = bool(getattr(target, "_should_accumulate_grads", False))
-        # After a backward inside no_sync() and none outside it: fairscale keeps, per trainable parameter, whether
-        # its gradient still waits for the reduce (set at forward, cleared by the reduce hook): when every one
-        # holding a gradient waits, they are this rank's own, unreduced (30.01 measured for 28.45). Not "any":
-        # a parameter unused in the forward keeps waiting after a synchronised backward, its gradient zeroed.
-        waiting = getattr(target, "_grad_to_be_reduced", ())
-        trainable = getattr(target, "_trainable_params", ())
-        if not inside and len(waiting) == len(trainable):
-            held = [w for w, q in zip(waiting, trainable) if q.grad is not None]
-            inside = bool(held) and all(held)
+        # ShardedDDP: no_sync() sets _accumulate_grads_flipped on exit and the next forward outside it clears it
+        # (_clear_counters), so it also covers a backward inside no_sync() with none outside since (30.01
+        # measured for 28.45). Not the per-parameter _grad_to_be_reduced: each rank holds the gradients of
+        # different parameters (one owning only parameters unused in the step raised while the other entered the
+        # all-reduce), and every forward in train mode, a no_grad one included, sets them all back to waiting.
+        # Limits (fairscale reduces at backward time, the flag follows forwards): a forward outside no_sync()
+        # after its backward clears the flag and the unreduced gradients are measured (9.61 for 9.83); a forward
+        # inside whose backward runs outside is refused on every rank although reduced. README, fairscale.
+        inside = bool(getattr(target, "_should_accumulate_grads", False)) or bool(
+            getattr(target, "_accumulate_grads_flipped", False)
+        )
     elif _is(target, _FSDP):
         inside = any(getattr(m, "_require_backward_grad_sync", True) is False for m in target.modules())  # type: ignore[attr-defined]
     else:
