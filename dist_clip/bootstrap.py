@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistInfo", "LaunchEnv", "backend_problem", "detect_launch", "free_port", "init_distributed",
-           "resolve_backend", "shutdown"]
+           "resolve_backend", "shutdown", "wait_for_every_rank"]
 
 #: Seconds a collective may wait before the job fails (``DIST_CLIP_TIMEOUT_S`` overrides; tests lower it).
 DEFAULT_TIMEOUT_S = 1800.0
@@ -229,18 +229,36 @@ def init_distributed(backend: str = "auto", *, need_group: bool = True) -> DistI
             LOCAL_WORLD_SIZE=str(launch.local_world_size),
         )
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        # Start-up waits for every rank to arrive, which a short collective timeout would cut off: ranks start
-        # seconds apart (imports, a slow node), and DIST_CLIP_TIMEOUT_S=2 failed a correct job in init under
-        # load. The group takes the collective timeout once it stands.
+        # The env:// rendezvous init_process_group would run, done here so that start-up can wait longer than
+        # a collective: ranks start seconds apart (imports, a slow node), and DIST_CLIP_TIMEOUT_S=2 failed a
+        # correct job in init under load. The store and the group then take the collective timeout (lowering it
+        # on a group once made missed TORCH_DISTRIBUTED_DEBUG=DETAIL's wrapper, which kept 30 minutes).
+        startup = max(_timeout(), timedelta(seconds=DEFAULT_TIMEOUT_S))
+        store, _, _ = next(dist.rendezvous("env://", launch.rank, launch.world_size, timeout=startup))
+        wait_for_every_rank(store, launch.world_size, startup)
+        store.set_timeout(_timeout())
         dist.init_process_group(
-            name, init_method="env://", rank=launch.rank, world_size=launch.world_size,
-            timeout=max(_timeout(), timedelta(seconds=DEFAULT_TIMEOUT_S)), **kwargs,
+            name, store=dist.PrefixStore("default_pg", store), rank=launch.rank, world_size=launch.world_size,
+            timeout=_timeout(), **kwargs,
         )
-        dist.distributed_c10d._set_pg_timeout(_timeout())
     _later_groups_time_out_alike()
     return DistInfo(
         launch.rank, launch.world_size, launch.local_rank, launch.local_world_size, launch.launcher, name, device
     )
+
+
+def wait_for_every_rank(store: dist.Store, world_size: int, timeout: timedelta) -> None:
+    """Return once every one of ``world_size`` ranks has called this on ``store``; ``RuntimeError`` after
+    ``timeout``. The last to arrive releases the others; calls repeated on one store (a second init in the same
+    job) count as a new round each, ``world_size`` arrivals per round."""
+    arrived = store.add(_ARRIVED, 1)
+    released = f"{_ARRIVED}/{(arrived - 1) // world_size}"
+    if arrived % world_size == 0:
+        store.set(released, "1")
+    store.wait([released], timeout)
+
+
+_ARRIVED = "dist_clip/arrived"
 
 
 def _later_groups_time_out_alike() -> None:

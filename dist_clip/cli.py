@@ -219,8 +219,10 @@ def _abort_mpi_job(error: BaseException) -> None:
     sys.stdout.flush()
     print("".join(f"[rank{rank}]: {line}\n" for line in traceback.format_exc().splitlines()), end="",
           file=sys.stderr, flush=True)
-    _wait_until_read((sys.stdout, sys.stderr))
-    mpi.COMM_WORLD.Abort(130 if isinstance(error, KeyboardInterrupt) else 1)
+    try:
+        _wait_until_read((sys.stdout, sys.stderr))
+    finally:  # a second Ctrl-C while waiting still ends every rank
+        mpi.COMM_WORLD.Abort(130 if isinstance(error, KeyboardInterrupt) else 1)
 
 
 def _wait_until_read(streams: Sequence[IO[str]], limit_s: float = 5.0) -> None:

@@ -51,13 +51,16 @@ def _worker(rank: int, world_size: int, workdir: str, pg_timeout_s: float, tasks
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size)
     )
+    from dist_clip.bootstrap import wait_for_every_rank
+
     store = dist.FileStore(os.path.join(workdir, "store"), world_size)
     # Start-up waits for the other ranks as long as a normal pool's collectives would (spawned ranks arrived up to
     # 3.8 s apart under load, and a 3 s pool failed to start, 3 times in 15); a short timeout is the collectives'.
+    wait_for_every_rank(store, world_size, timedelta(seconds=max(pg_timeout_s, 60.0)))
+    store.set_timeout(timedelta(seconds=pg_timeout_s))
     dist.init_process_group(
-        "gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=max(pg_timeout_s, 60.0))
+        "gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout_s)
     )
-    dist.distributed_c10d._set_pg_timeout(timedelta(seconds=pg_timeout_s))
     results.put((rank, True, "ready"))
     while True:
         item = tasks.get()
