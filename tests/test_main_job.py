@@ -250,6 +250,48 @@ def test_compare_tolerances():
     assert not compare(ref[:2], ref, 1e-4).passed
 
 
+def test_compare_fails_on_a_nonfinite_norm_whatever_the_norm_tolerance():
+    """bf16 compares no norms (norm_rtol None), and a run whose norms were all NaN passed there, although a NaN
+    norm fails the check anywhere but under DeepSpeed's own clipping."""
+    from dist_clip.train import StepRecord, compare
+
+    ref = [StepRecord(i, 3.0, 2.0, 1.0, 0.5, 0.0) for i in range(1, 4)]
+    for bad in (math.nan, math.inf):
+        run = [dataclasses.replace(r, norm=bad, norm_clipped=bad) if r.step == 2 else r for r in ref]
+        got = compare(run, ref, 2e-2, None)
+        assert not got.passed and got.first_failed_step == 2 and got.first_nonfinite_norm_step == 2, got
+        assert "the run's norm is not finite at step 2" in got.line("bf16")
+    unreported = [dataclasses.replace(r, norm=math.nan, norm_clipped=None) for r in ref]
+    assert compare(unreported, ref, 2e-2, None, norm_unreported=True).passed
+    inf_unreported = [dataclasses.replace(r, norm=math.inf, norm_clipped=None) for r in ref]
+    assert not compare(inf_unreported, ref, 2e-2, None, norm_unreported=True).passed
+
+
+def test_compare_fails_when_the_ranks_norms_differ():
+    """The records are rank 0's: a rank that clipped by a norm 1.5 times too big passed (AdamW hides a per-rank
+    gradient scale from the loss). Every rank's norms must be the same, and the norm after clipping must agree
+    with the replay's as the norm before clipping does."""
+    from dist_clip.train import StepRecord, compare
+
+    ref = [StepRecord(i, 3.0, 2.0, 1.0, 0.5, 0.0) for i in range(1, 4)]
+    same = [[(2.0, 1.0)] * 3] * 2
+    assert compare(ref, ref, 1e-4, 1e-3, rank_norms=same).passed
+    nan_alike = [[(math.nan, math.nan)] * 3] * 2  # an unreported norm is NaN on every rank
+    assert compare([dataclasses.replace(r, norm=math.nan, norm_clipped=None) for r in ref], ref, 1e-4, 1e-3,
+                   norm_unreported=True, rank_norms=nan_alike).passed
+    for r1 in ((3.0, 0.6667), (2.0, 1.5), (math.nan, 1.0)):
+        ranks = [[(2.0, 1.0)] * 3, [(2.0, 1.0), r1, (2.0, 1.0)], [(2.0, 1.0)] * 3]
+        for norm_rtol in (1e-3, None):  # bf16 too: the ranks' norms are the same whatever the precision
+            got = compare(ref, ref, 1e-4, norm_rtol, rank_norms=ranks)
+            assert not got.passed and got.first_failed_step == 2 and got.ranks_disagree_step == 2, got
+            assert got.ranks_disagree.startswith("rank 1 differs from rank 0: rank 0 2.0 (after clipping 1.0), "
+                                                 f"rank 1 {r1[0]!r} (after clipping {r1[1]!r})"), got
+            assert "; the ranks' norms differ at step 2: rank 1 differs" in got.line("fp32")
+    after = [dataclasses.replace(r, norm_clipped=1.01) if r.step == 3 else r for r in ref]  # a wrong coefficient
+    got = compare(after, ref, 1e-4, 1e-3)
+    assert not got.passed and got.first_failed_step == 3 and got.max_rel_norm_diff == pytest.approx(0.01)
+
+
 # --- every wrapper on 2 spawned gloo ranks ----------------------------------------------------------------
 
 
@@ -312,6 +354,43 @@ def test_wrapper_run_agrees_with_unsharded_replay(run_ranks, tmp_path, fields):
         max_norm = fields.get("clip", {}).get("max_norm", 1.0)
         assert any(s["clip_coef"] < 1 for s in steps)  # clipping really happened
         assert all(s["norm_clipped"] <= max_norm * (1 + 1e-4) for s in steps)
+
+
+def _case_run_job_rank1_norm_off(cfg_dict: dict, out_dir: str, factor: float) -> int:
+    """The whole job with rank 1's float64 total multiplied by ``factor`` (a wrong norm, hence coefficient, on
+    that rank alone); restored afterwards, since the pool's processes serve later tests."""
+    import torch.distributed as dist
+
+    import dist_clip.clip as clip
+
+    real = clip._wide_total
+
+    def off(*args, **kwargs):
+        wide, out = real(*args, **kwargs)
+        return wide * factor, out
+
+    if dist.get_rank() == 1:
+        clip._wide_total = off
+    try:
+        return _case_run_job(cfg_dict, out_dir)
+    finally:
+        clip._wide_total = real
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("fields", [{"wrapper": "fsdp2"}, {"wrapper": "ddp", "precision": "bf16"}],
+                         ids=["fsdp2", "ddp-bf16"])
+def test_a_rank_that_clipped_by_a_wrong_norm_fails_the_check(run_ranks, tmp_path, fields):
+    """Rank 1 clipped by a norm 1.5 times too big and the check passed (loss relative difference 2e-7): the
+    records held rank 0's norms only, and AdamW hides a per-rank constant gradient scale from the loss."""
+    cfg = {**TINY, "name": "case", **fields}
+    codes = run_ranks(2, _case_run_job_rank1_norm_off, cfg, str(tmp_path), 1.5, timeout_s=120)
+    check = read_log(tmp_path / "case" / "log.jsonl")["check"][0]
+    # Rank 0's status: the pool's ranks share one store for the whole session, where the other ranks may read an
+    # earlier test's verdict (every rank's status under a launcher: tests/test_launchers.py).
+    assert codes[0] == 1, check
+    assert not check["passed"] and check["first_failed_step"] == 1 and check["ranks_disagree_step"] == 1, check
+    assert check["ranks_disagree"].startswith("rank 1 differs from rank 0: rank 0 "), check
 
 
 @pytest.mark.timeout(120)
