@@ -157,6 +157,19 @@ def test_bad_config_under_a_launcher_is_one_line_from_rank_0(tmp_path):
 
 
 @pytest.mark.timeout(JOB_TIMEOUT_S + 30)
+def test_a_bad_timeout_variable_under_torchrun_is_one_line_exit_2(tmp_path):
+    """DIST_CLIP_TIMEOUT_S=abc passed the one-process check and failed in every started rank: torchrun's
+    ChildFailedError traceback and exit 1."""
+    cfg = write_config(tmp_path, "ddp", wrapper="ddp")
+    code, out = finish(start("torchrun.sh", ["check", "--config", str(cfg), "--out", str(tmp_path)],
+                             job_env(NPROC="2", DIST_CLIP_TIMEOUT_S="abc")))
+    assert code == 2, out[-6000:]
+    errors = [line for line in out.splitlines() if "config error" in line]
+    assert errors == ["config error: DIST_CLIP_TIMEOUT_S must be a number of seconds > 0, got 'abc'"], out[-6000:]
+    assert "Traceback" not in out and "torch.distributed.run" not in out, out[-6000:]
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 30)
 def test_an_out_dir_that_cannot_be_made_is_a_config_error_before_training(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")

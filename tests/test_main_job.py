@@ -474,13 +474,17 @@ def test_a_data_folder_under_a_dotted_folder_is_read(tmp_path):
     assert bytes(data.tolist()) == b"hello world " * 20  # the hidden file left out
 
 
-def test_a_bad_timeout_variable_is_a_config_error(monkeypatch):
+def test_a_bad_timeout_variable_is_a_config_error(monkeypatch, capsys, tmp_path):
     from dist_clip import bootstrap
 
     for bad in ("abc", "-5", "0", "nan"):
         monkeypatch.setenv("DIST_CLIP_TIMEOUT_S", bad)
         with pytest.raises(ValueError, match=f"DIST_CLIP_TIMEOUT_S must be a number of seconds > 0, got '{bad}'"):
             bootstrap._timeout()
+        # Found by --validate-only too (launch/torchrun.sh's check before the ranks start), not only by the ranks.
+        assert cli.main(["check", "--out", str(tmp_path), "--validate-only"]) == 2
+        assert capsys.readouterr().err == f"config error: DIST_CLIP_TIMEOUT_S must be a number of seconds > 0, " \
+                                          f"got '{bad}'\n"
 
 
 @pytest.mark.timeout(120)
