@@ -71,10 +71,14 @@ def test_shipped_configs_load_and_cover_every_wrapper():
 
 
 @pytest.mark.timeout(60)
-def test_yaml_numbers_without_a_dot_and_inf_norms_are_read_as_numbers():
-    cfg = from_dict({"lr": "3e-4", "clip": {"norm_type": float("inf"), "max_norm": 0}})
-    assert cfg.lr == 3e-4 and math.isinf(cfg.norm_p) and cfg.clip.max_norm == 0.0
+def test_yaml_numbers_without_a_dot_and_inf_norms_are_read_as_numbers(tmp_path):
+    path = tmp_path / "nums.yaml"
+    path.write_text("lr: 3e-4\nweight_decay: 1E-2\nclip: {norm_type: .inf, max_norm: 0}\n")
+    cfg = load_config(path)
+    assert cfg.lr == 3e-4 and cfg.weight_decay == 1e-2 and math.isinf(cfg.norm_p) and cfg.clip.max_norm == 0.0
     assert from_dict({"clip": {"norm_type": "inf"}}).norm_p == math.inf
+    path.write_text("clip: {norm_type: inf}\n")
+    assert load_config(path).norm_p == math.inf
 
 
 BAD_CONFIGS = [
@@ -561,6 +565,25 @@ def test_abbreviated_options_are_refused(capsys, abbrev):
     assert f"unrecognized arguments: {abbrev}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("text,why", [
+    ("lr: 1_0e-3\n", "lr: expected a number, got str '1_0e-3'"),  # float() took them all
+    ("lr: 1_000\n", "lr: expected a number, got str '1_000'"),
+    ("lr: 1:30.5\n", "lr: expected a number, got str '1:30.5'"),  # YAML 1.1 read 90.5
+    ("weight_decay: 1_0.5\n", "weight_decay: expected a number, got str '1_0.5'"),
+    ("lr: '3e-4'\n", "lr: expected a number, got str '3e-4'"),  # quoted: a string, as steps: '3' is
+    ("clip: {norm_type: 1_0}\n", "clip.norm_type: expected a number >= 0 or inf, got '1_0'"),
+    ("clip: {norm_type: nan}\n", "clip.norm_type: expected a number >= 0 or inf, got 'nan'"),
+], ids=["underscore-exp", "underscore", "sexagesimal", "underscore-dot", "quoted", "norm-underscore", "norm-nan"])
+def test_number_looking_strings_are_refused_where_a_number_is_expected(tmp_path, capsys, text, why):
+    """The README says YAML 1.1's 1_000 and 1:30 are strings, refused where a number is expected: float fields
+    took them through float() (1_0e-3 became 0.01), and YAML 1.1's float resolver read 1:30.5 as 90.5."""
+    path = tmp_path / "floats.yaml"
+    path.write_text(text)
+    assert cli.main(["train", "--config", str(path), "--validate-only", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"config error: {path}: {why}\n", err
+
+
 @pytest.mark.parametrize("text,expected", [
     ("steps: 010\n", ("steps", 10)),  # YAML 1.1 read a leading zero as octal: 8
     ("steps: 0o10\nseed: 0x1f\n", ("steps", 8)), ("seed: 0x1f\n", ("seed", 31)), ("steps: +7\n", ("steps", 7)),
@@ -600,12 +623,38 @@ def test_yaml_merge_keys_are_read(tmp_path):
         load_config(path)
 
 
-@pytest.mark.parametrize("name", [" ", " lead", "trail ", "a\nb", "a\\b", "a/b", "a\tb", "..", "x\x7f"])
+@pytest.mark.parametrize("name", [" ", " lead", "trail ", "a\nb", "a\\b", "a/b", "a\tb", "..", "x\x7f",
+                                  "a\x85b", "a\x9bb", "a\u202eb", "a\u200bb", "a\u2028b", "a\ud800b"])
 def test_odd_run_names_are_refused(capsys, name):
-    """The name is the run folder's: " ", a newline or a backslash made odd folders."""
+    """The name is the run folder's: " ", a newline or a backslash made odd folders. Only ASCII controls were
+    refused: U+0085 (next line), U+202E (right-to-left override) and a lone surrogate (UnicodeEncodeError when
+    the folder was made) were taken."""
     with pytest.raises(ConfigError, match="name: must be a plain non-empty file name"):
         from_dict({"name": name})
     assert from_dict({"name": "run 1.b-c_d"}).name == "run 1.b-c_d"
+    assert from_dict({"name": "essai é 日本"}).name == "essai é 日本"
+
+
+def test_a_run_name_too_long_for_the_file_system_is_a_config_error(tmp_path, capsys):
+    """A 300-character name: OSError "File name too long" from the out-dir check, a traceback and exit 1."""
+    cfg = tmp_path / "long.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY, "name": "a" * 300}))
+    assert cli.main(["check", "--config", str(cfg), "--out", str(tmp_path), "--validate-only"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"config error: {cfg} (with command-line overrides): out_dir: cannot hold the run folder "
+                          f"{tmp_path / ('a' * 300)} (") and err.count("\n") == 1, err
+
+
+def test_a_tilde_in_out_dir_is_the_home_folder(tmp_path, capsys, monkeypatch):
+    """``data: ~/x`` is read from the home folder; ``out_dir: ~/runs`` made a folder named "~" here."""
+    home, here = tmp_path / "home", tmp_path / "here"
+    here.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(here)
+    cfg = write_config(tmp_path, "tilde", out_dir="~/runs")
+    assert load_config(cfg).out_dir == str(home / "runs")
+    assert cli.main(["check", "--config", str(cfg), "--validate-only"]) == 0
+    assert (home / "runs").is_dir() and list(here.iterdir()) == [], capsys.readouterr()
 
 
 @pytest.mark.parametrize(("wrapper", "module", "name"), [("zero2", "deepspeed", "DeepSpeed"),
