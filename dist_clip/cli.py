@@ -108,15 +108,18 @@ def _check_out_dir(cfg: TrainConfig, source: str, main_rank: bool = True) -> Non
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConfigError(source, "out_dir", f"cannot be made a folder: {out} ({e.strerror})") from None
-    if out.exists() and not os.access(out, os.W_OK | os.X_OK):
-        raise ConfigError(source, "out_dir", f"is not writable: {out}")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(source, "out_dir", f"is not a folder: {out}")
-    if run.exists() and not run.is_dir():
-        raise ConfigError(source, "out_dir", f"holds a file where the run folder goes: {run}")
-    for name in ("log.jsonl", "plot.png"):
-        if (run / name).is_dir():
-            raise ConfigError(source, "out_dir", f"holds a folder where the run's {name} goes: {run / name}")
+    try:
+        if out.exists() and not os.access(out, os.W_OK | os.X_OK):
+            raise ConfigError(source, "out_dir", f"is not writable: {out}")
+        if out.exists() and not out.is_dir():
+            raise ConfigError(source, "out_dir", f"is not a folder: {out}")
+        if run.exists() and not run.is_dir():
+            raise ConfigError(source, "out_dir", f"holds a file where the run folder goes: {run}")
+        for name in ("log.jsonl", "plot.png"):
+            if (run / name).is_dir():
+                raise ConfigError(source, "out_dir", f"holds a folder where the run's {name} goes: {run / name}")
+    except OSError as e:  # a name over the file system's limit: "File name too long", a traceback before
+        raise ConfigError(source, "out_dir", f"cannot hold the run folder {run} ({e.strerror or e})") from None
 
 
 def _check_machine(cfg: TrainConfig, source: str) -> None:
@@ -161,6 +164,14 @@ def _check_installed(cfg: TrainConfig, source: str, args: argparse.Namespace) ->
                           "pip install 'dist_clip[train]', or pass --no-plot")
 
 
+def _check_timeout() -> None:
+    """``DIST_CLIP_TIMEOUT_S``, read when the ranks start, checked by ``--validate-only`` too: under torchrun a bad
+    value was found by every started rank, and torchrun reported their 2 as its own 1 with a traceback."""
+    from .bootstrap import _timeout
+
+    _timeout()  # ValueError: "DIST_CLIP_TIMEOUT_S must be a number of seconds > 0, got 'abc'"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``dist-clip`` and ``python -m dist_clip``; returns the exit status."""
     args = _parser().parse_args(argv)
@@ -176,6 +187,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_installed(cfg, source, args)
         _check_out_dir(cfg, source, main_rank=main_rank)
     except ConfigError as e:
+        return _fail(f"config error: {e}", 2)
+    try:
+        _check_timeout()
+    except ValueError as e:
         return _fail(f"config error: {e}", 2)
     if args.validate_only:
         return 0

@@ -14,6 +14,7 @@ import math
 import os
 import pathlib
 import types
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
@@ -193,14 +194,9 @@ def _coerce(value: Any, tp: Any, source: str, name: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        # No strings: float() took YAML 1.1's 1_000 and 1_0e-3 (and "nan"); the loader reads 3e-4 as a number.
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str):
-            # YAML 1.1 reads 3e-4 (no dot) as a string; a number-looking string is meant as a number.
-            try:
-                return float(value)
-            except ValueError:
-                pass
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -257,10 +253,9 @@ def _validate(cfg: TrainConfig, source: str) -> TrainConfig:
         raise ConfigError(source, "seed", f"must be in [0, 2**63), got {cfg.seed}")
     p = cfg.clip.norm_type
     if isinstance(p, str):
-        try:
-            p = float(p)  # "inf", "2"
-        except ValueError:
-            raise ConfigError(source, "clip.norm_type", f"expected a number >= 0 or inf, got {p!r}") from None
+        if p.lower() not in ("inf", "+inf", "infinity", "+infinity"):  # float() took "1_0" and "nan"
+            raise ConfigError(source, "clip.norm_type", f"expected a number >= 0 or inf, got {p!r}")
+        p = math.inf
     if math.isnan(p) or p < 0 or (math.isinf(p) and p < 0):
         raise ConfigError(source, "clip.norm_type", f"expected a number >= 0 or inf, got {cfg.clip.norm_type!r}")
     if cfg.clip.mode == "native" and cfg.wrapper.startswith("zero"):
@@ -297,11 +292,15 @@ def _validate(cfg: TrainConfig, source: str) -> TrainConfig:
         raise ConfigError(source, "out_dir", f"expected the path of a folder, got {cfg.out_dir!r}")
     name = cfg.name
     if (not name or name in (".", "..") or name != name.strip() or any(c in name for c in "/\\")
-            or any(ord(c) < 32 or ord(c) == 127 for c in name)):
-        # " " or a newline or backslash made an odd run folder (or, with a separator, one somewhere else).
-        raise ConfigError(source, "name", f"must be a plain non-empty file name (no / or \\, control characters, "
-                          f"or leading or trailing spaces), got {name!r}")
-    return dataclasses.replace(cfg, clip=dataclasses.replace(cfg.clip, norm_type=float(p)))
+            or any(unicodedata.category(c)[0] == "C" or unicodedata.category(c) in ("Zl", "Zp") for c in name)):
+        # " " or a newline or backslash made an odd run folder (or, with a separator, one somewhere else); the
+        # test was for ASCII controls only, and took U+0085 (a line break), U+202E (right-to-left override) and
+        # a lone surrogate (UnicodeEncodeError when the folder was made).
+        raise ConfigError(source, "name", f"must be a plain non-empty file name (no / or \\, control or format "
+                          f"characters, line breaks, or leading or trailing spaces), got {name!r}")
+    # ~ as data: reads it (out_dir: ~/runs made a folder named "~" in the current one).
+    return dataclasses.replace(cfg, out_dir=os.path.expanduser(cfg.out_dir),
+                               clip=dataclasses.replace(cfg.clip, norm_type=float(p)))
 
 
 def from_dict(data: Any, source: str = "<config>", name: str | None = None) -> TrainConfig:
@@ -318,8 +317,9 @@ def from_dict(data: Any, source: str = "<config>", name: str | None = None) -> T
 def _yaml_loader(yaml: Any) -> type:
     """PyYAML's SafeLoader with YAML 1.2 booleans and integers: only true/false are booleans, so ``clip: {mode:
     off}`` reads as the string "off" (YAML 1.1 also reads on/off/yes/no/y/n as booleans); integers are decimal
-    (``010`` is 10, not YAML 1.1's octal 8), ``0o17`` or ``0x1f`` (YAML 1.1's ``1_000``, ``0b11`` and ``1:30``
-    are strings, refused where a number is expected). Merge keys (``<<: *defaults``) work as in PyYAML."""
+    (``010`` is 10, not YAML 1.1's octal 8), ``0o17`` or ``0x1f``, and floats are YAML 1.2's (``3e-4`` without a dot
+    is a number; YAML 1.1's ``1_000``, ``0b11``, ``1:30``, ``1_000.5`` and ``1:30.5`` are strings, refused where a
+    number is expected). Merge keys (``<<: *defaults``) work as in PyYAML."""
     import re
 
     merge_tag = "tag:yaml.org,2002:merge"
@@ -347,13 +347,20 @@ def _yaml_loader(yaml: Any) -> type:
     }
     Loader.add_implicit_resolver(bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
-    int_tag = "tag:yaml.org,2002:int"
+    int_tag, float_tag = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
     Loader.yaml_implicit_resolvers = {
-        first: [(tag, rx) for tag, rx in resolvers if tag != int_tag]
+        first: [(tag, rx) for tag, rx in resolvers if tag not in (int_tag, float_tag)]
         for first, resolvers in Loader.yaml_implicit_resolvers.items()
     }
     Loader.add_implicit_resolver(int_tag, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
                                  list("-+0123456789"))
+    # YAML 1.2's floats, after the integers: 3e-4 (no dot) is a number; 1_000.5 and 1:30.5 are strings.
+    Loader.add_implicit_resolver(
+        float_tag,
+        re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                   r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+        list("-+.0123456789"),
+    )
 
     def construct_int(loader: Any, node: Any) -> int:  # noqa: ANN401
         text = loader.construct_scalar(node)

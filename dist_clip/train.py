@@ -5,8 +5,9 @@ seed-derived generator; rank ``r`` trains on rows ``[r*B, (r+1)*B)`` of it. Beca
 gradients over ranks, one distributed step is mathematically one step of the unsharded model on the whole
 global batch with a mean loss. :func:`replay` does exactly that on one process (same init, same batches, same
 AdamW, dist_clip on plain parameters), and :func:`compare` checks that the two loss and norm curves agree
-within a relative tolerance stated by precision: losses within 1e-4 and norms before clipping within 1e-3 in
-fp32; losses within 2e-2 in bf16 (see :mod:`dist_clip.config`).
+within a relative tolerance stated by precision: losses within 1e-4 and norms before and after clipping within
+1e-3 in fp32; losses within 2e-2 in bf16 (see :mod:`dist_clip.config`). In either precision every norm the run
+reports must be finite and every rank's norms identical (gathered once, after the run).
 
 Wrappers: ``none`` (one plain process), ``ddp``, ``fsdp1``, ``fsdp2``, ``hsdp`` (FSDP2 on a 2-D mesh),
 ``zero1``/``zero2``/``zero3`` (DeepSpeed) and ``fairscale-oss`` (OSS + ShardedDataParallel). DeepSpeed and
@@ -425,7 +426,8 @@ def _progress(enabled: bool, total: int, desc: str) -> Iterator[Callable[[StepRe
 def train(
     cfg: TrainConfig, info: DistInfo, text: Tensor, *, progress: bool = False, source: str = "<config>"
 ) -> list[StepRecord]:
-    """Train under ``cfg.wrapper`` on this rank; every rank returns the same records (global mean loss).
+    """Train under ``cfg.wrapper`` on this rank; every rank returns the same losses (global mean loss) and the
+    norms it clipped by (the same on every rank when the clipping is right: :func:`compare` checks it).
 
     Must be called on every rank of the default process group (or alone when ``cfg.wrapper`` is ``none``).
     """
@@ -506,6 +508,9 @@ class CheckResult:
     max_rel_loss_diff: float
     max_rel_norm_diff: float
     first_failed_step: int  # 0 when passed
+    first_nonfinite_norm_step: int = 0  # 0: every norm the run reported is finite
+    ranks_disagree_step: int = 0  # 0: every rank had the same norms at every step (or only one rank)
+    ranks_disagree: str = ""  # which ranks, and their norms at that step
 
     def line(self, precision: str) -> str:
         verdict = "PASS" if self.passed else "FAIL"
@@ -515,6 +520,10 @@ class CheckResult:
             f"{self.max_rel_loss_diff:.3g}, tolerance {self.rtol:g}, {precision}); max relative norm difference "
             f"{self.max_rel_norm_diff:.3g} ({norm_tol})"
             + ("" if self.passed else f"; first out of tolerance at step {self.first_failed_step}")
+            + ("" if not self.first_nonfinite_norm_step else
+               f"; the run's norm is not finite at step {self.first_nonfinite_norm_step}")
+            + ("" if not self.ranks_disagree_step else
+               f"; the ranks' norms differ at step {self.ranks_disagree_step}: {self.ranks_disagree}")
         )
 
 
@@ -526,30 +535,63 @@ def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
 
+def _same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def _ranks_disagree(rank_norms: Sequence[Sequence[tuple[float, float]]]) -> tuple[int, str]:
+    """The first step at which some rank's norms (before and after clipping) differ from rank 0's, and a
+    description naming those ranks; ``(0, "")`` when every rank saw the same norms."""
+    if len(rank_norms) < 2:
+        return 0, ""
+    for i, mine in enumerate(rank_norms[0]):
+        odd = [r for r in range(1, len(rank_norms))
+               if not all(_same(x, y) for x, y in zip(rank_norms[r][i], mine))]
+        if odd:
+            shown = [0, *odd[:3]]
+            values = ", ".join(f"rank {r} {rank_norms[r][i][0]!r} (after clipping {rank_norms[r][i][1]!r})"
+                               for r in shown)
+            more = f" and {len(odd) - 3} more" if len(odd) > 3 else ""
+            who = "rank {} differs" if len(odd) == 1 else "ranks {} differ"
+            return i + 1, f"{who.format(', '.join(map(str, odd[:3])) + more)} from rank 0: {values}"
+    return 0, ""
+
+
 def compare(
     run: Sequence[StepRecord], ref: Sequence[StepRecord], rtol: float, norm_rtol: float | None = None,
-    *, norm_unreported: bool = False,
+    *, norm_unreported: bool = False, rank_norms: Sequence[Sequence[tuple[float, float]]] | None = None,
 ) -> CheckResult:
     """Do the distributed and replayed curves agree step by step?
 
-    The loss of every step must agree within ``rtol`` (relative); the norm before clipping within
-    ``norm_rtol`` where given. ``norm_unreported``: the run's clipping may not report the norm (DeepSpeed's own,
-    ``clip.mode: native`` on ``zero*``), so a NaN norm in the run is not compared; anywhere else a NaN norm
-    fails. A missing step fails.
+    The loss of every step must agree within ``rtol`` (relative); the norms before and after clipping within
+    ``norm_rtol`` where given. Whatever ``norm_rtol``, a norm the run reports must be finite: only where the
+    run's clipping may not report the norm (``norm_unreported``: DeepSpeed's own, ``clip.mode: native`` on
+    ``zero*``) is a NaN norm left uncompared. ``rank_norms``: every rank's ``(norm, norm after clipping)`` per
+    step (NaN where not reported), which must be identical on every rank: the records are rank 0's, and a rank
+    that clipped by another norm changes the loss too little to see under AdamW. A missing step fails.
     """
     if len(run) != len(ref):
         return CheckResult(False, rtol, norm_rtol, math.inf, math.inf, math.inf, min(len(run), len(ref)) + 1)
     abs_loss = rel_loss = rel_norm = 0.0
-    first = 0
+    first = nonfinite = 0
     for a, b in zip(run, ref):
         d_abs, d_rel = abs(a.loss - b.loss), _rel(a.loss, b.loss)
-        d_norm = 0.0 if norm_unreported and math.isnan(a.norm) and not math.isnan(b.norm) else _rel(a.norm, b.norm)
+        unreported = norm_unreported and math.isnan(a.norm)
+        d_norm = 0.0 if unreported and not math.isnan(b.norm) else _rel(a.norm, b.norm)
+        if a.norm_clipped is not None and b.norm_clipped is not None:
+            d_norm = max(d_norm, _rel(a.norm_clipped, b.norm_clipped))
+        if not nonfinite and not unreported and not (
+                math.isfinite(a.norm) and (a.norm_clipped is None or math.isfinite(a.norm_clipped))):
+            nonfinite = a.step
         if math.isnan(d_abs):
             d_abs = d_rel = math.inf
         abs_loss, rel_loss, rel_norm = max(abs_loss, d_abs), max(rel_loss, d_rel), max(rel_norm, d_norm)
         if not first and (d_rel > rtol or (norm_rtol is not None and d_norm > norm_rtol)):
             first = a.step
-    return CheckResult(first == 0, rtol, norm_rtol, abs_loss, rel_loss, rel_norm, first)
+    disagree_step, disagree = _ranks_disagree(rank_norms or ())
+    first = min((s for s in (first, nonfinite, disagree_step) if s), default=0)
+    return CheckResult(first == 0, rtol, norm_rtol, abs_loss, rel_loss, rel_norm, first, nonfinite, disagree_step,
+                       disagree)
 
 
 def write_log(path: Path, header: dict[str, Any], run: Sequence[StepRecord], ref: Sequence[StepRecord] | None,
@@ -665,13 +707,26 @@ def run_job(
     t0 = time.perf_counter()
     run = train(cfg, info, text, progress=show_progress, source=source)
     train_s = time.perf_counter() - t0
+    rank_norms = _gather_norms(run, info)
     code = 1  # what the other ranks hear if rank 0 fails below
     try:
-        code = _finish(cfg, info, run, text, what, n_params, train_s, source, out_dir, replay_check, show_progress,
-                       make_plot) if info.is_main else 0
+        code = _finish(cfg, info, run, rank_norms, text, what, n_params, train_s, source, out_dir, replay_check,
+                       show_progress, make_plot) if info.is_main else 0
     finally:
         code = _verdict_everywhere(code, info)
     return code
+
+
+def _gather_norms(run: Sequence[StepRecord], info: DistInfo) -> list[list[tuple[float, float]]]:
+    """Every rank's ``(norm, norm after clipping)`` of every step (NaN where not reported), by rank: one
+    all-gather once the run is over, none per step. The records are rank 0's; the check needs them all."""
+    rows = [(r.norm, math.nan if r.norm_clipped is None else r.norm_clipped) for r in run]
+    if info.backend is None or info.world_size == 1:
+        return [rows]
+    mine = torch.tensor(rows, dtype=torch.float64, device=info.device).reshape(len(rows), 2)
+    everyone = [torch.empty_like(mine) for _ in range(info.world_size)]
+    dist.all_gather(everyone, mine)
+    return [[(float(a), float(b)) for a, b in e.tolist()] for e in everyone]
 
 
 def _norm_unreported(cfg: TrainConfig) -> bool:
@@ -679,9 +734,9 @@ def _norm_unreported(cfg: TrainConfig) -> bool:
     return cfg.clip.mode == "native" and cfg.wrapper.startswith("zero")
 
 
-def _finish(cfg: TrainConfig, info: DistInfo, run: list[StepRecord], text: Tensor, what: str, n_params: int,
-            train_s: float, source: str, out_dir: str | None, replay_check: bool, show_progress: bool,
-            make_plot: bool) -> int:
+def _finish(cfg: TrainConfig, info: DistInfo, run: list[StepRecord], rank_norms: list[list[tuple[float, float]]],
+            text: Tensor, what: str, n_params: int, train_s: float, source: str, out_dir: str | None,
+            replay_check: bool, show_progress: bool, make_plot: bool) -> int:
     """Rank 0's part after training: replay, check, log, plot, summary lines."""
     ref = check = None
     folder = Path(out_dir if out_dir is not None else cfg.out_dir) / cfg.name
@@ -689,7 +744,8 @@ def _finish(cfg: TrainConfig, info: DistInfo, run: list[StepRecord], text: Tenso
     if replay_check:
         t1 = time.perf_counter()
         ref = replay(cfg, text, info.world_size, info.device, progress=show_progress)
-        check = compare(run, ref, cfg.rtol, cfg.norm_rtol, norm_unreported=_norm_unreported(cfg))
+        check = compare(run, ref, cfg.rtol, cfg.norm_rtol, norm_unreported=_norm_unreported(cfg),
+                        rank_norms=rank_norms)
         _say(info, f"replay: the same {cfg.steps} steps unsharded on 1 process in {time.perf_counter() - t1:.1f} s")
     header = {"config": cfg.to_dict(), "source": source, "world_size": info.world_size, "backend": info.backend,
               "device": str(info.device), "launcher": info.launcher, "params": n_params, "data": what,
@@ -705,6 +761,9 @@ def _finish(cfg: TrainConfig, info: DistInfo, run: list[StepRecord], text: Tenso
         outputs.append(f"plot: {folder / 'plot.png'}")
     _say(info, "  ".join(outputs))
     if check is None:
+        step, disagree = _ranks_disagree(rank_norms)
+        if step:  # nothing is checked without the replay, but the records are rank 0's alone
+            _say(info, f"warning: the ranks' norms differ at step {step}: {disagree}")
         return 0
     _say(info, check.line(cfg.precision))
     return 0 if check.passed else 1

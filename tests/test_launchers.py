@@ -157,6 +157,19 @@ def test_bad_config_under_a_launcher_is_one_line_from_rank_0(tmp_path):
 
 
 @pytest.mark.timeout(JOB_TIMEOUT_S + 30)
+def test_a_bad_timeout_variable_under_torchrun_is_one_line_exit_2(tmp_path):
+    """DIST_CLIP_TIMEOUT_S=abc passed the one-process check and failed in every started rank: torchrun's
+    ChildFailedError traceback and exit 1."""
+    cfg = write_config(tmp_path, "ddp", wrapper="ddp")
+    code, out = finish(start("torchrun.sh", ["check", "--config", str(cfg), "--out", str(tmp_path)],
+                             job_env(NPROC="2", DIST_CLIP_TIMEOUT_S="abc")))
+    assert code == 2, out[-6000:]
+    errors = [line for line in out.splitlines() if "config error" in line]
+    assert errors == ["config error: DIST_CLIP_TIMEOUT_S must be a number of seconds > 0, got 'abc'"], out[-6000:]
+    assert "Traceback" not in out and "torch.distributed.run" not in out, out[-6000:]
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 30)
 def test_an_out_dir_that_cannot_be_made_is_a_config_error_before_training(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
@@ -282,6 +295,36 @@ if os.environ.get("PMI_RANK") == "1":  # rank 1 of mpiexec raises at its second 
 
     train._clip = failing_clip
 '''
+
+
+_RANK1_NORM_OFF = '''
+import os
+if os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RUN_ID"):  # rank 1 of torchrun, not the agent
+    import dist_clip.clip as clip
+
+    real = clip._wide_total
+
+    def off(*args, **kwargs):  # rank 1's float64 total, hence its clip coefficient, 1.5 times off
+        wide, out = real(*args, **kwargs)
+        return wide * 1.5, out
+
+    clip._wide_total = off
+'''
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 30)
+def test_a_rank_that_clipped_by_a_wrong_norm_fails_check_under_torchrun(tmp_path):
+    """Rank 1 clipped by a norm 1.5 times too big and `check` passed with exit 0: the records held rank 0's norms
+    only, and AdamW hides a per-rank constant gradient scale from the loss (relative difference 2e-7)."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(_RANK1_NORM_OFF)
+    cfg = write_config(tmp_path, "fsdp2", wrapper="fsdp2")
+    env = job_env(NPROC="2", PYTHONPATH=os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")])))
+    code, out = finish(start("torchrun.sh", ["check", "--config", str(cfg), "--out", str(tmp_path)], env))
+    line = check_line(out)
+    assert code == 1 and line.startswith("check: FAIL"), out[-6000:]
+    assert "; the ranks' norms differ at step 1: rank 1 differs from rank 0: rank 0 " in line, line
 
 
 @pytest.mark.timeout(JOB_TIMEOUT_S + 30)

@@ -71,10 +71,14 @@ def test_shipped_configs_load_and_cover_every_wrapper():
 
 
 @pytest.mark.timeout(60)
-def test_yaml_numbers_without_a_dot_and_inf_norms_are_read_as_numbers():
-    cfg = from_dict({"lr": "3e-4", "clip": {"norm_type": float("inf"), "max_norm": 0}})
-    assert cfg.lr == 3e-4 and math.isinf(cfg.norm_p) and cfg.clip.max_norm == 0.0
+def test_yaml_numbers_without_a_dot_and_inf_norms_are_read_as_numbers(tmp_path):
+    path = tmp_path / "nums.yaml"
+    path.write_text("lr: 3e-4\nweight_decay: 1E-2\nclip: {norm_type: .inf, max_norm: 0}\n")
+    cfg = load_config(path)
+    assert cfg.lr == 3e-4 and cfg.weight_decay == 1e-2 and math.isinf(cfg.norm_p) and cfg.clip.max_norm == 0.0
     assert from_dict({"clip": {"norm_type": "inf"}}).norm_p == math.inf
+    path.write_text("clip: {norm_type: inf}\n")
+    assert load_config(path).norm_p == math.inf
 
 
 BAD_CONFIGS = [
@@ -250,6 +254,48 @@ def test_compare_tolerances():
     assert not compare(ref[:2], ref, 1e-4).passed
 
 
+def test_compare_fails_on_a_nonfinite_norm_whatever_the_norm_tolerance():
+    """bf16 compares no norms (norm_rtol None), and a run whose norms were all NaN passed there, although a NaN
+    norm fails the check anywhere but under DeepSpeed's own clipping."""
+    from dist_clip.train import StepRecord, compare
+
+    ref = [StepRecord(i, 3.0, 2.0, 1.0, 0.5, 0.0) for i in range(1, 4)]
+    for bad in (math.nan, math.inf):
+        run = [dataclasses.replace(r, norm=bad, norm_clipped=bad) if r.step == 2 else r for r in ref]
+        got = compare(run, ref, 2e-2, None)
+        assert not got.passed and got.first_failed_step == 2 and got.first_nonfinite_norm_step == 2, got
+        assert "the run's norm is not finite at step 2" in got.line("bf16")
+    unreported = [dataclasses.replace(r, norm=math.nan, norm_clipped=None) for r in ref]
+    assert compare(unreported, ref, 2e-2, None, norm_unreported=True).passed
+    inf_unreported = [dataclasses.replace(r, norm=math.inf, norm_clipped=None) for r in ref]
+    assert not compare(inf_unreported, ref, 2e-2, None, norm_unreported=True).passed
+
+
+def test_compare_fails_when_the_ranks_norms_differ():
+    """The records are rank 0's: a rank that clipped by a norm 1.5 times too big passed (AdamW hides a per-rank
+    gradient scale from the loss). Every rank's norms must be the same, and the norm after clipping must agree
+    with the replay's as the norm before clipping does."""
+    from dist_clip.train import StepRecord, compare
+
+    ref = [StepRecord(i, 3.0, 2.0, 1.0, 0.5, 0.0) for i in range(1, 4)]
+    same = [[(2.0, 1.0)] * 3] * 2
+    assert compare(ref, ref, 1e-4, 1e-3, rank_norms=same).passed
+    nan_alike = [[(math.nan, math.nan)] * 3] * 2  # an unreported norm is NaN on every rank
+    assert compare([dataclasses.replace(r, norm=math.nan, norm_clipped=None) for r in ref], ref, 1e-4, 1e-3,
+                   norm_unreported=True, rank_norms=nan_alike).passed
+    for r1 in ((3.0, 0.6667), (2.0, 1.5), (math.nan, 1.0)):
+        ranks = [[(2.0, 1.0)] * 3, [(2.0, 1.0), r1, (2.0, 1.0)], [(2.0, 1.0)] * 3]
+        for norm_rtol in (1e-3, None):  # bf16 too: the ranks' norms are the same whatever the precision
+            got = compare(ref, ref, 1e-4, norm_rtol, rank_norms=ranks)
+            assert not got.passed and got.first_failed_step == 2 and got.ranks_disagree_step == 2, got
+            assert got.ranks_disagree.startswith("rank 1 differs from rank 0: rank 0 2.0 (after clipping 1.0), "
+                                                 f"rank 1 {r1[0]!r} (after clipping {r1[1]!r})"), got
+            assert "; the ranks' norms differ at step 2: rank 1 differs" in got.line("fp32")
+    after = [dataclasses.replace(r, norm_clipped=1.01) if r.step == 3 else r for r in ref]  # a wrong coefficient
+    got = compare(after, ref, 1e-4, 1e-3)
+    assert not got.passed and got.first_failed_step == 3 and got.max_rel_norm_diff == pytest.approx(0.01)
+
+
 # --- every wrapper on 2 spawned gloo ranks ----------------------------------------------------------------
 
 
@@ -312,6 +358,43 @@ def test_wrapper_run_agrees_with_unsharded_replay(run_ranks, tmp_path, fields):
         max_norm = fields.get("clip", {}).get("max_norm", 1.0)
         assert any(s["clip_coef"] < 1 for s in steps)  # clipping really happened
         assert all(s["norm_clipped"] <= max_norm * (1 + 1e-4) for s in steps)
+
+
+def _case_run_job_rank1_norm_off(cfg_dict: dict, out_dir: str, factor: float) -> int:
+    """The whole job with rank 1's float64 total multiplied by ``factor`` (a wrong norm, hence coefficient, on
+    that rank alone); restored afterwards, since the pool's processes serve later tests."""
+    import torch.distributed as dist
+
+    import dist_clip.clip as clip
+
+    real = clip._wide_total
+
+    def off(*args, **kwargs):
+        wide, out = real(*args, **kwargs)
+        return wide * factor, out
+
+    if dist.get_rank() == 1:
+        clip._wide_total = off
+    try:
+        return _case_run_job(cfg_dict, out_dir)
+    finally:
+        clip._wide_total = real
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("fields", [{"wrapper": "fsdp2"}, {"wrapper": "ddp", "precision": "bf16"}],
+                         ids=["fsdp2", "ddp-bf16"])
+def test_a_rank_that_clipped_by_a_wrong_norm_fails_the_check(run_ranks, tmp_path, fields):
+    """Rank 1 clipped by a norm 1.5 times too big and the check passed (loss relative difference 2e-7): the
+    records held rank 0's norms only, and AdamW hides a per-rank constant gradient scale from the loss."""
+    cfg = {**TINY, "name": "case", **fields}
+    codes = run_ranks(2, _case_run_job_rank1_norm_off, cfg, str(tmp_path), 1.5, timeout_s=120)
+    check = read_log(tmp_path / "case" / "log.jsonl")["check"][0]
+    # Rank 0's status: the pool's ranks share one store for the whole session, where the other ranks may read an
+    # earlier test's verdict (every rank's status under a launcher: tests/test_launchers.py).
+    assert codes[0] == 1, check
+    assert not check["passed"] and check["first_failed_step"] == 1 and check["ranks_disagree_step"] == 1, check
+    assert check["ranks_disagree"].startswith("rank 1 differs from rank 0: rank 0 "), check
 
 
 @pytest.mark.timeout(120)
@@ -395,13 +478,17 @@ def test_a_data_folder_under_a_dotted_folder_is_read(tmp_path):
     assert bytes(data.tolist()) == b"hello world " * 20  # the hidden file left out
 
 
-def test_a_bad_timeout_variable_is_a_config_error(monkeypatch):
+def test_a_bad_timeout_variable_is_a_config_error(monkeypatch, capsys, tmp_path):
     from dist_clip import bootstrap
 
     for bad in ("abc", "-5", "0", "nan"):
         monkeypatch.setenv("DIST_CLIP_TIMEOUT_S", bad)
         with pytest.raises(ValueError, match=f"DIST_CLIP_TIMEOUT_S must be a number of seconds > 0, got '{bad}'"):
             bootstrap._timeout()
+        # Found by --validate-only too (launch/torchrun.sh's check before the ranks start), not only by the ranks.
+        assert cli.main(["check", "--out", str(tmp_path), "--validate-only"]) == 2
+        assert capsys.readouterr().err == f"config error: DIST_CLIP_TIMEOUT_S must be a number of seconds > 0, " \
+                                          f"got '{bad}'\n"
 
 
 @pytest.mark.timeout(120)
@@ -478,6 +565,25 @@ def test_abbreviated_options_are_refused(capsys, abbrev):
     assert f"unrecognized arguments: {abbrev}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("text,why", [
+    ("lr: 1_0e-3\n", "lr: expected a number, got str '1_0e-3'"),  # float() took them all
+    ("lr: 1_000\n", "lr: expected a number, got str '1_000'"),
+    ("lr: 1:30.5\n", "lr: expected a number, got str '1:30.5'"),  # YAML 1.1 read 90.5
+    ("weight_decay: 1_0.5\n", "weight_decay: expected a number, got str '1_0.5'"),
+    ("lr: '3e-4'\n", "lr: expected a number, got str '3e-4'"),  # quoted: a string, as steps: '3' is
+    ("clip: {norm_type: 1_0}\n", "clip.norm_type: expected a number >= 0 or inf, got '1_0'"),
+    ("clip: {norm_type: nan}\n", "clip.norm_type: expected a number >= 0 or inf, got 'nan'"),
+], ids=["underscore-exp", "underscore", "sexagesimal", "underscore-dot", "quoted", "norm-underscore", "norm-nan"])
+def test_number_looking_strings_are_refused_where_a_number_is_expected(tmp_path, capsys, text, why):
+    """The README says YAML 1.1's 1_000 and 1:30 are strings, refused where a number is expected: float fields
+    took them through float() (1_0e-3 became 0.01), and YAML 1.1's float resolver read 1:30.5 as 90.5."""
+    path = tmp_path / "floats.yaml"
+    path.write_text(text)
+    assert cli.main(["train", "--config", str(path), "--validate-only", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"config error: {path}: {why}\n", err
+
+
 @pytest.mark.parametrize("text,expected", [
     ("steps: 010\n", ("steps", 10)),  # YAML 1.1 read a leading zero as octal: 8
     ("steps: 0o10\nseed: 0x1f\n", ("steps", 8)), ("seed: 0x1f\n", ("seed", 31)), ("steps: +7\n", ("steps", 7)),
@@ -517,12 +623,38 @@ def test_yaml_merge_keys_are_read(tmp_path):
         load_config(path)
 
 
-@pytest.mark.parametrize("name", [" ", " lead", "trail ", "a\nb", "a\\b", "a/b", "a\tb", "..", "x\x7f"])
+@pytest.mark.parametrize("name", [" ", " lead", "trail ", "a\nb", "a\\b", "a/b", "a\tb", "..", "x\x7f",
+                                  "a\x85b", "a\x9bb", "a\u202eb", "a\u200bb", "a\u2028b", "a\ud800b"])
 def test_odd_run_names_are_refused(capsys, name):
-    """The name is the run folder's: " ", a newline or a backslash made odd folders."""
+    """The name is the run folder's: " ", a newline or a backslash made odd folders. Only ASCII controls were
+    refused: U+0085 (next line), U+202E (right-to-left override) and a lone surrogate (UnicodeEncodeError when
+    the folder was made) were taken."""
     with pytest.raises(ConfigError, match="name: must be a plain non-empty file name"):
         from_dict({"name": name})
     assert from_dict({"name": "run 1.b-c_d"}).name == "run 1.b-c_d"
+    assert from_dict({"name": "essai é 日本"}).name == "essai é 日本"
+
+
+def test_a_run_name_too_long_for_the_file_system_is_a_config_error(tmp_path, capsys):
+    """A 300-character name: OSError "File name too long" from the out-dir check, a traceback and exit 1."""
+    cfg = tmp_path / "long.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY, "name": "a" * 300}))
+    assert cli.main(["check", "--config", str(cfg), "--out", str(tmp_path), "--validate-only"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"config error: {cfg} (with command-line overrides): out_dir: cannot hold the run folder "
+                          f"{tmp_path / ('a' * 300)} (") and err.count("\n") == 1, err
+
+
+def test_a_tilde_in_out_dir_is_the_home_folder(tmp_path, capsys, monkeypatch):
+    """``data: ~/x`` is read from the home folder; ``out_dir: ~/runs`` made a folder named "~" here."""
+    home, here = tmp_path / "home", tmp_path / "here"
+    here.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(here)
+    cfg = write_config(tmp_path, "tilde", out_dir="~/runs")
+    assert load_config(cfg).out_dir == str(home / "runs")
+    assert cli.main(["check", "--config", str(cfg), "--validate-only"]) == 0
+    assert (home / "runs").is_dir() and list(here.iterdir()) == [], capsys.readouterr()
 
 
 @pytest.mark.parametrize(("wrapper", "module", "name"), [("zero2", "deepspeed", "DeepSpeed"),
