@@ -673,7 +673,9 @@ def _verdict_everywhere(code: int, info: DistInfo) -> int:
     # may take longer than the collective timeout. A rank 0 that dies ends the job through its launcher
     # (torchrun, mpirun), or closes the store it hosts (env:// rendezvous): an error, not a hang.
     store = dist.distributed_c10d._get_default_store()
-    key = "dist_clip/verdict"
+    # One key per job on this store: a second job in the same processes (one fixed key) read the first job's
+    # verdict on ranks 1+, which returned 0 while rank 0 returned 1. Every rank adds once per job.
+    key = f"dist_clip/verdict/{(store.add('dist_clip/verdicts', 1) - 1) // info.world_size}"
     if info.rank == 0:
         store.set(key, str(code))
         return code
