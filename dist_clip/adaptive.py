@@ -165,11 +165,17 @@ class _AutoClipState:
         """The norms in the order seen (with a window: the last finite ones, NaN-padded in front to the
         ``min(count, window)`` entries the saved format has always had)."""
         cap = self.config.window
-        if self.buffer is None:
-            return torch.zeros(0, dtype=torch.float64)
-        buf = self.buffer.detach().cpu()
         if cap is None:
-            return buf[: self.count].clone().to(torch.float64)
+            # NaN where no norm was written: calls refused together count without one (a refused first call
+            # saved an empty history, or call 65 one of 64 norms, which load_state_dict refused)
+            hist = torch.full((self.count,), math.nan, dtype=torch.float64)
+            if self.buffer is not None:
+                kept = min(self.count, self.buffer.numel())
+                hist[:kept] = self.buffer[:kept].detach().cpu()
+            return hist
+        if self.buffer is None:
+            return torch.full((min(self.count, cap),), math.nan, dtype=torch.float64)
+        buf = self.buffer.detach().cpu()
         written = int(self.written) if self.written is not None else 0
         start = written % cap
         ring = torch.cat((buf[start:], buf[:start])) if written >= cap else buf[:written]

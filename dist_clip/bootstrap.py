@@ -184,7 +184,11 @@ def _timeout() -> timedelta:
         seconds = math.nan
     if not (seconds > 0 and math.isfinite(seconds)):
         raise ValueError(f"DIST_CLIP_TIMEOUT_S must be a number of seconds > 0, got {raw!r}")
-    return timedelta(seconds=seconds)
+    try:
+        return timedelta(seconds=seconds)
+    except OverflowError:  # 1e14: a traceback before, where every other bad value is one config error line
+        raise ValueError(f"DIST_CLIP_TIMEOUT_S must be at most {timedelta.max.total_seconds():.0f} seconds, "
+                         f"got {raw!r}") from None
 
 
 def init_distributed(backend: str = "auto", *, need_group: bool = True) -> DistInfo:

@@ -644,3 +644,24 @@ def test_clipped_counts_only_slots_whose_gradients_were_scaled():
     assert not bool(result.clipped) and torch.equal(b.grad, torch.tensor([0.1, 0.2, 0.3]))
     b.grad = torch.tensor([30.0, 40.0, 0.0])
     assert bool(GradClipper(mode="per_group")({"a": a, "b": b}, optimizer=opt).clipped)
+
+
+@pytest.mark.parametrize("window", [None, 4])
+@pytest.mark.parametrize("good_calls", [0, 64])
+def test_a_state_saved_after_a_call_refused_together_reloads(window, good_calls):
+    """A call refused together counts once without writing a norm: an AutoClip that saved right after it (a
+    refused first call, or call 65 after 64 norms) wrote a history shorter than its count, which its own
+    load_state_dict refused ("must be a 1-D float tensor of 1 norms, got tensor([])"). The refused call reads as
+    a NaN (skipped) norm, as it does on the ranks that did not refuse, and the reloaded clipper goes on alike."""
+    clipper = GradClipper(max_norm=AutoClip(percentile=50, window=window))
+    for i in range(good_calls):
+        clipper([torch.tensor([1.0 + i])])
+    clipper._count_refused_call()  # what a call refused together leaves (tests/test_dist_core.py runs the real one)
+    state = clipper.state_dict()
+    assert state["threshold"]["count"] == good_calls + 1
+    again = GradClipper(max_norm=AutoClip(percentile=50, window=window))
+    again.load_state_dict(state)
+    for g in (3.0, 70.0, 0.5):
+        a, b = clipper([torch.tensor([g])]), again([torch.tensor([g])])
+        assert a.max_norm.item() == b.max_norm.item() and a.total_norm.item() == b.total_norm.item()
+    assert _same_state(clipper.state_dict(), again.state_dict())

@@ -269,6 +269,11 @@ def test_compare_fails_on_a_nonfinite_norm_whatever_the_norm_tolerance():
     assert compare(unreported, ref, 2e-2, None, norm_unreported=True).passed
     inf_unreported = [dataclasses.replace(r, norm=math.inf, norm_clipped=None) for r in ref]
     assert not compare(inf_unreported, ref, 2e-2, None, norm_unreported=True).passed
+    # A tiny p overflows float64 in the replay too (p = 0.01: inf in both): a correct run, which this failed.
+    inf_both = [dataclasses.replace(r, norm=math.inf) for r in ref]
+    for norm_rtol in (1e-3, None):
+        assert compare(inf_both, inf_both, 1e-4, norm_rtol).passed
+        assert not compare([dataclasses.replace(r, norm=math.nan) for r in ref], inf_both, 1e-4, norm_rtol).passed
 
 
 def test_compare_fails_when_the_ranks_norms_differ():
@@ -489,6 +494,9 @@ def test_a_bad_timeout_variable_is_a_config_error(monkeypatch, capsys, tmp_path)
         assert cli.main(["check", "--out", str(tmp_path), "--validate-only"]) == 2
         assert capsys.readouterr().err == f"config error: DIST_CLIP_TIMEOUT_S must be a number of seconds > 0, " \
                                           f"got '{bad}'\n"
+    monkeypatch.setenv("DIST_CLIP_TIMEOUT_S", "1e14")  # over timedelta's range: an OverflowError traceback
+    assert cli.main(["check", "--out", str(tmp_path), "--validate-only"]) == 2
+    assert capsys.readouterr().err.startswith("config error: DIST_CLIP_TIMEOUT_S must be at most ")
 
 
 @pytest.mark.timeout(120)
