@@ -7,7 +7,7 @@ global batch with a mean loss. :func:`replay` does exactly that on one process (
 AdamW, dist_clip on plain parameters), and :func:`compare` checks that the two loss and norm curves agree
 within a relative tolerance stated by precision: losses within 1e-4 and norms before and after clipping within
 1e-3 in fp32; losses within 2e-2 in bf16 (see :mod:`dist_clip.config`). In either precision every norm the run
-reports must be finite and every rank's norms identical (gathered once, after the run).
+reports must be finite (or the replay's same infinity) and every rank's norms identical (gathered once, after the run).
 
 Wrappers: ``none`` (one plain process), ``ddp``, ``fsdp1``, ``fsdp2``, ``hsdp`` (FSDP2 on a 2-D mesh),
 ``zero1``/``zero2``/``zero3`` (DeepSpeed) and ``fairscale-oss`` (OSS + ShardedDataParallel). DeepSpeed and
@@ -508,7 +508,7 @@ class CheckResult:
     max_rel_loss_diff: float
     max_rel_norm_diff: float
     first_failed_step: int  # 0 when passed
-    first_nonfinite_norm_step: int = 0  # 0: every norm the run reported is finite
+    first_nonfinite_norm_step: int = 0  # 0: every norm the run reported is finite (or inf as the replay's)
     ranks_disagree_step: int = 0  # 0: every rank had the same norms at every step (or only one rank)
     ranks_disagree: str = ""  # which ranks, and their norms at that step
 
@@ -569,11 +569,12 @@ def compare(
     """Do the distributed and replayed curves agree step by step?
 
     The loss of every step must agree within ``rtol`` (relative); the norms before and after clipping within
-    ``norm_rtol`` where given. Whatever ``norm_rtol``, a norm the run reports must be finite: only where the
-    run's clipping may not report the norm (``norm_unreported``: DeepSpeed's own, ``clip.mode: native`` on
-    ``zero*``) is a NaN norm left uncompared. ``rank_norms``: every rank's ``(norm, norm after clipping)`` per
-    step (NaN where not reported), which must be identical on every rank: the records are rank 0's, and a rank
-    that clipped by another norm changes the loss too little to see under AdamW. A missing step fails.
+    ``norm_rtol`` where given. Whatever ``norm_rtol``, a norm the run reports must be finite (or infinite as
+    the replay's: a tiny p overflows both): only where the run's clipping may not report the norm
+    (``norm_unreported``: DeepSpeed's own, ``clip.mode: native`` on ``zero*``) is a NaN norm left uncompared.
+    ``rank_norms``: every rank's ``(norm, norm after clipping)`` per step (NaN where not reported), which must be
+    identical on every rank: the records are rank 0's, and a rank that clipped by another norm changes the loss
+    too little to see under AdamW. A missing step fails.
     """
     if len(run) != len(ref):
         return CheckResult(False, rtol, norm_rtol, math.inf, math.inf, math.inf, min(len(run), len(ref)) + 1)
