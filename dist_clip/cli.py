@@ -164,18 +164,10 @@ def _check_installed(cfg: TrainConfig, source: str, args: argparse.Namespace) ->
                           "pip install 'dist_clip[train]', or pass --no-plot")
 
 
-def _check_timeout() -> None:
-    """``DIST_CLIP_TIMEOUT_S``, read when the ranks start, checked by ``--validate-only`` too: under torchrun a bad
-    value was found by every started rank, and torchrun reported their 2 as its own 1 with a traceback."""
-    from .bootstrap import _timeout
-
-    _timeout()  # ValueError: "DIST_CLIP_TIMEOUT_S must be a number of seconds > 0, got 'abc'"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``dist-clip`` and ``python -m dist_clip``; returns the exit status."""
     args = _parser().parse_args(argv)
-    from .bootstrap import detect_launch
+    from .bootstrap import _timeout, detect_launch
 
     try:
         main_rank = detect_launch().rank == 0
@@ -189,7 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         return _fail(f"config error: {e}", 2)
     try:
-        _check_timeout()
+        # Read when the ranks start, checked by --validate-only too: under torchrun every started rank found a bad
+        # value, and torchrun reported their 2 as its own 1 with a traceback.
+        _timeout()
     except ValueError as e:
         return _fail(f"config error: {e}", 2)
     if args.validate_only:
@@ -199,8 +193,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         info = bootstrap.init_distributed(cfg.backend, need_group=cfg.wrapper != "none")
-    except ValueError as e:  # a bad DIST_CLIP_TIMEOUT_S
-        return _fail(f"config error: {e}", 2)
     except RuntimeError as e:
         return _fail(f"error: {e}", 1)
     try:

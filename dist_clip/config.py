@@ -293,7 +293,7 @@ def _validate(cfg: TrainConfig, source: str) -> TrainConfig:
         raise ConfigError(source, "out_dir", f"expected the path of a folder, got {cfg.out_dir!r}")
     name = cfg.name
     if (not name or name in (".", "..") or name != name.strip() or any(c in name for c in "/\\")
-            or any(unicodedata.category(c)[0] == "C" or unicodedata.category(c) in ("Zl", "Zp") for c in name)):
+            or any(unicodedata.category(c) in _NOT_IN_NAMES for c in name)):
         # " " or a newline or backslash made an odd run folder (or, with a separator, one somewhere else); the
         # test was for ASCII controls only, and took U+0085 (a line break), U+202E (right-to-left override) and
         # a lone surrogate (UnicodeEncodeError when the folder was made).
@@ -302,6 +302,11 @@ def _validate(cfg: TrainConfig, source: str) -> TrainConfig:
     # ~ as data: reads it (out_dir: ~/runs made a folder named "~" in the current one).
     return dataclasses.replace(cfg, out_dir=os.path.expanduser(cfg.out_dir),
                                clip=dataclasses.replace(cfg.clip, norm_type=float(p)))
+
+
+#: Unicode categories refused in a run name: controls, format characters, surrogates, private use, unassigned,
+#: and the line and paragraph separators.
+_NOT_IN_NAMES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
 
 def from_dict(data: Any, source: str = "<config>", name: str | None = None) -> TrainConfig:

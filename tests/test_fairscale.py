@@ -86,4 +86,3 @@ def test_adapter_requires_fairscale_by_name(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_fairscale)
     with pytest.raises(ImportError, match=r"pip install dist_clip\[fairscale\]"):
         adapter.shards(object(), None)
-
