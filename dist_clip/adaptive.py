@@ -196,7 +196,14 @@ class _AutoClipState:
         cap = self.config.window
         want = min(count, cap) if cap is not None else count
         if not isinstance(hist, Tensor) or hist.dim() != 1 or hist.numel() != want or not hist.is_floating_point():
-            raise ValueError(f"AutoClip state 'history' must be a 1-D float tensor of {want} norms, got {hist!r:.80}")
+            held = hist.numel() if isinstance(hist, Tensor) else None
+            where = (f"this AutoClip keeps window={cap} norms and the state counts {count} calls"
+                     if cap is not None else f"the state counts {count} calls (this AutoClip has no window)")
+            if held is not None and held != want and hist.dim() == 1 and hist.is_floating_point():
+                where += f"; it holds {held} norms (saved with another window?)"
+            raise ValueError(
+                f"AutoClip state 'history' must be a 1-D float tensor of {want} norms ({where}), got {hist!r:.80}"
+            )
         _norms_or_nan("AutoClip state 'history'", hist)
         hist = hist.detach().cpu().to(torch.float64)
         if cap is None:

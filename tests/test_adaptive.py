@@ -296,6 +296,22 @@ def test_autoclip_window_state_round_trips_mid_ring():
     assert few.state_dict()["threshold"]["history"].nan_to_num(-1).tolist() == [-1.0, -1.0, 1.0]
 
 
+def test_autoclip_state_of_another_window_is_refused_naming_the_window():
+    """A state saved with window=4 loaded into window=3 (or no window) was refused with "must be a 1-D float
+    tensor of 3 norms" only: the message names the window and what the state holds."""
+    saved = GradClipper(max_norm=AutoClip(percentile=40, window=4))
+    for g in (1.0, 2.0, 3.0, 4.0, 5.0):
+        saved([torch.tensor([g])])
+    state = saved.state_dict()
+    with pytest.raises(ValueError, match=r"window=3 norms and the state counts 5 calls; it holds 4 norms"):
+        GradClipper(max_norm=AutoClip(percentile=40, window=3)).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"counts 5 calls \(this AutoClip has no window\); it holds 4 norms"):
+        GradClipper(max_norm=AutoClip(percentile=40)).load_state_dict(state)
+    other = GradClipper(max_norm=AutoClip(percentile=90, window=4))  # another percentile: the norms load
+    other.load_state_dict(state)
+    assert other.state_dict()["threshold"]["history"].tolist() == [2.0, 3.0, 4.0, 5.0]
+
+
 def test_autoclip_window_state_saved_in_ring_order_still_loads():
     """States saved before the window held finite norms only keep the window in ring order (the oldest at
     count % window) and have no "oldest_first": read as oldest first, the newest norm was evicted next."""
