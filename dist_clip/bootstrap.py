@@ -4,9 +4,9 @@
   ``env://`` with the launcher's ``MASTER_ADDR``/``MASTER_PORT``.
 * An MPI launcher (``mpiexec`` of MPICH, Intel MPI, MVAPICH or Open MPI): rank, world size and local rank
   come from mpi4py's ``COMM_WORLD`` (the local rank from a shared-memory split), and rank 0 broadcasts its
-  address and a free port over MPI. Without mpi4py they come from the launcher's environment variables
-  (``PMI_RANK``/``PMI_SIZE``/``MPI_LOCALRANKID`` for MPICH Hydra, ``OMPI_COMM_WORLD_*`` for Open MPI), and
-  ``MASTER_ADDR``/``MASTER_PORT`` must be given (``launch/mpirun.sh`` exports them).
+  address and the port of the rendezvous store it started, over MPI. Without mpi4py they come from the
+  launcher's environment variables (``PMI_RANK``/``PMI_SIZE``/``MPI_LOCALRANKID`` for MPICH Hydra,
+  ``OMPI_COMM_WORLD_*`` for Open MPI), and ``MASTER_ADDR``/``MASTER_PORT`` must be given (``launch/mpirun.sh`` exports them).
 * Nothing: one process. A one-rank group (in-memory store) is started only when a wrapper needs one.
 
 Then the process group is initialised with nccl on CUDA or gloo on CPU (``backend="auto"``). MPI only
@@ -133,8 +133,10 @@ def _mpi_comm():  # noqa: ANN202 - mpi4py's Comm, or None
     return MPI.COMM_WORLD
 
 
-def _from_mpi(launch: LaunchEnv) -> LaunchEnv:
-    """Rank facts from mpi4py, and MASTER_ADDR/MASTER_PORT agreed through it (rank 0 picks and broadcasts)."""
+def _from_mpi(launch: LaunchEnv) -> tuple[LaunchEnv, dist.Store | None]:
+    """Rank facts from mpi4py, and MASTER_ADDR/MASTER_PORT agreed through it: without them given, rank 0 starts
+    the rendezvous store on a port the OS picks and broadcasts it (picking a free port first and binding it later
+    left a window in which another process could take it). Returns rank 0's store in that case."""
     comm = _mpi_comm()
     if comm is None:
         if launch.world_size <= 0:
@@ -149,7 +151,7 @@ def _from_mpi(launch: LaunchEnv) -> LaunchEnv:
                 "address of rank 0's host) and MASTER_PORT to every rank (launch/mpirun.sh does), or install "
                 "mpi4py (pip install 'dist_clip[mpi]')"
             )
-        return launch
+        return launch, None
     from mpi4py import MPI
 
     rank, world = comm.Get_rank(), comm.Get_size()
@@ -163,6 +165,7 @@ def _from_mpi(launch: LaunchEnv) -> LaunchEnv:
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
     local_rank, local_world = local.Get_rank(), local.Get_size()
     local.Free()
+    store = None
     if os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):
         addr, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]  # the user knows better
     else:
@@ -170,10 +173,15 @@ def _from_mpi(launch: LaunchEnv) -> LaunchEnv:
         if rank == 0:
             # One node: loopback. Several: rank 0's host name, which the other nodes resolve.
             host = "127.0.0.1" if local_world == world else socket.gethostname()
-            chosen = (os.environ.get("MASTER_ADDR") or host, os.environ.get("MASTER_PORT") or str(free_port()))
+            addr, port = os.environ.get("MASTER_ADDR") or host, os.environ.get("MASTER_PORT")
+            if world > 1 and not port:
+                store = dist.TCPStore(addr, 0, world, is_master=True, timeout=_startup_timeout(),
+                                      wait_for_workers=False)
+                port = store.port
+            chosen = (addr, str(port or free_port()))
         addr, port = comm.bcast(chosen, root=0)
     os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port))
-    return LaunchEnv(rank, world, local_rank, local_world, "mpi")
+    return LaunchEnv(rank, world, local_rank, local_world, "mpi"), store
 
 
 def _timeout() -> timedelta:
@@ -189,6 +197,12 @@ def _timeout() -> timedelta:
     except OverflowError:  # 1e14: a traceback before, where every other bad value is one config error line
         raise ValueError(f"DIST_CLIP_TIMEOUT_S must be at most {timedelta.max.total_seconds():.0f} seconds, "
                          f"got {raw!r}") from None
+
+
+def _startup_timeout() -> timedelta:
+    """How long start-up waits for every rank: the collective timeout, but never under 30 minutes (ranks start
+    seconds apart: imports, a slow node; DIST_CLIP_TIMEOUT_S=2 failed a correct job in init under load)."""
+    return max(_timeout(), timedelta(seconds=DEFAULT_TIMEOUT_S))
 
 
 def init_distributed(backend: str = "auto", *, need_group: bool = True) -> DistInfo:
@@ -211,8 +225,9 @@ def init_distributed(backend: str = "auto", *, need_group: bool = True) -> DistI
             dist.get_rank(), dist.get_world_size(), launch.local_rank, launch.local_world_size,
             launch.launcher, name, device,
         )
+    store = None
     if launch.launcher == "mpi":
-        launch = _from_mpi(launch)
+        launch, store = _from_mpi(launch)
     name = resolve_backend(backend)
     if name == "nccl":
         device = torch.device("cuda", launch.local_rank % max(1, torch.cuda.device_count()))
@@ -234,11 +249,11 @@ def init_distributed(backend: str = "auto", *, need_group: bool = True) -> DistI
         )
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         # The env:// rendezvous init_process_group would run, done here so that start-up can wait longer than
-        # a collective: ranks start seconds apart (imports, a slow node), and DIST_CLIP_TIMEOUT_S=2 failed a
-        # correct job in init under load. The store and the group then take the collective timeout (lowering it
+        # a collective (_startup_timeout). The store and the group then take the collective timeout (lowering it
         # on a group once made missed TORCH_DISTRIBUTED_DEBUG=DETAIL's wrapper, which kept 30 minutes).
-        startup = max(_timeout(), timedelta(seconds=DEFAULT_TIMEOUT_S))
-        store, _, _ = next(dist.rendezvous("env://", launch.rank, launch.world_size, timeout=startup))
+        startup = _startup_timeout()
+        if store is None:  # rank 0 under MPI may hold it already, on the port it broadcast
+            store, _, _ = next(dist.rendezvous("env://", launch.rank, launch.world_size, timeout=startup))
         wait_for_every_rank(store, launch.world_size, startup)
         store.set_timeout(_timeout())
         dist.init_process_group(

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Launch `dist-clip` (python -m dist_clip) with MPI's mpiexec; every argument is passed through to dist-clip.
 # MPI only starts the processes and tells each its rank (dist_clip.bootstrap reads mpi4py's COMM_WORLD, and
-# rank 0 broadcasts its address and a free port); training then talks gloo (CPU) or nccl (CUDA).
+# rank 0 broadcasts its address and its rendezvous store's port); training then talks gloo (CPU) or nccl (CUDA).
 #
 #   launch/mpirun.sh train --config configs/fsdp2.yaml                     # one node, NPROC ranks
 #   NNODES=2 HOSTS=node0,node1 launch/mpirun.sh train --config configs/hsdp.yaml   # from node 0, 2 x NPROC ranks

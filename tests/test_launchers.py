@@ -327,6 +327,41 @@ def test_a_rank_that_clipped_by_a_wrong_norm_fails_check_under_torchrun(tmp_path
     assert "; the ranks' norms differ at step 1: rank 1 differs from rank 0: rank 0 " in line, line
 
 
+_PORT_TAKEN = """
+import socket, sys
+import torch, torch.distributed as dist
+from dist_clip import bootstrap
+taken = socket.socket()
+taken.bind(("127.0.0.1", 0))
+taken.listen()
+bootstrap.free_port = lambda: taken.getsockname()[1]  # another process took the port between pick and bind
+info = bootstrap.init_distributed("gloo")
+t = torch.tensor([info.rank + 1.0])
+dist.all_reduce(t)
+print(f"rank {info.rank} sum {t.item():g}", flush=True)
+bootstrap.shutdown()
+"""
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 30)
+def test_mpi_rendezvous_port_cannot_be_taken_between_pick_and_bind(tmp_path):
+    """Under mpi4py rank 0 picked a free port, broadcast it and bound it later in the rendezvous: another process
+    taking it meanwhile failed the job ("address already in use"). Rank 0 now starts the store on a port the OS
+    gives and broadcasts that one. Here every port free_port() picks is already taken."""
+    mpiexec = BIN / "mpiexec" if (BIN / "mpiexec").exists() else shutil.which("mpiexec")
+    if mpiexec is None:
+        pytest.skip("no mpiexec: `make install` installs the mpich wheel")
+    pytest.importorskip("mpi4py", reason="mpi4py is not installed (`make install` installs it)")
+    script = tmp_path / "port_taken.py"
+    script.write_text(_PORT_TAKEN)
+    proc = subprocess.Popen([str(mpiexec), "-n", "2", sys.executable, str(script)], cwd=ROOT,
+                            env=job_env(DIST_CLIP_TIMEOUT_S="30", PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    code, out = finish(proc, timeout_s=90)
+    assert code == 0, out[-6000:]
+    assert sorted(line for line in out.splitlines() if line.startswith("rank ")) == ["rank 0 sum 3", "rank 1 sum 3"]
+
+
 @pytest.mark.timeout(JOB_TIMEOUT_S + 30)
 def test_mpirun_ends_every_rank_when_one_fails(tmp_path):
     """One rank raised: it finalized MPI cleanly (and waited there), mpiexec killed no one, and the other ranks
