@@ -6,7 +6,8 @@
   come from mpi4py's ``COMM_WORLD`` (the local rank from a shared-memory split), and rank 0 broadcasts its
   address and the port of the rendezvous store it started, over MPI. Without mpi4py they come from the
   launcher's environment variables (``PMI_RANK``/``PMI_SIZE``/``MPI_LOCALRANKID`` for MPICH Hydra,
-  ``OMPI_COMM_WORLD_*`` for Open MPI), and ``MASTER_ADDR``/``MASTER_PORT`` must be given (``launch/mpirun.sh`` exports them).
+  ``OMPI_COMM_WORLD_*`` for Open MPI), and ``MASTER_ADDR``/``MASTER_PORT`` must be given
+  (``launch/mpirun.sh`` exports them).
 * Nothing: one process. A one-rank group (in-memory store) is started only when a wrapper needs one.
 
 Then the process group is initialised with nccl on CUDA or gloo on CPU (``backend="auto"``). MPI only
