@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -11,6 +11,7 @@ from . import _native, _reduce
 
 __all__ = [
     "EPS", "clip_coefficient", "group_by_device_dtype", "power_split", "resolve_foreach", "scale_", "subnormal_split",
+    "writable", "writable_pieces",
 ]
 
 #: Added to the total norm before dividing, as torch.nn.utils.clip_grad_norm_ does.
@@ -33,6 +34,26 @@ def group_by_device_dtype(tensors: Sequence[Tensor]) -> dict[tuple[torch.device,
         for t in tensors:
             out.setdefault((t.device, t.dtype), []).append(t)
         return out
+
+
+def writable(tensors: Sequence[Tensor]) -> Sequence[Tensor]:
+    """``tensors`` as an in-place multiply can take them: a gradient whose elements share memory (stride 0 on a
+    dimension of size > 1: ``expand()``, what ``autograd.grad`` gives for a bias summed into the loss) as the
+    view of each memory location once, so that every element is multiplied once (torch's ``mul_`` refuses such
+    a tensor: the others were scaled and it raised, half-clipped). Only stride 0 makes torch's overlap test say
+    "yes"; other non-dense views are written as they are."""
+    if all(map(Tensor.is_contiguous, tensors)):  # the usual case, in C (a size-1 dimension's stride is ignored)
+        return tensors
+    out = list(tensors)
+    for i, t in enumerate(out):
+        if t.layout == torch.strided and 0 in t.stride() and not t.is_contiguous():
+            out[i] = t.as_strided([1 if st == 0 else n for n, st in zip(t.shape, t.stride())], t.stride())
+    return out
+
+
+def writable_pieces(pieces: Sequence[tuple[Tensor, int]]) -> Iterable[tuple[Tensor, int]]:
+    """:func:`writable` for (tensor, slot) pairs."""
+    return zip(writable([t for t, _ in pieces]), (slot for _, slot in pieces))
 
 
 def resolve_foreach(foreach: bool | None, device: torch.device, tensors: Sequence[Tensor]) -> bool:
@@ -109,6 +130,7 @@ def scale_(
         return
     value = float(coef) if on_cpu else None
     for (device, dtype), group in (groups if groups is not None else group_by_device_dtype(tensors)).items():
+        group = writable(group)
         if (
             value is not None
             and dtype in _NATIVE_DTYPES

@@ -742,7 +742,7 @@ def scale_slots_(pieces: Sequence[tuple[Tensor, int]], coefs: Tensor, foreach: b
         # take mul_ one by one, which reads the scalar as float as the 0-dim tensor is read.
         values = coefs.tolist()
         by_kind: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[float]]] = {}
-        for t, slot in pieces:
+        for t, slot in _scale.writable_pieces(pieces):
             v = values[slot]
             if t.numel() and v != 1.0:
                 entry = by_kind.setdefault((t.device, t.dtype), ([], []))
@@ -756,7 +756,7 @@ def scale_slots_(pieces: Sequence[tuple[Tensor, int]], coefs: Tensor, foreach: b
                     t.mul_(v)
         return
     by_key: dict[tuple[torch.device, torch.dtype, int], list[Tensor]] = {}
-    for t, slot in pieces:
+    for t, slot in _scale.writable_pieces(pieces):
         if t.numel():
             by_key.setdefault((t.device, t.dtype, slot), []).append(t)
     for (device, _, slot), tensors in by_key.items():

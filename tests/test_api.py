@@ -297,6 +297,40 @@ def test_create_graph_gradients_that_are_views_are_gradients():
         assert dist_clip.get_total_norm(tensors).item() == pytest.approx(want, rel=1e-6)
 
 
+@pytest.mark.parametrize("how", ["clip_grad_norm_", "foreach=False", "clip_grads_with_norm_", "per_param", "bf16 x40"])
+def test_gradients_whose_elements_share_memory_are_clipped(how):
+    """autograd.grad gives the gradient of a bias summed into the loss as an expand (stride 0): measured right,
+    then torch's mul_ refused it ("more than one element of the written-to tensor refers to a single memory
+    location") after the other gradients were scaled, half-clipped. Each memory location is now scaled once,
+    so every element is multiplied by the coefficient once."""
+    gen = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16 if how == "bf16 x40" else torch.float32
+    w = nn.Parameter(torch.randn(4, 3, generator=gen, dtype=dtype))
+    b = nn.Parameter(torch.randn(3, generator=gen, dtype=dtype))
+    gw, gb = torch.autograd.grad((w * 2).sum() + b.sum() * 3, [w, b])
+    assert 0 in gb.stride()
+    wide = torch.full((1, 5), 7.0, dtype=dtype).expand(6, 5)  # stride 0 on a dim of 6 (native path with bf16)
+    grads = [gw, gb, wide]
+    if how == "bf16 x40":
+        grads += [torch.full((4,), float(i % 5), dtype=dtype) for i in range(40)]
+    before = [g.double().clone() for g in grads]
+    want = reference_norm(before)
+    coef = 1.0 / (want + 1e-6)
+    if how == "clip_grads_with_norm_":
+        total = dist_clip.get_total_norm(grads)
+        dist_clip.clip_grads_with_norm_(grads, 1.0, total)
+    elif how == "per_param":
+        result = dist_clip.GradClipper(max_norm=1.0, mode="per_param")({f"g{i}": g for i, g in enumerate(grads)})
+        total = result.total_norm
+    else:
+        total = dist_clip.clip_grad_norm_(grads, 1.0, foreach=False if how == "foreach=False" else None)
+    assert total.item() == pytest.approx(want, rel=1e-5 if dtype == torch.bfloat16 else 1e-6)
+    for g, old in zip(grads, before):
+        c = 1.0 / (reference_norm([old]) + 1e-6) if how == "per_param" else coef
+        torch.testing.assert_close(g.double(), old * min(1.0, c), rtol=1e-2 if dtype == torch.bfloat16 else 1e-6,
+                                   atol=0)
+
+
 @pytest.mark.parametrize("empty", [[], "generator", "module"])
 def test_empty_target_gives_zero_with_a_warning(empty):
     target = {"generator": (p for p in []), "module": nn.ReLU()}.get(empty, []) if empty != [] else []

@@ -1089,6 +1089,31 @@ def test_two_parameters_sharing_a_gradient_are_not_handed_over():
     torch.testing.assert_close(p2.detach(), -step)
 
 
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_parameters_whose_gradients_overlap_in_memory_are_not_handed_over(name):
+    """p.grad = buf[0:10], q.grad = buf[5:15]: scaled in place, the shared elements are multiplied twice (as by
+    torch's clip); the fused kernel's grad_scale applied the coefficient once to each parameter, and p stepped
+    0.38 away from the same call without optimizer=. Such gradients are scaled in the call."""
+    results = []
+    for hand_over in (False, True):
+        torch.manual_seed(0)
+        p, q = nn.Parameter(torch.randn(10)), nn.Parameter(torch.randn(10))
+        buf = torch.randn(15) * 5
+        p.grad, q.grad = buf[0:10], buf[5:15]
+        opt = getattr(torch.optim, name)([p, q], lr=0.1, fused=True)
+        want = torch.linalg.vector_norm(torch.cat([buf[0:10], buf[5:15]]).double())
+        total = dist_clip.clip_grad_norm_([p, q], 1.0, optimizer=opt if hand_over else None)
+        assert total.item() == pytest.approx(want.item(), rel=1e-6)
+        opt.step()
+        results.append((p.detach().clone(), q.detach().clone()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    apart = [torch.zeros(10, requires_grad=True) for _ in range(2)]  # views of one buffer, not overlapping
+    bucket = torch.arange(20.0)
+    apart[0].grad, apart[1].grad = bucket[:10], bucket[10:]
+    assert not _fused.overlapping([t.grad for t in apart])
+    assert _fused.overlapping([bucket[:10], bucket[9:]]) and not _fused.overlapping([bucket, torch.ones(3)])
+
+
 def test_either_skip_flag_skips_the_fused_step():
     """A GradScaler's found_inf and dist_clip's both raised: the step is skipped (a sum of 2 is not a skip for
     torch's CPU fused kernels, which test for exactly 1)."""
