@@ -6,7 +6,7 @@ ours / torch. Before every timed call the gradients are restored from a copy (cl
 torch's fp16 clip can zero them) and, on the CPU, the caches flushed, as after a backward pass over a large
 model. The "torch err" and "ours err" columns are relative errors of the returned norm against the float64
 reference on the same data. Untimed, every row also checks dist_clip's norm against that reference (the
-library's contract: 1e-6 relative for fp32, 1e-5 for bf16/fp16, p = 0 exact) and its clipped gradients
+library's contract: 1e-6 relative for fp32, 1e-5 for bf16/fp16, p = 0 exact to float32's 2^24) and its clipped gradients
 against the reference gradients times ``min(1, max_norm / (norm + 1e-6))``; a miss raises
 ``bench.common.CheckFailed`` naming the row (``python -m bench`` then exits 1). torch's side is only reported.
 

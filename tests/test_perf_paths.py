@@ -1238,6 +1238,16 @@ def test_bench_quick_fails_on_a_wrong_norm_or_clip(monkeypatch, capsys):
     assert check_norm("r", torch.tensor(1001.0), 1000.0, 0.0, torch.float32)  # p = 0: an exact count
     assert check_clipped("r", [g[0] * 0.5], g, want, 0.5 * want) == []
     assert check_clipped("r", [g[0] * 0.505], g, want, 0.5 * want)[0].startswith("r: clipped gradient 0")
+    # bf16: a bound of eps per element let a coefficient 0.5% off pass; the rounded products of the tolerated
+    # coefficients do not. Computed as torch's mul_ computes it (in float32, rounded to bf16), exact passes.
+    h = [(g[0] * 0.01).to(torch.bfloat16)]
+    hwant = reference_norm(h)
+    coef = 0.3 / (hwant + 1e-6)
+    ok = h[0] * torch.tensor(coef, dtype=torch.float32)
+    assert check_clipped("r", [ok], h, hwant, 0.3) == []
+    for off in (0.002, 0.005):
+        bad = (h[0].double() * coef * (1 + off)).to(torch.bfloat16)
+        assert check_clipped("r", [bad], h, hwant, 0.3)[0].startswith("r: clipped gradient 0"), off
 
 
 def _interleaved_with_unequal_budgets():
