@@ -704,7 +704,7 @@ class GradClipper:
                     if plan is None:
                         held = {n for s in named.shards for n, t in zip(s.names, s.tensors) if t.numel() > 0}
                         membership = torch.cat([membership, _group_signatures(grouping[0], named.names, held, p)])
-            settings = cfg.settings
+            settings = cfg.settings if plan is None else f"{cfg.settings}, {plan.settings}"
             if cfg.mode == "per_group" and membership is None:
                 # The group limits do not travel in the measurement here (every rank's optimizer holds the same
                 # groups): a rank with another group max_norm clipped a parameter's pieces by another coefficient.

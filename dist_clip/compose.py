@@ -328,6 +328,19 @@ class ParallelPlan:
         ]
         return _slots.Named(out, tuple(self.names), params)
 
+    @property
+    def settings(self) -> str:
+        """The plan as the call's settings fingerprint compares it across ranks: rules, tied copies, debug and
+        the mesh's dimensions (names are compared as the call's layout). Ranks with different rules gave one
+        silent total that one rank's plan did not describe (4.13 by its rules, 10.32 returned)."""
+        cached = self._memo.get("settings")
+        if cached is None:
+            cached = self._memo["settings"] = (
+                f"plan(rules={self.rules!r}, tied={self.tied!r}, debug={self.debug!r}, "
+                f"dims={tuple(self.mesh.mesh_dim_names)!r}, shape={tuple(self.mesh.shape)!r})"
+            )
+        return cached
+
     def check_once(self, shards: Sequence[Shards], m: _slots.Measurement, p: float) -> None:
         """``debug=True``: on the first call, all-gather every piece and check the counting and the norm."""
         if not self.debug or self._memo.get("checked"):
@@ -461,7 +474,7 @@ def get_total_norm(target: object, plan: ParallelPlan, norm_type: float | str = 
     _clip_api.settle_hand_over(target, lambda: tensors)
     m = _slots.measure(named.shards, (lambda n, _i: index[n]) if named.names else None, max(len(named.names), 1),
                        p, None, presence=True, group=plan.reduction_group, layout=named.names,
-                       result_dtype=_clip_api._result_dtype(tensors, None), settings=f"norm_type={p!r}")
+                       result_dtype=_clip_api._result_dtype(tensors, None), settings=f"norm_type={p!r}, {plan.settings}")
     plan.check_once(named.shards, m, p)
     assert m.result_dtype is not None
     return m.total.to(m.result_dtype)

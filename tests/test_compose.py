@@ -649,6 +649,38 @@ def test_a_group_limit_differing_across_stages_is_refused_on_every_rank(run_rank
     assert a[2] == a[5] == "param group 0 ('param_group0') has different max_norm on different ranks (1, inf)", a
 
 
+def body_plans_differing_in_rules() -> list[str]:
+    """Rank 0's plan counts every piece once over dp (replicate=), rank 1's sums them; the names agree. Both
+    returned one total (10.32) that rank 0's plan did not describe (4.13), with no error: the plan's rules,
+    tied copies and debug flag now ride in the settings fingerprint, and every rank raises."""
+    rank = dist.get_rank()
+    mesh = cases.mesh((2,), ("dp",))
+    names = ("a.weight", "a.bias")
+    rep = ParallelPlan(mesh, names=names, rules=(Rule("*", replicate=("dp",)),))
+    summed = ParallelPlan(mesh, names=names, rules=(Rule("*"),))
+    tied = ParallelPlan(mesh, names=names, tied=(("b.weight", "a.weight"),))
+    out = []
+    for mine in ((rep, summed), (summed, tied)):
+        for call in ("total", "per_param", "get_total_norm"):
+            grads = {n: torch.full((3,), float(i + 1 + rank)) for i, n in enumerate(names)}
+            try:
+                if call == "get_total_norm":
+                    compose.get_total_norm(grads, mine[rank])
+                else:
+                    GradClipper(max_norm=1.0, mode=call)(grads, plan=mine[rank])
+                out.append("no error")
+            except RuntimeError as e:
+                out.append("settings" if "or on its settings" in str(e) and "plan(rules=" in str(e) else str(e))
+    same = GradClipper(max_norm=1.0)({n: torch.ones(3) for n in names}, plan=rep).total_norm  # agreeing plans
+    out.append(f"{same.item():.6f}")
+    return out
+
+
+def test_plans_differing_in_rules_are_refused_on_every_rank(run_ranks):
+    a, b = run_ranks(2, body_plans_differing_in_rules, timeout_s=60)
+    assert a == b == ["settings"] * 6 + [f"{math.sqrt(6):.6f}"], (a, b)
+
+
 def body_plan_edge_cases() -> list:
     """Four cases on a (pp=2, tp=1) mesh: clipped (and num_clipped) the same on both stages when only the stage
     with more param groups clips (stage 0 said False); a parameter both ranks hold put in different group
