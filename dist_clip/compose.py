@@ -474,7 +474,8 @@ def get_total_norm(target: object, plan: ParallelPlan, norm_type: float | str = 
     _clip_api.settle_hand_over(target, lambda: tensors)
     m = _slots.measure(named.shards, (lambda n, _i: index[n]) if named.names else None, max(len(named.names), 1),
                        p, None, presence=True, group=plan.reduction_group, layout=named.names,
-                       result_dtype=_clip_api._result_dtype(tensors, None), settings=f"norm_type={p!r}, {plan.settings}")
+                       result_dtype=_clip_api._result_dtype(tensors, None),
+                       settings=f"norm_type={p!r}, {plan.settings}")
     plan.check_once(named.shards, m, p)
     assert m.result_dtype is not None
     return m.total.to(m.result_dtype)
