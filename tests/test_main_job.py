@@ -499,6 +499,20 @@ def test_a_bad_timeout_variable_is_a_config_error(monkeypatch, capsys, tmp_path)
     assert capsys.readouterr().err.startswith("config error: DIST_CLIP_TIMEOUT_S must be at most ")
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("value", ["9e9", "1e10", "5e13"])
+def test_a_timeout_past_what_torch_deadlines_hold_is_a_config_error(monkeypatch, capsys, tmp_path, value):
+    """Values within timedelta's range but past the C++ deadlines' passed --validate-only: 9e9 spun forever in
+    gloo, 1e10 was a traceback, 5e13 "Invalid timeout" on one rank. At most 1e9 seconds now."""
+    monkeypatch.setenv("DIST_CLIP_TIMEOUT_S", value)
+    assert cli.main(["check", "--out", str(tmp_path), "--validate-only"]) == 2
+    assert capsys.readouterr().err == ("config error: DIST_CLIP_TIMEOUT_S must be at most 1000000000 seconds "
+                                       f"(about 31 years), got '{value}'\n")
+    monkeypatch.setenv("DIST_CLIP_TIMEOUT_S", "1e9")
+    assert cli.main(["check", "--out", str(tmp_path), "--validate-only"]) == 0
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.timeout(120)
 def test_a_lone_process_gets_the_variables_deepspeed_asserts():
     """zero1-3 run with no launcher (or mpirun -n 1) crashed in deepspeed.initialize: "DeepSpeed requires the
