@@ -11,7 +11,16 @@ import sys
 from collections.abc import Sequence
 from typing import IO, Any
 
-from .config import ConfigError, TrainConfig, data_root, from_dict, load_config, with_overrides
+from .config import (
+    ConfigError,
+    TrainConfig,
+    check_data_size,
+    data_files,
+    from_dict,
+    load_config,
+    read_files,
+    with_overrides,
+)
 
 __all__ = ["main"]
 
@@ -125,8 +134,9 @@ def _check_out_dir(cfg: TrainConfig, source: str, main_rank: bool = True) -> Non
 def _check_machine(cfg: TrainConfig, source: str) -> None:
     """What the config needs of this machine, whatever the number of ranks: found by ``--validate-only`` (before
     torchrun starts the ranks) rather than by every rank once it has started."""
-    if cfg.data != "stdlib":
-        data_root(cfg.data, source)
+    if cfg.data != "stdlib":  # read up to the bytes one training window needs, as every rank would
+        _, files = data_files(cfg.data, source)
+        check_data_size(len(read_files(files, cfg.model.seq_len + 2)), cfg.data, source, cfg.model.seq_len)
     if cfg.backend == "nccl":  # torch imported only for it
         from .bootstrap import backend_problem
 

@@ -170,6 +170,23 @@ def test_a_bad_timeout_variable_under_torchrun_is_one_line_exit_2(tmp_path):
 
 
 @pytest.mark.timeout(JOB_TIMEOUT_S + 30)
+def test_data_too_small_under_torchrun_is_one_line_exit_2(tmp_path):
+    """An empty or 3-byte --data passed the one-process check: every started rank failed, and torchrun reported
+    exit 1 with its traceback. Found before torchrun starts now."""
+    cfg = write_config(tmp_path, "ddp", wrapper="ddp")
+    for content, why in ((b"", "holds no readable bytes"), (b"abc", "holds 3 bytes, fewer than model.seq_len + 2")):
+        data = tmp_path / "data.txt"
+        data.write_bytes(content)
+        code, out = finish(start("torchrun.sh", ["check", "--config", str(cfg), "--data", str(data), "--out",
+                                                 str(tmp_path)], job_env(NPROC="2")))
+        assert code == 2, out[-6000:]
+        errors = [line for line in out.splitlines() if "config error" in line]
+        assert len(errors) == 1 and errors[0].startswith(f"config error: {cfg} (with command-line overrides): "
+                                                         f"data: {data} {why}"), out[-6000:]
+        assert "Traceback" not in out and "torch.distributed.run" not in out, out[-6000:]
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 30)
 def test_an_out_dir_that_cannot_be_made_is_a_config_error_before_training(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")

@@ -423,6 +423,29 @@ def test_unusable_data_is_a_config_error_naming_the_path_on_every_rank(run_ranks
         load_text(str(tmp_path / "missing"))
 
 
+@pytest.mark.timeout(60)
+def test_data_too_small_to_train_is_found_by_validate_only(tmp_path, capsys):
+    """An empty or too small --data file passed --validate-only (launch/torchrun.sh's check), then every started
+    rank failed with exit 1 and torchrun's traceback; the empty file's error named the data file, not the config."""
+    cfg = write_config(tmp_path, "ddp", wrapper="ddp")
+    seq_len = TINY["model"]["seq_len"]
+    empty, tiny, enough = tmp_path / "empty.txt", tmp_path / "tiny.txt", tmp_path / "enough.txt"
+    empty.write_bytes(b"")
+    tiny.write_bytes(b"abc")
+    enough.write_bytes(b"x" * (seq_len + 2))
+    source = f"{cfg} (with command-line overrides)"
+    for data, why in ((empty, "holds no readable bytes"),
+                      (tiny, f"holds 3 bytes, fewer than model.seq_len + 2 = {seq_len + 2}")):
+        args = ["check", "--config", str(cfg), "--data", str(data), "--out", str(tmp_path), "--validate-only"]
+        assert cli.main(args) == 2
+        assert capsys.readouterr().err == f"config error: {source}: data: {data} {why}\n"
+    assert cli.main(["check", "--config", str(cfg), "--data", str(enough), "--out", str(tmp_path),
+                     "--validate-only"]) == 0
+    assert capsys.readouterr().err == ""
+    with pytest.raises(ConfigError, match=f"^{cfg}: data: {empty} holds no readable bytes$"):
+        load_text(str(empty), str(cfg))  # what each rank reads names the config too
+
+
 @pytest.mark.parametrize("seed", [0, 18446688733643, 2 * 10**13, 2**63 - 1])
 def test_every_accepted_seed_draws_batches(seed):
     """The config takes seeds in [0, 2^63); the batch generator's seed (seed * 1000003 + step) overflowed
