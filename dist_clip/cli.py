@@ -174,9 +174,20 @@ def _check_installed(cfg: TrainConfig, source: str, args: argparse.Namespace) ->
                           "pip install 'dist_clip[train]', or pass --no-plot")
 
 
+#: ``--validate-only``'s status when the arguments asked for help (printed): nothing to run. launch/torchrun.sh
+#: then exits 0 without starting torchrun, whose ranks printed the help a second time.
+HELP_SHOWN = 3
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``dist-clip`` and ``python -m dist_clip``; returns the exit status."""
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # argparse's help (0) or a usage error (2)
+        if e.code == 0 and "--validate-only" in argv:
+            return HELP_SHOWN
+        raise
     from .bootstrap import _timeout, detect_launch
 
     try:

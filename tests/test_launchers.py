@@ -187,6 +187,21 @@ def test_data_too_small_under_torchrun_is_one_line_exit_2(tmp_path):
 
 
 @pytest.mark.timeout(JOB_TIMEOUT_S + 30)
+def test_help_under_torchrun_is_printed_once_and_starts_no_rank():
+    """`launch/torchrun.sh train --help`: the one-process check printed the usage and exited 0, then torchrun
+    started the ranks, which printed it again. The check now tells the script (status 3) that there is nothing
+    to run."""
+    for args in (["train", "--help"], ["--help"], ["check", "-h"]):
+        code, out = finish(start("torchrun.sh", args, job_env(NPROC="2")))
+        assert code == 0, out[-6000:]
+        assert out.count("usage: dist-clip") == 1, out[-6000:]
+        assert "torch.distributed.run" not in out, out[-6000:]  # torchrun never started
+    code, out = finish(start("torchrun.sh", ["train", "--stepz", "3"], job_env(NPROC="2")))
+    assert code == 2 and "unrecognized arguments: --stepz" in out, out[-6000:]  # usage errors stay 2
+    assert "torch.distributed.run" not in out, out[-6000:]
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 30)
 def test_an_out_dir_that_cannot_be_made_is_a_config_error_before_training(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
