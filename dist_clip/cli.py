@@ -214,8 +214,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         info = bootstrap.init_distributed(cfg.backend, need_group=cfg.wrapper != "none")
-    except RuntimeError as e:
-        return _fail(f"error: {e}", 1)
+    except RuntimeError as e:  # e.g. MASTER_PORT taken: this rank cannot join, the others would wait 30 minutes
+        world = _running_mpi_world()
+        if world is None:
+            return _fail(f"error: {e}", 1)
+        # Under mpiexec with mpi4py a plain return waited in MPI_Finalize while the other ranks retried the
+        # rendezvous for the whole start-up wait. The rank that failed says why (whichever it is) and ends the job.
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        _end_mpi_job(world, 1)
+        return 1  # not reached: MPI_Abort ends this process too
     try:
         check = args.command == "check"
         return train.run_job(
@@ -231,26 +238,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         bootstrap.shutdown()
 
 
+def _running_mpi_world() -> Any:
+    """mpi4py's COMM_WORLD when this process is a rank of a running MPI job of 2 ranks or more (MPI initialized,
+    not yet finalized), else None."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized() or mpi.COMM_WORLD.Get_size() < 2:
+        return None
+    return mpi.COMM_WORLD
+
+
 def _abort_mpi_job(error: BaseException) -> None:
     """Under mpiexec with mpi4py, end every rank now when this one fails. Otherwise this rank finalizes MPI
     cleanly and waits there, mpiexec kills no one, and the others wait in their next collective for the full
     ``DIST_CLIP_TIMEOUT_S`` (30 minutes by default). The exit statuses of a clean return (0, 1, 2) are left
     alone: those every rank reaches together."""
-    mpi = sys.modules.get("mpi4py.MPI")
-    if isinstance(error, SystemExit) or mpi is None or not mpi.Is_initialized() or mpi.Is_finalized():
-        return
-    if mpi.COMM_WORLD.Get_size() < 2:
+    world = _running_mpi_world()
+    if isinstance(error, SystemExit) or world is None:
         return
     import traceback
 
-    rank = mpi.COMM_WORLD.Get_rank()  # prefixed as torch prints an uncaught exception of a rank
+    rank = world.Get_rank()  # prefixed as torch prints an uncaught exception of a rank
     sys.stdout.flush()
     print("".join(f"[rank{rank}]: {line}\n" for line in traceback.format_exc().splitlines()), end="",
           file=sys.stderr, flush=True)
+    _end_mpi_job(world, 130 if isinstance(error, KeyboardInterrupt) else 1)
+
+
+def _end_mpi_job(world: Any, code: int) -> None:
+    """Abort the MPI job with ``code`` (every rank ends), once what this rank wrote has been read."""
     try:
         _wait_until_read((sys.stdout, sys.stderr))
     finally:  # a second Ctrl-C while waiting still ends every rank
-        mpi.COMM_WORLD.Abort(130 if isinstance(error, KeyboardInterrupt) else 1)
+        world.Abort(code)
 
 
 def _wait_until_read(streams: Sequence[IO[str]], limit_s: float = 5.0) -> None:

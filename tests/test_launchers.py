@@ -415,6 +415,29 @@ def test_mpirun_ends_every_rank_when_one_fails(tmp_path):
     assert "check:" not in out, out[-6000:]
 
 
+@pytest.mark.timeout(JOB_TIMEOUT_S + 30)
+def test_mpirun_ends_every_rank_when_one_cannot_start(tmp_path):
+    """MASTER_PORT taken by another process: rank 0 could not start the rendezvous store, printed one "error:" line
+    and returned 1 into MPI_Finalize, while rank 1 waited on the port's other listener for the 30-minute start-up
+    wait. The rank that fails now aborts the MPI job: every rank ends at once, exit status 1."""
+    if not (BIN / "mpiexec").exists() and shutil.which("mpiexec") is None:
+        pytest.skip("no mpiexec: `make install` installs the mpich wheel")
+    pytest.importorskip("mpi4py", reason="mpi4py is not installed (`make install` installs it)")
+    import socket
+
+    cfg = write_config(tmp_path, "ddp", wrapper="ddp")
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        env = job_env(NPROC="2", MPI_FLAVOR="mpich", MASTER_PORT=port)
+        code, out = finish(start("mpirun.sh", ["check", "--config", str(cfg), "--out", str(tmp_path)], env),
+                           timeout_s=60)  # far less than the start-up wait (1800 s)
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert code == 1 and len(errors) == 1, out[-6000:]
+    assert "check:" not in out and "Traceback" not in out, out[-6000:]
+
+
 @pytest.mark.timeout(30)
 def test_an_aborting_rank_waits_until_its_traceback_is_read(tmp_path, monkeypatch):
     """mpiexec's proxy handled the abort before reading the failing rank's stderr pipe about 1 job in 12 under
