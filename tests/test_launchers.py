@@ -125,6 +125,64 @@ def test_deepspeed_launcher_two_ranks(tmp_path):
     assert check_line(out).startswith("check: PASS")
 
 
+def session_pids(sid: int) -> list[int]:
+    """The processes still running in session ``sid`` (zombies left out: they are gone, only not yet reaped)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):  # not a process, or gone meanwhile
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # state, ppid, pgrp, session
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 30)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_a_signal_to_the_deepspeed_launcher_ends_every_rank(tmp_path, sig):
+    """launch/deepspeed.sh exec'd DeepSpeed's runner, which forwards signals only for multi-node pdsh: SIGTERM or
+    SIGINT to the launcher's PID ended the runner alone, and its launch process and every rank trained on. The
+    script now forwards the signal to the runner's whole process group and exits 128 + the signal."""
+    pytest.importorskip("deepspeed")
+    import threading
+    import time
+
+    cfg = write_config(tmp_path, "ddp", wrapper="ddp", steps=1_000_000, batch_size=1,
+                       model={"d_model": 8, "n_layers": 1, "n_heads": 1, "seq_len": 8})
+    proc = start("deepspeed.sh", ["train", "--no-plot", "--no-replay", "--config", str(cfg), "--out", str(tmp_path)],
+                 job_env(NPROC="2"))
+    lines: list[str] = []
+    training = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if " step " in line and "/1000000" in line:
+                training.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert training.wait(JOB_TIMEOUT_S - 40), "".join(lines)[-6000:]  # the ranks train
+        os.kill(proc.pid, sig)  # the launcher's PID only, as `kill PID` or a scheduler would
+        code = proc.wait(timeout=30)
+        reader.join(timeout=10)
+        deadline = time.monotonic() + 5
+        while session_pids(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = session_pids(proc.pid)
+        assert not left, f"still running: {left}\n" + "".join(lines)[-3000:]  # before: the ranks, training on
+        assert code == 128 + sig, "".join(lines)[-6000:]  # before: -sig, the runner's own death
+    finally:
+        for pid in [*session_pids(proc.pid), proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        proc.wait()
+
+
 @pytest.mark.timeout(2 * JOB_TIMEOUT_S)
 def test_two_node_simulation_hsdp_agrees_with_replay(tmp_path):
     """Two torchrun agents on localhost, 2 processes each, one c10d rendezvous: HSDP replicated across the
