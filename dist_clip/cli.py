@@ -103,6 +103,26 @@ def _load(args: argparse.Namespace) -> tuple[TrainConfig, str]:
     return cfg, source
 
 
+#: The files a run writes into its run folder (``out_dir/name``), and the only ones it removes.
+RUN_OUTPUTS = ("log.jsonl", "plot.png")
+
+
+def _remove_outputs(cfg: TrainConfig) -> None:
+    """Remove a previous run's outputs from the run folder (main rank; a run starting or a config refused): a
+    failed run left the old log with its passing check line, and ``train --no-plot`` or ``check`` left the old
+    plot beside a new log. Only the files named in :data:`RUN_OUTPUTS`; what cannot be removed is left."""
+    from pathlib import Path
+
+    run = Path(cfg.out_dir) / cfg.name
+    for name in RUN_OUTPUTS:
+        path = run / name
+        try:
+            if path.is_symlink() or path.is_file():
+                path.unlink()
+        except OSError:  # a run folder that cannot be read or written: reported by _check_out_dir
+            pass
+
+
 def _check_out_dir(cfg: TrainConfig, source: str, main_rank: bool = True) -> None:
     """The run folder (``out_dir/name``) must be, or be makeable as, a writable folder, and its log and plot not
     folders: found now rather than after training and replay. Every rank checks (a rank that went on alone
@@ -124,7 +144,7 @@ def _check_out_dir(cfg: TrainConfig, source: str, main_rank: bool = True) -> Non
             raise ConfigError(source, "out_dir", f"is not a folder: {out}")
         if run.exists() and not run.is_dir():
             raise ConfigError(source, "out_dir", f"holds a file where the run folder goes: {run}")
-        for name in ("log.jsonl", "plot.png"):
+        for name in RUN_OUTPUTS:
             if (run / name).is_dir():
                 raise ConfigError(source, "out_dir", f"holds a folder where the run's {name} goes: {run / name}")
     except OSError as e:  # a name over the file system's limit: "File name too long", a traceback before
@@ -194,21 +214,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         main_rank = detect_launch().rank == 0
     except RuntimeError as e:  # RANK=x, PMI_RANK=x: a traceback from every rank before
         return _fail(f"config error: {e}", 2)
+    cfg: TrainConfig | None = None
     try:
         cfg, source = _load(args)
         _check_machine(cfg, source)
         _check_installed(cfg, source, args)
         _check_out_dir(cfg, source, main_rank=main_rank)
-    except ConfigError as e:
-        return _fail(f"config error: {e}", 2)
-    try:
         # Read when the ranks start, checked by --validate-only too: under torchrun every started rank found a bad
         # value, and torchrun reported their 2 as its own 1 with a traceback.
         _timeout()
-    except ValueError as e:
+    except ValueError as e:  # ConfigError, or _timeout's ValueError
+        if cfg is not None and main_rank:  # a refused run leaves no previous run's verdict behind
+            _remove_outputs(cfg)
         return _fail(f"config error: {e}", 2)
-    if args.validate_only:
+    if args.validate_only:  # the ranks of the run that follows (launch/torchrun.sh) remove the old outputs
         return 0
+    if main_rank:  # before anything can fail: a run that fails leaves no previous run's log or plot
+        _remove_outputs(cfg)
 
     from . import bootstrap, train
 

@@ -235,6 +235,37 @@ def test_check_exits_1_when_the_replay_disagrees(tmp_path, capsys, monkeypatch, 
     assert not (tmp_path / "solo" / "plot.png").exists()  # check draws no plot
 
 
+@pytest.mark.timeout(120)
+def test_a_run_leaves_no_previous_run_outputs_behind(tmp_path, capsys, monkeypatch, one_thread):
+    """A run into an out_dir holding a previous run's log.jsonl and plot.png: a refused run (exit 2) left the old
+    log with its passing check line, and `train --no-plot` or `check` left the old plot beside the new log. Rank 0
+    removes those two files (and no other) when the run starts or its config is refused."""
+    cfg = write_config(tmp_path, "solo", wrapper="none", steps=2)
+    folder = tmp_path / "solo"
+
+    def previous_run() -> None:
+        folder.mkdir(exist_ok=True)
+        (folder / "log.jsonl").write_text('{"kind": "check", "passed": true}\n')
+        (folder / "plot.png").write_bytes(b"old plot")
+        (folder / "notes.txt").write_text("mine")
+
+    previous_run()
+    monkeypatch.setenv("DIST_CLIP_TIMEOUT_S", "abc")
+    assert cli.main(["check", "--config", str(cfg), "--out", str(tmp_path), "--validate-only"]) == 2
+    assert not (folder / "log.jsonl").exists() and not (folder / "plot.png").exists()
+    monkeypatch.delenv("DIST_CLIP_TIMEOUT_S")
+    previous_run()
+    assert cli.main(["check", "--config", str(cfg), "--out", str(tmp_path), "--validate-only"]) == 0
+    assert (folder / "plot.png").exists()  # a passing check alone removes nothing: the run that follows does
+    for args in (["train", "--no-plot", "--no-replay"], ["check"]):
+        previous_run()
+        assert cli.main([*args, "--config", str(cfg), "--out", str(tmp_path)]) == 0
+        assert not (folder / "plot.png").exists(), args
+        assert '"kind": "step"' in (folder / "log.jsonl").read_text(), args  # the new log
+        assert (folder / "notes.txt").read_text() == "mine"
+    capsys.readouterr()
+
+
 @pytest.mark.timeout(60)
 def test_compare_tolerances():
     from dist_clip.train import StepRecord, compare
