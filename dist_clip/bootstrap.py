@@ -30,6 +30,8 @@ __all__ = ["DistInfo", "LaunchEnv", "backend_problem", "detect_launch", "free_po
 
 #: Seconds a collective may wait before the job fails (``DIST_CLIP_TIMEOUT_S`` overrides; tests lower it).
 DEFAULT_TIMEOUT_S = 1800.0
+#: The longest ``DIST_CLIP_TIMEOUT_S`` taken (about 31 years): far below where torch's C++ deadlines overflow.
+MAX_TIMEOUT_S = 1e9
 
 # (rank, size, local rank, local size) variables set by MPI launchers, most specific first.
 _MPI_VARS: tuple[tuple[str, str, str, str], ...] = (
@@ -193,11 +195,12 @@ def _timeout() -> timedelta:
         seconds = math.nan
     if not (seconds > 0 and math.isfinite(seconds)):
         raise ValueError(f"DIST_CLIP_TIMEOUT_S must be a number of seconds > 0, got {raw!r}")
-    try:
-        return timedelta(seconds=seconds)
-    except OverflowError:  # 1e14: a traceback before, where every other bad value is one config error line
-        raise ValueError(f"DIST_CLIP_TIMEOUT_S must be at most {timedelta.max.total_seconds():.0f} seconds, "
-                         f"got {raw!r}") from None
+    if seconds > MAX_TIMEOUT_S:
+        # Past what torch's C++ deadlines hold (nanoseconds in a signed 64-bit integer: 2**63 ns is about 9.2e9 s),
+        # however far within timedelta's: 9e9 spun forever in gloo, 1e10 was a traceback, 5e13 "Invalid timeout".
+        raise ValueError(f"DIST_CLIP_TIMEOUT_S must be at most {MAX_TIMEOUT_S:.0f} seconds (about 31 years), "
+                         f"got {raw!r}")
+    return timedelta(seconds=seconds)
 
 
 def _startup_timeout() -> timedelta:

@@ -11,7 +11,16 @@ import sys
 from collections.abc import Sequence
 from typing import IO, Any
 
-from .config import ConfigError, TrainConfig, data_root, from_dict, load_config, with_overrides
+from .config import (
+    ConfigError,
+    TrainConfig,
+    check_data_size,
+    data_files,
+    from_dict,
+    load_config,
+    read_files,
+    with_overrides,
+)
 
 __all__ = ["main"]
 
@@ -94,6 +103,26 @@ def _load(args: argparse.Namespace) -> tuple[TrainConfig, str]:
     return cfg, source
 
 
+#: The files a run writes into its run folder (``out_dir/name``), and the only ones it removes.
+RUN_OUTPUTS = ("log.jsonl", "plot.png")
+
+
+def _remove_outputs(cfg: TrainConfig) -> None:
+    """Remove a previous run's outputs from the run folder (main rank; a run starting or a config refused): a
+    failed run left the old log with its passing check line, and ``train --no-plot`` or ``check`` left the old
+    plot beside a new log. Only the files named in :data:`RUN_OUTPUTS`; what cannot be removed is left."""
+    from pathlib import Path
+
+    run = Path(cfg.out_dir) / cfg.name
+    for name in RUN_OUTPUTS:
+        path = run / name
+        try:
+            if path.is_symlink() or path.is_file():
+                path.unlink()
+        except OSError:  # a run folder that cannot be read or written: reported by _check_out_dir
+            pass
+
+
 def _check_out_dir(cfg: TrainConfig, source: str, main_rank: bool = True) -> None:
     """The run folder (``out_dir/name``) must be, or be makeable as, a writable folder, and its log and plot not
     folders: found now rather than after training and replay. Every rank checks (a rank that went on alone
@@ -115,7 +144,7 @@ def _check_out_dir(cfg: TrainConfig, source: str, main_rank: bool = True) -> Non
             raise ConfigError(source, "out_dir", f"is not a folder: {out}")
         if run.exists() and not run.is_dir():
             raise ConfigError(source, "out_dir", f"holds a file where the run folder goes: {run}")
-        for name in ("log.jsonl", "plot.png"):
+        for name in RUN_OUTPUTS:
             if (run / name).is_dir():
                 raise ConfigError(source, "out_dir", f"holds a folder where the run's {name} goes: {run / name}")
     except OSError as e:  # a name over the file system's limit: "File name too long", a traceback before
@@ -125,8 +154,9 @@ def _check_out_dir(cfg: TrainConfig, source: str, main_rank: bool = True) -> Non
 def _check_machine(cfg: TrainConfig, source: str) -> None:
     """What the config needs of this machine, whatever the number of ranks: found by ``--validate-only`` (before
     torchrun starts the ranks) rather than by every rank once it has started."""
-    if cfg.data != "stdlib":
-        data_root(cfg.data, source)
+    if cfg.data != "stdlib":  # read up to the bytes one training window needs, as every rank would
+        _, files = data_files(cfg.data, source)
+        check_data_size(len(read_files(files, cfg.model.seq_len + 2)), cfg.data, source, cfg.model.seq_len)
     if cfg.backend == "nccl":  # torch imported only for it
         from .bootstrap import backend_problem
 
@@ -164,37 +194,57 @@ def _check_installed(cfg: TrainConfig, source: str, args: argparse.Namespace) ->
                           "pip install 'dist_clip[train]', or pass --no-plot")
 
 
+#: ``--validate-only``'s status when the arguments asked for help (printed): nothing to run. launch/torchrun.sh
+#: then exits 0 without starting torchrun, whose ranks printed the help a second time.
+HELP_SHOWN = 3
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``dist-clip`` and ``python -m dist_clip``; returns the exit status."""
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # argparse's help (0) or a usage error (2)
+        if e.code == 0 and "--validate-only" in argv:
+            return HELP_SHOWN
+        raise
     from .bootstrap import _timeout, detect_launch
 
     try:
         main_rank = detect_launch().rank == 0
     except RuntimeError as e:  # RANK=x, PMI_RANK=x: a traceback from every rank before
         return _fail(f"config error: {e}", 2)
+    cfg: TrainConfig | None = None
     try:
         cfg, source = _load(args)
         _check_machine(cfg, source)
         _check_installed(cfg, source, args)
         _check_out_dir(cfg, source, main_rank=main_rank)
-    except ConfigError as e:
-        return _fail(f"config error: {e}", 2)
-    try:
         # Read when the ranks start, checked by --validate-only too: under torchrun every started rank found a bad
         # value, and torchrun reported their 2 as its own 1 with a traceback.
         _timeout()
-    except ValueError as e:
+    except ValueError as e:  # ConfigError, or _timeout's ValueError
+        if cfg is not None and main_rank:  # a refused run leaves no previous run's verdict behind
+            _remove_outputs(cfg)
         return _fail(f"config error: {e}", 2)
-    if args.validate_only:
+    if args.validate_only:  # the ranks of the run that follows (launch/torchrun.sh) remove the old outputs
         return 0
+    if main_rank:  # before anything can fail: a run that fails leaves no previous run's log or plot
+        _remove_outputs(cfg)
 
     from . import bootstrap, train
 
     try:
         info = bootstrap.init_distributed(cfg.backend, need_group=cfg.wrapper != "none")
-    except RuntimeError as e:
-        return _fail(f"error: {e}", 1)
+    except RuntimeError as e:  # e.g. MASTER_PORT taken: this rank cannot join, the others would wait 30 minutes
+        world = _running_mpi_world()
+        if world is None:
+            return _fail(f"error: {e}", 1)
+        # Under mpiexec with mpi4py a plain return waited in MPI_Finalize while the other ranks retried the
+        # rendezvous for the whole start-up wait. The rank that failed says why (whichever it is) and ends the job.
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        _end_mpi_job(world, 1)
+        return 1  # not reached: MPI_Abort ends this process too
     try:
         check = args.command == "check"
         return train.run_job(
@@ -210,26 +260,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         bootstrap.shutdown()
 
 
+def _running_mpi_world() -> Any:
+    """mpi4py's COMM_WORLD when this process is a rank of a running MPI job of 2 ranks or more (MPI initialized,
+    not yet finalized), else None."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized() or mpi.COMM_WORLD.Get_size() < 2:
+        return None
+    return mpi.COMM_WORLD
+
+
 def _abort_mpi_job(error: BaseException) -> None:
     """Under mpiexec with mpi4py, end every rank now when this one fails. Otherwise this rank finalizes MPI
     cleanly and waits there, mpiexec kills no one, and the others wait in their next collective for the full
     ``DIST_CLIP_TIMEOUT_S`` (30 minutes by default). The exit statuses of a clean return (0, 1, 2) are left
     alone: those every rank reaches together."""
-    mpi = sys.modules.get("mpi4py.MPI")
-    if isinstance(error, SystemExit) or mpi is None or not mpi.Is_initialized() or mpi.Is_finalized():
-        return
-    if mpi.COMM_WORLD.Get_size() < 2:
+    world = _running_mpi_world()
+    if isinstance(error, SystemExit) or world is None:
         return
     import traceback
 
-    rank = mpi.COMM_WORLD.Get_rank()  # prefixed as torch prints an uncaught exception of a rank
+    rank = world.Get_rank()  # prefixed as torch prints an uncaught exception of a rank
     sys.stdout.flush()
     print("".join(f"[rank{rank}]: {line}\n" for line in traceback.format_exc().splitlines()), end="",
           file=sys.stderr, flush=True)
+    _end_mpi_job(world, 130 if isinstance(error, KeyboardInterrupt) else 1)
+
+
+def _end_mpi_job(world: Any, code: int) -> None:
+    """Abort the MPI job with ``code`` (every rank ends), once what this rank wrote has been read."""
     try:
         _wait_until_read((sys.stdout, sys.stderr))
     finally:  # a second Ctrl-C while waiting still ends every rank
-        mpi.COMM_WORLD.Abort(130 if isinstance(error, KeyboardInterrupt) else 1)
+        world.Abort(code)
 
 
 def _wait_until_read(streams: Sequence[IO[str]], limit_s: float = 5.0) -> None:

@@ -27,7 +27,10 @@ __all__ = [
     "ClipConfig",
     "ConfigError",
     "ModelConfig",
+    "check_data_size",
+    "data_files",
     "data_root",
+    "read_files",
     "TrainConfig",
     "default_tolerance",
     "from_dict",
@@ -392,6 +395,45 @@ def data_root(data: str, source: str) -> pathlib.Path:
     if root.exists():
         raise ConfigError(source, "data", f"is neither a regular file nor a folder: {data}")
     raise ConfigError(source, "data", f"no such file or folder: {data}")
+
+
+def data_files(data: str, source: str) -> tuple[pathlib.Path, list[pathlib.Path]]:
+    """The file or folder ``data`` names (not "stdlib") and the files training reads from it: the file itself, or
+    the folder's files sorted (hidden files and folders inside it skipped; a dotted folder above it, ~/.cache, is
+    not)."""
+    root = data_root(data, source)
+    if root.is_file():
+        return root, [root]
+    files = sorted(p for p in root.rglob("*")
+                   if p.is_file() and not any(s.startswith(".") for s in p.relative_to(root).parts))
+    return root, files
+
+
+def read_files(files: list[pathlib.Path], limit: int) -> bytes:
+    """The training text of ``files``: at most ``limit`` of their bytes, joined by newlines; unreadable files are
+    skipped. Read by the training loop and, up to the bytes a run needs, by ``--validate-only``."""
+    chunks: list[bytes] = []
+    total = 0
+    for path in files:
+        try:
+            with open(path, "rb") as f:
+                chunks.append(f.read(limit - total))
+        except OSError:
+            continue
+        total += len(chunks[-1])
+        if total >= limit:
+            break
+    return b"\n".join(chunks)
+
+
+def check_data_size(size: int, data: str, source: str, seq_len: int | None = None) -> None:
+    """ConfigError unless the ``size`` bytes read from ``data`` can train: none at all, or (given the model's
+    ``seq_len``) fewer than one window of ``seq_len + 2``. One check for every rank's training loop and for
+    ``--validate-only`` (which let an empty or too small ``--data`` file through to fail every started rank)."""
+    if size == 0:
+        raise ConfigError(source, "data", f"{data} holds no readable bytes")
+    if seq_len is not None and size < seq_len + 2:
+        raise ConfigError(source, "data", f"{data} holds {size} bytes, fewer than model.seq_len + 2 = {seq_len + 2}")
 
 
 def load_config(path: str | os.PathLike[str]) -> TrainConfig:

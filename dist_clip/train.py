@@ -40,7 +40,7 @@ import dist_clip
 
 from . import _norm
 from .bootstrap import DistInfo
-from .config import ConfigError, ModelConfig, TrainConfig, data_root
+from .config import ConfigError, ModelConfig, TrainConfig, check_data_size, data_files, read_files
 
 __all__ = [
     "CheckResult",
@@ -137,34 +137,18 @@ def _stdlib_files() -> tuple[Path, list[Path]]:
     return root, sorted(p for p in root.glob("*.py") if p.is_file())
 
 
-def load_text(data: str) -> tuple[Tensor, str]:
-    """The corpus as a uint8 tensor and a description; ``stdlib``, a file, or a folder (files sorted)."""
+def load_text(data: str, source: str | None = None) -> tuple[Tensor, str]:
+    """The corpus as a uint8 tensor and a description; ``stdlib``, a file, or a folder (files sorted). Errors
+    name ``source`` (the config file; default ``data`` itself) and its field ``data``."""
+    source = str(data) if source is None else source
     if data == "stdlib":
         root, files = _stdlib_files()
         limit, what = STDLIB_BYTES, f"the standard library's source ({root})"
     else:
-        root = data_root(data, str(data))
-        if root.is_file():
-            files = [root]
-        else:
-            # Hidden files and folders inside it are skipped; a dotted folder above it (~/.cache, ..) is not.
-            files = sorted(p for p in root.rglob("*")
-                           if p.is_file() and not any(s.startswith(".") for s in p.relative_to(root).parts))
+        root, files = data_files(data, source)
         limit, what = MAX_DATA_BYTES, str(root)
-    chunks: list[bytes] = []
-    total = 0
-    for path in files:
-        try:
-            blob = path.read_bytes()
-        except OSError:
-            continue
-        chunks.append(blob[: limit - total])
-        total += len(chunks[-1])
-        if total >= limit:
-            break
-    text = b"\n".join(chunks)
-    if not text:
-        raise ConfigError(str(data), "data", "holds no readable bytes")
+    text = read_files(files, limit)
+    check_data_size(len(text), data, source)
     return torch.frombuffer(bytearray(text), dtype=torch.uint8), what
 
 
@@ -436,9 +420,7 @@ def train(
     if info.device.type == "cpu":
         torch.set_num_threads(_threads_for(info.local_world_size))
     _agree_on_data(text, info)
-    if text.numel() < cfg.model.seq_len + 2:  # every rank alike (they agreed on the data just above)
-        raise ConfigError(source, "data", f"{cfg.data} holds {text.numel()} bytes, fewer than model.seq_len + 2 = "
-                                          f"{cfg.model.seq_len + 2}")
+    check_data_size(text.numel(), cfg.data, source, cfg.model.seq_len)  # every rank alike (they agreed just above)
     setup = _wrap(make_model(cfg, info.device), cfg, info, source)
     rows, p = cfg.batch_size * info.world_size, cfg.norm_p
     mine = slice(info.rank * cfg.batch_size, (info.rank + 1) * cfg.batch_size)
@@ -706,7 +688,7 @@ def run_job(
     Must be called on every rank. Rank 0 prints, writes the log and the plot, and runs the replay while the
     other ranks wait for its verdict.
     """
-    text, what = load_text(cfg.data)
+    text, what = load_text(cfg.data, source)
     n_params = _count_params(cfg)
     rows = cfg.batch_size * info.world_size
     _say(info, f"dist-clip: {cfg.name}: {cfg.wrapper} on {info.world_size} rank(s) ({info.backend or 'no group'}, "

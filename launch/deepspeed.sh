@@ -21,6 +21,7 @@
 #   DS_ARGS      extra launcher options, e.g. "--bind_cores_to_rank"
 #   PYTHON       interpreter (default: the repository's .venv, else python3 on PATH)
 # DS_ACCELERATOR is set to cpu where there is no nvidia-smi (DeepSpeed's CPU accelerator then uses gloo).
+# SIGINT/SIGTERM to this script end every rank (see the end); exit status: the runner's, or 128 + the signal.
 set -euo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/_python.sh"  # PYTHON, ROOT, PATH
@@ -42,5 +43,26 @@ else
     [[ -n "${MASTER_ADDR:-}" ]] && ARGS+=(--master_addr "$MASTER_ADDR")
     [[ "${NO_SSH:-0}" == 1 ]] && ARGS+=(--no_ssh --node_rank "${NODE_RANK:?set NODE_RANK with NO_SSH=1}")
 fi
-set -x
-exec "$PYTHON" -m deepspeed.launcher.runner "${ARGS[@]}" ${DS_ARGS:-} --module dist_clip "$@"
+# Not exec'd: the DeepSpeed launcher forwards SIGINT/SIGTERM to the ranks only for multi-node pdsh, so a signal to
+# this script's PID (or the runner's) left every rank running. The runner gets a process group of its own (set -m;
+# its ranks join it), a signal to this script goes to that whole group, and what is left of it after 10 s is
+# killed. Exit status: the runner's, or 128 + the signal's number (130 INT, 143 TERM).
+RECEIVED="" SENT=""
+trap 'RECEIVED=INT' INT
+trap 'RECEIVED=TERM' TERM
+set -m -x
+"$PYTHON" -m deepspeed.launcher.runner "${ARGS[@]}" ${DS_ARGS:-} --module dist_clip "$@" &
+{ RUNNER=$!; set +m +x; } 2>/dev/null
+while :; do
+    STATUS=0
+    wait "$RUNNER" || STATUS=$?
+    [[ -z "$RECEIVED" ]] && break  # the runner is done
+    kill -s "$RECEIVED" -- "-$RUNNER" 2>/dev/null || true  # wait returned for the signal: forward it, wait again
+    SENT=$RECEIVED RECEIVED=""
+done
+if [[ -n "$SENT" ]]; then
+    for _ in $(seq 100); do kill -0 -- "-$RUNNER" 2>/dev/null || break; sleep 0.1; done
+    kill -s KILL -- "-$RUNNER" 2>/dev/null || true
+    [[ "$SENT" == INT ]] && exit 130 || exit 143
+fi
+exit "$STATUS"

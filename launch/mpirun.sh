@@ -18,7 +18,8 @@
 #   MASTER_ADDR, MASTER_PORT  rendezvous of torch.distributed; default: agreed through mpi4py. Without mpi4py
 #               this script exports them (node 0 = first of HOSTS, a free port picked here).
 #
-# With mpi4py, a rank that raises aborts the whole MPI job (dist_clip.cli); a clean exit status (0, 1, 2) does not.
+# With mpi4py, a rank that raises, or cannot start torch.distributed (MASTER_PORT in use), aborts the whole MPI job
+# (dist_clip.cli); a clean exit status (0, 1, 2) does not.
 #
 # MPICH (the `mpich` wheel of `make install`, Intel MPI, MVAPICH): the environment is passed to every rank.
 # Open MPI: variables are forwarded with -x; as root it refuses to run unless OMPI_ALLOW_RUN_AS_ROOT=1 and

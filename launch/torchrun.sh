@@ -25,8 +25,12 @@ MASTER_PORT=${MASTER_PORT:-29500}
 RDZV_ID=${RDZV_ID:-dist-clip}
 
 # Arguments and config checked in one process first: torchrun reports a rank's exit status 2 (bad config or
-# arguments) as its own 1 with a traceback; this way a bad config is one line and exit status 2.
-"$PYTHON" -m dist_clip "$@" --validate-only || exit $?
+# arguments) as its own 1 with a traceback; this way a bad config is one line and exit status 2. Status 3: the
+# arguments asked for help, which the check printed; nothing to run (the ranks printed it a second time).
+STATUS=0
+"$PYTHON" -m dist_clip "$@" --validate-only || STATUS=$?
+if [[ "$STATUS" == 3 ]]; then exit 0; fi
+if [[ "$STATUS" != 0 ]]; then exit "$STATUS"; fi
 
 if [[ "$NNODES" == 1 ]]; then
     # One node: torchrun's own rendezvous on a free local port.

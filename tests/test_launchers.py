@@ -125,6 +125,64 @@ def test_deepspeed_launcher_two_ranks(tmp_path):
     assert check_line(out).startswith("check: PASS")
 
 
+def session_pids(sid: int) -> list[int]:
+    """The processes still running in session ``sid`` (zombies left out: they are gone, only not yet reaped)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):  # not a process, or gone meanwhile
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # state, ppid, pgrp, session
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 30)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_a_signal_to_the_deepspeed_launcher_ends_every_rank(tmp_path, sig):
+    """launch/deepspeed.sh exec'd DeepSpeed's runner, which forwards signals only for multi-node pdsh: SIGTERM or
+    SIGINT to the launcher's PID ended the runner alone, and its launch process and every rank trained on. The
+    script now forwards the signal to the runner's whole process group and exits 128 + the signal."""
+    pytest.importorskip("deepspeed")
+    import threading
+    import time
+
+    cfg = write_config(tmp_path, "ddp", wrapper="ddp", steps=1_000_000, batch_size=1,
+                       model={"d_model": 8, "n_layers": 1, "n_heads": 1, "seq_len": 8})
+    proc = start("deepspeed.sh", ["train", "--no-plot", "--no-replay", "--config", str(cfg), "--out", str(tmp_path)],
+                 job_env(NPROC="2"))
+    lines: list[str] = []
+    training = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if " step " in line and "/1000000" in line:
+                training.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert training.wait(JOB_TIMEOUT_S - 40), "".join(lines)[-6000:]  # the ranks train
+        os.kill(proc.pid, sig)  # the launcher's PID only, as `kill PID` or a scheduler would
+        code = proc.wait(timeout=30)
+        reader.join(timeout=10)
+        deadline = time.monotonic() + 5
+        while session_pids(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = session_pids(proc.pid)
+        assert not left, f"still running: {left}\n" + "".join(lines)[-3000:]  # before: the ranks, training on
+        assert code == 128 + sig, "".join(lines)[-6000:]  # before: -sig, the runner's own death
+    finally:
+        for pid in [*session_pids(proc.pid), proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        proc.wait()
+
+
 @pytest.mark.timeout(2 * JOB_TIMEOUT_S)
 def test_two_node_simulation_hsdp_agrees_with_replay(tmp_path):
     """Two torchrun agents on localhost, 2 processes each, one c10d rendezvous: HSDP replicated across the
@@ -167,6 +225,38 @@ def test_a_bad_timeout_variable_under_torchrun_is_one_line_exit_2(tmp_path):
     errors = [line for line in out.splitlines() if "config error" in line]
     assert errors == ["config error: DIST_CLIP_TIMEOUT_S must be a number of seconds > 0, got 'abc'"], out[-6000:]
     assert "Traceback" not in out and "torch.distributed.run" not in out, out[-6000:]
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 30)
+def test_data_too_small_under_torchrun_is_one_line_exit_2(tmp_path):
+    """An empty or 3-byte --data passed the one-process check: every started rank failed, and torchrun reported
+    exit 1 with its traceback. Found before torchrun starts now."""
+    cfg = write_config(tmp_path, "ddp", wrapper="ddp")
+    for content, why in ((b"", "holds no readable bytes"), (b"abc", "holds 3 bytes, fewer than model.seq_len + 2")):
+        data = tmp_path / "data.txt"
+        data.write_bytes(content)
+        code, out = finish(start("torchrun.sh", ["check", "--config", str(cfg), "--data", str(data), "--out",
+                                                 str(tmp_path)], job_env(NPROC="2")))
+        assert code == 2, out[-6000:]
+        errors = [line for line in out.splitlines() if "config error" in line]
+        assert len(errors) == 1 and errors[0].startswith(f"config error: {cfg} (with command-line overrides): "
+                                                         f"data: {data} {why}"), out[-6000:]
+        assert "Traceback" not in out and "torch.distributed.run" not in out, out[-6000:]
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 30)
+def test_help_under_torchrun_is_printed_once_and_starts_no_rank():
+    """`launch/torchrun.sh train --help`: the one-process check printed the usage and exited 0, then torchrun
+    started the ranks, which printed it again. The check now tells the script (status 3) that there is nothing
+    to run."""
+    for args in (["train", "--help"], ["--help"], ["check", "-h"]):
+        code, out = finish(start("torchrun.sh", args, job_env(NPROC="2")))
+        assert code == 0, out[-6000:]
+        assert out.count("usage: dist-clip") == 1, out[-6000:]
+        assert "torch.distributed.run" not in out, out[-6000:]  # torchrun never started
+    code, out = finish(start("torchrun.sh", ["train", "--stepz", "3"], job_env(NPROC="2")))
+    assert code == 2 and "unrecognized arguments: --stepz" in out, out[-6000:]  # usage errors stay 2
+    assert "torch.distributed.run" not in out, out[-6000:]
 
 
 @pytest.mark.timeout(JOB_TIMEOUT_S + 30)
@@ -381,6 +471,29 @@ def test_mpirun_ends_every_rank_when_one_fails(tmp_path):
     assert "injected failure on rank 1" in out, out[-6000:]
     assert code == 1, out[-6000:]
     assert "check:" not in out, out[-6000:]
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 30)
+def test_mpirun_ends_every_rank_when_one_cannot_start(tmp_path):
+    """MASTER_PORT taken by another process: rank 0 could not start the rendezvous store, printed one "error:" line
+    and returned 1 into MPI_Finalize, while rank 1 waited on the port's other listener for the 30-minute start-up
+    wait. The rank that fails now aborts the MPI job: every rank ends at once, exit status 1."""
+    if not (BIN / "mpiexec").exists() and shutil.which("mpiexec") is None:
+        pytest.skip("no mpiexec: `make install` installs the mpich wheel")
+    pytest.importorskip("mpi4py", reason="mpi4py is not installed (`make install` installs it)")
+    import socket
+
+    cfg = write_config(tmp_path, "ddp", wrapper="ddp")
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        env = job_env(NPROC="2", MPI_FLAVOR="mpich", MASTER_PORT=port)
+        code, out = finish(start("mpirun.sh", ["check", "--config", str(cfg), "--out", str(tmp_path)], env),
+                           timeout_s=60)  # far less than the start-up wait (1800 s)
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert code == 1 and len(errors) == 1, out[-6000:]
+    assert "check:" not in out and "Traceback" not in out, out[-6000:]
 
 
 @pytest.mark.timeout(30)

@@ -235,6 +235,37 @@ def test_check_exits_1_when_the_replay_disagrees(tmp_path, capsys, monkeypatch, 
     assert not (tmp_path / "solo" / "plot.png").exists()  # check draws no plot
 
 
+@pytest.mark.timeout(120)
+def test_a_run_leaves_no_previous_run_outputs_behind(tmp_path, capsys, monkeypatch, one_thread):
+    """A run into an out_dir holding a previous run's log.jsonl and plot.png: a refused run (exit 2) left the old
+    log with its passing check line, and `train --no-plot` or `check` left the old plot beside the new log. Rank 0
+    removes those two files (and no other) when the run starts or its config is refused."""
+    cfg = write_config(tmp_path, "solo", wrapper="none", steps=2)
+    folder = tmp_path / "solo"
+
+    def previous_run() -> None:
+        folder.mkdir(exist_ok=True)
+        (folder / "log.jsonl").write_text('{"kind": "check", "passed": true}\n')
+        (folder / "plot.png").write_bytes(b"old plot")
+        (folder / "notes.txt").write_text("mine")
+
+    previous_run()
+    monkeypatch.setenv("DIST_CLIP_TIMEOUT_S", "abc")
+    assert cli.main(["check", "--config", str(cfg), "--out", str(tmp_path), "--validate-only"]) == 2
+    assert not (folder / "log.jsonl").exists() and not (folder / "plot.png").exists()
+    monkeypatch.delenv("DIST_CLIP_TIMEOUT_S")
+    previous_run()
+    assert cli.main(["check", "--config", str(cfg), "--out", str(tmp_path), "--validate-only"]) == 0
+    assert (folder / "plot.png").exists()  # a passing check alone removes nothing: the run that follows does
+    for args in (["train", "--no-plot", "--no-replay"], ["check"]):
+        previous_run()
+        assert cli.main([*args, "--config", str(cfg), "--out", str(tmp_path)]) == 0
+        assert not (folder / "plot.png").exists(), args
+        assert '"kind": "step"' in (folder / "log.jsonl").read_text(), args  # the new log
+        assert (folder / "notes.txt").read_text() == "mine"
+    capsys.readouterr()
+
+
 @pytest.mark.timeout(60)
 def test_compare_tolerances():
     from dist_clip.train import StepRecord, compare
@@ -423,6 +454,29 @@ def test_unusable_data_is_a_config_error_naming_the_path_on_every_rank(run_ranks
         load_text(str(tmp_path / "missing"))
 
 
+@pytest.mark.timeout(60)
+def test_data_too_small_to_train_is_found_by_validate_only(tmp_path, capsys):
+    """An empty or too small --data file passed --validate-only (launch/torchrun.sh's check), then every started
+    rank failed with exit 1 and torchrun's traceback; the empty file's error named the data file, not the config."""
+    cfg = write_config(tmp_path, "ddp", wrapper="ddp")
+    seq_len = TINY["model"]["seq_len"]
+    empty, tiny, enough = tmp_path / "empty.txt", tmp_path / "tiny.txt", tmp_path / "enough.txt"
+    empty.write_bytes(b"")
+    tiny.write_bytes(b"abc")
+    enough.write_bytes(b"x" * (seq_len + 2))
+    source = f"{cfg} (with command-line overrides)"
+    for data, why in ((empty, "holds no readable bytes"),
+                      (tiny, f"holds 3 bytes, fewer than model.seq_len + 2 = {seq_len + 2}")):
+        args = ["check", "--config", str(cfg), "--data", str(data), "--out", str(tmp_path), "--validate-only"]
+        assert cli.main(args) == 2
+        assert capsys.readouterr().err == f"config error: {source}: data: {data} {why}\n"
+    assert cli.main(["check", "--config", str(cfg), "--data", str(enough), "--out", str(tmp_path),
+                     "--validate-only"]) == 0
+    assert capsys.readouterr().err == ""
+    with pytest.raises(ConfigError, match=f"^{cfg}: data: {empty} holds no readable bytes$"):
+        load_text(str(empty), str(cfg))  # what each rank reads names the config too
+
+
 @pytest.mark.parametrize("seed", [0, 18446688733643, 2 * 10**13, 2**63 - 1])
 def test_every_accepted_seed_draws_batches(seed):
     """The config takes seeds in [0, 2^63); the batch generator's seed (seed * 1000003 + step) overflowed
@@ -497,6 +551,20 @@ def test_a_bad_timeout_variable_is_a_config_error(monkeypatch, capsys, tmp_path)
     monkeypatch.setenv("DIST_CLIP_TIMEOUT_S", "1e14")  # over timedelta's range: an OverflowError traceback
     assert cli.main(["check", "--out", str(tmp_path), "--validate-only"]) == 2
     assert capsys.readouterr().err.startswith("config error: DIST_CLIP_TIMEOUT_S must be at most ")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("value", ["9e9", "1e10", "5e13"])
+def test_a_timeout_past_what_torch_deadlines_hold_is_a_config_error(monkeypatch, capsys, tmp_path, value):
+    """Values within timedelta's range but past the C++ deadlines' passed --validate-only: 9e9 spun forever in
+    gloo, 1e10 was a traceback, 5e13 "Invalid timeout" on one rank. At most 1e9 seconds now."""
+    monkeypatch.setenv("DIST_CLIP_TIMEOUT_S", value)
+    assert cli.main(["check", "--out", str(tmp_path), "--validate-only"]) == 2
+    assert capsys.readouterr().err == ("config error: DIST_CLIP_TIMEOUT_S must be at most 1000000000 seconds "
+                                       f"(about 31 years), got '{value}'\n")
+    monkeypatch.setenv("DIST_CLIP_TIMEOUT_S", "1e9")
+    assert cli.main(["check", "--out", str(tmp_path), "--validate-only"]) == 0
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.timeout(120)
