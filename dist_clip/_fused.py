@@ -20,7 +20,7 @@ from __future__ import annotations
 import bisect
 import operator
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -90,6 +90,8 @@ def _span(t: Tensor) -> tuple[int, int] | None:
     if t.layout != torch.strided or t.numel() == 0:
         return None
     start = t.data_ptr()
+    if t.is_contiguous():  # the usual case (bucket views): no walk over the dimensions
+        return start, start + t.nbytes
     last = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) if t.dim() else 0
     return start, start + (last + 1) * t.element_size()
 
@@ -143,13 +145,22 @@ def overlapping(tensors: Sequence[Tensor]) -> bool:
     gradients are scaled in place)."""
     if not any(map(Tensor._is_view, tensors)):  # the usual case, in C (a DTensor: FSDP2's disjoint shards)
         return False
-    spans = sorted(filter(None, map(_span, tensors)))
+    spans: Iterable[tuple[int, int]]
+    try:  # contiguous plain views (DDP's bucket views): their bytes from two C-level maps
+        if not all(map(Tensor.is_contiguous, tensors)):
+            raise RuntimeError
+        spans = sorted((a, a + n) for a, n in zip(map(Tensor.data_ptr, tensors), map(_NBYTES, tensors)) if n)
+    except RuntimeError:  # gaps or strides, a tensor without storage (a DTensor): each one's span
+        spans = sorted(filter(None, map(_span, tensors)))
     reach = -1
     for a, b in spans:
         if a < reach:
             return True
         reach = max(reach, b)
     return False
+
+
+_NBYTES = operator.attrgetter("nbytes")
 
 
 def steps_what_was_measured(grads: Sequence[Tensor], tensors: Sequence[Tensor]) -> bool:

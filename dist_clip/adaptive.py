@@ -898,6 +898,14 @@ def unitwise_measure(target: object, config: AGC, p: float, foreach: bool | None
                 f"mode='unitwise' needs dense real gradients and weights, got a {u.grad.dtype} "
                 f"{'sparse ' if u.grad.is_sparse else ''}gradient for {u.name!r}; use mode='total' or 'per_param'"
             )
+        if any(st == 0 and n > 1 for n, st in zip(u.grad.shape, u.grad.stride())):
+            # Units sharing memory (an expand()) would each write their own coefficient into it: torch's copy
+            # refused it after the other gradients were scaled.
+            raise ValueError(
+                f"mode='unitwise' needs gradients whose elements own their memory; {u.name!r}'s has stride 0 "
+                f"(an expand(), shape {tuple(u.grad.shape)}, strides {u.grad.stride()}): set p.grad to its "
+                "clone() first, or use mode='total' or 'per_param'"
+            )
     index = {n: i for i, n in enumerate(names)}
     cut_index: dict[tuple[str, int], int] = {}
     blocks: dict[str, tuple[int, int]] = {}  # a parameter whose every unit is cut: (first position, first id)

@@ -73,7 +73,10 @@ class Rule:
             dims = getattr(self, attr)
             if isinstance(dims, (str, bytes, Mapping)) or not isinstance(dims, Iterable):
                 raise TypeError(f"Rule.{attr} must be a tuple of mesh dimension names, got {dims!r}")
-            dims = tuple(dims)  # a generator was consumed by the check below and left empty (counted everywhere)
+            # A generator was consumed by the check below and left empty (counted everywhere); a set's order is the
+            # process's hash order, different on each rank, and the plan's settings fingerprint compares the rules:
+            # the names are kept sorted (their order means nothing).
+            dims = tuple(sorted(dims)) if isinstance(dims, (set, frozenset)) else tuple(dims)
             if not all(isinstance(d, str) for d in dims):
                 raise TypeError(f"Rule.{attr} must be a tuple of mesh dimension names, got {dims!r}")
             object.__setattr__(self, attr, dims)
@@ -332,11 +335,13 @@ class ParallelPlan:
     def settings(self) -> str:
         """The plan as the call's settings fingerprint compares it across ranks: rules, tied copies, debug and
         the mesh's dimensions (names are compared as the call's layout). Ranks with different rules gave one
-        silent total that one rank's plan did not describe (4.13 by its rules, 10.32 returned)."""
+        silent total that one rank's plan did not describe (4.13 by its rules, 10.32 returned). Orders that mean
+        nothing (a rule's dimension names, the tied pairs) are sorted: a set's order differs between ranks."""
         cached = self._memo.get("settings")
         if cached is None:
             cached = self._memo["settings"] = (
-                f"plan(rules={self.rules!r}, tied={self.tied!r}, debug={self.debug!r}, "
+                f"plan(rules={[(r.pattern, sorted(r.replicate), sorted(r.distinct)) for r in self.rules]!r}, "
+                f"tied={sorted(self.tied, key=repr)!r}, debug={self.debug!r}, "
                 f"dims={tuple(self.mesh.mesh_dim_names)!r}, shape={tuple(self.mesh.shape)!r})"
             )
         return cached

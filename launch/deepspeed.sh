@@ -46,10 +46,12 @@ fi
 # Not exec'd: the DeepSpeed launcher forwards SIGINT/SIGTERM to the ranks only for multi-node pdsh, so a signal to
 # this script's PID (or the runner's) left every rank running. The runner gets a process group of its own (set -m;
 # its ranks join it), a signal to this script goes to that whole group, and what is left of it after 10 s is
-# killed. Exit status: the runner's, or 128 + the signal's number (130 INT, 143 TERM).
+# killed. Exit status: the runner's, or 128 + the signal's number (129 HUP, 130 INT, 131 QUIT, 143 TERM). HUP
+# (the terminal or ssh session closed) is forwarded too: the kernel sends it to the terminal's foreground group
+# only, which the runner's group is not. For the same reason a rank cannot read the terminal (pdb stops it) and
+# Ctrl-Z stops this script only.
 RECEIVED="" SENT=""
-trap 'RECEIVED=INT' INT
-trap 'RECEIVED=TERM' TERM
+for SIG in HUP INT QUIT TERM; do trap "RECEIVED=$SIG" "$SIG"; done
 set -m -x
 "$PYTHON" -m deepspeed.launcher.runner "${ARGS[@]}" ${DS_ARGS:-} --module dist_clip "$@" &
 { RUNNER=$!; set +m +x; } 2>/dev/null
@@ -63,6 +65,6 @@ done
 if [[ -n "$SENT" ]]; then
     for _ in $(seq 100); do kill -0 -- "-$RUNNER" 2>/dev/null || break; sleep 0.1; done
     kill -s KILL -- "-$RUNNER" 2>/dev/null || true
-    [[ "$SENT" == INT ]] && exit 130 || exit 143
+    case "$SENT" in HUP) exit 129 ;; INT) exit 130 ;; QUIT) exit 131 ;; *) exit 143 ;; esac
 fi
 exit "$STATUS"

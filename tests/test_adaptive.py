@@ -296,6 +296,18 @@ def test_autoclip_window_state_round_trips_mid_ring():
     assert few.state_dict()["threshold"]["history"].nan_to_num(-1).tolist() == [-1.0, -1.0, 1.0]
 
 
+def test_unitwise_refuses_a_gradient_whose_elements_share_memory_before_scaling():
+    """A bias gradient that is an expand() (stride 0): AGC scaled the weight's rows, then torch's copy into the
+    bias refused it (half-clipped). Its units would share memory, each with its own coefficient: refused first."""
+    m = torch.nn.Linear(3, 4)
+    m.weight.grad = torch.full((4, 3), 50.0)
+    m.bias.grad = torch.full((1,), 50.0).expand(4)
+    before = m.weight.grad.clone()
+    with pytest.raises(ValueError, match=r"'bias''s has stride 0 .*clone\(\) first"):
+        GradClipper(mode="unitwise", agc=AGC(clipping=0.01))(m)
+    assert torch.equal(m.weight.grad, before)
+
+
 def test_autoclip_state_of_another_window_is_refused_naming_the_window():
     """A state saved with window=4 loaded into window=3 (or no window) was refused with "must be a 1-D float
     tensor of 3 norms" only: the message names the window and what the state holds."""

@@ -673,12 +673,20 @@ def body_plans_differing_in_rules() -> list[str]:
                 out.append("settings" if "or on its settings" in str(e) and "plan(rules=" in str(e) else str(e))
     same = GradClipper(max_norm=1.0)({n: torch.ones(3) for n in names}, plan=rep).total_norm  # agreeing plans
     out.append(f"{same.item():.6f}")
+    # Orders that mean nothing do not count (a set's order is the process's hash order: two ranks refused the
+    # same plan): a rule's dimension names, the tied pairs.
+    mesh2 = cases.mesh((2, 1), ("dp", "tp"))
+    dims = ("dp", "tp") if rank == 0 else ("tp", "dp")
+    pairs = (("b.weight", "a.weight"), ("b.bias", "a.bias"))
+    plan = ParallelPlan(mesh2, names=names, rules=(Rule("*", replicate=dims),), tied=pairs[::1 - 2 * rank])
+    same = GradClipper(max_norm=1.0)({n: torch.ones(3) for n in names}, plan=plan).total_norm
+    out.append(f"{same.item():.6f}")
     return out
 
 
 def test_plans_differing_in_rules_are_refused_on_every_rank(run_ranks):
     a, b = run_ranks(2, body_plans_differing_in_rules, timeout_s=60)
-    assert a == b == ["settings"] * 6 + [f"{math.sqrt(6):.6f}"], (a, b)
+    assert a == b == ["settings"] * 6 + [f"{math.sqrt(6):.6f}"] * 2, (a, b)
 
 
 def body_plan_edge_cases() -> list:

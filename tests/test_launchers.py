@@ -139,11 +139,12 @@ def session_pids(sid: int) -> list[int]:
 
 
 @pytest.mark.timeout(JOB_TIMEOUT_S + 30)
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["TERM", "INT", "HUP"])
 def test_a_signal_to_the_deepspeed_launcher_ends_every_rank(tmp_path, sig):
     """launch/deepspeed.sh exec'd DeepSpeed's runner, which forwards signals only for multi-node pdsh: SIGTERM or
     SIGINT to the launcher's PID ended the runner alone, and its launch process and every rank trained on. The
-    script now forwards the signal to the runner's whole process group and exits 128 + the signal."""
+    script now forwards the signal to the runner's whole process group and exits 128 + the signal. HUP too (a
+    closed terminal): the kernel sends it to the foreground group only, which the runner's is not."""
     pytest.importorskip("deepspeed")
     import threading
     import time
