@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -450,7 +451,8 @@ def test_mpi_rendezvous_port_cannot_be_taken_between_pick_and_bind(tmp_path):
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     code, out = finish(proc, timeout_s=90)
     assert code == 0, out[-6000:]
-    assert sorted(line for line in out.splitlines() if line.startswith("rank ")) == ["rank 0 sum 3", "rank 1 sum 3"]
+    # mpiexec forwards each rank's output as it comes: under load one rank's line was seen glued to the other's
+    assert sorted(re.findall(r"rank \d sum \d+", out)) == ["rank 0 sum 3", "rank 1 sum 3"], out[-6000:]
 
 
 @pytest.mark.timeout(JOB_TIMEOUT_S + 30)
