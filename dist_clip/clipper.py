@@ -322,7 +322,8 @@ def _policy(policy: str, target: object) -> str:
     """The policy applied: ``"zero"`` on a DeepSpeed engine whose ``step()`` tests the gradients for overflow
     (fp16 ZeRO 1-3) leaves them as they are, for that test to skip the step and lower the loss scale, as
     ``"skip"`` does (zeroed, they read finite: the scale never came down and every later step was zeroed too);
-    as under torch's ``GradScaler``, whose overflow check precedes the clip."""
+    as under torch's ``GradScaler``, whose overflow check precedes the clip. With the optimizer offloaded,
+    DeepSpeed skips on the norm it took in backward: zeroed gradients were dropped with the skipped step."""
     if policy == "zero" and "deepspeed" in sys.modules:
         from .adapters import deepspeed as ds_adapter
 

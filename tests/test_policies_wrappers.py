@@ -92,11 +92,11 @@ def _clip_once(clipper: GradClipper, clip_target: Any, **kwargs: Any) -> Any:
 # ------------------------------------------------------------------------------------------------ DeepSpeed
 
 
-def _engine(stage: int, dtype: str) -> tuple[Any, torch.optim.Optimizer]:
+def _engine(stage: int, dtype: str, offload: bool = False) -> tuple[Any, torch.optim.Optimizer]:
     """``ds_names_cases``' engine (two SGD param groups); bf16 with DeepSpeed's own overflow check off, so
     ZeRO-1/2 would step a NaN gradient if dist_clip did not skip it."""
     deepspeed = ds_cases._quiet()
-    cfg = ds_cases.ds_config(stage, dtype=dtype)
+    cfg = ds_cases.ds_config(stage, dtype=dtype, offload=offload)
     if dtype == "bf16":
         cfg["bf16"]["check_grad_overflow"] = False
     model = ds_cases.make_model(0)
@@ -205,6 +205,37 @@ def case_ds_policies(stage: int, dtype: str = "fp32") -> dict:
     ours.step()
     assert ours._step_applied and not _same(before, _ds_state(ours)), "a finite step after a skip must step"
     return {"name": name, "skipped": ours.skipped_steps}
+
+
+def case_ds_zero_policy_and_offload(stage: int) -> dict:
+    """``"zero"`` on fp32 ZeRO-2/3: without offload the gradients are zeroed and the step is taken; with the
+    optimizer offloaded DeepSpeed took each gradient's norm in backward and skips the step on it whatever the
+    clip does: there ``"zero"`` acts as ``"skip"`` (gradients left for that skip, ``skipped_steps`` counts it).
+    Rank 1's batch holds the NaN, so that DeepSpeed's own backward-time norms see it too."""
+    out = {}
+    for offload in (False, True):
+        engine, _ = _engine(stage, "fp32", offload)
+        batch = ds_cases.micro_batches(engine, 0)[0][dist.get_rank()].clone()
+        if dist.get_rank() == 1:
+            batch.view(-1)[0] = math.nan
+        engine.backward(ds_cases.loss_fn(engine(batch)))
+        before = _ds_state(engine)
+        result = _clip_once(GradClipper(max_norm=MAX_NORM, on_nonfinite="zero"), engine)
+        assert not bool(result.finite)
+        zeroed = all(bool((t == 0).all()) for _, t in _ds_pieces(engine))
+        engine.step()
+        skipped, unchanged = engine.skipped_steps, _same(before, _ds_state(engine))
+        if offload:
+            assert not zeroed and skipped == 1 and unchanged, (stage, zeroed, skipped, unchanged)
+        else:
+            assert zeroed and skipped == 0 and not unchanged, (stage, zeroed, skipped, unchanged)
+        _ds_backward(engine, 1)  # a finite step after it is taken
+        assert bool(_clip_once(GradClipper(max_norm=MAX_NORM, on_nonfinite="zero"), engine).finite)
+        before = _ds_state(engine)
+        engine.step()
+        assert engine.skipped_steps == skipped and not _same(before, _ds_state(engine))
+        out[offload] = skipped
+    return out
 
 
 def case_ds_stage0() -> dict:
@@ -396,6 +427,12 @@ def case_adaptive(wrapper: str) -> list:
 def test_deepspeed_policies(run_ranks, stage, dtype):
     names = [r["name"] for r in run_ranks(2, case_ds_policies, stage, dtype, timeout_s=TIMEOUT)]
     assert names[0] == names[1]
+
+
+@pytest.mark.deepspeed
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_policy_acts_as_skip_with_offload(run_ranks, stage):
+    assert run_ranks(2, case_ds_zero_policy_and_offload, stage, timeout_s=TIMEOUT) == [{False: 0, True: 1}] * 2
 
 
 @pytest.mark.deepspeed

@@ -437,16 +437,23 @@ def _loss_scale(opt: Any, zero_optimizer: type) -> float:
 def checks_overflow(target: object) -> bool:
     """Whether ``engine.step()`` itself skips a step whose gradients are not finite: fp16 ZeRO 1-3 (and bf16
     with ``check_grad_overflow``) test for overflow inside ``step()`` and then lower the loss scale. Zeroing the
-    gradients before it hides the overflow: the scale never comes down."""
+    gradients before it hides the overflow: the scale never comes down.
+
+    With the optimizer offloaded to the CPU, DeepSpeed takes each gradient's norm in backward, before any clip,
+    and skips a step whose total is not finite (ZeRO-3 always, ZeRO-1/2 unless bf16 without
+    ``check_grad_overflow``): there the step is skipped whatever the clip does to the gradients."""
     if not matches(target):
         return False
     opt = getattr(target, "optimizer", None)
     stage3 = sys.modules.get("deepspeed.runtime.zero.stage3")
     stage12 = sys.modules.get("deepspeed.runtime.zero.stage_1_and_2")
     if stage3 is not None and isinstance(opt, stage3.DeepSpeedZeroOptimizer_Stage3):
-        return getattr(opt, "dtype", None) == torch.float16
+        return getattr(opt, "dtype", None) == torch.float16 or bool(getattr(opt, "offload_optimizer", False))
     if stage12 is not None and isinstance(opt, stage12.DeepSpeedZeroOptimizer):
-        return bool(getattr(opt, "check_grad_overflow", False))
+        if getattr(opt, "check_grad_overflow", False):
+            return True
+        return (bool(getattr(opt, "cpu_offload", False)) and bool(getattr(opt, "compute_grad_norm", True))
+                and getattr(opt, "dtype", None) != torch.bfloat16)
     return False
 
 
