@@ -71,7 +71,10 @@ def clip_coefficient(max_norm: float | Tensor, total_norm: Tensor) -> Tensor:
     """``min(1, max_norm / (total + 1e-6))`` as a device tensor: clamped, never tested (no sync). float64 for a
     float64 total (float64 gradients), float32 otherwise."""
     total = total_norm if total_norm.dtype == torch.float64 else total_norm.to(torch.float32)
-    return torch.clamp(max_norm / (total + EPS), max=1.0)
+    # A true division: a number over a tensor is torch's reciprocal-then-multiply, whose 1 / total is a float32
+    # subnormal above 2**126 (digits lost: 2 ulps off; zeroed gradients under torch.set_flush_denormal(True)).
+    limit = max_norm if isinstance(max_norm, Tensor) else torch.full_like(total, max_norm)
+    return torch.clamp(limit / (total + EPS), max=1.0)
 
 
 FP32_TINY = 2.0**-126  # float32's smallest normal number

@@ -160,6 +160,25 @@ def test_two_steps_apply_a_subnormal_coefficient_as_clip_grad_norm_does(max_norm
         torch.testing.assert_close(got.double(), expected, rtol=2e-7, atol=0)
 
 
+@pytest.mark.parametrize("flush_denormal", [False, True])
+def test_a_float32_total_above_2_to_the_126_is_divided_not_inverted(flush_denormal):
+    """get_total_norm then clip_grads_with_norm_ on a float32 total of 3e38: the coefficient max_norm / total was
+    torch's reciprocal-then-multiply, and 1 / 3e38 is a float32 subnormal: 1.1e-7 off the float64 formula (2-4
+    ulps), and the gradients zeroed under torch.set_flush_denormal(True), where clip_grad_norm_ was exact."""
+    g = torch.tensor([3e38, 1e38])
+    total = dist_clip.get_total_norm([g], math.inf)
+    assert total.dtype == torch.float32 and total.item() == g[0].item()
+    expected = (g.double() * (torch.tensor(1e30).item() / (total.item() + 1e-6))).float()
+    if not torch.set_flush_denormal(flush_denormal) and flush_denormal:
+        pytest.skip("this CPU cannot flush denormals (x86 with SSE3 can)")
+    try:
+        mine = g.clone()
+        dist_clip.clip_grads_with_norm_([mine], 1e30, total)
+    finally:
+        torch.set_flush_denormal(False)  # torch's default
+    assert torch.equal(mine, expected), (mine.tolist(), expected.tolist())
+
+
 def test_large_fp32_tensor_accuracy_beats_torch():
     torch.manual_seed(0)
     g = torch.randn(1 << 24)
