@@ -20,9 +20,9 @@ the unwrapped model.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import sys
-import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -491,29 +491,38 @@ def finalize_norms(partials: Tensor, p: float, loss_scale: float) -> Tensor:
     return norms
 
 
-_DIGEST_BITS = 10  # n * d stays below 2**26, so (n * d)**2 is exact in float64 up to 65536 ranks
+def _digest_bits(world: int, p: float) -> int:
+    """Bits per digest: under a SUM the check squares sums of ``world`` digests, exact in float64 while
+    ``world * 2**bits <= 2**26`` (25 bits on 2 ranks, 24 on 3-4, 10 at 65536); a MAX only compares them (52)."""
+    if math.isinf(p):
+        return 52
+    return max(1, 26 - max(1, (world - 1).bit_length()))
 
 
-def _layout_values(layout: Sequence[str], p: float, settings: str = "") -> Tensor:
+def _layout_values(layout: Sequence[str], p: float, settings: str, world: int) -> Tensor:
     """Four values that combine to a fingerprint check: two independent digests ``d`` of ``layout`` and the
-    call's ``settings`` (integers in [1, 2**10]), each followed by ``d**2`` for a SUM or ``-d`` for a MAX
-    reduction; every sum stays an integer below 2**53, so the check is exact. Two digests: a mismatch slips
-    through once in about a million layouts."""
+    call's ``settings`` (integers in [1, 2**bits], :func:`_digest_bits`), each followed by ``d**2`` for a SUM or
+    ``-d`` for a MAX reduction; every sum stays an integer below 2**53, so the check is exact. A mismatch slips
+    through once in 2**(2 * bits) calls (2**50 on 2 ranks, 2**20 at 65536)."""
     if not layout:
-        return _settings_values(settings, p)
-    return _digest_values(("\x00".join(layout) + "\x01" + settings).encode(), p)
+        return _settings_values(settings, p, world)
+    return _digest_values(("\x00".join(layout) + "\x01" + settings).encode(), p, world)
 
 
 @functools.lru_cache(maxsize=64)
-def _settings_values(settings: str, p: float) -> Tensor:
+def _settings_values(settings: str, p: float, world: int) -> Tensor:
     """:func:`_layout_values` of no names: a total's fingerprint, the same every call (kept, not recomputed)."""
-    return _digest_values(("\x01" + settings).encode(), p)
+    return _digest_values(("\x01" + settings).encode(), p, world)
 
 
-def _digest_values(data: bytes, p: float) -> Tensor:
+def _digest_values(data: bytes, p: float, world: int) -> Tensor:
+    # blake2b, not crc32/adler32: adler32's low bits are the byte sum alone, so settings differing by a swap of
+    # digits (max_norm 1.41 vs 2.04: same length, same byte sum) left one 10-bit crc to tell them apart.
+    digest = hashlib.blake2b(data, digest_size=16).digest()
+    mask = (1 << _digest_bits(world, p)) - 1
     out: list[float] = []
-    for h in (zlib.crc32(data), zlib.adler32(data)):
-        d = float(h % (1 << _DIGEST_BITS) + 1)
+    for half in (digest[:8], digest[8:]):
+        d = float((int.from_bytes(half, "little") & mask) + 1)
         out += [d, -d if math.isinf(p) else d * d]
     return torch.tensor(out, dtype=torch.float64)
 
@@ -663,7 +672,7 @@ def measure(
         if refused:  # this rank found bad input: NaN fingerprints make every rank raise (NaN-safe under MAX)
             values = torch.full((4,), math.nan, dtype=torch.float64)
         else:
-            values = _layout_values(layout or (), p, settings)
+            values = _layout_values(layout or (), p, settings, _reduce.group_size(red))  # type: ignore[arg-type]
         parts.append(values.to(device, non_blocking=True))
     buffer = torch.cat(parts) if len(parts) > 1 else vector
     combined = _reduce.all_reduce_partials(buffer, _norm.combine_op(p), red)

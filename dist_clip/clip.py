@@ -240,7 +240,7 @@ def _wide_total(
             settings = f"norm_type={p!r}, error_if_nonfinite={bool(error_if_nonfinite)}"
             if limit is not None:
                 settings += f", max_norm={_limit_setting(limit)}"
-            values = _slots._settings_values(settings, p)
+            values = _slots._settings_values(settings, p, _reduce.group_size(group))
         partial = torch.cat([partial, values.to(home, non_blocking=True)])
     combined = _reduce.all_reduce_partials(partial, _norm.combine_op(p), group)
     if check:

@@ -359,6 +359,10 @@ def body_settings_disagree() -> list:
         lambda: GradClipper(mode="per_group")(ps, group=dist.group.WORLD, optimizer=torch.optim.SGD(
             [{"params": ps, "max_norm": 1.0 + rank}])),
         lambda: resumed_on_rank_0()(grads, group=dist.group.WORLD),
+        # Limits of the same length and byte sum: the old fingerprint (crc32 and adler32, 10 bits each) read
+        # these pairs as equal, and each rank clipped by its own coefficient (0.239 and 0.363).
+        lambda: dist_clip.clip_grad_norm_(grads, 4.49 if rank else 2.96, group=dist.group.WORLD),
+        lambda: GradClipper(max_norm=2.04 if rank else 1.41)(grads, group=dist.group.WORLD),
     ]
 
     def resumed_on_rank_0() -> GradClipper:
@@ -382,7 +386,23 @@ def body_settings_disagree() -> list:
 
 
 def test_ranks_calling_with_different_settings_raise_together(run_ranks):
-    assert run_ranks(2, body_settings_disagree) == [[True] + [True] * 9 + [True]] * 2
+    assert run_ranks(2, body_settings_disagree) == [[True] + [True] * 11 + [True]] * 2
+
+
+@pytest.mark.parametrize("world", [2, 4, 1024])
+def test_settings_fingerprints_of_the_same_bytes_in_another_order_differ(world):
+    """adler32's low 10 bits are the settings' byte sum alone, so limits of the same length and byte sum (1.41 and
+    2.04) were told apart by one 10-bit crc: 1 such pair in ~1000 read equal. Every limit 1.00-9.99 now has its
+    own fingerprint (the digests are as wide as the group's size allows: 25, 24 and 16 bits here)."""
+    from dist_clip import _slots
+
+    for p in (2.0, math.inf):
+        seen: dict[tuple, str] = {}
+        for k in range(100, 1000):
+            settings = f"norm_type={p!r}, error_if_nonfinite=False, max_norm={k / 100!r}"
+            key = tuple(_slots._settings_values(settings, p, world).tolist())
+            assert key not in seen, (world, p, seen.get(key), settings)
+            seen[key] = settings
 
 
 def body_many_tensors_one_collective() -> int:
