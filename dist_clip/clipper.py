@@ -300,6 +300,18 @@ class _SkipGuard:
         return False
 
 
+def _meta_tensors(state: object, path: str = "state") -> list[str]:
+    """Where ``state`` (dicts, lists and tuples of it) holds a meta tensor: reading one raised torch's own
+    RuntimeError or NotImplementedError from deep in the load instead of a ValueError naming the key."""
+    if isinstance(state, Tensor):
+        return [path] if state.is_meta else []
+    if isinstance(state, dict):
+        return [m for k, v in state.items() for m in _meta_tensors(v, f"{path}[{k!r}]")]
+    if isinstance(state, (list, tuple)):
+        return [m for i, v in enumerate(state) for m in _meta_tensors(v, f"{path}[{i}]")]
+    return []
+
+
 def _counter(name: str, value: object) -> Tensor:
     """A saved counter: an int >= 0, or a one-value integer tensor holding one (as state_dict() saves it)."""
     if isinstance(value, Tensor):
@@ -544,7 +556,8 @@ class GradClipper:
             "num_clipped": count(self._num_clipped),
             "num_nonfinite": count(self._num_nonfinite),
             "threshold": None if self._threshold is None else {
-                "kind": type(self.config.max_norm).__name__, **self._threshold.state_dict()
+                "kind": type(self.config.max_norm).__name__, "norm_type": self.config.p,
+                **self._threshold.state_dict()
             },
         }
 
@@ -552,6 +565,10 @@ class GradClipper:
         """Restore a :meth:`state_dict`; the config must use the same kind of threshold."""
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict from GradClipper.state_dict(), got {type(state).__name__}")
+        meta = _meta_tensors(state)
+        if meta:
+            raise ValueError(f"GradClipper state holds meta tensors, which have no values, at {meta}: load a state "
+                             "saved by state_dict() (torch.load(..., map_location='cpu'))")
         missing = {"version", "step", "num_clipped", "num_nonfinite", "threshold"} - state.keys()
         if missing:
             raise ValueError(
@@ -579,9 +596,19 @@ class GradClipper:
         for key, c in zip(("num_clipped", "num_nonfinite"), counters):
             if int(c) > step:
                 raise ValueError(f"GradClipper state {key!r} is {int(c)}, more than its {step} steps")
+        if thr is not None and "norm_type" in thr:  # (states saved before it was kept hold no order)
+            try:
+                saved_p = _norm.parse_norm_type(thr["norm_type"])
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"GradClipper state['threshold']['norm_type']: {e}") from None
+            if saved_p != self.config.p:
+                raise ValueError(
+                    f"the state's threshold history holds norms of order {saved_p!r}, this clipper takes norms of "
+                    f"order {self.config.p!r}: a limit learnt from one order clips another by a wrong coefficient"
+                )
         if self._threshold is not None:  # assigns only once its own checks pass
             try:
-                self._threshold.load_state_dict({k: v for k, v in thr.items() if k != "kind"})
+                self._threshold.load_state_dict({k: v for k, v in thr.items() if k not in ("kind", "norm_type")})
             except KeyError as e:
                 raise ValueError(f"GradClipper state['threshold'] lacks {e}; expected one from state_dict()") from None
         self.step = step

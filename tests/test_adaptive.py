@@ -415,6 +415,11 @@ def test_step_and_counters_move_once_per_measured_call():
     ("var", torch.tensor(-1.0, dtype=torch.float64), ValueError), ("seen", torch.tensor(2.5), ValueError),
     ("seen", torch.tensor(True), ValueError), ("warmup", torch.tensor([1.0, math.inf, 1.5]), ValueError),
     ("num_clipped", 9, ValueError), ("extra", 1, ValueError), ("zzz", 1, ValueError),
+    # Meta tensors raised torch's RuntimeError / NotImplementedError from deep in the load; another norm order
+    # was taken (a history of 2-norms set the limit for inf-norms).
+    ("mean", torch.empty((), dtype=torch.float64, device="meta"), ValueError),
+    ("num_clipped", torch.empty((), dtype=torch.int64, device="meta"), ValueError),
+    ("norm_type", math.inf, ValueError), ("norm_type", 1, ValueError), ("norm_type", "fro", ValueError),
 ])
 def test_bad_state_is_refused_and_leaves_the_clipper_as_it_was(key, value, error):
     """A bad state was half loaded (the ZClip count replaced, then a RuntimeError on the mean's shape) or taken
@@ -424,7 +429,7 @@ def test_bad_state_is_refused_and_leaves_the_clipper_as_it_was(key, value, error
         clipper([torch.tensor([g])])
     before = clipper.state_dict()
     state = clipper.state_dict()
-    where = state["threshold"] if key in ("mean", "var", "seen", "warmup", "kind", "zzz") else state
+    where = state["threshold"] if key in ("mean", "var", "seen", "warmup", "kind", "zzz", "norm_type") else state
     if value is None:
         del where[key]
     else:
@@ -432,6 +437,26 @@ def test_bad_state_is_refused_and_leaves_the_clipper_as_it_was(key, value, error
     with pytest.raises(error):
         clipper.load_state_dict(state)
     assert _same_state(clipper.state_dict(), before)
+
+
+def test_a_state_loads_only_into_a_clipper_of_the_same_norm_order():
+    """An AutoClip history of 2-norms loaded into an inf-norm clipper and set its limit, unnoticed. The order
+    now travels with the state; a state saved before it did (no "norm_type") loads as before."""
+    saved = GradClipper(max_norm=AutoClip(percentile=50.0))
+    for g in (1.0, 2.0, 3.0):
+        saved([torch.tensor([g, g])])
+    state = saved.state_dict()
+    assert state["threshold"]["norm_type"] == 2.0
+    other = GradClipper(max_norm=AutoClip(percentile=50.0), norm_type="inf")
+    with pytest.raises(ValueError, match=r"norms of order 2.0, this clipper takes norms of order inf"):
+        other.load_state_dict(state)
+    assert other.state_dict()["step"] == 0
+    same = GradClipper(max_norm=AutoClip(percentile=50.0), norm_type=2)
+    same.load_state_dict(state)
+    assert _same_state(same.state_dict(), state)
+    del state["threshold"]["norm_type"]
+    other.load_state_dict(state)
+    assert other.state_dict()["step"] == 3
 
 
 def test_a_zclip_state_with_moments_beyond_float64_reloads():
