@@ -347,16 +347,33 @@ def same_tensors(held: list[Tensor], grads: list[Tensor]) -> bool:
 @torch.compiler.disable
 def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     _WAITING.discard(optimizer)
+    stale = optimizer.__dict__.pop(_SAVED, None)
+    if stale is not None:
+        # A step() that raised after this hook did not happen: its post-hook never put grad_scale and found_inf
+        # back (the next step, on a new backward's gradients, was scaled by the old coefficient), and what was
+        # handed to it waits for this step, checked against the gradients as any hand-over is (a retry on the
+        # same gradients is clipped, a new backward's are not), unless a clip since handed over anew.
+        _restore(optimizer, stale[0])
+        if _PENDING not in optimizer.__dict__ and _SKIP not in optimizer.__dict__:
+            for key, value in zip((_PENDING, _SKIP), stale[3]):
+                if value is not None:
+                    optimizer.__dict__[key] = value
     pending = optimizer.__dict__.pop(_PENDING, None)
     armed = optimizer.__dict__.pop(_SKIP, None)
     grads = gradients(optimizer) if pending is not None else []
+    # torch passes step()'s own arguments, self first: step(closure) is (optimizer, closure)
+    closure = kwargs["closure"] if kwargs and "closure" in kwargs else (args[1] if len(args) > 1 else None)
     if pending is not None and pending[2] is not None:
         verdict = _verdict(pending[3], pending[4], grads)
-        if verdict == "intact":
+        if verdict == "intact" or (closure is not None and verdict in ("same", "fewer")):
             # Measured gradients untouched, others added to the optimizer since (add_param_group): grad_scale
             # would divide those too, so the measured ones are scaled here and the step keeps only the flag.
+            # So too under step(closure): the closure runs inside step(), after this hook, and writes new
+            # gradients, which grad_scale would have divided by the old coefficient (x1/8000 of the plain step).
             _scale.scale_(pending[3], pending[2])
-            pending = (None, pending[1], None, pending[3], pending[4])
+            held = pending[3]  # written by that scaling: their versions now (a retry after a raise sees these)
+            pending = (None, pending[1], None, held,
+                       [v if isinstance(v, tuple) else g._version for g, v in zip(held, pending[4])])
         elif verdict not in ("same", "fewer"):  # fewer: grad_scale reaches only stepped gradients, all measured
             if verdict == "written":
                 warn_at_caller(  # the line calling step(), past torch's step wrappers and hooks
@@ -382,7 +399,7 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         # Either flag skips: the larger, kept 0 or 1 (torch's CPU fused kernels skip on exactly 1, so a sum of
         # two raised flags, 2, would step with non-finite gradients).
         found = torch.maximum(found, _reduce.moved(theirs_found, found.device).to(found.dtype))
-    optimizer.__dict__[_SAVED] = (saved, _prepare_sgd_first_step(optimizer), found)
+    optimizer.__dict__[_SAVED] = (saved, _prepare_sgd_first_step(optimizer), found, (pending, armed))
     if scale is not None:
         optimizer.grad_scale = scale  # type: ignore[attr-defined]
     optimizer.found_inf = found  # type: ignore[attr-defined]
@@ -393,12 +410,17 @@ def _post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None
     stashed = optimizer.__dict__.pop(_SAVED, None)
     if stashed is None:
         return
-    saved, fresh, found = stashed
+    saved, fresh, found, _ = stashed
     # The first step of a fused SGD with dampening: one host read of the flag (a sync on CUDA, that step only),
     # so that a skipped step leaves no buffer and the next one takes the first-step rule, as if never called.
     if fresh and bool(found != 0):
         for p in fresh:
             optimizer.state[p].pop("momentum_buffer", None)
+    _restore(optimizer, saved)
+
+
+def _restore(optimizer: torch.optim.Optimizer, saved: tuple[Any, Any]) -> None:
+    """Put back the ``grad_scale`` and ``found_inf`` the optimizer held before the pre-hook (or none)."""
     for name, value in zip(("grad_scale", "found_inf"), saved):
         if value is _MISSING:
             optimizer.__dict__.pop(name, None)

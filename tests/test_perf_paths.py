@@ -1163,6 +1163,66 @@ def test_handed_over_scale_applies_to_exactly_one_step():
         assert torch.equal(p.detach(), b - g)
 
 
+@pytest.mark.parametrize("keyword", [False, True])
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_a_hand_over_then_step_with_a_closure_steps_as_the_plain_loop(set_to_none, keyword):
+    """step(closure) runs the closure inside step(), after dist_clip's pre-hook: its new gradients were divided
+    by the old coefficient (an update 8000 times smaller than the plain loop's). The measured gradients are now
+    scaled in the pre-hook and the closure's step as the loop without optimizer= takes it."""
+    updates = []
+    for hand in (False, True):
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad(set_to_none=set_to_none)
+            loss = model(torch.randn(16, 32, generator=torch.Generator().manual_seed(7))).square().sum()
+            loss.backward()
+            return loss
+
+        _backward(model, 0)
+        dist_clip.clip_grad_norm_(model, 1e-3, optimizer=opt if hand else None)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.step(closure=closure) if keyword else opt.step(closure)
+        updates.append([b - p.detach() for p, b in zip(model.parameters(), before)])
+        assert "grad_scale" not in opt.__dict__ and "found_inf" not in opt.__dict__
+    for plain, handed in zip(*updates):
+        assert torch.equal(plain, handed)
+
+
+@pytest.mark.parametrize("then", ["new backward", "retry"])
+def test_a_step_that_raised_did_not_happen(then):
+    """A step() that raised after dist_clip's pre-hook (another pre-hook, an OOM) left grad_scale and found_inf
+    on the optimizer: the next step, with a new backward's gradients and no clip, was scaled by the old
+    coefficient. What was handed over now waits for the next step, checked as any hand-over: a retry on the same
+    gradients is clipped, a new backward's gradients are not."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0, fused=True)
+    _backward(model, 0)
+    twin = [p.grad.clone() for p in model.parameters()]
+    dist_clip.clip_grads_with_norm_(twin, 1e-3, dist_clip.get_total_norm(twin))
+    dist_clip.clip_grad_norm_(model, 1e-3, optimizer=opt)
+    failing = [True]
+
+    def flaky(*_: object) -> None:
+        if failing.pop() if failing else False:
+            raise RuntimeError("transient failure")
+
+    opt.register_step_pre_hook(flaky)  # after dist_clip's own
+    with pytest.raises(RuntimeError, match="transient"):
+        opt.step()
+    if then == "new backward":
+        _backward(model, 1)
+        grads = [p.grad.clone() for p in model.parameters()]
+    else:
+        grads = twin
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    for p, b, g in zip(model.parameters(), before, grads):
+        torch.testing.assert_close(p.detach(), b - g, rtol=1e-6, atol=1e-9)
+    assert not {"grad_scale", "found_inf"} & opt.__dict__.keys()
+
+
 def test_gradscaler_and_fused_clip_compose():
     """With a GradScaler the documented recipe (unscale_, clip, scaler.step) clips inside the fused step."""
     ref_model, model = _model(), _model()
