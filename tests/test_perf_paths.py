@@ -1174,7 +1174,7 @@ def test_a_hand_over_then_step_with_a_closure_steps_as_the_plain_loop(set_to_non
         model = _model()
         opt = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
 
-        def closure() -> torch.Tensor:
+        def closure(model: nn.Module = model, opt: torch.optim.Optimizer = opt) -> torch.Tensor:
             opt.zero_grad(set_to_none=set_to_none)
             loss = model(torch.randn(16, 32, generator=torch.Generator().manual_seed(7))).square().sum()
             loss.backward()
