@@ -216,8 +216,12 @@ def body_ddp_no_sync(composable: bool = False) -> list:
         no_sync = ddp.no_sync
     world, rank = dist.get_world_size(), dist.get_rank()
     xs = torch.randn(2, world, 5, 13, generator=torch.Generator().manual_seed(7))
+    # A plain container holding the DDP: each rank measured its own gradients (11.20 and 10.11), unrefused.
+    box = nn.ModuleDict({"G": ddp})
     calls = (lambda: dist_clip.clip_grad_norm_(ddp, 1.0), lambda: GradClipper(mode="per_param")(ddp),
-             lambda: GradClipper(mode="unitwise", agc=AGC(0.1))(ddp))
+             lambda: GradClipper(mode="unitwise", agc=AGC(0.1))(ddp), lambda: dist_clip.clip_grad_norm_(box, 1.0),
+             lambda: GradClipper()(box), lambda: GradClipper(mode="per_param")(box),
+             lambda: GradClipper(mode="unitwise", agc=AGC(0.1))(box))
     out = []
     with no_sync():
         ddp(xs[0, rank]).square().mean().backward()
@@ -237,7 +241,7 @@ def body_ddp_no_sync(composable: bool = False) -> list:
 
 @pytest.mark.parametrize("composable", [False, True])
 def test_ddp_no_sync_gradients_are_refused(run_ranks, composable):
-    assert run_ranks(3, body_ddp_no_sync, composable) == [["refused"] * 3 + [True]] * 3
+    assert run_ranks(3, body_ddp_no_sync, composable) == [["refused"] * 7 + [True]] * 3
 
 
 def body_custom_adapter(p: float) -> list:
