@@ -346,20 +346,13 @@ def same_tensors(held: list[Tensor], grads: list[Tensor]) -> bool:
 # flag was lost.
 @torch.compiler.disable
 def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    _WAITING.discard(optimizer)
-    stale = optimizer.__dict__.pop(_SAVED, None)
-    if stale is not None:
-        # A step() that raised after this hook did not happen: its post-hook never put grad_scale and found_inf
-        # back (the next step, on a new backward's gradients, was scaled by the old coefficient), and what was
-        # handed to it waits for this step, checked against the gradients as any hand-over is (a retry on the
-        # same gradients is clipped, a new backward's are not), unless a clip since handed over anew.
-        _restore(optimizer, stale[0])
-        if _PENDING not in optimizer.__dict__ and _SKIP not in optimizer.__dict__:
-            for key, value in zip((_PENDING, _SKIP), stale[3]):
-                if value is not None:
-                    optimizer.__dict__[key] = value
-    pending = optimizer.__dict__.pop(_PENDING, None)
-    armed = optimizer.__dict__.pop(_SKIP, None)
+    # What was handed over stays on the optimizer until the post-hook: a step() that raised after this hook (an
+    # out-of-memory error, another pre-hook) did not happen, and its hand-over waits for the next step, read and
+    # settled by dist_clip calls meanwhile and checked against the gradients then as any hand-over is (a retry on
+    # the same gradients is clipped, a new backward's are not: they were divided by the old coefficient).
+    clear_stale(optimizer)
+    pending = optimizer.__dict__.get(_PENDING)
+    armed = optimizer.__dict__.get(_SKIP)
     grads = gradients(optimizer) if pending is not None else []
     # torch passes step()'s own arguments, self first: step(closure) is (optimizer, closure)
     closure = kwargs["closure"] if kwargs and "closure" in kwargs else (args[1] if len(args) > 1 else None)
@@ -371,9 +364,8 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             # So too under step(closure): the closure runs inside step(), after this hook, and writes new
             # gradients, which grad_scale would have divided by the old coefficient (x1/8000 of the plain step).
             _scale.scale_(pending[3], pending[2])
-            held = pending[3]  # written by that scaling: their versions now (a retry after a raise sees these)
-            pending = (None, pending[1], None, held,
-                       [v if isinstance(v, tuple) else g._version for g, v in zip(held, pending[4])])
+            _stash(optimizer, torch.ones_like(pending[0]), pending[1], None, pending[3])  # as settle() leaves it
+            pending = optimizer.__dict__[_PENDING]
         elif verdict not in ("same", "fewer"):  # fewer: grad_scale reaches only stepped gradients, all measured
             if verdict == "written":
                 warn_at_caller(  # the line calling step(), past torch's step wrappers and hooks
@@ -382,13 +374,17 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
                     "and recomputed), so they are no longer the ones measured and this step takes them unclipped. "
                     "Clip after the last backward before step()"
                 )
-            pending = None  # measured on gradients that are gone (the step it was for never came): not this step's
+            del optimizer.__dict__[_PENDING]  # measured on gradients that are gone: not this step's
+            pending = None
     # A coefficient already applied by settle() leaves only its skip flag, which lasts until this step whatever
     # wrote the gradients since (a later clip of part of them: dropping it took a NaN step).
     skip = armed[0] if armed is not None else None
     if pending is None and skip is None:
+        _WAITING.discard(optimizer)
         return
     scale, found = (pending[0], pending[1]) if pending is not None else (None, skip)
+    if pending is not None and pending[2] is None:
+        scale = None  # settled: the gradients hold the coefficient, the step keeps only the flag
     if pending is not None and skip is not None:
         found = torch.maximum(found, _reduce.moved(skip, found.device))
     saved = (optimizer.__dict__.get("grad_scale", _MISSING), optimizer.__dict__.get("found_inf", _MISSING))
@@ -399,7 +395,7 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         # Either flag skips: the larger, kept 0 or 1 (torch's CPU fused kernels skip on exactly 1, so a sum of
         # two raised flags, 2, would step with non-finite gradients).
         found = torch.maximum(found, _reduce.moved(theirs_found, found.device).to(found.dtype))
-    optimizer.__dict__[_SAVED] = (saved, _prepare_sgd_first_step(optimizer), found, (pending, armed))
+    optimizer.__dict__[_SAVED] = (saved, _prepare_sgd_first_step(optimizer), found, scale)
     if scale is not None:
         optimizer.grad_scale = scale  # type: ignore[attr-defined]
     optimizer.found_inf = found  # type: ignore[attr-defined]
@@ -407,6 +403,9 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
 
 @torch.compiler.disable
 def _post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    _WAITING.discard(optimizer)
+    optimizer.__dict__.pop(_PENDING, None)
+    optimizer.__dict__.pop(_SKIP, None)
     stashed = optimizer.__dict__.pop(_SAVED, None)
     if stashed is None:
         return
@@ -417,6 +416,24 @@ def _post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None
         for p in fresh:
             optimizer.state[p].pop("momentum_buffer", None)
     _restore(optimizer, saved)
+
+
+def clear_stale(optimizer: torch.optim.Optimizer) -> None:
+    """At the step after one that raised past the pre-hook: put back the ``grad_scale`` and ``found_inf`` it set,
+    where they still hold what it set (a ``GradScaler`` setting its own for this step keeps them: restored over,
+    the old flag skipped this step; copying the old ``grad_scale`` after ``unscale_``, it meant none), so that
+    neither reaches this step. Only here: a dist_clip call inside ``step(closure)`` runs while they are live."""
+    stale = optimizer.__dict__.pop(_SAVED, None)
+    if stale is None:
+        return
+    saved, _, found, scale = stale
+    for name, value, ours in zip(("grad_scale", "found_inf"), saved, (scale, found)):
+        if ours is None or optimizer.__dict__.get(name) is not ours:
+            continue
+        if value is _MISSING:
+            optimizer.__dict__.pop(name, None)
+        else:
+            setattr(optimizer, name, value)
 
 
 def _restore(optimizer: torch.optim.Optimizer, saved: tuple[Any, Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -73,8 +74,17 @@ def clip_coefficient(max_norm: float | Tensor, total_norm: Tensor) -> Tensor:
     total = total_norm if total_norm.dtype == torch.float64 else total_norm.to(torch.float32)
     # A true division: a number over a tensor is torch's reciprocal-then-multiply, whose 1 / total is a float32
     # subnormal above 2**126 (digits lost: 2 ulps off; zeroed gradients under torch.set_flush_denormal(True)).
-    limit = max_norm if isinstance(max_norm, Tensor) else torch.full_like(total, max_norm)
+    limit = max_norm if isinstance(max_norm, Tensor) else full_like(total, max_norm)
     return torch.clamp(limit / (total + EPS), max=1.0)
+
+
+def full_like(like: Tensor, value: float) -> Tensor:
+    """``torch.full_like`` where a number beyond the dtype's range reads ``inf`` (a max_norm of 1e39 beside a
+    float32 total: torch refuses it, "value cannot be converted to type float without overflow")."""
+    value = float(value)
+    if like.is_floating_point() and abs(value) > torch.finfo(like.dtype).max:
+        value = math.copysign(math.inf, value)
+    return torch.full_like(like, value)
 
 
 FP32_TINY = 2.0**-126  # float32's smallest normal number

@@ -774,7 +774,7 @@ class GradClipper:
         clipped_anywhere: Tensor | None = None
         if cfg.mode == "per_param":
             assert named is not None
-            limit = torch.full_like(m.total, float(cfg.max_norm))  # type: ignore[arg-type]
+            limit = _scale.full_like(m.total, float(cfg.max_norm))  # type: ignore[arg-type]
             coef = _scale.clip_coefficient(limit, m.slot_norms)
             if not named.names:
                 coef = coef[:0]  # the one slot measured for an empty target names nothing (slots is ())
@@ -793,7 +793,7 @@ class GradClipper:
                 coef = self._threshold.coefficient(thr, m.total)
                 limit_out = thr.to(out)
             else:
-                limit_out = torch.full_like(total, float(cfg.max_norm))  # type: ignore[arg-type]
+                limit_out = _scale.full_like(total, float(cfg.max_norm))  # type: ignore[arg-type]
                 coef = _scale.clip_coefficient(float(cfg.max_norm), m.total)  # type: ignore[arg-type]
             slot_coef = coef.reshape(1)
         if plan is not None:

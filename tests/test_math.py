@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -177,6 +178,23 @@ def test_a_float32_total_above_2_to_the_126_is_divided_not_inverted(flush_denorm
     finally:
         torch.set_flush_denormal(False)  # torch's default
     assert torch.equal(mine, expected), (mine.tolist(), expected.tolist())
+
+
+@pytest.mark.parametrize("max_norm", [1e39, 1e300, np.float64(1e39)])
+def test_a_max_norm_beyond_float32_leaves_float32_gradients_alone(max_norm):
+    """A limit float32 cannot hold beside a float32 total (get_total_norm's): torch's full_like refused it
+    ("value cannot be converted to type float without overflow") where it is infinite: nothing is clipped, as
+    torch.nn.utils.clip_grads_with_norm_ does. GradClipper's total mode built its limit the same way."""
+    g = torch.tensor([3.0, 4.0])
+    total = dist_clip.get_total_norm([g])
+    assert total.dtype == torch.float32
+    mine = g.clone()
+    dist_clip.clip_grads_with_norm_([mine], max_norm, total)
+    assert torch.equal(mine, g)
+    param = torch.nn.Parameter(torch.zeros(2))
+    param.grad = g.clone()
+    result = dist_clip.GradClipper(max_norm=max_norm)([param])
+    assert torch.equal(param.grad, g) and result.clip_coef.item() == 1.0 and not bool(result.clipped)
 
 
 def test_large_fp32_tensor_accuracy_beats_torch():

@@ -1223,6 +1223,64 @@ def test_a_step_that_raised_did_not_happen(then):
     assert not {"grad_scale", "found_inf"} & opt.__dict__.keys()
 
 
+def test_after_a_step_that_raised_a_read_sees_the_hand_over_settled():
+    """Between a step() that raised and the retry, the hand-over waits: a read sees the gradients clipped (it
+    read 87.15 for 1e-3) and a second clip composes with the first (the retry stepped 0.5, with a warning)."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0, fused=True)
+    _backward(model, 0)
+    dist_clip.clip_grad_norm_(model, 1e-3, optimizer=opt)
+    failing = [True]
+    opt.register_step_pre_hook(lambda *_: _raise_once(failing))
+    with pytest.raises(RuntimeError, match="transient"):
+        opt.step()
+    assert dist_clip.get_total_norm(model).item() == pytest.approx(1e-3, rel=1e-5)
+    dist_clip.clip_grad_norm_(model, 0.5)
+    before = [p.detach().clone() for p in model.parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    moved = torch.cat([(b - p.detach()).reshape(-1) for p, b in zip(model.parameters(), before)])
+    assert moved.norm().item() == pytest.approx(1e-3, rel=1e-5)
+
+
+def test_a_step_that_raised_under_gradscaler_leaves_the_next_iteration_alone():
+    """GradScaler recipe: an overflowing iteration whose step() raised after dist_clip's pre-hook, then a finite
+    one. The failed step's found_inf was put back over the scaler's new one at the next step: it was skipped
+    (update 0 where the loop without optimizer= moved 6.2e-2)."""
+    updates = []
+    for hand in (False, True):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
+        scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+        x = torch.randn(8, 4)
+        failing = [True]
+        for overflow in (True, False):
+            opt.zero_grad()
+            loss = model(x).square().sum() * (math.inf if overflow else 1.0)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            dist_clip.clip_grad_norm_(model, 1.0, optimizer=opt if hand else None)
+            if overflow:  # after dist_clip's own step pre-hook, installed by the hand-over
+                opt.register_step_pre_hook(lambda *_, failing=failing: _raise_once(failing))
+            before = [p.detach().clone() for p in model.parameters()]
+            try:
+                scaler.step(opt)
+            except RuntimeError as e:
+                assert overflow and "transient" in str(e)
+            scaler.update()
+        updates.append([b - p.detach() for p, b in zip(model.parameters(), before)])
+    assert max(u.abs().max().item() for u in updates[0]) > 1e-2
+    for plain, handed in zip(*updates):
+        torch.testing.assert_close(handed, plain, rtol=1e-6, atol=1e-9)
+
+
+def _raise_once(failing: list) -> None:
+    if failing and failing.pop():
+        raise RuntimeError("transient failure")
+
+
 def test_gradscaler_and_fused_clip_compose():
     """With a GradScaler the documented recipe (unscale_, clip, scaler.step) clips inside the fused step."""
     ref_model, model = _model(), _model()
