@@ -811,25 +811,29 @@ class GradClipper:
         slot_wide = _kept(slot_coef, finite, policy)  # float64
         slot_coef = slot_wide.to(out)
         coef = _kept(coef, finite, policy).to(out)  # what is applied, as documented
-        if policy == "zero" and on_cpu and not bool(finite):
-            for t, _ in pieces:
-                t.zero_()
-        else:
-            split = _scale.subnormal_split(slot_wide, out)
-            for factors in split if split is not None else (slot_coef,):
-                _slots.scale_slots_(pieces, factors, cfg.foreach)
-            if policy == "zero" and not on_cpu:
-                for t, _ in pieces:
-                    t.masked_fill_(~finite.to(t.device), 0)  # 0 * NaN is NaN: zero explicitly, no sync
-        if arm_skip is not None:
-            arm_skip(~finite)
         # Some gradient was scaled down: a slot (or group) whose gradients are all zero, or absent, is left as it
         # was whatever its coefficient (max_norm=0 on a parameter without gradient read as clipped).
         scaled = m.slot_norms.to(slot_coef.device) > 0 if m.slot_norms.numel() == slot_coef.numel() else m.total > 0
         clipped = finite & ((slot_coef < 1) & scaled).any()
         if clipped_anywhere is not None:  # per_group under a plan: groups this stage's optimizer lacks count too
             clipped = finite & clipped_anywhere.to(clipped.device)
+        # Counted, and the skip armed, whatever the scaling below raises on this rank alone (a gradient torch will
+        # not write in place, an interrupt): the other ranks counted and armed, and the ranks' states must agree.
         self._count(clipped, finite)
+        try:
+            if policy == "zero" and on_cpu and not bool(finite):
+                for t, _ in pieces:
+                    t.zero_()
+            else:
+                split = _scale.subnormal_split(slot_wide, out)
+                for factors in split if split is not None else (slot_coef,):
+                    _slots.scale_slots_(pieces, factors, cfg.foreach)
+                if policy == "zero" and not on_cpu:
+                    for t, _ in pieces:
+                        t.masked_fill_(~finite.to(t.device), 0)  # 0 * NaN is NaN: zero explicitly, no sync
+        finally:
+            if arm_skip is not None:
+                arm_skip(~finite)
         norms = self._report(named.names, m, p) if want_report and named is not None else None
         return ClipResult(total, coef, clipped, finite, limit_out, slot_names, norms)
 
@@ -954,21 +958,23 @@ class GradClipper:
             raise RuntimeError(_nonfinite_message(shards, outcome.group, total.item(), p))
         policy = _policy(cfg.on_nonfinite, target)
         on_cpu = total.device.type == "cpu"
-        if policy == "zero" and on_cpu and not bool(finite):
-            for u in units:
-                u.grad.zero_()
-        elif not (policy == "skip" and on_cpu and not bool(finite)):
-            if policy in ("skip", "zero") and not on_cpu:
-                outcome = type(outcome)(**{**outcome.__dict__, "coefs": [
-                    _kept(c, finite, policy) for c in outcome.coefs]})
-            unitwise_scale_(outcome)
-            if policy == "zero" and not on_cpu:
-                for u in units:
-                    u.grad.masked_fill_(~finite.to(u.grad.device), 0)
-        if arm_skip is not None:
-            arm_skip(~finite)
         clipped = finite & (outcome.min_coef < 1)
-        self._count(clipped, finite)
+        self._count(clipped, finite)  # before the scaling, which may raise on this rank alone (see __call__)
+        try:
+            if policy == "zero" and on_cpu and not bool(finite):
+                for u in units:
+                    u.grad.zero_()
+            elif not (policy == "skip" and on_cpu and not bool(finite)):
+                if policy in ("skip", "zero") and not on_cpu:
+                    outcome = type(outcome)(**{**outcome.__dict__, "coefs": [
+                        _kept(c, finite, policy) for c in outcome.coefs]})
+                unitwise_scale_(outcome)
+                if policy == "zero" and not on_cpu:
+                    for u in units:
+                        u.grad.masked_fill_(~finite.to(u.grad.device), 0)
+        finally:
+            if arm_skip is not None:
+                arm_skip(~finite)
         norms = self._report(outcome.names, outcome.measurement, p) if want_report else None
         limit = torch.full_like(total, cfg.agc.clipping)
         applied = _kept(outcome.min_coef.to(device=total.device, dtype=total.dtype), finite, policy)

@@ -560,6 +560,45 @@ def _full_grads_after(target, name: str) -> dict[str, torch.Tensor]:  # noqa: AN
     return {n: full[n].reshape(layout.geometry[n][0]) for n in full}
 
 
+def body_scaling_that_raises_on_one_rank() -> list:
+    """Rank 1's gradients are inference tensors (made under torch.inference_mode()): measured and combined like
+    any others, but torch refuses to scale them in place, on that rank only, after the collective. Its clipper
+    had not counted the call (step 2 where rank 0's read 3, with an AutoClip count of 3 on both): checkpoints
+    saved on different ranks differed. Every rank now counts a measured call before scaling."""
+    rank = dist.get_rank()
+    out = []
+    for mode, limit in (("total", 1.0), ("total", AutoClip(percentile=50.0)), ("per_param", 1.0), ("unitwise", 1.0)):
+        kwargs = {"agc": AGC(clipping=0.01)} if mode == "unitwise" else {"max_norm": limit}
+        clipper = GradClipper(mode=mode, **kwargs)
+        params = [nn.Parameter(torch.ones(3, 4)), nn.Parameter(torch.ones(4))]
+        for call in range(3):
+            for q in params:
+                q.grad = torch.full_like(q, 10.0 + call + rank)
+                if call == 1 and rank == 1:
+                    with torch.inference_mode():
+                        q.grad = torch.full_like(q, 11.0 + rank)
+            try:
+                clipper({"w": params[0], "b": params[1]}, group=dist.group.WORLD)
+                out.append("ok")
+            except RuntimeError as e:
+                out.append("inference" if "nference" in str(e) else str(e))
+        state = clipper.state_dict()
+        counts = [state["step"], int(state["num_clipped"]), int(state["num_nonfinite"])]
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, counts)
+        out.append(everyone)
+    return out
+
+
+def test_a_scaling_that_raises_on_one_rank_leaves_the_ranks_states_alike(run_ranks):
+    got = run_ranks(2, body_scaling_that_raises_on_one_rank)
+    for rank, calls in enumerate(got):
+        for k in range(4):
+            assert calls[4 * k: 4 * k + 3] == ["ok", "inference" if rank else "ok", "ok"], calls
+            mine, theirs = calls[4 * k + 3]
+            assert mine == theirs and mine[0] == 3 and mine[2] == 0, calls
+
+
 def body_agc(names: list[str]) -> list[int]:
     cuts = []
     for name in names:
