@@ -44,6 +44,39 @@ _PLAIN_PARAMS = (Tensor, torch.nn.Parameter)  # DTensor parameters (FSDP2) get t
 _MISSING = object()
 # Optimizers holding a coefficient for their next step(): a later call reading the same gradients settles it.
 _WAITING: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+# Optimizers whose step(closure) is running that closure: their step is under way (see _pre_hook).
+_IN_CLOSURE: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+
+
+def step_closure(args: Any, kwargs: Any) -> Any:
+    """The closure passed to ``step()``, from a step pre-hook's arguments (torch passes ``self`` first)."""
+    return kwargs["closure"] if kwargs and "closure" in kwargs else (args[1] if len(args) > 1 else None)
+
+
+def wrap_closure(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple[Any, Any]:
+    """A step pre-hook's arguments with the closure wrapped so that :func:`in_closure` holds while it runs."""
+    closure = step_closure(args, kwargs)
+    if closure is None or getattr(closure, "_dist_clip_running", None) is optimizer:
+        return args, kwargs
+
+    def running(*a: Any, **k: Any) -> Any:
+        _IN_CLOSURE.add(optimizer)
+        try:
+            return closure(*a, **k)
+        finally:
+            _IN_CLOSURE.discard(optimizer)
+
+    running._dist_clip_running = optimizer  # type: ignore[attr-defined]  # (a second hook wraps it once)
+    if kwargs and "closure" in kwargs:
+        return args, {**kwargs, "closure": running}
+    return (args[0], running, *args[2:]), kwargs
+
+
+def in_closure(optimizer: object) -> bool:
+    """Whether ``optimizer.step(closure)`` is running its closure now: a dist_clip call from inside it acts on
+    the step under way (a hand-over made then would reach no step: it scales in place instead; a skip arms the
+    running step)."""
+    return optimizer in _IN_CLOSURE
 
 
 def supports_grad_scale(optimizer: torch.optim.Optimizer) -> bool:
@@ -205,6 +238,8 @@ def settle(tensors: Sequence[Tensor]) -> None:
     if overlaps is None:
         return
     for optimizer in list(_WAITING):
+        if optimizer not in _IN_CLOSURE:
+            clear_stale(optimizer)  # a step that raised: what it set must not reach a GradScaler's next step
         grads = gradients(optimizer)
         if not any(overlaps(_span(g)) for g in grads):
             continue
@@ -312,12 +347,35 @@ def arm_skip_(
     taken); found them replaced or rewritten (the next batch after a dropped one, ``zero_grad()`` either way),
     the new flag replaces the old. ``combine=False`` (an explicit ``skip_next_step_``) always replaces it."""
     _install_hooks(optimizer)
-    now = grad_state(optimizer)
     value = flag.reshape(()).to(torch.float32)
+    if optimizer in _IN_CLOSURE:
+        _arm_running(optimizer, value, combine)
+        return
+    clear_stale(optimizer)
+    now = grad_state(optimizer)
     armed = optimizer.__dict__.get(_SKIP)
     if combine and armed is not None and same_state(armed[1], started if started is not None else now):
         value = torch.maximum(armed[0], value.to(armed[0].device))
     optimizer.__dict__[_SKIP] = (value, now)
+    pending = optimizer.__dict__.get(_PENDING)
+    if not combine and pending is not None:
+        # skip_next_step_ replaces any pending flag, a hand-over's too (settled or not: skip_next_step_(opt,
+        # False) left a settled NaN hand-over's flag in place, and the next batch's good step was skipped).
+        optimizer.__dict__[_PENDING] = (pending[0], torch.zeros_like(pending[1]), *pending[2:])
+
+
+def _arm_running(optimizer: torch.optim.Optimizer, value: Tensor, combine: bool) -> None:
+    """Arm the step under way (a call inside its closure): ``found_inf`` is read by the fused kernel after the
+    closure returns, and put back by the post-hook (the pre-hook saved it: see :func:`_pre_hook`)."""
+    stash = optimizer.__dict__.get(_SAVED)
+    if stash is None:  # hooks installed by this very call (the closure was wrapped by a GradClipper's own hook)
+        saved = (optimizer.__dict__.get("grad_scale", _MISSING), optimizer.__dict__.get("found_inf", _MISSING))
+        stash = (saved, _prepare_sgd_first_step(optimizer), None, None)
+    base = stash[0][1] if not combine else optimizer.__dict__.get("found_inf", _MISSING)
+    if isinstance(base, Tensor):
+        value = torch.maximum(_reduce.moved(base, value.device).to(value.dtype), value)
+    optimizer.found_inf = value  # type: ignore[attr-defined]
+    optimizer.__dict__[_SAVED] = (stash[0], stash[1], value, stash[3])
 
 
 def pending_skip(optimizer: torch.optim.Optimizer) -> bool:
@@ -345,7 +403,7 @@ def same_tensors(held: list[Tensor], grads: list[Tensor]) -> bool:
 # fused kernel (a NaN step taken; torch does the same to a plain hook setting it), and a settled coefficient's
 # flag was lost.
 @torch.compiler.disable
-def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
     # What was handed over stays on the optimizer until the post-hook: a step() that raised after this hook (an
     # out-of-memory error, another pre-hook) did not happen, and its hand-over waits for the next step, read and
     # settled by dist_clip calls meanwhile and checked against the gradients then as any hand-over is (a retry on
@@ -354,8 +412,7 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     pending = optimizer.__dict__.get(_PENDING)
     armed = optimizer.__dict__.get(_SKIP)
     grads = gradients(optimizer) if pending is not None else []
-    # torch passes step()'s own arguments, self first: step(closure) is (optimizer, closure)
-    closure = kwargs["closure"] if kwargs and "closure" in kwargs else (args[1] if len(args) > 1 else None)
+    closure = step_closure(args, kwargs)
     if pending is not None and pending[2] is not None:
         verdict = _verdict(pending[3], pending[4], grads)
         if verdict == "intact" or (closure is not None and verdict in ("same", "fewer")):
@@ -379,9 +436,17 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     # A coefficient already applied by settle() leaves only its skip flag, which lasts until this step whatever
     # wrote the gradients since (a later clip of part of them: dropping it took a NaN step).
     skip = armed[0] if armed is not None else None
+    if closure is not None:
+        # The closure runs inside this step: dist_clip calls from it act on this step (in_closure), so the
+        # attributes are saved for the post-hook whatever is pending (a skip armed in the closure was dropped).
+        args, kwargs = wrap_closure(optimizer, args, kwargs)
+        if pending is None and skip is None:
+            saved = (optimizer.__dict__.get("grad_scale", _MISSING), optimizer.__dict__.get("found_inf", _MISSING))
+            optimizer.__dict__[_SAVED] = (saved, _prepare_sgd_first_step(optimizer), None, None)
+            return args, kwargs
     if pending is None and skip is None:
         _WAITING.discard(optimizer)
-        return
+        return None
     scale, found = (pending[0], pending[1]) if pending is not None else (None, skip)
     if pending is not None and pending[2] is None:
         scale = None  # settled: the gradients hold the coefficient, the step keeps only the flag
@@ -399,6 +464,7 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     if scale is not None:
         optimizer.grad_scale = scale  # type: ignore[attr-defined]
     optimizer.found_inf = found  # type: ignore[attr-defined]
+    return (args, kwargs) if closure is not None else None
 
 
 @torch.compiler.disable
@@ -412,24 +478,25 @@ def _post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None
     saved, fresh, found, _ = stashed
     # The first step of a fused SGD with dampening: one host read of the flag (a sync on CUDA, that step only),
     # so that a skipped step leaves no buffer and the next one takes the first-step rule, as if never called.
-    if fresh and bool(found != 0):
+    if fresh and found is not None and bool(found != 0):
         for p in fresh:
             optimizer.state[p].pop("momentum_buffer", None)
     _restore(optimizer, saved)
 
 
 def clear_stale(optimizer: torch.optim.Optimizer) -> None:
-    """At the step after one that raised past the pre-hook: put back the ``grad_scale`` and ``found_inf`` it set,
-    where they still hold what it set (a ``GradScaler`` setting its own for this step keeps them: restored over,
-    the old flag skipped this step; copying the old ``grad_scale`` after ``unscale_``, it meant none), so that
-    neither reaches this step. Only here: a dist_clip call inside ``step(closure)`` runs while they are live."""
+    """After a step that raised past the pre-hook (at the next dist_clip call on the optimizer, or the next step):
+    put back the ``grad_scale`` and ``found_inf`` it set, where they still hold what it set (a ``GradScaler``
+    setting its own for the next step keeps them: restored over, the old flag skipped that step; copying the
+    old ``grad_scale`` after ``unscale_``, it meant none), so that neither reaches a later step. Not from inside
+    a running closure (:func:`in_closure`), where they are live."""
     stale = optimizer.__dict__.pop(_SAVED, None)
     if stale is None:
         return
     saved, _, found, scale = stale
     for name, value, ours in zip(("grad_scale", "found_inf"), saved, (scale, found)):
         if ours is None or optimizer.__dict__.get(name) is not ours:
-            continue
+            continue  # not set by that step, or replaced since
         if value is _MISSING:
             optimizer.__dict__.pop(name, None)
         else:
@@ -454,6 +521,7 @@ def hand_over_(
     checked :func:`supports_grad_scale`. ``grads``: the optimizer's :func:`gradients`, when the caller has them.
     """
     _install_hooks(optimizer)
+    clear_stale(optimizer)
     scale = torch.reciprocal(coef.to(torch.float32))  # the kernels divide: 1/1 == 1 keeps an unclipped step exact
     found = torch.logical_not(torch.isfinite(total)).to(torch.float32)
     _stash(optimizer, scale, found, coef, grads if grads is not None else gradients(optimizer))

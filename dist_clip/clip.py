@@ -479,6 +479,8 @@ def clip_grad_norm_(
         shards = resolve(parameters, _check_group(group))
         fold, optimizer = _deepspeed_fold(parameters, optimizer)
         fused = optimizer is not None and _fused.supports_grad_scale(optimizer)  # type: ignore[arg-type]
+        # Inside step(closure), the step is under way: a hand-over would reach no step, so scale in place.
+        fused = fused and not _fused.in_closure(optimizer)
         everything = _all_tensors(shards)
         # Handed over only to an optimizer that steps exactly these gradients; otherwise scaled here, as
         # documented for any other optimizer (its grad_scale would also divide gradients nobody measured, or miss

@@ -204,6 +204,12 @@ class _SkipGuard:
             _fused.arm_skip_(optimizer, flag, started, combine)
             self.flag = None
             return
+        if _fused.in_closure(optimizer):
+            # Armed from inside step(closure): this step's pre-hook has run, so snapshot now (the closure has
+            # not updated anything yet) for the post-hook to restore (the flag was dropped: a NaN step taken).
+            self.flag = flag if self.flag is None or not combine else self.flag | flag.to(self.flag.device)
+            self._snapshot(optimizer)
+            return
         now = _fused.grad_state(optimizer)
         if (
             combine
@@ -225,7 +231,13 @@ class _SkipGuard:
         return t._local_tensor if type(t).__name__ == "DTensor" else t  # type: ignore[attr-defined]
 
     @torch.compiler.disable  # run as Python under torch.compile(opt.step): see _fused._pre_hook
-    def _pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def _pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
+        # A closure runs inside this step: a skip armed from it snapshots then (arm), for this step's post-hook.
+        wrapped = _fused.wrap_closure(optimizer, args, kwargs) if _fused.step_closure(args, kwargs) else None
+        self._snapshot(optimizer)
+        return wrapped
+
+    def _snapshot(self, optimizer: torch.optim.Optimizer) -> None:
         flag = self.flag
         if flag is None:
             return

@@ -24,6 +24,7 @@ from torch import nn
 
 import dist_clip
 from dist_clip import _fused, _native, _norm
+from dist_clip.clipper import _skip_pending
 from dist_clip.testing import reference_norm
 
 ORDERS = [0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 8.0, math.inf]
@@ -1221,6 +1222,74 @@ def test_a_step_that_raised_did_not_happen(then):
     for p, b, g in zip(model.parameters(), before, grads):
         torch.testing.assert_close(p.detach(), b - g, rtol=1e-6, atol=1e-9)
     assert not {"grad_scale", "found_inf"} & opt.__dict__.keys()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("how", ["GradClipper skip", "skip_next_step_", "clip_grad_norm_ optimizer="])
+def test_calls_inside_a_closure_act_on_the_step_under_way(fused, how):
+    """dist_clip called from the closure of step(closure) runs while that step is under way: a skip armed there
+    was dropped by the step's post-hook (a NaN step taken), a hand-over made there reached no step (the
+    closure's gradients stepped unclipped, 7.7 for 0.00097). The step now honours both."""
+    results = []
+    for inside in (False, True):
+        model = _model()
+        opt = torch.optim.Adam(model.parameters(), lr=0.1, fused=fused)
+        clipper = dist_clip.GradClipper(max_norm=1e-3, on_nonfinite="skip")
+        _backward(model, 0)
+        clipper(model, optimizer=opt)  # an earlier step: hooks installed, as in a training loop
+        opt.step()
+        bad = how != "clip_grad_norm_ optimizer="
+
+        def clip(model: nn.Module = model, opt: torch.optim.Optimizer = opt, clipper: object = clipper,
+                 inside: bool = inside) -> None:
+            if how == "GradClipper skip":
+                clipper(model, optimizer=opt)
+            elif how == "skip_next_step_":
+                dist_clip.skip_next_step_(opt, torch.tensor(True))
+            else:
+                dist_clip.clip_grad_norm_(model, 1e-3, optimizer=opt if inside else None)
+
+        def closure(model: nn.Module = model, opt: torch.optim.Optimizer = opt, inside: bool = inside,
+                    bad: bool = bad, clip: object = clip) -> torch.Tensor:
+            opt.zero_grad()
+            loss = model(torch.randn(16, 32, generator=torch.Generator().manual_seed(7))).square().sum()
+            (loss * (math.nan if bad and how == "GradClipper skip" else 1.0)).backward()
+            if inside:
+                clip()
+            return loss
+
+        before = [p.detach().clone() for p in model.parameters()]
+        if not inside:
+            closure()
+            clip()
+            opt.step()
+        else:
+            opt.step(closure)
+        moved = [p.detach() - b for p, b in zip(model.parameters(), before)]
+        assert not {"grad_scale", "found_inf"} & opt.__dict__.keys() and not _skip_pending(opt)
+        results.append(moved)
+    for outside, inside_moved in zip(*results):
+        torch.testing.assert_close(inside_moved, outside, rtol=1e-5, atol=1e-9)
+    if how != "clip_grad_norm_ optimizer=":
+        assert all(bool((m == 0).all()) for m in results[1])  # skipped
+
+
+def test_skip_next_step_false_clears_a_settled_hand_overs_flag():
+    """README: a settled hand-over's skip flag lasts until the step; clear it with skip_next_step_(opt, False).
+    It was not cleared (the flag rode in the settled hand-over, not with the armed ones): a good step skipped."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0, fused=True)
+    _backward(model, 0)
+    next(model.parameters()).grad.view(-1)[0] = math.inf
+    dist_clip.clip_grad_norm_(model, 1.0, optimizer=opt)
+    dist_clip.get_total_norm(model)  # settles it
+    _backward(model, 1)
+    dist_clip.skip_next_step_(opt, torch.tensor(False))
+    grads = [p.grad.clone() for p in model.parameters()]
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    for p, b, g in zip(model.parameters(), before, grads):
+        assert torch.equal(p.detach(), b - g)
 
 
 def test_after_a_step_that_raised_a_read_sees_the_hand_over_settled():
