@@ -205,10 +205,12 @@ class _SkipGuard:
             self.flag = None
             return
         if _fused.in_closure(optimizer):
-            # Armed from inside step(closure): this step's pre-hook has run, so snapshot now (the closure has
-            # not updated anything yet) for the post-hook to restore (the flag was dropped: a NaN step taken).
+            # Armed from inside step(closure), for this step (the flag was dropped: a NaN step taken): restored
+            # from the snapshot the pre-hook took at the step's start (LBFGS moves the parameters between its
+            # closure's calls), or, for a guard made inside the closure, one taken now.
             self.flag = flag if self.flag is None or not combine else self.flag | flag.to(self.flag.device)
-            self._snapshot(optimizer)
+            if self.saved is None:
+                self._snapshot(optimizer, force=True)
             return
         now = _fused.grad_state(optimizer)
         if (
@@ -232,19 +234,25 @@ class _SkipGuard:
 
     @torch.compiler.disable  # run as Python under torch.compile(opt.step): see _fused._pre_hook
     def _pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
-        # A closure runs inside this step: a skip armed from it snapshots then (arm), for this step's post-hook.
-        wrapped = _fused.wrap_closure(optimizer, args, kwargs) if _fused.step_closure(args, kwargs) else None
-        self._snapshot(optimizer)
-        return wrapped
-
-    def _snapshot(self, optimizer: torch.optim.Optimizer) -> None:
-        flag = self.flag
-        if flag is None:
-            return
+        # A closure runs inside this step and may arm a skip for it (see arm): snapshot at the step's start
+        # whatever the flag, for the post-hook to restore if one is armed by then.
+        if _fused.step_closure(args, kwargs) is None:
+            self._snapshot(optimizer)
+            return None
         self.armed_on = None
-        if self._on_host(flag) and not bool(flag):
-            self.flag = None
-            return
+        if not _fused.supports_grad_scale(optimizer):  # (a fused one skips through found_inf: nothing to restore)
+            self._snapshot(optimizer, force=True)
+        return _fused.wrap_closure(optimizer, args, kwargs)
+
+    def _snapshot(self, optimizer: torch.optim.Optimizer, force: bool = False) -> None:
+        flag = self.flag
+        if not force:
+            if flag is None:
+                return
+            self.armed_on = None
+            if self._on_host(flag) and not bool(flag):
+                self.flag = None
+                return
         params = [p for g in optimizer.param_groups for p in g["params"]]
         locals_ = [self._local(p.detach()) for p in params]
         states: dict[int, dict[str, Any]] = {}
@@ -262,6 +270,8 @@ class _SkipGuard:
         self.flag = self.saved = None
         if saved is None or flag is None:
             return
+        if self._on_host(flag) and not bool(flag):
+            return  # a snapshot taken for a closure that armed no skip
         values, live, states, params = saved
         known = self._on_host(flag)  # we only snapshot on the host when the flag is set
         if not known and self._host_state(optimizer, params, states):

@@ -12,6 +12,7 @@ Run: ``.venv/bin/python -m pytest tests/test_perf_paths.py``.
 
 from __future__ import annotations
 
+import copy
 import math
 import shutil
 import sys
@@ -1272,6 +1273,38 @@ def test_calls_inside_a_closure_act_on_the_step_under_way(fused, how):
         torch.testing.assert_close(inside_moved, outside, rtol=1e-5, atol=1e-9)
     if how != "clip_grad_norm_ optimizer=":
         assert all(bool((m == 0).all()) for m in results[1])  # skipped
+
+
+@pytest.mark.parametrize("nan_at", [1, 3])
+def test_a_skip_armed_in_an_lbfgs_closure_restores_the_steps_start(nan_at):
+    """LBFGS calls its closure several times per step and moves the parameters between the calls: a skip armed
+    at the third call must restore the parameters and state of the step's start (a snapshot taken at the arming
+    would keep the first moves; before, the flag was dropped by the step's post-hook and NaN was stepped)."""
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3)
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4)
+    clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+    x = torch.randn(8, 5)
+    calls, bad = [0], [0]
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        calls[0] += 1
+        loss = model(x).square().sum()
+        (loss * (math.nan if calls[0] == bad[0] else 1.0)).backward()
+        clipper(model, optimizer=opt)
+        return loss
+
+    opt.step(closure)  # a first step: dist_clip's hooks are installed by then
+    calls[0], bad[0] = 0, nan_at
+    before = [p.detach().clone() for p in model.parameters()]
+    state = {k: v.clone() if torch.is_tensor(v) else copy.deepcopy(v) for k, v in opt.state[opt._params[0]].items()}
+    opt.step(closure)
+    assert calls[0] == 4 and int(clipper.num_nonfinite) >= 1  # (LBFGS goes on from the NaN point)
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), b)
+    after = opt.state[opt._params[0]]
+    assert after["n_iter"] == state["n_iter"] and torch.equal(after["d"], state["d"])
 
 
 def test_skip_next_step_false_clears_a_settled_hand_overs_flag():
