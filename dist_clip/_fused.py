@@ -62,9 +62,18 @@ def wrap_closure(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tu
     def running(*a: Any, **k: Any) -> Any:
         _IN_CLOSURE.add(optimizer)
         try:
-            return closure(*a, **k)
+            result = closure(*a, **k)
         finally:
             _IN_CLOSURE.discard(optimizer)
+        stash = optimizer.__dict__.get(_SAVED)
+        if stash is not None:
+            # Gradients the closure made for the first time (set to None before it): fused SGD's first-step
+            # momentum preparation, which the pre-hook could not do for them (a skipped step kept torch's
+            # empty_like buffer: 2e37 or NaN in the momentum).
+            fresh = _prepare_sgd_first_step(optimizer)
+            if fresh:
+                optimizer.__dict__[_SAVED] = (stash[0], [*stash[1], *fresh], *stash[2:])
+        return result
 
     running._dist_clip_running = optimizer  # type: ignore[attr-defined]  # (a second hook wraps it once)
     if kwargs and "closure" in kwargs:
@@ -470,17 +479,23 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple
 @torch.compiler.disable
 def _post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     _WAITING.discard(optimizer)
-    optimizer.__dict__.pop(_PENDING, None)
+    pending = optimizer.__dict__.pop(_PENDING, None)
     optimizer.__dict__.pop(_SKIP, None)
     stashed = optimizer.__dict__.pop(_SAVED, None)
     if stashed is None:
         return
-    saved, fresh, found, _ = stashed
+    saved, fresh, found, scale = stashed
     # The first step of a fused SGD with dampening: one host read of the flag (a sync on CUDA, that step only),
     # so that a skipped step leaves no buffer and the next one takes the first-step rule, as if never called.
     if fresh and found is not None and bool(found != 0):
         for p in fresh:
             optimizer.state[p].pop("momentum_buffer", None)
+    if scale is not None and pending is not None and pending[2] is not None and found.device.type == "cpu":
+        # A skipped step writes nothing back: the gradients it was handed stay unclipped in .grad, where the
+        # loop without optimizer= left them clipped (a read after it gave 28.27 for 1.0, and a micro-batch
+        # accumulated onto them stepped 1.18 off). Scaled here when the flag is read for free (the CPU).
+        if bool(found != 0):
+            _scale.scale_(pending[3], pending[2])
     _restore(optimizer, saved)
 
 

@@ -1307,6 +1307,59 @@ def test_a_skip_armed_in_an_lbfgs_closure_restores_the_steps_start(nan_at):
     assert after["n_iter"] == state["n_iter"] and torch.equal(after["d"], state["d"])
 
 
+@pytest.mark.parametrize("where", ["armed before", "armed inside"])
+def test_a_skipped_first_closure_step_of_fused_sgd_leaves_no_garbage_momentum(where):
+    """Fused SGD with momentum, first step(closure) skipped: the gradients did not exist when the pre-hook
+    prepared the first step (the closure makes them), and torch's empty_like momentum buffer was kept (2e37 or
+    NaN, different every run); the next step then went 1.9e36 off the non-fused twin."""
+    torch.manual_seed(0)
+    net = nn.Linear(64, 64)
+    twin = copy.deepcopy(net)
+    x = torch.randn(8, 64)
+    bad = x.clone()
+    bad[0, 0] = math.nan
+    opts = (torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, fused=True),
+            torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9))
+    for m, o in zip((net, twin), opts):
+        dist_clip.skip_next_step_(o, torch.tensor(False))  # dist_clip's hooks in place before the step
+        if where == "armed before":
+            dist_clip.skip_next_step_(o, torch.tensor(True))
+
+        def closure(m: nn.Module = m, o: torch.optim.Optimizer = o) -> torch.Tensor:
+            o.zero_grad()
+            loss = m(bad if where == "armed inside" else x).square().mean()
+            loss.backward()
+            if where == "armed inside":
+                dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")(m, optimizer=o)
+            return loss
+
+        o.step(closure)
+    assert torch.equal(net.weight, twin.weight)
+    buf = opts[0].state[net.weight].get("momentum_buffer")
+    assert buf is None or not bool(buf.any())  # none, or zeros: the first-step rule bit for bit
+    for m, o in zip((net, twin), opts):
+        o.zero_grad()
+        m(x).square().mean().backward()
+        o.step()
+    torch.testing.assert_close(net.weight, twin.weight, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_a_skipped_step_leaves_the_handed_over_gradients_clipped(name):
+    """A skipped step writes nothing back: the handed-over gradients stayed unclipped in .grad (a read gave 28.27
+    for 1.0; a micro-batch accumulated onto them stepped 1.18 off), where the loop without optimizer= left them
+    clipped. On the CPU, where the flag is read for free, the post-hook scales them."""
+    model = _model()
+    opt = OPTIMIZERS[name](list(model.parameters()), True)
+    _backward(model, 0)
+    dist_clip.clip_grad_norm_(model, 1.0, optimizer=opt)
+    dist_clip.skip_next_step_(opt, torch.tensor(True))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
+    assert dist_clip.get_total_norm(model).item() == pytest.approx(1.0, rel=1e-5)
+
+
 def test_skip_next_step_false_clears_a_settled_hand_overs_flag():
     """README: a settled hand-over's skip flag lasts until the step; clear it with skip_next_step_(opt, False).
     It was not cleared (the flag rode in the settled hand-over, not with the armed ones): a good step skipped."""
