@@ -186,6 +186,7 @@ class _SkipGuard:
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.flag: Tensor | None = None
+        self.armed_in_closure = False  # the flag was armed inside a step(closure)'s closure
         self.armed_on: tuple[list[Tensor], list[int]] | None = None  # grad_state when the flag was armed
         self.saved: tuple[list[Tensor], list[Tensor], dict[int, dict[str, Any]], list[Tensor]] | None = None
         optimizer.register_step_pre_hook(self._pre)
@@ -209,6 +210,7 @@ class _SkipGuard:
             # from the snapshot the pre-hook took at the step's start (LBFGS moves the parameters between its
             # closure's calls), or, for a guard made inside the closure, one taken now.
             self.flag = flag if self.flag is None or not combine else self.flag | flag.to(self.flag.device)
+            self.armed_in_closure = True
             if self.saved is None:
                 self._snapshot(optimizer, force=True)
             return
@@ -240,6 +242,11 @@ class _SkipGuard:
             self._snapshot(optimizer)
             return None
         self.armed_on = None
+        if getattr(self, "armed_in_closure", False):
+            # Armed inside the closure of a step that raised: that step's flag, not this retry's (ORed into the
+            # retry's False, a good step was skipped and every later one came one behind).
+            self.flag = None
+        self.armed_in_closure = False
         if not _fused.supports_grad_scale(optimizer):  # (a fused one skips through found_inf: nothing to restore)
             self._snapshot(optimizer, force=True)
         return _fused.wrap_closure(optimizer, args, kwargs)
@@ -268,6 +275,7 @@ class _SkipGuard:
     def _post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         flag, saved = self.flag, self.saved
         self.flag = self.saved = None
+        self.armed_in_closure = False
         if saved is None or flag is None:
             return
         if self._on_host(flag) and not bool(flag):

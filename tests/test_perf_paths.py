@@ -1360,6 +1360,60 @@ def test_a_skipped_step_leaves_the_handed_over_gradients_clipped(name):
     assert dist_clip.get_total_norm(model).item() == pytest.approx(1.0, rel=1e-5)
 
 
+@pytest.mark.parametrize("how", ["clip_grad_norm_ optimizer=", "GradClipper skip"])
+def test_a_first_dist_clip_call_inside_a_closure_acts_on_that_step(how):
+    """The first dist_clip call on an optimizer installs its step hooks; made inside step(closure), the step had
+    begun without them: a hand-over reached no step (update 1767 for 0.001) and a skip was dropped (NaN
+    stepped). dist_clip's global step pre-hook marks every closure while it runs."""
+    torch.manual_seed(0)
+    model = nn.Linear(32, 16)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0, fused=True)
+    x = torch.randn(8, 32) * (math.nan if how == "GradClipper skip" else 1.0)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = model(x).square().sum()
+        loss.backward()
+        if how == "GradClipper skip":
+            dist_clip.GradClipper(max_norm=1e-3, on_nonfinite="skip")(model, optimizer=opt)
+        else:
+            dist_clip.clip_grad_norm_(model, 1e-3, optimizer=opt)
+        return loss
+
+    before = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+    opt.step(closure)
+    moved = (torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - before).norm().item()
+    assert moved == (0.0 if how == "GradClipper skip" else pytest.approx(1e-3, rel=1e-4)), moved
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_skip_armed_in_a_closure_that_raised_does_not_skip_the_retry(fused):
+    """A closure armed a skip (NaN gradients) and then raised: the step never ran its post-hook, and the retry's
+    False was ORed into that True: the good retry was skipped and every later step came one behind."""
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=0.1, fused=fused)
+    clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+    _backward(model, 0)
+    clipper(model, optimizer=opt)
+    opt.step()
+    first = [True]
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = model(torch.randn(16, 32, generator=torch.Generator().manual_seed(9))).square().sum()
+        (loss * (math.nan if first else 1.0)).backward()
+        clipper(model, optimizer=opt)
+        if first and first.pop():
+            raise RuntimeError("transient failure")
+        return loss
+
+    with pytest.raises(RuntimeError, match="transient"):
+        opt.step(closure)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step(closure)
+    assert all(not torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
+
+
 def test_skip_next_step_false_clears_a_settled_hand_overs_flag():
     """README: a settled hand-over's skip flag lasts until the step; clear it with skip_next_step_(opt, False).
     It was not cleared (the flag rode in the settled hand-over, not with the armed ones): a good step skipped."""
