@@ -18,6 +18,7 @@ restores the attributes as they were.
 from __future__ import annotations
 
 import bisect
+import functools
 import operator
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -25,7 +26,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import _reduce, _scale
@@ -45,8 +45,9 @@ _PLAIN_PARAMS = (Tensor, torch.nn.Parameter)  # DTensor parameters (FSDP2) get t
 _MISSING = object()
 # Optimizers holding a coefficient for their next step(): a later call reading the same gradients settles it.
 _WAITING: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
-# Optimizers whose step(closure) is running that closure: their step is under way (see _pre_hook).
-_IN_CLOSURE: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+# ids of optimizers whose step(closure) is running that closure: their step is under way (see _pre_hook). By id:
+# an optimizer class defining __eq__ is not hashable (a WeakSet made its step(closure) raise).
+_IN_CLOSURE: set[int] = set()
 
 
 def step_closure(args: Any, kwargs: Any) -> Any:
@@ -57,15 +58,16 @@ def step_closure(args: Any, kwargs: Any) -> Any:
 def wrap_closure(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple[Any, Any]:
     """A step pre-hook's arguments with the closure wrapped so that :func:`in_closure` holds while it runs."""
     closure = step_closure(args, kwargs)
-    if closure is None or getattr(closure, "_dist_clip_running", None) is optimizer:
-        return args, kwargs
+    if not callable(closure) or getattr(closure, "_dist_clip_running", None) is optimizer:
+        return args, kwargs  # (a step() whose first argument is not a closure is left alone)
 
+    @functools.wraps(closure)  # (its name and attributes, for the user's own step hooks)
     def running(*a: Any, **k: Any) -> Any:
-        _IN_CLOSURE.add(optimizer)
+        _IN_CLOSURE.add(id(optimizer))
         try:
             result = closure(*a, **k)
         finally:
-            _IN_CLOSURE.discard(optimizer)
+            _IN_CLOSURE.discard(id(optimizer))
         stash = optimizer.__dict__.get(_SAVED)
         if stash is not None:
             # Gradients the closure made for the first time (set to None before it): fused SGD's first-step
@@ -82,25 +84,11 @@ def wrap_closure(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tu
     return (args[0], running, *args[2:]), kwargs
 
 
-@torch.compiler.disable
-def _mark_closures(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
-    """A global step pre-hook (every optimizer, registered at import): a closure passed to ``step()`` is wrapped
-    so that :func:`in_closure` holds while it runs, also for the first dist_clip call on an optimizer, which
-    installs dist_clip's own hooks from inside that closure (a first hand-over made there reached no step: the
-    closure's gradients stepped 1767 for 0.001). Nothing else: no closure, nothing done."""
-    if step_closure(args, kwargs) is None:
-        return None
-    return wrap_closure(optimizer, args, kwargs)
-
-
-register_optimizer_step_pre_hook(_mark_closures)
-
-
 def in_closure(optimizer: object) -> bool:
     """Whether ``optimizer.step(closure)`` is running its closure now: a dist_clip call from inside it acts on
     the step under way (a hand-over made then would reach no step: it scales in place instead; a skip arms the
     running step)."""
-    return optimizer in _IN_CLOSURE
+    return id(optimizer) in _IN_CLOSURE
 
 
 def supports_grad_scale(optimizer: torch.optim.Optimizer) -> bool:
@@ -262,7 +250,7 @@ def settle(tensors: Sequence[Tensor]) -> None:
     if overlaps is None:
         return
     for optimizer in list(_WAITING):
-        if optimizer not in _IN_CLOSURE:
+        if id(optimizer) not in _IN_CLOSURE:
             clear_stale(optimizer)  # a step that raised: what it set must not reach a GradScaler's next step
         grads = gradients(optimizer)
         if not any(overlaps(_span(g)) for g in grads):
@@ -347,10 +335,13 @@ def _write_cell(param: Tensor) -> list[int]:
 
 def _install_hooks(optimizer: torch.optim.Optimizer) -> None:
     if _HOOKS not in optimizer.__dict__:
-        optimizer.__dict__[_HOOKS] = (
-            optimizer.register_step_pre_hook(_pre_hook),
-            optimizer.register_step_post_hook(_post_hook),
-        )
+        post = optimizer.register_step_post_hook(_post_hook)
+        # Before the user's own post-hooks: one reading the gradients (a dist_clip call) ran while the hand-over
+        # was still pending and multiplied the coefficient into gradients the fused kernel had already divided.
+        hooks = getattr(optimizer, "_optimizer_step_post_hooks", None)
+        if hasattr(hooks, "move_to_end"):
+            hooks.move_to_end(post.id, last=False)
+        optimizer.__dict__[_HOOKS] = (optimizer.register_step_pre_hook(_pre_hook), post)
 
 
 def arm_skip_(
@@ -372,7 +363,7 @@ def arm_skip_(
     the new flag replaces the old. ``combine=False`` (an explicit ``skip_next_step_``) always replaces it."""
     _install_hooks(optimizer)
     value = flag.reshape(()).to(torch.float32)
-    if optimizer in _IN_CLOSURE:
+    if id(optimizer) in _IN_CLOSURE:
         _arm_running(optimizer, value, combine)
         return
     clear_stale(optimizer)
@@ -510,7 +501,8 @@ def _post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None
         # loop without optimizer= left them clipped (a read after it gave 28.27 for 1.0, and a micro-batch
         # accumulated onto them stepped 1.18 off). Scaled here when the flag is read for free (the CPU).
         if bool(found != 0):
-            _scale.scale_(pending[3], pending[2])
+            stepped = set(map(id, gradients(optimizer)))  # ("fewer": a gradient dropped since is someone else's)
+            _scale.scale_([g for g in pending[3] if id(g) in stepped], pending[2])
     _restore(optimizer, saved)
 
 

@@ -214,6 +214,8 @@ class _SkipGuard:
             if self.saved is None:
                 self._snapshot(optimizer, force=True)
             return
+        if self.armed_in_closure:  # a closure's flag left by a step that raised: replaced, not combined
+            self.flag, self.armed_in_closure = None, False
         now = _fused.grad_state(optimizer)
         if (
             combine

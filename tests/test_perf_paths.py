@@ -1360,30 +1360,63 @@ def test_a_skipped_step_leaves_the_handed_over_gradients_clipped(name):
     assert dist_clip.get_total_norm(model).item() == pytest.approx(1.0, rel=1e-5)
 
 
-@pytest.mark.parametrize("how", ["clip_grad_norm_ optimizer=", "GradClipper skip"])
-def test_a_first_dist_clip_call_inside_a_closure_acts_on_that_step(how):
-    """The first dist_clip call on an optimizer installs its step hooks; made inside step(closure), the step had
-    begun without them: a hand-over reached no step (update 1767 for 0.001) and a skip was dropped (NaN
-    stepped). dist_clip's global step pre-hook marks every closure while it runs."""
-    torch.manual_seed(0)
-    model = nn.Linear(32, 16)
+def test_a_user_post_hook_reading_the_gradients_sees_them_clipped_once():
+    """A user step post-hook registered before the first hand-over ran before dist_clip's: a read there found
+    the hand-over still pending and multiplied the coefficient into gradients the fused kernel had already
+    divided (0.0351 for 1.0). dist_clip's post-hook now runs first."""
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
+    seen = []
+    opt.register_step_post_hook(lambda *_: seen.append(dist_clip.get_total_norm(model).item()))
+    _backward(model, 0)
+    dist_clip.clip_grad_norm_(model, 1.0, optimizer=opt)
+    opt.step()
+    assert seen == [pytest.approx(1.0, rel=1e-5)]
+    assert dist_clip.get_total_norm(model).item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_a_skipped_step_scales_only_the_gradients_it_still_steps():
+    """A gradient dropped from the step after the hand-over (p.grad = None) and rewritten by its keeper was scaled
+    by the post-hook of a skipped step too: 5.0 became 0.1756."""
+    model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=1.0, fused=True)
-    x = torch.randn(8, 32) * (math.nan if how == "GradClipper skip" else 1.0)
+    _backward(model, 0)
+    dist_clip.clip_grad_norm_(model, 1.0, optimizer=opt)
+    last = list(model.parameters())[-1]
+    kept, last.grad = last.grad, None
+    kept.fill_(5.0)
+    dist_clip.skip_next_step_(opt, torch.tensor(True))
+    opt.step()
+    assert bool((kept == 5.0).all())
+
+
+def test_an_explicit_skip_before_the_retry_of_a_closure_that_raised_is_kept():
+    """Non-fused: a closure armed a skip and raised; skip_next_step_(opt, True) before the retry was dropped
+    with the closure's flag (the retry stepped 0.1)."""
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+    _backward(model, 0)
+    clipper(model, optimizer=opt)
+    opt.step()
+    first = [True]
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = model(x).square().sum()
-        loss.backward()
-        if how == "GradClipper skip":
-            dist_clip.GradClipper(max_norm=1e-3, on_nonfinite="skip")(model, optimizer=opt)
-        else:
-            dist_clip.clip_grad_norm_(model, 1e-3, optimizer=opt)
+        loss = model(torch.randn(16, 32, generator=torch.Generator().manual_seed(9))).square().sum()
+        (loss * (math.nan if first else 1.0)).backward()
+        if first:
+            clipper(model, optimizer=opt)
+            first.pop()
+            raise RuntimeError("transient failure")
         return loss
 
-    before = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+    with pytest.raises(RuntimeError, match="transient"):
+        opt.step(closure)
+    dist_clip.skip_next_step_(opt, torch.tensor(True))
+    before = [p.detach().clone() for p in model.parameters()]
     opt.step(closure)
-    moved = (torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - before).norm().item()
-    assert moved == (0.0 if how == "GradClipper skip" else pytest.approx(1e-3, rel=1e-4)), moved
+    assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
 
 
 @pytest.mark.parametrize("fused", [False, True])
