@@ -379,13 +379,24 @@ def arm_skip_(
         optimizer.__dict__[_PENDING] = (pending[0], torch.zeros_like(pending[1]), *pending[2:])
 
 
+def _attributes(optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
+    """The ``grad_scale`` and ``found_inf`` the optimizer holds now (``_MISSING`` where none), as :func:`_restore`
+    puts them back."""
+    return optimizer.__dict__.get("grad_scale", _MISSING), optimizer.__dict__.get("found_inf", _MISSING)
+
+
+def _closure_stash(optimizer: torch.optim.Optimizer) -> tuple[Any, list[Tensor], None, None]:
+    """The post-hook's record for a closure step with nothing handed over yet: the attributes to put back and
+    fused SGD's first-step preparation, for a skip the closure may arm (:func:`_arm_running`)."""
+    return _attributes(optimizer), _prepare_sgd_first_step(optimizer), None, None
+
+
 def _arm_running(optimizer: torch.optim.Optimizer, value: Tensor, combine: bool) -> None:
     """Arm the step under way (a call inside its closure): ``found_inf`` is read by the fused kernel after the
     closure returns, and put back by the post-hook (the pre-hook saved it: see :func:`_pre_hook`)."""
     stash = optimizer.__dict__.get(_SAVED)
     if stash is None:  # hooks installed by this very call (the closure was wrapped by a GradClipper's own hook)
-        saved = (optimizer.__dict__.get("grad_scale", _MISSING), optimizer.__dict__.get("found_inf", _MISSING))
-        stash = (saved, _prepare_sgd_first_step(optimizer), None, None)
+        stash = _closure_stash(optimizer)
     base = stash[0][1] if not combine else optimizer.__dict__.get("found_inf", _MISSING)
     if isinstance(base, Tensor):
         value = torch.maximum(_reduce.moved(base, value.device).to(value.dtype), value)
@@ -456,8 +467,7 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple
         # attributes are saved for the post-hook whatever is pending (a skip armed in the closure was dropped).
         args, kwargs = wrap_closure(optimizer, args, kwargs)
         if pending is None and skip is None:
-            saved = (optimizer.__dict__.get("grad_scale", _MISSING), optimizer.__dict__.get("found_inf", _MISSING))
-            optimizer.__dict__[_SAVED] = (saved, _prepare_sgd_first_step(optimizer), None, None)
+            optimizer.__dict__[_SAVED] = _closure_stash(optimizer)
             return args, kwargs
     if pending is None and skip is None:
         _WAITING.discard(optimizer)
@@ -467,7 +477,7 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple
         scale = None  # settled: the gradients hold the coefficient, the step keeps only the flag
     if pending is not None and skip is not None:
         found = torch.maximum(found, _reduce.moved(skip, found.device))
-    saved = (optimizer.__dict__.get("grad_scale", _MISSING), optimizer.__dict__.get("found_inf", _MISSING))
+    saved = _attributes(optimizer)
     theirs_scale, theirs_found = saved
     if scale is not None and isinstance(theirs_scale, Tensor):
         scale = scale * _reduce.moved(theirs_scale, scale.device)

@@ -244,7 +244,7 @@ class _SkipGuard:
             self._snapshot(optimizer)
             return None
         self.armed_on = None
-        if getattr(self, "armed_in_closure", False):
+        if self.armed_in_closure:
             # Armed inside the closure of a step that raised: that step's flag, not this retry's (ORed into the
             # retry's False, a good step was skipped and every later one came one behind).
             self.flag = None

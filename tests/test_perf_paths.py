@@ -1390,39 +1390,10 @@ def test_a_skipped_step_scales_only_the_gradients_it_still_steps():
     assert bool((kept == 5.0).all())
 
 
-def test_an_explicit_skip_before_the_retry_of_a_closure_that_raised_is_kept():
-    """Non-fused: a closure armed a skip and raised; skip_next_step_(opt, True) before the retry was dropped
-    with the closure's flag (the retry stepped 0.1)."""
-    model = _model()
-    opt = torch.optim.Adam(model.parameters(), lr=0.1)
-    clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
-    _backward(model, 0)
-    clipper(model, optimizer=opt)
-    opt.step()
-    first = [True]
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = model(torch.randn(16, 32, generator=torch.Generator().manual_seed(9))).square().sum()
-        (loss * (math.nan if first else 1.0)).backward()
-        if first:
-            clipper(model, optimizer=opt)
-            first.pop()
-            raise RuntimeError("transient failure")
-        return loss
-
-    with pytest.raises(RuntimeError, match="transient"):
-        opt.step(closure)
-    dist_clip.skip_next_step_(opt, torch.tensor(True))
-    before = [p.detach().clone() for p in model.parameters()]
-    opt.step(closure)
-    assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
-
-
-@pytest.mark.parametrize("fused", [False, True])
-def test_a_skip_armed_in_a_closure_that_raised_does_not_skip_the_retry(fused):
-    """A closure armed a skip (NaN gradients) and then raised: the step never ran its post-hook, and the retry's
-    False was ORed into that True: the good retry was skipped and every later step came one behind."""
+def _closure_that_arms_a_skip_then_raises(fused: bool, clip_on_retry: bool) -> tuple:
+    """An Adam with a skip-policy GradClipper, stepped once (hooks in place), and a closure whose first call
+    makes NaN gradients, arms the clipper's skip and raises; later calls make finite gradients (clipped again
+    when ``clip_on_retry``)."""
     model = _model()
     opt = torch.optim.Adam(model.parameters(), lr=0.1, fused=fused)
     clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
@@ -1435,11 +1406,32 @@ def test_a_skip_armed_in_a_closure_that_raised_does_not_skip_the_retry(fused):
         opt.zero_grad()
         loss = model(torch.randn(16, 32, generator=torch.Generator().manual_seed(9))).square().sum()
         (loss * (math.nan if first else 1.0)).backward()
-        clipper(model, optimizer=opt)
+        if first or clip_on_retry:
+            clipper(model, optimizer=opt)
         if first and first.pop():
             raise RuntimeError("transient failure")
         return loss
 
+    return model, opt, closure
+
+
+def test_an_explicit_skip_before_the_retry_of_a_closure_that_raised_is_kept():
+    """Non-fused: a closure armed a skip and raised; skip_next_step_(opt, True) before the retry was dropped
+    with the closure's flag (the retry stepped 0.1)."""
+    model, opt, closure = _closure_that_arms_a_skip_then_raises(fused=False, clip_on_retry=False)
+    with pytest.raises(RuntimeError, match="transient"):
+        opt.step(closure)
+    dist_clip.skip_next_step_(opt, torch.tensor(True))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step(closure)
+    assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_skip_armed_in_a_closure_that_raised_does_not_skip_the_retry(fused):
+    """A closure armed a skip (NaN gradients) and then raised: the step never ran its post-hook, and the retry's
+    False was ORed into that True: the good retry was skipped and every later step came one behind."""
+    model, opt, closure = _closure_that_arms_a_skip_then_raises(fused=fused, clip_on_retry=True)
     with pytest.raises(RuntimeError, match="transient"):
         opt.step(closure)
     before = [p.detach().clone() for p in model.parameters()]
