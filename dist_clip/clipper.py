@@ -190,7 +190,12 @@ class _SkipGuard:
         self.armed_on: tuple[list[Tensor], list[int]] | None = None  # grad_state when the flag was armed
         self.saved: tuple[list[Tensor], list[Tensor], dict[int, dict[str, Any]], list[Tensor]] | None = None
         optimizer.register_step_pre_hook(self._pre)
-        optimizer.register_step_post_hook(self._post)
+        post = optimizer.register_step_post_hook(self._post)
+        # Before the user's own post-hooks (as _fused's): one keeping an average of the parameters (EMA) read the
+        # skipped step's NaN parameters before this hook put them back, and kept the NaN for good.
+        hooks = getattr(optimizer, "_optimizer_step_post_hooks", None)
+        if hasattr(hooks, "move_to_end"):
+            hooks.move_to_end(post.id, last=False)
 
     def arm(
         self,

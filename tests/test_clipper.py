@@ -527,3 +527,32 @@ def test_group_limits_that_holders_of_one_slot_give_differently_are_found(p):
         _limits_agree(combine(_group_membership([0], p, [limit]), _group_membership([0], p, [limit])), slot, p, ["g"])
         three = combine(*[_group_membership([0, -1], p, [limit])] * 3, _group_membership([-1, 0], p, [limit]))
         _limits_agree(three, torch.tensor([0, 0]), p, ["g"])
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_user_post_hook_sees_a_skipped_step_undone(fused):
+    """A user step post-hook (an EMA of the parameters) registered before the first skip ran before dist_clip's
+    restore on a non-fused optimizer: it averaged the skipped step's NaN parameters in and kept NaN for good."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1, fused=fused)
+    ema = [p.detach().clone() for p in model.parameters()]
+
+    def update(*_):
+        with torch.no_grad():
+            for e, p in zip(ema, model.parameters()):
+                e.mul_(0.5).add_(p, alpha=0.5)
+
+    opt.register_step_post_hook(update)
+    clipper = GradClipper(max_norm=1.0, on_nonfinite="skip")
+    for step, bad in enumerate([False, True, False]):
+        model.zero_grad()
+        model(torch.randn(2, 4)).sum().backward()
+        if bad:
+            model.weight.grad[0, 0] = float("nan")
+        before = [p.detach().clone() for p in model.parameters()]
+        clipper(model, optimizer=opt)
+        opt.step()
+        if bad:
+            assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
+        assert all(torch.isfinite(e).all() for e in ema), f"step {step}: the EMA read the skipped step"
