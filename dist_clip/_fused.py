@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import functools
 import operator
+import sys
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -48,6 +49,9 @@ _WAITING: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
 # ids of optimizers whose step(closure) is running that closure: their step is under way (see _pre_hook). By id:
 # an optimizer class defining __eq__ is not hashable (a WeakSet made its step(closure) raise).
 _IN_CLOSURE: set[int] = set()
+_STEP = "_dist_clip_step"  # the frame of torch's step wrapper running this optimizer's step (see mark_step)
+# The code of torch's step wrapper (Optimizer.profile_hook_step's), which runs the pre-hooks, step and post-hooks.
+_STEP_CODE = torch.optim.Optimizer.profile_hook_step(lambda *a, **k: None).__code__
 
 
 def step_closure(args: Any, kwargs: Any) -> Any:
@@ -89,6 +93,45 @@ def in_closure(optimizer: object) -> bool:
     the step under way (a hand-over made then would reach no step: it scales in place instead; a skip arms the
     running step)."""
     return id(optimizer) in _IN_CLOSURE
+
+
+def mark_step(optimizer: torch.optim.Optimizer) -> None:
+    """Called by dist_clip's step pre-hooks: remember the frame of torch's step wrapper running them, so that a
+    dist_clip call made before dist_clip's post-hook (a user's pre-hook registered after dist_clip's, the step
+    itself) is known to act on the step under way (:func:`in_step`) and not to follow a step that raised."""
+    frame = sys._getframe(1)
+    for _ in range(8):  # the hook, torch.compiler.disable's wrapper, then torch's loop over the pre-hooks
+        if frame is None or frame.f_code is _STEP_CODE:
+            break
+        frame = frame.f_back
+    if frame is not None and frame.f_code is _STEP_CODE:
+        optimizer.__dict__[_STEP] = frame
+    else:  # (a hook called some other way, or a compiled step: no frame to tell)
+        optimizer.__dict__.pop(_STEP, None)
+
+
+def unmark_step(optimizer: torch.optim.Optimizer) -> None:
+    """Called by dist_clip's step post-hooks (the step is over)."""
+    optimizer.__dict__.pop(_STEP, None)
+
+
+def in_step(optimizer: object) -> bool:
+    """Whether ``optimizer.step()`` is under way: its closure runs (:func:`in_closure`), or dist_clip's step
+    pre-hook ran and its post-hook has not yet (a user's step pre-hook registered after dist_clip's calling
+    dist_clip: a hand-over made there reached no step, and a norm read there put back the skip flag the
+    pre-hook had just set, as for a step that raised: the NaN step was taken). A step that raised left its
+    mark, but its frame is no longer on the stack."""
+    if id(optimizer) in _IN_CLOSURE:
+        return True
+    marked = getattr(optimizer, "__dict__", {}).get(_STEP)
+    if marked is None:
+        return False
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame is marked:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def supports_grad_scale(optimizer: torch.optim.Optimizer) -> bool:
@@ -250,7 +293,8 @@ def settle(tensors: Sequence[Tensor]) -> None:
     if overlaps is None:
         return
     for optimizer in list(_WAITING):
-        if id(optimizer) not in _IN_CLOSURE:
+        running = in_step(optimizer)
+        if not running:
             clear_stale(optimizer)  # a step that raised: what it set must not reach a GradScaler's next step
         grads = gradients(optimizer)
         if not any(overlaps(_span(g)) for g in grads):
@@ -266,45 +310,66 @@ def settle(tensors: Sequence[Tensor]) -> None:
             # get_total_norm, and the NaN step ran), as in the step's own check (_pre_hook).
             continue
         del optimizer.__dict__[_PENDING]
-        verdict = _verdict(held, versions, grads)
-        if verdict not in ("same", "intact", "fewer"):
+        verdict, kept = _verdict(held, versions, grads)
+        if verdict in ("stale", "written"):
             # Dropped without a word here: a step skipped, then gradients zeroed in place and recomputed, looks
             # the same as an accumulation after the clip; the step itself warns if it would take them unclipped.
             _WAITING.discard(optimizer)
             continue
-        if coef is not None:
-            # "fewer": the measured gradients still stepped (grads, all held); the ones dropped since are gone.
-            _scale.scale_(grads if verdict == "fewer" else held, coef)
+        if verdict == "replaced":
+            _warn_replaced()
+        _scale.scale_(kept, coef)
         _stash(optimizer, torch.ones_like(scale), found, None, grads)
+        saved = optimizer.__dict__.get(_SAVED)
+        if running and saved is not None and saved[3] is not None and optimizer.__dict__.get("grad_scale") is saved[3]:
+            # The step under way was handed the coefficient as grad_scale by its pre-hook: it is in the gradients
+            # now, so the kernel divides by what was there before (a GradScaler's scale, or nothing) only.
+            _restore_one(optimizer, "grad_scale", saved[0][0])
+            optimizer.__dict__[_SAVED] = (*saved[:3], None)
 
 
-def _verdict(held: list[Tensor], versions: list[int], grads: list[Tensor]) -> str:
+def _verdict(held: list[Tensor], versions: list[int], grads: list[Tensor]) -> tuple[str, list[Tensor]]:
     """What became of the gradients ``held`` a coefficient was measured on, now that the optimizer steps
-    ``grads``: "same" (the very tensors, not written since), "intact" (not written, but the optimizer now steps
-    others too: a param group added since), "fewer" (not written, but some of them are no longer stepped: a
-    ``p.grad`` set to None since; every gradient stepped was measured, so the coefficient still applies to
-    each, as after a clip that scaled them in place), "stale" (replaced: the next batch, after ``zero_grad()``
-    to None; the coefficient is dropped, as a loop without ``optimizer=`` would step them unclipped) or
-    "written" (the same tensors written in place since: ``zero_grad(set_to_none=False)`` then backward, or a
-    further backward accumulating into them; dropped, with a warning where the step then takes them
-    unclipped). A view's version counter is its whole buffer's (DDP's bucket views): a write to another view
-    of it would look like a change, so views are checked by identity alone (README's Limits)."""
+    ``grads``, and which of them take the coefficient in place if the step's ``grad_scale`` cannot:
+
+    * "same": the very tensors, none written since (``grad_scale`` clips them in the step);
+    * "written": a stepped one written in place since (``zero_grad(set_to_none=False)`` then backward, or a
+      further backward accumulating into them): dropped, with a warning where the step then takes them unclipped;
+    * "stale": none of them is stepped any more (replaced: the next batch, after ``zero_grad()`` to None): dropped,
+      as a loop without ``optimizer=`` would step the new ones unclipped;
+    * "kept": some still stepped, unwritten, beside new ones (a param group added since, a gradient set where
+      there was none) or with some no longer stepped (``p.grad = None`` since): every held gradient not written
+      since is scaled in place (stepped or kept aside by the user, as a clip in place would have left it), and
+      the new ones step unclipped;
+    * "replaced": as "kept", where some were also replaced out of place (``p.grad = p.grad + noise``): the loop
+      without ``optimizer=`` stepped the replacement of a clipped gradient, so the step warns (every gradient was
+      dropped: the untouched ones stepped 370 times too large).
+
+    A view's version counter is its whole buffer's (DDP's bucket views): a write to another view of it would
+    look like a change, so views are checked by identity alone or by a count of backwards (:func:`_unwritten`)."""
     if same_tensors(held, grads):
-        verdict = "same"
-    else:
-        stepped = set(map(id, grads))
-        if all(id(a) in stepped for a in held):
-            verdict = "intact"
-        elif len(stepped) < len(held) and stepped <= set(map(id, held)):
-            verdict = "fewer"
-            # Only the gradients still stepped matter: a dropped one may be rewritten by whoever kept it.
-            versions = [v for a, v in zip(held, versions) if id(a) in stepped]
-            held = [a for a in held if id(a) in stepped]
-        else:
-            return "stale"
-    if not all(_unwritten(a, v) for a, v in zip(held, versions)):
-        return "written"
-    return verdict
+        if all(_unwritten(a, v) for a, v in zip(held, versions)):
+            return "same", held
+        return "written", []
+    stepped = set(map(id, grads))
+    still = [(a, v) for a, v in zip(held, versions) if id(a) in stepped]
+    if not still:
+        return "stale", []
+    if not all(_unwritten(a, v) for a, v in still):
+        return "written", []
+    kept = [a for a, v in zip(held, versions) if id(a) in stepped or _unwritten(a, v)]
+    new = len(stepped) > len(still)
+    gone = len(still) < len(held)
+    return ("replaced" if new and gone else "kept"), kept
+
+
+def _warn_replaced() -> None:
+    warn_at_caller(
+        "dist_clip: some gradients handed to this optimizer's step() with a clip coefficient were replaced out of "
+        "place after the clip (p.grad = f(p.grad)): the replacements, computed from unclipped gradients, step "
+        "unclipped, while the gradients left as they were are clipped. Edit gradients before the clip, or clip "
+        "without optimizer="
+    )
 
 
 def _unwritten(grad: Tensor, seen: Any) -> bool:
@@ -363,7 +428,7 @@ def arm_skip_(
     the new flag replaces the old. ``combine=False`` (an explicit ``skip_next_step_``) always replaces it."""
     _install_hooks(optimizer)
     value = flag.reshape(()).to(torch.float32)
-    if id(optimizer) in _IN_CLOSURE:
+    if in_step(optimizer):
         _arm_running(optimizer, value, combine)
         return
     clear_stale(optimizer)
@@ -435,21 +500,27 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple
     # settled by dist_clip calls meanwhile and checked against the gradients then as any hand-over is (a retry on
     # the same gradients is clipped, a new backward's are not: they were divided by the old coefficient).
     clear_stale(optimizer)
+    mark_step(optimizer)
     pending = optimizer.__dict__.get(_PENDING)
     armed = optimizer.__dict__.get(_SKIP)
     grads = gradients(optimizer) if pending is not None else []
     closure = step_closure(args, kwargs)
     if pending is not None and pending[2] is not None:
-        verdict = _verdict(pending[3], pending[4], grads)
-        if verdict == "intact" or (closure is not None and verdict in ("same", "fewer")):
-            # Measured gradients untouched, others added to the optimizer since (add_param_group): grad_scale
-            # would divide those too, so the measured ones are scaled here and the step keeps only the flag.
-            # So too under step(closure): the closure runs inside step(), after this hook, and writes new
-            # gradients, which grad_scale would have divided by the old coefficient (x1/8000 of the plain step).
-            _scale.scale_(pending[3], pending[2])
-            _stash(optimizer, torch.ones_like(pending[0]), pending[1], None, pending[3])  # as settle() leaves it
+        verdict, kept = _verdict(pending[3], pending[4], grads)
+        in_place = closure is not None or not supports_grad_scale(optimizer)
+        if verdict in ("kept", "replaced") or (verdict == "same" and in_place):
+            # Measured gradients untouched beside others (add_param_group, a gradient replaced or set to None):
+            # grad_scale would divide the new ones too and miss the ones kept aside, so the measured ones are
+            # scaled here and the step keeps only the flag. So too under step(closure): the closure runs inside
+            # step(), after this hook, and writes new gradients, which grad_scale would have divided by the old
+            # coefficient (x1/8000 of the plain step); and for an optimizer no longer fused (its param groups
+            # loaded from a non-fused run's state_dict: torch's step refused the grad_scale it does not read).
+            if verdict == "replaced":
+                _warn_replaced()
+            _scale.scale_(kept, pending[2])
+            _stash(optimizer, torch.ones_like(pending[0]), pending[1], None, grads)  # as settle() leaves it
             pending = optimizer.__dict__[_PENDING]
-        elif verdict not in ("same", "fewer"):  # fewer: grad_scale reaches only stepped gradients, all measured
+        elif verdict != "same":
             if verdict == "written":
                 warn_at_caller(  # the line calling step(), past torch's step wrappers and hooks
                     "dist_clip: the clip coefficient handed to this optimizer's step() was dropped: its gradients "
@@ -462,6 +533,9 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple
     # A coefficient already applied by settle() leaves only its skip flag, which lasts until this step whatever
     # wrote the gradients since (a later clip of part of them: dropping it took a NaN step).
     skip = armed[0] if armed is not None else None
+    if not supports_grad_scale(optimizer):
+        _no_longer_fused(optimizer, pending[1] if pending is not None else None, skip)
+        return None
     if closure is not None:
         # The closure runs inside this step: dist_clip calls from it act on this step (in_closure), so the
         # attributes are saved for the post-hook whatever is pending (a skip armed in the closure was dropped).
@@ -492,8 +566,26 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple
     return (args, kwargs) if closure is not None else None
 
 
+def _no_longer_fused(optimizer: torch.optim.Optimizer, *flags: Tensor | None) -> None:
+    """The optimizer was fused at the hand-over and is not now (its param groups loaded from a non-fused run's
+    ``state_dict``): its step reads no ``found_inf`` (torch's step asserted on the one set here, and the step
+    was lost). The coefficient is in the gradients (:func:`_pre_hook`); a skip flag is read on the host (a sync,
+    on this path only) and, where set, refused: the step cannot be made a no-op from here."""
+    for key in (_PENDING, _SKIP, _SAVED):
+        optimizer.__dict__.pop(key, None)
+    _WAITING.discard(optimizer)
+    if any(f is not None and bool(f.any()) for f in flags):
+        raise RuntimeError(
+            f"dist_clip: a skip was armed for this step of {type(optimizer).__name__} while it ran fused, and it "
+            "runs unfused now (its param groups were replaced or loaded from a non-fused state_dict since): the "
+            "step is refused rather than taken with non-finite gradients. Skip it (drop the batch), or arm the "
+            "skip again (GradClipper(on_nonfinite='skip'), skip_next_step_) after the change"
+        )
+
+
 @torch.compiler.disable
 def _post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    unmark_step(optimizer)
     _WAITING.discard(optimizer)
     pending = optimizer.__dict__.pop(_PENDING, None)
     optimizer.__dict__.pop(_SKIP, None)
@@ -529,19 +621,20 @@ def clear_stale(optimizer: torch.optim.Optimizer) -> None:
     for name, value, ours in zip(("grad_scale", "found_inf"), saved, (scale, found)):
         if ours is None or optimizer.__dict__.get(name) is not ours:
             continue  # not set by that step, or replaced since
-        if value is _MISSING:
-            optimizer.__dict__.pop(name, None)
-        else:
-            setattr(optimizer, name, value)
+        _restore_one(optimizer, name, value)
 
 
 def _restore(optimizer: torch.optim.Optimizer, saved: tuple[Any, Any]) -> None:
     """Put back the ``grad_scale`` and ``found_inf`` the optimizer held before the pre-hook (or none)."""
     for name, value in zip(("grad_scale", "found_inf"), saved):
-        if value is _MISSING:
-            optimizer.__dict__.pop(name, None)
-        else:
-            setattr(optimizer, name, value)
+        _restore_one(optimizer, name, value)
+
+
+def _restore_one(optimizer: torch.optim.Optimizer, name: str, value: Any) -> None:
+    if value is _MISSING:
+        optimizer.__dict__.pop(name, None)
+    else:
+        setattr(optimizer, name, value)
 
 
 def hand_over_(

@@ -479,8 +479,10 @@ def clip_grad_norm_(
         shards = resolve(parameters, _check_group(group))
         fold, optimizer = _deepspeed_fold(parameters, optimizer)
         fused = optimizer is not None and _fused.supports_grad_scale(optimizer)  # type: ignore[arg-type]
-        # Inside step(closure), the step is under way: a hand-over would reach no step, so scale in place.
-        fused = fused and not _fused.in_closure(optimizer)
+        # Inside step(closure), or a user's step pre-hook after dist_clip's, the step is under way: a hand-over
+        # would reach no step, so scale in place, and a non-finite total skips the step under way (it was taken).
+        running = fused and _fused.in_step(optimizer)
+        fused = fused and not running
         everything = _all_tensors(shards)
         # Handed over only to an optimizer that steps exactly these gradients; otherwise scaled here, as
         # documented for any other optimizer (its grad_scale would also divide gradients nobody measured, or miss
@@ -512,4 +514,6 @@ def clip_grad_norm_(
             _scale.scale_(everything, factor, foreach, groups)
     else:
         _scale.scale_(everything, coef, foreach, groups)
+    if running:
+        _fused.arm_skip_(optimizer, torch.logical_not(torch.isfinite(wide)))  # type: ignore[arg-type]
     return total

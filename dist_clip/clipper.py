@@ -210,10 +210,11 @@ class _SkipGuard:
             _fused.arm_skip_(optimizer, flag, started, combine)
             self.flag = None
             return
-        if _fused.in_closure(optimizer):
-            # Armed from inside step(closure), for this step (the flag was dropped: a NaN step taken): restored
-            # from the snapshot the pre-hook took at the step's start (LBFGS moves the parameters between its
-            # closure's calls), or, for a guard made inside the closure, one taken now.
+        if _fused.in_step(optimizer):
+            # Armed from inside step(closure) (or a user's step pre-hook after this guard's), for this step (the
+            # flag was dropped: a NaN step taken): restored from the snapshot the pre-hook took at the step's start
+            # (LBFGS moves the parameters between its closure's calls), or, for a guard made inside the closure,
+            # or a snapshot not taken (no flag then), one taken now.
             self.flag = flag if self.flag is None or not combine else self.flag | flag.to(self.flag.device)
             self.armed_in_closure = True
             if self.saved is None:
@@ -243,17 +244,19 @@ class _SkipGuard:
 
     @torch.compiler.disable  # run as Python under torch.compile(opt.step): see _fused._pre_hook
     def _pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
+        _fused.mark_step(optimizer)  # calls from here to the post-hook arm this step (_fused.in_step)
+        if self.armed_in_closure:
+            # Armed inside a step that raised (its closure, or a pre-hook after this one): that step's flag, not
+            # this retry's (ORed into the retry's False, a good step was skipped and every later one came one
+            # behind).
+            self.flag = None
+            self.armed_in_closure = False
         # A closure runs inside this step and may arm a skip for it (see arm): snapshot at the step's start
         # whatever the flag, for the post-hook to restore if one is armed by then.
         if _fused.step_closure(args, kwargs) is None:
             self._snapshot(optimizer)
             return None
         self.armed_on = None
-        if self.armed_in_closure:
-            # Armed inside the closure of a step that raised: that step's flag, not this retry's (ORed into the
-            # retry's False, a good step was skipped and every later one came one behind).
-            self.flag = None
-        self.armed_in_closure = False
         if not _fused.supports_grad_scale(optimizer):  # (a fused one skips through found_inf: nothing to restore)
             self._snapshot(optimizer, force=True)
         return _fused.wrap_closure(optimizer, args, kwargs)
@@ -280,6 +283,7 @@ class _SkipGuard:
 
     @torch.compiler.disable
     def _post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        _fused.unmark_step(optimizer)
         flag, saved = self.flag, self.saved
         self.flag = self.saved = None
         self.armed_in_closure = False
@@ -765,16 +769,23 @@ class GradClipper:
                 if plan is not None or isinstance(target, Mapping):
                     # Pipeline stages, or named pieces whose ranks' optimizers differ (a rank holding nothing of a
                     # parameter may leave it out): every rank's memberships travel in the measurement.
-                    membership = _group_membership(grouping[0], p, grouping[1])
+                    red = plan.reduction_group if plan is not None else _reduce.reduction_group(
+                        s.group for s in shards)  # as _slots.measure finds it: the digests' width follows it
+                    world = _reduce.group_size(red)
+                    membership = _group_membership(grouping[0], p, grouping[1], world)
                     if plan is None:
                         held = {n for s in named.shards for n, t in zip(s.names, s.tensors) if t.numel() > 0}
-                        membership = torch.cat([membership, _group_signatures(grouping[0], named.names, held, p)])
+                        membership = torch.cat(
+                            [membership, _group_signatures(grouping[0], named.names, held, p, world)])
             settings = cfg.settings if plan is None else f"{cfg.settings}, {plan.settings}"
             if cfg.mode == "per_group" and membership is None:
                 # The group limits do not travel in the measurement here (every rank's optimizer holds the same
                 # groups): a rank with another group max_norm clipped a parameter's pieces by another coefficient.
                 assert grouping is not None
                 settings += f", group_limits=[{', '.join(repr(float(x)) for x in grouping[1])}]"
+                # and which parameter is in which group: ranks grouping them differently under the same limits
+                # (FSDP2, FSDP1 use_orig_params) clipped one parameter's shards by different coefficients
+                settings += f", groups_of={grouping[0]}"
             if self._threshold is not None:
                 # How many norms the adaptive threshold has seen (host-side): a checkpoint loaded on one rank only
                 # gave each rank its own threshold, so one gradient was scaled by a different factor on each.
@@ -1063,67 +1074,84 @@ def _refuse_together(plan: ParallelPlan, p: float, per_group: bool) -> bool:
     return True
 
 
-def _group_membership(groups_of: Sequence[int], p: float, limits: Sequence[float] = ()) -> Tensor:
+def _group_membership(groups_of: Sequence[int], p: float, limits: Sequence[float] = (), world: int = 1) -> Tensor:
     """Under a plan each pipeline stage's optimizer holds its own stage's parameters only: which slot is in which
     group travels in the measurement's all-reduce, so that every rank sees every stage's groups. Per slot,
     ``group + 1`` where this rank's optimizer holds it (else 0), then 1 where it holds it: summed, the first over
     the second is ``group + 1`` (tensor-parallel ranks hold the same slot in the same group); maxed, the first
     is. A third row tells whether the holders agree: summed, ``(group + 1)**2`` (they agree where its product
     with the holders is the first row squared); maxed, ``-(group + 1)`` (they agree where it is minus the first).
-    The length depends on the slots only: stages may have different numbers of groups. Two more rows carry the
+    The length depends on the slots only: stages may have different numbers of groups. Three more rows carry the
     limit (``max_norm``) of each slot's group, so that a group whose stages give it different limits is found on
-    every rank alike (see :func:`_limits_agree`): summed, ``t = 1 / (1 + limit)`` and ``t**2`` where held;
-    maxed, ``limit`` and ``-limit`` (-inf where not held)."""
-    gi = torch.tensor(list(groups_of) or [-1], dtype=torch.float64)
+    every rank alike (see :func:`_limits_agree`): summed, ``t = 1 / (1 + limit)`` (for the value) and a digest
+    ``d`` of the limit and ``d**2`` (for the comparison, exact: :func:`_slots._digest_values` for ``world``
+    ranks; comparing t and t**2 within a tolerance let 1e-6 and 2e-6, or 0 and 1e-6, pass as one limit);
+    maxed, ``limit``, ``-limit`` (-inf where not held) and zeros."""
+    gi = torch.tensor(list(groups_of) or [-1], dtype=torch.long)
     held = (gi >= 0).to(torch.float64)
-    third = torch.where(held > 0, -(gi + 1), -1e9) if math.isinf(p) else (gi + 1) ** 2 * held
-    lim = torch.tensor([float(limits[g]) if 0 <= g < len(limits) else 0.0 for g in (list(groups_of) or [-1])],
-                       dtype=torch.float64)
+    third = torch.where(held > 0, -(gi + 1.0), -1e9) if math.isinf(p) else (gi + 1.0) ** 2 * held
+    values = [float(x) + 0.0 for x in limits] or [0.0]  # (+ 0.0: -0.0 is the limit 0.0)
+    at = gi.clamp(min=0, max=len(values) - 1)
+    lim = torch.tensor(values, dtype=torch.float64)[at]
     if math.isinf(p):
         none = torch.full_like(lim, -math.inf)
-        fourth, fifth = torch.where(held > 0, lim, none), torch.where(held > 0, -lim, none)
-    else:  # summed: t = 1 / (1 + limit), in [0, 1] for any limit >= 0 (inf: 0), so that sums stay finite
-        t = 1.0 / (1.0 + lim)
-        fourth, fifth = t * held, t * t * held
-    return torch.cat([(gi + 1) * held, held, third, fourth, fifth])
+        rows = [torch.where(held > 0, lim, none), torch.where(held > 0, -lim, none), torch.zeros_like(lim)]
+    else:  # t = 1 / (1 + limit), in [0, 1] for any limit >= 0 (inf: 0), so that sums stay finite
+        digests = torch.stack([_slots._digest_values(repr(v).encode(), p, world)[:2] for v in values])[at]
+        rows = [held / (1.0 + lim), digests[:, 0] * held, digests[:, 1] * held]
+    return torch.cat([(gi + 1.0) * held, held, third, *rows])
 
 
-def _group_signatures(groups_of: Sequence[int], names: Sequence[str], held: set[str], p: float) -> Tensor:
-    """Three more rows per slot for named pieces without a plan, telling whether the ranks listing a slot agree
+_MEMBERSHIP_ROWS = 6  # the rows of _group_membership; _group_signatures' follow
+
+
+def _group_signatures(groups_of: Sequence[int], names: Sequence[str], held: set[str], p: float,
+                      world: int = 1) -> Tensor:
+    """Five more rows per slot for named pieces without a plan, telling whether the ranks listing a slot agree
     on the *set* of slots in its group (which the group numbers cannot tell when ranks number groups
-    differently): a rank listing slot s gives the signature of its group, the sum over the group's slots j of
-    ``w_j = 1 + frac(j * golden ratio)``; a rank holding a piece of s without listing it gives -1. Summed: the
-    participants, the signatures and their squares (all equal iff sum**2 == count * sum of squares); maxed:
-    the largest signature and minus the smallest (-inf where not taking part), and a row of zeros."""
+    differently): a rank listing slot s gives the signature of its group, two digests of the names of the
+    group's slots (:func:`_slots._digest_values` for ``world`` ranks: exact integers, compared exactly; a sum of
+    golden-ratio weights per slot before made {0, 3} and {1, 2} one set, and 1200 slots compared within a
+    tolerance another pair); a rank holding a piece of s without listing it gives -1. Summed: the participants,
+    then each digest and its square (all equal iff sum**2 == count * sum of squares); maxed: each digest and
+    minus it (-inf where not taking part), and a row of zeros."""
     n = max(len(groups_of), 1)
-    gi = torch.tensor(list(groups_of) or [-1], dtype=torch.long)
-    w = 1.0 + torch.frac(torch.arange(n, dtype=torch.float64) * 0.6180339887498949)
-    listed = gi >= 0
-    width = int(gi.max()) + 1 if bool(listed.any()) else 1
-    sums = torch.zeros(width, dtype=torch.float64).index_add_(0, gi[listed], w[listed])
-    sig = torch.where(listed, sums[gi.clamp(min=0)], -1.0)
-    holds = torch.tensor([name in held for name in names] or [False])
-    takes_part = listed | holds
+    members: dict[int, list[str]] = {}
+    for g, name in zip(groups_of, names):
+        if g >= 0:
+            members.setdefault(g, []).append(name)
+    unlisted = [-1.0, 1.0, -1.0, 1.0]  # a digest of -1 (its square, or minus it, 1)
+    by_group = {g: _slots._digest_values("\x00".join(sorted(m)).encode(), p, world).tolist()
+                for g, m in members.items()}
+    holds = [name in held for name in names] or [False]
+    rows: list[list[float]] = []
+    for i in range(n):
+        g = groups_of[i] if i < len(groups_of) else -1
+        if g >= 0:
+            rows.append(by_group[g])
+        elif holds[i]:
+            rows.append(unlisted)
+        else:
+            rows.append([-math.inf] * 4 if math.isinf(p) else [0.0] * 4)
+    sig = torch.tensor(rows, dtype=torch.float64).T
     if math.isinf(p):
-        none = torch.full((n,), -math.inf, dtype=torch.float64)
-        return torch.cat([torch.where(takes_part, sig, none), torch.where(takes_part, -sig, none),
-                          torch.zeros(n, dtype=torch.float64)])
-    part = takes_part.to(torch.float64)
-    return torch.cat([part, sig * part, sig * sig * part])
+        return torch.cat([sig.reshape(-1), torch.zeros(n, dtype=torch.float64)])
+    part = (sig[0] != 0).to(torch.float64)
+    return torch.cat([part, sig.reshape(-1)])
 
 
 def _slot_limits(rows: Tensor, p: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Each slot's group limit from rows 4-5 of :func:`_group_membership`: whether every holder gives the same
-    (summed: t = 1 / (1 + limit) and t**2 agree iff (sum t)**2 == holders * sum t**2; maxed: the largest and
-    smallest match), the value to compare limits by, and the limit. Compared as t when summed: the limit
-    recovered from t loses its digits for tiny limits (1/t - 1 at 1e-8), and sums over different numbers of
-    holders then read as different limits."""
-    holders, fourth, fifth = rows[1], rows[3], rows[4]
+    """Each slot's group limit from rows 4-6 of :func:`_group_membership`: whether every holder gives the same
+    (summed: the digests d and d**2 agree iff (sum d)**2 == holders * sum d**2, exactly; maxed: the largest and
+    smallest match), the value to compare limits by (the digest, or the limit itself when maxed), and the limit
+    (summed: from t = 1 / (1 + limit), which loses digits for tiny limits: only for the clipped flag)."""
+    holders = rows[1]
     if math.isinf(p):
-        return fourth == -fifth, fourth, fourth  # the limit itself (exact under MAX)
-    known = torch.isclose(fourth * fourth, holders * fifth, rtol=1e-12, atol=1e-300)
-    t = fourth / holders.clamp(min=1)
-    return known, t, torch.where(t > 0, 1.0 / t - 1.0, math.inf)
+        return rows[3] == -rows[4], rows[3], rows[3]  # the limit itself (exact under MAX)
+    t, d, d2 = rows[3], rows[4], rows[5]
+    known = d * d == holders * d2
+    mean = t / holders.clamp(min=1)
+    return known, d / holders.clamp(min=1), torch.where(mean > 0, 1.0 / mean - 1.0, math.inf)
 
 
 def _group_limits_agree(rows: Tensor, combined: Tensor, p: float) -> Tensor:
@@ -1137,19 +1165,20 @@ def _group_limits_agree(rows: Tensor, combined: Tensor, p: float) -> Tensor:
     order = torch.argsort(key, stable=True)
     k, v = key[order], value[order]
     same_group = (k[1:] == k[:-1]) & (k[1:] >= 0)
-    close = torch.isclose(v[1:], v[:-1], rtol=1e-12, atol=0) | (torch.isinf(v[1:]) & torch.isinf(v[:-1]))
-    return ok & (close | ~same_group).all()
+    return ok & ((v[1:] == v[:-1]) | ~same_group).all()
 
 
 def _own_groups_agree(rows: Tensor, p: float) -> Tensor:
     """Whether each rank's own numbering is right: for every slot, the ranks listing it (or holding a piece of
     it) give the same group signature (:func:`_group_signatures`) and the same limit. A device bool."""
     holders = rows[1]
-    a, b, c = rows[5], rows[6], rows[7]
+    sig = rows[_MEMBERSHIP_ROWS:]
     if math.isinf(p):
-        sig_ok = (a == -b) | torch.isinf(a)  # -inf: nobody takes part
+        a1, b1, a2, b2 = sig[:4]
+        sig_ok = ((a1 == -b1) & (a2 == -b2)) | torch.isinf(a1)  # -inf: nobody takes part
     else:
-        sig_ok = torch.isclose(b * b, a * c, rtol=1e-12, atol=1e-300)
+        part, s1, q1, s2, q2 = sig[:5]
+        sig_ok = (s1 * s1 == part * q1) & (s2 * s2 == part * q2)
     lim_ok, _, _ = _slot_limits(rows, p)
     return (sig_ok & (lim_ok | (holders <= 0))).all()
 
@@ -1178,12 +1207,12 @@ def _limits_agree(extra: Tensor, combined: Tensor, p: float, labels: Sequence[st
         shown.setdefault(g, set()).add(limit)
         if not ok:
             split.add(g)
-    # Sums over different numbers of holders round differently: values within 1e-12 of each other agree.
-    bad = sorted(split | {g for g, v in values.items() if not math.isclose(min(v), max(v), rel_tol=1e-12)})
+    bad = sorted(split | {g for g, v in values.items() if len(v) > 1})  # compared exactly (digests, or MAX)
     if bad:
         g = bad[0]
         label = labels[g] if g < len(labels) else f"param_group{g}"
-        seen = "" if g in split else f" ({', '.join(f'{v:g}' for v in sorted(shown[g]))})"
+        short = sorted({f"{v:g}" for v in shown[g]})
+        seen = "" if g in split else f" ({', '.join(short if len(short) > 1 else map(repr, sorted(shown[g])))})"
         raise ValueError(
             f"param group {g} ({label!r}) has different max_norm on different ranks{seen}: every stage's optimizer "
             "must give a group the same limit, or the group's pieces are clipped by different coefficients"

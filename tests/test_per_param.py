@@ -458,3 +458,66 @@ def test_wrapper_parts_are_dropped_from_names_as_whole_parts_only():
     clash.weight.grad, clash._orig_mod.weight.grad = torch.ones(2), torch.ones(2, 2)
     with pytest.raises(ValueError, match="two different tensors of the target are named 'weight'"):
         GradClipper(max_norm=1.0, report=True)(clash)
+
+
+def body_group_checks_are_exact() -> list:
+    """Three checks that let a wrong layout through, silently: (1) group signatures were sums of golden-ratio
+    weights per slot, so rank 0's group {s0, s3, s4} and rank 1's {s1, s2, s4} had one signature (w0 + w3 ==
+    w1 + w2) and s4's two pieces were scaled by 0.0194 and 1; (2) limits travelled as 1 / (1 + limit), compared
+    within 1e-12, so 1e-6 and 2e-6 (or 0 and 1e-6) read as one limit, on named pieces and under a plan; (3) on
+    wrapped models only the list of limits was fingerprinted, so ranks grouping the parameters differently under
+    the same limits clipped one parameter's shards by different coefficients (FSDP2: 0.0737 and 0.0866)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from dist_clip import ParallelPlan
+
+    rank = dist.get_rank()
+    out: list = []
+
+    def refused(call) -> bool:
+        try:
+            call()
+        except ValueError as e:
+            return "differently" in str(e) or "different max_norm" in str(e)
+        except RuntimeError as e:
+            return "settings" in str(e) or "differ" in str(e)
+        return False
+
+    full = {"s0": [30.0, 40.0], "s1": [0.01], "s2": [0.02], "s3": [12.0], "s4": [0.3, 0.4], "s5": [0.5]}
+    for p in ORDERS:
+        mine = {}
+        for n, g in full.items():
+            piece = g[rank:rank + 1] if n == "s4" else g if (n in ("s0", "s3")) == (rank == 0) else []
+            mine[n] = nn.Parameter(torch.zeros(len(piece)))
+            mine[n].grad = torch.tensor(piece)
+        groups = ([{"params": [mine["s0"], mine["s3"], mine["s4"]], "max_norm": 1.0}] if rank == 0 else
+                  [{"params": [mine["s5"]], "max_norm": 7.0},
+                   {"params": [mine["s1"], mine["s2"], mine["s4"]], "max_norm": 1.0}])
+        clip = GradClipper(mode="per_group", norm_type=p)
+        out.append(refused(lambda: clip(mine, optimizer=torch.optim.SGD(groups, lr=0.1), group=dist.group.WORLD)))
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+    for limits in ((1e-6, 2e-6), (0.0, 1e-6), (1.0, 1.0 + 2**-40)):
+        for how in ("mapping", "plan"):
+            q = nn.Parameter(torch.zeros(1))
+            q.grad = torch.tensor([3.0, 4.0])[rank:rank + 1]
+            kw = {"group": dist.group.WORLD} if how == "mapping" else {"plan": ParallelPlan(mesh, names=("w",))}
+            opt = torch.optim.SGD([{"params": [q], "max_norm": limits[rank]}], lr=0.1)
+            out.append(refused(lambda: GradClipper(mode="per_group")({"w": q}, optimizer=opt, **kw)))  # noqa: B023
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    fully_shard(model[0])
+    fully_shard(model[1])
+    fully_shard(model)
+    model(torch.randn(4, 4)).pow(2).sum().backward()
+    n = dict(model.named_parameters())
+    split = (["0.weight", "0.bias"], ["1.weight", "1.bias"]) if rank == 0 else (["0.weight"],
+                                                                                  ["0.bias", "1.weight", "1.bias"])
+    opt = torch.optim.SGD([{"params": [n[k] for k in ks], "max_norm": 0.5} for ks in split], lr=0.1)
+    out.append(refused(lambda: GradClipper(mode="per_group")(model, optimizer=opt)))
+    return out
+
+
+def test_group_signatures_limits_and_wrapped_groupings_are_checked_exactly(run_ranks):
+    got = run_ranks(2, body_group_checks_are_exact)
+    assert got[0] == got[1] == [True] * (len(ORDERS) + 7), got

@@ -1843,3 +1843,121 @@ def test_a_settled_hand_over_keeps_its_skip_flag_and_skip_next_step_replaces():
         before = [p.detach().clone() for p in plain.parameters()]
         sgd.step()
         assert not any(torch.equal(p, b) for p, b in zip(plain.parameters(), before)), fused
+
+
+@pytest.mark.parametrize("call", ["read", "hand_over", "skip"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_user_pre_hook_after_dist_clips_acts_on_the_step_under_way(call, fused):
+    """A user's step pre-hook registered after dist_clip's ran inside the step: a norm read there took the step's
+    skip flag for the leftover of a step that raised and put it back (a NaN hand-over's step was taken), a
+    hand-over made there reached no step (stepped unclipped; a NaN one now also skips the step under way), and a
+    skip armed there waited for the next step."""
+    model, twin = _model(), _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+    twin_opt = torch.optim.AdamW(twin.parameters(), lr=1e-2, fused=fused)
+    clipper = dist_clip.GradClipper(max_norm=0.1, on_nonfinite="skip")
+    dist_clip.skip_next_step_(opt, torch.tensor(False))  # dist_clip's hooks first (the guard's for non-fused)
+    clipper(model, optimizer=opt)
+
+    def hook(*_):
+        if call == "read":
+            seen.append(dist_clip.get_total_norm(model).item())
+        elif call == "hand_over":
+            dist_clip.clip_grad_norm_(model, 0.1, optimizer=opt)
+        else:
+            clipper(model, optimizer=opt)
+
+    opt.register_step_pre_hook(hook)
+    for step in range(3):
+        seen: list[float] = []
+        bad = step == 1 and (fused or call != "hand_over")  # (optimizer= skips a step only when fused)
+        for m in (model, twin):
+            _backward(m, step)
+            if bad:
+                m[0].weight.grad[0, 0] = float("nan")
+        before = [q.detach().clone() for q in model.parameters()]
+        if call == "read" and fused:
+            dist_clip.clip_grad_norm_(model, 0.1, optimizer=opt)
+        elif call == "read":
+            clipper(model, optimizer=opt)
+        if not bad:
+            dist_clip.clip_grad_norm_(twin, 0.1)
+            twin_opt.step()
+        opt.step()
+        if bad:
+            assert all(torch.equal(q.detach(), b) for q, b in zip(model.parameters(), before)), f"{call}: NaN step"
+        for q, r in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(q.detach(), r.detach(), rtol=1e-5, atol=1e-7)
+        if call == "read" and not bad:
+            assert seen == [pytest.approx(0.1, rel=1e-5)]
+
+
+def test_a_gradient_replaced_after_the_hand_over_leaves_the_others_clipped():
+    """One gradient replaced out of place after the hand-over (p.grad = p.grad + 0.0) made the step drop the whole
+    coefficient: the untouched gradients stepped 370 times too large, silently. They are clipped now, and the
+    step warns that the replacement steps unclipped."""
+    model, twin = _model(), _model()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0, fused=True)
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=1.0, fused=True)
+    for m in (model, twin):
+        _backward(m, 0)
+    dist_clip.clip_grad_norm_(model, 0.1, optimizer=opt)
+    dist_clip.clip_grad_norm_(twin, 0.1)
+    model[2].bias.grad = model[2].bias.grad + 0.0
+    with pytest.warns(UserWarning, match="replaced out of place"):
+        opt.step()
+    twin_opt.step()
+    for (name, q), r in zip(model.named_parameters(), twin.parameters()):
+        if name != "2.bias":
+            torch.testing.assert_close(q.detach(), r.detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("closure", [False, True])
+def test_a_gradient_set_aside_after_the_hand_over_is_clipped_unless_rewritten(closure):
+    """A gradient set to None after the hand-over and kept aside was left unclipped by step() (the plain call had
+    clipped it: 2.859 for 0.0024) and one rewritten since was scaled by step(closure); now each is as after the
+    plain call: clipped where untouched, left alone where rewritten."""
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    _backward(model, 0)
+    want = [q.grad.clone() for q in model.parameters()]
+    total = torch.linalg.vector_norm(torch.cat([g.flatten() for g in want]).double()).item()
+    dist_clip.clip_grad_norm_(model, 0.01, optimizer=opt)
+    kept, rewritten = model[2].bias.grad, model[2].weight.grad
+    model[2].bias.grad = model[2].weight.grad = None
+    rewritten.fill_(5.0)
+    opt.step((lambda: None) if closure else None)
+    coef = 0.01 / (total + 1e-6)
+    torch.testing.assert_close(kept, want[3] * coef, rtol=1e-5, atol=0)
+    assert bool((rewritten == 5.0).all())
+    torch.testing.assert_close(model[0].weight.grad, want[0] * coef, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_hand_over_across_a_load_of_non_fused_param_groups(skip):
+    """A hand-over pending while the optimizer's param groups were loaded from a non-fused run's state_dict: the
+    step raised torch's AssertionError (grad_scale on a non-fused step) and was lost. Now the coefficient is
+    applied in place and the step taken; a pending skip refuses the step with a RuntimeError."""
+    model, twin = _model(), _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    twin_opt = torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    for m in (model, twin):
+        _backward(m, 0)
+    if skip:
+        model[0].weight.grad[0, 0] = float("inf")
+    dist_clip.clip_grad_norm_(model, 0.1, optimizer=opt)
+    dist_clip.clip_grad_norm_(twin, 0.1)
+    state = opt.state_dict()
+    state["param_groups"][0]["fused"] = None
+    opt.load_state_dict(state)
+    if skip:
+        before = [q.detach().clone() for q in model.parameters()]
+        with pytest.raises(RuntimeError, match="runs unfused now"):
+            opt.step()
+        assert all(torch.equal(q.detach(), b) for q, b in zip(model.parameters(), before))
+        return
+    opt.step()
+    twin_opt.step()
+    for q, r in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(q.detach(), r.detach(), rtol=1e-6, atol=1e-7)
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
