@@ -495,7 +495,8 @@ def body_group_checks_are_exact() -> list:
                   [{"params": [mine["s5"]], "max_norm": 7.0},
                    {"params": [mine["s1"], mine["s2"], mine["s4"]], "max_norm": 1.0}])
         clip = GradClipper(mode="per_group", norm_type=p)
-        out.append(refused(lambda: clip(mine, optimizer=torch.optim.SGD(groups, lr=0.1), group=dist.group.WORLD)))
+        out.append(refused(lambda: clip(mine, optimizer=torch.optim.SGD(groups, lr=0.1),  # noqa: B023
+                                        group=dist.group.WORLD)))
     mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
     for limits in ((1e-6, 2e-6), (0.0, 1e-6), (1.0, 1.0 + 2**-40)):
         for how in ("mapping", "plan"):
