@@ -379,9 +379,11 @@ def named_shards(target: object, group: dist.ProcessGroup | None = None) -> Name
         fs_shards, fs_names, fs_params = fs_adapter.named(target, group)
         return Named(fs_shards, tuple(fs_names), fs_params)
     if isinstance(target, Mapping):
+        bad = [k for k in target if not isinstance(k, str)]  # (before sorting: mixed key types do not sort)
+        if bad:
+            raise TypeError(f"a mapping target needs str keys (parameter names), got {type(bad[0]).__name__} "
+                            f"{bad[0]!r}")
         keys = sorted(target)
-        if not all(isinstance(k, str) for k in keys):
-            raise TypeError(f"a mapping target needs str keys (parameter names), got {type(keys[0]).__name__}")
         return _named_plain([(k, target[k]) for k in keys], group)
     if isinstance(target, nn.Module):
         inner = _ddp_module(target)

@@ -25,6 +25,7 @@ import fnmatch
 import math
 import numbers
 import sys
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -435,12 +436,16 @@ class AGC:
     def __post_init__(self) -> None:
         _real("AGC.clipping", self.clipping, low=0.0, low_open=True)
         _real("AGC.eps", self.eps, low=0.0)
-        if isinstance(self.exclude, str) or not all(isinstance(x, str) for x in self.exclude):
-            raise TypeError(f"AGC.exclude must be a tuple of name patterns, got {self.exclude!r}")
-        # A tuple, whatever iterable came: a set's order depends on each process's hash seed, and the call's
-        # settings fingerprint (which holds this repr) read as the ranks disagreeing.
-        patterns = sorted(self.exclude) if isinstance(self.exclude, (set, frozenset)) else self.exclude
-        object.__setattr__(self, "exclude", tuple(patterns))
+        given = self.exclude
+        if isinstance(given, (str, bytes, Mapping)) or not isinstance(given, Iterable):
+            raise TypeError(f"AGC.exclude must be a tuple of name patterns, got {type(given).__name__} {given!r}")
+        # A tuple, whatever iterable came, made before the check reads it (a generator read by the check left no
+        # pattern: nothing was excluded), and a set sorted: its order depends on each process's hash seed, and the
+        # call's settings fingerprint (which holds this repr) read as the ranks disagreeing.
+        patterns = tuple(sorted(given, key=repr) if isinstance(given, (set, frozenset)) else given)
+        if not all(isinstance(x, str) for x in patterns):
+            raise TypeError(f"AGC.exclude must be a tuple of name patterns (str), got {patterns!r}")
+        object.__setattr__(self, "exclude", patterns)
         # Numbers as floats, so that 1 and 1.0 (or np.float64(0.01)) are the same settings on every rank.
         object.__setattr__(self, "clipping", float(self.clipping))
         object.__setattr__(self, "eps", float(self.eps))
@@ -726,12 +731,20 @@ def unit_pieces(
         items, group = _slots.module_parameters(target.module), None
     elif isinstance(target, nn.Module):
         items = _slots.module_parameters(target)
-    elif isinstance(target, dict):
+    elif isinstance(target, Mapping):
+        if not all(isinstance(k, str) for k in target):  # (as the other modes: the report's keys are names)
+            bad = next(k for k in target if not isinstance(k, str))
+            raise TypeError(f"a mapping target needs str keys (parameter names), got {type(bad).__name__} {bad!r}")
         items = [(k, target[k]) for k in sorted(target)]
     elif isinstance(target, Tensor):
         items = [("0", target)]
+    elif isinstance(target, Iterable) and not isinstance(target, (str, bytes)):
+        items = [(str(i), t) for i, t in enumerate(target)]
     else:
-        items = [(str(i), t) for i, t in enumerate(target)]  # type: ignore[arg-type]
+        raise TypeError(
+            "unit-wise clipping needs parameters: a module, a tensor, an iterable of tensors or a mapping of names "
+            f"to tensors, got {type(target).__name__}"
+        )
     names: list[str] = []
     dtensors = [(n, q) for n, q in items if type(q).__name__ == "DTensor"]
     world = bool(dtensors) and (group is not None or _dt_needs_world(dtensors))

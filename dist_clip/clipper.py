@@ -101,7 +101,9 @@ class ClipperConfig:
             raise TypeError(f"max_norm must be a real number, AutoClip or ZClip, got {type(m).__name__} {m!r}")
         elif math.isnan(_norm.as_float("max_norm", m)) or float(m) < 0:
             raise ValueError(f"max_norm must be a number >= 0, got {float(m)}")
-        _norm.parse_norm_type(self.norm_type)
+        p = _norm.parse_norm_type(self.norm_type)
+        if isinstance(self.norm_type, Tensor) or type(self.norm_type).__name__ == "ndarray":
+            object.__setattr__(self, "norm_type", p)  # its number: an array made the frozen config unhashable
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.on_nonfinite not in POLICIES:
@@ -946,10 +948,15 @@ class GradClipper:
         labels: list[str] = []
         for gi, pg in enumerate(optimizer.param_groups):
             value = pg.get("max_norm", self.config.max_norm)
-            if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
-                value = float(value)  # a one-value tensor is a number, as max_norm= takes it
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise ValueError(f"param group {gi} has max_norm {value!r}; expected a number >= 0")
+            real = isinstance(value, Tensor) and not (value.is_complex() or value.dtype == torch.bool)
+            if real and value.numel() == 1:
+                # a one-value tensor is a number, as max_norm= takes it (tensor(True) read as 1.0)
+                value = float(value) if value.is_floating_point() else int(value)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or isinstance(value, Tensor):
+                raise TypeError(
+                    f"param group {gi} has max_norm {value!r:.80}; expected a number >= 0 (a one-value real tensor "
+                    "too; not a bool)"
+                )
             value = _norm.as_float(f"param group {gi}'s max_norm", value)
             if math.isnan(value) or value < 0:
                 raise ValueError(f"param group {gi} has max_norm {value!r}; expected a number >= 0")

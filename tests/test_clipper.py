@@ -556,3 +556,41 @@ def test_a_user_post_hook_sees_a_skipped_step_undone(fused):
         if bad:
             assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
         assert all(torch.isfinite(e).all() for e in ema), f"step {step}: the EMA read the skipped step"
+
+
+def test_inputs_read_once_or_refused_by_type():
+    """AGC(exclude=<generator>) was read by its own check and excluded nothing (1.weight clipped to 0.003 for
+    10.0); a param group's max_norm=tensor(True) was the limit 1.0; keys of mixed types gave Python's sort error;
+    unit-wise clipping took a non-dict mapping as its keys and said "not iterable" for an optimizer; a 0-dim
+    numpy norm_type made the frozen config unhashable."""
+    import types
+
+    import numpy as np
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    for q in model.parameters():
+        q.grad = torch.full_like(q, 10.0)
+    agc = AGC(exclude=(n for n in ["1.*"]))
+    assert agc.exclude == ("1.*",)
+    GradClipper(mode="unitwise", agc=agc)(model)
+    assert bool((model[1].weight.grad == 10.0).all()) and not bool((model[0].weight.grad == 10.0).all())
+    for bad in (None, {"1.*": 1}, "1.*", [1], 3):
+        with pytest.raises(TypeError, match="AGC.exclude must be a tuple of name patterns"):
+            AGC(exclude=bad)
+    opt = torch.optim.SGD([{"params": list(model.parameters()), "max_norm": torch.tensor(True)}], lr=0.1)
+    with pytest.raises(TypeError, match=r"param group 0 has max_norm tensor\(True\)"):
+        GradClipper(mode="per_group")(model, optimizer=opt)
+    opt = torch.optim.SGD([{"params": list(model.parameters()), "max_norm": torch.tensor(2)}], lr=0.1)
+    assert GradClipper(mode="per_group")(model, optimizer=opt).max_norm.tolist() == [2.0]
+    p, q = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))
+    p.grad, q.grad = torch.ones(2), torch.ones(2)
+    for mode in ("total", "per_param", "unitwise"):
+        with pytest.raises(TypeError, match="a mapping target needs str keys .* got int 1"):
+            GradClipper(mode=mode)({"a": p, 1: q})
+    for target in (opt, None, 3):
+        with pytest.raises(TypeError, match="unit-wise clipping needs parameters"):
+            GradClipper(mode="unitwise")(target)
+    report = GradClipper(mode="unitwise", report=True)(types.MappingProxyType({"a": p})).norms
+    assert report == {"a": pytest.approx(math.sqrt(2.0))}
+    config = ClipperConfig(norm_type=np.array(3.0))
+    assert config.norm_type == 3.0 and hash(config) == hash(ClipperConfig(norm_type=3.0))
