@@ -123,8 +123,20 @@ def in_step(optimizer: object) -> bool:
     mark, but its frame is no longer on the stack."""
     if id(optimizer) in _IN_CLOSURE:
         return True
-    marked = getattr(optimizer, "__dict__", {}).get(_STEP)
+    state = getattr(optimizer, "__dict__", {})
+    marked = state.get(_STEP)
     if marked is None:
+        if _HOOKS in state or "_dist_clip_skip_guard" in state:
+            return False  # dist_clip's pre-hook would have marked a step under way
+        # No dist_clip hook yet: the first call may come from a user's step pre-hook (or the step itself), before
+        # any hook of ours could mark the step (its skip was dropped: the NaN step taken). Found by torch's
+        # wrapper frame stepping this optimizer; the hooks this call installs run from this step's post-hooks on.
+        frame = sys._getframe(1)
+        while frame is not None:
+            if frame.f_code is _STEP_CODE and frame.f_locals.get("self") is optimizer:
+                state[_STEP] = frame
+                return True
+            frame = frame.f_back
         return False
     frame = sys._getframe(1)
     while frame is not None:
@@ -426,9 +438,10 @@ def arm_skip_(
     one model), either flag skips (the second call's False replaced the first's True, and the NaN step was
     taken); found them replaced or rewritten (the next batch after a dropped one, ``zero_grad()`` either way),
     the new flag replaces the old. ``combine=False`` (an explicit ``skip_next_step_``) always replaces it."""
+    running = in_step(optimizer)  # (before installing the hooks: a first call from a user's running pre-hook)
     _install_hooks(optimizer)
     value = flag.reshape(()).to(torch.float32)
-    if in_step(optimizer):
+    if running:
         _arm_running(optimizer, value, combine)
         return
     clear_stale(optimizer)

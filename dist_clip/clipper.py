@@ -338,6 +338,8 @@ class _SkipGuard:
                 prev = before[k]
                 if not (isinstance(v, Tensor) and isinstance(prev, Tensor)):
                     return True
+                if v.layout != torch.strided:  # sparse state (SGD's momentum of sparse gradients): no torch.where
+                    return True
                 if prev.shape != _SkipGuard._local(v).shape:
                     return True
         return False
@@ -454,11 +456,24 @@ def _arm_skip(
             f"flag must be a one-value tensor (a 0-dim bool on the device), got {type(flag).__name__}"
             + (f" of shape {tuple(flag.shape)}" if isinstance(flag, Tensor) else "")
         )
+    _check_undoable(optimizer)
     guard = getattr(optimizer, "_dist_clip_skip_guard", None)
     if guard is None:
+        _fused.in_step(optimizer)  # before the hooks exist: marks a step under way (a first call from a pre-hook)
         guard = _SkipGuard(optimizer)
         optimizer._dist_clip_skip_guard = guard  # type: ignore[attr-defined]
     guard.arm(optimizer, flag.reshape(()).to(torch.bool), started.get(id(optimizer)) if started else None, combine)
+
+
+def _check_undoable(optimizer: torch.optim.Optimizer) -> None:
+    """A ``differentiable=True`` step records its update in the autograd graph: restoring the values after a
+    skipped step leaves the NaN update in that history (hypergradients read NaN), so it cannot be skipped."""
+    if any(g.get("differentiable", False) for g in optimizer.param_groups):
+        raise ValueError(
+            f"{type(optimizer).__name__} has differentiable=True: a skipped step cannot be undone in its autograd "
+            "history (the restored parameters' gradients still flow through the NaN update); use "
+            "on_nonfinite='zero' or 'error', or an optimizer without differentiable=True"
+        )
 
 
 def _skip_handle(target: object, optimizer: Any) -> tuple[Callable[[Tensor], None], Any]:
@@ -477,6 +492,9 @@ def _skip_handle(target: object, optimizer: Any) -> tuple[Callable[[Tensor], Non
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     chosen = optimizer
+    for o in _stepping_optimizers(chosen) or [chosen]:
+        if isinstance(o, torch.optim.Optimizer):
+            _check_undoable(o)  # before the collective: refused on every rank together
     # The gradients as this call finds them, before it scales any: a second call on the same ones (clipping
     # another part of the model) combines its flag with the first's (see _fused.arm_skip_).
     # Taken only where a flag is pending (none, in a loop that steps after every call): it walks the gradients.

@@ -594,3 +594,94 @@ def test_inputs_read_once_or_refused_by_type():
     assert report == {"a": pytest.approx(math.sqrt(2.0))}
     config = ClipperConfig(norm_type=np.array(3.0))
     assert config.norm_type == 3.0 and hash(config) == hash(ClipperConfig(norm_type=3.0))
+
+
+@pytest.mark.parametrize(("how", "fused"), [("clipper", False), ("clipper", True), ("hand_over", True)])
+def test_a_first_call_from_a_user_pre_hook_acts_on_the_running_step(how, fused):
+    """The very first dist_clip call on an optimizer made from a user's step pre-hook installed dist_clip's hooks
+    while torch ran the pre-hooks: its skip was dropped and the NaN step taken ([0.9, nan, 0.9] for [1, 1, 1]).
+    (optimizer= skips a step only when fused.)"""
+    params = [torch.ones(3, requires_grad=True)]
+    opt = torch.optim.Adam(params, lr=0.1, fused=fused)
+    clipper = GradClipper(max_norm=0.5, on_nonfinite="skip")
+    if how == "clipper":
+        opt.register_step_pre_hook(lambda o, *_: (clipper(params, optimizer=o), None)[1])
+    else:
+        opt.register_step_pre_hook(lambda o, *_: (dist_clip.clip_grad_norm_(params, 0.5, optimizer=o), None)[1])
+    for bad in (True, False, True):
+        params[0].grad = torch.tensor([1.0, float("nan") if bad else 2.0, 3.0])
+        before = params[0].detach().clone()
+        opt.step()
+        if bad:
+            assert torch.equal(params[0].detach(), before), "the NaN step was taken"
+        else:
+            assert torch.isfinite(params[0]).all() and not torch.equal(params[0].detach(), before)
+
+
+def test_the_device_restore_leaves_sparse_state_to_the_host(monkeypatch):
+    """Off the host the restore used torch.where on every state tensor: SGD's sparse momentum buffer (sparse
+    gradients) raised NotImplementedError from the post-hook at every step after the first."""
+    from dist_clip.clipper import _SkipGuard
+
+    monkeypatch.setattr(_SkipGuard, "_on_host", staticmethod(lambda flag: False))  # the accelerator's branch
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 4, sparse=True)
+    opt = torch.optim.SGD(emb.parameters(), lr=0.1, momentum=0.9)
+    clipper = GradClipper(max_norm=0.5, on_nonfinite="skip")
+    for bad in (False, False, True):
+        emb(torch.tensor([1, 2, 3])).sum().backward()
+        if bad:
+            emb.weight.grad = emb.weight.grad * float("nan")
+        before = emb.weight.detach().clone()
+        momentum = opt.state[emb.weight].get("momentum_buffer")
+        momentum = momentum.clone() if momentum is not None else None
+        clipper(emb.parameters(), optimizer=opt)
+        opt.step()
+        if bad:
+            assert torch.equal(emb.weight.detach(), before)
+            assert torch.equal(opt.state[emb.weight]["momentum_buffer"].to_dense(), momentum.to_dense())
+        opt.zero_grad()
+
+
+def test_skipping_a_differentiable_step_is_refused():
+    """differentiable=True: the skipped step's values were restored, but its NaN update stayed in the autograd
+    history (hypergradients [1.8, nan, 5.8] for [1.8, 3.8, 5.8])."""
+    w = torch.ones(3, requires_grad=True)
+    p = w * 1.0
+    p.grad = torch.ones(3)
+    opt = torch.optim.Adam([p], lr=0.1, differentiable=True)
+    with pytest.raises(ValueError, match="differentiable=True"):
+        GradClipper(max_norm=1.0, on_nonfinite="skip")([p.grad], optimizer=opt)
+    with pytest.raises(ValueError, match="differentiable=True"):
+        dist_clip.skip_next_step_(opt, torch.tensor(False))
+    GradClipper(max_norm=1.0, on_nonfinite="zero")([p.grad], optimizer=opt)  # the other policies work
+
+
+@pytest.mark.parametrize(("kind", "how"), [("sgd_fused", "hand_over"), ("sgd_fused", "skip"), ("adam", "skip"),
+                                           ("lbfgs", "skip")])
+def test_a_first_call_inside_a_closure_acts_on_the_running_step(kind, how):
+    """The very first dist_clip call on an optimizer made inside its step(closure) found no hook to tell it a step
+    was under way: its hand-over reached no step (an update of 11997 for 0.001) and its skip was dropped (NaN)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    opt = {"sgd_fused": lambda: torch.optim.SGD(model.parameters(), lr=1.0, fused=True),
+           "adam": lambda: torch.optim.Adam(model.parameters(), lr=0.1),
+           "lbfgs": lambda: torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=3)}[kind]()
+    clipper = GradClipper(max_norm=0.001, on_nonfinite="skip")
+    x = torch.randn(8, 4)
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).pow(2).sum() * 1000
+        loss.backward()
+        if how == "skip":
+            model.weight.grad[0, 0] = float("nan")
+            clipper(model, optimizer=opt)
+        else:
+            dist_clip.clip_grad_norm_(model, 0.001, optimizer=opt)
+        return loss
+
+    before = [q.detach().clone() for q in model.parameters()]
+    opt.step(closure)
+    update = torch.cat([(q.detach() - b).flatten() for q, b in zip(model.parameters(), before)]).norm().item()
+    assert update == (pytest.approx(0.001, rel=1e-4) if how == "hand_over" else 0.0)
