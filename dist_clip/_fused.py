@@ -143,6 +143,8 @@ def in_step(optimizer: object) -> bool:
         if frame is marked:
             return True
         frame = frame.f_back
+    # A step that raised: its frame (and the callers' frames it links to) is let go now, not at the next step.
+    state.pop(_STEP, None)
     return False
 
 
