@@ -8,6 +8,7 @@ Run: ``.venv/bin/python -m pytest tests/test_dist_core.py``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -731,3 +732,105 @@ def test_a_refused_call_counts_once_for_the_adaptive_threshold_on_every_rank(run
     a, b = run_ranks(2, body_refused_call_counts_once_for_the_threshold, accelerator)
     assert a == [([first, True, True], 3), ([first, True, True], 3)], a
     assert b == [(["TypeError", True, True], 3), (["ValueError", True, True], 3)], b
+
+
+def body_composed_unsynced() -> list:
+    """Unsynced parts of composed wrappers that were measured as replicas, silently: a DDP (parameters ignored by
+    fully_shard) or a replicate()d module under an FSDP2 root, inside its own no_sync (0.85 on both ranks, rank 0's
+    own gradients); a DDP beside FSDP1 modules in a plain container or in FSDP1's ignored_states; a NO_SHARD FSDP1
+    child of a plain container inside its own no_sync (0.35 and 0.74). Refused now; and a DTensor parameter
+    beside FSDP1 modules, where gloo aborted the process, is a ValueError. After a synced backward, exact."""
+    from torch.distributed._composable.replicate import replicate
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import ShardingStrategy, fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from dist_clip import GradClipper
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    xs = torch.randn(world, 4, 6, generator=torch.Generator().manual_seed(3))
+    CPU = torch.device("cpu")  # noqa: N806
+
+    def build() -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    ref = build().double()
+    sum(ref(x.double()).pow(2).mean() for x in xs).div(world).backward()
+    want = reference_norm([p.grad for p in ref.parameters()])
+
+    def fsdp2_ddp(m):
+        fully_shard(m[0])
+        m[2] = DDP(m[2])
+        fully_shard(m, ignored_params=set(m[2].parameters()))
+        return m, m[2].no_sync
+
+    def fsdp2_replicate(m):
+        fully_shard(m[0])
+        replicate(m[2])
+        fully_shard(m)
+        return m, lambda: _sync_off(m[2])
+
+    def plain_fsdp1_ddp(m):
+        m[0], m[2], m[4] = FSDP(m[0], device_id=CPU), DDP(m[2]), FSDP(m[4], device_id=CPU)
+        return m, m[2].no_sync
+
+    def fsdp1_ignored_ddp(m):
+        m[2] = DDP(m[2])
+        return FSDP(m, ignored_states=[m[2]], device_id=CPU), m[2].no_sync
+
+    def plain_noshard(m):
+        m[0] = FSDP(m[0], sharding_strategy=ShardingStrategy.NO_SHARD, device_id=CPU)
+        for layer in (m[2], m[4]):  # plain layers: averaged by hand after each synced backward
+            for p in layer.parameters():
+                p.register_post_accumulate_grad_hook(_average_when_synced)
+        return m, m[0].no_sync
+
+    out: list = []
+    for wrap in (fsdp2_ddp, fsdp2_replicate, plain_fsdp1_ddp, fsdp1_ignored_ddp, plain_noshard):
+        model, unsynced = wrap(build())
+        _SYNC[0] = False
+        with unsynced():
+            model(xs[rank]).pow(2).mean().backward()
+            for call in (lambda: dist_clip.get_total_norm(model), lambda: GradClipper(mode="per_param")(model)):  # noqa: B023
+                try:
+                    call()
+                    out.append(f"{wrap.__name__}: measured")
+                except ValueError as e:
+                    out.append("refused" if "not reduced yet" in str(e) or "no_sync()" in str(e) else str(e))
+        for p in model.parameters():
+            p.grad = None
+        _SYNC[0] = True
+        model(xs[rank]).pow(2).mean().backward()
+        out.append(abs(dist_clip.get_total_norm(model).item() - want) <= 1e-5 * want)
+    mixed = build()
+    mixed[0] = FSDP(mixed[0], device_id=CPU)
+    fully_shard(mixed[2])
+    mixed(xs[rank]).pow(2).mean().backward()
+    try:
+        dist_clip.get_total_norm(mixed)
+        out.append("measured")
+    except ValueError as e:
+        out.append("DTensor parameter" in str(e))
+    return out
+
+
+_SYNC = [True]
+
+
+def _average_when_synced(p: torch.Tensor) -> None:
+    if _SYNC[0]:
+        dist.all_reduce(p.grad)
+        p.grad /= dist.get_world_size()
+
+
+@contextlib.contextmanager
+def _sync_off(module: nn.Module):  # noqa: ANN201
+    module.set_requires_gradient_sync(False)
+    yield
+    module.set_requires_gradient_sync(True)
+
+
+def test_unsynced_parts_of_composed_wrappers_are_refused(run_ranks):
+    got = run_ranks(2, body_composed_unsynced)
+    assert got[0] == got[1] == (["refused", "refused", True] * 5 + [True]), got

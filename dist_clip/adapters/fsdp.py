@@ -474,6 +474,16 @@ def _plan(root: nn.Module, per_param: bool) -> tuple[list[_Unit], list[tuple[str
                 units.append((handle, layout, None, True, first_name))
         unmanaged = [(clean_name(n), p) for n, p in root.named_parameters() if id(p) not in managed]
         for n, p in unmanaged:
+            if type(p).__name__ == "DTensor":
+                # FSDP2 (fully_shard) or tensor-parallel parameters beside FSDP1 ones: taken for whole, replicated
+                # tensors, their shards were measured on one rank only while torch's DTensor ops ran collectives
+                # of their own there (gloo aborted the process: "16 vs 8").
+                raise ValueError(
+                    f"{n} is a DTensor parameter (fully_shard, or tensor parallel) under a target holding FSDP1 "
+                    "modules: one target cannot mix FSDP1 with DTensor parameters. Measure each part with "
+                    "dist_clip.get_total_norm and clip both with clip_grads_with_norm_ by their combined norm, or "
+                    "use fully_shard throughout"
+                )
             if getattr(p, "_fsdp_flattened", False):
                 # A module an FSDP1 instance wraps, passed instead of that instance: its own flat parameter (or,
                 # under use_orig_params, its parameters' sharded views) would pass for whole, replicated tensors.
@@ -546,13 +556,33 @@ _UNREDUCED = (
 )
 
 
+def _sync_holders(root: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """The FSDP1 instances and the DDP modules under ``root`` (kept on an FSDP1 root: :func:`kept_on_root`)."""
+
+    def build() -> tuple[list[nn.Module], list[nn.Module]]:
+        from .params import _ddp_types
+
+        fsdp1, ddp = _fsdp1_type(), _ddp_types()
+        found = list(root.modules())
+        return [m for m in found if isinstance(m, fsdp1)], [m for m in found if isinstance(m, ddp)]
+
+    return kept_on_root(root, "sync holders", build)
+
+
 def check_reduced(root: nn.Module, units: list[_Unit] | None = None) -> None:
     """ValueError unless the FSDP1 gradients under ``root`` are reduced. Inside ``no_sync()`` (the root's
     ``_sync_gradients`` is off) each rank holds its own gradient; a sharded handle keeps the whole unsharded,
     unreduced gradient where its shard will be until a synchronised backward, which measured as a shard gave a
     meaningless total (the ranks' local norms combined) and, less its padding, dropped real entries."""
-    if getattr(root, "_sync_gradients", True) is False:
+    instances, ddps = _sync_holders(root)
+    if getattr(root, "_sync_gradients", True) is False or any(m._sync_gradients is False for m in instances):
+        # (every FSDP1 instance under the root: a NO_SHARD child in a plain container inside its own no_sync()
+        # gave each rank its own total, 0.35 and 0.74, which no shard size tells)
         raise ValueError(_UNREDUCED)
+    from .params import check_ddp_synced
+
+    for ddp in ddps:  # a DDP beside the FSDP1 modules (in the container, or FSDP1's ignored_states)
+        check_ddp_synced(ddp)
     for handle, _, pg, _, _ in units if units is not None else _plan(root, False)[0]:
         flat = handle.flat_param
         if pg is not None and flat.grad is not None and flat.grad.numel() != flat._sharded_size.numel():

@@ -142,6 +142,10 @@ def module_parameters(module: nn.Module, remove_duplicate: bool = True) -> list[
         for st in everyone:
             groups.update((id(pg), pg) for pg in st._fsdp_param_groups)
         root = bool(everyone)
+        if root:
+            # A DDP (its parameters ignored by fully_shard) or a replicate() module under the root, inside its own
+            # no_sync: counted as replicas, rank 0's unaveraged gradients set every rank's total (0.85 both).
+            _check_nested_ddp(module, replicate)
     if not root:
         ddp = _ddp_types()
         for m in module.modules():
@@ -190,16 +194,21 @@ def module_parameters(module: nn.Module, remove_duplicate: bool = True) -> list[
     return [(n, swap.get(id(q), q)) for n, q in pairs] if swap else pairs
 
 
-def _check_nested_ddp(module: nn.Module) -> None:
-    """:func:`check_ddp_synced` for every DDP under ``module``: a container holding one, clipped inside its
-    ``no_sync()``, gave each rank its own total (11.20 and 10.11), where the DDP itself is refused. A plain walk
-    over ``_modules`` (~20 us for 200 modules; ``modules()`` took 110), only once torch.distributed is up."""
+def _check_nested_ddp(module: nn.Module, replicate: Any = None) -> None:
+    """:func:`check_ddp_synced` for every DDP under ``module`` (and, given torch's composable ``replicate``
+    module, every ``replicate()``d module's sync): a container holding one, clipped inside its ``no_sync()``,
+    gave each rank its own total (11.20 and 10.11), where the DDP itself is refused. A plain walk over
+    ``_modules`` (~20 us for 200 modules; ``modules()`` took 110), only once torch.distributed is up."""
     ddp = _ddp_types()
     stack = [module]
     while stack:
         m = stack.pop()
         if isinstance(m, ddp):
             check_ddp_synced(m)
+        elif replicate is not None:
+            state = replicate.replicate.state(m)
+            if state is not None and getattr(state, "_no_sync", False):
+                _unsynced(f"a replicated {type(m).__name__}", "set_requires_gradient_sync(False)")
         stack.extend(c for c in m._modules.values() if c is not None)
 
 
