@@ -193,7 +193,7 @@ def test_fsdp1_plan_kept_across_steps(run_ranks, world_size: int, use_orig_param
     list stands; norms and pieces stay exact."""
     for r in run_ranks(world_size, cases.fsdp1_plan_across_steps, use_orig_params):
         assert r["walks"] == [3, 3, 3, 6], r["walks"]
-        assert r["kept"] == 3, r["kept"]  # total, per-parameter shards, pieces: one entry each
+        assert r["kept"] == 4, r["kept"]  # total, per-parameter shards, pieces, sync holders: one entry each
 
 
 @pytest.mark.parametrize(("world_size", "strategy", "use_orig_params"), [
