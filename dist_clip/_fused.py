@@ -49,7 +49,7 @@ _WAITING: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
 # ids of optimizers whose step(closure) is running that closure: their step is under way (see _pre_hook). By id:
 # an optimizer class defining __eq__ is not hashable (a WeakSet made its step(closure) raise).
 _IN_CLOSURE: set[int] = set()
-_STEP = "_dist_clip_step"  # the frame of torch's step wrapper running this optimizer's step (see mark_step)
+_OUR_PRE = "_dist_clip_pre_hooks"  # the step pre-hooks dist_clip registered on an optimizer (see in_step)
 # The code of torch's step wrapper (Optimizer.profile_hook_step's), which runs the pre-hooks, step and post-hooks.
 _STEP_CODE = torch.optim.Optimizer.profile_hook_step(lambda *a, **k: None).__code__
 
@@ -95,57 +95,89 @@ def in_closure(optimizer: object) -> bool:
     return id(optimizer) in _IN_CLOSURE
 
 
-def mark_step(optimizer: torch.optim.Optimizer) -> None:
-    """Called by dist_clip's step pre-hooks: remember the frame of torch's step wrapper running them, so that a
-    dist_clip call made before dist_clip's post-hook (a user's pre-hook registered after dist_clip's, the step
-    itself) is known to act on the step under way (:func:`in_step`) and not to follow a step that raised."""
+def step_phase(optimizer: object) -> tuple[str | None, Any]:
+    """Where this thread is in ``optimizer.step()``, read from torch's step wrapper on the Python stack (no mark
+    left on the optimizer: a stored frame kept a failed step's callers and their locals alive): ``None`` outside
+    it, ``"global_pre"`` in a global step pre-hook, ``"pre"`` in one of the optimizer's own pre-hooks (with that
+    hook), ``"step"`` inside the step itself (a closure included), ``"post"`` in a post-hook (the step is over)."""
+    child = None
     frame = sys._getframe(1)
-    for _ in range(8):  # the hook, torch.compiler.disable's wrapper, then torch's loop over the pre-hooks
-        if frame is None or frame.f_code is _STEP_CODE:
-            break
-        frame = frame.f_back
-    if frame is not None and frame.f_code is _STEP_CODE:
-        optimizer.__dict__[_STEP] = frame
-    else:  # (a hook called some other way, or a compiled step: no frame to tell)
-        optimizer.__dict__.pop(_STEP, None)
+    while frame is not None:
+        if frame.f_code is _STEP_CODE:
+            local = frame.f_locals
+            if local.get("self") is optimizer:
+                if "out" in local:  # bound once the step returned
+                    return "post", None
+                func = local.get("func")
+                if "pre_hook" not in local or (child is not None and child.f_code is getattr(func, "__code__", None)):
+                    return "step", None
+                hook = local["pre_hook"]
+                if any(h is hook for h in _global_pre_hooks().values()):
+                    return "global_pre", hook
+                return "pre", hook
+        child, frame = frame, frame.f_back
+    return None, None
 
 
-def unmark_step(optimizer: torch.optim.Optimizer) -> None:
-    """Called by dist_clip's step post-hooks (the step is over)."""
-    optimizer.__dict__.pop(_STEP, None)
+def _global_pre_hooks() -> Any:
+    from torch.optim import optimizer as optim_module
+
+    return optim_module._global_optimizer_pre_hooks
 
 
 def in_step(optimizer: object) -> bool:
-    """Whether ``optimizer.step()`` is under way: its closure runs (:func:`in_closure`), or dist_clip's step
-    pre-hook ran and its post-hook has not yet (a user's step pre-hook registered after dist_clip's calling
-    dist_clip: a hand-over made there reached no step, and a norm read there put back the skip flag the
-    pre-hook had just set, as for a step that raised: the NaN step was taken). A step that raised left its
-    mark, but its frame is no longer on the stack."""
+    """Whether a dist_clip call now acts on ``optimizer``'s step under way: from its closure (:func:`in_closure`)
+    or the step itself, or from one of its own step pre-hooks that runs after dist_clip's (or where dist_clip has
+    none yet: registered now, it would not run in this step). A user's pre-hook registered after dist_clip's
+    calling dist_clip: a hand-over made there reached no step, and a norm read there put back the skip flag the
+    pre-hook had just set, as for a step that raised (the NaN step taken); the very first call from a pre-hook or
+    a closure (no dist_clip hook yet) acted on no step. Not from a global pre-hook (the optimizer's own hooks,
+    dist_clip's included, still run in this step) nor from a post-hook (the step is over)."""
     if id(optimizer) in _IN_CLOSURE:
         return True
-    state = getattr(optimizer, "__dict__", {})
-    marked = state.get(_STEP)
-    if marked is None:
-        if _HOOKS in state or "_dist_clip_skip_guard" in state:
-            return False  # dist_clip's pre-hook would have marked a step under way
-        # No dist_clip hook yet: the first call may come from a user's step pre-hook (or the step itself), before
-        # any hook of ours could mark the step (its skip was dropped: the NaN step taken). Found by torch's
-        # wrapper frame stepping this optimizer; the hooks this call installs run from this step's post-hooks on.
-        frame = sys._getframe(1)
-        while frame is not None:
-            if frame.f_code is _STEP_CODE and frame.f_locals.get("self") is optimizer:
-                state[_STEP] = frame
-                return True
-            frame = frame.f_back
+    phase, hook = step_phase(optimizer)
+    if phase == "step":
+        return True
+    if phase != "pre":
         return False
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame is marked:
-            return True
-        frame = frame.f_back
-    # A step that raised: its frame (and the callers' frames it links to) is let go now, not at the next step.
-    state.pop(_STEP, None)
-    return False
+    ours = optimizer.__dict__.get(_OUR_PRE)  # type: ignore[attr-defined]
+    if not ours:
+        return True
+    order = list(optimizer._optimizer_step_pre_hooks.values())  # type: ignore[attr-defined]
+    at = next((i for i, h in enumerate(order) if h is hook), len(order))
+    return any(h is ours_hook for h in order[:at] for ours_hook in ours)  # one of dist_clip's has run
+
+
+def register_step_hooks(optimizer: torch.optim.Optimizer, pre: Callable[..., Any] | None,
+                        post: Callable[..., Any] | None) -> tuple[Any, Any]:
+    """Register dist_clip's step pre- and post-hook (post first among the optimizer's own, as it must run before
+    the user's); a hook whose dict torch is looping over now (a first call from a user's step hook) is left out
+    (None): adding to it raised torch's "OrderedDict mutated during iteration" and lost the step. The other
+    hook registers it when it runs (:func:`complete_step_hooks`)."""
+    phase, _ = step_phase(optimizer)
+    pre_handle = None
+    if pre is not None and phase != "pre":
+        pre_handle = optimizer.register_step_pre_hook(pre)
+        optimizer.__dict__.setdefault(_OUR_PRE, []).append(pre)
+    post_handle = None
+    if post is not None and phase != "post":
+        post_handle = optimizer.register_step_post_hook(post)
+        # Before the user's own post-hooks: one reading the gradients (a dist_clip call) ran while the hand-over
+        # was still pending and multiplied the coefficient into gradients the fused kernel had already divided.
+        hooks = getattr(optimizer, "_optimizer_step_post_hooks", None)
+        if hasattr(hooks, "move_to_end"):
+            hooks.move_to_end(post_handle.id, last=False)
+    return pre_handle, post_handle
+
+
+def complete_step_hooks(optimizer: torch.optim.Optimizer, handles: list[Any], pre: Callable[..., Any],
+                        post: Callable[..., Any]) -> None:
+    """From a dist_clip step hook: register its partner left out by :func:`register_step_hooks` (a pre-hook from
+    the post-hook, a post-hook from the pre-hook: the dict torch is not looping over)."""
+    if handles[0] is None and step_phase(optimizer)[0] == "post":
+        handles[0] = register_step_hooks(optimizer, pre, None)[0]
+    if handles[1] is None and step_phase(optimizer)[0] in ("pre", "global_pre"):
+        handles[1] = register_step_hooks(optimizer, None, post)[1]
 
 
 def supports_grad_scale(optimizer: torch.optim.Optimizer) -> bool:
@@ -173,7 +205,10 @@ def _prepare_sgd_first_step(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     for group in optimizer.param_groups:
         if group.get("momentum", 0) == 0:
             continue
-        dampened = group.get("dampening", 0) != 0
+        # With dampening, no buffer gives the first-step rule; nor one kept for some parameters only: a later
+        # step finding a buffer beside a parameter without one (no gradient at the skipped step) is no first
+        # step to torch, which then passed None for that parameter's buffer (TypeError from _fused_sgd_).
+        dampened = group.get("dampening", 0) != 0 or any(p.grad is None for p in group["params"])
         for p in group["params"]:
             if p.grad is not None and optimizer.state[p].get("momentum_buffer") is None:
                 if dampened:
@@ -414,13 +449,7 @@ def _write_cell(param: Tensor) -> list[int]:
 
 def _install_hooks(optimizer: torch.optim.Optimizer) -> None:
     if _HOOKS not in optimizer.__dict__:
-        post = optimizer.register_step_post_hook(_post_hook)
-        # Before the user's own post-hooks: one reading the gradients (a dist_clip call) ran while the hand-over
-        # was still pending and multiplied the coefficient into gradients the fused kernel had already divided.
-        hooks = getattr(optimizer, "_optimizer_step_post_hooks", None)
-        if hasattr(hooks, "move_to_end"):
-            hooks.move_to_end(post.id, last=False)
-        optimizer.__dict__[_HOOKS] = (optimizer.register_step_pre_hook(_pre_hook), post)
+        optimizer.__dict__[_HOOKS] = list(register_step_hooks(optimizer, _pre_hook, _post_hook))
 
 
 def arm_skip_(
@@ -514,8 +543,8 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple
     # out-of-memory error, another pre-hook) did not happen, and its hand-over waits for the next step, read and
     # settled by dist_clip calls meanwhile and checked against the gradients then as any hand-over is (a retry on
     # the same gradients is clipped, a new backward's are not: they were divided by the old coefficient).
+    complete_step_hooks(optimizer, optimizer.__dict__[_HOOKS], _pre_hook, _post_hook)
     clear_stale(optimizer)
-    mark_step(optimizer)
     pending = optimizer.__dict__.get(_PENDING)
     armed = optimizer.__dict__.get(_SKIP)
     grads = gradients(optimizer) if pending is not None else []
@@ -600,7 +629,7 @@ def _no_longer_fused(optimizer: torch.optim.Optimizer, *flags: Tensor | None) ->
 
 @torch.compiler.disable
 def _post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    unmark_step(optimizer)
+    complete_step_hooks(optimizer, optimizer.__dict__[_HOOKS], _pre_hook, _post_hook)
     _WAITING.discard(optimizer)
     pending = optimizer.__dict__.pop(_PENDING, None)
     optimizer.__dict__.pop(_SKIP, None)

@@ -474,15 +474,16 @@ def slot_partials(
 
 
 def merge_partials(partials: Tensor, index: Tensor, n_out: int, p: float) -> Tensor:
-    """Combine slot partials into ``n_out`` coarser slots (``index[i]`` is slot i's target; -1 drops it)."""
-    keep = index >= 0
-    out = torch.zeros(n_out, dtype=torch.float64, device=partials.device)
+    """Combine slot partials into ``n_out`` coarser slots (``index[i]`` is slot i's target; -1 drops it). Device
+    ops only: dropped slots go to one more slot, cut off at the end (a boolean mask is a host sync on CUDA)."""
+    slot = torch.where(index >= 0, index, n_out)
+    out = torch.zeros(n_out + 1, dtype=torch.float64, device=partials.device)
     if math.isinf(p):
-        nan = torch.zeros_like(out).index_add_(0, index[keep], torch.isnan(partials[keep]).to(torch.float64))
-        kept = torch.nan_to_num(partials[keep], nan=0.0, posinf=math.inf)
-        out.scatter_reduce_(0, index[keep], kept, reduce="amax")
-        return torch.where(nan > 0, torch.full_like(out, math.nan), out)
-    return out.index_add_(0, index[keep], partials[keep])
+        nan = torch.zeros_like(out).index_add_(0, slot, torch.isnan(partials).to(torch.float64))
+        kept = torch.nan_to_num(partials, nan=0.0, posinf=math.inf)
+        out.scatter_reduce_(0, slot, kept, reduce="amax")
+        return torch.where(nan > 0, torch.full_like(out, math.nan), out)[:n_out]
+    return out.index_add_(0, slot, partials)[:n_out]
 
 
 def finalize_norms(partials: Tensor, p: float, loss_scale: float) -> Tensor:

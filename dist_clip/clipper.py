@@ -191,13 +191,11 @@ class _SkipGuard:
         self.armed_in_closure = False  # the flag was armed inside a step(closure)'s closure
         self.armed_on: tuple[list[Tensor], list[int]] | None = None  # grad_state when the flag was armed
         self.saved: tuple[list[Tensor], list[Tensor], dict[int, dict[str, Any]], list[Tensor]] | None = None
-        optimizer.register_step_pre_hook(self._pre)
-        post = optimizer.register_step_post_hook(self._post)
-        # Before the user's own post-hooks (as _fused's): one keeping an average of the parameters (EMA) read the
-        # skipped step's NaN parameters before this hook put them back, and kept the NaN for good.
-        hooks = getattr(optimizer, "_optimizer_step_post_hooks", None)
-        if hasattr(hooks, "move_to_end"):
-            hooks.move_to_end(post.id, last=False)
+        # The post-hook before the user's own (as _fused's): one keeping an average of the parameters (EMA) read
+        # the skipped step's NaN parameters before this hook put them back, and kept the NaN for good. Bound
+        # once: in_step tells this pre-hook in the optimizer's list by identity.
+        self._pre_hook, self._post_hook = self._pre, self._post
+        self._handles = list(_fused.register_step_hooks(optimizer, self._pre_hook, self._post_hook))
 
     def arm(
         self,
@@ -246,7 +244,7 @@ class _SkipGuard:
 
     @torch.compiler.disable  # run as Python under torch.compile(opt.step): see _fused._pre_hook
     def _pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
-        _fused.mark_step(optimizer)  # calls from here to the post-hook arm this step (_fused.in_step)
+        _fused.complete_step_hooks(optimizer, self._handles, self._pre_hook, self._post_hook)
         if self.armed_in_closure:
             # Armed inside a step that raised (its closure, or a pre-hook after this one): that step's flag, not
             # this retry's (ORed into the retry's False, a good step was skipped and every later one came one
@@ -285,7 +283,7 @@ class _SkipGuard:
 
     @torch.compiler.disable
     def _post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        _fused.unmark_step(optimizer)
+        _fused.complete_step_hooks(optimizer, self._handles, self._pre_hook, self._post_hook)
         flag, saved = self.flag, self.saved
         self.flag = self.saved = None
         self.armed_in_closure = False
@@ -459,7 +457,6 @@ def _arm_skip(
     _check_undoable(optimizer)
     guard = getattr(optimizer, "_dist_clip_skip_guard", None)
     if guard is None:
-        _fused.in_step(optimizer)  # before the hooks exist: marks a step under way (a first call from a pre-hook)
         guard = _SkipGuard(optimizer)
         optimizer._dist_clip_skip_guard = guard  # type: ignore[attr-defined]
     guard.arm(optimizer, flag.reshape(()).to(torch.bool), started.get(id(optimizer)) if started else None, combine)
@@ -792,9 +789,10 @@ class GradClipper:
                     red = plan.reduction_group if plan is not None else _reduce.reduction_group(
                         s.group for s in shards)  # as _slots.measure finds it: the digests' width follows it
                     world = _reduce.group_size(red)
-                    membership = _group_membership(grouping[0], p, grouping[1], world)
+                    held = {n for s in named.shards for n, t in zip(s.names, s.tensors) if t.numel() > 0}
+                    unlisted = [g < 0 and n in held for g, n in zip(grouping[0], named.names)]
+                    membership = _group_membership(grouping[0], p, grouping[1], world, unlisted)
                     if plan is None:
-                        held = {n for s in named.shards for n, t in zip(s.names, s.tensors) if t.numel() > 0}
                         membership = torch.cat(
                             [membership, _group_signatures(grouping[0], named.names, held, p, world)])
             settings = cfg.settings if plan is None else f"{cfg.settings}, {plan.settings}"
@@ -883,7 +881,7 @@ class GradClipper:
         # was whatever its coefficient (max_norm=0 on a parameter without gradient read as clipped).
         scaled = m.slot_norms.to(slot_coef.device) > 0 if m.slot_norms.numel() == slot_coef.numel() else m.total > 0
         clipped = finite & ((slot_coef < 1) & scaled).any()
-        if clipped_anywhere is not None:  # per_group under a plan: groups this stage's optimizer lacks count too
+        if clipped_anywhere is not None:  # per_group, plan or named pieces: groups this rank's optimizer lacks count
             clipped = finite & clipped_anywhere.to(clipped.device)
         # Counted, and the skip armed, whatever the scaling below raises on this rank alone (a gradient torch will
         # not write in place, an interrupt): the other ranks counted and armed, and the ranks' states must agree.
@@ -1099,7 +1097,8 @@ def _refuse_together(plan: ParallelPlan, p: float, per_group: bool) -> bool:
     return True
 
 
-def _group_membership(groups_of: Sequence[int], p: float, limits: Sequence[float] = (), world: int = 1) -> Tensor:
+def _group_membership(groups_of: Sequence[int], p: float, limits: Sequence[float] = (), world: int = 1,
+                      unlisted: Sequence[bool] = ()) -> Tensor:
     """Under a plan each pipeline stage's optimizer holds its own stage's parameters only: which slot is in which
     group travels in the measurement's all-reduce, so that every rank sees every stage's groups. Per slot,
     ``group + 1`` where this rank's optimizer holds it (else 0), then 1 where it holds it: summed, the first over
@@ -1111,7 +1110,10 @@ def _group_membership(groups_of: Sequence[int], p: float, limits: Sequence[float
     every rank alike (see :func:`_limits_agree`): summed, ``t = 1 / (1 + limit)`` (for the value) and a digest
     ``d`` of the limit and ``d**2`` (for the comparison, exact: :func:`_slots._digest_values` for ``world``
     ranks; comparing t and t**2 within a tolerance let 1e-6 and 2e-6, or 0 and 1e-6, pass as one limit);
-    maxed, ``limit``, ``-limit`` (-inf where not held) and zeros."""
+    maxed, ``limit``, ``-limit`` (-inf where not held) and zeros. A seventh row marks a rank holding a non-empty
+    piece of the slot without listing it (``unlisted``; summed: counted, maxed: 1): where another rank lists it,
+    that rank's piece was scaled by its own group of that number's limit (0.38 where the listing rank used
+    1/13), or left alone."""
     gi = torch.tensor(list(groups_of) or [-1], dtype=torch.long)
     held = (gi >= 0).to(torch.float64)
     third = torch.where(held > 0, -(gi + 1.0), -1e9) if math.isinf(p) else (gi + 1.0) ** 2 * held
@@ -1124,10 +1126,18 @@ def _group_membership(groups_of: Sequence[int], p: float, limits: Sequence[float
     else:  # t = 1 / (1 + limit), in [0, 1] for any limit >= 0 (inf: 0), so that sums stay finite
         digests = torch.stack([_slots._digest_values(repr(v).encode(), p, world)[:2] for v in values])[at]
         rows = [held / (1.0 + lim), digests[:, 0] * held, digests[:, 1] * held]
-    return torch.cat([(gi + 1.0) * held, held, third, *rows])
+    stray = torch.tensor([bool(u) for u in unlisted] or [False], dtype=torch.float64)
+    if stray.numel() != gi.numel():
+        stray = torch.zeros_like(held)
+    return torch.cat([(gi + 1.0) * held, held, third, *rows, stray * (1.0 - held)])
 
 
-_MEMBERSHIP_ROWS = 6  # the rows of _group_membership; _group_signatures' follow
+_MEMBERSHIP_ROWS = 7  # the rows of _group_membership; _group_signatures' follow
+
+
+def _strays(rows: Tensor) -> Tensor:
+    """Per slot: some rank lists it and another holds a piece of it without listing it (row 7). A device bool."""
+    return (rows[6] > 0) & (rows[1] > 0)
 
 
 def _group_signatures(groups_of: Sequence[int], names: Sequence[str], held: set[str], p: float,
@@ -1281,14 +1291,21 @@ def _per_group(
                 "per_group clipping found none of the target's parameters in any rank's optimizer.param_groups, "
                 "so it would clip nothing; pass the optimizer that steps these parameters"
             )
+        stray = _strays(rows).any()
         if not fill_only:
             if not host:  # a host read: the same verdict as NaN norms on every rank, as _slots._layout_check does
-                agreed = consistent & _group_limits_agree(rows, combined, p) & (combined >= 0).any()
+                agreed = consistent & _group_limits_agree(rows, combined, p) & (combined >= 0).any() & ~stray
             elif not bool(consistent):  # all-reduced: every rank raises alike
                 raise ValueError(
                     "mode='per_group' under a plan: the ranks holding a parameter (tensor-parallel peers, a tied "
                     "copy and its owner) put it in different param group indices; group i must be group i of "
                     "every stage's optimizer (the indices were averaged into another group)"
+                )
+            elif bool(stray):
+                raise ValueError(
+                    "mode='per_group' under a plan: a rank holds a piece of a parameter its optimizer does not list "
+                    "while another rank's optimizer lists it (that piece was scaled by another group's limit, or "
+                    "left alone): every rank holding part of a parameter must list it in the same group"
                 )
             _limits_agree(m.extra, combined, p, labels)
         if fill_only:
@@ -1299,7 +1316,9 @@ def _per_group(
             # names the same group, and each group has one limit), the combined groups also place what a rank's
             # optimizer left out. A numbering that looked alike because each slot had one holder merged two
             # ranks' different "group 0"s (each limit applied to the merged norm).
-            alike = consistent & _group_limits_agree(rows, combined, p)
+            # (and no rank holds a piece of a listed slot without listing it: its piece took its own group of
+            # that number's limit; _own_groups_agree refuses that layout)
+            alike = consistent & _group_limits_agree(rows, combined, p) & ~stray
             own_ok = _own_groups_agree(rows, p)
             if not host:
                 agreed = alike | own_ok
@@ -1325,23 +1344,36 @@ def _per_group(
     # Parameters outside the optimizer count in the total but keep their gradients (coefficient 1).
     slot_coef = torch.where(index >= 0, coef[index.clamp(min=0)], torch.ones_like(index, dtype=out))
     anywhere = None
-    if m.extra is not None and not fill_only and host:
-        anywhere = _clipped_in_any_group(m, combined, p)
+    if m.extra is not None:
+        # Whether some group of any rank scales a gradient down, the same on every rank: each rank's own
+        # coefficients cover only the groups its optimizer has (a rank lacking the clipped group said False).
+        # Groups are told by their combined numbers, or under each rank's own numbering by their signatures.
+        key = combined.to(torch.float64)
+        if fill_only:
+            sig = rows[_MEMBERSHIP_ROWS:]
+            own = sig[0] if math.isinf(p) else sig[1] / sig[0].clamp(min=1)  # the group's first digest
+            key = torch.where(alike, key, own)
+        anywhere = _clipped_anywhere(m, key, rows[1] > 0, _slot_limits(rows, p)[2], p)
     return coef, slot_coef, tuple(labels), limit, anywhere
 
 
-def _clipped_in_any_group(m: _slots.Measurement, combined: Tensor, p: float) -> Tensor:
-    """Under a plan, whether any group of any stage scales some gradient down, from the combined memberships
-    and limits every rank holds (on the CPU): each rank's own coefficients cover only the groups its optimizer
-    has, and ``clipped`` (and ``num_clipped``) differed between stages with different numbers of groups."""
-    assert m.extra is not None
-    listed = combined >= 0
-    if not bool(listed.any()):
-        return torch.zeros((), dtype=torch.bool)
-    _, _, slot_limit = _slot_limits(m.extra.reshape(-1, combined.numel()), p)
-    ids, inverse = torch.unique(combined[listed], return_inverse=True)
-    norms = _slots.finalize_norms(_slots.merge_partials(m.partials[listed], inverse, ids.numel(), p), p,
-                                  m.loss_scale)
-    limits = torch.zeros(ids.numel(), dtype=torch.float64).scatter_(0, inverse, slot_limit[listed])
+def _clipped_anywhere(m: _slots.Measurement, key: Tensor, listed: Tensor, slot_limit: Tensor, p: float) -> Tensor:
+    """Whether any group scales some gradient down, from every rank's combined memberships: slots with equal
+    ``key`` (where ``listed``) form one group, with the limit ``slot_limit``. Device ops only (sorted into
+    segments, no host read: under a plan on accelerators stages with different groups disagreed)."""
+    n = key.numel()
+    device = m.partials.device
+    key, listed, slot_limit = key.to(device), listed.to(device), slot_limit.to(device)
+    order = torch.argsort(torch.where(listed, key, math.inf), stable=True)
+    k = key[order]
+    starts = torch.ones(n, dtype=torch.bool, device=device)
+    starts[1:] = k[1:] != k[:-1]
+    segment = torch.empty(n, dtype=torch.long, device=device)
+    segment[order] = torch.cumsum(starts.long(), 0) - 1
+    index = torch.where(listed, segment, -1)
+    norms = _slots.finalize_norms(_slots.merge_partials(m.partials.to(torch.float64), index, n, p), p, m.loss_scale)
+    limits = torch.zeros(n, dtype=torch.float64, device=device).scatter_(
+        0, index.clamp(min=0), torch.where(listed, slot_limit.to(torch.float64), 0.0))
+    used = torch.zeros(n, dtype=torch.bool, device=device).scatter_(0, index.clamp(min=0), listed)
     coefs = _scale.clip_coefficient(limits, norms)
-    return ((coefs < 1) & (norms > 0)).any()
+    return ((coefs < 1) & (norms > 0) & used).any()

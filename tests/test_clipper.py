@@ -685,3 +685,98 @@ def test_a_first_call_inside_a_closure_acts_on_the_running_step(kind, how):
     opt.step(closure)
     update = torch.cat([(q.detach() - b).flatten() for q, b in zip(model.parameters(), before)]).norm().item()
     assert update == (pytest.approx(0.001, rel=1e-4) if how == "hand_over" else 0.0)
+
+
+@pytest.mark.parametrize("where", ["global_pre", "pre_then_another", "post"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_first_call_from_any_step_hook(where, fused):
+    """The very first dist_clip call from a step hook: from a global pre-hook (torch runs those before the
+    optimizer's own, dist_clip's included) its skip was taken for the running step and then cleared by
+    dist_clip's own pre-hook (NaN stepped); from a pre-hook followed by another, registering dist_clip's pre-hook
+    while torch looped over them raised "OrderedDict mutated during iteration"; from a post-hook, the skip meant
+    for the next step was taken for the finished one and dropped."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    params = [torch.ones(3, requires_grad=True)]
+    opt = torch.optim.Adam(params, lr=0.1, fused=fused)
+    clipper = GradClipper(max_norm=0.5, on_nonfinite="skip")
+
+    def arm(o, *_):
+        if o is opt:
+            clipper(params, optimizer=o)
+
+    handles = []
+    if where == "global_pre":
+        handles.append(register_optimizer_step_pre_hook(arm))
+    elif where == "pre_then_another":
+        handles += [opt.register_step_pre_hook(arm), opt.register_step_pre_hook(lambda *_: None)]
+    try:
+        for step, bad in enumerate((True, False, True, False)):
+            params[0].grad = torch.tensor([1.0, float("nan") if bad else 2.0, 3.0])
+            if where == "post":
+                if step == 0:
+                    opt.register_step_post_hook(lambda *_: dist_clip.skip_next_step_(opt, torch.tensor(True)))
+                    opt.register_step_post_hook(lambda *_: None)
+                    params[0].grad = torch.tensor([1.0, 2.0, 3.0])
+            before = params[0].detach().clone()
+            opt.step()
+            skipped = torch.equal(params[0].detach(), before)
+            if where == "post":
+                assert skipped == (step > 0), step  # every step after the first hook call is skipped
+            else:
+                assert skipped == bad and torch.isfinite(params[0]).all(), step
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_a_step_that_raised_leaves_no_frame_behind():
+    """dist_clip kept the frame of a step that raised (to tell a step under way from one that failed), and with
+    it the callers' frames and their locals: a failed attempt's 64 MiB lived on until the retry's step."""
+    import gc
+    import weakref
+
+    model = nn.Linear(4, 4)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1, fused=True)
+
+    def boom(*_):
+        raise MemoryError("out of memory")
+
+    def attempt() -> weakref.ref:
+        big = torch.zeros(1 << 16)
+        model(torch.randn(2, 4)).sum().backward()
+        dist_clip.clip_grad_norm_(model, 1.0, optimizer=opt)
+        handle = opt.register_step_pre_hook(boom)
+        try:
+            opt.step()
+        except MemoryError:
+            pass
+        finally:
+            handle.remove()
+        return weakref.ref(big)
+
+    gc.disable()
+    try:
+        left = attempt()
+        assert left() is None, "the failed attempt's locals are kept alive"
+    finally:
+        gc.enable()
+
+
+def test_a_skipped_first_fused_sgd_step_with_a_gradient_missing():
+    """A skipped first step of fused SGD with momentum (dampening 0) kept the zero buffers made for the parameters
+    with a gradient: the next step, with every gradient, was no first step to torch, which passed None for the
+    other parameter's buffer (TypeError from _fused_sgd_). As if never stepped now."""
+    torch.manual_seed(0)
+    w, e = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(3))
+    twin = [nn.Parameter(w.detach().clone()), nn.Parameter(e.detach().clone())]
+    opt = torch.optim.SGD([w, e], lr=0.1, momentum=0.9, fused=True)
+    twin_opt = torch.optim.SGD(twin, lr=0.1, momentum=0.9, fused=True)
+    w.grad, e.grad = torch.ones(3), None
+    dist_clip.skip_next_step_(opt, torch.tensor(True))
+    opt.step()
+    for q in (w, e, *twin):
+        q.grad = torch.ones(3)
+    opt.step()
+    twin_opt.step()
+    assert torch.equal(w, twin[0]) and torch.equal(e, twin[1])

@@ -522,3 +522,69 @@ def body_group_checks_are_exact() -> list:
 def test_group_signatures_limits_and_wrapped_groupings_are_checked_exactly(run_ranks):
     got = run_ranks(2, body_group_checks_are_exact)
     assert got[0] == got[1] == [True] * (len(ORDERS) + 7), got
+
+
+def body_unlisted_holders_and_clipped_everywhere(offhost: bool) -> list:
+    """(1) A rank holding a piece of w ([3, 4] of [3, 4, 12]) whose optimizer does not list it, while the other
+    rank's does (limit 1): its piece took its own group 0's limit (0.38 for 1/13) or stayed 1, silently, on named
+    pieces and under a plan: refused on every rank (NaN norms off the host). (2) `clipped` and `num_clipped` came
+    from each rank's own groups: a rank whose optimizer lacks the clipped group said False (named pieces; a plan
+    off the host)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from dist_clip import ParallelPlan
+    from dist_clip import clipper as clipper_module
+
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+    saved = clipper_module._host_checks
+    if offhost:
+        clipper_module._host_checks = lambda device: False
+    out: list = []
+    try:
+        for how in ("mapping", "plan"):
+            for variant in ("other_limit", "missing"):
+                piece = torch.tensor([3.0, 4.0]) if rank == 0 else torch.tensor([12.0])
+                w = nn.Parameter(torch.zeros_like(piece))
+                w.grad = piece.clone()
+                other = nn.Parameter(torch.zeros(1))
+                if variant == "other_limit":
+                    groups = [{"params": [w], "max_norm": 1.0}] if rank else [{"params": [other], "max_norm": 5.0}]
+                else:
+                    groups = [{"params": [other], "max_norm": 1.0}] + ([{"params": [w], "max_norm": 1.0}] * rank)
+                kw = ({"group": dist.group.WORLD} if how == "mapping"
+                      else {"plan": ParallelPlan(mesh, names=("w",))})
+                try:
+                    r = GradClipper(mode="per_group")({"w": w}, optimizer=torch.optim.SGD(groups, lr=0.1), **kw)
+                    out.append("nan" if bool(torch.isnan(r.clip_coef).all()) else round(float(w.grad[0] / piece[0]), 6))
+                except ValueError as e:
+                    out.append("refused" if "does not list" in str(e) else str(e))
+        # clipped everywhere: rank 0 lists only {body} (norm 10, limit 1), rank 1 only {head} (0.5, limit 2)
+        body = torch.tensor([6.0, 8.0]) if rank == 0 else torch.zeros(0)
+        head = torch.tensor([0.5]) if rank == 1 else torch.zeros(0)
+        mine = {"body": nn.Parameter(torch.zeros_like(body)), "head": nn.Parameter(torch.zeros_like(head))}
+        mine["body"].grad, mine["head"].grad = body.clone(), head.clone()
+        own = "body" if rank == 0 else "head"
+        clipper = GradClipper(mode="per_group")
+        r = clipper(mine, optimizer=torch.optim.SGD([{"params": [mine[own]], "max_norm": 1.0 + rank}], lr=0.1),
+                    group=dist.group.WORLD)
+        out.append((bool(r.clipped), int(clipper.num_clipped)))
+        # under a plan: stage 0 clips group 1 ("a", limit 1), stage 1 has group 0 only
+        plan = ParallelPlan(init_device_mesh("cpu", (2,), mesh_dim_names=("pp",)), names=("a", "b"))
+        q = nn.Parameter(torch.zeros(2))
+        q.grad = torch.tensor([3.0, 4.0]) if rank == 0 else torch.tensor([0.1, 0.1])
+        groups = ([{"params": [], "max_norm": 9.0}, {"params": [q], "max_norm": 1.0}] if rank == 0
+                  else [{"params": [q], "max_norm": 9.0}])
+        r = GradClipper(mode="per_group")({"a" if rank == 0 else "b": q}, optimizer=torch.optim.SGD(groups, lr=0.1),
+                                          plan=plan)
+        out.append(bool(r.clipped))
+    finally:
+        clipper_module._host_checks = saved
+    return out
+
+
+@pytest.mark.parametrize("offhost", [False, True])
+def test_unlisted_holders_are_refused_and_clipped_is_everyone_s(run_ranks, offhost):
+    got = run_ranks(2, body_unlisted_holders_and_clipped_everywhere, offhost)
+    bad = "nan" if offhost else "refused"
+    assert got[0] == got[1] == [bad] * 4 + [(True, 1), True], got
