@@ -18,6 +18,7 @@ restores the attributes as they were.
 from __future__ import annotations
 
 import bisect
+import dis
 import functools
 import operator
 import sys
@@ -52,6 +53,27 @@ _IN_CLOSURE: set[int] = set()
 _OUR_PRE = "_dist_clip_pre_hooks"  # the step pre-hooks dist_clip registered on an optimizer (see in_step)
 # The code of torch's step wrapper (Optimizer.profile_hook_step's), which runs the pre-hooks, step and post-hooks.
 _STEP_CODE = torch.optim.Optimizer.profile_hook_step(lambda *a, **k: None).__code__
+
+
+def _call_lines(code: Any) -> dict[str, set[int]]:
+    """The lines of torch's step wrapper that call a pre-hook, the step itself and a post-hook: where its frame
+    stands tells the phase (the code of the frame it called did not: a pre-hook and ``step()`` under one
+    decorator, ``torch.no_grad()``, run one wrapper code, and a hook's call was taken for the step's)."""
+    lines: dict[str, set[int]] = {"pre": set(), "step": set(), "post": set()}
+    for ins in dis.get_instructions(code):
+        line = ins.positions.lineno if ins.positions is not None else None
+        if line is None or not ins.opname.startswith("LOAD_"):
+            continue
+        if ins.argval == "pre_hook":
+            lines["pre"].add(line)
+        elif ins.argval == "func":
+            lines["step"].add(line)
+        elif ins.argval == "post_hook":
+            lines["post"].add(line)
+    return lines
+
+
+_LINES = _call_lines(_STEP_CODE)
 
 
 def step_closure(args: Any, kwargs: Any) -> Any:
@@ -100,22 +122,21 @@ def step_phase(optimizer: object) -> tuple[str | None, Any]:
     left on the optimizer: a stored frame kept a failed step's callers and their locals alive): ``None`` outside
     it, ``"global_pre"`` in a global step pre-hook, ``"pre"`` in one of the optimizer's own pre-hooks (with that
     hook), ``"step"`` inside the step itself (a closure included), ``"post"`` in a post-hook (the step is over)."""
-    child = None
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_code is _STEP_CODE:
             local = frame.f_locals
             if local.get("self") is optimizer:
-                if "out" in local:  # bound once the step returned
+                line = frame.f_lineno
+                if "out" in local or line in _LINES["post"]:  # (out: bound once the step returned)
                     return "post", None
-                func = local.get("func")
-                if "pre_hook" not in local or (child is not None and child.f_code is getattr(func, "__code__", None)):
-                    return "step", None
-                hook = local["pre_hook"]
-                if any(h is hook for h in _global_pre_hooks().values()):
-                    return "global_pre", hook
-                return "pre", hook
-        child, frame = frame, frame.f_back
+                if line in _LINES["pre"] and "pre_hook" in local:
+                    hook = local["pre_hook"]
+                    if any(h is hook for h in _global_pre_hooks().values()):
+                        return "global_pre", hook
+                    return "pre", hook
+                return "step", None
+        frame = frame.f_back
     return None, None
 
 
@@ -188,9 +209,35 @@ def supports_grad_scale(optimizer: torch.optim.Optimizer) -> bool:
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and hooked(optimizer) and all(
         g.get("fused", False) for g in optimizer.param_groups
     )
+
+
+def hooked(optimizer: object) -> bool:
+    """Whether ``optimizer.step()`` runs torch's step hooks, which every hand-over and skip rides on: torch wraps a
+    class's ``step`` when its first instance is made (``step.hooked``); a ``step`` replaced on the class after
+    that (another library's patch calling ``step.__wrapped__``), or an object that never ran
+    ``Optimizer.__init__`` (a wrapper around another optimizer), runs none: the hand-over was lost (stepped
+    unclipped, 35.8 off) and the skip taken."""
+    return hasattr(optimizer, "_optimizer_step_pre_hooks") and bool(getattr(type(optimizer).step, "hooked", False))
+
+
+def hooks_in_place(optimizer: torch.optim.Optimizer, handles: Sequence[Any]) -> bool:
+    """Whether the hooks behind ``handles`` (None: deferred) are still registered: a user clearing the
+    optimizer's hook dicts left dist_clip believing them there (a NaN step taken)."""
+    pre, post = handles
+    return (pre is None or pre.id in optimizer._optimizer_step_pre_hooks) and (
+        post is None or post.id in optimizer._optimizer_step_post_hooks)
+
+
+def forget_hooks(optimizer: torch.optim.Optimizer, handles: Sequence[Any], pre: Any) -> None:
+    """Remove dist_clip's hooks behind ``handles`` (where still there) before registering them again."""
+    for handle in handles:
+        if handle is not None:
+            handle.remove()
+    ours = optimizer.__dict__.get(_OUR_PRE, [])
+    optimizer.__dict__[_OUR_PRE] = [h for h in ours if h is not pre]
 
 
 def _prepare_sgd_first_step(optimizer: torch.optim.Optimizer) -> list[Tensor]:
@@ -448,6 +495,10 @@ def _write_cell(param: Tensor) -> list[int]:
 
 
 def _install_hooks(optimizer: torch.optim.Optimizer) -> None:
+    handles = optimizer.__dict__.get(_HOOKS)
+    if handles is not None and not hooks_in_place(optimizer, handles):
+        forget_hooks(optimizer, handles, _pre_hook)
+        del optimizer.__dict__[_HOOKS]
     if _HOOKS not in optimizer.__dict__:
         optimizer.__dict__[_HOOKS] = list(register_step_hooks(optimizer, _pre_hook, _post_hook))
 

@@ -438,13 +438,13 @@ class AGC:
         _real("AGC.eps", self.eps, low=0.0)
         given = self.exclude
         if isinstance(given, (str, bytes, Mapping)) or not isinstance(given, Iterable):
-            raise TypeError(f"AGC.exclude must be a tuple of name patterns, got {type(given).__name__} {given!r}")
+            raise TypeError(f"AGC.exclude must be an iterable of name patterns (a tuple; not one str), got {type(given).__name__} {given!r}")
         # A tuple, whatever iterable came, made before the check reads it (a generator read by the check left no
         # pattern: nothing was excluded), and a set sorted: its order depends on each process's hash seed, and the
         # call's settings fingerprint (which holds this repr) read as the ranks disagreeing.
         patterns = tuple(sorted(given, key=repr) if isinstance(given, (set, frozenset)) else given)
         if not all(isinstance(x, str) for x in patterns):
-            raise TypeError(f"AGC.exclude must be a tuple of name patterns (str), got {patterns!r}")
+            raise TypeError(f"AGC.exclude must be an iterable of name patterns (str), got {patterns!r}")
         object.__setattr__(self, "exclude", patterns)
         # Numbers as floats, so that 1 and 1.0 (or np.float64(0.01)) are the same settings on every rank.
         object.__setattr__(self, "clipping", float(self.clipping))

@@ -456,6 +456,9 @@ def _arm_skip(
         )
     _check_undoable(optimizer)
     guard = getattr(optimizer, "_dist_clip_skip_guard", None)
+    if guard is not None and not _fused.hooks_in_place(optimizer, guard._handles):
+        _fused.forget_hooks(optimizer, guard._handles, guard._pre_hook)  # cleared by the user: registered again
+        guard = None
     if guard is None:
         guard = _SkipGuard(optimizer)
         optimizer._dist_clip_skip_guard = guard  # type: ignore[attr-defined]
@@ -464,7 +467,15 @@ def _arm_skip(
 
 def _check_undoable(optimizer: torch.optim.Optimizer) -> None:
     """A ``differentiable=True`` step records its update in the autograd graph: restoring the values after a
-    skipped step leaves the NaN update in that history (hypergradients read NaN), so it cannot be skipped."""
+    skipped step leaves the NaN update in that history (hypergradients read NaN), so it cannot be skipped. A
+    step that runs no torch step hooks (:func:`_fused.hooked`) cannot be skipped either."""
+    if not _fused.hooked(optimizer):
+        raise ValueError(
+            f"{type(optimizer).__name__}.step() runs no torch step hooks (its class's step was replaced after the "
+            "first instance was made, or the object never ran torch.optim.Optimizer.__init__, as a wrapper around "
+            "another optimizer may not): a skip cannot be armed on it; pass the optimizer whose step() runs "
+            "torch's hooks (the inner one of a wrapper)"
+        )
     if any(g.get("differentiable", False) for g in optimizer.param_groups):
         raise ValueError(
             f"{type(optimizer).__name__} has differentiable=True: a skipped step cannot be undone in its autograd "
