@@ -438,7 +438,10 @@ class AGC:
         _real("AGC.eps", self.eps, low=0.0)
         given = self.exclude
         if isinstance(given, (str, bytes, Mapping)) or not isinstance(given, Iterable):
-            raise TypeError(f"AGC.exclude must be an iterable of name patterns (a tuple; not one str), got {type(given).__name__} {given!r}")
+            raise TypeError(
+                f"AGC.exclude must be an iterable of name patterns (a tuple; not one str), got {type(given).__name__} "
+                f"{given!r}"
+            )
         # A tuple, whatever iterable came, made before the check reads it (a generator read by the check left no
         # pattern: nothing was excluded), and a set sorted: its order depends on each process's hash seed, and the
         # call's settings fingerprint (which holds this repr) read as the ranks disagreeing.
