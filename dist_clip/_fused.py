@@ -162,11 +162,11 @@ def in_step(optimizer: object) -> bool:
     if phase != "pre":
         return False
     ours = optimizer.__dict__.get(_OUR_PRE)  # type: ignore[attr-defined]
-    if not ours:
-        return True
     order = list(optimizer._optimizer_step_pre_hooks.values())  # type: ignore[attr-defined]
+    if not ours or not any(h is o for h in order for o in ours):  # none there (none yet, or cleared by the user)
+        return True
     at = next((i for i, h in enumerate(order) if h is hook), len(order))
-    return any(h is ours_hook for h in order[:at] for ours_hook in ours)  # one of dist_clip's has run
+    return any(h is o for h in order[:at] for o in ours)  # one of dist_clip's has run
 
 
 def register_step_hooks(optimizer: torch.optim.Optimizer, pre: Callable[..., Any] | None,
@@ -193,12 +193,28 @@ def register_step_hooks(optimizer: torch.optim.Optimizer, pre: Callable[..., Any
 
 def complete_step_hooks(optimizer: torch.optim.Optimizer, handles: list[Any], pre: Callable[..., Any],
                         post: Callable[..., Any]) -> None:
-    """From a dist_clip step hook: register its partner left out by :func:`register_step_hooks` (a pre-hook from
-    the post-hook, a post-hook from the pre-hook: the dict torch is not looping over)."""
-    if handles[0] is None and step_phase(optimizer)[0] == "post":
-        handles[0] = register_step_hooks(optimizer, pre, None)[0]
-    if handles[1] is None and step_phase(optimizer)[0] in ("pre", "global_pre"):
-        handles[1] = register_step_hooks(optimizer, None, post)[1]
+    """Register what :func:`register_step_hooks` left out, where torch is not looping over its dict now: from a
+    dist_clip step hook (a pre-hook from the post-hook, a post-hook from the pre-hook), or from a call outside
+    any step (a step that raised before the post-hook could register the pre-hook: the next hand-over and skip
+    were lost)."""
+    if handles[0] is None or handles[1] is None:
+        registered = register_step_hooks(optimizer, pre if handles[0] is None else None,
+                                         post if handles[1] is None else None)
+        handles[0] = handles[0] if handles[0] is not None else registered[0]
+        handles[1] = handles[1] if handles[1] is not None else registered[1]
+
+
+def repair_step_hooks(optimizer: torch.optim.Optimizer, handles: list[Any], pre: Callable[..., Any],
+                      post: Callable[..., Any]) -> None:
+    """Forget the hooks behind ``handles`` the user removed (clearing the optimizer's hook dicts left dist_clip
+    believing them there: a NaN step taken) and register what is missing (:func:`complete_step_hooks`); hooks
+    still there stay (removing one while torch looped over its dict raised "OrderedDict mutated")."""
+    if handles[0] is not None and handles[0].id not in optimizer._optimizer_step_pre_hooks:
+        handles[0] = None
+        optimizer.__dict__[_OUR_PRE] = [h for h in optimizer.__dict__.get(_OUR_PRE, []) if h is not pre]
+    if handles[1] is not None and handles[1].id not in optimizer._optimizer_step_post_hooks:
+        handles[1] = None
+    complete_step_hooks(optimizer, handles, pre, post)
 
 
 def supports_grad_scale(optimizer: torch.optim.Optimizer) -> bool:
@@ -221,23 +237,6 @@ def hooked(optimizer: object) -> bool:
     ``Optimizer.__init__`` (a wrapper around another optimizer), runs none: the hand-over was lost (stepped
     unclipped, 35.8 off) and the skip taken."""
     return hasattr(optimizer, "_optimizer_step_pre_hooks") and bool(getattr(type(optimizer).step, "hooked", False))
-
-
-def hooks_in_place(optimizer: torch.optim.Optimizer, handles: Sequence[Any]) -> bool:
-    """Whether the hooks behind ``handles`` (None: deferred) are still registered: a user clearing the
-    optimizer's hook dicts left dist_clip believing them there (a NaN step taken)."""
-    pre, post = handles
-    return (pre is None or pre.id in optimizer._optimizer_step_pre_hooks) and (
-        post is None or post.id in optimizer._optimizer_step_post_hooks)
-
-
-def forget_hooks(optimizer: torch.optim.Optimizer, handles: Sequence[Any], pre: Any) -> None:
-    """Remove dist_clip's hooks behind ``handles`` (where still there) before registering them again."""
-    for handle in handles:
-        if handle is not None:
-            handle.remove()
-    ours = optimizer.__dict__.get(_OUR_PRE, [])
-    optimizer.__dict__[_OUR_PRE] = [h for h in ours if h is not pre]
 
 
 def _prepare_sgd_first_step(optimizer: torch.optim.Optimizer) -> list[Tensor]:
@@ -400,14 +399,14 @@ def settle(tensors: Sequence[Tensor]) -> None:
         if pending is None:
             _WAITING.discard(optimizer)
             continue
-        scale, found, coef, held, versions = pending
+        scale, found, coef, held, versions, raw = pending
         if coef is None:
             # Applied already: only the skip flag is left, and it lasts until the step whatever wrote the
             # gradients since (the verdict of a later read dropped it: a NaN hand-over, a clip in place, then
             # get_total_norm, and the NaN step ran), as in the step's own check (_pre_hook).
             continue
         del optimizer.__dict__[_PENDING]
-        verdict, kept = _verdict(held, versions, grads)
+        verdict, kept = _verdict(held, versions, grads, raw, optimizer)
         if verdict in ("stale", "written"):
             # Dropped without a word here: a step skipped, then gradients zeroed in place and recomputed, looks
             # the same as an accumulation after the clip; the step itself warns if it would take them unclipped.
@@ -425,7 +424,8 @@ def settle(tensors: Sequence[Tensor]) -> None:
             optimizer.__dict__[_SAVED] = (*saved[:3], None)
 
 
-def _verdict(held: list[Tensor], versions: list[int], grads: list[Tensor]) -> tuple[str, list[Tensor]]:
+def _verdict(held: list[Tensor], versions: list[Any], grads: list[Tensor], raw: list[int] | None = None,
+             optimizer: torch.optim.Optimizer | None = None) -> tuple[str, list[Tensor]]:
     """What became of the gradients ``held`` a coefficient was measured on, now that the optimizer steps
     ``grads``, and which of them take the coefficient in place if the step's ``grad_scale`` cannot:
 
@@ -443,7 +443,11 @@ def _verdict(held: list[Tensor], versions: list[int], grads: list[Tensor]) -> tu
       dropped: the untouched ones stepped 370 times too large).
 
     A view's version counter is its whole buffer's (DDP's bucket views): a write to another view of it would
-    look like a change, so views are checked by identity alone or by a count of backwards (:func:`_unwritten`)."""
+    look like a change, so views are checked by identity alone or by a count of backwards (:func:`_unwritten`).
+    A stepped gradient that is a measured one moved by its wrapper (:func:`_moved`: FSDP1 ``use_orig_params``
+    makes new views of the same bytes at every forward, DDP copies its bucket views into new buckets at the
+    second forward) counts as the measured one (a forward between clip and step dropped the coefficient: 24.7
+    stepped for 0.0048)."""
     if same_tensors(held, grads):
         # (the versions as recorded: every one unwritten, in one C-level pass; 0.45 ms a step on 1000 gradients
         # through the per-tensor test)
@@ -452,14 +456,61 @@ def _verdict(held: list[Tensor], versions: list[int], grads: list[Tensor]) -> tu
         return "written", []
     stepped = set(map(id, grads))
     still = [(a, v) for a, v in zip(held, versions) if id(a) in stepped]
-    if not still:
+    moved: dict[int, Tensor] = {}  # id of a held gradient -> the stepped tensor it moved to
+    if len(still) < len(held) and len(still) < len(grads) and raw is not None and optimizer is not None:
+        found = _moved(held, versions, raw, [g for g in grads if id(g) not in set(map(id, held))], optimizer)
+        if found is None:
+            return "written", []  # moved by its wrapper, and written since (a further backward)
+        moved = found
+    if not still and not moved:
         return "stale", []
     if not all(_unwritten(a, v) for a, v in still):
         return "written", []
-    kept = [a for a, v in zip(held, versions) if id(a) in stepped or _unwritten(a, v)]
-    new = len(stepped) > len(still)
-    gone = len(still) < len(held)
+    kept = [moved.get(id(a), a) for a, v in zip(held, versions)
+            if id(a) in stepped or id(a) in moved or _unwritten(a, v)]
+    new = len(stepped) > len(still) + len(moved)
+    gone = len(still) + len(moved) < len(held)
     return ("replaced" if new and gone else "kept"), kept
+
+
+def _moved(held: list[Tensor], versions: list[Any], raw: list[int], new: list[Tensor],
+           optimizer: torch.optim.Optimizer) -> dict[int, Tensor] | None:
+    """Which measured gradients a wrapper moved to the new tensors ``new`` the optimizer steps, without changing
+    them: the same bytes viewed anew (FSDP1 ``use_orig_params``, at every forward; the held view keeps those
+    bytes alive, so equal addresses are the same memory) whose buffer's version is the one recorded, or a
+    parameter's gradient copied elsewhere (DDP's bucket rebuild) with no backward into it since (its count,
+    :func:`_write_cell`). None where one was moved and written since. Walked only when gradients were replaced."""
+    gone = {id(a) for a in held} - {id(g) for g in new}
+    by_bytes = {_bytes_key(a): i for i, a in enumerate(held) if id(a) in gone}
+    by_cell = {id(v[0]): i for i, v in enumerate(versions) if isinstance(v, tuple) and id(held[i]) in gone}
+    params = None
+    out: dict[int, Tensor] = {}
+    for g in new:
+        i = by_bytes.get(_bytes_key(g))
+        if i is not None:
+            if g._version != raw[i]:
+                return None
+            out[id(held[i])] = g
+            continue
+        if not by_cell:
+            continue
+        if params is None:
+            params = {id(getattr(p.grad, "_local_tensor", p.grad)): p for group in optimizer.param_groups
+                      for p in group["params"] if p.grad is not None}
+        cell = _WRITES.get(params[id(g)]) if id(g) in params else None
+        i = by_cell.get(id(cell)) if cell is not None else None
+        if i is not None:
+            if cell[0] != versions[i][1]:  # type: ignore[index]
+                return None
+            out[id(held[i])] = g
+    return out
+
+
+def _bytes_key(t: Tensor) -> tuple[Any, ...]:
+    t = getattr(t, "_local_tensor", t)
+    if t.layout != torch.strided or t.numel() == 0:
+        return (id(t),)
+    return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device)
 
 
 def _warn_replaced() -> None:
@@ -499,10 +550,9 @@ def _write_cell(param: Tensor) -> list[int]:
 
 def _install_hooks(optimizer: torch.optim.Optimizer) -> None:
     handles = optimizer.__dict__.get(_HOOKS)
-    if handles is not None and not hooks_in_place(optimizer, handles):
-        forget_hooks(optimizer, handles, _pre_hook)
-        del optimizer.__dict__[_HOOKS]
-    if _HOOKS not in optimizer.__dict__:
+    if handles is not None:
+        repair_step_hooks(optimizer, handles, _pre_hook, _post_hook)
+    else:
         optimizer.__dict__[_HOOKS] = list(register_step_hooks(optimizer, _pre_hook, _post_hook))
 
 
@@ -604,7 +654,7 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple
     grads = gradients(optimizer) if pending is not None else []
     closure = step_closure(args, kwargs)
     if pending is not None and pending[2] is not None:
-        verdict, kept = _verdict(pending[3], pending[4], grads)
+        verdict, kept = _verdict(pending[3], pending[4], grads, pending[5], optimizer)
         in_place = closure is not None or not supports_grad_scale(optimizer)
         if verdict in ("kept", "replaced") or (verdict == "same" and in_place):
             # Measured gradients untouched beside others (add_param_group, a gradient replaced or set to None):
@@ -756,7 +806,8 @@ def _stash(
 ) -> None:
     """What the next step applies (``scale``, ``found``), the coefficient settle() would apply instead (None once
     applied), and the gradients it was measured on with their versions (see :func:`_verdict`)."""
-    versions: list[Any] = list(map(_VERSION, grads))
+    raw = list(map(_VERSION, grads))
+    versions: list[Any] = list(raw)
     if coef is not None and any(map(Tensor._is_view, grads)):
         params = {id(getattr(p.grad, "_local_tensor", p.grad)): p for group in optimizer.param_groups
                   for p in group["params"] if p.grad is not None}
@@ -765,4 +816,4 @@ def _stash(
             if g._is_view() and p is not None and type(p) in _PLAIN_PARAMS and p.requires_grad:
                 cell = _write_cell(p)
                 versions[i] = (cell, cell[0])
-    optimizer.__dict__[_PENDING] = (scale, found, coef, grads, versions)
+    optimizer.__dict__[_PENDING] = (scale, found, coef, grads, versions, raw)

@@ -456,9 +456,8 @@ def _arm_skip(
         )
     _check_undoable(optimizer)
     guard = getattr(optimizer, "_dist_clip_skip_guard", None)
-    if guard is not None and not _fused.hooks_in_place(optimizer, guard._handles):
-        _fused.forget_hooks(optimizer, guard._handles, guard._pre_hook)  # cleared by the user: registered again
-        guard = None
+    if guard is not None:  # hooks cleared by the user, or left out by a step that raised: registered again
+        _fused.repair_step_hooks(optimizer, guard._handles, guard._pre_hook, guard._post_hook)
     if guard is None:
         guard = _SkipGuard(optimizer)
         optimizer._dist_clip_skip_guard = guard  # type: ignore[attr-defined]

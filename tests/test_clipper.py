@@ -863,3 +863,60 @@ def test_steps_without_torch_s_hooks_and_cleared_hooks():
         clipper([q], optimizer=opt)
         opt.step()
         assert torch.equal(q.detach(), before), f"fused={fused}: the NaN step was taken"
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_hooks_cleared_or_left_out_are_repaired(fused):
+    """Three ways dist_clip's step hooks went missing, each losing a hand-over or a skip (or the step): the user
+    cleared the hook dicts and the next call came from a pre-hook (dist_clip believed its pre-hook there);
+    a first call from a pre-hook left its pre-hook for the post-hook to add, and that step raised; after a
+    partial clear, removing the hook still registered while torch looped over it raised "OrderedDict mutated"."""
+    w = nn.Parameter(torch.ones(3))
+
+    def fresh():
+        return torch.optim.SGD([w], lr=1.0, fused=fused)
+
+    clipper = GradClipper(max_norm=1.0, on_nonfinite="skip")
+    with torch.no_grad():
+        w.fill_(1.0)
+
+    def check(opt, grad, want):
+        before = w.detach().clone()
+        w.grad = torch.tensor(grad)
+        opt.step()
+        torch.testing.assert_close(before - w.detach(), torch.tensor(want), rtol=1e-5, atol=1e-7)
+
+    # 1) cleared, then a call from a user pre-hook
+    opt = fresh()
+    w.grad = torch.ones(3)
+    clipper([w], optimizer=opt)
+    opt.step()
+    opt._optimizer_step_pre_hooks.clear()
+    opt._optimizer_step_post_hooks.clear()
+    opt.register_step_pre_hook(lambda o, *_: (clipper([w], optimizer=o), None)[1])
+    check(opt, [1.0, float("nan"), 1.0], [0.0, 0.0, 0.0])
+    # 2) a first call from a pre-hook, the step raising after it; then a plain loop
+    opt = fresh()
+
+    def boom(*_):
+        raise MemoryError("out of memory")
+
+    first = opt.register_step_pre_hook(lambda o, *_: (clipper([w], optimizer=o), None)[1])
+    second = opt.register_step_pre_hook(boom)
+    w.grad = torch.ones(3)
+    with pytest.raises(MemoryError):
+        opt.step()
+    first.remove()
+    second.remove()
+    w.grad = torch.tensor([1.0, float("nan"), 1.0])
+    clipper([w], optimizer=opt)
+    check(opt, [1.0, float("nan"), 1.0], [0.0, 0.0, 0.0])
+    # 3) a partial clear, then a call from a pre-hook followed by another pre-hook
+    opt = fresh()
+    w.grad = torch.ones(3)
+    clipper([w], optimizer=opt)
+    opt.step()
+    opt._optimizer_step_post_hooks.clear()
+    opt.register_step_pre_hook(lambda o, *_: (clipper([w], optimizer=o), None)[1])
+    opt.register_step_pre_hook(lambda *_: None)
+    check(opt, [1.0, float("nan"), 1.0], [0.0, 0.0, 0.0])

@@ -1961,3 +1961,45 @@ def test_a_hand_over_across_a_load_of_non_fused_param_groups(skip):
     for q, r in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(q.detach(), r.detach(), rtol=1e-6, atol=1e-7)
     assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+
+
+def body_gradients_moved_by_their_wrapper() -> list:
+    """FSDP1 (use_orig_params) makes new views of the same gradient bytes at every forward, and DDP with bucket
+    views copies its gradients into new buckets at its second forward: a forward between the clip and the step
+    (logging, evaluation) made every stepped gradient a new tensor, and the hand-over was dropped, silently (an
+    update of 24.7 where the plain call stepped 0.0048). Now matched by bytes, or by the backward count."""
+    import warnings
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    rank = dist.get_rank()
+    out = []
+    for kind, grad_mode in (("fsdp1", False), ("fsdp1", True), ("ddp_view", True)):
+        updates = []
+        for handed in (True, False):
+            torch.manual_seed(0)
+            module = nn.Sequential(nn.Linear(7, 13), nn.Tanh(), nn.Linear(13, 3))
+            model = (FSDP(module, use_orig_params=True, device_id=torch.device("cpu")) if kind == "fsdp1"
+                     else DDP(module, gradient_as_bucket_view=True))
+            opt = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
+            before = [q.detach().clone() for q in model.parameters()]
+            g = torch.Generator().manual_seed(rank)
+            (model(torch.randn(4, 7, generator=g)) ** 2).sum().mul(50).backward()
+            ids = [id(q.grad) for q in model.parameters()]
+            dist_clip.clip_grad_norm_(model, 0.05, **({"optimizer": opt} if handed else {}))
+            with torch.set_grad_enabled(grad_mode):
+                model(torch.randn(2, 7))
+            moved = sum(id(q.grad) != i for q, i in zip(model.parameters(), ids))
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # no warning either
+                opt.step()
+            updates.append(torch.cat([(q.detach() - b).flatten() for q, b in zip(model.parameters(), before)]))
+        out.append((moved > 0 or rank == 0, torch.allclose(updates[0], updates[1], rtol=1e-5, atol=1e-8)))
+    return out
+
+
+def test_gradients_moved_by_their_wrapper_keep_the_hand_over(run_ranks):
+    for got in run_ranks(2, body_gradients_moved_by_their_wrapper):
+        assert got == [(True, True)] * 3, got
