@@ -488,7 +488,11 @@ def _moved(held: list[Tensor], versions: list[Any], raw: list[int], new: list[Te
     for g in new:
         i = by_bytes.get(_bytes_key(g))
         if i is not None:
-            if g._version != raw[i]:
+            # A view of the very same buffer, unwritten since. The same bytes under another buffer object (FSDP1
+            # re-aliases its sharded gradient through .data for a backward, with a fresh version counter that
+            # matched the recorded one by chance) were written: a stale coefficient met a new batch.
+            if getattr(g, "_base", None) is None or g._base is not getattr(held[i], "_base", None) or (
+                    g._version != raw[i]):
                 return None
             out[id(held[i])] = g
             continue
@@ -813,7 +817,10 @@ def _stash(
                   for p in group["params"] if p.grad is not None}
         for i, g in enumerate(grads):
             p = params.get(id(g))
-            if g._is_view() and p is not None and type(p) in _PLAIN_PARAMS and p.requires_grad:
+            # (not FSDP1's original parameters: autograd accumulates into their flat parameter, so a count of
+            # theirs never moved, and a new batch's gradients passed for the measured ones moved: 4000x too small)
+            if (g._is_view() and p is not None and type(p) in _PLAIN_PARAMS and p.requires_grad
+                    and not getattr(p, "_fsdp_flattened", False)):
                 cell = _write_cell(p)
                 versions[i] = (cell, cell[0])
     optimizer.__dict__[_PENDING] = (scale, found, coef, grads, versions, raw)

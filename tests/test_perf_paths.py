@@ -2003,3 +2003,43 @@ def body_gradients_moved_by_their_wrapper() -> list:
 def test_gradients_moved_by_their_wrapper_keep_the_hand_over(run_ranks):
     for got in run_ranks(2, body_gradients_moved_by_their_wrapper):
         assert got == [(True, True)] * 3, got
+
+
+def body_a_dropped_batch_s_coefficient_stays_with_it() -> list:
+    """The moved-gradient matching took a new batch's FSDP1 gradients for the measured ones: under use_orig_params
+    the original parameters' backward counts never move (autograd accumulates into the flat parameter), and
+    with zero_grad(set_to_none=False) FSDP1 re-aliases its sharded gradient through .data with a fresh version
+    counter that matched by chance. A dropped batch's coefficient then scaled the next batch, silently (4000x
+    too small). The next batch steps as in the plain loop now (with the documented warning where written)."""
+    import warnings
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    rank = dist.get_rank()
+    out = []
+    for orig in (True, False):
+        for set_to_none in (True, False):
+            updates = []
+            for handed in (True, False):
+                torch.manual_seed(0)
+                model = FSDP(nn.Sequential(nn.Linear(7, 13), nn.Tanh(), nn.Linear(13, 3)), use_orig_params=orig,
+                             device_id=torch.device("cpu"))
+                opt = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
+                g = torch.Generator().manual_seed(rank)
+                (model(torch.randn(4, 7, generator=g)) ** 2).sum().mul(50).backward()
+                dist_clip.clip_grad_norm_(model, 0.05, **({"optimizer": opt} if handed else {}))
+                opt.zero_grad(set_to_none=set_to_none)  # the batch is dropped
+                before = [q.detach().clone() for q in model.parameters()]
+                (model(torch.randn(4, 7, generator=g)) ** 2).sum().backward()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    opt.step()
+                updates.append(torch.cat([(q.detach() - b).flatten() for q, b in zip(model.parameters(), before)]))
+            out.append(torch.allclose(updates[0], updates[1], rtol=1e-5, atol=1e-8))
+    return out
+
+
+def test_a_dropped_batch_s_coefficient_does_not_reach_the_next_fsdp1_batch(run_ranks):
+    for got in run_ranks(2, body_a_dropped_batch_s_coefficient_stays_with_it):
+        assert got == [True] * 4, got
