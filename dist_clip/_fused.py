@@ -191,6 +191,47 @@ def register_step_hooks(optimizer: torch.optim.Optimizer, pre: Callable[..., Any
     return pre_handle, post_handle
 
 
+# Global step pre-hooks standing in for a dist_clip pre-hook left out (see watch_deferred), with the handle list
+# each completes: removed once that list holds its pre-hook (not while torch loops over the global hooks).
+_LATE: list[tuple[Any, list[Any]]] = []
+
+
+def watch_deferred(optimizer: torch.optim.Optimizer, handles: list[Any], pre: Callable[..., Any],
+                   post: Callable[..., Any]) -> None:
+    """Where :func:`register_step_hooks` left the pre-hook out (a first call from a user's step pre-hook), the
+    post-hook registers it at the step's end; a step that raised never got there, and its retry ran without
+    dist_clip's pre-hook (a stale skip combined into it: a good step skipped). A global step pre-hook (which
+    torch runs before the optimizer's own, outside their loop) registers it at this optimizer's next step."""
+    if handles[0] is not None:
+        return
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    ref = weakref.ref(optimizer)
+
+    def late(opt: Any, args: Any, kwargs: Any) -> None:
+        if opt is ref() and handles[0] is None:
+            complete_step_hooks(opt, handles, pre, post)
+
+    _LATE.append((register_optimizer_step_pre_hook(late), handles))
+
+
+def _prune_late() -> None:
+    """Remove the global stand-ins whose pre-hook is registered (never while torch loops over the global
+    pre-hooks: removing one there raised "OrderedDict mutated during iteration")."""
+    if not _LATE:
+        return
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _STEP_CODE and frame.f_lineno in _LINES["pre"]:
+            hook = frame.f_locals.get("pre_hook")
+            if any(h is hook for h in _global_pre_hooks().values()):
+                return
+        frame = frame.f_back
+    for entry in [e for e in _LATE if e[1][0] is not None]:
+        entry[0].remove()
+        _LATE.remove(entry)
+
+
 def complete_step_hooks(optimizer: torch.optim.Optimizer, handles: list[Any], pre: Callable[..., Any],
                         post: Callable[..., Any]) -> None:
     """Register what :func:`register_step_hooks` left out, where torch is not looping over its dict now: from a
@@ -202,6 +243,8 @@ def complete_step_hooks(optimizer: torch.optim.Optimizer, handles: list[Any], pr
                                          post if handles[1] is None else None)
         handles[0] = handles[0] if handles[0] is not None else registered[0]
         handles[1] = handles[1] if handles[1] is not None else registered[1]
+        watch_deferred(optimizer, handles, pre, post)
+    _prune_late()
 
 
 def repair_step_hooks(optimizer: torch.optim.Optimizer, handles: list[Any], pre: Callable[..., Any],
@@ -389,6 +432,9 @@ def settle(tensors: Sequence[Tensor]) -> None:
     if overlaps is None:
         return
     for optimizer in list(_WAITING):
+        handles = optimizer.__dict__.get(_HOOKS)
+        if handles is not None:  # (hooks the user cleared since the hand-over: registered again)
+            repair_step_hooks(optimizer, handles, _pre_hook, _post_hook)
         running = in_step(optimizer)
         if not running:
             clear_stale(optimizer)  # a step that raised: what it set must not reach a GradScaler's next step
@@ -557,7 +603,8 @@ def _install_hooks(optimizer: torch.optim.Optimizer) -> None:
     if handles is not None:
         repair_step_hooks(optimizer, handles, _pre_hook, _post_hook)
     else:
-        optimizer.__dict__[_HOOKS] = list(register_step_hooks(optimizer, _pre_hook, _post_hook))
+        handles = optimizer.__dict__[_HOOKS] = list(register_step_hooks(optimizer, _pre_hook, _post_hook))
+        watch_deferred(optimizer, handles, _pre_hook, _post_hook)
 
 
 def arm_skip_(
@@ -614,6 +661,15 @@ def _arm_running(optimizer: torch.optim.Optimizer, value: Tensor, combine: bool)
     stash = optimizer.__dict__.get(_SAVED)
     if stash is None:  # hooks installed by this very call (the closure was wrapped by a GradClipper's own hook)
         stash = _closure_stash(optimizer)
+        # No pre-hook of dist_clip's ran in this step, and no wrapper prepares what the closure's gradients
+        # still to come will need: a fused SGD parameter without a momentum buffer now gets torch's empty_like
+        # one if the step runs, so a skipped step's is dropped by the post-hook (2e36 momentum was kept).
+        if isinstance(optimizer, torch.optim.SGD):
+            have = {id(p) for p in stash[1]}
+            stash = (stash[0], [*stash[1], *(p for g in optimizer.param_groups if g.get("momentum", 0) != 0
+                                              for p in g["params"] if id(p) not in have
+                                              and optimizer.state.get(p, {}).get("momentum_buffer") is None)],
+                     *stash[2:])
     base = stash[0][1] if not combine else optimizer.__dict__.get("found_inf", _MISSING)
     if isinstance(base, Tensor):
         value = torch.maximum(_reduce.moved(base, value.device).to(value.dtype), value)
@@ -749,7 +805,11 @@ def _post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None
     # so that a skipped step leaves no buffer and the next one takes the first-step rule, as if never called.
     if fresh and found is not None and bool(found != 0):
         for p in fresh:
-            optimizer.state[p].pop("momentum_buffer", None)
+            state = optimizer.state.get(p)
+            if state is not None:
+                state.pop("momentum_buffer", None)
+                if not state:  # as if never stepped: no entry
+                    del optimizer.state[p]
     if scale is not None and pending is not None and pending[2] is not None and found.device.type == "cpu":
         # A skipped step writes nothing back: the gradients it was handed stay unclipped in .grad, where the
         # loop without optimizer= left them clipped (a read after it gave 28.27 for 1.0, and a micro-batch

@@ -187,8 +187,10 @@ class _SkipGuard:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        self.flag: Tensor | None = None
-        self.armed_in_closure = False  # the flag was armed inside a step(closure)'s closure
+        self.flag: Tensor | None = None  # armed before the step, for the next one
+        # Armed inside the step under way (its closure, or a pre-hook after this one), apart from ``flag``: a step
+        # that raises drops only this one (ORed together, the flag armed before a failed step was lost with it).
+        self.running: Tensor | None = None
         self.armed_on: tuple[list[Tensor], list[int]] | None = None  # grad_state when the flag was armed
         self.saved: tuple[list[Tensor], list[Tensor], dict[int, dict[str, Any]], list[Tensor]] | None = None
         # The post-hook before the user's own (as _fused's): one keeping an average of the parameters (EMA) read
@@ -196,6 +198,7 @@ class _SkipGuard:
         # once: in_step tells this pre-hook in the optimizer's list by identity.
         self._pre_hook, self._post_hook = self._pre, self._post
         self._handles = list(_fused.register_step_hooks(optimizer, self._pre_hook, self._post_hook))
+        _fused.watch_deferred(optimizer, self._handles, self._pre_hook, self._post_hook)
 
     def arm(
         self,
@@ -215,13 +218,14 @@ class _SkipGuard:
             # flag was dropped: a NaN step taken): restored from the snapshot the pre-hook took at the step's start
             # (LBFGS moves the parameters between its closure's calls), or, for a guard made inside the closure,
             # or a snapshot not taken (no flag then), one taken now.
-            self.flag = flag if self.flag is None or not combine else self.flag | flag.to(self.flag.device)
-            self.armed_in_closure = True
+            self.running = flag if self.running is None or not combine else self.running | flag.to(
+                self.running.device)
+            if not combine:
+                self.flag = None  # skip_next_step_ replaces any pending flag
             if self.saved is None:
                 self._snapshot(optimizer, force=True)
             return
-        if self.armed_in_closure:  # a closure's flag left by a step that raised: replaced, not combined
-            self.flag, self.armed_in_closure = None, False
+        self.running = None  # left by a step that raised: that step's
         now = _fused.grad_state(optimizer)
         if (
             combine
@@ -245,18 +249,15 @@ class _SkipGuard:
     @torch.compiler.disable  # run as Python under torch.compile(opt.step): see _fused._pre_hook
     def _pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
         _fused.complete_step_hooks(optimizer, self._handles, self._pre_hook, self._post_hook)
-        if self.armed_in_closure:
-            # Armed inside a step that raised (its closure, or a pre-hook after this one): that step's flag, not
-            # this retry's (ORed into the retry's False, a good step was skipped and every later one came one
-            # behind).
-            self.flag = None
-            self.armed_in_closure = False
+        # Armed inside a step that raised (its closure, or a pre-hook after this one): that step's flag, not this
+        # retry's (ORed into the retry's False, a good step was skipped and every later one came one behind); and
+        # that step's snapshot (a restore would put back its values).
+        self.running = self.saved = None
         # A closure runs inside this step and may arm a skip for it (see arm): snapshot at the step's start
         # whatever the flag, for the post-hook to restore if one is armed by then.
         if _fused.step_closure(args, kwargs) is None:
             self._snapshot(optimizer)
             return None
-        self.armed_on = None
         if not _fused.supports_grad_scale(optimizer):  # (a fused one skips through found_inf: nothing to restore)
             self._snapshot(optimizer, force=True)
         return _fused.wrap_closure(optimizer, args, kwargs)
@@ -264,11 +265,7 @@ class _SkipGuard:
     def _snapshot(self, optimizer: torch.optim.Optimizer, force: bool = False) -> None:
         flag = self.flag
         if not force:
-            if flag is None:
-                return
-            self.armed_on = None
-            if self._on_host(flag) and not bool(flag):
-                self.flag = None
+            if flag is None or (self._on_host(flag) and not bool(flag)):
                 return
         params = [p for g in optimizer.param_groups for p in g["params"]]
         locals_ = [self._local(p.detach()) for p in params]
@@ -284,9 +281,12 @@ class _SkipGuard:
     @torch.compiler.disable
     def _post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         _fused.complete_step_hooks(optimizer, self._handles, self._pre_hook, self._post_hook)
-        flag, saved = self.flag, self.saved
-        self.flag = self.saved = None
-        self.armed_in_closure = False
+        flag, running, saved = self.flag, self.running, self.saved
+        if running is not None:
+            flag = running if flag is None else flag | running.to(flag.device)
+        self.flag = self.running = self.saved = None
+        # (kept until the step is over: a step that raised left its arming to combine with the next call's)
+        self.armed_on = None
         if saved is None or flag is None:
             return
         if self._on_host(flag) and not bool(flag):

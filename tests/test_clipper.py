@@ -920,3 +920,75 @@ def test_hooks_cleared_or_left_out_are_repaired(fused):
     opt.register_step_pre_hook(lambda o, *_: (clipper([w], optimizer=o), None)[1])
     opt.register_step_pre_hook(lambda *_: None)
     check(opt, [1.0, float("nan"), 1.0], [0.0, 0.0, 0.0])
+
+
+def _raise_once():
+    calls = [0]
+
+    def hook(*_):
+        calls[0] += 1
+        if calls[0] == 1:
+            raise RuntimeError("injected")
+
+    return hook
+
+
+@pytest.mark.parametrize("in_hook", [False, True])
+def test_a_skip_armed_before_a_step_that_raised_waits_for_the_retry(in_hook):
+    """Non-fused: a skip armed on part A (NaN) before a step that raised lost its way to the retry: the guard
+    forgot what it was armed on (a second call before the retry, on part B, replaced the flag), or a call inside
+    the failed step ORed into it and the retry dropped both: the NaN step was taken ([0.99, nan, 0.99])."""
+    a, b = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(3))
+    opt = torch.optim.Adam([a, b], lr=0.01)
+    a.grad, b.grad = torch.tensor([1.0, float("nan"), 1.0]), torch.full((3,), 0.2)
+    clip = GradClipper(max_norm=1.0, on_nonfinite="skip")
+    clip([a], optimizer=opt)
+    if in_hook:
+        opt.register_step_pre_hook(lambda o, *_: (clip([b], optimizer=o), None)[1])
+    opt.register_step_pre_hook(_raise_once())
+    with pytest.raises(RuntimeError, match="injected"):
+        opt.step()
+    if not in_hook:
+        clip([b], optimizer=opt)
+    opt.step()
+    assert torch.equal(a.detach(), torch.ones(3)) and torch.equal(b.detach(), torch.ones(3))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_first_call_in_a_step_that_raised_leaves_the_retry_alone(fused):
+    """The very first dist_clip call from a user pre-hook (NaN) in a step that then raised: dist_clip's own
+    pre-hook, left for the post-hook to add, never came, and the retry on good gradients was skipped by the
+    failed step's flag. A global step pre-hook stands in for it now."""
+    p = nn.Parameter(torch.ones(4))
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9, fused=fused)
+    clip = GradClipper(max_norm=1.0, on_nonfinite="skip")
+    opt.register_step_pre_hook(lambda o, *_: (clip([p], optimizer=o), None)[1])
+    opt.register_step_pre_hook(_raise_once())
+    p.grad = torch.tensor([1.0, float("nan"), 1.0, 1.0])
+    with pytest.raises(RuntimeError, match="injected"):
+        opt.step()
+    p.grad = torch.full((4,), 3.0)  # the next batch: norm 6
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.full((4,), 1.0 - 0.1 * 0.5), rtol=1e-5, atol=1e-7)
+    from dist_clip import _fused
+
+    assert not any(entry[1][0] is None for entry in _fused._LATE)  # the stand-in did its work
+
+
+def test_a_skipped_first_fused_sgd_step_armed_inside_its_closure():
+    """The very first dist_clip call made inside step(closure), before the closure's backward: no hook had
+    wrapped the closure, so the gradients it made got no first-step preparation, and the skipped step kept
+    torch's empty_like momentum (6e12 here, 2e36 seen): the next step moved the parameters by 5.7e11."""
+    p = nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([p], lr=0.001, momentum=0.9, fused=True)
+
+    def closure():
+        opt.zero_grad()
+        dist_clip.skip_next_step_(opt, torch.tensor(True))
+        (p * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+
+    opt.step(closure)
+    assert torch.equal(p.detach(), torch.ones(3)) and "momentum_buffer" not in opt.state.get(p, {})
+    p.grad = torch.ones(3)
+    opt.step()
+    torch.testing.assert_close(p.detach(), torch.full((3,), 0.999), rtol=0, atol=1e-6)
