@@ -504,7 +504,8 @@ def _verdict(held: list[Tensor], versions: list[Any], grads: list[Tensor], raw: 
     still = [(a, v) for a, v in zip(held, versions) if id(a) in stepped]
     moved: dict[int, Tensor] = {}  # id of a held gradient -> the stepped tensor it moved to
     if len(still) < len(held) and len(still) < len(grads) and raw is not None and optimizer is not None:
-        found = _moved(held, versions, raw, [g for g in grads if id(g) not in set(map(id, held))], optimizer)
+        ids = set(map(id, held))
+        found = _moved(held, versions, raw, [g for g in grads if id(g) not in ids], stepped, optimizer)
         if found is None:
             return "written", []  # moved by its wrapper, and written since (a further backward)
         moved = found
@@ -519,14 +520,14 @@ def _verdict(held: list[Tensor], versions: list[Any], grads: list[Tensor], raw: 
     return ("replaced" if new and gone else "kept"), kept
 
 
-def _moved(held: list[Tensor], versions: list[Any], raw: list[int], new: list[Tensor],
+def _moved(held: list[Tensor], versions: list[Any], raw: list[int], new: list[Tensor], stepped: set[int],
            optimizer: torch.optim.Optimizer) -> dict[int, Tensor] | None:
     """Which measured gradients a wrapper moved to the new tensors ``new`` the optimizer steps, without changing
     them: the same bytes viewed anew (FSDP1 ``use_orig_params``, at every forward; the held view keeps those
     bytes alive, so equal addresses are the same memory) whose buffer's version is the one recorded, or a
     parameter's gradient copied elsewhere (DDP's bucket rebuild) with no backward into it since (its count,
     :func:`_write_cell`). None where one was moved and written since. Walked only when gradients were replaced."""
-    gone = {id(a) for a in held} - {id(g) for g in new}
+    gone = {id(a) for a in held} - stepped  # measured gradients no longer stepped
     by_bytes = {_bytes_key(a): i for i, a in enumerate(held) if id(a) in gone}
     by_cell = {id(v[0]): i for i, v in enumerate(versions) if isinstance(v, tuple) and id(held[i]) in gone}
     params = None
