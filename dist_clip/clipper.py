@@ -1272,7 +1272,7 @@ def _per_group(
     fill_only: bool = False,
 ) -> tuple[Tensor, Tensor, tuple[str, ...], Tensor, Tensor | None]:
     """Coefficients per param group (``grouping`` from :meth:`GradClipper._groups`) and per slot, the limits,
-    and under a plan on the CPU whether any group of any stage is clipped (:func:`_clipped_in_any_group`).
+    and whether any group of any rank is clipped (:func:`_clipped_anywhere`).
 
     ``fill_only`` (named pieces, no plan): the combined memberships are taken only when every holder of every
     slot numbers it alike (they then also place the slots a rank's optimizer left out); otherwise each rank keeps
