@@ -192,8 +192,9 @@ def register_step_hooks(optimizer: torch.optim.Optimizer, pre: Callable[..., Any
 
 
 # Global step pre-hooks standing in for a dist_clip pre-hook left out (see watch_deferred), with the handle list
-# each completes: removed once that list holds its pre-hook (not while torch loops over the global hooks).
-_LATE: list[tuple[Any, list[Any]]] = []
+# each completes and its optimizer: removed once that list holds its pre-hook or the optimizer is gone (not while
+# torch loops over the global hooks).
+_LATE: list[tuple[Any, list[Any], Any]] = []
 
 
 def watch_deferred(optimizer: torch.optim.Optimizer, handles: list[Any], pre: Callable[..., Any],
@@ -212,7 +213,8 @@ def watch_deferred(optimizer: torch.optim.Optimizer, handles: list[Any], pre: Ca
         if opt is ref() and handles[0] is None:
             complete_step_hooks(opt, handles, pre, post)
 
-    _LATE.append((register_optimizer_step_pre_hook(late), handles))
+    _prune_late()
+    _LATE.append((register_optimizer_step_pre_hook(late), handles, ref))
 
 
 def _prune_late() -> None:
@@ -227,7 +229,7 @@ def _prune_late() -> None:
             if any(h is hook for h in _global_pre_hooks().values()):
                 return
         frame = frame.f_back
-    for entry in [e for e in _LATE if e[1][0] is not None]:
+    for entry in [e for e in _LATE if e[1][0] is not None or e[2]() is None]:
         entry[0].remove()
         _LATE.remove(entry)
 
