@@ -208,10 +208,14 @@ def watch_deferred(optimizer: torch.optim.Optimizer, handles: list[Any], pre: Ca
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
     ref = weakref.ref(optimizer)
+    # Bound methods (a skip guard's) weakly: held by torch's global hooks, they kept a dropped optimizer's guard,
+    # its snapshot and the parameters alive.
+    hooks = [weakref.WeakMethod(h) if hasattr(h, "__self__") else (lambda h=h: h) for h in (pre, post)]
 
     def late(opt: Any, args: Any, kwargs: Any) -> None:
-        if opt is ref() and handles[0] is None:
-            complete_step_hooks(opt, handles, pre, post)
+        pre_now, post_now = hooks[0](), hooks[1]()
+        if opt is ref() and handles[0] is None and pre_now is not None and post_now is not None:
+            complete_step_hooks(opt, handles, pre_now, post_now)
 
     _prune_late()
     _LATE.append((register_optimizer_step_pre_hook(late), handles, ref))

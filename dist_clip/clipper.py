@@ -191,6 +191,7 @@ class _SkipGuard:
         # Armed inside the step under way (its closure, or a pre-hook after this one), apart from ``flag``: a step
         # that raises drops only this one (ORed together, the flag armed before a failed step was lost with it).
         self.running: Tensor | None = None
+        self.replaced = False  # ``running`` replaces ``flag`` (skip_next_step_ inside the step), not ORed in
         self.armed_on: tuple[list[Tensor], list[int]] | None = None  # grad_state when the flag was armed
         self.saved: tuple[list[Tensor], list[Tensor], dict[int, dict[str, Any]], list[Tensor]] | None = None
         # The post-hook before the user's own (as _fused's): one keeping an average of the parameters (EMA) read
@@ -221,11 +222,13 @@ class _SkipGuard:
             self.running = flag if self.running is None or not combine else self.running | flag.to(
                 self.running.device)
             if not combine:
-                self.flag = None  # skip_next_step_ replaces any pending flag
+                # skip_next_step_ replaces any pending flag, for this step only: a step that raises keeps the flag
+                # armed before it for the retry (cleared here, the retry took the NaN step)
+                self.replaced = True
             if self.saved is None:
                 self._snapshot(optimizer, force=True)
             return
-        self.running = None  # left by a step that raised: that step's
+        self.running, self.replaced = None, False  # left by a step that raised: that step's
         now = _fused.grad_state(optimizer)
         if (
             combine
@@ -253,6 +256,7 @@ class _SkipGuard:
         # retry's (ORed into the retry's False, a good step was skipped and every later one came one behind); and
         # that step's snapshot (a restore would put back its values).
         self.running = self.saved = None
+        self.replaced = False
         # A closure runs inside this step and may arm a skip for it (see arm): snapshot at the step's start
         # whatever the flag, for the post-hook to restore if one is armed by then.
         if _fused.step_closure(args, kwargs) is None:
@@ -283,8 +287,9 @@ class _SkipGuard:
         _fused.complete_step_hooks(optimizer, self._handles, self._pre_hook, self._post_hook)
         flag, running, saved = self.flag, self.running, self.saved
         if running is not None:
-            flag = running if flag is None else flag | running.to(flag.device)
+            flag = running if flag is None or self.replaced else flag | running.to(flag.device)
         self.flag = self.running = self.saved = None
+        self.replaced = False
         # (kept until the step is over: a step that raised left its arming to combine with the next call's)
         self.armed_on = None
         if saved is None or flag is None:

@@ -992,3 +992,48 @@ def test_a_skipped_first_fused_sgd_step_armed_inside_its_closure():
     p.grad = torch.ones(3)
     opt.step()
     torch.testing.assert_close(p.detach(), torch.full((3,), 0.999), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("inner", [True, False])
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_replacing_skip_inside_a_step_that_raised_keeps_the_one_before(fused, inner):
+    """skip_next_step_ called inside a step (a user pre-hook) replaces the pending flag for that step: on a
+    non-fused optimizer it cleared the flag armed before the step at once, so when the step raised the retry
+    took the NaN step ([0.9, nan, 0.9])."""
+    p = nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([p], lr=0.1, fused=fused)
+    p.grad = torch.tensor([1.0, float("nan"), 1.0])
+    dist_clip.skip_next_step_(opt, torch.tensor(True))
+    calls = [0]
+
+    def rearm(o, *_):
+        calls[0] += 1
+        if calls[0] == 1:
+            dist_clip.skip_next_step_(o, torch.tensor(inner))
+
+    opt.register_step_pre_hook(rearm)
+    opt.register_step_pre_hook(_raise_once())
+    with pytest.raises(RuntimeError, match="injected"):
+        opt.step()
+    opt.step()
+    assert torch.equal(p.detach(), torch.ones(3))
+
+
+def test_a_dropped_optimizer_s_stand_in_holds_nothing():
+    """The global stand-in for a pre-hook left out by a raised step held the skip guard's bound methods, and with
+    them the guard's snapshot and the parameters, after the optimizer was gone."""
+    import gc
+    import weakref
+
+    box = {"p": nn.Parameter(torch.ones(1 << 10)), "clip": GradClipper(max_norm=1.0, on_nonfinite="skip")}
+    opt = torch.optim.SGD([box["p"]], lr=0.1)
+    opt.register_step_pre_hook(lambda o, *_: (box["clip"]([box["p"]], optimizer=o), None)[1])
+    opt.register_step_pre_hook(_raise_once())
+    box["p"].grad = torch.ones(1 << 10)
+    with pytest.raises(RuntimeError, match="injected"):
+        opt.step()
+    left = weakref.ref(box["p"])
+    box.clear()
+    del opt
+    gc.collect()
+    assert left() is None, "the parameter is kept alive"
