@@ -541,11 +541,11 @@ def _moved(held: list[Tensor], versions: list[Any], raw: list[int], new: list[Te
     for g in new:
         i = by_bytes.get(_bytes_key(g))
         if i is not None:
-            # A view of the very same buffer, unwritten since. The same bytes under another buffer object (FSDP1
-            # re-aliases its sharded gradient through .data for a backward, with a fresh version counter that
-            # matched the recorded one by chance) were written: a stale coefficient met a new batch.
-            if getattr(g, "_base", None) is None or g._base is not getattr(held[i], "_base", None) or (
-                    g._version != raw[i]):
+            # A view of the very same buffer (the measured tensor itself, or its base), unwritten since. The same
+            # bytes under another buffer object (FSDP1 re-aliases its sharded gradient through .data for a
+            # backward, with a fresh version counter that matched the recorded one by chance) were written: a
+            # stale coefficient met a new batch.
+            if _root(g) is not _root(held[i]) or g._version != raw[i]:
                 return None
             out[id(held[i])] = g
             continue
@@ -561,6 +561,13 @@ def _moved(held: list[Tensor], versions: list[Any], raw: list[int], new: list[Te
                 return None
             out[id(held[i])] = g
     return out
+
+
+def _root(t: Tensor) -> Tensor:
+    """The tensor owning ``t``'s version counter: its base if a view (``p.grad.view(...)`` of a measured
+    gradient shares it; FSDP1's views of a re-aliased buffer do not), else itself."""
+    t = getattr(t, "_local_tensor", t)
+    return t._base if t._base is not None else t
 
 
 def _bytes_key(t: Tensor) -> tuple[Any, ...]:

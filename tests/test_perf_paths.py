@@ -2043,3 +2043,27 @@ def body_a_dropped_batch_s_coefficient_stays_with_it() -> list:
 def test_a_dropped_batch_s_coefficient_does_not_reach_the_next_fsdp1_batch(run_ranks):
     for got in run_ranks(2, body_a_dropped_batch_s_coefficient_stays_with_it):
         assert got == [True] * 4, got
+
+
+@pytest.mark.parametrize("read_first", [False, True])
+def test_a_gradient_replaced_by_a_view_of_itself_keeps_the_hand_over(read_first):
+    """p.grad = p.grad.view(...) after the hand-over: the same unwritten memory, but the moved-gradient matching
+    asked for the same base as the measured tensor (which has none), and the step took it unclipped (403.0 for
+    1.0; silently when a read came first)."""
+    torch.manual_seed(0)
+    ps = [nn.Parameter(torch.randn(12)) for _ in range(2)]
+    twin = [nn.Parameter(q.detach().clone()) for q in ps]
+    opt = torch.optim.SGD(ps, lr=1.0, fused=True)
+    twin_opt = torch.optim.SGD(twin, lr=1.0, fused=True)
+    for q, r in zip(ps, twin):
+        q.grad = torch.randn(12, generator=torch.Generator().manual_seed(len(q))) * 100
+        r.grad = q.grad.clone()
+    dist_clip.clip_grad_norm_(ps, 1.0, optimizer=opt)
+    dist_clip.clip_grad_norm_(twin, 1.0)
+    ps[0].grad = ps[0].grad.view(4, 3).view(12)
+    if read_first:
+        assert dist_clip.get_total_norm(ps).item() == pytest.approx(1.0, rel=1e-5)
+    opt.step()
+    twin_opt.step()
+    for q, r in zip(ps, twin):
+        torch.testing.assert_close(q.detach(), r.detach(), rtol=1e-6, atol=1e-7)
