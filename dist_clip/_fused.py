@@ -552,8 +552,7 @@ def _moved(held: list[Tensor], versions: list[Any], raw: list[int], new: list[Te
         if not by_cell:
             continue
         if params is None:
-            params = {id(getattr(p.grad, "_local_tensor", p.grad)): p for group in optimizer.param_groups
-                      for p in group["params"] if p.grad is not None}
+            params = _params_by_grad(optimizer)
         cell = _WRITES.get(params[id(g)]) if id(g) in params else None
         i = by_cell.get(id(cell)) if cell is not None else None
         if i is not None:
@@ -561,6 +560,12 @@ def _moved(held: list[Tensor], versions: list[Any], raw: list[int], new: list[Te
                 return None
             out[id(held[i])] = g
     return out
+
+
+def _params_by_grad(optimizer: torch.optim.Optimizer) -> dict[int, Tensor]:
+    """id of each gradient :func:`gradients` lists -> its parameter."""
+    return {id(getattr(p.grad, "_local_tensor", p.grad)): p for group in optimizer.param_groups
+            for p in group["params"] if p.grad is not None}
 
 
 def _root(t: Tensor) -> Tensor:
@@ -613,12 +618,7 @@ def _write_cell(param: Tensor) -> list[int]:
 
 
 def _install_hooks(optimizer: torch.optim.Optimizer) -> None:
-    handles = optimizer.__dict__.get(_HOOKS)
-    if handles is not None:
-        repair_step_hooks(optimizer, handles, _pre_hook, _post_hook)
-    else:
-        handles = optimizer.__dict__[_HOOKS] = list(register_step_hooks(optimizer, _pre_hook, _post_hook))
-        watch_deferred(optimizer, handles, _pre_hook, _post_hook)
+    repair_step_hooks(optimizer, optimizer.__dict__.setdefault(_HOOKS, [None, None]), _pre_hook, _post_hook)
 
 
 def arm_skip_(
@@ -887,8 +887,7 @@ def _stash(
     raw = list(map(_VERSION, grads))
     versions: list[Any] = list(raw)
     if coef is not None and any(map(Tensor._is_view, grads)):
-        params = {id(getattr(p.grad, "_local_tensor", p.grad)): p for group in optimizer.param_groups
-                  for p in group["params"] if p.grad is not None}
+        params = _params_by_grad(optimizer)
         for i, g in enumerate(grads):
             p = params.get(id(g))
             # (not FSDP1's original parameters: autograd accumulates into their flat parameter, so a count of

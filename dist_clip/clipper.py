@@ -198,8 +198,8 @@ class _SkipGuard:
         # the skipped step's NaN parameters before this hook put them back, and kept the NaN for good. Bound
         # once: in_step tells this pre-hook in the optimizer's list by identity.
         self._pre_hook, self._post_hook = self._pre, self._post
-        self._handles = list(_fused.register_step_hooks(optimizer, self._pre_hook, self._post_hook))
-        _fused.watch_deferred(optimizer, self._handles, self._pre_hook, self._post_hook)
+        self._handles: list[Any] = [None, None]
+        _fused.complete_step_hooks(optimizer, self._handles, self._pre_hook, self._post_hook)
 
     def arm(
         self,
