@@ -394,6 +394,21 @@ def overlapping(tensors: Sequence[Tensor]) -> bool:
 
 _NBYTES = operator.attrgetter("nbytes")
 _VERSION = operator.attrgetter("_version")
+
+
+def _version(g: Tensor) -> int:
+    """A gradient's version counter; -1 for an inference tensor (made under ``torch.inference_mode()``), which
+    has none and cannot be written in place outside it (a hand-over raised torch's "do not track version
+    counter" where the fused kernel would have stepped it)."""
+    return -1 if g.is_inference() else g._version
+
+
+def version_list(grads: list[Tensor]) -> list[int]:
+    """The version counters of ``grads`` (:func:`_version`; one C-level pass where none is an inference tensor)."""
+    try:
+        return list(map(_VERSION, grads))
+    except RuntimeError:
+        return list(map(_version, grads))
 _GRAD = operator.attrgetter("grad")
 _PLAIN_GRADS = {Tensor}
 
@@ -503,7 +518,7 @@ def _verdict(held: list[Tensor], versions: list[Any], grads: list[Tensor], raw: 
     if same_tensors(held, grads):
         # (the versions as recorded: every one unwritten, in one C-level pass; 0.45 ms a step on 1000 gradients
         # through the per-tensor test)
-        if list(map(_VERSION, held)) == versions or all(_unwritten(a, v) for a, v in zip(held, versions)):
+        if version_list(held) == versions or all(_unwritten(a, v) for a, v in zip(held, versions)):
             return "same", held
         return "written", []
     stepped = set(map(id, grads))
@@ -545,7 +560,7 @@ def _moved(held: list[Tensor], versions: list[Any], raw: list[int], new: list[Te
             # bytes under another buffer object (FSDP1 re-aliases its sharded gradient through .data for a
             # backward, with a fresh version counter that matched the recorded one by chance) were written: a
             # stale coefficient met a new batch.
-            if _root(g) is not _root(held[i]) or g._version != raw[i]:
+            if _root(g) is not _root(held[i]) or _version(g) != raw[i]:
                 return None
             out[id(held[i])] = g
             continue
@@ -597,7 +612,7 @@ def _unwritten(grad: Tensor, seen: Any) -> bool:
     (:func:`_write_cell`); other views (FSDP2's shards): by identity alone (README's Limits)."""
     if isinstance(seen, tuple):
         return seen[0][0] == seen[1]
-    return grad._is_view() or grad._version == seen
+    return grad._is_view() or _version(grad) == seen
 
 
 def _write_cell(param: Tensor) -> list[int]:
@@ -699,7 +714,7 @@ def pending_skip(optimizer: torch.optim.Optimizer) -> bool:
 def grad_state(optimizer: torch.optim.Optimizer) -> tuple[list[Tensor], list[int]]:
     """The optimizer's gradient tensors and their version counters (a view's is its buffer's)."""
     grads = gradients(optimizer)
-    return grads, [g._version for g in grads]
+    return grads, version_list(grads)
 
 
 def same_state(a: tuple[list[Tensor], list[int]], b: tuple[list[Tensor], list[int]]) -> bool:
@@ -884,7 +899,7 @@ def _stash(
 ) -> None:
     """What the next step applies (``scale``, ``found``), the coefficient settle() would apply instead (None once
     applied), and the gradients it was measured on with their versions (see :func:`_verdict`)."""
-    raw = list(map(_VERSION, grads))
+    raw = version_list(grads)
     versions: list[Any] = list(raw)
     if coef is not None and any(map(Tensor._is_view, grads)):
         params = _params_by_grad(optimizer)

@@ -1091,6 +1091,26 @@ def test_two_parameters_sharing_a_gradient_are_not_handed_over():
     torch.testing.assert_close(p2.detach(), -step)
 
 
+def test_an_inference_mode_gradient_is_handed_over_and_arms_a_skip():
+    """A gradient made under torch.inference_mode() has no version counter: the hand-over raised torch's "do not
+    track version counter" (the fused kernel steps it without writing it), and so did arming a skip; scaling it
+    in place stays torch's in-place refusal (README's Limits)."""
+    p1, p2 = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    with torch.inference_mode():
+        g = torch.tensor([3.0, 4.0])
+    p1.grad, p2.grad = g, torch.tensor([0.0, 0.0])
+    opt = torch.optim.SGD([p1, p2], lr=1.0, fused=True)
+    dist_clip.clip_grad_norm_([p1, p2], 0.5, optimizer=opt)
+    opt.step()
+    torch.testing.assert_close(p1.detach(), -torch.tensor([3.0, 4.0]) * 0.5 / (5.0 + 1e-6))
+    dist_clip.skip_next_step_(opt, torch.tensor(True))
+    opt.step()
+    torch.testing.assert_close(p1.detach(), -torch.tensor([3.0, 4.0]) * 0.5 / (5.0 + 1e-6))
+    with pytest.raises(RuntimeError, match="Inplace update to inference tensor"):
+        clipper = dist_clip.GradClipper(max_norm=0.5, on_nonfinite="skip")
+        clipper([p1, p2], optimizer=torch.optim.SGD([p1, p2], lr=1.0))
+
+
 @pytest.mark.parametrize("name", ["SGD", "Adam"])
 def test_parameters_whose_gradients_overlap_in_memory_are_not_handed_over(name):
     """p.grad = buf[0:10], q.grad = buf[5:15]: scaled in place, the shared elements are multiplied twice (as by
