@@ -490,6 +490,7 @@ def clip_grad_norm_(
         stepped = _fused.gradients(optimizer) if fused else None  # type: ignore[arg-type]
         fused = fused and _fused.steps_what_was_measured(stepped, everything)  # type: ignore[arg-type]
         fused = fused and not _fused.overlapping(everything)  # scaled in place: shared elements twice, as torch
+        fused = fused and _fused.dense(everything)  # gaps or repeats: scaled in place (the kernels write them back)
         groups = _scale.group_by_device_dtype(everything)  # bucketed once, for measuring and for scaling
         if fused and any(dtype in _WIDE for _, dtype in groups):
             fused = False  # torch's fused kernels take grad_scale in float32 only: float64 ones are scaled here

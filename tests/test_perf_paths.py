@@ -1111,6 +1111,47 @@ def test_an_inference_mode_gradient_is_handed_over_and_arms_a_skip():
         clipper([p1, p2], optimizer=torch.optim.SGD([p1, p2], lr=1.0))
 
 
+@pytest.mark.parametrize("alias", ["detach", "data", "tail"])
+def test_gradients_aliased_without_being_views_are_not_handed_over(alias):
+    """q.grad = p.grad.detach() (or .data, or a detached part of the buffer p.grad lies in) shares p's bytes but
+    is no view: the overlap test took such tensors for owners of their memory, the fused kernel wrote p's
+    divided gradient back into q's, and one parameter stepped 46 times as far as without optimizer=."""
+    moved = []
+    for hand_over in (False, True):
+        p, q = nn.Parameter(torch.zeros(6)), nn.Parameter(torch.zeros(6 if alias != "tail" else 3))
+        buf = torch.arange(1.0, 7.0) * 5
+        p.grad = buf
+        q.grad = {"detach": lambda: buf.detach(), "data": lambda: buf.data, "tail": lambda: buf[3:].detach()}[alias]()
+        assert not q.grad._is_view()
+        opt = torch.optim.SGD([p, q], lr=1.0, fused=True)
+        dist_clip.clip_grad_norm_([p, q], 1.0, optimizer=opt if hand_over else None)
+        opt.step()
+        moved.append(torch.cat([p.detach(), q.detach()]))
+    torch.testing.assert_close(moved[1], moved[0])
+
+
+@pytest.mark.parametrize("layout", ["gaps", "expanded"])
+def test_gradients_with_gaps_or_repeated_elements_are_scaled_in_the_call(layout):
+    """A gradient that is buf[:, ::2] or an expand()-ed row was handed to the fused kernel, which reads and writes
+    a gradient as one run of memory: it wrote into the 2500 elements between the columns (and crashed the
+    process on the expanded one). Such gradients are scaled in the call, as without optimizer=."""
+    buf = torch.arange(1.0, 10001.0).reshape(100, 100) / 1000
+    grad = buf[:, ::2] if layout == "gaps" else buf[0].expand(50, 100)
+    keep = buf.clone()
+    p = nn.Parameter(torch.zeros(grad.shape))
+    p.grad = grad
+    opt = torch.optim.SGD([p], lr=1.0, fused=True)
+    total = dist_clip.clip_grad_norm_([p], 1.0, optimizer=opt)
+    coef = 1.0 / (total.item() + 1e-6)
+    if layout == "gaps":
+        torch.testing.assert_close(buf[:, ::2], keep[:, ::2] * coef)  # scaled now, not at the step
+        opt.step()
+        torch.testing.assert_close(buf[:, 1::2], keep[:, 1::2])  # the elements between untouched
+    else:
+        torch.testing.assert_close(buf[0], keep[0] * coef)  # each element scaled once
+        torch.testing.assert_close(buf[1:], keep[1:])
+
+
 @pytest.mark.parametrize("name", ["SGD", "Adam"])
 def test_parameters_whose_gradients_overlap_in_memory_are_not_handed_over(name):
     """p.grad = buf[0:10], q.grad = buf[5:15]: scaled in place, the shared elements are multiplied twice (as by
