@@ -1121,7 +1121,7 @@ def test_gradients_aliased_without_being_views_are_not_handed_over(alias):
         p, q = nn.Parameter(torch.zeros(6)), nn.Parameter(torch.zeros(6 if alias != "tail" else 3))
         buf = torch.arange(1.0, 7.0) * 5
         p.grad = buf
-        q.grad = {"detach": lambda: buf.detach(), "data": lambda: buf.data, "tail": lambda: buf[3:].detach()}[alias]()
+        q.grad = buf.detach() if alias == "detach" else buf.data if alias == "data" else buf[3:].detach()
         assert not q.grad._is_view()
         opt = torch.optim.SGD([p, q], lr=1.0, fused=True)
         dist_clip.clip_grad_norm_([p, q], 1.0, optimizer=opt if hand_over else None)
