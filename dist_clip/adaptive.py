@@ -759,7 +759,10 @@ def unit_pieces(
         counting = GroupCounting(group, on_mesh)
     seen: set[int] = set()
     for name, param in items:
-        if not isinstance(param, Tensor) or not (isinstance(param, nn.Parameter) or param.requires_grad):
+        # (a tensor given a .grad is a parameter, as everywhere else: adapters.params.is_parameter)
+        if not isinstance(param, Tensor) or not (
+            isinstance(param, nn.Parameter) or param.requires_grad or param.grad is not None
+        ):
             raise TypeError(
                 f"unit-wise clipping needs parameters (it reads their values), got {type(param).__name__} at {name!r}"
             )

@@ -592,6 +592,14 @@ def test_inputs_read_once_or_refused_by_type():
             GradClipper(mode="unitwise")(target)
     report = GradClipper(mode="unitwise", report=True)(types.MappingProxyType({"a": p})).norms
     assert report == {"a": pytest.approx(math.sqrt(2.0))}
+    # a plain tensor given a .grad is a parameter to every mode (unit-wise refused it: "needs parameters")
+    w, like = torch.randn(4, 8), nn.Parameter(torch.zeros(4, 8))
+    w.grad = torch.randn(4, 8) * 10
+    like.data.copy_(w)
+    like.grad, before = w.grad.clone(), w.grad.clone()
+    for t in (w, like):
+        GradClipper(mode="unitwise", agc=AGC(clipping=0.01))([t])
+    assert torch.equal(w.grad, like.grad) and not torch.equal(w.grad, before)
     config = ClipperConfig(norm_type=np.array(3.0))
     assert config.norm_type == 3.0 and hash(config) == hash(ClipperConfig(norm_type=3.0))
 
