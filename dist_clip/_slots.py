@@ -569,10 +569,14 @@ def _layout_check(combined: Tensor, p: float, world: int, n_slots: int, settings
                     "a pipeline stage's module holds only its own: pass a dist_clip.ParallelPlan, plan=; under a "
                     "plan, every rank's ParallelPlan must list the same names in the same order"
                 )
+                groups = (
+                    "; per-group clipping also needs every rank's optimizer to put each parameter in the same "
+                    "param group, with the same max_norm" if "group_limits=" in settings else ""
+                )
                 raise RuntimeError(
                     f"the ranks of this call disagree on the target's parameter names ({n_slots} slots here) or on "
                     f"its settings ({settings} here): per-parameter, per-group and unit-wise clipping and reports "
-                    f"need the same names in the same order ({stages}), and every rank the same settings"
+                    f"need the same names in the same order ({stages}), and every rank the same settings{groups}"
                 )
             raise RuntimeError(
                 f"the ranks of this call disagree on the target's parameter names ({n_slots} slots here): "
