@@ -717,7 +717,7 @@ def _arm_running(optimizer: torch.optim.Optimizer, value: Tensor, combine: bool)
                      *stash[2:])
     base = stash[0][1] if not combine else optimizer.__dict__.get("found_inf", _MISSING)
     if isinstance(base, Tensor):
-        value = torch.maximum(_reduce.moved(base, value.device).to(value.dtype), value)
+        value = torch.maximum(_reduce.moved(base, value.device).ne(0).to(value.dtype), value)  # 0 or 1: below
     optimizer.found_inf = value  # type: ignore[attr-defined]
     optimizer.__dict__[_SAVED] = (stash[0], stash[1], value, stash[3])
 
@@ -810,8 +810,10 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple
         scale = scale * _reduce.moved(theirs_scale, scale.device)
     if isinstance(theirs_found, Tensor):
         # Either flag skips: the larger, kept 0 or 1 (torch's CPU fused kernels skip on exactly 1, so a sum of
-        # two raised flags, 2, would step with non-finite gradients).
-        found = torch.maximum(found, _reduce.moved(theirs_found, found.device).to(found.dtype))
+        # two raised flags, 2, would step with non-finite gradients). The scaler's own may be such a sum already:
+        # ShardedGradScaler all-reduces its flags with SUM (2.0 on two ranks), and the larger of it and our 1
+        # stepped NaN through a skip dist_clip had armed.
+        found = torch.maximum(found, _reduce.moved(theirs_found, found.device).ne(0).to(found.dtype))
     optimizer.__dict__[_SAVED] = (saved, _prepare_sgd_first_step(optimizer), found, scale)
     if scale is not None:
         optimizer.grad_scale = scale  # type: ignore[attr-defined]

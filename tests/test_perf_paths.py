@@ -2128,3 +2128,48 @@ def test_a_gradient_replaced_by_a_view_of_itself_keeps_the_hand_over(read_first)
     twin_opt.step()
     for q, r in zip(ps, twin):
         torch.testing.assert_close(q.detach(), r.detach(), rtol=1e-6, atol=1e-7)
+
+
+def body_a_sharded_grad_scalers_summed_flag_keeps_dist_clips_skip() -> list:
+    """ShardedGradScaler all-reduces its found_inf with SUM: an inf in one rank's loss reaches both ranks' shards
+    and the flag reads 2.0. dist_clip combined its own 1 with it by the larger, 2, and torch's fused kernels skip
+    on exactly 1: the step dist_clip skipped (hand-over or GradClipper "skip") was taken with NaN gradients."""
+    import warnings
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    rank = dist.get_rank()
+    out = []
+    for how in ("hand_over", "skip"):
+        torch.manual_seed(0)
+        model = FSDP(nn.Linear(4, 4), device_id=torch.device("cpu"))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
+        scaler = ShardedGradScaler("cpu")
+        clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+        for step in range(2):
+            opt.zero_grad()
+            loss = model(torch.ones(2, 4)).square().mean()
+            if step == 1 and rank == 1:
+                loss = loss * math.inf
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            flag = float(next(iter(scaler._per_optimizer_states[id(opt)]["found_inf_per_device"].values())))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if how == "hand_over":
+                    dist_clip.clip_grad_norm_(model, 1.0, optimizer=opt)
+                else:
+                    clipper(model, optimizer=opt)
+            before = [q.detach().clone() for q in model.parameters()]
+            scaler.step(opt)
+            scaler.update()
+            if step == 1:
+                out.append((how, flag, all(torch.equal(q.detach(), b) for q, b in zip(model.parameters(), before))))
+    return out
+
+
+def test_a_sharded_grad_scalers_summed_flag_keeps_dist_clips_skip(run_ranks):
+    for got in run_ranks(2, body_a_sharded_grad_scalers_summed_flag_keeps_dist_clips_skip):
+        assert got == [("hand_over", 2.0, True), ("skip", 2.0, True)], got
