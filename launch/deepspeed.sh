@@ -57,7 +57,8 @@ set -m -x
 { RUNNER=$!; set +m +x; } 2>/dev/null
 while :; do
     STATUS=0
-    wait "$RUNNER" || STATUS=$?
+    # (a signal trapped before wait started is not seen by it: wait blocked until the runner ended by itself)
+    [[ -n "$RECEIVED" ]] || { wait "$RUNNER" || STATUS=$?; }
     [[ -z "$RECEIVED" ]] && break  # the runner is done
     kill -s "$RECEIVED" -- "-$RUNNER" 2>/dev/null || true  # wait returned for the signal: forward it, wait again
     SENT=$RECEIVED RECEIVED=""

@@ -345,6 +345,31 @@ def case_fp16_overflow(stage: int, offload: bool = False, steps: int = 5, hand_o
     return {"history": history}
 
 
+def case_stage0_fp16_nan_batch() -> dict:
+    """Stage 0's fp16 wrapper (FP16_UnfusedOptimizer) tests the gradients for overflow in step(), skips and
+    lowers the loss scale. A NaN in rank 0's batch: "zero" zeroed the gradients before that test, which read
+    them finite, took the step and kept the scale; now it leaves them to it, as "ignore" does."""
+    seen = {}
+    for policy in ("ignore", "zero"):
+        engine = make_engine(ds_config(0, dtype="fp16", initial_scale_power=8))
+        history = []
+        for step in range(3):
+            before = full_params(engine)
+            x = batch(dist.get_rank(), step, 0)
+            if step == 1 and dist.get_rank() == 0:
+                x[0, 0] = math.nan
+            engine.backward(loss_fn(engine(x.to(_engine_dtype(engine)))))
+            total = dist_clip.GradClipper(max_norm=0.3, on_nonfinite=policy)(engine).total_norm
+            engine.step()
+            still = all(torch.equal(a, b) for a, b in zip(full_params(engine), before))
+            history.append((math.isfinite(float(total)), still, engine.optimizer.loss_scale))
+        seen[policy] = history
+    assert seen["zero"] == seen["ignore"], seen
+    assert [h[:2] for h in seen["zero"]] == [(True, False), (False, True), (True, False)], seen
+    assert seen["zero"][1][2] < seen["zero"][0][2], seen  # the loss scale came down
+    return seen
+
+
 def case_contract() -> dict:
     """The attributes the adapter reads exist on every optimizer kind; misuse fails loudly and together."""
     from dist_clip.adapters import deepspeed as adapter

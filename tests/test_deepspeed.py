@@ -125,6 +125,10 @@ def test_zero_policy_leaves_fp16_overflow_to_deepspeed(run_ranks, stage):
     run_ranks(2, ds_cases.case_fp16_overflow, stage, policy="zero", timeout_s=TIMEOUT)
 
 
+def test_zero_policy_leaves_a_stage_0_fp16_overflow_to_deepspeed(run_ranks):
+    run_ranks(2, ds_cases.case_stage0_fp16_nan_batch, timeout_s=TIMEOUT)
+
+
 def test_internals_still_exist_and_misuse_is_loud(run_ranks):
     run_ranks(2, ds_cases.case_contract, timeout_s=TIMEOUT)
 

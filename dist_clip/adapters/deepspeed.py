@@ -435,7 +435,7 @@ def _loss_scale(opt: Any, zero_optimizer: type) -> float:
 
 
 def checks_overflow(target: object) -> bool:
-    """Whether ``engine.step()`` itself skips a step whose gradients are not finite: fp16 ZeRO 1-3 (and bf16
+    """Whether ``engine.step()`` itself skips a step whose gradients are not finite: fp16 ZeRO 0-3 (and bf16
     with ``check_grad_overflow``) test for overflow inside ``step()`` and then lower the loss scale. Zeroing the
     gradients before it hides the overflow: the scale never comes down.
 
@@ -445,6 +445,8 @@ def checks_overflow(target: object) -> bool:
     if not matches(target):
         return False
     opt = getattr(target, "optimizer", None)
+    if type(opt).__name__ in ("FP16_UnfusedOptimizer", "FP16_Optimizer"):
+        return True  # stage 0's fp16 wrappers test for overflow in step() too ("zero" hid it: the scale stayed)
     stage3 = sys.modules.get("deepspeed.runtime.zero.stage3")
     stage12 = sys.modules.get("deepspeed.runtime.zero.stage_1_and_2")
     if stage3 is not None and isinstance(opt, stage3.DeepSpeedZeroOptimizer_Stage3):
