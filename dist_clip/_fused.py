@@ -379,7 +379,10 @@ def overlapping(tensors: Sequence[Tensor]) -> bool:
     (views with gaps count as covering their whole span: in doubt, the gradients are scaled in place)."""
     if not any(map(Tensor._is_view, tensors)) and not any(map(Tensor.storage_offset, tensors)):
         # the usual case, in C: distinct first bytes (a DTensor reads 0: FSDP2's disjoint shards)
-        first = list(filter(None, map(Tensor.data_ptr, tensors)))
+        try:
+            first = list(filter(None, map(Tensor.data_ptr, tensors)))
+        except RuntimeError:  # a tensor without storage (sparse: torch's "cannot access data pointer"), below
+            first = [0, 0]
         if len(set(first)) == len(first):
             return False
     spans: Iterable[tuple[int, int]]

@@ -491,6 +491,10 @@ def clip_grad_norm_(
         fused = fused and _fused.steps_what_was_measured(stepped, everything)  # type: ignore[arg-type]
         fused = fused and not _fused.overlapping(everything)  # scaled in place: shared elements twice, as torch
         fused = fused and _fused.dense(everything)  # gaps or repeats: scaled in place (the kernels write them back)
+        # Inference tensors have no version counter: a write to one inside inference_mode between clip and step
+        # went unseen, and the measured gradient's coefficient scaled the new one. Scaled here (torch's in-place
+        # refusal, as without optimizer=).
+        fused = fused and not any(map(Tensor.is_inference, everything))
         groups = _scale.group_by_device_dtype(everything)  # bucketed once, for measuring and for scaling
         if fused and any(dtype in _WIDE for _, dtype in groups):
             fused = False  # torch's fused kernels take grad_scale in float32 only: float64 ones are scaled here
