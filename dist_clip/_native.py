@@ -1,7 +1,7 @@
 """The native CPU kernel (``_native.c``): build once with the system C compiler, load with ctypes.
 
 Why a small C file and not plain torch, inductor or a torch C++ extension (measured on the 2-core CI machine,
-see docs/notes/performance.md): torch's single-pass reductions are float32-accurate only (vector_norm p=2) or
+see the README's Benchmarks): torch's single-pass reductions are float32-accurate only (vector_norm p=2) or
 cover one order (aminmax for inf); every accurate plain-torch formulation of p=1, p=3, other p, bf16 and fp16
 is two or more passes and misses the bandwidth target. The kernel widens each element to double and reads the
 gradients once for every order and dtype, at the bandwidth of ``torch.sum``. It needs no torch headers: one

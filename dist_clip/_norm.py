@@ -15,7 +15,7 @@ float32 (16 for halves) then in float64 (at most 4.8e-7 relative for fp32), othe
 element by element. Everything else, and every CPU when the kernel cannot be built, takes the
 plain-torch path below, exact too: p=2 in float32 rows of ``BLOCK`` elements combined in float64 with a
 vectorised float64 recomputation of the rows that overflowed or may have underflowed, other orders in float64
-chunk by chunk (slower: see docs/notes/performance.md). Accelerators use fused multi-tensor float64 norms.
+chunk by chunk (slower: see the README's Benchmarks). Accelerators use fused multi-tensor float64 norms.
 """
 
 from __future__ import annotations
@@ -164,10 +164,13 @@ def _rescue_rows_(row_parts: Tensor, body: Tensor, p: float) -> Tensor:
     suspicious = torch.isinf(row_parts) | (row_parts < _UNDERFLOW)
     if not bool(suspicious.any()):
         return row_parts
-    idx = suspicious.nonzero().flatten()
-    rows = body.index_select(0, idx).to(torch.float64).abs_()
-    exact = rows.square_().sum(dim=1) if p == 2 else rows.pow_(p).sum(dim=1)
-    return row_parts.index_put_((idx,), exact)
+    # A chunk of rows at a time: every row of an all-zero gradient (an unused embedding's, a layer zeroed with
+    # set_to_none=False) is suspicious, and copying them all at once took 3 times the gradient's bytes.
+    for idx in suspicious.nonzero().flatten().split(max(1, _CHUNK // max(1, body.shape[1]))):
+        rows = body.index_select(0, idx).to(torch.float64).abs_()
+        exact = rows.square_().sum(dim=1) if p == 2 else rows.pow_(p).sum(dim=1)
+        row_parts.index_put_((idx,), exact)
+    return row_parts
 
 
 def _blocked_sum_pow_cpu(t: Tensor, p: float) -> Tensor:
@@ -200,14 +203,7 @@ def _chunked_sum_pow_exact(t: Tensor, p: float) -> Tensor:
 
 def _sum_pow_partials(tensors: Sequence[Tensor], p: float, device: torch.device, use_foreach: bool) -> Tensor:
     if device.type != "cpu":
-        # Accelerators reduce with tree-shaped sums at memory bandwidth: float64 accumulation costs nothing
-        # extra there and needs no host-side rescue (which would be a device sync).
-        if use_foreach:
-            norms = torch._foreach_norm(list(tensors), p, dtype=torch.float64)
-        else:
-            norms = [torch.linalg.vector_norm(t, p, dtype=torch.float64) for t in tensors]
-        stacked = _as_float64_stack(norms, device)
-        return stacked if p == 1 else stacked.pow(p)
+        return _device_sum_pow(tensors, p, device, use_foreach)
     out = torch.empty(len(tensors), dtype=torch.float64, device=device)
     small = [i for i, t in enumerate(tensors) if t.numel() <= _SMALL]
     if small:
@@ -225,6 +221,36 @@ def _sum_pow_partials(tensors: Sequence[Tensor], p: float, device: torch.device,
     return out
 
 
+# Elements per piece of a large gradient on an accelerator where the norm is not torch's fused multi-tensor
+# kernel (orders other than 1 and 2, or foreach off): torch's vector_norm(dtype=float64) converts its whole input
+# to float64 first (2 GiB for a 256 Mi-element bf16 gradient at p = 3); pieces keep that copy at 32 MiB.
+_DEVICE_PIECE = 1 << 22
+
+
+def _device_sum_pow(tensors: Sequence[Tensor], p: float, device: torch.device, use_foreach: bool) -> Tensor:
+    """sum(|g|**p) per tensor on an accelerator, in float64. Tree-shaped sums at memory bandwidth: float64
+    accumulation costs nothing extra there and needs no host-side rescue (which would be a device sync)."""
+    tensors = list(tensors)
+    counts = None
+    if not (use_foreach and p in (1.0, 2.0)) and any(t.numel() > _DEVICE_PIECE for t in tensors):
+        pieces: list[Tensor] = []
+        counts = []
+        for t in tensors:
+            parts = t.reshape(-1).split(_DEVICE_PIECE) if t.numel() > _DEVICE_PIECE else (t,)
+            pieces.extend(parts)
+            counts.append(len(parts))
+        tensors = pieces
+    if use_foreach:
+        norms = torch._foreach_norm(tensors, p, dtype=torch.float64)
+    else:
+        norms = [torch.linalg.vector_norm(t, p, dtype=torch.float64) for t in tensors]
+    stacked = _as_float64_stack(norms, device)
+    stacked = stacked if p == 1 else stacked.pow(p)
+    if counts is None:
+        return stacked
+    return torch.stack([part.sum() for part in stacked.split(counts)])  # each tensor's pieces (device ops only)
+
+
 def _max_abs_partials(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
     # aminmax is a single fast pass (about 10x torch's vector_norm(inf) on the CPU) and propagates NaN.
     parts = []
@@ -240,11 +266,13 @@ def _max_abs_partials(tensors: Sequence[Tensor], device: torch.device) -> Tensor
 def _count_partials(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
     # The L0 "norm": count of non-zeros, exact in float64 up to 2**53. NaN counts would hide a NaN
     # gradient, so a NaN anywhere makes the partial NaN (the documented "NaN gives NaN for every p").
+    # (NaN found by amax, which propagates it in one pass and allocates nothing: isnan(t).any() made a bool copy
+    # of every gradient, half a bf16 gradient's bytes)
     parts = []
     for t in tensors:
         count = torch.count_nonzero(t).to(torch.float64)
-        if t.is_floating_point() or t.is_complex():
-            count = torch.where(torch.isnan(t).any(), torch.full_like(count, math.nan), count)
+        if t.numel() and (t.is_floating_point() or t.is_complex()):
+            count = torch.where(torch.isnan(torch.amax(t.reshape(-1))), torch.full_like(count, math.nan), count)
         parts.append(count)
     return _as_float64_stack(parts, device)
 

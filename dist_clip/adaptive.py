@@ -472,16 +472,55 @@ class _Unit:
     loss_scale: float = 1.0  # the gradient holds loss_scale times the gradient (DeepSpeed fp16)
 
 
+# Elements per block of the unit-wise passes: torch's vector_norm(dtype=float64) converts its whole input first,
+# and a bf16 gradient multiplied by float32 coefficients on the CPU goes through float32 copies of the input and
+# the output: over whole gradients and weights that took 1-4 times their bytes (2 GiB more for a 256 Mi-element
+# bf16 weight); per block it is 8 MiB at most.
+_UNIT_BLOCK = 1 << 20
+
+
+def _blocks(rows: int, cols: int) -> list[tuple[slice, slice]]:
+    """(rows, columns) blocks of at most about ``_UNIT_BLOCK`` elements covering a ``rows x cols`` matrix: runs of
+    whole rows, or pieces of one row where a row alone is larger."""
+    if rows * cols <= _UNIT_BLOCK:
+        return [(slice(None), slice(None))]
+    if cols >= _UNIT_BLOCK:
+        return [(slice(r, r + 1), slice(c, c + _UNIT_BLOCK)) for r in range(rows) for c in range(0, cols, _UNIT_BLOCK)]
+    step = _UNIT_BLOCK // cols
+    return [(slice(r, r + step), slice(None)) for r in range(0, rows, step)]
+
+
+def _block_partials(x: Tensor, p: float) -> Tensor:
+    if math.isinf(p):
+        lo, hi = torch.aminmax(x, dim=1)  # one pass, no |x| copy; NaN propagates
+        return torch.maximum(lo.abs(), hi.abs()).to(torch.float64)
+    norms = torch.linalg.vector_norm(x, p, dim=1, dtype=torch.float64)
+    return norms if p == 1 else norms.square() if p == 2 else norms.pow(p)
+
+
 def _row_partials(x: Tensor, p: float) -> Tensor:
     """Partials per row of a 2-D tensor (float64): sum |x|^p, or max |x| for inf."""
     if x.shape[0] == 0:
         return torch.zeros(0, dtype=torch.float64, device=x.device)
     if x.shape[1] == 0:
         return torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-    if math.isinf(p):
-        return x.abs().amax(dim=1).to(torch.float64)
-    norms = torch.linalg.vector_norm(x, p, dim=1, dtype=torch.float64)
-    return norms if p == 1 else norms.square() if p == 2 else norms.pow(p)
+    blocks = _blocks(*x.shape)
+    if len(blocks) == 1:
+        return _block_partials(x, p)
+    out = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    for rs, cs in blocks:
+        part = _block_partials(x[rs, cs], p)
+        if math.isinf(p):
+            torch.maximum(out[rs], part, out=out[rs])
+        else:
+            out[rs] += part
+    return out
+
+
+def _mul_rows_(m: Tensor, c: Tensor) -> None:
+    """``m[i, :] *= c[i]`` in place, a block at a time (see ``_UNIT_BLOCK``)."""
+    for rs, cs in _blocks(*m.shape):
+        m[rs, cs].mul_(c[rs].unsqueeze(1))
 
 
 def _flat_segments(u: _Unit) -> list[tuple[int, int, int]]:
@@ -547,18 +586,18 @@ def _apply_unit_coefs_(u: _Unit, coefs: Tensor) -> None:
     c = coefs.to(g.device, torch.float64 if g.dtype in (torch.float64, torch.complex128) else torch.float32)
     if u.kind == "rows":
         if g.dim() <= 1:
-            g.view(-1).mul_(c.reshape(1))
+            _mul_rows_(g.view(1, -1), c.reshape(1))
         else:
-            g.view(g.shape[0], -1).mul_(c.unsqueeze(1))
+            _mul_rows_(g.view(g.shape[0], -1), c)
         return
     flat = g.view(-1)
     at = 0
     for uid, off, length in _flat_segments(u):
         if uid >= 0:
-            flat[off : off + length].mul_(c[at : at + 1])
+            _mul_rows_(flat[off : off + length].view(1, -1), c[at : at + 1])
             at += 1
         else:
-            flat[off : off + length * u.row_len].view(length, u.row_len).mul_(c[at : at + length].unsqueeze(1))
+            _mul_rows_(flat[off : off + length * u.row_len].view(length, u.row_len), c[at : at + length])
             at += length
 
 

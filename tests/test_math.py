@@ -14,6 +14,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch import Tensor, nn
 
 import dist_clip
 from dist_clip import _norm, _reduce
@@ -346,3 +347,63 @@ def test_tiny_coefficients_stay_exact_beside_float64_and_below_two_to_the_minus_
     expected = (g.double() * coef).to(dtype)  # the exact product, rounded once to the gradient's dtype
     assert bool((expected != 0).all())
     torch.testing.assert_close(params["w"].grad, expected, rtol=2e-7 if dtype == torch.float32 else 2**-8, atol=0)
+
+
+# -- bounded temporaries: the blocked passes, forced small, agree with the one-shot float64 reference ----------
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0, 2.0, 3.5, math.inf])
+def test_the_torch_path_rescue_and_nan_check_agree_in_small_pieces(monkeypatch, p):
+    """The plain-torch path recomputed every suspicious row (all rows of a zero gradient) in one float64 copy
+    (3x the gradient's bytes), and p = 0's NaN check made a bool copy: rows now go a chunk at a time (forced to
+    2 rows here) and NaN is read off amax; the results are those of the float64 reference, NaN included."""
+    monkeypatch.setattr(_norm, "_CHUNK", 2 * _norm.BLOCK)
+    g = torch.randn(40 * _norm.BLOCK + 7, dtype=torch.float32)
+    g[: 10 * _norm.BLOCK] = 0.0
+    g[10 * _norm.BLOCK: 20 * _norm.BLOCK] = 1e-30  # underflows in float32 squares: rescued
+    for t in (g, g.to(torch.bfloat16)):
+        got = _norm._torch_partials([t], p, torch.device("cpu"), True)[0].item()
+        want = reference_norm([t], p) ** (p if 0 < p < math.inf else 1)
+        assert _close(got, want, 1e-12), (t.dtype, p, got, want)
+        bad = t.clone()
+        bad[-1] = math.nan
+        assert math.isnan(_norm._torch_partials([bad], p, torch.device("cpu"), True)[0].item())
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0, 3.5])
+def test_the_accelerator_sum_splits_large_gradients_into_pieces(monkeypatch, foreach, p):
+    """On accelerators torch's vector_norm(dtype=float64) converts its whole input to float64 first (orders
+    other than 1 and 2, or foreach off): gradients above _DEVICE_PIECE elements are measured in pieces whose
+    sums are added per gradient on the device (run here on CPU tensors, pieces forced to 1000 elements)."""
+    monkeypatch.setattr(_norm, "_DEVICE_PIECE", 1000)
+    ts = [torch.randn(4321), torch.randn(0), torch.randn(999).to(torch.bfloat16), torch.randn(70, 30)]
+    got = _norm._device_sum_pow(ts, p, torch.device("cpu"), foreach)
+    want = [reference_norm([t], p) ** p for t in ts]
+    assert got.dtype == torch.float64 and got.shape == (4,)
+    for g, w in zip(got.tolist(), want):
+        assert _close(g, w, 1e-12), (g, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.5, math.inf])
+def test_unit_wise_passes_in_blocks_agree_with_one_pass(monkeypatch, dtype, p):
+    """AGC measured whole gradients and weights through vector_norm(dtype=float64) (a float64 copy of each) and
+    scaled bf16 gradients through float32 copies: 1-4x their bytes. Blocks of _UNIT_BLOCK elements (forced to
+    64 here: runs of rows, or pieces of one wide row) give the same unit norms and the same clipped gradients."""
+    from dist_clip import AGC, GradClipper, adaptive
+
+    def run() -> list[Tensor]:
+        torch.manual_seed(3)
+        params = [nn.Parameter(torch.randn(shape).to(dtype)) for shape in ((50, 9), (3, 200), (300,), (4, 2, 20))]
+        for q in params:
+            q.grad = (torch.randn(q.shape) * 5).to(dtype)
+        params[0].grad[7, 3] = math.nan
+        GradClipper(mode="unitwise", norm_type=p, agc=AGC(clipping=0.01))(params)
+        return [q.grad.clone() for q in params]
+
+    whole = run()
+    monkeypatch.setattr(adaptive, "_UNIT_BLOCK", 64)
+    assert len(adaptive._blocks(50, 9)) > 1 and len(adaptive._blocks(3, 200)) > 3
+    for a, b in zip(whole, run()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
