@@ -754,6 +754,10 @@ class GradClipper:
             arm_skip = None
             if cfg.on_nonfinite == "skip":
                 arm_skip, optimizer = _skip_handle(target, optimizer)
+            elif optimizer is not None and "deepspeed" in sys.modules:
+                from .adapters import deepspeed as ds_adapter
+
+                optimizer = ds_adapter.torch_optimizer(target, optimizer)  # engine.optimizer: the torch one
             if cfg.mode == "per_group" and optimizer is None:
                 raise ValueError("mode='per_group' needs optimizer= (whose param groups set the slots)")
             if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):

@@ -586,6 +586,21 @@ class _ZeroSkip:
         return out
 
 
+def torch_optimizer(target: object, optimizer: object) -> object:
+    """The torch optimizer given to ``deepspeed.initialize`` where ``optimizer`` is the engine or its
+    ``engine.optimizer`` (a ZeRO or mixed-precision wrapper holding it as ``.optimizer``); ``optimizer`` itself
+    otherwise (per-group clipping read param groups only from a torch optimizer: the wrapper was a TypeError
+    except under ``on_nonfinite="skip"``, which resolved it)."""
+    if not matches(target):
+        return optimizer
+    own = getattr(target, "optimizer", None)
+    if optimizer is target or (optimizer is own and own is not None):
+        inner = own if isinstance(own, torch.optim.Optimizer) else getattr(own, "optimizer", None)
+        if isinstance(inner, torch.optim.Optimizer):
+            return inner
+    return optimizer
+
+
 def skip_handle(target: object, optimizer: object) -> tuple[Any, Any]:
     """How ``on_nonfinite="skip"`` makes the next ``engine.step()`` a no-op: ``(arm, torch_optimizer)``.
 
