@@ -401,6 +401,11 @@ class _ZClipState:
             warm[: kept.numel()] = kept
             done = count >= width and bool(torch.isfinite(moments[0]))
             seen = torch.tensor(float(width if done else kept.numel()), dtype=torch.float64)
+            # the same checks as the current format (a negative mean loaded and flipped a spike's gradients, a
+            # negative variance turned spike detection off)
+            _norms_or_nan("ZClip state 'warmup'", kept, nan=False)
+            for key, value in zip(("mean", "var"), moments):
+                _norms_or_nan(f"ZClip state {key!r}", value.reshape(1), nan=not done, inf=True)
         # Assigned only once everything is checked: a bad state leaves the clipper as it was.
         self.count, self.seen, self.warm = count, seen, warm
         self.mean, self.var = moments

@@ -591,8 +591,9 @@ class GradClipper:
     def config(self) -> ClipperConfig:
         """What this clipper does. A new :class:`ClipperConfig` may be assigned between calls (a schedule of
         limits, say), on every rank alike: an adaptive threshold keeps its history while ``max_norm`` is the same
-        policy, and starts afresh when it changes (another policy or parameter, or to or from a fixed limit): the
-        history of one policy is not the other's (a clipper built once kept the first threshold, silently)."""
+        policy, and starts afresh when it changes (another policy or parameter, or to or from a fixed limit, or
+        another ``norm_type``): the history of one policy is not the other's (a clipper built once kept the first
+        threshold, silently)."""
         return self._config
 
     @config.setter
@@ -601,8 +602,10 @@ class GradClipper:
             raise TypeError(f"config must be a ClipperConfig, got {type(config).__name__}")
         thr = config.max_norm
         old = getattr(self, "_config", None)
+        # (and the same norm order: a history of 2-norms set the limit for inf-norms, 3.16 for 0.1, and was saved
+        # as inf-norms)
         same = (old is not None and isinstance(thr, (AutoClip, ZClip)) and type(old.max_norm) is type(thr)
-                and old.max_norm == thr)
+                and old.max_norm == thr and old.p == config.p)
         if not same:
             self._threshold = make_state(thr) if isinstance(thr, (AutoClip, ZClip)) else None
         self._config = config

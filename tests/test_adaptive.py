@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 from dist_clip import AGC, AutoClip, GradClipper, ZClip
 from dist_clip.adaptive import unit_pieces
@@ -232,6 +232,24 @@ def test_a_new_config_assigned_between_calls_takes_effect():
     coefs(kept, first), coefs(plain, first)
     kept.config = dataclasses.replace(kept.config, on_nonfinite="zero")
     assert coefs(kept, then) == pytest.approx(coefs(plain, then), rel=1e-12)
+    # another norm order starts afresh (2-norms of 0.1s set the limit for inf-norms: a 20x spike passed), and the
+    # same order spelled otherwise does not
+    for policy in (AutoClip(percentile=10), ZClip(warmup_steps=2)):
+        switched = GradClipper(max_norm=policy)
+        for _ in range(5):
+            switched([torch.full((1000,), 0.1)])
+        switched.config = dataclasses.replace(switched.config, norm_type="inf")
+        fresh = GradClipper(max_norm=policy, norm_type=math.inf)
+        for _ in range(5):  # both now see inf-norms of 0.1 only (the kept history held 2-norms of 3.16)
+            switched([torch.full((1000,), 0.1)])
+            fresh([torch.full((1000,), 0.1)])
+        got = switched([torch.full((1000,), 2.0)]).clip_coef.item()
+        assert got == pytest.approx(fresh([torch.full((1000,), 2.0)]).clip_coef.item(), rel=1e-9)
+        assert fresh.state_dict()["threshold"]["norm_type"] == switched.state_dict()["threshold"]["norm_type"]
+    same = GradClipper(max_norm=AutoClip(percentile=10), norm_type=math.inf)
+    coefs(same, first)
+    same.config = dataclasses.replace(same.config, norm_type="inf")
+    assert same.state_dict()["threshold"]["count"] == 4
     with pytest.raises(TypeError, match="config must be a ClipperConfig, got dict"):
         kept.config = {"max_norm": 1.0}  # type: ignore[assignment]
 
@@ -511,6 +529,15 @@ def test_zclip_state_saved_when_warm_up_counted_calls_still_loads():
     clipper = GradClipper(max_norm=ZClip(warmup_steps=3))
     clipper.load_state_dict(done)
     assert clipper.state_dict()["threshold"]["seen"].item() == 3.0
+    # checked as the current format is (a negative mean loaded and flipped a spike's gradients: -0.06; a
+    # negative variance turned spike detection off)
+    for key, value in (("mean", -3.0), ("var", -4.0), ("warmup", torch.tensor([1.0, -2.0, 1.5]))):
+        bad = {**done, "threshold": {**done["threshold"]}}
+        bad["threshold"][key] = value if isinstance(value, Tensor) else torch.tensor(value, dtype=torch.float64)
+        if key == "warmup":
+            bad["threshold"][key] = value.to(torch.float64)
+        with pytest.raises(ValueError, match=f"ZClip state '{key}'"):
+            GradClipper(max_norm=ZClip(warmup_steps=3)).load_state_dict(bad)
 
 
 # ------------------------------------------------------------------------------------------ AGC
