@@ -358,9 +358,14 @@ def test_the_torch_path_rescue_and_nan_check_agree_in_small_pieces(monkeypatch, 
     (3x the gradient's bytes), and p = 0's NaN check made a bool copy: rows now go a chunk at a time (forced to
     2 rows here) and NaN is read off amax; the results are those of the float64 reference, NaN included."""
     monkeypatch.setattr(_norm, "_CHUNK", 2 * _norm.BLOCK)
-    g = torch.randn(40 * _norm.BLOCK + 7, dtype=torch.float32)
+    rescued = []
+    rescue = _norm._rescue_rows_
+    monkeypatch.setattr(_norm, "_rescue_rows_", lambda parts, body, q: rescued.append(1) or rescue(parts, body, q))
+    g = torch.randn(100 * _norm.BLOCK + 7, dtype=torch.float32)  # above _SMALL: the blocked path
     g[: 10 * _norm.BLOCK] = 0.0
     g[10 * _norm.BLOCK: 20 * _norm.BLOCK] = 1e-30  # underflows in float32 squares: rescued
+    g[30 * _norm.BLOCK] = 3e30  # overflows them: rescued
+    assert g.numel() > _norm._SMALL
     for t in (g, g.to(torch.bfloat16)):
         got = _norm._torch_partials([t], p, torch.device("cpu"), True)[0].item()
         want = reference_norm([t], p) ** (p if 0 < p < math.inf else 1)
@@ -368,6 +373,7 @@ def test_the_torch_path_rescue_and_nan_check_agree_in_small_pieces(monkeypatch, 
         bad = t.clone()
         bad[-1] = math.nan
         assert math.isnan(_norm._torch_partials([bad], p, torch.device("cpu"), True)[0].item())
+    assert bool(rescued) == (p == 2.0)  # the rows' rescue ran where it exists (float32, p = 2)
 
 
 @pytest.mark.parametrize("foreach", [True, False])

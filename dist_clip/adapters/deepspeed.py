@@ -604,14 +604,14 @@ def torch_optimizer(target: object, optimizer: object) -> object:
 def skip_handle(target: object, optimizer: object) -> tuple[Any, Any]:
     """How ``on_nonfinite="skip"`` makes the next ``engine.step()`` a no-op: ``(arm, torch_optimizer)``.
 
-    ``arm(flag)`` takes the 0-dim bool flag (true: skip). ``optimizer`` may be ``None``, ``engine.optimizer``
-    or the torch optimizer given to ``deepspeed.initialize`` (``torch_optimizer`` is that one, or ``None``
-    where there is none to name). ZeRO 1-3 take DeepSpeed's own overflow path (:class:`_ZeroSkip`): the step
-    is skipped for every param group and sub-group at once, parameters, fp32 masters and optimizer state stay
-    as they were. Stage 0 without a mixed-precision wrapper steps the torch optimizer once per
-    ``engine.step()``: its step hooks (:func:`dist_clip.clipper.skip_next_step_`) skip it. DeepSpeed's
-    non-ZeRO mixed-precision wrappers raise ``NotImplementedError``. Raises before anything is measured, and
-    identically on every rank.
+    ``arm(flag)`` takes the 0-dim bool flag (true: skip). ``optimizer`` may be ``None``, the engine,
+    ``engine.optimizer`` or the torch optimizer given to ``deepspeed.initialize`` (``torch_optimizer`` is that
+    one, or ``None`` where there is none to name). ZeRO 1-3 take DeepSpeed's own overflow path
+    (:class:`_ZeroSkip`): the step is skipped for every param group and sub-group at once, parameters, fp32
+    masters and optimizer state stay as they were. Stage 0 without a mixed-precision wrapper steps the torch
+    optimizer once per ``engine.step()``: its step hooks (:func:`dist_clip.clipper.skip_next_step_`) skip it.
+    DeepSpeed's non-ZeRO mixed-precision wrappers raise ``NotImplementedError``. Raises before anything is
+    measured, and identically on every rank.
     """
     ds = _require()
     check_version(ds.__version__)
@@ -622,11 +622,13 @@ def skip_handle(target: object, optimizer: object) -> tuple[Any, Any]:
 
     zero = isinstance(opt, (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3))
     inner = getattr(opt, "optimizer", None) if zero else opt
+    if optimizer is target:
+        optimizer = opt  # the engine stands for its optimizer, as under the other policies
     if optimizer is not None and optimizer is not opt and optimizer is not inner:
         raise ValueError(
-            f"on_nonfinite='skip' on a DeepSpeed engine skips engine.step(); optimizer= must be left out, or be "
-            f"engine.optimizer ({type(opt).__name__}) or the torch optimizer given to deepspeed.initialize, got "
-            f"another {type(optimizer).__name__}"
+            f"on_nonfinite='skip' on a DeepSpeed engine skips engine.step(); optimizer= must be left out, or be the "
+            f"engine, engine.optimizer ({type(opt).__name__}) or the torch optimizer given to deepspeed.initialize, "
+            f"got another {type(optimizer).__name__}"
         )
     torch_opt = inner if isinstance(inner, torch.optim.Optimizer) else None
     if zero:
