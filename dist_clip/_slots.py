@@ -437,11 +437,13 @@ def counted_pieces(
     """(tensor, slot) of the pieces this rank measures: counted ones, replicated ones on rank 0 only."""
     first = _reduce.group_rank(group) == 0
     out: list[tuple[Tensor, int]] = []
+    seen: set[int] = set()  # one tensor in two Shards counts once, as it is scaled once
     for s in shards:
         if not s.counted or (s.group is None and not first):
             continue
         for i, t in enumerate(s.tensors):
-            if t.numel() > 0:
+            if t.numel() > 0 and id(t) not in seen:
+                seen.add(id(t))
                 out.append((t, slot_of(s.names[i] if s.names else "", i)))
     return out
 

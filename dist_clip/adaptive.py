@@ -740,6 +740,12 @@ def unit_pieces(
     units: list[_Unit] = []
     cut: list[tuple[str, int | range]] = []
     target = unwrap_compiled(target)
+    custom = _slots._custom_adapter(target)
+    if custom is not None:  # (a module it takes was read as plain parameters: each rank's own units, 40% off)
+        raise TypeError(
+            f"unit-wise clipping does not take targets of a user adapter ({getattr(custom, '__name__', custom)}): "
+            "its Shards carry no unit geometry; use mode='total' or 'per_param' there"
+        )
     if _slots.is_fsdp1(target):
         layout = _slots.fsdp1_pieces(target, group)  # type: ignore[arg-type]
         for name in layout.names:

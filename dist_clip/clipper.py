@@ -401,8 +401,9 @@ def _is_torch_zero(optimizer: object) -> bool:
 
 
 @_clip._eager
-def skip_next_step_(optimizer: torch.optim.Optimizer, flag: Tensor) -> None:
-    """Make the next ``optimizer.step()`` a no-op where the 0-dim bool ``flag`` is true, without a host sync.
+def skip_next_step_(optimizer: torch.optim.Optimizer, flag: Tensor | bool) -> None:
+    """Make the next ``optimizer.step()`` a no-op where the 0-dim bool ``flag`` is true, without a host sync
+    (a Python ``bool`` is a constant: ``False`` clears a pending flag).
     The flag replaces any pending one (``GradClipper``'s own armings within one step combine instead).
 
     Fused optimizers get ``optimizer.found_inf`` (their kernels skip the update and the step count, as under
@@ -419,7 +420,18 @@ def skip_next_step_(optimizer: torch.optim.Optimizer, flag: Tensor) -> None:
     """
     if isinstance(flag, Tensor) and flag.dtype != torch.bool:
         raise TypeError(f"flag must be a bool tensor (e.g. ~torch.isfinite(norm)), got dtype {flag.dtype}")
+    if isinstance(flag, bool):  # a constant (skip_next_step_(opt, False) clears a pending flag): no host read
+        flag = torch.tensor(flag, device=_first_device(optimizer))
     _arm_skip(optimizer, flag, None, combine=False)
+
+
+def _first_device(optimizer: Any) -> torch.device:
+    """The device of the optimizer's first parameter (the CPU where it has none, or is not an optimizer)."""
+    for opt in _stepping_optimizers(optimizer) or [optimizer]:
+        for group in getattr(opt, "param_groups", ()):
+            for q in group["params"]:
+                return q.device  # type: ignore[no-any-return]
+    return torch.device("cpu")
 
 
 def _skip_pending(optimizer: torch.optim.Optimizer) -> bool:

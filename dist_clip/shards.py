@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -40,6 +41,16 @@ class Shards:
     loss_scale: float = 1.0
 
     def __post_init__(self) -> None:
+        # (a generator was read empty by the measuring pass after the scaling pass took it: 0, unclipped)
+        if not isinstance(self.tensors, (list, tuple)):
+            object.__setattr__(self, "tensors", list(self.tensors))
+        if not isinstance(self.names, (list, tuple)):
+            object.__setattr__(self, "names", tuple(self.names))
+        if not all(issubclass(k, Tensor) for k in set(map(type, self.tensors))):  # (one check per type, in C)
+            bad = next(t for t in self.tensors if not isinstance(t, Tensor))
+            raise TypeError(f"Shards.tensors must hold tensors, got a {type(bad).__name__}")
+        if isinstance(self.loss_scale, bool) or not isinstance(self.loss_scale, numbers.Real):
+            raise TypeError(f"Shards.loss_scale must be a number, got {type(self.loss_scale).__name__}")
         if self.names and len(self.names) != len(self.tensors):
             raise ValueError(f"Shards.names has {len(self.names)} entries for {len(self.tensors)} tensors")
         if not (self.loss_scale > 0 and self.loss_scale < float("inf")):

@@ -1045,3 +1045,19 @@ def test_a_dropped_optimizer_s_stand_in_holds_nothing():
     del opt
     gc.collect()
     assert left() is None, "the parameter is kept alive"
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_skip_next_step_takes_a_python_bool(fused):
+    """The README's `skip_next_step_(opt, False)` (clear a pending flag) raised "flag must be a one-value tensor":
+    a Python bool is a constant on the optimizer's device (no host read)."""
+    p = nn.Parameter(torch.zeros(2))
+    p.grad = torch.ones(2)
+    opt = torch.optim.SGD([p], lr=1.0, fused=fused)
+    dist_clip.skip_next_step_(opt, True)
+    opt.step()
+    assert torch.equal(p.detach(), torch.zeros(2))
+    dist_clip.skip_next_step_(opt, torch.tensor(True))
+    dist_clip.skip_next_step_(opt, False)
+    opt.step()
+    assert torch.equal(p.detach(), -torch.ones(2))

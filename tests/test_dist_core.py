@@ -296,6 +296,65 @@ def test_a_custom_adapter_is_named_per_parameter_by_its_shards(run_ranks, p):
         assert values == [True] * 7, values
 
 
+def body_custom_adapter_output() -> list:
+    """What an adapter hands back is checked and completed: an empty list under group= joins the collective (the
+    rank returned 0 and the others waited), one Shards alone is a list of it ("'Shards' object is not
+    iterable"), a generator of pieces is read once (it read empty: 0, unclipped), one tensor in two Shards
+    counts once (x1.41), a list of tensors is a TypeError naming the adapter, and unit-wise clipping refuses a
+    module the adapter takes (it read it as plain parameters, each rank its own units)."""
+    import dist_clip.adapters as adapters
+
+    adapters.ADAPTERS = ("tests.custom_adapter", *adapters.BUILT_IN)
+    try:
+        return _custom_adapter_output_values()
+    finally:
+        adapters.ADAPTERS = adapters.BUILT_IN
+
+
+def _custom_adapter_output_values() -> list:
+    from dist_clip import AGC, GradClipper, Shards
+
+    from .custom_adapter import HandModule, HandSharded
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    w = torch.arange(1.0, 7.0)
+    want = reference_norm([w], 2.0)
+    out = []
+    # rank 0 holds all of w; rank 1's adapter returns []
+    got = dist_clip.get_total_norm(HandSharded([Shards([w.clone()], dist.group.WORLD)] if rank == 0 else []), 2.0,
+                                   group=dist.group.WORLD)
+    out.append(got.item() == pytest.approx(want, rel=1e-6))
+    piece = w[rank * 3:(rank + 1) * 3].clone()
+    lone = HandSharded(Shards([piece], dist.group.WORLD))
+    out.append(dist_clip.clip_grad_norm_(lone, 1.0).item() == pytest.approx(want, rel=1e-6))
+    out.append(torch.allclose(piece, w[rank * 3:(rank + 1) * 3] / (want + 1e-6)))
+    piece = w[rank * 3:(rank + 1) * 3].clone()
+    gen = HandSharded([Shards((t for t in [piece]), dist.group.WORLD)])
+    out.append(dist_clip.clip_grad_norm_(gen, 1.0).item() == pytest.approx(want, rel=1e-6))
+    out.append(torch.allclose(piece, w[rank * 3:(rank + 1) * 3] / (want + 1e-6)))
+    piece = w[rank * 3:(rank + 1) * 3].clone()
+    twice = HandSharded([Shards([piece], dist.group.WORLD), Shards([piece], dist.group.WORLD)])
+    out.append(dist_clip.get_total_norm(twice, 2.0).item() == pytest.approx(want, rel=1e-6))
+    for bad in ([piece], HandModule([Shards([piece], dist.group.WORLD, names=["w"])])):
+        try:
+            if isinstance(bad, list):
+                dist_clip.get_total_norm(HandSharded(bad), 2.0)
+            else:
+                GradClipper(mode="unitwise", agc=AGC(0.01))(bad)
+            out.append("accepted")
+        except TypeError as e:
+            out.append("tests.custom_adapter" in str(e) and ("list of dist_clip.Shards" in str(e) or
+                                                             "unit-wise" in str(e)))
+    assert world == 2
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_what_a_custom_adapter_hands_back_is_checked_and_completed(run_ranks):
+    for values in run_ranks(2, body_custom_adapter_output):
+        assert values == [True] * 8, values
+
+
 def body_ddp_groups_unitwise() -> list:
     """Two DDP replica groups (ranks 0-1, 2-3) with different data, AGC with group=WORLD: each group gets its
     own averaged gradient's norm and verdict, with no collective (ranks 2-3 read group 0's norm, 0.473 for

@@ -62,6 +62,25 @@ def find(target: object) -> tuple[str, Adapter] | None:
     return None
 
 
+def _checked(name: str, out: object, group: dist.ProcessGroup | None) -> list[Shards]:
+    """An adapter's ``shards()`` result as a list of Shards: one ``Shards`` alone is taken as a list of it (it
+    failed with "'Shards' object is not iterable"), anything else is a ``TypeError`` naming the adapter; an empty
+    list under an explicit ``group=`` joins that group's collective with nothing (the rank returned 0 at once and
+    left the others waiting)."""
+    if isinstance(out, Shards):
+        return [out]
+    if not isinstance(out, list) or not all(isinstance(s, Shards) for s in out):
+        if isinstance(out, tuple) and all(isinstance(s, Shards) for s in out):
+            out = list(out)
+        else:
+            kind = type(out).__name__ if not isinstance(out, (list, tuple)) else (
+                f"a {type(out).__name__} holding a " + type(next(s for s in out if not isinstance(s, Shards))).__name__)
+            raise TypeError(f"adapter {name}: shards() must return a list of dist_clip.Shards, got {kind}")
+    if not out and group is not None:
+        return [Shards([], group=group)]
+    return out
+
+
 def resolve(target: object, group: dist.ProcessGroup | None = None) -> list[Shards]:
     """The Shards of ``target`` on this rank, from the first adapter that recognises it."""
     if target is None:
@@ -69,7 +88,7 @@ def resolve(target: object, group: dist.ProcessGroup | None = None) -> list[Shar
     target = unwrap_compiled(target)
     found = find(target)
     if found is not None:
-        return found[1].shards(target, group)
+        return _checked(found[0], found[1].shards(target, group), group)
     raise TypeError(
         f"dist_clip does not know how to find gradients in a {type(target).__module__}.{type(target).__name__}; "
         "pass a tensor, an iterable of parameters/tensors, an nn.Module, or a supported wrapper"
