@@ -339,7 +339,10 @@ def _custom_adapter(target: object) -> object | None:
 def _named_by_adapter(adapter: object, target: object, group: dist.ProcessGroup | None) -> Named:
     """A user adapter's Shards, named by their own ``names``: every rank must name the same parameters (an
     empty piece where it holds none, as for a mapping target); the layout check finds a disagreement."""
-    shards = adapter.shards(target, group)  # type: ignore[attr-defined]
+    from .adapters import _checked
+
+    # checked and completed as resolve() does for the other modes (one Shards alone, an empty list under group=)
+    shards = _checked(getattr(adapter, "__name__", type(adapter).__name__), adapter.shards(target, group), group)  # type: ignore[attr-defined]
     for s in shards:
         if s.tensors and len(s.names) != len(s.tensors):
             raise ValueError(
@@ -778,9 +781,4 @@ def scale_slots_(pieces: Sequence[tuple[Tensor, int]], coefs: Tensor, foreach: b
         if t.numel():
             by_key.setdefault((t.device, t.dtype, slot), []).append(t)
     for (device, _, slot), tensors in by_key.items():
-        c = _reduce.moved(coefs[slot], device)
-        if _scale.resolve_foreach(foreach, device, tensors):
-            torch._foreach_mul_(tensors, c)
-        else:
-            for t in tensors:
-                t.mul_(c)
+        _scale.mul_group_(tensors, _reduce.moved(coefs[slot], device), foreach)

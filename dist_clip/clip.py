@@ -105,8 +105,8 @@ def _counted_tensors(shards: Sequence[Shards], group: dist.ProcessGroup | None) 
             out.extend(s.tensors)
         else:
             whole = False
-    if len(shards) > 1 and len(set(map(id, out))) != len(out):
-        # one tensor in two Shards counts once, as it is scaled once (it was counted twice: x1.41 on the total)
+    if len(set(map(id, out))) != len(out):
+        # one tensor listed twice counts once, as it is scaled once (it was counted twice: x1.41 on the total)
         seen: set[int] = set()
         out = [t for t in out if not (id(t) in seen or seen.add(id(t)))]  # type: ignore[func-returns-value]
     return out, whole

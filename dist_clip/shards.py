@@ -49,7 +49,9 @@ class Shards:
         if not all(issubclass(k, Tensor) for k in set(map(type, self.tensors))):  # (one check per type, in C)
             bad = next(t for t in self.tensors if not isinstance(t, Tensor))
             raise TypeError(f"Shards.tensors must hold tensors, got a {type(bad).__name__}")
-        if isinstance(self.loss_scale, bool) or not isinstance(self.loss_scale, numbers.Real):
+        if type(self.loss_scale) is not float and (
+            isinstance(self.loss_scale, bool) or not isinstance(self.loss_scale, numbers.Real)
+        ):
             raise TypeError(f"Shards.loss_scale must be a number, got {type(self.loss_scale).__name__}")
         if self.names and len(self.names) != len(self.tensors):
             raise ValueError(f"Shards.names has {len(self.names)} entries for {len(self.tensors)} tensors")

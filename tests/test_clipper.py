@@ -416,8 +416,8 @@ def test_bad_call_arguments_name_what_was_expected():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(TypeError, match="plan must be a dist_clip.ParallelPlan, got object"):
         GradClipper(max_norm=1.0)(model, plan=object())
-    with pytest.raises(TypeError, match="flag must be a one-value tensor.*got bool"):
-        dist_clip.skip_next_step_(opt, True)
+    with pytest.raises(TypeError, match="flag must be a one-value tensor.*got str"):
+        dist_clip.skip_next_step_(opt, "yes")  # (a Python bool is a constant flag: test_skip_next_step_takes_...)
     with pytest.raises(TypeError, match=r"flag must be a one-value tensor.*shape \(2,\)"):
         dist_clip.skip_next_step_(opt, torch.tensor([True, False]))
     with pytest.raises(TypeError, match="flag must be a bool tensor.*got dtype torch.float32"):

@@ -335,6 +335,19 @@ def _custom_adapter_output_values() -> list:
     piece = w[rank * 3:(rank + 1) * 3].clone()
     twice = HandSharded([Shards([piece], dist.group.WORLD), Shards([piece], dist.group.WORLD)])
     out.append(dist_clip.get_total_norm(twice, 2.0).item() == pytest.approx(want, rel=1e-6))
+    once = HandSharded([Shards([piece, piece], dist.group.WORLD)])  # twice in one Shards: counted twice before
+    out.append(dist_clip.get_total_norm(once, 2.0).item() == pytest.approx(want, rel=1e-6))
+    # the named modes go through the same checks: one Shards alone is a list of it; [] under group= joins the
+    # collective (the rank returned 0 and the other waited), where the names differing is the layout check's
+    # RuntimeError on both ranks (every rank must name every parameter)
+    named = Shards([w[rank * 3:(rank + 1) * 3].clone()], dist.group.WORLD, names=["w"])
+    res = GradClipper(max_norm=1e9, mode="per_param", report=True)(HandSharded(named))
+    out.append(res.total_norm.item() == pytest.approx(want, rel=1e-6))
+    try:
+        GradClipper(mode="per_param")(HandSharded(named if rank == 0 else []), group=dist.group.WORLD)
+        out.append("returned")
+    except RuntimeError as e:
+        out.append("disagree on the target's parameter names" in str(e))
     for bad in ([piece], HandModule([Shards([piece], dist.group.WORLD, names=["w"])])):
         try:
             if isinstance(bad, list):
@@ -352,7 +365,7 @@ def _custom_adapter_output_values() -> list:
 @pytest.mark.timeout(120)
 def test_what_a_custom_adapter_hands_back_is_checked_and_completed(run_ranks):
     for values in run_ranks(2, body_custom_adapter_output):
-        assert values == [True] * 8, values
+        assert values == [True] * 11, values
 
 
 def body_ddp_groups_unitwise() -> list:

@@ -120,6 +120,37 @@ def test_gradients_on_the_cpu_and_the_gpu_in_one_call_match_the_reference(order,
             torch.testing.assert_close(g.double().cpu(), b * coef, rtol=1e-6, atol=1e-12)
 
 
+@pytest.mark.parametrize("mode", ["clip_grad_norm_", "clipper", "optimizer="])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_gradients_are_scaled_by_the_unrounded_coefficient(dtype, mode):
+    """A 0-dim float32 coefficient on the GPU was cast to the gradients' dtype before the multiply (CUDA reads
+    only a CPU scalar in float): a bias of 0.16% in bf16 for 0.7371 (0.73828125), and a coefficient below 6e-8
+    zeroed fp16 gradients. The product is taken in float32 and rounded once, as on the CPU: over millions of
+    elements the ratio to the exact product averages 1 (each element's rounding is unbiased)."""
+    for fraction in (0.7371, 3e-9):
+        grads = _grads(dtype)
+        want = reference_norm(grads, 2.0)
+        before = [g.detach().double() for g in grads]
+        params = _params(grads)
+        limit = fraction * want
+        if mode == "clip_grad_norm_":
+            dist_clip.clip_grad_norm_(params, limit)
+        elif mode == "clipper":
+            dist_clip.GradClipper(max_norm=limit)(params)
+        else:
+            opt = torch.optim.SGD(params, lr=0.0)  # not fused: scaled in the call
+            dist_clip.clip_grad_norm_(params, limit, optimizer=opt)
+        coef = limit / (want + 1e-6)
+        exact = torch.cat([(b * coef).flatten() for b in before])
+        got = torch.cat([g.double().flatten() for g in grads])
+        assert bool((got != 0).any()), fraction  # fp16: 3e-9 was rounded to 0 and zeroed every gradient
+        if dtype == torch.float16 and fraction < 1e-3:
+            continue  # the products themselves are mostly below fp16's range
+        seen = exact.abs() > 1e-3 * exact.abs().max()
+        bias = (got[seen] / exact[seen]).mean().item() - 1.0
+        assert abs(bias) < (2e-4 if dtype == torch.bfloat16 else 5e-5), (fraction, bias)
+
+
 def _nccl_rank(rank: int, world: int, store_path: str, results) -> None:
     import torch.distributed as dist
 

@@ -413,3 +413,15 @@ def test_unit_wise_passes_in_blocks_agree_with_one_pass(monkeypatch, dtype, p):
     assert len(adaptive._blocks(50, 9)) > 1 and len(adaptive._blocks(3, 200)) > 3
     for a, b in zip(whole, run()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def test_the_accelerator_scaling_branch_keeps_shapes():
+    """Off the CPU a coefficient of another dtype multiplies as a 1-element operand (a 0-dim device one was cast
+    to bf16/fp16 first; tests/test_gpu.py checks the values): run here on the meta device, it keeps every
+    shape, 0-dim and empty gradients included, and the gradients' dtype."""
+    from dist_clip import _scale
+
+    group = [torch.empty(s, dtype=torch.bfloat16, device="meta") for s in ((), (0,), (3, 4), (2, 1, 5))]
+    _scale.mul_group_(group, torch.empty((), dtype=torch.float32, device="meta"), None)
+    assert [(tuple(t.shape), t.dtype) for t in group] == [((), torch.bfloat16), ((0,), torch.bfloat16),
+                                                          ((3, 4), torch.bfloat16), ((2, 1, 5), torch.bfloat16)]

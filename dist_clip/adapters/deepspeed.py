@@ -673,6 +673,8 @@ def _scaled_flatten(tensors: list[Tensor], coef: Tensor) -> Tensor:
         out = _native.scaled_flatten(tensors, float(c))
         if out is not None:
             return out
+    if first.device.type != "cpu" and c.dtype != first.dtype:
+        c = c.reshape(1)  # the product in c's precision, rounded once (see dist_clip._scale.mul_group_)
     if len(tensors) > _PIECEWISE_MAX:
         return _flatten_dense_tensors(tensors).mul_(c)
     out = torch.empty(sum(t.numel() for t in tensors), dtype=first.dtype, device=first.device)
