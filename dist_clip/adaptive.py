@@ -1010,14 +1010,14 @@ def unitwise_measure(target: object, config: AGC, p: float, foreach: bool | None
         pos: list[int] = []
         if u.name in blocks:  # every row cut (tensor parallelism's Shard(1)): vectorised, no per-row Python
             at, first_id = blocks[u.name]
-            in_block[i] = ids.to(device) - first_id + at
+            in_block[i] = ids.to(device, non_blocking=True) - first_id + at
             if contributes:
                 _add_partials_(extra, k, in_block[i], wp, gp, p)
         elif u.split_units:
             pos = [j for j, uid in enumerate(ids.tolist()) if (u.name, uid) in cut_index]
             if pos and contributes:
-                where = torch.tensor([cut_index[(u.name, int(ids[j]))] for j in pos], device=device)
-                sel = torch.tensor(pos, device=device)
+                where = _on(device, [cut_index[(u.name, int(ids[j]))] for j in pos])
+                sel = _on(device, pos)
                 _add_partials_(extra, k, where, wp[sel], gp[sel], p)
         if i in in_block:
             whole.append(None)
@@ -1027,8 +1027,8 @@ def unitwise_measure(target: object, config: AGC, p: float, foreach: bool | None
         kept = coef
         if pos:  # the rows cut across ranks are counted from the combined buffer below, on every rank
             keep = torch.ones(coef.numel(), dtype=torch.bool, device=device)
-            keep[torch.tensor(pos, device=device)] = False
-            kept = coef[keep]
+            keep[_on(device, pos)] = False
+            kept = torch.where(keep, coef, torch.full_like(coef, math.inf))  # (a boolean index is a host sync)
         if kept.numel():
             mine = torch.minimum(mine, kept.min().to(device, torch.float64))
     extra[2 * k + me] = mine
@@ -1041,8 +1041,7 @@ def unitwise_measure(target: object, config: AGC, p: float, foreach: bool | None
     smallest = m.extra[2 * k :].min()
     if k:  # every cut unit's coefficient, from the combined partials every rank holds
         cut_names = [c[0] for c in cut for _ in (c[1] if isinstance(c[1], range) else (0,))]
-        excluded = torch.tensor([any(fnmatch.fnmatchcase(n, pat) for pat in config.exclude) for n in cut_names],
-                                device=device)
+        excluded = _on(device, [any(fnmatch.fnmatchcase(n, pat) for pat in config.exclude) for n in cut_names])
         cut_coefs = _unit_coefs(combined[:k], combined[k:], p, m.loss_scale, config, "", m.result_dtype)
         smallest = torch.minimum(smallest, torch.where(excluded, 1.0, cut_coefs.to(torch.float64)).min())
     coefs: list[Tensor] = []
@@ -1055,14 +1054,20 @@ def unitwise_measure(target: object, config: AGC, p: float, foreach: bool | None
             wp, gp = combined[:k][in_block[i]], combined[k:][in_block[i]]
         else:
             hits = [(j, cut_index[(u.name, uid)]) for j, uid in enumerate(ids.tolist()) if (u.name, uid) in cut_index]
-            sel = torch.tensor([j for j, _ in hits], device=device)
-            src = torch.tensor([c for _, c in hits], device=device)
+            sel = _on(device, [j for j, _ in hits])
+            src = _on(device, [c for _, c in hits])
             wp = wp.clone()
             gp = gp.clone()
             wp[sel] = combined[:k][src]
             gp[sel] = combined[k:][src]
         coefs.append(_unit_coefs(wp, gp, p, u.loss_scale, config, u.name, u.grad.dtype))
     return UnitwiseOutcome(m.total, names, m, smallest, red, units, coefs)
+
+
+def _on(device: torch.device, values: list) -> Tensor:
+    """A host list as a tensor on ``device``, copied without a host sync (``torch.tensor(..., device=cuda)``
+    copies blocking, which CUDA's sync debug mode reports)."""
+    return torch.tensor(values).to(device, non_blocking=True)
 
 
 def unitwise_scale_(outcome: UnitwiseOutcome) -> None:

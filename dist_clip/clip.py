@@ -430,7 +430,7 @@ def clip_grads_with_norm_(
     if not tensors:
         return
     if not isinstance(total_norm, Tensor):
-        total_norm = torch.tensor(float(total_norm), dtype=torch.float64, device=tensors[0].device)  # exact
+        total_norm = torch.full((), float(total_norm), dtype=torch.float64, device=tensors[0].device)  # exact, a fill
     coef = _scale.clip_coefficient(limit, total_norm)
     # A coefficient float32 holds only as a subnormal (a norm near float32's top, a tiny max_norm): in normal
     # factors, as clip_grad_norm_ applies it (get_total_norm then this call zeroed gradients that

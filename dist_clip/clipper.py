@@ -421,7 +421,7 @@ def skip_next_step_(optimizer: torch.optim.Optimizer, flag: Tensor | bool) -> No
     if isinstance(flag, Tensor) and flag.dtype != torch.bool:
         raise TypeError(f"flag must be a bool tensor (e.g. ~torch.isfinite(norm)), got dtype {flag.dtype}")
     if isinstance(flag, bool):  # a constant (skip_next_step_(opt, False) clears a pending flag): no host read
-        flag = torch.tensor(flag, device=_first_device(optimizer))
+        flag = torch.full((), flag, dtype=torch.bool, device=_first_device(optimizer))  # a fill: no copy
     _arm_skip(optimizer, flag, None, combine=False)
 
 
@@ -720,8 +720,8 @@ class GradClipper:
         if self._num_clipped is None or self._num_nonfinite is None:
             self._num_clipped = torch.zeros((), dtype=torch.int64)
             self._num_nonfinite = torch.zeros((), dtype=torch.int64)
-        self._num_clipped = self._num_clipped.to(dev)
-        self._num_nonfinite = self._num_nonfinite.to(dev)
+        self._num_clipped = self._num_clipped.to(dev, non_blocking=True)  # (on the device after the first call)
+        self._num_nonfinite = self._num_nonfinite.to(dev, non_blocking=True)
         self._num_clipped += clipped.to(torch.int64)
         self._num_nonfinite += (~finite).to(torch.int64)
 
@@ -1310,7 +1310,7 @@ def _per_group(
             "would clip nothing; pass the optimizer that steps these parameters (under DeepSpeed ZeRO-3: "
             "the torch optimizer given to deepspeed.initialize)"
         )
-    index = torch.tensor(groups_of or [-1], dtype=torch.long).to(m.device)
+    index = torch.tensor(groups_of or [-1], dtype=torch.long).to(m.device, non_blocking=True)  # (no host sync)
     host = _host_checks(m.device)
     agreed: Tensor | None = None  # off the CPU: whether the checks raising on the CPU pass (else NaN norms)
     if m.extra is not None:  # plan or named pieces: the groups of every rank's slots, combined (on the device)
@@ -1373,7 +1373,7 @@ def _per_group(
     if agreed is not None:
         partials = torch.where(agreed, partials, torch.full_like(partials, math.nan))
     norms = _slots.finalize_norms(partials, p, m.loss_scale).to(out)
-    limit = torch.tensor(limits, dtype=out, device=norms.device)
+    limit = torch.tensor(limits, dtype=out).to(norms.device, non_blocking=True)  # (no host sync)
     coef = _scale.clip_coefficient(limit, norms)
     # Parameters outside the optimizer count in the total but keep their gradients (coefficient 1).
     slot_coef = torch.where(index >= 0, coef[index.clamp(min=0)], torch.ones_like(index, dtype=out))

@@ -73,6 +73,29 @@ def test_default_path_makes_no_host_sync(dtype, p):
     torch.cuda.synchronize()
 
 
+@pytest.mark.parametrize("mode", ["total", "per_param", "per_group", "unitwise"])
+def test_clipper_modes_make_no_host_sync(mode):
+    """The GradClipper modes copied per-call host lists (per-group indices and limits, unit ids) to the GPU
+    with blocking copies, read a boolean index (unit-wise), and moved the counters blocking; the clipper's
+    docstring promises no host sync outside "error", reports and a non-fused "skip"."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 8)).cuda()
+    model(torch.randn(16, 64, device="cuda")).square().sum().backward()
+    opt = torch.optim.AdamW([{"params": model[0].parameters(), "max_norm": 0.5},
+                             {"params": model[1].parameters(), "max_norm": 0.1}], fused=True)
+    kwargs = {"agc": dist_clip.AGC(0.01)} if mode == "unitwise" else {"max_norm": 1.0}
+    clipper = dist_clip.GradClipper(mode=mode, on_nonfinite="skip", **kwargs)
+    clipper(model, optimizer=opt)  # warm-up: lazy initialisation may sync once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        clipper(model, optimizer=opt)
+        dist_clip.skip_next_step_(opt, False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
 @pytest.mark.parametrize("name", ["AdamW", "SGD"])
 def test_fused_optimizer_hand_over_makes_no_host_sync_and_matches(name):
     make = {
