@@ -169,12 +169,16 @@ def mul_group_(group: list[Tensor], c: Tensor, foreach: bool | None) -> None:
     if not group:
         return
     device, dtype = group[0].device, group[0].dtype
+    fused = resolve_foreach(foreach, device, group)  # (foreach=True where there are no such kernels raises)
     if device.type != "cpu" and c.dtype != dtype:
         one = c.reshape(1)
         for t in group:
-            t.mul_(one if t.dim() else c)  # (a 0-dim tensor with a 0-dim c promotes too; shape () stays ())
+            if t.is_sparse:  # (a dense operand of another dtype is refused by sparse mul: the values)
+                t._values().mul_(one)
+            else:
+                t.mul_(one if t.dim() else c)  # (a 0-dim tensor with a 0-dim c promotes too; shape () stays ())
         return
-    if resolve_foreach(foreach, device, group):
+    if fused:
         torch._foreach_mul_(group, c)
     else:
         for t in group:

@@ -720,8 +720,9 @@ class GradClipper:
         if self._num_clipped is None or self._num_nonfinite is None:
             self._num_clipped = torch.zeros((), dtype=torch.int64)
             self._num_nonfinite = torch.zeros((), dtype=torch.int64)
-        self._num_clipped = self._num_clipped.to(dev, non_blocking=True)  # (on the device after the first call)
-        self._num_nonfinite = self._num_nonfinite.to(dev, non_blocking=True)
+        # (no host sync; _reduce.moved waits for a copy to the host, whose pinned target could be read early)
+        self._num_clipped = _reduce.moved(self._num_clipped, dev)
+        self._num_nonfinite = _reduce.moved(self._num_nonfinite, dev)
         self._num_clipped += clipped.to(torch.int64)
         self._num_nonfinite += (~finite).to(torch.int64)
 

@@ -73,6 +73,19 @@ def test_default_path_makes_no_host_sync(dtype, p):
     torch.cuda.synchronize()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sparse_half_gradients_are_clipped_on_the_gpu(dtype):
+    """Sparse mul refuses a dense operand of another dtype: the 1-element coefficient scales their values."""
+    emb = torch.nn.Embedding(50, 8, sparse=True).to("cuda", dtype)
+    emb(torch.tensor([1, 2, 2, 7], device="cuda")).float().square().sum().backward()
+    before = emb.weight.grad.coalesce().to_dense().double()
+    want = reference_norm([emb.weight.grad], 2.0)
+    total = dist_clip.clip_grad_norm_(emb.parameters(), 0.5 * want)
+    assert abs(total.item() - want) <= 1e-5 * want
+    torch.testing.assert_close(emb.weight.grad.coalesce().to_dense().double(), before * 0.5 * want / (want + 1e-6),
+                               rtol=2 ** -7, atol=0)
+
+
 @pytest.mark.parametrize("mode", ["total", "per_param", "per_group", "unitwise"])
 def test_clipper_modes_make_no_host_sync(mode):
     """The GradClipper modes copied per-call host lists (per-group indices and limits, unit ids) to the GPU

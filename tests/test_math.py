@@ -425,3 +425,5 @@ def test_the_accelerator_scaling_branch_keeps_shapes():
     _scale.mul_group_(group, torch.empty((), dtype=torch.float32, device="meta"), None)
     assert [(tuple(t.shape), t.dtype) for t in group] == [((), torch.bfloat16), ((0,), torch.bfloat16),
                                                           ((3, 4), torch.bfloat16), ((2, 1, 5), torch.bfloat16)]
+    with pytest.raises(RuntimeError, match="foreach=True was passed"):  # still required where asked for
+        _scale.mul_group_(group, torch.empty((), dtype=torch.float32, device="meta"), True)
