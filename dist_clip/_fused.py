@@ -428,6 +428,8 @@ def version_list(grads: list[Tensor]) -> list[int]:
         return list(map(_VERSION, grads))
     except RuntimeError:
         return list(map(_version, grads))
+
+
 _GRAD = operator.attrgetter("grad")
 _PLAIN_GRADS = {Tensor}
 

@@ -342,7 +342,8 @@ def _named_by_adapter(adapter: object, target: object, group: dist.ProcessGroup 
     from .adapters import _checked
 
     # checked and completed as resolve() does for the other modes (one Shards alone, an empty list under group=)
-    shards = _checked(getattr(adapter, "__name__", type(adapter).__name__), adapter.shards(target, group), group)  # type: ignore[attr-defined]
+    name = getattr(adapter, "__name__", type(adapter).__name__)
+    shards = _checked(name, adapter.shards(target, group), group)  # type: ignore[attr-defined]
     for s in shards:
         if s.tensors and len(s.names) != len(s.tensors):
             raise ValueError(
