@@ -127,7 +127,7 @@ def scale_(
     foreach: bool | None = None,
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] | None = None,
 ) -> None:
-    """Multiply every tensor in place by ``coef`` in its own dtype.
+    """Multiply every tensor in place by ``coef``, rounded once to its own dtype (see :func:`mul_group_`).
 
     On the CPU, where reading ``coef`` costs nothing, a coefficient of exactly 1 skips the pass, so
     gradients that need no clipping are left bit-for-bit untouched, and groups of many small contiguous
@@ -161,11 +161,11 @@ def scale_(
 
 
 def mul_group_(group: list[Tensor], c: Tensor, foreach: bool | None) -> None:
-    """``t *= c`` for every tensor of one (device, dtype) group, the product taken in ``c``'s precision and
+    """``t *= c`` for every tensor of one (device, dtype) group, the product taken in float32 or better and
     rounded once to the tensor's dtype. Off the CPU a 0-dim ``c`` of another dtype is cast to the tensors' dtype
     before the multiply (CUDA reads only a CPU scalar in float: a float32 coefficient rounded to bf16 was 0.2%
-    off, one below 6e-8 zeroed fp16 gradients; torch's foreach then takes its per-tensor path anyway): there a
-    1-element operand, which takes part in type promotion, as AGC scales."""
+    off, one below 3e-8 became 0 and zeroed fp16 gradients; torch's foreach then takes its per-tensor path
+    anyway): there a 1-element operand, which takes part in type promotion, as AGC scales."""
     if not group:
         return
     device, dtype = group[0].device, group[0].dtype
