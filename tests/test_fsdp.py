@@ -222,7 +222,7 @@ def test_fsdp2_accumulation_refuses_unsynced_and_reads_unsharded_modules(run_ran
     for r in run_ranks(2, cases.fsdp2_accumulation, unsharded, timeout_s=90):
         assert r["inside"] == [True, True, True], r
         assert r["report"], r
-        for key in ("total", "agc_total", "clipped"):
+        for key in ("total", "params_total", "eval_params_total", "agc_total", "clipped"):
             assert r[key] == pytest.approx(r["want"], rel=1e-6), (key, r)
         assert r["after"] == pytest.approx(r["want"] / 2, rel=1e-5), r
 

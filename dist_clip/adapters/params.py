@@ -269,6 +269,10 @@ def named_grads(target: object) -> list[tuple[str, Tensor]]:
     elif isinstance(target, Iterable) and not isinstance(target, (str, bytes)):
         items = list(target)
         names = _positions(len(items))
+        if "torch.distributed.fsdp._fully_shard._fully_shard" in sys.modules and not all(
+            map(_is_set, map(_grad_or_self, items))
+        ):
+            items = _sharded_stand_ins(items)
     else:
         raise TypeError(f"expected a tensor, an iterable of tensors or an nn.Module, got {type(target).__name__}")
     # The hot path of every call: with only tensors (parameters, gradients, DTensor parameters), no duplicates
@@ -304,6 +308,32 @@ def named_grads(target: object) -> list[tuple[str, Tensor]]:
         if g is not None:
             out.append((name, g))
     return each_gradient_once(out)
+
+
+def _grad_or_self(t: object) -> object:
+    """A trainable parameter's ``.grad``; anything else itself (set)."""
+    return t.grad if isinstance(t, nn.Parameter) and t.requires_grad else t
+
+
+def _sharded_stand_ins(items: list[object]) -> list[object]:
+    """FSDP2 parameters listed while their module is unsharded: ``model.parameters()`` after a forward that had
+    no backward (an evaluation or logging forward: the root keeps its parameters unsharded after forward), or
+    under ``set_reshard_after_backward(False)``, yields the plain unsharded parameters, whose ``.grad`` is None
+    once reduced; the sharded parameter the optimizer steps holds the reduced gradient and stands in for each
+    (they were left out, silently: 0.854 for 1.237), as when the module is the target."""
+    from torch.distributed._composable_state import _module_state_mapping
+
+    swap: dict[int, object] = {}
+    for ref in list(_module_state_mapping.values()):
+        state = ref() if callable(ref) else ref  # weak references to the states
+        for pg in getattr(state, "_fsdp_param_groups", ()):
+            if pg.is_sharded:
+                continue
+            for fp in pg.fsdp_params:
+                u = getattr(fp, "_unsharded_param", None)
+                if u is not None and u.grad is None:
+                    swap[id(u)] = fp.sharded_param
+    return [swap.get(id(t), t) for t in items] if swap else items
 
 
 def each_gradient_once(pairs: list[tuple[str, Tensor]]) -> list[tuple[str, Tensor]]:
