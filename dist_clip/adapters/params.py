@@ -269,10 +269,6 @@ def named_grads(target: object) -> list[tuple[str, Tensor]]:
     elif isinstance(target, Iterable) and not isinstance(target, (str, bytes)):
         items = list(target)
         names = _positions(len(items))
-        if "torch.distributed.fsdp._fully_shard._fully_shard" in sys.modules and not all(
-            map(_is_set, map(_grad_or_self, items))
-        ):
-            items = _sharded_stand_ins(items)
     else:
         raise TypeError(f"expected a tensor, an iterable of tensors or an nn.Module, got {type(target).__name__}")
     # The hot path of every call: with only tensors (parameters, gradients, DTensor parameters), no duplicates
@@ -285,6 +281,8 @@ def named_grads(target: object) -> list[tuple[str, Tensor]]:
     ):
         if kinds == _PARAMETER:
             grads = list(map(_grad, items))
+            if not all(map(_is_set, grads)) and _listed_unsharded(target, items):
+                return named_grads(_sharded_stand_ins(items))
         elif (
             nn.Parameter in kinds
             or not kinds <= _PLAIN_KINDS
@@ -292,6 +290,8 @@ def named_grads(target: object) -> list[tuple[str, Tensor]]:
             or any(map(_is_set, map(_grad, items)))  # a tensor with a .grad is a parameter (is_parameter)
         ):
             grads = [t.grad if is_parameter(t) else t for t in items]
+            if not all(map(_is_set, grads)) and _listed_unsharded(target, items):
+                return named_grads(_sharded_stand_ins(items))
         else:
             return [pair for pair in zip(names, items) if pair[1] is not None]  # type: ignore[misc]
         return each_gradient_once([pair for pair in zip(names, grads) if pair[1] is not None])  # type: ignore[misc]
@@ -310,9 +310,13 @@ def named_grads(target: object) -> list[tuple[str, Tensor]]:
     return each_gradient_once(out)
 
 
-def _grad_or_self(t: object) -> object:
-    """A trainable parameter's ``.grad``; anything else itself (set)."""
-    return t.grad if isinstance(t, nn.Parameter) and t.requires_grad else t
+def _listed_unsharded(target: object, items: list[object]) -> bool:
+    """Whether a listed target (not a module: its own path swaps) may hold FSDP2 parameters left unsharded:
+    FSDP2 loaded and one of them an FSDP param group's unsharded parameter (see :func:`_sharded_stand_ins`)."""
+    if isinstance(target, (Tensor, nn.Module)) or "torch.distributed.fsdp._fully_shard._fully_shard" not in sys.modules:
+        return False
+    swapped = _sharded_stand_ins(items)
+    return swapped is not items
 
 
 def _sharded_stand_ins(items: list[object]) -> list[object]:
@@ -333,7 +337,10 @@ def _sharded_stand_ins(items: list[object]) -> list[object]:
                 u = getattr(fp, "_unsharded_param", None)
                 if u is not None and u.grad is None:
                     swap[id(u)] = fp.sharded_param
-    return [swap.get(id(t), t) for t in items] if swap else items
+    if not swap:
+        return items
+    out = [swap.get(id(t), t) for t in items]
+    return out if any(a is not b for a, b in zip(out, items)) else items  # (items itself: nothing listed swaps)
 
 
 def each_gradient_once(pairs: list[tuple[str, Tensor]]) -> list[tuple[str, Tensor]]:
