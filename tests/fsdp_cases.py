@@ -1350,3 +1350,22 @@ def short_meshes_and_stage_ties() -> dict[str, Any]:
     except NotImplementedError as e:
         out["agc cut across stages"] = str(e).split(":")[0]
     return out
+
+
+def fsdp2_post_forward_reshard() -> list[float]:
+    """``reshard_after_forward=2`` on 4 ranks: after a forward without backward (an evaluation one) FSDP2
+    registers DTensors on the 2-rank mesh, without gradient; the reduced gradients are on the sharded
+    parameters. Both the module and its parameter list left them out (14.48 for 15.36, silently)."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    fully_shard(m[0], reshard_after_forward=2)
+    fully_shard(m)
+    torch.manual_seed(100 + dist.get_rank())
+    m(torch.randn(5, 8)).sum().backward()
+    want = reference_norm([p.grad.full_tensor() for p in m.parameters()], 2.0)
+    with torch.no_grad():
+        m(torch.randn(5, 8))
+    assert all(p.grad is None for p in m[0].parameters())  # the post-forward DTensors are registered
+    return [want, dist_clip.get_total_norm(list(m.parameters())).item(), dist_clip.get_total_norm(m).item()]

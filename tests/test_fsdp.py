@@ -227,6 +227,11 @@ def test_fsdp2_accumulation_refuses_unsynced_and_reads_unsharded_modules(run_ran
         assert r["after"] == pytest.approx(r["want"] / 2, rel=1e-5), r
 
 
+def test_fsdp2_post_forward_reshard_counts_the_sharded_gradients(run_ranks) -> None:
+    for want, listed, module in run_ranks(4, cases.fsdp2_post_forward_reshard, timeout_s=90):
+        assert listed == pytest.approx(want, rel=1e-6) and module == pytest.approx(want, rel=1e-6), (want, listed)
+
+
 @pytest.mark.parametrize("use_orig_params", [True, False])
 def test_fsdp1_parameters_changed_after_first_call(run_ranks, use_orig_params: bool) -> None:
     for steps in run_ranks(2, cases.fsdp1_parameters_changed_after_first_call, use_orig_params, timeout_s=90):

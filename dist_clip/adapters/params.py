@@ -177,7 +177,9 @@ def module_parameters(module: nn.Module, remove_duplicate: bool = True) -> list[
     for pg in groups.values():
         fps = pg.fsdp_params
         unsharded = [getattr(fp, "_unsharded_param", None) for fp in fps] if enclosed or not pg.is_sharded else []
-        if enclosed and not any(id(fp.sharded_param) in mine or id(u) in mine for fp, u in zip(fps, unsharded)):
+        if enclosed and not any(id(fp.sharded_param) in mine or id(u) in mine
+                                or id(getattr(fp, "_sharded_post_forward_param", None)) in mine
+                                for fp, u in zip(fps, unsharded)):
             continue  # another model's, or another part of this one
         if not pg.reduce_grads:
             _unsynced(pg, "set_requires_gradient_sync(False)")
@@ -192,6 +194,11 @@ def module_parameters(module: nn.Module, remove_duplicate: bool = True) -> list[
                     if u.grad is not None:
                         _unsynced(pg, "an unsharded parameter holds this rank's own gradient")
                     swap[id(u)] = fp.sharded_param
+                # reshard_after_forward=<int> after a forward without backward registers a DTensor on the
+                # smaller mesh, without gradient: the reduced one is on the sharded parameter (it was left out)
+                post = getattr(fp, "_sharded_post_forward_param", None)
+                if post is not None and post.grad is None:
+                    swap[id(post)] = fp.sharded_param
     return [(n, swap.get(id(q), q)) for n, q in pairs] if swap else pairs
 
 
@@ -334,9 +341,9 @@ def _sharded_stand_ins(items: list[object]) -> list[object]:
             if pg.is_sharded:
                 continue
             for fp in pg.fsdp_params:
-                u = getattr(fp, "_unsharded_param", None)
-                if u is not None and u.grad is None:
-                    swap[id(u)] = fp.sharded_param
+                for u in (getattr(fp, "_unsharded_param", None), getattr(fp, "_sharded_post_forward_param", None)):
+                    if u is not None and u.grad is None:
+                        swap[id(u)] = fp.sharded_param
     if not swap:
         return items
     out = [swap.get(id(t), t) for t in items]
