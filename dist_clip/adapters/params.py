@@ -163,11 +163,7 @@ def module_parameters(module: nn.Module, remove_duplicate: bool = True) -> list[
     enclosed = not isinstance(module, fully_shard.FSDPModule) and bool(pairs)
     if enclosed:
         # Not an FSDP2 module itself: the one managing its parameters may enclose it (a submodule clipped alone).
-        from torch.distributed._composable_state import _module_state_mapping
-
-        for ref in list(_module_state_mapping.values()):
-            state = ref() if callable(ref) else ref  # weak references to the states
-            groups.update((id(pg), pg) for pg in getattr(state, "_fsdp_param_groups", ()))
+        groups.update((id(pg), pg) for pg in _all_fsdp2_param_groups())
     if not groups:
         return pairs
     from torch.distributed.fsdp._fully_shard._fsdp_common import DDPMeshInfo
@@ -288,8 +284,8 @@ def named_grads(target: object) -> list[tuple[str, Tensor]]:
     ):
         if kinds == _PARAMETER:
             grads = list(map(_grad, items))
-            if not all(map(_is_set, grads)) and _listed_unsharded(target, items):
-                return named_grads(_sharded_stand_ins(items))
+            if not all(map(_is_set, grads)) and (swapped := _listed_stand_ins(target, items)) is not None:
+                return named_grads(swapped)
         elif (
             nn.Parameter in kinds
             or not kinds <= _PLAIN_KINDS
@@ -297,8 +293,8 @@ def named_grads(target: object) -> list[tuple[str, Tensor]]:
             or any(map(_is_set, map(_grad, items)))  # a tensor with a .grad is a parameter (is_parameter)
         ):
             grads = [t.grad if is_parameter(t) else t for t in items]
-            if not all(map(_is_set, grads)) and _listed_unsharded(target, items):
-                return named_grads(_sharded_stand_ins(items))
+            if not all(map(_is_set, grads)) and (swapped := _listed_stand_ins(target, items)) is not None:
+                return named_grads(swapped)
         else:
             return [pair for pair in zip(names, items) if pair[1] is not None]  # type: ignore[misc]
         return each_gradient_once([pair for pair in zip(names, grads) if pair[1] is not None])  # type: ignore[misc]
@@ -317,37 +313,37 @@ def named_grads(target: object) -> list[tuple[str, Tensor]]:
     return each_gradient_once(out)
 
 
-def _listed_unsharded(target: object, items: list[object]) -> bool:
-    """Whether a listed target (not a module: its own path swaps) may hold FSDP2 parameters left unsharded:
-    FSDP2 loaded and one of them an FSDP param group's unsharded parameter (see :func:`_sharded_stand_ins`)."""
-    if isinstance(target, (Tensor, nn.Module)) or "torch.distributed.fsdp._fully_shard._fully_shard" not in sys.modules:
-        return False
-    swapped = _sharded_stand_ins(items)
-    return swapped is not items
-
-
-def _sharded_stand_ins(items: list[object]) -> list[object]:
-    """FSDP2 parameters listed while their module is unsharded: ``model.parameters()`` after a forward that had
-    no backward (an evaluation or logging forward: the root keeps its parameters unsharded after forward), or
-    under ``set_reshard_after_backward(False)``, yields the plain unsharded parameters, whose ``.grad`` is None
-    once reduced; the sharded parameter the optimizer steps holds the reduced gradient and stands in for each
-    (they were left out, silently: 0.854 for 1.237), as when the module is the target."""
+def _all_fsdp2_param_groups() -> list[Any]:
+    """Every FSDP2 param group in the process, through torch's registry of composable states."""
     from torch.distributed._composable_state import _module_state_mapping
 
-    swap: dict[int, object] = {}
+    out: list[Any] = []
     for ref in list(_module_state_mapping.values()):
         state = ref() if callable(ref) else ref  # weak references to the states
-        for pg in getattr(state, "_fsdp_param_groups", ()):
-            if pg.is_sharded:
-                continue
-            for fp in pg.fsdp_params:
-                for u in (getattr(fp, "_unsharded_param", None), getattr(fp, "_sharded_post_forward_param", None)):
-                    if u is not None and u.grad is None:
-                        swap[id(u)] = fp.sharded_param
-    if not swap:
-        return items
-    out = [swap.get(id(t), t) for t in items]
-    return out if any(a is not b for a, b in zip(out, items)) else items  # (items itself: nothing listed swaps)
+        out.extend(getattr(state, "_fsdp_param_groups", ()))
+    return out
+
+
+def _listed_stand_ins(target: object, items: list[object]) -> list[object] | None:
+    """``items`` with FSDP2 parameters listed while their module is unsharded replaced; None where a listed
+    target (not a module: its own path swaps) holds none. ``model.parameters()`` after a forward that had no
+    backward (an evaluation or logging forward: the root keeps its parameters unsharded after forward; under
+    ``reshard_after_forward=<int>`` DTensors on the smaller mesh), or under ``set_reshard_after_backward(False)``,
+    yields registered parameters whose ``.grad`` is None once reduced; the sharded parameter the optimizer
+    steps holds the reduced gradient and stands in for each (they were left out, silently: 0.854 for 1.237), as
+    when the module is the target."""
+    if isinstance(target, (Tensor, nn.Module)) or "torch.distributed.fsdp._fully_shard._fully_shard" not in sys.modules:
+        return None
+    swap: dict[int, object] = {}
+    for pg in _all_fsdp2_param_groups():
+        if pg.is_sharded:
+            continue
+        for fp in pg.fsdp_params:
+            for u in (getattr(fp, "_unsharded_param", None), getattr(fp, "_sharded_post_forward_param", None)):
+                if u is not None and u.grad is None:
+                    swap[id(u)] = fp.sharded_param
+    out = [swap.get(id(t), t) for t in items] if swap else items
+    return out if any(a is not b for a, b in zip(out, items)) else None
 
 
 def each_gradient_once(pairs: list[tuple[str, Tensor]]) -> list[tuple[str, Tensor]]:
