@@ -1010,7 +1010,7 @@ def unitwise_measure(target: object, config: AGC, p: float, foreach: bool | None
         pos: list[int] = []
         if u.name in blocks:  # every row cut (tensor parallelism's Shard(1)): vectorised, no per-row Python
             at, first_id = blocks[u.name]
-            in_block[i] = ids.to(device, non_blocking=True) - first_id + at
+            in_block[i] = _reduce.moved(ids, device) - first_id + at
             if contributes:
                 _add_partials_(extra, k, in_block[i], wp, gp, p)
         elif u.split_units:
@@ -1067,7 +1067,7 @@ def unitwise_measure(target: object, config: AGC, p: float, foreach: bool | None
 def _on(device: torch.device, values: list) -> Tensor:
     """A host list as a tensor on ``device``, copied without a host sync (``torch.tensor(..., device=cuda)``
     copies blocking, which CUDA's sync debug mode reports)."""
-    return torch.tensor(values).to(device, non_blocking=True)
+    return _reduce.moved(torch.tensor(values), device)
 
 
 def unitwise_scale_(outcome: UnitwiseOutcome) -> None:

@@ -107,8 +107,7 @@ def _counted_tensors(shards: Sequence[Shards], group: dist.ProcessGroup | None) 
             whole = False
     if len(set(map(id, out))) != len(out):
         # one tensor listed twice counts once, as it is scaled once (it was counted twice: x1.41 on the total)
-        seen: set[int] = set()
-        out = [t for t in out if not (id(t) in seen or seen.add(id(t)))]  # type: ignore[func-returns-value]
+        out = list({id(t): t for t in out}.values())  # (first-listed order)
     return out, whole
 
 

@@ -1311,7 +1311,7 @@ def _per_group(
             "would clip nothing; pass the optimizer that steps these parameters (under DeepSpeed ZeRO-3: "
             "the torch optimizer given to deepspeed.initialize)"
         )
-    index = torch.tensor(groups_of or [-1], dtype=torch.long).to(m.device, non_blocking=True)  # (no host sync)
+    index = _reduce.moved(torch.tensor(groups_of or [-1], dtype=torch.long), m.device)  # (no host sync)
     host = _host_checks(m.device)
     agreed: Tensor | None = None  # off the CPU: whether the checks raising on the CPU pass (else NaN norms)
     if m.extra is not None:  # plan or named pieces: the groups of every rank's slots, combined (on the device)
@@ -1374,7 +1374,7 @@ def _per_group(
     if agreed is not None:
         partials = torch.where(agreed, partials, torch.full_like(partials, math.nan))
     norms = _slots.finalize_norms(partials, p, m.loss_scale).to(out)
-    limit = torch.tensor(limits, dtype=out).to(norms.device, non_blocking=True)  # (no host sync)
+    limit = _reduce.moved(torch.tensor(limits, dtype=out), norms.device)  # (no host sync)
     coef = _scale.clip_coefficient(limit, norms)
     # Parameters outside the optimizer count in the total but keep their gradients (coefficient 1).
     slot_coef = torch.where(index >= 0, coef[index.clamp(min=0)], torch.ones_like(index, dtype=out))
