@@ -482,6 +482,10 @@ def clip_grad_norm_(
         shards = resolve(parameters, _check_group(group))
         fold, optimizer = _deepspeed_fold(parameters, optimizer)
         fused = optimizer is not None and _fused.supports_grad_scale(optimizer)  # type: ignore[arg-type]
+        # A fused optimizer skips a non-finite total whether or not the coefficient is handed over: the reasons
+        # to scale here instead (below) are per rank (FSDP1's padding lies on the last ranks only), and a rank
+        # scaling by a NaN coefficient stepped NaN where the ranks handing over skipped.
+        skips = fused
         # Inside step(closure), or a user's step pre-hook after dist_clip's, the step is under way: a hand-over
         # would reach no step, so scale in place, and a non-finite total skips the step under way (it was taken).
         running = fused and _fused.in_step(optimizer)
@@ -513,15 +517,16 @@ def clip_grad_norm_(
     # applied here in two normal factors (on the CPU, where reading it is free; never handed over: the
     # grad_scale 1 / coef would be imprecise or inf).
     split = _scale.subnormal_split(coef_wide, out)
+    handed = fold is None and fused and split is None
     if fold is not None and split is None:
         fold(coef, everything)
-    elif fused and split is None:
+    elif handed:
         _fused.hand_over_(optimizer, coef, wide, stepped)
     elif split is not None:
         for factor in split:
             _scale.scale_(everything, factor, foreach, groups)
     else:
         _scale.scale_(everything, coef, foreach, groups)
-    if running:
+    if running or (skips and not handed and (wide.device.type != "cpu" or not bool(torch.isfinite(wide)))):
         _fused.arm_skip_(optimizer, torch.logical_not(torch.isfinite(wide)))  # type: ignore[arg-type]
     return total

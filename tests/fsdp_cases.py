@@ -1369,3 +1369,28 @@ def fsdp2_post_forward_reshard() -> list[float]:
         m(torch.randn(5, 8))
     assert all(p.grad is None for p in m[0].parameters())  # the post-forward DTensors are registered
     return [want, dist_clip.get_total_norm(list(m.parameters())).item(), dist_clip.get_total_norm(m).item()]
+
+
+def fsdp1_padded_rank_skips_with_the_others(bad: float) -> dict[str, Any]:
+    """FSDP1 (flat parameters) with a fused AdamW and ``optimizer=``: 43 elements on 2 ranks leave rank 1's shard
+    one element of padding, which its optimizer steps but nobody measured, so that rank scales in the call while
+    rank 0 hands the coefficient over. A non-finite gradient on rank 0 skipped rank 0's step only: rank 1
+    stepped with NaN (its parameters and Adam state NaN for good) or, for inf, with zeroed gradients."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    torch.manual_seed(0)
+    model = FSDP(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)), device_id=torch.device("cpu"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    (flat,) = list(model.parameters())
+    out: dict[str, Any] = {"padded": int(flat._shard_numel_padded)}
+    for step in range(3):
+        opt.zero_grad()
+        model(torch.randn(2, 4, generator=torch.Generator().manual_seed(step + 10 * dist.get_rank()))).sum().backward()
+        if step == 1 and dist.get_rank() == 0:
+            flat.grad.view(-1)[0] = bad
+        total = dist_clip.clip_grad_norm_(model, 1.0, optimizer=opt)
+        before = flat.detach().clone()
+        opt.step()
+        out[f"step {step}"] = (math.isfinite(total.item()), not torch.equal(before, flat.detach()),
+                               bool(flat.detach().isfinite().all()), float(opt.state[flat]["step"]))
+    return out

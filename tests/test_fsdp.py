@@ -299,3 +299,15 @@ def test_short_meshes_and_stage_ties(run_ranks) -> None:
     assert all(r == results[0] for r in results), results
     assert results[0]["agc short mesh"] == "unit-wise clipping of '0'", results[0]
     assert results[0]["agc cut across stages"] == "unit-wise clipping of '0'", results[0]
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_fsdp1_padded_rank_skips_a_non_finite_step_with_the_others(run_ranks, bad: float) -> None:
+    """A rank that cannot hand the coefficient over (its flat shard ends in padding) still skips a non-finite
+    total through found_inf, as the ranks that hand it over do: every rank steps steps 0 and 2 only."""
+    results = run_ranks(2, cases.fsdp1_padded_rank_skips_with_the_others, bad)
+    assert [r["padded"] for r in results] == [0, 1], results  # the layout the case is about
+    for r in results:
+        assert r["step 0"] == (True, True, True, 1.0), r
+        assert r["step 1"] == (False, False, True, 1.0), r
+        assert r["step 2"] == (True, True, True, 2.0), r

@@ -1227,6 +1227,27 @@ def test_float64_gradients_are_scaled_in_the_call_not_handed_over(name):
         assert torch.equal(p.grad, p_ref.grad)
 
 
+@pytest.mark.parametrize("why", ["float64", "gaps", "overlap"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_fused_step_scaled_in_the_call_still_skips_a_non_finite_total(why, bad):
+    """Where the coefficient is not handed over (float64 gradients, a gradient with gaps, two sharing memory) the
+    call scales the gradients itself; a non-finite total skipped nothing there: the fused step ran on NaN (or on
+    gradients zeroed by an inf total), where a hand-over skips it through found_inf."""
+    buf = torch.arange(1.0, 41.0, dtype=torch.float64 if why == "float64" else torch.float32).reshape(4, 10)
+    p, q = nn.Parameter(torch.ones(4, 5, dtype=buf.dtype)), nn.Parameter(torch.ones(4, 5, dtype=buf.dtype))
+    p.grad, q.grad = {"float64": (buf[:, :5].clone(), buf[:, 5:].clone()), "gaps": (buf[:, ::2], buf[:, 1::2]),
+                      "overlap": (buf[:, :5], buf[:, 1:6])}[why]
+    p.grad[0, 0] = bad
+    opt = torch.optim.AdamW([p, q], lr=0.1, fused=True)
+    total = dist_clip.clip_grad_norm_([p, q], 1.0, optimizer=opt)
+    assert not math.isfinite(total.item())
+    assert not hasattr(opt, "grad_scale")  # scaled in the call, not handed over
+    opt.step()
+    assert torch.equal(p.detach(), torch.ones(4, 5, dtype=buf.dtype))
+    assert torch.equal(q.detach(), torch.ones(4, 5, dtype=buf.dtype))
+    assert not opt.state or all(float(s["step"]) == 0 for s in opt.state.values())
+
+
 def test_handed_over_scale_applies_to_exactly_one_step():
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=1.0, fused=True)
@@ -2054,12 +2075,18 @@ def body_gradients_moved_by_their_wrapper() -> list:
 
     rank = dist.get_rank()
     out = []
-    for kind, grad_mode in (("fsdp1", False), ("fsdp1", True), ("ddp_view", True)):
+    # "fsdp1 frozen": a frozen parameter inside the unit (its slice on rank 1): FSDP1 zeroes that slice of the
+    # flat gradient buffer at every forward, and the coefficient was dropped on rank 1 only (stepped unclipped,
+    # with a warning naming a write nobody made), while rank 0 stepped clipped.
+    for kind, grad_mode in (("fsdp1", False), ("fsdp1", True), ("ddp_view", True), ("fsdp1 frozen", False),
+                            ("fsdp1 frozen", True)):
         updates = []
         for handed in (True, False):
             torch.manual_seed(0)
             module = nn.Sequential(nn.Linear(7, 13), nn.Tanh(), nn.Linear(13, 3))
-            model = (FSDP(module, use_orig_params=True, device_id=torch.device("cpu")) if kind == "fsdp1"
+            if kind == "fsdp1 frozen":
+                module[0].bias.requires_grad_(False)
+            model = (FSDP(module, use_orig_params=True, device_id=torch.device("cpu")) if kind != "ddp_view"
                      else DDP(module, gradient_as_bucket_view=True))
             opt = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
             before = [q.detach().clone() for q in model.parameters()]
@@ -2080,7 +2107,7 @@ def body_gradients_moved_by_their_wrapper() -> list:
 
 def test_gradients_moved_by_their_wrapper_keep_the_hand_over(run_ranks):
     for got in run_ranks(2, body_gradients_moved_by_their_wrapper):
-        assert got == [(True, True)] * 3, got
+        assert got == [(True, True)] * 5, got
 
 
 def body_a_dropped_batch_s_coefficient_stays_with_it() -> list:
