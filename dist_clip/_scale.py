@@ -178,6 +178,12 @@ def mul_group_(group: list[Tensor], c: Tensor, foreach: bool | None) -> None:
             else:
                 t.mul_(one if t.dim() else c)  # (a 0-dim tensor with a 0-dim c promotes too; shape () stays ())
         return
+    if c.dtype != dtype and any(t.is_sparse for t in group):
+        # torch's sparse mul casts the coefficient to the sparse dtype first (fp16: 1.1e-8 became 0, the values
+        # zeroed; ordinary ones 1 ulp off): their values are multiplied as a dense tensor is.
+        for t in group:
+            (t._values() if t.is_sparse else t).mul_(c)
+        return
     if fused:
         torch._foreach_mul_(group, c)
     else:

@@ -24,7 +24,7 @@ import hashlib
 import math
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -245,7 +245,13 @@ def _name_clash(name: str) -> ValueError:
 
 def _named_plain(items: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup | None) -> Named:
     """Named pieces of plain tensors/parameters (and DTensor gradients) from a list of (name, tensor)."""
-    from .adapters.params import absent_dtensor_grads, each_gradient_once, gradient_of, refuse_managed, shards_of_grads
+    from .adapters.params import (
+        absent_dtensor_grads,
+        each_gradient_once,
+        gradient_of,
+        refuse_managed,
+        shards_with_stand_ins,
+    )
 
     seen: set[int] = set()
     grads: list[tuple[str, Tensor]] = []
@@ -265,13 +271,10 @@ def _named_plain(items: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup |
         if g is not None:
             grads.append((name, g))
     grads = each_gradient_once(grads)  # [p, p.grad]: one gradient, scaled once
-    out = shards_of_grads(grads, group)
-    if not grads:
-        # No gradient here at all: empty stand-ins join the FSDP2 ranks' collective, not counted (a parameter
-        # without a gradient anywhere stays out of reports).
-        absent = absent_dtensor_grads(list(items))
-        if absent:
-            out += [replace(sh, counted=False) for sh in shards_of_grads(absent, group)]
+    # A gradient None here (all of them, or one set to None on this rank only): empty stand-ins make this rank's
+    # plan the other ranks' (absent_dtensor_grads), not counted.
+    absent = absent_dtensor_grads(list(items)) if len(grads) < len(seen) else []
+    out = shards_with_stand_ins(grads, absent, group)
     return Named(out, tuple(dict.fromkeys(names)), params)
 
 
@@ -433,6 +436,9 @@ class Measurement:
     device: torch.device
     loss_scale: float
     result_dtype: torch.dtype | None = None
+    #: off the CPU, where the settings check makes NaN norms instead of raising: the CPU's check, raising its
+    #: errors (a host read: for the "error" policy, which reads the host anyway)
+    recheck: Callable[[], None] | None = None
 
 
 def counted_pieces(
@@ -548,15 +554,16 @@ REFUSED = (
 
 
 def _layout_check(combined: Tensor, p: float, world: int, n_slots: int, settings: str = "",
-                  named: bool = True) -> Tensor:
+                  named: bool = True, on_host: bool | None = None) -> Tensor:
     """Strip the four check values; every rank had the same digests iff ``S1**2 == n * S2`` for both (SUM: the
-    difference is the sum of squared pairwise differences) or ``max(d) == -max(-d)`` (MAX). On the CPU a mismatch
-    raises on every rank (they all see the same sums); elsewhere the values become NaN, without a host sync."""
+    difference is the sum of squared pairwise differences) or ``max(d) == -max(-d)`` (MAX). On the CPU (or where
+    ``on_host``) a mismatch raises on every rank (they all see the same sums); elsewhere the values become NaN,
+    without a host sync."""
     v = combined[-4:]
     a, b = v[0::2], v[1::2]
     same = ((a == -b) if math.isinf(p) else (a * a == world * b)).all()
     body = combined[:-4]
-    if body.device.type == "cpu":
+    if body.device.type == "cpu" if on_host is None else on_host:
         if not bool(same):  # one host read on the way that passes (a NaN fingerprint is not "same" either)
             if bool(torch.isnan(v).any()):
                 raise RefusedElsewhere(REFUSED)
@@ -689,6 +696,14 @@ def measure(
         parts.append(values.to(device, non_blocking=True))
     buffer = torch.cat(parts) if len(parts) > 1 else vector
     combined = _reduce.all_reduce_partials(buffer, _norm.combine_op(p), red)
+    recheck: Callable[[], None] | None = None
+    if check and combined.device.type != "cpu":
+        raw, world = combined, _reduce.group_size(red)
+
+        def recheck() -> None:  # the CPU's verdict, with its errors (a host read)
+            _layout_check(raw, p, world, n_slots, settings, named=layout is not None,  # type: ignore[arg-type]
+                          on_host=True)
+
     if check:
         try:
             combined = _layout_check(combined, p, _reduce.group_size(red), n_slots,  # type: ignore[arg-type]
@@ -725,6 +740,7 @@ def measure(
         device=device,
         loss_scale=scale,
         result_dtype=result_dtype,
+        recheck=recheck,
     )
 
 
@@ -775,7 +791,7 @@ def scale_slots_(pieces: Sequence[tuple[Tensor, int]], coefs: Tensor, foreach: b
                 torch._foreach_mul_(tensors, scalars)
             else:
                 for t, v in zip(tensors, scalars):
-                    t.mul_(v)
+                    (t._values() if t.is_sparse else t).mul_(v)  # (sparse mul rounds v to t's dtype first)
         return
     by_key: dict[tuple[torch.device, torch.dtype, int], list[Tensor]] = {}
     for t, slot in _scale.writable_pieces(pieces):

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from . import _norm, _reduce, _slots
 from . import clip as _clip
 from .adapters import unwrap_compiled
+from .adapters.params import refuse_managed
 from .shards import Shards, UnitLayout
 
 __all__ = ["AGC", "AutoClip", "ZClip"]
@@ -819,6 +820,10 @@ def unit_pieces(
         if id(param) in seen:  # a tied weight listed twice ({"emb": w, "head": w}): counted and scaled once
             continue
         seen.add(id(param))
+        # A sharding wrapper's parameters reached past it (FSDP1's or fairscale FSDP's parameters(), a container
+        # holding the wrapper): refused as in the other modes (each rank clipped its flat shard as one whole
+        # unit: 1.63 and 4.84 for 5.11).
+        refuse_managed(name, param)
         names.append(name)
         is_dt = type(param).__name__ == "DTensor"
         if is_dt:

@@ -68,7 +68,9 @@ def _check_max_norm(max_norm: object) -> float | Tensor:
         if not max_norm.is_floating_point():
             max_norm = max_norm.to(torch.float32)  # an integer tensor, as torch.nn.utils accepts it
         if max_norm.device.type != "cpu":
-            return max_norm.reshape(())  # validating would be a device sync: trusted as given
+            # Validating would be a device sync: a negative or NaN one makes the coefficient NaN (it flipped the
+            # gradients' signs, silently), on the device.
+            return torch.where(max_norm >= 0, max_norm, math.nan).reshape(())
         value = float(max_norm)
     else:
         value = _norm.as_float("max_norm", max_norm)

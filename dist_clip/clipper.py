@@ -888,6 +888,12 @@ class GradClipper:
             coef, slot_coef, slot_names, limit_out, clipped_anywhere = _per_group(
                 grouping, m, p, torch.float64, fill_only=plan is None)
             limit_out = limit_out.to(out)
+            if not _host_checks(m.device):
+                # A failed group check (NaN group norms off the CPU, where it raises) is a non-finite call: the
+                # total read finite, so "skip" stepped the NaN-scaled gradients, "zero" and "error" did nothing.
+                failed = torch.isnan(coef).any()
+                total = torch.where(failed, torch.full_like(total, math.nan), total)
+                finite = finite & ~failed
         else:
             if self._threshold is not None:
                 thr = self._threshold.threshold(m.total, finite)
@@ -902,6 +908,15 @@ class GradClipper:
 
         policy = _policy(cfg.on_nonfinite, target)
         if policy == "error" and not bool(finite):
+            if m.recheck is not None:
+                # Off the CPU a refusal or a settings mismatch on some rank reads as NaN norms: this policy reads
+                # the host anyway, so it says which (the culprits' all-gather below waited for a refusing rank
+                # that had raised: a hang until the timeout, or a misaligned next call).
+                try:
+                    m.recheck()
+                except _slots.RefusedElsewhere:
+                    self._count_refused_call()
+                    raise
             # The plain pieces may be unnamed (fairscale OSS) or flat (FSDP1 without use_orig_params, fairscale
             # FSDP): name them by the unwrapped model's parameters (no collective) for the message.
             culprits = shards if named is not None else _slots.named_shards(target, group).shards
@@ -1301,10 +1316,10 @@ def _per_group(
 
     ``fill_only`` (named pieces, no plan): the combined memberships are taken only when every holder of every
     slot numbers it alike (they then also place the slots a rank's optimizer left out); otherwise each rank keeps
-    its own numbering. On accelerators a rank whose optimizer holds none of the slots raises alone (the combined
-    test would be a host read)."""
+    its own numbering. A rank whose optimizer holds none of the slots takes the combined groups (it raised alone
+    on accelerators, where the combined test is not read: NaN norms on every rank where no rank lists any)."""
     groups_of, limits, labels = grouping
-    if groups_of and max(groups_of) < 0 and (m.extra is None or (fill_only and m.device.type != "cpu")):
+    if groups_of and max(groups_of) < 0 and m.extra is None:
         # Every rank sees the same names and groups, so every rank raises here: none steps alone.
         raise ValueError(
             "per_group clipping found none of the target's parameters in optimizer.param_groups, so it "
@@ -1356,7 +1371,7 @@ def _per_group(
             alike = consistent & _group_limits_agree(rows, combined, p) & ~stray
             own_ok = _own_groups_agree(rows, p)
             if not host:
-                agreed = alike | own_ok
+                agreed = (alike | own_ok) & (combined >= 0).any()
             elif not bool(alike | own_ok):  # all-reduced: every rank raises alike
                 raise ValueError(
                     "per_group on named pieces: the ranks' optimizers number their param groups differently, so "

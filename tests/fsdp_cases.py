@@ -1394,3 +1394,54 @@ def fsdp1_padded_rank_skips_with_the_others(bad: float) -> dict[str, Any]:
         out[f"step {step}"] = (math.isfinite(total.item()), not torch.equal(before, flat.detach()),
                                bool(flat.detach().isfinite().all()), float(opt.state[flat]["step"]))
     return out
+
+
+def gradients_dropped_on_one_rank(case: str) -> dict[str, Any]:
+    """Rank 0 sets some FSDP2 gradients to None (4 ranks, block 0 on an HSDP 2x2 mesh). "mixed": block 1 on a 1-D
+    world mesh, its gradients dropped on rank 0; "plain": block 1 left unsharded (averaged by hand), block 0's
+    dropped on rank 0. Rank 0 planned from the gradients it held: a collective over its shard group while the
+    others reduced over the world (every rank hung until the timeout), or none at all (rank 0 returned its own
+    total at once, and its next call met the others' current one). Every rank of a reduction now returns the
+    total of the shards left."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    fully_shard(model[0], mesh=mesh((2, 2), ("replicate", "shard")))
+    if case == "mixed":
+        fully_shard(model[2], mesh=mesh((4,)))
+    out: dict[str, Any] = {}
+    rank = dist.get_rank()
+    for call in ("module", "list", "generator", "per_param", "clip"):
+        model.zero_grad()
+        torch.manual_seed(rank)
+        model(torch.randn(4, 5)).pow(2).sum().backward()
+        if case == "plain":
+            for q in model[2].parameters():
+                dist.all_reduce(q.grad)
+                q.grad.div_(4)
+        dropped = model[2] if case == "mixed" else model[0]
+        full = {id(q): (q.grad.full_tensor() if hasattr(q.grad, "full_tensor") else q.grad).double()
+                for q in model.parameters()}
+        mine = torch.tensor([sum(float(q.grad._local_tensor.double().pow(2).sum()) for q in dropped.parameters())],
+                            dtype=torch.float64)
+        dist.broadcast(mine, 0)  # what rank 0 drops
+        everything = sum(float(g.pow(2).sum()) for g in full.values())
+        # "plain": the replicas [0, 1] and [2, 3] each total their own shards (README: HSDP replicas decide apart)
+        left = everything - float(mine) if case == "mixed" or rank in (0, 1) else everything
+        if rank == 0:
+            for q in dropped.parameters():
+                q.grad = None
+        if call == "module":
+            got = dist_clip.get_total_norm(model).item()
+        elif call == "list":
+            got = dist_clip.get_total_norm(list(model.parameters())).item()
+        elif call == "generator":
+            got = dist_clip.get_total_norm(model.parameters()).item()
+        elif call == "per_param":
+            got = dist_clip.GradClipper(max_norm=1e9, mode="per_param")(model, report=True).total_norm.item()
+        else:
+            got = dist_clip.clip_grad_norm_(model, 1e9).item()
+        out[call] = _norm_close(got, math.sqrt(left), RTOL) or (got, math.sqrt(left))
+    # Five calls in a row, each right: none met another's collective.
+    return out

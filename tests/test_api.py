@@ -611,3 +611,24 @@ def test_copies_to_the_host_wait_and_copies_to_accelerators_do_not():
     for dev in ("cpu", torch.device("cpu"), "cuda:0", torch.device("cuda", 1), "meta"):
         _reduce.moved(Probe(), dev)
     assert calls == [("cpu", False), ("cpu", False), ("cuda:0", True), ("cuda:1", True), ("meta", True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["clip_grad_norm_", "per_param"])
+def test_sparse_half_gradients_take_the_unrounded_coefficient(dtype, mode):
+    """torch's sparse mul casts a coefficient to the sparse dtype before multiplying: on the CPU a coefficient of
+    1.1e-8 became 0 in fp16 (every value zeroed) and ordinary ones 1 ulp off. Their values are multiplied as a
+    dense tensor is now: the product in float32, rounded once."""
+    values = torch.tensor([6e4, -6e4, 3e4, 1e3])
+    idx = torch.tensor([[0, 3, 5, 7]])
+    p = nn.Parameter(torch.zeros(8, dtype=dtype))
+    p.grad = torch.sparse_coo_tensor(idx, values.to(dtype), (8,))
+    dense = p.grad.to_dense().clone()
+    want = reference_norm([dense], 2.0)
+    if mode == "clip_grad_norm_":
+        total = dist_clip.clip_grad_norm_([p], 1e-3)
+    else:
+        total = dist_clip.GradClipper(max_norm=1e-3, mode="per_param")({"p": p}).total_norm
+    assert abs(total.item() - want) <= 1e-5 * want
+    coef = torch.tensor(1e-3, dtype=torch.float32) / (total.float() + 1e-6)
+    torch.testing.assert_close(p.grad.to_dense(), (dense.float() * coef).to(dtype), rtol=0, atol=0)

@@ -68,7 +68,7 @@ def test_sdp_forward_without_backward_after_the_backward_is_measured(run_ranks):
 @pytest.mark.parametrize("kind", ["oss_ddp", "fsdp"])
 def test_a_group_short_of_the_wrappers_ranks_or_a_non_root_target_is_refused(run_ranks, kind):
     out = run_ranks(4, fairscale_cases.case_refused_targets, kind, timeout_s=TIMEOUT)
-    assert out == [[True] * (4 if kind == "fsdp" else 2)] * 4, out
+    assert out == [[True] * (6 if kind == "fsdp" else 2)] * 4, out
 
 
 def test_adapter_requires_fairscale_by_name(monkeypatch):
@@ -86,3 +86,8 @@ def test_adapter_requires_fairscale_by_name(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_fairscale)
     with pytest.raises(ImportError, match=r"pip install dist_clip\[fairscale\]"):
         adapter.shards(object(), None)
+
+
+def test_an_expert_over_a_one_rank_group_is_refused(run_ranks):
+    for got in run_ranks(2, fairscale_cases.case_solo_expert_refused):
+        assert got == [True] * 4, got

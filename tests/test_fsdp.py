@@ -311,3 +311,12 @@ def test_fsdp1_padded_rank_skips_a_non_finite_step_with_the_others(run_ranks, ba
         assert r["step 0"] == (True, True, True, 1.0), r
         assert r["step 1"] == (False, False, True, 1.0), r
         assert r["step 2"] == (True, True, True, 2.0), r
+
+
+@pytest.mark.parametrize("case", ["mixed", "plain"])
+def test_gradients_dropped_on_one_rank_keep_the_plan(run_ranks, case: str) -> None:
+    """A rank whose FSDP2 gradients are partly None takes the other ranks' plan (empty stand-ins for the missing
+    ones): every call returns the total of the shards left, and the calls stay paired."""
+    results = run_ranks(4, cases.gradients_dropped_on_one_rank, case, timeout_s=180, pg_timeout_s=30)
+    for r in results:
+        assert {k: v for k, v in r.items() if v is not True} == {}

@@ -592,3 +592,34 @@ def test_unlisted_holders_are_refused_and_clipped_is_everyone_s(run_ranks, offho
     got = run_ranks(2, body_unlisted_holders_and_clipped_everywhere, offhost)
     bad = "nan" if offhost else "refused"
     assert got[0] == got[1] == [bad] * 4 + [(True, 1), True], got
+
+
+def body_a_failed_group_check_off_the_host_is_non_finite() -> list:
+    """Off the CPU a failed per_group check (ranks giving one group different limits) makes the group norms NaN
+    instead of raising; the total read finite, so "skip" stepped the NaN-scaled gradients into the parameters
+    and "zero" left them NaN (simulated here: the checks are told the CPU is not the host)."""
+    from dist_clip import clipper as clipper_module
+
+    rank = dist.get_rank()
+    saved = clipper_module._host_checks
+    clipper_module._host_checks = lambda device: False
+    out: list = []
+    try:
+        for policy in ("skip", "zero"):
+            w = nn.Parameter(torch.ones(2))
+            w.grad = torch.tensor([3.0, 4.0]) * (rank + 1)
+            opt = torch.optim.SGD([{"params": [w], "max_norm": 1.0 + rank}], lr=0.1)
+            r = GradClipper(mode="per_group", on_nonfinite=policy)({"w": w}, optimizer=opt, group=dist.group.WORLD)
+            opt.step()
+            out.append((policy, math.isnan(r.total_norm.item()), bool(r.finite) if hasattr(r, "finite") else None,
+                        w.detach().tolist()))
+    finally:
+        clipper_module._host_checks = saved
+    return out
+
+
+def test_a_failed_group_check_off_the_host_is_a_non_finite_call(run_ranks):
+    for got in run_ranks(2, body_a_failed_group_check_off_the_host_is_non_finite):
+        assert [g[:2] for g in got] == [("skip", True), ("zero", True)], got
+        assert got[0][3] == [1.0, 1.0], got  # skipped: untouched
+        assert got[1][3] == [1.0, 1.0], got  # zeroed gradients: SGD without weight decay moves nothing

@@ -97,14 +97,30 @@ def _oss_shards(optimizers: list[Any], group: dist.ProcessGroup | None) -> list[
     return out
 
 
+def _refuse_solo(module: Any, path: str) -> None:
+    """ValueError for a fairscale FSDP module over a one-rank process group inside a bigger world (an expert
+    wrapped with its own group, fairseq's MoE layout): fairscale never synchronises it, so its parameters are
+    this rank's own, not replicas; taken for replicas (counted by rank 0 only), the other ranks' experts were left
+    out of the total (13.82 for 17.72, silently). fairscale's own clip_grad_norm_ refuses the layout too."""
+    if int(getattr(module, "world_size", 1)) == 1 and dist.get_world_size() > 1:
+        raise ValueError(
+            f"the fairscale FullyShardedDataParallel module {_clean(path) or '(root)'!r} runs over a one-rank "
+            f"process group in a world of {dist.get_world_size()}: its parameters are this rank's own (an "
+            "expert), which dist_clip cannot tell from replicas. Clip the experts' gradients and the rest as "
+            "named pieces (a {name: tensor} mapping with group=, or a ParallelPlan), or wrap them over a group of "
+            "several ranks"
+        )
+
+
 def _fsdp_shards(root: Any, group: dist.ProcessGroup | None) -> list[Shards]:
     fsdp = _loaded(_FSDP)
     names = {id(p): _clean(n) for n, p in root.named_parameters()}
     sharded: dict[int, tuple[dist.ProcessGroup, list[str], list[Tensor]]] = {}
     replicated: list[Tensor] = []
-    for module in root.modules():
+    for path, module in root.named_modules():
         if not isinstance(module, fsdp):
             continue
+        _refuse_solo(module, path)
         for p, pad in zip(module.params, module.numel_padded_per_param):
             if p.grad is None:
                 continue
@@ -239,6 +255,7 @@ def _fsdp_params(root: Any) -> Any:
     for path, module in root.named_modules():
         if not isinstance(module, fsdp):
             continue
+        _refuse_solo(module, path)
         for p, pad in zip(module.params, module.numel_padded_per_param):
             if flat_type is not None and isinstance(p, flat_type):
                 meta_names, shapes, numels = p.metadata()

@@ -29,6 +29,7 @@ __all__ = [
     "refuse_managed",
     "shards",
     "shards_of_grads",
+    "shards_with_stand_ins",
     "split_dtensors",
 ]
 
@@ -256,13 +257,14 @@ def _unsynced(where: object, how: str) -> None:
     )
 
 
-def named_grads(target: object) -> list[tuple[str, Tensor]]:
-    """(name, gradient) pairs of a tensor, an iterable or a module; duplicates (tied weights) once."""
+def named_grads(target: object, params: list[tuple[str, Tensor]] | None = None) -> list[tuple[str, Tensor]]:
+    """(name, gradient) pairs of a tensor, an iterable or a module; duplicates (tied weights) once. ``params``:
+    the module's :func:`module_parameters`, where the caller has them already."""
     if isinstance(target, Tensor):
         names: Sequence[str] = ("0",)
         items: Sequence[object] = (target,)
     elif isinstance(target, nn.Module):
-        pairs = module_parameters(target)
+        pairs = module_parameters(target) if params is None else params
         names, items = (list(x) for x in zip(*pairs)) if pairs else ([], [])
     elif isinstance(target, Mapping):
         raise TypeError(
@@ -438,17 +440,59 @@ def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
         # passed by the caller cannot make replicas distinct, so it is not used.
         check_ddp_synced(target)  # type: ignore[arg-type]
         return shards_of_grads(named_grads(target.module), None)  # type: ignore[union-attr]
-    pairs = named_grads(target)
-    if not pairs and isinstance(target, nn.Module):  # no gradient here at all (never on the hot path)
-        pairs = absent_dtensor_grads(module_parameters(target))
+    if isinstance(target, nn.Module):
+        params = module_parameters(target)
+        pairs = named_grads(target, params)
+        if len(pairs) < len(params):  # some gradient None here (frozen, unused, or set to None on this rank)
+            return shards_with_stand_ins(pairs, absent_dtensor_grads(params), group)
+    elif isinstance(target, Iterable) and not isinstance(target, (Tensor, Mapping, str, bytes)):
+        items = list(target)  # (a generator: read once)
+        pairs = named_grads(items)
+        if len(pairs) < len(items):
+            listed = _listed_stand_ins(items, items) or items  # (FSDP2's unsharded ones: their sharded ones)
+            absent = absent_dtensor_grads([(n, t) for n, t in zip(_positions(len(listed)), listed)
+                                           if isinstance(t, Tensor)])
+            return shards_with_stand_ins(pairs, absent, group)
+    else:
+        pairs = named_grads(target)
     return shards_of_grads(pairs, group)
 
 
+def shards_with_stand_ins(pairs: list[tuple[str, Tensor]], absent: list[tuple[str, Tensor]],
+                          group: dist.ProcessGroup | None) -> list[Shards]:
+    """:func:`shards_of_grads` of the gradients ``pairs`` and the stand-ins ``absent``
+    (:func:`absent_dtensor_grads`) planned together, as the ranks holding those gradients plan them (planned
+    apart, the gradients here could take the plan over their shard group, whose replicas would then be summed
+    twice over the world the stand-ins need); the stand-ins moved into Shards of their own, not counted (a
+    parameter without a gradient anywhere stays out of reports)."""
+    if not absent:
+        return shards_of_grads(pairs, group)
+    out = shards_of_grads(pairs + absent, group)
+    stand_ins = {id(t._local_tensor) for _, t in absent}  # type: ignore[attr-defined]
+    split: list[Shards] = []
+    for sh in out:
+        ins = [i for i, t in enumerate(sh.tensors) if id(t) in stand_ins]
+        if not ins:
+            split.append(sh)
+            continue
+        names = list(sh.names) if sh.names else [""] * len(sh.tensors)
+        keep = [i for i in range(len(sh.tensors)) if i not in set(ins)]
+        for which, counted in ((keep, sh.counted), (ins, False)):
+            if which:
+                split.append(Shards([sh.tensors[i] for i in which], group=sh.group, counted=counted,
+                                    names=[names[i] for i in which] if sh.names else [],
+                                    loss_scale=sh.loss_scale))
+    return split
+
+
 def absent_dtensor_grads(params: Sequence[tuple[str, Tensor]]) -> list[tuple[str, Tensor]]:
-    """A rank holding no gradient of a module's DTensor parameters (FSDP2) must still join the collective the
-    other ranks make over their meshes: empty DTensor stand-ins, laid out as those parameters are, give it
-    the same plan. Nothing for a module without DTensor parameters (checked in C). Called for a rank that
-    holds no gradient at all."""
+    """Empty DTensor stand-ins for the DTensor parameters among ``params`` whose ``.grad`` is None here. Every rank
+    must make the same plan (which meshes, which groups) for one collective: a rank holding no gradient of a
+    module's DTensor parameters (FSDP2), or not all of them (a gradient set to None on one rank, an HSDP
+    layer's dropped beside a layer on another mesh), took another plan than the others (a collective over its
+    shard group alone, or none: every rank hung until the timeout, or one returned its own total and its next
+    call paired with the others' current one). The stand-ins, laid out as those parameters are, hold nothing
+    and count nothing. Nothing for parameters that are all plain (checked in C)."""
     if set(map(type, map(_second, params))) <= _PLAIN_KINDS:
         return []
     from torch.distributed.tensor import DTensor
