@@ -57,6 +57,19 @@ def test_cuda_nan_gives_nan(p):
     assert math.isnan(dist_clip.get_total_norm(grads, p).item())
 
 
+@pytest.mark.parametrize("bad", [-1.0, math.nan])
+def test_a_negative_or_nan_max_norm_on_the_device_gives_nan_not_flipped_signs(bad):
+    """A max_norm tensor on the GPU is not read (a host sync): a negative one flipped the gradients' signs."""
+    g = torch.tensor([3.0, 4.0], device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        total = dist_clip.clip_grad_norm_([g], torch.tensor(bad, device="cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert total.item() == pytest.approx(5.0)
+    assert bool(torch.isnan(g).all())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("p", ORDERS)
 def test_default_path_makes_no_host_sync(dtype, p):
