@@ -713,6 +713,8 @@ def measure(
                 raise
     if error is not None:
         error.dist_clip_joined = True  # type: ignore[union-attr]  # (GradClipper counts the call as joined)
+        # (off the CPU the others read NaN norms and went on, counting the call as a non-finite one)
+        error.dist_clip_others_counted = combined.device.type != "cpu"  # type: ignore[union-attr]
         raise error  # this rank's own reason; the others raise REFUSED (NaN norms on accelerators)
     partials = combined[:n_slots]
     at = n_slots

@@ -862,7 +862,7 @@ class GradClipper:
                                settings=settings)
         except (ValueError, TypeError, RuntimeError) as e:
             if getattr(e, "dist_clip_joined", False) or isinstance(e, _slots.RefusedElsewhere):
-                self._count_refused_call()
+                self._count_refused_call(getattr(e, "dist_clip_others_counted", False))
             raise
         out = m.result_dtype
         assert out is not None
@@ -994,16 +994,22 @@ class GradClipper:
             _slots.measure(shards, None, n, cfg.p, presence=per_name, extra=extra, group=red, layout=names,
                            result_dtype=torch.float32, refused=True, settings=cfg.settings)
         except RuntimeError:
-            pass  # the REFUSED error every other rank raises; the caller raises its own
-        self._count_refused_call()
+            self._count_refused_call()  # the REFUSED error every other rank raises; the caller raises its own
+        else:
+            self._count_refused_call(others_counted=True)  # off the CPU: the others read NaN norms and went on
 
-    def _count_refused_call(self) -> None:
+    def _count_refused_call(self, others_counted: bool = False) -> None:
         """A call refused together still counts as one call of the adaptive threshold on every rank: elsewhere
         than on the CPU the other ranks do not raise, and their threshold takes the call's NaN norm (left out of
         its statistics) and counts it; the count rides in the settings fingerprint, so a refusing rank left one
-        behind made every later call's norms NaN."""
+        behind made every later call's norms NaN. ``others_counted`` (off the CPU, where they went on): ``step``
+        and ``num_nonfinite`` count it too, as theirs did (checkpoints saved on different ranks differed)."""
         if self._threshold is not None:
             self._threshold.count += 1
+        if others_counted:
+            held = self._num_clipped.device if self._num_clipped is not None else torch.device("cpu")
+            no = torch.zeros((), dtype=torch.bool, device=held)
+            self._count(no, no)
 
     def _groups(
         self, named: _slots.Named, optimizer: torch.optim.Optimizer
