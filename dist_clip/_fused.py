@@ -914,7 +914,13 @@ def hand_over_(
     clear_stale(optimizer)
     scale = torch.reciprocal(coef.to(torch.float32))  # the kernels divide: 1/1 == 1 keeps an unclipped step exact
     found = torch.logical_not(torch.isfinite(total)).to(torch.float32)
-    _stash(optimizer, scale, found, coef, grads if grads is not None else gradients(optimizer))
+    grads = grads if grads is not None else gradients(optimizer)
+    armed = optimizer.__dict__.get(_SKIP)
+    if armed is not None and not same_state(armed[1], (grads, version_list(grads))):
+        # A skip armed on gradients replaced or rewritten since (a dropped batch's NaN, clipped in place): not this
+        # step's, as a hand-over's own flag is replaced by the next hand-over (it skipped the next good step).
+        del optimizer.__dict__[_SKIP]
+    _stash(optimizer, scale, found, coef, grads)
     _WAITING.add(optimizer)
 
 

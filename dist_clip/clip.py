@@ -520,6 +520,9 @@ def clip_grad_norm_(
     # grad_scale 1 / coef would be imprecise or inf).
     split = _scale.subnormal_split(coef_wide, out)
     handed = fold is None and fused and split is None
+    # (before scaling: a skip armed by an earlier call on these very gradients, a clip of another part of the
+    # model, is combined with, not replaced by, this call's flag; see _fused.arm_skip_)
+    started = _fused.grad_state(optimizer) if skips and not handed and not running else None  # type: ignore[arg-type]
     if fold is not None and split is None:
         fold(coef, everything)
     elif handed:
@@ -529,6 +532,8 @@ def clip_grad_norm_(
             _scale.scale_(everything, factor, foreach, groups)
     else:
         _scale.scale_(everything, coef, foreach, groups)
-    if running or (skips and not handed and (wide.device.type != "cpu" or not bool(torch.isfinite(wide)))):
-        _fused.arm_skip_(optimizer, torch.logical_not(torch.isfinite(wide)))  # type: ignore[arg-type]
+    if running or (skips and not handed):
+        # Armed for a finite total too: its False replaces a stale flag of gradients since replaced (a dropped
+        # batch's NaN skipped the next good step where the ranks handing over stepped it).
+        _fused.arm_skip_(optimizer, torch.logical_not(torch.isfinite(wide)), started)  # type: ignore[arg-type]
     return total

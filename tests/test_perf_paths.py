@@ -1248,6 +1248,58 @@ def test_a_fused_step_scaled_in_the_call_still_skips_a_non_finite_total(why, bad
     assert not opt.state or all(float(s["step"]) == 0 for s in opt.state.values())
 
 
+@pytest.mark.parametrize("first", ["float64", "halves"])
+@pytest.mark.parametrize("second", ["same", "whole"])
+def test_a_dropped_batch_s_skip_does_not_reach_the_next_good_step(first, second):
+    """A non-finite batch clipped in the call (float64 gradients; or two halves, whose measured gradients are not
+    all the optimizer steps) and dropped without step(): its armed skip reached the next batch's finite step,
+    skipped where the loop without optimizer= steps (and where a rank handing over stepped it: FSDP1's padded
+    rank fell out of step with the others), whether that batch is clipped in the call again or handed over."""
+    torch.manual_seed(0)
+    dtype = torch.float64 if first == "float64" else torch.float32
+    m = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(dtype)
+    opt = torch.optim.AdamW(m.parameters(), lr=0.1, fused=True)
+
+    def clip() -> None:
+        if first == "halves" and second == "same":
+            dist_clip.clip_grad_norm_(m[0], 1.0, optimizer=opt)
+            dist_clip.clip_grad_norm_(m[2], 1.0, optimizer=opt)
+        else:
+            dist_clip.clip_grad_norm_(m, 1.0, optimizer=opt)
+
+    m(torch.randn(2, 4, dtype=dtype)).sum().backward()
+    m[0].weight.grad[0, 0] = float("nan")
+    if first == "halves":
+        dist_clip.clip_grad_norm_(m[0], 1.0, optimizer=opt)
+        dist_clip.clip_grad_norm_(m[2], 1.0, optimizer=opt)
+    else:
+        dist_clip.clip_grad_norm_(m, 1.0, optimizer=opt)
+    opt.zero_grad()  # the batch is dropped
+    m(torch.randn(2, 4, dtype=dtype)).sum().backward()
+    clip()
+    before = m[0].weight.detach().clone()
+    opt.step()
+    assert not torch.equal(before, m[0].weight.detach())
+    assert bool(m[0].weight.isfinite().all())
+
+
+@pytest.mark.parametrize("second_handed", [False, True])
+def test_clipping_two_parts_keeps_the_first_part_s_skip(second_handed):
+    """Two calls clipping two parts of the model for one fused step: the first part's NaN arms a skip, and the
+    second call's finite flag must combine with it, not replace it (on accelerators the second call armed after
+    scaling its part, which looked like new gradients: its False replaced the first's True, a NaN step)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    opt = torch.optim.AdamW(m.parameters(), lr=0.1, fused=True)
+    m(torch.randn(2, 4)).sum().backward()
+    m[0].weight.grad[0, 0] = float("nan")
+    dist_clip.clip_grad_norm_(m[0], 1.0, optimizer=opt)
+    dist_clip.clip_grad_norm_(m if second_handed else m[2], 1.0, optimizer=opt)
+    before = [q.detach().clone() for q in m.parameters()]
+    opt.step()
+    assert all(torch.equal(b, q.detach()) for b, q in zip(before, m.parameters()))
+
+
 def test_handed_over_scale_applies_to_exactly_one_step():
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=1.0, fused=True)
