@@ -249,10 +249,12 @@ def _named_plain(items: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup |
         absent_dtensor_grads,
         each_gradient_once,
         gradient_of,
+        listed_stand_ins,
         refuse_managed,
         shards_with_stand_ins,
     )
 
+    items = listed_stand_ins(items)
     seen: set[int] = set()
     grads: list[tuple[str, Tensor]] = []
     params: dict[str, Tensor] = {}
@@ -273,7 +275,7 @@ def _named_plain(items: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup |
     grads = each_gradient_once(grads)  # [p, p.grad]: one gradient, scaled once
     # A gradient None here (all of them, or one set to None on this rank only): empty stand-ins make this rank's
     # plan the other ranks' (absent_dtensor_grads), not counted.
-    absent = absent_dtensor_grads(list(items)) if len(grads) < len(seen) else []
+    absent = absent_dtensor_grads(list(items), alone=not grads) if len(grads) < len(seen) else []
     out = shards_with_stand_ins(grads, absent, group)
     return Named(out, tuple(dict.fromkeys(names)), params)
 

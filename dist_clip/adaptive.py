@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from . import _norm, _reduce, _slots
 from . import clip as _clip
 from .adapters import unwrap_compiled
-from .adapters.params import refuse_managed
+from .adapters.params import listed_stand_ins, refuse_managed
 from .shards import Shards, UnitLayout
 
 __all__ = ["AGC", "AutoClip", "ZClip"]
@@ -789,11 +789,11 @@ def unit_pieces(
         if not all(isinstance(k, str) for k in target):  # (as the other modes: the report's keys are names)
             bad = next(k for k in target if not isinstance(k, str))
             raise TypeError(f"a mapping target needs str keys (parameter names), got {type(bad).__name__} {bad!r}")
-        items = [(k, target[k]) for k in sorted(target)]
+        items = list(listed_stand_ins([(k, target[k]) for k in sorted(target)]))
     elif isinstance(target, Tensor):
         items = [("0", target)]
     elif isinstance(target, Iterable) and not isinstance(target, (str, bytes)):
-        items = [(str(i), t) for i, t in enumerate(target)]
+        items = list(listed_stand_ins([(str(i), t) for i, t in enumerate(target)]))
     else:
         raise TypeError(
             "unit-wise clipping needs parameters: a module, a tensor, an iterable of tensors or a mapping of names "

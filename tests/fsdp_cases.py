@@ -1445,3 +1445,47 @@ def gradients_dropped_on_one_rank(case: str) -> dict[str, Any]:
         out[call] = _norm_close(got, math.sqrt(left), RTOL) or (got, math.sqrt(left))
     # Five calls in a row, each right: none met another's collective.
     return out
+
+
+def stand_ins_keep_dtype_warning_and_lists() -> dict[str, Any]:
+    """Three things around the empty stand-ins for None FSDP2 gradients: an unused float64 layer made the result
+    float64 where every gradient was float32; a list of parameters without any gradient (sync off, or before the
+    backward) lost the empty-target warning; and after an evaluation forward (the root stays unsharded) the
+    named modes on a list left out the root's parameters (1.95 for 3.27), as the total did not."""
+    import warnings
+
+    from torch.distributed.fsdp import fully_shard
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.unused = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4).double()
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.b(torch.tanh(self.a(x)))
+
+    out: dict[str, Any] = {}
+    torch.manual_seed(0)
+    model = Net()
+    for sub in (model.a, model.unused, model):
+        fully_shard(sub, mesh=mesh((dist.get_world_size(),)))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out["no grads warns"] = (dist_clip.get_total_norm(list(model.parameters())).item(),
+                                 any("holds no gradients" in str(w.message) for w in seen))
+    torch.manual_seed(dist.get_rank())
+    x = torch.randn(3, 4)
+    model(x).pow(2).sum().backward()
+    out["dtype"] = str(dist_clip.get_total_norm(model).dtype)
+    want = reference_norm([q.grad.full_tensor() for q in model.parameters() if q.grad is not None], 2.0)
+    with torch.no_grad():
+        model(x)  # an evaluation forward: the root's parameters stay unsharded
+    got = {
+        "total": dist_clip.get_total_norm(list(model.parameters())).item(),
+        "report": dist_clip.GradClipper(max_norm=1e9)(list(model.parameters()), report=True).total_norm.item(),
+        "per_param": dist_clip.GradClipper(max_norm=1e9, mode="per_param")(model.parameters()).total_norm.item(),
+        "unitwise": dist_clip.GradClipper(mode="unitwise", agc=dist_clip.AGC(clipping=1e9))(
+            list(model.parameters())).total_norm.item(),
+    }
+    out["after eval"] = {k: _norm_close(v, want, RTOL) or (v, want) for k, v in got.items()}
+    return out

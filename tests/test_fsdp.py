@@ -320,3 +320,10 @@ def test_gradients_dropped_on_one_rank_keep_the_plan(run_ranks, case: str) -> No
     results = run_ranks(4, cases.gradients_dropped_on_one_rank, case, timeout_s=180, pg_timeout_s=30)
     for r in results:
         assert {k: v for k, v in r.items() if v is not True} == {}
+
+
+def test_stand_ins_keep_the_dtype_the_warning_and_listed_parameters(run_ranks) -> None:
+    for r in run_ranks(2, cases.stand_ins_keep_dtype_warning_and_lists):
+        assert r["no grads warns"] == (0.0, True), r
+        assert r["dtype"] == "torch.float32", r
+        assert r["after eval"] == {"total": True, "report": True, "per_param": True, "unitwise": True}, r

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
@@ -24,6 +25,7 @@ __all__ = [
     "absent_dtensor_grads",
     "gradient_of",
     "is_parameter",
+    "listed_stand_ins",
     "matches",
     "named_grads",
     "refuse_managed",
@@ -348,6 +350,19 @@ def _listed_stand_ins(target: object, items: list[object]) -> list[object] | Non
     return out if any(a is not b for a, b in zip(out, items)) else None
 
 
+def listed_stand_ins(items: Sequence[tuple[str, Tensor]]) -> Sequence[tuple[str, Tensor]]:
+    """(name, tensor) pairs of a listed or mapped target with :func:`_listed_stand_ins` applied: the named
+    modes (per-parameter, per-group, unit-wise, reports) left out the FSDP2 parameters a list yields while their
+    module is unsharded (1.95 for 3.27 after an evaluation forward), as the total does not. Only where some
+    listed parameter has no gradient."""
+    if "torch.distributed.fsdp._fully_shard._fully_shard" not in sys.modules or all(
+        getattr(t, "grad", None) is not None or not isinstance(t, nn.Parameter) for _, t in items
+    ):
+        return items
+    swapped = _listed_stand_ins(items, [t for _, t in items])
+    return items if swapped is None else [(n, t) for (n, _), t in zip(items, swapped)]  # type: ignore[misc]
+
+
 def each_gradient_once(pairs: list[tuple[str, Tensor]]) -> list[tuple[str, Tensor]]:
     """Each gradient once: a parameter listed beside its own ``.grad`` ([p, p.grad]), or two parameters given one
     gradient tensor, counted it twice in the norm while the scaling touched it once (set-based)."""
@@ -444,14 +459,16 @@ def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
         params = module_parameters(target)
         pairs = named_grads(target, params)
         if len(pairs) < len(params):  # some gradient None here (frozen, unused, or set to None on this rank)
-            return shards_with_stand_ins(pairs, absent_dtensor_grads(params), group)
+            return shards_with_stand_ins(pairs, absent_dtensor_grads(params, alone=not pairs), group)
     elif isinstance(target, Iterable) and not isinstance(target, (Tensor, Mapping, str, bytes)):
         items = list(target)  # (a generator: read once)
         pairs = named_grads(items)
-        if len(pairs) < len(items):
+        if pairs and len(pairs) < len(items):
+            # (a list whose gradients are all None here, before a backward or under FSDP2's sync off, keeps the
+            # empty-target warning: its total reads 0)
             listed = _listed_stand_ins(items, items) or items  # (FSDP2's unsharded ones: their sharded ones)
             absent = absent_dtensor_grads([(n, t) for n, t in zip(_positions(len(listed)), listed)
-                                           if isinstance(t, Tensor)])
+                                           if isinstance(t, Tensor)], alone=False)
             return shards_with_stand_ins(pairs, absent, group)
     else:
         pairs = named_grads(target)
@@ -485,20 +502,25 @@ def shards_with_stand_ins(pairs: list[tuple[str, Tensor]], absent: list[tuple[st
     return split
 
 
-def absent_dtensor_grads(params: Sequence[tuple[str, Tensor]]) -> list[tuple[str, Tensor]]:
+def absent_dtensor_grads(params: Sequence[tuple[str, Tensor]], alone: bool = True) -> list[tuple[str, Tensor]]:
     """Empty DTensor stand-ins for the DTensor parameters among ``params`` whose ``.grad`` is None here. Every rank
     must make the same plan (which meshes, which groups) for one collective: a rank holding no gradient of a
     module's DTensor parameters (FSDP2), or not all of them (a gradient set to None on one rank, an HSDP
     layer's dropped beside a layer on another mesh), took another plan than the others (a collective over its
     shard group alone, or none: every rank hung until the timeout, or one returned its own total and its next
     call paired with the others' current one). The stand-ins, laid out as those parameters are, hold nothing
-    and count nothing. Nothing for parameters that are all plain (checked in C)."""
+    and count nothing. Nothing for parameters that are all plain (checked in C). ``alone``: this rank holds no
+    gradient at all, so the stand-ins take their parameters' dtypes (the result's dtype follows them on NCCL, as
+    the other ranks' does); beside gradients float64 ones are float32 (an unused float64 layer made the result
+    float64 where every gradient was float32)."""
     if set(map(type, map(_second, params))) <= _PLAIN_KINDS:
         return []
     from torch.distributed.tensor import DTensor
 
-    return [
-        (name, DTensor.from_local(p._local_tensor.new_empty(0), p.device_mesh, p.placements, run_check=False))
-        for name, p in params
-        if p.grad is None and p.requires_grad and _is_dtensor(p)
-    ]
+    def empty(p: Tensor) -> Tensor:
+        local = p._local_tensor  # type: ignore[attr-defined]
+        dtype = local.dtype if alone or local.dtype != torch.float64 else torch.float32
+        return DTensor.from_local(local.new_empty(0, dtype=dtype), p.device_mesh,  # type: ignore[attr-defined]
+                                  p.placements, run_check=False)  # type: ignore[attr-defined]
+
+    return [(name, empty(p)) for name, p in params if p.grad is None and p.requires_grad and _is_dtensor(p)]
