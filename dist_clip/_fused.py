@@ -512,7 +512,7 @@ def settle(tensors: Sequence[Tensor]) -> None:
             optimizer.__dict__[_SAVED] = (*saved[:3], None)
 
 
-def _verdict(held: list[Tensor], versions: list[Any], grads: list[Tensor], raw: list[int | None] | None = None,
+def _verdict(held: list[Tensor], versions: list[Any], grads: list[Tensor], raw: list[int] | None = None,
              optimizer: torch.optim.Optimizer | None = None) -> tuple[str, list[Tensor]]:
     """What became of the gradients ``held`` a coefficient was measured on, now that the optimizer steps
     ``grads``, and which of them take the coefficient in place if the step's ``grad_scale`` cannot:
@@ -562,12 +562,11 @@ def _verdict(held: list[Tensor], versions: list[Any], grads: list[Tensor], raw: 
     return ("replaced" if new and gone else "kept"), kept
 
 
-def _moved(held: list[Tensor], versions: list[Any], raw: list[int | None], new: list[Tensor], stepped: set[int],
+def _moved(held: list[Tensor], versions: list[Any], raw: list[int], new: list[Tensor], stepped: set[int],
            optimizer: torch.optim.Optimizer) -> dict[int, Tensor] | None:
     """Which measured gradients a wrapper moved to the new tensors ``new`` the optimizer steps, without changing
     them: the same bytes viewed anew (FSDP1 ``use_orig_params``, at every forward; the held view keeps those
-    bytes alive, so equal addresses are the same memory) whose buffer's version is the one recorded (FSDP1's
-    flat gradient buffer: the very object, see :func:`_stash`), or a
+    bytes alive, so equal addresses are the same memory) whose buffer's version is the one recorded, or a
     parameter's gradient copied elsewhere (DDP's bucket rebuild) with no backward into it since (its count,
     :func:`_write_cell`). None where one was moved and written since. Walked only when gradients were replaced."""
     gone = {id(a) for a in held} - stepped  # measured gradients no longer stepped
@@ -582,7 +581,7 @@ def _moved(held: list[Tensor], versions: list[Any], raw: list[int | None], new: 
             # bytes under another buffer object (FSDP1 re-aliases its sharded gradient through .data for a
             # backward, with a fresh version counter that matched the recorded one by chance) were written: a
             # stale coefficient met a new batch.
-            if _root(g) is not _root(held[i]) or (raw[i] is not None and _version(g) != raw[i]):
+            if _root(g) is not _root(held[i]) or _version(g) != raw[i]:
                 return None
             out[id(held[i])] = g
             continue
@@ -929,19 +928,12 @@ def _stash(
 ) -> None:
     """What the next step applies (``scale``, ``found``), the coefficient settle() would apply instead (None once
     applied), and the gradients it was measured on with their versions (see :func:`_verdict`)."""
-    raw: list[int | None] = list(version_list(grads))
+    raw = version_list(grads)
     versions: list[Any] = list(raw)
     if coef is not None and any(map(Tensor._is_view, grads)):
         params = _params_by_grad(optimizer)
         for i, g in enumerate(grads):
             p = params.get(id(g))
-            if g._is_view() and p is not None and getattr(p, "_fsdp_flattened", False):
-                # FSDP1's original parameters (use_orig_params): at every forward FSDP1 zeroes, in their flat
-                # gradient buffer, the slices of the parameters whose .grad is None (frozen ones, unused ones),
-                # bumping the buffer's version though the measured bytes are untouched (the coefficient was
-                # dropped on the ranks holding such a slice only). The buffer is checked by identity: a backward
-                # into it makes a new one (as views are checked in place: _unwritten).
-                raw[i] = None
             # (not FSDP1's original parameters: autograd accumulates into their flat parameter, so a count of
             # theirs never moved, and a new batch's gradients passed for the measured ones moved: 4000x too small)
             if (g._is_view() and p is not None and type(p) in _PLAIN_PARAMS and p.requires_grad

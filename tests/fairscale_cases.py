@@ -376,4 +376,9 @@ def case_solo_expert_refused() -> list:
                      lambda: dist_clip.GradClipper(mode="per_param")(root),
                      lambda: dist_clip.GradClipper(mode="unitwise", agc=dist_clip.AGC())(root)):
             out.append(outcome(call, ValueError, lambda msg: "one-rank process group" in msg))
+        # A root over a one-rank group (each rank its own model) is valid: measured on its own rank.
+        own = FSDP(torch.nn.Linear(6, 3), process_group=solo, compute_device=torch.device("cpu"))
+        own(torch.randn(4, 6)).pow(2).sum().backward()
+        want = float(torch.linalg.vector_norm(own.params[0].grad.double()))
+        out.append(abs(dist_clip.get_total_norm(own).item() - want) <= 1e-6 * want)
     return out

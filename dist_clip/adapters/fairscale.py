@@ -97,12 +97,14 @@ def _oss_shards(optimizers: list[Any], group: dist.ProcessGroup | None) -> list[
     return out
 
 
-def _refuse_solo(module: Any, path: str) -> None:
+def _refuse_solo(module: Any, path: str, root: Any) -> None:
     """ValueError for a fairscale FSDP module over a one-rank process group inside a bigger world (an expert
     wrapped with its own group, fairseq's MoE layout): fairscale never synchronises it, so its parameters are
     this rank's own, not replicas; taken for replicas (counted by rank 0 only), the other ranks' experts were left
     out of the total (13.82 for 17.72, silently). fairscale's own clip_grad_norm_ refuses the layout too."""
-    if int(getattr(module, "world_size", 1)) == 1 and dist.get_world_size() > 1:
+    # (a root over a one-rank group, each rank training its own model, is measured on its own rank, as
+    # fairscale's own clip does)
+    if module is not root and int(getattr(module, "world_size", 1)) == 1 and int(getattr(root, "world_size", 1)) > 1:
         raise ValueError(
             f"the fairscale FullyShardedDataParallel module {_clean(path) or '(root)'!r} runs over a one-rank "
             f"process group in a world of {dist.get_world_size()}: its parameters are this rank's own (an "
@@ -120,7 +122,7 @@ def _fsdp_shards(root: Any, group: dist.ProcessGroup | None) -> list[Shards]:
     for path, module in root.named_modules():
         if not isinstance(module, fsdp):
             continue
-        _refuse_solo(module, path)
+        _refuse_solo(module, path, root)
         for p, pad in zip(module.params, module.numel_padded_per_param):
             if p.grad is None:
                 continue
@@ -255,7 +257,7 @@ def _fsdp_params(root: Any) -> Any:
     for path, module in root.named_modules():
         if not isinstance(module, fsdp):
             continue
-        _refuse_solo(module, path)
+        _refuse_solo(module, path, root)
         for p, pad in zip(module.params, module.numel_padded_per_param):
             if flat_type is not None and isinstance(p, flat_type):
                 meta_names, shapes, numels = p.metadata()

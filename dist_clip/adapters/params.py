@@ -493,7 +493,8 @@ def shards_with_stand_ins(pairs: list[tuple[str, Tensor]], absent: list[tuple[st
             split.append(sh)
             continue
         names = list(sh.names) if sh.names else [""] * len(sh.tensors)
-        keep = [i for i in range(len(sh.tensors)) if i not in set(ins)]
+        standing = set(ins)
+        keep = [i for i in range(len(sh.tensors)) if i not in standing]
         for which, counted in ((keep, sh.counted), (ins, False)):
             if which:
                 split.append(Shards([sh.tensors[i] for i in which], group=sh.group, counted=counted,
