@@ -236,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         info = bootstrap.init_distributed(cfg.backend, need_group=cfg.wrapper != "none")
+    except ValueError as e:  # torch's rendezvous on a half-set or bad MASTER_PORT: every rank sees it alike
+        return _fail(f"config error: rendezvous environment: {e}", 2)
     except RuntimeError as e:  # e.g. MASTER_PORT taken: this rank cannot join, the others would wait 30 minutes
         world = _running_mpi_world()
         if world is None:

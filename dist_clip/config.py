@@ -346,7 +346,8 @@ def _yaml_loader(yaml: Any) -> type:
                     raise yaml.constructor.ConstructorError(
                         None, None, f"key {key!r} given twice in one mapping", key_node.start_mark
                     )
-                seen.add(key)
+                if isinstance(key, str):  # (a list or mapping key is unhashable: PyYAML's own error says so)
+                    seen.add(key)
             return super().construct_mapping(node, deep=deep)
 
     bool_tag = "tag:yaml.org,2002:bool"
@@ -446,6 +447,8 @@ def load_config(path: str | os.PathLike[str]) -> TrainConfig:
         raise ConfigError(source, "", "no such file") from None
     except OSError as e:
         raise ConfigError(source, "", f"cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(source, "", f"not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
         import yaml
     except ImportError:

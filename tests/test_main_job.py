@@ -134,10 +134,17 @@ def test_bad_config_is_one_line_naming_the_field(tmp_path, capsys, text, field, 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("text,why", [("steps: [\n", "invalid YAML: line 2"), ("- a\n", "expected a mapping"),
                                       ("steps: 3\nclip: {max_norm: 1, max_norm: 2}\n",  # the last one won silently
-                                       "invalid YAML: line 2, column 21: key 'max_norm' given twice")])
+                                       "invalid YAML: line 2, column 21: key 'max_norm' given twice"),
+                                      # (a traceback, exit 1: the duplicate check hashed every key)
+                                      ("? [steps, 3]\n: 1\n", "found unhashable key"),
+                                      # (named no file: the decode error reached the generic handler)
+                                      ("steps: 3\n".encode("utf-16"), "not UTF-8 text")])
 def test_unparsable_config_is_one_line(tmp_path, capsys, text, why):
     path = tmp_path / "bad.yaml"
-    path.write_text(text)
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
     assert cli.main(["check", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"config error: {path}: ") and why in err, err
