@@ -170,19 +170,17 @@ def mul_group_(group: list[Tensor], c: Tensor, foreach: bool | None) -> None:
         return
     device, dtype = group[0].device, group[0].dtype
     fused = resolve_foreach(foreach, device, group)  # (foreach=True where there are no such kernels raises)
-    if device.type != "cpu" and c.dtype != dtype:
-        one = c.reshape(1)
+    on_device = device.type != "cpu"
+    # On the CPU only sparse tensors need this: torch's sparse mul casts the coefficient to the sparse dtype first
+    # (fp16: 1.1e-8 became 0, the values zeroed; ordinary ones 1 ulp off): their values are multiplied as a dense
+    # tensor is.
+    if c.dtype != dtype and (on_device or any(t.is_sparse for t in group)):
+        one = c.reshape(1) if on_device else c
         for t in group:
             if t.is_sparse:  # (a dense operand of another dtype is refused by sparse mul: the values)
                 t._values().mul_(one)
             else:
                 t.mul_(one if t.dim() else c)  # (a 0-dim tensor with a 0-dim c promotes too; shape () stays ())
-        return
-    if c.dtype != dtype and any(t.is_sparse for t in group):
-        # torch's sparse mul casts the coefficient to the sparse dtype first (fp16: 1.1e-8 became 0, the values
-        # zeroed; ordinary ones 1 ulp off): their values are multiplied as a dense tensor is.
-        for t in group:
-            (t._values() if t.is_sparse else t).mul_(c)
         return
     if fused:
         torch._foreach_mul_(group, c)

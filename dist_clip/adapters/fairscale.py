@@ -98,16 +98,17 @@ def _oss_shards(optimizers: list[Any], group: dist.ProcessGroup | None) -> list[
 
 
 def _refuse_solo(module: Any, path: str, root: Any) -> None:
-    """ValueError for a fairscale FSDP module over a one-rank process group inside a bigger world (an expert
-    wrapped with its own group, fairseq's MoE layout): fairscale never synchronises it, so its parameters are
-    this rank's own, not replicas; taken for replicas (counted by rank 0 only), the other ranks' experts were left
-    out of the total (13.82 for 17.72, silently). fairscale's own clip_grad_norm_ refuses the layout too."""
-    # (a root over a one-rank group, each rank training its own model, is measured on its own rank, as
-    # fairscale's own clip does)
-    if module is not root and int(getattr(module, "world_size", 1)) == 1 and int(getattr(root, "world_size", 1)) > 1:
+    """ValueError for a fairscale FSDP module over a one-rank process group under a root over several ranks (an
+    expert wrapped with its own group, fairseq's MoE layout): fairscale never synchronises it, so its parameters
+    are this rank's own, not replicas; taken for replicas (counted by rank 0 only), the other ranks' experts were
+    left out of the total (13.82 for 17.72, silently). fairscale's own clip_grad_norm_ refuses the layout too. A
+    root over a one-rank group (each rank training its own model) is measured on its own rank, as fairscale's
+    own clip does."""
+    ranks = int(getattr(root, "world_size", 1))
+    if module is not root and int(getattr(module, "world_size", 1)) == 1 and ranks > 1:
         raise ValueError(
-            f"the fairscale FullyShardedDataParallel module {_clean(path) or '(root)'!r} runs over a one-rank "
-            f"process group in a world of {dist.get_world_size()}: its parameters are this rank's own (an "
+            f"the fairscale FullyShardedDataParallel module {_clean(path)!r} runs over a one-rank process group "
+            f"under a root over {ranks} ranks: its parameters are this rank's own (an "
             "expert), which dist_clip cannot tell from replicas. Clip the experts' gradients and the rest as "
             "named pieces (a {name: tensor} mapping with group=, or a ParallelPlan), or wrap them over a group of "
             "several ranks"
