@@ -31,7 +31,7 @@ from dist_clip import _native
 from dist_clip.clip import local_total_partial
 from dist_clip.testing import reference_norm
 
-from .common import check_clipped, check_norm, fail_on, table
+from .common import check_clipped, check_norm, device_reference_norm, fail_on, table
 
 #: Target ratios (ours / torch) from the performance issue, by norm order, for fp32.
 TARGET_CLIP = {2.0: 1.0, math.inf: 0.3}
@@ -100,11 +100,18 @@ def check_clip(
     reference's clip. Problems, or an empty list."""
     if restore is not None:
         restore()
-    want = reference_norm(saved, p)
+    want = _reference(saved, p)
     total = dist_clip.clip_grad_norm_(ps, max_norm, p)
     return check_norm(row, total, want, p, saved[0].dtype) + check_clipped(
         row, [q.grad for q in ps], saved, want, max_norm
     )
+
+
+def _reference(grads: Sequence[torch.Tensor], p: float) -> float:
+    """The float64 reference: on the host for CPU gradients, on their device otherwise (same definition)."""
+    if grads and grads[0].device.type != "cpu":
+        return device_reference_norm(grads, p)
+    return reference_norm(grads, p)
 
 
 _SCRATCH: list[torch.Tensor] = []
@@ -214,7 +221,7 @@ def bench_orders(quick: bool, device: str = "cpu", problems: list[str] | None = 
             restore = partial(_restore, grads, saved, device == "cpu")
 
             for p in orders:
-                want = reference_norm(grads, p)
+                want = _reference(grads, p)
                 torch_total = torch.nn.utils.get_total_norm(grads, p, foreach=True).item()
                 ours_total = dist_clip.get_total_norm(ps, p)
                 for clipping in (True, False):
@@ -284,20 +291,21 @@ def bench_bandwidth(quick: bool, problems: list[str] | None = None) -> str:
     return table(headers, rows)
 
 
-def bench_small(quick: bool, problems: list[str] | None = None) -> str:
+def bench_small(quick: bool, problems: list[str] | None = None, device: str = "cpu") -> str:
     """1000 tensors of 1 Ki elements: per-call overhead."""
     repeats = 5 if quick else 51
+    sync = torch.cuda.synchronize if device == "cuda" else None
     rows = []
     for dtype in (torch.float32,) if quick else (torch.float32, torch.bfloat16):
-        grads = _grads("1000 x 1 Ki", dtype, quick)
+        grads = _grads("1000 x 1 Ki", dtype, quick, device)
         ps = _params(grads)
         saved = [g.clone() for g in grads]
         for p in (2.0,) if quick else (2.0, math.inf, 1.0):
-            want = reference_norm(grads, p)
+            want = _reference(grads, p)
             for clipping in (True, False):
                 max_norm = want * 0.5 if clipping else want * 2 + 1.0
                 restore = partial(_restore, grads, saved, False)
-                t = interleaved(_clip_pair(ps, max_norm, p), repeats, warmup=3, setup=restore)
+                t = interleaved(_clip_pair(ps, max_norm, p), repeats, warmup=3, setup=restore, sync=sync)
                 if problems is not None:
                     problems += check_clip(f"1000 x 1 Ki {_dtype_name(dtype)} p={_p_name(p)} "
                                            f"clips={'yes' if clipping else 'no'}", ps, saved, max_norm, p, restore)
@@ -309,9 +317,10 @@ def bench_small(quick: bool, problems: list[str] | None = None) -> str:
     return table(["dtype", "p", "clips", "torch ms", "ours ms", "ratio", "target"], rows)
 
 
-def bench_fused(quick: bool, problems: list[str] | None = None) -> str:
+def bench_fused(quick: bool, problems: list[str] | None = None, device: str = "cpu") -> str:
     """Clipping folded into torch's fused optimizers vs clipping then stepping, on the same parameters."""
     repeats = 3 if quick else 15
+    sync = torch.cuda.synchronize if device == "cuda" else None
     n_tensors, size = (4, 1 << 14) if quick else (16, 4 << 20)
     rows = []
     makers = [
@@ -320,17 +329,17 @@ def bench_fused(quick: bool, problems: list[str] | None = None) -> str:
     ]
     for name, make in makers[:1] if quick else makers:
         g = torch.Generator().manual_seed(0)
-        ps = [torch.nn.Parameter(torch.randn(size, generator=g)) for _ in range(n_tensors)]
-        saved = [torch.randn(size, generator=g) for _ in range(n_tensors)]
+        ps = [torch.nn.Parameter(torch.randn(size, generator=g).to(device)) for _ in range(n_tensors)]
+        saved = [torch.randn(size, generator=g).to(device) for _ in range(n_tensors)]
         for p in ps:
-            p.grad = torch.empty(size)
+            p.grad = torch.empty(size, device=device)
         opt = make(ps)
-        want = reference_norm(saved)
+        want = _reference(saved, 2.0)
         max_norm = want * 0.5
 
         grads = [p.grad for p in ps]
-        restore = partial(_restore, grads, saved, True)
-        t = interleaved(_step_fns(ps, opt, max_norm), repeats, setup=restore)
+        restore = partial(_restore, grads, saved, device == "cpu")
+        t = interleaved(_step_fns(ps, opt, max_norm), repeats, setup=restore, sync=sync)
         if problems is not None:  # the plain clip's gradients; the fused call's norm (its coefficient rides the step)
             restore()
             total = dist_clip.clip_grad_norm_(ps, max_norm, optimizer=opt)
@@ -357,32 +366,80 @@ def _gpu_section(quick: bool, problems: list[str] | None = None) -> str:
     if not torch.cuda.is_available():
         return (
             "GPU: not measured (no CUDA device on this machine). The CUDA path runs the same benchmark with "
-            "`python -m bench core` on a GPU machine; rows to fill: p = 0, 1, 2, 3, inf in fp32/bf16/fp16 "
-            "against torch, the local pass against a device copy's bandwidth, zero host syncs "
-            "(`tests/test_gpu.py`)."
+            "`python -m bench core` (or `python -m bench gpu`, the CUDA tables alone) on a GPU machine; rows to fill: "
+            "p = 0, 1, 2, 3, inf in fp32/bf16/fp16 against torch, the local pass against a device copy's bandwidth, "
+            "1000 small tensors, the fused optimizer step, zero host syncs (`tests/test_gpu.py`)."
         )
-    name = torch.cuda.get_device_name()
-    orders = bench_orders(quick, device="cuda", problems=problems)
-    return f"GPU: {name}\n\n" + orders + "\n\n" + _gpu_bandwidth(quick, problems)
+    problems = [] if problems is None else problems
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    head = (f"GPU: {props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs), torch "
+            f"{torch.__version__}, CUDA {torch.version.cuda}. Medians over interleaved repeats, each call "
+            f"synchronized; the float64 references computed on the device.")
+    return "\n\n".join([
+        head,
+        "#### Norm orders and dtypes (CUDA)\n\n" + bench_orders(quick, device="cuda", problems=problems),
+        "#### Local pass vs a device copy's bandwidth (CUDA, 1 GiB)\n\n" + _gpu_bandwidth(quick, problems),
+        "#### 1000 tensors of 1 Ki elements (CUDA)\n\n" + bench_small(quick, problems, device="cuda"),
+        "#### Clipping folded into a fused optimizer step (CUDA)\n\n" + bench_fused(quick, problems, device="cuda"),
+        "#### Host syncs on the default path (CUDA)\n\n" + _gpu_syncs(),
+    ])
 
 
 def _gpu_bandwidth(quick: bool, problems: list[str] | None = None) -> str:
-    n = (1 << 16) if quick else (256 << 20)
-    x = torch.randn(n, device="cuda")
-    y = torch.empty_like(x)
+    """The local pass (this rank's partial) and the whole ``get_total_norm`` against a device-to-device copy of
+    the same bytes (counted read + write, as the copy moves both); the norm reads its bytes once."""
+    problems = [] if problems is None else problems
+    nbytes = (1 << 18) if quick else (1 << 30)
     rows = []
-    for p in (2.0, 1.0, math.inf):
-        fns = {"copy": partial(y.copy_, x), "ours": partial(dist_clip.get_total_norm, [x], p)}
-        t = interleaved(fns, 5 if quick else 31, sync=torch.cuda.synchronize)
-        if problems is not None:
-            problems += check_norm(f"cuda bandwidth p={_p_name(p)}", dist_clip.get_total_norm([x], p),
-                                   reference_norm([x], p), p, x.dtype)
-        copy_bw = 2 * x.numel() * 4 / t["copy"] / 1e6  # read + write
-        ours_bw = x.numel() * 4 / t["ours"] / 1e6
-        frac = ours_bw / copy_bw
-        rows.append([_p_name(p), f"{copy_bw:.0f}", f"{ours_bw:.0f}", f"{frac:.2f}",
-                     ">= 0.8: " + ("met" if frac >= 0.8 else "MISSED")])
-    return table(["p", "device copy GB/s", "ours GB/s", "fraction", "target"], rows)
+    for dtype in (torch.float32,) if quick else (torch.float32, torch.bfloat16):
+        x = (torch.randn(nbytes // dtype.itemsize, device="cuda") * 0.01).to(dtype)
+        y = torch.empty_like(x)
+        for p in (2.0, math.inf) if quick else (0.0, 1.0, 2.0, 3.0, math.inf):
+            fns = {
+                "copy": partial(y.copy_, x),
+                "local": partial(local_total_partial, [x], p, None, x.device),
+                "full": partial(dist_clip.get_total_norm, [x], p),
+            }
+            t = interleaved(fns, 5 if quick else 31, sync=torch.cuda.synchronize)
+            problems += check_norm(f"cuda bandwidth {_dtype_name(dtype)} p={_p_name(p)}",
+                                   dist_clip.get_total_norm([x], p), device_reference_norm([x], p), p, dtype)
+            copy_bw = 2 * nbytes / t["copy"] / 1e6
+            local_bw = nbytes / t["local"] / 1e6
+            frac = local_bw / copy_bw
+            rows.append([_dtype_name(dtype), _p_name(p), f"{copy_bw:.0f}", f"{local_bw:.0f}", f"{frac:.2f}",
+                         f">= {TARGET_BANDWIDTH:g}: " + ("met" if frac >= TARGET_BANDWIDTH else "MISSED"),
+                         f"{nbytes / t['full'] / 1e6:.0f}"])
+        del x, y
+    return table(["dtype", "p", "device copy GB/s", "local pass GB/s", "fraction", "target",
+                  "get_total_norm GB/s"], rows)
+
+
+def _gpu_syncs() -> str:
+    """Each default-path call under ``torch.cuda.set_sync_debug_mode("error")``: "none" or the error."""
+    rows = []
+    grads = _grads("100 x 0.64 Mi", torch.float32, True, "cuda")
+    ps = _params(grads)
+    calls = {
+        "get_total_norm p=2": lambda: dist_clip.get_total_norm(ps),
+        "clip_grad_norm_ p=2": lambda: dist_clip.clip_grad_norm_(ps, 1e-3),
+        "clip_grad_norm_ p=inf": lambda: dist_clip.clip_grad_norm_(ps, 1e-3, math.inf),
+        "clip_grad_norm_ p=1, foreach=False": lambda: dist_clip.clip_grad_norm_(ps, 1e-3, 1.0,
+                                                                                         foreach=False),
+    }
+    for name, fn in calls.items():
+        fn()  # warm-up: lazy initialisation may sync once
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fn()
+            seen = "none"
+        except RuntimeError as e:
+            seen = f"SYNC: {str(e).splitlines()[0][:80]}"
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+        rows.append([name, seen])
+    return table(["call", "host syncs"], rows)
 
 
 def main(quick: bool = False) -> str:
