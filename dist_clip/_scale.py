@@ -176,11 +176,19 @@ def mul_group_(group: list[Tensor], c: Tensor, foreach: bool | None) -> None:
     # tensor is.
     if c.dtype != dtype and (on_device or any(t.is_sparse for t in group)):
         one = c.reshape(1) if on_device else c
+        plain = []
         for t in group:
             if t.is_sparse:  # (a dense operand of another dtype is refused by sparse mul: the values)
                 t._values().mul_(one)
+            elif t.dim() and on_device:
+                plain.append(t)
             else:
                 t.mul_(one if t.dim() else c)  # (a 0-dim tensor with a 0-dim c promotes too; shape () stays ())
+        if plain:
+            # torch's list-by-list multiply: operands of other dtypes take its per-tensor path, each t.mul_(one)
+            # with the same promotion, in one C++ loop (a Python loop took 2.7x torch's bf16 clip of 1000 small
+            # gradients on an H200).
+            torch._foreach_mul_(plain, [one] * len(plain))
         return
     if fused:
         torch._foreach_mul_(group, c)

@@ -50,6 +50,49 @@ def test_cuda_total_matches_float64_reference(dtype, p):
     assert abs(total.item() - want) <= RTOL[dtype] * want, (total.item(), want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", ORDERS)
+def test_cuda_partials_per_tensor_with_empty_and_nan_pieces(dtype, p):
+    """The device inf and L0 partials come from one fused multi-tensor kernel for the whole list (one reduction
+    per tensor before): each tensor's own value, an empty one's 0, a NaN only in the tensor that holds it."""
+    from dist_clip import _norm
+
+    grads = _grads(dtype)
+    grads.insert(2, torch.zeros(0, device="cuda", dtype=dtype))
+    grads.append(torch.zeros(0, device="cuda", dtype=dtype))
+    grads[1][7] = math.nan
+    grads[3][::3] = 0  # zeros for the count
+    got = _norm.local_partials(grads, p).cpu()
+    assert got.dtype == torch.float64 and got.shape == (len(grads),)
+    for i, g in enumerate(grads):
+        if i == 1:
+            assert math.isnan(got[i].item()), (p, got[i])
+            continue
+        want = reference_norm([g], p)
+        want = want if p in (0.0, 1.0) or math.isinf(p) else want ** p
+        assert abs(got[i].item() - want) <= 1e-6 * want, (i, p, got[i].item(), want)
+    assert math.isnan(dist_clip.get_total_norm(grads, p).item())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_odd_shapes_take_the_unrounded_coefficient_on_the_gpu(dtype):
+    """0-dim, transposed, strided and 1-element gradients beside ordinary ones: each scaled as the float64 product
+    rounded once (the half multiply runs as one list-by-list torch call now, 0-dim tensors on their own)."""
+    g = torch.Generator().manual_seed(3)
+    base = [torch.randn((), generator=g), torch.randn(64, 48, generator=g).t(), torch.randn(1, generator=g),
+            torch.randn(300, generator=g)[::3], torch.randn(4097, generator=g)]
+    grads = [b.to("cuda", dtype) for b in base]
+    grads[1] = grads[1].t().contiguous().t()  # transposed on the device too
+    before = [t.detach().double().cpu() for t in grads]
+    want = reference_norm(grads, 2.0)
+    dist_clip.clip_grad_norm_(_params(grads), 0.7371 * want)
+    coef = 0.7371 * want / (want + 1e-6)
+    rtol = 1e-6 if dtype == torch.float32 else torch.finfo(dtype).eps  # one rounding either side; fp16: < bias
+    for t, b in zip(grads, before):
+        assert t.shape == b.shape
+        torch.testing.assert_close(t.double().cpu(), b * coef, rtol=rtol, atol=0)
+
+
 @pytest.mark.parametrize("p", ORDERS)
 def test_cuda_nan_gives_nan(p):
     grads = _grads(torch.float32)
@@ -61,9 +104,11 @@ def test_cuda_nan_gives_nan(p):
 def test_a_negative_or_nan_max_norm_on_the_device_gives_nan_not_flipped_signs(bad):
     """A max_norm tensor on the GPU is not read (a host sync): a negative one flipped the gradients' signs."""
     g = torch.tensor([3.0, 4.0], device="cuda")
+    limit = torch.tensor(bad, device="cuda")  # made before the check: a host-to-device copy syncs by itself
+    torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        total = dist_clip.clip_grad_norm_([g], torch.tensor(bad, device="cuda"))
+        total = dist_clip.clip_grad_norm_([g], limit)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert total.item() == pytest.approx(5.0)
