@@ -194,6 +194,9 @@ class _AutoClipState:
                 f"AutoClip state has unknown keys {sorted(map(str, unknown))}; expected one from state_dict()"
             )
         count = _int("AutoClip state 'count'", state["count"], 0)
+        oldest_first = state.get("oldest_first", False)
+        if not isinstance(oldest_first, bool):  # (its truth value decided the order: an array raised numpy's error)
+            raise TypeError(f"AutoClip state 'oldest_first' must be True or False, got {type(oldest_first).__name__}")
         hist = state["history"]
         cap = self.config.window
         want = min(count, cap) if cap is not None else count
@@ -213,7 +216,7 @@ class _AutoClipState:
             buf[:want] = hist
             self.buffer, self.written, self.count = buf, None, count
             return
-        if not state.get("oldest_first", False) and count > cap:
+        if not oldest_first and count > cap:
             # Saved before the window held finite norms only (no "oldest_first"): its entries sit in ring order,
             # the oldest at count % window; read as oldest first, the newest norm was the next evicted.
             start = count % cap

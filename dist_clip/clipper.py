@@ -662,8 +662,10 @@ class GradClipper:
             raise ValueError(
                 f"GradClipper state lacks {sorted(missing)}; expected a dict from GradClipper.state_dict()"
             )
-        if state["version"] != _STATE_VERSION:
-            raise ValueError(f"GradClipper state version {state['version']!r} is not {_STATE_VERSION}")
+        version = state["version"]
+        # An integer, not anything that compares equal (True passed; an array raised numpy's ambiguity error).
+        if not isinstance(version, numbers.Integral) or isinstance(version, bool) or version != _STATE_VERSION:
+            raise ValueError(f"GradClipper state 'version' is {version!r:.80}, expected the integer {_STATE_VERSION}")
         thr = state["threshold"]
         if thr is not None and not isinstance(thr, dict):
             raise TypeError(f"GradClipper state['threshold'] must be a dict or None, got {type(thr).__name__}")
@@ -671,6 +673,9 @@ class GradClipper:
         if thr is not None and "kind" not in thr:
             raise ValueError("GradClipper state['threshold'] lacks 'kind'; expected one from state_dict()")
         got = None if thr is None else thr["kind"]
+        if got is not None and not isinstance(got, str):
+            raise TypeError(f"GradClipper state['threshold']['kind'] must be a policy's name (str), got "
+                            f"{type(got).__name__}")
         if want != got:
             raise ValueError(
                 f"this clipper's threshold is {want or 'fixed'} but the state is of {got or 'a fixed one'}"

@@ -342,6 +342,19 @@ def test_autoclip_state_of_another_window_is_refused_naming_the_window():
     assert other.state_dict()["threshold"]["history"].tolist() == [2.0, 3.0, 4.0, 5.0]
 
 
+@pytest.mark.parametrize("value", [torch.tensor([True, False]), 1, "yes"])
+def test_an_autoclip_state_whose_oldest_first_is_no_bool_is_refused_naming_it(value):
+    """'oldest_first' was read by its truth value: a 2-element tensor raised torch's ambiguity RuntimeError, a
+    string or a 1 were taken for True."""
+    clipper = GradClipper(max_norm=AutoClip(window=3))
+    for g in (1.0, 2.0, 1.5, 1.2):
+        clipper([torch.tensor([g])])
+    state = clipper.state_dict()
+    state["threshold"]["oldest_first"] = value
+    with pytest.raises(TypeError, match="oldest_first"):
+        clipper.load_state_dict(state)
+
+
 def test_autoclip_window_state_saved_in_ring_order_still_loads():
     """States saved before the window held finite norms only keep the window in ring order (the oldest at
     count % window) and have no "oldest_first": read as oldest first, the newest norm was evicted next."""
@@ -438,6 +451,10 @@ def test_step_and_counters_move_once_per_measured_call():
     ("mean", torch.empty((), dtype=torch.float64, device="meta"), ValueError),
     ("num_clipped", torch.empty((), dtype=torch.int64, device="meta"), ValueError),
     ("norm_type", math.inf, ValueError), ("norm_type", 1, ValueError), ("norm_type", "fro", ValueError),
+    # A version compared with != (True and 1.0 passed; a tensor raised torch's ambiguity RuntimeError); a kind
+    # compared likewise (a tensor raised the same RuntimeError, a number a message naming no key).
+    ("version", True, ValueError), ("version", 1.0, ValueError), ("version", torch.tensor([1, 1]), ValueError),
+    ("version", "1", ValueError), ("kind", torch.tensor([1, 2]), TypeError), ("kind", 5, TypeError),
 ])
 def test_bad_state_is_refused_and_leaves_the_clipper_as_it_was(key, value, error):
     """A bad state was half loaded (the ZClip count replaced, then a RuntimeError on the mean's shape) or taken
