@@ -16,7 +16,7 @@
 #   MPI_ARGS    extra mpiexec options, e.g. "-bind-to core" (MPICH) or "--mca btl_tcp_if_include eth0" (Open MPI)
 #   PYTHON      interpreter (default: the repository's .venv, else python3 on PATH)
 #   MASTER_ADDR, MASTER_PORT  rendezvous of torch.distributed; default: agreed through mpi4py. Without mpi4py
-#               this script exports them (node 0 = first of HOSTS, a free port picked here).
+#               this script exports them (node 0 = first of HOSTS, else of HOSTFILE; a free port picked here).
 #
 # With mpi4py, a rank that raises, or cannot start torch.distributed (MASTER_PORT in use), aborts the whole MPI job
 # (dist_clip.cli); a clean exit status (0, 1, 2) does not.
@@ -46,6 +46,12 @@ if [[ "$NPROC" -gt 1 ]]; then export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}; fi
 if [[ "${DIST_CLIP_MPI4PY:-1}" == 0 ]] || ! "$PYTHON" -c "import mpi4py" 2>/dev/null; then
     # No mpi4py: the ranks read their rank from the launcher's environment and need the rendezvous given.
     FIRST_HOST=${HOSTS:-}; FIRST_HOST=${FIRST_HOST%%,*}
+    if [[ -z "$FIRST_HOST" && -n "${HOSTFILE:-}" ]]; then
+        # The host file's first host (MPICH "host:n", Open MPI "host slots=n"; comments and blank lines skipped):
+        # without it every other node waited for a rendezvous at its own 127.0.0.1.
+        FIRST_HOST=$(sed -e 's/#.*//' "$HOSTFILE" | awk 'NF { print $1; exit }')
+        FIRST_HOST=${FIRST_HOST%%:*}
+    fi
     export MASTER_ADDR=${MASTER_ADDR:-${FIRST_HOST:-127.0.0.1}}
     export MASTER_PORT=${MASTER_PORT:-$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("",0)); print(s.getsockname()[1])')}
 fi

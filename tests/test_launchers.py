@@ -555,3 +555,25 @@ def test_mpirun_config_errors_stay_one_line_exit_2(tmp_path):
         errors = [line for line in out.splitlines() if "config error" in line]
         assert code == 2 and len(errors) == 1 and why in errors[0], out[-6000:]
         assert "Traceback" not in out and "Abort" not in out, out[-6000:]
+
+
+@pytest.mark.parametrize("hostfile,want", [
+    ("# nodes\n\nnode7:2\nnode8:2\n", "node7"),  # MPICH
+    ("node3 slots=2   # first\nnode4 slots=2\n", "node3"),  # Open MPI
+])
+def test_mpirun_without_mpi4py_takes_the_rendezvous_from_the_host_file(tmp_path, hostfile, want):
+    """With HOSTFILE and no mpi4py the script exported MASTER_ADDR=127.0.0.1 (first of HOSTS, which was empty):
+    every other node waited for a rendezvous on itself. A stand-in mpiexec prints what the ranks would get."""
+    stub = tmp_path / "mpiexec"
+    stub.write_text("#!/usr/bin/env bash\n"
+                    "if [[ \"$1\" == --version ]]; then echo 'HYDRA build details:'; exit 0; fi\n"
+                    "echo \"MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT ARGS=$*\"\n")
+    stub.chmod(0o755)
+    hosts = tmp_path / "hosts"
+    hosts.write_text(hostfile)
+    env = job_env(MPIEXEC=str(stub), DIST_CLIP_MPI4PY="0", NNODES="2", NPROC="2", HOSTFILE=str(hosts))
+    code, out = finish(start("mpirun.sh", ["check"], env), timeout_s=60)
+    assert code == 0, out
+    line = [x for x in out.splitlines() if x.startswith("MASTER_ADDR=")]
+    assert len(line) == 1 and line[0].startswith(f"MASTER_ADDR={want} MASTER_PORT="), out
+    assert f"-f {hosts}" in line[0], out
