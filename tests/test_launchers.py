@@ -139,7 +139,7 @@ def session_pids(sid: int) -> list[int]:
     return pids
 
 
-@pytest.mark.timeout(JOB_TIMEOUT_S + 30)
+@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["TERM", "INT", "HUP"])
 def test_a_signal_to_the_deepspeed_launcher_ends_every_rank(tmp_path, sig):
     """launch/deepspeed.sh exec'd DeepSpeed's runner, which forwards signals only for multi-node pdsh: SIGTERM or
@@ -168,7 +168,8 @@ def test_a_signal_to_the_deepspeed_launcher_ends_every_rank(tmp_path, sig):
     try:
         assert training.wait(JOB_TIMEOUT_S - 40), "".join(lines)[-6000:]  # the ranks train
         os.kill(proc.pid, sig)  # the launcher's PID only, as `kill PID` or a scheduler would
-        code = proc.wait(timeout=30)
+        # 60 s: the runner and its ranks took past 30 s to exit on a loaded 2-core machine (passing alone in 14-20 s)
+        code = proc.wait(timeout=60)
         reader.join(timeout=10)
         deadline = time.monotonic() + 5
         while session_pids(proc.pid) and time.monotonic() < deadline:
