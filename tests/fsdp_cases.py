@@ -1505,4 +1505,9 @@ def stand_ins_keep_dtype_warning_and_lists() -> dict[str, Any]:
     finally:
         DTensor.from_local = kept  # type: ignore[method-assign]
     out["stand-ins kept"] = (len(made), again == [first, first], _norm_close(first, want, RTOL))
+    # Kept without a weak reference on the parameters: one made module.to()/.float() refuse to swap them ("Cannot
+    # swap t1 because it has weakref associated with it", review36), on the ranks that had made stand-ins only.
+    model.to(torch.float64)
+    model.float()
+    out["moved after"] = {str(q.dtype) for q in model.parameters()} == {"torch.float32"}
     return out

@@ -328,3 +328,4 @@ def test_stand_ins_keep_the_dtype_the_warning_and_listed_parameters(run_ranks) -
         assert r["dtype"] == "torch.float32", r
         assert r["after eval"] == {"total": True, "report": True, "per_param": True, "unitwise": True}, r
         assert r["stand-ins kept"] == (0, True, True), r
+        assert r["moved after"] is True, r

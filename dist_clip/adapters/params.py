@@ -18,7 +18,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ..shards import Shards
 
@@ -47,8 +46,13 @@ def _positions(n: int) -> list[str]:
 
 
 _PLAIN_KINDS = frozenset((Tensor, nn.Parameter))
-#: absent_dtensor_grads's stand-ins by parameter (by identity; gone with the parameter).
-_STAND_INS = WeakIdKeyDictionary()
+#: absent_dtensor_grads's stand-ins by ``id`` of their parameter, each with the layout it was made for (mesh, held,
+#: so compared by identity; placements; dtype and device), which is checked on every use: a stand-in depends on that
+#: layout only, so an id reused by another parameter is harmless. Not a weak dictionary: a weak reference on a
+#: parameter makes ``module.to()``/``.float()`` refuse to swap it ("Cannot swap t1 because it has weakref"). Cleared
+#: when it grows past _STAND_INS_MAX (parameters made and dropped over a long run).
+_STAND_INS: dict[int, tuple[Any, Any, tuple[torch.dtype, torch.device], Tensor]] = {}
+_STAND_INS_MAX = 1 << 16
 _PARAMETER = frozenset((nn.Parameter,))
 _requires_grad = operator.attrgetter("requires_grad")
 _grad = operator.attrgetter("grad")
@@ -540,11 +544,13 @@ def absent_dtensor_grads(params: Sequence[tuple[str, Tensor]], alone: bool = Tru
         mesh, placements = p.device_mesh, p.placements  # type: ignore[attr-defined]
         # Kept per parameter while its layout stays (DTensor.from_local took 0.07 ms each: 500 parameters without
         # a gradient added 35 ms to every call). A stand-in holds nothing, so reusing it writes nothing.
-        kept = _STAND_INS.get(p)
+        kept = _STAND_INS.get(id(p))
         if kept is not None and kept[0] is mesh and kept[1] == placements and kept[2] == (dtype, local.device):
             return kept[3]
         made = DTensor.from_local(local.new_empty(0, dtype=dtype), mesh, placements, run_check=False)
-        _STAND_INS[p] = (mesh, placements, (dtype, local.device), made)
+        if len(_STAND_INS) >= _STAND_INS_MAX:
+            _STAND_INS.clear()
+        _STAND_INS[id(p)] = (mesh, placements, (dtype, local.device), made)
         return made
 
     return [(name, empty(p)) for name, p in params if p.grad is None and p.requires_grad and _is_dtensor(p)]
