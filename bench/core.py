@@ -433,8 +433,9 @@ def _gpu_syncs() -> str:
         try:
             fn()
             seen = "none"
-        except RuntimeError as e:
-            seen = f"SYNC: {str(e).splitlines()[0][:80]}"
+        except RuntimeError as e:  # "called a synchronizing CUDA operation", or another failure named as such
+            kind = "SYNC" if "synchroniz" in str(e) else "ERROR"
+            seen = f"{kind}: {str(e).splitlines()[0][:80]}"
         finally:
             torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize()
