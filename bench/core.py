@@ -381,7 +381,7 @@ def _gpu_section(quick: bool, problems: list[str] | None = None) -> str:
         "#### Local pass vs a device copy's bandwidth (CUDA, 1 GiB)\n\n" + _gpu_bandwidth(quick, problems),
         "#### 1000 tensors of 1 Ki elements (CUDA)\n\n" + bench_small(quick, problems, device="cuda"),
         "#### Clipping folded into a fused optimizer step (CUDA)\n\n" + bench_fused(quick, problems, device="cuda"),
-        "#### Host syncs on the default path (CUDA)\n\n" + _gpu_syncs(),
+        "#### Host syncs on the default path (CUDA)\n\n" + _gpu_syncs(problems),
     ])
 
 
@@ -414,8 +414,9 @@ def _gpu_bandwidth(quick: bool, problems: list[str] | None = None) -> str:
                   "get_total_norm GB/s"], rows)
 
 
-def _gpu_syncs() -> str:
-    """Each default-path call under ``torch.cuda.set_sync_debug_mode("error")``: "none" or the error."""
+def _gpu_syncs(problems: list[str]) -> str:
+    """Each default-path call under ``torch.cuda.set_sync_debug_mode("error")``: "none" or the error (a problem:
+    ``python -m bench`` then exits 1, as for a wrong norm)."""
     rows = []
     grads = _grads("100 x 0.64 Mi", torch.float32, True, "cuda")
     ps = _params(grads)
@@ -436,6 +437,7 @@ def _gpu_syncs() -> str:
         except RuntimeError as e:  # "called a synchronizing CUDA operation", or another failure named as such
             kind = "SYNC" if "synchroniz" in str(e) else "ERROR"
             seen = f"{kind}: {str(e).splitlines()[0][:80]}"
+            problems.append(f"cuda host syncs {name}: {seen}")
         finally:
             torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize()

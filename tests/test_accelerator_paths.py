@@ -100,9 +100,11 @@ def test_off_host_half_scaling_takes_the_unrounded_coefficient(off_host_copy):
     g = torch.Generator().manual_seed(3)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         base = [torch.randn((), generator=g), torch.randn(64, 48, generator=g).t(), torch.randn(1, generator=g),
-                torch.randn(300, generator=g)[::3], torch.randn(4097, generator=g)]
+                torch.randn(300, generator=g), torch.randn(4097, generator=g)]
         for fraction in (0.7371, 3e-9):
             gs = [b.to(dtype) for b in base]
+            gs[3] = gs[3][::3]  # strided in the gradients' dtype (a conversion of a strided tensor is contiguous)
+            assert gs[1].stride() == (1, 48) and gs[3].stride() == (3,)
             before = [t.double() for t in gs]
             layouts = [(t.shape, t.stride(), t.data_ptr()) for t in gs]
             params = []
@@ -124,6 +126,22 @@ def test_off_host_half_scaling_takes_the_unrounded_coefficient(off_host_copy):
                     assert bool((t.double()[~tiny] != 0).all()), "fp16 gradients zeroed"
                     continue
                 torch.testing.assert_close(t.double(), exact, rtol=rtol, atol=atol)
+    # float32 pieces beside a float64 one: a float64 coefficient, the float32 pieces' product taken in float64
+    gs = [torch.randn(64, 48, generator=g).t(), torch.randn(500, generator=g)[::2],
+          torch.randn(7, generator=g, dtype=torch.float64)]
+    before = [t.double().clone() for t in gs]  # (.double() of a float64 tensor is the tensor itself)
+    params = []
+    for t in gs:
+        q = torch.nn.Parameter(torch.zeros_like(t))
+        q.grad = t
+        params.append(q)
+    want = reference_norm(gs, 2.0)
+    total = dist_clip.clip_grad_norm_(params, 0.7371 * want)
+    assert total.dtype == torch.float64
+    coef = 0.7371 * want / (want + 1e-6)
+    for t, b in zip(gs, before):
+        rtol = 2.0 ** -24 if t.dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(t.double(), b * coef, rtol=rtol, atol=0)
     print("scaled")
     """)
     assert "scaled" in out

@@ -80,9 +80,11 @@ def test_odd_shapes_take_the_unrounded_coefficient_on_the_gpu(dtype):
     rounded once (the half multiply runs as one list-by-list torch call now, 0-dim tensors on their own)."""
     g = torch.Generator().manual_seed(3)
     base = [torch.randn((), generator=g), torch.randn(64, 48, generator=g).t(), torch.randn(1, generator=g),
-            torch.randn(300, generator=g)[::3], torch.randn(4097, generator=g)]
+            torch.randn(300, generator=g), torch.randn(4097, generator=g)]
     grads = [b.to("cuda", dtype) for b in base]
     grads[1] = grads[1].t().contiguous().t()  # transposed on the device too
+    grads[3] = grads[3][::3]  # strided in the gradients' dtype (a conversion of a strided tensor is contiguous)
+    assert grads[1].stride() == (1, 48) and grads[3].stride() == (3,)
     before = [t.detach().double().cpu() for t in grads]
     want = reference_norm(grads, 2.0)
     dist_clip.clip_grad_norm_(_params(grads), 0.7371 * want)

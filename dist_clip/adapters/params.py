@@ -176,10 +176,7 @@ def module_parameters(module: nn.Module, remove_duplicate: bool = True) -> list[
         groups.update((id(pg), pg) for pg in _all_fsdp2_param_groups())
     if not groups:
         return pairs
-    try:
-        from torch.distributed.fsdp._fully_shard._fsdp_common import DDPMeshInfo
-    except ImportError:  # torch before 2.13 (see _param_groups): no replicate() on FSDP2's mesh info
-        DDPMeshInfo = ()  # noqa: N806 - isinstance(x, ()) is False
+    from torch.distributed.fsdp._fully_shard._fsdp_common import DDPMeshInfo
 
     mine = set(map(id, map(_second, pairs))) if enclosed else set()
     swap: dict[int, Tensor] = {}
