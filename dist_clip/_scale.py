@@ -38,17 +38,29 @@ def group_by_device_dtype(tensors: Sequence[Tensor]) -> dict[tuple[torch.device,
 
 
 def writable(tensors: Sequence[Tensor]) -> Sequence[Tensor]:
-    """``tensors`` as an in-place multiply can take them: a gradient whose elements share memory (stride 0 on a
-    dimension of size > 1: ``expand()``, what ``autograd.grad`` gives for a bias summed into the loss) as the
-    view of each memory location once, so that every element is multiplied once (torch's ``mul_`` refuses such
-    a tensor: the others were scaled and it raised, half-clipped). Only stride 0 makes torch's overlap test say
-    "yes"; other non-dense views are written as they are."""
-    if all(map(Tensor.is_contiguous, tensors)):  # the usual case, in C (a size-1 dimension's stride is ignored)
+    """``tensors`` as an in-place multiply by a real coefficient can take them: a gradient whose elements share
+    memory (stride 0 on a dimension of size > 1: ``expand()``, what ``autograd.grad`` gives for a bias summed into
+    the loss) as the view of each memory location once, so that every element is multiplied once (torch's ``mul_``
+    refuses such a tensor: the others were scaled and it raised, half-clipped); a conjugate or negative view as
+    the plain view of its memory. Only stride 0 makes torch's overlap test say "yes"; other non-dense views are
+    written as they are."""
+    if (all(map(Tensor.is_contiguous, tensors))  # the usual case, in C (a size-1 dimension's stride is ignored)
+            and not any(map(Tensor.is_conj, tensors)) and not any(map(Tensor.is_neg, tensors))):
         return tensors
     out = list(tensors)
     for i, t in enumerate(out):
-        if t.layout == torch.strided and 0 in t.stride() and not t.is_contiguous():
-            out[i] = t.as_strided([1 if st == 0 else n for n, st in zip(t.shape, t.stride())], t.stride())
+        if t.layout != torch.strided:
+            continue
+        # A conjugate (or negative) view, as autograd gives a complex parameter used through .conj(): its stored
+        # values, which a real coefficient scales alike (torch's foreach refuses such views: the call raised after
+        # scaling the other gradients, half-clipped).
+        if t.is_conj():
+            t = t.conj()
+        if t.is_neg():
+            t = torch._neg_view(t)
+        if 0 in t.stride() and not t.is_contiguous():
+            t = t.as_strided([1 if st == 0 else n for n, st in zip(t.shape, t.stride())], t.stride())
+        out[i] = t
     return out
 
 

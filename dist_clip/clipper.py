@@ -553,7 +553,8 @@ def _nonfinite_message(
     local: list[str] = []
     for s in shards:
         for i, t in enumerate(s.tensors):
-            if t.numel() and not bool(torch.isfinite(t).all()):
+            v = t.coalesce().values() if t.is_sparse else t  # (no sparse isfinite: raised before the all-gather)
+            if v.numel() and not bool(torch.isfinite(v).all()):
                 name = _slots.clean_name(s.names[i]) if s.names else f"<piece {i}>"
                 if name not in local:
                     local.append(name)
@@ -950,8 +951,10 @@ class GradClipper:
                 for factors in split if split is not None else (slot_coef,):
                     _slots.scale_slots_(pieces, factors, cfg.foreach)
                 if policy == "zero" and not on_cpu:
-                    for t, _ in pieces:
-                        t.masked_fill_(~finite.to(t.device), 0)  # 0 * NaN is NaN: zero explicitly, no sync
+                    # 0 * NaN is NaN: zero explicitly, no sync. Sparse gradients by their values (no sparse
+                    # masked_fill_: every call raised there), expanded ones each memory location once.
+                    for t in _scale.writable([t for t, _ in pieces]):
+                        (t._values() if t.is_sparse else t).masked_fill_(~finite.to(t.device), 0)
         finally:
             if arm_skip is not None:
                 arm_skip(~finite)

@@ -145,3 +145,45 @@ def test_off_host_half_scaling_takes_the_unrounded_coefficient(off_host_copy):
     print("scaled")
     """)
     assert "scaled" in out
+
+
+def test_off_host_zero_policy_conjugate_views_sparse_and_expanded_gradients(off_host_copy):
+    """The "zero" policy off the host fills non-finite calls' gradients with masked_fill_, which has no sparse
+    kernel (every call with a sparse gradient raised after scaling) and warns on expanded ones; a conjugate
+    view was refused by the list-by-list multiply (foreach=False too, half-clipped; hunt110)."""
+    out = _run(off_host_copy, """
+    import warnings
+    from torch import nn
+    warnings.simplefilter("error")  # masked_fill_ on an expanded tensor: torch's deprecation warning
+    for nonfinite in (False, True):
+        torch.manual_seed(0)
+        emb, lin = nn.Embedding(10, 4, sparse=True), nn.Linear(4, 3)
+        lin(emb(torch.tensor([1, 2, 2]))).sum().backward()
+        lin.bias.grad = torch.tensor([0.5]).expand(3)  # a stride-0 gradient
+        if nonfinite:
+            lin.weight.grad[0, 0] = math.nan
+        before = [emb.weight.grad.coalesce().values().clone(), lin.weight.grad.clone(), lin.bias.grad.clone()]
+        want = reference_norm([emb.weight.grad, lin.weight.grad, lin.bias.grad], 2.0)
+        r = dist_clip.GradClipper(max_norm=0.1, on_nonfinite="zero")(nn.ModuleList([emb, lin]))
+        after = [emb.weight.grad.coalesce().values(), lin.weight.grad, lin.bias.grad]
+        if nonfinite:
+            assert not bool(r.finite) and all(bool((a == 0).all()) for a in after), after
+        else:
+            coef = 0.1 / (want + 1e-6)
+            for a, b in zip(after, before):
+                torch.testing.assert_close(a, b * coef, rtol=1e-6, atol=0)
+    for foreach in (None, False):
+        torch.manual_seed(0)
+        z = nn.Parameter(torch.randn(4, dtype=torch.complex64))
+        w = nn.Parameter(torch.randn(3, dtype=torch.bfloat16))
+        ((z.conj() * torch.randn(4, dtype=torch.complex64)).real.sum() + (w.float() * 5).sum()).backward()
+        assert z.grad.is_conj()
+        before = [z.grad.clone(), w.grad.double()]
+        want = reference_norm([z.grad, w.grad], 2.0)
+        dist_clip.clip_grad_norm_([z, w], 1.0, foreach=foreach)
+        coef = 1.0 / (want + 1e-6)
+        torch.testing.assert_close(z.grad, before[0] * coef, rtol=1e-6, atol=0)
+        torch.testing.assert_close(w.grad.double(), before[1] * coef, rtol=2.0 ** -8, atol=0)
+    print("policies")
+    """)
+    assert "policies" in out

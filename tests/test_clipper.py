@@ -1061,3 +1061,51 @@ def test_skip_next_step_takes_a_python_bool(fused):
     dist_clip.skip_next_step_(opt, False)
     opt.step()
     assert torch.equal(p.detach(), -torch.ones(2))
+
+
+def _conj_model() -> tuple[nn.Parameter, nn.Parameter]:
+    torch.manual_seed(0)
+    z = nn.Parameter(torch.randn(4, dtype=torch.complex64))
+    w = nn.Parameter(torch.randn(3))
+    c = torch.randn(4, dtype=torch.complex64)
+    ((z.conj() * c).real.sum() + (w * 5).sum()).backward()
+    assert z.grad.is_conj()  # autograd's gradient of a parameter used through .conj() is a conjugate view
+    return z, w
+
+
+@pytest.mark.parametrize("foreach", [None, False])
+@pytest.mark.parametrize("how", ["clip_grad_norm_", "clipper", "per_param"])
+def test_a_conjugate_view_gradient_is_clipped_with_the_others(how, foreach):
+    """torch's foreach multiply refuses conjugate views: the call raised after scaling the other gradients (w by
+    0.114, z not: half-clipped). A real coefficient scales the view's memory alike."""
+    z, w = _conj_model()
+    before = [z.grad.clone(), w.grad.clone()]
+    want = reference_norm(before, 2.0)
+    if how == "clip_grad_norm_":
+        total = dist_clip.clip_grad_norm_([z, w], 1.0, foreach=foreach)
+        coefs = [1.0 / (want + 1e-6)] * 2
+    elif how == "clipper":
+        total = GradClipper(max_norm=1.0, foreach=foreach)([z, w]).total_norm
+        coefs = [1.0 / (want + 1e-6)] * 2
+    else:
+        total = GradClipper(max_norm=1.0, mode="per_param", foreach=foreach)([z, w]).total_norm
+        coefs = [min(1.0, 1.0 / (reference_norm([b], 2.0) + 1e-6)) for b in before]
+    assert abs(total.item() - want) <= 1e-6 * want
+    assert z.grad.is_conj()  # still the view autograd made, its memory scaled
+    for g, b, c in zip((z.grad, w.grad), before, coefs):
+        torch.testing.assert_close(g, b * c, rtol=1e-6, atol=0)
+
+
+def test_the_error_policy_names_a_parameter_beside_a_sparse_gradient():
+    """Naming the culprits called isfinite on a sparse gradient: NotImplementedError instead of the RuntimeError
+    (and, before the all-gather of the names, on the ranks holding it only)."""
+    torch.manual_seed(0)
+    emb, lin = nn.Embedding(10, 4, sparse=True), nn.Linear(4, 1)
+    lin(emb(torch.tensor([1, 2, 2]))).sum().backward()
+    lin.weight.grad[0, 0] = math.nan
+    with pytest.raises(RuntimeError, match=r"1\.weight"):
+        GradClipper(max_norm=1.0, on_nonfinite="error")(nn.ModuleList([emb, lin]))
+    emb.weight.grad = torch.sparse_coo_tensor([[3, 3]], [[math.inf] * 4, [1.0] * 4], (10, 4), check_invariants=True)
+    lin.weight.grad.nan_to_num_(0.0)
+    with pytest.raises(RuntimeError, match=r"0\.weight"):
+        GradClipper(max_norm=1.0, on_nonfinite="error")(nn.ModuleList([emb, lin]))
