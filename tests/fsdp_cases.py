@@ -1511,3 +1511,65 @@ def stand_ins_keep_dtype_warning_and_lists() -> dict[str, Any]:
     model.float()
     out["moved after"] = {str(q.dtype) for q in model.parameters()} == {"torch.float32"}
     return out
+
+
+def stand_ins_of_any_layout_and_lists_empty_on_one_rank() -> dict[str, Any]:
+    """hunt111: a stand-in was a 1-D empty tensor, which a Shard(1) placement cannot lay out (FSDP2's
+    shard_placement_fn, RowwiseParallel weights): "Sharding dim 1 greater than tensor ndim 1" on valid input; and
+    a list whose gradients were all None on one rank returned 0 there without a collective while the others
+    waited for it until the timeout (the module target joined)."""
+    import warnings
+
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.unused = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.used(x)
+
+    out: dict[str, Any] = {}
+    world = dist.get_world_size()
+    for how in ("shard_placement_fn", "rowwise"):
+        torch.manual_seed(0)
+        model = Net()
+        if how == "shard_placement_fn":
+            def dim1(p: Tensor) -> Any:
+                return Shard(1) if p.ndim == 2 else Shard(0)
+
+            for sub in (model.used, model.unused, model):
+                fully_shard(sub, mesh=mesh((world,)), shard_placement_fn=dim1)
+            torch.manual_seed(dist.get_rank())
+            x = torch.randn(3, 8)
+        else:
+            parallelize_module(model, mesh((world,)), {"used": RowwiseParallel(), "unused": RowwiseParallel()})
+            x = torch.randn(3, 8 // world)  # the same input on every rank (seeded alike)
+        model(x).pow(2).sum().backward()
+        want = reference_norm([q.grad.full_tensor() for q in model.parameters() if q.grad is not None], 2.0)
+        got = [dist_clip.get_total_norm(model).item(), dist_clip.get_total_norm(list(model.parameters())).item(),
+               dist_clip.clip_grad_norm_(model.parameters(), 1e9).item()]
+        out[how] = all(_norm_close(g, want, RTOL) for g in got) or (got, want)
+    # One rank's list holds no gradient at all: it joins the others' total, and says so.
+    torch.manual_seed(0)
+    model = Net()
+    for sub in (model.used, model.unused, model):
+        fully_shard(sub, mesh=mesh((world,)))
+    torch.manual_seed(dist.get_rank())
+    model(torch.randn(3, 8)).pow(2).sum().backward()
+    if dist.get_rank() == 1:
+        model.zero_grad(set_to_none=True)
+    module_total = dist_clip.get_total_norm(model).item()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        listed = dist_clip.get_total_norm(list(model.parameters())).item()
+        clipped = dist_clip.clip_grad_norm_(model.parameters(), 1e9).item()
+    said = any("no gradients on this rank" in str(w.message) for w in seen)
+    totals: list[Any] = [None] * world
+    dist.all_gather_object(totals, (module_total, listed, clipped))
+    out["list empty on one rank"] = (len({t for row in totals for t in row}) == 1 and module_total > 0,
+                                     said == (dist.get_rank() == 1))
+    return out

@@ -329,3 +329,8 @@ def test_stand_ins_keep_the_dtype_the_warning_and_listed_parameters(run_ranks) -
         assert r["after eval"] == {"total": True, "report": True, "per_param": True, "unitwise": True}, r
         assert r["stand-ins kept"] == (0, True, True), r
         assert r["moved after"] is True, r
+
+
+def test_stand_ins_of_any_layout_and_a_list_empty_on_one_rank(run_ranks) -> None:
+    for r in run_ranks(2, cases.stand_ins_of_any_layout_and_lists_empty_on_one_rank, timeout_s=120, pg_timeout_s=30):
+        assert r == {"shard_placement_fn": True, "rowwise": True, "list empty on one rank": (True, True)}, r

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .._warn import warn_at_caller
 from ..shards import Shards
 
 __all__ = [
@@ -480,12 +481,17 @@ def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
     elif isinstance(target, Iterable) and not isinstance(target, (Tensor, Mapping, str, bytes)):
         items = list(target)  # (a generator: read once)
         pairs = named_grads(items)
-        if pairs and len(pairs) < len(items):
-            # (a list whose gradients are all None here, before a backward or under FSDP2's sync off, keeps the
-            # empty-target warning: its total reads 0)
+        if len(pairs) < len(items):
             listed = _listed_stand_ins(items, items) or items  # (FSDP2's unsharded ones: their sharded ones)
             absent = absent_dtensor_grads([(n, t) for n, t in zip(_positions(len(listed)), listed)
-                                           if isinstance(t, Tensor)], alone=False)
+                                           if isinstance(t, Tensor)], alone=not pairs)
+            if absent and not pairs:
+                # A list whose gradients are all None on this rank (a per-rank zero_grad(set_to_none=True), a
+                # rank whose layers were all unused) joins the others' collective through its stand-ins: it
+                # returned 0 alone while the others waited for it until the timeout. Still said, as for any
+                # target without gradients (before a backward, under FSDP2's sync off the total reads 0).
+                warn_at_caller("dist_clip: the target holds no gradients on this rank; its total is the other "
+                               "ranks' (0 where none holds any)")
             return shards_with_stand_ins(pairs, absent, group)
     else:
         pairs = named_grads(target)
@@ -544,7 +550,10 @@ def absent_dtensor_grads(params: Sequence[tuple[str, Tensor]], alone: bool = Tru
         kept = _STAND_INS.get(id(p))
         if kept is not None and kept[0] is mesh and kept[1] == placements and kept[2] == (dtype, local.device):
             return kept[3]
-        made = DTensor.from_local(local.new_empty(0, dtype=dtype), mesh, placements, run_check=False)
+        # As many dimensions as the parameter's (a 1-D one could not take Shard(1): FSDP2's shard_placement_fn,
+        # RowwiseParallel weights raised "Sharding dim 1 greater than tensor ndim 1"), no element.
+        empty = local.new_empty((0,) * max(1, local.dim()), dtype=dtype)
+        made = DTensor.from_local(empty, mesh, placements, run_check=False)
         if len(_STAND_INS) >= _STAND_INS_MAX:
             _STAND_INS.clear()
         _STAND_INS[id(p)] = (mesh, placements, (dtype, local.device), made)
