@@ -545,8 +545,8 @@ def absent_dtensor_grads(params: Sequence[tuple[str, Tensor]], alone: bool = Tru
         local = p._local_tensor  # type: ignore[attr-defined]
         dtype = local.dtype if alone or local.dtype != torch.float64 else torch.float32
         mesh, placements = p.device_mesh, p.placements  # type: ignore[attr-defined]
-        # Kept per parameter while its layout stays (DTensor.from_local took 0.07 ms each: 500 parameters without
-        # a gradient added 35 ms to every call). A stand-in holds nothing, so reusing it writes nothing.
+        # Kept per parameter while its layout stays (DTensor.from_local each call: 500 parameters without a
+        # gradient took a call from 22.6 to 80.6 ms on 2 ranks). A stand-in holds nothing: reusing it writes nothing.
         kept = _STAND_INS.get(id(p))
         if kept is not None and kept[0] is mesh and kept[1] == placements and kept[2] == (dtype, local.device):
             return kept[3]
