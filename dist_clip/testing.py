@@ -47,8 +47,14 @@ def count_collectives() -> Iterator[CollectiveCount]:
 
 def reference_norm(grads: Sequence[Tensor], norm_type: float | str = 2.0) -> float:
     """The definition: ``vector_norm`` of the concatenation of every full gradient, in float64, as a float."""
+    return _reference_norm_on(grads, norm_type, "cpu")
+
+
+def _reference_norm_on(grads: Sequence[Tensor], norm_type: float | str, device: str | None) -> float:
+    """:func:`reference_norm` computed on ``device``, or (None) on the gradients' own device (one device: the
+    benchmark's CUDA rows, where copying every row's gradients to the host took longer than the benchmark)."""
     p = float(norm_type)
-    flat = [_wide(g) for g in grads if g is not None]
+    flat = [_wide(g, device) for g in grads if g is not None]
     whole = torch.cat(flat) if flat else torch.zeros(0, dtype=torch.float64)
     if whole.numel() == 0:
         return 0.0  # the norm of nothing (vector_norm has no identity for inf on an empty tensor)
@@ -58,14 +64,15 @@ def reference_norm(grads: Sequence[Tensor], norm_type: float | str = 2.0) -> flo
     return value
 
 
-def _wide(g: Tensor) -> Tensor:
-    """A gradient's values as one float64 (complex128 for complex) CPU vector, as the definition measures them:
-    a sparse COO gradient by its coalesced values (duplicates summed), a complex one by its moduli (casting it to
-    float64 kept the real part only: 3 for |3+4j, 1j| = 5.10)."""
+def _wide(g: Tensor, device: str | None = "cpu") -> Tensor:
+    """A gradient's values as one float64 (complex128 for complex) vector on ``device`` (None: where it lies), as
+    the definition measures them: a sparse COO gradient by its coalesced values (duplicates summed), a complex one
+    by its moduli (casting it to float64 kept the real part only: 3 for |3+4j, 1j| = 5.10)."""
     g = g.detach()
     if g.layout == torch.sparse_coo:
         g = g.coalesce().values()
-    return g.reshape(-1).to("cpu", torch.complex128 if g.is_complex() else torch.float64)
+    wide = torch.complex128 if g.is_complex() else torch.float64
+    return g.reshape(-1).to(g.device if device is None else device, wide)
 
 
 def _as64(x: Any) -> Any:

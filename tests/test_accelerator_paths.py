@@ -56,6 +56,14 @@ assert dist_clip.__file__.startswith({root!r}), dist_clip.__file__
 ORDERS = [0.0, 1.0, 2.0, 3.0, 3.5, math.inf]
 RTOL = {{torch.float32: 1e-6, torch.bfloat16: 1e-5, torch.float16: 1e-5}}
 
+def params(gs):
+    out = []
+    for t in gs:
+        q = torch.nn.Parameter(torch.zeros_like(t))
+        q.grad = t
+        out.append(q)
+    return out
+
 def grads(dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     sizes = (1, 1000, 0, 4097, 3 * 4096 + 5, 0)
@@ -107,13 +115,8 @@ def test_off_host_half_scaling_takes_the_unrounded_coefficient(off_host_copy):
             assert gs[1].stride() == (1, 48) and gs[3].stride() == (3,)
             before = [t.double() for t in gs]
             layouts = [(t.shape, t.stride(), t.data_ptr()) for t in gs]
-            params = []
-            for t in gs:
-                q = torch.nn.Parameter(torch.zeros_like(t))
-                q.grad = t
-                params.append(q)
             want = reference_norm(gs, 2.0)
-            dist_clip.clip_grad_norm_(params, fraction * want)
+            dist_clip.clip_grad_norm_(params(gs), fraction * want)
             coef = fraction * want / (want + 1e-6)
             # one rounding of the float32 product: half an ulp (fp16 subnormals: 2^-24 absolute)
             rtol = {torch.float32: 1e-6, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}[dtype]
@@ -130,13 +133,8 @@ def test_off_host_half_scaling_takes_the_unrounded_coefficient(off_host_copy):
     gs = [torch.randn(64, 48, generator=g).t(), torch.randn(500, generator=g)[::2],
           torch.randn(7, generator=g, dtype=torch.float64)]
     before = [t.double().clone() for t in gs]  # (.double() of a float64 tensor is the tensor itself)
-    params = []
-    for t in gs:
-        q = torch.nn.Parameter(torch.zeros_like(t))
-        q.grad = t
-        params.append(q)
     want = reference_norm(gs, 2.0)
-    total = dist_clip.clip_grad_norm_(params, 0.7371 * want)
+    total = dist_clip.clip_grad_norm_(params(gs), 0.7371 * want)
     assert total.dtype == torch.float64
     coef = 0.7371 * want / (want + 1e-6)
     for t, b in zip(gs, before):
