@@ -136,7 +136,8 @@ def _as_float64_stack(values: Sequence[Tensor], device: torch.device) -> Tensor:
         return torch.zeros(0, dtype=torch.float64, device=device)
     first = values[0].dtype
     if all(v.dtype is first for v in values):  # one stack, one cast (a .to per value: 1000 launches on a GPU)
-        return torch.stack(list(values)).to(torch.float64)
+        stacked = torch.stack(list(values))
+        return stacked if first is torch.float64 else stacked.to(torch.float64)
     return torch.stack([v.to(torch.float64) for v in values])
 
 

@@ -114,6 +114,8 @@ def moved(t: Tensor, device: torch.device | str) -> Tensor:
     host returns before the data lands (pinned memory filled asynchronously), and the CPU read what was there
     before (zeros, or the previous call's values: a total of 0 or the previous step's norm, silently). torch's
     own clipping copies to the host blocking too."""
+    if t.device == device:  # (the usual case: nothing to move, and no device to build)
+        return t
     return t.to(device, non_blocking=torch.device(device).type != "cpu")
 
 

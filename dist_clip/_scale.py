@@ -129,6 +129,8 @@ def subnormal_split(coefs: Tensor, out: torch.dtype) -> list[Tensor] | None:
     read)."""
     if coefs.device.type != "cpu":
         return None
+    if coefs.dim() == 0 and not 0.0 < float(coefs) < FP32_TINY:  # (one coefficient: read once, no tensor ops)
+        return None
     factors = power_split(coefs.to(torch.float64))
     return None if factors is None else [f.to(out) for f in factors]
 
@@ -150,10 +152,9 @@ def scale_(
     """
     if not tensors:
         return
-    on_cpu = coef.device.type == "cpu"
-    if on_cpu and bool(coef == 1.0):
+    value = float(coef) if coef.device.type == "cpu" else None
+    if value == 1.0:
         return
-    value = float(coef) if on_cpu else None
     for (device, dtype), group in (groups if groups is not None else group_by_device_dtype(tensors)).items():
         group = writable(group)
         if (

@@ -224,44 +224,51 @@ def _wide_total(
             counted, whole = _counted_tensors(shards, group)
             if not (whole and len(counted) == len(everything)):  # then counted is everything, each piece once
                 groups = None
-            partial = local_total_partial(counted, p, foreach, home, groups).reshape(1)
+            partial = local_total_partial(counted, p, foreach, home, groups)
             out = _result_dtype(everything, everything_groups)
         except (ValueError, TypeError) as e:
             if not check:
                 raise
             error, refused, scale = e, True, 1.0
     if refused:
-        partial = torch.zeros(1, dtype=torch.float64, device=home)
+        partial = torch.zeros((), dtype=torch.float64, device=home)
+    if not check:  # nothing to combine: the partial is the total's (no buffer to build, no element to pick)
+        return _finished(_norm.finalize(partial, p), p, scale, out, error_if_nonfinite and not refused)
+    partial = partial.reshape(1)
     agree = _reduce.reduces_on_host(group)
     if agree:  # one more value in the same all-reduce: whether any rank holds float64 gradients
         partial = torch.cat([partial, wide_flag(out, home)])
-    settings = ""
-    if check:
-        from . import _slots
+    from . import _slots
 
-        if refused:  # NaN: every rank's check fails, and says another rank refused (NaN-safe under MAX)
-            values = torch.full((4,), math.nan, dtype=torch.float64)
-        else:
-            settings = f"norm_type={p!r}, error_if_nonfinite={bool(error_if_nonfinite)}"
-            if limit is not None:
-                settings += f", max_norm={_limit_setting(limit)}"
-            values = _slots._settings_values(settings, p, _reduce.group_size(group))
-        partial = torch.cat([partial, values.to(home, non_blocking=True)])
+    settings = ""
+    if refused:  # NaN: every rank's check fails, and says another rank refused (NaN-safe under MAX)
+        values = torch.full((4,), math.nan, dtype=torch.float64)
+    else:
+        settings = f"norm_type={p!r}, error_if_nonfinite={bool(error_if_nonfinite)}"
+        if limit is not None:
+            settings += f", max_norm={_limit_setting(limit)}"
+        values = _slots._settings_values(settings, p, _reduce.group_size(group))
+    partial = torch.cat([partial, values.to(home, non_blocking=True)])
     combined = _reduce.all_reduce_partials(partial, _norm.combine_op(p), group)
-    if check:
-        try:
-            combined = _slots._layout_check(combined, p, _reduce.group_size(group), 1, settings, named=False)
-        except RuntimeError:
-            if not refused:
-                raise
+    try:
+        combined = _slots._layout_check(combined, p, _reduce.group_size(group), 1, settings, named=False)
+    except RuntimeError:
+        if not refused:
+            raise
     if error is not None:
         raise error  # this rank's own reason; the others raised REFUSED (or hold NaN norms on accelerators)
-    total = _norm.finalize(combined[0], p)
-    if scale != 1.0 and p != 0:  # every p-norm is homogeneous of degree 1; the L0 count is scale-free
-        total = total / scale
     if agree:
         out = agreed_dtype(combined[1])
-    if error_if_nonfinite and not refused and not bool(torch.isfinite(total)):
+    return _finished(_norm.finalize(combined[0], p), p, scale, out, error_if_nonfinite and not refused)
+
+
+def _finished(
+    total: Tensor, p: float, scale: float, out: torch.dtype, error_if_nonfinite: bool
+) -> tuple[Tensor, torch.dtype]:
+    """The end of :func:`_wide_total`: the combined total unscaled by the loss scale, tested where asked."""
+    if scale != 1.0 and p != 0:  # every p-norm is homogeneous of degree 1; the L0 count is scale-free
+        total = total / scale
+    if error_if_nonfinite and not bool(torch.isfinite(total)):
         raise RuntimeError(
             f"The total norm of order {p} for gradients is non-finite ({total.item()}), so it cannot be clipped. "
             "Every rank of the group raises this error together. To disable it and scale the gradients by the "

@@ -604,6 +604,8 @@ def test_copies_to_the_host_wait_and_copies_to_accelerators_do_not():
     calls = []
 
     class Probe:
+        device = None  # (on no device: every destination is a move)
+
         def to(self, device, non_blocking=False):
             calls.append((str(device), non_blocking))
             return self
@@ -611,6 +613,8 @@ def test_copies_to_the_host_wait_and_copies_to_accelerators_do_not():
     for dev in ("cpu", torch.device("cpu"), "cuda:0", torch.device("cuda", 1), "meta"):
         _reduce.moved(Probe(), dev)
     assert calls == [("cpu", False), ("cpu", False), ("cuda:0", True), ("cuda:1", True), ("meta", True)]
+    t = torch.ones(2)
+    assert _reduce.moved(t, t.device) is t  # already there: no copy
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
