@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -327,6 +328,16 @@ def settle_hand_over(target: object, tensors: Sequence[Tensor] | Callable[[], Se
         _fused.settle(tensors() if callable(tensors) else tensors)
 
 
+def _deepspeed_applied(target: object, coef: Tensor) -> Tensor:
+    """``coef`` as scaled into ``target``'s gradients (see :func:`dist_clip.adapters.deepspeed.applied_coefficient`:
+    NaN as 1 on an engine)."""
+    if "deepspeed" not in sys.modules:
+        return coef
+    from .adapters import deepspeed as ds_adapter
+
+    return ds_adapter.applied_coefficient(target, coef)
+
+
 def _deepspeed_fold(target: object, optimizer: object) -> tuple[Any, object]:
     """``(fold, optimizer)``: the hand-over of the coefficient into a DeepSpeed ZeRO engine's ``step()`` (see
     :func:`dist_clip.adapters.deepspeed.fold_handle`) or None, and what is left of ``optimizer`` for the fused
@@ -538,7 +549,7 @@ def clip_grad_norm_(
         for factor in split:
             _scale.scale_(everything, factor, foreach, groups)
     else:
-        _scale.scale_(everything, coef, foreach, groups)
+        _scale.scale_(everything, _deepspeed_applied(parameters, coef), foreach, groups)
     if running or (skips and not handed):
         # Armed for a finite total too: its False replaces a stale flag of gradients since replaced (a dropped
         # batch's NaN skipped the next good step where the ranks handing over stepped it).

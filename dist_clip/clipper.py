@@ -74,7 +74,8 @@ class ClipperConfig:
             naming the ranks and parameters holding non-finite values; ``"skip"`` turns the next
             ``optimizer.step()`` into a no-op (needs ``optimizer=``; on a DeepSpeed engine the next
             ``engine.step()``, through DeepSpeed's overflow path under ZeRO 1-3); ``"zero"`` zeroes every gradient;
-            ``"ignore"`` scales by the non-finite coefficient, as ``torch.nn.utils.clip_grad_norm_`` does.
+            ``"ignore"`` scales by the non-finite coefficient, as ``torch.nn.utils.clip_grad_norm_`` does (on a
+            DeepSpeed engine a NaN one by 1: see :func:`dist_clip.adapters.deepspeed.applied_coefficient`).
         report: return the norm of every parameter as a dict (one host read).
         report_depth: report per module prefix of this many dotted components instead of per parameter.
         agc: the unit-wise clipping settings of ``mode="unitwise"``.
@@ -930,9 +931,9 @@ class GradClipper:
             raise RuntimeError(_nonfinite_message(culprits, m.group, total.item(), p))
         pieces = _slots.all_pieces(shards, pick)
         on_cpu = total.device.type == "cpu"
-        slot_wide = _kept(slot_coef, finite, policy)  # float64
+        slot_wide = _clip._deepspeed_applied(target, _kept(slot_coef, finite, policy))  # float64
         slot_coef = slot_wide.to(out)
-        coef = _kept(coef, finite, policy).to(out)  # what is applied, as documented
+        coef = _clip._deepspeed_applied(target, _kept(coef, finite, policy)).to(out)  # what is applied, as documented
         # Some gradient was scaled down: a slot (or group) whose gradients are all zero, or absent, is left as it
         # was whatever its coefficient (max_norm=0 on a parameter without gradient read as clipped).
         scaled = m.slot_norms.to(slot_coef.device) > 0 if m.slot_norms.numel() == slot_coef.numel() else m.total > 0

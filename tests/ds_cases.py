@@ -345,6 +345,52 @@ def case_fp16_overflow(stage: int, offload: bool = False, steps: int = 5, hand_o
     return {"history": history}
 
 
+class _WithUnused(torch.nn.Module):
+    """The test model beside a layer the forward never calls: its gradient slot in ZeRO's buffers is never
+    written by a backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_model()
+        self.unused = torch.nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def case_nan_batch_beside_an_unused_parameter(stage: int, offload: bool, dtype: str, call: str) -> list:
+    """A NaN in rank 0's first batch, clean batches after, a parameter without a gradient. ZeRO-3 and the
+    offloaded optimizers keep gradient slots between steps that a backward writes only for parameters it
+    reaches: scaled by the NaN coefficient (0 * NaN), the unused parameter's slot held NaN for good, and every
+    later step read it (ZeRO-3 skipped every step, offload stepped NaN into the parameters). DeepSpeed skips
+    the bad step itself; the clean ones must step, finite."""
+    deepspeed = _quiet()
+    if dtype == "fp16":
+        allow_cpu_fp16()
+    torch.manual_seed(0)
+    model = _WithUnused()
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    with contextlib.redirect_stdout(io.StringIO()):
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt,
+                                          config=ds_config(stage, dtype=dtype, offload=offload))
+    rank, history = dist.get_rank(), []
+    for step in range(3):
+        x = batch(rank, step, 0)
+        if step == 0 and rank == 0:
+            x[0, 0] = math.nan
+        engine.backward(loss_fn(engine(x.to(_engine_dtype(engine)))))
+        if call == "plain":
+            total = dist_clip.clip_grad_norm_(engine, 0.3)
+        else:  # a GradClipper under its default policy ("ignore"): "total", or "per_group" (one group here)
+            extra = {"optimizer": engine.optimizer} if call == "per_group" else {}
+            total = dist_clip.GradClipper(max_norm=0.3, mode=call)(engine, **extra).total_norm
+        engine.step()
+        history.append((math.isfinite(float(total)), bool(engine._step_applied)))
+    assert history == [(False, False), (True, True), (True, True)], history
+    assert all(bool(torch.isfinite(t).all()) for t in full_params(engine)), "NaN reached the parameters"
+    return history
+
+
 def case_stage0_fp16_nan_batch() -> dict:
     """Stage 0's fp16 wrapper (FP16_UnfusedOptimizer) tests the gradients for overflow in step(), skips and
     lowers the loss scale. A NaN in rank 0's batch: "zero" zeroed the gradients before that test, which read

@@ -73,6 +73,13 @@ def test_fp16_overflow_steps_are_skipped_like_deepspeed(run_ranks, stage, offloa
     run_ranks(2, ds_cases.case_fp16_overflow, stage, offload=offload, timeout_s=TIMEOUT)
 
 
+@pytest.mark.parametrize("stage,offload,dtype,call", [(3, False, "fp32", "plain"), (3, False, "fp16", "total"),
+                                                    (2, True, "fp32", "plain"), (3, True, "fp32", "per_group"),
+                                                    (1, False, "bf16", "plain")])
+def test_a_nan_batch_leaves_no_nan_in_the_slots_of_unused_parameters(run_ranks, stage, offload, dtype, call):
+    run_ranks(2, ds_cases.case_nan_batch_beside_an_unused_parameter, stage, offload, dtype, call, timeout_s=TIMEOUT)
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_optimizer_argument_with_a_fused_torch_optimizer_clips_every_group(run_ranks, stage):
     assert run_ranks(2, ds_cases.case_fused_inner_optimizer, stage, timeout_s=TIMEOUT) == [True, True]

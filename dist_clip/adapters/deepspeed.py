@@ -434,6 +434,18 @@ def _loss_scale(opt: Any, zero_optimizer: type) -> float:
     return float(scaler.cur_scale) if scaler is not None else 1.0
 
 
+def applied_coefficient(target: object, coef: Tensor) -> Tensor:
+    """``coef`` as dist_clip applies it to ``target``'s gradients: on an engine a NaN coefficient (a NaN
+    total) is applied as 1, the gradients left as they are for ``step()`` (which skips a non-finite step, or
+    steps it, as without dist_clip). ZeRO-3 and the offloaded optimizers keep gradient slots across steps that a
+    backward writes only for the parameters it reaches: multiplied by NaN, the slot of a parameter without a
+    gradient that step held NaN for good (0 * NaN), and every later step read it (ZeRO-3 skipped them all,
+    offload stepped NaN into the parameters). A device op: no host sync."""
+    if not matches(target):
+        return coef
+    return torch.where(torch.isnan(coef), 1.0, coef)
+
+
 def checks_overflow(target: object) -> bool:
     """Whether ``engine.step()`` itself skips a step whose gradients are not finite: fp16 ZeRO 0-3 (and bf16
     with ``check_grad_overflow``) test for overflow inside ``step()`` and then lower the loss scale. Zeroing the
