@@ -19,8 +19,10 @@ of every stage travel in one all-reduce over the whole mesh, and tied parameters
     result = dist_clip.GradClipper(max_norm=1.0)(stage_module, plan=plan)
 
 DTensor gradients add their own ``Replicate`` mesh dimensions to the rule's copy dimensions, so a
-tensor-parallel module built with ``parallelize_module`` needs only ``Rule("*")``. ``debug=True`` cross-checks
-the plan once, on the first call, against an all-gathered reference and raises on any over- or under-counting.
+tensor-parallel module built with ``parallelize_module`` whose every parameter is a DTensor needs only
+``Rule("*")`` (plain parameters the TP plan left out, copies on every tp rank, need ``replicate=``).
+``debug=True`` cross-checks the plan once, on the first call, against an all-gathered reference and raises on
+any over- or under-counting.
 """
 
 from __future__ import annotations
@@ -136,6 +138,9 @@ class ParallelPlan:
         object.__setattr__(self, "tied", tuple(
             tuple(pair) if isinstance(pair, Iterable) and not isinstance(pair, (str, bytes, Mapping)) else pair
             for pair in self.tied))
+        for pair in self.tied:  # (a 2-character string passed as a pair: "ba" read as copy "b" of owner "a")
+            if not isinstance(pair, tuple) or not all(isinstance(n, str) for n in pair):
+                raise TypeError(f"ParallelPlan.tied entries must be (copy name, owner name) pairs, got {pair!r}")
         if not isinstance(self.debug, bool):
             raise TypeError(f"ParallelPlan.debug must be True or False, got {self.debug!r}")
         for r in self.rules:
@@ -350,8 +355,13 @@ class ParallelPlan:
         """``debug=True``: on the first call, all-gather every piece and check the counting and the norm."""
         if not self.debug or self._memo.get("checked"):
             return
+        from .testing import _wide
+
+        # Each piece's values as the definition measures them (complex by their moduli: a cast to float64 kept
+        # the real part only and failed a right plan, 12.37 for 13.04; sparse by their coalesced values: the
+        # reshape raised on that rank alone, and the others waited in the all-gather until the timeout).
         local = [
-            (s.names[i], bool(s.counted), t.detach().to("cpu", torch.float64).reshape(-1).clone())
+            (s.names[i], bool(s.counted), _wide(t).clone())
             for s in shards
             for i, t in enumerate(s.tensors)
         ]

@@ -322,6 +322,11 @@ def body_plan_errors() -> list[str]:
             out.append("accepted")
         except ValueError as e:
             out.append(str(e))
+    try:  # a 2-character string for a pair: "ba" was read as copy "b" of owner "a"
+        ParallelPlan(mesh, names=("a",), tied=("ba",))
+        out.append("accepted")
+    except (ValueError, TypeError) as e:
+        out.append(f"{type(e).__name__}: {e}")
     return out
 
 
@@ -382,6 +387,7 @@ def test_plan_validation_names_expected_and_received(run_ranks):
     assert msgs[10] == "accepted", msgs[10]
     assert msgs[11].startswith("group= does not combine with plan="), msgs[11]
     assert msgs[12] == "accepted", msgs[12]  # the plan's own group, given again
+    assert msgs[13] == "TypeError: ParallelPlan.tied entries must be (copy name, owner name) pairs, got 'ba'", msgs
 
 
 def test_tie_on_one_rank_and_a_measurement_that_touches_nothing(run_ranks):
@@ -561,6 +567,34 @@ def body_debug_audit_with_nan() -> list[float]:
 def test_debug_audit_accepts_nan_for_every_order(run_ranks):
     for totals in run_ranks(2, body_debug_audit_with_nan):
         assert all(math.isnan(t) for t in totals), totals
+
+
+def body_debug_audit_of_complex_and_sparse_pieces() -> list[float]:
+    """The audit measures each piece as the definition does: a complex gradient by its moduli (cast to float64 it
+    kept the real part: a right plan failed, 12.37 for 13.04) and a sparse one by its coalesced values (its
+    reshape raised on that stage alone, the other waited in the all-gather until the timeout)."""
+    rank = dist.get_rank()
+    mesh = cases.mesh((2,), ("pp",))
+    out = []
+    torch.manual_seed(0)
+    emb, lin = torch.nn.Embedding(6, 3, sparse=True), torch.nn.Linear(3, 2)
+    emb(torch.tensor([1, 2, 1])).sum().backward()
+    lin(torch.ones(1, 3)).sum().backward()
+    complex_grad = torch.tensor([3 + 4j, 1j], dtype=torch.complex64)
+    full = [emb.weight.grad.to_dense(), lin.weight.grad, lin.bias.grad, complex_grad]
+    stages = ({"emb.weight": emb.weight, "c": complex_grad}, {"lin.weight": lin.weight, "lin.bias": lin.bias})
+    names = ("emb.weight", "c", "lin.weight", "lin.bias")
+    for p in (2.0, 1.0, math.inf, 0.0):
+        plan = ParallelPlan(mesh, names=names, debug=True)
+        got = GradClipper(max_norm=1e9, norm_type=p)(stages[rank], plan=plan).total_norm
+        assert float(got) == pytest.approx(reference_norm(full, p), rel=1e-6), (p, float(got))
+        out.append(float(got))
+    return out
+
+
+def test_debug_audit_of_complex_and_sparse_pieces(run_ranks):
+    totals = run_ranks(2, body_debug_audit_of_complex_and_sparse_pieces)
+    assert totals[0] == totals[1], totals
 
 
 def body_one_sided_bad_input() -> list[str]:
