@@ -855,8 +855,16 @@ def unit_pieces(
                 g = g._local_tensor
             units.append(_Unit(name, g, param._local_tensor.detach(), geo.group, geo.counted, "rows",
                                row0=geo.row0, split_units=(0,) if geo.cut == "unit" else (), rows=geo.rows))
-        elif param.grad is not None:
-            units.append(_Unit(name, param.grad, param.detach(), group, True, "rows"))
+        else:
+            # Plain tensors with group= are pieces of the same parameters on the group's ranks (matched by
+            # position): a 0/1-D one is one unit cut across them, its partials combined as a sharded DTensor's
+            # (each rank clipped its piece as a whole unit: 0.01 for 0.0063 on 2 ranks). 2-D ones are whole rows.
+            split = group is not None and param.dim() <= 1
+            if split:
+                cut.append((name, 0))
+            if param.grad is not None:
+                units.append(_Unit(name, param.grad, param.detach(), group, True, "rows",
+                                   split_units=(0,) if split else ()))
     return units, cut, tuple(dict.fromkeys(names))
 
 

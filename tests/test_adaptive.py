@@ -604,6 +604,38 @@ def _full_grads_after(target, name: str) -> dict[str, torch.Tensor]:  # noqa: AN
     return {n: full[n].reshape(layout.geometry[n][0]) for n in full}
 
 
+def body_agc_plain_pieces_with_group() -> list:
+    """Plain tensors with group= are pieces of the same parameters (by position): a 1-D one is one unit cut
+    across the ranks, its weight and gradient norms combined as for a Shard(0) DTensor (each rank clipped its
+    piece as a whole unit: 0.01 where the float64 reference is 0.0063 on 2 ranks). 2-D pieces are whole rows."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(3)
+    full_w = {"b": torch.randn(11, generator=g, dtype=torch.float64),
+              "w": torch.randn(7, 4, generator=g, dtype=torch.float64)}
+    full_g = {"b": torch.randn(11, generator=g, dtype=torch.float64) * 3.0,
+              "w": torch.randn(7, 4, generator=g, dtype=torch.float64) * 0.05}
+    full_g["w"][2] *= 100.0  # one row clipped, the others not
+    out = []
+    for p in (2.0, 1.0, math.inf):
+        want = agc_reference(full_w, full_g, 0.05, 1e-3, p)
+        mine, got_back = {}, {}
+        for name in full_w:
+            piece = torch.tensor_split(torch.arange(full_w[name].shape[0]), world)[rank]  # uneven: 6/5 and 4/3 rows
+            q = nn.Parameter(full_w[name][piece].float().clone())
+            q.grad = full_g[name][piece].float().clone()
+            mine[name], got_back[name] = q, piece
+        GradClipper(mode="unitwise", norm_type=p, agc=AGC(clipping=0.05, eps=1e-3))(mine, group=dist.group.WORLD)
+        for name, q in mine.items():
+            torch.testing.assert_close(q.grad.double(), want[name][got_back[name]], rtol=1e-5, atol=1e-9)
+        out.append(float(mine["b"].grad.double().norm()))
+    return out
+
+
+def test_agc_plain_one_dimensional_pieces_with_group_are_one_cut_unit(run_ranks):
+    for world in (2, 3):
+        run_ranks(world, body_agc_plain_pieces_with_group)
+
+
 def body_scaling_that_raises_on_one_rank() -> list:
     """Rank 1's gradients are inference tensors (made under torch.inference_mode()): measured and combined like
     any others, but torch refuses to scale them in place, on that rank only, after the collective. Its clipper
