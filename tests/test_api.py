@@ -282,6 +282,12 @@ def test_gradients_made_with_create_graph_are_gradients():
     leaf = torch.ones(3, requires_grad=True)  # a leaf that requires grad is a parameter: its .grad counts
     leaf.grad = torch.full((3,), 2.0)
     assert dist_clip.get_total_norm([leaf]).item() == pytest.approx(math.sqrt(12), rel=1e-6)
+    # Silently in the named modes too (they read .grad of every listed tensor: torch warned "The .grad attribute
+    # of a Tensor that is not a leaf Tensor is being accessed" for this gradient)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = dist_clip.GradClipper(mode="per_param", report=True)([w.grad])
+    assert result.norms == {"0": pytest.approx(want, rel=1e-6)}
     w.grad = None  # break the reference cycle create_graph makes
 
 

@@ -374,7 +374,7 @@ def listed_stand_ins(items: Sequence[tuple[str, Tensor]]) -> Sequence[tuple[str,
     module is unsharded (1.95 for 3.27 after an evaluation forward), as the total does not. Only where some
     listed parameter has no gradient."""
     if "torch.distributed.fsdp._fully_shard._fully_shard" not in sys.modules or all(
-        getattr(t, "grad", None) is not None or not isinstance(t, nn.Parameter) for _, t in items
+        not isinstance(t, nn.Parameter) or t.grad is not None for _, t in items  # (a non-leaf's .grad warns)
     ):
         return items
     swapped = _listed_stand_ins(items, [t for _, t in items])
