@@ -11,7 +11,7 @@ from torch import Tensor
 from . import _native, _reduce
 
 __all__ = [
-    "EPS", "clip_coefficient", "group_by_device_dtype", "power_split", "resolve_foreach", "scale_", "subnormal_split",
+    "EPS", "clip_coefficient", "group_by_device_dtype", "mul_wide_", "needs_wide", "resolve_foreach", "scale_",
     "writable", "writable_pieces",
 ]
 
@@ -100,39 +100,41 @@ def full_like(like: Tensor, value: float) -> Tensor:
 
 
 FP32_TINY = 2.0**-126  # float32's smallest normal number
-STEP = 2.0**-100  # a power of two, exact in float32 and bfloat16: the factor split off a too-small coefficient
+_WIDE_PIECE = 1 << 20  # elements per float64 copy in mul_wide_
 
 
-def power_split(coefs: Tensor) -> list[Tensor] | None:
-    """float64 ``coefs`` some of which float32 holds only as subnormals (or not at all): factors whose product
-    is each coefficient, the first normal, the others ``STEP`` (exact), to multiply in turn, or None when none
-    is below float32's smallest normal. As many factors as the smallest needs: two cover coefficients down to
-    2**-226 (one split at 2**-64 lost digits below 2**-190 and zeroed gradients below 2**-213)."""
-    small = (coefs > 0) & (coefs < FP32_TINY)
-    if not bool(small.any()):
-        return None
-    first = coefs.clone()
-    steps: list[Tensor] = []
-    while bool(small.any()):
-        steps.append(torch.where(small, STEP, 1.0).to(coefs.dtype))
-        first = torch.where(small, first / STEP, first)
-        small = (first > 0) & (first < FP32_TINY)
-    return [first, *steps]
-
-
-def subnormal_split(coefs: Tensor, out: torch.dtype) -> list[Tensor] | None:
-    """For float64 coefficients (one, or one per slot) that float32 can only hold as subnormals, losing digits or
-    all of them (finite gradients whose norm is beyond float32's range): normal factors whose product each is,
-    in ``out``, to multiply in turn (all but the first powers of two, exact; see :func:`power_split`). Also
-    where ``out`` is float64: float32 and bfloat16 gradients beside float64 ones would get the coefficient
-    rounded to float32. None when no coefficient needs it (or off the CPU, where the test would be a host
-    read)."""
+def needs_wide(coefs: Tensor) -> bool:
+    """Whether some float64 coefficient (one, or one per slot) is one float32 holds only as a subnormal, or not
+    at all (finite gradients whose norm is beyond float32's range, or a tiny ``max_norm``): multiplied in float32
+    it lost its digits, or zeroed the gradients; such calls scale through :func:`mul_wide_`. Also where the
+    result dtype is float64: float32 and bfloat16 gradients beside float64 ones would get the coefficient
+    rounded to float32. False off the CPU, where the test would be a host read."""
     if coefs.device.type != "cpu":
-        return None
-    if coefs.dim() == 0 and not 0.0 < float(coefs) < FP32_TINY:  # (one coefficient: read once, no tensor ops)
-        return None
-    factors = power_split(coefs.to(torch.float64))
-    return None if factors is None else [f.to(out) for f in factors]
+        return False
+    if coefs.dim() == 0:  # (one coefficient: read once, no tensor ops)
+        return 0.0 < float(coefs) < FP32_TINY
+    return bool(((coefs > 0) & (coefs < FP32_TINY)).any())
+
+
+def mul_wide_(tensors: Sequence[Tensor], value: float) -> None:
+    """``t *= value`` for CPU tensors with the product taken in float64 (complex128) and rounded once to each
+    tensor's dtype: the coefficients of :func:`needs_wide`. (They were applied as a normal factor times powers
+    of two, each product rounded to the dtype: results that are subnormal themselves rounded twice, 1 ulp off,
+    1.7% of a bf16 value.) A float64 copy of at most 1 Mi elements at a time."""
+    for t in writable(tensors):
+        if t.is_sparse:
+            t = t._values()
+        if not t.numel():
+            continue
+        if t.dtype in (torch.float64, torch.complex128):
+            t.mul_(value)
+            continue
+        wide = torch.complex128 if t.is_complex() else torch.float64
+        if not t.is_contiguous():
+            t.copy_(t.to(wide) * value)
+            continue
+        for piece in t.view(-1).split(_WIDE_PIECE):
+            piece.copy_(piece.to(wide) * value)
 
 
 def scale_(

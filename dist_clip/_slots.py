@@ -765,6 +765,16 @@ def all_pieces(shards: Sequence[Shards], slot_of: Callable[[str, int], int] | No
 _SCALAR_LIST_EXACT = (torch.float32, torch.float64)
 
 
+def scale_slots_wide_(pieces: Sequence[tuple[Tensor, int]], coefs: Tensor) -> None:
+    """:func:`scale_slots_` for float64 CPU coefficients some of which float32 holds only as subnormals: each
+    piece by its slot's value as a float64 product rounded once (:func:`dist_clip._scale.mul_wide_`)."""
+    values = coefs.reshape(-1).tolist()
+    one = len(values) == 1
+    for t, slot in pieces:
+        if values[0 if one else slot] != 1.0:
+            _scale.mul_wide_([t], values[0 if one else slot])
+
+
 def scale_slots_(pieces: Sequence[tuple[Tensor, int]], coefs: Tensor, foreach: bool | None = None) -> None:
     """Multiply each piece in place by the coefficient of its slot (``coefs``: one per slot).
 

@@ -451,13 +451,14 @@ def clip_grads_with_norm_(
     if not isinstance(total_norm, Tensor):
         total_norm = torch.full((), float(total_norm), dtype=torch.float64, device=tensors[0].device)  # exact, a fill
     coef = _scale.clip_coefficient(limit, total_norm)
-    # A coefficient float32 holds only as a subnormal (a norm near float32's top, a tiny max_norm): in normal
-    # factors, as clip_grad_norm_ applies it (get_total_norm then this call zeroed gradients that
+    # A coefficient float32 holds only as a subnormal (a norm near float32's top, a tiny max_norm): a float64
+    # product, as clip_grad_norm_ applies it (get_total_norm then this call zeroed gradients that
     # clip_grad_norm_ scaled to 8e-21). On the CPU only, where the test reads nothing from a device.
-    on_cpu = total_norm.device.type == "cpu"
-    split = _scale.subnormal_split(_scale.clip_coefficient(limit, total_norm.double()), coef.dtype) if on_cpu else None
-    for factor in split if split is not None else (coef,):
-        _scale.scale_(tensors, factor, foreach)
+    wide = _scale.clip_coefficient(limit, total_norm.double()) if total_norm.device.type == "cpu" else None
+    if wide is not None and _scale.needs_wide(wide):
+        _scale.mul_wide_(tensors, float(wide))
+    else:
+        _scale.scale_(tensors, coef, foreach)
 
 
 @_eager
@@ -534,20 +535,19 @@ def clip_grad_norm_(
     coef_wide = _scale.clip_coefficient(limit, wide)  # from the float64 total, which float32 may not hold
     coef = coef_wide.to(out)
     # A finite total beyond float32's range whose coef float32 holds only as a subnormal (digits lost, or 0):
-    # applied here in two normal factors (on the CPU, where reading it is free; never handed over: the
-    # grad_scale 1 / coef would be imprecise or inf).
-    split = _scale.subnormal_split(coef_wide, out)
-    handed = fold is None and fused and split is None
+    # applied here as a float64 product rounded once (on the CPU, where reading it is free; never handed over:
+    # the grad_scale 1 / coef would be imprecise or inf).
+    wide_product = _scale.needs_wide(coef_wide)
+    handed = fold is None and fused and not wide_product
     # (before scaling: a skip armed by an earlier call on these very gradients, a clip of another part of the
     # model, is combined with, not replaced by, this call's flag; see _fused.arm_skip_)
     started = _fused.grad_state(optimizer) if skips and not handed and not running else None  # type: ignore[arg-type]
-    if fold is not None and split is None:
+    if fold is not None and not wide_product:
         fold(coef, everything)
     elif handed:
         _fused.hand_over_(optimizer, coef, wide, stepped)
-    elif split is not None:
-        for factor in split:
-            _scale.scale_(everything, factor, foreach, groups)
+    elif wide_product:
+        _scale.mul_wide_(everything, float(coef_wide))
     else:
         _scale.scale_(everything, _deepspeed_applied(parameters, coef), foreach, groups)
     if running or (skips and not handed):

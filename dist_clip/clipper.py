@@ -948,9 +948,10 @@ class GradClipper:
                 for t, _ in pieces:
                     t.zero_()
             else:
-                split = _scale.subnormal_split(slot_wide, out)
-                for factors in split if split is not None else (slot_coef,):
-                    _slots.scale_slots_(pieces, factors, cfg.foreach)
+                if _scale.needs_wide(slot_wide):  # (coefficients float32 holds only as subnormals)
+                    _slots.scale_slots_wide_(pieces, slot_wide)
+                else:
+                    _slots.scale_slots_(pieces, slot_coef, cfg.foreach)
                 if policy == "zero" and not on_cpu:
                     # 0 * NaN is NaN: zero explicitly, no sync. Sparse gradients by their values (no sparse
                     # masked_fill_: every call raised there), expanded ones each memory location once.
