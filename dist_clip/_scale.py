@@ -69,12 +69,16 @@ def writable_pieces(pieces: Sequence[tuple[Tensor, int]]) -> Iterable[tuple[Tens
     return zip(writable([t for t, _ in pieces]), (slot for _, slot in pieces))
 
 
+_FOREACH_TYPES = frozenset((Tensor, type(None)))
+
+
 def resolve_foreach(foreach: bool | None, device: torch.device, tensors: Sequence[Tensor]) -> bool:
     """torch's tri-state: None = fused where supported, True = fused or RuntimeError, False = per tensor."""
-    from torch.utils._foreach_utils import _device_has_foreach_support, _has_foreach_support
+    from torch.utils._foreach_utils import _device_has_foreach_support
 
     if foreach is None:
-        return _has_foreach_support(list(tensors), device)
+        # torch's _has_foreach_support, the per-tensor test in C: plain tensors only (a subclass takes the loop)
+        return _device_has_foreach_support(device) and set(map(type, tensors)) <= _FOREACH_TYPES
     if foreach and not _device_has_foreach_support(device):
         raise RuntimeError(f"foreach=True was passed, but can't use the foreach API on {device.type} tensors")
     return bool(foreach)
