@@ -765,14 +765,20 @@ def all_pieces(shards: Sequence[Shards], slot_of: Callable[[str, int], int] | No
 _SCALAR_LIST_EXACT = (torch.float32, torch.float64)
 
 
-def scale_slots_wide_(pieces: Sequence[tuple[Tensor, int]], coefs: Tensor) -> None:
-    """:func:`scale_slots_` for float64 CPU coefficients some of which float32 holds only as subnormals: each
-    piece by its slot's value as a float64 product rounded once (:func:`dist_clip._scale.mul_wide_`)."""
-    values = coefs.reshape(-1).tolist()
-    one = len(values) == 1
-    for t, slot in pieces:
-        if values[0 if one else slot] != 1.0:
-            _scale.mul_wide_([t], values[0 if one else slot])
+def scale_slots_wide_(pieces: Sequence[tuple[Tensor, int]], wide: Tensor, coefs: Tensor,
+                      foreach: bool | None = None) -> None:
+    """:func:`scale_slots_` where some of the float64 CPU coefficients ``wide`` are ones float32 holds only as
+    subnormals: the pieces of those slots by a float64 product rounded once (:func:`dist_clip._scale.mul_wide_`),
+    the others by their slot's coefficient in ``coefs`` (the result dtype) as :func:`scale_slots_` applies it
+    (they took the float64 product too: 99 of 1000 entries of a parameter beside such a slot changed)."""
+    values = wide.reshape(-1).tolist()
+    if len(values) == 1:
+        _scale.mul_wide_([t for t, _ in pieces], values[0])
+        return
+    tiny = [(t, slot) for t, slot in pieces if 0.0 < values[slot] < _scale.FP32_TINY]
+    scale_slots_([(t, slot) for t, slot in pieces if not 0.0 < values[slot] < _scale.FP32_TINY], coefs, foreach)
+    for t, slot in tiny:
+        _scale.mul_wide_([t], values[slot])
 
 
 def scale_slots_(pieces: Sequence[tuple[Tensor, int]], coefs: Tensor, foreach: bool | None = None) -> None:

@@ -949,7 +949,7 @@ class GradClipper:
                     t.zero_()
             else:
                 if _scale.needs_wide(slot_wide):  # (coefficients float32 holds only as subnormals)
-                    _slots.scale_slots_wide_(pieces, slot_wide)
+                    _slots.scale_slots_wide_(pieces, slot_wide, slot_coef, cfg.foreach)
                 else:
                     _slots.scale_slots_(pieces, slot_coef, cfg.foreach)
                 if policy == "zero" and not on_cpu:

@@ -167,6 +167,34 @@ def test_a_subnormal_coefficient_is_one_product_rounded_once(dtype, how):
     assert torch.equal(param.grad, want), int((param.grad != want).sum())
 
 
+@pytest.mark.parametrize("mode", ["per_param", "per_group"])
+def test_slots_beside_a_subnormal_one_keep_their_own_rounding(mode):
+    """Per slot, only the slots whose coefficient float32 holds as a subnormal take the float64 product: the
+    others are their gradient times the float32 coefficient, rounded once, bit for bit as without the tiny
+    slot beside them (they took the float64 product too: 99 of 1000 entries differed); a slot at 1 untouched."""
+    from dist_clip import GradClipper
+
+    torch.manual_seed(0)
+    grads = {"a": torch.cat([torch.tensor([9.3e37]), torch.ones(10)]), "b": torch.randn(1000) * 0.1,
+             "c": torch.full((4,), 0.1)}
+
+    def clipped(names):
+        params = {n: torch.nn.Parameter(torch.zeros_like(grads[n])) for n in names}
+        for n, q in params.items():
+            q.grad = grads[n].clone()
+        groups = [{"params": [q], "max_norm": 1.0} for q in params.values()]
+        extra = {"optimizer": torch.optim.SGD(groups, lr=0.1)} if mode == "per_group" else {}
+        result = GradClipper(max_norm=1.0, mode=mode)(params, **extra)
+        return {n: q.grad for n, q in params.items()}, result.clip_coef
+
+    alone, _ = clipped(["b", "c"])
+    beside, coefs = clipped(["a", "b", "c"])
+    assert torch.equal(beside["b"], alone["b"]) and torch.equal(beside["b"], grads["b"] * coefs[1])
+    assert torch.equal(beside["c"], grads["c"])
+    tiny = 1.0 / (reference_norm([grads["a"]]) + 1e-6)
+    assert tiny < 2.0**-126 and torch.equal(beside["a"], (grads["a"].double() * tiny).float())
+
+
 @pytest.mark.parametrize("max_norm", [1e-10, 1e-20])
 @pytest.mark.parametrize("total_as", ["tensor", "float"])
 def test_two_steps_apply_a_subnormal_coefficient_as_clip_grad_norm_does(max_norm, total_as):
