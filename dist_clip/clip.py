@@ -458,7 +458,7 @@ def clip_grads_with_norm_(
     if wide is not None and _scale.needs_wide(wide):
         _scale.mul_wide_(tensors, float(wide))
     else:
-        _scale.scale_(tensors, coef, foreach)
+        _scale.scale_(tensors, _deepspeed_applied(parameters, coef), foreach)
 
 
 @_eager

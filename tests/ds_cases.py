@@ -381,6 +381,12 @@ def case_nan_batch_beside_an_unused_parameter(stage: int, offload: bool, dtype: 
         engine.backward(loss_fn(engine(x.to(_engine_dtype(engine)))))
         if call == "plain":
             total = dist_clip.clip_grad_norm_(engine, 0.3)
+        elif call == "settle":  # handed to step(), then a read first applies it (as the plain call would)
+            dist_clip.clip_grad_norm_(engine, 0.3, optimizer=engine)
+            total = dist_clip.get_total_norm(engine)
+        elif call == "with_norm":  # torch's two steps
+            total = dist_clip.get_total_norm(engine)
+            dist_clip.clip_grads_with_norm_(engine, 0.3, total)
         else:  # a GradClipper under its default policy ("ignore"): "total", or "per_group" (one group here)
             extra = {"optimizer": engine.optimizer} if call == "per_group" else {}
             total = dist_clip.GradClipper(max_norm=0.3, mode=call)(engine, **extra).total_norm

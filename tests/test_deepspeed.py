@@ -75,7 +75,8 @@ def test_fp16_overflow_steps_are_skipped_like_deepspeed(run_ranks, stage, offloa
 
 @pytest.mark.parametrize("stage,offload,dtype,call", [(3, False, "fp32", "plain"), (3, False, "fp16", "total"),
                                                     (2, True, "fp32", "plain"), (3, True, "fp32", "per_group"),
-                                                    (1, False, "bf16", "plain")])
+                                                    (1, False, "bf16", "plain"), (3, False, "fp32", "settle"),
+                                                    (2, True, "fp32", "with_norm")])
 def test_a_nan_batch_leaves_no_nan_in_the_slots_of_unused_parameters(run_ranks, stage, offload, dtype, call):
     run_ranks(2, ds_cases.case_nan_batch_beside_an_unused_parameter, stage, offload, dtype, call, timeout_s=TIMEOUT)
 

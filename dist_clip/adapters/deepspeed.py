@@ -897,8 +897,8 @@ def settle(target: object) -> None:
         return
     coef, pieces, verdict = fold.coef, fold.held, fold.verdict()
     fold.forget()
-    if verdict == "same":
-        _scale.scale_(pieces, coef)
+    if verdict == "same":  # (NaN as 1, as the plain call applies it: these are the engine's kept slots too)
+        _scale.scale_(pieces, applied_coefficient(target, coef))
 
 
 def optimizer_tensors(target: object) -> dict[str, Tensor]:
