@@ -862,8 +862,13 @@ def unit_pieces(
             split = group is not None and param.dim() <= 1
             if split:
                 cut.append((name, 0))
-            if param.grad is not None:
-                units.append(_Unit(name, param.grad, param.detach(), group, True, "rows",
+            grad = param.grad
+            if grad is None and split:
+                # Its weight piece still counts in the unit's weight norm (left out, the other ranks' limit was
+                # that of their own pieces: 0.05 for 0.50), beside a gradient piece of zeros.
+                grad = torch.zeros_like(param.detach())
+            if grad is not None:
+                units.append(_Unit(name, grad, param.detach(), group, True, "rows",
                                    split_units=(0,) if split else ()))
     return units, cut, tuple(dict.fromkeys(names))
 

@@ -616,18 +616,26 @@ def body_agc_plain_pieces_with_group() -> list:
               "w": torch.randn(7, 4, generator=g, dtype=torch.float64) * 0.05}
     full_g["w"][2] *= 100.0  # one row clipped, the others not
     out = []
-    for p in (2.0, 1.0, math.inf):
-        want = agc_reference(full_w, full_g, 0.05, 1e-3, p)
+    for p, absent in ((2.0, False), (1.0, False), (math.inf, False), (2.0, True), (math.inf, True)):
+        # absent: the last rank's piece of "b" has no gradient (read as zeros: its weight piece still counts in
+        # the unit's weight norm; left out, the other ranks clipped by their own pieces' limit, 10x too far)
+        grads = dict(full_g)
+        if absent:
+            grads["b"] = full_g["b"].clone()
+            grads["b"][torch.tensor_split(torch.arange(11), world)[world - 1]] = 0.0
+        want = agc_reference(full_w, grads, 0.05, 1e-3, p)
         mine, got_back = {}, {}
         for name in full_w:
             piece = torch.tensor_split(torch.arange(full_w[name].shape[0]), world)[rank]  # uneven: 6/5 and 4/3 rows
             q = nn.Parameter(full_w[name][piece].float().clone())
-            q.grad = full_g[name][piece].float().clone()
+            if not (absent and name == "b" and rank == world - 1):
+                q.grad = grads[name][piece].float().clone()
             mine[name], got_back[name] = q, piece
         GradClipper(mode="unitwise", norm_type=p, agc=AGC(clipping=0.05, eps=1e-3))(mine, group=dist.group.WORLD)
         for name, q in mine.items():
-            torch.testing.assert_close(q.grad.double(), want[name][got_back[name]], rtol=1e-5, atol=1e-9)
-        out.append(float(mine["b"].grad.double().norm()))
+            if q.grad is not None:
+                torch.testing.assert_close(q.grad.double(), want[name][got_back[name]], rtol=1e-5, atol=1e-9)
+        out.append(float(mine["w"].grad.double().norm()))
     return out
 
 
