@@ -358,10 +358,11 @@ class ParallelPlan:
         from .testing import _wide
 
         # Each piece's values as the definition measures them (complex by their moduli: a cast to float64 kept
-        # the real part only and failed a right plan, 12.37 for 13.04; sparse by their coalesced values: the
-        # reshape raised on that rank alone, and the others waited in the all-gather until the timeout).
+        # the real part only and failed a right plan, 12.37 for 13.04; sparse ones dense, so that their places
+        # tell them apart: their reshape raised on that rank alone, the others waiting in the all-gather until
+        # the timeout, and two stages' embeddings with equal values in other rows read as one piece).
         local = [
-            (s.names[i], bool(s.counted), _wide(t).clone())
+            (s.names[i], bool(s.counted), _wide(t.to_dense() if t.is_sparse else t).clone())
             for s in shards
             for i, t in enumerate(s.tensors)
         ]

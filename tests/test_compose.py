@@ -589,6 +589,13 @@ def body_debug_audit_of_complex_and_sparse_pieces() -> list[float]:
         got = GradClipper(max_norm=1e9, norm_type=p)(stages[rank], plan=plan).total_norm
         assert float(got) == pytest.approx(reference_norm(full, p), rel=1e-6), (p, float(got))
         out.append(float(got))
+    # Two stages' sparse embeddings with the same values in other rows are two pieces (their coalesced values
+    # alone read as one piece counted twice: "over-counted" on a right plan)
+    emb = torch.nn.Embedding(6, 3, sparse=True)
+    emb(torch.tensor([1, 2] if rank == 0 else [4, 5])).sum().backward()
+    plan = ParallelPlan(mesh, names=("e0.weight", "e1.weight"), debug=True)
+    got = GradClipper(max_norm=1e9)({f"e{rank}.weight": emb.weight}, plan=plan).total_norm
+    assert float(got) == pytest.approx(math.sqrt(12.0), rel=1e-6), float(got)
     return out
 
 
