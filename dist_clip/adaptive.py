@@ -479,6 +479,7 @@ class _Unit:
     split_units: tuple[int, ...] = ()  # units of this parameter cut across ranks (global ids)
     rows: Tensor | None = None  # "rows": global ids of the local rows when they are not [row0, row0 + n)
     loss_scale: float = 1.0  # the gradient holds loss_scale times the gradient (DeepSpeed fp16)
+    present: bool = True  # False: a zero stand-in for an absent gradient, there for its weight piece (no report)
 
 
 # Elements per block of the unit-wise passes: torch's vector_norm(dtype=float64) converts its whole input first,
@@ -869,7 +870,7 @@ def unit_pieces(
                 grad = torch.zeros_like(param.detach())
             if grad is not None:
                 units.append(_Unit(name, grad, param.detach(), group, True, "rows",
-                                   split_units=(0,) if split else ()))
+                                   split_units=(0,) if split else (), present=param.grad is not None))
     return units, cut, tuple(dict.fromkeys(names))
 
 
@@ -1008,8 +1009,9 @@ def unitwise_measure(target: object, config: AGC, p: float, foreach: bool | None
             cut_index[(cname, uid)] = k
             k += 1
     red = _reduce.reduction_group([u.group for u in units] + ([group] if group is not None else []))
-    shards = [Shards([u.grad], group=u.group, counted=u.counted, names=[u.name], loss_scale=u.loss_scale)
-              for u in units]
+    # (a stand-in is not counted there: zeros add nothing to the norms, and its parameter stays out of reports)
+    shards = [Shards([u.grad], group=u.group, counted=u.counted and u.present, names=[u.name],
+                     loss_scale=u.loss_scale) for u in units]
     device = _reduce.home_device((t for s in shards for t in s.tensors), red)
     # The cut units' partials, then one value per rank of the reduction: the smallest coefficient of the units
     # this rank holds whole, at its own position (zeros elsewhere), so that after the sum (or max) every rank

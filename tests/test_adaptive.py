@@ -636,6 +636,11 @@ def body_agc_plain_pieces_with_group() -> list:
             if q.grad is not None:
                 torch.testing.assert_close(q.grad.double(), want[name][got_back[name]], rtol=1e-5, atol=1e-9)
         out.append(float(mine["w"].grad.double().norm()))
+    # A 1-D parameter without a gradient on any rank stays out of the report, as in every mode (its zero stand-in
+    # for the weight norm was reported at 0)
+    nothing = nn.Parameter(torch.ones(3))
+    report = GradClipper(mode="unitwise", report=True)({"w": mine["w"], "none": nothing}, group=dist.group.WORLD)
+    assert set(report.norms) == {"w"} and nothing.grad is None, report.norms
     return out
 
 
