@@ -76,9 +76,16 @@ def _wide(g: Tensor, device: str | None = "cpu") -> Tensor:
 
 
 def _as64(x: Any) -> Any:
-    """A floating or complex tensor in float64 or complex128 on the CPU; anything else as it is."""
+    """A floating or complex tensor in float64 or complex128 on the CPU, also inside a dict, list or tuple (a
+    batch as a mapping reached the float64 model in float32: "mat1 and mat2 must have the same dtype"); anything
+    else as it is."""
     if isinstance(x, Tensor) and (x.is_floating_point() or x.is_complex()):
         return x.to("cpu", torch.complex128 if x.is_complex() else torch.float64)
+    if isinstance(x, dict):
+        return {k: _as64(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        items = [_as64(v) for v in x]
+        return type(x)(*items) if hasattr(x, "_fields") else type(x)(items)  # (a namedtuple takes its fields)
     return x
 
 
@@ -206,6 +213,12 @@ def _check_rank(
     got_total = float(result.total_norm)
     if not _agree(total, got_total, rtol, atol):
         problems.append(f"total norm: unsharded reference {total!r}, sharded {got_total!r}")
+    # A trainable parameter the forward did not reach has no gradient in the float64 model; FSDP1 and ZeRO 1-3
+    # zero-fill its gradient and report it at 0 (README "A norm report"): that 0 is not a mismatch (every such
+    # setup failed the check). Any other value for it still is.
+    unused = {n for n, q in ref_params.items() if q.requires_grad and q.grad is None}
+    got_before, got_after = ({n: v for n, v in got.items() if not (n in unused and v == 0.0)}
+                             for got in (got_before, got_after))
     problems += _diff_table(before, got_before, rtol, atol, "gradient norm before clipping")
     problems += _diff_table(after, got_after, rtol, atol, "gradient norm after clipping")
     problems += scaling
@@ -366,8 +379,8 @@ def assert_clip_matches_unsharded(
             continue
         if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 <= tol < math.inf:
             raise ValueError(f"{name} must be a finite number >= 0, got {tol!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:  # (torch.manual_seed's range)
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < math.inf:
         raise ValueError(f"timeout_s must be a finite number of seconds > 0, got {timeout_s!r}")
     args = (build_model, wrap_fn, batch_fn, loss_fn, norm_type, max_norm, mode, agc, rtol, atol, seed)

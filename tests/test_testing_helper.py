@@ -9,9 +9,12 @@ Run: ``.venv/bin/python -m pytest tests/test_testing_helper.py``.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
+import torch
+from torch import nn
 
 from dist_clip import AGC
 from dist_clip.testing import assert_clip_matches_unsharded
@@ -36,6 +39,49 @@ def test_passes_on_ddp_fsdp2_fsdp1_inside_a_process_group(run_ranks):
     names = sorted(n for n, _ in cases.build_mlp().named_parameters())
     for per_rank in run_ranks(2, body_passes):
         assert all(n == names for n in per_rank)
+
+
+class _MappingNet(nn.Module):
+    """Takes its input as a mapping and holds a layer its forward never uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(cases.IN, 4)
+        self.unused = nn.Linear(4, 4)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.used(batch["x"])
+
+
+def _mapping_batch(rank: int, world: int) -> dict:
+    return {"x": cases.batch(rank, world)}
+
+
+def _fsdp1_whole(use_orig_params: bool):  # noqa: ANN202
+    def wrap(model: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        return FSDP(model, device_id=torch.device("cpu"), use_orig_params=use_orig_params)
+
+    return wrap
+
+
+def body_unused_parameter_and_a_mapping_batch() -> list[list[str]]:
+    """FSDP1 zero-fills the gradient of a trainable parameter the forward did not reach and reports it at 0
+    (documented): the float64 model has no gradient there, and every such correct setup failed. A batch given
+    as a mapping reached the float64 model in float32 ("mat1 and mat2 must have the same dtype")."""
+    out = []
+    ddp = functools.partial(nn.parallel.DistributedDataParallel, find_unused_parameters=True)
+    for wrap in (_fsdp1_whole(False), _fsdp1_whole(True), ddp):
+        for kwargs in ({"max_norm": 0.05}, {"mode": "per_param", "max_norm": 0.05, "norm_type": math.inf}):
+            out.append(sorted(assert_clip_matches_unsharded(_MappingNet, wrap, _mapping_batch, **kwargs)))
+    return out
+
+
+def test_a_parameter_without_gradient_and_a_mapping_batch_pass(run_ranks):
+    for per_rank in run_ranks(2, body_unused_parameter_and_a_mapping_batch):
+        for names in per_rank:  # FSDP1 reports the unused layer at 0, DDP leaves it out
+            assert {"used.weight", "used.bias"} <= set(names), names
 
 
 def body_fails_readably() -> str:
@@ -105,7 +151,8 @@ def test_bad_arguments():
     ({"atol": math.nan}, "atol must be a finite number >= 0"),
     ({"timeout_s": math.nan}, "timeout_s must be"),
     ({"timeout_s": "10"}, "timeout_s must be"),
-    ({"seed": -1}, "seed must be an int >= 0"),
+    ({"seed": -1}, r"seed must be an int in \[0, 2\*\*64\)"),
+    ({"seed": 2**64}, r"seed must be an int in \[0, 2\*\*64\)"),  # torch.manual_seed's overflow, in the ranks
     ({"mode": "unitwise", "norm_type": 0}, "unitwise"),
     ({"mode": "unitwise", "agc": 0.02}, "agc"),
     ({"agc": AGC(0.5)}, "agc= is the setting of mode='unitwise'"),  # ignored in mode "total", and passed
