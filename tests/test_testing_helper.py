@@ -84,6 +84,28 @@ def test_a_parameter_without_gradient_and_a_mapping_batch_pass(run_ranks):
             assert {"used.weight", "used.bias"} <= set(names), names
 
 
+class _TinyCoefficientNet(nn.Module):
+    """One gradient of norm 9.3e37: with max_norm 1e-3 its coefficient (1.1e-41) is a float32 subnormal."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.zeros(2))
+        self.b = nn.Parameter(torch.zeros(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.a * x[:2]).sum() + (self.b * x[2:]).sum()
+
+
+@pytest.mark.parametrize("mode", ["total", "per_param"])
+def test_a_coefficient_float32_holds_only_as_a_subnormal_passes(mode):
+    """dist_clip applies such a coefficient as one float64 product rounded once (README "Accuracy"); the check
+    expected the gradient times clip_coef's float32 value, 13 bits of it, and failed the correct clip."""
+    norms = assert_clip_matches_unsharded(
+        _TinyCoefficientNet, lambda m: m, lambda rank, world: torch.tensor([9.3e37, 1.0, 0.3, -0.2, 0.1]),
+        loss_fn=lambda out: out, mode=mode, max_norm=1e-3)
+    assert norms["a"] == pytest.approx(9.3e37, rel=1e-6)
+
+
 def body_fails_readably() -> str:
     try:
         assert_clip_matches_unsharded(cases.build_mlp, cases.wrap_none, cases.batch)
@@ -204,11 +226,11 @@ def test_scaling_check_names_pieces_not_scaled_by_the_coefficient():
         for mode in ("total", "per_param"):
             pieces = _local_pieces(params)
             result = GradClipper(max_norm=0.5, mode=mode, report=True)(params)
-            assert _scaling_problems(pieces, result, result.norms, 0.5, mode) == [], (dtype, mode)
+            assert _scaling_problems(pieces, result, result.norms, 0.5, mode, 2.0) == [], (dtype, mode)
         pieces = _local_pieces(params)
         result = GradClipper(max_norm=0.5, report=True)(params)
         params["b"].grad.mul_(0.5)
-        problems = _scaling_problems(pieces, result, result.norms, 0.5, "total")
+        problems = _scaling_problems(pieces, result, result.norms, 0.5, "total", 2.0)
         assert len(problems) == 1 and "b (7 of 7 entries)" in problems[0], problems
 
 
