@@ -54,10 +54,18 @@ def job_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _default_signals() -> None:
+    """In the launcher's process, before exec: the signals the tests send at their default action. A suite
+    started in the background of a non-interactive shell (`make test &`) inherits SIGINT ignored, and a
+    shell or Python started so can neither trap nor receive it: the INT case of the signal test failed there."""
+    for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def start(script: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(
         ["bash", str(ROOT / "launch" / script), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True, preexec_fn=_default_signals,
     )
 
 
