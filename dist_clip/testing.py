@@ -298,20 +298,18 @@ def _scaling_problems(
             # A coefficient float32 holds only as a subnormal: one float64 product, rounded once (README
             # "Accuracy"), not clip_coef's float32 value (a correct clip failed here). In mode "total" the float64
             # total is known from the reported norms to about 1e-15, so one rounding of the dtype either way.
-            exact = then.to(torch.float64) * want[key]
-            expected = exact.to(then.dtype)
+            expected = then.to(torch.float64) * want[key]
             if mode == "total":
-                tiny_step = torch.finfo(then.dtype).smallest_normal * torch.finfo(then.dtype).eps
-                off = (now.detach().to(torch.float64) - exact).abs()
-                limit = exact.abs() * torch.finfo(then.dtype).eps + tiny_step
-                differ = int((off > limit).logical_and(~(exact.isnan() & now.detach().isnan())).sum())
-                if differ:
-                    wrong.append(f"{name} ({differ} of {now.numel()} entries)")
-                continue
+                finfo = torch.finfo(then.dtype)
+                bad = (now.detach().to(torch.float64) - expected).abs() > (
+                    expected.abs() * finfo.eps + finfo.smallest_normal * finfo.eps)
+            else:
+                bad = expected.to(then.dtype) != now.detach()
         else:
             op = torch.float64 if then.dtype == torch.float64 else torch.float32
             expected = (then.to(op) * coefs[at].to(device=then.device, dtype=op)).to(then.dtype)
-        differ = int((expected != now.detach()).logical_and(~(expected.isnan() & now.detach().isnan())).sum())
+            bad = expected != now.detach()
+        differ = int(bad.logical_and(~(expected.isnan() & now.detach().isnan())).sum())
         if differ:
             wrong.append(f"{name} ({differ} of {now.numel()} entries)")
     if wrong:
