@@ -115,7 +115,7 @@ def needs_wide(coefs: Tensor) -> bool:
     rounded to float32. False off the CPU, where the test would be a host read."""
     if coefs.device.type != "cpu":
         return False
-    if coefs.dim() == 0:  # (one coefficient: read once, no tensor ops)
+    if coefs.numel() == 1:  # (one coefficient, 0-dim or a total's one slot: read once, no tensor ops)
         return 0.0 < float(coefs) < FP32_TINY
     return bool(((coefs > 0) & (coefs < FP32_TINY)).any())
 
