@@ -730,13 +730,14 @@ def measure(
         at += extra.numel()
     if agree:
         result_dtype = _clip.agreed_dtype(combined[at])
-    if math.isinf(p):
-        total_partial = partials.max()  # torch.max propagates NaN
+    slot_norms = finalize_norms(partials, p, scale)
+    if n_slots == 1:  # the total is the one slot's norm (a sum or max of one value is that value)
+        total = slot_norms.reshape(())
     else:
-        total_partial = partials.sum()
+        total = finalize_norms(partials.max() if math.isinf(p) else partials.sum(), p, scale)  # (max keeps NaN)
     return Measurement(
-        slot_norms=finalize_norms(partials, p, scale),
-        total=finalize_norms(total_partial, p, scale),
+        slot_norms=slot_norms,
+        total=total,
         presence=counts_out,
         extra=extra_out,
         partials=partials,

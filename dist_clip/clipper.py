@@ -730,8 +730,8 @@ class GradClipper:
         # (no host sync; _reduce.moved waits for a copy to the host, whose pinned target could be read early)
         self._num_clipped = _reduce.moved(self._num_clipped, dev)
         self._num_nonfinite = _reduce.moved(self._num_nonfinite, dev)
-        self._num_clipped += clipped.to(torch.int64)
-        self._num_nonfinite += (~finite).to(torch.int64)
+        self._num_clipped.add_(clipped)  # (a bool added to an int64 counter: no cast op)
+        self._num_nonfinite.add_(~finite)
 
     # ---------------------------------------------------------------------------------------- call
     @_clip._eager
@@ -880,6 +880,7 @@ class GradClipper:
 
         slot_names: tuple[str, ...] = ()
         clipped_anywhere: Tensor | None = None
+        one_slot = False
         if cfg.mode == "per_param":
             assert named is not None
             limit = _scale.full_like(m.total, float(cfg.max_norm))  # type: ignore[arg-type]
@@ -910,6 +911,7 @@ class GradClipper:
                 limit_out = _scale.full_like(total, float(cfg.max_norm))  # type: ignore[arg-type]
                 coef = _scale.clip_coefficient(float(cfg.max_norm), m.total)  # type: ignore[arg-type]
             slot_coef = coef.reshape(1)
+            one_slot = True  # the total's own coefficient: kept and converted once, below
         if plan is not None:
             plan.check_once(shards, m, p)
 
@@ -933,7 +935,11 @@ class GradClipper:
         on_cpu = total.device.type == "cpu"
         slot_wide = _clip._deepspeed_applied(target, _kept(slot_coef, finite, policy))  # float64
         slot_coef = slot_wide.to(out)
-        coef = _clip._deepspeed_applied(target, _kept(coef, finite, policy)).to(out)  # what is applied, as documented
+        # What is applied, as documented.
+        if one_slot:
+            coef = slot_coef.reshape(())
+        else:
+            coef = _clip._deepspeed_applied(target, _kept(coef, finite, policy)).to(out)
         # Some gradient was scaled down: a slot (or group) whose gradients are all zero, or absent, is left as it
         # was whatever its coefficient (max_norm=0 on a parameter without gradient read as clipped).
         scaled = m.slot_norms.to(slot_coef.device) > 0 if m.slot_norms.numel() == slot_coef.numel() else m.total > 0
