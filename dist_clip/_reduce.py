@@ -8,7 +8,7 @@ isnan flags]`` and the flags turn the result back into NaN after the reduction.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -63,7 +63,9 @@ def reduction_group(groups: Iterable[dist.ProcessGroup | None]) -> dist.ProcessG
 
     Reducing pieces of several groups over a bigger one is exact because every piece is counted by exactly
     one rank (the adapters mark replicas ``counted=False``): contributions of ranks outside a piece's own
-    group are other pieces, never second copies.
+    group are other pieces, never second copies. Distinct group objects over the same ranks (a root and a
+    nested wrapper each given ``new_group(ranks)``) are one group: the world added another job's gradients
+    on the other ranks (or waited for them until the timeout).
     """
     distinct: list[dist.ProcessGroup] = []
     for g in groups:
@@ -73,7 +75,16 @@ def reduction_group(groups: Iterable[dist.ProcessGroup | None]) -> dist.ProcessG
         return None
     if len(distinct) == 1:
         return distinct[0]
+    ranks = set(dist.get_process_group_ranks(distinct[0]))
+    if all(set(dist.get_process_group_ranks(g)) == ranks for g in distinct[1:]):
+        return same_everywhere(distinct)
     return _world()
+
+
+def same_everywhere(groups: Sequence[dist.ProcessGroup]) -> dist.ProcessGroup:
+    """One of ``groups`` (distinct objects over the same ranks), the same on every rank whatever order they
+    were listed in: the first by name (a group's name is the same on each of its ranks)."""
+    return min(groups, key=lambda g: g.group_name)
 
 
 def collective_device(group: dist.ProcessGroup, preferred: torch.device) -> torch.device:

@@ -71,6 +71,10 @@ def test_a_group_short_of_the_wrappers_ranks_or_a_non_root_target_is_refused(run
     assert out == [[True] * (6 if kind == "fsdp" else 2)] * 4, out
 
 
+def test_two_jobs_whose_wrappers_hold_distinct_groups_of_the_same_ranks(run_ranks):
+    assert run_ranks(4, fairscale_cases.case_two_jobs_nested_groups, timeout_s=TIMEOUT) == [[(True, 1)] * 2] * 4
+
+
 def test_adapter_requires_fairscale_by_name(monkeypatch):
     import builtins
 

@@ -240,6 +240,12 @@ def test_fsdp1_parameters_changed_after_first_call(run_ranks, use_orig_params: b
             assert has_extra == (i == 3), (i, steps)
 
 
+def test_two_jobs_whose_wrappers_hold_distinct_groups_of_the_same_ranks(run_ranks) -> None:
+    results = run_ranks(4, cases.two_jobs_nested_groups, timeout_s=90)
+    want = {"p=2.0": (True, 1), "p=inf": (True, 1), "p=1.0": (True, 1), "per_param": True}
+    assert results == [want] * 4, results
+
+
 @pytest.mark.parametrize("use_orig_params", [True, False])
 def test_fsdp1_float64_total_is_float64_on_every_rank(run_ranks, use_orig_params: bool) -> None:
     """A float64 model over 4 ranks whose last shards are padding only: the same float64 total everywhere."""

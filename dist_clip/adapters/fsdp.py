@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .. import _reduce
 from .._reduce import check_covers
 from ..shards import Shards
 
@@ -446,10 +447,13 @@ def fsdp1_reduction(
     """Over which group an FSDP1 root's sharded pieces combine, and whether every replica's copy counts there:
     the one shard group its handles share, when no ``group=`` is given (each hybrid replica then reduces its own
     copy to the same total), else ``group`` or the world, where only the first hybrid replica counts."""
-    if len(shard_groups) == 1 and (group is None or same_ranks(group, shard_groups[0])):
+    one = bool(shard_groups) and all(same_ranks(g, shard_groups[0]) for g in shard_groups[1:])
+    if one and (group is None or same_ranks(group, shard_groups[0])):
         # group= naming the shard group (HYBRID_SHARD's intra-node group) is the same plan: counted as the first
         # replica only, the other replicas, which that group does not reach, read 0. The caller's object is used.
-        return (group if group is not None else shard_groups[0]), True
+        # Handles given distinct group objects of the same ranks (a root and its children each over its own
+        # new_group) share one too: the world added another job's gradients on the other ranks.
+        return (group if group is not None else _reduce.same_everywhere(shard_groups)), True
     for pg in shard_groups:  # FSDP1 over the world with a subgroup, HYBRID_SHARD with its replicate group
         check_covers(group, pg, "FSDP1 shards gradients")
     return (group if group is not None else _world()), False
