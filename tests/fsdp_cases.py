@@ -1608,3 +1608,39 @@ def two_jobs_nested_groups() -> dict[str, Any]:
     out["per_param"] = _norm_close(float(res.total_norm), want, 1e-6)
     return out
 
+
+def permuted_mesh_copies() -> dict[str, Any]:
+    """4 ranks. DTensor gradients on 2-D meshes whose ranks are not in row-major order, measured with group= (and
+    under a ParallelPlan, and unit-wise): a copy counted where this rank was the group's lowest along each copy
+    line alone, which on [[3, 1], [0, 2]] held for two ranks (2.83 for 2.0; sqrt(40) for sqrt(28)). The group's
+    lowest rank among all the copies counts."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    world = dist.group.WORLD
+    out: dict[str, Any] = {}
+    for layout in ([[0, 1], [2, 3]], [[3, 1], [0, 2]], [[2, 0], [3, 1]], [[1, 3], [2, 0]]):
+        m = DeviceMesh("cpu", layout, mesh_dim_names=("a", "b"))
+        g = DTensor.from_local(torch.full((4,), 1.5), m, [Replicate(), Replicate()], run_check=False)
+        w = DTensor.from_local(torch.ones(2, 2), m, [Shard(0), Shard(1)], run_check=False)
+        b = DTensor.from_local(torch.full((3,), 2.0), m["b"], [Replicate()], run_check=False)
+        got = []
+        for p in (1.0, 2.0, math.inf):
+            want = reference_norm([t.full_tensor() for t in (g, w, b)], p)
+            got.append(_norm_close(float(dist_clip.get_total_norm([g, w, b], p, group=world)), want, 1e-6))
+        want = reference_norm([g.full_tensor()], 2.0)
+        plan = dist_clip.ParallelPlan(m, names=["w"], rules=(dist_clip.Rule("*"),))
+        got.append(_norm_close(float(dist_clip.GradClipper(max_norm=1e9)({"w": g}, plan=plan).total_norm), want, 1e-6))
+        ps = [nn.Parameter(DTensor.from_local(torch.ones(4), m, [Replicate(), Replicate()], run_check=False))]
+        ps[0].grad = g.clone()
+        res = dist_clip.GradClipper(mode="unitwise", agc=dist_clip.AGC(1e9))(ps, group=world)
+        got.append(_norm_close(float(res.total_norm), want, 1e-6))
+        params = [nn.Parameter(torch.zeros_like(t)) for t in (g, w, b)]
+        for q, t in zip(params, (g, w, b)):
+            q.grad = t.clone()
+        want = reference_norm([t.full_tensor() for t in (g, w, b)], 2.0)
+        dist_clip.clip_grad_norm_(params, want / 3, group=world)
+        got.append(all(torch.allclose(q.grad._local_tensor, t._local_tensor * (1 / 3), rtol=1e-6)
+                       for q, t in zip(params, (g, w, b))))
+        out[str(layout)] = got
+    return out

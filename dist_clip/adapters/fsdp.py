@@ -117,9 +117,9 @@ class GroupCounting:
     non-TP parameters, sharded on ``mesh["dp"]`` alike; HSDP replicas of a block on ``mesh["shard"]`` beside
     blocks on the whole mesh). A gradient replicated over the whole root mesh spans it too: a weight tied
     between pipeline stages belongs on a mesh of its own (a DeviceMesh of the ranks that hold it).
-    Sibling slices no gradient of this rank spans hold other pieces (pipeline stages). Along each copy dim the
-    lowest rank of ``group`` counts. A group missing a rank that holds another shard of a gradient cannot give
-    its norm: ``ValueError`` on every rank (every rank misses its own peers), not a partial total.
+    Sibling slices no gradient of this rank spans hold other pieces (pipeline stages). Of all the copies of a
+    piece, the lowest rank of ``group`` counts. A group missing a rank that holds another shard of a gradient
+    cannot give its norm: ``ValueError`` on every rank (every rank misses its own peers), not a partial total.
     """
 
     def __init__(self, group: dist.ProcessGroup, meshes: Sequence[Any]) -> None:  # noqa: ANN401
@@ -168,25 +168,39 @@ class GroupCounting:
                 f"ranks {sorted(missing)} hold pieces of it outside the group, so its norm cannot be formed; pass "
                 "a group holding them (the shard group, the world) or no group="
             )
-        for d, is_d in enumerate(distinct):  # the mesh's own Replicate dims: the group's first copy counts
-            if not is_d and not self._first_in_group(self._line(grid, coord, d)):
-                return False
-        if root is mesh:
-            return True
-        own = set(grid.reshape(-1).tolist())
-        spanned = self.spanned.get(id(root), own)
-        rgrid, rcoord = root.mesh, root.get_coordinate()
-        rnames = root.mesh_dim_names or ()
-        for d in range(root.ndim):
-            line = self._line(rgrid, rcoord, d)
-            if set(line) <= own:
-                continue  # a dim of the mesh itself
-            if not set(line) <= spanned or (d < len(rnames) and rnames[d] in apart):
-                self.apart.add(id(mesh))
-                continue  # sibling slices holding other pieces (pipeline stages; experts: a rule's distinct=)
-            if not self._first_in_group(line):
-                return False  # a copy on a sibling slice that this rank's other gradients span
-        return True
+        # The copies of this piece: along the mesh's own Replicate dims, then along the sibling slices this
+        # rank's other gradients span. The group's lowest rank among all of them counts (taken line by line, a
+        # mesh not in row-major rank order, [[3, 1], [0, 2]], had two ranks each the lowest of its own lines).
+        copies = set(grid[tuple(slice(None) if not d else c for c, d in zip(coord, distinct))].reshape(-1).tolist())
+        if root is not mesh:
+            own = set(grid.reshape(-1).tolist())
+            spanned = self.spanned.get(id(root), own)
+            rgrid, rcoord = root.mesh, root.get_coordinate()
+            rnames = root.mesh_dim_names or ()
+            where = self._coordinates(rgrid)
+            for d in range(root.ndim):
+                line = self._line(rgrid, rcoord, d)
+                if set(line) <= own:
+                    continue  # a dim of the mesh itself
+                if not set(line) <= spanned or (d < len(rnames) and rnames[d] in apart):
+                    self.apart.add(id(mesh))
+                    continue  # sibling slices holding other pieces (pipeline stages; experts: a rule's distinct=)
+                # copies on the sibling slices along d, of every copy found so far
+                copies = {r for c in copies for r in self._line(rgrid, where[c], d)}
+        return self._first_in_group(list(copies))
+
+    @staticmethod
+    def _coordinates(grid: Any) -> dict[int, tuple[int, ...]]:  # noqa: ANN401
+        """Each rank's coordinate in ``grid`` (a mesh's tensor of ranks)."""
+        shape = tuple(grid.shape)
+        out: dict[int, tuple[int, ...]] = {}
+        for flat, rank in enumerate(grid.reshape(-1).tolist()):
+            coord = []
+            for size in reversed(shape):
+                flat, i = divmod(flat, size)
+                coord.append(i)
+            out[rank] = tuple(reversed(coord))
+        return out
 
 
 def dtensor_shards(pairs: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup | None) -> list[Shards]:
