@@ -440,6 +440,7 @@ def case_contract() -> dict:
         kinds[f"{stage}/{dtype}/{extra}"] = name
     # torch-style targets (engine.module, its parameters, a submodule): ZeRO holds the
     # gradients in its partitions and .grad is None, so the total silently read 0 and nothing was clipped.
+    own = [dist.new_group([r]) for r in range(dist.get_world_size())][dist.get_rank()]
     for stage in (1, 2, 3):
         engine = make_engine(ds_config(stage))
         engine.backward(loss_fn(engine(batch(dist.get_rank(), 0, 0))))
@@ -465,6 +466,17 @@ def case_contract() -> dict:
                 assert "optimizer must be a torch.optim.Optimizer" in str(e), str(e)
             else:
                 raise AssertionError(f"stage {stage}: optimizer={bad!r} was accepted")
+        # group= short of the partitions' ranks (a rank's own tensor-parallel group): each rank returned its own
+        # partition's norm (1.65 and 4.83 for 5.11). A ValueError on every rank; the world still measures.
+        for call in (lambda g: dist_clip.get_total_norm(engine, group=g),
+                     lambda g: dist_clip.GradClipper(max_norm=1.0, mode="per_param")(engine, group=g)):
+            try:
+                call(own)
+            except ValueError as e:
+                assert "outside the group" in str(e) and "ZeRO" in str(e), str(e)
+            else:
+                raise AssertionError(f"stage {stage}: a group= short of the partitions' ranks was accepted")
+        assert dist_clip.get_total_norm(engine, group=dist.group.WORLD) == dist_clip.get_total_norm(engine)
         dist_clip.clip_grad_norm_(engine, 1.0)
         engine.step()
     # Between accumulation boundaries the gradients are not reduced: a clear error on every rank.

@@ -63,6 +63,7 @@ from torch import Tensor
 from torch._utils import _flatten_dense_tensors
 
 from .. import _native, _scale
+from .._reduce import check_covers
 from .._warn import warn_at_caller
 from ..shards import Shards, UnitLayout, UnitPiece, partition_cuts
 from .fsdp import registrations
@@ -276,7 +277,11 @@ def _zero12_shards(engine: Any, opt: Any, group: dist.ProcessGroup | None, scale
     layout = _zero12_layout(engine, opt)
     out: list[Shards] = []
     for i, (size, slices) in enumerate(layout):
-        pg = group if group is not None else opt.real_dp_process_group[i]
+        dp = opt.real_dp_process_group[i]
+        # a group= short of the partitions' ranks: each rank returned its own partition's norm (1.65 and 4.83
+        # for 5.11), unrefused
+        check_covers(group, dp, "ZeRO partitions the gradients")
+        pg = group if group is not None else dp
         pieces: list[Tensor] = []
         if opt.cpu_offload:
             flat = opt.single_partition_of_fp32_groups[i].grad
@@ -320,13 +325,13 @@ def _zero3_shards(engine: Any, opt: Any, group: dist.ProcessGroup | None, scale:
     names_by_id = _names_by_id(engine)
     out: list[Shards] = []
     for i, params in enumerate(opt.fp16_groups):
-        if group is not None:
-            pg = group
-        elif hasattr(opt, "_get_sub_group_process_group"):
-            pg = opt._get_sub_group_process_group(i)
+        if hasattr(opt, "_get_sub_group_process_group"):
+            dp = opt._get_sub_group_process_group(i)
         else:
-            pg = opt.dp_process_group
-        rank = dist.get_rank(pg)
+            dp = opt.dp_process_group
+        check_covers(group, dp, "ZeRO-3 partitions the gradients")
+        pg = group if group is not None else dp
+        rank = dist.get_rank(dp)  # (the partition's index: the padding is cut by it, not by the rank in group=)
         pieces: list[Tensor] = []
         names: list[str] = []
         if opt.offload_optimizer:
