@@ -43,7 +43,6 @@ _HOOKS = "_dist_clip_hooks"
 _SAVED = "_dist_clip_saved"
 _SKIP = "_dist_clip_skip"
 _WRITES: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # parameter -> backward count (see _write_cell)
-_PLAIN_PARAMS = (Tensor, torch.nn.Parameter)  # DTensor parameters (FSDP2) get their gradients outside autograd
 _MISSING = object()
 # Optimizers holding a coefficient for their next step(): a later call reading the same gradients settles it.
 _WAITING: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
@@ -636,6 +635,14 @@ def _unwritten(grad: Tensor, seen: Any) -> bool:
     return grad._is_view() or _version(grad) == seen
 
 
+def _autograd_leaf_param(p: Tensor) -> bool:
+    """A plain tensor or an ``nn.Parameter`` (subclasses too: they were left to the version counter, and a
+    dropped batch's coefficient reached the next step through DDP's bucket views), whose gradient autograd
+    accumulates; not a tensor subclass such as an FSDP2 DTensor parameter, whose gradients are set outside it
+    (DTensor parameters pass ``isinstance(p, nn.Parameter)`` by their ``_is_param`` mark, not by class)."""
+    return type(p) is Tensor or issubclass(type(p), torch.nn.Parameter)
+
+
 def _write_cell(param: Tensor) -> list[int]:
     """A counter of the backwards that accumulated into ``param.grad``, kept by a post-accumulate-grad hook
     installed once per parameter. DDP's reducer gives a parameter the same bucket view back after
@@ -936,7 +943,7 @@ def _stash(
             p = params.get(id(g))
             # (not FSDP1's original parameters: autograd accumulates into their flat parameter, so a count of
             # theirs never moved, and a new batch's gradients passed for the measured ones moved: 4000x too small)
-            if (g._is_view() and p is not None and type(p) in _PLAIN_PARAMS and p.requires_grad
+            if (g._is_view() and p is not None and _autograd_leaf_param(p) and p.requires_grad
                     and not getattr(p, "_fsdp_flattened", False)):
                 cell = _write_cell(p)
                 versions[i] = (cell, cell[0])

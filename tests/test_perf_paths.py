@@ -1878,17 +1878,26 @@ def test_a_settled_skip_flag_survives_a_later_read(between):
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before)), "the NaN step was taken"
 
 
-def body_ddp_bucket_views_dropped_batch() -> list:
+class _ParamSubclass(torch.nn.Parameter):
+    pass
+
+
+def body_ddp_bucket_views_dropped_batch(subclass: bool = False) -> list:
     """DDP with ``gradient_as_bucket_view=True`` gives a parameter the same bucket view back after
     ``zero_grad(set_to_none=True)``, and a view's version counter is its bucket's: a hand-over whose batch was
     dropped passed the identity check, and the next batch stepped by its coefficient (update 0.0007 for 20.09)
     or was skipped after a NaN one. Backwards into the gradient are counted by a hook now; the hand-over of a
-    batch that is stepped still applies (update = the clipped gradient)."""
+    batch that is stepped still applies (update = the clipped gradient). ``subclass``: parameters of an
+    ``nn.Parameter`` subclass, which were not counted (exact type test): the dropped batch's coefficient again."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.manual_seed(0)
-    model = DDP(torch.nn.Linear(4, 3), gradient_as_bucket_view=True)
+    linear = torch.nn.Linear(4, 3)
+    if subclass:
+        linear.weight = _ParamSubclass(linear.weight.detach().clone())
+        linear.bias = _ParamSubclass(linear.bias.detach().clone())
+    model = DDP(linear, gradient_as_bucket_view=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
     rank = dist.get_rank()
 
@@ -1964,8 +1973,9 @@ def test_view_gradients_written_by_a_backward_drop_the_hand_over_after_a_model_c
         assert update == pytest.approx(want, rel=1e-6)
 
 
-def test_a_dropped_batch_hand_over_does_not_reach_the_next_one_through_ddp_bucket_views(run_ranks):
-    for got in run_ranks(2, body_ddp_bucket_views_dropped_batch):
+@pytest.mark.parametrize("subclass", [False, True])
+def test_a_dropped_batch_hand_over_does_not_reach_the_next_one_through_ddp_bucket_views(run_ranks, subclass):
+    for got in run_ranks(2, body_ddp_bucket_views_dropped_batch, subclass):
         for same, update, want in got[:2]:
             assert same and update == pytest.approx(want, rel=1e-5), got
         assert got[2] == pytest.approx(0.1, rel=1e-4), got
