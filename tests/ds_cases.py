@@ -468,10 +468,10 @@ def case_contract() -> dict:
                 raise AssertionError(f"stage {stage}: optimizer={bad!r} was accepted")
         # group= short of the partitions' ranks (a rank's own tensor-parallel group): each rank returned its own
         # partition's norm (1.65 and 4.83 for 5.11). A ValueError on every rank; the world still measures.
-        for call in (lambda g: dist_clip.get_total_norm(engine, group=g),
-                     lambda g: dist_clip.GradClipper(max_norm=1.0, mode="per_param")(engine, group=g)):
+        for call in (lambda e, g: dist_clip.get_total_norm(e, group=g),
+                     lambda e, g: dist_clip.GradClipper(max_norm=1.0, mode="per_param")(e, group=g)):
             try:
-                call(own)
+                call(engine, own)
             except ValueError as e:
                 assert "outside the group" in str(e) and "ZeRO" in str(e), str(e)
             else:
