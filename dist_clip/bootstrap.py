@@ -32,6 +32,8 @@ __all__ = ["DistInfo", "LaunchEnv", "backend_problem", "detect_launch", "free_po
 DEFAULT_TIMEOUT_S = 1800.0
 #: The longest ``DIST_CLIP_TIMEOUT_S`` taken (about 31 years): far below where torch's C++ deadlines overflow.
 MAX_TIMEOUT_S = 1e9
+#: The shortest: torch's deadlines count whole milliseconds (a shorter one is 0 ms, every wait failing at once).
+MIN_TIMEOUT_S = 0.001
 
 # (rank, size, local rank, local size) variables set by MPI launchers, most specific first.
 _MPI_VARS: tuple[tuple[str, str, str, str], ...] = (
@@ -195,6 +197,11 @@ def _timeout() -> timedelta:
         seconds = math.nan
     if not (seconds > 0 and math.isfinite(seconds)):
         raise ValueError(f"DIST_CLIP_TIMEOUT_S must be a number of seconds > 0, got {raw!r}")
+    if seconds < MIN_TIMEOUT_S:
+        # torch's deadlines count whole milliseconds: 0.0004 passed and every wait failed at once in init
+        # ("wait timeout after 0ms"), as a 0 would.
+        raise ValueError(f"DIST_CLIP_TIMEOUT_S must be at least {MIN_TIMEOUT_S} seconds (torch counts whole "
+                         f"milliseconds), got {raw!r}")
     if seconds > MAX_TIMEOUT_S:
         # Past what torch's C++ deadlines hold (nanoseconds in a signed 64-bit integer: 2**63 ns is about 9.2e9 s),
         # however far within timedelta's: 9e9 spun forever in gloo, 1e10 was a traceback, 5e13 "Invalid timeout".

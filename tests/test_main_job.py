@@ -555,6 +555,13 @@ def test_a_bad_timeout_variable_is_a_config_error(monkeypatch, capsys, tmp_path)
         assert cli.main(["check", "--out", str(tmp_path), "--validate-only"]) == 2
         assert capsys.readouterr().err == f"config error: DIST_CLIP_TIMEOUT_S must be a number of seconds > 0, " \
                                           f"got '{bad}'\n"
+    # torch counts whole milliseconds: 0.0004 passed and every start-up wait failed at once ("after 0ms")
+    monkeypatch.setenv("DIST_CLIP_TIMEOUT_S", "0.0004")
+    assert cli.main(["check", "--out", str(tmp_path), "--validate-only"]) == 2
+    assert capsys.readouterr().err == ("config error: DIST_CLIP_TIMEOUT_S must be at least 0.001 seconds (torch "
+                                       "counts whole milliseconds), got '0.0004'\n")
+    monkeypatch.setenv("DIST_CLIP_TIMEOUT_S", "0.001")
+    assert bootstrap._timeout().total_seconds() == 0.001
     monkeypatch.setenv("DIST_CLIP_TIMEOUT_S", "1e14")  # over timedelta's range: an OverflowError traceback
     assert cli.main(["check", "--out", str(tmp_path), "--validate-only"]) == 2
     assert capsys.readouterr().err.startswith("config error: DIST_CLIP_TIMEOUT_S must be at most ")
