@@ -1644,3 +1644,38 @@ def permuted_mesh_copies() -> dict[str, Any]:
                        for q, t in zip(params, (g, w, b))))
         out[str(layout)] = got
     return out
+
+
+def no_shard_stages() -> dict[str, Any]:
+    """4 ranks, two pipeline stages (ranks 0-1 and 2-3), each an FSDP1 NO_SHARD model over its pair's group,
+    measured with group= spanning the stages (the world, or a pair across them): the replicas were counted by
+    rank 0 of the reduction alone, so the second stage was dropped (every rank returned the first stage's norm,
+    0.787 for 0.848, and clipped the second by it). The lowest rank of each handle's group counts its copy."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import ShardingStrategy
+
+    rank = dist.get_rank()
+    stage = rank // 2
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    cross = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    refs = [reference(new_model(20 + s), [2 * s, 2 * s + 1]) for s in (0, 1)]
+    model = FSDP(new_model(20 + stage), process_group=pairs[stage], sharding_strategy=ShardingStrategy.NO_SHARD,
+                 device_id=torch.device("cpu"), use_orig_params=True)
+    loss_fn(model, *batch(rank)).backward()
+    both = [g for ref in refs for g in ref.grads.values()]
+    out: dict[str, Any] = {}
+    for label, grp in (("world", dist.group.WORLD), ("cross", cross[rank % 2])):
+        for p in (2.0, math.inf, 0.0):
+            out[f"{label} p={p}"] = _norm_close(float(dist_clip.get_total_norm(model, p, group=grp)),
+                                                reference_norm(both, p), 1e-6)
+        res = dist_clip.GradClipper(max_norm=1e9, mode="per_param", report=True)(model, group=grp)
+        # (the stages name their parameters alike here: a name's pieces over both stages make one slot)
+        want = {n: reference_norm([ref.grads[n] for ref in refs], 2.0) for n in refs[0].grads}
+        out[f"{label} report"] = sorted(res.norms) == sorted(want) and all(
+            _norm_close(float(v), want[n], 1e-6) for n, v in res.norms.items())
+    want = reference_norm(both, 2.0)
+    saved = [q.grad.clone() for q in model.parameters()]
+    total = dist_clip.clip_grad_norm_(model, want / 2, group=dist.group.WORLD)
+    out["clip"] = _norm_close(float(total), want, 1e-6) and all(
+        torch.allclose(q.grad, s * 0.5, rtol=1e-5, atol=0) for q, s in zip(model.parameters(), saved))
+    return out

@@ -251,6 +251,11 @@ def test_group_counts_one_copy_on_meshes_not_in_rank_order(run_ranks) -> None:
     assert results == [{k: [True] * 6 for k in results[0]}] * 4 and len(results[0]) == 4, results
 
 
+def test_fsdp1_no_shard_stages_under_a_group_spanning_them(run_ranks) -> None:
+    results = run_ranks(4, cases.no_shard_stages, timeout_s=90)
+    assert results == [{k: True for k in results[0]}] * 4 and len(results[0]) == 9, [sorted(r.items()) for r in results]
+
+
 @pytest.mark.parametrize("use_orig_params", [True, False])
 def test_fsdp1_float64_total_is_float64_on_every_rank(run_ranks, use_orig_params: bool) -> None:
     """A float64 model over 4 ranks whose last shards are padding only: the same float64 total everywhere."""

@@ -527,6 +527,7 @@ def fsdp1_shards(root: nn.Module, group: dist.ProcessGroup | None, per_param: bo
     groups: dict[int, dist.ProcessGroup] = {}
     replicated_names: list[str] = []
     replicated: list[Tensor] = []
+    unsharded: list[tuple[dist.ProcessGroup, list[tuple[str, Tensor]]]] = []  # NO_SHARD handles' replicas
     units, unmanaged = _plan(root, per_param)
     check_reduced(root, units)
     hint: tuple[str, Tensor] | None = None  # an empty tensor of a handle's dtype, for a rank holding no gradient
@@ -538,8 +539,7 @@ def fsdp1_shards(root: nn.Module, group: dist.ProcessGroup | None, per_param: bo
             if not pieces and hint is None:
                 hint = (first_name, handle.flat_param.detach().new_empty(0))
         else:
-            replicated_names.extend(n for n, _ in pieces)
-            replicated.extend(g for _, g in pieces)
+            unsharded.append((handle.process_group, pieces))
     for n, p in unmanaged:
         if p.grad is not None:
             replicated_names.append(n)
@@ -547,10 +547,23 @@ def fsdp1_shards(root: nn.Module, group: dist.ProcessGroup | None, per_param: bo
 
     out: list[Shards] = []
     reduce_over, whole = fsdp1_reduction(list(groups.values()), group)
+    wide = not whole and (bool(groups) or group is not None)
+    held = set(dist.get_process_group_ranks(reduce_over)) if wide and unsharded else set()
+    for pg, pieces in unsharded:
+        if wide:
+            # Reduced over more than the handle's ranks (group= spanning pipeline stages, each NO_SHARD over its
+            # own ranks): the lowest rank of the handle's group in the reduction counts its copy (rank 0 of the
+            # reduction alone did, and the other stages' were dropped: every rank returned the first stage's
+            # norm and clipped the others by it).
+            first = dist.get_rank() == min(r for r in dist.get_process_group_ranks(pg) if r in held)
+            sharded.extend((first, n, g) for n, g in pieces)
+        else:
+            replicated_names.extend(n for n, _ in pieces)
+            replicated.extend(g for _, g in pieces)
     if whole:
         # Minimal plan: reduce over the one shard group; hybrid replicas each compute the same total.
         out.append(Shards([g for _, _, g in sharded], group=reduce_over, names=[n for _, n, _ in sharded]))
-    elif groups or group is not None:
+    elif wide:
         # Handles on different groups (or group=): reduce over the world and count each shard on one replica.
         for flag in (True, False):
             part = [(n, g) for first, n, g in sharded if first is flag]
