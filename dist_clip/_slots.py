@@ -399,7 +399,13 @@ def named_shards(target: object, group: dist.ProcessGroup | None = None) -> Name
         if inner is not None:
             # DDP: replicated gradients, nothing to combine (as the params adapter does)
             return _named_plain(module_parameters(inner), None)
-        return _named_plain(module_parameters(target), group)
+        named = _named_plain(module_parameters(target), group)
+        if group is None:
+            return named
+        from .adapters.params import replicas_counted_once
+
+        named.shards = replicas_counted_once(target, list(named.shards), named.params, group)
+        return named
     if isinstance(target, Tensor):
         return _named_plain([("0", target)], group)
     if isinstance(target, Iterable) and not isinstance(target, (str, bytes)):

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from . import _norm, _reduce, _slots
 from . import clip as _clip
 from .adapters import unwrap_compiled
-from .adapters.params import listed_stand_ins, refuse_managed
+from .adapters.params import first_copy_in, listed_stand_ins, refuse_managed, replica_groups
 from .shards import Shards, UnitLayout
 
 __all__ = ["AGC", "AutoClip", "ZClip"]
@@ -804,6 +804,9 @@ def unit_pieces(
             f"to tensors, got {type(target).__name__}"
         )
     names: list[str] = []
+    # Parameters a DDP or a composable replicate() holds: copies over its group, whole on each of its ranks (under
+    # group= they were read as the caller's pieces of one parameter, summed: 1.20 for 0.85 over two stages).
+    replicas = replica_groups(target) if group is not None and isinstance(target, nn.Module) else {}
     dtensors = [(n, q) for n, q in items if type(q).__name__ == "DTensor"]
     world = bool(dtensors) and (group is not None or _dt_needs_world(dtensors))
     counting = None
@@ -860,7 +863,8 @@ def unit_pieces(
             # Plain tensors with group= are pieces of the same parameters on the group's ranks (matched by
             # position): a 0/1-D one is one unit cut across them, its partials combined as a sharded DTensor's
             # (each rank clipped its piece as a whole unit: 0.01 for 0.0063 on 2 ranks). 2-D ones are whole rows.
-            split = group is not None and param.dim() <= 1
+            copies = replicas.get(id(param))
+            split = group is not None and param.dim() <= 1 and copies is None
             if split:
                 cut.append((name, 0))
             grad = param.grad
@@ -869,7 +873,8 @@ def unit_pieces(
                 # that of their own pieces: 0.05 for 0.50), beside a gradient piece of zeros.
                 grad = torch.zeros_like(param.detach())
             if grad is not None:
-                units.append(_Unit(name, grad, param.detach(), group, True, "rows",
+                counted = copies is None or first_copy_in(copies, group)  # type: ignore[arg-type]
+                units.append(_Unit(name, grad, param.detach(), group, counted, "rows",
                                    split_units=(0,) if split else (), present=param.grad is not None))
     return units, cut, tuple(dict.fromkeys(names))
 

@@ -404,6 +404,71 @@ def body_ddp_groups_unitwise() -> list:
     return out
 
 
+def body_replicas_under_a_group(kind: str) -> list:
+    """4 ranks, two stages (ranks 0-1 and 2-3), each a composable replicate() or a DDP in a plain container
+    over its pair's group, measured with group= spanning the stages (the world, or a pair across them): the
+    replicas were taken for the caller's distinct pieces and summed over the group (1.20 for 0.85; a world-wide
+    replicate() read sqrt(world) times its norm; AGC too). Each copy counts once, on the lowest rank of its group
+    in group=; without group= each stage measures its own, with no collective."""
+    from torch.distributed._composable import replicate
+    from torch.nn.parallel import DistributedDataParallel
+
+    rank = dist.get_rank()
+    stage = rank // 2
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    cross = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+
+    def net(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+
+    refs = []
+    for s in (0, 1):
+        ref = net(10 + s).double()
+        for r in (2 * s, 2 * s + 1):
+            x = torch.randn(5, 6, generator=torch.Generator().manual_seed(r)).double()
+            ref(x).square().mean().div(2).backward()
+        refs.append([q.grad for q in ref.parameters()])
+    module = net(10 + stage)
+    if kind == "replicate":
+        target = model = replicate(module, process_group=pairs[stage])
+    else:
+        model = DistributedDataParallel(module, process_group=pairs[stage])
+        target = nn.ModuleDict({"body": model})
+    model(torch.randn(5, 6, generator=torch.Generator().manual_seed(rank))).square().mean().backward()
+    both = refs[0] + refs[1]
+    out = [abs(float(dist_clip.get_total_norm(target)) - reference_norm(refs[stage], 2.0)) <= 1e-6]
+    for grp in (dist.group.WORLD, cross[rank % 2]):
+        for p in (2.0, 1.0, math.inf):
+            want = reference_norm(both, p)
+            out.append(abs(float(dist_clip.get_total_norm(target, p, group=grp)) - want) <= 1e-6 * want)
+        res = dist_clip.GradClipper(max_norm=1e9, mode="per_param", report=True)(target, group=grp)
+        want = reference_norm(both, 2.0)
+        out.append(abs(float(res.total_norm) - want) <= 1e-6 * want)
+    saved = [q.grad.clone() for q in module.parameters()]
+    # AGC: each unit's norms are its replica's (the copies were summed: a 1-D bias cut across the group too);
+    # the same clipping as without group=, where each stage clips its own replicas
+    agc = dist_clip.GradClipper(mode="unitwise", agc=dist_clip.AGC(0.01))
+    res = agc(target, group=dist.group.WORLD)
+    out.append(abs(float(res.total_norm) - want) <= 1e-6 * want)
+    grouped = [q.grad.clone() for q in module.parameters()]
+    for q, g in zip(module.parameters(), saved):
+        q.grad.copy_(g)
+    agc(target)
+    out.append(all(torch.equal(q.grad, g) for q, g in zip(module.parameters(), grouped))
+               and not all(torch.equal(q.grad, g) for q, g in zip(module.parameters(), saved)))
+    for q, g in zip(module.parameters(), saved):
+        q.grad.copy_(g)
+    dist_clip.clip_grad_norm_(target, want / 4, group=dist.group.WORLD)
+    out.append(all(torch.allclose(q.grad, g / 4, rtol=1e-5) for q, g in zip(module.parameters(), saved)))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["replicate", "ddp_in_container"])
+def test_replicas_count_once_under_a_group_spanning_stages(run_ranks, kind):
+    assert run_ranks(4, body_replicas_under_a_group, kind) == [[True] * 12] * 4
+
+
 def test_ddp_groups_unitwise_with_a_wider_group(run_ranks):
     assert run_ranks(4, body_ddp_groups_unitwise) == [[(0, True, True)] * 2] * 4
 
