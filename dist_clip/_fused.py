@@ -34,8 +34,8 @@ from . import _reduce, _scale
 from ._warn import warn_at_caller
 
 __all__ = [
-    "arm_skip_", "grad_state", "gradients", "hand_over_", "pending_skip", "same_state", "same_tensors", "settle",
-    "overlapping", "steps_what_was_measured", "supports_grad_scale",
+    "arm_skip_", "armed_record", "grad_state", "gradients", "hand_over_", "overlapping", "pending_skip",
+    "same_state", "same_tensors", "settle", "steps_what_was_measured", "supports_grad_scale", "untouched",
 ]
 
 _PENDING = "_dist_clip_pending"
@@ -669,6 +669,7 @@ def arm_skip_(
     flag: Tensor,
     started: tuple[list[Tensor], list[int]] | None = None,
     combine: bool = True,
+    measured: Sequence[Tensor] | None = None,
 ) -> None:
     """Make the next ``step()`` of a fused optimizer skip where the 0-dim ``flag`` is true: ``found_inf``, set in
     the step pre-hook (combined with a pending hand-over's flag and with what a ``GradScaler`` set just before
@@ -680,7 +681,10 @@ def arm_skip_(
     :func:`grad_state` at that call's start: the same tensors, not written since; two calls clipping parts of
     one model), either flag skips (the second call's False replaced the first's True, and the NaN step was
     taken); found them replaced or rewritten (the next batch after a dropped one, ``zero_grad()`` either way),
-    the new flag replaces the old. ``combine=False`` (an explicit ``skip_next_step_``) always replaces it."""
+    the new flag replaces the old. ``measured``: the pieces the arming call measured; only those of them the
+    optimizer steps are held to that test (:func:`armed_record`), so another part's backward between two calls,
+    making or writing gradients the first did not measure, combines too (it replaced the flag: a NaN step
+    taken). ``combine=False`` (an explicit ``skip_next_step_``) always replaces it."""
     running = in_step(optimizer)  # (before installing the hooks: a first call from a user's running pre-hook)
     _install_hooks(optimizer)
     value = flag.reshape(()).to(torch.float32)
@@ -690,9 +694,9 @@ def arm_skip_(
     clear_stale(optimizer)
     now = grad_state(optimizer)
     armed = optimizer.__dict__.get(_SKIP)
-    if combine and armed is not None and same_state(armed[1], started if started is not None else now):
+    if combine and armed is not None and untouched(armed[1], started if started is not None else now):
         value = torch.maximum(armed[0], value.to(armed[0].device))
-    optimizer.__dict__[_SKIP] = (value, now)
+    optimizer.__dict__[_SKIP] = (value, armed_record(now, measured))
     pending = optimizer.__dict__.get(_PENDING)
     if not combine and pending is not None:
         # skip_next_step_ replaces any pending flag, a hand-over's too (settled or not: skip_next_step_(opt,
@@ -743,6 +747,31 @@ def grad_state(optimizer: torch.optim.Optimizer) -> tuple[list[Tensor], list[int
     """The optimizer's gradient tensors and their version counters (a view's is its buffer's)."""
     grads = gradients(optimizer)
     return grads, version_list(grads)
+
+
+def armed_record(
+    now: tuple[list[Tensor], list[int]], measured: Sequence[Tensor] | None
+) -> tuple[list[Tensor], list[int]]:
+    """What a skip armed on ``now`` (:func:`grad_state` after the arming call) holds on to: the optimizer's
+    gradients among ``measured`` (the call's pieces), with their versions; all of ``now`` where none of them is
+    one the optimizer steps (FSDP1's flat views) or nothing says what was measured (``skip_next_step_``)."""
+    if measured is None:
+        return now
+    ids = set(map(id, measured))
+    kept = [i for i, g in enumerate(now[0]) if id(g) in ids]
+    if not kept or len(kept) == len(now[0]):
+        return now
+    return [now[0][i] for i in kept], [now[1][i] for i in kept]
+
+
+def untouched(armed: tuple[list[Tensor], list[int]], now: tuple[list[Tensor], list[int]]) -> bool:
+    """Whether every gradient an armed skip holds (:func:`armed_record`) is among ``now``'s (:func:`grad_state`)
+    with the same version: none of them replaced, dropped or written since. Gradients that appeared, or were
+    written, beside them do not count (another part's backward between the calls clipping each part)."""
+    if same_tensors(armed[0], now[0]):
+        return armed[1] == now[1]
+    where = {id(t): v for t, v in zip(*now)}
+    return all(where.get(id(t)) == v for t, v in zip(*armed))
 
 
 def same_state(a: tuple[list[Tensor], list[int]], b: tuple[list[Tensor], list[int]]) -> bool:
@@ -922,7 +951,7 @@ def hand_over_(
     found = torch.logical_not(torch.isfinite(total)).to(torch.float32)
     grads = grads if grads is not None else gradients(optimizer)
     armed = optimizer.__dict__.get(_SKIP)
-    if armed is not None and not same_state(armed[1], (grads, version_list(grads))):
+    if armed is not None and not untouched(armed[1], (grads, version_list(grads))):
         # A skip armed on gradients replaced or rewritten since (a dropped batch's NaN, clipped in place): not this
         # step's, as a hand-over's own flag is replaced by the next hand-over (it skipped the next good step).
         del optimizer.__dict__[_SKIP]

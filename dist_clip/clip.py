@@ -553,5 +553,6 @@ def clip_grad_norm_(
     if running or (skips and not handed):
         # Armed for a finite total too: its False replaces a stale flag of gradients since replaced (a dropped
         # batch's NaN skipped the next good step where the ranks handing over stepped it).
-        _fused.arm_skip_(optimizer, torch.logical_not(torch.isfinite(wide)), started)  # type: ignore[arg-type]
+        _fused.arm_skip_(optimizer, torch.logical_not(torch.isfinite(wide)), started,  # type: ignore[arg-type]
+                         measured=everything)
     return total

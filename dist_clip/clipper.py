@@ -193,7 +193,7 @@ class _SkipGuard:
         # that raises drops only this one (ORed together, the flag armed before a failed step was lost with it).
         self.running: Tensor | None = None
         self.replaced = False  # ``running`` replaces ``flag`` (skip_next_step_ inside the step), not ORed in
-        self.armed_on: tuple[list[Tensor], list[int]] | None = None  # grad_state when the flag was armed
+        self.armed_on: tuple[list[Tensor], list[int]] | None = None  # _fused.armed_record of the flag
         self.saved: tuple[list[Tensor], list[Tensor], dict[int, dict[str, Any]], list[Tensor]] | None = None
         # The post-hook before the user's own (as _fused's): one keeping an average of the parameters (EMA) read
         # the skipped step's NaN parameters before this hook put them back, and kept the NaN for good. Bound
@@ -208,11 +208,13 @@ class _SkipGuard:
         flag: Tensor,
         started: tuple[list[Tensor], list[int]] | None = None,
         combine: bool = True,
+        measured: Sequence[Tensor] | None = None,
     ) -> None:
-        """``started``: the optimizer's :func:`_fused.grad_state` when the arming call began (see
-        :func:`_fused.arm_skip_` for how a second arming combines with the first; ``combine=False`` replaces)."""
+        """``started``: the optimizer's :func:`_fused.grad_state` when the arming call began, ``measured`` the
+        pieces it measured (see :func:`_fused.arm_skip_` for how a second arming combines with the first;
+        ``combine=False`` replaces)."""
         if _fused.supports_grad_scale(optimizer):
-            _fused.arm_skip_(optimizer, flag, started, combine)
+            _fused.arm_skip_(optimizer, flag, started, combine, measured)
             self.flag = None
             return
         if _fused.in_step(optimizer):
@@ -235,11 +237,11 @@ class _SkipGuard:
             combine
             and self.flag is not None
             and self.armed_on is not None
-            and _fused.same_state(self.armed_on, started if started is not None else now)
+            and _fused.untouched(self.armed_on, started if started is not None else now)
         ):
             flag = self.flag | flag.to(self.flag.device)  # two calls on the same gradients: either skips
         self.flag = flag
-        self.armed_on = now
+        self.armed_on = _fused.armed_record(now, measured)
 
     @staticmethod
     def _on_host(flag: Tensor) -> bool:
@@ -452,15 +454,17 @@ def _stepping_optimizers(optimizer: Any) -> list[Any] | None:
 
 
 def _arm_skip(
-    optimizer: Any, flag: Tensor, started: dict[int, tuple[list[Tensor], list[int]]] | None, combine: bool = True
+    optimizer: Any, flag: Tensor, started: dict[int, tuple[list[Tensor], list[int]]] | None, combine: bool = True,
+    measured: Sequence[Tensor] | None = None,
 ) -> None:
     """:func:`skip_next_step_`, with each torch optimizer's :func:`_fused.grad_state` at the start of the
-    arming call (``started``, by ``id``), when a call scaled the gradients before arming. ``combine=False``
-    (an explicit ``skip_next_step_``): the flag replaces any pending one."""
+    arming call (``started``, by ``id``), when a call scaled the gradients before arming, and the pieces the
+    call measured (``measured``). ``combine=False`` (an explicit ``skip_next_step_``): the flag replaces any
+    pending one."""
     inner = _stepping_optimizers(optimizer)
     if inner is not None:
         for opt in inner:
-            _arm_skip(opt, flag, started, combine)
+            _arm_skip(opt, flag, started, combine, measured)
         return
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
@@ -479,7 +483,8 @@ def _arm_skip(
     if guard is None:
         guard = _SkipGuard(optimizer)
         optimizer._dist_clip_skip_guard = guard  # type: ignore[attr-defined]
-    guard.arm(optimizer, flag.reshape(()).to(torch.bool), started.get(id(optimizer)) if started else None, combine)
+    guard.arm(optimizer, flag.reshape(()).to(torch.bool), started.get(id(optimizer)) if started else None, combine,
+              measured)
 
 
 def _check_undoable(optimizer: torch.optim.Optimizer) -> None:
@@ -501,7 +506,7 @@ def _check_undoable(optimizer: torch.optim.Optimizer) -> None:
         )
 
 
-def _skip_handle(target: object, optimizer: Any) -> tuple[Callable[[Tensor], None], Any]:
+def _skip_handle(target: object, optimizer: Any) -> tuple[Callable[..., None], Any]:
     """``(arm, optimizer)`` for ``on_nonfinite="skip"``: ``arm(flag)`` makes the next step a no-op where the flag
     is true; ``optimizer`` is what the other modes use (a DeepSpeed wrapper becomes its torch optimizer)."""
     from .adapters import deepspeed as ds_adapter
@@ -509,7 +514,7 @@ def _skip_handle(target: object, optimizer: Any) -> tuple[Callable[[Tensor], Non
 
     if ds_adapter.matches(target):
         arm, torch_opt = ds_adapter.skip_handle(target, optimizer)
-        return arm, (torch_opt if optimizer is not None else None)
+        return (lambda flag, measured=None: arm(flag)), (torch_opt if optimizer is not None else None)
     if optimizer is None and fs_adapter.skip_optimizers(target) is not None:
         optimizer = target  # an OSS target steps itself
     if optimizer is None:
@@ -525,7 +530,7 @@ def _skip_handle(target: object, optimizer: Any) -> tuple[Callable[[Tensor], Non
     # Taken only where a flag is pending (none, in a loop that steps after every call): it walks the gradients.
     started = {id(o): _fused.grad_state(o) for o in (_stepping_optimizers(chosen) or [chosen])
                if isinstance(o, torch.optim.Optimizer) and _skip_pending(o)}
-    return (lambda flag: _arm_skip(chosen, flag, started)), optimizer
+    return (lambda flag, measured=None: _arm_skip(chosen, flag, started, measured=measured)), optimizer
 
 
 # ------------------------------------------------------------------------------------------- the clipper
@@ -965,7 +970,7 @@ class GradClipper:
                         (t._values() if t.is_sparse else t).masked_fill_(~finite.to(t.device), 0)
         finally:
             if arm_skip is not None:
-                arm_skip(~finite)
+                arm_skip(~finite, [t for t, _ in pieces])
         norms = self._report(named.names, m, p) if want_report and named is not None else None
         return ClipResult(total, coef, clipped, finite, limit_out, slot_names, norms)
 
@@ -1082,7 +1087,7 @@ class GradClipper:
     def _unitwise(
         self,
         target: object,
-        arm_skip: Callable[[Tensor], None] | None,
+        arm_skip: Callable[..., None] | None,
         group: dist.ProcessGroup | None,
         want_report: bool,
     ) -> ClipResult:
@@ -1117,7 +1122,7 @@ class GradClipper:
                         u.grad.masked_fill_(~finite.to(u.grad.device), 0)
         finally:
             if arm_skip is not None:
-                arm_skip(~finite)
+                arm_skip(~finite, [u.grad for u in units])
         norms = self._report(outcome.names, outcome.measurement, p) if want_report else None
         limit = torch.full_like(total, cfg.agc.clipping)
         applied = _kept(outcome.min_coef.to(device=total.device, dtype=total.dtype), finite, policy)

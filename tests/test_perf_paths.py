@@ -1300,6 +1300,51 @@ def test_clipping_two_parts_keeps_the_first_part_s_skip(second_handed):
     assert all(torch.equal(b, q.detach()) for b, q in zip(before, m.parameters()))
 
 
+@pytest.mark.parametrize("set_to_none", [True, False])
+@pytest.mark.parametrize("second", ["clipper", "clipper_fused", "hand_over"])
+def test_a_part_s_skip_survives_the_next_part_s_backward(second, set_to_none):
+    """Two parts of a model each clipped right after its own backward (two losses): the second backward made
+    (or wrote, after an in-place zero_grad) gradients of the other part only, and the skip armed by the first
+    part's NaN was replaced by the second call's finite flag, or dropped by its hand-over: a NaN step taken, the
+    weights and Adam's state NaN for good. Another part's gradients appearing or written beside the measured ones
+    combine; the measured ones replaced or written (a dropped batch) still replace the flag."""
+    torch.manual_seed(0)
+    head1, head2 = nn.Linear(4, 3), nn.Linear(4, 2)
+    fused = second != "clipper"
+    opt = torch.optim.Adam([*head1.parameters(), *head2.parameters()], lr=0.1, fused=fused)
+    x = torch.randn(8, 4)
+    if not set_to_none:  # gradients left by an earlier step, zeroed in place
+        (head1(x).sum() + head2(x).sum()).backward()
+        opt.zero_grad(set_to_none=False)
+    head1(x).square().sum().backward()
+    head1.weight.grad[0, 0] = math.nan
+    assert not bool(dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")(head1, optimizer=opt).finite)
+    head2(x).square().sum().backward()
+    if second == "hand_over":
+        dist_clip.clip_grad_norm_(head2, 1.0, optimizer=opt)
+    else:
+        dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")(head2, optimizer=opt)
+    before = [q.detach().clone() for q in (*head1.parameters(), *head2.parameters())]
+    opt.step()
+    assert all(torch.equal(b, q.detach()) for b, q in zip(before, (*head1.parameters(), *head2.parameters())))
+    # The same first call, then the batch dropped: the next one's good step is taken.
+    opt.zero_grad(set_to_none=set_to_none)
+    head1(x).square().sum().backward()
+    head1.weight.grad[0, 0] = math.nan
+    dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")(head1, optimizer=opt)
+    opt.zero_grad(set_to_none=set_to_none)
+    (head1(x).square().sum() + head2(x).square().sum()).backward()
+    if second == "hand_over":
+        dist_clip.clip_grad_norm_([*head1.parameters(), *head2.parameters()], 1.0, optimizer=opt)
+    else:
+        dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")([*head1.parameters(), *head2.parameters()],
+                                                                  optimizer=opt)
+    before = [q.detach().clone() for q in head1.parameters()]
+    opt.step()
+    assert not any(torch.equal(b, q.detach()) for b, q in zip(before, head1.parameters()))
+    assert all(bool(q.isfinite().all()) for q in head1.parameters())
+
+
 def test_handed_over_scale_applies_to_exactly_one_step():
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=1.0, fused=True)
