@@ -81,6 +81,13 @@ def reduction_group(groups: Iterable[dist.ProcessGroup | None]) -> dist.ProcessG
     return _world()
 
 
+def first_copy_in(copies: dist.ProcessGroup, group: dist.ProcessGroup) -> bool:
+    """Whether this rank is the lowest rank of ``copies`` (the ranks holding the same piece) within ``group``:
+    the one that counts the piece when ``group`` reduces more than those ranks."""
+    ranks = set(dist.get_process_group_ranks(group))
+    return dist.get_rank() == min(r for r in dist.get_process_group_ranks(copies) if r in ranks)
+
+
 def same_everywhere(groups: Sequence[dist.ProcessGroup]) -> dist.ProcessGroup:
     """One of ``groups`` (distinct objects over the same ranks), the same on every rank whatever order they
     were listed in: the first by name (a group's name is the same on each of its ranks)."""

@@ -160,12 +160,17 @@ def _fsdp1_places(root: nn.Module, group: dist.ProcessGroup | None) -> tuple[lis
         handles = list(_fsdp.fsdp1_handles(root))
         shard_groups = {id(h.process_group): h.process_group for _, h, _ in handles if h.uses_sharded_strategy}
         red, whole = _fsdp.fsdp1_reduction(list(shard_groups.values()), group)  # as the adapter's plan reduces
+        wide = not whole and (bool(shard_groups) or group is not None)
         for module, handle, path in handles:
             flat = handle.flat_param
             prefix = clean_name(path)
             sharded = bool(handle.uses_sharded_strategy)
-            pg = red if sharded else None
-            counted = not sharded or whole or _fsdp.first_replica(module, handle)
+            if sharded:
+                pg, counted = red, whole or _fsdp.first_replica(module, handle)
+            elif wide:  # NO_SHARD under a wider reduction: its copy counts once, as in fsdp1_shards
+                pg, counted = red, _reduce.first_copy_in(handle.process_group, red)
+            else:
+                pg, counted = None, True
             world = _reduce.group_size(handle.process_group) if sharded else 1
             shard_numel = int(flat._local_shard.numel()) if sharded else 0
             # Offsets of the original parameters in the (padded) unsharded flat parameter, padding included.
@@ -192,7 +197,7 @@ def _fsdp1_places(root: nn.Module, group: dist.ProcessGroup | None) -> tuple[lis
             names.append(n)
             optim[n] = p
             geometry[n] = (p.shape, ())
-        return places, Fsdp1Layout([], unmanaged, tuple(names), optim, geometry, red if shard_groups else None)
+        return places, Fsdp1Layout([], unmanaged, tuple(names), optim, geometry, red if wide or whole else None)
 
     return _fsdp.kept_on_root(root, "pieces", build, also=group)
 

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from . import _norm, _reduce, _slots
 from . import clip as _clip
 from .adapters import unwrap_compiled
-from .adapters.params import first_copy_in, listed_stand_ins, refuse_managed, replica_groups
+from .adapters.params import listed_stand_ins, refuse_managed, replica_groups
 from .shards import Shards, UnitLayout
 
 __all__ = ["AGC", "AutoClip", "ZClip"]
@@ -873,7 +873,7 @@ def unit_pieces(
                 # that of their own pieces: 0.05 for 0.50), beside a gradient piece of zeros.
                 grad = torch.zeros_like(param.detach())
             if grad is not None:
-                counted = copies is None or first_copy_in(copies, group)  # type: ignore[arg-type]
+                counted = copies is None or _reduce.first_copy_in(copies, group)  # type: ignore[arg-type]
                 units.append(_Unit(name, grad, param.detach(), group, counted, "rows",
                                    split_units=(0,) if split else (), present=param.grad is not None))
     return units, cut, tuple(dict.fromkeys(names))

@@ -1675,6 +1675,28 @@ def no_shard_stages() -> dict[str, Any]:
             _norm_close(float(v), want[n], 1e-6) for n, v in res.norms.items())
     want = reference_norm(both, 2.0)
     saved = [q.grad.clone() for q in model.parameters()]
+    # AGC too (it counted the replicas on the group's rank 0 only: the first stage's norm, and a NaN on the
+    # other stage read finite under "error"); its clipping is each stage's own, as without group=
+    agc = dist_clip.GradClipper(mode="unitwise", agc=dist_clip.AGC(0.01))
+    out["unitwise"] = _norm_close(float(agc(model, group=dist.group.WORLD).total_norm), want, 1e-6)
+    grouped = [q.grad.clone() for q in model.parameters()]
+    for q, s in zip(model.parameters(), saved):
+        q.grad.copy_(s)
+    agc(model)
+    out["unitwise clip"] = all(torch.equal(q.grad, g) for q, g in zip(model.parameters(), grouped))
+    for q, s in zip(model.parameters(), saved):
+        q.grad.copy_(s)
+    if stage == 1:
+        next(model.parameters()).grad.view(-1)[0] = math.nan
+    try:
+        dist_clip.GradClipper(mode="unitwise", agc=dist_clip.AGC(0.01), on_nonfinite="error")(
+            model, group=dist.group.WORLD)
+    except RuntimeError as e:
+        out["unitwise nan"] = "non-finite" in str(e)
+    else:
+        out["unitwise nan"] = False
+    for q, s in zip(model.parameters(), saved):
+        q.grad.copy_(s)
     total = dist_clip.clip_grad_norm_(model, want / 2, group=dist.group.WORLD)
     out["clip"] = _norm_close(float(total), want, 1e-6) and all(
         torch.allclose(q.grad, s * 0.5, rtol=1e-5, atol=0) for q, s in zip(model.parameters(), saved))

@@ -548,14 +548,13 @@ def fsdp1_shards(root: nn.Module, group: dist.ProcessGroup | None, per_param: bo
     out: list[Shards] = []
     reduce_over, whole = fsdp1_reduction(list(groups.values()), group)
     wide = not whole and (bool(groups) or group is not None)
-    held = set(dist.get_process_group_ranks(reduce_over)) if wide and unsharded else set()
     for pg, pieces in unsharded:
         if wide:
             # Reduced over more than the handle's ranks (group= spanning pipeline stages, each NO_SHARD over its
             # own ranks): the lowest rank of the handle's group in the reduction counts its copy (rank 0 of the
             # reduction alone did, and the other stages' were dropped: every rank returned the first stage's
             # norm and clipped the others by it).
-            first = dist.get_rank() == min(r for r in dist.get_process_group_ranks(pg) if r in held)
+            first = _reduce.first_copy_in(pg, reduce_over)
             sharded.extend((first, n, g) for n, g in pieces)
         else:
             replicated_names.extend(n for n, _ in pieces)

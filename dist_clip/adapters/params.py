@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .._reduce import first_copy_in
 from .._warn import warn_at_caller
 from ..shards import Shards
 
@@ -513,12 +514,6 @@ def replica_groups(target: nn.Module) -> dict[int, dist.ProcessGroup]:
         if ddp is not None:  # (a replicate() state before its first forward holds no DDP, nor gradients)
             owner.update((id(q), ddp.process_group) for q in ddp.module.parameters())
     return owner
-
-
-def first_copy_in(copies: dist.ProcessGroup, group: dist.ProcessGroup) -> bool:
-    """Whether this rank is the lowest rank of ``copies`` (ranks holding the same piece) within ``group``."""
-    ranks = set(dist.get_process_group_ranks(group))
-    return dist.get_rank() == min(r for r in dist.get_process_group_ranks(copies) if r in ranks)
 
 
 def replicas_counted_once(target: nn.Module, shards: list[Shards], params: Mapping[str, Tensor],
