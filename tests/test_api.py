@@ -291,6 +291,32 @@ def test_gradients_made_with_create_graph_are_gradients():
     w.grad = None  # break the reference cycle create_graph makes
 
 
+def test_a_non_leaf_given_retain_grad_counts_by_its_grad():
+    """An activation kept with retain_grad() (adversarial training on embeddings) is clipped by its .grad, as
+    torch does: its values were measured (7.10 for 14.20) and scaled in place, its gradient left unclipped."""
+    torch.manual_seed(0)
+    w = torch.randn(4, 3, requires_grad=True)
+    for call in ("get_total_norm", "clip", "clipper"):
+        h = w * 2
+        h.retain_grad()
+        h.pow(2).sum().backward()
+        values, grad = h.detach().clone(), h.grad.clone()
+        want = reference_norm([grad])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # (reading a retained .grad does not warn)
+            if call == "get_total_norm":
+                got = dist_clip.get_total_norm([h])
+            elif call == "clip":
+                got = dist_clip.clip_grad_norm_([h], 1.0)
+            else:
+                got = dist_clip.GradClipper(max_norm=1.0, mode="per_param", report=True)({"h": h}).total_norm
+        assert got.item() == pytest.approx(want, rel=1e-6), call
+        assert torch.equal(h.detach(), values), call
+        if call != "get_total_norm":
+            assert torch.allclose(h.grad, grad / want, rtol=1e-5), call
+        w.grad = None
+
+
 def test_create_graph_gradients_that_are_views_are_gradients():
     """autograd.grad(create_graph=True) hands back some gradients as views (the gradient of w.sum() is an expand
     of a scalar) and slices of such gradients are views too: their base is not a leaf, so they are gradients."""

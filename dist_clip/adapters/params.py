@@ -77,7 +77,8 @@ def is_parameter(t: Tensor) -> bool:
     FSDP2's DTensor parameters), a leaf tensor that requires grad, or a view of one (``p.view(-1)``: its
     ``.grad`` is ``None`` and it is skipped, as torch skips it) is a parameter, and so is a tensor whose ``.grad``
     is set (a weight frozen after its backward, a tensor given a ``.grad`` by hand: its values were measured and
-    scaled as a gradient, where torch clips its ``.grad``). Any other tensor is taken to be
+    scaled as a gradient, where torch clips its ``.grad``), or a non-leaf tensor given ``retain_grad()``. Any
+    other tensor is taken to be
     a gradient already, as ``torch.nn.utils.get_total_norm`` takes it: also a gradient that requires grad
     because ``backward(create_graph=True)`` or ``autograd.grad(create_graph=True)`` made it part of a graph (it
     has a ``grad_fn``, and is not a view of a leaf: such gradients often come back as views, e.g. expanded).
@@ -89,6 +90,9 @@ def is_parameter(t: Tensor) -> bool:
         or (t.requires_grad and (t.grad_fn is None or _views_a_leaf(t)))
         or isinstance(t, nn.Parameter)
         or (not t.requires_grad and t.grad is not None)  # a leaf: reading .grad does not warn
+        # A non-leaf given retain_grad() (an activation kept for its gradient): its .grad counts, as in torch
+        # (its values were measured and scaled in place as a gradient, the gradient left unclipped).
+        or t.retains_grad
     )
 
 
