@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import _reduce, _scale
 from ._warn import warn_at_caller
@@ -42,7 +41,10 @@ _PENDING = "_dist_clip_pending"
 _HOOKS = "_dist_clip_hooks"
 _SAVED = "_dist_clip_saved"
 _SKIP = "_dist_clip_skip"
-_WRITES: WeakTensorKeyDictionary = WeakTensorKeyDictionary()  # parameter -> backward count (see _write_cell)
+# id(parameter) -> (backward count, its hook's handle) (see _write_cell). By id: a weak reference on a parameter
+# made module.to() / load_state_dict() refuse to swap it (torch.__future__.set_swap_module_params_on_conversion).
+_WRITES: dict[int, tuple[list[int], Any]] = {}
+_WRITES_PRUNE = [256]  # prune dead parameters' entries when the table reaches this size
 _MISSING = object()
 # Optimizers holding a coefficient for their next step(): a later call reading the same gradients settles it.
 _WAITING: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
@@ -588,7 +590,7 @@ def _moved(held: list[Tensor], versions: list[Any], raw: list[int], new: list[Te
             continue
         if params is None:
             params = _params_by_grad(optimizer)
-        cell = _WRITES.get(params[id(g)]) if id(g) in params else None
+        cell = _write_cell_of(params[id(g)]) if id(g) in params else None
         i = by_cell.get(id(cell)) if cell is not None else None
         if i is not None:
             if cell[0] != versions[i][1]:  # type: ignore[index]
@@ -648,16 +650,32 @@ def _write_cell(param: Tensor) -> list[int]:
     installed once per parameter. DDP's reducer gives a parameter the same bucket view back after
     ``zero_grad(set_to_none=True)``, and a view's version counter is its whole bucket's (written by clips of
     other parameters too): a dropped batch's coefficient and skip flag reached the next batch's step."""
-    cell = _WRITES.get(param)
+    cell = _write_cell_of(param)
     if cell is None:
         cell = [0]
 
         def bump(_: Tensor, cell: list[int] = cell) -> None:
             cell[0] += 1
 
-        param.register_post_accumulate_grad_hook(bump)
-        _WRITES[param] = cell  # beside the parameter, not on it: a pickled copy got the counter without its hook
+        handle = param.register_post_accumulate_grad_hook(bump)
+        if len(_WRITES) >= _WRITES_PRUNE[0]:
+            for key in [k for k, (_, h) in _WRITES.items() if h.hooks_dict_ref() is None]:
+                del _WRITES[key]  # (their parameters are gone: so is the hook dict the handle refers to)
+            _WRITES_PRUNE[0] = max(256, 2 * len(_WRITES))
+        # beside the parameter, not on it: a pickled copy got the counter without its hook
+        _WRITES[id(param)] = (cell, handle)
     return cell
+
+
+def _write_cell_of(param: Tensor) -> list[int] | None:
+    """``param``'s backward count, if its hook is still installed on this very tensor (an id may be reused by
+    a new tensor after a parameter is gone; a copy, or a tensor swapped in, has no hook)."""
+    entry = _WRITES.get(id(param))
+    if entry is None:
+        return None
+    cell, handle = entry
+    hooks = getattr(param, "_post_accumulate_grad_hooks", None)
+    return cell if hooks is not None and handle.hooks_dict_ref() is hooks and handle.id in hooks else None
 
 
 def _install_hooks(optimizer: torch.optim.Optimizer) -> None:

@@ -1979,6 +1979,36 @@ def body_ddp_bucket_views_dropped_batch(subclass: bool = False) -> list:
     return out
 
 
+def test_a_hand_over_on_view_gradients_leaves_the_parameters_swappable():
+    """The backward counters of view gradients were kept in a weak dictionary keyed by parameter: its weak
+    reference made load_state_dict() and .to() refuse to swap the parameters ("Cannot swap t1 because it has
+    weakref associated with it") under torch.__future__.set_swap_module_params_on_conversion(True)."""
+    import weakref
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    ps = list(m.parameters())
+    flat = torch.zeros(sum(p.numel() for p in ps))
+    at = 0
+    for p in ps:
+        p.grad = flat[at:at + p.numel()].view_as(p)
+        at += p.numel()
+    opt = torch.optim.AdamW(ps, lr=1e-3, fused=True)
+    saved = {k: v.clone() for k, v in m.state_dict().items()}
+    m(torch.randn(3, 4)).sum().backward()
+    dist_clip.clip_grad_norm_(m, 0.1, optimizer=opt)
+    opt.step()
+    assert [weakref.getweakrefcount(p) for p in ps] == [0] * len(ps)
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        m.load_state_dict(saved)
+        m.to(torch.float64)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(before)
+    assert all(p.dtype == torch.float64 for p in m.parameters())
+
+
 @pytest.mark.parametrize("copy_how", ["none", "deepcopy", "pickle"])
 def test_view_gradients_written_by_a_backward_drop_the_hand_over_after_a_model_copy(copy_how):
     """Gradients that are views of one buffer (as DDP's buckets), zeroed in place and written by a new backward
