@@ -139,6 +139,9 @@ class Fsdp1Layout:
     geometry: dict[str, tuple[torch.Size, tuple[int, ...]]]  # name -> (full shape, cuts), every parameter
     # The group sharded pieces combine over, on every rank (one holding padding only too), or None (no sharding).
     group: dist.ProcessGroup | None = None
+    # Names sharded over fewer ranks than ``group`` holds, with no replica across them (pipeline stages under a
+    # group= spanning them): their cut units cannot be combined by name over ``group``.
+    apart: frozenset[str] = frozenset()
 
 
 # One in-shard piece of an FSDP1 parameter, all but its tensors: (handle, the original parameter under
@@ -161,6 +164,7 @@ def _fsdp1_places(root: nn.Module, group: dist.ProcessGroup | None) -> tuple[lis
         shard_groups = {id(h.process_group): h.process_group for _, h, _ in handles if h.uses_sharded_strategy}
         red, whole = _fsdp.fsdp1_reduction(list(shard_groups.values()), group)  # as the adapter's plan reduces
         wide = not whole and (bool(shard_groups) or group is not None)
+        apart: set[str] = set()
         for module, handle, path in handles:
             flat = handle.flat_param
             prefix = clean_name(path)
@@ -184,6 +188,9 @@ def _fsdp1_places(root: nn.Module, group: dist.ProcessGroup | None) -> tuple[lis
             for i, (fqn, info) in enumerate(zip(flat._fqns, flat._shard_param_infos)):
                 name = clean_name(prefix + fqn)
                 names.append(name)
+                if sharded and wide and handle._sharding_strategy.name not in _fsdp._HYBRID and not \
+                        _fsdp.same_ranks(handle.process_group, red):
+                    apart.add(name)
                 cuts = partition_cuts(offsets[i], int(flat._numels[i]), shard_numel, world)
                 shape = torch.Size(flat._shapes[i])
                 geometry[name] = (shape, cuts)
@@ -197,7 +204,8 @@ def _fsdp1_places(root: nn.Module, group: dist.ProcessGroup | None) -> tuple[lis
             names.append(n)
             optim[n] = p
             geometry[n] = (p.shape, ())
-        return places, Fsdp1Layout([], unmanaged, tuple(names), optim, geometry, red if wide or whole else None)
+        return places, Fsdp1Layout([], unmanaged, tuple(names), optim, geometry, red if wide or whole else None,
+                                   frozenset(apart))
 
     return _fsdp.kept_on_root(root, "pieces", build, also=group)
 
@@ -228,7 +236,8 @@ def fsdp1_pieces(root: nn.Module, group: dist.ProcessGroup | None = None) -> Fsd
         if g is not None:
             g = g.reshape(-1)
         pieces.append(FlatPiece(name, g, data, start, shape, pg, optim_param, cuts, counted))
-    return Fsdp1Layout(pieces, static.unmanaged, static.names, static.optim, static.geometry, static.group)
+    return Fsdp1Layout(pieces, static.unmanaged, static.names, static.optim, static.geometry, static.group,
+                       static.apart)
 
 
 def _fsdp1_named(root: nn.Module, group: dist.ProcessGroup | None) -> Named:

@@ -1701,3 +1701,31 @@ def no_shard_stages() -> dict[str, Any]:
     out["clip"] = _norm_close(float(total), want, 1e-6) and all(
         torch.allclose(q.grad, s * 0.5, rtol=1e-5, atol=0) for q, s in zip(model.parameters(), saved))
     return out
+
+
+def full_shard_stages_unitwise() -> dict[str, Any]:
+    """4 ranks, two pipeline stages each an FSDP1 FULL_SHARD model over its pair, under group= spanning them:
+    the total sums the stages; unit-wise clipping, whose rows cut between shards are combined by name over the
+    group (the other stage's rows of the same name were added: a different clip than each stage's own), is a
+    NotImplementedError on every rank."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    rank = dist.get_rank()
+    stage = rank // 2
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    refs = [reference(new_model(30 + s), [2 * s, 2 * s + 1]) for s in (0, 1)]
+    model = FSDP(new_model(30 + stage), process_group=pairs[stage], device_id=torch.device("cpu"),
+                 use_orig_params=True)
+    loss_fn(model, *batch(rank)).backward()
+    want = reference_norm([g for ref in refs for g in ref.grads.values()], 2.0)
+    out: dict[str, Any] = {"total": _norm_close(float(dist_clip.get_total_norm(model, group=dist.group.WORLD)),
+                                                want, 1e-6)}
+    try:
+        dist_clip.GradClipper(mode="unitwise", agc=dist_clip.AGC(0.01))(model, group=dist.group.WORLD)
+    except NotImplementedError as e:
+        out["unitwise"] = "cut between FSDP1 shards" in str(e)
+    else:
+        out["unitwise"] = False
+    out["unitwise alone"] = _norm_close(float(dist_clip.GradClipper(mode="unitwise", agc=dist_clip.AGC(1e9))(
+        model).total_norm), reference_norm(list(refs[stage].grads.values()), 2.0), 1e-6)
+    return out

@@ -257,6 +257,11 @@ def test_fsdp1_no_shard_stages_under_a_group_spanning_them(run_ranks) -> None:
         sorted(r.items()) for r in results]
 
 
+def test_fsdp1_full_shard_stages_refuse_unitwise_under_a_group_spanning_them(run_ranks) -> None:
+    results = run_ranks(4, cases.full_shard_stages_unitwise, timeout_s=90)
+    assert results == [{"total": True, "unitwise": True, "unitwise alone": True}] * 4, results
+
+
 @pytest.mark.parametrize("use_orig_params", [True, False])
 def test_fsdp1_float64_total_is_float64_on_every_rank(run_ranks, use_orig_params: bool) -> None:
     """A float64 model over 4 ranks whose last shards are padding only: the same float64 total everywhere."""
