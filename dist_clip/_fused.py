@@ -41,9 +41,10 @@ _PENDING = "_dist_clip_pending"
 _HOOKS = "_dist_clip_hooks"
 _SAVED = "_dist_clip_saved"
 _SKIP = "_dist_clip_skip"
-# id(parameter) -> (backward count, its hook's handle) (see _write_cell). By id: a weak reference on a parameter
-# made module.to() / load_state_dict() refuse to swap it (torch.__future__.set_swap_module_params_on_conversion).
-_WRITES: dict[int, tuple[list[int], Any]] = {}
+# id(parameter) -> (backward count, its hook's handle, the tensor's _cdata) (see _write_cell). By id: a weak
+# reference on a parameter made module.to() / load_state_dict() refuse to swap it
+# (torch.__future__.set_swap_module_params_on_conversion).
+_WRITES: dict[int, tuple[list[int], Any, int]] = {}
 _WRITES_PRUNE = [256]  # prune dead parameters' entries when the table reaches this size
 _MISSING = object()
 # Optimizers holding a coefficient for their next step(): a later call reading the same gradients settles it.
@@ -658,24 +659,31 @@ def _write_cell(param: Tensor) -> list[int]:
             cell[0] += 1
 
         handle = param.register_post_accumulate_grad_hook(bump)
+        # Set again, the hook table is registered with the tensor torch holds now: after torch.utils.swap_tensors
+        # the table stays with the Python object and its hooks no longer fire (idempotent otherwise).
+        param._post_accumulate_grad_hooks = param._post_accumulate_grad_hooks
         if len(_WRITES) >= _WRITES_PRUNE[0]:
-            for key in [k for k, (_, h) in _WRITES.items() if h.hooks_dict_ref() is None]:
+            for key in [k for k, (_, h, _) in _WRITES.items() if h.hooks_dict_ref() is None]:
                 del _WRITES[key]  # (their parameters are gone: so is the hook dict the handle refers to)
             _WRITES_PRUNE[0] = max(256, 2 * len(_WRITES))
         # beside the parameter, not on it: a pickled copy got the counter without its hook
-        _WRITES[id(param)] = (cell, handle)
+        _WRITES[id(param)] = (cell, handle, param._cdata)
     return cell
 
 
 def _write_cell_of(param: Tensor) -> list[int] | None:
     """``param``'s backward count, if its hook is still installed on this very tensor (an id may be reused by
-    a new tensor after a parameter is gone; a copy, or a tensor swapped in, has no hook)."""
+    a new tensor after a parameter is gone; a copy has no hook; after ``torch.utils.swap_tensors`` (``.to()``,
+    ``load_state_dict()`` in torch's swap mode) the hook no longer fires: the counter read unwritten, and a
+    dropped batch's coefficient scaled the next one, 0.0014 for 46.5)."""
     entry = _WRITES.get(id(param))
     if entry is None:
         return None
-    cell, handle = entry
+    cell, handle, cdata = entry
     hooks = getattr(param, "_post_accumulate_grad_hooks", None)
-    return cell if hooks is not None and handle.hooks_dict_ref() is hooks and handle.id in hooks else None
+    if hooks is None or handle.hooks_dict_ref() is not hooks or handle.id not in hooks or param._cdata != cdata:
+        return None
+    return cell
 
 
 def _install_hooks(optimizer: torch.optim.Optimizer) -> None:
@@ -783,13 +791,18 @@ def armed_record(
 
 
 def untouched(armed: tuple[list[Tensor], list[int]], now: tuple[list[Tensor], list[int]]) -> bool:
-    """Whether every gradient an armed skip holds (:func:`armed_record`) is among ``now``'s (:func:`grad_state`)
-    with the same version: none of them replaced, dropped or written since. Gradients that appeared, or were
-    written, beside them do not count (another part's backward between the calls clipping each part)."""
+    """Whether some gradient an armed skip holds (:func:`armed_record`) is still among ``now``'s
+    (:func:`grad_state`) with the same version: not every one of them replaced, dropped or written since (a
+    dropped batch's ``zero_grad()``, either way, touches them all). Gradients that appeared, or were written,
+    beside them do not count: another part's backward between the calls clipping each part, also one
+    accumulating into a trunk both parts share (requiring all of them untouched, it replaced the first part's
+    NaN skip). An empty record (nothing held then) is untouched only while there is still nothing."""
+    if not armed[0]:
+        return not now[0]
     if same_tensors(armed[0], now[0]):
-        return armed[1] == now[1]
+        return any(map(operator.eq, armed[1], now[1]))
     where = {id(t): v for t, v in zip(*now)}
-    return all(where.get(id(t)) == v for t, v in zip(*armed))
+    return any(where.get(id(t)) == v for t, v in zip(*armed))
 
 
 def same_state(a: tuple[list[Tensor], list[int]], b: tuple[list[Tensor], list[int]]) -> bool:

@@ -1301,7 +1301,7 @@ def test_clipping_two_parts_keeps_the_first_part_s_skip(second_handed):
 
 
 @pytest.mark.parametrize("set_to_none", [True, False])
-@pytest.mark.parametrize("second", ["clipper", "clipper_fused", "hand_over"])
+@pytest.mark.parametrize("second", ["clipper", "clipper_fused", "clip_fused"])
 def test_a_part_s_skip_survives_the_next_part_s_backward(second, set_to_none):
     """Two parts of a model each clipped right after its own backward (two losses): the second backward made
     (or wrote, after an in-place zero_grad) gradients of the other part only, and the skip armed by the first
@@ -1311,6 +1311,7 @@ def test_a_part_s_skip_survives_the_next_part_s_backward(second, set_to_none):
     torch.manual_seed(0)
     head1, head2 = nn.Linear(4, 3), nn.Linear(4, 2)
     fused = second != "clipper"
+    # (clip_fused: clip_grad_norm_ with optimizer=, scaled in place, since the optimizer steps head 1 too)
     opt = torch.optim.Adam([*head1.parameters(), *head2.parameters()], lr=0.1, fused=fused)
     x = torch.randn(8, 4)
     if not set_to_none:  # gradients left by an earlier step, zeroed in place
@@ -1320,7 +1321,7 @@ def test_a_part_s_skip_survives_the_next_part_s_backward(second, set_to_none):
     head1.weight.grad[0, 0] = math.nan
     assert not bool(dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")(head1, optimizer=opt).finite)
     head2(x).square().sum().backward()
-    if second == "hand_over":
+    if second == "clip_fused":
         dist_clip.clip_grad_norm_(head2, 1.0, optimizer=opt)
     else:
         dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")(head2, optimizer=opt)
@@ -1334,7 +1335,7 @@ def test_a_part_s_skip_survives_the_next_part_s_backward(second, set_to_none):
     dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")(head1, optimizer=opt)
     opt.zero_grad(set_to_none=set_to_none)
     (head1(x).square().sum() + head2(x).square().sum()).backward()
-    if second == "hand_over":
+    if second == "clip_fused":
         dist_clip.clip_grad_norm_([*head1.parameters(), *head2.parameters()], 1.0, optimizer=opt)
     else:
         dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")([*head1.parameters(), *head2.parameters()],
@@ -1343,6 +1344,27 @@ def test_a_part_s_skip_survives_the_next_part_s_backward(second, set_to_none):
     opt.step()
     assert not any(torch.equal(b, q.detach()) for b, q in zip(before, head1.parameters()))
     assert all(bool(q.isfinite().all()) for q in head1.parameters())
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_part_s_skip_survives_a_backward_into_a_shared_trunk(fused):
+    """Two heads on one trunk, each clipped after its own backward: the second backward accumulates into the
+    trunk's gradients, which the first call measured too, and requiring every measured gradient untouched
+    replaced the first head's NaN skip (a NaN step). Some measured gradient left as it was keeps the flag."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 4)
+    trunk, h1, h2 = nn.Linear(4, 4), nn.Linear(4, 3), nn.Linear(4, 2)
+    ps = [*trunk.parameters(), *h1.parameters(), *h2.parameters()]
+    opt = torch.optim.Adam(ps, lr=0.1, fused=fused)
+    clip = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+    h1(trunk(x)).square().sum().backward()
+    h1.weight.grad[0, 0] = math.nan
+    assert not bool(clip([*trunk.parameters(), *h1.parameters()], optimizer=opt).finite)
+    h2(trunk(x)).square().sum().backward()
+    assert bool(clip(h2, optimizer=opt).finite)
+    before = [p.detach().clone() for p in ps]
+    opt.step()
+    assert all(torch.equal(b, p.detach()) for b, p in zip(before, ps))
 
 
 def test_handed_over_scale_applies_to_exactly_one_step():
@@ -2007,6 +2029,46 @@ def test_a_hand_over_on_view_gradients_leaves_the_parameters_swappable():
     finally:
         torch.__future__.set_swap_module_params_on_conversion(before)
     assert all(p.dtype == torch.float64 for p in m.parameters())
+
+
+def test_view_gradients_written_by_a_backward_drop_the_hand_over_after_a_swap():
+    """A model reloaded under torch's swap mode (a checkpoint restore) after a hand-over: its parameters'
+    post-accumulate-grad hooks no longer fired (torch keeps the hook table with the Python object), the backward
+    counters read unwritten, and a dropped batch's coefficient scaled the next batch (update 0.0014 for 46.5)."""
+
+    def trial(m: nn.Module) -> tuple[float, float]:
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, fused=True)
+        flat, at = torch.zeros(sum(p.numel() for p in m.parameters())), 0
+        for p in m.parameters():
+            p.grad = flat[at:at + p.numel()].view_as(p)
+            at += p.numel()
+        x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+        (m(x * 10) ** 2).sum().backward()
+        dist_clip.clip_grad_norm_(m, 0.1, optimizer=opt)
+        for p in m.parameters():
+            p.grad.zero_()  # the batch is dropped: zeroed in place, the views kept
+        (m(x) ** 2).sum().backward()
+        want = float(torch.cat([p.grad.flatten().double() for p in m.parameters()]).norm())
+        start = torch.cat([p.detach().flatten().double() for p in m.parameters()])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.step()
+        return float((start - torch.cat([p.detach().flatten().double() for p in m.parameters()])).norm() / 0.1), want
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    got, want = trial(model)
+    assert got == pytest.approx(want, rel=1e-6)
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(before)
+    for p in model.parameters():
+        p.grad = None
+    got, want = trial(model)
+    assert got == pytest.approx(want, rel=1e-6)
 
 
 @pytest.mark.parametrize("copy_how", ["none", "deepcopy", "pickle"])

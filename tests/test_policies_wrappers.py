@@ -362,6 +362,29 @@ SPIKES = {4: 30.0}  # step -> loss multiplier: a gradient norm spike
 STEPS = 6
 
 
+def case_torch_zero_dropped_nan_part(fused: bool) -> list[str]:
+    """torch's ZeroRedundancyOptimizer, each rank's inner optimizer holding one head: a NaN in head 1 clipped
+    and the batch dropped, then both heads clipped: rank 1's inner optimizer held no gradient when the skip was
+    armed, and that empty record never looked replaced, so rank 1 skipped the good step rank 0 took."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    torch.manual_seed(0)
+    h1, h2 = torch.nn.Linear(4, 6), torch.nn.Linear(4, 6)
+    ps = [*h1.parameters(), *h2.parameters()]
+    opt = ZeroRedundancyOptimizer(ps, optimizer_class=torch.optim.Adam, lr=0.1, fused=fused)
+    x = torch.randn(8, 4)
+    clip = GradClipper(max_norm=1.0, on_nonfinite="skip")
+    h1(x).square().sum().backward()
+    h1.weight.grad[0, 0] = math.nan
+    clip(h1, optimizer=opt)
+    opt.zero_grad()  # the NaN batch is dropped
+    (h1(x).square().sum() + h2(x).square().sum()).backward()
+    assert bool(clip(ps, optimizer=opt).finite)
+    before = [p.detach().clone() for p in ps]
+    opt.step()
+    return [n for n, b, p in zip(("h1.w", "h1.b", "h2.w", "h2.b"), before, ps) if not torch.equal(b, p)]
+
+
 def case_adaptive(wrapper: str) -> list:
     """For each threshold: ``STEPS`` steps of the wrapper against the float64 run clipped by the reference."""
     out = []
@@ -450,6 +473,12 @@ def test_fairscale_policies(run_ranks, kind):
 @pytest.mark.parametrize("fused", [False, True])
 def test_torch_zero_redundancy_optimizer_skip(run_ranks, fused):
     run_ranks(2, case_torch_zero_skip, fused, timeout_s=TIMEOUT)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_torch_zero_redundancy_optimizer_dropped_nan_part(run_ranks, fused):
+    assert run_ranks(2, case_torch_zero_dropped_nan_part, fused, timeout_s=TIMEOUT) == [
+        ["h1.w", "h1.b", "h2.w", "h2.b"]] * 2
 
 
 @pytest.mark.parametrize("wrapper", [pytest.param("zero2", marks=pytest.mark.deepspeed),
