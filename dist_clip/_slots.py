@@ -140,7 +140,7 @@ class Fsdp1Layout:
     # The group sharded pieces combine over, on every rank (one holding padding only too), or None (no sharding).
     group: dist.ProcessGroup | None = None
     # Names sharded over fewer ranks than ``group`` holds, with no replica across them (pipeline stages under a
-    # group= spanning them): their cut units cannot be combined by name over ``group``.
+    # group= spanning them): their units cut between shards cannot be combined by name over ``group``.
     apart: frozenset[str] = frozenset()
 
 
@@ -185,11 +185,16 @@ def _fsdp1_places(root: nn.Module, group: dist.ProcessGroup | None) -> tuple[lis
                     offsets.append(at)
                 at += numel
             use_orig = bool(handle._use_orig_params)
+            # Sharded over fewer ranks than the reduction holds, with no replica of it there: the ranks beyond
+            # hold other pieces under the same names (pipeline stages). A hybrid handle spans its shard group
+            # times its replicas (HYBRID_SHARD stages reached past that by group= were combined by name too).
+            span = world * (_reduce.group_size(module._inter_node_pg) if sharded and
+                            handle._sharding_strategy.name in _fsdp._HYBRID else 1)
+            stage = sharded and wide and span < _reduce.group_size(red)
             for i, (fqn, info) in enumerate(zip(flat._fqns, flat._shard_param_infos)):
                 name = clean_name(prefix + fqn)
                 names.append(name)
-                if sharded and wide and handle._sharding_strategy.name not in _fsdp._HYBRID and not \
-                        _fsdp.same_ranks(handle.process_group, red):
+                if stage:
                     apart.add(name)
                 cuts = partition_cuts(offsets[i], int(flat._numels[i]), shard_numel, world)
                 shape = torch.Size(flat._shapes[i])

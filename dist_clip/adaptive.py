@@ -758,13 +758,14 @@ def unit_pieces(
             numel = int(math.prod(shape))
             row_len = numel // shape[0] if len(shape) >= 2 and shape[0] > 0 else max(numel, 1)
             cut.extend((name, c // row_len) for c in cuts if c % row_len)
-        stages = [name for name, _ in cut if name in layout.apart]
-        if stages:
+        if layout.apart:
+            # Refused whether or not this stage's rows are cut between shards (another stage's may be: it
+            # raised alone, and the stages without a cut row waited in the collective until the timeout).
+            name = next(n for n in layout.names if n in layout.apart)
             raise NotImplementedError(
-                f"unit-wise clipping of {stages[0]!r}: its units are cut between FSDP1 shards, and group= holds "
-                "ranks beyond its shard group that hold other pieces (pipeline stages), whose units of the same "
-                "name would be combined with its own; clip each stage's AGC without group=, or use "
-                "mode='per_param'"
+                f"unit-wise clipping of {name!r}: it is sharded by FSDP1 over fewer ranks than group= holds, "
+                "and the ranks beyond hold other pieces (pipeline stages), whose units cut between shards would "
+                "be combined by name with its own; clip each stage's AGC without group=, or use mode='per_param'"
             )
         cut_by_name: dict[str, list[int]] = {}
         for name, uid in cut:

@@ -1087,18 +1087,18 @@ def unit_layout(target: object, group: dist.ProcessGroup | None) -> UnitLayout:
         shapes = {n: p.shape for n, p in _module_named(engine)}
         geometry = {pc.name: (shapes[pc.name], ()) for pc in pieces if pc.start is not None}
     if group is not None and isinstance(opt, (DeepSpeedZeroOptimizer_Stage3, DeepSpeedZeroOptimizer)):
-        _refuse_cut_units_beyond_dp(opt, group, geometry)
+        _refuse_group_beyond_dp(opt, group, geometry)
     names = tuple(dict.fromkeys(module_names + order))
     groups = tuple(dict.fromkeys(s.group for s in found))
     device = next((t.device for s in found for t in s.tensors), None)
     return UnitLayout(pieces, names, geometry, groups, scale, device)
 
 
-def _refuse_cut_units_beyond_dp(opt: Any, group: dist.ProcessGroup, geometry: dict[str, Any]) -> None:
-    """``NotImplementedError`` where a unit (a row) is cut between data-parallel partitions and ``group=``
-    reaches beyond the data-parallel group (other model-parallel ranks, other stages): cut units are combined
-    by (name, row) over the group, so another data-parallel group's distinct parameter of the same name was
-    added to this one's (ZeRO-3 under an mpu: coefficients 0.88-0.97 off)."""
+def _refuse_group_beyond_dp(opt: Any, group: dist.ProcessGroup, geometry: dict[str, Any]) -> None:
+    """``NotImplementedError`` where ``group=`` reaches beyond the data-parallel group (other model-parallel
+    ranks, other stages): units (rows) cut between partitions are combined by (name, row) over the group, so
+    another data-parallel group's distinct parameter of the same name was added to this one's (ZeRO-3 under an
+    mpu: coefficients 0.88-0.97 off)."""
     from .fsdp import same_ranks
 
     if isinstance(opt.__dict__.get("real_dp_process_group"), list):
@@ -1107,15 +1107,13 @@ def _refuse_cut_units_beyond_dp(opt: Any, group: dist.ProcessGroup, geometry: di
         dps = [opt._get_sub_group_process_group(i) for i in range(len(opt.fp16_groups))]
     else:
         dps = [opt.dp_process_group]
-    if all(same_ranks(dp, group) for dp in dps):
+    if all(same_ranks(dp, group) for dp in dps) or not geometry:
         return
-    for name, (shape, cuts) in geometry.items():
-        numel = int(math.prod(shape))
-        row = numel // shape[0] if len(shape) >= 2 and shape[0] > 0 else max(numel, 1)
-        if any(c % row for c in cuts):
-            raise NotImplementedError(
-                f"unit-wise clipping of {name!r}: its units are cut between ZeRO's data-parallel partitions, and "
-                "group= holds ranks beyond the data-parallel group (other model-parallel ranks or stages), whose "
-                "units of the same name would be combined with its own; clip without group=, or use "
-                "mode='per_param'"
-            )
+    # Refused whether or not this rank's partitions cut a row (another rank's may: it raised alone, and the
+    # others waited in the collective until the timeout).
+    name = next(iter(geometry))
+    raise NotImplementedError(
+        f"unit-wise clipping of {name!r}: ZeRO partitions it over the data-parallel group, and group= holds ranks "
+        "beyond that group (other model-parallel ranks or stages), whose units cut between partitions would be "
+        "combined by name with its own; clip without group=, or use mode='per_param'"
+    )
