@@ -873,7 +873,11 @@ def unit_pieces(
             # position): a 0/1-D one is one unit cut across them, its partials combined as a sharded DTensor's
             # (each rank clipped its piece as a whole unit: 0.01 for 0.0063 on 2 ranks). 2-D ones are whole rows.
             copies = replicas.get(id(param))
-            split = group is not None and param.dim() <= 1 and copies is None
+            # Beside DTensor parameters, plain ones are those FSDP2 left unsharded: copies on every rank, counted
+            # once, as in the other modes (with group= they were summed as the caller's pieces: AGC counted
+            # them once per rank).
+            beside = bool(dtensors)
+            split = group is not None and param.dim() <= 1 and copies is None and not beside
             if split:
                 cut.append((name, 0))
             grad = param.grad
@@ -883,7 +887,7 @@ def unit_pieces(
                 grad = torch.zeros_like(param.detach())
             if grad is not None:
                 counted = copies is None or _reduce.first_copy_in(copies, group)  # type: ignore[arg-type]
-                units.append(_Unit(name, grad, param.detach(), group, counted, "rows",
+                units.append(_Unit(name, grad, param.detach(), None if beside else group, counted, "rows",
                                    split_units=(0,) if split else (), present=param.grad is not None))
     return units, cut, tuple(dict.fromkeys(names))
 

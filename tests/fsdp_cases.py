@@ -1743,3 +1743,35 @@ def full_shard_stages_unitwise() -> dict[str, Any]:
     else:
         out["hybrid unitwise"] = False
     return out
+
+
+def fsdp2_unsharded_agc_under_group() -> list[bool]:
+    """AGC with group= on an FSDP2 model whose other parameters are left unsharded (plain, the same on every
+    rank, averaged by hand): they were taken for the caller's pieces and summed over the group (total 7.35 for
+    5.23, a 1-D one clipped as a unit cut across ranks); copies counted once, as without group= and as the other
+    modes take them."""
+    from torch.distributed.fsdp import fully_shard
+
+    ws = dist.get_world_size()
+    torch.manual_seed(0)
+    lin, bias0, w2 = nn.Linear(4, 4), nn.Parameter(torch.zeros(3)), nn.Parameter(torch.randn(2, 3))
+    model = nn.Module()
+    model.lin, model.bias0, model.w2 = lin, bias0, w2
+    fully_shard(lin, mesh=mesh((ws,)))
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(dist.get_rank()))
+    (lin(x).pow(2).mean() + ((x[:, :3] @ w2.t()).sum(1, keepdim=True) + bias0).pow(2).mean()).backward()
+    for q in (bias0, w2):
+        dist.all_reduce(q.grad)
+        q.grad /= ws
+    saved = [_local(q.grad).clone() for q in model.parameters()]
+    results = []
+    for group in (None, dist.group.WORLD):
+        for q, s in zip(model.parameters(), saved):
+            _local(q.grad).copy_(s)
+        res = dist_clip.GradClipper(mode="unitwise", agc=dist_clip.AGC(0.01), report=True)(model, group=group)
+        results.append((float(res.total_norm), [_local(q.grad).clone() for q in model.parameters()]))
+    for q, s in zip(model.parameters(), saved):
+        _local(q.grad).copy_(s)
+    want = float(dist_clip.get_total_norm(model))
+    return [_norm_close(results[0][0], want, 1e-6), _norm_close(results[1][0], want, 1e-6),
+            all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))]

@@ -262,6 +262,10 @@ def test_fsdp1_full_shard_stages_refuse_unitwise_under_a_group_spanning_them(run
     assert results == [{"total": True, "unitwise": True, "unitwise alone": True, "hybrid unitwise": True}] * 4, results
 
 
+def test_fsdp2_unsharded_parameters_in_agc_under_group(run_ranks) -> None:
+    assert run_ranks(2, cases.fsdp2_unsharded_agc_under_group, timeout_s=90) == [[True] * 3] * 2
+
+
 @pytest.mark.parametrize("use_orig_params", [True, False])
 def test_fsdp1_float64_total_is_float64_on_every_rank(run_ranks, use_orig_params: bool) -> None:
     """A float64 model over 4 ranks whose last shards are padding only: the same float64 total everywhere."""
