@@ -34,7 +34,7 @@ from ._warn import warn_at_caller
 
 __all__ = [
     "arm_skip_", "armed_record", "grad_state", "gradients", "hand_over_", "overlapping", "pending_skip",
-    "same_state", "same_tensors", "settle", "steps_what_was_measured", "supports_grad_scale", "untouched",
+    "same_tensors", "settle", "steps_what_was_measured", "supports_grad_scale", "untouched",
 ]
 
 _PENDING = "_dist_clip_pending"
@@ -803,11 +803,6 @@ def untouched(armed: tuple[list[Tensor], list[int]], now: tuple[list[Tensor], li
         return any(map(operator.eq, armed[1], now[1]))
     where = {id(t): v for t, v in zip(*now)}
     return any(where.get(id(t)) == v for t, v in zip(*armed))
-
-
-def same_state(a: tuple[list[Tensor], list[int]], b: tuple[list[Tensor], list[int]]) -> bool:
-    """Whether two :func:`grad_state` snapshots hold the same gradient tensors, none written in between."""
-    return same_tensors(a[0], b[0]) and a[1] == b[1]
 
 
 def same_tensors(held: list[Tensor], grads: list[Tensor]) -> bool:

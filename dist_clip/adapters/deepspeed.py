@@ -308,6 +308,13 @@ def _zero12_shards(engine: Any, opt: Any, group: dist.ProcessGroup | None, scale
     return out
 
 
+def _zero3_dp_group(opt: Any, i: int) -> dist.ProcessGroup:
+    """The data-parallel group ZeRO-3 partitions sub-group ``i`` over."""
+    if hasattr(opt, "_get_sub_group_process_group"):
+        return opt._get_sub_group_process_group(i)  # type: ignore[no-any-return]
+    return opt.dp_process_group  # type: ignore[no-any-return]
+
+
 def _zero3_name(names: dict[int, str], p: Any) -> str:
     name = names.get(id(p))
     return name if name is not None else getattr(p, "ds_name", f"ds_id{p.ds_id}")
@@ -325,10 +332,7 @@ def _zero3_shards(engine: Any, opt: Any, group: dist.ProcessGroup | None, scale:
     names_by_id = _names_by_id(engine)
     out: list[Shards] = []
     for i, params in enumerate(opt.fp16_groups):
-        if hasattr(opt, "_get_sub_group_process_group"):
-            dp = opt._get_sub_group_process_group(i)
-        else:
-            dp = opt.dp_process_group
+        dp = _zero3_dp_group(opt, i)
         check_covers(group, dp, "ZeRO-3 partitions the gradients")
         pg = group if group is not None else dp
         rank = dist.get_rank(dp)  # (the partition's index: the padding is cut by it, not by the rank in group=)
@@ -1014,8 +1018,7 @@ def _zero3_units(engine: Any, opt: Any, found: list[Shards]) -> tuple[list[UnitP
     geometry: dict[str, Any] = {}
     order: list[str] = []
     for i, (params, s) in enumerate(zip(opt.fp16_groups, found)):
-        pg = opt._get_sub_group_process_group(i) if hasattr(opt, "_get_sub_group_process_group") \
-            else opt.dp_process_group
+        pg = _zero3_dp_group(opt, i)
         world, rank = dist.get_world_size(pg), dist.get_rank(pg)
         master = opt.fp32_partitioned_groups_flat[i]
         if len(s.tensors) != len(params):
@@ -1086,27 +1089,23 @@ def unit_layout(target: object, group: dist.ProcessGroup | None) -> UnitLayout:
         pieces = _replicated_units(engine, found)
         shapes = {n: p.shape for n, p in _module_named(engine)}
         geometry = {pc.name: (shapes[pc.name], ()) for pc in pieces if pc.start is not None}
-    if group is not None and isinstance(opt, (DeepSpeedZeroOptimizer_Stage3, DeepSpeedZeroOptimizer)):
-        _refuse_group_beyond_dp(opt, group, geometry)
+    if group is not None and isinstance(opt, DeepSpeedZeroOptimizer_Stage3):
+        _refuse_group_beyond_dp([_zero3_dp_group(opt, i) for i in range(len(opt.fp16_groups))], group, geometry)
+    elif group is not None and isinstance(opt, DeepSpeedZeroOptimizer):
+        _refuse_group_beyond_dp(list(opt.real_dp_process_group), group, geometry)
     names = tuple(dict.fromkeys(module_names + order))
     groups = tuple(dict.fromkeys(s.group for s in found))
     device = next((t.device for s in found for t in s.tensors), None)
     return UnitLayout(pieces, names, geometry, groups, scale, device)
 
 
-def _refuse_group_beyond_dp(opt: Any, group: dist.ProcessGroup, geometry: dict[str, Any]) -> None:
+def _refuse_group_beyond_dp(dps: list[dist.ProcessGroup], group: dist.ProcessGroup, geometry: dict[str, Any]) -> None:
     """``NotImplementedError`` where ``group=`` reaches beyond the data-parallel group (other model-parallel
     ranks, other stages): units (rows) cut between partitions are combined by (name, row) over the group, so
     another data-parallel group's distinct parameter of the same name was added to this one's (ZeRO-3 under an
     mpu: coefficients 0.88-0.97 off)."""
     from .fsdp import same_ranks
 
-    if isinstance(opt.__dict__.get("real_dp_process_group"), list):
-        dps = list(opt.real_dp_process_group)
-    elif hasattr(opt, "_get_sub_group_process_group"):
-        dps = [opt._get_sub_group_process_group(i) for i in range(len(opt.fp16_groups))]
-    else:
-        dps = [opt.dp_process_group]
     if all(same_ranks(dp, group) for dp in dps) or not geometry:
         return
     # Refused whether or not this rank's partitions cut a row (another rank's may: it raised alone, and the
