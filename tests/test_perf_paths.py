@@ -2031,33 +2031,38 @@ def test_a_hand_over_on_view_gradients_leaves_the_parameters_swappable():
     assert all(p.dtype == torch.float64 for p in m.parameters())
 
 
+def _view_batch_backward(m: nn.Module, scale: float) -> None:
+    m(torch.randn(8, 4, generator=torch.Generator().manual_seed(1)) * scale).pow(2).sum().backward()
+
+def _dropped_view_batch_trial(m: nn.Module) -> tuple[float, float]:
+    """A fused SGD hand-over on gradients that are views of one buffer (as DDP's buckets), the batch dropped
+    (zeroed in place) and a new backward written: (the step's update / lr, the new gradients' norm), equal
+    when the step takes them unclipped."""
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, fused=True)
+    buf, off = torch.zeros(sum(p.numel() for p in m.parameters())), 0
+    for p in m.parameters():
+        p.grad = buf[off:off + p.numel()].view_as(p)
+        off += p.numel()
+    _view_batch_backward(m, 10.0)
+    dist_clip.clip_grad_norm_(m, 0.1, optimizer=opt)
+    for p in m.parameters():  # the batch is dropped: zeroed in place, the views kept
+        p.grad.zero_()
+    _view_batch_backward(m, 1.0)
+    want = float(torch.cat([p.grad.flatten().double() for p in m.parameters()]).norm())
+    before = torch.cat([p.detach().flatten().double() for p in m.parameters()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt.step()
+    return float((before - torch.cat([p.detach().flatten().double() for p in m.parameters()])).norm() / 0.1), want
+
+
 def test_view_gradients_written_by_a_backward_drop_the_hand_over_after_a_swap():
     """A model reloaded under torch's swap mode (a checkpoint restore) after a hand-over: its parameters'
     post-accumulate-grad hooks no longer fired (torch keeps the hook table with the Python object), the backward
     counters read unwritten, and a dropped batch's coefficient scaled the next batch (update 0.0014 for 46.5)."""
-
-    def trial(m: nn.Module) -> tuple[float, float]:
-        opt = torch.optim.SGD(m.parameters(), lr=0.1, fused=True)
-        flat, at = torch.zeros(sum(p.numel() for p in m.parameters())), 0
-        for p in m.parameters():
-            p.grad = flat[at:at + p.numel()].view_as(p)
-            at += p.numel()
-        x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
-        (m(x * 10) ** 2).sum().backward()
-        dist_clip.clip_grad_norm_(m, 0.1, optimizer=opt)
-        for p in m.parameters():
-            p.grad.zero_()  # the batch is dropped: zeroed in place, the views kept
-        (m(x) ** 2).sum().backward()
-        want = float(torch.cat([p.grad.flatten().double() for p in m.parameters()]).norm())
-        start = torch.cat([p.detach().flatten().double() for p in m.parameters()])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            opt.step()
-        return float((start - torch.cat([p.detach().flatten().double() for p in m.parameters()])).norm() / 0.1), want
-
     torch.manual_seed(0)
     model = nn.Linear(4, 3)
-    got, want = trial(model)
+    got, want = _dropped_view_batch_trial(model)
     assert got == pytest.approx(want, rel=1e-6)
     before = torch.__future__.get_swap_module_params_on_conversion()
     torch.__future__.set_swap_module_params_on_conversion(True)
@@ -2067,7 +2072,7 @@ def test_view_gradients_written_by_a_backward_drop_the_hand_over_after_a_swap():
         torch.__future__.set_swap_module_params_on_conversion(before)
     for p in model.parameters():
         p.grad = None
-    got, want = trial(model)
+    got, want = _dropped_view_batch_trial(model)
     assert got == pytest.approx(want, rel=1e-6)
 
 
@@ -2079,34 +2084,13 @@ def test_view_gradients_written_by_a_backward_drop_the_hand_over_after_a_model_c
     import copy
     import pickle
 
-    def backward(m: nn.Module, scale: float) -> None:
-        m(torch.randn(8, 4, generator=torch.Generator().manual_seed(1)) * scale).pow(2).sum().backward()
-
-    def trial(m: nn.Module) -> tuple[float, float]:
-        opt = torch.optim.SGD(m.parameters(), lr=0.1, fused=True)
-        buf, off = torch.zeros(sum(p.numel() for p in m.parameters())), 0
-        for p in m.parameters():
-            p.grad = buf[off:off + p.numel()].view_as(p)
-            off += p.numel()
-        backward(m, 10.0)
-        dist_clip.clip_grad_norm_(m, 0.1, optimizer=opt)
-        for p in m.parameters():  # the batch is dropped: zeroed in place, the views kept
-            p.grad.zero_()
-        backward(m, 1.0)
-        want = float(torch.cat([p.grad.flatten().double() for p in m.parameters()]).norm())
-        before = torch.cat([p.detach().flatten().double() for p in m.parameters()])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            opt.step()
-        return float((before - torch.cat([p.detach().flatten().double() for p in m.parameters()])).norm() / 0.1), want
-
     torch.manual_seed(0)
     model = nn.Linear(4, 3)
-    update, want = trial(model)
+    update, want = _dropped_view_batch_trial(model)
     assert update == pytest.approx(want, rel=1e-6)
     if copy_how != "none":
         model = copy.deepcopy(model) if copy_how == "deepcopy" else pickle.loads(pickle.dumps(model))
-        update, want = trial(model)
+        update, want = _dropped_view_batch_trial(model)
         assert update == pytest.approx(want, rel=1e-6)
 
 
