@@ -17,8 +17,8 @@ from torch import Tensor
 from ._norm import ReduceOp
 
 __all__ = [
-    "all_reduce_partials", "collective_device", "group_rank", "group_size", "home_device", "reduces_on_host",
-    "reduction_group",
+    "all_reduce_partials", "collective_device", "first_copy_in", "group_rank", "group_size", "home_device",
+    "reduces_on_host", "reduction_group", "same_everywhere", "same_ranks",
 ]
 
 
@@ -75,10 +75,14 @@ def reduction_group(groups: Iterable[dist.ProcessGroup | None]) -> dist.ProcessG
         return None
     if len(distinct) == 1:
         return distinct[0]
-    ranks = set(dist.get_process_group_ranks(distinct[0]))
-    if all(set(dist.get_process_group_ranks(g)) == ranks for g in distinct[1:]):
+    if all(same_ranks(g, distinct[0]) for g in distinct[1:]):
         return same_everywhere(distinct)
     return _world()
+
+
+def same_ranks(a: dist.ProcessGroup, b: dist.ProcessGroup) -> bool:
+    """Whether two process groups hold the same ranks (a group passed as group= may be another object)."""
+    return a is b or sorted(dist.get_process_group_ranks(a)) == sorted(dist.get_process_group_ranks(b))
 
 
 def first_copy_in(copies: dist.ProcessGroup, group: dist.ProcessGroup) -> bool:

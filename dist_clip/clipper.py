@@ -33,8 +33,8 @@ from torch import Tensor
 
 from . import _fused, _norm, _reduce, _scale, _slots
 from . import clip as _clip
+from ._reduce import same_ranks
 from .adapters import resolve
-from .adapters.fsdp import same_ranks
 from .adaptive import (
     AGC,
     AutoClip,

@@ -63,7 +63,7 @@ from torch import Tensor
 from torch._utils import _flatten_dense_tensors
 
 from .. import _native, _scale
-from .._reduce import check_covers
+from .._reduce import check_covers, same_ranks
 from .._warn import warn_at_caller
 from ..shards import Shards, UnitLayout, UnitPiece, partition_cuts
 from .fsdp import registrations
@@ -1104,8 +1104,6 @@ def _refuse_group_beyond_dp(dps: list[dist.ProcessGroup], group: dist.ProcessGro
     ranks, other stages): units (rows) cut between partitions are combined by (name, row) over the group, so
     another data-parallel group's distinct parameter of the same name was added to this one's (ZeRO-3 under an
     mpu: coefficients 0.88-0.97 off)."""
-    from .fsdp import same_ranks
-
     if all(same_ranks(dp, group) for dp in dps) or not geometry:
         return
     # Refused whether or not this rank's partitions cut a row (another rank's may: it raised alone, and the

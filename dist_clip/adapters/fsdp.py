@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import _reduce
-from .._reduce import check_covers
+from .._reduce import check_covers, same_ranks
 from ..shards import Shards
 
 __all__ = [
@@ -448,11 +448,6 @@ def _only_shard_groups_like(items: Sequence[tuple[Any, ...]], group: dist.Proces
         if not known[key]:
             return False
     return True
-
-
-def same_ranks(a: dist.ProcessGroup, b: dist.ProcessGroup) -> bool:
-    """Whether two process groups hold the same ranks (a group passed as group= may be another object)."""
-    return a is b or sorted(dist.get_process_group_ranks(a)) == sorted(dist.get_process_group_ranks(b))
 
 
 def fsdp1_reduction(
