@@ -273,6 +273,8 @@ def _scaling_problems(
     that coefficient, multiplied in float32 (float64 for float64 gradients) and rounded to the gradient's dtype,
     bit for bit. This holds whatever the dtype: a coefficient off by 1e-3 hides within a bf16 model's tolerance
     against the float64 model, not here."""
+    from . import _scale
+
     problems = []
     coefs = result.clip_coef.detach().to("cpu", torch.float64).reshape(-1)
     if mode == "total":
@@ -304,7 +306,7 @@ def _scaling_problems(
                 bad = (now.detach().to(torch.float64) - expected).abs() > (
                     expected.abs() * finfo.eps + finfo.smallest_normal * finfo.eps)
             else:
-                bad = expected.to(then.dtype) != now.detach()
+                bad = _scale.round_once(expected, then.dtype).to(then.dtype) != now.detach()
         else:
             op = torch.float64 if then.dtype == torch.float64 else torch.float32
             expected = (then.to(op) * coefs[at].to(device=then.device, dtype=op)).to(then.dtype)

@@ -106,6 +106,27 @@ def test_a_coefficient_float32_holds_only_as_a_subnormal_passes(mode):
     assert norms["a"] == pytest.approx(9.3e37, rel=1e-6)
 
 
+class _HalfUlpNet(nn.Module):
+    """bf16, one gradient 2^127: max_norm 1 + 2^-8 + 2^-30 puts its product just above a bf16 half-ulp point."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.zeros(1, dtype=torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.a * x).sum()
+
+
+@pytest.mark.parametrize("mode", ["total", "per_param"])
+def test_a_subnormal_coefficient_rounded_once_in_bf16_passes(mode):
+    """The check formed its bf16 expectation with torch's float64 -> bf16 cast, two roundings (through float32):
+    the correct product rounded once, 1.0078125, read as 1 ulp off its 1.0."""
+    norms = assert_clip_matches_unsharded(
+        _HalfUlpNet, lambda m: m, lambda rank, world: torch.tensor([2.0**127], dtype=torch.bfloat16),
+        loss_fn=lambda out: out, mode=mode, max_norm=1 + 2**-8 + 2**-30)
+    assert norms["a"] == 2.0**127
+
+
 def body_fails_readably() -> str:
     try:
         assert_clip_matches_unsharded(cases.build_mlp, cases.wrap_none, cases.batch)
