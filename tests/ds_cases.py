@@ -38,6 +38,9 @@ def _quiet() -> Any:
     for name in ("DeepSpeed", "deepspeed"):
         logging.getLogger(name).setLevel(logging.ERROR)
     deepspeed.utils.logger.setLevel(logging.ERROR)
+    # DeepSpeed keeps the last engine's mpu (a PipelineEngine's grid too) for the whole process, and an engine
+    # built without one then takes it for its own: clear what an earlier case in these reused ranks left.
+    deepspeed.utils.groups.mpu = None
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*")
     warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*")
     return deepspeed
@@ -775,7 +778,8 @@ def case_bad_input_on_one_rank(stage: int) -> list:
     return out
 
 
-def case_mpu_group_spanning_model_parallel(stage: int) -> list:
+def case_mpu_group_spanning_model_parallel(stage: int, dtype: str = "fp32", grad_accum_dtype: str | None = None
+                                          ) -> list:
     """4 ranks with an mpu: data-parallel groups {0, 2} and {1, 3}, model-parallel {0, 1} and {2, 3}, each
     model-parallel rank a distinct model. group=WORLD sums the model-parallel ranks' distinct partitions: at
     ZeRO-3 the padding was cut by the rank in group= (6.39 for 9.98). Unit-wise clipping there (units cut
@@ -815,14 +819,75 @@ def case_mpu_group_spanning_model_parallel(stage: int) -> list:
     model = make_model(mp_rank)
     with contextlib.redirect_stdout(io.StringIO()):
         engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR),
-                                          config=ds_config(stage), mpu=MPU())
-    engine.backward(loss_fn(engine(batch(rank, 0, 0))))
+                                          config=ds_config(stage, dtype=dtype, grad_accum_dtype=grad_accum_dtype),
+                                          mpu=MPU())
+    engine.backward(loss_fn(engine(batch(rank, 0, 0).to(next(engine.module.parameters()).dtype))))
     out = []
+    rtol = 1e-5 if dtype == "fp32" else 2e-2  # (bf16 gradients against the float64 model)
     for p in (2.0, 1.0, math.inf):
         want = reference_norm(refs, p)
-        out.append(abs(float(dist_clip.get_total_norm(engine, p, group=dist.group.WORLD)) - want) <= 1e-5 * want)
-    # (refused whether or not this rank's partitions cut a row: this model's ZeRO-1 ones do not, its ZeRO-3 do)
+        out.append(abs(float(dist_clip.get_total_norm(engine, p, group=dist.group.WORLD)) - want) <= rtol * want)
+    # Without group= the data-parallel group gave each model-parallel rank its own piece's norm (stage 0 dropped
+    # group= too: 11.88 and 14.19 for 18.51): refused on every rank.
+    out.append(outcome(lambda: dist_clip.get_total_norm(engine), ValueError, lambda m: "model-parallel" in m))
     agc = dist_clip.GradClipper(mode="unitwise", agc=dist_clip.AGC(0.05))
-    out.append(outcome(lambda: agc(engine, group=dist.group.WORLD), NotImplementedError,
-                       lambda m: "beyond that group" in m))
+    if stage == 0 or grad_accum_dtype is not None:  # whole gradients (BF16_Optimizer's too): units clipped here
+        from deepspeed.utils import safe_get_full_grad
+
+        named = list(model.named_parameters())
+        grads = {n: safe_get_full_grad(q).double().clone() for n, q in named}
+        before = {n: g.clone() for n, g in grads.items()}
+        dist_clip.testing.reference_agc_({n: q.detach().double() for n, q in named}, grads, 0.05, 1e-3)
+        agc(engine, group=dist.group.WORLD)
+        agc_rtol = 1e-5 if dtype == "fp32" else 1e-2
+        changed = any(not torch.equal(grads[n], before[n]) for n in grads)  # (the reference clipped some unit)
+        out.append(changed and all(torch.allclose(safe_get_full_grad(q).double(), grads[n], rtol=agc_rtol)
+                                   for n, q in named))
+    else:  # (refused whether or not this rank's partitions cut a row: this model's ZeRO-1 ones do not, ZeRO-3's do)
+        out.append(outcome(lambda: agc(engine, group=dist.group.WORLD), NotImplementedError,
+                           lambda m: "beyond that group" in m))
     return out
+
+
+def case_pipeline_engine_is_refused() -> list:
+    """DeepSpeed's PipelineEngine: each stage's data-parallel group holds its own layers only, so every stage
+    returned its own norm (3.80 and 8.57 for 9.38): NotImplementedError on every rank, in every entry point."""
+    deepspeed = _quiet()
+    from deepspeed.pipe import PipelineModule
+
+    deepspeed.init_distributed(dist_backend="gloo")  # (PipelineModule reads DeepSpeed's communication backend)
+    module = PipelineModule(layers=[torch.nn.Linear(IN, HID), torch.nn.Tanh(), torch.nn.Linear(HID, OUT)],
+                            num_stages=2, loss_fn=lambda out, y: (out - y).pow(2).sum())
+    with contextlib.redirect_stdout(io.StringIO()):
+        engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(),
+                                          optimizer=torch.optim.SGD(module.parameters(), lr=LR),
+                                          config=ds_config(1))
+    refused = lambda m: "PipelineEngine" in m  # noqa: E731
+    return [outcome(lambda: dist_clip.get_total_norm(engine), NotImplementedError, refused),
+            outcome(lambda: dist_clip.clip_grad_norm_(engine, 1.0), NotImplementedError, refused),
+            outcome(lambda: dist_clip.GradClipper(max_norm=1.0, mode="per_param")(engine), NotImplementedError,
+                    refused)]
+
+
+def case_outside_the_optimizer_on_replicated_wrappers(dtype: str, grad_accum_dtype: str | None) -> list:
+    """A trainable layer in no param group: stage 0's bf16 wrapper (FP16_UnfusedOptimizer) reduces its gradient
+    as stage 0 does every gradient, but its fp16 groups were read alone (9.22 for 10.22, the layer unclipped);
+    BF16_Optimizer (ZeRO-1, fp32 accumulation) reduces its groups only: the layer's gradient is each rank's own,
+    a ValueError on every rank as at ZeRO 1-3 (it was left out silently)."""
+    deepspeed = _quiet()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    stage = 0 if grad_accum_dtype is None else 1
+    model = make_model(0)
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params[2:], lr=LR)  # params[0], params[1]: trainable, in no param group
+    with contextlib.redirect_stdout(io.StringIO()):
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(
+            stage, dtype=dtype, grad_accum_dtype=grad_accum_dtype))
+    engine.backward(loss_fn(engine(batch(rank, 0, 0).to(next(engine.module.parameters()).dtype))))
+    if stage == 1:
+        return [outcome(lambda: dist_clip.get_total_norm(engine), ValueError, lambda m: "no param group" in m)]
+    ref = make_model(0).double()
+    for r in range(world):
+        (loss_fn(ref(batch(r, 0, 0).double())) / world).backward()
+    got = float(dist_clip.get_total_norm(engine))
+    return [abs(got - reference_norm([q.grad for q in ref.parameters()])) <= 2e-2 * got]

@@ -137,9 +137,22 @@ def test_zero_policy_leaves_a_stage_0_fp16_overflow_to_deepspeed(run_ranks):
     run_ranks(2, ds_cases.case_stage0_fp16_nan_batch, timeout_s=TIMEOUT)
 
 
-@pytest.mark.parametrize("stage", [1, 3])
-def test_a_group_spanning_model_parallel_ranks(run_ranks, stage):
-    assert run_ranks(4, ds_cases.case_mpu_group_spanning_model_parallel, stage, timeout_s=TIMEOUT) == [[True] * 4] * 4
+@pytest.mark.parametrize("stage,dtype,accum", [(0, "fp32", None), (0, "bf16", None), (1, "bf16", "fp32"),
+                                               (1, "fp32", None), (3, "fp32", None)])
+def test_a_group_spanning_model_parallel_ranks(run_ranks, stage, dtype, accum):
+    results = run_ranks(4, ds_cases.case_mpu_group_spanning_model_parallel, stage, dtype, accum, timeout_s=TIMEOUT)
+    assert results == [[True] * 5] * 4, results
+
+
+def test_the_pipeline_engine_is_refused_on_every_rank(run_ranks):
+    assert run_ranks(2, ds_cases.case_pipeline_engine_is_refused, timeout_s=TIMEOUT) == [[True] * 3] * 2
+
+
+@pytest.mark.parametrize("dtype,accum", [("bf16", None), ("fp32", None), ("bf16", "fp32")])
+def test_a_trainable_layer_outside_the_optimizer_on_the_replicated_wrappers(run_ranks, dtype, accum):
+    results = run_ranks(2, ds_cases.case_outside_the_optimizer_on_replicated_wrappers, dtype, accum,
+                        timeout_s=TIMEOUT)
+    assert results == [[True]] * 2, results
 
 
 def test_internals_still_exist_and_misuse_is_loud(run_ranks):
