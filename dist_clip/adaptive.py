@@ -727,6 +727,9 @@ def _dtensor_geometry(name: str, param: Any, world: bool, group: dist.ProcessGro
                 )
         else:
             counted = _counted_here(mesh, root, coord, distinct, siblings=True)
+    elif not spread:  # every rank holds all of it (Replicate, or sharded over one rank): nothing to combine
+        pg, counted = None, True  # (reduced over the mesh, all-Replicate layouts cost AGC the collective the
+        #                           other modes do without)
     else:
         pg = mesh.get_group()
         counted = all(c == 0 for c, d in zip(coord, distinct) if not d)

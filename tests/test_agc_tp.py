@@ -143,6 +143,36 @@ def body_agc_tp(layouts: list[str], group_world: bool = False) -> list[list]:
     return out
 
 
+def body_agc_all_replicated() -> list:
+    """Every parameter a Replicate DTensor (``distribute_module``; torch 2.13's FSDP2 with
+    ``DataParallelMeshDims(replicate=...)`` lays a model out so): every rank holds every unit whole, so AGC needs
+    no collective (it reduced over the mesh, where the other modes make none), and clips as the reference."""
+    from torch.distributed.tensor import DTensor, Replicate, distribute_module
+
+    mesh = cases.mesh((dist.get_world_size(),), ("dp",))
+    model, ref = _build(3), _build(3).double()
+    distribute_module(model, mesh)
+    x = _batch(0)
+    model(DTensor.from_local(x, mesh, [Replicate()])).to_local().square().mean().backward()
+    ref(x.double()).square().mean().backward()
+    out = []
+    saved = {n: _local(q.grad).clone() for n, q in model.named_parameters()}
+    for p in (1.0, 2.0, math.inf):
+        for n, q in model.named_parameters():
+            _local(q.grad).copy_(saved[n])
+        clipping = _clipping_between(ref, p)
+        ref_grads = {n: q.grad for n, q in ref.named_parameters()}
+        want = agc_reference({n: q.detach() for n, q in ref.named_parameters()}, ref_grads, clipping, 1e-3, p)
+        with count_collectives() as calls:
+            result = GradClipper(mode="unitwise", norm_type=p, agc=AGC(clipping))(model)
+        assert calls.total == 0, (p, calls.names)
+        assert result.total_norm.item() == pytest.approx(reference_norm(list(ref_grads.values()), p), rel=1e-5)
+        for n, q in model.named_parameters():
+            torch.testing.assert_close(_full(q.grad), want[n], rtol=1e-5, atol=1e-6)
+        out.append(sum(int((~torch.isclose(want[n], ref_grads[n])).any()) for n in want))
+    return out
+
+
 def body_partial_refused() -> str:
     from torch.distributed.tensor import DTensor, Partial
 
@@ -161,6 +191,11 @@ def test_agc_tensor_parallel_two_ranks(run_ranks):
     assert all(r == results[0] for r in results), "ranks disagree"
     msg = run_ranks(2, body_partial_refused)[0]
     assert "Partial" in msg and "'w'" in msg, msg
+
+
+def test_agc_on_replicated_dtensors_makes_no_collective(run_ranks):
+    for clipped in run_ranks(2, body_agc_all_replicated):
+        assert all(n > 0 for n in clipped), clipped  # some parameter clipped at every p
 
 
 def test_agc_tensor_parallel_four_ranks_with_fsdp2(run_ranks):
