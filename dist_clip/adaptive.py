@@ -890,7 +890,9 @@ def unit_pieces(
                 grad = torch.zeros_like(param.detach())
             if grad is not None:
                 counted = copies is None or _reduce.first_copy_in(copies, group)  # type: ignore[arg-type]
-                units.append(_Unit(name, grad, param.detach(), None if beside else group, counted, "rows",
+                # (a DDP or replicate() block beside DTensors: copies over its own group, counted as above)
+                mine = None if beside and copies is None else group
+                units.append(_Unit(name, grad, param.detach(), mine, counted, "rows",
                                    split_units=(0,) if split else (), present=param.grad is not None))
     return units, cut, tuple(dict.fromkeys(names))
 

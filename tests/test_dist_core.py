@@ -469,6 +469,95 @@ def test_replicas_count_once_under_a_group_spanning_stages(run_ranks, kind):
     assert run_ranks(4, body_replicas_under_a_group, kind) == [[True] * 12] * 4
 
 
+def body_replicas_beside_fsdp2(kind: str) -> list:
+    """The stages of body_replicas_under_a_group, each a container of an FSDP2 block on its pair and a DDP (or
+    replicate()) block over the same pair: plain gradients beside DTensors were taken for FSDP2's unsharded
+    copies, counted on the reduction's first rank only, so every mode lost the other stage's replicas (3.87 for
+    8.66, AGC too). AGC with group= the stage's own shard group is the AGC without group= (it was refused,
+    naming other stages)."""
+    from torch.distributed._composable import replicate
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    rank = dist.get_rank()
+    stage = rank // 2
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))
+    pair = mesh["dp"].get_group()
+
+    def net(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        # (no bias on the FSDP2 block: a sharded 1-D unit under a group= spanning stages is refused in AGC)
+        return nn.ModuleDict({"blk": nn.Linear(6, 8, bias=False), "rep": nn.Linear(8, 4)})
+
+    def run(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return m["rep"](torch.tanh(m["blk"](x))).square().mean()
+
+    per_stage = []
+    for s in (0, 1):
+        ref = net(10 + s).double()
+        for r in (2 * s, 2 * s + 1):
+            run(ref, torch.randn(5, 6, generator=torch.Generator().manual_seed(r)).double()).div(2).backward()
+        per_stage.append([q.grad for q in ref.parameters()])
+    refs = per_stage[0] + per_stage[1]
+    model = net(10 + stage)
+    fully_shard(model["blk"], mesh=mesh["dp"])
+    if kind == "replicate":
+        replicate(model["rep"], process_group=pair)
+    else:
+        model["rep"] = DistributedDataParallel(model["rep"], process_group=pair)
+    run(model, torch.randn(5, 6, generator=torch.Generator().manual_seed(rank))).backward()
+    world = dist.group.WORLD
+    out = []
+    for p in (2.0, 1.0, math.inf):
+        want = reference_norm(refs, p)
+        out.append(abs(float(dist_clip.get_total_norm(model, p, group=world)) - want) <= 1e-6 * want)
+    want = reference_norm(refs, 2.0)
+    res = dist_clip.GradClipper(max_norm=1e9, mode="per_param", report=True)(model, group=world)
+    out.append(abs(float(res.total_norm) - want) <= 1e-6 * want)
+
+    def local(q: torch.Tensor) -> torch.Tensor:
+        return q.grad._local_tensor if type(q.grad).__name__ == "DTensor" else q.grad
+
+    saved = [local(q).clone() for q in model.parameters()]
+    agc = dist_clip.GradClipper(mode="unitwise", agc=dist_clip.AGC(0.01))
+    for grp in (None, world, pair):
+        for q, g in zip(model.parameters(), saved):
+            local(q).copy_(g)
+        res = agc(model, group=grp)
+        own = want if grp is world else reference_norm(per_stage[stage], 2.0)  # (None, pair: the stage's own)
+        out.append(abs(float(res.total_norm) - own) <= 1e-6 * own)
+        clipped = [local(q).clone() for q in model.parameters()]
+        if grp is None:
+            alone = clipped
+            out.append(not all(torch.equal(a, g) for a, g in zip(alone, saved)))
+        else:
+            out.append(all(torch.allclose(a, c, rtol=1e-6, atol=0) for a, c in zip(alone, clipped)))
+    for q, g in zip(model.parameters(), saved):
+        local(q).copy_(g)
+    dist_clip.clip_grad_norm_(model, want / 4, group=world)
+    out.append(all(torch.allclose(local(q), g / 4, rtol=1e-5) for q, g in zip(model.parameters(), saved)))
+    # A stage's FSDP2 block with a bias (a 1-D unit cut between its shards), AGC with group= its own shard group
+    torch.manual_seed(20 + stage)
+    head = nn.Linear(4, 3)
+    fully_shard(head, mesh=mesh["dp"])
+    head(torch.randn(5, 4, generator=torch.Generator().manual_seed(rank))).square().mean().backward()
+    kept = [local(q).clone() for q in head.parameters()]
+    agc(head)
+    alone = [local(q).clone() for q in head.parameters()]
+    for q, g in zip(head.parameters(), kept):
+        local(q).copy_(g)
+    agc(head, group=pair)
+    out.append(all(torch.equal(local(q), a) for q, a in zip(head.parameters(), alone))
+               and not all(torch.equal(a, g) for a, g in zip(alone, kept)))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["replicate", "ddp"])
+def test_replicas_beside_fsdp2_count_once_under_a_group_spanning_stages(run_ranks, kind):
+    assert run_ranks(4, body_replicas_beside_fsdp2, kind) == [[True] * 12] * 4
+
+
 def test_ddp_groups_unitwise_with_a_wider_group(run_ranks):
     assert run_ranks(4, body_ddp_groups_unitwise) == [[(0, True, True)] * 2] * 4
 

@@ -533,7 +533,10 @@ def replicas_counted_once(target: nn.Module, shards: list[Shards], params: Mappi
     out: list[Shards] = []
     found: dict[int, tuple[dist.ProcessGroup, list[str], list[Tensor]]] = {}
     for sh in shards:
-        if sh.group is not group or not sh.counted or not sh.names:
+        # The caller's pieces (group=), and the plain ones beside DTensors (None: FSDP2's unsharded parameters,
+        # copies counted on the reduction's first rank; a DDP or replicate() block among them counted there only
+        # lost the other stages' replicas, 3.87 for 8.66).
+        if (sh.group is not group and sh.group is not None) or not sh.counted or not sh.names:
             out.append(sh)
             continue
         keep: tuple[list[str], list[Tensor]] = ([], [])
@@ -546,7 +549,7 @@ def replicas_counted_once(target: nn.Module, shards: list[Shards], params: Mappi
         if len(keep[1]) == len(sh.tensors):
             out.append(sh)
         else:
-            out.append(Shards(keep[1], group=group, names=keep[0], loss_scale=sh.loss_scale))
+            out.append(Shards(keep[1], group=sh.group, names=keep[0], loss_scale=sh.loss_scale))
     if not found:
         return shards
     for pg, names, tensors in found.values():
