@@ -183,7 +183,8 @@ class GroupCounting:
                 if set(line) <= own:
                     continue  # a dim of the mesh itself
                 if not set(line) <= spanned or (d < len(rnames) and rnames[d] in apart):
-                    self.apart.add(id(mesh))
+                    if (set(line) - own) & self.ranks:  # (group= a stage's own shard group mixes nothing: AGC
+                        self.apart.add(id(mesh))         # was refused there, naming other stages)
                     continue  # sibling slices holding other pieces (pipeline stages; experts: a rule's distinct=)
                 # copies on the sibling slices along d, of every copy found so far
                 copies = {r for c in copies for r in self._line(rgrid, where[c], d)}
