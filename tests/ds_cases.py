@@ -830,6 +830,9 @@ def case_mpu_group_spanning_model_parallel(stage: int, dtype: str = "fp32", grad
     # Without group= the data-parallel group gave each model-parallel rank its own piece's norm (stage 0 dropped
     # group= too: 11.88 and 14.19 for 18.51): refused on every rank.
     out.append(outcome(lambda: dist_clip.get_total_norm(engine), ValueError, lambda m: "model-parallel" in m))
+    # nor by the data-parallel group passed as group= (the same own-piece norms)
+    out.append(outcome(lambda: dist_clip.get_total_norm(engine, group=dps[mp_rank]), ValueError,
+                       lambda m: "mpu" in m))
     agc = dist_clip.GradClipper(mode="unitwise", agc=dist_clip.AGC(0.05))
     if stage == 0 or grad_accum_dtype is not None:  # whole gradients (BF16_Optimizer's too): units clipped here
         from deepspeed.utils import safe_get_full_grad
@@ -838,9 +841,11 @@ def case_mpu_group_spanning_model_parallel(stage: int, dtype: str = "fp32", grad
         grads = {n: safe_get_full_grad(q).double().clone() for n, q in named}
         before = {n: g.clone() for n, g in grads.items()}
         dist_clip.testing.reference_agc_({n: q.detach().double() for n, q in named}, grads, 0.05, 1e-3)
-        agc(engine, group=dist.group.WORLD)
+        res = agc(engine, group=dist.group.WORLD)  # (its total counted rank 0's model-parallel piece only: 11.88)
         agc_rtol = 1e-5 if dtype == "fp32" else 1e-2
-        changed = any(not torch.equal(grads[n], before[n]) for n in grads)  # (the reference clipped some unit)
+        want = reference_norm(refs, 2.0)
+        total_right = abs(float(res.total_norm) - want) <= rtol * want
+        changed = total_right and any(not torch.equal(grads[n], before[n]) for n in grads)  # (some unit clipped)
         out.append(changed and all(torch.allclose(safe_get_full_grad(q).double(), grads[n], rtol=agc_rtol)
                                    for n, q in named))
     else:  # (refused whether or not this rank's partitions cut a row: this model's ZeRO-1 ones do not, ZeRO-3's do)

@@ -141,7 +141,7 @@ def test_zero_policy_leaves_a_stage_0_fp16_overflow_to_deepspeed(run_ranks):
                                                (1, "fp32", None), (3, "fp32", None)])
 def test_a_group_spanning_model_parallel_ranks(run_ranks, stage, dtype, accum):
     results = run_ranks(4, ds_cases.case_mpu_group_spanning_model_parallel, stage, dtype, accum, timeout_s=TIMEOUT)
-    assert results == [[True] * 5] * 4, results
+    assert results == [[True] * 6] * 4, results
 
 
 def test_the_pipeline_engine_is_refused_on_every_rank(run_ranks):

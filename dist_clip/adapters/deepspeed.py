@@ -550,6 +550,9 @@ def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
     if getattr(engine, "has_moe_layers", False):
         raise NotImplementedError("dist_clip's DeepSpeed adapter does not handle MoE expert groups yet")
     mp = getattr(engine, "mp_world_size", 1)
+    if group is not None and isinstance(mp, int) and mp > 1 and getattr(engine, "mpu", None) is not None:
+        # (the data-parallel group passed as group= gave each model-parallel rank its own piece's norm too)
+        check_covers(group, engine.mpu.get_model_parallel_group(), "this engine's mpu spreads the model")
     if group is None and isinstance(mp, int) and mp > 1:
         raise ValueError(
             f"this DeepSpeed engine's mpu spreads the model over {mp} model-parallel ranks, whose gradients are "
@@ -1074,10 +1077,12 @@ def _replicated_units(engine: Any, found: list[Shards]) -> list[UnitPiece]:
             if p is None:
                 raise ValueError(f"unit-wise clipping (AGC) needs the parameter of every gradient, and {name!r} "
                                  "is not a parameter of engine.module")
+            # (the Shards' group and counting: copies under group= count on their lowest rank there; dropped, only
+            # the reduction's rank 0 counted, and another model-parallel rank's NaN passed as finite)
             if g.shape == p.shape:
-                pieces.append(UnitPiece(name, g, p.detach(), None, None))
+                pieces.append(UnitPiece(name, g, p.detach(), None, s.group, s.counted))
             elif g.numel() == p.numel() and g.dim() == 1:  # BF16_Optimizer: flat fp32 views
-                pieces.append(UnitPiece(name, g, p.detach().reshape(-1), 0, None))
+                pieces.append(UnitPiece(name, g, p.detach().reshape(-1), 0, s.group, s.counted))
             else:
                 raise _layout_error(f"the gradient of {name!r} has shape {tuple(g.shape)}, the parameter "
                                     f"{tuple(p.shape)}")
