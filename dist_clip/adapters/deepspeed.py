@@ -550,16 +550,17 @@ def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
     if getattr(engine, "has_moe_layers", False):
         raise NotImplementedError("dist_clip's DeepSpeed adapter does not handle MoE expert groups yet")
     mp = getattr(engine, "mp_world_size", 1)
-    if group is not None and isinstance(mp, int) and mp > 1 and getattr(engine, "mpu", None) is not None:
-        # (the data-parallel group passed as group= gave each model-parallel rank its own piece's norm too)
-        check_covers(group, engine.mpu.get_model_parallel_group(), "this engine's mpu spreads the model")
-    if group is None and isinstance(mp, int) and mp > 1:
-        raise ValueError(
-            f"this DeepSpeed engine's mpu spreads the model over {mp} model-parallel ranks, whose gradients are "
-            "other pieces than this rank's: its data-parallel group alone gives each of them its own norm. Pass "
-            "group= holding them (e.g. group=dist.group.WORLD); parameters repeated on tensor-parallel ranks are "
-            "then counted on each (not handled)"
-        )
+    if isinstance(mp, int) and mp > 1:
+        if group is None:
+            raise ValueError(
+                f"this DeepSpeed engine's mpu spreads the model over {mp} model-parallel ranks, whose gradients "
+                "are other pieces than this rank's: its data-parallel group alone gives each of them its own norm. "
+                "Pass group= holding them (e.g. group=dist.group.WORLD); parameters repeated on tensor-parallel "
+                "ranks are then counted on each (not handled)"
+            )
+        if getattr(engine, "mpu", None) is not None:
+            # (the data-parallel group passed as group= gave each model-parallel rank its own piece's norm too)
+            check_covers(group, engine.mpu.get_model_parallel_group(), "this engine's mpu spreads the model")
     if getattr(engine, "torch_autocast_z0_gradscaler", None) is not None:
         raise NotImplementedError("dist_clip's DeepSpeed adapter does not handle torch autocast's GradScaler")
     opt = engine.optimizer
