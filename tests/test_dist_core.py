@@ -480,6 +480,8 @@ def body_replicas_beside_fsdp2(kind: str) -> list:
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
+    from tests.fsdp_cases import _local
+
     rank = dist.get_rank()
     stage = rank // 2
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))
@@ -517,7 +519,7 @@ def body_replicas_beside_fsdp2(kind: str) -> list:
     out.append(abs(float(res.total_norm) - want) <= 1e-6 * want)
 
     def local(q: torch.Tensor) -> torch.Tensor:
-        return q.grad._local_tensor if type(q.grad).__name__ == "DTensor" else q.grad
+        return _local(q.grad)
 
     saved = [local(q).clone() for q in model.parameters()]
     agc = dist_clip.GradClipper(mode="unitwise", agc=dist_clip.AGC(0.01))
