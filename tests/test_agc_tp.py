@@ -23,6 +23,7 @@ from dist_clip import AGC, GradClipper
 from dist_clip.adaptive import unit_pieces
 from dist_clip.testing import count_collectives, reference_norm
 from tests import beyond_cases as cases
+from tests.fsdp_cases import _local
 from tests.test_adaptive import agc_reference
 
 IN, HID, MID = 6, 12, 7  # HID splits evenly over tp (torch TP infers the global shape of activations)
@@ -73,10 +74,6 @@ def _clipping_between(ref: nn.Module, p: float) -> float:
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if type(t).__name__ == "DTensor" else t).detach().double()
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t._local_tensor if type(t).__name__ == "DTensor" else t
 
 
 def _check_row_ids(model: nn.Module) -> int:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from dist_clip import GradClipper, ParallelPlan, Rule, compose
 from dist_clip.testing import count_collectives, reference_norm
 from tests import beyond_cases as cases
+from tests.fsdp_cases import _local
 
 D, H, V = 6, 10, 8
 
@@ -78,10 +79,6 @@ def pp_tp_plan(**overrides) -> ParallelPlan:  # noqa: ANN003
     )
     kwargs |= overrides
     return ParallelPlan(mesh, **kwargs)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t._local_tensor if type(t).__name__ == "DTensor" else t
 
 
 def _check_layout(pieces: dict[str, torch.Tensor], full: dict[str, torch.Tensor], plan: ParallelPlan, p: float,
