@@ -17,7 +17,7 @@ from torch import Tensor
 from ._norm import ReduceOp
 
 __all__ = [
-    "all_reduce_partials", "collective_device", "first_copy_in", "group_rank", "group_size", "home_device",
+    "all_reduce_partials", "backends", "collective_device", "first_copy_in", "group_rank", "group_size", "home_device",
     "reduces_on_host", "reduction_group", "same_everywhere", "same_ranks",
 ]
 
@@ -98,27 +98,51 @@ def same_everywhere(groups: Sequence[dist.ProcessGroup]) -> dist.ProcessGroup:
     return min(groups, key=lambda g: g.group_name)
 
 
+def backends(group: dist.ProcessGroup) -> dict[str, str]:
+    """``group``'s backend by device type (``{"cpu": "gloo", "cuda": "nccl"}``), ``{"": name}`` where torch names
+    one backend for every device. From torch's backend config: ``dist.get_backend`` says ``"undefined"`` for a
+    group started without a backend (torchrun's usual ``init_process_group()``: gloo on the CPU, NCCL on CUDA)
+    and ``"cpu:gloo"`` for one started so, both of which reduce host tensors on gloo."""
+    try:
+        config = str(dist.get_backend_config(group))
+    except (AttributeError, RuntimeError, ValueError):
+        config = str(dist.get_backend(group))
+    config = config.lower().replace(" ", "")
+    if ":" not in config:
+        return {"": config}
+    return dict(item.partition(":")[::2] for item in config.split(",") if item)
+
+
+def _accelerator(table: dict[str, str]) -> torch.device | None:
+    if "cuda" in table and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return None
+
+
 def collective_device(group: dist.ProcessGroup, preferred: torch.device) -> torch.device:
     """Where the buffer must live for ``group``'s backend: CUDA for NCCL, the grads' device where possible."""
-    backend = str(dist.get_backend(group)).lower()
+    table = backends(group)
+    if "" in table:  # one backend for every device (an older torch, a custom backend)
+        if table[""] == "nccl" and preferred.type == "cpu":
+            return _accelerator({"cuda": "nccl"}) or preferred
+        return preferred
+    if preferred.type in table:  # gloo and MPI name CUDA too: they reduce CUDA tensors
+        return preferred
     if preferred.type != "cpu":
-        # gloo and MPI both reduce CUDA tensors; a "cpu:gloo,cuda:nccl" style backend names its devices.
-        if ":" not in backend or f"{preferred.type}:" in backend:
-            return preferred
         return torch.device("cpu")
-    if backend == "nccl" or (":" in backend and "cpu:" not in backend):
-        if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-    return preferred
+    return _accelerator(table) or preferred
 
 
-def reduces_on_host(group: dist.ProcessGroup | None) -> bool:
-    """Whether ``group`` combines more than one rank with a host backend (gloo or MPI only), the same answer on
-    every rank: there, reading a combined value costs no device sync (gloo copies CUDA tensors through the host
-    anyway), so the ranks may agree on something through the collective and act on it."""
-    if group_size(group) <= 1:
+def reduces_on_host(group: dist.ProcessGroup | None, device: torch.device) -> bool:
+    """Whether ``group`` combines more than one rank with a host backend (gloo or MPI) for a buffer on
+    ``device``, the same answer on every rank (their buffers meet in one collective, so on one backend): there,
+    reading a combined value costs no device sync (gloo copies CUDA tensors through the host anyway), so the
+    ranks may agree on something through the collective and act on it."""
+    if group is None or group_size(group) <= 1:
         return False
-    return str(dist.get_backend(group)).lower() in ("gloo", "mpi")
+    table = backends(group)
+    name = table.get("", table.get(collective_device(group, device).type, ""))
+    return name in ("gloo", "mpi")
 
 
 def home_device(tensors: Iterable[Tensor], group: dist.ProcessGroup | None) -> torch.device:
@@ -126,6 +150,11 @@ def home_device(tensors: Iterable[Tensor], group: dist.ProcessGroup | None) -> t
     for t in tensors:
         return t.device
     if group is not None:
+        table = backends(group)
+        if table.get("cpu") != table.get("cuda") and torch.cuda.is_available() and torch.cuda.is_initialized():
+            # gloo on the CPU and NCCL on CUDA (init_process_group() without a backend): a rank holding nothing
+            # in a job that computes on CUDA joins the others' NCCL collective, not a gloo one of its own
+            return _accelerator(table) or torch.device("cpu")
         return collective_device(group, torch.device("cpu"))
     return torch.device("cpu")
 

@@ -712,7 +712,7 @@ def measure(
         parts.append(torch.tensor(seen, dtype=torch.float64).to(device, non_blocking=True))
     if extra is not None:
         parts.append(_reduce.moved(extra.to(torch.float64), device))  # (no host sync)
-    agree = result_dtype is not None and _reduce.reduces_on_host(red)
+    agree = result_dtype is not None and _reduce.reduces_on_host(red, device)
     if agree:
         parts.append(_clip.wide_flag(result_dtype, device))  # type: ignore[arg-type]
     if check:

@@ -236,7 +236,7 @@ def _wide_total(
     if not check:  # nothing to combine: the partial is the total's (no buffer to build, no element to pick)
         return _finished(_norm.finalize(partial, p), p, scale, out, error_if_nonfinite and not refused)
     partial = partial.reshape(1)
-    agree = _reduce.reduces_on_host(group)
+    agree = _reduce.reduces_on_host(group, home)
     if agree:  # one more value in the same all-reduce: whether any rank holds float64 gradients
         partial = torch.cat([partial, wide_flag(out, home)])
     from . import _slots

@@ -98,11 +98,21 @@ def test_nan_on_one_rank_is_nan_everywhere_and_errors_everywhere(run_ranks, worl
         assert values == [True] * (2 * len(ORDERS)), values
 
 
-def body_mixed_dtypes_agree(p: float) -> list:
+_CPU_GLOO: list = []
+
+
+def body_mixed_dtypes_agree(p: float, backend: str) -> list:
     """Rank 0 holds float64 gradients, rank 1 float32 ones, rank 2 (if any) none: every rank returns the same
     float64 total, and a total beyond float32's range neither raises on one rank alone nor zeroes the float32
-    rank's gradients."""
+    rank's gradients. ``backend="cpu:gloo"``: a group started with a device-qualified backend, which torch's
+    ``get_backend`` names "cpu:gloo" (and "undefined" for ``init_process_group()`` without one): gloo all the
+    same (the flag was left out: rank 1 returned float32, and inf for the total beyond float32's range)."""
     from dist_clip import GradClipper
+
+    if backend == "cpu:gloo" and not _CPU_GLOO:
+        _CPU_GLOO.append(dist.new_group(backend="cpu:gloo"))
+    group = _CPU_GLOO[0] if backend == "cpu:gloo" else dist.group.WORLD
+    assert dist.get_backend(group) == backend, dist.get_backend(group)
 
     rank, world = dist.get_rank(), dist.get_world_size()
     full = _full_grads(5, torch.float64)
@@ -110,12 +120,12 @@ def body_mixed_dtypes_agree(p: float) -> list:
     mine = [t.clone() for t in shares[rank]] if rank < 2 else []
     want = reference_norm([t.double() for s in shares[:world] for t in s], p)
     out = []
-    total = dist_clip.clip_grad_norm_(mine, 0.5, p, group=dist.group.WORLD)
+    total = dist_clip.clip_grad_norm_(mine, 0.5, p, group=group)
     assert total.dtype == torch.float64, (rank, total.dtype)
     assert abs(total.item() - want) <= 1e-6 * want, (total.item(), want)  # float32 pieces: the fp32 contract
     out.append(total.item())
     result = GradClipper(max_norm=0.5, norm_type=p)(
-        [t.clone() for t in shares[rank]] if rank < 2 else [], group=dist.group.WORLD
+        [t.clone() for t in shares[rank]] if rank < 2 else [], group=group
     )
     assert result.total_norm.dtype == torch.float64, (rank, result.total_norm.dtype)
     out.append(result.total_norm.item())
@@ -124,7 +134,7 @@ def body_mixed_dtypes_agree(p: float) -> list:
     huge = [torch.full((1,), 1e39, dtype=torch.float64)] if rank == 0 else []
     if rank == 1:
         huge = [torch.ones(1)]
-    total = dist_clip.clip_grad_norm_(huge, 1e30, math.inf, error_if_nonfinite=True, group=dist.group.WORLD)
+    total = dist_clip.clip_grad_norm_(huge, 1e30, math.inf, error_if_nonfinite=True, group=group)
     assert total.dtype == torch.float64 and total.item() == 1e39
     if rank == 1:
         assert huge[0].item() == pytest.approx(1e-9, rel=1e-6), huge[0].item()
@@ -133,8 +143,9 @@ def body_mixed_dtypes_agree(p: float) -> list:
 
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("p", [2.0, math.inf])
-def test_ranks_with_float64_and_float32_gradients_agree_on_float64(run_ranks, world, p):
-    values = run_ranks(world, body_mixed_dtypes_agree, p)
+@pytest.mark.parametrize("backend", ["gloo", "cpu:gloo"])
+def test_ranks_with_float64_and_float32_gradients_agree_on_float64(run_ranks, world, p, backend):
+    values = run_ranks(world, body_mixed_dtypes_agree, p, backend)
     assert all(v == values[0] for v in values), values
 
 

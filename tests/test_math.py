@@ -374,6 +374,44 @@ def test_nan_survives_a_max_that_drops_it(fake_two_ranks):
     assert math.isnan(out.item()) and fake.calls == 1
 
 
+@pytest.mark.parametrize(
+    ("config", "cuda", "want"),
+    [
+        # (backend config torch reports, CUDA available and initialized, then: the device of a buffer from the
+        # CPU, from CUDA, of a rank holding nothing, whether the reduction of a CPU buffer / a CUDA one is on the host)
+        ("cpu:gloo,cuda:gloo", True, ("cpu", "cuda", "cpu", True, True)),  # "gloo"
+        ("cpu:gloo", False, ("cpu", "cpu", "cpu", True, True)),  # "undefined" or "cpu:gloo" without CUDA
+        ("cpu:gloo,cuda:nccl", True, ("cpu", "cuda", "cuda", True, False)),  # "undefined" with CUDA
+        ("cpu:gloo,cuda:nccl", False, ("cpu", "cuda", "cpu", True, False)),  # CUDA not available
+        ("cuda:nccl", True, ("cuda", "cuda", "cuda", False, False)),  # "nccl"
+        ("cpu:mpi,cuda:mpi", True, ("cpu", "cuda", "cpu", True, True)),  # "mpi"
+        ("gloo", True, ("cpu", "cuda", "cpu", True, True)),  # one name for every device
+        ("nccl", True, ("cuda", "cuda", "cuda", False, False)),
+    ],
+)
+def test_backend_config_picks_the_buffer_device_and_host_reduction(monkeypatch, config, cuda, want):
+    """The backend by device comes from torch's config: ``dist.get_backend`` names a group started without a
+    backend "undefined" and one started with "cpu:gloo" so, both gloo on the CPU, where the float64 flag rides
+    (left out before: ranks returned float32 beside float64). A rank holding nothing in a job whose CUDA is in
+    use reduces where NCCL does when the CPU's backend is another (its gloo buffer met the others' NCCL one)."""
+    monkeypatch.setattr(_reduce.dist, "get_backend_config", lambda group: config)
+    monkeypatch.setattr(_reduce, "group_size", lambda group: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    group = object()
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    got = (
+        _reduce.collective_device(group, cpu).type,
+        _reduce.collective_device(group, gpu).type,
+        _reduce.home_device([], group).type,
+        _reduce.reduces_on_host(group, cpu),
+        _reduce.reduces_on_host(group, gpu),
+    )
+    assert got == want, got
+    assert not _reduce.reduces_on_host(None, cpu)
+
+
 def test_plain_fmax_would_have_dropped_it():
     assert torch.fmax(torch.tensor(math.nan), torch.tensor(3.0)).item() == 3.0
 
