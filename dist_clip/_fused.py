@@ -23,7 +23,7 @@ import functools
 import operator
 import sys
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -47,8 +47,47 @@ _SKIP = "_dist_clip_skip"
 _WRITES: dict[int, tuple[list[int], Any, int]] = {}
 _WRITES_PRUNE = [256]  # prune dead parameters' entries when the table reaches this size
 _MISSING = object()
+
+
+class _ByIdentity:
+    """A weak set of objects by identity: a ``WeakSet`` hashes and compares its members, so an optimizer class
+    defining ``__eq__`` (unhashable) raised ``TypeError`` at the hand-over and at every later ``step()``, and one
+    whose ``__eq__``/``__hash__`` follow its settings was taken for another equal one (never settled: a call
+    reading its gradients before the step saw them unclipped)."""
+
+    def __init__(self) -> None:
+        self._refs: dict[int, weakref.ref[Any]] = {}
+
+    def add(self, obj: Any) -> None:
+        key, refs = id(obj), self._refs
+
+        def gone(ref: weakref.ref[Any]) -> None:
+            if refs.get(key) is ref:  # (not a later object that took the same id)
+                del refs[key]
+
+        refs[key] = weakref.ref(obj, gone)
+
+    def discard(self, obj: Any) -> None:
+        ref = self._refs.get(id(obj))
+        if ref is not None and ref() is obj:
+            del self._refs[id(obj)]
+
+    def __iter__(self) -> Iterator[Any]:
+        for ref in list(self._refs.values()):
+            obj = ref()
+            if obj is not None:
+                yield obj
+
+    def __contains__(self, obj: object) -> bool:
+        ref = self._refs.get(id(obj))
+        return ref is not None and ref() is obj
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+
 # Optimizers holding a coefficient for their next step(): a later call reading the same gradients settles it.
-_WAITING: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+_WAITING = _ByIdentity()
 # ids of optimizers whose step(closure) is running that closure: their step is under way (see _pre_hook). By id:
 # an optimizer class defining __eq__ is not hashable (a WeakSet made its step(closure) raise).
 _IN_CLOSURE: set[int] = set()

@@ -1493,6 +1493,46 @@ def test_calls_inside_a_closure_act_on_the_step_under_way(fused, how):
         assert all(bool((m == 0).all()) for m in results[1])  # skipped
 
 
+class _EqAdamW(torch.optim.AdamW):
+    """Equal by settings, ``__eq__`` alone: unhashable."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _EqAdamW) and self.defaults == other.defaults
+
+
+class _ValueAdamW(_EqAdamW):
+    """Equal by settings, hashed by them too."""
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted((k, str(v)) for k, v in self.defaults.items())))
+
+
+@pytest.mark.parametrize("cls", [_EqAdamW, _ValueAdamW])
+def test_hand_over_to_optimizers_with_their_own_equality(cls):
+    """Optimizers waiting for their step are kept by identity: an unhashable one made the hand-over and every
+    later step() raise TypeError, and of two equal ones only the first was kept, so a norm read before the second
+    one's step saw its gradients unclipped (6.05 for 0.5). Two models, two equal fused optimizers, each handed a
+    coefficient: both read clipped before their steps, and both step as clip-then-step does."""
+    models, plain = [_model(0), _model(1)], [_model(0), _model(1)]
+    opts = [cls(m.parameters(), lr=0.1, fused=True) for m in models]
+    plain_opts = [torch.optim.AdamW(m.parameters(), lr=0.1, fused=True) for m in plain]
+    for step in range(2):
+        for m, p in zip(models, plain):
+            _backward(m, step)
+            _backward(p, step)
+        for m, o, p in zip(models, opts, plain):
+            total = dist_clip.clip_grad_norm_(m, 0.5, optimizer=o)
+            assert total.item() > 1.0, total.item()  # clipping: the hand-over holds a coefficient below 1
+            torch.nn.utils.clip_grad_norm_(p.parameters(), 0.5)
+        for m in models:  # a read before the steps settles each optimizer's pending coefficient
+            assert abs(dist_clip.get_total_norm(m).item() - 0.5) < 1e-5
+        for o in opts + plain_opts:
+            o.step()
+    for m, p in zip(models, plain):
+        for a, b in zip(m.parameters(), p.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("nan_at", [1, 3])
 def test_a_skip_armed_in_an_lbfgs_closure_restores_the_steps_start(nan_at):
     """LBFGS calls its closure several times per step and moves the parameters between the calls: a skip armed
