@@ -111,7 +111,8 @@ class ParallelPlan:
     tied: tuple[tuple[str, str], ...] = ()
     debug: bool = False
     group: dist.ProcessGroup | None = None
-    _memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False, hash=False)
+    # Not an __init__ field: dataclasses.replace() passed the old plan's memo on (its settings, its debug check done).
+    _memo: dict[str, Any] = field(default_factory=dict, init=False, compare=False, repr=False, hash=False)
 
     def __post_init__(self) -> None:
         dims = getattr(self.mesh, "mesh_dim_names", None)

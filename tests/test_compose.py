@@ -727,6 +727,40 @@ def test_plans_differing_in_rules_are_refused_on_every_rank(run_ranks):
     assert a == b == ["settings"] * 6 + [f"{math.sqrt(6):.6f}"] * 2, (a, b)
 
 
+def body_replaced_plans() -> list[str]:
+    """A plan made with ``dataclasses.replace()`` is a plan of its own: it shared the original's memo, so its
+    settings fingerprint was the original's (a rank with other rules went unnoticed) and its debug audit counted
+    as done (a plan counting replicas on every rank returned sqrt(2) x the norm, unaudited)."""
+    import dataclasses
+
+    rank = dist.get_rank()
+    mesh = cases.mesh((2,), ("dp",))
+    names = ("a.weight", "a.bias")
+    good = ParallelPlan(mesh, names=names, rules=(Rule("*", replicate=("dp",)),), debug=True)
+
+    def call(plan: ParallelPlan) -> str:
+        grads = {n: torch.full((3,), float(i + 1)) for i, n in enumerate(names)}  # the same on both: replicas
+        try:
+            return f"{GradClipper(max_norm=1.0)(grads, plan=plan).total_norm.item():.6f}"
+        except RuntimeError as e:
+            if "over-counted" in str(e):
+                return "audit"
+            return "settings" if "or on its settings" in str(e) else str(e)
+
+    out = [call(good)]
+    out.append(call(dataclasses.replace(good, rules=(Rule("*"),))))
+    quiet = dataclasses.replace(good, debug=False)
+    out.append(call(quiet))
+    out.append(call(quiet if rank == 0 else dataclasses.replace(quiet, rules=(Rule("*"),))))
+    return out
+
+
+def test_plans_made_with_dataclasses_replace_start_afresh(run_ranks):
+    a, b = run_ranks(2, body_replaced_plans, timeout_s=60)
+    norm = f"{math.sqrt(15):.6f}"
+    assert a == b == [norm, "audit", norm, "settings"], (a, b)
+
+
 def body_plan_edge_cases() -> list:
     """Four cases on a (pp=2, tp=1) mesh: clipped (and num_clipped) the same on both stages when only the stage
     with more param groups clips (stage 0 said False); a parameter both ranks hold put in different group
