@@ -846,3 +846,28 @@ def test_a_state_saved_after_a_call_refused_together_reloads(window, good_calls)
         a, b = clipper([torch.tensor([g])]), again([torch.tensor([g])])
         assert a.max_norm.item() == b.max_norm.item() and a.total_norm.item() == b.total_norm.item()
     assert _same_state(clipper.state_dict(), again.state_dict())
+
+
+def test_agc_floors_a_zero_weight_at_eps():
+    """AGC's limit is clipping x max(||w||, eps): a zero-initialised bias's gradient is scaled to clipping x
+    eps, not zeroed (a limit of clipping x ||w|| passed the suite: no test had a zero weight row)."""
+    lin = nn.Linear(4, 3)
+    nn.init.zeros_(lin.bias)
+    lin.weight.grad = torch.zeros_like(lin.weight)
+    lin.bias.grad = torch.tensor([1.0, 2.0, 2.0])  # norm 3
+    GradClipper(mode="unitwise", agc=AGC(clipping=0.01, eps=1e-3))(lin)
+    got = torch.linalg.vector_norm(lin.bias.grad.double()).item()
+    assert got == pytest.approx(0.01 * 1e-3, rel=1e-5), got
+    assert torch.equal(lin.weight.grad, torch.zeros_like(lin.weight))
+
+
+def test_zclip_warm_up_clips_at_max_norm():
+    """README: ZClip's warm-up is clipped at max_norm (the suite's warm-up norms stayed below it, so a warm-up
+    that ignored max_norm passed)."""
+    clipper = GradClipper(max_norm=ZClip(warmup_steps=3, max_norm=1.0))
+    for step in range(3):
+        g = torch.tensor([3.0, 4.0]) * (step + 1)  # norms 5, 10, 15: all in the warm-up, all above 1
+        result = clipper([g])
+        want = 1.0 / (5.0 * (step + 1) + 1e-6)
+        assert result.clip_coef.item() == pytest.approx(want, rel=1e-6), (step, result.clip_coef.item())
+        assert torch.linalg.vector_norm(g).item() == pytest.approx(1.0, rel=1e-5)

@@ -668,3 +668,13 @@ def test_sparse_half_gradients_take_the_unrounded_coefficient(dtype, mode):
     assert abs(total.item() - want) <= 1e-5 * want
     coef = torch.tensor(1e-3, dtype=torch.float32) / (total.float() + 1e-6)
     torch.testing.assert_close(p.grad.to_dense(), (dense.float() * coef).to(dtype), rtol=0, atol=0)
+
+
+def test_complex128_gradients_give_a_float64_norm():
+    """torch returns a float64 norm for complex128 gradients; so does dist_clip (complex64 alone was tested: a
+    float32 result for complex128 passed the suite)."""
+    g = torch.tensor([1 + 1e-9j, 1.0 + 0j], dtype=torch.complex128)
+    want = torch.nn.utils.get_total_norm([g])
+    assert want.dtype == torch.float64
+    for got in (dist_clip.get_total_norm([g]), dist_clip.clip_grad_norm_([g.clone()], 10.0)):
+        assert got.dtype == torch.float64 and got.item() == pytest.approx(want.item(), rel=1e-15, abs=0), got

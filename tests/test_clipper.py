@@ -1109,3 +1109,26 @@ def test_the_error_policy_names_a_parameter_beside_a_sparse_gradient():
     lin.weight.grad.nan_to_num_(0.0)
     with pytest.raises(RuntimeError, match=r"0\.weight"):
         GradClipper(max_norm=1.0, on_nonfinite="error")(nn.ModuleList([emb, lin]))
+
+
+@pytest.mark.parametrize("mode", ["total", "per_param"])
+def test_zero_gradients_under_a_zero_limit_are_not_clipped(mode):
+    """README: `clipped` tells whether some gradient was scaled down; a slot whose gradients are all zero does
+    not count whatever its coefficient (max_norm=0 gives every slot the coefficient 0)."""
+    model = nn.Linear(4, 4)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    result = GradClipper(max_norm=0.0, mode=mode)(model)
+    assert result.total_norm.item() == 0.0 and not bool(result.clipped)
+    model.weight.grad[0, 0] = 1.0  # one non-zero gradient: scaled to 0, clipped
+    result = GradClipper(max_norm=0.0, mode=mode)(model)
+    assert bool(result.clipped) and model.weight.grad[0, 0].item() == 0.0
+
+
+def test_a_report_lists_a_parameter_and_its_gradient_given_together_once():
+    """``[p, p.grad]``: the gradient is p's, measured once: the report names one slot holding its norm (a second
+    slot reading 0.0 for a gradient of norm 5 passed the suite, the norms being deduplicated again later)."""
+    p = nn.Parameter(torch.zeros(2))
+    p.grad = torch.tensor([3.0, 4.0])
+    result = GradClipper(max_norm=100.0, report=True)([p, p.grad])
+    assert result.total_norm.item() == pytest.approx(5.0) and result.norms == {"0": pytest.approx(5.0)}, result.norms

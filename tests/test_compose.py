@@ -761,6 +761,36 @@ def test_plans_made_with_dataclasses_replace_start_afresh(run_ranks):
     assert a == b == [norm, "audit", norm, "settings"], (a, b)
 
 
+def body_distinct_over_replicate_placements(p: float) -> list[float]:
+    """Each ep rank holds its own expert as a ``Replicate()`` DTensor on a 1-D ("ep",) mesh (a layout that says
+    copy where the experts differ): ``Rule("moe.*", distinct=("ep",))`` counts every rank's piece (README:
+    distinct= names the dims along which pieces differ whatever the meshes suggest; the suite's only distinct=
+    case had its experts on another mesh, and a plan taking the placement's word dropped expert 1, 3.55 for
+    4.29)."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    rank = dist.get_rank()
+    mesh = cases.mesh((2,), ("ep",))
+    full = {f"moe.experts.{e}.w": torch.randn(4, 3, generator=torch.Generator().manual_seed(e)) for e in range(2)}
+    mine = f"moe.experts.{rank}.w"
+    grad = DTensor.from_local(full[mine].clone(), mesh, [Replicate()], run_check=False)
+    plan = ParallelPlan(mesh, names=tuple(full), rules=(Rule("moe.*", distinct=("ep",)),))
+    out = []
+    for mode in ("total", "per_param"):
+        result = GradClipper(max_norm=1e9, norm_type=p, mode=mode, report=True)({mine: grad}, plan=plan)
+        out += [result.total_norm.item(), *(result.norms[n] for n in full)]
+    want = [reference_norm(list(full.values()), p), *(reference_norm([t], p) for t in full.values())]
+    for got, expected in zip(out, want * 2):
+        assert abs(got - expected) <= 1e-6 * expected, (out, want)
+    return out
+
+
+@pytest.mark.parametrize("p", [2.0, math.inf])
+def test_distinct_dims_override_replicate_placements(run_ranks, p):
+    a, b = run_ranks(2, body_distinct_over_replicate_placements, p, timeout_s=60)
+    assert a == b, (a, b)
+
+
 def body_plan_edge_cases() -> list:
     """Four cases on a (pp=2, tp=1) mesh: clipped (and num_clipped) the same on both stages when only the stage
     with more param groups clips (stage 0 said False); a parameter both ranks hold put in different group

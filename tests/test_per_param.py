@@ -623,3 +623,48 @@ def test_a_failed_group_check_off_the_host_is_a_non_finite_call(run_ranks):
         assert [g[:2] for g in got] == [("skip", True), ("zero", True)], got
         assert got[0][3] == [1.0, 1.0], got  # skipped: untouched
         assert got[1][3] == [1.0, 1.0], got  # zeroed gradients: SGD without weight decay moves nothing
+
+
+def test_per_group_leaves_parameters_outside_the_optimizer_alone():
+    """README: parameters outside the optimizer count in the total and keep their gradients (a coefficient
+    looked up for them as group 0's scaled the head by the body's limit, unnoticed by the suite)."""
+    torch.manual_seed(0)
+    body, head = nn.Linear(8, 8), nn.Linear(8, 8)
+    model = nn.Sequential(body, head)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 10
+    before = [p.grad.clone() for p in head.parameters()]
+    every = [p.grad.clone() for p in model.parameters()]
+    opt = torch.optim.SGD([{"params": body.parameters(), "max_norm": 0.1}], lr=0.1)  # head: in no group
+    result = GradClipper(mode="per_group")(model, optimizer=opt)
+    assert abs(result.total_norm.item() - reference_norm(every, 2.0)) <= 1e-6 * reference_norm(every, 2.0)
+    body_after = reference_norm([p.grad for p in body.parameters()], 2.0)
+    assert abs(body_after - 0.1) <= 1e-6, body_after
+    assert all(torch.equal(b, p.grad) for b, p in zip(before, head.parameters()))
+
+
+class _TwoPiecesOfOneName:
+    """A custom adapter's target holding two pieces of one parameter on this rank (the contract allows it)."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        self.a, self.b = a, b
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, math.inf])
+def test_per_param_combines_two_pieces_of_one_name_on_one_rank(monkeypatch, p):
+    """Two pieces named alike on one rank are one parameter's: its norm is that of both (a sum of the two maxima
+    for inf passed the suite, 5.0 for 3.0)."""
+    import sys
+    import types
+
+    from dist_clip import Shards, adapters
+
+    module = types.ModuleType("two_pieces_adapter")
+    module.matches = lambda target: isinstance(target, _TwoPiecesOfOneName)
+    module.shards = lambda target, group: [Shards([target.a, target.b], group, True, ["w", "w"])]
+    monkeypatch.setitem(sys.modules, "two_pieces_adapter", module)
+    monkeypatch.setattr(adapters, "ADAPTERS", ("two_pieces_adapter", *adapters.BUILT_IN))
+    a, b = torch.tensor([3.0, -1.0]), torch.tensor([2.0, 0.5])
+    result = GradClipper(max_norm=100.0, norm_type=p, mode="per_param", report=True)(_TwoPiecesOfOneName(a, b))
+    want = reference_norm([torch.tensor([3.0, -1.0, 2.0, 0.5])], p)
+    assert list(result.norms) == ["w"] and abs(result.norms["w"] - want) <= 1e-6 * want, result.norms
