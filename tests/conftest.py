@@ -45,9 +45,11 @@ def pytest_collection_modifyitems(config, items):
     # Only the tests marked for a framework skip without it, not every test of their module.
     skip_missing = {name: pytest.mark.skip(reason=f"needs {name}: pip install 'dist_clip[{name}]'")
                     for name in ("deepspeed", "fairscale") if importlib.util.find_spec(name) is None}
+    # By marker: item.keywords also holds parametrize ids ([deepspeed] in test_launchers reads environment
+    # variables only, and was skipped without DeepSpeed).
     for item in items:
-        if "gpu" in item.keywords and not torch.cuda.is_available():
+        if item.get_closest_marker("gpu") is not None and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
         for name, skip in skip_missing.items():
-            if name in item.keywords:
+            if item.get_closest_marker(name) is not None:
                 item.add_marker(skip)

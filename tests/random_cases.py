@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -91,6 +92,17 @@ def _clip_coef(grads: dict[str, torch.Tensor]) -> tuple[float, float]:
     return max_norm, min(1.0, max_norm / (total + 1e-6))
 
 
+def _check_clipped(target: Any, grads: dict[str, torch.Tensor], where: str,
+                   group: dist.ProcessGroup | None = None) -> list[str]:
+    """Clip ``target`` at half the reference norm, then measure it again: the total and per-parameter norms of
+    what the wrapper holds must be the reference's times the coefficient (where the clipped gradients cannot be
+    gathered: FSDP1's flat parameters, mixed strategies, ZeRO partitions; a piece clipped as a copy, or not at
+    all, passed before). The norms themselves were checked against the reference first."""
+    max_norm, coef = _clip_coef(grads)
+    dist_clip.clip_grad_norm_(target, max_norm, group=group)
+    return _check_norms(target, {n: g * coef for n, g in grads.items()}, f"{where} clipped", agc=False, group=group)
+
+
 def fsdp2_models(trials: int, hsdp: bool) -> list[str]:
     """FSDP2 on a 1-D mesh (or a 2 x (world/2) HSDP mesh): every layer sharded or not at random, the root sharded
     or not (then its unsharded parameters are averaged by hand, as a user must)."""
@@ -125,8 +137,10 @@ def fsdp2_models(trials: int, hsdp: bool) -> list[str]:
 
 
 def fsdp1_models(trials: int) -> list[str]:
-    """FSDP1: use_orig_params, the sharding strategy and an instance per layer (or one for the whole model) at
-    random. Clipped gradients are gathered with ``summon_full_params`` where FSDP1 allows it (use_orig_params)."""
+    """FSDP1: an instance per layer (or one for the whole model) at random, each sharding strategy with flat
+    parameters and with use_orig_params in turn. Clipped gradients are gathered with ``summon_full_params``
+    where FSDP1 allows it (use_orig_params), and measured again against the reference's times the coefficient
+    elsewhere."""
     from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
@@ -135,8 +149,10 @@ def fsdp1_models(trials: int) -> list[str]:
     for trial in range(trials):
         rnd, widths, model = _draw(1000 + trial)
         grads = _reference(model, widths[0])
-        orig = rnd.random() < 0.5 or not all(q.requires_grad for q in model.parameters())
-        strategy = rnd.choice(["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"])
+        # Over six trials each strategy with flat parameters and with use_orig_params (drawn, NO_SHARD and two of
+        # the flat ones never came); frozen layers need use_orig_params.
+        orig = trial % 2 == 0 or not all(q.requires_grad for q in model.parameters())
+        strategy = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")[trial % 3]
         policy = ModuleWrapPolicy({Layer}) if rnd.random() < 0.7 else None
         wrapped = FullyShardedDataParallel(model, auto_wrap_policy=policy, use_orig_params=orig,
                                            sharding_strategy=getattr(ShardingStrategy, strategy),
@@ -144,15 +160,17 @@ def fsdp1_models(trials: int) -> list[str]:
         wrapped(_batch(rank, widths[0])).pow(2).sum().backward()
         where = f"trial {trial} widths {widths} {strategy} use_orig_params={orig}"
         errors += _check_norms(wrapped, grads, where)
+        if not orig:  # flat parameters: no gathering of gradients
+            errors += _check_clipped(wrapped, grads, where)
+            continue
         max_norm, coef = _clip_coef(grads)
         dist_clip.clip_grad_norm_(wrapped, max_norm)
-        if orig:
-            with FullyShardedDataParallel.summon_full_params(wrapped, with_grads=True):
-                for n, q in wrapped.named_parameters():
-                    n = n.replace("_fsdp_wrapped_module.", "")
-                    if q.grad is not None and not torch.allclose(q.grad.double(), grads[n] * coef, rtol=RTOL,
-                                                                 atol=1e-7):
-                        errors.append(f"{where}: clipped {n}")
+        with FullyShardedDataParallel.summon_full_params(wrapped, with_grads=True):
+            for n, q in wrapped.named_parameters():
+                n = n.replace("_fsdp_wrapped_module.", "")
+                if q.grad is not None and not torch.allclose(q.grad.double(), grads[n] * coef, rtol=RTOL,
+                                                             atol=1e-7):
+                    errors.append(f"{where}: clipped {n}")
     return errors
 
 
@@ -188,6 +206,7 @@ def fsdp1_mixed_models(trials: int) -> list[str]:
         for group in (None, dist.group.WORLD):
             where = f"trial {trial} widths {widths} {chosen} group={'world' if group else None}"
             errors += _check_norms(model, grads, where, group=group)
+        errors += _check_clipped(model, grads, f"trial {trial} widths {widths} {chosen}", group=dist.group.WORLD)
     return errors
 
 
@@ -213,5 +232,6 @@ def deepspeed_models(trials: int) -> list[str]:
                 engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
             engine.backward(engine(_batch(rank, widths[0])).pow(2).sum())
             errors += _check_norms(engine, grads, f"trial {trial} widths {widths} ZeRO-{stage}", agc=False)
+            errors += _check_clipped(engine, grads, f"trial {trial} widths {widths} ZeRO-{stage}")
             engine.step()
     return errors

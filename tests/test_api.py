@@ -603,6 +603,7 @@ def test_sparse_gradients_measure_by_coalesced_values_and_scale(p):
     assert emb.weight.grad.is_sparse
     torch.testing.assert_close(emb.weight.grad.to_dense(), dense[0] * coef, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(lin.weight.grad, dense[1] * coef, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(lin.bias.grad, dense[2] * coef, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("form", ["frozen_after_backward", "grad_set_by_hand", "beside_a_parameter"])

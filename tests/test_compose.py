@@ -368,23 +368,24 @@ def body_tie_on_one_rank_and_measure_only() -> list[float]:
 
 
 def test_plan_validation_names_expected_and_received(run_ranks):
-    msgs = run_ranks(4, body_plan_errors)[0]
-    assert "mesh dimensions ['dp']" in msgs[0] and "('pp', 'tp')" in msgs[0]
-    assert "no rule matches ['b']" in msgs[1]
-    assert "tied entry" in msgs[2]
-    assert "duplicates" in msgs[3]
-    assert "'zzz'" in msgs[4] and "ParallelPlan.names" in msgs[4]
-    assert msgs[5].startswith("ValueError: tied entry ('b', 'z')") and "already tied" in msgs[5], msgs[5]
-    assert msgs[6] == "TypeError: ParallelPlan.debug must be True or False, got 'no'", msgs[6]
-    assert msgs[7] == "TypeError: ParallelPlan.rules must be a tuple of Rule, got Rule", msgs[7]
-    assert msgs[8].startswith("ValueError: ParallelPlan.group holds ranks [0, 1, 2, 3], but the mesh spans ranks"), msgs
-    assert "group= must name exactly the mesh's ranks" in msgs[8]
-    assert msgs[9].startswith("TypeError: ParallelPlan.group must be") or msgs[9].startswith(
-        "ValueError: ParallelPlan.group holds ranks [2, 3], but the mesh spans ranks [0, 1, 2, 3]"), msgs[9]
-    assert msgs[10] == "accepted", msgs[10]
-    assert msgs[11].startswith("group= does not combine with plan="), msgs[11]
-    assert msgs[12] == "accepted", msgs[12]  # the plan's own group, given again
-    assert msgs[13] == "TypeError: ParallelPlan.tied entries must be (copy name, owner name) pairs, got 'ba'", msgs
+    for msgs in run_ranks(4, body_plan_errors):  # every rank's (rank 0's alone were read)
+        assert "mesh dimensions ['dp']" in msgs[0] and "('pp', 'tp')" in msgs[0]
+        assert "no rule matches ['b']" in msgs[1]
+        assert "tied entry" in msgs[2]
+        assert "duplicates" in msgs[3]
+        assert "'zzz'" in msgs[4] and "ParallelPlan.names" in msgs[4]
+        assert msgs[5].startswith("ValueError: tied entry ('b', 'z')") and "already tied" in msgs[5], msgs[5]
+        assert msgs[6] == "TypeError: ParallelPlan.debug must be True or False, got 'no'", msgs[6]
+        assert msgs[7] == "TypeError: ParallelPlan.rules must be a tuple of Rule, got Rule", msgs[7]
+        want = "ValueError: ParallelPlan.group holds ranks [0, 1, 2, 3], but the mesh spans ranks"
+        assert msgs[8].startswith(want), msgs
+        assert "group= must name exactly the mesh's ranks" in msgs[8]
+        assert msgs[9].startswith("TypeError: ParallelPlan.group must be") or msgs[9].startswith(
+            "ValueError: ParallelPlan.group holds ranks [2, 3], but the mesh spans ranks [0, 1, 2, 3]"), msgs[9]
+        assert msgs[10] == "accepted", msgs[10]
+        assert msgs[11].startswith("group= does not combine with plan="), msgs[11]
+        assert msgs[12] == "accepted", msgs[12]  # the plan's own group, given again
+        assert msgs[13] == "TypeError: ParallelPlan.tied entries must be (copy name, owner name) pairs, got 'ba'", msgs
 
 
 def test_tie_on_one_rank_and_a_measurement_that_touches_nothing(run_ranks):
