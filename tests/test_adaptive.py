@@ -871,3 +871,56 @@ def test_zclip_warm_up_clips_at_max_norm():
         want = 1.0 / (5.0 * (step + 1) + 1e-6)
         assert result.clip_coef.item() == pytest.approx(want, rel=1e-6), (step, result.clip_coef.item())
         assert torch.linalg.vector_norm(g).item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_autoclip_window_keeps_finite_norms_through_a_non_finite_call():
+    """README: AutoClip(window=N) takes its percentile over the last N finite norms: an inf call neither takes a
+    slot of the ring (it evicted the 1.0: limit 2.0, history [nan, 2, 3]) nor moves the limit."""
+    clipper = GradClipper(max_norm=AutoClip(percentile=0, window=3), on_nonfinite="skip")
+    p = nn.Parameter(torch.ones(1))
+    opt = torch.optim.SGD([p], lr=0.1)
+    for v in (1.0, 2.0, 3.0, math.inf):
+        p.grad = torch.tensor([v])
+        result = clipper([p], optimizer=opt)
+        opt.zero_grad()
+    assert result.max_norm.item() == 1.0, result.max_norm
+    assert clipper.state_dict()["threshold"]["history"].tolist() == [1.0, 2.0, 3.0]
+
+
+def test_autoclip_history_grows_past_its_first_buffer():
+    """AutoClip without a window keeps every norm: the 65th call grows the buffer (64 at first; the only long
+    test refused its 65th call, so a buffer grown one call late, an IndexError there, passed)."""
+    import numpy as np
+
+    clipper = GradClipper(max_norm=AutoClip(percentile=10))
+    p = nn.Parameter(torch.ones(1))
+    seen = []
+    for i in range(70):
+        seen.append(float(i % 7 + 1))
+        p.grad = torch.tensor([seen[-1]])
+        result = clipper([p])
+        assert result.max_norm.item() == pytest.approx(float(np.percentile(seen, 10)), rel=1e-6), i
+    assert clipper.step == 70
+
+
+def test_zclip_after_warm_up_never_above_max_norm():
+    """ZClip's threshold after the warm-up is never above max_norm (its mean of 5 gave 5 with the cap gone)."""
+    clipper = GradClipper(max_norm=ZClip(warmup_steps=2, max_norm=1.0))
+    p = nn.Parameter(torch.ones(1))
+    for _ in range(3):
+        p.grad = torch.tensor([5.0])
+        result = clipper([p])
+    assert result.max_norm.item() == 1.0 and p.grad.item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_an_autoclip_state_without_oldest_first_loads_in_ring_order():
+    """README: AutoClip states saved before the window held finite norms only (no 'oldest_first': entries in ring
+    order, the oldest at count % window) still load: norms 1-4 in a window of 3 were saved as [4, 2, 3]."""
+    clipper = GradClipper(max_norm=AutoClip(percentile=0, window=3))
+    state = clipper.state_dict()
+    state["step"] = 4
+    state["threshold"] = {"kind": "AutoClip", "norm_type": 2.0, "count": 4,
+                          "history": torch.tensor([4.0, 2.0, 3.0], dtype=torch.float64)}
+    clipper.load_state_dict(state)
+    assert clipper.state_dict()["threshold"]["history"].tolist() == [2.0, 3.0, 4.0]
+    assert clipper([torch.tensor([10.0])]).max_norm.item() == 3.0  # the window [3, 4, 10]: the 2 left first

@@ -1135,3 +1135,24 @@ def test_a_report_lists_a_parameter_and_its_gradient_given_together_once():
     p.grad = torch.tensor([3.0, 4.0])
     result = GradClipper(max_norm=100.0, report=True)([p, p.grad])
     assert result.total_norm.item() == pytest.approx(5.0) and result.norms == {"0": pytest.approx(5.0)}, result.norms
+
+
+def test_report_given_to_a_call_overrides_the_config():
+    """``report=`` of a call overrides ``config.report`` for that call, both ways (no test called with it)."""
+    p = nn.Parameter(torch.ones(3))
+    p.grad = torch.tensor([3.0, 4.0, 0.0])
+    assert GradClipper(max_norm=10.0)({"w": p}, report=True).norms == {"w": 5.0}
+    assert GradClipper(max_norm=10.0, report=True)({"w": p}, report=False).norms is None
+    assert GradClipper(max_norm=10.0, report=True)({"w": p}).norms == {"w": 5.0}
+
+
+def test_a_zero_max_norm_zeroes_gradients_as_torch_does():
+    """max_norm=0 is a limit like any other (>= 0), as torch.nn.utils.clip_grad_norm_ takes it."""
+    p, q = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))
+    p.grad, q.grad = torch.tensor([3.0, 4.0]), torch.tensor([3.0, 4.0])
+    for config in (ClipperConfig(max_norm=0.0), ClipperConfig(max_norm=0)):
+        p.grad = torch.tensor([3.0, 4.0])
+        result = GradClipper(config)([p])
+        assert result.total_norm.item() == 5.0 and bool(result.clipped)
+    torch.nn.utils.clip_grad_norm_([q], 0.0)
+    assert torch.equal(p.grad, q.grad) and torch.equal(q.grad, torch.zeros(2))

@@ -2434,3 +2434,18 @@ def body_a_sharded_grad_scalers_summed_flag_keeps_dist_clips_skip() -> list:
 def test_a_sharded_grad_scalers_summed_flag_keeps_dist_clips_skip(run_ranks):
     for got in run_ranks(2, body_a_sharded_grad_scalers_summed_flag_keeps_dist_clips_skip):
         assert got == [("hand_over", 2.0, True), ("skip", 2.0, True)], got
+
+
+def test_a_hand_over_whose_gradients_were_partly_replaced_and_written_is_dropped():
+    """After a hand-over, one gradient set to None and another accumulated into (a further backward): not the
+    gradients measured, so the step takes them unclipped, with a warning (the old coefficient applied to the
+    new gradients, silently, passed the suite)."""
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([a, b], lr=1.0, fused=True)
+    a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([0.0, 0.0])
+    dist_clip.clip_grad_norm_([a, b], 1.0, optimizer=opt)  # hands 1/5 over to the next step
+    b.grad = None
+    a.grad.add_(torch.tensor([1.0, 1.0]))
+    with pytest.warns(UserWarning, match="dropped"):
+        opt.step()
+    assert torch.equal(a.detach(), torch.tensor([-4.0, -5.0])), a

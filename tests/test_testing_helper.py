@@ -278,3 +278,83 @@ def test_references_measure_complex_and_sparse_gradients_as_dist_clip_does():
 
     assert_clip_matches_unsharded(lambda: nn.Linear(4, 3, dtype=torch.complex64), lambda m: m, batch,
                                   loss_fn=lambda out: out.abs().square().mean(), max_norm=0.1)
+
+
+def _linear() -> nn.Module:
+    return nn.Linear(4, 3)
+
+
+def _batch4(rank: int, world: int) -> torch.Tensor:
+    return torch.randn(8, 4, generator=torch.Generator().manual_seed(rank))
+
+
+def test_a_wrapper_2e5_off_fails_the_default_fp32_tolerance():
+    """rtol=None is 1e-5 for a float32 model: gradients 2e-5 off (the output scaled by 1.00001) fail (a check
+    ten times looser passed them)."""
+
+    def wrap(m: nn.Module) -> nn.Module:
+        m.register_forward_hook(lambda mod, i, o: o * 1.00001)
+        return m
+
+    with pytest.raises(AssertionError, match="total norm"):
+        assert_clip_matches_unsharded(_linear, wrap, _batch4, max_norm=0.1)
+
+
+def test_a_coefficient_5e6_off_fails(monkeypatch):
+    """clip_coef must be min(1, max_norm / (norm + 1e-6)) of the returned norm to 1e-6 relative."""
+    from dist_clip import clipper
+
+    exact = clipper._scale.clip_coefficient
+    monkeypatch.setattr(clipper._scale, "clip_coefficient", lambda *a, **k: exact(*a, **k) * (1 + 5e-6))
+    with pytest.raises(AssertionError, match="clip_coef"):
+        assert_clip_matches_unsharded(_linear, lambda m: m, _batch4, max_norm=0.1)
+
+
+class _WithUnused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.unused = nn.Parameter(torch.zeros(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+def test_an_unused_parameter_reported_other_than_zero_fails():
+    """An unused parameter may be reported at 0 (FSDP1 and ZeRO zero-fill it); any other value is a mismatch,
+    even one too small to move the total beyond rtol (1e-4 here: passed with the filter taking any value)."""
+
+    def wrap(m: nn.Module) -> nn.Module:
+        m.lin.weight.register_post_accumulate_grad_hook(lambda p: setattr(m.unused, "grad", torch.full((2,), 1e-4)))
+        return m
+
+    with pytest.raises(AssertionError, match="unused"):
+        assert_clip_matches_unsharded(_WithUnused, wrap, _batch4, max_norm=10.0)
+
+
+def body_two_collectives_fail() -> str:
+    import torch.distributed as dist
+
+    from dist_clip import _slots
+
+    exact = _slots.measure
+
+    def measure(*args, **kwargs):  # noqa: ANN202
+        for _ in range(2):
+            dist.all_reduce(torch.zeros(1))
+        return exact(*args, **kwargs)
+
+    _slots.measure = measure
+    try:
+        assert_clip_matches_unsharded(_linear, lambda m: m, _batch4, max_norm=0.1, world_size=None)
+    except AssertionError as e:
+        return str(e)
+    finally:
+        _slots.measure = exact
+    return "passed"
+
+
+def test_a_clip_making_more_than_one_collective_fails(run_ranks):
+    """At most one collective a call: a clip making two fails (a limit of two let them through)."""
+    (message,) = run_ranks(1, body_two_collectives_fail)
+    assert "collectives, expected at most 1" in message, message
