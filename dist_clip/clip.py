@@ -338,6 +338,18 @@ def _deepspeed_applied(target: object, coef: Tensor) -> Tensor:
     return ds_adapter.applied_coefficient(target, coef)
 
 
+def _inner_optimizer(optimizer: object) -> object:
+    """A torch ``ZeroRedundancyOptimizer``'s or fairscale ``OSS``'s inner optimizer, which steps this rank's
+    parameters and holds the state, as ``on_nonfinite="skip"`` arms it: the wrapper takes no ``grad_scale``, so a
+    non-finite total scaled its gradients by NaN and every rank stepped, the NaN broadcast for good."""
+    if optimizer is None:
+        return None
+    from .clipper import _stepping_optimizers
+
+    inner = _stepping_optimizers(optimizer)
+    return inner[0] if inner is not None and len(inner) == 1 else optimizer
+
+
 def _deepspeed_fold(target: object, optimizer: object) -> tuple[Any, object]:
     """``(fold, optimizer)``: the hand-over of the coefficient into a DeepSpeed ZeRO engine's ``step()`` (see
     :func:`dist_clip.adapters.deepspeed.fold_handle`) or None, and what is left of ``optimizer`` for the fused
@@ -502,6 +514,7 @@ def clip_grad_norm_(
         _check_foreach(foreach)
         shards = resolve(parameters, _check_group(group))
         fold, optimizer = _deepspeed_fold(parameters, optimizer)
+        optimizer = _inner_optimizer(optimizer)
         fused = optimizer is not None and _fused.supports_grad_scale(optimizer)  # type: ignore[arg-type]
         # A fused optimizer skips a non-finite total whether or not the coefficient is handed over: the reasons
         # to scale here instead (below) are per rank (FSDP1's padding lies on the last ranks only), and a rank

@@ -327,11 +327,15 @@ def case_fs_policies(kind: str) -> dict:
     return {"name": name}
 
 
-def case_torch_zero_skip(fused: bool) -> dict:
+def case_torch_zero_skip(fused: bool, how: str = "GradClipper", wrapper: str = "torch") -> dict:
     """torch's ZeroRedundancyOptimizer keeps the state in its inner .optim, as OSS does: a skipped step must leave
-    it (and the parameters) as they were, so the run equals one without that step."""
+    it (and the parameters) as they were, so the run equals one without that step. ``clip_grad_norm_`` with
+    ``optimizer=`` the wrapper over a fused optimizer skips too, as with its inner optimizer: the wrapper takes no
+    grad_scale, its gradients were scaled by NaN, every rank stepped and the owners broadcast NaN parameters."""
     from torch import nn
     from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    import dist_clip
 
     rank = dist.get_rank()
     finals = []
@@ -339,19 +343,28 @@ def case_torch_zero_skip(fused: bool) -> dict:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
         ddp = nn.parallel.DistributedDataParallel(model)
-        opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam, lr=0.1, fused=fused)
+        if wrapper == "oss":
+            from fairscale.optim import OSS
+
+            opt = OSS(model.parameters(), optim=torch.optim.Adam, lr=0.1, fused=fused)
+        else:
+            opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam, lr=0.1, fused=fused)
         clipper = GradClipper(max_norm=0.5, on_nonfinite="skip")
         for step in [0, 1, 2, 3] if poison else [0, 2, 3]:
             x = torch.randn(4, 6, generator=torch.Generator().manual_seed(100 * step + rank))
             ddp(x).square().sum().backward()
             if step == 1:
                 model[2].weight.grad.view(-1)[0] = math.nan
-            result = clipper(ddp, optimizer=opt)
-            assert bool(result.finite) == (step != 1)
+            if how == "GradClipper":
+                finite = bool(clipper(ddp, optimizer=opt).finite)
+            else:
+                finite = bool(torch.isfinite(dist_clip.clip_grad_norm_(ddp, 0.5, optimizer=opt)))
+            assert finite == (step != 1)
             opt.step()
             opt.zero_grad()
         state = [v.clone() for s in opt.optim.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
         finals.append([q.detach().clone() for q in model.parameters()] + state)
+    assert all(bool(t.isfinite().all()) for t in finals[1]), "NaN stepped"
     assert _same(finals[0], finals[1]), "the skipped step changed parameters or the inner optimizer's state"
     return {}
 
@@ -473,6 +486,11 @@ def test_fairscale_policies(run_ranks, kind):
 @pytest.mark.parametrize("fused", [False, True])
 def test_torch_zero_redundancy_optimizer_skip(run_ranks, fused):
     run_ranks(2, case_torch_zero_skip, fused, timeout_s=TIMEOUT)
+
+
+@pytest.mark.parametrize("wrapper", ["torch", pytest.param("oss", marks=pytest.mark.fairscale)])
+def test_clip_grad_norm_with_a_zero_wrapper_over_a_fused_optimizer_skips(run_ranks, wrapper):
+    run_ranks(2, case_torch_zero_skip, True, "clip_grad_norm_", wrapper, timeout_s=TIMEOUT)
 
 
 @pytest.mark.parametrize("fused", [False, True])
