@@ -107,6 +107,11 @@ BAD_CONFIGS = [
     ("wrapper: fsdp2\nclip: {mode: native, norm_type: 0}\n", "clip.norm_type", "counts tensors with a non-zero"),
     ('name: "x\\0y"\n', "name", "plain non-empty file name"),
     ('data: ""\n', "data", "expected 'stdlib' or the path"),
+    # The boundaries (a mutation run passed each bound moved by one: lr 0, seq_len 1, a 3-entry mesh, seed 2**63)
+    ("lr: 0\n", "lr", "must be > 0, got 0.0"),
+    ("model: {seq_len: 1}\n", "model.seq_len", "must be >= 2, got 1"),
+    ("wrapper: hsdp\nmesh: [2, 2, 1]\n", "mesh", "expected [replicas, shard size] of positive integers"),
+    ("seed: 9223372036854775808\n", "seed", "must be in [0, 2**63)"),
 ]
 
 

@@ -358,3 +358,21 @@ def test_a_clip_making_more_than_one_collective_fails(run_ranks):
     """At most one collective a call: a clip making two fails (a limit of two let them through)."""
     (message,) = run_ranks(1, body_two_collectives_fail)
     assert "collectives, expected at most 1" in message, message
+
+
+def test_a_bf16_wrapper_5_percent_off_fails_the_default_tolerance():
+    """rtol=None is 2e-2 for a bf16 model: gradients 5% off fail (ten times looser passed them)."""
+
+    def build() -> nn.Module:
+        return nn.Linear(4, 3).to(torch.bfloat16)
+
+    def wrap(m: nn.Module) -> nn.Module:
+        m.register_forward_hook(lambda mod, i, o: o * 1.05)
+        return m
+
+    def batch(rank: int, world: int) -> torch.Tensor:
+        return _batch4(rank, world).to(torch.bfloat16)
+
+    assert_clip_matches_unsharded(build, lambda m: m, batch, max_norm=0.1)  # the same model passes
+    with pytest.raises(AssertionError, match="total norm"):
+        assert_clip_matches_unsharded(build, wrap, batch, max_norm=0.1)
