@@ -350,3 +350,44 @@ def test_agc_on_oss_with_a_rank_owning_nothing(run_ranks):
     results = run_ranks(3, case_oss_rank_without_parameters, timeout_s=TIMEOUT)
     assert sorted(r["owned"] for r in results) == [0, 1, 1], results
     assert len({r["total"] for r in results}) == 1, results
+
+
+def body_agc_excludes_a_cut_unit(p: float) -> list[float]:
+    """FSDP2 cuts a 1-D bias across the ranks (one unit, two pieces): excluded by name, it is left alone and its
+    coefficient stays out of ``clip_coef`` (a mutation run passed both an exclude ignored for cut units and their
+    coefficients counted in the smallest: no test excluded a cut unit)."""
+    import copy
+
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+
+    from tests.fsdp_cases import mesh
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 6)
+    ref = copy.deepcopy(model).double()
+    fully_shard(model, mesh=mesh((dist.get_world_size(),)))
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))  # the same batch on every rank
+    model(x).square().sum().backward()
+    ref(x.double()).square().sum().backward()
+    model.bias.grad._local_tensor.mul_(100.0)  # the bias's ratio the largest: it would clip most
+    ref.bias.grad.mul_(100.0)
+    assert unit_pieces(model, None)[1], "the bias must be a cut unit"
+    params = {n: q.detach().clone() for n, q in ref.named_parameters()}
+    grads = {n: q.grad.detach().clone() for n, q in ref.named_parameters()}
+    agc, want = expected(params, grads, p)
+    assert agc.exclude == ("bias",), agc.exclude
+    result = GradClipper(mode="unitwise", norm_type=p, agc=agc)(model)
+    for n, q in model.named_parameters():
+        torch.testing.assert_close(q.grad.full_tensor().double(), want[n], rtol=1e-5, atol=1e-7, msg=n)
+    for q, g in zip(ref.parameters(), grads.values()):
+        q.grad = g.clone()
+    alone = GradClipper(mode="unitwise", norm_type=p, agc=agc)(ref)  # one process: no unit is cut
+    assert result.clip_coef.item() == pytest.approx(alone.clip_coef.item(), rel=1e-5)
+    return [result.clip_coef.item()]
+
+
+@pytest.mark.parametrize("p", [2.0, math.inf])
+def test_agc_excludes_a_cut_unit(run_ranks, p):
+    a, b = run_ranks(2, body_agc_excludes_a_cut_unit, p, timeout_s=120)
+    assert a == b, (a, b)
