@@ -78,10 +78,6 @@ class _ByIdentity:
             if obj is not None:
                 yield obj
 
-    def __contains__(self, obj: object) -> bool:
-        ref = self._refs.get(id(obj))
-        return ref is not None and ref() is obj
-
     def __len__(self) -> int:
         return len(self._refs)
 

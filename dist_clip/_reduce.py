@@ -113,24 +113,26 @@ def backends(group: dist.ProcessGroup) -> dict[str, str]:
     return dict(item.partition(":")[::2] for item in config.split(",") if item)
 
 
-def _accelerator(table: dict[str, str]) -> torch.device | None:
-    if "cuda" in table and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return None
+def _cuda() -> torch.device | None:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
 
 
-def collective_device(group: dist.ProcessGroup, preferred: torch.device) -> torch.device:
-    """Where the buffer must live for ``group``'s backend: CUDA for NCCL, the grads' device where possible."""
-    table = backends(group)
+def _device_for(table: dict[str, str], preferred: torch.device) -> torch.device:
+    """:func:`collective_device` from a :func:`backends` table read once."""
     if "" in table:  # one backend for every device (an older torch, a custom backend)
         if table[""] == "nccl" and preferred.type == "cpu":
-            return _accelerator({"cuda": "nccl"}) or preferred
+            return _cuda() or preferred
         return preferred
     if preferred.type in table:  # gloo and MPI name CUDA too: they reduce CUDA tensors
         return preferred
     if preferred.type != "cpu":
         return torch.device("cpu")
-    return _accelerator(table) or preferred
+    return (_cuda() if "cuda" in table else None) or preferred
+
+
+def collective_device(group: dist.ProcessGroup, preferred: torch.device) -> torch.device:
+    """Where the buffer must live for ``group``'s backend: CUDA for NCCL, the grads' device where possible."""
+    return _device_for(backends(group), preferred)
 
 
 def reduces_on_host(group: dist.ProcessGroup | None, device: torch.device) -> bool:
@@ -141,7 +143,7 @@ def reduces_on_host(group: dist.ProcessGroup | None, device: torch.device) -> bo
     if group is None or group_size(group) <= 1:
         return False
     table = backends(group)
-    name = table.get("", table.get(collective_device(group, device).type, ""))
+    name = table.get("", table.get(_device_for(table, device).type, ""))
     return name in ("gloo", "mpi")
 
 
@@ -151,11 +153,11 @@ def home_device(tensors: Iterable[Tensor], group: dist.ProcessGroup | None) -> t
         return t.device
     if group is not None:
         table = backends(group)
-        if table.get("cpu") != table.get("cuda") and torch.cuda.is_available() and torch.cuda.is_initialized():
+        if "cuda" in table and table.get("cpu") != table["cuda"] and torch.cuda.is_initialized():
             # gloo on the CPU and NCCL on CUDA (init_process_group() without a backend): a rank holding nothing
             # in a job that computes on CUDA joins the others' NCCL collective, not a gloo one of its own
-            return _accelerator(table) or torch.device("cpu")
-        return collective_device(group, torch.device("cpu"))
+            return _cuda() or torch.device("cpu")
+        return _device_for(table, torch.device("cpu"))
     return torch.device("cpu")
 
 
