@@ -643,28 +643,16 @@ def test_per_group_leaves_parameters_outside_the_optimizer_alone():
     assert all(torch.equal(b, p.grad) for b, p in zip(before, head.parameters()))
 
 
-class _TwoPiecesOfOneName:
-    """A custom adapter's target holding two pieces of one parameter on this rank (the contract allows it)."""
-
-    def __init__(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        self.a, self.b = a, b
-
-
 @pytest.mark.parametrize("p", [1.0, 2.0, math.inf])
 def test_per_param_combines_two_pieces_of_one_name_on_one_rank(monkeypatch, p):
-    """Two pieces named alike on one rank are one parameter's: its norm is that of both (a sum of the two maxima
-    for inf passed the suite, 5.0 for 3.0)."""
-    import sys
-    import types
-
+    """Two pieces named alike on one rank are one parameter's (the custom-adapter contract allows it): its norm
+    is that of both (a sum of the two maxima for inf passed the suite, 5.0 for 3.0)."""
     from dist_clip import Shards, adapters
+    from tests.custom_adapter import HandSharded
 
-    module = types.ModuleType("two_pieces_adapter")
-    module.matches = lambda target: isinstance(target, _TwoPiecesOfOneName)
-    module.shards = lambda target, group: [Shards([target.a, target.b], group, True, ["w", "w"])]
-    monkeypatch.setitem(sys.modules, "two_pieces_adapter", module)
-    monkeypatch.setattr(adapters, "ADAPTERS", ("two_pieces_adapter", *adapters.BUILT_IN))
+    monkeypatch.setattr(adapters, "ADAPTERS", ("tests.custom_adapter", *adapters.BUILT_IN))
     a, b = torch.tensor([3.0, -1.0]), torch.tensor([2.0, 0.5])
-    result = GradClipper(max_norm=100.0, norm_type=p, mode="per_param", report=True)(_TwoPiecesOfOneName(a, b))
+    target = HandSharded([Shards([a, b], None, True, ["w", "w"])])
+    result = GradClipper(max_norm=100.0, norm_type=p, mode="per_param", report=True)(target)
     want = reference_norm([torch.tensor([3.0, -1.0, 2.0, 0.5])], p)
     assert list(result.norms) == ["w"] and abs(result.norms["w"] - want) <= 1e-6 * want, result.norms
