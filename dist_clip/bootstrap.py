@@ -231,7 +231,7 @@ def init_distributed(backend: str = "auto", *, need_group: bool = True) -> DistI
     launch = detect_launch()
     if dist.is_available() and dist.is_initialized():
         name = dist.get_backend()
-        device = torch.device("cuda", torch.cuda.current_device()) if name == "nccl" else torch.device("cpu")
+        device = _started_device()
         return DistInfo(
             dist.get_rank(), dist.get_world_size(), launch.local_rank, launch.local_world_size,
             launch.launcher, name, device,
@@ -275,6 +275,18 @@ def init_distributed(backend: str = "auto", *, need_group: bool = True) -> DistI
     return DistInfo(
         launch.rank, launch.world_size, launch.local_rank, launch.local_world_size, launch.launcher, name, device
     )
+
+
+def _started_device() -> torch.device:
+    """The device of a process group started elsewhere: CUDA where its backend reduces CUDA tensors on NCCL. A
+    group started without a backend (torchrun's usual ``init_process_group()``) is named ``"undefined"`` though
+    it runs NCCL on CUDA: its name alone took the CPU on a GPU machine."""
+    from ._reduce import backends
+
+    table = backends(dist.group.WORLD)
+    if table.get("cuda", table.get("")) == "nccl" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def wait_for_every_rank(store: dist.Store, world_size: int, timeout: timedelta) -> None:

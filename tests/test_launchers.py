@@ -586,3 +586,30 @@ def test_mpirun_without_mpi4py_takes_the_rendezvous_from_the_host_file(tmp_path,
     line = [x for x in out.splitlines() if x.startswith("MASTER_ADDR=")]
     assert len(line) == 1 and line[0].startswith(f"MASTER_ADDR={want} MASTER_PORT="), out
     assert f"-f {hosts}" in line[0], out
+
+
+@pytest.mark.parametrize("config, cuda, expected", [
+    ("cpu:gloo,cuda:nccl", True, "cuda:0"),  # init_process_group() without a backend on a GPU machine
+    ("cpu:gloo,cuda:nccl", False, "cpu"),
+    ("nccl", True, "cuda:0"),
+    ("cpu:gloo", True, "cpu"),
+    ("gloo", True, "cpu"),
+])
+def test_a_group_started_elsewhere_gives_the_device_its_backend_reduces_on(monkeypatch, config, cuda, expected):
+    """The CUDA/NCCL facts are mocked (no GPU here): the group's name said "undefined" for a group started
+    without a backend, and init_distributed took the CPU on a GPU machine."""
+    import torch
+    import torch.distributed as dist
+
+    from dist_clip import bootstrap
+
+    name = "undefined" if "," in config else config
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: name)
+    monkeypatch.setattr(dist, "get_backend_config", lambda group=None: config)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    info = bootstrap.init_distributed("auto")
+    assert (info.backend, info.device) == (name, torch.device(expected))
