@@ -252,7 +252,7 @@ class _SkipGuard:
     def _local(t: Tensor) -> Tensor:
         return t._local_tensor if type(t).__name__ == "DTensor" else t  # type: ignore[attr-defined]
 
-    @torch.compiler.disable  # run as Python under torch.compile(opt.step): see _fused._pre_hook
+    @_fused.never_traced  # run as Python under torch.compile(opt.step): see _fused._pre_hook
     def _pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
         _fused.complete_step_hooks(optimizer, self._handles, self._pre_hook, self._post_hook)
         # Armed inside a step that raised (its closure, or a pre-hook after this one): that step's flag, not this
@@ -285,7 +285,7 @@ class _SkipGuard:
                 }
         self.saved = ([t.clone() for t in locals_], locals_, states, params)
 
-    @torch.compiler.disable
+    @_fused.never_traced
     def _post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         _fused.complete_step_hooks(optimizer, self._handles, self._pre_hook, self._post_hook)
         flag, running, saved = self.flag, self.running, self.saved
@@ -400,7 +400,9 @@ def _is_torch_zero(optimizer: object) -> bool:
     parameters, all the state) and then broadcasts every rank's parameters from their owners."""
     module = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
     cls = getattr(module, "ZeroRedundancyOptimizer", None)
-    return cls is not None and isinstance(optimizer, cls) and isinstance(optimizer.optim, torch.optim.Optimizer)
+    # (.optim is made lazily under overlap_with_ddp=True: until then, an optimizer whose step() is DDP's hook)
+    return cls is not None and isinstance(optimizer, cls) and isinstance(getattr(optimizer, "optim", None),
+                                                                         torch.optim.Optimizer)
 
 
 @_clip._eager

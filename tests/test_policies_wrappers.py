@@ -240,17 +240,28 @@ def case_ds_zero_policy_and_offload(stage: int) -> dict:
 
 
 def case_ds_stage0() -> dict:
-    """Stage 0 steps its torch optimizer once per engine.step(): its step hooks skip it. DeepSpeed's non-ZeRO
-    mixed-precision wrappers (stage 0 bf16 here) are refused, on every rank, before anything is measured."""
-    engine = ds_cases.make_engine(ds_cases.ds_config(0))
-    _ds_backward(engine, 0)
-    for p in engine.module.parameters():  # replicated gradients: every rank holds the NaN
-        p.grad.view(-1)[0] = math.nan
-    before = ds_cases.full_params(engine)
-    result = GradClipper(on_nonfinite="skip")(engine)
-    assert not bool(result.finite)
-    engine.step()
-    assert _same(before, ds_cases.full_params(engine))
+    """Stage 0 steps its torch optimizer once per engine.step(): its step hooks skip it, and the engine counts
+    the skip and leaves its LR scheduler alone, as at ZeRO 1-3. DeepSpeed's non-ZeRO mixed-precision wrappers
+    (stage 0 bf16 here) are refused, on every rank, before anything is measured."""
+    cfg = ds_cases.ds_config(0)
+    cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.005, "warmup_max_lr": 0.01,
+                                                       "warmup_num_steps": 10, "warmup_type": "linear"}}
+    engine = ds_cases.make_engine(cfg)
+    clipper = GradClipper(on_nonfinite="skip")
+    lrs = []
+    for step in range(3):
+        _ds_backward(engine, step)
+        if step == 1:
+            for p in engine.module.parameters():  # replicated gradients: every rank holds the NaN
+                p.grad.view(-1)[0] = math.nan
+        before = ds_cases.full_params(engine)
+        assert bool(clipper(engine).finite) == (step != 1)
+        engine.step()
+        lrs.append(engine.optimizer.param_groups[0]["lr"])
+        assert engine._step_applied == (step != 1) and engine.skipped_steps == int(step >= 1), step
+        assert _same(before, ds_cases.full_params(engine)) == (step == 1), step
+    # the scheduler stepped on the taken steps only (it stepped on the skipped one too: lr 0.005 -> 0.0055)
+    assert engine.lr_scheduler.last_batch_iteration == 1 and lrs[0] == lrs[1] < lrs[2], lrs
     engine = ds_cases.make_engine(ds_cases.ds_config(0, dtype="bf16"))
     _ds_backward(engine, 0)
     with count_collectives() as calls:
@@ -367,6 +378,30 @@ def case_torch_zero_skip(fused: bool, how: str = "GradClipper", wrapper: str = "
     assert all(bool(t.isfinite().all()) for t in finals[1]), "NaN stepped"
     assert _same(finals[0], finals[1]), "the skipped step changed parameters or the inner optimizer's state"
     return {}
+
+
+def case_torch_zero_before_its_local_optimizer() -> list[float]:
+    """``ZeroRedundancyOptimizer(overlap_with_ddp=True)`` makes its ``.optim`` only once DDP's hook first runs:
+    before that, ``clip_grad_norm_(..., optimizer=zero)`` raised AttributeError ('no attribute optim') since the
+    hand-over learnt to reach a ZeRO wrapper's inner optimizer; it clips as with no hand-over now."""
+    from torch import nn
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    import dist_clip
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=0.1,
+                                   overlap_with_ddp=True)
+    assert not hasattr(zero, "optim")
+    model(torch.randn(5, 4, generator=torch.Generator().manual_seed(dist.get_rank()))).square().sum().backward()
+    grads = [q.grad.double().clone() for q in model.parameters()]
+    want = float(torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads])))
+    total = dist_clip.clip_grad_norm_(model.parameters(), 0.1, optimizer=zero)
+    assert abs(total.item() - want) <= 1e-6 * want, (total.item(), want)
+    for q, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(q.grad.double(), g * (0.1 / (want + 1e-6)), rtol=1e-6, atol=0)
+    return [want]
 
 
 # ------------------------------------------------------------------------------------------ AutoClip, ZClip
@@ -491,6 +526,11 @@ def test_torch_zero_redundancy_optimizer_skip(run_ranks, fused):
 @pytest.mark.parametrize("wrapper", ["torch", pytest.param("oss", marks=pytest.mark.fairscale)])
 def test_clip_grad_norm_with_a_zero_wrapper_over_a_fused_optimizer_skips(run_ranks, wrapper):
     run_ranks(2, case_torch_zero_skip, True, "clip_grad_norm_", wrapper, timeout_s=TIMEOUT)
+
+
+def test_a_zero_wrapper_before_its_local_optimizer_exists_is_a_plain_optimizer_for_the_hand_over(run_ranks):
+    norms = run_ranks(2, case_torch_zero_before_its_local_optimizer, timeout_s=TIMEOUT)
+    assert norms[0] != norms[1], norms  # each rank its own parameters' gradients (no group=)
 
 
 @pytest.mark.parametrize("fused", [False, True])

@@ -632,6 +632,24 @@ class _ZeroSkip:
         return out
 
 
+class _Stage0Overflow:
+    """A step post-hook on a stage-0 engine's torch optimizer: sets its ``overflow`` from the armed flag.
+
+    At stage 0 the torch optimizer's own step hooks skip the step (``skip_next_step_``), but
+    ``engine._take_model_step`` (DeepSpeed 0.19, engine.py) decides whether the step was taken from
+    ``engine.optimizer.overflow``, which a torch optimizer lacks: the engine counted the skipped step as taken and
+    stepped its LR scheduler (ZeRO 1-3 leave it alone and count ``skipped_steps``). Read on the host, as the ZeRO
+    optimizers' own ``step()`` reads their overflow flag, and forgotten once read.
+    """
+
+    def __init__(self) -> None:
+        self.flag: Tensor | None = None
+
+    def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        flag, self.flag = self.flag, None
+        optimizer.overflow = flag is not None and bool(flag)
+
+
 def torch_optimizer(target: object, optimizer: object) -> object:
     """The torch optimizer given to ``deepspeed.initialize`` where ``optimizer`` is the engine or its
     ``engine.optimizer`` (a ZeRO or mixed-precision wrapper holding it as ``.optimizer``); ``optimizer`` itself
@@ -691,7 +709,17 @@ def skip_handle(target: object, optimizer: object) -> tuple[Any, Any]:
     if isinstance(opt, torch.optim.Optimizer):
         from ..clipper import skip_next_step_
 
-        return (lambda flag: skip_next_step_(opt, flag)), opt
+        told = vars(opt).get("_dist_clip_ds_overflow")
+        if not isinstance(told, _Stage0Overflow):
+            told = _Stage0Overflow()
+            opt._dist_clip_ds_overflow = told
+            opt.register_step_post_hook(told)
+
+        def arm_stage0(flag: Tensor) -> None:
+            skip_next_step_(opt, flag)
+            told.flag = flag
+
+        return arm_stage0, opt
     raise NotImplementedError(
         f"on_nonfinite='skip' on a DeepSpeed engine supports ZeRO stages 1-3 and stage 0 without a "
         f"mixed-precision wrapper; this engine's optimizer is {type(opt).__name__}"
