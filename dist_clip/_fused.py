@@ -845,10 +845,24 @@ def same_tensors(held: list[Tensor], grads: list[Tensor]) -> bool:
     return len(held) == len(grads) and all(map(operator.is_, held, grads))
 
 
+#: Why dist_clip's entry points and step hooks are never traced, shown in the error a ``fullgraph=True`` trace
+#: raises on meeting one (without a reason torch's said "Hint: Remove the torch.compiler.disable call").
+NOT_TRACED = (
+    "dist_clip's calls and optimizer step hooks write to the optimizer (a handed-over clip coefficient, a skip "
+    "flag) and to their own state, which a trace would drop, so they always run eagerly (a graph break): call "
+    "them outside torch.compile(fullgraph=True) code, and compile opt.step without fullgraph=True"
+)
+
+
+def never_traced(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.compiler.disable`` with :data:`NOT_TRACED` as its reason."""
+    return torch.compiler.disable(fn, reason=NOT_TRACED)
+
+
 # Run as Python under torch.compile(opt.step): traced into the graph, found_inf set here was not seen by the
 # fused kernel (a NaN step taken; torch does the same to a plain hook setting it), and a settled coefficient's
 # flag was lost.
-@torch.compiler.disable
+@never_traced
 def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
     # What was handed over stays on the optimizer until the post-hook: a step() that raised after this hook (an
     # out-of-memory error, another pre-hook) did not happen, and its hand-over waits for the next step, read and
@@ -940,7 +954,7 @@ def _no_longer_fused(optimizer: torch.optim.Optimizer, *flags: Tensor | None) ->
         )
 
 
-@torch.compiler.disable
+@never_traced
 def _post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     complete_step_hooks(optimizer, optimizer.__dict__[_HOOKS], _pre_hook, _post_hook)
     _WAITING.discard(optimizer)

@@ -23,7 +23,7 @@ __all__ = ["clip_grad_norm_", "clip_grads_with_norm_", "get_total_norm", "local_
 
 # Never traced: under torch.compile the writes a call makes to the optimizer (the fused hand-over, skip flags)
 # and to its own state were dropped (a compiled clip with a fused SGD stepped unclipped; a skipped step ran).
-_eager = torch.compiler.disable
+_eager = _fused.never_traced
 
 
 def _check_group(group: object) -> dist.ProcessGroup | None:

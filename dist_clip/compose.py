@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import _norm, _slots
+from . import _fused, _norm, _slots
 from .shards import Shards
 
 __all__ = ["ParallelPlan", "Rule", "clip_grad_norm_", "get_total_norm"]
@@ -472,7 +472,7 @@ def _audit(gathered: Sequence[tuple[int, list[tuple[str, bool, Tensor]]]], p: fl
     return problems, float(torch.linalg.vector_norm(flat, p))
 
 
-@torch.compiler.disable  # never traced: see clip._eager
+@_fused.never_traced  # see clip._eager
 def get_total_norm(target: object, plan: ParallelPlan, norm_type: float | str = 2.0) -> Tensor:
     """The norm of the full model's gradients under ``plan``; one collective. Must be called on every rank.
 
@@ -498,7 +498,7 @@ def get_total_norm(target: object, plan: ParallelPlan, norm_type: float | str = 
     return m.total.to(m.result_dtype)
 
 
-@torch.compiler.disable  # never traced: see clip._eager
+@_fused.never_traced  # see clip._eager
 def clip_grad_norm_(target: object, max_norm: float, plan: ParallelPlan, norm_type: float | str = 2.0) -> Tensor:
     """Clip this rank's pieces so that the full model's gradient norm is at most ``max_norm``; one collective.
 

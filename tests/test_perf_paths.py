@@ -985,6 +985,41 @@ def test_a_compiled_clip_call_hands_over_to_a_fused_optimizer(how):
     torch.testing.assert_close(w.detach(), torch.full((4,), want), rtol=0, atol=1e-6)
 
 
+def test_compiled_autograd_runs_after_dist_clip_watched_module_registrations():
+    """The first call on an FSDP or DeepSpeed model installs process-wide module/parameter registration hooks;
+    traced by compiled autograd (which builds an OptimizedModule in a frame dynamo watches), the hook raised
+    KeyError("_orig_mod") on the half-built module, so every later compiled-autograd backward failed."""
+    from dist_clip.adapters import fsdp
+
+    fsdp.registrations()  # installs the hooks, as that first call does
+    torch._dynamo.reset()
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    with torch._dynamo.config.patch(compiled_autograd=True):
+        m = nn.Linear(3, 2)
+
+        @torch.compile(backend="eager")
+        def step(x: torch.Tensor) -> torch.Tensor:
+            m(x).sum().backward()
+            return torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+
+        got = step(x)
+    torch._dynamo.reset()
+    want = torch.linalg.vector_norm(torch.cat([x.sum(0).repeat(2).double(), torch.full((2,), 4.0, dtype=torch.double)]))
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+
+
+def test_fullgraph_compile_names_why_dist_clip_is_not_traced():
+    """Under torch.compile(fullgraph=True) the error said only "Hint: Remove the torch.compiler.disable call",
+    which a user cannot do: it says why dist_clip runs eagerly and what to do now."""
+    torch._dynamo.reset()
+    w = nn.Parameter(torch.ones(4))
+    w.grad = torch.full((4,), 2.0)
+    call = torch.compile(lambda: dist_clip.clip_grad_norm_([w], 1.0), backend="eager", fullgraph=True)
+    with pytest.raises(Exception, match=r"outside torch\.compile\(fullgraph=True\) code"):
+        call()
+    torch._dynamo.reset()
+
+
 def test_a_hand_over_survives_a_param_group_added_before_the_step():
     """add_param_group between the clip and the step: the hand-over was dropped (the step saw more gradients
     than were measured) and a stepped with its unclipped gradient (-3 instead of -0.5). The measured gradients

@@ -27,6 +27,7 @@ import collections
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any, TypeVar
 
+import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
@@ -423,6 +424,10 @@ def _watch_registrations() -> None:
         register_module_parameter_registration_hook,
     )
 
+    # Never traced: compiled autograd builds an OptimizedModule inside a frame dynamo watches, and this hook,
+    # traced there, raised KeyError("_orig_mod") on the half-built module (any compiled-autograd backward in a
+    # process that once clipped an FSDP or DeepSpeed model).
+    @torch.compiler.disable
     def counted(module: nn.Module, name: str, value: object) -> None:
         if not getattr(value, "_fsdp_flattened", False):
             _REGISTRATIONS[0] += 1
