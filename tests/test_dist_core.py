@@ -98,20 +98,34 @@ def test_nan_on_one_rank_is_nan_everywhere_and_errors_everywhere(run_ranks, worl
         assert values == [True] * (2 * len(ORDERS)), values
 
 
-_CPU_GLOO: list = []
+_GROUPS: dict = {}
+
+
+def _gloo_creator(store, rank, size, timeout):  # a backend of the user's own, registered for the CPU alone
+    return dist.ProcessGroupGloo(store, rank, size, timeout)
+
+
+def _group_on(backend: str) -> dist.ProcessGroup:
+    """The world on ``backend``: "gloo" the pool's own group; "cpu:gloo" started with a device-qualified name,
+    which torch's ``get_backend`` says as is (and "undefined" for ``init_process_group()`` without one); "dcgloo"
+    a backend registered with ``Backend.register_backend(..., devices=["cpu"])`` (here wrapping gloo)."""
+    if backend == "gloo":
+        return dist.group.WORLD
+    if backend not in _GROUPS:
+        if backend == "dcgloo" and not hasattr(dist.Backend, "DCGLOO"):
+            dist.Backend.register_backend("dcgloo", _gloo_creator, devices=["cpu"])
+        _GROUPS[backend] = dist.new_group(backend=backend)
+    return _GROUPS[backend]
 
 
 def body_mixed_dtypes_agree(p: float, backend: str) -> list:
     """Rank 0 holds float64 gradients, rank 1 float32 ones, rank 2 (if any) none: every rank returns the same
     float64 total, and a total beyond float32's range neither raises on one rank alone nor zeroes the float32
-    rank's gradients. ``backend="cpu:gloo"``: a group started with a device-qualified backend, which torch's
-    ``get_backend`` names "cpu:gloo" (and "undefined" for ``init_process_group()`` without one): gloo all the
-    same (the flag was left out: rank 1 returned float32, and inf for the total beyond float32's range)."""
+    rank's gradients. On every backend of :func:`_group_on`: "cpu:gloo" and a backend registered for the CPU
+    alone left the flag out (rank 1 returned float32, and inf for the total beyond float32's range)."""
     from dist_clip import GradClipper
 
-    if backend == "cpu:gloo" and not _CPU_GLOO:
-        _CPU_GLOO.append(dist.new_group(backend="cpu:gloo"))
-    group = _CPU_GLOO[0] if backend == "cpu:gloo" else dist.group.WORLD
+    group = _group_on(backend)
     assert dist.get_backend(group) == backend, dist.get_backend(group)
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -143,7 +157,7 @@ def body_mixed_dtypes_agree(p: float, backend: str) -> list:
 
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("p", [2.0, math.inf])
-@pytest.mark.parametrize("backend", ["gloo", "cpu:gloo"])
+@pytest.mark.parametrize("backend", ["gloo", "cpu:gloo", "dcgloo"])
 def test_ranks_with_float64_and_float32_gradients_agree_on_float64(run_ranks, world, p, backend):
     values = run_ranks(world, body_mixed_dtypes_agree, p, backend)
     assert all(v == values[0] for v in values), values

@@ -387,6 +387,10 @@ def test_nan_survives_a_max_that_drops_it(fake_two_ranks):
         ("cpu:mpi,cuda:mpi", True, ("cpu", "cuda", "cpu", True, True)),  # "mpi"
         ("gloo", True, ("cpu", "cuda", "cpu", True, True)),  # one name for every device
         ("nccl", True, ("cuda", "cuda", "cuda", False, False)),
+        # a backend of the user's own: registered for the CPU alone, every buffer is a host tensor
+        ("cpu:mygloo", True, ("cpu", "cpu", "cpu", True, True)),
+        ("cpu:mygloo,cuda:mygloo", True, ("cpu", "cuda", "cpu", False, False)),
+        ("mygloo", True, ("cpu", "cuda", "cpu", False, False)),
     ],
 )
 def test_backend_config_picks_the_buffer_device_and_host_reduction(monkeypatch, config, cuda, want):
