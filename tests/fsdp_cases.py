@@ -1138,6 +1138,45 @@ def fsdp2_rank_without_gradients() -> dict[str, Any]:
             "report": sorted(report.norms), "agc_total": float(agc.total_norm)}
 
 
+def dp_over_tp_refused() -> list[str]:
+    """DDP or composable ``replicate()`` over a ``parallelize_module`` model on a 2 x 2 (dp, tp) mesh: torch swaps
+    the DTensor parameters for local tensors around the wrapper and, after the forward, the module registers only
+    the LayerNorm and the last Linear, so the total silently missed the tensor-parallel layers (0.907 for 1.402).
+    Refused on every rank, from the wrapper, the module under it, a container holding it and under a plan."""
+    from torch.distributed._composable.replicate import replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from dist_clip import ParallelPlan, Rule
+    from dist_clip import compose as plans
+
+    m = mesh((2, 2), ("dp", "tp"))
+    messages = []
+    for how in ("ddp", "replicate"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+        parallelize_module(model, m["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        if how == "ddp":
+            wrapped = nn.parallel.DistributedDataParallel(model, device_mesh=m["dp"])
+        else:
+            wrapped = replicate(model, device_mesh=m["dp"])
+        wrapped(torch.randn(4, 8, generator=torch.Generator().manual_seed(m.get_coordinate()[0]))).sum().backward()
+        names = ("0.weight", "0.bias", "2.weight", "2.bias", "3.weight", "3.bias", "4.weight", "4.bias")
+        plan = ParallelPlan(m, names=names, rules=(Rule("*"),))
+        calls = [(dist_clip.get_total_norm, (wrapped,)), (dist_clip.clip_grad_norm_, (model, 1.0)),
+                 (dist_clip.get_total_norm, (nn.ModuleList([wrapped]),)), (plans.get_total_norm, (wrapped, plan))]
+        for i, (call, args) in enumerate(calls):
+            with count_collectives() as counted:
+                try:
+                    call(*args)
+                except ValueError as e:
+                    messages.append(str(e))
+                else:
+                    raise AssertionError(f"{how}: DP over TP was measured")
+            # (a plan agrees on its refusals in one collective: one stage's bad input raises on every rank)
+            assert counted.total == (1 if i == 3 else 0), (how, i, counted.total)
+    return messages
+
+
 def group_over_sliced_meshes() -> dict[str, Any]:
     """``group=`` over gradients on mesh slices, 4 ranks, every p, against the float64 unsharded model.
 

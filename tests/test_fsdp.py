@@ -301,6 +301,11 @@ def test_replicated_dtensor_on_a_mesh_without_rank_zero(run_ranks, world_size: i
     assert all(r == results[0] for r in results), results
 
 
+def test_data_parallel_over_tensor_parallel_is_refused_on_every_rank(run_ranks) -> None:
+    for messages in run_ranks(4, cases.dp_over_tp_refused, timeout_s=120):
+        assert len(messages) == 8 and all("data parallel over a tensor-parallel module" in m for m in messages)
+
+
 def test_group_over_sliced_meshes(run_ranks) -> None:
     """group= over FSDP2 + TP (copies on the tp slices count once), pipeline stages (summed), and an HSDP
     replicate group (refused on every rank); FSDP1 HYBRID_SHARD's replicate group and half of FULL_SHARD's

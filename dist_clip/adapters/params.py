@@ -144,6 +144,8 @@ def module_parameters(module: nn.Module, remove_duplicate: bool = True) -> list[
     pairs = list(module.named_parameters(remove_duplicate=remove_duplicate))
     fully_shard = sys.modules.get("torch.distributed.fsdp._fully_shard._fully_shard")
     replicate = sys.modules.get("torch.distributed._composable.replicate")
+    if "torch.distributed.tensor.parallel.ddp" in sys.modules:  # (loaded by DDP or replicate() over TP only)
+        _refuse_dp_over_tp(module, replicate)
     if fully_shard is None and replicate is None:
         if dist.is_available() and dist.is_initialized():
             _check_nested_ddp(module)
@@ -212,6 +214,26 @@ def module_parameters(module: nn.Module, remove_duplicate: bool = True) -> list[
                 if post is not None and post.grad is None:
                     swap[id(post)] = fp.sharded_param
     return [(n, swap.get(id(q), q)) for n, q in pairs] if swap else pairs
+
+
+def _refuse_dp_over_tp(module: nn.Module, replicate: Any) -> None:
+    """ValueError for DDP or composable ``replicate()`` over a tensor-parallel module (torch's 2-D recipe with
+    DDP, ``DistributedDataParallel(parallelize_module(...), device_mesh=mesh["dp"])``): torch's
+    ``_pre_dp_module_transform`` swaps the DTensor parameters for local tensors around the wrapper, and after the
+    first forward the module registers only the parameters tensor parallelism left alone, so the total silently
+    missed the others (0.907 for 1.402). Found by the forward pre-hook that transform puts on the module."""
+    reconstruct = sys.modules["torch.distributed.tensor.parallel.ddp"]._reconstruct_dtensor
+    ddp = _ddp_types()
+    for m in (module, *_sync_holders(module, replicate)):
+        inner = m.module if isinstance(m, ddp) else m
+        if reconstruct in inner._forward_pre_hooks.values():
+            raise ValueError(
+                f"{type(m).__name__} is data parallel over a tensor-parallel module (torch's "
+                "_pre_dp_module_transform, as DistributedDataParallel or replicate() with device_mesh= does over "
+                "parallelize_module): torch swaps its DTensor parameters for local tensors, and after a forward the "
+                "module no longer registers them, so their gradients cannot be measured. Use FSDP2 (fully_shard "
+                "over the data-parallel mesh dimension) over the tensor-parallel model"
+            )
 
 
 def _check_nested_ddp(module: nn.Module) -> None:
