@@ -290,7 +290,11 @@ def test_an_out_dir_that_cannot_be_made_is_a_config_error_before_training(tmp_pa
     ({"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
       "OMPI_COMM_WORLD_LOCAL_SIZE": "4", "PMIX_RANK": "5"}, (5, 8, 1, 4, "mpi")),
     ({}, (0, 1, 0, 1, "single")),
-], ids=["torchrun", "deepspeed", "mpich", "openmpi", "none"])
+    # what is left out defaults to one node: the local rank to the rank, the local size to the world size
+    ({"RANK": "1", "WORLD_SIZE": "2"}, (1, 2, 1, 2, "env")),
+    ({"PMI_RANK": "1", "PMI_SIZE": "2"}, (1, 2, 1, 2, "mpi")),
+    ({"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4"}, (3, 4, 3, 4, "mpi")),
+], ids=["torchrun", "deepspeed", "mpich", "openmpi", "none", "env-one-node", "mpich-one-node", "openmpi-one-node"])
 def test_launch_environment_is_read_for_each_launcher(env, expected):
     from dist_clip.bootstrap import detect_launch
 

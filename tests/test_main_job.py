@@ -297,6 +297,26 @@ def test_compare_tolerances():
     assert not compare(ref[:2], ref, 1e-4).passed
 
 
+def test_the_configs_tolerances_and_the_logged_coefficient():
+    """The tolerances a config gives the check (README, Tolerance: fp32 losses 1e-4 and norms ten times that,
+    bf16 losses 2e-2 and no norms), which rule lets a NaN norm pass (DeepSpeed's own clipping only), and the
+    logged clip_coef: the factor min(1, max_norm / (norm + 1e-6)) dist_clip applies (a pytest.approx of the
+    logged value at norm ~2 could not see the 1e-6 left out)."""
+    from dist_clip.train import _coef, _norm_unreported
+
+    assert (from_dict({}).rtol, from_dict({}).norm_rtol) == (1e-4, pytest.approx(1e-3, rel=1e-12))
+    assert from_dict({"tolerance": 1e-3}).norm_rtol == pytest.approx(1e-2, rel=1e-12)
+    assert (from_dict({"precision": "bf16"}).rtol, from_dict({"precision": "bf16"}).norm_rtol) == (2e-2, None)
+    cfg = from_dict({"clip": {"max_norm": 1.0}})
+    assert [_coef(n, cfg) for n in (0.0, 1e-6, 1.0)] == [1.0, 1.0, 1.0 / (1.0 + 1e-6)]
+    assert _coef(1e-6, from_dict({"clip": {"max_norm": 1e-6}})) == 0.5
+    assert math.isnan(_coef(math.nan, cfg)) and _coef(math.nan, from_dict({"clip": {"mode": "off"}})) == 1.0
+    for wrapper in ("zero1", "zero2", "zero3"):
+        assert _norm_unreported(from_dict({"wrapper": wrapper, "clip": {"mode": "native"}}))
+        assert not _norm_unreported(from_dict({"wrapper": wrapper, "clip": {"mode": "dist_clip"}}))
+    assert not _norm_unreported(from_dict({"wrapper": "fsdp2", "clip": {"mode": "native"}}))
+
+
 def test_compare_fails_on_a_nonfinite_norm_whatever_the_norm_tolerance():
     """bf16 compares no norms (norm_rtol None), and a run whose norms were all NaN passed there, although a NaN
     norm fails the check anywhere but under DeepSpeed's own clipping."""
@@ -537,6 +557,22 @@ def test_output_paths_that_cannot_hold_the_run_are_config_errors_on_every_rank(t
             assert cli.main(["check", "--config", str(cfg), "--out", str(tmp_path / out), "--validate-only"]) == 2
             err = capsys.readouterr().err
             assert (why in err and "(with command-line overrides): out_dir:" in err) if rank == "0" else err == ""
+
+
+def test_data_reads_stop_at_the_byte_limit(tmp_path):
+    """``read_files`` reads at most ``limit`` of the files' bytes (the stdlib corpus is its first 2 MiB, a --data
+    folder its first 256 MiB); the newlines joining files come on top."""
+    from dist_clip.config import read_files
+    from dist_clip.train import STDLIB_BYTES
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_bytes(b"x" * 100)
+    b.write_bytes(b"y" * 100)
+    assert read_files([a], 10) == b"x" * 10
+    assert read_files([a, b], 150) == b"x" * 100 + b"\n" + b"y" * 50
+    assert read_files([a, b], 100) == b"x" * 100  # the limit reached: b not read
+    text, _ = load_text("stdlib")
+    assert STDLIB_BYTES <= text.numel() <= STDLIB_BYTES + 2000, text.numel()  # (+ one newline a file joined)
 
 
 def test_a_data_folder_under_a_dotted_folder_is_read(tmp_path):

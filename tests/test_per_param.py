@@ -656,3 +656,33 @@ def test_per_param_combines_two_pieces_of_one_name_on_one_rank(monkeypatch, p):
     result = GradClipper(max_norm=100.0, norm_type=p, mode="per_param", report=True)(target)
     want = reference_norm([torch.tensor([3.0, -1.0, 2.0, 0.5])], p)
     assert list(result.norms) == ["w"] and abs(result.norms["w"] - want) <= 1e-6 * want, result.norms
+
+
+@pytest.mark.parametrize("mode", ["per_param", "total"])
+def test_one_tensor_in_two_shards_counts_and_scales_once_per_parameter(monkeypatch, mode):
+    """README (Adding a framework): one tensor object in two Shards counts and scales once. The total path kept
+    it; per-parameter norms counted it twice (7.07 for 5.0)."""
+    from dist_clip import Shards, adapters
+    from tests.custom_adapter import HandSharded
+
+    monkeypatch.setattr(adapters, "ADAPTERS", ("tests.custom_adapter", *adapters.BUILT_IN))
+    g = torch.tensor([3.0, 4.0])
+    target = HandSharded([Shards([g], None, True, ["w"]), Shards([g], None, True, ["w"])])
+    result = GradClipper(max_norm=1.0, mode=mode, report=True)(target)
+    assert {k: float(v) for k, v in result.norms.items()} == {"w": pytest.approx(5.0, rel=1e-6)}
+    torch.testing.assert_close(g, torch.tensor([3.0, 4.0]) / (5.0 + 1e-6))  # scaled once
+
+
+def test_a_loss_scaled_count_is_not_unscaled(monkeypatch):
+    """The L0 count of loss-scaled pieces (DeepSpeed fp16) is scale-free, per parameter as in total: the count
+    was divided by the loss scale (0.75 for 3)."""
+    from dist_clip import Shards, adapters, get_total_norm
+    from tests.custom_adapter import HandSharded
+
+    monkeypatch.setattr(adapters, "ADAPTERS", ("tests.custom_adapter", *adapters.BUILT_IN))
+    target = HandSharded([Shards([torch.tensor([3.0, 0.0, 4.0, 8.0])], None, True, ["w"], loss_scale=4.0)])
+    assert float(get_total_norm(target, norm_type=0)) == 3.0
+    result = GradClipper(max_norm=100.0, norm_type=0, mode="per_param", report=True)(target)
+    assert {k: float(v) for k, v in result.norms.items()} == {"w": 3.0}
+    result = GradClipper(max_norm=100.0, norm_type=2, mode="per_param", report=True)(target)  # 9.64 unscaled
+    assert float(result.norms["w"]) == pytest.approx(float(torch.tensor([3.0, 0, 4, 8]).norm()) / 4, rel=1e-6)
