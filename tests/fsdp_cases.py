@@ -1174,6 +1174,23 @@ def dp_over_tp_refused() -> list[str]:
                     raise AssertionError(f"{how}: DP over TP was measured")
             # (a plan agrees on its refusals in one collective: one stage's bad input raises on every rank)
             assert counted.total == (1 if i == 3 else 0), (how, i, counted.total)
+        # Without tensor parallelism, over the same sliced mesh (a pipeline stage's, as torchtitan wraps it):
+        # torch puts the same pre-hook on the module, and it was refused too; measured, and right.
+        torch.manual_seed(0)
+        plain = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 3))
+        ref = copy.deepcopy(plain).double()
+        if how == "ddp":
+            wrapped = nn.parallel.DistributedDataParallel(plain, device_mesh=m["dp"])
+        else:
+            wrapped = replicate(plain, device_mesh=m["dp"])
+        dp = m.get_coordinate()[0]
+        wrapped(torch.randn(4, 8, generator=torch.Generator().manual_seed(dp))).sum().backward()
+        torch.stack([ref(torch.randn(4, 8, generator=torch.Generator().manual_seed(d)).double()).sum()
+                     for d in range(2)]).mean().backward()
+        want = reference_norm([q.grad for q in ref.parameters()], 2.0)
+        for group in (None, m["dp"].get_group()):
+            got = float(dist_clip.get_total_norm(wrapped, group=group))
+            assert abs(got - want) <= 1e-6 * want, (how, got, want)
     return messages
 
 

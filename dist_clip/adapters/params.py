@@ -221,12 +221,14 @@ def _refuse_dp_over_tp(module: nn.Module, replicate: Any) -> None:
     DDP, ``DistributedDataParallel(parallelize_module(...), device_mesh=mesh["dp"])``): torch's
     ``_pre_dp_module_transform`` swaps the DTensor parameters for local tensors around the wrapper, and after the
     first forward the module registers only the parameters tensor parallelism left alone, so the total silently
-    missed the others (0.907 for 1.402). Found by the forward pre-hook that transform puts on the module."""
+    missed the others (0.907 for 1.402). Found by the forward pre-hook that transform puts on the module, with
+    the tensors it localized: torch applies it to any module wrapped over a mesh sliced from a larger one, a
+    pipeline stage without tensor parallelism too (measured right, and refused by the hook alone)."""
     reconstruct = sys.modules["torch.distributed.tensor.parallel.ddp"]._reconstruct_dtensor
     ddp = _ddp_types()
     for m in (module, *_sync_holders(module, replicate)):
         inner = m.module if isinstance(m, ddp) else m
-        if reconstruct in inner._forward_pre_hooks.values():
+        if reconstruct in inner._forward_pre_hooks.values() and _localized_dtensors(inner):
             raise ValueError(
                 f"{type(m).__name__} is data parallel over a tensor-parallel module (torch's "
                 "_pre_dp_module_transform, as DistributedDataParallel or replicate() with device_mesh= does over "
@@ -234,6 +236,18 @@ def _refuse_dp_over_tp(module: nn.Module, replicate: Any) -> None:
                 "module no longer registers them, so their gradients cannot be measured. Use FSDP2 (fully_shard "
                 "over the data-parallel mesh dimension) over the tensor-parallel model"
             )
+
+
+def _localized_dtensors(module: nn.Module) -> bool:
+    """Whether torch's ``_localize_dtensor`` swapped DTensor parameters under ``module``: before a forward they are
+    local parameters marked ``_st_info``; after one, the DTensors its pre-hook put back stay as plain attributes
+    (not parameters)."""
+    for m in module.modules():
+        if any(hasattr(q, "_st_info") for q in m._parameters.values() if q is not None):
+            return True
+        if any(isinstance(v, Tensor) and _is_dtensor(v) for v in vars(m).values()):
+            return True
+    return False
 
 
 def _check_nested_ddp(module: nn.Module) -> None:
