@@ -28,7 +28,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dist_clip import AutoClip, GradClipper, ZClip
+from dist_clip import AutoClip, GradClipper, ZClip, skip_next_step_
 from dist_clip.testing import count_collectives, reference_norm
 
 # Only the tests marked deepspeed or fairscale skip without their framework (conftest.py): the case modules import
@@ -262,6 +262,32 @@ def case_ds_stage0() -> dict:
         assert _same(before, ds_cases.full_params(engine)) == (step == 1), step
     # the scheduler stepped on the taken steps only (it stepped on the skipped one too: lr 0.005 -> 0.0055)
     assert engine.lr_scheduler.last_batch_iteration == 1 and lrs[0] == lrs[1] < lrs[2], lrs
+    # A skip armed, then cleared by the user (the NaN repaired): the step is taken and counted as taken (the
+    # engine said skipped: its overflow came from a copy of the armed flag). Then every hook cleared by the
+    # user: the next arming puts them back, and a NaN step is skipped and counted again.
+    _ds_backward(engine, 3)
+    for p in engine.module.parameters():
+        p.grad.view(-1)[0] = math.nan
+    assert not bool(clipper(engine).finite)
+    for p in engine.module.parameters():
+        p.grad.nan_to_num_(0.0)
+    skip_next_step_(engine.optimizer, False)
+    before = ds_cases.full_params(engine)
+    engine.step()
+    assert engine._step_applied and engine.skipped_steps == 1 and engine.lr_scheduler.last_batch_iteration == 2
+    assert not _same(before, ds_cases.full_params(engine))
+    engine.optimizer._optimizer_step_pre_hooks.clear()
+    engine.optimizer._optimizer_step_post_hooks.clear()
+    for step, poison in ((4, True), (5, False)):
+        _ds_backward(engine, step)
+        if poison:
+            for p in engine.module.parameters():
+                p.grad.view(-1)[0] = math.nan
+        before = ds_cases.full_params(engine)
+        assert bool(clipper(engine).finite) == (not poison)
+        engine.step()
+        assert engine._step_applied == (not poison) and engine.skipped_steps == 2, step
+        assert _same(before, ds_cases.full_params(engine)) == poison, step
     engine = ds_cases.make_engine(ds_cases.ds_config(0, dtype="bf16"))
     _ds_backward(engine, 0)
     with count_collectives() as calls:

@@ -633,19 +633,48 @@ class _ZeroSkip:
 
 
 class _Stage0Overflow:
-    """A step post-hook on a stage-0 engine's torch optimizer: sets its ``overflow`` from the armed flag.
+    """Step hooks on a stage-0 engine's torch optimizer that set its ``overflow`` to whether the step was skipped.
 
     At stage 0 the torch optimizer's own step hooks skip the step (``skip_next_step_``), but
     ``engine._take_model_step`` (DeepSpeed 0.19, engine.py) decides whether the step was taken from
     ``engine.optimizer.overflow``, which a torch optimizer lacks: the engine counted the skipped step as taken and
-    stepped its LR scheduler (ZeRO 1-3 leave it alone and count ``skipped_steps``). Read on the host, as the ZeRO
-    optimizers' own ``step()`` reads their overflow flag, and forgotten once read.
-    """
+    stepped its LR scheduler (ZeRO 1-3 leave it alone and count ``skipped_steps``). The pre-hook, ahead of every
+    other, reads the skip flag pending on the optimizer as the step starts (a ``skip_next_step_(opt, False)``
+    clearing it after the clip included: a copy of the armed flag said skipped for a step taken); the post-hook
+    sets ``overflow`` from it, read on the host as the ZeRO optimizers' ``step()`` reads theirs. Registered again
+    by the next arming where the hooks were cleared (as the skip's own are)."""
 
-    def __init__(self) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.flag: Tensor | None = None
+        self.handles: tuple[Any, Any] | None = None
+        self.install(optimizer)
 
-    def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+    def install(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.handles is not None and (self.handles[0].id in optimizer._optimizer_step_pre_hooks
+                                         and self.handles[1].id in optimizer._optimizer_step_post_hooks):
+            return
+        if self.handles is not None:
+            for handle in self.handles:
+                handle.remove()
+        self.handles = (optimizer.register_step_pre_hook(self.pre), optimizer.register_step_post_hook(self.post))
+        # ahead of every other pre-hook (torch's optimizer hooks take no prepend=): before dist_clip's use the flag
+        optimizer._optimizer_step_pre_hooks.move_to_end(self.handles[0].id, last=False)
+
+    @staticmethod
+    def pending(optimizer: torch.optim.Optimizer) -> Tensor | None:
+        """The skip flag waiting for the optimizer's next step (a fused optimizer's or another's)."""
+        from .. import _fused
+
+        armed = optimizer.__dict__.get(_fused._SKIP)
+        if armed is not None:
+            return armed[0] != 0
+        guard = optimizer.__dict__.get("_dist_clip_skip_guard")
+        return getattr(guard, "flag", None)
+
+    def pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self.flag = self.pending(optimizer)
+
+    def post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         flag, self.flag = self.flag, None
         optimizer.overflow = flag is not None and bool(flag)
 
@@ -709,15 +738,13 @@ def skip_handle(target: object, optimizer: object) -> tuple[Any, Any]:
     if isinstance(opt, torch.optim.Optimizer):
         from ..clipper import skip_next_step_
 
-        told = vars(opt).get("_dist_clip_ds_overflow")
-        if not isinstance(told, _Stage0Overflow):
-            told = _Stage0Overflow()
-            opt._dist_clip_ds_overflow = told
-            opt.register_step_post_hook(told)
-
         def arm_stage0(flag: Tensor) -> None:
             skip_next_step_(opt, flag)
-            told.flag = flag
+            told = vars(opt).get("_dist_clip_ds_overflow")
+            if isinstance(told, _Stage0Overflow):
+                told.install(opt)
+            else:
+                opt._dist_clip_ds_overflow = _Stage0Overflow(opt)
 
         return arm_stage0, opt
     raise NotImplementedError(
