@@ -137,15 +137,15 @@ def collective_device(group: dist.ProcessGroup, preferred: torch.device) -> torc
 
 def reduces_on_host(group: dist.ProcessGroup | None, device: torch.device) -> bool:
     """Whether ``group`` combines more than one rank with a host backend (gloo or MPI, or any backend registered
-    for the CPU alone, whose buffers every rank keeps on the host) for a buffer on ``device``, the same answer on
-    every rank (their buffers meet in one collective, so on one backend): there, reading a combined value costs
-    no device sync (gloo copies CUDA tensors through the host anyway), so the ranks may agree on something
-    through the collective and act on it."""
+    for the CPU alone, ``Backend.register_backend(..., devices=["cpu"])``) for a buffer on ``device``, the same
+    answer on every rank (their buffers meet in one collective, so on one backend): there, reading a combined
+    value costs no device sync (gloo copies CUDA tensors through the host anyway), so the ranks may agree on
+    something through the collective and act on it."""
     if group is None or group_size(group) <= 1:
         return False
     table = backends(group)
     name = table.get("", table.get(_device_for(table, device).type, ""))
-    return name in ("gloo", "mpi") or set(table) == {"cpu"}
+    return name in ("gloo", "mpi") or dist.Backend.backend_capability.get(name) == ["cpu"]
 
 
 def home_device(tensors: Iterable[Tensor], group: dist.ProcessGroup | None) -> torch.device:

@@ -387,10 +387,12 @@ def test_nan_survives_a_max_that_drops_it(fake_two_ranks):
         ("cpu:mpi,cuda:mpi", True, ("cpu", "cuda", "cpu", True, True)),  # "mpi"
         ("gloo", True, ("cpu", "cuda", "cpu", True, True)),  # one name for every device
         ("nccl", True, ("cuda", "cuda", "cuda", False, False)),
-        # a backend of the user's own: registered for the CPU alone, every buffer is a host tensor
-        ("cpu:mygloo", True, ("cpu", "cpu", "cpu", True, True)),
-        ("cpu:mygloo,cuda:mygloo", True, ("cpu", "cuda", "cpu", False, False)),
-        ("mygloo", True, ("cpu", "cuda", "cpu", False, False)),
+        # backends of the user's own: "cpugloo" registered for the CPU alone (its buffers are host tensors),
+        # "anygloo" for the CPU and CUDA (taken as NCCL is: no agreement)
+        ("cpu:cpugloo", True, ("cpu", "cpu", "cpu", True, True)),
+        ("cpu:cpugloo,cuda:gloo", True, ("cpu", "cuda", "cuda", True, True)),
+        ("cpu:anygloo,cuda:anygloo", True, ("cpu", "cuda", "cpu", False, False)),
+        ("anygloo", True, ("cpu", "cuda", "cpu", False, False)),
     ],
 )
 def test_backend_config_picks_the_buffer_device_and_host_reduction(monkeypatch, config, cuda, want):
@@ -399,6 +401,8 @@ def test_backend_config_picks_the_buffer_device_and_host_reduction(monkeypatch, 
     (left out before: ranks returned float32 beside float64). A rank holding nothing in a job whose CUDA is in
     use reduces where NCCL does when the CPU's backend is another (its gloo buffer met the others' NCCL one)."""
     monkeypatch.setattr(_reduce.dist, "get_backend_config", lambda group: config)
+    monkeypatch.setitem(_reduce.dist.Backend.backend_capability, "cpugloo", ["cpu"])
+    monkeypatch.setitem(_reduce.dist.Backend.backend_capability, "anygloo", ["cpu", "cuda"])
     monkeypatch.setattr(_reduce, "group_size", lambda group: 2)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: cuda)
