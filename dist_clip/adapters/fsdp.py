@@ -426,8 +426,12 @@ def _watch_registrations() -> None:
 
     # Never traced: compiled autograd builds an OptimizedModule inside a frame dynamo watches, and this hook,
     # traced there, raised KeyError("_orig_mod") on the half-built module (any compiled-autograd backward in a
-    # process that once clipped an FSDP or DeepSpeed model).
-    @torch.compiler.disable
+    # process that once clipped an FSDP or DeepSpeed model). Under fullgraph=True a registration inside the
+    # compiled code (a submodule assigned in forward) then raises, with this reason.
+    @torch.compiler.disable(reason=(
+        "dist_clip counts module and parameter registrations (its caches of a model's layout are rebuilt after one) "
+        "in a hook torch runs on every registration, which is never traced: register modules and parameters "
+        "outside torch.compile(fullgraph=True) code"))
     def counted(module: nn.Module, name: str, value: object) -> None:
         if not getattr(value, "_fsdp_flattened", False):
             _REGISTRATIONS[0] += 1
