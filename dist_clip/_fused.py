@@ -514,12 +514,12 @@ def settle(tensors: Sequence[Tensor]) -> None:
         handles = optimizer.__dict__.get(_HOOKS)
         if handles is not None:  # (hooks the user cleared since the hand-over: registered again)
             repair_step_hooks(optimizer, handles, _pre_hook, _post_hook)
+        grads = gradients(optimizer)
+        if not any(overlaps(_span(g)) for g in grads):
+            continue  # (another thread's optimizer may be stepping: what its pre-hook set is not this call's)
         running = in_step(optimizer)
         if not running:
             clear_stale(optimizer)  # a step that raised: what it set must not reach a GradScaler's next step
-        grads = gradients(optimizer)
-        if not any(overlaps(_span(g)) for g in grads):
-            continue
         pending = optimizer.__dict__.get(_PENDING)
         if pending is None:
             _WAITING.discard(optimizer)

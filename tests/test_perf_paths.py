@@ -1008,6 +1008,28 @@ def test_compiled_autograd_runs_after_dist_clip_watched_module_registrations():
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
 
 
+def test_fullgraph_compile_of_a_registration_names_dist_clips_hook():
+    """A module assigned in forward under fullgraph=True meets the registration hook dist_clip installs for the
+    process: torch's error said only "Remove the torch.compiler.disable call"; it says why now."""
+    from dist_clip.adapters import fsdp
+
+    fsdp.registrations()
+    torch._dynamo.reset()
+
+    class Reassigns(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.child = self.lin
+            return self.lin(x)
+
+    with pytest.raises(Exception, match="dist_clip counts module and parameter registrations"):
+        torch.compile(Reassigns(), fullgraph=True, backend="eager")(torch.randn(1, 2))
+    torch._dynamo.reset()
+
+
 def test_fullgraph_compile_names_why_dist_clip_is_not_traced():
     """Under torch.compile(fullgraph=True) the error said only "Hint: Remove the torch.compiler.disable call",
     which a user cannot do: it says why dist_clip runs eagerly and what to do now."""
@@ -1018,6 +1040,73 @@ def test_fullgraph_compile_names_why_dist_clip_is_not_traced():
     with pytest.raises(Exception, match=r"outside torch\.compile\(fullgraph=True\) code"):
         call()
     torch._dynamo.reset()
+
+
+def test_a_call_from_another_thread_leaves_a_stepping_optimizer_alone():
+    """A dist_clip call on unrelated gradients, made on another thread while a fused optimizer's step runs with a
+    hand-over: it put back that optimizer's grad_scale (taking the running step for one that raised, since a
+    step under way is seen on the calling thread's stack only), and the step took unclipped gradients (moved
+    by 1.87 for 0.001). Only optimizers whose gradients the call reads are touched now."""
+    import threading
+
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.zeros(100))
+    w.grad = torch.randn(100) * 10
+    want = w.grad.double() * (0.01 / (float(w.grad.double().norm()) + 1e-6))
+    opt = torch.optim.SGD([w], lr=1.0, fused=True)
+    other = nn.Parameter(torch.zeros(50))
+    other.grad = torch.ones(50)
+    dist_clip.clip_grad_norm_([w], 0.01, optimizer=opt)  # handed over: the step scales
+    errors: list[BaseException] = []
+
+    def call_elsewhere(*_: object) -> None:  # runs after dist_clip's pre-hook set grad_scale
+        def work() -> None:
+            try:
+                dist_clip.clip_grad_norm_([other], 1.0)
+            except BaseException as e:  # noqa: BLE001 (reported below)
+                errors.append(e)
+
+        t = threading.Thread(target=work)
+        t.start()
+        t.join()
+
+    opt.register_step_pre_hook(call_elsewhere)
+    opt.step()
+    assert not errors, errors
+    torch.testing.assert_close(w.detach().double(), -want, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(other.grad, torch.full((50,), 1.0 / (50 ** 0.5 + 1e-6)))
+
+
+def test_first_calls_on_two_threads_at_once_see_whole_adapter_modules():
+    """Python lists a module in sys.modules before running it: two threads making their first call at once, the
+    second took the half-imported adapter module (AttributeError: partially initialized module
+    'dist_clip.adapters.deepspeed' has no attribute 'matches': 10 fresh processes out of 10). In a child process,
+    the adapters are imported afresh for each round."""
+    import subprocess
+
+    child = (
+        "import sys, threading, torch\n"
+        "from dist_clip import clip_grad_norm_\n"
+        "import dist_clip.adapters as adapters\n"
+        "bad = []\n"
+        "for round in range(6):\n"
+        "    for name in adapters.ADAPTERS:\n"
+        "        sys.modules.pop(name, None)\n"
+        "    bar = threading.Barrier(2)\n"
+        "    def work():\n"
+        "        p = torch.nn.Parameter(torch.zeros(10)); p.grad = torch.ones(10)\n"
+        "        bar.wait()\n"
+        "        try:\n"
+        "            assert abs(float(clip_grad_norm_([p], 1.0)) - 10 ** 0.5) < 1e-5\n"
+        "        except Exception as e:\n"
+        "            bad.append(f'{type(e).__name__}: {e}')\n"
+        "    ts = [threading.Thread(target=work) for _ in range(2)]\n"
+        "    [t.start() for t in ts]; [t.join() for t in ts]\n"
+        "print(bad)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_a_hand_over_survives_a_param_group_added_before_the_step():

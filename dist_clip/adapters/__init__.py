@@ -39,7 +39,10 @@ BUILT_IN: tuple[str, ...] = ADAPTERS
 
 def _load(name: str) -> Adapter | None:
     loaded = sys.modules.get(name)  # (every call tries the adapters: importlib's own lookup took ~4 us a name)
-    if loaded is not None:
+    # Python lists a module before running it: a first call on another thread, while this one imports, got the
+    # half-made module (AttributeError: partially initialized module ... has no attribute 'matches'); importlib
+    # waits for the import instead.
+    if loaded is not None and not getattr(getattr(loaded, "__spec__", None), "_initializing", False):
         return loaded  # type: ignore[return-value]
     try:
         return importlib.import_module(name)  # type: ignore[return-value]
