@@ -45,6 +45,66 @@ def test_bad_max_norm_is_a_value_error(bad):
         dist_clip.clip_grad_norm_(_params(), bad)
 
 
+def test_max_norm_zero_zeroes_the_gradients_as_torch_does():
+    """max_norm is "a number >= 0" (README), 0 included, as torch's: every gradient becomes 0."""
+    ours, theirs = _params(), _params()
+    total = dist_clip.clip_grad_norm_(ours, 0.0)
+    want = torch.nn.utils.clip_grad_norm_(theirs, 0.0)
+    assert total.item() == pytest.approx(want.item(), rel=1e-6) and total.item() > 0
+    assert all(bool((p.grad == 0).all()) for p in ours) and all(bool((p.grad == 0).all()) for p in theirs)
+
+
+def test_mixed_float32_and_float64_gradients_give_a_float64_norm():
+    """The returned norm is float64 where some gradient is float64 (README), in one process too: a float32
+    result would round 2.2360679775 to 2.2360680103."""
+    grads = [torch.ones(3), torch.full((2,), 1 + 2**-40, dtype=torch.float64)]
+    total = dist_clip.get_total_norm(grads)
+    want = reference_norm(grads, 2.0)
+    assert total.dtype == torch.float64 and abs(total.item() - want) <= 1e-15 * want, (total.dtype, total.item())
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda g: dist_clip.Shards([g, g], names=["w"]), ValueError, "names"),
+    (lambda g: dist_clip.Shards([g], loss_scale=0.0), ValueError, "loss_scale"),
+    (lambda g: dist_clip.Shards([g], loss_scale=math.inf), ValueError, "loss_scale"),
+    (lambda g: dist_clip.Shards([g], loss_scale=True), TypeError, "loss_scale"),
+    (lambda g: dist_clip.Shards([g, 1.0]), TypeError, "tensors"),
+], ids=["names-one-short", "loss-scale-0", "loss-scale-inf", "loss-scale-bool", "a-float-piece"])
+def test_the_shards_contract_refuses_bad_pieces_when_made(make, error, match):
+    """What a custom adapter hands back is checked when made (README, Adding a framework): each of these was
+    taken by a mutant (a loss scale of 0 or inf gave a total of inf or 0, True a total, names one short and a
+    float piece went on to fail later, unclearly)."""
+    with pytest.raises(error, match=match):
+        make(torch.tensor([3.0, 4.0]))
+
+
+def test_pieces_with_two_loss_scales_are_refused(monkeypatch):
+    """One call's pieces share one loss scale: two were divided by an arbitrary one of them (3.54 for 2.5)."""
+    from dist_clip import adapters
+    from tests.custom_adapter import HandSharded
+
+    monkeypatch.setattr(adapters, "ADAPTERS", ("tests.custom_adapter", *adapters.BUILT_IN))
+    g = torch.tensor([3.0, 4.0])
+    target = HandSharded([dist_clip.Shards([g], loss_scale=2.0), dist_clip.Shards([g.clone()], loss_scale=4.0)])
+    with pytest.raises(ValueError, match="loss"):
+        dist_clip.get_total_norm(target)
+
+
+def test_one_tensor_in_two_shards_is_scaled_once(monkeypatch):
+    """README (Adding a framework): one tensor object in two Shards counts and scales once; with the dedupe
+    gone it was scaled twice (0.75 for 1.5)."""
+    from dist_clip import adapters
+    from tests.custom_adapter import HandSharded
+
+    monkeypatch.setattr(adapters, "ADAPTERS", ("tests.custom_adapter", *adapters.BUILT_IN))
+    g, h = torch.tensor([3.0, 4.0]), torch.tensor([12.0])
+    total = dist_clip.clip_grad_norm_(HandSharded([dist_clip.Shards([g]), dist_clip.Shards([g, h])]), 6.5)
+    assert total.item() == pytest.approx(13.0, rel=1e-6)
+    coef = 6.5 / (13.0 + 1e-6)
+    torch.testing.assert_close(g, torch.tensor([3.0, 4.0]) * coef)
+    torch.testing.assert_close(h, torch.tensor([12.0]) * coef)
+
+
 @pytest.mark.parametrize(
     "bad", ["1.0", None, [1.0], True, torch.tensor([1.0, 2.0]), torch.tensor(True), torch.tensor(1 + 0j)]
 )

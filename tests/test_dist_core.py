@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 
 import pytest
 import torch
@@ -161,6 +162,20 @@ def body_mixed_dtypes_agree(p: float, backend: str) -> list:
 def test_ranks_with_float64_and_float32_gradients_agree_on_float64(run_ranks, world, p, backend):
     values = run_ranks(world, body_mixed_dtypes_agree, p, backend)
     assert all(v == values[0] for v in values), values
+
+
+def body_a_rank_holding_nothing_under_group() -> list:
+    """A rank holding none of a group-sharded target's pieces is normal under sharding: no "holds no gradients"
+    warning there (it is for a target without gradients and no group=)."""
+    pieces = [torch.ones(4)] if dist.get_rank() == 0 else []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        total = dist_clip.get_total_norm(pieces, group=dist.group.WORLD).item()
+    return [total, [str(w.message) for w in caught]]
+
+
+def test_a_rank_holding_nothing_under_group_is_not_warned(run_ranks):
+    assert run_ranks(2, body_a_rank_holding_nothing_under_group) == [[2.0, []], [2.0, []]]
 
 
 def body_inf_elements_do_not_break_max() -> list:
@@ -810,6 +825,8 @@ def _refusal_call(case: str, full: list, bad: bool, p: float):
         return lambda: dist_clip.clip_grad_norm_(wrong if bad else mine, 1e9, p, group=world_group).item()
     if case == "total_int_grad":
         return lambda: dist_clip.get_total_norm(wrong if bad else mine, p, group=world_group).item()
+    if case == "total_foreach":  # refused before measuring (the int gradient above fails while measuring)
+        return lambda: dist_clip.get_total_norm(mine, p, foreach="yes" if bad else None, group=world_group).item()
     if case == "clipper_total_skip":  # on_nonfinite="skip" without optimizer=: refused before measuring
         opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
         clipper = GradClipper(max_norm=1e9, norm_type=p, on_nonfinite="skip")
@@ -867,7 +884,8 @@ def body_refuse_then_continue(case: str, bad_rank: int, p: float, all_refuse: bo
 
 
 def _refusal_expected(case: str, world: int, bad_rank: int, all_refuse: bool = False) -> list:
-    own = ("TypeError" if case in ("clip_int_grad", "total_int_grad", "clipper_per_param_int", "clipper_report_str")
+    own = ("TypeError" if case in ("clip_int_grad", "total_int_grad", "total_foreach", "clipper_per_param_int",
+                                   "clipper_report_str")
            else "ValueError")
     return [
         [(own if r == bad_rank else "refused", 1)] + ([(own, 1)] if all_refuse else []) + [(True, 1)]
@@ -882,6 +900,7 @@ def _refusal_expected(case: str, world: int, bad_rank: int, all_refuse: bool = F
         ("clip_max_norm", math.inf),
         ("clip_int_grad", 2.0),
         ("total_int_grad", math.inf),
+        ("total_foreach", 2.0),
         ("clipper_total_skip", 2.0),
         ("clipper_per_param_int", 2.0),
         ("clipper_per_param_int", math.inf),

@@ -278,11 +278,26 @@ def test_native_disabled_by_environment(tmp_path):
     import sys
 
     code = "from dist_clip import _native; print(_native.available(), _native.status())"
-    out = subprocess.run(
-        [sys.executable, "-c", code], env={**__import__("os").environ, "DIST_CLIP_NATIVE": "0"},
-        capture_output=True, text=True, check=True,
-    ).stdout
-    assert out.startswith("False disabled")
+    for value in ("0", "false", "OFF", "no"):
+        out = subprocess.run(
+            [sys.executable, "-c", code], env={**__import__("os").environ, "DIST_CLIP_NATIVE": value},
+            capture_output=True, text=True, check=True,
+        ).stdout
+        assert out.startswith("False disabled"), (value, out)
+
+
+def test_the_native_cache_entry_follows_the_source(tmp_path, monkeypatch):
+    """The built kernel is cached under a key of its source: an edited _native.c (a new release) must not load
+    the library built from the old one."""
+    cc = _native._compiler()
+    if cc is None:
+        pytest.skip("no C compiler: nothing is built or cached")
+    flags = _native._FLAG_SETS[0]
+    before = _native._target(cc, flags)
+    edited = tmp_path / "_native.c"
+    edited.write_bytes(_native._SOURCE.read_bytes() + b"\n/* edited */\n")
+    monkeypatch.setattr(_native, "_SOURCE", edited)
+    assert _native._target(cc, flags) != before
 
 
 def test_native_build_is_cached_and_survives_a_missing_compiler(tmp_path, monkeypatch):
