@@ -276,6 +276,21 @@ def case_ds_stage0() -> dict:
     engine.step()
     assert engine._step_applied and engine.skipped_steps == 1 and engine.lr_scheduler.last_batch_iteration == 2
     assert not _same(before, ds_cases.full_params(engine))
+    # Armed from the user's own pre-hook, after dist_clip's: the step under way is skipped and counted so (it
+    # was counted as taken: the overflow hook had read the flag pending before).
+    _ds_backward(engine, 3)
+
+    def poison_and_clip(optimizer: Any, args: Any, kwargs: Any) -> None:
+        for p in engine.module.parameters():
+            p.grad.view(-1)[0] = math.nan
+        assert not bool(clipper(engine).finite)
+
+    handle = engine.optimizer.register_step_pre_hook(poison_and_clip)
+    before = ds_cases.full_params(engine)
+    engine.step()
+    handle.remove()
+    assert not engine._step_applied and engine.skipped_steps == 2 and engine.lr_scheduler.last_batch_iteration == 2
+    assert _same(before, ds_cases.full_params(engine))
     engine.optimizer._optimizer_step_pre_hooks.clear()
     engine.optimizer._optimizer_step_post_hooks.clear()
     for step, poison in ((4, True), (5, False)):
@@ -286,7 +301,7 @@ def case_ds_stage0() -> dict:
         before = ds_cases.full_params(engine)
         assert bool(clipper(engine).finite) == (not poison)
         engine.step()
-        assert engine._step_applied == (not poison) and engine.skipped_steps == 2, step
+        assert engine._step_applied == (not poison) and engine.skipped_steps == 3, step
         assert _same(before, ds_cases.full_params(engine)) == poison, step
     engine = ds_cases.make_engine(ds_cases.ds_config(0, dtype="bf16"))
     _ds_backward(engine, 0)

@@ -739,12 +739,18 @@ def skip_handle(target: object, optimizer: object) -> tuple[Any, Any]:
         from ..clipper import skip_next_step_
 
         def arm_stage0(flag: Tensor) -> None:
+            from .. import _fused
+
             skip_next_step_(opt, flag)
             told = vars(opt).get("_dist_clip_ds_overflow")
             if isinstance(told, _Stage0Overflow):
                 told.install(opt)
             else:
-                opt._dist_clip_ds_overflow = _Stage0Overflow(opt)
+                told = opt._dist_clip_ds_overflow = _Stage0Overflow(opt)
+            if _fused.in_step(opt):
+                # Armed for the step under way (a user's pre-hook after ours, a closure), which it replaces as
+                # skip_next_step_ does: ours read the flag pending before it (the skip taken, counted as a step).
+                told.flag = flag
 
         return arm_stage0, opt
     raise NotImplementedError(
