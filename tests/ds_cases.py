@@ -796,13 +796,15 @@ def case_bad_input_on_one_rank(stage: int) -> list:
     return out
 
 
-def case_mpu_group_spanning_model_parallel(stage: int, dtype: str = "fp32", grad_accum_dtype: str | None = None
-                                          ) -> list:
+def case_mpu_group_spanning_model_parallel(stage: int, dtype: str = "fp32", grad_accum_dtype: str | None = None,
+                                          tensor_named: bool = False) -> list:
     """4 ranks with an mpu: data-parallel groups {0, 2} and {1, 3}, model-parallel {0, 1} and {2, 3}, each
     model-parallel rank a distinct model. group=WORLD sums the model-parallel ranks' distinct partitions: at
     ZeRO-3 the padding was cut by the rank in group= (6.39 for 9.98). Unit-wise clipping there (units cut
     between partitions, combined by name over group=: the other model-parallel rank's rows of the same name
-    were added, coefficients 0.88-0.97 off) is a NotImplementedError on every rank."""
+    were added, coefficients 0.88-0.97 off) is a NotImplementedError on every rank. ``tensor_named``: an mpu
+    naming its model-parallel group get_tensor_model_parallel_group() only (Megatron's newer name; DeepSpeed's
+    stage 0 asks for neither), where dist_clip's check of group= raised AttributeError."""
     deepspeed = _quiet()
     rank = dist.get_rank()
     dps = [dist.new_group([0, 2]), dist.new_group([1, 3])]
@@ -819,7 +821,7 @@ def case_mpu_group_spanning_model_parallel(stage: int, dtype: str = "fp32", grad
         def get_data_parallel_rank(self) -> int:
             return dp_rank
 
-        def get_model_parallel_group(self) -> Any:
+        def get_tensor_model_parallel_group(self) -> Any:
             return mps[dp_rank]
 
         def get_model_parallel_world_size(self) -> int:
@@ -828,6 +830,9 @@ def case_mpu_group_spanning_model_parallel(stage: int, dtype: str = "fp32", grad
         def get_model_parallel_rank(self) -> int:
             return mp_rank
 
+    if not tensor_named:
+        MPU.get_model_parallel_group = MPU.get_tensor_model_parallel_group  # type: ignore[attr-defined]
+        del MPU.get_tensor_model_parallel_group
     refs = []
     for t in (0, 1):  # model-parallel rank t: its model, the mean over its data-parallel ranks t and t + 2
         m = make_model(t).double()

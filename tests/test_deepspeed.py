@@ -144,6 +144,12 @@ def test_a_group_spanning_model_parallel_ranks(run_ranks, stage, dtype, accum):
     assert results == [[True] * 6] * 4, results
 
 
+def test_an_mpu_naming_its_group_get_tensor_model_parallel_group(run_ranks):
+    results = run_ranks(4, ds_cases.case_mpu_group_spanning_model_parallel, 0, "fp32", None, True,
+                        timeout_s=TIMEOUT)
+    assert results == [[True] * 6] * 4, results
+
+
 def test_the_pipeline_engine_is_refused_on_every_rank(run_ranks):
     assert run_ranks(2, ds_cases.case_pipeline_engine_is_refused, timeout_s=TIMEOUT) == [[True] * 3] * 2
 

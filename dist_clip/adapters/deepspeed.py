@@ -558,9 +558,20 @@ def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
                 "Pass group= holding them (e.g. group=dist.group.WORLD); parameters repeated on tensor-parallel "
                 "ranks are then counted on each (not handled)"
             )
-        if getattr(engine, "mpu", None) is not None:
+        mpu = getattr(engine, "mpu", None)
+        if mpu is not None:
             # (the data-parallel group passed as group= gave each model-parallel rank its own piece's norm too)
-            check_covers(group, engine.mpu.get_model_parallel_group(), "this engine's mpu spreads the model")
+            # Megatron-style mpus may name it get_tensor_model_parallel_group only (DeepSpeed's hybrid engine
+            # reads either; at stage 0 nothing else of DeepSpeed's asks for it: an AttributeError here).
+            model_parallel = (getattr(mpu, "get_model_parallel_group", None)
+                              or getattr(mpu, "get_tensor_model_parallel_group", None))
+            if model_parallel is None:
+                raise TypeError(
+                    f"this DeepSpeed engine's mpu ({type(mpu).__name__}) has neither get_model_parallel_group() nor "
+                    "get_tensor_model_parallel_group(): dist_clip reads the model-parallel group from it to check "
+                    "that group= holds those ranks"
+                )
+            check_covers(group, model_parallel(), "this engine's mpu spreads the model")
     if getattr(engine, "torch_autocast_z0_gradscaler", None) is not None:
         raise NotImplementedError("dist_clip's DeepSpeed adapter does not handle torch autocast's GradScaler")
     opt = engine.optimizer
