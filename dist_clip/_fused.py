@@ -33,7 +33,7 @@ from . import _reduce, _scale
 from ._warn import warn_at_caller
 
 __all__ = [
-    "arm_skip_", "armed_record", "grad_state", "gradients", "hand_over_", "overlapping", "pending_skip",
+    "arm_skip_", "armed_record", "grad_state", "gradients", "hand_over_", "overlapping",
     "same_tensors", "settle", "steps_what_was_measured", "supports_grad_scale", "untouched",
 ]
 
@@ -797,11 +797,6 @@ def _arm_running(optimizer: torch.optim.Optimizer, value: Tensor, combine: bool)
         value = torch.maximum(_reduce.moved(base, value.device).ne(0).to(value.dtype), value)  # 0 or 1: below
     optimizer.found_inf = value  # type: ignore[attr-defined]
     optimizer.__dict__[_SAVED] = (stash[0], stash[1], value, stash[3])
-
-
-def pending_skip(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether :func:`arm_skip_` left a flag for the next ``step()``."""
-    return _SKIP in optimizer.__dict__
 
 
 def grad_state(optimizer: torch.optim.Optimizer) -> tuple[list[Tensor], list[int]]:

@@ -439,10 +439,18 @@ def _first_device(optimizer: Any) -> torch.device:
     return torch.device("cpu")
 
 
+def pending_skip_flag(optimizer: torch.optim.Optimizer) -> Tensor | None:
+    """The skip flag armed on ``optimizer`` for its next step (a fused optimizer's, or its skip guard's), or None."""
+    armed = optimizer.__dict__.get(_fused._SKIP)
+    if armed is not None:
+        return armed[0] != 0
+    guard = optimizer.__dict__.get("_dist_clip_skip_guard")
+    return None if guard is None else guard.flag
+
+
 def _skip_pending(optimizer: torch.optim.Optimizer) -> bool:
     """Whether a skip flag armed on ``optimizer`` waits for its next step (fused or not)."""
-    guard = optimizer.__dict__.get("_dist_clip_skip_guard")
-    return (guard is not None and guard.flag is not None) or _fused.pending_skip(optimizer)
+    return pending_skip_flag(optimizer) is not None
 
 
 def _stepping_optimizers(optimizer: Any) -> list[Any] | None:

@@ -303,6 +303,28 @@ def case_ds_stage0() -> dict:
         engine.step()
         assert engine._step_applied == (not poison) and engine.skipped_steps == 3, step
         assert _same(before, ds_cases.full_params(engine)) == poison, step
+    # The very first arming from a user's pre-hook, on a fresh engine, another pre-hook after it: registering the
+    # overflow pre-hook while torch looped over the pre-hooks raised "OrderedDict mutated during iteration".
+    engine = ds_cases.make_engine(cfg)
+    first = GradClipper(on_nonfinite="skip")
+
+    def poison_and_clip_first(optimizer: Any, args: Any, kwargs: Any) -> None:
+        for p in engine.module.parameters():
+            p.grad.view(-1)[0] = math.nan
+        assert not bool(first(engine).finite)
+
+    _ds_backward(engine, 0)
+    handles = [engine.optimizer.register_step_pre_hook(poison_and_clip_first),
+               engine.optimizer.register_step_pre_hook(lambda optimizer, args, kwargs: None)]  # (one after it)
+    before = ds_cases.full_params(engine)
+    engine.step()
+    for handle in handles:
+        handle.remove()
+    assert not engine._step_applied and engine.skipped_steps == 1 and _same(before, ds_cases.full_params(engine))
+    _ds_backward(engine, 1)  # the next arming, outside any step, installs what was left out
+    assert bool(first(engine).finite)
+    engine.step()
+    assert engine._step_applied and engine.skipped_steps == 1
     engine = ds_cases.make_engine(ds_cases.ds_config(0, dtype="bf16"))
     _ds_backward(engine, 0)
     with count_collectives() as calls:

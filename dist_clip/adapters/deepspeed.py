@@ -657,33 +657,29 @@ class _Stage0Overflow:
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.flag: Tensor | None = None
-        self.handles: tuple[Any, Any] | None = None
+        self.handles: list[Any] = [None, None]
         self.install(optimizer)
 
     def install(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.handles is not None and (self.handles[0].id in optimizer._optimizer_step_pre_hooks
-                                         and self.handles[1].id in optimizer._optimizer_step_post_hooks):
-            return
-        if self.handles is not None:
-            for handle in self.handles:
-                handle.remove()
-        self.handles = (optimizer.register_step_pre_hook(self.pre), optimizer.register_step_post_hook(self.post))
-        # ahead of every other pre-hook (torch's optimizer hooks take no prepend=): before dist_clip's use the flag
-        optimizer._optimizer_step_pre_hooks.move_to_end(self.handles[0].id, last=False)
-
-    @staticmethod
-    def pending(optimizer: torch.optim.Optimizer) -> Tensor | None:
-        """The skip flag waiting for the optimizer's next step (a fused optimizer's or another's)."""
+        """Register the hooks missing (never made, or cleared by the user), except into a dict torch is looping
+        over now (an arming from a user's step pre-hook: "OrderedDict mutated during iteration", as
+        :func:`dist_clip._fused.register_step_hooks` avoids); the next arming registers what was left out."""
         from .. import _fused
 
-        armed = optimizer.__dict__.get(_fused._SKIP)
-        if armed is not None:
-            return armed[0] != 0
-        guard = optimizer.__dict__.get("_dist_clip_skip_guard")
-        return getattr(guard, "flag", None)
+        phase, _ = _fused.step_phase(optimizer)
+        pre_hooks, post_hooks = optimizer._optimizer_step_pre_hooks, optimizer._optimizer_step_post_hooks
+        if phase != "pre" and (self.handles[0] is None or self.handles[0].id not in pre_hooks):
+            self.handles[0] = optimizer.register_step_pre_hook(self.pre)
+            # ahead of every other pre-hook (torch's optimizer hooks take no prepend=): before dist_clip's use
+            # the flag
+            pre_hooks.move_to_end(self.handles[0].id, last=False)
+        if phase != "post" and (self.handles[1] is None or self.handles[1].id not in post_hooks):
+            self.handles[1] = optimizer.register_step_post_hook(self.post)
 
     def pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        self.flag = self.pending(optimizer)
+        from ..clipper import pending_skip_flag
+
+        self.flag = pending_skip_flag(optimizer)
 
     def post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         flag, self.flag = self.flag, None
