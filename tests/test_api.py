@@ -5,7 +5,12 @@ Run: ``.venv/bin/python -m pytest tests/test_api.py``.
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
 import math
+import pathlib
+import re
 import warnings
 
 import pytest
@@ -739,3 +744,62 @@ def test_complex128_gradients_give_a_float64_norm():
     assert want.dtype == torch.float64
     for got in (dist_clip.get_total_norm([g]), dist_clip.clip_grad_norm_([g.clone()], 10.0)):
         assert got.dtype == torch.float64 and got.item() == pytest.approx(want.item(), rel=1e-15, abs=0), got
+
+
+def _readme_api_signatures() -> dict[str, inspect.Signature]:
+    """The signatures README's "## API" section prints, one per public callable, parsed as ``def`` lines."""
+    text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = text.split("\n## API\n", 1)[1].split("\n## ", 1)[0]
+    ns = {n: getattr(dist_clip, n) for n in dist_clip.__all__}
+    found: dict[str, inspect.Signature] = {}
+    for block in re.findall(r"```python\n(.*?)```", section, re.S):
+        lines: list[str] = []
+        for line in block.splitlines():  # join continuation lines (indented) onto the line they continue
+            if line.startswith(" ") and lines:
+                lines[-1] += " " + line.strip()
+            else:
+                lines.append(line)
+        for line in lines:
+            m = re.match(r"(\w+)(\(.*\))(?:\s*->\s*(.*?))?\s*$", line.split("#")[0])
+            if m is None or m.group(2).startswith("(...)"):
+                continue
+            tree = ast.parse(f"def {m.group(1)}{m.group(2)}: pass")
+            fn = {}
+            exec(compile(tree, "<README API>", "exec"), ns, fn)  # defaults evaluated with dist_clip's names
+            found[m.group(1)] = inspect.signature(fn[m.group(1)])
+    return found
+
+
+def _default(cls_or_fn: object, param: inspect.Parameter) -> object:
+    if dataclasses.is_dataclass(cls_or_fn) and repr(param.default) == "<factory>":
+        return next(f for f in dataclasses.fields(cls_or_fn) if f.name == param.name).default_factory()
+    return param.default
+
+
+def test_readme_api_section_names_every_public_name_with_its_real_signature():
+    """README's "## API" section printed the three functions only: the other ten callables of __all__ (GradClipper,
+    ClipperConfig, ClipResult, AutoClip, ZClip, AGC, ParallelPlan, Rule, Shards, skip_next_step_) were described
+    elsewhere or not at all (ClipResult's fields, ZClip's eps/clip_factor). Each is listed there now, and every
+    printed parameter name, kind and default must be the code's."""
+    section = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = section.split("\n## API\n", 1)[1].split("\n## ", 1)[0]
+    printed = _readme_api_signatures()
+    for name in dist_clip.__all__:
+        assert f"`{name}`" in section or name in printed or f"{name}\n" in section or f"{name} " in section, name
+        if callable(getattr(dist_clip, name)):
+            assert name in printed, f"README's API section prints no signature for {name}"
+    for name, doc in printed.items():
+        real = inspect.signature(getattr(dist_clip, name))
+        def shape(sig: inspect.Signature) -> list[tuple[str, object]]:  # **fields in the README is **kwargs
+            return [("**" if p.kind is p.VAR_KEYWORD else p.name, p.kind) for p in sig.parameters.values()]
+
+        assert shape(doc) == shape(real), (name, doc, real)
+        for p in doc.parameters.values():
+            if p.kind is inspect.Parameter.VAR_KEYWORD:
+                continue
+            want = _default(getattr(dist_clip, name), real.parameters[p.name])
+            assert p.default == want or (p.default is inspect.Parameter.empty and want is inspect.Parameter.empty), \
+                (name, p.name, p.default, want)
+    call = inspect.signature(dist_clip.GradClipper.__call__)
+    assert list(call.parameters) == ["self", "target", "optimizer", "group", "plan", "report"]
+    assert "GradClipper(...)(target, *, optimizer=None, group=None, plan=None, report=None) -> ClipResult" in section
