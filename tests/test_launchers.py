@@ -617,3 +617,22 @@ def test_a_group_started_elsewhere_gives_the_device_its_backend_reduces_on(monke
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     info = bootstrap.init_distributed("auto")
     assert (info.backend, info.device) == (name, torch.device(expected))
+
+
+def test_the_sdist_carries_every_file_of_the_folders_readme_says_it_carries():
+    """README: "The sdist carries the tests, configs, launch scripts and benchmarks". MANIFEST.in took bench/*.py
+    only, so bench/gpu_lease.sh, which README's CUDA benchmark section says runs them all, was left out. Each
+    file under those folders (and docs/) must match a recursive-include of MANIFEST.in for its folder."""
+    import fnmatch
+
+    root = Path(__file__).resolve().parent.parent
+    rules: dict[str, list[str]] = {}
+    for line in (root / "MANIFEST.in").read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["recursive-include"]:
+            rules.setdefault(words[1], []).extend(words[2:])
+    for folder in ("tests", "configs", "launch", "bench", "docs"):
+        assert folder in rules, folder
+        for path in (root / folder).rglob("*"):
+            if path.is_file() and "__pycache__" not in path.parts and not path.name.endswith((".pyc", ".pyo")):
+                assert any(fnmatch.fnmatch(path.name, pat) for pat in rules[folder]), path.relative_to(root)
