@@ -18,6 +18,7 @@ from .config import (
     data_files,
     from_dict,
     load_config,
+    read_config_data,
     read_files,
     with_overrides,
 )
@@ -123,6 +124,29 @@ def _remove_outputs(cfg: TrainConfig) -> None:
             pass
 
 
+def _refused_run(args: argparse.Namespace) -> TrainConfig | None:
+    """The run folder of a config refused as it was read (a bad value in the file, or in ``--steps``/``--data``):
+    its ``name`` and ``out_dir`` alone, validated as usual, and ``--out``; None where they cannot be told (no such
+    file, invalid YAML, a bad name or out_dir, ``--config ""``). Its previous outputs are then removed like those
+    of any other refused run: they were left, with their passing check line, where the file itself was refused."""
+    try:
+        if args.config is None:
+            data: object = {}
+            stem = None
+        elif not args.config.strip():
+            return None
+        else:
+            data, stem = read_config_data(args.config)
+        if not isinstance(data, dict):
+            return None
+        keep = {k: v for k, v in data.items() if k in ("name", "out_dir")}
+        if args.out is not None:  # the file's own out_dir, good or bad, does not count then
+            keep["out_dir"] = args.out
+        return from_dict(keep, "<refused config>", name=stem)
+    except (ValueError, OSError):
+        return None
+
+
 def _check_out_dir(cfg: TrainConfig, source: str, main_rank: bool = True) -> None:
     """The run folder (``out_dir/name``) must be, or be makeable as, a writable folder, and its log and plot not
     folders: found now rather than after training and replay. Every rank checks (a rank that went on alone
@@ -224,6 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # value, and torchrun reported their 2 as its own 1 with a traceback.
         _timeout()
     except ValueError as e:  # ConfigError, or _timeout's ValueError
+        if cfg is None:  # refused as it was read: its run folder from its name and out_dir alone, where they hold
+            cfg = _refused_run(args)
         if cfg is not None and main_rank:  # a refused run leaves no previous run's verdict behind
             _remove_outputs(cfg)
         return _fail(f"config error: {e}", 2)

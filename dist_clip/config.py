@@ -35,6 +35,7 @@ __all__ = [
     "default_tolerance",
     "from_dict",
     "load_config",
+    "read_config_data",
     "with_overrides",
 ]
 
@@ -439,6 +440,13 @@ def check_data_size(size: int, data: str, source: str, seq_len: int | None = Non
 
 def load_config(path: str | os.PathLike[str]) -> TrainConfig:
     """Read, parse and validate a YAML config file; every failure is a one-line :class:`ConfigError`."""
+    data, stem = read_config_data(path)
+    return from_dict(data, os.fspath(path), name=stem)
+
+
+def read_config_data(path: str | os.PathLike[str]) -> tuple[Any, str]:
+    """A YAML config file read and parsed, not validated, and its stem (the default ``name``); every failure is a
+    one-line :class:`ConfigError`."""
     source = os.fspath(path)
     try:
         with open(source, encoding="utf-8") as f:
@@ -460,8 +468,7 @@ def load_config(path: str | os.PathLike[str]) -> TrainConfig:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(source, "", f"invalid YAML: {where}{problem}") from None
-    stem = os.path.splitext(os.path.basename(source))[0]
-    return from_dict(data, source, name=stem)
+    return data, os.path.splitext(os.path.basename(source))[0]
 
 
 def with_overrides(cfg: TrainConfig, source: str, **values: Any) -> TrainConfig:

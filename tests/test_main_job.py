@@ -279,6 +279,46 @@ def test_a_run_leaves_no_previous_run_outputs_behind(tmp_path, capsys, monkeypat
 
 
 @pytest.mark.timeout(60)
+def test_a_config_refused_as_it_is_read_leaves_no_previous_run_outputs_behind(tmp_path, capsys):
+    """README: "a run whose config is refused (exit 2) removes them too". Only refusals after the config was read
+    did (DIST_CLIP_TIMEOUT_S, the out folder, --data's size): a bad value in the file itself (the README's own
+    `clip.max_norm: must be >= 0` example) or in --steps left the previous run's log with its passing check line.
+    The run folder then comes from the file's name and out_dir alone, and --out; where those cannot be told
+    (a bad name, invalid YAML, no such file) nothing is removed."""
+    def previous_run(folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "log.jsonl").write_text('{"kind": "check", "passed": true}\n')
+        (folder / "plot.png").write_bytes(b"old plot")
+        (folder / "notes.txt").write_text("mine")
+
+    def removed(folder: Path) -> bool:
+        assert (folder / "notes.txt").read_text() == "mine"
+        return not (folder / "log.jsonl").exists() and not (folder / "plot.png").exists()
+
+    bad = write_config(tmp_path, "solo", wrapper="none", steps=2, out_dir=str(tmp_path), clip={"max_norm": -1.0})
+    for out, folder in ((None, tmp_path / "solo"), (tmp_path / "elsewhere", tmp_path / "elsewhere" / "solo")):
+        previous_run(folder)
+        args = ["train", "--config", str(bad)] + ([] if out is None else ["--out", str(out)])
+        assert cli.main(args) == 2
+        assert removed(folder), out
+    named = tmp_path / "named.yaml"
+    named.write_text(f"name: mine\nout_dir: {tmp_path / 'o'}\nsteps: 0\n")
+    previous_run(tmp_path / "o" / "mine")
+    assert cli.main(["check", "--config", str(named)]) == 2
+    assert removed(tmp_path / "o" / "mine")
+    previous_run(tmp_path / "fsdp2")  # the built-in config, refused for its --steps
+    assert cli.main(["train", "--steps", "-1", "--out", str(tmp_path)]) == 2
+    assert removed(tmp_path / "fsdp2")
+    for text in ("name: ../solo\nsteps: 0\n", "name: solo\nsteps: [\n"):  # no run folder to trust: left alone
+        previous_run(tmp_path / "solo")
+        odd = tmp_path / "odd.yaml"
+        odd.write_text(text)
+        assert cli.main(["train", "--config", str(odd), "--out", str(tmp_path)]) == 2
+        assert not removed(tmp_path / "solo"), text
+    capsys.readouterr()
+
+
+@pytest.mark.timeout(60)
 def test_compare_tolerances():
     from dist_clip.train import StepRecord, compare
 
