@@ -324,6 +324,55 @@ def case_sdp_owner_of_unused_params() -> dict:
     return out
 
 
+def case_sdp_trainable_outside_oss() -> list:
+    """ShardedDataParallel over a model whose ``0.*`` parameters require gradients but are in no OSS param group:
+    ShardedDDP never reduces them (each rank's own gradient) and OSS never steps them. The norm was taken
+    without them, silently (9.57 for the float64 reference's 9.83 at p=2; p=0 counted 64 of 113 non-zeros), their
+    names left out of reports and their gradients unclipped. Now a ValueError on every rank, in every mode and
+    for every p; frozen instead (``requires_grad=False``), the rest is measured exactly."""
+    from fairscale.nn.data_parallel import ShardedDataParallel
+    from fairscale.optim import OSS
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out: list = []
+    for p in P_ALL:
+        for call in ("clip_grad_norm_", "report", "per_param", "unitwise"):
+            model = make_model(0)
+            opt = OSS([q for n, q in model.named_parameters() if not n.startswith("0.")], optim=torch.optim.SGD,
+                      lr=LR)
+            sdp = ShardedDataParallel(model, opt, reduce_buffer_size=0)
+            loss_fn(sdp(batch(rank, 0, 0))).backward()
+            before = [None if q.grad is None else q.grad.clone() for q in model.parameters()]  # (others' freed)
+
+            def clip(sdp: Any = sdp, call: str = call, p: float = p) -> None:
+                if call == "clip_grad_norm_":
+                    dist_clip.clip_grad_norm_(sdp, 1.0, p)
+                elif call == "unitwise":
+                    dist_clip.GradClipper(mode="unitwise", norm_type=p if p > 0 else 2.0)(sdp)
+                else:
+                    dist_clip.GradClipper(max_norm=1.0, norm_type=p, mode="per_param" if call == "per_param"
+                                          else "total", report=True)(sdp)
+
+            with count_collectives() as c:
+                refused = outcome(clip, ValueError, lambda m: "0.weight, 0.bias require gradients" in m)
+            untouched = all(b is None and q.grad is None or torch.equal(b, q.grad)
+                            for b, q in zip(before, model.parameters()))
+            out.append((refused, c.total, untouched))
+        model = make_model(0)
+        model[0].requires_grad_(False)
+        opt = OSS([q for q in model.parameters() if q.requires_grad], optim=torch.optim.SGD, lr=LR)
+        sdp = ShardedDataParallel(model, opt, reduce_buffer_size=0)
+        loss_fn(sdp(batch(rank, 0, 0))).backward()
+        ref = make_model(0).double()
+        ref[0].requires_grad_(False)
+        torch.stack([loss_fn(ref(batch(r, 0, 0).double())) for r in range(world)]).mean().backward()
+        grads = {n: q.grad for n, q in ref.named_parameters() if q.grad is not None}
+        r = dist_clip.GradClipper(max_norm=1e30, norm_type=p, report=True)(sdp)
+        assert list(r.norms or {}) == list(grads), r.norms
+        _close(float(r.total_norm), reference_norm(list(grads.values()), p), 2e-6, f"frozen 0.*, p={p}")
+    return out
+
+
 def case_sdp_forward_after_backward() -> dict:
     """A synchronised backward, then a forward under ``torch.no_grad()`` in train mode (a logging forward), then
     the clip: ShardedDDP's forward marks every parameter as waiting for its reduce again, and the call was

@@ -60,6 +60,11 @@ def test_sdp_rank_owning_only_params_unused_in_the_step_is_measured_on_every_ran
     assert out[0] == out[1], out
 
 
+def test_sdp_trainable_parameters_outside_its_oss_are_refused(run_ranks):
+    out = run_ranks(2, fairscale_cases.case_sdp_trainable_outside_oss, timeout_s=TIMEOUT)
+    assert out[0] == out[1] == [(True, 0, True)] * 4 * len(fairscale_cases.P_ALL), out
+
+
 def test_sdp_forward_without_backward_after_the_backward_is_measured(run_ranks):
     out = run_ranks(2, fairscale_cases.case_sdp_forward_after_backward, timeout_s=TIMEOUT)
     assert out[0] == out[1], out

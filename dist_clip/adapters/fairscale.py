@@ -174,12 +174,31 @@ def _check_synced(target: object) -> None:
         )
 
 
+def _check_sdp_trainable(target: Any) -> None:
+    """ValueError for a parameter of a ShardedDataParallel's module that requires a gradient but is in none of
+    its OSS optimizers: ShardedDataParallel reduces only the gradients of the optimizers' parameters, and OSS
+    steps only those, so its ``.grad`` is each rank's own; the norm was silently taken without it (9.57 for
+    9.83, its name left out of reports, its gradient unclipped), as DeepSpeed's ZeRO check refuses alike. Every
+    rank holds the same module and optimizers, so every rank raises together, before any collective."""
+    held = {id(p) for opt in target._sharded_optimizers for g in opt.param_groups for p in g["params"]}
+    outside = [_clean(n) for n, p in target.module.named_parameters() if p.requires_grad and id(p) not in held]
+    if outside:
+        more = f" and {len(outside) - 5} more" if len(outside) > 5 else ""
+        raise ValueError(
+            f"{', '.join(outside[:5])}{more} require gradients but are in no param group of the ShardedDataParallel's "
+            "OSS optimizers: ShardedDataParallel neither reduces them nor does OSS step them, so their gradients "
+            "are each rank's own and the norm of the model cannot include them. Give them to the OSS optimizer, "
+            "or set requires_grad=False"
+        )
+
+
 def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
     _require()
     _check_synced(target)
     if _is(target, _FSDP):
         return _fsdp_shards(target, group)
     if _is(target, _SDP):
+        _check_sdp_trainable(target)
         optimizers = list({id(o): o for o in target._sharded_optimizers}.values())  # type: ignore[attr-defined]
         return _oss_shards(optimizers, group)
     if _is(target, _OSS):
@@ -324,6 +343,7 @@ def named(target: object, group: dist.ProcessGroup | None) -> tuple[list[Shards]
     if _is(target, _FSDP):
         return _fsdp_named(target, group)
     if _is(target, _SDP):
+        _check_sdp_trainable(target)
         optimizers = list({id(o): o for o in target._sharded_optimizers}.values())  # type: ignore[attr-defined]
         module_names = {}
         for n, p in target.module.named_parameters():  # type: ignore[attr-defined]
