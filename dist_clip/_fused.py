@@ -932,6 +932,20 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple
     return (args, kwargs) if closure is not None else None
 
 
+def pending_flag(optimizer: torch.optim.Optimizer) -> Tensor | None:
+    """The skip flag (``found_inf``) a hand-over pending on ``optimizer`` gives its next ``step()``, or None where
+    none would reach it: none pending, or one measured on gradients the step will not take (as :func:`_pre_hook`
+    decides: replaced or written since, the coefficient and its flag dropped). Read before that pre-hook runs."""
+    pending = optimizer.__dict__.get(_PENDING)
+    if pending is None:
+        return None
+    if pending[2] is not None:  # not settled: the step's own check decides
+        verdict, _ = _verdict(pending[3], pending[4], gradients(optimizer), pending[5], optimizer)
+        if verdict not in ("same", "kept", "replaced"):
+            return None
+    return pending[1]
+
+
 def _no_longer_fused(optimizer: torch.optim.Optimizer, *flags: Tensor | None) -> None:
     """The optimizer was fused at the hand-over and is not now (its param groups loaded from a non-fused run's
     ``state_dict``): its step reads no ``found_inf`` (torch's step asserted on the one set here, and the step

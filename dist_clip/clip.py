@@ -568,4 +568,11 @@ def clip_grad_norm_(
         # batch's NaN skipped the next good step where the ranks handing over stepped it).
         _fused.arm_skip_(optimizer, torch.logical_not(torch.isfinite(wide)), started,  # type: ignore[arg-type]
                          measured=everything)
+    if skips and fold is None and "deepspeed" in sys.modules:
+        # A stage-0 engine stepping this fused optimizer itself: a skipped step is counted as DeepSpeed counts an
+        # overflow (it was counted as taken, and the LR scheduler stepped on it)
+        from .adapters import deepspeed as ds_adapter
+
+        ds_adapter.count_fused_skip(parameters, optimizer,
+                                    torch.logical_not(torch.isfinite(wide)) if running else None)
     return total

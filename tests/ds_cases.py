@@ -434,6 +434,77 @@ def case_stage0_fp16_nan_batch() -> dict:
     return seen
 
 
+def _stage0_engine_with_fused_adamw(dtype: str) -> tuple[Any, torch.optim.Optimizer]:
+    deepspeed = _quiet()
+    cfg = ds_config(0, dtype=dtype)
+    if dtype == "fp16":
+        allow_cpu_fp16()
+    cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.005, "warmup_max_lr": 0.01,
+                                                       "warmup_num_steps": 10, "warmup_type": "linear"}}
+    model = make_model(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
+    with contextlib.redirect_stdout(io.StringIO()):
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    return engine, opt
+
+
+def case_stage0_fused_hand_over_counts_a_skipped_step(dtype: str) -> list:
+    """Stage 0, ``clip_grad_norm_(engine, ..., optimizer=<the fused torch optimizer given to DeepSpeed>)``, a NaN
+    batch on rank 0 only, then good batches; against the same loop without ``optimizer=``.
+
+    fp32 (the engine steps the torch optimizer itself): the NaN total skips the fused step through ``found_inf``,
+    and the engine must count it so, as the loop with ``GradClipper(on_nonfinite="skip")`` does (it counted the
+    step as taken, ``skipped_steps`` 0, and stepped its LR scheduler on it: every later step ran with the next
+    step's lr).
+    fp16/bf16 (a DeepSpeed wrapper steps it): the wrapper skips the NaN step itself without stepping the torch
+    optimizer, so a skip armed on that optimizer waited for the next good step, which was skipped too, silently
+    (the engine counted it as taken; parameters 0.33 off the loop without ``optimizer=`` after two more steps).
+    """
+    import dist_clip
+
+    runs = {}
+    skipping = dist_clip.GradClipper(max_norm=0.5, on_nonfinite="skip")
+    for hand_over in (False, True):
+        engine, opt = _stage0_engine_with_fused_adamw(dtype)
+        history = []
+        for step in range(4):
+            x = batch(dist.get_rank(), step, 0)
+            if step == 1 and dist.get_rank() == 0:
+                x[0, 0] = math.nan
+            engine.backward(loss_fn(engine(x.to(_engine_dtype(engine)))))
+            before = full_params(engine)
+            if hand_over:
+                dist_clip.clip_grad_norm_(engine, 0.5, optimizer=opt)
+            elif dtype == "fp32":  # (the plain call would step the NaN: the engine has no test of its own)
+                skipping(engine)
+            else:
+                dist_clip.clip_grad_norm_(engine, 0.5)
+            engine.step()
+            moved = not all(torch.equal(a, b) for a, b in zip(full_params(engine), before))
+            history.append((moved, engine._step_applied, engine.skipped_steps,
+                            engine.lr_scheduler.last_batch_iteration))
+        runs[hand_over] = (history, full_params(engine))
+        if hand_over and dtype == "fp32":
+            # A NaN batch dropped after the clip (zero_grad, a new backward, no second clip): its flag does not
+            # reach that step, which is taken and counted as taken.
+            x = batch(dist.get_rank(), 4, 0)
+            x[0, 0] = math.nan
+            engine.backward(loss_fn(engine(x)))
+            assert not math.isfinite(float(dist_clip.clip_grad_norm_(engine, 0.5, optimizer=opt)))
+            engine.zero_grad()
+            engine.backward(loss_fn(engine(batch(dist.get_rank(), 5, 0))))
+            engine.step()
+            assert engine._step_applied and engine.skipped_steps == 1 and engine.lr_scheduler.last_batch_iteration == 3
+            assert all(bool(torch.isfinite(t).all()) for t in full_params(engine))
+    handed, _ = runs[True]
+    # the NaN step is skipped, and counted so (skipped_steps, no scheduler step); every other step is taken
+    assert handed == [(True, True, 0, 0), (False, False, 1, 0), (True, True, 1, 1), (True, True, 1, 2)], handed
+    assert runs[False][0] == handed, runs
+    for a, b in zip(*(runs[h][1] for h in (False, True))):  # (fp32: the fused kernel divides by 1 / coef)
+        torch.testing.assert_close(b, a, rtol=0 if dtype != "fp32" else 1e-6, atol=0 if dtype != "fp32" else 1e-7)
+    return handed
+
+
 def case_contract() -> dict:
     """The attributes the adapter reads exist on every optimizer kind; misuse fails loudly and together."""
     from dist_clip.adapters import deepspeed as adapter

@@ -133,6 +133,11 @@ def test_zero_policy_leaves_fp16_overflow_to_deepspeed(run_ranks, stage):
     run_ranks(2, ds_cases.case_fp16_overflow, stage, policy="zero", timeout_s=TIMEOUT)
 
 
+@pytest.mark.parametrize("dtype", ["fp32"])
+def test_stage0_hand_over_to_the_fused_torch_optimizer_counts_a_skip_and_skips_only_it(run_ranks, dtype):
+    run_ranks(2, ds_cases.case_stage0_fused_hand_over_counts_a_skipped_step, dtype, timeout_s=TIMEOUT)
+
+
 def test_zero_policy_leaves_a_stage_0_fp16_overflow_to_deepspeed(run_ranks):
     run_ranks(2, ds_cases.case_stage0_fp16_nan_batch, timeout_s=TIMEOUT)
 

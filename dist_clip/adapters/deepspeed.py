@@ -677,13 +677,47 @@ class _Stage0Overflow:
             self.handles[1] = optimizer.register_step_post_hook(self.post)
 
     def pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        from .. import _fused
         from ..clipper import pending_skip_flag
 
-        self.flag = pending_skip_flag(optimizer)
+        flag = pending_skip_flag(optimizer)
+        # A clip_grad_norm_(engine, ..., optimizer=) hand-over's flag, where it reaches this step (the fused
+        # kernel skipped a NaN step the engine counted as taken, its LR scheduler stepped on it)
+        handed = _fused.pending_flag(optimizer)
+        if handed is not None:
+            handed = handed != 0
+            self.flag = handed if flag is None else flag | handed.to(flag.device)
+        else:
+            self.flag = flag
 
     def post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         flag, self.flag = self.flag, None
         optimizer.overflow = flag is not None and bool(flag)
+
+
+def stage0_overflow(optimizer: torch.optim.Optimizer) -> _Stage0Overflow:
+    """The :class:`_Stage0Overflow` of a stage-0 engine's torch optimizer, made or its hooks registered again."""
+    told = vars(optimizer).get("_dist_clip_ds_overflow")
+    if isinstance(told, _Stage0Overflow):
+        told.install(optimizer)
+    else:
+        told = optimizer._dist_clip_ds_overflow = _Stage0Overflow(optimizer)  # type: ignore[attr-defined]
+    return told
+
+
+def count_fused_skip(target: object, optimizer: object, running: Tensor | None) -> None:
+    """``clip_grad_norm_(engine, ..., optimizer=)`` at stage 0, where ``optimizer`` is the fused torch optimizer
+    the engine steps itself (``engine.optimizer``): a non-finite total skips that step through ``found_inf``,
+    and the engine must count it as DeepSpeed counts an overflow (``skipped_steps``, no LR scheduler step), as
+    under ``on_nonfinite="skip"`` (:class:`_Stage0Overflow`). ``running``: this call's skip flag where it acts on
+    the step under way (from inside it), which it joins."""
+    if not (matches(target) and getattr(target, "optimizer", None) is optimizer
+            and isinstance(optimizer, torch.optim.Optimizer)):
+        return
+    told = stage0_overflow(optimizer)
+    if running is not None:
+        running = running.reshape(()) != 0
+        told.flag = running if told.flag is None else told.flag | running.to(told.flag.device)
 
 
 def torch_optimizer(target: object, optimizer: object) -> object:
@@ -749,11 +783,7 @@ def skip_handle(target: object, optimizer: object) -> tuple[Any, Any]:
             from .. import _fused
 
             skip_next_step_(opt, flag)
-            told = vars(opt).get("_dist_clip_ds_overflow")
-            if isinstance(told, _Stage0Overflow):
-                told.install(opt)
-            else:
-                told = opt._dist_clip_ds_overflow = _Stage0Overflow(opt)
+            told = stage0_overflow(opt)
             if _fused.in_step(opt):
                 # Armed for the step under way (a user's pre-hook after ours, a closure), which it replaces as
                 # skip_next_step_ does: ours read the flag pending before it (the skip taken, counted as a step).
