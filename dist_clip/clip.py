@@ -373,6 +373,11 @@ def _deepspeed_fold(target: object, optimizer: object) -> tuple[Any, object]:
         optimizer is target
         or (optimizer is own and not isinstance(own, torch.optim.Optimizer))
         or ds_adapter.steps_per_group(target)
+        # The torch optimizer inside a DeepSpeed mixed-precision wrapper (stage 0 bf16/fp16, BF16_Optimizer): the
+        # wrapper tests the gradients itself and skips a non-finite step without stepping it, so at stage 0 a skip
+        # armed on it waited for the next good step and skipped that one, silently (its gradients are the
+        # wrapper's fp32 copies, filled in step(): never handed over, nor could the next clip tell the flag stale).
+        or (not isinstance(own, torch.optim.Optimizer) and optimizer is getattr(own, "optimizer", None))
     ):
         return None, None
     return None, optimizer

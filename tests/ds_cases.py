@@ -458,7 +458,7 @@ def case_stage0_fused_hand_over_counts_a_skipped_step(dtype: str) -> list:
     step's lr).
     fp16/bf16 (a DeepSpeed wrapper steps it): the wrapper skips the NaN step itself without stepping the torch
     optimizer, so a skip armed on that optimizer waited for the next good step, which was skipped too, silently
-    (the engine counted it as taken; parameters 0.33 off the loop without ``optimizer=`` after two more steps).
+    (the engine counted it as taken; parameters 0.0069 off the loop without ``optimizer=``: one AdamW step).
     """
     import dist_clip
 

@@ -133,7 +133,7 @@ def test_zero_policy_leaves_fp16_overflow_to_deepspeed(run_ranks, stage):
     run_ranks(2, ds_cases.case_fp16_overflow, stage, policy="zero", timeout_s=TIMEOUT)
 
 
-@pytest.mark.parametrize("dtype", ["fp32"])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 def test_stage0_hand_over_to_the_fused_torch_optimizer_counts_a_skip_and_skips_only_it(run_ranks, dtype):
     run_ranks(2, ds_cases.case_stage0_fused_hand_over_counts_a_skipped_step, dtype, timeout_s=TIMEOUT)
 
