@@ -465,3 +465,31 @@ def case_two_jobs_nested_groups() -> list:
                 got = float(dist_clip.get_total_norm(model, p))
             out.append((abs(got - want) <= 1e-6 * want, calls.total))
     return out
+
+
+def case_padding_poisoned(kind: str, **fsdp_kwargs: Any) -> list[bool]:
+    """The zero padding fairscale FSDP appends to the last shards of each parameter, poisoned with 1e3 after the
+    backward: the norm for every p (module and named pieces) still equals the float64 unsharded reference, so the
+    padding is sliced off rather than relied on to be zero (a total taking it in counted 114 entries for 113 at
+    p=0). Returns whether this rank held padding."""
+    from fairscale.nn import FullyShardedDataParallel as FSDP
+
+    out = []
+    with cpu_stream_shim():
+        model, _, target = build(kind, **fsdp_kwargs)
+        loss_fn(model(batch(dist.get_rank(), 0, 0))).backward()
+        want_grads = Reference().grads(_batches(0))
+        padded = False
+        for m in model.modules():
+            if isinstance(m, FSDP):
+                for p, pad in zip(m.params, m.numel_padded_per_param):
+                    if pad and p.grad is not None:
+                        p.grad.view(-1)[p.grad.numel() - int(pad):] = 1e3
+                        padded = True
+        for p in P_ALL:
+            want = reference_norm(want_grads, p)
+            _close(float(dist_clip.get_total_norm(target, p)), want, 2e-6, f"{kind} p={p} poisoned padding")
+            report = dist_clip.GradClipper(max_norm=1e9, mode="per_param", norm_type=p)(target)
+            _close(float(report.total_norm), want, 2e-6, f"{kind} p={p} per_param poisoned padding")
+        out.append(padded)
+    return out

@@ -100,3 +100,9 @@ def test_adapter_requires_fairscale_by_name(monkeypatch):
 def test_an_expert_over_a_one_rank_group_is_refused(run_ranks):
     for got in run_ranks(2, fairscale_cases.case_solo_expert_refused):
         assert got == [True] * 5, got
+
+
+@pytest.mark.parametrize("kind,kwargs", [FSDP_SETUPS[0], FSDP_SETUPS[1]])
+def test_fsdp_padding_poisoned_is_left_out(run_ranks, kind, kwargs):
+    out = run_ranks(2, fairscale_cases.case_padding_poisoned, kind, timeout_s=TIMEOUT, **kwargs)
+    assert any(r[0] for r in out), out  # some rank held padding: the poison checked something
