@@ -1053,11 +1053,24 @@ def fsdp1_tiny(use_orig_params: bool) -> dict[str, Any]:
     return {"per_p": run_case(case), "nothing_here": held == 0}
 
 
-def fsdp1_tiny_float64(use_orig_params: bool) -> dict[str, Any]:
-    """The tiny model in float64: every rank returns the same float64 total, the padding-only ones included."""
+def fsdp1_tiny_float64(use_orig_params: bool, agree_on_host: bool = True) -> dict[str, Any]:
+    """The tiny model in float64: every rank returns the same float64 total, the padding-only ones included.
+
+    ``agree_on_host=False``: the ranks do not agree on the result's dtype through the collective, as on NCCL
+    (:func:`dist_clip._reduce.reduces_on_host` false): each rank's own pieces decide it, and a padding-only rank
+    under ``use_orig_params`` (no gradient at all) takes it from its handle's empty stand-in (without it, float32
+    there beside float64 elsewhere)."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    from dist_clip import ClipperConfig, GradClipper
+    from dist_clip import ClipperConfig, GradClipper, _reduce
+
+    if not agree_on_host:
+        real = _reduce.reduces_on_host
+        _reduce.reduces_on_host = lambda group, device: False  # type: ignore[assignment]
+        try:
+            return fsdp1_tiny_float64(use_orig_params)
+        finally:
+            _reduce.reduces_on_host = real  # (the ranks are reused)
 
     rank, ws = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)

@@ -266,10 +266,12 @@ def test_fsdp2_unsharded_parameters_in_agc_under_group(run_ranks) -> None:
     assert run_ranks(2, cases.fsdp2_unsharded_agc_under_group, timeout_s=90) == [[True] * 3] * 2
 
 
-@pytest.mark.parametrize("use_orig_params", [True, False])
-def test_fsdp1_float64_total_is_float64_on_every_rank(run_ranks, use_orig_params: bool) -> None:
-    """A float64 model over 4 ranks whose last shards are padding only: the same float64 total everywhere."""
-    results = run_ranks(4, cases.fsdp1_tiny_float64, use_orig_params, timeout_s=90)
+@pytest.mark.parametrize(("use_orig_params", "agree_on_host"), [(True, True), (False, True), (True, False),
+                                                              (False, False)])
+def test_fsdp1_float64_total_is_float64_on_every_rank(run_ranks, use_orig_params: bool, agree_on_host: bool) -> None:
+    """A float64 model over 4 ranks whose last shards are padding only: the same float64 total everywhere, also
+    where the ranks do not agree on the dtype through the collective (NCCL)."""
+    results = run_ranks(4, cases.fsdp1_tiny_float64, use_orig_params, agree_on_host, timeout_s=90)
     assert results[-1]["nothing_here"], "the last rank holds gradient: the case tests nothing"
     assert {r["dtype"] for r in results} == {r["clipper_dtype"] for r in results} == {"torch.float64"}, results
     assert len({r["total"] for r in results}) == 1, results
