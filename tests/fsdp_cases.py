@@ -1836,3 +1836,34 @@ def fsdp2_unsharded_agc_under_group() -> list[bool]:
     want = float(dist_clip.get_total_norm(model))
     return [_norm_close(results[0][0], want, 1e-6), _norm_close(results[1][0], want, 1e-6),
             all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))]
+
+
+def hsdp_shard_group_with_a_replicated_gradient() -> dict[str, Any]:
+    """4 ranks, an HSDP mesh (2 replicas x 2 shards), ``group=`` the rank's shard group, hand-made DTensors: a
+    (Replicate, Shard(0)) gradient beside a (Replicate, Replicate) one, which takes the full plan over the group.
+    Of a piece's copies the lowest rank *in the group* counts: the second replica's shard group (ranks 2-3) holds
+    none of the first replica's ranks, and counting the lowest copy overall (ranks 0 and 1) counted nothing there
+    (0.0 for 14.70 at p=2 on ranks 2-3). Every p, against float64 sums; the replicated copy clipped alike."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    hsdp = mesh((2, 2), ("rep", "shard"))
+    shard_group = hsdp.get_group("shard")
+    a, b = torch.arange(1.0, 9.0).reshape(4, 2), torch.full((3,), 2.0)
+
+    def param(full: Tensor, placements: list[Any]) -> nn.Parameter:  # noqa: ANN401
+        w = nn.Parameter(distribute_tensor(full + 1, hsdp, placements, src_data_rank=None))
+        w.grad = distribute_tensor(full.clone(), hsdp, placements, src_data_rank=None)
+        return w
+
+    out: dict[str, Any] = {}
+    for p in PS:
+        pa, pb = param(a, [Replicate(), Shard(0)]), param(b, [Replicate(), Replicate()])
+        want = reference_norm([a, b], p)
+        got = float(dist_clip.get_total_norm([pa, pb], p, group=shard_group))
+        out[f"p={p}"] = _norm_close(got, want, RTOL) or (got, want)
+    pa, pb = param(a, [Replicate(), Shard(0)]), param(b, [Replicate(), Replicate()])
+    want = reference_norm([a, b], 2.0)
+    total = float(dist_clip.clip_grad_norm_([pa, pb], 1.0, group=shard_group))
+    out["clip"] = _norm_close(total, want, RTOL) and bool(
+        torch.allclose(pb.grad._local_tensor, b / (want + 1e-6), rtol=1e-5))
+    return out

@@ -367,3 +367,8 @@ def test_stand_ins_keep_the_dtype_the_warning_and_listed_parameters(run_ranks) -
 def test_stand_ins_of_any_layout_and_a_list_empty_on_one_rank(run_ranks) -> None:
     for r in run_ranks(2, cases.stand_ins_of_any_layout_and_lists_empty_on_one_rank, timeout_s=120, pg_timeout_s=30):
         assert r == {"shard_placement_fn": True, "rowwise": True, "list empty on one rank": (True, True)}, r
+
+
+def test_hsdp_shard_group_counts_a_replicated_gradient_on_every_replica(run_ranks) -> None:
+    results = run_ranks(4, cases.hsdp_shard_group_with_a_replicated_gradient, timeout_s=90)
+    assert results == [{k: True for k in results[0]}] * 4 and len(results[0]) == 6, results
