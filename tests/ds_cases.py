@@ -990,3 +990,45 @@ def case_outside_the_optimizer_on_replicated_wrappers(dtype: str, grad_accum_dty
         (loss_fn(ref(batch(r, 0, 0).double())) / world).backward()
     got = float(dist_clip.get_total_norm(engine))
     return [abs(got - reference_norm([q.grad for q in ref.parameters()])) <= 2e-2 * got]
+
+
+class _WithUnused(torch.nn.Module):
+    """The tiny model beside a trainable layer the forward never reaches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_model()
+        self.unused = torch.nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def case_bf16_optimizer_reads_only_gradients_it_holds() -> dict:
+    """bf16 with fp32 gradient accumulation (DeepSpeed's ``BF16_Optimizer``, whole gradients): its fp32 gradient
+    buffers are kept across steps, zeroed, with ``fp32_groups_has_gradients`` telling which hold a gradient. The
+    first call on an engine after ``engine.step()`` (no backward since, and no backward counter installed yet to
+    tell) is refused: read as gradients, the zeroed buffers gave a total of 0 and nothing was clipped. A layer the
+    forward never reaches has no gradient anywhere and stays out of the report (it was listed with norm 0)."""
+    deepspeed = _quiet()
+    torch.manual_seed(0)
+    model = _WithUnused()
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    with contextlib.redirect_stdout(io.StringIO()):
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(1, dtype="bf16",
+                                                                                  grad_accum_dtype="fp32"))
+    assert type(engine.optimizer).__name__ == "BF16_Optimizer", type(engine.optimizer).__name__
+    rank = dist.get_rank()
+    out: dict[str, Any] = {}
+    engine.backward(loss_fn(engine(batch(rank, 0, 0).to(torch.bfloat16))))
+    engine.step()
+    try:
+        dist_clip.clip_grad_norm_(engine, 1.0)  # the first call on this engine: no backward counter yet
+    except RuntimeError as e:
+        out["after step"] = "holds no reduced gradients" in str(e)
+    else:
+        out["after step"] = "accepted"
+    engine.backward(loss_fn(engine(batch(rank, 1, 0).to(torch.bfloat16))))
+    r = dist_clip.GradClipper(max_norm=1e9, report=True)(engine)
+    out["reported"] = sorted(r.norms or {})
+    return out

@@ -234,3 +234,9 @@ def test_bad_input_on_one_rank_is_refused_on_every_rank(run_ranks, stage):
     a, b = run_ranks(2, ds_cases.case_bad_input_on_one_rank, stage, timeout_s=TIMEOUT)
     assert a == ["refused", True, "TypeError", True], a
     assert b == ["ValueError", True, "refused", True], b
+
+
+def test_bf16_optimizer_reads_only_the_gradients_it_holds(run_ranks):
+    names = [f"net.{i}.{w}" for i in (0, 2, 4) for w in ("bias", "weight")]
+    want = {"reported": sorted(names), "after step": True}
+    assert run_ranks(2, ds_cases.case_bf16_optimizer_reads_only_gradients_it_holds, timeout_s=TIMEOUT) == [want] * 2
