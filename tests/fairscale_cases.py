@@ -373,6 +373,74 @@ def case_sdp_trainable_outside_oss() -> list:
     return out
 
 
+def case_sdp_trainable_not_reduced() -> list:
+    """ShardedDataParallel over a model whose ``0.*`` parameters are in its OSS but not reduced by it:
+
+    * frozen at first, then unfrozen and added by ``OSS.add_param_group`` (fairscale's fine-tuning recipe) with
+      ``sdp.refresh_trainable()``: ShardedDDP keeps the parameter list it read from its optimizers when it was
+      built and never reduces them; the norm took the owner's own gradient, 1.2910 for the float64 reference's
+      1.2193 (the check looked only at the OSS param groups, which hold them);
+    * in the OSS from the start but frozen, then unfrozen under ``auto_refresh_trainable=False`` without
+      ``refresh_trainable()``: no reduce hook, 1.2158 for 1.2193.
+
+    Each is a ValueError on every rank before any collective, gradients untouched; a ShardedDataParallel built
+    again after ``add_param_group`` (and the refresh, in the second) measures the reference exactly."""
+    from fairscale.nn.data_parallel import ShardedDataParallel
+    from fairscale.optim import OSS
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out: list = []
+    for how in ("add_param_group", "no_refresh"):
+        model = make_model(0)
+        model[0].requires_grad_(False)
+        params = list(model.parameters()) if how == "no_refresh" else [q for q in model.parameters() if q.requires_grad]
+        opt = OSS(params, optim=torch.optim.SGD, lr=LR)
+        sdp = ShardedDataParallel(model, opt, reduce_buffer_size=0, auto_refresh_trainable=how != "no_refresh")
+        loss_fn(sdp(batch(rank, 0, 0))).backward()
+        opt.step()
+        opt.zero_grad()
+        model[0].requires_grad_(True)
+        if how == "add_param_group":
+            opt.add_param_group({"params": list(model[0].parameters())})
+            sdp.refresh_trainable()
+        loss_fn(sdp(batch(rank, 1, 0))).backward()
+        ref = make_model(0).double()
+        with torch.no_grad():
+            for a, b in zip(ref.parameters(), model.parameters()):
+                a.copy_(b)
+        torch.stack([loss_fn(ref(batch(r, 1, 0).double())) for r in range(world)]).mean().backward()
+        want = reference_norm([q.grad for q in ref.parameters()], 2.0)
+        before = [q.grad.clone() for q in model.parameters() if q.grad is not None]
+        expected = "added to an OSS optimizer (add_param_group)" if how == "add_param_group" else "last refreshed"
+        with count_collectives() as c:
+            refused = outcome(lambda s=sdp: dist_clip.clip_grad_norm_(s, 1.0), ValueError,
+                              lambda m, e=expected: m.startswith("0.weight, 0.bias require gradients") and e in m)
+        untouched = all(torch.equal(b, q.grad) for b, q in zip(before, [q for q in model.parameters()
+                                                                         if q.grad is not None]))
+        out.append((how, refused, c.total, untouched))
+        opt.zero_grad()
+        if how == "add_param_group":
+            sdp = ShardedDataParallel(model, opt, reduce_buffer_size=0)
+        else:
+            sdp.refresh_trainable()
+        loss_fn(sdp(batch(rank, 1, 0))).backward()
+        _close(float(dist_clip.get_total_norm(sdp)), want, 2e-6, f"{how}, then rebuilt or refreshed")
+    # Under auto_refresh_trainable (the default), a layer unfrozen after the backward, before the clip, has no
+    # gradient from it and is refreshed at the next forward: measured, not refused.
+    model = make_model(0)
+    model[0].requires_grad_(False)
+    opt = OSS(list(model.parameters()), optim=torch.optim.SGD, lr=LR)
+    sdp = ShardedDataParallel(model, opt, reduce_buffer_size=0)
+    loss_fn(sdp(batch(rank, 0, 0))).backward()
+    model[0].requires_grad_(True)
+    ref = make_model(0).double()
+    ref[0].requires_grad_(False)
+    torch.stack([loss_fn(ref(batch(r, 0, 0).double())) for r in range(world)]).mean().backward()
+    want = reference_norm([q.grad for q in ref.parameters() if q.grad is not None], 2.0)
+    _close(float(dist_clip.clip_grad_norm_(sdp, 1e30)), want, 2e-6, "unfrozen after the backward")
+    return out
+
+
 def case_sdp_forward_after_backward() -> dict:
     """A synchronised backward, then a forward under ``torch.no_grad()`` in train mode (a logging forward), then
     the clip: ShardedDDP's forward marks every parameter as waiting for its reduce again, and the call was

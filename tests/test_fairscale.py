@@ -65,6 +65,11 @@ def test_sdp_trainable_parameters_outside_its_oss_are_refused(run_ranks):
     assert out[0] == out[1] == [(True, 0, True)] * 4 * len(fairscale_cases.P_ALL), out
 
 
+def test_sdp_trainable_parameters_it_does_not_reduce_are_refused(run_ranks):
+    out = run_ranks(2, fairscale_cases.case_sdp_trainable_not_reduced, timeout_s=TIMEOUT)
+    assert out[0] == out[1] == [("add_param_group", True, 0, True), ("no_refresh", True, 0, True)], out
+
+
 def test_sdp_forward_without_backward_after_the_backward_is_measured(run_ranks):
     out = run_ranks(2, fairscale_cases.case_sdp_forward_after_backward, timeout_s=TIMEOUT)
     assert out[0] == out[1], out

@@ -175,20 +175,56 @@ def _check_synced(target: object) -> None:
 
 
 def _check_sdp_trainable(target: Any) -> None:
-    """ValueError for a parameter of a ShardedDataParallel's module that requires a gradient but is in none of
-    its OSS optimizers: ShardedDataParallel reduces only the gradients of the optimizers' parameters, and OSS
-    steps only those, so its ``.grad`` is each rank's own; the norm was silently taken without it (9.57 for
-    9.83, its name left out of reports, its gradient unclipped), as DeepSpeed's ZeRO check refuses alike. Every
-    rank holds the same module and optimizers, so every rank raises together, before any collective."""
+    """ValueError for a parameter of a ShardedDataParallel's module that requires a gradient but whose gradient
+    ShardedDataParallel does not reduce: one in none of its OSS optimizers (nor does OSS step it), one added to
+    an OSS by ``add_param_group`` after ShardedDataParallel was built (it keeps the parameter list it read from
+    its optimizers then: ``refresh_trainable()`` never reduces the new one, and OSS steps its owner's own
+    gradient), or one unfrozen since ShardedDataParallel last refreshed (``auto_refresh_trainable=False``
+    without ``refresh_trainable()``: no reduce hook; under the default every forward refreshes). Its ``.grad``
+    is each rank's own; the norm was silently taken without it (9.57 for 9.83, its name left out of reports, its
+    gradient unclipped), or with the owner's own gradient (1.2910 for 1.2193 after ``add_param_group``, 1.2158
+    after an unfreeze without refresh), as DeepSpeed's ZeRO check refuses alike. Every rank holds the same module
+    and optimizers, so every rank raises together, before any collective."""
     held = {id(p) for opt in target._sharded_optimizers for g in opt.param_groups for p in g["params"]}
-    outside = [_clean(n) for n, p in target.module.named_parameters() if p.requires_grad and id(p) not in held]
+    # What ShardedDataParallel reduces: its own list, read from the optimizers when it was built, narrowed at
+    # each refresh to the parameters requiring a gradient then (empty before its first forward: not narrowed).
+    # Under auto_refresh_trainable (the default) every forward refreshes it where a flag changed, so a parameter
+    # outside it was unfrozen after the last forward and has no gradient from it: not refused.
+    known = {id(p) for p in getattr(target, "_all_params", ())}
+    refreshing = getattr(target, "_auto_refresh_trainable", True)
+    trainable = set() if refreshing else {id(p) for p in getattr(target, "_trainable_params", ())}
+    outside, stale, frozen = [], [], []
+    for n, p in target.module.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) not in held:
+            outside.append(_clean(n))
+        elif id(p) not in known:
+            stale.append(_clean(n))
+        elif trainable and id(p) not in trainable:
+            frozen.append(_clean(n))
+
+    def listed(names: list[str]) -> str:
+        return f"{', '.join(names[:5])}{f' and {len(names) - 5} more' if len(names) > 5 else ''}"
+
+    why = "so their gradients are each rank's own and the norm of the model cannot include them"
     if outside:
-        more = f" and {len(outside) - 5} more" if len(outside) > 5 else ""
         raise ValueError(
-            f"{', '.join(outside[:5])}{more} require gradients but are in no param group of the ShardedDataParallel's "
-            "OSS optimizers: ShardedDataParallel neither reduces them nor does OSS step them, so their gradients "
-            "are each rank's own and the norm of the model cannot include them. Give them to the OSS optimizer, "
-            "or set requires_grad=False"
+            f"{listed(outside)} require gradients but are in no param group of the ShardedDataParallel's OSS "
+            f"optimizers: ShardedDataParallel neither reduces them nor does OSS step them, {why}. Give them to the "
+            "OSS optimizer, or set requires_grad=False"
+        )
+    if stale:
+        raise ValueError(
+            f"{listed(stale)} require gradients but were added to an OSS optimizer (add_param_group) after the "
+            f"ShardedDataParallel was built: it reduces only the parameters its optimizers held then, {why}. Build "
+            "the ShardedDataParallel again after add_param_group"
+        )
+    if frozen:
+        raise ValueError(
+            f"{listed(frozen)} require gradients but did not when the ShardedDataParallel last refreshed its "
+            f"trainable parameters: it does not reduce them, {why}. Call sdp.refresh_trainable() after changing "
+            "requires_grad (before the forward), or leave auto_refresh_trainable=True"
         )
 
 
