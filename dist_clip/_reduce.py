@@ -149,9 +149,12 @@ def reduces_on_host(group: dist.ProcessGroup | None, device: torch.device) -> bo
 
 
 def home_device(tensors: Iterable[Tensor], group: dist.ProcessGroup | None) -> torch.device:
-    """Where a call's result lives: the first piece's device, else where ``group`` reduces, else the CPU."""
+    """Where a call's result lives: the first piece's device, else where ``group`` reduces, else the CPU. Meta
+    pieces hold no data and are passed over: a rank whose first piece was one built its buffer there, and the
+    error measuring it raised on that rank alone, before it could join the others' collective."""
     for t in tensors:
-        return t.device
+        if t.device.type != "meta":
+            return t.device
     if group is not None:
         table = backends(group)
         if "cuda" in table and table.get("cpu") != table["cuda"] and torch.cuda.is_initialized():

@@ -575,8 +575,8 @@ class RefusedElsewhere(RuntimeError):
 
 
 REFUSED = (
-    "another rank of this call refused its input before the collective (its own ValueError or TypeError says "
-    "why) and joined only to say so: every rank raises together instead of waiting for the timeout"
+    "another rank of this call refused its input before the collective (its own error, a ValueError or TypeError "
+    "for bad input, says why) and joined only to say so: every rank raises together instead of waiting for the timeout"
 )
 
 
@@ -664,7 +664,8 @@ def measure(
         refused: this rank found bad input and joins only so that the others do not wait: nothing is measured,
             its fingerprint is NaN, and every rank raises ``RuntimeError`` (:data:`REFUSED`) on the CPU (NaN norms
             elsewhere, no sync); the caller then raises its own error. A ``ValueError`` or ``TypeError`` found
-            while measuring (an integer gradient, a piece under an unknown name) joins the same way by itself,
+            while measuring (an integer gradient, a piece under an unknown name), or any other error there (a meta
+            gradient's ``NotImplementedError``), joins the same way by itself,
             where the payload carries a fingerprint (a layout or settings, a group of more than one rank), and is
             raised after the collective.
         settings: the call's settings every rank must share (norm order, mode, limit, ...), checked with the
@@ -679,7 +680,7 @@ def measure(
     device = _reduce.home_device((t for s in shards for t in s.tensors), red)
     check = (layout is not None or bool(settings)) and red is not None and _reduce.group_size(red) > 1
     pick = slot_of if slot_of is not None else (lambda _n, _i: 0)
-    error: ValueError | TypeError | None = None
+    error: Exception | None = None
     if not refused:
         try:
             scale = common_loss_scale(shards)
@@ -699,7 +700,7 @@ def measure(
                     if s.counted and (s.group is not None or first):
                         for i in range(len(s.tensors)):
                             seen[pick(s.names[i] if s.names else "", i)] += 1
-        except (ValueError, TypeError) as e:
+        except Exception as e:  # noqa: BLE001 - any error of this rank's measuring (see clip._wide_total)
             if not check:  # no fingerprint to say so: joining with zeros would be a silent wrong answer
                 raise
             error = e  # bad input on this rank only, perhaps: join the others' collective, then raise it

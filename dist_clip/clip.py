@@ -202,8 +202,9 @@ def _wide_total(
     ``refused``: this rank found bad input before the call (see :func:`_refuse_together`): nothing is measured,
     the payload the other ranks send is sent with a NaN fingerprint, and every rank raises ``RuntimeError``
     (:data:`dist_clip._slots.REFUSED`) on the CPU; elsewhere their norms are NaN (no host sync). A ``ValueError``
-    or ``TypeError`` found while measuring (an integer gradient on this rank only) joins the same way, then is
-    raised here: a rank that raised before the collective, caught it and called again paired its next call with
+    or ``TypeError`` found while measuring (an integer gradient on this rank only), or any other error of this
+    rank's measuring (a meta gradient's ``NotImplementedError``), joins the same way, then
+    is raised here: a rank that raised before the collective, caught it and called again paired its next call with
     the others' current one (a total of two steps, and every later call misaligned, silently)."""
     group = _reduce.reduction_group(s.group for s in shards)
     if everything is None:
@@ -214,7 +215,7 @@ def _wide_total(
     # the CPU, NaN elsewhere. None where nothing is combined (one process, DDP): no string to build, and bad input
     # raises here alone.
     check = group is not None and _reduce.group_size(group) > 1
-    error: ValueError | TypeError | None = None
+    error: Exception | None = None
     scale, out = 1.0, torch.float32
     if not refused:
         try:
@@ -227,7 +228,10 @@ def _wide_total(
                 groups = None
             partial = local_total_partial(counted, p, foreach, home, groups)
             out = _result_dtype(everything, everything_groups)
-        except (ValueError, TypeError) as e:
+        except Exception as e:  # noqa: BLE001 - any error of this rank's alone joins, then is raised below
+            # (not only bad input: a meta gradient's NotImplementedError on one rank, caught by
+            # a loop that skips the batch, left the others in the collective and paired this rank's next call
+            # with their current one: 5.683058 on both ranks for 5.399326 and 6.132488, silently)
             if not check:
                 raise
             error, refused, scale = e, True, 1.0

@@ -882,7 +882,7 @@ class GradClipper:
                                layout=named.names if named is not None else None, extra=membership,
                                result_dtype=_clip._result_dtype([t for s in shards for t in s.tensors], None),
                                settings=settings)
-        except (ValueError, TypeError, RuntimeError) as e:
+        except Exception as e:  # (any error measuring may have joined: see _slots.measure)
             if getattr(e, "dist_clip_joined", False) or isinstance(e, _slots.RefusedElsewhere):
                 self._count_refused_call(getattr(e, "dist_clip_others_counted", False))
             raise

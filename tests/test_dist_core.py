@@ -825,6 +825,20 @@ def _refusal_call(case: str, full: list, bad: bool, p: float):
         return lambda: dist_clip.clip_grad_norm_(wrong if bad else mine, 1e9, p, group=world_group).item()
     if case == "total_int_grad":
         return lambda: dist_clip.get_total_norm(wrong if bad else mine, p, group=world_group).item()
+    # A gradient this rank cannot measure for another reason than bad input (a meta tensor: torch's
+    # NotImplementedError): it raised alone, the others waited in the collective, and a rank
+    # that caught it paired its next call with their current one (5.683058 on both for 5.399326 and 6.132488).
+    meta = [torch.empty(3, device="meta")] + mine
+    if case == "total_meta_grad":
+        return lambda: dist_clip.get_total_norm(meta if bad else mine, p, group=world_group).item()
+    if case == "clip_meta_grad":
+        return lambda: dist_clip.clip_grad_norm_(meta if bad else mine, 1e9, p, group=world_group).item()
+    if case == "clipper_per_param_meta":
+        named = _named_pieces(full, rank, world)
+        if bad:
+            named["g1"] = torch.empty(2, device="meta")
+        clipper = GradClipper(max_norm=1e9, norm_type=p, mode="per_param")
+        return lambda: clipper(named, group=world_group).total_norm.item()
     if case == "total_foreach":  # refused before measuring (the int gradient above fails while measuring)
         return lambda: dist_clip.get_total_norm(mine, p, foreach="yes" if bad else None, group=world_group).item()
     if case == "clipper_total_skip":  # on_nonfinite="skip" without optimizer=: refused before measuring
@@ -854,6 +868,8 @@ def _attempt(call) -> tuple:
     with count_collectives() as calls:
         try:
             got = call()
+        except NotImplementedError as e:  # (a RuntimeError: this rank's own, not a peer's refusal)
+            got = type(e).__name__
         except RuntimeError as e:
             got = "refused" if _is_refused(e) else f"RuntimeError: {e}"
         except (ValueError, TypeError) as e:
@@ -886,6 +902,7 @@ def body_refuse_then_continue(case: str, bad_rank: int, p: float, all_refuse: bo
 def _refusal_expected(case: str, world: int, bad_rank: int, all_refuse: bool = False) -> list:
     own = ("TypeError" if case in ("clip_int_grad", "total_int_grad", "total_foreach", "clipper_per_param_int",
                                    "clipper_report_str")
+           else "NotImplementedError" if case.endswith("_meta_grad") or case.endswith("_meta")
            else "ValueError")
     return [
         [(own if r == bad_rank else "refused", 1)] + ([(own, 1)] if all_refuse else []) + [(True, 1)]
@@ -907,15 +924,19 @@ def _refusal_expected(case: str, world: int, bad_rank: int, all_refuse: bool = F
         ("clipper_per_group_limit", 2.0),
         ("clipper_per_group_limit", math.inf),
         ("clipper_report_str", 2.0),
+        ("total_meta_grad", 2.0),
+        ("clip_meta_grad", math.inf),
+        ("clipper_per_param_meta", 2.0),
     ],
 )
 def test_bad_input_on_one_rank_raises_on_every_rank_and_the_next_call_is_aligned(run_ranks, case, p):
     assert run_ranks(2, body_refuse_then_continue, case, 1, p) == _refusal_expected(case, 2, 1)
 
 
-@pytest.mark.parametrize("case,bad_rank,p", [("total_int_grad", 2, 2.0), ("clip_max_norm", 1, math.inf)])
+@pytest.mark.parametrize("case,bad_rank,p", [("total_int_grad", 2, 2.0), ("clip_max_norm", 1, math.inf),
+                                             ("total_meta_grad", 2, 2.0)])
 def test_bad_input_on_one_of_three_ranks(run_ranks, case, bad_rank, p):
-    # Rank 2 holds no gradient of its own at 3 ranks: its only piece is the integer one.
+    # Rank 2 holds no gradient of its own at 3 ranks: its only piece is the integer (or meta) one.
     assert run_ranks(3, body_refuse_then_continue, case, bad_rank, p) == _refusal_expected(case, 3, bad_rank)
 
 
