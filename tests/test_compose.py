@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -200,8 +201,9 @@ def body_bad_plans() -> list[str]:
     pp, tp = divmod(rank, 2)
     full = full_model_grads(21)
     messages = []
+    plan_again = pp_tp_plan(rules=(Rule("*"),), debug=True)
     for plan in (
-        pp_tp_plan(rules=(Rule("*"),), debug=True),  # norms duplicated over tp, counted twice
+        plan_again,  # norms duplicated over tp, counted twice
         pp_tp_plan(tied=(), names=(*full_model_grads(0), "output.weight"), debug=True),  # tie forgotten
         pp_tp_plan(rules=(Rule("*", replicate=("tp",)),), debug=True),  # tp shards taken for copies
     ):
@@ -210,6 +212,25 @@ def body_bad_plans() -> list[str]:
             messages.append("no error")
         except RuntimeError as e:
             messages.append(str(e))
+    # A failed audit, caught, audits the next call again: marking the plan checked after a failure let the same
+    # over-count through silently from the second step on.
+    try:
+        GradClipper(max_norm=1.0)(pp_tp_pieces(full, pp, tp), plan=plan_again)
+        messages.append("no error")
+    except RuntimeError as e:
+        messages.append(str(e))
+    # The audit compares the one-collective norm with its all-gathered reference too, beyond counting: a total
+    # off by 1e-3 with every piece counted once is a failure.
+    right = pp_tp_plan(debug=True)
+    named = right.named_shards(pp_tp_pieces(full, pp, tp))
+    want = reference_norm(list(full.values()))
+    try:
+        right.check_once(named.shards, SimpleNamespace(total=torch.tensor(want * (1 + 1e-3), dtype=torch.float64)),
+                         2.0)
+        messages.append("no error")
+    except RuntimeError as e:
+        messages.append(str(e))
+    right.check_once(named.shards, SimpleNamespace(total=torch.tensor(want, dtype=torch.float64)), 2.0)
     return messages
 
 
@@ -221,7 +242,9 @@ def test_pipeline_and_tensor_parallel(run_ranks):
 def test_debug_mode_catches_over_and_under_counting(run_ranks):
     results = run_ranks(4, body_bad_plans)
     assert all(r == results[0] for r in results), "ranks disagree"
-    over_norm, over_tie, under = results[0]
+    over_norm, over_tie, under, over_again, off_norm = results[0]
+    assert "over-counted" in over_again and "norm.weight" in over_again, over_again
+    assert "differs from the all-gathered reference" in off_norm, off_norm
     assert "over-counted" in over_norm and "norm.weight" in over_norm, over_norm
     assert "over-counted" in over_tie and "output.weight" in over_tie and "embed.weight" in over_tie, over_tie
     assert "under-counted" in under and "w1.weight" in under, under
@@ -1202,3 +1225,65 @@ def test_plan_arguments_are_taken_as_meant_or_refused(run_ranks):
     for msg in (results[0][-1], results[1][-1]):
         assert "disagree on the target's parameter names" in msg and "unit-wise clipping takes no plan=" in msg, msg
         assert "pass a dist_clip.ParallelPlan" not in msg, msg
+
+
+# ------------------------------------------------------------------------------------------ replicate= over DTensors
+
+
+def body_replicate_rule_over_tp_dtensors() -> list[float]:
+    """Data-parallel replicas of a tensor-parallel module whose gradients are DTensors on mesh["tp"], under
+    ``Rule("*", replicate=("dp",))``: with replicate= the siblings inference is off, and a DTensor piece counts on
+    dp = 0 wherever its own mesh coordinate is 0 along its Replicate placements (the norm weight on tp = 0), on
+    every coordinate along its Shard placements (both tp halves of w). Counting along the Shard placements
+    instead counted the norm weight on both tp ranks and w's tp = 1 half on none (7.74 for 10.81 at p = 2)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    mesh = cases.mesh((2, 2), ("dp", "tp"))
+    _, tp = mesh.get_coordinate()
+    g = torch.Generator().manual_seed(41)
+    full = {"norm.weight": torch.randn(5, generator=g, dtype=torch.float64),
+            "w.weight": torch.randn(6, 5, generator=g, dtype=torch.float64) * 2}
+    out = []
+    def pieces() -> dict[str, torch.Tensor]:
+        return {
+            "norm.weight": DTensor.from_local(full["norm.weight"].float().clone(), mesh["tp"], [Replicate()],
+                                              run_check=False),
+            "w.weight": DTensor.from_local(full["w.weight"].chunk(2, dim=0)[tp].float().clone(), mesh["tp"],
+                                           [Shard(0)], run_check=False),
+        }
+
+    plan = ParallelPlan(mesh, names=tuple(full), rules=(Rule("*", replicate=("dp",)),))
+    for p in (2.0, 1.0, math.inf, 0.0):
+        out.append(_check_layout(pieces(), full, plan, p, "total", 0.5))
+        out.append(_check_layout(pieces(), full, plan, p, "per_param", 0.8))
+    return out
+
+
+def test_a_replicate_rule_counts_dtensor_pieces_by_their_placements(run_ranks):
+    results = run_ranks(4, body_replicate_rule_over_tp_dtensors)
+    assert all(r == results[0] for r in results), results
+
+
+def body_plans_over_group_sub_meshes() -> list[float]:
+    """Two jobs side by side on (0, 1) and (2, 3), each with a plan over its own slice of the mesh and group= that
+    slice's group: each job's total is its own model's, reduced over its two ranks only (over the world, the
+    two jobs' partials were summed into one total: 17.50 on every rank for 5.52 and 16.60)."""
+    mesh = cases.mesh((2, 2), ("job", "tp"))
+    job, tp = mesh.get_coordinate()
+    g = torch.Generator().manual_seed(60 + job)
+    full = {"norm.weight": torch.randn(4, generator=g, dtype=torch.float64) * (1 + 3 * job),
+            "w.weight": torch.randn(6, 4, generator=g, dtype=torch.float64) * (1 + 3 * job)}
+    plan = ParallelPlan(mesh["tp"], names=tuple(full), rules=(Rule("norm.*", replicate=("tp",)), Rule("*")),
+                        group=mesh.get_group("tp"))
+    out = [float(job)]
+    for p in (2.0, math.inf):
+        for mode, max_norm in (("total", 0.5), ("per_param", 0.8)):
+            pieces = {"norm.weight": full["norm.weight"].float().clone(),
+                      "w.weight": full["w.weight"].chunk(2, dim=0)[tp].float().clone()}
+            out.append(_check_layout(pieces, full, plan, p, mode, max_norm))
+    return out
+
+
+def test_plans_with_group_over_a_slice_of_the_world_reduce_over_that_group(run_ranks):
+    results = run_ranks(4, body_plans_over_group_sub_meshes)
+    assert results[0] == results[1] and results[2] == results[3] and results[0] != results[2], results
