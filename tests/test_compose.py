@@ -1125,6 +1125,15 @@ def body_ep_over_fsdp2_flattened() -> list:
                 assert torch.allclose(q.grad.full_tensor().double(), full[n] * coef, rtol=1e-5, atol=1e-7), (p, n)
                 q.grad._local_tensor.copy_(saved[n])
             out.append(round(r.total_norm.item(), 5))
+    # With replicate= (here over a pipeline dim of one stage), the siblings inference is off: the experts count on
+    # every ep slice without distinct=, and the dense layer once (the inference under replicate= took the ep slices
+    # for copies of the experts: ep = 0 only, 6.06 for 8.14).
+    plan = ParallelPlan(cases.mesh((1, 2, 2), ("pp", "dp", "ep")), names=names, rules=(Rule("*", replicate=("pp",)),))
+    want = reference_norm(list(full.values()), 2.0)
+    r = GradClipper(max_norm=1e9, report=True)(stage, plan=plan)
+    assert r.total_norm.item() == pytest.approx(want, rel=1e-6), (r.total_norm.item(), want)
+    assert r.norms == pytest.approx({n: reference_norm([t], 2.0) for n, t in full.items()}, rel=1e-5)
+    out.append(round(r.total_norm.item(), 5))
     # The README's former recipe, Rule("moe.*"): the audit names distinct= in its advice.
     plan = ParallelPlan(mesh, names=names, rules=(Rule("moe.*"), Rule("*")), debug=True)
     with pytest.raises(RuntimeError, match="under-counted") as caught:
