@@ -604,6 +604,42 @@ def test_ddp_groups_unitwise_with_a_wider_group(run_ranks):
     assert run_ranks(4, body_ddp_groups_unitwise) == [[(0, True, True)] * 2] * 4
 
 
+def body_fsdp1_no_shard_unitwise_under_a_wider_group() -> list:
+    """FSDP1 NO_SHARD keeps whole, identical gradients on every rank: unit-wise clipping with group= the world counts
+    each copy once (the first rank of its process group within the group), as without group=. Counting every
+    copy gave the total and every reported norm sqrt(2) too large on two ranks (6.02 for 4.26)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import ShardingStrategy
+
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = FSDP(nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)),
+                 sharding_strategy=ShardingStrategy.NO_SHARD, device_id=torch.device("cpu"))
+    model(torch.randn(5, 4, generator=torch.Generator().manual_seed(rank))).square().sum().backward()
+    saved = [q.grad.clone() for q in model.parameters()]
+    want = reference_norm(saved, 2.0)
+    out = []
+    clipped = []
+    for group in (None, dist.group.WORLD):
+        for q, g in zip(model.parameters(), saved):
+            q.grad.copy_(g)
+        with count_collectives() as calls:
+            res = dist_clip.GradClipper(mode="unitwise", agc=dist_clip.AGC(0.05), report=True)(model, group=group)
+        out.append((group is None or calls.total == 1, abs(float(res.total_norm) - want) <= 1e-6 * want))
+        out.append(sorted(round(v, 5) for v in res.norms.values()))
+        clipped.append([q.grad.clone() for q in model.parameters()])
+    out.append(all(torch.equal(a, b) for a, b in zip(*clipped)))
+    return out
+
+
+def test_fsdp1_no_shard_unitwise_under_a_wider_group_counts_each_copy_once(run_ranks):
+    results = run_ranks(2, body_fsdp1_no_shard_unitwise_under_a_wider_group)
+    assert results[0] == results[1], results
+    alone, _, wide, _, same = results[0]
+    assert alone == wide == (True, True) and same, results[0]
+    assert results[0][1] == results[0][3], results[0]
+
+
 def body_settings_disagree() -> list:
     """Ranks calling with different settings (norm_type 2 here and 1 there; max_norm; a GradClipper with another
     limit, adaptive threshold or its state's length, group limit, mode or order) each returned their own wrong
