@@ -403,7 +403,9 @@ def body_stage_modules_without_plan() -> list[str]:
     stage(torch.randn(3, 4)).square().sum().backward()
     group = dist.group.WORLD
     out = []
-    for kwargs in ({"mode": "per_param", "max_norm": 0.1}, {"report": True}, {"mode": "unitwise"}):
+    # (norm_type=inf: the fingerprint combines by MAX there, checked as max(d) == -max(-d))
+    for kwargs in ({"mode": "per_param", "max_norm": 0.1}, {"report": True}, {"mode": "unitwise"},
+                   {"mode": "per_param", "max_norm": 0.1, "norm_type": math.inf}):
         try:
             GradClipper(**kwargs)(stage, group=group)
         except RuntimeError as e:
@@ -421,8 +423,8 @@ def body_stage_modules_without_plan() -> list[str]:
 
 def test_ranks_disagreeing_on_names_raise_everywhere(run_ranks):
     for messages in run_ranks(2, body_stage_modules_without_plan):
-        assert all("disagree on the target's parameter names" in m for m in messages[:3]), messages
-        assert float(messages[3]) < 1e-6, messages
+        assert all("disagree on the target's parameter names" in m for m in messages[:4]), messages
+        assert float(messages[4]) < 1e-6, messages
 
 
 def test_wrapper_parts_are_dropped_from_names_as_whole_parts_only():
