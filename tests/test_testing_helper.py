@@ -376,3 +376,22 @@ def test_a_bf16_wrapper_5_percent_off_fails_the_default_tolerance():
     assert_clip_matches_unsharded(build, lambda m: m, batch, max_norm=0.1)  # the same model passes
     with pytest.raises(AssertionError, match="total norm"):
         assert_clip_matches_unsharded(build, wrap, batch, max_norm=0.1)
+
+
+class _HalfBf16(nn.Module):
+    """A float32 layer feeding a bf16 one (a model partly cast to bf16)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 3).to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)).to(self.b.weight.dtype))
+
+
+def test_a_model_holding_float32_and_bf16_parameters_takes_the_bf16_tolerance():
+    """rtol=None follows the lowest precision a model holds: a float32 layer beside a bf16 one differs from the
+    float64 model by bf16 roundings (the float32 tolerance, 1e-5, failed this correct setup)."""
+    assert_clip_matches_unsharded(_HalfBf16, lambda m: m, _batch4, max_norm=0.05)
+    assert_clip_matches_unsharded(_HalfBf16, lambda m: m, _batch4, max_norm=0.02, mode="per_param")
