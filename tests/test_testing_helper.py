@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from dist_clip import AGC
-from dist_clip.testing import assert_clip_matches_unsharded
+from dist_clip.testing import assert_clip_matches_unsharded, reference_norm
 from tests import beyond_cases as cases
 
 
@@ -395,3 +395,15 @@ def test_a_model_holding_float32_and_bf16_parameters_takes_the_bf16_tolerance():
     float64 model by bf16 roundings (the float32 tolerance, 1e-5, failed this correct setup)."""
     assert_clip_matches_unsharded(_HalfBf16, lambda m: m, _batch4, max_norm=0.05)
     assert_clip_matches_unsharded(_HalfBf16, lambda m: m, _batch4, max_norm=0.02, mode="per_param")
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0, 2.0, math.inf])
+def test_reference_norm_of_a_nan_gradient_is_nan_for_every_order_as_dist_clip_gives(p):
+    """NaN anywhere gives NaN for every order, L0 included (vector_norm counts a NaN as one non-zero: 3.0 here)."""
+    import dist_clip
+
+    grads = [torch.tensor([float("nan"), 1.0, 0.0]), torch.tensor([3.0])]
+    assert math.isnan(reference_norm(grads, p)), reference_norm(grads, p)
+    assert math.isnan(float(dist_clip.get_total_norm([g.clone() for g in grads], p)))
+    assert reference_norm([torch.tensor([0.0, 1.0, 0.0]), torch.tensor([3.0])], p) == pytest.approx(
+        {0.0: 2.0, 1.0: 4.0, 2.0: math.sqrt(10.0), math.inf: 3.0}[p])
