@@ -640,6 +640,41 @@ def test_fsdp1_no_shard_unitwise_under_a_wider_group_counts_each_copy_once(run_r
     assert results[0][1] == results[0][3], results[0]
 
 
+def body_fsdp1_hybrid_unitwise_under_the_world() -> list:
+    """FSDP1 HYBRID_SHARD on 2 x 2 ranks, unit-wise with group= the world: its shards times its replicas span the
+    whole group, so it is no pipeline stage and measures (the first replica counts) as without group=, the same
+    total and the same clipped pieces; taking it for a stage refused it with NotImplementedError."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import ShardingStrategy
+
+    from tests import beyond_cases as cases
+
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = FSDP(nn.Sequential(nn.Linear(4, 7), nn.Tanh(), nn.Linear(7, 3)), device_id=torch.device("cpu"),
+                 sharding_strategy=ShardingStrategy.HYBRID_SHARD,
+                 device_mesh=cases.mesh((2, 2), ("replicate", "shard")))
+    model(torch.randn(5, 4, generator=torch.Generator().manual_seed(rank))).square().sum().backward()
+    saved = [q.grad.clone() for q in model.parameters()]
+    out = []
+    clipped = []
+    for group in (None, dist.group.WORLD):
+        for q, g in zip(model.parameters(), saved):
+            q.grad.copy_(g)
+        res = dist_clip.GradClipper(mode="unitwise", agc=dist_clip.AGC(0.05))(model, group=group)
+        out.append(round(float(res.total_norm), 5))
+        clipped.append([q.grad.clone() for q in model.parameters()])
+    out.append(all(torch.allclose(a, b, rtol=1e-6, atol=0) for a, b in zip(*clipped)))
+    out.append(not all(torch.equal(a, g) for a, g in zip(clipped[0], saved)))
+    return out
+
+
+def test_fsdp1_hybrid_unitwise_under_the_world_is_no_pipeline_stage(run_ranks):
+    results = run_ranks(4, body_fsdp1_hybrid_unitwise_under_the_world)
+    assert all(r == results[0] for r in results), results
+    assert results[0][0] == results[0][1] and results[0][2:] == [True, True], results[0]
+
+
 def body_settings_disagree() -> list:
     """Ranks calling with different settings (norm_type 2 here and 1 there; max_norm; a GradClipper with another
     limit, adaptive threshold or its state's length, group limit, mode or order) each returned their own wrong
