@@ -1265,6 +1265,14 @@ def body_replicate_rule_over_tp_dtensors() -> list[float]:
     for p in (2.0, 1.0, math.inf, 0.0):
         out.append(_check_layout(pieces(), full, plan, p, "total", 0.5))
         out.append(_check_layout(pieces(), full, plan, p, "per_param", 0.8))
+    # debug=True beside a parameter whose gradient is zero everywhere (its two tp halves, distinct pieces, hold
+    # the same bytes): all-zero pieces add nothing and are not audited; told apart by content they read as one
+    # piece counted by ranks 0 and 1, and the right plan failed its audit.
+    full0 = full | {"unused.weight": torch.zeros(6, 5, dtype=torch.float64)}
+    pieces0 = pieces() | {"unused.weight": DTensor.from_local(torch.zeros(3, 5), mesh["tp"], [Shard(0)],
+                                                              run_check=False)}
+    plan0 = ParallelPlan(mesh, names=tuple(full0), rules=(Rule("*", replicate=("dp",)),), debug=True)
+    out.append(_check_layout(pieces0, full0, plan0, 2.0, "total", 0.5))
     return out
 
 
