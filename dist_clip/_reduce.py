@@ -149,11 +149,14 @@ def reduces_on_host(group: dist.ProcessGroup | None, device: torch.device) -> bo
 
 
 def home_device(tensors: Iterable[Tensor], group: dist.ProcessGroup | None) -> torch.device:
-    """Where a call's result lives: the first piece's device, else where ``group`` reduces, else the CPU. Meta
-    pieces hold no data and are passed over: a rank whose first piece was one built its buffer there, and the
-    error measuring it raised on that rank alone, before it could join the others' collective."""
+    """Where a call's result lives: the first piece's device, else where ``group`` reduces, else the CPU. Where
+    ``group`` combines more than one rank, meta pieces hold no data and are passed over: a rank whose first piece
+    was one built its buffer there, and the error measuring it raised on that rank alone, before it could join
+    the others' collective. Elsewhere (one process, DDP) a meta first piece is the home, as torch's clipping
+    takes it: meta gradients give a meta total (they raised ``NotImplementedError`` when passed over)."""
+    joined = group is not None and group_size(group) > 1
     for t in tensors:
-        if t.device.type != "meta":
+        if not joined or t.device.type != "meta":
             return t.device
     if group is not None:
         table = backends(group)

@@ -654,6 +654,23 @@ def test_tensor_subclasses_without_storage_take_torchs_ops():
         assert float(total) == pytest.approx(want, rel=1e-6)
 
 
+def test_meta_gradients_on_one_process_give_a_meta_total_as_torch():
+    """A dry run on the meta device (no data): torch's clipping returns a meta total, and so did every call here
+    until meta pieces were passed over when choosing the result's device on one process too (for a rank of a
+    group, whose meta piece must not hold the others in the collective): NotImplementedError ("Cannot copy out
+    of meta tensor") from every call."""
+    from dist_clip import GradClipper
+
+    lin = nn.Linear(3, 2, device="meta")
+    lin.weight.grad, lin.bias.grad = torch.empty(2, 3, device="meta"), torch.empty(2, device="meta")
+    assert torch.nn.utils.clip_grad_norm_(lin.parameters(), 1.0).device.type == "meta"
+    for p in (2.0, math.inf):
+        assert dist_clip.get_total_norm([lin.weight.grad, lin.bias.grad], p).device.type == "meta"
+        assert dist_clip.clip_grad_norm_(lin, 1.0, p).device.type == "meta"
+    for mode in ("total", "per_param", "unitwise"):
+        assert GradClipper(max_norm=1.0, mode=mode)(lin).total_norm.device.type == "meta"
+
+
 @pytest.mark.parametrize("p", [0.0, 1.0, 2.0, 3.5, math.inf])
 def test_sparse_gradients_measure_by_coalesced_values_and_scale(p):
     torch.manual_seed(0)
