@@ -723,7 +723,15 @@ def measure(
             values = _layout_values(layout or (), p, settings, _reduce.group_size(red))  # type: ignore[arg-type]
         parts.append(values.to(device, non_blocking=True))
     buffer = torch.cat(parts) if len(parts) > 1 else vector
-    combined = _reduce.all_reduce_partials(buffer, _norm.combine_op(p), red)
+    try:
+        combined = _reduce.all_reduce_partials(buffer, _norm.combine_op(p), red)
+    except RuntimeError:
+        if error is None:
+            raise
+        # No peer answered (gone, or silent until the timeout): this rank's own reason, the collective's failure
+        # as its context (see clip._wide_total); counted as a joined call, as GradClipper._join_refused counts it
+        error.dist_clip_joined = True  # type: ignore[union-attr]
+        raise error  # noqa: B904
     recheck: Callable[[], None] | None = None
     if check and combined.device.type != "cpu":
         raw, world = combined, _reduce.group_size(red)

@@ -837,6 +837,37 @@ def test_a_peer_that_does_not_answer_gives_a_runtime_error(pools):
     assert values[0].startswith("RuntimeError"), values
 
 
+def body_meta_grad_and_a_silent_peer() -> list:
+    """A rank that cannot measure its pieces (a meta gradient) joins the collective to say so; where no peer
+    answers it (gone, or silent until the timeout) it raises its own error, the collective's failure as its
+    context, as a refusal before measuring does: gloo's error stood in for it ("Timed out", "Connection closed
+    by peer"), and this rank's reason was lost."""
+    if dist.get_rank() == 1:
+        return ["skipped the calls"]
+    from dist_clip import GradClipper
+
+    pieces = [torch.empty(3, device="meta"), torch.ones(3)]
+    out = []
+    for call in (lambda: dist_clip.get_total_norm(pieces, group=dist.group.WORLD),
+                 lambda: dist_clip.clip_grad_norm_(pieces, 1.0, group=dist.group.WORLD),
+                 lambda: GradClipper(max_norm=1.0, mode="per_param")(pieces, group=dist.group.WORLD)):
+        try:
+            call()
+            out.append("returned")
+        except Exception as e:  # noqa: BLE001
+            out.append((type(e).__name__, isinstance(e.__context__, RuntimeError)))
+    return out
+
+
+def test_a_rank_that_cannot_measure_raises_its_own_error_when_no_peer_answers(pools):
+    pool = pools.get(2, pg_timeout_s=2.0)
+    try:
+        values = pool.run(body_meta_grad_and_a_silent_peer, timeout_s=90)
+    finally:
+        pool.broken = True  # the timed-out group is unusable afterwards: never reuse these ranks
+    assert values[0] == [("NotImplementedError", True)] * 3, values
+
+
 def body_fsdp1_parameters_are_refused() -> str:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
