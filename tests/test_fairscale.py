@@ -67,7 +67,9 @@ def test_sdp_trainable_parameters_outside_its_oss_are_refused(run_ranks):
 
 def test_sdp_trainable_parameters_it_does_not_reduce_are_refused(run_ranks):
     out = run_ranks(2, fairscale_cases.case_sdp_trainable_not_reduced, timeout_s=TIMEOUT)
-    assert out[0] == out[1] == [("add_param_group", True, 0, True), ("no_refresh", True, 0, True)], out
+    assert out[0] == out[1] == [("add_param_group", True, 0, True), ("no_refresh", True, 0, True),
+                                ("unfrozen after the backward", True, True),
+                                ("unfrozen after the backward", False, True)], out
 
 
 def test_sdp_forward_without_backward_after_the_backward_is_measured(run_ranks):

@@ -179,8 +179,9 @@ def _check_sdp_trainable(target: Any) -> None:
     ShardedDataParallel does not reduce: one in none of its OSS optimizers (nor does OSS step it), one added to
     an OSS by ``add_param_group`` after ShardedDataParallel was built (it keeps the parameter list it read from
     its optimizers then: ``refresh_trainable()`` never reduces the new one, and OSS steps its owner's own
-    gradient), or one unfrozen since ShardedDataParallel last refreshed (``auto_refresh_trainable=False``
-    without ``refresh_trainable()``: no reduce hook; under the default every forward refreshes). Its ``.grad``
+    gradient), or one unfrozen since ShardedDataParallel last refreshed that holds a gradient
+    (``auto_refresh_trainable=False`` without ``refresh_trainable()``: no reduce hook; under the default every
+    forward refreshes; one without a gradient was unfrozen after the backward: nothing to reduce). Its ``.grad``
     is each rank's own; the norm was silently taken without it (9.57 for 9.83, its name left out of reports, its
     gradient unclipped), or with the owner's own gradient (1.2910 for 1.2193 after ``add_param_group``, 1.2158
     after an unfreeze without refresh), as DeepSpeed's ZeRO check refuses alike. Every rank holds the same module
@@ -201,7 +202,9 @@ def _check_sdp_trainable(target: Any) -> None:
             outside.append(_clean(n))
         elif id(p) not in known:
             stale.append(_clean(n))
-        elif trainable and id(p) not in trainable:
+        elif trainable and id(p) not in trainable and p.grad is not None:
+            # (one unfrozen after the backward has no gradient from it, and refresh_trainable() may still come
+            # before the next forward: it was refused although nothing went unreduced)
             frozen.append(_clean(n))
 
     def listed(names: list[str]) -> str:
