@@ -684,16 +684,19 @@ def case_fold_applies_to_one_step(stage: int, offload: bool = False, dtype: str 
     return True
 
 
-def case_fold_dropped_with_its_batch(stage: int, offload: bool = False) -> bool:
+def case_fold_dropped_with_its_batch(stage: int, offload: bool = False, read_first: bool = False) -> bool:
     """A coefficient handed to ``engine.step()`` (``optimizer=engine``) whose batch is dropped (no step), then the
     next batch's backward and ``engine.step()`` with no dist_clip call in between: the step must not multiply
     the new gradients by the coefficient measured on the dropped ones (it did: parameters 0.37 off at stages
     1-2, 0.79 at stage 3). The coefficient is dropped, so the step takes them unclipped, as the same loop
     without dist_clip does: ZeRO-1/2 replace the gradients (batch 1's alone; with offload written into the same
     buffer), ZeRO-3 accumulates into them (batch 0's + batch 1's). Both checked against the float64 unsharded
-    run; where the measured buffers were written in place the step warns that it takes them unclipped."""
+    run; where the measured buffers were written in place the step warns that it takes them unclipped.
+    ``read_first``: a dist_clip call reads the new gradients before the step (its settle() must drop the
+    coefficient too, silently: it scaled ZeRO-3's accumulated and the offloaded buffers by it, a total of 0.3
+    returned and the parameters stepped clipped); its total is checked against the float64 unsharded one."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    results, caught = [], []
+    results, caught, read = [], [], []
     for hand_over in (True, False):
         engine = make_engine(ds_config(stage, offload=offload))
         engine.backward(loss_fn(engine(batch(rank, 0, 0))))
@@ -701,6 +704,8 @@ def case_fold_dropped_with_its_batch(stage: int, offload: bool = False) -> bool:
             total = float(dist_clip.clip_grad_norm_(engine, 0.3, optimizer=engine))
             assert total > 0.3, "the case must actually clip"
         engine.backward(loss_fn(engine(batch(rank, 1, 0))))  # batch 0 dropped: no step
+        if read_first:
+            read.append(float(dist_clip.get_total_norm(engine)))
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
             engine.step()
@@ -709,20 +714,23 @@ def case_fold_dropped_with_its_batch(stage: int, offload: bool = False) -> bool:
         assert all((x.filename, x.lineno) == (__file__, step_line) for x in w if "dist_clip" in str(x.message)), [
             (x.filename, x.lineno) for x in w]  # the engine.step() line, past DeepSpeed's frames
         results.append(full_params(engine))
-    folded, plain_loop = results
-    _params_close(folded, plain_loop, 1e-6, 1e-9, f"stage {stage} offload {offload}: dropped batch's coefficient")
     ref = Reference()
     grads = [g.clone() for g in ref.grads([[batch(r, 1, 0) for r in range(world)]])]
     accumulates = stage == 3
     if accumulates:
         grads = [a + b for a, b in zip(grads, ref.grads([[batch(r, 0, 0) for r in range(world)]]))]
+    if read_first:
+        want = float(torch.linalg.vector_norm(torch.cat([g.double().flatten() for g in grads])))
+        assert all(abs(x - want) <= 1e-5 * want for x in read), (read, want)
+    folded, plain_loop = results
+    _params_close(folded, plain_loop, 1e-6, 1e-9, f"stage {stage} offload {offload}: dropped batch's coefficient")
     for p, g in zip(ref.model.parameters(), grads):
         p.grad = g
     ref.opt.step()
     _params_close(folded, ref.params(), 1e-5, 1e-6, f"stage {stage} offload {offload}: vs the unsharded run")
     assert not caught[1], caught[1]
     written = [m for m in caught[0] if "written after the clip" in m]
-    assert bool(written) == (stage == 3 or offload), caught[0]
+    assert bool(written) == ((stage == 3 or offload) and not read_first), caught[0]
     return True
 
 

@@ -106,6 +106,14 @@ def test_folded_coefficient_of_a_dropped_batch_is_not_applied_to_the_next(run_ra
                      timeout_s=TIMEOUT) == [True, True]
 
 
+@pytest.mark.parametrize("stage,offload", [(2, False), (3, False), (2, True), (3, True)])
+def test_a_read_after_a_dropped_batch_drops_its_folded_coefficient(run_ranks, stage, offload):
+    """A dist_clip call reading the next batch's gradients before engine.step() settles the pending hand-over:
+    it must drop it (they are not the measured ones), not apply it to them (ZeRO-3, offload: total 0.3)."""
+    assert run_ranks(2, ds_cases.case_fold_dropped_with_its_batch, stage, offload=offload, read_first=True,
+                     timeout_s=TIMEOUT) == [True, True]
+
+
 @pytest.mark.parametrize("stage,offload", [(1, False), (2, False), (3, False), (2, True)])
 def test_folded_into_step_with_deepspeeds_own_clipping_on(run_ranks, stage, offload):
     """DeepSpeed's default gradient_clipping is 1.0: its clip in step() used the norm it measured before our
