@@ -2592,3 +2592,49 @@ def test_a_hand_over_whose_gradients_were_partly_replaced_and_written_is_dropped
     with pytest.warns(UserWarning, match="dropped"):
         opt.step()
     assert torch.equal(a.detach(), torch.tensor([-4.0, -5.0])), a
+
+
+def body_fsdp2_a_plain_clip_of_other_views_keeps_the_hand_over() -> list:
+    """FSDP2 gives every parameter's sharded gradient as a view of one reduce-scatter buffer, whose version
+    counter is the buffer's: FSDP2 gradients are checked by identity (README). Two optimizers over the two
+    layers of one FSDP2 group: the first layer's coefficient handed to its fused optimizer, then the second
+    layer clipped in place (its optimizer not fused) must leave that coefficient to the first one's step, as the
+    loop clipping both in place steps. Read by version counter, the second clip looked like a write of the first
+    layer's gradients: the coefficient was dropped, with a warning, and the first layer stepped unclipped."""
+    import warnings
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    updates, totals, caught = [], [], []
+    for handed in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+        fully_shard(model, mesh=mesh)  # one group: every gradient a view of one buffer
+        first, second = list(model[0].parameters()), list(model[2].parameters())
+        # (fused Adam: DTensor has no sharding rule for fused SGD; eps this large makes its step proportional)
+        opt_a = torch.optim.Adam(first, lr=0.1, eps=1e3, fused=True)
+        opt_b = torch.optim.SGD(second, lr=0.1)
+        before = [q.detach().full_tensor().clone() for q in model.parameters()]
+        g = torch.Generator().manual_seed(rank)
+        (model(torch.randn(4, 6, generator=g)) ** 2).sum().mul(50).backward()
+        totals.append(float(dist_clip.clip_grad_norm_(first, 0.05, **({"optimizer": opt_a} if handed else {}))))
+        if handed:
+            assert "_dist_clip_pending" in vars(opt_a), "the case must hand the coefficient over"
+        dist_clip.clip_grad_norm_(second, 0.05)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            opt_a.step()
+            opt_b.step()
+        caught += [str(x.message) for x in w if "dist_clip" in str(x.message)]
+        updates.append(torch.cat([(q.detach().full_tensor() - b).flatten().double()
+                                  for q, b in zip(model.parameters(), before)]))
+    return [totals[0] > 0.05, caught, float((updates[0] - updates[1]).abs().max()), float(updates[1].abs().max())]
+
+
+def test_fsdp2_a_plain_clip_of_other_views_keeps_the_hand_over(run_ranks):
+    for clipped, caught, diff, size in run_ranks(2, body_fsdp2_a_plain_clip_of_other_views_keeps_the_hand_over):
+        assert clipped and not caught and diff <= 1e-6 * size, (caught, diff, size)
