@@ -320,7 +320,7 @@ def _scaling_problems(
     return problems
 
 
-def _spawned(rank: int, world: int, store_path: str, args: tuple[Any, ...], out: Any) -> None:
+def _spawned(rank: int, world: int, store_path: str, args: tuple[Any, ...], out: Any, timeout_s: float) -> None:
     import traceback
     from datetime import timedelta
 
@@ -329,7 +329,12 @@ def _spawned(rank: int, world: int, store_path: str, args: tuple[Any, ...], out:
     try:
         torch.set_num_threads(1)
         store = dist.FileStore(store_path, world)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timedelta(seconds=120))
+        # The process group's timeout follows the call's: 0.9 of it, so that a collective that hangs fails on the
+        # ranks, with their tracebacks, before the call gives up on them (a fixed 120 s failed a wrap_fn taking
+        # longer on one rank, a DeepSpeed op build say, under timeout_s=600, and under timeout_s=60 the ranks were
+        # killed before they could tell where they waited).
+        timeout = timedelta(seconds=0.9 * timeout_s)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
         try:
             out.put((rank, True, _check_rank(*args)))
         finally:
@@ -381,7 +386,8 @@ def assert_clip_matches_unsharded(
             model's by the dtype's roundings); pass it for mixed-precision wrappers that compute in low
             precision on float32 parameters.
         seed: seeds the model on every rank (an int >= 0).
-        timeout_s: how long spawned ranks may take (seconds, > 0).
+        timeout_s: how long spawned ranks may take (seconds, > 0); their process group's timeout is 0.9 of it, so
+            that a collective that hangs fails on the ranks, with their tracebacks, before the call gives up.
 
     Returns:
         The sharded per-parameter norms before clipping (name -> float), from this rank (or rank 0 when spawned).
@@ -430,7 +436,8 @@ def assert_clip_matches_unsharded(
     out = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="dist_clip_check_") as tmp:
         procs = [
-            ctx.Process(target=_spawned, args=(r, world_size, os.path.join(tmp, "store"), args, out), daemon=True)
+            ctx.Process(target=_spawned, args=(r, world_size, os.path.join(tmp, "store"), args, out, timeout_s),
+                        daemon=True)
             for r in range(world_size)
         ]
         results: dict[int, tuple[bool, Any]] = {}

@@ -407,3 +407,22 @@ def test_reference_norm_of_a_nan_gradient_is_nan_for_every_order_as_dist_clip_gi
     assert math.isnan(float(dist_clip.get_total_norm([g.clone() for g in grads], p)))
     assert reference_norm([torch.tensor([0.0, 1.0, 0.0]), torch.tensor([3.0])], p) == pytest.approx(
         {0.0: 2.0, 1.0: 4.0, 2.0: math.sqrt(10.0), math.inf: 3.0}[p])
+
+
+def _wrap_ddp_in_a_group_timing_out_after_180s(model: nn.Module) -> nn.Module:
+    """DDP, after checking the spawned ranks' process group waits 0.9 x timeout_s=200 (a fixed 120 s before)."""
+    import torch.distributed as dist
+
+    backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+    waits = backend.options._timeout.total_seconds()
+    if waits != pytest.approx(180.0):
+        raise AssertionError(f"the spawned ranks' process group times out after {waits} s, not 0.9 x 200 s")
+    return cases.wrap_ddp(model)
+
+
+def test_spawned_ranks_wait_in_collectives_as_long_as_timeout_s_allows():
+    """A wrap_fn slower on one rank than 120 s (a DeepSpeed op build) failed the others' first collective under
+    any timeout_s: the spawned process group's timeout is 0.9 x timeout_s now (read here, not waited for)."""
+    norms = assert_clip_matches_unsharded(_linear, _wrap_ddp_in_a_group_timing_out_after_180s, _batch4,
+                                          world_size=2, max_norm=0.1, timeout_s=200)
+    assert set(norms) == {"weight", "bias"}
