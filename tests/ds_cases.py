@@ -1000,18 +1000,6 @@ def case_outside_the_optimizer_on_replicated_wrappers(dtype: str, grad_accum_dty
     return [abs(got - reference_norm([q.grad for q in ref.parameters()])) <= 2e-2 * got]
 
 
-class _WithUnused(torch.nn.Module):
-    """The tiny model beside a trainable layer the forward never reaches."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = make_model()
-        self.unused = torch.nn.Linear(2, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
 def case_bf16_optimizer_reads_only_gradients_it_holds() -> dict:
     """bf16 with fp32 gradient accumulation (DeepSpeed's ``BF16_Optimizer``, whole gradients): its fp32 gradient
     buffers are kept across steps, zeroed, with ``fp32_groups_has_gradients`` telling which hold a gradient. The

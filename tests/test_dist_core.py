@@ -828,12 +828,17 @@ def body_silent_peer() -> str:
     return "returned"
 
 
-def test_a_peer_that_does_not_answer_gives_a_runtime_error(pools):
-    pool = pools.get(2, pg_timeout_s=3.0)
+def _run_on_ranks_left_timed_out(pools, body, pg_timeout_s: float, timeout_s: float) -> list:  # noqa: ANN001
+    """``body`` on 2 ranks of a process group timing out after ``pg_timeout_s``, which it leaves timed out."""
+    pool = pools.get(2, pg_timeout_s=pg_timeout_s)
     try:
-        values = pool.run(body_silent_peer, timeout_s=60)
+        return pool.run(body, timeout_s=timeout_s)
     finally:
         pool.broken = True  # the timed-out group is unusable afterwards: never reuse these ranks
+
+
+def test_a_peer_that_does_not_answer_gives_a_runtime_error(pools):
+    values = _run_on_ranks_left_timed_out(pools, body_silent_peer, 3.0, 60)
     assert values[0].startswith("RuntimeError"), values
 
 
@@ -860,11 +865,7 @@ def body_meta_grad_and_a_silent_peer() -> list:
 
 
 def test_a_rank_that_cannot_measure_raises_its_own_error_when_no_peer_answers(pools):
-    pool = pools.get(2, pg_timeout_s=2.0)
-    try:
-        values = pool.run(body_meta_grad_and_a_silent_peer, timeout_s=90)
-    finally:
-        pool.broken = True  # the timed-out group is unusable afterwards: never reuse these ranks
+    values = _run_on_ranks_left_timed_out(pools, body_meta_grad_and_a_silent_peer, 2.0, 90)
     assert values[0] == [("NotImplementedError", True)] * 3, values
 
 
