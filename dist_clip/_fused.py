@@ -884,7 +884,7 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple
             _scale.scale_(kept, pending[2])
             _stash(optimizer, torch.ones_like(pending[0]), pending[1], None, grads)  # as settle() leaves it
             pending = optimizer.__dict__[_PENDING]
-        elif verdict != "same":
+        elif _dropped(verdict):
             if verdict == "written":
                 warn_at_caller(  # the line calling step(), past torch's step wrappers and hooks
                     "dist_clip: the clip coefficient handed to this optimizer's step() was dropped: its gradients "
@@ -941,9 +941,15 @@ def pending_flag(optimizer: torch.optim.Optimizer) -> Tensor | None:
         return None
     if pending[2] is not None:  # not settled: the step's own check decides
         verdict, _ = _verdict(pending[3], pending[4], gradients(optimizer), pending[5], optimizer)
-        if verdict not in ("same", "kept", "replaced"):
+        if _dropped(verdict):
             return None
     return pending[1]
+
+
+def _dropped(verdict: str) -> bool:
+    """Whether :func:`_pre_hook` drops a hand-over, its coefficient and flag, on this :func:`_verdict`: measured
+    on gradients that are gone (written since, or none of them stepped)."""
+    return verdict not in ("same", "kept", "replaced")
 
 
 def _no_longer_fused(optimizer: torch.optim.Optimizer, *flags: Tensor | None) -> None:

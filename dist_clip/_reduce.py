@@ -154,9 +154,8 @@ def home_device(tensors: Iterable[Tensor], group: dist.ProcessGroup | None) -> t
     was one built its buffer there, and the error measuring it raised on that rank alone, before it could join
     the others' collective. Elsewhere (one process, DDP) a meta first piece is the home, as torch's clipping
     takes it: meta gradients give a meta total (they raised ``NotImplementedError`` when passed over)."""
-    joined = group is not None and group_size(group) > 1
     for t in tensors:
-        if not joined or t.device.type != "meta":
+        if t.device.type != "meta" or group is None or group_size(group) == 1:
             return t.device
     if group is not None:
         table = backends(group)

@@ -574,6 +574,19 @@ class RefusedElsewhere(RuntimeError):
     say so (a NaN fingerprint): recognised by type, not by its message."""
 
 
+def joined_all_reduce(buffer: Tensor, p: float, group: dist.ProcessGroup | None, error: Exception | None) -> Tensor:
+    """The call's one all-reduce, for a rank that may join it only to say it refused its input (``error``, its
+    own reason, raised by the caller after the collective). Where no peer answers (gone, or silent until the
+    timeout) that reason is raised now, the collective's failure as its context: gloo's error stood in for it
+    ("Timed out", "Connection closed by peer"), and the rank's reason was lost."""
+    try:
+        return _reduce.all_reduce_partials(buffer, _norm.combine_op(p), group)
+    except RuntimeError:
+        if error is None:
+            raise
+        raise error  # noqa: B904
+
+
 REFUSED = (
     "another rank of this call refused its input before the collective (its own error, a ValueError or TypeError "
     "for bad input, says why) and joined only to say so: every rank raises together instead of waiting for the timeout"
@@ -704,6 +717,7 @@ def measure(
             if not check:  # no fingerprint to say so: joining with zeros would be a silent wrong answer
                 raise
             error = e  # bad input on this rank only, perhaps: join the others' collective, then raise it
+            error.dist_clip_joined = True  # type: ignore[attr-defined]  # (GradClipper counts the call as joined)
     if refused or error is not None:
         refused, scale = True, 1.0
         vector = torch.zeros(n_slots, dtype=torch.float64, device=device)
@@ -723,15 +737,7 @@ def measure(
             values = _layout_values(layout or (), p, settings, _reduce.group_size(red))  # type: ignore[arg-type]
         parts.append(values.to(device, non_blocking=True))
     buffer = torch.cat(parts) if len(parts) > 1 else vector
-    try:
-        combined = _reduce.all_reduce_partials(buffer, _norm.combine_op(p), red)
-    except RuntimeError:
-        if error is None:
-            raise
-        # No peer answered (gone, or silent until the timeout): this rank's own reason, the collective's failure
-        # as its context (see clip._wide_total); counted as a joined call, as GradClipper._join_refused counts it
-        error.dist_clip_joined = True  # type: ignore[union-attr]
-        raise error  # noqa: B904
+    combined = joined_all_reduce(buffer, p, red, error)
     recheck: Callable[[], None] | None = None
     if check and combined.device.type != "cpu":
         raw, world = combined, _reduce.group_size(red)
@@ -748,7 +754,6 @@ def measure(
             if error is None:
                 raise
     if error is not None:
-        error.dist_clip_joined = True  # type: ignore[union-attr]  # (GradClipper counts the call as joined)
         # (off the CPU the others read NaN norms and went on, counting the call as a non-finite one)
         error.dist_clip_others_counted = combined.device.type != "cpu"  # type: ignore[union-attr]
         raise error  # this rank's own reason; the others raise REFUSED (NaN norms on accelerators)

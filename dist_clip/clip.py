@@ -254,14 +254,7 @@ def _wide_total(
             settings += f", max_norm={_limit_setting(limit)}"
         values = _slots._settings_values(settings, p, _reduce.group_size(group))
     partial = torch.cat([partial, values.to(home, non_blocking=True)])
-    try:
-        combined = _reduce.all_reduce_partials(partial, _norm.combine_op(p), group)
-    except RuntimeError:
-        if error is None:
-            raise
-        # No peer answered (gone, or silent until the timeout): this rank's own reason, the collective's failure
-        # as its context, as _refuse_together raises it (gloo's error stood in for it, and the reason was lost)
-        raise error  # noqa: B904
+    combined = _slots.joined_all_reduce(partial, p, group, error)
     try:
         combined = _slots._layout_check(combined, p, _reduce.group_size(group), 1, settings, named=False)
     except RuntimeError:

@@ -680,15 +680,16 @@ class _Stage0Overflow:
         from .. import _fused
         from ..clipper import pending_skip_flag
 
-        flag = pending_skip_flag(optimizer)
+        self.flag = pending_skip_flag(optimizer)
         # A clip_grad_norm_(engine, ..., optimizer=) hand-over's flag, where it reaches this step (the fused
         # kernel skipped a NaN step the engine counted as taken, its LR scheduler stepped on it)
         handed = _fused.pending_flag(optimizer)
         if handed is not None:
-            handed = handed != 0
-            self.flag = handed if flag is None else flag | handed.to(flag.device)
-        else:
-            self.flag = flag
+            self.join(handed != 0)
+
+    def join(self, flag: Tensor) -> None:
+        """``flag`` (bool, 0-dim) skips the step under way too."""
+        self.flag = flag if self.flag is None else self.flag | flag.to(self.flag.device)
 
     def post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         flag, self.flag = self.flag, None
@@ -716,8 +717,7 @@ def count_fused_skip(target: object, optimizer: object, running: Tensor | None) 
         return
     told = stage0_overflow(optimizer)
     if running is not None:
-        running = running.reshape(()) != 0
-        told.flag = running if told.flag is None else told.flag | running.to(told.flag.device)
+        told.join(running.reshape(()) != 0)
 
 
 def torch_optimizer(target: object, optimizer: object) -> object:
