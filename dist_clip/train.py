@@ -21,6 +21,7 @@ import importlib
 import json
 import math
 import os
+import secrets
 import sys
 import sysconfig
 import time
@@ -655,7 +656,18 @@ def _say(info: DistInfo, *lines: str) -> None:
             print(line, flush=True)
 
 
-def _verdict_everywhere(code: int, info: DistInfo) -> int:
+def _job_token(info: DistInfo) -> int:
+    """A number rank 0 draws for this job and broadcasts (one collective, once the run is over): it names the
+    job's keys on the rendezvous store, which may outlive the job (torchrun's workers share the agent's store
+    across restarts)."""
+    if info.backend is None or info.world_size == 1:
+        return 0
+    token = torch.tensor([secrets.randbits(62) if info.is_main else 0], dtype=torch.int64, device=info.device)
+    dist.broadcast(token, 0)
+    return int(token.item())
+
+
+def _verdict_everywhere(code: int, info: DistInfo, token: int) -> int:
     """Rank 0's exit code, on every rank (so that every launcher agrees on the job's status)."""
     if info.backend is None or info.world_size == 1:
         return code
@@ -663,9 +675,11 @@ def _verdict_everywhere(code: int, info: DistInfo) -> int:
     # may take longer than the collective timeout. A rank 0 that dies ends the job through its launcher
     # (torchrun, mpirun), or closes the store it hosts (env:// rendezvous): an error, not a hang.
     store = dist.distributed_c10d._get_default_store()
-    # One key per job on this store: a second job in the same processes (one fixed key) read the first job's
-    # verdict on ranks 1+, which returned 0 while rank 0 returned 1. Every rank adds once per job.
-    key = f"dist_clip/verdict/{(store.add('dist_clip/verdicts', 1) - 1) // info.world_size}"
+    # One key per job, named by the token rank 0 drew for it: a fixed key gave a second job in the same processes
+    # the first job's verdict (ranks 1+ returned 0 while rank 0 returned 1), and a count of the ranks' calls on the
+    # store was shifted for good by a failed attempt whose rank 0 died in its replay (torchrun --max-restarts: the
+    # next attempt's rank 1 waited 24 hours for a key nobody set).
+    key = f"dist_clip/verdict/{token}"
     if info.rank == 0:
         store.set(key, str(code))
         return code
@@ -700,12 +714,13 @@ def run_job(
     run = train(cfg, info, text, progress=show_progress, source=source)
     train_s = time.perf_counter() - t0
     rank_norms = _gather_norms(run, info)
+    token = _job_token(info)
     code = 1  # what the other ranks hear if rank 0 fails below
     try:
         code = _finish(cfg, info, run, rank_norms, text, what, n_params, train_s, source, out_dir, replay_check,
                        show_progress, make_plot) if info.is_main else 0
     finally:
-        code = _verdict_everywhere(code, info)
+        code = _verdict_everywhere(code, info, token)
     return code
 
 

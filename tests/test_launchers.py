@@ -432,6 +432,58 @@ def test_a_rank_that_clipped_by_a_wrong_norm_fails_check_under_torchrun(tmp_path
     assert "; the ranks' norms differ at step 1: rank 1 differs from rank 0: rank 0 " in line, line
 
 
+_FAIL_FIRST_ATTEMPT = {
+    # rank 1 fails at start-up, after rank 0 has arrived at the start-up wait: a partial round on the store
+    "start-up": """
+import os
+if os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+    import time
+    import dist_clip.bootstrap as bootstrap
+
+    def fail(*args, **kwargs):
+        time.sleep(3)  # rank 0 arrives first
+        print("injected start-up failure of rank 1, first attempt", flush=True)
+        raise RuntimeError("injected")
+
+    bootstrap.wait_for_every_rank = fail
+""",
+    # rank 0 dies in its replay, after rank 1 has begun waiting for the verdict
+    "replay": """
+import os
+if os.environ.get("RANK") == "0" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+    import time
+    import dist_clip.train as train
+
+    def fail(*args, **kwargs):
+        time.sleep(3)  # rank 1 waits for the verdict first
+        print("injected replay failure of rank 0, first attempt", flush=True)
+        os._exit(1)  # as the OOM killer would: no verdict set
+
+    train.replay = fail
+""",
+}
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 30)
+@pytest.mark.parametrize("where", sorted(_FAIL_FIRST_ATTEMPT))
+def test_a_torchrun_restart_after_a_failed_attempt_runs_and_agrees(tmp_path, where):
+    """torchrun's workers share the agent's store across restarts (`TORCHRUN_ARGS="--max-restarts 1"`). The
+    start-up wait and the verdict counted arrivals on it and took every `world size` of them as one round: the
+    ranks of a failed attempt that had arrived shifted every later round, so after a restart rank 1 was released
+    alone and rank 0 waited for the 30-minute start-up wait (a rank failing at start-up), or a rank waited 24 hours
+    for a verdict key nobody set (rank 0 failing in its replay). Rounds are now told apart per job."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(_FAIL_FIRST_ATTEMPT[where])
+    cfg = write_config(tmp_path, "ddp", wrapper="ddp")
+    env = job_env(NPROC="2", TORCHRUN_ARGS="--max-restarts 1",
+                  PYTHONPATH=os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")])))
+    code, out = finish(start("torchrun.sh", ["check", "--config", str(cfg), "--out", str(tmp_path)], env),
+                       timeout_s=JOB_TIMEOUT_S - 20)  # far less than the start-up wait (1800 s)
+    assert "injected" in out and "first attempt" in out, out[-6000:]  # the first attempt failed
+    assert code == 0 and check_line(out).startswith("check: PASS"), out[-6000:]
+
+
 _PORT_TAKEN = """
 import socket, sys
 import torch, torch.distributed as dist
