@@ -266,14 +266,12 @@ def init_distributed(backend: str = "auto", *, need_group: bool = True) -> DistI
         startup = _startup_timeout()
         if store is None:  # rank 0 under MPI may hold it already, on the port it broadcast
             store, _, _ = next(dist.rendezvous("env://", launch.rank, launch.world_size, timeout=startup))
-        arrivals = wait_for_every_rank(store, launch.world_size, startup, rank=launch.rank)
+        wait_for_every_rank(store, launch.world_size, startup, rank=launch.rank)
         store.set_timeout(_timeout())
         dist.init_process_group(
             name, store=dist.PrefixStore("default_pg", store), rank=launch.rank, world_size=launch.world_size,
             timeout=_timeout(), **kwargs,
         )
-        if launch.rank == 0:  # every rank is past its wait (each joined the group): a later job starts afresh
-            _delete_keys(store, arrivals)
     _later_groups_time_out_alike()
     return DistInfo(
         launch.rank, launch.world_size, launch.local_rank, launch.local_world_size, launch.launcher, name, device
@@ -292,31 +290,22 @@ def _started_device() -> torch.device:
     return torch.device("cpu")
 
 
-def wait_for_every_rank(store: dist.Store, world_size: int, timeout: timedelta, rank: int | None = None) -> list[str]:
+def wait_for_every_rank(store: dist.Store, world_size: int, timeout: timedelta, rank: int | None = None) -> None:
     """Return once every one of ``world_size`` ranks has called this on ``store``; ``RuntimeError`` after
-    ``timeout``. ``rank`` defaults to ``RANK`` from the environment. Returns the round's keys, which the caller
-    may delete once every rank is known to be past its wait (``init_distributed`` does, once the group is up).
+    ``timeout``. ``rank`` defaults to ``RANK`` from the environment.
 
-    Each rank sets a key of its own and waits for every rank's: the round is this process's count of calls, so
-    calls repeated in the processes of one job (a second init) are rounds of their own. Arrivals were counted on
-    the store, every ``world_size`` of them one round: torchrun's workers share the agent's store across restarts
-    (``--max-restarts``), and the ranks of a failed attempt that had arrived shifted every later round (after a
-    restart rank 1 was released alone and rank 0 waited for the whole start-up wait). A key left by a failed
-    attempt now only lets its rank's wait end early; the group's own connection still waits for that rank (for
-    the collective timeout)."""
+    Each rank sets a key of its own and waits for every rank's. A round is named by torchrun's attempt
+    (``TORCHELASTIC_RESTART_COUNT``) and this process's count of calls, so calls repeated in the processes of one
+    job (a second init) are rounds of their own. Arrivals were counted on the store, every ``world_size`` of them
+    one round: torchrun's workers share the agent's store across restarts (``--max-restarts``), and the ranks of a
+    failed attempt that had arrived shifted every later round (after a restart rank 1 was released alone and rank
+    0 waited for the whole start-up wait). The keys are not deleted: with a lazily connected group (NCCL) rank 0
+    cannot tell when the last rank has read them."""
     rank = int(os.environ["RANK"]) if rank is None else rank
-    keys = [f"{_ARRIVED}/{next(_ROUNDS)}/{r}" for r in range(world_size)]
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    keys = [f"{_ARRIVED}/{attempt}/{next(_ROUNDS)}/{r}" for r in range(world_size)]
     store.set(keys[rank], "1")
     store.wait(keys, timeout)
-    return keys
-
-
-def _delete_keys(store: dist.Store, keys: list[str]) -> None:
-    for key in keys:
-        try:
-            store.delete_key(key)
-        except (RuntimeError, NotImplementedError):  # a store that cannot delete: its keys stay, harmless
-            return
 
 
 _ROUNDS = itertools.count()
