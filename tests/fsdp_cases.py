@@ -937,6 +937,57 @@ def wrapped_names(kind: str) -> dict[str, Any]:
     return {"names": sorted(report), "fsdp1_plan_kept": kept}
 
 
+class SharedBlockNet(nn.Module):
+    """One block registered under three paths (``shared``, ``enc.0``, ``dec.1``) and run twice per forward: the
+    unwrapped model names its parameters ``shared.lin.*``, the first path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(13, 7)
+        self.shared = Block(7, 7)
+        self.enc = nn.Sequential(self.shared)
+        self.dec = nn.Sequential(Block(7, 7), self.shared)
+        self.head = nn.Linear(7, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.dec(self.enc(torch.tanh(self.inp(x)))))
+
+
+def fsdp1_shared_module_names(use_orig_params: bool) -> dict[str, Any]:
+    """FSDP1 units around a module registered under several parents (every ``nn.Linear`` its own unit): the
+    per-parameter report, slots and AGC name the shared one's parameters as the unwrapped model does. They were
+    named after its last path (``dec.1.lin.weight`` for ``shared.lin.weight``), so an AGC ``exclude=`` of the
+    model's name missed it (its rows were clipped)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from dist_clip import AGC, ClipperConfig, GradClipper
+
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    model = SharedBlockNet()
+    ref = reference(model, list(range(ws)))
+    wrapped = FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({nn.Linear}),
+                                       use_orig_params=use_orig_params, device_id=torch.device("cpu"))
+    loss_fn(wrapped, *batch(rank)).backward()
+    want = {n: torch.linalg.vector_norm(g).item() for n, g in ref.grads.items()}
+    for p in PS:
+        total = dist_clip.get_total_norm(wrapped, p).item()
+        assert _norm_close(total, reference_norm(list(ref.grads.values()), p), RTOL), (p, total)
+    result = GradClipper(ClipperConfig(max_norm=1e9, mode="per_param", report=True))(wrapped)
+    assert sorted(result.slots) == sorted(want), (sorted(result.slots), sorted(want))
+    assert result.norms is not None and result.norms.keys() == want.keys(), (sorted(result.norms or {}), sorted(want))
+    assert all(_norm_close(result.norms[n], want[n], RTOL) for n in want), (result.norms, want)
+    # AGC leaves an excluded parameter alone, named as the model names it.
+    before = {_clean(n): q.grad.detach().clone() for n, q in wrapped.named_parameters() if q.grad is not None}
+    agc = GradClipper(ClipperConfig(agc=AGC(clipping=1e-6, exclude=("shared.lin.weight",)), mode="unitwise",
+                                    report=True))(wrapped)
+    assert agc.norms is not None and agc.norms.keys() == want.keys(), (sorted(agc.norms or {}), sorted(want))
+    kept = {_clean(n): torch.equal(q.grad, before[_clean(n)])
+            for n, q in wrapped.named_parameters() if q.grad is not None}
+    return {"names": sorted(result.slots), "kept": kept}
+
+
 # ------------------------------------------------------------------------------------- DTensor placements
 
 

@@ -125,6 +125,19 @@ def test_compiled_and_checkpointed_models_keep_their_names(run_ranks, kind: str)
     assert all(r["fsdp1_plan_kept"] is (kind == "fsdp1") for r in results)
 
 
+@pytest.mark.parametrize("use_orig_params", [False, True])
+def test_fsdp1_module_under_several_parents_keeps_its_first_name(run_ranks, use_orig_params: bool) -> None:
+    """A block registered as ``shared``, ``enc.0`` and ``dec.1`` in its own FSDP1 units: named ``shared.lin.*``,
+    as in the unwrapped model (``dec.1.lin.*`` before), for the report, the slots and AGC's ``exclude=``."""
+    results = run_ranks(2, cases.fsdp1_shared_module_names, use_orig_params)
+    assert results[0]["names"] == results[1]["names"]
+    assert "shared.lin.weight" in results[0]["names"] and not any(n.startswith(("enc.", "dec.1.")) for n in
+                                                                  results[0]["names"])
+    if use_orig_params:  # the excluded weight's gradient (whole per-parameter .grad views) is untouched by AGC
+        assert all(r["kept"]["shared.lin.weight"] for r in results), results
+        assert not all(r["kept"]["inp.weight"] for r in results), results
+
+
 def test_fsdp2_hsdp(run_ranks) -> None:
     """2x2 HSDP mesh (replicate x shard): one collective over the shard group, replicas counted once."""
     check(run_ranks(4, cases.fsdp2_hsdp), "torch", empty=True)

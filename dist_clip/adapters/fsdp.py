@@ -334,8 +334,11 @@ def _handle_pieces(handle: Any, layout: list[tuple[str, int, int | None]]) -> li
 
 def fsdp1_handles(root: nn.Module) -> Iterator[tuple[nn.Module, Any, str]]:
     """(FSDP1 instance, its FlatParamHandle, the dotted path of the module it wraps) for every instance with
-    parameters under ``root``; the path is as ``root.named_modules()`` spells it, wrapper prefixes included."""
-    module_names = {id(m): n for n, m in root.named_modules(remove_duplicate=False)}
+    parameters under ``root``; the path is as ``root.named_modules()`` spells it, wrapper prefixes included. A
+    module registered under several parents (``self.enc = self.dec[1] = block``) takes its first path, as the
+    unwrapped model's ``named_parameters()`` names its parameters (the last path was taken: ``dec.1.lin.weight``
+    for ``shared.lin.weight``, so reports, slots and AGC's ``exclude=`` named them otherwise than the model)."""
+    module_names = {id(m): n for n, m in root.named_modules()}  # (each module once, under its first path)
     for module in _fsdp1_type().fsdp_modules(root):
         handle = module._handle
         if handle is not None:
