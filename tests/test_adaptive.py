@@ -527,6 +527,30 @@ def test_autoclip_history_must_hold_norms(bad):
     assert torch.all(g > 0)
 
 
+def test_zero_norms_in_a_saved_state_reload():
+    """Zero is a norm: a step whose gradients were all zero saves 0.0 in the AutoClip history and the ZClip
+    warm-up, and a warm-up of equal norms a ZClip variance of exactly 0.0; the states a clipper saves must load
+    and resume identically (a check taking only positive norms refused them)."""
+    auto = GradClipper(max_norm=AutoClip(percentile=50.0))
+    zclip = GradClipper(max_norm=ZClip(warmup_steps=2, max_norm=None))
+    for clipper, norms in ((auto, (0.0, 2.0, 0.0)), (zclip, (0.0, 3.0, 3.0, 3.0))):
+        for g in norms:
+            clipper([torch.tensor([g], dtype=torch.float64)])
+    assert auto.state_dict()["threshold"]["history"].tolist() == [0.0, 2.0, 0.0]
+    assert zclip.state_dict()["threshold"]["warmup"].tolist() == [0.0, 3.0]
+    zero_var = GradClipper(max_norm=ZClip(warmup_steps=2, max_norm=None))
+    for g in (3.0, 3.0):
+        zero_var([torch.tensor([g], dtype=torch.float64)])
+    assert zero_var.state_dict()["threshold"]["var"].item() == 0.0
+    for clipper in (auto, zclip, zero_var):
+        again = GradClipper(clipper.config)
+        again.load_state_dict(clipper.state_dict())
+        assert _same_state(again.state_dict(), clipper.state_dict())
+        a, b = torch.tensor([5.0], dtype=torch.float64), torch.tensor([5.0], dtype=torch.float64)
+        assert clipper([a]).clip_coef.item() == again([b]).clip_coef.item()
+        assert torch.equal(a, b)
+
+
 def test_zclip_state_saved_when_warm_up_counted_calls_still_loads():
     """A state without 'seen' (saved by the version whose warm-up counted calls) resumes with its finite
     warm-up norms; a finished warm-up stays finished."""
