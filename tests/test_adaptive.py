@@ -369,6 +369,21 @@ def test_autoclip_window_state_saved_in_ring_order_still_loads():
         clipper.load_state_dict({**old, "threshold": {**old["threshold"], "extra": 1}})
 
 
+def test_autoclip_window_state_in_ring_order_with_a_skipped_norm_keeps_its_finite_norms():
+    """An old ring-order state holds NaN where a call's norm was not finite: only its finite norms enter the
+    window, oldest first, so the next norm fills the free place instead of evicting the oldest finite one
+    (the NaN taken as a norm's place evicted the 3 at once: limit 5 for 3)."""
+    clipper = GradClipper(max_norm=AutoClip(percentile=0, window=4))
+    old = {"version": 1, "step": 6, "num_clipped": torch.tensor(0), "num_nonfinite": torch.tensor(1),
+           "threshold": {"kind": "AutoClip", "count": 6, "history": torch.tensor([5.0, 6.0, 3.0, math.nan],
+                                                                                dtype=torch.float64)}}
+    clipper.load_state_dict(old)  # norms 1, 2, 3, NaN, 5, 6 in a ring of 4: finite 3, 5, 6 remain
+    assert clipper.state_dict()["threshold"]["history"].nan_to_num(-1).tolist() == [-1.0, 3.0, 5.0, 6.0]
+    assert clipper([torch.tensor([7.0])]).max_norm.item() == 3.0
+    assert clipper.state_dict()["threshold"]["history"].tolist() == [3.0, 5.0, 6.0, 7.0]
+    assert clipper([torch.tensor([8.0])]).max_norm.item() == 5.0  # now the 3 leaves
+
+
 def test_adaptive_coefficients_of_nonfinite_norms_follow_torch_under_ignore():
     """With on_nonfinite="ignore" the coefficient is torch's: 0 for an inf norm (AutoClip's first call, with no
     finite history, gave NaN and turned finite entries NaN) and NaN for a NaN norm (ZClip after warm-up gave 1:
