@@ -209,6 +209,26 @@ def test_nonfinite_norms_stay_out_of_the_history():
     assert state["mean"].item() == 2.0 and state["var"].item() == pytest.approx(0.97, rel=1e-12)
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_zclip_moments_after_warm_up_ignore_nonfinite_norms(bad):
+    """After the warm-up a non-finite norm leaves the EMA alone, as in the warm-up: fed a NaN, the mean stayed
+    NaN and every later spike passed unclipped; fed an inf (a spike clipped to the mean), the variance shrank."""
+    z = GradClipper(max_norm=ZClip(warmup_steps=2, max_norm=None), on_nonfinite="skip")
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    for g in (1.0, 3.0):
+        z([torch.tensor([g], dtype=torch.float64)], optimizer=opt)
+    before = z.state_dict()["threshold"]
+    assert before["mean"].item() == 2.0 and before["var"].item() == 1.0
+    assert not bool(z([torch.tensor([bad], dtype=torch.float64)], optimizer=opt).finite)
+    after = z.state_dict()["threshold"]
+    assert after["mean"].item() == 2.0 and after["var"].item() == 1.0
+    grad = torch.tensor([100.0], dtype=torch.float64)
+    result = z([grad], optimizer=opt)  # z = 98 / (1 + eps): clipped to mean + 2.5 * std / (z / 2.5)
+    want = 2.0 + 2.5 / (98.0 / (1.0 + 1e-6) / 2.5)
+    assert result.max_norm.item() == pytest.approx(want, rel=1e-9)
+    assert grad.item() == pytest.approx(want, rel=1e-6)
+
+
 def test_a_new_config_assigned_between_calls_takes_effect():
     """The adaptive threshold was built once from the first config: assigning ``clipper.config`` another policy
     kept clipping at the old one's threshold (AutoClip(10) -> AutoClip(90) gave the 10th percentile), a fixed
