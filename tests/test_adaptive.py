@@ -586,6 +586,21 @@ def test_zero_norms_in_a_saved_state_reload():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("policy", [ZClip(warmup_steps=2), AutoClip(percentile=50.0), AutoClip(window=3)])
+def test_a_state_saved_before_the_first_call_reloads(policy):
+    """A checkpoint written before the first clip (step 0) holds the empty threshold state: it must load, and
+    the clipper then runs as a new one."""
+    saved = GradClipper(max_norm=policy)
+    state = saved.state_dict()
+    again = GradClipper(max_norm=policy)
+    again.load_state_dict(state)
+    assert _same_state(again.state_dict(), state)
+    for g in (1.0, 2.0, 9.0):
+        a, b = torch.tensor([g], dtype=torch.float64), torch.tensor([g], dtype=torch.float64)
+        assert saved([a]).clip_coef.item() == again([b]).clip_coef.item()
+        assert torch.equal(a, b)
+
+
 def test_zclip_state_saved_when_warm_up_counted_calls_still_loads():
     """A state without 'seen' (saved by the version whose warm-up counted calls) resumes with its finite
     warm-up norms; a finished warm-up stays finished."""
