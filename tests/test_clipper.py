@@ -162,6 +162,22 @@ def test_clip_coef_is_the_coefficient_applied_under_a_policy(mode, policy, appli
         assert model.weight.grad.eq(0.0).all() and model.bias.grad.eq(0.0).all()
 
 
+@pytest.mark.parametrize("mode", ["total", "per_param", "per_group", "unitwise"])
+@pytest.mark.parametrize("policy", ["zero", "ignore"])
+def test_clipped_is_false_and_uncounted_for_a_nonfinite_total(mode, policy):
+    """ClipResult.clipped is documented False when the norm was not finite: an inf gradient gives coefficient
+    0 under "zero" and "ignore", which must not read as clipped (nor count in num_clipped)."""
+    model = nn.Linear(3, 2)
+    model.weight.grad = torch.full((2, 3), 2.0)
+    model.bias.grad = torch.tensor([4.0, math.inf])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    kwargs = {"agc": AGC(clipping=0.01)} if mode == "unitwise" else {"max_norm": 0.5}
+    clipper = GradClipper(mode=mode, on_nonfinite=policy, **kwargs)
+    result = clipper(model, optimizer=opt)
+    assert not bool(result.finite) and not bool(result.clipped), result
+    assert clipper.num_clipped.item() == 0 and clipper.num_nonfinite.item() == 1
+
+
 @pytest.mark.parametrize("mode", ["per_param", "unitwise"])
 def test_report_leaves_out_parameters_without_gradients(mode):
     """A frozen layer has no gradient anywhere: neither report lists it (AGC's listed it with a norm of 0)."""
