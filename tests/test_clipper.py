@@ -162,6 +162,19 @@ def test_clip_coef_is_the_coefficient_applied_under_a_policy(mode, policy, appli
         assert model.weight.grad.eq(0.0).all() and model.bias.grad.eq(0.0).all()
 
 
+@pytest.mark.parametrize("mode", ["total", "unitwise"])
+def test_a_nonfinite_call_that_raises_under_error_still_counts(mode):
+    """on_nonfinite="error" raises after measuring: the call counts as a step and a non-finite call in every
+    mode, as on the other ranks (unit-wise clipping raised before counting)."""
+    model = nn.Linear(3, 2)
+    model.weight.grad = torch.full((2, 3), 2.0)
+    model.bias.grad = torch.tensor([4.0, math.inf])
+    clipper = GradClipper(mode=mode, on_nonfinite="error", agc=AGC(clipping=0.01))
+    with pytest.raises(RuntimeError, match="is non-finite"):
+        clipper(model)
+    assert clipper.step == 1 and clipper.num_nonfinite.item() == 1 and clipper.num_clipped.item() == 0
+
+
 @pytest.mark.parametrize("mode", ["total", "per_param", "per_group", "unitwise"])
 @pytest.mark.parametrize("policy", ["zero", "ignore"])
 def test_clipped_is_false_and_uncounted_for_a_nonfinite_total(mode, policy):
