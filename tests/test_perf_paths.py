@@ -143,7 +143,9 @@ def test_overflow_in_one_work_item_of_many(path, dtype, p):
 
 
 @pytest.mark.parametrize("p", [1.0, 2.0, 3.0, 2.5, 0.5])
-@pytest.mark.parametrize("value", [1e-25, 1e-40])  # 1e-40 is a float32 subnormal
+# 1e-40 is a float32 subnormal; 1e-20 is normal but its square is a subnormal (a row of them sums to 6e-39, above
+# 0 but with digits lost: the rescue threshold must catch rows that small, not only those that reach 0).
+@pytest.mark.parametrize("value", [1e-25, 1e-40, 1e-20])
 def test_fp32_values_whose_powers_underflow_float32(path, p, value):
     g = torch.full((100_003,), value)
     g[::11] = -value / 3
@@ -467,6 +469,26 @@ def test_clipping_many_small_tensors_matches_torch(dtype):
     torch._foreach_mul_(theirs, coef)
     for a, b in zip(ours, theirs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_clipping_many_small_gradients_with_gaps_matches_torch(dtype):
+    """Gradients that are views with gaps (every other column of a buffer) must not reach the native multiply,
+    which scales numel() elements from data_ptr(): half of each gradient and half of the gaps."""
+    g = torch.Generator().manual_seed(0)
+    bases = [torch.randn(16, 8, generator=g).to(dtype) for _ in range(40)]  # >= 32: the native kernel's group size
+    ours = [b[:, ::2] for b in bases]
+    gaps = [b[:, 1::2].clone() for b in bases]
+    theirs = [t.clone() for t in ours]
+    total = dist_clip.get_total_norm(ours)
+    dist_clip.clip_grads_with_norm_(ours, 0.5, total)
+    coef = torch.clamp(0.5 / (total + 1e-6), max=1.0)
+    assert coef.item() < 1.0
+    torch._foreach_mul_(theirs, coef)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+    for b, gap in zip(bases, gaps):
+        assert torch.equal(b[:, 1::2], gap)  # the elements between the gradients' are not touched
 
 
 # --- clipping folded into a fused optimizer -----------------------------------------------------------------
