@@ -1128,6 +1128,25 @@ def test_a_conjugate_view_gradient_is_clipped_with_the_others(how, foreach):
         torch.testing.assert_close(g, b * c, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("foreach", [None, True, False])
+def test_a_negative_view_gradient_is_clipped_with_the_others(foreach):
+    """A negative view (``torch._neg_view``, what ``z.conj().imag`` gives) is refused by torch's foreach multiply
+    ("doesn't currently support mutable TensorLists with negation inputs") as a conjugate view is: its memory is
+    scaled alike."""
+    torch.manual_seed(0)
+    z = torch.randn(5, dtype=torch.complex64)
+    assert z.conj().imag.is_neg()
+    a, b = nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(3))
+    a.grad, b.grad = torch._neg_view(torch.randn(5) * 10), torch.randn(3)
+    before = [a.grad.resolve_neg().clone(), b.grad.clone()]
+    want = reference_norm(before, 2.0)
+    total = dist_clip.clip_grad_norm_([a, b], 1.0, foreach=foreach)
+    assert abs(total.item() - want) <= 1e-6 * want
+    assert a.grad.is_neg()
+    for g, w in zip((a.grad, b.grad), before):
+        torch.testing.assert_close(g.resolve_neg(), w / (want + 1e-6), rtol=1e-6, atol=0)
+
+
 def test_the_error_policy_names_a_parameter_beside_a_sparse_gradient():
     """Naming the culprits called isfinite on a sparse gradient: NotImplementedError instead of the RuntimeError
     (and, before the all-gather of the names, on the ranks holding it only)."""
