@@ -126,6 +126,18 @@ def test_fp32_values_whose_powers_overflow_float32(path, p):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [7.5, 8.0, 9.0])
+def test_powers_at_the_top_of_float64s_range(path, dtype, p):
+    """|g|**p up to float64's maximum (3e38**8 = 6.6e307, p * log2|g| = 1022.6) is a finite partial, and beyond it
+    (p = 9) inf, as the README's Limits say: the kernel's power must not saturate below 2**1024."""
+    g = torch.full((1000,), 0.5).to(dtype)
+    g[3] = 3e38
+    want = _ref_partials([g], p)
+    assert math.isfinite(want.item()) == (p < 9)
+    _assert_partials(_norm.local_partials([g], p), want, 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("p", [1.0, 2.0, 3.0])
 def test_overflow_in_one_work_item_of_many(path, dtype, p):
     """Normal values over several of the kernel's work items, and values whose powers overflow the float lanes in
