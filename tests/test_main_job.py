@@ -76,7 +76,8 @@ def test_yaml_numbers_without_a_dot_and_inf_norms_are_read_as_numbers(tmp_path):
     path.write_text("lr: 3e-4\nweight_decay: 1E-2\nclip: {norm_type: .inf, max_norm: 0}\n")
     cfg = load_config(path)
     assert cfg.lr == 3e-4 and cfg.weight_decay == 1e-2 and math.isinf(cfg.norm_p) and cfg.clip.max_norm == 0.0
-    assert from_dict({"clip": {"norm_type": "inf"}}).norm_p == math.inf
+    for text in ("inf", "+inf", "Infinity", "+INFINITY"):  # the spellings float() reads, less "nan" and "1_0"
+        assert from_dict({"clip": {"norm_type": text}}).norm_p == math.inf
     path.write_text("clip: {norm_type: inf}\n")
     assert load_config(path).norm_p == math.inf
 
@@ -112,6 +113,7 @@ BAD_CONFIGS = [
     ("model: {seq_len: 1}\n", "model.seq_len", "must be >= 2, got 1"),
     ("wrapper: hsdp\nmesh: [2, 2, 1]\n", "mesh", "expected [replicas, shard size] of positive integers"),
     ("seed: 9223372036854775808\n", "seed", "must be in [0, 2**63)"),
+    ("wrapper: hsdp\nmesh: [2, 0]\n", "mesh", "expected [replicas, shard size] of positive integers"),
 ]
 
 
