@@ -242,6 +242,22 @@ def test_two_steps_apply_a_subnormal_coefficient_as_clip_grad_norm_does(max_norm
         torch.testing.assert_close(got.double(), expected, rtol=2e-7, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_subnormal_coefficient_scales_a_non_contiguous_gradient(dtype):
+    """The float64 multiply of a coefficient float32 holds only as a subnormal (max_norm 1e-20 over a total of
+    1.3e30: 8e-51) on a transposed gradient: it cannot be flattened with view(-1), and is scaled as a whole."""
+    base = torch.tensor([[1e30, -3e29, 7e29], [2e29, 5e28, -1e30]]).to(dtype)
+    g = base.t()
+    assert not g.is_contiguous()
+    want = reference_norm([g], 2.0)
+    expected = (g.double() * (1e-20 / (want + 1e-6))).to(dtype)
+    p = torch.nn.Parameter(torch.zeros(3, 2, dtype=dtype))
+    p.grad = g
+    dist_clip.clip_grad_norm_([p], 1e-20)
+    assert p.grad.data_ptr() == base.data_ptr()  # scaled in place
+    torch.testing.assert_close(p.grad.double(), expected.double(), rtol=2e-7 if dtype == torch.float32 else 0, atol=0)
+
+
 @pytest.mark.parametrize("flush_denormal", [False, True])
 def test_a_float32_total_above_2_to_the_126_is_divided_not_inverted(flush_denormal):
     """get_total_norm then clip_grads_with_norm_ on a float32 total of 3e38: the coefficient max_norm / total was
