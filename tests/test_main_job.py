@@ -114,6 +114,8 @@ BAD_CONFIGS = [
     ("wrapper: hsdp\nmesh: [2, 2, 1]\n", "mesh", "expected [replicas, shard size] of positive integers"),
     ("seed: 9223372036854775808\n", "seed", "must be in [0, 2**63)"),
     ("wrapper: hsdp\nmesh: [2, 0]\n", "mesh", "expected [replicas, shard size] of positive integers"),
+    ("tolerance: 0\n", "tolerance", "must be > 0, got 0.0"),
+    ("lr: true\n", "lr", "expected a number, got bool True"),
 ]
 
 
