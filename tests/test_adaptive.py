@@ -481,6 +481,7 @@ def test_step_and_counters_move_once_per_measured_call():
     ("var", torch.tensor(-1.0, dtype=torch.float64), ValueError), ("seen", torch.tensor(2.5), ValueError),
     ("seen", torch.tensor(True), ValueError), ("warmup", torch.tensor([1.0, math.inf, 1.5]), ValueError),
     ("num_clipped", 9, ValueError), ("extra", 1, ValueError), ("zzz", 1, ValueError),
+    ("num_clipped", 5, ValueError), ("num_nonfinite", torch.tensor(5), ValueError),  # one above the 4 steps
     # Meta tensors raised torch's RuntimeError / NotImplementedError from deep in the load; another norm order
     # was taken (a history of 2-norms set the limit for inf-norms).
     ("mean", torch.empty((), dtype=torch.float64, device="meta"), ValueError),
@@ -490,6 +491,7 @@ def test_step_and_counters_move_once_per_measured_call():
     # compared likewise (a tensor raised the same RuntimeError, a number a message naming no key).
     ("version", True, ValueError), ("version", 1.0, ValueError), ("version", torch.tensor([1, 1]), ValueError),
     ("version", "1", ValueError), ("kind", torch.tensor([1, 2]), TypeError), ("kind", 5, TypeError),
+    ("version", 2, ValueError), ("version", 0, ValueError),  # an integer, but not this format's
 ])
 def test_bad_state_is_refused_and_leaves_the_clipper_as_it_was(key, value, error):
     """A bad state was half loaded (the ZClip count replaced, then a RuntimeError on the mean's shape) or taken
@@ -620,6 +622,14 @@ def test_zclip_state_saved_when_warm_up_counted_calls_still_loads():
     clipper = GradClipper(max_norm=ZClip(warmup_steps=3))
     clipper.load_state_dict(done)
     assert clipper.state_dict()["threshold"]["seen"].item() == 3.0
+    # saved on the call that ended the warm-up (count == warmup_steps, a NaN among its norms): finished too,
+    # not resumed for two more norms with the mean it had
+    at_end = {**done, "step": 3, "threshold": {**done["threshold"], "count": 3}}
+    clipper = GradClipper(max_norm=ZClip(warmup_steps=3, max_norm=None))
+    clipper.load_state_dict(at_end)
+    assert clipper.state_dict()["threshold"]["seen"].item() == 3.0
+    assert clipper([torch.tensor([2.0], dtype=torch.float64)]).clip_coef.item() == 1.0
+    assert clipper.state_dict()["threshold"]["mean"].item() == pytest.approx(2.0, rel=1e-12)
     # checked as the current format is (a negative mean loaded and flipped a spike's gradients: -0.06; a
     # negative variance turned spike detection off)
     for key, value in (("mean", -3.0), ("var", -4.0), ("warmup", torch.tensor([1.0, -2.0, 1.5]))):
@@ -648,6 +658,7 @@ def test_agc_single_process_matches_reference():
             torch.testing.assert_close(q.grad.double(), expect, rtol=1e-5, atol=1e-8)
             q.grad.copy_(grads[n])
         assert bool(result.clipped) and result.clip_coef.item() < 1
+        assert result.max_norm.item() == pytest.approx(0.2)  # the AGC ratio, not its eps
         changed = [
             (~torch.isclose(want[n], grads[n].double())).reshape(want[n].shape[0] if want[n].dim() > 1 else 1, -1)
             .any(dim=1)
@@ -715,6 +726,14 @@ def body_agc_plain_pieces_with_group() -> list:
     nothing = nn.Parameter(torch.ones(3))
     report = GradClipper(mode="unitwise", report=True)({"w": mine["w"], "none": nothing}, group=dist.group.WORLD)
     assert set(report.norms) == {"w"} and nothing.grad is None, report.norms
+    # An excluded cut unit is left alone and stays out of clip_coef and clipped (its coefficient, 0.0175, was
+    # reported as the smallest applied, and the call counted as clipped, though nothing was scaled)
+    for name, q in mine.items():
+        q.grad = (full_g[name][got_back[name]] * (1.0 if name == "b" else 1e-4)).float()
+    before = {name: q.grad.clone() for name, q in mine.items()}
+    result = GradClipper(mode="unitwise", agc=AGC(clipping=0.05, exclude=("b",)))(mine, group=dist.group.WORLD)
+    assert all(torch.equal(q.grad, before[name]) for name, q in mine.items())
+    assert result.clip_coef.item() == 1.0 and not bool(result.clipped), result
     return out
 
 
@@ -933,6 +952,20 @@ def test_agc_floors_a_zero_weight_at_eps():
     got = torch.linalg.vector_norm(lin.bias.grad.double()).item()
     assert got == pytest.approx(0.01 * 1e-3, rel=1e-5), got
     assert torch.equal(lin.weight.grad, torch.zeros_like(lin.weight))
+
+
+def test_agc_divides_by_a_gradient_norm_floored_at_1e_6():
+    """timm's formula (and AGC's docstring): a clipped unit is scaled by max / max(||g_unit||, 1e-6), so a
+    gradient norm below 1e-6 above a smaller limit (zero weight, eps 1e-8) is scaled by 1e-10 / 1e-6, not to the
+    limit (1e-10 / 5e-7 passed the suite: no test had a clipped gradient norm under 1e-6)."""
+    bias = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    bias.grad = torch.tensor([3e-7, 4e-7, 0.0], dtype=torch.float64)  # norm 5e-7
+    grads = {"b": bias.grad.clone()}
+    want = agc_reference({"b": bias.detach()}, grads, 0.01, 1e-8, 2.0)["b"]
+    result = GradClipper(mode="unitwise", agc=AGC(clipping=0.01, eps=1e-8))({"b": bias})
+    torch.testing.assert_close(bias.grad, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(bias.grad, grads["b"] * 1e-4, rtol=1e-12, atol=0)
+    assert result.clip_coef.item() == pytest.approx(1e-4, rel=1e-12)
 
 
 def test_zclip_warm_up_clips_at_max_norm():

@@ -54,6 +54,7 @@ def test_config_errors_name_expected_and_received(kwargs, error, match):
         (lambda: ZClip(alpha=1.0), ValueError, "alpha"),
         (lambda: ZClip(clip_option="max"), ValueError, "clip_option"),
         (lambda: ZClip(warmup_steps=2.5), TypeError, "warmup_steps must be an int"),
+        (lambda: ZClip(warmup_steps=0), ValueError, "warmup_steps must be an int >= 1, got 0"),
         (lambda: AGC(clipping=0), ValueError, "clipping"),
         (lambda: AGC(exclude="fc.*"), TypeError, "exclude"),
     ],
@@ -189,6 +190,17 @@ def test_clipped_is_false_and_uncounted_for_a_nonfinite_total(mode, policy):
     result = clipper(model, optimizer=opt)
     assert not bool(result.finite) and not bool(result.clipped), result
     assert clipper.num_clipped.item() == 0 and clipper.num_nonfinite.item() == 1
+
+
+def test_per_param_under_ignore_clips_a_finite_parameter_beside_a_nan_one_by_its_own_norm():
+    """Each parameter's coefficient comes from its own norm alone: a NaN in another parameter (total NaN) leaves
+    it clipped as clip_grad_norm_ on it alone would (a slot norm capped at the total turned it NaN too)."""
+    a, b = torch.tensor([3.0, 4.0]), torch.tensor([math.nan, 1.0])
+    result = GradClipper(mode="per_param", max_norm=1.0, on_nonfinite="ignore")({"a": a, "b": b})
+    assert result.slots == ("a", "b") and not bool(result.finite)
+    assert result.clip_coef[0].item() == pytest.approx(1.0 / (5.0 + 1e-6), rel=1e-6)
+    assert math.isnan(result.clip_coef[1].item())
+    torch.testing.assert_close(a, torch.tensor([3.0, 4.0]) / (5.0 + 1e-6))
 
 
 @pytest.mark.parametrize("mode", ["per_param", "unitwise"])
