@@ -1088,11 +1088,17 @@ class GradClipper:
                 buckets[key] = math.nan if math.isnan(part) or math.isnan(buckets[key]) else max(buckets[key], part)
             else:
                 buckets[key] += part
-        out = {}
-        for key, part in buckets.items():
-            value = _slots.finalize_norms(torch.tensor(part, dtype=torch.float64), p, m.loss_scale)
-            out[key] = float(value)
-        return out
+        if not buckets:
+            return {}
+        if p in (0.0, 1.0, 2.0) or math.isinf(p):
+            # One vector for every entry: the root (sqrt, or none) and the loss-scale division are correctly
+            # rounded element by element, so each value is bit for bit the one a 0-dim tensor gives (a tensor, a
+            # root and a float per entry cost 21-27 ms of a 52-60 ms call on 2,400 parameters).
+            values = torch.tensor(list(buckets.values()), dtype=torch.float64)
+            return dict(zip(buckets, _slots.finalize_norms(values, p, m.loss_scale).tolist()))
+        # Other orders' pow on a vector takes torch's SIMD pow, which may differ from the scalar one in the last bit.
+        return {key: float(_slots.finalize_norms(torch.tensor(part, dtype=torch.float64), p, m.loss_scale))
+                for key, part in buckets.items()}
 
     def _unitwise(
         self,
