@@ -77,6 +77,32 @@ def test_report_by_module_prefix_and_unused_parameters_left_out():
         assert by_module["1"] == pytest.approx(want, rel=1e-6)
 
 
+@pytest.mark.parametrize("target", ["module", "mapping", "shared", "with_grad"])
+def test_per_param_on_many_parameters_matches_the_reference(target):
+    """A module's parameters take a path checked in C over the whole list (a Python step per parameter cost 3.4-7.7
+    ms of a 38-52 ms call on 2,400 parameters); a parameter under two names, or listed beside a gradient, takes the
+    per-item one: each gradient is measured and scaled once, under its first name."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)) for _ in range(30)])
+    model[3][0].weight.requires_grad_(False)
+    model(torch.randn(5, 3)).square().sum().backward()
+    model[5][1].bias.grad = None
+    named = dict(model.named_parameters())
+    arg: object = model
+    if target == "mapping":
+        arg = named
+    elif target == "shared":
+        arg = {**named, "zz.again": named["7.0.weight"]}  # the same parameter again, sorted last
+    elif target == "with_grad":
+        arg = {**named, "zz.grad": named["7.0.weight"].grad}  # a parameter and its own gradient
+    grads = {n: q.grad.clone() for n, q in named.items() if q.grad is not None}
+    result = GradClipper(max_norm=0.5, mode="per_param", report=True)(arg)
+    assert result.norms == pytest.approx({n: reference_norm([g]) for n, g in grads.items()}, rel=1e-6)
+    for n, g in grads.items():
+        coef = min(1.0, 0.5 / (reference_norm([g]) + 1e-6))
+        torch.testing.assert_close(named[n].grad, g * coef, rtol=1e-6, atol=0), n
+
+
 def test_per_group_single_process():
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
