@@ -1069,7 +1069,8 @@ class GradClipper:
                 where[id(q)] = gi
         # DeepSpeed ZeRO-3 empties the torch optimizer's param groups between steps; its own map stands in.
         fallback = named.group_of if named.group_optimizer is optimizer else {}
-        groups_of = [where.get(id(named.params[n]), -1) if n in named.params else -1 for n in named.names]
+        params = named.group_params()
+        groups_of = [where.get(id(params[n]), -1) if n in params else -1 for n in named.names]
         groups_of = [g if g >= 0 else fallback.get(n, -1) for g, n in zip(groups_of, named.names)]
         return groups_of, limits, labels
 

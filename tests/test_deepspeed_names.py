@@ -83,3 +83,10 @@ def test_checkpointed_and_compiled_blocks_keep_the_models_names(run_ranks, stage
 def test_parameter_names_that_clash_once_unwrapped_are_refused(run_ranks):
     for got in run_ranks(2, ds_names_cases.case_names_that_clash, 2):
         assert got.startswith("two different tensors of the target are named 'weight'"), got
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_optimizer_tensors_are_built_for_per_group_only(run_ranks, stage):
+    for counts in run_ranks(2, ds_names_cases.case_optimizer_tensors_built_for_per_group_only, stage,
+                            timeout_s=TIMEOUT):
+        assert counts == [0, 0, 1], counts
