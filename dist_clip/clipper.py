@@ -840,9 +840,10 @@ class GradClipper:
                 assert named is not None and optimizer is not None
                 if grouping is None:
                     grouping = self._groups(named, optimizer)
-                if plan is not None or isinstance(target, Mapping):
-                    # Pipeline stages, or named pieces whose ranks' optimizers differ (a rank holding nothing of a
-                    # parameter may leave it out): every rank's memberships travel in the measurement.
+                if plan is not None or isinstance(target, Mapping) or named.by_pieces:
+                    # Pipeline stages, or named pieces (a mapping, a user adapter's Shards) whose ranks' optimizers
+                    # differ (a rank holding nothing of a parameter may leave it out, or hold it without a
+                    # gradient): every rank's memberships travel in the measurement.
                     red = plan.reduction_group if plan is not None else _reduce.reduction_group(
                         s.group for s in shards)  # as _slots.measure finds it: the digests' width follows it
                     world = _reduce.group_size(red)
@@ -1018,7 +1019,7 @@ class GradClipper:
         # per_group on a mapping: the memberships and signatures travel too, built as a rank listing no slot builds
         # them (their width follows the two functions; neutral values under MAX too, where zeros were not)
         extra = None
-        if cfg.mode == "per_group" and isinstance(target, Mapping):
+        if cfg.mode == "per_group" and (isinstance(target, Mapping) or named is not None and named.by_pieces):
             none = [-1] * n
             extra = torch.cat([_group_membership(none, cfg.p), _group_signatures(none, names or (), set(), cfg.p)])
         try:
@@ -1047,6 +1048,7 @@ class GradClipper:
     ) -> tuple[list[int], list[float], list[str]]:
         """Each slot's param group in this rank's optimizer (-1: none), and every group's limit and label."""
         where: dict[int, int] = {}
+        grads: dict[int, int] = {}
         limits: list[float] = []
         labels: list[str] = []
         for gi, pg in enumerate(optimizer.param_groups):
@@ -1067,10 +1069,16 @@ class GradClipper:
             labels.append(str(pg.get("name", f"param_group{gi}")))
             for q in pg["params"]:
                 where[id(q)] = gi
+                # a user adapter's Shards hold gradients, not parameters: its pieces are found by the .grad of
+                # the parameters stepped (every piece was outside the optimizer: "found none", per_group refused)
+                grad = getattr(q, "grad", None)
+                if grad is not None:
+                    grads.setdefault(id(grad), gi)
         # DeepSpeed ZeRO-3 empties the torch optimizer's param groups between steps; its own map stands in.
         fallback = named.group_of if named.group_optimizer is optimizer else {}
         params = named.group_params()
-        groups_of = [where.get(id(params[n]), -1) if n in params else -1 for n in named.names]
+        groups_of = [where.get(id(params[n]), grads.get(id(params[n]), -1)) if n in params else -1
+                     for n in named.names]
         groups_of = [g if g >= 0 else fallback.get(n, -1) for g, n in zip(groups_of, named.names)]
         return groups_of, limits, labels
 

@@ -408,6 +408,55 @@ def test_what_a_custom_adapter_hands_back_is_checked_and_completed(run_ranks):
         assert values == [True] * 11, values
 
 
+def body_custom_adapter_per_group() -> list:
+    """mode="per_group" through a user adapter whose Shards hold the gradients of the parameters the optimizer
+    steps (rows of "w" cut unevenly, rank 1 holding none of them and no gradient for its empty parameter): each
+    param group is clipped against its own max_norm. Every piece was taken for a parameter outside the optimizer
+    (the Shards hold gradients, not parameters): ValueError "found none of the target's parameters" on every
+    rank; with the pieces found, rank 1's parameter without a gradient put it in no group there, a
+    RuntimeError (the ranks disagreeing on the grouping)."""
+    import dist_clip.adapters as adapters
+
+    adapters.ADAPTERS = ("tests.custom_adapter", *adapters.BUILT_IN)
+    try:
+        return _custom_adapter_per_group_values()
+    finally:
+        adapters.ADAPTERS = adapters.BUILT_IN
+
+
+def _custom_adapter_per_group_values() -> list:
+    from dist_clip import GradClipper, Shards
+
+    from .custom_adapter import HandSharded
+
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    full = {"w": torch.randn(10, 3) * 3, "b": torch.randn(7), "h": torch.randn(4, 2) * 0.2}
+    cuts = {"w": [0, 6, 6, 10], "b": [0, 2, 3, 7], "h": [0, 1, 4, 4]}
+    params = {n: nn.Parameter(torch.zeros_like(t[cuts[n][rank]:cuts[n][rank + 1]])) for n, t in full.items()}
+    for n, prm in params.items():
+        if prm.numel():
+            prm.grad = full[n][cuts[n][rank]:cuts[n][rank + 1]].clone()
+    names = sorted(params)
+    target = HandSharded([Shards([params[n].grad if params[n].grad is not None else torch.zeros(0) for n in names],
+                                 dist.group.WORLD, names=names)])
+    opt = torch.optim.SGD([{"params": [params["w"], params["b"]], "max_norm": 1.0},
+                           {"params": [params["h"]], "max_norm": 0.1}], lr=0.1)
+    res = GradClipper(mode="per_group")(target, optimizer=opt)
+    body, head = reference_norm([full["w"], full["b"]]), reference_norm([full["h"]])  # 16.50, 0.98
+    coef = {"w": 1.0 / (body + 1e-6), "b": 1.0 / (body + 1e-6), "h": 0.1 / (head + 1e-6)}
+    out = [res.total_norm.item() == pytest.approx(reference_norm(list(full.values())), rel=1e-6)]
+    for n, prm in params.items():
+        mine = full[n][cuts[n][rank]:cuts[n][rank + 1]]
+        out.append(prm.grad is None if not prm.numel() else torch.allclose(prm.grad, mine * coef[n], rtol=1e-6))
+    return out
+
+
+def test_a_custom_adapter_clips_per_group(run_ranks):
+    for values in run_ranks(3, body_custom_adapter_per_group):
+        assert values == [True] * 4, values
+
+
 def body_ddp_groups_unitwise() -> list:
     """Two DDP replica groups (ranks 0-1, 2-3) with different data, AGC with group=WORLD: each group gets its
     own averaged gradient's norm and verdict, with no collective (ranks 2-3 read group 0's norm, 0.473 for
