@@ -110,6 +110,26 @@ def test_one_tensor_in_two_shards_is_scaled_once(monkeypatch):
     torch.testing.assert_close(h, torch.tensor([12.0]) * coef)
 
 
+@pytest.mark.parametrize("listed", ["tests.custom_adaptr", "tests_typo.custom_adapter"])
+def test_an_adapter_module_that_does_not_import_is_an_error(monkeypatch, listed):
+    """README (Adding a framework): a user's adapter module listed in ADAPTERS that does not import (a typo, a
+    package missing from a worker's path) was passed over as absent: a module it should have taken was read by
+    the built-in adapter as plain parameters (each rank its own norm, silently), anything else was "does not know
+    how to find gradients", which did not say why. Built-in adapter modules may still be absent."""
+    from dist_clip import adapters
+    from tests.custom_adapter import HandModule, HandSharded
+
+    monkeypatch.setattr(adapters, "ADAPTERS", (listed, *adapters.BUILT_IN))
+    for target in (HandModule([dist_clip.Shards([torch.ones(3)])]), HandSharded([dist_clip.Shards([torch.ones(3)])])):
+        with pytest.raises(ModuleNotFoundError, match=f"ADAPTERS lists '{listed}', which cannot be imported"):
+            dist_clip.get_total_norm(target)
+        with pytest.raises(ModuleNotFoundError, match="cannot be imported"):
+            dist_clip.GradClipper(mode="per_param")(target)
+    monkeypatch.setattr(adapters, "ADAPTERS", ("dist_clip.adapters.absent", *adapters.BUILT_IN))
+    monkeypatch.setattr(adapters, "BUILT_IN", ("dist_clip.adapters.absent", *adapters.BUILT_IN))
+    assert dist_clip.get_total_norm([torch.tensor([3.0, 4.0])]).item() == 5.0
+
+
 @pytest.mark.parametrize(
     "bad", ["1.0", None, [1.0], True, torch.tensor([1.0, 2.0]), torch.tensor(True), torch.tensor(1 + 0j)]
 )
