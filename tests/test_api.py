@@ -110,6 +110,25 @@ def test_one_tensor_in_two_shards_is_scaled_once(monkeypatch):
     torch.testing.assert_close(h, torch.tensor([12.0]) * coef)
 
 
+def test_an_adapter_handing_over_parameters_instead_of_gradients_is_refused(monkeypatch):
+    """README (Adding a framework): Shards hold gradient pieces. An adapter giving the parameters themselves (as
+    the top-level API takes them) had their values measured (6.0 for 1.0) and the weights scaled in place (3.0 to
+    0.5), the gradients left alone, silently. Gradients made with create_graph=True (not leaves) still pass."""
+    from dist_clip import adapters
+    from tests.custom_adapter import HandSharded
+
+    monkeypatch.setattr(adapters, "ADAPTERS", ("tests.custom_adapter", *adapters.BUILT_IN))
+    w = torch.nn.Parameter(torch.full((4,), 3.0))
+    w.grad = torch.full((4,), 0.5)
+    for call in (lambda t: dist_clip.clip_grad_norm_(t, 1.0), lambda t: dist_clip.GradClipper(mode="per_param")(t)):
+        with pytest.raises(TypeError, match=r"tests.custom_adapter: shards\(\) gave a parameter .* pass its .grad"):
+            call(HandSharded([dist_clip.Shards([w], names=["w"])]))
+        assert w.detach().eq(3.0).all() and w.grad.eq(0.5).all()
+    x = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    (g,) = torch.autograd.grad(x.pow(2).sum(), x, create_graph=True)  # [2, 4], not a leaf
+    assert dist_clip.get_total_norm(HandSharded([dist_clip.Shards([g])])).item() == pytest.approx(20 ** 0.5)
+
+
 @pytest.mark.parametrize("listed", ["tests.custom_adaptr", "tests_typo.custom_adapter"])
 def test_an_adapter_module_that_does_not_import_is_an_error(monkeypatch, listed):
     """README (Adding a framework): a user's adapter module listed in ADAPTERS that does not import (a typo, a

@@ -91,6 +91,16 @@ def _checked(name: str, out: object, group: dist.ProcessGroup | None) -> list[Sh
             kind = type(out).__name__ if not isinstance(out, (list, tuple)) else (
                 f"a {type(out).__name__} holding a " + type(next(s for s in out if not isinstance(s, Shards))).__name__)
             raise TypeError(f"adapter {name}: shards() must return a list of dist_clip.Shards, got {kind}")
+    if name not in BUILT_IN:
+        for s in out:
+            for t in s.tensors:
+                if t.is_leaf and t.requires_grad:
+                    # a parameter's values were measured and the weights scaled in place (3.0 -> 0.354), its
+                    # gradient left as it was, silently
+                    raise TypeError(
+                        f"adapter {name}: shards() gave a parameter (a leaf tensor that requires grad, shape "
+                        f"{tuple(t.shape)}) as a piece; Shards.tensors are gradient pieces: pass its .grad"
+                    )
     if not out and group is not None:
         return [Shards([], group=group)]
     return out
