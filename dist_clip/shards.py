@@ -49,6 +49,15 @@ class Shards:
         if not all(issubclass(k, Tensor) for k in set(map(type, self.tensors))):  # (one check per type, in C)
             bad = next(t for t in self.tensors if not isinstance(t, Tensor))
             raise TypeError(f"Shards.tensors must hold tensors, got a {type(bad).__name__}")
+        if type(self.counted) is not bool:
+            object.__setattr__(self, "counted", _flag(self.counted))
+        if self.group is not None and not (
+            dist.is_available() and (isinstance(self.group, dist.ProcessGroup)
+                                     or self.group == getattr(dist.GroupMember, "NON_GROUP_MEMBER", None))
+        ):
+            # (a str failed later with "'str' object has no attribute 'size'")
+            raise TypeError(f"Shards.group must be a torch.distributed.ProcessGroup or None, got "
+                            f"{type(self.group).__name__} {self.group!r:.40}")
         if type(self.loss_scale) is not float and (
             isinstance(self.loss_scale, bool) or not isinstance(self.loss_scale, numbers.Real)
         ):
@@ -57,6 +66,19 @@ class Shards:
             raise ValueError(f"Shards.names has {len(self.names)} entries for {len(self.tensors)} tensors")
         if not (self.loss_scale > 0 and self.loss_scale < float("inf")):
             raise ValueError(f"Shards.loss_scale must be a finite number > 0, got {self.loss_scale}")
+
+
+def _flag(counted: object) -> bool:
+    """``Shards.counted`` as a bool: a numpy bool, an integer 0 or 1, or a one-value bool tensor stand for one;
+    anything else was taken by its truth (None: no rank counted the pieces, a total of 0; "False": every rank
+    did), silently."""
+    if isinstance(counted, Tensor):
+        if counted.numel() == 1 and counted.dtype == torch.bool:
+            return bool(counted)
+    elif type(counted).__name__ in ("bool_", "bool") or (isinstance(counted, numbers.Integral) and counted in (0, 1)):
+        return bool(counted)
+    raise TypeError(f"Shards.counted must be a bool (whether this rank counts the pieces), got "
+                    f"{type(counted).__name__} {counted!r:.40}")
 
 
 def common_loss_scale(shards: Sequence[Shards]) -> float:

@@ -74,13 +74,28 @@ def test_mixed_float32_and_float64_gradients_give_a_float64_norm():
     (lambda g: dist_clip.Shards([g], loss_scale=math.inf), ValueError, "loss_scale"),
     (lambda g: dist_clip.Shards([g], loss_scale=True), TypeError, "loss_scale"),
     (lambda g: dist_clip.Shards([g, 1.0]), TypeError, "tensors"),
-], ids=["names-one-short", "loss-scale-0", "loss-scale-inf", "loss-scale-bool", "a-float-piece"])
+    (lambda g: dist_clip.Shards([g], None, None), TypeError, "Shards.counted must be a bool"),
+    (lambda g: dist_clip.Shards([g], None, "False"), TypeError, "Shards.counted must be a bool"),
+    (lambda g: dist_clip.Shards([g], None, 2), TypeError, "Shards.counted must be a bool"),
+    (lambda g: dist_clip.Shards([g], "world"), TypeError, "Shards.group must be a torch.distributed.ProcessGroup"),
+], ids=["names-one-short", "loss-scale-0", "loss-scale-inf", "loss-scale-bool", "a-float-piece", "counted-none",
+        "counted-str", "counted-2", "group-str"])
 def test_the_shards_contract_refuses_bad_pieces_when_made(make, error, match):
     """What a custom adapter hands back is checked when made (README, Adding a framework): each of these was
     taken by a mutant (a loss scale of 0 or inf gave a total of inf or 0, True a total, names one short and a
-    float piece went on to fail later, unclearly)."""
+    float piece went on to fail later, unclearly; counted=None was counted by no rank, a total of 0, and "False" by
+    every rank, silently; a str group failed later with "'str' object has no attribute 'size'")."""
     with pytest.raises(error, match=match):
         make(torch.tensor([3.0, 4.0]))
+
+
+def test_the_shards_contract_takes_a_counted_flag_of_another_bool_type():
+    import numpy as np
+
+    g = torch.tensor([3.0, 4.0])
+    for flag, want in ((np.bool_(False), False), (1, True), (torch.tensor(False), False), (torch.tensor([True]), True)):
+        made = dist_clip.Shards([g], None, flag)
+        assert made.counted is want, (flag, made.counted)
 
 
 def test_pieces_with_two_loss_scales_are_refused(monkeypatch):
