@@ -44,8 +44,16 @@ class Shards:
         # (a generator was read empty by the measuring pass after the scaling pass took it: 0, unclipped)
         if not isinstance(self.tensors, (list, tuple)):
             object.__setattr__(self, "tensors", list(self.tensors))
+        if isinstance(self.names, (str, bytes)):
+            # (a str was split into its characters: names="wb" named two pieces "w" and "b", silently)
+            raise TypeError("Shards.names must be a list of names, one per tensor, got the "
+                            f"{type(self.names).__name__} {self.names!r:.40}")
         if not isinstance(self.names, (list, tuple)):
             object.__setattr__(self, "names", tuple(self.names))
+        if not all(issubclass(k, str) for k in set(map(type, self.names))):  # (one check per type, in C)
+            # (an int failed in the per-parameter modes with "sequence item 0: expected str instance, int found")
+            bad = next(n for n in self.names if not isinstance(n, str))
+            raise TypeError(f"Shards.names must hold str names, got a {type(bad).__name__} {bad!r:.40}")
         if not all(issubclass(k, Tensor) for k in set(map(type, self.tensors))):  # (one check per type, in C)
             bad = next(t for t in self.tensors if not isinstance(t, Tensor))
             raise TypeError(f"Shards.tensors must hold tensors, got a {type(bad).__name__}")

@@ -78,13 +78,17 @@ def test_mixed_float32_and_float64_gradients_give_a_float64_norm():
     (lambda g: dist_clip.Shards([g], None, "False"), TypeError, "Shards.counted must be a bool"),
     (lambda g: dist_clip.Shards([g], None, 2), TypeError, "Shards.counted must be a bool"),
     (lambda g: dist_clip.Shards([g], "world"), TypeError, "Shards.group must be a torch.distributed.ProcessGroup"),
+    (lambda g: dist_clip.Shards([g, g.clone()], names="wb"), TypeError, "Shards.names must be a list of names"),
+    (lambda g: dist_clip.Shards([g], names=[0]), TypeError, "Shards.names must hold str names, got a int"),
 ], ids=["names-one-short", "loss-scale-0", "loss-scale-inf", "loss-scale-bool", "a-float-piece", "counted-none",
-        "counted-str", "counted-2", "group-str"])
+        "counted-str", "counted-2", "group-str", "names-a-str", "names-an-int"])
 def test_the_shards_contract_refuses_bad_pieces_when_made(make, error, match):
     """What a custom adapter hands back is checked when made (README, Adding a framework): each of these was
     taken by a mutant (a loss scale of 0 or inf gave a total of inf or 0, True a total, names one short and a
     float piece went on to fail later, unclearly; counted=None was counted by no rank, a total of 0, and "False" by
-    every rank, silently; a str group failed later with "'str' object has no attribute 'size'")."""
+    every rank, silently; a str group failed later with "'str' object has no attribute 'size'"; names="wb" named
+    two pieces "w" and "b"; an int name failed in the per-parameter modes with "sequence item 0: expected str
+    instance")."""
     with pytest.raises(error, match=match):
         make(torch.tensor([3.0, 4.0]))
 
