@@ -9,6 +9,7 @@ import ast
 import dataclasses
 import inspect
 import math
+import os
 import pathlib
 import re
 import warnings
@@ -146,6 +147,37 @@ def test_an_adapter_handing_over_parameters_instead_of_gradients_is_refused(monk
     x = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
     (g,) = torch.autograd.grad(x.pow(2).sum(), x, create_graph=True)  # [2, 4], not a leaf
     assert dist_clip.get_total_norm(HandSharded([dist_clip.Shards([g])])).item() == pytest.approx(20 ** 0.5)
+
+
+def test_an_adapter_added_to_the_adapters_tuple_in_its_file_names_its_pieces(tmp_path):
+    """README (Adding a framework): "Add the module to the ADAPTERS tuple in dist_clip/adapters/__init__.py". BUILT_IN
+    was that very tuple, so the added module counted as shipped: the per-parameter modes and reports ignored its
+    Shards' names (TypeError "cannot name the gradients of a HandSharded per parameter"), and a misspelled one
+    was passed over. Done here on a copy of the package, edited as README says."""
+    import pathlib
+    import shutil
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "dist_clip", tmp_path / "dist_clip", ignore=shutil.ignore_patterns("__pycache__"))
+    init = tmp_path / "dist_clip" / "adapters" / "__init__.py"
+    text = init.read_text()
+    marker = 'ADAPTERS: tuple[str, ...] = (\n'
+    assert text.count(marker) == 1
+    init.write_text(text.replace(marker, marker + '    "tests.custom_adapter",\n'))
+    child = (
+        "import torch, dist_clip\n"
+        "from tests.custom_adapter import HandSharded\n"
+        f"assert dist_clip.__file__.startswith({str(tmp_path)!r})\n"
+        "t = HandSharded([dist_clip.Shards([torch.tensor([3.0, 4.0]), torch.tensor([12.0])], names=['w', 'b'])])\n"
+        "print(sorted(dist_clip.GradClipper(mode='per_param', report=True, max_norm=1e9)(t).norms.items()))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(root)])}
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300, env=env,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[('b', 12.0), ('w', 5.0)]", out.stdout
 
 
 @pytest.mark.parametrize("listed", ["tests.custom_adaptr", "tests_typo.custom_adapter"])

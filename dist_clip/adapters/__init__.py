@@ -25,6 +25,15 @@ class Adapter(Protocol):
     def shards(self, target: object, group: dist.ProcessGroup | None) -> list[Shards]: ...
 
 
+#: The adapters dist_clip ships, whose targets the per-parameter modes name themselves (others: by their
+#: Shards' ``names``). Listed apart from ``ADAPTERS``: it was ``ADAPTERS`` itself, so a module added to that tuple
+#: here, as README says, counted as shipped (its names were ignored: "cannot name the gradients ... per parameter").
+BUILT_IN: tuple[str, ...] = (
+    "dist_clip.adapters.deepspeed",
+    "dist_clip.adapters.fairscale",
+    "dist_clip.adapters.fsdp",
+    "dist_clip.adapters.params",
+)
 #: Adapter modules in the order they are tried; adding a framework means adding one module here.
 ADAPTERS: tuple[str, ...] = (
     "dist_clip.adapters.deepspeed",
@@ -32,9 +41,6 @@ ADAPTERS: tuple[str, ...] = (
     "dist_clip.adapters.fsdp",
     "dist_clip.adapters.params",
 )
-#: The adapters dist_clip ships, whose targets the per-parameter modes name themselves (others: by their
-#: Shards' ``names``).
-BUILT_IN: tuple[str, ...] = ADAPTERS
 
 
 def _load(name: str) -> Adapter | None:
