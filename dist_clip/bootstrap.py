@@ -294,15 +294,22 @@ def wait_for_every_rank(store: dist.Store, world_size: int, timeout: timedelta, 
     """Return once every one of ``world_size`` ranks has called this on ``store``; ``RuntimeError`` after
     ``timeout``. ``rank`` defaults to ``RANK`` from the environment.
 
-    Each rank sets a key of its own and waits for every rank's. A round is named by torchrun's attempt
-    (``TORCHELASTIC_RESTART_COUNT``) and this process's count of calls, so calls repeated in the processes of one
-    job (a second init) are rounds of their own. Arrivals were counted on the store, every ``world_size`` of them
-    one round: torchrun's workers share the agent's store across restarts (``--max-restarts``), and the ranks of a
-    failed attempt that had arrived shifted every later round (after a restart rank 1 was released alone and rank
-    0 waited for the whole start-up wait). The keys are not deleted: with a lazily connected group (NCCL) rank 0
-    cannot tell when the last rank has read them."""
+    Each rank sets a key of its own and waits for every rank's; a round is named by this process's count of calls,
+    so calls repeated in the processes of one job (a second init) are rounds of their own. Arrivals were counted
+    on the store, every ``world_size`` of them one round: torchrun's workers share the agent's store across
+    restarts (``--max-restarts``), and the ranks of a failed attempt that had arrived shifted every later round
+    (after a restart rank 1 was released alone and rank 0 waited for the whole start-up wait). The keys are not
+    deleted: with a lazily connected group (NCCL) rank 0 cannot tell when the last rank has read them.
+
+    torchrun's attempt (``TORCHELASTIC_RESTART_COUNT``) names the round too, but only in a job of one node
+    (``GROUP_WORLD_SIZE`` 1): every agent counts its own restarts, and a healthy node restarted for another node's
+    failure keeps its count (torch: "membership changes do not count as retries"), so on two nodes rank 0 waited
+    for keys of attempt 0 and rank 1 for keys of attempt 1, both for the whole start-up wait. Across nodes a key
+    left by a failed attempt at most ends its rank's wait early; the group's connection then waits for that rank
+    for the collective timeout."""
     rank = int(os.environ["RANK"]) if rank is None else rank
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    one_agent = os.environ.get("GROUP_WORLD_SIZE") == "1"
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") if one_agent else "any"
     keys = [f"{_ARRIVED}/{attempt}/{next(_ROUNDS)}/{r}" for r in range(world_size)]
     store.set(keys[rank], "1")
     store.wait(keys, timeout)

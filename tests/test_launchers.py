@@ -484,6 +484,57 @@ def test_a_torchrun_restart_after_a_failed_attempt_runs_and_agrees(tmp_path, whe
     assert code == 0 and check_line(out).startswith("check: PASS"), out[-6000:]
 
 
+_FAIL_ONCE_AT_START_UP = """
+import os
+marker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "failed-once")
+if os.environ.get("RANK") == "1" and not os.path.exists(marker):
+    import time
+    import dist_clip.bootstrap as bootstrap
+
+    def fail(*args, **kwargs):
+        open(marker, "w").close()
+        time.sleep(3)  # rank 0 arrives first
+        print(f"injected start-up failure of rank 1, attempt {os.environ['TORCHELASTIC_RESTART_COUNT']}", flush=True)
+        raise RuntimeError("injected")
+
+    bootstrap.wait_for_every_rank = fail
+"""
+
+
+@pytest.mark.timeout(2 * JOB_TIMEOUT_S)
+def test_a_two_node_torchrun_restart_after_a_start_up_failure_runs_and_agrees(tmp_path):
+    """torchrun counts a restart only on the node whose worker failed: a healthy node restarted for the new
+    rendezvous round keeps its `TORCHELASTIC_RESTART_COUNT` ("membership changes do not count as retries" in
+    torch's elastic agent). Naming the start-up wait's keys by that count had rank 0 (count 0) wait for rank 1's
+    key of attempt 0 and rank 1 (count 1) for rank 0's key of attempt 1: both waited for the 30-minute start-up
+    wait. One rank per node; rank 1 fails once at start-up."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(_FAIL_ONCE_AT_START_UP)
+    cfg = write_config(tmp_path, "ddp", wrapper="ddp")
+    port = str(free_port())
+    path = os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")]))
+    procs = [
+        start("torchrun.sh", ["check", "--config", str(cfg), "--out", str(tmp_path / f"node{i}")],
+              job_env(NNODES="2", NPROC="1", NODE_RANK=str(i), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                      RDZV_ID=f"test-{port}", TORCHRUN_ARGS="--max-restarts 1", PYTHONPATH=path))
+        for i in range(2)
+    ]
+    try:
+        results = [finish(p, 2 * JOB_TIMEOUT_S - 20) for p in procs]  # far less than the start-up wait (1800 s)
+    finally:
+        for p in procs:  # the other node's job, when the first timed out
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.communicate()
+    both = results[0][1] + results[1][1]
+    assert "injected start-up failure of rank 1, attempt 0" in both, both[-6000:]  # the first attempt failed
+    for code, out in results:
+        assert code == 0, out[-6000:]
+    assert "ddp on 2 rank(s) (gloo, cpu, launched by torchrun)" in both
+    assert check_line(both).startswith("check: PASS")
+
+
 _PORT_TAKEN = """
 import socket, sys
 import torch, torch.distributed as dist
