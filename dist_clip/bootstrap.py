@@ -266,11 +266,13 @@ def init_distributed(backend: str = "auto", *, need_group: bool = True) -> DistI
         startup = _startup_timeout()
         if store is None:  # rank 0 under MPI may hold it already, on the port it broadcast
             store, _, _ = next(dist.rendezvous("env://", launch.rank, launch.world_size, timeout=startup))
-        wait_for_every_rank(store, launch.world_size, startup, rank=launch.rank)
+        round_name = wait_for_every_rank(store, launch.world_size, startup, rank=launch.rank)
         store.set_timeout(_timeout())
+        # The group's keys under the round's name: gloo's addresses of a failed attempt stay on torchrun's store,
+        # and under the fixed "default_pg" a restarted rank 0 read rank 1's dead address and hung in init.
         dist.init_process_group(
-            name, store=dist.PrefixStore("default_pg", store), rank=launch.rank, world_size=launch.world_size,
-            timeout=_timeout(), **kwargs,
+            name, store=dist.PrefixStore(f"{round_name}/default_pg", store), rank=launch.rank,
+            world_size=launch.world_size, timeout=_timeout(), **kwargs,
         )
     _later_groups_time_out_alike()
     return DistInfo(
@@ -290,9 +292,10 @@ def _started_device() -> torch.device:
     return torch.device("cpu")
 
 
-def wait_for_every_rank(store: dist.Store, world_size: int, timeout: timedelta, rank: int | None = None) -> None:
+def wait_for_every_rank(store: dist.Store, world_size: int, timeout: timedelta, rank: int | None = None) -> str:
     """Return once every one of ``world_size`` ranks has called this on ``store``; ``RuntimeError`` after
-    ``timeout``. ``rank`` defaults to ``RANK`` from the environment.
+    ``timeout``. ``rank`` defaults to ``RANK`` from the environment. Returns the round's name, the same on every
+    rank (``init_distributed`` keeps the group's keys under it).
 
     Each rank sets a key of its own and waits for every rank's; a round is named by this process's count of calls,
     so calls repeated in the processes of one job (a second init) are rounds of their own. Arrivals were counted
@@ -310,9 +313,11 @@ def wait_for_every_rank(store: dist.Store, world_size: int, timeout: timedelta, 
     rank = int(os.environ["RANK"]) if rank is None else rank
     one_agent = os.environ.get("GROUP_WORLD_SIZE") == "1"
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") if one_agent else "any"
-    keys = [f"{_ARRIVED}/{attempt}/{next(_ROUNDS)}/{r}" for r in range(world_size)]
+    round_name = f"{_ARRIVED}/{attempt}/{next(_ROUNDS)}"
+    keys = [f"{round_name}/{r}" for r in range(world_size)]
     store.set(keys[rank], "1")
     store.wait(keys, timeout)
+    return round_name
 
 
 _ROUNDS = itertools.count()

@@ -461,6 +461,32 @@ if os.environ.get("RANK") == "0" and os.environ.get("TORCHELASTIC_RESTART_COUNT"
 
     train.replay = fail
 """,
+    # as "replay", and in the next attempt rank 1 joins the group 5 s after rank 0: rank 0 read the first
+    # attempt's gloo addresses of rank 1 (dead) from the shared store and hung in init_process_group
+    "replay, late group": """
+import os
+if os.environ.get("RANK") == "0" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+    import time
+    import dist_clip.train as train
+
+    def fail(*args, **kwargs):
+        time.sleep(3)  # rank 1 waits for the verdict first
+        print("injected replay failure of rank 0, first attempt", flush=True)
+        os._exit(1)  # as the OOM killer would: no verdict set
+
+    train.replay = fail
+if os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "1":
+    import time
+    import torch.distributed as dist
+
+    real = dist.init_process_group
+
+    def late(*args, **kwargs):
+        time.sleep(5)
+        return real(*args, **kwargs)
+
+    dist.init_process_group = late
+""",
 }
 
 
