@@ -175,13 +175,12 @@ def _fsdp1_places(root: nn.Module, group: dist.ProcessGroup | None) -> tuple[lis
         optim: dict[str, Tensor] = {}
         geometry: dict[str, tuple[torch.Size, tuple[int, ...]]] = {}
         handles = list(_fsdp.fsdp1_handles(root))
-        shard_groups = {id(h.process_group): h.process_group for _, h, _ in handles if h.uses_sharded_strategy}
+        shard_groups = {id(h.process_group): h.process_group for _, h, _, _ in handles if h.uses_sharded_strategy}
         red, whole = _fsdp.fsdp1_reduction(list(shard_groups.values()), group)  # as the adapter's plan reduces
         wide = not whole and (bool(shard_groups) or group is not None)
         apart: set[str] = set()
-        for module, handle, path in handles:
+        for module, handle, _, full_names in handles:
             flat = handle.flat_param
-            prefix = clean_name(path)
             sharded = bool(handle.uses_sharded_strategy)
             if sharded:
                 pg, counted = red, whole or _fsdp.first_replica(module, handle)
@@ -205,8 +204,8 @@ def _fsdp1_places(root: nn.Module, group: dist.ProcessGroup | None) -> tuple[lis
             span = world * (_reduce.group_size(module._inter_node_pg) if sharded and
                             handle._sharding_strategy.name in _fsdp._HYBRID else 1)
             stage = sharded and wide and span < _reduce.group_size(red)
-            for i, (fqn, info) in enumerate(zip(flat._fqns, flat._shard_param_infos)):
-                name = clean_name(prefix + fqn)
+            for i, (full_name, info) in enumerate(zip(full_names, flat._shard_param_infos)):
+                name = clean_name(full_name)
                 names.append(name)
                 if stage:
                     apart.add(name)

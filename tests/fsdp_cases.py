@@ -953,7 +953,22 @@ class SharedBlockNet(nn.Module):
         return self.head(self.dec(self.enc(torch.tanh(self.inp(x)))))
 
 
-def fsdp1_shared_module_names(use_orig_params: bool) -> dict[str, Any]:
+class AliasFirstNet(nn.Module):
+    """A block registered first as ``last`` and then as ``dec.1``, run through ``dec`` only: the unwrapped model
+    names its parameters ``last.lin.*``, the first path, outside the FSDP1 unit that wraps ``dec``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(13, 7)
+        self.last = Block(7, 7)
+        self.dec = nn.Sequential(Block(7, 7), self.last)
+        self.head = nn.Linear(7, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.dec(torch.tanh(self.inp(x))))
+
+
+def fsdp1_shared_module_names(use_orig_params: bool, alias_first: bool = False) -> dict[str, Any]:
     """FSDP1 units around a module registered under several parents (every ``nn.Linear`` its own unit): the
     per-parameter report, slots and AGC name the shared one's parameters as the unwrapped model does. They were
     named after its last path (``dec.1.lin.weight`` for ``shared.lin.weight``), so an AGC ``exclude=`` of the
@@ -965,9 +980,12 @@ def fsdp1_shared_module_names(use_orig_params: bool) -> dict[str, Any]:
 
     rank, ws = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    model = SharedBlockNet()
+    model = AliasFirstNet() if alias_first else SharedBlockNet()
+    shared = "last" if alias_first else "shared"
     ref = reference(model, list(range(ws)))
-    wrapped = FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({nn.Linear}),
+    # alias_first: one unit wraps dec, whose own names (flat_param._fqns) say 1.lin.* for last.lin.*
+    policy = ModuleWrapPolicy({nn.Sequential} if alias_first else {nn.Linear})
+    wrapped = FullyShardedDataParallel(model, auto_wrap_policy=policy,
                                        use_orig_params=use_orig_params, device_id=torch.device("cpu"))
     loss_fn(wrapped, *batch(rank)).backward()
     want = {n: torch.linalg.vector_norm(g).item() for n, g in ref.grads.items()}
@@ -980,7 +998,7 @@ def fsdp1_shared_module_names(use_orig_params: bool) -> dict[str, Any]:
     assert all(_norm_close(result.norms[n], want[n], RTOL) for n in want), (result.norms, want)
     # AGC leaves an excluded parameter alone, named as the model names it.
     before = {_clean(n): q.grad.detach().clone() for n, q in wrapped.named_parameters() if q.grad is not None}
-    agc = GradClipper(ClipperConfig(agc=AGC(clipping=1e-6, exclude=("shared.lin.weight",)), mode="unitwise",
+    agc = GradClipper(ClipperConfig(agc=AGC(clipping=1e-6, exclude=(f"{shared}.lin.weight",)), mode="unitwise",
                                     report=True))(wrapped)
     assert agc.norms is not None and agc.norms.keys() == want.keys(), (sorted(agc.norms or {}), sorted(want))
     kept = {_clean(n): torch.equal(q.grad, before[_clean(n)])

@@ -125,16 +125,22 @@ def test_compiled_and_checkpointed_models_keep_their_names(run_ranks, kind: str)
     assert all(r["fsdp1_plan_kept"] is (kind == "fsdp1") for r in results)
 
 
+@pytest.mark.parametrize("alias_first", [False, True])
 @pytest.mark.parametrize("use_orig_params", [False, True])
-def test_fsdp1_module_under_several_parents_keeps_its_first_name(run_ranks, use_orig_params: bool) -> None:
+def test_fsdp1_module_under_several_parents_keeps_its_first_name(run_ranks, use_orig_params: bool,
+                                                                 alias_first: bool) -> None:
     """A block registered as ``shared``, ``enc.0`` and ``dec.1`` in its own FSDP1 units: named ``shared.lin.*``,
-    as in the unwrapped model (``dec.1.lin.*`` before), for the report, the slots and AGC's ``exclude=``."""
-    results = run_ranks(2, cases.fsdp1_shared_module_names, use_orig_params)
+    as in the unwrapped model (``dec.1.lin.*`` before), for the report, the slots and AGC's ``exclude=``.
+    ``alias_first``: a block registered as ``last`` and then ``dec.1``, inside one unit wrapping ``dec``: named
+    ``last.lin.*`` (the unit's own names gave ``dec.1.lin.*``)."""
+    results = run_ranks(2, cases.fsdp1_shared_module_names, use_orig_params, alias_first)
+    shared = "last" if alias_first else "shared"
     assert results[0]["names"] == results[1]["names"]
-    assert "shared.lin.weight" in results[0]["names"] and not any(n.startswith(("enc.", "dec.1.")) for n in
-                                                                  results[0]["names"])
+    assert f"{shared}.lin.weight" in results[0]["names"] and not any(n.startswith(("enc.", "dec.1.")) for n in
+                                                                     results[0]["names"])
     if use_orig_params:  # the excluded weight's gradient (whole per-parameter .grad views) is untouched by AGC
-        assert all(r["kept"]["shared.lin.weight"] for r in results), results
+        held = [r["kept"][f"{shared}.lin.weight"] for r in results if f"{shared}.lin.weight" in r["kept"]]
+        assert held and all(held), results  # (a rank whose shard holds none of it has no .grad for it)
         assert not all(r["kept"]["inp.weight"] for r in results), results
 
 

@@ -296,7 +296,9 @@ def clean_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
 
 
-def _handle_layout(handle: Any, prefix: str, per_param: bool) -> list[tuple[str, int, int | None]]:
+def _handle_layout(
+    handle: Any, prefix: str, names: list[str], per_param: bool
+) -> list[tuple[str, int, int | None]]:
     """Where this rank's gradient pieces of one FlatParamHandle lie, under full-model names: (name, offset,
     numel) for pieces of the flat grad, or (name, padding, None) for the whole flat grad less FSDP1's padding.
     With ``use_orig_params=True``, one name per original parameter (in ``flat._params`` order, numbers unused),
@@ -307,11 +309,11 @@ def _handle_layout(handle: Any, prefix: str, per_param: bool) -> list[tuple[str,
     """
     flat = handle.flat_param
     if handle._use_orig_params:
-        return [(clean_name(prefix + fqn), 0, 0) for fqn in flat._fqns]
+        return [(clean_name(name), 0, 0) for name in names]
     if per_param:
         return [
-            (clean_name(prefix + fqn), info.offset_in_shard, info.numel_in_shard)
-            for fqn, info in zip(flat._fqns, flat._shard_param_infos)
+            (clean_name(name), info.offset_in_shard, info.numel_in_shard)
+            for name, info in zip(names, flat._shard_param_infos)
             if info.in_shard
         ]
     padding = flat._shard_numel_padded if handle.uses_sharded_strategy else 0  # FSDP1's padding is not gradient
@@ -332,18 +334,36 @@ def _handle_pieces(handle: Any, layout: list[tuple[str, int, int | None]]) -> li
     return [(name, g.narrow(0, offset, numel)) for name, offset, numel in layout]
 
 
-def fsdp1_handles(root: nn.Module) -> Iterator[tuple[nn.Module, Any, str]]:
-    """(FSDP1 instance, its FlatParamHandle, the dotted path of the module it wraps) for every instance with
-    parameters under ``root``; the path is as ``root.named_modules()`` spells it, wrapper prefixes included. A
-    module registered under several parents (``self.enc = self.dec[1] = block``) takes its first path, as the
-    unwrapped model's ``named_parameters()`` names its parameters (the last path was taken: ``dec.1.lin.weight``
-    for ``shared.lin.weight``, so reports, slots and AGC's ``exclude=`` named them otherwise than the model)."""
+def fsdp1_handles(root: nn.Module) -> Iterator[tuple[nn.Module, Any, str, list[str]]]:
+    """(FSDP1 instance, its FlatParamHandle, the dotted path of the module it wraps, the full name of each of the
+    handle's parameters in ``flat_param._fqns`` order) for every instance with parameters under ``root``; paths
+    and names as ``root.named_modules()`` spells them, wrapper prefixes included. A module registered under
+    several parents (``self.enc = self.dec[1] = block``) takes its first path, as the unwrapped model's
+    ``named_parameters()`` names its parameters: the handle's own names (``flat_param._fqns``) are paths within
+    its unit, so a block registered first as ``last`` and then as ``dec.1`` inside a unit wrapping ``dec`` was
+    reported, slotted and matched by AGC's ``exclude=`` as ``dec.1.lin.*`` where the model says ``last.lin.*``
+    (and the last path was taken for a unit's own module: ``dec.1.lin.weight`` for ``shared.lin.weight``)."""
     module_names = {id(m): n for n, m in root.named_modules()}  # (each module once, under its first path)
     for module in _fsdp1_type().fsdp_modules(root):
         handle = module._handle
         if handle is not None:
             path = module_names.get(id(handle._fully_sharded_module), "")
-            yield module, handle, path + "." if path else ""
+            prefix = path + "." if path else ""
+            yield module, handle, prefix, [_first_name(handle._fully_sharded_module, fqn, prefix, module_names)
+                                           for fqn in handle.flat_param._fqns]
+
+
+def _first_name(unit: nn.Module, fqn: str, prefix: str, module_names: dict[int, str]) -> str:
+    """The name under the root of the parameter ``fqn`` (a path within ``unit``): its module's first path."""
+    owner_path, _, leaf = fqn.rpartition(".")
+    try:
+        owner = unit.get_submodule(owner_path) if owner_path else unit
+    except AttributeError:
+        return prefix + fqn
+    first = module_names.get(id(owner))
+    if first is None:
+        return prefix + fqn
+    return f"{first}.{leaf}" if first else leaf
 
 
 # One handle of the plan: (handle, its layout, its process group or None when replicated (NO_SHARD), whether this
@@ -488,12 +508,12 @@ def _plan(root: nn.Module, per_param: bool) -> tuple[list[_Unit], list[tuple[str
     def build() -> tuple[list[_Unit], list[tuple[str, nn.Parameter]]]:
         units: list[_Unit] = []
         managed: set[int] = set()
-        for module, handle, prefix in fsdp1_handles(root):
+        for module, handle, prefix, names in fsdp1_handles(root):
             flat = handle.flat_param
             managed.add(id(flat))
             managed.update(id(p) for p in (flat._params or ()) if handle._use_orig_params)
-            layout = _handle_layout(handle, prefix, per_param)
-            first_name = clean_name(prefix + flat._fqns[0]) if flat._fqns else clean_name(prefix + "flat_param")
+            layout = _handle_layout(handle, prefix, names, per_param)
+            first_name = clean_name(names[0]) if names else clean_name(prefix + "flat_param")
             if handle.uses_sharded_strategy:
                 units.append((handle, layout, handle.process_group, first_replica(module, handle), first_name))
             else:
