@@ -242,3 +242,35 @@ def body_wrapped_block_names(kind: str) -> dict:
 def test_checkpointed_blocks_keep_the_models_names(run_ranks, kind):
     for got in run_ranks(2, body_wrapped_block_names, kind):
         assert got["names"] == got["unitwise names"] == got["want"], got
+
+
+def body_alias_first_names() -> dict:
+    """A block registered first as ``last`` and then as ``dec.1``, inside a nested fairscale FSDP unit wrapping
+    ``dec``: the flat parameter's own names are paths within its unit: the report said ``dec.1.lin.*`` where the
+    unwrapped model says ``last.lin.*``, and an AGC ``exclude=`` of the model's name missed it."""
+    from fairscale.nn import FullyShardedDataParallel as FSDP
+
+    from tests.fsdp_cases import AliasFirstNet, reference
+    from tests.fsdp_cases import batch as fsdp_batch
+    from tests.fsdp_cases import loss_fn as fsdp_loss
+
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    model = AliasFirstNet()
+    ref = reference(model, list(range(ws)))
+    want = {n: torch.linalg.vector_norm(g).item() for n, g in ref.grads.items()}
+    with cpu_stream_shim():
+        model.dec = FSDP(model.dec, compute_device=torch.device("cpu"))
+        target = FSDP(model, compute_device=torch.device("cpu"))
+        fsdp_loss(target, *fsdp_batch(rank)).backward()
+        report = dist_clip.GradClipper(max_norm=1e30, report=True)(target).norms or {}
+        agc = dist_clip.AGC(clipping=1e-4, exclude=("last.lin.weight",))
+        unit = dist_clip.GradClipper(mode="unitwise", agc=agc, report=True)(target).norms or {}
+    return {"want": want, "report": report, "unitwise names": sorted(unit)}
+
+
+@pytest.mark.fairscale
+def test_a_block_registered_first_outside_its_unit_keeps_the_models_name(run_ranks):
+    for got in run_ranks(2, body_alias_first_names):
+        assert sorted(got["report"]) == got["unitwise names"] == sorted(got["want"]), got
+        assert all(math.isclose(got["report"][n], got["want"][n], rel_tol=1e-5) for n in got["want"]), got

@@ -313,7 +313,12 @@ def _fsdp_params(root: Any) -> Any:
     fsdp = _loaded(_FSDP)
     flat_type = getattr(sys.modules.get("fairscale.nn.misc.flatten_params_wrapper"), "FlatParameter", None)
     param_names = {id(p): _clean(n) for n, p in root.named_parameters()}
-    for path, module in root.named_modules():
+    modules = list(root.named_modules())
+    # Each module once, under its first path, as the unwrapped model's named_parameters() names its parameters:
+    # the flat parameter's own names are paths within its FSDP unit, so a block registered first as `last` and
+    # then as `dec.1` inside a unit wrapping `dec` was named dec.1.lin.* for last.lin.*.
+    first_paths = {id(m): n for n, m in modules}
+    for path, module in modules:
         if not isinstance(module, fsdp):
             continue
         _refuse_solo(module, path, root)
@@ -321,6 +326,10 @@ def _fsdp_params(root: Any) -> Any:
             if flat_type is not None and isinstance(p, flat_type):
                 meta_names, shapes, numels = p.metadata()
                 own = [_clean(f"{path}.{n}") for n in meta_names]
+                infos = getattr(p, "_param_infos", None)
+                if infos is not None and len(infos) == len(own):
+                    own = [_clean(f"{first_paths[id(m)]}.{n}" if first_paths[id(m)] else n)
+                           if id(m) in first_paths else name for (_, m, n), name in zip(infos, own)]
             else:
                 own = [param_names.get(id(p), _clean(f"{path}.<param>"))]
                 shapes, numels = [p._orig_size], [int(p._orig_size.numel())]
