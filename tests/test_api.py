@@ -180,6 +180,28 @@ def test_an_adapter_added_to_the_adapters_tuple_in_its_file_names_its_pieces(tmp
     assert out.stdout.strip() == "[('b', 12.0), ('w', 5.0)]", out.stdout
 
 
+@pytest.mark.parametrize("piece", ["slice", "flat_view", "view_of_view"])
+def test_an_adapter_handing_over_slices_of_parameters_is_refused(monkeypatch, piece):
+    """README (Adding a framework): a slice or view of a parameter (what a sharded adapter cuts, where the slice of
+    its .grad belongs) is a parameter given as a piece too. Only leaves were refused: pieces w[2:4] of a (4, 3)
+    weight of ones on two ranks gave 3.46 for 1.73 and the weights were scaled in place (1.0 to 0.144), the
+    gradients left alone, silently. A view of a create_graph gradient (not of a leaf) still passes."""
+    from dist_clip import adapters
+    from tests.custom_adapter import HandSharded
+
+    monkeypatch.setattr(adapters, "ADAPTERS", ("tests.custom_adapter", *adapters.BUILT_IN))
+    w = torch.nn.Parameter(torch.full((4, 3), 1.0))
+    w.grad = torch.full((4, 3), 0.5)
+    made = {"slice": lambda: w[2:4], "flat_view": lambda: w.view(-1), "view_of_view": lambda: w.view(-1)[3:9]}[piece]
+    for call in (lambda t: dist_clip.clip_grad_norm_(t, 0.5), lambda t: dist_clip.GradClipper(mode="per_param")(t)):
+        with pytest.raises(TypeError, match=r"tests.custom_adapter: shards\(\) gave a parameter .* pass its .grad"):
+            call(HandSharded([dist_clip.Shards([made()], names=["w"])]))
+        assert w.detach().eq(1.0).all() and w.grad.eq(0.5).all()
+    x = torch.nn.Parameter(torch.tensor([1.0, 2.0, 2.0]))
+    (g,) = torch.autograd.grad(x.pow(2).sum(), x, create_graph=True)  # [2, 4, 4], not a leaf
+    assert dist_clip.get_total_norm(HandSharded([dist_clip.Shards([g[1:]])])).item() == pytest.approx(32 ** 0.5)
+
+
 @pytest.mark.parametrize("listed", ["tests.custom_adaptr", "tests_typo.custom_adapter"])
 def test_an_adapter_module_that_does_not_import_is_an_error(monkeypatch, listed):
     """README (Adding a framework): a user's adapter module listed in ADAPTERS that does not import (a typo, a
