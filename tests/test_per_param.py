@@ -119,6 +119,31 @@ def test_per_group_single_process():
         torch.testing.assert_close(p.grad.double(), want, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("target", ["mapping", "list"])
+def test_per_group_on_gradients_takes_the_group_of_their_parameters(target):
+    """README (Per-parameter and per-group clipping): a gradient given in place of its parameter is in the group of
+    the parameter whose .grad it is (dd67b95 made this so for every target, not only a user adapter's Shards: a
+    mapping of .grads raised "found none" before); a copy of a .grad is outside the optimizer, kept as it is."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    model(torch.randn(5, 3)).square().sum().backward()
+    named = dict(model.named_parameters())
+    grads = {n: q.grad.clone().double() for n, q in named.items()}
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "max_norm": 0.3},
+                           {"params": model[1].parameters(), "max_norm": 0.7}], lr=0.1)
+    copy = named["1.bias"].grad.clone()
+    pieces = {n: q.grad for n, q in named.items() if n != "1.bias"} | {"1.bias": copy}
+    arg: object = pieces if target == "mapping" else [pieces[n] for n in sorted(pieces)]
+    GradClipper(mode="per_group")(arg, optimizer=opt)
+    norms = [reference_norm([grads["0.weight"], grads["0.bias"]]), reference_norm([grads["1.weight"]])]
+    coefs = [min(1.0, 0.3 / (norms[0] + 1e-6)), min(1.0, 0.7 / (norms[1] + 1e-6))]
+    assert coefs[0] < 1 and coefs[1] < 1
+    for n in ("0.weight", "0.bias", "1.weight"):
+        want = grads[n] * coefs[0 if n.startswith("0.") else 1]
+        torch.testing.assert_close(named[n].grad.double(), want, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(copy.double(), grads["1.bias"], rtol=0, atol=0)
+
+
 def test_bad_input_names_expected_and_received():
     with pytest.raises(ValueError, match="optimizer="):
         GradClipper(mode="per_group")([torch.ones(2)])
