@@ -285,16 +285,24 @@ def test_ddp_no_sync_gradients_are_refused(run_ranks, composable):
     assert run_ranks(3, body_ddp_no_sync, composable) == [["refused"] * 7 + [True]] * 3
 
 
-def body_custom_adapter(p: float) -> list:
-    """Rows of "w" split unevenly over the ranks (rank 1 holds none), a bf16 "b" split likewise, and a
-    replicated "r" counted on rank 0 only; every rank names every parameter."""
+@contextlib.contextmanager
+def _custom_adapter_listed():
+    """tests/custom_adapter.py in ``ADAPTERS`` for the block; the built-in list again after it (the ranks serve
+    later tests too)."""
     import dist_clip.adapters as adapters
 
     adapters.ADAPTERS = ("tests.custom_adapter", *adapters.BUILT_IN)
     try:
-        return _custom_adapter_values(p)
+        yield
     finally:
-        adapters.ADAPTERS = adapters.BUILT_IN  # the ranks serve later tests too
+        adapters.ADAPTERS = adapters.BUILT_IN
+
+
+def body_custom_adapter(p: float) -> list:
+    """Rows of "w" split unevenly over the ranks (rank 1 holds none), a bf16 "b" split likewise, and a
+    replicated "r" counted on rank 0 only; every rank names every parameter."""
+    with _custom_adapter_listed():
+        return _custom_adapter_values(p)
 
 
 def _custom_adapter_values(p: float) -> list:
@@ -342,13 +350,8 @@ def body_custom_adapter_output() -> list:
     iterable"), a generator of pieces is read once (it read empty: 0, unclipped), one tensor in two Shards
     counts once (x1.41), a list of tensors is a TypeError naming the adapter, and unit-wise clipping refuses a
     module the adapter takes (it read it as plain parameters, each rank its own units)."""
-    import dist_clip.adapters as adapters
-
-    adapters.ADAPTERS = ("tests.custom_adapter", *adapters.BUILT_IN)
-    try:
+    with _custom_adapter_listed():
         return _custom_adapter_output_values()
-    finally:
-        adapters.ADAPTERS = adapters.BUILT_IN
 
 
 def _custom_adapter_output_values() -> list:
@@ -415,13 +418,8 @@ def body_custom_adapter_per_group() -> list:
     (the Shards hold gradients, not parameters): ValueError "found none of the target's parameters" on every
     rank; with the pieces found, rank 1's parameter without a gradient put it in no group there, a
     RuntimeError (the ranks disagreeing on the grouping)."""
-    import dist_clip.adapters as adapters
-
-    adapters.ADAPTERS = ("tests.custom_adapter", *adapters.BUILT_IN)
-    try:
+    with _custom_adapter_listed():
         return _custom_adapter_per_group_values()
-    finally:
-        adapters.ADAPTERS = adapters.BUILT_IN
 
 
 def _custom_adapter_per_group_values() -> list:

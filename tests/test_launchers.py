@@ -432,6 +432,21 @@ def test_a_rank_that_clipped_by_a_wrong_norm_fails_check_under_torchrun(tmp_path
     assert "; the ranks' norms differ at step 1: rank 1 differs from rank 0: rank 0 " in line, line
 
 
+# rank 0 dies in its replay, after rank 1 has begun waiting for the verdict
+_REPLAY_FAILS = """
+import os
+if os.environ.get("RANK") == "0" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+    import time
+    import dist_clip.train as train
+
+    def fail(*args, **kwargs):
+        time.sleep(3)  # rank 1 waits for the verdict first
+        print("injected replay failure of rank 0, first attempt", flush=True)
+        os._exit(1)  # as the OOM killer would: no verdict set
+
+    train.replay = fail
+"""
+
 _FAIL_FIRST_ATTEMPT = {
     # rank 1 fails at start-up, after rank 0 has arrived at the start-up wait: a partial round on the store
     "start-up": """
@@ -447,34 +462,10 @@ if os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT"
 
     bootstrap.wait_for_every_rank = fail
 """,
-    # rank 0 dies in its replay, after rank 1 has begun waiting for the verdict
-    "replay": """
-import os
-if os.environ.get("RANK") == "0" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
-    import time
-    import dist_clip.train as train
-
-    def fail(*args, **kwargs):
-        time.sleep(3)  # rank 1 waits for the verdict first
-        print("injected replay failure of rank 0, first attempt", flush=True)
-        os._exit(1)  # as the OOM killer would: no verdict set
-
-    train.replay = fail
-""",
+    "replay": _REPLAY_FAILS,
     # as "replay", and in the next attempt rank 1 joins the group 5 s after rank 0: rank 0 read the first
     # attempt's gloo addresses of rank 1 (dead) from the shared store and hung in init_process_group
-    "replay, late group": """
-import os
-if os.environ.get("RANK") == "0" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
-    import time
-    import dist_clip.train as train
-
-    def fail(*args, **kwargs):
-        time.sleep(3)  # rank 1 waits for the verdict first
-        print("injected replay failure of rank 0, first attempt", flush=True)
-        os._exit(1)  # as the OOM killer would: no verdict set
-
-    train.replay = fail
+    "replay, late group": _REPLAY_FAILS + """
 if os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "1":
     import time
     import torch.distributed as dist

@@ -12,9 +12,10 @@ import sys
 from typing import Protocol
 
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 
 from ..shards import Shards
+from .params import _views_a_leaf  # a slice or view of a parameter, as is_parameter takes it
 
 __all__ = ["ADAPTERS", "BUILT_IN", "Adapter", "find", "resolve", "unwrap_compiled"]
 
@@ -112,13 +113,6 @@ def _checked(name: str, out: object, group: dist.ProcessGroup | None) -> list[Sh
     if not out and group is not None:
         return [Shards([], group=group)]
     return out
-
-
-def _views_a_leaf(t: Tensor) -> bool:
-    """Whether ``t`` is a view (a slice, ``view(-1)``) of a leaf that requires grad: of a parameter, as
-    :func:`dist_clip.adapters.params.is_parameter` takes it."""
-    base = t._base if t._is_view() else None
-    return base is not None and base.grad_fn is None and base.requires_grad
 
 
 def resolve(target: object, group: dist.ProcessGroup | None = None) -> list[Shards]:
