@@ -38,6 +38,19 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
+def diff_ratio(part: float, whole: float) -> float:
+    """``part / whole`` for two differences of medians; NaN where noise made either negative (or the whole 0):
+    unguarded, a loaded run printed -82.47 and 1.64 as if they meant something."""
+    return part / whole if part >= 0 and whole > 0 else float("nan")
+
+
+def verdict(ratio: float, target: float) -> str:
+    """``"<= target: met"`` or ``"MISSED"``; a NaN ratio (differences of medians that noise made negative) says so."""
+    import math
+
+    return f"<= {target:g}: " + ("noise (rerun)" if math.isnan(ratio) else "met" if ratio <= target else "MISSED")
+
+
 def _rank_entry(
     rank: int, world: int, store_path: str, out_path: str, body: Callable[..., object], args: tuple
 ) -> None:

@@ -31,7 +31,8 @@ from dist_clip import _native
 from dist_clip.clip import local_total_partial
 from dist_clip.testing import reference_norm
 
-from .common import check_clipped, check_norm, device_reference_norm, fail_on, table
+from .common import check_clipped, check_norm, device_reference_norm, diff_ratio, fail_on, table
+from .common import verdict as _verdict
 
 #: Target ratios (ours / torch) from the performance issue, by norm order, for fp32.
 TARGET_CLIP = {2.0: 1.0, math.inf: 0.3}
@@ -201,8 +202,7 @@ def _fmt_ratio(ratio: float, target: float | None) -> tuple[str, str]:
     """The ratio and its verdict; a NaN ratio (differences of medians that noise made negative) says so."""
     if target is None:
         return f"{ratio:.2f}", ""
-    verdict = "noise (rerun)" if math.isnan(ratio) else "met" if ratio <= target else "MISSED"
-    return f"{ratio:.2f}", f"<= {target:g}: {verdict}"
+    return f"{ratio:.2f}", _verdict(ratio, target)
 
 
 def bench_orders(quick: bool, device: str = "cpu", problems: list[str] | None = None) -> str:
@@ -319,10 +319,7 @@ def bench_small(quick: bool, problems: list[str] | None = None, device: str = "c
     return table(["dtype", "p", "clips", "torch ms", "ours ms", "ratio", "target"], rows)
 
 
-def _ratio(part: float, whole: float) -> float:
-    """``part / whole`` for two differences of medians; NaN where noise made either negative (or the whole 0):
-    unguarded, a loaded run printed -82.47 and 1.64 as if they meant something."""
-    return part / whole if part >= 0 and whole > 0 else float("nan")
+_ratio = diff_ratio
 
 
 def bench_fused(quick: bool, problems: list[str] | None = None, device: str = "cpu") -> str:

@@ -2087,6 +2087,36 @@ def test_bench_fsdp_quick_reports_one_collective_and_targets():
     assert all(r[-1].rstrip(" |") == "1" for r in small_rows), small_rows  # per-parameter clipping: one collective
 
 
+def _fsdp_bench_result(step: float, own: float, ours: float) -> dict:
+    """What ``bench.fsdp._rank`` returns on rank 0, with the fused-step timings given (ms) and the rest fixed."""
+    call = {"dist_clip": {"ms": 1.0, "collectives": 1}, "FSDP1.clip_grad_norm_": {"ms": 2.0, "collectives": 1}}
+    folded = {"step": {"ms": step, "collectives": 0}, "own clip, step": {"ms": step + own, "collectives": 1},
+              "dist_clip(optimizer=), step": {"ms": step + ours, "collectives": 1}}
+    return {"params": 8320, "problems": [], "rows": [{"wrapper": "FSDP1 FULL_SHARD", "p": 2.0, "timed": call}],
+            "folded": [{"wrapper": "FSDP1 FULL_SHARD", "timed": folded}], "small": []}
+
+
+@pytest.mark.parametrize(("own", "ours", "ratio", "verdict"), [
+    (4.0, 2.0, "0.50", "<= 0.8: met"),
+    (4.0, 3.6, "0.90", "<= 0.8: MISSED"),
+    (4.0, -0.5, "nan", "<= 0.8: noise (rerun)"),  # printed -0.12x, "met": a negative cost is noise, not a win
+    (-0.2, 2.0, "nan", "<= 0.8: noise (rerun)"),  # printed nanx, "MISSED"
+])
+def test_bench_fsdp_fused_step_verdict_of_differences_of_medians(monkeypatch, own, ours, ratio, verdict):
+    """The fused-step table's ratio is (ours + step - step) / (own clip + step - step): two differences of
+    medians, which noise can make negative (a quick run's tiny step). README: such a ratio prints ``nan``; the
+    FSDP table printed a negative ratio as met, as bench core's fused table (``_ratio``) no longer does."""
+    from bench import fsdp
+
+    monkeypatch.setattr(fsdp, "on_ranks", lambda world, body, quick: _fsdp_bench_result(10.0, own, ours))
+    out = fsdp.main(quick=True)
+    rows = [line for line in out.split("fused AdamW step:")[1].split("Many small")[0].splitlines()
+            if line.startswith("| 2 |")]
+    assert len(rows) == 1, out
+    cells = [c.strip() for c in rows[0].strip(" |").split("|")]
+    assert cells[-2:] == [f"{ratio}x", verdict], rows
+
+
 @pytest.mark.slow
 @pytest.mark.deepspeed
 def test_bench_deepspeed_quick_reports_costs_and_collectives():
