@@ -9,25 +9,26 @@ import sys
 
 #: Scenario modules in bench/, run in this order when none is named.
 SCENARIOS = ("core", "scaling", "fsdp", "deepspeed", "fairscale")
+#: Also runnable by name: the CUDA tables of ``core`` alone.
+NAMED_ONLY = ("gpu",)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats: a smoke run")
-    parser.add_argument("scenarios", nargs="*", default=list(SCENARIOS))
+    parser.add_argument("scenarios", nargs="*", default=list(SCENARIOS),
+                        help=f"any of {', '.join(SCENARIOS + NAMED_ONLY)} (default: {' '.join(SCENARIOS)})")
     args = parser.parse_args(argv)
+    known = SCENARIOS + NAMED_ONLY
+    for name in args.scenarios:  # (not choices=: argparse checks a nargs="*" default list against them whole)
+        if name not in known:
+            parser.error(f"argument scenarios: invalid choice: {name!r} (choose from {', '.join(map(repr, known))})")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from .common import CheckFailed
 
     failed = []
     for name in args.scenarios:
-        try:
-            module = importlib.import_module(f"bench.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"bench.{name}":
-                print(f"## {name}\n\n(not available yet)\n")
-                continue
-            raise
+        module = importlib.import_module(f"bench.{name}")
         print(f"## {name}\n")
         try:
             print(module.main(quick=args.quick))
