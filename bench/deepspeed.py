@@ -273,4 +273,6 @@ def main(quick: bool = False) -> str:
 
 
 if __name__ == "__main__":
-    print(main(quick=bool(os.environ.get("QUICK"))))
+    import sys
+
+    print(main(quick="--quick" in sys.argv or bool(os.environ.get("QUICK"))))

@@ -2049,6 +2049,29 @@ def test_bench_refuses_an_unknown_scenario(capsys):
     assert "invalid choice: 'fsdp2'" in err and "'fsdp'" in err and "'gpu'" in err, err
 
 
+@pytest.mark.parametrize("name", ["fsdp", "deepspeed", "fairscale"])
+def test_bench_scenario_module_run_alone_takes_quick(monkeypatch, capsys, name):
+    """``python -m bench.core --quick`` and ``bench.scaling --quick`` ran the quick sizes; ``python -m bench.fsdp
+    --quick`` (and deepspeed, fairscale) read an undocumented ``QUICK`` variable instead and started the full
+    50 M-parameter run on 2 and 4 ranks, ignoring the flag."""
+    import runpy
+
+    import bench.common
+
+    seen = []
+
+    def fake_on_ranks(world, body, quick):
+        seen.append(quick)
+        raise KeyboardInterrupt  # stop before any table: only the flag's reading is under test
+
+    monkeypatch.setattr(bench.common, "on_ranks", fake_on_ranks)
+    monkeypatch.delenv("QUICK", raising=False)
+    monkeypatch.setattr(sys, "argv", [f"bench/{name}.py", "--quick"])
+    with pytest.raises(KeyboardInterrupt):
+        runpy.run_module(f"bench.{name}", run_name="__main__")
+    assert seen == [True]
+
+
 def _interleaved_with_unequal_budgets():
     import torch.distributed as dist
 
