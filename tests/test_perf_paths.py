@@ -2165,6 +2165,25 @@ def test_bench_deepspeed_quick_reports_costs_and_collectives():
     assert len(isolated) == 2, out
 
 
+@pytest.mark.slow
+@pytest.mark.fairscale
+def test_bench_fairscale_quick_reports_collectives_and_accuracy():
+    """README: "`--quick` is a smoke run (the suite runs it)" for every scenario; fairscale's was not run."""
+    pytest.importorskip("fairscale")
+    from bench import fairscale as fs_bench
+
+    out = fs_bench.main(quick=True)
+    rows = [[c.strip() for c in line.strip(" |").split("|")] for line in out.splitlines()
+            if line.startswith(("| float32 |", "| bfloat16 |"))]
+    assert [(r[0], r[1]) for r in rows] == [("float32", "2"), ("float32", "inf"), ("bfloat16", "2"),
+                                            ("bfloat16", "inf")], out
+    for r in rows:
+        assert r[4] == "1 / 1", r  # one all-reduce each
+        dtype, err = r[6].split(", ")
+        assert dtype == "float32" and float(err) <= 1e-6, r  # dist_clip's norm: float32, at the contract's accuracy
+        assert r[5].split(", ")[0] == r[0], r  # fairscale's norm in the gradients' dtype
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_skip_flag_lasts_until_the_step_and_combines_on_the_same_gradients(fused):
     """A flag lasts until the next step whatever happens to the gradients (copied to master weights: a check
