@@ -2152,6 +2152,18 @@ def test_bench_fsdp_fused_step_verdict_of_differences_of_medians(monkeypatch, ow
     assert cells[-2:] == [f"{ratio}x", verdict], rows
 
 
+def test_bench_fsdp_many_small_table_names_its_model_size(monkeypatch):
+    """The many-small-gradients table's model: 96 blocks of 16 parameters, 3280 elements a block, 0.31 M
+    parameters (bench/fsdp.py's docstring and README said 0.2 M; the table printed no size)."""
+    from bench import fsdp
+
+    assert sum(p.numel() for p in fsdp._blocks(96).parameters()) == 314_880
+    monkeypatch.setattr(fsdp, "on_ranks", lambda world, body, quick: _fsdp_bench_result(10.0, 4.0, 2.0))
+    assert "Many small gradients (4 blocks of 16 parameters, a unit per block, 13,120 parameters)" in fsdp.main(
+        quick=True)
+    assert "0.2 M" not in (fsdp.__doc__ or "") and "0.31 M parameters" in fsdp.__doc__
+
+
 @pytest.mark.slow
 @pytest.mark.deepspeed
 def test_bench_deepspeed_quick_reports_costs_and_collectives():
