@@ -258,7 +258,8 @@ def main(quick: bool = False) -> str:
                     r["dist_clip norm"], f"{r['scaled flatten'] - r['flatten']:+.2f}", folded,
                     f"{folded / r['deepspeed']:.2f}x", verdict(folded / r["deepspeed"])])
     n = results[0]["params"]
-    head = (f"{WORLD} gloo ranks, 1 thread each, fp32, SGD, {n / 1e6:.1f} M parameters, every step clips "
+    size = f"{n / 1e6:.1f} M" if n >= 1e5 else f"{n:,}"  # (the quick model's 8,320 printed as "0.0 M")
+    head = (f"{WORLD} gloo ranks, 1 thread each, fp32, SGD, {size} parameters, every step clips "
             f"(max_norm: half the first step's norm); medians "
             f"{'(quick: tiny model)' if quick else ''}\n\n")
     loops = table(

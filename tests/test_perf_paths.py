@@ -2175,6 +2175,7 @@ def test_bench_deepspeed_quick_reports_costs_and_collectives():
     assert len(ours) == 3 and all(line.rstrip(" |").endswith("| 1") for line in ours), ours  # one collective
     isolated = [line for line in out.splitlines() if line.startswith("| ZeRO-") and "<= 0.1" in line]
     assert len(isolated) == 2, out
+    assert "SGD, 8,320 parameters," in out, out.splitlines()[0]  # printed "0.0 M parameters"
 
 
 @pytest.mark.slow
