@@ -29,8 +29,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A markdown table."""
 
     def fmt(v: object) -> str:
-        if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        if isinstance(v, float):  # 3 digits; whole numbers from 999.5 up (.3g printed 999.7 as "1e+03")
+            return f"{v:.3g}" if abs(v) < 999.5 else f"{v:.0f}"
         return str(v)
 
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]

@@ -2072,6 +2072,15 @@ def test_bench_scenario_module_run_alone_takes_quick(monkeypatch, capsys, name):
     assert seen == [True]
 
 
+def test_bench_table_prints_milliseconds_near_1000_as_numbers():
+    """Table cells are 3 significant digits below 1000 and whole numbers above; a value in [999.5, 1000), which
+    bench deepspeed's "backward..step" (786-1226 ms on machine B) can take, printed as "1e+03"."""
+    from bench.common import table
+
+    row = table(["a"] * 6, [[999.7, 999.4, 1000.2, 99.97, -999.8, 0.0123]]).splitlines()[-1]
+    assert row == "| 1000 | 999 | 1000 | 100 | -1000 | 0.0123 |"
+
+
 def _interleaved_with_unequal_budgets():
     import torch.distributed as dist
 
