@@ -815,6 +815,42 @@ def case_call_before_boundary_backward(stage: int, dtype: str = "fp32", offload:
     return {"norms": norms}
 
 
+def case_manual_boundary_before_last_backward(stage: int, dtype: str = "fp32", grad_accum_dtype: str | None = None,
+                                             offload: bool = False) -> dict:
+    """DeepSpeed's manual accumulation (``engine.set_gradient_accumulation_boundary(False)`` for the first micro
+    steps, ``True`` before the last one, one ``engine.step()`` per window): a call after the boundary was set but
+    before the last micro step's backward read the partial sum (ZeRO-3: 0.844 for 8.761) or, at stage 0 and under
+    BF16_Optimizer, each rank's own unreduced gradients (0.766 and 0.972: the ranks clipped by different
+    coefficients). ``step()`` runs once per window, so the count of steps did not tell, and
+    ``set_gradient_accumulation_boundary`` sets the ZeRO optimizers' mirrored flag too. Refused on every rank
+    from the second call on an engine (the first installs the backward counter); the norm at the boundary then
+    matches the unsharded run, step after step."""
+    rank = dist.get_rank()
+    gas = 3
+    engine = make_engine(ds_config(stage, dtype=dtype, gas=gas, offload=offload, grad_accum_dtype=grad_accum_dtype))
+    dt = _engine_dtype(engine)
+    ref = Reference()
+    norms = []
+    for step in range(2):
+        batches = micro_batches(engine, step)
+        want = ref.step(batches, max_norm=0.3, p=2.0)
+        engine.set_gradient_accumulation_boundary(False)
+        for micro, per_rank in enumerate(batches):
+            if micro == gas - 1:
+                engine.set_gradient_accumulation_boundary(True)
+                if step == 1:
+                    _refused(engine, f"stage {stage}: boundary set, before the last micro step's forward")
+            out = engine(per_rank[rank].to(dt))
+            if micro == gas - 1 and step == 1:
+                _refused(engine, f"stage {stage}: boundary set, before the last micro step's backward")
+            engine.backward(loss_fn(out))
+        got = float(dist_clip.clip_grad_norm_(engine, 0.3))
+        _close(got, want, 2e-2 if dtype != "fp32" else 2e-6, f"stage {stage} step {step} norm")
+        norms.append(got)
+        engine.step()
+    return {"norms": norms}
+
+
 def case_no_sync(stage: int, dtype: str = "fp32", grad_accum_dtype: str | None = None) -> list:
     """A backward inside ``engine.no_sync()`` (DeepSpeed allows it at stages 0-1) skips DeepSpeed's all-reduce:
     each rank holds its own unreduced gradients, and dist_clip returned each rank's own norm (1.197645 and

@@ -189,6 +189,16 @@ def test_call_before_the_boundary_backward_is_refused(run_ranks, stage, dtype, o
     run_ranks(2, ds_cases.case_call_before_boundary_backward, stage, dtype=dtype, offload=offload, timeout_s=TIMEOUT)
 
 
+@pytest.mark.parametrize("stage,dtype,accum,offload", [(0, "fp32", None, False), (0, "bf16", None, False),
+                                                       (1, "bf16", "fp32", False), (1, "fp32", None, False),
+                                                       (2, "fp32", None, False), (3, "fp32", None, False),
+                                                       (3, "fp32", None, True)])
+def test_manual_boundary_call_before_the_last_backward_is_refused(run_ranks, stage, dtype, accum, offload):
+    results = run_ranks(2, ds_cases.case_manual_boundary_before_last_backward, stage, dtype, accum, offload,
+                        timeout_s=TIMEOUT)
+    assert results[0] == results[1], results
+
+
 @pytest.mark.parametrize("stage,dtype,accum", [(0, "fp32", None), (0, "bf16", None), (1, "bf16", "fp32"),
                                                (1, "fp32", None)])
 def test_a_call_after_a_backward_inside_no_sync_is_refused(run_ranks, stage, dtype, accum):
