@@ -320,7 +320,8 @@ def _scaling_problems(
     return problems
 
 
-def _spawned(rank: int, world: int, store_path: str, args: tuple[Any, ...], out: Any, timeout_s: float) -> None:
+def _spawned(rank: int, world: int, store_path: str, args: tuple[Any, ...], out: Any, deadline: float) -> None:
+    import time
     import traceback
     from datetime import timedelta
 
@@ -329,12 +330,16 @@ def _spawned(rank: int, world: int, store_path: str, args: tuple[Any, ...], out:
     try:
         torch.set_num_threads(1)
         store = dist.FileStore(store_path, world)
-        # The process group's timeout follows the call's: 0.9 of it, so that a collective that hangs fails on the
-        # ranks, with their tracebacks, before the call gives up on them (a fixed 120 s failed a wrap_fn taking
-        # longer on one rank, a DeepSpeed op build say, under timeout_s=600, and under timeout_s=60 the ranks were
-        # killed before they could tell where they waited).
-        timeout = timedelta(seconds=0.9 * timeout_s)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+                                timeout=timedelta(seconds=max(deadline - time.time(), 1.0)))
+        # The process group's timeout follows the call's: 0.9 of the time it leaves (``deadline``, wall clock)
+        # once every rank is up, 5 s less at least, so that a collective that hangs fails on the ranks, with their
+        # tracebacks, before the call gives up on them. A fixed 120 s failed a wrap_fn taking longer on one rank,
+        # a DeepSpeed op build say, under timeout_s=600; 0.9 x timeout_s counted from each rank's own start,
+        # seconds after the call's (spawning, importing torch, the other ranks' start under load), so under
+        # timeout_s=30 or 60 the call gave up first and told no rank's traceback.
+        left = deadline - time.time()  # (5 s at least for the traceback to reach the call on a busy machine)
+        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=max(min(0.9 * left, left - 5.0), 1.0)))
         try:
             out.put((rank, True, _check_rank(*args)))
         finally:
@@ -386,8 +391,9 @@ def assert_clip_matches_unsharded(
             model's by the dtype's roundings); pass it for mixed-precision wrappers that compute in low
             precision on float32 parameters.
         seed: seeds the model on every rank (an int >= 0).
-        timeout_s: how long spawned ranks may take (seconds, > 0); their process group's timeout is 0.9 of it, so
-            that a collective that hangs fails on the ranks, with their tracebacks, before the call gives up.
+        timeout_s: how long spawned ranks may take (seconds, > 0, from the call's start); their process group's
+            timeout is 0.9 of what is left of it when they start the group (5 s less at least), so that a
+            collective that hangs fails on the ranks, with their tracebacks, before the call gives up.
 
     Returns:
         The sharded per-parameter norms before clipping (name -> float), from this rank (or rank 0 when spawned).
@@ -434,9 +440,11 @@ def assert_clip_matches_unsharded(
         raise ValueError(f"world_size must be None or an int >= 1, got {world_size!r}")
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
+    deadline = time.monotonic() + timeout_s
+    wall_deadline = time.time() + timeout_s  # the ranks' (another process's monotonic clock need not be ours)
     with tempfile.TemporaryDirectory(prefix="dist_clip_check_") as tmp:
         procs = [
-            ctx.Process(target=_spawned, args=(r, world_size, os.path.join(tmp, "store"), args, out, timeout_s),
+            ctx.Process(target=_spawned, args=(r, world_size, os.path.join(tmp, "store"), args, out, wall_deadline),
                         daemon=True)
             for r in range(world_size)
         ]
@@ -444,7 +452,6 @@ def assert_clip_matches_unsharded(
         try:
             for proc in procs:
                 proc.start()
-            deadline = time.monotonic() + timeout_s
             while len(results) < world_size and time.monotonic() < deadline:
                 try:
                     rank, ok, value = out.get(timeout=1.0)
