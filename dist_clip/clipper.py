@@ -17,6 +17,7 @@ state lives on the host (see :func:`skip_next_step_`).
 
 from __future__ import annotations
 
+import bisect
 import copy
 import dataclasses
 import functools
@@ -1079,6 +1080,8 @@ class GradClipper:
         params = named.group_params()
         groups_of = [where.get(id(params[n]), grads.get(id(params[n]), -1)) if n in params else -1
                      for n in named.names]
+        if grads and min(groups_of, default=0) < 0:
+            groups_of = _groups_by_memory(named, optimizer, groups_of, grads)
         groups_of = [g if g >= 0 else fallback.get(n, -1) for g, n in zip(groups_of, named.names)]
         return groups_of, limits, labels
 
@@ -1197,6 +1200,68 @@ def _refuse_together(plan: ParallelPlan, p: float, per_group: bool) -> bool:
     except RuntimeError:
         pass  # the REFUSED error every rank raises; this rank raises its own
     return True
+
+
+def _groups_by_memory(named: _slots.Named, optimizer: torch.optim.Optimizer, groups_of: list[int],
+                      grads: dict[int, int]) -> list[int]:
+    """``groups_of`` with each slot no param group holds by identity placed by memory: the group of the stepped
+    parameters whose ``.grad`` bytes its gradient pieces lie in. A piece that is a view of a ``.grad`` (``g[:5]``,
+    ``g.view(-1)``, or the slice of a flat gradient buffer a ``.grad`` views, as DeepSpeed and Megatron lay them
+    out) is scaled in place in that ``.grad``: taken for a parameter outside the optimizer, it kept its gradient
+    and its group was measured without it (0.0765 of its gradient left at 1.0, the rest of its group scaled by
+    1/12.97 for 1/13.09). Parameters and copies of gradients share no bytes with a ``.grad``: they stay outside.
+    A slot whose pieces lie in the gradients of two groups is a ``ValueError``."""
+    pieces: dict[str, list[Tensor]] = {}
+    if named.by_pieces:
+        for s in named.shards:
+            for n, t in zip(s.names, s.tensors):
+                pieces.setdefault(n, []).append(t)
+    else:
+        pieces = {n: [t] for n, t in named.group_params().items()}
+
+    def placeable(t: Tensor) -> bool:  # not a parameter (outside the optimizer by identity), with bytes to place
+        t = getattr(t, "_local_tensor", t)
+        return not t.requires_grad and t.layout == torch.strided and t.numel() > 0
+
+    todo = [(i, [t for t in pieces.get(name, ()) if placeable(t)]) for i, (g, name) in
+            enumerate(zip(groups_of, named.names)) if g < 0]
+    todo = [(i, ts) for i, ts in todo if ts]
+    if not todo:  # (parameters outside the optimizer, a frozen part of a module: no walk over the gradients)
+        return groups_of
+    spans: dict[torch.device, list[tuple[int, int, int]]] = {}
+    for gi, pg in enumerate(optimizer.param_groups):
+        for q in pg["params"]:
+            g = getattr(q, "grad", None)
+            g = getattr(g, "_local_tensor", g)
+            span = _fused._span(g) if isinstance(g, Tensor) and id(q.grad) in grads else None
+            if span is not None:
+                spans.setdefault(g.device, []).append((*span, gi))
+    if not spans:
+        return groups_of
+    index = {dev: (sorted(s), [a for a, _, _ in sorted(s)], max(b - a for a, b, _ in s)) for dev, s in spans.items()}
+    out = list(groups_of)
+    for i, ts in todo:
+        found: set[int] = set()
+        for t in ts:
+            t = getattr(t, "_local_tensor", t)
+            span = _fused._span(t) if t.device in index else None
+            if span is None:
+                continue
+            ordered, starts, longest = index[t.device]
+            at = bisect.bisect_left(starts, span[1]) - 1  # the last stepped gradient starting before its end
+            while at >= 0 and ordered[at][0] > span[0] - longest:
+                a, b, gi = ordered[at]
+                if a < span[1] and b > span[0]:
+                    found.add(gi)
+                at -= 1
+        if len(found) > 1:
+            raise ValueError(
+                f"the gradient pieces named {named.names[i]!r} lie in the .grad of parameters of different param "
+                f"groups ({sorted(found)}): name each piece by the parameter whose gradient it is"
+            )
+        if found:
+            out[i] = found.pop()
+    return out
 
 
 def _group_membership(groups_of: Sequence[int], p: float, limits: Sequence[float] = (), world: int = 1,

@@ -455,6 +455,72 @@ def test_a_custom_adapter_clips_per_group(run_ranks):
         assert values == [True] * 4, values
 
 
+def body_custom_adapter_flat_buffer() -> list:
+    """mode="per_group" through a user adapter whose pieces are views of one flat gradient buffer per rank (each
+    parameter's .grad a view of it, as DeepSpeed and Megatron lay them out): slices of the buffer, a .grad
+    flattened, a .grad cut in two pieces. Only the .grad objects themselves were found: a view was taken for a
+    parameter outside the optimizer, left unclipped ("b" kept 1.0 of its gradient for 0.0765), and its group
+    measured without it ("w" scaled by 1/12.97 for 1/13.09); with every piece a view, "found none" on every rank.
+    A piece over the gradients of two groups is a ValueError on every rank; a copy stays outside."""
+    with _custom_adapter_listed():
+        return _custom_adapter_flat_buffer_values()
+
+
+def _custom_adapter_flat_buffer_values() -> list:
+    from dist_clip import GradClipper, Shards
+
+    from .custom_adapter import HandSharded
+
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    full = {"w": torch.randn(6, 3) * 3, "b": torch.randn(6), "h": torch.randn(4, 2) * 0.2}
+    cuts = {"w": [0, 4, 6], "b": [0, 1, 6], "h": [0, 1, 4]}
+    mine = {n: full[n][cuts[n][rank]:cuts[n][rank + 1]] for n in full}
+    names = sorted(full)  # b, h, w
+    body, head = reference_norm([full["w"], full["b"]]), reference_norm([full["h"]])  # 13.09, 0.58
+    coef = {"w": 1.0 / (body + 1e-6), "b": 1.0 / (body + 1e-6), "h": 0.1 / (head + 1e-6)}
+    out = []
+    for kind in ("slices", "flattened", "mixed", "halves", "two groups"):
+        params = {n: nn.Parameter(torch.zeros_like(t)) for n, t in mine.items()}
+        flat = torch.cat([mine[n].flatten() for n in names])
+        at = dict(zip(names, torch.tensor([0] + [mine[n].numel() for n in names]).cumsum(0).tolist()))
+        for n in names:
+            params[n].grad = flat[at[n]:at[n] + mine[n].numel()].view_as(mine[n])
+        pieces = {"slices": [flat[at[n]:at[n] + mine[n].numel()] for n in names],
+                  "flattened": [params[n].grad.view(-1) for n in names],
+                  "mixed": [params[n].grad if n != "b" else params[n].grad.view(-1) for n in names],
+                  "halves": [params[n].grad for n in names[:2]] + [params["w"].grad[:1], params["w"].grad[1:]],
+                  "two groups": [flat[:at["w"]], params["w"].grad]}[kind]
+        labels = {"halves": [*names, "w"], "two groups": ["b", "w"]}.get(kind, names)
+        target = HandSharded([Shards(pieces, dist.group.WORLD, names=labels)])
+        opt = torch.optim.SGD([{"params": [params["w"], params["b"]], "max_norm": 1.0},
+                               {"params": [params["h"]], "max_norm": 0.1}], lr=0.1)
+        if kind == "two groups":  # "b" and "h" in one piece: b's group is the body's, h's the head's
+            out.append(outcome(lambda t=target, o=opt: GradClipper(mode="per_group")(t, optimizer=o), ValueError,
+                               lambda m: "lie in the .grad of parameters of different param groups" in m))
+            continue
+        res = GradClipper(mode="per_group")(target, optimizer=opt)
+        out.append(res.total_norm.item() == pytest.approx(reference_norm(list(full.values())), rel=1e-6))
+        out.append(all(torch.allclose(params[n].grad, mine[n] * coef[n], rtol=1e-6) for n in names))
+    # a copy of a .grad shares no bytes with it: outside the optimizer, counted in the total and kept
+    params = {n: nn.Parameter(torch.zeros_like(t)) for n, t in mine.items()}
+    for n in names:
+        params[n].grad = mine[n].clone()
+    copy_b = mine["b"].clone()
+    target = HandSharded([Shards([copy_b, params["h"].grad, params["w"].grad], dist.group.WORLD, names=names)])
+    opt = torch.optim.SGD([{"params": [params["w"], params["b"]], "max_norm": 1.0},
+                           {"params": [params["h"]], "max_norm": 0.1}], lr=0.1)
+    GradClipper(mode="per_group")(target, optimizer=opt)
+    out.append(torch.equal(copy_b, mine["b"]) and torch.equal(params["b"].grad, mine["b"]))
+    out.append(torch.allclose(params["w"].grad, mine["w"] / (reference_norm([full["w"]]) + 1e-6), rtol=1e-6))
+    return out
+
+
+def test_a_custom_adapter_clips_views_of_a_flat_gradient_buffer_per_group(run_ranks):
+    for values in run_ranks(2, body_custom_adapter_flat_buffer):
+        assert values == [True] * 11, values
+
+
 def body_ddp_groups_unitwise() -> list:
     """Two DDP replica groups (ranks 0-1, 2-3) with different data, AGC with group=WORLD: each group gets its
     own averaged gradient's norm and verdict, with no collective (ranks 2-3 read group 0's norm, 0.473 for

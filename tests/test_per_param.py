@@ -119,7 +119,7 @@ def test_per_group_single_process():
         torch.testing.assert_close(p.grad.double(), want, rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("target", ["mapping", "list"])
+@pytest.mark.parametrize("target", ["mapping", "list", "views"])
 def test_per_group_on_gradients_takes_the_group_of_their_parameters(target):
     """README (Per-parameter and per-group clipping): a gradient given in place of its parameter is in the group of
     the parameter whose .grad it is (dd67b95 made this so for every target, not only a user adapter's Shards: a
@@ -133,7 +133,10 @@ def test_per_group_on_gradients_takes_the_group_of_their_parameters(target):
                            {"params": model[1].parameters(), "max_norm": 0.7}], lr=0.1)
     copy = named["1.bias"].grad.clone()
     pieces = {n: q.grad for n, q in named.items() if n != "1.bias"} | {"1.bias": copy}
-    arg: object = pieces if target == "mapping" else [pieces[n] for n in sorted(pieces)]
+    if target == "views":  # views of a .grad are that gradient: a view was taken for one outside the optimizer
+        pieces |= {"0.weight": named["0.weight"].grad.view(-1), "1.weight": named["1.weight"].grad[:, 1:]}
+        pieces["1.weight.0"] = named["1.weight"].grad[:, 0]
+    arg: object = pieces if target != "list" else [pieces[n] for n in sorted(pieces)]
     GradClipper(mode="per_group")(arg, optimizer=opt)
     norms = [reference_norm([grads["0.weight"], grads["0.bias"]]), reference_norm([grads["1.weight"]])]
     coefs = [min(1.0, 0.3 / (norms[0] + 1e-6)), min(1.0, 0.7 / (norms[1] + 1e-6))]
