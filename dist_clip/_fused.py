@@ -755,7 +755,7 @@ def arm_skip_(
     clear_stale(optimizer)
     now = grad_state(optimizer)
     armed = optimizer.__dict__.get(_SKIP)
-    if combine and armed is not None and untouched(armed[1], started if started is not None else now):
+    if combine and armed is not None and untouched(armed[1], started if started is not None else now, measured):
         value = torch.maximum(armed[0], value.to(armed[0].device))
     optimizer.__dict__[_SKIP] = (value, armed_record(now, measured))
     pending = optimizer.__dict__.get(_PENDING)
@@ -813,14 +813,33 @@ def armed_record(
     one the optimizer steps (FSDP1's flat views) or nothing says what was measured (``skip_next_step_``)."""
     if measured is None:
         return now
-    ids = set(map(id, measured))
-    kept = [i for i, g in enumerate(now[0]) if id(g) in ids]
+    kept = _measured_among(now[0], measured)
     if not kept or len(kept) == len(now[0]):
         return now
     return [now[0][i] for i in kept], [now[1][i] for i in kept]
 
 
-def untouched(armed: tuple[list[Tensor], list[int]], now: tuple[list[Tensor], list[int]]) -> bool:
+def _measured_among(grads: Sequence[Tensor], measured: Sequence[Tensor]) -> list[int]:
+    """Indices of the ``grads`` that ``measured`` (a call's pieces) holds: by identity; where gradients are views
+    of one buffer (DeepSpeed's, Megatron's, DDP's bucket views), which share one version counter, also those whose
+    bytes a measured slice of the buffer overlaps, for :func:`untouched` to tell a write beside them."""
+    ids = set(map(id, measured))
+    kept = [i for i, g in enumerate(grads) if id(g) in ids]
+    if len(kept) < len(grads) and len(kept) < len(ids) and _shared_counters(grads):
+        overlaps = _overlap_test([m for m in measured if id(m) not in set(map(id, grads))])
+        if overlaps is not None:
+            kept = sorted({*kept, *(i for i, g in enumerate(grads) if overlaps(_span(g)))})
+    return kept
+
+
+def _shared_counters(grads: Sequence[Tensor]) -> bool:
+    """Whether two of ``grads`` share a version counter (views of one buffer: a write to either bumps both)."""
+    roots = [id(_root(g)) for g in grads]
+    return len(set(roots)) < len(roots)
+
+
+def untouched(armed: tuple[list[Tensor], list[int]], now: tuple[list[Tensor], list[int]],
+              measured: Sequence[Tensor] | None = None) -> bool:
     """Whether some gradient an armed skip holds (:func:`armed_record`) is still among ``now``'s
     (:func:`grad_state`) with the same version: not every one of them replaced, dropped or written since (a
     dropped batch's ``zero_grad()``, either way, touches them all). Gradients that appeared, or were written,
@@ -832,7 +851,21 @@ def untouched(armed: tuple[list[Tensor], list[int]], now: tuple[list[Tensor], li
     if same_tensors(armed[0], now[0]):
         return any(map(operator.eq, armed[1], now[1]))
     where = {id(t): v for t, v in zip(*now)}
-    return any(where.get(id(t)) == v for t, v in zip(*armed))
+    if any(where.get(id(t)) == v for t, v in zip(*armed)):
+        return True
+    # Views of one gradient buffer share one version counter: a write beside the held gradients (another part's
+    # backward into the same buffer) bumps theirs too, so their versions cannot tell whether they were written.
+    # A call measuring every held gradient again (``measured``: the next batch clipped, or the same one clipped
+    # whole) replaces the flag; one measuring another part combines with it: replaced, a NaN skip armed on one
+    # part of a flat buffer was dropped by the clip of the next part, and the NaN step taken.
+    held = {id(t) for t in armed[0] if id(t) in where}
+    if not held:
+        return False
+    roots = {id(_root(t)) for t in armed[0] if id(t) in held}
+    if not any(id(_root(g)) in roots for g in now[0] if id(g) not in held):
+        return False
+    again = {id(now[0][i]) for i in _measured_among(now[0], measured)} if measured is not None else set()
+    return not held <= again
 
 
 def same_tensors(held: list[Tensor], grads: list[Tensor]) -> bool:
@@ -1041,7 +1074,7 @@ def hand_over_(
     found = torch.logical_not(torch.isfinite(total)).to(torch.float32)
     grads = grads if grads is not None else gradients(optimizer)
     armed = optimizer.__dict__.get(_SKIP)
-    if armed is not None and not untouched(armed[1], (grads, version_list(grads))):
+    if armed is not None and not untouched(armed[1], (grads, version_list(grads)), grads):
         # A skip armed on gradients replaced or rewritten since (a dropped batch's NaN, clipped in place): not this
         # step's, as a hand-over's own flag is replaced by the next hand-over (it skipped the next good step).
         del optimizer.__dict__[_SKIP]

@@ -238,7 +238,7 @@ class _SkipGuard:
             combine
             and self.flag is not None
             and self.armed_on is not None
-            and _fused.untouched(self.armed_on, started if started is not None else now)
+            and _fused.untouched(self.armed_on, started if started is not None else now, measured)
         ):
             flag = self.flag | flag.to(self.flag.device)  # two calls on the same gradients: either skips
         self.flag = flag

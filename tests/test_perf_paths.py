@@ -1473,19 +1473,28 @@ def test_clipping_two_parts_keeps_the_first_part_s_skip(second_handed):
     assert all(torch.equal(b, q.detach()) for b, q in zip(before, m.parameters()))
 
 
+@pytest.mark.parametrize("flat", [False, True])
 @pytest.mark.parametrize("set_to_none", [True, False])
 @pytest.mark.parametrize("second", ["clipper", "clipper_fused", "clip_fused"])
-def test_a_part_s_skip_survives_the_next_part_s_backward(second, set_to_none):
+def test_a_part_s_skip_survives_the_next_part_s_backward(second, set_to_none, flat):
     """Two parts of a model each clipped right after its own backward (two losses): the second backward made
     (or wrote, after an in-place zero_grad) gradients of the other part only, and the skip armed by the first
     part's NaN was replaced by the second call's finite flag, or dropped by its hand-over: a NaN step taken, the
     weights and Adam's state NaN for good. Another part's gradients appearing or written beside the measured ones
-    combine; the measured ones replaced or written (a dropped batch) still replace the flag."""
+    combine; the measured ones replaced or written (a dropped batch) still replace the flag. ``flat``: every
+    gradient a view of one buffer (DeepSpeed's, Megatron's, DDP's bucket views), whose views share one version
+    counter: the second backward's writes bumped the first part's versions too, and its NaN skip was replaced
+    (a NaN step); a call measuring the held gradients again (the dropped batch's next one) still replaces it."""
     torch.manual_seed(0)
     head1, head2 = nn.Linear(4, 3), nn.Linear(4, 2)
     fused = second != "clipper"
     # (clip_fused: clip_grad_norm_ with optimizer=, scaled in place, since the optimizer steps head 1 too)
     opt = torch.optim.Adam([*head1.parameters(), *head2.parameters()], lr=0.1, fused=fused)
+    if flat:
+        ps = [*head1.parameters(), *head2.parameters()]
+        buf = torch.zeros(sum(q.numel() for q in ps))
+        for q, g in zip(ps, buf.split([q.numel() for q in ps])):
+            q.grad = g.view_as(q)
     x = torch.randn(8, 4)
     if not set_to_none:  # gradients left by an earlier step, zeroed in place
         (head1(x).sum() + head2(x).sum()).backward()
