@@ -35,7 +35,7 @@ from torch import Tensor
 from . import _fused, _norm, _reduce, _scale, _slots
 from . import clip as _clip
 from ._reduce import same_ranks
-from .adapters import resolve
+from .adapters import resolve, unwrap_compiled
 from .adaptive import (
     AGC,
     AutoClip,
@@ -944,8 +944,13 @@ class GradClipper:
                     self._count_refused_call()
                     raise
             # The plain pieces may be unnamed (fairscale OSS) or flat (FSDP1 without use_orig_params, fairscale
-            # FSDP): name them by the unwrapped model's parameters (no collective) for the message.
-            culprits = shards if named is not None else _slots.named_shards(target, group).shards
+            # FSDP): name them by the unwrapped model's parameters (no collective) for the message. A user
+            # adapter's Shards are named by their own names, or not at all ("<piece i>"): naming them again
+            # called its shards() a second time and, in mode "total", which takes unnamed Shards, raised the
+            # named modes' ValueError ("Shards without a name for each piece ... mode='total' works without")
+            # in place of this error.
+            custom = named is None and _slots._custom_adapter(unwrap_compiled(target)) is not None
+            culprits = shards if named is not None or custom else _slots.named_shards(target, group).shards
             self._count(torch.zeros_like(finite), finite)  # a measured call: counted before it raises
             raise RuntimeError(_nonfinite_message(culprits, m.group, total.item(), p))
         pieces = _slots.all_pieces(shards, pick)

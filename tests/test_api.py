@@ -115,6 +115,28 @@ def test_pieces_with_two_loss_scales_are_refused(monkeypatch):
         dist_clip.get_total_norm(target)
 
 
+def test_a_non_finite_total_of_unnamed_adapter_pieces_is_reported_as_such(monkeypatch):
+    """on_nonfinite="error" names the culprits; in mode "total" a user adapter's Shards need no names, but naming
+    them went through the named modes, which called its shards() again and raised their ValueError ("Shards
+    without a name for each piece ... mode='total' works without") in place of the non-finite RuntimeError."""
+    from dist_clip import adapters
+    from tests import custom_adapter
+    from tests.custom_adapter import HandSharded
+
+    calls = []
+    shards = custom_adapter.shards
+    monkeypatch.setattr(custom_adapter, "shards", lambda target, group: calls.append(1) or shards(target, group))
+    monkeypatch.setattr(adapters, "ADAPTERS", ("tests.custom_adapter", *adapters.BUILT_IN))
+    for names, culprit in (((), "<piece 1>"), (["a", "b"], "b")):
+        g, h = torch.tensor([3.0, 4.0]), torch.tensor([1.0, math.nan])
+        calls.clear()
+        with pytest.raises(RuntimeError, match=f"non-finite gradients on rank 0: {culprit}. Every rank"):
+            dist_clip.GradClipper(max_norm=1.0, on_nonfinite="error")(HandSharded([dist_clip.Shards([g, h],
+                                                                                                   names=names)]))
+        assert len(calls) == 1
+        assert g.tolist() == [3.0, 4.0]
+
+
 def test_one_tensor_in_two_shards_is_scaled_once(monkeypatch):
     """README (Adding a framework): one tensor object in two Shards counts and scales once; with the dedupe
     gone it was scaled twice (0.75 for 1.5)."""
