@@ -433,8 +433,6 @@ def named_shards(target: object, group: dist.ProcessGroup | None = None) -> Name
             # DDP: replicated gradients, nothing to combine (as the params adapter does)
             return _named_plain(module_parameters(inner), None)
         named = _named_plain(module_parameters(target), group)
-        if group is None:
-            return named
         from .adapters.params import replicas_counted_once
 
         named.shards = replicas_counted_once(target, list(named.shards), named.params, group)

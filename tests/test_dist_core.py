@@ -713,6 +713,67 @@ def test_replicas_beside_fsdp2_count_once_under_a_group_spanning_stages(run_rank
     assert run_ranks(4, body_replicas_beside_fsdp2, kind) == [[True] * 12] * 4
 
 
+def body_ddp_experts_beside_fsdp2_on_the_world() -> list:
+    """Expert parallelism on a (dp=2, ep=2) mesh without ``group=``: the dense layer under FSDP2 over the
+    flattened world, each ep rank's own expert under a DDP over its ``mesh["dp"]`` pair (copies along dp only,
+    distinct along ep). The call reduces over the world (the FSDP2 pieces), and the plain DDP gradients beside
+    them were taken for FSDP2's unsharded copies, counted on rank 0 only: the other ep rank's expert was lost
+    (4.16 for 4.62 in a 4-expert model; here the pair below), silently. Each DDP group's copy counts once, on
+    its lowest rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    from tests.fsdp_cases import _local
+
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep"))
+    dp, ep = mesh.get_coordinate()
+
+    def net(seed_expert: int) -> nn.Module:
+        torch.manual_seed(0)
+        dense = nn.Linear(6, 8)
+        torch.manual_seed(10 + seed_expert)
+        return nn.ModuleDict({"dense": dense, "expert": nn.Linear(8, 4)})
+
+    def run(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return m["expert"](torch.tanh(m["dense"](x))).square().mean()
+
+    def batch(r: int) -> torch.Tensor:
+        return torch.randn(5, 6, generator=torch.Generator().manual_seed(70 + r))
+
+    # The reference: the dense layer averaged over all four ranks, expert e over the two dp ranks routed to it.
+    dense_ref, experts_ref = [], []
+    for e in (0, 1):
+        ref = net(e).double()
+        for d in (0, 1):
+            run(ref, batch(d * 2 + e).double()).div(2).backward()
+        experts_ref += [q.grad for q in ref["expert"].parameters()]
+        dense_ref.append([q.grad / 2 for q in ref["dense"].parameters()])
+    refs = [a + b for a, b in zip(*dense_ref)] + experts_ref
+    model = net(ep)
+    fully_shard(model["dense"], mesh=mesh["dp", "ep"]._flatten("dp_ep_ddp_experts"))
+    model["expert"] = DistributedDataParallel(model["expert"], process_group=mesh["dp"].get_group())
+    run(model, batch(rank)).backward()
+    saved = [_local(q.grad).clone() for q in model.parameters()]
+    out = []
+    for p in (2.0, 1.0, 0.0, math.inf):
+        want = reference_norm(refs, p)
+        with count_collectives() as calls:
+            got = float(dist_clip.get_total_norm(model, p))
+        out.append((p, abs(got - want) <= 1e-6 * want, calls.names.count("gloo:all_reduce")))
+    want = reference_norm(refs, 2.0)
+    res = dist_clip.GradClipper(max_norm=want / 4)(model)
+    out.append(abs(float(res.total_norm) - want) <= 1e-6 * want)
+    out.append(all(torch.allclose(_local(q.grad), g / 4, rtol=1e-5) for q, g in zip(model.parameters(), saved)))
+    return out
+
+
+def test_ddp_experts_beside_fsdp2_count_each_dp_group_once_without_group(run_ranks):
+    want = [(2.0, True, 1), (1.0, True, 1), (0.0, True, 1), (math.inf, True, 1), True, True]
+    assert run_ranks(4, body_ddp_experts_beside_fsdp2_on_the_world) == [want] * 4
+
+
 def test_ddp_groups_unitwise_with_a_wider_group(run_ranks):
     assert run_ranks(4, body_ddp_groups_unitwise) == [[(0, True, True)] * 2] * 4
 

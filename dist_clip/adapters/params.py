@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .._reduce import first_copy_in
+from .._reduce import reduction_group as _reduction_group
 from .._warn import warn_at_caller
 from ..shards import Shards
 
@@ -562,8 +563,17 @@ def replicas_counted_once(target: nn.Module, shards: list[Shards], params: Mappi
     (:func:`replica_groups`) taken out of the caller's ``group=`` pieces: copies over that module's process
     group, counted on the lowest of its ranks in ``group``. Taken for distinct pieces, they were summed over the
     group: a replicated model measured with ``group=WORLD`` read sqrt(world) times its norm (0.467 for 0.330 on
-    2 ranks; a container holding a DDP too). ``params``: name -> parameter of the named pieces."""
-    owner = replica_groups(target) if group is not None else {}
+    2 ranks; a container holding a DDP too). ``params``: name -> parameter of the named pieces.
+
+    Without ``group=``, where DTensor pieces beside them make the call reduce over a group (FSDP2 dense layers
+    on the world beside experts under a DDP over each expert's data-parallel group): the plain pieces there are
+    taken for FSDP2's unsharded copies, counted on the reduction's first rank only, and the copies of every
+    other DDP group were lost (4.16 for 4.62 on a 2 dp x 2 ep mesh). Each DDP group's copy counts once, on its
+    lowest rank in that reduction."""
+    reduce_over = group
+    if group is None:
+        reduce_over = _reduction_group([sh.group for sh in shards])
+    owner = replica_groups(target) if reduce_over is not None else {}
     if not owner:
         return shards
     out: list[Shards] = []
@@ -589,7 +599,8 @@ def replicas_counted_once(target: nn.Module, shards: list[Shards], params: Mappi
     if not found:
         return shards
     for pg, names, tensors in found.values():
-        out.append(Shards(tensors, group=group, counted=first_copy_in(pg, group), names=names))  # type: ignore[arg-type]
+        out.append(Shards(tensors, group=reduce_over, counted=first_copy_in(pg, reduce_over),  # type: ignore[arg-type]
+                          names=names))
     return out
 
 
