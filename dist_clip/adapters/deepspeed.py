@@ -551,14 +551,20 @@ def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
     mark = vars(engine).get("_backward_epilogue")
     if isinstance(mark, _BackwardMark) and not mark.synced:  # the last backward ran inside no_sync()
         raise ValueError(_NO_SYNC)
+    if getattr(engine, "has_moe_layers", False):
+        # Before the gradient_clipping warning, which told the user to turn off the very clipping this names
+        # as the remedy. The same on every rank (deepspeed.initialize sets it from the model), so every rank raises.
+        raise NotImplementedError(
+            "dist_clip's DeepSpeed adapter does not handle MoE expert groups yet (expert gradients are reduced "
+            "over DeepSpeed's expert-data-parallel groups, not the engine's): clip this engine with DeepSpeed's own "
+            "\"gradient_clipping\" in its config, whose ZeRO-1/2 norm counts the expert groups"
+        )
     if engine.gradient_clipping() > 0:
         warn_at_caller(
             f"DeepSpeed's gradient_clipping is {engine.gradient_clipping()}, so engine.step() clips the gradients "
             "again with DeepSpeed's own L2 norm after dist_clip; set \"gradient_clipping\": 0 in the DeepSpeed "
             "config when clipping with dist_clip"
         )
-    if getattr(engine, "has_moe_layers", False):
-        raise NotImplementedError("dist_clip's DeepSpeed adapter does not handle MoE expert groups yet")
     mp = getattr(engine, "mp_world_size", 1)
     if isinstance(mp, int) and mp > 1:
         if group is None:
