@@ -818,8 +818,12 @@ def unit_pieces(
     names: list[str] = []
     # Parameters a DDP or a composable replicate() holds: copies over its group, whole on each of its ranks (under
     # group= they were read as the caller's pieces of one parameter, summed: 1.20 for 0.85 over two stages).
-    replicas = replica_groups(target) if group is not None and isinstance(target, nn.Module) else {}
     dtensors = [(n, q) for n, q in items if type(q).__name__ == "DTensor"]
+    # Without group=, beside DTensors too: the call then reduces over their groups, and the DDP blocks' copies
+    # (experts under a DDP over their dp group beside FSDP2 on the world) were counted on its first rank only.
+    replicas = (replica_groups(target) if (group is not None or dtensors) and isinstance(target, nn.Module)
+                else {})
+    ddp_units: list[tuple[int, dist.ProcessGroup]] = []
     world = bool(dtensors) and (group is not None or _dt_needs_world(dtensors))
     counting = None
     if world and group is not None:
@@ -889,11 +893,17 @@ def unit_pieces(
                 # that of their own pieces: 0.05 for 0.50), beside a gradient piece of zeros.
                 grad = torch.zeros_like(param.detach())
             if grad is not None:
-                counted = copies is None or _reduce.first_copy_in(copies, group)  # type: ignore[arg-type]
+                counted = copies is None or group is None or _reduce.first_copy_in(copies, group)
                 # (a DDP or replicate() block beside DTensors: copies over its own group, counted as above)
                 mine = None if beside and copies is None else group
+                if group is None and copies is not None:
+                    ddp_units.append((len(units), copies))
                 units.append(_Unit(name, grad, param.detach(), mine, counted, "rows",
                                    split_units=(0,) if split else (), present=param.grad is not None))
+    reduce_over = _reduce.reduction_group([u.group for u in units]) if ddp_units else None
+    if reduce_over is not None:
+        for i, copies in ddp_units:  # each DDP group's copy once, on its lowest rank in the call's reduction
+            units[i].group, units[i].counted = reduce_over, _reduce.first_copy_in(copies, reduce_over)
     return units, cut, tuple(dict.fromkeys(names))
 
 

@@ -718,8 +718,8 @@ def body_ddp_experts_beside_fsdp2_on_the_world() -> list:
     flattened world, each ep rank's own expert under a DDP over its ``mesh["dp"]`` pair (copies along dp only,
     distinct along ep). The call reduces over the world (the FSDP2 pieces), and the plain DDP gradients beside
     them were taken for FSDP2's unsharded copies, counted on rank 0 only: the other ep rank's expert was lost
-    (4.16 for 4.62 in a 4-expert model; here the pair below), silently. Each DDP group's copy counts once, on
-    its lowest rank."""
+    (4.16 for 4.62 in a 4-expert model; here the pair below), silently, in every mode (AGC's total as well). Each
+    DDP group's copy counts once, on its lowest rank."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
@@ -766,11 +766,20 @@ def body_ddp_experts_beside_fsdp2_on_the_world() -> list:
     res = dist_clip.GradClipper(max_norm=want / 4)(model)
     out.append(abs(float(res.total_norm) - want) <= 1e-6 * want)
     out.append(all(torch.allclose(_local(q.grad), g / 4, rtol=1e-5) for q, g in zip(model.parameters(), saved)))
+    # AGC's total too (0.378 for 0.583 here), its clip the same as with group= the world
+    clipped = []
+    for grp in (None, dist.group.WORLD):
+        for q, g in zip(model.parameters(), saved):
+            _local(q.grad).copy_(g)
+        res = dist_clip.GradClipper(mode="unitwise", agc=dist_clip.AGC(0.01))(model, group=grp)
+        out.append(abs(float(res.total_norm) - want) <= 1e-6 * want)
+        clipped.append([_local(q.grad).clone() for q in model.parameters()])
+    out.append(all(torch.equal(a, b) for a, b in zip(*clipped)))
     return out
 
 
 def test_ddp_experts_beside_fsdp2_count_each_dp_group_once_without_group(run_ranks):
-    want = [(2.0, True, 1), (1.0, True, 1), (0.0, True, 1), (math.inf, True, 1), True, True]
+    want = [(2.0, True, 1), (1.0, True, 1), (0.0, True, 1), (math.inf, True, 1), True, True, True, True, True]
     assert run_ranks(4, body_ddp_experts_beside_fsdp2_on_the_world) == [want] * 4
 
 
