@@ -82,7 +82,14 @@ def _int(environ: os._Environ[str] | dict[str, str], name: str, default: int) ->
 
 
 def detect_launch(environ: os._Environ[str] | dict[str, str] | None = None) -> LaunchEnv:
-    """Rank, world size and local rank as the launcher's environment states them (no communication)."""
+    """Rank, world size and local rank as the launcher's environment states them (no communication).
+
+    Where :func:`init_distributed` wrote ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``LOCAL_WORLD_SIZE`` into this
+    process's environment and they still hold its values, the launch it read before writing them: a lone process
+    (or ``mpirun -n 1``) read its own ``RANK=0 WORLD_SIZE=1`` as an ``env://`` launch after
+    ``destroy_process_group``, and a second ``init_distributed`` failed for want of ``MASTER_PORT``."""
+    if environ is None and _written is not None and all(os.environ.get(k) == v for k, v in _written[0].items()):
+        return _written[1]
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
         rank, world = _int(env, "RANK", 0), _int(env, "WORLD_SIZE", 1)
@@ -238,6 +245,7 @@ def init_distributed(backend: str = "auto", *, need_group: bool = True) -> DistI
             launch.launcher, name, device,
         )
     store = None
+    read = launch
     if launch.launcher == "mpi":
         launch, store = _from_mpi(launch)
     name = resolve_backend(backend)
@@ -252,11 +260,11 @@ def init_distributed(backend: str = "auto", *, need_group: bool = True) -> DistI
     if launch.world_size == 1 and launch.launcher in ("single", "mpi"):
         # No launcher rendezvous to join: an in-memory store needs no port at all. The variables a launcher
         # would set are set too: DeepSpeed's initialize() asserts LOCAL_RANK (zero1-3 run directly crashed).
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        _write_launch_variables(read, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         dist.init_process_group(name, store=dist.HashStore(), rank=0, world_size=1, timeout=_timeout(), **kwargs)
     else:
-        os.environ.update(
-            RANK=str(launch.rank), WORLD_SIZE=str(launch.world_size), LOCAL_RANK=str(launch.local_rank),
+        _write_launch_variables(
+            read, RANK=str(launch.rank), WORLD_SIZE=str(launch.world_size), LOCAL_RANK=str(launch.local_rank),
             LOCAL_WORLD_SIZE=str(launch.local_world_size),
         )
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -278,6 +286,16 @@ def init_distributed(backend: str = "auto", *, need_group: bool = True) -> DistI
     return DistInfo(
         launch.rank, launch.world_size, launch.local_rank, launch.local_world_size, launch.launcher, name, device
     )
+
+
+#: The variables init_distributed last wrote into the environment, and the launch it had read before.
+_written: tuple[dict[str, str], LaunchEnv] | None = None
+
+
+def _write_launch_variables(read: LaunchEnv, **variables: str) -> None:
+    global _written
+    os.environ.update(variables)
+    _written = (variables, read)
 
 
 def _started_device() -> torch.device:

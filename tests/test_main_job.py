@@ -679,6 +679,47 @@ def test_a_lone_process_gets_the_variables_deepspeed_asserts():
     assert proc.returncode == 0 and proc.stdout.split() == ["0", "1", "0", "1"], proc
 
 
+_INIT_AGAIN = """
+import sys
+import torch.distributed as dist
+from dist_clip import bootstrap, cli
+seen = []
+for end in (bootstrap.shutdown, dist.destroy_process_group, bootstrap.shutdown):
+    info = bootstrap.init_distributed("gloo")
+    seen.append(f"{info.launcher}:{info.rank}/{info.world_size}")
+    end()
+print(*seen)
+if sys.argv[1:]:  # the same run twice in one process: the second was 'config error: rendezvous environment'
+    print(*(cli.main(sys.argv[1:]) for _ in range(2)))
+"""
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("env, launcher", [({}, "single"), ({"PMI_RANK": "0", "PMI_SIZE": "1"}, "mpi")],
+                         ids=["no-launcher", "mpirun-n-1"])
+def test_a_lone_process_starts_again_after_its_group_is_destroyed(tmp_path, env, launcher):
+    """The variables a lone process's group writes (RANK=0, WORLD_SIZE=1) were read back as an env:// launch once
+    the group was destroyed: a second init_distributed raised ValueError 'environment variable MASTER_PORT
+    expected, but not set', and a second cli.main in the same process returned 2 with that as a config error."""
+    import os
+
+    clean = {k: v for k, v in os.environ.items() if k not in
+             ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PMI_RANK",
+              "PMI_SIZE", "TORCHELASTIC_RUN_ID")}
+    args = []
+    if not env:
+        cfg = write_config(tmp_path, "ddp", wrapper="ddp", steps=2, batch_size=2,
+                           model={"d_model": 16, "n_layers": 1, "n_heads": 2, "seq_len": 8})
+        args = ["train", "--config", str(cfg), "--out", str(tmp_path), "--no-replay", "--no-plot"]
+    proc = subprocess.run([sys.executable, "-c", _INIT_AGAIN, *args], capture_output=True, text=True, timeout=180,
+                          env={**clean, **env, "DIST_CLIP_MPI4PY": "0", "OMP_NUM_THREADS": "1"}, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = ("dist-clip:", "data:", "train:", "log:")  # the runs' own lines
+    lines = [line for line in proc.stdout.splitlines() if not line.startswith(said)]
+    assert lines[0].split() == [f"{launcher}:0/1"] * 3, proc.stdout
+    assert lines[1:] == (["0 0"] if args else []), proc.stdout + proc.stderr[-3000:]
+
+
 def test_an_empty_out_dir_is_a_config_error(capsys):
     """``--out ""`` wrote the run into the current folder, where ``data: ""`` was already refused."""
     assert cli.main(["check", "--out", "", "--validate-only"]) == 2
