@@ -26,7 +26,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "LaunchEnv", "backend_problem", "detect_launch", "free_port", "init_distributed",
+__all__ = ["DistInfo", "LaunchEnv", "LaunchError", "backend_problem", "detect_launch", "free_port", "init_distributed",
            "resolve_backend", "shutdown", "wait_for_every_rank"]
 
 #: Seconds a collective may wait before the job fails (``DIST_CLIP_TIMEOUT_S`` overrides; tests lower it).
@@ -81,8 +81,13 @@ def _int(environ: os._Environ[str] | dict[str, str], name: str, default: int) ->
         raise RuntimeError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def detect_launch(environ: os._Environ[str] | dict[str, str] | None = None) -> LaunchEnv:
+def detect_launch(environ: os._Environ[str] | dict[str, str] | None = None, *, check: bool = True) -> LaunchEnv:
     """Rank, world size and local rank as the launcher's environment states them (no communication).
+
+    With ``check`` (the default) values that cannot belong to one job are a :class:`LaunchError` (a
+    ``RuntimeError``) naming the variables: a world size under 1, a rank outside ``[0, world size)``, a local size
+    under 1 or over the world size, a local rank given outside ``[0, local size)``. ``RANK=2 WORLD_SIZE=2`` and
+    ``RANK=-1`` waited for the whole 30-minute start-up wait, ``WORLD_SIZE=-1`` was an ``IndexError`` traceback.
 
     Where :func:`init_distributed` wrote ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``LOCAL_WORLD_SIZE`` into this
     process's environment and they still hold its values, the launch it read before writing them: a lone process
@@ -93,22 +98,64 @@ def detect_launch(environ: os._Environ[str] | dict[str, str] | None = None) -> L
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
         rank, world = _int(env, "RANK", 0), _int(env, "WORLD_SIZE", 1)
-        local_world = _int(env, "LOCAL_WORLD_SIZE", _int(env, "LOCAL_SIZE", world))
+        local_size_var = next((v for v in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE") if v in env), "")
+        local_world = _int(env, local_size_var, world)
         if "TORCHELASTIC_RUN_ID" in env:
             launcher = "torchrun"
         elif "CROSS_RANK" in env or "LOCAL_SIZE" in env:
             launcher = "deepspeed"
         else:
             launcher = "env"
-        return LaunchEnv(rank, world, _int(env, "LOCAL_RANK", rank), local_world, launcher)
-    for rank_var, size_var, local_var, local_size_var in _MPI_VARS:
-        if rank_var in env:
-            rank = _int(env, rank_var, 0)
-            world = _int(env, size_var, 0)
-            return LaunchEnv(
-                rank, world, _int(env, local_var, rank), _int(env, local_size_var, world), "mpi"
-            )
-    return LaunchEnv(0, 1, 0, 1, "single")
+        launch = LaunchEnv(rank, world, _int(env, "LOCAL_RANK", rank), local_world, launcher)
+        names = ("RANK", "WORLD_SIZE", "LOCAL_RANK" if "LOCAL_RANK" in env else "", local_size_var)
+    else:
+        for names in _MPI_VARS:
+            rank_var, size_var, local_var, local_size_var = names
+            if rank_var in env:
+                rank = _int(env, rank_var, 0)
+                world = _int(env, size_var, 0)
+                launch = LaunchEnv(
+                    rank, world, _int(env, local_var, rank), _int(env, local_size_var, world), "mpi"
+                )
+                names = tuple(v if v in env else "" for v in names)
+                break
+        else:
+            return LaunchEnv(0, 1, 0, 1, "single")
+    if check:
+        _check_consistent(launch, names)
+    return launch
+
+
+def _check_consistent(launch: LaunchEnv, names: tuple[str, ...]) -> None:
+    """Raise ``RuntimeError`` where the launcher's numbers cannot belong to one job (see :func:`detect_launch`)."""
+    rank_var, size_var, local_var, local_size_var = names
+    rank, world, local_rank, local_world = (
+        launch.rank, launch.world_size, launch.local_rank, launch.local_world_size)
+    if not size_var and world == 0:  # PMIx states no size: mpi4py's COMM_WORLD tells
+        return
+    rank_s = f"{rank_var}={rank}"
+    world_s = f"{size_var}={world}" if size_var else f"a world size of {world}"
+    local_world_s = f"{local_size_var}={local_world}" if local_size_var else f"a local size of {local_world}"
+    problem, mine = None, True
+    if world < 1:
+        problem, mine = f"{world_s}: a job has at least one rank", False
+    elif not 0 <= rank < world:
+        problem = f"{rank_s} is not a rank of {world_s} (0 to {world - 1})"
+    elif not 1 <= local_world <= world:
+        problem, mine = f"{local_world_s} is not a number of ranks on one node of {world_s} (1 to {world})", False
+    elif local_var and not 0 <= local_rank < local_world:  # unset, it is the rank (as before)
+        problem = f"{local_var}={local_rank} is not a local rank of {local_world_s} (0 to {local_world - 1})"
+    if problem is not None:
+        raise LaunchError(f"inconsistent launcher environment: {problem}", mine)
+
+
+class LaunchError(RuntimeError):
+    """Launcher variables that cannot belong to one job. ``mine``: this process's own rank or local rank is off
+    (the other ranks may be fine, so this one says why it stops), not a size that every rank reads alike."""
+
+    def __init__(self, message: str, mine: bool) -> None:
+        super().__init__(message)
+        self.mine = mine
 
 
 def backend_problem(backend: str) -> str | None:
@@ -179,14 +226,14 @@ def _from_mpi(launch: LaunchEnv) -> tuple[LaunchEnv, dist.Store | None]:
     local_rank, local_world = local.Get_rank(), local.Get_size()
     local.Free()
     store = None
-    if os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):
+    if os.environ.get("MASTER_ADDR") and _given_port():
         addr, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]  # the user knows better
     else:
         chosen = None
         if rank == 0:
             # One node: loopback. Several: rank 0's host name, which the other nodes resolve.
             host = "127.0.0.1" if local_world == world else socket.gethostname()
-            addr, port = os.environ.get("MASTER_ADDR") or host, os.environ.get("MASTER_PORT")
+            addr, port = os.environ.get("MASTER_ADDR") or host, _given_port()
             if world > 1 and not port:
                 store = dist.TCPStore(addr, 0, world, is_master=True, timeout=_startup_timeout(),
                                       wait_for_workers=False)
@@ -195,6 +242,15 @@ def _from_mpi(launch: LaunchEnv) -> tuple[LaunchEnv, dist.Store | None]:
         addr, port = comm.bcast(chosen, root=0)
     os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port))
     return LaunchEnv(rank, world, local_rank, local_world, "mpi"), store
+
+
+def _given_port() -> str | None:
+    """``MASTER_PORT`` where it names a port: 0 (any port the OS gives) is a port only rank 0 would know."""
+    port = os.environ.get("MASTER_PORT") or None
+    try:
+        return None if port is not None and int(port) == 0 else port
+    except ValueError:
+        return port  # torch's rendezvous names it
 
 
 def _timeout() -> timedelta:
@@ -236,7 +292,7 @@ def init_distributed(backend: str = "auto", *, need_group: bool = True) -> DistI
         The rank facts, the backend in use and the device this rank computes on (``cuda:<local rank>`` with
         nccl, the CPU otherwise).
     """
-    launch = detect_launch()
+    launch = detect_launch(check=not (dist.is_available() and dist.is_initialized()))
     if dist.is_available() and dist.is_initialized():
         name = dist.get_backend()
         device = _started_device()
@@ -272,6 +328,12 @@ def init_distributed(backend: str = "auto", *, need_group: bool = True) -> DistI
         # a collective (_startup_timeout). The store and the group then take the collective timeout (lowering it
         # on a group once made missed TORCH_DISTRIBUTED_DEBUG=DETAIL's wrapper, which kept 30 minutes).
         startup = _startup_timeout()
+        if store is None and launch.world_size > 1 and os.environ.get("MASTER_PORT") and _given_port() is None:
+            # Rank 0 listened on a port the OS gave, which the others cannot know: every rank waited for the whole
+            # start-up wait (30 minutes).
+            raise ValueError(f"MASTER_PORT={os.environ['MASTER_PORT']} is no rendezvous port for {launch.world_size} "
+                             "ranks: rank 0 would listen on a port the OS picks, which the other ranks cannot know; "
+                             "give a free port (under mpirun with mpi4py, or launch/deepspeed.sh, leave it unset)")
         if store is None:  # rank 0 under MPI may hold it already, on the port it broadcast
             store, _, _ = next(dist.rendezvous("env://", launch.rank, launch.world_size, timeout=startup))
         round_name = wait_for_every_rank(store, launch.world_size, startup, rank=launch.rank)

@@ -80,8 +80,8 @@ def _is_main_rank() -> bool:
     """Rank 0 of the launch, or any rank when the launcher's variables cannot be read (every rank then prints)."""
     from .bootstrap import detect_launch
 
-    try:
-        return detect_launch().rank == 0
+    try:  # values that cannot belong to one job (RANK=2 WORLD_SIZE=2) still say which rank is 0
+        return detect_launch(check=False).rank == 0
     except RuntimeError:  # RANK=x: main() reports it
         return True
 
@@ -237,6 +237,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         main_rank = detect_launch().rank == 0
     except RuntimeError as e:  # RANK=x, PMI_RANK=x: a traceback from every rank before
+        if getattr(e, "mine", False):  # RANK=2 with WORLD_SIZE=2: this process alone is off, and says so
+            print(f"config error: {e}", file=sys.stderr, flush=True)
+            return 2
         return _fail(f"config error: {e}", 2)
     cfg: TrainConfig | None = None
     try:

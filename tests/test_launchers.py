@@ -302,6 +302,97 @@ def test_launch_environment_is_read_for_each_launcher(env, expected):
     assert (got.rank, got.world_size, got.local_rank, got.local_world_size, got.launcher) == expected
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("env,why,mine", [
+    ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2 is not a rank of WORLD_SIZE=2 (0 to 1)", True),
+    ({"RANK": "-1", "WORLD_SIZE": "2"}, "RANK=-1 is not a rank of WORLD_SIZE=2 (0 to 1)", True),
+    ({"RANK": "0", "WORLD_SIZE": "0"}, "WORLD_SIZE=0: a job has at least one rank", False),
+    ({"RANK": "0", "WORLD_SIZE": "-1"}, "WORLD_SIZE=-1: a job has at least one rank", False),
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "2"},
+     "LOCAL_RANK=2 is not a local rank of LOCAL_WORLD_SIZE=2 (0 to 1)", True),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "0"},
+     "LOCAL_WORLD_SIZE=0 is not a number of ranks on one node of WORLD_SIZE=2 (1 to 2)", False),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_SIZE": "4", "CROSS_RANK": "0"},
+     "LOCAL_SIZE=4 is not a number of ranks on one node of WORLD_SIZE=2 (1 to 2)", False),
+    ({"PMI_RANK": "4", "PMI_SIZE": "4"}, "PMI_RANK=4 is not a rank of PMI_SIZE=4 (0 to 3)", True),
+    ({"PMI_RANK": "0", "PMI_SIZE": "0"}, "PMI_SIZE=0: a job has at least one rank", False),
+    ({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+      "OMPI_COMM_WORLD_LOCAL_SIZE": "1"},
+     "OMPI_COMM_WORLD_LOCAL_RANK=1 is not a local rank of OMPI_COMM_WORLD_LOCAL_SIZE=1 (0 to 0)", True),
+], ids=["rank-past-world", "rank-negative", "world-0", "world-negative", "local-rank-past-local-size",
+        "local-size-0", "deepspeed-local-size-past-world", "mpich-rank-past-size", "mpich-size-0",
+        "openmpi-local-rank"])
+def test_launcher_variables_that_cannot_belong_to_one_job_are_refused(env, why, mine):
+    """RANK=2 WORLD_SIZE=2 and RANK=-1 waited for the whole 30-minute start-up wait (a rank that no rank 0 will
+    ever hear from), WORLD_SIZE=-1 was an IndexError traceback, LOCAL_WORLD_SIZE=0 a ZeroDivisionError under hsdp.
+    What a launcher leaves out still defaults as before (a local rank unset is the rank, whatever the local size);
+    PMIx's missing size is read from mpi4py."""
+    from dist_clip.bootstrap import LaunchError, detect_launch
+
+    with pytest.raises(LaunchError) as info:
+        detect_launch(env)
+    assert str(info.value) == f"inconsistent launcher environment: {why}"
+    assert info.value.mine is mine
+    assert detect_launch(env, check=False).rank == int(next(iter(env.values())))  # which rank is 0 stays known
+    assert detect_launch({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}).local_rank == 3
+    assert detect_launch({"PMIX_RANK": "3"}).world_size == 0
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = job_env(**extra)
+    for name in ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "TORCHELASTIC_RUN_ID"):
+        env.pop(name, None)
+    return env
+
+
+@pytest.mark.timeout(150)
+def test_a_process_whose_rank_cannot_be_in_the_job_says_so_at_once(tmp_path):
+    """RANK=2 with WORLD_SIZE=2 waited for the 30-minute start-up wait on a rank 0 that would never come; it now
+    exits 2 with one line of its own (not rank 0's to print: this process alone is off). A size every rank reads
+    alike (LOCAL_WORLD_SIZE=0) is printed by rank 0 only."""
+    cfg = write_config(tmp_path, "ddp", wrapper="ddp")
+    args = [sys.executable, "-m", "dist_clip", "check", "--config", str(cfg), "--out", str(tmp_path)]
+    port = str(free_port())
+    cases = [({"RANK": "2"}, "config error: inconsistent launcher environment: RANK=2 is not a rank of WORLD_SIZE=2 "
+              "(0 to 1)\n"),
+             ({"RANK": "1", "LOCAL_WORLD_SIZE": "0"}, ""),
+             ({"RANK": "0", "LOCAL_WORLD_SIZE": "0"}, "config error: inconsistent launcher environment: "
+              "LOCAL_WORLD_SIZE=0 is not a number of ranks on one node of WORLD_SIZE=2 (1 to 2)\n")]
+    for env, err in cases:
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=100, cwd=ROOT,
+                              env=_clean_env(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **env))
+        assert (proc.returncode, proc.stderr) == (2, err), proc
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 30)
+def test_master_port_0_is_refused_by_env_launches_and_picked_by_rank_0_under_mpi4py(tmp_path):
+    """MASTER_PORT=0: rank 0 listened on a port the OS gave, which the other ranks could not know, and every rank
+    waited for the whole 30-minute start-up wait (the DeepSpeed launcher passes it on as given, so does mpirun
+    without mpi4py). Now every rank exits 2, rank 0 saying why; under mpirun with mpi4py, where rank 0 broadcasts
+    its port, 0 is taken as unset and the job runs."""
+    cfg = write_config(tmp_path, "ddp", wrapper="ddp")
+    args = [sys.executable, "-m", "dist_clip", "check", "--config", str(cfg), "--out", str(tmp_path)]
+    ranks = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                              env=_clean_env(RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="0"))
+             for r in range(2)]
+    try:
+        done = [p.communicate(timeout=100) for p in ranks]
+    finally:
+        for p in ranks:
+            p.kill()
+    assert [p.returncode for p in ranks] == [2, 2], done
+    assert done[0][1] == ("config error: rendezvous environment: MASTER_PORT=0 is no rendezvous port for 2 ranks: "
+                          "rank 0 would listen on a port the OS picks, which the other ranks cannot know; give a "
+                          "free port (under mpirun with mpi4py, or launch/deepspeed.sh, leave it unset)\n"), done
+    assert done[1][1] == "", done
+    if not (BIN / "mpiexec").exists() and shutil.which("mpiexec") is None:
+        pytest.skip("no mpiexec: `make install` installs the mpich wheel")
+    pytest.importorskip("mpi4py", reason="mpi4py is not installed (`make install` installs it)")
+    out = run_job("mpirun.sh", ["check", "--config", str(cfg), "--out", str(tmp_path)], NPROC="2",
+                  MPI_FLAVOR="mpich", MASTER_PORT="0")
+    assert check_line(out).startswith("check: PASS")
+
+
 @pytest.mark.timeout(120)
 def test_groups_made_after_init_take_the_collective_timeout():
     """DeepSpeed's data-parallel groups (dist.new_group without a timeout) took torch's 30-minute default: a
