@@ -253,9 +253,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:  # ConfigError, or _timeout's ValueError
         if cfg is None:  # refused as it was read: its run folder from its name and out_dir alone, where they hold
             cfg = _refused_run(args)
+        refusal = f"config error: {e}"
+    else:
+        refusal = None
+    refused, say = _refused_anywhere(refusal)
+    if refused:
         if cfg is not None and main_rank:  # a refused run leaves no previous run's verdict behind
             _remove_outputs(cfg)
-        return _fail(f"config error: {e}", 2)
+        if say:
+            print(refusal, file=sys.stderr, flush=True)
+        return 2
     if args.validate_only:  # the ranks of the run that follows (launch/torchrun.sh) remove the old outputs
         return 0
     if main_rank:  # before anything can fail: a run that fails leaves no previous run's log or plot
@@ -289,6 +296,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     finally:
         bootstrap.shutdown()
+
+
+def _refused_anywhere(refusal: str | None) -> tuple[bool, bool]:
+    """Whether the run is refused, and whether this rank says why. Under mpiexec with mpi4py (several ranks) one
+    all-reduce tells every rank whether any refused its config, and the lowest that did says why: a check that
+    fails on one node only (a ``--data`` path or a writable ``out_dir`` there, DeepSpeed installed there) had that
+    rank exit 2 without a word (not rank 0) and the others wait for it at start-up for 30 minutes (mpiexec kills
+    no one for a rank's exit status). Elsewhere this rank's own verdict, said by rank 0 (torchrun and the DeepSpeed
+    launcher end every rank when one exits non-zero)."""
+    from .bootstrap import _mpi_comm, detect_launch
+
+    launch = detect_launch(check=False)
+    comm = _mpi_comm() if launch.launcher == "mpi" and launch.world_size != 1 else None
+    if comm is None or comm.Get_size() < 2:
+        return refusal is not None, refusal is not None and _is_main_rank()
+    from mpi4py import MPI
+
+    size = comm.Get_size()
+    first = comm.allreduce(comm.Get_rank() if refusal is not None else size, op=MPI.MIN)
+    return first < size, first == comm.Get_rank()
 
 
 def _running_mpi_world() -> Any:

@@ -781,6 +781,42 @@ def test_mpirun_config_errors_stay_one_line_exit_2(tmp_path):
         assert "Traceback" not in out and "Abort" not in out, out[-6000:]
 
 
+_REFUSE_ON_RANK_1 = '''
+import os
+if os.environ.get("PMI_RANK") == "1":  # rank 1 of mpiexec finds its node's out_dir unwritable; rank 0 does not
+    import dist_clip.cli as cli
+    from dist_clip.config import ConfigError
+
+    def refuse(cfg, source, main_rank=True):
+        raise ConfigError(source, "out_dir", "is not writable on this node only")
+
+    cli._check_out_dir = refuse
+'''
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 30)
+def test_mpirun_a_config_refused_by_one_rank_only_ends_the_job_with_its_line(tmp_path):
+    """A check that fails on one node only (its --data path, a writable out_dir, DeepSpeed installed there): that
+    rank exited 2 without a word (only rank 0 prints config errors) and mpiexec, which kills no one for an exit
+    status, left rank 0 waiting for it at start-up for 30 minutes. The ranks now agree through mpi4py: every rank
+    exits 2 at once and the rank that refused prints the one line."""
+    if not (BIN / "mpiexec").exists() and shutil.which("mpiexec") is None:
+        pytest.skip("no mpiexec: `make install` installs the mpich wheel")
+    pytest.importorskip("mpi4py", reason="mpi4py is not installed (`make install` installs it)")
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(_REFUSE_ON_RANK_1)
+    cfg = write_config(tmp_path, "ddp", wrapper="ddp")
+    env = job_env(NPROC="2", MPI_FLAVOR="mpich",
+                  PYTHONPATH=os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")])))
+    code, out = finish(start("mpirun.sh", ["check", "--config", str(cfg), "--out", str(tmp_path)], env),
+                       timeout_s=90)  # far less than the start-up wait (1800 s)
+    errors = [line for line in out.splitlines() if "config error" in line]
+    assert code == 2 and errors == [f"config error: {cfg} (with command-line overrides): out_dir: is not writable "
+                                    "on this node only"], out[-6000:]
+    assert "Traceback" not in out and "Abort" not in out and "check:" not in out, out[-6000:]
+
+
 @pytest.mark.parametrize("hostfile,want", [
     ("# nodes\n\nnode7:2\nnode8:2\n", "node7"),  # MPICH
     ("node3 slots=2   # first\nnode4 slots=2\n", "node3"),  # Open MPI
