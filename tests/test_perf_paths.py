@@ -393,6 +393,11 @@ def test_native_scaling_tells_autograd_and_skips_tensors_without_memory():
     assert dist_clip.get_total_norm(zeros).item() == 0.0
     with pytest.raises(RuntimeError, match="ZeroTensors are immutable"):  # torch's own error, as for _foreach_mul_
         dist_clip.clip_grads_with_norm_(zeros, 1.0, torch.tensor(2.0))
+    # One element each: still no memory to read (the test is on data_ptr() 0 with any element, not on size).
+    ones = [torch._efficientzerotensor(1, dtype=torch.bfloat16) for _ in range(40)]
+    assert _native.partials(ones, 2.0) is None and not _native.scale_(ones, 0.5)
+    assert _native.scaled_flatten(ones, 0.5) is None
+    assert dist_clip.get_total_norm([*ones, torch.ones(4, dtype=torch.bfloat16)]).item() == 2.0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, *HALF])
