@@ -273,6 +273,26 @@ def test_fp32_rows_whose_small_terms_round_away_one_by_one(path, layout):
     assert abs(got - want) / want <= 1e-6, abs(got - want) / want
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF])
+def test_small_squares_lost_in_a_float_lane_stay_within_the_block_bound(dtype):
+    """The kernel sums squares in 32 float lanes, FBLOCK = 8 (fp32) or HBLOCK = 16 (halves) terms a lane, before
+    widening to double. Lane j reads elements j, j + 32, ...: here every 64th row of 32 is 1.0 and the rest are
+    values whose squares are just under half a float ulp of 1.0, so each lane loses the small terms that follow a
+    1.0 in its block: 7 (4.1e-7 relative, under the documented 4.8e-7) or 15 (8.9e-7, under 9.5e-7). Blocks twice
+    or eight times as long lost 1.8e-6 and 3.7e-6, past the 1e-6 the README promises."""
+    if not _native.available():
+        pytest.skip(_native.status())
+    small = {torch.float32: torch.tensor(math.sqrt(0.49 * 2.0**-23)).item(), torch.bfloat16: 2.0**-13 * (2 - 2.0**-7),
+             torch.float16: 2.0**-13 * (2 - 2.0**-10)}[dtype]
+    v = torch.full((64 * 32 * 500,), small, dtype=dtype)
+    assert v[0].item() == small  # exactly representable: its square is 0.49-0.5 of an ulp of 1.0
+    v.view(-1, 32)[::64] = 1.0
+    want = _ref_partials([v], 2.0)
+    bound = 4.8e-7 if dtype == torch.float32 else 9.5e-7
+    _assert_partials(_native.partials([v], 2.0), want, bound)
+    _assert_partials(_norm.local_partials([v], 2.0), want, bound)
+
+
 @pytest.mark.parametrize("p", [1.0, 2.0, 3.5, math.inf, 0.0])
 def test_result_does_not_depend_on_the_thread_count(p):
     g = torch.randn(3_000_001)
