@@ -307,6 +307,26 @@ def test_other_orders_are_as_accurate_as_float64(dtype, p):
     _assert_partials(_native.partials([v], p), want, 1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_squares_flushed_to_zero_are_rescued_below_the_threshold(dtype):
+    """Under torch.set_flush_denormal(True) the float lanes flush squares below 2**-126 to 0. One element in 64
+    with square 2**-106 and 63 with 2.25 * 2**-128 average 2**-112, under the rescue threshold of 2**-103 a
+    term: the partial is summed again in double, exactly. A threshold of 2**-120 kept the flushed sum, 3.4e-5
+    short."""
+    if not _native.available():
+        pytest.skip(_native.status())
+    v = torch.full((64 * 1000,), 1.5 * 2.0**-64).to(dtype)
+    v[::64] = 2.0**-53
+    want = _ref_partials([v], 2.0)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("no flush-to-zero mode on this CPU")
+    try:
+        got = _native.partials([v], 2.0)
+    finally:
+        torch.set_flush_denormal(False)
+    _assert_partials(got, want, 1e-6)
+
+
 @pytest.mark.parametrize("p", [1.0, 2.0, 3.5, math.inf, 0.0])
 def test_result_does_not_depend_on_the_thread_count(p):
     g = torch.randn(3_000_001)
