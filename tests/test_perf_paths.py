@@ -327,6 +327,17 @@ def test_squares_flushed_to_zero_are_rescued_below_the_threshold(dtype):
     _assert_partials(got, want, 1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF])
+def test_zeros_raised_to_any_order_sum_to_exactly_zero(dtype):
+    """0**p = 0 in the kernel's own power (its log2 of 0 is -1023, and 2**(p * -1023) is not 0): zero gradients
+    give a zero partial, bit for bit, for every order it computes so."""
+    if not _native.available():
+        pytest.skip(_native.status())
+    got = _native.partials([torch.zeros(1000, dtype=dtype), -torch.zeros(33, dtype=dtype)], 0.5)
+    assert got.tolist() == [0.0, 0.0]
+    assert _native.partials([torch.zeros(100, dtype=dtype)], 2.5).item() == 0.0
+
+
 @pytest.mark.parametrize("p", [1.0, 2.0, 3.5, math.inf, 0.0])
 def test_result_does_not_depend_on_the_thread_count(p):
     g = torch.randn(3_000_001)
