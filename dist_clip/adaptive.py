@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from . import _norm, _reduce, _slots
 from . import clip as _clip
 from .adapters import unwrap_compiled
-from .adapters.params import listed_stand_ins, refuse_managed, replica_groups
+from .adapters.params import copies_distinct, fsdp2_data_peers, listed_stand_ins, refuse_managed, replica_groups
 from .shards import Shards, UnitLayout
 
 __all__ = ["AGC", "AutoClip", "ZClip"]
@@ -902,8 +902,12 @@ def unit_pieces(
                                    split_units=(0,) if split else (), present=param.grad is not None))
     reduce_over = _reduce.reduction_group([u.group for u in units]) if ddp_units else None
     if reduce_over is not None:
+        peers = fsdp2_data_peers(q for _, q in items)
         for i, copies in ddp_units:  # each DDP group's copy once, on its lowest rank in the call's reduction
-            units[i].group, units[i].counted = reduce_over, _reduce.first_copy_in(copies, reduce_over)
+            # (unless the other DDP groups there hold copies of it: a layer beside tensor parallelism, counted on
+            # the reduction's first rank as the other modes count it)
+            if copies_distinct(copies, reduce_over, peers):
+                units[i].group, units[i].counted = reduce_over, _reduce.first_copy_in(copies, reduce_over)
     return units, cut, tuple(dict.fromkeys(names))
 
 

@@ -783,6 +783,59 @@ def test_ddp_experts_beside_fsdp2_count_each_dp_group_once_without_group(run_ran
     assert run_ranks(4, body_ddp_experts_beside_fsdp2_on_the_world) == [want] * 4
 
 
+def body_ddp_layer_beside_fsdp2_over_tp() -> list:
+    """FSDP2 over tensor parallelism on a (dp=2, tp=2) mesh without ``group=``: the dense layer column-parallel
+    over ``mesh["tp"]`` and sharded over ``mesh["dp"]``, the layer after it (outside tensor parallelism) under a
+    DDP over its ``mesh["dp"]`` pair. Both tp ranks read the same batch, so the two DDP groups hold copies of
+    that layer; counted once per DDP group (as experts beside FSDP2 on the world, whose ep ranks read other
+    batches), it read sqrt(2) times its norm: 0.4675 for 0.3513 at p = 2, 128 for 92 at p = 0, in every mode."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+    from torch.nn.parallel import DistributedDataParallel
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    dp, _ = mesh.get_coordinate()
+
+    def net() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.ModuleDict({"dense": nn.Linear(6, 8), "norm": nn.Linear(8, 4)})
+
+    def run(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return m["norm"](torch.tanh(m["dense"](x))).square().mean()
+
+    def batch(d: int) -> torch.Tensor:
+        return torch.randn(5, 6, generator=torch.Generator().manual_seed(70 + d))
+
+    ref = net().double()
+    for d in (0, 1):  # the batch of each dp index, the same on its two tp ranks
+        run(ref, batch(d).double()).div(2).backward()
+    refs = [q.grad for q in ref.parameters()]
+    model = net()
+    parallelize_module(model["dense"], mesh["tp"], ColwiseParallel(output_layouts=Replicate()))
+    fully_shard(model["dense"], mesh=mesh["dp"])
+    model["norm"] = DistributedDataParallel(model["norm"], process_group=mesh["dp"].get_group())
+    run(model, batch(dp)).backward()
+    out = []
+    for p in (2.0, 0.0, math.inf):
+        want = reference_norm(refs, p)
+        with count_collectives() as calls:
+            got = float(dist_clip.get_total_norm(model, p))
+        out.append((p, abs(got - want) <= 1e-6 * want, calls.names.count("gloo:all_reduce")))
+    want = reference_norm(refs, 2.0)
+    for mode in ("per_param", "unitwise"):
+        kw = {"agc": dist_clip.AGC(1e9)} if mode == "unitwise" else {"max_norm": 1e9}
+        res = dist_clip.GradClipper(mode=mode, **kw)(model)
+        out.append((mode, abs(float(res.total_norm) - want) <= 1e-6 * want))
+    return out
+
+
+def test_ddp_layer_beside_fsdp2_over_tp_counts_once_without_group(run_ranks):
+    want = [(2.0, True, 1), (0.0, True, 1), (math.inf, True, 1), ("per_param", True), ("unitwise", True)]
+    assert run_ranks(4, body_ddp_layer_beside_fsdp2_over_tp) == [want] * 4
+
+
 def test_ddp_groups_unitwise_with_a_wider_group(run_ranks):
     assert run_ranks(4, body_ddp_groups_unitwise) == [[(0, True, True)] * 2] * 4
 
