@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from . import _norm, _reduce, _slots
 from . import clip as _clip
 from .adapters import unwrap_compiled
-from .adapters.params import copies_distinct, fsdp2_data_peers, listed_stand_ins, refuse_managed, replica_groups
+from .adapters.params import copy_counted_here, copy_peers, listed_stand_ins, refuse_managed, replica_groups
 from .shards import Shards, UnitLayout
 
 __all__ = ["AGC", "AutoClip", "ZClip"]
@@ -824,6 +824,7 @@ def unit_pieces(
     replicas = (replica_groups(target) if (group is not None or dtensors) and isinstance(target, nn.Module)
                 else {})
     ddp_units: list[tuple[int, dist.ProcessGroup]] = []
+    peers = copy_peers(q for _, q in items) if replicas else set()  # (ranks holding copies: tensor parallelism's)
     world = bool(dtensors) and (group is not None or _dt_needs_world(dtensors))
     counting = None
     if world and group is not None:
@@ -893,7 +894,7 @@ def unit_pieces(
                 # that of their own pieces: 0.05 for 0.50), beside a gradient piece of zeros.
                 grad = torch.zeros_like(param.detach())
             if grad is not None:
-                counted = copies is None or group is None or _reduce.first_copy_in(copies, group)
+                counted = copies is None or group is None or copy_counted_here(copies, group, peers)
                 # (a DDP or replicate() block beside DTensors: copies over its own group, counted as above)
                 mine = None if beside and copies is None else group
                 if group is None and copies is not None:
@@ -902,12 +903,9 @@ def unit_pieces(
                                    split_units=(0,) if split else (), present=param.grad is not None))
     reduce_over = _reduce.reduction_group([u.group for u in units]) if ddp_units else None
     if reduce_over is not None:
-        peers = fsdp2_data_peers(q for _, q in items)
         for i, copies in ddp_units:  # each DDP group's copy once, on its lowest rank in the call's reduction
-            # (unless the other DDP groups there hold copies of it: a layer beside tensor parallelism, counted on
-            # the reduction's first rank as the other modes count it)
-            if copies_distinct(copies, reduce_over, peers):
-                units[i].group, units[i].counted = reduce_over, _reduce.first_copy_in(copies, reduce_over)
+            # (with the ranks holding copies of it whatever their DDP group: tensor parallelism's)
+            units[i].group, units[i].counted = reduce_over, copy_counted_here(copies, reduce_over, peers)
     return units, cut, tuple(dict.fromkeys(names))
 
 

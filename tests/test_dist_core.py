@@ -788,7 +788,8 @@ def body_ddp_layer_beside_fsdp2_over_tp() -> list:
     over ``mesh["tp"]`` and sharded over ``mesh["dp"]``, the layer after it (outside tensor parallelism) under a
     DDP over its ``mesh["dp"]`` pair. Both tp ranks read the same batch, so the two DDP groups hold copies of
     that layer; counted once per DDP group (as experts beside FSDP2 on the world, whose ep ranks read other
-    batches), it read sqrt(2) times its norm: 0.4675 for 0.3513 at p = 2, 128 for 92 at p = 0, in every mode."""
+    batches), it read sqrt(2) times its norm: 0.4675 for 0.3513 at p = 2, 128 for 92 at p = 0, in every mode,
+    and so under ``group=WORLD`` before that."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Replicate
@@ -824,15 +825,17 @@ def body_ddp_layer_beside_fsdp2_over_tp() -> list:
             got = float(dist_clip.get_total_norm(model, p))
         out.append((p, abs(got - want) <= 1e-6 * want, calls.names.count("gloo:all_reduce")))
     want = reference_norm(refs, 2.0)
-    for mode in ("per_param", "unitwise"):
-        kw = {"agc": dist_clip.AGC(1e9)} if mode == "unitwise" else {"max_norm": 1e9}
-        res = dist_clip.GradClipper(mode=mode, **kw)(model)
-        out.append((mode, abs(float(res.total_norm) - want) <= 1e-6 * want))
+    for grp in (None, dist.group.WORLD):  # under group= too (counted once per DDP group there before)
+        for mode in ("total", "per_param", "unitwise"):
+            kw = {"agc": dist_clip.AGC(1e9)} if mode == "unitwise" else {"max_norm": 1e9}
+            res = dist_clip.GradClipper(mode=mode, **kw)(model, group=grp)
+            out.append((mode, abs(float(res.total_norm) - want) <= 1e-6 * want))
     return out
 
 
-def test_ddp_layer_beside_fsdp2_over_tp_counts_once_without_group(run_ranks):
-    want = [(2.0, True, 1), (0.0, True, 1), (math.inf, True, 1), ("per_param", True), ("unitwise", True)]
+def test_ddp_layer_beside_fsdp2_over_tp_counts_once(run_ranks):
+    modes = [("total", True), ("per_param", True), ("unitwise", True)]
+    want = [(2.0, True, 1), (0.0, True, 1), (math.inf, True, 1), *modes, *modes]
     assert run_ranks(4, body_ddp_layer_beside_fsdp2_over_tp) == [want] * 4
 
 

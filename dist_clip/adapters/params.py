@@ -19,14 +19,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .._reduce import first_copy_in
 from .._reduce import reduction_group as _reduction_group
 from .._warn import warn_at_caller
 from ..shards import Shards
 
 __all__ = [
     "absent_dtensor_grads",
-    "copies_distinct",
+    "copy_counted_here",
+    "copy_peers",
     "fsdp2_data_peers",
     "gradient_of",
     "is_parameter",
@@ -571,7 +571,7 @@ def replicas_counted_once(target: nn.Module, shards: list[Shards], params: Mappi
     on the world beside experts under a DDP over each expert's data-parallel group): the plain pieces there are
     taken for FSDP2's unsharded copies, counted on the reduction's first rank only, and the copies of every
     other DDP group were lost (4.16 for 4.62 on a 2 dp x 2 ep mesh). Each DDP group's copy counts once, on its
-    lowest rank in that reduction."""
+    lowest rank in that reduction, with the tensor-parallel ranks that hold the same copy (:func:`copy_peers`)."""
     reduce_over = group
     if group is None:
         reduce_over = _reduction_group([sh.group for sh in shards])
@@ -600,17 +600,10 @@ def replicas_counted_once(target: nn.Module, shards: list[Shards], params: Mappi
             out.append(Shards(keep[1], group=sh.group, names=keep[0], loss_scale=sh.loss_scale))
     if not found:
         return shards
-    if group is None:
-        peers = fsdp2_data_peers(params.values())
-        for pg, names, tensors in list(found.values()):
-            if not copies_distinct(pg, reduce_over, peers):  # type: ignore[arg-type]
-                # The other DDP groups there hold copies of these (a layer outside tensor parallelism, the same
-                # on every tp rank): back with the plain pieces, counted on the reduction's first rank.
-                del found[id(pg)]
-                out.append(Shards(tensors, group=None, names=names))
+    peers = copy_peers(params.values())
     for pg, names, tensors in found.values():
-        out.append(Shards(tensors, group=reduce_over, counted=first_copy_in(pg, reduce_over),  # type: ignore[arg-type]
-                          names=names))
+        here = copy_counted_here(pg, reduce_over, peers)  # type: ignore[arg-type]
+        out.append(Shards(tensors, group=reduce_over, counted=here, names=names))
     return out
 
 
@@ -635,16 +628,41 @@ def fsdp2_data_peers(params: Iterable[Tensor]) -> set[int]:
     return peers
 
 
-def copies_distinct(copies: dist.ProcessGroup, reduce_over: dist.ProcessGroup, peers: set[int]) -> bool:
-    """Whether the gradients a DDP (or ``replicate()``) over ``copies`` holds differ from those the other DDP
-    groups in ``reduce_over`` hold, without ``group=``: where FSDP2 reduces this rank's other gradients with ranks
-    outside ``copies`` (``peers``, :func:`fsdp2_data_peers`), those ranks read other batches, and a DDP that does
-    not span them leaves them other gradients (experts under a DDP over ``mesh["dp"]`` beside FSDP2 on the
-    flattened dp x ep world: distinct along ep). Otherwise the ranks outside ``copies`` read the same batches
-    (tensor parallelism beside a DDP over ``mesh["dp"]``: the same on every tp rank), and hold copies: counted
-    once per DDP group, they read sqrt(tp) times the norm (0.4675 for 0.3513 on 2 dp x 2 tp)."""
+def copy_peers(params: Iterable[Tensor]) -> set[int]:
+    """The ranks holding copies of this rank's DDP-held gradients whatever their DDP groups: those along the dims
+    of ``params``' DTensor meshes that FSDP2 does not reduce over (:func:`fsdp2_data_peers`), tensor parallelism's,
+    whose ranks read the same batches, so a layer outside it is the same on each (a DDP over ``mesh["dp"]``
+    beside FSDP2 over TP on a (dp, tp) mesh). Ranks FSDP2 reduces with read other batches, and ranks no mesh
+    spans hold other pipeline stages: a DDP not spanning them leaves them other gradients (experts under a DDP
+    over ``mesh["dp"]`` beside FSDP2 on the flattened dp x ep world, distinct along ep)."""
+    params = list(params)
+    data = fsdp2_data_peers(params)
+    me = dist.get_rank()
+    out: set[int] = set()
+    seen: set[int] = set()
+    for q in params:
+        if not _is_dtensor(q) or id(q.device_mesh) in seen:
+            continue
+        mesh = q.device_mesh  # type: ignore[attr-defined]
+        seen.add(id(mesh))
+        if mesh.get_coordinate() is None:
+            continue
+        for d in range(mesh.ndim):
+            ranks = set(dist.get_process_group_ranks(mesh.get_group(d)))
+            if not (ranks & data) - {me}:
+                out |= ranks
+    return out
+
+
+def copy_counted_here(copies: dist.ProcessGroup, reduce_over: dist.ProcessGroup, peers: set[int]) -> bool:
+    """Whether this rank counts the gradients a DDP (or ``replicate()``) over ``copies`` holds, in a reduction over
+    ``reduce_over``: the lowest rank, there, of the DDP's group and of ``peers`` (:func:`copy_peers`), the ranks
+    that hold copies of them too. Counted once per DDP group (tensor parallelism's ranks taken for distinct
+    pieces), a layer outside tensor parallelism under a DDP over ``mesh["dp"]`` read sqrt(tp) times its norm
+    (0.4675 for 0.3513 on 2 dp x 2 tp, every mode, with or without ``group=``)."""
     within = set(dist.get_process_group_ranks(reduce_over))
-    return bool((peers & within) - set(dist.get_process_group_ranks(copies)))
+    same = (set(dist.get_process_group_ranks(copies)) | peers) & within
+    return dist.get_rank() == min(same)
 
 
 def shards_with_stand_ins(pairs: list[tuple[str, Tensor]], absent: list[tuple[str, Tensor]],
