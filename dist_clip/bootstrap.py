@@ -92,9 +92,14 @@ def detect_launch(environ: os._Environ[str] | dict[str, str] | None = None, *, c
     Where :func:`init_distributed` wrote ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``LOCAL_WORLD_SIZE`` into this
     process's environment and they still hold its values, the launch it read before writing them: a lone process
     (or ``mpirun -n 1``) read its own ``RANK=0 WORLD_SIZE=1`` as an ``env://`` launch after
-    ``destroy_process_group``, and a second ``init_distributed`` failed for want of ``MASTER_PORT``."""
-    if environ is None and _written is not None and all(os.environ.get(k) == v for k, v in _written[0].items()):
-        return _written[1]
+    ``destroy_process_group``, and a second ``init_distributed`` failed for want of ``MASTER_PORT``. Where
+    ``RANK`` or ``WORLD_SIZE`` has been set since (a new launch), the others it wrote that still hold its values
+    are read as they were before it wrote them: a rank set up after a lone run read its ``LOCAL_RANK=0
+    LOCAL_WORLD_SIZE=1`` as its own, and under hsdp built a mesh of another shape than its peers."""
+    if environ is None and _written is not None:
+        environ = _launch_environ()
+        if environ is None:
+            return _written[2]
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
         rank, world = _int(env, "RANK", 0), _int(env, "WORLD_SIZE", 1)
@@ -350,14 +355,42 @@ def init_distributed(backend: str = "auto", *, need_group: bool = True) -> DistI
     )
 
 
-#: The variables init_distributed last wrote into the environment, and the launch it had read before.
-_written: tuple[dict[str, str], LaunchEnv] | None = None
+#: The variables init_distributed last wrote into the environment, their values before (None: unset), and the
+#: launch it had read before writing them.
+_written: tuple[dict[str, str], dict[str, str | None], LaunchEnv] | None = None
+
+
+def _launch_environ() -> dict[str, str] | os._Environ[str] | None:
+    """The environment as a launcher left it, for :func:`detect_launch`: None while the variables
+    init_distributed wrote all still hold its values (its remembered launch stands); where ``RANK`` or
+    ``WORLD_SIZE`` has changed since (a new launch), the others it wrote that still hold its values as they were
+    before it wrote them."""
+    if _written is None:
+        return os.environ
+    wrote, before, _ = _written
+    held = {k for k, v in wrote.items() if os.environ.get(k) == v}
+    if held == set(wrote):
+        return None
+    if {"RANK", "WORLD_SIZE"} <= held:
+        return os.environ
+    environ = dict(os.environ)
+    for k in held - {"RANK", "WORLD_SIZE"}:
+        if before[k] is None:
+            del environ[k]
+        else:
+            environ[k] = before[k]
+    return environ
 
 
 def _write_launch_variables(read: LaunchEnv, **variables: str) -> None:
     global _written
+    environ = _launch_environ()
+    if environ is None:  # the same launch again: what stood before the first write still does
+        before = _written[1]
+    else:
+        before = {k: environ.get(k) for k in variables}
     os.environ.update(variables)
-    _written = (variables, read)
+    _written = (variables, before, read)
 
 
 def _started_device() -> torch.device:

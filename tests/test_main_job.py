@@ -720,6 +720,34 @@ def test_a_lone_process_starts_again_after_its_group_is_destroyed(tmp_path, env,
     assert lines[1:] == (["0 0"] if args else []), proc.stdout + proc.stderr[-3000:]
 
 
+_NEW_LAUNCH_AFTER_A_LONE_RUN = """
+import os
+from dist_clip import bootstrap
+bootstrap.init_distributed("gloo")
+bootstrap.shutdown()
+os.environ.update(RANK="1", WORLD_SIZE="2")  # the user sets up rank 1 of a 2-rank job in the same process
+got = bootstrap.detect_launch()
+print(got.rank, got.world_size, got.local_rank, got.local_world_size, got.launcher)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_new_launch_after_a_lone_run_is_read_as_a_fresh_process_reads_it():
+    """The LOCAL_RANK=0 LOCAL_WORLD_SIZE=1 a lone process's group wrote stayed behind when the user then set
+    RANK=1 WORLD_SIZE=2 for a real 2-rank job in the same process: it read local rank 0 of 1 where a fresh
+    process with the same RANK/WORLD_SIZE reads local rank 1 of 2, and under hsdp (mesh: null) built a (2, 1)
+    mesh beside its peer's (1, 2): the first FSDP collective failed after the whole collective timeout."""
+    import os
+
+    clean = {k: v for k, v in os.environ.items() if k not in
+             ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "CROSS_RANK", "MASTER_ADDR",
+              "MASTER_PORT", "PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "TORCHELASTIC_RUN_ID")}
+    proc = subprocess.run([sys.executable, "-c", _NEW_LAUNCH_AFTER_A_LONE_RUN], capture_output=True, text=True,
+                          timeout=100, env={**clean, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["1", "2", "1", "2", "env"], proc.stdout
+
+
 def test_an_empty_out_dir_is_a_config_error(capsys):
     """``--out ""`` wrote the run into the current folder, where ``data: ""`` was already refused."""
     assert cli.main(["check", "--out", "", "--validate-only"]) == 2
