@@ -1,7 +1,8 @@
 """The ``dist-clip`` command: ``train`` (the demo run) and ``check`` (the replay equivalence check alone).
 
 Exit status: 0 when the run agrees with its unsharded replay (or no replay was asked for), 1 when it does not
-or the job failed, 2 for a bad config or bad arguments (one line on stderr, from rank 0 only).
+or the job failed, 2 for a bad config or bad arguments (one line on stderr, from rank 0 only; a config check that
+fails on another node only is said by that node's first rank).
 """
 
 from __future__ import annotations
@@ -303,14 +304,16 @@ def _refused_anywhere(refusal: str | None) -> tuple[bool, bool]:
     all-reduce tells every rank whether any refused its config, and the lowest that did says why: a check that
     fails on one node only (a ``--data`` path or a writable ``out_dir`` there, DeepSpeed installed there) had that
     rank exit 2 without a word (not rank 0) and the others wait for it at start-up for 30 minutes (mpiexec kills
-    no one for a rank's exit status). Elsewhere this rank's own verdict, said by rank 0 (torchrun and the DeepSpeed
-    launcher end every rank when one exits non-zero)."""
+    no one for a rank's exit status). Elsewhere this rank's own verdict, said by rank 0 and by the first rank of
+    every other node (local rank 0): torchrun and the DeepSpeed launcher end every rank when one exits non-zero,
+    and a check that failed on another node than rank 0's (its --data path, DeepSpeed installed there) ended the
+    job without a word."""
     from .bootstrap import _mpi_comm, detect_launch
 
     launch = detect_launch(check=False)
     comm = _mpi_comm() if launch.launcher == "mpi" and launch.world_size != 1 else None
     if comm is None or comm.Get_size() < 2:
-        return refusal is not None, refusal is not None and _is_main_rank()
+        return refusal is not None, refusal is not None and (launch.rank == 0 or launch.local_rank == 0)
     from mpi4py import MPI
 
     size = comm.Get_size()

@@ -364,6 +364,28 @@ def test_a_process_whose_rank_cannot_be_in_the_job_says_so_at_once(tmp_path):
         assert (proc.returncode, proc.stderr) == (2, err), proc
 
 
+@pytest.mark.timeout(150)
+def test_a_config_refused_on_another_node_only_is_said_by_that_nodes_first_rank(tmp_path):
+    """torchrun (run directly, without launch/torchrun.sh's one-process check) and the DeepSpeed launcher end
+    every rank when one exits non-zero, but only rank 0 printed config errors: a check that failed on another
+    node only (its --data path missing there) ended the job without a word. That node's first rank (local rank 0)
+    now says why; its other ranks, whose node's first rank says the same, stay silent."""
+    cfg = write_config(tmp_path, "ddp", wrapper="ddp")
+    missing = tmp_path / "not-on-this-node.txt"
+    args = [sys.executable, "-m", "dist_clip", "check", "--config", str(cfg), "--out", str(tmp_path), "--data",
+            str(missing)]
+    line = f"config error: {cfg} (with command-line overrides): data: no such file or folder: {missing}\n"
+    port = str(free_port())
+    for env, err in (({"RANK": "2", "LOCAL_RANK": "0", "GROUP_RANK": "1"}, line),
+                     ({"RANK": "3", "LOCAL_RANK": "1", "GROUP_RANK": "1"}, ""),
+                     ({"RANK": "2", "LOCAL_RANK": "0", "CROSS_RANK": "1", "LOCAL_SIZE": "2"}, line)):
+        extra = {} if "LOCAL_SIZE" in env else {"LOCAL_WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "x"}
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=100, cwd=ROOT,
+                              env=_clean_env(WORLD_SIZE="4", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **extra,
+                                             **env))
+        assert (proc.returncode, proc.stderr) == (2, err), (env, proc)
+
+
 @pytest.mark.timeout(JOB_TIMEOUT_S + 30)
 def test_master_port_0_is_refused_by_env_launches_and_picked_by_rank_0_under_mpi4py(tmp_path):
     """MASTER_PORT=0: rank 0 listened on a port the OS gave, which the other ranks could not know, and every rank
