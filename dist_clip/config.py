@@ -392,9 +392,13 @@ def data_root(data: str, source: str) -> pathlib.Path:
     """The file or folder ``data`` names (not "stdlib"), else ConfigError: read by the training loop, and checked
     by ``--validate-only`` before any rank starts."""
     root = pathlib.Path(data).expanduser()
-    if root.is_file() or root.is_dir():
-        return root
-    if root.exists():
+    try:
+        if root.is_file() or root.is_dir():
+            return root
+        exists = root.exists()
+    except OSError as e:  # a name over the file system's limit, a folder on the way that cannot be searched
+        raise ConfigError(source, "data", f"cannot be looked up: {data} ({e.strerror or e})") from None
+    if exists:
         raise ConfigError(source, "data", f"is neither a regular file nor a folder: {data}")
     raise ConfigError(source, "data", f"no such file or folder: {data}")
 

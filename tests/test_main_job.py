@@ -889,6 +889,17 @@ def test_a_run_name_too_long_for_the_file_system_is_a_config_error(tmp_path, cap
                           f"{tmp_path / ('a' * 300)} (") and err.count("\n") == 1, err
 
 
+def test_a_data_path_that_cannot_be_looked_up_is_a_config_error(tmp_path, capsys):
+    """A --data name over the file system's limit (300 characters): OSError "File name too long" from the data
+    check, a traceback and exit 1, from every rank; under mpirun with mpi4py a node where only its own path failed
+    so left the other ranks waiting in the agreement on the config checks for good."""
+    data = tmp_path / ("a" * 300)
+    assert cli.main(["check", "--out", str(tmp_path), "--data", str(data), "--validate-only"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"config error: <built-in config> (with command-line overrides): data: cannot be looked up: "
+                   f"{data} (File name too long)\n"), err
+
+
 def test_a_tilde_in_out_dir_is_the_home_folder(tmp_path, capsys, monkeypatch):
     """``data: ~/x`` is read from the home folder; ``out_dir: ~/runs`` made a folder named "~" here."""
     home, here = tmp_path / "home", tmp_path / "here"
