@@ -255,6 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cfg is None:  # refused as it was read: its run folder from its name and out_dir alone, where they hold
             cfg = _refused_run(args)
         refusal = f"config error: {e}"
+    except Exception as e:  # no config error: the other ranks would wait for this one's verdict for good
+        _abort_before_agreement(e)
+        raise
     else:
         refusal = None
     refused, say = _refused_anywhere(refusal)
@@ -319,6 +322,22 @@ def _refused_anywhere(refusal: str | None) -> tuple[bool, bool]:
     size = comm.Get_size()
     first = comm.allreduce(comm.Get_rank() if refusal is not None else size, op=MPI.MIN)
     return first < size, first == comm.Get_rank()
+
+
+def _abort_before_agreement(error: Exception) -> None:
+    """Under mpiexec with mpi4py (several ranks), end every rank when this one's config checks raised something
+    other than a config error: it exited with its traceback without ever starting MPI, and the others waited in
+    MPI_Init and in :func:`_refused_anywhere`'s all-reduce, neither of which times out, for good. MPI is started
+    here (the others are in MPI_Init too) so that the abort reaches them. Not for Ctrl-C, which every rank gets:
+    one that had already left could keep this one waiting in MPI_Init."""
+    from .bootstrap import _mpi_comm, detect_launch
+
+    try:
+        launch = detect_launch(check=False)
+    except RuntimeError:
+        return
+    if launch.launcher == "mpi" and launch.world_size != 1 and _mpi_comm() is not None:
+        _abort_mpi_job(error)
 
 
 def _running_mpi_world() -> Any:

@@ -839,6 +839,38 @@ def test_mpirun_a_config_refused_by_one_rank_only_ends_the_job_with_its_line(tmp
     assert "Traceback" not in out and "Abort" not in out and "check:" not in out, out[-6000:]
 
 
+_RAISE_IN_CHECKS_ON_RANK_1 = '''
+import os
+if os.environ.get("PMI_RANK") == "1":  # rank 1's config checks raise what is no config error (a bug, a full disk)
+    import dist_clip.cli as cli
+
+    def fail(cfg, source):
+        raise PermissionError("injected check failure on rank 1")
+
+    cli._check_machine = fail
+'''
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 30)
+def test_mpirun_a_rank_whose_config_checks_raise_ends_the_job(tmp_path):
+    """A rank whose checks raised something other than a config error exited with its traceback before the
+    agreement on the checks, without ever starting MPI: the other ranks waited in MPI_Init and the agreement's
+    all-reduce, which has no timeout, for good. It now starts MPI and aborts the job: every rank ends at once."""
+    if not (BIN / "mpiexec").exists() and shutil.which("mpiexec") is None:
+        pytest.skip("no mpiexec: `make install` installs the mpich wheel")
+    pytest.importorskip("mpi4py", reason="mpi4py is not installed (`make install` installs it)")
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(_RAISE_IN_CHECKS_ON_RANK_1)
+    cfg = write_config(tmp_path, "ddp", wrapper="ddp")
+    env = job_env(NPROC="2", MPI_FLAVOR="mpich",
+                  PYTHONPATH=os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")])))
+    code, out = finish(start("mpirun.sh", ["check", "--config", str(cfg), "--out", str(tmp_path)], env),
+                       timeout_s=90)
+    assert code == 1 and "[rank1]: PermissionError: injected check failure on rank 1" in out, out[-6000:]
+    assert "check:" not in out and "config error" not in out, out[-6000:]
+
+
 @pytest.mark.parametrize("hostfile,want", [
     ("# nodes\n\nnode7:2\nnode8:2\n", "node7"),  # MPICH
     ("node3 slots=2   # first\nnode4 slots=2\n", "node3"),  # Open MPI
