@@ -1216,20 +1216,26 @@ def _groups_by_memory(named: _slots.Named, optimizer: torch.optim.Optimizer, gro
     and its group was measured without it (0.0765 of its gradient left at 1.0, the rest of its group scaled by
     1/12.97 for 1/13.09). Parameters and copies of gradients share no bytes with a ``.grad``: they stay outside.
     A slot whose pieces lie in the gradients of two groups is a ``ValueError``."""
+    # Parameters (outside the optimizer by identity) are not placed, frozen ones neither: requires_grad=False,
+    # a module's frozen parameters were walked on every call (0.6 ms -> 6.7 ms for 1,000 of 2,000 on the CPU),
+    # and an FSDP2 DTensor parameter's local tensor requires no grad.
+    param = torch.nn.Parameter
+    unplaced = {name: i for i, (g, name) in enumerate(zip(groups_of, named.names)) if g < 0}
     pieces: dict[str, list[Tensor]] = {}
     if named.by_pieces:
         for s in named.shards:
             for n, t in zip(s.names, s.tensors):
-                pieces.setdefault(n, []).append(t)
+                if n in unplaced and not isinstance(t, param):
+                    pieces.setdefault(n, []).append(t)
     else:
-        pieces = {n: [t] for n, t in named.group_params().items()}
+        params = named.group_params()
+        pieces = {n: [t] for n in unplaced if (t := params.get(n)) is not None and not isinstance(t, param)}
 
-    def placeable(t: Tensor) -> bool:  # not a parameter (outside the optimizer by identity), with bytes to place
+    def placeable(t: Tensor) -> bool:  # a tensor with bytes to place, not requiring grad (not a parameter)
         t = getattr(t, "_local_tensor", t)
         return not t.requires_grad and t.layout == torch.strided and t.numel() > 0
 
-    todo = [(i, [t for t in pieces.get(name, ()) if placeable(t)]) for i, (g, name) in
-            enumerate(zip(groups_of, named.names)) if g < 0]
+    todo = [(unplaced[name], [t for t in ts if placeable(t)]) for name, ts in pieces.items()]
     todo = [(i, ts) for i, ts in todo if ts]
     if not todo:  # (parameters outside the optimizer, a frozen part of a module: no walk over the gradients)
         return groups_of

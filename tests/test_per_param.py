@@ -147,6 +147,31 @@ def test_per_group_on_gradients_takes_the_group_of_their_parameters(target):
     torch.testing.assert_close(copy.double(), grads["1.bias"], rtol=0, atol=0)
 
 
+def test_per_group_does_not_walk_the_gradients_for_frozen_parameters(monkeypatch):
+    """Placing views of a .grad by memory (119ed50) walks every stepped gradient's bytes for the slots no param
+    group holds by identity, meant for gradient pieces; a module's frozen parameters (requires_grad=False, as in
+    fine-tuning) passed for such pieces, and every call walked them: 0.6 ms -> 6.7 ms per call for 1,000 frozen
+    of 2,000 parameters on the CPU. Parameters, frozen or outside the optimizer, are never a view of a .grad."""
+    from dist_clip import _fused
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2))
+    model[1].requires_grad_(False)
+    model(torch.randn(5, 3)).square().sum().backward()
+    grads = {n: q.grad.clone().double() for n, q in model.named_parameters() if q.grad is not None}
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "max_norm": 0.3}], lr=0.1)  # model[2]: outside
+    walked = []
+    monkeypatch.setattr(_fused, "_span", lambda t: walked.append(1))
+    GradClipper(max_norm=0.7, mode="per_group")(model, optimizer=opt)
+    assert walked == []
+    coef = min(1.0, 0.3 / (reference_norm([grads["0.weight"], grads["0.bias"]]) + 1e-6))
+    assert coef < 1
+    for n, q in model.named_parameters():
+        if n in grads:
+            want = grads[n] * (coef if n.startswith("0.") else 1.0)
+            torch.testing.assert_close(q.grad.double(), want, rtol=1e-6, atol=1e-9)
+
+
 def test_bad_input_names_expected_and_received():
     with pytest.raises(ValueError, match="optimizer="):
         GradClipper(mode="per_group")([torch.ones(2)])
