@@ -755,9 +755,11 @@ def arm_skip_(
     clear_stale(optimizer)
     now = grad_state(optimizer)
     armed = optimizer.__dict__.get(_SKIP)
+    record = armed_record(now, measured, optimizer)
     if combine and armed is not None and untouched(armed[1], started if started is not None else now, measured):
         value = torch.maximum(armed[0], value.to(armed[0].device))
-    optimizer.__dict__[_SKIP] = (value, armed_record(now, measured))
+        carried(armed[1], record)
+    optimizer.__dict__[_SKIP] = (value, record)
     pending = optimizer.__dict__.get(_PENDING)
     if not combine and pending is not None:
         # skip_next_step_ replaces any pending flag, a hand-over's too (settled or not: skip_next_step_(opt,
@@ -805,18 +807,54 @@ def grad_state(optimizer: torch.optim.Optimizer) -> tuple[list[Tensor], list[int
     return grads, version_list(grads)
 
 
+class _Record(tuple):  # type: ignore[type-arg]
+    """An :func:`armed_record` of part of gradients that share version counters (views of one buffer), with the
+    backward count of each held gradient's parameter (:func:`_write_cell`; None where autograd does not
+    accumulate into that parameter), for :func:`untouched` to tell a new batch's backward from a write beside
+    them."""
+
+    cells: list[tuple[list[int], int] | None]
+    #: the parts clipped before it since the flag was armed, combined into it: each held gradient with its cell
+    earlier: list[list[tuple[Tensor, tuple[list[int], int] | None]]] = []
+
+
+def carried(armed: tuple[list[Tensor], list[int]], record: tuple[list[Tensor], list[int]]) -> None:
+    """A flag armed on ``armed`` combined into one armed on ``record``: the record keeps the earlier parts, for
+    :func:`untouched` to tell the next batch clipping a part again after a dropped one."""
+    if isinstance(record, _Record) and isinstance(armed, _Record):
+        record.earlier = [*armed.earlier, list(zip(armed[0], armed.cells))]
+
+
 def armed_record(
-    now: tuple[list[Tensor], list[int]], measured: Sequence[Tensor] | None
+    now: tuple[list[Tensor], list[int]], measured: Sequence[Tensor] | None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> tuple[list[Tensor], list[int]]:
     """What a skip armed on ``now`` (:func:`grad_state` after the arming call) holds on to: the optimizer's
     gradients among ``measured`` (the call's pieces), with their versions; all of ``now`` where none of them is
-    one the optimizer steps (FSDP1's flat views) or nothing says what was measured (``skip_next_step_``)."""
+    one the optimizer steps (FSDP1's flat views) or nothing says what was measured (``skip_next_step_``). Part of
+    gradients sharing version counters (``optimizer`` given) also holds their parameters' backward counts."""
     if measured is None:
         return now
     kept = _measured_among(now[0], measured)
     if not kept or len(kept) == len(now[0]):
         return now
-    return [now[0][i] for i in kept], [now[1][i] for i in kept]
+    held = [now[0][i] for i in kept]
+    if optimizer is None or not any(map(Tensor._is_view, held)) or not _shared_counters(now[0]):  # (the first two in C)
+        return held, [now[1][i] for i in kept]
+    record = _Record((held, [now[1][i] for i in kept]))
+    params = _params_by_grad(optimizer)
+    cells: list[tuple[list[int], int] | None] = []
+    for g in held:
+        p = params.get(id(g))
+        # (not FSDP1's original parameters: autograd accumulates into their flat parameter, theirs never move)
+        if (p is not None and _autograd_leaf_param(p) and p.requires_grad
+                and not getattr(p, "_fsdp_flattened", False)):
+            cell = _write_cell(p)
+            cells.append((cell, cell[0]))
+        else:
+            cells.append(None)
+    record.cells = cells
+    return record
 
 
 def _measured_among(grads: Sequence[Tensor], measured: Sequence[Tensor]) -> list[int]:
@@ -864,7 +902,20 @@ def untouched(armed: tuple[list[Tensor], list[int]], now: tuple[list[Tensor], li
     roots = {id(_root(t)) for t in armed[0] if id(t) in held}
     if not any(id(_root(g)) in roots for g in now[0] if id(g) not in held):
         return False
+    cells = getattr(armed, "cells", None)
+    if cells is not None and all(c is not None and c[0][0] != c[1] for t, c in zip(armed[0], cells) if id(t) in held):
+        # A backward accumulated into every held gradient since (their parameters' backward counts moved): the
+        # next batch's, after a dropped one (DDP's bucket views, a model clipped in two calls: the dropped NaN
+        # batch's skip combined with the next batch's first call, and its good step was skipped).
+        return False
     again = {id(now[0][i]) for i in _measured_among(now[0], measured)} if measured is not None else set()
+    for part in getattr(armed, "earlier", ()):
+        # A part clipped earlier for this flag, clipped again after a backward into all of it: the next batch's
+        # first part (the dropped batch's gradients zeroed in place, which moves no backward count, and its last
+        # part held: the next batch's good step was skipped).
+        present = [(t, c) for t, c in part if id(t) in where]
+        if present and all(c is not None and c[0][0] != c[1] and id(t) in again for t, c in present):
+            return False
     return not held <= again
 
 

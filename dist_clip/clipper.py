@@ -234,6 +234,7 @@ class _SkipGuard:
             return
         self.running, self.replaced = None, False  # left by a step that raised: that step's
         now = _fused.grad_state(optimizer)
+        record = _fused.armed_record(now, measured, optimizer)
         if (
             combine
             and self.flag is not None
@@ -241,8 +242,9 @@ class _SkipGuard:
             and _fused.untouched(self.armed_on, started if started is not None else now, measured)
         ):
             flag = self.flag | flag.to(self.flag.device)  # two calls on the same gradients: either skips
+            _fused.carried(self.armed_on, record)
         self.flag = flag
-        self.armed_on = _fused.armed_record(now, measured)
+        self.armed_on = record
 
     @staticmethod
     def _on_host(flag: Tensor) -> bool:

@@ -1598,6 +1598,55 @@ def test_a_part_s_skip_survives_the_next_part_s_backward(second, set_to_none, fl
     assert all(bool(q.isfinite().all()) for q in head1.parameters())
 
 
+@pytest.mark.parametrize("backwards", ["one", "per part"])
+@pytest.mark.parametrize("set_to_none", [True, False])
+@pytest.mark.parametrize("second", ["clipper", "clipper_fused", "clip_fused"])
+def test_a_batch_clipped_in_parts_and_dropped_does_not_skip_the_next_good_step(second, set_to_none, backwards):
+    """Every gradient a view of one buffer (DDP's bucket views, DeepSpeed's and Megatron's flat buffers: one
+    version counter), a model clipped in two calls per step, a NaN batch dropped after both calls, then a good
+    batch clipped the same way: ebdcc23 (a call measuring another part of such a buffer combines) combined the
+    next batch's first call with the dropped batch's skip, and its good step was skipped (with DDP,
+    gradient_as_bucket_view=True, 2 ranks, too). ``one``: one backward per batch, which accumulates into every
+    held gradient; ``per part``: a backward per part, the dropped batch's gradients zeroed in place (which moves
+    no backward count) where the next batch's first part is clipped again. The NaN batch, not dropped, skips."""
+    torch.manual_seed(0)
+    h1, h2 = nn.Linear(4, 3), nn.Linear(4, 2)
+    ps = [*h1.parameters(), *h2.parameters()]
+    opt = torch.optim.Adam(ps, lr=0.1, fused=second != "clipper")
+    buf = torch.zeros(sum(q.numel() for q in ps))
+    for q, g in zip(ps, buf.split([q.numel() for q in ps])):
+        q.grad = g.view_as(q)
+    x = torch.randn(8, 4)
+    clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+
+    def batch(nan: bool) -> None:
+        if backwards == "one":
+            (h1(x).square().sum() + h2(x).square().sum()).backward()
+        for k, head in enumerate((h1, h2)):
+            if backwards != "one":
+                head(x).square().sum().backward()
+            if nan and k == 0:
+                h1.weight.grad[0, 0] = math.nan
+            if second == "clip_fused":
+                dist_clip.clip_grad_norm_(head, 1.0, optimizer=opt)
+            else:
+                clipper(head, optimizer=opt)
+
+    for dropped in (True, False):
+        opt.zero_grad(set_to_none=set_to_none)
+        batch(nan=True)
+        if dropped:
+            opt.zero_grad(set_to_none=set_to_none)
+            batch(nan=False)
+        before = [q.detach().clone() for q in ps]
+        opt.step()
+        if dropped:  # the good batch steps
+            assert not any(torch.equal(b, q.detach()) for b, q in zip(before, ps))
+            assert all(bool(q.isfinite().all()) for q in ps)
+        else:  # the NaN batch is skipped
+            assert all(torch.equal(b, q.detach()) for b, q in zip(before, ps))
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_a_part_s_skip_survives_a_backward_into_a_shared_trunk(fused):
     """Two heads on one trunk, each clipped after its own backward: the second backward accumulates into the
@@ -2502,6 +2551,54 @@ def test_a_dropped_batch_hand_over_does_not_reach_the_next_one_through_ddp_bucke
         for same, update, want in got[:2]:
             assert same and update == pytest.approx(want, rel=1e-5), got
         assert got[2] == pytest.approx(0.1, rel=1e-4), got
+
+
+def body_ddp_bucket_views_parts_dropped_batch(fused: bool, set_to_none: bool) -> list:
+    """DDP (gradient_as_bucket_view=True) over a model clipped in two calls per step, on_nonfinite="skip": a NaN
+    batch dropped after both calls, then a good batch. The bucket views share one version counter, and ebdcc23
+    combined the good batch's first call with the dropped batch's skip: its good step was skipped. Then a NaN
+    batch stepped: skipped."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    model = DDP(m, gradient_as_bucket_view=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused)
+    clip = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+    x = torch.randn(2, 4) + dist.get_rank()
+
+    def batch(nan: bool) -> None:
+        model(x).sum().backward()
+        if nan:
+            m[0].weight.grad[0, 0] = math.nan
+        clip(m[0], optimizer=opt)
+        clip(m[2], optimizer=opt)
+
+    for _ in range(2):  # DDP rebuilds its buckets after the first iteration and then keeps its views
+        batch(nan=False)
+        opt.step()
+        opt.zero_grad(set_to_none=set_to_none)
+    out = []
+    for dropped in (True, False):
+        batch(nan=True)
+        if dropped:
+            opt.zero_grad(set_to_none=set_to_none)
+            batch(nan=False)
+        before = m[0].weight.detach().clone()
+        opt.step()
+        out.append(not torch.equal(before, m[0].weight.detach()))  # stepped
+        opt.zero_grad(set_to_none=set_to_none)
+    out.append(bool(all(q.isfinite().all() for q in m.parameters())))
+    return out
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_dropped_batch_clipped_in_parts_does_not_skip_the_next_step_through_ddp_bucket_views(run_ranks, fused,
+                                                                                               set_to_none):
+    for got in run_ranks(2, body_ddp_bucket_views_parts_dropped_batch, fused, set_to_none):
+        assert got == [True, False, True], got
 
 
 def test_a_settled_hand_over_keeps_its_skip_flag_and_skip_next_step_replaces():
