@@ -828,15 +828,18 @@ def carried(armed: tuple[list[Tensor], list[int]], record: tuple[list[Tensor], l
 def armed_record(
     now: tuple[list[Tensor], list[int]], measured: Sequence[Tensor] | None,
     optimizer: torch.optim.Optimizer | None = None,
-) -> tuple[list[Tensor], list[int]]:
+) -> tuple[Any, ...]:
     """What a skip armed on ``now`` (:func:`grad_state` after the arming call) holds on to: the optimizer's
     gradients among ``measured`` (the call's pieces), with their versions; all of ``now`` where none of them is
-    one the optimizer steps (FSDP1's flat views) or nothing says what was measured (``skip_next_step_``). Part of
+    one the optimizer steps (FSDP1's flat views) or nothing says what was measured (``skip_next_step_``). Where
+    none of them is, the measured pieces themselves are held too, weakly (:func:`_measured_record`). Part of
     gradients sharing version counters (``optimizer`` given) also holds their parameters' backward counts."""
     if measured is None:
         return now
     kept = _measured_among(now[0], measured)
-    if not kept or len(kept) == len(now[0]):
+    if not kept:
+        return (*now, _measured_record(measured))
+    if len(kept) == len(now[0]):
         return now
     held = [now[0][i] for i in kept]
     if optimizer is None or not any(map(Tensor._is_view, held)) or not _shared_counters(now[0]):  # (the first two in C)
@@ -876,20 +879,41 @@ def _shared_counters(grads: Sequence[Tensor]) -> bool:
     return len(set(roots)) < len(roots)
 
 
-def untouched(armed: tuple[list[Tensor], list[int]], now: tuple[list[Tensor], list[int]],
+def _measured_record(measured: Sequence[Tensor]) -> list[tuple[Any, int]] | None:
+    """Weak references to the measured gradients, with their versions, where the optimizer steps none of them
+    (copies of them: a DeepSpeed stage-0 bf16/fp16 wrapper's fp32 gradients, filled in its ``step()`` and
+    dropped after it, so that the optimizer held no gradient at either call; two empty records read as
+    untouched, the next batch's call combined its flag with a NaN batch's that the wrapper had skipped itself,
+    and the good step was skipped too). None where some piece is a view (FSDP1's flat views, whose bases may be
+    made anew for each call) or there is none: the optimizer's gradients decide alone, as before."""
+    pieces = [getattr(t, "_local_tensor", t) for t in measured]
+    if not pieces or any(t._is_view() for t in pieces):
+        return None
+    try:
+        return [(weakref.ref(t), _version(t)) for t in pieces]
+    except TypeError:  # (a tensor subclass without weak references)
+        return None
+
+
+def untouched(armed: tuple[Any, ...], now: tuple[list[Tensor], list[int]],
               measured: Sequence[Tensor] | None = None) -> bool:
     """Whether some gradient an armed skip holds (:func:`armed_record`) is still among ``now``'s
     (:func:`grad_state`) with the same version: not every one of them replaced, dropped or written since (a
     dropped batch's ``zero_grad()``, either way, touches them all). Gradients that appeared, or were written,
     beside them do not count: another part's backward between the calls clipping each part, also one
     accumulating into a trunk both parts share (requiring all of them untouched, it replaced the first part's
-    NaN skip). An empty record (nothing held then) is untouched only while there is still nothing."""
+    NaN skip). An empty record (nothing held then) is untouched only while there is still nothing. A record
+    that also holds the measured pieces (the optimizer steps none of them) is touched once every one of them is
+    freed or written since, whatever the optimizer's gradients say."""
+    seen = armed[2] if len(armed) > 2 else None
+    if seen is not None and not any((t := ref()) is not None and _version(t) == v for ref, v in seen):
+        return False
     if not armed[0]:
         return not now[0]
     if same_tensors(armed[0], now[0]):
         return any(map(operator.eq, armed[1], now[1]))
     where = {id(t): v for t, v in zip(*now)}
-    if any(where.get(id(t)) == v for t, v in zip(*armed)):
+    if any(where.get(id(t)) == v for t, v in zip(armed[0], armed[1])):
         return True
     # Views of one gradient buffer share one version counter: a write beside the held gradients (another part's
     # backward into the same buffer) bumps theirs too, so their versions cannot tell whether they were written.

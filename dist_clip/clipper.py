@@ -194,7 +194,7 @@ class _SkipGuard:
         # that raises drops only this one (ORed together, the flag armed before a failed step was lost with it).
         self.running: Tensor | None = None
         self.replaced = False  # ``running`` replaces ``flag`` (skip_next_step_ inside the step), not ORed in
-        self.armed_on: tuple[list[Tensor], list[int]] | None = None  # _fused.armed_record of the flag
+        self.armed_on: tuple[Any, ...] | None = None  # _fused.armed_record of the flag
         self.saved: tuple[list[Tensor], list[Tensor], dict[int, dict[str, Any]], list[Tensor]] | None = None
         # The post-hook before the user's own (as _fused's): one keeping an average of the parameters (EMA) read
         # the skipped step's NaN parameters before this hook put them back, and kept the NaN for good. Bound

@@ -505,6 +505,35 @@ def case_stage0_fused_hand_over_counts_a_skipped_step(dtype: str) -> list:
     return handed
 
 
+def case_stage0_wrapper_torch_optimizer_with_a_module_target(dtype: str, target: str) -> list:
+    """Stage 0 bf16/fp16, ``clip_grad_norm_(engine.module or its parameters(), ..., optimizer=<the fused torch
+    optimizer inside DeepSpeed's wrapper>)``, a NaN batch on rank 0 at step 2 of 4; against the loop without
+    ``optimizer=``. The wrapper tests the gradients and skips the NaN step itself without stepping the torch
+    optimizer, so the skip armed on it waited: the next call (a finite total, the next batch's gradients) combined
+    its False with it and the good step 3 was skipped too, silently (steps [T, F, F, T], parameters 0.0059 off)."""
+    import dist_clip
+
+    runs = {}
+    for hand_over in (False, True):
+        engine, opt = _stage0_engine_with_fused_adamw(dtype)
+        history = []
+        for step in range(4):
+            x = batch(dist.get_rank(), step, 0)
+            if step == 1 and dist.get_rank() == 0:
+                x[0, 0] = math.nan
+            engine.backward(loss_fn(engine(x.to(_engine_dtype(engine)))))
+            before = full_params(engine)
+            clipped = engine.module if target == "engine.module" else list(engine.module.parameters())
+            dist_clip.clip_grad_norm_(clipped, 0.5, optimizer=opt if hand_over else None)
+            engine.step()
+            history.append(not all(torch.equal(a, b) for a, b in zip(full_params(engine), before)))
+        runs[hand_over] = (history, full_params(engine))
+    assert runs[True][0] == runs[False][0] == [True, False, True, True], {h: r[0] for h, r in runs.items()}
+    for a, b in zip(*(runs[h][1] for h in (False, True))):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    return runs[True][0]
+
+
 def case_contract() -> dict:
     """The attributes the adapter reads exist on every optimizer kind; misuse fails loudly and together."""
     from dist_clip.adapters import deepspeed as adapter

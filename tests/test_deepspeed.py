@@ -146,6 +146,12 @@ def test_stage0_hand_over_to_the_fused_torch_optimizer_counts_a_skip_and_skips_o
     run_ranks(2, ds_cases.case_stage0_fused_hand_over_counts_a_skipped_step, dtype, timeout_s=TIMEOUT)
 
 
+@pytest.mark.parametrize("dtype,target", [("bf16", "engine.module"), ("fp16", "parameters()")])
+def test_stage0_wrapper_torch_optimizer_with_a_module_target_skips_only_the_nan_step(run_ranks, dtype, target):
+    run_ranks(2, ds_cases.case_stage0_wrapper_torch_optimizer_with_a_module_target, dtype, target,
+              timeout_s=TIMEOUT)
+
+
 def test_zero_policy_leaves_a_stage_0_fp16_overflow_to_deepspeed(run_ranks):
     run_ranks(2, ds_cases.case_stage0_fp16_nan_batch, timeout_s=TIMEOUT)
 
