@@ -339,7 +339,12 @@ def _spawned(rank: int, world: int, store_path: str, args: tuple[Any, ...], out:
         # seconds after the call's (spawning, importing torch, the other ranks' start under load), so under
         # timeout_s=30 or 60 the call gave up first and told no rank's traceback.
         left = deadline - time.time()  # (5 s at least for the traceback to reach the call on a busy machine)
-        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=max(min(0.9 * left, left - 5.0), 1.0)))
+        timeout = timedelta(seconds=max(min(0.9 * left, left - 5.0), 1.0))
+        dist.distributed_c10d._set_pg_timeout(timeout)
+        # Groups wrap_fn makes (dist.new_group: DeepSpeed's clone of the world group, HSDP's replicate and shard
+        # groups) take torch's default, 30 minutes, not the default group's: a hang in one was reported only as
+        # "ranks [0, 1] did not report". This process is the call's own, so its default is the call's too.
+        dist.distributed_c10d.default_pg_timeout = timeout
         try:
             out.put((rank, True, _check_rank(*args)))
         finally:

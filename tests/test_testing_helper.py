@@ -421,6 +421,34 @@ def _wrap_ddp_in_a_group_timing_out_after_180s(model: nn.Module) -> nn.Module:
     return cases.wrap_ddp(model)
 
 
+def _wrap_ddp_over_a_new_group_timing_out_with_the_call(model: nn.Module) -> nn.Module:
+    """DDP over a group made by ``dist.new_group`` (as DeepSpeed clones the world group, and HSDP's mesh makes
+    its replicate and shard groups), after checking that group waits no longer than the default one: a new
+    group took torch's 30-minute default, whatever the spawned ranks' group was set to."""
+    import torch.distributed as dist
+
+    group = dist.new_group(list(range(dist.get_world_size())))
+    waits = group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+    if not 0 < waits < 0.9 * 200:
+        raise AssertionError(f"a new group of the spawned ranks times out after {waits} s, not within timeout_s=200")
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, process_group=group)
+
+
+def _wrap_rank_1_hanging_before_a_new_group_collective(model: nn.Module) -> nn.Module:
+    import time
+
+    import torch.distributed as dist
+
+    group = dist.new_group(list(range(dist.get_world_size())))
+    if dist.get_rank() == 1:
+        time.sleep(90)  # killed by the call at its deadline
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, process_group=group)
+
+
 def _wrap_ddp_rank_1_hanging(model: nn.Module) -> nn.Module:
     import time
 
@@ -455,6 +483,27 @@ def test_a_hang_under_a_short_timeout_s_reports_where_the_waiting_rank_waited():
     with pytest.raises(AssertionError) as failed:
         assert_clip_matches_unsharded(_LinearArrivingLate(), _wrap_ddp_rank_1_hanging, _batch4, world_size=2,
                                       timeout_s=45)
+    text = str(failed.value)
+    assert "ranks [1] did not report within 45s" in text, text[:500]
+    assert "--- rank 0 ---" in text and "DistributedDataParallel" in text, text[:2000]
+
+
+def test_a_group_made_by_wrap_fn_times_out_with_the_call_too():
+    """README (assert_clip_matches_unsharded): "a collective that hangs fails on the ranks, with their tracebacks,
+    before the call stops waiting for them". Only the default group was given the call's timeout: a group
+    made by ``dist.new_group`` (DeepSpeed's clone of the world group, HSDP's replicate and shard groups) took
+    torch's 30 minutes, so a hang in it was reported as "ranks [...] did not report" only (read here, not
+    waited for; test_a_hang_in_a_new_group_reports_where_the_waiting_rank_waited waits)."""
+    norms = assert_clip_matches_unsharded(_linear, _wrap_ddp_over_a_new_group_timing_out_with_the_call, _batch4,
+                                          world_size=2, max_norm=0.1, timeout_s=200)
+    assert set(norms) == {"weight", "bias"}
+
+
+@pytest.mark.slow
+def test_a_hang_in_a_new_group_reports_where_the_waiting_rank_waited():
+    with pytest.raises(AssertionError) as failed:
+        assert_clip_matches_unsharded(_linear, _wrap_rank_1_hanging_before_a_new_group_collective, _batch4,
+                                      world_size=2, timeout_s=45)
     text = str(failed.value)
     assert "ranks [1] did not report within 45s" in text, text[:500]
     assert "--- rank 0 ---" in text and "DistributedDataParallel" in text, text[:2000]
