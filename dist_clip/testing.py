@@ -320,6 +320,12 @@ def _scaling_problems(
     return problems
 
 
+#: The longest the spawned ranks' groups wait (about 3 years): gloo holds its timeout in nanoseconds, and from about
+#: 9.2e9 s (timeout_s=1e10) on it overflowed: one rank's init_process_group failed "Invalid timeout" while the
+#: other waited, and the call waited the whole timeout_s for it (a hang).
+_GROUP_TIMEOUT_CAP_S = 1e8
+
+
 def _spawned(rank: int, world: int, store_path: str, args: tuple[Any, ...], out: Any, deadline: float) -> None:
     import time
     import traceback
@@ -331,7 +337,7 @@ def _spawned(rank: int, world: int, store_path: str, args: tuple[Any, ...], out:
         torch.set_num_threads(1)
         store = dist.FileStore(store_path, world)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
-                                timeout=timedelta(seconds=max(deadline - time.time(), 1.0)))
+                                timeout=timedelta(seconds=min(max(deadline - time.time(), 1.0), _GROUP_TIMEOUT_CAP_S)))
         # The process group's timeout follows the call's: 0.9 of the time it leaves (``deadline``, wall clock)
         # once every rank is up, 5 s less at least, so that a collective that hangs fails on the ranks, with their
         # tracebacks, before the call gives up on them. A fixed 120 s failed a wrap_fn taking longer on one rank,
@@ -339,7 +345,7 @@ def _spawned(rank: int, world: int, store_path: str, args: tuple[Any, ...], out:
         # seconds after the call's (spawning, importing torch, the other ranks' start under load), so under
         # timeout_s=30 or 60 the call gave up first and told no rank's traceback.
         left = deadline - time.time()  # (5 s at least for the traceback to reach the call on a busy machine)
-        timeout = timedelta(seconds=max(min(0.9 * left, left - 5.0), 1.0))
+        timeout = timedelta(seconds=min(max(min(0.9 * left, left - 5.0), 1.0), _GROUP_TIMEOUT_CAP_S))
         dist.distributed_c10d._set_pg_timeout(timeout)
         # Groups wrap_fn makes (dist.new_group: DeepSpeed's clone of the world group, HSDP's replicate and shard
         # groups) take torch's default, 30 minutes, not the default group's: a hang in one was reported only as

@@ -509,6 +509,15 @@ def test_a_hang_in_a_new_group_reports_where_the_waiting_rank_waited():
     assert "--- rank 0 ---" in text and "DistributedDataParallel" in text, text[:2000]
 
 
+def test_a_timeout_s_beyond_the_groups_range_still_runs():
+    """timeout_s=1e10 (finite, so accepted): the spawned group's timeout overflowed gloo's nanoseconds, one rank's
+    init_process_group raised "Invalid timeout" and the call waited for the other the whole 1e10 s (a hang). The
+    groups' timeout is capped at 1e8 s now."""
+    norms = assert_clip_matches_unsharded(_linear, cases.wrap_ddp, _batch4, world_size=2, max_norm=0.1,
+                                          timeout_s=1e10)
+    assert set(norms) == {"weight", "bias"}
+
+
 def test_spawned_ranks_wait_in_collectives_as_long_as_timeout_s_allows():
     """A wrap_fn slower on one rank than 120 s (a DeepSpeed op build) failed the others' first collective under
     any timeout_s: the spawned process group's timeout is 0.9 x timeout_s now (read here, not waited for)."""
