@@ -336,8 +336,12 @@ def _spawned(rank: int, world: int, store_path: str, args: tuple[Any, ...], out:
     try:
         torch.set_num_threads(1)
         store = dist.FileStore(store_path, world)
+
+        def bounded(seconds: float) -> timedelta:  # 1 s at least (a deadline past), the cap at most
+            return timedelta(seconds=min(max(seconds, 1.0), _GROUP_TIMEOUT_CAP_S))
+
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
-                                timeout=timedelta(seconds=min(max(deadline - time.time(), 1.0), _GROUP_TIMEOUT_CAP_S)))
+                                timeout=bounded(deadline - time.time()))
         # The process group's timeout follows the call's: 0.9 of the time it leaves (``deadline``, wall clock)
         # once every rank is up, 5 s less at least, so that a collective that hangs fails on the ranks, with their
         # tracebacks, before the call gives up on them. A fixed 120 s failed a wrap_fn taking longer on one rank,
@@ -345,7 +349,7 @@ def _spawned(rank: int, world: int, store_path: str, args: tuple[Any, ...], out:
         # seconds after the call's (spawning, importing torch, the other ranks' start under load), so under
         # timeout_s=30 or 60 the call gave up first and told no rank's traceback.
         left = deadline - time.time()  # (5 s at least for the traceback to reach the call on a busy machine)
-        timeout = timedelta(seconds=min(max(min(0.9 * left, left - 5.0), 1.0), _GROUP_TIMEOUT_CAP_S))
+        timeout = bounded(min(0.9 * left, left - 5.0))
         dist.distributed_c10d._set_pg_timeout(timeout)
         # Groups wrap_fn makes (dist.new_group: DeepSpeed's clone of the world group, HSDP's replicate and shard
         # groups) take torch's default, 30 minutes, not the default group's: a hang in one was reported only as
