@@ -600,8 +600,9 @@ def joined_all_reduce(buffer: Tensor, p: float, group: dist.ProcessGroup | None,
 
 
 REFUSED = (
-    "another rank of this call refused its input before the collective (its own error, a ValueError or TypeError "
-    "for bad input, says why) and joined only to say so: every rank raises together instead of waiting for the timeout"
+    "another rank of this call refused its input before the collective (its own error says why: a ValueError or "
+    "TypeError for bad input, or whatever its measuring raised) and joined only to say so: every rank raises "
+    "together instead of waiting for the timeout"
 )
 
 
