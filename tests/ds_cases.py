@@ -11,12 +11,14 @@ dist_clip on the DeepSpeed engine with
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import math
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -448,6 +450,26 @@ def _stage0_engine_with_fused_adamw(dtype: str) -> tuple[Any, torch.optim.Optimi
     return engine, opt
 
 
+def _stage0_nan_at_step_2(dtype: str, clip: Callable[[Any, torch.optim.Optimizer], None]
+                          ) -> tuple[Any, torch.optim.Optimizer, list[tuple[bool, bool, int, int]]]:
+    """Four steps of a stage-0 engine with a fused AdamW (:func:`_stage0_engine_with_fused_adamw`), a NaN in rank
+    0's batch at step 2, ``clip(engine, opt)`` between each backward and step: the engine, its torch optimizer and
+    per step (parameters moved, ``_step_applied``, ``skipped_steps``, the scheduler's ``last_batch_iteration``)."""
+    engine, opt = _stage0_engine_with_fused_adamw(dtype)
+    history = []
+    for step in range(4):
+        x = batch(dist.get_rank(), step, 0)
+        if step == 1 and dist.get_rank() == 0:
+            x[0, 0] = math.nan
+        engine.backward(loss_fn(engine(x.to(_engine_dtype(engine)))))
+        before = full_params(engine)
+        clip(engine, opt)
+        engine.step()
+        moved = not all(torch.equal(a, b) for a, b in zip(full_params(engine), before))
+        history.append((moved, engine._step_applied, engine.skipped_steps, engine.lr_scheduler.last_batch_iteration))
+    return engine, opt, history
+
+
 def case_stage0_fused_hand_over_counts_a_skipped_step(dtype: str) -> list:
     """Stage 0, ``clip_grad_norm_(engine, ..., optimizer=<the fused torch optimizer given to DeepSpeed>)``, a NaN
     batch on rank 0 only, then good batches; against the same loop without ``optimizer=``.
@@ -464,25 +486,17 @@ def case_stage0_fused_hand_over_counts_a_skipped_step(dtype: str) -> list:
 
     runs = {}
     skipping = dist_clip.GradClipper(max_norm=0.5, on_nonfinite="skip")
+
+    def clip(engine: Any, opt: torch.optim.Optimizer, hand_over: bool) -> None:
+        if hand_over:
+            dist_clip.clip_grad_norm_(engine, 0.5, optimizer=opt)
+        elif dtype == "fp32":  # (the plain call would step the NaN: the engine has no test of its own)
+            skipping(engine)
+        else:
+            dist_clip.clip_grad_norm_(engine, 0.5)
+
     for hand_over in (False, True):
-        engine, opt = _stage0_engine_with_fused_adamw(dtype)
-        history = []
-        for step in range(4):
-            x = batch(dist.get_rank(), step, 0)
-            if step == 1 and dist.get_rank() == 0:
-                x[0, 0] = math.nan
-            engine.backward(loss_fn(engine(x.to(_engine_dtype(engine)))))
-            before = full_params(engine)
-            if hand_over:
-                dist_clip.clip_grad_norm_(engine, 0.5, optimizer=opt)
-            elif dtype == "fp32":  # (the plain call would step the NaN: the engine has no test of its own)
-                skipping(engine)
-            else:
-                dist_clip.clip_grad_norm_(engine, 0.5)
-            engine.step()
-            moved = not all(torch.equal(a, b) for a, b in zip(full_params(engine), before))
-            history.append((moved, engine._step_applied, engine.skipped_steps,
-                            engine.lr_scheduler.last_batch_iteration))
+        engine, opt, history = _stage0_nan_at_step_2(dtype, functools.partial(clip, hand_over=hand_over))
         runs[hand_over] = (history, full_params(engine))
         if hand_over and dtype == "fp32":
             # A NaN batch dropped after the clip (zero_grad, a new backward, no second clip): its flag does not
@@ -514,20 +528,14 @@ def case_stage0_wrapper_torch_optimizer_with_a_module_target(dtype: str, target:
     import dist_clip
 
     runs = {}
+
+    def clip(engine: Any, opt: torch.optim.Optimizer, hand_over: bool) -> None:
+        clipped = engine.module if target == "engine.module" else list(engine.module.parameters())
+        dist_clip.clip_grad_norm_(clipped, 0.5, optimizer=opt if hand_over else None)
+
     for hand_over in (False, True):
-        engine, opt = _stage0_engine_with_fused_adamw(dtype)
-        history = []
-        for step in range(4):
-            x = batch(dist.get_rank(), step, 0)
-            if step == 1 and dist.get_rank() == 0:
-                x[0, 0] = math.nan
-            engine.backward(loss_fn(engine(x.to(_engine_dtype(engine)))))
-            before = full_params(engine)
-            clipped = engine.module if target == "engine.module" else list(engine.module.parameters())
-            dist_clip.clip_grad_norm_(clipped, 0.5, optimizer=opt if hand_over else None)
-            engine.step()
-            history.append(not all(torch.equal(a, b) for a, b in zip(full_params(engine), before)))
-        runs[hand_over] = (history, full_params(engine))
+        engine, _, history = _stage0_nan_at_step_2(dtype, functools.partial(clip, hand_over=hand_over))
+        runs[hand_over] = ([moved for moved, *_ in history], full_params(engine))
     assert runs[True][0] == runs[False][0] == [True, False, True, True], {h: r[0] for h, r in runs.items()}
     for a, b in zip(*(runs[h][1] for h in (False, True))):
         torch.testing.assert_close(b, a, rtol=0, atol=0)

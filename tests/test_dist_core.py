@@ -422,6 +422,18 @@ def body_custom_adapter_per_group() -> list:
         return _custom_adapter_per_group_values()
 
 
+def _body_head_sgd(params: dict) -> torch.optim.SGD:
+    """The custom-adapter per_group tests' optimizer: "w" and "b" (the body) clipped to 1.0, "h" (the head) to 0.1."""
+    return torch.optim.SGD([{"params": [params["w"], params["b"]], "max_norm": 1.0},
+                            {"params": [params["h"]], "max_norm": 0.1}], lr=0.1)
+
+
+def _body_head_coefs(full: dict) -> dict:
+    """Each name's reference coefficient under :func:`_body_head_sgd`, from the full gradients."""
+    body, head = reference_norm([full["w"], full["b"]]), reference_norm([full["h"]])
+    return {"w": 1.0 / (body + 1e-6), "b": 1.0 / (body + 1e-6), "h": 0.1 / (head + 1e-6)}
+
+
 def _custom_adapter_per_group_values() -> list:
     from dist_clip import GradClipper, Shards
 
@@ -438,11 +450,9 @@ def _custom_adapter_per_group_values() -> list:
     names = sorted(params)
     target = HandSharded([Shards([params[n].grad if params[n].grad is not None else torch.zeros(0) for n in names],
                                  dist.group.WORLD, names=names)])
-    opt = torch.optim.SGD([{"params": [params["w"], params["b"]], "max_norm": 1.0},
-                           {"params": [params["h"]], "max_norm": 0.1}], lr=0.1)
+    opt = _body_head_sgd(params)
     res = GradClipper(mode="per_group")(target, optimizer=opt)
-    body, head = reference_norm([full["w"], full["b"]]), reference_norm([full["h"]])  # 16.50, 0.98
-    coef = {"w": 1.0 / (body + 1e-6), "b": 1.0 / (body + 1e-6), "h": 0.1 / (head + 1e-6)}
+    coef = _body_head_coefs(full)  # the body's norm 16.50, the head's 0.98
     out = [res.total_norm.item() == pytest.approx(reference_norm(list(full.values())), rel=1e-6)]
     for n, prm in params.items():
         mine = full[n][cuts[n][rank]:cuts[n][rank + 1]]
@@ -477,8 +487,7 @@ def _custom_adapter_flat_buffer_values() -> list:
     cuts = {"w": [0, 4, 6], "b": [0, 1, 6], "h": [0, 1, 4]}
     mine = {n: full[n][cuts[n][rank]:cuts[n][rank + 1]] for n in full}
     names = sorted(full)  # b, h, w
-    body, head = reference_norm([full["w"], full["b"]]), reference_norm([full["h"]])  # 13.09, 0.58
-    coef = {"w": 1.0 / (body + 1e-6), "b": 1.0 / (body + 1e-6), "h": 0.1 / (head + 1e-6)}
+    coef = _body_head_coefs(full)  # the body's norm 13.09, the head's 0.58
     out = []
     for kind in ("slices", "flattened", "mixed", "halves", "two groups"):
         params = {n: nn.Parameter(torch.zeros_like(t)) for n, t in mine.items()}
@@ -493,8 +502,7 @@ def _custom_adapter_flat_buffer_values() -> list:
                   "two groups": [flat[:at["w"]], params["w"].grad]}[kind]
         labels = {"halves": [*names, "w"], "two groups": ["b", "w"]}.get(kind, names)
         target = HandSharded([Shards(pieces, dist.group.WORLD, names=labels)])
-        opt = torch.optim.SGD([{"params": [params["w"], params["b"]], "max_norm": 1.0},
-                               {"params": [params["h"]], "max_norm": 0.1}], lr=0.1)
+        opt = _body_head_sgd(params)
         if kind == "two groups":  # "b" and "h" in one piece: b's group is the body's, h's the head's
             out.append(outcome(lambda t=target, o=opt: GradClipper(mode="per_group")(t, optimizer=o), ValueError,
                                lambda m: "lie in the .grad of parameters of different param groups" in m))
@@ -508,8 +516,7 @@ def _custom_adapter_flat_buffer_values() -> list:
         params[n].grad = mine[n].clone()
     copy_b = mine["b"].clone()
     target = HandSharded([Shards([copy_b, params["h"].grad, params["w"].grad], dist.group.WORLD, names=names)])
-    opt = torch.optim.SGD([{"params": [params["w"], params["b"]], "max_norm": 1.0},
-                           {"params": [params["h"]], "max_norm": 0.1}], lr=0.1)
+    opt = _body_head_sgd(params)
     GradClipper(mode="per_group")(target, optimizer=opt)
     out.append(torch.equal(copy_b, mine["b"]) and torch.equal(params["b"].grad, mine["b"]))
     out.append(torch.allclose(params["w"].grad, mine["w"] / (reference_norm([full["w"]]) + 1e-6), rtol=1e-6))

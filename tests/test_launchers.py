@@ -92,6 +92,23 @@ def check_line(out: str) -> str:
     return lines[0]
 
 
+def need_mpiexec(mpi4py: bool = False) -> None:
+    """Skip where no mpiexec (or, with ``mpi4py``, no mpi4py) is installed."""
+    if not (BIN / "mpiexec").exists() and shutil.which("mpiexec") is None:
+        pytest.skip("no mpiexec: `make install` installs the mpich wheel")
+    if mpi4py:
+        pytest.importorskip("mpi4py", reason="mpi4py is not installed (`make install` installs it)")
+
+
+def injected(tmp_path: Path, source: str) -> str:
+    """A PYTHONPATH whose sitecustomize.py runs ``source`` in every Python process of a job (ahead of the
+    caller's PYTHONPATH)."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(source)
+    return os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")]))
+
+
 @pytest.mark.timeout(JOB_TIMEOUT_S + 30)
 def test_torchrun_two_ranks(tmp_path):
     cfg = write_config(tmp_path, "fsdp2", wrapper="fsdp2")
@@ -104,10 +121,7 @@ def test_torchrun_two_ranks(tmp_path):
 @pytest.mark.timeout(JOB_TIMEOUT_S + 30)
 @pytest.mark.parametrize("mpi4py", [True, False], ids=["mpi4py", "environment"])
 def test_mpirun_mpich_two_ranks(tmp_path, mpi4py):
-    if not (BIN / "mpiexec").exists() and shutil.which("mpiexec") is None:
-        pytest.skip("no mpiexec: `make install` installs the mpich wheel")
-    if mpi4py:
-        pytest.importorskip("mpi4py", reason="mpi4py is not installed (`make install` installs it)")
+    need_mpiexec(mpi4py)
     cfg = write_config(tmp_path, "fsdp1", wrapper="fsdp1")
     out = run_job("mpirun.sh", ["check", "--config", str(cfg), "--out", str(tmp_path)], NPROC="2",
                   DIST_CLIP_MPI4PY="1" if mpi4py else "0")
@@ -407,9 +421,7 @@ def test_master_port_0_is_refused_by_env_launches_and_picked_by_rank_0_under_mpi
                           "rank 0 would listen on a port the OS picks, which the other ranks cannot know; give a "
                           "free port (under mpirun with mpi4py, or launch/deepspeed.sh, leave it unset)\n"), done
     assert done[1][1] == "", done
-    if not (BIN / "mpiexec").exists() and shutil.which("mpiexec") is None:
-        pytest.skip("no mpiexec: `make install` installs the mpich wheel")
-    pytest.importorskip("mpi4py", reason="mpi4py is not installed (`make install` installs it)")
+    need_mpiexec(mpi4py=True)
     out = run_job("mpirun.sh", ["check", "--config", str(cfg), "--out", str(tmp_path)], NPROC="2",
                   MPI_FLAVOR="mpich", MASTER_PORT="0")
     assert check_line(out).startswith("check: PASS")
@@ -534,11 +546,9 @@ if os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RUN_ID"):  # r
 def test_a_rank_that_clipped_by_a_wrong_norm_fails_check_under_torchrun(tmp_path):
     """Rank 1 clipped by a norm 1.5 times too big and `check` passed with exit 0: the records held rank 0's norms
     only, and AdamW hides a per-rank constant gradient scale from the loss (relative difference 2e-7)."""
-    inject = tmp_path / "inject"
-    inject.mkdir()
-    (inject / "sitecustomize.py").write_text(_RANK1_NORM_OFF)
+    path = injected(tmp_path, _RANK1_NORM_OFF)
     cfg = write_config(tmp_path, "fsdp2", wrapper="fsdp2")
-    env = job_env(NPROC="2", PYTHONPATH=os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")])))
+    env = job_env(NPROC="2", PYTHONPATH=path)
     code, out = finish(start("torchrun.sh", ["check", "--config", str(cfg), "--out", str(tmp_path)], env))
     line = check_line(out)
     assert code == 1 and line.startswith("check: FAIL"), out[-6000:]
@@ -602,12 +612,9 @@ def test_a_torchrun_restart_after_a_failed_attempt_runs_and_agrees(tmp_path, whe
     ranks of a failed attempt that had arrived shifted every later round, so after a restart rank 1 was released
     alone and rank 0 waited for the 30-minute start-up wait (a rank failing at start-up), or a rank waited 24 hours
     for a verdict key nobody set (rank 0 failing in its replay). Rounds are now told apart per job."""
-    inject = tmp_path / "inject"
-    inject.mkdir()
-    (inject / "sitecustomize.py").write_text(_FAIL_FIRST_ATTEMPT[where])
+    path = injected(tmp_path, _FAIL_FIRST_ATTEMPT[where])
     cfg = write_config(tmp_path, "ddp", wrapper="ddp")
-    env = job_env(NPROC="2", TORCHRUN_ARGS="--max-restarts 1",
-                  PYTHONPATH=os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")])))
+    env = job_env(NPROC="2", TORCHRUN_ARGS="--max-restarts 1", PYTHONPATH=path)
     code, out = finish(start("torchrun.sh", ["check", "--config", str(cfg), "--out", str(tmp_path)], env),
                        timeout_s=JOB_TIMEOUT_S - 20)  # far less than the start-up wait (1800 s)
     assert "injected" in out and "first attempt" in out, out[-6000:]  # the first attempt failed
@@ -638,12 +645,9 @@ def test_a_two_node_torchrun_restart_after_a_start_up_failure_runs_and_agrees(tm
     torch's elastic agent). Naming the start-up wait's keys by that count had rank 0 (count 0) wait for rank 1's
     key of attempt 0 and rank 1 (count 1) for rank 0's key of attempt 1: both waited for the 30-minute start-up
     wait. One rank per node; rank 1 fails once at start-up."""
-    inject = tmp_path / "inject"
-    inject.mkdir()
-    (inject / "sitecustomize.py").write_text(_FAIL_ONCE_AT_START_UP)
+    path = injected(tmp_path, _FAIL_ONCE_AT_START_UP)
     cfg = write_config(tmp_path, "ddp", wrapper="ddp")
     port = str(free_port())
-    path = os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")]))
     procs = [
         start("torchrun.sh", ["check", "--config", str(cfg), "--out", str(tmp_path / f"node{i}")],
               job_env(NNODES="2", NPROC="1", NODE_RANK=str(i), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
@@ -706,15 +710,10 @@ def test_mpirun_ends_every_rank_when_one_fails(tmp_path):
     """One rank raised: it finalized MPI cleanly (and waited there), mpiexec killed no one, and the other ranks
     waited in their next collective for the whole DIST_CLIP_TIMEOUT_S (30 minutes by default). The failing rank
     now aborts the MPI job: every rank ends at once, with a non-zero status."""
-    if not (BIN / "mpiexec").exists() and shutil.which("mpiexec") is None:
-        pytest.skip("no mpiexec: `make install` installs the mpich wheel")
-    pytest.importorskip("mpi4py", reason="mpi4py is not installed (`make install` installs it)")
-    inject = tmp_path / "inject"
-    inject.mkdir()
-    (inject / "sitecustomize.py").write_text(_FAIL_ONE_RANK)
+    need_mpiexec(mpi4py=True)
+    path = injected(tmp_path, _FAIL_ONE_RANK)
     cfg = write_config(tmp_path, "fsdp2", wrapper="fsdp2")  # seen waiting out the timeout (ddp errored out sooner)
-    env = job_env(NPROC="2", DIST_CLIP_TIMEOUT_S="600", MPI_FLAVOR="mpich",
-                  PYTHONPATH=os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")])))
+    env = job_env(NPROC="2", DIST_CLIP_TIMEOUT_S="600", MPI_FLAVOR="mpich", PYTHONPATH=path)
     code, out = finish(start("mpirun.sh", ["check", "--config", str(cfg), "--out", str(tmp_path)], env),
                        timeout_s=JOB_TIMEOUT_S - 30)  # far less than the collective timeout
     assert "injected failure on rank 1" in out, out[-6000:]
@@ -727,9 +726,7 @@ def test_mpirun_ends_every_rank_when_one_cannot_start(tmp_path):
     """MASTER_PORT taken by another process: rank 0 could not start the rendezvous store, printed one "error:" line
     and returned 1 into MPI_Finalize, while rank 1 waited on the port's other listener for the 30-minute start-up
     wait. The rank that fails now aborts the MPI job: every rank ends at once, exit status 1."""
-    if not (BIN / "mpiexec").exists() and shutil.which("mpiexec") is None:
-        pytest.skip("no mpiexec: `make install` installs the mpich wheel")
-    pytest.importorskip("mpi4py", reason="mpi4py is not installed (`make install` installs it)")
+    need_mpiexec(mpi4py=True)
     import socket
 
     cfg = write_config(tmp_path, "ddp", wrapper="ddp")
@@ -789,9 +786,7 @@ def test_an_aborting_rank_waits_until_its_traceback_is_read(tmp_path, monkeypatc
 def test_mpirun_config_errors_stay_one_line_exit_2(tmp_path):
     """Found before MPI starts (a bad value) and once the ranks are known (wrapper none on 2 ranks): one line
     from rank 0 and exit status 2, no MPI abort message."""
-    if not (BIN / "mpiexec").exists() and shutil.which("mpiexec") is None:
-        pytest.skip("no mpiexec: `make install` installs the mpich wheel")
-    pytest.importorskip("mpi4py", reason="mpi4py is not installed (`make install` installs it)")
+    need_mpiexec(mpi4py=True)
     bad = tmp_path / "bad.yaml"
     bad.write_text("clip: {max_norm: -1}\n")
     solo = write_config(tmp_path, "solo", wrapper="none")
@@ -801,6 +796,16 @@ def test_mpirun_config_errors_stay_one_line_exit_2(tmp_path):
         errors = [line for line in out.splitlines() if "config error" in line]
         assert code == 2 and len(errors) == 1 and why in errors[0], out[-6000:]
         assert "Traceback" not in out and "Abort" not in out, out[-6000:]
+
+
+def _mpich_check_with(tmp_path: Path, source: str) -> tuple[Path, int, str]:
+    """``check`` of a 2-rank DDP config under mpirun (MPICH, mpi4py) with ``source`` injected into every rank: the
+    config, the exit status and the output, within 90 s (far less than the start-up wait, 1800 s)."""
+    need_mpiexec(mpi4py=True)
+    cfg = write_config(tmp_path, "ddp", wrapper="ddp")
+    env = job_env(NPROC="2", MPI_FLAVOR="mpich", PYTHONPATH=injected(tmp_path, source))
+    code, out = finish(start("mpirun.sh", ["check", "--config", str(cfg), "--out", str(tmp_path)], env), timeout_s=90)
+    return cfg, code, out
 
 
 _REFUSE_ON_RANK_1 = '''
@@ -822,17 +827,7 @@ def test_mpirun_a_config_refused_by_one_rank_only_ends_the_job_with_its_line(tmp
     rank exited 2 without a word (only rank 0 prints config errors) and mpiexec, which kills no one for an exit
     status, left rank 0 waiting for it at start-up for 30 minutes. The ranks now agree through mpi4py: every rank
     exits 2 at once and the rank that refused prints the one line."""
-    if not (BIN / "mpiexec").exists() and shutil.which("mpiexec") is None:
-        pytest.skip("no mpiexec: `make install` installs the mpich wheel")
-    pytest.importorskip("mpi4py", reason="mpi4py is not installed (`make install` installs it)")
-    inject = tmp_path / "inject"
-    inject.mkdir()
-    (inject / "sitecustomize.py").write_text(_REFUSE_ON_RANK_1)
-    cfg = write_config(tmp_path, "ddp", wrapper="ddp")
-    env = job_env(NPROC="2", MPI_FLAVOR="mpich",
-                  PYTHONPATH=os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")])))
-    code, out = finish(start("mpirun.sh", ["check", "--config", str(cfg), "--out", str(tmp_path)], env),
-                       timeout_s=90)  # far less than the start-up wait (1800 s)
+    cfg, code, out = _mpich_check_with(tmp_path, _REFUSE_ON_RANK_1)
     errors = [line for line in out.splitlines() if "config error" in line]
     assert code == 2 and errors == [f"config error: {cfg} (with command-line overrides): out_dir: is not writable "
                                     "on this node only"], out[-6000:]
@@ -856,17 +851,7 @@ def test_mpirun_a_rank_whose_config_checks_raise_ends_the_job(tmp_path):
     """A rank whose checks raised something other than a config error exited with its traceback before the
     agreement on the checks, without ever starting MPI: the other ranks waited in MPI_Init and the agreement's
     all-reduce, which has no timeout, for good. It now starts MPI and aborts the job: every rank ends at once."""
-    if not (BIN / "mpiexec").exists() and shutil.which("mpiexec") is None:
-        pytest.skip("no mpiexec: `make install` installs the mpich wheel")
-    pytest.importorskip("mpi4py", reason="mpi4py is not installed (`make install` installs it)")
-    inject = tmp_path / "inject"
-    inject.mkdir()
-    (inject / "sitecustomize.py").write_text(_RAISE_IN_CHECKS_ON_RANK_1)
-    cfg = write_config(tmp_path, "ddp", wrapper="ddp")
-    env = job_env(NPROC="2", MPI_FLAVOR="mpich",
-                  PYTHONPATH=os.pathsep.join(filter(None, [str(inject), os.environ.get("PYTHONPATH")])))
-    code, out = finish(start("mpirun.sh", ["check", "--config", str(cfg), "--out", str(tmp_path)], env),
-                       timeout_s=90)
+    cfg, code, out = _mpich_check_with(tmp_path, _RAISE_IN_CHECKS_ON_RANK_1)
     assert code == 1 and "[rank1]: PermissionError: injected check failure on rank 1" in out, out[-6000:]
     assert "check:" not in out and "config error" not in out, out[-6000:]
 
