@@ -319,9 +319,6 @@ def bench_small(quick: bool, problems: list[str] | None = None, device: str = "c
     return table(["dtype", "p", "clips", "torch ms", "ours ms", "ratio", "target"], rows)
 
 
-_ratio = diff_ratio
-
-
 def bench_fused(quick: bool, problems: list[str] | None = None, device: str = "cpu") -> str:
     """Clipping folded into torch's fused optimizers vs clipping then stepping, on the same parameters."""
     repeats = 3 if quick else 15
@@ -354,12 +351,13 @@ def bench_fused(quick: bool, problems: list[str] | None = None, device: str = "c
         sep = t["clip then step"] - t["step"]
         fused = t["fused clip+step"] - t["step"]
         torch_part = t["torch clip then step"] - t["step"]
-        ratio = _ratio(fused, sep)
+        ratio = diff_ratio(fused, sep)
         rows.append(
             [name, f"{n_tensors * size / 2**20:g} Mi", f"{t['step']:.1f}", f"{t['torch clip then step']:.1f}",
              f"{t['clip then step']:.1f}", f"{t['fused clip+step']:.1f}", f"{torch_part:.1f}", f"{sep:.1f}",
              f"{fused:.1f}", f"{ratio:.2f}", _fmt_ratio(ratio, TARGET_FUSED)[1],
-             f"{_ratio(fused, torch_part):.2f}", f"{t['norm alone']:.1f}", f"{_ratio(fused, t['norm alone']):.2f}"]
+             f"{diff_ratio(fused, torch_part):.2f}", f"{t['norm alone']:.1f}",
+             f"{diff_ratio(fused, t['norm alone']):.2f}"]
         )
     headers = ["optimizer", "params", "step ms", "torch clip+step", "clip then step", "fused clip+step",
                "torch clip part", "our clip part", "fused clip part", "fused / separate", "target",

@@ -2277,7 +2277,7 @@ def _fsdp_bench_result(step: float, own: float, ours: float) -> dict:
 def test_bench_fsdp_fused_step_verdict_of_differences_of_medians(monkeypatch, own, ours, ratio, verdict):
     """The fused-step table's ratio is (ours + step - step) / (own clip + step - step): two differences of
     medians, which noise can make negative (a quick run's tiny step). README: such a ratio prints ``nan``; the
-    FSDP table printed a negative ratio as met, as bench core's fused table (``_ratio``) no longer does."""
+    FSDP table printed a negative ratio as met, as bench core's fused table (``diff_ratio``) no longer does."""
     from bench import fsdp
 
     monkeypatch.setattr(fsdp, "on_ranks", lambda world, body, quick: _fsdp_bench_result(10.0, own, ours))
