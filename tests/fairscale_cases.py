@@ -448,6 +448,39 @@ def case_sdp_trainable_not_reduced() -> list:
     return out
 
 
+def case_sdp_accumulation_without_no_sync() -> dict:
+    """Gradient accumulation under ShardedDataParallel with every micro-batch's backward outside ``no_sync()``:
+    fairscale 0.4.13 reduces each backward to the owner and drops the gradients of the other ranks, so the next
+    backward adds the owner's reduced average to the new local gradients and averages them again, halving the
+    earlier micro-batch's share on 2 ranks (8.3014 with the default reduce buffer, 6.2586 with
+    ``reduce_buffer_size=0``, for the float64 reference's 8.6732; fairscale's own ``OSS.clip_grad_norm`` reads the
+    same). dist_clip measures what fairscale hands it; with ``no_sync()`` around all but the last micro-batch the
+    norm is the reference's. README, fairscale."""
+    from fairscale.nn.data_parallel import ShardedDataParallel
+    from fairscale.optim import OSS
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ref = Reference()
+    want = reference_norm(ref.grads([[batch(r, 0, m) for r in range(world)] for m in range(2)]), 2.0)
+    out: dict[str, Any] = {"reference": round(want, 4)}
+    for buffer in (2**23, 0):
+        for windowed in (False, True):
+            model = make_model(0)
+            opt = OSS(model.parameters(), optim=torch.optim.SGD, lr=LR)
+            sdp = ShardedDataParallel(model, opt, reduce_buffer_size=buffer)
+            sdp.zero_grad()
+            for micro in range(2):
+                with sdp.no_sync() if windowed and micro == 0 else contextlib.nullcontext():
+                    (loss_fn(sdp(batch(rank, 0, micro))) / 2).backward()
+            got = float(dist_clip.get_total_norm(sdp))
+            theirs = float(opt.clip_grad_norm(1e9))  # (limit above the norm: nothing scaled)
+            _close(got, theirs, 1e-6, f"buffer {buffer} windowed {windowed}: dist_clip vs fairscale")
+            if windowed:
+                _close(got, want, 2e-6, f"buffer {buffer}: no_sync() accumulation vs reference")
+            out[f"{buffer}/{'no_sync' if windowed else 'plain'}"] = round(got, 4)
+    return out
+
+
 def case_sdp_forward_after_backward() -> dict:
     """A synchronised backward, then a forward under ``torch.no_grad()`` in train mode (a logging forward), then
     the clip: ShardedDDP's forward marks every parameter as waiting for its reduce again, and the call was

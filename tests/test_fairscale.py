@@ -72,6 +72,12 @@ def test_sdp_trainable_parameters_it_does_not_reduce_are_refused(run_ranks):
                                 ("unfrozen after the backward", False, True)], out
 
 
+def test_sdp_accumulation_outside_no_sync_is_fairscales_own_wrong_gradient(run_ranks):
+    out = run_ranks(2, fairscale_cases.case_sdp_accumulation_without_no_sync, timeout_s=TIMEOUT)
+    assert out[0] == out[1] == {"reference": 8.6732, f"{2**23}/plain": 8.3014, f"{2**23}/no_sync": 8.6732,
+                                "0/plain": 6.2586, "0/no_sync": 8.6732}, out
+
+
 def test_sdp_forward_without_backward_after_the_backward_is_measured(run_ranks):
     out = run_ranks(2, fairscale_cases.case_sdp_forward_after_backward, timeout_s=TIMEOUT)
     assert out[0] == out[1], out
