@@ -1056,6 +1056,29 @@ def case_pipeline_engine_is_refused() -> list:
                     refused)]
 
 
+def case_zero_module_under_a_plan_is_refused() -> list:
+    """``engine.module`` of a ZeRO 1-3 engine (a pipeline stage's module, say) under a ParallelPlan: its gradients
+    live in the engine's partitions and ``.grad`` is None, so the total read 0.0 for 9.83, silently, where the
+    path without a plan refuses it. ValueError on every rank, naming ZeRO and plan=, for the module, its
+    ``{name: param}`` mapping and the engine itself (which failed on its ``module.`` names)."""
+    from dist_clip import GradClipper, ParallelPlan, Rule, compose
+    from tests.beyond_cases import mesh
+
+    rank = dist.get_rank()
+    out = []
+    for stage in (1, 2, 3):
+        engine = make_engine(ds_config(stage))
+        engine.backward(loss_fn(engine(batch(rank, 0, 0))))
+        names = tuple(n for n, _ in engine.module.named_parameters())
+        plan = ParallelPlan(mesh((dist.get_world_size(),), ("dp",)), names=names, rules=(Rule("*", replicate=("dp",)),))
+        refused = lambda m: "managed by DeepSpeed ZeRO" in m and "without plan=" in m  # noqa: E731
+        for target in (engine.module, dict(engine.module.named_parameters()), engine):
+            out.append(outcome(lambda t=target, pl=plan: GradClipper(max_norm=1.0)(t, plan=pl), ValueError, refused))
+        out.append(outcome(lambda m=engine.module, pl=plan: compose.get_total_norm(m, pl), ValueError, refused))
+        engine.step()
+    return out
+
+
 def case_outside_the_optimizer_on_replicated_wrappers(dtype: str, grad_accum_dtype: str | None) -> list:
     """A trainable layer in no param group: stage 0's bf16 wrapper (FP16_UnfusedOptimizer) reduces its gradient
     as stage 0 does every gradient, but its fp16 groups were read alone (9.22 for 10.22, the layer unclipped);

@@ -575,6 +575,29 @@ def case_two_jobs_nested_groups() -> list:
     return out
 
 
+def case_fsdp_under_a_plan_is_refused() -> list:
+    """A fairscale FSDP module (a pipeline stage's, say) under a ParallelPlan: its parameters are this rank's
+    shards, which a plan cannot map to the model's names and slices. It failed on the wrapper's names
+    (``flat_param_0``, ``_fpw_module.weight``: "list every parameter of the full model in ParallelPlan.names"),
+    sending the user to rename shards; now the ValueError of the path without a plan, on every rank."""
+    from dist_clip import GradClipper, ParallelPlan
+    from tests.beyond_cases import mesh
+
+    rank = dist.get_rank()
+    names = tuple(n for n, _ in make_model(0).named_parameters())
+    plan = ParallelPlan(mesh((dist.get_world_size(),), ("dp",)), names=names)
+    refused = lambda m: "sharded by fairscale" in m and "without plan=" in m  # noqa: E731
+    out = []
+    with cpu_stream_shim():
+        for kind, kwargs in (("fsdp", {}), ("fsdp", {"flatten_parameters": False}), ("fsdp_nested", {})):
+            model, _, _ = build(kind, **kwargs)
+            loss_fn(model(batch(rank, 0, 0))).backward()
+            for target in (model, torch.nn.ModuleDict({"stage": model})):
+                out.append(outcome(lambda t=target: GradClipper(max_norm=1.0, mode="per_param")(t, plan=plan),
+                                   ValueError, refused))
+    return out
+
+
 def case_padding_poisoned(kind: str, **fsdp_kwargs: Any) -> list[bool]:
     """The zero padding fairscale FSDP appends to the last shards of each parameter, poisoned with 1e3 after the
     backward: the norm for every p (module and named pieces) still equals the float64 unsharded reference, so the

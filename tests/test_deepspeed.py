@@ -173,6 +173,10 @@ def test_the_pipeline_engine_is_refused_on_every_rank(run_ranks):
     assert run_ranks(2, ds_cases.case_pipeline_engine_is_refused, timeout_s=TIMEOUT) == [[True] * 3] * 2
 
 
+def test_a_zero_module_under_a_plan_is_refused_on_every_rank(run_ranks):
+    assert run_ranks(2, ds_cases.case_zero_module_under_a_plan_is_refused, timeout_s=TIMEOUT) == [[True] * 12] * 2
+
+
 @pytest.mark.parametrize("dtype,accum", [("bf16", None), ("fp32", None), ("bf16", "fp32")])
 def test_a_trainable_layer_outside_the_optimizer_on_the_replicated_wrappers(run_ranks, dtype, accum):
     results = run_ranks(2, ds_cases.case_outside_the_optimizer_on_replicated_wrappers, dtype, accum,

@@ -93,6 +93,10 @@ def test_two_jobs_whose_wrappers_hold_distinct_groups_of_the_same_ranks(run_rank
     assert run_ranks(4, fairscale_cases.case_two_jobs_nested_groups, timeout_s=TIMEOUT) == [[(True, 1)] * 2] * 4
 
 
+def test_fsdp_under_a_plan_is_refused_on_every_rank(run_ranks):
+    assert run_ranks(2, fairscale_cases.case_fsdp_under_a_plan_is_refused, timeout_s=TIMEOUT) == [[True] * 6] * 2
+
+
 def test_adapter_requires_fairscale_by_name(monkeypatch):
     import builtins
 
