@@ -308,7 +308,12 @@ def test_an_out_dir_that_cannot_be_made_is_a_config_error_before_training(tmp_pa
     ({"RANK": "1", "WORLD_SIZE": "2"}, (1, 2, 1, 2, "env")),
     ({"PMI_RANK": "1", "PMI_SIZE": "2"}, (1, 2, 1, 2, "mpi")),
     ({"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4"}, (3, 4, 3, 4, "mpi")),
-], ids=["torchrun", "deepspeed", "mpich", "openmpi", "none", "env-one-node", "mpich-one-node", "openmpi-one-node"])
+    # DeepSpeed's MPICH and Intel MPI runners export WORLD_SIZE and LOCAL_SIZE but no RANK: the rank is MPI's
+    ({"WORLD_SIZE": "4", "LOCAL_SIZE": "2", "PMI_RANK": "3", "PMI_SIZE": "4", "MPI_LOCALRANKID": "1",
+      "MPI_LOCALNRANKS": "2"}, (3, 4, 1, 2, "mpi")),
+    ({"RANK": "1"}, (0, 1, 0, 1, "single")),  # RANK alone is no launch
+], ids=["torchrun", "deepspeed", "mpich", "openmpi", "none", "env-one-node", "mpich-one-node", "openmpi-one-node",
+        "deepspeed-mpich-runner", "rank-alone"])
 def test_launch_environment_is_read_for_each_launcher(env, expected):
     from dist_clip.bootstrap import detect_launch
 
@@ -350,6 +355,68 @@ def test_launcher_variables_that_cannot_belong_to_one_job_are_refused(env, why, 
     assert detect_launch(env, check=False).rank == int(next(iter(env.values())))  # which rank is 0 stays known
     assert detect_launch({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}).local_rank == 3
     assert detect_launch({"PMIX_RANK": "3"}).world_size == 0
+
+
+class _FakeComm:
+    """mpi4py's COMM_WORLD as rank ``rank`` of ``size`` sees it, ``local`` ranks a node; ``others`` is the lowest
+    value the other ranks bring to an all-reduce (MIN)."""
+
+    def __init__(self, rank: int, size: int, local: int, others: int | None = None) -> None:
+        self.rank, self.size, self.local, self.others = rank, size, local, others
+
+    def Get_rank(self) -> int:  # noqa: N802 - mpi4py's names
+        return self.rank
+
+    def Get_size(self) -> int:  # noqa: N802
+        return self.size
+
+    def Split_type(self, kind, key):  # noqa: N802, ANN001, ANN201
+        return _FakeComm(self.rank % self.local, self.local, self.local)
+
+    def Free(self) -> None:  # noqa: N802
+        pass
+
+    def allreduce(self, value: int, op: object) -> int:
+        assert op == "MIN"
+        return min(value, self.size if self.others is None else self.others)
+
+
+@pytest.fixture
+def fake_mpi4py(monkeypatch):
+    """``from mpi4py import MPI`` gives a stand-in (no MPI started in the test process); returns a setter of the
+    COMM_WORLD that bootstrap's _mpi_comm hands out."""
+    import types
+
+    from dist_clip import bootstrap
+
+    mpi = types.SimpleNamespace(MIN="MIN", COMM_TYPE_SHARED="shared")
+    package = types.ModuleType("mpi4py")
+    package.MPI = mpi
+    monkeypatch.setitem(sys.modules, "mpi4py", package)
+    monkeypatch.setitem(sys.modules, "mpi4py.MPI", mpi)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "PMI_RANK", "PMI_SIZE",
+                 "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_RANK", "PMIX_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(bootstrap, "_written", None)
+    return lambda comm: monkeypatch.setattr(bootstrap, "_mpi_comm", lambda: comm)
+
+
+def test_a_pmix_launch_takes_its_world_size_from_mpi4py(fake_mpi4py, monkeypatch):
+    """Under PMIx (srun, prterun) the environment states the rank only (world size 0): the size comes from
+    mpi4py's COMM_WORLD, which no launcher's stated size can then contradict; and the config checks' agreement
+    runs over it as under any other MPI launcher, where a rank's own verdict alone left the others waiting."""
+    from dist_clip import bootstrap, cli
+
+    monkeypatch.setenv("PMIX_RANK", "3")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29999")
+    fake_mpi4py(_FakeComm(3, 4, 2, others=4))
+    launch, store = bootstrap._from_mpi(bootstrap.detect_launch())
+    assert (launch, store) == (bootstrap.LaunchEnv(3, 4, 1, 2, "mpi"), None)
+    assert cli._refused_anywhere("config error: x") == (True, True)  # the lowest refusing rank says why
+    assert cli._refused_anywhere(None) == (False, False)
+    fake_mpi4py(_FakeComm(3, 4, 2, others=1))  # rank 1 refused; this rank did not
+    assert cli._refused_anywhere(None) == (True, False)
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
@@ -767,7 +834,7 @@ def test_an_aborting_rank_waits_until_its_traceback_is_read(tmp_path, monkeypatc
 
         monkeypatch.setattr(time, "sleep", sleep)
         cli._wait_until_read([stream])
-        assert waits and got == [b"[rank1]: RuntimeError: injected\n"]
+        assert len(waits) == 1 and got == [b"[rank1]: RuntimeError: injected\n"]  # read: no more waiting
         waits.clear()
         (tmp_path / "log").write_text("x")
         with open(tmp_path / "log") as log:

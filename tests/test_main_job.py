@@ -509,6 +509,38 @@ def test_a_rank_that_clipped_by_a_wrong_norm_fails_the_check(run_ranks, tmp_path
     assert check["ranks_disagree"].startswith("rank 1 differs from rank 0: rank 0 "), check
 
 
+def _case_rank0_fails_after_training(cfg_dict: dict, out_dir: str) -> object:
+    """The whole job with rank 0 raising once training is over (its log, replay or check): rank 0 gives the
+    error's text, the other ranks their exit status."""
+    import torch.distributed as dist
+
+    from dist_clip import train
+
+    real = train._finish
+
+    def fail(*args, **kwargs):
+        raise OSError("injected: rank 0 cannot write its log")
+
+    if dist.get_rank() == 0:
+        train._finish = fail
+    try:
+        return _case_run_job(cfg_dict, out_dir)
+    except OSError as e:
+        return str(e)
+    finally:
+        train._finish = real
+
+
+@pytest.mark.timeout(300)
+def test_a_rank_0_that_fails_after_training_fails_every_rank(run_ranks, tmp_path):
+    """Rank 0 failing in its log, replay or check (a full disk, a bug) must not leave the other ranks exiting 0:
+    they hear 1 from it, as from a disagreeing replay; a job before on the same store left a passing verdict."""
+    cfg = {**TINY, "steps": 2, "name": "case", "wrapper": "ddp"}
+    assert run_ranks(2, _case_run_job, cfg, str(tmp_path), timeout_s=120) == [0, 0]  # a passing job first
+    got = run_ranks(2, _case_rank0_fails_after_training, cfg, str(tmp_path), timeout_s=120)
+    assert got == ["injected: rank 0 cannot write its log", 1], got
+
+
 @pytest.mark.timeout(120)
 def test_topology_errors_are_config_errors_on_every_rank(run_ranks):
     got = run_ranks(2, _case_config_error, {**TINY, "wrapper": "hsdp", "mesh": [2, 2]}, timeout_s=60)
@@ -746,6 +778,100 @@ def test_a_new_launch_after_a_lone_run_is_read_as_a_fresh_process_reads_it():
                           timeout=100, env={**clean, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["1", "2", "1", "2", "env"], proc.stdout
+
+
+_NEW_LAUNCHES_AFTER_LONE_RUNS = """
+import os
+from dist_clip import bootstrap
+said = []
+for runs, launch in ((2, dict(RANK="1", WORLD_SIZE="2")), (1, dict(RANK="0", WORLD_SIZE="2"))):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        os.environ.pop(k, None)
+    for _ in range(runs):
+        bootstrap.init_distributed("gloo")
+        bootstrap.shutdown()
+    os.environ.update(launch)
+    got = bootstrap.detect_launch()
+    said.append(f"{got.rank},{got.world_size},{got.local_rank},{got.local_world_size},{got.launcher}")
+print(*said)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_new_launch_after_lone_runs_is_read_as_a_fresh_process_reads_it():
+    """As above, after two lone runs (the second must keep what stood before the first wrote: LOCAL_RANK and
+    LOCAL_WORLD_SIZE unset, not the first run's 0 and 1), and for rank 0 of the new launch, whose RANK=0 is the
+    value the lone run wrote: set again by the user, it is the new launch's, not one to take back."""
+    import os
+
+    clean = {k: v for k, v in os.environ.items() if k not in
+             ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "CROSS_RANK", "MASTER_ADDR",
+              "MASTER_PORT", "PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "TORCHELASTIC_RUN_ID")}
+    proc = subprocess.run([sys.executable, "-c", _NEW_LAUNCHES_AFTER_LONE_RUNS], capture_output=True, text=True,
+                          timeout=100, env={**clean, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["1,2,1,2,env", "0,2,0,2,env"], proc.stdout
+
+
+def test_only_rank_0_makes_the_run_folder_and_removes_a_previous_run(tmp_path, capsys, monkeypatch):
+    """Every rank checks the run folder; only rank 0 makes it, and only rank 0 removes a previous run's log and
+    plot when the config is refused (on a folder the ranks share, one rank's removal is the job's)."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    new = tmp_path / "new" / "out"
+    assert cli.main(["check", "--out", str(new), "--validate-only"]) == 0
+    assert not new.exists()
+    folder = tmp_path / "fsdp2"
+    folder.mkdir()
+    (folder / "log.jsonl").write_text('{"kind": "check", "passed": true}\n')
+    assert cli.main(["train", "--steps", "-1", "--out", str(tmp_path)]) == 2
+    assert (folder / "log.jsonl").exists()
+    assert capsys.readouterr().err == ""  # rank 1 of one node: rank 0 says why
+    monkeypatch.setenv("RANK", "0")
+    assert cli.main(["train", "--steps", "-1", "--out", str(tmp_path)]) == 2
+    assert not (folder / "log.jsonl").exists()
+    assert capsys.readouterr().err.endswith("steps: must be > 0, got -1\n")
+
+
+def test_a_rank_that_cannot_start_without_mpi_says_why_and_exits_1(monkeypatch, capsys, tmp_path):
+    """torch's rendezvous raising RuntimeError (MASTER_PORT taken on rank 0's host): one "error:" line and exit
+    1, the job's failure, where a ValueError (a bad rendezvous variable, alike on every rank) is a config error."""
+    from dist_clip import bootstrap
+
+    cfg = write_config(tmp_path, "ddp", wrapper="ddp")
+    for raised, code, line in ((RuntimeError("The server socket has failed to listen"), 1,
+                                "error: The server socket has failed to listen\n"),
+                               (ValueError("bad MASTER_ADDR"), 2,
+                                "config error: rendezvous environment: bad MASTER_ADDR\n")):
+        def fail(*args, error=raised, **kwargs):
+            raise error
+
+        monkeypatch.setattr(bootstrap, "init_distributed", fail)
+        assert cli.main(["check", "--config", str(cfg), "--out", str(tmp_path)]) == code
+        assert capsys.readouterr().err == line
+
+
+def test_an_mpi_rank_that_fails_aborts_the_job_with_its_status(monkeypatch, capsys):
+    """Under a running MPI job of 2 ranks: an exception ends every rank (MPI_Abort) with status 1, Ctrl-C with
+    130; a SystemExit (a clean exit status every rank reaches) aborts nothing."""
+    aborted = []
+
+    class World:
+        def Get_rank(self) -> int:  # noqa: N802 - mpi4py's name
+            return 1
+
+        def Abort(self, code: int) -> None:  # noqa: N802
+            aborted.append(code)
+
+    monkeypatch.setattr(cli, "_running_mpi_world", World)
+    for error, want in ((SystemExit(2), []), (RuntimeError("boom"), [1]), (KeyboardInterrupt(), [130])):
+        aborted.clear()
+        try:
+            raise error
+        except BaseException as e:  # noqa: BLE001 - the traceback _abort_mpi_job prints is this one
+            cli._abort_mpi_job(e)
+        assert aborted == want, error
+    assert "[rank1]: RuntimeError: boom" in capsys.readouterr().err
 
 
 def test_an_empty_out_dir_is_a_config_error(capsys):
