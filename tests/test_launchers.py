@@ -380,6 +380,10 @@ class _FakeComm:
         assert op == "MIN"
         return min(value, self.size if self.others is None else self.others)
 
+    def bcast(self, value: object, root: int) -> object:
+        assert root == 0 and self.rank == 0
+        return value
+
 
 @pytest.fixture
 def fake_mpi4py(monkeypatch):
@@ -417,6 +421,59 @@ def test_a_pmix_launch_takes_its_world_size_from_mpi4py(fake_mpi4py, monkeypatch
     assert cli._refused_anywhere(None) == (False, False)
     fake_mpi4py(_FakeComm(3, 4, 2, others=1))  # rank 1 refused; this rank did not
     assert cli._refused_anywhere(None) == (True, False)
+
+
+def test_mpi_rank_0_hosts_the_rendezvous_on_loopback_for_one_node_and_its_host_name_for_several(fake_mpi4py,
+                                                                                              monkeypatch):
+    """Without MASTER_ADDR/MASTER_PORT, rank 0 under mpi4py starts the store on a port the OS gives and broadcasts
+    it with its address: loopback where every rank is on its node, its host name where other nodes must reach it."""
+    import socket
+
+    from dist_clip import bootstrap
+
+    monkeypatch.setenv("PMI_RANK", "0")
+    for size, local, addr in ((2, 2, "127.0.0.1"), (4, 2, socket.gethostname())):
+        monkeypatch.setenv("PMI_SIZE", str(size))
+        monkeypatch.delenv("MASTER_ADDR", raising=False)
+        monkeypatch.delenv("MASTER_PORT", raising=False)
+        fake_mpi4py(_FakeComm(0, size, local))
+        launch, store = bootstrap._from_mpi(bootstrap.detect_launch())
+        try:
+            assert launch == bootstrap.LaunchEnv(0, size, 0, local, "mpi")
+            assert store is not None
+            assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == (addr, str(store.port))
+        finally:
+            del store
+
+
+@pytest.mark.timeout(60)
+def test_a_restarted_attempt_on_one_node_is_not_released_by_the_failed_attempts_keys(monkeypatch):
+    """torchrun's workers share the agent's store across attempts: on one node (GROUP_WORLD_SIZE=1) the start-up
+    wait of attempt 1 must wait for attempt 1's ranks, not be released at once by the keys attempt 0's ranks left
+    (each restarted process counts its rounds from 0 again)."""
+    import itertools
+    import threading
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from dist_clip import bootstrap
+
+    store = dist.HashStore()
+    monkeypatch.setattr(bootstrap, "_ROUNDS", itertools.repeat(0))  # each rank a fresh process: its first round
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "1")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    names = []
+    ranks = [threading.Thread(target=lambda r=r: names.append(
+        bootstrap.wait_for_every_rank(store, 2, timedelta(seconds=20), rank=r))) for r in range(2)]
+    for t in ranks:
+        t.start()
+    for t in ranks:
+        t.join()
+    assert len(names) == 2 and names[0] == names[1], names  # attempt 0: both arrived, one round
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    with pytest.raises(RuntimeError):  # attempt 1's rank 1 has not arrived (a DistStoreError: a RuntimeError)
+        bootstrap.wait_for_every_rank(store, 2, timedelta(seconds=1), rank=0)
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
