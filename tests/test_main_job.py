@@ -282,6 +282,21 @@ def test_a_run_leaves_no_previous_run_outputs_behind(tmp_path, capsys, monkeypat
     capsys.readouterr()
 
 
+def test_a_refused_run_removes_a_previous_runs_outputs_that_are_symbolic_links(tmp_path, capsys):
+    """A log.jsonl or plot.png that is a symbolic link is removed as a link (its target, a file or none, is left
+    alone): a dangling one stayed, and the next run's log was written through it wherever it pointed."""
+    folder = tmp_path / "fsdp2"
+    folder.mkdir()
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_text("not the run's")
+    (folder / "log.jsonl").symlink_to(tmp_path / "gone.jsonl")  # dangling
+    (folder / "plot.png").symlink_to(elsewhere)
+    assert cli.main(["train", "--steps", "-1", "--out", str(tmp_path)]) == 2
+    assert not (folder / "log.jsonl").is_symlink() and not (folder / "plot.png").is_symlink()
+    assert elsewhere.read_text() == "not the run's" and not (tmp_path / "gone.jsonl").exists()
+    assert "steps: must be > 0, got -1" in capsys.readouterr().err
+
+
 @pytest.mark.timeout(60)
 def test_a_config_refused_as_it_is_read_leaves_no_previous_run_outputs_behind(tmp_path, capsys):
     """README: "a run whose config is refused (exit 2) removes them too". Only refusals after the config was read
@@ -512,6 +527,8 @@ def test_a_rank_that_clipped_by_a_wrong_norm_fails_the_check(run_ranks, tmp_path
 def _case_rank0_fails_after_training(cfg_dict: dict, out_dir: str) -> object:
     """The whole job with rank 0 raising once training is over (its log, replay or check): rank 0 gives the
     error's text, the other ranks their exit status."""
+    import time
+
     import torch.distributed as dist
 
     from dist_clip import train
@@ -519,6 +536,7 @@ def _case_rank0_fails_after_training(cfg_dict: dict, out_dir: str) -> object:
     real = train._finish
 
     def fail(*args, **kwargs):
+        time.sleep(2)  # the other ranks wait for the verdict first: a stale one on the store would be read now
         raise OSError("injected: rank 0 cannot write its log")
 
     if dist.get_rank() == 0:
