@@ -177,6 +177,20 @@ def step_phase(optimizer: object) -> tuple[str | None, Any]:
     return None, None
 
 
+def nested_step(optimizer: object) -> bool:
+    """Whether this thread runs ``optimizer.step()`` inside another ``step()`` of the same optimizer: a subclass
+    whose ``step`` calls ``super().step()`` runs torch's step hooks twice, the inner pair within the outer's step
+    (what the outer step wrote before the call was taken for the state before the step)."""
+    frame, seen = sys._getframe(1), 0
+    while frame is not None:
+        if frame.f_code is _STEP_CODE and frame.f_locals.get("self") is optimizer:
+            seen += 1
+            if seen > 1:
+                return True
+        frame = frame.f_back
+    return False
+
+
 def _global_pre_hooks() -> Any:
     from torch.optim import optimizer as optim_module
 

@@ -57,6 +57,7 @@ OnNonFinite = Literal["error", "skip", "zero", "ignore"]
 MODES: tuple[str, ...] = ("total", "per_param", "per_group", "unitwise")
 POLICIES: tuple[str, ...] = ("error", "skip", "zero", "ignore")
 _STATE_VERSION = 1
+_NONE = object()  # an absent param group entry
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,9 @@ class _SkipGuard:
     set). State that only the host can restore makes the accelerator path read the flag once: state created by
     the step (each optimizer has its own initial values: NAdam's ``mu_product`` 1, Rprop's ``step_size`` lr, so
     no device-side default is right: it is removed, as if never stepped) and state that is not a tensor
-    (SparseAdam's and LBFGS's counters and histories).
+    (SparseAdam's and LBFGS's counters and histories), param group entries included: an optimizer keeping its
+    adaptation there (Prodigy's and D-Adaptation's ``d``, schedule-free's ``k`` and ``weight_sum``) wrote the skipped
+    step's NaN and counters into its groups, for good.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
@@ -195,7 +198,8 @@ class _SkipGuard:
         self.running: Tensor | None = None
         self.replaced = False  # ``running`` replaces ``flag`` (skip_next_step_ inside the step), not ORed in
         self.armed_on: tuple[Any, ...] | None = None  # _fused.armed_record of the flag
-        self.saved: tuple[list[Tensor], list[Tensor], dict[int, dict[str, Any]], list[Tensor]] | None = None
+        self.saved: tuple[list[Tensor], list[Tensor], dict[int, dict[str, Any]], list[Tensor],
+                          list[tuple[dict[str, Any], dict[str, Any]]]] | None = None
         # The post-hook before the user's own (as _fused's): one keeping an average of the parameters (EMA) read
         # the skipped step's NaN parameters before this hook put them back, and kept the NaN for good. Bound
         # once: in_step tells this pre-hook in the optimizer's list by identity.
@@ -258,6 +262,10 @@ class _SkipGuard:
     @_fused.never_traced  # run as Python under torch.compile(opt.step): see _fused._pre_hook
     def _pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
         _fused.complete_step_hooks(optimizer, self._handles, self._pre_hook, self._post_hook)
+        if _fused.nested_step(optimizer):
+            # super().step() of a subclass's step: the outer step's snapshot, taken before anything it wrote (its
+            # param group entries), stands, and the outer post-hook restores (the inner snapshot missed them)
+            return None
         # Armed inside a step that raised (its closure, or a pre-hook after this one): that step's flag, not this
         # retry's (ORed into the retry's False, a good step was skipped and every later one came one behind); and
         # that step's snapshot (a restore would put back its values).
@@ -286,11 +294,16 @@ class _SkipGuard:
                     k: (self._local(v).detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v))
                     for k, v in optimizer.state[p].items()
                 }
-        self.saved = ([t.clone() for t in locals_], locals_, states, params)
+        # Each param group's entries (all but its parameters), by the objects they hold: a step that writes one
+        # (``group["d"] = d``) puts a new object there, told by identity, put back on a skip (see _groups_changed).
+        groups = [(g, {k: v for k, v in g.items() if k != "params"}) for g in optimizer.param_groups]
+        self.saved = ([t.clone() for t in locals_], locals_, states, params, groups)
 
     @_fused.never_traced
     def _post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         _fused.complete_step_hooks(optimizer, self._handles, self._pre_hook, self._post_hook)
+        if _fused.nested_step(optimizer):
+            return  # the outer step's post-hook decides (see _pre)
         flag, running, saved = self.flag, self.running, self.saved
         if running is not None:
             flag = running if flag is None or self.replaced else flag | running.to(flag.device)
@@ -302,12 +315,14 @@ class _SkipGuard:
             return
         if self._on_host(flag) and not bool(flag):
             return  # a snapshot taken for a closure that armed no skip
-        values, live, states, params = saved
+        values, live, states, params, groups = saved
         known = self._on_host(flag)  # we only snapshot on the host when the flag is set
-        if not known and self._host_state(optimizer, params, states):
+        if not known and (self._host_state(optimizer, params, states) or self._groups_changed(groups)):
             if not bool(flag):  # one host read: state the device cannot put back
                 return
             known = True
+        if known:
+            self._restore_groups(groups)
         with torch.no_grad():
             for old, now in zip(values, live):
                 now.copy_(old if known else torch.where(flag.to(now.device), old, now))
@@ -332,6 +347,23 @@ class _SkipGuard:
                     loc = self._local(v)
                     prev = before[k]  # present: _host_state found no new state
                     loc.copy_(torch.where(flag.to(loc.device), prev.to(loc.device), loc))
+
+    @staticmethod
+    def _groups_changed(groups: list[tuple[dict[str, Any], dict[str, Any]]]) -> bool:
+        """Whether the step wrote a param group entry (a new object under a key, a key added or removed)."""
+        return any(len(g) - ("params" in g) != len(before) or any(g.get(k, _NONE) is not v for k, v in before.items())
+                   for g, before in groups)
+
+    @staticmethod
+    def _restore_groups(groups: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
+        """Put back the param group entries the skipped step wrote (only those: a group untouched keeps its
+        objects)."""
+        for g, before in groups:
+            for k in [k for k in g if k != "params" and k not in before]:
+                del g[k]
+            for k, v in before.items():
+                if g.get(k, _NONE) is not v:
+                    g[k] = v
 
     @staticmethod
     def _host_state(optimizer: torch.optim.Optimizer, params: list[Tensor], states: dict[int, dict[str, Any]]) -> bool:

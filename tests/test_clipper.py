@@ -714,6 +714,72 @@ def test_the_device_restore_leaves_sparse_state_to_the_host(monkeypatch):
         opt.zero_grad()
 
 
+class _GroupAdapting(torch.optim.Optimizer):
+    """An optimizer keeping its adaptation in its param groups, as Prodigy, D-Adaptation and schedule-free do
+    (``group["d"] = d``, ``group["k"] = k + 1``); plain SGD otherwise."""
+
+    def __init__(self, params, lr: float) -> None:  # noqa: ANN001
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201
+        for g in self.param_groups:
+            g["d_num"] = g.get("d_num", 0.0) + sum(float(p.grad.abs().sum()) for p in g["params"])
+            g["k"] = g.get("k", 0) + 1
+            for p in g["params"]:
+                p.add_(p.grad, alpha=-g["lr"])
+
+
+class _GroupAdaptingSGD(torch.optim.SGD):
+    """The same, writing its groups before ``super().step()``: torch runs the step hooks of both ``step`` methods,
+    the inner pair inside the outer step (its snapshot, taken after the writes, put none of them back)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201
+        for g in self.param_groups:
+            g["d_num"] = g.get("d_num", 0.0) + sum(float(p.grad.abs().sum()) for p in g["params"])
+            g["k"] = g.get("k", 0) + 1
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("kind", [_GroupAdapting, _GroupAdaptingSGD])
+@pytest.mark.parametrize("host", [True, False])
+def test_a_skipped_step_leaves_the_param_groups_as_they_were(monkeypatch, host, kind):
+    """A skipped step restored the parameters and the per-parameter state, not what the step wrote into its param
+    groups: an optimizer adapting there (Prodigy's d, schedule-free's k) kept the skipped batch's NaN for good
+    (d_num nan, k 2 after one good step and one skipped, where 2.23 and 1 are right)."""
+    from dist_clip.clipper import _SkipGuard
+
+    if not host:
+        monkeypatch.setattr(_SkipGuard, "_on_host", staticmethod(lambda flag: False))  # the accelerator's branch
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    torch.optim.SGD(model.parameters(), lr=0.1)  # (torch wraps SGD.step, with its hooks, at the first instance)
+    opt = kind(model.parameters(), lr=0.1)
+    clipper = GradClipper(max_norm=1.0, on_nonfinite="skip")
+    seen = []
+    for bad in (False, True, False):
+        opt.zero_grad()
+        model(torch.randn(4, 3)).sum().backward()
+        if bad:
+            model.weight.grad[0, 0] = float("nan")
+        clipper(model, optimizer=opt)
+        before = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+        opt.step()
+        after = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+        if bad:
+            assert after == before and torch.isfinite(model.weight).all()
+        seen.append(after["k"])
+    assert seen == [1, 1, 2] and math.isfinite(opt.param_groups[0]["d_num"])
+    # a step that writes no group entry keeps the very objects (an lr a scheduler holds stays the same tensor)
+    lr = torch.tensor(0.1)
+    plain = torch.optim.SGD(model.parameters(), lr=lr)
+    model.weight.grad[0, 0] = float("nan")
+    clipper(model, optimizer=plain)
+    plain.step()
+    assert plain.param_groups[0]["lr"] is lr
+
+
 def test_skipping_a_differentiable_step_is_refused():
     """differentiable=True: the skipped step's values were restored, but its NaN update stayed in the autograd
     history (hypergradients [1.8, nan, 5.8] for [1.8, 3.8, 5.8])."""
