@@ -947,13 +947,20 @@ def untouched(armed: tuple[Any, ...], now: tuple[list[Tensor], list[int]],
         # batch's skip combined with the next batch's first call, and its good step was skipped).
         return False
     again = {id(now[0][i]) for i in _measured_among(now[0], measured)} if measured is not None else set()
-    for part in getattr(armed, "earlier", ()):
-        # A part clipped earlier for this flag, clipped again after a backward into all of it: the next batch's
-        # first part (the dropped batch's gradients zeroed in place, which moves no backward count, and its last
-        # part held: the next batch's good step was skipped).
-        present = [(t, c) for t, c in part if id(t) in where]
-        if present and all(c is not None and c[0][0] != c[1] and id(t) in again for t, c in present):
-            return False
+    # The flag's parts (those clipped earlier for it, and the held one), one of them clipped again whole after a
+    # backward into any gradient of any of them since its clip: the next batch (the dropped batch's gradients
+    # zeroed in place, which moves no backward count, and its last part held: the next batch's good step was
+    # skipped). Any backward, not one into every gradient of the part clipped again: the next batch may leave
+    # some parts, or some of a part, unused (a branch it did not take), and its good step was skipped then too,
+    # also one call later, the stale flag combined into a record whose versions the next call found unwritten.
+    # Within one batch a part is clipped again whole only after a write to its buffer (a clip of it with nothing
+    # written since finds the versions as armed, above), and a backward accumulating into a non-finite gradient
+    # leaves it non-finite for the call to see again.
+    parts = [*getattr(armed, "earlier", ()), *([list(zip(armed[0], cells))] if cells is not None else [])]
+    presents = [[(t, c) for t, c in part if id(t) in where] for part in parts]
+    if (any(present and all(id(t) in again for t, _ in present) for present in presents)
+            and any(c is not None and c[0][0] != c[1] for present in presents for _, c in present)):
+        return False
     return not held <= again
 
 

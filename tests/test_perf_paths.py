@@ -1647,6 +1647,53 @@ def test_a_batch_clipped_in_parts_and_dropped_does_not_skip_the_next_good_step(s
             assert all(torch.equal(b, q.detach()) for b, q in zip(before, ps))
 
 
+@pytest.mark.parametrize("flow", ["part of a part", "parts"])
+@pytest.mark.parametrize("second", ["clipper", "clipper_fused", "clip_fused"])
+def test_a_dropped_batch_clipped_in_parts_does_not_skip_a_next_batch_leaving_some_unused(second, flow):
+    """Views of one buffer (DDP's bucket views: one version counter), gradients zeroed in place, a NaN batch
+    clipped in parts and dropped, then a good batch that leaves some of the model unused. ``part of a part``:
+    parts [a, b] and [c], NaN in b, the good batch through a only: the first part was taken for clipped again
+    only after a backward into all of it, b's count had not moved, and the good step was skipped silently.
+    ``parts``: parts [a], [b], [c], NaN in b, the good batch through b only: [a] found no backward into a or c
+    and combined, and [b], finding the versions as [a] armed them, combined too: skipped. (Both also with DDP,
+    gradient_as_bucket_view=True, find_unused_parameters=True, 2 ranks.) A part of the flag clipped again whole
+    after a backward into any of its parts replaces; the NaN batch, not dropped, skips."""
+    torch.manual_seed(0)
+    ha, hb, hc = nn.Linear(4, 3), nn.Linear(4, 2), nn.Linear(4, 2)
+    ps = [*ha.parameters(), *hb.parameters(), *hc.parameters()]
+    opt = torch.optim.Adam(ps, lr=0.1, fused=second != "clipper")
+    buf = torch.zeros(sum(q.numel() for q in ps))
+    for q, g in zip(ps, buf.split([q.numel() for q in ps])):
+        q.grad = g.view_as(q)
+    x = torch.randn(8, 4)
+    clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+    parts = ([[*ha.parameters(), *hb.parameters()], hc] if flow == "part of a part" else [ha, hb, hc])
+    used = hb if flow == "parts" else ha
+
+    def batch(heads: tuple[nn.Module, ...], nan: bool) -> None:
+        opt.zero_grad(set_to_none=False)
+        sum(h(x).square().sum() for h in heads).backward()
+        if nan:
+            hb.weight.grad[0, 0] = math.nan
+        for part in parts:
+            if second == "clip_fused":
+                dist_clip.clip_grad_norm_(part, 1.0, optimizer=opt)
+            else:
+                clipper(part, optimizer=opt)
+
+    for dropped in (True, False):
+        batch((ha, hb, hc), nan=True)
+        if dropped:
+            batch((used,), nan=False)
+        before = [q.detach().clone() for q in ps]
+        opt.step()
+        if dropped:  # the good batch steps
+            assert not torch.equal(before[2 if flow == "parts" else 0], ps[2 if flow == "parts" else 0].detach())
+            assert all(bool(q.isfinite().all()) for q in ps)
+        else:  # the NaN batch is skipped
+            assert all(torch.equal(b, q.detach()) for b, q in zip(before, ps))
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_a_part_s_skip_survives_a_backward_into_a_shared_trunk(fused):
     """Two heads on one trunk, each clipped after its own backward: the second backward accumulates into the
