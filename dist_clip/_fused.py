@@ -44,7 +44,7 @@ _SKIP = "_dist_clip_skip"
 # id(parameter) -> (backward count, its hook's handle, the tensor's _cdata) (see _write_cell). By id: a weak
 # reference on a parameter made module.to() / load_state_dict() refuse to swap it
 # (torch.__future__.set_swap_module_params_on_conversion).
-_WRITES: dict[int, tuple[list[int], Any, int]] = {}
+_WRITES: dict[int, tuple[_Count, Any, int]] = {}
 _WRITES_PRUNE = [256]  # prune dead parameters' entries when the table reaches this size
 _MISSING = object()
 
@@ -695,17 +695,37 @@ def _autograd_leaf_param(p: Tensor) -> bool:
     return type(p) is Tensor or issubclass(type(p), torch.nn.Parameter)
 
 
-def _write_cell(param: Tensor) -> list[int]:
+class _Count:
+    """A parameter's backward count, read as ``cell[0]``. Compiled autograd traces post-accumulate-grad hooks into
+    its backward graph: a Python int incremented there was guarded on by value (``cell[0] == 7``), so every
+    backward recompiled the whole graph until torch's recompile limit (8), and the backward then ran uncompiled
+    for the rest of the run. Traced, the hook adds to a CPU tensor instead (a graph op, no guard on its value);
+    eagerly, to an int (a tensor op per parameter per backward cost ~2 us)."""
+
+    __slots__ = ("eager", "traced")
+
+    def __init__(self) -> None:
+        self.eager = 0
+        self.traced = torch.zeros((), dtype=torch.int64)
+
+    def __getitem__(self, i: int) -> int:
+        return self.eager + int(self.traced)
+
+
+def _write_cell(param: Tensor) -> _Count:
     """A counter of the backwards that accumulated into ``param.grad``, kept by a post-accumulate-grad hook
     installed once per parameter. DDP's reducer gives a parameter the same bucket view back after
     ``zero_grad(set_to_none=True)``, and a view's version counter is its whole bucket's (written by clips of
     other parameters too): a dropped batch's coefficient and skip flag reached the next batch's step."""
     cell = _write_cell_of(param)
     if cell is None:
-        cell = [0]
+        cell = _Count()
 
-        def bump(_: Tensor, cell: list[int] = cell) -> None:
-            cell[0] += 1
+        def bump(_: Tensor, cell: _Count = cell) -> None:
+            if torch.compiler.is_compiling():
+                cell.traced.add_(1)
+            else:
+                cell.eager += 1
 
         handle = param.register_post_accumulate_grad_hook(bump)
         # Set again, the hook table is registered with the tensor torch holds now: after torch.utils.swap_tensors
@@ -720,7 +740,7 @@ def _write_cell(param: Tensor) -> list[int]:
     return cell
 
 
-def _write_cell_of(param: Tensor) -> list[int] | None:
+def _write_cell_of(param: Tensor) -> _Count | None:
     """``param``'s backward count, if its hook is still installed on this very tensor (an id may be reused by
     a new tensor after a parameter is gone; a copy has no hook; after ``torch.utils.swap_tensors`` (``.to()``,
     ``load_state_dict()`` in torch's swap mode) the hook no longer fires: the counter read unwritten, and a
@@ -827,9 +847,9 @@ class _Record(tuple):  # type: ignore[type-arg]
     accumulate into that parameter), for :func:`untouched` to tell a new batch's backward from a write beside
     them."""
 
-    cells: list[tuple[list[int], int] | None]
+    cells: list[tuple[_Count, int] | None]
     #: the parts clipped before it since the flag was armed, combined into it: each held gradient with its cell
-    earlier: list[list[tuple[Tensor, tuple[list[int], int] | None]]] = []
+    earlier: list[list[tuple[Tensor, tuple[_Count, int] | None]]] = []
 
 
 def carried(armed: tuple[list[Tensor], list[int]], record: tuple[list[Tensor], list[int]]) -> None:
@@ -860,7 +880,7 @@ def armed_record(
         return held, [now[1][i] for i in kept]
     record = _Record((held, [now[1][i] for i in kept]))
     params = _params_by_grad(optimizer)
-    cells: list[tuple[list[int], int] | None] = []
+    cells: list[tuple[_Count, int] | None] = []
     for g in held:
         p = params.get(id(g))
         # (not FSDP1's original parameters: autograd accumulates into their flat parameter, theirs never move)

@@ -13,6 +13,7 @@ Run: ``.venv/bin/python -m pytest tests/test_perf_paths.py``.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import shutil
 import sys
@@ -1125,6 +1126,45 @@ def test_compiled_autograd_runs_after_dist_clip_watched_module_registrations():
     torch._dynamo.reset()
     want = torch.linalg.vector_norm(torch.cat([x.sum(0).repeat(2).double(), torch.full((2,), 4.0, dtype=torch.double)]))
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+
+
+def test_compiled_autograd_does_not_recompile_on_dist_clips_backward_counts():
+    """A skip armed on part of gradients that share a buffer (DDP's bucket views) installs a post-accumulate-grad
+    hook counting each parameter's backwards. Compiled autograd traces that hook into its backward graph, and
+    dynamo guarded on the Python int it incremented (``cell[0] == 7``): every backward recompiled the whole graph,
+    and after torch's limit of 8 the backward ran uncompiled. The counts must still be right."""
+
+    def run(compiled: bool) -> tuple[list[torch.Tensor], list[int]]:
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+        ps = list(m.parameters())
+        flat = torch.zeros(sum(p.numel() for p in ps))  # every gradient a view of one buffer, as DDP's buckets
+        offsets = [0, *itertools.accumulate(p.numel() for p in ps)]
+        for p, a, b in zip(ps, offsets, offsets[1:]):
+            p.grad = flat[a:b].view_as(p)
+        opt = torch.optim.SGD(ps, lr=0.1)
+        clipper = dist_clip.GradClipper(max_norm=0.5, on_nonfinite="skip")
+        for s in range(10):
+            flat.zero_()
+            loss = (m(torch.randn(4, 5, generator=torch.Generator().manual_seed(s))) ** 2).sum()
+            if compiled:
+                with torch._dynamo.config.patch(error_on_recompile=True), \
+                        torch._dynamo.compiled_autograd._enable(torch.compile(backend="eager")):
+                    loss.backward()
+            else:
+                loss.backward()
+            clipper(ps[:2], optimizer=opt)  # two parts of one buffer: the backward counts are installed
+            clipper(ps[2:], optimizer=opt)
+            opt.step()
+        counts = [_fused._write_cell_of(p)[0] for p in ps]  # type: ignore[index]
+        return [p.detach().clone() for p in ps], counts
+
+    eager, compiled = run(False), run(True)
+    torch._dynamo.reset()
+    assert compiled[1] == eager[1] == [9] * 4, (compiled[1], eager[1])  # installed by the first step's clip
+    for a, b in zip(compiled[0], eager[0]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_fullgraph_compile_of_a_registration_names_dist_clips_hook():
