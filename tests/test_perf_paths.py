@@ -1755,6 +1755,47 @@ def test_a_part_s_skip_survives_a_backward_into_a_shared_trunk(fused):
     assert all(torch.equal(b, p.detach()) for b, p in zip(before, ps))
 
 
+@pytest.mark.parametrize("pieces", ["slice", "mixed"])
+def test_a_part_s_skip_measured_as_slices_of_a_flat_buffer_survives_the_next_part_s_backward(pieces):
+    """An adapter's pieces that are slices of the flat gradient buffer the ``.grad`` views lie in (DeepSpeed's and
+    Megatron's layout), one part per call, each after its own backward, the second one into a trunk the first
+    part holds too: the ``.grad`` views a measured slice overlaps are held by the first part's skip beside those
+    measured by identity (``_measured_among``). Held as every gradient (``slice``: the slice is no stepped
+    gradient), or without the ``.grad`` views measured by identity (``mixed``: the trunk as a slice, the head's
+    ``.grad`` views as they are), the second backward's writes moved all it held, and the first part's NaN skip
+    was replaced by the second call's finite flag (a NaN step)."""
+    import dist_clip.adapters as adapters
+    from dist_clip import Shards
+
+    from .custom_adapter import HandSharded
+
+    torch.manual_seed(0)
+    trunk, h1, h2 = nn.Linear(4, 4), nn.Linear(4, 3), nn.Linear(4, 2)
+    ps = [*trunk.parameters(), *h1.parameters(), *h2.parameters()]
+    opt = torch.optim.Adam(ps, lr=0.1, fused=True)
+    sizes = [q.numel() for q in ps]
+    buf = torch.zeros(sum(sizes))
+    for q, g in zip(ps, buf.split(sizes)):
+        q.grad = g.view_as(q)
+    at_h1, at_h2 = sum(sizes[:2]), sum(sizes[:4])
+    first = {"slice": [buf[:at_h2]], "mixed": [buf[:at_h1], h1.weight.grad, h1.bias.grad]}[pieces]
+    second = {"slice": [buf[at_h2:]], "mixed": [h2.weight.grad, h2.bias.grad]}[pieces]
+    x = torch.randn(8, 4)
+    clip = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+    adapters.ADAPTERS = ("tests.custom_adapter", *adapters.BUILT_IN)
+    try:
+        h1(trunk(x)).square().sum().backward()
+        h1.weight.grad[0, 0] = math.nan
+        assert not bool(clip(HandSharded([Shards(first, None)]), optimizer=opt).finite)
+        h2(trunk(x)).square().sum().backward()
+        assert bool(clip(HandSharded([Shards(second, None)]), optimizer=opt).finite)
+    finally:
+        adapters.ADAPTERS = adapters.BUILT_IN
+    before = [q.detach().clone() for q in ps]
+    opt.step()
+    assert all(torch.equal(b, q.detach()) for b, q in zip(before, ps))
+
+
 def test_handed_over_scale_applies_to_exactly_one_step():
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=1.0, fused=True)
