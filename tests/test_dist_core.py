@@ -720,13 +720,15 @@ def test_replicas_beside_fsdp2_count_once_under_a_group_spanning_stages(run_rank
     assert run_ranks(4, body_replicas_beside_fsdp2, kind) == [[True] * 12] * 4
 
 
-def body_ddp_experts_beside_fsdp2_on_the_world() -> list:
+def body_ddp_experts_beside_fsdp2_on_the_world(hsdp: bool = False) -> list:
     """Expert parallelism on a (dp=2, ep=2) mesh without ``group=``: the dense layer under FSDP2 over the
     flattened world, each ep rank's own expert under a DDP over its ``mesh["dp"]`` pair (copies along dp only,
     distinct along ep). The call reduces over the world (the FSDP2 pieces), and the plain DDP gradients beside
     them were taken for FSDP2's unsharded copies, counted on rank 0 only: the other ep rank's expert was lost
     (4.16 for 4.62 in a 4-expert model; here the pair below), silently, in every mode (AGC's total as well). Each
-    DDP group's copy counts once, on its lowest rank."""
+    DDP group's copy counts once, on its lowest rank. ``hsdp``: the dense layer under HSDP on the (ep, dp) mesh
+    instead (replicated along ep, sharded along dp): FSDP2 reduces over both dims, so neither holds copies of
+    the experts (taking the replicate dim for copies counted the ep=1 expert on no rank)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
@@ -734,8 +736,10 @@ def body_ddp_experts_beside_fsdp2_on_the_world() -> list:
     from tests.fsdp_cases import _local
 
     rank = dist.get_rank()
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep"))
-    dp, ep = mesh.get_coordinate()
+    names = ("ep", "dp") if hsdp else ("dp", "ep")
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=names)
+    dp, ep = (mesh.get_coordinate()[names.index(n)] for n in ("dp", "ep"))
+    rank_of = {(d, e): int(mesh.mesh[(e, d) if hsdp else (d, e)]) for d in (0, 1) for e in (0, 1)}
 
     def net(seed_expert: int) -> nn.Module:
         torch.manual_seed(0)
@@ -754,12 +758,12 @@ def body_ddp_experts_beside_fsdp2_on_the_world() -> list:
     for e in (0, 1):
         ref = net(e).double()
         for d in (0, 1):
-            run(ref, batch(d * 2 + e).double()).div(2).backward()
+            run(ref, batch(rank_of[d, e]).double()).div(2).backward()
         experts_ref += [q.grad for q in ref["expert"].parameters()]
         dense_ref.append([q.grad / 2 for q in ref["dense"].parameters()])
     refs = [a + b for a, b in zip(*dense_ref)] + experts_ref
     model = net(ep)
-    fully_shard(model["dense"], mesh=mesh["dp", "ep"]._flatten("dp_ep_ddp_experts"))
+    fully_shard(model["dense"], mesh=mesh if hsdp else mesh["dp", "ep"]._flatten("dp_ep_ddp_experts"))
     model["expert"] = DistributedDataParallel(model["expert"], process_group=mesh["dp"].get_group())
     run(model, batch(rank)).backward()
     saved = [_local(q.grad).clone() for q in model.parameters()]
@@ -785,9 +789,10 @@ def body_ddp_experts_beside_fsdp2_on_the_world() -> list:
     return out
 
 
-def test_ddp_experts_beside_fsdp2_count_each_dp_group_once_without_group(run_ranks):
+@pytest.mark.parametrize("hsdp", [False, True])
+def test_ddp_experts_beside_fsdp2_count_each_dp_group_once_without_group(run_ranks, hsdp):
     want = [(2.0, True, 1), (1.0, True, 1), (0.0, True, 1), (math.inf, True, 1), True, True, True, True, True]
-    assert run_ranks(4, body_ddp_experts_beside_fsdp2_on_the_world) == [want] * 4
+    assert run_ranks(4, body_ddp_experts_beside_fsdp2_on_the_world, hsdp) == [want] * 4
 
 
 def body_ddp_layer_beside_fsdp2_over_tp() -> list:

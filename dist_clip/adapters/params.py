@@ -520,10 +520,16 @@ def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
     if isinstance(target, nn.Module):
         params = module_parameters(target)
         pairs = named_grads(target, params)
-        if len(pairs) < len(params):  # some gradient None here (frozen, unused, or set to None on this rank)
-            out = shards_with_stand_ins(pairs, absent_dtensor_grads(params, alone=not pairs), group)
-        else:
-            out = shards_of_grads(pairs, group)
+
+        def plan(over: dist.ProcessGroup | None) -> list[Shards]:
+            if len(pairs) < len(params):  # some gradient None here (frozen, unused, or set to None on this rank)
+                return shards_with_stand_ins(pairs, absent_dtensor_grads(params, alone=not pairs), over)
+            return shards_of_grads(pairs, over)
+
+        out = plan(group)
+        if group is None and _copies_differ_beyond(target, out, params):
+            group = dist.group.WORLD
+            out = plan(group)
         return replicas_counted_once(target, out, dict(params), group)
     elif isinstance(target, Iterable) and not isinstance(target, (Tensor, Mapping, str, bytes)):
         items = list(target)  # (a generator: read once)
@@ -543,6 +549,20 @@ def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
     else:
         pairs = named_grads(target)
     return shards_of_grads(pairs, group)
+
+
+def _copies_differ_beyond(target: nn.Module, shards: list[Shards], params: Sequence[tuple[str, Tensor]]) -> bool:
+    """Whether a module target without ``group=`` must be planned over the world: DDP (or ``replicate()``)
+    gradients beside FSDP2 pieces whose reduction (HSDP's shard group: its replicas are the same) leaves out
+    ranks FSDP2 reduces with, which read other batches, while FSDP2 reduces over every rank. Experts under a
+    DDP over ``mesh["dp"]`` beside dense layers under HSDP replicated along ep: the ep = 1 expert was left out on
+    the ep = 0 ranks and the other way round (0.3644 and 0.4823 for 0.5838 on a 2 ep x 2 dp mesh), each rank
+    clipping its own way. Decided alike on every rank (FSDP2's groups span the world on each)."""
+    reduce_over = _reduction_group([sh.group for sh in shards])
+    if reduce_over is None or not replica_groups(target):
+        return False
+    data = fsdp2_data_peers(q for _, q in params)
+    return data == set(range(dist.get_world_size())) and bool(data - set(dist.get_process_group_ranks(reduce_over)))
 
 
 def replica_groups(target: nn.Module) -> dict[int, dist.ProcessGroup]:
