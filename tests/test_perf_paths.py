@@ -2130,6 +2130,21 @@ def test_a_skip_armed_in_a_closure_that_raised_does_not_skip_the_retry(fused):
     assert all(not torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
 
 
+def test_an_explicit_skip_then_a_hand_over_on_the_same_gradients_still_skips():
+    """``skip_next_step_(opt, True)`` holds every gradient the optimizer steps (nothing says what was measured),
+    so a clip with ``optimizer=`` of those very gradients, unwritten since, keeps the skip: held as nothing, the
+    hand-over took the skip for one armed on other gradients, dropped it, and the step was taken."""
+    torch.manual_seed(0)
+    m = nn.Linear(4, 3)
+    opt = torch.optim.AdamW(m.parameters(), lr=0.1, fused=True)
+    m(torch.randn(2, 4)).sum().backward()
+    dist_clip.skip_next_step_(opt, True)
+    dist_clip.clip_grad_norm_(m, 1.0, optimizer=opt)
+    before = [q.detach().clone() for q in m.parameters()]
+    opt.step()
+    assert all(torch.equal(b, q.detach()) for b, q in zip(before, m.parameters()))
+
+
 def test_skip_next_step_false_clears_a_settled_hand_overs_flag():
     """README: a settled hand-over's skip flag lasts until the step; clear it with skip_next_step_(opt, False).
     It was not cleared (the flag rode in the settled hand-over, not with the armed ones): a good step skipped."""
