@@ -119,7 +119,7 @@ def test_per_group_single_process():
         torch.testing.assert_close(p.grad.double(), want, rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("target", ["mapping", "list", "views"])
+@pytest.mark.parametrize("target", ["mapping", "list", "views", "rows"])
 def test_per_group_on_gradients_takes_the_group_of_their_parameters(target):
     """README (Per-parameter and per-group clipping): a gradient given in place of its parameter is in the group of
     the parameter whose .grad it is (dd67b95 made this so for every target, not only a user adapter's Shards: a
@@ -136,6 +136,8 @@ def test_per_group_on_gradients_takes_the_group_of_their_parameters(target):
     if target == "views":  # views of a .grad are that gradient: a view was taken for one outside the optimizer
         pieces |= {"0.weight": named["0.weight"].grad.view(-1), "1.weight": named["1.weight"].grad[:, 1:]}
         pieces["1.weight.0"] = named["1.weight"].grad[:, 0]
+    if target == "rows":  # a row starting further into its .grad than the shortest .grad is long (1.bias: 8 bytes)
+        pieces |= {"1.weight": named["1.weight"].grad[:1], "1.weight.1": named["1.weight"].grad[1:]}
     arg: object = pieces if target != "list" else [pieces[n] for n in sorted(pieces)]
     GradClipper(mode="per_group")(arg, optimizer=opt)
     norms = [reference_norm([grads["0.weight"], grads["0.bias"]]), reference_norm([grads["1.weight"]])]
