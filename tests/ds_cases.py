@@ -1079,6 +1079,47 @@ def case_zero_module_under_a_plan_is_refused() -> list:
     return out
 
 
+def case_bf16_optimizer_module_is_refused() -> list:
+    """ZeRO-1 with bf16 and fp32 gradient accumulation steps DeepSpeed's ``BF16_Optimizer``, which reduces its
+    fp32 accumulation buffers and leaves each rank's own, unreduced bf16 gradient in ``.grad``. Its parameters
+    carry neither ZeRO-1/2's ``param_idx_in_group`` nor ZeRO-3's ``ds_id``, so ``engine.module`` was read as
+    replicated whole gradients, silently: 9.2711 under a plan (a pipeline stage's module), 9.2711 on rank 0 and
+    10.9436 on rank 1 without one, for the engine's 9.8212 (float64 reference 9.8301). A ValueError on every rank
+    now, in every mode, with and without a plan (it links each parameter to its fp32 copy, ``_hp_mapping``, as
+    ZeRO 1-2 do); the engine itself still measures 9.8212. Stage 0's ``engine.module`` (fp32, and bf16 under
+    ``FP16_UnfusedOptimizer``), whose ``.grad`` DeepSpeed all-reduces, is still measured under a plan: the
+    engine's norm, not a refusal."""
+    from dist_clip import AGC, GradClipper, ParallelPlan, Rule, compose
+    from tests.beyond_cases import mesh
+
+    rank = dist.get_rank()
+    out: list = []
+    for stage, dtype, accum in ((1, "bf16", "fp32"), (0, "fp32", None), (0, "bf16", None)):
+        engine = make_engine(ds_config(stage, dtype=dtype, grad_accum_dtype=accum))
+        engine.backward(loss_fn(engine(batch(rank, 0, 0).to(_engine_dtype(engine)))))
+        module = engine.module
+        names = tuple(n for n, _ in module.named_parameters())
+        plan = ParallelPlan(mesh((dist.get_world_size(),), ("dp",)), names=names, rules=(Rule("*", replicate=("dp",)),))
+        want = float(dist_clip.get_total_norm(engine))
+        if stage == 0:
+            out.append(round(float(compose.get_total_norm(module, plan)) / want, 6))
+            per_param = GradClipper(max_norm=1e9, mode="per_param")(module, plan=plan)
+            out.append(round(float(per_param.total_norm) / want, 6))
+        else:
+            out.append((type(engine.optimizer).__name__, round(want, 4)))
+            refused = lambda m: "managed by DeepSpeed ZeRO" in m and "BF16_Optimizer" in m  # noqa: E731
+            for call in (lambda m=module, pl=plan: compose.get_total_norm(m, pl),
+                         lambda m=module, pl=plan: GradClipper(max_norm=1.0)(dict(m.named_parameters()), plan=pl),
+                         lambda m=module: dist_clip.get_total_norm(m),
+                         lambda m=module: dist_clip.clip_grad_norm_(list(m.parameters()), 1.0),
+                         lambda m=module: GradClipper(max_norm=1.0, mode="per_param")(m),
+                         lambda m=module: GradClipper(mode="unitwise", agc=AGC(0.05))(m)):
+                out.append(outcome(call, ValueError, refused))
+            assert float(dist_clip.get_total_norm(engine)) == want  # (nothing was scaled)
+        engine.step()
+    return out
+
+
 def case_outside_the_optimizer_on_replicated_wrappers(dtype: str, grad_accum_dtype: str | None) -> list:
     """A trainable layer in no param group: stage 0's bf16 wrapper (FP16_UnfusedOptimizer) reduces its gradient
     as stage 0 does every gradient, but its fp16 groups were read alone (9.22 for 10.22, the layer unclipped);

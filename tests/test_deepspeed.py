@@ -177,6 +177,11 @@ def test_a_zero_module_under_a_plan_is_refused_on_every_rank(run_ranks):
     assert run_ranks(2, ds_cases.case_zero_module_under_a_plan_is_refused, timeout_s=TIMEOUT) == [[True] * 12] * 2
 
 
+def test_the_bf16_optimizers_module_is_refused_and_stage_0s_is_measured_under_a_plan(run_ranks):
+    assert run_ranks(2, ds_cases.case_bf16_optimizer_module_is_refused, timeout_s=TIMEOUT) == [
+        [("BF16_Optimizer", 9.8212)] + [True] * 6 + [1.0] * 4] * 2
+
+
 @pytest.mark.parametrize("dtype,accum", [("bf16", None), ("fp32", None), ("bf16", "fp32")])
 def test_a_trainable_layer_outside_the_optimizer_on_the_replicated_wrappers(run_ranks, dtype, accum):
     results = run_ranks(2, ds_cases.case_outside_the_optimizer_on_replicated_wrappers, dtype, accum,
