@@ -315,16 +315,10 @@ class ParallelPlan:
         for name, t in items:
             if not isinstance(t, Tensor):
                 raise TypeError(f"expected tensors or parameters, got {type(t).__name__} at {name!r}")
-            try:
-                # A parameter whose gradient a sharding wrapper holds outside .grad (DeepSpeed ZeRO 1-3's partitions:
-                # engine.module as a stage read 0 for 9.83, silently) or as an unnamed shard (fairscale FSDP): the
-                # path without a plan refuses them, and so does the plan (the checks of the path without one).
-                refuse_managed(name, t)
-            except ValueError as e:
-                raise ValueError(
-                    f"{e}. A ParallelPlan reads plain, DDP, FSDP2 and DTensor gradients only: clip that wrapper "
-                    "without plan="
-                ) from None
+            # A parameter whose gradient a sharding wrapper holds outside .grad (DeepSpeed ZeRO 1-3's partitions:
+            # engine.module as a stage read 0 for 9.83, silently) or as an unnamed shard (fairscale FSDP): the
+            # path without a plan refuses them, and so does the plan (the checks of the path without one).
+            refuse_managed(name, t, plan=True)
             owner = self.owner(name)
             if owner not in index:
                 raise ValueError(

@@ -586,7 +586,10 @@ def case_fsdp_under_a_plan_is_refused() -> list:
     rank = dist.get_rank()
     names = tuple(n for n, _ in make_model(0).named_parameters())
     plan = ParallelPlan(mesh((dist.get_world_size(),), ("dp",)), names=names)
-    refused = lambda m: "sharded by fairscale" in m and "without plan=" in m  # noqa: E731
+    # (the FSDP module passed itself was told to "pass the FullyShardedDataParallel module itself")
+    refused = lambda m: ("sharded by fairscale" in m  # noqa: E731
+                         and "clip the FullyShardedDataParallel module itself without plan=" in m
+                         and "pass the" not in m)
     out = []
     with cpu_stream_shim():
         for kind, kwargs in (("fsdp", {}), ("fsdp", {"flatten_parameters": False}), ("fsdp_nested", {})):

@@ -457,29 +457,36 @@ def _managed_marks() -> tuple[str, ...]:
     return marks + _FAIRSCALE_MARKS if "fairscale" in sys.modules else marks
 
 
-def refuse_managed(name: str, t: Tensor) -> None:
+def refuse_managed(name: str, t: Tensor, plan: bool = False) -> None:
     """ValueError for a parameter whose gradient a sharding wrapper holds: an FSDP1 (or fairscale FSDP)
     parameter's gradient may be a shard, which nothing here can tell from a replicated tensor, and DeepSpeed ZeRO
-    moves gradients into its partitions and sets ``.grad`` to None (the total would silently read 0)."""
+    moves gradients into its partitions and sets ``.grad`` to None (the total would silently read 0).
+
+    ``plan``: the target was given with a ParallelPlan, which reads none of them, the wrapper itself included
+    (the advice to pass the wrapper itself was no remedy there: the engine or the FSDP module passed under a
+    plan was told to pass the engine or the module itself)."""
     if getattr(t, "_fsdp_flattened", False):
-        raise ValueError(
-            f"parameter {name} is managed by FSDP1 (its gradient may be a shard of flattened parameters); pass "
-            "the FullyShardedDataParallel module itself, not its parameters()"
-        )
-    if getattr(t, "_is_sharded", False) is True and hasattr(t, "_orig_size"):
+        what, wrapper = "is managed by FSDP1 (its gradient may be a shard of flattened parameters)", (
+            "the FullyShardedDataParallel module itself", "its parameters()")
+    elif getattr(t, "_is_sharded", False) is True and hasattr(t, "_orig_size"):
         # Each rank measured its own shards as whole tensors: 17.08 on one rank, 22.75 on the other for 28.45.
-        raise ValueError(
-            f"parameter {name} is sharded by fairscale's FullyShardedDataParallel (its gradient is this rank's "
-            "shard); pass the FullyShardedDataParallel module itself, not its parameters() or a module holding it"
-        )
-    if hasattr(t, "ds_id") or hasattr(t, "param_idx_in_group") or hasattr(t, "_hp_mapping"):
+        what, wrapper = "is sharded by fairscale's FullyShardedDataParallel (its gradient is this rank's shard)", (
+            "the FullyShardedDataParallel module itself", "its parameters() or a module holding it")
+    elif hasattr(t, "ds_id") or hasattr(t, "param_idx_in_group") or hasattr(t, "_hp_mapping"):
         # BF16_Optimizer (_hp_mapping only) reduces its fp32 accumulation buffers and leaves each rank's own,
         # unreduced bf16 gradient in .grad: engine.module read 9.27 on one rank and 10.94 on the other for 9.82.
+        what, wrapper = (
+            "is managed by DeepSpeed ZeRO or its BF16_Optimizer (its reduced gradient lives in the engine's "
+            "partitions or fp32 buffers; .grad is None or this rank's own, unreduced one)"
+        ), ("the engine itself", "engine.module or its parameters()")
+    else:
+        return
+    if plan:
         raise ValueError(
-            f"parameter {name} is managed by DeepSpeed ZeRO or its BF16_Optimizer (its reduced gradient lives in "
-            "the engine's partitions or fp32 buffers; .grad is None or this rank's own, unreduced one); pass the "
-            "engine itself, not engine.module or its parameters()"
+            f"parameter {name} {what}: a ParallelPlan reads plain, DDP, FSDP2 and DTensor gradients only, not "
+            f"this wrapper's, whatever part of it is passed; clip {wrapper[0]} without plan="
         )
+    raise ValueError(f"parameter {name} {what}; pass {wrapper[0]}, not {wrapper[1]}")
 
 
 def _ddp_types() -> tuple[type, ...]:
