@@ -450,12 +450,13 @@ def case_sdp_trainable_not_reduced() -> list:
 
 def case_sdp_accumulation_without_no_sync() -> dict:
     """Gradient accumulation under ShardedDataParallel with every micro-batch's backward outside ``no_sync()``:
-    fairscale 0.4.13 reduces each backward to the owner and drops the gradients of the other ranks, so the next
-    backward adds the owner's reduced average to the new local gradients and averages them again, halving the
-    earlier micro-batch's share on 2 ranks (8.3014 with the default reduce buffer, 6.2586 with
-    ``reduce_buffer_size=0``, for the float64 reference's 8.6732; fairscale's own ``OSS.clip_grad_norm`` reads the
-    same). dist_clip measures what fairscale hands it; with ``no_sync()`` around all but the last micro-batch the
-    norm is the reference's. README, fairscale."""
+    fairscale 0.4.13 reduces each backward to the owner; with ``reduce_buffer_size=0`` it sets the other ranks'
+    gradients to None, so the next backward adds the owner's reduced average to the new local gradients and
+    averages them again, halving the earlier micro-batch's share on 2 ranks (6.2586); with the default reduce
+    buffer the gradients are views of its buckets, which keep what the reduce left there (8.3014), for the float64
+    reference's 8.6732; fairscale's own ``OSS.clip_grad_norm`` reads the same. dist_clip measures what fairscale
+    hands it; with ``no_sync()`` around all but the last micro-batch the norm is the reference's. README,
+    fairscale."""
     from fairscale.nn.data_parallel import ShardedDataParallel
     from fairscale.optim import OSS
 
@@ -478,6 +479,44 @@ def case_sdp_accumulation_without_no_sync() -> dict:
             if windowed:
                 _close(got, want, 2e-6, f"buffer {buffer}: no_sync() accumulation vs reference")
             out[f"{buffer}/{'no_sync' if windowed else 'plain'}"] = round(got, 4)
+    return out
+
+
+def case_accumulation_exact_where_readme_says() -> dict:
+    """README, fairscale: "With ``no_sync()`` the norm and the step are exact (tested with 2 and 3 micro-batches);
+    OSS under torch DDP is exact either way, and so is fairscale FSDP": the 3 micro-batches and the other two
+    wrappers outside ``no_sync()`` were in no test. Each: the clipped norm and the parameters after ``step()``
+    against the float64 unsharded run. ShardedDDP outside ``no_sync()`` over 3 micro-batches, for contrast,
+    reads fairscale's wrong gradients (8.0178 with the default reduce buffer for 8.7607)."""
+    from fairscale.nn.data_parallel import ShardedDataParallel
+    from fairscale.optim import OSS
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out: dict[str, Any] = {}
+    runs = [("oss_sdp", 3, True, 2**23), ("oss_sdp", 3, True, 0), ("oss_ddp", 2, False, None),
+            ("oss_ddp", 3, False, None), ("fsdp", 2, False, None), ("fsdp", 3, False, None),
+            ("oss_sdp", 3, False, 2**23)]
+    with cpu_stream_shim():
+        for kind, micros, windowed, buffer in runs:
+            if kind == "oss_sdp":
+                model = make_model(0)
+                opt = OSS(model.parameters(), optim=torch.optim.SGD, lr=LR, momentum=MOMENTUM)
+                model = target = ShardedDataParallel(model, opt, reduce_buffer_size=buffer)
+            else:
+                model, opt, target = build(kind)
+            ref = Reference()
+            want = ref.step([[batch(r, 0, m) for r in range(world)] for m in range(micros)], 0.3, 2.0)
+            model.zero_grad()
+            for m in range(micros):
+                with model.no_sync() if windowed and m < micros - 1 else contextlib.nullcontext():
+                    (loss_fn(model(batch(rank, 0, m))) / micros).backward()
+            got = float(dist_clip.clip_grad_norm_(target, 0.3))
+            opt.step()
+            what = f"{kind} {micros} micro-batches{' no_sync' if windowed else ''} buffer {buffer}"
+            if windowed or kind != "oss_sdp":
+                _close(got, want, 2e-6, f"{what}: norm")
+                _params_close(full_params(kind, model), ref.params(), 1e-5, 1e-6, f"{what}: params")
+            out[what] = (round(got, 4), round(want, 4))
     return out
 
 

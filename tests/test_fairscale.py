@@ -78,6 +78,12 @@ def test_sdp_accumulation_outside_no_sync_is_fairscales_own_wrong_gradient(run_r
                                 "0/plain": 6.2586, "0/no_sync": 8.6732}, out
 
 
+def test_accumulation_is_exact_where_the_readme_says_so(run_ranks):
+    out = run_ranks(2, fairscale_cases.case_accumulation_exact_where_readme_says, timeout_s=TIMEOUT)
+    assert out[0] == out[1], out
+    assert out[0]["oss_sdp 3 micro-batches buffer 8388608"] == (8.0178, 8.7607), out[0]
+
+
 def test_sdp_forward_without_backward_after_the_backward_is_measured(run_ranks):
     out = run_ranks(2, fairscale_cases.case_sdp_forward_after_backward, timeout_s=TIMEOUT)
     assert out[0] == out[1], out
