@@ -413,9 +413,21 @@ def _module_parameters(module: nn.Module) -> list[tuple[str, Tensor]]:
     backward is measured by its sharded parameters (its plain unsharded ones read 0: 0 for 3.26), gradient sync
     off (FSDP2, composable ``replicate``) and DDP's ``no_sync()`` are refused (each rank measured its own
     unreduced gradients), and DDP is unwrapped (its ``module.`` prefix was not in the plan's names)."""
-    from .adapters.params import module_parameters
+    from .adapters import deepspeed, fairscale
+    from .adapters.params import module_parameters, refuse_managed
 
     inner = _slots.unwrap_compiled(module)
+    engine = deepspeed.matches(inner)
+    if engine or fairscale._is(inner, fairscale._SDP):
+        # The wrapper passed itself failed on its ``module.`` names, with advice to list them in the plan's names
+        # (a ZeRO 1-3 engine's parameters get their own refusal first, below).
+        for n, q in module_parameters(inner, remove_duplicate=False):  # type: ignore[arg-type]
+            refuse_managed(n, q, plan=True)
+        what, remedy = ("a DeepSpeed engine", "the engine itself") if engine else (
+            "fairscale's ShardedDataParallel (it reduces each gradient to its OSS owner only)",
+            "the ShardedDataParallel or its OSS optimizer")
+        raise ValueError(f"a ParallelPlan reads plain, DDP, FSDP2 and DTensor modules, not {what}; clip {remedy} "
+                         "without plan=")
     ddp = _slots._ddp_module(inner)  # type: ignore[arg-type]  # refuses a call inside no_sync()
     if ddp is not None:
         inner = _slots.unwrap_compiled(ddp)

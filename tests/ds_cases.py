@@ -1091,7 +1091,7 @@ def case_bf16_optimizer_module_is_refused() -> list:
     now, in every mode, with and without a plan (it links each parameter to its fp32 copy, ``_hp_mapping``, as
     ZeRO 1-2 do); the engine itself still measures 9.8212. Stage 0's ``engine.module`` (fp32, and bf16 under
     ``FP16_UnfusedOptimizer``), whose ``.grad`` DeepSpeed all-reduces, is still measured under a plan: the
-    engine's norm, not a refusal."""
+    engine's norm, not a refusal; the stage-0 engine itself, a ValueError naming the remedy."""
     from dist_clip import AGC, GradClipper, ParallelPlan, Rule, compose
     from tests.beyond_cases import mesh
 
@@ -1108,6 +1108,9 @@ def case_bf16_optimizer_module_is_refused() -> list:
             out.append(round(float(compose.get_total_norm(module, plan)) / want, 6))
             per_param = GradClipper(max_norm=1e9, mode="per_param")(module, plan=plan)
             out.append(round(float(per_param.total_norm) / want, 6))
+            # The stage-0 engine passed itself failed on its ``module.`` names, told to list them in the plan
+            refused = lambda m: "not a DeepSpeed engine; clip the engine itself without plan=" in m  # noqa: E731
+            out.append(outcome(lambda e=engine, pl=plan: compose.get_total_norm(e, pl), ValueError, refused))
         else:
             out.append((type(engine.optimizer).__name__, round(want, 4)))
             refused = lambda m: "managed by DeepSpeed ZeRO" in m and "BF16_Optimizer" in m  # noqa: E731

@@ -618,7 +618,8 @@ def case_fsdp_under_a_plan_is_refused() -> list:
     """A fairscale FSDP module (a pipeline stage's, say) under a ParallelPlan: its parameters are this rank's
     shards, which a plan cannot map to the model's names and slices. It failed on the wrapper's names
     (``flat_param_0``, ``_fpw_module.weight``: "list every parameter of the full model in ParallelPlan.names"),
-    sending the user to rename shards; now the ValueError of the path without a plan, on every rank."""
+    sending the user to rename shards; now the ValueError of the path without a plan, on every rank. So too a
+    ShardedDataParallel passed itself (its ``module.`` names), with the advice to clip it without a plan."""
     from dist_clip import GradClipper, ParallelPlan
     from tests.beyond_cases import mesh
 
@@ -637,6 +638,12 @@ def case_fsdp_under_a_plan_is_refused() -> list:
             for target in (model, torch.nn.ModuleDict({"stage": model})):
                 out.append(outcome(lambda t=target: GradClipper(max_norm=1.0, mode="per_param")(t, plan=plan),
                                    ValueError, refused))
+        # ShardedDataParallel passed itself failed on its ``module.`` names, told to list them in the plan's names
+        model, _, _ = build("oss_sdp")
+        loss_fn(model(batch(rank, 0, 0))).backward()
+        refused = lambda m: ("not fairscale's ShardedDataParallel" in m  # noqa: E731
+                             and "clip the ShardedDataParallel or its OSS optimizer without plan=" in m)
+        out.append(outcome(lambda: GradClipper(max_norm=1.0)(model, plan=plan), ValueError, refused))
     return out
 
 

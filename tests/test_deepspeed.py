@@ -179,7 +179,7 @@ def test_a_zero_module_under_a_plan_is_refused_on_every_rank(run_ranks):
 
 def test_the_bf16_optimizers_module_is_refused_and_stage_0s_is_measured_under_a_plan(run_ranks):
     assert run_ranks(2, ds_cases.case_bf16_optimizer_module_is_refused, timeout_s=TIMEOUT) == [
-        [("BF16_Optimizer", 9.8212)] + [True] * 6 + [1.0] * 4] * 2
+        [("BF16_Optimizer", 9.8212)] + [True] * 6 + [1.0, 1.0, True] * 2] * 2
 
 
 @pytest.mark.parametrize("dtype,accum", [("bf16", None), ("fp32", None), ("bf16", "fp32")])

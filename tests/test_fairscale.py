@@ -100,7 +100,7 @@ def test_two_jobs_whose_wrappers_hold_distinct_groups_of_the_same_ranks(run_rank
 
 
 def test_fsdp_under_a_plan_is_refused_on_every_rank(run_ranks):
-    assert run_ranks(2, fairscale_cases.case_fsdp_under_a_plan_is_refused, timeout_s=TIMEOUT) == [[True] * 6] * 2
+    assert run_ranks(2, fairscale_cases.case_fsdp_under_a_plan_is_refused, timeout_s=TIMEOUT) == [[True] * 7] * 2
 
 
 def test_adapter_requires_fairscale_by_name(monkeypatch):
