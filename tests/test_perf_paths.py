@@ -1734,16 +1734,24 @@ def test_a_dropped_batch_clipped_in_parts_does_not_skip_a_next_batch_leaving_som
             assert all(torch.equal(b, q.detach()) for b, q in zip(before, ps))
 
 
+@pytest.mark.parametrize("flat", [False, True])
 @pytest.mark.parametrize("fused", [False, True])
-def test_a_part_s_skip_survives_a_backward_into_a_shared_trunk(fused):
+def test_a_part_s_skip_survives_a_backward_into_a_shared_trunk(fused, flat):
     """Two heads on one trunk, each clipped after its own backward: the second backward accumulates into the
     trunk's gradients, which the first call measured too, and requiring every measured gradient untouched
-    replaced the first head's NaN skip (a NaN step). Some measured gradient left as it was keeps the flag."""
+    replaced the first head's NaN skip (a NaN step). Some measured gradient left as it was keeps the flag.
+    ``flat``: every gradient a view of one buffer (DDP's bucket views: one version counter), where the backward
+    counts decide: the trunk's moved, the first head's did not (taking a backward into some held gradient for
+    the next batch's replaced the skip)."""
     torch.manual_seed(0)
     x = torch.randn(8, 4)
     trunk, h1, h2 = nn.Linear(4, 4), nn.Linear(4, 3), nn.Linear(4, 2)
     ps = [*trunk.parameters(), *h1.parameters(), *h2.parameters()]
     opt = torch.optim.Adam(ps, lr=0.1, fused=fused)
+    if flat:
+        buf = torch.zeros(sum(q.numel() for q in ps))
+        for q, g in zip(ps, buf.split([q.numel() for q in ps])):
+            q.grad = g.view_as(q)
     clip = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
     h1(trunk(x)).square().sum().backward()
     h1.weight.grad[0, 0] = math.nan
@@ -2143,6 +2151,29 @@ def test_an_explicit_skip_then_a_hand_over_on_the_same_gradients_still_skips():
     before = [q.detach().clone() for q in m.parameters()]
     opt.step()
     assert all(torch.equal(b, q.detach()) for b, q in zip(before, m.parameters()))
+
+
+@pytest.mark.parametrize("second", ["clipper", "clipper_fused", "clip_fused"])
+def test_an_explicit_skip_then_a_backward_into_some_gradients_combines_with_the_next_call(second):
+    """``skip_next_step_(opt, True)`` holds every gradient the optimizer steps; a second loss's backward into one
+    head's gradients only (accumulated in place: the same tensors, some written) before the clip of the model:
+    some held gradient is as it was, so the call's finite flag combines with the skip and the step is skipped
+    (requiring every held gradient unwritten, the skip was replaced and the step taken)."""
+    torch.manual_seed(0)
+    h1, h2 = nn.Linear(4, 3), nn.Linear(4, 2)
+    ps = [*h1.parameters(), *h2.parameters()]
+    opt = torch.optim.Adam(ps, lr=0.1, fused=second != "clipper")
+    x = torch.randn(8, 4)
+    (h1(x).square().sum() + h2(x).square().sum()).backward()
+    dist_clip.skip_next_step_(opt, True)
+    h2(x).square().sum().backward()  # into h2's gradients only
+    if second == "clip_fused":
+        dist_clip.clip_grad_norm_(ps, 1.0, optimizer=opt)
+    else:
+        assert bool(dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")(ps, optimizer=opt).finite)
+    before = [q.detach().clone() for q in ps]
+    opt.step()
+    assert all(torch.equal(b, q.detach()) for b, q in zip(before, ps))
 
 
 def test_skip_next_step_false_clears_a_settled_hand_overs_flag():
