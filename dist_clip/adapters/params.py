@@ -646,13 +646,17 @@ def fsdp2_data_peers(params: Iterable[Tensor]) -> set[int]:
         return set()
     mine = set(map(id, params))
     peers: set[int] = set()
+    done: set[tuple[int, frozenset[int]]] = set()
     for pg in _all_fsdp2_param_groups():
-        if not any(id(fp.sharded_param) in mine for fp in pg.fsdp_params):
-            continue
         info = pg.mesh_info
+        dims = frozenset(d for d in (getattr(info, "shard_mesh_dim", None), getattr(info, "replicate_mesh_dim", None))
+                         if d is not None)
+        # One look per mesh and dims: a model's param groups (one per fully_shard unit) mostly share one, and the
+        # walk over each group's parameters and mesh made an HSDP model's call beside a DDP ~60% slower.
+        if (id(info.mesh), dims) in done or not any(id(fp.sharded_param) in mine for fp in pg.fsdp_params):
+            continue
+        done.add((id(info.mesh), dims))
         mesh, coord = info.mesh, info.mesh.get_coordinate()
-        dims = {d for d in (getattr(info, "shard_mesh_dim", None), getattr(info, "replicate_mesh_dim", None))
-                if d is not None}
         if coord is None or not dims:
             continue
         at = tuple(slice(None) if d in dims else c for d, c in enumerate(coord))
