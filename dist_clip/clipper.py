@@ -58,6 +58,10 @@ MODES: tuple[str, ...] = ("total", "per_param", "per_group", "unitwise")
 POLICIES: tuple[str, ...] = ("error", "skip", "zero", "ignore")
 _STATE_VERSION = 1
 _NONE = object()  # an absent param group entry
+# Param group entries a skipped step leaves as they are: the learning rate is its scheduler's (torch's write it,
+# a step pre-hook or a subclass's step may step one: put back, a chainable schedule lagged its own counter for
+# good, ExponentialLR's lr a factor gamma per skipped step, as no scheduler stepped after step() does).
+_SCHEDULED = ("params", "lr")
 
 
 @dataclass(frozen=True)
@@ -186,9 +190,9 @@ class _SkipGuard:
     set). State that only the host can restore makes the accelerator path read the flag once: state created by
     the step (each optimizer has its own initial values: NAdam's ``mu_product`` 1, Rprop's ``step_size`` lr, so
     no device-side default is right: it is removed, as if never stepped) and state that is not a tensor
-    (SparseAdam's and LBFGS's counters and histories), param group entries included: an optimizer keeping its
-    adaptation there (Prodigy's and D-Adaptation's ``d``, schedule-free's ``k`` and ``weight_sum``) wrote the skipped
-    step's NaN and counters into its groups, for good.
+    (SparseAdam's and LBFGS's counters and histories), param group entries included (not the lr: its scheduler's):
+    an optimizer keeping its adaptation there (Prodigy's and D-Adaptation's ``d``, schedule-free's ``k`` and
+    ``weight_sum``) wrote the skipped step's NaN and counters into its groups, for good.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
@@ -296,7 +300,7 @@ class _SkipGuard:
                 }
         # Each param group's entries (all but its parameters), by the objects they hold: a step that writes one
         # (``group["d"] = d``) puts a new object there, told by identity, put back on a skip (see _groups_changed).
-        groups = [(g, {k: v for k, v in g.items() if k != "params"}) for g in optimizer.param_groups]
+        groups = [(g, {k: v for k, v in g.items() if k not in _SCHEDULED}) for g in optimizer.param_groups]
         self.saved = ([t.clone() for t in locals_], locals_, states, params, groups)
 
     @_fused.never_traced
@@ -351,15 +355,15 @@ class _SkipGuard:
     @staticmethod
     def _groups_changed(groups: list[tuple[dict[str, Any], dict[str, Any]]]) -> bool:
         """Whether the step wrote a param group entry (a new object under a key, a key added or removed)."""
-        return any(len(g) - ("params" in g) != len(before) or any(g.get(k, _NONE) is not v for k, v in before.items())
-                   for g, before in groups)
+        return any(sum(k not in _SCHEDULED for k in g) != len(before)
+                   or any(g.get(k, _NONE) is not v for k, v in before.items()) for g, before in groups)
 
     @staticmethod
     def _restore_groups(groups: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
         """Put back the param group entries the skipped step wrote (only those: a group untouched keeps its
         objects)."""
         for g, before in groups:
-            for k in [k for k in g if k != "params" and k not in before]:
+            for k in [k for k in g if k not in _SCHEDULED and k not in before]:
                 del g[k]
             for k, v in before.items():
                 if g.get(k, _NONE) is not v:

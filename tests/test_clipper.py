@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -778,6 +779,54 @@ def test_a_skipped_step_leaves_the_param_groups_as_they_were(monkeypatch, host, 
     clipper(model, optimizer=plain)
     plain.step()
     assert plain.param_groups[0]["lr"] is lr
+
+
+@pytest.mark.parametrize("where", ["pre_hook", "subclass"])
+@pytest.mark.parametrize("host", [True, False])
+def test_a_skipped_step_leaves_a_scheduled_lr_to_its_scheduler(monkeypatch, host, where):
+    """An LR scheduler stepped inside step() (a step pre-hook registered after the first clip, or a subclass's
+    step before super().step()) writes group["lr"]: a skipped step put it back while the scheduler's counter
+    moved on, and a chainable schedule lagged for good (ExponentialLR(gamma=0.5): lr 0.125 at last_epoch 4, for
+    0.0625), where one stepped after step() stays on schedule. On accelerators every step, good ones too, read
+    the flag on the host (an entry written)."""
+    from dist_clip.clipper import _SkipGuard
+
+    if not host:
+        monkeypatch.setattr(_SkipGuard, "_on_host", staticmethod(lambda flag: False))  # the accelerator's branch
+    changed = []
+    original = _SkipGuard._groups_changed
+    monkeypatch.setattr(_SkipGuard, "_groups_changed", staticmethod(lambda g: changed.append(original(g))
+                                                                    or changed[-1]))
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    torch.optim.SGD(model.parameters(), lr=1.0)  # (torch wraps SGD.step, with its hooks, at the first instance)
+    holder = {}
+
+    class Scheduled(torch.optim.SGD):
+        def step(self, closure=None):  # noqa: ANN001, ANN201
+            holder["sched"].step()
+            return super().step(closure)
+
+    opt = (Scheduled if where == "subclass" else torch.optim.SGD)(model.parameters(), lr=1.0)
+    clipper = GradClipper(max_norm=1.0, on_nonfinite="skip")
+    for i in range(4):
+        opt.zero_grad()
+        model(torch.randn(4, 3)).sum().backward()
+        if i == 1:
+            model.weight.grad[0, 0] = float("nan")
+        clipper(model, optimizer=opt)
+        if not holder:
+            holder["sched"] = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5)
+            if where == "pre_hook":
+                opt.register_step_pre_hook(lambda o, a, k: holder["sched"].step())
+        before = model.weight.detach().clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (torch's "lr_scheduler.step() before optimizer.step()")
+            opt.step()
+        assert torch.equal(before, model.weight.detach()) == (i == 1)
+        assert opt.param_groups[0]["lr"] == 0.5 ** holder["sched"].last_epoch == 0.5 ** (i + 1)
+    assert not any(changed)  # (no entry but the lr written: the accelerators read no flag for it)
+    assert torch.isfinite(model.weight).all()
 
 
 def test_skipping_a_differentiable_step_is_refused():
