@@ -794,9 +794,15 @@ def arm_skip_(
     now = grad_state(optimizer)
     armed = optimizer.__dict__.get(_SKIP)
     record = armed_record(now, measured, optimizer)
-    if combine and armed is not None and untouched(armed[1], started if started is not None else now, measured):
+    merged = (supersede(armed[1], record, now, measured, value, lambda a, b: torch.maximum(a, b.to(a.device)))
+              if combine and armed is not None else None)
+    if merged is not None:
+        value = merged
+    elif combine and armed is not None and untouched(armed[1], started if started is not None else now, measured):
         value = torch.maximum(armed[0], value.to(armed[0].device))
         carried(armed[1], record)
+    else:
+        first_flag(record, value)
     optimizer.__dict__[_SKIP] = (value, record)
     pending = optimizer.__dict__.get(_PENDING)
     if not combine and pending is not None:
@@ -854,6 +860,44 @@ class _Record(tuple):  # type: ignore[type-arg]
     cells: list[tuple[_Count, int] | None]
     #: the parts clipped before it since the flag was armed, combined into it: each held gradient with its cell
     earlier: list[list[tuple[Tensor, tuple[_Count, int] | None]]] = []
+    #: each part's own flag (``earlier``'s, then this record's own part's), where every arming of the flag was one
+    #: of such records (see :func:`supersede`); None where unknown
+    flags: list[Tensor] | None = None
+
+
+def supersede(armed: tuple[Any, ...], record: tuple[Any, ...], now: tuple[list[Tensor], list[int]],
+              measured: Sequence[Tensor] | None, new: Tensor,
+              merge: Callable[[Tensor, Tensor], Tensor]) -> Tensor | None:
+    """The flag of a call arming ``new`` on ``record`` over one armed on ``armed``, both parts of gradients that
+    are views of one buffer (:class:`_Record`, each part's flag kept): ``new`` merged with the flags of the armed
+    parts this call does not measure again whole (a part measured again reads as it is now: a backward
+    accumulating into a NaN gradient leaves it NaN, a dropped batch's in-place ``zero_grad()`` makes it finite).
+    Replacing the whole flag on a sign of the next batch (a backward since, read from the backward counts) took a
+    NaN step where one part was clipped again within its batch after an extra loss (parts [ha, hc] and [hb], NaN in
+    hb, an auxiliary loss through ha, [ha, hc] clipped again: hb's skip dropped). None where it does not apply
+    (a record of another kind, flags not kept, the held gradients all replaced): :func:`untouched` decides."""
+    flags = getattr(armed, "flags", None)
+    if flags is None or not isinstance(record, _Record) or measured is None:
+        return None
+    where = {id(t) for t in now[0]}
+    if not any(id(t) in where for t in armed[0]):
+        return None  # (the held gradients replaced: set_to_none, the next batch)
+    again = {id(now[0][i]) for i in _measured_among(now[0], measured)}
+    kept_parts, kept_flags = [], []
+    for part, flag in zip([*armed.earlier, list(zip(armed[0], armed.cells))], flags):
+        present = [(t, c) for t, c in part if id(t) in where]
+        if present and not all(id(t) in again for t, _ in present):
+            kept_parts.append(present)
+            kept_flags.append(flag)
+    record.earlier = kept_parts
+    record.flags = [*kept_flags, new]
+    return functools.reduce(merge, record.flags)
+
+
+def first_flag(record: tuple[Any, ...], new: Tensor) -> None:
+    """``record`` arms ``new`` alone (replaced, or nothing armed before): its part's flag, for :func:`supersede`."""
+    if isinstance(record, _Record):
+        record.flags = [new]
 
 
 def carried(armed: tuple[list[Tensor], list[int]], record: tuple[list[Tensor], list[int]]) -> None:

@@ -243,7 +243,11 @@ class _SkipGuard:
         self.running, self.replaced = None, False  # left by a step that raised: that step's
         now = _fused.grad_state(optimizer)
         record = _fused.armed_record(now, measured, optimizer)
-        if (
+        merged = (_fused.supersede(self.armed_on, record, now, measured, flag, lambda a, b: a | b.to(a.device))
+                  if combine and self.flag is not None and self.armed_on is not None else None)
+        if merged is not None:
+            flag = merged  # parts of one buffer: each part's latest flag (see _fused.supersede)
+        elif (
             combine
             and self.flag is not None
             and self.armed_on is not None
@@ -251,6 +255,8 @@ class _SkipGuard:
         ):
             flag = self.flag | flag.to(self.flag.device)  # two calls on the same gradients: either skips
             _fused.carried(self.armed_on, record)
+        else:
+            _fused.first_flag(record, flag)
         self.flag = flag
         self.armed_on = record
 

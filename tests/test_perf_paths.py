@@ -1768,6 +1768,50 @@ def test_a_dropped_batch_clipped_in_parts_does_not_skip_a_next_batch_leaving_som
             assert all(torch.equal(b, q.detach()) for b, q in zip(before, ps))
 
 
+@pytest.mark.parametrize("aux", ["part of the part", "the whole part"])
+@pytest.mark.parametrize("second", ["clipper", "clipper_fused", "clip_fused"])
+def test_a_part_clipped_again_within_its_step_keeps_another_part_s_skip(second, aux):
+    """Views of one buffer (DDP's bucket views), parts [ha, hc] and [hb] with the NaN in hb, then an auxiliary
+    loss through ``aux`` of the first part and that part clipped again, in the same step: its call replaced the
+    whole flag (read as the next batch: a backward since, into any gradient of the flag's parts, or into all of the
+    part) and the NaN step was taken (also with DDP, gradient_as_bucket_view=True, 2 ranks). A part clipped again
+    replaces its own flag only: hb's skip stays, and the next good batch steps."""
+    torch.manual_seed(0)
+    ha, hb, hc = nn.Linear(4, 3), nn.Linear(4, 2), nn.Linear(4, 2)
+    ps = [*ha.parameters(), *hb.parameters(), *hc.parameters()]
+    opt = torch.optim.Adam(ps, lr=0.1, fused=second != "clipper")
+    buf = torch.zeros(sum(q.numel() for q in ps))
+    for q, g in zip(ps, buf.split([q.numel() for q in ps])):
+        q.grad = g.view_as(q)
+    x = torch.randn(8, 4)
+    clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+    first, second_part = [*ha.parameters(), *hc.parameters()], [*hb.parameters()]
+
+    def clip(part: list[nn.Parameter]) -> None:
+        if second == "clip_fused":
+            dist_clip.clip_grad_norm_(part, 1.0, optimizer=opt)
+        else:
+            clipper(part, optimizer=opt)
+
+    for nan in (True, False):
+        opt.zero_grad(set_to_none=False)
+        sum(h(x).square().sum() for h in (ha, hb, hc)).backward()
+        if nan:
+            hb.weight.grad[0, 0] = math.nan
+        clip(first)
+        clip(second_part)
+        heads = (ha,) if aux == "part of the part" else (ha, hc)
+        sum(h(x).abs().mean() for h in heads).backward()  # an auxiliary loss between the calls
+        clip(first)
+        before = [q.detach().clone() for q in ps]
+        opt.step()
+        if nan:  # skipped
+            assert all(torch.equal(b, q.detach()) for b, q in zip(before, ps))
+        else:
+            assert all(bool(q.isfinite().all()) for q in ps)
+            assert not torch.equal(before[0], ps[0].detach())
+
+
 @pytest.mark.parametrize("flat", [False, True])
 @pytest.mark.parametrize("fused", [False, True])
 def test_a_part_s_skip_survives_a_backward_into_a_shared_trunk(fused, flat):
