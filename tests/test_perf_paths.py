@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import random
 import shutil
 import sys
 import warnings
@@ -1810,6 +1811,54 @@ def test_a_part_clipped_again_within_its_step_keeps_another_part_s_skip(second, 
         else:
             assert all(bool(q.isfinite().all()) for q in ps)
             assert not torch.equal(before[0], ps[0].detach())
+
+
+@pytest.mark.parametrize("second", ["clipper", "clipper_fused", "clip_fused"])
+def test_parts_of_one_buffer_skip_exactly_the_steps_whose_gradients_are_not_finite(second):
+    """Random flows over views of one buffer clipped in two parts per batch (gradients zeroed in place, heads left
+    unused, a NaN in one head, an auxiliary loss and one part clipped again, batches dropped): a step is skipped
+    exactly when the gradients it would take are not finite (the reference: ``torch.isfinite`` over every
+    gradient at ``step()``). Read as the next batch, a part clipped again within its step replaced the whole flag:
+    66 NaN steps taken and 3 good ones skipped in 180 such runs."""
+    for seed in range(12):
+        rng = random.Random(seed)
+        torch.manual_seed(seed)
+        heads = [nn.Linear(4, 2) for _ in range(4)]
+        ps = [q for h in heads for q in h.parameters()]
+        opt = torch.optim.Adam(ps, lr=0.1, fused=second != "clipper")
+        buf = torch.zeros(sum(q.numel() for q in ps))
+        for q, g in zip(ps, buf.split([q.numel() for q in ps])):
+            q.grad = g.view_as(q)
+        x = torch.randn(8, 4)
+        clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+        cut = rng.randint(1, 3)
+        parts = [[q for h in heads[:cut] for q in h.parameters()], [q for h in heads[cut:] for q in h.parameters()]]
+
+        def clip(part: list[nn.Parameter]) -> None:
+            if second == "clip_fused":
+                dist_clip.clip_grad_norm_(part, 1.0, optimizer=opt)  # noqa: B023
+            else:
+                clipper(part, optimizer=opt)  # noqa: B023
+
+        for step in range(6):
+            opt.zero_grad(set_to_none=False)
+            used = [h for h in heads if rng.random() < 0.7] or heads[:1]
+            sum(h(x).square().sum() for h in used).backward()
+            if rng.random() < 0.4:
+                rng.choice(heads).weight.grad[0, 0] = math.nan
+            for part in parts:
+                clip(part)
+            if rng.random() < 0.5:
+                aux = [h for h in heads if rng.random() < 0.5] or heads[:1]
+                sum(h(x).abs().mean() for h in aux).backward()
+                clip(parts[rng.randrange(2)])
+            if rng.random() < 0.25:
+                continue  # the batch dropped
+            finite = all(bool(q.grad.isfinite().all()) for q in ps)
+            before = [q.detach().clone() for q in ps]
+            opt.step()
+            skipped = all(torch.equal(b, q.detach()) for b, q in zip(before, ps))
+            assert skipped != finite, (seed, step)
 
 
 @pytest.mark.parametrize("flat", [False, True])
