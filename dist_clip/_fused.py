@@ -924,8 +924,13 @@ def armed_record(
     if len(kept) == len(now[0]):
         return now
     held = [now[0][i] for i in kept]
-    if optimizer is None or not any(map(Tensor._is_view, held)) or not _shared_counters(now[0]):  # (the first two in C)
+    if optimizer is None:
         return held, [now[1][i] for i in kept]
+    if not any(map(Tensor._is_view, held)) or not _shared_counters(now[0]):  # (in C)
+        # Gradients of their own: their versions tell a write; a record of the part, for its flag (see supersede)
+        plain = _Record((held, [now[1][i] for i in kept]))
+        plain.cells = [None] * len(held)
+        return plain
     record = _Record((held, [now[1][i] for i in kept]))
     params = _params_by_grad(optimizer)
     cells: list[tuple[_Count, int] | None] = []

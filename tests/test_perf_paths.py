@@ -1813,6 +1813,32 @@ def test_a_part_clipped_again_within_its_step_keeps_another_part_s_skip(second, 
             assert not torch.equal(before[0], ps[0].detach())
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_part_with_gradients_of_its_own_clipped_again_keeps_another_part_s_skip(fused):
+    """Gradients of their own (no shared buffer): heads [ha] and [hb], NaN in ha, an auxiliary loss through hb and
+    [hb] clipped again in the same step: hb's gradients, all rewritten, read as the next batch's, its call
+    replaced the whole flag and the NaN step was taken."""
+    torch.manual_seed(0)
+    ha, hb = nn.Linear(4, 3), nn.Linear(4, 2)
+    ps = [*ha.parameters(), *hb.parameters()]
+    opt = torch.optim.Adam(ps, lr=0.1, fused=fused)
+    x = torch.randn(8, 4)
+    clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+    for nan in (True, False):
+        opt.zero_grad(set_to_none=False)
+        (ha(x).square().sum() + hb(x).square().sum()).backward()
+        if nan:
+            ha.weight.grad[0, 0] = math.nan
+        clipper(ha, optimizer=opt)
+        clipper(hb, optimizer=opt)
+        hb(x).abs().mean().backward()
+        clipper(hb, optimizer=opt)
+        before = [q.detach().clone() for q in ps]
+        opt.step()
+        assert all(torch.equal(b, q.detach()) for b, q in zip(before, ps)) == nan
+        assert all(bool(q.isfinite().all()) for q in ps)
+
+
 @pytest.mark.parametrize("second", ["clipper", "clipper_fused", "clip_fused"])
 def test_parts_of_one_buffer_skip_exactly_the_steps_whose_gradients_are_not_finite(second):
     """Random flows over views of one buffer clipped in two parts per batch (gradients zeroed in place, heads left
