@@ -1306,13 +1306,16 @@ def test_first_calls_on_two_threads_at_once_see_whole_adapter_modules():
 def test_a_hand_over_survives_a_param_group_added_before_the_step():
     """add_param_group between the clip and the step: the hand-over was dropped (the step saw more gradients
     than were measured) and a stepped with its unclipped gradient (-3 instead of -0.5). The measured gradients
-    are untouched, so they are scaled at the step and the new group's are left alone."""
+    are untouched, so they are scaled at the step and the new group's are left alone, without the warning of
+    a gradient replaced out of place (none was: the new group's gradient is beside them, not instead of one)."""
     a, b = nn.Parameter(torch.zeros(4)), nn.Parameter(torch.zeros(2))
     a.grad, b.grad = torch.full((4,), 3.0), torch.full((2,), 5.0)
     opt = torch.optim.SGD([a], lr=1.0, fused=True)
     dist_clip.clip_grad_norm_([a], 1.0, optimizer=opt)
     opt.add_param_group({"params": [b]})
-    opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
     torch.testing.assert_close(a.detach(), torch.full((4,), -3.0 / (6.0 + 1e-6)))
     torch.testing.assert_close(b.detach(), torch.full((2,), -5.0))
 
@@ -1760,6 +1763,41 @@ def test_a_dropped_batch_clipped_in_parts_does_not_skip_a_next_batch_leaving_som
         batch((ha, hb, hc), nan=True)
         if dropped:
             batch((used,), nan=False)
+        before = [q.detach().clone() for q in ps]
+        opt.step()
+        if dropped:  # the good batch steps
+            assert not torch.equal(before[2 if flow == "parts" else 0], ps[2 if flow == "parts" else 0].detach())
+            assert all(bool(q.isfinite().all()) for q in ps)
+        else:  # the NaN batch is skipped
+            assert all(torch.equal(b, q.detach()) for b, q in zip(before, ps))
+
+
+@pytest.mark.parametrize("flow", ["part of a part", "parts"])
+def test_a_dropped_batch_clipped_in_parts_does_not_skip_a_next_batch_handed_over_whole(flow):
+    """As above, the good batch (through some of the model only) clipped whole and handed over: the hand-over
+    checks the armed flag against every gradient it measured, and one part of the flag measured again after a
+    backward into one of the parts drops it (checked against none measured, it was kept: the good step
+    skipped). The NaN batch, not dropped, skips."""
+    torch.manual_seed(0)
+    ha, hb, hc = nn.Linear(4, 3), nn.Linear(4, 2), nn.Linear(4, 2)
+    ps = [*ha.parameters(), *hb.parameters(), *hc.parameters()]
+    opt = torch.optim.Adam(ps, lr=0.1, fused=True)
+    buf = torch.zeros(sum(q.numel() for q in ps))
+    for q, g in zip(ps, buf.split([q.numel() for q in ps])):
+        q.grad = g.view_as(q)
+    x = torch.randn(8, 4)
+    parts = ([[*ha.parameters(), *hb.parameters()], hc] if flow == "part of a part" else [ha, hb, hc])
+    used = hb if flow == "parts" else ha
+    for dropped in (True, False):
+        opt.zero_grad(set_to_none=False)
+        sum(h(x).square().sum() for h in (ha, hb, hc)).backward()
+        hb.weight.grad[0, 0] = math.nan
+        for part in parts:
+            dist_clip.clip_grad_norm_(part, 1.0, optimizer=opt)
+        if dropped:
+            opt.zero_grad(set_to_none=False)
+            used(x).square().sum().backward()
+            assert math.isfinite(dist_clip.clip_grad_norm_(ps, 1.0, optimizer=opt).item())
         before = [q.detach().clone() for q in ps]
         opt.step()
         if dropped:  # the good batch steps
@@ -2659,6 +2697,28 @@ def test_bench_fairscale_quick_reports_collectives_and_accuracy():
         dtype, err = r[6].split(", ")
         assert dtype == "float32" and float(err) <= 1e-6, r  # dist_clip's norm: float32, at the contract's accuracy
         assert r[5].split(", ")[0] == r[0], r  # fairscale's norm in the gradients' dtype
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("how", ["skip_next_step_", "clipper"])
+def test_a_skip_flag_ends_with_the_step_it_skipped(fused, how):
+    """A flag lasts until the next step and no further: the step after the skipped one, with no dist_clip call
+    between (the next batch stepped without a clip), is taken. Left armed after its step, it skipped every
+    later step until a call replaced it."""
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+    _backward(model, 0)
+    if how == "skip_next_step_":
+        dist_clip.skip_next_step_(opt, True)
+    else:
+        next(model.parameters()).grad.view(-1)[0] = math.nan
+        assert not bool(dist_clip.GradClipper(max_norm=0.5, on_nonfinite="skip")(model, optimizer=opt).finite)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before)), "not skipped"
+    _backward(model, 1)
+    opt.step()
+    assert not any(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before)), "the next step skipped"
 
 
 @pytest.mark.parametrize("fused", [True, False])
