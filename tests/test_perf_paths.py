@@ -1569,13 +1569,15 @@ def test_a_fused_step_scaled_in_the_call_still_skips_a_non_finite_total(why, bad
     assert not opt.state or all(float(s["step"]) == 0 for s in opt.state.values())
 
 
+@pytest.mark.parametrize("set_to_none", [True, False])
 @pytest.mark.parametrize("first", ["float64", "halves"])
 @pytest.mark.parametrize("second", ["same", "whole"])
-def test_a_dropped_batch_s_skip_does_not_reach_the_next_good_step(first, second):
+def test_a_dropped_batch_s_skip_does_not_reach_the_next_good_step(first, second, set_to_none):
     """A non-finite batch clipped in the call (float64 gradients; or two halves, whose measured gradients are not
     all the optimizer steps) and dropped without step(): its armed skip reached the next batch's finite step,
     skipped where the loop without optimizer= steps (and where a rank handing over stepped it: FSDP1's padded
-    rank fell out of step with the others), whether that batch is clipped in the call again or handed over."""
+    rank fell out of step with the others), whether that batch is clipped in the call again or handed over.
+    The batch dropped by zero_grad() either way: zeroed in place, the gradients are the same tensors, written."""
     torch.manual_seed(0)
     dtype = torch.float64 if first == "float64" else torch.float32
     m = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(dtype)
@@ -1595,7 +1597,7 @@ def test_a_dropped_batch_s_skip_does_not_reach_the_next_good_step(first, second)
         dist_clip.clip_grad_norm_(m[2], 1.0, optimizer=opt)
     else:
         dist_clip.clip_grad_norm_(m, 1.0, optimizer=opt)
-    opt.zero_grad()  # the batch is dropped
+    opt.zero_grad(set_to_none=set_to_none)  # the batch is dropped
     m(torch.randn(2, 4, dtype=dtype)).sum().backward()
     clip()
     before = m[0].weight.detach().clone()
@@ -1952,6 +1954,62 @@ def test_a_part_s_skip_survives_a_backward_into_a_shared_trunk(fused, flat):
     before = [p.detach().clone() for p in ps]
     opt.step()
     assert all(torch.equal(b, p.detach()) for b, p in zip(before, ps))
+
+
+def test_a_part_s_skip_survives_a_backward_into_a_shared_trunk_of_a_flat_buffer_clipped_with_each_head():
+    """As above, every gradient a view of one buffer (one version counter), each head clipped with the trunk:
+    the second call measures the trunk again, after the second backward into it; the first head, not measured
+    again and not written by that backward, keeps the flag (taking the trunk for the first part clipped again
+    replaced it: a NaN step). The next batch, clipped the same way after the skipped step, steps."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 4)
+    trunk, h1, h2 = nn.Linear(4, 4), nn.Linear(4, 3), nn.Linear(4, 2)
+    ps = [*trunk.parameters(), *h1.parameters(), *h2.parameters()]
+    opt = torch.optim.Adam(ps, lr=0.1, fused=True)
+    buf = torch.zeros(sum(q.numel() for q in ps))
+    for q, g in zip(ps, buf.split([q.numel() for q in ps])):
+        q.grad = g.view_as(q)
+    clip = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+    for nan in (True, False):
+        opt.zero_grad(set_to_none=False)
+        h1(trunk(x)).square().sum().backward()
+        if nan:
+            h1.weight.grad[0, 0] = math.nan
+        clip([*trunk.parameters(), *h1.parameters()], optimizer=opt)
+        h2(trunk(x)).square().sum().backward()
+        clip([*trunk.parameters(), *h2.parameters()], optimizer=opt)
+        before = [p.detach().clone() for p in ps]
+        opt.step()
+        if nan:  # skipped
+            assert all(torch.equal(b, p.detach()) for b, p in zip(before, ps))
+        else:  # the good batch steps
+            assert not any(torch.equal(b, p.detach()) for b, p in zip(before, ps))
+            assert all(bool(p.isfinite().all()) for p in ps)
+
+
+def test_a_dropped_skip_of_the_only_part_clipped_does_not_reach_a_next_batch_leaving_it_unused():
+    """Views of one buffer, one part of the model clipped (ha; hb left unclipped), a NaN batch dropped by an
+    in-place zero_grad(), then a good batch through hb only: ha is measured again, written since (zeroed), with
+    no backward into it. The measured gradients all measured again replace the flag (found to be every held
+    gradient but not more, it was combined: the good step skipped)."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 4)
+    ha, hb = nn.Linear(4, 3), nn.Linear(4, 2)
+    ps = [*ha.parameters(), *hb.parameters()]
+    opt = torch.optim.Adam(ps, lr=0.1, fused=True)
+    buf = torch.zeros(sum(q.numel() for q in ps))
+    for q, g in zip(ps, buf.split([q.numel() for q in ps])):
+        q.grad = g.view_as(q)
+    clip = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+    (ha(x).square().sum() + hb(x).square().sum()).backward()
+    ha.weight.grad[0, 0] = math.nan
+    assert not bool(clip(ha, optimizer=opt).finite)
+    opt.zero_grad(set_to_none=False)  # the batch is dropped
+    hb(x).square().sum().backward()
+    assert bool(clip(ha, optimizer=opt).finite)
+    before = [p.detach().clone() for p in hb.parameters()]
+    opt.step()
+    assert not any(torch.equal(b, p.detach()) for b, p in zip(before, hb.parameters()))
 
 
 @pytest.mark.parametrize("pieces", ["slice", "mixed"])
