@@ -1528,6 +1528,27 @@ def test_either_skip_flag_skips_the_fused_step():
     assert torch.equal(opt.found_inf, torch.ones(()))  # put back as it was
 
 
+@pytest.mark.parametrize("settled", [False, True])
+@pytest.mark.parametrize("order", ["skip first", "clip first"])
+def test_skip_next_step_and_a_finite_hand_over_skip_the_fused_step(order, settled):
+    """skip_next_step_(opt, True) and a finite hand-over for the same step, in either order, the hand-over
+    settled or not: the step is skipped (its flag is the larger of the two; the pending hand-over's own 0 alone
+    took the step) and the flag is put back as it was."""
+    p = nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([p], lr=0.1, fused=True)
+    p.grad = torch.tensor([1.0, 2.0, 2.0])
+    if order == "skip first":
+        dist_clip.skip_next_step_(opt, True)
+    dist_clip.clip_grad_norm_([p], 1.0, optimizer=opt)
+    if order == "clip first":
+        dist_clip.skip_next_step_(opt, True)
+    if settled:
+        dist_clip.get_total_norm([p])  # applies the coefficient: the step keeps only the flags
+    opt.step()
+    assert torch.equal(p.detach(), torch.ones(3))
+    assert not hasattr(opt, "found_inf")
+
+
 @pytest.mark.parametrize("name", ["AdamW", "SGD"])
 def test_float64_gradients_are_scaled_in_the_call_not_handed_over(name):
     """torch's fused kernels take grad_scale in float32 only: handing a float64 model's coefficient over would
@@ -3229,6 +3250,33 @@ def body_gradients_moved_by_their_wrapper() -> list:
 def test_gradients_moved_by_their_wrapper_keep_the_hand_over(run_ranks):
     for got in run_ranks(2, body_gradients_moved_by_their_wrapper):
         assert got == [(True, True)] * 3, got
+
+
+def test_a_gradient_moved_to_a_new_buffer_and_written_since_drops_the_hand_over():
+    """Bucket views copied into a new buffer between the clip and the step (DDP's bucket rebuild), then a further
+    backward into them: matched to the measured ones by their parameters' backward counts, which moved, they are
+    written since: the coefficient is dropped with the warning, as for a further backward into the very tensors
+    (taking them for the measured ones scaled the accumulated gradients by the first batch's coefficient,
+    silently: the update 3.67 off the plain loop's, and no word of it)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    ps = list(m.parameters())
+    opt = torch.optim.SGD(ps, lr=1.0, fused=True)
+    buf = torch.zeros(sum(q.numel() for q in ps))
+    for q, g in zip(ps, buf.split([q.numel() for q in ps])):
+        q.grad = g.view_as(q)
+    x = torch.randn(8, 4)
+    (m(x) ** 2).sum().mul(50).backward()
+    dist_clip.clip_grad_norm_(m, 0.05, optimizer=opt)
+    moved = buf.clone()  # the wrapper's new buckets, holding what the old ones held
+    for q, g in zip(ps, moved.split([q.numel() for q in ps])):
+        q.grad = g.view_as(q)
+    (m(x) ** 2).sum().backward()  # a further backward after the clip
+    want = [q.detach() - q.grad for q in ps]  # SGD, lr 1: the gradients as they are, unclipped
+    with pytest.warns(UserWarning, match="coefficient handed to this optimizer's step\\(\\) was dropped"):
+        opt.step()
+    for q, w in zip(ps, want):
+        torch.testing.assert_close(q.detach(), w)
 
 
 def body_a_dropped_batch_s_coefficient_stays_with_it() -> list:
