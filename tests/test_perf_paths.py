@@ -1549,6 +1549,33 @@ def test_skip_next_step_and_a_finite_hand_over_skip_the_fused_step(order, settle
     assert not hasattr(opt, "found_inf")
 
 
+@pytest.mark.parametrize("flat", [False, True])
+@pytest.mark.parametrize("how", ["clipper", "clipper part", "clip part"])
+def test_skip_next_step_survives_a_clip_that_scales_in_place(how, flat):
+    """skip_next_step_(opt, True), then a call clipping the same gradients in place (GradClipper; a part of the
+    model with optimizer=; ``flat``: every gradient a view of one buffer) that arms its own finite flag: the
+    call found the gradients as the skip left them (its start, before its own scaling wrote them), so the
+    flags combine and the step is skipped (compared after the scaling, they looked rewritten and the finite flag
+    replaced the skip: the step taken)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    ps = list(m.parameters())
+    opt = torch.optim.Adam(ps, lr=0.1, fused=True)
+    if flat:
+        buf = torch.zeros(sum(q.numel() for q in ps))
+        for q, g in zip(ps, buf.split([q.numel() for q in ps])):
+            q.grad = g.view_as(q)
+    (m(torch.randn(8, 4)) ** 2).sum().mul(50).backward()
+    dist_clip.skip_next_step_(opt, True)
+    if how == "clip part":
+        dist_clip.clip_grad_norm_(m[0], 0.1, optimizer=opt)
+    else:
+        dist_clip.GradClipper(max_norm=0.1, on_nonfinite="skip")(m if how == "clipper" else m[0], optimizer=opt)
+    before = [q.detach().clone() for q in ps]
+    opt.step()
+    assert all(torch.equal(b, q.detach()) for b, q in zip(before, ps))
+
+
 @pytest.mark.parametrize("name", ["AdamW", "SGD"])
 def test_float64_gradients_are_scaled_in_the_call_not_handed_over(name):
     """torch's fused kernels take grad_scale in float32 only: handing a float64 model's coefficient over would
