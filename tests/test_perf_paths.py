@@ -2035,6 +2035,38 @@ def test_a_part_s_skip_survives_a_backward_into_a_shared_trunk_of_a_flat_buffer_
             assert all(bool(p.isfinite().all()) for p in ps)
 
 
+@pytest.mark.parametrize("flat", [False, True])
+def test_a_dropped_batch_s_skip_does_not_reach_a_next_batch_keeping_a_gradient_out(flat):
+    """Parts [ha] and [hb] clipped per batch, a NaN batch (in hb) dropped by an in-place zero_grad(), then a good
+    batch through ha only with ha.bias.grad set to None (a parameter kept out of this step) before its clip:
+    the part clipped again is ha as the optimizer steps it now. Counting the gradient no longer stepped as one
+    not measured again, the dropped batch's flag was combined (flat buffer: the good step skipped)."""
+    torch.manual_seed(0)
+    ha, hb = nn.Linear(4, 3), nn.Linear(4, 2)
+    ps = [*ha.parameters(), *hb.parameters()]
+    opt = torch.optim.Adam(ps, lr=0.1, fused=True)
+    if flat:
+        buf = torch.zeros(sum(q.numel() for q in ps))
+        for q, g in zip(ps, buf.split([q.numel() for q in ps])):
+            q.grad = g.view_as(q)
+    x = torch.randn(8, 4)
+    clip = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+    opt.zero_grad(set_to_none=False)
+    (ha(x).square().sum() + hb(x).square().sum()).backward()
+    hb.weight.grad[0, 0] = math.nan
+    clip(ha, optimizer=opt)
+    assert not bool(clip(hb, optimizer=opt).finite)
+    opt.zero_grad(set_to_none=False)  # the batch is dropped
+    ha(x).square().sum().backward()
+    ha.bias.grad = None
+    clip(ha, optimizer=opt)
+    assert bool(clip(hb, optimizer=opt).finite)
+    before = ha.weight.detach().clone()
+    opt.step()
+    assert not torch.equal(before, ha.weight.detach())
+    assert bool(ha.weight.isfinite().all())
+
+
 def test_a_dropped_skip_of_the_only_part_clipped_does_not_reach_a_next_batch_leaving_it_unused():
     """Views of one buffer, one part of the model clipped (ha; hb left unclipped), a NaN batch dropped by an
     in-place zero_grad(), then a good batch through hb only: ha is measured again, written since (zeroed), with
