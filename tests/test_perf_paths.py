@@ -1050,6 +1050,29 @@ def test_a_hand_over_needs_the_measured_bytes_to_cover_the_stepped_gradients(cas
     torch.testing.assert_close(torch.cat([q.detach() for q in ps]).double(), -expected, rtol=1e-6, atol=1e-6)
 
 
+def test_transposed_gradients_covered_by_the_measured_buffer_are_handed_over():
+    """Gradients that are transposed views of one flat buffer (dense, not contiguous), measured as the buffer
+    itself: the bytes each spans end one element past its last one in memory, so the measured bytes cover the
+    stepped ones exactly and the coefficient is handed over, the step as the plain loop's (a span one element
+    short read as gaps, and the pieces were scaled in the call instead). (torch's fused SGD reads such a
+    gradient in memory order, not the parameter's, with or without dist_clip: the reference is that step.)"""
+    torch.manual_seed(0)
+    grads = torch.randn(20) * 10
+    results = []
+    for hand_over in (False, True):
+        ps = [nn.Parameter(torch.zeros(2, 5)) for _ in range(2)]
+        flat = grads.clone()
+        ps[0].grad, ps[1].grad = flat[:10].view(5, 2).t(), flat[10:].view(5, 2).t()
+        assert not ps[0].grad.is_contiguous()
+        opt = torch.optim.SGD(ps, lr=1.0, fused=True)
+        dist_clip.clip_grad_norm_([flat], 1.0, optimizer=opt if hand_over else None)
+        if hand_over:
+            assert torch.equal(flat, grads)  # handed over: untouched until the step
+        opt.step()
+        results.append(torch.cat([q.detach().flatten() for q in ps]))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("how,fused", [("clipper", True), ("clipper", False), ("skip_next_step_", True),
                                        ("skip_next_step_", False), ("settled hand-over", True)])
 def test_a_compiled_step_honours_the_skip_flag(how, fused):
