@@ -1073,6 +1073,31 @@ def test_transposed_gradients_covered_by_the_measured_buffer_are_handed_over():
     torch.testing.assert_close(results[1], results[0], rtol=1e-6, atol=1e-7)
 
 
+def test_a_hand_over_is_not_settled_by_a_call_on_the_adjacent_gradients_of_another_optimizer():
+    """Two optimizers whose gradients are adjacent views of one buffer (bucket views split between them): a call
+    clipping the second one's reads no byte of the first one's, so the first one's hand-over stays pending (its
+    gradients untouched until its step) instead of being applied in place as for a call reading them (spans
+    that only touch were taken for overlapping). Each step matches the plain loop's."""
+    torch.manual_seed(0)
+    grads = torch.randn(20) * 10
+    results = []
+    for hand_over in (False, True):
+        a, b = nn.Parameter(torch.zeros(10)), nn.Parameter(torch.zeros(10))
+        buf = grads.clone()
+        opt_a, opt_b = (torch.optim.SGD([q], lr=1.0, fused=True) for q in (a, b))
+        for first in (True, False):  # each call clipping the gradients on either side of the other's
+            a.grad, b.grad = (buf[:10], buf[10:]) if first else (buf[10:], buf[:10])
+            dist_clip.clip_grad_norm_([b], 1.0, optimizer=opt_b if hand_over else None)
+            dist_clip.clip_grad_norm_([a], 1.0, optimizer=opt_a if hand_over else None)
+            if hand_over:
+                assert torch.equal(buf, grads)  # both pending: untouched until their steps
+            opt_a.step()
+            opt_b.step()
+            buf.copy_(grads)
+        results.append(torch.cat([a.detach(), b.detach()]))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("how,fused", [("clipper", True), ("clipper", False), ("skip_next_step_", True),
                                        ("skip_next_step_", False), ("settled hand-over", True)])
 def test_a_compiled_step_honours_the_skip_flag(how, fused):
