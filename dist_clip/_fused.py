@@ -805,6 +805,15 @@ def arm_skip_(
         first_flag(record, value)
     optimizer.__dict__[_SKIP] = (value, record)
     pending = optimizer.__dict__.get(_PENDING)
+    if combine and pending is not None and pending[2] is None and pending[3]:
+        # A settled hand-over's flag lasts until the step whatever wrote its gradients since, but not once every
+        # one of them is gone (``zero_grad(set_to_none=True)``: the batch was dropped, as for the skip flag in
+        # :func:`untouched`): a NaN batch clipped whole then in part, dropped, skipped the next good step.
+        where = {id(t) for t in now[0]}
+        if not any(id(t) in where for t in pending[3]):
+            del optimizer.__dict__[_PENDING]
+            _WAITING.discard(optimizer)
+            pending = None
     if not combine and pending is not None:
         # skip_next_step_ replaces any pending flag, a hand-over's too (settled or not: skip_next_step_(opt,
         # False) left a settled NaN hand-over's flag in place, and the next batch's good step was skipped).

@@ -1719,6 +1719,43 @@ def test_clipping_two_parts_keeps_the_first_part_s_skip(second_handed):
     assert all(torch.equal(b, q.detach()) for b, q in zip(before, m.parameters()))
 
 
+@pytest.mark.parametrize("next_call", ["clip_fused", "clipper"])
+def test_a_dropped_nan_hand_over_settled_by_a_part_does_not_skip_the_next_batch(next_call):
+    """A NaN batch handed over whole to a fused optimizer, then a part clipped (which applies the coefficient:
+    the settled hand-over keeps only its flag, until the step), the batch dropped with
+    ``zero_grad(set_to_none=True)``, and the next batch clipped in part: the settled flag outlived the gradients
+    it was measured on and the good step was skipped (every gradient finite). Gone with all of them."""
+    torch.manual_seed(0)
+    heads = [nn.Linear(4, 3), nn.Linear(4, 2), nn.Linear(4, 2)]
+    ps = [q for h in heads for q in h.parameters()]
+    opt = torch.optim.Adam(ps, lr=0.1, fused=True)
+    x = torch.randn(8, 4)
+    sum(h(x).square().sum() for h in heads).backward()
+    heads[2].weight.grad[0, 0] = math.nan
+    dist_clip.clip_grad_norm_(ps, 1.0, optimizer=opt)
+    dist_clip.clip_grad_norm_(heads[0], 1.0, optimizer=opt)
+    opt.zero_grad(set_to_none=True)  # the NaN batch dropped
+    sum(h(x).square().sum() for h in heads).backward()
+    part = [*heads[0].parameters(), *heads[1].parameters()]
+    if next_call == "clip_fused":
+        dist_clip.clip_grad_norm_(part, 1.0, optimizer=opt)
+    else:
+        dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")(part, optimizer=opt)
+    before = [q.detach().clone() for q in ps]
+    opt.step()
+    assert all(bool(q.isfinite().all()) for q in ps)
+    assert not any(torch.equal(b, q.detach()) for b, q in zip(before, ps))
+    # The same NaN batch not dropped: its step is skipped
+    opt.zero_grad(set_to_none=True)
+    sum(h(x).square().sum() for h in heads).backward()
+    heads[2].weight.grad[0, 0] = math.nan
+    dist_clip.clip_grad_norm_(ps, 1.0, optimizer=opt)
+    dist_clip.clip_grad_norm_(heads[0], 1.0, optimizer=opt)
+    before = [q.detach().clone() for q in ps]
+    opt.step()
+    assert all(torch.equal(b, q.detach()) for b, q in zip(before, ps))
+
+
 @pytest.mark.parametrize("flat", [False, True])
 @pytest.mark.parametrize("set_to_none", [True, False])
 @pytest.mark.parametrize("second", ["clipper", "clipper_fused", "clip_fused"])
