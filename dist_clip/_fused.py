@@ -792,17 +792,9 @@ def arm_skip_(
         return
     clear_stale(optimizer)
     now = grad_state(optimizer)
-    armed = optimizer.__dict__.get(_SKIP)
-    record = armed_record(now, measured, optimizer)
-    merged = (supersede(armed[1], record, now, measured, value, lambda a, b: torch.maximum(a, b.to(a.device)))
-              if combine and armed is not None else None)
-    if merged is not None:
-        value = merged
-    elif combine and armed is not None and untouched(armed[1], started if started is not None else now, measured):
-        value = torch.maximum(armed[0], value.to(armed[0].device))
-        carried(armed[1], record)
-    else:
-        first_flag(record, value)
+    armed = optimizer.__dict__.get(_SKIP) if combine else None
+    value, record = rearm(armed, value, now, started, measured, optimizer,
+                          lambda a, b: torch.maximum(a, b.to(a.device)))
     optimizer.__dict__[_SKIP] = (value, record)
     pending = optimizer.__dict__.get(_PENDING)
     if combine and pending is not None and pending[2] is None and pending[3]:
@@ -907,6 +899,26 @@ def first_flag(record: tuple[Any, ...], new: Tensor) -> None:
     """``record`` arms ``new`` alone (replaced, or nothing armed before): its part's flag, for :func:`supersede`."""
     if isinstance(record, _Record):
         record.flags = [new]
+
+
+def rearm(armed: tuple[Tensor, tuple[Any, ...]] | None, new: Tensor, now: tuple[list[Tensor], list[int]],
+          started: tuple[list[Tensor], list[int]] | None, measured: Sequence[Tensor] | None,
+          optimizer: torch.optim.Optimizer | None,
+          merge: Callable[[Tensor, Tensor], Tensor]) -> tuple[Tensor, tuple[Any, ...]]:
+    """The skip flag and record a call arming ``new`` leaves, over ``armed`` (the flag and record armed before,
+    or None: nothing armed, or an arming that replaces): per part where the parts keep flags (:func:`supersede`),
+    else both flags merged where the call found the gradients as the arming left them (:func:`untouched`), else
+    ``new`` alone. One rule for the fused hand-over's skip (:func:`arm_skip_`) and the clipper's skip guard."""
+    record = armed_record(now, measured, optimizer)
+    if armed is not None:
+        merged = supersede(armed[1], record, now, measured, new, merge)
+        if merged is not None:
+            return merged, record
+        if untouched(armed[1], started if started is not None else now, measured):
+            carried(armed[1], record)
+            return merge(armed[0], new), record
+    first_flag(record, new)
+    return new, record
 
 
 def carried(armed: tuple[list[Tensor], list[int]], record: tuple[list[Tensor], list[int]]) -> None:

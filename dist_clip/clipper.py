@@ -241,24 +241,10 @@ class _SkipGuard:
                 self._snapshot(optimizer, force=True)
             return
         self.running, self.replaced = None, False  # left by a step that raised: that step's
-        now = _fused.grad_state(optimizer)
-        record = _fused.armed_record(now, measured, optimizer)
-        merged = (_fused.supersede(self.armed_on, record, now, measured, flag, lambda a, b: a | b.to(a.device))
-                  if combine and self.flag is not None and self.armed_on is not None else None)
-        if merged is not None:
-            flag = merged  # parts of one buffer: each part's latest flag (see _fused.supersede)
-        elif (
-            combine
-            and self.flag is not None
-            and self.armed_on is not None
-            and _fused.untouched(self.armed_on, started if started is not None else now, measured)
-        ):
-            flag = self.flag | flag.to(self.flag.device)  # two calls on the same gradients: either skips
-            _fused.carried(self.armed_on, record)
-        else:
-            _fused.first_flag(record, flag)
-        self.flag = flag
-        self.armed_on = record
+        armed = (self.flag, self.armed_on) if combine and self.flag is not None and self.armed_on is not None else None
+        # (per part, two calls on the same gradients: either skips; see _fused.rearm)
+        self.flag, self.armed_on = _fused.rearm(armed, flag, _fused.grad_state(optimizer), started, measured,
+                                                optimizer, lambda a, b: a | b.to(a.device))
 
     @staticmethod
     def _on_host(flag: Tensor) -> bool:
