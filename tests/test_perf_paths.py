@@ -79,6 +79,15 @@ def _total_close(got: float, want: float, rtol: float) -> bool:
     return abs(got - want) <= rtol * abs(want)
 
 
+def _grads_in_one_buffer(ps: list[nn.Parameter]) -> torch.Tensor:
+    """Make ``ps``' gradients views of one zeroed flat buffer (DDP's bucket views, a flat-buffer wrapper's): they
+    share one version counter. Returns the buffer."""
+    buf = torch.zeros(sum(q.numel() for q in ps))
+    for q, g in zip(ps, buf.split([q.numel() for q in ps])):
+        q.grad = g.view_as(q)
+    return buf
+
+
 def test_native_kernel_builds_where_a_compiler_exists():
     if shutil.which("gcc") is None and shutil.which("cc") is None:
         pytest.skip("no C compiler")
@@ -1610,9 +1619,7 @@ def test_skip_next_step_survives_a_clip_that_scales_in_place(how, flat):
     ps = list(m.parameters())
     opt = torch.optim.Adam(ps, lr=0.1, fused=True)
     if flat:
-        buf = torch.zeros(sum(q.numel() for q in ps))
-        for q, g in zip(ps, buf.split([q.numel() for q in ps])):
-            q.grad = g.view_as(q)
+        _grads_in_one_buffer(ps)
     (m(torch.randn(8, 4)) ** 2).sum().mul(50).backward()
     dist_clip.skip_next_step_(opt, True)
     if how == "clip part":
@@ -1775,9 +1782,7 @@ def test_a_part_s_skip_survives_the_next_part_s_backward(second, set_to_none, fl
     opt = torch.optim.Adam([*head1.parameters(), *head2.parameters()], lr=0.1, fused=fused)
     if flat:
         ps = [*head1.parameters(), *head2.parameters()]
-        buf = torch.zeros(sum(q.numel() for q in ps))
-        for q, g in zip(ps, buf.split([q.numel() for q in ps])):
-            q.grad = g.view_as(q)
+        _grads_in_one_buffer(ps)
     x = torch.randn(8, 4)
     if not set_to_none:  # gradients left by an earlier step, zeroed in place
         (head1(x).sum() + head2(x).sum()).backward()
@@ -1826,9 +1831,7 @@ def test_a_batch_clipped_in_parts_and_dropped_does_not_skip_the_next_good_step(s
     h1, h2 = nn.Linear(4, 3), nn.Linear(4, 2)
     ps = [*h1.parameters(), *h2.parameters()]
     opt = torch.optim.Adam(ps, lr=0.1, fused=second != "clipper")
-    buf = torch.zeros(sum(q.numel() for q in ps))
-    for q, g in zip(ps, buf.split([q.numel() for q in ps])):
-        q.grad = g.view_as(q)
+    _grads_in_one_buffer(ps)
     x = torch.randn(8, 4)
     clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
 
@@ -1875,9 +1878,7 @@ def test_a_dropped_batch_clipped_in_parts_does_not_skip_a_next_batch_leaving_som
     ha, hb, hc = nn.Linear(4, 3), nn.Linear(4, 2), nn.Linear(4, 2)
     ps = [*ha.parameters(), *hb.parameters(), *hc.parameters()]
     opt = torch.optim.Adam(ps, lr=0.1, fused=second != "clipper")
-    buf = torch.zeros(sum(q.numel() for q in ps))
-    for q, g in zip(ps, buf.split([q.numel() for q in ps])):
-        q.grad = g.view_as(q)
+    _grads_in_one_buffer(ps)
     x = torch.randn(8, 4)
     clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
     parts = ([[*ha.parameters(), *hb.parameters()], hc] if flow == "part of a part" else [ha, hb, hc])
@@ -1917,9 +1918,7 @@ def test_a_dropped_batch_clipped_in_parts_does_not_skip_a_next_batch_handed_over
     ha, hb, hc = nn.Linear(4, 3), nn.Linear(4, 2), nn.Linear(4, 2)
     ps = [*ha.parameters(), *hb.parameters(), *hc.parameters()]
     opt = torch.optim.Adam(ps, lr=0.1, fused=True)
-    buf = torch.zeros(sum(q.numel() for q in ps))
-    for q, g in zip(ps, buf.split([q.numel() for q in ps])):
-        q.grad = g.view_as(q)
+    _grads_in_one_buffer(ps)
     x = torch.randn(8, 4)
     parts = ([[*ha.parameters(), *hb.parameters()], hc] if flow == "part of a part" else [ha, hb, hc])
     used = hb if flow == "parts" else ha
@@ -1954,9 +1953,7 @@ def test_a_part_clipped_again_within_its_step_keeps_another_part_s_skip(second, 
     ha, hb, hc = nn.Linear(4, 3), nn.Linear(4, 2), nn.Linear(4, 2)
     ps = [*ha.parameters(), *hb.parameters(), *hc.parameters()]
     opt = torch.optim.Adam(ps, lr=0.1, fused=second != "clipper")
-    buf = torch.zeros(sum(q.numel() for q in ps))
-    for q, g in zip(ps, buf.split([q.numel() for q in ps])):
-        q.grad = g.view_as(q)
+    _grads_in_one_buffer(ps)
     x = torch.randn(8, 4)
     clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
     first, second_part = [*ha.parameters(), *hc.parameters()], [*hb.parameters()]
@@ -2025,9 +2022,7 @@ def test_parts_of_one_buffer_skip_exactly_the_steps_whose_gradients_are_not_fini
         heads = [nn.Linear(4, 2) for _ in range(4)]
         ps = [q for h in heads for q in h.parameters()]
         opt = torch.optim.Adam(ps, lr=0.1, fused=second != "clipper")
-        buf = torch.zeros(sum(q.numel() for q in ps))
-        for q, g in zip(ps, buf.split([q.numel() for q in ps])):
-            q.grad = g.view_as(q)
+        _grads_in_one_buffer(ps)
         x = torch.randn(8, 4)
         clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
         cut = rng.randint(1, 3)
@@ -2075,9 +2070,7 @@ def test_a_part_s_skip_survives_a_backward_into_a_shared_trunk(fused, flat):
     ps = [*trunk.parameters(), *h1.parameters(), *h2.parameters()]
     opt = torch.optim.Adam(ps, lr=0.1, fused=fused)
     if flat:
-        buf = torch.zeros(sum(q.numel() for q in ps))
-        for q, g in zip(ps, buf.split([q.numel() for q in ps])):
-            q.grad = g.view_as(q)
+        _grads_in_one_buffer(ps)
     clip = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
     h1(trunk(x)).square().sum().backward()
     h1.weight.grad[0, 0] = math.nan
@@ -2099,9 +2092,7 @@ def test_a_part_s_skip_survives_a_backward_into_a_shared_trunk_of_a_flat_buffer_
     trunk, h1, h2 = nn.Linear(4, 4), nn.Linear(4, 3), nn.Linear(4, 2)
     ps = [*trunk.parameters(), *h1.parameters(), *h2.parameters()]
     opt = torch.optim.Adam(ps, lr=0.1, fused=True)
-    buf = torch.zeros(sum(q.numel() for q in ps))
-    for q, g in zip(ps, buf.split([q.numel() for q in ps])):
-        q.grad = g.view_as(q)
+    _grads_in_one_buffer(ps)
     clip = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
     for nan in (True, False):
         opt.zero_grad(set_to_none=False)
@@ -2131,9 +2122,7 @@ def test_a_dropped_batch_s_skip_does_not_reach_a_next_batch_keeping_a_gradient_o
     ps = [*ha.parameters(), *hb.parameters()]
     opt = torch.optim.Adam(ps, lr=0.1, fused=True)
     if flat:
-        buf = torch.zeros(sum(q.numel() for q in ps))
-        for q, g in zip(ps, buf.split([q.numel() for q in ps])):
-            q.grad = g.view_as(q)
+        _grads_in_one_buffer(ps)
     x = torch.randn(8, 4)
     clip = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
     opt.zero_grad(set_to_none=False)
@@ -2162,9 +2151,7 @@ def test_a_dropped_skip_of_the_only_part_clipped_does_not_reach_a_next_batch_lea
     ha, hb = nn.Linear(4, 3), nn.Linear(4, 2)
     ps = [*ha.parameters(), *hb.parameters()]
     opt = torch.optim.Adam(ps, lr=0.1, fused=True)
-    buf = torch.zeros(sum(q.numel() for q in ps))
-    for q, g in zip(ps, buf.split([q.numel() for q in ps])):
-        q.grad = g.view_as(q)
+    _grads_in_one_buffer(ps)
     clip = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
     (ha(x).square().sum() + hb(x).square().sum()).backward()
     ha.weight.grad[0, 0] = math.nan
@@ -3406,9 +3393,7 @@ def test_a_gradient_moved_to_a_new_buffer_and_written_since_drops_the_hand_over(
     m = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
     ps = list(m.parameters())
     opt = torch.optim.SGD(ps, lr=1.0, fused=True)
-    buf = torch.zeros(sum(q.numel() for q in ps))
-    for q, g in zip(ps, buf.split([q.numel() for q in ps])):
-        q.grad = g.view_as(q)
+    buf = _grads_in_one_buffer(ps)
     x = torch.randn(8, 4)
     (m(x) ** 2).sum().mul(50).backward()
     dist_clip.clip_grad_norm_(m, 0.05, optimizer=opt)
