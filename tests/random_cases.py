@@ -168,8 +168,10 @@ def fsdp1_models(trials: int) -> list[str]:
         with FullyShardedDataParallel.summon_full_params(wrapped, with_grads=True):
             for n, q in wrapped.named_parameters():
                 n = n.replace("_fsdp_wrapped_module.", "")
-                if q.grad is not None and not torch.allclose(q.grad.double(), grads[n] * coef, rtol=RTOL,
-                                                             atol=1e-7):
+                # (a frozen parameter sharing a flat parameter with trainable ones gets a zero .grad inside
+                # summon_full_params: no gradient in the reference, a KeyError on trials 11, 40, 46 and 56)
+                if q.requires_grad and q.grad is not None and not torch.allclose(
+                        q.grad.double(), grads[n] * coef, rtol=RTOL, atol=1e-7):
                     errors.append(f"{where}: clipped {n}")
     return errors
 
