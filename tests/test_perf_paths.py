@@ -88,6 +88,21 @@ def _grads_in_one_buffer(ps: list[nn.Parameter]) -> torch.Tensor:
     return buf
 
 
+def _step_checked(opt: torch.optim.Optimizer, ps: list[nn.Parameter], skipped: bool, moved: int | None = None) -> None:
+    """``opt.step()``, then: skipped, every parameter as it was; or taken, every parameter finite and the one at
+    index ``moved`` changed (every one where None)."""
+    before = [q.detach().clone() for q in ps]
+    opt.step()
+    if skipped:
+        assert all(torch.equal(b, q.detach()) for b, q in zip(before, ps))
+        return
+    if moved is None:
+        assert not any(torch.equal(b, q.detach()) for b, q in zip(before, ps))
+    else:
+        assert not torch.equal(before[moved], ps[moved].detach())
+    assert all(bool(q.isfinite().all()) for q in ps)
+
+
 def test_native_kernel_builds_where_a_compiler_exists():
     if shutil.which("gcc") is None and shutil.which("cc") is None:
         pytest.skip("no C compiler")
@@ -1626,9 +1641,7 @@ def test_skip_next_step_survives_a_clip_that_scales_in_place(how, flat):
         dist_clip.clip_grad_norm_(m[0], 0.1, optimizer=opt)
     else:
         dist_clip.GradClipper(max_norm=0.1, on_nonfinite="skip")(m if how == "clipper" else m[0], optimizer=opt)
-    before = [q.detach().clone() for q in ps]
-    opt.step()
-    assert all(torch.equal(b, q.detach()) for b, q in zip(before, ps))
+    _step_checked(opt, ps, skipped=True)
 
 
 @pytest.mark.parametrize("name", ["AdamW", "SGD"])
@@ -1748,19 +1761,14 @@ def test_a_dropped_nan_hand_over_settled_by_a_part_does_not_skip_the_next_batch(
         dist_clip.clip_grad_norm_(part, 1.0, optimizer=opt)
     else:
         dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")(part, optimizer=opt)
-    before = [q.detach().clone() for q in ps]
-    opt.step()
-    assert all(bool(q.isfinite().all()) for q in ps)
-    assert not any(torch.equal(b, q.detach()) for b, q in zip(before, ps))
+    _step_checked(opt, ps, skipped=False)
     # The same NaN batch not dropped: its step is skipped
     opt.zero_grad(set_to_none=True)
     sum(h(x).square().sum() for h in heads).backward()
     heads[2].weight.grad[0, 0] = math.nan
     dist_clip.clip_grad_norm_(ps, 1.0, optimizer=opt)
     dist_clip.clip_grad_norm_(heads[0], 1.0, optimizer=opt)
-    before = [q.detach().clone() for q in ps]
-    opt.step()
-    assert all(torch.equal(b, q.detach()) for b, q in zip(before, ps))
+    _step_checked(opt, ps, skipped=True)
 
 
 @pytest.mark.parametrize("flat", [False, True])
@@ -1854,13 +1862,7 @@ def test_a_batch_clipped_in_parts_and_dropped_does_not_skip_the_next_good_step(s
         if dropped:
             opt.zero_grad(set_to_none=set_to_none)
             batch(nan=False)
-        before = [q.detach().clone() for q in ps]
-        opt.step()
-        if dropped:  # the good batch steps
-            assert not any(torch.equal(b, q.detach()) for b, q in zip(before, ps))
-            assert all(bool(q.isfinite().all()) for q in ps)
-        else:  # the NaN batch is skipped
-            assert all(torch.equal(b, q.detach()) for b, q in zip(before, ps))
+        _step_checked(opt, ps, skipped=not dropped)  # the good batch steps, the NaN batch is skipped
 
 
 @pytest.mark.parametrize("flow", ["part of a part", "parts"])
@@ -1899,13 +1901,8 @@ def test_a_dropped_batch_clipped_in_parts_does_not_skip_a_next_batch_leaving_som
         batch((ha, hb, hc), nan=True)
         if dropped:
             batch((used,), nan=False)
-        before = [q.detach().clone() for q in ps]
-        opt.step()
-        if dropped:  # the good batch steps
-            assert not torch.equal(before[2 if flow == "parts" else 0], ps[2 if flow == "parts" else 0].detach())
-            assert all(bool(q.isfinite().all()) for q in ps)
-        else:  # the NaN batch is skipped
-            assert all(torch.equal(b, q.detach()) for b, q in zip(before, ps))
+        # the good batch steps, the NaN batch is skipped
+        _step_checked(opt, ps, skipped=not dropped, moved=2 if flow == "parts" else 0)
 
 
 @pytest.mark.parametrize("flow", ["part of a part", "parts"])
@@ -1932,13 +1929,8 @@ def test_a_dropped_batch_clipped_in_parts_does_not_skip_a_next_batch_handed_over
             opt.zero_grad(set_to_none=False)
             used(x).square().sum().backward()
             assert math.isfinite(dist_clip.clip_grad_norm_(ps, 1.0, optimizer=opt).item())
-        before = [q.detach().clone() for q in ps]
-        opt.step()
-        if dropped:  # the good batch steps
-            assert not torch.equal(before[2 if flow == "parts" else 0], ps[2 if flow == "parts" else 0].detach())
-            assert all(bool(q.isfinite().all()) for q in ps)
-        else:  # the NaN batch is skipped
-            assert all(torch.equal(b, q.detach()) for b, q in zip(before, ps))
+        # the good batch steps, the NaN batch is skipped
+        _step_checked(opt, ps, skipped=not dropped, moved=2 if flow == "parts" else 0)
 
 
 @pytest.mark.parametrize("aux", ["part of the part", "the whole part"])
@@ -1974,13 +1966,7 @@ def test_a_part_clipped_again_within_its_step_keeps_another_part_s_skip(second, 
         heads = (ha,) if aux == "part of the part" else (ha, hc)
         sum(h(x).abs().mean() for h in heads).backward()  # an auxiliary loss between the calls
         clip(first)
-        before = [q.detach().clone() for q in ps]
-        opt.step()
-        if nan:  # skipped
-            assert all(torch.equal(b, q.detach()) for b, q in zip(before, ps))
-        else:
-            assert all(bool(q.isfinite().all()) for q in ps)
-            assert not torch.equal(before[0], ps[0].detach())
+        _step_checked(opt, ps, skipped=nan, moved=0)
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -2200,9 +2186,7 @@ def test_a_part_s_skip_measured_as_slices_of_a_flat_buffer_survives_the_next_par
         assert bool(clip(HandSharded([Shards(second, None)]), optimizer=opt).finite)
     finally:
         adapters.ADAPTERS = adapters.BUILT_IN
-    before = [q.detach().clone() for q in ps]
-    opt.step()
-    assert all(torch.equal(b, q.detach()) for b, q in zip(before, ps))
+    _step_checked(opt, ps, skipped=True)
 
 
 def test_handed_over_scale_applies_to_exactly_one_step():
@@ -2572,9 +2556,7 @@ def test_an_explicit_skip_then_a_backward_into_some_gradients_combines_with_the_
         dist_clip.clip_grad_norm_(ps, 1.0, optimizer=opt)
     else:
         assert bool(dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")(ps, optimizer=opt).finite)
-    before = [q.detach().clone() for q in ps]
-    opt.step()
-    assert all(torch.equal(b, q.detach()) for b, q in zip(before, ps))
+    _step_checked(opt, ps, skipped=True)
 
 
 def test_skip_next_step_false_clears_a_settled_hand_overs_flag():
