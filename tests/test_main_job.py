@@ -744,6 +744,16 @@ if sys.argv[1:]:  # the same run twice in one process: the second was 'config er
 """
 
 
+def _without_launch(**extra: str) -> dict[str, str]:
+    """This environment less every launcher's variables (a lone process, whatever the test runner was started
+    under), one OpenMP thread, and ``extra``."""
+    import os
+
+    launch = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "CROSS_RANK", "MASTER_ADDR",
+              "MASTER_PORT", "PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "TORCHELASTIC_RUN_ID")
+    return {**{k: v for k, v in os.environ.items() if k not in launch}, "OMP_NUM_THREADS": "1", **extra}
+
+
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize("env, launcher", [({}, "single"), ({"PMI_RANK": "0", "PMI_SIZE": "1"}, "mpi")],
                          ids=["no-launcher", "mpirun-n-1"])
@@ -751,18 +761,13 @@ def test_a_lone_process_starts_again_after_its_group_is_destroyed(tmp_path, env,
     """The variables a lone process's group writes (RANK=0, WORLD_SIZE=1) were read back as an env:// launch once
     the group was destroyed: a second init_distributed raised ValueError 'environment variable MASTER_PORT
     expected, but not set', and a second cli.main in the same process returned 2 with that as a config error."""
-    import os
-
-    clean = {k: v for k, v in os.environ.items() if k not in
-             ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PMI_RANK",
-              "PMI_SIZE", "TORCHELASTIC_RUN_ID")}
     args = []
     if not env:
         cfg = write_config(tmp_path, "ddp", wrapper="ddp", steps=2, batch_size=2,
                            model={"d_model": 16, "n_layers": 1, "n_heads": 2, "seq_len": 8})
         args = ["train", "--config", str(cfg), "--out", str(tmp_path), "--no-replay", "--no-plot"]
     proc = subprocess.run([sys.executable, "-c", _INIT_AGAIN, *args], capture_output=True, text=True, timeout=180,
-                          env={**clean, **env, "DIST_CLIP_MPI4PY": "0", "OMP_NUM_THREADS": "1"}, cwd=ROOT)
+                          env=_without_launch(**env, DIST_CLIP_MPI4PY="0"), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     said = ("dist-clip:", "data:", "train:", "log:")  # the runs' own lines
     lines = [line for line in proc.stdout.splitlines() if not line.startswith(said)]
@@ -787,13 +792,8 @@ def test_a_new_launch_after_a_lone_run_is_read_as_a_fresh_process_reads_it():
     RANK=1 WORLD_SIZE=2 for a real 2-rank job in the same process: it read local rank 0 of 1 where a fresh
     process with the same RANK/WORLD_SIZE reads local rank 1 of 2, and under hsdp (mesh: null) built a (2, 1)
     mesh beside its peer's (1, 2): the first FSDP collective failed after the whole collective timeout."""
-    import os
-
-    clean = {k: v for k, v in os.environ.items() if k not in
-             ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "CROSS_RANK", "MASTER_ADDR",
-              "MASTER_PORT", "PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "TORCHELASTIC_RUN_ID")}
     proc = subprocess.run([sys.executable, "-c", _NEW_LAUNCH_AFTER_A_LONE_RUN], capture_output=True, text=True,
-                          timeout=100, env={**clean, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
+                          timeout=100, env=_without_launch(), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["1", "2", "1", "2", "env"], proc.stdout
 
@@ -820,13 +820,8 @@ def test_a_new_launch_after_lone_runs_is_read_as_a_fresh_process_reads_it():
     """As above, after two lone runs (the second must keep what stood before the first wrote: LOCAL_RANK and
     LOCAL_WORLD_SIZE unset, not the first run's 0 and 1), and for rank 0 of the new launch, whose RANK=0 is the
     value the lone run wrote: set again by the user, it is the new launch's, not one to take back."""
-    import os
-
-    clean = {k: v for k, v in os.environ.items() if k not in
-             ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "CROSS_RANK", "MASTER_ADDR",
-              "MASTER_PORT", "PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "TORCHELASTIC_RUN_ID")}
     proc = subprocess.run([sys.executable, "-c", _NEW_LAUNCHES_AFTER_LONE_RUNS], capture_output=True, text=True,
-                          timeout=100, env={**clean, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
+                          timeout=100, env=_without_launch(), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["1,2,1,2,env", "0,2,0,2,env"], proc.stdout
 
