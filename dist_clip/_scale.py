@@ -91,7 +91,18 @@ def clip_coefficient(max_norm: float | Tensor, total_norm: Tensor) -> Tensor:
     # A true division: a number over a tensor is torch's reciprocal-then-multiply, whose 1 / total is a float32
     # subnormal above 2**126 (digits lost: 2 ulps off; zeroed gradients under torch.set_flush_denormal(True)).
     limit = max_norm if isinstance(max_norm, Tensor) else full_like(total, max_norm)
-    return torch.clamp(limit / (total + EPS), max=1.0)
+    coef = torch.clamp(limit / (total + EPS), max=1.0)
+    # An inf total (an inf gradient, or a p-th power sum beyond float64: p = 100 on entries of 2e3) meets inf / inf
+    # = NaN where the limit is inf, and every gradient, finite ones included, became NaN (torch's clip does that):
+    # an infinite max_norm is no limit, 1 whatever the total (a NaN total stays NaN); a finite max_norm that only
+    # float32 rounds to inf (1e39 beside a float32 total) is a finite limit, 0 over an inf total as any other.
+    if isinstance(max_norm, Tensor):  # (device ops only: no host read of a device limit)
+        return torch.where((limit == math.inf) & (total == math.inf), 1.0, coef)
+    if math.isinf(max_norm):
+        return torch.where(total == math.inf, 1.0, coef)
+    if max_norm > torch.finfo(total.dtype).max:
+        return torch.where(total == math.inf, 0.0, coef)
+    return coef
 
 
 def full_like(like: Tensor, value: float) -> Tensor:

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import _norm, _reduce, _slots
+from . import _norm, _reduce, _scale, _slots
 from . import clip as _clip
 from .adapters import unwrap_compiled
 from .adapters.params import copy_counted_here, copy_peers, listed_stand_ins, refuse_managed, replica_groups
@@ -345,7 +345,8 @@ class _ZClipState:
         if self.config.max_norm is None:
             during = torch.ones_like(g)  # nothing is clipped in warm-up (inf / inf or inf / NaN was NaN)
         else:
-            during = torch.clamp(threshold / (g + 1e-6), max=1.0)  # clip_grad_norm_(max_norm) during warm-up
+            # clip_grad_norm_(max_norm) during warm-up; max_norm=inf, as None, clips nothing (inf / inf was NaN)
+            during = _scale.clip_coefficient(threshold, g)
         warming = self._warming if self._warming is not None else torch.zeros((), dtype=torch.bool)
         return torch.where(warming.to(g.device), during, after)
 

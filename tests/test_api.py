@@ -60,6 +60,57 @@ def test_max_norm_zero_zeroes_the_gradients_as_torch_does():
     assert all(bool((p.grad == 0).all()) for p in ours) and all(bool((p.grad == 0).all()) for p in theirs)
 
 
+@pytest.mark.parametrize("limit", [math.inf, torch.tensor(math.inf), torch.tensor(math.inf, dtype=torch.float64)])
+@pytest.mark.parametrize("grads,p", [
+    ([[2e3, 1.0], [0.5]], 100.0),  # finite entries whose 100th powers overflow float64: the total reads inf
+    ([[math.inf, 1.0], [0.5]], 2.0),  # an inf entry
+    ([[1e200, 1.0], [0.5]], 2.0),  # float64 gradients whose squares overflow float64
+])
+def test_an_infinite_max_norm_leaves_gradients_alone_when_the_total_is_inf(limit, grads, p):
+    """max_norm=inf is no limit: the coefficient is 1 for an inf total too (inf / inf was NaN, as in torch's clip,
+    and every gradient became NaN, the finite ones included: 'clip_grad_norm_(params, inf)' to measure only)."""
+    dtype = torch.float64 if grads[0][0] == 1e200 else torch.float32
+    gs = [torch.tensor(g, dtype=dtype) for g in grads]
+    mine = [g.clone() for g in gs]
+    total = dist_clip.clip_grad_norm_(mine, limit, p)
+    assert total.item() == math.inf and all(torch.equal(a, b) for a, b in zip(mine, gs)), mine
+    mine = [g.clone() for g in gs]
+    dist_clip.clip_grads_with_norm_(mine, limit, dist_clip.get_total_norm(mine, p))
+    assert all(torch.equal(a, b) for a, b in zip(mine, gs)), mine
+    for mode in ("total", "per_param"):
+        params = {f"w{i}": nn.Parameter(torch.zeros_like(g)) for i, g in enumerate(gs)}
+        for q, g in zip(params.values(), gs):
+            q.grad = g.clone()
+        result = dist_clip.GradClipper(max_norm=math.inf, norm_type=p, mode=mode)(params)
+        assert all(torch.equal(q.grad, g) for q, g in zip(params.values(), gs)), (mode, params)
+        assert bool((result.clip_coef == 1).all()) and not bool(result.clipped), (mode, result)
+    opt = torch.optim.SGD([{"params": [q], "max_norm": math.inf} for q in params.values()], lr=0.1)
+    for q, g in zip(params.values(), gs):
+        q.grad = g.clone()
+    dist_clip.GradClipper(max_norm=1.0, norm_type=p, mode="per_group")(params, optimizer=opt)
+    assert all(torch.equal(q.grad, g) for q, g in zip(params.values(), gs)), params
+    params["w0"].grad = gs[0].clone()  # ZClip(max_norm=inf) in its warm-up clips nothing, as max_norm=None does
+    dist_clip.GradClipper(max_norm=dist_clip.ZClip(max_norm=math.inf), norm_type=p)([params["w0"]])
+    assert torch.equal(params["w0"].grad, gs[0])
+
+
+def test_an_infinite_total_under_a_finite_or_nan_limit():
+    """A finite max_norm float32 cannot hold (1e39) beside get_total_norm's float32 inf is a finite limit: 0 over
+    the inf total, as 1e38's (it was inf / inf = NaN); a NaN total still makes the coefficient NaN, an infinite
+    limit included."""
+    g = torch.tensor([1e30, 1.0])
+    total = dist_clip.get_total_norm([g * 1e10])
+    assert total.dtype == torch.float32 and total.item() == math.inf
+    for limit in (1e38, 1e39):
+        mine = g.clone()
+        dist_clip.clip_grads_with_norm_([mine], limit, total)
+        assert mine.tolist() == [0.0, 0.0], (limit, mine)
+    for limit in (1.0, math.inf):
+        mine = g.clone()
+        dist_clip.clip_grads_with_norm_([mine], limit, torch.tensor(math.nan))
+        assert bool(mine.isnan().all()), (limit, mine)
+
+
 def test_mixed_float32_and_float64_gradients_give_a_float64_norm():
     """The returned norm is float64 where some gradient is float64 (README), in one process too: a float32
     result would round 2.2360679775 to 2.2360680103."""
