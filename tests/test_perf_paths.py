@@ -3558,3 +3558,51 @@ def body_fsdp2_a_plain_clip_of_other_views_keeps_the_hand_over() -> list:
 def test_fsdp2_a_plain_clip_of_other_views_keeps_the_hand_over(run_ranks):
     for clipped, caught, diff, size in run_ranks(2, body_fsdp2_a_plain_clip_of_other_views_keeps_the_hand_over):
         assert clipped and not caught and diff <= 1e-6 * size, (caught, diff, size)
+
+
+def body_fsdp2_parts_of_one_unit_zeroed_in_place_step_after_a_dropped_nan_batch() -> list:
+    """FSDP2, one ``fully_shard`` unit clipped in parts [a, b] and [c] under ``on_nonfinite="skip"``, SGD with
+    momentum: a good batch, a NaN batch dropped (its skip armed, no step) with the gradients zeroed in place, a
+    good batch clipped the same way. Its step is taken, as the loop that never saw the NaN batch steps: the
+    parts are views of one reduce-scatter buffer and keep their own flags, each replaced by the next batch's
+    call (README Limits said the dropped flag combined with the next batch's first call and its good step was
+    skipped, 0.039 off after three batches: true before the per-part flags, no longer). Returns, per
+    ``set_to_none``, the largest parameter difference from that loop and the loop's largest update."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    out = []
+    for set_to_none in (False, True):
+        runs = []
+        for with_nan in (True, False):
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 1))
+            fully_shard(model, mesh=mesh)  # one group: every gradient a view of one buffer
+            start = [q.detach().full_tensor().clone() for q in model.parameters()]
+            opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            clipper = dist_clip.GradClipper(max_norm=0.5, on_nonfinite="skip")
+            parts = ([*model[0].parameters(), *model[2].parameters()], list(model[4].parameters()))
+            g = torch.Generator().manual_seed(rank)
+            for batch in ("good", "nan", "good"):
+                loss = (model(torch.randn(3, 4, generator=g)) ** 2).sum() * 4.0
+                if batch == "nan" and not with_nan:
+                    continue
+                (loss * float("nan") if batch == "nan" else loss).backward()
+                for part in parts:
+                    clipper(part, optimizer=opt)
+                if batch == "good":
+                    opt.step()
+                opt.zero_grad(set_to_none=set_to_none)
+            runs.append([(q.detach().full_tensor() - s).double() for q, s in zip(model.parameters(), start)])
+        diff = max(float((a - b).abs().max()) for a, b in zip(*runs))
+        out.append((set_to_none, diff, max(float(b.abs().max()) for b in runs[1])))
+    return out
+
+
+def test_fsdp2_parts_of_one_unit_zeroed_in_place_step_after_a_dropped_nan_batch(run_ranks):
+    for got in run_ranks(2, body_fsdp2_parts_of_one_unit_zeroed_in_place_step_after_a_dropped_nan_batch):
+        assert [s for s, _, _ in got] == [False, True], got
+        assert all(diff <= 1e-6 * size and size > 0.01 for _, diff, size in got), got
