@@ -486,14 +486,16 @@ def case_accumulation_exact_where_readme_says() -> dict:
     """README, fairscale: "With ``no_sync()`` the norm and the step are exact (tested with 2 and 3 micro-batches);
     OSS under torch DDP is exact either way, and so is fairscale FSDP": the 3 micro-batches and the other two
     wrappers outside ``no_sync()`` were in no test. Each: the clipped norm and the parameters after ``step()``
-    against the float64 unsharded run. ShardedDDP outside ``no_sync()`` over 3 micro-batches, for contrast,
+    against the float64 unsharded run (ShardedDDP in ``no_sync()`` with 2 micro-batches too: the other test checks
+    only its norm). ShardedDDP outside ``no_sync()`` over 3 micro-batches, for contrast,
     reads fairscale's wrong gradients (8.0178 with the default reduce buffer for 8.7607)."""
     from fairscale.nn.data_parallel import ShardedDataParallel
     from fairscale.optim import OSS
 
     rank, world = dist.get_rank(), dist.get_world_size()
     out: dict[str, Any] = {}
-    runs = [("oss_sdp", 3, True, 2**23), ("oss_sdp", 3, True, 0), ("oss_ddp", 2, False, None),
+    runs = [("oss_sdp", 2, True, 2**23), ("oss_sdp", 2, True, 0), ("oss_sdp", 3, True, 2**23),
+            ("oss_sdp", 3, True, 0), ("oss_ddp", 2, False, None),
             ("oss_ddp", 3, False, None), ("fsdp", 2, False, None), ("fsdp", 3, False, None),
             ("oss_sdp", 3, False, 2**23)]
     with cpu_stream_shim():
