@@ -1178,3 +1178,31 @@ def case_bf16_optimizer_reads_only_gradients_it_holds() -> dict:
     r = dist_clip.GradClipper(max_norm=1e9, report=True)(engine)
     out["reported"] = sorted(r.norms or {})
     return out
+
+
+def case_skip_then_steps_with_offload_and_fp32_accumulation(stage: int, dtype: str, accum: str | None) -> list:
+    """``GradClipper(on_nonfinite="skip")`` on an offloaded ZeRO 1-2 engine: a good step, a NaN batch on rank 1
+    (skipped through DeepSpeed's overflow path), two good steps. With bf16/fp16 parameters and
+    ``grad_accum_dtype: fp32`` DeepSpeed 0.19.8 accumulates into a compact fp32 buffer that its overflow path left
+    NaN under offload (its update path drops it): every later backward added to it, and every later step read NaN
+    and was skipped (skipped_steps 1, 2, 3). Each step's (finite, skipped_steps), and whether the parameters end
+    as a run of the good batches alone (the skipped step leaving them and the optimizer as they were)."""
+    from dist_clip import GradClipper
+
+    rank = dist.get_rank()
+    runs = []
+    for with_nan in (True, False):
+        engine = make_engine(ds_config(stage, dtype=dtype, grad_accum_dtype=accum, offload=True))
+        clipper = GradClipper(max_norm=0.3, on_nonfinite="skip")
+        out = []
+        for step, bad in enumerate((False, True, False, False)):
+            if bad and not with_nan:
+                continue
+            loss = loss_fn(engine(batch(rank, step, 0).to(_engine_dtype(engine))))
+            engine.backward(loss * (float("nan") if bad and rank == 1 else 1.0))
+            out.append((bool(clipper(engine).finite), None))
+            engine.step()
+            out[-1] = (out[-1][0], engine.skipped_steps)
+        runs.append((out, full_params(engine)))
+    same = all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(runs[0][1], runs[1][1]))
+    return [*runs[0][0], same]

@@ -273,3 +273,10 @@ def test_bf16_optimizer_reads_only_the_gradients_it_holds(run_ranks):
     names = [f"net.{i}.{w}" for i in (0, 2, 4) for w in ("bias", "weight")]
     want = {"reported": sorted(names), "after step": True}
     assert run_ranks(2, ds_cases.case_bf16_optimizer_reads_only_gradients_it_holds, timeout_s=TIMEOUT) == [want] * 2
+
+
+@pytest.mark.parametrize("stage,dtype,accum", [(1, "bf16", "fp32"), (2, "bf16", "fp32"), (1, "bf16", None)])
+def test_skip_with_offload_and_fp32_accumulation_steps_the_next_batches(run_ranks, stage, dtype, accum):
+    out = run_ranks(2, ds_cases.case_skip_then_steps_with_offload_and_fp32_accumulation, stage, dtype, accum,
+                    timeout_s=TIMEOUT)
+    assert out == [[(True, 0), (False, 1), (True, 1), (True, 1), True]] * 2, out

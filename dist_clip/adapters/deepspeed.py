@@ -654,9 +654,29 @@ class _ZeroSkip:
     def __call__(self, has_overflow: bool = False) -> Any:
         flag, self.flag = self.flag, None
         out = self.method(has_overflow)
+        opt = self.method.__self__
         if flag is not None and bool(flag):  # a host read; DeepSpeed's step() reads its own flags on the host too
-            self.method.__self__.overflow = True
+            opt.overflow = True
+        if opt.overflow and getattr(opt, "cpu_offload", False):
+            _drop_compact_grad_buffers(opt)
         return out
+
+
+def _drop_compact_grad_buffers(opt: Any) -> None:
+    """ZeRO 1-2 with optimizer offload and fp32 gradient accumulation over bf16/fp16 parameters (DeepSpeed
+    0.19.8) accumulate each step's reduced gradients into a compact fp32 buffer per param group
+    (``averaged_gradients[i]``, a list with a ``flat_partition``), added to by every backward. Its update path
+    drops the buffer after the step (``averaged_gradients[i] = None``); its overflow path, with offload, does not:
+    a skipped step's NaN or inf stayed in it, every later backward added to it, and every later step read
+    non-finite and was skipped (bf16 with ``on_nonfinite="skip"``: one NaN batch skipped every step after it;
+    fp16's own overflow does the same there). Dropped here, as the update path does, for the overflow path about
+    to run: the next backward builds a zeroed one."""
+    grads = getattr(opt, "averaged_gradients", None)
+    if not isinstance(grads, dict):
+        return
+    for key, group in list(grads.items()):
+        if getattr(group, "flat_partition", None) is not None:
+            grads[key] = None
 
 
 class _Stage0Overflow:
