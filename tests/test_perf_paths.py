@@ -793,6 +793,62 @@ def test_skip_flag_of_a_fused_optimizer_survives_gradscaler_step(flagged):
         assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
+class _ThreeHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor, use_b: bool) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        return self.c(h + torch.tanh(self.b(h)) if use_b else h)
+
+
+def _scaler_loop(clip: bool, clear: bool) -> tuple[list[bool], list[torch.Tensor]]:
+    m = _ThreeHeads()
+    params = list(m.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    clippers = {name: dist_clip.GradClipper(max_norm=0.5, on_nonfinite="skip") for name in "abc"}
+    stepped = []
+    for step in range(5):
+        opt.zero_grad(set_to_none=False)
+        use_b = step != 3
+        loss = m(torch.randn(4, 8, generator=torch.Generator().manual_seed(step)), use_b).square().sum()
+        scaler.scale(loss).backward()
+        if step == 2:
+            m.b.weight.grad[0, 0] = math.inf  # an overflow: GradScaler does not call step()
+        scaler.unscale_(opt)
+        for name in "abc" if use_b else "ac":  # b unused at step 3: not clipped
+            part = list(getattr(m, name).parameters())
+            if clip:
+                clippers[name](part, optimizer=opt)
+            else:
+                torch.nn.utils.clip_grad_norm_(part, 0.5)
+        before = [p.detach().clone() for p in params]
+        scaler.step(opt)
+        scaler.update()
+        if clear:
+            dist_clip.skip_next_step_(opt, torch.tensor(False))
+        stepped.append(not all(torch.equal(p, b) for p, b in zip(params, before)))
+    return stepped, [p.detach().clone() for p in params]
+
+
+def test_gradscaler_overflow_leaves_the_skip_waiting_and_clearing_it_after_the_step_steps_as_the_scaler():
+    """On an overflow GradScaler.step does not call a non-fused optimizer's step(): the batch is dropped for
+    dist_clip and its skip waits (README, Non-finite gradients). Clipped in parts, a part the next batch leaves
+    unclipped keeps its flag and that good step is skipped too; skip_next_step_(opt, False) after every
+    scaler.step(), as the README says, steps exactly as GradScaler with torch's clip."""
+    want, want_params = _scaler_loop(clip=False, clear=False)
+    assert want == [True, True, False, True, True]
+    waiting, _ = _scaler_loop(clip=True, clear=False)
+    assert waiting == [True, True, False, False, True]  # the documented wart this test pins
+    got, got_params = _scaler_loop(clip=True, clear=True)
+    assert got == want
+    for p, q in zip(got_params, want_params):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
 def _host_state_optimizers() -> dict[str, object]:
     return {
         "NAdam": lambda ps: torch.optim.NAdam(ps, lr=1e-2),
