@@ -772,6 +772,26 @@ def fsdp2_enclosed_and_late_sync() -> list:
     return out
 
 
+def fsdp2_late_sync_resharded() -> list:
+    """Sync turned back on after a backward without it, the modules resharded after backward (the default): the
+    sums wait on the unsharded parameters FSDP2 no longer registers, and every mode read 0 instead of refusing."""
+    from torch.distributed.fsdp import fully_shard
+
+    from dist_clip import AGC, GradClipper
+
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    model = new_model(wide=True)
+    for module in (model.inp, *model.blocks, model.head):
+        fully_shard(module, mesh=mesh((ws,)))
+    fully_shard(model, mesh=mesh((ws,)))
+    model.set_requires_gradient_sync(False)
+    loss_fn(model, *batch(rank)).backward()
+    model.set_requires_gradient_sync(True)  # too late: the backward ran without sync
+    calls = (lambda: dist_clip.get_total_norm(model), lambda: GradClipper(mode="per_param")(model),
+             lambda: GradClipper(mode="unitwise", agc=AGC(1e9))(model))
+    return [_refused(c, "sync was turned back on after the last backward") for c in calls]
+
+
 def fsdp1_summon_with_grads() -> list[bool]:
     """Inside summon_full_params(with_grads=True) the gradients are unsharded for the context: refused on every
     rank with a message naming the context (it blamed no_sync()); outside it, the reference's total."""

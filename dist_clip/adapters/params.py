@@ -198,18 +198,12 @@ def module_parameters(module: nn.Module, remove_duplicate: bool = True) -> list[
                                 or id(getattr(fp, "_sharded_post_forward_param", None)) in mine
                                 for fp, u in zip(fps, unsharded)):
             continue  # another model's, or another part of this one
-        if not pg.reduce_grads:
-            _unsynced(pg, "set_requires_gradient_sync(False)")
-        if not pg.all_reduce_grads and isinstance(pg.mesh_info, DDPMeshInfo):
-            _unsynced(pg, "set_requires_all_reduce(False)")
-        if getattr(pg, "_partial_reduce_output", None) is not None or any(map(_accumulated, fps)):
-            _unsynced(pg, "gradients accumulated without sync and not reduced since: sync was turned back on "
-                          "after the last backward")
+        how = _unreduced(pg, DDPMeshInfo)
+        if how is not None:
+            _unsynced(pg, how)
         if not pg.is_sharded:
             for fp, u in zip(fps, unsharded):
                 if u is not None:
-                    if u.grad is not None:
-                        _unsynced(pg, "an unsharded parameter holds this rank's own gradient")
                     swap[id(u)] = fp.sharded_param
                 # reshard_after_forward=<int> after a forward without backward registers a DTensor on the
                 # smaller mesh, without gradient: the reduced one is on the sharded parameter (it was left out)
@@ -296,6 +290,49 @@ def _check_synced(m: nn.Module, replicate: Any) -> None:
     state = replicate.replicate.state(m) if replicate is not None else None
     if state is not None and getattr(state, "_no_sync", False):
         _unsynced(f"a replicated {type(m).__name__}", "set_requires_gradient_sync(False)")
+
+
+def _unreduced(pg: Any, ddp_mesh_info: type) -> str | None:  # noqa: ANN401 - torch's FSDPParamGroup
+    """Why an FSDP2 param group's gradients are not reduced yet (what :func:`_unsynced` says), or None."""
+    if not pg.reduce_grads:
+        return "set_requires_gradient_sync(False)"
+    if not pg.all_reduce_grads and isinstance(pg.mesh_info, ddp_mesh_info):
+        return "set_requires_all_reduce(False)"
+    if getattr(pg, "_partial_reduce_output", None) is not None or _any_accumulated(pg.fsdp_params):
+        return ("gradients accumulated without sync and not reduced since: sync was turned back on after the last "
+                "backward")
+    if _any_unsharded_grad(pg.fsdp_params):
+        # FSDP2 sets an unsharded parameter's gradient to None once it reduced it: one still there was summed by a
+        # backward without sync (kept there whether or not the module resharded; the accumulated one above under a
+        # reduce dtype). Resharded, nothing else showed it: a call after sync was turned back on read 0.
+        if pg.is_sharded:
+            return ("gradients accumulated without sync and not reduced since: sync was turned back on after the last "
+                    "backward")
+        return "an unsharded parameter holds this rank's own gradient"
+    return None
+
+
+_ACCUMULATED = operator.attrgetter("unsharded_accumulated_grad")
+
+
+def _any_accumulated(fsdp_params: Sequence[Any]) -> bool:
+    """Whether some FSDP2 parameter of a group holds a gradient accumulated without sync; in C over the group (read
+    on every call, for every group a target touches)."""
+    try:
+        return any(map(operator.is_not, map(_ACCUMULATED, fsdp_params), itertools.repeat(None)))
+    except AttributeError:  # a torch without the attribute
+        return any(map(_accumulated, fsdp_params))
+
+
+_UNSHARDED_GRAD = operator.attrgetter("_unsharded_param.grad")
+
+
+def _any_unsharded_grad(fsdp_params: Sequence[Any]) -> bool:
+    """Whether some FSDP2 parameter of a group holds a gradient on its unsharded parameter; in C over the group."""
+    try:
+        return any(map(operator.is_not, map(_UNSHARDED_GRAD, fsdp_params), itertools.repeat(None)))
+    except AttributeError:  # a parameter never unsharded yet (before the lazy init, or the first forward)
+        return any(getattr(getattr(fp, "_unsharded_param", None), "grad", None) is not None for fp in fsdp_params)
 
 
 def _accumulated(fsdp_param: Any) -> bool:
