@@ -772,6 +772,61 @@ def fsdp2_enclosed_and_late_sync() -> list:
     return out
 
 
+def fsdp2_listed_unsynced(how: str) -> dict[str, Any]:
+    """A list (or mapping) of FSDP2 parameters whose gradients are not reduced yet is refused as the module is
+    (it read 0 with sync off; each rank its own total with the module left unsharded after backward, 0.42 and
+    1.51; the other modules' total alone with sync off on one block, 0.82, silently). ``how``: "off" (sync off
+    on the root), "unsharded" (and ``set_reshard_after_backward(False)``), "one block" (sync off on one block),
+    "late" (sync turned back on after the last backward), "replicate" (``replicate_with_fsdp``). After a
+    synchronised backward the list measures the reference, and a list of another model is never refused."""
+    from torch.distributed._composable.replicate_with_fsdp import replicate
+    from torch.distributed.fsdp import fully_shard
+
+    from dist_clip import AGC, GradClipper
+
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    model = new_model(wide=True)
+    ref = copy.deepcopy(model).double()
+    (sum(loss_fn(ref, *batch(d, torch.float64)) + loss_fn(ref, *batch(ws + d, torch.float64))
+         for d in range(ws)) / ws).backward()
+    want = reference_norm([p.grad for p in ref.parameters()], 2.0)  # both micro-batches, accumulated
+    other = new_model(seed=1, wide=True)  # another model beside it, plain: its gradients are the user's own
+    loss_fn(other, *batch(0)).backward()
+    other_want = reference_norm([p.grad for p in other.parameters()], 2.0)
+    if how == "replicate":
+        for module in model.blocks:
+            replicate(module)
+        replicate(model)
+    else:
+        for module in (model.inp, *model.blocks, model.head):
+            fully_shard(module, mesh=mesh((ws,)))
+        fully_shard(model, mesh=mesh((ws,)))
+    if how == "unsharded":
+        model.set_reshard_after_backward(False)
+    off = model.blocks[1] if how == "one block" else model
+    off.set_requires_gradient_sync(False)
+    loss_fn(model, *batch(rank)).backward()
+    if how == "late":
+        off.set_requires_gradient_sync(True)  # too late: the backward ran without sync
+    calls = (
+        lambda: dist_clip.get_total_norm(list(model.parameters())),
+        lambda: dist_clip.clip_grad_norm_(model.parameters(), 1.0),
+        lambda: GradClipper(mode="per_param")(list(model.parameters())),
+        lambda: GradClipper(mode="unitwise", agc=AGC(1e9))(dict(model.named_parameters())),
+        lambda: GradClipper(max_norm=1e9)(list(model.parameters()), report=True),
+        lambda: dist_clip.get_total_norm(model),
+        lambda: GradClipper(mode="unitwise", agc=AGC(1e9))(model),
+    )
+    out: dict[str, Any] = {"inside": [_refused(c, "gradients are not reduced yet") for c in calls]}
+    out["other"] = dist_clip.get_total_norm(list(other.parameters())).item() / other_want
+    # the accumulation's last backward, synchronised: measured, and as the module
+    off.set_requires_gradient_sync(True)
+    loss_fn(model, *batch(ws + rank)).backward()
+    out["after"] = [dist_clip.get_total_norm(list(model.parameters())).item() / want,
+                    dist_clip.get_total_norm(model).item() / want]
+    return out
+
+
 def fsdp2_late_sync_resharded() -> list:
     """Sync turned back on after a backward without it, the modules resharded after backward (the default): the
     sums wait on the unsharded parameters FSDP2 no longer registers, and every mode read 0 instead of refusing."""

@@ -232,6 +232,14 @@ def test_fsdp2_enclosed_submodule_and_late_sync(run_ranks) -> None:
     assert run_ranks(2, cases.fsdp2_enclosed_and_late_sync, timeout_s=90) == [[True, True, True]] * 2
 
 
+@pytest.mark.parametrize("how", ["off", "unsharded", "one block", "late", "replicate"])
+def test_fsdp2_listed_parameters_not_reduced_are_refused(run_ranks, how: str) -> None:
+    for r in run_ranks(2, cases.fsdp2_listed_unsynced, how, timeout_s=90):
+        assert r["inside"] == [True] * 7, r
+        assert r["other"] == pytest.approx(1.0, rel=1e-6), r
+        assert r["after"] == pytest.approx([1.0, 1.0], rel=1e-6), r
+
+
 def test_fsdp2_late_sync_after_a_resharded_backward_is_refused(run_ranks) -> None:
     assert run_ranks(2, cases.fsdp2_late_sync_resharded, timeout_s=90) == [[True, True, True]] * 2
 

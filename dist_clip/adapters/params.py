@@ -312,6 +312,32 @@ def _unreduced(pg: Any, ddp_mesh_info: type) -> str | None:  # noqa: ANN401 - to
     return None
 
 
+def _refuse_unreduced_listed(items: Iterable[object]) -> None:
+    """:func:`_unsynced` for a listed or mapped target holding parameters of an FSDP2 (or ``replicate_with_fsdp``)
+    param group whose gradients are not reduced: the sharded parameters (their gradients ``None``, or last step's
+    zeros), the unsharded ones ``set_reshard_after_backward(False)`` registers (each rank's own gradient) or the
+    ``reshard_after_forward=<int>`` ones. As a module target is: a list read 0 with sync off, each rank its own
+    total with the module left unsharded (0.42 and 1.51), and the other modules' total alone with sync off on
+    one of them (0.82, silently)."""
+    if "torch.distributed.fsdp._fully_shard._fully_shard" not in sys.modules:
+        return
+    groups = _all_fsdp2_param_groups()
+    if not groups:
+        return
+    from torch.distributed.fsdp._fully_shard._fsdp_common import DDPMeshInfo
+
+    suspects = [(pg, how) for pg in groups if (how := _unreduced(pg, DDPMeshInfo)) is not None]
+    if not suspects:
+        return
+    listed = set(map(id, items))
+    for pg, how in suspects:
+        for fp in pg.fsdp_params:
+            for t in (fp.sharded_param, getattr(fp, "_unsharded_param", None),
+                      getattr(fp, "_sharded_post_forward_param", None)):
+                if t is not None and id(t) in listed:
+                    _unsynced(pg, how)
+
+
 _ACCUMULATED = operator.attrgetter("unsharded_accumulated_grad")
 
 
@@ -365,6 +391,7 @@ def named_grads(target: object, params: list[tuple[str, Tensor]] | None = None) 
     elif isinstance(target, Iterable) and not isinstance(target, (str, bytes)):
         items = list(target)
         names = _positions(len(items))
+        _refuse_unreduced_listed(items)
     else:
         raise TypeError(f"expected a tensor, an iterable of tensors or an nn.Module, got {type(target).__name__}")
     # The hot path of every call: with only tensors (parameters, gradients, DTensor parameters), no duplicates
@@ -454,9 +481,10 @@ def listed_stand_ins(items: Sequence[tuple[str, Tensor]]) -> Sequence[tuple[str,
     modes (per-parameter, per-group, unit-wise, reports) left out the FSDP2 parameters a list yields while their
     module is unsharded (1.95 for 3.27 after an evaluation forward), as the total does not. Only where some
     listed parameter has no gradient."""
-    if "torch.distributed.fsdp._fully_shard._fully_shard" not in sys.modules or all(
-        not isinstance(t, nn.Parameter) or t.grad is not None for _, t in items  # (a non-leaf's .grad warns)
-    ):
+    if "torch.distributed.fsdp._fully_shard._fully_shard" not in sys.modules:
+        return items
+    _refuse_unreduced_listed(t for _, t in items)
+    if all(not isinstance(t, nn.Parameter) or t.grad is not None for _, t in items):  # (a non-leaf's .grad warns)
         return items
     swapped = _listed_stand_ins(items, [t for _, t in items])
     return items if swapped is None else [(n, t) for (n, _), t in zip(items, swapped)]  # type: ignore[misc]
