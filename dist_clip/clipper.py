@@ -426,11 +426,34 @@ def _policy(policy: str, target: object) -> str:
     return policy
 
 
+def _zero_class() -> type | None:
+    """torch's ``ZeroRedundancyOptimizer`` class, where its module is loaded."""
+    module = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    return getattr(module, "ZeroRedundancyOptimizer", None)
+
+
+def _refuse_stepped_in_backward(optimizer: object) -> None:
+    """Refuse an optimizer that has already stepped when a clip after ``backward()`` runs: torch's
+    ``ZeroRedundancyOptimizer(overlap_with_ddp=True)`` once DDP's ``hook_with_zero_step`` (or its interleaved
+    variant) made its local optimizer (``.optim``) steps each rank's parameters inside that hook, during the
+    backward, and its ``step()`` is a no-op. A hand-over, a scale or a skip after the backward reaches no step: a
+    NaN batch was stepped by the hook and its "skipped" ``step()`` left the NaN parameters for good, and the
+    coefficient was applied to gradients already used (2 ranks: every parameter NaN from the poisoned step on)."""
+    cls = _zero_class()
+    if (cls is not None and isinstance(optimizer, cls) and getattr(optimizer, "_overlap_with_ddp", False)
+            and "optim" in optimizer.__dict__):
+        raise ValueError(
+            "optimizer is a ZeroRedundancyOptimizer(overlap_with_ddp=True): DDP's hook_with_zero_step steps its "
+            "parameters inside the backward, before any clip after it, and its step() does nothing, so a clip "
+            "coefficient or a skip given to it here reaches no step (a non-finite batch has already been stepped); "
+            "use overlap_with_ddp=False to clip or skip, or leave optimizer= out"
+        )
+
+
 def _is_torch_zero(optimizer: object) -> bool:
     """torch's ``ZeroRedundancyOptimizer``: like fairscale's OSS, ``step()`` steps ``.optim`` (this rank's
     parameters, all the state) and then broadcasts every rank's parameters from their owners."""
-    module = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
-    cls = getattr(module, "ZeroRedundancyOptimizer", None)
+    cls = _zero_class()
     # (.optim is made lazily under overlap_with_ddp=True: until then, an optimizer whose step() is DDP's hook)
     return cls is not None and isinstance(optimizer, cls) and isinstance(getattr(optimizer, "optim", None),
                                                                          torch.optim.Optimizer)
@@ -488,6 +511,7 @@ def _stepping_optimizers(optimizer: Any) -> list[Any] | None:
     """The torch optimizers a fairscale ``OSS`` or torch ``ZeroRedundancyOptimizer`` steps (None otherwise)."""
     from .adapters.fairscale import skip_optimizers
 
+    _refuse_stepped_in_backward(optimizer)
     inner = skip_optimizers(optimizer)  # a fairscale OSS: the torch optimizer stepping this rank's parameters
     if inner is None and _is_torch_zero(optimizer):
         inner = [optimizer.optim]  # torch's own ZeroRedundancyOptimizer, alike
@@ -831,6 +855,7 @@ class GradClipper:
                 raise ValueError("mode='per_group' needs optimizer= (whose param groups set the slots)")
             if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
                 raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+            _refuse_stepped_in_backward(optimizer)
             group = _check_group(group)
             if plan is not None and not isinstance(plan, ParallelPlan):
                 raise TypeError(f"plan must be a dist_clip.ParallelPlan, got {type(plan).__name__}")

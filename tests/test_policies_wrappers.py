@@ -34,6 +34,7 @@ from dist_clip.testing import count_collectives, reference_norm
 # Only the tests marked deepspeed or fairscale skip without their framework (conftest.py): the case modules import
 # it inside the cases. The whole module skipped without DeepSpeed, torch's ZeroRedundancyOptimizer cases too.
 from tests import ds_cases, ds_names_cases, fairscale_cases
+from tests._harness import outcome
 from tests.test_adaptive import ZClipReference, _same_state, autoclip_reference, percentile_reference
 
 TIMEOUT = 240
@@ -473,6 +474,53 @@ SPIKES = {4: 30.0}  # step -> loss multiplier: a gradient norm spike
 STEPS = 6
 
 
+def case_torch_zero_overlapped_with_ddp_is_refused(fused: bool) -> list[Any]:
+    """``ZeroRedundancyOptimizer(overlap_with_ddp=True)`` under DDP's ``hook_with_zero_step`` steps inside the
+    backward (its ``step()`` does nothing): a clip, a hand-over or a skip after the backward reaches no step. A NaN
+    batch's "skipped" step left every parameter NaN, silently; each entry point refuses it now with a
+    ``ValueError`` on every rank. (torch refuses the hook on gloo, which may hang, #62300: the check is bypassed for
+    the hook's construction only; 2 ranks ran it without a hang.)"""
+    from torch import nn
+    from torch.distributed.algorithms.ddp_comm_hooks import ddp_zero_hook
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    import dist_clip
+
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    ddp = nn.parallel.DistributedDataParallel(model)
+    zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam, lr=0.1,
+                                   overlap_with_ddp=True, fused=fused)
+    real = ddp_zero_hook.dist.get_backend
+    ddp_zero_hook.dist.get_backend = lambda *_: "nccl"
+    try:
+        hook = ddp_zero_hook.hook_with_zero_step(allreduce_hook, ddp, zero)
+    finally:
+        ddp_zero_hook.dist.get_backend = real
+    ddp.register_comm_hook(None, hook)
+    calls = {
+        "GradClipper": lambda: GradClipper(max_norm=0.5, on_nonfinite="skip")(ddp, optimizer=zero),
+        "GradClipper per_group": lambda: GradClipper(max_norm=0.5, mode="per_group")(ddp, optimizer=zero),
+        "clip_grad_norm_": lambda: dist_clip.clip_grad_norm_(ddp, 0.5, optimizer=zero),
+        "skip_next_step_": lambda: skip_next_step_(zero, torch.tensor(True)),
+    }
+    out: list[Any] = []
+    for step in range(3):  # two warm-up iterations (DDP's buckets), then the hook steps in the backward
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(100 * step + rank))
+        (ddp(x).square().sum() * (math.nan if step == 2 else 1.0)).backward()
+        if step < 2:
+            assert "optim" not in zero.__dict__
+            assert bool(GradClipper(max_norm=0.5, on_nonfinite="skip")(ddp, optimizer=zero).finite)
+            zero.zero_grad()
+    out.append(all(bool(q.isfinite().all()) for q in model.parameters()))  # the hook stepped the NaN batch
+    for name, call in calls.items():
+        out.append((name, outcome(call, ValueError, lambda m: "overlap_with_ddp=True" in m
+                                   and "reaches no step" in m)))
+    return out
+
+
 def case_torch_zero_dropped_nan_part(fused: bool) -> list[str]:
     """torch's ZeroRedundancyOptimizer, each rank's inner optimizer holding one head: a NaN in head 1 clipped
     and the batch dropped, then both heads clipped: rank 1's inner optimizer held no gradient when the skip was
@@ -594,6 +642,13 @@ def test_clip_grad_norm_with_a_zero_wrapper_over_a_fused_optimizer_skips(run_ran
 def test_a_zero_wrapper_before_its_local_optimizer_exists_is_a_plain_optimizer_for_the_hand_over(run_ranks):
     norms = run_ranks(2, case_torch_zero_before_its_local_optimizer, timeout_s=TIMEOUT)
     assert norms[0] != norms[1], norms  # each rank its own parameters' gradients (no group=)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_torch_zero_overlapped_with_ddp_is_refused_once_it_steps_in_the_backward(run_ranks, fused):
+    want = [False, *((name, True) for name in ("GradClipper", "GradClipper per_group", "clip_grad_norm_",
+                                                "skip_next_step_"))]
+    assert run_ranks(2, case_torch_zero_overlapped_with_ddp_is_refused, fused, timeout_s=TIMEOUT) == [want, want]
 
 
 @pytest.mark.parametrize("fused", [False, True])
