@@ -16,6 +16,7 @@ from torch import Tensor
 from . import _fused, _norm, _reduce, _scale
 from ._warn import warn_at_caller
 from .adapters import resolve
+from .adapters.params import refuse_stepped_in_backward
 from .shards import Shards, common_loss_scale
 
 __all__ = ["clip_grad_norm_", "clip_grads_with_norm_", "get_total_norm", "local_total_partial", "total_from_shards"]
@@ -463,6 +464,7 @@ def clip_grads_with_norm_(
         if float(total_norm) < 0:
             raise ValueError(f"total_norm must be a norm (>= 0, or NaN), got {float(total_norm)}")
     tensors = _all_tensors(resolve(parameters, None))
+    refuse_stepped_in_backward(parameters)
     # Before anything is scaled: an integer, bool or float8 gradient raised torch's error from the scaling, after
     # the float gradients grouped before it were scaled (half-clipped gradients for a caller that caught it).
     _norm.check_dtypes(tensors)
@@ -522,6 +524,7 @@ def clip_grad_norm_(
         p = _norm.parse_norm_type(norm_type)
         _check_foreach(foreach)
         shards = resolve(parameters, _check_group(group))
+        refuse_stepped_in_backward(parameters)
         fold, optimizer = _deepspeed_fold(parameters, optimizer)
         optimizer = _inner_optimizer(optimizer)
         fused = optimizer is not None and _fused.supports_grad_scale(optimizer)  # type: ignore[arg-type]

@@ -36,6 +36,7 @@ from . import _fused, _norm, _reduce, _scale, _slots
 from . import clip as _clip
 from ._reduce import same_ranks
 from .adapters import resolve, unwrap_compiled
+from .adapters.params import refuse_stepped_in_backward
 from .adaptive import (
     AGC,
     AutoClip,
@@ -432,7 +433,7 @@ def _zero_class() -> type | None:
     return getattr(module, "ZeroRedundancyOptimizer", None)
 
 
-def _refuse_stepped_in_backward(optimizer: object) -> None:
+def _refuse_overlapped_zero(optimizer: object) -> None:
     """Refuse an optimizer that has already stepped when a clip after ``backward()`` runs: torch's
     ``ZeroRedundancyOptimizer(overlap_with_ddp=True)`` once DDP's ``hook_with_zero_step`` (or its interleaved
     variant) made its local optimizer (``.optim``) steps each rank's parameters inside that hook, during the
@@ -511,7 +512,7 @@ def _stepping_optimizers(optimizer: Any) -> list[Any] | None:
     """The torch optimizers a fairscale ``OSS`` or torch ``ZeroRedundancyOptimizer`` steps (None otherwise)."""
     from .adapters.fairscale import skip_optimizers
 
-    _refuse_stepped_in_backward(optimizer)
+    _refuse_overlapped_zero(optimizer)
     inner = skip_optimizers(optimizer)  # a fairscale OSS: the torch optimizer stepping this rank's parameters
     if inner is None and _is_torch_zero(optimizer):
         inner = [optimizer.optim]  # torch's own ZeroRedundancyOptimizer, alike
@@ -855,7 +856,8 @@ class GradClipper:
                 raise ValueError("mode='per_group' needs optimizer= (whose param groups set the slots)")
             if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
                 raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-            _refuse_stepped_in_backward(optimizer)
+            _refuse_overlapped_zero(optimizer)
+            refuse_stepped_in_backward(target)
             group = _check_group(group)
             if plan is not None and not isinstance(plan, ParallelPlan):
                 raise TypeError(f"plan must be a dist_clip.ParallelPlan, got {type(plan).__name__}")

@@ -285,6 +285,55 @@ def test_ddp_no_sync_gradients_are_refused(run_ranks, composable):
     assert run_ranks(3, body_ddp_no_sync, composable) == [["refused"] * 7 + [True]] * 3
 
 
+def body_ddp_optimizer_stepped_in_backward() -> list:
+    """A DDP whose communication hook steps an optimizer (``_register_fused_optim``: torch's functional Adam,
+    once each bucket is reduced) has stepped its parameters before any clip after the backward: a NaN batch's
+    clip returned NaN with every parameter NaN already, and a finite batch's coefficient scaled gradients the
+    step had used, silently. Every clipping entry point refuses it on every rank (the DDP itself or a container
+    holding it); get_total_norm still measures (the float64 reference)."""
+    from dist_clip import AGC, GradClipper
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    ddp = nn.parallel.DistributedDataParallel(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # (torch's TorchScript functional optimizers)
+        ddp._register_fused_optim(torch.optim.Adam, lr=0.1)
+    box = nn.ModuleDict({"G": ddp})
+    world, rank = dist.get_world_size(), dist.get_rank()
+    calls = (lambda: dist_clip.clip_grad_norm_(ddp, 0.5), lambda: GradClipper(max_norm=0.5)(ddp),
+             lambda: GradClipper(mode="per_param")(ddp), lambda: GradClipper(mode="unitwise", agc=AGC(0.1))(ddp),
+             lambda: dist_clip.clip_grad_norm_(box, 0.5), lambda: GradClipper()(box),
+             lambda: dist_clip.clip_grads_with_norm_(ddp, 0.5, torch.tensor(2.0)))
+    out = []
+    for step in range(2):
+        before = [q.detach().clone() for q in model.parameters()]
+        xs = [torch.randn(4, 6, generator=torch.Generator().manual_seed(10 * step + r)) for r in range(world)]
+        ref = [q.detach().double().requires_grad_() for q in before]
+        for x in xs:  # the float64 reference gradients: the mean of the ranks' losses
+            h = torch.tanh(x.double() @ ref[0].T + ref[1]) @ ref[2].T + ref[3]
+            (h.square().sum() / world).backward()
+        (ddp(xs[rank]).square().sum() * (math.nan if step == 1 else 1.0)).backward()
+        out.append(all(not torch.equal(b, q) for b, q in zip(before, model.parameters())))  # stepped in backward
+        grads = [q.grad.clone() for q in model.parameters()]
+        out.append([outcome(call, ValueError, lambda m: "steps the optimizer inside the backward" in m)
+                    for call in calls])
+        out.append(all(torch.allclose(g, q.grad, rtol=0, atol=0, equal_nan=True)  # nothing scaled
+                       for g, q in zip(grads, model.parameters())))
+        total = dist_clip.get_total_norm(ddp).item()
+        if step == 0:
+            want = reference_norm([r.grad for r in ref])
+            out.append(abs(total - want) <= 1e-5 * want)
+        else:
+            out.append(math.isnan(total))
+        ddp.zero_grad()
+    return out
+
+
+def test_ddp_optimizer_stepped_in_backward_is_refused(run_ranks):
+    assert run_ranks(2, body_ddp_optimizer_stepped_in_backward) == [[True, [True] * 7, True, True] * 2] * 2
+
+
 @contextlib.contextmanager
 def _custom_adapter_listed():
     """tests/custom_adapter.py in ``ADAPTERS`` for the block; the built-in list again after it (the ranks serve

@@ -588,6 +588,53 @@ def check_ddp_synced(ddp: nn.Module) -> None:
         )
 
 
+# torch's DDP communication hooks that step an optimizer once a bucket is reduced: ZeroRedundancyOptimizer's
+# overlap_with_ddp=True hooks, DDP._register_fused_optim's and _apply_optimizer_in_backward's (by module, then the
+# name of the function the hook factory returns).
+_STEPPING_HOOKS = {
+    "torch.distributed.algorithms.ddp_comm_hooks.ddp_zero_hook": ("hook_with_zero_fn",
+                                                                  "hook_with_zero_interleaved_fn"),
+    "torch.distributed.algorithms.ddp_comm_hooks.optimizer_overlap_hooks": ("hook_then_optimizer_wrapper",
+                                                                            "apply_optim_in_backward_hook"),
+}
+
+
+def _stepping_comm_hook(ddp: nn.Module) -> str | None:
+    """The name of a communication hook of ``ddp`` that steps an optimizer inside the backward, or None."""
+    for entry in getattr(ddp, "_comm_hooks", None) or ():
+        fn = entry[0] if isinstance(entry, tuple) and entry else entry
+        fn = getattr(fn, "func", fn)  # (a functools.partial)
+        names = _STEPPING_HOOKS.get(getattr(fn, "__module__", None) or "")
+        if names is not None and getattr(fn, "__name__", None) in names:
+            return str(fn.__name__)
+    return None
+
+
+def refuse_stepped_in_backward(target: object) -> None:
+    """ValueError for a clip of a DDP (the target, or one inside a module target) whose communication hook steps
+    an optimizer inside the backward (``DDP._register_fused_optim``, ``ZeroRedundancyOptimizer(overlap_with_ddp=
+    True)``'s ``hook_with_zero_step``): the parameters were stepped with the gradients before the clip (2 ranks,
+    ``_register_fused_optim(Adam)``: a NaN batch's total read NaN with every parameter NaN already, and a finite
+    one's coefficient scaled gradients already used, silently). Measuring (``get_total_norm``) stays allowed."""
+    if isinstance(target, _ddp_types()):
+        ddps: list[nn.Module] = [target]
+    elif isinstance(target, nn.Module) and dist.is_available() and dist.is_initialized():
+        # (with composable replicate as module_parameters passes it: the walk is kept on the root, one list)
+        replicate = sys.modules.get("torch.distributed._composable.replicate")
+        ddps = [m for m in _sync_holders(target, replicate) if isinstance(m, _ddp_types())]
+    else:
+        return
+    for ddp in ddps:
+        hook = _stepping_comm_hook(ddp)
+        if hook is not None:
+            raise ValueError(
+                f"this DistributedDataParallel's communication hook ({hook}) steps the optimizer inside the "
+                "backward, as its buckets are reduced: the parameters were stepped with these gradients before any "
+                "clip after the backward, so a clip or skip here reaches no step (a non-finite batch has already "
+                "been stepped). Clip with an optimizer stepped after the backward; get_total_norm still measures"
+            )
+
+
 def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
     if isinstance(target, _ddp_types()):
         # DDP gradients are identical on every rank once backward() returns: nothing to combine. A group
