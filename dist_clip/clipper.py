@@ -508,11 +508,27 @@ def _skip_pending(optimizer: torch.optim.Optimizer) -> bool:
     return pending_skip_flag(optimizer) is not None
 
 
+def _is_post_local_sgd(optimizer: object) -> bool:
+    """torch's ``PostLocalSGDOptimizer``: ``step()`` steps ``.optim`` (which holds the param groups and state),
+    then averages the parameters; it never runs ``Optimizer.__init__``, so its own ``step()`` runs no step hooks.
+    Its inner optimizer is armed and handed over to: a skip was refused (no hooks), and ``clip_grad_norm_`` with
+    the wrapper over a fused optimizer scaled a non-finite total's NaN into the gradients and stepped them (every
+    parameter NaN, averaged over the ranks), where the inner optimizer skips."""
+    module = sys.modules.get("torch.distributed.optim.post_localSGD_optimizer")
+    cls = getattr(module, "PostLocalSGDOptimizer", None)
+    return cls is not None and isinstance(optimizer, cls) and isinstance(optimizer.__dict__.get("optim"),
+                                                                         torch.optim.Optimizer)
+
+
 def _stepping_optimizers(optimizer: Any) -> list[Any] | None:
-    """The torch optimizers a fairscale ``OSS`` or torch ``ZeroRedundancyOptimizer`` steps (None otherwise)."""
+    """The torch optimizers a fairscale ``OSS``, torch ``ZeroRedundancyOptimizer`` or ``PostLocalSGDOptimizer``
+    steps (None otherwise)."""
     from .adapters.fairscale import skip_optimizers
 
     _refuse_overlapped_zero(optimizer)
+    if _is_post_local_sgd(optimizer):
+        inner_optim = optimizer.optim
+        return _stepping_optimizers(inner_optim) or [inner_optim]  # (a ZeRO or OSS inside: its own inner one)
     inner = skip_optimizers(optimizer)  # a fairscale OSS: the torch optimizer stepping this rank's parameters
     if inner is None and _is_torch_zero(optimizer):
         inner = [optimizer.optim]  # torch's own ZeroRedundancyOptimizer, alike

@@ -406,7 +406,10 @@ def case_torch_zero_skip(fused: bool, how: str = "GradClipper", wrapper: str = "
     """torch's ZeroRedundancyOptimizer keeps the state in its inner .optim, as OSS does: a skipped step must leave
     it (and the parameters) as they were, so the run equals one without that step. ``clip_grad_norm_`` with
     ``optimizer=`` the wrapper over a fused optimizer skips too, as with its inner optimizer: the wrapper takes no
-    grad_scale, its gradients were scaled by NaN, every rank stepped and the owners broadcast NaN parameters."""
+    grad_scale, its gradients were scaled by NaN, every rank stepped and the owners broadcast NaN parameters.
+    ``PostLocalSGDOptimizer`` (``wrapper="post_local_sgd"``) steps its ``.optim`` too, which is armed: the wrapper
+    runs no step hooks, so a skip was refused, and ``clip_grad_norm_`` over a fused optimizer stepped NaN
+    gradients (NaN parameters, averaged over the ranks)."""
     from torch import nn
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -422,6 +425,12 @@ def case_torch_zero_skip(fused: bool, how: str = "GradClipper", wrapper: str = "
             from fairscale.optim import OSS
 
             opt = OSS(model.parameters(), optim=torch.optim.Adam, lr=0.1, fused=fused)
+        elif wrapper == "post_local_sgd":
+            from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
+            from torch.distributed.optim import PostLocalSGDOptimizer
+
+            opt = PostLocalSGDOptimizer(torch.optim.Adam(model.parameters(), lr=0.1, fused=fused),
+                                        PeriodicModelAverager(period=2, warmup_steps=0))
         else:
             opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam, lr=0.1, fused=fused)
         clipper = GradClipper(max_norm=0.5, on_nonfinite="skip")
@@ -639,6 +648,15 @@ def test_torch_zero_redundancy_optimizer_skip(run_ranks, fused):
 @pytest.mark.parametrize("wrapper", ["torch", pytest.param("oss", marks=pytest.mark.fairscale)])
 def test_clip_grad_norm_with_a_zero_wrapper_over_a_fused_optimizer_skips(run_ranks, wrapper):
     run_ranks(2, case_torch_zero_skip, True, "clip_grad_norm_", wrapper, timeout_s=TIMEOUT)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_post_local_sgd_optimizer_skip(run_ranks, fused):
+    run_ranks(2, case_torch_zero_skip, fused, "GradClipper", "post_local_sgd", timeout_s=TIMEOUT)
+
+
+def test_clip_grad_norm_with_a_post_local_sgd_optimizer_over_a_fused_optimizer_skips(run_ranks):
+    run_ranks(2, case_torch_zero_skip, True, "clip_grad_norm_", "post_local_sgd", timeout_s=TIMEOUT)
 
 
 def test_a_zero_wrapper_before_its_local_optimizer_exists_is_a_plain_optimizer_for_the_hand_over(run_ranks):
