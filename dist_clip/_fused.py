@@ -549,7 +549,10 @@ def settle(tensors: Sequence[Tensor]) -> None:
         if verdict in ("stale", "written"):
             # Dropped without a word here: a step skipped, then gradients zeroed in place and recomputed, looks
             # the same as an accumulation after the clip; the step itself warns if it would take them unclipped.
+            # Its skip flag stays with the gradients it measured (see _keep_flag).
             _WAITING.discard(optimizer)
+            if verdict == "written":
+                _keep_flag(optimizer, found, held, grads)
             continue
         if verdict == "replaced":
             _warn_replaced()
@@ -792,6 +795,14 @@ def arm_skip_(
         return
     clear_stale(optimizer)
     now = grad_state(optimizer)
+    pending = optimizer.__dict__.get(_PENDING)
+    if combine and pending is not None and pending[2] is not None:
+        # A hand-over not applied yet whose gradients were written since, which no call settled (this one measures
+        # none of them): its coefficient is dropped and its flag kept, as settle() does.
+        if _verdict(pending[3], pending[4], now[0], pending[5], optimizer)[0] == "written":
+            del optimizer.__dict__[_PENDING]
+            _WAITING.discard(optimizer)
+            _keep_flag(optimizer, pending[1], pending[3], now[0])
     armed = optimizer.__dict__.get(_SKIP) if combine else None
     value, record = rearm(armed, value, now, started, measured, optimizer,
                           lambda a, b: torch.maximum(a, b.to(a.device)))
@@ -853,52 +864,66 @@ def grad_state(optimizer: torch.optim.Optimizer) -> tuple[list[Tensor], list[int
 
 
 class _Record(tuple):  # type: ignore[type-arg]
-    """An :func:`armed_record` of part of gradients that share version counters (views of one buffer), with the
-    backward count of each held gradient's parameter (:func:`_write_cell`; None where autograd does not
-    accumulate into that parameter), for :func:`untouched` to tell a new batch's backward from a write beside
-    them."""
+    """An :func:`armed_record` of gradients the optimizer steps (part of them, or all), with the backward count of
+    each held gradient's parameter where they share version counters (:func:`_write_cell`; None where autograd
+    does not accumulate into that parameter, or the gradients are tensors of their own), for :func:`untouched` to
+    tell a new batch's backward from a write beside them."""
 
     cells: list[tuple[_Count, int] | None]
     #: the parts clipped before it since the flag was armed, combined into it: each held gradient with its cell
     earlier: list[list[tuple[Tensor, tuple[_Count, int] | None]]] = []
-    #: each part's own flag (``earlier``'s, then this record's own part's), where every arming of the flag was one
-    #: of such records (see :func:`supersede`); None where unknown
-    flags: list[Tensor] | None = None
+    #: the flag's ledger (see :func:`supersede`): each arming's flag with the gradients it measured that no later
+    #: arming measured again (``members``), or, for a flag armed without saying what it measured
+    #: (``skip_next_step_``, a call whose pieces the optimizer does not step), None and that arming's record, which
+    #: :func:`_sticky` keeps or drops; None where unknown
+    parts: list[tuple[Tensor, list[Tensor] | None, tuple[Any, ...] | None]] | None = None
 
 
 def supersede(armed: tuple[Any, ...], record: tuple[Any, ...], now: tuple[list[Tensor], list[int]],
-              measured: Sequence[Tensor] | None, new: Tensor,
+              started: tuple[list[Tensor], list[int]] | None, measured: Sequence[Tensor] | None, new: Tensor,
               merge: Callable[[Tensor, Tensor], Tensor]) -> Tensor | None:
-    """The flag of a call arming ``new`` on ``record`` over one armed on ``armed``, both parts of gradients that
-    are views of one buffer (:class:`_Record`, each part's flag kept): ``new`` merged with the flags of the armed
-    parts this call does not measure again whole (a part measured again reads as it is now: a backward
-    accumulating into a NaN gradient leaves it NaN, a dropped batch's in-place ``zero_grad()`` makes it finite).
-    Replacing the whole flag on a sign of the next batch (a backward since, read from the backward counts) took a
-    NaN step where one part was clipped again within its batch after an extra loss (parts [ha, hc] and [hb], NaN in
-    hb, an auxiliary loss through ha, [ha, hc] clipped again: hb's skip dropped). None where it does not apply
-    (a record of another kind, flags not kept, the held gradients all replaced): :func:`untouched` decides."""
-    flags = getattr(armed, "flags", None)
-    if flags is None or not isinstance(record, _Record) or measured is None:
+    """The flag of a call arming ``new`` on ``record`` over one armed on ``armed``, both records of gradients the
+    optimizer steps (:class:`_Record`) with the flag's ledger (``parts``): each earlier arming's flag lasts while
+    some gradient it measured is still held and was not measured again since; ``new`` covers the ones this call
+    measures, as they are now (a backward accumulating into a NaN gradient leaves it NaN; a dropped batch's
+    ``zero_grad()`` makes it finite, or, to None, takes it away). So the next batch, clipping every gradient again
+    (in one call or in parts), replaces the flag, while a part clipped again within its step after an extra loss
+    keeps the other parts' flags. Deciding from a sign of the next batch instead (the held gradients written since
+    or a backward into them), a part clipped again within its step after an auxiliary loss replaced the whole
+    flag, and the NaN step was taken (heads [h0, h1] and [h2, h3], a batch through h2 alone with a NaN there, the
+    second call measuring every gradient present, an auxiliary loss through h1-h3, [h0, h1] clipped again; also
+    over views of one buffer; 29 of 600 random flows of 4 heads in 2 or 3 parts took a NaN step). A flag armed
+    without gradients it measured (``skip_next_step_``, a call whose pieces the optimizer does not step) lasts
+    while :func:`_sticky` holds for its record. None where it does not apply (a record of another kind):
+    :func:`untouched` decides."""
+    parts = getattr(armed, "parts", None)
+    if parts is None or not isinstance(record, _Record) or measured is None:
         return None
     where = {id(t) for t in now[0]}
-    if not any(id(t) in where for t in armed[0]):
-        return None  # (the held gradients replaced: set_to_none, the next batch)
-    again = {id(now[0][i]) for i in _measured_among(now[0], measured)}
-    kept_parts, kept_flags = [], []
-    for part, flag in zip([*armed.earlier, list(zip(armed[0], armed.cells))], flags):
-        present = [(t, c) for t, c in part if id(t) in where]
-        if present and not all(id(t) in again for t, _ in present):
-            kept_parts.append(present)
-            kept_flags.append(flag)
-    record.earlier = kept_parts
-    record.flags = [*kept_flags, new]
-    return functools.reduce(merge, record.flags)
+    again = {id(t) for t in record[0]}
+    kept: list[tuple[Tensor, list[Tensor] | None, tuple[Any, ...] | None]] = []
+    for flag, members, seen in parts:
+        if members is None:
+            if seen is not None and _sticky(seen, started if started is not None else now, measured):
+                kept.append((flag, None, seen))
+            continue
+        left = [t for t in members if id(t) in where and id(t) not in again]
+        if left:
+            kept.append((flag, left, None))
+    record.parts = [*kept, (new, list(record[0]), None)]
+    return functools.reduce(merge, [f for f, _, _ in record.parts])
+
+
+def _sticky(seen: tuple[Any, ...], now: tuple[list[Tensor], list[int]], measured: Sequence[Tensor] | None) -> bool:
+    """Whether a flag of the ledger armed without measured gradients (``skip_next_step_``, a call whose pieces the
+    optimizer does not step) still holds: while :func:`untouched` holds for its record."""
+    return untouched(seen, now, measured)
 
 
 def first_flag(record: tuple[Any, ...], new: Tensor) -> None:
-    """``record`` arms ``new`` alone (replaced, or nothing armed before): its part's flag, for :func:`supersede`."""
+    """``record`` arms ``new`` alone (replaced, or nothing armed before): the ledger's first entry."""
     if isinstance(record, _Record):
-        record.flags = [new]
+        record.parts = [(new, list(record[0]), None)]
 
 
 def rearm(armed: tuple[Tensor, tuple[Any, ...]] | None, new: Tensor, now: tuple[list[Tensor], list[int]],
@@ -906,26 +931,40 @@ def rearm(armed: tuple[Tensor, tuple[Any, ...]] | None, new: Tensor, now: tuple[
           optimizer: torch.optim.Optimizer | None,
           merge: Callable[[Tensor, Tensor], Tensor]) -> tuple[Tensor, tuple[Any, ...]]:
     """The skip flag and record a call arming ``new`` leaves, over ``armed`` (the flag and record armed before,
-    or None: nothing armed, or an arming that replaces): per part where the parts keep flags (:func:`supersede`),
-    else both flags merged where the call found the gradients as the arming left them (:func:`untouched`), else
-    ``new`` alone. One rule for the fused hand-over's skip (:func:`arm_skip_`) and the clipper's skip guard."""
+    or None: nothing armed, or an arming that replaces): by the flag's ledger where the records keep one
+    (:func:`supersede`), else both flags merged where the call found the gradients as the arming left them
+    (:func:`untouched`), else ``new`` alone. A call that measured nothing (every gradient of its part None) leaves
+    the record as it was. One rule for the fused hand-over's skip (:func:`arm_skip_`) and the clipper's skip
+    guard."""
+    if measured is not None and not measured and optimizer is not None:
+        if armed is not None:
+            return merge(armed[0], new), armed[1]
+        # (a ledger holding the flag by what untouched says of the gradients held now, as a record of them did:
+        # on another rank, holding pieces of the part, the same flag may have been measured)
+        empty = _Record(([], []))
+        empty.cells = []
+        empty.parts = [(new, None, (*now, None))]
+        return new, empty
     record = armed_record(now, measured, optimizer)
     if armed is not None:
-        merged = supersede(armed[1], record, now, measured, new, merge)
+        merged = supersede(armed[1], record, now, started, measured, new, merge)
         if merged is not None:
             return merged, record
         if untouched(armed[1], started if started is not None else now, measured):
-            carried(armed[1], record)
+            carried(armed, record, new)
             return merge(armed[0], new), record
     first_flag(record, new)
     return new, record
 
 
-def carried(armed: tuple[list[Tensor], list[int]], record: tuple[list[Tensor], list[int]]) -> None:
+def carried(armed: tuple[Tensor, tuple[Any, ...]], record: tuple[Any, ...], new: Tensor) -> None:
     """A flag armed on ``armed`` combined into one armed on ``record``: the record keeps the earlier parts, for
-    :func:`untouched` to tell the next batch clipping a part again after a dropped one."""
-    if isinstance(record, _Record) and isinstance(armed, _Record):
-        record.earlier = [*armed.earlier, list(zip(armed[0], armed.cells))]
+    :func:`untouched` to tell the next batch clipping a part again after a dropped one, and starts its ledger
+    with the earlier flag held by its record (:func:`supersede`)."""
+    if isinstance(record, _Record) and isinstance(armed[1], _Record):
+        record.earlier = [*armed[1].earlier, list(zip(armed[1][0], armed[1].cells))]
+    if isinstance(record, _Record):
+        record.parts = [(armed[0], None, armed[1]), (new, list(record[0]), None)]
 
 
 def armed_record(
@@ -942,11 +981,14 @@ def armed_record(
     kept = _measured_among(now[0], measured)
     if not kept:
         return (*now, _measured_record(measured))
-    if len(kept) == len(now[0]):
-        return now
-    held = [now[0][i] for i in kept]
     if optimizer is None:
-        return held, [now[1][i] for i in kept]
+        return ((now[0], now[1]) if len(kept) == len(now[0])
+                else ([now[0][i] for i in kept], [now[1][i] for i in kept]))
+    if len(kept) == len(now[0]):
+        whole = _Record(now)  # every gradient held: its versions tell the next batch (see untouched)
+        whole.cells = [None] * len(now[0])
+        return whole
+    held = [now[0][i] for i in kept]
     if not any(map(Tensor._is_view, held)) or not _shared_counters(now[0]):  # (in C)
         # Gradients of their own: their versions tell a write; a record of the part, for its flag (see supersede)
         plain = _Record((held, [now[1][i] for i in kept]))
@@ -1169,6 +1211,33 @@ def pending_flag(optimizer: torch.optim.Optimizer) -> Tensor | None:
     return pending[1]
 
 
+def _keep_flag(optimizer: torch.optim.Optimizer, found: Tensor, held: list[Tensor], grads: list[Tensor]) -> None:
+    """A hand-over's coefficient dropped because its gradients were written since (:func:`_verdict`): its skip flag
+    joins the skip flag's ledger (:func:`supersede`), held by the measured gradients still stepped, so that it
+    lasts until they are all measured again or gone. A write after the clip is a dropped batch's ``zero_grad()``
+    and the next backward, or an auxiliary loss accumulating into a NaN gradient, which stays NaN: dropped with
+    the coefficient, a NaN hand-over's flag was lost there and the NaN step taken (a part of the model whose
+    gradients were every one present handed over, an auxiliary loss, another part clipped again). Kept where a
+    dist_clip call reads them or arms a skip after the write; the step itself, with no such call since, drops
+    the flag with the coefficient and warns (the next batch of a dropped one, stepped unclipped, looks the same:
+    kept, its good step was skipped)."""
+    where = set(map(id, grads))
+    members = [t for t in held if id(t) in where]
+    if not members:
+        return
+    armed = optimizer.__dict__.get(_SKIP)
+    if armed is None:
+        record = _Record((members, version_list(members)))
+        record.cells = [None] * len(members)
+        record.parts = [(found, members, None)]
+        optimizer.__dict__[_SKIP] = (found, record)
+        return
+    parts = getattr(armed[1], "parts", None)
+    if parts is not None:
+        armed[1].parts = [*parts, (found, members, None)]
+    optimizer.__dict__[_SKIP] = (torch.maximum(armed[0], found.to(armed[0].device)), armed[1])
+
+
 def _dropped(verdict: str) -> bool:
     """Whether :func:`_pre_hook` drops a hand-over, its coefficient and flag, on this :func:`_verdict`: measured
     on gradients that are gone (written since, or none of them stepped)."""
@@ -1264,7 +1333,20 @@ def hand_over_(
     found = torch.logical_not(torch.isfinite(total)).to(torch.float32)
     grads = grads if grads is not None else gradients(optimizer)
     armed = optimizer.__dict__.get(_SKIP)
-    if armed is not None and not untouched(armed[1], (grads, version_list(grads)), grads):
+    parts = getattr(armed[1], "parts", None) if armed is not None else None
+    if parts is not None:
+        # The hand-over measures every gradient the optimizer steps, as they are now: of the flag's ledger (see
+        # supersede) only flags armed without measured gradients (skip_next_step_) may outlast it, while their
+        # records are untouched.
+        now = (grads, version_list(grads))
+        left = [(f, None, seen) for f, members, seen in parts
+                if members is None and seen is not None and _sticky(seen, now, grads)]
+        if left:
+            armed[1].parts = left
+            optimizer.__dict__[_SKIP] = (functools.reduce(torch.maximum, [f for f, _, _ in left]), armed[1])
+        else:
+            del optimizer.__dict__[_SKIP]
+    elif armed is not None and not untouched(armed[1], (grads, version_list(grads)), grads):
         # A skip armed on gradients replaced or rewritten since (a dropped batch's NaN, clipped in place): not this
         # step's, as a hand-over's own flag is replaced by the next hand-over (it skipped the next good step).
         del optimizer.__dict__[_SKIP]

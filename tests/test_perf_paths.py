@@ -2097,6 +2097,132 @@ def test_parts_of_one_buffer_skip_exactly_the_steps_whose_gradients_are_not_fini
             assert skipped != finite, (seed, step)
 
 
+@pytest.mark.parametrize("first", ["parts", "whole"])
+@pytest.mark.parametrize("layout", ["own", "views"])
+@pytest.mark.parametrize("second", ["clipper", "clipper_fused", "clip_fused"])
+def test_a_part_clipped_again_keeps_the_skip_of_a_call_that_measured_every_gradient_present(second, layout, first):
+    """Heads [h0, h1] and [h2, h3], a batch through h2 alone with a NaN there, clipped as the two parts
+    (``parts``) or whole: a call measuring every gradient present (``own``: gradients of their own set to None,
+    the second part's call; ``views``: views of one buffer zeroed in place, the whole model's) was recorded as
+    the whole model's. An auxiliary loss through h1-h3, then [h0, h1] clipped again: its call replaced the whole
+    flag and the NaN step was taken (README's former Limits). Each arming's flag now lasts while some gradient it
+    measured is held and not measured again since; the next good batch, clipped the same way, steps."""
+    torch.manual_seed(0)
+    heads = [nn.Linear(4, 2) for _ in range(4)]
+    ps = [q for h in heads for q in h.parameters()]
+    opt = torch.optim.Adam(ps, lr=0.1, fused=second != "clipper")
+    if layout == "views":
+        _grads_in_one_buffer(ps)
+    x = torch.randn(8, 4)
+    clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+    parts = [[*heads[0].parameters(), *heads[1].parameters()], [*heads[2].parameters(), *heads[3].parameters()]]
+
+    def clip(part: list[nn.Parameter]) -> None:
+        if second == "clip_fused":
+            dist_clip.clip_grad_norm_(part, 1.0, optimizer=opt)
+        else:
+            clipper(part, optimizer=opt)
+
+    for nan in (True, False):
+        opt.zero_grad(set_to_none=layout == "own")
+        heads[2](x).square().sum().mul(math.nan if nan else 1.0).backward()
+        for part in parts if first == "parts" else [ps]:
+            clip(part)
+        sum(h(x).abs().mean() for h in heads[1:]).backward()  # an auxiliary loss
+        clip(parts[0])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (whole, handed over: the coefficient dropped after the auxiliary loss)
+            _step_checked(opt, ps, skipped=nan, moved=2)
+
+
+@pytest.mark.parametrize("aux", ["first part", "both parts"])
+def test_a_nan_hand_over_whose_gradients_an_auxiliary_loss_wrote_skips_its_step(aux):
+    """A NaN hand-over (a part of the model holding every gradient present, under ``zero_grad(set_to_none=True)``),
+    then an auxiliary loss accumulating into its gradients (which stay NaN) and the other part clipped again
+    (``first part``: the loss through the handed-over part only, the other part's call measuring nothing;
+    ``both parts``: through the other part too, whose call reads the optimizer's gradients): the coefficient is
+    dropped, as measured on other gradients, and its skip flag was dropped with it, silently: the NaN step was
+    taken. The flag now stays with the gradients it measured until they are measured again or gone; the next
+    good batch steps."""
+    torch.manual_seed(0)
+    heads = [nn.Linear(4, 2) for _ in range(3)]
+    ps = [q for h in heads for q in h.parameters()]
+    opt = torch.optim.Adam(ps, lr=0.1, fused=True)
+    x = torch.randn(8, 4)
+    first, other = [*heads[0].parameters(), *heads[1].parameters()], [*heads[2].parameters()]
+    for nan in (True, False):
+        opt.zero_grad(set_to_none=True)
+        (heads[0](x).square().sum() * (math.nan if nan else 1.0) + heads[1](x).square().sum()).backward()
+        dist_clip.clip_grad_norm_(first, 1.0, optimizer=opt)  # every gradient present: handed over
+        dist_clip.clip_grad_norm_(other, 1.0, optimizer=opt)  # nothing to measure
+        sum(h(x).abs().mean() for h in (heads[::2] if aux == "both parts" else heads[:1])).backward()
+        dist_clip.clip_grad_norm_(other, 1.0, optimizer=opt)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (the dropped coefficient: the step takes the gradients unclipped)
+            _step_checked(opt, ps, skipped=nan, moved=0)
+
+
+@pytest.mark.parametrize("second", ["clipper", "clipper_fused", "clip_fused"])
+def test_parts_skip_exactly_the_steps_whose_gradients_are_not_finite(second):
+    """Random flows of 4 heads (on a shared trunk or not) clipped in 2 or 3 parts per batch, gradients of their
+    own set to None or zeroed in place, or views of one buffer, made anew or zeroed in place; heads left unused,
+    a NaN in one head's loss, an auxiliary loss and one part clipped again, the model sometimes clipped whole,
+    batches dropped: a step is skipped exactly when the gradients it would take are not finite. Before the flag's
+    ledger (a part measuring every gradient present recorded as the whole model's; a hand-over's flag dropped
+    with its coefficient): 4 of these 90 flows took a NaN step."""
+    wrong = []
+    for seed in range(30):
+        rng = random.Random(seed)
+        torch.manual_seed(seed)
+        heads = [nn.Linear(4, 2) for _ in range(4)]
+        trunk = nn.Linear(4, 4) if rng.random() < 0.4 else None
+        ps = [q for m in ([trunk] if trunk is not None else []) + heads for q in m.parameters()]
+        opt = torch.optim.Adam(ps, lr=0.1, fused=second != "clipper")
+        layout, set_to_none = rng.choice(["own", "views", "new views"]), rng.random() < 0.5
+        x = torch.randn(8, 4)
+        clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+        order = rng.sample(range(4), 4)
+        cuts = sorted(rng.sample(range(1, 4), rng.choice([1, 2])))
+        parts = [[q for i in order[a:b] for q in heads[i].parameters()] for a, b in zip([0, *cuts], [*cuts, 4])]
+        if trunk is not None:
+            parts[rng.randrange(len(parts))][:0] = list(trunk.parameters())
+        if layout != "own":
+            _grads_in_one_buffer(ps)
+
+        def clip(part: list[nn.Parameter]) -> None:
+            if second == "clip_fused":
+                dist_clip.clip_grad_norm_(part, 1.0, optimizer=opt)  # noqa: B023
+            else:
+                clipper(part, optimizer=opt)  # noqa: B023
+
+        for step in range(5):
+            if layout == "new views" and set_to_none:
+                _grads_in_one_buffer(ps)
+            else:
+                opt.zero_grad(set_to_none=set_to_none and layout == "own")
+            used = [h for h in heads if rng.random() < 0.6] or [rng.choice(heads)]
+            nan = rng.choice(used) if rng.random() < 0.35 else None
+            f = trunk(x) if trunk is not None else x
+            sum(h(f).square().sum() * (math.nan if h is nan else 1.0) for h in used).backward()
+            for part in [ps] if rng.random() < 0.1 else parts:
+                clip(part)
+            if rng.random() < 0.5:
+                f = trunk(x) if trunk is not None else x
+                sum(h(f).abs().mean() for h in [h for h in heads if rng.random() < 0.5] or heads[:1]).backward()
+                clip(rng.choice(parts))
+            if rng.random() < 0.25:
+                continue  # the batch dropped
+            finite = all(q.grad is None or bool(q.grad.isfinite().all()) for q in ps)
+            before = [q.detach().clone() for q in ps]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # (a coefficient dropped after the auxiliary loss: its warning)
+                opt.step()
+            if all(torch.equal(b, q.detach()) for b, q in zip(before, ps)) == finite:
+                wrong.append((seed, step))
+                break
+    assert not wrong
+
+
 @pytest.mark.parametrize("flat", [False, True])
 @pytest.mark.parametrize("fused", [False, True])
 def test_a_part_s_skip_survives_a_backward_into_a_shared_trunk(fused, flat):
