@@ -914,10 +914,23 @@ def supersede(armed: tuple[Any, ...], record: tuple[Any, ...], now: tuple[list[T
     return functools.reduce(merge, [f for f, _, _ in record.parts])
 
 
+class _Explicit(tuple):  # type: ignore[type-arg]
+    """The gradients held (:func:`grad_state`) when ``skip_next_step_`` armed a flag, in the flag's ledger."""
+
+
 def _sticky(seen: tuple[Any, ...], now: tuple[list[Tensor], list[int]], measured: Sequence[Tensor] | None) -> bool:
-    """Whether a flag of the ledger armed without measured gradients (``skip_next_step_``, a call whose pieces the
-    optimizer does not step) still holds: while :func:`untouched` holds for its record."""
-    return untouched(seen, now, measured)
+    """Whether a flag of the ledger armed without measured gradients still holds. One armed by ``skip_next_step_``
+    on the gradients ``seen`` held: while one of them is still held (set to None by ``zero_grad()``, the batch
+    was dropped), whatever wrote them since (an auxiliary loss, a clip; a dropped batch's in-place
+    ``zero_grad()`` too, which nothing tells from the first: clear the flag with ``skip_next_step_(optimizer,
+    False)`` there). Replaced on a write, it was lost to a part clipped again after an extra loss, and the step
+    taken. Another (a call whose pieces the optimizer does not step): while :func:`untouched` holds."""
+    if not isinstance(seen, _Explicit):
+        return untouched(seen, now, measured)
+    if not seen[0]:
+        return not now[0]
+    where = set(map(id, now[0]))
+    return any(id(t) in where for t in seen[0])
 
 
 def first_flag(record: tuple[Any, ...], new: Tensor) -> None:
@@ -945,6 +958,12 @@ def rearm(armed: tuple[Tensor, tuple[Any, ...]] | None, new: Tensor, now: tuple[
         empty.cells = []
         empty.parts = [(new, None, (*now, None))]
         return new, empty
+    if measured is None and optimizer is not None and armed is None:
+        # skip_next_step_: nothing says what was measured; the flag lasts while _sticky holds for the gradients
+        explicit = _Record(now)
+        explicit.cells = [None] * len(now[0])
+        explicit.parts = [(new, None, _Explicit(now))]
+        return new, explicit
     record = armed_record(now, measured, optimizer)
     if armed is not None:
         merged = supersede(armed[1], record, now, started, measured, new, merge)

@@ -2162,6 +2162,41 @@ def test_a_nan_hand_over_whose_gradients_an_auxiliary_loss_wrote_skips_its_step(
             _step_checked(opt, ps, skipped=nan, moved=0)
 
 
+@pytest.mark.parametrize("flat", [False, True])
+@pytest.mark.parametrize("second", ["clipper", "clipper_fused", "clip_fused"])
+def test_an_explicit_skip_outlasts_a_part_clipped_again_after_an_extra_loss(second, flat):
+    """``skip_next_step_(opt, True)`` before the calls clipping parts [h0] and [h1], then an auxiliary loss
+    through h1 and [h0] clipped again in the same step: the gradients all written since the skip read as the
+    next batch's, the clip replaced the skip and the step was taken (README's former Limits, over views of one
+    buffer; also with gradients of their own). The skip lasts until the step while a gradient it held is still
+    held (``zero_grad(set_to_none=True)`` drops it); the next batch steps."""
+    torch.manual_seed(0)
+    h0, h1 = nn.Linear(4, 3), nn.Linear(4, 2)
+    ps = [*h0.parameters(), *h1.parameters()]
+    opt = torch.optim.Adam(ps, lr=0.1, fused=second != "clipper")
+    if flat:
+        _grads_in_one_buffer(ps)
+    x = torch.randn(8, 4)
+    clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+
+    def clip(part: nn.Module) -> None:
+        if second == "clip_fused":
+            dist_clip.clip_grad_norm_(part, 1.0, optimizer=opt)
+        else:
+            clipper(part, optimizer=opt)
+
+    for explicit in (True, False):
+        opt.zero_grad(set_to_none=not flat)
+        (h0(x).square().sum() + h1(x).square().sum()).backward()
+        if explicit:
+            dist_clip.skip_next_step_(opt, True)
+        clip(h0)
+        clip(h1)
+        h1(x).abs().mean().backward()  # an auxiliary loss
+        clip(h0)
+        _step_checked(opt, ps, skipped=explicit, moved=0)
+
+
 @pytest.mark.parametrize("second", ["clipper", "clipper_fused", "clip_fused"])
 def test_parts_skip_exactly_the_steps_whose_gradients_are_not_finite(second):
     """Random flows of 4 heads (on a shared trunk or not) clipped in 2 or 3 parts per batch, gradients of their
