@@ -781,6 +781,82 @@ def test_a_skipped_step_leaves_the_param_groups_as_they_were(monkeypatch, host, 
     assert plain.param_groups[0]["lr"] is lr
 
 
+class _WritesAfterSuper(torch.optim.SGD):
+    """A subclass writing its groups and parameters after ``super().step()``: still the skipped step's writes."""
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201
+        out = super().step(closure)
+        for g in self.param_groups:
+            g["k"] = g.get("k", 0) + 1
+            for p in g["params"]:
+                p.mul_(0.5)
+        return out
+
+
+class _Lookahead(torch.optim.Optimizer):
+    """An optimizer stepping another inside its own ``step()`` (a Lookahead-style wrapper): the inner one's step is
+    not a nested step of itself."""
+
+    def __init__(self, inner: torch.optim.Optimizer) -> None:
+        self.inner = inner
+        super().__init__([torch.zeros(1, requires_grad=True)], {"lr": 0.0})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201
+        return self.inner.step(closure)
+
+
+@pytest.mark.parametrize("host", [True, False])
+def test_a_skipped_subclass_step_puts_back_what_it_wrote_after_super_step(monkeypatch, host):
+    """The inner pair of step hooks (``super().step()``) leaves the skip to the outer post-hook: one deciding in
+    the inner post-hook put the parameters and groups back before the subclass's own writes after it, which were
+    kept (k 1 and the weights halved on a skipped step)."""
+    from dist_clip.clipper import _SkipGuard
+
+    if not host:
+        monkeypatch.setattr(_SkipGuard, "_on_host", staticmethod(lambda flag: False))  # the accelerator's branch
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    torch.optim.SGD(model.parameters(), lr=0.1)  # (torch wraps SGD.step, with its hooks, at the first instance)
+    opt = _WritesAfterSuper(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    model.weight.grad[0, 0] = float("nan")
+    GradClipper(max_norm=1.0, on_nonfinite="skip")(model, optimizer=opt)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert "k" not in opt.param_groups[0]
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    opt.zero_grad()
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()  # (the next step is taken)
+    assert opt.param_groups[0]["k"] == 1 and not torch.equal(before[0], model.weight)
+
+
+@pytest.mark.parametrize("host", [True, False])
+def test_an_optimizer_stepped_inside_another_optimizers_step_is_skipped(monkeypatch, host):
+    """A step is nested only inside a step of the same optimizer: an inner optimizer stepped by a wrapper's
+    ``step()`` (another optimizer's frame on the stack) read as nested took its NaN step."""
+    from dist_clip.clipper import _SkipGuard
+
+    if not host:
+        monkeypatch.setattr(_SkipGuard, "_on_host", staticmethod(lambda flag: False))  # the accelerator's branch
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    outer = _Lookahead(inner)
+    model(torch.randn(4, 3)).sum().backward()
+    model.weight.grad[0, 0] = float("nan")
+    GradClipper(max_norm=1.0, on_nonfinite="skip")(model, optimizer=inner)
+    before = [p.detach().clone() for p in model.parameters()]
+    outer.step()
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    inner.zero_grad()
+    model(torch.randn(4, 3)).sum().backward()
+    outer.step()  # (the next step is taken)
+    assert torch.isfinite(model.weight).all() and not torch.equal(before[0], model.weight)
+
+
 @pytest.mark.parametrize("where", ["pre_hook", "subclass"])
 @pytest.mark.parametrize("host", [True, False])
 def test_a_skipped_step_leaves_a_scheduled_lr_to_its_scheduler(monkeypatch, host, where):
