@@ -2051,6 +2051,33 @@ def test_a_part_with_gradients_of_its_own_clipped_again_keeps_another_part_s_ski
         assert all(bool(q.isfinite().all()) for q in ps)
 
 
+@pytest.mark.parametrize("call", ["clipper", "clipper_fused", "clip_fused"])
+def test_a_part_s_skip_survives_the_next_part_s_gradients_set_to_none(call):
+    """Heads [ha], [hb], [hc] clipped in turn, NaN in ha, hb's gradients set to None (``p.grad = None``: a head
+    dropped from this step) before [hc]'s clip: the flag's held part gone was read as the next batch's, its call
+    replaced the whole flag and the NaN step was taken (every parameter of ha NaN). Parts still held keep theirs."""
+    torch.manual_seed(0)
+    heads = [nn.Linear(4, 3), nn.Linear(4, 2), nn.Linear(4, 2)]
+    ps = [q for h in heads for q in h.parameters()]
+    opt = torch.optim.Adam(ps, lr=0.1, fused=call != "clipper")
+    x = torch.randn(8, 4)
+    clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+    for nan in (True, False):
+        opt.zero_grad(set_to_none=True)
+        sum(h(x).square().sum() for h in heads).backward()
+        if nan:
+            heads[0].weight.grad[0, 0] = math.nan
+        for i, h in enumerate(heads):
+            if i == 2:
+                for q in heads[1].parameters():
+                    q.grad = None
+            if call == "clip_fused":
+                dist_clip.clip_grad_norm_(h, 1.0, optimizer=opt)
+            else:
+                clipper(h, optimizer=opt)
+        _step_checked(opt, ps, skipped=nan, moved=0)
+
+
 @pytest.mark.parametrize("second", ["clipper", "clipper_fused", "clip_fused"])
 def test_parts_of_one_buffer_skip_exactly_the_steps_whose_gradients_are_not_finite(second):
     """Random flows over views of one buffer clipped in two parts per batch (gradients zeroed in place, heads left
