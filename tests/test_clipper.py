@@ -781,6 +781,46 @@ def test_a_skipped_step_leaves_the_param_groups_as_they_were(monkeypatch, host, 
     assert plain.param_groups[0]["lr"] is lr
 
 
+class _AddsAnEntry(torch.optim.Optimizer):
+    """Plain SGD whose first step adds a group entry and changes no other (``group.setdefault("d0", ...)``, as
+    Prodigy's first step records its initial d)."""
+
+    def __init__(self, params, lr: float) -> None:  # noqa: ANN001
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201
+        for g in self.param_groups:
+            g.setdefault("d0", float(sum(p.grad.abs().sum() for p in g["params"])))
+            for p in g["params"]:
+                p.add_(p.grad, alpha=-g["lr"])
+
+
+@pytest.mark.parametrize("host", [True, False])
+def test_a_skipped_step_removes_a_group_entry_it_added(monkeypatch, host):
+    """A skipped first step that only adds an entry to its group (nothing else written there, no per-parameter
+    state): the entry is removed, on the host's path and on the accelerator's (which tells a write by the keys'
+    count as well as by the objects: the entries the snapshot holds are all the same objects). Kept, the next good
+    step read the skipped batch's d0 (NaN) for good."""
+    from dist_clip.clipper import _SkipGuard
+
+    if not host:
+        monkeypatch.setattr(_SkipGuard, "_on_host", staticmethod(lambda flag: False))  # the accelerator's branch
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = _AddsAnEntry(model.parameters(), lr=0.1)
+    clipper = GradClipper(max_norm=1.0, on_nonfinite="skip")
+    for bad in (True, False):
+        opt.zero_grad()
+        model(torch.randn(4, 3)).sum().backward()
+        if bad:
+            model.weight.grad[0, 0] = float("nan")
+        clipper(model, optimizer=opt)
+        opt.step()
+        assert ("d0" in opt.param_groups[0]) == (not bad) and torch.isfinite(model.weight).all()
+    assert math.isfinite(opt.param_groups[0]["d0"])
+
+
 class _WritesAfterSuper(torch.optim.SGD):
     """A subclass writing its groups and parameters after ``super().step()``: still the skipped step's writes."""
 
