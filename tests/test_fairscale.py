@@ -129,3 +129,20 @@ def test_an_expert_over_a_one_rank_group_is_refused(run_ranks):
 def test_fsdp_padding_poisoned_is_left_out(run_ranks, kind, kwargs):
     out = run_ranks(2, fairscale_cases.case_padding_poisoned, kind, timeout_s=TIMEOUT, **kwargs)
     assert any(r[0] for r in out), out  # some rank held padding: the poison checked something
+
+
+def test_only_a_tensor_marked_as_fairscale_s_shard_is_refused():
+    """refuse_managed reads fairscale FSDP's ``_is_sharded`` only beside its ``_orig_size`` (both set on each
+    parameter it manages): another library's ``_is_sharded`` flag alone is not a fairscale shard."""
+    import torch
+
+    from dist_clip.adapters.params import refuse_managed
+
+    other = torch.zeros(2)
+    other._is_sharded = True  # type: ignore[attr-defined]
+    refuse_managed("w", other)
+    refuse_managed("w", other, plan=True)
+    other._orig_size = torch.Size([4])  # type: ignore[attr-defined]
+    for plan in (False, True):
+        with pytest.raises(ValueError, match="sharded by fairscale"):
+            refuse_managed("w", other, plan=plan)
