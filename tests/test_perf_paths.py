@@ -804,7 +804,7 @@ class _ThreeHeads(nn.Module):
         return self.c(h + torch.tanh(self.b(h)) if use_b else h)
 
 
-def _scaler_loop(clip: bool, clear: bool) -> tuple[list[bool], list[torch.Tensor]]:
+def _scaler_loop(clip: bool, clear: bool, set_to_none: bool = False) -> tuple[list[bool], list[torch.Tensor]]:
     m = _ThreeHeads()
     params = list(m.parameters())
     opt = torch.optim.AdamW(params, lr=1e-2)
@@ -812,7 +812,7 @@ def _scaler_loop(clip: bool, clear: bool) -> tuple[list[bool], list[torch.Tensor
     clippers = {name: dist_clip.GradClipper(max_norm=0.5, on_nonfinite="skip") for name in "abc"}
     stepped = []
     for step in range(5):
-        opt.zero_grad(set_to_none=False)
+        opt.zero_grad(set_to_none=set_to_none)
         use_b = step != 3
         loss = m(torch.randn(4, 8, generator=torch.Generator().manual_seed(step)), use_b).square().sum()
         scaler.scale(loss).backward()
@@ -838,11 +838,18 @@ def test_gradscaler_overflow_leaves_the_skip_waiting_and_clearing_it_after_the_s
     """On an overflow GradScaler.step does not call a non-fused optimizer's step(): the batch is dropped for
     dist_clip and its skip waits (README, Non-finite gradients). Clipped in parts, a part the next batch leaves
     unclipped keeps its flag and that good step is skipped too; skip_next_step_(opt, False) after every
-    scaler.step(), as the README says, steps exactly as GradScaler with torch's clip."""
+    scaler.step(), or zero_grad(set_to_none=True), as the README says, steps exactly as GradScaler with torch's
+    clip."""
     want, want_params = _scaler_loop(clip=False, clear=False)
     assert want == [True, True, False, True, True]
     waiting, _ = _scaler_loop(clip=True, clear=False)
     assert waiting == [True, True, False, False, True]  # the documented wart this test pins
+    # zeroed to None, b's gradients are gone at step 3: its flag goes with them and the good step is taken
+    want_none, want_none_params = _scaler_loop(clip=False, clear=False, set_to_none=True)
+    none, none_params = _scaler_loop(clip=True, clear=False, set_to_none=True)
+    assert none == want_none == want
+    for p, q in zip(none_params, want_none_params):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     got, got_params = _scaler_loop(clip=True, clear=True)
     assert got == want
     for p, q in zip(got_params, want_params):
