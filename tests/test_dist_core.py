@@ -334,6 +334,54 @@ def test_ddp_optimizer_stepped_in_backward_is_refused(run_ranks):
     assert run_ranks(2, body_ddp_optimizer_stepped_in_backward) == [[True, [True] * 7, True, True] * 2] * 2
 
 
+def body_ddp_bucket_views_two_losses_keep_the_first_part_s_skip(how: str) -> list:
+    """Two heads under one DDP with ``gradient_as_bucket_view=True``, each clipped right after its own backward (two
+    losses, ``find_unused_parameters``): the views share their bucket's version counter, so the second backward
+    reads as a write of the first head's gradients (README said it replaced the first head's NaN skip, a NaN step
+    taken). The backward count per parameter tells them apart: the NaN batch (rank 1's first head) is skipped on
+    every rank, and the next good batch, clipped the same way, steps with finite parameters."""
+
+    class Heads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.h = nn.ModuleList([nn.Linear(4, 3), nn.Linear(4, 2)])
+
+        def forward(self, x: torch.Tensor, i: int) -> torch.Tensor:
+            return self.h[i](x)
+
+    torch.manual_seed(0)
+    model = Heads()
+    ddp = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True, find_unused_parameters=True)
+    ps = list(model.parameters())
+    opt = torch.optim.Adam(ps, lr=0.1, fused=how != "clipper")
+    clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(dist.get_rank()))
+    out = []
+    for nan in (True, False):
+        opt.zero_grad(set_to_none=True)
+        for i in range(2):
+            bad = nan and i == 0 and dist.get_rank() == 1
+            (ddp(x, i).square().sum() * (math.nan if bad else 1.0)).backward()
+            part = list(model.h[i].parameters())
+            if how == "clip_fused":
+                dist_clip.clip_grad_norm_(part, 1.0, optimizer=opt)
+            else:
+                clipper(part, optimizer=opt)
+        before = [q.detach().clone() for q in ps]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.step()
+        out.append((not all(torch.equal(b, q) for b, q in zip(before, ps)),
+                    all(bool(q.isfinite().all()) for q in ps)))
+    return out
+
+
+@pytest.mark.parametrize("how", ["clipper", "clipper_fused", "clip_fused"])
+def test_ddp_bucket_views_two_losses_keep_the_first_part_s_skip(run_ranks, how):
+    assert run_ranks(2, body_ddp_bucket_views_two_losses_keep_the_first_part_s_skip, how) == [
+        [(False, True), (True, True)]] * 2
+
+
 @contextlib.contextmanager
 def _custom_adapter_listed():
     """tests/custom_adapter.py in ``ADAPTERS`` for the block; the built-in list again after it (the ranks serve
