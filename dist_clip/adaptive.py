@@ -1000,6 +1000,11 @@ def _unit_coefs(wp: Tensor, gp: Tensor, p: float, loss_scale: float, config: AGC
     # A zero gradient unit is left as it is whatever its limit (with eps=0 and a zero weight the limit is 0 and
     # the formula gives 0: a parameter without gradient anywhere made clip_coef 0 and clipped True).
     coef = torch.where((gn < limit) | (gn == 0), torch.ones_like(gn), limit / gn.clamp(min=1e-6))
+    if math.isinf(config.clipping):
+        # clipping=inf is no limit, as max_norm=inf is (_scale.clip_coefficient): a unit norm that reads inf (an inf
+        # entry, or p = 100 on finite entries of 2e3) met inf / inf = NaN, and the unit's finite entries became NaN
+        # (timm's formula does that). A NaN unit norm stays NaN.
+        coef = torch.where(gn == math.inf, torch.ones_like(coef), coef)
     coef = coef.to(torch.float64 if dtype == torch.float64 else torch.float32)  # the gradient's precision
     if name and any(fnmatch.fnmatchcase(name, pat) for pat in config.exclude):
         coef = torch.ones_like(coef)

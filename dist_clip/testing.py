@@ -122,7 +122,10 @@ def reference_agc_(
         w = params[name].detach().to(g.dtype)
         limit = unit_norm(w).clamp(min=eps) * clipping
         gn = unit_norm(g)
-        g.copy_(torch.where(gn < limit, g, g * (limit / gn.clamp(min=1e-6))))
+        keep = gn < limit
+        if math.isinf(clipping):  # no limit: an inf unit norm too (inf / inf made it NaN)
+            keep = keep | (gn == math.inf)
+        g.copy_(torch.where(keep, g, g * (limit / gn.clamp(min=1e-6))))
 
 
 def _coef(max_norm: float, norm: float) -> float:

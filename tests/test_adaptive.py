@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from dist_clip import AGC, AutoClip, GradClipper, ZClip
 from dist_clip.adaptive import unit_pieces
-from dist_clip.testing import assert_clip_matches_unsharded, count_collectives, reference_norm
+from dist_clip.testing import assert_clip_matches_unsharded, count_collectives, reference_agc_, reference_norm
 from tests import beyond_cases as cases
 
 # ------------------------------------------------------------------------------------------ references
@@ -966,6 +966,28 @@ def test_agc_divides_by_a_gradient_norm_floored_at_1e_6():
     torch.testing.assert_close(bias.grad, want, rtol=1e-12, atol=0)
     torch.testing.assert_close(bias.grad, grads["b"] * 1e-4, rtol=1e-12, atol=0)
     assert result.clip_coef.item() == pytest.approx(1e-4, rel=1e-12)
+
+
+@pytest.mark.parametrize("grad,p", [
+    ([[2e3, 1.0, 1.0], [0.5, 0.5, 0.5]], 100.0),  # finite entries whose 100th powers overflow float64
+    ([[math.inf, 1.0, 1.0], [0.5, 0.5, 0.5]], 2.0),  # an inf entry
+])
+def test_agc_an_infinite_clipping_leaves_a_unit_alone_whose_norm_is_inf(grad, p):
+    """AGC(clipping=inf) is no limit, as max_norm=inf is: a unit whose gradient norm reads inf met inf / inf =
+    NaN, and its finite entries became NaN (row 0 all NaN, clip_coef NaN, on one process) where the gradients
+    should be left as they are. A finite clipping still scales that unit by 0, as a finite max_norm does."""
+    w = nn.Parameter(torch.ones(2, 3))
+    g = torch.tensor(grad)
+    w.grad = g.clone()
+    result = GradClipper(mode="unitwise", norm_type=p, agc=AGC(clipping=math.inf))({"w": w})
+    assert torch.equal(w.grad, g), w.grad
+    assert result.clip_coef.item() == 1.0 and not bool(result.clipped) and result.total_norm.item() == math.inf
+    want = {"w": g.clone()}
+    reference_agc_({"w": w.detach()}, want, math.inf, 1e-3, p)
+    assert torch.equal(want["w"], g), want
+    w.grad = g.clone()
+    GradClipper(mode="unitwise", norm_type=p, agc=AGC(clipping=1.0))({"w": w})  # row 1 under its limit
+    assert w.grad[0, 1:].tolist() == [0.0, 0.0] and torch.equal(w.grad[1], g[1]), w.grad
 
 
 def test_zclip_warm_up_clips_at_max_norm():
