@@ -1180,20 +1180,22 @@ def case_bf16_optimizer_reads_only_gradients_it_holds() -> dict:
     return out
 
 
-def case_skip_then_steps_with_offload_and_fp32_accumulation(stage: int, dtype: str, accum: str | None) -> list:
+def case_skip_then_steps_with_offload_and_fp32_accumulation(stage: int, dtype: str, accum: str | None,
+                                                            policy: str = "skip") -> list:
     """``GradClipper(on_nonfinite="skip")`` on an offloaded ZeRO 1-2 engine: a good step, a NaN batch on rank 1
     (skipped through DeepSpeed's overflow path), two good steps. With bf16/fp16 parameters and
     ``grad_accum_dtype: fp32`` DeepSpeed 0.19.8 accumulates into a compact fp32 buffer that its overflow path left
     NaN under offload (its update path drops it): every later backward added to it, and every later step read NaN
     and was skipped (skipped_steps 1, 2, 3). Each step's (finite, skipped_steps), and whether the parameters end
-    as a run of the good batches alone (the skipped step leaving them and the optimizer as they were)."""
+    as a run of the good batches alone (the skipped step leaving them and the optimizer as they were).
+    ``policy="ignore"``: no skip armed, DeepSpeed's own overflow check alone (README: it keeps the NaN)."""
     from dist_clip import GradClipper
 
     rank = dist.get_rank()
     runs = []
     for with_nan in (True, False):
         engine = make_engine(ds_config(stage, dtype=dtype, grad_accum_dtype=accum, offload=True))
-        clipper = GradClipper(max_norm=0.3, on_nonfinite="skip")
+        clipper = GradClipper(max_norm=0.3, on_nonfinite=policy)
         out = []
         for step, bad in enumerate((False, True, False, False)):
             if bad and not with_nan:

@@ -275,8 +275,20 @@ def test_bf16_optimizer_reads_only_the_gradients_it_holds(run_ranks):
     assert run_ranks(2, ds_cases.case_bf16_optimizer_reads_only_gradients_it_holds, timeout_s=TIMEOUT) == [want] * 2
 
 
-@pytest.mark.parametrize("stage,dtype,accum", [(1, "bf16", "fp32"), (2, "bf16", "fp32"), (1, "bf16", None)])
+@pytest.mark.parametrize("stage,dtype,accum", [(1, "bf16", "fp32"), (2, "bf16", "fp32"), (1, "bf16", None),
+                                               (2, "fp16", "fp32")])
 def test_skip_with_offload_and_fp32_accumulation_steps_the_next_batches(run_ranks, stage, dtype, accum):
     out = run_ranks(2, ds_cases.case_skip_then_steps_with_offload_and_fp32_accumulation, stage, dtype, accum,
                     timeout_s=TIMEOUT)
     assert out == [[(True, 0), (False, 1), (True, 1), (True, 1), True]] * 2, out
+
+
+@pytest.mark.parametrize("stage,dtype", [(1, "bf16"), (2, "fp16")])
+def test_deepspeed_own_overflow_with_offload_and_fp32_accumulation_keeps_the_nan_without_a_skip(run_ranks, stage,
+                                                                                                dtype):
+    """README: without dist_clip's skip (no hook), DeepSpeed 0.19.8's own overflow check (fp16, and bf16 whose
+    check_grad_overflow is on by default) keeps the NaN batch in its fp32 accumulation buffer under offload:
+    every later step reads NaN and is skipped. on_nonfinite="skip" (above) is the remedy."""
+    out = run_ranks(2, ds_cases.case_skip_then_steps_with_offload_and_fp32_accumulation, stage, dtype, "fp32",
+                    "ignore", timeout_s=TIMEOUT)
+    assert out == [[(True, 0), (False, 1), (False, 2), (False, 3), False]] * 2, out
