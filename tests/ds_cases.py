@@ -1208,3 +1208,56 @@ def case_skip_then_steps_with_offload_and_fp32_accumulation(stage: int, dtype: s
         runs.append((out, full_params(engine)))
     same = all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(runs[0][1], runs[1][1]))
     return [*runs[0][0], same]
+
+
+class _SometimesExtra(torch.nn.Module):
+    """The test model and a layer after it that the forward calls only while ``use_extra``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_model()
+        self.extra = torch.nn.Linear(OUT, OUT)
+        self.use_extra = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.net(x)
+        return self.extra(y) if self.use_extra else y
+
+
+def case_skip_then_steps_without_a_layer_with_offload(stage: int, dtype: str, accum: str | None) -> list:
+    """``GradClipper(on_nonfinite="skip")`` on an offloaded ZeRO 1-3 engine: a good step, a NaN batch on rank 1
+    (skipped), then two good steps whose forward leaves out a layer the NaN batch reached. DeepSpeed 0.19.8 keeps
+    the offloaded fp32 gradient partitions across steps and a backward writes only the slots of the parameters it
+    reaches: the layer's slot kept the skipped NaN, and every later step read NaN and was skipped (skipped_steps
+    1, 2, 3). Each step's (finite, skipped_steps); whether every parameter ends finite; and whether the model's
+    other parameters end as in a run of the good batches alone (the layer's do not: there DeepSpeed steps its
+    slot's stale step-0 gradient again, where after the skip it reads 0)."""
+    from dist_clip import GradClipper
+
+    deepspeed = _quiet()
+    if dtype == "fp16":
+        allow_cpu_fp16()
+    rank = dist.get_rank()
+    runs = []
+    for with_nan in (True, False):
+        torch.manual_seed(0)
+        model = _SometimesExtra()
+        opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+        with contextlib.redirect_stdout(io.StringIO()):
+            engine, *_ = deepspeed.initialize(
+                model=model, optimizer=opt, config=ds_config(stage, dtype=dtype, grad_accum_dtype=accum, offload=True))
+        clipper = GradClipper(max_norm=1e9, on_nonfinite="skip")  # (the total holds the layer's slot)
+        out = []
+        for step, bad in enumerate((False, True, False, False)):
+            if bad and not with_nan:
+                continue
+            model.use_extra = step < 2
+            loss = loss_fn(engine(batch(rank, step, 0).to(_engine_dtype(engine))))
+            engine.backward(loss * (float("nan") if bad and rank == 1 else 1.0))
+            finite = bool(clipper(engine).finite)
+            engine.step()
+            out.append((finite, engine.skipped_steps))
+        runs.append((out, full_params(engine)))
+    n = len(list(model.net.parameters()))  # the net's parameters come first, in model order
+    same = all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(runs[0][1][:n], runs[1][1][:n]))
+    return [*runs[0][0], all(bool(torch.isfinite(t).all()) for t in runs[0][1]), same]

@@ -644,7 +644,9 @@ class _ZeroSkip:
     read ``self.overflow`` to choose between their overflow path (zero the gradients, release the partitions,
     return without touching the torch optimizer, the fp32 masters or the bit16 parameters; the engine then
     counts ``skipped_steps`` and does not step its LR scheduler) and the update. This hook lets the loss scaler
-    see DeepSpeed's own verdict, then sets ``overflow`` when the armed flag is true, and forgets the flag.
+    see DeepSpeed's own verdict, then sets ``overflow`` when the armed flag is true, and forgets the flag. On an
+    overflow with an offloaded optimizer it also clears what DeepSpeed's overflow path keeps of the skipped batch
+    (:func:`_drop_compact_grad_buffers`, :func:`_zero_offloaded_grads`).
     """
 
     def __init__(self, opt: Any) -> None:
@@ -659,6 +661,8 @@ class _ZeroSkip:
             opt.overflow = True
         if opt.overflow and getattr(opt, "cpu_offload", False):
             _drop_compact_grad_buffers(opt)
+        if opt.overflow and (getattr(opt, "cpu_offload", False) or getattr(opt, "offload_optimizer", False)):
+            _zero_offloaded_grads(opt)
         return out
 
 
@@ -677,6 +681,22 @@ def _drop_compact_grad_buffers(opt: Any) -> None:
     for key, group in list(grads.items()):
         if getattr(group, "flat_partition", None) is not None:
             grads[key] = None
+
+
+def _zero_offloaded_grads(opt: Any) -> None:
+    """Zero the offloaded fp32 gradient partitions (ZeRO 1-2 ``single_partition_of_fp32_groups``, ZeRO-3
+    ``fp32_partitioned_groups_flat``, each ``.grad``) for the overflow path about to run. DeepSpeed 0.19.8 keeps
+    them across steps and a backward writes (copies into) only the slots of the parameters it reaches: a parameter
+    the skipped batch reached and the batches after it did not kept the skipped NaN there, and every later step
+    read NaN and was skipped again until a batch reached it (a layer unused after one NaN batch: skipped_steps
+    1, 2, 3, stages 1-3). Zeroed in place (views of them stay valid): after a skip such a slot reads 0, no
+    gradient, and nothing of the skipped batch is stepped later."""
+    flats = getattr(opt, "single_partition_of_fp32_groups", None) if getattr(opt, "cpu_offload", False) else (
+        getattr(opt, "fp32_partitioned_groups_flat", None))
+    for flat in flats or ():
+        grad = getattr(flat, "grad", None)
+        if grad is not None:
+            grad.zero_()
 
 
 class _Stage0Overflow:
