@@ -1224,14 +1224,15 @@ class _SometimesExtra(torch.nn.Module):
         return self.extra(y) if self.use_extra else y
 
 
-def case_skip_then_steps_without_a_layer_with_offload(stage: int, dtype: str, accum: str | None) -> list:
-    """``GradClipper(on_nonfinite="skip")`` on an offloaded ZeRO 1-3 engine: a good step, a NaN batch on rank 1
-    (skipped), then two good steps whose forward leaves out a layer the NaN batch reached. DeepSpeed 0.19.8 keeps
-    the offloaded fp32 gradient partitions across steps and a backward writes only the slots of the parameters it
-    reaches: the layer's slot kept the skipped NaN, and every later step read NaN and was skipped (skipped_steps
-    1, 2, 3). Each step's (finite, skipped_steps); whether every parameter ends finite; and whether the model's
-    other parameters end as in a run of the good batches alone (the layer's do not: there DeepSpeed steps its
-    slot's stale step-0 gradient again, where after the skip it reads 0)."""
+def case_skip_then_steps_without_a_layer(stage: int, dtype: str, accum: str | None, offload: bool) -> list:
+    """``GradClipper(on_nonfinite="skip")`` on a ZeRO 1-3 engine: a good step, a NaN batch on rank 1 (skipped),
+    then two good steps whose forward leaves out a layer the NaN batch reached. DeepSpeed 0.19.8 keeps the
+    offloaded fp32 gradient partitions, and ZeRO-3 its gradient partition buffer, across steps, and a backward
+    writes only the slots of the parameters it reaches: the layer's slot kept the skipped NaN, and every later step
+    read NaN and was skipped (skipped_steps 1, 2, 3). Each step's (finite, skipped_steps); whether every
+    parameter ends finite; and whether the model's other parameters end as in a run of the good batches alone
+    (the layer's do not: there DeepSpeed steps its slot's stale step-0 gradient again, where after the skip it
+    reads 0)."""
     from dist_clip import GradClipper
 
     deepspeed = _quiet()
@@ -1244,8 +1245,8 @@ def case_skip_then_steps_without_a_layer_with_offload(stage: int, dtype: str, ac
         model = _SometimesExtra()
         opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
         with contextlib.redirect_stdout(io.StringIO()):
-            engine, *_ = deepspeed.initialize(
-                model=model, optimizer=opt, config=ds_config(stage, dtype=dtype, grad_accum_dtype=accum, offload=True))
+            cfg = ds_config(stage, dtype=dtype, grad_accum_dtype=accum, offload=offload)
+            engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
         clipper = GradClipper(max_norm=1e9, on_nonfinite="skip")  # (the total holds the layer's slot)
         out = []
         for step, bad in enumerate((False, True, False, False)):

@@ -294,8 +294,10 @@ def test_deepspeed_own_overflow_with_offload_and_fp32_accumulation_keeps_the_nan
     assert out == [[(True, 0), (False, 1), (False, 2), (False, 3), False]] * 2, out
 
 
-@pytest.mark.parametrize("stage,dtype,accum", [(1, "bf16", "fp32"), (2, "fp32", None), (3, "bf16", "fp32")])
-def test_skip_with_offload_steps_the_next_batches_that_leave_out_a_layer(run_ranks, stage, dtype, accum):
-    out = run_ranks(2, ds_cases.case_skip_then_steps_without_a_layer_with_offload, stage, dtype, accum,
+@pytest.mark.parametrize("stage,dtype,accum,offload", [(1, "bf16", "fp32", True), (2, "fp32", None, True),
+                                                       (3, "bf16", "fp32", True), (3, "bf16", None, False),
+                                                       (3, "fp16", None, False)])
+def test_skip_steps_the_next_batches_that_leave_out_a_layer(run_ranks, stage, dtype, accum, offload):
+    out = run_ranks(2, ds_cases.case_skip_then_steps_without_a_layer, stage, dtype, accum, offload,
                     timeout_s=TIMEOUT)
     assert out == [[(True, 0), (False, 1), (True, 1), (True, 1), True, True]] * 2, out

@@ -645,8 +645,8 @@ class _ZeroSkip:
     return without touching the torch optimizer, the fp32 masters or the bit16 parameters; the engine then
     counts ``skipped_steps`` and does not step its LR scheduler) and the update. This hook lets the loss scaler
     see DeepSpeed's own verdict, then sets ``overflow`` when the armed flag is true, and forgets the flag. On an
-    overflow with an offloaded optimizer it also clears what DeepSpeed's overflow path keeps of the skipped batch
-    (:func:`_drop_compact_grad_buffers`, :func:`_zero_offloaded_grads`).
+    overflow it also clears what DeepSpeed's overflow path keeps of the skipped batch
+    (:func:`_drop_compact_grad_buffers`, :func:`_zero_kept_grad_slots`).
     """
 
     def __init__(self, opt: Any) -> None:
@@ -661,8 +661,8 @@ class _ZeroSkip:
             opt.overflow = True
         if opt.overflow and getattr(opt, "cpu_offload", False):
             _drop_compact_grad_buffers(opt)
-        if opt.overflow and (getattr(opt, "cpu_offload", False) or getattr(opt, "offload_optimizer", False)):
-            _zero_offloaded_grads(opt)
+        if opt.overflow:
+            _zero_kept_grad_slots(opt)
         return out
 
 
@@ -683,20 +683,24 @@ def _drop_compact_grad_buffers(opt: Any) -> None:
             grads[key] = None
 
 
-def _zero_offloaded_grads(opt: Any) -> None:
-    """Zero the offloaded fp32 gradient partitions (ZeRO 1-2 ``single_partition_of_fp32_groups``, ZeRO-3
-    ``fp32_partitioned_groups_flat``, each ``.grad``) for the overflow path about to run. DeepSpeed 0.19.8 keeps
-    them across steps and a backward writes (copies into) only the slots of the parameters it reaches: a parameter
-    the skipped batch reached and the batches after it did not kept the skipped NaN there, and every later step
-    read NaN and was skipped again until a batch reached it (a layer unused after one NaN batch: skipped_steps
-    1, 2, 3, stages 1-3). Zeroed in place (views of them stay valid): after a skip such a slot reads 0, no
-    gradient, and nothing of the skipped batch is stepped later."""
-    flats = getattr(opt, "single_partition_of_fp32_groups", None) if getattr(opt, "cpu_offload", False) else (
-        getattr(opt, "fp32_partitioned_groups_flat", None))
-    for flat in flats or ():
-        grad = getattr(flat, "grad", None)
-        if grad is not None:
-            grad.zero_()
+def _zero_kept_grad_slots(opt: Any) -> None:
+    """Zero, for the overflow path about to run, the gradient buffers DeepSpeed 0.19.8 keeps across steps and a
+    backward writes (copies into) only for the parameters it reaches: the offloaded fp32 gradient partitions
+    (ZeRO 1-2 ``single_partition_of_fp32_groups``, ZeRO-3 ``fp32_partitioned_groups_flat``, each ``.grad``) and
+    ZeRO-3's ``grad_partitions_flat_buffer`` (offloaded or not). A parameter the skipped batch reached and the
+    batches after it did not kept the skipped NaN there, and every later step read NaN and was skipped again until
+    a batch reached it (a layer unused after one NaN batch: skipped_steps 1, 2, 3; ZeRO 1-3 with offload, ZeRO-3
+    without). Zeroed in place (the views into them stay valid): after a skip such a slot reads 0, no gradient, and
+    nothing of the skipped batch is stepped later. ZeRO 1-2 without offload rebuild their partitions from the
+    parameters' gradients at every step: nothing kept."""
+    kept: list[Any] = [getattr(opt, "grad_partitions_flat_buffer", None)]
+    if getattr(opt, "cpu_offload", False):
+        kept += [getattr(f, "grad", None) for f in getattr(opt, "single_partition_of_fp32_groups", None) or ()]
+    if getattr(opt, "offload_optimizer", False):
+        kept += [getattr(f, "grad", None) for f in getattr(opt, "fp32_partitioned_groups_flat", None) or ()]
+    for t in kept:
+        if isinstance(t, Tensor):
+            t.zero_()
 
 
 class _Stage0Overflow:
