@@ -36,7 +36,13 @@ from torch import Tensor, nn
 from . import _norm, _reduce, _scale, _slots
 from . import clip as _clip
 from .adapters import unwrap_compiled
-from .adapters.params import copy_counted_here, copy_peers, listed_stand_ins, refuse_managed, replica_groups
+from .adapters.params import (
+    copy_counted_here,
+    copy_peers,
+    listed_stand_ins,
+    refuse_managed,
+    replica_groups,
+)
 from .shards import Shards, UnitLayout
 
 __all__ = ["AGC", "AutoClip", "ZClip"]
@@ -808,7 +814,9 @@ def unit_pieces(
             raise TypeError(f"a mapping target needs str keys (parameter names), got {type(bad).__name__} {bad!r}")
         items = list(listed_stand_ins([(k, target[k]) for k in sorted(target)]))
     elif isinstance(target, Tensor):
-        items = [("0", target)]
+        # As one listed: refused where FSDP2 has not reduced its gradient (each rank's own read), and the sharded
+        # parameter standing in for an unsharded one (set_reshard_after_backward(False): its None read 0)
+        items = list(listed_stand_ins([("0", target)]))
     elif isinstance(target, Iterable) and not isinstance(target, (str, bytes)):
         items = list(listed_stand_ins([(str(i), t) for i, t in enumerate(target)]))
     else:

@@ -827,6 +827,52 @@ def fsdp2_listed_unsynced(how: str) -> dict[str, Any]:
     return out
 
 
+def fsdp2_single_parameter(how: str) -> dict[str, Any]:
+    """One FSDP2 parameter passed alone (a tensor target), as a list of it is read: with sync off it was measured
+    (each rank its own gradient's norm, 0.077 and 0.141, with the module left unsharded; 0 with the default
+    resharding) where the list is refused; at the accumulation's synchronised last backward with the module left
+    unsharded (``set_reshard_after_backward(False)``) it read 0, the sharded parameter not standing in for it.
+    ``how``: "off", "unsharded" (sync off, the module left unsharded), "late" (sync turned back on after the
+    last backward). After the synchronised backward: the reference's norm, and a clip scales the gradient the
+    optimizer steps."""
+    from torch.distributed.fsdp import fully_shard
+
+    from dist_clip import AGC, GradClipper
+
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    model = new_model(wide=True)
+    ref = copy.deepcopy(model).double()
+    (sum(loss_fn(ref, *batch(d, torch.float64)) + loss_fn(ref, *batch(ws + d, torch.float64))
+         for d in range(ws)) / ws).backward()
+    want = reference_norm([ref.blocks[1].lin.weight.grad], 2.0)  # both micro-batches, accumulated
+    for module in (model.inp, *model.blocks, model.head):
+        fully_shard(module, mesh=mesh((ws,)))
+    fully_shard(model, mesh=mesh((ws,)))
+    sharded = model.blocks[1].lin.weight  # what an optimizer built now steps
+    if how == "unsharded":
+        model.set_reshard_after_backward(False)
+    model.set_requires_gradient_sync(False)
+    loss_fn(model, *batch(rank)).backward()
+    if how == "late":
+        model.set_requires_gradient_sync(True)  # too late: the backward ran without sync
+
+    def calls(w: Tensor) -> tuple[Callable[[], Any], ...]:
+        return (lambda: dist_clip.get_total_norm(w), lambda: dist_clip.clip_grad_norm_(w, 1e9),
+                lambda: GradClipper(max_norm=1e9)(w).total_norm, lambda: GradClipper(mode="unitwise",
+                                                                                    agc=AGC(1e9))(w).total_norm)
+
+    out: dict[str, Any] = {"inside": [_refused(c, "gradients are not reduced yet")
+                                      for c in calls(model.blocks[1].lin.weight)]}
+    model.set_requires_gradient_sync(True)
+    loss_fn(model, *batch(ws + rank)).backward()
+    w = model.blocks[1].lin.weight  # the unsharded parameter where the module stays unsharded
+    out["unsharded"] = (w is not sharded) == (how == "unsharded")
+    out["after"] = [c().item() / want for c in calls(w)]
+    dist_clip.clip_grad_norm_(w, want / 2)
+    out["clipped"] = sharded.grad.full_tensor().double().norm().item() / (want / 2)
+    return out
+
+
 def fsdp2_late_sync_resharded() -> list:
     """Sync turned back on after a backward without it, the modules resharded after backward (the default): the
     sums wait on the unsharded parameters FSDP2 no longer registers, and every mode read 0 instead of refusing."""

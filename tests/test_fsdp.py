@@ -240,6 +240,15 @@ def test_fsdp2_listed_parameters_not_reduced_are_refused(run_ranks, how: str) ->
         assert r["after"] == pytest.approx([1.0, 1.0], rel=1e-6), r
 
 
+@pytest.mark.parametrize("how", ["off", "unsharded", "late"])
+def test_fsdp2_single_parameter_target_is_refused_and_stood_in(run_ranks, how: str) -> None:
+    for r in run_ranks(2, cases.fsdp2_single_parameter, how, timeout_s=90):
+        assert r["inside"] == [True] * 4, r
+        assert r["unsharded"], r
+        assert r["after"] == pytest.approx([1.0] * 4, rel=1e-5), r
+        assert r["clipped"] == pytest.approx(1.0, rel=1e-4), r  # (the 1e-6 in max_norm / (total + 1e-6))
+
+
 def test_fsdp2_late_sync_after_a_resharded_backward_is_refused(run_ranks) -> None:
     assert run_ranks(2, cases.fsdp2_late_sync_resharded, timeout_s=90) == [[True, True, True]] * 2
 

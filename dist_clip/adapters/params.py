@@ -34,6 +34,7 @@ __all__ = [
     "matches",
     "named_grads",
     "refuse_managed",
+    "refuse_unreduced",
     "shards",
     "shards_of_grads",
     "shards_with_stand_ins",
@@ -313,9 +314,10 @@ def _unreduced(pg: Any, ddp_mesh_info: type) -> str | None:  # noqa: ANN401 - to
 
 
 def _refuse_unreduced_listed(items: Iterable[object]) -> None:
-    """:func:`_unsynced` for a listed or mapped target holding parameters of an FSDP2 (or ``replicate_with_fsdp``)
-    param group whose gradients are not reduced: the sharded parameters (their gradients ``None``, or last step's
-    zeros), the unsharded ones ``set_reshard_after_backward(False)`` registers (each rank's own gradient) or the
+    """:func:`_unsynced` for a listed or mapped target (or a single tensor) holding parameters of an FSDP2 (or
+    ``replicate_with_fsdp``) param group whose gradients are not reduced: the sharded
+    parameters (their gradients ``None``, or last step's zeros), the unsharded ones
+    ``set_reshard_after_backward(False)`` registers (each rank's own gradient) or the
     ``reshard_after_forward=<int>`` ones. As a module target is: a list read 0 with sync off, each rank its own
     total with the module left unsharded (0.42 and 1.51), and the other modules' total alone with sync off on
     one of them (0.82, silently)."""
@@ -336,6 +338,9 @@ def _refuse_unreduced_listed(items: Iterable[object]) -> None:
                       getattr(fp, "_sharded_post_forward_param", None)):
                 if t is not None and id(t) in listed:
                     _unsynced(pg, how)
+
+
+refuse_unreduced = _refuse_unreduced_listed
 
 
 _ACCUMULATED = operator.attrgetter("unsharded_accumulated_grad")
@@ -380,6 +385,9 @@ def named_grads(target: object, params: list[tuple[str, Tensor]] | None = None) 
     if isinstance(target, Tensor):
         names: Sequence[str] = ("0",)
         items: Sequence[object] = (target,)
+        # One parameter (or gradient) of an FSDP2 module whose gradients are not reduced: refused as in a list (each
+        # rank its own gradient's norm was read, 0.077 and 0.141, with the module left unsharded; 0 with sync off)
+        refuse_unreduced(items)
     elif isinstance(target, nn.Module):
         pairs = module_parameters(target) if params is None else params
         names, items = (list(x) for x in zip(*pairs)) if pairs else ([], [])
@@ -461,8 +469,8 @@ def _listed_stand_ins(target: object, items: list[object]) -> list[object] | Non
     ``reshard_after_forward=<int>`` DTensors on the smaller mesh), or under ``set_reshard_after_backward(False)``,
     yields registered parameters whose ``.grad`` is None once reduced; the sharded parameter the optimizer
     steps holds the reduced gradient and stands in for each (they were left out, silently: 0.854 for 1.237), as
-    when the module is the target."""
-    if isinstance(target, (Tensor, nn.Module)) or "torch.distributed.fsdp._fully_shard._fully_shard" not in sys.modules:
+    when the module is the target; so for one such parameter passed alone (it read 0: 0.0 for 0.054)."""
+    if isinstance(target, nn.Module) or "torch.distributed.fsdp._fully_shard._fully_shard" not in sys.modules:
         return None
     swap: dict[int, object] = {}
     for pg in _all_fsdp2_param_groups():
