@@ -873,6 +873,52 @@ def fsdp2_single_parameter(how: str) -> dict[str, Any]:
     return out
 
 
+def fsdp2_listed_gradients_unsynced(how: str) -> dict[str, Any]:
+    """A list of FSDP2 gradients (torch's idiom, ``[p.grad for p in model.parameters() if p.grad is not None]``)
+    whose sums are not reduced yet is refused as the parameters are: "unsharded" (sync off, the modules left
+    unsharded after backward: the unsharded parameters' gradients are each rank's own, 0.41 and 1.50 were read),
+    "one block" (a synchronised backward, then one with sync off on one block: its sharded gradient holds the
+    first micro-batch only, and the list was measured silently). A gradient list of another model is measured;
+    after the synchronised last backward, the gradients of the sharded parameters read the reference."""
+    from torch.distributed.fsdp import fully_shard
+
+    from dist_clip import GradClipper
+
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    model = new_model(wide=True)
+    ref = copy.deepcopy(model).double()
+    micro = 3 if how == "one block" else 2
+    (sum(loss_fn(ref, *batch(k * ws + d, torch.float64)) for d in range(ws) for k in range(micro)) / ws).backward()
+    want = reference_norm([p.grad for p in ref.parameters()], 2.0)
+    other = new_model(seed=1, wide=True)
+    loss_fn(other, *batch(0)).backward()
+    other_want = reference_norm([p.grad for p in other.parameters()], 2.0)
+    for module in (model.inp, *model.blocks, model.head):
+        fully_shard(module, mesh=mesh((ws,)))
+    fully_shard(model, mesh=mesh((ws,)))
+    held = list(model.parameters())
+    off = model
+    if how == "unsharded":
+        model.set_reshard_after_backward(False)
+    else:
+        loss_fn(model, *batch(2 * ws + rank)).backward()  # a synchronised micro-batch first
+        off = model.blocks[1]
+    off.set_requires_gradient_sync(False)
+    loss_fn(model, *batch(rank)).backward()
+
+    def grads() -> list[Tensor]:
+        return [p.grad for p in model.parameters() if p.grad is not None]
+
+    calls = (lambda: dist_clip.get_total_norm(grads()), lambda: dist_clip.clip_grad_norm_(grads(), 1e9),
+             lambda: GradClipper(max_norm=1e9)(grads()), lambda: GradClipper(mode="per_param")(grads()))
+    out: dict[str, Any] = {"inside": [_refused(c, "gradients are not reduced yet") for c in calls]}
+    out["other"] = dist_clip.get_total_norm([p.grad for p in other.parameters()]).item() / other_want
+    off.set_requires_gradient_sync(True)
+    loss_fn(model, *batch(ws + rank)).backward()
+    out["after"] = dist_clip.get_total_norm([p.grad for p in held]).item() / want
+    return out
+
+
 def fsdp2_late_sync_resharded() -> list:
     """Sync turned back on after a backward without it, the modules resharded after backward (the default): the
     sums wait on the unsharded parameters FSDP2 no longer registers, and every mode read 0 instead of refusing."""

@@ -249,6 +249,14 @@ def test_fsdp2_single_parameter_target_is_refused_and_stood_in(run_ranks, how: s
         assert r["clipped"] == pytest.approx(1.0, rel=1e-4), r  # (the 1e-6 in max_norm / (total + 1e-6))
 
 
+@pytest.mark.parametrize("how", ["unsharded", "one block"])
+def test_fsdp2_listed_gradients_not_reduced_are_refused(run_ranks, how: str) -> None:
+    for r in run_ranks(2, cases.fsdp2_listed_gradients_unsynced, how, timeout_s=90):
+        assert r["inside"] == [True] * 4, r
+        assert r["other"] == pytest.approx(1.0, rel=1e-6), r
+        assert r["after"] == pytest.approx(1.0, rel=1e-5), r
+
+
 def test_fsdp2_late_sync_after_a_resharded_backward_is_refused(run_ranks) -> None:
     assert run_ranks(2, cases.fsdp2_late_sync_resharded, timeout_s=90) == [[True, True, True]] * 2
 
