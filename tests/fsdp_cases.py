@@ -919,6 +919,43 @@ def fsdp2_listed_gradients_unsynced(how: str) -> dict[str, Any]:
     return out
 
 
+def fsdp2_mapping_under_plan(how: str) -> dict[str, Any]:
+    """``dict(model.named_parameters())`` of an FSDP2 model under a ``ParallelPlan``, as without one: "unsharded"
+    (``set_reshard_after_backward(False)``: the unsharded parameters' gradients are None, it read 0 for 0.82) and
+    "eval" (a forward without backward leaves the root unsharded: 0.11) have the sharded parameters stand in, and
+    a clip scales the gradients the optimizer steps; "off" (sync off, the modules left unsharded: each rank's own
+    sums were summed over the mesh, 1.57 on both ranks) is refused."""
+    from torch.distributed.fsdp import fully_shard
+
+    from dist_clip import GradClipper, ParallelPlan
+
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    model = new_model(wide=True)
+    ref = reference(model, list(range(ws)))
+    want = reference_norm(list(ref.grads.values()), 2.0)
+    m = mesh((ws,), ("dp",))
+    plan = ParallelPlan(m, tuple(ref.params))
+    for module in (model.inp, *model.blocks, model.head):
+        fully_shard(module, mesh=m)
+    fully_shard(model, mesh=m)
+    held = list(model.parameters())
+    if how in ("unsharded", "off"):
+        model.set_reshard_after_backward(False)
+    if how == "off":
+        model.set_requires_gradient_sync(False)
+    loss_fn(model, *batch(rank)).backward()
+    if how == "eval":
+        with torch.no_grad():
+            loss_fn(model, *batch(rank))
+    if how == "off":
+        return {"refused": _refused(lambda: GradClipper(max_norm=1e9)(dict(model.named_parameters()), plan=plan),
+                                    "gradients are not reduced yet")}
+    out = {"total": GradClipper(max_norm=1e9)(dict(model.named_parameters()), plan=plan).total_norm.item() / want}
+    GradClipper(max_norm=want / 2)(dict(model.named_parameters()), plan=plan)
+    out["clipped"] = reference_norm([p.grad.full_tensor().double() for p in held], 2.0) / (want / 2)
+    return out
+
+
 def fsdp2_late_sync_resharded() -> list:
     """Sync turned back on after a backward without it, the modules resharded after backward (the default): the
     sums wait on the unsharded parameters FSDP2 no longer registers, and every mode read 0 instead of refusing."""

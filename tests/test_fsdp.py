@@ -257,6 +257,14 @@ def test_fsdp2_listed_gradients_not_reduced_are_refused(run_ranks, how: str) -> 
         assert r["after"] == pytest.approx(1.0, rel=1e-5), r
 
 
+def test_fsdp2_mapping_under_a_plan_stands_in_and_refuses(run_ranks) -> None:
+    for how in ("unsharded", "eval"):
+        for r in run_ranks(2, cases.fsdp2_mapping_under_plan, how, timeout_s=90):
+            assert r["total"] == pytest.approx(1.0, rel=1e-5), (how, r)
+            assert r["clipped"] == pytest.approx(1.0, rel=1e-4), (how, r)  # (the 1e-6 in max_norm / (total + 1e-6))
+    assert run_ranks(2, cases.fsdp2_mapping_under_plan, "off", timeout_s=90) == [{"refused": True}] * 2
+
+
 def test_fsdp2_late_sync_after_a_resharded_backward_is_refused(run_ranks) -> None:
     assert run_ranks(2, cases.fsdp2_late_sync_resharded, timeout_s=90) == [[True, True, True]] * 2
 
