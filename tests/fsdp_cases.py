@@ -956,6 +956,40 @@ def fsdp2_mapping_under_plan(how: str) -> dict[str, Any]:
     return out
 
 
+def fsdp2_listed_refusal_scans_once() -> dict[str, Any]:
+    """A list of unsharded FSDP2 parameters (``set_reshard_after_backward(False)``) has the sharded ones stand in
+    and is read again: the refusal's scan of every FSDP2 param group ran on both passes (0.25 ms a call more over
+    100 groups), though a sharded parameter stands in only for an unsharded one of a group checked already. Each
+    group's verdict is read once per call, and the total is the reference's."""
+    from torch.distributed.fsdp import fully_shard
+
+    from dist_clip.adapters import params as params_adapter
+
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    model = new_model(wide=True)
+    ref = reference(model, list(range(ws)))
+    want = reference_norm(list(ref.grads.values()), 2.0)
+    for module in (model.inp, *model.blocks, model.head):
+        fully_shard(module, mesh=mesh((ws,)))
+    fully_shard(model, mesh=mesh((ws,)))
+    model.set_reshard_after_backward(False)
+    loss_fn(model, *batch(rank)).backward()
+    groups = len(params_adapter._all_fsdp2_param_groups())
+    seen = [0]
+    unreduced = params_adapter._unreduced
+
+    def counted(pg: Any, ddp_mesh_info: type) -> str | None:
+        seen[0] += 1
+        return unreduced(pg, ddp_mesh_info)
+
+    params_adapter._unreduced = counted
+    try:
+        total = dist_clip.get_total_norm(list(model.parameters())).item()
+    finally:
+        params_adapter._unreduced = unreduced
+    return {"reads_per_group": seen[0] / groups, "total": total / want}
+
+
 def fsdp2_late_sync_resharded() -> list:
     """Sync turned back on after a backward without it, the modules resharded after backward (the default): the
     sums wait on the unsharded parameters FSDP2 no longer registers, and every mode read 0 instead of refusing."""

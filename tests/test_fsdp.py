@@ -265,6 +265,12 @@ def test_fsdp2_mapping_under_a_plan_stands_in_and_refuses(run_ranks) -> None:
     assert run_ranks(2, cases.fsdp2_mapping_under_plan, "off", timeout_s=90) == [{"refused": True}] * 2
 
 
+def test_fsdp2_listed_refusal_scans_the_groups_once_per_call(run_ranks) -> None:
+    for r in run_ranks(2, cases.fsdp2_listed_refusal_scans_once, timeout_s=90):
+        assert r["reads_per_group"] == 1.0, r
+        assert r["total"] == pytest.approx(1.0, rel=1e-5), r
+
+
 def test_fsdp2_late_sync_after_a_resharded_backward_is_refused(run_ranks) -> None:
     assert run_ranks(2, cases.fsdp2_late_sync_resharded, timeout_s=90) == [[True, True, True]] * 2
 
