@@ -285,20 +285,35 @@ def test_ddp_no_sync_gradients_are_refused(run_ranks, composable):
     assert run_ranks(3, body_ddp_no_sync, composable) == [["refused"] * 7 + [True]] * 3
 
 
-def body_ddp_optimizer_stepped_in_backward() -> list:
+def body_ddp_optimizer_stepped_in_backward(composable: bool = False) -> list:
     """A DDP whose communication hook steps an optimizer (``_register_fused_optim``: torch's functional Adam,
     once each bucket is reduced) has stepped its parameters before any clip after the backward: a NaN batch's
     clip returned NaN with every parameter NaN already, and a finite batch's coefficient scaled gradients the
     step had used, silently. Every clipping entry point refuses it on every rank (the DDP itself or a container
-    holding it); get_total_norm still measures (the float64 reference)."""
+    holding it); get_total_norm still measures (the float64 reference). Composable ``replicate`` with the same
+    hook given to its ``register_comm_hook`` (it goes to the DDP its state makes at the first forward) likewise:
+    it was clipped unrefused (7.84 returned on 2 ranks, the gradients scaled after the step had used them)."""
     from dist_clip import AGC, GradClipper
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
-    ddp = nn.parallel.DistributedDataParallel(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # (torch's TorchScript functional optimizers)
-        ddp._register_fused_optim(torch.optim.Adam, lr=0.1)
+        if composable:
+            from torch.distributed._composable.replicate import replicate
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+            from torch.distributed.algorithms.ddp_comm_hooks.optimizer_overlap_hooks import (
+                _hook_then_optimizer,
+                _OptimizerHookState,
+            )
+            from torch.distributed.optim.utils import as_functional_optim
+
+            ddp = replicate(model)  # (what DDP._register_fused_optim registers, through replicate's own method)
+            ddp.register_comm_hook(None, _hook_then_optimizer(  # type: ignore[operator]
+                allreduce_hook, _OptimizerHookState(as_functional_optim(torch.optim.Adam, lr=0.1))))
+        else:
+            ddp = nn.parallel.DistributedDataParallel(model)
+            ddp._register_fused_optim(torch.optim.Adam, lr=0.1)
     box = nn.ModuleDict({"G": ddp})
     world, rank = dist.get_world_size(), dist.get_rank()
     calls = (lambda: dist_clip.clip_grad_norm_(ddp, 0.5), lambda: GradClipper(max_norm=0.5)(ddp),
@@ -330,8 +345,37 @@ def body_ddp_optimizer_stepped_in_backward() -> list:
     return out
 
 
-def test_ddp_optimizer_stepped_in_backward_is_refused(run_ranks):
-    assert run_ranks(2, body_ddp_optimizer_stepped_in_backward) == [[True, [True] * 7, True, True] * 2] * 2
+@pytest.mark.parametrize("composable", [False, True])
+def test_ddp_optimizer_stepped_in_backward_is_refused(run_ranks, composable):
+    assert run_ranks(2, body_ddp_optimizer_stepped_in_backward, composable) == [
+        [True, [True] * 7, True, True] * 2] * 2
+
+
+def body_optimizer_in_backward_hook_is_refused(composable: bool) -> list:
+    """Parameters under torch's ``_apply_optimizer_in_backward`` get DDP's own stepping hook
+    (``apply_optim_in_backward_hook``), registered at the DDP's first forward; composable ``replicate`` makes its
+    DDP then too, and was clipped unrefused. Its backward needs an accelerator (torch waits on an optimizer
+    stream), so the refusal is checked after a forward, on every rank, before anything is measured."""
+    from torch.distributed.optim import _apply_optimizer_in_backward
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    _apply_optimizer_in_backward(torch.optim.SGD, model.parameters(), {"lr": 0.1})
+    if composable:
+        from torch.distributed._composable.replicate import replicate
+
+        ddp = replicate(model)
+    else:
+        ddp = nn.parallel.DistributedDataParallel(model)
+    ddp(torch.randn(4, 6))
+    return [outcome(call, ValueError, lambda m: "(apply_optim_in_backward_hook) steps the optimizer" in m)
+            for call in (lambda: dist_clip.clip_grad_norm_(ddp, 0.5), lambda: dist_clip.GradClipper()(ddp),
+                         lambda: dist_clip.clip_grad_norm_(nn.ModuleDict({"G": ddp}), 0.5))]
+
+
+@pytest.mark.parametrize("composable", [False, True])
+def test_optimizer_in_backward_hook_is_refused(run_ranks, composable):
+    assert run_ranks(2, body_optimizer_in_backward_hook_is_refused, composable) == [[True] * 3] * 2
 
 
 def body_ddp_bucket_views_two_losses_keep_the_first_part_s_skip(how: str) -> list:

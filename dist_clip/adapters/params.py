@@ -631,20 +631,30 @@ def refuse_stepped_in_backward(target: object) -> None:
     an optimizer inside the backward (``DDP._register_fused_optim``, ``ZeroRedundancyOptimizer(overlap_with_ddp=
     True)``'s ``hook_with_zero_step``): the parameters were stepped with the gradients before the clip (2 ranks,
     ``_register_fused_optim(Adam)``: a NaN batch's total read NaN with every parameter NaN already, and a finite
-    one's coefficient scaled gradients already used, silently). Measuring (``get_total_norm``) stays allowed."""
+    one's coefficient scaled gradients already used, silently). Measuring (``get_total_norm``) stays allowed.
+    A composable ``replicate()`` module (the target, or inside it) is checked through the DDP its state holds: a
+    hook given to its ``register_comm_hook`` goes to that DDP, and one that stepped inside the backward was
+    clipped after it, silently (2 ranks: 7.84 returned and every gradient scaled after the step had used it)."""
     if isinstance(target, _ddp_types()):
-        ddps: list[nn.Module] = [target]
+        ddps: list[tuple[nn.Module, str]] = [(target, "DistributedDataParallel")]
     elif isinstance(target, nn.Module) and dist.is_available() and dist.is_initialized():
         # (with composable replicate as module_parameters passes it: the walk is kept on the root, one list)
         replicate = sys.modules.get("torch.distributed._composable.replicate")
-        ddps = [m for m in _sync_holders(target, replicate) if isinstance(m, _ddp_types())]
+        ddps = []
+        for m in _sync_holders(target, replicate):
+            if isinstance(m, _ddp_types()):
+                ddps.append((m, "DistributedDataParallel"))
+            elif replicate is not None:
+                inner = getattr(replicate.replicate.state(m), "_ddp", None)  # (made by its first forward)
+                if inner is not None:
+                    ddps.append((inner, f"replicate()d {type(m).__name__}"))
     else:
         return
-    for ddp in ddps:
+    for ddp, what in ddps:
         hook = _stepping_comm_hook(ddp)
         if hook is not None:
             raise ValueError(
-                f"this DistributedDataParallel's communication hook ({hook}) steps the optimizer inside the "
+                f"this {what}'s communication hook ({hook}) steps the optimizer inside the "
                 "backward, as its buckets are reduced: the parameters were stepped with these gradients before any "
                 "clip after the backward, so a clip or skip here reaches no step (a non-finite batch has already "
                 "been stepped). Clip with an optimizer stepped after the backward; get_total_norm still measures"
