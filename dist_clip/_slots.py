@@ -432,10 +432,18 @@ def named_shards(target: object, group: dist.ProcessGroup | None = None) -> Name
         if inner is not None:
             # DDP: replicated gradients, nothing to combine (as the params adapter does)
             return _named_plain(module_parameters(inner), None)
-        named = _named_plain(module_parameters(target), group)
-        from .adapters.params import replicas_counted_once
+        from .adapters.params import planned_with_copies
 
-        named.shards = replicas_counted_once(target, list(named.shards), named.params, group)
+        params = module_parameters(target)
+        made: list[Named] = []
+
+        def plan(over: dist.ProcessGroup | None) -> list[Shards]:
+            made.append(_named_plain(params, over))
+            return list(made[-1].shards)
+
+        shards = planned_with_copies(target, params, group, plan)
+        named = made[-1]
+        named.shards = shards
         return named
     if isinstance(target, Tensor):
         return _named_plain([("0", target)], group)

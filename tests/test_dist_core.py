@@ -861,7 +861,7 @@ def test_replicas_beside_fsdp2_count_once_under_a_group_spanning_stages(run_rank
     assert run_ranks(4, body_replicas_beside_fsdp2, kind) == [[True] * 12] * 4
 
 
-def body_ddp_experts_beside_fsdp2_on_the_world(hsdp: bool = False) -> list:
+def body_ddp_experts_beside_fsdp2_on_the_world(hsdp: bool = False, frozen: bool = False) -> list:
     """Expert parallelism on a (dp=2, ep=2) mesh without ``group=``: the dense layer under FSDP2 over the
     flattened world, each ep rank's own expert under a DDP over its ``mesh["dp"]`` pair (copies along dp only,
     distinct along ep). The call reduces over the world (the FSDP2 pieces), and the plain DDP gradients beside
@@ -869,7 +869,12 @@ def body_ddp_experts_beside_fsdp2_on_the_world(hsdp: bool = False) -> list:
     (4.16 for 4.62 in a 4-expert model; here the pair below), silently, in every mode (AGC's total as well). Each
     DDP group's copy counts once, on its lowest rank. ``hsdp``: the dense layer under HSDP on the (ep, dp) mesh
     instead (replicated along ep, sharded along dp): FSDP2 reduces over both dims, so neither holds copies of
-    the experts (taking the replicate dim for copies counted the ep=1 expert on no rank)."""
+    the experts (taking the replicate dim for copies counted the ep=1 expert on no rank); the named modes
+    (``report=True``, per-parameter) kept HSDP's shard group there, each ep line its own expert (0.3644 and
+    0.4823 for 0.5838), and ``group=`` HSDP's shard group is the caller's word: each ep line's own dense layer and
+    expert, not widened to the world. ``frozen``: the dense layer frozen, so the call plans no reduction at all
+    (no DTensor gradient): each ep line read its own expert in every mode but AGC (0.3289 and 0.4561 for 0.5624
+    beside HSDP, 0.3439 and 0.4437 for 0.5613 beside FSDP2 on the world)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
@@ -884,7 +889,7 @@ def body_ddp_experts_beside_fsdp2_on_the_world(hsdp: bool = False) -> list:
 
     def net(seed_expert: int) -> nn.Module:
         torch.manual_seed(0)
-        dense = nn.Linear(6, 8)
+        dense = nn.Linear(6, 8).requires_grad_(not frozen)
         torch.manual_seed(10 + seed_expert)
         return nn.ModuleDict({"dense": dense, "expert": nn.Linear(8, 4)})
 
@@ -900,14 +905,16 @@ def body_ddp_experts_beside_fsdp2_on_the_world(hsdp: bool = False) -> list:
         ref = net(e).double()
         for d in (0, 1):
             run(ref, batch(rank_of[d, e]).double()).div(2).backward()
-        experts_ref += [q.grad for q in ref["expert"].parameters()]
-        dense_ref.append([q.grad / 2 for q in ref["dense"].parameters()])
-    refs = [a + b for a, b in zip(*dense_ref)] + experts_ref
+        experts_ref.append([q.grad for q in ref["expert"].parameters()])
+        dense_ref.append([q.grad / 2 for q in ref["dense"].parameters() if q.grad is not None])
+    dense = [a + b for a, b in zip(*dense_ref)]
+    refs = dense + experts_ref[0] + experts_ref[1]
     model = net(ep)
     fully_shard(model["dense"], mesh=mesh if hsdp else mesh["dp", "ep"]._flatten("dp_ep_ddp_experts"))
     model["expert"] = DistributedDataParallel(model["expert"], process_group=mesh["dp"].get_group())
     run(model, batch(rank)).backward()
-    saved = [_local(q.grad).clone() for q in model.parameters()]
+    held = [q for q in model.parameters() if q.requires_grad]
+    saved = [_local(q.grad).clone() for q in held]
     out = []
     for p in (2.0, 1.0, 0.0, math.inf):
         want = reference_norm(refs, p)
@@ -917,23 +924,40 @@ def body_ddp_experts_beside_fsdp2_on_the_world(hsdp: bool = False) -> list:
     want = reference_norm(refs, 2.0)
     res = dist_clip.GradClipper(max_norm=want / 4)(model)
     out.append(abs(float(res.total_norm) - want) <= 1e-6 * want)
-    out.append(all(torch.allclose(_local(q.grad), g / 4, rtol=1e-5) for q, g in zip(model.parameters(), saved)))
+    out.append(all(torch.allclose(_local(q.grad), g / 4, rtol=1e-5) for q, g in zip(held, saved)))
+    # The named modes: report=True's total and its clip, per_param's total
+    for q, g in zip(held, saved):
+        _local(q.grad).copy_(g)
+    res = dist_clip.GradClipper(max_norm=want / 4, report=True)(model)
+    out.append(abs(float(res.total_norm) - want) <= 1e-6 * want
+               and all(torch.allclose(_local(q.grad), g / 4, rtol=1e-5) for q, g in zip(held, saved)))
+    res = dist_clip.GradClipper(max_norm=1e9, mode="per_param", report=True)(model)
+    out.append(abs(float(res.total_norm) - want / 4) <= 1e-6 * want)
     # AGC's total too (0.378 for 0.583 here), its clip the same as with group= the world
     clipped = []
     for grp in (None, dist.group.WORLD):
-        for q, g in zip(model.parameters(), saved):
+        for q, g in zip(held, saved):
             _local(q.grad).copy_(g)
         res = dist_clip.GradClipper(mode="unitwise", agc=dist_clip.AGC(0.01))(model, group=grp)
         out.append(abs(float(res.total_norm) - want) <= 1e-6 * want)
-        clipped.append([_local(q.grad).clone() for q in model.parameters()])
+        clipped.append([_local(q.grad).clone() for q in held])
     out.append(all(torch.equal(a, b) for a, b in zip(*clipped)))
+    if hsdp and not frozen:
+        # group= HSDP's shard group: this ep line's dense layer and expert (the world gave 0.5838 on every rank)
+        for q, g in zip(held, saved):
+            _local(q.grad).copy_(g)
+        for p in (2.0, 1.0, math.inf):
+            want = reference_norm(dense + experts_ref[ep], p)
+            got = float(dist_clip.get_total_norm(model, p, group=mesh["dp"].get_group()))
+            out.append(abs(got - want) <= 1e-6 * want)
     return out
 
 
-@pytest.mark.parametrize("hsdp", [False, True])
-def test_ddp_experts_beside_fsdp2_count_each_dp_group_once_without_group(run_ranks, hsdp):
-    want = [(2.0, True, 1), (1.0, True, 1), (0.0, True, 1), (math.inf, True, 1), True, True, True, True, True]
-    assert run_ranks(4, body_ddp_experts_beside_fsdp2_on_the_world, hsdp) == [want] * 4
+@pytest.mark.parametrize(("hsdp", "frozen"), [(False, False), (True, False), (False, True), (True, True)])
+def test_ddp_experts_beside_fsdp2_count_each_dp_group_once_without_group(run_ranks, hsdp, frozen):
+    want = [(2.0, True, 1), (1.0, True, 1), (0.0, True, 1), (math.inf, True, 1)] + [True] * 7
+    want += [True] * 3 if hsdp and not frozen else []
+    assert run_ranks(4, body_ddp_experts_beside_fsdp2_on_the_world, hsdp, frozen) == [want] * 4
 
 
 def body_fsdp2_data_peers_look_at_each_mesh_once() -> list:
