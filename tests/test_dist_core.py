@@ -960,6 +960,80 @@ def test_ddp_experts_beside_fsdp2_count_each_dp_group_once_without_group(run_ran
     assert run_ranks(4, body_ddp_experts_beside_fsdp2_on_the_world, hsdp, frozen) == [want] * 4
 
 
+def body_hsdp_stages_beside_ddp() -> list:
+    """Where the world rule for DDP copies beside FSDP2 (:func:`body_ddp_experts_beside_fsdp2_on_the_world`) must
+    not apply. Two pipeline stages on a (pp=2, rep=2, shard=1) mesh, each an HSDP block on its stage's (rep,
+    shard) slice beside a DDP block over the stage's pair: FSDP2 reduces with the stage's ranks only, so without
+    ``group=`` each stage measures its own blocks (planned over the world, every rank read both stages: 0.8476
+    for 0.7870 and 0.3149), and ``group=WORLD`` sums the stages. And an HSDP model on a 2 x 2 mesh without any
+    DDP: its replicas each reduce their own copy over the shard group (2 ranks), not over the world."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (2, 2, 1), mesh_dim_names=("pp", "rep", "shard"))
+    stage = mesh.get_coordinate()[0]
+
+    def net(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.ModuleDict({"blk": nn.Linear(6, 8), "rep": nn.Linear(8, 4)})
+
+    def run(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return m["rep"](torch.tanh(m["blk"](x))).square().mean()
+
+    def batch(r: int) -> torch.Tensor:
+        return torch.randn(5, 6, generator=torch.Generator().manual_seed(r))
+
+    per_stage = []
+    for s in (0, 1):
+        ref = net(10 + s).double()
+        for r in (2 * s, 2 * s + 1):
+            run(ref, batch(r).double()).div(2).backward()
+        per_stage.append([q.grad for q in ref.parameters()])
+    model = net(10 + stage)
+    fully_shard(model["blk"], mesh=mesh["rep", "shard"])
+    model["rep"] = DistributedDataParallel(model["rep"], process_group=mesh["rep"].get_group())
+    run(model, batch(rank)).backward()
+    out = []
+    for p in (2.0, 1.0, math.inf):
+        own, both = reference_norm(per_stage[stage], p), reference_norm(per_stage[0] + per_stage[1], p)
+        got = float(dist_clip.get_total_norm(model, p))
+        res = dist_clip.GradClipper(max_norm=1e9, report=True)(model) if p == 2.0 else None
+        out.append(abs(got - own) <= 1e-6 * own and (res is None or abs(float(res.total_norm) - own) <= 1e-6 * own))
+        got = float(dist_clip.get_total_norm(model, p, group=dist.group.WORLD))
+        out.append(abs(got - both) <= 1e-6 * both)
+    # HSDP alone on a 2 x 2 mesh: one all-reduce, over its shard group
+    square = init_device_mesh("cpu", (2, 2), mesh_dim_names=("rep", "shard"))
+    torch.manual_seed(3)
+    alone = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+    ref = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+    ref.load_state_dict(alone.state_dict())
+    for r in range(4):
+        ref(batch(r).double()).square().mean().div(4).backward()
+    fully_shard(alone, mesh=square)
+    alone(batch(rank)).square().mean().backward()
+    sizes: list[int] = []
+    all_reduce = dist.all_reduce
+
+    def recorded(t: torch.Tensor, *args: object, group: object = None, **kwargs: object) -> object:
+        sizes.append(dist.get_world_size(group))
+        return all_reduce(t, *args, group=group, **kwargs)
+
+    dist.all_reduce = recorded
+    try:
+        got = float(dist_clip.get_total_norm(alone))
+    finally:
+        dist.all_reduce = all_reduce
+    want = reference_norm([q.grad for q in ref.parameters()], 2.0)
+    out.append((abs(got - want) <= 1e-6 * want, sizes))
+    return out
+
+
+def test_hsdp_stages_beside_ddp_keep_their_own_reduction(run_ranks):
+    assert run_ranks(4, body_hsdp_stages_beside_ddp) == [[True] * 6 + [(True, [2])]] * 4
+
+
 def body_fsdp2_data_peers_look_at_each_mesh_once() -> list:
     """:func:`fsdp2_data_peers` (run twice per call on a module beside a DDP: the world test and the copy peers)
     walked every FSDP2 param group's parameters and indexed its mesh: an HSDP model of 50 ``fully_shard`` units
