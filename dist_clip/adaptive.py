@@ -36,13 +36,7 @@ from torch import Tensor, nn
 from . import _norm, _reduce, _scale, _slots
 from . import clip as _clip
 from .adapters import unwrap_compiled
-from .adapters.params import (
-    copy_counted_here,
-    copy_peers,
-    listed_stand_ins,
-    refuse_managed,
-    replica_groups,
-)
+from .adapters.params import copy_counted_here, copy_peers, listed_stand_ins, refuse_managed, replica_groups
 from .shards import Shards, UnitLayout
 
 __all__ = ["AGC", "AutoClip", "ZClip"]

@@ -497,7 +497,7 @@ def get_total_norm(target: object, plan: ParallelPlan, norm_type: float | str = 
     """The norm of the full model's gradients under ``plan``; one collective. Must be called on every rank.
 
     A measurement only: the gradients are not touched (a clipper with an infinite limit multiplied them by
-    inf / (inf + 1e-6) = NaN when the norm was inf or NaN; since it leaves them alone for an inf norm, but a NaN
+    inf / (inf + 1e-6) = NaN when the norm was inf or NaN; it now leaves them alone for an inf norm, and a NaN
     norm still makes them NaN)."""
     from . import _norm
     from . import clip as _clip_api

@@ -638,16 +638,8 @@ def refuse_stepped_in_backward(target: object) -> None:
     if isinstance(target, _ddp_types()):
         ddps: list[tuple[nn.Module, str]] = [(target, "DistributedDataParallel")]
     elif isinstance(target, nn.Module) and dist.is_available() and dist.is_initialized():
-        # (with composable replicate as module_parameters passes it: the walk is kept on the root, one list)
-        replicate = sys.modules.get("torch.distributed._composable.replicate")
-        ddps = []
-        for m in _sync_holders(target, replicate):
-            if isinstance(m, _ddp_types()):
-                ddps.append((m, "DistributedDataParallel"))
-            elif replicate is not None:
-                inner = getattr(replicate.replicate.state(m), "_ddp", None)  # (made by its first forward)
-                if inner is not None:
-                    ddps.append((inner, f"replicate()d {type(m).__name__}"))
+        ddps = [(ddp, "DistributedDataParallel" if ddp is m else f"replicate()d {type(m).__name__}")
+                for m, ddp in _held_ddps(target)]
     else:
         return
     for ddp, what in ddps:
@@ -737,13 +729,23 @@ def replica_groups(target: nn.Module) -> dict[int, dist.ProcessGroup]:
     ``target`` itself, replicated) that holds it: its gradient is a copy on each rank of that group."""
     if not (dist.is_available() and dist.is_initialized()):
         return {}
-    replicate = sys.modules.get("torch.distributed._composable.replicate")
     owner: dict[int, dist.ProcessGroup] = {}
+    for _, ddp in _held_ddps(target):
+        owner.update((id(q), ddp.process_group) for q in ddp.module.parameters())
+    return owner
+
+
+def _held_ddps(target: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """(holder, DDP) for each DDP under ``target`` (itself as holder) and each composable ``replicate()`` module
+    (the DDP its state holds; none before its first forward, which makes it, nor gradients). The walk is kept on
+    the root, called with composable replicate as :func:`module_parameters` calls it: one list."""
+    replicate = sys.modules.get("torch.distributed._composable.replicate")
+    out = []
     for m in _sync_holders(target, replicate):
         ddp = m if isinstance(m, _ddp_types()) else getattr(replicate.replicate.state(m), "_ddp", None)
-        if ddp is not None:  # (a replicate() state before its first forward holds no DDP, nor gradients)
-            owner.update((id(q), ddp.process_group) for q in ddp.module.parameters())
-    return owner
+        if ddp is not None:
+            out.append((m, ddp))
+    return out
 
 
 def replicas_counted_once(target: nn.Module, shards: list[Shards], params: Mapping[str, Tensor],
