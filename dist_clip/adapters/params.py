@@ -34,7 +34,6 @@ __all__ = [
     "matches",
     "named_grads",
     "refuse_managed",
-    "refuse_unreduced",
     "shards",
     "shards_of_grads",
     "shards_with_stand_ins",
@@ -313,7 +312,7 @@ def _unreduced(pg: Any, ddp_mesh_info: type) -> str | None:  # noqa: ANN401 - to
     return None
 
 
-def _refuse_unreduced_listed(items: Iterable[object]) -> None:
+def _refuse_unreduced(items: Iterable[object]) -> None:
     """:func:`_unsynced` for a listed or mapped target (or a single tensor) holding parameters of an FSDP2 (or
     ``replicate_with_fsdp``) param group whose gradients are not reduced, or their gradients: the sharded
     parameters (their gradients ``None``, or last step's zeros), the unsharded ones
@@ -341,9 +340,6 @@ def _refuse_unreduced_listed(items: Iterable[object]) -> None:
                 # 0.41 and 1.50 read; the sharded gradients with sync off on one block, the other blocks' alone).
                 if t is not None and (id(t) in listed or ((g := t.grad) is not None and id(g) in listed)):
                     _unsynced(pg, how)
-
-
-refuse_unreduced = _refuse_unreduced_listed
 
 
 _ACCUMULATED = operator.attrgetter("unsharded_accumulated_grad")
@@ -394,7 +390,7 @@ def named_grads(target: object, params: list[tuple[str, Tensor]] | None = None,
         # One parameter (or gradient) of an FSDP2 module whose gradients are not reduced: refused as in a list (each
         # rank its own gradient's norm was read, 0.077 and 0.141, with the module left unsharded; 0 with sync off)
         if not _refused:
-            refuse_unreduced(items)
+            _refuse_unreduced(items)
     elif isinstance(target, nn.Module):
         pairs = module_parameters(target) if params is None else params
         names, items = (list(x) for x in zip(*pairs)) if pairs else ([], [])
@@ -407,7 +403,7 @@ def named_grads(target: object, params: list[tuple[str, Tensor]] | None = None,
         items = list(target)
         names = _positions(len(items))
         if not _refused:
-            _refuse_unreduced_listed(items)
+            _refuse_unreduced(items)
     else:
         raise TypeError(f"expected a tensor, an iterable of tensors or an nn.Module, got {type(target).__name__}")
     # The hot path of every call: with only tensors (parameters, gradients, DTensor parameters), no duplicates
@@ -499,7 +495,7 @@ def listed_stand_ins(items: Sequence[tuple[str, Tensor]]) -> Sequence[tuple[str,
     listed parameter has no gradient."""
     if "torch.distributed.fsdp._fully_shard._fully_shard" not in sys.modules:
         return items
-    _refuse_unreduced_listed(t for _, t in items)
+    _refuse_unreduced(t for _, t in items)
     if all(not isinstance(t, nn.Parameter) or t.grad is not None for _, t in items):  # (a non-leaf's .grad warns)
         return items
     swapped = _listed_stand_ins(items, [t for _, t in items])
