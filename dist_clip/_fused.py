@@ -949,6 +949,8 @@ def rearm(armed: tuple[Tensor, tuple[Any, ...]] | None, new: Tensor, now: tuple[
     (:func:`untouched`), else ``new`` alone. A call that measured nothing (every gradient of its part None) leaves
     the record as it was. One rule for the fused hand-over's skip (:func:`arm_skip_`) and the clipper's skip
     guard."""
+    if measured and optimizer is not None and _stand_ins_only(measured, now[0]):
+        measured = []
     if measured is not None and not measured and optimizer is not None:
         if armed is not None:
             return merge(armed[0], new), armed[1]
@@ -974,6 +976,24 @@ def rearm(armed: tuple[Tensor, tuple[Any, ...]] | None, new: Tensor, now: tuple[
             return merge(armed[0], new), record
     first_flag(record, new)
     return new, record
+
+
+def _stand_ins_only(measured: Sequence[Tensor], grads: Sequence[Tensor]) -> bool:
+    """Whether a call's pieces are only stand-ins for absent gradients: FSDP2 parameters whose ``.grad`` is None
+    are measured as empty DTensors (:func:`dist_clip.adapters.params.absent_dtensor_grads`), none of them a
+    gradient the optimizer steps. Such a call measured nothing: recorded as one measuring pieces the optimizer
+    does not step, it dropped the flag's ledger, and a later part's call after a backward into the flag's NaN
+    gradients (new ones beside them in a new reduce-scatter buffer) replaced the flag: the NaN step was taken
+    (one ``fully_shard`` unit, heads h0-h4, a batch through h1 and h2 with a NaN, [h0-h3] then the unused [h4]
+    clipped, an auxiliary loss through h2-h4, [h4] clipped again; 2 ranks). Told by identity: an empty gradient
+    the optimizer steps (a rank's empty shard of a small parameter) or an empty piece of a wrapper's buffer is
+    measured, as the other ranks' non-empty ones are."""
+    if any(getattr(t, "_local_tensor", t).numel() for t in measured):
+        return False
+    from .adapters.params import _STAND_INS
+
+    made = {id(v) for _, _, _, kept in _STAND_INS.values() for v in (kept, kept._local_tensor)}
+    return all(id(t) in made for t in measured)
 
 
 def carried(armed: tuple[Tensor, tuple[Any, ...]], record: tuple[Any, ...], new: Tensor) -> None:

@@ -3857,3 +3857,73 @@ def test_fsdp2_parts_of_one_unit_zeroed_in_place_step_after_a_dropped_nan_batch(
     for got in run_ranks(2, body_fsdp2_parts_of_one_unit_zeroed_in_place_step_after_a_dropped_nan_batch):
         assert [s for s, _, _ in got] == [False, True], got
         assert all(diff <= 1e-6 * size and size > 0.01 for _, diff, size in got), got
+
+
+class _FiveHeads(nn.Module):
+    """A trunk h0 and heads h1-h4 (h2 and h4 of one output: on 2 ranks one shard of each is empty)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList([nn.Linear(4, n) for n in (4, 2, 1, 3, 1)])
+
+    def forward(self, x: torch.Tensor, used: list[int], scale: float = 1.0, aux: bool = False) -> torch.Tensor:
+        f = torch.tanh(self.heads[0](x))
+        if aux:
+            return sum(self.heads[i](f).abs().mean() for i in used)
+        return sum(self.heads[i](f).square().sum() * (scale if i == 2 else 1.0) for i in used)
+
+
+def body_fsdp2_a_part_without_gradients_keeps_the_skip_flag(second: str) -> list:
+    """One ``fully_shard`` unit, ``zero_grad(set_to_none=True)``, a batch through h1 and h2 with a NaN in h2 on
+    rank 0 only; [h0-h3] clipped (NaN: skip), then [h4], unused (every gradient None: measured as FSDP2's empty
+    stand-ins); an auxiliary loss through h2-h4 (h2's gradients stay NaN, h3's and h4's new) and [h4] clipped
+    again. Returns, per batch (NaN, good), whether this rank's step was skipped and its gradients were finite."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    torch.manual_seed(0)
+    model = _FiveHeads()
+    fully_shard(model, mesh=mesh)
+    ps = list(model.parameters())
+    opt = torch.optim.Adam(ps, lr=0.1, fused=second != "clipper")
+    clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+    first = [q for h in model.heads[:4] for q in h.parameters()]
+    last = list(model.heads[4].parameters())
+
+    def clip(part: list[nn.Parameter]) -> None:
+        if second == "clip_fused":
+            dist_clip.clip_grad_norm_(part, 1.0, optimizer=opt)
+        else:
+            clipper(part, optimizer=opt)
+
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(rank))
+    out = []
+    for nan in (True, False):
+        opt.zero_grad(set_to_none=True)
+        model(x, [1, 2], math.nan if nan and rank == 0 else 1.0).backward()
+        clip(first)
+        clip(last)
+        model(x, [2, 3, 4], aux=True).backward()
+        clip(last)
+        finite = all(bool(q.grad._local_tensor.isfinite().all()) for q in ps if q.grad is not None)
+        before = [q._local_tensor.detach().clone() for q in ps]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (a handed-over coefficient dropped after the auxiliary loss)
+            opt.step()
+        skipped = all(torch.equal(b, q._local_tensor) for b, q in zip(before, ps) if b.numel())
+        out.append((skipped, finite))
+    return out
+
+
+@pytest.mark.parametrize("second", ["clipper", "clipper_fused", "clip_fused"])
+def test_fsdp2_a_part_without_gradients_keeps_the_skip_flag(run_ranks, second):
+    """FSDP2 measures a parameter whose gradient is None as an empty stand-in, which no optimizer steps: a call
+    over a part with no gradient (the unused h4) was recorded as one measuring other pieces, the flag's ledger
+    was dropped, and after an auxiliary loss wrote h2's NaN gradients (h3's and h4's made anew beside them)
+    [h4] clipped again replaced the NaN flag: the NaN step was taken on both ranks (GradClipper, fused or not).
+    Such a call now measures nothing and leaves the flag as it is; the next good batch steps."""
+    for got in run_ranks(2, body_fsdp2_a_part_without_gradients_keeps_the_skip_flag, second):
+        assert got == [(True, False), (False, True)], got
