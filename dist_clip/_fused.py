@@ -924,11 +924,15 @@ def _sticky(seen: tuple[Any, ...], now: tuple[list[Tensor], list[int]], measured
     was dropped), whatever wrote them since (an auxiliary loss, a clip; a dropped batch's in-place
     ``zero_grad()`` too, which nothing tells from the first: clear the flag with ``skip_next_step_(optimizer,
     False)`` there). Replaced on a write, it was lost to a part clipped again after an extra loss, and the step
-    taken. Another (a call whose pieces the optimizer does not step): while :func:`untouched` holds."""
+    taken. One armed while no gradient was held lasts until the step. Another (a call whose pieces the optimizer
+    does not step): while :func:`untouched` holds."""
     if not isinstance(seen, _Explicit):
         return untouched(seen, now, measured)
     if not seen[0]:
-        return not now[0]
+        # Armed while no gradient was held (after zero_grad(set_to_none=True), before the backward: a batch found
+        # bad before its backward): for this step, whatever the backward makes. Dropped once a gradient appeared,
+        # the first call arming a skip replaced it and the requested skip was lost, the step taken.
+        return True
     where = set(map(id, now[0]))
     return any(id(t) in where for t in seen[0])
 

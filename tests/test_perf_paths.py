@@ -2231,6 +2231,36 @@ def test_an_explicit_skip_outlasts_a_part_clipped_again_after_an_extra_loss(seco
         _step_checked(opt, ps, skipped=explicit, moved=0)
 
 
+@pytest.mark.parametrize("parts", [False, True])
+@pytest.mark.parametrize("second", ["clipper", "clipper_fused", "clip_fused"])
+def test_an_explicit_skip_armed_before_the_backward_lasts_until_the_step(second, parts):
+    """``zero_grad(set_to_none=True)``, then ``skip_next_step_(opt, True)`` before the backward (a batch found bad
+    before it), the backward and the model clipped (whole, or [h0] and [h1]): no gradient was held when the skip
+    was armed, so the first call arming a skip found one "appeared" and replaced it, and the requested skip was
+    lost, the step taken (torch's default ``zero_grad``). It lasts until the step; the next batch steps."""
+    torch.manual_seed(0)
+    h0, h1 = nn.Linear(4, 3), nn.Linear(4, 2)
+    ps = [*h0.parameters(), *h1.parameters()]
+    opt = torch.optim.Adam(ps, lr=0.1, fused=second != "clipper")
+    x = torch.randn(8, 4)
+    clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+
+    def clip(part: list[nn.Parameter]) -> None:
+        if second == "clip_fused":
+            dist_clip.clip_grad_norm_(part, 1.0, optimizer=opt)
+        else:
+            clipper(part, optimizer=opt)
+
+    for explicit in (True, False):
+        opt.zero_grad(set_to_none=True)
+        if explicit:
+            dist_clip.skip_next_step_(opt, True)
+        (h0(x).square().sum() + h1(x).square().sum()).backward()
+        for part in ([list(h0.parameters()), list(h1.parameters())] if parts else [ps]):
+            clip(part)
+        _step_checked(opt, ps, skipped=explicit)
+
+
 @pytest.mark.parametrize("second", ["clipper", "clipper_fused", "clip_fused"])
 def test_parts_skip_exactly_the_steps_whose_gradients_are_not_finite(second):
     """Random flows of 4 heads (on a shared trunk or not) clipped in 2 or 3 parts per batch, gradients of their
