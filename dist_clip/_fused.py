@@ -989,15 +989,16 @@ def _stand_ins_only(measured: Sequence[Tensor], grads: Sequence[Tensor]) -> bool
     does not step, it dropped the flag's ledger, and a later part's call after a backward into the flag's NaN
     gradients (new ones beside them in a new reduce-scatter buffer) replaced the flag: the NaN step was taken
     (one ``fully_shard`` unit, heads h0-h4, a batch through h1 and h2 with a NaN, [h0-h3] then the unused [h4]
-    clipped, an auxiliary loss through h2-h4, [h4] clipped again; 2 ranks). Told by identity: an empty gradient
-    the optimizer steps (a rank's empty shard of a small parameter) or an empty piece of a wrapper's buffer is
-    measured, as the other ranks' non-empty ones are."""
+    clipped, an auxiliary loss through h2-h4, [h4] clipped again; 2 ranks). ``mode="unitwise"`` measures them as
+    fresh empty tensors, alike. An empty gradient the optimizer steps (a rank's empty shard of a small parameter)
+    or an empty view of a wrapper's buffer is measured, as the other ranks' non-empty ones are."""
     if any(getattr(t, "_local_tensor", t).numel() for t in measured):
         return False
     from .adapters.params import _STAND_INS
 
     made = {id(v) for _, _, _, kept in _STAND_INS.values() for v in (kept, kept._local_tensor)}
-    return all(id(t) in made for t in measured)
+    held = set(map(id, grads))
+    return all(id(t) in made or (not t._is_view() and id(t) not in held) for t in measured)
 
 
 def carried(armed: tuple[Tensor, tuple[Any, ...]], record: tuple[Any, ...], new: Tensor) -> None:

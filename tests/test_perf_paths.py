@@ -3918,8 +3918,9 @@ def body_fsdp2_a_part_without_gradients_keeps_the_skip_flag(second: str) -> list
     model = _FiveHeads()
     fully_shard(model, mesh=mesh)
     ps = list(model.parameters())
-    opt = torch.optim.Adam(ps, lr=0.1, fused=second != "clipper")
-    clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+    opt = torch.optim.Adam(ps, lr=0.1, fused=second not in ("clipper", "unitwise"))
+    mode = "unitwise" if second.startswith("unitwise") else "total"
+    clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip", mode=mode)
     first = [q for h in model.heads[:4] for q in h.parameters()]
     last = list(model.heads[4].parameters())
 
@@ -3948,12 +3949,13 @@ def body_fsdp2_a_part_without_gradients_keeps_the_skip_flag(second: str) -> list
     return out
 
 
-@pytest.mark.parametrize("second", ["clipper", "clipper_fused", "clip_fused"])
+@pytest.mark.parametrize("second", ["clipper", "clipper_fused", "clip_fused", "unitwise", "unitwise_fused"])
 def test_fsdp2_a_part_without_gradients_keeps_the_skip_flag(run_ranks, second):
     """FSDP2 measures a parameter whose gradient is None as an empty stand-in, which no optimizer steps: a call
     over a part with no gradient (the unused h4) was recorded as one measuring other pieces, the flag's ledger
     was dropped, and after an auxiliary loss wrote h2's NaN gradients (h3's and h4's made anew beside them)
-    [h4] clipped again replaced the NaN flag: the NaN step was taken on both ranks (GradClipper, fused or not).
-    Such a call now measures nothing and leaves the flag as it is; the next good batch steps."""
+    [h4] clipped again replaced the NaN flag: the NaN step was taken on both ranks (GradClipper, fused or not;
+    in ``mode="unitwise"`` the absent gradients are fresh empty pieces, alike). Such a call now measures nothing
+    and leaves the flag as it is; the next good batch steps."""
     for got in run_ranks(2, body_fsdp2_a_part_without_gradients_keeps_the_skip_flag, second):
         assert got == [(True, False), (False, True)], got
