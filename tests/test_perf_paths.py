@@ -19,6 +19,7 @@ import random
 import shutil
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,20 @@ def _total_close(got: float, want: float, rtol: float) -> bool:
     if math.isinf(want):
         return got == want
     return abs(got - want) <= rtol * abs(want)
+
+
+def _skip_clip(call: str, opt: torch.optim.Optimizer) -> Callable[[object], None]:
+    """How a skip test clips a part with ``optimizer=opt``: ``clip_grad_norm_(part, 1.0, optimizer=opt)`` for
+    ``"clip_fused"``, else one ``GradClipper(max_norm=1.0, on_nonfinite="skip")`` kept across the calls."""
+    clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+
+    def clip(part: object) -> None:
+        if call == "clip_fused":
+            dist_clip.clip_grad_norm_(part, 1.0, optimizer=opt)
+        else:
+            clipper(part, optimizer=opt)
+
+    return clip
 
 
 def _grads_in_one_buffer(ps: list[nn.Parameter]) -> torch.Tensor:
@@ -2010,14 +2025,9 @@ def test_a_part_clipped_again_within_its_step_keeps_another_part_s_skip(second, 
     opt = torch.optim.Adam(ps, lr=0.1, fused=second != "clipper")
     _grads_in_one_buffer(ps)
     x = torch.randn(8, 4)
-    clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
     first, second_part = [*ha.parameters(), *hc.parameters()], [*hb.parameters()]
 
-    def clip(part: list[nn.Parameter]) -> None:
-        if second == "clip_fused":
-            dist_clip.clip_grad_norm_(part, 1.0, optimizer=opt)
-        else:
-            clipper(part, optimizer=opt)
+    clip = _skip_clip(second, opt)
 
     for nan in (True, False):
         opt.zero_grad(set_to_none=False)
@@ -2100,15 +2110,10 @@ def test_parts_of_one_buffer_skip_exactly_the_steps_whose_gradients_are_not_fini
         opt = torch.optim.Adam(ps, lr=0.1, fused=second != "clipper")
         _grads_in_one_buffer(ps)
         x = torch.randn(8, 4)
-        clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
         cut = rng.randint(1, 3)
         parts = [[q for h in heads[:cut] for q in h.parameters()], [q for h in heads[cut:] for q in h.parameters()]]
 
-        def clip(part: list[nn.Parameter]) -> None:
-            if second == "clip_fused":
-                dist_clip.clip_grad_norm_(part, 1.0, optimizer=opt)  # noqa: B023
-            else:
-                clipper(part, optimizer=opt)  # noqa: B023
+        clip = _skip_clip(second, opt)
 
         for step in range(6):
             opt.zero_grad(set_to_none=False)
@@ -2148,14 +2153,9 @@ def test_a_part_clipped_again_keeps_the_skip_of_a_call_that_measured_every_gradi
     if layout == "views":
         _grads_in_one_buffer(ps)
     x = torch.randn(8, 4)
-    clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
     parts = [[*heads[0].parameters(), *heads[1].parameters()], [*heads[2].parameters(), *heads[3].parameters()]]
 
-    def clip(part: list[nn.Parameter]) -> None:
-        if second == "clip_fused":
-            dist_clip.clip_grad_norm_(part, 1.0, optimizer=opt)
-        else:
-            clipper(part, optimizer=opt)
+    clip = _skip_clip(second, opt)
 
     for nan in (True, False):
         opt.zero_grad(set_to_none=layout == "own")
@@ -2211,13 +2211,8 @@ def test_an_explicit_skip_outlasts_a_part_clipped_again_after_an_extra_loss(seco
     if flat:
         _grads_in_one_buffer(ps)
     x = torch.randn(8, 4)
-    clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
 
-    def clip(part: nn.Module) -> None:
-        if second == "clip_fused":
-            dist_clip.clip_grad_norm_(part, 1.0, optimizer=opt)
-        else:
-            clipper(part, optimizer=opt)
+    clip = _skip_clip(second, opt)
 
     for explicit in (True, False):
         opt.zero_grad(set_to_none=not flat)
@@ -2243,13 +2238,8 @@ def test_an_explicit_skip_armed_before_the_backward_lasts_until_the_step(second,
     ps = [*h0.parameters(), *h1.parameters()]
     opt = torch.optim.Adam(ps, lr=0.1, fused=second != "clipper")
     x = torch.randn(8, 4)
-    clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
 
-    def clip(part: list[nn.Parameter]) -> None:
-        if second == "clip_fused":
-            dist_clip.clip_grad_norm_(part, 1.0, optimizer=opt)
-        else:
-            clipper(part, optimizer=opt)
+    clip = _skip_clip(second, opt)
 
     for explicit in (True, False):
         opt.zero_grad(set_to_none=True)
@@ -2279,7 +2269,6 @@ def test_parts_skip_exactly_the_steps_whose_gradients_are_not_finite(second):
         opt = torch.optim.Adam(ps, lr=0.1, fused=second != "clipper")
         layout, set_to_none = rng.choice(["own", "views", "new views"]), rng.random() < 0.5
         x = torch.randn(8, 4)
-        clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
         order = rng.sample(range(4), 4)
         cuts = sorted(rng.sample(range(1, 4), rng.choice([1, 2])))
         parts = [[q for i in order[a:b] for q in heads[i].parameters()] for a, b in zip([0, *cuts], [*cuts, 4])]
@@ -2288,11 +2277,7 @@ def test_parts_skip_exactly_the_steps_whose_gradients_are_not_finite(second):
         if layout != "own":
             _grads_in_one_buffer(ps)
 
-        def clip(part: list[nn.Parameter]) -> None:
-            if second == "clip_fused":
-                dist_clip.clip_grad_norm_(part, 1.0, optimizer=opt)  # noqa: B023
-            else:
-                clipper(part, optimizer=opt)  # noqa: B023
+        clip = _skip_clip(second, opt)
 
         for step in range(5):
             if layout == "new views" and set_to_none:
