@@ -878,6 +878,16 @@ class _Record(tuple):  # type: ignore[type-arg]
     #: :func:`_sticky` keeps or drops; None where unknown
     parts: list[tuple[Tensor, list[Tensor] | None, tuple[Any, ...] | None]] | None = None
 
+    @classmethod
+    def uncounted(cls, state: tuple[list[Tensor], list[int]],
+                  parts: list[tuple[Tensor, list[Tensor] | None, tuple[Any, ...] | None]] | None = None) -> _Record:
+        """A record of ``state`` (gradients, versions) without backward counts, with the ledger ``parts``."""
+        record = cls(state)
+        record.cells = [None] * len(state[0])
+        if parts is not None:
+            record.parts = parts
+        return record
+
 
 def supersede(armed: tuple[Any, ...], record: tuple[Any, ...], now: tuple[list[Tensor], list[int]],
               started: tuple[list[Tensor], list[int]] | None, measured: Sequence[Tensor] | None, new: Tensor,
@@ -960,16 +970,10 @@ def rearm(armed: tuple[Tensor, tuple[Any, ...]] | None, new: Tensor, now: tuple[
             return merge(armed[0], new), armed[1]
         # (a ledger holding the flag by what untouched says of the gradients held now, as a record of them did:
         # on another rank, holding pieces of the part, the same flag may have been measured)
-        empty = _Record(([], []))
-        empty.cells = []
-        empty.parts = [(new, None, (*now, None))]
-        return new, empty
+        return new, _Record.uncounted(([], []), [(new, None, (*now, None))])
     if measured is None and optimizer is not None and armed is None:
         # skip_next_step_: nothing says what was measured; the flag lasts while _sticky holds for the gradients
-        explicit = _Record(now)
-        explicit.cells = [None] * len(now[0])
-        explicit.parts = [(new, None, _Explicit(now))]
-        return new, explicit
+        return new, _Record.uncounted(now, [(new, None, _Explicit(now))])
     record = armed_record(now, measured, optimizer)
     if armed is not None:
         merged = supersede(armed[1], record, now, started, measured, new, merge)
@@ -1029,15 +1033,11 @@ def armed_record(
         return ((now[0], now[1]) if len(kept) == len(now[0])
                 else ([now[0][i] for i in kept], [now[1][i] for i in kept]))
     if len(kept) == len(now[0]):
-        whole = _Record(now)  # every gradient held: its versions tell the next batch (see untouched)
-        whole.cells = [None] * len(now[0])
-        return whole
+        return _Record.uncounted(now)  # every gradient held: its versions tell the next batch (see untouched)
     held = [now[0][i] for i in kept]
     if not any(map(Tensor._is_view, held)) or not _shared_counters(now[0]):  # (in C)
         # Gradients of their own: their versions tell a write; a record of the part, for its flag (see supersede)
-        plain = _Record((held, [now[1][i] for i in kept]))
-        plain.cells = [None] * len(held)
-        return plain
+        return _Record.uncounted((held, [now[1][i] for i in kept]))
     record = _Record((held, [now[1][i] for i in kept]))
     params = _params_by_grad(optimizer)
     cells: list[tuple[_Count, int] | None] = []
@@ -1271,10 +1271,8 @@ def _keep_flag(optimizer: torch.optim.Optimizer, found: Tensor, held: list[Tenso
         return
     armed = optimizer.__dict__.get(_SKIP)
     if armed is None:
-        record = _Record((members, version_list(members)))
-        record.cells = [None] * len(members)
-        record.parts = [(found, members, None)]
-        optimizer.__dict__[_SKIP] = (found, record)
+        optimizer.__dict__[_SKIP] = (found, _Record.uncounted((members, version_list(members)),
+                                                              [(found, members, None)]))
         return
     parts = getattr(armed[1], "parts", None)
     if parts is not None:
