@@ -690,12 +690,18 @@ def test_a_first_call_from_a_user_pre_hook_acts_on_the_running_step(how, fused):
             assert torch.isfinite(params[0]).all() and not torch.equal(params[0].detach(), before)
 
 
+def _skip_guard_branch(monkeypatch: pytest.MonkeyPatch, host: bool) -> None:
+    """The skip guard's host branch (the flag read on the host), or, ``host=False``, the accelerator's (no read)."""
+    from dist_clip.clipper import _SkipGuard
+
+    if not host:
+        monkeypatch.setattr(_SkipGuard, "_on_host", staticmethod(lambda flag: False))
+
+
 def test_the_device_restore_leaves_sparse_state_to_the_host(monkeypatch):
     """Off the host the restore used torch.where on every state tensor: SGD's sparse momentum buffer (sparse
     gradients) raised NotImplementedError from the post-hook at every step after the first."""
-    from dist_clip.clipper import _SkipGuard
-
-    monkeypatch.setattr(_SkipGuard, "_on_host", staticmethod(lambda flag: False))  # the accelerator's branch
+    _skip_guard_branch(monkeypatch, host=False)
     torch.manual_seed(0)
     emb = nn.Embedding(10, 4, sparse=True)
     opt = torch.optim.SGD(emb.parameters(), lr=0.1, momentum=0.9)
@@ -749,10 +755,7 @@ def test_a_skipped_step_leaves_the_param_groups_as_they_were(monkeypatch, host, 
     """A skipped step restored the parameters and the per-parameter state, not what the step wrote into its param
     groups: an optimizer adapting there (Prodigy's d, schedule-free's k) kept the skipped batch's NaN for good
     (d_num nan, k 2 after one good step and one skipped, where 2.23 and 1 are right)."""
-    from dist_clip.clipper import _SkipGuard
-
-    if not host:
-        monkeypatch.setattr(_SkipGuard, "_on_host", staticmethod(lambda flag: False))  # the accelerator's branch
+    _skip_guard_branch(monkeypatch, host)
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
     torch.optim.SGD(model.parameters(), lr=0.1)  # (torch wraps SGD.step, with its hooks, at the first instance)
@@ -802,10 +805,7 @@ def test_a_skipped_step_removes_a_group_entry_it_added(monkeypatch, host):
     state): the entry is removed, on the host's path and on the accelerator's (which tells a write by the keys'
     count as well as by the objects: the entries the snapshot holds are all the same objects). Kept, the next good
     step read the skipped batch's d0 (NaN) for good."""
-    from dist_clip.clipper import _SkipGuard
-
-    if not host:
-        monkeypatch.setattr(_SkipGuard, "_on_host", staticmethod(lambda flag: False))  # the accelerator's branch
+    _skip_guard_branch(monkeypatch, host)
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
     opt = _AddsAnEntry(model.parameters(), lr=0.1)
@@ -852,10 +852,7 @@ def test_a_skipped_subclass_step_puts_back_what_it_wrote_after_super_step(monkey
     """The inner pair of step hooks (``super().step()``) leaves the skip to the outer post-hook: one deciding in
     the inner post-hook put the parameters and groups back before the subclass's own writes after it, which were
     kept (k 1 and the weights halved on a skipped step)."""
-    from dist_clip.clipper import _SkipGuard
-
-    if not host:
-        monkeypatch.setattr(_SkipGuard, "_on_host", staticmethod(lambda flag: False))  # the accelerator's branch
+    _skip_guard_branch(monkeypatch, host)
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
     torch.optim.SGD(model.parameters(), lr=0.1)  # (torch wraps SGD.step, with its hooks, at the first instance)
@@ -877,10 +874,7 @@ def test_a_skipped_subclass_step_puts_back_what_it_wrote_after_super_step(monkey
 def test_an_optimizer_stepped_inside_another_optimizers_step_is_skipped(monkeypatch, host):
     """A step is nested only inside a step of the same optimizer: an inner optimizer stepped by a wrapper's
     ``step()`` (another optimizer's frame on the stack) read as nested took its NaN step."""
-    from dist_clip.clipper import _SkipGuard
-
-    if not host:
-        monkeypatch.setattr(_SkipGuard, "_on_host", staticmethod(lambda flag: False))  # the accelerator's branch
+    _skip_guard_branch(monkeypatch, host)
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
     inner = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -907,8 +901,7 @@ def test_a_skipped_step_leaves_a_scheduled_lr_to_its_scheduler(monkeypatch, host
     the flag on the host (an entry written)."""
     from dist_clip.clipper import _SkipGuard
 
-    if not host:
-        monkeypatch.setattr(_SkipGuard, "_on_host", staticmethod(lambda flag: False))  # the accelerator's branch
+    _skip_guard_branch(monkeypatch, host)
     changed = []
     original = _SkipGuard._groups_changed
     monkeypatch.setattr(_SkipGuard, "_groups_changed", staticmethod(lambda g: changed.append(original(g))
