@@ -80,6 +80,18 @@ def _total_close(got: float, want: float, rtol: float) -> bool:
     return abs(got - want) <= rtol * abs(want)
 
 
+def _three_heads_in_one_buffer(fused: bool) -> tuple[nn.Linear, nn.Linear, nn.Linear, list[nn.Parameter],
+                                                         torch.optim.Adam, torch.Tensor]:
+    """Heads ha, hb, hc (seed 0) whose gradients are views of one buffer (DDP's bucket views), their parameters,
+    an Adam over them (``fused`` or not) and an input batch."""
+    torch.manual_seed(0)
+    ha, hb, hc = nn.Linear(4, 3), nn.Linear(4, 2), nn.Linear(4, 2)
+    ps = [*ha.parameters(), *hb.parameters(), *hc.parameters()]
+    opt = torch.optim.Adam(ps, lr=0.1, fused=fused)
+    _grads_in_one_buffer(ps)
+    return ha, hb, hc, ps, opt, torch.randn(8, 4)
+
+
 def _skip_clip(call: str, opt: torch.optim.Optimizer) -> Callable[[object], None]:
     """How a skip test clips a part with ``optimizer=opt``: ``clip_grad_norm_(part, 1.0, optimizer=opt)`` for
     ``"clip_fused"``, else one ``GradClipper(max_norm=1.0, on_nonfinite="skip")`` kept across the calls."""
@@ -1954,12 +1966,7 @@ def test_a_dropped_batch_clipped_in_parts_does_not_skip_a_next_batch_leaving_som
     and combined, and [b], finding the versions as [a] armed them, combined too: skipped. (Both also with DDP,
     gradient_as_bucket_view=True, find_unused_parameters=True, 2 ranks.) A part of the flag clipped again whole
     after a backward into any of its parts replaces; the NaN batch, not dropped, skips."""
-    torch.manual_seed(0)
-    ha, hb, hc = nn.Linear(4, 3), nn.Linear(4, 2), nn.Linear(4, 2)
-    ps = [*ha.parameters(), *hb.parameters(), *hc.parameters()]
-    opt = torch.optim.Adam(ps, lr=0.1, fused=second != "clipper")
-    _grads_in_one_buffer(ps)
-    x = torch.randn(8, 4)
+    ha, hb, hc, ps, opt, x = _three_heads_in_one_buffer(fused=second != "clipper")
     clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
     parts = ([[*ha.parameters(), *hb.parameters()], hc] if flow == "part of a part" else [ha, hb, hc])
     used = hb if flow == "parts" else ha
@@ -1989,12 +1996,7 @@ def test_a_dropped_batch_clipped_in_parts_does_not_skip_a_next_batch_handed_over
     checks the armed flag against every gradient it measured, and one part of the flag measured again after a
     backward into one of the parts drops it (checked against none measured, it was kept: the good step
     skipped). The NaN batch, not dropped, skips."""
-    torch.manual_seed(0)
-    ha, hb, hc = nn.Linear(4, 3), nn.Linear(4, 2), nn.Linear(4, 2)
-    ps = [*ha.parameters(), *hb.parameters(), *hc.parameters()]
-    opt = torch.optim.Adam(ps, lr=0.1, fused=True)
-    _grads_in_one_buffer(ps)
-    x = torch.randn(8, 4)
+    ha, hb, hc, ps, opt, x = _three_heads_in_one_buffer(fused=True)
     parts = ([[*ha.parameters(), *hb.parameters()], hc] if flow == "part of a part" else [ha, hb, hc])
     used = hb if flow == "parts" else ha
     for dropped in (True, False):
@@ -2019,12 +2021,7 @@ def test_a_part_clipped_again_within_its_step_keeps_another_part_s_skip(second, 
     whole flag (read as the next batch: a backward since, into any gradient of the flag's parts, or into all of the
     part) and the NaN step was taken (also with DDP, gradient_as_bucket_view=True, 2 ranks). A part clipped again
     replaces its own flag only: hb's skip stays, and the next good batch steps."""
-    torch.manual_seed(0)
-    ha, hb, hc = nn.Linear(4, 3), nn.Linear(4, 2), nn.Linear(4, 2)
-    ps = [*ha.parameters(), *hb.parameters(), *hc.parameters()]
-    opt = torch.optim.Adam(ps, lr=0.1, fused=second != "clipper")
-    _grads_in_one_buffer(ps)
-    x = torch.randn(8, 4)
+    ha, hb, hc, ps, opt, x = _three_heads_in_one_buffer(fused=second != "clipper")
     first, second_part = [*ha.parameters(), *hc.parameters()], [*hb.parameters()]
 
     clip = _skip_clip(second, opt)
