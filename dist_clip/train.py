@@ -247,6 +247,8 @@ def _wrap(model: nn.Module, cfg: TrainConfig, info: DistInfo, source: str) -> Se
         if w == "fsdp2":
             mesh = init_device_mesh(info.device.type, (info.world_size,))
         else:
+            if not cfg.mesh:
+                _same_node_sizes(info, source)
             shape = tuple(cfg.mesh) if cfg.mesh else (info.world_size // info.local_world_size, info.local_world_size)
             if shape[0] * shape[1] != info.world_size:
                 raise ConfigError(source, "mesh", f"{list(shape)} needs {shape[0] * shape[1]} ranks, launched with "
@@ -261,6 +263,22 @@ def _wrap(model: nn.Module, cfg: TrainConfig, info: DistInfo, source: str) -> Se
     if w == "fairscale-oss":
         return _wrap_oss(model, cfg)
     raise AssertionError(f"unhandled wrapper {w}")  # config validation lists every wrapper
+
+
+def _same_node_sizes(info: DistInfo, source: str) -> None:
+    """``mesh: null`` shards within a node: every rank must read the same node size, or each built the mesh its
+    own node's size gives (nodes of 1 and 2 ranks: rank 0 a (3, 1) mesh and trained, ranks 1 and 2 refused
+    (1, 2) without a word, not being rank 0, and rank 0 failed with gloo's "Connection closed by peer"). One
+    all-gather at set-up; a ConfigError on every rank alike."""
+    if info.backend is None or info.world_size == 1:
+        return
+    mine = torch.tensor([info.local_world_size], dtype=torch.int64, device=info.device)
+    everyone = [torch.zeros_like(mine) for _ in range(info.world_size)]
+    dist.all_gather(everyone, mine)
+    sizes = [int(e) for e in everyone]
+    if len(set(sizes)) > 1:
+        raise ConfigError(source, "mesh", f"null shards within a node, but the nodes hold different numbers of "
+                          f"ranks (local world size by rank: {sizes}); give mesh: [replicas, shard size]")
 
 
 def _wrap_deepspeed(model: nn.Module, cfg: TrainConfig, stage: int, source: str) -> Setup:

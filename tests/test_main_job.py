@@ -567,6 +567,36 @@ def test_topology_errors_are_config_errors_on_every_rank(run_ranks):
     assert got == ["<test>: wrapper: none trains one process, but 2 were launched"] * 2
 
 
+def _case_config_error_on_nodes(cfg_dict: dict, layout: list[tuple[int, int]]) -> str:
+    """:func:`_case_config_error` with the launcher saying this rank is ``(local rank, local world size)``."""
+    import os
+
+    import torch.distributed as dist
+
+    local_rank, local_size = layout[dist.get_rank()]
+    saved = {k: os.environ.get(k) for k in ("LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    os.environ.update(LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(local_size))
+    try:
+        return _case_config_error(cfg_dict)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.mark.timeout(120)
+def test_hsdp_mesh_null_on_nodes_of_different_sizes_is_a_config_error_on_every_rank(run_ranks):
+    """Nodes of 1 and 2 ranks (torchrun agents with --nproc-per-node 1 and 2): rank 0 read a (3, 1) mesh and
+    trained, ranks 1 and 2 a (1, 2) mesh that needs 2 ranks and refused it without a word (not being rank 0),
+    and rank 0 failed in its first collective with gloo's "Connection closed by peer"."""
+    got = run_ranks(3, _case_config_error_on_nodes, {**TINY, "wrapper": "hsdp"}, [(0, 1), (0, 2), (1, 2)],
+                    timeout_s=90)
+    assert got == ["<test>: mesh: null shards within a node, but the nodes hold different numbers of ranks (local "
+                   "world size by rank: [1, 2, 2]); give mesh: [replicas, shard size]"] * 3
+
+
 @pytest.mark.timeout(120)
 def test_unusable_data_is_a_config_error_naming_the_path_on_every_rank(run_ranks, tmp_path):
     short = tmp_path / "short.txt"
