@@ -22,8 +22,8 @@
 # (dist_clip.cli); a clean exit status (0, 1, 2) does not.
 #
 # MPICH (the `mpich` wheel of `make install`, Intel MPI, MVAPICH): the environment is passed to every rank.
-# Open MPI: variables are forwarded with -x; as root it refuses to run unless OMPI_ALLOW_RUN_AS_ROOT=1 and
-# OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 (this script sets them when it runs as root).
+# Open MPI: variables are forwarded with -x (the usual ones and every DIST_CLIP_* one); as root it refuses to run
+# unless OMPI_ALLOW_RUN_AS_ROOT=1 and OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 (this script sets them when it runs as root).
 set -euo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/_python.sh"  # PYTHON, ROOT, PATH
@@ -62,8 +62,10 @@ if [[ "$MPI_FLAVOR" == openmpi ]]; then
     [[ -n "${HOSTS:-}" ]] && ARGS+=(--host "$(echo "$HOSTS" | sed "s/\([^,]*\)/\1:$NPROC/g")")
     [[ -n "${HOSTFILE:-}" ]] && ARGS+=(--hostfile "$HOSTFILE")
     ARGS+=(--map-by "ppr:$NPROC:node" --bind-to none)
+    # Every DIST_CLIP_* variable (Open MPI gives a remote rank only those named): DIST_CLIP_NATIVE,
+    # DIST_CLIP_CACHE_DIR and DIST_CLIP_ALLOW_UNTESTED_DEEPSPEED reached node 0's ranks alone.
     for v in PATH LD_LIBRARY_PATH PYTHONPATH DS_ACCELERATOR OMP_NUM_THREADS MASTER_ADDR MASTER_PORT \
-             DIST_CLIP_TIMEOUT_S DIST_CLIP_MPI4PY GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME; do
+             GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME $(compgen -e | grep '^DIST_CLIP_' || true); do
         [[ -n "${!v:-}" ]] && ARGS+=(-x "$v")
     done
 else

@@ -1002,6 +1002,29 @@ def test_mpirun_without_mpi4py_takes_the_rendezvous_from_the_host_file(tmp_path,
     assert f"-f {hosts}" in line[0], out
 
 
+def test_mpirun_open_mpi_forwards_every_dist_clip_variable(tmp_path):
+    """Open MPI passes a remote rank only the variables named with -x: of dist_clip's own only
+    DIST_CLIP_TIMEOUT_S and DIST_CLIP_MPI4PY were, so DIST_CLIP_ALLOW_UNTESTED_DEEPSPEED=1 set for the job reached
+    node 0's ranks alone (the other nodes' refused the DeepSpeed release and aborted the job), and
+    DIST_CLIP_NATIVE=0 and DIST_CLIP_CACHE_DIR applied on node 0 only. A stand-in mpiexec prints its arguments."""
+    stub = tmp_path / "mpiexec"
+    stub.write_text("#!/usr/bin/env bash\n"
+                    "if [[ \"$1\" == --version ]]; then echo 'mpiexec (Open MPI) 4.1.6'; exit 0; fi\n"
+                    "echo \"ARGS=$*\"\n")
+    stub.chmod(0o755)
+    env = job_env(MPIEXEC=str(stub), NNODES="2", NPROC="2", HOSTS="node0,node1", DIST_CLIP_NATIVE="0",
+                  DIST_CLIP_CACHE_DIR=str(tmp_path / "cache"), DIST_CLIP_ALLOW_UNTESTED_DEEPSPEED="1")
+    code, out = finish(start("mpirun.sh", ["check"], env), timeout_s=60)
+    assert code == 0, out
+    line = [x for x in out.splitlines() if x.startswith("ARGS=")]
+    assert len(line) == 1, out
+    forwarded = re.findall(r"-x (\S+)", line[0])
+    for name in ("DIST_CLIP_NATIVE", "DIST_CLIP_CACHE_DIR", "DIST_CLIP_ALLOW_UNTESTED_DEEPSPEED",
+                 "DIST_CLIP_TIMEOUT_S"):
+        assert forwarded.count(name) == 1, line[0]
+    assert "--host node0:2,node1:2" in line[0], line[0]
+
+
 @pytest.mark.parametrize("config, cuda, expected", [
     ("cpu:gloo,cuda:nccl", True, "cuda:0"),  # init_process_group() without a backend on a GPU machine
     ("cpu:gloo,cuda:nccl", False, "cpu"),
