@@ -21,6 +21,8 @@
 #   DS_ARGS      extra launcher options, e.g. "--bind_cores_to_rank"
 #   PYTHON       interpreter (default: the repository's .venv, else python3 on PATH)
 # DS_ACCELERATOR is set to cpu where there is no nvidia-smi (DeepSpeed's CPU accelerator then uses gloo).
+# From node 0 (no NO_SSH) the other nodes get PATH, LD_LIBRARY_PATH, DS_ACCELERATOR, OMP_NUM_THREADS,
+# GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME and every DIST_CLIP_* variable through an environment file of the run.
 # SIGINT/SIGTERM to this script end every rank (see the end); exit status: the runner's, or 128 + the signal.
 set -euo pipefail
 
@@ -42,6 +44,24 @@ else
     ARGS+=(--hostfile "$HOSTFILE" --num_nodes "$NNODES" --master_port "${MASTER_PORT:-29500}" --launcher "${DS_LAUNCHER:-pdsh}")
     [[ -n "${MASTER_ADDR:-}" ]] && ARGS+=(--master_addr "$MASTER_ADDR")
     [[ "${NO_SSH:-0}" == 1 ]] && ARGS+=(--no_ssh --node_rank "${NODE_RANK:?set NODE_RANK with NO_SSH=1}")
+    if [[ "${NO_SSH:-0}" != 1 ]]; then
+        # The runner starts the other nodes (pdsh, mpirun...) with only the variables it names (PYTHON*, NCCL* on
+        # CUDA...) and those of its environment file: DS_ACCELERATOR, OMP_NUM_THREADS, GLOO_SOCKET_IFNAME and
+        # DIST_CLIP_TIMEOUT_S reached node 0's ranks alone. They go into an environment file of this run, after
+        # what the runner's own file(s) hold (DS_ENV_FILE, default .deepspeed_env in ~ and here).
+        ENV_NAME=${DS_ENV_FILE:-.deepspeed_env}
+        ENV_FILE=$(mktemp)
+        trap 'rm -f "$ENV_FILE"' EXIT
+        if [[ "$ENV_NAME" == /* ]]; then SOURCES=("$ENV_NAME"); else SOURCES=(~/"$ENV_NAME" "./$ENV_NAME"); fi
+        for f in "${SOURCES[@]}"; do
+            if [[ -f "$f" ]]; then cat "$f" >> "$ENV_FILE"; [[ -z "$(tail -c 1 "$f")" ]] || echo >> "$ENV_FILE"; fi
+        done
+        for v in PATH LD_LIBRARY_PATH DS_ACCELERATOR OMP_NUM_THREADS GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME \
+                 $(compgen -e | grep '^DIST_CLIP_' || true); do
+            [[ -n "${!v:-}" && "${!v}" != *$'\n'* ]] && echo "$v=${!v}" >> "$ENV_FILE"
+        done
+        export DS_ENV_FILE=$ENV_FILE
+    fi
 fi
 # Not exec'd: the DeepSpeed launcher forwards SIGINT/SIGTERM to the ranks only for multi-node pdsh, so a signal to
 # this script's PID (or the runner's) left every rank running. The runner gets a process group of its own (set -m;

@@ -1025,6 +1025,32 @@ def test_mpirun_open_mpi_forwards_every_dist_clip_variable(tmp_path):
     assert "--host node0:2,node1:2" in line[0], line[0]
 
 
+@pytest.mark.deepspeed
+def test_deepspeed_launcher_passes_the_jobs_variables_to_the_other_nodes(tmp_path):
+    """From node 0 the DeepSpeed runner starts every node through pdsh with only the variables it names
+    (PYTHON*, ...) and those of its environment file: DIST_CLIP_TIMEOUT_S, GLOO_SOCKET_IFNAME (which gloo across
+    nodes may need), DS_ACCELERATOR and OMP_NUM_THREADS reached node 0's ranks alone. A stand-in pdsh prints the
+    command each node would run; the user's own ~/.deepspeed_env is still read."""
+    stubs, home = tmp_path / "bin", tmp_path / "home"
+    stubs.mkdir()
+    home.mkdir()
+    (stubs / "pdsh").write_text("#!/usr/bin/env bash\necho \"PDSH $*\"\n")
+    (stubs / "pdsh").chmod(0o755)
+    (home / ".deepspeed_env").write_text("MY_SETTING=7")  # no final newline
+    hosts = tmp_path / "hosts"
+    hosts.write_text("node0 slots=2\nnode1 slots=2\n")
+    env = job_env(HOME=str(home), HOSTFILE=str(hosts), NNODES="2", NPROC="2", MASTER_ADDR="127.0.0.1",
+                  DS_ARGS="--no_ssh_check", GLOO_SOCKET_IFNAME="lo", DIST_CLIP_CACHE_DIR=str(tmp_path / "cache"))
+    env["PATH"] = f"{stubs}{os.pathsep}{env['PATH']}"
+    code, out = finish(start("deepspeed.sh", ["check"], env), timeout_s=120)
+    assert code == 0, out[-6000:]
+    line = [x for x in out.splitlines() if x.startswith("PDSH ")]
+    assert len(line) == 1, out[-6000:]
+    for export in ("MY_SETTING=7", "DIST_CLIP_TIMEOUT_S=90", "GLOO_SOCKET_IFNAME=lo", "DS_ACCELERATOR=cpu",
+                   "OMP_NUM_THREADS=1", f"DIST_CLIP_CACHE_DIR={tmp_path / 'cache'}"):
+        assert f"export {export};" in line[0], line[0]
+
+
 @pytest.mark.parametrize("config, cuda, expected", [
     ("cpu:gloo,cuda:nccl", True, "cuda:0"),  # init_process_group() without a backend on a GPU machine
     ("cpu:gloo,cuda:nccl", False, "cpu"),
