@@ -180,10 +180,17 @@ def _check_rank(
         dtypes = {q.dtype for q in model.parameters() if q.is_floating_point()}
         rtol = max((_LOW_PRECISION_RTOL.get(d, 1e-5) for d in dtypes), default=1e-5)
     target = wrap_fn(model)
-    loss_of(target(batch_fn(rank, world))).backward()
+    # Every rank's batch drawn once, in rank order, from one seeded state on every rank, and fed to both models:
+    # a batch_fn drawing from torch's global generator (torch.randn without a generator) was called for this
+    # rank's batch and again for the reference's, which then saw other inputs (a correct clip failed, 0.25 off).
+    # (seed + 1: not the stream the weights were drawn from; the CPU generator is put back afterwards.)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed((seed + 1) % 2**64)
+        batches = [batch_fn(r, world) for r in range(world)]
+    loss_of(target(batches[rank])).backward()
     local_before = _local_pieces(target) if mode != "unitwise" else []
 
-    torch.stack([loss_of(ref(_as64(batch_fn(r, world)))) for r in range(world)]).mean().backward()
+    torch.stack([loss_of(ref(_as64(b))) for b in batches]).mean().backward()
     ref_params = dict(ref.named_parameters())
     ref_grads = {n: q.grad for n, q in ref_params.items() if q.grad is not None}
     before = reference_param_norms(ref_grads, p)
@@ -399,7 +406,9 @@ def assert_clip_matches_unsharded(
     Args:
         build_model: ``() -> nn.Module``; called on every rank (and picklable when ``world_size`` is given).
         wrap_fn: ``(model) -> target`` run on every rank inside the process group.
-        batch_fn: ``(rank, world_size) -> input`` of that rank.
+        batch_fn: ``(rank, world_size) -> input`` of that rank; called once per rank of the world on every
+            rank, in rank order, after ``wrap_fn``, with torch seeded by ``seed + 1``: each rank feeds its own
+            batch to the wrapped model and all of them to the float64 model.
         world_size: spawn this many CPU gloo ranks (the functions must be module-level); ``None`` runs inside
             the existing process group, on every rank, like any collective.
         norm_type, max_norm, mode, agc: the clip to check.
