@@ -76,11 +76,14 @@ def _wide(g: Tensor, device: str | None = "cpu") -> Tensor:
 
 
 def _as64(x: Any) -> Any:
-    """A floating or complex tensor in float64 or complex128 on the CPU, also inside a dict, list or tuple (a
-    batch as a mapping reached the float64 model in float32: "mat1 and mat2 must have the same dtype"); anything
-    else as it is."""
-    if isinstance(x, Tensor) and (x.is_floating_point() or x.is_complex()):
-        return x.to("cpu", torch.complex128 if x.is_complex() else torch.float64)
+    """A tensor on the CPU, floating ones in float64 and complex ones in complex128, also inside a dict, list or
+    tuple (a batch as a mapping reached the float64 model in float32: "mat1 and mat2 must have the same dtype";
+    token ids on an accelerator reached the CPU model there: "Expected all tensors to be on the same device");
+    anything else as it is."""
+    if isinstance(x, Tensor):
+        if x.is_floating_point() or x.is_complex():
+            return x.to("cpu", torch.complex128 if x.is_complex() else torch.float64)
+        return x.to("cpu")
     if isinstance(x, dict):
         return {k: _as64(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):

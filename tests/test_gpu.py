@@ -306,3 +306,26 @@ def test_nccl_one_collective_per_call_and_exact():
         assert abs(total - want) <= 1e-6 * want or (math.isnan(want) and math.isnan(total)), (p, total, want)
         nccl = [n for n in names if n.startswith("nccl:")]
         assert len(nccl) == (1 if world > 1 else 0), (p, names)
+
+
+class _TokenLM(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 8)
+        self.out = torch.nn.Linear(8, 50)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(self.emb(ids))
+
+
+def test_ci_helper_takes_token_ids_on_the_gpu():
+    """``assert_clip_matches_unsharded`` inside the caller's process (world_size=None) with the model and its token
+    ids on the GPU: the ids reached the float64 CPU model on the GPU (torch's "Expected all tensors to be on the
+    same device")."""
+    from dist_clip.testing import assert_clip_matches_unsharded
+
+    norms = assert_clip_matches_unsharded(
+        _TokenLM, lambda m: m.to("cuda"),
+        lambda rank, world: torch.randint(0, 50, (4, 5), generator=torch.Generator().manual_seed(rank)).cuda(),
+        max_norm=0.05)
+    assert set(norms) == {"emb.weight", "out.weight", "out.bias"}

@@ -288,6 +288,35 @@ def test_non_finite_gradients_of_a_correct_setup_pass(mode):
     assert _diff_table({"a": math.inf}, {"a": 1e38}, 1e-5, 0.0, "x") != []
 
 
+class _OnAnAccelerator(torch.Tensor):
+    """Stands for a tensor on an accelerator: only ``.to("cpu", ...)`` brings it to the float64 CPU model."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
+        kwargs = kwargs or {}
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **kwargs)
+        if func is torch.Tensor.to and torch.device(args[1] if len(args) > 1 else kwargs["device"]).type == "cpu":
+            return out.as_subclass(torch.Tensor)
+        return out.as_subclass(cls) if isinstance(out, torch.Tensor) else out
+
+
+def test_an_integer_batch_on_an_accelerator_reaches_the_float64_model_on_the_cpu():
+    """The float64 model lives on the CPU, and the batch copies it is fed were moved there for floating and complex
+    tensors only: token ids (an LM's batch) stayed on the accelerator, and its embedding raised torch's "Expected
+    all tensors to be on the same device" (world_size=None on GPUs). Every tensor goes to the CPU now, its dtype
+    kept unless floating (float64) or complex (complex128); other values as they are."""
+    from dist_clip.testing import _as64
+
+    ids = torch.arange(6).reshape(2, 3).as_subclass(_OnAnAccelerator)
+    mask = torch.ones(2, 3, dtype=torch.bool).as_subclass(_OnAnAccelerator)
+    x = torch.randn(2, 3).as_subclass(_OnAnAccelerator)
+    got = _as64({"input_ids": ids, "mask": [mask, 7], "x": (x,)})
+    assert type(got["input_ids"]) is torch.Tensor and got["input_ids"].dtype == torch.int64
+    assert type(got["mask"][0]) is torch.Tensor and got["mask"][0].dtype == torch.bool and got["mask"][1] == 7
+    assert type(got["x"][0]) is torch.Tensor and got["x"][0].dtype == torch.float64
+
+
 def test_scaling_check_names_pieces_not_scaled_by_the_coefficient():
     """The bit-for-bit part of the check: a piece scaled by anything but clip_coef is named, with its count of
     differing entries; pieces scaled right pass in every dtype."""
