@@ -877,6 +877,8 @@ class _Record(tuple):  # type: ignore[type-arg]
     #: (``skip_next_step_``, a call whose pieces the optimizer does not step), None and that arming's record, which
     #: :func:`_sticky` keeps or drops; None where unknown
     parts: list[tuple[Tensor, list[Tensor] | None, tuple[Any, ...] | None]] | None = None
+    #: every gradient the optimizer stepped at the arming, with its version, for :func:`_followed`
+    state: tuple[list[Tensor], list[Any]] | None = None
 
     @classmethod
     def uncounted(cls, state: tuple[list[Tensor], list[int]],
@@ -975,7 +977,10 @@ def rearm(armed: tuple[Tensor, tuple[Any, ...]] | None, new: Tensor, now: tuple[
         # skip_next_step_: nothing says what was measured; the flag lasts while _sticky holds for the gradients
         return new, _Record.uncounted(now, [(new, None, _Explicit(now))])
     record = armed_record(now, measured, optimizer)
+    if isinstance(record, _Record):
+        record.state = now
     if armed is not None:
+        armed = (armed[0], _followed(armed[1], now))
         merged = supersede(armed[1], record, now, started, measured, new, merge)
         if merged is not None:
             return merged, record
@@ -984,6 +989,71 @@ def rearm(armed: tuple[Tensor, tuple[Any, ...]] | None, new: Tensor, now: tuple[
             return merge(armed[0], new), record
     first_flag(record, new)
     return new, record
+
+
+def _followed(record: tuple[Any, ...], now: tuple[list[Tensor], list[int]]) -> tuple[Any, ...]:
+    """``record`` (a flag's :func:`armed_record`, its ledger included) with each held gradient that its wrapper made
+    anew over the same bytes (:func:`_successors`) replaced by the tensor the optimizer steps now. FSDP1 does so:
+    with ``use_orig_params=True`` its gradients are new views of the flat gradient after every forward, and both
+    ways a backward accumulating into the flat gradient re-aliases it through ``.data`` (a new tensor, with a
+    fresh version counter). Taken for gradients gone, a forward (logging, evaluation) or an auxiliary loss
+    between the calls clipping parts dropped a part's NaN flag, and the NaN step was taken (heads [ha], [hb],
+    [hc], NaN in hb, 2 ranks, with and without ``use_orig_params``). A view made anew of the same buffer,
+    unwritten, keeps its version; one over a re-aliased buffer counts as written."""
+    state = getattr(record, "state", None)
+    if state is None and not isinstance(record, _Record) and record and not isinstance(record, _Explicit):
+        state = (record[0], record[1])  # a record of every gradient held then, with their versions
+    if state is None or not state[0]:
+        return record
+    moved = _successors(state, now)
+    if not moved:
+        return record
+
+    def follow(ts: Sequence[Tensor]) -> list[Tensor]:
+        return [moved[id(t)][0] if id(t) in moved else t for t in ts]
+
+    def versions(ts: Sequence[Tensor], vs: Sequence[Any]) -> list[Any]:
+        return [moved[id(t)][1] if id(t) in moved else v for t, v in zip(ts, vs)]
+
+    if isinstance(record, _Record):
+        out = _Record((follow(record[0]), versions(record[0], record[1])))
+        out.cells = record.cells
+        out.earlier = [[(moved[id(t)][0] if id(t) in moved else t, c) for t, c in part] for part in record.earlier]
+        if record.parts is not None:
+            out.parts = [(f, follow(m) if m is not None else None,
+                          _Explicit((follow(seen[0]), versions(seen[0], seen[1]))) if isinstance(seen, _Explicit)
+                          else seen) for f, m, seen in record.parts]
+        out.state = (follow(state[0]), versions(state[0], state[1]))
+        return out
+    return (follow(record[0]), versions(record[0], record[1]), *record[2:])
+
+
+def _successors(state: tuple[list[Tensor], list[Any]], now: tuple[list[Tensor], list[int]]
+                ) -> dict[int, tuple[Tensor, Any]]:
+    """id of each gradient of ``state`` (what the optimizer stepped at an arming, with versions) no longer stepped
+    -> (the tensor now stepped over the very same bytes, the version it stands in with): the held gradient keeps
+    its bytes alive, so equal addresses are the same memory. Only where the held gradient was not written since
+    the arming (a dropped batch's ``zero_grad()`` in place writes it: the next batch's gradients, accumulated by
+    FSDP1 into the same bytes, are new). A view of the same buffer object at its recorded version is the held
+    gradient unwritten (its version); any other (a buffer re-aliased for a backward) was written since (-1)."""
+    if same_tensors(state[0], now[0]):
+        return {}  # (the usual case, in one C-level pass)
+    stepped = {id(g) for g in now[0]}
+    gone = {_bytes_key(h): (h, v) for h, v in zip(*state)
+            if id(h) not in stepped and isinstance(v, int) and getattr(h, "_local_tensor", h).numel()}
+    if not gone:
+        return {}
+    held = {id(h) for h in state[0]}
+    out: dict[int, tuple[Tensor, Any]] = {}
+    for g, v in zip(*now):
+        if id(g) in held:
+            continue
+        hit = gone.get(_bytes_key(g))
+        if hit is None or _version(hit[0]) != hit[1]:
+            continue
+        h = hit[0]
+        out[id(h)] = (g, v if _root(g) is _root(h) else -1)
+    return out
 
 
 def _stand_ins_only(measured: Sequence[Tensor], grads: Sequence[Tensor]) -> bool:
@@ -1060,6 +1130,12 @@ def _measured_among(grads: Sequence[Tensor], measured: Sequence[Tensor]) -> list
     bytes a measured slice of the buffer overlaps, for :func:`untouched` to tell a write beside them."""
     ids = set(map(id, measured))
     kept = [i for i, g in enumerate(grads) if id(g) in ids]
+    if len(kept) < len(ids):
+        # A measured slice of a gradient of its own (FSDP1's flat shard less its padding) measures that gradient:
+        # left out, the rank whose shard ends in padding kept another record than the others (the whole model's)
+        bases = {id(b) for m in measured if (b := getattr(m, "_local_tensor", m)._base) is not None}
+        if bases:
+            kept = sorted({*kept, *(i for i, g in enumerate(grads) if id(g) in bases)})
     if len(kept) < len(grads) and len(kept) < len(ids) and _shared_counters(grads):
         overlaps = _overlap_test([m for m in measured if id(m) not in set(map(id, grads))])
         if overlaps is not None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -2173,4 +2174,81 @@ def hsdp_shard_group_with_a_replicated_gradient() -> dict[str, Any]:
     total = float(dist_clip.clip_grad_norm_([pa, pb], 1.0, group=shard_group))
     out["clip"] = _norm_close(total, want, RTOL) and bool(
         torch.allclose(pb.grad._local_tensor, b / (want + 1e-6), rtol=1e-5))
+    return out
+
+
+class _ThreeHeads(nn.Module):
+    """Heads ha (15 elements), hb (25), hc (15): on 2 ranks every flat shard of rank 1 ends in one element of
+    padding. ``nan`` multiplies that head's output by NaN (on the ranks that pass it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.ha, self.hb, self.hc = nn.Linear(4, 3), nn.Linear(4, 5), nn.Linear(4, 3)
+
+    def forward(self, x: Tensor, used: tuple[str, ...] = ("ha", "hb", "hc"), nan: str | None = None) -> Tensor:
+        out = x.new_zeros(())
+        for name in used:
+            y = getattr(self, name)(x)
+            out = out + (y * math.nan if name == nan else y).square().mean()
+        return out
+
+
+def fsdp1_parts_keep_a_part_s_skip(use_orig_params: bool, flow: str, how: str) -> dict[str, Any]:
+    """FSDP1 heads [ha], [hb], [hc], each its own unit under an FSDP1 root, clipped in three calls with
+    ``on_nonfinite="skip"``, a NaN in hb's batch on rank 0 only, then a second, finite batch. ``flow``: "forward",
+    a forward (logging, no grad) between [hb]'s and [hc]'s clips; "aux", an auxiliary loss through every head
+    after the three clips (hb's gradients stay NaN) and [ha] clipped again. FSDP1 makes its gradients anew over
+    the same bytes (``use_orig_params=True``: new views at every forward; both ways: the flat gradient re-aliased
+    through ``.data`` by a backward accumulating into it): read as gradients gone, hb's NaN flag was dropped and
+    the NaN step taken, every parameter NaN (without ``use_orig_params``, with "aux", rank 1, whose shards end in
+    padding, took it alone). Returns, per batch, (skipped, parameters finite), and the three parts' totals of the
+    finite batch against their float64 references (the unsharded model, the ranks' gradients averaged)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    heads = _ThreeHeads()
+    reference = copy.deepcopy(heads)
+    for name in ("ha", "hb", "hc"):
+        setattr(heads, name, FSDP(getattr(heads, name), use_orig_params=use_orig_params, device_id=torch.device("cpu")))
+    model = FSDP(heads, use_orig_params=use_orig_params, device_id=torch.device("cpu"))
+    opt = torch.optim.Adam(model.parameters(), lr=0.1, fused=how == "clip_fused")
+    clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+
+    def clip(part: nn.Module) -> float:
+        if how == "clip_fused":
+            return dist_clip.clip_grad_norm_(part, 1.0, optimizer=opt).item()
+        return clipper(part, optimizer=opt).total_norm.item()
+
+    def x_of(batch: int, r: int) -> Tensor:
+        return torch.randn(8, 4, generator=torch.Generator().manual_seed(100 * batch + r))
+
+    out: dict[str, Any] = {}
+    for batch, nan in enumerate((True, False)):
+        opt.zero_grad(set_to_none=False)
+        x = x_of(batch, rank)
+        model(x, nan="hb" if nan and rank == 0 else None).backward()
+        totals = [clip(heads.ha), clip(heads.hb)]
+        if flow == "forward":
+            with torch.no_grad():
+                model(x)
+        totals.append(clip(heads.hc))
+        if flow == "aux":
+            model(x).backward()  # an auxiliary loss: hb's gradients stay NaN
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # (a handed-over coefficient dropped after the auxiliary loss)
+                clip(heads.ha)
+        before = [q.detach().clone() for q in model.parameters()]
+        opt.step()
+        out[f"batch {batch}"] = (all(torch.equal(b, q.detach()) for b, q in zip(before, model.parameters())),
+                                 all(bool(q.isfinite().all()) for q in model.parameters()))
+        if not nan:
+            reference.zero_grad()
+            for r in range(world):
+                reference(x_of(batch, r)).backward()
+            want = [float(torch.linalg.vector_norm(torch.cat([q.grad.double().flatten() / world
+                                                               for q in getattr(reference, n).parameters()])))
+                    for n in ("ha", "hb", "hc")]
+            # (the NaN batch skipped: the reference's parameters are the FSDP1 model's before this batch)
+            out["totals"] = [math.isclose(t, w, rel_tol=RTOL) for t, w in zip(totals, want)]
     return out

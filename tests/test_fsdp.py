@@ -434,3 +434,16 @@ def test_stand_ins_of_any_layout_and_a_list_empty_on_one_rank(run_ranks) -> None
 def test_hsdp_shard_group_counts_a_replicated_gradient_on_every_replica(run_ranks) -> None:
     results = run_ranks(4, cases.hsdp_shard_group_with_a_replicated_gradient, timeout_s=90)
     assert results == [{k: True for k in results[0]}] * 4 and len(results[0]) == 6, results
+
+
+@pytest.mark.parametrize("how", ["clipper", "clip_fused"])
+@pytest.mark.parametrize("flow", ["forward", "aux"])
+@pytest.mark.parametrize("use_orig_params", [False, True])
+def test_fsdp1_parts_keep_a_part_s_skip_over_gradients_made_anew(run_ranks, use_orig_params: bool, flow: str,
+                                                                 how: str) -> None:
+    """FSDP1 heads clipped as [ha], [hb], [hc], NaN in hb on rank 0 only, then a forward between two clips or an
+    auxiliary loss and [ha] clipped again: FSDP1's new views or re-aliased flat gradients over the same bytes read
+    as gradients gone, and the NaN step was taken. Every rank skips the NaN batch and steps the next one."""
+    results = run_ranks(2, cases.fsdp1_parts_keep_a_part_s_skip, use_orig_params, flow, how)
+    for r in results:
+        assert r == {"batch 0": (True, True), "batch 1": (False, True), "totals": [True, True, True]}, r
