@@ -553,6 +553,8 @@ def settle(tensors: Sequence[Tensor]) -> None:
             _WAITING.discard(optimizer)
             if verdict == "written":
                 _keep_flag(optimizer, found, held, grads)
+            else:  # (every one replaced: out of place, or the next batch's; see carried_by_replacements)
+                _keep_replaced(optimizer, found, [g for g in grads if not overlaps(_span(g))])
             continue
         if verdict == "replaced":
             _warn_replaced()
@@ -799,10 +801,14 @@ def arm_skip_(
     if combine and pending is not None and pending[2] is not None:
         # A hand-over not applied yet whose gradients were written since, which no call settled (this one measures
         # none of them): its coefficient is dropped and its flag kept, as settle() does.
-        if _verdict(pending[3], pending[4], now[0], pending[5], optimizer)[0] == "written":
+        verdict = _verdict(pending[3], pending[4], now[0], pending[5], optimizer)[0]
+        if verdict in ("written", "stale"):
             del optimizer.__dict__[_PENDING]
             _WAITING.discard(optimizer)
-            _keep_flag(optimizer, pending[1], pending[3], now[0])
+            if verdict == "written":
+                _keep_flag(optimizer, pending[1], pending[3], now[0])
+            else:
+                _keep_replaced(optimizer, pending[1], _unmeasured(now[0], measured))
     armed = optimizer.__dict__.get(_SKIP) if combine else None
     value, record = rearm(armed, value, now, started, measured, optimizer,
                           lambda a, b: torch.maximum(a, b.to(a.device)))
@@ -816,11 +822,21 @@ def arm_skip_(
         if not any(id(t) in where for t in pending[3]):
             del optimizer.__dict__[_PENDING]
             _WAITING.discard(optimizer)
+            # (unless replaced out of place, carrying the NaN: see carried_by_replacements)
+            _keep_replaced(optimizer, pending[1], _unmeasured(now[0], measured))
             pending = None
     if not combine and pending is not None:
         # skip_next_step_ replaces any pending flag, a hand-over's too (settled or not: skip_next_step_(opt,
         # False) left a settled NaN hand-over's flag in place, and the next batch's good step was skipped).
         optimizer.__dict__[_PENDING] = (pending[0], torch.zeros_like(pending[1]), *pending[2:])
+
+
+def _unmeasured(grads: list[Tensor], measured: Sequence[Tensor] | None) -> list[Tensor]:
+    """The ``grads`` a call's pieces ``measured`` do not hold (all of them where it does not say)."""
+    if not measured:
+        return grads
+    ids = {id(grads[i]) for i in _measured_among(grads, measured)}
+    return [g for g in grads if id(g) not in ids]
 
 
 def _attributes(optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
@@ -914,6 +930,7 @@ def supersede(armed: tuple[Any, ...], record: tuple[Any, ...], now: tuple[list[T
     where = {id(t) for t in now[0]}
     again = {id(t) for t in record[0]}
     kept: list[tuple[Tensor, list[Tensor] | None, tuple[Any, ...] | None]] = []
+    gone: list[Tensor] = []
     for flag, members, seen in parts:
         if members is None:
             if seen is not None and _sticky(seen, started if started is not None else now, measured):
@@ -922,8 +939,49 @@ def supersede(armed: tuple[Any, ...], record: tuple[Any, ...], now: tuple[list[T
         left = [t for t in members if id(t) in where and id(t) not in again]
         if left:
             kept.append((flag, left, None))
+        elif any(id(t) not in where for t in members):
+            gone.append(flag)
+    if gone:
+        holding = {id(t) for _, members, _ in kept if members is not None for t in members}
+        entry = carried_by_replacements(functools.reduce(merge, gone),
+                                        [t for t in now[0] if id(t) not in again and id(t) not in holding])
+        if entry is not None:
+            kept.append(entry)
     record.parts = [*kept, (new, list(record[0]), None)]
     return functools.reduce(merge, [f for f, _, _ in record.parts])
+
+
+def carried_by_replacements(flag: Tensor, rest: list[Tensor]) -> tuple[Tensor, list[Tensor], None] | None:
+    """A ledger entry for ``flag``, armed on gradients none of which is held any more, some of them not set to None
+    but replaced by other tensors: ``rest``, the gradients held now that the arming call does not measure (nor an
+    entry of the ledger holds). Out of place (``p.grad = p.grad + g``, accumulating ``torch.autograd.grad``
+    results by hand) the replacement carries a NaN or inf of the one it replaced (NaN + x is NaN), while the next
+    batch's fresh gradients (after ``zero_grad(set_to_none=True)``) are finite, and nothing else tells the two
+    apart (no trace of ``zero_grad``; dropped, the flag of a NaN batch whose gradients were replaced out of place
+    was lost and the NaN step taken). So the flag lasts, held by ``rest``, where one of them is not finite now:
+    one read of them, on the device (no host read; on the CPU, where reading the flag is free, only when it is
+    set); a later call measuring them replaces it as for any entry. Each rank reads its own pieces. None where
+    nothing is left to hold it."""
+    if not rest or (flag.device.type == "cpu" and not bool(flag)):
+        return None
+    bad = _nonfinite(rest, flag.device)
+    return (flag & bad if flag.dtype == torch.bool else flag * bad.to(flag.dtype)), rest, None
+
+
+def _nonfinite(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
+    """A 0-dim bool on ``device``: whether some element of ``tensors`` is NaN or infinite (one largest-magnitude
+    pass per device and dtype, which keeps a NaN)."""
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in tensors:
+        t = getattr(t, "_local_tensor", t)
+        t = t._values() if t.is_sparse else t
+        if t.numel():
+            groups.setdefault((t.device, t.dtype), []).append(t)
+    out = torch.zeros((), dtype=torch.bool, device=device)
+    for ts in groups.values():
+        peaks = torch.stack(torch._foreach_norm(ts, float("inf")))
+        out = out | _reduce.moved(~torch.isfinite(peaks).all(), device)
+    return out
 
 
 class _Explicit(tuple):  # type: ignore[type-arg]
@@ -1354,6 +1412,23 @@ def _keep_flag(optimizer: torch.optim.Optimizer, found: Tensor, held: list[Tenso
     if parts is not None:
         armed[1].parts = [*parts, (found, members, None)]
     optimizer.__dict__[_SKIP] = (torch.maximum(armed[0], found.to(armed[0].device)), armed[1])
+
+
+def _keep_replaced(optimizer: torch.optim.Optimizer, found: Tensor, rest: list[Tensor]) -> None:
+    """A hand-over's skip flag whose measured gradients were every one replaced (:func:`_verdict`'s "stale"): it
+    joins the flag's ledger, held by ``rest`` (the gradients stepped now that the call at hand does not measure)
+    where one of them is not finite (:func:`carried_by_replacements`)."""
+    entry = carried_by_replacements(found, rest)
+    if entry is None:
+        return
+    armed = optimizer.__dict__.get(_SKIP)
+    if armed is None:
+        optimizer.__dict__[_SKIP] = (entry[0], _Record.uncounted((entry[1], version_list(entry[1])), [entry]))
+        return
+    parts = getattr(armed[1], "parts", None)
+    if parts is not None:
+        armed[1].parts = [*parts, entry]
+    optimizer.__dict__[_SKIP] = (torch.maximum(armed[0], entry[0].to(armed[0].device)), armed[1])
 
 
 def _dropped(verdict: str) -> bool:
