@@ -886,8 +886,6 @@ class _Record(tuple):  # type: ignore[type-arg]
     tell a new batch's backward from a write beside them."""
 
     cells: list[tuple[_Count, int] | None]
-    #: the parts clipped before it since the flag was armed, combined into it: each held gradient with its cell
-    earlier: list[list[tuple[Tensor, tuple[_Count, int] | None]]] = []
     #: the flag's ledger (see :func:`supersede`): each arming's flag with the gradients it measured that no later
     #: arming measured again (``members``), or, for a flag armed without saying what it measured
     #: (``skip_next_step_``, a call whose pieces the optimizer does not step), None and that arming's record, which
@@ -1076,7 +1074,6 @@ def _followed(record: tuple[Any, ...], now: tuple[list[Tensor], list[int]]) -> t
     if isinstance(record, _Record):
         out = _Record((follow(record[0]), versions(record[0], record[1])))
         out.cells = record.cells
-        out.earlier = [[(moved[id(t)][0] if id(t) in moved else t, c) for t, c in part] for part in record.earlier]
         if record.parts is not None:
             out.parts = [(f, follow(m) if m is not None else None,
                           _Explicit((follow(seen[0]), versions(seen[0], seen[1]))) if isinstance(seen, _Explicit)
@@ -1134,11 +1131,8 @@ def _stand_ins_only(measured: Sequence[Tensor], grads: Sequence[Tensor]) -> bool
 
 
 def carried(armed: tuple[Tensor, tuple[Any, ...]], record: tuple[Any, ...], new: Tensor) -> None:
-    """A flag armed on ``armed`` combined into one armed on ``record``: the record keeps the earlier parts, for
-    :func:`untouched` to tell the next batch clipping a part again after a dropped one, and starts its ledger
-    with the earlier flag held by its record (:func:`supersede`)."""
-    if isinstance(record, _Record) and isinstance(armed[1], _Record):
-        record.earlier = [*armed[1].earlier, list(zip(armed[1][0], armed[1].cells))]
+    """A flag armed on ``armed`` combined into one armed on ``record``: the record starts its ledger with the
+    earlier flag held by its record (:func:`supersede`)."""
     if isinstance(record, _Record):
         record.parts = [(armed[0], None, armed[1]), (new, list(record[0]), None)]
 
@@ -1261,20 +1255,6 @@ def untouched(armed: tuple[Any, ...], now: tuple[list[Tensor], list[int]],
         # batch's skip combined with the next batch's first call, and its good step was skipped).
         return False
     again = {id(now[0][i]) for i in _measured_among(now[0], measured)} if measured is not None else set()
-    # The flag's parts (those clipped earlier for it, and the held one), one of them clipped again whole after a
-    # backward into any gradient of any of them since its clip: the next batch (the dropped batch's gradients
-    # zeroed in place, which moves no backward count, and its last part held: the next batch's good step was
-    # skipped). Any backward, not one into every gradient of the part clipped again: the next batch may leave
-    # some parts, or some of a part, unused (a branch it did not take), and its good step was skipped then too,
-    # also one call later, the stale flag combined into a record whose versions the next call found unwritten.
-    # Within one batch a part is clipped again whole only after a write to its buffer (a clip of it with nothing
-    # written since finds the versions as armed, above), and a backward accumulating into a non-finite gradient
-    # leaves it non-finite for the call to see again.
-    parts = [*getattr(armed, "earlier", ()), *([list(zip(armed[0], cells))] if cells is not None else [])]
-    presents = [[(t, c) for t, c in part if id(t) in where] for part in parts]
-    if (any(present and all(id(t) in again for t, _ in present) for present in presents)
-            and any(c is not None and c[0][0] != c[1] for present in presents for _, c in present)):
-        return False
     return not held <= again
 
 
