@@ -2314,6 +2314,47 @@ def test_micro_batch_flows_skip_exactly_the_steps_a_clipped_nan_reaches(second):
     assert not wrong
 
 
+@pytest.mark.parametrize("between", ["a part clipped", "a gradient of it set to None, then clipped again"])
+def test_an_inf_hand_over_settled_by_a_part_keeps_its_skip(between):
+    """An inf total handed over (heads h0, h1, inf in h0), then [h1] clipped, which settles it: the coefficient 0
+    zeroes every gradient, so that call, and any later one, measures finite ones and arms False. The hand-over's
+    flag still skips the step (a call arming False zeroed it: the step was taken on the zeroed gradients, Adam's
+    step count 1), also once some of its gradients are gone (``h1.bias.grad = None``; dropped there as for a
+    batch whose every gradient is gone, the step was taken)."""
+    torch.manual_seed(0)
+    heads = [nn.Linear(4, 2) for _ in range(2)]
+    ps = [q for h in heads for q in h.parameters()]
+    opt = torch.optim.Adam(ps, lr=0.1, fused=True)
+    x = torch.randn(8, 4)
+    sum(h(x).square().sum() for h in heads).backward()
+    heads[0].weight.grad[0, 0] = math.inf
+    assert math.isinf(dist_clip.clip_grad_norm_(ps, 1.0, optimizer=opt).item())  # every gradient: handed over
+    assert dist_clip.clip_grad_norm_(list(heads[1].parameters()), 1.0, optimizer=opt).item() == 0.0  # settled
+    if between != "a part clipped":
+        heads[1].bias.grad = None
+        dist_clip.clip_grad_norm_(list(heads[1].parameters()), 1.0, optimizer=opt)
+    opt.step()
+    assert all(float(opt.state[q]["step"]) == 0.0 for q in ps if q in opt.state), "the inf step was taken"
+
+
+def test_an_explicit_false_after_a_written_hand_over_keeps_the_step_s_warning():
+    """A hand-over, an auxiliary loss writing its gradients, then ``skip_next_step_(opt, False)``: the step takes
+    the gradients unclipped (the coefficient was measured on others) and says so, as without the explicit flag
+    (dropped by the arming, the coefficient went silently)."""
+    torch.manual_seed(0)
+    heads = [nn.Linear(4, 2) for _ in range(2)]
+    ps = [q for h in heads for q in h.parameters()]
+    opt = torch.optim.Adam(ps, lr=0.1, fused=True)
+    x = torch.randn(8, 4)
+    sum(h(x).square().sum() for h in heads).backward()
+    dist_clip.clip_grad_norm_(ps, 1.0, optimizer=opt)
+    heads[0](x).abs().mean().backward()  # an auxiliary loss
+    dist_clip.skip_next_step_(opt, False)
+    with pytest.warns(UserWarning, match="clip coefficient handed to this optimizer's step\\(\\) was dropped"):
+        opt.step()
+    assert all(float(opt.state[q]["step"]) == 1.0 for q in ps)
+
+
 @pytest.mark.parametrize("flat", [False, True])
 @pytest.mark.parametrize("second", ["clipper", "clipper_fused", "clip_fused"])
 def test_an_explicit_skip_outlasts_a_part_clipped_again_after_an_extra_loss(second, flat):
