@@ -2,8 +2,12 @@
 has, so CPU tensors take the paths CUDA takes (fused multi-tensor kernels, no host reads, 1-element coefficients).
 
 Those paths are otherwise run only on a GPU machine (``tests/test_gpu.py``), which most sessions and CI lack; the
-rewrite checks their arithmetic here against the float64 reference. What it cannot check: the CUDA kernels
-themselves and host syncs (``tests/test_gpu.py`` on a GPU).
+rewrite checks their arithmetic here against the float64 reference, and their host syncs with a recorder
+(:data:`_RECORDER`): every operation that would stall the host on CUDA (a read of a device value, an op whose
+output size depends on device values, a copy to the host, a blocking copy from it), called from dist_clip's code
+on a tensor that stands for a device one. What it cannot check: the CUDA kernels themselves, and syncs inside
+torch's own kernels below the op a dist_clip line calls (``tests/test_gpu.py`` under
+``torch.cuda.set_sync_debug_mode("error")`` on a GPU).
 """
 
 from __future__ import annotations
@@ -30,12 +34,175 @@ def off_host_copy(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("off_host")
     package = root / "dist_clip"
     shutil.copytree(Path(dist_clip.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "syncs.py").write_text(_RECORDER)
     for name in _REWRITTEN:
         path = package / name
         text, n = _DEVICE_TEST.subn(r'\1 \2 "nodev"', path.read_text())
         assert n, f"{name} has no device test left to rewrite: update _REWRITTEN"
         path.write_text(text)
     return root
+
+
+_RECORDER = '''
+"""Host syncs CUDA would make, recorded on the CPU (see tests/test_accelerator_paths.py).
+
+Every tensor stands for a device tensor except host ones: made by a factory without a device (or on "cpu"),
+computed from host tensors alone, or copied to the host. Recorded, where a dist_clip frame of this copy is on the
+stack: reads of a device value (item, float, bool, int, index, tolist, numpy; aten._local_scalar_dense), ops whose
+output size depends on device values (nonzero, masked_select, boolean-mask indexing, unique, bincount, sparse
+coalesce, equal, repeat_interleave without output_size), copies to the host (cpu(), to("cpu"), copy_ into a host
+tensor) and blocking copies from it (a host tensor's to(device) without non_blocking, torch.tensor(...,
+device=...), copy_ of a host tensor into a device one).
+"""
+import os
+import traceback
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+aten = torch.ops.aten
+_PACKAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_clip") + os.sep
+_TAG = "_dist_clip_host"
+_SYNC_OPS = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.nonzero.default,
+             aten.masked_select.default, aten.equal.default, aten._unique.default, aten._unique2.default,
+             aten.unique_dim.default, aten.unique_consecutive.default, aten.bincount.default,
+             aten._coalesce.default}
+_INDEXING = (aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_)
+_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.__bool__,
+          torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__index__}
+_FACTORIES = {torch.tensor, torch.as_tensor, torch.zeros, torch.ones, torch.full, torch.empty, torch.arange,
+              torch.linspace, torch.scalar_tensor, torch.randn, torch.rand, torch.eye}
+
+
+def host(t):
+    return isinstance(t, torch.Tensor) and getattr(t, _TAG, False)
+
+
+def _tensors(args, kwargs):
+    return [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+
+
+def _host_device(d):
+    return isinstance(d, str) and d.startswith("cpu")
+
+
+class _Dispatch(TorchDispatchMode):
+    def __init__(self, record):
+        super().__init__()
+        self.record = record
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = _tensors(args, kwargs)
+        if not (tensors and all(map(host, tensors))):
+            if func in _SYNC_OPS:
+                self.record(str(func))
+            elif func.overloadpacket in _INDEXING:
+                index = args[1] if len(args) > 1 else kwargs.get("indices")
+                if any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in index or ()):
+                    self.record(f"{func} with a boolean index")
+            elif (func.overloadpacket is aten.repeat_interleave and func._overloadname.startswith("Tensor")
+                  and kwargs.get("output_size") is None):
+                self.record(f"{func} without output_size")
+        return func(*args, **kwargs)
+
+
+class _Function(TorchFunctionMode):
+    def __init__(self, record):
+        super().__init__()
+        self.record = record
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        src = args[0] if args else None
+        tensors = _tensors(args, kwargs)
+        made_on_host = None
+        if func in _READS:
+            if not host(src):
+                self.record(f"Tensor.{func.__name__}")
+            made_on_host = True
+        elif func is torch.Tensor.to:
+            device = kwargs.get("device")
+            for a in args[1:]:
+                if isinstance(a, (torch.device, str)):
+                    device = a
+                elif isinstance(a, torch.Tensor):
+                    device = "cpu" if host(a) else a.device
+            quiet = kwargs.get("non_blocking", False) or any(a is True for a in args[1:])
+            if device is None:
+                made_on_host = host(src)
+            elif _host_device(device):
+                if not host(src):
+                    self.record(f"to({device!r}): a copy to the host")
+                made_on_host = True
+            else:
+                if host(src) and not quiet:
+                    self.record("to(device) of a host tensor without non_blocking: a blocking copy")
+                made_on_host = False
+        elif func is torch.Tensor.copy_:
+            other = args[1] if len(args) > 1 else kwargs.get("src")
+            quiet = kwargs.get("non_blocking", False) or (len(args) > 2 and args[2] is True)
+            if host(other) and not host(src) and not quiet and other.dim() > 0:
+                self.record("copy_ of a host tensor into a device one: a blocking copy")
+            if host(src) and isinstance(other, torch.Tensor) and not host(other):
+                self.record("copy_ into a host tensor: a copy to the host")
+            made_on_host = host(src)
+        elif func in _FACTORIES and all(map(host, tensors)):
+            device = kwargs.get("device")
+            made_on_host = device is None or _host_device(device)
+            if not made_on_host and func in (torch.tensor, torch.as_tensor):
+                self.record(f"torch.{func.__name__}(..., device=...): a blocking copy")
+        elif tensors:
+            made_on_host = all(map(host, tensors))
+        if made_on_host:
+            for o in tree_flatten(out)[0]:
+                if isinstance(o, torch.Tensor) and not any(o is a for a in tensors):
+                    setattr(o, _TAG, True)
+        return out
+
+
+class record:
+    """``with record() as syncs: ...``: ``syncs`` lists ``(what, dist_clip frames)``; ``quiet=True`` only tells
+    host tensors from device ones (for warm-up calls, whose host tensors the recorded call may reuse)."""
+
+    def __init__(self, quiet=False):
+        self.syncs = []
+        self.quiet = quiet
+
+    def _record(self, what):
+        if self.quiet:
+            return
+        frames = [f for f in traceback.extract_stack() if f.filename.startswith(_PACKAGE)]
+        if frames:
+            self.syncs.append((what, [f"{f.filename[len(_PACKAGE):]}:{f.lineno} {f.line}" for f in frames[-3:]]))
+
+    def __enter__(self):
+        self._modes = [_Function(self._record), _Dispatch(self._record)]
+        for mode in self._modes:
+            mode.__enter__()
+        return self.syncs
+
+    def __exit__(self, *exc):
+        for mode in reversed(self._modes):
+            mode.__exit__(*exc)
+
+
+def check(label, prepare, call, warm=2):
+    """``call()`` after ``warm`` calls (lazy set-up and a parameter's first step may read the host once), each after
+    ``prepare()`` (outside the recorder); returns the syncs of the last call, one line each, as
+    ``label: what at innermost <- outer dist_clip frames``."""
+    for _ in range(warm):
+        prepare()
+        with record(quiet=True):
+            call()
+    prepare()
+    with record() as syncs:
+        call()
+    return [f"{label}: {what} at " + " <- ".join(reversed(where)) for what, where in syncs]
+'''
 
 
 def _run(root: Path, body: str) -> str:
@@ -185,3 +352,149 @@ def test_off_host_zero_policy_conjugate_views_sparse_and_expanded_gradients(off_
     print("policies")
     """)
     assert "policies" in out
+
+
+_SYNC_PRELUDE = """
+import syncs
+from torch import nn
+found = []
+
+def params(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in (1, 1000, 4097, 300):
+        q = nn.Parameter(torch.zeros(n, dtype=dtype))
+        q.grad = torch.zeros(n, dtype=dtype)
+        out.append(q)
+    return out
+
+def refill(ps, nan=False, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for q in ps:
+        q.grad.copy_(torch.randn(q.shape, generator=g))
+    if nan:
+        ps[1].grad[3] = math.nan
+"""
+
+
+def test_off_host_default_paths_make_no_host_sync(off_host_copy):
+    """Every path README calls sync-free on an accelerator, after a warm-up call, recorded op by op: the
+    functional API for p = 0, 1, 2, 3, inf (foreach default and off, a device max_norm), GradClipper's four modes
+    under "skip" (fused AdamW) and "zero", a non-finite call included, AutoClip and ZClip, the fused hand-over to
+    torch's Adam, AdamW, SGD with momentum and Adagrad (a skipped NaN step included), skip_next_step_. The
+    documented syncs are recorded, which keeps the recorder honest: error_if_nonfinite=True, report=True, and
+    the "skip" restore of a non-fused optimizer whose step counters live on the host."""
+    out = _run(off_host_copy, _SYNC_PRELUDE + textwrap.dedent("""
+    for dtype in (torch.float32, torch.bfloat16):
+        for p in (0.0, 1.0, 2.0, 3.0, math.inf):
+            ps = params(dtype)
+            def call():
+                dist_clip.clip_grads_with_norm_(ps, 1.0, dist_clip.get_total_norm(ps, p))
+                dist_clip.clip_grad_norm_(ps, 0.5, p)
+                dist_clip.clip_grad_norm_(ps, 0.5, p, foreach=False)
+            found += syncs.check(f"functional {dtype} p={p}", lambda: refill(ps), call)
+    limit = torch.tensor(0.5)  # a device max_norm, not read
+    found += syncs.check("max_norm tensor", lambda: refill(ps), lambda: dist_clip.clip_grad_norm_(ps, limit))
+    step = {"n": 0}
+    def prepare():
+        step["n"] += 1
+        refill(ps, nan=step["n"] == 3)  # the recorded call is a non-finite one
+    for mode in ("total", "per_param", "per_group", "unitwise"):
+        for policy in ("skip", "zero"):
+            ps = params()
+            opt = torch.optim.AdamW([{"params": ps[:2], "max_norm": 0.5}, {"params": ps[2:], "max_norm": 0.1}],
+                                    fused=True)
+            kwargs = {"agc": dist_clip.AGC(0.01)} if mode == "unitwise" else {"max_norm": 1.0}
+            clipper = dist_clip.GradClipper(mode=mode, on_nonfinite=policy, **kwargs)
+            step["n"] = 0
+            found += syncs.check(f"GradClipper {mode} {policy}", prepare,
+                                 lambda: (clipper(ps, optimizer=opt), opt.step()))
+    for limit in (dist_clip.AutoClip(), dist_clip.AutoClip(window=2), dist_clip.ZClip(warmup_steps=2)):
+        ps = params()
+        opt = torch.optim.AdamW(ps, fused=True)
+        clipper = dist_clip.GradClipper(max_norm=limit, on_nonfinite="skip")
+        step["n"] = 0
+        found += syncs.check(type(limit).__name__, prepare, lambda: (clipper(ps, optimizer=opt), opt.step()),
+                             warm=4)
+    for make in (lambda q: torch.optim.Adam(q, fused=True), lambda q: torch.optim.AdamW(q, fused=True),
+                 lambda q: torch.optim.SGD(q, lr=0.1, momentum=0.9, fused=True),
+                 lambda q: torch.optim.Adagrad(q, fused=True)):
+        ps = params()
+        opt = make(ps)
+        step["n"] = 0
+        found += syncs.check(f"hand-over to {type(opt).__name__}", prepare,
+                             lambda: (dist_clip.clip_grad_norm_(ps, 0.5, optimizer=opt), opt.step()))
+        found += syncs.check(f"skip_next_step_ on {type(opt).__name__}", lambda: refill(ps),
+                             lambda: (dist_clip.skip_next_step_(opt, False), opt.step()))
+    assert not found, "\\n".join(found)
+
+    # The documented ones, each where README says
+    ps = params()
+    seen = syncs.check("error_if_nonfinite", lambda: refill(ps),
+                       lambda: dist_clip.clip_grad_norm_(ps, 0.5, error_if_nonfinite=True))
+    assert len(seen) == 2 and all("clip.py" in s and "bool(torch.isfinite(total))" in s for s in seen), seen
+    seen = syncs.check("report", lambda: refill(ps), lambda: dist_clip.GradClipper(max_norm=0.5, report=True)(ps))
+    assert seen and all("_report" in s or "norms" in s for s in seen), seen
+    opt = torch.optim.AdamW(ps, foreach=True)  # not fused: its step counters live on the host
+    clipper = dist_clip.GradClipper(max_norm=0.5, on_nonfinite="skip")
+    seen = syncs.check("skip, host step counters", lambda: refill(ps), lambda: (clipper(ps, optimizer=opt), opt.step()))
+    assert seen and all("clipper.py" in s and "loc.copy_" in s for s in seen), seen
+    print("no syncs")
+    """))
+    assert "no syncs" in out
+
+
+def test_off_host_ddp_and_fsdp2_make_no_host_sync_on_a_device_backend(off_host_copy):
+    """Two gloo ranks taken for NCCL (``_reduce.backends`` says so: the one collective reduces on the device, and
+    nothing combined is read on the host, as gloo's copies through the host would allow): DDP and FSDP2 through
+    clip_grad_norm_ (p = 2, inf, 0), get_total_norm with clip_grads_with_norm_, GradClipper's total, per_param and
+    unitwise modes under "skip" and the fused AdamW hand-over, after a warm-up call: no host sync recorded."""
+    out = _run(off_host_copy, """
+    import os, tempfile
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    def rank_body(rank, world, store):
+        import syncs
+        from torch import nn
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        from dist_clip import _reduce
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+        _reduce.backends = lambda group: {"": "nccl"}
+        torch.manual_seed(0)
+        ddp = DDP(nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 4)))
+        fsdp = nn.Sequential(nn.Linear(16, 8), nn.Linear(8, 5), nn.Linear(5, 3))
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in fsdp:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(fsdp, mesh=mesh)
+        x = torch.randn(4, 16) * (rank + 1)
+        found = []
+        for name, model in (("DDP", ddp), ("FSDP2", fsdp)):
+            def backward():
+                model.zero_grad()
+                model(x).square().sum().backward()
+            opt = torch.optim.AdamW(model.parameters(), fused=True)
+            for p in (2.0, math.inf, 0.0):
+                found += syncs.check(f"{name} p={p}", backward, lambda: dist_clip.clip_grad_norm_(model, 0.5, p))
+            found += syncs.check(f"{name} get_total_norm", backward, lambda: dist_clip.clip_grads_with_norm_(
+                model, 0.5, dist_clip.get_total_norm(model)))
+            for mode in ("total", "per_param", "unitwise"):
+                kwargs = {"agc": dist_clip.AGC(0.01)} if mode == "unitwise" else {"max_norm": 0.5}
+                clipper = dist_clip.GradClipper(mode=mode, on_nonfinite="skip", **kwargs)
+                found += syncs.check(f"{name} GradClipper {mode}", backward,
+                                     lambda: (clipper(model, optimizer=opt), opt.step()))
+            found += syncs.check(f"{name} hand-over", backward,
+                                 lambda: (dist_clip.clip_grad_norm_(model, 0.5, optimizer=opt), opt.step()))
+        dist.destroy_process_group()
+        assert not found, f"rank {rank}:\\n" + "\\n".join(found)
+
+    if __name__ == "__main__":
+        with tempfile.TemporaryDirectory() as tmp:
+            mp.spawn(rank_body, args=(2, os.path.join(tmp, "store")), nprocs=2)
+        print("no syncs")
+    """)
+    assert "no syncs" in out
