@@ -341,6 +341,7 @@ def _real_inputs(tensors: Sequence[Tensor]) -> Sequence[Tensor]:
         if t.layout not in _MEASURED_LAYOUTS:
             raise _layout_refused(t.layout)
         if t.is_sparse:  # a sparse COO gradient (nn.Embedding(sparse=True)): its coalesced values, duplicates summed
+            # (on CUDA a host sync, the one of the default path: the number of distinct rows sizes the result)
             t = t.coalesce().values()
         if t.is_complex():
             # A real copy of the moduli, in float64: a complex64 modulus beyond float32's range (|3e38+3e38j|)

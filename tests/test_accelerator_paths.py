@@ -498,3 +498,31 @@ def test_off_host_ddp_and_fsdp2_make_no_host_sync_on_a_device_backend(off_host_c
         print("no syncs")
     """)
     assert "no syncs" in out
+
+
+def test_off_host_sparse_gradients_sync_once_each_to_coalesce(off_host_copy):
+    """A sparse COO gradient (nn.Embedding(sparse=True)) is measured by its coalesced values, and coalescing one
+    on CUDA is a host sync (torch learns there how many distinct rows it holds, to size the result): one per sparse
+    gradient per call, in the functional API and every GradClipper policy, and nothing else; README says so
+    (it called the default path sync-free without this exception)."""
+    out = _run(off_host_copy, _SYNC_PRELUDE + textwrap.dedent("""
+    torch.manual_seed(0)
+    embs = nn.ModuleList([nn.Embedding(10, 4, sparse=True), nn.Embedding(7, 3, sparse=True), nn.Linear(4, 3)])
+    ids = torch.tensor([1, 2, 2])
+    def backward():
+        embs.zero_grad()
+        (embs[2](embs[0](ids)).sum() + embs[1](ids).sum()).backward()
+    opt = torch.optim.SGD(embs.parameters(), lr=0.1)
+    calls = [("clip_grad_norm_", lambda: dist_clip.clip_grad_norm_(embs, 0.5)),
+             ("get_total_norm", lambda: dist_clip.get_total_norm(embs, math.inf))]
+    for mode in ("total", "per_param"):
+        for policy in ("zero", "ignore"):
+            clipper = dist_clip.GradClipper(max_norm=0.5, mode=mode, on_nonfinite=policy)
+            calls.append((f"GradClipper {mode} {policy}", lambda c=clipper: c(embs)))
+    for label, call in calls:
+        seen = syncs.check(label, backward, call)
+        assert len(seen) == 2, seen  # one per sparse gradient
+        assert all("aten._coalesce" in s and "t.coalesce().values()" in s for s in seen), seen
+    print("coalesced")
+    """))
+    assert "coalesced" in out
