@@ -382,8 +382,8 @@ def test_off_host_default_paths_make_no_host_sync(off_host_copy):
     functional API for p = 0, 1, 2, 3, inf (foreach default and off, a device max_norm), GradClipper's four modes
     under "skip" (fused AdamW) and "zero", a non-finite call included, AutoClip and ZClip, the fused hand-over to
     torch's Adam, AdamW, SGD with momentum and Adagrad (a skipped NaN step included), skip_next_step_. The
-    documented syncs are recorded, which keeps the recorder honest: error_if_nonfinite=True, report=True, and
-    the "skip" restore of a non-fused optimizer whose step counters live on the host."""
+    documented syncs are recorded, which keeps the recorder honest: error_if_nonfinite=True, on_nonfinite="error",
+    report=True, and the "skip" restore of a non-fused optimizer whose step counters live on the host."""
     out = _run(off_host_copy, _SYNC_PRELUDE + textwrap.dedent("""
     for dtype in (torch.float32, torch.bfloat16):
         for p in (0.0, 1.0, 2.0, 3.0, math.inf):
@@ -434,7 +434,10 @@ def test_off_host_default_paths_make_no_host_sync(off_host_copy):
                        lambda: dist_clip.clip_grad_norm_(ps, 0.5, error_if_nonfinite=True))
     assert len(seen) == 2 and all("clip.py" in s and "bool(torch.isfinite(total))" in s for s in seen), seen
     seen = syncs.check("report", lambda: refill(ps), lambda: dist_clip.GradClipper(max_norm=0.5, report=True)(ps))
-    assert seen and all("_report" in s or "norms" in s for s in seen), seen
+    assert seen and all("self._report(" in s for s in seen), seen
+    strict = dist_clip.GradClipper(max_norm=0.5, on_nonfinite="error")
+    seen = syncs.check("error", lambda: refill(ps), lambda: strict(ps))
+    assert seen and all('policy == "error" and not bool(finite)' in s for s in seen), seen
     opt = torch.optim.AdamW(ps, foreach=True)  # not fused: its step counters live on the host
     clipper = dist_clip.GradClipper(max_norm=0.5, on_nonfinite="skip")
     seen = syncs.check("skip, host step counters", lambda: refill(ps), lambda: (clipper(ps, optimizer=opt), opt.step()))
