@@ -2252,3 +2252,28 @@ def fsdp1_parts_keep_a_part_s_skip(use_orig_params: bool, flow: str, how: str) -
             # (the NaN batch skipped: the reference's parameters are the FSDP1 model's before this batch)
             out["totals"] = [math.isclose(t, w, rel_tol=RTOL) for t, w in zip(totals, want)]
     return out
+
+
+def fsdp2_listed_unsynced_before_backward(how: str) -> list:
+    """Sync turned off after a synchronised backward, before the next one (``how``: "off",
+    ``set_requires_gradient_sync(False)`` on FSDP2; "no all-reduce", ``set_requires_all_reduce(False)`` on HSDP,
+    a (ws, 1) mesh): nothing accumulated yet, the param group's own setting alone says the next gradients will not
+    be reduced. A list of the parameters is refused with the setting named, as the module is."""
+    from torch.distributed.fsdp import fully_shard
+
+    ws = dist.get_world_size()
+    model = new_model(wide=True)
+    over = mesh((ws, 1), ("rep", "shard")) if how == "no all-reduce" else mesh((ws,))
+    for module in (model.inp, *model.blocks, model.head):
+        fully_shard(module, mesh=over)
+    fully_shard(model, mesh=over)
+    loss_fn(model, *batch(dist.get_rank())).backward()
+    if how == "no all-reduce":
+        model.set_requires_all_reduce(False)
+        reason = "set_requires_all_reduce(False)"
+    else:
+        model.set_requires_gradient_sync(False)
+        reason = "set_requires_gradient_sync(False)"
+    calls = (lambda: dist_clip.get_total_norm(model), lambda: dist_clip.get_total_norm(list(model.parameters())),
+             lambda: dist_clip.clip_grad_norm_(model.parameters(), 1.0))
+    return [_refused(c, reason) for c in calls]

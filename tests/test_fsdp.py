@@ -257,6 +257,11 @@ def test_fsdp2_listed_gradients_not_reduced_are_refused(run_ranks, how: str) -> 
         assert r["after"] == pytest.approx(1.0, rel=1e-5), r
 
 
+@pytest.mark.parametrize("how", ["off", "no all-reduce"])
+def test_fsdp2_listed_parameters_refused_once_sync_is_off_before_the_backward(run_ranks, how: str) -> None:
+    assert run_ranks(2, cases.fsdp2_listed_unsynced_before_backward, how, timeout_s=90) == [[True] * 3] * 2
+
+
 def test_fsdp2_mapping_under_a_plan_stands_in_and_refuses(run_ranks) -> None:
     for how in ("unsharded", "eval"):
         for r in run_ranks(2, cases.fsdp2_mapping_under_plan, how, timeout_s=90):
