@@ -2409,6 +2409,32 @@ def test_an_explicit_skip_of_a_dropped_batch_does_not_reach_the_next_batch(secon
     _step_checked(opt, ps, skipped=False)
 
 
+@pytest.mark.parametrize("flat", [False, True])
+@pytest.mark.parametrize("second", ["clipper", "clipper_fused", "clip_fused"])
+def test_a_whole_model_nan_skip_ends_once_each_part_is_measured_again(second, flat):
+    """A NaN batch clipped whole, dropped (``zero_grad(set_to_none=False)``), the next batch clipped as [h0] then
+    [h1]: the whole call's flag lasts while some gradient it measured was not measured again since; after [h0]
+    it is held by h1's alone, and [h1] ends it: the good step is taken. Kept by every gradient it first measured
+    (h0's again after [h1]), it skipped the good step."""
+    torch.manual_seed(0)
+    h0, h1 = nn.Linear(4, 3), nn.Linear(4, 2)
+    ps = [*h0.parameters(), *h1.parameters()]
+    opt = torch.optim.Adam(ps, lr=0.1, fused=second != "clipper")
+    if flat:
+        _grads_in_one_buffer(ps)
+    x = torch.randn(8, 4)
+
+    clip = _skip_clip(second, opt)
+
+    (h0(x).square().sum() + h1(x).square().sum() * math.nan).backward()
+    clip(ps)  # NaN: the flag armed, then the batch dropped
+    opt.zero_grad(set_to_none=False)
+    (h0(x).square().sum() + h1(x).square().sum()).backward()
+    clip(h0)
+    clip(h1)
+    _step_checked(opt, ps, skipped=False)
+
+
 @pytest.mark.parametrize("parts", [False, True])
 @pytest.mark.parametrize("second", ["clipper", "clipper_fused", "clip_fused"])
 def test_an_explicit_skip_armed_before_the_backward_lasts_until_the_step(second, parts):
