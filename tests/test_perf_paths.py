@@ -2435,6 +2435,27 @@ def test_a_whole_model_nan_skip_ends_once_each_part_is_measured_again(second, fl
     _step_checked(opt, ps, skipped=False)
 
 
+@pytest.mark.parametrize("second", ["clipper", "clipper_fused", "clip_fused"])
+def test_an_explicit_skip_lasts_while_some_gradient_it_saw_is_held(second):
+    """``skip_next_step_(opt, True)`` with h0's and h1's gradients held, then h1's set to None by hand and [h0]
+    clipped: h0's gradients are still the ones the skip saw, so it holds and the step is skipped (requiring every
+    one of them held, the clip replaced it and the step was taken)."""
+    torch.manual_seed(0)
+    h0, h1 = nn.Linear(4, 3), nn.Linear(4, 2)
+    ps = [*h0.parameters(), *h1.parameters()]
+    opt = torch.optim.Adam(ps, lr=0.1, fused=second != "clipper")
+    x = torch.randn(8, 4)
+
+    clip = _skip_clip(second, opt)
+
+    (h0(x).square().sum() + h1(x).square().sum()).backward()
+    dist_clip.skip_next_step_(opt, True)
+    for q in h1.parameters():
+        q.grad = None
+    clip(h0)
+    _step_checked(opt, ps, skipped=True)
+
+
 @pytest.mark.parametrize("parts", [False, True])
 @pytest.mark.parametrize("second", ["clipper", "clipper_fused", "clip_fused"])
 def test_an_explicit_skip_armed_before_the_backward_lasts_until_the_step(second, parts):
