@@ -76,14 +76,14 @@ def _wide(g: Tensor, device: str | None = "cpu") -> Tensor:
 
 
 def _as64(x: Any) -> Any:
-    """A tensor on the CPU, floating ones in float64 and complex ones in complex128, also inside a dict, list or
-    tuple (a batch as a mapping reached the float64 model in float32: "mat1 and mat2 must have the same dtype";
-    token ids on an accelerator reached the CPU model there: "Expected all tensors to be on the same device");
-    anything else as it is."""
-    if isinstance(x, Tensor):
+    """A copy of a tensor on the CPU, floating ones in float64 and complex ones in complex128, also inside a dict,
+    list or tuple (a batch as a mapping reached the float64 model in float32: "mat1 and mat2 must have the same
+    dtype"; token ids on an accelerator reached the CPU model there: "Expected all tensors to be on the same
+    device"); anything else as it is."""
+    if isinstance(x, Tensor):  # always a copy: a float64 or integer CPU tensor was the caller's own
         if x.is_floating_point() or x.is_complex():
-            return x.to("cpu", torch.complex128 if x.is_complex() else torch.float64)
-        return x.to("cpu")
+            return x.to("cpu", torch.complex128 if x.is_complex() else torch.float64, copy=True)
+        return x.to("cpu", copy=True)
     if isinstance(x, dict):
         return {k: _as64(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
@@ -190,6 +190,10 @@ def _check_rank(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed((seed + 1) % 2**64)
         batches = [batch_fn(r, world) for r in range(world)]
+    # The float64 model's copies, taken before the wrapped forward: a model changing its input in place (x += pos,
+    # ids.masked_fill_) changed this rank's batch first, and the float64 model was fed the changed one (a correct
+    # DDP or FSDP2 clip failed, total norm 7.69 against 5.36).
+    batches64 = [_as64(b) for b in batches]
 
     def forward_of(r: int, run: Any) -> Tensor:
         # Rank r's forward, wrapped or float64, starts from one seed: dropout in training mode drew its masks
@@ -202,7 +206,7 @@ def _check_rank(
     forward_of(rank, lambda: target(batches[rank])).backward()
     local_before = _local_pieces(target) if mode != "unitwise" else []
 
-    torch.stack([forward_of(r, lambda b=b: ref(_as64(b))) for r, b in enumerate(batches)]).mean().backward()
+    torch.stack([forward_of(r, lambda b=b: ref(b)) for r, b in enumerate(batches64)]).mean().backward()
     ref_params = dict(ref.named_parameters())
     ref_grads = {n: q.grad for n, q in ref_params.items() if q.grad is not None}
     before = reference_param_norms(ref_grads, p)

@@ -228,6 +228,49 @@ def test_a_model_with_dropout_passes_on_the_cpu(run_ranks):
     assert run_ranks(2, body_a_model_with_dropout) == [[True, True]] * 2
 
 
+class _ShiftsItsInput(nn.Module):
+    """Changes its input in place (``x += 1`` and ``ids.mul_(2)``, as ``x += self.pos`` or ``ids.masked_fill_``
+    would), and takes token ids besides."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(5, cases.IN)
+        self.lin = nn.Linear(cases.IN, 3)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        x, ids = batch["x"], batch["ids"]
+        x += 1.0
+        ids.mul_(2).remainder_(5)
+        return self.lin(x + self.emb(ids).mean(1))
+
+
+def _batch_with_ids(rank: int, world: int) -> dict:
+    # (integer ids on the CPU reached the float64 model as the caller's own tensor, not a copy)
+    return {"x": cases.batch(rank, world), "ids": (torch.arange(12).reshape(4, 3) + rank) % 5}
+
+
+def body_a_model_changing_its_input_in_place() -> list[bool]:
+    """The one batch of each rank feeds both models since batch_fn is called once per rank, and the wrapped
+    forward ran first: a model changing its input in place (x += 1, ids.mul_(2) here) changed this rank's batch
+    before the float64 model was fed it, and a correct DDP or FSDP2 clip failed (total norm 7.69 against 5.36; it
+    passed while batch_fn was called again for the reference). The float64 model's copies are taken before the
+    wrapped forward now, and are copies also of integer and float64 CPU tensors (they were the caller's own)."""
+    from torch.distributed.fsdp import fully_shard
+
+    out = []
+    for wrap in (cases.wrap_ddp, fully_shard):
+        try:
+            assert_clip_matches_unsharded(_ShiftsItsInput, wrap, _batch_with_ids, max_norm=0.05)
+            out.append(True)
+        except AssertionError as e:
+            out.append(str(e).splitlines()[1:3])
+    return out
+
+
+def test_a_model_changing_its_input_in_place_passes(run_ranks):
+    assert run_ranks(2, body_a_model_changing_its_input_in_place) == [[True, True]] * 2
+
+
 def test_spawns_its_own_ranks():
     norms = assert_clip_matches_unsharded(cases.build_mlp, cases.wrap_fsdp2, cases.batch, world_size=2,
                                           mode="per_param", max_norm=0.02)
