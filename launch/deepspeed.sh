@@ -48,17 +48,22 @@ else
         # The runner starts the other nodes (pdsh, mpirun...) with only the variables it names (PYTHON*, NCCL* on
         # CUDA...) and those of its environment file: DS_ACCELERATOR, OMP_NUM_THREADS, GLOO_SOCKET_IFNAME and
         # DIST_CLIP_TIMEOUT_S reached node 0's ranks alone. They go into an environment file of this run, after
-        # what the runner's own file(s) hold (DS_ENV_FILE, default .deepspeed_env in ~ and here).
+        # what the runner's own file(s) hold (DS_ENV_FILE, default .deepspeed_env in ~ and here), unless those set
+        # them: the user's value for the other nodes wins (the runner takes a name's last line).
         ENV_NAME=${DS_ENV_FILE:-.deepspeed_env}
         ENV_FILE=$(mktemp)
         trap 'rm -f "$ENV_FILE"' EXIT
         if [[ "$ENV_NAME" == /* ]]; then SOURCES=("$ENV_NAME"); else SOURCES=(~/"$ENV_NAME" "./$ENV_NAME"); fi
+        GIVEN=" "  # the names the user's file(s) set: their values are kept (the runner takes a name's last line)
         for f in "${SOURCES[@]}"; do
-            if [[ -f "$f" ]]; then cat "$f" >> "$ENV_FILE"; [[ -z "$(tail -c 1 "$f")" ]] || echo >> "$ENV_FILE"; fi
+            if [[ -f "$f" ]]; then
+                cat "$f" >> "$ENV_FILE"; [[ -z "$(tail -c 1 "$f")" ]] || echo >> "$ENV_FILE"
+                GIVEN+="$(sed -n 's/^[[:space:]]*\([^=[:space:]]*\)[[:space:]]*=.*/\1/p' "$f" | tr '\n' ' ')"
+            fi
         done
         for v in PATH LD_LIBRARY_PATH DS_ACCELERATOR OMP_NUM_THREADS GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME \
                  $(compgen -e | grep '^DIST_CLIP_' || true); do
-            [[ -n "${!v:-}" && "${!v}" != *$'\n'* ]] && echo "$v=${!v}" >> "$ENV_FILE"
+            [[ -n "${!v:-}" && "${!v}" != *$'\n'* && "$GIVEN" != *" $v "* ]] && echo "$v=${!v}" >> "$ENV_FILE"
         done
         export DS_ENV_FILE=$ENV_FILE
     fi

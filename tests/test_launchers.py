@@ -1051,6 +1051,38 @@ def test_deepspeed_launcher_passes_the_jobs_variables_to_the_other_nodes(tmp_pat
         assert f"export {export};" in line[0], line[0]
 
 
+def _deepspeed_from_node0(tmp_path, user_env: str, launcher: str = "pdsh", **extra: str) -> tuple[str, str]:
+    """launch/deepspeed.sh from node 0 of two with a stand-in pdsh (or mpirun) that prints the command DeepSpeed's
+    runner gives it, and ``user_env`` as ~/.deepspeed_env: (that command, the whole output)."""
+    stubs, home = tmp_path / "bin", tmp_path / "home"
+    stubs.mkdir(parents=True)
+    home.mkdir()
+    for name, text in (("pdsh", 'echo "LAUNCH $*"'), ("mpirun", 'echo "LAUNCH $*"'), ("ompi_info", "exit 0")):
+        (stubs / name).write_text(f"#!/usr/bin/env bash\n{text}\n")
+        (stubs / name).chmod(0o755)
+    (home / ".deepspeed_env").write_text(user_env)
+    hosts = tmp_path / "hosts"
+    hosts.write_text("node0 slots=2\nnode1 slots=2\n")
+    env = job_env(HOME=str(home), HOSTFILE=str(hosts), NNODES="2", NPROC="2", MASTER_ADDR="127.0.0.1",
+                  DS_ARGS="--no_ssh_check", DS_LAUNCHER=launcher, **extra)
+    env["PATH"] = f"{stubs}{os.pathsep}{env['PATH']}"
+    code, out = finish(start("deepspeed.sh", ["check"], env), timeout_s=120)
+    line = [x for x in out.splitlines() if x.startswith("LAUNCH ")]
+    assert launcher != "pdsh" or (code == 0 and len(line) == 1), out[-6000:]
+    return (line or [""])[0], out
+
+
+@pytest.mark.deepspeed
+def test_deepspeed_launcher_keeps_what_the_users_environment_file_sets(tmp_path):
+    """The environment file of the run held the user's ~/.deepspeed_env and then this node's PATH,
+    OMP_NUM_THREADS (the script's own default 1)...: the runner keeps a name's last line, so the other nodes got
+    node 0's PATH and 1 thread where the user's file set /opt/remote/bin and 4 (DeepSpeed alone honoured them)."""
+    line, out = _deepspeed_from_node0(tmp_path, "OMP_NUM_THREADS=4\n PATH = /opt/remote/bin:/usr/bin\n")
+    assert "export OMP_NUM_THREADS=4;" in line and "OMP_NUM_THREADS=1" not in line, line
+    assert "export PATH=/opt/remote/bin:/usr/bin;" in line and line.count("export PATH=") == 1, line
+    assert "export DIST_CLIP_TIMEOUT_S=90;" in line, line
+
+
 @pytest.mark.parametrize("config, cuda, expected", [
     ("cpu:gloo,cuda:nccl", True, "cuda:0"),  # init_process_group() without a backend on a GPU machine
     ("cpu:gloo,cuda:nccl", False, "cpu"),
