@@ -61,9 +61,24 @@ else
                 GIVEN+="$(sed -n 's/^[[:space:]]*\([^=[:space:]]*\)[[:space:]]*=.*/\1/p' "$f" | tr '\n' ' ')"
             fi
         done
+        # The runner strips a value and wraps it in double quotes unless it is all of [\w@%+=:,./-]: pdsh's remote
+        # shell then expanded $ and ` in it, a " left every node's command a syntax error, and the MPI and slurm
+        # launchers pass the quotes on as part of the value. Such a value is not passed on (said on stderr).
+        LAUNCHER=$(echo "${DS_LAUNCHER:-pdsh}" | tr '[:upper:]' '[:lower:]')
+        PLAIN='^[A-Za-z0-9_@%+=:,./-]*$'
         for v in PATH LD_LIBRARY_PATH DS_ACCELERATOR OMP_NUM_THREADS GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME \
                  $(compgen -e | grep '^DIST_CLIP_' || true); do
-            [[ -n "${!v:-}" && "${!v}" != *$'\n'* && "$GIVEN" != *" $v "* ]] && echo "$v=${!v}" >> "$ENV_FILE"
+            [[ -n "${!v:-}" && "$GIVEN" != *" $v "* ]] || continue
+            VALUE=${!v}
+            if ! [[ "$VALUE" =~ $PLAIN ]] && [[ "$LAUNCHER" != pdsh || "$VALUE" == *[\"\$\`\\]* \
+                    || "$VALUE" == *$'\n'* || "$VALUE" == [[:space:]]* || "$VALUE" == *[[:space:]] ]]; then
+                if [[ "$LAUNCHER" == pdsh ]]; then CAN='no ", $, `, \, newline, or space at either end'
+                else CAN='nothing but [A-Za-z0-9_@%+=:,./-]'; fi
+                echo "launch/deepspeed.sh: $v is not passed to the nodes DeepSpeed's $LAUNCHER launcher starts, which" \
+                     "cannot carry its value ($CAN): they run without it" >&2
+                continue
+            fi
+            echo "$v=$VALUE" >> "$ENV_FILE"
         done
         export DS_ENV_FILE=$ENV_FILE
     fi

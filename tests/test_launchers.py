@@ -1083,6 +1083,30 @@ def test_deepspeed_launcher_keeps_what_the_users_environment_file_sets(tmp_path)
     assert "export DIST_CLIP_TIMEOUT_S=90;" in line, line
 
 
+@pytest.mark.deepspeed
+def test_deepspeed_launcher_passes_on_only_the_values_the_runner_can_carry(tmp_path):
+    """DeepSpeed's runner wraps a value holding anything but [\\w@%+=:,./-] in double quotes: a " in one left
+    pdsh's command on every node a syntax error (unexpected EOF), $ and ` were expanded on the node, and the MPI
+    launchers passed the quotes on as part of the value. Such a value is left out, with a line on stderr; a path
+    with a space still reaches pdsh's nodes."""
+    cache = tmp_path / "my cache"
+    extra = {"DIST_CLIP_CACHE_DIR": str(cache), "DIST_CLIP_QUOTED": 'a"b', "DIST_CLIP_DOLLAR": "a$HOME",
+             "DIST_CLIP_EQUALS": "x=y"}
+    line, out = _deepspeed_from_node0(tmp_path / "pdsh", "", **extra)
+    assert f'export DIST_CLIP_CACHE_DIR="{cache}";' in line, line
+    assert "export DIST_CLIP_EQUALS=x=y;" in line, line
+    assert "DIST_CLIP_QUOTED" not in line and "DIST_CLIP_DOLLAR" not in line, line
+    for name in ("DIST_CLIP_QUOTED", "DIST_CLIP_DOLLAR"):
+        assert (f"launch/deepspeed.sh: {name} is not passed to the nodes DeepSpeed's pdsh launcher starts, which "
+                "cannot carry its value") in out, out[-3000:]
+    exports = line[line.index("export "):line.index(" cd ")]
+    assert subprocess.run(["bash", "-n", "-c", exports]).returncode == 0, exports
+    # (the openmpi runner itself then refuses the script's --num_gpus: only its environment file is checked here)
+    _, out = _deepspeed_from_node0(tmp_path / "openmpi", "", launcher="openmpi", **extra)
+    assert ("launch/deepspeed.sh: DIST_CLIP_CACHE_DIR is not passed to the nodes DeepSpeed's openmpi launcher "
+            "starts, which cannot carry its value (nothing but [A-Za-z0-9_@%+=:,./-])") in out, out[-3000:]
+
+
 @pytest.mark.parametrize("config, cuda, expected", [
     ("cpu:gloo,cuda:nccl", True, "cuda:0"),  # init_process_group() without a backend on a GPU machine
     ("cpu:gloo,cuda:nccl", False, "cpu"),
