@@ -17,7 +17,8 @@
 #   NODE_RANK    with NO_SSH=1, this node's index in HOSTFILE
 #   MASTER_ADDR  address of node 0 (several nodes; default: DeepSpeed asks node 0 over ssh)
 #   MASTER_PORT  default: a free port on one node, 29500 on several
-#   DS_LAUNCHER  multi-node backend: pdsh (default), openmpi, mpich, impi, mvapich, slurm
+#   DS_LAUNCHER  multi-node backend: pdsh (default), openmpi, impi, mvapich, slurm (DeepSpeed 0.19.8's mpich
+#                runner cannot start a module: launch/mpirun.sh runs MPICH)
 #   DS_ARGS      extra launcher options, e.g. "--bind_cores_to_rank"
 #   PYTHON       interpreter (default: the repository's .venv, else python3 on PATH)
 # DS_ACCELERATOR is set to cpu where there is no nvidia-smi (DeepSpeed's CPU accelerator then uses gloo).
@@ -42,6 +43,16 @@ if [[ "$NNODES" == 1 && -z "${HOSTFILE:-}" ]]; then
 else
     : "${HOSTFILE:?set HOSTFILE to a host file listing the NNODES nodes (one 'host slots=N' per line)}"
     ARGS+=(--hostfile "$HOSTFILE" --num_nodes "$NNODES" --master_port "${MASTER_PORT:-29500}" --launcher "${DS_LAUNCHER:-pdsh}")
+    case "$(echo "${DS_LAUNCHER:-pdsh}" | tr '[:upper:]' '[:lower:]'),${NO_SSH:-0}" in
+        # DeepSpeed's MPI runners refuse --num_gpus and --num_nodes ("openmpi backend does not support limiting
+        # num nodes/gpus"): they start the host file's slots on every node of it. (NO_SSH=1 launches locally.)
+        openmpi,0|mpich,0|impi,0|mvapich,0)
+            KEEP=()
+            for ((i = 0; i < ${#ARGS[@]}; i++)); do
+                case "${ARGS[i]}" in --num_gpus|--num_nodes) i=$((i + 1)) ;; *) KEEP+=("${ARGS[i]}") ;; esac
+            done
+            ARGS=("${KEEP[@]}") ;;
+    esac
     [[ -n "${MASTER_ADDR:-}" ]] && ARGS+=(--master_addr "$MASTER_ADDR")
     [[ "${NO_SSH:-0}" == 1 ]] && ARGS+=(--no_ssh --node_rank "${NODE_RANK:?set NODE_RANK with NO_SSH=1}")
     if [[ "${NO_SSH:-0}" != 1 ]]; then

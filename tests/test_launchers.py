@@ -1101,10 +1101,22 @@ def test_deepspeed_launcher_passes_on_only_the_values_the_runner_can_carry(tmp_p
                 "cannot carry its value") in out, out[-3000:]
     exports = line[line.index("export "):line.index(" cd ")]
     assert subprocess.run(["bash", "-n", "-c", exports]).returncode == 0, exports
-    # (the openmpi runner itself then refuses the script's --num_gpus: only its environment file is checked here)
     _, out = _deepspeed_from_node0(tmp_path / "openmpi", "", launcher="openmpi", **extra)
     assert ("launch/deepspeed.sh: DIST_CLIP_CACHE_DIR is not passed to the nodes DeepSpeed's openmpi launcher "
             "starts, which cannot carry its value (nothing but [A-Za-z0-9_@%+=:,./-])") in out, out[-3000:]
+
+
+@pytest.mark.deepspeed
+def test_deepspeed_launcher_starts_the_mpi_runners(tmp_path):
+    """DeepSpeed's MPI runners (openmpi, mpich, impi, mvapich) refuse --num_gpus and --num_nodes ("openmpi backend
+    does not support limiting num nodes/gpus"), which the script always passed: DS_LAUNCHER=openmpi, which README
+    offers, never started a rank. They take their counts from the host file's slots: the runner's command (it
+    logs it) is mpirun with 4 ranks from "slots=2" twice (MPICH's own mpirun, first on the PATH here, then fails
+    on Open MPI's host file syntax: not what is checked)."""
+    _, out = _deepspeed_from_node0(tmp_path, "", launcher="openmpi")
+    assert "does not support limiting num nodes/gpus" not in out, out[-3000:]
+    cmd = [x for x in out.splitlines() if "cmd = mpirun -n 4 " in x]
+    assert cmd and cmd[0].endswith("-u -m dist_clip check"), out[-3000:]
 
 
 @pytest.mark.parametrize("config, cuda, expected", [
