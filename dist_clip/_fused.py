@@ -1019,8 +1019,8 @@ def rearm(armed: tuple[Tensor, tuple[Any, ...]] | None, new: Tensor, now: tuple[
     or None: nothing armed, or an arming that replaces): by the flag's ledger where the records keep one
     (:func:`supersede`), else both flags merged where the call found the gradients as the arming left them
     (:func:`untouched`), else ``new`` alone. A call that measured nothing (every gradient of its part None) leaves
-    the record as it was. One rule for the fused hand-over's skip (:func:`arm_skip_`) and the clipper's skip
-    guard."""
+    the record as it was; one measuring only pieces the optimizer does not step joins the ledger (:func:`_beside`).
+    One rule for the fused hand-over's skip (:func:`arm_skip_`) and the clipper's skip guard."""
     if measured and optimizer is not None and _stand_ins_only(measured, now[0]):
         measured = []
     if measured is not None and not measured and optimizer is not None:
@@ -1037,6 +1037,9 @@ def rearm(armed: tuple[Tensor, tuple[Any, ...]] | None, new: Tensor, now: tuple[
         record.state = now
     if armed is not None:
         armed = (armed[0], _followed(armed[1], now))
+    if measured and optimizer is not None and not isinstance(record, _Record):
+        return _beside(armed, record, now, started, measured, new, merge)
+    if armed is not None:
         merged = supersede(armed[1], record, now, started, measured, new, merge)
         if merged is not None:
             return merged, record
@@ -1045,6 +1048,34 @@ def rearm(armed: tuple[Tensor, tuple[Any, ...]] | None, new: Tensor, now: tuple[
             return merge(armed[0], new), record
     first_flag(record, new)
     return new, record
+
+
+def _beside(armed: tuple[Tensor, tuple[Any, ...]] | None, record: tuple[Any, ...],
+            now: tuple[list[Tensor], list[int]], started: tuple[list[Tensor], list[int]] | None,
+            measured: Sequence[Tensor], new: Tensor, merge: Callable[[Tensor, Tensor], Tensor]
+            ) -> tuple[Tensor, _Record]:
+    """The flag and record of a call arming ``new`` whose pieces the optimizer steps none of (parameters it does not
+    step, copies of its gradients: ``record`` holds them, see :func:`armed_record`): a ledger (:func:`supersede`)
+    whose entries armed before stay as they would for a call measuring none of their gradients, and ``new`` joins
+    it held by ``record`` (while :func:`untouched` holds for it, as a flag :func:`carried` into a ledger is). An
+    earlier flag without a ledger joins it held by its record, where the call found it untouched. Recorded as the
+    call's alone, with no ledger, the flags it merged were lost to a later write to the unstepped gradients
+    before a call measuring them again (read as the flag's gradients written; a hand-over's flag, kept after its
+    gradients were written, had no ledger to join): heads h0, h1 stepped, a module E not, NaN in h0, [h0], [h1],
+    [E] clipped, an auxiliary loss through h1 and E, [E] clipped again: the NaN step was taken (``GradClipper``
+    fused or not and the hand-over alike, gradients of their own or views of one buffer; a
+    ``skip_next_step_(optimizer, True)`` before [E] was lost alike)."""
+    own = _Record.uncounted(([], []))
+    own.state = now
+    if armed is not None and getattr(armed[1], "parts", None) is not None:
+        supersede(armed[1], own, now, started, measured, new, merge)
+        assert own.parts is not None
+        own.parts[-1] = (new, None, record)
+    elif armed is not None and untouched(armed[1], started if started is not None else now, measured):
+        own.parts = [(armed[0], None, armed[1]), (new, None, record)]
+    else:
+        own.parts = [(new, None, record)]
+    return functools.reduce(merge, [f for f, _, _ in own.parts]), own
 
 
 def _followed(record: tuple[Any, ...], now: tuple[list[Tensor], list[int]]) -> tuple[Any, ...]:

@@ -2228,6 +2228,48 @@ def test_gradients_replaced_out_of_place_keep_the_skip_of_the_nan_they_carry(sec
             _step_checked(opt, ps, skipped=nan)
 
 
+@pytest.mark.parametrize("first", ["parts", "whole"])
+@pytest.mark.parametrize("bad", ["nan", "skip_next_step_"])
+@pytest.mark.parametrize("layout", ["own", "views"])
+@pytest.mark.parametrize("second", ["clipper", "clipper_fused", "clip_fused"])
+def test_a_part_the_optimizer_does_not_step_keeps_the_flags_ledger(second, layout, bad, first):
+    """Heads h0 and h1 stepped by ``opt``, a module E whose parameters it does not step, a NaN in h0 (or an explicit
+    ``skip_next_step_(opt, True)``), [h0], [h1] (or [h0, h1]: ``whole``, handed over by ``clip_fused``), [E]
+    clipped with ``optimizer=opt``, an auxiliary loss through h1 and E, [E] clipped again: the call on E was
+    recorded as its alone, with no ledger (a hand-over's flag, kept after the auxiliary loss wrote its gradients,
+    had none to join), and the write to E's gradients then read as the flag's gradients written: the NaN step
+    was taken. E's call now joins the ledger, the other entries stay; the next good batch, clipped the same way,
+    steps."""
+    torch.manual_seed(0)
+    h0, h1, ex = nn.Linear(4, 2), nn.Linear(4, 2), nn.Linear(4, 2)
+    ps = [*h0.parameters(), *h1.parameters()]
+    opt = torch.optim.Adam(ps, lr=0.1, fused=second != "clipper")
+    buf = _grads_in_one_buffer([*ps, *ex.parameters()]) if layout == "views" else None
+    x = torch.randn(8, 4)
+
+    clip = _skip_clip(second, opt)
+
+    for flagged in (True, False):
+        if buf is not None:
+            buf.zero_()
+        else:
+            opt.zero_grad(set_to_none=True)
+            ex.zero_grad(set_to_none=True)
+        (h0(x).square().sum() + h1(x).square().sum() + ex(x).square().sum()).backward()
+        if flagged and bad == "nan":
+            with torch.no_grad():
+                h0.weight.grad[0, 0] = math.nan
+        elif flagged:
+            dist_clip.skip_next_step_(opt, True)
+        for part in ([[h0, h1]] if first == "whole" else [[h0], [h1]]) + [[ex]]:
+            clip([q for m in part for q in m.parameters()])
+        (h1(x).abs().mean() + ex(x).abs().mean()).backward()  # an auxiliary loss
+        clip(list(ex.parameters()))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (whole, handed over: the coefficient dropped after the auxiliary loss)
+            _step_checked(opt, ps, skipped=flagged)
+
+
 def _micro_batch_flow(seed: int, second: str) -> int | None:
     """One random flow of :func:`test_micro_batch_flows_skip_exactly_the_steps_a_clipped_nan_reaches`: the first
     step skipped or taken wrongly, or None."""
