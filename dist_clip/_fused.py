@@ -18,6 +18,8 @@ restores the attributes as they were.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import contextvars
 import dis
 import functools
 import operator
@@ -47,6 +49,11 @@ _SKIP = "_dist_clip_skip"
 _WRITES: dict[int, tuple[_Count, Any, int]] = {}
 _WRITES_PRUNE = [256]  # prune dead parameters' entries when the table reaches this size
 _MISSING = object()
+#: the ranks' agreed verdict (a 0-dim bool) on whether a gradient the arming call does not measure is non-finite,
+#: read by :func:`carried_by_replacements` in place of this rank's own pieces (see :class:`Agreement`)
+_AGREED: contextvars.ContextVar[Tensor | None] = contextvars.ContextVar("dist_clip_agreed", default=None)
+#: where :func:`_keep_replaced` leaves a flag for the call's agreement to decide, while it settles
+_DEFERRED: contextvars.ContextVar[Agreement | None] = contextvars.ContextVar("dist_clip_deferred", default=None)
 
 
 class _ByIdentity:
@@ -958,12 +965,105 @@ def carried_by_replacements(flag: Tensor, rest: list[Tensor]) -> tuple[Tensor, l
     apart (no trace of ``zero_grad``; dropped, the flag of a NaN batch whose gradients were replaced out of place
     was lost and the NaN step taken). So the flag lasts, held by ``rest``, where one of them is not finite now:
     one read of them, on the device (no host read; on the CPU, where reading the flag is free, only when it is
-    set); a later call measuring them replaces it as for any entry. Each rank reads its own pieces. None where
-    nothing is left to hold it."""
-    if not rest or (flag.device.type == "cpu" and not bool(flag)):
+    set); a later call measuring them replaces it as for any entry. Each rank reads its own pieces, so within a
+    call that arms, the ranks' verdict (:class:`Agreement`, carried by its all-reduce) stands for that read;
+    elsewhere (``mode="unitwise"``, a call that only settles) this rank's read. None where nothing is left to hold
+    it (with a verdict, an entry without gradients: every rank keeps the flag alike)."""
+    agreed = _AGREED.get()
+    if (not rest and agreed is None) or (flag.device.type == "cpu" and not bool(flag)):
         return None
-    bad = _nonfinite(rest, flag.device)
+    bad = _nonfinite(rest, flag.device) if agreed is None else _reduce.moved(agreed, flag.device)
     return (flag & bad if flag.dtype == torch.bool else flag * bad.to(flag.dtype)), rest, None
+
+
+class Agreement:
+    """One arming call's verdict on :func:`carried_by_replacements`' read, the same on every rank: each rank's
+    pieces are its own (FSDP, ZeRO, a tensor-parallel plan), so a NaN held in one rank's shard alone, read there
+    alone, kept the flag on that rank alone, which skipped its step while the others stepped (FSDP2, heads [h0]
+    and [h1], NaN in rank 0's shard of h0, gradients replaced out of place, [h1] clipped again). ``local`` (0-dim
+    float64, 0 or 1: SUM or MAX) travels in the call's own all-reduce, one more value in every call that may arm
+    (so the layout never depends on what a rank found); it is 1 where some gradient of the ``optimizers`` that
+    the call does not measure (``measured``) is not finite, read only where a flag's gradients may have been
+    replaced (:func:`_may_carry`: host-side identity tests; on the CPU only where that flag is set), else 0
+    without a read. Settled hand-overs' flags wait (:meth:`deferring`) for the verdict; :meth:`armed` applies it
+    around the arming."""
+
+    def __init__(self, optimizers: Sequence[Any], measured: Sequence[Tensor]) -> None:
+        self.deferred: list[Any] = []
+        self.agreed: Tensor | None = None
+        read: list[Tensor] = []
+        self.ids = {id(o) for o in optimizers if isinstance(o, torch.optim.Optimizer)}
+        for optimizer in optimizers:
+            if not isinstance(optimizer, torch.optim.Optimizer) or not _armed_or_pending(optimizer):
+                continue  # (the usual case: nothing armed before this call in this step)
+            candidates = _may_carry(optimizer)
+            if candidates:
+                now = gradients(optimizer)
+                where = set(map(id, now))
+                if any(id(t) not in where for ts in candidates for t in ts):
+                    read += _unmeasured(now, measured)
+        self.local = (_nonfinite(read, read[0].device).to(torch.float64) if read
+                      else torch.zeros((), dtype=torch.float64))
+
+    def agree(self, combined: Tensor) -> None:
+        """The all-reduced ``local`` (any rank's 1: true on every rank)."""
+        self.agreed = combined.reshape(()) > 0
+
+    @contextlib.contextmanager
+    def deferring(self) -> Iterator[None]:
+        token = _DEFERRED.set(self)
+        try:
+            yield
+        finally:
+            _DEFERRED.reset(token)
+
+    def abandon(self) -> None:
+        """The call raised before its verdict: the flags waiting for it are kept by this rank's read, as without
+        an agreement."""
+        deferred, self.deferred = self.deferred, []
+        for optimizer, found, rest in deferred:
+            _keep_replaced(optimizer, found, rest)
+
+    @contextlib.contextmanager
+    def armed(self) -> Iterator[None]:
+        """The verdict stands for this rank's read within (the flags waiting for it are kept or dropped first)."""
+        token = _AGREED.set(self.agreed if self.agreed is not None else self.local > 0)
+        try:
+            deferred, self.deferred = self.deferred, []
+            for optimizer, found, rest in deferred:
+                _keep_replaced(optimizer, found, rest)
+            yield
+        finally:
+            _AGREED.reset(token)
+
+
+def _armed_or_pending(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether a skip flag (fused, or the skip guard's) or a hand-over waits for ``optimizer``'s next step."""
+    guard = optimizer.__dict__.get("_dist_clip_skip_guard")
+    return (_SKIP in optimizer.__dict__ or _PENDING in optimizer.__dict__
+            or (guard is not None and getattr(guard, "flag", None) is not None))
+
+
+def _may_carry(optimizer: torch.optim.Optimizer) -> list[list[Tensor]]:
+    """The gradients of each flag that an arming now may keep by :func:`carried_by_replacements` (host-side, no
+    device read): those a flag of the ledger (the fused skip's or the skip guard's) or a hand-over's flag was
+    armed on, where that flag may be set (on the CPU: is set); it applies where one of them is no longer held."""
+    def live(flag: Any) -> bool:
+        return isinstance(flag, Tensor) and not (flag.device.type == "cpu" and not bool(flag))
+
+    records: list[tuple[Any, Any]] = []
+    armed = optimizer.__dict__.get(_SKIP)
+    if armed is not None:
+        records.append(armed)
+    guard = optimizer.__dict__.get("_dist_clip_skip_guard")
+    if guard is not None and getattr(guard, "flag", None) is not None:
+        records.append((guard.flag, getattr(guard, "armed_on", None)))
+    out = [members for _, record in records for flag, members, _seen in getattr(record, "parts", None) or ()
+           if members and live(flag)]
+    pending = optimizer.__dict__.get(_PENDING)
+    if pending is not None and pending[3] and live(pending[1]):
+        out.append(pending[3])
+    return out
 
 
 def _nonfinite(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
@@ -1429,6 +1529,11 @@ def _keep_replaced(optimizer: torch.optim.Optimizer, found: Tensor, rest: list[T
     """A hand-over's skip flag whose measured gradients were every one replaced (:func:`_verdict`'s "stale"): it
     joins the flag's ledger, held by ``rest`` (the gradients stepped now that the call at hand does not measure)
     where one of them is not finite (:func:`carried_by_replacements`)."""
+    agreement = _DEFERRED.get()
+    if agreement is not None and id(optimizer) in agreement.ids:
+        # (settled within a call that arms: kept or dropped by the ranks' verdict, see Agreement)
+        agreement.deferred.append((optimizer, found, rest))
+        return
     entry = carried_by_replacements(found, rest)
     if entry is None:
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import operator
@@ -194,6 +195,7 @@ def _wide_total(
     groups: _Groups | None,
     limit: float | Tensor | None = None,
     refused: bool = False,
+    agreement: _fused.Agreement | None = None,
 ) -> tuple[Tensor, torch.dtype]:
     """:func:`total_from_shards` before its cast: the float64 total and the dtype to return it in (``limit``:
     clip_grad_norm_'s ``max_norm``, part of the settings every rank must share). Clipping
@@ -239,8 +241,14 @@ def _wide_total(
     if refused:
         partial = torch.zeros((), dtype=torch.float64, device=home)
     if not check:  # nothing to combine: the partial is the total's (no buffer to build, no element to pick)
+        if agreement is not None:
+            agreement.agree(agreement.local)
         return _finished(_norm.finalize(partial, p), p, scale, out, error_if_nonfinite and not refused)
-    partial = partial.reshape(1)
+    # One more value in every call: whether a gradient an arming call does not measure is non-finite on some rank
+    # (see _fused.Agreement), 0 where this call arms nothing, so that every rank's buffer has the same layout.
+    replaced = (_reduce.moved(agreement.local, home).reshape(1) if agreement is not None and not refused
+                else torch.zeros(1, dtype=torch.float64, device=home))
+    partial = torch.cat([partial.reshape(1), replaced])
     agree = _reduce.reduces_on_host(group, home)
     if agree:  # one more value in the same all-reduce: whether any rank holds float64 gradients
         partial = torch.cat([partial, wide_flag(out, home)])
@@ -263,8 +271,10 @@ def _wide_total(
             raise
     if error is not None:
         raise error  # this rank's own reason; the others raised REFUSED (or hold NaN norms on accelerators)
+    if agreement is not None:
+        agreement.agree(combined[1])
     if agree:
-        out = agreed_dtype(combined[1])
+        out = agreed_dtype(combined[2])
     return _finished(_norm.finalize(combined[0], p), p, scale, out, error_if_nonfinite and not refused)
 
 
@@ -551,11 +561,19 @@ def clip_grad_norm_(
         groups = _scale.group_by_device_dtype(everything)  # bucketed once, for measuring and for scaling
         if fused and any(dtype in _WIDE for _, dtype in groups):
             fused = False  # torch's fused kernels take grad_scale in float32 only: float64 ones are scaled here
-        settle_hand_over(parameters, everything)
+        # (before settling: a hand-over's flag whose gradients were replaced waits for the ranks' verdict)
+        agreement = _fused.Agreement([optimizer], everything) if skips else None
+        with agreement.deferring() if agreement is not None else contextlib.nullcontext():
+            settle_hand_over(parameters, everything)
     except (ValueError, TypeError):
         _refuse_together(parameters, norm_type, group, shards)
         raise
-    wide, out = _wide_total(shards, p, error_if_nonfinite, foreach, everything, groups, limit)
+    try:
+        wide, out = _wide_total(shards, p, error_if_nonfinite, foreach, everything, groups, limit, agreement=agreement)
+    except BaseException:
+        if agreement is not None:
+            agreement.abandon()
+        raise
     total = wide.to(out)
     coef_wide = _scale.clip_coefficient(limit, wide)  # from the float64 total, which float32 may not hold
     coef = coef_wide.to(out)
@@ -566,6 +584,9 @@ def clip_grad_norm_(
     handed = fold is None and fused and not wide_product
     # (before scaling: a skip armed by an earlier call on these very gradients, a clip of another part of the
     # model, is combined with, not replaced by, this call's flag; see _fused.arm_skip_)
+    if agreement is not None:
+        with agreement.armed():
+            pass  # (a settled hand-over's flag kept by the verdict, before this call hands over or arms)
     started = _fused.grad_state(optimizer) if skips and not handed and not running else None  # type: ignore[arg-type]
     if fold is not None and not wide_product:
         fold(coef, everything)
@@ -575,11 +596,13 @@ def clip_grad_norm_(
         _scale.mul_wide_(everything, float(coef_wide))
     else:
         _scale.scale_(everything, _deepspeed_applied(parameters, coef), foreach, groups)
-    if running or (skips and not handed):
-        # Armed for a finite total too: its False replaces a stale flag of gradients since replaced (a dropped
-        # batch's NaN skipped the next good step where the ranks handing over stepped it).
-        _fused.arm_skip_(optimizer, torch.logical_not(torch.isfinite(wide)), started,  # type: ignore[arg-type]
-                         measured=everything)
+    if agreement is not None:
+        with agreement.armed():
+            if running or (skips and not handed):
+                # Armed for a finite total too: its False replaces a stale flag of gradients since replaced (a
+                # dropped batch's NaN skipped the next good step where the ranks handing over stepped it).
+                _fused.arm_skip_(optimizer, torch.logical_not(torch.isfinite(wide)), started,  # type: ignore[arg-type]
+                                 measured=everything)
     if skips and fold is None and "deepspeed" in sys.modules:
         # A stage-0 engine stepping this fused optimizer itself: a skipped step is counted as DeepSpeed counts an
         # overflow (it was counted as taken, and the LR scheduler stepped on it)

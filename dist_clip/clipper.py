@@ -503,6 +503,20 @@ def pending_skip_flag(optimizer: torch.optim.Optimizer) -> Tensor | None:
     return None if guard is None else guard.flag
 
 
+def _with_replaced(extra: Tensor | None, local: Tensor) -> Tensor:
+    """``extra`` with one more value, last: the call's :class:`_fused.Agreement` (every rank of every call sends
+    it, 0 where it arms nothing, so the layouts agree whatever a rank's settings: a mismatch raises by the
+    fingerprint)."""
+    one = local.reshape(1).to(torch.float64)
+    return one if extra is None else torch.cat([extra, _reduce.moved(one, extra.device)])
+
+
+def _skip_optimizers(optimizer: Any) -> list[Any]:
+    """The torch optimizers a skip handle arms (:func:`_arm_skip`)."""
+    inner = _stepping_optimizers(optimizer)
+    return [optimizer] if inner is None else [o for opt in inner for o in _skip_optimizers(opt)]
+
+
 def _skip_pending(optimizer: torch.optim.Optimizer) -> bool:
     """Whether a skip flag armed on ``optimizer`` waits for its next step (fused or not)."""
     return pending_skip_flag(optimizer) is not None
@@ -886,7 +900,7 @@ class GradClipper:
             grouping = None
             if plan is not None:
                 groups = (lambda nm: self._groups(nm, optimizer)) if cfg.mode == "per_group" else None  # type: ignore[arg-type]
-                named, grouping = named_under_plan(plan, target, p, groups, group)
+                named, grouping = named_under_plan(plan, target, p, groups, group, True)
             elif named_mode:
                 named = _slots.named_shards(target, group)
             else:
@@ -940,7 +954,13 @@ class GradClipper:
                 # How many norms the adaptive threshold has seen (host-side): a checkpoint loaded on one rank only
                 # gave each rank its own threshold, so one gradient was scaled by a different factor on each.
                 settings += f", threshold_calls={self._threshold.count}"
-            _clip.settle_hand_over(target, lambda: [t for s in shards for t in s.tensors])
+            # (before settling: a hand-over's flag whose gradients were replaced waits for the ranks' verdict,
+            # which travels in this call's measurement, 0 where nothing arms: see _fused.Agreement)
+            agreement = _fused.Agreement(_skip_optimizers(optimizer) if arm_skip is not None else [],
+                                         [t for s in shards for t in s.tensors])
+            membership = _with_replaced(membership, agreement.local)
+            with agreement.deferring():
+                _clip.settle_hand_over(target, lambda: [t for s in shards for t in s.tensors])
             before = False
         except (ValueError, TypeError) as e:
             if before:
@@ -948,7 +968,7 @@ class GradClipper:
             elif isinstance(plan, ParallelPlan) and cfg.mode != "unitwise":
                 # named_under_plan joins for what it finds; bad input found before it (an optimizer= of the
                 # wrong type on one stage) joins here, with the same layout
-                if getattr(e, "dist_clip_joined", False) or _refuse_together(plan, p, cfg.mode == "per_group"):
+                if getattr(e, "dist_clip_joined", False) or _refuse_together(plan, p, cfg.mode == "per_group", True):
                     self._count_refused_call()
             raise
         try:
@@ -958,9 +978,13 @@ class GradClipper:
                                result_dtype=_clip._result_dtype([t for s in shards for t in s.tensors], None),
                                settings=settings)
         except Exception as e:  # (any error measuring may have joined: see _slots.measure)
+            agreement.abandon()
             if getattr(e, "dist_clip_joined", False) or isinstance(e, _slots.RefusedElsewhere):
                 self._count_refused_call(getattr(e, "dist_clip_others_counted", False))
             raise
+        assert m.extra is not None  # the verdict, the last extra value (see _with_replaced)
+        agreement.agree(m.extra[-1])
+        m = dataclasses.replace(m, extra=m.extra[:-1] if m.extra.numel() > 1 else None)
         out = m.result_dtype
         assert out is not None
         total = m.total.to(out)
@@ -1060,7 +1084,8 @@ class GradClipper:
                         (t._values() if t.is_sparse else t).masked_fill_(~finite.to(t.device), 0)
         finally:
             if arm_skip is not None:
-                arm_skip(~finite, [t for t, _ in pieces])
+                with agreement.armed():
+                    arm_skip(~finite, [t for t, _ in pieces])
         norms = self._report(named.names, m, p) if want_report and named is not None else None
         return ClipResult(total, coef, clipped, finite, limit_out, slot_names, norms)
 
@@ -1101,6 +1126,7 @@ class GradClipper:
         if cfg.mode == "per_group" and (isinstance(target, Mapping) or named is not None and named.by_pieces):
             none = [-1] * n
             extra = torch.cat([_group_membership(none, cfg.p), _group_signatures(none, names or (), set(), cfg.p)])
+        extra = _with_replaced(extra, torch.zeros((), dtype=torch.float64))  # (the verdict: see _with_replaced)
         try:
             _slots.measure(shards, None, n, cfg.p, presence=per_name, extra=extra, group=red, layout=names,
                            result_dtype=torch.float32, refused=True, settings=cfg.settings)
@@ -1241,6 +1267,7 @@ def named_under_plan(
     p: float,
     groups: Callable[[_slots.Named], tuple[list[int], list[float], list[str]]] | None = None,
     group: dist.ProcessGroup | None = None,
+    replaced_slot: bool = False,
 ) -> tuple[_slots.Named, tuple[list[int], list[float], list[str]] | None]:
     """This rank's named pieces under ``plan`` and, for per_group, its groups (``groups``), both checked before
     the collective: bad input (a name the plan lacks, a Partial gradient, a bad group limit) that only this
@@ -1258,12 +1285,12 @@ def named_under_plan(
             _norm.check_dtypes(shard.tensors)
         return named, groups(named) if groups is not None else None
     except (ValueError, TypeError) as e:
-        if _refuse_together(plan, p, groups is not None):
+        if _refuse_together(plan, p, groups is not None, replaced_slot):
             e.dist_clip_joined = True  # type: ignore[attr-defined]  # (the call counts as joined)
         raise
 
 
-def _refuse_together(plan: ParallelPlan, p: float, per_group: bool) -> bool:
+def _refuse_together(plan: ParallelPlan, p: float, per_group: bool, replaced_slot: bool = False) -> bool:
     """Bad input on this rank under a plan (a name the plan lacks, a Partial gradient, a bad group limit), which
     the other stages may not share: join their one collective with the same layout and a NaN fingerprint, so
     that every rank raises now (they waited in it until the process group's timeout). Whether it joined."""
@@ -1272,6 +1299,8 @@ def _refuse_together(plan: ParallelPlan, p: float, per_group: bool) -> bool:
         return False
     n = max(len(plan.names), 1)
     extra = _group_membership([-1] * n, p) if per_group else None
+    if replaced_slot:  # (a GradClipper call's verdict, as the others send it: see _with_replaced)
+        extra = _with_replaced(extra, torch.zeros((), dtype=torch.float64))
     try:
         _slots.measure([], None, n, p, presence=True, group=group, layout=plan.names, extra=extra,
                        result_dtype=torch.float32, refused=True)

@@ -2277,3 +2277,59 @@ def fsdp2_listed_unsynced_before_backward(how: str) -> list:
     calls = (lambda: dist_clip.get_total_norm(model), lambda: dist_clip.get_total_norm(list(model.parameters())),
              lambda: dist_clip.clip_grad_norm_(model.parameters(), 1.0))
     return [_refused(c, reason) for c in calls]
+
+
+def fsdp2_out_of_place_nan_in_one_shard(how: str, fresh: bool = False, whole: bool = False) -> dict[str, Any]:
+    """FSDP2 heads h0 (5 rows: uneven shards on 3 ranks) and h1 (2 rows: rank 2's shard empty), each its own
+    ``fully_shard`` unit, fused Adam, ``on_nonfinite="skip"`` (``how``: the clipper, or the hand-over), clipped as
+    [h0] and [h1] with a NaN in rank 0's shard of h0 alone; then an auxiliary loss's gradients added out of place
+    (``p.grad = p.grad + g``) and [h1] clipped again. ``fresh``: instead, the batch is dropped
+    (``zero_grad(set_to_none=True)``) and the next batch's gradients clipped as [h1] alone first. ``whole``: the
+    first clip takes both heads (the hand-over hands its coefficient over, settled by [h1]'s call). Returns, per
+    batch, whether this rank's step was skipped (every parameter as it was) and its parameters finite."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    m = mesh((dist.get_world_size(),))
+    model = nn.ModuleDict({"h0": nn.Linear(4, 5), "h1": nn.Linear(4, 2)})
+    for head in model.values():
+        fully_shard(head, mesh=m)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1, fused=True)
+    clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+
+    def clip(part: nn.Module) -> None:
+        if how == "clip_fused":
+            dist_clip.clip_grad_norm_(part, 1.0, optimizer=opt)
+        else:
+            clipper(part, optimizer=opt)
+
+    def backward(batch: int) -> None:
+        x = torch.randn(8, 4, generator=torch.Generator().manual_seed(100 * batch + dist.get_rank()))
+        (model["h0"](x).square().mean() + model["h1"](x).square().mean()).backward()
+
+    out: dict[str, Any] = {}
+    for batch, nan in enumerate((True, False)):
+        opt.zero_grad(set_to_none=True)
+        backward(batch)
+        if nan and dist.get_rank() == 0:
+            model["h0"].weight.grad._local_tensor[0, 0] = math.nan
+        if whole:
+            clip(model)
+        else:
+            clip(model["h0"])
+            clip(model["h1"])
+        if nan and fresh:
+            opt.zero_grad(set_to_none=True)  # the NaN batch dropped: the next batch's gradients
+            backward(batch + 10)
+            clip(model["h1"])
+        elif nan or not fresh:
+            for q in model.parameters():
+                q.grad = q.grad + 0.01 * q.grad.detach()  # an auxiliary loss's, added out of place
+            clip(model["h1"])
+        before = [q.detach().to_local().clone() for q in model.parameters()]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (a coefficient dropped: the replaced gradients step unclipped)
+            opt.step()
+        out[f"batch {batch}"] = (all(torch.equal(b, q.detach().to_local()) for b, q in zip(before, model.parameters())),
+                                 all(bool(q.to_local().isfinite().all()) for q in model.parameters()))
+    return out

@@ -452,3 +452,28 @@ def test_fsdp1_parts_keep_a_part_s_skip_over_gradients_made_anew(run_ranks, use_
     results = run_ranks(2, cases.fsdp1_parts_keep_a_part_s_skip, use_orig_params, flow, how)
     for r in results:
         assert r == {"batch 0": (True, True), "batch 1": (False, True), "totals": [True, True, True]}, r
+
+
+@pytest.mark.parametrize("whole", [False, True])
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("how", ["clipper", "clip_fused"])
+def test_fsdp2_out_of_place_nan_in_one_shard_skips_on_every_rank(run_ranks, how: str, world: int,
+                                                                  whole: bool) -> None:
+    """FSDP2 heads [h0] and [h1], fused Adam, a NaN in rank 0's shard of h0 alone, gradients then replaced out of
+    place (``p.grad = p.grad + g``) and [h1] clipped again: the flag lasts where a gradient the later call does not
+    measure is not finite, and each rank read its own shard, so rank 0 skipped its step alone and the ranks'
+    optimizer states parted (clipped whole and handed over, too). Every rank skips the NaN batch and steps the
+    next one: the ranks agree on what the later call does not measure through its own all-reduce."""
+    results = run_ranks(world, cases.fsdp2_out_of_place_nan_in_one_shard, how, False, whole)
+    for r in results:
+        assert r == {"batch 0": (True, True), "batch 1": (False, True)}, results
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("how", ["clipper", "clip_fused"])
+def test_fsdp2_nan_batch_dropped_then_a_fresh_one_steps_on_every_rank(run_ranks, how: str, world: int) -> None:
+    """As above, but the NaN batch is dropped (``zero_grad(set_to_none=True)``) and the next batch's gradients
+    clipped as [h1] alone: their unmeasured h0 gradients are finite on every rank, and every rank steps."""
+    results = run_ranks(world, cases.fsdp2_out_of_place_nan_in_one_shard, how, True)
+    for r in results:
+        assert r == {"batch 0": (False, True), "batch 1": (False, True)}, results
