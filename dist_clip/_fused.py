@@ -1314,9 +1314,12 @@ def _measured_among(grads: Sequence[Tensor], measured: Sequence[Tensor]) -> list
     ids = set(map(id, measured))
     kept = [i for i, g in enumerate(grads) if id(g) in ids]
     if len(kept) < len(ids):
-        # A measured slice of a gradient of its own (FSDP1's flat shard less its padding) measures that gradient:
-        # left out, the rank whose shard ends in padding kept another record than the others (the whole model's)
-        bases = {id(b) for m in measured if (b := getattr(m, "_local_tensor", m)._base) is not None}
+        # A measured view of a gradient of its own that stands for all of it (FSDP1's flat shard less its padding,
+        # a reshape of all of it) measures that gradient: left out, the rank whose shard ends in padding kept
+        # another record than the others (the whole model's). Not any slice: a call measuring one expert's slice
+        # ``w.grad[e]`` of a weight holding all experts was read as measuring ``w.grad`` whole, so the next
+        # expert's call dropped the first one's NaN flag, and the NaN step was taken.
+        bases = {id(b) for m in measured if (b := _whole_of(m)) is not None}
         if bases:
             kept = sorted({*kept, *(i for i, g in enumerate(grads) if id(g) in bases)})
     if len(kept) < len(grads) and len(kept) < len(ids) and _shared_counters(grads):
@@ -1324,6 +1327,30 @@ def _measured_among(grads: Sequence[Tensor], measured: Sequence[Tensor]) -> list
         if overlaps is not None:
             kept = sorted({*kept, *(i for i, g in enumerate(grads) if overlaps(_span(g)))})
     return kept
+
+
+#: Set by an adapter on a view of a gradient that stands for that whole gradient where it leaves out elements that
+#: are not gradient (FSDP1's flat shard less its padding, and its per-parameter views of that shard, measured in
+#: one call): see :func:`_whole_of`.
+WHOLE = "_dist_clip_whole"
+
+
+def whole_(piece: Tensor) -> Tensor:
+    """Mark ``piece`` (a view of a gradient) as standing for all of that gradient (:data:`WHOLE`); returns it."""
+    setattr(piece, WHOLE, True)
+    return piece
+
+
+def _whole_of(piece: Tensor) -> Tensor | None:
+    """The gradient a measured view ``piece`` stands for whole: its base, where the view spans all of the base's
+    elements (``g.reshape(-1)``) or an adapter marked it (:func:`whole_`); None for any other view (a slice)."""
+    t = getattr(piece, "_local_tensor", piece)
+    b = t._base
+    if b is None:
+        return None
+    if getattr(t, WHOLE, False) or (t.numel() == b.numel() and _span(t) == _span(b)):
+        return b
+    return None
 
 
 def _shared_counters(grads: Sequence[Tensor]) -> bool:

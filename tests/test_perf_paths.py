@@ -1829,6 +1829,35 @@ def test_clipping_two_parts_keeps_the_first_part_s_skip(second_handed):
     assert all(torch.equal(b, q.detach()) for b, q in zip(before, m.parameters()))
 
 
+@pytest.mark.parametrize("call", ["clip_fused", "clipper"])
+def test_slices_of_one_gradient_clipped_apart_keep_the_first_slice_s_skip(call):
+    """Experts stored as one weight (4 experts, [4, 3, 5]), each expert's slice of its gradient clipped in its own
+    call (``[w.grad[e]]``), a NaN in expert 0's: the step is skipped; the next, finite batch is stepped, each
+    call's total against its float64 reference. A measured slice of a gradient counted as that whole gradient
+    (the rule meant for FSDP1's flat shard less its padding): expert 1's call measured it again, its finite flag
+    replaced expert 0's NaN one, and the NaN step was taken, every element of ``w`` NaN."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(4, 3, 5))
+    opt = torch.optim.Adam([w], lr=0.1, fused=call == "clip_fused")
+    clip = _skip_clip(call, opt)
+    for batch in range(2):
+        opt.zero_grad(set_to_none=True)
+        w.grad = torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(batch))
+        if batch == 0:
+            w.grad[0, 1, 2] = math.nan
+        want = [float(torch.linalg.vector_norm(w.grad[e].double())) for e in range(4)]
+        totals = [dist_clip.get_total_norm([w.grad[e]]).item() for e in range(4)]
+        for e in range(4):
+            clip([w.grad[e]])
+        before = w.detach().clone()
+        opt.step()
+        if batch == 0:
+            assert torch.equal(before, w.detach()), "the NaN step was taken"
+        else:
+            assert not torch.equal(before, w.detach()) and bool(w.isfinite().all())
+            assert all(math.isclose(t, r, rel_tol=1e-6) for t, r in zip(totals, want)), (totals, want)
+
+
 @pytest.mark.parametrize("next_call", ["clip_fused", "clipper"])
 def test_a_dropped_nan_hand_over_settled_by_a_part_does_not_skip_the_next_batch(next_call):
     """A NaN batch handed over whole to a fused optimizer, then a part clipped (which applies the coefficient:

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .. import _reduce
+from .. import _fused, _reduce
 from .._reduce import check_covers, same_ranks
 from ..shards import Shards
 
@@ -328,10 +328,11 @@ def _handle_pieces(handle: Any, layout: list[tuple[str, int, int | None]]) -> li
     g = flat.grad
     if g is None:
         return []
+    # (views that stand for the whole flat grad, its padding left out: see _fused.whole_)
     if layout and layout[0][2] is None:  # the whole shard, less its padding
         name, padding, _ = layout[0]
-        return [(name, g[: g.numel() - padding] if padding else g)]
-    return [(name, g.narrow(0, offset, numel)) for name, offset, numel in layout]
+        return [(name, _fused.whole_(g[: g.numel() - padding]) if padding else g)]
+    return [(name, _fused.whole_(g.narrow(0, offset, numel))) for name, offset, numel in layout]
 
 
 def fsdp1_handles(root: nn.Module) -> Iterator[tuple[nn.Module, Any, str, list[str]]]:
