@@ -1125,6 +1125,13 @@ def rearm(armed: tuple[Tensor, tuple[Any, ...]] | None, new: Tensor, now: tuple[
         measured = []
     if measured is not None and not measured and optimizer is not None:
         if armed is not None:
+            parts = getattr(armed[1], "parts", None)
+            if parts is not None:
+                # Its flag joins the ledger as a first call's does (below): another rank may have measured it (an
+                # FSDP1 rank whose shard of the part is padding only). Merged into the flag alone, the next call's
+                # ledger dropped it there: that rank took the step the others skipped (a NaN in a one-element
+                # head on rank 0, use_orig_params=True, 2 ranks: rank 1 stepped its shards, rank 0 did not).
+                armed[1].parts = [*parts, (new, None, (*now, None))]
             return merge(armed[0], new), armed[1]
         # (a ledger holding the flag by what untouched says of the gradients held now, as a record of them did:
         # on another rank, holding pieces of the part, the same flag may have been measured)
@@ -1208,7 +1215,8 @@ def _followed(record: tuple[Any, ...], now: tuple[list[Tensor], list[int]]) -> t
         if record.parts is not None:
             out.parts = [(f, follow(m) if m is not None else None,
                           _Explicit((follow(seen[0]), versions(seen[0], seen[1]))) if isinstance(seen, _Explicit)
-                          else seen) for f, m, seen in record.parts]
+                          else (follow(seen[0]), versions(seen[0], seen[1]), *seen[2:])
+                          if type(seen) is tuple and seen and seen[0] else seen) for f, m, seen in record.parts]
         out.state = (follow(state[0]), versions(state[0], state[1]))
         return out
     return (follow(record[0]), versions(record[0], record[1]), *record[2:])

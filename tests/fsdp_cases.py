@@ -2254,6 +2254,63 @@ def fsdp1_parts_keep_a_part_s_skip(use_orig_params: bool, flow: str, how: str) -
     return out
 
 
+class _TinyMiddleHead(nn.Module):
+    """Heads ha (15 elements), hb (one element: on 2 ranks rank 1's shard of it is padding only), hc (15)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.ha, self.hb, self.hc = nn.Linear(4, 3), nn.Linear(1, 1, bias=False), nn.Linear(4, 3)
+
+    def forward(self, x: Tensor, nan: bool = False) -> Tensor:
+        z = self.hb(x.sum(dim=1, keepdim=True)).sum()
+        return self.ha(x).square().mean() + self.hc(x).square().mean() + (z * math.nan if nan else z)
+
+
+def fsdp1_padding_only_rank_keeps_a_part_s_skip(flow: str, how: str) -> dict[str, Any]:
+    """FSDP1 (``use_orig_params=True``) heads [ha], [hb], [hc], each its own unit, clipped in three calls with
+    ``on_nonfinite="skip"``, a NaN in hb's batch on rank 0, whose shard holds hb's one element (rank 1's is padding
+    only: its call measures nothing), then a finite batch. ``flow``: "plain"; "forward", a forward (logging, no
+    grad) between [hb]'s and [hc]'s clips; "drop", the NaN batch dropped (no step, ``zero_grad(set_to_none=False)``).
+    Rank 1 merged the NaN flag into its flag only, not into the flag's ledger, and [hc]'s call, which rebuilds the
+    flag from the ledger, dropped it: rank 1 stepped its shards where rank 0 skipped. Returns, per batch, (skipped,
+    parameters finite)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    rank = dist.get_rank()
+    heads = _TinyMiddleHead()
+    for name in ("ha", "hb", "hc"):
+        setattr(heads, name, FSDP(getattr(heads, name), use_orig_params=True, device_id=torch.device("cpu")))
+    model = FSDP(heads, use_orig_params=True, device_id=torch.device("cpu"))
+    opt = torch.optim.Adam(model.parameters(), lr=0.1, fused=how == "clip_fused")
+    clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+
+    def clip(part: nn.Module) -> None:
+        if how == "clip_fused":
+            dist_clip.clip_grad_norm_(part, 1.0, optimizer=opt)
+        else:
+            clipper(part, optimizer=opt)
+
+    out: dict[str, Any] = {}
+    for batch, nan in enumerate((True, False)):
+        opt.zero_grad(set_to_none=False)
+        x = torch.randn(8, 4, generator=torch.Generator().manual_seed(100 * batch + rank))
+        model(x, nan=nan and rank == 0).backward()
+        clip(heads.ha)
+        clip(heads.hb)
+        if flow == "forward":
+            with torch.no_grad():
+                model(x)
+        clip(heads.hc)
+        if flow == "drop" and nan:
+            continue
+        before = [q.detach().clone() for q in model.parameters()]
+        opt.step()
+        out[f"batch {batch}"] = (all(torch.equal(b, q.detach()) for b, q in zip(before, model.parameters())),
+                                 all(bool(q.isfinite().all()) for q in model.parameters()))
+    return out
+
+
 def fsdp2_listed_unsynced_before_backward(how: str) -> list:
     """Sync turned off after a synchronised backward, before the next one (``how``: "off",
     ``set_requires_gradient_sync(False)`` on FSDP2; "no all-reduce", ``set_requires_all_reduce(False)`` on HSDP,

@@ -454,6 +454,17 @@ def test_fsdp1_parts_keep_a_part_s_skip_over_gradients_made_anew(run_ranks, use_
         assert r == {"batch 0": (True, True), "batch 1": (False, True), "totals": [True, True, True]}, r
 
 
+@pytest.mark.parametrize("how", ["clipper", "clip_fused"])
+@pytest.mark.parametrize("flow", ["plain", "forward", "drop"])
+def test_fsdp1_a_rank_holding_padding_only_of_a_part_keeps_its_skip(run_ranks, flow: str, how: str) -> None:
+    """FSDP1 heads [ha], [hb], [hc] (use_orig_params), hb one element, so rank 1's shard of it is padding only and
+    its call measures nothing; a NaN in hb on rank 0: both ranks skip the NaN batch (rank 1 stepped its shards),
+    and both step the next one."""
+    results = run_ranks(2, cases.fsdp1_padding_only_rank_keeps_a_part_s_skip, flow, how)
+    want = {"batch 1": (False, True)} if flow == "drop" else {"batch 0": (True, True), "batch 1": (False, True)}
+    assert results == [want, want], results
+
+
 @pytest.mark.parametrize("whole", [False, True])
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("how", ["clipper", "clip_fused"])
