@@ -1144,7 +1144,7 @@ def rearm(armed: tuple[Tensor, tuple[Any, ...]] | None, new: Tensor, now: tuple[
         record.state = now
     if armed is not None:
         armed = (armed[0], _followed(armed[1], now))
-    if measured and optimizer is not None and not isinstance(record, _Record):
+    if measured and optimizer is not None and not isinstance(record, _Record) and not _inside(now[0], measured):
         return _beside(armed, record, now, started, measured, new, merge)
     if armed is not None:
         merged = supersede(armed[1], record, now, started, measured, new, merge)
@@ -1155,6 +1155,17 @@ def rearm(armed: tuple[Tensor, tuple[Any, ...]] | None, new: Tensor, now: tuple[
             return merge(armed[0], new), record
     first_flag(record, new)
     return new, record
+
+
+def _inside(grads: Sequence[Tensor], measured: Sequence[Tensor]) -> bool:
+    """Whether some of a call's pieces ``measured``, none of them a gradient the optimizer steps (``grads``), lie in
+    the bytes of one: slices of a stepped gradient (experts stored in one weight, each slice ``w.grad[e]`` clipped
+    in its own call), which :func:`untouched` tells apart by their bytes, not pieces the optimizer does not step
+    (:func:`_beside`: held by their version counter, which a slice shares with the whole gradient, the next
+    slice's scaling read as a write and the first slice's NaN flag was dropped: the NaN step was taken)."""
+    ids = set(map(id, grads))
+    overlaps = _overlap_test([m for m in measured if id(m) not in ids])
+    return overlaps is not None and any(overlaps(_span(g)) for g in grads)
 
 
 def _beside(armed: tuple[Tensor, tuple[Any, ...]] | None, record: tuple[Any, ...],
