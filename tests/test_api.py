@@ -111,6 +111,25 @@ def test_an_infinite_total_under_a_finite_or_nan_limit():
         assert bool(mine.isnan().all()), (limit, mine)
 
 
+@pytest.mark.parametrize("limit", [1.0, torch.tensor(1.0), torch.tensor(1.0, dtype=torch.float64)])
+def test_a_finite_max_norm_as_a_tensor_or_per_parameter_zeroes_under_an_inf_total(limit):
+    """Only an infinite limit leaves an inf total's gradients alone: a finite one, given as a tensor (device ops
+    only: no host read) or as GradClipper's per-parameter limits (a tensor of them), is 0 over the inf total, as
+    the float limit is (the inf entry becomes NaN, the finite ones 0); the finite parameter of
+    per_param keeps its own coefficient (0.5 under 1: 1)."""
+    gs = [torch.tensor([math.inf, 1.0]), torch.tensor([0.5])]
+    mine = [g.clone() for g in gs]
+    total = dist_clip.clip_grad_norm_(mine, limit)
+    assert total.item() == math.inf
+    assert bool(mine[0][0].isnan()) and mine[0][1].item() == 0.0 and mine[1].item() == 0.0, mine
+    params = {f"w{i}": nn.Parameter(torch.zeros_like(g)) for i, g in enumerate(gs)}
+    for q, g in zip(params.values(), gs):
+        q.grad = g.clone()
+    result = dist_clip.GradClipper(max_norm=float(limit), mode="per_param")(params)
+    assert params["w0"].grad[1].item() == 0.0 and bool(params["w0"].grad[0].isnan()), params["w0"].grad
+    assert params["w1"].grad.tolist() == [0.5] and result.clip_coef.tolist() == [0.0, 1.0], result
+
+
 def test_mixed_float32_and_float64_gradients_give_a_float64_norm():
     """The returned norm is float64 where some gradient is float64 (README), in one process too: a float32
     result would round 2.2360679775 to 2.2360680103."""
