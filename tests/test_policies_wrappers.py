@@ -517,6 +517,9 @@ def case_torch_zero_overlapped_with_ddp_is_refused(fused: bool) -> list[Any]:
         "GradClipper, the parameters": lambda: GradClipper(max_norm=0.5, on_nonfinite="skip")(ps, optimizer=zero),
         "clip_grad_norm_, the parameters": lambda: dist_clip.clip_grad_norm_(ps, 0.5, optimizer=zero),
         "skip_next_step_": lambda: skip_next_step_(zero, torch.tensor(True)),
+        # without optimizer=: the DDP's hook (hook_with_zero_fn) alone tells that its step ran in the backward
+        "clip_grad_norm_, the DDP alone": lambda: dist_clip.clip_grad_norm_(ddp, 0.5),
+        "GradClipper, the DDP alone": lambda: GradClipper(max_norm=0.5)(ddp),
     }
     out: list[Any] = []
     for step in range(3):  # two warm-up iterations (DDP's buckets), then the hook steps in the backward
@@ -671,7 +674,8 @@ def test_a_zero_wrapper_before_its_local_optimizer_exists_is_a_plain_optimizer_f
 def test_torch_zero_overlapped_with_ddp_is_refused_once_it_steps_in_the_backward(run_ranks, fused):
     want = [False, *((name, True) for name in ("GradClipper", "GradClipper per_group", "clip_grad_norm_",
                                                 "GradClipper, the parameters", "clip_grad_norm_, the parameters",
-                                                "skip_next_step_"))]
+                                                "skip_next_step_", "clip_grad_norm_, the DDP alone",
+                                                "GradClipper, the DDP alone"))]
     assert run_ranks(2, case_torch_zero_overlapped_with_ddp_is_refused, fused, timeout_s=TIMEOUT) == [want, want]
 
 
