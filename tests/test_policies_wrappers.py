@@ -409,7 +409,8 @@ def case_torch_zero_skip(fused: bool, how: str = "GradClipper", wrapper: str = "
     grad_scale, its gradients were scaled by NaN, every rank stepped and the owners broadcast NaN parameters.
     ``PostLocalSGDOptimizer`` (``wrapper="post_local_sgd"``) steps its ``.optim`` too, which is armed: the wrapper
     runs no step hooks, so a skip was refused, and ``clip_grad_norm_`` over a fused optimizer stepped NaN
-    gradients (NaN parameters, averaged over the ranks)."""
+    gradients (NaN parameters, averaged over the ranks). Over a ``ZeroRedundancyOptimizer``
+    (``"post_local_sgd over zero"``) the ZeRO's own inner optimizer, which holds the state, is armed."""
     from torch import nn
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -425,12 +426,14 @@ def case_torch_zero_skip(fused: bool, how: str = "GradClipper", wrapper: str = "
             from fairscale.optim import OSS
 
             opt = OSS(model.parameters(), optim=torch.optim.Adam, lr=0.1, fused=fused)
-        elif wrapper == "post_local_sgd":
+        elif wrapper in ("post_local_sgd", "post_local_sgd over zero"):
             from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
             from torch.distributed.optim import PostLocalSGDOptimizer
 
-            opt = PostLocalSGDOptimizer(torch.optim.Adam(model.parameters(), lr=0.1, fused=fused),
-                                        PeriodicModelAverager(period=2, warmup_steps=0))
+            inner = (torch.optim.Adam(model.parameters(), lr=0.1, fused=fused) if wrapper == "post_local_sgd" else
+                     ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam, lr=0.1,
+                                             fused=fused))
+            opt = PostLocalSGDOptimizer(inner, PeriodicModelAverager(period=2, warmup_steps=0))
         else:
             opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam, lr=0.1, fused=fused)
         clipper = GradClipper(max_norm=0.5, on_nonfinite="skip")
@@ -446,7 +449,8 @@ def case_torch_zero_skip(fused: bool, how: str = "GradClipper", wrapper: str = "
             assert finite == (step != 1)
             opt.step()
             opt.zero_grad()
-        state = [v.clone() for s in opt.optim.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        stepping = opt.optim.optim if wrapper == "post_local_sgd over zero" else opt.optim
+        state = [v.clone() for s in stepping.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
         finals.append([q.detach().clone() for q in model.parameters()] + state)
     assert all(bool(t.isfinite().all()) for t in finals[1]), "NaN stepped"
     assert _same(finals[0], finals[1]), "the skipped step changed parameters or the inner optimizer's state"
@@ -656,13 +660,15 @@ def test_clip_grad_norm_with_a_zero_wrapper_over_a_fused_optimizer_skips(run_ran
     run_ranks(2, case_torch_zero_skip, True, "clip_grad_norm_", wrapper, timeout_s=TIMEOUT)
 
 
+@pytest.mark.parametrize("wrapper", ["post_local_sgd", "post_local_sgd over zero"])
 @pytest.mark.parametrize("fused", [False, True])
-def test_post_local_sgd_optimizer_skip(run_ranks, fused):
-    run_ranks(2, case_torch_zero_skip, fused, "GradClipper", "post_local_sgd", timeout_s=TIMEOUT)
+def test_post_local_sgd_optimizer_skip(run_ranks, fused, wrapper):
+    run_ranks(2, case_torch_zero_skip, fused, "GradClipper", wrapper, timeout_s=TIMEOUT)
 
 
-def test_clip_grad_norm_with_a_post_local_sgd_optimizer_over_a_fused_optimizer_skips(run_ranks):
-    run_ranks(2, case_torch_zero_skip, True, "clip_grad_norm_", "post_local_sgd", timeout_s=TIMEOUT)
+@pytest.mark.parametrize("wrapper", ["post_local_sgd", "post_local_sgd over zero"])
+def test_clip_grad_norm_with_a_post_local_sgd_optimizer_over_a_fused_optimizer_skips(run_ranks, wrapper):
+    run_ranks(2, case_torch_zero_skip, True, "clip_grad_norm_", wrapper, timeout_s=TIMEOUT)
 
 
 def test_a_zero_wrapper_before_its_local_optimizer_exists_is_a_plain_optimizer_for_the_hand_over(run_ranks):
