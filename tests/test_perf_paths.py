@@ -2456,12 +2456,14 @@ def test_an_explicit_skip_outlasts_a_part_clipped_again_after_an_extra_loss(seco
         _step_checked(opt, ps, skipped=explicit, moved=0)
 
 
+@pytest.mark.parametrize("whole", [False, True])
 @pytest.mark.parametrize("second", ["clipper", "clipper_fused", "clip_fused"])
-def test_an_explicit_skip_of_a_dropped_batch_does_not_reach_the_next_batch(second):
+def test_an_explicit_skip_of_a_dropped_batch_does_not_reach_the_next_batch(second, whole):
     """``skip_next_step_(opt, True)`` after the backward, [h0] and [h1] clipped, the batch dropped
-    (``zero_grad(set_to_none=True)``): the next batch, clipped the same way, steps. The explicit flag's ledger
-    entry lasts only while a gradient it saw is held (:func:`_fused._sticky`); kept whatever the gradients, it
-    skipped the next good step."""
+    (``zero_grad(set_to_none=True)``): the next batch, clipped the same way or whole (``clip_fused``: handed
+    over), steps. The explicit flag's ledger entry lasts only while a gradient it saw is held
+    (:func:`_fused._sticky`, in the arming calls and in the hand-over); kept whatever the gradients, it skipped
+    the next good step."""
     torch.manual_seed(0)
     h0, h1 = nn.Linear(4, 3), nn.Linear(4, 2)
     ps = [*h0.parameters(), *h1.parameters()]
@@ -2475,8 +2477,8 @@ def test_an_explicit_skip_of_a_dropped_batch_does_not_reach_the_next_batch(secon
         (h0(x).square().sum() + h1(x).square().sum()).backward()
         if explicit:
             dist_clip.skip_next_step_(opt, True)
-        clip(h0)
-        clip(h1)
+        for part in ([ps] if whole and not explicit else [list(h0.parameters()), list(h1.parameters())]):
+            clip(part)
     _step_checked(opt, ps, skipped=False)
 
 
