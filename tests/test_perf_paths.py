@@ -3600,6 +3600,40 @@ def body_ddp_bucket_views_dropped_batch(subclass: bool = False) -> list:
     return out
 
 
+def body_ddp_first_batch_nan_hand_over_dropped_before_the_bucket_rebuild() -> list:
+    """DDP with ``gradient_as_bucket_view=True``: a NaN first batch handed over (``clip_grad_norm_`` with the fused
+    optimizer), dropped (``zero_grad(set_to_none=True)``), and the next batch's backward, into the buckets DDP
+    rebuilds at its second iteration (the measured views moved to new buckets and written since), its total
+    read by ``get_total_norm`` (which settles the hand-over: its coefficient and flag dropped, none of the
+    measured gradients held) before the step: the good step is taken."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    model = DDP(torch.nn.Linear(4, 3), gradient_as_bucket_view=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, fused=True)
+    rank = dist.get_rank()
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(rank))
+    model(x).pow(2).sum().backward()
+    next(model.parameters()).grad.view(-1)[0] = math.nan
+    dist_clip.clip_grad_norm_(model, 0.1, optimizer=opt)
+    held = [p.grad for p in model.parameters()]
+    opt.zero_grad()  # the batch is dropped
+    model(x).pow(2).sum().backward()
+    moved = all(p.grad is not g and p.grad.data_ptr() != g.data_ptr() for p, g in zip(model.parameters(), held))
+    total = float(dist_clip.get_total_norm(model))
+    before = [p.detach().clone() for p in model.parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt.step()
+    stepped = all(not torch.equal(b, p) and bool(p.isfinite().all()) for b, p in zip(before, model.parameters()))
+    return [moved, math.isfinite(total), stepped]
+
+
+def test_a_dropped_nan_hand_over_whose_views_ddp_moved_does_not_skip_the_next_step(run_ranks):
+    assert run_ranks(2, body_ddp_first_batch_nan_hand_over_dropped_before_the_bucket_rebuild) == [[True] * 3] * 2
+
+
 def test_a_hand_over_on_view_gradients_leaves_the_parameters_swappable():
     """The backward counters of view gradients were kept in a weak dictionary keyed by parameter: its weak
     reference made load_state_dict() and .to() refuse to swap the parameters ("Cannot swap t1 because it has
