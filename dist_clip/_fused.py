@@ -804,18 +804,8 @@ def arm_skip_(
         return
     clear_stale(optimizer)
     now = grad_state(optimizer)
-    pending = optimizer.__dict__.get(_PENDING)
-    if combine and pending is not None and pending[2] is not None:
-        # A hand-over not applied yet whose gradients were written since, which no call settled (this one measures
-        # none of them): its coefficient is dropped and its flag kept, as settle() does.
-        verdict = _verdict(pending[3], pending[4], now[0], pending[5], optimizer)[0]
-        if verdict in ("written", "stale"):
-            del optimizer.__dict__[_PENDING]
-            _WAITING.discard(optimizer)
-            if verdict == "written":
-                _keep_flag(optimizer, pending[1], pending[3], now[0])
-            else:
-                _keep_replaced(optimizer, pending[1], _unmeasured(now[0], measured))
+    if combine:
+        _drop_unsettled(optimizer, now[0], measured)
     armed = optimizer.__dict__.get(_SKIP) if combine else None
     value, record = rearm(armed, value, now, started, measured, optimizer,
                           lambda a, b: torch.maximum(a, b.to(a.device)))
@@ -836,6 +826,23 @@ def arm_skip_(
         # skip_next_step_ replaces any pending flag, a hand-over's too (settled or not: skip_next_step_(opt,
         # False) left a settled NaN hand-over's flag in place, and the next batch's good step was skipped).
         optimizer.__dict__[_PENDING] = (pending[0], torch.zeros_like(pending[1]), *pending[2:])
+
+
+def _drop_unsettled(optimizer: torch.optim.Optimizer, now: list[Tensor], measured: Sequence[Tensor] | None) -> None:
+    """A hand-over not applied yet whose gradients were written since, which no call settled (the call at hand
+    measures none of them: an empty FSDP2 shard overlaps nothing): its coefficient is dropped and its flag kept,
+    as settle() does."""
+    pending = optimizer.__dict__.get(_PENDING)
+    if pending is None or pending[2] is None:
+        return
+    verdict = _verdict(pending[3], pending[4], now, pending[5], optimizer)[0]
+    if verdict in ("written", "stale"):
+        del optimizer.__dict__[_PENDING]
+        _WAITING.discard(optimizer)
+        if verdict == "written":
+            _keep_flag(optimizer, pending[1], pending[3], now)
+        else:
+            _keep_replaced(optimizer, pending[1], _unmeasured(now, measured))
 
 
 def _unmeasured(grads: list[Tensor], measured: Sequence[Tensor] | None) -> list[Tensor]:
@@ -992,7 +999,9 @@ class Agreement:
         self.deferred: list[Any] = []
         self.agreed: Tensor | None = None
         read: list[Tensor] = []
-        self.ids = {id(o) for o in optimizers if isinstance(o, torch.optim.Optimizer)}
+        self.optimizers = [o for o in optimizers if isinstance(o, torch.optim.Optimizer)]
+        self.ids = {id(o) for o in self.optimizers}
+        self.measured = measured
         for optimizer in optimizers:
             if not isinstance(optimizer, torch.optim.Optimizer) or not _armed_or_pending(optimizer):
                 continue  # (the usual case: nothing armed before this call in this step)
@@ -1018,8 +1027,18 @@ class Agreement:
             _DEFERRED.reset(token)
 
     def abandon(self) -> None:
-        """The call raised before its verdict: the flags waiting for it are kept by this rank's read, as without
-        an agreement."""
+        """The call raised: the flags waiting for the verdict are kept by it where the all-reduce gave one (a
+        non-finite total under ``error_if_nonfinite``, raised on every rank after the collective: read by each
+        rank alone, a NaN in rank 0's shard kept the flag there alone, and a step taken after the error was
+        skipped on rank 0 and taken on rank 1), else (raised before it) by this rank's read, as without one."""
+        if self.agreed is not None:
+            with self.armed():
+                # (and a hand-over this rank's call did not settle, which arming would have kept or dropped:
+                # rank 2's, whose pieces of the part, an empty shard, overlap none of its gradients)
+                for optimizer in self.optimizers:
+                    if not in_step(optimizer):
+                        _drop_unsettled(optimizer, gradients(optimizer), self.measured)
+                return
         deferred, self.deferred = self.deferred, []
         for optimizer, found, rest in deferred:
             _keep_replaced(optimizer, found, rest)

@@ -2390,3 +2390,37 @@ def fsdp2_out_of_place_nan_in_one_shard(how: str, fresh: bool = False, whole: bo
         out[f"batch {batch}"] = (all(torch.equal(b, q.detach().to_local()) for b, q in zip(before, model.parameters())),
                                  all(bool(q.to_local().isfinite().all()) for q in model.parameters()))
     return out
+
+
+def fsdp2_out_of_place_nan_then_error_if_nonfinite(_: None = None) -> tuple[bool, bool]:
+    """FSDP2 heads h0 (5 rows) and h1 (2 rows: rank 2's shard empty), fused Adam, clipped whole with optimizer=
+    (handed over) with a NaN in rank 0's shard of h0; the gradients then replaced out of place, a NaN put in rank
+    1's shard of h1, and [h1] clipped with ``error_if_nonfinite=True``, which raises on every rank after its
+    all-reduce; the step taken anyway. Returns (raised, this rank's step skipped)."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    m = mesh((dist.get_world_size(),))
+    model = nn.ModuleDict({"h0": nn.Linear(4, 5), "h1": nn.Linear(4, 2)})
+    for head in model.values():
+        fully_shard(head, mesh=m)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1, fused=True)
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(100 + dist.get_rank()))
+    (model["h0"](x).square().mean() + model["h1"](x).square().mean()).backward()
+    if dist.get_rank() == 0:
+        model["h0"].weight.grad._local_tensor[0, 0] = math.nan
+    dist_clip.clip_grad_norm_(model, 1.0, optimizer=opt)
+    for q in model.parameters():
+        q.grad = q.grad + 0.01 * q.grad.detach()  # an auxiliary loss's, added out of place
+    if dist.get_rank() == 1:
+        model["h1"].weight.grad._local_tensor.view(-1)[0] = math.nan
+    raised = False
+    try:
+        dist_clip.clip_grad_norm_(model["h1"], 1.0, error_if_nonfinite=True, optimizer=opt)
+    except RuntimeError as e:
+        raised = "non-finite" in str(e)
+    before = [q.detach().to_local().clone() for q in model.parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt.step()
+    return raised, all(torch.equal(b, q.detach().to_local()) for b, q in zip(before, model.parameters()))

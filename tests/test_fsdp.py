@@ -488,3 +488,13 @@ def test_fsdp2_nan_batch_dropped_then_a_fresh_one_steps_on_every_rank(run_ranks,
     results = run_ranks(world, cases.fsdp2_out_of_place_nan_in_one_shard, how, True)
     for r in results:
         assert r == {"batch 0": (False, True), "batch 1": (False, True)}, results
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_fsdp2_out_of_place_nan_raised_by_error_if_nonfinite_skips_on_every_rank(run_ranks, world: int) -> None:
+    """The same NaN hand-over, gradients replaced out of place, then [h1] clipped with ``error_if_nonfinite=True``
+    on a NaN in rank 1's shard: the call raises on every rank after its all-reduce, and the flag waiting for the
+    ranks' verdict was kept by each rank's own read instead (rank 0 skipped the step taken after the error, rank 1
+    stepped; rank 2, whose empty shard of h1 settled nothing, stepped too). Every rank skips."""
+    results = run_ranks(world, cases.fsdp2_out_of_place_nan_then_error_if_nonfinite, None)
+    assert results == [(True, True)] * world, results
