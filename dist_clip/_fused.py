@@ -1577,17 +1577,20 @@ def _keep_flag(optimizer: torch.optim.Optimizer, found: Tensor, held: list[Tenso
     kept, its good step was skipped)."""
     where = set(map(id, grads))
     members = [t for t in held if id(t) in where]
-    if not members:
-        return
+    if members:
+        _join_ledger(optimizer, (found, members, None))
+
+
+def _join_ledger(optimizer: torch.optim.Optimizer, entry: tuple[Tensor, list[Tensor], None]) -> None:
+    """``entry`` (a flag held by its gradients) joins ``optimizer``'s skip flag and its ledger, or starts both."""
     armed = optimizer.__dict__.get(_SKIP)
     if armed is None:
-        optimizer.__dict__[_SKIP] = (found, _Record.uncounted((members, version_list(members)),
-                                                              [(found, members, None)]))
+        optimizer.__dict__[_SKIP] = (entry[0], _Record.uncounted((entry[1], version_list(entry[1])), [entry]))
         return
     parts = getattr(armed[1], "parts", None)
     if parts is not None:
-        armed[1].parts = [*parts, (found, members, None)]
-    optimizer.__dict__[_SKIP] = (torch.maximum(armed[0], found.to(armed[0].device)), armed[1])
+        armed[1].parts = [*parts, entry]
+    optimizer.__dict__[_SKIP] = (torch.maximum(armed[0], entry[0].to(armed[0].device)), armed[1])
 
 
 def _keep_replaced(optimizer: torch.optim.Optimizer, found: Tensor, rest: list[Tensor]) -> None:
@@ -1600,16 +1603,8 @@ def _keep_replaced(optimizer: torch.optim.Optimizer, found: Tensor, rest: list[T
         agreement.deferred.append((optimizer, found, rest))
         return
     entry = carried_by_replacements(found, rest)
-    if entry is None:
-        return
-    armed = optimizer.__dict__.get(_SKIP)
-    if armed is None:
-        optimizer.__dict__[_SKIP] = (entry[0], _Record.uncounted((entry[1], version_list(entry[1])), [entry]))
-        return
-    parts = getattr(armed[1], "parts", None)
-    if parts is not None:
-        armed[1].parts = [*parts, entry]
-    optimizer.__dict__[_SKIP] = (torch.maximum(armed[0], entry[0].to(armed[0].device)), armed[1])
+    if entry is not None:
+        _join_ledger(optimizer, entry)
 
 
 def _dropped(verdict: str) -> bool:
