@@ -106,6 +106,20 @@ def _skip_clip(call: str, opt: torch.optim.Optimizer) -> Callable[[object], None
     return clip
 
 
+def _two_heads_skip(second: str, flat: bool = False) -> tuple[nn.Linear, nn.Linear, list[nn.Parameter],
+                                                             torch.optim.Adam, torch.Tensor, Callable[[object], None]]:
+    """Heads h0 (4 -> 3) and h1 (4 -> 2) (seed 0), their parameters, an Adam over them (fused unless ``second`` is
+    ``"clipper"``; their gradients views of one buffer where ``flat``), an input batch, and the skip test's
+    clipping call (:func:`_skip_clip`)."""
+    torch.manual_seed(0)
+    h0, h1 = nn.Linear(4, 3), nn.Linear(4, 2)
+    ps = [*h0.parameters(), *h1.parameters()]
+    opt = torch.optim.Adam(ps, lr=0.1, fused=second != "clipper")
+    if flat:
+        _grads_in_one_buffer(ps)
+    return h0, h1, ps, opt, torch.randn(8, 4), _skip_clip(second, opt)
+
+
 def _grads_in_one_buffer(ps: list[nn.Parameter]) -> torch.Tensor:
     """Make ``ps``' gradients views of one zeroed flat buffer (DDP's bucket views, a flat-buffer wrapper's): they
     share one version counter. Returns the buffer."""
@@ -2232,14 +2246,8 @@ def test_gradients_replaced_out_of_place_keep_the_skip_of_the_nan_they_carry(sec
     gradients were all replaced now lasts where a gradient the later call did not measure is not finite (the
     NaN travels into ``p.grad + g``; a fresh batch's is finite): the next batch, clipped the same way, steps, as
     does one after a dropped NaN batch under ``zero_grad(set_to_none=True)``."""
-    torch.manual_seed(0)
-    h0, h1 = nn.Linear(4, 3), nn.Linear(4, 2)
-    ps = [*h0.parameters(), *h1.parameters()]
-    opt = torch.optim.Adam(ps, lr=0.1, fused=second != "clipper")
-    x = torch.randn(8, 4)
+    h0, h1, ps, opt, x, clip = _two_heads_skip(second)
     parts = [ps] if how == "whole" else [list(h0.parameters()), list(h1.parameters())]
-
-    clip = _skip_clip(second, opt)
 
     for nan, drop in ((True, False), (False, False), (True, True), (False, False)):
         opt.zero_grad(set_to_none=True)
@@ -2434,15 +2442,7 @@ def test_an_explicit_skip_outlasts_a_part_clipped_again_after_an_extra_loss(seco
     next batch's, the clip replaced the skip and the step was taken (README's former Limits, over views of one
     buffer; also with gradients of their own). The skip lasts until the step while a gradient it held is still
     held (``zero_grad(set_to_none=True)`` drops it); the next batch steps."""
-    torch.manual_seed(0)
-    h0, h1 = nn.Linear(4, 3), nn.Linear(4, 2)
-    ps = [*h0.parameters(), *h1.parameters()]
-    opt = torch.optim.Adam(ps, lr=0.1, fused=second != "clipper")
-    if flat:
-        _grads_in_one_buffer(ps)
-    x = torch.randn(8, 4)
-
-    clip = _skip_clip(second, opt)
+    h0, h1, ps, opt, x, clip = _two_heads_skip(second, flat)
 
     for explicit in (True, False):
         opt.zero_grad(set_to_none=not flat)
@@ -2464,13 +2464,7 @@ def test_an_explicit_skip_of_a_dropped_batch_does_not_reach_the_next_batch(secon
     over), steps. The explicit flag's ledger entry lasts only while a gradient it saw is held
     (:func:`_fused._sticky`, in the arming calls and in the hand-over); kept whatever the gradients, it skipped
     the next good step."""
-    torch.manual_seed(0)
-    h0, h1 = nn.Linear(4, 3), nn.Linear(4, 2)
-    ps = [*h0.parameters(), *h1.parameters()]
-    opt = torch.optim.Adam(ps, lr=0.1, fused=second != "clipper")
-    x = torch.randn(8, 4)
-
-    clip = _skip_clip(second, opt)
+    h0, h1, ps, opt, x, clip = _two_heads_skip(second)
 
     for explicit in (True, False):
         opt.zero_grad(set_to_none=True)
@@ -2489,15 +2483,7 @@ def test_a_whole_model_nan_skip_ends_once_each_part_is_measured_again(second, fl
     [h1]: the whole call's flag lasts while some gradient it measured was not measured again since; after [h0]
     it is held by h1's alone, and [h1] ends it: the good step is taken. Kept by every gradient it first measured
     (h0's again after [h1]), it skipped the good step."""
-    torch.manual_seed(0)
-    h0, h1 = nn.Linear(4, 3), nn.Linear(4, 2)
-    ps = [*h0.parameters(), *h1.parameters()]
-    opt = torch.optim.Adam(ps, lr=0.1, fused=second != "clipper")
-    if flat:
-        _grads_in_one_buffer(ps)
-    x = torch.randn(8, 4)
-
-    clip = _skip_clip(second, opt)
+    h0, h1, ps, opt, x, clip = _two_heads_skip(second, flat)
 
     (h0(x).square().sum() + h1(x).square().sum() * math.nan).backward()
     clip(ps)  # NaN: the flag armed, then the batch dropped
@@ -2513,13 +2499,7 @@ def test_an_explicit_skip_lasts_while_some_gradient_it_saw_is_held(second):
     """``skip_next_step_(opt, True)`` with h0's and h1's gradients held, then h1's set to None by hand and [h0]
     clipped: h0's gradients are still the ones the skip saw, so it holds and the step is skipped (requiring every
     one of them held, the clip replaced it and the step was taken)."""
-    torch.manual_seed(0)
-    h0, h1 = nn.Linear(4, 3), nn.Linear(4, 2)
-    ps = [*h0.parameters(), *h1.parameters()]
-    opt = torch.optim.Adam(ps, lr=0.1, fused=second != "clipper")
-    x = torch.randn(8, 4)
-
-    clip = _skip_clip(second, opt)
+    h0, h1, ps, opt, x, clip = _two_heads_skip(second)
 
     (h0(x).square().sum() + h1(x).square().sum()).backward()
     dist_clip.skip_next_step_(opt, True)
@@ -2536,13 +2516,7 @@ def test_an_explicit_skip_armed_before_the_backward_lasts_until_the_step(second,
     before it), the backward and the model clipped (whole, or [h0] and [h1]): no gradient was held when the skip
     was armed, so the first call arming a skip found one "appeared" and replaced it, and the requested skip was
     lost, the step taken (torch's default ``zero_grad``). It lasts until the step; the next batch steps."""
-    torch.manual_seed(0)
-    h0, h1 = nn.Linear(4, 3), nn.Linear(4, 2)
-    ps = [*h0.parameters(), *h1.parameters()]
-    opt = torch.optim.Adam(ps, lr=0.1, fused=second != "clipper")
-    x = torch.randn(8, 4)
-
-    clip = _skip_clip(second, opt)
+    h0, h1, ps, opt, x, clip = _two_heads_skip(second)
 
     for explicit in (True, False):
         opt.zero_grad(set_to_none=True)
