@@ -2194,21 +2194,13 @@ class _ThreeHeads(nn.Module):
         return out
 
 
-def fsdp1_parts_keep_a_part_s_skip(use_orig_params: bool, flow: str, how: str) -> dict[str, Any]:
-    """FSDP1 heads [ha], [hb], [hc], each its own unit under an FSDP1 root, clipped in three calls with
-    ``on_nonfinite="skip"``, a NaN in hb's batch on rank 0 only, then a second, finite batch. ``flow``: "forward",
-    a forward (logging, no grad) between [hb]'s and [hc]'s clips; "aux", an auxiliary loss through every head
-    after the three clips (hb's gradients stay NaN) and [ha] clipped again. FSDP1 makes its gradients anew over
-    the same bytes (``use_orig_params=True``: new views at every forward; both ways: the flat gradient re-aliased
-    through ``.data`` by a backward accumulating into it): read as gradients gone, hb's NaN flag was dropped and
-    the NaN step taken, every parameter NaN (without ``use_orig_params``, with "aux", rank 1, whose shards end in
-    padding, took it alone). Returns, per batch, (skipped, parameters finite), and the three parts' totals of the
-    finite batch against their float64 references (the unsharded model, the ranks' gradients averaged)."""
+def _fsdp1_heads_skip(heads: nn.Module, use_orig_params: bool, how: str
+                      ) -> tuple[nn.Module, torch.optim.Adam, Callable[[nn.Module], float]]:
+    """``heads``' ha, hb, hc each an FSDP1 unit under an FSDP1 root (on the CPU), an Adam over them (fused for
+    ``how="clip_fused"``), and the call clipping a part under ``on_nonfinite="skip"`` with ``optimizer=`` that
+    Adam, returning its total: ``clip_grad_norm_`` (``how="clip_fused"``) or one ``GradClipper`` kept across calls."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    rank, world = dist.get_rank(), dist.get_world_size()
-    heads = _ThreeHeads()
-    reference = copy.deepcopy(heads)
     for name in ("ha", "hb", "hc"):
         setattr(heads, name, FSDP(getattr(heads, name), use_orig_params=use_orig_params, device_id=torch.device("cpu")))
     model = FSDP(heads, use_orig_params=use_orig_params, device_id=torch.device("cpu"))
@@ -2219,6 +2211,33 @@ def fsdp1_parts_keep_a_part_s_skip(use_orig_params: bool, flow: str, how: str) -
         if how == "clip_fused":
             return dist_clip.clip_grad_norm_(part, 1.0, optimizer=opt).item()
         return clipper(part, optimizer=opt).total_norm.item()
+
+    return model, opt, clip
+
+
+def _stepped(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[bool, bool]:
+    """``opt.step()``, then (whether it left ``model``'s parameters as they were, whether all are finite)."""
+    before = [q.detach().clone() for q in model.parameters()]
+    opt.step()
+    return (all(torch.equal(b, q.detach()) for b, q in zip(before, model.parameters())),
+            all(bool(q.isfinite().all()) for q in model.parameters()))
+
+
+def fsdp1_parts_keep_a_part_s_skip(use_orig_params: bool, flow: str, how: str) -> dict[str, Any]:
+    """FSDP1 heads [ha], [hb], [hc], each its own unit under an FSDP1 root, clipped in three calls with
+    ``on_nonfinite="skip"``, a NaN in hb's batch on rank 0 only, then a second, finite batch. ``flow``: "forward",
+    a forward (logging, no grad) between [hb]'s and [hc]'s clips; "aux", an auxiliary loss through every head
+    after the three clips (hb's gradients stay NaN) and [ha] clipped again. FSDP1 makes its gradients anew over
+    the same bytes (``use_orig_params=True``: new views at every forward; both ways: the flat gradient re-aliased
+    through ``.data`` by a backward accumulating into it): read as gradients gone, hb's NaN flag was dropped and
+    the NaN step taken, every parameter NaN (without ``use_orig_params``, with "aux", rank 1, whose shards end in
+    padding, took it alone). Returns, per batch, (skipped, parameters finite), and the three parts' totals of the
+    finite batch against their float64 references (the unsharded model, the ranks' gradients averaged)."""
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    heads = _ThreeHeads()
+    reference = copy.deepcopy(heads)
+    model, opt, clip = _fsdp1_heads_skip(heads, use_orig_params, how)
 
     def x_of(batch: int, r: int) -> Tensor:
         return torch.randn(8, 4, generator=torch.Generator().manual_seed(100 * batch + r))
@@ -2238,10 +2257,7 @@ def fsdp1_parts_keep_a_part_s_skip(use_orig_params: bool, flow: str, how: str) -
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # (a handed-over coefficient dropped after the auxiliary loss)
                 clip(heads.ha)
-        before = [q.detach().clone() for q in model.parameters()]
-        opt.step()
-        out[f"batch {batch}"] = (all(torch.equal(b, q.detach()) for b, q in zip(before, model.parameters())),
-                                 all(bool(q.isfinite().all()) for q in model.parameters()))
+        out[f"batch {batch}"] = _stepped(model, opt)
         if not nan:
             reference.zero_grad()
             for r in range(world):
@@ -2275,21 +2291,10 @@ def fsdp1_padding_only_rank_keeps_a_part_s_skip(flow: str, how: str) -> dict[str
     Rank 1 merged the NaN flag into its flag only, not into the flag's ledger, and [hc]'s call, which rebuilds the
     flag from the ledger, dropped it: rank 1 stepped its shards where rank 0 skipped. Returns, per batch, (skipped,
     parameters finite)."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     rank = dist.get_rank()
     heads = _TinyMiddleHead()
-    for name in ("ha", "hb", "hc"):
-        setattr(heads, name, FSDP(getattr(heads, name), use_orig_params=True, device_id=torch.device("cpu")))
-    model = FSDP(heads, use_orig_params=True, device_id=torch.device("cpu"))
-    opt = torch.optim.Adam(model.parameters(), lr=0.1, fused=how == "clip_fused")
-    clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
-
-    def clip(part: nn.Module) -> None:
-        if how == "clip_fused":
-            dist_clip.clip_grad_norm_(part, 1.0, optimizer=opt)
-        else:
-            clipper(part, optimizer=opt)
+    model, opt, clip = _fsdp1_heads_skip(heads, True, how)
 
     out: dict[str, Any] = {}
     for batch, nan in enumerate((True, False)):
@@ -2304,10 +2309,7 @@ def fsdp1_padding_only_rank_keeps_a_part_s_skip(flow: str, how: str) -> dict[str
         clip(heads.hc)
         if flow == "drop" and nan:
             continue
-        before = [q.detach().clone() for q in model.parameters()]
-        opt.step()
-        out[f"batch {batch}"] = (all(torch.equal(b, q.detach()) for b, q in zip(before, model.parameters())),
-                                 all(bool(q.isfinite().all()) for q in model.parameters()))
+        out[f"batch {batch}"] = _stepped(model, opt)
     return out
 
 
