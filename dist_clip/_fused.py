@@ -1039,21 +1039,23 @@ class Agreement:
                     if not in_step(optimizer):
                         _drop_unsettled(optimizer, gradients(optimizer), self.measured)
                 return
-        deferred, self.deferred = self.deferred, []
-        for optimizer, found, rest in deferred:
-            _keep_replaced(optimizer, found, rest)
+        self._keep_deferred()
 
     @contextlib.contextmanager
     def armed(self) -> Iterator[None]:
         """The verdict stands for this rank's read within (the flags waiting for it are kept or dropped first)."""
         token = _AGREED.set(self.agreed if self.agreed is not None else self.local > 0)
         try:
-            deferred, self.deferred = self.deferred, []
-            for optimizer, found, rest in deferred:
-                _keep_replaced(optimizer, found, rest)
+            self._keep_deferred()
             yield
         finally:
             _AGREED.reset(token)
+
+    def _keep_deferred(self) -> None:
+        """The settled hand-overs' flags that waited (:meth:`deferring`): kept or dropped, once each."""
+        deferred, self.deferred = self.deferred, []
+        for optimizer, found, rest in deferred:
+            _keep_replaced(optimizer, found, rest)
 
 
 def _armed_or_pending(optimizer: torch.optim.Optimizer) -> bool:

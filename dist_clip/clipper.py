@@ -511,12 +511,6 @@ def _with_replaced(extra: Tensor | None, local: Tensor) -> Tensor:
     return one if extra is None else torch.cat([extra, _reduce.moved(one, extra.device)])
 
 
-def _skip_optimizers(optimizer: Any) -> list[Any]:
-    """The torch optimizers a skip handle arms (:func:`_arm_skip`)."""
-    inner = _stepping_optimizers(optimizer)
-    return [optimizer] if inner is None else [o for opt in inner for o in _skip_optimizers(opt)]
-
-
 def _skip_pending(optimizer: torch.optim.Optimizer) -> bool:
     """Whether a skip flag armed on ``optimizer`` waits for its next step (fused or not)."""
     return pending_skip_flag(optimizer) is not None
@@ -956,8 +950,8 @@ class GradClipper:
                 settings += f", threshold_calls={self._threshold.count}"
             # (before settling: a hand-over's flag whose gradients were replaced waits for the ranks' verdict,
             # which travels in this call's measurement, 0 where nothing arms: see _fused.Agreement)
-            agreement = _fused.Agreement(_skip_optimizers(optimizer) if arm_skip is not None else [],
-                                         [t for s in shards for t in s.tensors])
+            skipping = (_stepping_optimizers(optimizer) or [optimizer]) if arm_skip is not None else []
+            agreement = _fused.Agreement(skipping, [t for s in shards for t in s.tensors])
             membership = _with_replaced(membership, agreement.local)
             with agreement.deferring():
                 _clip.settle_hand_over(target, lambda: [t for s in shards for t in s.tensors])
