@@ -17,8 +17,9 @@
 #   NODE_RANK    with NO_SSH=1, this node's index in HOSTFILE
 #   MASTER_ADDR  address of node 0 (several nodes; default: DeepSpeed asks node 0 over ssh)
 #   MASTER_PORT  default: a free port on one node, 29500 on several
-#   DS_LAUNCHER  multi-node backend: pdsh (default), openmpi, impi, mvapich, slurm (DeepSpeed 0.19.8's mpich
-#                runner cannot start a module: launch/mpirun.sh runs MPICH)
+#   DS_LAUNCHER  multi-node backend: pdsh (default), openmpi, impi, mvapich. DeepSpeed 0.19.8's mpich and slurm
+#                runners cannot start a module (refused, exit 2): launch/mpirun.sh runs MPICH; under slurm, NO_SSH=1
+#                on every node
 #   DS_ARGS      extra launcher options, e.g. "--bind_cores_to_rank"
 #   PYTHON       interpreter (default: the repository's .venv, else python3 on PATH)
 # DS_ACCELERATOR is set to cpu where there is no nvidia-smi (DeepSpeed's CPU accelerator then uses gloo).
@@ -42,11 +43,22 @@ if [[ "$NNODES" == 1 && -z "${HOSTFILE:-}" ]]; then
     ARGS+=(--hostfile "$(mktemp -u)" --master_port "$MASTER_PORT")
 else
     : "${HOSTFILE:?set HOSTFILE to a host file listing the NNODES nodes (one 'host slots=N' per line)}"
+    # DeepSpeed 0.19.8's mpich and slurm runners cannot start a module: mpich runs `python -u -m
+    # .../launcher_helper.py`, slurm `python -u dist_clip` (no -m: every rank failed, "attempted relative import
+    # with no known parent package" from the repository's folder, "can't open file" elsewhere). Refused before the
+    # runner starts anything. (NO_SSH=1, or one node, starts this node's ranks itself, whatever DS_LAUNCHER says.)
+    case "$(echo "${DS_LAUNCHER:-pdsh}" | tr '[:upper:]' '[:lower:]'),${NO_SSH:-0},$([[ "$NNODES" == 1 ]] && echo 1)" in
+        mpich,0,|slurm,0,)
+            echo "launch/deepspeed.sh: DS_LAUNCHER=${DS_LAUNCHER}: DeepSpeed's ${DS_LAUNCHER} runner cannot start" \
+                 "a module (python -m dist_clip); run NO_SSH=1 NODE_RANK=<i> launch/deepspeed.sh on every node" \
+                 "(e.g. from an sbatch script), or MPICH with launch/mpirun.sh" >&2
+            exit 2 ;;
+    esac
     ARGS+=(--hostfile "$HOSTFILE" --num_nodes "$NNODES" --master_port "${MASTER_PORT:-29500}" --launcher "${DS_LAUNCHER:-pdsh}")
     case "$(echo "${DS_LAUNCHER:-pdsh}" | tr '[:upper:]' '[:lower:]'),${NO_SSH:-0}" in
         # DeepSpeed's MPI runners refuse --num_gpus and --num_nodes ("openmpi backend does not support limiting
         # num nodes/gpus"): they start the host file's slots on every node of it. (NO_SSH=1 launches locally.)
-        openmpi,0|mpich,0|impi,0|mvapich,0)
+        openmpi,0|impi,0|mvapich,0)
             KEEP=()
             for ((i = 0; i < ${#ARGS[@]}; i++)); do
                 case "${ARGS[i]}" in --num_gpus|--num_nodes) i=$((i + 1)) ;; *) KEEP+=("${ARGS[i]}") ;; esac

@@ -1119,6 +1119,30 @@ def test_deepspeed_launcher_starts_the_mpi_runners(tmp_path):
     assert cmd and cmd[0].endswith("-u -m dist_clip check"), out[-3000:]
 
 
+@pytest.mark.deepspeed
+@pytest.mark.parametrize("launcher", ["slurm", "MPICH"])
+def test_deepspeed_launcher_refuses_the_runners_that_cannot_start_a_module(tmp_path, launcher):
+    """DeepSpeed 0.19.8's slurm runner starts ``python -u dist_clip check`` (no -m: every rank failed, "attempted
+    relative import with no known parent package" from the repository's folder), its mpich runner ``python -u -m
+    .../launcher_helper.py``, yet README offered DS_LAUNCHER=slurm. Both are refused before the runner starts
+    anything, with one line on stderr and status 2; NO_SSH=1 on every node is the way under slurm."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for name in ("srun", "sinfo", "mpirun"):  # (the runner's backend tests find them; none is called)
+        (stubs / name).write_text('#!/usr/bin/env bash\necho "STUB-STARTED $*"\n')
+        (stubs / name).chmod(0o755)
+    hosts = tmp_path / "hosts"
+    hosts.write_text("node0 slots=2\nnode1 slots=2\n")
+    env = job_env(HOME=str(tmp_path), HOSTFILE=str(hosts), NNODES="2", NPROC="2", MASTER_ADDR="127.0.0.1",
+                  DS_ARGS="--no_ssh_check", DS_LAUNCHER=launcher)
+    env["PATH"] = f"{stubs}{os.pathsep}{env['PATH']}"
+    code, out = finish(start("deepspeed.sh", ["check"], env), timeout_s=120)
+    assert code == 2, out[-3000:]
+    assert (f"launch/deepspeed.sh: DS_LAUNCHER={launcher}: DeepSpeed's {launcher} runner cannot start a module "
+            "(python -m dist_clip); run NO_SSH=1 NODE_RANK=<i> launch/deepspeed.sh on every node") in out, out[-3000:]
+    assert "STUB-STARTED" not in out and "deepspeed.launcher.runner" not in out, out[-3000:]
+
+
 @pytest.mark.parametrize("config, cuda, expected", [
     ("cpu:gloo,cuda:nccl", True, "cuda:0"),  # init_process_group() without a backend on a GPU machine
     ("cpu:gloo,cuda:nccl", False, "cpu"),
