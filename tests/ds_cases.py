@@ -1262,3 +1262,47 @@ def case_skip_then_steps_without_a_layer(stage: int, dtype: str, accum: str | No
     n = len(list(model.net.parameters()))  # the net's parameters come first, in model order
     same = all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(runs[0][1][:n], runs[1][1][:n]))
     return [*runs[0][0], all(bool(torch.isfinite(t).all()) for t in runs[0][1]), same]
+
+
+class _WithDeviceMarker(torch.nn.Module):
+    """The model of :func:`make_model` beside a zero-element parameter (``nn.Parameter(torch.empty(0))``, the
+    usual marker a module keeps to tell its device and dtype)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_model(0)
+        self.marker = torch.nn.Parameter(torch.empty(0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def case_zero_element_parameter(stage: int, dtype: str = "fp32", grad_accum_dtype: str | None = None) -> list:
+    """A trainable zero-element parameter in the optimizer's param group: DeepSpeed 0.19.8 leaves it out of its
+    groups (``is_optimized_parameter``: nothing to optimize), as it leaves out frozen ones. It holds no gradient
+    element, so the norm is the model's: it was refused as a parameter in no param group ("marker requires
+    gradients but is in no param group", ValueError on every rank, ZeRO 1-2 and ``BF16_Optimizer``). Every mode
+    measures the float64 unsharded norm and steps the clipped gradients."""
+    deepspeed = _quiet()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out: list = []
+    for mode in ("total", "per_param"):
+        torch.manual_seed(0)
+        model = _WithDeviceMarker()
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        with contextlib.redirect_stdout(io.StringIO()):
+            engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(
+                stage, dtype=dtype, grad_accum_dtype=grad_accum_dtype))
+        ref = make_model(0).double()
+        for r in range(world):
+            (loss_fn(ref(batch(r, 0, 0).double())) / world).backward()
+        grads = [q.grad for q in ref.parameters()]
+        dt = _engine_dtype(engine)
+        engine.backward(loss_fn(engine(batch(rank, 0, 0).to(dt))))
+        result = dist_clip.GradClipper(max_norm=0.3, mode=mode, report=True)(engine)
+        engine.step()
+        want = reference_norm(grads)
+        rtol = 2e-6 if dtype == "fp32" else 2e-2
+        out.append(abs(float(result.total_norm) - want) <= rtol * want)
+        out.append(sorted(result.norms or {}) == sorted(f"net.{n}" for n, _ in ref.named_parameters()))
+    return out

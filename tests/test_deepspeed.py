@@ -189,6 +189,15 @@ def test_a_trainable_layer_outside_the_optimizer_on_the_replicated_wrappers(run_
     assert results == [[True]] * 2, results
 
 
+@pytest.mark.parametrize("stage,dtype,accum", [(1, "fp32", None), (2, "fp32", None), (2, "bf16", None),
+                                               (1, "bf16", "fp32"), (0, "fp32", None)])
+def test_a_zero_element_parameter_is_not_taken_for_one_outside_the_optimizer(run_ranks, stage, dtype, accum):
+    """DeepSpeed 0.19.8 leaves trainable zero-element parameters (a device marker) out of its groups: they were
+    refused as parameters in no param group (ValueError on every rank), though they hold no gradient element."""
+    assert run_ranks(2, ds_cases.case_zero_element_parameter, stage, dtype, accum, timeout_s=TIMEOUT) == [
+        [True] * 4] * 2
+
+
 def test_internals_still_exist_and_misuse_is_loud(run_ranks):
     run_ranks(2, ds_cases.case_contract, timeout_s=TIMEOUT)
 

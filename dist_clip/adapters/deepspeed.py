@@ -623,7 +623,10 @@ def _check_trainable_in_groups(engine: Any, opt: Any, groups: Any) -> None:
         return
     params = list(engine.module.parameters())
     held = {id(p) for group in groups for p in group}
-    outside = [n for n, p in _module_named(engine) if p.requires_grad and id(p) not in held]
+    # A zero-element parameter is left out of the groups by DeepSpeed 0.19.8 itself (``is_optimized_parameter``:
+    # nothing to optimize) and holds no gradient element: not outside (a device marker ``nn.Parameter(
+    # torch.empty(0))`` was refused as a parameter in no param group, ZeRO 1-2 and BF16_Optimizer).
+    outside = [n for n, p in _module_named(engine) if p.requires_grad and id(p) not in held and p.numel() > 0]
     if outside:
         more = f" and {len(outside) - 5} more" if len(outside) > 5 else ""
         raise ValueError(
