@@ -1306,3 +1306,17 @@ def case_zero_element_parameter(stage: int, dtype: str = "fp32", grad_accum_dtyp
         out.append(abs(float(result.total_norm) - want) <= rtol * want)
         out.append(sorted(result.norms or {}) == sorted(f"net.{n}" for n, _ in ref.named_parameters()))
     return out
+
+
+def case_global_grad_norm_after_the_clip(stage: int, offload: bool, hand_over: bool) -> list:
+    """What ``engine.get_global_grad_norm()`` holds after ``step()`` beside dist_clip's total: DeepSpeed's own L2
+    measurement, taken in ``step()`` after the plain call scaled the gradients (ZeRO 1-3 without offload: the
+    clipped norm, max_norm), or in backward before it (offload), or before the handed-over coefficient reached
+    them (``optimizer=``): the unclipped norm, dist_clip's total."""
+    engine = make_engine(ds_config(stage, offload=offload))
+    engine.backward(loss_fn(engine(batch(dist.get_rank(), 0, 0))))
+    total = float(dist_clip.clip_grad_norm_(engine, 0.3, optimizer=engine.optimizer if hand_over else None))
+    engine.step()
+    theirs = float(engine.get_global_grad_norm())
+    return [round(total, 4), "total" if abs(theirs - total) <= 1e-5 * total else
+            "max_norm" if abs(theirs - 0.3) <= 1e-5 else theirs]

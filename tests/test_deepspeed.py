@@ -198,6 +198,17 @@ def test_a_zero_element_parameter_is_not_taken_for_one_outside_the_optimizer(run
         [True] * 4] * 2
 
 
+@pytest.mark.parametrize("stage,offload,hand_over,what", [
+    (1, False, False, "max_norm"), (2, False, False, "max_norm"), (3, False, False, "max_norm"),
+    (2, True, False, "total"), (3, True, False, "total"), (2, False, True, "total"), (3, False, True, "total")])
+def test_get_global_grad_norm_after_the_clip_is_as_the_readme_says(run_ranks, stage, offload, hand_over, what):
+    """README: ZeRO 1-3 without offload measure after the plain call's scaling (ZeRO-3 was left out of the list),
+    the offloaded ones in backward and the hand-over before the coefficient applies."""
+    results = run_ranks(2, ds_cases.case_global_grad_norm_after_the_clip, stage, offload, hand_over,
+                        timeout_s=TIMEOUT)
+    assert results[0] == results[1] and results[0][1] == what, results
+
+
 def test_internals_still_exist_and_misuse_is_loud(run_ranks):
     run_ranks(2, ds_cases.case_contract, timeout_s=TIMEOUT)
 
