@@ -4255,3 +4255,44 @@ def test_fsdp2_a_part_without_gradients_keeps_the_skip_flag(run_ranks, second):
     and leaves the flag as it is; the next good batch steps."""
     for got in run_ranks(2, body_fsdp2_a_part_without_gradients_keeps_the_skip_flag, second):
         assert got == [(True, False), (False, True)], got
+
+
+def body_a_part_no_gradient_of_which_this_rank_holds_keeps_the_other_rank_s_skip(how: str) -> list:
+    """Plain tensors with ``group=``, each rank its own parameters: part A is rank 0's ``a`` alone (rank 1 holds no
+    gradient of it and passes an empty list), part B one tensor on each rank; a NaN in ``a``; [A] then [B]
+    clipped. Returns, per batch (NaN, good), whether this rank's step was skipped."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    torch.manual_seed(rank)
+    a = nn.Parameter(torch.randn(3))
+    b = nn.Parameter(torch.randn(4))
+    mine = [a, b] if rank == 0 else [b]
+    opt = torch.optim.Adam(mine, lr=0.1, fused=how != "clipper")
+    clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+    out = []
+    for nan in (True, False):
+        opt.zero_grad(set_to_none=True)
+        for q in mine:
+            q.grad = torch.randn(q.shape)
+        if nan and rank == 0:
+            a.grad[1] = math.nan
+        for part in ([a] if rank == 0 else [], [b]):
+            if how == "clip_fused":
+                dist_clip.clip_grad_norm_(part, 1.0, optimizer=opt, group=dist.group.WORLD)
+            else:
+                clipper(part, optimizer=opt, group=dist.group.WORLD)
+        before = [q.detach().clone() for q in mine]
+        opt.step()
+        out.append(all(torch.equal(x, q) for x, q in zip(before, mine)))
+    return out
+
+
+@pytest.mark.parametrize("how", ["clipper", "clipper_fused", "clip_fused"])
+def test_a_part_no_gradient_of_which_this_rank_holds_keeps_the_other_rank_s_skip(run_ranks, how):
+    """A part whose gradients are all on rank 0, NaN there: rank 1's call measures nothing and arms the ranks' NaN
+    flag with nothing held, which must last through the next part's call as rank 0's does (recorded without the
+    gradients held then, the next part's call dropped it on rank 1 alone: rank 1 stepped, rank 0 skipped). Every
+    rank skips the NaN batch and steps the good one."""
+    assert run_ranks(2, body_a_part_no_gradient_of_which_this_rank_holds_keeps_the_other_rank_s_skip, how) == \
+        [[True, False]] * 2
