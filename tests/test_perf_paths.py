@@ -2265,6 +2265,41 @@ def test_gradients_replaced_out_of_place_keep_the_skip_of_the_nan_they_carry(sec
             _step_checked(opt, ps, skipped=nan)
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("flow", ["settled", "beside"])
+def test_a_hand_over_s_flag_outlasts_out_of_place_replacements_after_a_settling_read_or_beside_its_gradients(
+        flow, bad):
+    """Heads h0 and h1 stepped by fused Adam, a module E it does not step; a non-finite entry in h0's gradient,
+    every gradient of the optimizer clipped and handed over; its gradients then replaced out of place
+    (``p.grad = p.grad + g``) and a later call arming: ``settled``, the hand-over applied first by
+    ``get_total_norm([h1])`` (an inf total's coefficient 0 leaves h1 finite, h0 NaN), then [h1] clipped (the
+    settled flag's gradients all gone: kept by the replacements it finds non-finite, or the step was taken);
+    ``beside``, [E] clipped with the optimizer, a call that settles nothing (the hand-over unsettled and stale:
+    dropped with its flag, the NaN step was taken). The bad batch is skipped, the next one steps."""
+    torch.manual_seed(0)
+    h0, h1, e = nn.Linear(4, 3), nn.Linear(4, 2), nn.Linear(4, 2)
+    ps = [*h0.parameters(), *h1.parameters()]
+    opt = torch.optim.Adam(ps, lr=0.1, fused=True)
+    x = torch.randn(8, 4)
+    for nan in (True, False):
+        opt.zero_grad(set_to_none=True)
+        e.zero_grad(set_to_none=True)
+        (h0(x).square().sum() + h1(x).square().sum() + e(x).sum()).backward()
+        if nan:
+            with torch.no_grad():
+                h0.weight.grad[0, 0] = bad
+        dist_clip.clip_grad_norm_(ps, 1.0, optimizer=opt)
+        if flow == "settled":
+            dist_clip.get_total_norm(list(h1.parameters()))
+        extra = torch.autograd.grad(h0(x).abs().mean() + h1(x).abs().mean(), ps)
+        for q, g in zip(ps, extra):
+            q.grad = q.grad + g
+        dist_clip.clip_grad_norm_(list((e if flow == "beside" else h1).parameters()), 1.0, optimizer=opt)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (the dropped coefficient: the step takes the gradients unclipped)
+            _step_checked(opt, ps, skipped=nan)
+
+
 @pytest.mark.parametrize("first", ["parts", "whole"])
 @pytest.mark.parametrize("bad", ["nan", "skip_next_step_"])
 @pytest.mark.parametrize("layout", ["own", "views"])
