@@ -947,11 +947,15 @@ def supersede(armed: tuple[Any, ...], record: tuple[Any, ...], now: tuple[list[T
         if members is None:
             if seen is not None and _sticky(seen, started if started is not None else now, measured):
                 kept.append((flag, None, seen))
+            elif _replaced_away(seen, where):
+                gone.append(flag)
             continue
         left = [t for t in members if id(t) in where and id(t) not in again]
         if left:
             kept.append((flag, left, None))
-        elif any(id(t) not in where for t in members):
+        elif not members or any(id(t) not in where for t in members):
+            # (an entry without gradients, kept by the ranks' verdict where this rank held none to read: decided
+            # again by each arming call's verdict, while the other ranks' entries holding gradients last)
             gone.append(flag)
     if gone:
         holding = {id(t) for _, members, _ in kept if members is not None for t in members}
@@ -961,6 +965,17 @@ def supersede(armed: tuple[Any, ...], record: tuple[Any, ...], now: tuple[list[T
             kept.append(entry)
     record.parts = [*kept, (new, list(record[0]), None)]
     return functools.reduce(merge, [f for f, _, _ in record.parts])
+
+
+def _replaced_away(seen: Any, where: set[int]) -> bool:
+    """Whether a ledger entry armed by a call that measured nothing on this rank (another rank measured the part:
+    ``seen``, the gradients held then) lost every one of those gradients: replaced out of place or by the next
+    batch, its flag is decided as any entry whose gradients are gone (:func:`carried_by_replacements`), by the
+    ranks' verdict within an arming call, as the other ranks' entries holding the part's gradients are; dropped
+    here alone, rank 1 stepped where rank 0 skipped (a part held on rank 0 alone, NaN there, gradients replaced
+    out of place, the next part clipped again)."""
+    return (type(seen) is tuple and len(seen) == 3 and seen[2] is None and bool(seen[0])
+            and not any(id(t) in where for t in seen[0]))
 
 
 def carried_by_replacements(flag: Tensor, rest: list[Tensor]) -> tuple[Tensor, list[Tensor], None] | None:
@@ -1712,6 +1727,11 @@ def hand_over_(
         now = (grads, version_list(grads))
         left = [(f, None, seen) for f, members, seen in parts
                 if members is None and seen is not None and _sticky(seen, now, grads)]
+        gone = [f for f, members, seen in parts if members is None and not (seen is not None and _sticky(
+            seen, now, grads)) and _replaced_away(seen, set(map(id, grads)))]
+        entry = carried_by_replacements(functools.reduce(torch.maximum, gone), []) if gone else None
+        if entry is not None:
+            left.append(entry)  # type: ignore[arg-type]
         if left:
             armed[1].parts = left
             optimizer.__dict__[_SKIP] = (functools.reduce(torch.maximum, [f for f, _, _ in left]), armed[1])

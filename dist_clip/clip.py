@@ -591,7 +591,8 @@ def clip_grad_norm_(
     if fold is not None and not wide_product:
         fold(coef, everything)
     elif handed:
-        _fused.hand_over_(optimizer, coef, wide, stepped)
+        with agreement.armed() if agreement is not None else contextlib.nullcontext():
+            _fused.hand_over_(optimizer, coef, wide, stepped)
     elif wide_product:
         _scale.mul_wide_(everything, float(coef_wide))
     else:

@@ -4292,10 +4292,13 @@ def test_fsdp2_a_part_without_gradients_keeps_the_skip_flag(run_ranks, second):
         assert got == [(True, False), (False, True)], got
 
 
-def body_a_part_no_gradient_of_which_this_rank_holds_keeps_the_other_rank_s_skip(how: str) -> list:
+def body_a_part_no_gradient_of_which_this_rank_holds_keeps_the_other_rank_s_skip(how: str, replaced: bool = False
+                                                                                ) -> list:
     """Plain tensors with ``group=``, each rank its own parameters: part A is rank 0's ``a`` alone (rank 1 holds no
     gradient of it and passes an empty list), part B one tensor on each rank; a NaN in ``a``; [A] then [B]
-    clipped. Returns, per batch (NaN, good), whether this rank's step was skipped."""
+    clipped; ``replaced``: then every gradient replaced out of place (``p.grad = p.grad + g``) and [B] clipped again
+    (rank 1 holds no gradient that call does not measure: its flag is kept by the ranks' verdict alone). Returns,
+    per batch (NaN, good), whether this rank's step was skipped."""
     import torch.distributed as dist
 
     rank = dist.get_rank()
@@ -4317,17 +4320,28 @@ def body_a_part_no_gradient_of_which_this_rank_holds_keeps_the_other_rank_s_skip
                 dist_clip.clip_grad_norm_(part, 1.0, optimizer=opt, group=dist.group.WORLD)
             else:
                 clipper(part, optimizer=opt, group=dist.group.WORLD)
+        if replaced:
+            for q in mine:
+                q.grad = q.grad + torch.ones(q.shape)
+            if how == "clip_fused":
+                dist_clip.clip_grad_norm_([b], 1.0, optimizer=opt, group=dist.group.WORLD)
+            else:
+                clipper([b], optimizer=opt, group=dist.group.WORLD)
         before = [q.detach().clone() for q in mine]
         opt.step()
         out.append(all(torch.equal(x, q) for x, q in zip(before, mine)))
     return out
 
 
+@pytest.mark.parametrize("replaced", [False, True])
 @pytest.mark.parametrize("how", ["clipper", "clipper_fused", "clip_fused"])
-def test_a_part_no_gradient_of_which_this_rank_holds_keeps_the_other_rank_s_skip(run_ranks, how):
+def test_a_part_no_gradient_of_which_this_rank_holds_keeps_the_other_rank_s_skip(run_ranks, how, replaced):
     """A part whose gradients are all on rank 0, NaN there: rank 1's call measures nothing and arms the ranks' NaN
     flag with nothing held, which must last through the next part's call as rank 0's does (recorded without the
     gradients held then, the next part's call dropped it on rank 1 alone: rank 1 stepped, rank 0 skipped). Every
-    rank skips the NaN batch and steps the good one."""
-    assert run_ranks(2, body_a_part_no_gradient_of_which_this_rank_holds_keeps_the_other_rank_s_skip, how) == \
-        [[True, False]] * 2
+    rank skips the NaN batch and steps the good one. ``replaced``: the gradients then replaced out of place and [B]
+    clipped again, rank 1's replaced flag has no gradient left to hold it, and is kept by the ranks' verdict (rank
+    0 reads a NaN in ``a``), as an entry without gradients: dropped there, or decided by rank 1's own read, rank 1
+    stepped."""
+    assert run_ranks(2, body_a_part_no_gradient_of_which_this_rank_holds_keeps_the_other_rank_s_skip, how,
+                     replaced) == [[True, False]] * 2
