@@ -1029,6 +1029,18 @@ class Agreement:
         self.local = (_nonfinite(read, read[0].device).to(torch.float64) if read
                       else torch.zeros((), dtype=torch.float64))
 
+    def fold(self, found: Tensor, rest: list[Tensor]) -> None:
+        """Another optimizer's hand-over this call settles (its measured gradients every one replaced): this rank's
+        read of ``rest`` joins ``local`` before the all-reduce carries it, so every rank keeps or drops that flag
+        alike (read by each rank alone, a NaN in rank 0's shard of a head stepped by a second fused optimizer,
+        settled by a call arming the first, skipped that optimizer's step on rank 0 only: FSDP2, 2 ranks). One
+        verdict for every flag of the call: where two optimizers' flags wait on it at once, either's non-finite
+        read keeps both (a good step skipped, never a NaN one taken)."""
+        if self.agreed is not None or not rest or (found.device.type == "cpu" and not bool(found)):
+            return  # (already combined; nothing to hold it; or, on the CPU, no flag to keep: read nothing)
+        bad = _nonfinite(rest, found.device).to(torch.float64)
+        self.local = torch.maximum(_reduce.moved(self.local, bad.device), bad)
+
     def agree(self, combined: Tensor) -> None:
         """The all-reduced ``local`` (any rank's 1: true on every rank)."""
         self.agreed = combined.reshape(()) > 0
@@ -1062,9 +1074,28 @@ class Agreement:
         token = _AGREED.set(self.agreed if self.agreed is not None else self.local > 0)
         try:
             self._keep_deferred()
+            self._others_unsettled()
             yield
         finally:
             _AGREED.reset(token)
+
+    def _others_unsettled(self) -> None:
+        """Another optimizer's hand-over that this call measures gradients of but did not settle here (its pieces
+        on this rank are empty FSDP2 shards, which overlap nothing), as the ranks settling it did (see :meth:`fold`):
+        dropped, its flag kept or dropped by the verdict (left for the step's own check, which drops it, this rank
+        stepped where the others skipped: heads h0 and h1 of a second fused optimizer, rank 2 of 3 holding nothing of
+        h1, a call on [h1] arming the first). A hand-over settled or not replaced is left as it is."""
+        if not _WAITING or not self.measured:
+            return
+        for optimizer in list(_WAITING):
+            if id(optimizer) in self.ids or in_step(optimizer):
+                continue
+            pending = optimizer.__dict__.get(_PENDING)
+            if pending is None or pending[2] is None:
+                continue
+            grads = gradients(optimizer)
+            if _measured_among(grads, self.measured):
+                _drop_unsettled(optimizer, grads, self.measured)
 
     def _keep_deferred(self) -> None:
         """The settled hand-overs' flags that waited (:meth:`deferring`): kept or dropped, once each."""
@@ -1615,8 +1646,11 @@ def _keep_replaced(optimizer: torch.optim.Optimizer, found: Tensor, rest: list[T
     joins the flag's ledger, held by ``rest`` (the gradients stepped now that the call at hand does not measure)
     where one of them is not finite (:func:`carried_by_replacements`)."""
     agreement = _DEFERRED.get()
-    if agreement is not None and id(optimizer) in agreement.ids:
-        # (settled within a call that arms: kept or dropped by the ranks' verdict, see Agreement)
+    if agreement is not None:
+        # (settled within a call: kept or dropped by the ranks' verdict, see Agreement; another optimizer's
+        # hand-over than the one the call arms adds this rank's read of its gradients to the verdict)
+        if id(optimizer) not in agreement.ids:
+            agreement.fold(found, rest)
         agreement.deferred.append((optimizer, found, rest))
         return
     entry = carried_by_replacements(found, rest)

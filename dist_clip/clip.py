@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 import operator
@@ -435,11 +434,22 @@ def get_total_norm(
         p = _norm.parse_norm_type(norm_type)
         _check_foreach(foreach)
         shards = resolve(tensors, _check_group(group))
-        settle_hand_over(tensors, lambda: _all_tensors(shards))
+        everything = _all_tensors(shards)
+        # A hand-over settled here whose gradients were replaced waits for the ranks' verdict (_fused.Agreement)
+        agreement = _fused.Agreement([], everything)
+        with agreement.deferring():
+            settle_hand_over(tensors, everything)
     except (ValueError, TypeError):
         _refuse_together(tensors, norm_type, group, shards)  # every rank raises, none waits or misaligns
         raise
-    return total_from_shards(shards, p, error_if_nonfinite, foreach)
+    try:
+        wide, out = _wide_total(shards, p, error_if_nonfinite, foreach, everything, None, agreement=agreement)
+    except BaseException:
+        agreement.abandon()
+        raise
+    with agreement.armed():
+        pass  # (the settled hand-overs' flags kept or dropped by the verdict)
+    return wide.to(out)
 
 
 @_eager
@@ -562,8 +572,9 @@ def clip_grad_norm_(
         if fused and any(dtype in _WIDE for _, dtype in groups):
             fused = False  # torch's fused kernels take grad_scale in float32 only: float64 ones are scaled here
         # (before settling: a hand-over's flag whose gradients were replaced waits for the ranks' verdict)
-        agreement = _fused.Agreement([optimizer], everything) if skips else None
-        with agreement.deferring() if agreement is not None else contextlib.nullcontext():
+        # (another optimizer's hand-over settled here waits for the verdict too: see _fused.Agreement.fold)
+        agreement: _fused.Agreement | None = _fused.Agreement([optimizer] if skips else [], everything)
+        with agreement.deferring():
             settle_hand_over(parameters, everything)
     except (ValueError, TypeError):
         _refuse_together(parameters, norm_type, group, shards)
@@ -597,13 +608,12 @@ def clip_grad_norm_(
         _scale.mul_wide_(everything, float(coef_wide))
     else:
         _scale.scale_(everything, _deepspeed_applied(parameters, coef), foreach, groups)
-    if agreement is not None:
+    if agreement is not None and (running or (skips and not handed)):
         with agreement.armed():
-            if running or (skips and not handed):
-                # Armed for a finite total too: its False replaces a stale flag of gradients since replaced (a
-                # dropped batch's NaN skipped the next good step where the ranks handing over stepped it).
-                _fused.arm_skip_(optimizer, torch.logical_not(torch.isfinite(wide)), started,  # type: ignore[arg-type]
-                                 measured=everything)
+            # Armed for a finite total too: its False replaces a stale flag of gradients since replaced (a
+            # dropped batch's NaN skipped the next good step where the ranks handing over stepped it).
+            _fused.arm_skip_(optimizer, torch.logical_not(torch.isfinite(wide)), started,  # type: ignore[arg-type]
+                             measured=everything)
     if skips and fold is None and "deepspeed" in sys.modules:
         # A stage-0 engine stepping this fused optimizer itself: a skipped step is counted as DeepSpeed counts an
         # overflow (it was counted as taken, and the LR scheduler stepped on it)

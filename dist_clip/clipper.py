@@ -952,9 +952,10 @@ class GradClipper:
             # which travels in this call's measurement, 0 where nothing arms: see _fused.Agreement)
             skipping = (_stepping_optimizers(optimizer) or [optimizer]) if arm_skip is not None else []
             agreement = _fused.Agreement(skipping, [t for s in shards for t in s.tensors])
-            membership = _with_replaced(membership, agreement.local)
             with agreement.deferring():
                 _clip.settle_hand_over(target, lambda: [t for s in shards for t in s.tensors])
+            # (after settling: another optimizer's hand-over settled here adds its read, see _fused.Agreement.fold)
+            membership = _with_replaced(membership, agreement.local)
             before = False
         except (ValueError, TypeError) as e:
             if before:
@@ -978,6 +979,9 @@ class GradClipper:
             raise
         assert m.extra is not None  # the verdict, the last extra value (see _with_replaced)
         agreement.agree(m.extra[-1])
+        if arm_skip is None:
+            with agreement.armed():
+                pass  # (settled hand-overs' flags kept or dropped by the verdict; a skipping call does it as it arms)
         m = dataclasses.replace(m, extra=m.extra[:-1] if m.extra.numel() > 1 else None)
         out = m.result_dtype
         assert out is not None

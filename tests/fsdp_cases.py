@@ -2394,6 +2394,51 @@ def fsdp2_out_of_place_nan_in_one_shard(how: str, fresh: bool = False, whole: bo
     return out
 
 
+def fsdp2_out_of_place_nan_of_a_second_optimizer(how: str, nan: bool) -> tuple[bool, bool, bool]:
+    """Two fused optimizers: ``enc`` (6 rows: a shard on every rank) stepped by Adam a, heads h0 (5 rows) and h1 (2
+    rows: rank 2's shard empty) by Adam b, each module its own ``fully_shard`` unit. The heads are clipped with
+    ``optimizer=b`` (handed over), with a NaN in rank 0's shard of h0 where ``nan``; their gradients are then
+    replaced out of place (an auxiliary loss's, ``p.grad = p.grad + g``), and a call settles b's hand-over
+    (``how``): a ``GradClipper`` arming a skip for a, or ``clip_grad_norm_(..., optimizer=a)``, on [enc, h1];
+    ``get_total_norm`` or a ``GradClipper`` without a skip policy on [h1]. Returns (this rank's heads left as they
+    were, its enc stepped, every parameter finite)."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    m = mesh((dist.get_world_size(),))
+    model = nn.ModuleDict({"enc": nn.Linear(4, 6), "h0": nn.Linear(6, 5), "h1": nn.Linear(6, 2)})
+    for part in model.values():
+        fully_shard(part, mesh=m)
+    heads = [*model["h0"].parameters(), *model["h1"].parameters()]
+    a = torch.optim.Adam(model["enc"].parameters(), lr=0.1, fused=True)
+    b = torch.optim.Adam(heads, lr=0.1, fused=True)
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(100 + dist.get_rank()))
+    e = model["enc"](x)
+    (model["h0"](e).square().mean() + model["h1"](e).square().mean()).backward()
+    if nan and dist.get_rank() == 0:
+        model["h0"].weight.grad._local_tensor[0, 0] = math.nan
+    dist_clip.clip_grad_norm_(heads, 1.0, optimizer=b)
+    for q in heads:
+        q.grad = q.grad + 0.01 * q.grad.detach()  # an auxiliary loss's, added out of place
+    part = [*model["enc"].parameters(), *model["h1"].parameters()]
+    if how == "clipper_skip":
+        dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")(part, optimizer=a)
+    elif how == "clip_fused":
+        dist_clip.clip_grad_norm_(part, 1.0, optimizer=a)
+    elif how == "get_total_norm":
+        dist_clip.get_total_norm(model["h1"])
+    else:
+        dist_clip.GradClipper(max_norm=1.0)(model["h1"])
+    before = {n: q.detach().to_local().clone() for n, q in model.named_parameters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (a coefficient dropped: the replaced gradients step unclipped)
+        a.step()
+        b.step()
+    same = {n: torch.equal(before[n], q.detach().to_local()) for n, q in model.named_parameters()}
+    return (all(v for n, v in same.items() if not n.startswith("enc")), not same["enc.weight"],
+            all(bool(q.to_local().isfinite().all()) for q in model.parameters()))
+
+
 def fsdp2_out_of_place_nan_then_error_if_nonfinite(_: None = None) -> tuple[bool, bool]:
     """FSDP2 heads h0 (5 rows) and h1 (2 rows: rank 2's shard empty), fused Adam, clipped whole with optimizer=
     (handed over) with a NaN in rank 0's shard of h0; the gradients then replaced out of place, a NaN put in rank

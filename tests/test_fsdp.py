@@ -491,6 +491,20 @@ def test_fsdp2_nan_batch_dropped_then_a_fresh_one_steps_on_every_rank(run_ranks,
 
 
 @pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("how", ["clipper_skip", "clip_fused", "get_total_norm", "clipper"])
+def test_fsdp2_out_of_place_nan_of_a_second_optimizer_skips_on_every_rank(run_ranks, how: str, world: int) -> None:
+    """Two fused optimizers (a: the encoder, b: the heads h0 and h1), the heads' NaN hand-over to b (a NaN in rank 0's
+    shard of h0) settled, after the gradients were replaced out of place, by a call arming a skip for a on
+    [enc, h1], or by a call arming nothing on [h1]: each rank read its own shard for b's flag, so rank 0 skipped b's
+    step alone while the others stepped their shards of h0 and h1 (and rank 2 of 3, whose empty shard of h1
+    settled nothing, dropped the flag at the step). Every rank skips b's step and takes a's; a finite batch steps
+    both everywhere."""
+    for nan in (True, False):
+        results = run_ranks(world, cases.fsdp2_out_of_place_nan_of_a_second_optimizer, how, nan)
+        assert results == [(nan, True, True)] * world, (nan, results)
+
+
+@pytest.mark.parametrize("world", [2, 3])
 def test_fsdp2_out_of_place_nan_raised_by_error_if_nonfinite_skips_on_every_rank(run_ranks, world: int) -> None:
     """The same NaN hand-over, gradients replaced out of place, then [h1] clipped with ``error_if_nonfinite=True``
     on a NaN in rank 1's shard: the call raises on every rank after its all-reduce, and the flag waiting for the
