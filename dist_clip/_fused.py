@@ -989,7 +989,7 @@ def carried_by_replacements(flag: Tensor, rest: list[Tensor]) -> tuple[Tensor, l
     one read of them, on the device (no host read; on the CPU, where reading the flag is free, only when it is
     set); a later call measuring them replaces it as for any entry. Each rank reads its own pieces, so within a
     call that arms, the ranks' verdict (:class:`Agreement`, carried by its all-reduce) stands for that read;
-    elsewhere (``mode="unitwise"``, a call that only settles) this rank's read. None where nothing is left to hold
+    elsewhere (a call that only settles) this rank's read. None where nothing is left to hold
     it (with a verdict, an entry without gradients: every rank keeps the flag alike)."""
     agreed = _AGREED.get()
     if (not rest and agreed is None) or (flag.device.type == "cpu" and not bool(flag)):
@@ -1010,13 +1010,14 @@ class Agreement:
     without a read. Settled hand-overs' flags wait (:meth:`deferring`) for the verdict; :meth:`armed` applies it
     around the arming."""
 
-    def __init__(self, optimizers: Sequence[Any], measured: Sequence[Tensor]) -> None:
+    def __init__(self, optimizers: Sequence[Any],
+                 measured: Sequence[Tensor] | Callable[[], Sequence[Tensor]]) -> None:
         self.deferred: list[Any] = []
         self.agreed: Tensor | None = None
         read: list[Tensor] = []
         self.optimizers = [o for o in optimizers if isinstance(o, torch.optim.Optimizer)]
         self.ids = {id(o) for o in self.optimizers}
-        self.measured = measured
+        self._measured = measured  # (a function giving the pieces: called only where they are needed)
         for optimizer in optimizers:
             if not isinstance(optimizer, torch.optim.Optimizer) or not _armed_or_pending(optimizer):
                 continue  # (the usual case: nothing armed before this call in this step)
@@ -1025,7 +1026,7 @@ class Agreement:
                 now = gradients(optimizer)
                 where = set(map(id, now))
                 if any(id(t) not in where for ts in candidates for t in ts):
-                    read += _unmeasured(now, measured)
+                    read += _unmeasured(now, self.measured)
         self.local = (_nonfinite(read, read[0].device).to(torch.float64) if read
                       else torch.zeros((), dtype=torch.float64))
 
@@ -1040,6 +1041,11 @@ class Agreement:
             return  # (already combined; nothing to hold it; or, on the CPU, no flag to keep: read nothing)
         bad = _nonfinite(rest, found.device).to(torch.float64)
         self.local = torch.maximum(_reduce.moved(self.local, bad.device), bad)
+    @property
+    def measured(self) -> Sequence[Tensor]:
+        if callable(self._measured):
+            self._measured = self._measured()
+        return self._measured
 
     def agree(self, combined: Tensor) -> None:
         """The all-reduced ``local`` (any rank's 1: true on every rank)."""

@@ -978,6 +978,7 @@ class UnitwiseOutcome:
     group: dist.ProcessGroup | None
     units: list[_Unit]
     coefs: list[Tensor]  # per unit piece, aligned with _unit_partials
+    replaced: Tensor  # float64 0-dim: the combined ``replaced`` value (the call's _fused.Agreement verdict)
 
 
 def _add_partials_(extra: Tensor, k: int, where: Tensor, wp: Tensor, gp: Tensor, p: float) -> None:
@@ -1014,8 +1015,12 @@ def _unit_coefs(wp: Tensor, gp: Tensor, p: float, loss_scale: float, config: AGC
 
 
 def unitwise_measure(target: object, config: AGC, p: float, foreach: bool | None,
-                     group: dist.ProcessGroup | None, settings: str = "") -> UnitwiseOutcome:
-    """Measure per-unit weight and gradient norms (cut units combined) and per-parameter norms, ONE collective."""
+                     group: dist.ProcessGroup | None, settings: str = "",
+                     replaced: Tensor | None = None) -> UnitwiseOutcome:
+    """Measure per-unit weight and gradient norms (cut units combined) and per-parameter norms, ONE collective.
+
+    ``replaced``: this rank's 0/1 read of the call's :class:`dist_clip._fused.Agreement`, one more value in the
+    same all-reduce (0 where None: every call sends it, so the layout never depends on a rank's state)."""
     if p == 0:
         raise ValueError("unit-wise clipping needs a norm order p > 0 or inf, got norm_type=0")
     from torch.nn.parallel import DistributedDataParallel
@@ -1061,7 +1066,10 @@ def unitwise_measure(target: object, config: AGC, p: float, foreach: bool | None
     # reads every rank's smallest and all report the same one (each reported its own: clipped on one rank only).
     n_ranks = _reduce.group_size(red) if red is not None else 1
     me = _reduce.group_rank(red) if red is not None else 0
-    extra = torch.zeros(2 * k + n_ranks, dtype=torch.float64, device=device)
+    # ... and last, the call's verdict on gradients replaced out of place (see _fused.Agreement)
+    extra = torch.zeros(2 * k + n_ranks + 1, dtype=torch.float64, device=device)
+    if replaced is not None:
+        extra[-1:] = _reduce.moved(replaced.reshape(1).to(torch.float64), device)
     first = me == 0
     local: list[tuple[Tensor, Tensor, Tensor]] = []  # per unit piece: (ids, weight partials, grad partials)
     whole: list[Tensor | None] = []  # per unit piece: its coefficients where no unit is cut (None: redo them all)
@@ -1104,7 +1112,7 @@ def unitwise_measure(target: object, config: AGC, p: float, foreach: bool | None
                        extra=extra, layout=layout, group=red, result_dtype=result_dtype, settings=settings)
     assert m.extra is not None
     combined = m.extra[: 2 * k]
-    smallest = m.extra[2 * k :].min()
+    smallest = m.extra[2 * k : 2 * k + n_ranks].min()
     if k:  # every cut unit's coefficient, from the combined partials every rank holds
         cut_names = [c[0] for c in cut for _ in (c[1] if isinstance(c[1], range) else (0,))]
         excluded = _on(device, [any(fnmatch.fnmatchcase(n, pat) for pat in config.exclude) for n in cut_names])
@@ -1127,7 +1135,7 @@ def unitwise_measure(target: object, config: AGC, p: float, foreach: bool | None
             wp[sel] = combined[:k][src]
             gp[sel] = combined[k:][src]
         coefs.append(_unit_coefs(wp, gp, p, u.loss_scale, config, u.name, u.grad.dtype))
-    return UnitwiseOutcome(m.total, names, m, smallest, red, units, coefs)
+    return UnitwiseOutcome(m.total, names, m, smallest, red, units, coefs, m.extra[-1])
 
 
 def _on(device: torch.device, values: list) -> Tensor:

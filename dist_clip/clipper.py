@@ -888,7 +888,7 @@ class GradClipper:
             if cfg.mode == "unitwise":
                 if plan is not None:
                     raise ValueError("mode='unitwise' does not take a plan= (AGC reads FSDP/DTensor layouts itself)")
-                return self._unitwise(target, arm_skip, group, want_report)
+                return self._unitwise(target, arm_skip, group, want_report, optimizer)
 
             named_mode = plan is not None or cfg.mode != "total" or want_report
             grouping = None
@@ -1220,11 +1220,30 @@ class GradClipper:
         arm_skip: Callable[..., None] | None,
         group: dist.ProcessGroup | None,
         want_report: bool,
+        optimizer: Any = None,
     ) -> ClipResult:
         cfg = self.config
         p = cfg.p
-        _clip.settle_hand_over(target, lambda: _pieces_of(target, group))
-        outcome = unitwise_measure(target, cfg.agc, p, cfg.foreach, group, cfg.settings)
+        pieces: list[list[Tensor]] = []
+
+        def measured() -> list[Tensor]:  # (found once, where needed: a pending hand-over, a flag to agree on)
+            if not pieces:
+                pieces.append(_pieces_of(target, group))
+            return pieces[0]
+
+        # The ranks' verdict on gradients replaced out of place travels in the measurement, as in the other modes
+        # (read by each rank alone, a NaN in rank 0's FSDP2 shard kept the flag there alone: rank 0 skipped, the
+        # others stepped): see _fused.Agreement
+        skipping = (_stepping_optimizers(optimizer) or [optimizer]) if arm_skip is not None else []
+        agreement = _fused.Agreement(skipping, measured)
+        with agreement.deferring():
+            _clip.settle_hand_over(target, measured)
+        try:
+            outcome = unitwise_measure(target, cfg.agc, p, cfg.foreach, group, cfg.settings, agreement.local)
+        except BaseException:
+            agreement.abandon()
+            raise
+        agreement.agree(outcome.replaced)
         out = outcome.measurement.result_dtype
         assert out is not None
         total = outcome.total.to(out)
@@ -1252,7 +1271,8 @@ class GradClipper:
                         u.grad.masked_fill_(~finite.to(u.grad.device), 0)
         finally:
             if arm_skip is not None:
-                arm_skip(~finite, [u.grad for u in units])
+                with agreement.armed():
+                    arm_skip(~finite, [u.grad for u in units])
         norms = self._report(outcome.names, outcome.measurement, p) if want_report else None
         limit = torch.full_like(total, cfg.agc.clipping)
         applied = _kept(outcome.min_coef.to(device=total.device, dtype=total.dtype), finite, policy)

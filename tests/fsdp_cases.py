@@ -2338,14 +2338,17 @@ def fsdp2_listed_unsynced_before_backward(how: str) -> list:
     return [_refused(c, reason) for c in calls]
 
 
-def fsdp2_out_of_place_nan_in_one_shard(how: str, fresh: bool = False, whole: bool = False) -> dict[str, Any]:
+def fsdp2_out_of_place_nan_in_one_shard(how: str, fresh: bool = False, whole: bool = False,
+                                        between: str | None = None, again: bool = True) -> dict[str, Any]:
     """FSDP2 heads h0 (5 rows: uneven shards on 3 ranks) and h1 (2 rows: rank 2's shard empty), each its own
-    ``fully_shard`` unit, fused Adam, ``on_nonfinite="skip"`` (``how``: the clipper, or the hand-over), clipped as
-    [h0] and [h1] with a NaN in rank 0's shard of h0 alone; then an auxiliary loss's gradients added out of place
-    (``p.grad = p.grad + g``) and [h1] clipped again. ``fresh``: instead, the batch is dropped
-    (``zero_grad(set_to_none=True)``) and the next batch's gradients clipped as [h1] alone first. ``whole``: the
-    first clip takes both heads (the hand-over hands its coefficient over, settled by [h1]'s call). Returns, per
-    batch, whether this rank's step was skipped (every parameter as it was) and its parameters finite."""
+    ``fully_shard`` unit, fused Adam, ``on_nonfinite="skip"`` (``how``: the clipper, ``mode="unitwise"``'s, or the
+    hand-over), clipped as [h0] and [h1] with a NaN in rank 0's shard of h0 alone; then an auxiliary loss's
+    gradients added out of place (``p.grad = p.grad + g``) and [h1] clipped again. ``fresh``: instead, the batch is
+    dropped (``zero_grad(set_to_none=True)``) and the next batch's gradients clipped as [h1] alone first.
+    ``whole``: the first clip takes both heads (the hand-over hands its coefficient over, settled by the next
+    call). ``between``: a call arming no skip made after the write, before [h1]'s (``again``: made at all): it
+    settles the hand-over. Returns, per batch, whether this rank's step was skipped (every parameter as it was)
+    and its parameters finite."""
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(0)
@@ -2354,7 +2357,18 @@ def fsdp2_out_of_place_nan_in_one_shard(how: str, fresh: bool = False, whole: bo
     for head in model.values():
         fully_shard(head, mesh=m)
     opt = torch.optim.Adam(model.parameters(), lr=0.1, fused=True)
-    clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+    if how == "unitwise":
+        clipper = dist_clip.GradClipper(mode="unitwise", on_nonfinite="skip", agc=dist_clip.AGC(clipping=0.05))
+    else:
+        clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+    calls: dict[str, Callable[[], object]] = {  # (limits no gradient reaches: they only read)
+        "get_total_norm h1": lambda: dist_clip.get_total_norm(model["h1"]),
+        "get_total_norm h0": lambda: dist_clip.get_total_norm(model["h0"]),
+        "get_total_norm": lambda: dist_clip.get_total_norm(model),
+        "clip_grad_norm_ h1": lambda: dist_clip.clip_grad_norm_(model["h1"], 1e9),
+        "GradClipper h1": lambda: dist_clip.GradClipper(max_norm=1e9)(model["h1"]),
+        "unitwise h1": lambda: dist_clip.GradClipper(mode="unitwise", agc=dist_clip.AGC(clipping=1e9))(model["h1"]),
+    }
 
     def clip(part: nn.Module) -> None:
         if how == "clip_fused":
@@ -2380,11 +2394,14 @@ def fsdp2_out_of_place_nan_in_one_shard(how: str, fresh: bool = False, whole: bo
         if nan and fresh:
             opt.zero_grad(set_to_none=True)  # the NaN batch dropped: the next batch's gradients
             backward(batch + 10)
-            clip(model["h1"])
         elif nan or not fresh:
             for q in model.parameters():
                 q.grad = q.grad + 0.01 * q.grad.detach()  # an auxiliary loss's, added out of place
-            clip(model["h1"])
+        if nan or not fresh:
+            if between is not None:
+                calls[between]()
+            if again:
+                clip(model["h1"])
         before = [q.detach().to_local().clone() for q in model.parameters()]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # (a coefficient dropped: the replaced gradients step unclipped)

@@ -467,21 +467,22 @@ def test_fsdp1_a_rank_holding_padding_only_of_a_part_keeps_its_skip(run_ranks, f
 
 @pytest.mark.parametrize("whole", [False, True])
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("how", ["clipper", "clip_fused"])
+@pytest.mark.parametrize("how", ["clipper", "clip_fused", "unitwise"])
 def test_fsdp2_out_of_place_nan_in_one_shard_skips_on_every_rank(run_ranks, how: str, world: int,
                                                                   whole: bool) -> None:
     """FSDP2 heads [h0] and [h1], fused Adam, a NaN in rank 0's shard of h0 alone, gradients then replaced out of
     place (``p.grad = p.grad + g``) and [h1] clipped again: the flag lasts where a gradient the later call does not
     measure is not finite, and each rank read its own shard, so rank 0 skipped its step alone and the ranks'
-    optimizer states parted (clipped whole and handed over, too). Every rank skips the NaN batch and steps the
-    next one: the ranks agree on what the later call does not measure through its own all-reduce."""
+    optimizer states parted (clipped whole and handed over, too; ``mode="unitwise"``, whose all-reduce did not
+    carry the read, until it did). Every rank skips the NaN batch and steps the next one: the ranks agree on what
+    the later call does not measure through its own all-reduce."""
     results = run_ranks(world, cases.fsdp2_out_of_place_nan_in_one_shard, how, False, whole)
     for r in results:
         assert r == {"batch 0": (True, True), "batch 1": (False, True)}, results
 
 
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("how", ["clipper", "clip_fused"])
+@pytest.mark.parametrize("how", ["clipper", "clip_fused", "unitwise"])
 def test_fsdp2_nan_batch_dropped_then_a_fresh_one_steps_on_every_rank(run_ranks, how: str, world: int) -> None:
     """As above, but the NaN batch is dropped (``zero_grad(set_to_none=True)``) and the next batch's gradients
     clipped as [h1] alone: their unmeasured h0 gradients are finite on every rank, and every rank steps."""
@@ -512,3 +513,4 @@ def test_fsdp2_out_of_place_nan_raised_by_error_if_nonfinite_skips_on_every_rank
     stepped; rank 2, whose empty shard of h1 settled nothing, stepped too). Every rank skips."""
     results = run_ranks(world, cases.fsdp2_out_of_place_nan_then_error_if_nonfinite, None)
     assert results == [(True, True)] * world, results
+
