@@ -1320,3 +1320,33 @@ def case_global_grad_norm_after_the_clip(stage: int, offload: bool, hand_over: b
     theirs = float(engine.get_global_grad_norm())
     return [round(total, 4), "total" if abs(theirs - total) <= 1e-5 * total else
             "max_norm" if abs(theirs - 0.3) <= 1e-5 else theirs]
+
+
+def make_muon_engine(stage: int, offload: bool = False) -> Any:
+    """An engine running DeepSpeed's own Muon (``"optimizer": {"type": "Muon"}``: the weight matrices Muon, the
+    biases its auxiliary Adam, torch's here: DeepSpeed's FusedAdam would be compiled first)."""
+    deepspeed = _quiet()
+    model = make_model(0)
+    cfg = ds_config(stage, offload=offload)
+    cfg["optimizer"] = {"type": "Muon", "params": {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.0,
+                                                   "torch_adam": True}}
+    if stage == 3:
+        cfg["zero_optimization"]["reduce_scatter"] = False  # (DeepSpeed's Muon refuses it at stage 3)
+    with contextlib.redirect_stdout(io.StringIO()):
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    return engine
+
+
+def case_deepspeed_muon_zero12_refused(stage: int) -> list:
+    """DeepSpeed's Muon replaces gradients by Muon updates (momentum, then Newton-Schulz); ZeRO 1-2 without
+    offload do it in backward, while building the partitions dist_clip reads: the norm was that of the updates
+    (8.006 for 9.264, 1 rank) and the clip scaled them, silently. Refused on every rank, in every entry point."""
+    engine = make_muon_engine(stage)
+    engine.backward(loss_fn(engine(batch(dist.get_rank(), 0, 0))))
+    refused = lambda m: "Muon" in m and "gradients are gone" in m  # noqa: E731
+    return [outcome(lambda: dist_clip.get_total_norm(engine), NotImplementedError, refused),
+            outcome(lambda: dist_clip.clip_grad_norm_(engine, 1.0, optimizer=engine.optimizer),
+                    NotImplementedError, refused),
+            outcome(lambda: dist_clip.GradClipper(max_norm=1.0, mode="per_param")(engine), NotImplementedError,
+                    refused)]
+

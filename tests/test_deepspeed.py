@@ -321,3 +321,10 @@ def test_skip_steps_the_next_batches_that_leave_out_a_layer(run_ranks, stage, dt
     out = run_ranks(2, ds_cases.case_skip_then_steps_without_a_layer, stage, dtype, accum, offload,
                     timeout_s=TIMEOUT)
     assert out == [[(True, 0), (False, 1), (True, 1), (True, 1), True, True]] * 2, out
+
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_deepspeeds_muon_at_zero_1_2_is_refused_on_every_rank(run_ranks, stage):
+    assert run_ranks(2, ds_cases.case_deepspeed_muon_zero12_refused, stage, timeout_s=TIMEOUT) == [[True] * 3] * 2
+

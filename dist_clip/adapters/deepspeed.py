@@ -269,9 +269,40 @@ def _zero12_layout(engine: Any, opt: Any) -> list[tuple[int, list[_Slice]]]:
     return layout
 
 
+def _muon_steps(opt: Any) -> bool:
+    """Whether a ZeRO 1-3 optimizer runs DeepSpeed's Muon (``"optimizer": {"type": "Muon"}``) on some of its
+    parameters: DeepSpeed 0.19.8 replaces their gradients by Muon's orthogonalized update (momentum, then
+    Newton-Schulz) where its ``get_flat_partition`` tells a Muon group, a parameter marked ``use_muon`` under an
+    optimizer whose class name holds "muon"; ZeRO 1-2 while building the partitions in backward (without
+    offload), ZeRO-3 and ZeRO 1-2 with offload at the start of ``step()``."""
+    inner = getattr(opt, "optimizer", None)
+    if "muon" not in type(inner).__name__.lower():
+        return False
+    groups = getattr(opt, "fp16_groups", None) if hasattr(opt, "fp32_partitioned_groups_flat") else None
+    groups = groups if groups is not None else getattr(opt, "bit16_groups", None) or ()
+    return any(getattr(p, "use_muon", False) for params in groups for p in params)
+
+
+def _refuse_muon_partitions(opt: Any) -> None:
+    """ZeRO 1-2 without offload run Muon while they build each group's partition in backward
+    (``get_flat_partition``): ``averaged_gradients`` of a Muon group holds Muon's update, not the gradient, and
+    the gradient itself is gone (Nesterov blends the momentum into it in place). Read as gradients, the norm was
+    that of the updates (8.006 for 9.264, 1 rank) and the clip scaled the updates, silently."""
+    if opt.cpu_offload or not _muon_steps(opt):
+        return
+    raise NotImplementedError(
+        "this ZeRO-1/2 engine runs DeepSpeed's Muon optimizer, which replaces the gradients of its Muon parameters "
+        "by Muon's orthogonalized update while it builds the gradient partitions in engine.backward(): the "
+        "gradients are gone before dist_clip can read them, and their norm cannot be measured. Use ZeRO-3 or "
+        "offload_optimizer (Muon runs in engine.step() there, after dist_clip clips the gradients), or DeepSpeed's "
+        "own \"gradient_clipping\" (which clips the Muon update, not the gradient)"
+    )
+
+
 def _zero12_shards(engine: Any, opt: Any, group: dist.ProcessGroup | None, scale: float) -> list[Shards]:
     """One Shards per param group: this rank's slice of every parameter in its partition, named."""
     _check_attributes(opt, _ZERO12)
+    _refuse_muon_partitions(opt)
     _check_last_backward_on_boundary(opt)
     _check_trainable_in_groups(engine, opt, opt.bit16_groups)
     layout = _zero12_layout(engine, opt)
