@@ -1350,3 +1350,28 @@ def case_deepspeed_muon_zero12_refused(stage: int) -> list:
             outcome(lambda: dist_clip.GradClipper(max_norm=1.0, mode="per_param")(engine), NotImplementedError,
                     refused)]
 
+
+def case_deepspeed_muon_hand_over(stage: int, offload: bool) -> list:
+    """ZeRO-3 and offload run DeepSpeed's Muon at the start of step(): the norm is the gradients' (checked against
+    the float64 reference), but the hand-over (optimizer=) folded the coefficient into step() after Muon, scaling
+    the update instead of the gradient (parameters 0.053 off the plain call after 2 steps, 1 rank); it now
+    equals the plain call bit for bit."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = make_model(0).double()
+    (sum(loss_fn(model(batch(r, 0, 0).double())) for r in range(world)) / world).backward()
+    want = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    out, final = [], {}
+    for how in ("plain", "hand_over"):
+        engine = make_muon_engine(stage, offload)
+        for step in range(2):
+            engine.backward(loss_fn(engine(batch(rank, step, 0))))
+            opt = engine.optimizer if how == "hand_over" else None
+            total = dist_clip.clip_grad_norm_(engine, 1.0, optimizer=opt)
+            if step == 0:
+                out.append(math.isclose(float(total), float(want), rel_tol=1e-5))
+            engine.step()
+        final[how] = torch.cat([safe_get_full_fp32_param(p).flatten() for p in engine.module.parameters()])
+    out.append(torch.equal(final["plain"], final["hand_over"]))
+    return out

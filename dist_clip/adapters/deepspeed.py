@@ -1089,7 +1089,8 @@ def fold_handle(target: object, optimizer: object) -> Any:
     """``clip_grad_norm_(engine, ..., optimizer=)`` on ZeRO 1-3: a function taking the clip coefficient (a 0-dim
     device tensor) that makes the next ``engine.step()`` apply it (:class:`_ZeroFold`), or ``None`` where it
     does not apply (stage 0 and DeepSpeed's other wrappers; an ``optimizer`` that is not the engine,
-    ``engine.optimizer`` or the torch optimizer given to ``deepspeed.initialize``): the caller then scales the
+    ``engine.optimizer`` or the torch optimizer given to ``deepspeed.initialize``; DeepSpeed's Muon, which turns
+    the gradients into updates inside ``step()`` before the fold's passes): the caller then scales the
     gradients, or hands the coefficient to a fused torch optimizer's ``step()``.
     """
     engine: Any = target
@@ -1102,6 +1103,11 @@ def fold_handle(target: object, optimizer: object) -> Any:
     if optimizer is not engine and optimizer is not opt and optimizer is not getattr(opt, "optimizer", None):
         return None
     if getattr(opt, "zenflow", False):  # ZenFlow flattens and steps its own way
+        return None
+    if _muon_steps(opt):
+        # DeepSpeed's Muon turns the gradients into Muon updates inside step(), before the flatten and the unscale
+        # the coefficient rides on: folded there it scaled the update instead of the gradient (parameters 0.053
+        # off the same call without optimizer=, after 2 steps, ZeRO-3 and ZeRO-2 offload). Scaled in the call.
         return None
     fold = vars(opt).get("_dist_clip_fold")
     if fold is None:
