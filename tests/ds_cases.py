@@ -1375,3 +1375,31 @@ def case_deepspeed_muon_hand_over(stage: int, offload: bool) -> list:
         final[how] = torch.cat([safe_get_full_fp32_param(p).flatten() for p in engine.module.parameters()])
     out.append(torch.equal(final["plain"], final["hand_over"]))
     return out
+
+
+def case_deepspeed_muon_skip(stage: int, offload: bool) -> list:
+    """``on_nonfinite="skip"`` with DeepSpeed's Muon at ZeRO-3 and with offload, where Muon runs in step() before
+    the overflow path the skip drives: the skipped step wrote Muon's momentum all the same for the parameters
+    with a finite gradient (a NaN in one bias: momentum 0.082 off, and every later step off with it). The
+    skipped batch now leaves momentum and parameters as they were: the run equals one that never saw it."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    rank = dist.get_rank()
+    final = {}
+    for steps in ((0, 1, 2), (0, 2)):
+        engine = make_muon_engine(stage, offload)
+        bias = list(engine.module.parameters())[-1]
+        for step in steps:
+            hook = bias.register_hook(lambda g: g * math.nan) if step == 1 and rank == 0 else None
+            engine.backward(loss_fn(engine(batch(rank, step, 0))))
+            if hook is not None:
+                hook.remove()
+            dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")(engine)
+            engine.step()
+        final[steps] = (engine.skipped_steps, {k: v["momentum_buffer"].clone()
+                                               for k, v in engine.optimizer.optimizer.state.items()
+                                               if "momentum_buffer" in v},
+                        torch.cat([safe_get_full_fp32_param(p).flatten() for p in engine.module.parameters()]))
+    (skipped, mom_a, par_a), (_, mom_b, par_b) = final[(0, 1, 2)], final[(0, 2)]
+    return [skipped == 1, [torch.equal(a, b) for a, b in zip(mom_a.values(), mom_b.values())] == [True] * len(mom_b),
+            torch.equal(par_a, par_b)]

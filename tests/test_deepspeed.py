@@ -332,3 +332,8 @@ def test_deepspeeds_muon_at_zero_1_2_is_refused_on_every_rank(run_ranks, stage):
 @pytest.mark.parametrize("stage,offload", [(3, False), (2, True), (3, True)])
 def test_hand_over_with_deepspeeds_muon_scales_the_gradients_not_the_update(run_ranks, stage, offload):
     assert run_ranks(2, ds_cases.case_deepspeed_muon_hand_over, stage, offload, timeout_s=TIMEOUT) == [[True] * 3] * 2
+
+
+@pytest.mark.parametrize("stage,offload", [(3, False), (2, True), (3, True)])
+def test_a_skip_with_deepspeeds_muon_leaves_its_momentum_alone(run_ranks, stage, offload):
+    assert run_ranks(2, ds_cases.case_deepspeed_muon_skip, stage, offload, timeout_s=TIMEOUT) == [[True] * 3] * 2

@@ -700,6 +700,30 @@ class _ZeroSkip:
         return out
 
 
+#: Where DeepSpeed 0.19.8 runs Muon inside ``step()`` (ZeRO-3; ZeRO 1-2 and ZeRO-3 with offload), before
+#: ``_update_scale``.
+_MUON_APPLY = ("_apply_muon_to_accumulated_grads", "_apply_muon_updates_cpu_offload")
+
+
+class _MuonGuard:
+    """Stands in for the method through which a ZeRO optimizer's ``step()`` runs DeepSpeed's Muon (an instance
+    attribute shadowing it): with a skip armed (:class:`_ZeroSkip`), Muon is not run. ``step()`` runs it after
+    its own overflow check and before ``_update_scale``, where the armed skip takes effect, and it writes its
+    momentum into the optimizer state as it goes: a step skipped by dist_clip still advanced the momentum of
+    every Muon parameter with a finite gradient (0.082 on a 7x6 layer, a NaN in one bias; ZeRO-3 and ZeRO-2
+    offload), where DeepSpeed's own fp16 overflow, checked before Muon, leaves it alone."""
+
+    def __init__(self, method: Any, skip: _ZeroSkip) -> None:
+        self.method = method
+        self.skip = skip
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        flag = self.skip.flag
+        if flag is not None and bool(flag):  # (a host read, as _ZeroSkip makes just after)
+            return None
+        return self.method(*args, **kwargs)
+
+
 def _drop_compact_grad_buffers(opt: Any) -> None:
     """ZeRO 1-2 with optimizer offload and fp32 gradient accumulation over bf16/fp16 parameters (DeepSpeed
     0.19.8) accumulate each step's reduced gradients into a compact fp32 buffer per param group
@@ -865,6 +889,11 @@ def skip_handle(target: object, optimizer: object) -> tuple[Any, Any]:
         if not isinstance(hook, _ZeroSkip):
             hook = _ZeroSkip(opt)
             opt._update_scale = hook
+
+        if _muon_steps(opt):
+            for name in _MUON_APPLY:
+                if hasattr(type(opt), name) and not isinstance(vars(opt).get(name), _MuonGuard):
+                    setattr(opt, name, _MuonGuard(getattr(opt, name), hook))
 
         def arm(flag: Tensor) -> None:
             hook.flag = flag
