@@ -573,7 +573,7 @@ def clip_grad_norm_(
             fused = False  # torch's fused kernels take grad_scale in float32 only: float64 ones are scaled here
         # (before settling: a hand-over's flag whose gradients were replaced waits for the ranks' verdict)
         # (another optimizer's hand-over settled here waits for the verdict too: see _fused.Agreement.fold)
-        agreement: _fused.Agreement | None = _fused.Agreement([optimizer] if skips else [], everything)
+        agreement = _fused.Agreement([optimizer] if skips else [], everything)
         with agreement.deferring():
             settle_hand_over(parameters, everything)
     except (ValueError, TypeError):
@@ -582,8 +582,7 @@ def clip_grad_norm_(
     try:
         wide, out = _wide_total(shards, p, error_if_nonfinite, foreach, everything, groups, limit, agreement=agreement)
     except BaseException:
-        if agreement is not None:
-            agreement.abandon()
+        agreement.abandon()
         raise
     total = wide.to(out)
     coef_wide = _scale.clip_coefficient(limit, wide)  # from the float64 total, which float32 may not hold
@@ -595,20 +594,19 @@ def clip_grad_norm_(
     handed = fold is None and fused and not wide_product
     # (before scaling: a skip armed by an earlier call on these very gradients, a clip of another part of the
     # model, is combined with, not replaced by, this call's flag; see _fused.arm_skip_)
-    if agreement is not None:
-        with agreement.armed():
-            pass  # (a settled hand-over's flag kept by the verdict, before this call hands over or arms)
+    with agreement.armed():
+        pass  # (a settled hand-over's flag kept by the verdict, before this call hands over or arms)
     started = _fused.grad_state(optimizer) if skips and not handed and not running else None  # type: ignore[arg-type]
     if fold is not None and not wide_product:
         fold(coef, everything)
     elif handed:
-        with agreement.armed() if agreement is not None else contextlib.nullcontext():
+        with agreement.armed():
             _fused.hand_over_(optimizer, coef, wide, stepped)
     elif wide_product:
         _scale.mul_wide_(everything, float(coef_wide))
     else:
         _scale.scale_(everything, _deepspeed_applied(parameters, coef), foreach, groups)
-    if agreement is not None and (running or (skips and not handed)):
+    if running or (skips and not handed):
         with agreement.armed():
             # Armed for a finite total too: its False replaces a stale flag of gradients since replaced (a
             # dropped batch's NaN skipped the next good step where the ranks handing over stepped it).

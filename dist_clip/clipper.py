@@ -1244,6 +1244,9 @@ class GradClipper:
             agreement.abandon()
             raise
         agreement.agree(outcome.replaced)
+        if arm_skip is None:
+            with agreement.armed():
+                pass  # (settled hand-overs' flags kept or dropped by the verdict; a skipping call does it as it arms)
         out = outcome.measurement.result_dtype
         assert out is not None
         total = outcome.total.to(out)

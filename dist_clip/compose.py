@@ -501,19 +501,33 @@ def get_total_norm(target: object, plan: ParallelPlan, norm_type: float | str = 
     norm still makes them NaN)."""
     from . import _norm
     from . import clip as _clip_api
-    from .clipper import named_under_plan
+    from .clipper import _with_replaced, named_under_plan
 
     p = _norm.parse_norm_type(norm_type)
     if not isinstance(plan, ParallelPlan):
         raise TypeError(f"plan must be a dist_clip.ParallelPlan, got {type(plan).__name__}")
-    named, _ = named_under_plan(plan, target, p)  # one stage's bad input: every rank raises together
+    # one stage's bad input: every rank raises together (with the verdict's slot, as the call sends it)
+    named, _ = named_under_plan(plan, target, p, None, None, True)
     index = {n: i for i, n in enumerate(named.names)}
     tensors = [t for s in named.shards for t in s.tensors]
-    _clip_api.settle_hand_over(target, lambda: tensors)
-    m = _slots.measure(named.shards, (lambda n, _i: index[n]) if named.names else None, max(len(named.names), 1),
-                       p, None, presence=True, group=plan.reduction_group, layout=named.names,
-                       result_dtype=_clip_api._result_dtype(tensors, None),
-                       settings=f"norm_type={p!r}, {plan.settings}")
+    # A hand-over settled here whose gradients were replaced waits for the ranks' verdict, one more value in the
+    # all-reduce (see _fused.Agreement), as in the other calls
+    agreement = _fused.Agreement([], tensors)
+    with agreement.deferring():
+        _clip_api.settle_hand_over(target, lambda: tensors)
+    try:
+        m = _slots.measure(named.shards, (lambda n, _i: index[n]) if named.names else None,
+                           max(len(named.names), 1), p, None, presence=True, group=plan.reduction_group,
+                           layout=named.names, extra=_with_replaced(None, agreement.local),
+                           result_dtype=_clip_api._result_dtype(tensors, None),
+                           settings=f"norm_type={p!r}, {plan.settings}")
+    except BaseException:
+        agreement.abandon()
+        raise
+    assert m.extra is not None
+    agreement.agree(m.extra[-1])
+    with agreement.armed():
+        pass  # (the settled hand-overs' flags kept or dropped by the verdict)
     plan.check_once(named.shards, m, p)
     assert m.result_dtype is not None
     return m.total.to(m.result_dtype)

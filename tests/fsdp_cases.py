@@ -2352,7 +2352,7 @@ def fsdp2_out_of_place_nan_in_one_shard(how: str, fresh: bool = False, whole: bo
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(0)
-    m = mesh((dist.get_world_size(),))
+    m = mesh((dist.get_world_size(),), ("dp",))  # (named: a ParallelPlan reads it)
     model = nn.ModuleDict({"h0": nn.Linear(4, 5), "h1": nn.Linear(4, 2)})
     for head in model.values():
         fully_shard(head, mesh=m)
@@ -2368,6 +2368,10 @@ def fsdp2_out_of_place_nan_in_one_shard(how: str, fresh: bool = False, whole: bo
         "clip_grad_norm_ h1": lambda: dist_clip.clip_grad_norm_(model["h1"], 1e9),
         "GradClipper h1": lambda: dist_clip.GradClipper(max_norm=1e9)(model["h1"]),
         "unitwise h1": lambda: dist_clip.GradClipper(mode="unitwise", agc=dist_clip.AGC(clipping=1e9))(model["h1"]),
+        "compose h1": lambda: dist_clip.compose.get_total_norm(model["h1"], dist_clip.ParallelPlan(
+            m, names=("weight", "bias"), rules=(dist_clip.Rule("*"),))),
+        "compose": lambda: dist_clip.compose.get_total_norm(model, dist_clip.ParallelPlan(
+            m, names=tuple(n for n, _ in model.named_parameters()), rules=(dist_clip.Rule("*"),))),
     }
 
     def clip(part: nn.Module) -> None:

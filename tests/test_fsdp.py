@@ -514,3 +514,42 @@ def test_fsdp2_out_of_place_nan_raised_by_error_if_nonfinite_skips_on_every_rank
     results = run_ranks(world, cases.fsdp2_out_of_place_nan_then_error_if_nonfinite, None)
     assert results == [(True, True)] * world, results
 
+
+
+_BETWEEN = ["get_total_norm h1", "clip_grad_norm_ h1", "GradClipper h1", "unitwise h1", "compose h1"]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("between", _BETWEEN)
+def test_fsdp2_out_of_place_nan_settled_by_a_call_arming_nothing_skips_on_every_rank(run_ranks, between: str,
+                                                                                     world: int) -> None:
+    """The NaN hand-over (FSDP2 heads h0 and h1 clipped whole with ``optimizer=``, NaN in rank 0's shard of h0),
+    gradients replaced out of place, then a call that arms no skip reads h1 (and settles the hand-over) before
+    [h1] is clipped again: every rank skips. A unit-wise call dropped the flag on every rank (its verdict was never
+    applied: rank 0 stepped its NaN), and ``compose.get_total_norm`` kept it by each rank's own read of h0 (rank 0
+    skipped alone). The ranks' verdict travels in that call's all-reduce too."""
+    results = run_ranks(world, cases.fsdp2_out_of_place_nan_in_one_shard, "clip_fused", False, True, between)
+    for r in results:
+        assert r == {"batch 0": (True, True), "batch 1": (False, True)}, results
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("between", ["get_total_norm h1", "compose h1"])
+def test_fsdp2_out_of_place_nan_settled_by_a_read_then_stepped_skips_on_every_rank(run_ranks, between: str,
+                                                                                   world: int) -> None:
+    """As above with no clip after the read of h1: the step itself decides nothing (it has no collective), so the
+    read's verdict stands, the same on every rank (by each rank's own read, rank 0 skipped alone)."""
+    results = run_ranks(world, cases.fsdp2_out_of_place_nan_in_one_shard, "clip_fused", False, True, between, False)
+    for r in results:
+        assert r == {"batch 0": (True, True), "batch 1": (False, True)}, results
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("between", _BETWEEN)
+def test_fsdp2_nan_hand_over_dropped_then_a_fresh_batch_read_steps_on_every_rank(run_ranks, between: str,
+                                                                                 world: int) -> None:
+    """The NaN batch handed over whole is dropped (``zero_grad(set_to_none=True)``), the next batch's gradients read
+    by a call arming no skip, then [h1] clipped: every gradient is finite on every rank, and every rank steps."""
+    results = run_ranks(world, cases.fsdp2_out_of_place_nan_in_one_shard, "clip_fused", True, True, between)
+    for r in results:
+        assert r == {"batch 0": (False, True), "batch 1": (False, True)}, results
