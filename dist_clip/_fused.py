@@ -561,7 +561,7 @@ def settle(tensors: Sequence[Tensor]) -> None:
             if verdict == "written":
                 _keep_flag(optimizer, found, held, grads)
             else:  # (every one replaced: out of place, or the next batch's; see carried_by_replacements)
-                _keep_replaced(optimizer, found, [g for g in grads if not overlaps(_span(g))])
+                _keep_replaced(optimizer, found, [g for g in grads if not overlaps(_span(g))], grads)
             continue
         if verdict == "replaced":
             _warn_replaced()
@@ -981,16 +981,17 @@ def _replaced_away(seen: Any, where: set[int]) -> bool:
 def carried_by_replacements(flag: Tensor, rest: list[Tensor]) -> tuple[Tensor, list[Tensor], None] | None:
     """A ledger entry for ``flag``, armed on gradients none of which is held any more, some of them not set to None
     but replaced by other tensors: ``rest``, the gradients held now that the arming call does not measure (nor an
-    entry of the ledger holds). Out of place (``p.grad = p.grad + g``, accumulating ``torch.autograd.grad``
+    entry of the ledger holds; every one where no flag of the call at hand stands for them, see :func:`_keep_replaced`
+    and the step's :func:`_pre_hook`). Out of place (``p.grad = p.grad + g``, accumulating ``torch.autograd.grad``
     results by hand) the replacement carries a NaN or inf of the one it replaced (NaN + x is NaN), while the next
     batch's fresh gradients (after ``zero_grad(set_to_none=True)``) are finite, and nothing else tells the two
     apart (no trace of ``zero_grad``; dropped, the flag of a NaN batch whose gradients were replaced out of place
     was lost and the NaN step taken). So the flag lasts, held by ``rest``, where one of them is not finite now:
     one read of them, on the device (no host read; on the CPU, where reading the flag is free, only when it is
     set); a later call measuring them replaces it as for any entry. Each rank reads its own pieces, so within a
-    call that arms, the ranks' verdict (:class:`Agreement`, carried by its all-reduce) stands for that read;
-    elsewhere (a call that only settles) this rank's read. None where nothing is left to hold
-    it (with a verdict, an entry without gradients: every rank keeps the flag alike)."""
+    call with an all-reduce, arming or settling, the ranks' verdict (:class:`Agreement`, carried by it) stands for
+    that read; elsewhere (``clip_grads_with_norm_``, the step itself) this rank's read. None where nothing is left
+    to hold it (with a verdict, an entry without gradients: every rank keeps the flag alike)."""
     agreed = _AGREED.get()
     if (not rest and agreed is None) or (flag.device.type == "cpu" and not bool(flag)):
         return None
@@ -1007,8 +1008,9 @@ class Agreement:
     (so the layout never depends on what a rank found); it is 1 where some gradient of the ``optimizers`` that
     the call does not measure (``measured``) is not finite, read only where a flag's gradients may have been
     replaced (:func:`_may_carry`: host-side identity tests; on the CPU only where that flag is set), else 0
-    without a read. Settled hand-overs' flags wait (:meth:`deferring`) for the verdict; :meth:`armed` applies it
-    around the arming."""
+    without a read; a hand-over it settles of an optimizer it arms no skip for (any, where it arms none) adds the
+    read of every gradient of that optimizer (:meth:`fold`). Settled hand-overs' flags wait
+    (:meth:`deferring`) for the verdict; :meth:`armed` applies it around the arming."""
 
     def __init__(self, optimizers: Sequence[Any],
                  measured: Sequence[Tensor] | Callable[[], Sequence[Tensor]]) -> None:
@@ -1032,15 +1034,17 @@ class Agreement:
 
     def fold(self, found: Tensor, rest: list[Tensor]) -> None:
         """Another optimizer's hand-over this call settles (its measured gradients every one replaced): this rank's
-        read of ``rest`` joins ``local`` before the all-reduce carries it, so every rank keeps or drops that flag
-        alike (read by each rank alone, a NaN in rank 0's shard of a head stepped by a second fused optimizer,
-        settled by a call arming the first, skipped that optimizer's step on rank 0 only: FSDP2, 2 ranks). One
-        verdict for every flag of the call: where two optimizers' flags wait on it at once, either's non-finite
-        read keeps both (a good step skipped, never a NaN one taken)."""
+        read of ``rest`` (every gradient of that optimizer: see :func:`_keep_replaced`) joins ``local`` before the
+        all-reduce carries it, so every rank keeps or drops that flag alike (read by each rank alone, a NaN in rank
+        0's shard of a head stepped by a second fused optimizer, settled by a call arming the first, skipped that
+        optimizer's step on rank 0 only: FSDP2, 2 ranks). One verdict for every flag of the call: where two
+        optimizers' flags wait on it at once, either's non-finite read keeps both (a good step skipped, never a NaN
+        one taken)."""
         if self.agreed is not None or not rest or (found.device.type == "cpu" and not bool(found)):
             return  # (already combined; nothing to hold it; or, on the CPU, no flag to keep: read nothing)
         bad = _nonfinite(rest, found.device).to(torch.float64)
         self.local = torch.maximum(_reduce.moved(self.local, bad.device), bad)
+
     @property
     def measured(self) -> Sequence[Tensor]:
         if callable(self._measured):
@@ -1101,7 +1105,8 @@ class Agreement:
                 continue
             grads = gradients(optimizer)
             if _measured_among(grads, self.measured):
-                _drop_unsettled(optimizer, grads, self.measured)
+                # (held by every gradient: this call arms no flag of that optimizer's, see _keep_replaced)
+                _drop_unsettled(optimizer, grads, None)
 
     def _keep_deferred(self) -> None:
         """The settled hand-overs' flags that waited (:meth:`deferring`): kept or dropped, once each."""
@@ -1566,6 +1571,13 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple
                     "Clip after the last backward before step()"
                 )
             del optimizer.__dict__[_PENDING]  # measured on gradients that are gone: not this step's
+            # Every one replaced: its flag lasts where a gradient stepped now is not finite, as the ledger's does: a
+            # NaN travels into a replacement out of place (p.grad + g), the next batch's gradients are finite (see
+            # carried_by_replacements; dropped with the coefficient, the NaN step was taken)
+            entry = carried_by_replacements(pending[1], grads) if verdict == "stale" else None
+            if entry is not None:
+                armed = (entry[0] if armed is None
+                         else torch.maximum(armed[0], _reduce.moved(entry[0], armed[0].device)), None)
             pending = None
     # A coefficient already applied by settle() leaves only its skip flag, which lasts until this step whatever
     # wrote the gradients since (a later clip of part of them: dropping it took a NaN step).
@@ -1608,12 +1620,17 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple
 def pending_flag(optimizer: torch.optim.Optimizer) -> Tensor | None:
     """The skip flag (``found_inf``) a hand-over pending on ``optimizer`` gives its next ``step()``, or None where
     none would reach it: none pending, or one measured on gradients the step will not take (as :func:`_pre_hook`
-    decides: replaced or written since, the coefficient and its flag dropped). Read before that pre-hook runs."""
+    decides: replaced or written since, the coefficient dropped, and its flag unless every one was replaced and a
+    gradient stepped now is not finite). Read before that pre-hook runs."""
     pending = optimizer.__dict__.get(_PENDING)
     if pending is None:
         return None
     if pending[2] is not None:  # not settled: the step's own check decides
-        verdict, _ = _verdict(pending[3], pending[4], gradients(optimizer), pending[5], optimizer)
+        grads = gradients(optimizer)
+        verdict, _ = _verdict(pending[3], pending[4], grads, pending[5], optimizer)
+        if verdict == "stale":  # (kept where the replacements hold a NaN, as the pre-hook keeps it)
+            entry = carried_by_replacements(pending[1], grads)
+            return entry[0] if entry is not None else None
         if _dropped(verdict):
             return None
     return pending[1]
@@ -1647,19 +1664,27 @@ def _join_ledger(optimizer: torch.optim.Optimizer, entry: tuple[Tensor, list[Ten
     optimizer.__dict__[_SKIP] = (torch.maximum(armed[0], entry[0].to(armed[0].device)), armed[1])
 
 
-def _keep_replaced(optimizer: torch.optim.Optimizer, found: Tensor, rest: list[Tensor]) -> None:
+def _keep_replaced(optimizer: torch.optim.Optimizer, found: Tensor, rest: list[Tensor],
+                   stepped: list[Tensor] | None = None) -> None:
     """A hand-over's skip flag whose measured gradients were every one replaced (:func:`_verdict`'s "stale"): it
     joins the flag's ledger, held by ``rest`` (the gradients stepped now that the call at hand does not measure)
-    where one of them is not finite (:func:`carried_by_replacements`)."""
+    where one of them is not finite (:func:`carried_by_replacements`). ``stepped``: every gradient stepped now,
+    which hold it instead where the call at hand arms no skip for this optimizer (``get_total_norm``, a clip
+    without a fused ``optimizer=``, a call arming another optimizer's, ``clip_grads_with_norm_``): no flag of its
+    own stands for the gradients it measures (held by the others alone, a NaN hand-over whose gradients were
+    replaced out of place, then read whole or where the NaN lay, ``get_total_norm`` of h0 or of the model for a
+    log, lost its flag on every rank and the NaN step was taken)."""
     agreement = _DEFERRED.get()
+    arms = agreement is not None and id(optimizer) in agreement.ids
+    held = stepped if stepped is not None and not arms else rest
     if agreement is not None:
         # (settled within a call: kept or dropped by the ranks' verdict, see Agreement; another optimizer's
         # hand-over than the one the call arms adds this rank's read of its gradients to the verdict)
-        if id(optimizer) not in agreement.ids:
-            agreement.fold(found, rest)
-        agreement.deferred.append((optimizer, found, rest))
+        if not arms:
+            agreement.fold(found, held)
+        agreement.deferred.append((optimizer, found, held))
         return
-    entry = carried_by_replacements(found, rest)
+    entry = carried_by_replacements(found, held)
     if entry is not None:
         _join_ledger(optimizer, entry)
 

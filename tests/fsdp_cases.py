@@ -2421,8 +2421,8 @@ def fsdp2_out_of_place_nan_of_a_second_optimizer(how: str, nan: bool) -> tuple[b
     ``optimizer=b`` (handed over), with a NaN in rank 0's shard of h0 where ``nan``; their gradients are then
     replaced out of place (an auxiliary loss's, ``p.grad = p.grad + g``), and a call settles b's hand-over
     (``how``): a ``GradClipper`` arming a skip for a, or ``clip_grad_norm_(..., optimizer=a)``, on [enc, h1];
-    ``get_total_norm`` or a ``GradClipper`` without a skip policy on [h1]. Returns (this rank's heads left as they
-    were, its enc stepped, every parameter finite)."""
+    ``get_total_norm`` or a ``GradClipper`` without a skip policy on [h1] (``how`` ending in " h0": on [enc, h0],
+    or [h0], instead). Returns (this rank's heads left as they were, its enc stepped, every parameter finite)."""
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(0)
@@ -2441,15 +2441,16 @@ def fsdp2_out_of_place_nan_of_a_second_optimizer(how: str, nan: bool) -> tuple[b
     dist_clip.clip_grad_norm_(heads, 1.0, optimizer=b)
     for q in heads:
         q.grad = q.grad + 0.01 * q.grad.detach()  # an auxiliary loss's, added out of place
-    part = [*model["enc"].parameters(), *model["h1"].parameters()]
+    part = [*model["enc"].parameters(), *model["h0" if how.endswith(" h0") else "h1"].parameters()]
+    how = how.removesuffix(" h0")
     if how == "clipper_skip":
         dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")(part, optimizer=a)
     elif how == "clip_fused":
         dist_clip.clip_grad_norm_(part, 1.0, optimizer=a)
     elif how == "get_total_norm":
-        dist_clip.get_total_norm(model["h1"])
+        dist_clip.get_total_norm(part[2:])
     else:
-        dist_clip.GradClipper(max_norm=1.0)(model["h1"])
+        dist_clip.GradClipper(max_norm=1.0)(part[2:])
     before = {n: q.detach().to_local().clone() for n, q in model.named_parameters()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (a coefficient dropped: the replaced gradients step unclipped)

@@ -492,17 +492,21 @@ def test_fsdp2_nan_batch_dropped_then_a_fresh_one_steps_on_every_rank(run_ranks,
 
 
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("how", ["clipper_skip", "clip_fused", "get_total_norm", "clipper"])
+@pytest.mark.parametrize("how", ["clipper_skip", "clip_fused", "get_total_norm", "clipper", "clipper_skip h0",
+                                 "clip_fused h0", "get_total_norm h0"])
 def test_fsdp2_out_of_place_nan_of_a_second_optimizer_skips_on_every_rank(run_ranks, how: str, world: int) -> None:
     """Two fused optimizers (a: the encoder, b: the heads h0 and h1), the heads' NaN hand-over to b (a NaN in rank 0's
     shard of h0) settled, after the gradients were replaced out of place, by a call arming a skip for a on
     [enc, h1], or by a call arming nothing on [h1]: each rank read its own shard for b's flag, so rank 0 skipped b's
     step alone while the others stepped their shards of h0 and h1 (and rank 2 of 3, whose empty shard of h1
     settled nothing, dropped the flag at the step). Every rank skips b's step and takes a's; a finite batch steps
-    both everywhere."""
+    both everywhere. A call measuring h0 itself ([enc, h0] arming a, or [h0] read) held b's flag by the gradients it
+    did not measure (h1's, finite): dropped on every rank, b stepped rank 0's NaN. It arms no flag of b's, so every
+    gradient of b holds it (a's step is skipped there too: its call's total is NaN)."""
     for nan in (True, False):
         results = run_ranks(world, cases.fsdp2_out_of_place_nan_of_a_second_optimizer, how, nan)
-        assert results == [(nan, True, True)] * world, (nan, results)
+        enc = not (nan and how in ("clipper_skip h0", "clip_fused h0"))
+        assert results == [(nan, enc, True)] * world, (nan, results)
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -550,6 +554,32 @@ def test_fsdp2_nan_hand_over_dropped_then_a_fresh_batch_read_steps_on_every_rank
                                                                                  world: int) -> None:
     """The NaN batch handed over whole is dropped (``zero_grad(set_to_none=True)``), the next batch's gradients read
     by a call arming no skip, then [h1] clipped: every gradient is finite on every rank, and every rank steps."""
+    results = run_ranks(world, cases.fsdp2_out_of_place_nan_in_one_shard, "clip_fused", True, True, between)
+    for r in results:
+        assert r == {"batch 0": (False, True), "batch 1": (False, True)}, results
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("between", ["get_total_norm h0", "get_total_norm", "compose"])
+@pytest.mark.parametrize("again", [True, False])
+def test_fsdp2_out_of_place_nan_read_by_a_call_arming_nothing_skips_on_every_rank(run_ranks, between: str,
+                                                                                  world: int, again: bool) -> None:
+    """The same NaN hand-over, out of place, then a call arming no skip that reads the NaN gradient itself
+    (``get_total_norm`` of h0, or of everything; ``compose.get_total_norm`` of everything), [h1] clipped again or
+    not: the flag was held by the gradients that call did not read (h1's, finite, or none), so it was dropped on
+    every rank and rank 0 stepped its NaN (its parameters NaN for good). That call arms no flag for what it reads:
+    the flag is held by every gradient, and every rank skips."""
+    results = run_ranks(world, cases.fsdp2_out_of_place_nan_in_one_shard, "clip_fused", False, True, between, again)
+    for r in results:
+        assert r == {"batch 0": (True, True), "batch 1": (False, True)}, results
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("between", ["get_total_norm h0", "get_total_norm", "compose"])
+def test_fsdp2_nan_hand_over_dropped_then_the_fresh_batch_read_whole_steps_on_every_rank(run_ranks, between: str,
+                                                                                        world: int) -> None:
+    """As above after the NaN batch is dropped and the next batch's gradients made: they are finite, and every
+    rank steps."""
     results = run_ranks(world, cases.fsdp2_out_of_place_nan_in_one_shard, "clip_fused", True, True, between)
     for r in results:
         assert r == {"batch 0": (False, True), "batch 1": (False, True)}, results

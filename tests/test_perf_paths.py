@@ -2300,6 +2300,39 @@ def test_a_hand_over_s_flag_outlasts_out_of_place_replacements_after_a_settling_
             _step_checked(opt, ps, skipped=nan)
 
 
+@pytest.mark.parametrize("then", ["step", "get_total_norm", "clip_grad_norm_"])
+def test_a_nan_hand_over_whose_gradients_were_replaced_out_of_place_skips_its_step(then):
+    """Heads h0 and h1, a NaN in h0, the whole model clipped with ``optimizer=`` (handed over), every gradient then
+    replaced out of place (an auxiliary loss's added, ``p.grad = p.grad + g``), and then straight to ``step()``,
+    or a call that arms no skip reading them all first (``get_total_norm`` for a log, ``clip_grad_norm_`` without
+    ``optimizer=``): the step dropped the hand-over as measured on gradients that are gone, its skip flag with it,
+    and the call held the flag by the gradients it did not read (none): the NaN step was taken, where a
+    ``GradClipper(on_nonfinite="skip")`` skipped it. The flag now lasts where a stepped gradient is not finite (the
+    NaN travels into ``p.grad + g``); the next batch steps, as does one after a dropped NaN batch."""
+    h0, h1, ps, opt, x, _ = _two_heads_skip("clip_fused")
+
+    for nan, drop in ((True, False), (False, False), (True, True), (False, False)):
+        opt.zero_grad(set_to_none=True)
+        (h0(x).square().sum() * (math.nan if nan else 1.0) + h1(x).square().sum()).backward()
+        dist_clip.clip_grad_norm_(ps, 1.0, optimizer=opt)
+        if drop:
+            continue  # a NaN batch dropped: the next batch's fresh gradients replace its flag
+        extra = torch.autograd.grad(h0(x).abs().mean() + h1(x).abs().mean(), ps)
+        for q, g in zip(ps, extra):
+            q.grad = q.grad + g
+        if then == "get_total_norm":
+            dist_clip.get_total_norm(ps)
+        elif then == "clip_grad_norm_":
+            dist_clip.clip_grad_norm_(ps, 1.0)
+        _step_checked(opt, ps, skipped=nan)
+    # A NaN batch dropped, the next one's fresh gradients stepped without a clip: finite, they step (unclipped)
+    h0(x).sum().mul(math.nan).backward()
+    dist_clip.clip_grad_norm_(ps, 1.0, optimizer=opt)
+    opt.zero_grad(set_to_none=True)
+    (h0(x).square().sum() + h1(x).square().sum()).backward()
+    _step_checked(opt, ps, skipped=False)
+
+
 @pytest.mark.parametrize("first", ["parts", "whole"])
 @pytest.mark.parametrize("bad", ["nan", "skip_next_step_"])
 @pytest.mark.parametrize("layout", ["own", "views"])
