@@ -1571,10 +1571,11 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple
                     "Clip after the last backward before step()"
                 )
             del optimizer.__dict__[_PENDING]  # measured on gradients that are gone: not this step's
-            # Every one replaced: its flag lasts where a gradient stepped now is not finite, as the ledger's does: a
-            # NaN travels into a replacement out of place (p.grad + g), the next batch's gradients are finite (see
-            # carried_by_replacements; dropped with the coefficient, the NaN step was taken)
-            entry = carried_by_replacements(pending[1], grads) if verdict == "stale" else None
+            # Its flag lasts where a gradient stepped now is not finite, as the ledger's does: a NaN travels into a
+            # replacement out of place (p.grad + g) and stays under a further backward accumulating into it, while
+            # the next batch's gradients (after zero_grad, either way) are finite (see carried_by_replacements;
+            # dropped with the coefficient, a NaN hand-over, an auxiliary loss and the step took the NaN step)
+            entry = carried_by_replacements(pending[1], grads)
             if entry is not None:
                 armed = (entry[0] if armed is None
                          else torch.maximum(armed[0], _reduce.moved(entry[0], armed[0].device)), None)
@@ -1620,19 +1621,17 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple
 def pending_flag(optimizer: torch.optim.Optimizer) -> Tensor | None:
     """The skip flag (``found_inf``) a hand-over pending on ``optimizer`` gives its next ``step()``, or None where
     none would reach it: none pending, or one measured on gradients the step will not take (as :func:`_pre_hook`
-    decides: replaced or written since, the coefficient dropped, and its flag unless every one was replaced and a
-    gradient stepped now is not finite). Read before that pre-hook runs."""
+    decides: replaced or written since, the coefficient dropped, and its flag unless a gradient stepped now is not
+    finite). Read before that pre-hook runs."""
     pending = optimizer.__dict__.get(_PENDING)
     if pending is None:
         return None
     if pending[2] is not None:  # not settled: the step's own check decides
         grads = gradients(optimizer)
         verdict, _ = _verdict(pending[3], pending[4], grads, pending[5], optimizer)
-        if verdict == "stale":  # (kept where the replacements hold a NaN, as the pre-hook keeps it)
+        if _dropped(verdict):  # (kept where the gradients hold a NaN, as the pre-hook keeps it)
             entry = carried_by_replacements(pending[1], grads)
             return entry[0] if entry is not None else None
-        if _dropped(verdict):
-            return None
     return pending[1]
 
 
@@ -1644,8 +1643,8 @@ def _keep_flag(optimizer: torch.optim.Optimizer, found: Tensor, held: list[Tenso
     the coefficient, a NaN hand-over's flag was lost there and the NaN step taken (a part of the model whose
     gradients were every one present handed over, an auxiliary loss, another part clipped again). Kept where a
     dist_clip call reads them or arms a skip after the write; the step itself, with no such call since, drops
-    the flag with the coefficient and warns (the next batch of a dropped one, stepped unclipped, looks the same:
-    kept, its good step was skipped)."""
+    the coefficient and warns, and keeps the flag where a gradient it steps is not finite (the next batch of a
+    dropped one, stepped unclipped, is finite: kept whatever they held, its good step was skipped)."""
     where = set(map(id, grads))
     members = [t for t in held if id(t) in where]
     if members:

@@ -2300,6 +2300,31 @@ def test_a_hand_over_s_flag_outlasts_out_of_place_replacements_after_a_settling_
             _step_checked(opt, ps, skipped=nan)
 
 
+@pytest.mark.parametrize("layout", ["own", "views"])
+def test_a_nan_hand_over_whose_gradients_an_auxiliary_loss_wrote_skips_the_step_right_after(layout):
+    """Heads h0 and h1, a NaN in h0, the whole model clipped with ``optimizer=`` (handed over), an auxiliary loss
+    accumulating into every gradient (NaN + x stays NaN), then straight to ``step()``: the step dropped the
+    coefficient as measured on other gradients (with its warning) and the skip flag with it, as for a dropped
+    batch's next one: the NaN step was taken, every parameter NaN (a ``GradClipper(on_nonfinite="skip")``
+    skipped it). The flag now lasts where a stepped gradient is not finite; the next batch steps, and so does the
+    next one of a dropped NaN batch after ``zero_grad(set_to_none=False)``, stepped without a clip."""
+    h0, h1, ps, opt, x, _ = _two_heads_skip("clip_fused", flat=layout == "views")
+
+    for nan in (True, False):
+        opt.zero_grad(set_to_none=False)
+        (h0(x).square().sum() * (math.nan if nan else 1.0) + h1(x).square().sum()).backward()
+        dist_clip.clip_grad_norm_(ps, 1.0, optimizer=opt)
+        (h0(x).abs().mean() + h1(x).abs().mean()).backward()  # an auxiliary loss, into the same tensors
+        with pytest.warns(UserWarning, match="dropped"):
+            _step_checked(opt, ps, skipped=nan)
+    h0(x).sum().mul(math.nan).backward()
+    dist_clip.clip_grad_norm_(ps, 1.0, optimizer=opt)
+    opt.zero_grad(set_to_none=False)  # the NaN batch dropped
+    (h0(x).square().sum() + h1(x).square().sum()).backward()
+    with pytest.warns(UserWarning, match="dropped"):
+        _step_checked(opt, ps, skipped=False)
+
+
 @pytest.mark.parametrize("then", ["step", "get_total_norm", "clip_grad_norm_"])
 def test_a_nan_hand_over_whose_gradients_were_replaced_out_of_place_skips_its_step(then):
     """Heads h0 and h1, a NaN in h0, the whole model clipped with ``optimizer=`` (handed over), every gradient then
