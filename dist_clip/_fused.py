@@ -1017,6 +1017,7 @@ class Agreement:
         self.deferred: list[Any] = []
         self.agreed: Tensor | None = None
         read: list[Tensor] = []
+        held: list[Tensor] = []
         self.optimizers = [o for o in optimizers if isinstance(o, torch.optim.Optimizer)]
         self.ids = {id(o) for o in self.optimizers}
         self._measured = measured  # (a function giving the pieces: called only where they are needed)
@@ -1024,13 +1025,17 @@ class Agreement:
             if not isinstance(optimizer, torch.optim.Optimizer) or not _armed_or_pending(optimizer):
                 continue  # (the usual case: nothing armed before this call in this step)
             candidates = _may_carry(optimizer)
+            where = None
             if candidates:
                 now = gradients(optimizer)
                 where = set(map(id, now))
                 if any(id(t) not in where for ts in candidates for t in ts):
                     read += _unmeasured(now, self.measured)
+            held += _held_flags(optimizer, where, lambda: self.measured)
         self.local = (_nonfinite(read, read[0].device).to(torch.float64) if read
                       else torch.zeros((), dtype=torch.float64))
+        for flag in held:  # (device tensors: no host read)
+            self.local = torch.maximum(_reduce.moved(self.local, flag.device), flag.ne(0).to(torch.float64))
 
     def fold(self, found: Tensor, rest: list[Tensor]) -> None:
         """Another optimizer's hand-over this call settles (its measured gradients every one replaced): this rank's
@@ -1144,6 +1149,41 @@ def _may_carry(optimizer: torch.optim.Optimizer) -> list[list[Tensor]]:
     return out
 
 
+def _held_flags(optimizer: torch.optim.Optimizer, where: set[int] | None,
+                measured: Callable[[], Sequence[Tensor]]) -> list[Tensor]:
+    """The flags of ``optimizer``'s ledger (the fused skip's or the skip guard's) held by a gradient this rank
+    still holds that the call at hand does not measure (``measured()``, read only where such a flag may be set):
+    they outlast the call here, so they join its :class:`Agreement`. An entry whose gradients are all gone lives
+    on every rank by the ranks' verdict (:func:`carried_by_replacements`); read from the replaced gradients alone,
+    the verdict went to 0 once the rank holding the NaN held it again by an entry (the replacement, not measured
+    by the call, now that entry's gradient), and the other ranks dropped their flag while that rank kept its own:
+    a part on rank 0 alone, NaN there, gradients replaced out of place, the next part clipped twice (rank 1
+    stepped, rank 0 skipped). Host-side identity tests; on the CPU only where a flag is set."""
+    records: list[Any] = []
+    armed = optimizer.__dict__.get(_SKIP)
+    if armed is not None:
+        records.append(armed[1])
+    guard = optimizer.__dict__.get("_dist_clip_skip_guard")
+    if guard is not None and getattr(guard, "flag", None) is not None:
+        records.append(getattr(guard, "armed_on", None))
+    out: list[Tensor] = []
+    ids: set[int] | None = None
+    plain = None
+    for flag, members, _seen in (e for record in records for e in getattr(record, "parts", None) or ()):
+        if not members or not isinstance(flag, Tensor) or (flag.device.type == "cpu" and not bool(flag)):
+            continue
+        if ids is None:
+            where = where if where is not None else set(map(id, gradients(optimizer)))
+            ids = set(map(id, measured()))
+        if not any(id(t) in where and id(t) not in ids for t in members):  # (the first one, usually)
+            continue
+        if plain is None:
+            plain = not any(map(Tensor._is_view, measured()))  # (then identity alone tells what is measured)
+        if plain or _unmeasured([t for t in members if id(t) in where], measured()):
+            out.append(flag)
+    return out
+
+
 def _nonfinite(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
     """A 0-dim bool on ``device``: whether some element of ``tensors`` is NaN or infinite (one largest-magnitude
     pass per device and dtype, which keeps a NaN)."""
@@ -1209,6 +1249,14 @@ def rearm(armed: tuple[Tensor, tuple[Any, ...]] | None, new: Tensor, now: tuple[
                 # FSDP1 rank whose shard of the part is padding only). Merged into the flag alone, the next call's
                 # ledger dropped it there: that rank took the step the others skipped (a NaN in a one-element
                 # head on rank 0, use_orig_params=True, 2 ranks: rank 1 stepped its shards, rank 0 did not).
+                if _AGREED.get() is not None and any(m is not None and not m for _, m, _ in parts):
+                    # (an entry kept by the ranks' verdict with no gradient left is decided by this call's verdict
+                    # too, as in supersede: kept here, rank 1 skipped a batch zeroed in place whose [A] had dropped
+                    # rank 0's flag)
+                    parts = [e for e in ((carried_by_replacements(f, []) if m is not None and not m else (f, m, seen))
+                                         for f, m, seen in parts) if e is not None]
+                    armed[1].parts = [*parts, (new, None, (*now, None))]
+                    return functools.reduce(merge, [f for f, _, _ in armed[1].parts]), armed[1]
                 armed[1].parts = [*parts, (new, None, (*now, None))]
             return merge(armed[0], new), armed[1]
         # (a ledger holding the flag by what untouched says of the gradients held now, as a record of them did:
@@ -1791,8 +1839,10 @@ def hand_over_(
         now = (grads, version_list(grads))
         left = [(f, None, seen) for f, members, seen in parts
                 if members is None and seen is not None and _sticky(seen, now, grads)]
-        gone = [f for f, members, seen in parts if members is None and not (seen is not None and _sticky(
-            seen, now, grads)) and _replaced_away(seen, set(map(id, grads)))]
+        # (and an entry kept by the ranks' verdict with no gradient left: decided by this call's verdict again, as
+        # in supersede; dropped here, a rank holding none of the NaN part stepped where the others skipped)
+        gone = [f for f, members, seen in parts if (members is None and not (seen is not None and _sticky(
+            seen, now, grads)) and _replaced_away(seen, set(map(id, grads)))) or (members is not None and not members)]
         entry = carried_by_replacements(functools.reduce(torch.maximum, gone), []) if gone else None
         if entry is not None:
             left.append(entry)  # type: ignore[arg-type]

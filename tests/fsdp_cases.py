@@ -2339,15 +2339,16 @@ def fsdp2_listed_unsynced_before_backward(how: str) -> list:
 
 
 def fsdp2_out_of_place_nan_in_one_shard(how: str, fresh: bool = False, whole: bool = False,
-                                        between: str | None = None, again: bool = True) -> dict[str, Any]:
+                                        between: str | None = None, again: bool | int = True) -> dict[str, Any]:
     """FSDP2 heads h0 (5 rows: uneven shards on 3 ranks) and h1 (2 rows: rank 2's shard empty), each its own
     ``fully_shard`` unit, fused Adam, ``on_nonfinite="skip"`` (``how``: the clipper, ``mode="unitwise"``'s, or the
     hand-over), clipped as [h0] and [h1] with a NaN in rank 0's shard of h0 alone; then an auxiliary loss's
     gradients added out of place (``p.grad = p.grad + g``) and [h1] clipped again. ``fresh``: instead, the batch is
     dropped (``zero_grad(set_to_none=True)``) and the next batch's gradients clipped as [h1] alone first.
     ``whole``: the first clip takes both heads (the hand-over hands its coefficient over, settled by the next
-    call). ``between``: a call arming no skip made after the write, before [h1]'s (``again``: made at all): it
-    settles the hand-over. Returns, per batch, whether this rank's step was skipped (every parameter as it was)
+    call). ``between``: a call arming no skip made after the write, before [h1]'s (``again``: made at all; an
+    int: made that many times): it settles the hand-over. Returns, per batch, whether this rank's step was skipped
+    (every parameter as it was)
     and its parameters finite."""
     from torch.distributed.fsdp import fully_shard
 
@@ -2404,7 +2405,7 @@ def fsdp2_out_of_place_nan_in_one_shard(how: str, fresh: bool = False, whole: bo
         if nan or not fresh:
             if between is not None:
                 calls[between]()
-            if again:
+            for _ in range(int(again)):
                 clip(model["h1"])
         before = [q.detach().to_local().clone() for q in model.parameters()]
         with warnings.catch_warnings():

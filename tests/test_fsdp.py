@@ -483,6 +483,18 @@ def test_fsdp2_out_of_place_nan_in_one_shard_skips_on_every_rank(run_ranks, how:
 
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("how", ["clipper", "clip_fused", "unitwise"])
+def test_fsdp2_out_of_place_nan_in_one_shard_reclipped_twice_skips_on_every_rank(run_ranks, how: str,
+                                                                                 world: int) -> None:
+    """As above, [h1] clipped twice after the replacement: at the second call no rank reads a replaced gradient
+    (each rank's h0 replacements are held by its ledger entry since the first), so the ranks' verdict comes from
+    the flags those entries hold. Every rank skips the NaN batch and steps the next one."""
+    results = run_ranks(world, cases.fsdp2_out_of_place_nan_in_one_shard, how, False, False, None, 2)
+    for r in results:
+        assert r == {"batch 0": (True, True), "batch 1": (False, True)}, results
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("how", ["clipper", "clip_fused", "unitwise"])
 def test_fsdp2_nan_batch_dropped_then_a_fresh_one_steps_on_every_rank(run_ranks, how: str, world: int) -> None:
     """As above, but the NaN batch is dropped (``zero_grad(set_to_none=True)``) and the next batch's gradients
     clipped as [h1] alone: their unmeasured h0 gradients are finite on every rank, and every rank steps."""

@@ -4350,13 +4350,17 @@ def test_fsdp2_a_part_without_gradients_keeps_the_skip_flag(run_ranks, second):
         assert got == [(True, False), (False, True)], got
 
 
-def body_a_part_no_gradient_of_which_this_rank_holds_keeps_the_other_rank_s_skip(how: str, replaced: bool = False
-                                                                                ) -> list:
-    """Plain tensors with ``group=``, each rank its own parameters: part A is rank 0's ``a`` alone (rank 1 holds no
-    gradient of it and passes an empty list), part B one tensor on each rank; a NaN in ``a``; [A] then [B]
-    clipped; ``replaced``: then every gradient replaced out of place (``p.grad = p.grad + g``) and [B] clipped again
-    (rank 1 holds no gradient that call does not measure: its flag is kept by the ranks' verdict alone). Returns,
-    per batch (NaN, good), whether this rank's step was skipped."""
+def body_a_part_no_gradient_of_which_this_rank_holds_keeps_the_other_rank_s_skip(how: str, replaced: int = 0,
+                                                                                zero: str = "none",
+                                                                                dropped: bool = False) -> list:
+    """Plain tensors with ``group=``, each rank its own parameters: part A is rank 0's ``a`` alone (the other ranks
+    hold no gradient of it and pass an empty list), part B one tensor on each rank; a NaN in ``a``; [A] then [B]
+    clipped; ``replaced`` > 0: then every gradient replaced out of place (``p.grad = p.grad + g``) and [B] clipped
+    again ``replaced`` times (the other ranks hold no gradient those calls do not measure: their flag is kept by
+    the ranks' verdict alone). ``zero``: how the good batch starts, ``zero_grad(set_to_none=True)`` ("none") or in
+    place ("in_place"; "in_place_reversed": its parts then clipped as [B], [A]). ``dropped``: the NaN batch is not
+    stepped (the good batch's calls meet its flags). Returns, per batch (NaN, good), whether this rank's step was
+    skipped."""
     import torch.distributed as dist
 
     rank = dist.get_rank()
@@ -4366,40 +4370,73 @@ def body_a_part_no_gradient_of_which_this_rank_holds_keeps_the_other_rank_s_skip
     mine = [a, b] if rank == 0 else [b]
     opt = torch.optim.Adam(mine, lr=0.1, fused=how != "clipper")
     clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+
+    def clip(part: list) -> None:
+        if how == "clip_fused":
+            dist_clip.clip_grad_norm_(part, 1.0, optimizer=opt, group=dist.group.WORLD)
+        else:
+            clipper(part, optimizer=opt, group=dist.group.WORLD)
+
     out = []
     for nan in (True, False):
-        opt.zero_grad(set_to_none=True)
-        for q in mine:
-            q.grad = torch.randn(q.shape)
+        if nan or zero == "none":
+            opt.zero_grad(set_to_none=True)
+            for q in mine:
+                q.grad = torch.randn(q.shape)
+        else:
+            opt.zero_grad(set_to_none=False)
+            for q in mine:
+                q.grad.add_(torch.randn(q.shape))
         if nan and rank == 0:
             a.grad[1] = math.nan
-        for part in ([a] if rank == 0 else [], [b]):
-            if how == "clip_fused":
-                dist_clip.clip_grad_norm_(part, 1.0, optimizer=opt, group=dist.group.WORLD)
-            else:
-                clipper(part, optimizer=opt, group=dist.group.WORLD)
-        if replaced:
+        parts = ([a] if rank == 0 else [], [b])
+        for part in parts[::-1] if not nan and zero == "in_place_reversed" else parts:
+            clip(part)
+        if replaced and (nan or not dropped):
             for q in mine:
                 q.grad = q.grad + torch.ones(q.shape)
-            if how == "clip_fused":
-                dist_clip.clip_grad_norm_([b], 1.0, optimizer=opt, group=dist.group.WORLD)
-            else:
-                clipper([b], optimizer=opt, group=dist.group.WORLD)
+            for _ in range(replaced):
+                clip([b])
+        if nan and dropped:
+            continue  # (no step: the next batch's calls decide the flags left)
         before = [q.detach().clone() for q in mine]
         opt.step()
         out.append(all(torch.equal(x, q) for x, q in zip(before, mine)))
     return out
 
 
-@pytest.mark.parametrize("replaced", [False, True])
+@pytest.mark.parametrize("replaced", [0, 1, 2])
 @pytest.mark.parametrize("how", ["clipper", "clipper_fused", "clip_fused"])
 def test_a_part_no_gradient_of_which_this_rank_holds_keeps_the_other_rank_s_skip(run_ranks, how, replaced):
     """A part whose gradients are all on rank 0, NaN there: rank 1's call measures nothing and arms the ranks' NaN
     flag with nothing held, which must last through the next part's call as rank 0's does (recorded without the
     gradients held then, the next part's call dropped it on rank 1 alone: rank 1 stepped, rank 0 skipped). Every
     rank skips the NaN batch and steps the good one. ``replaced``: the gradients then replaced out of place and [B]
-    clipped again, rank 1's replaced flag has no gradient left to hold it, and is kept by the ranks' verdict (rank
-    0 reads a NaN in ``a``), as an entry without gradients: dropped there, or decided by rank 1's own read, rank 1
-    stepped."""
+    clipped again (once, twice), rank 1's replaced flag has no gradient left to hold it, and is kept by the ranks'
+    verdict, as an entry without gradients: dropped there, or decided by rank 1's own read, rank 1 stepped. At the
+    second re-clip rank 0 reads no replaced gradient (its NaN ``a + 1`` is held by its own entry since the first),
+    so its held flag joins the verdict: without it the verdict was 0, rank 1 dropped its flag and stepped."""
     assert run_ranks(2, body_a_part_no_gradient_of_which_this_rank_holds_keeps_the_other_rank_s_skip, how,
                      replaced) == [[True, False]] * 2
+
+
+@pytest.mark.parametrize("zero", ["none", "in_place", "in_place_reversed"])
+@pytest.mark.parametrize("how", ["clipper", "clipper_fused", "clip_fused"])
+def test_a_part_no_gradient_of_which_this_rank_holds_twice_reclipped_three_ranks(run_ranks, how, zero):
+    """The flow above with [B] clipped twice after the replacement, on 3 ranks (ranks 1 and 2 hold no gradient of
+    part A): every rank skips the NaN batch (rank 0 alone skipped it), and the good batch, after
+    ``zero_grad(set_to_none=True)`` or ``zero_grad()`` in place, steps on every rank (the held flag joining the
+    verdict must not outlast the batch)."""
+    assert run_ranks(3, body_a_part_no_gradient_of_which_this_rank_holds_keeps_the_other_rank_s_skip, how, 2,
+                     zero) == [[True, False]] * 3
+
+
+@pytest.mark.parametrize("zero", ["none", "in_place", "in_place_reversed"])
+@pytest.mark.parametrize("how", ["clipper", "clipper_fused", "clip_fused"])
+def test_a_part_no_gradient_of_which_this_rank_holds_dropped_then_a_good_batch_steps(run_ranks, how, zero):
+    """The NaN batch of the flow above ([B] clipped twice after the replacement) dropped without a step, by
+    ``zero_grad(set_to_none=True)`` or ``zero_grad()`` in place, and a finite batch clipped ([A], [B], or in place
+    [B], [A]): every rank steps it (a flag kept by the ranks' verdict, with no gradient to hold it, outlasting the
+    batch on one rank skipped that rank's step alone)."""
+    assert run_ranks(2, body_a_part_no_gradient_of_which_this_rank_holds_keeps_the_other_rank_s_skip, how, 2,
+                     zero, True) == [[False]] * 2
