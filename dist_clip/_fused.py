@@ -947,7 +947,7 @@ def supersede(armed: tuple[Any, ...], record: tuple[Any, ...], now: tuple[list[T
         if members is None:
             if seen is not None and _sticky(seen, started if started is not None else now, measured):
                 kept.append((flag, None, seen))
-            elif _replaced_away(seen, where):
+            elif _measured_elsewhere(seen):
                 gone.append(flag)
             continue
         left = [t for t in members if id(t) in where and id(t) not in again]
@@ -967,15 +967,16 @@ def supersede(armed: tuple[Any, ...], record: tuple[Any, ...], now: tuple[list[T
     return functools.reduce(merge, [f for f, _, _ in record.parts])
 
 
-def _replaced_away(seen: Any, where: set[int]) -> bool:
-    """Whether a ledger entry armed by a call that measured nothing on this rank (another rank measured the part:
-    ``seen``, the gradients held then) lost every one of those gradients: replaced out of place or by the next
-    batch, its flag is decided as any entry whose gradients are gone (:func:`carried_by_replacements`), by the
-    ranks' verdict within an arming call, as the other ranks' entries holding the part's gradients are; dropped
-    here alone, rank 1 stepped where rank 0 skipped (a part held on rank 0 alone, NaN there, gradients replaced
-    out of place, the next part clipped again)."""
-    return (type(seen) is tuple and len(seen) == 3 and seen[2] is None and bool(seen[0])
-            and not any(id(t) in where for t in seen[0]))
+def _measured_elsewhere(seen: Any) -> bool:
+    """Whether a ledger entry was armed by a call that measured nothing on this rank (another rank measured the
+    part: ``seen``, the gradients held then), once :func:`_sticky` no longer holds for it (those gradients written,
+    by the next part's clip in place or its hand-over settled, or replaced): its flag is decided as any entry whose
+    gradients are gone (:func:`carried_by_replacements`), by the ranks' verdict within an arming call, which a
+    rank's flags held by gradients the call does not measure join (:class:`Agreement`), so it lasts as long as the
+    rank holding the part's NaN keeps its own. Dropped here alone, rank 1 stepped where rank 0 skipped (a part
+    held on rank 0 alone, NaN there, then the next part clipped twice, or its gradients replaced out of place and
+    the next part clipped again)."""
+    return type(seen) is tuple and len(seen) == 3 and seen[2] is None and bool(seen[0])
 
 
 def carried_by_replacements(flag: Tensor, rest: list[Tensor]) -> tuple[Tensor, list[Tensor], None] | None:
@@ -1842,7 +1843,7 @@ def hand_over_(
         # (and an entry kept by the ranks' verdict with no gradient left: decided by this call's verdict again, as
         # in supersede; dropped here, a rank holding none of the NaN part stepped where the others skipped)
         gone = [f for f, members, seen in parts if (members is None and not (seen is not None and _sticky(
-            seen, now, grads)) and _replaced_away(seen, set(map(id, grads)))) or (members is not None and not members)]
+            seen, now, grads)) and _measured_elsewhere(seen)) or (members is not None and not members)]
         entry = carried_by_replacements(functools.reduce(torch.maximum, gone), []) if gone else None
         if entry is not None:
             left.append(entry)  # type: ignore[arg-type]

@@ -4352,15 +4352,16 @@ def test_fsdp2_a_part_without_gradients_keeps_the_skip_flag(run_ranks, second):
 
 def body_a_part_no_gradient_of_which_this_rank_holds_keeps_the_other_rank_s_skip(how: str, replaced: int = 0,
                                                                                 zero: str = "none",
-                                                                                dropped: bool = False) -> list:
+                                                                                dropped: bool = False,
+                                                                                again: int = 0) -> list:
     """Plain tensors with ``group=``, each rank its own parameters: part A is rank 0's ``a`` alone (the other ranks
     hold no gradient of it and pass an empty list), part B one tensor on each rank; a NaN in ``a``; [A] then [B]
     clipped; ``replaced`` > 0: then every gradient replaced out of place (``p.grad = p.grad + g``) and [B] clipped
     again ``replaced`` times (the other ranks hold no gradient those calls do not measure: their flag is kept by
     the ranks' verdict alone). ``zero``: how the good batch starts, ``zero_grad(set_to_none=True)`` ("none") or in
     place ("in_place"; "in_place_reversed": its parts then clipped as [B], [A]). ``dropped``: the NaN batch is not
-    stepped (the good batch's calls meet its flags). Returns, per batch (NaN, good), whether this rank's step was
-    skipped."""
+    stepped (the good batch's calls meet its flags). ``again``: [B] clipped that many more times right after [A],
+    [B] (before any replacement). Returns, per batch (NaN, good), whether this rank's step was skipped."""
     import torch.distributed as dist
 
     rank = dist.get_rank()
@@ -4392,6 +4393,8 @@ def body_a_part_no_gradient_of_which_this_rank_holds_keeps_the_other_rank_s_skip
         parts = ([a] if rank == 0 else [], [b])
         for part in parts[::-1] if not nan and zero == "in_place_reversed" else parts:
             clip(part)
+        for _ in range(again):
+            clip([b])
         if replaced and (nan or not dropped):
             for q in mine:
                 q.grad = q.grad + torch.ones(q.shape)
@@ -4429,6 +4432,19 @@ def test_a_part_no_gradient_of_which_this_rank_holds_twice_reclipped_three_ranks
     verdict must not outlast the batch)."""
     assert run_ranks(3, body_a_part_no_gradient_of_which_this_rank_holds_keeps_the_other_rank_s_skip, how, 2,
                      zero) == [[True, False]] * 3
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("how", ["clipper", "clipper_fused", "clip_fused"])
+def test_a_part_no_gradient_of_which_this_rank_holds_keeps_the_skip_through_a_part_clipped_again(run_ranks, how,
+                                                                                                  world):
+    """[A] (rank 0's ``a`` alone, NaN there), [B], then [B] clipped again, nothing replaced: rank 1's flag, armed by
+    a call measuring nothing and held by what its gradients were then, was dropped once [B]'s scaling (the clip in
+    place, or the settling of [B]'s hand-over) wrote ``b.grad``: rank 1 stepped, rank 0 skipped. Such an entry,
+    its gradients written or gone, is decided by the ranks' verdict, where rank 0's NaN entry, held and not
+    measured by the call, counts: every rank skips the NaN batch and steps the good one."""
+    assert run_ranks(world, body_a_part_no_gradient_of_which_this_rank_holds_keeps_the_other_rank_s_skip, how, 0,
+                     "none", False, 1) == [[True, False]] * world
 
 
 @pytest.mark.parametrize("zero", ["none", "in_place", "in_place_reversed"])
