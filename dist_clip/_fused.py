@@ -1095,6 +1095,12 @@ class Agreement:
         finally:
             _AGREED.reset(token)
 
+    def apply(self) -> None:
+        """The verdict applied to the settled hand-overs' flags that waited for it, in a call (or at a point of one)
+        that arms nothing under it."""
+        with self.armed():
+            pass
+
     def _others_unsettled(self) -> None:
         """Another optimizer's hand-over that this call measures gradients of but did not settle here (its pieces
         on this rank are empty FSDP2 shards, which overlap nothing), as the ranks settling it did (see :meth:`fold`):

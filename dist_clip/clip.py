@@ -447,8 +447,7 @@ def get_total_norm(
     except BaseException:
         agreement.abandon()
         raise
-    with agreement.armed():
-        pass  # (the settled hand-overs' flags kept or dropped by the verdict)
+    agreement.apply()  # (the settled hand-overs' flags kept or dropped by the verdict)
     return wide.to(out)
 
 
@@ -594,8 +593,7 @@ def clip_grad_norm_(
     handed = fold is None and fused and not wide_product
     # (before scaling: a skip armed by an earlier call on these very gradients, a clip of another part of the
     # model, is combined with, not replaced by, this call's flag; see _fused.arm_skip_)
-    with agreement.armed():
-        pass  # (a settled hand-over's flag kept by the verdict, before this call hands over or arms)
+    agreement.apply()  # (a settled hand-over's flag kept by the verdict, before this call hands over or arms)
     started = _fused.grad_state(optimizer) if skips and not handed and not running else None  # type: ignore[arg-type]
     if fold is not None and not wide_product:
         fold(coef, everything)

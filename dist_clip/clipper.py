@@ -980,8 +980,7 @@ class GradClipper:
         assert m.extra is not None  # the verdict, the last extra value (see _with_replaced)
         agreement.agree(m.extra[-1])
         if arm_skip is None:
-            with agreement.armed():
-                pass  # (settled hand-overs' flags kept or dropped by the verdict; a skipping call does it as it arms)
+            agreement.apply()  # (settled hand-overs' flags kept or dropped; a skipping call does it as it arms)
         m = dataclasses.replace(m, extra=m.extra[:-1] if m.extra.numel() > 1 else None)
         out = m.result_dtype
         assert out is not None
@@ -1245,8 +1244,7 @@ class GradClipper:
             raise
         agreement.agree(outcome.replaced)
         if arm_skip is None:
-            with agreement.armed():
-                pass  # (settled hand-overs' flags kept or dropped by the verdict; a skipping call does it as it arms)
+            agreement.apply()  # (settled hand-overs' flags kept or dropped; a skipping call does it as it arms)
         out = outcome.measurement.result_dtype
         assert out is not None
         total = outcome.total.to(out)

@@ -526,8 +526,7 @@ def get_total_norm(target: object, plan: ParallelPlan, norm_type: float | str = 
         raise
     assert m.extra is not None
     agreement.agree(m.extra[-1])
-    with agreement.armed():
-        pass  # (the settled hand-overs' flags kept or dropped by the verdict)
+    agreement.apply()  # (the settled hand-overs' flags kept or dropped by the verdict)
     plan.check_once(named.shards, m, p)
     assert m.result_dtype is not None
     return m.total.to(m.result_dtype)
