@@ -465,6 +465,12 @@ def test_fsdp1_a_rank_holding_padding_only_of_a_part_keeps_its_skip(run_ranks, f
     assert results == [want, want], results
 
 
+def _assert_batches(results: list, nan_skipped: bool) -> None:
+    """Every rank's (skipped, finite) for batch 0 (the NaN batch where it is not dropped) and batch 1 (finite)."""
+    for r in results:
+        assert r == {"batch 0": (nan_skipped, True), "batch 1": (False, True)}, results
+
+
 @pytest.mark.parametrize("whole", [False, True])
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("how", ["clipper", "clip_fused", "unitwise"])
@@ -477,8 +483,7 @@ def test_fsdp2_out_of_place_nan_in_one_shard_skips_on_every_rank(run_ranks, how:
     carry the read, until it did). Every rank skips the NaN batch and steps the next one: the ranks agree on what
     the later call does not measure through its own all-reduce."""
     results = run_ranks(world, cases.fsdp2_out_of_place_nan_in_one_shard, how, False, whole)
-    for r in results:
-        assert r == {"batch 0": (True, True), "batch 1": (False, True)}, results
+    _assert_batches(results, nan_skipped=True)
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -489,8 +494,7 @@ def test_fsdp2_out_of_place_nan_in_one_shard_reclipped_twice_skips_on_every_rank
     (each rank's h0 replacements are held by its ledger entry since the first), so the ranks' verdict comes from
     the flags those entries hold. Every rank skips the NaN batch and steps the next one."""
     results = run_ranks(world, cases.fsdp2_out_of_place_nan_in_one_shard, how, False, False, None, 2)
-    for r in results:
-        assert r == {"batch 0": (True, True), "batch 1": (False, True)}, results
+    _assert_batches(results, nan_skipped=True)
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -499,8 +503,7 @@ def test_fsdp2_nan_batch_dropped_then_a_fresh_one_steps_on_every_rank(run_ranks,
     """As above, but the NaN batch is dropped (``zero_grad(set_to_none=True)``) and the next batch's gradients
     clipped as [h1] alone: their unmeasured h0 gradients are finite on every rank, and every rank steps."""
     results = run_ranks(world, cases.fsdp2_out_of_place_nan_in_one_shard, how, True)
-    for r in results:
-        assert r == {"batch 0": (False, True), "batch 1": (False, True)}, results
+    _assert_batches(results, nan_skipped=False)
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -545,8 +548,7 @@ def test_fsdp2_out_of_place_nan_settled_by_a_call_arming_nothing_skips_on_every_
     applied: rank 0 stepped its NaN), and ``compose.get_total_norm`` kept it by each rank's own read of h0 (rank 0
     skipped alone). The ranks' verdict travels in that call's all-reduce too."""
     results = run_ranks(world, cases.fsdp2_out_of_place_nan_in_one_shard, "clip_fused", False, True, between)
-    for r in results:
-        assert r == {"batch 0": (True, True), "batch 1": (False, True)}, results
+    _assert_batches(results, nan_skipped=True)
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -556,8 +558,7 @@ def test_fsdp2_out_of_place_nan_settled_by_a_read_then_stepped_skips_on_every_ra
     """As above with no clip after the read of h1: the step itself decides nothing (it has no collective), so the
     read's verdict stands, the same on every rank (by each rank's own read, rank 0 skipped alone)."""
     results = run_ranks(world, cases.fsdp2_out_of_place_nan_in_one_shard, "clip_fused", False, True, between, False)
-    for r in results:
-        assert r == {"batch 0": (True, True), "batch 1": (False, True)}, results
+    _assert_batches(results, nan_skipped=True)
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -567,8 +568,7 @@ def test_fsdp2_nan_hand_over_dropped_then_a_fresh_batch_read_steps_on_every_rank
     """The NaN batch handed over whole is dropped (``zero_grad(set_to_none=True)``), the next batch's gradients read
     by a call arming no skip, then [h1] clipped: every gradient is finite on every rank, and every rank steps."""
     results = run_ranks(world, cases.fsdp2_out_of_place_nan_in_one_shard, "clip_fused", True, True, between)
-    for r in results:
-        assert r == {"batch 0": (False, True), "batch 1": (False, True)}, results
+    _assert_batches(results, nan_skipped=False)
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -582,8 +582,7 @@ def test_fsdp2_out_of_place_nan_read_by_a_call_arming_nothing_skips_on_every_ran
     every rank and rank 0 stepped its NaN (its parameters NaN for good). That call arms no flag for what it reads:
     the flag is held by every gradient, and every rank skips."""
     results = run_ranks(world, cases.fsdp2_out_of_place_nan_in_one_shard, "clip_fused", False, True, between, again)
-    for r in results:
-        assert r == {"batch 0": (True, True), "batch 1": (False, True)}, results
+    _assert_batches(results, nan_skipped=True)
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -593,5 +592,4 @@ def test_fsdp2_nan_hand_over_dropped_then_the_fresh_batch_read_whole_steps_on_ev
     """As above after the NaN batch is dropped and the next batch's gradients made: they are finite, and every
     rank steps."""
     results = run_ranks(world, cases.fsdp2_out_of_place_nan_in_one_shard, "clip_fused", True, True, between)
-    for r in results:
-        assert r == {"batch 0": (False, True), "batch 1": (False, True)}, results
+    _assert_batches(results, nan_skipped=False)
