@@ -1322,12 +1322,12 @@ def case_global_grad_norm_after_the_clip(stage: int, offload: bool, hand_over: b
             "max_norm" if abs(theirs - 0.3) <= 1e-5 else theirs]
 
 
-def make_muon_engine(stage: int, offload: bool = False) -> Any:
+def make_muon_engine(stage: int, offload: bool = False, **dtypes: Any) -> Any:
     """An engine running DeepSpeed's own Muon (``"optimizer": {"type": "Muon"}``: the weight matrices Muon, the
     biases its auxiliary Adam, torch's here: DeepSpeed's FusedAdam would be compiled first)."""
     deepspeed = _quiet()
     model = make_model(0)
-    cfg = ds_config(stage, offload=offload)
+    cfg = ds_config(stage, offload=offload, **dtypes)
     cfg["optimizer"] = {"type": "Muon", "params": {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.0,
                                                    "torch_adam": True}}
     if stage == 3:
@@ -1349,6 +1349,22 @@ def case_deepspeed_muon_zero12_refused(stage: int) -> list:
                     NotImplementedError, refused),
             outcome(lambda: dist_clip.GradClipper(max_norm=1.0, mode="per_param")(engine), NotImplementedError,
                     refused)]
+
+
+def case_deepspeed_muon_bf16_optimizer_is_measured() -> list:
+    """ZeRO-1 with bf16 and fp32 gradient accumulation steps DeepSpeed's ``BF16_Optimizer``, which runs Muon in
+    ``step()`` after its own norm (``_prepare_muon_updates``), not in backward as the ZeRO 1-2 optimizer does: the
+    gradients are there, so it is not refused, and the norm is the gradients' (9.821 for the float64 model's 9.828,
+    a bf16 model's difference, 2 ranks; Muon's updates read 13% low at ZeRO 1-2)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    engine = make_muon_engine(1, dtype="bf16", grad_accum_dtype="fp32")
+    model = make_model(0).double()
+    (sum(loss_fn(model(batch(r, 0, 0).bfloat16().double())) for r in range(world)) / world).backward()
+    want = float(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()])))
+    engine.backward(loss_fn(engine(batch(rank, 0, 0).bfloat16())))
+    total = float(dist_clip.clip_grad_norm_(engine, 1.0))
+    engine.step()
+    return [type(engine.optimizer).__name__ == "BF16_Optimizer", math.isclose(total, want, rel_tol=2e-2)]
 
 
 def case_deepspeed_muon_hand_over(stage: int, offload: bool) -> list:

@@ -329,6 +329,12 @@ def test_deepspeeds_muon_at_zero_1_2_is_refused_on_every_rank(run_ranks, stage):
     assert run_ranks(2, ds_cases.case_deepspeed_muon_zero12_refused, stage, timeout_s=TIMEOUT) == [[True] * 3] * 2
 
 
+def test_deepspeeds_muon_under_bf16_optimizer_is_measured_not_refused(run_ranks):
+    """README: ZeRO-1's BF16_Optimizer (bf16, fp32 gradient accumulation) runs Muon in step(), so the gradients
+    are there to measure, unlike ZeRO 1-2's own optimizer, which is refused."""
+    assert run_ranks(2, ds_cases.case_deepspeed_muon_bf16_optimizer_is_measured, timeout_s=TIMEOUT) == [[True] * 2] * 2
+
+
 @pytest.mark.parametrize("stage,offload", [(3, False), (2, True), (3, True)])
 def test_hand_over_with_deepspeeds_muon_scales_the_gradients_not_the_update(run_ranks, stage, offload):
     assert run_ranks(2, ds_cases.case_deepspeed_muon_hand_over, stage, offload, timeout_s=TIMEOUT) == [[True] * 3] * 2
