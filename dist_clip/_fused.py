@@ -545,7 +545,7 @@ def settle(tensors: Sequence[Tensor]) -> None:
         if pending is None:
             _WAITING.discard(optimizer)
             continue
-        scale, found, coef, held, versions, raw = pending
+        scale, found, coef, held, versions, raw, shared = pending
         if coef is None:
             # Applied already: only the skip flag is left, and it lasts until the step whatever wrote the
             # gradients since (the verdict of a later read dropped it: a NaN hand-over, a clip in place, then
@@ -566,7 +566,7 @@ def settle(tensors: Sequence[Tensor]) -> None:
         if verdict == "replaced":
             _warn_replaced()
         _scale.scale_(kept, coef)
-        _stash(optimizer, torch.ones_like(scale), found, None, grads)
+        _stash(optimizer, torch.ones_like(scale), found, None, grads, shared)
         saved = optimizer.__dict__.get(_SAVED)
         if running and saved is not None and saved[3] is not None and optimizer.__dict__.get("grad_scale") is saved[3]:
             # The step under way was handed the coefficient as grad_scale by its pre-hook: it is in the gradients
@@ -1017,6 +1017,8 @@ class Agreement:
                  measured: Sequence[Tensor] | Callable[[], Sequence[Tensor]]) -> None:
         self.deferred: list[Any] = []
         self.agreed: Tensor | None = None
+        #: the verdict (and the call's total) combined over more than one rank: see :func:`hand_over_`
+        self.shared = False
         read: list[Tensor] = []
         held: list[Tensor] = []
         self.optimizers = [o for o in optimizers if isinstance(o, torch.optim.Optimizer)]
@@ -1057,9 +1059,20 @@ class Agreement:
             self._measured = self._measured()
         return self._measured
 
-    def agree(self, combined: Tensor) -> None:
-        """The all-reduced ``local`` (any rank's 1: true on every rank)."""
+    def agree(self, combined: Tensor, alone: bool = False) -> None:
+        """The all-reduced ``local`` (any rank's 1: true on every rank). ``alone``: the call combined over no other
+        rank (no reduction group, or a group of one), so ``combined`` is this rank's read alone. While the world holds
+        more ranks, the others' pieces may hold a NaN this rank's do not (a sharded part clipped over the world beside
+        a replicated one clipped with ``group=None``): the verdict is then true, every flag waiting on it kept as it
+        is, held by the gradients it would have been read from (an entry without gradients: decided again by the
+        next call that combines), on every rank alike (read by each rank alone, NaN in rank 0's shard of S, [S], [R]
+        with ``group=None``, gradients replaced out of place, [R] again: rank 0 skipped and rank 1 stepped). In one
+        process, or where the call combines, the read decides."""
+        if alone and _multi_rank():
+            self.agreed = torch.ones((), dtype=torch.bool, device=combined.device)
+            return
         self.agreed = combined.reshape(()) > 0
+        self.shared = not alone
 
     @contextlib.contextmanager
     def deferring(self) -> Iterator[None]:
@@ -1125,6 +1138,13 @@ class Agreement:
         deferred, self.deferred = self.deferred, []
         for optimizer, found, rest in deferred:
             _keep_replaced(optimizer, found, rest)
+
+
+def _multi_rank() -> bool:
+    """Whether this process is one of several ranks (a process group of more than one rank is initialized)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _armed_or_pending(optimizer: torch.optim.Optimizer) -> bool:
@@ -1615,7 +1635,7 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple
             if verdict == "replaced":
                 _warn_replaced()
             _scale.scale_(kept, pending[2])
-            _stash(optimizer, torch.ones_like(pending[0]), pending[1], None, grads)  # as settle() leaves it
+            _stash(optimizer, torch.ones_like(pending[0]), pending[1], None, grads, pending[6])  # as settle() leaves it
             pending = optimizer.__dict__[_PENDING]
         elif _dropped(verdict):
             if verdict == "written":
@@ -1630,7 +1650,7 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple
             # replacement out of place (p.grad + g) and stays under a further backward accumulating into it, while
             # the next batch's gradients (after zero_grad, either way) are finite (see carried_by_replacements;
             # dropped with the coefficient, a NaN hand-over, an auxiliary loss and the step took the NaN step)
-            entry = carried_by_replacements(pending[1], grads)
+            entry = _carried_at_step(pending, grads)
             if entry is not None:
                 armed = (entry[0] if armed is None
                          else torch.maximum(armed[0], _reduce.moved(entry[0], armed[0].device)), None)
@@ -1685,9 +1705,23 @@ def pending_flag(optimizer: torch.optim.Optimizer) -> Tensor | None:
         grads = gradients(optimizer)
         verdict, _ = _verdict(pending[3], pending[4], grads, pending[5], optimizer)
         if _dropped(verdict):  # (kept where the gradients hold a NaN, as the pre-hook keeps it)
-            entry = carried_by_replacements(pending[1], grads)
+            entry = _carried_at_step(pending, grads)
             return entry[0] if entry is not None else None
     return pending[1]
+
+
+def _carried_at_step(pending: tuple[Any, ...], grads: list[Tensor]) -> tuple[Tensor, list[Tensor], None] | None:
+    """A hand-over's flag at its step, the hand-over dropped (its gradients written or replaced since, with no
+    dist_clip call between): kept where a gradient stepped now is not finite (:func:`carried_by_replacements`, this
+    rank's read). Where the hand-over's total was combined over several ranks (``pending[6]``, see
+    :func:`hand_over_`), the step has no collective to agree by and each rank's pieces are its own: the flag is kept
+    as it is, on every rank alike (read by each rank alone, a NaN in rank 0's shard, the gradients replaced out of
+    place or an auxiliary loss accumulated into them, then ``step()``: rank 0 skipped and rank 1 stepped). A dropped
+    batch's next one stepped with no clip after a NaN hand-over is then skipped too, on every rank."""
+    flag = pending[1]
+    if pending[6] and _multi_rank() and not (flag.device.type == "cpu" and not bool(flag)):
+        return flag, grads, None
+    return carried_by_replacements(flag, grads)
 
 
 def _keep_flag(optimizer: torch.optim.Optimizer, found: Tensor, held: list[Tensor], grads: list[Tensor]) -> None:
@@ -1825,12 +1859,16 @@ def _restore_one(optimizer: torch.optim.Optimizer, name: str, value: Any) -> Non
 
 
 def hand_over_(
-    optimizer: torch.optim.Optimizer, coef: Tensor, total: Tensor, grads: list[Tensor] | None = None
+    optimizer: torch.optim.Optimizer, coef: Tensor, total: Tensor, grads: list[Tensor] | None = None,
+    shared: bool = False,
 ) -> None:
     """Make the next ``optimizer.step()`` multiply every gradient by ``coef``, or skip if ``total`` is not finite.
 
     ``coef`` and ``total`` are 0-dim device tensors; nothing here reads them on the host. The caller has
     checked :func:`supports_grad_scale`. ``grads``: the optimizer's :func:`gradients`, when the caller has them.
+    ``shared``: ``total`` was combined over more than one rank (each rank's pieces its own), so that the step,
+    which has no collective, keeps the flag as it is where it would read it from this rank's pieces
+    (:func:`_carried_at_step`).
     """
     _install_hooks(optimizer)
     clear_stale(optimizer)
@@ -1862,15 +1900,17 @@ def hand_over_(
         # A skip armed on gradients replaced or rewritten since (a dropped batch's NaN, clipped in place): not this
         # step's, as a hand-over's own flag is replaced by the next hand-over (it skipped the next good step).
         del optimizer.__dict__[_SKIP]
-    _stash(optimizer, scale, found, coef, grads)
+    _stash(optimizer, scale, found, coef, grads, shared)
     _WAITING.add(optimizer)
 
 
 def _stash(
-    optimizer: torch.optim.Optimizer, scale: Tensor, found: Tensor, coef: Tensor | None, grads: list[Tensor]
+    optimizer: torch.optim.Optimizer, scale: Tensor, found: Tensor, coef: Tensor | None, grads: list[Tensor],
+    shared: bool = False,
 ) -> None:
     """What the next step applies (``scale``, ``found``), the coefficient settle() would apply instead (None once
-    applied), and the gradients it was measured on with their versions (see :func:`_verdict`)."""
+    applied), the gradients it was measured on with their versions (see :func:`_verdict`), and whether the total
+    was combined over several ranks (see :func:`hand_over_`)."""
     raw = version_list(grads)
     versions: list[Any] = list(raw)
     if coef is not None and any(map(Tensor._is_view, grads)):
@@ -1883,4 +1923,4 @@ def _stash(
                     and not getattr(p, "_fsdp_flattened", False)):
                 cell = _write_cell(p)
                 versions[i] = (cell, cell[0])
-    optimizer.__dict__[_PENDING] = (scale, found, coef, grads, versions, raw)
+    optimizer.__dict__[_PENDING] = (scale, found, coef, grads, versions, raw, shared)

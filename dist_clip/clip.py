@@ -241,7 +241,7 @@ def _wide_total(
         partial = torch.zeros((), dtype=torch.float64, device=home)
     if not check:  # nothing to combine: the partial is the total's (no buffer to build, no element to pick)
         if agreement is not None:
-            agreement.agree(agreement.local)
+            agreement.agree(agreement.local, alone=True)
         return _finished(_norm.finalize(partial, p), p, scale, out, error_if_nonfinite and not refused)
     # One more value in every call: whether a gradient an arming call does not measure is non-finite on some rank
     # (see _fused.Agreement), 0 where this call arms nothing, so that every rank's buffer has the same layout.
@@ -487,7 +487,18 @@ def clip_grads_with_norm_(
     # Before anything is scaled: an integer, bool or float8 gradient raised torch's error from the scaling, after
     # the float gradients grouped before it were scaled (half-clipped gradients for a caller that caught it).
     _norm.check_dtypes(tensors)
-    settle_hand_over(parameters, tensors)
+    if _fused._WAITING:
+        # A hand-over settled here whose gradients were all replaced keeps or drops its flag by a verdict, as in the
+        # calls that combine; with no collective here that is this rank's read in one process, and the flag kept as
+        # it is among several ranks (see _fused.Agreement.agree: read by each rank alone, a NaN in rank 0's shard
+        # of a hand-over replaced out of place skipped rank 0's step and rank 1 stepped)
+        agreement = _fused.Agreement([], tensors)
+        with agreement.deferring():
+            settle_hand_over(parameters, tensors)
+        agreement.agree(agreement.local, alone=True)
+        agreement.apply()
+    else:
+        settle_hand_over(parameters, tensors)
     if not tensors:
         return
     if not isinstance(total_norm, Tensor):
@@ -599,7 +610,7 @@ def clip_grad_norm_(
         fold(coef, everything)
     elif handed:
         with agreement.armed():
-            _fused.hand_over_(optimizer, coef, wide, stepped)
+            _fused.hand_over_(optimizer, coef, wide, stepped, agreement.shared)
     elif wide_product:
         _scale.mul_wide_(everything, float(coef_wide))
     else:

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import _fused, _norm, _slots
+from . import _fused, _norm, _reduce, _slots
 from .shards import Shards
 
 __all__ = ["ParallelPlan", "Rule", "clip_grad_norm_", "get_total_norm"]
@@ -525,7 +525,7 @@ def get_total_norm(target: object, plan: ParallelPlan, norm_type: float | str = 
         agreement.abandon()
         raise
     assert m.extra is not None
-    agreement.agree(m.extra[-1])
+    agreement.agree(m.extra[-1], alone=_reduce.group_size(m.group) <= 1)
     agreement.apply()  # (the settled hand-overs' flags kept or dropped by the verdict)
     plan.check_once(named.shards, m, p)
     assert m.result_dtype is not None

@@ -4456,3 +4456,104 @@ def test_a_part_no_gradient_of_which_this_rank_holds_dropped_then_a_good_batch_s
     batch on one rank skipped that rank's step alone)."""
     assert run_ranks(2, body_a_part_no_gradient_of_which_this_rank_holds_keeps_the_other_rank_s_skip, how, 2,
                      zero, True) == [[False]] * 2
+
+
+def body_a_call_combining_over_no_other_rank_keeps_the_skip(how: str, dropped: bool = False,
+                                                            order: str = "SR") -> list:
+    """Plain tensors, one optimizer: a part S with one tensor on each rank, clipped over the world, and a replicated
+    part R clipped with ``group=None`` (no collective); a NaN in rank 0's ``s``. The NaN batch: [S], [R], every
+    gradient replaced out of place (``p.grad = p.grad + 1``), [R] again. ``dropped``: the NaN batch is not stepped,
+    and the good batch (after ``zero_grad(set_to_none=True)``) is clipped in ``order``. Returns, per batch
+    stepped, whether this rank's step was skipped."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    s = nn.Parameter(torch.randn(3, generator=torch.Generator().manual_seed(rank + 1)))
+    r = nn.Parameter(torch.randn(4, generator=torch.Generator().manual_seed(0)))
+    mine = [s, r]
+    opt = torch.optim.Adam(mine, lr=0.1, fused=how != "clipper")
+    clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+
+    def clip(part: str) -> None:
+        tensors, group = ([s], dist.group.WORLD) if part == "S" else ([r], None)
+        if how == "clip_fused":
+            dist_clip.clip_grad_norm_(tensors, 1.0, optimizer=opt, group=group)
+        else:
+            clipper(tensors, optimizer=opt, group=group)
+
+    out = []
+    for nan in (True, False):
+        opt.zero_grad(set_to_none=True)
+        s.grad = torch.randn(3, generator=torch.Generator().manual_seed(10 + rank))
+        r.grad = torch.randn(4, generator=torch.Generator().manual_seed(20))
+        if nan and rank == 0:
+            s.grad[1] = math.nan
+        if nan:
+            clip("S")
+            clip("R")
+            for q in mine:
+                q.grad = q.grad + torch.ones(q.shape)
+            clip("R")
+            if dropped:
+                continue
+        else:
+            for part in order:
+                clip(part)
+        before = [q.detach().clone() for q in mine]
+        opt.step()
+        out.append(all(torch.equal(x, q) for x, q in zip(before, mine)))
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("how", ["clipper", "clipper_fused", "clip_fused"])
+def test_a_call_combining_over_no_other_rank_keeps_the_skip_on_every_rank(run_ranks, how, world):
+    """A call with no collective (R with ``group=None``) in a world of several ranks decided the NaN flag of [S],
+    whose gradients were all replaced out of place, by each rank's own read of its pieces of S: rank 0 (NaN)
+    skipped, the others stepped (``GradClipper``, fused or not). Its verdict is now "keep", on every rank alike:
+    every rank skips the NaN batch and steps the good one."""
+    assert run_ranks(world, body_a_call_combining_over_no_other_rank_keeps_the_skip, how) == [[True, False]] * world
+
+
+@pytest.mark.parametrize("order", ["SR", "RS"])
+@pytest.mark.parametrize("how", ["clipper", "clipper_fused", "clip_fused"])
+def test_a_call_combining_over_no_other_rank_lets_the_next_batch_step(run_ranks, how, order):
+    """The NaN batch above dropped without a step, and the next one clipped [S], [R] or [R], [S]: the flag the
+    call without a collective keeps is measured again by [S] (or dropped by its verdict), and every rank steps."""
+    assert run_ranks(2, body_a_call_combining_over_no_other_rank_keeps_the_skip, how, True, order) == [[False]] * 2
+
+
+def body_a_nan_hand_over_decided_without_a_collective(how: str) -> list:
+    """A NaN hand-over of ``s`` over the world (one tensor on each rank, NaN in rank 0's), then the gradient
+    replaced out of place (``s.grad + 1``) or accumulated into in place (an auxiliary loss), then
+    ``clip_grads_with_norm_`` (``how`` ending in "_norm": no collective) or nothing, then ``step()``. Returns
+    whether this rank's step was skipped."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    s = nn.Parameter(torch.randn(3, generator=torch.Generator().manual_seed(rank + 1)))
+    opt = torch.optim.Adam([s], lr=0.1, fused=True)
+    s.grad = torch.randn(3, generator=torch.Generator().manual_seed(10 + rank))
+    if rank == 0:
+        s.grad[1] = math.nan
+    dist_clip.clip_grad_norm_([s], 1.0, optimizer=opt, group=dist.group.WORLD)
+    if how.startswith("replaced"):
+        s.grad = s.grad + 1
+    else:
+        s.grad.add_(1)
+    if how.endswith("_norm"):
+        dist_clip.clip_grads_with_norm_([s], 1.0, torch.tensor(2.0))
+    before = s.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the step's "clip coefficient ... was dropped")
+        opt.step()
+    return torch.equal(before, s)
+
+
+@pytest.mark.parametrize("how", ["replaced", "replaced_norm", "in_place"])
+def test_a_nan_hand_over_decided_without_a_collective_skips_on_every_rank(run_ranks, how):
+    """A NaN hand-over combined over the world whose gradients were then replaced out of place (or accumulated into
+    in place), settled by ``clip_grads_with_norm_`` (no collective) or dropped by the step itself, kept its flag
+    by each rank's own read of its piece: rank 0 (NaN) skipped, rank 1 stepped. Both now keep it: every rank
+    skips."""
+    assert run_ranks(2, body_a_nan_hand_over_decided_without_a_collective, how) == [True, True]
