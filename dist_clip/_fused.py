@@ -1134,10 +1134,19 @@ class Agreement:
                 _drop_unsettled(optimizer, grads, None)
 
     def _keep_deferred(self) -> None:
-        """The settled hand-overs' flags that waited (:meth:`deferring`): kept or dropped, once each."""
+        """The settled hand-overs' flags that waited (:meth:`deferring`): kept or dropped, once each. In one process
+        each by its own read (every piece is this process's): the call's one verdict kept every such flag where any
+        read was not finite, so a hand-over of a second optimizer whose batch was dropped and replaced by a fresh
+        one kept its NaN flag by the first's gradients, replaced out of place and NaN, and its good step was skipped.
+        Among several ranks the verdict stands for every flag of the call (one value in the all-reduce)."""
         deferred, self.deferred = self.deferred, []
-        for optimizer, found, rest in deferred:
-            _keep_replaced(optimizer, found, rest)
+        token = _AGREED.set(None) if deferred and not _multi_rank() else None
+        try:
+            for optimizer, found, rest in deferred:
+                _keep_replaced(optimizer, found, rest)
+        finally:
+            if token is not None:
+                _AGREED.reset(token)
 
 
 def _multi_rank() -> bool:

@@ -2325,6 +2325,38 @@ def test_a_nan_hand_over_whose_gradients_an_auxiliary_loss_wrote_skips_the_step_
         _step_checked(opt, ps, skipped=False)
 
 
+@pytest.mark.parametrize("then", ["get_total_norm", "get_total_norm_params", "clip_grad_norm_", "clipper"])
+def test_two_nan_hand_overs_settled_by_one_call_keep_or_drop_each_by_its_own_gradients(then):
+    """Two fused optimizers a (``x``) and b (``y``), a NaN hand-over each; then a's gradient replaced out of place
+    (its NaN carried) and b's batch dropped (``y.grad`` set to None and a fresh finite gradient computed), and one
+    call reading both (``get_total_norm``, ``clip_grad_norm_`` without ``optimizer=``, a ``GradClipper`` arming a's
+    skip) settles both hand-overs. One verdict for both flags kept b's by a's NaN: b's good step was skipped. In one
+    process each flag is kept or dropped by its own gradients: a skips, b steps."""
+    torch.manual_seed(0)
+    x, y = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(4))
+    a = torch.optim.Adam([x], lr=0.1, fused=True)
+    b = torch.optim.Adam([y], lr=0.1, fused=True)
+    x.grad, y.grad = torch.randn(3), torch.randn(4)
+    x.grad[0] = y.grad[0] = math.nan
+    dist_clip.clip_grad_norm_([x], 1.0, optimizer=a)
+    dist_clip.clip_grad_norm_([y], 1.0, optimizer=b)
+    x.grad = x.grad + 1
+    y.grad = None
+    y.grad = torch.randn(4)
+    if then == "get_total_norm":
+        dist_clip.get_total_norm([x.grad, y.grad])
+    elif then == "get_total_norm_params":
+        dist_clip.get_total_norm([x, y])
+    elif then == "clip_grad_norm_":
+        dist_clip.clip_grad_norm_([x, y], 1.0)
+    else:
+        dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")([x, y], optimizer=a)
+    before = [x.detach().clone(), y.detach().clone()]
+    a.step()
+    b.step()
+    assert [torch.equal(before[0], x), torch.equal(before[1], y)] == [True, False]
+
+
 @pytest.mark.parametrize("then", ["step", "get_total_norm", "clip_grad_norm_"])
 def test_a_nan_hand_over_whose_gradients_were_replaced_out_of_place_skips_its_step(then):
     """Heads h0 and h1, a NaN in h0, the whole model clipped with ``optimizer=`` (handed over), every gradient then
