@@ -947,7 +947,7 @@ def supersede(armed: tuple[Any, ...], record: tuple[Any, ...], now: tuple[list[T
         if members is None:
             if seen is not None and _sticky(seen, started if started is not None else now, measured):
                 kept.append((flag, None, seen))
-            elif _measured_elsewhere(seen):
+            elif _decided_by_verdict(seen):
                 gone.append(flag)
             continue
         left = [t for t in members if id(t) in where and id(t) not in again]
@@ -977,6 +977,17 @@ def _measured_elsewhere(seen: Any) -> bool:
     held on rank 0 alone, NaN there, then the next part clipped twice, or its gradients replaced out of place and
     the next part clipped again)."""
     return type(seen) is tuple and len(seen) == 3 and seen[2] is None and bool(seen[0])
+
+
+def _decided_by_verdict(seen: Any) -> bool:
+    """Whether a ledger entry armed without measured gradients, no longer :func:`_sticky`, is decided by the ranks'
+    verdict (:func:`carried_by_replacements`) rather than dropped: one armed by a call that measured nothing on this
+    rank (:func:`_measured_elsewhere`), and one armed by ``skip_next_step_``, whose gradients held then are every one
+    gone here while another rank may still hold one of its own (it keeps its entry, and its flag joins the verdict:
+    :func:`_held_flags`). Dropped here alone, ``skip_next_step_(opt, True)`` on every rank, then the gradient of a
+    part held on every rank replaced out of place and that part clipped: rank 0, holding a part of its own
+    untouched, skipped, and rank 1 stepped."""
+    return isinstance(seen, _Explicit) or _measured_elsewhere(seen)
 
 
 def carried_by_replacements(flag: Tensor, rest: list[Tensor]) -> tuple[Tensor, list[Tensor], None] | None:
@@ -1205,8 +1216,17 @@ def _held_flags(optimizer: torch.optim.Optimizer, where: set[int] | None,
     out: list[Tensor] = []
     ids: set[int] | None = None
     plain = None
-    for flag, members, _seen in (e for record in records for e in getattr(record, "parts", None) or ()):
-        if not members or not isinstance(flag, Tensor) or (flag.device.type == "cpu" and not bool(flag)):
+    for flag, members, seen in (e for record in records for e in getattr(record, "parts", None) or ()):
+        if not isinstance(flag, Tensor) or (flag.device.type == "cpu" and not bool(flag)):
+            continue
+        if members is None and isinstance(seen, _Explicit):
+            # skip_next_step_'s flag, lasting while a gradient held then is still held (or armed with none held:
+            # until the step): it outlasts any call here, so it joins too (see _decided_by_verdict)
+            where = where if where is not None else set(map(id, gradients(optimizer)))
+            if not seen[0] or any(id(t) in where for t in seen[0]):
+                out.append(flag)
+            continue
+        if not members:
             continue
         if ids is None:
             where = where if where is not None else set(map(id, gradients(optimizer)))
@@ -1896,7 +1916,7 @@ def hand_over_(
         # (and an entry kept by the ranks' verdict with no gradient left: decided by this call's verdict again, as
         # in supersede; dropped here, a rank holding none of the NaN part stepped where the others skipped)
         gone = [f for f, members, seen in parts if (members is None and not (seen is not None and _sticky(
-            seen, now, grads)) and _measured_elsewhere(seen)) or (members is not None and not members)]
+            seen, now, grads)) and _decided_by_verdict(seen)) or (members is not None and not members)]
         entry = carried_by_replacements(functools.reduce(torch.maximum, gone), []) if gone else None
         if entry is not None:
             left.append(entry)  # type: ignore[arg-type]

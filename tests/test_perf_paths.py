@@ -4555,6 +4555,46 @@ def test_a_call_combining_over_no_other_rank_lets_the_next_batch_step(run_ranks,
     assert run_ranks(2, body_a_call_combining_over_no_other_rank_keeps_the_skip, how, True, order) == [[False]] * 2
 
 
+def body_skip_next_step_held_on_one_rank_only(how: str, then: str = "replaced") -> list:
+    """Plain tensors with ``group=``: ``a`` on rank 0 alone, ``b`` on each rank, one optimizer each.
+    ``skip_next_step_(opt, True)`` on every rank after the backward, then ``b``'s gradient replaced out of place
+    (``then="replaced"``) or every gradient set to None and a fresh batch's computed (``"dropped"``), on every rank,
+    and [B] clipped over the world. Returns whether this rank's step was skipped."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    a, b = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(4))
+    mine = [a, b] if rank == 0 else [b]
+    opt = torch.optim.Adam(mine, lr=0.1, fused=how != "clipper")
+    for q in mine:
+        q.grad = torch.randn(q.shape)
+    dist_clip.skip_next_step_(opt, True)
+    if then == "replaced":
+        b.grad = b.grad + 1
+    else:
+        opt.zero_grad(set_to_none=True)
+        for q in mine:
+            q.grad = torch.randn(q.shape)
+    if how == "clip_fused":
+        dist_clip.clip_grad_norm_([b], 1.0, optimizer=opt, group=dist.group.WORLD)
+    else:
+        dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")([b], optimizer=opt, group=dist.group.WORLD)
+    before = [q.detach().clone() for q in mine]
+    opt.step()
+    return all(torch.equal(x, q) for x, q in zip(before, mine))
+
+
+@pytest.mark.parametrize("then", ["replaced", "dropped"])
+@pytest.mark.parametrize("how", ["clipper", "clipper_fused", "clip_fused"])
+def test_skip_next_step_held_on_one_rank_only_skips_on_every_rank(run_ranks, how, then):
+    """``skip_next_step_(opt, True)`` on every rank lasts while a gradient held then is still held: rank 0 still held
+    ``a``'s, rank 1 none once ``b``'s was replaced out of place, and [B]'s arming dropped rank 1's flag (decided per
+    rank): rank 0 skipped, rank 1 stepped. Such an entry is now decided by the ranks' verdict, which the flag still
+    held on rank 0 joins: every rank skips. A batch dropped on every rank (gradients set to None, a fresh one
+    computed) drops it on every rank: every rank steps."""
+    assert run_ranks(2, body_skip_next_step_held_on_one_rank_only, how, then) == [then == "replaced"] * 2
+
+
 def body_a_nan_hand_over_decided_without_a_collective(how: str) -> list:
     """A NaN hand-over of ``s`` over the world (one tensor on each rank, NaN in rank 0's), then the gradient
     replaced out of place (``s.grad + 1``) or accumulated into in place (an auxiliary loss), then
