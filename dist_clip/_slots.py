@@ -632,7 +632,8 @@ def _layout_check(combined: Tensor, p: float, world: int, n_slots: int, settings
                 raise RuntimeError(
                     f"the ranks of this call disagree on its settings ({settings} here): every rank must clip with "
                     "the same ones (each rank's own norm order or limit gave each its own total or coefficient, "
-                    "unnoticed)"
+                    "unnoticed), and pass a fused optimizer= on every rank or on none (a non-finite total skips its "
+                    "step: a rank without one stepped NaN)"
                 )
             if settings:
                 # Unit-wise clipping refuses plan=: recommending one sent the caller into that refusal.

@@ -195,9 +195,11 @@ def _wide_total(
     limit: float | Tensor | None = None,
     refused: bool = False,
     agreement: _fused.Agreement | None = None,
+    skips: bool = False,
 ) -> tuple[Tensor, torch.dtype]:
     """:func:`total_from_shards` before its cast: the float64 total and the dtype to return it in (``limit``:
-    clip_grad_norm_'s ``max_norm``, part of the settings every rank must share). Clipping
+    clip_grad_norm_'s ``max_norm``, part of the settings every rank must share; ``skips``: a non-finite total skips
+    the next step of clip_grad_norm_'s ``optimizer=`` here, a setting too). Clipping
     and the finiteness test use the float64 value: the norm of fp32 gradients may exceed float32's range
     (3.4e38) while every element is finite.
 
@@ -260,6 +262,10 @@ def _wide_total(
         settings = f"norm_type={p!r}, error_if_nonfinite={bool(error_if_nonfinite)}"
         if limit is not None:
             settings += f", max_norm={_limit_setting(limit)}"
+        if skips:
+            # A fused optimizer= on some ranks only (or a fused one beside a plain one): on a non-finite total
+            # those ranks skipped the step and the others stepped their NaN-scaled gradients, unnoticed.
+            settings += ", on_nonfinite=skip (a fused optimizer=)"
         values = _slots._settings_values(settings, p, _reduce.group_size(group))
     partial = torch.cat([partial, values.to(home, non_blocking=True)])
     combined = _slots.joined_all_reduce(partial, p, group, error)
@@ -590,7 +596,8 @@ def clip_grad_norm_(
         _refuse_together(parameters, norm_type, group, shards)
         raise
     try:
-        wide, out = _wide_total(shards, p, error_if_nonfinite, foreach, everything, groups, limit, agreement=agreement)
+        wide, out = _wide_total(shards, p, error_if_nonfinite, foreach, everything, groups, limit, agreement=agreement,
+                                skips=skips)
     except BaseException:
         agreement.abandon()
         raise

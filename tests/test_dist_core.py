@@ -1259,6 +1259,37 @@ def test_ranks_calling_with_different_settings_raise_together(run_ranks):
     assert run_ranks(2, body_settings_disagree) == [[True] + [True] * 11 + [True]] * 2
 
 
+def body_fused_optimizer_on_some_ranks() -> list:
+    """A fused ``optimizer=`` on rank 0 only (or beside a plain one): a NaN total skipped rank 0's step and rank 1
+    stepped its NaN-scaled gradients (its parameters all NaN, rank 0's unchanged), unnoticed. Whether a call
+    skips is a setting now: RuntimeError on every rank. The same optimizer kind everywhere still skips."""
+    rank = dist.get_rank()
+    world = dist.group.WORLD
+    out = []
+    for other in ("none", "plain", "fused"):
+        torch.manual_seed(rank)
+        ps = [nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(3, 2))]
+        for q in ps:
+            q.grad = torch.randn_like(q)
+        ps[0].grad[1] = math.nan if rank == 1 else 1.0
+        fused = torch.optim.SGD(ps, lr=0.1, fused=True)
+        kind = "fused" if rank == 0 else other
+        opt = fused if kind == "fused" else torch.optim.SGD(ps, lr=0.1) if kind == "plain" else None
+        before = [q.detach().clone() for q in ps]
+
+        def call(opt=opt, ps=ps, fused=fused) -> None:
+            dist_clip.clip_grad_norm_(ps, 1.0, group=world, optimizer=opt)
+            (opt or fused).step()
+
+        out.append(outcome(call, RuntimeError, lambda m: "disagree on its settings" in m and "optimizer=" in m))
+        out.append(all(torch.equal(b, q.detach()) for b, q in zip(before, ps)))  # stepped nothing
+    return out
+
+
+def test_a_fused_optimizer_on_some_ranks_only_raises_together(run_ranks):
+    assert run_ranks(2, body_fused_optimizer_on_some_ranks) == [[True, True, True, True, "measured", True]] * 2
+
+
 @pytest.mark.parametrize("world", [2, 4, 1024])
 def test_settings_fingerprints_of_the_same_bytes_in_another_order_differ(world):
     """adler32's low 10 bits are the settings' byte sum alone, so limits of the same length and byte sum (1.41 and
