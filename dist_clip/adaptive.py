@@ -1014,22 +1014,8 @@ def _unit_coefs(wp: Tensor, gp: Tensor, p: float, loss_scale: float, config: AGC
     return coef
 
 
-def unitwise_measure(target: object, config: AGC, p: float, foreach: bool | None,
-                     group: dist.ProcessGroup | None, settings: str = "",
-                     replaced: Tensor | None = None) -> UnitwiseOutcome:
-    """Measure per-unit weight and gradient norms (cut units combined) and per-parameter norms, ONE collective.
-
-    ``replaced``: this rank's 0/1 read of the call's :class:`dist_clip._fused.Agreement`, one more value in the
-    same all-reduce (0 where None: every call sends it, so the layout never depends on a rank's state)."""
-    if p == 0:
-        raise ValueError("unit-wise clipping needs a norm order p > 0 or inf, got norm_type=0")
-    from torch.nn.parallel import DistributedDataParallel
-
-    if isinstance(unwrap_compiled(target), DistributedDataParallel):
-        # Replicas: nothing to combine, as in the other modes. Reduced over group= they were counted on its
-        # first rank only, and another DDP group's ranks took that group's norms and NaN verdict.
-        group = None
-    units, cut, names = unit_pieces(target, group)
+def _check_units(units: Iterable[_Unit]) -> None:
+    """Refuse the gradients unit-wise clipping cannot measure or scale (before anything is measured)."""
     for u in units:
         if u.grad.is_sparse or u.grad.is_complex() or u.data.is_complex():
             # AGC's units are rows of a real weight; the other modes measure these, unit-wise clipping does not.
@@ -1045,9 +1031,15 @@ def unitwise_measure(target: object, config: AGC, p: float, foreach: bool | None
                 f"(an expand(), shape {tuple(u.grad.shape)}, strides {u.grad.stride()}): set p.grad to its "
                 "clone() first, or use mode='total' or 'per_param'"
             )
-    index = {n: i for i, n in enumerate(names)}
+
+
+def _cut_layout(
+    cut: Iterable[tuple[str, int | range]],
+) -> tuple[dict[tuple[str, int], int], dict[str, tuple[int, int]], int]:
+    """Where each cut unit's partials lie in the call's extra values: (cut unit -> position, a parameter whose
+    every unit is cut -> (first position, first id), the number of cut units)."""
     cut_index: dict[tuple[str, int], int] = {}
-    blocks: dict[str, tuple[int, int]] = {}  # a parameter whose every unit is cut: (first position, first id)
+    blocks: dict[str, tuple[int, int]] = {}
     k = 0
     for cname, uid in cut:
         if isinstance(uid, range):
@@ -1056,6 +1048,80 @@ def unitwise_measure(target: object, config: AGC, p: float, foreach: bool | None
         else:
             cut_index[(cname, uid)] = k
             k += 1
+    return cut_index, blocks, k
+
+
+def _join_refused(units: list[_Unit], cut: list[tuple[str, int | range]], names: tuple[str, ...],
+                  index: dict[str, int], p: float, group: dist.ProcessGroup | None, settings: str) -> bool:
+    """:func:`unitwise_measure`'s collective for a rank that refused its input: the others' layout, nothing
+    measured, a NaN fingerprint (see :func:`dist_clip._slots.measure`), so that they raise ``RuntimeError``
+    (:data:`dist_clip._slots.REFUSED`) now. The caller raises its own error after it (a peer gone or silent
+    until the timeout: the caller's error all the same). Whether the others went on (off the CPU, where they
+    read NaN norms instead of raising, and count the call): see :meth:`GradClipper._count_refused_call`."""
+    red = _reduce.reduction_group([u.group for u in units] + ([group] if group is not None else []))
+    if red is None or _reduce.group_size(red) <= 1:  # nothing combined
+        return False
+    k = _cut_layout(cut)[2]
+    shards = [Shards([u.grad], group=u.group, counted=False, names=[u.name]) for u in units]
+    extra = torch.zeros(2 * k + _reduce.group_size(red) + 1, dtype=torch.float64)
+    layout = [*names, *(f"{c[0]}:{c[1]}" for c in cut)]
+    try:
+        _slots.measure(shards, lambda n, _i: index[n], max(len(names), 1), p, None, presence=True, extra=extra,
+                       layout=layout, group=red, result_dtype=torch.float32, refused=True, settings=settings)
+    except RuntimeError:
+        return False  # (REFUSED, this rank's own NaN fingerprint; or the collective's failure)
+    return True
+
+
+def unitwise_join_refused(target: object, p: float, group: object, settings: str) -> bool | None:
+    """Bad input a rank found before a ``mode="unitwise"`` call (an ``optimizer=`` of another type, a bad
+    ``report=``), which the other ranks may not share: join their one collective with the layout they send (the
+    units' names and cut units, known from the target alone) and a NaN fingerprint, so that they raise
+    ``RuntimeError`` now instead of waiting in it until the process group's timeout. None where it did not
+    join, the layout unknown here (a target or ``group=`` that does not resolve, ``norm_type=0``) or nothing
+    combined (a DDP target, one process); else whether the others went on (see :func:`_join_refused`)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not (dist.is_available() and dist.is_initialized()) or p == 0:
+        return None
+    try:
+        if isinstance(unwrap_compiled(target), DistributedDataParallel):
+            return None
+        checked = _clip._check_group(group)
+        units, cut, names = unit_pieces(target, checked)
+    except Exception:  # noqa: BLE001 - the layout is unknown: the caller raises its error alone
+        return None
+    return _join_refused(units, cut, names, {n: i for i, n in enumerate(names)}, p, checked, settings)
+
+
+def unitwise_measure(target: object, config: AGC, p: float, foreach: bool | None,
+                     group: dist.ProcessGroup | None, settings: str = "",
+                     replaced: Tensor | None = None) -> UnitwiseOutcome:
+    """Measure per-unit weight and gradient norms (cut units combined) and per-parameter norms, ONE collective.
+
+    ``replaced``: this rank's 0/1 read of the call's :class:`dist_clip._fused.Agreement`, one more value in the
+    same all-reduce (0 where None: every call sends it, so the layout never depends on a rank's state).
+
+    Gradients it cannot take (sparse, complex, stride 0) on this rank alone join the other ranks' collective
+    (see :func:`unitwise_join_refused`), then are raised: they raised alone, and the others waited in the
+    collective until the process group's timeout (1800 s under ``dist-clip``)."""
+    if p == 0:
+        raise ValueError("unit-wise clipping needs a norm order p > 0 or inf, got norm_type=0")
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(unwrap_compiled(target), DistributedDataParallel):
+        # Replicas: nothing to combine, as in the other modes. Reduced over group= they were counted on its
+        # first rank only, and another DDP group's ranks took that group's norms and NaN verdict.
+        group = None
+    units, cut, names = unit_pieces(target, group)
+    index = {n: i for i, n in enumerate(names)}
+    try:
+        _check_units(units)
+    except (ValueError, TypeError) as e:
+        e.dist_clip_others_counted = _join_refused(units, cut, names, index, p, group, settings)  # type: ignore[attr-defined]
+        e.dist_clip_joined = True  # type: ignore[attr-defined]
+        raise
+    cut_index, blocks, k = _cut_layout(cut)  # (blocks: a parameter whose every unit is cut)
     red = _reduce.reduction_group([u.group for u in units] + ([group] if group is not None else []))
     # (a stand-in is not counted there: zeros add nothing to the norms, and its parameter stays out of reports)
     shards = [Shards([u.grad], group=u.group, counted=u.counted and u.present, names=[u.name],

@@ -45,6 +45,7 @@ from .adaptive import (
     _int,
     _ZClipState,
     make_state,
+    unitwise_join_refused,
     unitwise_measure,
     unitwise_scale_,
 )
@@ -863,8 +864,10 @@ class GradClipper:
             # measurement, an error message naming culprits): it read empty after the first.
             target = list(target)
         # Bad input found on this rank before the collective joins the other ranks' one collective (see
-        # _join_refused); under a plan named_under_plan does, and unit-wise layouts are not known here.
+        # _join_refused); under a plan named_under_plan does; unit-wise with its units' layout (see
+        # unitwise_join_refused), until its own measuring starts, which joins by itself for what it finds.
         before = plan is None and cfg.mode != "unitwise"
+        before_units = plan is None and cfg.mode == "unitwise"
         named = shards = None
         try:
             if report is not None and not isinstance(report, bool):
@@ -888,6 +891,7 @@ class GradClipper:
             if cfg.mode == "unitwise":
                 if plan is not None:
                     raise ValueError("mode='unitwise' does not take a plan= (AGC reads FSDP/DTensor layouts itself)")
+                before_units = False
                 return self._unitwise(target, arm_skip, group, want_report, optimizer)
 
             named_mode = plan is not None or cfg.mode != "total" or want_report
@@ -960,6 +964,12 @@ class GradClipper:
         except (ValueError, TypeError) as e:
             if before:
                 self._join_refused(target, group, want_report, named, shards)
+            elif before_units:
+                # (a bad optimizer= on one rank left the others in the collective until the process group's
+                # timeout: the units' layout is known from the target alone)
+                joined = unitwise_join_refused(target, p, group, cfg.settings)
+                if joined is not None:
+                    self._count_refused_call(joined)
             elif isinstance(plan, ParallelPlan) and cfg.mode != "unitwise":
                 # named_under_plan joins for what it finds; bad input found before it (an optimizer= of the
                 # wrong type on one stage) joins here, with the same layout
@@ -1239,8 +1249,10 @@ class GradClipper:
             _clip.settle_hand_over(target, measured)
         try:
             outcome = unitwise_measure(target, cfg.agc, p, cfg.foreach, group, cfg.settings, agreement.local)
-        except BaseException:
+        except BaseException as e:
             agreement.abandon()
+            if getattr(e, "dist_clip_joined", False) or isinstance(e, _slots.RefusedElsewhere):
+                self._count_refused_call(getattr(e, "dist_clip_others_counted", False))
             raise
         agreement.agree(outcome.replaced, alone=_reduce.group_size(outcome.measurement.group) <= 1)
         if arm_skip is None:

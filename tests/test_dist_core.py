@@ -1519,6 +1519,18 @@ def _refusal_call(case: str, full: list, bad: bool, p: float):
         opt = torch.optim.SGD([{"params": list(named.values()), "max_norm": -1.0 if bad else 1e9}], lr=0.1)
         clipper = GradClipper(norm_type=p, mode="per_group")
         return lambda: clipper(named, group=world_group, optimizer=opt).total_norm.item()
+    # Unit-wise clipping refused alone (its units' layout was taken for unknown before measuring): the others
+    # waited in the collective until the process group's timeout.
+    if case == "clipper_unitwise_optimizer":  # refused before measuring
+        named = list(_named_pieces(full, rank, world, params=True).values())
+        clipper = GradClipper(mode="unitwise", norm_type=p)
+        return lambda: clipper(named, group=world_group, optimizer="sgd" if bad else None).total_norm.item()
+    if case == "clipper_unitwise_stride0":  # refused by unit-wise clipping's own checks, before measuring
+        named = list(_named_pieces(full, rank, world, params=True).values())
+        if bad:
+            named[1].grad = named[1].grad[:1].expand(named[1].numel())
+        clipper = GradClipper(mode="unitwise", norm_type=p)
+        return lambda: clipper(named, group=world_group).total_norm.item()
     raise AssertionError(case)
 
 
@@ -1561,7 +1573,7 @@ def body_refuse_then_continue(case: str, bad_rank: int, p: float, all_refuse: bo
 
 def _refusal_expected(case: str, world: int, bad_rank: int, all_refuse: bool = False) -> list:
     own = ("TypeError" if case in ("clip_int_grad", "total_int_grad", "total_foreach", "clipper_per_param_int",
-                                   "clipper_report_str")
+                                   "clipper_report_str", "clipper_unitwise_optimizer")
            else "NotImplementedError" if case.endswith("_meta_grad") or case.endswith("_meta")
            else "ValueError")
     return [
@@ -1587,6 +1599,9 @@ def _refusal_expected(case: str, world: int, bad_rank: int, all_refuse: bool = F
         ("total_meta_grad", 2.0),
         ("clip_meta_grad", math.inf),
         ("clipper_per_param_meta", 2.0),
+        ("clipper_unitwise_optimizer", 2.0),
+        ("clipper_unitwise_optimizer", math.inf),
+        ("clipper_unitwise_stride0", 2.0),
     ],
 )
 def test_bad_input_on_one_rank_raises_on_every_rank_and_the_next_call_is_aligned(run_ranks, case, p):
