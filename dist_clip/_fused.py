@@ -43,6 +43,7 @@ _PENDING = "_dist_clip_pending"
 _HOOKS = "_dist_clip_hooks"
 _SAVED = "_dist_clip_saved"
 _SKIP = "_dist_clip_skip"
+_OUTER = "_dist_clip_outer"  # on a ZeRO or OSS wrapper's inner optimizer: a weak reference to the wrapper
 # id(parameter) -> (backward count, its hook's handle, the tensor's _cdata) (see _write_cell). By id: a weak
 # reference on a parameter made module.to() / load_state_dict() refuse to swap it
 # (torch.__future__.set_swap_module_params_on_conversion).
@@ -515,6 +516,31 @@ def gradients(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     if set(map(type, grads)) <= _PLAIN_GRADS:  # the usual case, without a getattr per gradient
         return grads
     return [getattr(g, "_local_tensor", g) for g in grads]
+
+
+def set_outer(inner: torch.optim.Optimizer, outer: torch.optim.Optimizer) -> None:
+    """Record that ``inner`` steps this rank's partition of ``outer`` (a torch ``ZeroRedundancyOptimizer`` or a
+    fairscale ``OSS``), whose param groups hold every rank's parameters (see :func:`read_for_carry`)."""
+    ref = inner.__dict__.get(_OUTER)
+    if ref is None or ref() is not outer:
+        inner.__dict__[_OUTER] = weakref.ref(outer)
+
+
+def read_for_carry(optimizer: torch.optim.Optimizer, grads: list[Tensor]) -> list[Tensor]:
+    """The gradients :func:`carried_by_replacements` reads for ``optimizer`` (``grads``: its own): with those of
+    the other ranks' partitions this rank holds where it is a ZeRO or OSS wrapper's inner optimizer. Under DDP
+    every rank holds every gradient, and a call has no collective to carry the ranks' reads: each read its own
+    partition, so a NaN in one rank's partition kept the flag there alone (torch's ZeroRedundancyOptimizer over
+    DDP, GradClipper(on_nonfinite="skip"), gradients replaced out of place, a part clipped again: one rank skipped,
+    the other stepped its partition; fairscale OSS over DDP, a hand-over stepped right after the replacement
+    alike). Read over every gradient held, the ranks read alike; elsewhere (ShardedDDP keeps the owners' alone)
+    the call's all-reduce carries them as before."""
+    ref = optimizer.__dict__.get(_OUTER)
+    outer = ref() if ref is not None else None
+    if outer is None:
+        return grads
+    ids = set(map(id, grads))
+    return [*grads, *(g for g in gradients(outer) if id(g) not in ids)]
 
 
 def settle(tensors: Sequence[Tensor]) -> None:
@@ -1044,7 +1070,7 @@ class Agreement:
                 now = gradients(optimizer)
                 where = set(map(id, now))
                 if any(id(t) not in where for ts in candidates for t in ts):
-                    read += _unmeasured(now, self.measured)
+                    read += _unmeasured(read_for_carry(optimizer, now), self.measured)
             held += _held_flags(optimizer, where, lambda: self.measured)
         self.local = (_nonfinite(read, read[0].device).to(torch.float64) if read
                       else torch.zeros((), dtype=torch.float64))
@@ -1679,7 +1705,7 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple
             # replacement out of place (p.grad + g) and stays under a further backward accumulating into it, while
             # the next batch's gradients (after zero_grad, either way) are finite (see carried_by_replacements;
             # dropped with the coefficient, a NaN hand-over, an auxiliary loss and the step took the NaN step)
-            entry = _carried_at_step(pending, grads)
+            entry = _carried_at_step(pending, read_for_carry(optimizer, grads))
             if entry is not None:
                 armed = (entry[0] if armed is None
                          else torch.maximum(armed[0], _reduce.moved(entry[0], armed[0].device)), None)
@@ -1734,7 +1760,7 @@ def pending_flag(optimizer: torch.optim.Optimizer) -> Tensor | None:
         grads = gradients(optimizer)
         verdict, _ = _verdict(pending[3], pending[4], grads, pending[5], optimizer)
         if _dropped(verdict):  # (kept where the gradients hold a NaN, as the pre-hook keeps it)
-            entry = _carried_at_step(pending, grads)
+            entry = _carried_at_step(pending, read_for_carry(optimizer, grads))
             return entry[0] if entry is not None else None
     return pending[1]
 

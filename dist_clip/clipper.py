@@ -541,6 +541,9 @@ def _stepping_optimizers(optimizer: Any) -> list[Any] | None:
     inner = skip_optimizers(optimizer)  # a fairscale OSS: the torch optimizer stepping this rank's parameters
     if inner is None and _is_torch_zero(optimizer):
         inner = [optimizer.optim]  # torch's own ZeroRedundancyOptimizer, alike
+    for o in inner or ():
+        if isinstance(o, torch.optim.Optimizer) and o is not optimizer:
+            _fused.set_outer(o, optimizer)  # (its replaced gradients' read covers every rank's: read_for_carry)
     return inner
 
 

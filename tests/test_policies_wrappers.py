@@ -565,6 +565,55 @@ def case_torch_zero_dropped_nan_part(fused: bool) -> list[str]:
     return [n for n, b, p in zip(("h1.w", "h1.b", "h2.w", "h2.b"), before, ps) if not torch.equal(b, p)]
 
 
+def case_zero_replaced_nan_agrees(wrapper: str, how: str) -> list[bool]:
+    """A ZeRO wrapper over DDP (torch's ZeroRedundancyOptimizer, fairscale OSS): every rank holds every gradient,
+    its inner optimizer steps a partition. A NaN in h0's weight on every rank (as DDP's all-reduce leaves one rank's
+    NaN), clipped, every gradient then replaced out of place (``p.grad = p.grad + 0.01``), and h1 clipped again
+    (``how="part"``: the DDP clipped, a call without a collective) or straight to the step of a hand-over (``how=
+    "step"``: the OSS clipped, its partition handed over): the flag lasts where a replaced gradient is not finite,
+    which each rank read in its own partition alone, so the rank not holding h0.weight dropped it and stepped while
+    the other skipped. Each rank reports whether a parameter of its partition moved at each step."""
+    from torch import nn
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    import dist_clip
+
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    enc, h0, h1 = nn.Linear(6, 5), nn.Linear(5, 3), nn.Linear(5, 2)
+    model = nn.ModuleDict({"enc": enc, "h0": h0, "h1": h1})
+    ddp = nn.parallel.DistributedDataParallel(model)
+    if wrapper == "oss":
+        from fairscale.optim import OSS
+
+        opt = OSS(model.parameters(), optim=torch.optim.Adam, lr=0.1, fused=True)
+    else:
+        opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam, lr=0.1, fused=True)
+    mine = {id(q) for g in opt.optim.param_groups for q in g["params"]}
+    clipper = GradClipper(max_norm=1.0, on_nonfinite="skip")
+    moved = []
+    for step in range(3):
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(100 * step + rank))
+        z = torch.tanh(ddp.module["enc"](x))
+        (h0(z).sum() + h1(z).square().sum()).backward()
+        if step == 1:
+            h0.weight.grad.view(-1)[0] = math.nan  # on every rank, as after DDP's all-reduce
+        if how == "part":
+            clipper(ddp, optimizer=opt)
+        else:
+            dist_clip.clip_grad_norm_(opt, 1.0, optimizer=opt)
+        for q in model.parameters():
+            q.grad = q.grad + 0.01
+        if how == "part":
+            clipper(h1, optimizer=opt)
+        before = [q.detach().clone() for q in model.parameters()]
+        opt.step()
+        opt.zero_grad()
+        moved.append(any(not torch.equal(b, q) for b, q in zip(before, model.parameters()) if id(q) in mine))
+        assert all(bool(q.isfinite().all()) for q in model.parameters()), f"NaN stepped at {step}"
+    return moved
+
+
 def case_adaptive(wrapper: str) -> list:
     """For each threshold: ``STEPS`` steps of the wrapper against the float64 run clipped by the reference."""
     out = []
@@ -658,6 +707,13 @@ def test_torch_zero_redundancy_optimizer_skip(run_ranks, fused):
 @pytest.mark.parametrize("wrapper", ["torch", pytest.param("oss", marks=pytest.mark.fairscale)])
 def test_clip_grad_norm_with_a_zero_wrapper_over_a_fused_optimizer_skips(run_ranks, wrapper):
     run_ranks(2, case_torch_zero_skip, True, "clip_grad_norm_", wrapper, timeout_s=TIMEOUT)
+
+
+@pytest.mark.parametrize("wrapper,how", [("torch", "part"),
+                                         pytest.param("oss", "part", marks=pytest.mark.fairscale),
+                                         pytest.param("oss", "step", marks=pytest.mark.fairscale)])
+def test_a_zero_wrapper_s_replaced_nan_flag_is_kept_on_every_rank(run_ranks, wrapper, how):
+    assert run_ranks(2, case_zero_replaced_nan_agrees, wrapper, how, timeout_s=TIMEOUT) == [[True, False, True]] * 2
 
 
 @pytest.mark.parametrize("wrapper", ["post_local_sgd", "post_local_sgd over zero"])
