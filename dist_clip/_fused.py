@@ -914,8 +914,13 @@ def _arm_running(optimizer: torch.optim.Optimizer, value: Tensor, combine: bool)
 
 
 def grad_state(optimizer: torch.optim.Optimizer) -> tuple[list[Tensor], list[int]]:
-    """The optimizer's gradient tensors and their version counters (a view's is its buffer's)."""
-    grads = gradients(optimizer)
+    """The gradient tensors the skip flag's ledger holds on to for ``optimizer`` and their version counters (a
+    view's is its buffer's): its own, with those of the other ranks' partitions this rank holds where it is a ZeRO
+    or OSS wrapper's inner optimizer (:func:`read_for_carry`), so that over DDP every rank keeps the same ledger
+    (a part's call measuring none of this rank's partition left an entry without gradients there, decided by the
+    ranks' verdict, which a DDP call has no all-reduce to carry: rank 0 dropped the flag of a NaN part held by rank
+    1 alone after an auxiliary loss and a part clipped again, and stepped where rank 1 skipped)."""
+    grads = read_for_carry(optimizer, gradients(optimizer))
     return grads, version_list(grads)
 
 
@@ -1067,10 +1072,10 @@ class Agreement:
             candidates = _may_carry(optimizer)
             where = None
             if candidates:
-                now = gradients(optimizer)
+                now = read_for_carry(optimizer, gradients(optimizer))
                 where = set(map(id, now))
                 if any(id(t) not in where for ts in candidates for t in ts):
-                    read += _unmeasured(read_for_carry(optimizer, now), self.measured)
+                    read += _unmeasured(now, self.measured)
             held += _held_flags(optimizer, where, lambda: self.measured)
         self.local = (_nonfinite(read, read[0].device).to(torch.float64) if read
                       else torch.zeros((), dtype=torch.float64))
@@ -1255,7 +1260,7 @@ def _held_flags(optimizer: torch.optim.Optimizer, where: set[int] | None,
         if not members:
             continue
         if ids is None:
-            where = where if where is not None else set(map(id, gradients(optimizer)))
+            where = where if where is not None else set(map(id, read_for_carry(optimizer, gradients(optimizer))))
             ids = set(map(id, measured()))
         if not any(id(t) in where and id(t) not in ids for t in members):  # (the first one, usually)
             continue
@@ -1943,6 +1948,22 @@ def hand_over_(
         # in supersede; dropped here, a rank holding none of the NaN part stepped where the others skipped)
         gone = [f for f, members, seen in parts if (members is None and not (seen is not None and _sticky(
             seen, now, grads)) and _decided_by_verdict(seen)) or (members is not None and not members)]
+        # (and an entry held by gradients the optimizer does not step: the other ranks' partitions of a ZeRO or OSS
+        # wrapper over DDP, see grad_state, which the hand-over does not measure: kept while one is held, and once
+        # every one is replaced decided as in supersede. Dropped here, the rank whose partition held none of a NaN
+        # part stepped its hand-over where the others skipped: [enc, h1], NaN in enc, [h0], out of place, [h0])
+        wider = read_for_carry(optimizer, grads)
+        if len(wider) > len(grads):
+            stepped, held = set(map(id, grads)), set(map(id, wider))
+            for f, members, _seen in parts:
+                other = [t for t in members or () if id(t) not in stepped]
+                if not other:
+                    continue
+                rest = [t for t in other if id(t) in held]
+                if rest:
+                    left.append((f, rest, None))
+                else:
+                    gone.append(f)
         entry = carried_by_replacements(functools.reduce(torch.maximum, gone), []) if gone else None
         if entry is not None:
             left.append(entry)  # type: ignore[arg-type]

@@ -614,6 +614,70 @@ def case_zero_replaced_nan_agrees(wrapper: str, how: str) -> list[bool]:
     return moved
 
 
+def case_zero_parts_nan_agrees(wrapper: str, flow: str) -> list[bool]:
+    """A ZeRO wrapper over DDP clipped in parts, a NaN in one part on every rank (as DDP's all-reduce leaves it)
+    whose parameters some rank's partition holds none of: that rank's call on the part measured nothing it steps,
+    and its ledger entry, held by no gradient there, was decided by the ranks' verdict, which a DDP call has no
+    all-reduce to carry. ``flow="aux"`` (OSS, 2 ranks: rank 1 holds all of h0): [h0] (NaN in h0.weight), [enc,
+    h1], an auxiliary loss through h1, [h1] again, with ``GradClipper(on_nonfinite="skip")``: rank 0 dropped the
+    flag and stepped, rank 1 skipped. ``flow="hand-over"`` (torch's ZeroRedundancyOptimizer, 3 ranks: rank 1 holds
+    h0 alone): [enc, h1] (NaN in enc.weight) and [h0] handed over, every gradient replaced out of place, [h0]
+    again: rank 1's second hand-over dropped the first call's flag and stepped, the others skipped. Each rank
+    reports whether a parameter of its partition moved at each step."""
+    from torch import nn
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    import dist_clip
+
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    enc, h0, h1 = nn.Linear(6, 5), nn.Linear(5, 3), nn.Linear(5, 2)
+    model = nn.ModuleDict({"enc": enc, "h0": h0, "h1": h1})
+    ddp = nn.parallel.DistributedDataParallel(model)
+    if wrapper == "oss":
+        from fairscale.optim import OSS
+
+        opt = OSS(model.parameters(), optim=torch.optim.Adam, lr=0.1, fused=True)
+    else:
+        opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam, lr=0.1, fused=True)
+    mine = {id(q) for g in opt.optim.param_groups for q in g["params"]}
+    clipper = GradClipper(max_norm=1.0, on_nonfinite="skip")
+
+    def clip(*mods: nn.Module) -> None:
+        ps = [q for m in mods for q in m.parameters()]
+        if flow == "aux":
+            clipper(ps, optimizer=opt)
+        else:
+            dist_clip.clip_grad_norm_(ps, 1.0, optimizer=opt)
+
+    moved = []
+    for step in range(3):
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(100 * step + rank))
+        z = torch.tanh(ddp.module["enc"](x))
+        (h0(z).sum() + h1(z).square().sum()).backward()
+        if flow == "aux":
+            if step == 1:
+                h0.weight.grad.view(-1)[0] = math.nan  # on every rank, as after DDP's all-reduce
+            clip(h0)
+            clip(enc, h1)
+            h1(torch.ones(1, 5)).sum().backward()
+            clip(h1)
+        else:
+            if step == 1:
+                enc.weight.grad.view(-1)[0] = math.nan
+            clip(enc, h1)
+            clip(h0)
+            for q in model.parameters():
+                q.grad = q.grad + 0.01
+            clip(h0)
+        before = [q.detach().clone() for q in model.parameters()]
+        opt.step()
+        opt.zero_grad()
+        moved.append(any(not torch.equal(b, q) for b, q in zip(before, model.parameters()) if id(q) in mine))
+        assert all(bool(q.isfinite().all()) for q in model.parameters()), f"NaN stepped at {step}"
+    return moved
+
+
 def case_adaptive(wrapper: str) -> list:
     """For each threshold: ``STEPS`` steps of the wrapper against the float64 run clipped by the reference."""
     out = []
@@ -714,6 +778,13 @@ def test_clip_grad_norm_with_a_zero_wrapper_over_a_fused_optimizer_skips(run_ran
                                          pytest.param("oss", "step", marks=pytest.mark.fairscale)])
 def test_a_zero_wrapper_s_replaced_nan_flag_is_kept_on_every_rank(run_ranks, wrapper, how):
     assert run_ranks(2, case_zero_replaced_nan_agrees, wrapper, how, timeout_s=TIMEOUT) == [[True, False, True]] * 2
+
+
+@pytest.mark.parametrize("wrapper,flow,world", [pytest.param("oss", "aux", 2, marks=pytest.mark.fairscale),
+                                               ("torch", "hand-over", 3)])
+def test_a_zero_wrapper_s_part_flag_is_kept_on_every_rank(run_ranks, wrapper, flow, world):
+    got = run_ranks(world, case_zero_parts_nan_agrees, wrapper, flow, timeout_s=TIMEOUT)
+    assert got == [[True, False, True]] * world
 
 
 @pytest.mark.parametrize("wrapper", ["post_local_sgd", "post_local_sgd over zero"])
