@@ -1288,7 +1288,7 @@ class GradClipper:
         finally:
             if arm_skip is not None:
                 with agreement.armed():
-                    arm_skip(~finite, [u.grad for u in units])
+                    arm_skip(~finite, measured())
         norms = self._report(outcome.names, outcome.measurement, p) if want_report else None
         limit = torch.full_like(total, cfg.agc.clipping)
         applied = _kept(outcome.min_coef.to(device=total.device, dtype=total.dtype), finite, policy)

@@ -2313,6 +2313,42 @@ def fsdp1_padding_only_rank_keeps_a_part_s_skip(flow: str, how: str) -> dict[str
     return out
 
 
+def fsdp1_unitwise_out_of_place_nan_in_one_shard(mode: str) -> dict[str, Any]:
+    """FSDP1 (``use_orig_params=True``) heads ha, hb, hc, each its own unit, Adam, ``GradClipper(on_nonfinite="skip")``
+    in ``mode`` ("unitwise" or "total"): the model clipped whole with a NaN in rank 1's shard of hb (its bias lies
+    in rank 1's half of hb's flat shard), the gradients replaced out of place (``p.grad = p.grad + g``) and [ha]
+    clipped again; then a finite batch. The unit-wise call armed its flag on its units' gradients, which under FSDP1
+    are views of their own, not the tensors the optimizer steps: rank 0's flag was dropped by the [ha] call and rank
+    0 stepped while rank 1 skipped (a random flow of the session-35 fuzz). Returns, per batch, (skipped, finite)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    rank = dist.get_rank()
+    heads = _ThreeHeads()
+    for name in ("ha", "hb", "hc"):
+        setattr(heads, name, FSDP(getattr(heads, name), use_orig_params=True, device_id=torch.device("cpu")))
+    model = FSDP(heads, use_orig_params=True, device_id=torch.device("cpu"))
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    if mode == "unitwise":
+        clipper = dist_clip.GradClipper(mode="unitwise", on_nonfinite="skip", agc=dist_clip.AGC(clipping=0.05))
+    else:
+        clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+    out: dict[str, Any] = {}
+    for batch, nan in enumerate((True, False)):
+        opt.zero_grad(set_to_none=True)
+        model(torch.randn(8, 4, generator=torch.Generator().manual_seed(100 * batch + rank))).backward()
+        bias = heads.hb.bias.grad  # (rank 1's: the last 5 of hb's 25 elements, past rank 0's 13)
+        assert (bias is not None and bias.numel() == 5) == (rank == 1), bias
+        if nan and rank == 1:
+            bias[0] = math.nan
+        clipper(model, optimizer=opt)
+        for q in model.parameters():
+            if q.grad is not None:
+                q.grad = q.grad + 0.01 * q.grad.detach()  # an auxiliary loss's, added out of place
+        clipper(heads.ha, optimizer=opt)
+        out[f"batch {batch}"] = _stepped(model, opt)
+    return out
+
+
 def fsdp2_listed_unsynced_before_backward(how: str) -> list:
     """Sync turned off after a synchronised backward, before the next one (``how``: "off",
     ``set_requires_gradient_sync(False)`` on FSDP2; "no all-reduce", ``set_requires_all_reduce(False)`` on HSDP,

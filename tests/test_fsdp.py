@@ -465,6 +465,16 @@ def test_fsdp1_a_rank_holding_padding_only_of_a_part_keeps_its_skip(run_ranks, f
     assert results == [want, want], results
 
 
+@pytest.mark.parametrize("mode", ["unitwise", "total"])
+def test_fsdp1_unitwise_out_of_place_nan_in_one_shard_skips_on_every_rank(run_ranks, mode: str) -> None:
+    """FSDP1 heads clipped whole with ``on_nonfinite="skip"``, a NaN in rank 1's shard of hb alone, the gradients
+    replaced out of place and [ha] clipped again: ``mode="unitwise"`` armed its flag on its units' own views, not
+    on the gradients the optimizer steps, and rank 0 stepped while rank 1 skipped. Every rank skips the NaN batch
+    and steps the next one, as in ``mode="total"``."""
+    results = run_ranks(2, cases.fsdp1_unitwise_out_of_place_nan_in_one_shard, mode)
+    _assert_batches(results, nan_skipped=True)
+
+
 def _assert_batches(results: list, nan_skipped: bool) -> None:
     """Every rank's (skipped, finite) for batch 0 (the NaN batch where it is not dropped) and batch 1 (finite)."""
     for r in results:
