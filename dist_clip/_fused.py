@@ -1307,7 +1307,14 @@ def _sticky(seen: tuple[Any, ...], now: tuple[list[Tensor], list[int]], measured
         # the first call arming a skip replaced it and the requested skip was lost, the step taken.
         return True
     where = set(map(id, now[0]))
-    return any(id(t) in where for t in seen[0])
+    if any(id(t) in where for t in seen[0]):
+        return True
+    # Or made anew over the same bytes by their wrapper (FSDP1's new views of the flat gradient after a forward,
+    # or it re-aliased by a backward; the held tensors keep those bytes alive, so equal addresses are the same
+    # memory), whatever wrote them since, as for the held ones: read as gone, a forward between skip_next_step_
+    # and a clip (of the whole model, or of a part before it) dropped the flag and the step was taken.
+    held = {_bytes_key(t) for t in seen[0] if getattr(t, "_local_tensor", t).numel()}
+    return bool(held) and any(_bytes_key(g) in held for g in now[0])
 
 
 def first_flag(record: tuple[Any, ...], new: Tensor) -> None:

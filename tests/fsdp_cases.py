@@ -2270,6 +2270,46 @@ def fsdp1_parts_keep_a_part_s_skip(use_orig_params: bool, flow: str, how: str) -
     return out
 
 
+def fsdp1_explicit_skip_over_gradients_made_anew(use_orig_params: bool, flow: str, how: str) -> dict[str, Any]:
+    """FSDP1 heads [ha], [hb], [hc] as in :func:`fsdp1_parts_keep_a_part_s_skip`, every gradient finite, a skip
+    asked for by ``skip_next_step_(opt, True)`` after the backward (a batch found bad by other means), then the
+    three parts clipped with ``on_nonfinite="skip"``. ``flow``: "forward_after", a forward (logging, no grad)
+    between [ha]'s and [hb]'s clips; "forward_before", one before [ha]'s; "aux", an auxiliary loss through every
+    head after [ha]'s clip. FSDP1 makes its gradients anew over the same bytes there: the asked-for flag, held by
+    the gradients present when it was asked for, must follow them (no NaN is left to keep it). Then a finite
+    batch without a skip asked for. Returns, per batch, (skipped, parameters finite)."""
+
+    rank = dist.get_rank()
+    heads = _ThreeHeads()
+    model, opt, clip = _fsdp1_heads_skip(heads, use_orig_params, how)
+    out: dict[str, Any] = {}
+    for batch, ask in enumerate((True, False)):
+        opt.zero_grad(set_to_none=False)
+        x = torch.randn(8, 4, generator=torch.Generator().manual_seed(100 * batch + rank))
+        model(x).backward()
+        if ask:
+            dist_clip.skip_next_step_(opt, True)
+        if flow in ("forward_before", "whole"):
+            with torch.no_grad():
+                model(x)
+        if flow == "whole":
+            clip(model)
+            out[f"batch {batch}"] = _stepped(model, opt)
+            continue
+        clip(heads.ha)
+        if flow == "forward_after":
+            with torch.no_grad():
+                model(x)
+        if flow == "aux":
+            model(x).backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (a handed-over coefficient dropped after the auxiliary loss)
+            clip(heads.hb)
+            clip(heads.hc)
+        out[f"batch {batch}"] = _stepped(model, opt)
+    return out
+
+
 class _TinyMiddleHead(nn.Module):
     """Heads ha (15 elements), hb (one element: on 2 ranks rank 1's shard of it is padding only), hc (15)."""
 

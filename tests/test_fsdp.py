@@ -455,6 +455,19 @@ def test_fsdp1_parts_keep_a_part_s_skip_over_gradients_made_anew(run_ranks, use_
 
 
 @pytest.mark.parametrize("how", ["clipper", "clip_fused"])
+@pytest.mark.parametrize(("use_orig_params", "flow"), [(True, "forward_after"), (True, "forward_before"),
+                                                       (True, "aux"), (False, "aux"), (True, "whole")])
+def test_fsdp1_an_asked_for_skip_follows_gradients_made_anew(run_ranks, use_orig_params: bool, flow: str,
+                                                              how: str) -> None:
+    """FSDP1 heads [ha], [hb], [hc], finite gradients, ``skip_next_step_(opt, True)`` after the backward, the parts
+    clipped with a forward or an auxiliary loss between (FSDP1's gradients made anew over the same bytes): every
+    rank skips that step and steps the next batch's."""
+    results = run_ranks(2, cases.fsdp1_explicit_skip_over_gradients_made_anew, use_orig_params, flow, how)
+    want = {"batch 0": (True, True), "batch 1": (False, True)}
+    assert results == [want, want], results
+
+
+@pytest.mark.parametrize("how", ["clipper", "clip_fused"])
 @pytest.mark.parametrize("flow", ["plain", "forward", "drop"])
 def test_fsdp1_a_rank_holding_padding_only_of_a_part_keeps_its_skip(run_ranks, flow: str, how: str) -> None:
     """FSDP1 heads [ha], [hb], [hc] (use_orig_params), hb one element, so rank 1's shard of it is padding only and
