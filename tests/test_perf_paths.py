@@ -2357,6 +2357,30 @@ def test_two_nan_hand_overs_settled_by_one_call_keep_or_drop_each_by_its_own_gra
     assert [torch.equal(before[0], x), torch.equal(before[1], y)] == [True, False]
 
 
+@pytest.mark.parametrize("nan_in", ["h0", "E"])
+def test_a_written_hand_over_s_flag_and_a_skip_armed_beside_it_both_reach_the_step(nan_in):
+    """Heads h0 and h1 stepped by a fused Adam, a module E it does not step; the heads clipped with ``optimizer=``
+    (handed over), then E with ``GradClipper(on_nonfinite="skip")`` and that Adam (a skip armed beside the
+    hand-over, settling nothing of it), then the heads' gradients written in place before ``step()``: the step
+    drops the coefficient, keeps the hand-over's flag where a stepped gradient is not finite, and either flag
+    skips. "h0": NaN in h0, an auxiliary loss (NaN + x stays NaN), E's flag False; "E": NaN in h0 and E, the
+    heads' gradients zeroed in place and recomputed (finite), E's flag True. Combined by their minimum, or the
+    step's read replacing the armed flag, the NaN step was taken."""
+    h0, h1, ps, opt, x, _ = _two_heads_skip("clip_fused")
+    e = nn.Linear(4, 2)
+    (h0(x).square().sum() * math.nan + h1(x).square().sum()).backward()
+    e(x).square().sum().mul(math.nan if nan_in == "E" else 1.0).backward()
+    dist_clip.clip_grad_norm_(ps, 1.0, optimizer=opt)
+    dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")(e, optimizer=opt)
+    if nan_in == "E":
+        opt.zero_grad(set_to_none=False)
+        (h0(x).square().sum() + h1(x).square().sum()).backward()
+    else:
+        (h0(x).abs().mean() + h1(x).abs().mean()).backward()  # an auxiliary loss, into the same tensors
+    with pytest.warns(UserWarning, match="dropped"):
+        _step_checked(opt, ps, skipped=True)
+
+
 @pytest.mark.parametrize("then", ["step", "get_total_norm", "clip_grad_norm_"])
 def test_a_nan_hand_over_whose_gradients_were_replaced_out_of_place_skips_its_step(then):
     """Heads h0 and h1, a NaN in h0, the whole model clipped with ``optimizer=`` (handed over), every gradient then
