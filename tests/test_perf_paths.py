@@ -4415,7 +4415,8 @@ def body_a_part_no_gradient_of_which_this_rank_holds_keeps_the_other_rank_s_skip
     clipped; ``replaced`` > 0: then every gradient replaced out of place (``p.grad = p.grad + g``) and [B] clipped
     again ``replaced`` times (the other ranks hold no gradient those calls do not measure: their flag is kept by
     the ranks' verdict alone). ``zero``: how the good batch starts, ``zero_grad(set_to_none=True)`` ("none") or in
-    place ("in_place"; "in_place_reversed": its parts then clipped as [B], [A]). ``dropped``: the NaN batch is not
+    place ("in_place"; "in_place_reversed": its parts then clipped as [B], [A]; "in_place_whole": clipped whole,
+    for ``clip_fused`` a hand-over). ``dropped``: the NaN batch is not
     stepped (the good batch's calls meet its flags). ``again``: [B] clipped that many more times right after [A],
     [B] (before any replacement). Returns, per batch (NaN, good), whether this rank's step was skipped."""
     import torch.distributed as dist
@@ -4446,7 +4447,7 @@ def body_a_part_no_gradient_of_which_this_rank_holds_keeps_the_other_rank_s_skip
                 q.grad.add_(torch.randn(q.shape))
         if nan and rank == 0:
             a.grad[1] = math.nan
-        parts = ([a] if rank == 0 else [], [b])
+        parts = ([a] if rank == 0 else [], [b]) if nan or zero != "in_place_whole" else (mine,)
         for part in parts[::-1] if not nan and zero == "in_place_reversed" else parts:
             clip(part)
         for _ in range(again):
@@ -4503,13 +4504,14 @@ def test_a_part_no_gradient_of_which_this_rank_holds_keeps_the_skip_through_a_pa
                      "none", False, 1) == [[True, False]] * world
 
 
-@pytest.mark.parametrize("zero", ["none", "in_place", "in_place_reversed"])
+@pytest.mark.parametrize("zero", ["none", "in_place", "in_place_reversed", "in_place_whole"])
 @pytest.mark.parametrize("how", ["clipper", "clipper_fused", "clip_fused"])
 def test_a_part_no_gradient_of_which_this_rank_holds_dropped_then_a_good_batch_steps(run_ranks, how, zero):
     """The NaN batch of the flow above ([B] clipped twice after the replacement) dropped without a step, by
     ``zero_grad(set_to_none=True)`` or ``zero_grad()`` in place, and a finite batch clipped ([A], [B], or in place
-    [B], [A]): every rank steps it (a flag kept by the ranks' verdict, with no gradient to hold it, outlasting the
-    batch on one rank skipped that rank's step alone)."""
+    [B], [A], or whole: for ``clip_fused`` a hand-over, which decides such a flag by the verdict too): every rank
+    steps it (a flag kept by the ranks' verdict, with no gradient to hold it, outlasting the batch on one rank
+    skipped that rank's step alone)."""
     assert run_ranks(2, body_a_part_no_gradient_of_which_this_rank_holds_keeps_the_other_rank_s_skip, how, 2,
                      zero, True) == [[False]] * 2
 
