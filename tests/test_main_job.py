@@ -559,6 +559,48 @@ def test_a_rank_0_that_fails_after_training_fails_every_rank(run_ranks, tmp_path
     assert got == ["injected: rank 0 cannot write its log", 1], got
 
 
+def _case_different_text(rank1_byte: int) -> str:
+    """Rank body: the ranks' corpora agree or not (rank 1's first byte replaced by ``rank1_byte``)."""
+    import torch
+    import torch.distributed as dist
+
+    from dist_clip import bootstrap, train
+
+    text = torch.arange(64, dtype=torch.uint8)
+    if dist.get_rank() == 1:
+        text[0] = rank1_byte
+    try:
+        train._agree_on_data(text, bootstrap.init_distributed("gloo"))
+    except RuntimeError as e:
+        return str(e).split(" (")[0]
+    return "agreed"
+
+
+@pytest.mark.timeout(120)
+def test_ranks_reading_different_text_fail_together_on_every_rank(run_ranks):
+    """Each rank draws its rows of the global batch from its own copy of the corpus: ranks reading different
+    text (another Python's standard library, a data file that differs between nodes) train on other batches
+    than the replay, so every rank refuses together before the first step; the same text passes."""
+    assert run_ranks(2, _case_different_text, 0, timeout_s=60) == ["agreed"] * 2
+    assert run_ranks(2, _case_different_text, 7, timeout_s=60) == ["ranks read different training text"] * 2
+
+
+def test_bf16_precision_runs_the_forward_under_bf16_autocast():
+    """``precision: bf16`` computes the forward in bfloat16 (torch.autocast), in the run and its replay alike:
+    the loss differs from the float32 one by bf16 rounding (a run that left autocast off trained in fp32 and
+    still passed its check against a replay in fp32)."""
+    import torch
+
+    from dist_clip.train import global_batch, lm_loss, make_model
+
+    cfg = from_dict({**TINY, "precision": "bf16"})
+    model = make_model(cfg, torch.device("cpu"))
+    x, y = global_batch(torch.arange(256, dtype=torch.uint8).repeat(4), 1, cfg.seed, 2, cfg.model.seq_len)
+    with torch.no_grad():
+        fp32, bf16 = (float(lm_loss(model, x, y, precision)) for precision in ("fp32", "bf16"))
+    assert fp32 != bf16 and bf16 == pytest.approx(fp32, rel=2e-2)
+
+
 @pytest.mark.timeout(120)
 def test_topology_errors_are_config_errors_on_every_rank(run_ranks):
     got = run_ranks(2, _case_config_error, {**TINY, "wrapper": "hsdp", "mesh": [2, 2]}, timeout_s=60)
@@ -1122,3 +1164,15 @@ def test_progress_on_a_terminal_without_tqdm_prints_lines(monkeypatch, capsys):
             update(train.StepRecord(step=step, loss=1.5, norm=2.0, norm_clipped=1.0, clip_coef=0.5, time_s=0.1))
     lines = capsys.readouterr().err.splitlines()
     assert [line.split()[:3] for line in lines] == [["train", "step", "1/2"], ["train", "step", "2/2"]], lines
+
+
+def test_plain_progress_lines_show_the_first_and_last_step(capsys):
+    """About ten lines per run on a pipe: every tenth of the steps, and always the first and the last (a run of
+    25 steps printed every second step, so neither step 1 nor step 25 unless asked for)."""
+    from dist_clip import train
+
+    with train._progress(True, 25, "train") as update:
+        for step in range(1, 26):
+            update(train.StepRecord(step=step, loss=1.5, norm=2.0, norm_clipped=1.0, clip_coef=0.5, time_s=0.1))
+    steps = [int(line.split()[2].split("/")[0]) for line in capsys.readouterr().err.splitlines()]
+    assert steps == [1, *range(2, 25, 2), 25], steps
