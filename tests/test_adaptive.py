@@ -422,6 +422,17 @@ def test_adaptive_coefficients_of_nonfinite_norms_follow_torch_under_ignore():
     assert z([grad]).clip_coef.item() == 0.0
 
 
+def test_adaptive_coefficients_divide_by_the_norm_plus_1e_6():
+    """Both policies clip as torch.nn.utils.clip_grad_norm_ at their threshold: threshold / (norm + 1e-6), so a
+    norm of 1e-6 at a threshold of 1e-6 is halved (a coefficient of threshold / norm left it as it was)."""
+    auto = GradClipper(max_norm=AutoClip(percentile=0))
+    assert auto([torch.tensor([1e-6], dtype=torch.float64)]).clip_coef.item() == pytest.approx(0.5, rel=1e-12)
+    z = GradClipper(max_norm=ZClip(warmup_steps=1, max_norm=1e-6))
+    assert z([torch.tensor([1e-6], dtype=torch.float64)]).clip_coef.item() == pytest.approx(0.5, rel=1e-12)
+    # after the warm-up: no spike (z = 1), the threshold is max_norm
+    assert z([torch.tensor([2e-6], dtype=torch.float64)]).clip_coef.item() == pytest.approx(1 / 3, rel=1e-12)
+
+
 @pytest.mark.parametrize("max_norm", [None, 10.0])
 def test_zclip_warm_up_collects_finite_norms_only(max_norm):
     """Warm-up counted calls: a warm-up of non-finite norms only (fp16 overflows in the first steps) left the

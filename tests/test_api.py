@@ -398,6 +398,9 @@ def test_a_total_norm_that_is_no_norm_is_refused():
         with pytest.raises(TypeError, match="one-value real tensor"):
             dist_clip.clip_grads_with_norm_(g, 1.0, bad)
     assert g[0].tolist() == [3.0, 4.0]
+    for zero in (0.0, torch.tensor(0.0), torch.tensor([0.0], dtype=torch.float64)):  # a norm: all-zero gradients
+        dist_clip.clip_grads_with_norm_(g, 1.0, zero)
+    assert g[0].tolist() == [3.0, 4.0]
     dist_clip.clip_grads_with_norm_(g, 1.0, float("nan"))
     assert g[0].isnan().all()
 
