@@ -355,6 +355,22 @@ def test_arguments_have_torch_nn_utils_names():
 def test_total_norm_of_several_values_is_a_value_error():
     with pytest.raises(ValueError, match="total_norm.*shape \\(2,\\)"):
         dist_clip.clip_grads_with_norm_(_params(), 1.0, torch.tensor([1.0, 2.0]))
+    # no value at all is no norm either (it reached the reshape to 0-dim: torch's RuntimeError)
+    with pytest.raises(ValueError, match="total_norm.*shape \\(0,\\)"):
+        dist_clip.clip_grads_with_norm_(_params(), 1.0, torch.tensor([]))
+
+
+def test_a_total_norm_given_as_a_number_is_taken_in_float64():
+    """A Python number is a float64 total (as get_total_norm returns for float64 gradients): rounded to float32
+    it clipped float64 gradients by 1 / 5.0 for a total of 5.000000001, and zeroed them for 1e39 (inf in
+    float32) where the coefficient is 1e-39."""
+    g = [torch.tensor([3.0, 4.0], dtype=torch.float64)]
+    dist_clip.clip_grads_with_norm_(g, 1.0, 5.000000001)
+    torch.testing.assert_close(g[0], torch.tensor([3.0, 4.0], dtype=torch.float64) / (5.000000001 + 1e-6),
+                               rtol=1e-15, atol=0)
+    g = [torch.tensor([3.0, 4.0], dtype=torch.float64)]
+    dist_clip.clip_grads_with_norm_(g, 1.0, 1e39)
+    assert g[0].tolist() == [pytest.approx(3e-39, rel=1e-12), pytest.approx(4e-39, rel=1e-12)]
 
 
 @pytest.mark.parametrize("foreach", [None, False])
