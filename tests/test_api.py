@@ -220,6 +220,9 @@ def test_one_tensor_in_two_shards_is_scaled_once(monkeypatch):
     coef = 6.5 / (13.0 + 1e-6)
     torch.testing.assert_close(g, torch.tensor([3.0, 4.0]) * coef)
     torch.testing.assert_close(h, torch.tensor([12.0]) * coef)
+    g = torch.tensor([3.0, 4.0])  # listed twice in one Shards (another path: the one-Shards shortcut)
+    assert dist_clip.clip_grad_norm_(HandSharded([dist_clip.Shards([g, g])]), 1.0).item() == pytest.approx(5.0)
+    torch.testing.assert_close(g, torch.tensor([3.0, 4.0]) / (5.0 + 1e-6))
 
 
 def test_an_adapter_handing_over_parameters_instead_of_gradients_is_refused(monkeypatch):
