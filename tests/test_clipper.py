@@ -945,8 +945,12 @@ def test_skipping_a_differentiable_step_is_refused():
     p = w * 1.0
     p.grad = torch.ones(3)
     opt = torch.optim.Adam([p], lr=0.1, differentiable=True)
+    clipper = GradClipper(max_norm=1.0, on_nonfinite="skip")
     with pytest.raises(ValueError, match="differentiable=True"):
-        GradClipper(max_norm=1.0, on_nonfinite="skip")([p.grad], optimizer=opt)
+        clipper([p.grad], optimizer=opt)
+    # refused before measuring, as any bad input (on every rank, before the collective): refused only when it
+    # armed, the call had scaled the gradients by 0.577 and counted a step
+    assert p.grad.tolist() == [1.0, 1.0, 1.0] and clipper.step == 0
     with pytest.raises(ValueError, match="differentiable=True"):
         dist_clip.skip_next_step_(opt, torch.tensor(False))
     GradClipper(max_norm=1.0, on_nonfinite="zero")([p.grad], optimizer=opt)  # the other policies work
