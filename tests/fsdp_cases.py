@@ -2198,14 +2198,17 @@ def _fsdp1_heads_skip(heads: nn.Module, use_orig_params: bool, how: str
                       ) -> tuple[nn.Module, torch.optim.Adam, Callable[[nn.Module], float]]:
     """``heads``' ha, hb, hc each an FSDP1 unit under an FSDP1 root (on the CPU), an Adam over them (fused for
     ``how="clip_fused"``), and the call clipping a part under ``on_nonfinite="skip"`` with ``optimizer=`` that
-    Adam, returning its total: ``clip_grad_norm_`` (``how="clip_fused"``) or one ``GradClipper`` kept across calls."""
+    Adam, returning its total: ``clip_grad_norm_`` (``how="clip_fused"``) or one ``GradClipper`` kept across calls
+    (``mode="per_param"`` for ``how="per_param"``: without ``use_orig_params``, one view of the flat gradient per
+    parameter)."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     for name in ("ha", "hb", "hc"):
         setattr(heads, name, FSDP(getattr(heads, name), use_orig_params=use_orig_params, device_id=torch.device("cpu")))
     model = FSDP(heads, use_orig_params=use_orig_params, device_id=torch.device("cpu"))
     opt = torch.optim.Adam(model.parameters(), lr=0.1, fused=how == "clip_fused")
-    clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+    clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip",
+                                    mode="per_param" if how == "per_param" else "total")
 
     def clip(part: nn.Module) -> float:
         if how == "clip_fused":

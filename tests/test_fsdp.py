@@ -441,14 +441,16 @@ def test_hsdp_shard_group_counts_a_replicated_gradient_on_every_replica(run_rank
     assert results == [{k: True for k in results[0]}] * 4 and len(results[0]) == 6, results
 
 
-@pytest.mark.parametrize("how", ["clipper", "clip_fused"])
+@pytest.mark.parametrize("how", ["clipper", "clip_fused", "per_param"])
 @pytest.mark.parametrize("flow", ["forward", "aux"])
 @pytest.mark.parametrize("use_orig_params", [False, True])
 def test_fsdp1_parts_keep_a_part_s_skip_over_gradients_made_anew(run_ranks, use_orig_params: bool, flow: str,
                                                                  how: str) -> None:
     """FSDP1 heads clipped as [ha], [hb], [hc], NaN in hb on rank 0 only, then a forward between two clips or an
     auxiliary loss and [ha] clipped again: FSDP1's new views or re-aliased flat gradients over the same bytes read
-    as gradients gone, and the NaN step was taken. Every rank skips the NaN batch and steps the next one."""
+    as gradients gone, and the NaN step was taken. Every rank skips the NaN batch and steps the next one.
+    ``per_param`` without ``use_orig_params``: each parameter's view of the flat gradient stands for all of it
+    (``_fused.whole_``), else the aux flow's rank 1 took the NaN step alone, as with the whole flat gradient."""
     results = run_ranks(2, cases.fsdp1_parts_keep_a_part_s_skip, use_orig_params, flow, how)
     for r in results:
         assert r == {"batch 0": (True, True), "batch 1": (False, True), "totals": [True, True, True]}, r
