@@ -194,6 +194,32 @@ def test_autoclip_and_zclip_match_references_with_identical_state(run_ranks):
     assert all(_same_state(s, states[0]) for s in states), "adaptive state differs across ranks"
 
 
+def body_state_loaded_on_one_rank(kind: str) -> str:
+    """Both ranks' clippers alike, but only rank 0 loads a state that has seen one norm (its history, and so its
+    threshold, is another rank's): the next call must raise on every rank."""
+    threshold = AutoClip(percentile=50) if kind == "autoclip" else ZClip(warmup_steps=1, max_norm=None)
+    clipper = GradClipper(max_norm=threshold)
+    if dist.get_rank() == 0:
+        seen = GradClipper(max_norm=threshold)
+        seen([torch.tensor([30.0, 40.0])])
+        clipper.load_state_dict(seen.state_dict())
+    g = torch.tensor([3.0, 4.0]) * (dist.get_rank() + 1)
+    try:
+        clipper({"g": g}, group=dist.group.WORLD)
+    except RuntimeError as e:
+        return "disagree on its settings" in str(e) and f"threshold_calls={1 - dist.get_rank()}" in str(e)
+    return "measured"
+
+
+@pytest.mark.parametrize("kind", ["autoclip", "zclip"])
+def test_an_adaptive_state_loaded_on_one_rank_only_is_refused_on_every_rank(run_ranks, kind):
+    """A checkpoint's clipper state loaded on one rank only gave each rank its own threshold (AutoClip: the median
+    of the norms [50, 11.2] on rank 0, of [11.2] on rank 1; ZClip: rank 0 past its warm-up, rank 1 in it), so the
+    pieces of one gradient could be scaled by different coefficients, unnoticed: how many norms each threshold has
+    seen is part of the settings every rank's call compares."""
+    assert run_ranks(2, body_state_loaded_on_one_rank, kind) == [True, True]
+
+
 def test_nonfinite_norms_stay_out_of_the_history():
     clipper = GradClipper(max_norm=AutoClip(percentile=100))
     clipper([torch.full((4,), 1.0)])
