@@ -1435,6 +1435,27 @@ def test_zero_gradients_under_a_zero_limit_are_not_clipped(mode):
     assert bool(result.clipped) and model.weight.grad[0, 0].item() == 0.0
 
 
+@pytest.mark.parametrize("target", ["module", "mapping"])
+def test_zero_gradients_of_a_group_under_a_zero_limit_are_not_clipped(target):
+    """The same for mode="per_group", also where the groups travel in the measurement (named pieces: a mapping),
+    which decides `clipped` from every rank's groups: a group of zero gradients under max_norm=0 read as
+    clipped there."""
+    model = nn.Linear(4, 4)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt = torch.optim.SGD([{"params": [model.weight], "max_norm": 0.0}, {"params": [model.bias], "max_norm": 1.0}],
+                          lr=0.1)
+
+    def arg() -> object:
+        return model if target == "module" else {n: q.grad for n, q in model.named_parameters()}
+
+    result = GradClipper(mode="per_group")(arg(), optimizer=opt)
+    assert result.total_norm.item() == 0.0 and not bool(result.clipped)
+    model.weight.grad[0, 0] = 1.0  # one non-zero gradient in the zero-limit group: scaled to 0, clipped
+    result = GradClipper(mode="per_group")(arg(), optimizer=opt)
+    assert bool(result.clipped) and model.weight.grad[0, 0].item() == 0.0
+
+
 def test_a_report_lists_a_parameter_and_its_gradient_given_together_once():
     """``[p, p.grad]``: the gradient is p's, measured once: the report names one slot holding its norm (a second
     slot reading 0.0 for a gradient of norm 5 passed the suite, the norms being deduplicated again later)."""
