@@ -97,11 +97,18 @@ def _all_tensors(shards: Sequence[Shards]) -> list[Tensor]:
     return out
 
 
-def _counted_tensors(shards: Sequence[Shards], group: dist.ProcessGroup | None) -> tuple[list[Tensor], bool]:
+def _counted_tensors(
+    shards: Sequence[Shards], group: dist.ProcessGroup | None, everything: list[Tensor] | None = None
+) -> tuple[list[Tensor], bool]:
     """The pieces this rank measures (counted ones, and replicated ones on rank 0 only), and whether that is
     every piece of every Shards. Empty pieces stay in: they measure as the neutral partial.
+
+    ``everything``: ``_all_tensors(shards)``, where the caller has it: returned as it is where every piece is
+    counted here (the same pieces, each once, in the same order), without listing and testing them again.
     """
     first = _reduce.group_rank(group) == 0
+    if everything is not None and all(s.counted and (s.group is not None or first) for s in shards):
+        return everything, True
     out: list[Tensor] = []
     whole = True
     for s in shards:
@@ -196,12 +203,14 @@ def _wide_total(
     refused: bool = False,
     agreement: _fused.Agreement | None = None,
     skips: bool = False,
+    listed: bool = False,
 ) -> tuple[Tensor, torch.dtype]:
     """:func:`total_from_shards` before its cast: the float64 total and the dtype to return it in (``limit``:
     clip_grad_norm_'s ``max_norm``, part of the settings every rank must share; ``skips``: a non-finite total skips
-    the next step of clip_grad_norm_'s ``optimizer=`` here, a setting too). Clipping
-    and the finiteness test use the float64 value: the norm of fp32 gradients may exceed float32's range
-    (3.4e38) while every element is finite.
+    the next step of clip_grad_norm_'s ``optimizer=`` here, a setting too; ``listed``: ``everything`` is
+    ``_all_tensors(shards)`` itself, not a caller's list said to be, so that :func:`_counted_tensors` may return
+    it). Clipping and the finiteness test use the float64 value: the norm of fp32 gradients may exceed
+    float32's range (3.4e38) while every element is finite.
 
     ``refused``: this rank found bad input before the call (see :func:`_refuse_together`): nothing is measured,
     the payload the other ranks send is sent with a NaN fingerprint, and every rank raises ``RuntimeError``
@@ -212,7 +221,7 @@ def _wide_total(
     the others' current one (a total of two steps, and every later call misaligned, silently)."""
     group = _reduce.reduction_group(s.group for s in shards)
     if everything is None:
-        everything = _all_tensors(shards)
+        everything, listed = _all_tensors(shards), True
     home = _reduce.home_device(everything, group)
     # Four more values in the all-reduce: a fingerprint of the settings every rank must share (norm_type 2 on one
     # rank and 1 or inf on another gave each rank its own wrong total, unnoticed): RuntimeError on every rank on
@@ -227,7 +236,7 @@ def _wide_total(
             if not everything and group is None:
                 warn_at_caller("dist_clip: the target holds no gradients; the total norm is 0")
             everything_groups = groups
-            counted, whole = _counted_tensors(shards, group)
+            counted, whole = _counted_tensors(shards, group, everything if listed else None)
             if not (whole and len(counted) == len(everything)):  # then counted is everything, each piece once
                 groups = None
             partial = local_total_partial(counted, p, foreach, home, groups)
@@ -449,7 +458,8 @@ def get_total_norm(
         _refuse_together(tensors, norm_type, group, shards)  # every rank raises, none waits or misaligns
         raise
     try:
-        wide, out = _wide_total(shards, p, error_if_nonfinite, foreach, everything, None, agreement=agreement)
+        wide, out = _wide_total(shards, p, error_if_nonfinite, foreach, everything, None, agreement=agreement,
+                                listed=True)
     except BaseException:
         agreement.abandon()
         raise
@@ -597,7 +607,7 @@ def clip_grad_norm_(
         raise
     try:
         wide, out = _wide_total(shards, p, error_if_nonfinite, foreach, everything, groups, limit, agreement=agreement,
-                                skips=skips)
+                                skips=skips, listed=True)
     except BaseException:
         agreement.abandon()
         raise
