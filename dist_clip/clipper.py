@@ -152,6 +152,12 @@ class ClipperConfig:
         return f"norm_type={self.p!r}, mode={self.mode}{used}, on_nonfinite={self.on_nonfinite}"
 
 
+def _pairs(pieces: list[tuple[Tensor, int]] | None, tensors: list[Tensor]) -> list[tuple[Tensor, int]]:
+    """The (tensor, slot) pairs of a call's pieces: ``pieces``, or for one slot (None) each of ``tensors`` in
+    slot 0."""
+    return pieces if pieces is not None else [(t, 0) for t in tensors]
+
+
 @dataclass(frozen=True)
 class ClipResult:
     """What one call did; tensors stay on the gradients' device and are identical on every rank.
@@ -958,9 +964,10 @@ class GradClipper:
             # (before settling: a hand-over's flag whose gradients were replaced waits for the ranks' verdict,
             # which travels in this call's measurement, 0 where nothing arms: see _fused.Agreement)
             skipping = (_stepping_optimizers(optimizer) or [optimizer]) if arm_skip is not None else []
-            agreement = _fused.Agreement(skipping, [t for s in shards for t in s.tensors])
+            flat = [t for s in shards for t in s.tensors]  # (listed once: the agreement's and the dtype's)
+            agreement = _fused.Agreement(skipping, flat)
             with agreement.deferring():
-                _clip.settle_hand_over(target, lambda: [t for s in shards for t in s.tensors])
+                _clip.settle_hand_over(target, flat)
             # (after settling: another optimizer's hand-over settled here adds its read, see _fused.Agreement.fold)
             membership = _with_replaced(membership, agreement.local)
             before = False
@@ -983,7 +990,7 @@ class GradClipper:
             m = _slots.measure(shards, pick, n_slots, p, cfg.foreach, presence=named is not None,
                                group=plan.reduction_group if plan is not None else None,
                                layout=named.names if named is not None else None, extra=membership,
-                               result_dtype=_clip._result_dtype([t for s in shards for t in s.tensors], None),
+                               result_dtype=_clip._result_dtype(flat, None),
                                settings=settings)
         except Exception as e:  # (any error measuring may have joined: see _slots.measure)
             agreement.abandon()
@@ -1060,7 +1067,12 @@ class GradClipper:
             culprits = shards if named is not None or custom else _slots.named_shards(target, group).shards
             self._count(torch.zeros_like(finite), finite)  # a measured call: counted before it raises
             raise RuntimeError(_nonfinite_message(culprits, m.group, total.item(), p))
-        pieces = _slots.all_pieces(shards, pick)
+        if pick is None:  # one slot: the tensors, without a (tensor, 0) pair each (2000 tuples on 2000 gradients)
+            tensors = _clip._all_tensors(shards)
+            pieces: list[tuple[Tensor, int]] | None = None
+        else:
+            pieces = _slots.all_pieces(shards, pick)
+            tensors = [t for t, _ in pieces]
         on_cpu = total.device.type == "cpu"
         slot_wide = _clip._deepspeed_applied(target, _kept(slot_coef, finite, policy))  # float64
         slot_coef = slot_wide.to(out)
@@ -1080,22 +1092,24 @@ class GradClipper:
         self._count(clipped, finite)
         try:
             if policy == "zero" and on_cpu and not bool(finite):
-                for t, _ in pieces:
+                for t in tensors:
                     t.zero_()
             else:
                 if _scale.needs_wide(slot_wide):  # (coefficients float32 holds only as subnormals)
-                    _slots.scale_slots_wide_(pieces, slot_wide, slot_coef, cfg.foreach)
+                    _slots.scale_slots_wide_(_pairs(pieces, tensors), slot_wide, slot_coef, cfg.foreach)
+                elif pieces is None and slot_coef.numel() == 1:  # (scale_slots_'s one coefficient, as it applies it)
+                    _scale.scale_(tensors, slot_coef.reshape(()), cfg.foreach)
                 else:
-                    _slots.scale_slots_(pieces, slot_coef, cfg.foreach)
+                    _slots.scale_slots_(_pairs(pieces, tensors), slot_coef, cfg.foreach)
                 if policy == "zero" and not on_cpu:
                     # 0 * NaN is NaN: zero explicitly, no sync. Sparse gradients by their values (no sparse
                     # masked_fill_: every call raised there), expanded ones each memory location once.
-                    for t in _scale.writable([t for t, _ in pieces]):
+                    for t in _scale.writable(tensors):
                         (t._values() if t.is_sparse else t).masked_fill_(~finite.to(t.device), 0)
         finally:
             if arm_skip is not None:
                 with agreement.armed():
-                    arm_skip(~finite, [t for t, _ in pieces])
+                    arm_skip(~finite, tensors)
         norms = self._report(named.names, m, p) if want_report and named is not None else None
         return ClipResult(total, coef, clipped, finite, limit_out, slot_names, norms)
 
