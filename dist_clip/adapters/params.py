@@ -109,22 +109,28 @@ def matches(target: object) -> bool:
 
 
 def _is_dtensor(t: Tensor) -> bool:
-    return type(t).__name__ == "DTensor" and type(t).__module__.startswith("torch.distributed")
+    return _is_dtensor_type(type(t))
+
+
+def _is_dtensor_type(kind: type) -> bool:
+    return kind.__name__ == "DTensor" and kind.__module__.startswith("torch.distributed")
 
 
 def split_dtensors(grads: Iterable[tuple[str, Tensor]]) -> tuple[list[tuple[str, Tensor]], list[tuple[str, Tensor]]]:
     """Separate (name, grad) pairs into plain and DTensor gradients, keeping order."""
     grads = grads if isinstance(grads, list) else list(grads)
-    if set(map(type, map(_second, grads))) <= _PLAIN_KINDS:  # no DTensor: checked in C
+    kinds = set(map(type, map(_second, grads)))
+    if kinds <= _PLAIN_KINDS:  # no DTensor: checked in C
         return grads, []
+    # _is_dtensor reads the type alone: decided once per type (a test per gradient cost ~1 ms a call on 2000
+    # FSDP2 gradients), and every gradient a DTensor (FSDP2's usual case) without a loop
+    of_dtensors = {k for k in kinds if k is not Tensor and _is_dtensor_type(k)}
+    if kinds <= of_dtensors:
+        return [], list(grads)
     plain: list[tuple[str, Tensor]] = []
     dtensors: list[tuple[str, Tensor]] = []
     for pair in grads:
-        g = pair[1]
-        if type(g) is Tensor or not _is_dtensor(g):
-            plain.append(pair)
-        else:
-            dtensors.append(pair)
+        (dtensors if type(pair[1]) in of_dtensors else plain).append(pair)
     return plain, dtensors
 
 
