@@ -443,6 +443,34 @@ def test_numpy_zero_dim_arrays_are_numbers_as_in_torch():
         dist_clip.clip_grad_norm_(g, np.array([0.5, 0.5]))
 
 
+def test_a_list_of_parameters_takes_the_fast_path_only_where_it_gives_the_general_paths_shards():
+    """shards() of a list of distinct parameters, each with a plain gradient of its own, skips named_grads' (name,
+    gradient) pairs (_listed_parameters): the same Shards (tensors, names, group) as named_grads then
+    shards_of_grads give; every other list (a gradient None, shared, a plain tensor or a DTensor-like subclass
+    listed, a parameter listed twice) takes the general path."""
+    from dist_clip.adapters import params as adapter
+
+    ps = [nn.Parameter(torch.randn(3)) for _ in range(4)]
+    for p in ps:
+        p.grad = torch.randn(3)
+    fast = adapter._listed_parameters(list(ps), None)
+    general = adapter.shards_of_grads(adapter.named_grads(list(ps)), None)
+    assert fast is not None and len(fast) == len(general) == 1
+    assert [id(t) for t in fast[0].tensors] == [id(p.grad) for p in ps] == [id(t) for t in general[0].tensors]
+    assert list(fast[0].names) == list(general[0].names) == ["0", "1", "2", "3"]
+    assert (fast[0].group, fast[0].counted) == (general[0].group, general[0].counted)
+
+    class Sub(torch.Tensor):
+        pass
+
+    none, shared = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(3))
+    shared.grad = ps[0].grad
+    sub = nn.Parameter(torch.randn(3))
+    sub.grad = torch.randn(3).as_subclass(Sub)
+    for items in ([*ps, none], [*ps, shared], [*ps, torch.randn(3)], [*ps, ps[0]], [*ps, sub], []):
+        assert adapter._listed_parameters(items, None) is None
+
+
 @pytest.mark.parametrize("case", ["a parameter beside its own grad", "two parameters sharing one grad"])
 def test_a_gradient_reached_twice_counts_once(case):
     """[p, p.grad, q] (or two parameters given one gradient tensor) counted p's gradient twice in the norm while
