@@ -587,6 +587,8 @@ def settle(tensors: Sequence[Tensor]) -> None:
             if verdict == "written":
                 _keep_flag(optimizer, found, held, grads)
             else:  # (every one replaced: out of place, or the next batch's; see carried_by_replacements)
+                if shared and (agreement := _DEFERRED.get()) is not None:
+                    agreement.settled_shared = True  # (its pieces may differ among ranks: see Agreement.agree)
                 _keep_replaced(optimizer, found, [g for g in grads if not overlaps(_span(g))], grads)
             continue
         if verdict == "replaced":
@@ -1061,6 +1063,8 @@ class Agreement:
         self.agreed: Tensor | None = None
         #: the verdict (and the call's total) combined over more than one rank: see :func:`hand_over_`
         self.shared = False
+        #: a hand-over settled here (waiting for the verdict) had its total combined over more than one rank
+        self.settled_shared = False
         read: list[Tensor] = []
         held: list[Tensor] = []
         self.optimizers = [o for o in optimizers if isinstance(o, torch.optim.Optimizer)]
@@ -1105,16 +1109,49 @@ class Agreement:
         """The all-reduced ``local`` (any rank's 1: true on every rank). ``alone``: the call combined over no other
         rank (no reduction group, or a group of one), so ``combined`` is this rank's read alone. While the world holds
         more ranks, the others' pieces may hold a NaN this rank's do not (a sharded part clipped over the world beside
-        a replicated one clipped with ``group=None``): the verdict is then true, every flag waiting on it kept as it
-        is, held by the gradients it would have been read from (an entry without gradients: decided again by the
-        next call that combines), on every rank alike (read by each rank alone, NaN in rank 0's shard of S, [S], [R]
-        with ``group=None``, gradients replaced out of place, [R] again: rank 0 skipped and rank 1 stepped). In one
-        process, or where the call combines, the read decides."""
-        if alone and _multi_rank():
+        a replicated one clipped with ``group=None``; see :meth:`_may_differ`): the verdict is then true, every flag
+        waiting on it kept as it is, held by the gradients it would have been read from (an entry without gradients:
+        decided again by the next call that combines), on every rank alike (read by each rank alone, NaN in rank 0's
+        shard of S, [S], [R] with ``group=None``, gradients replaced out of place, [R] again: rank 0 skipped and rank
+        1 stepped). Where the call measures every gradient the flags' optimizers step (DDP, the whole model), the
+        read is of replicas, the same on every rank, and decides. In one process, or where the call combines, the
+        read decides."""
+        if alone and _multi_rank() and self._may_differ():
             self.agreed = torch.ones((), dtype=torch.bool, device=combined.device)
             return
         self.agreed = combined.reshape(()) > 0
         self.shared = not alone
+
+    def _may_differ(self) -> bool:
+        """Whether, in a call combining over no other rank, the flags its verdict decides may be read from pieces
+        that differ among ranks: a hand-over it settled whose total was combined over several ranks (its pieces
+        were shards), or an optimizer whose flag it decides (the call's own, a settled hand-over's, a waiting
+        hand-over it measures gradients of) stepping a gradient the call does not measure (host-side identity
+        tests, only where a flag waits). Otherwise the call measures every gradient those optimizers step, whole on
+        this rank and alike on every rank (``group=None``: DDP's replicas, by the pieces' contract), and each
+        rank's read is the others' (forced to keep, a NaN hand-over under DDP whose batch was dropped and recomputed
+        skipped the next good step on every rank)."""
+        if self.settled_shared:
+            return True
+        seen: set[int] = set()
+        waiting = [o for o in _WAITING if id(o) not in self.ids] if _WAITING else []
+        for optimizer in [*self.optimizers, *(d[0] for d in self.deferred), *waiting]:
+            if id(optimizer) in seen:
+                continue
+            seen.add(id(optimizer))
+            deferred = any(d[0] is optimizer for d in self.deferred)
+            if not deferred and not _armed_or_pending(optimizer):
+                continue  # (no flag of its waits: the verdict decides nothing of it)
+            grads = gradients(optimizer)
+            if id(optimizer) not in self.ids and not deferred:
+                if not (self.measured and _measured_among(grads, self.measured)):
+                    continue  # (a hand-over this call neither settles nor measures: left for its own step)
+                pending = optimizer.__dict__.get(_PENDING)
+                if pending is not None and pending[2] is not None and pending[6]:
+                    return True
+            if _unmeasured(grads, self.measured) or _armed_elsewhere(optimizer):
+                return True
+        return False
 
     @contextlib.contextmanager
     def deferring(self) -> Iterator[None]:
@@ -1189,6 +1226,25 @@ class Agreement:
         finally:
             if token is not None:
                 _AGREED.reset(token)
+
+
+def _armed_elsewhere(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether a flag of ``optimizer``'s ledger (the fused skip's or the skip guard's) stands for gradients another
+    rank holds: armed by a call that measured nothing on this rank (:func:`_measured_elsewhere`), or kept by the
+    ranks' verdict with no gradient left here. Such a flag is decided by the ranks' verdict, which this rank's
+    read alone is not: its optimizer steps no gradient of that part here, while the rank holding it does (a part
+    held on rank 0 alone, NaN there, clipped over the world, a replicated part clipped with ``group=None``, every
+    gradient replaced out of place, the replicated part clipped again: rank 1, measuring all it steps, dropped the
+    flag by its own read and stepped, rank 0 skipped)."""
+    records: list[Any] = []
+    armed = optimizer.__dict__.get(_SKIP)
+    if armed is not None:
+        records.append(armed[1])
+    guard = optimizer.__dict__.get("_dist_clip_skip_guard")
+    if guard is not None and getattr(guard, "flag", None) is not None:
+        records.append(getattr(guard, "armed_on", None))
+    return any((members is None and _measured_elsewhere(seen)) or (members is not None and not members)
+               for record in records for _flag, members, seen in getattr(record, "parts", None) or ())
 
 
 def _multi_rank() -> bool:

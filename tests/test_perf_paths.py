@@ -4655,3 +4655,98 @@ def test_a_nan_hand_over_decided_without_a_collective_skips_on_every_rank(run_ra
     by each rank's own read of its piece: rank 0 (NaN) skipped, rank 1 stepped. Both now keep it: every rank
     skips."""
     assert run_ranks(2, body_a_nan_hand_over_decided_without_a_collective, how) == [True, True]
+
+
+def body_a_dropped_nan_batch_of_replicas_lets_the_next_batch_step(how: str, target: str) -> list:
+    """Replicated gradients (``target``: DDP, or plain parameters alike on every rank clipped with ``group=None``),
+    fused AdamW (plain Adam for ``how="clipper"``): a NaN batch (NaN on every rank, as DDP's all-reduce gives)
+    clipped with ``optimizer=`` (``how="clip_fused"``) or by ``GradClipper(on_nonfinite="skip")``, dropped
+    (``zero_grad(set_to_none=True)``) and a finite batch computed, clipped the same way, stepped. Returns whether
+    this rank stepped, and whether its parameters equal those of the run that never saw the NaN batch."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    assert dist.get_world_size() > 1
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(7))  # (alike on every rank: replicas)
+
+    def run(nan: bool) -> tuple[bool, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        inner = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+        model = DDP(inner) if target == "ddp" else inner
+        opt = torch.optim.AdamW(inner.parameters(), lr=0.1, fused=how != "clipper")
+        clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+
+        def clip() -> None:
+            if how == "clip_fused":
+                dist_clip.clip_grad_norm_(model, 1.0, optimizer=opt)
+            else:
+                clipper(model, optimizer=opt)
+
+        if nan:
+            model(x).sum().backward()
+            with torch.no_grad():
+                inner[0].weight.grad[0, 0] = math.nan
+            clip()
+            opt.zero_grad(set_to_none=True)  # the batch is dropped
+        model(x).sum().backward()
+        clip()
+        before = [q.detach().clone() for q in inner.parameters()]
+        opt.step()
+        return (not all(torch.equal(b, q) for b, q in zip(before, inner.parameters())),
+                [q.detach().clone() for q in inner.parameters()])
+
+    stepped, after = run(True)
+    _, want = run(False)
+    return [stepped, all(torch.equal(a, w) for a, w in zip(after, want))]
+
+
+@pytest.mark.parametrize("target", ["ddp", "plain"])
+@pytest.mark.parametrize("how", ["clip_fused", "clipper_fused", "clipper"])
+def test_a_dropped_nan_batch_of_replicas_lets_the_next_batch_step_on_every_rank(run_ranks, how, target):
+    """A call with no collective forced its verdict to "keep" in a world of several ranks, also where it measures
+    every gradient the optimizer steps, replicas alike on every rank (DDP, ``group=None``): the NaN batch's flag,
+    its gradients replaced by the next batch's, was kept by the next clip, and that good step was skipped on every
+    rank. Such a call decides by its own read again: every rank steps, as if the NaN batch never was."""
+    assert run_ranks(2, body_a_dropped_nan_batch_of_replicas_lets_the_next_batch_step, how,
+                     target) == [[True, True]] * 2
+
+
+def body_a_part_on_one_rank_beside_replicas_clipped_alone(how: str) -> bool:
+    """Plain tensors: ``a`` on rank 0 alone (NaN), clipped over the world (rank 1 passes nothing), a replicated
+    ``r`` clipped with ``group=None``, every gradient replaced out of place, [r] again, then ``step()``. Returns
+    whether this rank's step was skipped."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    a, r = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(4))
+    mine = [a, r] if rank == 0 else [r]
+    opt = torch.optim.Adam(mine, lr=0.1, fused=how != "clipper")
+    clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+
+    def clip(tensors: list, group: object) -> None:
+        if how == "clip_fused":
+            dist_clip.clip_grad_norm_(tensors, 1.0, optimizer=opt, group=group)
+        else:
+            clipper(tensors, optimizer=opt, group=group)
+
+    for q in mine:
+        q.grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(3))
+    if rank == 0:
+        a.grad[0] = math.nan
+    clip([a] if rank == 0 else [], dist.group.WORLD)
+    clip([r], None)
+    for q in mine:
+        q.grad = q.grad + 1
+    clip([r], None)
+    before = [q.detach().clone() for q in mine]
+    opt.step()
+    return all(torch.equal(x, q) for x, q in zip(before, mine))
+
+
+@pytest.mark.parametrize("how", ["clip_fused", "clipper_fused", "clipper"])
+def test_a_part_on_one_rank_beside_replicas_clipped_alone_skips_on_every_rank(run_ranks, how):
+    """A call without a collective decides by its own read only where that read is every rank's: here rank 1's
+    [r] measures every gradient its optimizer steps, but its flag from [a] stands for rank 0's gradient (armed by
+    a call that measured nothing on rank 1). Decided by rank 1's read alone, rank 1 stepped and rank 0 skipped;
+    every rank keeps the flag and skips."""
+    assert run_ranks(2, body_a_part_on_one_rank_beside_replicas_clipped_alone, how) == [True, True]
