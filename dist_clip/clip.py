@@ -505,9 +505,10 @@ def clip_grads_with_norm_(
     _norm.check_dtypes(tensors)
     if _fused._WAITING:
         # A hand-over settled here whose gradients were all replaced keeps or drops its flag by a verdict, as in the
-        # calls that combine; with no collective here that is this rank's read in one process, and the flag kept as
-        # it is among several ranks (see _fused.Agreement.agree: read by each rank alone, a NaN in rank 0's shard
-        # of a hand-over replaced out of place skipped rank 0's step and rank 1 stepped)
+        # calls that combine; with no collective here that is this rank's read in one process, and among several
+        # ranks the flag is kept as it is where the pieces may differ among them (a hand-over combined over several
+        # ranks, or one stepping gradients not passed here: see _fused.Agreement.agree; read by each rank alone, a
+        # NaN in rank 0's shard of a hand-over replaced out of place skipped rank 0's step and rank 1 stepped)
         agreement = _fused.Agreement([], tensors)
         with agreement.deferring():
             settle_hand_over(parameters, tensors)

@@ -4661,7 +4661,8 @@ def body_a_dropped_nan_batch_of_replicas_lets_the_next_batch_step(how: str, targ
     """Replicated gradients (``target``: DDP, or plain parameters alike on every rank clipped with ``group=None``),
     fused AdamW (plain Adam for ``how="clipper"``): a NaN batch (NaN on every rank, as DDP's all-reduce gives)
     clipped with ``optimizer=`` (``how="clip_fused"``) or by ``GradClipper(on_nonfinite="skip")``, dropped
-    (``zero_grad(set_to_none=True)``) and a finite batch computed, clipped the same way, stepped. Returns whether
+    (``zero_grad(set_to_none=True)``) and a finite batch computed, clipped the same way (``"clip_norm"``: by
+    ``clip_grads_with_norm_``, which settles the hand-over), stepped. Returns whether
     this rank stepped, and whether its parameters equal those of the run that never saw the NaN batch."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -4676,8 +4677,10 @@ def body_a_dropped_nan_batch_of_replicas_lets_the_next_batch_step(how: str, targ
         opt = torch.optim.AdamW(inner.parameters(), lr=0.1, fused=how != "clipper")
         clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
 
-        def clip() -> None:
-            if how == "clip_fused":
+        def clip(first: bool = False) -> None:
+            if how == "clip_norm" and not first:
+                dist_clip.clip_grads_with_norm_(inner.parameters(), 1.0, torch.tensor(2.0))
+            elif how.startswith("clip_"):
                 dist_clip.clip_grad_norm_(model, 1.0, optimizer=opt)
             else:
                 clipper(model, optimizer=opt)
@@ -4686,7 +4689,7 @@ def body_a_dropped_nan_batch_of_replicas_lets_the_next_batch_step(how: str, targ
             model(x).sum().backward()
             with torch.no_grad():
                 inner[0].weight.grad[0, 0] = math.nan
-            clip()
+            clip(first=True)
             opt.zero_grad(set_to_none=True)  # the batch is dropped
         model(x).sum().backward()
         clip()
@@ -4701,7 +4704,7 @@ def body_a_dropped_nan_batch_of_replicas_lets_the_next_batch_step(how: str, targ
 
 
 @pytest.mark.parametrize("target", ["ddp", "plain"])
-@pytest.mark.parametrize("how", ["clip_fused", "clipper_fused", "clipper"])
+@pytest.mark.parametrize("how", ["clip_fused", "clip_norm", "clipper_fused", "clipper"])
 def test_a_dropped_nan_batch_of_replicas_lets_the_next_batch_step_on_every_rank(run_ranks, how, target):
     """A call with no collective forced its verdict to "keep" in a world of several ranks, also where it measures
     every gradient the optimizer steps, replicas alike on every rank (DDP, ``group=None``): the NaN batch's flag,
