@@ -1235,7 +1235,7 @@ def _armed_elsewhere(optimizer: torch.optim.Optimizer) -> bool:
     read alone is not: its optimizer steps no gradient of that part here, while the rank holding it does (a part
     held on rank 0 alone, NaN there, clipped over the world, a replicated part clipped with ``group=None``, every
     gradient replaced out of place, the replicated part clipped again: rank 1, measuring all it steps, dropped the
-    flag by its own read and stepped, rank 0 skipped)."""
+    flag by its own read and stepped, rank 0 skipped). On the CPU only where that flag is set (a free read)."""
     records: list[Any] = []
     armed = optimizer.__dict__.get(_SKIP)
     if armed is not None:
@@ -1243,8 +1243,9 @@ def _armed_elsewhere(optimizer: torch.optim.Optimizer) -> bool:
     guard = optimizer.__dict__.get("_dist_clip_skip_guard")
     if guard is not None and getattr(guard, "flag", None) is not None:
         records.append(getattr(guard, "armed_on", None))
-    return any((members is None and _measured_elsewhere(seen)) or (members is not None and not members)
-               for record in records for _flag, members, seen in getattr(record, "parts", None) or ())
+    return any(((members is None and _measured_elsewhere(seen)) or (members is not None and not members))
+               and isinstance(flag, Tensor) and not (flag.device.type == "cpu" and not bool(flag))
+               for record in records for flag, members, seen in getattr(record, "parts", None) or ())
 
 
 def _multi_rank() -> bool:
