@@ -44,6 +44,8 @@ _HOOKS = "_dist_clip_hooks"
 _SAVED = "_dist_clip_saved"
 _SKIP = "_dist_clip_skip"
 _OUTER = "_dist_clip_outer"  # on a ZeRO or OSS wrapper's inner optimizer: a weak reference to the wrapper
+#: set on an optimizer once a call combining over several ranks could arm its skip (see Agreement._may_differ)
+_COMBINED = "_dist_clip_combined"
 # id(parameter) -> (backward count, its hook's handle, the tensor's _cdata) (see _write_cell). By id: a weak
 # reference on a parameter made module.to() / load_state_dict() refuse to swap it
 # (torch.__future__.set_swap_module_params_on_conversion).
@@ -1121,16 +1123,23 @@ class Agreement:
             return
         self.agreed = combined.reshape(()) > 0
         self.shared = not alone
+        if self.shared:
+            for optimizer in self.optimizers:  # (one dict store each: see _may_differ)
+                optimizer.__dict__[_COMBINED] = True
 
     def _may_differ(self) -> bool:
         """Whether, in a call combining over no other rank, the flags its verdict decides may be read from pieces
         that differ among ranks: a hand-over it settled whose total was combined over several ranks (its pieces
         were shards), or an optimizer whose flag it decides (the call's own, a settled hand-over's, a waiting
-        hand-over it measures gradients of) stepping a gradient the call does not measure (host-side identity
-        tests, only where a flag waits). Otherwise the call measures every gradient those optimizers step, whole on
-        this rank and alike on every rank (``group=None``: DDP's replicas, by the pieces' contract), and each
-        rank's read is the others' (forced to keep, a NaN hand-over under DDP whose batch was dropped and recomputed
-        skipped the next good step on every rank)."""
+        hand-over it measures gradients of) stepping a gradient the call does not measure, where a call combining
+        over several ranks has armed that optimizer's skip (host-side tests, only where a flag waits), or a flag
+        standing for another rank's gradients (:func:`_armed_elsewhere`). Otherwise the call measures every
+        gradient those optimizers step, whole on this rank and alike on every rank (``group=None``: DDP's replicas,
+        by the pieces' contract), or the flags were all armed by calls on such pieces, and each rank's read is the
+        others' (forced to keep, a NaN hand-over under DDP whose batch was dropped and recomputed skipped the next
+        good step on every rank; and where rank 0's optimizer also stepped a parameter of its own outside DDP, rank
+        0 alone skipped it). An optimizer armed by combining calls once is marked for good (a flag's origin is not
+        kept in its ledger): a loop mixing both keeps such flags from then on, alike on every rank."""
         if self.settled_shared:
             return True
         seen: set[int] = set()
@@ -1149,7 +1158,7 @@ class Agreement:
                 pending = optimizer.__dict__.get(_PENDING)
                 if pending is not None and pending[2] is not None and pending[6]:
                     return True
-            if _unmeasured(grads, self.measured) or _armed_elsewhere(optimizer):
+            if (_COMBINED in optimizer.__dict__ and _unmeasured(grads, self.measured)) or _armed_elsewhere(optimizer):
                 return True
         return False
 

@@ -4658,7 +4658,8 @@ def test_a_nan_hand_over_decided_without_a_collective_skips_on_every_rank(run_ra
 
 
 def body_a_dropped_nan_batch_of_replicas_lets_the_next_batch_step(how: str, target: str) -> list:
-    """Replicated gradients (``target``: DDP, or plain parameters alike on every rank clipped with ``group=None``),
+    """Replicated gradients (``target``: DDP, or plain parameters alike on every rank clipped with ``group=None``;
+    ``"ddp_local"``: rank 0's optimizer also steps a parameter of its own outside DDP, its gradient finite),
     fused AdamW (plain Adam for ``how="clipper"``): a NaN batch (NaN on every rank, as DDP's all-reduce gives)
     clipped with ``optimizer=`` (``how="clip_fused"``) or by ``GradClipper(on_nonfinite="skip")``, dropped
     (``zero_grad(set_to_none=True)``) and a finite batch computed, clipped the same way (``"clip_norm"``: by
@@ -4673,8 +4674,15 @@ def body_a_dropped_nan_batch_of_replicas_lets_the_next_batch_step(how: str, targ
     def run(nan: bool) -> tuple[bool, list[torch.Tensor]]:
         torch.manual_seed(0)
         inner = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
-        model = DDP(inner) if target == "ddp" else inner
-        opt = torch.optim.AdamW(inner.parameters(), lr=0.1, fused=how != "clipper")
+        model = DDP(inner) if target.startswith("ddp") else inner
+        own = [nn.Parameter(torch.ones(3))] if target == "ddp_local" and dist.get_rank() == 0 else []
+        stepped = [*inner.parameters(), *own]
+        opt = torch.optim.AdamW(stepped, lr=0.1, fused=how != "clipper")
+
+        def backward() -> None:
+            model(x).sum().backward()
+            for q in own:
+                q.grad = torch.ones(3)
         clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
 
         def clip(first: bool = False) -> None:
@@ -4686,30 +4694,34 @@ def body_a_dropped_nan_batch_of_replicas_lets_the_next_batch_step(how: str, targ
                 clipper(model, optimizer=opt)
 
         if nan:
-            model(x).sum().backward()
+            backward()
             with torch.no_grad():
                 inner[0].weight.grad[0, 0] = math.nan
             clip(first=True)
             opt.zero_grad(set_to_none=True)  # the batch is dropped
-        model(x).sum().backward()
+        backward()
         clip()
-        before = [q.detach().clone() for q in inner.parameters()]
+        before = [q.detach().clone() for q in stepped]
         opt.step()
-        return (not all(torch.equal(b, q) for b, q in zip(before, inner.parameters())),
-                [q.detach().clone() for q in inner.parameters()])
+        return (not all(torch.equal(b, q) for b, q in zip(before, stepped)), [q.detach().clone() for q in stepped])
 
     stepped, after = run(True)
     _, want = run(False)
     return [stepped, all(torch.equal(a, w) for a, w in zip(after, want))]
 
 
-@pytest.mark.parametrize("target", ["ddp", "plain"])
-@pytest.mark.parametrize("how", ["clip_fused", "clip_norm", "clipper_fused", "clipper"])
+@pytest.mark.parametrize(("how", "target"), [
+    *itertools.product(["clip_fused", "clip_norm", "clipper_fused", "clipper"], ["ddp", "plain"]),
+    *itertools.product(["clip_fused", "clipper_fused", "clipper"], ["ddp_local"]),
+])
 def test_a_dropped_nan_batch_of_replicas_lets_the_next_batch_step_on_every_rank(run_ranks, how, target):
     """A call with no collective forced its verdict to "keep" in a world of several ranks, also where it measures
     every gradient the optimizer steps, replicas alike on every rank (DDP, ``group=None``): the NaN batch's flag,
     its gradients replaced by the next batch's, was kept by the next clip, and that good step was skipped on every
-    rank. Such a call decides by its own read again: every rank steps, as if the NaN batch never was."""
+    rank. Such a call decides by its own read again: every rank steps, as if the NaN batch never was. Forced to keep
+    only where an optimizer that a call combining over several ranks armed steps gradients the call does not
+    measure: with a parameter of rank 0's own beside DDP, rank 0 alone skipped (the others stepped) by the gradient
+    outside the call alone."""
     assert run_ranks(2, body_a_dropped_nan_batch_of_replicas_lets_the_next_batch_step, how,
                      target) == [[True, True]] * 2
 
