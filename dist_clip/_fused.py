@@ -1010,8 +1010,11 @@ def _measured_elsewhere(seen: Any) -> bool:
     rank's flags held by gradients the call does not measure join (:class:`Agreement`), so it lasts as long as the
     rank holding the part's NaN keeps its own. Dropped here alone, rank 1 stepped where rank 0 skipped (a part
     held on rank 0 alone, NaN there, then the next part clipped twice, or its gradients replaced out of place and
-    the next part clipped again)."""
-    return type(seen) is tuple and len(seen) == 3 and seen[2] is None and bool(seen[0])
+    the next part clipped again). So too one armed while this rank held no gradient at all (``seen`` empty:
+    :func:`untouched` only while there is still none): dropped once one appeared, rank 1 stepped where rank 0
+    skipped (``b``'s gradient made only after [A] was clipped, then [B]); a batch dropped since, its flags gone on
+    every rank, the next call's verdict drops it."""
+    return type(seen) is tuple and len(seen) == 3 and seen[2] is None
 
 
 def _decided_by_verdict(seen: Any) -> bool:
@@ -1302,7 +1305,11 @@ def _held_flags(optimizer: torch.optim.Optimizer, where: set[int] | None,
     the verdict went to 0 once the rank holding the NaN held it again by an entry (the replacement, not measured
     by the call, now that entry's gradient), and the other ranks dropped their flag while that rank kept its own:
     a part on rank 0 alone, NaN there, gradients replaced out of place, the next part clipped twice (rank 1
-    stepped, rank 0 skipped). Host-side identity tests; on the CPU only where a flag is set."""
+    stepped, rank 0 skipped). A hand-over's flag (settled or not) counts alike, held by the gradients it was
+    measured on (or, settled, every gradient stepped then): it lasts to the step, or joins the ledger, while they
+    are held (left out, rank 0's NaN hand-over of part A, measured while ``b`` had no gradient yet, did not reach
+    the verdict at [B], and rank 1, holding no gradient at [A], dropped its flag and stepped while rank 0
+    skipped). Host-side identity tests; on the CPU only where a flag is set."""
     records: list[Any] = []
     armed = optimizer.__dict__.get(_SKIP)
     if armed is not None:
@@ -1310,10 +1317,14 @@ def _held_flags(optimizer: torch.optim.Optimizer, where: set[int] | None,
     guard = optimizer.__dict__.get("_dist_clip_skip_guard")
     if guard is not None and getattr(guard, "flag", None) is not None:
         records.append(getattr(guard, "armed_on", None))
+    entries = [e for record in records for e in getattr(record, "parts", None) or ()]
+    pending = optimizer.__dict__.get(_PENDING)
+    if pending is not None and pending[3] and _multi_rank():  # (in one process the flag reaches the step as is)
+        entries.append((pending[1], pending[3], None))
     out: list[Tensor] = []
     ids: set[int] | None = None
     plain = None
-    for flag, members, seen in (e for record in records for e in getattr(record, "parts", None) or ()):
+    for flag, members, seen in entries:
         if not isinstance(flag, Tensor) or (flag.device.type == "cpu" and not bool(flag)):
             continue
         if members is None and isinstance(seen, _Explicit):

@@ -4409,7 +4409,8 @@ def test_fsdp2_a_part_without_gradients_keeps_the_skip_flag(run_ranks, second):
 def body_a_part_no_gradient_of_which_this_rank_holds_keeps_the_other_rank_s_skip(how: str, replaced: int = 0,
                                                                                 zero: str = "none",
                                                                                 dropped: bool = False,
-                                                                                again: int = 0) -> list:
+                                                                                again: int = 0,
+                                                                                late: bool = False) -> list:
     """Plain tensors with ``group=``, each rank its own parameters: part A is rank 0's ``a`` alone (the other ranks
     hold no gradient of it and pass an empty list), part B one tensor on each rank; a NaN in ``a``; [A] then [B]
     clipped; ``replaced`` > 0: then every gradient replaced out of place (``p.grad = p.grad + g``) and [B] clipped
@@ -4418,7 +4419,9 @@ def body_a_part_no_gradient_of_which_this_rank_holds_keeps_the_other_rank_s_skip
     place ("in_place"; "in_place_reversed": its parts then clipped as [B], [A]; "in_place_whole": clipped whole,
     for ``clip_fused`` a hand-over). ``dropped``: the NaN batch is not
     stepped (the good batch's calls meet its flags). ``again``: [B] clipped that many more times right after [A],
-    [B] (before any replacement). Returns, per batch (NaN, good), whether this rank's step was skipped."""
+    [B] (before any replacement). ``late``: a batch starting with ``zero_grad(set_to_none=True)`` makes ``b``'s
+    gradient only after [A] is clipped (every rank holds none at [A]: rank 1 none at all, and the fused calls hand
+    [A] over on rank 0). Returns, per batch (NaN, good), whether this rank's step was skipped."""
     import torch.distributed as dist
 
     rank = dist.get_rank()
@@ -4440,7 +4443,8 @@ def body_a_part_no_gradient_of_which_this_rank_holds_keeps_the_other_rank_s_skip
         if nan or zero == "none":
             opt.zero_grad(set_to_none=True)
             for q in mine:
-                q.grad = torch.randn(q.shape)
+                if not (late and q is b):
+                    q.grad = torch.randn(q.shape)
         else:
             opt.zero_grad(set_to_none=False)
             for q in mine:
@@ -4449,6 +4453,8 @@ def body_a_part_no_gradient_of_which_this_rank_holds_keeps_the_other_rank_s_skip
             a.grad[1] = math.nan
         parts = ([a] if rank == 0 else [], [b]) if nan or zero != "in_place_whole" else (mine,)
         for part in parts[::-1] if not nan and zero == "in_place_reversed" else parts:
+            if b.grad is None and any(q is b for q in part):
+                b.grad = torch.randn(b.shape)
             clip(part)
         for _ in range(again):
             clip([b])
@@ -4514,6 +4520,23 @@ def test_a_part_no_gradient_of_which_this_rank_holds_dropped_then_a_good_batch_s
     skipped that rank's step alone)."""
     assert run_ranks(2, body_a_part_no_gradient_of_which_this_rank_holds_keeps_the_other_rank_s_skip, how, 2,
                      zero, True) == [[False]] * 2
+
+
+@pytest.mark.parametrize(("world", "replaced", "again", "dropped"),
+                         [(2, 0, 0, False), (3, 0, 0, False), (2, 0, 1, False), (2, 2, 0, False), (2, 2, 0, True)])
+@pytest.mark.parametrize("how", ["clipper", "clipper_fused", "clip_fused"])
+def test_a_part_no_gradient_of_which_this_rank_holds_before_any_gradient_at_all(run_ranks, how, world, replaced,
+                                                                                again, dropped):
+    """The flow above with ``b``'s gradient made only after [A] is clipped: rank 1 holds no gradient at all at [A],
+    and rank 0 ``a``'s alone. Rank 1's flag, armed with nothing held, was dropped at [B] (an entry of a call that
+    measured nothing there was decided by the verdict only where it had held some gradient then), and for
+    ``clip_fused`` rank 0's NaN flag, a hand-over of [A] (it stepped all of rank 0's gradients then), was left out
+    of the verdict, which rank 1's flag (its hand-over of nothing, stale at [B]) waited on: rank 1 stepped, rank 0
+    skipped ([A], [B]; [B] again; out of place then [B] twice; 2 and 3 ranks). Every rank skips the NaN batch; the
+    NaN batch dropped by ``zero_grad(set_to_none=True)``, the next batch's [A], [B] step on every rank."""
+    want = [[False]] * world if dropped else [[True, False]] * world
+    assert run_ranks(world, body_a_part_no_gradient_of_which_this_rank_holds_keeps_the_other_rank_s_skip, how,
+                     replaced, "none", dropped, again, True) == want
 
 
 def body_a_call_combining_over_no_other_rank_keeps_the_skip(how: str, dropped: bool = False,
