@@ -4539,6 +4539,16 @@ def test_a_part_no_gradient_of_which_this_rank_holds_before_any_gradient_at_all(
                      replaced, "none", dropped, again, True) == want
 
 
+@pytest.mark.parametrize("zero", ["in_place", "in_place_reversed"])
+def test_a_settled_nan_hand_over_outlasting_an_in_place_drop_skips_on_every_rank(run_ranks, zero):
+    """The flow above for ``clip_fused``, the NaN batch dropped by ``zero_grad()`` in place: rank 0's NaN hand-over
+    of [A], settled at [B], lasts until the step whatever wrote its gradients since (documented: clear it with
+    ``skip_next_step_(opt, False)``), so rank 0 skips the good batch; left out of the verdict, rank 1 dropped its
+    flag at that batch's [B] and stepped alone. Every rank now skips it alike."""
+    assert run_ranks(2, body_a_part_no_gradient_of_which_this_rank_holds_keeps_the_other_rank_s_skip, "clip_fused",
+                     0, zero, True, 0, True) == [[True]] * 2
+
+
 def body_a_call_combining_over_no_other_rank_keeps_the_skip(how: str, dropped: bool = False,
                                                             order: str = "SR") -> list:
     """Plain tensors, one optimizer: a part S with one tensor on each rank, clipped over the world, and a replicated
