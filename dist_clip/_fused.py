@@ -1248,6 +1248,14 @@ def _armed_elsewhere(optimizer: torch.optim.Optimizer) -> bool:
     held on rank 0 alone, NaN there, clipped over the world, a replicated part clipped with ``group=None``, every
     gradient replaced out of place, the replicated part clipped again: rank 1, measuring all it steps, dropped the
     flag by its own read and stepped, rank 0 skipped). On the CPU only where that flag is set (a free read)."""
+    return any(((members is None and _measured_elsewhere(seen)) or (members is not None and not members))
+               and isinstance(flag, Tensor) and not (flag.device.type == "cpu" and not bool(flag))
+               for flag, members, seen in _ledger_entries(optimizer))
+
+
+def _ledger_entries(optimizer: torch.optim.Optimizer) -> list[tuple[Any, Any, Any]]:
+    """The ``(flag, members, seen)`` entries of ``optimizer``'s ledger: the fused skip's record's and the skip
+    guard's (see :func:`supersede`)."""
     records: list[Any] = []
     armed = optimizer.__dict__.get(_SKIP)
     if armed is not None:
@@ -1255,9 +1263,7 @@ def _armed_elsewhere(optimizer: torch.optim.Optimizer) -> bool:
     guard = optimizer.__dict__.get("_dist_clip_skip_guard")
     if guard is not None and getattr(guard, "flag", None) is not None:
         records.append(getattr(guard, "armed_on", None))
-    return any(((members is None and _measured_elsewhere(seen)) or (members is not None and not members))
-               and isinstance(flag, Tensor) and not (flag.device.type == "cpu" and not bool(flag))
-               for record in records for flag, members, seen in getattr(record, "parts", None) or ())
+    return [e for record in records for e in getattr(record, "parts", None) or ()]
 
 
 def _multi_rank() -> bool:
@@ -1281,15 +1287,7 @@ def _may_carry(optimizer: torch.optim.Optimizer) -> list[list[Tensor]]:
     def live(flag: Any) -> bool:
         return isinstance(flag, Tensor) and not (flag.device.type == "cpu" and not bool(flag))
 
-    records: list[tuple[Any, Any]] = []
-    armed = optimizer.__dict__.get(_SKIP)
-    if armed is not None:
-        records.append(armed)
-    guard = optimizer.__dict__.get("_dist_clip_skip_guard")
-    if guard is not None and getattr(guard, "flag", None) is not None:
-        records.append((guard.flag, getattr(guard, "armed_on", None)))
-    out = [members for _, record in records for flag, members, _seen in getattr(record, "parts", None) or ()
-           if members and live(flag)]
+    out = [members for flag, members, _seen in _ledger_entries(optimizer) if members and live(flag)]
     pending = optimizer.__dict__.get(_PENDING)
     if pending is not None and pending[3] and live(pending[1]):
         out.append(pending[3])
@@ -1310,14 +1308,7 @@ def _held_flags(optimizer: torch.optim.Optimizer, where: set[int] | None,
     are held (left out, rank 0's NaN hand-over of part A, measured while ``b`` had no gradient yet, did not reach
     the verdict at [B], and rank 1, holding no gradient at [A], dropped its flag and stepped while rank 0
     skipped). Host-side identity tests; on the CPU only where a flag is set."""
-    records: list[Any] = []
-    armed = optimizer.__dict__.get(_SKIP)
-    if armed is not None:
-        records.append(armed[1])
-    guard = optimizer.__dict__.get("_dist_clip_skip_guard")
-    if guard is not None and getattr(guard, "flag", None) is not None:
-        records.append(getattr(guard, "armed_on", None))
-    entries = [e for record in records for e in getattr(record, "parts", None) or ()]
+    entries = _ledger_entries(optimizer)
     pending = optimizer.__dict__.get(_PENDING)
     if pending is not None and pending[3] and _multi_rank():  # (in one process the flag reaches the step as is)
         entries.append((pending[1], pending[3], None))
