@@ -565,20 +565,13 @@ def case_torch_zero_dropped_nan_part(fused: bool) -> list[str]:
     return [n for n, b, p in zip(("h1.w", "h1.b", "h2.w", "h2.b"), before, ps) if not torch.equal(b, p)]
 
 
-def case_zero_replaced_nan_agrees(wrapper: str, how: str) -> list[bool]:
-    """A ZeRO wrapper over DDP (torch's ZeroRedundancyOptimizer, fairscale OSS): every rank holds every gradient,
-    its inner optimizer steps a partition. A NaN in h0's weight on every rank (as DDP's all-reduce leaves one rank's
-    NaN), clipped, every gradient then replaced out of place (``p.grad = p.grad + 0.01``), and h1 clipped again
-    (``how="part"``: the DDP clipped, a call without a collective) or straight to the step of a hand-over (``how=
-    "step"``: the OSS clipped, its partition handed over): the flag lasts where a replaced gradient is not finite,
-    which each rank read in its own partition alone, so the rank not holding h0.weight dropped it and stepped while
-    the other skipped. Each rank reports whether a parameter of its partition moved at each step."""
+def _zero_over_ddp(wrapper: str) -> tuple[Any, ...]:
+    """Heads h0 and h1 over an encoder, under DDP, stepped by a ZeRO wrapper (fairscale's OSS, ``wrapper="oss"``,
+    else torch's ZeroRedundancyOptimizer) of fused Adam: (enc, h0, h1, the model, the DDP, the wrapper, the ids of
+    the parameters this rank's partition steps)."""
     from torch import nn
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
-    import dist_clip
-
-    rank = dist.get_rank()
     torch.manual_seed(0)
     enc, h0, h1 = nn.Linear(6, 5), nn.Linear(5, 3), nn.Linear(5, 2)
     model = nn.ModuleDict({"enc": enc, "h0": h0, "h1": h1})
@@ -590,6 +583,31 @@ def case_zero_replaced_nan_agrees(wrapper: str, how: str) -> list[bool]:
     else:
         opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam, lr=0.1, fused=True)
     mine = {id(q) for g in opt.optim.param_groups for q in g["params"]}
+    return enc, h0, h1, model, ddp, opt, mine
+
+
+def _zero_step_moved(opt: Any, model: Any, mine: set[int], step: int) -> bool:
+    """``opt.step()`` then ``zero_grad()``: whether a parameter of this rank's partition (``mine``) moved; no
+    parameter may be non-finite after it."""
+    before = [q.detach().clone() for q in model.parameters()]
+    opt.step()
+    opt.zero_grad()
+    assert all(bool(q.isfinite().all()) for q in model.parameters()), f"NaN stepped at {step}"
+    return any(not torch.equal(b, q) for b, q in zip(before, model.parameters()) if id(q) in mine)
+
+
+def case_zero_replaced_nan_agrees(wrapper: str, how: str) -> list[bool]:
+    """A ZeRO wrapper over DDP (torch's ZeroRedundancyOptimizer, fairscale OSS): every rank holds every gradient,
+    its inner optimizer steps a partition. A NaN in h0's weight on every rank (as DDP's all-reduce leaves one rank's
+    NaN), clipped, every gradient then replaced out of place (``p.grad = p.grad + 0.01``), and h1 clipped again
+    (``how="part"``: the DDP clipped, a call without a collective) or straight to the step of a hand-over (``how=
+    "step"``: the OSS clipped, its partition handed over): the flag lasts where a replaced gradient is not finite,
+    which each rank read in its own partition alone, so the rank not holding h0.weight dropped it and stepped while
+    the other skipped. Each rank reports whether a parameter of its partition moved at each step."""
+    import dist_clip
+
+    rank = dist.get_rank()
+    _, h0, h1, model, ddp, opt, mine = _zero_over_ddp(wrapper)
     clipper = GradClipper(max_norm=1.0, on_nonfinite="skip")
     moved = []
     for step in range(3):
@@ -606,11 +624,7 @@ def case_zero_replaced_nan_agrees(wrapper: str, how: str) -> list[bool]:
             q.grad = q.grad + 0.01
         if how == "part":
             clipper(h1, optimizer=opt)
-        before = [q.detach().clone() for q in model.parameters()]
-        opt.step()
-        opt.zero_grad()
-        moved.append(any(not torch.equal(b, q) for b, q in zip(before, model.parameters()) if id(q) in mine))
-        assert all(bool(q.isfinite().all()) for q in model.parameters()), f"NaN stepped at {step}"
+        moved.append(_zero_step_moved(opt, model, mine, step))
     return moved
 
 
@@ -625,22 +639,11 @@ def case_zero_parts_nan_agrees(wrapper: str, flow: str) -> list[bool]:
     again: rank 1's second hand-over dropped the first call's flag and stepped, the others skipped. Each rank
     reports whether a parameter of its partition moved at each step."""
     from torch import nn
-    from torch.distributed.optim import ZeroRedundancyOptimizer
 
     import dist_clip
 
     rank = dist.get_rank()
-    torch.manual_seed(0)
-    enc, h0, h1 = nn.Linear(6, 5), nn.Linear(5, 3), nn.Linear(5, 2)
-    model = nn.ModuleDict({"enc": enc, "h0": h0, "h1": h1})
-    ddp = nn.parallel.DistributedDataParallel(model)
-    if wrapper == "oss":
-        from fairscale.optim import OSS
-
-        opt = OSS(model.parameters(), optim=torch.optim.Adam, lr=0.1, fused=True)
-    else:
-        opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam, lr=0.1, fused=True)
-    mine = {id(q) for g in opt.optim.param_groups for q in g["params"]}
+    enc, h0, h1, model, ddp, opt, mine = _zero_over_ddp(wrapper)
     clipper = GradClipper(max_norm=1.0, on_nonfinite="skip")
 
     def clip(*mods: nn.Module) -> None:
@@ -670,11 +673,7 @@ def case_zero_parts_nan_agrees(wrapper: str, flow: str) -> list[bool]:
             for q in model.parameters():
                 q.grad = q.grad + 0.01
             clip(h0)
-        before = [q.detach().clone() for q in model.parameters()]
-        opt.step()
-        opt.zero_grad()
-        moved.append(any(not torch.equal(b, q) for b, q in zip(before, model.parameters()) if id(q) in mine))
-        assert all(bool(q.isfinite().all()) for q in model.parameters()), f"NaN stepped at {step}"
+        moved.append(_zero_step_moved(opt, model, mine, step))
     return moved
 
 
