@@ -2055,6 +2055,37 @@ def hand_over_(
     _WAITING.add(optimizer)
 
 
+def steps_beside(grads: Sequence[Tensor], tensors: Sequence[Tensor]) -> bool:
+    """Whether, among several ranks, an optimizer whose gradients are ``grads`` steps every one of a call's pieces
+    ``tensors`` (the very tensors) and others beside them: see :func:`hand_over_applied_`."""
+    ids = set(map(id, tensors))
+    return bool(ids) and len(ids) < len(grads) and _multi_rank() and ids <= set(map(id, grads))
+
+
+def hand_over_applied_(optimizer: torch.optim.Optimizer, total: Tensor, started: tuple[list[Tensor], list[int]],
+                       measured: Sequence[Tensor], shared: bool = False) -> None:
+    """A call's skip flag (``total`` not finite) for an optimizer that steps the call's pieces ``measured`` and
+    other gradients beside them (:func:`steps_beside`), whose coefficient was applied in place: kept as a
+    hand-over's is (a coefficient of 1 left to apply, held by the measured gradients), not as an armed skip, which
+    lasts until the step whatever wrote them since. Under DDP the rank whose optimizer also steps a parameter of
+    its own scaled here and armed the skip, while the others handed over: a NaN batch dropped and recomputed,
+    then ``clip_grads_with_norm_``, ``get_total_norm`` or straight to ``step()``, the others dropped the hand-over
+    by their read of the new gradients and stepped, that rank kept its skip, and the replicas parted (rank 0
+    skipped, rank 1 stepped). The ledger's earlier flags are superseded as by an arming of a finite total."""
+    arm_skip_(optimizer, torch.zeros((), dtype=torch.bool, device=total.device), started, measured=measured)
+    pending = optimizer.__dict__.get(_PENDING)
+    ids = set(map(id, measured))
+    if pending is not None and not all(id(t) in ids for t in pending[3]):
+        # (a hand-over waiting on gradients this call does not measure: its flag joins this one's as armed)
+        arm_skip_(optimizer, torch.logical_not(torch.isfinite(total)), started, measured=measured)
+        return
+    grads = [g for g in gradients(optimizer) if id(g) in ids]
+    found = torch.logical_not(torch.isfinite(total)).to(torch.float32)
+    # (the coefficient is in the gradients: 1 on the CPU, which scale_ reads for free and skips)
+    _stash(optimizer, torch.ones_like(found), found, torch.ones((), dtype=torch.float32), grads, shared)
+    _WAITING.add(optimizer)
+
+
 def _stash(
     optimizer: torch.optim.Optimizer, scale: Tensor, found: Tensor, coef: Tensor | None, grads: list[Tensor],
     shared: bool = False,

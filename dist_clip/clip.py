@@ -588,7 +588,7 @@ def clip_grad_norm_(
         # documented for any other optimizer (its grad_scale would also divide gradients nobody measured, or miss
         # some).
         stepped = _fused.gradients(optimizer) if fused else None  # type: ignore[arg-type]
-        fused = fused and _fused.steps_what_was_measured(stepped, everything)  # type: ignore[arg-type]
+        exact = fused and _fused.steps_what_was_measured(stepped, everything)  # type: ignore[arg-type]
         fused = fused and not _fused.overlapping(everything)  # scaled in place: shared elements twice, as torch
         fused = fused and _fused.dense(everything)  # gaps or repeats: scaled in place (the kernels write them back)
         # Inference tensors have no version counter: a write to one inside inference_mode between clip and step
@@ -598,6 +598,10 @@ def clip_grad_norm_(
         groups = _scale.group_by_device_dtype(everything)  # bucketed once, for measuring and for scaling
         if fused and any(dtype in _WIDE for _, dtype in groups):
             fused = False  # torch's fused kernels take grad_scale in float32 only: float64 ones are scaled here
+        # An optimizer stepping these gradients and others beside them (a parameter of this rank's own beside
+        # DDP's) among several ranks: scaled here, its flag kept as a hand-over's (see _fused.hand_over_applied_)
+        beside = fused and not exact and _fused.steps_beside(stepped, everything)  # type: ignore[arg-type]
+        fused = fused and exact
         # (before settling: a hand-over's flag whose gradients were replaced waits for the ranks' verdict)
         # (another optimizer's hand-over settled here waits for the verdict too: see _fused.Agreement.fold)
         agreement = _fused.Agreement([optimizer] if skips else [], everything)
@@ -637,8 +641,12 @@ def clip_grad_norm_(
         with agreement.armed():
             # Armed for a finite total too: its False replaces a stale flag of gradients since replaced (a
             # dropped batch's NaN skipped the next good step where the ranks handing over stepped it).
-            _fused.arm_skip_(optimizer, torch.logical_not(torch.isfinite(wide)), started,  # type: ignore[arg-type]
-                             measured=everything)
+            if beside and fold is None and not wide_product:
+                _fused.hand_over_applied_(optimizer, wide, started, everything,  # type: ignore[arg-type]
+                                          agreement.shared)
+            else:
+                _fused.arm_skip_(optimizer, torch.logical_not(torch.isfinite(wide)),  # type: ignore[arg-type]
+                                 started, measured=everything)
     if skips and fold is None and "deepspeed" in sys.modules:
         # A stage-0 engine stepping this fused optimizer itself: a skipped step is counted as DeepSpeed counts an
         # overflow (it was counted as taken, and the LR scheduler stepped on it)

@@ -4696,7 +4696,8 @@ def body_a_dropped_nan_batch_of_replicas_lets_the_next_batch_step(how: str, targ
     fused AdamW (plain Adam for ``how="clipper"``): a NaN batch (NaN on every rank, as DDP's all-reduce gives)
     clipped with ``optimizer=`` (``how="clip_fused"``) or by ``GradClipper(on_nonfinite="skip")``, dropped
     (``zero_grad(set_to_none=True)``) and a finite batch computed, clipped the same way (``"clip_norm"``: by
-    ``clip_grads_with_norm_``, which settles the hand-over), stepped. Returns whether
+    ``clip_grads_with_norm_``, which settles the hand-over; ``"clip_total"``: ``get_total_norm``, then that;
+    ``"clip_step"``: not clipped), stepped. Returns whether
     this rank stepped, and whether its parameters equal those of the run that never saw the NaN batch."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -4721,6 +4722,10 @@ def body_a_dropped_nan_batch_of_replicas_lets_the_next_batch_step(how: str, targ
         def clip(first: bool = False) -> None:
             if how == "clip_norm" and not first:
                 dist_clip.clip_grads_with_norm_(inner.parameters(), 1.0, torch.tensor(2.0))
+            elif how == "clip_total" and not first:
+                dist_clip.clip_grads_with_norm_(inner.parameters(), 1.0, dist_clip.get_total_norm(model))
+            elif how == "clip_step" and not first:
+                pass
             elif how.startswith("clip_"):
                 dist_clip.clip_grad_norm_(model, 1.0, optimizer=opt)
             else:
@@ -4745,7 +4750,9 @@ def body_a_dropped_nan_batch_of_replicas_lets_the_next_batch_step(how: str, targ
 
 @pytest.mark.parametrize(("how", "target"), [
     *itertools.product(["clip_fused", "clip_norm", "clipper_fused", "clipper"], ["ddp", "plain"]),
-    *itertools.product(["clip_fused", "clipper_fused", "clipper"], ["ddp_local"]),
+    *itertools.product(["clip_fused", "clip_norm", "clip_total", "clip_step", "clipper_fused", "clipper"],
+                       ["ddp_local"]),
+    ("clip_step", "ddp"),
 ])
 def test_a_dropped_nan_batch_of_replicas_lets_the_next_batch_step_on_every_rank(run_ranks, how, target):
     """A call with no collective forced its verdict to "keep" in a world of several ranks, also where it measures
@@ -4754,7 +4761,10 @@ def test_a_dropped_nan_batch_of_replicas_lets_the_next_batch_step_on_every_rank(
     rank. Such a call decides by its own read again: every rank steps, as if the NaN batch never was. Forced to keep
     only where an optimizer that a call combining over several ranks armed steps gradients the call does not
     measure: with a parameter of rank 0's own beside DDP, rank 0 alone skipped (the others stepped) by the gradient
-    outside the call alone."""
+    outside the call alone. There rank 0's optimizer, stepping more than the call measured, had its NaN flag armed
+    (lasting to the step) where the others' was handed over (dropped with the batch): the next batch settled by
+    ``clip_grads_with_norm_`` (``get_total_norm`` first, or not clipped) stepped on rank 1 alone; kept as a
+    hand-over's now, on every rank alike."""
     assert run_ranks(2, body_a_dropped_nan_batch_of_replicas_lets_the_next_batch_step, how,
                      target) == [[True, True]] * 2
 
@@ -4798,3 +4808,38 @@ def test_a_part_on_one_rank_beside_replicas_clipped_alone_skips_on_every_rank(ru
     a call that measured nothing on rank 1). Decided by rank 1's read alone, rank 1 stepped and rank 0 skipped;
     every rank keeps the flag and skips."""
     assert run_ranks(2, body_a_part_on_one_rank_beside_replicas_clipped_alone, how) == [True, True]
+
+
+def body_a_hand_over_beside_a_parameter_of_one_ranks_own(then: str) -> bool:
+    """Plain tensors ``w`` (each rank's piece) clipped over the world with a fused ``optimizer=`` that on rank 0
+    also steps ``a`` (finite, of its own, not clipped): a NaN batch clipped, dropped (set to None) and a finite one
+    computed, then ``get_total_norm`` over the world and ``clip_grads_with_norm_`` (``then="total"``), or straight
+    to ``step()`` (``"step"``). Returns whether this rank stepped."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    w, a = nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(3))
+    mine = [w, a] if rank == 0 else [w]
+    opt = torch.optim.AdamW(mine, lr=0.1, fused=True)
+    for batch in range(2):
+        for q in mine:
+            q.grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(10 * rank + batch))
+        if batch == 0:
+            w.grad[1] = math.nan
+            dist_clip.clip_grad_norm_([w], 1.0, optimizer=opt, group=dist.group.WORLD)
+            opt.zero_grad(set_to_none=True)  # the batch is dropped
+    if then == "total":
+        dist_clip.clip_grads_with_norm_([w], 1.0, dist_clip.get_total_norm([w], group=dist.group.WORLD))
+    before = [q.detach().clone() for q in mine]
+    opt.step()
+    return not all(torch.equal(x, q) for x, q in zip(before, mine))
+
+
+@pytest.mark.parametrize(("then", "stepped"), [("total", True), ("step", False)])
+def test_a_hand_over_beside_a_parameter_of_one_ranks_own_parts_no_ranks(run_ranks, then, stepped):
+    """Rank 0's optimizer steps more than the call measured, so the call scaled there and armed the skip (lasting
+    to the step) where rank 1 handed over (dropped with the batch, by the verdict of a call reading it): the next
+    batch's ``get_total_norm`` dropped rank 1's flag alone, rank 1 stepped and rank 0 skipped. Kept as a hand-over's
+    on rank 0 too, every rank steps; straight to the step, a hand-over combined over several ranks keeps its flag
+    (Limits), on every rank alike."""
+    assert run_ranks(2, body_a_hand_over_beside_a_parameter_of_one_ranks_own, then) == [stepped] * 2
