@@ -510,6 +510,48 @@ def case_stage0_fused_hand_over_counts_a_skipped_step(dtype: str) -> list:
             engine.step()
             assert engine._step_applied and engine.skipped_steps == 1 and engine.lr_scheduler.last_batch_iteration == 3
             assert all(bool(torch.isfinite(t).all()) for t in full_params(engine))
+            # A NaN batch whose gradients an auxiliary loss then wrote (NaN + x stays NaN), stepped with no call
+            # between: the step drops the coefficient but keeps the flag, and the engine counts the skip (a
+            # pending_flag dropping the flag with the coefficient fails here: counted as taken, skipped_steps 1).
+            engine.zero_grad()
+            x = batch(dist.get_rank(), 6, 0)
+            x[0, 0] = math.nan
+            engine.backward(loss_fn(engine(x)))
+            dist_clip.clip_grad_norm_(engine, 0.5, optimizer=opt)
+            engine.backward(loss_fn(engine(batch(dist.get_rank(), 7, 0))))  # the auxiliary loss
+            before = [t.clone() for t in full_params(engine)]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # (the dropped coefficient)
+                engine.step()
+            assert not engine._step_applied and engine.skipped_steps == 2, engine.skipped_steps
+            assert engine.lr_scheduler.last_batch_iteration == 3
+            assert all(torch.equal(a, b) for a, b in zip(before, full_params(engine)))
+            # The same with the gradients replaced out of place (the NaN carried), then straight to step(), or read
+            # by get_total_norm and scaled by clip_grads_with_norm_ first: skipped and counted, on every rank.
+            for n, settle in enumerate((False, True)):
+                engine.zero_grad()
+                x = batch(dist.get_rank(), 8 + n, 0)
+                x[0, 0] = math.nan
+                engine.backward(loss_fn(engine(x)))
+                dist_clip.clip_grad_norm_(engine, 0.5, optimizer=opt)
+                for q in engine.module.parameters():
+                    q.grad = q.grad + 1.0
+                if settle:
+                    dist_clip.clip_grads_with_norm_(engine, 0.5, dist_clip.get_total_norm(engine))
+                before = [t.clone() for t in full_params(engine)]
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # (the dropped coefficient)
+                    engine.step()
+                assert not engine._step_applied and engine.skipped_steps == 3 + n, (n, engine.skipped_steps)
+                assert engine.lr_scheduler.last_batch_iteration == 3
+                assert all(torch.equal(a, b) for a, b in zip(before, full_params(engine)))
+            # and a good batch after them steps
+            engine.zero_grad()
+            engine.backward(loss_fn(engine(batch(dist.get_rank(), 10, 0))))
+            dist_clip.clip_grad_norm_(engine, 0.5, optimizer=opt)
+            engine.step()
+            assert engine._step_applied and engine.skipped_steps == 4 and engine.lr_scheduler.last_batch_iteration == 4
+            assert all(bool(torch.isfinite(t).all()) for t in full_params(engine))
     handed, _ = runs[True]
     # the NaN step is skipped, and counted so (skipped_steps, no scheduler step); every other step is taken
     assert handed == [(True, True, 0, 0), (False, False, 1, 0), (True, True, 1, 1), (True, True, 1, 2)], handed
