@@ -277,6 +277,37 @@ def test_spawns_its_own_ranks():
     assert set(norms) == {n for n, _ in cases.build_mlp().named_parameters()}
 
 
+class _HeldInACycle:
+    """Held by the wrapped model, and by itself: only a collection frees it. Writes to ``path`` whether the
+    process group was still up when it was freed."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.me = self
+
+    def __del__(self) -> None:
+        import torch.distributed as dist
+
+        with open(self.path, "w") as f:
+            f.write(f"group up: {dist.is_initialized()}")
+
+
+def _wrap_ddp_holding_a_cycle(path: str, model: nn.Module) -> nn.Module:
+    model.held = _HeldInACycle(path)
+    return cases.wrap_ddp(model)
+
+
+def test_spawned_ranks_collect_the_wrapped_model_before_ending_their_group(tmp_path):
+    """A spawned rank destroyed its group while the wrapped model's reference cycles (DDP's, FSDP2's) still held
+    it: gloo's threads then died at interpreter exit ("terminate called without an active exception", SIGABRT),
+    in the user's CI log after a passing check. The ranks now collect before the group ends (bootstrap.shutdown);
+    before, the cycle here was freed only at exit, with the group gone, or never."""
+    path = tmp_path / "freed"
+    assert_clip_matches_unsharded(cases.build_mlp, functools.partial(_wrap_ddp_holding_a_cycle, str(path)),
+                                  cases.batch, world_size=1, max_norm=0.05)
+    assert path.exists() and path.read_text() == "group up: True", path.exists() and path.read_text()
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="world_size must be None or an int >= 1, got 0"):
         assert_clip_matches_unsharded(cases.build_mlp, cases.wrap_none, cases.batch, world_size=0)
