@@ -417,7 +417,7 @@ def test_fsdp1_padded_rank_skips_a_non_finite_step_with_the_others(run_ranks, ba
 def test_gradients_dropped_on_one_rank_keep_the_plan(run_ranks, case: str) -> None:
     """A rank whose FSDP2 gradients are partly None takes the other ranks' plan (empty stand-ins for the missing
     ones): every call returns the total of the shards left, and the calls stay paired."""
-    results = run_ranks(4, cases.gradients_dropped_on_one_rank, case, timeout_s=180, pg_timeout_s=30)
+    results = run_ranks(4, cases.gradients_dropped_on_one_rank, case, timeout_s=180)
     for r in results:
         assert {k: v for k, v in r.items() if v is not True} == {}
 
@@ -432,7 +432,7 @@ def test_stand_ins_keep_the_dtype_the_warning_and_listed_parameters(run_ranks) -
 
 
 def test_stand_ins_of_any_layout_and_a_list_empty_on_one_rank(run_ranks) -> None:
-    for r in run_ranks(2, cases.stand_ins_of_any_layout_and_lists_empty_on_one_rank, timeout_s=120, pg_timeout_s=30):
+    for r in run_ranks(2, cases.stand_ins_of_any_layout_and_lists_empty_on_one_rank, timeout_s=120):
         assert r == {"shard_placement_fn": True, "rowwise": True, "list empty on one rank": (True, True)}, r
 
 
