@@ -469,6 +469,13 @@ def test_a_list_of_parameters_takes_the_fast_path_only_where_it_gives_the_genera
     sub.grad = torch.randn(3).as_subclass(Sub)
     for items in ([*ps, none], [*ps, shared], [*ps, torch.randn(3)], [*ps, ps[0]], [*ps, sub], []):
         assert adapter._listed_parameters(items, None) is None
+    # A parameter a sharding wrapper marks (FSDP1 here: its gradient may be a shard) takes the general path, which
+    # refuses it as it refuses a module's (the fast path would have measured the shard as a whole tensor).
+    flat = nn.Parameter(torch.randn(3))
+    flat.grad, flat._fsdp_flattened = torch.randn(3), True
+    assert adapter._listed_parameters([*ps, flat], None) is None
+    with pytest.raises(ValueError, match="managed by FSDP1"):
+        dist_clip.clip_grad_norm_([*ps, flat], 1.0)
 
 
 @pytest.mark.parametrize("case", ["a parameter beside its own grad", "two parameters sharing one grad"])
