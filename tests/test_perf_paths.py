@@ -4562,8 +4562,9 @@ def body_a_call_combining_over_no_other_rank_keeps_the_skip(how: str, dropped: b
     s = nn.Parameter(torch.randn(3, generator=torch.Generator().manual_seed(rank + 1)))
     r = nn.Parameter(torch.randn(4, generator=torch.Generator().manual_seed(0)))
     mine = [s, r]
-    opt = torch.optim.Adam(mine, lr=0.1, fused=how != "clipper")
-    clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+    opt = torch.optim.Adam(mine, lr=0.1, fused=how not in ("clipper", "unitwise"))
+    mode = "unitwise" if how == "unitwise" else "total"
+    clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip", mode=mode)
 
     def clip(part: str) -> None:
         tensors, group = ([s], dist.group.WORLD) if part == "S" else ([r], None)
@@ -4597,7 +4598,7 @@ def body_a_call_combining_over_no_other_rank_keeps_the_skip(how: str, dropped: b
 
 
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("how", ["clipper", "clipper_fused", "clip_fused"])
+@pytest.mark.parametrize("how", ["clipper", "clipper_fused", "clip_fused", "unitwise"])
 def test_a_call_combining_over_no_other_rank_keeps_the_skip_on_every_rank(run_ranks, how, world):
     """A call with no collective (R with ``group=None``) in a world of several ranks decided the NaN flag of [S],
     whose gradients were all replaced out of place, by each rank's own read of its pieces of S: rank 0 (NaN)
