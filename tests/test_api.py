@@ -447,7 +447,7 @@ def test_a_list_of_parameters_takes_the_fast_path_only_where_it_gives_the_genera
     """shards() of a list of distinct parameters, each with a plain gradient of its own, skips named_grads' (name,
     gradient) pairs (_listed_parameters): the same Shards (tensors, names, group) as named_grads then
     shards_of_grads give; every other list (a gradient None, shared, a plain tensor or a DTensor-like subclass
-    listed, a parameter listed twice) takes the general path."""
+    listed, a parameter listed twice, one a sharding wrapper marks) takes the general path."""
     from dist_clip.adapters import params as adapter
 
     ps = [nn.Parameter(torch.randn(3)) for _ in range(4)]

@@ -4602,8 +4602,8 @@ def body_a_call_combining_over_no_other_rank_keeps_the_skip(how: str, dropped: b
 def test_a_call_combining_over_no_other_rank_keeps_the_skip_on_every_rank(run_ranks, how, world):
     """A call with no collective (R with ``group=None``) in a world of several ranks decided the NaN flag of [S],
     whose gradients were all replaced out of place, by each rank's own read of its pieces of S: rank 0 (NaN)
-    skipped, the others stepped (``GradClipper``, fused or not). Its verdict is now "keep", on every rank alike:
-    every rank skips the NaN batch and steps the good one."""
+    skipped, the others stepped (``GradClipper``, fused or not, ``mode="unitwise"`` too). Its verdict is now "keep",
+    on every rank alike: every rank skips the NaN batch and steps the good one."""
     assert run_ranks(world, body_a_call_combining_over_no_other_rank_keeps_the_skip, how) == [[True, False]] * world
 
 
