@@ -419,17 +419,25 @@ def test_result_does_not_depend_on_the_thread_count(p):
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
 
 
-def test_native_disabled_by_environment(tmp_path):
+def test_native_disabled_by_environment(monkeypatch):
+    """DIST_CLIP_NATIVE=0 (and its other spellings) leaves the plain-torch path in charge: a fresh process for the
+    first, the others read by this process's loader with its state reset (it reads the variable at its first use,
+    not at import: one process each took a torch import apiece)."""
     import subprocess
     import sys
 
     code = "from dist_clip import _native; print(_native.available(), _native.status())"
-    for value in ("0", "false", "OFF", "no"):
-        out = subprocess.run(
-            [sys.executable, "-c", code], env={**__import__("os").environ, "DIST_CLIP_NATIVE": value},
-            capture_output=True, text=True, check=True,
-        ).stdout
-        assert out.startswith("False disabled"), (value, out)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**__import__("os").environ, "DIST_CLIP_NATIVE": "0"},
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert out.startswith("False disabled"), out
+    for value in ("false", "OFF", "no", " No "):
+        monkeypatch.setenv("DIST_CLIP_NATIVE", value)
+        monkeypatch.setattr(_native, "_tried", False)
+        monkeypatch.setattr(_native, "_lib", None)
+        monkeypatch.setattr(_native, "_why", "")
+        assert (_native.available(), _native.status()) == (False, "disabled by DIST_CLIP_NATIVE=0"), value
 
 
 def test_the_native_cache_entry_follows_the_source(tmp_path, monkeypatch):
