@@ -41,7 +41,7 @@ def outcome(call: Callable[[], object], error: type[Exception], expected: Callab
     return "measured"
 
 
-def _settle_heap() -> None:
+def settle_heap() -> None:
     """Collect a task's garbage, then move what survives (torch, DeepSpeed once imported, their modules) out of
     the collector's sight. A full collection walked the ~400k objects of a rank's heap: 0.23 s of CPU each, and
     DeepSpeed's ZeRO-3 runs one per engine built (``defragment``), 95% of the engine's set-up. Frozen objects are
@@ -71,7 +71,7 @@ def _worker(rank: int, world_size: int, workdir: str, pg_timeout_s: float, tasks
     dist.init_process_group(
         "gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout_s)
     )
-    _settle_heap()
+    settle_heap()
     results.put((rank, True, "ready"))
     while True:
         item = tasks.get()
@@ -83,7 +83,7 @@ def _worker(rank: int, world_size: int, workdir: str, pg_timeout_s: float, tasks
             results.put((rank, True, value))
         except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test
             results.put((rank, False, traceback.format_exc()))
-        _settle_heap()
+        settle_heap()
     try:
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001

@@ -16,7 +16,7 @@ _BIN = os.path.dirname(sys.executable)
 if os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
     os.environ["PATH"] = _BIN + os.pathsep + os.environ.get("PATH", "")
 
-from tests._harness import PoolCache  # noqa: E402
+from tests._harness import PoolCache, settle_heap  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +59,4 @@ def pytest_collection_finish(session):
     """Move what collection imported (torch, DeepSpeed, hypothesis, every test module: ~500k objects) out of the
     cyclic collector's sight: each full collection of the tests' own run walked all of it. Frozen objects are still
     freed when their last reference goes; the rank pools freeze their heaps alike (tests/_harness.py)."""
-    import gc
-
-    gc.collect()
-    gc.freeze()
+    settle_heap()
