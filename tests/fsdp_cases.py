@@ -21,6 +21,7 @@ pool runs the same tests in the same order, so a cached mesh is the same on all 
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import warnings
 import zlib
@@ -2573,3 +2574,75 @@ def fsdp2_out_of_place_nan_then_error_if_nonfinite(_: None = None) -> tuple[bool
         warnings.simplefilter("ignore")
         opt.step()
     return raised, all(torch.equal(b, q.detach().to_local()) for b, q in zip(before, model.parameters()))
+
+
+def fsdp2_layouts_remade_between_calls() -> list[tuple[str, str, float, float]]:
+    """Gradient layouts changed between calls on one model, each call against the float64 unsharded reference
+    (the full gradients, known on every rank): a gradient redistributed to Replicate, a parameter added (float64,
+    another shape), then replaced (float32, uneven Shard(0)), a layer made anew and ``fully_shard``-ed on a mesh
+    of a new group, and that group destroyed and made again. Per call: the total (``get_total_norm``, p = 2 and
+    inf), and every per-parameter norm of a ``per_param`` report (a name paired with another one's tensor shows
+    there, not in the total). dist_clip reads each gradient's layout from its DTensorSpec in every call: a layout
+    kept from an earlier call would count the Replicate gradient once per rank, or miss the added parameter."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+
+    ws = dist.get_world_size()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 3), nn.Linear(3, 2))
+    m = mesh((ws,))
+    for layer in model:
+        fully_shard(layer, mesh=m)
+    gen = torch.Generator().manual_seed(7)  # the same full gradients on every rank
+    full: dict[str, Tensor] = {}
+    out: list[tuple[str, str, float, float]] = []
+
+    def grads() -> None:
+        full.clear()
+        for n, q in model.named_parameters():
+            full[n] = torch.randn(q.shape, generator=gen, dtype=torch.float64).to(q.dtype)
+            q.grad = distribute_tensor(full[n], q.device_mesh, q.placements)
+
+    def call(step: str) -> None:
+        for p in (2.0, math.inf):
+            want = float(torch.linalg.vector_norm(torch.cat([g.double().reshape(-1) for g in full.values()]), p))
+            out.append((step, f"total p={p}", float(dist_clip.get_total_norm(model, p)), want))
+        report = dist_clip.GradClipper(max_norm=1e9, mode="per_param", report=True)(model)
+        for n, g in full.items():
+            out.append((step, n, report.norms[n], float(torch.linalg.vector_norm(g.double()))))
+
+    grads()
+    call("sharded")
+    w = model[0].weight
+    w.grad = w.grad.redistribute(m, [Replicate()])
+    call("redistributed")
+    model.extra = nn.Parameter(distribute_tensor(torch.zeros(4, 3, dtype=torch.float64), m, [Shard(0)]))
+    grads()
+    call("added")
+    model.extra = nn.Parameter(distribute_tensor(torch.zeros(ws + 1), m, [Shard(0)]))
+    grads()
+    call("replaced")
+    pg = dist.new_group(list(range(ws)))
+    model[1] = nn.Linear(7, 3)
+    fully_shard(model[1], mesh=DeviceMesh.from_group(pg, "cpu"))
+    grads()
+    call("sharded anew")
+    del model[1]
+    gc.collect()  # (the layer's FSDP state holds the group: none may outlive its destruction)
+    dist.destroy_process_group(pg)
+    # torch hands DTensors on a mesh equal to a destroyed one's the old mesh (its sharding propagation cache):
+    # cleared, as the README says
+    _clear_sharding_prop_cache()
+    pg = dist.new_group(list(range(ws)))
+    model.insert(1, nn.Linear(7, 3))
+    fully_shard(model[1], mesh=DeviceMesh.from_group(pg, "cpu"))
+    assert model[1].weight.device_mesh.get_group() is pg
+    grads()
+    call("group made again")
+    del model[1]
+    gc.collect()
+    dist.destroy_process_group(pg)
+    _clear_sharding_prop_cache()
+    return out

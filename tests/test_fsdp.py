@@ -618,3 +618,16 @@ def test_fsdp2_nan_hand_over_dropped_then_the_fresh_batch_read_whole_steps_on_ev
     rank steps."""
     results = run_ranks(world, cases.fsdp2_out_of_place_nan_in_one_shard, "clip_fused", True, True, between)
     _assert_batches(results, nan_skipped=False)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_fsdp2_layouts_remade_between_calls_are_read_anew(run_ranks, world_size: int) -> None:
+    """A gradient redistributed, a parameter added then replaced (another shape, dtype and placement), a layer
+    sharded anew on a new group's mesh, that group destroyed and made again, between calls on one model: every
+    total and per-parameter norm equals the float64 unsharded reference, the same on every rank."""
+    results = run_ranks(world_size, cases.fsdp2_layouts_remade_between_calls, timeout_s=90)
+    assert all(r == results[0] for r in results), "ranks disagree"
+    steps = ("sharded", "redistributed", "added", "replaced", "sharded anew", "group made again")
+    assert tuple(dict.fromkeys(step for step, *_ in results[0])) == steps
+    for step, what, ours, want in results[0]:
+        assert math.isclose(ours, want, rel_tol=RTOL), (step, what, ours, want)
