@@ -2586,12 +2586,13 @@ def fsdp2_layouts_remade_between_calls() -> list[tuple[str, str, float, float]]:
     kept from an earlier call would count the Replicate gradient once per rank, or miss the added parameter."""
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp._fully_shard._fsdp_common import _from_local_no_grad
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
     from torch.distributed.tensor.debug import _clear_sharding_prop_cache
 
     ws = dist.get_world_size()
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 3), nn.Linear(3, 2))
+    model = nn.Sequential(nn.Linear(5, 7), nn.Linear(7, 7), nn.Linear(7, 2))
     m = mesh((ws,))
     for layer in model:
         fully_shard(layer, mesh=m)
@@ -2599,11 +2600,11 @@ def fsdp2_layouts_remade_between_calls() -> list[tuple[str, str, float, float]]:
     full: dict[str, Tensor] = {}
     out: list[tuple[str, str, float, float]] = []
 
-    def grads() -> None:
+    def grads() -> None:  # on the parameter's own spec, as FSDP2 makes them (one spec for 0.bias and 1.bias)
         full.clear()
         for n, q in model.named_parameters():
             full[n] = torch.randn(q.shape, generator=gen, dtype=torch.float64).to(q.dtype)
-            q.grad = distribute_tensor(full[n], q.device_mesh, q.placements)
+            q.grad = _from_local_no_grad(distribute_tensor(full[n], q.device_mesh, q.placements).to_local(), q._spec)
 
     def call(step: str) -> None:
         for p in (2.0, math.inf):
@@ -2625,21 +2626,23 @@ def fsdp2_layouts_remade_between_calls() -> list[tuple[str, str, float, float]]:
     grads()
     call("replaced")
     pg = dist.new_group(list(range(ws)))
-    model[1] = nn.Linear(7, 3)
-    fully_shard(model[1], mesh=DeviceMesh.from_group(pg, "cpu"))
+    model[1] = nn.Linear(7, 7)
+    # (a mesh named apart: one equal to m would get m's specs from torch's caches, m's group with them)
+    fully_shard(model[1], mesh=DeviceMesh.from_group(pg, "cpu", mesh_dim_names=("anew",)))
     grads()
+    assert model[1].weight.grad.device_mesh.get_group() is pg
     call("sharded anew")
     del model[1]
     gc.collect()  # (the layer's FSDP state holds the group: none may outlive its destruction)
     dist.destroy_process_group(pg)
-    # torch hands DTensors on a mesh equal to a destroyed one's the old mesh (its sharding propagation cache):
-    # cleared, as the README says
+    # torch gives DTensors on a mesh equal to the destroyed one that one's specs, the dead group with them (its
+    # sharding propagation caches): cleared, as the README says
     _clear_sharding_prop_cache()
     pg = dist.new_group(list(range(ws)))
-    model.insert(1, nn.Linear(7, 3))
-    fully_shard(model[1], mesh=DeviceMesh.from_group(pg, "cpu"))
-    assert model[1].weight.device_mesh.get_group() is pg
+    model.insert(1, nn.Linear(7, 7))
+    fully_shard(model[1], mesh=DeviceMesh.from_group(pg, "cpu", mesh_dim_names=("anew",)))
     grads()
+    assert model[1].weight.grad.device_mesh.get_group() is pg
     call("group made again")
     del model[1]
     gc.collect()
