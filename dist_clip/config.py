@@ -472,6 +472,8 @@ def read_config_data(path: str | os.PathLike[str]) -> tuple[Any, str]:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(source, "", f"invalid YAML: {where}{problem}") from None
+    except RecursionError:  # PyYAML composes recursively: `steps: [[[...]]]` 1000 deep was a traceback, exit 1
+        raise ConfigError(source, "", "invalid YAML: nested too deeply") from None
     return data, os.path.splitext(os.path.basename(source))[0]
 
 

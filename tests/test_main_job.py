@@ -147,7 +147,9 @@ def test_bad_config_is_one_line_naming_the_field(tmp_path, capsys, text, field, 
                                       # (a traceback, exit 1: the duplicate check hashed every key)
                                       ("? [steps, 3]\n: 1\n", "found unhashable key"),
                                       # (named no file: the decode error reached the generic handler)
-                                      ("steps: 3\n".encode("utf-16"), "not UTF-8 text")])
+                                      ("steps: 3\n".encode("utf-16"), "not UTF-8 text"),
+                                      # (PyYAML's RecursionError: a traceback from every rank, exit 1)
+                                      ("steps: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply")])
 def test_unparsable_config_is_one_line(tmp_path, capsys, text, why):
     path = tmp_path / "bad.yaml"
     if isinstance(text, bytes):
