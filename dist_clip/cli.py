@@ -21,6 +21,8 @@ from .config import (
     load_config,
     read_config_data,
     read_files,
+    stdlib_files,
+    training_text_limit,
     with_overrides,
 )
 
@@ -179,9 +181,11 @@ def _check_out_dir(cfg: TrainConfig, source: str, main_rank: bool = True) -> Non
 def _check_machine(cfg: TrainConfig, source: str) -> None:
     """What the config needs of this machine, whatever the number of ranks: found by ``--validate-only`` (before
     torchrun starts the ranks) rather than by every rank once it has started."""
-    if cfg.data != "stdlib":  # read up to the bytes one training window needs, as every rank would
-        _, files = data_files(cfg.data, source)
-        check_data_size(len(read_files(files, cfg.model.seq_len + 2)), cfg.data, source, cfg.model.seq_len)
+    # Read up to the bytes one training window needs, and no more than the run reads, as every rank would: the
+    # standard library too (model.seq_len: 3000000 passed, then every started rank failed on its 2 MiB).
+    _, files = stdlib_files() if cfg.data == "stdlib" else data_files(cfg.data, source)
+    limit = min(training_text_limit(cfg.data), cfg.model.seq_len + 2)
+    check_data_size(len(read_files(files, limit)), cfg.data, source, cfg.model.seq_len)
     if cfg.backend == "nccl":  # torch imported only for it
         from .bootstrap import backend_problem
 

@@ -26,7 +26,9 @@ __all__ = [
     "WRAPPERS",
     "ClipConfig",
     "ConfigError",
+    "MAX_DATA_BYTES",
     "ModelConfig",
+    "STDLIB_BYTES",
     "check_data_size",
     "data_files",
     "data_root",
@@ -36,6 +38,8 @@ __all__ = [
     "from_dict",
     "load_config",
     "read_config_data",
+    "stdlib_files",
+    "training_text_limit",
     "with_overrides",
 ]
 
@@ -386,6 +390,25 @@ def _yaml_loader(yaml: Any) -> type:
 
     Loader.add_constructor(int_tag, construct_int)
     return Loader
+
+
+#: Bytes of the standard library's source used as the default corpus (a deterministic prefix).
+STDLIB_BYTES = 2 << 20
+#: Most bytes read from a user's ``--data`` folder.
+MAX_DATA_BYTES = 256 << 20
+
+
+def stdlib_files() -> tuple[pathlib.Path, list[pathlib.Path]]:
+    """The folder of the standard library and its ``*.py`` files, sorted: the ``stdlib`` corpus."""
+    import sysconfig
+
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    return root, sorted(p for p in root.glob("*.py") if p.is_file())
+
+
+def training_text_limit(data: str) -> int:
+    """The most bytes of its files a run reads from ``data`` (``stdlib``, or a file or folder)."""
+    return STDLIB_BYTES if data == "stdlib" else MAX_DATA_BYTES
 
 
 def data_root(data: str, source: str) -> pathlib.Path:

@@ -23,7 +23,6 @@ import math
 import os
 import secrets
 import sys
-import sysconfig
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -41,7 +40,18 @@ import dist_clip
 
 from . import _norm
 from .bootstrap import DistInfo
-from .config import ConfigError, ModelConfig, TrainConfig, check_data_size, data_files, read_files
+from .config import (  # noqa: F401 - STDLIB_BYTES and MAX_DATA_BYTES are read here by tests and users
+    MAX_DATA_BYTES,
+    STDLIB_BYTES,
+    ConfigError,
+    ModelConfig,
+    TrainConfig,
+    check_data_size,
+    data_files,
+    read_files,
+    stdlib_files,
+    training_text_limit,
+)
 
 __all__ = [
     "CheckResult",
@@ -57,10 +67,6 @@ __all__ = [
     "write_log",
 ]
 
-#: Bytes of the standard library's source used as the default corpus (a deterministic prefix).
-STDLIB_BYTES = 2 << 20
-#: Most bytes read from a user's ``--data`` folder.
-MAX_DATA_BYTES = 256 << 20
 VOCAB = 256  # byte-level: any text, no vocabulary to agree on
 _ADAM = {"betas": (0.9, 0.95), "eps": 1e-8}
 
@@ -133,22 +139,17 @@ def lm_loss(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, precision: 
 # --- data -------------------------------------------------------------------------------------------------
 
 
-def _stdlib_files() -> tuple[Path, list[Path]]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return root, sorted(p for p in root.glob("*.py") if p.is_file())
-
-
 def load_text(data: str, source: str | None = None) -> tuple[Tensor, str]:
     """The corpus as a uint8 tensor and a description; ``stdlib``, a file, or a folder (files sorted). Errors
     name ``source`` (the config file; default ``data`` itself) and its field ``data``."""
     source = str(data) if source is None else source
     if data == "stdlib":
-        root, files = _stdlib_files()
-        limit, what = STDLIB_BYTES, f"the standard library's source ({root})"
+        root, files = stdlib_files()
+        what = f"the standard library's source ({root})"
     else:
         root, files = data_files(data, source)
-        limit, what = MAX_DATA_BYTES, str(root)
-    text = read_files(files, limit)
+        what = str(root)
+    text = read_files(files, training_text_limit(data))
     check_data_size(len(text), data, source)
     return torch.frombuffer(bytearray(text), dtype=torch.uint8), what
 

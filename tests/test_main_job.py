@@ -677,6 +677,21 @@ def test_data_too_small_to_train_is_found_by_validate_only(tmp_path, capsys):
         load_text(str(empty), str(cfg))  # what each rank reads names the config too
 
 
+@pytest.mark.timeout(60)
+def test_a_window_longer_than_the_stdlib_corpus_is_found_by_validate_only(tmp_path, capsys):
+    """data: stdlib was not read by --validate-only: model.seq_len: 3000000 (the run reads 2 MiB of it) passed, then
+    every rank torchrun started failed on it, with torchrun's traceback and exit 1."""
+    from dist_clip.train import STDLIB_BYTES
+
+    cfg = write_config(tmp_path, "long", wrapper="ddp", model={**TINY["model"], "seq_len": STDLIB_BYTES + 5000})
+    assert cli.main(["check", "--config", str(cfg), "--out", str(tmp_path), "--validate-only"]) == 2
+    err = capsys.readouterr().err
+    source = f"{cfg} (with command-line overrides)"  # (--out)
+    assert err.startswith(f"config error: {source}: data: stdlib holds ") and err.count("\n") == 1, err
+    size = len(load_text("stdlib")[0])  # the very text every rank reads, and refuses
+    assert err.endswith(f"holds {size} bytes, fewer than model.seq_len + 2 = {STDLIB_BYTES + 5002}\n"), err
+
+
 @pytest.mark.parametrize("seed", [0, 18446688733643, 2 * 10**13, 2**63 - 1])
 def test_every_accepted_seed_draws_batches(seed):
     """The config takes seeds in [0, 2^63); the batch generator's seed (seed * 1000003 + step) overflowed
