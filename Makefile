@@ -32,8 +32,10 @@ test: install
 test-fast: install
 	cd $(ROOT) && $(BIN)/python -m pytest tests -m "not slow"
 
+# PYTHON: the interpreter installed into $(VENV); the script's own pick (the repository's .venv, or a PYTHON from the
+# environment) ran another one with VENV= given.
 demo: install
-	cd $(ROOT) && NPROC=2 bash launch/torchrun.sh train --config configs/fsdp2.yaml
+	cd $(ROOT) && PYTHON=$(BIN)/python NPROC=2 bash launch/torchrun.sh train --config configs/fsdp2.yaml
 
 bench: install
 	cd $(ROOT) && $(BIN)/python -m bench

@@ -284,6 +284,27 @@ def test_help_under_torchrun_is_printed_once_and_starts_no_rank():
     assert "torch.distributed.run" not in out, out[-6000:]
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_make_demo_runs_the_interpreter_of_the_venv_it_installed(tmp_path):
+    """`make demo VENV=<dir>` installed into <dir> and then ran launch/torchrun.sh with whatever that script picks:
+    the repository's .venv where there is one, or a PYTHON from the environment, not <dir>'s interpreter. A stand-in
+    interpreter records its call (and exits 3, "help shown", so that the script starts no torchrun)."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    calls = tmp_path / "calls"
+    other = tmp_path / "other-python"  # a PYTHON of the caller's own, which the script preferred
+    for stub in (venv / "bin" / "python", venv / "bin" / "python3", other):
+        stub.write_text(f'#!/bin/sh\necho "$0 $*" >> "{calls}"\nexit 3\n')
+        stub.chmod(0o755)
+    (venv / ".installed").touch()  # newer than pyproject.toml and the Makefile: nothing to install
+    env = {**os.environ, "PYTHON": str(other)}
+    r = subprocess.run(["make", "-s", "-f", str(ROOT / "Makefile"), "demo", f"VENV={venv}"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=50)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert calls.read_text().split()[:3] == [str(venv / "bin" / "python"), "-m", "dist_clip"], calls.read_text()
+
+
 @pytest.mark.timeout(JOB_TIMEOUT_S + 30)
 def test_an_out_dir_that_cannot_be_made_is_a_config_error_before_training(tmp_path):
     blocker = tmp_path / "a_file"
