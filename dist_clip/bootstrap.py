@@ -10,8 +10,8 @@
   (``launch/mpirun.sh`` exports them).
 * Nothing: one process. A one-rank group (in-memory store) is started only when a wrapper needs one.
 
-Then the process group is initialised with nccl on CUDA or gloo on CPU (``backend="auto"``). MPI only
-bootstraps: every collective afterwards goes through gloo or nccl.
+Then the process group is initialised with nccl on CUDA (a GPU for each rank of the node) or gloo on CPU
+(``backend="auto"``). MPI only bootstraps: every collective afterwards goes through gloo or nccl.
 """
 
 from __future__ import annotations
@@ -170,11 +170,17 @@ def backend_problem(backend: str) -> str | None:
     return None
 
 
-def resolve_backend(backend: str) -> str:
-    """``auto`` means nccl where CUDA is present and gloo otherwise."""
+def resolve_backend(backend: str, local_world_size: int = 1) -> str:
+    """``auto`` means nccl where CUDA is present with a GPU for each of the node's ``local_world_size`` ranks, and
+    gloo otherwise: NCCL refuses two ranks on one GPU ("Duplicate GPU detected"), and ``make demo``'s 2 ranks on a
+    machine of one GPU failed in their first collective. ``nccl`` with fewer GPUs than ranks is a RuntimeError."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if backend == "auto":
-        return "nccl" if torch.cuda.is_available() else "gloo"
+        return "nccl" if gpus and local_world_size <= gpus else "gloo"
     problem = backend_problem(backend)
+    if problem is None and backend == "nccl" and local_world_size > gpus:
+        problem = (f"nccl needs a GPU for each rank of a node (NCCL refuses two ranks on one GPU): {local_world_size} "
+                   f"ranks on this node, {gpus} GPU(s)")
     if problem is not None:
         raise RuntimeError(f"backend {problem}; use backend: gloo or auto")
     return backend
@@ -309,7 +315,7 @@ def init_distributed(backend: str = "auto", *, need_group: bool = True) -> DistI
     read = launch
     if launch.launcher == "mpi":
         launch, store = _from_mpi(launch)
-    name = resolve_backend(backend)
+    name = resolve_backend(backend, launch.local_world_size)
     if name == "nccl":
         device = torch.device("cuda", launch.local_rank % max(1, torch.cuda.device_count()))
         torch.cuda.set_device(device)

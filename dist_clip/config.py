@@ -45,7 +45,7 @@ __all__ = [
 
 #: Wrappers the training loop knows. ``none`` is one plain process; ``hsdp`` is FSDP2 on a 2-D mesh.
 WRAPPERS: tuple[str, ...] = ("none", "ddp", "fsdp1", "fsdp2", "hsdp", "zero1", "zero2", "zero3", "fairscale-oss")
-#: ``auto`` picks nccl when CUDA is present and gloo otherwise.
+#: ``auto`` picks nccl when CUDA gives each rank of the node a GPU of its own and gloo otherwise.
 BACKENDS: tuple[str, ...] = ("auto", "gloo", "nccl")
 #: ``bf16`` runs forward and backward under bfloat16 autocast; parameters, gradients and optimizer stay fp32.
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")

@@ -260,7 +260,7 @@ def _wrap(model: nn.Module, cfg: TrainConfig, info: DistInfo, source: str) -> Se
         fully_shard(model, mesh=mesh)
         return _torch_setup(model, cfg, _torch_native(model, cfg))
     if w.startswith("zero"):
-        return _wrap_deepspeed(model, cfg, int(w[-1]), source)
+        return _wrap_deepspeed(model, cfg, info, int(w[-1]), source)
     if w == "fairscale-oss":
         return _wrap_oss(model, cfg)
     raise AssertionError(f"unhandled wrapper {w}")  # config validation lists every wrapper
@@ -282,10 +282,10 @@ def _same_node_sizes(info: DistInfo, source: str) -> None:
                           f"ranks (local world size by rank: {sizes}); give mesh: [replicas, shard size]")
 
 
-def _wrap_deepspeed(model: nn.Module, cfg: TrainConfig, stage: int, source: str) -> Setup:
+def _wrap_deepspeed(model: nn.Module, cfg: TrainConfig, info: DistInfo, stage: int, source: str) -> Setup:
     if cfg.clip.mode != "native":  # DeepSpeed's own clipping needs no adapter
         _needs_adapter(cfg.wrapper, "dist_clip.adapters.deepspeed")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    os.environ.setdefault("DS_ACCELERATOR", info.device.type)  # cpu where backend auto took gloo beside a GPU
     import warnings
 
     import deepspeed

@@ -406,6 +406,30 @@ class _FakeComm:
         return value
 
 
+@pytest.mark.parametrize("gpus,local_ranks,auto", [(0, 1, "gloo"), (1, 1, "nccl"), (1, 2, "gloo"), (2, 2, "nccl"),
+                                                    (4, 3, "nccl"), (2, 3, "gloo")])
+def test_backend_auto_takes_nccl_only_with_a_gpu_for_each_rank_of_the_node(monkeypatch, gpus, local_ranks, auto):
+    """backend auto took nccl wherever CUDA was present: `make demo`'s 2 ranks on a machine of one GPU both got
+    cuda:0 (local rank % GPUs), and NCCL refuses that ("Duplicate GPU detected : rank 1 and rank 0 both on CUDA
+    device ..."), a DistBackendError traceback from every rank at the first collective. backend: nccl with fewer
+    GPUs than ranks is said up front."""
+    from dist_clip import bootstrap
+
+    monkeypatch.setattr(bootstrap.torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(bootstrap.torch.cuda, "device_count", lambda: gpus)
+    assert bootstrap.resolve_backend("auto", local_ranks) == auto
+    assert bootstrap.resolve_backend("gloo", local_ranks) == "gloo"
+    if gpus == 0:
+        with pytest.raises(RuntimeError, match="^backend nccl needs CUDA, and this machine has none; use"):
+            bootstrap.resolve_backend("nccl", local_ranks)
+    elif local_ranks > gpus:
+        with pytest.raises(RuntimeError, match=rf"^backend nccl needs a GPU for each rank of a node .*: {local_ranks} "
+                           rf"ranks on this node, {gpus} GPU\(s\); use backend: gloo or auto$"):
+            bootstrap.resolve_backend("nccl", local_ranks)
+    else:
+        assert bootstrap.resolve_backend("nccl", local_ranks) == "nccl"
+
+
 @pytest.fixture
 def fake_mpi4py(monkeypatch):
     """``from mpi4py import MPI`` gives a stand-in (no MPI started in the test process); returns a setter of the
