@@ -31,6 +31,12 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_python.sh"  # PYTHON, ROOT, PATH
 NPROC=${NPROC:-2}
 NNODES=${NNODES:-1}
+check_count NPROC 1
+check_count NNODES 1
+if [[ "${NO_SSH:-0}" == 1 && "$NNODES" != 1 ]]; then
+    : "${NODE_RANK:?set NODE_RANK with NO_SSH=1}"
+    check_count NODE_RANK 0 "$NNODES"
+fi
 # No NVIDIA driver: DeepSpeed's CPU accelerator (it would guess so too, after probing and a warning).
 if ! command -v nvidia-smi >/dev/null 2>&1; then export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}; fi
 if [[ "$NPROC" -gt 1 ]]; then export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}; fi

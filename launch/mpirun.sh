@@ -32,6 +32,8 @@ if [[ -z "${MPIEXEC:-}" ]]; then
 fi
 NPROC=${NPROC:-2}
 NNODES=${NNODES:-1}
+check_count NPROC 1
+check_count NNODES 1
 TOTAL=$((NPROC * NNODES))
 if [[ -z "${MPI_FLAVOR:-}" ]]; then
     case "$("$MPIEXEC" --version 2>&1)" in

@@ -305,6 +305,40 @@ def test_make_demo_runs_the_interpreter_of_the_venv_it_installed(tmp_path):
     assert calls.read_text().split()[:3] == [str(venv / "bin" / "python"), "-m", "dist_clip"], calls.read_text()
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("script", ["torchrun.sh", "mpirun.sh", "deepspeed.sh"])
+def test_a_launch_script_refuses_a_count_that_is_not_a_positive_integer(tmp_path, script):
+    """NPROC=0 or NNODES=0 under launch/torchrun.sh was a bare AssertionError traceback from torchrun's agent (exit 1),
+    mpiexec -n 0 died of signal 8 (status 136), NPROC=abc under launch/mpirun.sh said "abc: unbound variable", and
+    NODE_RANK=00 on node 0 was not taken for node 0 (no node hosted torchrun's rendezvous). Each is one line and
+    status 2 now, before anything starts (a stand-in interpreter records what would have started)."""
+    calls = tmp_path / "calls"
+    stub = tmp_path / "python"
+    stub.write_text(f'#!/bin/sh\necho "$*" >> "{calls}"\n')
+    stub.chmod(0o755)
+    name = script.removesuffix(".sh")
+    cases = [({"NPROC": "0"}, "NPROC must be an integer >= 1, got '0'"),
+             ({"NPROC": "abc"}, "NPROC must be an integer >= 1, got 'abc'"),
+             ({"NPROC": "-1"}, "NPROC must be an integer >= 1, got '-1'"),
+             ({"NPROC": "2 "}, "NPROC must be an integer >= 1, got '2 '"),
+             ({"NNODES": "0"}, "NNODES must be an integer >= 1, got '0'")]
+    if name != "mpirun":
+        cases.append(({"NNODES": "2", "NODE_RANK": "2", "NO_SSH": "1", "HOSTFILE": str(stub), "MASTER_ADDR": "x"},
+                      "NODE_RANK must be an integer from 0 to 1, got '2'"))
+    for env, line in cases:
+        proc = subprocess.run(["bash", str(ROOT / "launch" / script), "check"], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=60, env={**job_env(**env), "PYTHON": str(stub)})
+        assert (proc.returncode, proc.stderr) == (2, f"{script}: {line}\n"), (env, proc.stdout, proc.stderr)
+        assert not calls.exists(), (env, calls.read_text())
+    if name == "torchrun":  # 02 is 2, and node 00 is node 0 (it hosts the rendezvous)
+        proc = subprocess.run(["bash", str(ROOT / "launch" / script), "check"], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=60, env={**job_env(NPROC="02", NNODES="2", NODE_RANK="00"),
+                                                          "PYTHON": str(stub)})
+        validate, torchrun = calls.read_text().splitlines()
+        assert validate == "-m dist_clip check --validate-only", proc.stderr
+        assert "--nproc-per-node 2 " in torchrun and "is_host=true" in torchrun, torchrun
+
+
 @pytest.mark.timeout(JOB_TIMEOUT_S + 30)
 def test_an_out_dir_that_cannot_be_made_is_a_config_error_before_training(tmp_path):
     blocker = tmp_path / "a_file"
