@@ -54,6 +54,9 @@ class LaunchEnv:
     local_rank: int
     local_world_size: int
     launcher: str  # "torchrun", "deepspeed", "env", "mpi" or "single"
+    #: Whether the launcher stated the local size (an ``env://`` launch without ``LOCAL_WORLD_SIZE`` or
+    #: ``LOCAL_SIZE`` reads the world size there): backend ``auto`` weighs it against the node's GPUs only then.
+    local_stated: bool = True
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,7 @@ def detect_launch(environ: os._Environ[str] | dict[str, str] | None = None, *, c
             launcher = "deepspeed"
         else:
             launcher = "env"
-        launch = LaunchEnv(rank, world, _int(env, "LOCAL_RANK", rank), local_world, launcher)
+        launch = LaunchEnv(rank, world, _int(env, "LOCAL_RANK", rank), local_world, launcher, bool(local_size_var))
         names = ("RANK", "WORLD_SIZE", "LOCAL_RANK" if "LOCAL_RANK" in env else "", local_size_var)
     else:
         for names in _MPI_VARS:
@@ -120,7 +123,8 @@ def detect_launch(environ: os._Environ[str] | dict[str, str] | None = None, *, c
                 rank = _int(env, rank_var, 0)
                 world = _int(env, size_var, 0)
                 launch = LaunchEnv(
-                    rank, world, _int(env, local_var, rank), _int(env, local_size_var, world), "mpi"
+                    rank, world, _int(env, local_var, rank), _int(env, local_size_var, world), "mpi",
+                    bool(local_size_var) and local_size_var in env,
                 )
                 names = tuple(v if v in env else "" for v in names)
                 break
@@ -315,7 +319,9 @@ def init_distributed(backend: str = "auto", *, need_group: bool = True) -> DistI
     read = launch
     if launch.launcher == "mpi":
         launch, store = _from_mpi(launch)
-    name = resolve_backend(backend, launch.local_world_size)
+    # The node's size where the launcher states it: a plain env:// launch without LOCAL_WORLD_SIZE reads the world
+    # size there, which on nodes of one GPU each would have taken gloo where nccl works.
+    name = resolve_backend(backend, launch.local_world_size if launch.local_stated else 1)
     if name == "nccl":
         device = torch.device("cuda", launch.local_rank % max(1, torch.cuda.device_count()))
         torch.cuda.set_device(device)

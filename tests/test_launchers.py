@@ -462,6 +462,14 @@ def test_backend_auto_takes_nccl_only_with_a_gpu_for_each_rank_of_the_node(monke
             bootstrap.resolve_backend("nccl", local_ranks)
     else:
         assert bootstrap.resolve_backend("nccl", local_ranks) == "nccl"
+    # The node's size is weighed only where the launcher states it: a plain env:// launch without it reads the
+    # world size there (2 nodes of one GPU each would have taken gloo where nccl works).
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
+    assert not bootstrap.detect_launch(env).local_stated
+    assert bootstrap.detect_launch({**env, "LOCAL_WORLD_SIZE": "1"}).local_stated
+    assert bootstrap.detect_launch({**env, "LOCAL_SIZE": "1", "CROSS_RANK": "1"}).local_stated
+    assert not bootstrap.detect_launch({"PMI_RANK": "1", "PMI_SIZE": "2"}).local_stated
+    assert bootstrap.detect_launch({"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALNRANKS": "2"}).local_stated
 
 
 @pytest.fixture
