@@ -11,7 +11,8 @@ if [[ "$PYTHON" == */* ]]; then export PATH="$(cd "$(dirname "$PYTHON")" && pwd)
 # check_count NAME MIN [BOUND]: the variable NAME must be a decimal integer >= MIN (and < BOUND), else one line on
 # stderr and exit 2, before anything starts: NPROC=0 was a bare AssertionError traceback from torchrun's agent,
 # NNODES=0 another, mpiexec -n 0 died of signal 8 (status 136), NPROC=abc under mpirun.sh "abc: unbound variable",
-# and NODE_RANK=00 on node 0 was not "0", so that no node hosted torchrun's rendezvous and every node waited.
+# NODE_RANK=00 on node 0 was not "0", so that no node hosted torchrun's rendezvous and every node waited, and
+# MASTER_PORT=abc or 70000 on several nodes was a ValueError traceback from torchrun.
 check_count() {
     local name=$1 min=$2 bound=${3:-} value=${!1:-} want
     want="an integer >= $min"; [[ -z "$bound" ]] || want="an integer from $min to $((bound - 1))"

@@ -33,6 +33,7 @@ NPROC=${NPROC:-2}
 NNODES=${NNODES:-1}
 check_count NPROC 1
 check_count NNODES 1
+if [[ -n "${MASTER_PORT:-}" ]]; then check_count MASTER_PORT 1 65536; fi
 if [[ "${NO_SSH:-0}" == 1 && "$NNODES" != 1 ]]; then
     : "${NODE_RANK:?set NODE_RANK with NO_SSH=1}"
     check_count NODE_RANK 0 "$NNODES"

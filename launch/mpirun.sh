@@ -35,7 +35,14 @@ NNODES=${NNODES:-1}
 check_count NPROC 1
 check_count NNODES 1
 TOTAL=$((NPROC * NNODES))
-if [[ -z "${MPI_FLAVOR:-}" ]]; then
+if [[ -n "${MPI_FLAVOR:-}" ]]; then
+    # (a misspelt flavour, "open-mpi", ran Open MPI's mpiexec with MPICH's options)
+    case "$(echo "$MPI_FLAVOR" | tr '[:upper:]' '[:lower:]')" in
+        mpich) MPI_FLAVOR=mpich ;;
+        openmpi) MPI_FLAVOR=openmpi ;;
+        *) echo "mpirun.sh: MPI_FLAVOR must be mpich or openmpi, got '$MPI_FLAVOR'" >&2; exit 2 ;;
+    esac
+else
     case "$("$MPIEXEC" --version 2>&1)" in
         *"Open MPI"*|*OpenRTE*|*"Open RTE"*|*PRRTE*) MPI_FLAVOR=openmpi ;;
         *) MPI_FLAVOR=mpich ;;  # HYDRA: MPICH, Intel MPI, MVAPICH

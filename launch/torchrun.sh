@@ -25,7 +25,7 @@ MASTER_PORT=${MASTER_PORT:-29500}
 RDZV_ID=${RDZV_ID:-dist-clip}
 check_count NPROC 1
 check_count NNODES 1
-if [[ "$NNODES" != 1 ]]; then check_count NODE_RANK 0 "$NNODES"; fi
+if [[ "$NNODES" != 1 ]]; then check_count NODE_RANK 0 "$NNODES"; check_count MASTER_PORT 1 65536; fi
 
 # Arguments and config checked in one process first: torchrun reports a rank's exit status 2 (bad config or
 # arguments) as its own 1 with a traceback; this way a bad config is one line and exit status 2. Status 3: the

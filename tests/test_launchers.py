@@ -310,8 +310,9 @@ def test_make_demo_runs_the_interpreter_of_the_venv_it_installed(tmp_path):
 def test_a_launch_script_refuses_a_count_that_is_not_a_positive_integer(tmp_path, script):
     """NPROC=0 or NNODES=0 under launch/torchrun.sh was a bare AssertionError traceback from torchrun's agent (exit 1),
     mpiexec -n 0 died of signal 8 (status 136), NPROC=abc under launch/mpirun.sh said "abc: unbound variable", and
-    NODE_RANK=00 on node 0 was not taken for node 0 (no node hosted torchrun's rendezvous). Each is one line and
-    status 2 now, before anything starts (a stand-in interpreter records what would have started)."""
+    NODE_RANK=00 on node 0 was not taken for node 0 (no node hosted torchrun's rendezvous), MASTER_PORT=abc on two
+    nodes was torchrun's ValueError traceback. Each is one line and status 2 now, before anything starts (a
+    stand-in interpreter records what would have started)."""
     calls = tmp_path / "calls"
     stub = tmp_path / "python"
     stub.write_text(f'#!/bin/sh\necho "$*" >> "{calls}"\n')
@@ -325,6 +326,12 @@ def test_a_launch_script_refuses_a_count_that_is_not_a_positive_integer(tmp_path
     if name != "mpirun":
         cases.append(({"NNODES": "2", "NODE_RANK": "2", "NO_SSH": "1", "HOSTFILE": str(stub), "MASTER_ADDR": "x"},
                       "NODE_RANK must be an integer from 0 to 1, got '2'"))
+        # (torchrun's ValueError traceback for its rendezvous endpoint; the DeepSpeed runner's usage error)
+        for port in ("abc", "70000", "0"):
+            cases.append(({"NNODES": "2", "NODE_RANK": "1", "NO_SSH": "1", "HOSTFILE": str(stub), "MASTER_PORT": port},
+                          f"MASTER_PORT must be an integer from 1 to 65535, got '{port}'"))
+    else:  # a misspelt flavour ran Open MPI's mpiexec with MPICH's options
+        cases.append(({"MPI_FLAVOR": "open-mpi"}, "MPI_FLAVOR must be mpich or openmpi, got 'open-mpi'"))
     for env, line in cases:
         proc = subprocess.run(["bash", str(ROOT / "launch" / script), "check"], cwd=tmp_path, capture_output=True,
                               text=True, timeout=60, env={**job_env(**env), "PYTHON": str(stub)})
