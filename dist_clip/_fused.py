@@ -46,6 +46,9 @@ _SKIP = "_dist_clip_skip"
 _OUTER = "_dist_clip_outer"  # on a ZeRO or OSS wrapper's inner optimizer: a weak reference to the wrapper
 #: set on an optimizer once a call combining over several ranks could arm its skip (see Agreement._may_differ)
 _COMBINED = "_dist_clip_combined"
+#: on an optimizer among several ranks: the parameters it steps that no flag waiting for its step was armed on
+#: (see :func:`note_beside`)
+_BESIDE = "_dist_clip_beside"
 # id(parameter) -> (backward count, its hook's handle, the tensor's _cdata) (see _write_cell). By id: a weak
 # reference on a parameter made module.to() / load_state_dict() refuse to swap it
 # (torch.__future__.set_swap_module_params_on_conversion).
@@ -591,7 +594,8 @@ def settle(tensors: Sequence[Tensor]) -> None:
             else:  # (every one replaced: out of place, or the next batch's; see carried_by_replacements)
                 if shared and (agreement := _DEFERRED.get()) is not None:
                     agreement.settled_shared = True  # (its pieces may differ among ranks: see Agreement.agree)
-                _keep_replaced(optimizer, found, [g for g in grads if not overlaps(_span(g))], grads)
+                read = carry_only(optimizer, grads)
+                _keep_replaced(optimizer, found, [g for g in read if not overlaps(_span(g))], read)
             continue
         if verdict == "replaced":
             _warn_replaced()
@@ -850,12 +854,13 @@ def arm_skip_(
             del optimizer.__dict__[_PENDING]
             _WAITING.discard(optimizer)
             # (unless replaced out of place, carrying the NaN: see carried_by_replacements)
-            _keep_replaced(optimizer, pending[1], _unmeasured(now[0], measured))
+            _keep_replaced(optimizer, pending[1], _unmeasured(carry_only(optimizer, now[0]), measured))
             pending = None
     if not combine and pending is not None:
         # skip_next_step_ replaces any pending flag, a hand-over's too (settled or not: skip_next_step_(opt,
         # False) left a settled NaN hand-over's flag in place, and the next batch's good step was skipped).
         optimizer.__dict__[_PENDING] = (pending[0], torch.zeros_like(pending[1]), *pending[2:])
+    note_beside(optimizer, measured)
 
 
 def _drop_unsettled(optimizer: torch.optim.Optimizer, now: list[Tensor], measured: Sequence[Tensor] | None) -> None:
@@ -872,7 +877,7 @@ def _drop_unsettled(optimizer: torch.optim.Optimizer, now: list[Tensor], measure
         if verdict == "written":
             _keep_flag(optimizer, pending[1], pending[3], now)
         else:
-            _keep_replaced(optimizer, pending[1], _unmeasured(now, measured))
+            _keep_replaced(optimizer, pending[1], _unmeasured(carry_only(optimizer, now), measured))
 
 
 def _unmeasured(grads: list[Tensor], measured: Sequence[Tensor] | None) -> list[Tensor]:
@@ -956,7 +961,7 @@ class _Record(tuple):  # type: ignore[type-arg]
 
 def supersede(armed: tuple[Any, ...], record: tuple[Any, ...], now: tuple[list[Tensor], list[int]],
               started: tuple[list[Tensor], list[int]] | None, measured: Sequence[Tensor] | None, new: Tensor,
-              merge: Callable[[Tensor, Tensor], Tensor]) -> Tensor | None:
+              merge: Callable[[Tensor, Tensor], Tensor], optimizer: Any = None) -> Tensor | None:
     """The flag of a call arming ``new`` on ``record`` over one armed on ``armed``, both records of gradients the
     optimizer steps (:class:`_Record`) with the flag's ledger (``parts``): each earlier arming's flag lasts while
     some gradient it measured is still held and was not measured again since; ``new`` covers the ones this call
@@ -970,7 +975,7 @@ def supersede(armed: tuple[Any, ...], record: tuple[Any, ...], now: tuple[list[T
     over views of one buffer; 29 of 600 random flows of 4 heads in 2 or 3 parts took a NaN step). A flag armed
     without gradients it measured (``skip_next_step_``, a call whose pieces the optimizer does not step) lasts
     while :func:`_sticky` holds for its record. None where it does not apply (a record of another kind):
-    :func:`untouched` decides."""
+    :func:`untouched` decides. ``optimizer``: whose gradients ``now`` are (for :func:`carry_only`)."""
     parts = getattr(armed, "parts", None)
     if parts is None or not isinstance(record, _Record) or measured is None:
         return None
@@ -995,7 +1000,8 @@ def supersede(armed: tuple[Any, ...], record: tuple[Any, ...], now: tuple[list[T
     if gone:
         holding = {id(t) for _, members, _ in kept if members is not None for t in members}
         entry = carried_by_replacements(functools.reduce(merge, gone),
-                                        [t for t in now[0] if id(t) not in again and id(t) not in holding])
+                                        [t for t in carry_only(optimizer, now[0])
+                                         if id(t) not in again and id(t) not in holding])
         if entry is not None:
             kept.append(entry)
     record.parts = [*kept, (new, list(record[0]), None)]
@@ -1084,7 +1090,7 @@ class Agreement:
                 now = read_for_carry(optimizer, gradients(optimizer))
                 where = set(map(id, now))
                 if any(id(t) not in where for ts in candidates for t in ts):
-                    read += _unmeasured(now, self.measured)
+                    read += _unmeasured(carry_only(optimizer, now), self.measured)
             held += _held_flags(optimizer, where, lambda: self.measured)
         self.local = (_nonfinite(read, read[0].device).to(torch.float64) if read
                       else torch.zeros((), dtype=torch.float64))
@@ -1161,7 +1167,8 @@ class Agreement:
                 pending = optimizer.__dict__.get(_PENDING)
                 if pending is not None and pending[2] is not None and pending[6]:
                     return True
-            if (_COMBINED in optimizer.__dict__ and _unmeasured(grads, self.measured)) or _armed_elsewhere(optimizer):
+            if ((_COMBINED in optimizer.__dict__ and _unmeasured(carry_only(optimizer, grads), self.measured))
+                    or _armed_elsewhere(optimizer)):
                 return True
         return False
 
@@ -1433,9 +1440,9 @@ def rearm(armed: tuple[Tensor, tuple[Any, ...]] | None, new: Tensor, now: tuple[
     if armed is not None:
         armed = (armed[0], _followed(armed[1], now))
     if measured and optimizer is not None and not isinstance(record, _Record) and not _inside(now[0], measured):
-        return _beside(armed, record, now, started, measured, new, merge)
+        return _beside(armed, record, now, started, measured, new, merge, optimizer)
     if armed is not None:
-        merged = supersede(armed[1], record, now, started, measured, new, merge)
+        merged = supersede(armed[1], record, now, started, measured, new, merge, optimizer)
         if merged is not None:
             return merged, record
         if untouched(armed[1], started if started is not None else now, measured):
@@ -1458,8 +1465,8 @@ def _inside(grads: Sequence[Tensor], measured: Sequence[Tensor]) -> bool:
 
 def _beside(armed: tuple[Tensor, tuple[Any, ...]] | None, record: tuple[Any, ...],
             now: tuple[list[Tensor], list[int]], started: tuple[list[Tensor], list[int]] | None,
-            measured: Sequence[Tensor], new: Tensor, merge: Callable[[Tensor, Tensor], Tensor]
-            ) -> tuple[Tensor, _Record]:
+            measured: Sequence[Tensor], new: Tensor, merge: Callable[[Tensor, Tensor], Tensor],
+            optimizer: Any = None) -> tuple[Tensor, _Record]:
     """The flag and record of a call arming ``new`` whose pieces the optimizer steps none of (parameters it does not
     step, copies of its gradients: ``record`` holds them, see :func:`armed_record`): a ledger (:func:`supersede`)
     whose entries armed before stay as they would for a call measuring none of their gradients, and ``new`` joins
@@ -1474,7 +1481,7 @@ def _beside(armed: tuple[Tensor, tuple[Any, ...]] | None, record: tuple[Any, ...
     own = _Record.uncounted(([], []))
     own.state = now
     if armed is not None and getattr(armed[1], "parts", None) is not None:
-        supersede(armed[1], own, now, started, measured, new, merge)
+        supersede(armed[1], own, now, started, measured, new, merge, optimizer)
         assert own.parts is not None
         own.parts[-1] = (new, None, record)
     elif armed is not None and untouched(armed[1], started if started is not None else now, measured):
@@ -1785,7 +1792,7 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple
             # replacement out of place (p.grad + g) and stays under a further backward accumulating into it, while
             # the next batch's gradients (after zero_grad, either way) are finite (see carried_by_replacements;
             # dropped with the coefficient, a NaN hand-over, an auxiliary loss and the step took the NaN step)
-            entry = _carried_at_step(pending, read_for_carry(optimizer, grads))
+            entry = _carried_at_step(pending, carry_only(optimizer, read_for_carry(optimizer, grads)))
             if entry is not None:
                 armed = (entry[0] if armed is None
                          else torch.maximum(armed[0], _reduce.moved(entry[0], armed[0].device)), None)
@@ -1840,7 +1847,7 @@ def pending_flag(optimizer: torch.optim.Optimizer) -> Tensor | None:
         grads = gradients(optimizer)
         verdict, _ = _verdict(pending[3], pending[4], grads, pending[5], optimizer)
         if _dropped(verdict):  # (kept where the gradients hold a NaN, as the pre-hook keeps it)
-            entry = _carried_at_step(pending, read_for_carry(optimizer, grads))
+            entry = _carried_at_step(pending, carry_only(optimizer, read_for_carry(optimizer, grads)))
             return entry[0] if entry is not None else None
     return pending[1]
 
@@ -1941,6 +1948,7 @@ def _post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None
     _WAITING.discard(optimizer)
     pending = optimizer.__dict__.pop(_PENDING, None)
     optimizer.__dict__.pop(_SKIP, None)
+    optimizer.__dict__.pop(_BESIDE, None)
     stashed = optimizer.__dict__.pop(_SAVED, None)
     if stashed is None:
         return
@@ -2052,6 +2060,7 @@ def hand_over_(
         # step's, as a hand-over's own flag is replaced by the next hand-over (it skipped the next good step).
         del optimizer.__dict__[_SKIP]
     _stash(optimizer, scale, found, coef, grads, shared)
+    optimizer.__dict__.pop(_BESIDE, None)  # (it measures every gradient stepped)
     _WAITING.add(optimizer)
 
 
@@ -2083,7 +2092,57 @@ def hand_over_applied_(optimizer: torch.optim.Optimizer, total: Tensor, started:
     found = torch.logical_not(torch.isfinite(total)).to(torch.float32)
     # (the coefficient is in the gradients: 1 on the CPU, which scale_ reads for free and skips)
     _stash(optimizer, torch.ones_like(found), found, torch.ones((), dtype=torch.float32), grads, shared)
+    note_beside(optimizer, measured)
     _WAITING.add(optimizer)
+
+
+def note_beside(optimizer: torch.optim.Optimizer, measured: Sequence[Tensor] | None) -> None:
+    """After a call armed ``optimizer``'s skip (its flag, a hand-over's, the skip guard's) on its pieces
+    ``measured``, among several ranks: record the parameters it steps whose gradients no flag waiting for its
+    step was armed on (:data:`_BESIDE`), which :func:`carry_only` leaves out of the read that keeps a flag whose
+    gradients were replaced (:func:`carried_by_replacements`). A NaN can travel only into the replacement of a
+    gradient the flag was measured on (``p.grad + g``), never into another parameter's; and among several ranks
+    that read must be the same on every rank where the call has no collective to agree by. Under DDP with a
+    parameter of rank 0's own beside DDP's in its optimizer (never clipped), a NaN batch clipped (handed over, or
+    armed by ``GradClipper(on_nonfinite="skip")``), dropped and recomputed with a NaN in that parameter's gradient
+    alone, then ``clip_grads_with_norm_``, ``get_total_norm``, a clip again or straight to ``step()``: rank 0 read
+    its own NaN, kept the dropped batch's flag and skipped, rank 1 stepped, and DDP's replicas parted. The set is
+    left out (nothing excluded: every gradient stepped is read, as before) where a flag was armed without saying
+    what it measured, holds a gradient no longer held, or this is a ZeRO or OSS wrapper's inner optimizer; each
+    arming computes it anew, and the step clears it."""
+    optimizer.__dict__.pop(_BESIDE, None)
+    if not measured or optimizer.__dict__.get(_OUTER) is not None or not _multi_rank():
+        return
+    grads = gradients(optimizer)
+    if len(grads) <= len(measured):
+        return  # (the usual case: the call measured every gradient the optimizer steps)
+    rest = {id(g) for g in _unmeasured(grads, measured)}
+    if not rest:
+        return
+    held: set[int] = set()
+    entries = _ledger_entries(optimizer)
+    pending = optimizer.__dict__.get(_PENDING)
+    if pending is not None:
+        entries.append((pending[1], pending[3], None))
+    where = set(map(id, grads))
+    for _flag, members, _seen in entries:
+        if members is None or any(id(t) not in where for t in members):
+            return  # (a flag armed on no gradient said, or on one replaced since: every gradient may hold it)
+        held.update(map(id, members))
+    beside = [p for group in optimizer.param_groups for p in group["params"]
+              if p.grad is not None and id(getattr(p.grad, "_local_tensor", p.grad)) in rest - held]
+    if beside:
+        optimizer.__dict__[_BESIDE] = beside
+
+
+def carry_only(optimizer: Any, grads: list[Tensor]) -> list[Tensor]:
+    """``grads`` (gradients ``optimizer`` steps now) without those of the parameters no waiting flag of its was
+    armed on (:func:`note_beside`): the ones a replaced flag's NaN may have travelled into."""
+    beside = optimizer.__dict__.get(_BESIDE) if optimizer is not None else None
+    if not beside:
+        return grads
+    out = {id(getattr(p.grad, "_local_tensor", p.grad)) for p in beside if p.grad is not None}
+    return [g for g in grads if id(g) not in out]
 
 
 def _stash(

@@ -253,6 +253,7 @@ class _SkipGuard:
         # (per part, two calls on the same gradients: either skips; see _fused.rearm)
         self.flag, self.armed_on = _fused.rearm(armed, flag, _fused.grad_state(optimizer), started, measured,
                                                 optimizer, lambda a, b: a | b.to(a.device))
+        _fused.note_beside(optimizer, measured)
 
     @staticmethod
     def _on_host(flag: Tensor) -> bool:

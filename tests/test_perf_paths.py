@@ -4852,3 +4852,94 @@ def test_a_hand_over_beside_a_parameter_of_one_ranks_own_parts_no_ranks(run_rank
     on rank 0 too, every rank steps; straight to the step, a hand-over combined over several ranks keeps its flag
     (Limits), on every rank alike."""
     assert run_ranks(2, body_a_hand_over_beside_a_parameter_of_one_ranks_own, then) == [stepped] * 2
+
+
+def body_a_nan_in_one_ranks_own_parameter_after_a_dropped_batch(how: str, then: str, combined: bool) -> list:
+    """DDP, and rank 0's fused AdamW (plain AdamW for ``how="clipper"``) also steps a parameter of its own, never
+    clipped: a NaN batch (NaN on every rank) clipped with ``optimizer=`` (``how="clip_fused"``) or by
+    ``GradClipper(on_nonfinite="skip")``, dropped (``zero_grad(set_to_none=True)``; ``then="inplace"``:
+    ``set_to_none=False``) and the next batch computed, finite in DDP's gradients and NaN in rank 0's own alone,
+    then ``clip_grads_with_norm_`` (``"norm"``), ``get_total_norm`` and that (``"total"``), clipped the first way
+    again (``"again"``) or neither, stepped. ``combined``: a good batch whose own parameter (a part on rank 0 alone)
+    is clipped over the world, stepped first, so that a call combining over several ranks has armed the optimizer.
+    ``max_norm`` 100: no coefficient to round. Returns whether this rank stepped, whether DDP's parameters are the
+    same on every rank, and whether its parameters equal (NaN too) those of the run without the NaN batch."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(7))
+
+    def run(nan: bool) -> tuple[bool, list[torch.Tensor], int]:
+        torch.manual_seed(0)
+        inner = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+        model = DDP(inner)
+        own = [nn.Parameter(torch.ones(3))] if dist.get_rank() == 0 else []
+        stepped = [*inner.parameters(), *own]
+        opt = torch.optim.AdamW(stepped, lr=0.1, fused=how != "clipper")
+        clipper = dist_clip.GradClipper(max_norm=100.0, on_nonfinite="skip")
+
+        def backward(bad: bool = False) -> None:
+            model(x).sum().backward()
+            for q in own:
+                q.grad = torch.tensor([1.0, math.nan if bad else 2.0, 3.0])
+
+        def clip(part: object = None) -> None:
+            kwargs = {"group": dist.group.WORLD} if part is not None else {}
+            if how == "clip_fused":
+                dist_clip.clip_grad_norm_(model if part is None else part, 100.0, optimizer=opt, **kwargs)
+            else:
+                clipper(model if part is None else part, optimizer=opt, **kwargs)
+
+        if combined:
+            backward()
+            clip(own)  # (rank 0's alone, over the world)
+            assert "_dist_clip_combined" in opt.__dict__
+            opt.step()
+            opt.zero_grad()
+        if nan:
+            backward()
+            with torch.no_grad():
+                inner[0].weight.grad[0, 0] = math.nan
+            clip()
+            opt.zero_grad(set_to_none=then != "inplace")  # the batch is dropped
+        backward(bad=True)
+        if then == "norm":
+            dist_clip.clip_grads_with_norm_(inner.parameters(), 100.0, torch.tensor(2.0))
+        elif then == "total":
+            dist_clip.clip_grads_with_norm_(inner.parameters(), 100.0, dist_clip.get_total_norm(model))
+        elif then == "again":
+            clip()
+        before = [q.detach().clone() for q in stepped]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (the step's "clip coefficient ... was dropped")
+            opt.step()
+        return (not all(torch.equal(b, q) for b, q in zip(before, stepped)), [q.detach().clone() for q in stepped],
+                len(list(inner.parameters())))
+
+    took, after, n = run(True)
+    _, want, _ = run(False)
+    flat = torch.cat([q.flatten() for q in after[:n]])
+    every = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, flat)
+    return [took, all(torch.equal(e, flat) for e in every),
+            all(torch.equal(a, w) or bool(torch.isnan(a).any() and torch.isnan(w).any())  # (rank 0's own: NaN)
+                for a, w in zip(after, want))]
+
+
+@pytest.mark.parametrize(("world", "how", "then", "combined"), [
+    *((2, "clip_fused", then, False) for then in ["norm", "total", "step", "inplace", "again"]),
+    (2, "clipper_fused", "again", False), (2, "clipper", "again", False),
+    (2, "clip_fused", "norm", True), (2, "clip_fused", "again", True), (2, "clipper", "again", True),
+    (3, "clip_fused", "step", False), (3, "clipper", "again", True),
+])
+def test_a_nan_in_one_ranks_own_parameter_after_a_dropped_batch_parts_no_ranks(run_ranks, world, how, then, combined):
+    """Under DDP with a parameter of rank 0's own in its optimizer (never clipped), the flag of a dropped NaN batch
+    whose gradients were replaced was kept by each rank's read of every gradient its optimizer steps, rank 0's own
+    included: a NaN there alone (the next batch) kept it on rank 0 alone, which skipped while the others stepped,
+    and DDP's replicas parted; with a call combining over several ranks before (the optimizer marked), rank 0 was
+    forced to keep it by that gradient alone (finite or not: 0.1 apart). A flag's NaN travels only into the
+    replacements of the gradients it was armed on: the read leaves out the parameters no waiting flag was armed on
+    (``_fused.note_beside``). Every rank steps, as in the run without the NaN batch, rank 0's own parameter stepping
+    its NaN there as it does in that run (no call measures it)."""
+    assert run_ranks(world, body_a_nan_in_one_ranks_own_parameter_after_a_dropped_batch, how, then,
+                     combined) == [[True, True, True]] * world
