@@ -860,7 +860,7 @@ def arm_skip_(
         # skip_next_step_ replaces any pending flag, a hand-over's too (settled or not: skip_next_step_(opt,
         # False) left a settled NaN hand-over's flag in place, and the next batch's good step was skipped).
         optimizer.__dict__[_PENDING] = (pending[0], torch.zeros_like(pending[1]), *pending[2:])
-    note_beside(optimizer, measured)
+    note_beside(optimizer, measured, now[0])  # (grad_state: its gradients, but for a ZeRO or OSS inner one)
 
 
 def _drop_unsettled(optimizer: torch.optim.Optimizer, now: list[Tensor], measured: Sequence[Tensor] | None) -> None:
@@ -1140,9 +1140,11 @@ class Agreement:
         """Whether, in a call combining over no other rank, the flags its verdict decides may be read from pieces
         that differ among ranks: a hand-over it settled whose total was combined over several ranks (its pieces
         were shards), or an optimizer whose flag it decides (the call's own, a settled hand-over's, a waiting
-        hand-over it measures gradients of) stepping a gradient the call does not measure, where a call combining
-        over several ranks has armed that optimizer's skip (host-side tests, only where a flag waits), or a flag
-        standing for another rank's gradients (:func:`_armed_elsewhere`). Otherwise the call measures every
+        hand-over it measures gradients of) stepping a gradient the call does not measure that a waiting flag was
+        armed on (not one :func:`note_beside` left out: a parameter of rank 0's own beside DDP's forced rank 0 alone
+        to keep), where a call combining over several ranks has armed that optimizer's skip (host-side tests, only
+        where a flag waits), or a flag standing for another rank's gradients (:func:`_armed_elsewhere`). Otherwise
+        the call measures every
         gradient those optimizers step, whole on this rank and alike on every rank (``group=None``: DDP's replicas,
         by the pieces' contract), or the flags were all armed by calls on such pieces, and each rank's read is the
         others' (forced to keep, a NaN hand-over under DDP whose batch was dropped and recomputed skipped the next
@@ -2096,7 +2098,8 @@ def hand_over_applied_(optimizer: torch.optim.Optimizer, total: Tensor, started:
     _WAITING.add(optimizer)
 
 
-def note_beside(optimizer: torch.optim.Optimizer, measured: Sequence[Tensor] | None) -> None:
+def note_beside(optimizer: torch.optim.Optimizer, measured: Sequence[Tensor] | None,
+                grads: list[Tensor] | None = None) -> None:
     """After a call armed ``optimizer``'s skip (its flag, a hand-over's, the skip guard's) on its pieces
     ``measured``, among several ranks: record the parameters it steps whose gradients no flag waiting for its
     step was armed on (:data:`_BESIDE`), which :func:`carry_only` leaves out of the read that keeps a flag whose
@@ -2109,11 +2112,12 @@ def note_beside(optimizer: torch.optim.Optimizer, measured: Sequence[Tensor] | N
     its own NaN, kept the dropped batch's flag and skipped, rank 1 stepped, and DDP's replicas parted. The set is
     left out (nothing excluded: every gradient stepped is read, as before) where a flag was armed without saying
     what it measured, holds a gradient no longer held, or this is a ZeRO or OSS wrapper's inner optimizer; each
-    arming computes it anew, and the step clears it."""
+    arming computes it anew, and the step clears it. ``grads``: the optimizer's :func:`gradients`, where the caller
+    has them."""
     optimizer.__dict__.pop(_BESIDE, None)
     if not measured or optimizer.__dict__.get(_OUTER) is not None or not _multi_rank():
         return
-    grads = gradients(optimizer)
+    grads = grads if grads is not None else gradients(optimizer)
     if len(grads) <= len(measured):
         return  # (the usual case: the call measured every gradient the optimizer steps)
     rest = {id(g) for g in _unmeasured(grads, measured)}

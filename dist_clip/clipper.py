@@ -251,9 +251,10 @@ class _SkipGuard:
         self.running, self.replaced = None, False  # left by a step that raised: that step's
         armed = (self.flag, self.armed_on) if combine and self.flag is not None and self.armed_on is not None else None
         # (per part, two calls on the same gradients: either skips; see _fused.rearm)
-        self.flag, self.armed_on = _fused.rearm(armed, flag, _fused.grad_state(optimizer), started, measured,
-                                                optimizer, lambda a, b: a | b.to(a.device))
-        _fused.note_beside(optimizer, measured)
+        now = _fused.grad_state(optimizer)
+        self.flag, self.armed_on = _fused.rearm(armed, flag, now, started, measured, optimizer,
+                                                lambda a, b: a | b.to(a.device))
+        _fused.note_beside(optimizer, measured, now[0])
 
     @staticmethod
     def _on_host(flag: Tensor) -> bool:
