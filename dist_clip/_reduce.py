@@ -74,7 +74,18 @@ def reduction_group(groups: Iterable[dist.ProcessGroup | None]) -> dist.ProcessG
     if not distinct:
         return None
     if len(distinct) == 1:
-        return distinct[0]
+        only = distinct[0]
+        if not isinstance(only, dist.ProcessGroup) and only == getattr(dist.GroupMember, "NON_GROUP_MEMBER", None):
+            # A custom adapter's Shards on a group made with dist.new_group on ranks outside it (torch's int
+            # sentinel): the all-reduce over it returned at once, and this rank its own pieces' total as the norm
+            # (5.20 on the outsider, 3.87 on the group's two ranks), silently; report=True failed in torch
+            # ("Invalid process group specified"). The group's ranks never wait for this rank: it raises alone.
+            raise ValueError(
+                f"a Shards' group is a process group this rank ({dist.get_rank()}) is not a member of (dist.new_group "
+                "returns GroupMember.NON_GROUP_MEMBER on the ranks outside it): its pieces' partials cannot combine "
+                "with that group's; give this rank's pieces a group holding it, or call only on the group's ranks"
+            )
+        return only
     if all(same_ranks(g, distinct[0]) for g in distinct[1:]):
         return same_everywhere(distinct)
     return _world()

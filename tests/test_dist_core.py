@@ -1375,6 +1375,34 @@ def test_outsider_of_group_and_empty_unitwise_rank(run_ranks):
     assert a[1] == b[1] == c[1] == "the ranks of this call disagree on the target's parameter names", (a, b, c)
 
 
+def body_outsider_of_an_adapters_group() -> list:
+    """A custom adapter's Shards on a ``dist.new_group([0, 1])`` hold torch's int sentinel on rank 2, outside it:
+    that rank's all-reduce returned at once and it took its own pieces' total for the norm (5.20 there, 3.87 on
+    ranks 0 and 1), silently; with report=True it failed inside torch ("Invalid process group specified"). Now a
+    ValueError saying so, on that rank alone (the group's ranks never wait for it)."""
+    from dist_clip import Shards
+
+    from .custom_adapter import HandSharded
+
+    rank = dist.get_rank()
+    pair = dist.new_group([0, 1])
+    out: list = []
+    with _custom_adapter_listed():
+        for call in (lambda t: dist_clip.get_total_norm(t), lambda t: dist_clip.GradClipper(report=True)(t).total_norm):
+            target = HandSharded([Shards([torch.full((3,), float(rank + 1))], group=pair, names=["w"])])
+            try:
+                out.append(f"{call(target).item():.4f}")
+            except ValueError as e:
+                out.append(str(e).split(" (")[0])
+    return out
+
+
+def test_a_rank_outside_an_adapters_group_is_told_so(run_ranks):
+    a, b, c = run_ranks(3, body_outsider_of_an_adapters_group, timeout_s=60)
+    assert a == b == [f"{math.sqrt(15):.4f}"] * 2, (a, b)
+    assert c == ["a Shards' group is a process group this rank"] * 2, c
+
+
 def body_silent_peer() -> str:
     if dist.get_rank() == 1:
         return "skipped the call"
