@@ -302,11 +302,14 @@ class ParallelPlan:
         seen: set[int] = set()
         params: dict[str, Tensor] = {}
         # One tensor under a tied copy's name and its owner's (the tie on one rank, e.g. a plan reused at one
-        # pipeline stage): it is the owner's piece, whichever name comes first (the copy's went uncounted).
-        tied = dict(self.tied)
+        # pipeline stage): it is the owner's piece, whichever name comes first (the copy's went uncounted). So too
+        # for a name of the plan beside an alias outside it (a weight shared by two modules, the full model's
+        # named_parameters() listing its first name): a mapping is read in sorted order, and
+        # dict(stage.named_parameters(remove_duplicate=False)) was refused when the alias sorted first
+        # ('dec.weight' before 'enc.weight': "neither in the plan's names nor a tied copy"; 13.0 as the module).
         own_name: dict[int, str] = {}
         for name, t in items:
-            if id(t) not in own_name or (own_name[id(t)] in tied and name in index):
+            if id(t) not in own_name or (own_name[id(t)] not in index and name in index):
                 own_name[id(t)] = name
         items = [(name, t) for name, t in items if own_name[id(t)] == name]
         siblings = None

@@ -352,7 +352,8 @@ def body_plan_errors() -> list[str]:
 
 def body_tie_on_one_rank_and_measure_only() -> list[float]:
     """A tied weight on one rank under both names (the copy's registered first, so named_parameters() gives only
-    the copy's name): counted once, as its owner (it was not counted at all: 1.85 for 4.00). And
+    the copy's name): counted once, as its owner (it was not counted at all: 1.85 for 4.00); a mapping holding it
+    under the plan's name and an alias outside the plan too. And
     ``compose.get_total_norm`` only measures: an inf on one rank left every rank's gradients as they were (a
     clipper with an infinite limit multiplied them by inf / inf = NaN)."""
     mesh = cases.mesh((dist.get_world_size(),), ("tp",))
@@ -381,6 +382,15 @@ def body_tie_on_one_rank_and_measure_only() -> list[float]:
     assert GradClipper(max_norm=1e9, mode="per_param", report=True)(model, plan=plan).norms == pytest.approx(
         {"tok.weight": float(model.head.weight.grad.norm()), "other": float(model.other.grad.norm())}, rel=1e-6)
     assert out[0] == pytest.approx(want, rel=1e-6)
+    # The same shared weight, no tie declared: the plan lists the name the full model's named_parameters() gives,
+    # and a mapping of every name (remove_duplicate=False) holds an alias too, which sorts first. Counted once
+    # under the plan's name, as the module is (it was refused: "'head.weight', which is neither in the plan's
+    # names nor a tied copy").
+    shared = ParallelPlan(mesh, names=("tok.weight", "other"), rules=(Rule("*", replicate=("tp",)),))
+    every = dict(model.named_parameters(remove_duplicate=False))
+    assert sorted(every)[0] == "head.weight"
+    assert compose.get_total_norm(every, shared).item() == pytest.approx(want, rel=1e-6)
+    assert compose.get_total_norm(model, shared).item() == pytest.approx(want, rel=1e-6)
     if dist.get_rank() == 0:  # the rank that counts the replicated pieces
         model.other.grad[0] = math.inf
     before = [model.head.weight.grad.clone(), model.other.grad.clone()]
