@@ -478,6 +478,24 @@ def test_a_list_of_parameters_takes_the_fast_path_only_where_it_gives_the_genera
         dist_clip.clip_grad_norm_([*ps, flat], 1.0)
 
 
+def test_a_list_of_marked_parameters_beside_a_plain_gradient_reads_each_as_it_is():
+    """A list whose items are every one marked ``_is_param`` (FSDP2's DTensor parameters; any tensor subclass that
+    ``nn.Parameter`` wraps) is read as their ``.grad`` in one pass; one with a plain gradient beside them takes the
+    per-item path, where that gradient counts as itself (read as a parameter, its ``.grad`` None, it was left out
+    of the norm: 3.46 for 6.93)."""
+
+    class Marked(torch.Tensor):
+        pass
+
+    p = nn.Parameter(torch.zeros(3).as_subclass(Marked))
+    assert getattr(p, "_is_param", False) and type(p) is Marked
+    p.grad = torch.full((3,), 2.0).as_subclass(Marked)
+    g = torch.full((4,), 3.0)
+    want = reference_norm([p.grad.as_subclass(torch.Tensor), g], 2.0)
+    assert dist_clip.get_total_norm([p, g]).item() == pytest.approx(want, rel=1e-6)
+    assert dist_clip.get_total_norm([p]).item() == pytest.approx(math.sqrt(12.0), rel=1e-6)
+
+
 @pytest.mark.parametrize("case", ["a parameter beside its own grad", "two parameters sharing one grad"])
 def test_a_gradient_reached_twice_counts_once(case):
     """[p, p.grad, q] (or two parameters given one gradient tensor) counted p's gradient twice in the norm while
