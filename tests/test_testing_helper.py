@@ -279,17 +279,19 @@ def test_spawns_its_own_ranks():
 
 class _HeldInACycle:
     """Held by the wrapped model, and by itself: only a collection frees it. Writes to ``path`` whether the
-    process group was still up when it was freed."""
+    process group was still up when it was freed, and whether the interpreter was exiting then."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.me = self
 
     def __del__(self) -> None:
+        import sys
+
         import torch.distributed as dist
 
         with open(self.path, "w") as f:
-            f.write(f"group up: {dist.is_initialized()}")
+            f.write(f"group up: {dist.is_initialized()}, exiting: {sys.is_finalizing()}")
 
 
 def _wrap_ddp_holding_a_cycle(path: str, model: nn.Module) -> nn.Module:
@@ -301,11 +303,12 @@ def test_spawned_ranks_collect_the_wrapped_model_before_ending_their_group(tmp_p
     """A spawned rank destroyed its group while the wrapped model's reference cycles (DDP's, FSDP2's) still held
     it: gloo's threads then died at interpreter exit ("terminate called without an active exception", SIGABRT),
     in the user's CI log after a passing check. The ranks now collect before the group ends (bootstrap.shutdown);
-    before, the cycle here was freed only at exit, with the group gone, or never."""
+    before, the cycle here was freed only at exit, with the group gone, or never. Freed at exit with the group
+    still up (no shutdown at all: the group never ended) is not it either."""
     path = tmp_path / "freed"
     assert_clip_matches_unsharded(cases.build_mlp, functools.partial(_wrap_ddp_holding_a_cycle, str(path)),
                                   cases.batch, world_size=1, max_norm=0.05)
-    assert path.exists() and path.read_text() == "group up: True", path.exists() and path.read_text()
+    assert path.exists() and path.read_text() == "group up: True, exiting: False", path.exists() and path.read_text()
 
 
 def test_bad_arguments():
