@@ -1156,6 +1156,27 @@ def test_a_hand_over_is_made_only_to_an_optimizer_stepping_what_was_measured(cas
     torch.testing.assert_close(b_got, b_ref, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("flow", ["dropped", "replaced"])
+def test_a_part_of_a_fused_optimizer_s_gradients_arms_its_skip_until_the_step_in_one_process(flow):
+    """In one process a NaN part [a] clipped with ``optimizer=`` a fused AdamW that also steps ``b`` is scaled in the
+    call and arms the skip, which lasts until the step whatever happens to the gradients meanwhile (the batch
+    dropped and a finite one computed, or ``a.grad`` replaced by a finite one, with no call between): the step is
+    skipped. Only among several ranks is that flag kept as a hand-over's, dropped with its gradients (see
+    test_a_dropped_nan_batch_of_replicas_lets_the_next_batch_step_on_every_rank)."""
+    a, b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(4))
+    opt = torch.optim.AdamW([a, b], lr=0.1, fused=True)
+    a.grad, b.grad = torch.tensor([math.nan, 1.0, 2.0]), torch.ones(4)
+    dist_clip.clip_grad_norm_([a], 1.0, optimizer=opt)
+    if flow == "dropped":
+        opt.zero_grad(set_to_none=True)
+        a.grad, b.grad = torch.ones(3), torch.ones(4)
+    else:
+        a.grad = torch.ones(3)
+    opt.step()
+    assert torch.equal(a.detach(), torch.zeros(3)) and torch.equal(b.detach(), torch.zeros(4))
+    assert not opt.state or all(float(s["step"]) == 0 for s in opt.state.values())
+
+
 @pytest.mark.parametrize("case", ["halves of each gradient", "every other element", "the same bytes"])
 def test_a_hand_over_needs_the_measured_bytes_to_cover_the_stepped_gradients(case):
     """Measured pieces that only overlap the stepped gradients (the first halves, or g[::2], whose span covers
@@ -4699,7 +4720,8 @@ def test_a_nan_hand_over_decided_without_a_collective_skips_on_every_rank(run_ra
     assert run_ranks(2, body_a_nan_hand_over_decided_without_a_collective, how) == [True, True]
 
 
-def body_a_dropped_nan_batch_of_replicas_lets_the_next_batch_step(how: str, target: str) -> list:
+def body_a_dropped_nan_batch_of_replicas_lets_the_next_batch_step(how: str, target: str,
+                                                                   dtype: str = "float32") -> list:
     """Replicated gradients (``target``: DDP, or plain parameters alike on every rank clipped with ``group=None``;
     ``"ddp_local"``: rank 0's optimizer also steps a parameter of its own outside DDP, its gradient finite),
     fused AdamW (plain Adam for ``how="clipper"``): a NaN batch (NaN on every rank, as DDP's all-reduce gives)
@@ -4712,20 +4734,21 @@ def body_a_dropped_nan_batch_of_replicas_lets_the_next_batch_step(how: str, targ
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     assert dist.get_world_size() > 1
-    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(7))  # (alike on every rank: replicas)
+    kind = getattr(torch, dtype)
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(7), dtype=kind)  # (alike on every rank: replicas)
 
     def run(nan: bool) -> tuple[bool, list[torch.Tensor]]:
         torch.manual_seed(0)
-        inner = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+        inner = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)).to(kind)
         model = DDP(inner) if target.startswith("ddp") else inner
-        own = [nn.Parameter(torch.ones(3))] if target == "ddp_local" and dist.get_rank() == 0 else []
+        own = [nn.Parameter(torch.ones(3, dtype=kind))] if target == "ddp_local" and dist.get_rank() == 0 else []
         stepped = [*inner.parameters(), *own]
         opt = torch.optim.AdamW(stepped, lr=0.1, fused=how != "clipper")
 
         def backward() -> None:
             model(x).sum().backward()
             for q in own:
-                q.grad = torch.ones(3)
+                q.grad = torch.ones(3, dtype=kind)
         clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
 
         def clip(first: bool = False) -> None:
@@ -4776,6 +4799,95 @@ def test_a_dropped_nan_batch_of_replicas_lets_the_next_batch_step_on_every_rank(
     hand-over's now, on every rank alike."""
     assert run_ranks(2, body_a_dropped_nan_batch_of_replicas_lets_the_next_batch_step, how,
                      target) == [[True, True]] * 2
+
+
+@pytest.mark.parametrize("how", ["clip_norm", "clip_step"])
+def test_float64_replicas_beside_a_parameter_of_one_ranks_own_keep_the_dropped_batch_s_skip_on_every_rank(
+        run_ranks, how):
+    """As above in float64: no rank hands over (torch's fused kernels take ``grad_scale`` in float32 only), so
+    every rank scales in the call and arms the NaN batch's skip until the step, rank 0 (whose optimizer also steps
+    a parameter of its own) too: the dropped batch's next one is skipped on every rank alike. Kept as a
+    hand-over's on rank 0 alone (only a call that would hand over is one), rank 0 stepped and rank 1 skipped."""
+    assert run_ranks(2, body_a_dropped_nan_batch_of_replicas_lets_the_next_batch_step, how, "ddp_local",
+                     "float64") == [[False, False]] * 2
+
+
+def body_a_dropped_nan_batch_of_replicas_beside_another_optimizer(other: str) -> bool:
+    """DDP replicas stepped by a fused AdamW (A): a NaN batch clipped with ``optimizer=`` A (handed over), dropped,
+    the next batch clipped so and stepped. ``other="waiting"``: a fused SGD (B) stepping a plain tensor of each
+    rank's own (a piece) has a hand-over combined over the world waiting when A's second call runs (its part
+    clipped first, over the world); ``"combined_once"``: A's clip combined over the world once, a step before (the
+    replicas' gradients taken for pieces), every later call with no collective. Returns whether A stepped."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    model = DDP(inner)
+    opt = torch.optim.AdamW(inner.parameters(), lr=0.1, fused=True)
+    p = nn.Parameter(torch.randn(3, generator=torch.Generator().manual_seed(rank)))
+    other_opt = torch.optim.SGD([p], lr=0.1, fused=True)
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(7))
+    if other == "combined_once":
+        model(x).sum().backward()
+        dist_clip.clip_grad_norm_(list(inner.parameters()), 1.0, optimizer=opt, group=dist.group.WORLD)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model(x).sum().backward()
+    with torch.no_grad():
+        inner[0].weight.grad[0, 0] = math.nan
+    dist_clip.clip_grad_norm_(model, 1.0, optimizer=opt)
+    opt.zero_grad(set_to_none=True)  # the batch is dropped
+    model(x).sum().backward()
+    if other == "waiting":
+        p.grad = torch.randn(3, generator=torch.Generator().manual_seed(10 + rank))
+        dist_clip.clip_grad_norm_([p], 1.0, optimizer=other_opt, group=dist.group.WORLD)
+    dist_clip.clip_grad_norm_(model, 1.0, optimizer=opt)
+    before = [q.detach().clone() for q in inner.parameters()]
+    opt.step()
+    other_opt.step()
+    return not all(torch.equal(b, q) for b, q in zip(before, inner.parameters()))
+
+
+@pytest.mark.parametrize("other", ["waiting", "combined_once"])
+def test_a_dropped_nan_batch_of_replicas_steps_the_next_batch_beside_flags_that_it_does_not_decide(run_ranks, other):
+    """The next batch's call, with no collective, decides the dropped NaN hand-over's flag by its own read (the
+    replicas' gradients, alike on every rank): every rank steps. Neither another optimizer's hand-over combined
+    over the world that the call does not measure (left for that optimizer's own step), nor a clip combined over
+    the world a step before with this optimizer (the call measures every gradient it steps) forces the verdict to
+    "keep" (each did in a mutant: the good step skipped on every rank)."""
+    assert run_ranks(2, body_a_dropped_nan_batch_of_replicas_beside_another_optimizer, other) == [True, True]
+
+
+def body_an_empty_piece_s_nan_hand_over_measured_by_a_call_without_a_collective() -> list:
+    """Plain tensors: a fused AdamW (B) steps ``q``, NaN on rank 0, a zero-element piece on rank 1, clipped over the
+    world (a NaN hand-over on every rank, its total combined), ``q.grad`` replaced out of place, then ``[r, q]``
+    clipped with ``group=None`` and another fused AdamW stepping the replica ``r``: rank 1's call measures B's
+    (empty) gradient, which overlaps nothing, so it does not settle B's hand-over and drops it by the verdict.
+    Returns B's step counts on this rank (no state: none)."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    r = nn.Parameter(torch.ones(4))
+    opt = torch.optim.AdamW([r], lr=0.1, fused=True)
+    q = nn.Parameter(torch.ones(3) if rank == 0 else torch.ones(0))
+    other = torch.optim.AdamW([q], lr=0.1, fused=True)
+    q.grad = torch.tensor([math.nan, 1.0, 1.0]) if rank == 0 else torch.zeros(0)
+    dist_clip.clip_grad_norm_([q], 1.0, optimizer=other, group=dist.group.WORLD)
+    q.grad = q.grad + 0  # replaced out of place (the NaN carried on rank 0)
+    r.grad = torch.ones(4)
+    dist_clip.clip_grad_norm_([r, q], 1.0, optimizer=opt)
+    other.step()
+    opt.step()
+    return [float(s["step"]) for s in other.state.values()]
+
+
+def test_an_empty_piece_s_nan_hand_over_measured_by_a_call_without_a_collective_skips_on_every_rank(run_ranks):
+    """A call without a collective that measures another optimizer's waiting hand-over combined over several ranks
+    (here a zero-element piece, which it does not settle) keeps that flag on every rank, as the ranks holding the
+    NaN do: decided by rank 1's own read (finite), rank 1 stepped B and rank 0 skipped it."""
+    assert run_ranks(2, body_an_empty_piece_s_nan_hand_over_measured_by_a_call_without_a_collective) == [[0.0]] * 2
 
 
 def body_a_part_on_one_rank_beside_replicas_clipped_alone(how: str) -> bool:
