@@ -4890,10 +4890,10 @@ def test_an_empty_piece_s_nan_hand_over_measured_by_a_call_without_a_collective_
     assert run_ranks(2, body_an_empty_piece_s_nan_hand_over_measured_by_a_call_without_a_collective) == [[0.0]] * 2
 
 
-def body_a_part_on_one_rank_beside_replicas_clipped_alone(how: str) -> bool:
+def body_a_part_on_one_rank_beside_replicas_clipped_alone(how: str, again: int = 1) -> bool:
     """Plain tensors: ``a`` on rank 0 alone (NaN), clipped over the world (rank 1 passes nothing), a replicated
-    ``r`` clipped with ``group=None``, every gradient replaced out of place, [r] again, then ``step()``. Returns
-    whether this rank's step was skipped."""
+    ``r`` clipped with ``group=None``, every gradient replaced out of place, [r] again (``again`` times), then
+    ``step()``. Returns whether this rank's step was skipped."""
     import torch.distributed as dist
 
     rank = dist.get_rank()
@@ -4916,38 +4916,45 @@ def body_a_part_on_one_rank_beside_replicas_clipped_alone(how: str) -> bool:
     clip([r], None)
     for q in mine:
         q.grad = q.grad + 1
-    clip([r], None)
+    for _ in range(again):
+        clip([r], None)
     before = [q.detach().clone() for q in mine]
     opt.step()
     return all(torch.equal(x, q) for x, q in zip(before, mine))
 
 
+@pytest.mark.parametrize("again", [1, 2])
 @pytest.mark.parametrize("how", ["clip_fused", "clipper_fused", "clipper"])
-def test_a_part_on_one_rank_beside_replicas_clipped_alone_skips_on_every_rank(run_ranks, how):
+def test_a_part_on_one_rank_beside_replicas_clipped_alone_skips_on_every_rank(run_ranks, how, again):
     """A call without a collective decides by its own read only where that read is every rank's: here rank 1's
     [r] measures every gradient its optimizer steps, but its flag from [a] stands for rank 0's gradient (armed by
     a call that measured nothing on rank 1). Decided by rank 1's read alone, rank 1 stepped and rank 0 skipped;
-    every rank keeps the flag and skips."""
-    assert run_ranks(2, body_a_part_on_one_rank_beside_replicas_clipped_alone, how) == [True, True]
+    every rank keeps the flag and skips. [r] clipped twice: the first keeps rank 1's flag as an entry with no
+    gradient left there, which the second must take for one standing for another rank's (_armed_elsewhere; left
+    out, mutation run 17's M28: rank 1 stepped, rank 0 skipped)."""
+    assert run_ranks(2, body_a_part_on_one_rank_beside_replicas_clipped_alone, how, again) == [True, True]
 
 
-def body_a_hand_over_beside_a_parameter_of_one_ranks_own(then: str) -> bool:
+def body_a_hand_over_beside_a_parameter_of_one_ranks_own(then: str, piece: str = "whole") -> bool:
     """Plain tensors ``w`` (each rank's piece) clipped over the world with a fused ``optimizer=`` that on rank 0
     also steps ``a`` (finite, of its own, not clipped): a NaN batch clipped, dropped (set to None) and a finite one
     computed, then ``get_total_norm`` over the world and ``clip_grads_with_norm_`` (``then="total"``), or straight
-    to ``step()`` (``"step"``). Returns whether this rank stepped."""
+    to ``step()`` (``"step"``). ``piece="slice"``: the NaN batch's call measures a slice of ``w.grad``, which no
+    optimizer steps as such; ``"other"``: ``w`` and ``c``, a parameter this optimizer does not step (rank 0's
+    steps a second one of its own, ``b``). Returns whether this rank stepped."""
     import torch.distributed as dist
 
     rank = dist.get_rank()
-    w, a = nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(3))
-    mine = [w, a] if rank == 0 else [w]
+    w, a, b, c = (nn.Parameter(torch.randn(n)) for n in (5, 3, 2, 2))
+    mine = ([w, a, b] if piece == "other" else [w, a]) if rank == 0 else [w]
     opt = torch.optim.AdamW(mine, lr=0.1, fused=True)
     for batch in range(2):
-        for q in mine:
+        for q in [*mine, c]:
             q.grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(10 * rank + batch))
         if batch == 0:
             w.grad[1] = math.nan
-            dist_clip.clip_grad_norm_([w], 1.0, optimizer=opt, group=dist.group.WORLD)
+            measured = {"whole": [w], "slice": [w.grad[:4]], "other": [w, c]}[piece]
+            dist_clip.clip_grad_norm_(measured, 1.0, optimizer=opt, group=dist.group.WORLD)
             opt.zero_grad(set_to_none=True)  # the batch is dropped
     if then == "total":
         dist_clip.clip_grads_with_norm_([w], 1.0, dist_clip.get_total_norm([w], group=dist.group.WORLD))
@@ -4956,14 +4963,49 @@ def body_a_hand_over_beside_a_parameter_of_one_ranks_own(then: str) -> bool:
     return not all(torch.equal(x, q) for x, q in zip(before, mine))
 
 
-@pytest.mark.parametrize(("then", "stepped"), [("total", True), ("step", False)])
-def test_a_hand_over_beside_a_parameter_of_one_ranks_own_parts_no_ranks(run_ranks, then, stepped):
+def body_a_parameter_of_one_ranks_own_replaced_beside_a_clipped_piece(then: str) -> list:
+    """As :func:`body_a_hand_over_beside_a_parameter_of_one_ranks_own`, a finite batch: ``w`` clipped over the
+    world, then rank 0's own ``a.grad`` (not measured) replaced out of place, then ``get_total_norm`` over the world
+    (``then="total"``) or not, and ``step()``. Returns whether this rank stepped and the warnings raised."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    w, a = nn.Parameter(torch.randn(5)), nn.Parameter(torch.randn(3))
+    mine = [w, a] if rank == 0 else [w]
+    opt = torch.optim.AdamW(mine, lr=0.1, fused=True)
+    for q in mine:
+        q.grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(10 * rank))
+    dist_clip.clip_grad_norm_([w], 1.0, optimizer=opt, group=dist.group.WORLD)
+    if rank == 0:
+        a.grad = a.grad * 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if then == "total":
+            dist_clip.get_total_norm([w], group=dist.group.WORLD)
+        before = [q.detach().clone() for q in mine]
+        opt.step()
+    return [not all(torch.equal(x, q) for x, q in zip(before, mine)), [str(c.message) for c in caught]]
+
+
+@pytest.mark.parametrize("then", ["total", "step"])
+def test_a_parameter_of_one_ranks_own_replaced_beside_a_clipped_piece_steps_without_a_warning(run_ranks, then):
+    """The flag kept as a hand-over's on rank 0 is held by the measured gradients alone: rank 0's own gradient,
+    which the call did not measure, replaced out of place before the step is none of its business (held by every
+    gradient stepped, mutation run 17's T11, rank 0 warned that gradients handed to its step were replaced)."""
+    assert run_ranks(2, body_a_parameter_of_one_ranks_own_replaced_beside_a_clipped_piece, then) == [[True, []]] * 2
+
+
+@pytest.mark.parametrize(("then", "piece", "stepped"), [("total", "whole", True), ("step", "whole", False),
+                                                        ("total", "slice", False), ("total", "other", False)])
+def test_a_hand_over_beside_a_parameter_of_one_ranks_own_parts_no_ranks(run_ranks, then, piece, stepped):
     """Rank 0's optimizer steps more than the call measured, so the call scaled there and armed the skip (lasting
     to the step) where rank 1 handed over (dropped with the batch, by the verdict of a call reading it): the next
     batch's ``get_total_norm`` dropped rank 1's flag alone, rank 1 stepped and rank 0 skipped. Kept as a hand-over's
     on rank 0 too, every rank steps; straight to the step, a hand-over combined over several ranks keeps its flag
-    (Limits), on every rank alike."""
-    assert run_ranks(2, body_a_hand_over_beside_a_parameter_of_one_ranks_own, then) == [stepped] * 2
+    (Limits), on every rank alike. A slice of ``w.grad`` measured, or ``w`` with a parameter no rank's optimizer
+    steps: no rank hands over, each arms the skip until the step, rank 0 too (kept as a hand-over's on rank 0 alone,
+    mutation run 17's T04 and T05, rank 0 stepped and rank 1 skipped)."""
+    assert run_ranks(2, body_a_hand_over_beside_a_parameter_of_one_ranks_own, then, piece) == [stepped] * 2
 
 
 def body_a_nan_in_one_ranks_own_parameter_after_a_dropped_batch(how: str, then: str, combined: bool) -> list:
