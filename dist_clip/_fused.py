@@ -1137,20 +1137,19 @@ class Agreement:
                 optimizer.__dict__[_COMBINED] = True
 
     def _may_differ(self) -> bool:
-        """Whether, in a call combining over no other rank, the flags its verdict decides may be read from pieces
-        that differ among ranks: a hand-over it settled whose total was combined over several ranks (its pieces
-        were shards), or an optimizer whose flag it decides (the call's own, a settled hand-over's, a waiting
-        hand-over it measures gradients of) stepping a gradient the call does not measure that a waiting flag was
-        armed on (not one :func:`note_beside` left out: a parameter of rank 0's own beside DDP's forced rank 0 alone
-        to keep), where a call combining over several ranks has armed that optimizer's skip (host-side tests, only
-        where a flag waits), or a flag standing for another rank's gradients (:func:`_armed_elsewhere`). Otherwise
-        the call measures every
-        gradient those optimizers step, whole on this rank and alike on every rank (``group=None``: DDP's replicas,
-        by the pieces' contract), or the flags were all armed by calls on such pieces, and each rank's read is the
-        others' (forced to keep, a NaN hand-over under DDP whose batch was dropped and recomputed skipped the next
-        good step on every rank; and where rank 0's optimizer also stepped a parameter of its own outside DDP, rank
-        0 alone skipped it). An optimizer armed by combining calls once is marked for good (a flag's origin is not
-        kept in its ledger): a loop mixing both keeps such flags from then on, alike on every rank."""
+        """Whether, in a call combining over no other rank, the flags its verdict decides may be read from pieces that
+        differ among ranks: a hand-over it settled whose total was combined over several ranks (its pieces were shards),
+        or an optimizer whose flag it decides (the call's own, a settled hand-over's, a waiting hand-over it measures
+        gradients of) stepping a gradient the call does not measure that a waiting flag was armed on (not one
+        :func:`note_beside` left out: a parameter of rank 0's own beside DDP's forced rank 0 alone to keep), where a
+        call combining over several ranks has armed that optimizer's skip (host-side tests, only where a flag waits), or
+        a flag standing for another rank's gradients (:func:`_armed_elsewhere`). Otherwise the call measures every
+        gradient those optimizers step, whole on this rank and alike on every rank (``group=None``: DDP's replicas, by
+        the pieces' contract), or the flags were all armed by calls on such pieces, and each rank's read is the others'
+        (forced to keep, a NaN hand-over under DDP whose batch was dropped and recomputed skipped the next good step on
+        every rank; and where rank 0's optimizer also stepped a parameter of its own outside DDP, rank 0 alone skipped
+        it). An optimizer armed by combining calls once is marked for good (a flag's origin is not kept in its ledger):
+        a loop mixing both keeps such flags from then on, alike on every rank."""
         if self.settled_shared:
             return True
         seen: set[int] = set()
