@@ -17,6 +17,7 @@ fairscale are imported only when their wrapper is asked for.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
 import math
@@ -192,6 +193,11 @@ class Setup:
     clip_target: object
     native_clip: Callable[[], Tensor | None] | None  # returns the norm before clipping; None: clips in step()
     after_step_norm: Callable[[], float | None] | None = None
+    # Run once training is over (or has failed): lets go of what gc cannot see, so that the wrapped model is freed
+    # before the process group ends (bootstrap.shutdown). A DeepSpeed engine was held, with its optimizer and
+    # process groups, by the hooks ZeRO puts on every parameter's gradient accumulation (which torch's C++ autograd
+    # nodes hold) and, under ZeRO-3, by two of DeepSpeed's globals: it lived on after the group ended.
+    release: Callable[[], None] | None = None
 
 
 def _adamw(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -290,6 +296,8 @@ def _wrap_deepspeed(model: nn.Module, cfg: TrainConfig, info: DistInfo, stage: i
 
     import deepspeed
 
+    from .adapters import deepspeed as deepspeed_adapter
+
     # DeepSpeed calls torch collectives that torch 2.13 deprecates, once per call: not the user's business.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
@@ -311,7 +319,7 @@ def _wrap_deepspeed(model: nn.Module, cfg: TrainConfig, info: DistInfo, stage: i
 
     return Setup(
         engine, engine.backward, engine.step, engine, None if not native else (lambda: None),
-        after_step_norm if native else None,
+        after_step_norm if native else None, functools.partial(deepspeed_adapter.release, engine),
     )
 
 
@@ -390,6 +398,16 @@ def _threads_for(ranks_here: int) -> int:
 
 
 @contextlib.contextmanager
+def _released(setup: Setup) -> Iterator[None]:
+    """Run ``setup.release`` on the way out, whether training finished or raised."""
+    try:
+        yield
+    finally:
+        if setup.release is not None:
+            setup.release()
+
+
+@contextlib.contextmanager
 def _progress(enabled: bool, total: int, desc: str) -> Iterator[Callable[[StepRecord], None]]:
     """A tqdm bar on a terminal; plain lines (about ten per run) when stderr is a file or a pipe, or when tqdm
     (the ``train`` extra) is not installed."""
@@ -446,7 +464,7 @@ def train(
     mine = slice(info.rank * cfg.batch_size, (info.rank + 1) * cfg.batch_size)
     records: list[StepRecord] = []
     start = time.perf_counter()
-    with _progress(progress and info.is_main, cfg.steps, f"{cfg.wrapper} x{info.world_size}") as show:
+    with _released(setup), _progress(progress and info.is_main, cfg.steps, f"{cfg.wrapper} x{info.world_size}") as show:
         for step in range(1, cfg.steps + 1):
             x, y = global_batch(text, step, cfg.seed, rows, cfg.model.seq_len)
             loss = lm_loss(setup.forward, x[mine].to(info.device), y[mine].to(info.device), cfg.precision)

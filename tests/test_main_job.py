@@ -489,6 +489,48 @@ def test_wrapper_run_agrees_with_unsharded_replay(run_ranks, tmp_path, fields):
         assert all(s["norm_clipped"] <= max_norm * (1 + 1e-4) for s in steps)
 
 
+def _case_train_frees_the_engine(cfg_dict: dict) -> list[str]:
+    """Rank body: train, then collect; the DeepSpeed objects of this run still alive (their class names)."""
+    import gc
+    import weakref
+
+    import torch
+
+    from dist_clip import bootstrap, train
+    from dist_clip.config import from_dict
+
+    cfg = from_dict(cfg_dict, "<test>")
+    made: list[weakref.ref] = []
+    real = train._wrap
+
+    def spy(*args, **kwargs):
+        setup = real(*args, **kwargs)
+        made.extend(weakref.ref(x) for x in (setup.clip_target, setup.clip_target.optimizer))
+        return setup
+
+    train._wrap = spy
+    try:
+        text = (torch.arange(4096) * 7 % 256).to(torch.uint8)  # the same on every rank
+        train.train(cfg, bootstrap.init_distributed(cfg.backend), text, source="<test>")
+    finally:
+        train._wrap = real
+    gc.collect()
+    return [type(ref()).__name__ for ref in made if ref() is not None]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.deepspeed
+@NEEDS_DS
+@pytest.mark.parametrize("wrapper", ["zero2", "zero3"])
+def test_a_zero_run_frees_its_engine_before_the_group_ends(run_ranks, wrapper):
+    """The engine and its ZeRO optimizer outlived training and bootstrap.shutdown() (gc first), with their
+    process groups, until interpreter exit: ZeRO's hooks on every parameter's gradient accumulation (held by
+    torch's C++ autograd nodes, out of gc's sight) held the optimizer, which held the engine, and ZeRO-3's
+    globals held the module. Training now ends with adapters.deepspeed.release."""
+    cfg = {**TINY, "steps": 1, "wrapper": wrapper}
+    assert run_ranks(2, _case_train_frees_the_engine, cfg, timeout_s=240, pg_timeout_s=240.0) == [[], []]
+
+
 def _case_run_job_rank1_norm_off(cfg_dict: dict, out_dir: str, factor: float) -> int:
     """The whole job with rank 1's float64 total multiplied by ``factor`` (a wrong norm, hence coefficient, on
     that rank alone); restored afterwards, since the pool's processes serve later tests."""

@@ -75,6 +75,7 @@ __all__ = [
     "fold_handle",
     "matches",
     "optimizer_tensors",
+    "release",
     "required_attributes",
     "shards",
     "skip_handle",
@@ -153,6 +154,34 @@ def matches(target: object) -> bool:
     # An engine can only exist once DeepSpeed is imported: never import it here (it takes seconds).
     engine = sys.modules.get("deepspeed.runtime.engine")
     return engine is not None and isinstance(target, engine.DeepSpeedEngine)
+
+
+def release(engine: Any) -> None:
+    """Let go of what keeps a DeepSpeed engine alive out of gc's sight, once it is done with (it must not be used
+    afterwards), so that it is freed, with its optimizer and the process groups they hold, when its last reference
+    goes: before the process group ends, not at interpreter exit or never.
+
+    ``engine.destroy()`` (DeepSpeed's) removes the hooks the ZeRO optimizers put on every parameter's gradient
+    accumulation: torch's C++ autograd nodes hold them, they hold the optimizer, and the optimizer the engine's
+    backward hook. ZeRO-3 also keeps the engine's module in two globals of DeepSpeed's, taken out here:
+    ``FWD_MODULE_STACK`` (the top module is pushed when the engine is made and never popped) and the class-wide
+    ``lru_cache`` of ``PartitionedParameterCoordinator.__params_to_release`` (keyed by coordinator and submodule;
+    emptied: it is recomputed where needed). Whatever of these a DeepSpeed release lacks is passed over."""
+    destroy = getattr(engine, "destroy", None)
+    if callable(destroy):
+        destroy()
+    module = getattr(engine, "module", None)
+    stack = getattr(sys.modules.get("deepspeed.runtime.zero.parameter_offload"), "FWD_MODULE_STACK", None)
+    if isinstance(stack, list) and module is not None:
+        mine = {id(m) for m in module.modules()}  # a forward that raised left its submodules pushed too
+        stack[:] = [m for m in stack if id(m) not in mine]
+    coordinator = getattr(sys.modules.get("deepspeed.runtime.zero.partitioned_param_coordinator"),
+                          "PartitionedParameterCoordinator", None)
+    cached = getattr(coordinator, "_PartitionedParameterCoordinator__params_to_release", None)
+    for cell in getattr(cached, "__closure__", None) or ():  # under DeepSpeed's instrument_w_nvtx wrapper
+        clear = getattr(cell.cell_contents, "cache_clear", None)
+        if callable(clear):
+            clear()
 
 
 def steps_per_group(target: object) -> bool:
