@@ -465,11 +465,18 @@ def shutdown() -> None:
     """Destroy the default process group if one is up (safe to call twice).
 
     Wrappers that made groups of their own (fairscale) are collected first: a gloo group whose last reference
-    dies only at interpreter exit can abort the process ("terminate called without an active exception").
+    dies only at interpreter exit can abort the process ("terminate called without an active exception"). Where
+    DeepSpeed's communication is up, the group ends through DeepSpeed, which then lets go of the groups it keeps in
+    its module globals (the world group's clone, data-parallel groups): they lived until interpreter exit.
     """
     import gc
+    import sys
 
     gc.collect()
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        deepspeed_comm = sys.modules.get("deepspeed.comm.comm")  # never imported here: only where a job did
+        if getattr(deepspeed_comm, "cdb", None) is not None and hasattr(deepspeed_comm, "destroy_process_group"):
+            deepspeed_comm.destroy_process_group()  # torch's, then DeepSpeed's references released
+        else:
+            dist.destroy_process_group()
     gc.collect()
