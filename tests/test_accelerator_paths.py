@@ -215,6 +215,60 @@ def _run(root: Path, body: str) -> str:
     return done.stdout
 
 
+#: Runs the checks that need no process of their own (no ranks) one after another in one Python process, each from
+#: its own file in a fresh namespace under its own warnings filters, its output going to its own file: a failing
+#: check is told as that check's failure, with its output and traceback, and the others still run. One torch
+#: import for all (a process each: 2-3 s apiece, 10-15 s under load).
+_RUNNER = """
+import contextlib, json, sys, traceback, warnings
+for path in sys.argv[1:]:
+    with open(path + ".out", "w", buffering=1) as out:
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+                with open(path) as f:
+                    exec(compile(f.read(), path, "exec"), {"__name__": "__check__", "__file__": path})
+            ok = True
+        except BaseException:  # noqa: BLE001 - told as this check's failure
+            ok = False
+            out.write(traceback.format_exc())
+    with open(path + ".ok", "w") as f:
+        f.write(str(ok))
+"""
+
+
+@pytest.fixture(scope="module")
+def off_host_results(off_host_copy) -> dict[str, tuple[bool, str]]:
+    """Every check of ``_SHARED`` run once: name -> (passed, its output). A check that ends the process (a crash)
+    fails with what it wrote and the exit status; the checks after it run in a new process."""
+    paths = {}
+    for name, body in _SHARED.items():
+        paths[name] = off_host_copy / f"check_{name}.py"
+        paths[name].write_text(_PRELUDE.format(root=str(off_host_copy)) + body)
+    (off_host_copy / "run_checks.py").write_text(_RUNNER)
+    env = {**os.environ, "PYTHONPATH": str(off_host_copy), "DIST_CLIP_NATIVE": "0", "OMP_NUM_THREADS": "1"}
+    results: dict[str, tuple[bool, str]] = {}
+    while len(results) < len(paths):
+        pending = [name for name in paths if name not in results]
+        done = subprocess.run([sys.executable, "run_checks.py", *(str(paths[n]) for n in pending)], env=env,
+                              capture_output=True, text=True, timeout=600, cwd=off_host_copy)
+        for name in pending:
+            told, out = (Path(f"{paths[name]}.{end}") for end in ("ok", "out"))
+            said = out.read_text() if out.exists() else ""
+            if told.exists():
+                results[name] = (told.read_text() == "True", said)
+            else:  # the check the process ended in
+                results[name] = (False, f"{said}\nthe checks' process exited {done.returncode} in this check:\n"
+                                        f"{done.stdout}{done.stderr}")
+                break
+    return results
+
+
+def _shared(results: dict[str, tuple[bool, str]], name: str) -> str:
+    ok, out = results[name]
+    assert ok, out
+    return out
+
+
 _PRELUDE = """
 import math, torch, dist_clip
 from dist_clip import _norm
@@ -240,10 +294,7 @@ def grads(dtype, seed=0):
 """
 
 
-def test_off_host_partials_and_totals_match_the_reference(off_host_copy):
-    """Per tensor (an empty one 0, a NaN only where it is) and in total, every order and dtype: the inf and L0
-    partials come from one fused inf-norm over the list there (an aminmax, or five launches, per tensor before)."""
-    out = _run(off_host_copy, """
+_PARTIALS = textwrap.dedent("""
     checked = 0
     for dtype in RTOL:
         for p in ORDERS:
@@ -264,14 +315,17 @@ def test_off_host_partials_and_totals_match_the_reference(off_host_copy):
             assert math.isnan(dist_clip.get_total_norm(gs, p).item()), (dtype, p)
             checked += 1
     print("checked", checked)
-    """)
+""")
+
+
+def test_off_host_partials_and_totals_match_the_reference(off_host_results):
+    """Per tensor (an empty one 0, a NaN only where it is) and in total, every order and dtype: the inf and L0
+    partials come from one fused inf-norm over the list there (an aminmax, or five launches, per tensor before)."""
+    out = _shared(off_host_results, "partials")
     assert "checked 18" in out
 
 
-def test_off_host_half_scaling_takes_the_unrounded_coefficient(off_host_copy):
-    """bf16/fp16 (and fp32 beside a float64 coefficient) pieces multiplied by a 1-element float32 coefficient in
-    one list-by-list call, 0-dim ones alone: each piece the float64 product rounded once, odd shapes kept."""
-    out = _run(off_host_copy, """
+_HALF_SCALING = textwrap.dedent("""
     g = torch.Generator().manual_seed(3)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         base = [torch.randn((), generator=g), torch.randn(64, 48, generator=g).t(), torch.randn(1, generator=g),
@@ -308,15 +362,17 @@ def test_off_host_half_scaling_takes_the_unrounded_coefficient(off_host_copy):
         rtol = 2.0 ** -24 if t.dtype == torch.float32 else 1e-12
         torch.testing.assert_close(t.double(), b * coef, rtol=rtol, atol=0)
     print("scaled")
-    """)
+""")
+
+
+def test_off_host_half_scaling_takes_the_unrounded_coefficient(off_host_results):
+    """bf16/fp16 (and fp32 beside a float64 coefficient) pieces multiplied by a 1-element float32 coefficient in
+    one list-by-list call, 0-dim ones alone: each piece the float64 product rounded once, odd shapes kept."""
+    out = _shared(off_host_results, "half_scaling")
     assert "scaled" in out
 
 
-def test_off_host_zero_policy_conjugate_views_sparse_and_expanded_gradients(off_host_copy):
-    """The "zero" policy off the host fills non-finite calls' gradients with masked_fill_, which has no sparse
-    kernel (every call with a sparse gradient raised after scaling) and warns on expanded ones; a conjugate
-    view was refused by the list-by-list multiply (foreach=False too, half-clipped; hunt110)."""
-    out = _run(off_host_copy, """
+_POLICIES = textwrap.dedent("""
     import warnings
     from torch import nn
     warnings.simplefilter("error")  # masked_fill_ on an expanded tensor: torch's deprecation warning
@@ -350,7 +406,14 @@ def test_off_host_zero_policy_conjugate_views_sparse_and_expanded_gradients(off_
         torch.testing.assert_close(z.grad, before[0] * coef, rtol=1e-6, atol=0)
         torch.testing.assert_close(w.grad.double(), before[1] * coef, rtol=2.0 ** -8, atol=0)
     print("policies")
-    """)
+""")
+
+
+def test_off_host_zero_policy_conjugate_views_sparse_and_expanded_gradients(off_host_results):
+    """The "zero" policy off the host fills non-finite calls' gradients with masked_fill_, which has no sparse
+    kernel (every call with a sparse gradient raised after scaling) and warns on expanded ones; a conjugate
+    view was refused by the list-by-list multiply (foreach=False too, half-clipped; hunt110)."""
+    out = _shared(off_host_results, "policies")
     assert "policies" in out
 
 
@@ -377,14 +440,7 @@ def refill(ps, nan=False, seed=1):
 """
 
 
-def test_off_host_default_paths_make_no_host_sync(off_host_copy):
-    """Every path README calls sync-free on an accelerator, after a warm-up call, recorded op by op: the
-    functional API for p = 0, 1, 2, 3, inf (foreach default and off, a device max_norm), GradClipper's four modes
-    under "skip" (fused AdamW) and "zero", a non-finite call included, AutoClip and ZClip, the fused hand-over to
-    torch's Adam, AdamW, SGD with momentum and Adagrad (a skipped NaN step included), skip_next_step_. The
-    documented syncs are recorded, which keeps the recorder honest: error_if_nonfinite=True, on_nonfinite="error",
-    report=True, and the "skip" restore of a non-fused optimizer whose step counters live on the host."""
-    out = _run(off_host_copy, _SYNC_PRELUDE + textwrap.dedent("""
+_DEFAULT_SYNCS = _SYNC_PRELUDE + textwrap.dedent("""
     for dtype in (torch.float32, torch.bfloat16):
         for p in (0.0, 1.0, 2.0, 3.0, math.inf):
             ps = params(dtype)
@@ -443,7 +499,17 @@ def test_off_host_default_paths_make_no_host_sync(off_host_copy):
     seen = syncs.check("skip, host step counters", lambda: refill(ps), lambda: (clipper(ps, optimizer=opt), opt.step()))
     assert seen and all("clipper.py" in s and "loc.copy_" in s for s in seen), seen
     print("no syncs")
-    """))
+""")
+
+
+def test_off_host_default_paths_make_no_host_sync(off_host_results):
+    """Every path README calls sync-free on an accelerator, after a warm-up call, recorded op by op: the
+    functional API for p = 0, 1, 2, 3, inf (foreach default and off, a device max_norm), GradClipper's four modes
+    under "skip" (fused AdamW) and "zero", a non-finite call included, AutoClip and ZClip, the fused hand-over to
+    torch's Adam, AdamW, SGD with momentum and Adagrad (a skipped NaN step included), skip_next_step_. The
+    documented syncs are recorded, which keeps the recorder honest: error_if_nonfinite=True, on_nonfinite="error",
+    report=True, and the "skip" restore of a non-fused optimizer whose step counters live on the host."""
+    out = _shared(off_host_results, "default_syncs")
     assert "no syncs" in out
 
 
@@ -510,12 +576,7 @@ def test_off_host_ddp_and_fsdp2_make_no_host_sync_on_a_device_backend(off_host_c
     assert "no syncs" in out
 
 
-def test_off_host_sparse_gradients_sync_once_each_to_coalesce(off_host_copy):
-    """A sparse COO gradient (nn.Embedding(sparse=True)) is measured by its coalesced values, and coalescing one
-    on CUDA is a host sync (torch learns there how many distinct rows it holds, to size the result): one per sparse
-    gradient per call, in the functional API and every GradClipper policy, and nothing else; README says so
-    (it called the default path sync-free without this exception)."""
-    out = _run(off_host_copy, _SYNC_PRELUDE + textwrap.dedent("""
+_SPARSE_SYNCS = _SYNC_PRELUDE + textwrap.dedent("""
     torch.manual_seed(0)
     embs = nn.ModuleList([nn.Embedding(10, 4, sparse=True), nn.Embedding(7, 3, sparse=True), nn.Linear(4, 3)])
     ids = torch.tensor([1, 2, 2])
@@ -534,5 +595,18 @@ def test_off_host_sparse_gradients_sync_once_each_to_coalesce(off_host_copy):
         assert len(seen) == 2, seen  # one per sparse gradient
         assert all("aten._coalesce" in s and "t.coalesce().values()" in s for s in seen), seen
     print("coalesced")
-    """))
+""")
+
+
+def test_off_host_sparse_gradients_sync_once_each_to_coalesce(off_host_results):
+    """A sparse COO gradient (nn.Embedding(sparse=True)) is measured by its coalesced values, and coalescing one
+    on CUDA is a host sync (torch learns there how many distinct rows it holds, to size the result): one per sparse
+    gradient per call, in the functional API and every GradClipper policy, and nothing else; README says so
+    (it called the default path sync-free without this exception)."""
+    out = _shared(off_host_results, "sparse_syncs")
     assert "coalesced" in out
+
+
+#: The checks run together in one process (``off_host_results``), by name.
+_SHARED = {"partials": _PARTIALS, "half_scaling": _HALF_SCALING, "policies": _POLICIES,
+           "default_syncs": _DEFAULT_SYNCS, "sparse_syncs": _SPARSE_SYNCS}
