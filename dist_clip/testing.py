@@ -360,6 +360,7 @@ def _spawned(rank: int, world: int, store_path: str, args: tuple[Any, ...], out:
 
     import torch.distributed as dist
 
+    made: list[Any] = []
     try:
         torch.set_num_threads(1)
         store = dist.FileStore(store_path, world)
@@ -382,8 +383,15 @@ def _spawned(rank: int, world: int, store_path: str, args: tuple[Any, ...], out:
         # groups) take torch's default, 30 minutes, not the default group's: a hang in one was reported only as
         # "ranks [0, 1] did not report". This process is the call's own, so its default is the call's too.
         dist.distributed_c10d.default_pg_timeout = timeout
+        wrap_fn = args[1]
+
+        def wrap(model: Any) -> Any:  # what wrap_fn made, let go of below
+            target = wrap_fn(model)
+            made.append(target)
+            return target
+
         try:
-            report = (rank, True, _check_rank(*args))
+            report = (rank, True, _check_rank(args[0], wrap, *args[2:]))
         except BaseException:  # noqa: BLE001 - as text: the traceback's frames, holding the model, are let go
             report = (rank, False, traceback.format_exc())
         out.put(report)
@@ -393,9 +401,26 @@ def _spawned(rank: int, world: int, store_path: str, args: tuple[Any, ...], out:
         # The wrapped model is collected before the group ends (bootstrap.shutdown: gc first): destroyed while
         # DDP's or FSDP2's reference cycles still held it, gloo's threads could abort the rank at interpreter exit
         # ("terminate called without an active exception", 19 exits in 60 with DDP and FSDP2), after its report.
+        # A DeepSpeed engine is held out of gc's sight (its ZeRO hooks, ZeRO-3's globals) until it is released.
         from .bootstrap import shutdown
 
-        shutdown()
+        try:
+            _release(made)
+        finally:
+            shutdown()
+
+
+def _release(made: list[Any]) -> None:
+    """Release the DeepSpeed engines among ``made`` and empty it (a function of its own: a loop variable in the
+    caller's frame would hold the last target past the collection)."""
+    from .adapters import deepspeed as deepspeed_adapter
+
+    try:
+        for target in made:
+            if deepspeed_adapter.matches(target):
+                deepspeed_adapter.release(target)
+    finally:
+        made.clear()
 
 
 def assert_clip_matches_unsharded(

@@ -311,6 +311,50 @@ def test_spawned_ranks_collect_the_wrapped_model_before_ending_their_group(tmp_p
     assert path.exists() and path.read_text() == "group up: True, exiting: False", path.exists() and path.read_text()
 
 
+def _wrap_zero_holding_a_cycle(path: str, stage: int, model: nn.Module) -> object:
+    """A DeepSpeed ZeRO ``stage`` engine over ``model``, which holds a :class:`_HeldInACycle` writing to ``path``;
+    at exit, ``path + ".groups"`` says whether DeepSpeed still holds its clone of the world group."""
+    import atexit
+    import contextlib
+    import io
+    import os
+
+    import torch.distributed as dist
+
+    from tests import ds_cases
+
+    os.environ.setdefault("LOCAL_RANK", str(dist.get_rank()))  # deepspeed.initialize asserts it
+    deepspeed = ds_cases._quiet()
+    from deepspeed.utils import groups
+
+    def at_exit() -> None:
+        with open(path + ".groups", "w") as f:
+            f.write(f"deepspeed holds a group: {groups._WORLD_GROUP is not None}")
+
+    atexit.register(at_exit)
+    model.held = _HeldInACycle(path)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with contextlib.redirect_stdout(io.StringIO()):
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cases.ds_config(stage))
+    return engine
+
+
+@pytest.mark.deepspeed
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("stage", [2, 3])
+def test_spawned_ranks_free_a_deepspeed_engine_before_ending_their_group(tmp_path, stage):
+    """A DeepSpeed engine outlived the rank's group, with its model and groups: ZeRO's hooks on every parameter's
+    gradient accumulation (held by torch's C++ autograd nodes, out of gc's sight) held it, and ZeRO-3's globals
+    held the model; DeepSpeed's module globals held its clone of the world group. The ranks now release the engine
+    wrap_fn made (adapters.deepspeed.release) and end the group through DeepSpeed (bootstrap.shutdown). Before,
+    the model was freed at exit with the group gone, or never, and the group was held to the end."""
+    path = tmp_path / "freed"
+    assert_clip_matches_unsharded(cases.build_mlp, functools.partial(_wrap_zero_holding_a_cycle, str(path), stage),
+                                  cases.batch, world_size=1, max_norm=0.05, timeout_s=240)
+    said = [p.read_text() if p.exists() else None for p in (path, tmp_path / "freed.groups")]
+    assert said == ["group up: True", "deepspeed holds a group: False"], said
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="world_size must be None or an int >= 1, got 0"):
         assert_clip_matches_unsharded(cases.build_mlp, cases.wrap_none, cases.batch, world_size=0)
