@@ -121,9 +121,9 @@ _WIDE_PIECE = 1 << 20  # elements per float64 copy in mul_wide_
 def needs_wide(coefs: Tensor) -> bool:
     """Whether some float64 coefficient (one, or one per slot) is one float32 holds only as a subnormal, or not
     at all (finite gradients whose norm is beyond float32's range, or a tiny ``max_norm``): multiplied in float32
-    it lost its digits, or zeroed the gradients; such calls scale through :func:`mul_wide_`. Also where the
-    result dtype is float64: float32 and bfloat16 gradients beside float64 ones would get the coefficient
-    rounded to float32. False off the CPU, where the test would be a host read."""
+    it lost its digits, or zeroed the gradients; such calls scale through :func:`mul_wide_`. The test is the
+    same where float64 gradients make the coefficient float64: the float32 and bfloat16 gradients beside them
+    would otherwise get it rounded to a float32 subnormal. False off the CPU, where the test would be a host read."""
     if coefs.device.type != "cpu":
         return False
     if coefs.numel() == 1:  # (one coefficient, 0-dim or a total's one slot: read once, no tensor ops)
