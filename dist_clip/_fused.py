@@ -551,10 +551,12 @@ def read_for_carry(optimizer: torch.optim.Optimizer, grads: list[Tensor]) -> lis
 def settle(tensors: Sequence[Tensor]) -> None:
     """Apply the coefficient an earlier ``clip_grad_norm_(..., optimizer=)`` left for the next ``step()`` of an
     optimizer one of whose gradients overlaps ``tensors`` (the pieces a dist_clip call is about to read: the same
-    tensors, or views of them such as FSDP1's flat shards): its gradients are multiplied now, and the step keeps
-    only the skip flag. The call then sees the gradients clipped, as after a clip that scaled them in place: a
-    second clip composes with the first, a report reads clipped norms, a clip of part of the model leaves the
-    rest clipped. Gradients replaced or modified in place since the hand-over (a new backward) are not the
+    tensors, or views of them such as FSDP1's flat shards): its gradients are scaled now, divided by the float32
+    reciprocal as the fused kernels divide (float32 ones bit-identical to the step's, which another rank stepping
+    the hand-over, or a rank scaling beside a parameter of its own, applies: see :func:`_scale.divide_`), and the
+    step keeps only the skip flag. The call then sees the gradients clipped, as after a clip that scaled them in
+    place: a second clip composes with the first, a report reads clipped norms, a clip of part of the model leaves
+    the rest clipped. Gradients replaced or modified in place since the hand-over (a new backward) are not the
     ones it measured: the coefficient is dropped instead. Gradients that merely share a buffer (bucket views)
     do not overlap."""
     if not _WAITING:  # the usual case: nothing handed over, or already stepped
@@ -599,7 +601,7 @@ def settle(tensors: Sequence[Tensor]) -> None:
             continue
         if verdict == "replaced":
             _warn_replaced()
-        _scale.scale_(kept, coef)
+        _scale.divide_(kept, scale)  # as the kernels apply it (see hand_over_)
         _stash(optimizer, torch.ones_like(scale), found, None, grads, shared)
         saved = optimizer.__dict__.get(_SAVED)
         if running and saved is not None and saved[3] is not None and optimizer.__dict__.get("grad_scale") is saved[3]:
@@ -1777,7 +1779,7 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple
             # loaded from a non-fused run's state_dict: torch's step refused the grad_scale it does not read).
             if verdict == "replaced":
                 _warn_replaced()
-            _scale.scale_(kept, pending[2])
+            _scale.divide_(kept, pending[0])
             _stash(optimizer, torch.ones_like(pending[0]), pending[1], None, grads, pending[6])  # as settle() leaves it
             pending = optimizer.__dict__[_PENDING]
         elif _dropped(verdict):
@@ -1969,7 +1971,7 @@ def _post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None
         # accumulated onto them stepped 1.18 off). Scaled here when the flag is read for free (the CPU).
         if bool(found != 0):
             stepped = set(map(id, gradients(optimizer)))  # ("fewer": a gradient dropped since is someone else's)
-            _scale.scale_([g for g in pending[3] if id(g) in stepped], pending[2])
+            _scale.divide_([g for g in pending[3] if id(g) in stepped], pending[0])
     _restore(optimizer, saved)
 
 

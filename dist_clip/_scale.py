@@ -11,8 +11,8 @@ from torch import Tensor
 from . import _native, _reduce
 
 __all__ = [
-    "EPS", "clip_coefficient", "group_by_device_dtype", "mul_wide_", "needs_wide", "resolve_foreach", "round_once",
-    "scale_", "writable", "writable_pieces",
+    "EPS", "clip_coefficient", "divide_", "group_by_device_dtype", "mul_wide_", "needs_wide", "resolve_foreach",
+    "round_once", "scale_", "writable", "writable_pieces",
 ]
 
 #: Added to the total norm before dividing, as torch.nn.utils.clip_grad_norm_ does.
@@ -210,17 +210,39 @@ def scale_(
         mul_group_(group, _reduce.moved(coef, device), foreach)
 
 
-def mul_group_(group: list[Tensor], c: Tensor, foreach: bool | None) -> None:
+def divide_(
+    tensors: Sequence[Tensor],
+    scale: Tensor,
+    foreach: bool | None = None,
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] | None = None,
+) -> None:
+    """Divide every tensor in place by ``scale``, the float32 ``grad_scale`` a hand-over gives torch's fused
+    optimizers (the reciprocal of the clip coefficient), as their kernels apply it: float32 gradients scaled here
+    are bit-identical to those the fused step takes from the hand-over (a product by the coefficient was 1 ulp off
+    in a third of the elements, and DDP's replicas parted where one rank scaled and the others handed over).
+    bfloat16/float16 ones are rounded to their dtype here, where the kernels keep the float32 quotient. Skipped on
+    the CPU for a scale of exactly 1, as :func:`scale_` skips it; ``groups`` as there."""
+    if not tensors:
+        return
+    if scale.device.type == "cpu" and float(scale) == 1.0:
+        return
+    for (device, _dtype), group in (groups if groups is not None else group_by_device_dtype(tensors)).items():
+        mul_group_(writable(group), _reduce.moved(scale, device), foreach, divide=True)
+
+
+def mul_group_(group: list[Tensor], c: Tensor, foreach: bool | None, divide: bool = False) -> None:
     """``t *= c`` for every tensor of one (device, dtype) group, the product taken in float32 or better and
     rounded once to the tensor's dtype. Off the CPU a 0-dim ``c`` of another dtype is cast to the tensors' dtype
     before the multiply (CUDA reads only a CPU scalar in float: a float32 coefficient rounded to bf16 was 0.2%
     off, one below 3e-8 became 0 and zeroed fp16 gradients; torch's foreach then takes its per-tensor path
-    anyway): there a 1-element operand, which takes part in type promotion, as AGC scales."""
+    anyway): there a 1-element operand, which takes part in type promotion, as AGC scales. ``divide``: ``t /= c``
+    instead, the quotient taken and rounded alike (see :func:`divide_`)."""
     if not group:
         return
     device, dtype = group[0].device, group[0].dtype
     fused = resolve_foreach(foreach, device, group)  # (foreach=True where there are no such kernels raises)
     on_device = device.type != "cpu"
+    op, foreach_op = ("div_", torch._foreach_div_) if divide else ("mul_", torch._foreach_mul_)
     # On the CPU only sparse tensors need this: torch's sparse mul casts the coefficient to the sparse dtype first
     # (fp16: 1.1e-8 became 0, the values zeroed; ordinary ones 1 ulp off): their values are multiplied as a dense
     # tensor is.
@@ -229,19 +251,19 @@ def mul_group_(group: list[Tensor], c: Tensor, foreach: bool | None) -> None:
         plain = []
         for t in group:
             if t.is_sparse:  # (a dense operand of another dtype is refused by sparse mul: the values)
-                t._values().mul_(one)
+                getattr(t._values(), op)(one)
             elif t.dim() and on_device:
                 plain.append(t)
             else:
-                t.mul_(one if t.dim() else c)  # (a 0-dim tensor with a 0-dim c promotes too; shape () stays ())
+                getattr(t, op)(one if t.dim() else c)  # (a 0-dim tensor with a 0-dim c promotes too; shape () stays ())
         if plain:
             # torch's list-by-list multiply: operands of other dtypes take its per-tensor path, each t.mul_(one)
             # with the same promotion, in one C++ loop (a Python loop took 2.7x torch's bf16 clip of 1000 small
             # gradients on an H200).
-            torch._foreach_mul_(plain, [one] * len(plain))
+            foreach_op(plain, [one] * len(plain))
         return
     if fused:
-        torch._foreach_mul_(group, c)
+        foreach_op(group, c)
     else:
         for t in group:
-            t.mul_(c)
+            getattr(t, op)(c)

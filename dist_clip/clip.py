@@ -635,6 +635,12 @@ def clip_grad_norm_(
             _fused.hand_over_(optimizer, coef, wide, stepped, agreement.shared)
     elif wide_product:
         _scale.mul_wide_(everything, float(coef_wide))
+    elif beside and fold is None:
+        # Divided by the float32 reciprocal, as the fused kernels apply a hand-over: the other ranks' optimizers,
+        # stepping exactly these gradients, were handed it (or settle it, dividing alike), and a product parted
+        # DDP's float32 replicas by rounding (1.5e-8 after one AdamW step, 4.5e-8 after 100)
+        _scale.divide_(everything, torch.reciprocal(_deepspeed_applied(parameters, coef).to(torch.float32)), foreach,
+                       groups)
     else:
         _scale.scale_(everything, _deepspeed_applied(parameters, coef), foreach, groups)
     if running or (skips and not handed):

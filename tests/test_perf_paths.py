@@ -5097,3 +5097,74 @@ def test_a_nan_in_one_ranks_own_parameter_after_a_dropped_batch_parts_no_ranks(r
     its NaN there as it does in that run (no call measures it)."""
     assert run_ranks(world, body_a_nan_in_one_ranks_own_parameter_after_a_dropped_batch, how, then,
                      combined) == [[True, True, True]] * world
+
+
+def body_replicas_clipped_beside_one_ranks_own_parameter(dtype: torch.dtype, then: str) -> list:
+    """DDP (``dtype`` parameters), and rank 0's fused AdamW also steps a parameter of its own (never clipped):
+    ``clip_grad_norm_(model, 0.5, optimizer=opt)`` for 5 batches (every one clipped, no NaN), then ``step()``
+    (``then="step"``) or ``get_total_norm`` and ``clip_grads_with_norm_`` first (``"total"``: the hand-over
+    settled where it was handed over). Returns whether DDP's parameters are the same on every rank, and whether
+    they equal those of the run without the own parameter (every rank handing over)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    def run(own_on: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        inner = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+        model = DDP(inner)
+        own = [nn.Parameter(torch.ones(3, dtype=dtype))] if own_on and dist.get_rank() == 0 else []
+        opt = torch.optim.AdamW([*inner.parameters(), *own], lr=1e-2, fused=True)
+        g = torch.Generator().manual_seed(dist.get_rank())
+        for _ in range(5):
+            opt.zero_grad()
+            (model(torch.randn(4, 6, generator=g).to(dtype)) ** 2).sum().mul(10).backward()
+            for q in own:
+                q.grad = torch.ones(3, dtype=dtype)
+            dist_clip.clip_grad_norm_(model, 0.5, optimizer=opt)
+            if then == "total":
+                dist_clip.clip_grads_with_norm_(inner.parameters(), 0.5, dist_clip.get_total_norm(model))
+            opt.step()
+        return torch.cat([q.detach().flatten() for q in inner.parameters()])
+
+    flat, want = run(True), run(False)
+    every = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, flat)
+    return [all(torch.equal(e, flat) for e in every), torch.equal(flat, want)]
+
+
+@pytest.mark.parametrize(("world", "dtype", "then"), [
+    (2, torch.float32, "step"), (3, torch.float32, "step"), (2, torch.float32, "total"),
+    (3, torch.bfloat16, "total"),
+])
+def test_replicas_clipped_beside_one_ranks_own_parameter_stay_bit_identical(run_ranks, world, dtype, then):
+    """Rank 0's optimizer steps more than the call measured, so the call scales there (``g.mul_(coef)``) while the
+    other ranks hand the coefficient over, which the fused kernel applies as a division by the float32 reciprocal:
+    DDP's float32 replicas parted by rounding (1.5e-8 after one step, 4.5e-8 after 100). Scaled there as the
+    kernel applies it, and a hand-over settled before the step (``"total"``) divided alike: the replicas stay
+    bit-identical, equal to the run where every rank hands over. bf16/fp16 hold for the settled flow only (the
+    kernel keeps the float32 quotient, which an in-place scale rounds: README Limits)."""
+    assert run_ranks(world, body_replicas_clipped_beside_one_ranks_own_parameter, dtype, then) == [[True, True]] * world
+
+
+@pytest.mark.parametrize("make", [lambda q: torch.optim.AdamW(q, lr=1e-2, fused=True),
+                                  lambda q: torch.optim.SGD(q, lr=0.1, momentum=0.9, fused=True)])
+def test_a_hand_over_read_before_the_step_steps_as_the_kernel_applies_it(make):
+    """A hand-over settled by a read before the step (``get_total_norm``) multiplied the float32 gradients by the
+    coefficient, where the fused kernel divides by its float32 reciprocal: 3e-8 apart from the unread run after 5
+    AdamW steps, and a rank reading among ranks stepping parted DDP's replicas. Divided alike: bit-identical."""
+
+    def run(read: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+        opt = make(model.parameters())
+        g = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            opt.zero_grad()
+            (model(torch.randn(8, 16, generator=g)) ** 2).sum().mul(10).backward()
+            assert dist_clip.clip_grad_norm_(model, 0.5, optimizer=opt) > 0.5  # (clipped)
+            if read:
+                dist_clip.get_total_norm(model)
+            opt.step()
+        return torch.cat([q.detach().flatten() for q in model.parameters()])
+
+    assert torch.equal(run(True), run(False))
