@@ -352,7 +352,7 @@ def test_spawned_ranks_free_a_deepspeed_engine_before_ending_their_group(tmp_pat
     assert_clip_matches_unsharded(cases.build_mlp, functools.partial(_wrap_zero_holding_a_cycle, str(path), stage),
                                   cases.batch, world_size=1, max_norm=0.05, timeout_s=240)
     said = [p.read_text() if p.exists() else None for p in (path, tmp_path / "freed.groups")]
-    assert said == ["group up: True", "deepspeed holds a group: False"], said
+    assert said == ["group up: True, exiting: False", "deepspeed holds a group: False"], said
 
 
 def test_bad_arguments():
