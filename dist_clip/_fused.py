@@ -97,6 +97,10 @@ class _ByIdentity:
 
 # Optimizers holding a coefficient for their next step(): a later call reading the same gradients settles it.
 _WAITING = _ByIdentity()
+# Optimizers armed among several ranks whose ledger may hold a flag standing for another rank's gradients
+# (:func:`_elsewhere_entry`): such a flag outlasts a call that does not arm that optimizer, so it joins that call's
+# verdict (see :class:`Agreement`); dropped from here once nothing is armed
+_ARMED = _ByIdentity()
 # ids of optimizers whose step(closure) is running that closure: their step is under way (see _pre_hook). By id:
 # an optimizer class defining __eq__ is not hashable (a WeakSet made its step(closure) raise).
 _IN_CLOSURE: set[int] = set()
@@ -1094,10 +1098,26 @@ class Agreement:
                 if any(id(t) not in where for ts in candidates for t in ts):
                     read += _unmeasured(carry_only(optimizer, now), self.measured)
             held += _held_flags(optimizer, where, lambda: self.measured)
-        self.local = (_nonfinite(read, read[0].device).to(torch.float64) if read
+        self._read = (_nonfinite(read, read[0].device).to(torch.float64) if read
                       else torch.zeros((), dtype=torch.float64))
         for flag in held:  # (device tensors: no host read)
-            self.local = torch.maximum(_reduce.moved(self.local, flag.device), flag.ne(0).to(torch.float64))
+            self._read = torch.maximum(_reduce.moved(self._read, flag.device), flag.ne(0).to(torch.float64))
+        self._outlasting = _outlasting(self.ids) if _ARMED else []
+
+    @property
+    def local(self) -> Tensor:
+        """This rank's value in the call's all-reduce: its read, and the flags of its optimizers' ledgers standing
+        for another rank's gradients that the call does not decide (an optimizer it does not arm: see
+        :func:`_outlasting`). Plain tensors, a fused AdamW stepping ``a`` and ``b`` on rank 0, ``b`` on rank 1: a
+        NaN in ``a.grad`` clipped over the world (rank 1 passes nothing, and arms a flag held for rank 0's part,
+        which only a call arming that optimizer decides, by its verdict), the batch dropped, then
+        ``get_total_norm`` over the world: rank 0's flag, kept as a hand-over's, was dropped by the verdict of the
+        new gradients' read and rank 0 stepped, rank 1 kept its flag and skipped. Where the call combines over no
+        other rank, its verdict is this rank's read alone (:meth:`agree`)."""
+        local = self._read
+        for flag in self._outlasting:  # (device tensors: no host read)
+            local = torch.maximum(_reduce.moved(local, flag.device), flag.ne(0).to(torch.float64))
+        return local
 
     def fold(self, found: Tensor, rest: list[Tensor]) -> None:
         """Another optimizer's hand-over this call settles (its measured gradients every one replaced): this rank's
@@ -1110,7 +1130,7 @@ class Agreement:
         if self.agreed is not None or not rest or (found.device.type == "cpu" and not bool(found)):
             return  # (already combined; nothing to hold it; or, on the CPU, no flag to keep: read nothing)
         bad = _nonfinite(rest, found.device).to(torch.float64)
-        self.local = torch.maximum(_reduce.moved(self.local, bad.device), bad)
+        self._read = torch.maximum(_reduce.moved(self._read, bad.device), bad)
 
     @property
     def measured(self) -> Sequence[Tensor]:
@@ -1132,6 +1152,8 @@ class Agreement:
         if alone and _multi_rank() and self._may_differ():
             self.agreed = torch.ones((), dtype=torch.bool, device=combined.device)
             return
+        if alone:
+            combined = self._read  # (not the flags that outlast the call: see local)
         self.agreed = combined.reshape(()) > 0
         self.shared = not alone
         if self.shared:
@@ -1201,7 +1223,7 @@ class Agreement:
     @contextlib.contextmanager
     def armed(self) -> Iterator[None]:
         """The verdict stands for this rank's read within (the flags waiting for it are kept or dropped first)."""
-        token = _AGREED.set(self.agreed if self.agreed is not None else self.local > 0)
+        token = _AGREED.set(self.agreed if self.agreed is not None else self._read > 0)
         try:
             self._keep_deferred()
             self._others_unsettled()
@@ -1258,9 +1280,28 @@ def _armed_elsewhere(optimizer: torch.optim.Optimizer) -> bool:
     held on rank 0 alone, NaN there, clipped over the world, a replicated part clipped with ``group=None``, every
     gradient replaced out of place, the replicated part clipped again: rank 1, measuring all it steps, dropped the
     flag by its own read and stepped, rank 0 skipped). On the CPU only where that flag is set (a free read)."""
-    return any(((members is None and _measured_elsewhere(seen)) or (members is not None and not members))
-               and isinstance(flag, Tensor) and not (flag.device.type == "cpu" and not bool(flag))
-               for flag, members, seen in _ledger_entries(optimizer))
+    return any(_elsewhere_entry(*entry) for entry in _ledger_entries(optimizer))
+
+
+def _elsewhere_entry(flag: Any, members: Any, seen: Any) -> bool:
+    """Whether a ledger entry is a flag, possibly set (on the CPU: set), standing for gradients another rank holds
+    (see :func:`_armed_elsewhere`)."""
+    return (((members is None and _measured_elsewhere(seen)) or (members is not None and not members))
+            and isinstance(flag, Tensor) and not (flag.device.type == "cpu" and not bool(flag)))
+
+
+def _outlasting(ids: set[int]) -> list[Tensor]:
+    """The flags standing for another rank's gradients (:func:`_elsewhere_entry`) in the ledgers of the optimizers
+    of :data:`_ARMED` but those whose ids are ``ids`` (the ones a call arms, which decides such flags by its
+    verdict): a call not arming an optimizer leaves them as they are, so they join its verdict, as the flags held
+    by gradients it does not measure do (:func:`_held_flags`)."""
+    out: list[Tensor] = []
+    for optimizer in list(_ARMED):
+        if not _armed_or_pending(optimizer):
+            _ARMED.discard(optimizer)
+        elif id(optimizer) not in ids:
+            out += [entry[0] for entry in _ledger_entries(optimizer) if _elsewhere_entry(*entry)]
+    return out
 
 
 def _ledger_entries(optimizer: torch.optim.Optimizer) -> list[tuple[Any, Any, Any]]:
@@ -1411,6 +1452,8 @@ def rearm(armed: tuple[Tensor, tuple[Any, ...]] | None, new: Tensor, now: tuple[
     (:func:`untouched`), else ``new`` alone. A call that measured nothing (every gradient of its part None) leaves
     the record as it was; one measuring only pieces the optimizer does not step joins the ledger (:func:`_beside`).
     One rule for the fused hand-over's skip (:func:`arm_skip_`) and the clipper's skip guard."""
+    if optimizer is not None and _multi_rank():
+        _ARMED.add(optimizer)  # (its ledger may come to hold a flag for another rank's gradients: see _outlasting)
     if measured and optimizer is not None and _stand_ins_only(measured, now[0]):
         measured = []
     if measured is not None and not measured and optimizer is not None:
@@ -1887,6 +1930,8 @@ def _keep_flag(optimizer: torch.optim.Optimizer, found: Tensor, held: list[Tenso
 
 def _join_ledger(optimizer: torch.optim.Optimizer, entry: tuple[Tensor, list[Tensor], None]) -> None:
     """``entry`` (a flag held by its gradients) joins ``optimizer``'s skip flag and its ledger, or starts both."""
+    if _multi_rank():
+        _ARMED.add(optimizer)  # (see _outlasting)
     armed = optimizer.__dict__.get(_SKIP)
     if armed is None:
         optimizer.__dict__[_SKIP] = (entry[0], _Record.uncounted((entry[1], version_list(entry[1])), [entry]))

@@ -5008,6 +5008,45 @@ def test_a_hand_over_beside_a_parameter_of_one_ranks_own_parts_no_ranks(run_rank
     assert run_ranks(2, body_a_hand_over_beside_a_parameter_of_one_ranks_own, then, piece) == [stepped] * 2
 
 
+def body_a_part_on_one_rank_dropped_then_read(then: str, layout: str) -> bool:
+    """Plain tensors ``a`` (rank 0 alone) and ``b`` (every rank), a fused AdamW stepping ``[a, b]`` on rank 0 and
+    ``[b]`` on the others (``layout="own"``: ``[a]`` on rank 0): a NaN in ``a.grad`` clipped over the world with
+    ``optimizer=`` (the other ranks pass nothing), the batch dropped (set to None) and a finite one computed, then
+    ``get_total_norm`` over the world of ``[b]`` (``then="total"``) or of ``[a]`` / nothing (``"total_a"``), and
+    ``clip_grads_with_norm_`` with it, then ``step()``. Returns whether this rank stepped."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    a, b = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(4))
+    mine = ([a, b] if layout == "beside" else [a]) if rank == 0 else [b]
+    opt = torch.optim.AdamW(mine, lr=0.1, fused=True)
+    part = [a] if rank == 0 else []
+    for batch in range(2):
+        for q in mine:
+            q.grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(10 * rank + batch))
+        if batch == 0:
+            if rank == 0:
+                a.grad[0] = math.nan
+            dist_clip.clip_grad_norm_(part, 1.0, optimizer=opt, group=dist.group.WORLD)
+            opt.zero_grad(set_to_none=True)  # the batch is dropped
+    read = [b] if then == "total" else part
+    dist_clip.clip_grads_with_norm_(read, 1.0, dist_clip.get_total_norm(read, group=dist.group.WORLD))
+    before = [q.detach().clone() for q in mine]
+    opt.step()
+    return not all(torch.equal(x, q) for x, q in zip(before, mine))
+
+
+@pytest.mark.parametrize(("world", "then", "layout"), [(2, "total", "beside"), (2, "total_a", "beside"),
+                                                       (3, "total", "beside"), (2, "total_a", "own")])
+def test_a_part_on_one_rank_dropped_then_read_over_the_world_skips_on_every_rank(run_ranks, world, then, layout):
+    """Rank 0 handed over (or, stepping more than it measured, kept its flag as a hand-over's), and the ranks that
+    measured nothing armed a flag standing for rank 0's part, which only a call arming that optimizer decides. The
+    next batch's ``get_total_norm`` dropped rank 0's flag by the verdict of its read (finite) and rank 0 stepped,
+    while the others kept theirs and skipped (h3, mutation run 17). Such a flag now joins the verdict of a call
+    that does not decide it: rank 0 keeps its flag too, and every rank skips, as straight to the step."""
+    assert run_ranks(world, body_a_part_on_one_rank_dropped_then_read, then, layout) == [False] * world
+
+
 def body_a_nan_in_one_ranks_own_parameter_after_a_dropped_batch(how: str, then: str, combined: bool) -> list:
     """DDP, and rank 0's fused AdamW (plain AdamW for ``how="clipper"``) also steps a parameter of its own, never
     clipped: a NaN batch (NaN on every rank) clipped with ``optimizer=`` (``how="clip_fused"``) or by
