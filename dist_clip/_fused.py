@@ -1464,11 +1464,21 @@ def rearm(armed: tuple[Tensor, tuple[Any, ...]] | None, new: Tensor, now: tuple[
                 # FSDP1 rank whose shard of the part is padding only). Merged into the flag alone, the next call's
                 # ledger dropped it there: that rank took the step the others skipped (a NaN in a one-element
                 # head on rank 0, use_orig_params=True, 2 ranks: rank 1 stepped its shards, rank 0 did not).
-                if _AGREED.get() is not None and any(m is not None and not m for _, m, _ in parts):
-                    # (an entry kept by the ranks' verdict with no gradient left is decided by this call's verdict
-                    # too, as in supersede: kept here, rank 1 skipped a batch zeroed in place whose [A] had dropped
-                    # rank 0's flag)
-                    parts = [e for e in ((carried_by_replacements(f, []) if m is not None and not m else (f, m, seen))
+                where = {id(t) for t in now[0]}
+
+                def decided(m: Any, seen: Any) -> bool:
+                    # (an entry with no gradient left here, or one armed by a call that measured nothing here whose
+                    # gradients held then were replaced or written: decided by this call's verdict too, as in
+                    # supersede; kept here, rank 1 skipped a batch zeroed in place whose [A] had dropped rank 0's
+                    # flag, and where rank 1's call measured nothing again, [A] / nothing after a dropped NaN batch
+                    # of [A], rank 1 skipped while rank 0 stepped)
+                    if m is not None:
+                        return not any(id(t) in where for t in m)
+                    return _measured_elsewhere(seen) and not _sticky(seen, started if started is not None else now,
+                                                                     measured)
+
+                if _AGREED.get() is not None and any(decided(m, seen) for _, m, seen in parts):
+                    parts = [e for e in ((carried_by_replacements(f, []) if decided(m, seen) else (f, m, seen))
                                          for f, m, seen in parts) if e is not None]
                     armed[1].parts = [*parts, (new, None, (*now, None))]
                     return functools.reduce(merge, [f for f, _, _ in armed[1].parts]), armed[1]

@@ -5008,29 +5008,42 @@ def test_a_hand_over_beside_a_parameter_of_one_ranks_own_parts_no_ranks(run_rank
     assert run_ranks(2, body_a_hand_over_beside_a_parameter_of_one_ranks_own, then, piece) == [stepped] * 2
 
 
-def body_a_part_on_one_rank_dropped_then_read(then: str, layout: str) -> bool:
+def body_a_part_on_one_rank_dropped_then_read(then: str, layout: str, how: str = "clip_fused") -> bool:
     """Plain tensors ``a`` (rank 0 alone) and ``b`` (every rank), a fused AdamW stepping ``[a, b]`` on rank 0 and
     ``[b]`` on the others (``layout="own"``: ``[a]`` on rank 0): a NaN in ``a.grad`` clipped over the world with
-    ``optimizer=`` (the other ranks pass nothing), the batch dropped (set to None) and a finite one computed, then
-    ``get_total_norm`` over the world of ``[b]`` (``then="total"``) or of ``[a]`` / nothing (``"total_a"``), and
-    ``clip_grads_with_norm_`` with it, then ``step()``. Returns whether this rank stepped."""
+    ``optimizer=`` (``how="clipper"``: by ``GradClipper(on_nonfinite="skip")``, a plain AdamW), the other ranks
+    passing nothing, the batch dropped (set to None) and a finite one computed, then ``get_total_norm`` over the
+    world of ``[b]`` (``then="total"``) or of ``[a]`` / nothing (``"total_a"``), and ``clip_grads_with_norm_`` with
+    it, or ``[a]`` / nothing clipped the first way again (``"again"``), then ``step()``. Returns whether this rank
+    stepped."""
     import torch.distributed as dist
 
     rank = dist.get_rank()
     a, b = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(4))
     mine = ([a, b] if layout == "beside" else [a]) if rank == 0 else [b]
-    opt = torch.optim.AdamW(mine, lr=0.1, fused=True)
+    opt = torch.optim.AdamW(mine, lr=0.1, fused=how == "clip_fused")
+    clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
     part = [a] if rank == 0 else []
+
+    def clip() -> None:
+        if how == "clip_fused":
+            dist_clip.clip_grad_norm_(part, 1.0, optimizer=opt, group=dist.group.WORLD)
+        else:
+            clipper(part, optimizer=opt, group=dist.group.WORLD)
+
     for batch in range(2):
         for q in mine:
             q.grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(10 * rank + batch))
         if batch == 0:
             if rank == 0:
                 a.grad[0] = math.nan
-            dist_clip.clip_grad_norm_(part, 1.0, optimizer=opt, group=dist.group.WORLD)
+            clip()
             opt.zero_grad(set_to_none=True)  # the batch is dropped
-    read = [b] if then == "total" else part
-    dist_clip.clip_grads_with_norm_(read, 1.0, dist_clip.get_total_norm(read, group=dist.group.WORLD))
+    if then == "again":
+        clip()
+    else:
+        read = [b] if then == "total" else part
+        dist_clip.clip_grads_with_norm_(read, 1.0, dist_clip.get_total_norm(read, group=dist.group.WORLD))
     before = [q.detach().clone() for q in mine]
     opt.step()
     return not all(torch.equal(x, q) for x, q in zip(before, mine))
@@ -5045,6 +5058,16 @@ def test_a_part_on_one_rank_dropped_then_read_over_the_world_skips_on_every_rank
     while the others kept theirs and skipped (h3, mutation run 17). Such a flag now joins the verdict of a call
     that does not decide it: rank 0 keeps its flag too, and every rank skips, as straight to the step."""
     assert run_ranks(world, body_a_part_on_one_rank_dropped_then_read, then, layout) == [False] * world
+
+
+@pytest.mark.parametrize(("world", "layout", "how"), [(2, "beside", "clip_fused"), (3, "own", "clip_fused"),
+                                                      (2, "beside", "clipper")])
+def test_a_part_on_one_rank_dropped_then_clipped_again_steps_on_every_rank(run_ranks, world, layout, how):
+    """The dropped NaN batch's part clipped again in the next batch: rank 0 measures the new, finite ``a.grad`` and
+    drops its flag, while a rank measuring nothing again kept its flag for rank 0's part as it was, though the
+    gradients it held at the arming were replaced (rank 0 stepped, the others skipped). Such an entry is decided by
+    the call's verdict there too, as where the call measures something: every rank steps."""
+    assert run_ranks(world, body_a_part_on_one_rank_dropped_then_read, "again", layout, how) == [True] * world
 
 
 def body_a_nan_in_one_ranks_own_parameter_after_a_dropped_batch(how: str, then: str, combined: bool) -> list:
