@@ -423,6 +423,81 @@ def test_state_dict_resume_continues_identically(run_ranks):
     assert a == b
 
 
+def _split_grads(step: int, rank: int, world: int) -> dict[str, torch.Tensor]:
+    """One 42-element gradient per step, split over ``world`` ranks (any of 1, 2, 3)."""
+    g = torch.Generator().manual_seed(step)
+    full = torch.randn(42, generator=g, dtype=torch.float64) * (1.0 + 0.1 * step)
+    if step in (6, 9):
+        full *= 25
+    n = 42 // world
+    return {"w": full[rank * n : (rank + 1) * n].float().clone()}
+
+
+_DCP_CONFIGS = (
+    ClipperConfig(max_norm=ZClip(warmup_steps=3)),  # saved after 2 calls: in warm-up; after 5: past it
+    ClipperConfig(max_norm=0.5),
+)
+
+
+def body_dcp_save(path: str, cut: int) -> list[list[float]]:
+    import torch.distributed.checkpoint as dcp
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = []
+    for i, cfg in enumerate(_DCP_CONFIGS):
+        clipper = GradClipper(cfg)
+        coefs = []
+        for s in range(cut + 5):
+            if s == cut:  # the clipper itself as DCP's Stateful, beside other entries
+                dcp.save({"clipper": clipper, "other": torch.ones(2)}, checkpoint_id=f"{path}/{i}")
+            coefs.append(clipper(_split_grads(s, rank, world), group=dist.group.WORLD).clip_coef.item())
+        out.append(coefs[cut:])
+    return out
+
+
+def body_dcp_load(path: str, cut: int) -> list[object]:
+    import torch.distributed.checkpoint as dcp
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out: list[object] = []
+    for i, cfg in enumerate(_DCP_CONFIGS):
+        clipper = GradClipper(cfg)
+        dcp.load({"clipper": clipper, "other": torch.zeros(2)}, checkpoint_id=f"{path}/{i}")
+        assert clipper.step == cut
+        out.append([clipper(_split_grads(s, rank, world), group=dist.group.WORLD).clip_coef.item()
+                    for s in range(cut, cut + 5)])
+    # An AutoClip history grows with the norms seen: DCP loads into the fresh clipper's shapes and refuses it
+    # (README: save it with torch.save beside the DCP checkpoint)
+    grown = GradClipper(max_norm=AutoClip(window=3))
+    for s in range(cut):
+        grown(_split_grads(s, rank, world), group=dist.group.WORLD)
+    dcp.save({"clipper": grown.state_dict()}, checkpoint_id=f"{path}/auto{world}")
+    state = {"clipper": GradClipper(max_norm=AutoClip(window=3)).state_dict()}
+    try:
+        dcp.load(state, checkpoint_id=f"{path}/auto{world}")
+    except dcp.api.CheckpointException as e:  # (a BaseException, wrapping the planner's ValueError)
+        out.append("Size mismatch" in str(e) and "clipper.threshold.history" in str(e))
+    else:
+        out.append("loaded")
+    return out
+
+
+@pytest.mark.parametrize("cut", [2, 5])
+def test_state_saved_by_dcp_on_two_ranks_resumes_on_two_and_three(run_ranks, tmp_path, cut):
+    """ZClip's and a fixed limit's states are of fixed shape: ``torch.distributed.checkpoint`` saves them (the
+    clipper as its Stateful) and loads them on another number of ranks, the next 5 coefficients those of the run
+    never stopped (bit for bit on 2 ranks; on 3 the norm's float64 partials add in another order)."""
+    straight = run_ranks(2, body_dcp_save, str(tmp_path), cut)
+    assert straight[0] == straight[1]
+    for world in (2, 3):
+        got = run_ranks(world, body_dcp_load, str(tmp_path), cut)
+        assert all(g == got[0] for g in got)
+        *coefs, refused = got[0]
+        assert refused is True, refused
+        for a, b in zip(straight[0], coefs):
+            assert a == b if world == 2 else a == pytest.approx(b, rel=1e-6, abs=0)
+
+
 def body_one_collective_per_mode() -> list[int]:
     counts = []
     for cfg, needs_opt in (
