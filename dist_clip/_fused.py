@@ -49,6 +49,8 @@ _COMBINED = "_dist_clip_combined"
 #: on an optimizer among several ranks: the parameters it steps that no flag waiting for its step was armed on
 #: (see :func:`note_beside`)
 _BESIDE = "_dist_clip_beside"
+#: the same, but for flags read on the CPU (for free) as not set, which hold nothing: read by Agreement._may_differ
+_UNSET = "_dist_clip_beside_unset"
 # id(parameter) -> (backward count, its hook's handle, the tensor's _cdata) (see _write_cell). By id: a weak
 # reference on a parameter made module.to() / load_state_dict() refuse to swap it
 # (torch.__future__.set_swap_module_params_on_conversion).
@@ -1192,7 +1194,8 @@ class Agreement:
                 pending = optimizer.__dict__.get(_PENDING)
                 if pending is not None and pending[2] is not None and pending[6]:
                     return True
-            if ((_COMBINED in optimizer.__dict__ and _unmeasured(carry_only(optimizer, grads), self.measured))
+            if ((_COMBINED in optimizer.__dict__
+                 and _unmeasured(carry_only(optimizer, grads, _UNSET), self.measured))
                     or _armed_elsewhere(optimizer)):
                 return True
         return False
@@ -2007,6 +2010,7 @@ def _post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None
     pending = optimizer.__dict__.pop(_PENDING, None)
     optimizer.__dict__.pop(_SKIP, None)
     optimizer.__dict__.pop(_BESIDE, None)
+    optimizer.__dict__.pop(_UNSET, None)
     stashed = optimizer.__dict__.pop(_SAVED, None)
     if stashed is None:
         return
@@ -2119,6 +2123,7 @@ def hand_over_(
         del optimizer.__dict__[_SKIP]
     _stash(optimizer, scale, found, coef, grads, shared)
     optimizer.__dict__.pop(_BESIDE, None)  # (it measures every gradient stepped)
+    optimizer.__dict__.pop(_UNSET, None)
     _WAITING.add(optimizer)
 
 
@@ -2168,9 +2173,15 @@ def note_beside(optimizer: torch.optim.Optimizer, measured: Sequence[Tensor] | N
     its own NaN, kept the dropped batch's flag and skipped, rank 1 stepped, and DDP's replicas parted. The set is
     left out (nothing excluded: every gradient stepped is read, as before) where a flag was armed without saying
     what it measured, holds a gradient no longer held, or this is a ZeRO or OSS wrapper's inner optimizer; each
-    arming computes it anew, and the step clears it. ``grads``: the optimizer's :func:`gradients`, where the caller
-    has them."""
+    arming computes it anew, and the step clears it. :data:`_UNSET`, read by :meth:`Agreement._may_differ` alone,
+    passes over the flags read on the CPU (for free) as not set, as :func:`_elsewhere_entry` reads rank 1's entry
+    for the same call: counted, rank 0's own part handed over over the world (finite) beside DDP's whole armed in
+    the same step, the batch dropped to ``None``, recomputed and DDP's whole clipped again, forced rank 0 alone to
+    keep: rank 0 skipped, rank 1 stepped. (Not for the reads: there the ranks' ledgers differ where rank 0 scales in
+    the call and the others hand over, and rank 1 alone left DDP's first layer out: ddp seed 1378 parted.)
+    ``grads``: the optimizer's :func:`gradients`, where the caller has them."""
     optimizer.__dict__.pop(_BESIDE, None)
+    optimizer.__dict__.pop(_UNSET, None)
     if not measured or optimizer.__dict__.get(_OUTER) is not None or not _multi_rank():
         return
     grads = grads if grads is not None else gradients(optimizer)
@@ -2179,26 +2190,38 @@ def note_beside(optimizer: torch.optim.Optimizer, measured: Sequence[Tensor] | N
     rest = {id(g) for g in _unmeasured(grads, measured)}
     if not rest:
         return
-    held: set[int] = set()
+    held: set[int] | None = set()
     entries = _ledger_entries(optimizer)
     pending = optimizer.__dict__.get(_PENDING)
     if pending is not None:
         entries.append((pending[1], pending[3], None))
     where = set(map(id, grads))
-    for _flag, members, _seen in entries:
+    held_set: set[int] | None = set()  # (by the flags that may be set: see _UNSET)
+    for flag, members, _seen in entries:
+        unset = isinstance(flag, Tensor) and flag.device.type == "cpu" and not bool(flag)
         if members is None or any(id(t) not in where for t in members):
-            return  # (a flag armed on no gradient said, or on one replaced since: every gradient may hold it)
-        held.update(map(id, members))
-    beside = [p for group in optimizer.param_groups for p in group["params"]
-              if p.grad is not None and id(getattr(p.grad, "_local_tensor", p.grad)) in rest - held]
-    if beside:
-        optimizer.__dict__[_BESIDE] = beside
+            # (a flag armed on no gradient said, or on one replaced since: every gradient may hold it)
+            held = None
+            if not unset:
+                held_set = None
+        if held is not None:
+            held.update(map(id, members))
+        if held_set is not None and not unset:
+            held_set.update(map(id, members))
+    for key, ids in ((_BESIDE, held), (_UNSET, held_set)):
+        if ids is None:
+            continue
+        beside = [p for group in optimizer.param_groups for p in group["params"]
+                  if p.grad is not None and id(getattr(p.grad, "_local_tensor", p.grad)) in rest - ids]
+        if beside:
+            optimizer.__dict__[key] = beside
 
 
-def carry_only(optimizer: Any, grads: list[Tensor]) -> list[Tensor]:
+def carry_only(optimizer: Any, grads: list[Tensor], key: str = _BESIDE) -> list[Tensor]:
     """``grads`` (gradients ``optimizer`` steps now) without those of the parameters no waiting flag of its was
-    armed on (:func:`note_beside`): the ones a replaced flag's NaN may have travelled into."""
-    beside = optimizer.__dict__.get(_BESIDE) if optimizer is not None else None
+    armed on (:func:`note_beside`): the ones a replaced flag's NaN may have travelled into. ``key``: :data:`_UNSET`
+    for those no waiting flag that may be set was armed on."""
+    beside = optimizer.__dict__.get(key) if optimizer is not None else None
     if not beside:
         return grads
     out = {id(getattr(p.grad, "_local_tensor", p.grad)) for p in beside if p.grad is not None}
