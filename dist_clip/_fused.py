@@ -608,7 +608,13 @@ def settle(tensors: Sequence[Tensor]) -> None:
         if verdict == "replaced":
             _warn_replaced()
         _scale.divide_(kept, scale)  # as the kernels apply it (see hand_over_)
-        _stash(optimizer, torch.ones_like(scale), found, None, grads, shared)
+        # Its flag stays with the stepped gradients it was measured on, not every one stepped: under DDP with a
+        # parameter of rank 0's own beside DDP's, a NaN hand-over of DDP's whole settled by a call on a DDP part,
+        # the batch dropped in place and DDP's whole handed over again (no collective), rank 0 read the flag held
+        # by its own zeroed gradient, unmeasured there, kept it and skipped while rank 1 dropped it and stepped.
+        stepped = set(map(id, grads))
+        _stash(optimizer, torch.ones_like(scale), found, None, [g for g in kept if id(g) in stepped] or grads,
+               shared)
         saved = optimizer.__dict__.get(_SAVED)
         if running and saved is not None and saved[3] is not None and optimizer.__dict__.get("grad_scale") is saved[3]:
             # The step under way was handed the coefficient as grad_scale by its pre-hook: it is in the gradients
@@ -1358,10 +1364,10 @@ def _held_flags(optimizer: torch.optim.Optimizer, where: set[int] | None,
     by the call, now that entry's gradient), and the other ranks dropped their flag while that rank kept its own:
     a part on rank 0 alone, NaN there, gradients replaced out of place, the next part clipped twice (rank 1
     stepped, rank 0 skipped). A hand-over's flag (settled or not) counts alike, held by the gradients it was
-    measured on (or, settled, every gradient stepped then): it lasts to the step, or joins the ledger, while they
-    are held (left out, rank 0's NaN hand-over of part A, measured while ``b`` had no gradient yet, did not reach
-    the verdict at [B], and rank 1, holding no gradient at [A], dropped its flag and stepped while rank 0
-    skipped). Host-side identity tests; on the CPU only where a flag is set."""
+    measured on (settled, those among the ones stepped then, see :func:`settle`): it lasts to the step, or joins the
+    ledger, while they are held (left out, rank 0's NaN hand-over of part A, measured while ``b`` had no gradient
+    yet, did not reach the verdict at [B], and rank 1, holding no gradient at [A], dropped its flag and stepped
+    while rank 0 skipped). Host-side identity tests; on the CPU only where a flag is set."""
     entries = _ledger_entries(optimizer)
     pending = optimizer.__dict__.get(_PENDING)
     if pending is not None and pending[3] and _multi_rank():  # (in one process the flag reaches the step as is)

@@ -329,6 +329,21 @@ def test_a_dropped_nan_batch_of_a_part_on_one_rank_alone_steps_the_next_batch_on
     assert [s["took"] for r in per_rank for s in r] == [True, True], (flow, violations(flow, per_rank))
 
 
+@pytest.mark.parametrize("read", [("total", [1]), ("total", [0]), ("with_norm", [1]), ("plain", [0])])
+def test_a_settled_nan_hand_over_beside_one_ranks_own_parameter_dropped_in_place_is_replaced_on_every_rank(
+        run_ranks, read):
+    """Flow ("ddp", 1183) minimised: DDP and rank 0's own parameter in one fused AdamW; a NaN batch (NaN in DDP's
+    first layer on every rank) handed over whole, settled by a call on a DDP part (``get_total_norm``,
+    ``clip_grads_with_norm_`` by it, a plain clip), dropped in place (``zero_grad(set_to_none=False)``) and DDP's
+    whole handed over again (``group=None``, no collective). The settled flag was held on rank 0 by every gradient
+    stepped, its own (zeroed, unmeasured) one too, so rank 0 kept it by its own read and skipped while rank 1
+    stepped. README (the hand-over): a new hand-over replaces a settled one, flag and all: every rank steps."""
+    flow = [("fused", True), ("bwd", (-1, 0)), ("call", "hand", [0, 1]), ("call", *read), ("zero", False),
+            ("call", "hand", [0, 1]), ("step",)]
+    per_rank = run_ranks(2, body_flow, "ddp", flow)
+    assert [s["took"] for r in per_rank for s in r] == [True, True], (flow, violations(flow, per_rank))
+
+
 OPEN = {
     # a on rank 0 alone: NaN there, [a, b] clipped, [b] clipped again (GradClipper, fused): rank 1's flag was
     # measured again on b and replaced, rank 0's is held by a: rank 0 skipped, rank 1 stepped
@@ -338,20 +353,13 @@ OPEN = {
     # place, stepped: rank 0 skipped, rank 1 stepped (as ("ddp", 14))
     "ddp_own_part_settles": ("ddp", [("fused", True), ("bwd", (-1, 0)), ("call", "hand", [0]),
                                      ("call", "hand", [2]), ("zero", False), ("step",)]),
-    # DDP: NaN in the first layer, DDP's whole handed over, a call on a DDP part settles it (held on rank 0 by every
-    # gradient stepped, its own too), dropped in place, DDP's whole handed over again (no collective): rank 0 reads
-    # the flag held by its own zeroed gradient and keeps, rank 1 drops: rank 0 skipped, rank 1 stepped (ddp seed
-    # 1183; h13, session 37)
-    "ddp_settled_then_whole": ("ddp", [("fused", True), ("bwd", (-1, 0)), ("call", "hand", [0, 1]),
-                                       ("call", "total", [1]), ("zero", False), ("call", "hand", [0, 1]),
-                                       ("step",)]),
 }
 
 
 @pytest.mark.xfail(strict=True, reason="open: the ranks take different verdicts (found by the fuzz, seeds 40-199)")
 @pytest.mark.parametrize("name", sorted(OPEN))
 def test_open_flows_found_beyond_the_suite_s_seeds(run_ranks, name):
-    """Minimised flows of seeds the suite does not run (alone 1087, 1194; ddp 1132, 1183), each
+    """Minimised flows of seeds the suite does not run (alone 1087, 1194; ddp 1132), each
     breaking the agreement on the current code: kept here as replays for whoever fixes them."""
     setting, flow = OPEN[name]
     per_rank = run_ranks(2, body_flow, setting, flow)
@@ -376,6 +384,14 @@ FIXED = {
     "ddp_own_part_then_drop_unfused": ("ddp", [("fused", False), ("bwd", (-1, 0)), ("call", "skip", [2]),
                                                ("call", "skip", [0]), ("zero", True), ("bwd", None),
                                                ("call", "skip", [0, 1]), ("step",)]),
+    # DDP: NaN in the first layer, DDP's whole handed over, a call on a DDP part settles it, dropped in place, DDP's
+    # whole handed over again (no collective): rank 0 read the settled flag, held by every gradient stepped (its own
+    # zeroed one, unmeasured there, too), and kept it, rank 1 dropped it: rank 0 skipped, rank 1 stepped (ddp seed
+    # 1183; h13); fixed by settle() leaving the flag with the gradients the hand-over measured: both step, the new
+    # hand-over replacing it (session 37, h15)
+    "ddp_settled_then_whole": ("ddp", [("fused", True), ("bwd", (-1, 0)), ("call", "hand", [0, 1]),
+                                       ("call", "total", [1]), ("zero", False), ("call", "hand", [0, 1]),
+                                       ("step",)]),
 }
 
 

@@ -4569,13 +4569,15 @@ def test_a_part_no_gradient_of_which_this_rank_holds_before_any_gradient_at_all(
 
 
 @pytest.mark.parametrize("zero", ["in_place", "in_place_reversed"])
-def test_a_settled_nan_hand_over_outlasting_an_in_place_drop_skips_on_every_rank(run_ranks, zero):
+def test_a_settled_nan_hand_over_dropped_in_place_is_replaced_by_the_next_one_on_every_rank(run_ranks, zero):
     """The flow above for ``clip_fused``, the NaN batch dropped by ``zero_grad()`` in place: rank 0's NaN hand-over
     of [A], settled at [B], lasts until the step whatever wrote its gradients since (documented: clear it with
-    ``skip_next_step_(opt, False)``), so rank 0 skips the good batch; left out of the verdict, rank 1 dropped its
-    flag at that batch's [B] and stepped alone. Every rank now skips it alike."""
+    ``skip_next_step_(opt, False)``), unless a new hand-over replaces it; left out of the verdict, rank 1 dropped
+    its flag at the good batch's [B] and stepped alone while rank 0 skipped. Every rank then skipped it alike; the
+    settled flag is held by the gradient it was measured on (``a``'s, not ``b``'s beside it), so the good batch's
+    hand-over of [A], measuring it again, replaces it, as a hand-over of the whole does: every rank steps."""
     assert run_ranks(2, body_a_part_no_gradient_of_which_this_rank_holds_keeps_the_other_rank_s_skip, "clip_fused",
-                     0, zero, True, 0, True) == [[True]] * 2
+                     0, zero, True, 0, True) == [[False]] * 2
 
 
 def body_a_call_combining_over_no_other_rank_keeps_the_skip(how: str, dropped: bool = False,
