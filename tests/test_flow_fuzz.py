@@ -329,17 +329,21 @@ def test_a_dropped_nan_batch_of_a_part_on_one_rank_alone_steps_the_next_batch_on
     assert [s["took"] for r in per_rank for s in r] == [True, True], (flow, violations(flow, per_rank))
 
 
-@pytest.mark.parametrize("read", [("total", [1]), ("total", [0]), ("with_norm", [1]), ("plain", [0])])
+@pytest.mark.parametrize(("first", "read"), [([0, 1], ("total", [1])), ([0, 1], ("total", [0])),
+                                             ([0, 1], ("with_norm", [1])), ([0, 1], ("plain", [0])),
+                                             ([0, 1], ("skip", [2])), ([0, 1], ("total", [2])),
+                                             ([0], ("hand", [2]))])
 def test_a_settled_nan_hand_over_beside_one_ranks_own_parameter_dropped_in_place_is_replaced_on_every_rank(
-        run_ranks, read):
-    """Flow ("ddp", 1183) minimised: DDP and rank 0's own parameter in one fused AdamW; a NaN batch (NaN in DDP's
-    first layer on every rank) handed over whole, settled by a call on a DDP part (``get_total_norm``,
-    ``clip_grads_with_norm_`` by it, a plain clip), dropped in place (``zero_grad(set_to_none=False)``) and DDP's
-    whole handed over again (``group=None``, no collective). The settled flag was held on rank 0 by every gradient
-    stepped, its own (zeroed, unmeasured) one too, so rank 0 kept it by its own read and skipped while rank 1
-    stepped. README (the hand-over): a new hand-over replaces a settled one, flag and all: every rank steps."""
-    flow = [("fused", True), ("bwd", (-1, 0)), ("call", "hand", [0, 1]), ("call", *read), ("zero", False),
-            ("call", "hand", [0, 1]), ("step",)]
+        run_ranks, first, read):
+    """Flows ("ddp", 1183) and ("ddp", 1132) minimised: DDP and rank 0's own parameter in one fused AdamW; a NaN
+    batch (NaN in DDP's first layer on every rank) handed over (whole, or [l0]), settled by a call on a DDP part
+    (``get_total_norm``, ``clip_grads_with_norm_`` by it, a plain clip) or on rank 0's own part over the world (it
+    settles on rank 0 alone), dropped in place (``zero_grad(set_to_none=False)``), the next batch computed and DDP's
+    whole handed over (``group=None``, no collective). The settled flag was held on rank 0 by every gradient
+    stepped, its own (unmeasured) one too, so rank 0 kept it by its own read and skipped while rank 1 stepped.
+    README (the hand-over): a new hand-over replaces a settled one, flag and all: every rank steps."""
+    flow = [("fused", True), ("bwd", (-1, 0)), ("call", "hand", first), ("call", *read), ("zero", False),
+            ("bwd", None), ("call", "hand", [0, 1]), ("step",)]
     per_rank = run_ranks(2, body_flow, "ddp", flow)
     assert [s["took"] for r in per_rank for s in r] == [True, True], (flow, violations(flow, per_rank))
 
