@@ -559,12 +559,12 @@ def settle(tensors: Sequence[Tensor]) -> None:
     optimizer one of whose gradients overlaps ``tensors`` (the pieces a dist_clip call is about to read: the same
     tensors, or views of them such as FSDP1's flat shards): its gradients are scaled now, divided by the float32
     reciprocal as the fused kernels divide (float32 ones bit-identical to the step's, which another rank stepping
-    the hand-over, or a rank scaling beside a parameter of its own, applies: see :func:`_scale.divide_`), and the
-    step keeps only the skip flag. The call then sees the gradients clipped, as after a clip that scaled them in
-    place: a second clip composes with the first, a report reads clipped norms, a clip of part of the model leaves
-    the rest clipped. Gradients replaced or modified in place since the hand-over (a new backward) are not the
-    ones it measured: the coefficient is dropped instead. Gradients that merely share a buffer (bucket views)
-    do not overlap."""
+    the hand-over, or a rank scaling beside a parameter of its own, applies: :func:`_scale.scale_`'s ``divide``),
+    and the step keeps only the skip flag. The call then sees the gradients clipped, as after a clip that scaled
+    them in place: a second clip composes with the first, a report reads clipped norms, a clip of part of the model
+    leaves the rest clipped. Gradients replaced or modified in place since the hand-over (a new backward) are not
+    the ones it measured: the coefficient is dropped instead. Gradients that merely share a buffer (bucket views) do
+    not overlap."""
     if not _WAITING:  # the usual case: nothing handed over, or already stepped
         return
     overlaps = _overlap_test(tensors)
@@ -607,7 +607,7 @@ def settle(tensors: Sequence[Tensor]) -> None:
             continue
         if verdict == "replaced":
             _warn_replaced()
-        _scale.divide_(kept, scale)  # as the kernels apply it (see hand_over_)
+        _scale.scale_(kept, scale, divide=True)  # as the kernels apply it (see hand_over_)
         # Its flag stays with the stepped gradients it was measured on, not every one stepped: under DDP with a
         # parameter of rank 0's own beside DDP's, a NaN hand-over of DDP's whole settled by a call on a DDP part,
         # the batch dropped in place and DDP's whole handed over again (no collective), rank 0 read the flag held
@@ -1841,7 +1841,7 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple
             # loaded from a non-fused run's state_dict: torch's step refused the grad_scale it does not read).
             if verdict == "replaced":
                 _warn_replaced()
-            _scale.divide_(kept, pending[0])
+            _scale.scale_(kept, pending[0], divide=True)
             _stash(optimizer, torch.ones_like(pending[0]), pending[1], None, grads, pending[6])  # as settle() leaves it
             pending = optimizer.__dict__[_PENDING]
         elif _dropped(verdict):
@@ -2036,7 +2036,7 @@ def _post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None
         # accumulated onto them stepped 1.18 off). Scaled here when the flag is read for free (the CPU).
         if bool(found != 0):
             stepped = set(map(id, gradients(optimizer)))  # ("fewer": a gradient dropped since is someone else's)
-            _scale.divide_([g for g in pending[3] if id(g) in stepped], pending[0])
+            _scale.scale_([g for g in pending[3] if id(g) in stepped], pending[0], divide=True)
     _restore(optimizer, saved)
 
 

@@ -11,8 +11,8 @@ from torch import Tensor
 from . import _native, _reduce
 
 __all__ = [
-    "EPS", "clip_coefficient", "divide_", "group_by_device_dtype", "mul_wide_", "needs_wide", "resolve_foreach",
-    "round_once", "scale_", "writable", "writable_pieces",
+    "EPS", "clip_coefficient", "group_by_device_dtype", "mul_wide_", "needs_wide", "resolve_foreach", "round_once",
+    "scale_", "writable", "writable_pieces",
 ]
 
 #: Added to the total norm before dividing, as torch.nn.utils.clip_grad_norm_ does.
@@ -177,6 +177,7 @@ def scale_(
     coef: Tensor,
     foreach: bool | None = None,
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] | None = None,
+    divide: bool = False,
 ) -> None:
     """Multiply every tensor in place by ``coef``, rounded once to its own dtype (see :func:`mul_group_`).
 
@@ -186,6 +187,13 @@ def scale_(
     ``torch._foreach_mul_`` except for NaN payloads; ``foreach=False`` keeps torch's per-tensor ``mul_``).
     Elsewhere the multiply always runs: a branch on a device value would stall the host. ``groups``:
     ``tensors`` already bucketed by :func:`group_by_device_dtype`, when the caller has it.
+
+    ``divide``: divide by ``coef`` instead, the float32 ``grad_scale`` a hand-over gives torch's fused optimizers
+    (the reciprocal of the clip coefficient), as their kernels apply it: float32 gradients scaled so are
+    bit-identical to those the fused step takes from the hand-over (a product by the coefficient was 1 ulp off in a
+    third of the elements, and DDP's replicas parted where one rank scaled and the others handed over).
+    bfloat16/float16 ones are rounded to their dtype here, where the kernels keep the float32 quotient. (Never by
+    the native kernel, which multiplies.)
     """
     if not tensors:
         return
@@ -196,6 +204,7 @@ def scale_(
         group = writable(group)
         if (
             value is not None
+            and not divide
             and dtype in _NATIVE_DTYPES
             and device.type == "cpu"
             and foreach is not False
@@ -207,27 +216,7 @@ def scale_(
             and _native.scale_(group, value)
         ):
             continue  # one native multi-tensor pass, rounded exactly as torch's mul_
-        mul_group_(group, _reduce.moved(coef, device), foreach)
-
-
-def divide_(
-    tensors: Sequence[Tensor],
-    scale: Tensor,
-    foreach: bool | None = None,
-    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] | None = None,
-) -> None:
-    """Divide every tensor in place by ``scale``, the float32 ``grad_scale`` a hand-over gives torch's fused
-    optimizers (the reciprocal of the clip coefficient), as their kernels apply it: float32 gradients scaled here
-    are bit-identical to those the fused step takes from the hand-over (a product by the coefficient was 1 ulp off
-    in a third of the elements, and DDP's replicas parted where one rank scaled and the others handed over).
-    bfloat16/float16 ones are rounded to their dtype here, where the kernels keep the float32 quotient. Skipped on
-    the CPU for a scale of exactly 1, as :func:`scale_` skips it; ``groups`` as there."""
-    if not tensors:
-        return
-    if scale.device.type == "cpu" and float(scale) == 1.0:
-        return
-    for (device, _dtype), group in (groups if groups is not None else group_by_device_dtype(tensors)).items():
-        mul_group_(writable(group), _reduce.moved(scale, device), foreach, divide=True)
+        mul_group_(group, _reduce.moved(coef, device), foreach, divide)
 
 
 def mul_group_(group: list[Tensor], c: Tensor, foreach: bool | None, divide: bool = False) -> None:
@@ -236,7 +225,7 @@ def mul_group_(group: list[Tensor], c: Tensor, foreach: bool | None, divide: boo
     before the multiply (CUDA reads only a CPU scalar in float: a float32 coefficient rounded to bf16 was 0.2%
     off, one below 3e-8 became 0 and zeroed fp16 gradients; torch's foreach then takes its per-tensor path
     anyway): there a 1-element operand, which takes part in type promotion, as AGC scales. ``divide``: ``t /= c``
-    instead, the quotient taken and rounded alike (see :func:`divide_`)."""
+    instead, the quotient taken and rounded alike (see :func:`scale_`)."""
     if not group:
         return
     device, dtype = group[0].device, group[0].dtype

@@ -639,8 +639,8 @@ def clip_grad_norm_(
         # Divided by the float32 reciprocal, as the fused kernels apply a hand-over: the other ranks' optimizers,
         # stepping exactly these gradients, were handed it (or settle it, dividing alike), and a product parted
         # DDP's float32 replicas by rounding (1.5e-8 after one AdamW step, 4.5e-8 after 100)
-        _scale.divide_(everything, torch.reciprocal(_deepspeed_applied(parameters, coef).to(torch.float32)), foreach,
-                       groups)
+        _scale.scale_(everything, torch.reciprocal(_deepspeed_applied(parameters, coef).to(torch.float32)), foreach,
+                      groups, divide=True)
     else:
         _scale.scale_(everything, _deepspeed_applied(parameters, coef), foreach, groups)
     if running or (skips and not handed):
