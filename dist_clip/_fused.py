@@ -1063,7 +1063,7 @@ def carried_by_replacements(flag: Tensor, rest: list[Tensor]) -> tuple[Tensor, l
     that read; elsewhere (``clip_grads_with_norm_``, the step itself) this rank's read. None where nothing is left
     to hold it (with a verdict, an entry without gradients: every rank keeps the flag alike)."""
     agreed = _AGREED.get()
-    if (not rest and agreed is None) or (flag.device.type == "cpu" and not bool(flag)):
+    if (not rest and agreed is None) or _unset_on_cpu(flag):
         return None
     bad = _nonfinite(rest, flag.device) if agreed is None else _reduce.moved(agreed, flag.device)
     return (flag & bad if flag.dtype == torch.bool else flag * bad.to(flag.dtype)), rest, None
@@ -1135,7 +1135,7 @@ class Agreement:
         optimizer's step on rank 0 only: FSDP2, 2 ranks). One verdict for every flag of the call: where two
         optimizers' flags wait on it at once, either's non-finite read keeps both (a good step skipped, never a NaN
         one taken)."""
-        if self.agreed is not None or not rest or (found.device.type == "cpu" and not bool(found)):
+        if self.agreed is not None or not rest or _unset_on_cpu(found):
             return  # (already combined; nothing to hold it; or, on the CPU, no flag to keep: read nothing)
         bad = _nonfinite(rest, found.device).to(torch.float64)
         self._read = torch.maximum(_reduce.moved(self._read, bad.device), bad)
@@ -1292,11 +1292,17 @@ def _armed_elsewhere(optimizer: torch.optim.Optimizer) -> bool:
     return any(_elsewhere_entry(*entry) for entry in _ledger_entries(optimizer))
 
 
+def _unset_on_cpu(flag: Tensor) -> bool:
+    """Whether ``flag`` is on the CPU and reads as not set: a free read there, never made on a device (a host
+    sync); a device flag is taken as possibly set."""
+    return flag.device.type == "cpu" and not bool(flag)
+
+
 def _elsewhere_entry(flag: Any, members: Any, seen: Any) -> bool:
     """Whether a ledger entry is a flag, possibly set (on the CPU: set), standing for gradients another rank holds
     (see :func:`_armed_elsewhere`)."""
     return (((members is None and _measured_elsewhere(seen)) or (members is not None and not members))
-            and isinstance(flag, Tensor) and not (flag.device.type == "cpu" and not bool(flag)))
+            and isinstance(flag, Tensor) and not _unset_on_cpu(flag))
 
 
 def _outlasting(ids: set[int]) -> list[Tensor]:
@@ -1345,7 +1351,7 @@ def _may_carry(optimizer: torch.optim.Optimizer) -> list[list[Tensor]]:
     device read): those a flag of the ledger (the fused skip's or the skip guard's) or a hand-over's flag was
     armed on, where that flag may be set (on the CPU: is set); it applies where one of them is no longer held."""
     def live(flag: Any) -> bool:
-        return isinstance(flag, Tensor) and not (flag.device.type == "cpu" and not bool(flag))
+        return isinstance(flag, Tensor) and not _unset_on_cpu(flag)
 
     out = [members for flag, members, _seen in _ledger_entries(optimizer) if members and live(flag)]
     pending = optimizer.__dict__.get(_PENDING)
@@ -1376,7 +1382,7 @@ def _held_flags(optimizer: torch.optim.Optimizer, where: set[int] | None,
     ids: set[int] | None = None
     plain = None
     for flag, members, seen in entries:
-        if not isinstance(flag, Tensor) or (flag.device.type == "cpu" and not bool(flag)):
+        if not isinstance(flag, Tensor) or _unset_on_cpu(flag):
             continue
         if members is None and isinstance(seen, _Explicit):
             # skip_next_step_'s flag, lasting while a gradient held then is still held (or armed with none held:
@@ -1926,7 +1932,7 @@ def _carried_at_step(pending: tuple[Any, ...], grads: list[Tensor]) -> tuple[Ten
     place or an auxiliary loss accumulated into them, then ``step()``: rank 0 skipped and rank 1 stepped). A dropped
     batch's next one stepped with no clip after a NaN hand-over is then skipped too, on every rank."""
     flag = pending[1]
-    if pending[6] and _multi_rank() and not (flag.device.type == "cpu" and not bool(flag)):
+    if pending[6] and _multi_rank() and not _unset_on_cpu(flag):
         return flag, grads, None
     return carried_by_replacements(flag, grads)
 
@@ -2015,8 +2021,7 @@ def _post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None
     _WAITING.discard(optimizer)
     pending = optimizer.__dict__.pop(_PENDING, None)
     optimizer.__dict__.pop(_SKIP, None)
-    optimizer.__dict__.pop(_BESIDE, None)
-    optimizer.__dict__.pop(_UNSET, None)
+    _forget_beside(optimizer)
     stashed = optimizer.__dict__.pop(_SAVED, None)
     if stashed is None:
         return
@@ -2128,8 +2133,7 @@ def hand_over_(
         # step's, as a hand-over's own flag is replaced by the next hand-over (it skipped the next good step).
         del optimizer.__dict__[_SKIP]
     _stash(optimizer, scale, found, coef, grads, shared)
-    optimizer.__dict__.pop(_BESIDE, None)  # (it measures every gradient stepped)
-    optimizer.__dict__.pop(_UNSET, None)
+    _forget_beside(optimizer)  # (it measures every gradient stepped)
     _WAITING.add(optimizer)
 
 
@@ -2186,8 +2190,7 @@ def note_beside(optimizer: torch.optim.Optimizer, measured: Sequence[Tensor] | N
     keep: rank 0 skipped, rank 1 stepped. (Not for the reads: there the ranks' ledgers differ where rank 0 scales in
     the call and the others hand over, and rank 1 alone left DDP's first layer out: ddp seed 1378 parted.)
     ``grads``: the optimizer's :func:`gradients`, where the caller has them."""
-    optimizer.__dict__.pop(_BESIDE, None)
-    optimizer.__dict__.pop(_UNSET, None)
+    _forget_beside(optimizer)
     if not measured or optimizer.__dict__.get(_OUTER) is not None or not _multi_rank():
         return
     grads = grads if grads is not None else gradients(optimizer)
@@ -2204,7 +2207,7 @@ def note_beside(optimizer: torch.optim.Optimizer, measured: Sequence[Tensor] | N
     where = set(map(id, grads))
     held_set: set[int] | None = set()  # (by the flags that may be set: see _UNSET)
     for flag, members, _seen in entries:
-        unset = isinstance(flag, Tensor) and flag.device.type == "cpu" and not bool(flag)
+        unset = isinstance(flag, Tensor) and _unset_on_cpu(flag)
         if members is None or any(id(t) not in where for t in members):
             # (a flag armed on no gradient said, or on one replaced since: every gradient may hold it)
             held = None
@@ -2221,6 +2224,12 @@ def note_beside(optimizer: torch.optim.Optimizer, measured: Sequence[Tensor] | N
                   if p.grad is not None and id(getattr(p.grad, "_local_tensor", p.grad)) in rest - ids]
         if beside:
             optimizer.__dict__[key] = beside
+
+
+def _forget_beside(optimizer: torch.optim.Optimizer) -> None:
+    """Drop what :func:`note_beside` recorded (both sets): at each arming, a hand-over and the step."""
+    optimizer.__dict__.pop(_BESIDE, None)
+    optimizer.__dict__.pop(_UNSET, None)
 
 
 def carry_only(optimizer: Any, grads: list[Tensor], key: str = _BESIDE) -> list[Tensor]:
