@@ -2145,7 +2145,7 @@ def steps_beside(grads: Sequence[Tensor], tensors: Sequence[Tensor]) -> bool:
 
 
 def hand_over_applied_(optimizer: torch.optim.Optimizer, total: Tensor, started: tuple[list[Tensor], list[int]],
-                       measured: Sequence[Tensor], shared: bool = False) -> None:
+                       measured: Sequence[Tensor], shared: bool = False, stepped: list[Tensor] | None = None) -> None:
     """A call's skip flag (``total`` not finite) for an optimizer that steps the call's pieces ``measured`` and
     other gradients beside them (:func:`steps_beside`), whose coefficient was applied in place: kept as a
     hand-over's is (a coefficient of 1 left to apply, held by the measured gradients), not as an armed skip, which
@@ -2153,7 +2153,8 @@ def hand_over_applied_(optimizer: torch.optim.Optimizer, total: Tensor, started:
     its own scaled here and armed the skip, while the others handed over: a NaN batch dropped and recomputed,
     then ``clip_grads_with_norm_``, ``get_total_norm`` or straight to ``step()``, the others dropped the hand-over
     by their read of the new gradients and stepped, that rank kept its skip, and the replicas parted (rank 0
-    skipped, rank 1 stepped). The ledger's earlier flags are superseded as by an arming of a finite total."""
+    skipped, rank 1 stepped). The ledger's earlier flags are superseded as by an arming of a finite total.
+    ``stepped``: the optimizer's :func:`gradients`, where the caller has them."""
     arm_skip_(optimizer, torch.zeros((), dtype=torch.bool, device=total.device), started, measured=measured)
     pending = optimizer.__dict__.get(_PENDING)
     ids = set(map(id, measured))
@@ -2161,11 +2162,12 @@ def hand_over_applied_(optimizer: torch.optim.Optimizer, total: Tensor, started:
         # (a hand-over waiting on gradients this call does not measure: its flag joins this one's as armed)
         arm_skip_(optimizer, torch.logical_not(torch.isfinite(total)), started, measured=measured)
         return
-    grads = [g for g in gradients(optimizer) if id(g) in ids]
+    stepped = stepped if stepped is not None else gradients(optimizer)
+    grads = [g for g in stepped if id(g) in ids]
     found = torch.logical_not(torch.isfinite(total)).to(torch.float32)
     # (the coefficient is in the gradients: 1 on the CPU, which scale_ reads for free and skips)
     _stash(optimizer, torch.ones_like(found), found, torch.ones((), dtype=torch.float32), grads, shared)
-    note_beside(optimizer, measured)
+    note_beside(optimizer, measured, stepped)
     _WAITING.add(optimizer)
 
 

@@ -649,7 +649,7 @@ def clip_grad_norm_(
             # dropped batch's NaN skipped the next good step where the ranks handing over stepped it).
             if beside and fold is None and not wide_product:
                 _fused.hand_over_applied_(optimizer, wide, started, everything,  # type: ignore[arg-type]
-                                          agreement.shared)
+                                          agreement.shared, stepped)
             else:
                 _fused.arm_skip_(optimizer, torch.logical_not(torch.isfinite(wide)),  # type: ignore[arg-type]
                                  started, measured=everything)
