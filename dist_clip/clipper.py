@@ -743,7 +743,8 @@ class GradClipper:
 
     # ---------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed run needs to continue identically (CPU tensors; reading them syncs once)."""
+        """Everything a resumed run needs to continue identically: CPU tensors, numbers and strings (an AutoClip
+        history a list of floats, which ``torch.distributed.checkpoint`` loads whole); reading them syncs once."""
         def count(t: Tensor | None) -> Tensor:
             return t.detach().cpu().clone() if t is not None else torch.zeros((), dtype=torch.int64)
 

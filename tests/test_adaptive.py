@@ -186,6 +186,8 @@ def _same_state(a, b) -> bool:  # noqa: ANN001
         return len(a) == len(b) and all(_same_state(x, y) for x, y in zip(a, b))
     if isinstance(a, torch.Tensor):
         return torch.equal(a.nan_to_num(-1.0), b.nan_to_num(-1.0))
+    if isinstance(a, float) and math.isnan(a):  # (a skipped norm in an AutoClip history)
+        return isinstance(b, float) and math.isnan(b)
     return a == b
 
 
@@ -344,7 +346,7 @@ def test_autoclip_window_state_round_trips_mid_ring():
     for g in norms[:7]:
         first([torch.tensor([g])])
     state = first.state_dict()
-    assert state["threshold"]["history"].tolist() == [2.0, 4.0, 3.0, 5.0]
+    assert state["threshold"]["history"] == [2.0, 4.0, 3.0, 5.0]
     second = GradClipper(max_norm=AutoClip(percentile=40, window=4))
     second.load_state_dict(state)
     assert _same_state(second.state_dict(), state)
@@ -357,7 +359,7 @@ def test_autoclip_window_state_round_trips_mid_ring():
     few = GradClipper(max_norm=AutoClip(percentile=40, window=4))
     for g in (math.nan, 1.0, math.nan):  # fewer finite norms than calls: NaN in front, as many entries as calls
         few([torch.tensor([g])])
-    assert few.state_dict()["threshold"]["history"].nan_to_num(-1).tolist() == [-1.0, -1.0, 1.0]
+    assert torch.tensor(few.state_dict()["threshold"]["history"]).nan_to_num(-1).tolist() == [-1.0, -1.0, 1.0]
 
 
 def test_unitwise_refuses_a_gradient_whose_elements_share_memory_before_scaling():
@@ -385,7 +387,7 @@ def test_autoclip_state_of_another_window_is_refused_naming_the_window():
         GradClipper(max_norm=AutoClip(percentile=40)).load_state_dict(state)
     other = GradClipper(max_norm=AutoClip(percentile=90, window=4))  # another percentile: the norms load
     other.load_state_dict(state)
-    assert other.state_dict()["threshold"]["history"].tolist() == [2.0, 3.0, 4.0, 5.0]
+    assert other.state_dict()["threshold"]["history"] == [2.0, 3.0, 4.0, 5.0]
 
 
 @pytest.mark.parametrize("value", [torch.tensor([True, False]), 1, "yes"])
@@ -410,7 +412,7 @@ def test_autoclip_window_state_saved_in_ring_order_still_loads():
                                                                                 dtype=torch.float64)}}
     clipper.load_state_dict(old)  # norms 1..6 seen: the window is 3, 4, 5, 6; a 7 evicts the 3
     assert clipper([torch.tensor([7.0])]).max_norm.item() == 4.0
-    assert clipper.state_dict()["threshold"]["history"].tolist() == [4.0, 5.0, 6.0, 7.0]
+    assert clipper.state_dict()["threshold"]["history"] == [4.0, 5.0, 6.0, 7.0]
     with pytest.raises(ValueError, match="AutoClip state has unknown keys"):
         clipper.load_state_dict({**old, "threshold": {**old["threshold"], "extra": 1}})
 
@@ -424,9 +426,9 @@ def test_autoclip_window_state_in_ring_order_with_a_skipped_norm_keeps_its_finit
            "threshold": {"kind": "AutoClip", "count": 6, "history": torch.tensor([5.0, 6.0, 3.0, math.nan],
                                                                                 dtype=torch.float64)}}
     clipper.load_state_dict(old)  # norms 1, 2, 3, NaN, 5, 6 in a ring of 4: finite 3, 5, 6 remain
-    assert clipper.state_dict()["threshold"]["history"].nan_to_num(-1).tolist() == [-1.0, 3.0, 5.0, 6.0]
+    assert torch.tensor(clipper.state_dict()["threshold"]["history"]).nan_to_num(-1).tolist() == [-1.0, 3.0, 5.0, 6.0]
     assert clipper([torch.tensor([7.0])]).max_norm.item() == 3.0
-    assert clipper.state_dict()["threshold"]["history"].tolist() == [3.0, 5.0, 6.0, 7.0]
+    assert clipper.state_dict()["threshold"]["history"] == [3.0, 5.0, 6.0, 7.0]
     assert clipper([torch.tensor([8.0])]).max_norm.item() == 5.0  # now the 3 leaves
 
 
@@ -583,18 +585,20 @@ def test_a_zclip_state_with_moments_beyond_float64_reloads():
     assert _same_state(again.state_dict(), state)
 
 
+@pytest.mark.parametrize("form", [list, lambda v: torch.tensor(v, dtype=torch.float64)], ids=["list", "tensor"])
 @pytest.mark.parametrize("bad", [-5.0, math.inf, -math.inf])
-def test_autoclip_history_must_hold_norms(bad):
+def test_autoclip_history_must_hold_norms(bad, form):
     """A negative saved norm made the threshold negative and flipped the gradients' signs ([3, 4] became
-    [-3, -4], clipped True); an infinite one made them NaN with finite True. NaN (a skipped norm) loads."""
+    [-3, -4], clipped True); an infinite one made them NaN with finite True. NaN (a skipped norm) loads. The same
+    in a history saved as a list (as state_dict() saves it) or a tensor (as it saved it before)."""
     clipper = GradClipper(max_norm=AutoClip(percentile=50))
     for g in (1.0, 2.0):
         clipper([torch.tensor([g])])
     state = clipper.state_dict()
-    state["threshold"]["history"] = torch.tensor([bad, 1.0], dtype=torch.float64)
+    state["threshold"]["history"] = form([bad, 1.0])
     with pytest.raises(ValueError, match="AutoClip state 'history' must hold norms"):
         clipper.load_state_dict(state)
-    state["threshold"]["history"] = torch.tensor([math.nan, 1.0], dtype=torch.float64)
+    state["threshold"]["history"] = form([math.nan, 1.0])
     clipper.load_state_dict(state)
     g = torch.tensor([3.0, 4.0])
     clipper([g])
@@ -610,7 +614,7 @@ def test_zero_norms_in_a_saved_state_reload():
     for clipper, norms in ((auto, (0.0, 2.0, 0.0)), (zclip, (0.0, 3.0, 3.0, 3.0))):
         for g in norms:
             clipper([torch.tensor([g], dtype=torch.float64)])
-    assert auto.state_dict()["threshold"]["history"].tolist() == [0.0, 2.0, 0.0]
+    assert auto.state_dict()["threshold"]["history"] == [0.0, 2.0, 0.0]
     assert zclip.state_dict()["threshold"]["warmup"].tolist() == [0.0, 3.0]
     zero_var = GradClipper(max_norm=ZClip(warmup_steps=2, max_norm=None))
     for g in (3.0, 3.0):
@@ -638,6 +642,170 @@ def test_a_state_saved_before_the_first_call_reloads(policy):
         a, b = torch.tensor([g], dtype=torch.float64), torch.tensor([g], dtype=torch.float64)
         assert saved([a]).clip_coef.item() == again([b]).clip_coef.item()
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_autoclip_history_is_a_list_of_its_float64_norms_that_loads_as_saved_and_as_saved_before(window):
+    """The history is saved as a list of Python floats (torch.distributed.checkpoint loads such a value whole;
+    a tensor it loads into the fresh clipper's empty one, and refused): each the float64 norm measured, exactly
+    (0.1-like norms whose float32 rounding would show), NaN for a skipped call. torch.load(weights_only=True)
+    reads it, and a state whose history is a tensor, as saved before, loads as it did; both resume alike."""
+    import io
+
+    norms = [0.1, 0.7, math.inf, 1 / 3, 2.0 ** 0.5, 1e-30, 5.5, math.nan, 0.2, 3.0]
+    clipper = GradClipper(max_norm=AutoClip(percentile=40, window=window))
+    seen = [clipper([torch.tensor([g], dtype=torch.float64)]).total_norm.item() for g in norms[:7]]
+    hist = clipper.state_dict()["threshold"]["history"]
+    assert type(hist) is list and all(type(x) is float for x in hist)
+    finite = [x for x in seen if math.isfinite(x)]
+    if window is None:
+        assert [x for x in hist if not math.isnan(x)] == finite == [0.1, 0.7, 1 / 3, 2.0 ** 0.5, 1e-30, 5.5]
+        assert len(hist) == 7 and math.isnan(hist[2])
+    else:
+        assert hist == finite[-4:]
+    buf = io.BytesIO()
+    torch.save(clipper.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    assert _same_state(state, clipper.state_dict())
+    old = {**state, "threshold": {**state["threshold"],
+                                  "history": torch.tensor(state["threshold"]["history"], dtype=torch.float64)}}
+    resumed = []
+    for saved in (state, old):
+        again = GradClipper(max_norm=AutoClip(percentile=40, window=window))
+        again.load_state_dict(saved)
+        assert _same_state(again.state_dict(), clipper.state_dict())
+        resumed.append(again)
+    for g in norms[7:]:
+        want = clipper([torch.tensor([g], dtype=torch.float64)])
+        for again in resumed:
+            got = again([torch.tensor([g], dtype=torch.float64)])
+            assert got.max_norm.nan_to_num(-1).item() == want.max_norm.nan_to_num(-1).item()
+            assert got.clip_coef.nan_to_num(-1).item() == want.clip_coef.nan_to_num(-1).item()
+
+
+@pytest.mark.parametrize("history", [[True, 1.0], ["1.0", 2.0], [[1.0], 2.0], [torch.tensor(1.0), 2.0], "12",
+                                     torch.tensor([[1.0, 2.0]]), torch.tensor([1, 2]), {0: 1.0, 1: 2.0}, 2.0])
+def test_autoclip_history_that_is_no_list_of_numbers_is_refused(history):
+    """A saved history is a list of numbers (or a 1-D float tensor of them, as saved before); a bool, a string,
+    a nested list or a tensor among them is refused with the count it must hold, as is any other container."""
+    clipper = GradClipper(max_norm=AutoClip(percentile=50))
+    for g in (1.0, 2.0):
+        clipper([torch.tensor([g])])
+    state = clipper.state_dict()
+    state["threshold"]["history"] = history
+    with pytest.raises(ValueError, match=r"AutoClip state 'history' must be a list of 2 norms \(or a 1-D float "
+                                         r"tensor of them\) \(the state counts 2 calls"):
+        clipper.load_state_dict(state)
+    state["threshold"]["history"] = [2.0, 10**400]
+    with pytest.raises(ValueError, match="must fit a float64"):
+        clipper.load_state_dict(state)
+    state["threshold"]["history"] = [2.0, torch.empty((), device="meta")]
+    with pytest.raises(ValueError, match=r"meta tensors.*\['history'\]\[1\]"):
+        clipper.load_state_dict(state)
+    state["threshold"]["history"] = [2, 1]  # whole numbers are norms too
+    clipper.load_state_dict(state)
+    assert clipper.state_dict()["threshold"]["history"] == [2.0, 1.0]
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_dcp_checkpoint_of_a_tensor_history_loads_into_a_state_holding_an_empty_one(tmp_path):
+    """README: a DCP checkpoint of a state saved before the history was a list holds a tensor there (those saved
+    before the first call, of 0 norms, were the only ones DCP loaded). It reads into a state whose history is set
+    to an empty float64 tensor; a checkpoint of the list reads into that state too (DCP replaces the value)."""
+    import torch.distributed.checkpoint as dcp
+
+    old = GradClipper(max_norm=AutoClip()).state_dict()
+    old["threshold"]["history"] = torch.empty(0, dtype=torch.float64)
+    dcp.save({"clipper": old}, checkpoint_id=str(tmp_path / "old"), no_dist=True)
+    with pytest.raises(dcp.api.CheckpointException, match="expected BytesStorageMetadata"):  # (as it is now)
+        dcp.load({"clipper": GradClipper(max_norm=AutoClip()).state_dict()},
+                 checkpoint_id=str(tmp_path / "old"), no_dist=True)
+    grown = GradClipper(max_norm=AutoClip())
+    for g in (3.0, 1.0):
+        grown([torch.tensor([g], dtype=torch.float64)])
+    dcp.save({"clipper": grown}, checkpoint_id=str(tmp_path / "new"), no_dist=True)
+    for name, want in (("old", []), ("new", [3.0, 1.0])):
+        clipper = GradClipper(max_norm=AutoClip())
+        state = clipper.state_dict()
+        state["threshold"]["history"] = torch.empty(0, dtype=torch.float64)
+        app = {"clipper": state}
+        dcp.load(app, checkpoint_id=str(tmp_path / name), no_dist=True)
+        clipper.load_state_dict(app["clipper"])
+        assert clipper.state_dict()["threshold"]["history"] == want and clipper.step == len(want)
+
+
+def _int_grads(step: int, rank: int, world: int) -> dict[str, Tensor]:
+    """One 12-element gradient per step, split over ``world`` ranks (1, 2 or 3), of whole numbers: its squares
+    add exactly in any order, so every world measures the same total norm, bit for bit; step 2 reads inf."""
+    g = torch.Generator().manual_seed(step)
+    full = torch.randint(-9, 10, (12,), generator=g).float() * (1 + step % 4)
+    if step == 2:
+        full[5] = math.inf
+    n = 12 // world
+    return {"w": full[rank * n : (rank + 1) * n].clone()}
+
+
+# (policy, saved after this many calls): no window; a window of 8 saved half full (5 calls, one of them inf);
+# a window of 3 saved full, after its ring wrapped
+_AUTOCLIP_DCP = ((AutoClip(percentile=30), 6), (AutoClip(percentile=30, window=8), 5),
+                 (AutoClip(percentile=60, window=3), 7))
+
+
+def body_autoclip_dcp_save(path: str) -> list:
+    import torch.distributed.checkpoint as dcp
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = []
+    for i, (policy, cut) in enumerate(_AUTOCLIP_DCP):
+        clipper = GradClipper(max_norm=policy)
+        coefs, saved = [], None
+        for s in range(cut + 6):
+            if s == cut:  # the clipper as DCP's Stateful, beside a tensor (as an app state holds a model's)
+                dcp.save({"clipper": clipper, "other": torch.ones(2)}, checkpoint_id=f"{path}/{i}")
+                saved = clipper.state_dict()
+            coefs.append(clipper(_int_grads(s, rank, world), group=dist.group.WORLD).clip_coef.item())
+        out.append([coefs[cut:], saved])
+    return out
+
+
+def body_autoclip_dcp_load(path: str) -> list:
+    import torch.distributed.checkpoint as dcp
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = []
+    for i, (policy, cut) in enumerate(_AUTOCLIP_DCP):
+        clipper = GradClipper(max_norm=policy)
+        if i % 2:  # as a Stateful, or its state_dict() loaded in place, then handed to load_state_dict
+            dcp.load({"clipper": clipper, "other": torch.zeros(2)}, checkpoint_id=f"{path}/{i}")
+        else:
+            app = {"clipper": GradClipper(max_norm=policy).state_dict(), "other": torch.zeros(2)}
+            dcp.load(app, checkpoint_id=f"{path}/{i}")
+            clipper.load_state_dict(app["clipper"])
+        loaded = clipper.state_dict()
+        out.append([[clipper(_int_grads(s, rank, world), group=dist.group.WORLD).clip_coef.item()
+                     for s in range(cut, cut + 6)], loaded])
+    return out
+
+
+def test_autoclip_state_saved_by_dcp_on_two_ranks_resumes_on_one_two_and_three(run_ranks, tmp_path):
+    """An AutoClip history grows with the norms seen: torch.distributed.checkpoint, which loads a tensor into the
+    fresh clipper's (empty) one, refused it ("Size mismatch between saved torch.Size([6]) and current:
+    torch.Size([0]) for clipper.threshold.history"; README: torch.save it beside). Saved as a list of floats, it
+    is pickled and loaded back whole: saved on 2 ranks mid-history, half a window and a full (wrapped) window in,
+    loaded on 1, 2 and 3, the state is the saved one, float for float (NaN for the inf call), and the next 6
+    coefficients are the uninterrupted run's, bit for bit (whole-number gradients: every world's norm is exact)."""
+    straight = run_ranks(2, body_autoclip_dcp_save, str(tmp_path))
+    assert _same_state(straight[0], straight[1])
+    for _, saved in straight[0][:2]:  # the inf call is in the history as a skipped (NaN) norm
+        assert any(math.isnan(x) for x in saved["threshold"]["history"])
+    assert all(any(c < 1 for c in coefs) and any(c == 1 for c in coefs) for coefs, _ in straight[0])
+    for world in (1, 2, 3):
+        got = run_ranks(world, body_autoclip_dcp_load, str(tmp_path))
+        for rank_got in got:
+            for (want_coefs, saved), (coefs, loaded) in zip(straight[0], rank_got):
+                assert _same_state(loaded, saved), (world, loaded, saved)
+                assert coefs == want_coefs, (world, coefs, want_coefs)
 
 
 def test_zclip_state_saved_when_warm_up_counted_calls_still_loads():
@@ -1050,7 +1218,7 @@ def test_autoclip_window_keeps_finite_norms_through_a_non_finite_call():
         result = clipper([p], optimizer=opt)
         opt.zero_grad()
     assert result.max_norm.item() == 1.0, result.max_norm
-    assert clipper.state_dict()["threshold"]["history"].tolist() == [1.0, 2.0, 3.0]
+    assert clipper.state_dict()["threshold"]["history"] == [1.0, 2.0, 3.0]
 
 
 def test_autoclip_history_grows_past_its_first_buffer():
@@ -1088,5 +1256,5 @@ def test_an_autoclip_state_without_oldest_first_loads_in_ring_order():
     state["threshold"] = {"kind": "AutoClip", "norm_type": 2.0, "count": 4,
                           "history": torch.tensor([4.0, 2.0, 3.0], dtype=torch.float64)}
     clipper.load_state_dict(state)
-    assert clipper.state_dict()["threshold"]["history"].tolist() == [2.0, 3.0, 4.0]
+    assert clipper.state_dict()["threshold"]["history"] == [2.0, 3.0, 4.0]
     assert clipper([torch.tensor([10.0])]).max_norm.item() == 3.0  # the window [3, 4, 10]: the 2 left first

@@ -466,19 +466,6 @@ def body_dcp_load(path: str, cut: int) -> list[object]:
         assert clipper.step == cut
         out.append([clipper(_split_grads(s, rank, world), group=dist.group.WORLD).clip_coef.item()
                     for s in range(cut, cut + 5)])
-    # An AutoClip history grows with the norms seen: DCP loads into the fresh clipper's shapes and refuses it
-    # (README: save it with torch.save beside the DCP checkpoint)
-    grown = GradClipper(max_norm=AutoClip(window=3))
-    for s in range(cut):
-        grown(_split_grads(s, rank, world), group=dist.group.WORLD)
-    dcp.save({"clipper": grown.state_dict()}, checkpoint_id=f"{path}/auto{world}")
-    state = {"clipper": GradClipper(max_norm=AutoClip(window=3)).state_dict()}
-    try:
-        dcp.load(state, checkpoint_id=f"{path}/auto{world}")
-    except dcp.api.CheckpointException as e:  # (a BaseException, wrapping the planner's ValueError)
-        out.append("Size mismatch" in str(e) and "clipper.threshold.history" in str(e))
-    else:
-        out.append("loaded")
     return out
 
 
@@ -486,15 +473,14 @@ def body_dcp_load(path: str, cut: int) -> list[object]:
 def test_state_saved_by_dcp_on_two_ranks_resumes_on_two_and_three(run_ranks, tmp_path, cut):
     """ZClip's and a fixed limit's states are of fixed shape: ``torch.distributed.checkpoint`` saves them (the
     clipper as its Stateful) and loads them on another number of ranks, the next 5 coefficients those of the run
-    never stopped (bit for bit on 2 ranks; on 3 the norm's float64 partials add in another order)."""
+    never stopped (bit for bit on 2 ranks; on 3 the norm's float64 partials add in another order). AutoClip's
+    history, which grows: tests/test_adaptive.py."""
     straight = run_ranks(2, body_dcp_save, str(tmp_path), cut)
     assert straight[0] == straight[1]
     for world in (2, 3):
         got = run_ranks(world, body_dcp_load, str(tmp_path), cut)
         assert all(g == got[0] for g in got)
-        *coefs, refused = got[0]
-        assert refused is True, refused
-        for a, b in zip(straight[0], coefs):
+        for a, b in zip(straight[0], got[0]):
             assert a == b if world == 2 else a == pytest.approx(b, rel=1e-6, abs=0)
 
 
