@@ -575,7 +575,7 @@ def settle(tensors: Sequence[Tensor]) -> None:
         if handles is not None:  # (hooks the user cleared since the hand-over: registered again)
             repair_step_hooks(optimizer, handles, _pre_hook, _post_hook)
         grads = gradients(optimizer)
-        if not any(overlaps(_span(g)) for g in grads):
+        if not any(overlaps(_span(g)) for g in _measured_side(optimizer.__dict__.get(_PENDING), grads)):
             continue  # (another thread's optimizer may be stepping: what its pre-hook set is not this call's)
         running = in_step(optimizer)
         if not running:
@@ -584,7 +584,7 @@ def settle(tensors: Sequence[Tensor]) -> None:
         if pending is None:
             _WAITING.discard(optimizer)
             continue
-        scale, found, coef, held, versions, raw, shared = pending
+        scale, found, coef, held, versions, raw, shared, _ = pending
         if coef is None:
             # Applied already: only the skip flag is left, and it lasts until the step whatever wrote the
             # gradients since (the verdict of a later read dropped it: a NaN hand-over, a clip in place, then
@@ -1261,7 +1261,7 @@ class Agreement:
             if pending is None or pending[2] is None:
                 continue
             grads = gradients(optimizer)
-            if _measured_among(grads, self.measured):
+            if _measured_among(_measured_side(pending, grads), self.measured):
                 # (held by every gradient: this call arms no flag of that optimizer's, see _keep_replaced)
                 _drop_unsettled(optimizer, grads, None)
 
@@ -2165,8 +2165,12 @@ def hand_over_applied_(optimizer: torch.optim.Optimizer, total: Tensor, started:
     stepped = stepped if stepped is not None else gradients(optimizer)
     grads = [g for g in stepped if id(g) in ids]
     found = torch.logical_not(torch.isfinite(total)).to(torch.float32)
+    # (the parameters stepped beside the measured ones, whose gradients a later call reads without the hand-over:
+    # see _measured_side)
+    beside = [p for group in optimizer.param_groups for p in group["params"]
+              if p.grad is not None and id(getattr(p.grad, "_local_tensor", p.grad)) not in ids]
     # (the coefficient is in the gradients: 1 on the CPU, which scale_ reads for free and skips)
-    _stash(optimizer, torch.ones_like(found), found, torch.ones((), dtype=torch.float32), grads, shared)
+    _stash(optimizer, torch.ones_like(found), found, torch.ones((), dtype=torch.float32), grads, shared, beside)
     note_beside(optimizer, measured, stepped)
     _WAITING.add(optimizer)
 
@@ -2228,6 +2232,21 @@ def note_beside(optimizer: torch.optim.Optimizer, measured: Sequence[Tensor] | N
             optimizer.__dict__[key] = beside
 
 
+def _measured_side(pending: tuple[Any, ...] | None, grads: list[Tensor]) -> list[Tensor]:
+    """``grads`` (gradients the optimizer steps now) without those of the parameters a hand-over applied in place
+    (``pending``, see :func:`hand_over_applied_`) found stepped beside the gradients it measured: a call reading
+    only those reads nothing the hand-over measured, as on the ranks whose optimizer steps none of them, so it
+    neither settles the hand-over nor drops it. Under DDP with a parameter of rank 0's own in its fused optimizer,
+    a NaN hand-over of DDP's whole (or of [l0]), then a call on rank 0's own part over the world (rank 1 passing
+    nothing) settled it on rank 0 alone, whose flag then lasted to the step while rank 1's lapsed with the batch:
+    the batch dropped and the next one stepped, rank 0 skipped and rank 1 stepped."""
+    beside = pending[7] if pending is not None and pending[2] is not None else None
+    if not beside:
+        return grads
+    out = {id(getattr(p.grad, "_local_tensor", p.grad)) for p in beside if p.grad is not None}
+    return [g for g in grads if id(g) not in out]
+
+
 def _forget_beside(optimizer: torch.optim.Optimizer) -> None:
     """Drop what :func:`note_beside` recorded (both sets): at each arming, a hand-over and the step."""
     optimizer.__dict__.pop(_BESIDE, None)
@@ -2247,11 +2266,12 @@ def carry_only(optimizer: Any, grads: list[Tensor], key: str = _BESIDE) -> list[
 
 def _stash(
     optimizer: torch.optim.Optimizer, scale: Tensor, found: Tensor, coef: Tensor | None, grads: list[Tensor],
-    shared: bool = False,
+    shared: bool = False, beside: list[Tensor] | None = None,
 ) -> None:
     """What the next step applies (``scale``, ``found``), the coefficient settle() would apply instead (None once
-    applied), the gradients it was measured on with their versions (see :func:`_verdict`), and whether the total
-    was combined over several ranks (see :func:`hand_over_`)."""
+    applied), the gradients it was measured on with their versions (see :func:`_verdict`), whether the total
+    was combined over several ranks (see :func:`hand_over_`), and the parameters stepped beside the measured ones
+    of a hand-over applied in place (see :func:`_measured_side`)."""
     raw = version_list(grads)
     versions: list[Any] = list(raw)
     if coef is not None and any(map(Tensor._is_view, grads)):
@@ -2264,4 +2284,4 @@ def _stash(
                     and not getattr(p, "_fsdp_flattened", False)):
                 cell = _write_cell(p)
                 versions[i] = (cell, cell[0])
-    optimizer.__dict__[_PENDING] = (scale, found, coef, grads, versions, raw, shared)
+    optimizer.__dict__[_PENDING] = (scale, found, coef, grads, versions, raw, shared, beside)
