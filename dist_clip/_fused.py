@@ -62,6 +62,8 @@ _MISSING = object()
 _AGREED: contextvars.ContextVar[Tensor | None] = contextvars.ContextVar("dist_clip_agreed", default=None)
 #: where :func:`_keep_replaced` leaves a flag for the call's agreement to decide, while it settles
 _DEFERRED: contextvars.ContextVar[Agreement | None] = contextvars.ContextVar("dist_clip_deferred", default=None)
+#: whether the call arming under :meth:`Agreement.armed` combined over several ranks (see :func:`note_beside`)
+_COMBINING: contextvars.ContextVar[bool] = contextvars.ContextVar("dist_clip_combining", default=False)
 
 
 class _ByIdentity:
@@ -1233,11 +1235,13 @@ class Agreement:
     def armed(self) -> Iterator[None]:
         """The verdict stands for this rank's read within (the flags waiting for it are kept or dropped first)."""
         token = _AGREED.set(self.agreed if self.agreed is not None else self._read > 0)
+        combining = _COMBINING.set(self.shared)
         try:
             self._keep_deferred()
             self._others_unsettled()
             yield
         finally:
+            _COMBINING.reset(combining)
             _AGREED.reset(token)
 
     def apply(self) -> None:
@@ -2195,9 +2199,17 @@ def note_beside(optimizer: torch.optim.Optimizer, measured: Sequence[Tensor] | N
     the same step, the batch dropped to ``None``, recomputed and DDP's whole clipped again, forced rank 0 alone to
     keep: rank 0 skipped, rank 1 stepped. (Not for the reads: there the ranks' ledgers differ where rank 0 scales in
     the call and the others hand over, and rank 1 alone left DDP's first layer out: ddp seed 1378 parted.)
+    Where the arming combined over several ranks (its flag the same on every rank), :data:`_UNSET` takes the
+    gradients it measured too (its flag, on the CPU not set, holds nothing), and a call measuring nothing on this
+    rank (a part held on another rank alone) computes it as well: counted, a NaN hand-over of DDP's whole (or
+    [l0]), rank 0's own part clipped over the world (finite: measured there, on rank 1 nothing), the batch dropped
+    to ``None``, recomputed and DDP's whole (or [l0]) handed over again forced one rank alone to keep (rank 0 by its
+    own gradient; rank 1, holding no ``_UNSET``, by DDP's second layer). Not for an arming combining over no other
+    rank: rank 1's, measuring every gradient it steps, computes none, while rank 0's, beside its own parameter,
+    would have taken DDP's (ddp seeds 1649, 1659 parted).
     ``grads``: the optimizer's :func:`gradients`, where the caller has them."""
     _forget_beside(optimizer)
-    if not measured or optimizer.__dict__.get(_OUTER) is not None or not _multi_rank():
+    if measured is None or optimizer.__dict__.get(_OUTER) is not None or not _multi_rank():
         return
     grads = grads if grads is not None else gradients(optimizer)
     if len(grads) <= len(measured):
@@ -2223,11 +2235,11 @@ def note_beside(optimizer: torch.optim.Optimizer, measured: Sequence[Tensor] | N
             held.update(map(id, members))
         if held_set is not None and not unset:
             held_set.update(map(id, members))
-    for key, ids in ((_BESIDE, held), (_UNSET, held_set)):
+    for key, ids, among in ((_BESIDE, held, rest), (_UNSET, held_set, where if _COMBINING.get() else rest)):
         if ids is None:
             continue
         beside = [p for group in optimizer.param_groups for p in group["params"]
-                  if p.grad is not None and id(getattr(p.grad, "_local_tensor", p.grad)) in rest - ids]
+                  if p.grad is not None and id(getattr(p.grad, "_local_tensor", p.grad)) in among - ids]
         if beside:
             optimizer.__dict__[key] = beside
 
