@@ -511,7 +511,11 @@ def steps_what_was_measured(grads: Sequence[Tensor], tensors: Sequence[Tensor]) 
     ``tensors`` are (or are pieces of): the same tensors, or tensors covering exactly the same bytes. A
     handed-over coefficient would otherwise also scale gradient elements nobody measured (a measured slice
     ``g[:5]`` of a stepped ``g``: an overlap is not enough), or miss measured ones that another optimizer
-    steps. Views with gaps are matched by identity only."""
+    steps. Views with gaps are matched by identity only. Among several ranks, an empty gradient (a rank's empty
+    FSDP2 shard of a small parameter) covers no bytes: one that ``tensors`` do not hold (:func:`_measured_among`)
+    makes it False, as on the ranks holding elements of that parameter (handed over on the rank whose shards of
+    the part beside are all empty alone, the call measured every gradient there and dropped the flag of that part:
+    a NaN in rank 0's shard of part B clipped, part A handed over, rank 1 stepped and rank 0 skipped)."""
     # The usual case (the same tensors, in the same order or not), without a walk over the bytes.
     if len(set(map(id, grads))) != len(grads):
         return False  # one gradient tensor stepped for two parameters: the kernel would divide it twice
@@ -520,7 +524,10 @@ def steps_what_was_measured(grads: Sequence[Tensor], tensors: Sequence[Tensor]) 
     if set(map(id, grads)) == set(map(id, tensors)):
         return True
     theirs, ours = _covered(grads), _covered(tensors)
-    return theirs is not None and theirs == ours
+    if theirs is None or theirs != ours:
+        return False
+    empty = [i for i, g in enumerate(grads) if not getattr(g, "_local_tensor", g).numel()]
+    return not (empty and _multi_rank() and set(empty) - set(_measured_among(grads, tensors)))
 
 
 def gradients(optimizer: torch.optim.Optimizer) -> list[Tensor]:
