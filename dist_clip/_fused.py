@@ -573,18 +573,29 @@ def settle(tensors: Sequence[Tensor]) -> None:
     them in place: a second clip composes with the first, a report reads clipped norms, a clip of part of the model
     leaves the rest clipped. Gradients replaced or modified in place since the hand-over (a new backward) are not
     the ones it measured: the coefficient is dropped instead. Gradients that merely share a buffer (bucket views) do
-    not overlap."""
+    not overlap. Among several ranks an empty gradient among ``tensors`` (a rank's empty FSDP2 shard of a small
+    parameter), which overlaps no bytes, settles it too, as the ranks holding elements of that parameter settle
+    theirs: left pending there, its flag was decided by the ranks' verdict once the gradients were replaced, while
+    the others' settled flags last to the step (FSDP2, NaN in rank 0's shard of l1, the whole handed over, [l1]
+    read, every gradient replaced out of place, the whole read and clipped by ``clip_grads_with_norm_``: rank 0
+    skipped, rank 1 dropped the flag and stepped its gradients scaled by the NaN total, its parameters NaN)."""
     if not _WAITING:  # the usual case: nothing handed over, or already stepped
         return
-    overlaps = _overlap_test(tensors)
-    if overlaps is None:
+    by_bytes = _overlap_test(tensors)
+    # (and an empty gradient the call holds, which overlaps no bytes: see above)
+    empty = {id(t) for t, n in zip(tensors, map(Tensor.numel, tensors)) if not n} if _multi_rank() else set()
+    if by_bytes is None and not empty:
         return
+
+    def overlaps(g: Tensor) -> bool:
+        return (by_bytes is not None and by_bytes(_span(g))) or id(g) in empty
+
     for optimizer in list(_WAITING):
         handles = optimizer.__dict__.get(_HOOKS)
         if handles is not None:  # (hooks the user cleared since the hand-over: registered again)
             repair_step_hooks(optimizer, handles, _pre_hook, _post_hook)
         grads = gradients(optimizer)
-        if not any(overlaps(_span(g)) for g in _measured_side(optimizer.__dict__.get(_PENDING), grads)):
+        if not any(map(overlaps, _measured_side(optimizer.__dict__.get(_PENDING), grads))):
             continue  # (another thread's optimizer may be stepping: what its pre-hook set is not this call's)
         running = in_step(optimizer)
         if not running:
@@ -612,7 +623,7 @@ def settle(tensors: Sequence[Tensor]) -> None:
                 if shared and (agreement := _DEFERRED.get()) is not None:
                     agreement.settled_shared = True  # (its pieces may differ among ranks: see Agreement.agree)
                 read = carry_only(optimizer, grads)
-                _keep_replaced(optimizer, found, [g for g in read if not overlaps(_span(g))], read)
+                _keep_replaced(optimizer, found, [g for g in read if not overlaps(g)], read)
             continue
         if verdict == "replaced":
             _warn_replaced()

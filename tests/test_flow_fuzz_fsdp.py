@@ -203,6 +203,18 @@ FIXED = {
     "replaced_then_hand_over_beside_empty_shards": ("fsdp2", [("fused", True, False), ("bwd", (0, 1)),
                                                               ("call", "skip", [0, 1]), ("replace",),
                                                               ("call", "hand", [0]), ("step",)]),
+    # NaN in rank 0's shard of l1, the whole handed over, [l1] read (get_total_norm; a plain clip alike), every
+    # gradient replaced out of place, the whole read and clipped by clip_grads_with_norm_: rank 0 settled the
+    # hand-over at [l1] (its flag lasting to the step), rank 1, whose pieces of l1 are empty and cover no bytes, did
+    # not, and dropped its flag by the verdict of the replaced gradients' read (rank 0's settled flag did not join
+    # it): rank 0 skipped, rank 1 stepped its gradients scaled by the NaN total, its parameters NaN (fsdp2 seed
+    # 1220); fixed by settle() taking an empty gradient the call holds as overlapping, among several ranks
+    "read_replaced_then_clipped_by_its_norm_beside_empty_shards": (
+        "fsdp2", [("fused", True, False), ("bwd", (0, 1)), ("call", "hand", [0, 1]), ("call", "total", [1]),
+                  ("replace",), ("call", "with_norm", [0, 1]), ("step",)]),
+    "clipped_replaced_then_read_beside_empty_shards": (
+        "fsdp2", [("fused", True, True), ("bwd", (0, 1)), ("call", "hand", [0, 1]), ("call", "plain", [1]),
+                  ("replace",), ("call", "total", [0, 1]), ("step",)]),
 }
 
 
