@@ -899,8 +899,8 @@ def arm_skip_(
 
 def _drop_unsettled(optimizer: torch.optim.Optimizer, now: list[Tensor], measured: Sequence[Tensor] | None) -> None:
     """A hand-over not applied yet whose gradients were written since, which no call settled (the call at hand
-    measures none of them: an empty FSDP2 shard overlaps nothing): its coefficient is dropped and its flag kept,
-    as settle() does."""
+    measures none of them; an empty FSDP2 shard it holds settles it since session 38, see :func:`settle`): its
+    coefficient is dropped and its flag kept, as settle() does."""
     pending = optimizer.__dict__.get(_PENDING)
     if pending is None or pending[2] is None:
         return
@@ -1270,7 +1270,8 @@ class Agreement:
 
     def _others_unsettled(self) -> None:
         """Another optimizer's hand-over that this call measures gradients of but did not settle here (its pieces
-        on this rank are empty FSDP2 shards, which overlap nothing), as the ranks settling it did (see :meth:`fold`):
+        on this rank were empty FSDP2 shards, which overlap nothing; since session 38 :func:`settle` takes such a
+        gradient the call holds as overlapping), as the ranks settling it did (see :meth:`fold`):
         dropped, its flag kept or dropped by the verdict (left for the step's own check, which drops it, this rank
         stepped where the others skipped: heads h0 and h1 of a second fused optimizer, rank 2 of 3 holding nothing of
         h1, a call on [h1] arming the first). A hand-over settled or not replaced is left as it is."""
