@@ -2167,22 +2167,38 @@ def steps_beside(grads: Sequence[Tensor], tensors: Sequence[Tensor]) -> bool:
     return bool(ids) and len(ids) < len(grads) and _multi_rank() and ids <= set(map(id, grads))
 
 
+def defers_beside(optimizer: torch.optim.Optimizer, measured: Sequence[Tensor]) -> bool:
+    """Whether :func:`hand_over_applied_` may leave the coefficient of a call beside other gradients
+    (:func:`steps_beside`) to the step: no hand-over waits on gradients the call does not measure (its stash is
+    the optimizer's one; arming never adds one, so none appears before :func:`hand_over_applied_` reads it)."""
+    pending = optimizer.__dict__.get(_PENDING)
+    ids = set(map(id, measured))
+    return pending is None or all(id(t) in ids for t in pending[3])
+
+
 def hand_over_applied_(optimizer: torch.optim.Optimizer, total: Tensor, started: tuple[list[Tensor], list[int]],
-                       measured: Sequence[Tensor], shared: bool = False, stepped: list[Tensor] | None = None) -> None:
+                       measured: Sequence[Tensor], shared: bool = False, stepped: list[Tensor] | None = None,
+                       deferred: tuple[Tensor, Tensor] | None = None) -> None:
     """A call's skip flag (``total`` not finite) for an optimizer that steps the call's pieces ``measured`` and
-    other gradients beside them (:func:`steps_beside`), whose coefficient was applied in place: kept as a
-    hand-over's is (a coefficient of 1 left to apply, held by the measured gradients), not as an armed skip, which
-    lasts until the step whatever wrote them since. Under DDP the rank whose optimizer also steps a parameter of
-    its own scaled here and armed the skip, while the others handed over: a NaN batch dropped and recomputed,
-    then ``clip_grads_with_norm_``, ``get_total_norm`` or straight to ``step()``, the others dropped the hand-over
-    by their read of the new gradients and stepped, that rank kept its skip, and the replicas parted (rank 0
-    skipped, rank 1 stepped). The ledger's earlier flags are superseded as by an arming of a finite total.
+    other gradients beside them (:func:`steps_beside`): kept as a hand-over's is (held by the measured gradients),
+    not as an armed skip, which lasts until the step whatever wrote them since. Under DDP the rank whose optimizer
+    also steps a parameter of its own scaled here and armed the skip, while the others handed over: a NaN batch
+    dropped and recomputed, then ``clip_grads_with_norm_``, ``get_total_norm`` or straight to ``step()``, the
+    others dropped the hand-over by their read of the new gradients and stepped, that rank kept its skip, and the
+    replicas parted (rank 0 skipped, rank 1 stepped). The ledger's earlier flags are superseded as by an arming of
+    a finite total. ``deferred``: the coefficient's float32 reciprocal and the coefficient, not applied yet
+    (:func:`defers_beside`): the step divides the measured gradients by it in place (:func:`_verdict`'s "kept",
+    the others stepped beside them), a call reading them first settles it, and gradients written or every one
+    replaced since drop it, as on the ranks handing over (applied in the call, gradients every one replaced out of
+    place, ``p.grad = p.grad + 0``, carried the clip into the step on this rank alone and DDP's replicas parted:
+    6.9e-7 after one AdamW step). None: applied in place by the caller (a coefficient of 1 left).
     ``stepped``: the optimizer's :func:`gradients`, where the caller has them."""
     arm_skip_(optimizer, torch.zeros((), dtype=torch.bool, device=total.device), started, measured=measured)
     pending = optimizer.__dict__.get(_PENDING)
     ids = set(map(id, measured))
     if pending is not None and not all(id(t) in ids for t in pending[3]):
         # (a hand-over waiting on gradients this call does not measure: its flag joins this one's as armed)
+        assert deferred is None, "defers_beside saw no such hand-over"
         arm_skip_(optimizer, torch.logical_not(torch.isfinite(total)), started, measured=measured)
         return
     stepped = stepped if stepped is not None else gradients(optimizer)
@@ -2192,8 +2208,10 @@ def hand_over_applied_(optimizer: torch.optim.Optimizer, total: Tensor, started:
     # see _measured_side)
     beside = [p for group in optimizer.param_groups for p in group["params"]
               if p.grad is not None and id(getattr(p.grad, "_local_tensor", p.grad)) not in ids]
-    # (the coefficient is in the gradients: 1 on the CPU, which scale_ reads for free and skips)
-    _stash(optimizer, torch.ones_like(found), found, torch.ones((), dtype=torch.float32), grads, shared, beside)
+    if deferred is not None:
+        _stash(optimizer, deferred[0], found, deferred[1], grads, shared, beside)
+    else:  # (the coefficient is in the gradients: 1 on the CPU, which scale_ reads for free and skips)
+        _stash(optimizer, torch.ones_like(found), found, torch.ones((), dtype=torch.float32), grads, shared, beside)
     note_beside(optimizer, measured, stepped)
     _WAITING.add(optimizer)
 
@@ -2270,7 +2288,9 @@ def _measured_side(pending: tuple[Any, ...] | None, grads: list[Tensor]) -> list
     neither settles the hand-over nor drops it. Under DDP with a parameter of rank 0's own in its fused optimizer,
     a NaN hand-over of DDP's whole (or of [l0]), then a call on rank 0's own part over the world (rank 1 passing
     nothing) settled it on rank 0 alone, whose flag then lasted to the step while rank 1's lapsed with the batch:
-    the batch dropped and the next one stepped, rank 0 skipped and rank 1 stepped."""
+    the batch dropped and the next one stepped, rank 0 skipped and rank 1 stepped; and where the hand-over's
+    coefficient was left to the step (``deferred``), DDP's gradients every one replaced out of place carried the
+    clip into rank 0's step alone while the others' stepped unclipped (the replicas parted)."""
     beside = pending[7] if pending is not None and pending[2] is not None else None
     if not beside:
         return grads

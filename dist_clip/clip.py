@@ -554,8 +554,10 @@ def clip_grad_norm_(
     fused optimizers (``fused=True``: Adam, AdamW, SGD, Adagrad) the gradients are not scaled here: the
     coefficient reaches its ``step()`` as ``grad_scale`` and a non-finite total as ``found_inf`` (the next
     step is then skipped), so clipping costs one read pass and no host sync. An optimizer that does not step
-    exactly the clipped gradients (more, or fewer) gets nothing: they are scaled here. On a DeepSpeed ZeRO 1-3
-    engine, ``optimizer`` may be the engine,
+    exactly the clipped gradients (more, or fewer) gets nothing: they are scaled here (where it steps them and
+    others beside them among several ranks and the call combines over no other rank, DDP's beside a parameter of
+    one rank's own, at its step, as on the ranks handing over). On a DeepSpeed ZeRO 1-3 engine, ``optimizer`` may be
+    the engine,
     ``engine.optimizer`` or the torch optimizer given to ``deepspeed.initialize``: the next ``engine.step()``
     multiplies each gradient partition by the coefficient while it copies it into its flat buffer (or in its
     loss-scale division), so clipping costs the norm's read pass only. Any other optimizer: the gradients are
@@ -628,6 +630,7 @@ def clip_grad_norm_(
     # model, is combined with, not replaced by, this call's flag; see _fused.arm_skip_)
     agreement.apply()  # (a settled hand-over's flag kept by the verdict, before this call hands over or arms)
     started = _fused.grad_state(optimizer) if skips and not handed and not running else None  # type: ignore[arg-type]
+    deferred = None
     if fold is not None and not wide_product:
         fold(coef, everything)
     elif handed:
@@ -638,9 +641,18 @@ def clip_grad_norm_(
     elif beside and fold is None:
         # Divided by the float32 reciprocal, as the fused kernels apply a hand-over: the other ranks' optimizers,
         # stepping exactly these gradients, were handed it (or settle it, dividing alike), and a product parted
-        # DDP's float32 replicas by rounding (1.5e-8 after one AdamW step, 4.5e-8 after 100)
-        _scale.scale_(everything, torch.reciprocal(_deepspeed_applied(parameters, coef).to(torch.float32)), foreach,
-                      groups, divide=True)
+        # DDP's float32 replicas by rounding (1.5e-8 after one AdamW step, 4.5e-8 after 100). Where the call
+        # combined over no other rank (DDP's replicas, which the others hand over), left to the step, or to a call
+        # reading them first, as there, while nothing else waits for it (see _fused.hand_over_applied_): scaled
+        # here, gradients every one replaced out of place then carried the clip into this rank's step alone, the
+        # others' read as the next batch's and stepped unclipped.
+        applied = _deepspeed_applied(parameters, coef)
+        reciprocal = torch.reciprocal(applied.to(torch.float32))
+        late = not agreement.shared and applied is coef
+        if late and _fused.defers_beside(optimizer, everything):  # type: ignore[arg-type]
+            deferred = (reciprocal, coef)
+        else:
+            _scale.scale_(everything, reciprocal, foreach, groups, divide=True)
     else:
         _scale.scale_(everything, _deepspeed_applied(parameters, coef), foreach, groups)
     if running or (skips and not handed):
@@ -649,7 +661,7 @@ def clip_grad_norm_(
             # dropped batch's NaN skipped the next good step where the ranks handing over stepped it).
             if beside and fold is None and not wide_product:
                 _fused.hand_over_applied_(optimizer, wide, started, everything,  # type: ignore[arg-type]
-                                          agreement.shared, stepped)
+                                          agreement.shared, stepped, deferred)
             else:
                 _fused.arm_skip_(optimizer, torch.logical_not(torch.isfinite(wide)),  # type: ignore[arg-type]
                                  started, measured=everything)
