@@ -62,7 +62,8 @@ _MISSING = object()
 _AGREED: contextvars.ContextVar[Tensor | None] = contextvars.ContextVar("dist_clip_agreed", default=None)
 #: where :func:`_keep_replaced` leaves a flag for the call's agreement to decide, while it settles
 _DEFERRED: contextvars.ContextVar[Agreement | None] = contextvars.ContextVar("dist_clip_deferred", default=None)
-#: whether the call arming under :meth:`Agreement.armed` combined over several ranks (see :func:`note_beside`)
+#: whether the call arming under :meth:`Agreement.armed` combined over several ranks (:attr:`Agreement.shared`;
+#: see :func:`note_beside`, :func:`_measured_again`)
 _COMBINING: contextvars.ContextVar[bool] = contextvars.ContextVar("dist_clip_combining", default=False)
 
 
@@ -1008,8 +1009,10 @@ def supersede(armed: tuple[Any, ...], record: tuple[Any, ...], now: tuple[list[T
     second call measuring every gradient present, an auxiliary loss through h1-h3, [h0, h1] clipped again; also
     over views of one buffer; 29 of 600 random flows of 4 heads in 2 or 3 parts took a NaN step). A flag armed
     without gradients it measured (``skip_next_step_``, a call whose pieces the optimizer does not step) lasts
-    while :func:`_sticky` holds for its record. None where it does not apply (a record of another kind):
-    :func:`untouched` decides. ``optimizer``: whose gradients ``now`` are (for :func:`carry_only`)."""
+    while :func:`_sticky` holds for its record. Among several ranks, a flag whose gradients the call measures again
+    is kept by its verdict (:func:`_measured_again`: another rank may hold it). None where it does not apply (a
+    record of another kind): :func:`untouched` decides. ``optimizer``: whose gradients ``now`` are (for
+    :func:`carry_only`)."""
     parts = getattr(armed, "parts", None)
     if parts is None or not isinstance(record, _Record) or measured is None:
         return None
@@ -1017,6 +1020,7 @@ def supersede(armed: tuple[Any, ...], record: tuple[Any, ...], now: tuple[list[T
     again = {id(t) for t in record[0]}
     kept: list[tuple[Tensor, list[Tensor] | None, tuple[Any, ...] | None]] = []
     gone: list[Tensor] = []
+    measured_again: list[Tensor] = []
     for flag, members, seen in parts:
         if members is None:
             if seen is not None and _sticky(seen, started if started is not None else now, measured):
@@ -1031,6 +1035,11 @@ def supersede(armed: tuple[Any, ...], record: tuple[Any, ...], now: tuple[list[T
             # (an entry without gradients, kept by the ranks' verdict where this rank held none to read: decided
             # again by each arming call's verdict, while the other ranks' entries holding gradients last)
             gone.append(flag)
+        else:
+            measured_again.append(flag)
+    again_entry = _measured_again(measured_again, merge)
+    if again_entry is not None:
+        kept.append(again_entry)
     if gone:
         holding = {id(t) for _, members, _ in kept if members is not None for t in members}
         entry = carried_by_replacements(functools.reduce(merge, gone),
@@ -1040,6 +1049,23 @@ def supersede(armed: tuple[Any, ...], record: tuple[Any, ...], now: tuple[list[T
             kept.append(entry)
     record.parts = [*kept, (new, list(record[0]), None)]
     return functools.reduce(merge, [f for f, _, _ in record.parts])
+
+
+def _measured_again(flags: list[Tensor], merge: Callable[[Tensor, Tensor], Tensor]
+                    ) -> tuple[Tensor, list[Tensor], None] | None:
+    """A ledger entry for the ``flags`` of entries whose gradients, every one still held, an arming call measured
+    again, where its verdict was combined over several ranks: an entry without gradients (as one kept by the
+    verdict where this rank holds none, see :func:`supersede`), its flag kept by that verdict and decided again by
+    each arming call's. A flag armed by a call combining over several ranks stands for every rank's pieces: where
+    another rank holds a piece of the part this rank does not (a part held on rank 0 alone), measured again here,
+    it may still be held there by that piece, whose flag joins the verdict (:func:`_held_flags`). Dropped here by
+    the new measure alone, plain tensors, ``a`` on rank 0 alone and ``b`` on both, a NaN in ``a``, [a, b] then
+    [b] clipped (``GradClipper(on_nonfinite="skip")``, fused or not; [b] handed over): rank 1 stepped, rank 0,
+    holding the flag by ``a``, skipped. None where nothing is measured again, outside such a verdict (in one
+    process the new measure decides, as it did), or the flags read on the CPU as not set."""
+    if not flags or not _COMBINING.get() or _AGREED.get() is None:
+        return None
+    return carried_by_replacements(functools.reduce(merge, flags), [])
 
 
 def _measured_elsewhere(seen: Any) -> bool:
@@ -2143,6 +2169,12 @@ def hand_over_(
                     left.append((f, rest, None))
                 else:
                     gone.append(f)
+        if _COMBINING.get():
+            # (and the entries whose gradients it measures again, every one stepped, where its verdict was combined
+            # over several ranks: see _measured_again. Dropped here, a part on rank 0 alone, NaN there, [a, b]
+            # armed by a skip and [b] handed over: rank 1 stepped, rank 0 skipped)
+            stepped = set(map(id, grads))
+            gone += [f for f, members, _seen in parts if members and all(id(t) in stepped for t in members)]
         entry = carried_by_replacements(functools.reduce(torch.maximum, gone), []) if gone else None
         if entry is not None:
             left.append(entry)  # type: ignore[arg-type]
