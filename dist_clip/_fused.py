@@ -2170,11 +2170,13 @@ def hand_over_(
                 else:
                     gone.append(f)
         if _COMBINING.get():
-            # (and the entries whose gradients it measures again, every one stepped, where its verdict was combined
-            # over several ranks: see _measured_again. Dropped here, a part on rank 0 alone, NaN there, [a, b]
-            # armed by a skip and [b] handed over: rank 1 stepped, rank 0 skipped)
-            stepped = set(map(id, grads))
-            gone += [f for f, members, _seen in parts if members and all(id(t) in stepped for t in members)]
+            # (and the entries whose gradients it measures again or that are gone, where its verdict was combined
+            # over several ranks: see _measured_again and supersede. Dropped here, a part on rank 0 alone, NaN
+            # there, [a, b] armed by a skip, then [b] handed over, or every gradient replaced out of place first:
+            # rank 1 stepped, rank 0 skipped)
+            stepped, wide = set(map(id, grads)), set(map(id, wider))
+            gone += [f for f, members, _seen in parts
+                     if members and all(id(t) in stepped or id(t) not in wide for t in members)]
         entry = carried_by_replacements(functools.reduce(torch.maximum, gone), []) if gone else None
         if entry is not None:
             left.append(entry)  # type: ignore[arg-type]

@@ -414,7 +414,7 @@ def test_a_dropped_nan_batch_of_a_part_on_one_rank_alone_steps_the_next_batch_on
 
 
 #: a NaN in ``a`` (rank 0's alone) measured over the world by [a, b], then a call on [b]: (flow, each rank's verdict
-#: at the last step); the first four failed before (rank 0 skipped, rank 1 stepped)
+#: at the last step); the first five failed before (rank 0 skipped, rank 1 stepped)
 MEASURED_AGAIN = {
     "skip": ([("fused", True), ("bwd", (0, 0)), ("call", "skip", [0, 1]), ("call", "skip", [1]), ("step",)],
              [False, False]),
@@ -424,6 +424,8 @@ MEASURED_AGAIN = {
                 [False, False]),
     "aux_twice": ([("fused", True), ("bwd", (0, 0)), ("call", "skip", [0, 1]), ("bwd", None), ("call", "skip", [1]),
                    ("call", "skip", [1]), ("step",)], [False, False]),
+    "replaced_then_hand": ([("fused", True), ("bwd", (0, 0)), ("call", "skip", [0, 1]), ("replace",),
+                            ("call", "hand", [1]), ("step",)], [False, False]),
     "a_then_whole": ([("fused", True), ("bwd", (0, 0)), ("call", "skip", [0]), ("call", "skip", [0, 1]),
                       ("call", "skip", [1]), ("step",)], [False, False]),
     "total": ([("fused", True), ("bwd", (0, 0)), ("call", "skip", [0, 1]), ("call", "total", [1]), ("step",)],
@@ -440,10 +442,12 @@ def test_a_part_on_one_rank_alone_measured_again_elsewhere_skips_on_every_rank(r
     """Flow ("alone", 1194) minimised: ``a`` on rank 0 alone, ``b`` on both; a NaN in ``a``, [a, b] clipped over the
     world (``GradClipper(on_nonfinite="skip")``, fused or not), then [b] (clipped again, handed over, after an
     auxiliary loss; or after [a] first, or read by ``get_total_norm``): rank 1's flag, measured again on ``b``, was
-    replaced by the finite [b] while rank 0's is held by ``a``, unmeasured: rank 0 skipped, rank 1 stepped. A flag
-    armed over the world stands for every rank's pieces: measured again, it is kept by the call's verdict, which
-    rank 0's held flag joins, so every rank skips; the next batch, finite, clipped whole (after ``zero_grad()``,
-    either way), steps on every rank."""
+    replaced by the finite [b] while rank 0's is held by ``a``, unmeasured: rank 0 skipped, rank 1 stepped; so too
+    where every gradient was replaced out of place before [b] was handed over (alone 1486: the hand-over dropped
+    rank 1's entry, which a call arming the skip decides by the verdict). A flag armed over the world stands for
+    every rank's pieces: measured again, or its gradients replaced, it is kept by the call's verdict, which rank 0's
+    held flag (or read of its replaced ``a``) joins, so every rank skips; the next batch, finite, clipped whole (after
+    ``zero_grad()``, either way), steps on every rank."""
     flow, took = MEASURED_AGAIN[name]
     per_rank = run_ranks(2, body_flow, "alone", flow)
     assert not violations(flow, per_rank), (flow, violations(flow, per_rank))
