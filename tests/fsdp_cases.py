@@ -1362,13 +1362,18 @@ def fsdp1_tiny(use_orig_params: bool) -> dict[str, Any]:
     return {"per_p": run_case(case), "nothing_here": held == 0}
 
 
-def fsdp1_tiny_float64(use_orig_params: bool, agree_on_host: bool = True) -> dict[str, Any]:
+def fsdp1_tiny_float64(use_orig_params: bool, agree_on_host: bool = True, keep_low: bool = False) -> dict[str, Any]:
     """The tiny model in float64: every rank returns the same float64 total, the padding-only ones included.
 
     ``agree_on_host=False``: the ranks do not agree on the result's dtype through the collective, as on NCCL
     (:func:`dist_clip._reduce.reduces_on_host` false): each rank's own pieces decide it, and a padding-only rank
     under ``use_orig_params`` (no gradient at all) takes it from its handle's empty stand-in (without it, float32
-    there beside float64 elsewhere)."""
+    there beside float64 elsewhere).
+
+    ``keep_low``: ``MixedPrecision(param_dtype=float32, keep_low_precision_grads=True)`` over the float64 model:
+    the gradients are float32, and so must the total be on every rank, the padding-only ones included (their
+    stand-in took the float64 parameters' dtype: float64 on every rank on gloo, and on NCCL float64 there beside
+    float32 elsewhere)."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     from dist_clip import ClipperConfig, GradClipper, _reduce
@@ -1377,7 +1382,7 @@ def fsdp1_tiny_float64(use_orig_params: bool, agree_on_host: bool = True) -> dic
         real = _reduce.reduces_on_host
         _reduce.reduces_on_host = lambda group, device: False  # type: ignore[assignment]
         try:
-            return fsdp1_tiny_float64(use_orig_params)
+            return fsdp1_tiny_float64(use_orig_params, keep_low=keep_low)
         finally:
             _reduce.reduces_on_host = real  # (the ranks are reused)
 
@@ -1385,7 +1390,13 @@ def fsdp1_tiny_float64(use_orig_params: bool, agree_on_host: bool = True) -> dic
     torch.manual_seed(0)
     model = Tiny().double()
     ref = reference(model, list(range(ws)))
-    fsdp_model = FSDP(model, use_orig_params=use_orig_params, device_id=torch.device("cpu"))
+    kw: dict[str, Any] = {}
+    if keep_low:
+        from torch.distributed.fsdp import MixedPrecision
+
+        kw["mixed_precision"] = MixedPrecision(param_dtype=torch.float32, reduce_dtype=torch.float32,
+                                               keep_low_precision_grads=True)
+    fsdp_model = FSDP(model, use_orig_params=use_orig_params, device_id=torch.device("cpu"), **kw)
     loss_fn(fsdp_model, *batch(rank, torch.float64)).backward()
     held = sum(
         q.grad.numel() - getattr(q, "_shard_numel_padded", 0) for q in fsdp_model.parameters() if q.grad is not None
@@ -1394,7 +1405,8 @@ def fsdp1_tiny_float64(use_orig_params: bool, agree_on_host: bool = True) -> dic
     result = GradClipper(ClipperConfig(max_norm=1e9, mode="per_param", report=True))(fsdp_model)
     want = reference_norm(list(ref.grads.values()), 2.0)
     return {"dtype": str(total.dtype), "total": total.item(), "want": want, "nothing_here": held == 0,
-            "clipper_dtype": str(result.total_norm.dtype), "report": sorted(result.norms)}
+            "clipper_dtype": str(result.total_norm.dtype), "report": sorted(result.norms),
+            "grad_dtypes": sorted({str(q.grad.dtype) for q in fsdp_model.parameters() if q.grad is not None})}
 
 
 def replicated_on_a_submesh() -> list[float]:

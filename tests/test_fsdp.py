@@ -346,6 +346,19 @@ def test_fsdp1_float64_total_is_float64_on_every_rank(run_ranks, use_orig_params
     assert all(r["report"] == results[0]["report"] for r in results), results
 
 
+@pytest.mark.parametrize(("use_orig_params", "agree_on_host"), [(True, True), (True, False), (False, False)])
+def test_fsdp1_low_precision_gradients_set_the_total_s_dtype_on_every_rank(run_ranks, use_orig_params: bool,
+                                                                           agree_on_host: bool) -> None:
+    """``keep_low_precision_grads=True`` over a float64 model: float32 gradients, so a float32 total on every rank,
+    the padding-only ones included (their stand-in took the parameters' float64)."""
+    results = run_ranks(4, cases.fsdp1_tiny_float64, use_orig_params, agree_on_host, True, timeout_s=90)
+    assert results[-1]["nothing_here"], "the last rank holds gradient: the case tests nothing"
+    assert {g for r in results for g in r["grad_dtypes"]} == {"torch.float32"}, results
+    assert {r["dtype"] for r in results} == {r["clipper_dtype"] for r in results} == {"torch.float32"}, results
+    assert len({r["total"] for r in results}) == 1, results
+    assert abs(results[0]["total"] - results[0]["want"]) <= 1e-6 * results[0]["want"], results[0]
+
+
 @pytest.mark.parametrize(("world_size", "use_orig_params"), [(3, True), (4, True), (4, False)])
 def test_fsdp1_rank_without_gradients(run_ranks, world_size: int, use_orig_params: bool) -> None:
     """Two parameters over 3 or 4 ranks: the last ranks' shards are padding only, yet they join the collective."""

@@ -600,7 +600,7 @@ def fsdp1_shards(root: nn.Module, group: dist.ProcessGroup | None, per_param: bo
             groups.setdefault(id(pg), pg)
             sharded.extend((first, n, g) for n, g in pieces)
             if not pieces and hint is None:
-                hint = (first_name, handle.flat_param.detach().new_empty(0))
+                hint = (first_name, handle.flat_param.detach().new_empty(0, dtype=_grad_dtype(handle)))
         else:
             unsharded.append((handle.process_group, pieces))
     for n, p in unmanaged:
@@ -640,6 +640,14 @@ def fsdp1_shards(root: nn.Module, group: dist.ProcessGroup | None, per_param: bo
         # gradients' (float64 for a float64 model), as on the ranks that hold some. Not counted: no presence.
         out.append(Shards([hint[1]], group=out[0].group, counted=False, names=[hint[0]]))
     return out
+
+
+def _grad_dtype(handle: Any) -> torch.dtype:  # noqa: ANN401 - torch's FlatParamHandle
+    """The dtype of a handle's gradients after backward: its parameters', or under ``MixedPrecision(...,
+    keep_low_precision_grads=True)`` the compute dtype (FSDP1 leaves them in ``param_dtype`` there)."""
+    if getattr(handle, "_keep_low_precision_grads", False) and not getattr(handle, "_force_full_precision", False):
+        return handle._fwd_bwd_param_dtype  # type: ignore[no-any-return]
+    return handle.flat_param.dtype  # type: ignore[no-any-return]
 
 
 _UNREDUCED = (
