@@ -657,6 +657,31 @@ def fsdp1(strategy: str, use_orig_params: bool, plain_root: bool = False) -> dic
     return {"per_p": result, "padded": padded, "inner_refused": refused}
 
 
+def fsdp1_hybrid_beside_other_strategies(hybrid: str) -> dict[str, Any]:
+    """One FSDP1 root whose instances are sharded over different groups, 4 ranks: ``hybrid="blocks"`` wraps the
+    blocks HYBRID_SHARD (2 x 2 mesh) under a FULL_SHARD root, ``"root"`` the root HYBRID_SHARD around FULL_SHARD
+    blocks over the world. dist_clip reduces over the world and counts each hybrid shard on its first replica;
+    FSDP1's own clip sums every instance's partial over the root's group alone."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import ShardingStrategy
+
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    model = new_model()
+    ref = reference(model, list(range(ws)))
+    hsdp = {"sharding_strategy": ShardingStrategy.HYBRID_SHARD, "device_mesh": mesh((2, 2), ("replicate", "shard"))}
+    full = {"sharding_strategy": ShardingStrategy.FULL_SHARD}
+    inner, outer = (hsdp, full) if hybrid == "blocks" else (full, hsdp)
+    common = {"use_orig_params": True, "device_id": torch.device("cpu")}
+    for i, block in enumerate(model.blocks):
+        model.blocks[i] = FSDP(block, **inner, **common)
+    fsdp_model = FSDP(model, ignored_modules=[model.side], **outer, **common)
+    loss_fn(fsdp_model, *batch(rank)).backward()
+    average_grads_(list(model.side.parameters()))
+    grads, params = _fsdp1_full_views(fsdp_model)
+    case = Case(fsdp_model, ref, grads, params, lambda max_norm, p: fsdp_model.clip_grad_norm_(max_norm, p))
+    return {"per_p": run_case(case)}
+
+
 def _refused(call: Callable[[], object], reason: str) -> bool | None:
     """None when ``call`` measured; else whether its ValueError gives ``reason``."""
     try:

@@ -29,14 +29,17 @@ MIXED_MESHES = "torch's clip raises on gradients from different meshes (pytorch/
 EMPTY_INF = "torch's inf norm raises on a rank holding an empty shard while the other ranks hang in the collective"
 PARTIAL_MAX = "torch's inf norm comes back as a Partial(max) DTensor: to_local() is the rank-local max"
 BF16_NORM = "torch returns the norm of bf16 gradients in bf16: rounded to 8 significant bits"
+MIXED_GROUPS = "FSDP1.clip_grad_norm_ reduces every partial over the root's group: hybrid beside other strategies"
 
 
 def wrapper_wrong(wrapper: str, p: float, *, plain: bool = False, meshes: bool = False, empty: bool = False,
-                  bf16: bool = False, no_shard: bool = False) -> str | None:
+                  bf16: bool = False, no_shard: bool = False, mixed_groups: bool = False) -> str | None:
     """Why the wrapper's own clip is wrong for this case, or None where it must match the reference."""
     if wrapper == "fsdp1":
         if p == 0:
             return P0_TORCH if no_shard else P0_FSDP1  # all-NO_SHARD models fall back to torch's clip
+        if mixed_groups and not math.isinf(p):  # (a max taken over more ranks than needed is still the max)
+            return MIXED_GROUPS
         return None
     if math.isinf(p) and empty:
         return EMPTY_INF  # checked first by the rank bodies, which do not call the wrapper then
@@ -88,6 +91,10 @@ def check(results: list[dict[str, Any]], wrapper: str | None, **flags: bool) -> 
         elif reason == P0_TORCH:
             for r in ranks:
                 assert r[p]["wrapper"] == r[p]["grad_tensors"] != r[p]["ref"], (p, r[p])
+        elif reason == MIXED_GROUPS:
+            values = [r[p]["wrapper"] for r in ranks]
+            assert not any(math.isclose(v, entry["ref"], rel_tol=RTOL) for v in values), f"p={p}: {values}"
+            assert not any(r[p]["wrapper_grads_ok"] for r in ranks), f"p={p}: update MIXED_GROUPS"
         elif reason == BF16_NORM:
             for r in ranks:
                 assert not math.isclose(r[p]["wrapper"], r[p]["ref"], rel_tol=RTOL), f"p={p}: update BF16_NORM"
@@ -198,6 +205,13 @@ def test_fsdp1(run_ranks, world_size: int, strategy: str, use_orig_params: bool)
     assert all(r["inner_refused"] for r in results), [r["inner_refused"] for r in results]  # root.module
     if not use_orig_params and strategy != "NO_SHARD" and world_size in (3, 4) and "HYBRID" not in strategy:
         assert any(any(r["padded"]) for r in results), "no rank had padding: the poison test checked nothing"
+
+
+@pytest.mark.parametrize("hybrid", ["blocks", "root"])
+def test_fsdp1_hybrid_instances_beside_other_strategies_under_one_root(run_ranks, hybrid: str) -> None:
+    """HYBRID_SHARD blocks under a FULL_SHARD root, and the other way round (4 ranks): exact, and FSDP1's own clip
+    wrong for every finite p but 0 (36.00 and 20.88-23.92 for 26.93 at p = 1)."""
+    check(run_ranks(4, cases.fsdp1_hybrid_beside_other_strategies, hybrid, timeout_s=120), "fsdp1", mixed_groups=True)
 
 
 @pytest.mark.parametrize(("world_size", "use_orig_params"), [(2, True), (3, False)])
