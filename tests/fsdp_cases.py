@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import itertools
 import math
 import warnings
 import zlib
@@ -679,6 +680,53 @@ def fsdp1_hybrid_beside_other_strategies(hybrid: str) -> dict[str, Any]:
     average_grads_(list(model.side.parameters()))
     grads, params = _fsdp1_full_views(fsdp_model)
     case = Case(fsdp_model, ref, grads, params, lambda max_norm, p: fsdp_model.clip_grad_norm_(max_norm, p))
+    return {"per_p": run_case(case)}
+
+
+def fsdp1_low_precision_gradients(strategy: str) -> dict[str, Any]:
+    """``MixedPrecision(param_dtype=bf16, reduce_dtype=fp32, keep_low_precision_grads=True)``: fp32 parameters,
+    bf16 gradients. The exact reference is the float64 norm of the gradients FSDP1 left (gathered); the fp32
+    unsharded model is compared at the bf16 tolerances, as for FSDP2 above."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import MixedPrecision, ShardingStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    model = new_model()
+    model_ref = reference(model, list(range(ws)))
+    policy = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, keep_low_precision_grads=True)
+    hybrid = {"device_mesh": mesh((2, 2), ("replicate", "shard"))} if "HYBRID" in strategy else {}
+    # (no ignored module: FSDP1 casts the root's inputs to bf16, which an fp32 module outside it cannot take)
+    fsdp_model = FSDP(model, auto_wrap_policy=ModuleWrapPolicy({Block}), mixed_precision=policy,
+                      sharding_strategy=getattr(ShardingStrategy, strategy), use_orig_params=True,
+                      device_id=torch.device("cpu"), **hybrid)
+    loss_fn(fsdp_model, *batch(rank)).backward()
+    if {q.grad.dtype for q in fsdp_model.parameters() if q.grad is not None} != {torch.bfloat16}:
+        raise AssertionError("expected bf16 gradients")
+    _, params = _fsdp1_full_views(fsdp_model)
+    layout = _flat_layout(fsdp_model)
+
+    def grads() -> dict[str, Tensor]:
+        # Gathered by hand: torch 2.13's summon_full_params(with_grads=True) raises on bf16 gradients of fp32
+        # parameters ("attempting to assign a gradient with dtype BFloat16 to a tensor with grad_dtype Float").
+        out: dict[str, Tensor] = {}
+        for handle, names in layout:
+            flat = handle.flat_param
+            g = flat.grad.detach().double()
+            if handle.uses_sharded_strategy:
+                parts = [torch.empty_like(g) for _ in range(dist.get_world_size(handle.process_group))]
+                dist.all_gather(parts, g, group=handle.process_group)
+                g = torch.cat(parts)
+            real = [n for n, pad in zip(flat._numels_with_padding, flat._is_padding_mask) if not pad]
+            offsets = [o for o, pad in zip(itertools.accumulate([0, *flat._numels_with_padding]),
+                                           [*flat._is_padding_mask, True]) if not pad]
+            for name, shape, at, numel in zip(names, flat._shapes, offsets, real):
+                out[name] = g[at : at + numel].reshape(shape).clone()
+        return out
+
+    exact = Reference({n: t.clone() for n, t in params().items()}, {n: t.clone() for n, t in grads().items()})
+    case = Case(fsdp_model, exact, grads, params, lambda max_norm, p: fsdp_model.clip_grad_norm_(max_norm, p),
+                grad_rtol=BF16_RTOL, grad_atol=BF16_ATOL, model_ref=model_ref)
     return {"per_p": run_case(case)}
 
 

@@ -40,7 +40,7 @@ def wrapper_wrong(wrapper: str, p: float, *, plain: bool = False, meshes: bool =
             return P0_TORCH if no_shard else P0_FSDP1  # all-NO_SHARD models fall back to torch's clip
         if mixed_groups and not math.isinf(p):  # (a max taken over more ranks than needed is still the max)
             return MIXED_GROUPS
-        return None
+        return BF16_NORM if bf16 and not math.isinf(p) else None  # (the largest bf16 entry is its own max)
     if math.isinf(p) and empty:
         return EMPTY_INF  # checked first by the rank bodies, which do not call the wrapper then
     if plain:
@@ -205,6 +205,13 @@ def test_fsdp1(run_ranks, world_size: int, strategy: str, use_orig_params: bool)
     assert all(r["inner_refused"] for r in results), [r["inner_refused"] for r in results]  # root.module
     if not use_orig_params and strategy != "NO_SHARD" and world_size in (3, 4) and "HYBRID" not in strategy:
         assert any(any(r["padded"]) for r in results), "no rank had padding: the poison test checked nothing"
+
+
+@pytest.mark.parametrize(("world_size", "strategy"), [(2, "FULL_SHARD"), (3, "SHARD_GRAD_OP"), (4, "HYBRID_SHARD")])
+def test_fsdp1_low_precision_gradients(run_ranks, world_size: int, strategy: str) -> None:
+    """MixedPrecision(param_dtype=bf16, reduce_dtype=fp32, keep_low_precision_grads=True): bf16 gradients on fp32
+    parameters. FSDP1's own clip returns their norm in bf16."""
+    check(run_ranks(world_size, cases.fsdp1_low_precision_gradients, strategy, timeout_s=120), "fsdp1", bf16=True)
 
 
 @pytest.mark.parametrize("hybrid", ["blocks", "root"])
