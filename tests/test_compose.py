@@ -391,6 +391,12 @@ def body_tie_on_one_rank_and_measure_only() -> list[float]:
     assert sorted(every)[0] == "head.weight"
     assert compose.get_total_norm(every, shared).item() == pytest.approx(want, rel=1e-6)
     assert compose.get_total_norm(model, shared).item() == pytest.approx(want, rel=1e-6)
+    # With the tie declared, under the tied copy's name (sorted first) and an alias outside the plan after it: read
+    # as under the copy's name alone (a copy: its owner counts it), the alias, which no name of the plan owns,
+    # passed over as beside a name of the plan.
+    copy_only = {"head.weight": model.head.weight, "other": model.other}
+    aliased = {**copy_only, "z.weight": model.head.weight}
+    assert compose.get_total_norm(aliased, plan).item() == compose.get_total_norm(copy_only, plan).item()
     if dist.get_rank() == 0:  # the rank that counts the replicated pieces
         model.other.grad[0] = math.inf
     before = [model.head.weight.grad.clone(), model.other.grad.clone()]
