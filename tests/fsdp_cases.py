@@ -1322,6 +1322,27 @@ def fsdp1_shared_module_names(use_orig_params: bool, alias_first: bool = False) 
 # ------------------------------------------------------------------------------------- DTensor placements
 
 
+def refusals_name_the_layouts_gradient() -> list[str]:
+    """On a 1-D mesh of 2 ranks, a gradient replicated then one sharded, clipped with ``group=`` this rank's own
+    one-rank group (the second's other shard is outside it), and one replicated then one Partial: each call is
+    refused, naming the second (the first gradient of the refused layout: ``'1'`` in a list), not the call's
+    first gradient. Returns the errors' texts."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+    m = mesh((dist.get_world_size(),), ("dp",))
+    mine = [dist.new_group([r]) for r in range(dist.get_world_size())][dist.get_rank()]
+    out = []
+    for second, group in ((Shard(0), mine), (Partial(), None)):
+        grads = [DTensor.from_local(torch.ones(2), m, [placement], run_check=False)
+                 for placement in (Replicate(), second)]
+        try:
+            dist_clip.get_total_norm(grads, group=group)
+            out.append("no error")
+        except ValueError as e:
+            out.append(str(e))
+    return out
+
+
 def dtensor_placements() -> dict[str, Any]:
     """Hand-made DTensor gradients on a 2x2 mesh of 4 ranks, every placement FSDP2 and TP produce.
 

@@ -183,6 +183,15 @@ def test_dtensor_placements(run_ranks) -> None:
     assert results[0]["partial"].startswith("gradient of")
 
 
+def test_a_refusal_names_the_first_gradient_of_the_refused_layout(run_ranks) -> None:
+    """The refusals of a group= missing a rank that holds another shard, and of a Partial gradient, name the first
+    gradient of the refused layout (dtensor_shards reads each layout once, through its first gradient's spec),
+    not the call's first gradient."""
+    for missing, partial in run_ranks(2, cases.refusals_name_the_layouts_gradient):
+        assert missing.startswith("group= holds ranks ") and "gradient of '1' is sharded over ranks [0, 1]" in missing
+        assert partial.startswith("gradient of '1' has placements (Partial(sum),)"), partial
+
+
 # --------------------------------------------------------------------------------------------------- FSDP1
 
 FSDP1_CASES = [
