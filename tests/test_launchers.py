@@ -479,6 +479,35 @@ def test_backend_auto_takes_nccl_only_with_a_gpu_for_each_rank_of_the_node(monke
     assert bootstrap.detect_launch({"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALNRANKS": "2"}).local_stated
 
 
+@pytest.mark.parametrize("local", [None, "2"])
+def test_init_distributed_weighs_the_node_size_only_where_the_launcher_states_it(monkeypatch, local):
+    """init_distributed hands resolve_backend the node's size only where the launcher states it: an env:// launch
+    without LOCAL_WORLD_SIZE reads the world size there, and 2 nodes of one GPU each would have taken gloo where
+    nccl works (a stand-in resolve_backend records the size and stops the start-up there)."""
+    from dist_clip import bootstrap
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def resolve(backend: str, local_world_size: int = 1) -> str:
+        seen.append(local_world_size)
+        raise Stop  # (init_distributed stops here, before any group)
+
+    monkeypatch.setattr(bootstrap, "resolve_backend", resolve)
+    monkeypatch.setattr(bootstrap, "_written", None)
+    for var in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    if local is not None:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+    with pytest.raises(Stop):
+        bootstrap.init_distributed("auto")
+    assert seen == [1 if local is None else 2]
+
+
 @pytest.fixture
 def fake_mpi4py(monkeypatch):
     """``from mpi4py import MPI`` gives a stand-in (no MPI started in the test process); returns a setter of the
