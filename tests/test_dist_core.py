@@ -1130,18 +1130,48 @@ def test_ddp_groups_unitwise_with_a_wider_group(run_ranks):
     assert run_ranks(4, body_ddp_groups_unitwise) == [[(0, True, True)] * 2] * 4
 
 
+def _agc_reference(model: nn.Module, batches: list[torch.Tensor], agc: dist_clip.AGC) -> tuple[float, dict, dict]:
+    """The float64 single-process run of a copy of ``model`` fed every batch (losses averaged, as the data-parallel
+    wrappers average gradients): its total norm, and its per-parameter norms before and after unit-wise AGC."""
+    import copy
+
+    from dist_clip.testing import reference_agc_, reference_param_norms
+
+    ref = copy.deepcopy(model).double()
+    torch.stack([ref(b.double()).square().sum() for b in batches]).mean().backward()
+    params = dict(ref.named_parameters())
+    grads = {n: q.grad for n, q in params.items()}
+    total, before = reference_norm(list(grads.values())), reference_param_norms(grads)
+    reference_agc_(params, grads, agc.clipping, agc.eps)
+    return total, before, reference_param_norms(grads)
+
+
+def _agree_by_name(got: dict, want: dict, rtol: float = 1e-5) -> bool:
+    """Norms by name (names cleaned of wrapper prefixes) within ``rtol`` of the float64 reference's: fp32 gradients
+    of a data-parallel model against the float64 model fed every batch."""
+    from dist_clip._slots import clean_name
+
+    got = {clean_name(n).removeprefix("module."): v for n, v in got.items()}
+    return set(got) == set(want) and all(abs(got[n] - w) <= rtol * w for n, w in want.items())
+
+
 def body_fsdp1_no_shard_unitwise_under_a_wider_group() -> list:
     """FSDP1 NO_SHARD keeps whole, identical gradients on every rank: unit-wise clipping with group= the world counts
     each copy once (the first rank of its process group within the group), as without group=. Counting every
-    copy gave the total and every reported norm sqrt(2) too large on two ranks (6.02 for 4.26)."""
+    copy gave the total and every reported norm sqrt(2) too large on two ranks (6.02 for 4.26). The total, the
+    norms before and after the clip are checked against the float64 model clipped by the reference AGC (comparing
+    the two calls alone passed with AGC's limit doubled in both)."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp import ShardingStrategy
 
     rank = dist.get_rank()
     torch.manual_seed(0)
-    model = FSDP(nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)),
-                 sharding_strategy=ShardingStrategy.NO_SHARD, device_id=torch.device("cpu"))
-    model(torch.randn(5, 4, generator=torch.Generator().manual_seed(rank))).square().sum().backward()
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    batches = [torch.randn(5, 4, generator=torch.Generator().manual_seed(r)) for r in range(dist.get_world_size())]
+    agc = dist_clip.AGC(0.05)
+    ref_total, ref_before, ref_after = _agc_reference(net, batches, agc)
+    model = FSDP(net, sharding_strategy=ShardingStrategy.NO_SHARD, device_id=torch.device("cpu"))
+    model(batches[rank]).square().sum().backward()
     saved = [q.grad.clone() for q in model.parameters()]
     want = reference_norm(saved, 2.0)
     out = []
@@ -1150,9 +1180,12 @@ def body_fsdp1_no_shard_unitwise_under_a_wider_group() -> list:
         for q, g in zip(model.parameters(), saved):
             q.grad.copy_(g)
         with count_collectives() as calls:
-            res = dist_clip.GradClipper(mode="unitwise", agc=dist_clip.AGC(0.05), report=True)(model, group=group)
+            res = dist_clip.GradClipper(mode="unitwise", agc=agc, report=True)(model, group=group)
         out.append((group is None or calls.total == 1, abs(float(res.total_norm) - want) <= 1e-6 * want))
         out.append(sorted(round(v, 5) for v in res.norms.values()))
+        after = dist_clip.GradClipper(max_norm=math.inf, mode="per_param", report=True)(model).norms
+        out.append((abs(float(res.total_norm) - ref_total) <= 1e-5 * ref_total,
+                    _agree_by_name(res.norms, ref_before), _agree_by_name(after, ref_after)))
         clipped.append([q.grad.clone() for q in model.parameters()])
     out.append(all(torch.equal(a, b) for a, b in zip(*clipped)))
     return out
@@ -1161,15 +1194,18 @@ def body_fsdp1_no_shard_unitwise_under_a_wider_group() -> list:
 def test_fsdp1_no_shard_unitwise_under_a_wider_group_counts_each_copy_once(run_ranks):
     results = run_ranks(2, body_fsdp1_no_shard_unitwise_under_a_wider_group)
     assert results[0] == results[1], results
-    alone, _, wide, _, same = results[0]
+    alone, _, alone_ref, wide, _, wide_ref, same = results[0]
     assert alone == wide == (True, True) and same, results[0]
-    assert results[0][1] == results[0][3], results[0]
+    assert alone_ref == wide_ref == (True, True, True), results[0]
+    assert results[0][1] == results[0][4], results[0]
 
 
 def body_fsdp1_hybrid_unitwise_under_the_world() -> list:
     """FSDP1 HYBRID_SHARD on 2 x 2 ranks, unit-wise with group= the world: its shards times its replicas span the
     whole group, so it is no pipeline stage and measures (the first replica counts) as without group=, the same
-    total and the same clipped pieces; taking it for a stage refused it with NotImplementedError."""
+    total and the same clipped pieces; taking it for a stage refused it with NotImplementedError. Both calls are
+    checked against the float64 model clipped by the reference AGC too (comparing them alone passed with AGC's
+    limit doubled in both)."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp import ShardingStrategy
 
@@ -1177,28 +1213,36 @@ def body_fsdp1_hybrid_unitwise_under_the_world() -> list:
 
     rank = dist.get_rank()
     torch.manual_seed(0)
-    model = FSDP(nn.Sequential(nn.Linear(4, 7), nn.Tanh(), nn.Linear(7, 3)), device_id=torch.device("cpu"),
-                 sharding_strategy=ShardingStrategy.HYBRID_SHARD,
+    net = nn.Sequential(nn.Linear(4, 7), nn.Tanh(), nn.Linear(7, 3))
+    batches = [torch.randn(5, 4, generator=torch.Generator().manual_seed(r)) for r in range(dist.get_world_size())]
+    agc = dist_clip.AGC(0.05)
+    ref_total, ref_before, ref_after = _agc_reference(net, batches, agc)
+    model = FSDP(net, device_id=torch.device("cpu"), sharding_strategy=ShardingStrategy.HYBRID_SHARD,
                  device_mesh=cases.mesh((2, 2), ("replicate", "shard")))
-    model(torch.randn(5, 4, generator=torch.Generator().manual_seed(rank))).square().sum().backward()
+    model(batches[rank]).square().sum().backward()
     saved = [q.grad.clone() for q in model.parameters()]
     out = []
     clipped = []
+    checks = []
     for group in (None, dist.group.WORLD):
         for q, g in zip(model.parameters(), saved):
             q.grad.copy_(g)
-        res = dist_clip.GradClipper(mode="unitwise", agc=dist_clip.AGC(0.05))(model, group=group)
+        res = dist_clip.GradClipper(mode="unitwise", agc=agc, report=True)(model, group=group)
         out.append(round(float(res.total_norm), 5))
+        after = dist_clip.GradClipper(max_norm=math.inf, mode="per_param", report=True)(model, group=group).norms
+        checks.append((abs(float(res.total_norm) - ref_total) <= 1e-5 * ref_total,
+                       _agree_by_name(res.norms, ref_before), _agree_by_name(after, ref_after)))
         clipped.append([q.grad.clone() for q in model.parameters()])
     out.append(all(torch.allclose(a, b, rtol=1e-6, atol=0) for a, b in zip(*clipped)))
     out.append(not all(torch.equal(a, g) for a, g in zip(clipped[0], saved)))
-    return out
+    return [*out, *checks]
 
 
 def test_fsdp1_hybrid_unitwise_under_the_world_is_no_pipeline_stage(run_ranks):
     results = run_ranks(4, body_fsdp1_hybrid_unitwise_under_the_world)
     assert all(r == results[0] for r in results), results
-    assert results[0][0] == results[0][1] and results[0][2:] == [True, True], results[0]
+    assert results[0][0] == results[0][1] and results[0][2:4] == [True, True], results[0]
+    assert results[0][4:] == [(True, True, True)] * 2, results[0]
 
 
 def body_settings_disagree() -> list:
