@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 import dist_clip
-from dist_clip.testing import count_collectives, reference_norm
+from dist_clip.testing import count_collectives, reference_agc_, reference_norm, reference_param_norms
 from tests._harness import outcome
 
 PS = (0.0, 1.0, 2.0, 3.5, math.inf)
@@ -2233,9 +2233,22 @@ def fsdp2_unsharded_agc_under_group() -> list[bool]:
     lin, bias0, w2 = nn.Linear(4, 4), nn.Parameter(torch.zeros(3)), nn.Parameter(torch.randn(2, 3))
     model = nn.Module()
     model.lin, model.bias0, model.w2 = lin, bias0, w2
+
+    def loss(m: nn.Module, x: Tensor) -> Tensor:
+        return m.lin(x).pow(2).mean() + ((x[:, :3] @ m.w2.t()).sum(1, keepdim=True) + m.bias0).pow(2).mean()
+
+    xs = [torch.randn(5, 4, generator=torch.Generator().manual_seed(r)) for r in range(ws)]
+    # The float64 model fed every rank's batch, clipped by the reference AGC: comparing the calls with dist_clip's
+    # own get_total_norm passed with every 2-norm 0.1% off.
+    ref = copy.deepcopy(model).double()
+    torch.stack([loss(ref, x.double()) for x in xs]).mean().backward()
+    ref_params = dict(ref.named_parameters())
+    ref_grads = {n: q.grad for n, q in ref_params.items()}
+    ref_total = reference_norm(list(ref_grads.values()))
+    reference_agc_(ref_params, ref_grads, 0.01, dist_clip.AGC().eps)
+    ref_after = reference_param_norms(ref_grads)
     fully_shard(lin, mesh=mesh((ws,)))
-    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(dist.get_rank()))
-    (lin(x).pow(2).mean() + ((x[:, :3] @ w2.t()).sum(1, keepdim=True) + bias0).pow(2).mean()).backward()
+    loss(model, xs[dist.get_rank()]).backward()
     for q in (bias0, w2):
         dist.all_reduce(q.grad)
         q.grad /= ws
@@ -2245,12 +2258,15 @@ def fsdp2_unsharded_agc_under_group() -> list[bool]:
         for q, s in zip(model.parameters(), saved):
             _local(q.grad).copy_(s)
         res = dist_clip.GradClipper(mode="unitwise", agc=dist_clip.AGC(0.01), report=True)(model, group=group)
-        results.append((float(res.total_norm), [_local(q.grad).clone() for q in model.parameters()]))
+        after = dist_clip.GradClipper(max_norm=math.inf, mode="per_param", report=True)(model).norms
+        clipped_ok = set(after) == set(ref_after) and all(_norm_close(after[n], w, RTOL) for n, w in ref_after.items())
+        results.append((float(res.total_norm), [_local(q.grad).clone() for q in model.parameters()], clipped_ok))
     for q, s in zip(model.parameters(), saved):
         _local(q.grad).copy_(s)
     want = float(dist_clip.get_total_norm(model))
     return [_norm_close(results[0][0], want, 1e-6), _norm_close(results[1][0], want, 1e-6),
-            all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))]
+            all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1])),
+            _norm_close(want, ref_total, RTOL), results[0][2], results[1][2]]
 
 
 def hsdp_shard_group_with_a_replicated_gradient() -> dict[str, Any]:

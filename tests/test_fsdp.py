@@ -360,7 +360,7 @@ def test_fsdp1_full_shard_stages_refuse_unitwise_under_a_group_spanning_them(run
 
 
 def test_fsdp2_unsharded_parameters_in_agc_under_group(run_ranks) -> None:
-    assert run_ranks(2, cases.fsdp2_unsharded_agc_under_group, timeout_s=90) == [[True] * 3] * 2
+    assert run_ranks(2, cases.fsdp2_unsharded_agc_under_group, timeout_s=90) == [[True] * 6] * 2
 
 
 @pytest.mark.parametrize(("use_orig_params", "agree_on_host"), [(True, True), (False, True), (True, False),
