@@ -538,19 +538,32 @@ def test_the_accelerator_sum_splits_large_gradients_into_pieces(monkeypatch, for
 def test_unit_wise_passes_in_blocks_agree_with_one_pass(monkeypatch, dtype, p):
     """AGC measured whole gradients and weights through vector_norm(dtype=float64) (a float64 copy of each) and
     scaled bf16 gradients through float32 copies: 1-4x their bytes. Blocks of _UNIT_BLOCK elements (forced to
-    64 here: runs of rows, or pieces of one wide row) give the same unit norms and the same clipped gradients."""
+    64 here: runs of rows, or pieces of one wide row) give the same unit norms and the same clipped gradients.
+    The one pass is checked against the float64 reference AGC first (comparing the passes alone passed with AGC's
+    limit doubled in both)."""
     from dist_clip import AGC, GradClipper, adaptive
+    from dist_clip.testing import reference_agc_
 
-    def run() -> list[Tensor]:
+    def draw() -> list[nn.Parameter]:
         torch.manual_seed(3)
         params = [nn.Parameter(torch.randn(shape).to(dtype)) for shape in ((50, 9), (3, 200), (300,), (4, 2, 20))]
         for q in params:
             q.grad = (torch.randn(q.shape) * 5).to(dtype)
         params[0].grad[7, 3] = math.nan
+        return params
+
+    def run() -> list[Tensor]:
+        params = draw()
         GradClipper(mode="unitwise", norm_type=p, agc=AGC(clipping=0.01))(params)
         return [q.grad.clone() for q in params]
 
     whole = run()
+    wide = {str(i): q.detach().double() for i, q in enumerate(draw())}
+    want = {str(i): q.grad.double() for i, q in enumerate(draw())}
+    reference_agc_(wide, want, 0.01, AGC().eps, p)
+    elementwise = 1e-6 if dtype == torch.float32 else 2**-8  # the scaled element rounded to its dtype
+    for i, got in enumerate(whole):
+        torch.testing.assert_close(got.double(), want[str(i)], rtol=elementwise, atol=1e-30, equal_nan=True)
     monkeypatch.setattr(adaptive, "_UNIT_BLOCK", 64)
     assert len(adaptive._blocks(50, 9)) > 1 and len(adaptive._blocks(3, 200)) > 3
     for a, b in zip(whole, run()):
