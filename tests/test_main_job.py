@@ -13,7 +13,6 @@ Run with ``.venv/bin/python -m pytest tests/test_main_job.py`` (launchers: ``tes
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import math
 import subprocess
@@ -38,19 +37,6 @@ def write_config(folder: Path, name: str, **fields) -> Path:
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
-
-
-def adapter_skip(module: str) -> pytest.MarkDecorator:
-    """Skip marker for cases needing an adapter that may not be there yet (decided once, at collection)."""
-    try:
-        importlib.import_module(module)
-    except ImportError as e:
-        return pytest.mark.skip(reason=f"{module} is not importable yet ({e}); its main-job run is skipped")
-    return pytest.mark.skipif(False, reason="")
-
-
-NEEDS_DS = adapter_skip("dist_clip.adapters.deepspeed")
-NEEDS_FAIRSCALE = adapter_skip("dist_clip.adapters.fairscale")
 
 
 # --- configs ----------------------------------------------------------------------------------------------
@@ -459,10 +445,10 @@ WRAPPER_CASES = [
     pytest.param({"wrapper": "fsdp2", "clip": {"norm_type": "inf", "max_norm": 0.05}}, id="fsdp2-inf"),
     pytest.param({"wrapper": "fsdp1", "clip": {"mode": "native"}}, id="fsdp1-native"),
     pytest.param({"wrapper": "ddp", "clip": {"mode": "off"}}, id="ddp-off"),
-    pytest.param({"wrapper": "zero1"}, id="zero1", marks=[NEEDS_DS, pytest.mark.deepspeed]),
-    pytest.param({"wrapper": "zero2"}, id="zero2", marks=[NEEDS_DS, pytest.mark.deepspeed]),
-    pytest.param({"wrapper": "zero3"}, id="zero3", marks=[NEEDS_DS, pytest.mark.deepspeed]),
-    pytest.param({"wrapper": "fairscale-oss"}, id="fairscale-oss", marks=[NEEDS_FAIRSCALE, pytest.mark.fairscale]),
+    pytest.param({"wrapper": "zero1"}, id="zero1", marks=pytest.mark.deepspeed),
+    pytest.param({"wrapper": "zero2"}, id="zero2", marks=pytest.mark.deepspeed),
+    pytest.param({"wrapper": "zero3"}, id="zero3", marks=pytest.mark.deepspeed),
+    pytest.param({"wrapper": "fairscale-oss"}, id="fairscale-oss", marks=pytest.mark.fairscale),
 ]
 
 
@@ -520,7 +506,6 @@ def _case_train_frees_the_engine(cfg_dict: dict) -> list[str]:
 
 @pytest.mark.timeout(300)
 @pytest.mark.deepspeed
-@NEEDS_DS
 @pytest.mark.parametrize("wrapper", ["zero2", "zero3"])
 def test_a_zero_run_frees_its_engine_before_the_group_ends(run_ranks, wrapper):
     """The engine and its ZeRO optimizer outlived training and bootstrap.shutdown() (gc first), with their
