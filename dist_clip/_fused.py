@@ -51,6 +51,9 @@ _COMBINED = "_dist_clip_combined"
 _BESIDE = "_dist_clip_beside"
 #: the same, but for flags read on the CPU (for free) as not set, which hold nothing: read by Agreement._may_differ
 _UNSET = "_dist_clip_beside_unset"
+#: on an optimizer among several ranks: the flags armed since its last step by calls combining over several ranks
+#: that read on the CPU as not set, the same on every rank (see :func:`note_beside`)
+_CALM = "_dist_clip_calm"
 # id(parameter) -> (backward count, its hook's handle, the tensor's _cdata) (see _write_cell). By id: a weak
 # reference on a parameter made module.to() / load_state_dict() refuse to swap it
 # (torch.__future__.set_swap_module_params_on_conversion).
@@ -867,7 +870,7 @@ def arm_skip_(
     taken). ``combine=False`` (an explicit ``skip_next_step_``) always replaces it."""
     running = in_step(optimizer)  # (before installing the hooks: a first call from a user's running pre-hook)
     _install_hooks(optimizer)
-    value = flag.reshape(()).to(torch.float32)
+    value = new = flag.reshape(()).to(torch.float32)
     if running:
         _arm_running(optimizer, value, combine)
         return
@@ -895,7 +898,7 @@ def arm_skip_(
         # skip_next_step_ replaces any pending flag, a hand-over's too (settled or not: skip_next_step_(opt,
         # False) left a settled NaN hand-over's flag in place, and the next batch's good step was skipped).
         optimizer.__dict__[_PENDING] = (pending[0], torch.zeros_like(pending[1]), *pending[2:])
-    note_beside(optimizer, measured, now[0])  # (grad_state: its gradients, but for a ZeRO or OSS inner one)
+    note_beside(optimizer, measured, now[0], new)  # (grad_state: its gradients, but for a ZeRO or OSS inner one)
 
 
 def _drop_unsettled(optimizer: torch.optim.Optimizer, now: list[Tensor], measured: Sequence[Tensor] | None) -> None:
@@ -2071,6 +2074,7 @@ def _post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None
     pending = optimizer.__dict__.pop(_PENDING, None)
     optimizer.__dict__.pop(_SKIP, None)
     _forget_beside(optimizer)
+    optimizer.__dict__.pop(_CALM, None)
     stashed = optimizer.__dict__.pop(_SAVED, None)
     if stashed is None:
         return
@@ -2246,12 +2250,12 @@ def hand_over_applied_(optimizer: torch.optim.Optimizer, total: Tensor, started:
         _stash(optimizer, deferred[0], found, deferred[1], grads, shared, beside)
     else:  # (the coefficient is in the gradients: 1 on the CPU, which scale_ reads for free and skips)
         _stash(optimizer, torch.ones_like(found), found, torch.ones((), dtype=torch.float32), grads, shared, beside)
-    note_beside(optimizer, measured, stepped)
+    note_beside(optimizer, measured, stepped, found)
     _WAITING.add(optimizer)
 
 
 def note_beside(optimizer: torch.optim.Optimizer, measured: Sequence[Tensor] | None,
-                grads: list[Tensor] | None = None) -> None:
+                grads: list[Tensor] | None = None, new: Tensor | None = None) -> None:
     """After a call armed ``optimizer``'s skip (its flag, a hand-over's, the skip guard's) on its pieces
     ``measured``, among several ranks: record the parameters it steps whose gradients no flag waiting for its
     step was armed on (:data:`_BESIDE`), which :func:`carry_only` leaves out of the read that keeps a flag whose
@@ -2278,10 +2282,19 @@ def note_beside(optimizer: torch.optim.Optimizer, measured: Sequence[Tensor] | N
     own gradient; rank 1, holding no ``_UNSET``, by DDP's second layer). Not for an arming combining over no other
     rank: rank 1's, measuring every gradient it steps, computes none, while rank 0's, beside its own parameter,
     would have taken DDP's (ddp seeds 1649, 1659 parted).
-    ``grads``: the optimizer's :func:`gradients`, where the caller has them."""
+    A flag armed by a call combining over several ranks that reads on the CPU as not set (:data:`_CALM`, noted here
+    from ``new``; a hand-over's applied in place alike) is that on every rank and holds no gradient in
+    :data:`_BESIDE` either: counted, rank 0's own part's finite entry held its own gradient while rank 1's entry
+    for it (measured nothing there) left nothing out, so a NaN [l0] flag whose gradients were replaced out of place
+    was kept by [l1] and rank 0's own gradient there, by [l1] on rank 1; the batch dropped to ``None``, recomputed
+    and DDP's whole clipped, rank 1 dropped it and rank 0 kept it by its own gradient: rank 0 skipped, rank 1
+    stepped (ddp seed 1414).
+    ``grads``: the optimizer's :func:`gradients`, where the caller has them; ``new``: the flag the call armed."""
     _forget_beside(optimizer)
     if measured is None or optimizer.__dict__.get(_OUTER) is not None or not _multi_rank():
         return
+    if new is not None and _COMBINING.get() and _unset_on_cpu(new):
+        optimizer.__dict__.setdefault(_CALM, []).append(new)
     grads = grads if grads is not None else gradients(optimizer)
     if len(grads) <= len(measured):
         return  # (the usual case: the call measured every gradient the optimizer steps)
@@ -2295,8 +2308,11 @@ def note_beside(optimizer: torch.optim.Optimizer, measured: Sequence[Tensor] | N
         entries.append((pending[1], pending[3], None))
     where = set(map(id, grads))
     held_set: set[int] | None = set()  # (by the flags that may be set: see _UNSET)
+    calm = optimizer.__dict__.get(_CALM, ())
     for flag, members, _seen in entries:
         unset = isinstance(flag, Tensor) and _unset_on_cpu(flag)
+        if unset and any(flag is c for c in calm):
+            continue  # (armed by a call combining over several ranks: not set on any rank, it holds nothing)
         if members is None or any(id(t) not in where for t in members):
             # (a flag armed on no gradient said, or on one replaced since: every gradient may hold it)
             held = None

@@ -254,7 +254,7 @@ class _SkipGuard:
         now = _fused.grad_state(optimizer)
         self.flag, self.armed_on = _fused.rearm(armed, flag, now, started, measured, optimizer,
                                                 lambda a, b: a | b.to(a.device))
-        _fused.note_beside(optimizer, measured, now[0])
+        _fused.note_beside(optimizer, measured, now[0], flag)
 
     @staticmethod
     def _on_host(flag: Tensor) -> bool:
@@ -317,6 +317,7 @@ class _SkipGuard:
         self.replaced = False
         # (kept until the step is over: a step that raised left its arming to combine with the next call's)
         self.armed_on = None
+        optimizer.__dict__.pop(_fused._CALM, None)  # (see _fused.note_beside)
         if saved is None or flag is None:
             return
         if self._on_host(flag) and not bool(flag):

@@ -542,6 +542,16 @@ FIXED = {
     # clipped whole and stepped on every rank (session 38, h3)
     "alone_part_again": ("alone", [("fused", True), ("bwd", (0, 0)), ("call", "skip", [0, 1]), ("call", "skip", [1]),
                                    ("step",), ("zero", True), ("bwd", None), ("call", "skip", [0, 1]), ("step",)]),
+    # DDP: NaN in the first layer, [l0], rank 0's own part over the world and [l1] clipped, every gradient replaced
+    # out of place, [l0] again, dropped to None, recomputed, DDP's whole clipped: the own part's finite entry held
+    # rank 0's own gradient, so [l0]'s replaced NaN flag was kept by it on rank 0 alone (by [l1] on rank 1), which
+    # DDP's whole never measures: rank 0 skipped, rank 1 stepped (ddp seed 1414, h4's class E); fixed by note_beside
+    # passing over a flag armed by a call combining over several ranks that reads on the CPU as not set (session
+    # 38, h14). Fused and hand-over variants: test_a_replaced_nan_flag_beside_one_ranks_own_finite_part_...
+    "ddp_replaced_held_by_own": ("ddp", [("fused", False), ("bwd", (-1, 0)), ("call", "skip", [0]),
+                                         ("call", "skip", [2]), ("call", "skip", [1]), ("replace",),
+                                         ("call", "skip", [0]), ("zero", True), ("bwd", None),
+                                         ("call", "skip", [0, 1]), ("step",)]),
 }
 
 
@@ -553,3 +563,23 @@ def test_flows_found_beyond_the_suite_s_seeds_and_fixed(run_ranks, name):
     per_rank = run_ranks(2, body_flow, setting, flow)
     assert not violations(flow, per_rank), (flow, violations(flow, per_rank))
     assert [r[-1]["took"] for r in per_rank] == [True, True], (flow, per_rank)  # (the last batch is finite)
+
+
+@pytest.mark.parametrize(("first", "own", "last"), [("skip", "skip", "skip"), ("hand", "hand", "hand"),
+                                                   ("skip", "hand", "skip"), ("skip", "skip", "hand")])
+def test_a_replaced_nan_flag_beside_one_ranks_own_finite_part_is_dropped_with_the_batch_on_every_rank(
+        run_ranks, first, own, last):
+    """Flow ("ddp", 1414) minimised (FIXED ddp_replaced_held_by_own), fused: DDP and rank 0's own parameter in one
+    fused AdamW; a NaN in DDP's first layer (every rank), [l0] clipped (``GradClipper(on_nonfinite="skip")``, or
+    handed over), rank 0's own part clipped over the world (rank 1 passing nothing; finite), [l1] clipped, every
+    gradient replaced out of place (the NaN carried), [l0] clipped again, the batch dropped to ``None``, the next
+    one computed, finite, and DDP's whole clipped (``group=None``, no collective), then stepped. The own part's
+    entry (flag 0, the world's verdict: on rank 1 an entry measured nothing there) counted rank 0's own gradient as
+    holding a flag (a hand-over's pending flag alike), so [l0]'s replaced NaN flag was kept by [l1] and that
+    gradient on rank 0, by [l1] alone on rank 1; DDP's whole, measuring [l1] again, dropped it on rank 1 and forced
+    rank 0 to keep it by its own gradient: rank 0 skipped, rank 1 stepped, the replicas parted. Both step now."""
+    flow = [("fused", True), ("bwd", (-1, 0)), ("call", first, [0]), ("call", own, [2]), ("call", first, [1]),
+            ("replace",), ("call", first, [0]), ("zero", True), ("bwd", None), ("call", last, [0, 1]), ("step",)]
+    per_rank = run_ranks(2, body_flow, "ddp", flow)
+    assert not violations(flow, per_rank), (flow, violations(flow, per_rank))
+    assert [s["took"] for r in per_rank for s in r] == [True, True], (flow, per_rank)
