@@ -1545,7 +1545,14 @@ def rearm(armed: tuple[Tensor, tuple[Any, ...]] | None, new: Tensor, now: tuple[
                                                                      measured)
 
                 if _AGREED.get() is not None and any(decided(m, seen) for _, m, seen in parts):
-                    parts = [e for e in ((carried_by_replacements(f, []) if decided(m, seen) else (f, m, seen))
+                    # (kept, held by the gradients held here that no entry left holds, as supersede holds it on a
+                    # rank measuring a part: held by none, it stood for another rank's gradients, and a later call
+                    # with no collective was forced to keep it here alone, while the ranks holding it by theirs
+                    # dropped it with them. DDP, unfused, rank 0's own part clipped over the world after a NaN
+                    # batch, dropped to None, DDP's whole clipped: rank 1 skipped, rank 0 stepped; ddp seed 1649)
+                    holding = {id(t) for _, m, seen in parts if m is not None and not decided(m, seen) for t in m}
+                    rest = [t for t in carry_only(optimizer, now[0]) if id(t) not in holding]
+                    parts = [e for e in ((carried_by_replacements(f, rest) if decided(m, seen) else (f, m, seen))
                                          for f, m, seen in parts) if e is not None]
                     armed[1].parts = [*parts, (new, None, (*now, None))]
                     return functools.reduce(merge, [f for f, _, _ in armed[1].parts]), armed[1]
