@@ -2280,7 +2280,8 @@ def note_beside(optimizer: torch.optim.Optimizer, measured: Sequence[Tensor] | N
     for the same call: counted, rank 0's own part handed over over the world (finite) beside DDP's whole armed in
     the same step, the batch dropped to ``None``, recomputed and DDP's whole clipped again, forced rank 0 alone to
     keep: rank 0 skipped, rank 1 stepped. (Not for the reads: there the ranks' ledgers differ where rank 0 scales in
-    the call and the others hand over, and rank 1 alone left DDP's first layer out: ddp seed 1378 parted.)
+    the call and the others hand over, and rank 1 alone left DDP's first layer out: ddp seed 1378 parted; but see
+    below for an arming that combined.)
     Where the arming combined over several ranks (its flag the same on every rank), :data:`_UNSET` takes the
     gradients it measured too (its flag, on the CPU not set, holds nothing), and a call measuring nothing on this
     rank (a part held on another rank alone) computes it as well: counted, a NaN hand-over of DDP's whole (or
@@ -2289,6 +2290,12 @@ def note_beside(optimizer: torch.optim.Optimizer, measured: Sequence[Tensor] | N
     own gradient; rank 1, holding no ``_UNSET``, by DDP's second layer). Not for an arming combining over no other
     rank: rank 1's, measuring every gradient it steps, computes none, while rank 0's, beside its own parameter,
     would have taken DDP's (ddp seeds 1649, 1659 parted).
+    Where the arming combined, :data:`_BESIDE` is that set too (the reads pass over what no flag that may be set
+    holds): the own part's arming, finite, counted rank 0's own gradient as held by its flag, so that the reads of
+    the dropped NaN batch's flag (at the next call on DDP's gradients, ``group=None``, or at the step) read it: a NaN
+    in it alone in the next batch kept that flag on rank 0 alone (rank 0 skipped, rank 1 stepped; 38 of 608 flows
+    of a NaN batch, its call, the own part's, a drop and the next batch). The flags an arming combining over no
+    other rank leaves on the CPU not set differ among ranks there (above), so its reads still take them as held.
     A flag armed by a call combining over several ranks that reads on the CPU as not set (:data:`_CALM`, noted here
     from ``new``; a hand-over's applied in place alike) is that on every rank and holds no gradient in
     :data:`_BESIDE` either: counted, rank 0's own part's finite entry held its own gradient while rank 1's entry
@@ -2329,7 +2336,10 @@ def note_beside(optimizer: torch.optim.Optimizer, measured: Sequence[Tensor] | N
             held.update(map(id, members))
         if held_set is not None and not unset:
             held_set.update(map(id, members))
-    for key, ids, among in ((_BESIDE, held, rest), (_UNSET, held_set, where if _COMBINING.get() else rest)):
+    among = rest
+    if _COMBINING.get():
+        among, held = where, held_set  # (the reads too: see the docstring)
+    for key, ids in ((_BESIDE, held), (_UNSET, held_set)):
         if ids is None:
             continue
         beside = [p for group in optimizer.param_groups for p in group["params"]

@@ -318,6 +318,29 @@ def test_a_nan_hand_over_beside_one_ranks_own_part_dropped_to_none_is_replaced_b
     assert [s["took"] for r in per_rank for s in r] == [True, True], (flow, per_rank)
 
 
+@pytest.mark.parametrize(("first", "own", "zero", "after"), [
+    (("hand", [0, 1]), "skip", True, None), (("hand", [0]), "hand", False, None),
+    (("hand", [0, 1]), "skip", True, ("skip", [0, 1])), (("skip", [0]), "skip", True, ("hand", [0])),
+    (("hand", [0]), "hand", True, ("total", [0, 1])), (("unfused", [0, 1]), "skip", True, ("skip", [0, 1]))])
+def test_a_nan_in_one_ranks_own_gradient_after_a_dropped_nan_batch_is_read_on_no_rank(run_ranks, first, own, zero,
+                                                                                       after):
+    """As above, the next batch with a NaN in rank 0's own gradient alone (never clipped): a NaN batch handed over
+    or armed by ``GradClipper(on_nonfinite="skip")`` (DDP's whole or [l0]; fused or not), rank 0's own part clipped
+    over the world (rank 1 passing nothing), the batch dropped (to ``None`` or in place), the next one computed with
+    that NaN, stepped straight away or after a call on DDP's gradients (``group=None``, no collective). Rank 0 read
+    its own gradient for the dropped batch's flag, which no NaN of that batch can have travelled into: at the step,
+    the dropped hand-over's flag; at the call, the flag's entry, whose gradients are gone, as the own part's arming
+    (finite, its flag combined over the ranks) counted that gradient as held by a flag. Rank 0 kept it and skipped,
+    rank 1 stepped, DDP's replicas parted (38 of 608 such flows). Every rank steps now, rank 0's own parameter
+    taking its NaN, as in the run without the NaN batch."""
+    how, handed = first
+    flow = [("fused", how != "unfused"), ("bwd", (-1, 0)), ("call", "skip" if how == "unfused" else how, handed),
+            ("call", own, [2]), ("zero", zero), ("bwd", (0, 2)), *([("call", *after)] if after else []), ("step",)]
+    per_rank = run_ranks(2, body_flow, "ddp", flow)
+    assert [s["took"] for r in per_rank for s in r] == [True, True], (flow, violations(flow, per_rank))
+    assert not violations(flow, per_rank), (flow, violations(flow, per_rank))
+
+
 _HAND = [("fused", True), ("bwd", None), ("call", "hand", [0, 1])]
 
 
