@@ -60,6 +60,9 @@ _CALM = "_dist_clip_calm"
 _WRITES: dict[int, tuple[_Count, Any, int]] = {}
 _WRITES_PRUNE = [256]  # prune dead parameters' entries when the table reaches this size
 _MISSING = object()
+#: the coefficient a hand-over applied in place leaves to its step (:func:`hand_over_applied_`): 1, in the
+#: gradients already (told apart by identity: see :func:`defers_beside`)
+_APPLIED = torch.ones((), dtype=torch.float32)
 #: the ranks' agreed verdict (a 0-dim bool) on whether a gradient the arming call does not measure is non-finite,
 #: read by :func:`carried_by_replacements` in place of this rank's own pieces (see :class:`Agreement`)
 _AGREED: contextvars.ContextVar[Tensor | None] = contextvars.ContextVar("dist_clip_agreed", default=None)
@@ -2215,10 +2218,24 @@ def steps_beside(grads: Sequence[Tensor], tensors: Sequence[Tensor]) -> bool:
 def defers_beside(optimizer: torch.optim.Optimizer, measured: Sequence[Tensor]) -> bool:
     """Whether :func:`hand_over_applied_` may leave the coefficient of a call beside other gradients
     (:func:`steps_beside`) to the step: no hand-over waits on gradients the call does not measure (its stash is
-    the optimizer's one; arming never adds one, so none appears before :func:`hand_over_applied_` reads it)."""
+    the optimizer's one; arming never adds one, so none appears before :func:`hand_over_applied_` reads it), or
+    the one waiting holds its coefficient in its gradients already (applied in place, or settled), so that only
+    its flag is left, which then joins the ledger (:func:`_in_gradients`)."""
     pending = optimizer.__dict__.get(_PENDING)
     ids = set(map(id, measured))
-    return pending is None or all(id(t) in ids for t in pending[3])
+    return pending is None or _in_gradients(pending) or all(id(t) in ids for t in pending[3])
+
+
+def _in_gradients(pending: tuple[Any, ...]) -> bool:
+    """Whether a hand-over's coefficient is in its gradients already: settled (None), or applied in place by
+    :func:`hand_over_applied_` (:data:`_APPLIED`). Only its flag waits for the step, held by those gradients: it
+    joins the ledger (:func:`_keep_flag`) where a call beside them leaves its own coefficient to the step (the stash
+    is the optimizer's one). Kept there instead, under DDP with a parameter of rank 0's own in its fused
+    optimizer, rank 0's own part handed over over the world (rank 1 passing nothing), then DDP's whole, rank 0
+    divided DDP's gradients in the call while rank 1 handed the coefficient over: with every gradient then
+    replaced out of place (``p.grad = p.grad + 0``) rank 0's replacements carried the clip into its step alone and
+    DDP's replicas parted."""
+    return pending[2] is None or pending[2] is _APPLIED
 
 
 def hand_over_applied_(optimizer: torch.optim.Optimizer, total: Tensor, started: tuple[list[Tensor], list[int]],
@@ -2241,12 +2258,17 @@ def hand_over_applied_(optimizer: torch.optim.Optimizer, total: Tensor, started:
     arm_skip_(optimizer, torch.zeros((), dtype=torch.bool, device=total.device), started, measured=measured)
     pending = optimizer.__dict__.get(_PENDING)
     ids = set(map(id, measured))
-    if pending is not None and not all(id(t) in ids for t in pending[3]):
-        # (a hand-over waiting on gradients this call does not measure: its flag joins this one's as armed)
-        assert deferred is None, "defers_beside saw no such hand-over"
-        arm_skip_(optimizer, torch.logical_not(torch.isfinite(total)), started, measured=measured)
-        return
     stepped = stepped if stepped is not None else gradients(optimizer)
+    if pending is not None and not all(id(t) in ids for t in pending[3]):
+        if deferred is None:
+            # (a hand-over waiting on gradients this call does not measure: its flag joins this one's as armed)
+            arm_skip_(optimizer, torch.logical_not(torch.isfinite(total)), started, measured=measured)
+            return
+        # (its coefficient in its gradients already, held by them still, see arm_skip_: its flag joins the ledger,
+        # see _in_gradients)
+        assert _in_gradients(pending), "defers_beside saw no such hand-over"
+        del optimizer.__dict__[_PENDING]
+        _keep_flag(optimizer, pending[1], pending[3], stepped)
     grads = [g for g in stepped if id(g) in ids]
     found = torch.logical_not(torch.isfinite(total)).to(torch.float32)
     # (the parameters stepped beside the measured ones, whose gradients a later call reads without the hand-over:
@@ -2256,7 +2278,7 @@ def hand_over_applied_(optimizer: torch.optim.Optimizer, total: Tensor, started:
     if deferred is not None:
         _stash(optimizer, deferred[0], found, deferred[1], grads, shared, beside)
     else:  # (the coefficient is in the gradients: 1 on the CPU, which scale_ reads for free and skips)
-        _stash(optimizer, torch.ones_like(found), found, torch.ones((), dtype=torch.float32), grads, shared, beside)
+        _stash(optimizer, torch.ones_like(found), found, _APPLIED, grads, shared, beside)
     note_beside(optimizer, measured, stepped, found)
     _WAITING.add(optimizer)
 

@@ -643,9 +643,9 @@ def clip_grad_norm_(
         # stepping exactly these gradients, were handed it (or settle it, dividing alike), and a product parted
         # DDP's float32 replicas by rounding (1.5e-8 after one AdamW step, 4.5e-8 after 100). Where the call
         # combined over no other rank (DDP's replicas, which the others hand over), left to the step, or to a call
-        # reading them first, as there, while nothing else waits for it (see _fused.hand_over_applied_): scaled
-        # here, gradients every one replaced out of place then carried the clip into this rank's step alone, the
-        # others' read as the next batch's and stepped unclipped.
+        # reading them first, as there, while no other coefficient waits for the step (see _fused.defers_beside):
+        # scaled here, gradients every one replaced out of place then carried the clip into this rank's step alone,
+        # the others' read as the next batch's and stepped unclipped.
         applied = _deepspeed_applied(parameters, coef)
         reciprocal = torch.reciprocal(applied.to(torch.float32))
         late = not agreement.shared and applied is coef
