@@ -372,10 +372,11 @@ def test_gradients_replaced_after_a_hand_over_beside_one_ranks_own_parameter_kee
     assert [r[-1]["took"] for r in per_rank] == [flow[1] == ("bwd", None)] * 2, per_rank
 
 
-def body_sgd_beside(replaced: str) -> dict:
+def body_sgd_beside(replaced: str, own_first: bool = False) -> dict:
     """DDP over one Linear layer and a parameter of rank 0's own in one fused SGD (lr 1, no momentum: a step
-    subtracts the gradient it takes); the whole handed over, ``replaced`` ("", "all", "weight") gradients replaced
-    out of place, stepped. DDP's parameters after the step, before it, and their gradients in float64 at the call."""
+    subtracts the gradient it takes); the whole handed over (``own_first``: after rank 0's own part, handed over over
+    the world, rank 1 passing nothing), ``replaced`` ("", "all", "weight") gradients replaced out of place, stepped.
+    DDP's parameters after the step, before it, and their gradients in float64 at the call."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -387,6 +388,8 @@ def body_sgd_beside(replaced: str) -> dict:
     (model(x).square().sum() * 4 + sum((q * q).sum() for q in own)).backward()
     before = [q.detach().double().clone() for q in model.parameters()]
     grads = [q.grad.double().clone() for q in model.parameters()]
+    if own_first:
+        dist_clip.clip_grad_norm_(own, 1.0, optimizer=opt, group=dist.group.WORLD)
     total = dist_clip.clip_grad_norm_(model, 1.0, optimizer=opt)
     for q in list(model.parameters())[: {"": 0, "all": 2, "weight": 1}[replaced]]:
         q.grad = q.grad + 0.0
@@ -397,14 +400,18 @@ def body_sgd_beside(replaced: str) -> dict:
             "total": float(total)}
 
 
+@pytest.mark.parametrize("own_first", [False, True])
 @pytest.mark.parametrize("replaced", ["", "all", "weight"])
-def test_a_hand_over_beside_one_ranks_own_parameter_steps_sgd_as_on_the_ranks_handing_over(run_ranks, replaced):
+def test_a_hand_over_beside_one_ranks_own_parameter_steps_sgd_as_on_the_ranks_handing_over(run_ranks, replaced,
+                                                                                          own_first):
     """The ("ddp", 1021) flow under a fused SGD, where the coefficient shows in the step: every rank steps DDP's
     gradients divided by the coefficient's float32 reciprocal, bit-identical among ranks, where none was replaced
     (the float64 reference: the step subtracts clip * g), unclipped where every one was replaced out of place (they
     read as the next batch's; rank 0 stepped them clipped, 0.371 of rank 1's step, before rank 0 left the
-    coefficient to the step), and the weight's replacement unclipped beside the bias clipped where only it was."""
-    per_rank = run_ranks(2, body_sgd_beside, replaced)
+    coefficient to the step), and the weight's replacement unclipped beside the bias clipped where only it was. So
+    too after rank 0's own part was handed over over the world first (``own_first``: that hand-over, applied in
+    place, held the one stash, and rank 0 divided DDP's gradients in the call again)."""
+    per_rank = run_ranks(2, body_sgd_beside, replaced, own_first)
     r0, r1 = per_rank
     for a, b in zip(r0["after"], r1["after"]):
         assert torch.equal(a, b), (replaced, (a - b).abs().max())
