@@ -63,6 +63,8 @@ _MISSING = object()
 #: the coefficient a hand-over applied in place leaves to its step (:func:`hand_over_applied_`): 1, in the
 #: gradients already (told apart by identity: see :func:`defers_beside`)
 _APPLIED = torch.ones((), dtype=torch.float32)
+#: a settled hand-over's flag among the entries :func:`_held_flags` reads
+_SETTLED = object()
 #: the ranks' agreed verdict (a 0-dim bool) on whether a gradient the arming call does not measure is non-finite,
 #: read by :func:`carried_by_replacements` in place of this rank's own pieces (see :class:`Agreement`)
 _AGREED: contextvars.ContextVar[Tensor | None] = contextvars.ContextVar("dist_clip_agreed", default=None)
@@ -1132,10 +1134,12 @@ class Agreement:
     replaced (:func:`_may_carry`: host-side identity tests; on the CPU only where that flag is set), else 0
     without a read; a hand-over it settles of an optimizer it arms no skip for (any, where it arms none) adds the
     read of every gradient of that optimizer (:meth:`fold`). Settled hand-overs' flags wait
-    (:meth:`deferring`) for the verdict; :meth:`armed` applies it around the arming."""
+    (:meth:`deferring`) for the verdict; :meth:`armed` applies it around the arming. ``hands_over``: the call
+    hands its coefficient over to the ``optimizers`` (replacing a settled hand-over's flag, which otherwise lasts
+    through it: :func:`_held_flags`)."""
 
     def __init__(self, optimizers: Sequence[Any],
-                 measured: Sequence[Tensor] | Callable[[], Sequence[Tensor]]) -> None:
+                 measured: Sequence[Tensor] | Callable[[], Sequence[Tensor]], hands_over: bool = False) -> None:
         self.deferred: list[Any] = []
         self.agreed: Tensor | None = None
         #: the verdict (and the call's total) combined over more than one rank: see :func:`hand_over_`
@@ -1157,7 +1161,7 @@ class Agreement:
                 where = set(map(id, now))
                 if any(id(t) not in where for ts in candidates for t in ts):
                     read += _unmeasured(carry_only(optimizer, now), self.measured)
-            held += _held_flags(optimizer, where, lambda: self.measured)
+            held += _held_flags(optimizer, where, lambda: self.measured, hands_over)
         self._read = (_nonfinite(read, read[0].device).to(torch.float64) if read
                       else torch.zeros((), dtype=torch.float64))
         for flag in held:  # (device tensors: no host read)
@@ -1416,7 +1420,7 @@ def _may_carry(optimizer: torch.optim.Optimizer) -> list[list[Tensor]]:
 
 
 def _held_flags(optimizer: torch.optim.Optimizer, where: set[int] | None,
-                measured: Callable[[], Sequence[Tensor]]) -> list[Tensor]:
+                measured: Callable[[], Sequence[Tensor]], hands_over: bool = False) -> list[Tensor]:
     """The flags of ``optimizer``'s ledger (the fused skip's or the skip guard's) held by a gradient this rank
     still holds that the call at hand does not measure (``measured()``, read only where such a flag may be set):
     they outlast the call here, so they join its :class:`Agreement`. An entry whose gradients are all gone lives
@@ -1432,12 +1436,22 @@ def _held_flags(optimizer: torch.optim.Optimizer, where: set[int] | None,
     entries = _ledger_entries(optimizer)
     pending = optimizer.__dict__.get(_PENDING)
     if pending is not None and pending[3] and _multi_rank():  # (in one process the flag reaches the step as is)
-        entries.append((pending[1], pending[3], None))
+        entries.append((pending[1], pending[3], _SETTLED if pending[2] is None and not hands_over else None))
     out: list[Tensor] = []
     ids: set[int] | None = None
     plain = None
     for flag, members, seen in entries:
         if not isinstance(flag, Tensor) or _unset_on_cpu(flag):
+            continue
+        if seen is _SETTLED:
+            # A settled hand-over's flag lasts to the step whatever the call reads (see settle), measured or not,
+            # unless a hand-over replaces it: held by gradients the call measures again, it was left out, and where
+            # a batch dropped in place was clipped again finite (``a`` on rank 0 alone, a NaN hand-over of [a]
+            # settled by a call on [a], zeroed in place, [a] clipped), rank 0 kept it and skipped while rank 1,
+            # whose entry the verdict decides, stepped.
+            where = where if where is not None else set(map(id, read_for_carry(optimizer, gradients(optimizer))))
+            if any(id(t) in where for t in members):
+                out.append(flag)
             continue
         if members is None and isinstance(seen, _Explicit):
             # skip_next_step_'s flag, lasting while a gradient held then is still held (or armed with none held:

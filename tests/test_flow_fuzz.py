@@ -521,6 +521,26 @@ OWN_PART_BESIDE = {
 }
 
 
+@pytest.mark.parametrize(("read", "last", "took"), [(("skip", [0]), [("call", "skip", [0])], False),
+                                                     (("total", [0]), [("call", "skip", [0])], False),
+                                                     (("skip", [0]), [("bwd", None), ("call", "skip", [0, 1])], False),
+                                                     (("skip", [0]), [("bwd", None), ("call", "hand", [0])], True)])
+def test_a_settled_nan_hand_over_of_a_part_on_one_rank_alone_dropped_in_place_keeps_alike_on_every_rank(
+        run_ranks, read, last, took):
+    """Flow ("alone", 1350) minimised: ``a`` on rank 0 alone, ``b`` on both, one fused AdamW; a NaN in ``a``, [a]
+    handed over over the world (rank 0 steps ``b`` beside it: kept as a hand-over's), settled by a call on [a]
+    (``GradClipper(on_nonfinite="skip")``, ``get_total_norm``), the batch dropped in place, then [a] (or [a, b])
+    clipped by ``GradClipper(on_nonfinite="skip")``, finite. Rank 0's settled flag, held by ``a`` (measured again),
+    was left out of the call's verdict and lasted there, while rank 1's entry, armed by a call that measured
+    nothing there, was decided by the finite verdict: rank 0 skipped, rank 1 stepped. README (the hand-over): a
+    settled hand-over's flag lasts to the step unless a hand-over replaces it: every rank skips; a hand-over of
+    [a] replaces it, and every rank steps."""
+    flow = [("fused", True), ("bwd", (0, 0)), ("call", "hand", [0]), ("call", *read), ("zero", False), *last,
+            ("step",)]
+    per_rank = run_ranks(2, body_flow, "alone", flow)
+    assert [s["took"] for r in per_rank for s in r] == [took, took], (flow, violations(flow, per_rank))
+
+
 @pytest.mark.parametrize("name", list(OWN_PART_BESIDE))
 def test_a_hand_over_of_ddp_beside_one_ranks_own_part_handed_over_first_waits_for_the_step(run_ranks, name):
     """DDP and rank 0's own parameter in one fused AdamW; rank 0's own part handed over over the world (rank 1
@@ -599,6 +619,14 @@ FIXED = {
     # lasted to the step while rank 1's lapsed with the batch: rank 0 skipped, rank 1 stepped (as ("ddp", 14));
     # fixed by settle() passing over the gradients a hand-over applied in place found stepped beside the measured
     # ones (_measured_side), as rank 1, stepping none of them, does (session 38, h1)
+    # a on rank 0 alone: NaN there, [a] handed over (rank 0 steps b beside it), settled by a call on [a], zeroed in
+    # place, [a] clipped again (GradClipper): rank 0's settled flag, held by a (measured again), lasted there, left
+    # out of the verdict, while rank 1's entry (armed by a call that measured nothing there) was dropped by it: rank
+    # 0 skipped, rank 1 stepped (alone seed 1350; a regression of e75ded4); fixed by a settled hand-over's flag
+    # joining the verdict of any call but a hand-over replacing it, measured or not: every rank skips (session 38)
+    "alone_settled_then_zeroed": ("alone", [("fused", True), ("bwd", (0, 0)), ("call", "hand", [0]),
+                                            ("call", "skip", [0]), ("zero", False), ("call", "skip", [0]),
+                                            ("step",)]),
     "ddp_own_part_settles": ("ddp", [("fused", True), ("bwd", (-1, 0)), ("call", "hand", [0]),
                                      ("call", "hand", [2]), ("zero", False), ("step",)]),
     # a on rank 0 alone: NaN there, [a, b] clipped, [b] clipped again (GradClipper, fused): rank 1's flag, measured
@@ -631,6 +659,10 @@ FIXED = {
 }
 
 
+#: FIXED flows whose last step every rank skips (README: a flag that lasts to the step)
+KEPT = {"alone_settled_then_zeroed"}
+
+
 @pytest.mark.parametrize("name", sorted(FIXED))
 def test_flows_found_beyond_the_suite_s_seeds_and_fixed(run_ranks, name):
     """Minimised flows of seeds the suite does not run that broke the agreement until a fix: every rank the same
@@ -638,7 +670,9 @@ def test_flows_found_beyond_the_suite_s_seeds_and_fixed(run_ranks, name):
     setting, flow = FIXED[name]
     per_rank = run_ranks(2, body_flow, setting, flow)
     assert not violations(flow, per_rank), (flow, violations(flow, per_rank))
-    assert [r[-1]["took"] for r in per_rank] == [True, True], (flow, per_rank)  # (the last batch is finite)
+    # (the last batch is finite; but a settled NaN hand-over's flag lasts through a batch dropped in place)
+    want = name not in KEPT
+    assert [r[-1]["took"] for r in per_rank] == [want, want], (flow, per_rank)
 
 
 @pytest.mark.parametrize(("first", "own", "last"), [("skip", "skip", "skip"), ("hand", "hand", "hand"),
