@@ -1029,19 +1029,29 @@ def supersede(armed: tuple[Any, ...], record: tuple[Any, ...], now: tuple[list[T
     kept: list[tuple[Tensor, list[Tensor] | None, tuple[Any, ...] | None]] = []
     gone: list[Tensor] = []
     measured_again: list[Tensor] = []
+    # (entries standing for another rank's gradients: kept by the verdict, they stay so, held by no gradient here:
+    # re-held by this rank's gradients the call does not measure, they became an ordinary entry, which the next
+    # call measuring those replaced by its own read. Under DDP with a parameter of rank 0's own, NaN there, [own]
+    # clipped over the world, a backward, [l0] then [l1]: rank 1's entry, kept at [l0] by its forced verdict and
+    # held by l1, was dropped by [l1]'s finite read, while rank 0's, held by its NaN, lasted: rank 1 stepped)
+    elsewhere: list[Tensor] = []
     for flag, members, seen in parts:
         if members is None:
             if seen is not None and _sticky(seen, started if started is not None else now, measured):
                 kept.append((flag, None, seen))
+            elif _measured_elsewhere(seen):
+                elsewhere.append(flag)
             elif _decided_by_verdict(seen):
                 gone.append(flag)
             continue
         left = [t for t in members if id(t) in where and id(t) not in again]
         if left:
             kept.append((flag, left, None))
-        elif not members or any(id(t) not in where for t in members):
+        elif not members:
             # (an entry without gradients, kept by the ranks' verdict where this rank held none to read: decided
             # again by each arming call's verdict, while the other ranks' entries holding gradients last)
+            elsewhere.append(flag)
+        elif any(id(t) not in where for t in members):
             gone.append(flag)
         else:
             measured_again.append(flag)
@@ -1053,6 +1063,10 @@ def supersede(armed: tuple[Any, ...], record: tuple[Any, ...], now: tuple[list[T
         entry = carried_by_replacements(functools.reduce(merge, gone),
                                         [t for t in carry_only(optimizer, now[0])
                                          if id(t) not in again and id(t) not in holding])
+        if entry is not None:
+            kept.append(entry)
+    if elsewhere:
+        entry = carried_by_replacements(functools.reduce(merge, elsewhere), [])
         if entry is not None:
             kept.append(entry)
     record.parts = [*kept, (new, list(record[0]), None)]

@@ -558,6 +558,27 @@ def test_a_hand_over_of_ddp_beside_one_ranks_own_part_handed_over_first_waits_fo
     assert [r[-1]["took"] for r in per_rank] == [took] * world, (flow, per_rank)
 
 
+@pytest.mark.parametrize(("how", "between", "parts"), [("unfused", ("bwd", None), ([0], [1])),
+                                                       ("skip", ("bwd", None), ([0], [1])),
+                                                       ("hand", ("bwd", None), ([0], [1])),
+                                                       ("unfused", ("replace",), ([0], [1])),
+                                                       ("unfused", ("bwd", None), ([1], [0]))])
+def test_a_nan_in_one_ranks_own_parameter_clipped_over_the_world_then_ddp_s_parts_keep_on_every_rank(
+        run_ranks, how, between, parts):
+    """Flow ("ddp", 1212) minimised (also 1183, 1215, 1363): DDP and rank 0's own parameter in one AdamW; a NaN in
+    rank 0's own gradient, [own] clipped over the world (``GradClipper(on_nonfinite="skip")``, fused or not, or a
+    hand-over; rank 1 passes nothing and arms a flag standing for rank 0's gradient), a backward into the held
+    gradients (or every one replaced out of place), then DDP's parts clipped one by one (``group=None``). Rank 1's
+    flag, kept at the first part by the forced verdict, was held by DDP's other part, whose clip then replaced it by
+    its finite read, while rank 0's, held by its NaN, lasted: rank 0 skipped, rank 1 stepped, DDP's replicas parted.
+    It stays a flag for the other rank's gradient, decided by each call's verdict: every rank skips."""
+    flow = [("fused", how != "unfused"), ("bwd", (0, 2)), ("call", "skip" if how == "unfused" else how, [2]),
+            between, *(("call", "skip" if how == "unfused" else how, part) for part in parts), ("step",)]
+    per_rank = run_ranks(2, body_flow, "ddp", flow)
+    assert not violations(flow, per_rank), (flow, violations(flow, per_rank))
+    assert [s["took"] for r in per_rank for s in r] == [False, False], (flow, per_rank)
+
+
 #: Minimised flows that break an invariant on the current code, each replayed by a strict xfail below for whoever
 #: fixes it (a fix moves its entry to FIXED). None open now: the test is collected only while one is.
 OPEN: dict[str, tuple[str, list[tuple]]] = {}
@@ -627,6 +648,13 @@ FIXED = {
     "alone_settled_then_zeroed": ("alone", [("fused", True), ("bwd", (0, 0)), ("call", "hand", [0]),
                                             ("call", "skip", [0]), ("zero", False), ("call", "skip", [0]),
                                             ("step",)]),
+    # DDP: NaN in rank 0's own gradient, [own] clipped over the world (rank 1's entry stands for rank 0's gradient),
+    # a backward, [l0] then [l1] (group=None): rank 1's entry, kept at [l0] by the forced verdict, was re-held by
+    # l1's gradients and dropped by [l1]'s finite read, rank 0's lasted: rank 0 skipped, rank 1 stepped, replicas
+    # parted (ddp seeds 1183, 1212, 1215, 1363); fixed by supersede keeping such an entry held by no gradient,
+    # decided by each call's verdict: every rank skips (session 38)
+    "ddp_own_nan_then_two_parts": ("ddp", [("fused", False), ("bwd", (0, 2)), ("call", "skip", [2]), ("bwd", None),
+                                           ("call", "skip", [0]), ("call", "skip", [1]), ("step",)]),
     "ddp_own_part_settles": ("ddp", [("fused", True), ("bwd", (-1, 0)), ("call", "hand", [0]),
                                      ("call", "hand", [2]), ("zero", False), ("step",)]),
     # a on rank 0 alone: NaN there, [a, b] clipped, [b] clipped again (GradClipper, fused): rank 1's flag, measured
@@ -660,7 +688,7 @@ FIXED = {
 
 
 #: FIXED flows whose last step every rank skips (README: a flag that lasts to the step)
-KEPT = {"alone_settled_then_zeroed"}
+KEPT = {"alone_settled_then_zeroed", "ddp_own_nan_then_two_parts"}
 
 
 @pytest.mark.parametrize("name", sorted(FIXED))
