@@ -2360,8 +2360,8 @@ def note_beside(optimizer: torch.optim.Optimizer, measured: Sequence[Tensor] | N
     if new is not None and _COMBINING.get() and _unset_on_cpu(new):
         optimizer.__dict__.setdefault(_CALM, []).append(new)
     grads = grads if grads is not None else gradients(optimizer)
-    if len(grads) <= len(measured):
-        return  # (the usual case: the call measured every gradient the optimizer steps)
+    # (by identity, not by counting: a call may measure pieces a second optimizer steps, 6 pieces beside rank 0's 5
+    # gradients, whose own parameter then went unrecorded: rank 0 skipped, rank 1 stepped)
     rest = {id(g) for g in _unmeasured(grads, measured)}
     if not rest:
         return

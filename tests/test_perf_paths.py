@@ -5072,7 +5072,8 @@ def test_a_part_on_one_rank_dropped_then_clipped_again_steps_on_every_rank(run_r
     assert run_ranks(world, body_a_part_on_one_rank_dropped_then_read, "again", layout, how) == [True] * world
 
 
-def body_a_nan_in_one_ranks_own_parameter_after_a_dropped_batch(how: str, then: str, combined: bool) -> list:
+def body_a_nan_in_one_ranks_own_parameter_after_a_dropped_batch(how: str, then: str, combined: bool,
+                                                                beside: int = 0) -> list:
     """DDP, and rank 0's fused AdamW (plain AdamW for ``how="clipper"``) also steps a parameter of its own, never
     clipped: a NaN batch (NaN on every rank) clipped with ``optimizer=`` (``how="clip_fused"``) or by
     ``GradClipper(on_nonfinite="skip")``, dropped (``zero_grad(set_to_none=True)``; ``then="inplace"``:
@@ -5095,18 +5096,24 @@ def body_a_nan_in_one_ranks_own_parameter_after_a_dropped_batch(how: str, then: 
         stepped = [*inner.parameters(), *own]
         opt = torch.optim.AdamW(stepped, lr=0.1, fused=how != "clipper")
         clipper = dist_clip.GradClipper(max_norm=100.0, on_nonfinite="skip")
+        # ``beside``: that many parameters of every rank's, stepped by a second optimizer, measured with DDP's
+        extra = [nn.Parameter(torch.ones(2)) for _ in range(beside)]
+        whole = [*inner.parameters(), *extra] if beside else model
+        other = torch.optim.SGD(extra, lr=0.1) if beside else None
 
         def backward(bad: bool = False) -> None:
             model(x).sum().backward()
             for q in own:
                 q.grad = torch.tensor([1.0, math.nan if bad else 2.0, 3.0])
+            for q in extra:
+                q.grad = torch.ones(2)
 
         def clip(part: object = None) -> None:
             kwargs = {"group": dist.group.WORLD} if part is not None else {}
             if how == "clip_fused":
-                dist_clip.clip_grad_norm_(model if part is None else part, 100.0, optimizer=opt, **kwargs)
+                dist_clip.clip_grad_norm_(whole if part is None else part, 100.0, optimizer=opt, **kwargs)
             else:
-                clipper(model if part is None else part, optimizer=opt, **kwargs)
+                clipper(whole if part is None else part, optimizer=opt, **kwargs)
 
         if combined:
             backward()
@@ -5120,6 +5127,8 @@ def body_a_nan_in_one_ranks_own_parameter_after_a_dropped_batch(how: str, then: 
                 inner[0].weight.grad[0, 0] = math.nan
             clip()
             opt.zero_grad(set_to_none=then != "inplace")  # the batch is dropped
+            if other is not None:
+                other.zero_grad(set_to_none=then != "inplace")
         backward(bad=True)
         if then == "norm":
             dist_clip.clip_grads_with_norm_(inner.parameters(), 100.0, torch.tensor(2.0))
@@ -5131,6 +5140,8 @@ def body_a_nan_in_one_ranks_own_parameter_after_a_dropped_batch(how: str, then: 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # (the step's "clip coefficient ... was dropped")
             opt.step()
+        if other is not None:
+            other.step()
         return (not all(torch.equal(b, q) for b, q in zip(before, stepped)), [q.detach().clone() for q in stepped],
                 len(list(inner.parameters())))
 
@@ -5161,6 +5172,16 @@ def test_a_nan_in_one_ranks_own_parameter_after_a_dropped_batch_parts_no_ranks(r
     its NaN there as it does in that run (no call measures it)."""
     assert run_ranks(world, body_a_nan_in_one_ranks_own_parameter_after_a_dropped_batch, how, then,
                      combined) == [[True, True, True]] * world
+
+
+def test_a_nan_in_one_ranks_own_parameter_beside_more_pieces_measured_parts_no_ranks(run_ranks):
+    """As above (``GradClipper(on_nonfinite="skip")``, clipped again), the calls measuring DDP's gradients and two
+    parameters a second optimizer steps: rank 0's optimizer steps 5 gradients, the call measured 6 pieces, and
+    ``_fused.note_beside`` took that for "every gradient stepped was measured" (a shortcut on the counts) and
+    recorded nothing beside: rank 0 read its own parameter's NaN, kept the dropped batch's flag and skipped, rank 1
+    stepped, DDP's replicas parted ([False, False, False] on rank 0)."""
+    assert run_ranks(2, body_a_nan_in_one_ranks_own_parameter_after_a_dropped_batch, "clipper", "again", False,
+                     2) == [[True, True, True]] * 2
 
 
 def body_replicas_clipped_beside_one_ranks_own_parameter(dtype: torch.dtype, then: str) -> list:
