@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import operator
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import _fused, _norm, _reduce, _scale
 from ._warn import warn_at_caller
@@ -316,6 +317,26 @@ def _limit_setting(limit: float | Tensor) -> str:
     return repr(float(limit))
 
 
+@contextlib.contextmanager
+def _partial_grads_set_aside(target: object) -> Iterator[None]:
+    """The ``Partial`` DTensor gradients of a module's (or a list's) parameters set to ``None`` for the while: the
+    refusal of such a gradient then plans the call as a rank holding none of it does, with a stand-in laid out as
+    its parameter (``absent_dtensor_grads``). A rank holding no gradient of that parameter (a DTensor layer
+    unused there) entered the call's collective alone, and the next call of the refusing rank met it (2 ranks, a
+    ``Shard(0)`` parameter: rank 0 returned 4.899, rank 1's next call paired with it, rank 0's next hung)."""
+    items = list(target.parameters()) if isinstance(target, nn.Module) else (
+        list(target) if isinstance(target, (list, tuple)) else [])
+    aside = [(q, q.grad) for q in items if isinstance(q, Tensor) and q.grad is not None
+             and any(pl.is_partial() for pl in getattr(q.grad, "placements", ()))]
+    try:
+        for q, _ in aside:
+            q.grad = None
+        yield
+    finally:
+        for q, g in aside:
+            q.grad = g
+
+
 def _refuse_together(
     target: object, norm_type: object, group: object, shards: Sequence[Shards] | None = None
 ) -> None:
@@ -332,7 +353,8 @@ def _refuse_together(
     try:
         p = _norm.parse_norm_type(norm_type)
         if shards is None:
-            shards = resolve(target, _check_group(group))
+            with _partial_grads_set_aside(target):
+                shards = resolve(target, _check_group(group))
         red = _reduce.reduction_group(s.group for s in shards)
     except Exception:  # noqa: BLE001 - the layout is unknown: raise the caller's error alone
         return

@@ -1343,6 +1343,31 @@ def refusals_name_the_layouts_gradient() -> list[str]:
     return out
 
 
+def partial_on_one_rank_none_on_another(how: str) -> list[str]:
+    """A module with a ``Shard(0)`` DTensor parameter ``w`` (and a plain ``b``) on a 1-D mesh of 2 ranks: rank 1
+    holds a ``Partial`` gradient of ``w``, rank 0 none (the layer unused there: a stand-in in ``w``'s layout, one
+    collective). ``how`` calls ``get_total_norm`` or ``clip_grad_norm_`` on the module; then every rank measures
+    ``b`` over the world. Returns what each call gave: the exception's type, or the value."""
+    from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
+
+    m = mesh((2,), ("dp",))
+    mod = nn.Module()
+    mod.w = nn.Parameter(distribute_tensor(torch.ones(4, 2), m, [Shard(0)]))
+    mod.b = nn.Parameter(torch.ones(3))
+    mod.b.grad = torch.full((3,), 2.0)
+    if dist.get_rank() == 1:
+        mod.w.grad = DTensor.from_local(torch.ones(4, 2), m, [Partial()], run_check=False)
+    out = []
+    for call in ((lambda: dist_clip.get_total_norm(mod)) if how == "total" else
+                 (lambda: dist_clip.clip_grad_norm_(mod, 1.0)),
+                 lambda: dist_clip.get_total_norm(mod.b, group=dist.group.WORLD)):
+        try:
+            out.append(f"{float(call()):.4f}")
+        except (ValueError, RuntimeError) as e:
+            out.append(type(e).__name__)
+    return out
+
+
 def dtensor_placements() -> dict[str, Any]:
     """Hand-made DTensor gradients on a 2x2 mesh of 4 ranks, every placement FSDP2 and TP produce.
 
