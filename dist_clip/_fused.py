@@ -2362,6 +2362,9 @@ def note_beside(optimizer: torch.optim.Optimizer, measured: Sequence[Tensor] | N
     grads = grads if grads is not None else gradients(optimizer)
     # (by identity, not by counting: a call may measure pieces a second optimizer steps, 6 pieces beside rank 0's 5
     # gradients, whose own parameter then went unrecorded: rank 0 skipped, rank 1 stepped)
+    pieces = set(map(id, measured))
+    if len(grads) <= len(pieces) and all(map(pieces.__contains__, map(id, grads))):
+        return  # (the usual case: the call measured every gradient the optimizer steps)
     rest = {id(g) for g in _unmeasured(grads, measured)}
     if not rest:
         return
