@@ -43,6 +43,7 @@ import warnings
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import dist_clip
@@ -112,10 +113,9 @@ def make_flow(seed: int, setting: str) -> list[tuple]:
 
 def run_flow(setting: str, flow: list[tuple]) -> list[dict]:
     """Run one flow on this rank; per step: whether it stepped, and the invariants' inputs."""
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     fused = flow[0][1]
     torch.manual_seed(0)
     replicas: list[torch.Tensor] = []
@@ -203,34 +203,44 @@ def run_flow(setting: str, flow: list[tuple]) -> list[dict]:
             seen.clear()
             inplace_zero = not ev[1]
         else:
-            bad = any(nonfinite(q) for q in stepped)
-            held = any(seen.get(id(q)) and nonfinite(q) for q in stepped)
-            whole = last is not None and last[0] == "call" and last[1] in ("hand", "skip") and (
-                last[2] == [0, 1])
-            gone = any(q.grad is None for q in stepped)
-            flags = torch.tensor([float(bad), float(held), float(inplace_zero), float(not whole or gone or own_part)])
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            before = [q.detach().clone() for q in stepped]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                opt.step()
-            took = not all(torch.allclose(p, q, rtol=0.0, atol=0.0, equal_nan=True) for p, q in zip(before, stepped))
-            if not any(bool((torch.isfinite(p) & (p != 0)).any()) for p in before):
-                took = None  # (parameters NaN already: a step would not show)
-            nan = any(bool(torch.isnan(q).any()) and not bool(torch.isnan(p).any()) for p, q in zip(before, stepped))
-            same = True
-            if replicas:
-                flat = torch.cat([q.detach().flatten() for q in replicas])
-                every = [torch.empty_like(flat) for _ in range(world)]
-                dist.all_gather(every, flat)
-                same = all(torch.allclose(e, flat, rtol=0.0, atol=0.0, equal_nan=True) for e in every)
-            out.append({"took": took, "nan": nan, "held": bool(held), "good_here": whole,
-                        "any_bad": bool(flags[0]), "replicas_same": same,
-                        "good_promised": not bool(flags[0]) and not bool(flags[2]) and not bool(flags[3])})
+            out.append(step_and_record(opt, stepped, seen, inplace_zero, last, nonfinite, own_part, lambda: replicas))
             seen.clear()
             inplace_zero = own_part = False
         last = ev
     return out
+
+
+def step_and_record(opt, stepped: list, seen: dict, inplace_zero: bool, last: tuple | None, nonfinite,
+                    not_good: bool, replicas, local=lambda q: q) -> dict:
+    """The step event of a flow (here and in test_flow_fuzz_fsdp.py): the ranks' reads of what the step may do
+    (combined by MAX), the step, and the record :func:`violations` reads. ``not_good``: a reason of the setting's
+    why no good step is promised; ``replicas()``: tensors that must stay bit-identical on every rank after it;
+    ``local``: a parameter's local tensor (a DTensor's shard)."""
+    bad = any(nonfinite(q) for q in stepped)
+    held = any(seen.get(id(q)) and nonfinite(q) for q in stepped)
+    whole = last is not None and last[0] == "call" and last[1] in ("hand", "skip") and last[2] == [0, 1]
+    gone = any(q.grad is None for q in stepped)
+    flags = torch.tensor([float(bad), float(held), float(inplace_zero), float(not whole or gone or not_good)])
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    before = [local(q).detach().clone() for q in stepped]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt.step()
+    after = [local(q).detach() for q in stepped]
+    took = not all(torch.allclose(p, q, rtol=0.0, atol=0.0, equal_nan=True) for p, q in zip(before, after))
+    if not any(bool((torch.isfinite(p) & (p != 0)).any()) for p in before):
+        took = None  # (parameters NaN already, or no shard here: a step would not show)
+    nan = any(bool(torch.isnan(q).any()) and not bool(torch.isnan(p).any()) for p, q in zip(before, after))
+    same = True
+    kept = replicas()
+    if kept:
+        flat = torch.cat([q.detach().flatten() for q in kept])
+        every = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+        dist.all_gather(every, flat)
+        same = all(torch.allclose(e, flat, rtol=0.0, atol=0.0, equal_nan=True) for e in every)
+    return {"took": took, "nan": nan, "held": bool(held), "good_here": whole, "any_bad": bool(flags[0]),
+            "replicas_same": same,
+            "good_promised": not bool(flags[0]) and not bool(flags[2]) and not bool(flags[3])}
 
 
 def body_flows(setting: str, seeds: list[int]) -> list:

@@ -27,14 +27,13 @@ collective but the flags' all-reduce at each step. Parts are passed as parameter
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
 from torch import nn
 
 import dist_clip
-from tests.test_flow_fuzz import BATCHED, FLOWS, make_flow, violations
+from tests.test_flow_fuzz import BATCHED, FLOWS, make_flow, step_and_record, violations
 
 SETTINGS = ("fsdp2", "hsdp")
 
@@ -122,30 +121,8 @@ def run_fsdp_flow(setting: str, flow: list[tuple]) -> list[dict]:
             seen.clear()
             inplace_zero = not ev[1]
         else:
-            bad = any(nonfinite(q) for q in stepped)
-            held = any(seen.get(id(q)) and nonfinite(q) for q in stepped)
-            whole = last is not None and last[0] == "call" and last[1] in ("hand", "skip") and last[2] == [0, 1]
-            gone = any(q.grad is None for q in stepped)
-            flags = torch.tensor([float(bad), float(held), float(inplace_zero), float(not whole or gone)])
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            before = [_local(q).detach().clone() for q in stepped]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                opt.step()
-            after = [_local(q).detach() for q in stepped]
-            took = not all(torch.allclose(p, q, rtol=0.0, atol=0.0, equal_nan=True) for p, q in zip(before, after))
-            if not any(bool((torch.isfinite(p) & (p != 0)).any()) for p in before):
-                took = None  # (parameters NaN already, or no shard here: a step would not show)
-            nan = any(bool(torch.isnan(q).any()) and not bool(torch.isnan(p).any()) for p, q in zip(before, after))
-            same = True
-            if setting == "hsdp":
-                flat = torch.cat([q.flatten() for q in after])
-                every = [torch.empty_like(flat) for _ in range(world)]
-                dist.all_gather(every, flat)
-                same = all(torch.allclose(e, flat, rtol=0.0, atol=0.0, equal_nan=True) for e in every)
-            out.append({"took": took, "nan": nan, "held": bool(held), "good_here": whole,
-                        "any_bad": bool(flags[0]), "replicas_same": same,
-                        "good_promised": not bool(flags[0]) and not bool(flags[2]) and not bool(flags[3])})
+            out.append(step_and_record(opt, stepped, seen, inplace_zero, last, nonfinite, False,
+                                       lambda: [_local(q) for q in stepped] if setting == "hsdp" else [], _local))
             seen.clear()
             inplace_zero = False
         last = ev
