@@ -1014,7 +1014,8 @@ def body_agc(names: list[str]) -> list[int]:
             )
             smallest = min([smallest] + [float(torch.linalg.vector_norm(want[n], p) / torch.linalg.vector_norm(
                 ref_grads[n], p)) for n in want if want[n].dim() <= 1])
-            assert result.clip_coef.item() == pytest.approx(smallest, rel=1e-4), (name, p, result.clip_coef, smallest)
+            # (the coefficient is float32: 1e-6)
+            assert result.clip_coef.item() == pytest.approx(smallest, rel=1e-6), (name, p, result.clip_coef, smallest)
             assert bool(result.clipped), (name, p)
             cuts.append(len(cut))
     return cuts
