@@ -417,7 +417,7 @@ def test_a_hand_over_beside_one_ranks_own_parameter_steps_sgd_as_on_the_ranks_ha
     """The ("ddp", 1021) flow under a fused SGD, where the coefficient shows in the step: every rank steps DDP's
     gradients divided by the coefficient's float32 reciprocal, bit-identical among ranks, where none was replaced
     (the float64 reference: the step subtracts clip * g), unclipped where every one was replaced out of place (they
-    read as the next batch's; rank 0 stepped them clipped, 0.371 of rank 1's step, before rank 0 left the
+    read as the next batch's; rank 0 stepped them clipped, 0.046 of rank 1's step, before rank 0 left the
     coefficient to the step), and the weight's replacement unclipped beside the bias clipped where only it was. So
     too after rank 0's own part was handed over over the world first (``own_first``: that hand-over, applied in
     place, held the one stash, and rank 0 divided DDP's gradients in the call again)."""
