@@ -2796,3 +2796,37 @@ def fsdp2_layouts_remade_between_calls() -> list[tuple[str, str, float, float]]:
     dist.destroy_process_group(pg)
     _clear_sharding_prop_cache()
     return out
+
+
+def fsdp2_frozen_sharded_layers_beside_unsharded_ones() -> list[tuple[str, str, float, float]]:
+    """FSDP2 blocks frozen (fine-tuning the layers left unsharded: plain, averaged by hand, the same on every
+    rank): no DTensor gradient is left, and under ``group=`` the plain gradients were taken for the caller's own
+    pieces and summed over it (7.952 for 5.623 on 2 ranks, every per-parameter norm sqrt(2) times its own, and
+    clip_grad_norm_ clipped by that), where with the blocks trainable, or their gradients None, they count once as
+    FSDP2's unsharded copies (AGC already took them so). (mode, group, ours, reference) per call, list and module."""
+    from torch.distributed.fsdp import fully_shard
+
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    model = new_model()
+    model.blocks.requires_grad_(False)
+    ref = reference(model, list(range(ws)))
+    want = reference_norm(list(ref.grads.values()))
+    per_param = reference_param_norms(ref.grads)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh((ws,)))
+    loss_fn(model, *batch(rank)).backward()
+    average_grads_([q for q in model.parameters() if q.grad is not None])
+    saved = [q.grad.clone() for q in model.parameters() if q.grad is not None]
+    out: list[tuple[str, str, float, float]] = []
+    for label, group in (("none", None), ("world", dist.group.WORLD), ("new", dist.new_group(list(range(ws))))):
+        for kind, target in (("module", model), ("list", list(model.parameters()))):
+            out.append((f"{kind} total", label, float(dist_clip.get_total_norm(target, group=group)), want))
+        report = dist_clip.GradClipper(max_norm=math.inf, mode="per_param", report=True)(model, group=group).norms
+        out += [(f"per_param {n}", label, report[n], w) for n, w in per_param.items()]
+        total = float(dist_clip.clip_grad_norm_(model, 1.0, group=group))
+        after = reference_norm([q.grad for q in model.parameters() if q.grad is not None])
+        out += [("clip", label, total, want), ("clipped", label, after, min(1.0, want))]
+        for q, s in zip([q for q in model.parameters() if q.grad is not None], saved):
+            q.grad.copy_(s)
+    return out
+

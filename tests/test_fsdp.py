@@ -685,3 +685,14 @@ def test_fsdp2_layouts_remade_between_calls_are_read_anew(run_ranks, world_size:
     assert tuple(dict.fromkeys(step for step, *_ in results[0])) == steps
     for step, what, ours, want in results[0]:
         assert math.isclose(ours, want, rel_tol=RTOL), (step, what, ours, want)
+
+
+def test_fsdp2_frozen_sharded_layers_beside_unsharded_ones_count_them_once_under_group(run_ranks) -> None:
+    """Every sharded layer frozen: the layers FSDP2 left unsharded are copies under group= too (they were summed
+    over the group: sqrt(2) times the norm on 2 ranks), as with the sharded layers trainable."""
+    results = run_ranks(2, cases.fsdp2_frozen_sharded_layers_beside_unsharded_ones, timeout_s=90)
+    assert results[0] == results[1], "ranks disagree"
+    wrong = [(what, group, ours, want) for what, group, ours, want in results[0]
+             if not math.isclose(ours, want, rel_tol=RTOL)]
+    assert not wrong, wrong
+

@@ -29,6 +29,7 @@ __all__ = [
     "copy_peers",
     "fsdp2_data_peers",
     "gradient_of",
+    "holds_dtensors",
     "is_parameter",
     "listed_stand_ins",
     "matches",
@@ -583,14 +584,19 @@ def _ddp_types() -> tuple[type, ...]:
     return (DistributedDataParallel,)
 
 
-def shards_of_grads(grads: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup | None) -> list[Shards]:
-    """Shards for (name, gradient) pairs: plain tensors and DTensors, each by its own rule."""
+def shards_of_grads(grads: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup | None,
+                    params: Sequence[tuple[str, Tensor]] = ()) -> list[Shards]:
+    """Shards for (name, gradient) pairs: plain tensors and DTensors, each by its own rule. ``params``: the
+    target's (name, tensor) pairs, frozen parameters and those without a gradient too (:func:`holds_dtensors`)."""
     plain, dtensors = split_dtensors(grads)
     out: list[Shards] = []
     if plain or not dtensors:
         # Plain tensors beside DTensors are the parameters FSDP2 left unsharded: copies on every rank,
-        # whatever group= says about the DTensors. Alone, with group=, they are the caller's own shards.
-        plain_group = None if dtensors else group
+        # whatever group= says about the DTensors. Alone, with group=, they are the caller's own shards, unless
+        # the target holds DTensor parameters without a gradient: every sharded layer frozen (fine-tuning the
+        # unsharded ones), they were summed over group= (sqrt(2) times the norm on 2 ranks), where trainable
+        # ones, or ones whose gradients are None (stand-ins), made them copies.
+        plain_group = None if dtensors or (group is not None and plain and holds_dtensors(params)) else group
         names, tensors = zip(*plain) if plain else ((), ())
         out.append(Shards(list(tensors), group=plain_group, names=list(names)))
     if dtensors:
@@ -598,6 +604,11 @@ def shards_of_grads(grads: Sequence[tuple[str, Tensor]], group: dist.ProcessGrou
 
         out.extend(dtensor_shards(dtensors, group))
     return out
+
+
+def holds_dtensors(params: Sequence[tuple[str, Tensor]]) -> bool:
+    """Whether some tensor of the (name, tensor) pairs ``params`` is a DTensor (by type, each type once)."""
+    return any(map(_is_dtensor_type, set(map(type, map(_second, params))) - _PLAIN_KINDS))
 
 
 def check_ddp_synced(ddp: nn.Module) -> None:
@@ -672,7 +683,7 @@ def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
 
         def plan(over: dist.ProcessGroup | None) -> list[Shards]:
             if len(pairs) < len(params):  # some gradient None here (frozen, unused, or set to None on this rank)
-                return shards_with_stand_ins(pairs, absent_dtensor_grads(params, alone=not pairs), over)
+                return shards_with_stand_ins(pairs, absent_dtensor_grads(params, alone=not pairs), over, params)
             return shards_of_grads(pairs, over)
 
         return planned_with_copies(target, params, group, plan)
@@ -684,8 +695,8 @@ def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
         pairs = named_grads(items)
         if len(pairs) < len(items):
             listed = _listed_stand_ins(items, items) or items  # (FSDP2's unsharded ones: their sharded ones)
-            absent = absent_dtensor_grads([(n, t) for n, t in zip(_positions(len(listed)), listed)
-                                           if isinstance(t, Tensor)], alone=not pairs)
+            named = [(n, t) for n, t in zip(_positions(len(listed)), listed) if isinstance(t, Tensor)]
+            absent = absent_dtensor_grads(named, alone=not pairs)
             if absent and not pairs:
                 # A list whose gradients are all None on this rank (a per-rank zero_grad(set_to_none=True), a
                 # rank whose layers were all unused) joins the others' collective through its stand-ins: it
@@ -693,7 +704,7 @@ def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
                 # target without gradients (before a backward, under FSDP2's sync off the total reads 0).
                 warn_at_caller("dist_clip: the target holds no gradients on this rank; its total is the other "
                                "ranks' (0 where none holds any)")
-            return shards_with_stand_ins(pairs, absent, group)
+            return shards_with_stand_ins(pairs, absent, group, named)
     else:
         pairs = named_grads(target)
     return shards_of_grads(pairs, group)
@@ -888,15 +899,15 @@ def copy_counted_here(copies: dist.ProcessGroup, reduce_over: dist.ProcessGroup,
 
 
 def shards_with_stand_ins(pairs: list[tuple[str, Tensor]], absent: list[tuple[str, Tensor]],
-                          group: dist.ProcessGroup | None) -> list[Shards]:
+                          group: dist.ProcessGroup | None, params: Sequence[tuple[str, Tensor]] = ()) -> list[Shards]:
     """:func:`shards_of_grads` of the gradients ``pairs`` and the stand-ins ``absent``
     (:func:`absent_dtensor_grads`) planned together, as the ranks holding those gradients plan them (planned
     apart, the gradients here could take the plan over their shard group, whose replicas would then be summed
     twice over the world the stand-ins need); the stand-ins moved into Shards of their own, not counted (a
-    parameter without a gradient anywhere stays out of reports)."""
+    parameter without a gradient anywhere stays out of reports). ``params``: as :func:`shards_of_grads` reads it."""
     if not absent:
-        return shards_of_grads(pairs, group)
-    out = shards_of_grads(pairs + absent, group)
+        return shards_of_grads(pairs, group, params)
+    out = shards_of_grads(pairs + absent, group, params)
     stand_ins = {id(t._local_tensor) for _, t in absent}  # type: ignore[attr-defined]
     split: list[Shards] = []
     for sh in out:
