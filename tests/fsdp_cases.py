@@ -2830,3 +2830,37 @@ def fsdp2_frozen_sharded_layers_beside_unsharded_ones() -> list[tuple[str, str, 
             q.grad.copy_(s)
     return out
 
+
+def fsdp2_over_tp_with_the_tp_layers_frozen() -> list[tuple[str, str, float, float]]:
+    """FSDP2 over tensor parallelism (2 dp x 2 tp, as in :func:`group_over_sliced_meshes`) with the tensor-parallel
+    Linears frozen: the last Linear and the LayerNorm, sharded on ``mesh["dp"]`` alone, have a copy on every tp
+    slice, which only the frozen layers' meshes show. Under ``group=`` the slices were taken for pipeline stages
+    and summed (2.351 for 1.662, every per-parameter norm sqrt(2) times its own; AGC, reading the parameters, was
+    right). (what, group, ours, reference) per call."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    m = mesh((2, 2), ("dp", "tp"))
+    dp = m.get_coordinate()[0]
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 5), nn.Tanh(), nn.Linear(5, 3), nn.LayerNorm(3))
+    model[0].requires_grad_(False)
+    model[2].requires_grad_(False)
+    ref = copy.deepcopy(model).double()
+
+    def data(d: int) -> Tensor:
+        return torch.randn(4, 6, generator=torch.Generator().manual_seed(50 + d)) * 2
+
+    parallelize_module(model, m["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    fully_shard(model, mesh=m["dp"])
+    model(data(dp)).square().mean().backward()
+    torch.stack([ref(data(d).double()).square().mean() for d in range(2)]).mean().backward()
+    want = reference_norm([q.grad for q in ref.parameters() if q.grad is not None])
+    per_param = reference_param_norms({n: q.grad for n, q in ref.named_parameters() if q.grad is not None})
+    out: list[tuple[str, str, float, float]] = []
+    for label, group in (("none", None), ("world", dist.group.WORLD), ("new", dist.new_group(list(range(4))))):
+        for kind, target in (("module", model), ("list", list(model.parameters()))):
+            out.append((f"{kind} total", label, float(dist_clip.get_total_norm(target, group=group)), want))
+        report = dist_clip.GradClipper(max_norm=math.inf, mode="per_param", report=True)(model, group=group).norms
+        out += [(f"per_param {n}", label, report[n], w) for n, w in per_param.items()]
+    return out

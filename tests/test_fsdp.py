@@ -696,3 +696,13 @@ def test_fsdp2_frozen_sharded_layers_beside_unsharded_ones_count_them_once_under
              if not math.isclose(ours, want, rel_tol=RTOL)]
     assert not wrong, wrong
 
+
+def test_fsdp2_over_tp_with_the_tp_layers_frozen_counts_the_dp_layers_once_under_group(run_ranks) -> None:
+    """The frozen tensor-parallel layers still say the tp slices hold copies of the layers on mesh["dp"] (they were
+    summed as pipeline stages under group=: sqrt(2) times the norm on 2 dp x 2 tp)."""
+    results = run_ranks(4, cases.fsdp2_over_tp_with_the_tp_layers_frozen, timeout_s=90)
+    assert all(r == results[0] for r in results), "ranks disagree"
+    # (the last Linear's gradients are about 2e-4: float32's forward leaves them 3e-4 off, relative)
+    wrong = [(what, group, ours, want) for what, group, ours, want in results[0]
+             if not math.isclose(ours, want, rel_tol=RTOL, abs_tol=cases.ATOL)]
+    assert not wrong, wrong

@@ -602,7 +602,7 @@ def shards_of_grads(grads: Sequence[tuple[str, Tensor]], group: dist.ProcessGrou
     if dtensors:
         from .fsdp import dtensor_shards
 
-        out.extend(dtensor_shards(dtensors, group))
+        out.extend(dtensor_shards(dtensors, group, params))
     return out
 
 
