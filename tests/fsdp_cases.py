@@ -2864,3 +2864,37 @@ def fsdp2_over_tp_with_the_tp_layers_frozen() -> list[tuple[str, str, float, flo
         report = dist_clip.GradClipper(max_norm=math.inf, mode="per_param", report=True)(model, group=group).norms
         out += [(f"per_param {n}", label, report[n], w) for n, w in per_param.items()]
     return out
+
+
+def fsdp2_layer_sharded_after_the_root_s_lazy_init() -> list[tuple[str, Any, Any]]:
+    """A block made anew and ``fully_shard``-ed after the FSDP2 root's lazy init (the root's list of states, read
+    instead of a walk, was made then and lacks it): after an evaluation forward its unsharded parameters were not
+    stood in for by the sharded ones (their gradients left out: 3.910 for 3.991 on 2 ranks, the list right), and
+    with sync off on it the module was measured (8.38) instead of refused. (what, ours, reference) per call."""
+    from torch.distributed.fsdp import fully_shard
+
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    model = new_model()
+    for module in (*model.blocks, model):
+        fully_shard(module, mesh=mesh((ws,)))
+    loss_fn(model, *batch(rank)).backward()
+    dist_clip.get_total_norm(model)  # (the root's lazy init ran in the forward)
+    torch.manual_seed(5)
+    model.blocks[1] = Block(7, 5)
+    fully_shard(model.blocks[1], mesh=mesh((ws,)))
+    model.zero_grad(set_to_none=True)
+    loss_fn(model, *batch(rank + 10)).backward()
+    want = reference_norm([q.grad.full_tensor() for q in model.parameters()])
+    out: list[tuple[str, Any, Any]] = [("sharded", float(dist_clip.get_total_norm(model)), want)]
+    with torch.no_grad():
+        model(batch(rank)[0])  # an evaluation forward: the root and the new block stay unsharded
+    out.append(("unsharded", [type(q).__name__ for q in model.blocks[1].parameters()], ["Parameter"] * 2))
+    for kind, target in (("module", model), ("list", list(model.parameters()))):
+        out.append((f"{kind} after the forward", float(dist_clip.get_total_norm(target)), want))
+    report = dist_clip.GradClipper(max_norm=math.inf, mode="per_param", report=True)(model)
+    out.append(("per_param total", float(report.total_norm), want))
+    model.blocks[1].set_requires_gradient_sync(False)
+    loss_fn(model, *batch(rank + 20)).backward()
+    out.append(("sync off", _refused(lambda: dist_clip.get_total_norm(model), "not reduced yet"), True))
+    model.blocks[1].set_requires_gradient_sync(True)
+    return out

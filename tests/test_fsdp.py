@@ -706,3 +706,13 @@ def test_fsdp2_over_tp_with_the_tp_layers_frozen_counts_the_dp_layers_once_under
     wrong = [(what, group, ours, want) for what, group, ours, want in results[0]
              if not math.isclose(ours, want, rel_tol=RTOL, abs_tol=cases.ATOL)]
     assert not wrong, wrong
+
+
+def test_fsdp2_layer_sharded_after_the_root_s_lazy_init_is_read_with_the_others(run_ranks) -> None:
+    """A block fully_shard-ed anew after the root's first forward: stood in for once unsharded, refused with sync off
+    (the root's state list from its lazy init lacked it: its gradients were left out, or measured unreduced)."""
+    results = run_ranks(2, cases.fsdp2_layer_sharded_after_the_root_s_lazy_init, timeout_s=90)
+    assert results[0] == results[1], "ranks disagree"
+    wrong = [(what, ours, want) for what, ours, want in results[0]
+             if not (math.isclose(ours, want, rel_tol=RTOL) if isinstance(want, float) else ours == want)]
+    assert not wrong, wrong
