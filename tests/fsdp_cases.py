@@ -2870,7 +2870,8 @@ def fsdp2_layer_sharded_after_the_root_s_lazy_init() -> list[tuple[str, Any, Any
     """A block made anew and ``fully_shard``-ed after the FSDP2 root's lazy init (the root's list of states, read
     instead of a walk, was made then and lacks it): after an evaluation forward its unsharded parameters were not
     stood in for by the sharded ones (their gradients left out: 3.910 for 3.991 on 2 ranks, the list right), and
-    with sync off on it the module was measured (8.38) instead of refused. (what, ours, reference) per call."""
+    with sync off on it the module was measured (8.38) instead of refused; the block it replaced, still in that
+    list, refused the model where its sync was off. (what, ours, reference) per call."""
     from torch.distributed.fsdp import fully_shard
 
     rank, ws = dist.get_rank(), dist.get_world_size()
@@ -2879,6 +2880,7 @@ def fsdp2_layer_sharded_after_the_root_s_lazy_init() -> list[tuple[str, Any, Any
         fully_shard(module, mesh=mesh((ws,)))
     loss_fn(model, *batch(rank)).backward()
     dist_clip.get_total_norm(model)  # (the root's lazy init ran in the forward)
+    model.blocks[1].set_requires_gradient_sync(False)  # (the block replaced: the model's sync is on)
     torch.manual_seed(5)
     model.blocks[1] = Block(7, 5)
     fully_shard(model.blocks[1], mesh=mesh((ws,)))

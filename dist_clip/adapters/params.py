@@ -165,25 +165,20 @@ def module_parameters(module: nn.Module, remove_duplicate: bool = True) -> list[
     groups: dict[int, Any] = {}
     root = fully_shard is not None and isinstance(module, fully_shard.FSDPModule)
     if root:
-        # An FSDP2 root after its lazy init lists every state under it: no walk over the module tree (which took
-        # 0.3 ms a call on a 32-block model).
-        state = module._get_fsdp_state()  # type: ignore[operator]
-        everyone = state._state_ctx.all_states if state._is_root else []
-        for st in everyone:
-            groups.update((id(pg), pg) for pg in _param_groups(st))
-        root = bool(everyone)
+        # An FSDP2 root after its lazy init: the states under it from the walk kept on it (no walk over the module
+        # tree per call, which took 0.3 ms on a 32-block model). Not the root's own list of states from its lazy
+        # init: a module fully_shard-ed under it after that (a layer made anew) is not in it (its unsharded
+        # parameters were not stood in for, left out after an evaluation forward, 3.910 for 3.991, and its sync off
+        # not refused: measured, 8.38), and a module replaced since still is (its sync off refused the model).
+        root = bool(module._get_fsdp_state()._is_root)  # type: ignore[operator]
         if root:
             holders, states = _walk(module, replicate)
+            for st in states:
+                groups.update((id(pg), pg) for pg in _param_groups(st))
             # A DDP (its parameters ignored by fully_shard) or a replicate() module under the root, inside its own
             # no_sync: counted as replicas, rank 0's unaveraged gradients set every rank's total (0.85 both).
             for m in holders:
                 _check_synced(m, replicate)
-            # A module fully_shard-ed under the root after its lazy init (a layer made anew) has a state the root's
-            # list lacks: its unsharded parameters were not stood in for (left out after an evaluation forward,
-            # 3.910 for 3.991) and its sync off not refused (measured, 8.38).
-            later = set(map(id, states)) - set(map(id, everyone))
-            for st in (st for st in states if id(st) in later) if later else ():
-                groups.update((id(pg), pg) for pg in _param_groups(st))
     if not root:
         ddp = _ddp_types()
         for m in module.modules():
