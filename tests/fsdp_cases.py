@@ -2900,3 +2900,37 @@ def fsdp2_layer_sharded_after_the_root_s_lazy_init() -> list[tuple[str, Any, Any
     out.append(("sync off", _refused(lambda: dist_clip.get_total_norm(model), "not reduced yet"), True))
     model.blocks[1].set_requires_gradient_sync(True)
     return out
+
+
+def fsdp2_frozen_stage_beside_a_trainable_one_under_group() -> list[tuple[str, float, float]]:
+    """Two pipeline stages on a (pp, dp) = (2, 1) mesh under ``group=WORLD``: stage 0 its FSDP2 block frozen
+    beside a plain weight it trains, stage 1 an FSDP2 block it trains. Stage 0's plain gradient is a copy of its
+    stage only (taken so beside its frozen DTensor parameters), and its rank must still join the collective the
+    other stage's DTensor gradients plan over the group (it took none, and stage 1 waited until the timeout).
+    (target, ours, reference) per call."""
+    from torch.distributed.fsdp import fully_shard
+
+    stage = dist.get_rank()
+    m = mesh((2, 1), ("pp", "dp"))
+    torch.manual_seed(40)
+    blocks = [Block(4, 4), Block(4, 3)]
+    head = nn.Parameter(torch.randn(3, 4))
+    ref0, ref1 = copy.deepcopy(blocks[0]).double().requires_grad_(False), copy.deepcopy(blocks[1]).double()
+    ref_head = head.detach().double().clone().requires_grad_()
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(41))
+    model = nn.Module()
+    model.block = blocks[stage]
+    if stage == 0:
+        model.block.requires_grad_(False)
+        model.head = head
+    fully_shard(model.block, mesh=m["dp"])
+    if stage == 0:
+        (model.block(x) @ model.head.t()).square().mean().backward()
+    else:
+        model.block(x).square().mean().backward()
+    (ref0(x.double()) @ ref_head.t()).square().mean().backward()
+    ref1(x.double()).square().mean().backward()
+    want = reference_norm([ref_head.grad, *(q.grad for q in ref1.parameters())])
+    # (the stages' names differ: the per-parameter modes need a ParallelPlan there)
+    return [(kind, float(dist_clip.get_total_norm(target, group=dist.group.WORLD)), want)
+            for kind, target in (("module", model), ("list", list(model.parameters())))]

@@ -716,3 +716,11 @@ def test_fsdp2_layer_sharded_after_the_root_s_lazy_init_is_read_with_the_others(
     wrong = [(what, ours, want) for what, ours, want in results[0]
              if not (math.isclose(ours, want, rel_tol=RTOL) if isinstance(want, float) else ours == want)]
     assert not wrong, wrong
+
+
+def test_fsdp2_frozen_stage_beside_a_trainable_one_joins_the_group_s_collective(run_ranks) -> None:
+    """A stage whose DTensor parameters are all frozen still joins group='s collective (its plain gradients are
+    copies there, counted once), where the other stage's DTensor gradients plan one."""
+    results = run_ranks(2, cases.fsdp2_frozen_stage_beside_a_trainable_one_under_group, timeout_s=60)
+    assert results[0] == results[1], "ranks disagree"
+    assert all(math.isclose(ours, want, rel_tol=RTOL) for _, ours, want in results[0]), results[0]

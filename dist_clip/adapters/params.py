@@ -618,9 +618,14 @@ def shards_of_grads(grads: Sequence[tuple[str, Tensor]], group: dist.ProcessGrou
         # the target holds DTensor parameters without a gradient: every sharded layer frozen (fine-tuning the
         # unsharded ones), they were summed over group= (sqrt(2) times the norm on 2 ranks), where trainable
         # ones, or ones whose gradients are None (stand-ins), made them copies.
-        plain_group = None if dtensors or (group is not None and plain and holds_dtensors(params)) else group
+        copies = not dtensors and group is not None and bool(plain) and holds_dtensors(params)
+        plain_group = None if dtensors or copies else group
         names, tensors = zip(*plain) if plain else ((), ())
         out.append(Shards(list(tensors), group=plain_group, names=list(names)))
+        if copies:
+            # group='s collective joined all the same, with nothing: a pipeline stage frozen so took none, and the
+            # stages holding DTensor gradients waited in theirs until the timeout
+            out.append(Shards([], group=group))
     if dtensors:
         from .fsdp import dtensor_shards
 
