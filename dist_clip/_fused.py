@@ -1243,15 +1243,18 @@ class Agreement:
         differ among ranks: a hand-over it settled whose total was combined over several ranks (its pieces were shards),
         or an optimizer whose flag it decides (the call's own, a settled hand-over's, a waiting hand-over it measures
         gradients of) stepping a gradient the call does not measure that a waiting flag was armed on (not one
-        :func:`note_beside` left out: a parameter of rank 0's own beside DDP's forced rank 0 alone to keep), where a
-        call combining over several ranks has armed that optimizer's skip (host-side tests, only where a flag waits), or
-        a flag standing for another rank's gradients (:func:`_armed_elsewhere`). Otherwise the call measures every
-        gradient those optimizers step, whole on this rank and alike on every rank (``group=None``: DDP's replicas, by
-        the pieces' contract), or the flags were all armed by calls on such pieces, and each rank's read is the others'
-        (forced to keep, a NaN hand-over under DDP whose batch was dropped and recomputed skipped the next good step on
-        every rank; and where rank 0's optimizer also stepped a parameter of its own outside DDP, rank 0 alone skipped
-        it). An optimizer armed by combining calls once is marked for good (a flag's origin is not kept in its ledger):
-        a loop mixing both keeps such flags from then on, alike on every rank."""
+        :func:`note_beside` left out: a parameter of rank 0's own beside DDP's forced rank 0 alone to keep), or a call
+        measuring nothing (no rank holds a gradient of its part), where a call combining over several ranks has armed
+        that optimizer's skip (host-side tests, only where a flag waits), or a flag standing for another rank's
+        gradients (:func:`_armed_elsewhere`). (Measuring and holding nothing, rank 0 dropped by its own read the entry
+        of a NaN in its own gradient beside DDP's, clipped over the world and dropped to None, while rank 1's entry,
+        standing for that gradient, was forced to keep: rank 0 stepped, rank 1 skipped; ddp seed 1759.) Otherwise the
+        call measures every gradient those optimizers step, whole on this rank and alike on every rank (``group=None``:
+        DDP's replicas, by the pieces' contract), or the flags were all armed by calls on such pieces, and each rank's
+        read is the others' (forced to keep, a NaN hand-over under DDP whose batch was dropped and recomputed skipped
+        the next good step on every rank; and where rank 0's optimizer also stepped a parameter of its own outside DDP,
+        rank 0 alone skipped it). An optimizer armed by combining calls once is marked for good (a flag's origin is not
+        kept in its ledger): a loop mixing both keeps such flags from then on, alike on every rank."""
         if self.settled_shared:
             return True
         seen: set[int] = set()
@@ -1271,7 +1274,7 @@ class Agreement:
                 if pending is not None and pending[2] is not None and pending[6]:
                     return True
             if ((_COMBINED in optimizer.__dict__
-                 and _unmeasured(carry_only(optimizer, grads, _UNSET), self.measured))
+                 and (not self.measured or _unmeasured(carry_only(optimizer, grads, _UNSET), self.measured)))
                     or _armed_elsewhere(optimizer)):
                 return True
         return False
@@ -2182,6 +2185,12 @@ def hand_over_(
     scale = torch.reciprocal(coef.to(torch.float32))  # the kernels divide: 1/1 == 1 keeps an unclipped step exact
     found = torch.logical_not(torch.isfinite(total)).to(torch.float32)
     grads = grads if grads is not None else gradients(optimizer)
+    if not grads and _COMBINED in optimizer.__dict__ and not _COMBINING.get() and _multi_rank():
+        # Nothing held, no collective, among several ranks: a hand-over of nothing, which cannot tell what the other
+        # ranks hold, hands nothing over and leaves every flag as it is, as the verdict forced there keeps them (see
+        # Agreement._may_differ). Replacing them, rank 0 dropped the flag of a NaN in its own gradient beside DDP's,
+        # clipped over the world and dropped to None, while rank 1's, standing for it, was kept: rank 1 skipped alone
+        return
     armed = optimizer.__dict__.get(_SKIP)
     parts = getattr(armed[1], "parts", None) if armed is not None else None
     if parts is not None:

@@ -589,18 +589,37 @@ def test_a_nan_in_one_ranks_own_parameter_clipped_over_the_world_then_ddp_s_part
     assert [s["took"] for r in per_rank for s in r] == [False, False], (flow, per_rank)
 
 
+
+@pytest.mark.parametrize(("world", "how", "empty", "then", "took"), [
+    (2, "unfused", ("skip", [0]), None, False), (2, "skip", ("skip", [0]), None, False),
+    (2, "hand", ("hand", [0]), None, False), (2, "hand", ("skip", [0, 1]), None, False),
+    (2, "skip", ("hand", [1]), None, False), (3, "unfused", ("skip", [0]), None, False),
+    (3, "hand", ("hand", [0, 1]), None, False), (2, "unfused", ("skip", [0]), ("skip", [0, 1]), False),
+    (2, "unfused", ("skip", [0]), ("skip", [2]), True), (2, "hand", ("hand", [0]), ("hand", [2]), True)],
+    ids=["unfused", "fused", "hand", "hand_then_whole_armed", "armed_then_l1_handed", "unfused_3_ranks",
+         "hand_whole_3_ranks", "then_whole", "then_own", "hand_then_own"])
+def test_a_dropped_nan_of_one_ranks_own_parameter_then_a_call_no_rank_holds_gradients_for_keeps_on_every_rank(
+        run_ranks, world, how, empty, then, took):
+    """Flow ("ddp", 1759) minimised: DDP and rank 0's own parameter in one AdamW; a NaN in rank 0's own gradient,
+    [own] clipped over the world (``GradClipper(on_nonfinite="skip")``, fused or not, or a hand-over; the other
+    ranks pass nothing and arm a flag standing for rank 0's gradient), the batch dropped to ``None``, a DDP part (or
+    the whole) clipped while no rank holds a gradient (``group=None``: no collective), the next batch computed, then
+    stepped (or clipped first). Rank 0, measuring nothing and holding no gradient, dropped its entry (or its
+    hand-over's flag, or a new hand-over of nothing replaced them) by its own read, while the others, whose entry
+    stands for rank 0's gradient, were forced to keep theirs: rank 0 stepped, the others skipped, DDP's replicas
+    parted. Such a call cannot tell what the other ranks hold: every rank keeps its flags as they are, as with no
+    call, and skips (so too after DDP's whole, clipped with no collective); a call on rank 0's own part over the
+    world decides them, and every rank steps."""
+    call = "skip" if how == "unfused" else how
+    flow = [("fused", how != "unfused"), ("bwd", (0, 2)), ("call", call, [2]), ("zero", True), ("call", *empty),
+            ("bwd", None), *([("call", *then)] if then else []), ("step",)]
+    per_rank = run_ranks(world, body_flow, "ddp", flow)
+    assert not violations(flow, per_rank), (flow, violations(flow, per_rank))
+    assert [r[-1]["took"] for r in per_rank] == [took] * world, (flow, per_rank)
+
 #: Minimised flows that break an invariant on the current code, each replayed by a strict xfail below for whoever
 #: fixes it (a fix moves its entry to FIXED; the test is collected only while one is open).
-OPEN: dict[str, tuple[str, list[tuple]]] = {
-    # DDP, unfused: a NaN in rank 0's own gradient, [own] clipped over the world (rank 1 passing nothing arms an
-    # entry standing for rank 0's gradient), the batch dropped to None, [l0] clipped with no gradient held on either
-    # rank (group=None, no collective), the next batch computed and stepped with no call: rank 0's entry was cleared
-    # by that call, rank 1's, held by no gradient, lasted: rank 0 stepped, rank 1 skipped (ddp seed 1759, found by
-    # h16's sweep of the merged tree; fails on 81d3edc too)
-    "ddp_own_nan_dropped_then_empty_part": ("ddp", [("fused", False), ("bwd", (0, 2)), ("call", "skip", [2]),
-                                                    ("zero", True), ("call", "skip", [0]), ("bwd", None),
-                                                    ("step",)]),
-}
+OPEN: dict[str, tuple[str, list[tuple]]] = {}
 
 if OPEN:
     @pytest.mark.xfail(strict=True, reason="open: the ranks take different verdicts, or DDP's replicas part (see OPEN)")
@@ -614,6 +633,15 @@ if OPEN:
 
 #: Flows the fuzz found open and a fix since closed (kept as replays that must pass).
 FIXED = {
+    # DDP, unfused: a NaN in rank 0's own gradient, [own] clipped over the world (rank 1 passing nothing arms an
+    # entry standing for rank 0's gradient), the batch dropped to None, [l0] clipped with no gradient held on either
+    # rank (group=None, no collective), the next batch computed and stepped with no call: rank 0's entry was cleared
+    # by that call, rank 1's, held by no gradient, lasted: rank 0 stepped, rank 1 skipped (ddp seed 1759, found by
+    # h16's sweep of the merged tree); fixed by such a call forcing every rank to keep its flags (Agreement.
+    # _may_differ: it measures nothing), a hand-over of nothing handing nothing over: both skip (session 39, h1)
+    "ddp_own_nan_dropped_then_empty_part": ("ddp", [("fused", False), ("bwd", (0, 2)), ("call", "skip", [2]),
+                                                    ("zero", True), ("call", "skip", [0]), ("bwd", None),
+                                                    ("step",)]),
     # DDP: rank 0's own part handed over over the world (rank 1 passing nothing), then DDP's whole (no NaN), every
     # gradient replaced out of place, stepped: with the own part's hand-over waiting (the one stash), rank 0 divided
     # DDP's gradients in the call, its replacements carried the clip, rank 1's stepped unclipped: DDP's replicas
@@ -707,7 +735,7 @@ FIXED = {
 
 
 #: FIXED flows whose last step every rank skips (README: a flag that lasts to the step)
-KEPT = {"alone_settled_then_zeroed", "ddp_own_nan_then_two_parts"}
+KEPT = {"alone_settled_then_zeroed", "ddp_own_nan_then_two_parts", "ddp_own_nan_dropped_then_empty_part"}
 
 
 @pytest.mark.parametrize("name", sorted(FIXED))
