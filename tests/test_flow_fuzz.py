@@ -617,6 +617,24 @@ def test_a_dropped_nan_of_one_ranks_own_parameter_then_a_call_no_rank_holds_grad
     assert not violations(flow, per_rank), (flow, violations(flow, per_rank))
     assert [r[-1]["took"] for r in per_rank] == [took] * world, (flow, per_rank)
 
+
+@pytest.mark.parametrize(("how", "then", "took"), [("skip", None, False), ("unfused", None, False),
+                                                   ("hand", None, False), ("skip", ("skip", [0, 1]), True)])
+def test_a_dropped_nan_of_a_sharded_part_then_the_replicated_part_clipped_with_no_gradient_keeps_on_every_rank(
+        run_ranks, how, then, took):
+    """The "mixed" setting (``a`` sharded, ``b`` replicated, one AdamW): a NaN in rank 0's ``a``, [a] clipped over
+    the world, the batch dropped to ``None``, [b] clipped while no rank holds a gradient (``group=None``), the next
+    batch computed and stepped. As in the DDP flow above, the call measuring nothing with no collective keeps every
+    flag as it is (each rank dropped its own by its own read before, and both stepped): every rank skips, as with
+    no call there and as where only [b] is clipped after the backward (README, Limits); the whole clipped over the
+    world after the backward decides, and every rank steps."""
+    call = "skip" if how == "unfused" else how
+    flow = [("fused", how != "unfused"), ("bwd", (0, 0)), ("call", call, [0]), ("zero", True), ("call", call, [1]),
+            ("bwd", None), *([("call", *then)] if then else []), ("step",)]
+    per_rank = run_ranks(2, body_flow, "mixed", flow)
+    assert not violations(flow, per_rank), (flow, violations(flow, per_rank))
+    assert [r[-1]["took"] for r in per_rank] == [took, took], (flow, per_rank)
+
 #: Minimised flows that break an invariant on the current code, each replayed by a strict xfail below for whoever
 #: fixes it (a fix moves its entry to FIXED; the test is collected only while one is open).
 OPEN: dict[str, tuple[str, list[tuple]]] = {}
