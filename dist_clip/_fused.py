@@ -1035,6 +1035,7 @@ def supersede(armed: tuple[Any, ...], record: tuple[Any, ...], now: tuple[list[T
     # clipped over the world, a backward, [l0] then [l1]: rank 1's entry, kept at [l0] by its forced verdict and
     # held by l1, was dropped by [l1]'s finite read, while rank 0's, held by its NaN, lasted: rank 1 stepped)
     elsewhere: list[Tensor] = []
+    calm = _calm_entries(optimizer) if optimizer is not None else []
     for flag, members, seen in parts:
         if members is None:
             if seen is not None and _sticky(seen, started if started is not None else now, measured):
@@ -1052,7 +1053,10 @@ def supersede(armed: tuple[Any, ...], record: tuple[Any, ...], now: tuple[list[T
             # again by each arming call's verdict, while the other ranks' entries holding gradients last)
             elsewhere.append(flag)
         elif any(id(t) not in where for t in members):
-            gone.append(flag)
+            if any(flag is e[0] for e in calm):
+                elsewhere.append(flag)  # (a device flag a combining call armed: held by none, see _calm_entries)
+            else:
+                gone.append(flag)
         else:
             measured_again.append(flag)
     again_entry = _measured_again(measured_again, merge)
@@ -1176,6 +1180,15 @@ class Agreement:
                 if any(id(t) not in where for ts in candidates for t in ts):
                     read += _unmeasured(carry_only(optimizer, now), self.measured)
             held += _held_flags(optimizer, where, lambda: self.measured, hands_over)
+            calm = _calm_entries(optimizer)
+            if calm and _multi_rank():
+                # (a device flag armed by a combining call may hold no gradient in the reads, as one read on the CPU
+                # as not set holds none, see note_beside: where it is set, every gradient the call does not measure
+                # joins the read, by a multiply; no host read)
+                rest = _unmeasured(read_for_carry(optimizer, gradients(optimizer)), self.measured)
+                if rest:
+                    bad = _nonfinite(rest, rest[0].device)
+                    held += [_reduce.moved(e[0], bad.device).ne(0) & bad for e in calm]
         self._read = (_nonfinite(read, read[0].device).to(torch.float64) if read
                       else torch.zeros((), dtype=torch.float64))
         for flag in held:  # (device tensors: no host read)
@@ -1224,37 +1237,47 @@ class Agreement:
         waiting on it kept as it is, held by the gradients it would have been read from (an entry without gradients:
         decided again by the next call that combines), on every rank alike (read by each rank alone, NaN in rank 0's
         shard of S, [S], [R] with ``group=None``, gradients replaced out of place, [R] again: rank 0 skipped and rank
-        1 stepped). Where the call measures every gradient the flags' optimizers step (DDP, the whole model), the
+        1 stepped). So too where a flag standing for another rank's gradients waits (:func:`_armed_elsewhere`), by its
+        value, not read on the host: the verdict is true where that flag is set (on the CPU it is read, for free, and
+        one not set was passed over), and this rank's read where it is not. Taken as set on a device, an entry kept by
+        a verdict of 0 with no gradient left (rank 0's, in a hand-over beside a parameter of its own, which rank 1's
+        hand-over of DDP's whole drops) forced rank 0 alone to keep at the next call on DDP's gradients, and a combining
+        arming's entry on rank 1 forced it alone: one rank skipped, the other stepped (ddp seeds 1156, 1337, 1414 on a
+        GPU). Where the call measures every gradient the flags' optimizers step (DDP, the whole model), the
         read is of replicas, the same on every rank, and decides. In one process, or where the call combines, the
         read decides."""
-        if alone and _multi_rank() and self._may_differ():
+        elsewhere: list[Tensor] = []
+        if alone and _multi_rank() and self._may_differ(elsewhere):
             self.agreed = torch.ones((), dtype=torch.bool, device=combined.device)
             return
         if alone:
             combined = self._read  # (not the flags that outlast the call: see local)
         self.agreed = combined.reshape(()) > 0
+        for flag in elsewhere:  # (device tensors: no host read)
+            self.agreed = self.agreed | _reduce.moved(flag, self.agreed.device).ne(0)
         self.shared = not alone
         if self.shared:
             for optimizer in self.optimizers:  # (one dict store each: see _may_differ)
                 optimizer.__dict__[_COMBINED] = True
 
-    def _may_differ(self) -> bool:
+    def _may_differ(self, elsewhere: list[Tensor]) -> bool:
         """Whether, in a call combining over no other rank, the flags its verdict decides may be read from pieces that
         differ among ranks: a hand-over it settled whose total was combined over several ranks (its pieces were shards),
         or an optimizer whose flag it decides (the call's own, a settled hand-over's, a waiting hand-over it measures
         gradients of) stepping a gradient the call does not measure that a waiting flag was armed on (not one
-        :func:`note_beside` left out: a parameter of rank 0's own beside DDP's forced rank 0 alone to keep), or a call
-        measuring nothing (no rank holds a gradient of its part), where a call combining over several ranks has armed
-        that optimizer's skip (host-side tests, only where a flag waits), or a flag standing for another rank's
-        gradients (:func:`_armed_elsewhere`). (Measuring and holding nothing, rank 0 dropped by its own read the entry
-        of a NaN in its own gradient beside DDP's, clipped over the world and dropped to None, while rank 1's entry,
-        standing for that gradient, was forced to keep: rank 0 stepped, rank 1 skipped; ddp seed 1759.) Otherwise the
-        call measures every gradient those optimizers step, whole on this rank and alike on every rank (``group=None``:
-        DDP's replicas, by the pieces' contract), or the flags were all armed by calls on such pieces, and each rank's
-        read is the others' (forced to keep, a NaN hand-over under DDP whose batch was dropped and recomputed skipped
-        the next good step on every rank; and where rank 0's optimizer also stepped a parameter of its own outside DDP,
-        rank 0 alone skipped it). An optimizer armed by combining calls once is marked for good (a flag's origin is not
-        kept in its ledger): a loop mixing both keeps such flags from then on, alike on every rank."""
+        :func:`note_beside` left out: a parameter of rank 0's own beside DDP's forced rank 0 alone to keep), or a
+        call measuring nothing (no rank holds a gradient of its part: measuring and holding nothing, rank 0 dropped
+        by its own read the entry of a NaN in its own gradient beside DDP's, clipped over the world and dropped to
+        None, while rank 1's, standing for that gradient, was kept: rank 0 stepped, rank 1 skipped; ddp seed 1759),
+        where a call combining over several ranks has armed that optimizer's skip (host-side tests, only where a
+        flag waits). A flag standing for another rank's gradients (:func:`_armed_elsewhere`) joins ``elsewhere``,
+        which the verdict takes by its value (see :meth:`agree`). Otherwise the call measures every gradient those
+        optimizers step, whole on this rank and alike on every rank (``group=None``: DDP's replicas, by the pieces'
+        contract), or the flags were all armed by calls on such pieces, and each rank's read is the others' (forced
+        to keep, a NaN hand-over under DDP whose batch was dropped and recomputed skipped the next good step on
+        every rank; and where rank 0's optimizer also stepped a parameter of its own outside DDP, rank 0 alone
+        skipped it). An optimizer armed by combining calls once is marked for good (a flag's origin is not kept in
+        its ledger): a loop mixing both keeps such flags from then on, alike on every rank."""
         if self.settled_shared:
             return True
         seen: set[int] = set()
@@ -1273,10 +1296,10 @@ class Agreement:
                 pending = optimizer.__dict__.get(_PENDING)
                 if pending is not None and pending[2] is not None and pending[6]:
                     return True
-            if ((_COMBINED in optimizer.__dict__
-                 and (not self.measured or _unmeasured(carry_only(optimizer, grads, _UNSET), self.measured)))
-                    or _armed_elsewhere(optimizer)):
+            if _COMBINED in optimizer.__dict__ and (
+                    not self.measured or _unmeasured(carry_only(optimizer, grads, _UNSET), self.measured)):
                 return True
+            elsewhere += _armed_elsewhere(optimizer)
         return False
 
     @contextlib.contextmanager
@@ -1357,21 +1380,47 @@ class Agreement:
                 _AGREED.reset(token)
 
 
-def _armed_elsewhere(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether a flag of ``optimizer``'s ledger (the fused skip's or the skip guard's) stands for gradients another
+def _armed_elsewhere(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """The flags of ``optimizer``'s ledger (the fused skip's or the skip guard's) standing for gradients another
     rank holds: armed by a call that measured nothing on this rank (:func:`_measured_elsewhere`), or kept by the
     ranks' verdict with no gradient left here. Such a flag is decided by the ranks' verdict, which this rank's
     read alone is not: its optimizer steps no gradient of that part here, while the rank holding it does (a part
     held on rank 0 alone, NaN there, clipped over the world, a replicated part clipped with ``group=None``, every
     gradient replaced out of place, the replicated part clipped again: rank 1, measuring all it steps, dropped the
-    flag by its own read and stepped, rank 0 skipped). On the CPU only where that flag is set (a free read)."""
-    return any(_elsewhere_entry(*entry) for entry in _ledger_entries(optimizer))
+    flag by its own read and stepped, rank 0 skipped). On the CPU only where that flag is set (a free read); so too
+    the device flags armed by a call combining over several ranks (:func:`_calm_entries`), which hold no gradient
+    there: every rank holds such a flag, by the same value (see :meth:`Agreement.agree`)."""
+    return ([entry[0] for entry in _ledger_entries(optimizer) if _elsewhere_entry(*entry)]
+            + [entry[0] for entry in _calm_entries(optimizer)])
+
+
+def _on_host(flag: Tensor) -> bool:
+    """Whether reading ``flag`` on the host is free (the CPU); a device flag is never read there (a host sync)."""
+    return flag.device.type == "cpu"
 
 
 def _unset_on_cpu(flag: Tensor) -> bool:
     """Whether ``flag`` is on the CPU and reads as not set: a free read there, never made on a device (a host
     sync); a device flag is taken as possibly set."""
-    return flag.device.type == "cpu" and not bool(flag)
+    return _on_host(flag) and not bool(flag)
+
+
+def _calm_entries(optimizer: torch.optim.Optimizer) -> list[tuple[Any, Any, Any]]:
+    """The entries of ``optimizer``'s ledger (and its hand-over's flag) whose flag is a device flag noted in
+    :data:`_CALM`: armed by a call combining over several ranks, the same on every rank, never read on the host
+    (see :func:`note_beside`). Such a flag holds no gradient in the reads of calls combining over no other rank
+    (:func:`note_beside`), nor once its gradients are gone (:func:`supersede`, :func:`_keep_replaced`): its value joins
+    those calls' verdicts on every rank alike instead (:meth:`Agreement.agree`, by a multiply: no host read), as the
+    entry for it on a rank that measured nothing there does. None on the CPU, where such a flag is read for free and
+    one not set holds nothing."""
+    calm = optimizer.__dict__.get(_CALM)
+    if not calm:
+        return []
+    entries = _ledger_entries(optimizer)
+    pending = optimizer.__dict__.get(_PENDING)
+    if pending is not None:
+        entries.append((pending[1], pending[3], None))
+    return [e for e in entries if isinstance(e[0], Tensor) and not _on_host(e[0]) and any(e[0] is c for c in calm)]
 
 
 def _elsewhere_entry(flag: Any, members: Any, seen: Any) -> bool:
@@ -2080,6 +2129,8 @@ def _keep_replaced(optimizer: torch.optim.Optimizer, found: Tensor, rest: list[T
             agreement.fold(found, held)
         agreement.deferred.append((optimizer, found, held))
         return
+    if not _on_host(found) and any(found is c for c in optimizer.__dict__.get(_CALM, ())):
+        held = []  # (a device flag a combining call armed: held by no gradient, see _calm_entries)
     entry = carried_by_replacements(found, held)
     if entry is not None:
         _join_ledger(optimizer, entry)
@@ -2361,12 +2412,17 @@ def note_beside(optimizer: torch.optim.Optimizer, measured: Sequence[Tensor] | N
     for it (measured nothing there) left nothing out, so a NaN [l0] flag whose gradients were replaced out of place
     was kept by [l1] and rank 0's own gradient there, by [l1] on rank 1; the batch dropped to ``None``, recomputed
     and DDP's whole clipped, rank 1 dropped it and rank 0 kept it by its own gradient: rank 0 skipped, rank 1
-    stepped (ddp seed 1414).
+    stepped (ddp seed 1414). On a device, where no flag is read on the host, every flag such a call arms is noted,
+    and holds no gradient in the sets an arming combining over no other rank computes, nor in :data:`_UNSET` (as one
+    not set on the CPU); its value joins the verdicts instead, by a multiply (:func:`_calm_entries`). It holds its
+    gradients in :data:`_BESIDE` where the arming combines, whose reads are combined over the ranks: passed over there
+    too, a NaN hand-over of part [a] over the world (``a`` of each rank's own), its gradients replaced out of place
+    and a read of [a] (``get_total_norm``), lost its flag on every rank, and the NaN step was taken.
     ``grads``: the optimizer's :func:`gradients`, where the caller has them; ``new``: the flag the call armed."""
     _forget_beside(optimizer)
     if measured is None or optimizer.__dict__.get(_OUTER) is not None or not _multi_rank():
         return
-    if new is not None and _COMBINING.get() and _unset_on_cpu(new):
+    if new is not None and _COMBINING.get() and (not _on_host(new) or not bool(new)):
         optimizer.__dict__.setdefault(_CALM, []).append(new)
     grads = grads if grads is not None else gradients(optimizer)
     # (by identity, not by counting: a call may measure pieces a second optimizer steps, 6 pieces beside rank 0's 5
@@ -2384,23 +2440,32 @@ def note_beside(optimizer: torch.optim.Optimizer, measured: Sequence[Tensor] | N
         entries.append((pending[1], pending[3], None))
     where = set(map(id, grads))
     held_set: set[int] | None = set()  # (by the flags that may be set: see _UNSET)
+    reads: set[int] | None = set()  # (the same, for the reads where the arming combined: see _calm_entries)
     calm = optimizer.__dict__.get(_CALM, ())
+    combining = _COMBINING.get()
     for flag, members, _seen in entries:
         unset = isinstance(flag, Tensor) and _unset_on_cpu(flag)
-        if unset and any(flag is c for c in calm):
-            continue  # (armed by a call combining over several ranks: not set on any rank, it holds nothing)
+        quiet = any(flag is c for c in calm)
+        if quiet and (unset or not combining):
+            # (armed by a call combining over several ranks: not set on any rank, it holds nothing; on a device, in
+            # the sets of calls combining over no other rank, its value joining their verdicts: _calm_entries)
+            continue
         if members is None or any(id(t) not in where for t in members):
             # (a flag armed on no gradient said, or on one replaced since: every gradient may hold it)
             held = None
             if not unset:
-                held_set = None
+                reads = None
+                if not quiet:
+                    held_set = None
         if held is not None:
             held.update(map(id, members))
-        if held_set is not None and not unset:
+        if held_set is not None and not unset and not quiet:
             held_set.update(map(id, members))
+        if reads is not None and not unset:
+            reads.update(map(id, members))
     among = rest
-    if _COMBINING.get():
-        among, held = where, held_set  # (the reads too: see the docstring)
+    if combining:
+        among, held = where, reads  # (the reads too: see the docstring)
     for key, ids in ((_BESIDE, held), (_UNSET, held_set)):
         if ids is None:
             continue

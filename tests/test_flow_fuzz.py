@@ -786,3 +786,84 @@ def test_a_replaced_nan_flag_beside_one_ranks_own_finite_part_is_dropped_with_th
     per_rank = run_ranks(2, body_flow, "ddp", flow)
     assert not violations(flow, per_rank), (flow, violations(flow, per_rank))
     assert [s["took"] for r in per_rank for s in r] == [True, True], (flow, per_rank)
+
+
+def body_flows_off_host(setting: str, flows: list[list[tuple]]) -> list:
+    """:func:`run_flow` of each flow with every skip flag taken for an accelerator's, never read on the host
+    (``_fused._on_host`` false), as on a GPU: a flag read on the CPU as not set is a value the host does not know
+    there (the faithful run, every device test rewritten and host syncs recorded: tests/test_accelerator_paths.py)."""
+    from dist_clip import _fused
+
+    saved = _fused._on_host
+    _fused._on_host = lambda flag: False
+    try:
+        return [run_flow(setting, flow) for flow in flows]
+    finally:
+        _fused._on_host = saved
+
+
+def _e(first: str, own: str, last: str, fused: bool = True, nan: tuple | None = (-1, 0), drop: bool = True
+       ) -> list[tuple]:
+    """Class E (README, Limits): DDP and rank 0's own parameter, a NaN in DDP's first layer (``nan``), [l0], rank
+    0's own part over the world and [l1] clipped, every gradient replaced out of place, [l0] again, the batch
+    dropped (to ``None``: ``drop``), the next one, DDP's whole clipped (``last``) and stepped."""
+    return [("fused", fused), ("bwd", nan), ("call", first, [0]), ("call", own, [2]), ("call", first, [1]),
+            ("replace",), ("call", first, [0]), ("zero", drop), ("bwd", None), ("call", last, [0, 1]), ("step",)]
+
+
+@pytest.mark.parametrize(("first", "own", "last", "fused"), [
+    ("skip", "skip", "skip", True), ("hand", "hand", "hand", True), ("skip", "hand", "skip", True),
+    ("skip", "skip", "hand", True), ("hand", "skip", "hand", True), ("skip", "skip", "skip", False)])
+def test_class_e_off_the_host_drops_the_batch_on_every_rank(run_ranks, first, own, last, fused):
+    """test_a_replaced_nan_flag_beside_one_ranks_own_finite_part_is_dropped_with_the_batch_on_every_rank where no
+    flag is read on the host (a GPU; simulated). The own part's flag, combined over the ranks and 0 on both, was
+    taken as possibly set: rank 0 held its own gradient by it, so [l0]'s replaced NaN flag was kept by that gradient
+    too, and at DDP's whole (no collective) rank 0 was forced to keep it by its new own gradient, while rank 1's entry
+    for the own part (measured nothing there, held by no gradient) forced rank 1 alike: a good step skipped on both,
+    or, where rank 1 handed DDP's whole over (every entry holding gradients dropped), rank 0 skipped and rank 1
+    stepped, DDP's replicas parted. Such a flag holds no gradient now there either, on every rank alike, its value
+    joining the ranks' verdicts by a multiply: every rank steps, as on the CPU."""
+    flow = _e(first, own, last, fused)
+    per_rank = run_ranks(2, body_flows_off_host, "ddp", [flow])
+    per_rank = [r[0] for r in per_rank]
+    assert not violations(flow, per_rank), (flow, violations(flow, per_rank))
+    assert [s["took"] for r in per_rank for s in r] == [True, True], (flow, per_rank)
+
+
+def test_class_e_off_the_host_with_the_own_part_s_nan_skips_on_every_rank(run_ranks):
+    """As above, the NaN in rank 0's own gradient (the own part's flag set, on every rank: rank 1 holds it for rank
+    0's gradient) or in DDP's second layer, DDP's whole handed over or armed, the batch dropped to ``None`` or in
+    place: the ranks take one verdict at every step (a good step skipped alike where a flag waits for no gradient)."""
+    flows = [_e(first, own, last, nan=nan, drop=drop) for nan in [(0, 2), (-1, 1)]
+             for first, own, last in [("skip", "hand", "hand"), ("hand", "skip", "skip")] for drop in (True, False)]
+    per_rank = run_ranks(2, body_flows_off_host, "ddp", flows)
+    bad = [(flow, violations(flow, [per_rank[0][i], per_rank[1][i]])) for i, flow in enumerate(flows)]
+    assert not [b for b in bad if b[1]], [b for b in bad if b[1]]
+
+
+#: Flows of the "ddp" seeds that parted off the host alone (simulated): an entry kept by a verdict of 0 with no
+#: gradient left (rank 0's, in a hand-over beside its own parameter: rank 1's hand-over of DDP's whole drops it) was
+#: taken for a flag standing for another rank's gradients, which forced rank 0 alone to keep at the next call
+OFF_HOST_SEEDS = [1156, 1337, 1414]
+
+
+def test_flows_found_off_the_host_agree(run_ranks):
+    """Seeds 1156, 1337 and 1414 of the "ddp" setting where no flag is read on the host (simulated: see
+    :func:`body_flows_off_host`): rank 0 skipped, rank 1 stepped and DDP's replicas parted; every rank steps now.
+    And the FIXED replays there, each as on the CPU: a flag standing for another rank's gradients, taken as set
+    there, forced every rank to keep where it was read on the CPU as not set (a good step skipped on every rank:
+    ddp_own_part_then_drop, fused or not, ddp_own_part_armed_then_whole, ddp_own_part_kept_without_gradients)."""
+    flows = [make_flow(seed, "ddp") for seed in OFF_HOST_SEEDS]
+    per_rank = run_ranks(2, body_flows_off_host, "ddp", flows)
+    for i, (seed, flow) in enumerate(zip(OFF_HOST_SEEDS, flows)):
+        steps = [per_rank[0][i], per_rank[1][i]]
+        assert not violations(flow, steps), (seed, flow, violations(flow, steps))
+        assert [r[-1]["took"] for r in steps] == [True, True], (seed, steps)
+    for setting in ("ddp", "alone"):
+        names = [n for n in sorted(FIXED) if FIXED[n][0] == setting]
+        per_rank = run_ranks(2, body_flows_off_host, setting, [FIXED[n][1] for n in names])
+        for i, name in enumerate(names):
+            steps = [per_rank[0][i], per_rank[1][i]]
+            assert not violations(FIXED[name][1], steps), (name, violations(FIXED[name][1], steps))
+            want = name not in KEPT
+            assert [r[-1]["took"] for r in steps] == [want, want], (name, steps)
