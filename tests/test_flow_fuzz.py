@@ -434,6 +434,50 @@ def test_a_hand_over_beside_one_ranks_own_parameter_steps_sgd_as_on_the_ranks_ha
         torch.testing.assert_close(after.double(), before - coef * g, rtol=0, atol=1e-6)
 
 
+def body_sgd_parts(own_too: bool, order: list[int]) -> dict:
+    """DDP over two Linear layers (and, ``own_too``, a parameter of rank 0's own) in one fused SGD (lr 1, no
+    momentum); DDP's parts handed over one by one in ``order`` (``group=None``: no collective), stepped. DDP's
+    parameters before and after the step, their gradients at the calls (float64), and the calls' totals."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    model = DDP(inner)
+    own = [nn.Parameter(torch.ones(3))] if own_too and dist.get_rank() == 0 else []
+    opt = torch.optim.SGD([*model.parameters(), *own], lr=1.0, fused=True)
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(7))
+    (model(x).square().sum() * 4 + sum((q * q).sum() for q in own)).backward()
+    before = [q.detach().double().clone() for q in model.parameters()]
+    grads = [q.grad.double().clone() for q in model.parameters()]
+    totals = [float(dist_clip.clip_grad_norm_(list(inner[i].parameters()), 1.0, optimizer=opt)) for i in order]
+    opt.step()
+    return {"after": [q.detach().double() for q in model.parameters()], "before": before, "grads": grads,
+            "totals": totals}
+
+
+@pytest.mark.parametrize("own_too", [False, True])
+@pytest.mark.parametrize("order", [[0, 1], [1, 0]])
+def test_ddp_s_parts_handed_over_one_by_one_step_each_clipped_by_its_own_total(run_ranks, own_too, order):
+    """Each part of DDP's model handed over in turn (``group=None``), stepped by a fused SGD: every rank steps each
+    part's gradients clipped by that part's own total (the float64 reference: the step subtracts clip * g). The
+    first part's coefficient, left to the step (its gradients are stepped beside the other part's), must last
+    through the second part's call: taken for one applied in place already (mutant M38 of run 19), it was lost and
+    the first part stepped unclipped on every rank (2.34 off the reference)."""
+    per_rank = run_ranks(2, body_sgd_parts, own_too, order)
+    for a, b in zip(per_rank[0]["after"], per_rank[1]["after"]):
+        assert torch.equal(a, b), (a - b).abs().max()
+    r = per_rank[0]
+    for i, part in enumerate(order):
+        ref = torch.cat([g.flatten() for g in r["grads"][2 * part: 2 * part + 2]]).norm()
+        assert abs(r["totals"][i] - float(ref)) <= 1e-6 * float(ref)
+    for k, (after, before, g) in enumerate(zip(r["after"], r["before"], r["grads"])):
+        ref = float(torch.cat([g.flatten() for g in r["grads"][k // 2 * 2: k // 2 * 2 + 2]]).norm())
+        clip = min(1.0, 1.0 / (ref + 1e-6))
+        assert clip < 0.5  # (the coefficient shows)
+        torch.testing.assert_close(after, before - clip * g, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize(("first", "zero", "again"), [("hand", False, "skip"), ("hand", True, "skip"),
                                                       ("skip", False, "skip"), ("hand", False, "hand"),
                                                       ("unfused", False, "skip")])
