@@ -706,6 +706,9 @@ def test_autoclip_history_that_is_no_list_of_numbers_is_refused(history):
     state["threshold"]["history"] = [2, 1]  # whole numbers are norms too
     clipper.load_state_dict(state)
     assert clipper.state_dict()["threshold"]["history"] == [2.0, 1.0]
+    state["threshold"]["history"] = (2.0, 1)  # and a tuple of them, as a list
+    clipper.load_state_dict(state)
+    assert clipper.state_dict()["threshold"]["history"] == [2.0, 1.0]
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")

@@ -478,6 +478,44 @@ def test_ddp_s_parts_handed_over_one_by_one_step_each_clipped_by_its_own_total(r
         torch.testing.assert_close(after, before - clip * g, rtol=0, atol=1e-6)
 
 
+def body_calm_per_step(fused: bool, steps: int) -> list[tuple[int, bool]]:
+    """Tensors of each rank's own, [a] then [a, b] clipped over the world (finite; fused: handed over by
+    ``clip_grad_norm_``, else ``GradClipper(on_nonfinite="skip")``), then stepped, ``steps`` times: per step, how
+    many flags the optimizer held as armed by a call combining over several ranks and read as not set
+    (``_fused._CALM``) before the step, and whether any is left after it."""
+    import torch.distributed as dist
+
+    from dist_clip import _fused
+
+    g = torch.Generator().manual_seed(100 + dist.get_rank())
+    a, b = nn.Parameter(torch.randn(3, generator=g)), nn.Parameter(torch.randn(2, 2, generator=g))
+    opt = torch.optim.AdamW([a, b], lr=0.1, fused=fused)
+    clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+    out = []
+    for _ in range(steps):
+        ((a * a).sum() + (b * b).sum()).backward()
+        for part in ([a], [a, b]):
+            if fused:
+                dist_clip.clip_grad_norm_(part, 1.0, optimizer=opt, group=dist.group.WORLD)
+            else:
+                clipper(part, optimizer=opt, group=dist.group.WORLD)
+        held = len(opt.__dict__.get(_fused._CALM, ()))
+        opt.step()
+        out.append((held, _fused._CALM in opt.__dict__))
+        opt.zero_grad()
+    return out
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_flags_noted_as_calm_are_forgotten_at_each_step(run_ranks, fused):
+    """The flags a combining arming left not set (``_CALM``, read by ``note_beside``) last until the step: each
+    step forgets them (the fused hand-over's post-hook, the skip guard's for any optimizer), so that the list holds
+    one step's armings and no flag tensor of an earlier step (kept, it grew at every step: mutants M24, M60 of run
+    19)."""
+    for per_step in run_ranks(2, body_calm_per_step, fused, 3):
+        assert per_step[0][0] > 0 and per_step == [per_step[0]] * 3 and not per_step[0][1], per_step
+
+
 @pytest.mark.parametrize(("first", "zero", "again"), [("hand", False, "skip"), ("hand", True, "skip"),
                                                       ("skip", False, "skip"), ("hand", False, "hand"),
                                                       ("unfused", False, "skip")])
