@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from . import _norm, _reduce, _scale, _slots
 from . import clip as _clip
 from .adapters import unwrap_compiled
+from .adapters.fsdp import refuse_partial
 from .adapters.params import copy_counted_here, copy_peers, listed_stand_ins, refuse_managed, replica_groups
 from .shards import Shards, UnitLayout
 
@@ -888,6 +889,7 @@ def unit_pieces(
                 units.append(_Unit(name, empty, empty, geo.group, False, "rows"))
                 continue
             if type(g).__name__ == "DTensor":
+                refuse_partial(name, tuple(g.placements))  # (as the other modes: not "placements differ")
                 if tuple(g.placements) != tuple(param.placements):
                     raise NotImplementedError(
                         f"unit-wise clipping of {name!r}: its gradient has placements {tuple(g.placements)}, its "
@@ -1106,7 +1108,8 @@ def unitwise_join_refused(target: object, p: float, group: object, settings: str
         if isinstance(unwrap_compiled(target), DistributedDataParallel):
             return None
         checked = _clip._check_group(group)
-        units, cut, names = unit_pieces(target, checked)
+        with _clip._partial_grads_set_aside(target):  # (planned as a rank holding none of them)
+            units, cut, names = unit_pieces(target, checked)
     except Exception:  # noqa: BLE001 - the layout is unknown: the caller raises its error alone
         return None
     return _join_refused(units, cut, names, {n: i for i, n in enumerate(names)}, p, checked, settings)
@@ -1131,7 +1134,16 @@ def unitwise_measure(target: object, config: AGC, p: float, foreach: bool | None
         # Replicas: nothing to combine, as in the other modes. Reduced over group= they were counted on its
         # first rank only, and another DDP group's ranks took that group's norms and NaN verdict.
         group = None
-    units, cut, names = unit_pieces(target, group)
+    try:
+        units, cut, names = unit_pieces(target, group)
+    except (ValueError, TypeError) as e:
+        # A refusal of this rank's pieces (a Partial gradient: the others hold none of that parameter, or a
+        # reduced one) joins as a rank holding none of them (see unitwise_join_refused); it raised alone, and the
+        # others paired their collective with this rank's next call.
+        joined = unitwise_join_refused(target, p, group, settings)
+        if joined is not None:
+            e.dist_clip_others_counted, e.dist_clip_joined = joined, True  # type: ignore[attr-defined]
+        raise
     index = {n: i for i, n in enumerate(names)}
     try:
         _check_units(units)

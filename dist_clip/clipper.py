@@ -1137,11 +1137,12 @@ class GradClipper:
         per_name = cfg.mode != "total" or want_report
         try:
             g = _check_group(group)
-            if per_name:
-                named = named if named is not None else _slots.named_shards(target, g)
-                shards, names = named.shards, named.names
-            else:
-                shards, names = (shards if shards is not None else _plain_shards(target, g)), None
+            with _clip._partial_grads_set_aside(target):  # (planned as a rank holding none of them: see there)
+                if per_name:
+                    named = named if named is not None else _slots.named_shards(target, g)
+                    shards, names = named.shards, named.names
+                else:
+                    shards, names = (shards if shards is not None else _plain_shards(target, g)), None
             red = _reduce.reduction_group(s.group for s in shards)
         except Exception:  # noqa: BLE001 - the layout is unknown: raise the caller's error alone
             return

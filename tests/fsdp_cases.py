@@ -1343,11 +1343,20 @@ def refusals_name_the_layouts_gradient() -> list[str]:
     return out
 
 
+# GradClipper settings by name, each mode and policy (the functional calls are "total" and "clip")
+PARTIAL_CLIPPERS: dict[str, dict[str, Any]] = {
+    "fixed": {}, "report": {"report": True}, "autoclip": {"max_norm": dist_clip.AutoClip()},
+    "zclip": {"max_norm": dist_clip.ZClip()}, "unitwise": {"mode": "unitwise"}, "per_param": {"mode": "per_param"},
+    "per_group": {"mode": "per_group"}, "skip": {"on_nonfinite": "skip"}, "hand-over": {},
+}
+
+
 def partial_on_one_rank_none_on_another(how: str) -> list[str]:
     """A module with a ``Shard(0)`` DTensor parameter ``w`` (and a plain ``b``) on a 1-D mesh of 2 ranks: rank 1
     holds a ``Partial`` gradient of ``w``, rank 0 none (the layer unused there: a stand-in in ``w``'s layout, one
-    collective). ``how`` calls ``get_total_norm`` or ``clip_grad_norm_`` on the module; then every rank measures
-    ``b`` over the world. Returns what each call gave: the exception's type, or the value."""
+    collective). ``how`` calls ``get_total_norm`` or ``clip_grad_norm_`` on the module, or a ``GradClipper`` set
+    as ``PARTIAL_CLIPPERS[how]`` says (with an optimizer, fused for "hand-over"); then every rank measures ``b``
+    over the world. Returns what each call gave: the exception's type, or the value."""
     from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
 
     m = mesh((2,), ("dp",))
@@ -1357,10 +1366,16 @@ def partial_on_one_rank_none_on_another(how: str) -> list[str]:
     mod.b.grad = torch.full((3,), 2.0)
     if dist.get_rank() == 1:
         mod.w.grad = DTensor.from_local(torch.ones(4, 2), m, [Partial()], run_check=False)
+    if how == "total":
+        first = lambda: dist_clip.get_total_norm(mod)  # noqa: E731
+    elif how == "clip":
+        first = lambda: dist_clip.clip_grad_norm_(mod, 1.0)  # noqa: E731
+    else:
+        clipper = dist_clip.GradClipper(**PARTIAL_CLIPPERS[how])
+        opt = torch.optim.SGD(mod.parameters(), lr=0.1, fused=how == "hand-over")
+        first = lambda: clipper(mod, optimizer=opt).total_norm  # noqa: E731
     out = []
-    for call in ((lambda: dist_clip.get_total_norm(mod)) if how == "total" else
-                 (lambda: dist_clip.clip_grad_norm_(mod, 1.0)),
-                 lambda: dist_clip.get_total_norm(mod.b, group=dist.group.WORLD)):
+    for call in (first, lambda: dist_clip.get_total_norm(mod.b, group=dist.group.WORLD)):
         try:
             out.append(f"{float(call()):.4f}")
         except (ValueError, RuntimeError) as e:

@@ -212,6 +212,15 @@ _LOCAL = operator.attrgetter("_local_tensor")
 _NAME, _GRAD = operator.itemgetter(0), operator.itemgetter(1)
 
 
+def refuse_partial(name: str, placements: tuple[Any, ...]) -> None:
+    """A gradient whose ``placements`` hold a ``Partial`` is refused (a ``ValueError``), in every mode alike."""
+    if any(pl.is_partial() for pl in placements):
+        raise ValueError(
+            f"gradient of {name!r} has placements {placements}: a Partial gradient is not reduced yet, so its "
+            "norm is undefined; redistribute it to Shard/Replicate before clipping"
+        )
+
+
 def dtensor_shards(pairs: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup | None,
                    params: Sequence[tuple[str, Tensor]] = ()) -> list[Shards]:
     """Shards for (name, DTensor gradient) pairs, read from their meshes and placements.
@@ -243,11 +252,7 @@ def dtensor_shards(pairs: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup
         mesh, placements = spec.mesh, tuple(spec.placements)
         known = seen.get((id(mesh), placements))
         if known is None:
-            if any(pl.is_partial() for pl in placements):
-                raise ValueError(
-                    f"gradient of {names[ids.index(sid)]!r} has placements {placements}: a Partial gradient is "
-                    "not reduced yet, so its norm is undefined; redistribute it to Shard/Replicate before clipping"
-                )
+            refuse_partial(names[ids.index(sid)], placements)
             distinct = [_is_distinct(pl) for pl in placements]
             root = _root_mesh(mesh)
             dims = [d for d, is_d in enumerate(distinct) if is_d]
