@@ -981,9 +981,7 @@ class GradClipper:
             elif before_units:
                 # (a bad optimizer= on one rank left the others in the collective until the process group's
                 # timeout: the units' layout is known from the target alone)
-                joined = unitwise_join_refused(target, p, group, cfg.settings)
-                if joined is not None:
-                    self._count_refused_call(joined)
+                self._join_units_refused(target, group)
             elif isinstance(plan, ParallelPlan) and cfg.mode != "unitwise":
                 # named_under_plan joins for what it finds; bad input found before it (an optimizer= of the
                 # wrong type on one stage) joins here, with the same layout
@@ -1164,6 +1162,13 @@ class GradClipper:
         else:
             self._count_refused_call(others_counted=True)  # off the CPU: the others read NaN norms and went on
 
+    def _join_units_refused(self, target: object, group: object) -> None:
+        """Bad input this rank found before a ``mode="unitwise"`` measurement: join the others' collective (see
+        :func:`unitwise_join_refused`) and count the call as they do."""
+        joined = unitwise_join_refused(target, self.config.p, group, self.config.settings)
+        if joined is not None:
+            self._count_refused_call(joined)
+
     def _count_refused_call(self, others_counted: bool = False) -> None:
         """A call refused together still counts as one call of the adaptive threshold on every rank: elsewhere
         than on the CPU the other ranks do not raise, and their threshold takes the call's NaN norm (left out of
@@ -1267,8 +1272,14 @@ class GradClipper:
         # others stepped): see _fused.Agreement
         skipping = (_stepping_optimizers(optimizer) or [optimizer]) if arm_skip is not None else []
         agreement = _fused.Agreement(skipping, measured)
-        with agreement.deferring():
-            _clip.settle_hand_over(target, measured)
+        try:
+            with agreement.deferring():
+                _clip.settle_hand_over(target, measured)
+        except (ValueError, TypeError):
+            # (a hand-over pending: this rank's pieces, found for it, refused here, a Partial gradient, before
+            # unitwise_measure could join: rank 0 waited in its collective, gloo aborted rank 1's next call)
+            self._join_units_refused(target, group)
+            raise
         try:
             outcome = unitwise_measure(target, cfg.agc, p, cfg.foreach, group, cfg.settings, agreement.local)
         except BaseException as e:

@@ -1348,6 +1348,7 @@ PARTIAL_CLIPPERS: dict[str, dict[str, Any]] = {
     "fixed": {}, "report": {"report": True}, "autoclip": {"max_norm": dist_clip.AutoClip()},
     "zclip": {"max_norm": dist_clip.ZClip()}, "unitwise": {"mode": "unitwise"}, "per_param": {"mode": "per_param"},
     "per_group": {"mode": "per_group"}, "skip": {"on_nonfinite": "skip"}, "hand-over": {},
+    "unitwise-pending": {"mode": "unitwise"},
 }
 
 
@@ -1355,8 +1356,9 @@ def partial_on_one_rank_none_on_another(how: str) -> list[str]:
     """A module with a ``Shard(0)`` DTensor parameter ``w`` (and a plain ``b``) on a 1-D mesh of 2 ranks: rank 1
     holds a ``Partial`` gradient of ``w``, rank 0 none (the layer unused there: a stand-in in ``w``'s layout, one
     collective). ``how`` calls ``get_total_norm`` or ``clip_grad_norm_`` on the module, or a ``GradClipper`` set
-    as ``PARTIAL_CLIPPERS[how]`` says (with an optimizer, fused for "hand-over"); then every rank measures ``b``
-    over the world. Returns what each call gave: the exception's type, or the value."""
+    as ``PARTIAL_CLIPPERS[how]`` says (with an optimizer, fused for "hand-over"; "unitwise-pending": a hand-over
+    of another part pending, which the call settles first); then every rank measures ``b`` over the world.
+    Returns what each call gave: the exception's type, or the value."""
     from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
 
     m = mesh((2,), ("dp",))
@@ -1374,12 +1376,18 @@ def partial_on_one_rank_none_on_another(how: str) -> list[str]:
         clipper = dist_clip.GradClipper(**PARTIAL_CLIPPERS[how])
         opt = torch.optim.SGD(mod.parameters(), lr=0.1, fused=how == "hand-over")
         first = lambda: clipper(mod, optimizer=opt).total_norm  # noqa: E731
+    other = nn.Parameter(torch.ones(3))
+    other.grad = torch.full((3,), 5.0)
+    fused = torch.optim.SGD([other], lr=0.1, fused=True)
+    if how.endswith("pending"):
+        dist_clip.clip_grad_norm_([other], 1.0, optimizer=fused)  # (replicas: no collective)
     out = []
     for call in (first, lambda: dist_clip.get_total_norm(mod.b, group=dist.group.WORLD)):
         try:
             out.append(f"{float(call()):.4f}")
         except (ValueError, RuntimeError) as e:
             out.append(type(e).__name__)
+    fused.step()  # (the pending hand-over taken)
     return out
 
 
