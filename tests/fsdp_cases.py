@@ -1391,6 +1391,32 @@ def partial_on_one_rank_none_on_another(how: str) -> list[str]:
     return out
 
 
+def lone_parameter_without_gradient_on_one_rank(how: str) -> list[str]:
+    """A lone ``Shard(0)`` DTensor parameter ``w`` (not in a list) on a 1-D mesh of 2 ranks, its gradient ones on
+    rank 0's shard and ``None`` on rank 1 (the layer unused there): ``how`` measures ``w`` itself
+    (``get_total_norm``, ``clip_grad_norm_`` or a ``GradClipper``), then every rank measures a plain ``b`` over
+    the world. Returns what each call gave."""
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    m = mesh((2,), ("dp",))
+    w = nn.Parameter(distribute_tensor(torch.ones(4, 2), m, [Shard(0)]))
+    b = nn.Parameter(torch.ones(3))
+    b.grad = torch.full((3,), 2.0)
+    if dist.get_rank() == 0:
+        w.grad = DTensor.from_local(torch.ones(2, 2), m, [Shard(0)], run_check=False)
+    first = {"total": lambda: dist_clip.get_total_norm(w), "clip": lambda: dist_clip.clip_grad_norm_(w, 1.0),
+             "clipper": lambda: dist_clip.GradClipper()(w).total_norm}[how]
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ("the target holds no gradients on this rank", as for a list)
+        for call in (first, lambda: dist_clip.get_total_norm(b, group=dist.group.WORLD)):
+            try:
+                out.append(f"{float(call()):.4f}")
+            except RuntimeError as e:
+                out.append(type(e).__name__)
+    return out
+
+
 def dtensor_placements() -> dict[str, Any]:
     """Hand-made DTensor gradients on a 2x2 mesh of 4 ranks, every placement FSDP2 and TP produce.
 

@@ -205,6 +205,16 @@ def test_a_partial_gradient_on_one_rank_is_refused_where_another_holds_none(run_
         ["RefusedElsewhere", "4.8990"], ["ValueError", "4.8990"]]
 
 
+@pytest.mark.parametrize("how", ["total", "clip", "clipper"])
+def test_a_lone_dtensor_parameter_without_gradient_on_one_rank_joins_the_others(run_ranks, how) -> None:
+    """A lone DTensor parameter as the target (not in a list), its gradient None on rank 1: rank 1 made no
+    collective and returned 0, and rank 0's collective met rank 1's next call (get_total_norm returned 4.0 on both,
+    the next call's 4.899 on neither; clip_grad_norm_ and GradClipper read the next call's settings as a
+    disagreement), then rank 0's next call hung. It is planned as a list of it is, with a stand-in: 2.0 (rank 0's
+    shard of ones) on both, and the next call aligned."""
+    assert run_ranks(2, cases.lone_parameter_without_gradient_on_one_rank, how) == [["2.0000", "4.8990"]] * 2
+
+
 # --------------------------------------------------------------------------------------------------- FSDP1
 
 FSDP1_CASES = [

@@ -734,6 +734,12 @@ def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
             return shards_with_stand_ins(pairs, absent, group, named)
     else:
         pairs = named_grads(target)
+        if not pairs and isinstance(target, Tensor):
+            # A lone parameter without a gradient here (its layer unused on this rank): planned as a list of it,
+            # with a stand-in in its layout where it is a DTensor, as the named modes plan it. It made no
+            # collective and read 0, and the other rank's collective met this rank's next call (2 ranks, a
+            # Shard(0) parameter: both returned 4.0, the next call's 4.899 on neither, then a hang).
+            return shards([target], group)
     return shards_of_grads(pairs, group)
 
 
