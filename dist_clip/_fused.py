@@ -1621,10 +1621,13 @@ def rearm(armed: tuple[Tensor, tuple[Any, ...]] | None, new: Tensor, now: tuple[
                     # gradients held then were replaced or written: decided by this call's verdict too, as in
                     # supersede; kept here, rank 1 skipped a batch zeroed in place whose [A] had dropped rank 0's
                     # flag, and where rank 1's call measured nothing again, [A] / nothing after a dropped NaN batch
-                    # of [A], rank 1 skipped while rank 0 stepped)
+                    # of [A], rank 1 skipped while rank 0 stepped; so too skip_next_step_'s entry whose gradients
+                    # are every one gone here, as in supersede: kept here, skip_next_step_(opt, True), every gradient
+                    # replaced out of place, [a] of rank 0's alone clipped over the world: rank 1 skipped, rank 0
+                    # stepped)
                     if m is not None:
                         return not any(id(t) in where for t in m)
-                    return _measured_elsewhere(seen) and not _sticky(seen, started if started is not None else now,
+                    return _decided_by_verdict(seen) and not _sticky(seen, started if started is not None else now,
                                                                      measured)
 
                 if _AGREED.get() is not None and any(decided(m, seen) for _, m, seen in parts):

@@ -429,14 +429,15 @@ def body_wide_flow(setting: str, flow: list[tuple]) -> list[dict]:
 
 
 #: wide flows that break an invariant on the current code, each replayed (minimised) by a strict xfail in OPEN
-KNOWN: set[tuple[str, int]] = {("wddpown", 3)}
+KNOWN: set[tuple[str, int]] = set()  # (("wddpown", 3): W1, FIXED since)
 
 
 @pytest.mark.parametrize("setting", SETTINGS)
 def test_wide_flows_keep_the_ranks_in_agreement(run_ranks, setting):
     """40 seeded wide flows of 12 to 15 events a setting on 2 ranks (1-3 s of rank time a setting): the invariants
     of the module docstring. Sweeps of seeds 0-1499 a setting (wddpown 0-799; wplain 0-499 on 3 ranks too) found
-    the classes of OPEN (wddpown 3, 125) and none else once the closure class below was read as the README states."""
+    the classes of OPEN and FIXED (wddpown 3, 125, 482) and none else once the closure class below was read as the
+    README states; since W1's fix, wddpown 0-799 fails at 125 alone (W2) and walone 0-799 at none."""
     seeds = [s for s in range(WIDE_SEEDS) if (setting, s) not in KNOWN]
     per_rank = run_ranks(2, body_wide_flows, setting, seeds)
     failures = []
@@ -481,23 +482,45 @@ def test_a_flag_pending_as_a_closure_step_begins_skips_it_on_every_rank(run_rank
     assert [s["took"] for r in per_rank for s in r] == [True, True], (outside, per_rank)
 
 
-#: Minimised wide flows that break an invariant on the current code, each replayed by a strict xfail below for
-#: whoever fixes it (a fix moves its entry to a passing replay).
-OPEN: dict[str, tuple[str, list[tuple]]] = {
+#: Minimised wide flows that broke an invariant until a fix (kept as replays that must pass): (setting, flow)
+FIXED: dict[str, tuple[str, list[tuple]]] = {
     # W1: skip_next_step_(opt, True) on every rank, every gradient then replaced out of place (or the optimizer's
     # gradients dropped to None and recomputed), then a part held on rank 0 alone clipped over the world
     # (GradClipper(on_nonfinite="skip"), rank 1 passing nothing), finite, and stepped: rank 0 (its explicit entry no
     # longer held, decided by the call's finite read) stepped, rank 1 (the call measured nothing there, and left the
     # explicit entry as it was) skipped. README (Non-finite gradients, skip_next_step_): a rank holding none of the
-    # flag's gradients any more keeps or drops it by the ranks' verdict in the next call arming a skip; every rank
-    # should step (walone seeds 4, 59, 214, ...; fused or not, one optimizer or two; also under DDP beside rank 0's
-    # own parameter in an optimizer of its own, [own] armed for DDP's optimizer: wddpown seed 3, replicas parted)
+    # flag's gradients any more keeps or drops it by the ranks' verdict in the next call arming a skip (walone by
+    # hand; fused or not, one optimizer or two; also under DDP beside rank 0's own parameter in an optimizer of its
+    # own, [own] armed for DDP's optimizer: wddpown seeds 3 and 482, replicas parted). Fixed by the measured-nothing
+    # branch of rearm deciding such an entry by the verdict too (session 39, h12): every rank steps
     "explicit_replaced_then_part_on_one_rank": ("walone", [("opts", "fused"), ("bwd", None), ("skipnext", 0, True),
                                                            ("replace",), ("call", "skip", [0], 0),
                                                            ("step", 0, None)]),
     "explicit_dropped_then_part_on_one_rank": ("walone", [("opts", "adamw"), ("bwd", None), ("skipnext", 0, True),
                                                           ("zero", True, "all"), ("bwd", None),
                                                           ("call", "skip", [0], 0), ("step", 0, None)]),
+    "explicit_replaced_then_other_part_on_one_rank": ("walone", [("opts", "two_ff"), ("bwd", None),
+                                                                 ("skipnext", 1, True), ("replace",),
+                                                                 ("call", "skip", [0], 1), ("step", 1, None)]),
+    "ddp_own_explicit_replaced_then_own_part": ("wddpown", [("opts", "own_ff"), ("bwd", None), ("skipnext", 0, True),
+                                                            ("replace",), ("call", "skip", [2], 0),
+                                                            ("step", 0, None)]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FIXED))
+def test_fixed_wide_flows(run_ranks, name):
+    """A minimised wide flow that broke the agreement until a fix: every rank the same verdict, the invariants of
+    :func:`violations`, and every rank steps the last, finite, batch."""
+    setting, flow = FIXED[name]
+    per_rank = run_ranks(2, body_wide_flow, setting, flow)
+    assert not violations(flow, per_rank), (flow, violations(flow, per_rank))
+    assert [r[-1]["took"] for r in per_rank] == [True, True], (flow, per_rank)
+
+
+#: Minimised wide flows that break an invariant on the current code, each replayed by a strict xfail below for
+#: whoever fixes it (a fix moves its entry to a passing replay).
+OPEN: dict[str, tuple[str, list[tuple]]] = {
     # W2: DDP (optimizer A) beside rank 0's own parameter stepped by an optimizer of its own (B, README's advice in
     # Limits); a NaN in rank 0's own gradient, [own] clipped over the world arming A's skip (GradClipper, optimizer=A,
     # which steps none of it; rank 1 passing nothing arms an entry standing for rank 0's gradient), [own] then
@@ -506,7 +529,7 @@ OPEN: dict[str, tuple[str, list[tuple]]] = {
     # dropped the flag and stepped, rank 1 (its entry held by no gradient, kept as it is) skipped, and DDP's replicas
     # parted (wddpown seed 125; A fused or not, GradClipper or a hand-over at the end). Limits says the flags of calls
     # measuring only pieces the optimizer does not step last "alike on ranks running the same loop": not so where
-    # those pieces are one rank's own
+    # those pieces are one rank's own (stated there since session 39)
     "ddp_own_outside_written": ("wddpown", [("opts", "own_ff"), ("bwd", (0, 2)), ("call", "skip", [2], 0),
                                             ("call", "plain", [2], 0), ("call", "skip", [0, 1], 0),
                                             ("step", 0, None)]),
