@@ -1194,6 +1194,8 @@ class Agreement:
         for flag in held:  # (device tensors: no host read)
             self._read = torch.maximum(_reduce.moved(self._read, flag.device), flag.ne(0).to(torch.float64))
         self._outlasting = _outlasting(self.ids) if _ARMED else []
+        if not self.optimizers and (_WAITING or _ARMED) and _multi_rank():
+            self._outlasting += _lasting(lambda: self.measured)
 
     @property
     def local(self) -> Tensor:
@@ -1441,6 +1443,36 @@ def _outlasting(ids: set[int]) -> list[Tensor]:
             _ARMED.discard(optimizer)
         elif id(optimizer) not in ids:
             out += [entry[0] for entry in _ledger_entries(optimizer) if _elsewhere_entry(*entry)]
+    return out
+
+
+def _lasting(measured: Callable[[], Sequence[Tensor]]) -> list[Tensor]:
+    """For a call arming no skip (``get_total_norm``, a clip without a fused ``optimizer=``,
+    ``clip_grads_with_norm_``) among several ranks: the flags of this rank that outlast it, which another rank's
+    hand-over of the same optimizer, settled by the call, must join (so every rank keeps or drops alike): a settled
+    hand-over's flag whose total was combined over several ranks (it lasts to the step whatever the call reads, see
+    :func:`settle`), the ledger's entries (the call decides none of them), and the flags :func:`_held_flags` finds
+    held by gradients the call does not measure. Left out,
+    ``a`` on rank 0 alone, ``b`` on both, one fused AdamW, a NaN in ``a``, [a, b] handed over over the world, [a]
+    read (settling it on rank 0; rank 1, measuring nothing, kept its hand-over waiting), ``b`` replaced out of
+    place, [b] read: rank 1 settled its hand-over by its own read of ``b``, finite, and stepped, rank 0 skipped
+    (so too with ``b`` replaced before the read of [a], rank 0's flag then an entry of its ledger)."""
+    out: list[Tensor] = []
+    seen: set[int] = set()
+    for optimizer in [*_WAITING, *_ARMED]:
+        if id(optimizer) in seen or not _armed_or_pending(optimizer):
+            continue
+        seen.add(id(optimizer))
+        pending = optimizer.__dict__.get(_PENDING)
+        if (pending is not None and pending[2] is None and pending[6] and isinstance(pending[1], Tensor)
+                and not _unset_on_cpu(pending[1])):
+            out.append(pending[1])
+        out += _held_flags(optimizer, None, measured)
+        # (and the ledger's entries, measured by the call or not, their gradients held or replaced since: it
+        # decides none of them; left out, with [a, b] read last, or with ``a`` and ``b`` replaced again before the
+        # read of [b], rank 0's entry of ``a`` and ``b``, replaced, joined nothing)
+        out += [flag for flag, members, _seen in _ledger_entries(optimizer)
+                if members and isinstance(flag, Tensor) and not _unset_on_cpu(flag)]
     return out
 
 

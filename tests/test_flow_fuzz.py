@@ -735,6 +735,16 @@ OPEN: dict[str, tuple[str, list[tuple]]] = {
     "ddp_part_replaced_then_own_part_dropped": ("ddp", [("fused", True), ("bwd", (-1, 1)), ("call", "hand", [0, 1]),
                                                         ("replace", [1]), ("call", "skip", [2]), ("zero", True),
                                                         ("bwd", None), ("call", "hand", [0, 1]), ("step",)]),
+    # The mirror of FIXED alone_replaced_then_read_by_no_arming: the NaN in rank 1's ``b``; [a, b] handed over over
+    # the world, every gradient replaced out of place, [a] read by get_total_norm over the world (rank 0 settles by
+    # its own finite read of a and b and drops; rank 1, measuring nothing, keeps its hand-over waiting), [b] read:
+    # rank 1 settles by its read of ``b``, NaN, and keeps: rank 0 stepped, rank 1 skipped (18 of h11's 576 2-rank
+    # variants, all this form; so on base too). Remedy not done: a waiting hand-over's flag combined over several
+    # ranks joining such a call's value (it may skip good steps elsewhere: unswept)
+    "alone_replaced_nan_on_rank_1_then_read_by_no_arming": ("alone", [("fused", True), ("bwd", (1, 1)),
+                                                                      ("call", "hand", [0, 1]), ("replace",),
+                                                                      ("call", "total", [0]), ("call", "total", [1]),
+                                                                      ("step",)]),
 }
 
 if OPEN:
@@ -848,11 +858,33 @@ FIXED = {
                                                     ("call", "skip", [0]), ("zero", True), ("bwd", (-1, 0)),
                                                     ("call", "skip", [2]), ("zero", True), ("bwd", None),
                                                     ("call", "skip", [0, 1]), ("step",)]),
+    # Plain tensors, ``a`` on rank 0 alone, ``b`` on both, one fused AdamW: a NaN in rank 0's ``a``, [a, b] handed
+    # over over the world, [a] read by get_total_norm over the world (settling rank 0's hand-over; rank 1, measuring
+    # nothing, keeps its own pending), ``b`` replaced out of place, [b] read over the world (settling rank 1's, its
+    # every measured gradient replaced: its own read of ``b``, finite, is the verdict; rank 0's settled flag, in no
+    # optimizer the call arms, joins nothing): rank 0 skipped, rank 1 stepped (gen2 alone seeds 761, 3840; h4,
+    # session 39; 3 ranks alike); fixed by such a call's flags lasting past it (a settled, combined hand-over's, or
+    # one held by gradients it does not measure) joining its all-reduce (_fused._lasting): both skip (session 39, h11)
+    "alone_settled_then_read_by_no_arming": ("alone", [("fused", True), ("bwd", (0, 0)), ("call", "hand", [0, 1]),
+                                                       ("call", "total", [0]), ("replace",), ("call", "total", [1]),
+                                                       ("step",)]),
+    # the same, replaced before the read of [a]: rank 0's hand-over joins its ledger there (its read of ``a``, NaN)
+    "alone_replaced_then_read_by_no_arming": ("alone", [("fused", True), ("bwd", (0, 0)), ("call", "hand", [0, 1]),
+                                                        ("replace",), ("call", "total", [0]), ("call", "total", [1]),
+                                                        ("step",)]),
+    # the same, a and b replaced before the read of [a] and again after it: rank 0's entry, held by no gradient it
+    # still holds, joined nothing (gen2 alone seed 761; session 39, h11)
+    "alone_replaced_twice_then_read_by_no_arming": ("alone", [("fused", True), ("bwd", (0, 0)),
+                                                              ("call", "hand", [0, 1]), ("replace", [0, 1]),
+                                                              ("call", "total", [0]), ("replace",),
+                                                              ("call", "total", [1]), ("step",)]),
 }
 
 
 #: FIXED flows whose last step every rank skips (README: a flag that lasts to the step)
-KEPT = {"alone_settled_then_zeroed", "ddp_own_nan_then_two_parts", "ddp_own_nan_dropped_then_empty_part"}
+KEPT = {"alone_settled_then_zeroed", "ddp_own_nan_then_two_parts", "ddp_own_nan_dropped_then_empty_part",
+        "alone_settled_then_read_by_no_arming", "alone_replaced_then_read_by_no_arming",
+        "alone_replaced_twice_then_read_by_no_arming"}
 
 
 @pytest.mark.parametrize("name", sorted(FIXED))
@@ -865,6 +897,25 @@ def test_flows_found_beyond_the_suite_s_seeds_and_fixed(run_ranks, name):
     # (the last batch is finite; but a settled NaN hand-over's flag lasts through a batch dropped in place)
     want = name not in KEPT
     assert [r[-1]["took"] for r in per_rank] == [want, want], (flow, per_rank)
+
+
+@pytest.mark.parametrize(("world", "replaced_first", "read", "last"), [
+    (2, True, "total", ("total", [0, 1])), (2, True, "with_norm", ("plain", [0, 1])),
+    (3, False, "total", ("total", [1])), (3, True, "plain", ("with_norm", [0, 1])),
+    (3, False, "plain", ("plain", [0, 1]))])
+def test_a_hand_over_settled_on_one_rank_alone_by_a_call_arming_no_skip_keeps_on_every_rank(
+        run_ranks, world, replaced_first, read, last):
+    """FIXED alone_settled_then_read_by_no_arming and alone_replaced_then_read_by_no_arming, varied: ``a`` on rank
+    0 alone, a NaN in ``a``, [a, b] handed over over the world, [a] read by a call arming no skip (settling it on
+    rank 0 alone; ``b`` replaced out of place before or after), then [b] or [a, b] read so: the others settled by
+    their own finite read of ``b`` and stepped while rank 0 skipped ([False, True, True] on 3 ranks); with [a, b]
+    read last, rank 0's entry, every gradient of it measured, joined nothing either. Every rank skips."""
+    rep = [("replace",)]
+    flow = [("fused", True), ("bwd", (0, 0)), ("call", "hand", [0, 1]), *(rep if replaced_first else []),
+            ("call", read, [0]), *([] if replaced_first else rep), ("call", *last), ("step",)]
+    per_rank = run_ranks(world, body_flow, "alone", flow)
+    assert not violations(flow, per_rank), (flow, violations(flow, per_rank))
+    assert [r[-1]["took"] for r in per_rank] == [False] * world, (flow, per_rank)
 
 
 @pytest.mark.parametrize(("first", "own", "last"), [("skip", "skip", "skip"), ("hand", "hand", "hand"),
