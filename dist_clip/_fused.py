@@ -2128,6 +2128,13 @@ def _keep_flag(optimizer: torch.optim.Optimizer, found: Tensor, held: list[Tenso
     members = [t for t in held if id(t) in where]
     if members:
         _join_ledger(optimizer, (found, members, None))
+    if len(members) < len(held):
+        # Some measured gradients are no longer stepped: replaced out of place, their replacements carrying the NaN
+        # (see carried_by_replacements). Held by the written ones alone, the flag was dropped once a call measured
+        # those again: under DDP, a NaN in l0 handed over whole, an auxiliary loss, l0's gradients replaced, [l1]
+        # clipped by GradClipper(on_nonfinite="skip"): every rank stepped l0's NaN (2 and 3 ranks).
+        ids = set(map(id, members))
+        _keep_replaced(optimizer, found, [g for g in carry_only(optimizer, grads) if id(g) not in ids])
 
 
 def _join_ledger(optimizer: torch.optim.Optimizer, entry: tuple[Tensor, list[Tensor], None]) -> None:
