@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 import random
 import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -111,38 +112,41 @@ def make_flow(seed: int, setting: str) -> list[tuple]:
     return flow
 
 
-def run_flow(setting: str, flow: list[tuple]) -> list[dict]:
-    """Run one flow on this rank; per step: whether it stepped, and the invariants' inputs."""
+def setting_pieces(setting: str, own_param: bool = True) -> tuple[list[list[nn.Parameter]], object, list, Callable]:
+    """This rank's pieces of a setting (the wide fuzz's too): ``params`` by piece index (plain ``a`` 0, ``b`` 1; DDP
+    ``l0`` 0, ``l1`` 1, rank 0's own parameter 2 where ``own_param``), the DDP model (None for plain tensors), the
+    replicated parameters and the loss. Seeds ``torch`` first, so each flow starts from the same parameters."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     rank = dist.get_rank()
-    fused = flow[0][1]
     torch.manual_seed(0)
-    replicas: list[torch.Tensor] = []
     if setting in ("plain", "mixed", "alone"):
         g = torch.Generator().manual_seed(100 + rank)
         a = nn.Parameter(torch.randn(3 + rank, generator=g))
         b = nn.Parameter(torch.randn(2, 2, generator=torch.Generator().manual_seed(5)) if setting == "mixed"
                          else torch.randn(2, 2, generator=g))
         params = [[a], [b]] if setting != "alone" or rank == 0 else [[], [b]]
-        stepped = [q for ps in params for q in ps]
-        model = None
-        replicas = [b] if setting == "mixed" else []
 
         def forward() -> torch.Tensor:
             return sum((q * q).sum() * (3 - i) for i, ps in enumerate(params) for q in ps)
-    else:
-        inner = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
-        model = DDP(inner)
-        own = [nn.Parameter(torch.ones(3))] if rank == 0 else []
-        params = [list(inner[0].parameters()), list(inner[1].parameters()), own]
-        replicas = list(model.parameters())
-        stepped = [*inner.parameters(), *own]
-        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(7))
+        return params, None, [b] if setting == "mixed" else [], forward
+    inner = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    model = DDP(inner)
+    own = [nn.Parameter(torch.ones(3))] if own_param and rank == 0 else []
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(7))
 
-        def forward() -> torch.Tensor:
-            out = model(x).square().sum()
-            return out + sum((q * q).sum() for q in own)
+    def forward() -> torch.Tensor:
+        return model(x).square().sum() + sum((q * q).sum() for q in own)
+    return [list(inner[0].parameters()), list(inner[1].parameters()), own], model, list(model.parameters()), forward
+
+
+def run_flow(setting: str, flow: list[tuple]) -> list[dict]:
+    """Run one flow on this rank; per step: whether it stepped, and the invariants' inputs."""
+    rank = dist.get_rank()
+    fused = flow[0][1]
+    params, model, replicas, forward = setting_pieces(setting)
+    own = params[2] if model is not None else []
+    stepped = [q for ps in params for q in ps]
     opt = torch.optim.AdamW(stepped, lr=0.1, fused=fused)
     clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
     # per stepped parameter: a call arming the skip measured it non-finite since the last step

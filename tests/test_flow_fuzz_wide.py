@@ -55,7 +55,7 @@ import torch.distributed as dist
 from torch import nn
 
 import dist_clip
-from tests.test_flow_fuzz import violations
+from tests.test_flow_fuzz import setting_pieces, violations
 
 SETTINGS = ("wplain", "wmixed", "walone", "wddp", "wddpown")
 OPTS = ("fused", "adamw", "sgdm", "two_ff", "two_fs", "two_af")
@@ -151,34 +151,10 @@ def make_wide_flow(seed: int, setting: str) -> list[tuple]:
 
 def run_wide_flow(setting: str, flow: list[tuple]) -> list[dict]:
     """Run one wide flow on this rank; per optimizer step what :func:`violations` reads."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     rank, world = dist.get_rank(), dist.get_world_size()
     kind = flow[0][1]
-    torch.manual_seed(0)
-    modules: list[nn.Module] = []
-    if setting in ("wplain", "wmixed", "walone"):
-        g = torch.Generator().manual_seed(100 + rank)
-        a = nn.Parameter(torch.randn(3 + rank, generator=g))
-        b = nn.Parameter(torch.randn(2, 2, generator=torch.Generator().manual_seed(5)) if setting == "wmixed"
-                         else torch.randn(2, 2, generator=g))
-        params = [[a], [b]] if setting != "walone" or rank == 0 else [[], [b]]
-        model = None
-        replicas = [b] if setting == "wmixed" else []
-
-        def forward() -> torch.Tensor:
-            return sum((q * q).sum() * (3 - i) for i, ps in enumerate(params) for q in ps)
-    else:
-        inner = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
-        model = DDP(inner)
-        modules = [inner[0], inner[1]]
-        own = [nn.Parameter(torch.ones(3))] if setting == "wddpown" and rank == 0 else []
-        params = [list(inner[0].parameters()), list(inner[1].parameters()), own]
-        replicas = list(model.parameters())
-        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(7))
-
-        def forward() -> torch.Tensor:
-            return model(x).square().sum() + sum((q * q).sum() for q in own)
+    params, model, replicas, forward = setting_pieces(setting[1:], own_param=setting == "wddpown")
+    modules: list[nn.Module] = list(model.module) if model is not None else []
     every = [q for ps in params for q in ps]
 
     def make(fused: bool, ps: list, sgd: bool) -> torch.optim.Optimizer:
