@@ -37,6 +37,7 @@ A failure prints the seed and the flow; ``make_flow(seed, setting)`` and :func:`
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import warnings
@@ -1018,6 +1019,26 @@ def test_class_e_off_the_host_with_the_own_part_s_nan_skips_on_every_rank(run_ra
     per_rank = run_ranks(2, body_flows_off_host, "ddp", flows)
     bad = [(flow, violations(flow, [per_rank[0][i], per_rank[1][i]])) for i, flow in enumerate(flows)]
     assert not [b for b in bad if b[1]], [b for b in bad if b[1]]
+
+
+def test_class_e_off_the_host_nan_in_l1_steps_where_an_arming_call_combines_after_the_backward(run_ranks):
+    """README, Limits (the GPU bullet): off the host, class E with the NaN in DDP's second layer and [l0] handed over
+    to the fused optimizer skips the next batch's good step on every rank where the CPU takes it (8 of 128 variants
+    of :func:`_e`: the NaN in l0, l1, rank 0's own gradient or none, each call armed or handed over, fused or not,
+    dropped to ``None`` or in place; exactly these 8, own part and last call armed or handed over, either drop).
+    The remedy stated there: a call after the backward that arms the skip or hands over, combining over the ranks
+    (rank 0's own part over the world, rank 1 passing nothing), decides the flag: every rank steps (a
+    ``get_total_norm`` there does not)."""
+    flows = []
+    for own, last, drop in itertools.product(["skip", "hand"], ["skip", "hand"], [True, False]):
+        flow = _e("hand", own, last, True, (-1, 1), drop)
+        at = flow.index(("bwd", None)) + 1
+        flows.append([*flow[:at], ("call", "skip" if drop else "hand", [2]), *flow[at:]])
+    per_rank = run_ranks(2, body_flows_off_host, "ddp", flows)
+    for i, flow in enumerate(flows):
+        steps = [per_rank[0][i], per_rank[1][i]]
+        assert not violations(flow, steps), (flow, violations(flow, steps))
+        assert [r[-1]["took"] for r in steps] == [True, True], (flow, steps)
 
 
 #: Flows of the "ddp" seeds that broke the agreement off the host alone (simulated): an entry kept by a verdict of 0
