@@ -722,6 +722,49 @@ def test_a_dropped_nan_of_a_sharded_part_then_the_replicated_part_clipped_with_n
     assert not violations(flow, per_rank), (flow, violations(flow, per_rank))
     assert [r[-1]["took"] for r in per_rank] == [took, took], (flow, per_rank)
 
+def body_flow_list(setting: str, flows: list[list[tuple]]) -> list:
+    return [run_flow(setting, flow) for flow in flows]
+
+
+#: README, Limits (a dropped NaN batch's flag kept by a call combining over no other rank): what follows a NaN
+#: hand-over of the sharded ``a`` ([0]) beside the replicated ``b`` ([1], ``group=None``), the batch dropped, the next
+#: one computed: (drop to None, calls after the backward, every rank steps)
+DROPPED_HAND_OVER_OF_S = [
+    (True, [], False), (True, [("skip", [1])], False), (True, [("skip", [0]), ("skip", [1])], True),
+    (True, [("skip", [1]), ("skip", [0])], True), (True, [("total", [0, 1])], True), (True, [("total", [0])], True),
+    (False, [], False), (False, [("total", [0, 1])], False), (False, [("skip", [0]), ("skip", [1])], True),
+    (False, [("hand", [0, 1])], True)]
+
+
+def test_a_dropped_nan_hand_over_of_a_sharded_part_steps_the_next_batch_where_a_call_decides_it(run_ranks):
+    """The Limits bullet's flows and remedies, "mixed" setting, fused AdamW: a NaN in rank 0's ``a``, [a] handed
+    over over the world, the batch dropped, the next one computed. Stepped with no call, or with only [b] clipped
+    (``group=None``), every rank skips that good step; clipped as [a], [b] or [b], [a], or (dropped to ``None``)
+    read by ``get_total_norm`` over the world, whole or [a], every rank steps. Dropped in place, ``get_total_norm``
+    does not decide it (it arms nothing, and the in-place ``zero_grad()`` reads as a write into the held gradients:
+    every rank skips), an arming call on every part or a hand-over of the whole does. Plain tensors with ``group=``:
+    the next batch stepped with no call after the NaN hand-over dropped to ``None`` skips, read by
+    ``get_total_norm`` first it steps. Under DDP beside rank 0's own parameter (its NaN handed over over the world,
+    dropped to ``None``) a ``get_total_norm`` of the own part does not decide it: every rank skips (so with the
+    part armed first, fused or not, or handed over, and DDP's [l0] clipped with no gradient held)."""
+    flows = [[("fused", True), ("bwd", (0, 0)), ("call", "hand", [0]), ("zero", none), ("bwd", None),
+              *[("call", *c) for c in calls], ("step",)] for none, calls, _ in DROPPED_HAND_OVER_OF_S]
+    per_rank = run_ranks(2, body_flow_list, "mixed", flows)
+    for i, (flow, (_, _, took)) in enumerate(zip(flows, DROPPED_HAND_OVER_OF_S)):
+        steps = [per_rank[0][i], per_rank[1][i]]
+        assert not violations(flow, steps), (flow, violations(flow, steps))
+        assert [r[-1]["took"] for r in steps] == [took, took], (flow, steps)
+    flows = [[("fused", True), ("bwd", (0, 0)), ("call", "hand", [0, 1]), ("zero", True), ("bwd", None), *calls,
+              ("step",)] for calls in ([], [("call", "total", [0, 1])])]
+    per_rank = run_ranks(2, body_flow_list, "plain", flows)
+    assert [[r[i][-1]["took"] for r in per_rank] for i in range(2)] == [[False, False], [True, True]], per_rank
+    # under DDP beside rank 0's own parameter a get_total_norm of the own part over the world does not decide it
+    flow = [("fused", True), ("bwd", (0, 2)), ("call", "hand", [2]), ("zero", True), ("bwd", None),
+            ("call", "total", [2]), ("step",)]
+    per_rank = run_ranks(2, body_flow, "ddp", flow)
+    assert [r[-1]["took"] for r in per_rank] == [False, False], (flow, per_rank)
+
+
 @pytest.mark.parametrize(("world", "fused", "how", "nan", "took"), [
     (2, True, "hand", (-1, 0), False), (3, True, "hand", (-1, 0), False), (1, True, "hand", (-1, 0), False),
     (2, True, "skip", (-1, 0), False), (2, False, "skip", (-1, 0), False), (2, True, "hand", (-1, 1), False),
