@@ -1194,7 +1194,9 @@ class Agreement:
         for flag in held:  # (device tensors: no host read)
             self._read = torch.maximum(_reduce.moved(self._read, flag.device), flag.ne(0).to(torch.float64))
         self._outlasting = _outlasting(self.ids) if _ARMED else []
-        if not self.optimizers and (_WAITING or _ARMED) and _multi_rank():
+        #: a call arming no skip among several ranks: the hand-overs it leaves waiting join too (see local)
+        self._lasts = not self.optimizers and _multi_rank()
+        if self._lasts and (_WAITING or _ARMED):
             self._outlasting += _lasting(lambda: self.measured)
 
     @property
@@ -1205,11 +1207,13 @@ class Agreement:
         NaN in ``a.grad`` clipped over the world (rank 1 passes nothing, and arms a flag held for rank 0's part,
         which only a call arming that optimizer decides, by its verdict), the batch dropped, then
         ``get_total_norm`` over the world: rank 0's flag, kept as a hand-over's, was dropped by the verdict of the
-        new gradients' read and rank 0 stepped, rank 1 kept its flag and skipped. Where the call combines over no
+        new gradients' read and rank 0 stepped, rank 1 kept its flag and skipped. A call arming no skip among
+        several ranks adds the flags that outlast it (:func:`_lasting`) and, read here, after it settled what it
+        measures, those of the hand-overs it left waiting (:func:`_left_waiting`). Where the call combines over no
         other rank, its verdict is this rank's read alone (:meth:`agree`)."""
         local = self._read
-        for flag in self._outlasting:  # (device tensors: no host read)
-            local = torch.maximum(_reduce.moved(local, flag.device), flag.ne(0).to(torch.float64))
+        for flag in [*self._outlasting, *(_left_waiting() if self._lasts and _WAITING else ())]:
+            local = torch.maximum(_reduce.moved(local, flag.device), flag.ne(0).to(torch.float64))  # (no host read)
         return local
 
     def fold(self, found: Tensor, rest: list[Tensor]) -> None:
@@ -1473,6 +1477,26 @@ def _lasting(measured: Callable[[], Sequence[Tensor]]) -> list[Tensor]:
         # read of [b], rank 0's entry of ``a`` and ``b``, replaced, joined nothing)
         out += [flag for flag, members, _seen in _ledger_entries(optimizer)
                 if members and isinstance(flag, Tensor) and not _unset_on_cpu(flag)]
+    return out
+
+
+def _left_waiting() -> list[Tensor]:
+    """For a call arming no skip among several ranks (see :func:`_lasting`), read once it settled what it measures
+    here: the flags of the hand-overs it left waiting, unsettled, whose total was combined over several ranks (it
+    measured none of their gradients on this rank). Such a flag reaches this rank's step as it is
+    (:func:`_carried_at_step`), or the verdict of a later call that settles it, which another rank's lasting flag
+    joins; the ranks settling theirs in this call, by its verdict, must keep alike. Left out, ``a`` on rank 0 alone,
+    ``b`` on both, one fused AdamW, a NaN in rank 1's ``b``, [a, b] handed over over the world, every gradient
+    replaced out of place (or the batch dropped and the next one computed), [a] read over the world: rank 0 settled
+    its hand-over by its own finite read and stepped, while rank 1, measuring nothing, kept its own waiting and
+    skipped, at the step or once [b] was read. Every rank keeps now (a good step may be skipped, never a NaN one
+    taken). Host-side tests; on the CPU only where a flag is set."""
+    out: list[Tensor] = []
+    for optimizer in list(_WAITING):
+        pending = optimizer.__dict__.get(_PENDING)
+        if (pending is not None and pending[2] is not None and pending[6] and isinstance(pending[1], Tensor)
+                and not _unset_on_cpu(pending[1]) and not in_step(optimizer)):
+            out.append(pending[1])
     return out
 
 

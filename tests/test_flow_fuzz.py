@@ -796,16 +796,6 @@ OPEN: dict[str, tuple[str, list[tuple]]] = {
     "ddp_part_replaced_then_own_part_dropped": ("ddp", [("fused", True), ("bwd", (-1, 1)), ("call", "hand", [0, 1]),
                                                         ("replace", [1]), ("call", "skip", [2]), ("zero", True),
                                                         ("bwd", None), ("call", "hand", [0, 1]), ("step",)]),
-    # The mirror of FIXED alone_replaced_then_read_by_no_arming: the NaN in rank 1's ``b``; [a, b] handed over over
-    # the world, every gradient replaced out of place, [a] read by get_total_norm over the world (rank 0 settles by
-    # its own finite read of a and b and drops; rank 1, measuring nothing, keeps its hand-over waiting), [b] read:
-    # rank 1 settles by its read of ``b``, NaN, and keeps: rank 0 stepped, rank 1 skipped (18 of h11's 576 2-rank
-    # variants, all this form; so on base too). Remedy not done: a waiting hand-over's flag combined over several
-    # ranks joining such a call's value (it may skip good steps elsewhere: unswept)
-    "alone_replaced_nan_on_rank_1_then_read_by_no_arming": ("alone", [("fused", True), ("bwd", (1, 1)),
-                                                                      ("call", "hand", [0, 1]), ("replace",),
-                                                                      ("call", "total", [0]), ("call", "total", [1]),
-                                                                      ("step",)]),
 }
 
 if OPEN:
@@ -950,13 +940,24 @@ FIXED = {
                                                               ("call", "hand", [0, 1]), ("replace", [0, 1]),
                                                               ("call", "total", [0]), ("replace",),
                                                               ("call", "total", [1]), ("step",)]),
+    # The mirror of alone_replaced_then_read_by_no_arming: the NaN in rank 1's ``b``; [a, b] handed over over the
+    # world, every gradient replaced out of place, [a] read by get_total_norm over the world (rank 0 settled by its
+    # own finite read of a and b and dropped; rank 1, measuring nothing, kept its hand-over waiting), [b] read: rank
+    # 1 settled by its read of ``b``, NaN, and kept: rank 0 stepped, rank 1 skipped (18 of h11's 576 2-rank
+    # variants, all this form; so on base too; without the read of [b], or the batch dropped and the next one
+    # computed instead of the replacement, alike). Fixed by a hand-over such a call leaves waiting, its total
+    # combined over several ranks, joining its value (_fused._left_waiting): both skip (session 40, h2)
+    "alone_replaced_nan_on_rank_1_then_read_by_no_arming": ("alone", [("fused", True), ("bwd", (1, 1)),
+                                                                      ("call", "hand", [0, 1]), ("replace",),
+                                                                      ("call", "total", [0]), ("call", "total", [1]),
+                                                                      ("step",)]),
 }
 
 
 #: FIXED flows whose last step every rank skips (README: a flag that lasts to the step)
 KEPT = {"alone_settled_then_zeroed", "ddp_own_nan_then_two_parts", "ddp_own_nan_dropped_then_empty_part",
         "alone_settled_then_read_by_no_arming", "alone_replaced_then_read_by_no_arming",
-        "alone_replaced_twice_then_read_by_no_arming",
+        "alone_replaced_twice_then_read_by_no_arming", "alone_replaced_nan_on_rank_1_then_read_by_no_arming",
         "ddp_part_replaced_after_aux_loss_nan_stepped"}
 
 
@@ -989,6 +990,34 @@ def test_a_hand_over_settled_on_one_rank_alone_by_a_call_arming_no_skip_keeps_on
     per_rank = run_ranks(world, body_flow, "alone", flow)
     assert not violations(flow, per_rank), (flow, violations(flow, per_rank))
     assert [r[-1]["took"] for r in per_rank] == [False] * world, (flow, per_rank)
+
+
+_MID = {"replace": [("replace",)], "drop": [("zero", True), ("bwd", None)],
+        "drop_nan": [("zero", True), ("bwd", (1, 1))]}
+
+
+@pytest.mark.parametrize(("world", "nan", "mid", "read", "last", "took"), [
+    (2, (1, 1), "replace", "with_norm", None, False), (2, (1, 1), "replace", "plain", ("with_norm", [1]), False),
+    (3, (2, 1), "replace", "total", ("plain", [1]), False), (2, (0, 0), "drop", "total", None, False),
+    (3, (0, 0), "drop", "plain", None, False), (2, (1, 1), "drop", "with_norm", None, False),
+    (2, (-1, 1), "drop_nan", "total", ("total", [1]), False),
+    (3, (0, 1), "drop_nan", "with_norm", ("total", [0, 1]), False),
+    (2, (1, 1), "drop", "total", ("hand", [0, 1]), True), (3, (2, 1), "drop", "plain", ("skip", [0, 1]), True)])
+def test_a_hand_over_left_waiting_by_a_call_arming_no_skip_keeps_on_every_rank(run_ranks, world, nan, mid, read, last,
+                                                                              took):
+    """FIXED alone_replaced_nan_on_rank_1_then_read_by_no_arming, varied: ``a`` on rank 0 alone, a NaN in another
+    rank's ``b`` (or in ``a``, or in every rank's ``b``), [a, b] handed over over the world, every gradient replaced
+    out of place (or the batch dropped to ``None`` and the next one computed, finite or with a NaN in rank 1's
+    ``b``), [a] read by a call arming no skip (``get_total_norm``, ``clip_grads_with_norm_`` by it, a plain clip):
+    rank 0 settled its hand-over by its own read of ``a`` and ``b``, finite, and dropped its flag, while the others,
+    measuring nothing, kept theirs waiting, to the step (kept as it is: the total was combined) or to the read of
+    [b] or [a, b] (kept by their own read): rank 0 stepped, the others skipped ([True, False, False] on 3 ranks).
+    Every rank skips now; a next batch handed over or armed whole (the last two) still steps on every rank."""
+    flow = [("fused", True), ("bwd", nan), ("call", "hand", [0, 1]), *_MID[mid], ("call", read, [0]),
+            *([("call", *last)] if last else []), ("step",)]
+    per_rank = run_ranks(world, body_flow, "alone", flow)
+    assert not violations(flow, per_rank), (flow, violations(flow, per_rank))
+    assert [r[-1]["took"] for r in per_rank] == [took] * world, (flow, per_rank)
 
 
 @pytest.mark.parametrize(("first", "own", "last"), [("skip", "skip", "skip"), ("hand", "hand", "hand"),
