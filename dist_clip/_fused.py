@@ -1712,6 +1712,15 @@ def rearm(armed: tuple[Tensor, tuple[Any, ...]] | None, new: Tensor, now: tuple[
     if armed is not None:
         armed = (armed[0], _followed(armed[1], now))
     if measured and optimizer is not None and not isinstance(record, _Record) and not _inside(now[0], measured):
+        if _COMBINING.get() and _multi_rank():
+            # Combined over several ranks, whose flag is the same on every rank: recorded as by a rank that measured
+            # nothing (another rank holding no piece of the part records it so), held by the optimizer's gradients,
+            # then decided by the ranks' verdict, on every rank alike. Held here by the pieces themselves, under DDP
+            # beside rank 0's own parameter (in an optimizer of its own) with a NaN there, [own] clipped over the
+            # world arming DDP's optimizer, then rank 0's gradient written (a plain clip in place, zeroed, a
+            # backward) or the batch dropped, and DDP's whole clipped: rank 0 dropped the flag and stepped, rank 1
+            # kept its entry and skipped (wddpown seed 125)
+            return rearm(armed, new, now, started, [], optimizer, merge)
         return _beside(armed, record, now, started, measured, new, merge, optimizer)
     if armed is not None:
         merged = supersede(armed[1], record, now, started, measured, new, merge, optimizer)
