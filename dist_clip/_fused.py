@@ -1038,7 +1038,7 @@ def supersede(armed: tuple[Any, ...], record: tuple[Any, ...], now: tuple[list[T
     calm = _calm_entries(optimizer) if optimizer is not None else []
     for flag, members, seen in parts:
         if members is None:
-            if seen is not None and _sticky(seen, started if started is not None else now, measured):
+            if seen is not None and _lasts(seen, started if started is not None else now, measured):
                 kept.append((flag, None, seen))
             elif _measured_elsewhere(seen):
                 elsewhere.append(flag)
@@ -1118,6 +1118,19 @@ def _decided_by_verdict(seen: Any) -> bool:
     part held on every rank replaced out of place and that part clipped: rank 0, holding a part of its own
     untouched, skipped, and rank 1 stepped."""
     return isinstance(seen, _Explicit) or _measured_elsewhere(seen)
+
+
+def _lasts(seen: Any, state: tuple[list[Tensor], list[int]], measured: Sequence[Tensor] | None) -> bool:
+    """:func:`_sticky` for a ledger entry armed without measured gradients, but where an arming call's verdict was
+    combined over several ranks, an entry armed by a call that measured nothing on this rank
+    (:func:`_measured_elsewhere`) is decided by that verdict (:func:`carried_by_replacements`) whatever its record says:
+    it stands for another rank's pieces, whose entries there join the verdict while they are kept
+    (:func:`_held_flags`), or are decided by it. Held by this rank's own gradients, a part held on rank 0 alone, NaN
+    there, clipped over the world, then zeroed in place and clipped again: rank 0 dropped the flag by the new read and
+    stepped, rank 1, its gradients untouched, kept it and skipped."""
+    if _COMBINING.get() and _measured_elsewhere(seen):
+        return False
+    return _sticky(seen, state, measured)
 
 
 def carried_by_replacements(flag: Tensor, rest: list[Tensor]) -> tuple[Tensor, list[Tensor], None] | None:
@@ -1683,8 +1696,8 @@ def rearm(armed: tuple[Tensor, tuple[Any, ...]] | None, new: Tensor, now: tuple[
                     # stepped)
                     if m is not None:
                         return not any(id(t) in where for t in m)
-                    return _decided_by_verdict(seen) and not _sticky(seen, started if started is not None else now,
-                                                                     measured)
+                    return _decided_by_verdict(seen) and not _lasts(seen, started if started is not None else now,
+                                                                    measured)
 
                 if _AGREED.get() is not None and any(decided(m, seen) for _, m, seen in parts):
                     # (kept, held by the gradients held here that no entry left holds, as supersede holds it on a
@@ -1714,8 +1727,8 @@ def rearm(armed: tuple[Tensor, tuple[Any, ...]] | None, new: Tensor, now: tuple[
     if measured and optimizer is not None and not isinstance(record, _Record) and not _inside(now[0], measured):
         if _COMBINING.get() and _multi_rank():
             # Combined over several ranks, whose flag is the same on every rank: recorded as by a rank that measured
-            # nothing (another rank holding no piece of the part records it so), held by the optimizer's gradients,
-            # then decided by the ranks' verdict, on every rank alike. Held here by the pieces themselves, under DDP
+            # nothing (another rank holding no piece of the part records it so), decided by the verdict of a later
+            # call combining over several ranks (see _lasts), on every rank alike. Held here by the pieces, under DDP
             # beside rank 0's own parameter (in an optimizer of its own) with a NaN there, [own] clipped over the
             # world arming DDP's optimizer, then rank 0's gradient written (a plain clip in place, zeroed, a
             # backward) or the batch dropped, and DDP's whole clipped: rank 0 dropped the flag and stepped, rank 1
@@ -2325,10 +2338,10 @@ def hand_over_(
         # records are untouched.
         now = (grads, version_list(grads))
         left = [(f, None, seen) for f, members, seen in parts
-                if members is None and seen is not None and _sticky(seen, now, grads)]
+                if members is None and seen is not None and _lasts(seen, now, grads)]
         # (and an entry kept by the ranks' verdict with no gradient left: decided by this call's verdict again, as
         # in supersede; dropped here, a rank holding none of the NaN part stepped where the others skipped)
-        gone = [f for f, members, seen in parts if (members is None and not (seen is not None and _sticky(
+        gone = [f for f, members, seen in parts if (members is None and not (seen is not None and _lasts(
             seen, now, grads)) and _decided_by_verdict(seen)) or (members is not None and not members)]
         # (and an entry held by gradients the optimizer does not step: the other ranks' partitions of a ZeRO or OSS
         # wrapper over DDP, see grad_state, which the hand-over does not measure: kept while one is held, and once
