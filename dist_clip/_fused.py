@@ -1208,8 +1208,8 @@ class Agreement:
             self._read = torch.maximum(_reduce.moved(self._read, flag.device), flag.ne(0).to(torch.float64))
         self._outlasting = _outlasting(self.ids) if _ARMED else []
         #: a call arming no skip among several ranks: the hand-overs it leaves waiting join too (see local)
-        self._lasts = not self.optimizers and _multi_rank()
-        if self._lasts and (_WAITING or _ARMED):
+        self._joins_waiting = not self.optimizers and _multi_rank()
+        if self._joins_waiting and (_WAITING or _ARMED):
             self._outlasting += _lasting(lambda: self.measured)
 
     @property
@@ -1225,7 +1225,7 @@ class Agreement:
         measures, those of the hand-overs it left waiting (:func:`_left_waiting`). Where the call combines over no
         other rank, its verdict is this rank's read alone (:meth:`agree`)."""
         local = self._read
-        for flag in [*self._outlasting, *(_left_waiting() if self._lasts and _WAITING else ())]:
+        for flag in [*self._outlasting, *(_left_waiting() if self._joins_waiting and _WAITING else ())]:
             local = torch.maximum(_reduce.moved(local, flag.device), flag.ne(0).to(torch.float64))  # (no host read)
         return local
 
