@@ -757,13 +757,18 @@ def _dtensor_geometry(name: str, param: Any, world: bool, group: dist.ProcessGro
 
 
 def unit_pieces(
-    target: object, group: dist.ProcessGroup | None
+    target: object, group: dist.ProcessGroup | None, *, refusing: bool = False
 ) -> tuple[list[_Unit], list[tuple[str, int | range]], tuple[str, ...]]:
     """Every local piece of ``target`` with its unit geometry, the cut units (identical on every rank) and names.
 
     Cut units are listed by (parameter name, unit id) in an order every rank derives from the model's
     structure alone; (parameter name, range of unit ids) is a parameter whose every unit is cut (a
     tensor-parallel ``Shard(1)`` weight), combined as one block of the buffer.
+
+    ``refusing``: the layout of a rank that refuses its input (:func:`unitwise_join_refused`): a listed tensor
+    that is no parameter (refused with a ``TypeError`` otherwise) is laid out as a parameter without gradient,
+    as the ranks holding that parameter lay it out, and a DTensor gradient whose placements are not its
+    parameter's (refused with ``NotImplementedError``) as no gradient, as a rank holding none of it does.
     """
     units: list[_Unit] = []
     cut: list[tuple[str, int | range]] = []
@@ -857,9 +862,10 @@ def unit_pieces(
     seen: set[int] = set()
     for name, param in items:
         # (a tensor given a .grad is a parameter, as everywhere else: adapters.params.is_parameter)
-        if not isinstance(param, Tensor) or not (
+        stray = isinstance(param, Tensor) and not (
             isinstance(param, nn.Parameter) or param.requires_grad or param.grad is not None
-        ):
+        )
+        if not isinstance(param, Tensor) or (stray and not refusing):
             raise TypeError(
                 f"unit-wise clipping needs parameters (it reads their values), got {type(param).__name__} at {name!r}"
             )
@@ -878,7 +884,9 @@ def unit_pieces(
                 cut.append((name, 0))
             elif geo.cut == "rows":
                 cut.append((name, range(int(param.shape[0]))))  # one block: every row is cut
-            g = param.grad
+            g = None if stray else param.grad
+            if refusing and type(g).__name__ == "DTensor" and tuple(g.placements) != tuple(param.placements):
+                g = None  # (refused below: laid out as a rank holding none of it, as the others may)
             if not geo.here:
                 continue
             if g is None:
@@ -911,7 +919,8 @@ def unit_pieces(
             split = group is not None and param.dim() <= 1 and copies is None and not beside
             if split:
                 cut.append((name, 0))
-            grad = param.grad
+            grad = None if stray else param.grad
+            present = grad is not None
             if grad is None and split:
                 # Its weight piece still counts in the unit's weight norm (left out, the other ranks' limit was
                 # that of their own pieces: 0.05 for 0.50), beside a gradient piece of zeros.
@@ -923,7 +932,7 @@ def unit_pieces(
                 if group is None and copies is not None:
                     ddp_units.append((len(units), copies))
                 units.append(_Unit(name, grad, param.detach(), mine, counted, "rows",
-                                   split_units=(0,) if split else (), present=param.grad is not None))
+                                   split_units=(0,) if split else (), present=present))
     reduce_over = _reduce.reduction_group([u.group for u in units]) if ddp_units else None
     if reduce_over is not None:
         for i, copies in ddp_units:  # each DDP group's copy once, on its lowest rank in the call's reduction
@@ -1108,8 +1117,8 @@ def unitwise_join_refused(target: object, p: float, group: object, settings: str
         if isinstance(unwrap_compiled(target), DistributedDataParallel):
             return None
         checked = _clip._check_group(group)
-        with _clip._partial_grads_set_aside(target):  # (planned as a rank holding none of them)
-            units, cut, names = unit_pieces(target, checked)
+        with _clip._partial_grads_set_aside(target) as planned:  # (as a rank holding none of them)
+            units, cut, names = unit_pieces(planned, checked, refusing=True)
     except Exception:  # noqa: BLE001 - the layout is unknown: the caller raises its error alone
         return None
     return _join_refused(units, cut, names, {n: i for i, n in enumerate(names)}, p, checked, settings)

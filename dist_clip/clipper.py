@@ -1135,12 +1135,12 @@ class GradClipper:
         per_name = cfg.mode != "total" or want_report
         try:
             g = _check_group(group)
-            with _clip._partial_grads_set_aside(target):  # (planned as a rank holding none of them: see there)
+            with _clip._partial_grads_set_aside(target) as planned:  # (as a rank holding none of them: see there)
                 if per_name:
-                    named = named if named is not None else _slots.named_shards(target, g)
+                    named = named if named is not None else _slots.named_shards(planned, g)
                     shards, names = named.shards, named.names
                 else:
-                    shards, names = (shards if shards is not None else _plain_shards(target, g)), None
+                    shards, names = (shards if shards is not None else _plain_shards(planned, g)), None
             red = _reduce.reduction_group(s.group for s in shards)
         except Exception:  # noqa: BLE001 - the layout is unknown: raise the caller's error alone
             return

@@ -1392,6 +1392,140 @@ def partial_on_one_rank_none_on_another(how: str) -> list[str]:
     return out
 
 
+# The settings a list of gradients (no parameters) is measured with, by name: the functional calls and the
+# GradClipper modes and policies that take one
+LISTED_PARTIAL = ("total", "clip", "fixed", "report", "autoclip", "zclip", "per_param", "skip")
+
+
+def partial_gradient_listed_on_one_rank(how: str) -> list[str]:
+    """A list of gradients (no parameters, ``[p.grad for p in ... if p.grad is not None]``) on a 1-D mesh of 2
+    ranks: a ``Shard(0)`` gradient ``a`` (ones) on both, and on rank 1 also a ``Partial`` gradient ``w``, which
+    rank 0 does not hold (its layer unused there). ``how`` measures the list (``LISTED_PARTIAL``: the functional
+    calls or a ``GradClipper`` as ``PARTIAL_CLIPPERS`` sets it; "skip" with a plain SGD); then every rank measures a
+    plain ``b`` over the world. Returns what each call gave: the exception's type, or the value."""
+    from torch.distributed.tensor import DTensor, Partial, Shard
+
+    m = mesh((2,), ("dp",))
+    a = DTensor.from_local(torch.ones(2, 2), m, [Shard(0)], run_check=False)
+    grads = [a]
+    if dist.get_rank() == 1:
+        grads.append(DTensor.from_local(torch.ones(4, 2), m, [Partial()], run_check=False))
+    if how == "total":
+        first = lambda: dist_clip.get_total_norm(grads)  # noqa: E731
+    elif how == "clip":
+        first = lambda: dist_clip.clip_grad_norm_(grads, 1.0)  # noqa: E731
+    else:
+        clipper = dist_clip.GradClipper(**PARTIAL_CLIPPERS[how])
+        opt = torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1) if how == "skip" else None
+        first = lambda: clipper(grads, optimizer=opt).total_norm  # noqa: E731
+    b = torch.full((3,), 2.0)
+    out = []
+    for call in (first, lambda: dist_clip.get_total_norm([b], group=dist.group.WORLD)):
+        try:
+            out.append(f"{float(call()):.4f}")
+        except (ValueError, RuntimeError) as e:
+            out.append(type(e).__name__)
+    return out
+
+
+# How a target holding None in place of a gradient is measured, by name (see none_listed_on_one_rank)
+NONE_LISTED = ("total", "clip", "fixed", "autoclip", "per_param", "report", "unitwise", "mapping")
+
+
+def none_listed_on_one_rank(how: str) -> list[str]:
+    """``[w, x]`` on a 1-D mesh of 2 ranks (``w`` a ``Shard(0)`` DTensor parameter with its gradient, ``x`` a plain
+    one), where rank 1 lists ``None`` in ``x``'s place (``[p.grad for p in model.parameters()]`` beside a layer
+    unused there: the gradients themselves; for "unitwise", the parameters); "mapping": ``{"w": .., "x": None}``
+    to a ``GradClipper``. Every call refuses the ``None`` with a ``TypeError`` on rank 1. ``how`` names the call
+    (``NONE_LISTED``); then every rank measures a plain ``b`` over the world. Returns what each call gave: the
+    exception's type, or the value."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    m = mesh((2,), ("dp",))
+    w = nn.Parameter(distribute_tensor(torch.ones(4, 2), m, [Shard(0)]))
+    w.grad = distribute_tensor(torch.ones(4, 2), m, [Shard(0)])
+    x = nn.Parameter(torch.ones(3))
+    x.grad = torch.ones(3)
+    params = how == "unitwise"
+    listed = [w if params else w.grad, None if dist.get_rank() == 1 else x if params else x.grad]
+    target = dict(zip("wx", listed)) if how == "mapping" else listed
+    first = {"total": lambda: dist_clip.get_total_norm(target),
+             "clip": lambda: dist_clip.clip_grad_norm_(target, 1.0)}.get(how)
+    if first is None:
+        config = {"autoclip": {"max_norm": dist_clip.AutoClip()}, "per_param": {"mode": "per_param"},
+                  "report": {"report": True}, "unitwise": {"mode": "unitwise"}}.get(how, {})
+        clipper = dist_clip.GradClipper(**config)
+        first = lambda: clipper(target).total_norm  # noqa: E731
+    b = torch.full((3,), 2.0)
+    out = []
+    for call in (first, lambda: dist_clip.get_total_norm([b], group=dist.group.WORLD)):
+        try:
+            out.append(f"{float(call()):.4f}")
+        except (TypeError, RuntimeError) as e:
+            out.append(type(e).__name__)
+    return out
+
+
+def unitwise_tensor_not_a_parameter_on_one_rank(how: str) -> list[str]:
+    """``mode="unitwise"`` over ``[w, x]`` (or ``{"w": w, "x": x}``): ``w`` a ``Shard(0)`` DTensor parameter on a 1-D
+    mesh of 2 ranks with its gradient, ``x`` a parameter with a gradient on rank 0 and, on rank 1, a plain tensor
+    (no gradient, not requiring one), which unit-wise clipping refuses there ("needs parameters"); "group": ``w``
+    plain too, the list clipped with ``group=`` the world (``x`` a unit cut across the ranks). Then every rank
+    measures a plain ``b`` over the world. Returns what each call gave: the exception's type, or the value."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    m = mesh((2,), ("dp",))
+    if how == "group":
+        w = nn.Parameter(torch.ones(4, 2))
+        w.grad = torch.ones(4, 2)
+    else:
+        w = nn.Parameter(distribute_tensor(torch.ones(4, 2), m, [Shard(0)]))
+        w.grad = distribute_tensor(torch.ones(4, 2), m, [Shard(0)])
+    if dist.get_rank() == 0:
+        x = nn.Parameter(torch.ones(3))
+        x.grad = torch.ones(3)
+    else:
+        x = torch.ones(3)
+    target = {"w": w, "x": x} if how == "mapping" else [w, x]
+    clipper = dist_clip.GradClipper(mode="unitwise")
+    group = dist.group.WORLD if how == "group" else None
+    b = torch.full((3,), 2.0)
+    out = []
+    for call in (lambda: clipper(target, group=group).total_norm,
+                 lambda: dist_clip.get_total_norm([b], group=dist.group.WORLD)):
+        try:
+            out.append(f"{float(call()):.4f}")
+        except (TypeError, RuntimeError) as e:
+            out.append(type(e).__name__)
+    return out
+
+
+def unitwise_placements_differ_where_another_holds_none(how: str) -> list[str]:
+    """``mode="unitwise"`` over a module (or ``[w, b]``) with a ``Shard(0)`` DTensor parameter ``w`` on a 1-D mesh of
+    2 ranks: rank 0 holds a ``Replicate`` gradient of it (torch gives a vocab-parallel ``nn.Embedding`` one), which
+    unit-wise clipping refuses there ("placements differ", ``NotImplementedError``), rank 1 none (the layer unused
+    there: a stand-in, one collective). Then every rank measures a plain ``b`` over the world. Returns what each
+    call gave: the exception's type, or the value."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    m = mesh((2,), ("dp",))
+    mod = nn.Module()
+    mod.w = nn.Parameter(distribute_tensor(torch.ones(4, 2), m, [Shard(0)]))
+    mod.b = nn.Parameter(torch.ones(3))
+    mod.b.grad = torch.full((3,), 2.0)
+    if dist.get_rank() == 0:
+        mod.w.grad = DTensor.from_local(torch.ones(4, 2), m, [Replicate()], run_check=False)
+    target = mod if how == "module" else [mod.w, mod.b]
+    clipper = dist_clip.GradClipper(mode="unitwise")
+    out = []
+    for call in (lambda: clipper(target).total_norm, lambda: dist_clip.get_total_norm(mod.b, group=dist.group.WORLD)):
+        try:
+            out.append(f"{float(call()):.4f}")
+        except (NotImplementedError, RuntimeError) as e:
+            out.append(type(e).__name__)
+    return out
+
+
 def lone_parameter_without_gradient_on_one_rank(how: str) -> list[str]:
     """A lone ``Shard(0)`` DTensor parameter ``w`` (not in a list) on a 1-D mesh of 2 ranks, its gradient ones on
     rank 0's shard and ``None`` on rank 1 (the layer unused there): ``how`` measures ``w`` itself

@@ -205,6 +205,50 @@ def test_a_partial_gradient_on_one_rank_is_refused_where_another_holds_none(run_
         ["RefusedElsewhere", "4.8990"], ["ValueError", "4.8990"]]
 
 
+@pytest.mark.parametrize("how", cases.LISTED_PARTIAL)
+def test_a_partial_gradient_listed_on_one_rank_is_refused_on_every_rank(run_ranks, how) -> None:
+    """A list of gradients (no parameters) holding a Partial one on rank 1 only, beside a Shard(0) one on both:
+    rank 1 refused alone (its list did not resolve, so it planned nothing to join), rank 0's collective met rank 1's
+    next call (get_total_norm returned 4.0 on rank 0, and its next call failed in gloo; a GradClipper read the next
+    call's settings as a disagreement). The refusing rank plans the list without its Partial gradients, as rank 0
+    lists them, and joins: rank 0 raises RefusedElsewhere, rank 1 the ValueError, the next call sqrt(24) on both."""
+    assert run_ranks(2, cases.partial_gradient_listed_on_one_rank, how) == [
+        ["RefusedElsewhere", "4.8990"], ["ValueError", "4.8990"]]
+
+
+@pytest.mark.parametrize("how", cases.NONE_LISTED)
+def test_a_none_listed_on_one_rank_is_refused_on_every_rank(run_ranks, how) -> None:
+    """[w.grad, None] on rank 1 where rank 0 lists [w.grad, x.grad] ([p.grad for p in model.parameters()] beside a
+    layer unused on rank 1): rank 1's TypeError was raised alone (its refusal's plan did not resolve either), and
+    rank 0's collective met rank 1's next call (gloo aborted rank 1's process, or rank 0 waited until the
+    timeout), in every call and mode. The refusal plans the None as a parameter without gradient in its place (its
+    name kept) and joins: rank 0 raises RefusedElsewhere, rank 1 the TypeError, the next call sqrt(24) on both."""
+    assert run_ranks(2, cases.none_listed_on_one_rank, how) == [
+        ["RefusedElsewhere", "4.8990"], ["TypeError", "4.8990"]]
+
+
+@pytest.mark.parametrize("how", ["list", "mapping", "group"])
+def test_unitwise_refuses_a_tensor_not_a_parameter_on_one_rank_on_every_rank(run_ranks, how) -> None:
+    """mode="unitwise" given a plain tensor (no gradient, not requiring one) on rank 1 where rank 0 holds a
+    parameter: rank 1's TypeError ("needs parameters") was raised alone, its refusal's layout did not resolve
+    either, and rank 0's collective met rank 1's next call (gloo aborted rank 1's process on the lengths). The
+    refusal lays that tensor out as a parameter without gradient, as rank 0 does, and joins: rank 0 raises
+    RefusedElsewhere, rank 1 the TypeError, and the next call is every rank's (sqrt(24) on both)."""
+    assert run_ranks(2, cases.unitwise_tensor_not_a_parameter_on_one_rank, how) == [
+        ["RefusedElsewhere", "4.8990"], ["TypeError", "4.8990"]]
+
+
+@pytest.mark.parametrize("how", ["module", "list"])
+def test_unitwise_refuses_placements_that_differ_where_another_rank_holds_no_gradient(run_ranks, how) -> None:
+    """mode="unitwise": a Replicate gradient of a Shard(0) parameter on rank 0 (NotImplementedError, "placements
+    differ"), none on rank 1 (a stand-in): rank 0's refusal planned its units with the same gradient, raised again,
+    and joined nothing; rank 1's collective met rank 0's next call (gloo aborted rank 0's process). The refusal lays
+    that gradient out as held by none, as rank 1 does, and joins: rank 0 raises the NotImplementedError, rank 1
+    RefusedElsewhere, and the next call is every rank's (sqrt(24) on both)."""
+    assert run_ranks(2, cases.unitwise_placements_differ_where_another_holds_none, how) == [
+        ["NotImplementedError", "4.8990"], ["RefusedElsewhere", "4.8990"]]
+
+
 @pytest.mark.parametrize("how", ["total", "clip", "clipper"])
 def test_a_lone_dtensor_parameter_without_gradient_on_one_rank_joins_the_others(run_ranks, how) -> None:
     """A lone DTensor parameter as the target (not in a list), its gradient None on rank 1: rank 1 made no
