@@ -613,7 +613,7 @@ def settle(tensors: Sequence[Tensor]) -> None:
         if pending is None:
             _WAITING.discard(optimizer)
             continue
-        scale, found, coef, held, versions, raw, shared, _ = pending
+        scale, found, coef, held, versions, raw, shared, beside = pending
         if coef is None:
             # Applied already: only the skip flag is left, and it lasts until the step whatever wrote the
             # gradients since (the verdict of a later read dropped it: a NaN hand-over, a clip in place, then
@@ -643,7 +643,7 @@ def settle(tensors: Sequence[Tensor]) -> None:
         # by its own zeroed gradient, unmeasured there, kept it and skipped while rank 1 dropped it and stepped.
         stepped = set(map(id, grads))
         _stash(optimizer, torch.ones_like(scale), found, None, [g for g in kept if id(g) in stepped] or grads,
-               shared)
+               shared, beside)  # (the parameters stepped beside them: see note_beside)
         saved = optimizer.__dict__.get(_SAVED)
         if running and saved is not None and saved[3] is not None and optimizer.__dict__.get("grad_scale") is saved[3]:
             # The step under way was handed the coefficient as grad_scale by its pre-hook: it is in the gradients
@@ -2435,7 +2435,7 @@ def hand_over_applied_(optimizer: torch.optim.Optimizer, total: Tensor, started:
     pending = optimizer.__dict__.get(_PENDING)
     ids = set(map(id, measured))
     stepped = stepped if stepped is not None else gradients(optimizer)
-    if pending is not None and not all(id(t) in ids for t in pending[3]):
+    if pending is not None and not all(id(t) in ids for t in pending[3]) and not _measured_anew(pending, stepped, ids):
         if deferred is None:
             # (a hand-over waiting on gradients this call does not measure: its flag joins this one's as armed)
             arm_skip_(optimizer, torch.logical_not(torch.isfinite(total)), started, measured=measured)
@@ -2457,6 +2457,19 @@ def hand_over_applied_(optimizer: torch.optim.Optimizer, total: Tensor, started:
         _stash(optimizer, torch.ones_like(found), found, _APPLIED, grads, shared, beside)
     note_beside(optimizer, measured, stepped, found)
     _WAITING.add(optimizer)
+
+
+def _measured_anew(pending: tuple[Any, ...], stepped: list[Tensor], ids: set[int]) -> bool:
+    """Whether a call measuring the gradients ``ids`` measures every gradient a hand-over applied beside parameters
+    it did not measure (``pending``, see :func:`hand_over_applied_`) may be held by now, some of its own replaced
+    since: every one stepped but those parameters' (its NaN travels only into the replacements). The call's own
+    hand-over then replaces it, as on the ranks handing over (its flag joining the ledger after the call's arming,
+    under DDP beside rank 0's own parameter, a NaN hand-over of DDP's whole settled by a read, l1's gradients
+    replaced, the batch dropped in place and DDP's whole handed over again: rank 0 skipped, rank 1 stepped)."""
+    if not pending[7]:
+        return False
+    out = {id(getattr(p.grad, "_local_tensor", p.grad)) for p in pending[7] if p.grad is not None}
+    return all(id(g) in ids for g in stepped if id(g) not in out)
 
 
 def note_beside(optimizer: torch.optim.Optimizer, measured: Sequence[Tensor] | None,
@@ -2524,9 +2537,18 @@ def note_beside(optimizer: torch.optim.Optimizer, measured: Sequence[Tensor] | N
     held: set[int] | None = set()
     entries = _ledger_entries(optimizer)
     pending = optimizer.__dict__.get(_PENDING)
-    if pending is not None:
-        entries.append((pending[1], pending[3], None))
     where = set(map(id, grads))
+    if pending is not None:
+        members = pending[3]
+        if pending[7] and any(id(t) not in where for t in members):
+            # (a hand-over applied beside parameters it did not measure, settled or not, some of its gradients
+            # replaced since: its NaN travels into their replacements, never into those parameters' gradients. Taken
+            # as held by every gradient, under DDP beside rank 0's own parameter, a NaN hand-over of DDP's whole,
+            # l1's gradients alone replaced, rank 0's own part clipped over the world, the batch dropped and the
+            # next one handed over whole: rank 0 was forced alone to keep by its own gradient and skipped)
+            out = {id(getattr(p.grad, "_local_tensor", p.grad)) for p in pending[7] if p.grad is not None}
+            members = [g for g in grads if id(g) not in out]
+        entries.append((pending[1], members, None))
     held_set: set[int] | None = set()  # (by the flags that may be set: see _UNSET)
     reads: set[int] | None = set()  # (the same, for the reads where the arming combined: see _calm_entries)
     calm = optimizer.__dict__.get(_CALM, ())
@@ -2604,7 +2626,7 @@ def _stash(
     """What the next step applies (``scale``, ``found``), the coefficient settle() would apply instead (None once
     applied), the gradients it was measured on with their versions (see :func:`_verdict`), whether the total
     was combined over several ranks (see :func:`hand_over_`), and the parameters stepped beside the measured ones
-    of a hand-over applied in place (see :func:`_measured_side`)."""
+    of a hand-over applied in place (see :func:`_measured_side`; kept once settled, see :func:`note_beside`)."""
     raw = version_list(grads)
     versions: list[Any] = list(raw)
     if coef is not None and any(map(Tensor._is_view, grads)):
