@@ -1289,8 +1289,12 @@ class Agreement:
         by its own read the entry of a NaN in its own gradient beside DDP's, clipped over the world and dropped to
         None, while rank 1's, standing for that gradient, was kept: rank 0 stepped, rank 1 skipped; ddp seed 1759),
         where a call combining over several ranks has armed that optimizer's skip (host-side tests, only where a
-        flag waits). A flag standing for another rank's gradients (:func:`_armed_elsewhere`) joins ``elsewhere``,
-        which the verdict takes by its value (see :meth:`agree`). Otherwise the call measures every gradient those
+        flag waits). A flag standing for another rank's gradients (:func:`_armed_elsewhere`) of such an optimizer
+        joins ``elsewhere``, which the verdict takes by its value (see :meth:`agree`); in one no combining call armed,
+        such an entry was kept by the verdict of calls combining over no other rank, each rank's own read of its
+        replicas, and that read decides it again (taken by its value, an entry of no gradient kept itself: DDP, a NaN
+        in l0 armed whole and at [l0], l1's gradients replaced out of place, [l1] armed, the batch dropped to None,
+        the next one armed whole: a good step skipped on every rank). Otherwise the call measures every gradient those
         optimizers step, whole on this rank and alike on every rank (``group=None``: DDP's replicas, by the pieces'
         contract), or the flags were all armed by calls on such pieces, and each rank's read is the others' (forced
         to keep, a NaN hand-over under DDP whose batch was dropped and recomputed skipped the next good step on
@@ -1318,7 +1322,8 @@ class Agreement:
             if _COMBINED in optimizer.__dict__ and (
                     not self.measured or _unmeasured(carry_only(optimizer, grads, _UNSET), self.measured)):
                 return True
-            elsewhere += _armed_elsewhere(optimizer)
+            if _COMBINED in optimizer.__dict__:  # (else no entry stands for another rank's gradients)
+                elsewhere += _armed_elsewhere(optimizer)
         return False
 
     @contextlib.contextmanager

@@ -1005,6 +1005,19 @@ FIXED = {
                                                                       ("call", "hand", [0, 1]), ("replace",),
                                                                       ("call", "total", [0]), ("call", "total", [1]),
                                                                       ("step",)]),
+    # DDP (no call combining over several ranks): a NaN in l0 (every rank), the whole armed (GradClipper), [l0]
+    # armed, l1's gradients alone replaced out of place, [l1] armed, the batch dropped to None, the next one armed
+    # whole and stepped: at [l1] the whole's flag, its gradients replaced, had nothing left to hold it ([l0]'s entry
+    # holds l0), so it was kept by the verdict as an entry of no gradient (one "standing for another rank's"), which
+    # outlived the drop and, joining the verdict of every later call with no collective, kept itself: a good step
+    # skipped on every rank (h8's replacement fuzz on HSDP, seed 346, session 40; 9 of 17 such variants under DDP).
+    # Fixed by such calls taking an entry standing for another rank's gradients by its value only for an optimizer a
+    # combining call armed (README: else its own read decides)
+    "ddp_part_replaced_between_armings_then_dropped": ("ddp", [("fused", True), ("bwd", (-1, 0)),
+                                                               ("call", "skip", [0, 1]), ("call", "skip", [0]),
+                                                               ("replace", [1]), ("call", "skip", [1]),
+                                                               ("zero", True), ("bwd", None),
+                                                               ("call", "skip", [0, 1]), ("step",)]),
 }
 
 
@@ -1092,6 +1105,39 @@ def test_a_replaced_nan_flag_beside_one_ranks_own_finite_part_is_dropped_with_th
     per_rank = run_ranks(2, body_flow, "ddp", flow)
     assert not violations(flow, per_rank), (flow, violations(flow, per_rank))
     assert [s["took"] for r in per_rank for s in r] == [True, True], (flow, per_rank)
+
+
+def _between(hows: str, fused: bool = True, drop: bool = True) -> list[tuple]:
+    """DDP, a NaN in l0: the whole, [l0], then l1's gradients alone replaced out of place and [l1], each call armed
+    (``hows``: "s" ``GradClipper(on_nonfinite="skip")``, "h" a fused hand-over, a letter each), then (``drop``) the
+    batch dropped to ``None``, the next one computed, the whole armed again, and stepped."""
+    h = ["skip" if c == "s" else "hand" for c in hows]
+    tail = [("zero", True), ("bwd", None), ("call", h[3], [0, 1])] if drop else []
+    return [("fused", fused), ("bwd", (-1, 0)), ("call", h[0], [0, 1]), ("call", h[1], [0]), ("replace", [1]),
+            ("call", h[2], [1]), *tail, ("step",)]
+
+
+@pytest.mark.parametrize(("world", "hows", "fused"), [(2, "ssss", True), (2, "shhs", True), (2, "sssh", True),
+                                                      (2, "ssss", False), (3, "shss", True)])
+def test_a_flag_kept_for_replaced_gradients_without_a_collective_goes_with_the_batch(run_ranks, world, hows,
+                                                                                     fused):
+    """FIXED ddp_part_replaced_between_armings_then_dropped and variants: DDP, every call ``group=None`` (no
+    collective, no call combining over several ranks ever armed the optimizer); a NaN in l0 on every rank, the whole
+    armed by ``GradClipper(on_nonfinite="skip")`` (a hand-over first always stepped), [l0] armed, l1's gradients
+    replaced out of place, [l1] armed, the batch dropped to ``None``, the next one, finite, armed whole: the whole's
+    flag, carried by l1's replacements and decided at [l1] by a verdict of 1 (l0's NaN entry), was kept as an entry
+    of no gradient, read as one standing for another rank's gradients: it outlived the drop, and every later call
+    with no collective took it by its value, keeping itself: a good step skipped on every rank (2 and 3 ranks, fused
+    or not, the later calls armed or handed over). The calls' own reads decide it now (README, Non-finite gradients:
+    no combining call armed the optimizer): every rank steps; without the drop, l0's NaN skips on every rank."""
+    flow = _between(hows, fused)
+    per_rank = run_ranks(world, body_flow, "ddp", flow)
+    assert not violations(flow, per_rank), (flow, violations(flow, per_rank))
+    assert [s["took"] for r in per_rank for s in r] == [True] * world, (flow, per_rank)
+    flow = _between(hows, fused, drop=False)
+    per_rank = run_ranks(world, body_flow, "ddp", flow)
+    assert not violations(flow, per_rank), (flow, violations(flow, per_rank))
+    assert [s["took"] for r in per_rank for s in r] == [False] * world, (flow, per_rank)
 
 
 def body_flows_off_host(setting: str, flows: list[list[tuple]]) -> list:

@@ -112,8 +112,8 @@ def run_fsdp_flow(setting: str, flow: list[tuple]) -> list[dict]:
                 for q in measured:
                     if nonfinite(q):
                         seen[id(q)] = True
-        elif ev[0] == "replace":
-            for q in stepped:
+        elif ev[0] == "replace":  # (("replace", part): only that part's gradients)
+            for q in stepped if len(ev) == 1 else [q for i in ev[1] for q in params[i]]:
                 if q.grad is not None:
                     q.grad = q.grad + 0.0
         elif ev[0] == "zero":
@@ -205,6 +205,25 @@ def test_fsdp2_flows_found_beyond_the_suite_s_seeds_and_fixed(run_ranks, name):
     per_rank = run_ranks(2, body_fsdp_flow, setting, flow)
     assert not violations(flow, per_rank), (flow, violations(flow, per_rank))
     assert [r[-1]["took"] for r in per_rank] == [False, False], (flow, per_rank)
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+@pytest.mark.parametrize("hows", ["ssss", "shhs"])
+def test_a_flag_kept_for_replaced_gradients_goes_with_the_batch_under_hsdp(run_ranks, setting, hows):
+    """h8's replacement fuzz (parts' gradients replaced) on HSDP, seed 346 minimised (session 40): a NaN in l0 (on
+    every replica), the whole armed (``GradClipper(on_nonfinite="skip")``), [l0] armed, l1's gradients alone
+    replaced out of place, [l1] armed (``hows``: "s" the clipper, "h" a fused hand-over, a letter each call), the
+    batch dropped to ``None``, the next one, finite, armed whole: on HSDP's replicas (shards of one rank, no call
+    combining over several ranks) the whole's flag, carried by l1's replacements, was kept at [l1] as an entry of
+    no gradient that outlived the drop and kept itself by its value: a good step skipped on both ranks (tests/
+    test_flow_fuzz.py, FIXED ddp_part_replaced_between_armings_then_dropped). Both step now, under FSDP2 too
+    (combining: it stepped before)."""
+    h = ["skip" if c == "s" else "hand" for c in hows]
+    flow = [("fused", True, False), ("bwd", (-1, 0)), ("call", h[0], [0, 1]), ("call", h[1], [0]),
+            ("replace", [1]), ("call", h[2], [1]), ("zero", True), ("bwd", None), ("call", h[3], [0, 1]), ("step",)]
+    per_rank = run_ranks(2, body_fsdp_flow, setting, flow)
+    assert not violations(flow, per_rank), (flow, violations(flow, per_rank))
+    assert [r[-1]["took"] for r in per_rank] == [True, True], (flow, per_rank)
 
 
 def body_fsdp_flows_off_host(setting: str, seeds: list[int]) -> list:
