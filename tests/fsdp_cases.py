@@ -24,6 +24,7 @@ import copy
 import gc
 import itertools
 import math
+import os
 import warnings
 import zlib
 from collections.abc import Callable
@@ -1665,7 +1666,8 @@ def fsdp1_tiny(use_orig_params: bool) -> dict[str, Any]:
     return {"per_p": run_case(case), "nothing_here": held == 0}
 
 
-def fsdp1_tiny_float64(use_orig_params: bool, agree_on_host: bool = True, keep_low: bool = False) -> dict[str, Any]:
+def fsdp1_tiny_float64(use_orig_params: bool, agree_on_host: bool = True, keep_low: bool = False,
+                       full_in_eval: bool = False) -> dict[str, Any]:
     """The tiny model in float64: every rank returns the same float64 total, the padding-only ones included.
 
     ``agree_on_host=False``: the ranks do not agree on the result's dtype through the collective, as on NCCL
@@ -1676,7 +1678,11 @@ def fsdp1_tiny_float64(use_orig_params: bool, agree_on_host: bool = True, keep_l
     ``keep_low``: ``MixedPrecision(param_dtype=float32, keep_low_precision_grads=True)`` over the float64 model:
     the gradients are float32, and so must the total be on every rank, the padding-only ones included (their
     stand-in took the float64 parameters' dtype: float64 on every rank on gloo, and on NCCL float64 there beside
-    float32 elsewhere)."""
+    float32 elsewhere).
+
+    ``full_in_eval``: with ``keep_low``, the backward and the clip in eval mode under FSDP's
+    ``FSDP_USE_FULL_PREC_IN_EVAL=1``, which forces full precision there: the gradients are float64 again, and so
+    must the total be (the padding-only ranks' stand-ins included)."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     from dist_clip import ClipperConfig, GradClipper, _reduce
@@ -1685,9 +1691,15 @@ def fsdp1_tiny_float64(use_orig_params: bool, agree_on_host: bool = True, keep_l
         real = _reduce.reduces_on_host
         _reduce.reduces_on_host = lambda group, device: False  # type: ignore[assignment]
         try:
-            return fsdp1_tiny_float64(use_orig_params, keep_low=keep_low)
+            return fsdp1_tiny_float64(use_orig_params, keep_low=keep_low, full_in_eval=full_in_eval)
         finally:
             _reduce.reduces_on_host = real  # (the ranks are reused)
+    if full_in_eval and "FSDP_USE_FULL_PREC_IN_EVAL" not in os.environ:
+        os.environ["FSDP_USE_FULL_PREC_IN_EVAL"] = "1"  # (read as FSDP wraps the model)
+        try:
+            return fsdp1_tiny_float64(use_orig_params, keep_low=keep_low, full_in_eval=True)
+        finally:
+            del os.environ["FSDP_USE_FULL_PREC_IN_EVAL"]  # (the ranks are reused)
 
     rank, ws = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
@@ -1700,6 +1712,8 @@ def fsdp1_tiny_float64(use_orig_params: bool, agree_on_host: bool = True, keep_l
         kw["mixed_precision"] = MixedPrecision(param_dtype=torch.float32, reduce_dtype=torch.float32,
                                                keep_low_precision_grads=True)
     fsdp_model = FSDP(model, use_orig_params=use_orig_params, device_id=torch.device("cpu"), **kw)
+    if full_in_eval:
+        fsdp_model.eval()
     loss_fn(fsdp_model, *batch(rank, torch.float64)).backward()
     held = sum(
         q.grad.numel() - getattr(q, "_shard_numel_padded", 0) for q in fsdp_model.parameters() if q.grad is not None

@@ -456,6 +456,21 @@ def test_fsdp1_low_precision_gradients_set_the_total_s_dtype_on_every_rank(run_r
     assert abs(results[0]["total"] - results[0]["want"]) <= 1e-6 * results[0]["want"], results[0]
 
 
+@pytest.mark.parametrize("use_orig_params", [True, False])
+def test_fsdp1_low_precision_gradients_forced_to_full_precision_in_eval_set_a_float64_total(
+        run_ranks, use_orig_params: bool) -> None:
+    """``keep_low_precision_grads=True`` over a float64 model, the backward and the clip in eval mode under
+    ``FSDP_USE_FULL_PREC_IN_EVAL=1`` (FSDP then computes in full precision and keeps the gradients float64): a
+    float64 total on every rank, the padding-only ones too, each deciding the dtype by its own pieces (taken as
+    low precision, their stand-in was float32 beside float64 totals elsewhere)."""
+    results = run_ranks(4, cases.fsdp1_tiny_float64, use_orig_params, False, True, True, timeout_s=90)
+    assert results[-1]["nothing_here"], "the last rank holds gradient: the case tests nothing"
+    assert {g for r in results for g in r["grad_dtypes"]} == {"torch.float64"}, results
+    assert {r["dtype"] for r in results} == {r["clipper_dtype"] for r in results} == {"torch.float64"}, results
+    assert len({r["total"] for r in results}) == 1, results
+    assert abs(results[0]["total"] - results[0]["want"]) <= 1e-12 * results[0]["want"], results[0]
+
+
 @pytest.mark.parametrize(("world_size", "use_orig_params"), [(3, True), (4, True), (4, False)])
 def test_fsdp1_rank_without_gradients(run_ranks, world_size: int, use_orig_params: bool) -> None:
     """Two parameters over 3 or 4 ranks: the last ranks' shards are padding only, yet they join the collective."""
