@@ -314,6 +314,26 @@ def test_a_nan_hand_over_beside_one_ranks_own_part_clipped_over_the_world_parts_
     assert [s["took"] for r in per_rank for s in r] == [True, True], (flow, per_rank)
 
 
+@pytest.mark.parametrize(("write", "call", "took"), [
+    ([("zero", False), ("bwd", None)], ("call", "total", [2]), True),
+    ([("replace",)], ("call", "plain", [2]), False),
+])
+def test_a_nan_hand_over_beside_one_ranks_own_part_written_then_the_own_part_read_keeps_alike(run_ranks, write, call,
+                                                                                               took):
+    """As above, the hand-over's gradients written before rank 0's own part is read over the world (the batch
+    dropped in place and recomputed, ``get_total_norm``; or every gradient replaced out of place, a plain clip),
+    straight to the step: the call reads nothing the hand-over measured, on any rank, so it leaves the hand-over
+    pending on every rank for the step to decide alike (the recomputed batch stepped, the replaced NaN skipped):
+    :meth:`_fused.Agreement._others_unsettled` passes over the parameter the hand-over found stepped beside its
+    gradients. Dropped there on rank 0 alone by its read of its own gradient, the flag joined the ledger, held by
+    DDP's gradients: rank 0 skipped the recomputed batch that rank 1 stepped, or stepped the replaced NaN that
+    rank 1 skipped, and DDP's replicas parted."""
+    flow = [("fused", True), ("bwd", (-1, 0)), ("call", "hand", [0, 1]), *write, call, ("step",)]
+    per_rank = run_ranks(2, body_flow, "ddp", flow)
+    assert not violations(flow, per_rank), (flow, violations(flow, per_rank))
+    assert [s["took"] for r in per_rank for s in r] == [took, took], (flow, per_rank)
+
+
 @pytest.mark.parametrize("part", ["whole", "l0"])
 @pytest.mark.parametrize("how", ["skip", "hand"])
 def test_a_nan_hand_over_beside_one_ranks_own_part_dropped_to_none_is_replaced_by_the_next_one(run_ranks, how, part):
