@@ -1350,6 +1350,7 @@ PARTIAL_CLIPPERS: dict[str, dict[str, Any]] = {
     "zclip": {"max_norm": dist_clip.ZClip()}, "unitwise": {"mode": "unitwise"}, "per_param": {"mode": "per_param"},
     "per_group": {"mode": "per_group"}, "skip": {"on_nonfinite": "skip"}, "hand-over": {},
     "unitwise-pending": {"mode": "unitwise"}, "per_param-mapping": {"mode": "per_param"},
+    "fixed-lone": {}, "unitwise-lone": {"mode": "unitwise"},
 }
 
 
@@ -1358,8 +1359,9 @@ def partial_on_one_rank_none_on_another(how: str) -> list[str]:
     holds a ``Partial`` gradient of ``w``, rank 0 none (the layer unused there: a stand-in in ``w``'s layout, one
     collective). ``how`` calls ``get_total_norm`` or ``clip_grad_norm_`` on the module, or a ``GradClipper`` set
     as ``PARTIAL_CLIPPERS[how]`` says (with an optimizer, fused for "hand-over"; "unitwise-pending": a hand-over
-    of another part pending, which the call settles first; "-mapping": the target ``{"w": w, "b": b}``); then
-    every rank measures ``b`` over the world. Returns what each call gave: the exception's type, or the value."""
+    of another part pending, which the call settles first; "-mapping": the target ``{"w": w, "b": b}``; "-lone":
+    the target ``w`` itself, not in a list); then every rank measures ``b`` over the world. Returns what each call
+    gave: the exception's type, or the value."""
     from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
 
     m = mesh((2,), ("dp",))
@@ -1369,14 +1371,14 @@ def partial_on_one_rank_none_on_another(how: str) -> list[str]:
     mod.b.grad = torch.full((3,), 2.0)
     if dist.get_rank() == 1:
         mod.w.grad = DTensor.from_local(torch.ones(4, 2), m, [Partial()], run_check=False)
-    if how == "total":
-        first = lambda: dist_clip.get_total_norm(mod)  # noqa: E731
-    elif how == "clip":
-        first = lambda: dist_clip.clip_grad_norm_(mod, 1.0)  # noqa: E731
+    target = {"w": mod.w, "b": mod.b} if how.endswith("mapping") else mod.w if how.endswith("lone") else mod
+    if how.startswith("total"):
+        first = lambda: dist_clip.get_total_norm(target)  # noqa: E731
+    elif how.startswith("clip"):
+        first = lambda: dist_clip.clip_grad_norm_(target, 1.0)  # noqa: E731
     else:
         clipper = dist_clip.GradClipper(**PARTIAL_CLIPPERS[how])
         opt = torch.optim.SGD(mod.parameters(), lr=0.1, fused=how == "hand-over")
-        target = {"w": mod.w, "b": mod.b} if how.endswith("mapping") else mod
         first = lambda: clipper(target, optimizer=opt).total_norm  # noqa: E731
     other = nn.Parameter(torch.ones(3))
     other.grad = torch.full((3,), 5.0)

@@ -192,7 +192,7 @@ def test_a_refusal_names_the_first_gradient_of_the_refused_layout(run_ranks) -> 
         assert partial.startswith("gradient of '1' has placements (Partial(sum),)"), partial
 
 
-@pytest.mark.parametrize("how", ["total", "clip", *cases.PARTIAL_CLIPPERS])
+@pytest.mark.parametrize("how", ["total", "clip", "total-lone", "clip-lone", *cases.PARTIAL_CLIPPERS])
 def test_a_partial_gradient_on_one_rank_is_refused_where_another_holds_none(run_ranks, how) -> None:
     """A Partial gradient of a module's DTensor parameter on rank 1, none on rank 0 (a stand-in there): rank 1
     refused alone, without joining the collective rank 0's plan makes (its own target did not resolve), so rank
@@ -200,7 +200,8 @@ def test_a_partial_gradient_on_one_rank_is_refused_where_another_holds_none(run_
     a GradClipper's call read the next call's settings as a disagreement, or gloo aborted the process on its
     length, and "unitwise" raised NotImplementedError, "placements differ", alone). The refusing rank plans as if
     it held no gradient of that parameter and joins: every rank raises, and the next call is every rank's next
-    call (sqrt(24) = 4.899, b's copies summed over the world), in every GradClipper mode and policy too."""
+    call (sqrt(24) = 4.899, b's copies summed over the world), in every GradClipper mode and policy too, and
+    with the parameter itself as the target ("-lone")."""
     assert run_ranks(2, cases.partial_on_one_rank_none_on_another, how) == [
         ["RefusedElsewhere", "4.8990"], ["ValueError", "4.8990"]]
 
