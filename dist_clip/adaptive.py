@@ -450,7 +450,9 @@ class AGC:
 
     For every unit (row along dim 0 of a parameter with 2+ dims, the whole of a 0/1-D parameter), with
     ``max = clipping * max(||w_unit||, eps)``: a gradient unit with ``||g_unit|| >= max`` is scaled to norm
-    ``max`` (``g * max / max(||g_unit||, 1e-6)``), others are left alone. Norms are of the clipper's order.
+    ``max`` (``g * max / max(||g_unit||, 1e-6)``), others are left alone. Norms are of the clipper's order. A NaN
+    in a weight makes its unit's ``max`` NaN: where that unit's gradient is not zero the call is a non-finite one
+    (``on_nonfinite`` applies, on every rank), as its coefficient would write NaN into the gradient.
 
     Attributes:
         clipping: the ratio λ (0.01 for batch sizes up to 4096 in the paper, smaller for larger batches).
@@ -1035,8 +1037,8 @@ def _unit_coefs(wp: Tensor, gp: Tensor, p: float, loss_scale: float, config: AGC
     if math.isinf(config.clipping):
         # clipping=inf is no limit, as max_norm=inf is (_scale.clip_coefficient): a unit norm that reads inf (an inf
         # entry, or p = 100 on finite entries of 2e3) met inf / inf = NaN, and the unit's finite entries became NaN
-        # (timm's formula does that). A NaN unit norm stays NaN.
-        coef = torch.where(gn == math.inf, torch.ones_like(coef), coef)
+        # (timm's formula does that); so did a NaN in the weight (its limit inf * NaN). A NaN unit norm stays NaN.
+        coef = torch.where(gn.isnan(), coef, torch.ones_like(coef))
     coef = coef.to(torch.float64 if dtype == torch.float64 else torch.float32)  # the gradient's precision
     if name and any(fnmatch.fnmatchcase(name, pat) for pat in config.exclude):
         coef = torch.ones_like(coef)
