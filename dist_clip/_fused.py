@@ -54,6 +54,9 @@ _UNSET = "_dist_clip_beside_unset"
 #: on an optimizer among several ranks: the flags armed since its last step by calls combining over several ranks
 #: that read on the CPU as not set, the same on every rank (see :func:`note_beside`)
 _CALM = "_dist_clip_calm"
+#: where the arming combined over several ranks: :data:`_BESIDE` passing over the :data:`_CALM` flags' gradients,
+#: for the carries of calls combining over no other rank (see :func:`note_beside`)
+_BESIDE_ALONE = "_dist_clip_beside_alone"
 # id(parameter) -> (backward count, its hook's handle, the tensor's _cdata) (see _write_cell). By id: a weak
 # reference on a parameter made module.to() / load_state_dict() refuse to swap it
 # (torch.__future__.set_swap_module_params_on_conversion).
@@ -1065,7 +1068,7 @@ def supersede(armed: tuple[Any, ...], record: tuple[Any, ...], now: tuple[list[T
     if gone:
         holding = {id(t) for _, members, _ in kept if members is not None for t in members}
         entry = carried_by_replacements(functools.reduce(merge, gone),
-                                        [t for t in carry_only(optimizer, now[0])
+                                        [t for t in carry_only(optimizer, now[0], _beside_key())
                                          if id(t) not in again and id(t) not in holding])
         if entry is not None:
             kept.append(entry)
@@ -2091,7 +2094,8 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple
             # replacement out of place (p.grad + g) and stays under a further backward accumulating into it, while
             # the next batch's gradients (after zero_grad, either way) are finite (see carried_by_replacements;
             # dropped with the coefficient, a NaN hand-over, an auxiliary loss and the step took the NaN step)
-            entry = _carried_at_step(pending, carry_only(optimizer, read_for_carry(optimizer, grads)))
+            entry = _carried_at_step(pending, carry_only(optimizer, read_for_carry(optimizer, grads),
+                                                            _beside_key()))
             if entry is not None:
                 armed = (entry[0] if armed is None
                          else torch.maximum(armed[0], _reduce.moved(entry[0], armed[0].device)), None)
@@ -2146,7 +2150,7 @@ def pending_flag(optimizer: torch.optim.Optimizer) -> Tensor | None:
         grads = gradients(optimizer)
         verdict, _ = _verdict(pending[3], pending[4], grads, pending[5], optimizer)
         if _dropped(verdict):  # (kept where the gradients hold a NaN, as the pre-hook keeps it)
-            entry = _carried_at_step(pending, carry_only(optimizer, read_for_carry(optimizer, grads)))
+            entry = _carried_at_step(pending, carry_only(optimizer, read_for_carry(optimizer, grads), _beside_key()))
             return entry[0] if entry is not None else None
     return pending[1]
 
@@ -2556,6 +2560,7 @@ def note_beside(optimizer: torch.optim.Optimizer, measured: Sequence[Tensor] | N
         entries.append((pending[1], members, None))
     held_set: set[int] | None = set()  # (by the flags that may be set: see _UNSET)
     reads: set[int] | None = set()  # (the same, for the reads where the arming combined: see _calm_entries)
+    alone: set[int] | None = set()  # (and those, passing over the _CALM flags: see _BESIDE_ALONE)
     calm = optimizer.__dict__.get(_CALM, ())
     combining = _COMBINING.get()
     for flag, members, _seen in entries:
@@ -2578,10 +2583,19 @@ def note_beside(optimizer: torch.optim.Optimizer, measured: Sequence[Tensor] | N
             held_set.update(map(id, members))
         if reads is not None and not unset:
             reads.update(map(id, members))
+        if quiet or alone is None or unset:
+            continue
+        if members is None or any(id(t) not in where for t in members):
+            alone = None
+        else:
+            alone.update(map(id, members))
     among = rest
     if combining:
         among, held = where, reads  # (the reads too: see the docstring)
-    for key, ids in ((_BESIDE, held), (_UNSET, held_set)):
+    keys: list[tuple[str, set[int] | None]] = [(_BESIDE, held), (_UNSET, held_set)]
+    if combining and alone != reads:
+        keys.append((_BESIDE_ALONE, alone))
+    for key, ids in keys:
         if ids is None:
             continue
         beside = [p for group in optimizer.param_groups for p in group["params"]
@@ -2611,6 +2625,17 @@ def _forget_beside(optimizer: torch.optim.Optimizer) -> None:
     """Drop what :func:`note_beside` recorded (both sets): at each arming, a hand-over and the step."""
     optimizer.__dict__.pop(_BESIDE, None)
     optimizer.__dict__.pop(_UNSET, None)
+    optimizer.__dict__.pop(_BESIDE_ALONE, None)
+
+
+def _beside_key() -> str:
+    """:data:`_BESIDE`, or :data:`_BESIDE_ALONE` in a call combining over no other rank: there a :data:`_CALM` flag
+    holds no gradient (its value joins the verdict: :func:`_calm_entries`), so the flags its carries keep are not
+    held by the gradients only it held. Counted, off the host (a GPU), rank 0's own part's finite entry held its own
+    gradient, so a NaN [l0] flag whose gradients were replaced out of place was carried by rank 0's own gradient at
+    [l0] again (by l1 on rank 1, which held no such set): DDP's whole clipped after the next batch, rank 0 alone
+    was forced to keep by its own gradient (skipped), rank 1 stepped."""
+    return _BESIDE if _COMBINING.get() else _BESIDE_ALONE
 
 
 def carry_only(optimizer: Any, grads: list[Tensor], key: str = _BESIDE) -> list[Tensor]:
@@ -2618,6 +2643,8 @@ def carry_only(optimizer: Any, grads: list[Tensor], key: str = _BESIDE) -> list[
     armed on (:func:`note_beside`): the ones a replaced flag's NaN may have travelled into. ``key``: :data:`_UNSET`
     for those no waiting flag that may be set was armed on."""
     beside = optimizer.__dict__.get(key) if optimizer is not None else None
+    if key is _BESIDE_ALONE and optimizer is not None and key not in optimizer.__dict__:
+        beside = optimizer.__dict__.get(_BESIDE)  # (no _CALM flag set it apart: see note_beside)
     if not beside:
         return grads
     out = {id(getattr(p.grad, "_local_tensor", p.grad)) for p in beside if p.grad is not None}
