@@ -1289,13 +1289,23 @@ def body_flows_both(setting: str, flows: list[list[tuple]]) -> list:
     return [*body_flows_off_host(setting, flows), *(run_flow(setting, flow) for flow in flows)]
 
 
+#: "ddp" seeds (1000-2299) that parted the ranks off the host alone by the same cause (see OFF_HOST_FIXED)
+OFF_HOST_CARRY_SEEDS = [1474, 1876]
+
+
 def test_flows_found_off_the_host_by_mutation_step_on_every_rank(run_ranks):
     """OFF_HOST_FIXED's flows off the host (a GPU; simulated) and on the CPU: every rank steps, DDP's replicas
-    stay one (off the host rank 0 skipped and rank 1 stepped)."""
+    stay one (off the host rank 0 skipped and rank 1 stepped). And OFF_HOST_CARRY_SEEDS' flows, which take the
+    CPU's verdicts off the host now (they parted the ranks there: 1474's last step, 1876's first)."""
     names = sorted(OFF_HOST_FIXED)
-    flows = [OFF_HOST_FIXED[n] for n in names]
+    flows = [OFF_HOST_FIXED[n] for n in names] + [make_flow(seed, "ddp") for seed in OFF_HOST_CARRY_SEEDS]
     per_rank = run_ranks(2, body_flows_both, "ddp", flows)
-    for i, (where, name) in enumerate(itertools.product(["off host", "cpu"], names)):
+    for i, (where, name) in enumerate(itertools.product(["off host", "cpu"], [*names, *OFF_HOST_CARRY_SEEDS])):
+        flow = flows[i % len(flows)]
         steps = [per_rank[0][i], per_rank[1][i]]
-        assert not violations(OFF_HOST_FIXED[name], steps), (where, name, violations(OFF_HOST_FIXED[name], steps))
-        assert [s["took"] for r in steps for s in r] == [True, True], (where, name, steps)
+        assert not violations(flow, steps), (where, name, violations(flow, steps))
+        if name in OFF_HOST_FIXED:
+            assert [s["took"] for r in steps for s in r] == [True, True], (where, name, steps)
+        else:  # (the CPU's verdicts)
+            cpu = [per_rank[r][i + len(flows) * (where == "off host")] for r in range(2)]
+            assert [[s["took"] for s in r] for r in steps] == [[s["took"] for s in r] for r in cpu], (name, steps)
