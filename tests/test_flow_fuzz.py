@@ -1107,6 +1107,19 @@ def test_a_hand_over_left_waiting_by_a_call_arming_no_skip_keeps_on_every_rank(r
     assert [r[-1]["took"] for r in per_rank] == [took] * world, (flow, per_rank)
 
 
+@pytest.mark.parametrize("first", ["skip", "hand"])
+def test_a_hand_over_of_another_part_keeps_the_entry_standing_for_one_ranks_nan_on_every_rank(run_ranks, first):
+    """``a`` on rank 0 alone, ``b`` on both, one fused AdamW: a NaN in ``a``, [a] armed over the world
+    (``GradClipper(on_nonfinite="skip")`` or handed over; rank 1, measuring nothing, arms an entry standing for rank
+    0's gradient), then [b] handed over, stepped: every rank skips. The hand-over of [b] must not drop rank 1's
+    entry as one no gradient holds (``hand_over_``'s ``gone`` decided by ``_sticky`` instead of ``_lasts``, mutation
+    run 21's P06: rank 0 skipped, rank 1 stepped)."""
+    flow = [("fused", True), ("bwd", (0, 0)), ("call", first, [0]), ("call", "hand", [1]), ("step",)]
+    per_rank = run_ranks(2, body_flow, "alone", flow)
+    assert not violations(flow, per_rank), (flow, violations(flow, per_rank))
+    assert [r[-1]["took"] for r in per_rank] == [False, False], (flow, per_rank)
+
+
 @pytest.mark.parametrize(("first", "own", "last"), [("skip", "skip", "skip"), ("hand", "hand", "hand"),
                                                    ("skip", "hand", "skip"), ("skip", "skip", "hand")])
 def test_a_replaced_nan_flag_beside_one_ranks_own_finite_part_is_dropped_with_the_batch_on_every_rank(
