@@ -1322,3 +1322,56 @@ def test_flows_found_off_the_host_by_mutation_step_on_every_rank(run_ranks):
         else:  # (the CPU's verdicts)
             cpu = [per_rank[r][i + len(flows) * (where == "off host")] for r in range(2)]
             assert [[s["took"] for s in r] for r in steps] == [[s["took"] for s in r] for r in cpu], (name, steps)
+
+
+#: Flows that still part the ranks off the host (every flag taken for a device's; the CPU steps every rank), found
+#: in session 40 (h12) after OFF_HOST_FIXED's fix: rank 0 skips, rank 1 steps, DDP's replicas part. The first five
+#: go through a carry reading the gradients held by rank 0's own finite ``_CALM`` entry (``_BESIDE``) where
+#: OFF_HOST_FIXED's fix reads ``_BESIDE_ALONE`` (each keyed by the caller named; the fix must take "this call
+#: combines" from the call's group, as settle() and Agreement.__init__ run before the all-reduce sets _COMBINING);
+#: the last, rank 0's own part handed over over the world before any backward, by another path. Replayed as strict
+#: xfails for whoever fixes them (a fix moves them to OFF_HOST_FIXED).
+OFF_HOST_OPEN: dict[str, list[tuple]] = {
+    "settle": [("fused", True), ("bwd", (-1, 0)), ("call", "hand", [0, 1]), ("call", "skip", [2]), ("replace",),
+               ("call", "skip", [0]), ("zero", True), ("bwd", None), ("call", "skip", [0, 1]), ("step",)],
+    "arm_skip": [("fused", True), ("bwd", (-1, 0)), ("call", "hand", [0, 1]), ("call", "total", [0, 1]),
+                 ("call", "skip", [2]), ("replace",), ("call", "skip", [0]), ("zero", True), ("bwd", None),
+                 ("call", "skip", [0, 1]), ("step",)],
+    "drop_unsettled": [("fused", True), ("bwd", (-1, 0)), ("call", "hand", [1]), ("call", "skip", [2]),
+                       ("replace",), ("call", "skip", [0]), ("zero", True), ("bwd", None),
+                       ("call", "skip", [0, 1]), ("step",)],
+    "agreement_init": [("fused", True), ("bwd", (-1, 0)), ("call", "hand", [0, 1]), ("call", "skip", [2]),
+                       ("zero", True), ("bwd", (0, 2)), ("call", "skip", [0, 1]), ("step",)],
+    "keep_flag": [("fused", True), ("bwd", (-1, 0)), ("call", "hand", [0, 1]), ("call", "skip", [2]),
+                  ("replace", [0]), ("zero", False), ("call", "total", [0]), ("call", "skip", [0, 1]), ("step",)],
+    "own_handed_before_backward": [("fused", True), ("call", "hand", [2]), ("bwd", (-1, 1)),
+                                   ("call", "hand", [0, 1]), ("zero", True), ("bwd", None),
+                                   ("call", "hand", [0, 1]), ("step",)],
+}
+
+
+def test_open_off_host_flows_step_on_every_rank_on_the_cpu(run_ranks):
+    """OFF_HOST_OPEN's flows on the CPU (flags read on the host): every rank steps, no invariant broken."""
+    names = sorted(OFF_HOST_OPEN)
+    flows = [OFF_HOST_OPEN[n] for n in names]
+    per_rank = run_ranks(2, body_flows_cpu, "ddp", flows)
+    for i, name in enumerate(names):
+        steps = [per_rank[0][i], per_rank[1][i]]
+        assert not violations(flows[i], steps), (name, violations(flows[i], steps))
+        assert [s[-1]["took"] for s in steps] == [True, True], (name, steps)
+
+
+def body_flows_cpu(setting: str, flows: list[list[tuple]]) -> list:
+    """:func:`run_flow` of each flow, flags read on the host (the CPU's path)."""
+    return [run_flow(setting, flow) for flow in flows]
+
+
+@pytest.mark.xfail(strict=True, reason="open off the host: rank 0 skips, rank 1 steps (see OFF_HOST_OPEN)")
+@pytest.mark.parametrize("name", sorted(OFF_HOST_OPEN))
+def test_open_flows_off_the_host(run_ranks, name):
+    """An OFF_HOST_OPEN flow off the host (a GPU; simulated): every rank should take the CPU's verdict."""
+    flow = OFF_HOST_OPEN[name]
+    per_rank = run_ranks(2, body_flows_off_host, "ddp", [flow])
+    steps = [per_rank[0][0], per_rank[1][0]]
+    assert not violations(flow, steps), (name, violations(flow, steps))
+    assert [s[-1]["took"] for s in steps] == [True, True], (name, steps)
