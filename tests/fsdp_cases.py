@@ -1354,6 +1354,18 @@ PARTIAL_CLIPPERS: dict[str, dict[str, Any]] = {
 }
 
 
+def _outcomes(calls: tuple[Callable[[], Any], ...], errors: tuple[type[BaseException], ...]) -> list[str]:
+    """Each call's total to 4 digits, or the name of the exception (of ``errors``) it raised, in order: what the
+    cases of a refusal on one rank return (the refused call, then one every rank must meet)."""
+    out = []
+    for call in calls:
+        try:
+            out.append(f"{float(call()):.4f}")
+        except errors as e:
+            out.append(type(e).__name__)
+    return out
+
+
 def partial_on_one_rank_none_on_another(how: str) -> list[str]:
     """A module with a ``Shard(0)`` DTensor parameter ``w`` (and a plain ``b``) on a 1-D mesh of 2 ranks: rank 1
     holds a ``Partial`` gradient of ``w``, rank 0 none (the layer unused there: a stand-in in ``w``'s layout, one
@@ -1385,12 +1397,8 @@ def partial_on_one_rank_none_on_another(how: str) -> list[str]:
     fused = torch.optim.SGD([other], lr=0.1, fused=True)
     if how.endswith("pending"):
         dist_clip.clip_grad_norm_([other], 1.0, optimizer=fused)  # (replicas: no collective)
-    out = []
-    for call in (first, lambda: dist_clip.get_total_norm(mod.b, group=dist.group.WORLD)):
-        try:
-            out.append(f"{float(call()):.4f}")
-        except (ValueError, RuntimeError) as e:
-            out.append(type(e).__name__)
+    out = _outcomes((first, lambda: dist_clip.get_total_norm(mod.b, group=dist.group.WORLD)),
+                    (ValueError, RuntimeError))
     fused.step()  # (the pending hand-over taken)
     return out
 
@@ -1422,13 +1430,7 @@ def partial_gradient_listed_on_one_rank(how: str) -> list[str]:
         opt = torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1) if how == "skip" else None
         first = lambda: clipper(grads, optimizer=opt).total_norm  # noqa: E731
     b = torch.full((3,), 2.0)
-    out = []
-    for call in (first, lambda: dist_clip.get_total_norm([b], group=dist.group.WORLD)):
-        try:
-            out.append(f"{float(call()):.4f}")
-        except (ValueError, RuntimeError) as e:
-            out.append(type(e).__name__)
-    return out
+    return _outcomes((first, lambda: dist_clip.get_total_norm([b], group=dist.group.WORLD)), (ValueError, RuntimeError))
 
 
 # How a target holding None in place of a gradient is measured, by name (see none_listed_on_one_rank)
@@ -1460,13 +1462,7 @@ def none_listed_on_one_rank(how: str) -> list[str]:
         clipper = dist_clip.GradClipper(**config)
         first = lambda: clipper(target).total_norm  # noqa: E731
     b = torch.full((3,), 2.0)
-    out = []
-    for call in (first, lambda: dist_clip.get_total_norm([b], group=dist.group.WORLD)):
-        try:
-            out.append(f"{float(call()):.4f}")
-        except (TypeError, RuntimeError) as e:
-            out.append(type(e).__name__)
-    return out
+    return _outcomes((first, lambda: dist_clip.get_total_norm([b], group=dist.group.WORLD)), (TypeError, RuntimeError))
 
 
 def unitwise_tensor_not_a_parameter_on_one_rank(how: str) -> list[str]:
@@ -1493,14 +1489,8 @@ def unitwise_tensor_not_a_parameter_on_one_rank(how: str) -> list[str]:
     clipper = dist_clip.GradClipper(mode="unitwise")
     group = dist.group.WORLD if how == "group" else None
     b = torch.full((3,), 2.0)
-    out = []
-    for call in (lambda: clipper(target, group=group).total_norm,
-                 lambda: dist_clip.get_total_norm([b], group=dist.group.WORLD)):
-        try:
-            out.append(f"{float(call()):.4f}")
-        except (TypeError, RuntimeError) as e:
-            out.append(type(e).__name__)
-    return out
+    return _outcomes((lambda: clipper(target, group=group).total_norm,
+                      lambda: dist_clip.get_total_norm([b], group=dist.group.WORLD)), (TypeError, RuntimeError))
 
 
 def unitwise_placements_differ_where_another_holds_none(how: str) -> list[str]:
@@ -1520,13 +1510,9 @@ def unitwise_placements_differ_where_another_holds_none(how: str) -> list[str]:
         mod.w.grad = DTensor.from_local(torch.ones(4, 2), m, [Replicate()], run_check=False)
     target = mod if how == "module" else [mod.w, mod.b]
     clipper = dist_clip.GradClipper(mode="unitwise")
-    out = []
-    for call in (lambda: clipper(target).total_norm, lambda: dist_clip.get_total_norm(mod.b, group=dist.group.WORLD)):
-        try:
-            out.append(f"{float(call()):.4f}")
-        except (NotImplementedError, RuntimeError) as e:
-            out.append(type(e).__name__)
-    return out
+    return _outcomes((lambda: clipper(target).total_norm,
+                      lambda: dist_clip.get_total_norm(mod.b, group=dist.group.WORLD)),
+                     (NotImplementedError, RuntimeError))
 
 
 def lone_parameter_without_gradient_on_one_rank(how: str) -> list[str]:
@@ -1544,15 +1530,9 @@ def lone_parameter_without_gradient_on_one_rank(how: str) -> list[str]:
         w.grad = DTensor.from_local(torch.ones(2, 2), m, [Shard(0)], run_check=False)
     first = {"total": lambda: dist_clip.get_total_norm(w), "clip": lambda: dist_clip.clip_grad_norm_(w, 1.0),
              "clipper": lambda: dist_clip.GradClipper()(w).total_norm}[how]
-    out = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ("the target holds no gradients on this rank", as for a list)
-        for call in (first, lambda: dist_clip.get_total_norm(b, group=dist.group.WORLD)):
-            try:
-                out.append(f"{float(call()):.4f}")
-            except RuntimeError as e:
-                out.append(type(e).__name__)
-    return out
+        return _outcomes((first, lambda: dist_clip.get_total_norm(b, group=dist.group.WORLD)), (RuntimeError,))
 
 
 def dtensor_placements() -> dict[str, Any]:
