@@ -56,6 +56,25 @@ EVENTS = 7
 BATCHED = 1000
 
 
+def draw_event(rng: random.Random, kind: str, nan: Callable[[], tuple[int, int] | None], hows: list[str],
+               parts: list[list[int]]) -> tuple:
+    """One event of ``kind`` for a random flow (:func:`make_flow`, and the fuzzes built on it), drawing its
+    arguments from ``rng``: a backward (``nan()`` says where a NaN goes), a call of one of ``hows`` on one of
+    ``parts``, every gradient (``replace``) or one part's (``rpart``) replaced out of place, a ``zero_grad`` (to
+    ``None`` or in place), or a step."""
+    if kind == "bwd":
+        return ("bwd", nan())
+    if kind == "call":
+        return ("call", rng.choice(hows), rng.choice(parts))
+    if kind == "replace":
+        return ("replace",)
+    if kind == "rpart":
+        return ("replace", rng.choice(parts))
+    if kind == "zero":
+        return ("zero", rng.random() < 0.5)
+    return ("step",)
+
+
 def make_flow(seed: int, setting: str) -> list[tuple]:
     """The events of flow ``seed`` (the same on every rank). Pieces are named by index: plain ``a`` 0, ``b`` 1;
     DDP ``l0`` 0 (both tensors of the first Linear), ``l1`` 1, ``own`` 2 (rank 0's own parameter)."""
@@ -93,17 +112,8 @@ def make_flow(seed: int, setting: str) -> list[tuple]:
         return [*flow, ("bwd", None), ("call", rng.choice(arming), parts[2]), ("step",)]
     flow: list[tuple] = [("fused", fused), ("bwd", None)]
     for _ in range(EVENTS):
-        kind = rng.choices(["bwd", "call", "replace", "zero", "step"], [3, 5, 1, 1.5, 2])[0]
-        if kind == "bwd":
-            flow.append(("bwd", nan()))
-        elif kind == "call":
-            flow.append(("call", rng.choice(hows), rng.choice(parts)))
-        elif kind == "replace":
-            flow.append(("replace",))
-        elif kind == "zero":
-            flow.append(("zero", rng.random() < 0.5))
-        else:
-            flow.append(("step",))
+        flow.append(draw_event(rng, rng.choices(["bwd", "call", "replace", "zero", "step"], [3, 5, 1, 1.5, 2])[0],
+                               nan, hows, parts))
     tail = rng.random()
     if tail < 0.35:  # the next batch, after the last one dropped
         flow += [("zero", True), ("bwd", None)]
@@ -275,6 +285,19 @@ FLOW_SEEDS = [*range(FLOWS), *range(BATCHED, BATCHED + FLOWS)]
 KNOWN: set[tuple[str, int]] = set()
 
 
+def seeded_failures(setting: str, seeds: list[int], per_rank: list[list],
+                    make: Callable[[int, str], list[tuple]]) -> list[str]:
+    """What :func:`violations` finds in each seeded flow ``make(seed, setting)``, whose records ``per_rank`` holds
+    in the order of ``seeds`` (one message a failing seed, naming it and its flow)."""
+    failures = []
+    for i, seed in enumerate(seeds):
+        flow = make(seed, setting)
+        bad = violations(flow, [per_rank[r][i] for r in range(len(per_rank))])
+        if bad:
+            failures.append(f"seed {seed} ({setting}): {flow}\n  " + "\n  ".join(bad))
+    return failures
+
+
 @pytest.mark.parametrize("setting", ["plain", "ddp", "mixed", "alone"])
 def test_random_flows_keep_the_ranks_in_agreement(run_ranks, setting):
     """80 seeded flows on 2 ranks, 40 of 9 to 12 random events and 40 of 2 or 3 batches (1-2 s of rank time a
@@ -284,12 +307,7 @@ def test_random_flows_keep_the_ranks_in_agreement(run_ranks, setting):
     Session 36's tree before the fixes of DDP beside one rank's own parameter (2534b4e) fails 12 ddp flows."""
     seeds = [s for s in FLOW_SEEDS if (setting, s) not in KNOWN]
     per_rank = run_ranks(2, body_flows, setting, seeds)
-    failures = []
-    for i, seed in enumerate(seeds):
-        flow = make_flow(seed, setting)
-        bad = violations(flow, [per_rank[r][i] for r in range(2)])
-        if bad:
-            failures.append(f"seed {seed} ({setting}): {flow}\n  " + "\n  ".join(bad))
+    failures = seeded_failures(setting, seeds, per_rank, make_flow)
     assert not failures, "\n".join(failures)
 
 

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 import dist_clip
-from tests.test_flow_fuzz import BATCHED, FLOWS, make_flow, step_and_record, violations
+from tests.test_flow_fuzz import BATCHED, FLOWS, draw_event, make_flow, seeded_failures, step_and_record, violations
 
 SETTINGS = ("fsdp2", "hsdp")
 
@@ -145,18 +145,7 @@ def replacement_flow(seed: int, setting: str) -> list[tuple]:
     flow: list[tuple] = [("fused", fused, rng.random() < 0.5), ("bwd", nan())]
     for _ in range(rng.randint(5, 11)):
         kind = rng.choices(["bwd", "call", "replace", "rpart", "zero", "step"], [2, 6, 1.5, 1, 1.5, 1])[0]
-        if kind == "bwd":
-            flow.append(("bwd", nan()))
-        elif kind == "call":
-            flow.append(("call", rng.choice(hows), rng.choice(parts)))
-        elif kind == "replace":
-            flow.append(("replace",))
-        elif kind == "rpart":
-            flow.append(("replace", rng.choice(parts)))
-        elif kind == "zero":
-            flow.append(("zero", rng.random() < 0.5))
-        else:
-            flow.append(("step",))
+        flow.append(draw_event(rng, kind, nan, hows, parts))
     tail = rng.random()
     if tail < 0.4:
         flow += [("zero", True), ("bwd", None)]
@@ -182,16 +171,6 @@ FLOW_SEEDS = [*range(FLOWS), *range(BATCHED, BATCHED + FLOWS)]
 KNOWN: set[tuple[str, int]] = set()
 
 
-def failures_of(setting: str, seeds: list[int], per_rank: list[list]) -> list[str]:
-    failures = []
-    for i, seed in enumerate(seeds):
-        flow = fsdp_flow(seed, setting)
-        bad = violations(flow, [per_rank[r][i] for r in range(len(per_rank))])
-        if bad:
-            failures.append(f"seed {seed} ({setting}): {flow}\n  " + "\n  ".join(bad))
-    return failures
-
-
 @pytest.mark.parametrize("setting", SETTINGS)
 def test_random_flows_under_fsdp2_keep_the_ranks_in_agreement(run_ranks, setting):
     """80 seeded flows on 2 ranks, 40 of 9 to 12 random events and 40 of 2 or 3 batches (about 3 s of rank time a
@@ -200,7 +179,7 @@ def test_random_flows_under_fsdp2_keep_the_ranks_in_agreement(run_ranks, setting
     1014, 1036: a NaN step taken). The empty-shard partings fixed in session 38 lie beyond these seeds (FIXED)."""
     seeds = [s for s in FLOW_SEEDS if (setting, s) not in KNOWN]
     per_rank = run_ranks(2, body_fsdp_flows, setting, seeds, timeout_s=300)
-    failures = failures_of(setting, seeds, per_rank)
+    failures = seeded_failures(setting, seeds, per_rank, fsdp_flow)
     assert not failures, "\n".join(failures)
 
 
@@ -216,12 +195,7 @@ def test_replacement_flows_under_fsdp2_keep_the_ranks_in_agreement(run_ranks, se
     catches: ``carried_by_replacements`` dropping every replaced gradient's flag (hsdp 28, 35: a NaN step taken)."""
     seeds = list(range(REPLACEMENT_SEEDS))
     per_rank = run_ranks(2, body_replacement_flows, setting, seeds, timeout_s=300)
-    failures = []
-    for i, seed in enumerate(seeds):
-        flow = replacement_flow(seed, setting)
-        bad = violations(flow, [per_rank[r][i] for r in range(2)])
-        if bad:
-            failures.append(f"seed {seed} ({setting}): {flow}\n  " + "\n  ".join(bad))
+    failures = seeded_failures(setting, seeds, per_rank, replacement_flow)
     assert not failures, "\n".join(failures)
 
 
@@ -307,5 +281,5 @@ def test_hsdp_flows_off_the_host_take_the_promised_good_step(run_ranks):
     still skips it off the host, alike on both ranks: README, Limits)."""
     seeds = [1039, 1074, 1170, 1171]
     per_rank = run_ranks(2, body_fsdp_flows_off_host, "hsdp", seeds, timeout_s=300)
-    failures = failures_of("hsdp", seeds, per_rank)
+    failures = seeded_failures("hsdp", seeds, per_rank, fsdp_flow)
     assert not failures, "\n".join(failures)

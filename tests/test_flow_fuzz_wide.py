@@ -55,7 +55,7 @@ import torch.distributed as dist
 from torch import nn
 
 import dist_clip
-from tests.test_flow_fuzz import setting_pieces, violations
+from tests.test_flow_fuzz import seeded_failures, setting_pieces, violations
 
 SETTINGS = ("wplain", "wmixed", "walone", "wddp", "wddpown")
 OPTS = ("fused", "adamw", "sgdm", "two_ff", "two_fs", "two_af")
@@ -416,12 +416,7 @@ def test_wide_flows_keep_the_ranks_in_agreement(run_ranks, setting):
     README states; since W1's fix, wddpown 0-799 fails at 125 alone (W2) and walone 0-799 at none."""
     seeds = [s for s in range(WIDE_SEEDS) if (setting, s) not in KNOWN]
     per_rank = run_ranks(2, body_wide_flows, setting, seeds)
-    failures = []
-    for i, seed in enumerate(seeds):
-        flow = make_wide_flow(seed, setting)
-        bad = violations(flow, [per_rank[r][i] for r in range(2)])
-        if bad:
-            failures.append(f"seed {seed} ({setting}): {flow}\n  " + "\n  ".join(bad))
+    failures = seeded_failures(setting, seeds, per_rank, make_wide_flow)
     assert not failures, "\n".join(failures)
 
 
