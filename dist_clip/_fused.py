@@ -2475,10 +2475,7 @@ def _measured_anew(pending: tuple[Any, ...], stepped: list[Tensor], ids: set[int
     hand-over then replaces it, as on the ranks handing over (its flag joining the ledger after the call's arming,
     under DDP beside rank 0's own parameter, a NaN hand-over of DDP's whole settled by a read, l1's gradients
     replaced, the batch dropped in place and DDP's whole handed over again: rank 0 skipped, rank 1 stepped)."""
-    if not pending[7]:
-        return False
-    out = {id(getattr(p.grad, "_local_tensor", p.grad)) for p in pending[7] if p.grad is not None}
-    return all(id(g) in ids for g in stepped if id(g) not in out)
+    return bool(pending[7]) and all(id(g) in ids for g in _without(stepped, pending[7]))
 
 
 def note_beside(optimizer: torch.optim.Optimizer, measured: Sequence[Tensor] | None,
@@ -2555,8 +2552,7 @@ def note_beside(optimizer: torch.optim.Optimizer, measured: Sequence[Tensor] | N
             # as held by every gradient, under DDP beside rank 0's own parameter, a NaN hand-over of DDP's whole,
             # l1's gradients alone replaced, rank 0's own part clipped over the world, the batch dropped and the
             # next one handed over whole: rank 0 was forced alone to keep by its own gradient and skipped)
-            out = {id(getattr(p.grad, "_local_tensor", p.grad)) for p in pending[7] if p.grad is not None}
-            members = [g for g in grads if id(g) not in out]
+            members = _without(grads, pending[7])
         entries.append((pending[1], members, None))
     held_set: set[int] | None = set()  # (by the flags that may be set: see _UNSET)
     reads: set[int] | None = set()  # (the same, for the reads where the arming combined: see _calm_entries)
@@ -2615,10 +2611,7 @@ def _measured_side(pending: tuple[Any, ...] | None, grads: list[Tensor]) -> list
     coefficient was left to the step (``deferred``), DDP's gradients every one replaced out of place carried the
     clip into rank 0's step alone while the others' stepped unclipped (the replicas parted)."""
     beside = pending[7] if pending is not None and pending[2] is not None else None
-    if not beside:
-        return grads
-    out = {id(getattr(p.grad, "_local_tensor", p.grad)) for p in beside if p.grad is not None}
-    return [g for g in grads if id(g) not in out]
+    return _without(grads, beside) if beside else grads
 
 
 def _forget_beside(optimizer: torch.optim.Optimizer) -> None:
@@ -2645,9 +2638,12 @@ def carry_only(optimizer: Any, grads: list[Tensor], key: str = _BESIDE) -> list[
     beside = optimizer.__dict__.get(key) if optimizer is not None else None
     if key is _BESIDE_ALONE and optimizer is not None and key not in optimizer.__dict__:
         beside = optimizer.__dict__.get(_BESIDE)  # (no _CALM flag set it apart: see note_beside)
-    if not beside:
-        return grads
-    out = {id(getattr(p.grad, "_local_tensor", p.grad)) for p in beside if p.grad is not None}
+    return _without(grads, beside) if beside else grads
+
+
+def _without(grads: list[Tensor], params: Sequence[Any]) -> list[Tensor]:
+    """``grads`` without the gradients of ``params`` (a DTensor's by its local tensor)."""
+    out = {id(getattr(p.grad, "_local_tensor", p.grad)) for p in params if p.grad is not None}
     return [g for g in grads if id(g) not in out]
 
 
