@@ -970,6 +970,37 @@ def case_no_sync(stage: int, dtype: str = "fp32", grad_accum_dtype: str | None =
     return out
 
 
+def case_call_inside_coalesce_grad_reduction(stage: int, offload: bool, steps: int = 2) -> list:
+    """``engine.coalesce_grad_reduction()`` (ZeRO 1-3): its backwards leave each rank's own gradients on the
+    parameters and reduce them into the partitions when the block exits. A call inside the block is a ValueError
+    on every rank (ZeRO 1-2 with offload returned the norm of the fp32 partitions the last step left: 0.0, then
+    0.3, for the model's 17.35, silently); the plain call after the block measures the float64 model's norm and
+    the step gives its parameters."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    engine = make_engine(ds_config(stage, offload=offload))
+    ref = Reference()
+    out: list = []
+    for step in range(steps):
+        batches = [[batch(r, step, m) for r in range(world)] for m in range(2)]
+        grads = ref.grads(batches)  # the mean over the block's micro losses; DeepSpeed adds them (gas 1)
+        for g in grads:
+            g.mul_(2.0)
+        want = reference_norm(grads, 2.0)
+        with engine.coalesce_grad_reduction():
+            for per_rank in batches:
+                engine.backward(loss_fn(engine(per_rank[rank])))
+            out.append(outcome(lambda: dist_clip.clip_grad_norm_(engine, 0.3), ValueError,
+                               lambda m: "coalesce_grad_reduction()" in m))
+        got = float(dist_clip.clip_grad_norm_(engine, 0.3))
+        _close(got, want, 2e-6, f"stage {stage} step {step} norm after the block")
+        for g in grads:
+            g.mul_(min(1.0, 0.3 / (want + 1e-6)))
+        ref.opt.step()
+        engine.step()
+    _params_close(full_params(engine), ref.params(), 1e-5, 1e-6, f"stage {stage} params after step")
+    return out
+
+
 def case_bad_input_on_one_rank(stage: int) -> list:
     """One rank refuses bad input on an engine (a negative ``max_norm``; then an ``optimizer=`` of another type
     on the other rank) and goes on: every other rank raises in the same call and the next call measures the

@@ -343,3 +343,9 @@ def test_hand_over_with_deepspeeds_muon_scales_the_gradients_not_the_update(run_
 @pytest.mark.parametrize("stage,offload", [(3, False), (2, True), (3, True)])
 def test_a_skip_with_deepspeeds_muon_leaves_its_momentum_alone(run_ranks, stage, offload):
     assert run_ranks(2, ds_cases.case_deepspeed_muon_skip, stage, offload, timeout_s=TIMEOUT) == [[True] * 3] * 2
+
+
+@pytest.mark.parametrize("stage,offload", [(2, True), (1, True), (3, False)])
+def test_a_call_inside_coalesce_grad_reduction_is_refused(run_ranks, stage, offload):
+    results = run_ranks(2, ds_cases.case_call_inside_coalesce_grad_reduction, stage, offload, timeout_s=TIMEOUT)
+    assert results == [[True, True]] * 2, results
