@@ -215,17 +215,22 @@ def expected_collectives(engine: Any) -> int:
 
 
 def case_fp32_vs_reference(stage: int, gas: int = 1, offload: bool = False, steps: int = 2,
-                           ps: tuple[float, ...] = P_ALL, hand_over: bool = False, ds_clip: float = 0.0) -> dict:
+                           ps: tuple[float, ...] = P_ALL, hand_over: bool = False, ds_clip: float = 0.0,
+                           zero_extra: dict | None = None, top_extra: dict | None = None) -> dict:
     """For every p: the norm equals the float64 unsharded reference, params after ``steps`` equal the
     unsharded torch run, one collective per call (none at stage 0, whose gradients are replicated).
     ``hand_over``: the coefficient rides in ``engine.step()`` (``optimizer=engine.optimizer``). ``ds_clip``:
     DeepSpeed's own ``gradient_clipping`` (its default is 1.0), above the L2 norm of our clipped gradients, so
-    that its second clip must change nothing."""
+    that its second clip must change nothing. ``zero_extra`` / ``top_extra``: more ``zero_optimization`` and
+    top-level config keys (buckets, overlap, reduce-scatter, persistence, sub-groups, parameter offload)."""
     report: dict[str, Any] = {}
     for p in ps:
+        cfg = ds_config(stage, gas=gas, offload=offload, clip=ds_clip)
+        cfg["zero_optimization"].update(zero_extra or {})
+        cfg.update(top_extra or {})
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*gradient_clipping.*")
-            engine = make_engine(ds_config(stage, gas=gas, offload=offload, clip=ds_clip))
+            engine = make_engine(cfg)
         ref = Reference()
         _params_close(full_params(engine), ref.params(), 0, 1e-7, "initial params")
         for step in range(steps):
