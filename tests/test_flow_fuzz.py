@@ -1393,3 +1393,39 @@ def test_open_flows_off_the_host(run_ranks, name):
     steps = [per_rank[0][0], per_rank[1][0]]
     assert not violations(flow, steps), (name, violations(flow, steps))
     assert [s[-1]["took"] for s in steps] == [True, True], (name, steps)
+
+
+#: Flows that take a NaN step off the host (every flag taken for a device's; simulated), found in session 41 (h3,
+#: "gen2" plain seed 923, minimised): a NaN in one rank's part ``a`` measured by a skip armed over the whole, ``a``'s
+#: gradient replaced out of place, then the other part ``b`` clipped twice by skip-arming calls combining over the
+#: world: every rank steps, the rank holding the NaN included; on the CPU every rank skips. Not a carry through
+#: ``_BESIDE`` (no rank's own part here). Also with every gradient replaced, a fused optimizer, the later calls
+#: handing over, or ``a`` on rank 0 alone ("alone"); not with the first call handing over, a ``get_total_norm`` or
+#: plain clip between, one call on ``b`` alone, or ``b`` replicated (``group=None``: "mixed"). (setting, flow)
+OFF_HOST_OPEN_NAN_STEP: dict[str, tuple[str, list[tuple]]] = {
+    "plain": ("plain", [("fused", False), ("bwd", (1, 0)), ("call", "skip", [0, 1]), ("replace", [0]),
+                        ("call", "skip", [1]), ("call", "skip", [1]), ("step",)]),
+    "alone": ("alone", [("fused", False), ("bwd", (0, 0)), ("call", "skip", [0, 1]), ("replace", [0]),
+                        ("call", "skip", [1]), ("call", "skip", [1]), ("step",)]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OFF_HOST_OPEN_NAN_STEP))
+def test_open_nan_step_flows_skip_on_every_rank_on_the_cpu(run_ranks, name):
+    """OFF_HOST_OPEN_NAN_STEP's flows on the CPU (flags read on the host): every rank skips the NaN step."""
+    setting, flow = OFF_HOST_OPEN_NAN_STEP[name]
+    per_rank = run_ranks(2, body_flows_cpu, setting, [flow])
+    steps = [per_rank[0][0], per_rank[1][0]]
+    assert not violations(flow, steps), (name, violations(flow, steps))
+    assert [s[-1]["took"] for s in steps] == [False, False], (name, steps)
+
+
+@pytest.mark.xfail(strict=True, reason="open off the host: a NaN step on every rank (see OFF_HOST_OPEN_NAN_STEP)")
+@pytest.mark.parametrize("name", sorted(OFF_HOST_OPEN_NAN_STEP))
+def test_open_nan_step_flows_off_the_host(run_ranks, name):
+    """An OFF_HOST_OPEN_NAN_STEP flow off the host (a GPU; simulated): every rank should skip, as on the CPU."""
+    setting, flow = OFF_HOST_OPEN_NAN_STEP[name]
+    per_rank = run_ranks(2, body_flows_off_host, setting, [flow])
+    steps = [per_rank[0][0], per_rank[1][0]]
+    assert not violations(flow, steps), (name, violations(flow, steps))
+    assert [s[-1]["took"] for s in steps] == [False, False], (name, steps)
