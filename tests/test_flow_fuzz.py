@@ -1400,13 +1400,17 @@ def test_open_flows_off_the_host(run_ranks, name):
 #: gradient replaced out of place, then the other part ``b`` clipped twice by skip-arming calls combining over the
 #: world: every rank steps, the rank holding the NaN included; on the CPU every rank skips. Not a carry through
 #: ``_BESIDE`` (no rank's own part here). Also with every gradient replaced, a fused optimizer, the later calls
-#: handing over, or ``a`` on rank 0 alone ("alone"); not with the first call handing over, a ``get_total_norm`` or
-#: plain clip between, one call on ``b`` alone, or ``b`` replicated (``group=None``: "mixed"). (setting, flow)
+#: handing over, or ``a`` on rank 0 alone ("alone"), or the NaN in "mixed"'s replicated ``b`` (on every rank), ``b``
+#: replaced and the sharded ``a`` armed twice ("mixed", gen3 seed 374); not with the first call handing over, a
+#: ``get_total_norm`` or plain clip between, one call alone, or the part armed twice combining over no other rank
+#: ("mixed"'s ``b``, ``group=None``). (setting, flow)
 OFF_HOST_OPEN_NAN_STEP: dict[str, tuple[str, list[tuple]]] = {
     "plain": ("plain", [("fused", False), ("bwd", (1, 0)), ("call", "skip", [0, 1]), ("replace", [0]),
                         ("call", "skip", [1]), ("call", "skip", [1]), ("step",)]),
     "alone": ("alone", [("fused", False), ("bwd", (0, 0)), ("call", "skip", [0, 1]), ("replace", [0]),
                         ("call", "skip", [1]), ("call", "skip", [1]), ("step",)]),
+    "mixed": ("mixed", [("fused", False), ("bwd", (-1, 1)), ("call", "skip", [0, 1]), ("replace", [1]),
+                        ("call", "skip", [0]), ("call", "skip", [0]), ("step",)]),
 }
 
 
