@@ -206,7 +206,12 @@ def one_trial(seed: int, ws: int, heavy: bool = True) -> list[str]:
     tag = f"{where} {dtype}"
 
     def target_of(params: dict[str, torch.nn.Parameter]) -> Any:
-        return params  # a mapping of parameters
+        if rnd.random() < 0.5:
+            return params  # a mapping of parameters
+        module = torch.nn.Module()  # the stage as a module (the path of _module_parameters)
+        for n, q in params.items():
+            module.register_parameter(n, q)
+        return module if rnd.random() < 0.5 else [module, torch.nn.Module()]  # or a list of stage modules
 
     # ---- norms
     for p in ORDERS:
@@ -219,7 +224,8 @@ def one_trial(seed: int, ws: int, heavy: bool = True) -> list[str]:
             continue
         if not _close(got, want):
             errors.append(f"{tag} p={p}: total {got} != {want}")
-        norms = GradClipper(max_norm=1e30, norm_type=p, mode="per_param", report=True)(params, plan=plan()).norms
+        norms = GradClipper(max_norm=1e30, norm_type=p, mode="per_param", report=True)(target_of(params),
+                                                                                        plan=plan()).norms
         for n, g in ref.items():
             w1 = reference_norm([g], p)
             if n not in norms or not _close(norms[n], w1):
