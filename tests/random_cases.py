@@ -246,17 +246,21 @@ def _fairscale_wrap(rnd: random.Random, model: nn.Sequential, kind: str, low: bo
     from fairscale.optim import OSS
 
     trainable = [q for q in model.parameters() if q.requires_grad]
+    cut = rnd.randint(1, len(trainable) - 1) if len(trainable) > 1 and rnd.random() < 0.5 else len(trainable)
+    groups = [{"params": trainable[:cut], "max_norm": 1.0}] + (
+        [{"params": trainable[cut:], "max_norm": 1.0}] if cut < len(trainable) else [])
     if kind == "oss_sdp":
         from fairscale.nn.data_parallel import ShardedDataParallel
 
         buffer = rnd.choice((0, 2**23))
-        sdp = ShardedDataParallel(model, OSS(trainable, optim=torch.optim.SGD, lr=0.0), reduce_buffer_size=buffer)
-        return sdp, f"oss_sdp buffer={buffer}", sdp
+        opt = OSS(groups, optim=torch.optim.SGD, lr=0.0)
+        sdp = ShardedDataParallel(model, opt, reduce_buffer_size=buffer)
+        return sdp, f"oss_sdp buffer={buffer} groups cut at {cut}", (sdp, opt)
     if kind == "oss_ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        opt = OSS(trainable, optim=torch.optim.SGD, lr=0.0)
-        return opt, "oss_ddp", DistributedDataParallel(model)
+        opt = OSS(groups, optim=torch.optim.SGD, lr=0.0)
+        return opt, f"oss_ddp groups cut at {cut}", (DistributedDataParallel(model), opt)
     from fairscale.nn import FullyShardedDataParallel as FSDP
 
     kw = dict(compute_device=torch.device("cpu"), flatten_parameters=rnd.random() < 0.6,
@@ -268,7 +272,7 @@ def _fairscale_wrap(rnd: random.Random, model: nn.Sequential, kind: str, low: bo
             model[i] = FSDP(layer, **kw)
             nested.append(i)
     root = FSDP(model, **kw)
-    return root, f"fsdp {kw} nested {nested}", root
+    return root, f"fsdp {kw} nested {nested}", (root, None)
 
 
 def fairscale_models(seeds: list[int]) -> list[str]:
@@ -289,7 +293,7 @@ def fairscale_models(seeds: list[int]) -> list[str]:
             dtype = torch.bfloat16 if low and kind != "fsdp" else torch.float32
             model = model.to(dtype)
             grads = _reference(model, widths[0])
-            target, what, module = _fairscale_wrap(rnd, model, kind, low)
+            target, what, (module, opt) = _fairscale_wrap(rnd, model, kind, low)
             where = f"seed {seed} widths {widths} {what} {dtype}"
             saved = RTOL
             # bf16 compute against the float64 model: about 1% apart, and p = 0 counts the zeros rounding makes
@@ -297,11 +301,29 @@ def fairscale_models(seeds: list[int]) -> list[str]:
             try:
                 module(_batch(rank, widths[0], dtype)).float().pow(2).sum().backward()
                 want = grads
+                if opt is not None:  # OSS's groups: the parameters' names under each
+                    by_id = {id(q): n for n, q in model.named_parameters()}
+                    in_group = [[by_id[id(q)] for q in g["params"]] for g in opt.param_groups]
                 if kind == "oss_ddp":  # DDP's reduced gradients, whole on every rank, are the exact reference
-                    names = [n for n, q in model.named_parameters() if q.requires_grad]
-                    want = {f"group0.param{i}": model.get_parameter(n).grad.double() for i, n in enumerate(names)}
+                    want = {f"group{g}.param{i}": model.get_parameter(n).grad.double()
+                            for g, names in enumerate(in_group) for i, n in enumerate(names)}
+                    in_group = [[f"group{g}.param{i}" for i in range(len(names))] for g, names in enumerate(in_group)]
                     RTOL = 1e-5
-                errors += _check_norms(target, want, where, orders=ORDERS[1:] if RTOL > 1e-5 else ORDERS)
+                orders = ORDERS[1:] if RTOL > 1e-5 else ORDERS
+                errors += _check_norms(target, want, where, orders=orders)
+                if opt is not None:  # per_group: each group against its own limit, half its reference norm
+                    pg = rnd.choice(orders)
+                    gnorms = [reference_norm([want[n] for n in names], pg) for names in in_group]
+                    for g, w in zip(opt.param_groups, gnorms):
+                        g["max_norm"] = 0.5 * w if w else 1.0
+                    res = GradClipper(mode="per_group", norm_type=pg)(target, optimizer=opt)
+                    coefs = [min(1.0, g["max_norm"] / (w + 1e-6)) for g, w in zip(opt.param_groups, gnorms)]
+                    got = res.clip_coef.reshape(-1).tolist()
+                    if len(got) != len(coefs) or not all(_close(a, b) for a, b in zip(got, coefs)):
+                        errors.append(f"{where} per_group p={pg}: coefs {got} != {coefs}")
+                    want = {n: g * coefs[k] for k, names in enumerate(in_group) for n in names
+                            for g in (want[n],)}
+                    errors += _check_norms(target, want, f"{where} per_group clipped", agc=False, orders=orders)
                 foreach = rnd.choice((None, False))
                 max_norm, coef = _clip_coef(want)
                 dist_clip.clip_grad_norm_(target, max_norm, foreach=foreach)
