@@ -1189,6 +1189,19 @@ def test_agc_divides_by_a_gradient_norm_floored_at_1e_6():
     assert result.clip_coef.item() == pytest.approx(1e-4, rel=1e-12)
 
 
+def test_agc_a_gradient_norm_equal_to_a_limit_below_1e_6_is_scaled_by_the_floored_formula():
+    """timm's test is ``||g_unit|| < max`` (AGC's docstring: a unit with ``||g_unit|| >= max`` is scaled): a unit
+    whose gradient norm equals a limit below 1e-6 is scaled by max / 1e-6 (2**-25 / 1e-6 here, powers of two so
+    that the norm equals the limit exactly); left alone as unclipped under ``<=``, which passed the suite."""
+    bias = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    bias.grad = torch.tensor([2.0**-25], dtype=torch.float64)
+    grads = {"b": bias.grad.clone()}
+    want = agc_reference({"b": bias.detach()}, grads, 2.0**-15, 2.0**-10, 2.0)["b"]
+    GradClipper(mode="unitwise", agc=AGC(clipping=2.0**-15, eps=2.0**-10))({"b": bias})
+    torch.testing.assert_close(bias.grad, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(bias.grad, grads["b"] * (2.0**-25 / 1e-6), rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("grad,p", [
     ([[2e3, 1.0, 1.0], [0.5, 0.5, 0.5]], 100.0),  # finite entries whose 100th powers overflow float64
     ([[math.inf, 1.0, 1.0], [0.5, 0.5, 0.5]], 2.0),  # an inf entry
