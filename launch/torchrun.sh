@@ -29,9 +29,15 @@ if [[ "$NNODES" != 1 ]]; then check_count NODE_RANK 0 "$NNODES"; check_count MAS
 
 # Arguments and config checked in one process first: torchrun reports a rank's exit status 2 (bad config or
 # arguments) as its own 1 with a traceback; this way a bad config is one line and exit status 2. Status 3: the
-# arguments asked for help, which the check printed; nothing to run (the ranks printed it a second time).
+# arguments asked for help, which the check printed; nothing to run (the ranks printed it a second time). On one
+# node the check is told the number of ranks (wrapper: none or an hsdp mesh of another size on NPROC ranks), unless
+# TORCHRUN_ARGS sets it itself; on several, each node's NPROC may differ and the ranks check it.
+CHECK=(--validate-only)
+if [[ "$NNODES" == 1 && "${TORCHRUN_ARGS:-}" != *nproc* && "${TORCHRUN_ARGS:-}" != *nnodes* ]]; then
+    CHECK+=(--validate-world-size "$NPROC")
+fi
 STATUS=0
-"$PYTHON" -m dist_clip "$@" --validate-only || STATUS=$?
+"$PYTHON" -m dist_clip "$@" "${CHECK[@]}" || STATUS=$?
 if [[ "$STATUS" == 3 ]]; then exit 0; fi
 if [[ "$STATUS" != 0 ]]; then exit "$STATUS"; fi
 

@@ -252,6 +252,43 @@ def test_a_bad_timeout_variable_under_torchrun_is_one_line_exit_2(tmp_path):
     assert "Traceback" not in out and "torch.distributed.run" not in out, out[-6000:]
 
 
+@pytest.mark.timeout(120)
+def test_a_config_the_number_of_ranks_cannot_run_under_torchrun_is_one_line_exit_2(tmp_path):
+    """`wrapper: none`, or an hsdp mesh [2, 2], on NPROC=2 passed the one-process check: torchrun started both
+    ranks, each refused the config (exit 2), and torchrun reported exit 1 with its ChildFailedError traceback. On
+    one node the script knows the number of ranks and the check refuses it before torchrun starts."""
+    for fields, why in (({"wrapper": "none"}, "wrapper: none trains one process, but 2 were launched"),
+                        ({"wrapper": "hsdp", "mesh": [2, 2]}, "mesh: [2, 2] needs 4 ranks, launched with 2")):
+        cfg = write_config(tmp_path, fields["wrapper"], **fields)
+        code, out = finish(start("torchrun.sh", ["check", "--config", str(cfg), "--out", str(tmp_path)],
+                                 job_env(NPROC="2")))
+        assert code == 2, out[-6000:]
+        errors = [line for line in out.splitlines() if "config error" in line]
+        assert errors == [f"config error: {cfg} (with command-line overrides): {why}"], out[-6000:]
+        assert "Traceback" not in out and "torch.distributed.run" not in out, out[-6000:]
+
+
+@pytest.mark.timeout(60)
+def test_torchrun_sh_tells_its_check_the_number_of_ranks_only_where_it_knows_it(tmp_path):
+    """On one node the one-process check is told NPROC; not where TORCHRUN_ARGS sets the ranks or nodes itself
+    (torchrun takes the last value given), nor on several nodes, whose NPROC may differ (a stand-in interpreter
+    records what would have started)."""
+    calls = tmp_path / "calls"
+    stub = tmp_path / "python"
+    stub.write_text(f'#!/bin/sh\necho "$*" >> "{calls}"\n')
+    stub.chmod(0o755)
+    for env, told in (({"NPROC": "3"}, True), ({"NPROC": "3", "TORCHRUN_ARGS": "--nproc-per-node 4"}, False),
+                      ({"NPROC": "3", "TORCHRUN_ARGS": "--nnodes 1:2"}, False),
+                      ({"NPROC": "3", "NNODES": "2", "NODE_RANK": "1"}, False)):
+        calls.unlink(missing_ok=True)
+        proc = subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh"), "check"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=50, env={**job_env(**env), "PYTHON": str(stub)})
+        assert proc.returncode == 0, proc.stderr
+        validate = calls.read_text().splitlines()[0]
+        want = "-m dist_clip check --validate-only" + (" --validate-world-size 3" if told else "")
+        assert validate == want, (env, validate)
+
+
 @pytest.mark.timeout(JOB_TIMEOUT_S + 30)
 def test_data_too_small_under_torchrun_is_one_line_exit_2(tmp_path):
     """An empty or 3-byte --data passed the one-process check: every started rank failed, and torchrun reported
