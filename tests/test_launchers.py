@@ -289,6 +289,37 @@ def test_torchrun_sh_tells_its_check_the_number_of_ranks_only_where_it_knows_it(
         assert validate == want, (env, validate)
 
 
+@pytest.mark.timeout(60)
+def test_torchrun_sh_on_node_0_refuses_a_master_port_in_use(tmp_path):
+    """Two nodes, node 0's MASTER_PORT held by another process of its machine: torchrun failed to host the
+    rendezvous store with a RendezvousConnectionError traceback (EADDRINUSE, ~40 lines) and exit 1, while node 1
+    waited. Node 0's script finds it before torchrun starts: one line, exit 2. Node 1 does not host the store and
+    is not refused (a stand-in interpreter records what would have started)."""
+    import socket
+
+    calls = tmp_path / "calls"
+    stub = tmp_path / "python"
+    stub.write_text(f'#!/bin/sh\necho "$*" >> "{calls}"\n')
+    stub.chmod(0o755)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = str(held.getsockname()[1])
+        for node, refused in (("0", True), ("1", False)):
+            calls.unlink(missing_ok=True)
+            env = {**job_env(NNODES="2", NODE_RANK=node, MASTER_PORT=port), "PYTHON": str(stub)}
+            proc = subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh"), "check"], cwd=tmp_path,
+                                  capture_output=True, text=True, timeout=50, env=env)
+            started = [line for line in calls.read_text().splitlines() if "torch.distributed.run" in line]
+            if refused:
+                assert (proc.returncode, proc.stderr) == (2, f"torchrun.sh: MASTER_PORT {port} is in use on this "
+                                                             "machine, where node 0 hosts the rendezvous; give every "
+                                                             "node a free MASTER_PORT\n"), proc.stderr
+                assert started == [], started
+            else:
+                assert proc.returncode == 0 and len(started) == 1, proc.stderr
+
+
 @pytest.mark.timeout(JOB_TIMEOUT_S + 30)
 def test_data_too_small_under_torchrun_is_one_line_exit_2(tmp_path):
     """An empty or 3-byte --data passed the one-process check: every started rank failed, and torchrun reported
