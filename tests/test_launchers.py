@@ -232,7 +232,8 @@ def test_two_node_simulation_hsdp_agrees_with_replay(tmp_path):
 def test_bad_config_under_a_launcher_is_one_line_from_rank_0(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("wrapper: ddp\nclip: {max_norm: -1}\n")
-    code, out = finish(start("torchrun.sh", ["train", "--config", str(cfg)], job_env(NPROC="2")))
+    code, out = finish(start("torchrun.sh", ["train", "--config", str(cfg), "--out", str(tmp_path)],
+                             job_env(NPROC="2")))
     assert code == 2, out[-6000:]  # torchrun itself would report 1 with a traceback: checked before it starts
     errors = [line for line in out.splitlines() if "config error" in line]
     assert errors == [f"config error: {cfg}: clip.max_norm: must be >= 0, got -1.0"], out[-6000:]

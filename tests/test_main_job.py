@@ -32,6 +32,15 @@ CONFIGS = ROOT / "configs"
 TINY = {"steps": 6, "batch_size": 4, "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "seq_len": 16}}
 
 
+@pytest.fixture(autouse=True)
+def _in_a_folder_of_its_own(tmp_path, monkeypatch):
+    """Every test runs in its own folder: a run's ``out_dir`` (``runs`` by default) is relative to it, and a run
+    refused for a value removes the previous outputs of its run folder. ``cli.main(["train", "--steps", "0"])``
+    (the built-in config) from the repository removed ``runs/fsdp2/log.jsonl`` and ``plot.png``: the demo's, when
+    ``make test`` followed ``make demo``."""
+    monkeypatch.chdir(tmp_path)
+
+
 def write_config(folder: Path, name: str, **fields) -> Path:
     data = {**TINY, **fields}
     path = folder / f"{name}.yaml"
