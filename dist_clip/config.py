@@ -171,6 +171,8 @@ def _type_name(tp: Any) -> str:
         return f"a list of {_type_name(get_args(tp)[0])}"
     if tp is type(None):
         return "null"
+    if dataclasses.is_dataclass(tp):  # "clip: expected ClipConfig" named a class the user never sees
+        return f"a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}"
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, tp.__name__)
 
 

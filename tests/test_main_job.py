@@ -85,6 +85,9 @@ BAD_CONFIGS = [
     ("clip: {norm_type: -2}\n", "clip.norm_type", ">= 0 or inf"),
     ("model: {d_model: 30, n_heads: 4}\n", "model.n_heads", "must divide"),
     ("model: {depth: 3}\n", "model.depth", "unknown key"),
+    # (these said "expected ClipConfig" / "expected ModelConfig", a class the user never meets)
+    ("clip: 1.0\n", "clip", "expected a mapping of max_norm, norm_type, mode, got float 1.0"),
+    ("model:\n", "model", "expected a mapping of d_model, n_layers, n_heads, seq_len, mlp_ratio, got NoneType None"),
     ("wrapper: fsdp3\n", "wrapper", "expected one of"),
     ("precision: fp8\n", "precision", "expected one of"),
     ("batch_size: true\n", "batch_size", "expected an integer"),
