@@ -76,6 +76,10 @@ _DEFERRED: contextvars.ContextVar[Agreement | None] = contextvars.ContextVar("di
 #: whether the call arming under :meth:`Agreement.armed` combined over several ranks (:attr:`Agreement.shared`;
 #: see :func:`note_beside`, :func:`_measured_again`)
 _COMBINING: contextvars.ContextVar[bool] = contextvars.ContextVar("dist_clip_combining", default=False)
+#: the dist_clip call at hand (its :class:`Agreement`), from its entry, before anything is settled or carried: every
+#: carry of the call reads the set that matches whether it combines over several ranks (:func:`_beside_key`); None
+#: outside a call (the step)
+_CALL: contextvars.ContextVar[Agreement | None] = contextvars.ContextVar("dist_clip_call", default=None)
 
 
 class _ByIdentity:
@@ -1068,7 +1072,7 @@ def supersede(armed: tuple[Any, ...], record: tuple[Any, ...], now: tuple[list[T
     if gone:
         holding = {id(t) for _, members, _ in kept if members is not None for t in members}
         entry = carried_by_replacements(functools.reduce(merge, gone),
-                                        [t for t in carry_only(optimizer, now[0], _beside_key())
+                                        [t for t in carry_only(optimizer, now[0])
                                          if id(t) not in again and id(t) not in holding])
         if entry is not None:
             kept.append(entry)
@@ -1170,21 +1174,39 @@ class Agreement:
     read of every gradient of that optimizer (:meth:`fold`). Settled hand-overs' flags wait
     (:meth:`deferring`) for the verdict; :meth:`armed` applies it around the arming. ``hands_over``: the call
     hands its coefficient over to the ``optimizers`` (replacing a settled hand-over's flag, which otherwise lasts
-    through it: :func:`_held_flags`)."""
+    through it: :func:`_held_flags`). ``combines``: whether the call combines over several ranks (its reduction
+    group holds more than one), as its group tells at its entry, or a function telling it; the carries of its read,
+    its settling and its arming read the set that matches (:func:`_beside_key`)."""
 
     def __init__(self, optimizers: Sequence[Any],
-                 measured: Sequence[Tensor] | Callable[[], Sequence[Tensor]], hands_over: bool = False) -> None:
+                 measured: Sequence[Tensor] | Callable[[], Sequence[Tensor]], hands_over: bool = False, *,
+                 combines: bool | Callable[[], bool]) -> None:
         self.deferred: list[Any] = []
         self.agreed: Tensor | None = None
         #: the verdict (and the call's total) combined over more than one rank: see :func:`hand_over_`
         self.shared = False
+        self._combines = combines  # (a function telling it: called only where a carry reads it)
         #: a hand-over settled here (waiting for the verdict) had its total combined over more than one rank
         self.settled_shared = False
-        read: list[Tensor] = []
-        held: list[Tensor] = []
         self.optimizers = [o for o in optimizers if isinstance(o, torch.optim.Optimizer)]
         self.ids = {id(o) for o in self.optimizers}
         self._measured = measured  # (a function giving the pieces: called only where they are needed)
+        with self.calling():
+            held, read = self._reads(optimizers, hands_over)
+        self._read = (_nonfinite(read, read[0].device).to(torch.float64) if read
+                      else torch.zeros((), dtype=torch.float64))
+        for flag in held:  # (device tensors: no host read)
+            self._read = torch.maximum(_reduce.moved(self._read, flag.device), flag.ne(0).to(torch.float64))
+        self._outlasting = _outlasting(self.ids) if _ARMED else []
+        #: a call arming no skip among several ranks: the hand-overs it leaves waiting join too (see local)
+        self._joins_waiting = not self.optimizers and _multi_rank()
+        if self._joins_waiting and (_WAITING or _ARMED):
+            self._outlasting += _lasting(lambda: self.measured)
+
+    def _reads(self, optimizers: Sequence[Any], hands_over: bool) -> tuple[list[Tensor], list[Tensor]]:
+        """The flags and the gradients this rank's read (``local``) takes, before the call settles anything."""
+        read: list[Tensor] = []
+        held: list[Tensor] = []
         for optimizer in optimizers:
             if not isinstance(optimizer, torch.optim.Optimizer) or not _armed_or_pending(optimizer):
                 continue  # (the usual case: nothing armed before this call in this step)
@@ -1205,15 +1227,7 @@ class Agreement:
                 if rest:
                     bad = _nonfinite(rest, rest[0].device)
                     held += [_reduce.moved(e[0], bad.device).ne(0) & bad for e in calm]
-        self._read = (_nonfinite(read, read[0].device).to(torch.float64) if read
-                      else torch.zeros((), dtype=torch.float64))
-        for flag in held:  # (device tensors: no host read)
-            self._read = torch.maximum(_reduce.moved(self._read, flag.device), flag.ne(0).to(torch.float64))
-        self._outlasting = _outlasting(self.ids) if _ARMED else []
-        #: a call arming no skip among several ranks: the hand-overs it leaves waiting join too (see local)
-        self._joins_waiting = not self.optimizers and _multi_rank()
-        if self._joins_waiting and (_WAITING or _ARMED):
-            self._outlasting += _lasting(lambda: self.measured)
+        return held, read
 
     @property
     def local(self) -> Tensor:
@@ -1277,7 +1291,7 @@ class Agreement:
         self.agreed = combined.reshape(()) > 0
         for flag in elsewhere:  # (device tensors: no host read)
             self.agreed = self.agreed | _reduce.moved(flag, self.agreed.device).ne(0)
-        self.shared = not alone
+        self.shared = self._combines = not alone
         if self.shared:
             for optimizer in self.optimizers:  # (one dict store each: see _may_differ)
                 optimizer.__dict__[_COMBINED] = True
@@ -1329,11 +1343,29 @@ class Agreement:
                 elsewhere += _armed_elsewhere(optimizer)
         return False
 
+    @property
+    def combines(self) -> bool:
+        """Whether the call combines over several ranks: told at its entry (``combines``), and by the verdict once
+        it is combined (:meth:`agree`)."""
+        if callable(self._combines):
+            self._combines = bool(self._combines())
+        return self._combines
+
+    @contextlib.contextmanager
+    def calling(self) -> Iterator[None]:
+        """Within: the carries read the set that matches the call (see :func:`_beside_key`)."""
+        token = _CALL.set(self)
+        try:
+            yield
+        finally:
+            _CALL.reset(token)
+
     @contextlib.contextmanager
     def deferring(self) -> Iterator[None]:
         token = _DEFERRED.set(self)
         try:
-            yield
+            with self.calling():
+                yield
         finally:
             _DEFERRED.reset(token)
 
@@ -1358,9 +1390,10 @@ class Agreement:
         token = _AGREED.set(self.agreed if self.agreed is not None else self._read > 0)
         combining = _COMBINING.set(self.shared)
         try:
-            self._keep_deferred()
-            self._others_unsettled()
-            yield
+            with self.calling():
+                self._keep_deferred()
+                self._others_unsettled()
+                yield
         finally:
             _COMBINING.reset(combining)
             _AGREED.reset(token)
@@ -2094,8 +2127,7 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple
             # replacement out of place (p.grad + g) and stays under a further backward accumulating into it, while
             # the next batch's gradients (after zero_grad, either way) are finite (see carried_by_replacements;
             # dropped with the coefficient, a NaN hand-over, an auxiliary loss and the step took the NaN step)
-            entry = _carried_at_step(pending, carry_only(optimizer, read_for_carry(optimizer, grads),
-                                                            _beside_key()))
+            entry = _carried_at_step(pending, carry_only(optimizer, read_for_carry(optimizer, grads)))
             if entry is not None:
                 armed = (entry[0] if armed is None
                          else torch.maximum(armed[0], _reduce.moved(entry[0], armed[0].device)), None)
@@ -2150,7 +2182,7 @@ def pending_flag(optimizer: torch.optim.Optimizer) -> Tensor | None:
         grads = gradients(optimizer)
         verdict, _ = _verdict(pending[3], pending[4], grads, pending[5], optimizer)
         if _dropped(verdict):  # (kept where the gradients hold a NaN, as the pre-hook keeps it)
-            entry = _carried_at_step(pending, carry_only(optimizer, read_for_carry(optimizer, grads), _beside_key()))
+            entry = _carried_at_step(pending, carry_only(optimizer, read_for_carry(optimizer, grads)))
             return entry[0] if entry is not None else None
     return pending[1]
 
@@ -2622,19 +2654,26 @@ def _forget_beside(optimizer: torch.optim.Optimizer) -> None:
 
 
 def _beside_key() -> str:
-    """:data:`_BESIDE`, or :data:`_BESIDE_ALONE` in a call combining over no other rank: there a :data:`_CALM` flag
-    holds no gradient (its value joins the verdict: :func:`_calm_entries`), so the flags its carries keep are not
-    held by the gradients only it held. Counted, off the host (a GPU), rank 0's own part's finite entry held its own
-    gradient, so a NaN [l0] flag whose gradients were replaced out of place was carried by rank 0's own gradient at
-    [l0] again (by l1 on rank 1, which held no such set): DDP's whole clipped after the next batch, rank 0 alone
-    was forced to keep by its own gradient (skipped), rank 1 stepped."""
-    return _BESIDE if _COMBINING.get() else _BESIDE_ALONE
+    """:data:`_BESIDE`, or :data:`_BESIDE_ALONE` outside a call combining over several ranks (a call combining over
+    no other rank, the step): there a :data:`_CALM` flag holds no gradient (its value joins the verdict:
+    :func:`_calm_entries`), so the flags its carries keep are not held by the gradients only it held. Counted, off
+    the host (a GPU), rank 0's own part's finite entry held its own gradient, so a NaN [l0] flag whose gradients
+    were replaced out of place was carried by rank 0's own gradient at [l0] again (by l1 on rank 1, which held no
+    such set): DDP's whole clipped after the next batch, rank 0 alone was forced to keep by its own gradient
+    (skipped), rank 1 stepped. Whether the call combines is told at its entry (:data:`_CALL`, from its group), not
+    by the all-reduce: its settling and its own read (:class:`Agreement`) run before it, and read :data:`_BESIDE`
+    where the arming read :data:`_BESIDE_ALONE` (the same flows through settle(), arm_skip_(), _drop_unsettled(),
+    Agreement.__init__ and _keep_flag parted the ranks alike)."""
+    call = _CALL.get()
+    return _BESIDE if call is not None and call.combines else _BESIDE_ALONE
 
 
-def carry_only(optimizer: Any, grads: list[Tensor], key: str = _BESIDE) -> list[Tensor]:
+def carry_only(optimizer: Any, grads: list[Tensor], key: str | None = None) -> list[Tensor]:
     """``grads`` (gradients ``optimizer`` steps now) without those of the parameters no waiting flag of its was
-    armed on (:func:`note_beside`): the ones a replaced flag's NaN may have travelled into. ``key``: :data:`_UNSET`
-    for those no waiting flag that may be set was armed on."""
+    armed on (:func:`note_beside`): the ones a replaced flag's NaN may have travelled into, by the set that matches
+    the call at hand (:func:`_beside_key`). ``key``: :data:`_UNSET` for those no waiting flag that may be set was
+    armed on."""
+    key = key if key is not None else _beside_key()
     beside = optimizer.__dict__.get(key) if optimizer is not None else None
     if key is _BESIDE_ALONE and optimizer is not None and key not in optimizer.__dict__:
         beside = optimizer.__dict__.get(_BESIDE)  # (no _CALM flag set it apart: see note_beside)

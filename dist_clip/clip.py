@@ -82,6 +82,17 @@ def _check_max_norm(max_norm: object) -> float | Tensor:
     return max_norm.reshape(()) if isinstance(max_norm, Tensor) else value
 
 
+def combines(shards: Sequence[Shards], group: dist.ProcessGroup | None = None) -> Callable[[], bool]:
+    """Whether a call on ``shards`` combines over several ranks (its reduction group, ``group`` or the pieces',
+    holds more than one), as :func:`_wide_total` and the measurements decide it: told to the call's
+    :class:`_fused.Agreement` at its entry (found only where a carry reads it)."""
+    def told() -> bool:
+        red = group if group is not None else _reduce.reduction_group(s.group for s in shards)
+        return _reduce.group_size(red) > 1
+
+    return told
+
+
 def _all_tensors(shards: Sequence[Shards]) -> list[Tensor]:
     """Every piece of a call once (a tensor listed twice must not be scaled twice)."""
     if len(shards) == 1:
@@ -507,7 +518,7 @@ def get_total_norm(
         shards = resolve(tensors, _check_group(group))
         everything = _all_tensors(shards)
         # A hand-over settled here whose gradients were replaced waits for the ranks' verdict (_fused.Agreement)
-        agreement = _fused.Agreement([], everything)
+        agreement = _fused.Agreement([], everything, combines=combines(shards))
         with agreement.deferring():
             settle_hand_over(tensors, everything)
     except (ValueError, TypeError):
@@ -565,7 +576,7 @@ def clip_grads_with_norm_(
         # ranks the flag is kept as it is where the pieces may differ among them (a hand-over combined over several
         # ranks, or one stepping gradients not passed here: see _fused.Agreement.agree; read by each rank alone, a
         # NaN in rank 0's shard of a hand-over replaced out of place skipped rank 0's step and rank 1 stepped)
-        agreement = _fused.Agreement([], tensors)
+        agreement = _fused.Agreement([], tensors, combines=False)  # (no collective: see agree below)
         with agreement.deferring():
             settle_hand_over(parameters, tensors)
         agreement.agree(agreement.local, alone=True)
@@ -662,7 +673,8 @@ def clip_grad_norm_(
         fused = fused and exact
         # (before settling: a hand-over's flag whose gradients were replaced waits for the ranks' verdict)
         # (another optimizer's hand-over settled here waits for the verdict too: see _fused.Agreement.fold)
-        agreement = _fused.Agreement([optimizer] if skips else [], everything, hands_over=fused or beside)
+        agreement = _fused.Agreement([optimizer] if skips else [], everything, hands_over=fused or beside,
+                                     combines=combines(shards))
         with agreement.deferring():
             settle_hand_over(parameters, everything)
     except (ValueError, TypeError):

@@ -996,7 +996,8 @@ class GradClipper:
             # which travels in this call's measurement, 0 where nothing arms: see _fused.Agreement)
             skipping = (_stepping_optimizers(optimizer) or [optimizer]) if arm_skip is not None else []
             flat = [t for s in shards for t in s.tensors]  # (listed once: the agreement's and the dtype's)
-            agreement = _fused.Agreement(skipping, flat)
+            agreement = _fused.Agreement(skipping, flat, combines=_clip.combines(
+                shards, plan.reduction_group if plan is not None else None))
             with agreement.deferring():
                 _clip.settle_hand_over(target, flat)
             # (after settling: another optimizer's hand-over settled here adds its read, see _fused.Agreement.fold)
@@ -1287,18 +1288,28 @@ class GradClipper:
     ) -> ClipResult:
         cfg = self.config
         p = cfg.p
-        pieces: list[list[Tensor]] = []
+        pieces: list[list[Shards]] = []
 
-        def measured() -> list[Tensor]:  # (found once, where needed: a pending hand-over, a flag to agree on)
+        def shards() -> list[Shards]:  # (found once, where needed: a pending hand-over, a flag to agree on)
             if not pieces:
-                pieces.append(_pieces_of(target, group))
+                pieces.append(_plain_shards(target, group))
             return pieces[0]
+
+        def measured() -> list[Tensor]:
+            return [t for s in shards() for t in s.tensors]
+
+        def combines() -> bool:  # (as unitwise_measure reduces: its units' groups and group=; DDP's replicas none)
+            from torch.nn.parallel import DistributedDataParallel
+
+            if isinstance(unwrap_compiled(target), DistributedDataParallel):
+                return False
+            return _reduce.group_size(group) > 1 or _clip.combines(shards())()
 
         # The ranks' verdict on gradients replaced out of place travels in the measurement, as in the other modes
         # (read by each rank alone, a NaN in rank 0's FSDP2 shard kept the flag there alone: rank 0 skipped, the
         # others stepped): see _fused.Agreement
         skipping = (_stepping_optimizers(optimizer) or [optimizer]) if arm_skip is not None else []
-        agreement = _fused.Agreement(skipping, measured)
+        agreement = _fused.Agreement(skipping, measured, combines=combines)
         try:
             with agreement.deferring():
                 _clip.settle_hand_over(target, measured)

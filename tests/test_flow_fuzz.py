@@ -1295,14 +1295,17 @@ def test_flows_found_off_the_host_agree(run_ranks):
 
 
 #: Minimised flows that broke the agreement off the host alone (simulated, :func:`body_flows_off_host`), on the CPU
-#: every rank stepping; found by mutating FIXED's flows (session 40): rank 0 skipped, rank 1 stepped, DDP's replicas
-#: parted. Class E without [l1]'s call (the replays above keep it), and a NaN hand-over of DDP's whole beside [own]
-#: armed, the batch dropped and the next one, NaN in rank 0's own gradient, stepped with no call. The own part's
-#: arming (combining, its flag a _CALM one, possibly set off the host) counted rank 0's own gradient as held in
-#: _BESIDE, so the carry of the replaced NaN [l0] flag at [l0] again (combining over no other rank), or of the
-#: dropped hand-over's flag at the step, was held by rank 0's own gradient (by l1 on rank 1, or by none): forced to
-#: keep at DDP's whole, or kept by the read of its NaN at the step, on rank 0 alone. Those carries pass over such a
-#: flag's gradients now (_fused._BESIDE_ALONE).
+#: every rank stepping: rank 0 skipped, rank 1 stepped, DDP's replicas parted. The first three found by mutating
+#: FIXED's flows (session 40): class E without [l1]'s call (the replays above keep it), and a NaN hand-over of DDP's
+#: whole beside [own] armed, the batch dropped and the next one, NaN in rank 0's own gradient, stepped with no call.
+#: The own part's arming (combining, its flag a _CALM one, possibly set off the host) counted rank 0's own gradient
+#: as held in _BESIDE, so the carry of the replaced NaN [l0] flag at [l0] again (combining over no other rank), or of
+#: the dropped hand-over's flag at the step, was held by rank 0's own gradient (by l1 on rank 1, or by none): forced
+#: to keep at DDP's whole, or kept by the read of its NaN at the step, on rank 0 alone. Those carries pass over such a
+#: flag's gradients (_fused._BESIDE_ALONE). The next five (h12, session 40) went the same way through the carries of
+#: settle(), arm_skip_(), _drop_unsettled(), Agreement.__init__ and _keep_flag, which read _BESIDE in calls combining
+#: over no other rank: every carry of a call now reads the set matching whether the call combines, told at its entry
+#: from its group (_fused._CALL; settle() and Agreement.__init__ run before the all-reduce).
 OFF_HOST_FIXED: dict[str, list[tuple]] = {
     "class_e_without_l1": [("fused", False), ("bwd", (-1, 0)), ("call", "skip", [0]), ("call", "skip", [2]),
                            ("replace",), ("call", "skip", [0]), ("zero", True), ("bwd", None),
@@ -1312,6 +1315,18 @@ OFF_HOST_FIXED: dict[str, list[tuple]] = {
                                  ("call", "skip", [0, 1]), ("step",)],
     "hand_over_then_own_nan_unread": [("fused", True), ("bwd", (-1, 0)), ("call", "hand", [0, 1]),
                                       ("call", "skip", [2]), ("zero", True), ("bwd", (0, 2)), ("step",)],
+    "settle": [("fused", True), ("bwd", (-1, 0)), ("call", "hand", [0, 1]), ("call", "skip", [2]), ("replace",),
+               ("call", "skip", [0]), ("zero", True), ("bwd", None), ("call", "skip", [0, 1]), ("step",)],
+    "arm_skip": [("fused", True), ("bwd", (-1, 0)), ("call", "hand", [0, 1]), ("call", "total", [0, 1]),
+                 ("call", "skip", [2]), ("replace",), ("call", "skip", [0]), ("zero", True), ("bwd", None),
+                 ("call", "skip", [0, 1]), ("step",)],
+    "drop_unsettled": [("fused", True), ("bwd", (-1, 0)), ("call", "hand", [1]), ("call", "skip", [2]),
+                       ("replace",), ("call", "skip", [0]), ("zero", True), ("bwd", None),
+                       ("call", "skip", [0, 1]), ("step",)],
+    "agreement_init": [("fused", True), ("bwd", (-1, 0)), ("call", "hand", [0, 1]), ("call", "skip", [2]),
+                       ("zero", True), ("bwd", (0, 2)), ("call", "skip", [0, 1]), ("step",)],
+    "keep_flag": [("fused", True), ("bwd", (-1, 0)), ("call", "hand", [0, 1]), ("call", "skip", [2]),
+                  ("replace", [0]), ("zero", False), ("call", "total", [0]), ("call", "skip", [0, 1]), ("step",)],
 }
 
 
@@ -1342,26 +1357,10 @@ def test_flows_found_off_the_host_by_mutation_step_on_every_rank(run_ranks):
             assert [[s["took"] for s in r] for r in steps] == [[s["took"] for s in r] for r in cpu], (name, steps)
 
 
-#: Flows that still part the ranks off the host (every flag taken for a device's; the CPU steps every rank), found
-#: in session 40 (h12) after OFF_HOST_FIXED's fix: rank 0 skips, rank 1 steps, DDP's replicas part. The first five
-#: go through a carry reading the gradients held by rank 0's own finite ``_CALM`` entry (``_BESIDE``) where
-#: OFF_HOST_FIXED's fix reads ``_BESIDE_ALONE`` (each keyed by the caller named; the fix must take "this call
-#: combines" from the call's group, as settle() and Agreement.__init__ run before the all-reduce sets _COMBINING);
-#: the last, rank 0's own part handed over over the world before any backward, by another path. Replayed as strict
-#: xfails for whoever fixes them (a fix moves them to OFF_HOST_FIXED).
+#: A flow that still parts the ranks off the host (every flag taken for a device's; the CPU steps every rank), found
+#: in session 40 (h12): rank 0 skips, rank 1 steps, DDP's replicas part. Rank 0's own part handed over over the world
+#: before any backward. Replayed as a strict xfail for whoever fixes it (a fix moves it to OFF_HOST_FIXED).
 OFF_HOST_OPEN: dict[str, list[tuple]] = {
-    "settle": [("fused", True), ("bwd", (-1, 0)), ("call", "hand", [0, 1]), ("call", "skip", [2]), ("replace",),
-               ("call", "skip", [0]), ("zero", True), ("bwd", None), ("call", "skip", [0, 1]), ("step",)],
-    "arm_skip": [("fused", True), ("bwd", (-1, 0)), ("call", "hand", [0, 1]), ("call", "total", [0, 1]),
-                 ("call", "skip", [2]), ("replace",), ("call", "skip", [0]), ("zero", True), ("bwd", None),
-                 ("call", "skip", [0, 1]), ("step",)],
-    "drop_unsettled": [("fused", True), ("bwd", (-1, 0)), ("call", "hand", [1]), ("call", "skip", [2]),
-                       ("replace",), ("call", "skip", [0]), ("zero", True), ("bwd", None),
-                       ("call", "skip", [0, 1]), ("step",)],
-    "agreement_init": [("fused", True), ("bwd", (-1, 0)), ("call", "hand", [0, 1]), ("call", "skip", [2]),
-                       ("zero", True), ("bwd", (0, 2)), ("call", "skip", [0, 1]), ("step",)],
-    "keep_flag": [("fused", True), ("bwd", (-1, 0)), ("call", "hand", [0, 1]), ("call", "skip", [2]),
-                  ("replace", [0]), ("zero", False), ("call", "total", [0]), ("call", "skip", [0, 1]), ("step",)],
     "own_handed_before_backward": [("fused", True), ("call", "hand", [2]), ("bwd", (-1, 1)),
                                    ("call", "hand", [0, 1]), ("zero", True), ("bwd", None),
                                    ("call", "hand", [0, 1]), ("step",)],
