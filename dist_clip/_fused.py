@@ -52,7 +52,8 @@ _BESIDE = "_dist_clip_beside"
 #: the same, but for flags read on the CPU (for free) as not set, which hold nothing: read by Agreement._may_differ
 _UNSET = "_dist_clip_beside_unset"
 #: on an optimizer among several ranks: the flags armed since its last step by calls combining over several ranks
-#: that read on the CPU as not set, the same on every rank (see :func:`note_beside`)
+#: that read on the CPU as not set, the same on every rank (see :func:`note_beside`), and on a device the flags of
+#: such calls' hand-overs of no gradient here (see :func:`hand_over_`)
 _CALM = "_dist_clip_calm"
 #: where the arming combined over several ranks: :data:`_BESIDE` passing over the :data:`_CALM` flags' gradients,
 #: for the carries of calls combining over no other rank (see :func:`note_beside`)
@@ -1467,12 +1468,12 @@ def _unset_on_cpu(flag: Tensor) -> bool:
 
 def _calm_entries(optimizer: torch.optim.Optimizer) -> list[tuple[Any, Any, Any]]:
     """The entries of ``optimizer``'s ledger (and its hand-over's flag) whose flag is a device flag noted in
-    :data:`_CALM`: armed by a call combining over several ranks, the same on every rank, never read on the host
-    (see :func:`note_beside`). Such a flag holds no gradient in the reads of calls combining over no other rank
-    (:func:`note_beside`), nor once its gradients are gone (:func:`supersede`, :func:`_keep_replaced`): its value joins
-    those calls' verdicts on every rank alike instead (:meth:`Agreement.agree`, by a multiply: no host read), as the
-    entry for it on a rank that measured nothing there does. None on the CPU, where such a flag is read for free and
-    one not set holds nothing."""
+    :data:`_CALM`: armed (or handed over) by a call combining over several ranks, the same on every rank, never read
+    on the host (see :func:`note_beside`, :func:`hand_over_`). Such a flag holds no gradient in the reads of calls
+    combining over no other rank (:func:`note_beside`), nor once its gradients are gone (:func:`supersede`,
+    :func:`_keep_replaced`): its value joins those calls' verdicts on every rank alike instead
+    (:meth:`Agreement.agree`, by a multiply: no host read), as the entry for it on a rank that measured nothing
+    there does. None on the CPU, where such a flag is read for free and one not set holds nothing."""
     calm = optimizer.__dict__.get(_CALM)
     if not calm:
         return []
@@ -2422,6 +2423,18 @@ def hand_over_(
         del optimizer.__dict__[_SKIP]
     _stash(optimizer, scale, found, coef, grads, shared)
     _forget_beside(optimizer)  # (it measures every gradient stepped)
+    if shared and not grads and not _on_host(found) and _multi_rank():
+        # A device flag of a total combined over several ranks that measured no gradient here: the same on every
+        # rank, standing for the others' pieces, a _CALM one (see note_beside), held by no gradient here, its value
+        # joining the verdicts instead. Carried by the gradients the call settling it does not measure, under DDP
+        # beside rank 0's own parameter, [own] handed over over the world before any backward (0 on every rank),
+        # then a NaN batch's DDP's whole handed over (no collective) settled it into an entry held by rank 0's own
+        # gradient (on rank 1 by none), which forced rank 0 alone to keep the next batch's dropped NaN hand-over at
+        # DDP's whole: rank 0 skipped, rank 1 stepped. (Not one that measured gradients here: held by none once they
+        # are gone, a NaN hand-over of [a, b] over the world, a of rank 0's own, every gradient replaced out of place,
+        # [a] read and [b] armed, lost its flag on every rank and the NaN step was taken. On the CPU one not set
+        # holds nothing: read for free.)
+        optimizer.__dict__.setdefault(_CALM, []).append(found)
     _WAITING.add(optimizer)
 
 
