@@ -1081,8 +1081,22 @@ def supersede(armed: tuple[Any, ...], record: tuple[Any, ...], now: tuple[list[T
         entry = carried_by_replacements(functools.reduce(merge, elsewhere), [])
         if entry is not None:
             kept.append(entry)
+            _still_calm(optimizer, elsewhere, entry[0])
     record.parts = [*kept, (new, list(record[0]), None)]
     return functools.reduce(merge, [f for f, _, _ in record.parts])
+
+
+def _still_calm(optimizer: Any, flags: list[Tensor], carried: Tensor) -> None:
+    """``carried``, the verdict's carry of ``flags`` into an entry held by no gradient, is a :data:`_CALM` flag where
+    one of them is (a device flag a combining call armed, whose gradients are gone): held by none here, it stands
+    for every gradient the NaN may have travelled into, which join the verdicts of later calls while it is set
+    (:class:`Agreement`, by a multiply: no host read), as the first carry's did. A new tensor, told by identity from
+    none of :data:`_CALM`, it joined nothing: plain tensors, NaN in rank 1's ``a``, [a, b] armed over the world,
+    ``a``'s gradient replaced out of place, [b] armed twice: the second [b]'s verdict, of ``b`` alone, dropped it on
+    every rank, and rank 1 stepped its NaN (on the CPU the carry is held by the replacement, which the call reads)."""
+    calm = optimizer.__dict__.get(_CALM) if optimizer is not None else None
+    if calm and not _on_host(carried) and any(f is c for f in flags for c in calm):
+        calm.append(carried)
 
 
 def _measured_again(flags: list[Tensor], merge: Callable[[Tensor, Tensor], Tensor]

@@ -1264,6 +1264,40 @@ def test_class_e_off_the_host_nan_in_l1_steps_where_an_arming_call_combines_afte
         assert [r[-1]["took"] for r in steps] == [True, True], (flow, steps)
 
 
+#: Off the host (simulated), a NaN gradient replaced out of place between skip-arming calls over the world: NaN
+#: in one rank's ``a`` (a part held on rank 0 alone in "alone"; the replicated ``b`` NaN on every rank in "mixed"),
+#: the whole armed, the NaN part's gradients replaced (``p.grad = p.grad + 0``), the other part armed twice, stepped.
+#: Both ranks stepped the NaN gradient (on the CPU both skip): h3's sweep (session 41), gen2 plain 923, mixed 374.
+REPLACED_BETWEEN_ARMINGS: dict[str, tuple[str, list[tuple]]] = {
+    "plain": ("plain", [("fused", False), ("bwd", (1, 0)), ("call", "skip", [0, 1]), ("replace", [0]),
+                        ("call", "skip", [1]), ("call", "skip", [1]), ("step",)]),
+    "alone": ("alone", [("fused", False), ("bwd", (0, 0)), ("call", "skip", [0, 1]), ("replace", [0]),
+                        ("call", "skip", [1]), ("call", "skip", [1]), ("step",)]),
+    "mixed": ("mixed", [("fused", False), ("bwd", (-1, 1)), ("call", "skip", [0, 1]), ("replace", [1]),
+                        ("call", "skip", [0]), ("call", "skip", [0]), ("step",)]),
+    "plain_whole_fused_hand": ("plain", [("fused", True), ("bwd", (1, 0)), ("call", "skip", [0, 1]), ("replace",),
+                                         ("call", "hand", [1]), ("call", "skip", [1]), ("step",)]),
+    "plain_fused_hand_last": ("plain", [("fused", True), ("bwd", (0, 0)), ("call", "skip", [0, 1]),
+                                        ("replace", [0]), ("call", "skip", [1]), ("call", "hand", [1]), ("step",)]),
+}
+
+
+@pytest.mark.parametrize("setting", ["plain", "alone", "mixed"])
+def test_a_nan_gradient_replaced_between_armings_over_the_world_skips_off_the_host(run_ranks, setting):
+    """REPLACED_BETWEEN_ARMINGS off the host (a GPU; simulated) and on the CPU: every rank skips. The whole's flag,
+    a device flag of a combining call (``_CALM``), its gradients gone at the first [b], was carried by that call's
+    verdict into an entry held by no gradient, a new tensor that was no ``_CALM`` flag: the second [b]'s read left
+    the replaced NaN gradient out (no entry held it, none of ``_CALM`` stood for it), its verdict dropped the flag on
+    every rank, and the NaN step was taken on both (the CPU holds the carry by the replacement, read at [b] again)."""
+    names = [n for n in sorted(REPLACED_BETWEEN_ARMINGS) if REPLACED_BETWEEN_ARMINGS[n][0] == setting]
+    flows = [REPLACED_BETWEEN_ARMINGS[n][1] for n in names]
+    per_rank = run_ranks(2, body_flows_both, setting, flows)
+    for i, (where, name) in enumerate(itertools.product(["off host", "cpu"], names)):
+        steps = [per_rank[0][i], per_rank[1][i]]
+        assert not violations(flows[i % len(flows)], steps), (where, name, violations(flows[i % len(flows)], steps))
+        assert [s["took"] for r in steps for s in r] == [False, False], (where, name, steps)
+
+
 #: Flows of the "ddp" seeds that broke the agreement off the host alone (simulated): an entry kept by a verdict of 0
 #: with no gradient left (rank 0's, in a hand-over beside its own parameter: rank 1's hand-over of DDP's whole drops
 #: it) was taken for a flag standing for another rank's gradients, which forced rank 0 alone to keep at the next call;

@@ -285,37 +285,32 @@ def test_hsdp_flows_off_the_host_take_the_promised_good_step(run_ranks):
     assert not failures, "\n".join(failures)
 
 
-#: tests/test_flow_fuzz.py's OFF_HOST_OPEN_NAN_STEP under FSDP2 (session 41, h3): a NaN in one rank's shard of l0, the
-#: whole armed (``GradClipper(on_nonfinite="skip")``), l0's gradients replaced out of place, [l1] armed twice: off the
-#: host (simulated) every rank steps, the NaN included; on the CPU every rank skips. Also fused, parts as modules, the
-#: NaN on the other rank (8 of 8 variants); HSDP (the NaN on every replica, no call combining) skips off the host too.
-OFF_HOST_OPEN_NAN_STEP = {
-    "fsdp2": [("fused", False, False), ("bwd", (1, 0)), ("call", "skip", [0, 1]), ("replace", [0]),
-              ("call", "skip", [1]), ("call", "skip", [1]), ("step",)],
-}
-
-
-def body_fsdp_flow_list(setting: str, flows: list[list[tuple]], off_host: bool) -> list:
-    """:func:`run_fsdp_flow` of each flow, off the host (every flag taken for a device's) where ``off_host``."""
+def body_fsdp_flow_list_both(setting: str, flows: list[list[tuple]]) -> list:
+    """:func:`run_fsdp_flow` of each flow off the host (every skip flag taken for an accelerator's, see
+    :func:`body_fsdp_flows_off_host`), then the same on the CPU."""
     from dist_clip import _fused
 
     saved = _fused._on_host
-    if off_host:
-        _fused._on_host = lambda flag: False
+    _fused._on_host = lambda flag: False
     try:
-        return [run_fsdp_flow(setting, flow) for flow in flows]
+        off = [run_fsdp_flow(setting, flow) for flow in flows]
     finally:
         _fused._on_host = saved
+    return [*off, *(run_fsdp_flow(setting, flow) for flow in flows)]
 
 
-@pytest.mark.parametrize("off_host", [False, pytest.param(True, marks=pytest.mark.xfail(
-    strict=True, reason="open off the host: a NaN step on every rank (see OFF_HOST_OPEN_NAN_STEP)"))])
-@pytest.mark.parametrize("name", sorted(OFF_HOST_OPEN_NAN_STEP))
-def test_open_nan_step_flows_under_fsdp2(run_ranks, name, off_host):
-    """An OFF_HOST_OPEN_NAN_STEP flow on the CPU, and off the host (a GPU; simulated): every rank skips the NaN step
-    (off the host every rank steps it: strict xfail)."""
-    flow = OFF_HOST_OPEN_NAN_STEP[name]
-    per_rank = run_ranks(2, body_fsdp_flow_list, name, [flow], off_host, timeout_s=300)
-    steps = [per_rank[0][0], per_rank[1][0]]
-    assert not violations(flow, steps), (name, violations(flow, steps))
-    assert [s[-1]["took"] for s in steps] == [False, False], (name, steps)
+def test_a_nan_shard_replaced_between_armings_skips_off_the_host(run_ranks):
+    """tests/test_flow_fuzz.py's REPLACED_BETWEEN_ARMINGS under FSDP2: a NaN in one rank's shard of l0, the whole
+    armed, l0's gradients replaced out of place, [l1] armed twice (each armed or handed over), stepped: off the host
+    (simulated) both ranks stepped the NaN shard (h3's sweep, session 41: every one of the 8 variants, fused or not,
+    parts as modules or parameters, the NaN on rank 0 or 1); every rank skips now, as on the CPU."""
+    flows = [[("fused", False, False), ("bwd", (1, 0)), ("call", "skip", [0, 1]), ("replace", [0]),
+              ("call", "skip", [1]), ("call", "skip", [1]), ("step",)],
+             [("fused", True, True), ("bwd", (0, 0)), ("call", "skip", [0, 1]), ("replace", [0]),
+              ("call", "hand", [1]), ("call", "skip", [1]), ("step",)]]
+    per_rank = run_ranks(2, body_fsdp_flow_list_both, "fsdp2", flows)
+    for i, where in enumerate(["off host"] * len(flows) + ["cpu"] * len(flows)):
+        flow = flows[i % len(flows)]
+        steps = [per_rank[0][i], per_rank[1][i]]
+        assert not violations(flow, steps), (where, flow, violations(flow, steps))
+        assert [s["took"] for r in steps for s in r] == [False, False], (where, flow, steps)
