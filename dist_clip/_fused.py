@@ -2278,6 +2278,7 @@ def _keep_replaced(optimizer: torch.optim.Optimizer, found: Tensor, rest: list[T
     entry = carried_by_replacements(found, held)
     if entry is not None:
         _join_ledger(optimizer, entry)
+        _still_calm(optimizer, [found], entry[0])  # (so too a settled hand-over's, see _still_calm)
 
 
 def _dropped(verdict: str) -> bool:

@@ -1279,6 +1279,13 @@ REPLACED_BETWEEN_ARMINGS: dict[str, tuple[str, list[tuple]]] = {
                                          ("call", "hand", [1]), ("call", "skip", [1]), ("step",)]),
     "plain_fused_hand_last": ("plain", [("fused", True), ("bwd", (0, 0)), ("call", "skip", [0, 1]),
                                         ("replace", [0]), ("call", "skip", [1]), ("call", "hand", [1]), ("step",)]),
+    # (and [a] handed over beside ``b``, settled by a read, its flag carried at the first [b]: h9's variants)
+    "plain_settled_hand_over": ("plain", [("fused", True), ("bwd", (1, 0)), ("call", "hand", [0]),
+                                          ("call", "total", [0, 1]), ("replace", [0]), ("call", "skip", [1]),
+                                          ("call", "skip", [1]), ("step",)]),
+    "alone_settled_hand_over": ("alone", [("fused", True), ("bwd", (0, 0)), ("call", "hand", [0]),
+                                          ("call", "plain", [0]), ("replace",), ("call", "skip", [1]),
+                                          ("call", "hand", [1]), ("step",)]),
 }
 
 
@@ -1288,7 +1295,8 @@ def test_a_nan_gradient_replaced_between_armings_over_the_world_skips_off_the_ho
     a device flag of a combining call (``_CALM``), its gradients gone at the first [b], was carried by that call's
     verdict into an entry held by no gradient, a new tensor that was no ``_CALM`` flag: the second [b]'s read left
     the replaced NaN gradient out (no entry held it, none of ``_CALM`` stood for it), its verdict dropped the flag on
-    every rank, and the NaN step was taken on both (the CPU holds the carry by the replacement, read at [b] again)."""
+    every rank, and the NaN step was taken on both (the CPU holds the carry by the replacement, read at [b] again).
+    So too a settled hand-over's flag carried at the first [b] (_keep_replaced)."""
     names = [n for n in sorted(REPLACED_BETWEEN_ARMINGS) if REPLACED_BETWEEN_ARMINGS[n][0] == setting]
     flows = [REPLACED_BETWEEN_ARMINGS[n][1] for n in names]
     per_rank = run_ranks(2, body_flows_both, setting, flows)
