@@ -1376,6 +1376,10 @@ OFF_HOST_FIXED: dict[str, list[tuple]] = {
     "own_handed_before_backward": [("fused", True), ("call", "hand", [2]), ("bwd", (-1, 1)),
                                    ("call", "hand", [0, 1]), ("zero", True), ("bwd", None),
                                    ("call", "hand", [0, 1]), ("step",)],
+    # (h3's biased generator, ddp seed 482: the same kind, [l1] and [l0] handed over one by one after two backwards)
+    "own_handed_before_two_backwards": [("fused", True), ("call", "hand", [2]), ("bwd", (-1, 0)), ("bwd", (-1, 0)),
+                                        ("call", "hand", [1]), ("call", "hand", [0]), ("zero", True), ("bwd", None),
+                                        ("call", "skip", [0, 1]), ("step",)],
 }
 
 
