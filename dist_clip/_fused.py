@@ -1094,9 +1094,14 @@ def _still_calm(optimizer: Any, flags: list[Tensor], carried: Tensor) -> None:
     none of :data:`_CALM`, it joined nothing: plain tensors, NaN in rank 1's ``a``, [a, b] armed over the world,
     ``a``'s gradient replaced out of place, [b] armed twice: the second [b]'s verdict, of ``b`` alone, dropped it on
     every rank, and rank 1 stepped its NaN (on the CPU the carry is held by the replacement, which the call reads)."""
-    calm = optimizer.__dict__.get(_CALM) if optimizer is not None else None
-    if calm and not _on_host(carried) and any(f is c for f in flags for c in calm):
-        calm.append(carried)
+    if not _on_host(carried) and any(_is_calm(optimizer, f) for f in flags):
+        optimizer.__dict__[_CALM].append(carried)
+
+
+def _is_calm(optimizer: Any, flag: Any) -> bool:
+    """Whether ``flag`` is a device flag of ``optimizer``'s noted in :data:`_CALM` (told by identity)."""
+    return (optimizer is not None and isinstance(flag, Tensor) and not _on_host(flag)
+            and any(flag is c for c in optimizer.__dict__.get(_CALM, ())))
 
 
 def _measured_again(flags: list[Tensor], merge: Callable[[Tensor, Tensor], Tensor]
@@ -1488,14 +1493,13 @@ def _calm_entries(optimizer: torch.optim.Optimizer) -> list[tuple[Any, Any, Any]
     :func:`_keep_replaced`): its value joins those calls' verdicts on every rank alike instead
     (:meth:`Agreement.agree`, by a multiply: no host read), as the entry for it on a rank that measured nothing
     there does. None on the CPU, where such a flag is read for free and one not set holds nothing."""
-    calm = optimizer.__dict__.get(_CALM)
-    if not calm:
+    if not optimizer.__dict__.get(_CALM):
         return []
     entries = _ledger_entries(optimizer)
     pending = optimizer.__dict__.get(_PENDING)
     if pending is not None:
         entries.append((pending[1], pending[3], None))
-    return [e for e in entries if isinstance(e[0], Tensor) and not _on_host(e[0]) and any(e[0] is c for c in calm)]
+    return [e for e in entries if _is_calm(optimizer, e[0])]
 
 
 def _elsewhere_entry(flag: Any, members: Any, seen: Any) -> bool:
@@ -2273,7 +2277,7 @@ def _keep_replaced(optimizer: torch.optim.Optimizer, found: Tensor, rest: list[T
             agreement.fold(found, held)
         agreement.deferred.append((optimizer, found, held))
         return
-    if not _on_host(found) and any(found is c for c in optimizer.__dict__.get(_CALM, ())):
+    if _is_calm(optimizer, found):
         held = []  # (a device flag a combining call armed: held by no gradient, see _calm_entries)
     entry = carried_by_replacements(found, held)
     if entry is not None:
