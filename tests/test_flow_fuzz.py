@@ -37,6 +37,7 @@ A failure prints the seed and the flow; ``make_flow(seed, setting)`` and :func:`
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import random
@@ -1191,18 +1192,25 @@ def test_a_flag_kept_for_replaced_gradients_without_a_collective_goes_with_the_b
     assert [s["took"] for r in per_rank for s in r] == [False] * world, (flow, per_rank)
 
 
-def body_flows_off_host(setting: str, flows: list[list[tuple]]) -> list:
-    """:func:`run_flow` of each flow with every skip flag taken for an accelerator's, never read on the host
-    (``_fused._on_host`` false), as on a GPU: a flag read on the CPU as not set is a value the host does not know
-    there (the faithful run, every device test rewritten and host syncs recorded: tests/test_accelerator_paths.py)."""
+@contextlib.contextmanager
+def off_the_host():
+    """Within: every skip flag taken for an accelerator's, never read on the host (``_fused._on_host`` false), as
+    on a GPU: a flag read on the CPU as not set is a value the host does not know there (the faithful run, every
+    device test rewritten and host syncs recorded: tests/test_accelerator_paths.py)."""
     from dist_clip import _fused
 
     saved = _fused._on_host
     _fused._on_host = lambda flag: False
     try:
-        return [run_flow(setting, flow) for flow in flows]
+        yield
     finally:
         _fused._on_host = saved
+
+
+def body_flows_off_host(setting: str, flows: list[list[tuple]]) -> list:
+    """:func:`run_flow` of each flow :func:`off_the_host`."""
+    with off_the_host():
+        return [run_flow(setting, flow) for flow in flows]
 
 
 def _e(first: str, own: str, last: str, fused: bool = True, nan: tuple | None = (-1, 0), drop: bool = True

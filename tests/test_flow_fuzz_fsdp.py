@@ -34,7 +34,16 @@ import torch
 from torch import nn
 
 import dist_clip
-from tests.test_flow_fuzz import BATCHED, FLOWS, draw_event, make_flow, seeded_failures, step_and_record, violations
+from tests.test_flow_fuzz import (
+    BATCHED,
+    FLOWS,
+    draw_event,
+    make_flow,
+    off_the_host,
+    seeded_failures,
+    step_and_record,
+    violations,
+)
 
 SETTINGS = ("fsdp2", "hsdp")
 
@@ -263,15 +272,9 @@ def test_a_flag_kept_for_replaced_gradients_goes_with_the_batch_under_hsdp(run_r
 
 def body_fsdp_flows_off_host(setting: str, seeds: list[int]) -> list:
     """:func:`body_fsdp_flows` with every skip flag taken for an accelerator's, never read on the host, as on a GPU
-    (see tests/test_flow_fuzz.py's ``body_flows_off_host``)."""
-    from dist_clip import _fused
-
-    saved = _fused._on_host
-    _fused._on_host = lambda flag: False
-    try:
+    (tests/test_flow_fuzz.py's ``off_the_host``)."""
+    with off_the_host():
         return body_fsdp_flows(setting, seeds)
-    finally:
-        _fused._on_host = saved
 
 
 def test_hsdp_flows_off_the_host_take_the_promised_good_step(run_ranks):
@@ -288,14 +291,8 @@ def test_hsdp_flows_off_the_host_take_the_promised_good_step(run_ranks):
 def body_fsdp_flow_list_both(setting: str, flows: list[list[tuple]]) -> list:
     """:func:`run_fsdp_flow` of each flow off the host (every skip flag taken for an accelerator's, see
     :func:`body_fsdp_flows_off_host`), then the same on the CPU."""
-    from dist_clip import _fused
-
-    saved = _fused._on_host
-    _fused._on_host = lambda flag: False
-    try:
+    with off_the_host():
         off = [run_fsdp_flow(setting, flow) for flow in flows]
-    finally:
-        _fused._on_host = saved
     return [*off, *(run_fsdp_flow(setting, flow) for flow in flows)]
 
 
