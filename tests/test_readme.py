@@ -107,16 +107,32 @@ def _check_report(ns: dict) -> None:
     assert "layers.0.attn.wq.weight" in ns["result"].norms
 
 
-_CHECKS = {"Quickstart": _check_quickstart, "A norm report": _check_report}
+def _check_state(ns: dict) -> None:
+    """"clipper.load_state_dict(...) resumes identically": from the torch.save file and from the DCP directory."""
+    import torch.distributed.checkpoint as dcp
+
+    want = ns["clipper"].state_dict()
+    assert want["step"] == 1 and int(want["num_clipped"]) == 1, want
+    from_file = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+    from_file.load_state_dict(torch.load(ns["path"])["clipper"])
+    from_dcp = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load({"clipper": from_dcp}, checkpoint_id=ns["ckpt_dir"])
+    for got in (from_file.state_dict(), from_dcp.state_dict()):
+        assert got.keys() == want.keys() and all(
+            torch.equal(got[k], want[k]) if isinstance(want[k], torch.Tensor) else got[k] == want[k] for k in want
+        ), (got, want)
+
+
+_CHECKS = {"Quickstart": _check_quickstart, "A clipper with state": _check_state, "A norm report": _check_report}
 
 
 def test_readme_marks_its_runnable_blocks():
     """The marker comments are found (a changed marker would leave the parametrized test below with nothing)."""
     headings = [h for h, _, _ in _blocks()]
     assert set(_CHECKS) <= set(headings), headings
-    assert {"A clipper with state", "Per-parameter and per-group clipping", "Adaptive thresholds and AGC"} <= set(
-        headings
-    ), headings
+    assert {"Per-parameter and per-group clipping", "Adaptive thresholds and AGC"} <= set(headings), headings
 
 
 @pytest.mark.parametrize("heading,names,code", _blocks(), ids=[h for h, _, _ in _blocks()])
