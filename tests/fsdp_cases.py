@@ -206,6 +206,8 @@ class Case:
     # HSDP / HYBRID_SHARD: this rank's shard group, passed as group= it must give the same total on every
     # replica (the replicas it does not reach read 0 once).
     shard_group: Any = None
+    # Collectives of group=WORLD: DDP takes its replicas as they are under any group= (none).
+    world_collectives: int = 1
     notes: dict[str, Any] = field(default_factory=dict)
 
 
@@ -320,7 +322,7 @@ def run_case(case: Case) -> dict[float, dict[str, Any]]:
         # slices of a sliced mesh that the rank's other gradients span hold copies (counted once), as here.
         with count_collectives() as counted_world:
             world_total = dist_clip.get_total_norm(model, p, group=dist.group.WORLD)
-        if not _norm_close(float(world_total), ref_norm, RTOL) or counted_world.total != 1:
+        if not _norm_close(float(world_total), ref_norm, RTOL) or counted_world.total != case.world_collectives:
             raise AssertionError(
                 f"{what}: group=WORLD gave {float(world_total)} with {counted_world.names}, reference {ref_norm}"
             )
@@ -567,6 +569,30 @@ def _fsdp1_full_views(fsdp_model: nn.Module) -> tuple[Callable[[], dict[str, Ten
     return grads, params
 
 
+def _fsdp1_gathered_grads(fsdp_model: nn.Module) -> Callable[[], dict[str, Tensor]]:
+    """float64 copies of an FSDP1 model's full gradients by unwrapped name, gathered from the flat gradients by
+    hand (``summon_full_params(with_grads=True)`` takes neither flat parameters nor bf16 gradients of fp32 ones)."""
+    layout = _flat_layout(fsdp_model)
+
+    def grads() -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for handle, names in layout:
+            flat = handle.flat_param
+            g = flat.grad.detach().double()
+            if handle.uses_sharded_strategy:
+                parts = [torch.empty_like(g) for _ in range(dist.get_world_size(handle.process_group))]
+                dist.all_gather(parts, g, group=handle.process_group)
+                g = torch.cat(parts)
+            real = [n for n, pad in zip(flat._numels_with_padding, flat._is_padding_mask) if not pad]
+            offsets = [o for o, pad in zip(itertools.accumulate([0, *flat._numels_with_padding]),
+                                           [*flat._is_padding_mask, True]) if not pad]
+            for name, shape, at, numel in zip(names, flat._shapes, offsets, real):
+                out[name] = g[at : at + numel].reshape(shape).clone()
+        return out
+
+    return grads
+
+
 def _fsdp1_flat_checker(fsdp_model: nn.Module) -> Callable[[dict[str, Tensor], float, float, str], None]:
     """Compare flat grad shards with the same slices of the reference, laid out as FSDP1 does (chunk)."""
     from torch.distributed.fsdp._flat_param import FlatParameter
@@ -705,25 +731,9 @@ def fsdp1_low_precision_gradients(strategy: str) -> dict[str, Any]:
     if {q.grad.dtype for q in fsdp_model.parameters() if q.grad is not None} != {torch.bfloat16}:
         raise AssertionError("expected bf16 gradients")
     _, params = _fsdp1_full_views(fsdp_model)
-    layout = _flat_layout(fsdp_model)
-
-    def grads() -> dict[str, Tensor]:
-        # Gathered by hand: torch 2.13's summon_full_params(with_grads=True) raises on bf16 gradients of fp32
-        # parameters ("attempting to assign a gradient with dtype BFloat16 to a tensor with grad_dtype Float").
-        out: dict[str, Tensor] = {}
-        for handle, names in layout:
-            flat = handle.flat_param
-            g = flat.grad.detach().double()
-            if handle.uses_sharded_strategy:
-                parts = [torch.empty_like(g) for _ in range(dist.get_world_size(handle.process_group))]
-                dist.all_gather(parts, g, group=handle.process_group)
-                g = torch.cat(parts)
-            real = [n for n, pad in zip(flat._numels_with_padding, flat._is_padding_mask) if not pad]
-            offsets = [o for o, pad in zip(itertools.accumulate([0, *flat._numels_with_padding]),
-                                           [*flat._is_padding_mask, True]) if not pad]
-            for name, shape, at, numel in zip(names, flat._shapes, offsets, real):
-                out[name] = g[at : at + numel].reshape(shape).clone()
-        return out
+    # Gathered by hand: torch 2.13's summon_full_params(with_grads=True) raises on bf16 gradients of fp32
+    # parameters ("attempting to assign a gradient with dtype BFloat16 to a tensor with grad_dtype Float").
+    grads = _fsdp1_gathered_grads(fsdp_model)
 
     exact = Reference({n: t.clone() for n, t in params().items()}, {n: t.clone() for n, t in grads().items()})
     case = Case(fsdp_model, exact, grads, params, lambda max_norm, p: fsdp_model.clip_grad_norm_(max_norm, p),
@@ -3114,3 +3124,213 @@ def fsdp2_frozen_stage_beside_a_trainable_one_under_group() -> list[tuple[str, f
     # (the stages' names differ: the per-parameter modes need a ParallelPlan there)
     return [(kind, float(dist_clip.get_total_norm(target, group=dist.group.WORLD)), want)
             for kind, target in (("module", model), ("list", list(model.parameters())))]
+
+
+# ------------------------------------------------------------------------------ switches of DDP, FSDP2, FSDP1
+
+SWITCH_MAX_NORM = 0.3  # below every total of these models: each step clips
+SWITCH_LR = 0.01
+SWITCH_PARAM_ATOL = 1e-5  # fused fp32 AdamW against the float64 one: measured at most 1e-7 after 4 steps
+SWITCH_NAN = 1  # the step whose batch holds a NaN on rank 1
+
+
+def clipped_steps(model: nn.Module, grads: Callable[[], dict[str, Tensor]],
+                  params: Callable[[], dict[str, Tensor]], steps: int = 4) -> list[tuple[float, bool, float]]:
+    """``steps`` batches through ``GradClipper(on_nonfinite="skip")(model, optimizer=)`` handing the coefficient
+    over to a fused AdamW; rank 1's batch at step ``SWITCH_NAN`` holds a NaN. The reference is a float64 copy of
+    the parameters stepped by a float64 AdamW with the gradients the wrapper holds (gathered: under a compressing
+    hook or a low-precision reduction those are the ones it reduced, not the exact model's), clipped by their
+    float64 norm, and not stepped where that norm is not finite. Per step: (the worst relative error of
+    ``get_total_norm`` for p in {2, inf, 1} against their float64 norm, NaN where it was not comparable; whether
+    the clipper read a finite total; the largest distance of any parameter from the reference after the step)."""
+    rank = dist.get_rank()
+    opt = torch.optim.AdamW(model.parameters(), lr=SWITCH_LR, fused=True)
+    shadow = {n: nn.Parameter(t.clone()) for n, t in params().items()}
+    shadow_opt = torch.optim.AdamW(list(shadow.values()), lr=SWITCH_LR, foreach=False)
+    clipper = dist_clip.GradClipper(max_norm=SWITCH_MAX_NORM, on_nonfinite="skip")
+    out = []
+    for step in range(steps):
+        x, y = batch(rank + 10 * (step + 1))
+        if step == SWITCH_NAN and rank == 1:
+            x[0, 0] = math.nan
+        loss_fn(model, x, y).backward()
+        held = grads()
+        flat = torch.cat([g.reshape(-1) for g in held.values()])
+        worst = 0.0
+        for p in (2.0, math.inf, 1.0):
+            want = float(torch.linalg.vector_norm(flat, p))
+            got = float(dist_clip.get_total_norm(model, p))
+            if not math.isfinite(want) or not math.isfinite(got):
+                worst = math.nan if math.isfinite(want) != math.isfinite(got) else worst
+                continue
+            worst = max(worst, abs(got - want) / want)
+        finite = bool(clipper(model, optimizer=opt).finite)
+        total = float(torch.linalg.vector_norm(flat, 2.0))
+        if math.isfinite(total):
+            coef = min(1.0, SWITCH_MAX_NORM / (total + 1e-6))
+            for n, q in shadow.items():
+                q.grad = held[n] * coef
+            shadow_opt.step()
+        opt.step()
+        opt.zero_grad()
+        now = params()
+        out.append((worst, finite, max(float((now[n] - shadow[n].detach()).abs().max()) for n in now)))
+    return out
+
+
+def _exact_or_held(model: nn.Module, ref: Reference, exact: bool, grads: Callable[[], dict[str, Tensor]],
+                   params: Callable[[], dict[str, Tensor]]) -> tuple[Reference, Reference | None]:
+    """(the reference of run_case, the model reference at the low-precision tolerances): the float64 model where
+    the switch keeps the gradients exact, else the gradients the wrapper holds (gathered) beside the model."""
+    if exact:
+        return ref, None
+    held = Reference({n: t.clone() for n, t in params().items()}, {n: t.clone() for n, t in grads().items()})
+    return held, ref
+
+
+def _scaled(ref: Reference, factor: float) -> Reference:
+    return Reference(ref.params, {n: g * factor for n, g in ref.grads.items()})
+
+
+DDP_SWITCHES = ("static_graph", "fp16_compress", "powerSGD", "powerSGD-stateless", "custom_hook")
+
+
+def ddp_switch(switch: str) -> dict[str, Any]:
+    """DDP with ``static_graph=True``, or a communication hook: torch's ``fp16_compress_hook`` (the fp32 gradients
+    DDP leaves are the fp16 average), ``powerSGD_hook`` (rank-1 approximations of the matrices; with error feedback
+    and warm start, from the third backward, or without either, from the second), or a hook of the user's that
+    scales each bucket by 1/4 before the sum (gradients = 1/4 of the sum of the ranks'). run_case on the first
+    compressed backward (the float64 model, or for the compressing hooks the gradients DDP left, beside the model
+    at the bf16 tolerances for fp16), then ``clipped_steps``. (``bf16_compress_hook`` needs CUDA and NCCL: DDP raises
+    TypeError on gloo.)"""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    model = new_model()
+    ref = reference(model, list(range(ws)))
+    ddp = DDP(model, static_graph=switch == "static_graph")
+    warm_up = 0
+    if switch == "fp16_compress":
+        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    elif switch.startswith("powerSGD"):
+        stateful = switch == "powerSGD"
+        state = powerSGD_hook.PowerSGDState(
+            process_group=None, matrix_approximation_rank=1, min_compression_rate=0.5,
+            start_powerSGD_iter=2 if stateful else 1, use_error_feedback=stateful, warm_start=stateful)
+        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+        warm_up = state.start_powerSGD_iter  # backwards that all-reduce uncompressed
+    elif switch == "custom_hook":
+        def quarter_then_sum(_, bucket):  # noqa: ANN001, ANN202 - DDP reads the annotations (strings here)
+            work = dist.all_reduce(bucket.buffer().mul_(0.25), async_op=True)
+            return work.get_future().then(lambda fut: fut.value()[0])
+
+        ddp.register_comm_hook(None, quarter_then_sum)
+        ref = _scaled(ref, ws / 4)
+    for _ in range(warm_up):
+        loss_fn(ddp, *batch(rank)).backward()
+        ddp.zero_grad()
+    loss_fn(ddp, *batch(rank)).backward()
+
+    def grads() -> dict[str, Tensor]:
+        return {n: q.grad.detach().double().clone() for n, q in model.named_parameters() if q.grad is not None}
+
+    def params() -> dict[str, Tensor]:
+        return {n: q.detach().double().clone() for n, q in model.named_parameters()}
+
+    exact, model_ref = _exact_or_held(model, ref, switch in ("static_graph", "custom_hook"), grads, params)
+    if switch.startswith("powerSGD"):
+        model_ref = None  # a rank-1 approximation: not the model's gradients at any tolerance
+        worst = max(float((g - ref.grads[n]).abs().max()) for n, g in grads().items())
+        if worst < 1e-3:
+            raise AssertionError(f"powerSGD left the exact gradients ({worst}): the backward was not compressed")
+    case = Case(ddp, exact, grads, params, _torch_clip(ddp), expected_collectives=0, model_ref=model_ref,
+                world_collectives=0)
+    per_p = run_case(case)
+    ddp.zero_grad()
+    out = {"per_p": per_p, "steps": clipped_steps(ddp, grads, params)}
+    if switch == "powerSGD":  # the NaN batch's residue cleared from the hook's state: the next batch is finite
+        for kept in (state.error_dict, state.p_memory_dict, state.q_memory_dict):
+            kept.clear()
+        loss_fn(ddp, *batch(rank)).backward()
+        out["cleared"] = math.isfinite(float(dist_clip.get_total_norm(ddp)))
+    return out
+
+
+FSDP2_SWITCHES = ("gradient_divide_factor", "cpu_offload", "reshard_after_forward_int", "mp_reduce_fp32_output_fp32",
+                  "mp_fp16_reduce_fp32_output_bf16")
+
+
+def fsdp2_switch(switch: str) -> dict[str, Any]:
+    """FSDP2 (every block and the root on a 1-D mesh; uneven and empty shards) with one switch no other case sets:
+    ``set_gradient_divide_factor(5)`` (gloo has no PREMUL_SUM: with ``set_force_sum_reduction_for_comms(True)``;
+    gradients = the ranks' sum / 5), ``CPUOffloadPolicy(pin_memory=False)``, ``reshard_after_forward=1`` on the
+    blocks (an evaluation forward first, so that the blocks sit resharded to one rank), or a
+    ``MixedPrecisionPolicy`` whose ``reduce_dtype`` differs from ``param_dtype`` and sets ``output_dtype`` (bf16
+    compute, fp32 reduce and output; fp16 compute, fp32 reduce, bf16 output: the gradients FSDP2 produced are the
+    reference, the fp32 model at the bf16 tolerances). run_case, then ``clipped_steps``."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    model = new_model()
+    ref = reference(model, list(range(ws)))
+    m = mesh((ws,))
+    kw: dict[str, Any] = {}
+    if switch == "cpu_offload":
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=False)
+    elif switch == "mp_reduce_fp32_output_fp32":
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                               output_dtype=torch.float32)
+    elif switch == "mp_fp16_reduce_fp32_output_bf16":
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.float16, reduce_dtype=torch.float32,
+                                               output_dtype=torch.bfloat16)
+    blocks = {"reshard_after_forward": 1} if switch == "reshard_after_forward_int" else {}
+    for module in (model.inp, *model.blocks, model.head):
+        fully_shard(module, mesh=m, **kw, **blocks)
+    fully_shard(model, mesh=m, **kw)
+    if switch == "gradient_divide_factor":
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_gradient_divide_factor(5.0)
+                module.set_force_sum_reduction_for_comms(True)
+        ref = _scaled(ref, ws / 5.0)
+    if switch == "reshard_after_forward_int":
+        with torch.no_grad():
+            model(batch(rank)[0])
+    loss_fn(model, *batch(rank)).backward()
+    grads, params = _fsdp2_gatherers(model)
+    exact, model_ref = _exact_or_held(model, ref, not switch.startswith("mp_"), grads, params)
+    per_p = run_case(_fsdp2_case(model, exact, model_ref=model_ref))
+    model.zero_grad()
+    return {"per_p": per_p, "steps": clipped_steps(model, grads, params)}
+
+
+FSDP1_SWITCHES = ("prefetch", "no_prefetch")
+
+
+def fsdp1_switch(switch: str, use_orig_params: bool) -> dict[str, Any]:
+    """FSDP1 (blocks auto-wrapped, the rest in the root's flat parameter) with ``forward_prefetch=True``,
+    ``backward_prefetch=BACKWARD_POST`` and ``limit_all_gathers=False`` (``"prefetch"``), or
+    ``backward_prefetch=None`` and ``limit_all_gathers=True`` (``"no_prefetch"``). run_case against the float64
+    model, then ``clipped_steps``. (``CPUOffload(offload_params=True)`` needs an accelerator: FSDP1 pins the
+    offloaded shards, "Cannot access accelerator device when none is available", at the first forward.)"""
+    from torch.distributed.fsdp import BackwardPrefetch
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    model = new_model()
+    ref = reference(model, list(range(ws)))
+    prefetch = switch == "prefetch"
+    fsdp_model = FSDP(model, auto_wrap_policy=ModuleWrapPolicy({Block}), use_orig_params=use_orig_params,
+                      device_id=torch.device("cpu"), forward_prefetch=prefetch,
+                      backward_prefetch=BackwardPrefetch.BACKWARD_POST if prefetch else None,
+                      limit_all_gathers=not prefetch)
+    loss_fn(fsdp_model, *batch(rank)).backward()
+    _, params = _fsdp1_full_views(fsdp_model)
+    grads = _fsdp1_gathered_grads(fsdp_model)
+    case = Case(fsdp_model, ref, grads, params, lambda max_norm, p: fsdp_model.clip_grad_norm_(max_norm, p),
+                check_local_grads=None if use_orig_params else _fsdp1_flat_checker(fsdp_model))
+    per_p = run_case(case)
+    fsdp_model.zero_grad()
+    return {"per_p": per_p, "steps": clipped_steps(fsdp_model, grads, params)}

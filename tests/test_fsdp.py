@@ -35,6 +35,8 @@ MIXED_GROUPS = "FSDP1.clip_grad_norm_ reduces every partial over the root's grou
 def wrapper_wrong(wrapper: str, p: float, *, plain: bool = False, meshes: bool = False, empty: bool = False,
                   bf16: bool = False, no_shard: bool = False, mixed_groups: bool = False) -> str | None:
     """Why the wrapper's own clip is wrong for this case, or None where it must match the reference."""
+    if wrapper == "ddp":  # torch's clip on DDP's replicated gradients
+        return P0_TORCH if p == 0 else None
     if wrapper == "fsdp1":
         if p == 0:
             return P0_TORCH if no_shard else P0_FSDP1  # all-NO_SHARD models fall back to torch's clip
@@ -796,3 +798,55 @@ def test_fsdp2_frozen_stage_beside_a_trainable_one_joins_the_group_s_collective(
     results = run_ranks(2, cases.fsdp2_frozen_stage_beside_a_trainable_one_under_group, timeout_s=60)
     assert results[0] == results[1], "ranks disagree"
     assert all(math.isclose(ours, want, rel_tol=RTOL) for _, ours, want in results[0]), results[0]
+
+
+# ------------------------------------------------------------------------------ switches of DDP, FSDP2, FSDP1
+
+
+def check_steps(results: list[dict[str, Any]], finite: list[bool]) -> None:
+    """``cases.clipped_steps`` on every rank: each total exact against the float64 norm of the gradients the
+    wrapper holds, the NaN batch of rank 1 (and, where named, every later one) skipped on every rank, and the
+    parameters on the float64 reference stepped the same way after every step."""
+    for r in results:
+        assert [f for _, f, _ in r["steps"]] == finite, r["steps"]
+        for worst, _, distance in r["steps"]:
+            assert worst <= RTOL and distance <= cases.SWITCH_PARAM_ATOL, r["steps"]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("switch", cases.DDP_SWITCHES)
+def test_ddp_switches(run_ranks, switch: str, world_size: int) -> None:
+    """DDP ``static_graph=True`` and communication hooks (fp16 compression, PowerSGD with and without its state,
+    a hook of the user's): exact against what DDP leaves in ``.grad``, no collective, torch's own clip right but
+    for p = 0; four steps through a skip-policy clipper handing over to a fused AdamW, a NaN batch on one rank
+    skipped on every rank. PowerSGD's error feedback and warm start keep the NaN batch's residue: every later
+    gradient is NaN, and every later step is skipped, until the state's dicts are cleared (Limits)."""
+    results = run_ranks(world_size, cases.ddp_switch, switch, timeout_s=120)
+    check(results, "ddp")
+    poisoned = switch == "powerSGD"
+    check_steps(results, [True, False] + [not poisoned] * 2)
+    if poisoned:
+        assert all(r["cleared"] for r in results), "clearing PowerSGDState's dicts ends the NaN"
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("switch", cases.FSDP2_SWITCHES)
+def test_fsdp2_switches(run_ranks, switch: str, world_size: int) -> None:
+    """FSDP2 ``set_gradient_divide_factor``, ``CPUOffloadPolicy``, an int ``reshard_after_forward`` and
+    ``MixedPrecisionPolicy`` with a ``reduce_dtype`` and an ``output_dtype`` beside ``param_dtype``: exact, one
+    collective, torch's own clip as in the other FSDP2 cases; four clipped steps with a NaN batch skipped."""
+    results = run_ranks(world_size, cases.fsdp2_switch, switch, timeout_s=120)
+    check(results, "torch", empty=True)
+    check_steps(results, [True, False, True, True])
+
+
+@pytest.mark.parametrize("use_orig_params", [True, False], ids=["orig", "flat"])
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("switch", cases.FSDP1_SWITCHES)
+def test_fsdp1_switches(run_ranks, switch: str, world_size: int, use_orig_params: bool) -> None:
+    """FSDP1 ``forward_prefetch``, ``backward_prefetch`` (BACKWARD_POST, None) and ``limit_all_gathers`` (both
+    ways): exact, one collective, FSDP1's own clip right but for p = 0; four clipped steps with a NaN batch
+    skipped."""
+    results = run_ranks(world_size, cases.fsdp1_switch, switch, use_orig_params, timeout_s=120)
+    check(results, "fsdp1")
+    check_steps(results, [True, False, True, True])
