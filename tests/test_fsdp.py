@@ -5,7 +5,8 @@ ranks): the total norm and the clipped gradients against the float64 unsharded r
 one SGD step against the unsharded model stepped the same way, and the wrapper's own clipping. dist_clip must
 issue exactly one collective per call (none where every gradient is replicated). The wrapper's own clipping
 must be right except in the cases named in ``wrapper_wrong`` below, where the test checks that it is indeed
-wrong, so that the list stays true.
+wrong, so that the list stays true. The last section puts the wrappers' switches (DDP's static graph and
+communication hooks among them) through the same checks and four clipped steps (``cases.clipped_steps``).
 
 Run: ``.venv/bin/python -m pytest tests/test_fsdp.py`` (35 s on two idle cores; 3 pools of 2, 3, 4 ranks).
 """
