@@ -226,6 +226,13 @@ def test_one_tensor_in_two_shards_is_scaled_once(monkeypatch):
     g = torch.tensor([3.0, 4.0])  # listed twice in one Shards (another path: the one-Shards shortcut)
     assert dist_clip.clip_grad_norm_(HandSharded([dist_clip.Shards([g, g])]), 1.0).item() == pytest.approx(5.0)
     torch.testing.assert_close(g, torch.tensor([3.0, 4.0]) / (5.0 + 1e-6))
+    # GradClipper's total mode measures through _slots.measure, whose list of counted pieces dedupes on its own
+    # (with that dedupe gone: 13.93 for 13.0, and every gradient scaled by 6.5 / 13.93)
+    g, h = torch.tensor([3.0, 4.0]), torch.tensor([12.0])
+    result = dist_clip.GradClipper(max_norm=6.5)(HandSharded([dist_clip.Shards([g]), dist_clip.Shards([g, h])]))
+    assert result.total_norm.item() == pytest.approx(13.0, rel=1e-6)
+    torch.testing.assert_close(g, torch.tensor([3.0, 4.0]) * coef)
+    torch.testing.assert_close(h, torch.tensor([12.0]) * coef)
 
 
 def test_an_adapter_handing_over_parameters_instead_of_gradients_is_refused(monkeypatch):
