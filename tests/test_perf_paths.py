@@ -316,6 +316,9 @@ def test_non_contiguous_and_mixed_inputs(path, p):
         torch.randn(2, 3, generator=g).to(torch.float16).expand(4, 2, 3),  # zero stride
     ]
     _assert_partials(_norm.local_partials(ts, p), _ref_partials(ts, p), 1e-6)
+    # Every one contiguous, dtypes mixed (bf16 first): one native call per dtype, never the first one's dtype for
+    # all (dist_clip's callers bucket by dtype, but local_partials takes any floating dtype: 2.4e29 for 42.6)
+    _assert_partials(_norm.local_partials(ts[2:5], p), _ref_partials(ts[2:5], p), 1e-6)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "stride 2", "transposed"])
