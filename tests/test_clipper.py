@@ -204,6 +204,22 @@ def test_per_param_under_ignore_clips_a_finite_parameter_beside_a_nan_one_by_its
     torch.testing.assert_close(a, torch.tensor([3.0, 4.0]) / (5.0 + 1e-6))
 
 
+@pytest.mark.parametrize("p", [2.0, math.inf])
+def test_per_group_under_ignore_gives_the_group_of_a_nan_gradient_a_nan_coefficient(p):
+    """Slots merge into param groups with NaN carried beside the max of p = inf as a flag per group: with the flag
+    dropped the NaN group's norm read 0 and its coefficient 1, its gradients left unscaled where "ignore" scales
+    them by the NaN, as torch; the other group keeps its own coefficient."""
+    w, v = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))
+    w.grad, v.grad = torch.tensor([1.0, math.nan, 2.0]), torch.tensor([0.5, 0.25])
+    opt = torch.optim.SGD([{"params": [w]}, {"params": [v]}], lr=0.1)
+    result = GradClipper(mode="per_group", max_norm=1.0, norm_type=p, on_nonfinite="ignore")(
+        {"w": w, "v": v}, optimizer=opt
+    )
+    assert math.isnan(result.total_norm.item()) and not bool(result.finite)
+    assert math.isnan(result.clip_coef[0].item()) and result.clip_coef[1].item() == 1.0
+    assert bool(torch.isnan(w.grad).all()) and v.grad.tolist() == [0.5, 0.25]
+
+
 @pytest.mark.parametrize("mode", ["per_param", "unitwise"])
 def test_report_leaves_out_parameters_without_gradients(mode):
     """A frozen layer has no gradient anywhere: neither report lists it (AGC's listed it with a norm of 0)."""
@@ -564,15 +580,17 @@ def test_bad_call_arguments_name_what_was_expected():
     assert result.max_norm.tolist() == [0.25]
 
 
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize(
     ("mode", "report"), [("total", True), ("per_param", False), ("per_group", False), ("unitwise", False)]
 )
-def test_an_inf_gradient_at_p_inf_is_inf_in_every_per_slot_path(dtype, mode, report):
+def test_a_nonfinite_gradient_at_p_inf_is_nonfinite_in_every_per_slot_path(bad, dtype, mode, report):
     """The per-slot max dropped NaN by mapping it to 0, and mapped inf to float64's largest value with it: the
-    float64 total came out finite (1.8e308), so a non-finite policy never fired."""
+    float64 total came out finite (1.8e308), so a non-finite policy never fired. NaN is carried beside the max as a
+    flag per slot: with the flag dropped a NaN gradient's slot read 0 (a total of 0.5, the step taken)."""
     w = nn.Parameter(torch.ones(3, dtype=dtype))
-    w.grad = torch.tensor([1.0, math.inf, 2.0], dtype=dtype)
+    w.grad = torch.tensor([1.0, bad, 2.0], dtype=dtype)
     v = nn.Parameter(torch.ones(2, dtype=dtype))
     v.grad = torch.tensor([0.5, 0.25], dtype=dtype)
     opt = torch.optim.SGD([w, v], lr=0.1)
@@ -580,11 +598,12 @@ def test_an_inf_gradient_at_p_inf_is_inf_in_every_per_slot_path(dtype, mode, rep
     out = GradClipper(max_norm=1.0, norm_type="inf", mode=mode, report=report, on_nonfinite="skip")(
         {"w": w, "v": v}, optimizer=opt
     )
-    assert math.isinf(out.total_norm.item()) and not bool(out.finite)
+    same = math.isnan if math.isnan(bad) else math.isinf
+    assert same(out.total_norm.item()) and not bool(out.finite)
     opt.step()
     assert torch.equal(w.detach(), before[0]) and torch.equal(v.detach(), before[1])
     if report:
-        assert math.isinf(out.norms["w"]) and out.norms["v"] == 0.5
+        assert same(out.norms["w"]) and out.norms["v"] == 0.5
 
 
 def test_unitwise_coefficients_of_float64_gradients_stay_float64():
