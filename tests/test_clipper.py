@@ -106,13 +106,14 @@ def test_single_process_matches_torch():
 
 @pytest.mark.parametrize("mode", ["total", "per_param", "unitwise"])
 def test_float64_gradients_keep_float64(mode):
-    """float64 gradients get a float64 total and coefficient, as clip_grad_norm_ gives them: exact to 1e-14."""
+    """float64 gradients get a float64 total and coefficient, as clip_grad_norm_ gives them: exact to 1e-14. The
+    limit 0.1 is not a float32 value: per_param's limit taken in float32 was 1.5e-8 off."""
     torch.manual_seed(0)
     ps = [nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in ((7, 5), (3,), (1000,))]
     for q in ps:
         q.grad = torch.randn_like(q) * 3
     before = [q.grad.clone() for q in ps]
-    extra = {"agc": AGC(clipping=0.01)} if mode == "unitwise" else {"max_norm": 0.5}
+    extra = {"agc": AGC(clipping=0.01)} if mode == "unitwise" else {"max_norm": 0.1}
     result = GradClipper(norm_type=2.0, mode=mode, **extra)(ps)
     want = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in before]))
     assert result.total_norm.dtype == torch.float64, result.total_norm.dtype
@@ -120,14 +121,14 @@ def test_float64_gradients_keep_float64(mode):
     assert abs(result.total_norm.item() - want.item()) <= 1e-14 * want.item()
     if mode == "total":
         assert result.clip_coef.dtype == result.max_norm.dtype == torch.float64
-        coef = 0.5 / (want.item() + 1e-6)
+        coef = 0.1 / (want.item() + 1e-6)
         for q, g in zip(ps, before):
             torch.testing.assert_close(q.grad, g * coef, rtol=1e-14, atol=0)
     elif mode == "per_param":
         assert result.clip_coef.dtype == torch.float64
         for q, g in zip(ps, before):
             n = torch.linalg.vector_norm(g).item()
-            torch.testing.assert_close(q.grad, g * min(1.0, 0.5 / (n + 1e-6)), rtol=1e-14, atol=0)
+            torch.testing.assert_close(q.grad, g * min(1.0, 0.1 / (n + 1e-6)), rtol=1e-14, atol=0)
 
 
 @pytest.mark.parametrize("kind", ["complex", "sparse"])
