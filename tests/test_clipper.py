@@ -205,6 +205,22 @@ def test_per_param_under_ignore_clips_a_finite_parameter_beside_a_nan_one_by_its
     torch.testing.assert_close(a, torch.tensor([3.0, 4.0]) / (5.0 + 1e-6))
 
 
+@pytest.mark.parametrize(("mode", "report"), [("total", True), ("per_param", False), ("per_group", False)])
+def test_the_total_over_several_slots_at_p_inf_is_their_largest(mode, report):
+    """Measured in several slots (a report, per_param, per_group), the total at p = inf is the largest slot norm,
+    not their sum (8.0 for 5.0, which mode='total' then clipped by: coefficient 0.125 for 0.2)."""
+    w, v = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))
+    w.grad, v.grad = torch.tensor([1.0, -5.0, 2.0]), torch.tensor([3.0, 0.25])
+    before = [w.grad.clone(), v.grad.clone()]
+    opt = torch.optim.SGD([{"params": [w]}, {"params": [v]}], lr=0.1)
+    result = GradClipper(max_norm=1.0, norm_type="inf", mode=mode, report=report)({"w": w, "v": v}, optimizer=opt)
+    want = reference_norm(before, math.inf)
+    assert want == 5.0 and result.total_norm.item() == pytest.approx(want, rel=1e-6)
+    if mode == "total":
+        for g, b in zip((w.grad, v.grad), before):
+            torch.testing.assert_close(g, b * (1.0 / (want + 1e-6)))
+
+
 @pytest.mark.parametrize("p", [2.0, math.inf])
 def test_per_group_under_ignore_gives_the_group_of_a_nan_gradient_a_nan_coefficient(p):
     """Slots merge into param groups with NaN carried beside the max of p = inf as a flag per group: with the flag
