@@ -70,6 +70,8 @@ def _int(name: str, value: object, low: int) -> int:
 
 # ---------------------------------------------------------------------------------------------- AutoClip
 
+_QUANTILE_MAX = 2**24  # the most values torch.quantile/nanquantile take
+
 
 @dataclass(frozen=True)
 class AutoClip:
@@ -90,7 +92,14 @@ class AutoClip:
     def __post_init__(self) -> None:
         _real("AutoClip.percentile", self.percentile, low=0.0, high=100.0)
         if self.window is not None:
-            _int("AutoClip.window", self.window, 1)
+            # torch.nanquantile takes at most 2^24 values, and a window is a buffer of that many from the first
+            # call on: a larger one was accepted here and raised torch's "quantile() input tensor is too large" at
+            # the first clip, after the backward.
+            if _int("AutoClip.window", self.window, 1) > _QUANTILE_MAX:
+                raise ValueError(
+                    f"AutoClip.window must be at most {_QUANTILE_MAX} (2^24, the most norms torch.nanquantile "
+                    f"takes), got {self.window}"
+                )
 
 
 def _norms_or_nan(name: str, values: Tensor, nan: bool = True, inf: bool = False) -> None:
