@@ -1252,8 +1252,13 @@ class GradClipper:
         return groups_of, limits, labels
 
     def _report(self, names: Sequence[str], m: _slots.Measurement, p: float) -> dict[str, float]:
-        partials = m.partials.tolist()
-        present = m.presence.tolist() if m.presence is not None else [1.0] * len(names)
+        # One host transfer for both (on an accelerator each .tolist() is a sync: two were read apart)
+        if m.presence is not None:
+            n = m.partials.numel()
+            both = torch.cat((m.partials, m.presence.to(m.partials.dtype))).tolist()
+            partials, present = both[:n], both[n:]
+        else:
+            partials, present = m.partials.tolist(), [1.0] * len(names)
         depth = self.config.report_depth
         buckets: dict[str, float] = {}
         for name, part, seen in zip(names, partials, present):

@@ -491,7 +491,7 @@ _DEFAULT_SYNCS = _SYNC_PRELUDE + textwrap.dedent("""
                        lambda: dist_clip.clip_grad_norm_(ps, 0.5, error_if_nonfinite=True))
     assert len(seen) == 2 and all("clip.py" in s and "bool(torch.isfinite(total))" in s for s in seen), seen
     seen = syncs.check("report", lambda: refill(ps), lambda: dist_clip.GradClipper(max_norm=0.5, report=True)(ps))
-    assert seen and all("self._report(" in s for s in seen), seen
+    assert len(seen) == 1 and "self._report(" in seen[0], seen  # one host transfer (README, A norm report)
     strict = dist_clip.GradClipper(max_norm=0.5, on_nonfinite="error")
     seen = syncs.check("error", lambda: refill(ps), lambda: strict(ps))
     assert seen and all('policy == "error" and not bool(finite)' in s for s in seen), seen
