@@ -490,8 +490,13 @@ _DEFAULT_SYNCS = _SYNC_PRELUDE + textwrap.dedent("""
     seen = syncs.check("error_if_nonfinite", lambda: refill(ps),
                        lambda: dist_clip.clip_grad_norm_(ps, 0.5, error_if_nonfinite=True))
     assert len(seen) == 2 and all("clip.py" in s and "bool(torch.isfinite(total))" in s for s in seen), seen
-    seen = syncs.check("report", lambda: refill(ps), lambda: dist_clip.GradClipper(max_norm=0.5, report=True)(ps))
-    assert len(seen) == 1 and "self._report(" in seen[0], seen  # one host transfer (README, A norm report)
+    # one host transfer (README, A norm report), in every mode, by prefix, and for other orders
+    for kw in ({}, {"mode": "per_param"}, {"mode": "per_group"}, {"mode": "unitwise"}, {"report_depth": 1},
+               {"norm_type": 3.0}):
+        sgd = torch.optim.SGD(ps, lr=0.1)
+        seen = syncs.check(f"report {kw}", lambda: refill(ps),
+                           lambda: dist_clip.GradClipper(max_norm=0.5, report=True, **kw)(ps, optimizer=sgd))
+        assert len(seen) == 1 and "self._report(" in seen[0], seen
     strict = dist_clip.GradClipper(max_norm=0.5, on_nonfinite="error")
     seen = syncs.check("error", lambda: refill(ps), lambda: strict(ps))
     assert seen and all('policy == "error" and not bool(finite)' in s for s in seen), seen
