@@ -1767,8 +1767,22 @@ def rearm(armed: tuple[Tensor, tuple[Any, ...]] | None, new: Tensor, now: tuple[
                     # batch, dropped to None, DDP's whole clipped: rank 1 skipped, rank 0 stepped; ddp seed 1649)
                     holding = {id(t) for _, m, seen in parts if m is not None and not decided(m, seen) for t in m}
                     rest = [t for t in carry_only(optimizer, now[0]) if id(t) not in holding]
-                    parts = [e for e in ((carried_by_replacements(f, rest) if decided(m, seen) else (f, m, seen))
-                                         for f, m, seen in parts) if e is not None]
+
+                    def carry(f: Tensor) -> tuple[Tensor, list[Tensor], None] | None:
+                        # (but a _CALM flag, held by no gradient, as supersede carries it: see _still_calm. Held by
+                        # DDP's gradients, a new tensor of no _CALM standing, on rank 1 alone, rank 0's own part
+                        # armed twice over the world (rank 1 measuring nothing) counted them as held there: a NaN
+                        # [l0] armed, the batch dropped to None and [l0] armed again, rank 1 alone was forced to
+                        # keep that flag (its verdict taken as possibly differing) and skipped, rank 0 stepped)
+                        if not _is_calm(optimizer, f):
+                            return carried_by_replacements(f, rest)
+                        entry = carried_by_replacements(f, [])
+                        if entry is not None:
+                            _still_calm(optimizer, [f], entry[0])
+                        return entry
+
+                    parts = [e for e in ((carry(f) if decided(m, seen) else (f, m, seen)) for f, m, seen in parts)
+                             if e is not None]
                     armed[1].parts = [*parts, (new, None, (*now, None))]
                     return functools.reduce(merge, [f for f, _, _ in armed[1].parts]), armed[1]
                 armed[1].parts = [*parts, (new, None, (*now, None))]

@@ -1388,6 +1388,17 @@ OFF_HOST_FIXED: dict[str, list[tuple]] = {
     "own_handed_before_two_backwards": [("fused", True), ("call", "hand", [2]), ("bwd", (-1, 0)), ("bwd", (-1, 0)),
                                         ("call", "hand", [1]), ("call", "hand", [0]), ("zero", True), ("bwd", None),
                                         ("call", "skip", [0, 1]), ("step",)],
+    # (h3, session 42: rank 0's own part armed twice over the world, then a NaN batch's [l0] armed, the batch dropped
+    # to None and [l0] armed again. At the second [own] rank 1, measuring nothing there again, carried the first
+    # [own]'s entry, a _CALM flag, by the call's verdict into an entry held by DDP's gradients (rearm), a new tensor of
+    # no _CALM standing: counted as held there, rank 1 left nothing out of the reads, took the last [l0]'s verdict as
+    # possibly differing (Agreement._may_differ), kept the dropped batch's NaN flag and skipped, rank 0 stepped)
+    "own_armed_twice_then_dropped_nan_part": [("fused", False), ("bwd", None), ("call", "skip", [2]),
+                                              ("call", "skip", [2]), ("bwd", (-1, 0)), ("call", "skip", [0]),
+                                              ("zero", True), ("bwd", None), ("call", "skip", [0]), ("step",)],
+    "own_armed_twice_then_dropped_nan_part_fused": [("fused", True), ("bwd", None), ("call", "skip", [2]),
+                                                    ("call", "skip", [2]), ("bwd", (-1, 0)), ("call", "skip", [0]),
+                                                    ("zero", True), ("bwd", None), ("call", "skip", [0]), ("step",)],
 }
 
 
