@@ -2609,6 +2609,13 @@ def note_beside(optimizer: torch.optim.Optimizer, measured: Sequence[Tensor] | N
         return
     if new is not None and _COMBINING.get() and (not _on_host(new) or not bool(new)):
         optimizer.__dict__.setdefault(_CALM, []).append(new)
+    elif new is not None and not measured and not _COMBINING.get() and not _on_host(new):
+        # (a call that measured nothing here and combined over no other rank armed 0, its total's: on a device a
+        # _CALM flag too, as on the CPU one read as not set, holding nothing. Held by DDP's gradients, on rank 1
+        # alone, [l0] armed before any backward (measuring nothing on every rank), then rank 0's own part armed twice
+        # over the world (rank 1 measuring nothing: its carry, see rearm), a NaN batch's [l0] armed, dropped to None
+        # and [l0] armed again: rank 1 took that verdict as possibly differing, kept the NaN flag and skipped alone)
+        optimizer.__dict__.setdefault(_CALM, []).append(new)
     grads = grads if grads is not None else gradients(optimizer)
     # (by identity, not by counting: a call may measure pieces a second optimizer steps, 6 pieces beside rank 0's 5
     # gradients, whose own parameter then went unrecorded: rank 0 skipped, rank 1 stepped)

@@ -1399,6 +1399,17 @@ OFF_HOST_FIXED: dict[str, list[tuple]] = {
     "own_armed_twice_then_dropped_nan_part_fused": [("fused", True), ("bwd", None), ("call", "skip", [2]),
                                                     ("call", "skip", [2]), ("bwd", (-1, 0)), ("call", "skip", [0]),
                                                     ("zero", True), ("bwd", None), ("call", "skip", [0]), ("step",)],
+    # (the same after [l0] armed before any backward, measuring nothing on every rank with no collective: its flag,
+    # 0 and of no _CALM standing, was carried at rank 1's second [own] into the entry held by DDP's gradients alike;
+    # [l1] or DDP's whole there too: note_beside)
+    "l0_before_backward_then_own_armed_twice": [("fused", False), ("call", "skip", [0]), ("bwd", None),
+                                                ("call", "skip", [2]), ("call", "skip", [2]), ("bwd", (-1, 0)),
+                                                ("call", "skip", [0]), ("zero", True), ("bwd", None),
+                                                ("call", "skip", [0]), ("step",)],
+    "whole_before_backward_then_own_armed_twice_fused": [("fused", True), ("call", "skip", [0, 1]), ("bwd", None),
+                                                         ("call", "skip", [2]), ("call", "skip", [2]),
+                                                         ("bwd", (-1, 0)), ("call", "skip", [0]), ("zero", True),
+                                                         ("bwd", None), ("call", "skip", [0]), ("step",)],
 }
 
 
