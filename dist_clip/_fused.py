@@ -2445,6 +2445,12 @@ def hand_over_(
         entry = carried_by_replacements(functools.reduce(torch.maximum, gone), []) if gone else None
         if entry is not None:
             left.append(entry)  # type: ignore[arg-type]
+            # (a _CALM one where one of them is, as supersede carries them: carried into a new tensor of no _CALM
+            # standing, under DDP beside rank 0's own parameter, [l0] armed and [own] handed over before any
+            # backward, then [own] armed (rank 1 measuring nothing), a NaN batch's [l0] armed, dropped to None and
+            # [l0] armed again, rank 1 carried it at [own] into an entry held by DDP's gradients (see rearm), and
+            # skipped alone)
+            _still_calm(optimizer, gone, entry[0])
         if left:
             armed[1].parts = left
             optimizer.__dict__[_SKIP] = (functools.reduce(torch.maximum, [f for f, _, _ in left]), armed[1])

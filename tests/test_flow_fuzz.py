@@ -1410,6 +1410,12 @@ OFF_HOST_FIXED: dict[str, list[tuple]] = {
                                                          ("call", "skip", [2]), ("call", "skip", [2]),
                                                          ("bwd", (-1, 0)), ("call", "skip", [0]), ("zero", True),
                                                          ("bwd", None), ("call", "skip", [0]), ("step",)],
+    # (and [own] handed over before any backward after [l0]: the hand-over's carry of [l0]'s flag, decided by its
+    # verdict, was no _CALM one either, and rank 1's [own] carried it alike: hand_over_)
+    "l0_armed_and_own_handed_before_backward": [("fused", True), ("call", "skip", [0]), ("call", "hand", [2]),
+                                                ("bwd", None), ("call", "skip", [2]), ("bwd", (-1, 0)),
+                                                ("call", "skip", [0]), ("zero", True), ("bwd", None),
+                                                ("call", "skip", [0]), ("step",)],
 }
 
 
