@@ -1430,8 +1430,9 @@ OFF_HOST_CARRY_SEEDS = [1474, 1876]
 
 def test_flows_found_off_the_host_by_mutation_step_on_every_rank(run_ranks):
     """OFF_HOST_FIXED's flows off the host (a GPU; simulated) and on the CPU: every rank steps, DDP's replicas
-    stay one (off the host rank 0 skipped and rank 1 stepped). And OFF_HOST_CARRY_SEEDS' flows, which take the
-    CPU's verdicts off the host now (they parted the ranks there: 1474's last step, 1876's first)."""
+    stay one (off the host rank 0 skipped and rank 1 stepped; in the five last in the dict, session 42's, rank 1
+    skipped alone). And OFF_HOST_CARRY_SEEDS' flows, which take the CPU's verdicts off the host now (they parted
+    the ranks there: 1474's last step, 1876's first)."""
     names = sorted(OFF_HOST_FIXED)
     flows = [OFF_HOST_FIXED[n] for n in names] + [make_flow(seed, "ddp") for seed in OFF_HOST_CARRY_SEEDS]
     per_rank = run_ranks(2, body_flows_both, "ddp", flows)
