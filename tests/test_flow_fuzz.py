@@ -1445,3 +1445,21 @@ def test_flows_found_off_the_host_by_mutation_step_on_every_rank(run_ranks):
         else:  # (the CPU's verdicts)
             cpu = [per_rank[r][i + len(flows) * (where == "off host")] for r in range(2)]
             assert [[s["took"] for s in r] for r in steps] == [[s["took"] for s in r] for r in cpu], (name, steps)
+
+
+#: OFF_HOST_FIXED's flows where rank 1 measured nothing at [own] and carried a flag by DDP's gradients (session 42)
+OWN_MEASURED_NOTHING = ["own_armed_twice_then_dropped_nan_part", "own_armed_twice_then_dropped_nan_part_fused",
+                        "l0_before_backward_then_own_armed_twice", "whole_before_backward_then_own_armed_twice_fused",
+                        "l0_armed_and_own_handed_before_backward"]
+
+
+def test_flows_of_ranks_measuring_nothing_at_the_own_part_step_on_three_ranks_off_the_host(run_ranks):
+    """OWN_MEASURED_NOTHING's flows on 3 ranks off the host (a GPU; simulated): every rank steps, as on the CPU
+    (ranks 1 and 2, measuring nothing at [own], each carried a flag into an entry held by DDP's gradients and
+    skipped, rank 0 stepped, before rearm, note_beside and hand_over_ kept those flags _CALM)."""
+    flows = [OFF_HOST_FIXED[n] for n in OWN_MEASURED_NOTHING]
+    per_rank = run_ranks(3, body_flows_off_host, "ddp", flows)
+    for i, name in enumerate(OWN_MEASURED_NOTHING):
+        steps = [per_rank[r][i] for r in range(3)]
+        assert not violations(flows[i], steps), (name, violations(flows[i], steps))
+        assert [s["took"] for r in steps for s in r] == [True] * 3, (name, steps)
