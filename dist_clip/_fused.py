@@ -53,7 +53,8 @@ _BESIDE = "_dist_clip_beside"
 _UNSET = "_dist_clip_beside_unset"
 #: on an optimizer among several ranks: the flags armed since its last step by calls combining over several ranks
 #: that read on the CPU as not set, the same on every rank (see :func:`note_beside`), and on a device the flags of
-#: such calls' hand-overs of no gradient here (see :func:`hand_over_`)
+#: such calls' hand-overs of no gradient here (see :func:`hand_over_`), of calls measuring nothing here with no
+#: collective (0) and what the verdicts carry them into (see :func:`_still_calm`)
 _CALM = "_dist_clip_calm"
 #: where the arming combined over several ranks: :data:`_BESIDE` passing over the :data:`_CALM` flags' gradients,
 #: for the carries of calls combining over no other rank (see :func:`note_beside`)
@@ -1488,9 +1489,10 @@ def _unset_on_cpu(flag: Tensor) -> bool:
 def _calm_entries(optimizer: torch.optim.Optimizer) -> list[tuple[Any, Any, Any]]:
     """The entries of ``optimizer``'s ledger (and its hand-over's flag) whose flag is a device flag noted in
     :data:`_CALM`: armed (or handed over) by a call combining over several ranks, the same on every rank, never read
-    on the host (see :func:`note_beside`, :func:`hand_over_`). Such a flag holds no gradient in the reads of calls
-    combining over no other rank (:func:`note_beside`), nor once its gradients are gone (:func:`supersede`,
-    :func:`_keep_replaced`): its value joins those calls' verdicts on every rank alike instead
+    on the host (see :func:`note_beside`, :func:`hand_over_`), or by a call measuring nothing with no collective (0).
+    Such a flag holds no gradient in the reads of calls combining over no other rank (:func:`note_beside`), nor once
+    its gradients are gone (:func:`supersede`, :func:`rearm`, :func:`hand_over_`, :func:`_keep_replaced`): its
+    value joins those calls' verdicts on every rank alike instead
     (:meth:`Agreement.agree`, by a multiply: no host read), as the entry for it on a rank that measured nothing
     there does. None on the CPU, where such a flag is read for free and one not set holds nothing."""
     if not optimizer.__dict__.get(_CALM):
