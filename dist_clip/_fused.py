@@ -35,25 +35,14 @@ from . import _reduce, _scale
 from ._warn import warn_at_caller
 
 __all__ = [
-    "arm_skip_", "armed_record", "grad_state", "gradients", "hand_over_", "overlapping",
-    "same_tensors", "settle", "steps_what_was_measured", "supports_grad_scale", "untouched",
+    "arm_skip_", "gradients", "hand_over_", "ledger_arm", "ledger_flag", "overlapping",
+    "same_tensors", "settle", "steps_what_was_measured", "supports_grad_scale",
 ]
 
 _PENDING = "_dist_clip_pending"
 _HOOKS = "_dist_clip_hooks"
 _SAVED = "_dist_clip_saved"
-_SKIP = "_dist_clip_skip"
 _OUTER = "_dist_clip_outer"  # on a ZeRO or OSS wrapper's inner optimizer: a weak reference to the wrapper
-#: set on an optimizer once a call combining over several ranks could arm its skip (see Agreement._may_differ)
-_COMBINED = "_dist_clip_combined"
-#: on an optimizer among several ranks: the parameters it steps that no flag waiting for its step was armed on
-#: (see :func:`note_beside`)
-_BESIDE = "_dist_clip_beside"
-#: the same, but for flags read on the CPU (for free) as not set, which hold nothing: read by Agreement._may_differ
-_UNSET = "_dist_clip_beside_unset"
-#: on an optimizer among several ranks: the flags armed since its last step by calls combining over several ranks
-#: that read on the CPU as not set, the same on every rank (see :func:`note_beside`)
-_CALM = "_dist_clip_calm"
 # id(parameter) -> (backward count, its hook's handle, the tensor's _cdata) (see _write_cell). By id: a weak
 # reference on a parameter made module.to() / load_state_dict() refuse to swap it
 # (torch.__future__.set_swap_module_params_on_conversion).
@@ -63,18 +52,6 @@ _MISSING = object()
 #: the coefficient a hand-over applied in place leaves to its step (:func:`hand_over_applied_`): 1, in the
 #: gradients already (told apart by identity: see :func:`defers_beside`)
 _APPLIED = torch.ones((), dtype=torch.float32)
-#: a settled hand-over's flag among the entries :func:`_held_flags` reads
-_SETTLED = object()
-#: the ranks' agreed verdict (a 0-dim bool) on whether a gradient the arming call does not measure is non-finite,
-#: read by :func:`carried_by_replacements` in place of this rank's own pieces (see :class:`Agreement`)
-_AGREED: contextvars.ContextVar[Tensor | None] = contextvars.ContextVar("dist_clip_agreed", default=None)
-#: where :func:`_keep_replaced` leaves a flag for the call's agreement to decide, while it settles
-_DEFERRED: contextvars.ContextVar[Agreement | None] = contextvars.ContextVar("dist_clip_deferred", default=None)
-#: whether the call arming under :meth:`Agreement.armed` combined over several ranks (:attr:`Agreement.shared`;
-#: see :func:`note_beside`, :func:`_measured_again`)
-_COMBINING: contextvars.ContextVar[bool] = contextvars.ContextVar("dist_clip_combining", default=False)
-
-
 class _ByIdentity:
     """A weak set of objects by identity: a ``WeakSet`` hashes and compares its members, so an optimizer class
     defining ``__eq__`` (unhashable) raised ``TypeError`` at the hand-over and at every later ``step()``, and one
@@ -110,10 +87,6 @@ class _ByIdentity:
 
 # Optimizers holding a coefficient for their next step(): a later call reading the same gradients settles it.
 _WAITING = _ByIdentity()
-# Optimizers armed among several ranks whose ledger may hold a flag standing for another rank's gradients
-# (:func:`_elsewhere_entry`): such a flag outlasts a call that does not arm that optimizer, so it joins that call's
-# verdict (see :class:`Agreement`); dropped from here once nothing is armed
-_ARMED = _ByIdentity()
 # ids of optimizers whose step(closure) is running that closure: their step is under way (see _pre_hook). By id:
 # an optimizer class defining __eq__ is not hashable (a WeakSet made its step(closure) raise).
 _IN_CLOSURE: set[int] = set()
@@ -549,27 +522,10 @@ def gradients(optimizer: torch.optim.Optimizer) -> list[Tensor]:
 
 def set_outer(inner: torch.optim.Optimizer, outer: torch.optim.Optimizer) -> None:
     """Record that ``inner`` steps this rank's partition of ``outer`` (a torch ``ZeroRedundancyOptimizer`` or a
-    fairscale ``OSS``), whose param groups hold every rank's parameters (see :func:`read_for_carry`)."""
+    fairscale ``OSS``), whose param groups hold every rank's parameters (see :func:`_ledger_params`)."""
     ref = inner.__dict__.get(_OUTER)
     if ref is None or ref() is not outer:
         inner.__dict__[_OUTER] = weakref.ref(outer)
-
-
-def read_for_carry(optimizer: torch.optim.Optimizer, grads: list[Tensor]) -> list[Tensor]:
-    """The gradients :func:`carried_by_replacements` reads for ``optimizer`` (``grads``: its own): with those of
-    the other ranks' partitions this rank holds where it is a ZeRO or OSS wrapper's inner optimizer. Under DDP
-    every rank holds every gradient, and a call has no collective to carry the ranks' reads: each read its own
-    partition, so a NaN in one rank's partition kept the flag there alone (torch's ZeroRedundancyOptimizer over
-    DDP, GradClipper(on_nonfinite="skip"), gradients replaced out of place, a part clipped again: one rank skipped,
-    the other stepped its partition; fairscale OSS over DDP, a hand-over stepped right after the replacement
-    alike). Read over every gradient held, the ranks read alike; elsewhere (ShardedDDP keeps the owners' alone)
-    the call's all-reduce carries them as before."""
-    ref = optimizer.__dict__.get(_OUTER)
-    outer = ref() if ref is not None else None
-    if outer is None:
-        return grads
-    ids = set(map(id, grads))
-    return [*grads, *(g for g in gradients(outer) if id(g) not in ids)]
 
 
 def settle(tensors: Sequence[Tensor]) -> None:
@@ -624,15 +580,8 @@ def settle(tensors: Sequence[Tensor]) -> None:
         if verdict in ("stale", "written"):
             # Dropped without a word here: a step skipped, then gradients zeroed in place and recomputed, looks
             # the same as an accumulation after the clip; the step itself warns if it would take them unclipped.
-            # Its skip flag stays with the gradients it measured (see _keep_flag).
+            # Its skip flag is the ledger's (see ledger_arm).
             _WAITING.discard(optimizer)
-            if verdict == "written":
-                _keep_flag(optimizer, found, held, grads)
-            else:  # (every one replaced: out of place, or the next batch's; see carried_by_replacements)
-                if shared and (agreement := _DEFERRED.get()) is not None:
-                    agreement.settled_shared = True  # (its pieces may differ among ranks: see Agreement.agree)
-                read = carry_only(optimizer, grads)
-                _keep_replaced(optimizer, found, [g for g in read if not overlaps(g)], read)
             continue
         if verdict == "replaced":
             _warn_replaced()
@@ -855,80 +804,37 @@ def _install_hooks(optimizer: torch.optim.Optimizer) -> None:
 def arm_skip_(
     optimizer: torch.optim.Optimizer,
     flag: Tensor,
-    started: tuple[list[Tensor], list[int]] | None = None,
     combine: bool = True,
     measured: Sequence[Tensor] | None = None,
 ) -> None:
     """Make the next ``step()`` of a fused optimizer skip where the 0-dim ``flag`` is true: ``found_inf``, set in
-    the step pre-hook (combined with a pending hand-over's flag and with what a ``GradScaler`` set just before
-    ``step()``: either skips), put back as it was after the step. Set at arming time instead, it was overwritten
-    by ``GradScaler.step`` (the skip was lost) and missed the first-step preparation of fused SGD's momentum.
-    A flag lasts until the next ``step()``, whatever happens to the gradients meanwhile (they may be copied to
-    master weights, or rewritten by a wrapper's own clipping: a NaN step taken is worse than a good one
-    skipped). Armed again by a call that found the gradients as the previous arming left them (``started``,
-    :func:`grad_state` at that call's start: the same tensors, not written since; two calls clipping parts of
-    one model), either flag skips (the second call's False replaced the first's True, and the NaN step was
-    taken); found them replaced or rewritten (the next batch after a dropped one, ``zero_grad()`` either way),
-    the new flag replaces the old. ``measured``: the pieces the arming call measured; only those of them the
-    optimizer steps are held to that test (:func:`armed_record`), so another part's backward between two calls,
-    making or writing gradients the first did not measure, combines too (it replaced the flag: a NaN step
-    taken). ``combine=False`` (an explicit ``skip_next_step_``) always replaces it."""
+    the step pre-hook (with what a ``GradScaler`` set just before ``step()``: either skips), put back as it was
+    after the step. Set at arming time instead, it was overwritten by ``GradScaler.step`` (the skip was lost) and
+    missed the first-step preparation of fused SGD's momentum. The flag joins the optimizer's ledger, held by the
+    parameters whose gradients the call measured (``measured``: its pieces), until the step (see
+    :func:`ledger_arm`). ``combine=False`` (an explicit ``skip_next_step_``) replaces every flag."""
     running = in_step(optimizer)  # (before installing the hooks: a first call from a user's running pre-hook)
     _install_hooks(optimizer)
-    value = new = flag.reshape(()).to(torch.float32)
+    value = flag.reshape(()).to(torch.float32)
     if running:
         _arm_running(optimizer, value, combine)
         return
     clear_stale(optimizer)
-    now = grad_state(optimizer)
     if combine:
-        _drop_unsettled(optimizer, now[0], measured)
-    armed = optimizer.__dict__.get(_SKIP) if combine else None
-    value, record = rearm(armed, value, now, started, measured, optimizer,
-                          lambda a, b: torch.maximum(a, b.to(a.device)))
-    optimizer.__dict__[_SKIP] = (value, record)
-    pending = optimizer.__dict__.get(_PENDING)
-    if combine and pending is not None and pending[2] is None and pending[3]:
-        # A settled hand-over's flag lasts until the step whatever wrote its gradients since, but not once every
-        # one of them is gone (``zero_grad(set_to_none=True)``: the batch was dropped, as for the skip flag in
-        # :func:`untouched`): a NaN batch clipped whole then in part, dropped, skipped the next good step.
-        where = {id(t) for t in now[0]}
-        if not any(id(t) in where for t in pending[3]):
-            del optimizer.__dict__[_PENDING]
-            _WAITING.discard(optimizer)
-            # (unless replaced out of place, carrying the NaN: see carried_by_replacements)
-            _keep_replaced(optimizer, pending[1], _unmeasured(carry_only(optimizer, now[0]), measured))
-            pending = None
-    if not combine and pending is not None:
-        # skip_next_step_ replaces any pending flag, a hand-over's too (settled or not: skip_next_step_(opt,
-        # False) left a settled NaN hand-over's flag in place, and the next batch's good step was skipped).
-        optimizer.__dict__[_PENDING] = (pending[0], torch.zeros_like(pending[1]), *pending[2:])
-    note_beside(optimizer, measured, now[0], new)  # (grad_state: its gradients, but for a ZeRO or OSS inner one)
+        _drop_unsettled(optimizer)
+    ledger_arm(optimizer, value, measured, explicit=not combine)
 
 
-def _drop_unsettled(optimizer: torch.optim.Optimizer, now: list[Tensor], measured: Sequence[Tensor] | None) -> None:
+def _drop_unsettled(optimizer: torch.optim.Optimizer) -> None:
     """A hand-over not applied yet whose gradients were written since, which no call settled (the call at hand
-    measures none of them; an empty FSDP2 shard it holds settles it since session 38, see :func:`settle`): its
-    coefficient is dropped and its flag kept, as settle() does."""
+    measures none of them): its coefficient is dropped, as settle() does (its flag is the ledger's)."""
     pending = optimizer.__dict__.get(_PENDING)
     if pending is None or pending[2] is None:
         return
-    verdict = _verdict(pending[3], pending[4], now, pending[5], optimizer)[0]
+    verdict = _verdict(pending[3], pending[4], gradients(optimizer), pending[5], optimizer)[0]
     if verdict in ("written", "stale"):
         del optimizer.__dict__[_PENDING]
         _WAITING.discard(optimizer)
-        if verdict == "written":
-            _keep_flag(optimizer, pending[1], pending[3], now)
-        else:
-            _keep_replaced(optimizer, pending[1], _unmeasured(carry_only(optimizer, now), measured))
-
-
-def _unmeasured(grads: list[Tensor], measured: Sequence[Tensor] | None) -> list[Tensor]:
-    """The ``grads`` a call's pieces ``measured`` do not hold (all of them where it does not say)."""
-    if not measured:
-        return grads
-    ids = {id(grads[i]) for i in _measured_among(grads, measured)}
-    return [g for g in grads if id(g) not in ids]
 
 
 def _attributes(optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
@@ -965,250 +871,30 @@ def _arm_running(optimizer: torch.optim.Optimizer, value: Tensor, combine: bool)
     optimizer.__dict__[_SAVED] = (stash[0], stash[1], value, stash[3])
 
 
-def grad_state(optimizer: torch.optim.Optimizer) -> tuple[list[Tensor], list[int]]:
-    """The gradient tensors the skip flag's ledger holds on to for ``optimizer`` and their version counters (a
-    view's is its buffer's): its own, with those of the other ranks' partitions this rank holds where it is a ZeRO
-    or OSS wrapper's inner optimizer (:func:`read_for_carry`), so that over DDP every rank keeps the same ledger
-    (a part's call measuring none of this rank's partition left an entry without gradients there, decided by the
-    ranks' verdict, which a DDP call has no all-reduce to carry: rank 0 dropped the flag of a NaN part held by rank
-    1 alone after an auxiliary loss and a part clipped again, and stepped where rank 1 skipped)."""
-    grads = read_for_carry(optimizer, gradients(optimizer))
-    return grads, version_list(grads)
-
-
-class _Record(tuple):  # type: ignore[type-arg]
-    """An :func:`armed_record` of gradients the optimizer steps (part of them, or all), with the backward count of
-    each held gradient's parameter where they share version counters (:func:`_write_cell`; None where autograd
-    does not accumulate into that parameter, or the gradients are tensors of their own), for :func:`untouched` to
-    tell a new batch's backward from a write beside them."""
-
-    cells: list[tuple[_Count, int] | None]
-    #: the flag's ledger (see :func:`supersede`): each arming's flag with the gradients it measured that no later
-    #: arming measured again (``members``), or, for a flag armed without saying what it measured
-    #: (``skip_next_step_``, a call whose pieces the optimizer does not step), None and that arming's record, which
-    #: :func:`_sticky` keeps or drops; None where unknown
-    parts: list[tuple[Tensor, list[Tensor] | None, tuple[Any, ...] | None]] | None = None
-    #: every gradient the optimizer stepped at the arming, with its version, for :func:`_followed`
-    state: tuple[list[Tensor], list[Any]] | None = None
-
-    @classmethod
-    def uncounted(cls, state: tuple[list[Tensor], list[int]],
-                  parts: list[tuple[Tensor, list[Tensor] | None, tuple[Any, ...] | None]] | None = None) -> _Record:
-        """A record of ``state`` (gradients, versions) without backward counts, with the ledger ``parts``."""
-        record = cls(state)
-        record.cells = [None] * len(state[0])
-        if parts is not None:
-            record.parts = parts
-        return record
-
-
-def supersede(armed: tuple[Any, ...], record: tuple[Any, ...], now: tuple[list[Tensor], list[int]],
-              started: tuple[list[Tensor], list[int]] | None, measured: Sequence[Tensor] | None, new: Tensor,
-              merge: Callable[[Tensor, Tensor], Tensor], optimizer: Any = None) -> Tensor | None:
-    """The flag of a call arming ``new`` on ``record`` over one armed on ``armed``, both records of gradients the
-    optimizer steps (:class:`_Record`) with the flag's ledger (``parts``): each earlier arming's flag lasts while
-    some gradient it measured is still held and was not measured again since; ``new`` covers the ones this call
-    measures, as they are now (a backward accumulating into a NaN gradient leaves it NaN; a dropped batch's
-    ``zero_grad()`` makes it finite, or, to None, takes it away). So the next batch, clipping every gradient again
-    (in one call or in parts), replaces the flag, while a part clipped again within its step after an extra loss
-    keeps the other parts' flags. Deciding from a sign of the next batch instead (the held gradients written since
-    or a backward into them), a part clipped again within its step after an auxiliary loss replaced the whole
-    flag, and the NaN step was taken (heads [h0, h1] and [h2, h3], a batch through h2 alone with a NaN there, the
-    second call measuring every gradient present, an auxiliary loss through h1-h3, [h0, h1] clipped again; also
-    over views of one buffer; 29 of 600 random flows of 4 heads in 2 or 3 parts took a NaN step). A flag armed
-    without gradients it measured (``skip_next_step_``, a call whose pieces the optimizer does not step) lasts
-    while :func:`_sticky` holds for its record. Among several ranks, a flag whose gradients the call measures again
-    is kept by its verdict (:func:`_measured_again`: another rank may hold it). None where it does not apply (a
-    record of another kind): :func:`untouched` decides. ``optimizer``: whose gradients ``now`` are (for
-    :func:`carry_only`)."""
-    parts = getattr(armed, "parts", None)
-    if parts is None or not isinstance(record, _Record) or measured is None:
-        return None
-    where = {id(t) for t in now[0]}
-    again = {id(t) for t in record[0]}
-    kept: list[tuple[Tensor, list[Tensor] | None, tuple[Any, ...] | None]] = []
-    gone: list[Tensor] = []
-    measured_again: list[Tensor] = []
-    # (entries standing for another rank's gradients: kept by the verdict, they stay so, held by no gradient here:
-    # re-held by this rank's gradients the call does not measure, they became an ordinary entry, which the next
-    # call measuring those replaced by its own read. Under DDP with a parameter of rank 0's own, NaN there, [own]
-    # clipped over the world, a backward, [l0] then [l1]: rank 1's entry, kept at [l0] by its forced verdict and
-    # held by l1, was dropped by [l1]'s finite read, while rank 0's, held by its NaN, lasted: rank 1 stepped)
-    elsewhere: list[Tensor] = []
-    for flag, members, seen in parts:
-        if members is None:
-            if seen is not None and _sticky(seen, started if started is not None else now, measured):
-                kept.append((flag, None, seen))
-            elif _measured_elsewhere(seen):
-                elsewhere.append(flag)
-            elif _decided_by_verdict(seen):
-                gone.append(flag)
-            continue
-        left = [t for t in members if id(t) in where and id(t) not in again]
-        if left:
-            kept.append((flag, left, None))
-        elif not members:
-            # (an entry without gradients, kept by the ranks' verdict where this rank held none to read: decided
-            # again by each arming call's verdict, while the other ranks' entries holding gradients last)
-            elsewhere.append(flag)
-        elif any(id(t) not in where for t in members):
-            gone.append(flag)
-        else:
-            measured_again.append(flag)
-    again_entry = _measured_again(measured_again, merge)
-    if again_entry is not None:
-        kept.append(again_entry)
-    if gone:
-        holding = {id(t) for _, members, _ in kept if members is not None for t in members}
-        entry = carried_by_replacements(functools.reduce(merge, gone),
-                                        [t for t in carry_only(optimizer, now[0])
-                                         if id(t) not in again and id(t) not in holding])
-        if entry is not None:
-            kept.append(entry)
-    if elsewhere:
-        entry = carried_by_replacements(functools.reduce(merge, elsewhere), [])
-        if entry is not None:
-            kept.append(entry)
-    record.parts = [*kept, (new, list(record[0]), None)]
-    return functools.reduce(merge, [f for f, _, _ in record.parts])
-
-
-def _measured_again(flags: list[Tensor], merge: Callable[[Tensor, Tensor], Tensor]
-                    ) -> tuple[Tensor, list[Tensor], None] | None:
-    """A ledger entry for the ``flags`` of entries whose gradients, every one still held, an arming call measured
-    again, where its verdict was combined over several ranks: an entry without gradients (as one kept by the
-    verdict where this rank holds none, see :func:`supersede`), its flag kept by that verdict and decided again by
-    each arming call's. A flag armed by a call combining over several ranks stands for every rank's pieces: where
-    another rank holds a piece of the part this rank does not (a part held on rank 0 alone), measured again here,
-    it may still be held there by that piece, whose flag joins the verdict (:func:`_held_flags`). Dropped here by
-    the new measure alone, plain tensors, ``a`` on rank 0 alone and ``b`` on both, a NaN in ``a``, [a, b] then
-    [b] clipped (``GradClipper(on_nonfinite="skip")``, fused or not; [b] handed over): rank 1 stepped, rank 0,
-    holding the flag by ``a``, skipped. None where nothing is measured again, outside such a verdict (in one
-    process the new measure decides, as it did), or the flags read on the CPU as not set."""
-    if not flags or not _COMBINING.get() or _AGREED.get() is None:
-        return None
-    return carried_by_replacements(functools.reduce(merge, flags), [])
-
-
-def _measured_elsewhere(seen: Any) -> bool:
-    """Whether a ledger entry was armed by a call that measured nothing on this rank (another rank measured the
-    part: ``seen``, the gradients held then), once :func:`_sticky` no longer holds for it (those gradients written,
-    by the next part's clip in place or its hand-over settled, or replaced): its flag is decided as any entry whose
-    gradients are gone (:func:`carried_by_replacements`), by the ranks' verdict within an arming call, which a
-    rank's flags held by gradients the call does not measure join (:class:`Agreement`), so it lasts as long as the
-    rank holding the part's NaN keeps its own. Dropped here alone, rank 1 stepped where rank 0 skipped (a part
-    held on rank 0 alone, NaN there, then the next part clipped twice, or its gradients replaced out of place and
-    the next part clipped again). So too one armed while this rank held no gradient at all (``seen`` empty:
-    :func:`untouched` only while there is still none): dropped once one appeared, rank 1 stepped where rank 0
-    skipped (``b``'s gradient made only after [A] was clipped, then [B]); a batch dropped since, its flags gone on
-    every rank, the next call's verdict drops it."""
-    return type(seen) is tuple and len(seen) == 3 and seen[2] is None
-
-
-def _decided_by_verdict(seen: Any) -> bool:
-    """Whether a ledger entry armed without measured gradients, no longer :func:`_sticky`, is decided by the ranks'
-    verdict (:func:`carried_by_replacements`) rather than dropped: one armed by a call that measured nothing on this
-    rank (:func:`_measured_elsewhere`), and one armed by ``skip_next_step_``, whose gradients held then are every one
-    gone here while another rank may still hold one of its own (it keeps its entry, and its flag joins the verdict:
-    :func:`_held_flags`). Dropped here alone, ``skip_next_step_(opt, True)`` on every rank, then the gradient of a
-    part held on every rank replaced out of place and that part clipped: rank 0, holding a part of its own
-    untouched, skipped, and rank 1 stepped."""
-    return isinstance(seen, _Explicit) or _measured_elsewhere(seen)
-
-
-def carried_by_replacements(flag: Tensor, rest: list[Tensor]) -> tuple[Tensor, list[Tensor], None] | None:
-    """A ledger entry for ``flag``, armed on gradients none of which is held any more, some of them not set to None
-    but replaced by other tensors: ``rest``, the gradients held now that the arming call does not measure (nor an
-    entry of the ledger holds; every one where no flag of the call at hand stands for them, see :func:`_keep_replaced`
-    and the step's :func:`_pre_hook`). Out of place (``p.grad = p.grad + g``, accumulating ``torch.autograd.grad``
-    results by hand) the replacement carries a NaN or inf of the one it replaced (NaN + x is NaN), while the next
-    batch's fresh gradients (after ``zero_grad(set_to_none=True)``) are finite, and nothing else tells the two
-    apart (no trace of ``zero_grad``; dropped, the flag of a NaN batch whose gradients were replaced out of place
-    was lost and the NaN step taken). So the flag lasts, held by ``rest``, where one of them is not finite now:
-    one read of them, on the device (no host read; on the CPU, where reading the flag is free, only when it is
-    set); a later call measuring them replaces it as for any entry. Each rank reads its own pieces, so within a
-    call with an all-reduce, arming or settling, the ranks' verdict (:class:`Agreement`, carried by it) stands for
-    that read; elsewhere (``clip_grads_with_norm_``, the step itself) this rank's read. None where nothing is left
-    to hold it (with a verdict, an entry without gradients: every rank keeps the flag alike)."""
-    agreed = _AGREED.get()
-    if (not rest and agreed is None) or _unset_on_cpu(flag):
-        return None
-    bad = _nonfinite(rest, flag.device) if agreed is None else _reduce.moved(agreed, flag.device)
-    return (flag & bad if flag.dtype == torch.bool else flag * bad.to(flag.dtype)), rest, None
-
-
 class Agreement:
-    """One arming call's verdict on :func:`carried_by_replacements`' read, the same on every rank: each rank's
-    pieces are its own (FSDP, ZeRO, a tensor-parallel plan), so a NaN held in one rank's shard alone, read there
-    alone, kept the flag on that rank alone, which skipped its step while the others stepped (FSDP2, heads [h0]
-    and [h1], NaN in rank 0's shard of h0, gradients replaced out of place, [h1] clipped again). ``local`` (0-dim
-    float64, 0 or 1: SUM or MAX) travels in the call's own all-reduce, one more value in every call that may arm
-    (so the layout never depends on what a rank found); it is 1 where some gradient of the ``optimizers`` that
-    the call does not measure (``measured``) is not finite, read only where a flag's gradients may have been
-    replaced (:func:`_may_carry`: host-side identity tests; on the CPU only where that flag is set), else 0
-    without a read; a hand-over it settles of an optimizer it arms no skip for (any, where it arms none) adds the
-    read of every gradient of that optimizer (:meth:`fold`). Settled hand-overs' flags wait
-    (:meth:`deferring`) for the verdict; :meth:`armed` applies it around the arming. ``hands_over``: the call
-    hands its coefficient over to the ``optimizers`` (replacing a settled hand-over's flag, which otherwise lasts
-    through it: :func:`_held_flags`)."""
+    """One call's agreement on the skip flags that only a verdict of every rank decides (see the agreed ledger,
+    :func:`ledger_arm`): ``local`` (0-dim float64, 0 or 1: SUM or MAX) travels in the call's own all-reduce, one
+    more value in every call (so the layout never depends on what a rank found): the largest flag of the agreed
+    and explicit entries this rank's read keeps (:func:`agreed_read`); where the call combined over several ranks,
+    :meth:`agree` replaces every such entry by one of the combined verdict, on every rank alike. ``optimizers``:
+    those the call arms (the parameters it measures leave their entries), ``measured``: its pieces (or a function
+    giving them, called only where a ledger holds such an entry)."""
 
     def __init__(self, optimizers: Sequence[Any],
                  measured: Sequence[Tensor] | Callable[[], Sequence[Tensor]], hands_over: bool = False) -> None:
-        self.deferred: list[Any] = []
-        self.agreed: Tensor | None = None
-        #: the verdict (and the call's total) combined over more than one rank: see :func:`hand_over_`
-        self.shared = False
-        #: a hand-over settled here (waiting for the verdict) had its total combined over more than one rank
-        self.settled_shared = False
-        read: list[Tensor] = []
-        held: list[Tensor] = []
         self.optimizers = [o for o in optimizers if isinstance(o, torch.optim.Optimizer)]
         self.ids = {id(o) for o in self.optimizers}
-        self._measured = measured  # (a function giving the pieces: called only where they are needed)
-        for optimizer in optimizers:
-            if not isinstance(optimizer, torch.optim.Optimizer) or not _armed_or_pending(optimizer):
-                continue  # (the usual case: nothing armed before this call in this step)
-            candidates = _may_carry(optimizer)
-            where = None
-            if candidates:
-                now = read_for_carry(optimizer, gradients(optimizer))
-                where = set(map(id, now))
-                if any(id(t) not in where for ts in candidates for t in ts):
-                    read += _unmeasured(carry_only(optimizer, now), self.measured)
-            held += _held_flags(optimizer, where, lambda: self.measured, hands_over)
-        self._read = (_nonfinite(read, read[0].device).to(torch.float64) if read
-                      else torch.zeros((), dtype=torch.float64))
-        for flag in held:  # (device tensors: no host read)
-            self._read = torch.maximum(_reduce.moved(self._read, flag.device), flag.ne(0).to(torch.float64))
-        self._outlasting = _outlasting(self.ids) if _ARMED else []
+        self._measured = measured
+        #: the verdict (and the call's total) combined over more than one rank: see :func:`hand_over_`
+        self.shared = False
+        self._read: tuple[Tensor, dict[int, Any]] | None = None
 
     @property
     def local(self) -> Tensor:
-        """This rank's value in the call's all-reduce: its read, and the flags of its optimizers' ledgers standing
-        for another rank's gradients that the call does not decide (an optimizer it does not arm: see
-        :func:`_outlasting`). Plain tensors, a fused AdamW stepping ``a`` and ``b`` on rank 0, ``b`` on rank 1: a
-        NaN in ``a.grad`` clipped over the world (rank 1 passes nothing, and arms a flag held for rank 0's part,
-        which only a call arming that optimizer decides, by its verdict), the batch dropped, then
-        ``get_total_norm`` over the world: rank 0's flag, kept as a hand-over's, was dropped by the verdict of the
-        new gradients' read and rank 0 stepped, rank 1 kept its flag and skipped. Where the call combines over no
-        other rank, its verdict is this rank's read alone (:meth:`agree`)."""
-        local = self._read
-        for flag in self._outlasting:  # (device tensors: no host read)
-            local = torch.maximum(_reduce.moved(local, flag.device), flag.ne(0).to(torch.float64))
-        return local
-
-    def fold(self, found: Tensor, rest: list[Tensor]) -> None:
-        """Another optimizer's hand-over this call settles (its measured gradients every one replaced): this rank's
-        read of ``rest`` (every gradient of that optimizer: see :func:`_keep_replaced`) joins ``local`` before the
-        all-reduce carries it, so every rank keeps or drops that flag alike (read by each rank alone, a NaN in rank
-        0's shard of a head stepped by a second fused optimizer, settled by a call arming the first, skipped that
-        optimizer's step on rank 0 only: FSDP2, 2 ranks). One verdict for every flag of the call: where two
-        optimizers' flags wait on it at once, either's non-finite read keeps both (a good step skipped, never a NaN
-        one taken)."""
-        if self.agreed is not None or not rest or _unset_on_cpu(found):
-            return  # (already combined; nothing to hold it; or, on the CPU, no flag to keep: read nothing)
-        bad = _nonfinite(rest, found.device).to(torch.float64)
-        self._read = torch.maximum(_reduce.moved(self._read, bad.device), bad)
+        """This rank's value in the call's all-reduce."""
+        if self._read is None:
+            self._read = agreed_read(self.optimizers, lambda: self.measured)
+        return self._read[0]
 
     @property
     def measured(self) -> Sequence[Tensor]:
@@ -1218,151 +904,29 @@ class Agreement:
 
     def agree(self, combined: Tensor, alone: bool = False) -> None:
         """The all-reduced ``local`` (any rank's 1: true on every rank). ``alone``: the call combined over no other
-        rank (no reduction group, or a group of one), so ``combined`` is this rank's read alone. While the world holds
-        more ranks, the others' pieces may hold a NaN this rank's do not (a sharded part clipped over the world beside
-        a replicated one clipped with ``group=None``; see :meth:`_may_differ`): the verdict is then true, every flag
-        waiting on it kept as it is, held by the gradients it would have been read from (an entry without gradients:
-        decided again by the next call that combines), on every rank alike (read by each rank alone, NaN in rank 0's
-        shard of S, [S], [R] with ``group=None``, gradients replaced out of place, [R] again: rank 0 skipped and rank
-        1 stepped). Where the call measures every gradient the flags' optimizers step (DDP, the whole model), the
-        read is of replicas, the same on every rank, and decides. In one process, or where the call combines, the
-        read decides."""
-        if alone and _multi_rank() and self._may_differ():
-            self.agreed = torch.ones((), dtype=torch.bool, device=combined.device)
-            return
-        if alone:
-            combined = self._read  # (not the flags that outlast the call: see local)
-        self.agreed = combined.reshape(()) > 0
+        rank (no reduction group, or a group of one): nothing agreed is decided."""
         self.shared = not alone
-        if self.shared:
-            for optimizer in self.optimizers:  # (one dict store each: see _may_differ)
-                optimizer.__dict__[_COMBINED] = True
-
-    def _may_differ(self) -> bool:
-        """Whether, in a call combining over no other rank, the flags its verdict decides may be read from pieces that
-        differ among ranks: a hand-over it settled whose total was combined over several ranks (its pieces were shards),
-        or an optimizer whose flag it decides (the call's own, a settled hand-over's, a waiting hand-over it measures
-        gradients of) stepping a gradient the call does not measure that a waiting flag was armed on (not one
-        :func:`note_beside` left out: a parameter of rank 0's own beside DDP's forced rank 0 alone to keep), where a
-        call combining over several ranks has armed that optimizer's skip (host-side tests, only where a flag waits), or
-        a flag standing for another rank's gradients (:func:`_armed_elsewhere`). Otherwise the call measures every
-        gradient those optimizers step, whole on this rank and alike on every rank (``group=None``: DDP's replicas, by
-        the pieces' contract), or the flags were all armed by calls on such pieces, and each rank's read is the others'
-        (forced to keep, a NaN hand-over under DDP whose batch was dropped and recomputed skipped the next good step on
-        every rank; and where rank 0's optimizer also stepped a parameter of its own outside DDP, rank 0 alone skipped
-        it). An optimizer armed by combining calls once is marked for good (a flag's origin is not kept in its ledger):
-        a loop mixing both keeps such flags from then on, alike on every rank."""
-        if self.settled_shared:
-            return True
-        seen: set[int] = set()
-        waiting = [o for o in _WAITING if id(o) not in self.ids] if _WAITING else []
-        for optimizer in [*self.optimizers, *(d[0] for d in self.deferred), *waiting]:
-            if id(optimizer) in seen:
-                continue
-            seen.add(id(optimizer))
-            deferred = any(d[0] is optimizer for d in self.deferred)
-            if not deferred and not _armed_or_pending(optimizer):
-                continue  # (no flag of its waits: the verdict decides nothing of it)
-            grads = gradients(optimizer)
-            if id(optimizer) not in self.ids and not deferred:
-                if not (self.measured and _measured_among(grads, self.measured)):
-                    continue  # (a hand-over this call neither settles nor measures: left for its own step)
-                pending = optimizer.__dict__.get(_PENDING)
-                if pending is not None and pending[2] is not None and pending[6]:
-                    return True
-            if ((_COMBINED in optimizer.__dict__
-                 and _unmeasured(carry_only(optimizer, grads, _UNSET), self.measured))
-                    or _armed_elsewhere(optimizer)):
-                return True
-        return False
+        if self.shared and self._read is not None and _multi_rank():
+            decide_agreed(self._read[1], combined.reshape(()) > 0)
 
     @contextlib.contextmanager
     def deferring(self) -> Iterator[None]:
-        token = _DEFERRED.set(self)
-        try:
-            yield
-        finally:
-            _DEFERRED.reset(token)
+        yield
 
     def abandon(self) -> None:
-        """The call raised: the flags waiting for the verdict are kept by it where the all-reduce gave one (a
-        non-finite total under ``error_if_nonfinite``, raised on every rank after the collective: read by each
-        rank alone, a NaN in rank 0's shard kept the flag there alone, and a step taken after the error was
-        skipped on rank 0 and taken on rank 1), else (raised before it) by this rank's read, as without one."""
-        if self.agreed is not None:
-            with self.armed():
-                # (and a hand-over this rank's call did not settle, which arming would have kept or dropped:
-                # rank 2's, whose pieces of the part, an empty shard, overlap none of its gradients)
-                for optimizer in self.optimizers:
-                    if not in_step(optimizer):
-                        _drop_unsettled(optimizer, gradients(optimizer), self.measured)
-                return
-        self._keep_deferred()
+        """The call raised."""
 
     @contextlib.contextmanager
     def armed(self) -> Iterator[None]:
-        """The verdict stands for this rank's read within (the flags waiting for it are kept or dropped first)."""
-        token = _AGREED.set(self.agreed if self.agreed is not None else self._read > 0)
-        combining = _COMBINING.set(self.shared)
+        """The call arms within: its flag is an agreed entry where it combined (see :func:`ledger_arm`)."""
+        token = _ARMING.set(self)
         try:
-            self._keep_deferred()
-            self._others_unsettled()
             yield
         finally:
-            _COMBINING.reset(combining)
-            _AGREED.reset(token)
+            _ARMING.reset(token)
 
     def apply(self) -> None:
-        """The verdict applied to the settled hand-overs' flags that waited for it, in a call (or at a point of one)
-        that arms nothing under it."""
-        with self.armed():
-            pass
-
-    def _others_unsettled(self) -> None:
-        """Another optimizer's hand-over that this call measures gradients of but did not settle here (its pieces
-        on this rank were empty FSDP2 shards, which overlap nothing; since session 38 :func:`settle` takes such a
-        gradient the call holds as overlapping), as the ranks settling it did (see :meth:`fold`):
-        dropped, its flag kept or dropped by the verdict (left for the step's own check, which drops it, this rank
-        stepped where the others skipped: heads h0 and h1 of a second fused optimizer, rank 2 of 3 holding nothing of
-        h1, a call on [h1] arming the first). A hand-over settled or not replaced is left as it is."""
-        if not _WAITING or not self.measured:
-            return
-        for optimizer in list(_WAITING):
-            if id(optimizer) in self.ids or in_step(optimizer):
-                continue
-            pending = optimizer.__dict__.get(_PENDING)
-            if pending is None or pending[2] is None:
-                continue
-            grads = gradients(optimizer)
-            if _measured_among(_measured_side(pending, grads), self.measured):
-                # (held by every gradient: this call arms no flag of that optimizer's, see _keep_replaced)
-                _drop_unsettled(optimizer, grads, None)
-
-    def _keep_deferred(self) -> None:
-        """The settled hand-overs' flags that waited (:meth:`deferring`): kept or dropped, once each. In one process
-        each by its own read (every piece is this process's): the call's one verdict kept every such flag where any
-        read was not finite, so a hand-over of a second optimizer whose batch was dropped and replaced by a fresh
-        one kept its NaN flag by the first's gradients, replaced out of place and NaN, and its good step was skipped.
-        Among several ranks the verdict stands for every flag of the call (one value in the all-reduce)."""
-        deferred, self.deferred = self.deferred, []
-        token = _AGREED.set(None) if deferred and not _multi_rank() else None
-        try:
-            for optimizer, found, rest in deferred:
-                _keep_replaced(optimizer, found, rest)
-        finally:
-            if token is not None:
-                _AGREED.reset(token)
-
-
-def _armed_elsewhere(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether a flag of ``optimizer``'s ledger (the fused skip's or the skip guard's) stands for gradients another
-    rank holds: armed by a call that measured nothing on this rank (:func:`_measured_elsewhere`), or kept by the
-    ranks' verdict with no gradient left here. Such a flag is decided by the ranks' verdict, which this rank's
-    read alone is not: its optimizer steps no gradient of that part here, while the rank holding it does (a part
-    held on rank 0 alone, NaN there, clipped over the world, a replicated part clipped with ``group=None``, every
-    gradient replaced out of place, the replicated part clipped again: rank 1, measuring all it steps, dropped the
-    flag by its own read and stepped, rank 0 skipped). On the CPU only where that flag is set (a free read)."""
-    return any(_elsewhere_entry(*entry) for entry in _ledger_entries(optimizer))
+        """Nothing waits for the verdict outside :meth:`agree`."""
 
 
 def _unset_on_cpu(flag: Tensor) -> bool:
@@ -1371,121 +935,11 @@ def _unset_on_cpu(flag: Tensor) -> bool:
     return flag.device.type == "cpu" and not bool(flag)
 
 
-def _elsewhere_entry(flag: Any, members: Any, seen: Any) -> bool:
-    """Whether a ledger entry is a flag, possibly set (on the CPU: set), standing for gradients another rank holds
-    (see :func:`_armed_elsewhere`)."""
-    return (((members is None and _measured_elsewhere(seen)) or (members is not None and not members))
-            and isinstance(flag, Tensor) and not _unset_on_cpu(flag))
-
-
-def _outlasting(ids: set[int]) -> list[Tensor]:
-    """The flags standing for another rank's gradients (:func:`_elsewhere_entry`) in the ledgers of the optimizers
-    of :data:`_ARMED` but those whose ids are ``ids`` (the ones a call arms, which decides such flags by its
-    verdict): a call not arming an optimizer leaves them as they are, so they join its verdict, as the flags held
-    by gradients it does not measure do (:func:`_held_flags`)."""
-    out: list[Tensor] = []
-    for optimizer in list(_ARMED):
-        if not _armed_or_pending(optimizer):
-            _ARMED.discard(optimizer)
-        elif id(optimizer) not in ids:
-            out += [entry[0] for entry in _ledger_entries(optimizer) if _elsewhere_entry(*entry)]
-    return out
-
-
-def _ledger_entries(optimizer: torch.optim.Optimizer) -> list[tuple[Any, Any, Any]]:
-    """The ``(flag, members, seen)`` entries of ``optimizer``'s ledger: the fused skip's record's and the skip
-    guard's (see :func:`supersede`)."""
-    records: list[Any] = []
-    armed = optimizer.__dict__.get(_SKIP)
-    if armed is not None:
-        records.append(armed[1])
-    guard = optimizer.__dict__.get("_dist_clip_skip_guard")
-    if guard is not None and getattr(guard, "flag", None) is not None:
-        records.append(getattr(guard, "armed_on", None))
-    return [e for record in records for e in getattr(record, "parts", None) or ()]
-
-
 def _multi_rank() -> bool:
     """Whether this process is one of several ranks (a process group of more than one rank is initialized)."""
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _armed_or_pending(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether a skip flag (fused, or the skip guard's) or a hand-over waits for ``optimizer``'s next step."""
-    guard = optimizer.__dict__.get("_dist_clip_skip_guard")
-    return (_SKIP in optimizer.__dict__ or _PENDING in optimizer.__dict__
-            or (guard is not None and getattr(guard, "flag", None) is not None))
-
-
-def _may_carry(optimizer: torch.optim.Optimizer) -> list[list[Tensor]]:
-    """The gradients of each flag that an arming now may keep by :func:`carried_by_replacements` (host-side, no
-    device read): those a flag of the ledger (the fused skip's or the skip guard's) or a hand-over's flag was
-    armed on, where that flag may be set (on the CPU: is set); it applies where one of them is no longer held."""
-    def live(flag: Any) -> bool:
-        return isinstance(flag, Tensor) and not _unset_on_cpu(flag)
-
-    out = [members for flag, members, _seen in _ledger_entries(optimizer) if members and live(flag)]
-    pending = optimizer.__dict__.get(_PENDING)
-    if pending is not None and pending[3] and live(pending[1]):
-        out.append(pending[3])
-    return out
-
-
-def _held_flags(optimizer: torch.optim.Optimizer, where: set[int] | None,
-                measured: Callable[[], Sequence[Tensor]], hands_over: bool = False) -> list[Tensor]:
-    """The flags of ``optimizer``'s ledger (the fused skip's or the skip guard's) held by a gradient this rank
-    still holds that the call at hand does not measure (``measured()``, read only where such a flag may be set):
-    they outlast the call here, so they join its :class:`Agreement`. An entry whose gradients are all gone lives
-    on every rank by the ranks' verdict (:func:`carried_by_replacements`); read from the replaced gradients alone,
-    the verdict went to 0 once the rank holding the NaN held it again by an entry (the replacement, not measured
-    by the call, now that entry's gradient), and the other ranks dropped their flag while that rank kept its own:
-    a part on rank 0 alone, NaN there, gradients replaced out of place, the next part clipped twice (rank 1
-    stepped, rank 0 skipped). A hand-over's flag (settled or not) counts alike, held by the gradients it was
-    measured on (settled, those among the ones stepped then, see :func:`settle`): it lasts to the step, or joins the
-    ledger, while they are held (left out, rank 0's NaN hand-over of part A, measured while ``b`` had no gradient
-    yet, did not reach the verdict at [B], and rank 1, holding no gradient at [A], dropped its flag and stepped
-    while rank 0 skipped). Host-side identity tests; on the CPU only where a flag is set."""
-    entries = _ledger_entries(optimizer)
-    pending = optimizer.__dict__.get(_PENDING)
-    if pending is not None and pending[3] and _multi_rank():  # (in one process the flag reaches the step as is)
-        entries.append((pending[1], pending[3], _SETTLED if pending[2] is None and not hands_over else None))
-    out: list[Tensor] = []
-    ids: set[int] | None = None
-    plain = None
-    for flag, members, seen in entries:
-        if not isinstance(flag, Tensor) or _unset_on_cpu(flag):
-            continue
-        if seen is _SETTLED:
-            # A settled hand-over's flag lasts to the step whatever the call reads (see settle), measured or not,
-            # unless a hand-over replaces it: held by gradients the call measures again, it was left out, and where
-            # a batch dropped in place was clipped again finite (``a`` on rank 0 alone, a NaN hand-over of [a]
-            # settled by a call on [a], zeroed in place, [a] clipped), rank 0 kept it and skipped while rank 1,
-            # whose entry the verdict decides, stepped.
-            where = where if where is not None else set(map(id, read_for_carry(optimizer, gradients(optimizer))))
-            if any(id(t) in where for t in members):
-                out.append(flag)
-            continue
-        if members is None and isinstance(seen, _Explicit):
-            # skip_next_step_'s flag, lasting while a gradient held then is still held (or armed with none held:
-            # until the step): it outlasts any call here, so it joins too (see _decided_by_verdict)
-            where = where if where is not None else set(map(id, gradients(optimizer)))
-            if not seen[0] or any(id(t) in where for t in seen[0]):
-                out.append(flag)
-            continue
-        if not members:
-            continue
-        if ids is None:
-            where = where if where is not None else set(map(id, read_for_carry(optimizer, gradients(optimizer))))
-            ids = set(map(id, measured()))
-        if not any(id(t) in where and id(t) not in ids for t in members):  # (the first one, usually)
-            continue
-        if plain is None:
-            plain = not any(map(Tensor._is_view, measured()))  # (then identity alone tells what is measured)
-        if plain or _unmeasured([t for t in members if id(t) in where], measured()):
-            out.append(flag)
-    return out
 
 
 def _nonfinite(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
@@ -1502,284 +956,6 @@ def _nonfinite(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
         peaks = torch.stack(torch._foreach_norm(ts, float("inf")))
         out = out | _reduce.moved(~torch.isfinite(peaks).all(), device)
     return out
-
-
-class _Explicit(tuple):  # type: ignore[type-arg]
-    """The gradients held (:func:`grad_state`) when ``skip_next_step_`` armed a flag, in the flag's ledger."""
-
-
-def _sticky(seen: tuple[Any, ...], now: tuple[list[Tensor], list[int]], measured: Sequence[Tensor] | None) -> bool:
-    """Whether a flag of the ledger armed without measured gradients still holds. One armed by ``skip_next_step_``
-    on the gradients ``seen`` held: while one of them is still held (set to None by ``zero_grad()``, the batch
-    was dropped), whatever wrote them since (an auxiliary loss, a clip; a dropped batch's in-place
-    ``zero_grad()`` too, which nothing tells from the first: clear the flag with ``skip_next_step_(optimizer,
-    False)`` there). Replaced on a write, it was lost to a part clipped again after an extra loss, and the step
-    taken. One armed while no gradient was held lasts until the step. Another (a call whose pieces the optimizer
-    does not step): while :func:`untouched` holds."""
-    if not isinstance(seen, _Explicit):
-        return untouched(seen, now, measured)
-    if not seen[0]:
-        # Armed while no gradient was held (after zero_grad(set_to_none=True), before the backward: a batch found
-        # bad before its backward): for this step, whatever the backward makes. Dropped once a gradient appeared,
-        # the first call arming a skip replaced it and the requested skip was lost, the step taken.
-        return True
-    where = set(map(id, now[0]))
-    if any(id(t) in where for t in seen[0]):
-        return True
-    # Or made anew over the same bytes by their wrapper (FSDP1's new views of the flat gradient after a forward,
-    # or it re-aliased by a backward; the held tensors keep those bytes alive, so equal addresses are the same
-    # memory), whatever wrote them since, as for the held ones: read as gone, a forward between skip_next_step_
-    # and a clip (of the whole model, or of a part before it) dropped the flag and the step was taken.
-    held = {_bytes_key(t) for t in seen[0] if getattr(t, "_local_tensor", t).numel()}
-    return bool(held) and any(_bytes_key(g) in held for g in now[0])
-
-
-def first_flag(record: tuple[Any, ...], new: Tensor) -> None:
-    """``record`` arms ``new`` alone (replaced, or nothing armed before): the ledger's first entry."""
-    if isinstance(record, _Record):
-        record.parts = [(new, list(record[0]), None)]
-
-
-def rearm(armed: tuple[Tensor, tuple[Any, ...]] | None, new: Tensor, now: tuple[list[Tensor], list[int]],
-          started: tuple[list[Tensor], list[int]] | None, measured: Sequence[Tensor] | None,
-          optimizer: torch.optim.Optimizer | None,
-          merge: Callable[[Tensor, Tensor], Tensor]) -> tuple[Tensor, tuple[Any, ...]]:
-    """The skip flag and record a call arming ``new`` leaves, over ``armed`` (the flag and record armed before,
-    or None: nothing armed, or an arming that replaces): by the flag's ledger where the records keep one
-    (:func:`supersede`), else both flags merged where the call found the gradients as the arming left them
-    (:func:`untouched`), else ``new`` alone. A call that measured nothing (every gradient of its part None) leaves
-    the record as it was; one measuring only pieces the optimizer does not step joins the ledger (:func:`_beside`).
-    One rule for the fused hand-over's skip (:func:`arm_skip_`) and the clipper's skip guard."""
-    if optimizer is not None and _multi_rank():
-        _ARMED.add(optimizer)  # (its ledger may come to hold a flag for another rank's gradients: see _outlasting)
-    if measured and optimizer is not None and _stand_ins_only(measured, now[0]):
-        measured = []
-    if measured is not None and not measured and optimizer is not None:
-        if armed is not None:
-            parts = getattr(armed[1], "parts", None)
-            if parts is not None:
-                # Its flag joins the ledger as a first call's does (below): another rank may have measured it (an
-                # FSDP1 rank whose shard of the part is padding only). Merged into the flag alone, the next call's
-                # ledger dropped it there: that rank took the step the others skipped (a NaN in a one-element
-                # head on rank 0, use_orig_params=True, 2 ranks: rank 1 stepped its shards, rank 0 did not).
-                where = {id(t) for t in now[0]}
-
-                def decided(m: Any, seen: Any) -> bool:
-                    # (an entry with no gradient left here, or one armed by a call that measured nothing here whose
-                    # gradients held then were replaced or written: decided by this call's verdict too, as in
-                    # supersede; kept here, rank 1 skipped a batch zeroed in place whose [A] had dropped rank 0's
-                    # flag, and where rank 1's call measured nothing again, [A] / nothing after a dropped NaN batch
-                    # of [A], rank 1 skipped while rank 0 stepped)
-                    if m is not None:
-                        return not any(id(t) in where for t in m)
-                    return _measured_elsewhere(seen) and not _sticky(seen, started if started is not None else now,
-                                                                     measured)
-
-                if _AGREED.get() is not None and any(decided(m, seen) for _, m, seen in parts):
-                    # (kept, held by the gradients held here that no entry left holds, as supersede holds it on a
-                    # rank measuring a part: held by none, it stood for another rank's gradients, and a later call
-                    # with no collective was forced to keep it here alone, while the ranks holding it by theirs
-                    # dropped it with them. DDP, unfused, rank 0's own part clipped over the world after a NaN
-                    # batch, dropped to None, DDP's whole clipped: rank 1 skipped, rank 0 stepped; ddp seed 1649)
-                    holding = {id(t) for _, m, seen in parts if m is not None and not decided(m, seen) for t in m}
-                    rest = [t for t in carry_only(optimizer, now[0]) if id(t) not in holding]
-                    parts = [e for e in ((carried_by_replacements(f, rest) if decided(m, seen) else (f, m, seen))
-                                         for f, m, seen in parts) if e is not None]
-                    armed[1].parts = [*parts, (new, None, (*now, None))]
-                    return functools.reduce(merge, [f for f, _, _ in armed[1].parts]), armed[1]
-                armed[1].parts = [*parts, (new, None, (*now, None))]
-            return merge(armed[0], new), armed[1]
-        # (a ledger holding the flag by what untouched says of the gradients held now, as a record of them did:
-        # on another rank, holding pieces of the part, the same flag may have been measured)
-        return new, _Record.uncounted(([], []), [(new, None, (*now, None))])
-    if measured is None and optimizer is not None and armed is None:
-        # skip_next_step_: nothing says what was measured; the flag lasts while _sticky holds for the gradients
-        return new, _Record.uncounted(now, [(new, None, _Explicit(now))])
-    record = armed_record(now, measured, optimizer)
-    if isinstance(record, _Record):
-        record.state = now
-    if armed is not None:
-        armed = (armed[0], _followed(armed[1], now))
-    if measured and optimizer is not None and not isinstance(record, _Record) and not _inside(now[0], measured):
-        return _beside(armed, record, now, started, measured, new, merge, optimizer)
-    if armed is not None:
-        merged = supersede(armed[1], record, now, started, measured, new, merge, optimizer)
-        if merged is not None:
-            return merged, record
-        if untouched(armed[1], started if started is not None else now, measured):
-            carried(armed, record, new)
-            return merge(armed[0], new), record
-    first_flag(record, new)
-    return new, record
-
-
-def _inside(grads: Sequence[Tensor], measured: Sequence[Tensor]) -> bool:
-    """Whether some of a call's pieces ``measured``, none of them a gradient the optimizer steps (``grads``), lie in
-    the bytes of one: slices of a stepped gradient (experts stored in one weight, each slice ``w.grad[e]`` clipped
-    in its own call), which :func:`untouched` tells apart by their bytes, not pieces the optimizer does not step
-    (:func:`_beside`: held by their version counter, which a slice shares with the whole gradient, the next
-    slice's scaling read as a write and the first slice's NaN flag was dropped: the NaN step was taken)."""
-    ids = set(map(id, grads))
-    overlaps = _overlap_test([m for m in measured if id(m) not in ids])
-    return overlaps is not None and any(overlaps(_span(g)) for g in grads)
-
-
-def _beside(armed: tuple[Tensor, tuple[Any, ...]] | None, record: tuple[Any, ...],
-            now: tuple[list[Tensor], list[int]], started: tuple[list[Tensor], list[int]] | None,
-            measured: Sequence[Tensor], new: Tensor, merge: Callable[[Tensor, Tensor], Tensor],
-            optimizer: Any = None) -> tuple[Tensor, _Record]:
-    """The flag and record of a call arming ``new`` whose pieces the optimizer steps none of (parameters it does not
-    step, copies of its gradients: ``record`` holds them, see :func:`armed_record`): a ledger (:func:`supersede`)
-    whose entries armed before stay as they would for a call measuring none of their gradients, and ``new`` joins
-    it held by ``record`` (while :func:`untouched` holds for it, as a flag :func:`carried` into a ledger is). An
-    earlier flag without a ledger joins it held by its record, where the call found it untouched. Recorded as the
-    call's alone, with no ledger, the flags it merged were lost to a later write to the unstepped gradients
-    before a call measuring them again (read as the flag's gradients written; a hand-over's flag, kept after its
-    gradients were written, had no ledger to join): heads h0, h1 stepped, a module E not, NaN in h0, [h0], [h1],
-    [E] clipped, an auxiliary loss through h1 and E, [E] clipped again: the NaN step was taken (``GradClipper``
-    fused or not and the hand-over alike, gradients of their own or views of one buffer; a
-    ``skip_next_step_(optimizer, True)`` before [E] was lost alike)."""
-    own = _Record.uncounted(([], []))
-    own.state = now
-    if armed is not None and getattr(armed[1], "parts", None) is not None:
-        supersede(armed[1], own, now, started, measured, new, merge, optimizer)
-        assert own.parts is not None
-        own.parts[-1] = (new, None, record)
-    elif armed is not None and untouched(armed[1], started if started is not None else now, measured):
-        own.parts = [(armed[0], None, armed[1]), (new, None, record)]
-    else:
-        own.parts = [(new, None, record)]
-    return functools.reduce(merge, [f for f, _, _ in own.parts]), own
-
-
-def _followed(record: tuple[Any, ...], now: tuple[list[Tensor], list[int]]) -> tuple[Any, ...]:
-    """``record`` (a flag's :func:`armed_record`, its ledger included) with each held gradient that its wrapper made
-    anew over the same bytes (:func:`_successors`) replaced by the tensor the optimizer steps now. FSDP1 does so:
-    with ``use_orig_params=True`` its gradients are new views of the flat gradient after every forward, and both
-    ways a backward accumulating into the flat gradient re-aliases it through ``.data`` (a new tensor, with a
-    fresh version counter). Taken for gradients gone, a forward (logging, evaluation) or an auxiliary loss
-    between the calls clipping parts dropped a part's NaN flag, and the NaN step was taken (heads [ha], [hb],
-    [hc], NaN in hb, 2 ranks, with and without ``use_orig_params``). A view made anew of the same buffer,
-    unwritten, keeps its version; one over a re-aliased buffer counts as written."""
-    state = getattr(record, "state", None)
-    if state is None and not isinstance(record, _Record) and record and not isinstance(record, _Explicit):
-        state = (record[0], record[1])  # a record of every gradient held then, with their versions
-    if state is None or not state[0]:
-        return record
-    moved = _successors(state, now)
-    if not moved:
-        return record
-
-    def follow(ts: Sequence[Tensor]) -> list[Tensor]:
-        return [moved[id(t)][0] if id(t) in moved else t for t in ts]
-
-    def versions(ts: Sequence[Tensor], vs: Sequence[Any]) -> list[Any]:
-        return [moved[id(t)][1] if id(t) in moved else v for t, v in zip(ts, vs)]
-
-    if isinstance(record, _Record):
-        out = _Record((follow(record[0]), versions(record[0], record[1])))
-        out.cells = record.cells
-        if record.parts is not None:
-            out.parts = [(f, follow(m) if m is not None else None,
-                          _Explicit((follow(seen[0]), versions(seen[0], seen[1]))) if isinstance(seen, _Explicit)
-                          else (follow(seen[0]), versions(seen[0], seen[1]), *seen[2:])
-                          if type(seen) is tuple and seen and seen[0] else seen) for f, m, seen in record.parts]
-        out.state = (follow(state[0]), versions(state[0], state[1]))
-        return out
-    return (follow(record[0]), versions(record[0], record[1]), *record[2:])
-
-
-def _successors(state: tuple[list[Tensor], list[Any]], now: tuple[list[Tensor], list[int]]
-                ) -> dict[int, tuple[Tensor, Any]]:
-    """id of each gradient of ``state`` (what the optimizer stepped at an arming, with versions) no longer stepped
-    -> (the tensor now stepped over the very same bytes, the version it stands in with): the held gradient keeps
-    its bytes alive, so equal addresses are the same memory. Only where the held gradient was not written since
-    the arming (a dropped batch's ``zero_grad()`` in place writes it: the next batch's gradients, accumulated by
-    FSDP1 into the same bytes, are new). A view of the same buffer object at its recorded version is the held
-    gradient unwritten (its version); any other (a buffer re-aliased for a backward) was written since (-1)."""
-    if same_tensors(state[0], now[0]):
-        return {}  # (the usual case, in one C-level pass)
-    stepped = {id(g) for g in now[0]}
-    gone = {_bytes_key(h): (h, v) for h, v in zip(*state)
-            if id(h) not in stepped and isinstance(v, int) and getattr(h, "_local_tensor", h).numel()}
-    if not gone:
-        return {}
-    held = {id(h) for h in state[0]}
-    out: dict[int, tuple[Tensor, Any]] = {}
-    for g, v in zip(*now):
-        if id(g) in held:
-            continue
-        hit = gone.get(_bytes_key(g))
-        if hit is None or _version(hit[0]) != hit[1]:
-            continue
-        h = hit[0]
-        out[id(h)] = (g, v if _root(g) is _root(h) else -1)
-    return out
-
-
-def _stand_ins_only(measured: Sequence[Tensor], grads: Sequence[Tensor]) -> bool:
-    """Whether a call's pieces are only stand-ins for absent gradients: FSDP2 parameters whose ``.grad`` is None
-    are measured as empty DTensors (:func:`dist_clip.adapters.params.absent_dtensor_grads`), none of them a
-    gradient the optimizer steps. Such a call measured nothing: recorded as one measuring pieces the optimizer
-    does not step, it dropped the flag's ledger, and a later part's call after a backward into the flag's NaN
-    gradients (new ones beside them in a new reduce-scatter buffer) replaced the flag: the NaN step was taken
-    (one ``fully_shard`` unit, heads h0-h4, a batch through h1 and h2 with a NaN, [h0-h3] then the unused [h4]
-    clipped, an auxiliary loss through h2-h4, [h4] clipped again; 2 ranks). ``mode="unitwise"`` measures them as
-    fresh empty tensors, alike. An empty gradient the optimizer steps (a rank's empty shard of a small parameter)
-    or an empty view of a wrapper's buffer is measured, as the other ranks' non-empty ones are."""
-    if any(getattr(t, "_local_tensor", t).numel() for t in measured):
-        return False
-    from .adapters.params import _STAND_INS
-
-    made = {id(v) for _, _, _, kept in _STAND_INS.values() for v in (kept, kept._local_tensor)}
-    held = set(map(id, grads))
-    return all(id(t) in made or (not t._is_view() and id(t) not in held) for t in measured)
-
-
-def carried(armed: tuple[Tensor, tuple[Any, ...]], record: tuple[Any, ...], new: Tensor) -> None:
-    """A flag armed on ``armed`` combined into one armed on ``record``: the record starts its ledger with the
-    earlier flag held by its record (:func:`supersede`)."""
-    if isinstance(record, _Record):
-        record.parts = [(armed[0], None, armed[1]), (new, list(record[0]), None)]
-
-
-def armed_record(
-    now: tuple[list[Tensor], list[int]], measured: Sequence[Tensor] | None,
-    optimizer: torch.optim.Optimizer | None = None,
-) -> tuple[Any, ...]:
-    """What a skip armed on ``now`` (:func:`grad_state` after the arming call) holds on to: the optimizer's
-    gradients among ``measured`` (the call's pieces), with their versions; all of ``now`` where none of them is
-    one the optimizer steps (FSDP1's flat views) or nothing says what was measured (``skip_next_step_``). Where
-    none of them is, the measured pieces themselves are held too, weakly (:func:`_measured_record`). Part of
-    gradients sharing version counters (``optimizer`` given) also holds their parameters' backward counts."""
-    if measured is None:
-        return now
-    kept = _measured_among(now[0], measured)
-    if not kept:
-        return (*now, _measured_record(measured))
-    if optimizer is None:
-        return ((now[0], now[1]) if len(kept) == len(now[0])
-                else ([now[0][i] for i in kept], [now[1][i] for i in kept]))
-    if len(kept) == len(now[0]):
-        return _Record.uncounted(now)  # every gradient held: its versions tell the next batch (see untouched)
-    held = [now[0][i] for i in kept]
-    if not any(map(Tensor._is_view, held)) or not _shared_counters(now[0]):  # (in C)
-        # Gradients of their own: their versions tell a write; a record of the part, for its flag (see supersede)
-        return _Record.uncounted((held, [now[1][i] for i in kept]))
-    record = _Record((held, [now[1][i] for i in kept]))
-    params = _params_by_grad(optimizer)
-    cells: list[tuple[_Count, int] | None] = []
-    for g in held:
-        p = params.get(id(g))
-        # (not FSDP1's original parameters: autograd accumulates into their flat parameter, theirs never move)
-        if (p is not None and _autograd_leaf_param(p) and p.requires_grad
-                and not getattr(p, "_fsdp_flattened", False)):
-            cell = _write_cell(p)
-            cells.append((cell, cell[0]))
-        else:
-            cells.append(None)
-    record.cells = cells
-    return record
 
 
 def _measured_among(grads: Sequence[Tensor], measured: Sequence[Tensor]) -> list[int]:
@@ -1834,63 +1010,6 @@ def _shared_counters(grads: Sequence[Tensor]) -> bool:
     return len(set(roots)) < len(roots)
 
 
-def _measured_record(measured: Sequence[Tensor]) -> list[tuple[Any, int]] | None:
-    """Weak references to the measured gradients, with their versions, where the optimizer steps none of them
-    (copies of them: a DeepSpeed stage-0 bf16/fp16 wrapper's fp32 gradients, filled in its ``step()`` and
-    dropped after it, so that the optimizer held no gradient at either call; two empty records read as
-    untouched, the next batch's call combined its flag with a NaN batch's that the wrapper had skipped itself,
-    and the good step was skipped too). None where some piece is a view (FSDP1's flat views, whose bases may be
-    made anew for each call) or there is none: the optimizer's gradients decide alone, as before."""
-    pieces = [getattr(t, "_local_tensor", t) for t in measured]
-    if not pieces or any(t._is_view() for t in pieces):
-        return None
-    try:
-        return [(weakref.ref(t), _version(t)) for t in pieces]
-    except TypeError:  # (a tensor subclass without weak references)
-        return None
-
-
-def untouched(armed: tuple[Any, ...], now: tuple[list[Tensor], list[int]],
-              measured: Sequence[Tensor] | None = None) -> bool:
-    """Whether some gradient an armed skip holds (:func:`armed_record`) is still among ``now``'s
-    (:func:`grad_state`) with the same version: not every one of them replaced, dropped or written since (a
-    dropped batch's ``zero_grad()``, either way, touches them all). Gradients that appeared, or were written,
-    beside them do not count: another part's backward between the calls clipping each part, also one
-    accumulating into a trunk both parts share (requiring all of them untouched, it replaced the first part's
-    NaN skip). An empty record (nothing held then) is untouched only while there is still nothing. A record
-    that also holds the measured pieces (the optimizer steps none of them) is touched once every one of them is
-    freed or written since, whatever the optimizer's gradients say."""
-    seen = armed[2] if len(armed) > 2 else None
-    if seen is not None and not any((t := ref()) is not None and _version(t) == v for ref, v in seen):
-        return False
-    if not armed[0]:
-        return not now[0]
-    if same_tensors(armed[0], now[0]):
-        return any(map(operator.eq, armed[1], now[1]))
-    where = {id(t): v for t, v in zip(*now)}
-    if any(where.get(id(t)) == v for t, v in zip(armed[0], armed[1])):
-        return True
-    # Views of one gradient buffer share one version counter: a write beside the held gradients (another part's
-    # backward into the same buffer) bumps theirs too, so their versions cannot tell whether they were written.
-    # A call measuring every held gradient again (``measured``: the next batch clipped, or the same one clipped
-    # whole) replaces the flag; one measuring another part combines with it: replaced, a NaN skip armed on one
-    # part of a flat buffer was dropped by the clip of the next part, and the NaN step taken.
-    held = {id(t) for t in armed[0] if id(t) in where}
-    if not held:
-        return False
-    roots = {id(_root(t)) for t in armed[0] if id(t) in held}
-    if not any(id(_root(g)) in roots for g in now[0] if id(g) not in held):
-        return False
-    cells = getattr(armed, "cells", None)
-    if cells is not None and all(c is not None and c[0][0] != c[1] for t, c in zip(armed[0], cells) if id(t) in held):
-        # A backward accumulated into every held gradient since (their parameters' backward counts moved): the
-        # next batch's, after a dropped one (DDP's bucket views, a model clipped in two calls: the dropped NaN
-        # batch's skip combined with the next batch's first call, and its good step was skipped).
-        return False
-    again = {id(now[0][i]) for i in _measured_among(now[0], measured)} if measured is not None else set()
-    return not held <= again
-
-
 def same_tensors(held: list[Tensor], grads: list[Tensor]) -> bool:
     """Whether ``grads`` are the very gradient tensors ``held`` (none replaced, none added or gone)."""
     return len(held) == len(grads) and all(map(operator.is_, held, grads))
@@ -1922,7 +1041,6 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple
     complete_step_hooks(optimizer, optimizer.__dict__[_HOOKS], _pre_hook, _post_hook)
     clear_stale(optimizer)
     pending = optimizer.__dict__.get(_PENDING)
-    armed = optimizer.__dict__.get(_SKIP)
     grads = gradients(optimizer) if pending is not None else []
     closure = step_closure(args, kwargs)
     if pending is not None and pending[2] is not None:
@@ -1948,21 +1066,11 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple
                     "and recomputed), so they are no longer the ones measured and this step takes them unclipped. "
                     "Clip after the last backward before step()"
                 )
-            del optimizer.__dict__[_PENDING]  # measured on gradients that are gone: not this step's
-            # Its flag lasts where a gradient stepped now is not finite, as the ledger's does: a NaN travels into a
-            # replacement out of place (p.grad + g) and stays under a further backward accumulating into it, while
-            # the next batch's gradients (after zero_grad, either way) are finite (see carried_by_replacements;
-            # dropped with the coefficient, a NaN hand-over, an auxiliary loss and the step took the NaN step)
-            entry = _carried_at_step(pending, carry_only(optimizer, read_for_carry(optimizer, grads)))
-            if entry is not None:
-                armed = (entry[0] if armed is None
-                         else torch.maximum(armed[0], _reduce.moved(entry[0], armed[0].device)), None)
-            pending = None
-    # A coefficient already applied by settle() leaves only its skip flag, which lasts until this step whatever
-    # wrote the gradients since (a later clip of part of them: dropping it took a NaN step).
-    skip = armed[0] if armed is not None else None
+            del optimizer.__dict__[_PENDING]  # measured on gradients that are gone: not this step's (its flag is
+            pending = None  # the ledger's, see ledger_flag)
+    skip = ledger_flag(optimizer)
     if not supports_grad_scale(optimizer):
-        _no_longer_fused(optimizer, pending[1] if pending is not None else None, skip)
+        _no_longer_fused(optimizer, skip)
         return None
     if closure is not None:
         # The closure runs inside this step: dist_clip calls from it act on this step (in_closure), so the
@@ -1974,11 +1082,10 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple
     if pending is None and skip is None:
         _WAITING.discard(optimizer)
         return None
-    scale, found = (pending[0], pending[1]) if pending is not None else (None, skip)
+    scale = pending[0] if pending is not None else None
+    found = skip if skip is not None else torch.zeros_like(pending[1])
     if pending is not None and pending[2] is None:
         scale = None  # settled: the gradients hold the coefficient, the step keeps only the flag
-    if pending is not None and skip is not None:
-        found = torch.maximum(found, _reduce.moved(skip, found.device))
     saved = _attributes(optimizer)
     theirs_scale, theirs_found = saved
     if scale is not None and isinstance(theirs_scale, Tensor):
@@ -1996,92 +1103,6 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple
     return (args, kwargs) if closure is not None else None
 
 
-def pending_flag(optimizer: torch.optim.Optimizer) -> Tensor | None:
-    """The skip flag (``found_inf``) a hand-over pending on ``optimizer`` gives its next ``step()``, or None where
-    none would reach it: none pending, or one measured on gradients the step will not take (as :func:`_pre_hook`
-    decides: replaced or written since, the coefficient dropped, and its flag unless a gradient stepped now is not
-    finite). Read before that pre-hook runs."""
-    pending = optimizer.__dict__.get(_PENDING)
-    if pending is None:
-        return None
-    if pending[2] is not None:  # not settled: the step's own check decides
-        grads = gradients(optimizer)
-        verdict, _ = _verdict(pending[3], pending[4], grads, pending[5], optimizer)
-        if _dropped(verdict):  # (kept where the gradients hold a NaN, as the pre-hook keeps it)
-            entry = _carried_at_step(pending, carry_only(optimizer, read_for_carry(optimizer, grads)))
-            return entry[0] if entry is not None else None
-    return pending[1]
-
-
-def _carried_at_step(pending: tuple[Any, ...], grads: list[Tensor]) -> tuple[Tensor, list[Tensor], None] | None:
-    """A hand-over's flag at its step, the hand-over dropped (its gradients written or replaced since, with no
-    dist_clip call between): kept where a gradient stepped now is not finite (:func:`carried_by_replacements`, this
-    rank's read). Where the hand-over's total was combined over several ranks (``pending[6]``, see
-    :func:`hand_over_`), the step has no collective to agree by and each rank's pieces are its own: the flag is kept
-    as it is, on every rank alike (read by each rank alone, a NaN in rank 0's shard, the gradients replaced out of
-    place or an auxiliary loss accumulated into them, then ``step()``: rank 0 skipped and rank 1 stepped). A dropped
-    batch's next one stepped with no clip after a NaN hand-over is then skipped too, on every rank."""
-    flag = pending[1]
-    if pending[6] and _multi_rank() and not _unset_on_cpu(flag):
-        return flag, grads, None
-    return carried_by_replacements(flag, grads)
-
-
-def _keep_flag(optimizer: torch.optim.Optimizer, found: Tensor, held: list[Tensor], grads: list[Tensor]) -> None:
-    """A hand-over's coefficient dropped because its gradients were written since (:func:`_verdict`): its skip flag
-    joins the skip flag's ledger (:func:`supersede`), held by the measured gradients still stepped, so that it
-    lasts until they are all measured again or gone. A write after the clip is a dropped batch's ``zero_grad()``
-    and the next backward, or an auxiliary loss accumulating into a NaN gradient, which stays NaN: dropped with
-    the coefficient, a NaN hand-over's flag was lost there and the NaN step taken (a part of the model whose
-    gradients were every one present handed over, an auxiliary loss, another part clipped again). Kept where a
-    dist_clip call reads them or arms a skip after the write; the step itself, with no such call since, drops
-    the coefficient and warns, and keeps the flag where a gradient it steps is not finite (the next batch of a
-    dropped one, stepped unclipped, is finite: kept whatever they held, its good step was skipped)."""
-    where = set(map(id, grads))
-    members = [t for t in held if id(t) in where]
-    if members:
-        _join_ledger(optimizer, (found, members, None))
-
-
-def _join_ledger(optimizer: torch.optim.Optimizer, entry: tuple[Tensor, list[Tensor], None]) -> None:
-    """``entry`` (a flag held by its gradients) joins ``optimizer``'s skip flag and its ledger, or starts both."""
-    if _multi_rank():
-        _ARMED.add(optimizer)  # (see _outlasting)
-    armed = optimizer.__dict__.get(_SKIP)
-    if armed is None:
-        optimizer.__dict__[_SKIP] = (entry[0], _Record.uncounted((entry[1], version_list(entry[1])), [entry]))
-        return
-    parts = getattr(armed[1], "parts", None)
-    if parts is not None:
-        armed[1].parts = [*parts, entry]
-    optimizer.__dict__[_SKIP] = (torch.maximum(armed[0], entry[0].to(armed[0].device)), armed[1])
-
-
-def _keep_replaced(optimizer: torch.optim.Optimizer, found: Tensor, rest: list[Tensor],
-                   stepped: list[Tensor] | None = None) -> None:
-    """A hand-over's skip flag whose measured gradients were every one replaced (:func:`_verdict`'s "stale"): it
-    joins the flag's ledger, held by ``rest`` (the gradients stepped now that the call at hand does not measure)
-    where one of them is not finite (:func:`carried_by_replacements`). ``stepped``: every gradient stepped now,
-    which hold it instead where the call at hand arms no skip for this optimizer (``get_total_norm``, a clip
-    without a fused ``optimizer=``, a call arming another optimizer's, ``clip_grads_with_norm_``): no flag of its
-    own stands for the gradients it measures (held by the others alone, a NaN hand-over whose gradients were
-    replaced out of place, then read whole or where the NaN lay, ``get_total_norm`` of h0 or of the model for a
-    log, lost its flag on every rank and the NaN step was taken)."""
-    agreement = _DEFERRED.get()
-    arms = agreement is not None and id(optimizer) in agreement.ids
-    held = stepped if stepped is not None and not arms else rest
-    if agreement is not None:
-        # (settled within a call: kept or dropped by the ranks' verdict, see Agreement; another optimizer's
-        # hand-over than the one the call arms adds this rank's read of its gradients to the verdict)
-        if not arms:
-            agreement.fold(found, held)
-        agreement.deferred.append((optimizer, found, held))
-        return
-    entry = carried_by_replacements(found, held)
-    if entry is not None:
-        _join_ledger(optimizer, entry)
-
-
 def _dropped(verdict: str) -> bool:
     """Whether :func:`_pre_hook` drops a hand-over, its coefficient and flag, on this :func:`_verdict`: measured
     on gradients that are gone (written since, or none of them stepped)."""
@@ -2093,7 +1114,8 @@ def _no_longer_fused(optimizer: torch.optim.Optimizer, *flags: Tensor | None) ->
     ``state_dict``): its step reads no ``found_inf`` (torch's step asserted on the one set here, and the step
     was lost). The coefficient is in the gradients (:func:`_pre_hook`); a skip flag is read on the host (a sync,
     on this path only) and, where set, refused: the step cannot be made a no-op from here."""
-    for key in (_PENDING, _SKIP, _SAVED):
+    clear_ledger(optimizer)
+    for key in (_PENDING, _SAVED):
         optimizer.__dict__.pop(key, None)
     _WAITING.discard(optimizer)
     if any(f is not None and bool(f.any()) for f in flags):
@@ -2110,9 +1132,7 @@ def _post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None
     complete_step_hooks(optimizer, optimizer.__dict__[_HOOKS], _pre_hook, _post_hook)
     _WAITING.discard(optimizer)
     pending = optimizer.__dict__.pop(_PENDING, None)
-    optimizer.__dict__.pop(_SKIP, None)
-    _forget_beside(optimizer)
-    optimizer.__dict__.pop(_CALM, None)
+    clear_ledger(optimizer)
     stashed = optimizer.__dict__.pop(_SAVED, None)
     if stashed is None:
         return
@@ -2182,57 +1202,8 @@ def hand_over_(
     scale = torch.reciprocal(coef.to(torch.float32))  # the kernels divide: 1/1 == 1 keeps an unclipped step exact
     found = torch.logical_not(torch.isfinite(total)).to(torch.float32)
     grads = grads if grads is not None else gradients(optimizer)
-    armed = optimizer.__dict__.get(_SKIP)
-    parts = getattr(armed[1], "parts", None) if armed is not None else None
-    if parts is not None:
-        # The hand-over measures every gradient the optimizer steps, as they are now: of the flag's ledger (see
-        # supersede) only flags armed without measured gradients (skip_next_step_) may outlast it, while their
-        # records are untouched.
-        now = (grads, version_list(grads))
-        left = [(f, None, seen) for f, members, seen in parts
-                if members is None and seen is not None and _sticky(seen, now, grads)]
-        # (and an entry kept by the ranks' verdict with no gradient left: decided by this call's verdict again, as
-        # in supersede; dropped here, a rank holding none of the NaN part stepped where the others skipped)
-        gone = [f for f, members, seen in parts if (members is None and not (seen is not None and _sticky(
-            seen, now, grads)) and _decided_by_verdict(seen)) or (members is not None and not members)]
-        # (and an entry held by gradients the optimizer does not step: the other ranks' partitions of a ZeRO or OSS
-        # wrapper over DDP, see grad_state, which the hand-over does not measure: kept while one is held, and once
-        # every one is replaced decided as in supersede. Dropped here, the rank whose partition held none of a NaN
-        # part stepped its hand-over where the others skipped: [enc, h1], NaN in enc, [h0], out of place, [h0])
-        wider = read_for_carry(optimizer, grads)
-        if len(wider) > len(grads):
-            stepped, held = set(map(id, grads)), set(map(id, wider))
-            for f, members, _seen in parts:
-                other = [t for t in members or () if id(t) not in stepped]
-                if not other:
-                    continue
-                rest = [t for t in other if id(t) in held]
-                if rest:
-                    left.append((f, rest, None))
-                else:
-                    gone.append(f)
-        if _COMBINING.get():
-            # (and the entries whose gradients it measures again or that are gone, where its verdict was combined
-            # over several ranks: see _measured_again and supersede. Dropped here, a part on rank 0 alone, NaN
-            # there, [a, b] armed by a skip, then [b] handed over, or every gradient replaced out of place first:
-            # rank 1 stepped, rank 0 skipped)
-            stepped, wide = set(map(id, grads)), set(map(id, wider))
-            gone += [f for f, members, _seen in parts
-                     if members and all(id(t) in stepped or id(t) not in wide for t in members)]
-        entry = carried_by_replacements(functools.reduce(torch.maximum, gone), []) if gone else None
-        if entry is not None:
-            left.append(entry)  # type: ignore[arg-type]
-        if left:
-            armed[1].parts = left
-            optimizer.__dict__[_SKIP] = (functools.reduce(torch.maximum, [f for f, _, _ in left]), armed[1])
-        else:
-            del optimizer.__dict__[_SKIP]
-    elif armed is not None and not untouched(armed[1], (grads, version_list(grads)), grads):
-        # A skip armed on gradients replaced or rewritten since (a dropped batch's NaN, clipped in place): not this
-        # step's, as a hand-over's own flag is replaced by the next hand-over (it skipped the next good step).
-        del optimizer.__dict__[_SKIP]
     _stash(optimizer, scale, found, coef, grads, shared)
-    _forget_beside(optimizer)  # (it measures every gradient stepped)
+    ledger_arm(optimizer, found, grads)
     _WAITING.add(optimizer)
 
 
@@ -2266,39 +1237,38 @@ def _in_gradients(pending: tuple[Any, ...]) -> bool:
     return pending[2] is None or pending[2] is _APPLIED
 
 
-def hand_over_applied_(optimizer: torch.optim.Optimizer, total: Tensor, started: tuple[list[Tensor], list[int]],
-                       measured: Sequence[Tensor], shared: bool = False, stepped: list[Tensor] | None = None,
+def hand_over_applied_(optimizer: torch.optim.Optimizer, total: Tensor, measured: Sequence[Tensor],
+                       shared: bool = False, stepped: list[Tensor] | None = None,
                        deferred: tuple[Tensor, Tensor] | None = None) -> None:
     """A call's skip flag (``total`` not finite) for an optimizer that steps the call's pieces ``measured`` and
     other gradients beside them (:func:`steps_beside`): kept as a hand-over's is (held by the measured gradients),
     not as an armed skip, which lasts until the step whatever wrote them since. Under DDP the rank whose optimizer
     also steps a parameter of its own scaled here and armed the skip, while the others handed over: a NaN batch
-    dropped and recomputed, then ``clip_grads_with_norm_``, ``get_total_norm`` or straight to ``step()``, the
-    others dropped the hand-over by their read of the new gradients and stepped, that rank kept its skip, and the
-    replicas parted (rank 0 skipped, rank 1 stepped). The ledger's earlier flags are superseded as by an arming of
-    a finite total. ``deferred``: the coefficient's float32 reciprocal and the coefficient, not applied yet
-    (:func:`defers_beside`): the step divides the measured gradients by it in place (:func:`_verdict`'s "kept",
-    the others stepped beside them), a call reading them first settles it, and gradients written or every one
-    replaced since drop it, as on the ranks handing over (applied in the call, gradients every one replaced out of
-    place, ``p.grad = p.grad + 0``, carried the clip into the step on this rank alone and DDP's replicas parted:
-    6.9e-7 after one AdamW step). None: applied in place by the caller (a coefficient of 1 left).
-    ``stepped``: the optimizer's :func:`gradients`, where the caller has them."""
-    arm_skip_(optimizer, torch.zeros((), dtype=torch.bool, device=total.device), started, measured=measured)
+    dropped and recomputed, then ``clip_grads_with_norm_``, ``get_total_norm`` or straight to ``step()``, the others
+    dropped the hand-over by their read of the new gradients and stepped, that rank kept its skip, and the replicas
+    parted (rank 0 skipped, rank 1 stepped). Its flag joins the ledger as any arming's. ``deferred``: the
+    coefficient's float32 reciprocal and the coefficient, not applied yet (:func:`defers_beside`): the step divides
+    the measured gradients by it in place (:func:`_verdict`'s "kept", the others stepped beside them), a call
+    reading them first settles it, and gradients written or every one replaced since drop it, as on the ranks
+    handing over (applied in the call, gradients every one replaced out of place, ``p.grad = p.grad + 0``, carried
+    the clip into the step on this rank alone and DDP's replicas parted: 6.9e-7 after one AdamW step). None: applied
+    in place by the caller (a coefficient of 1 left). ``stepped``: the optimizer's :func:`gradients`, where the
+    caller has them."""
+    _install_hooks(optimizer)
+    clear_stale(optimizer)
+    _drop_unsettled(optimizer)
+    found = torch.logical_not(torch.isfinite(total)).to(torch.float32)
+    ledger_arm(optimizer, found, measured)
     pending = optimizer.__dict__.get(_PENDING)
     ids = set(map(id, measured))
     stepped = stepped if stepped is not None else gradients(optimizer)
     if pending is not None and not all(id(t) in ids for t in pending[3]):
         if deferred is None:
-            # (a hand-over waiting on gradients this call does not measure: its flag joins this one's as armed)
-            arm_skip_(optimizer, torch.logical_not(torch.isfinite(total)), started, measured=measured)
-            return
-        # (its coefficient in its gradients already, held by them still, see arm_skip_: its flag joins the ledger,
-        # see _in_gradients)
+            return  # (a hand-over waiting on gradients this call does not measure: its coefficient waits)
+        # (its coefficient in its gradients already, see _in_gradients: its flag is the ledger's)
         assert _in_gradients(pending), "defers_beside saw no such hand-over"
         del optimizer.__dict__[_PENDING]
-        _keep_flag(optimizer, pending[1], pending[3], stepped)
     grads = [g for g in stepped if id(g) in ids]
-    found = torch.logical_not(torch.isfinite(total)).to(torch.float32)
     # (the parameters stepped beside the measured ones, whose gradients a later call reads without the hand-over:
     # see _measured_side)
     beside = [p for group in optimizer.param_groups for p in group["params"]
@@ -2307,98 +1277,7 @@ def hand_over_applied_(optimizer: torch.optim.Optimizer, total: Tensor, started:
         _stash(optimizer, deferred[0], found, deferred[1], grads, shared, beside)
     else:  # (the coefficient is in the gradients: 1 on the CPU, which scale_ reads for free and skips)
         _stash(optimizer, torch.ones_like(found), found, _APPLIED, grads, shared, beside)
-    note_beside(optimizer, measured, stepped, found)
     _WAITING.add(optimizer)
-
-
-def note_beside(optimizer: torch.optim.Optimizer, measured: Sequence[Tensor] | None,
-                grads: list[Tensor] | None = None, new: Tensor | None = None) -> None:
-    """After a call armed ``optimizer``'s skip (its flag, a hand-over's, the skip guard's) on its pieces
-    ``measured``, among several ranks: record the parameters it steps whose gradients no flag waiting for its
-    step was armed on (:data:`_BESIDE`), which :func:`carry_only` leaves out of the read that keeps a flag whose
-    gradients were replaced (:func:`carried_by_replacements`). A NaN can travel only into the replacement of a
-    gradient the flag was measured on (``p.grad + g``), never into another parameter's; and among several ranks
-    that read must be the same on every rank where the call has no collective to agree by. Under DDP with a
-    parameter of rank 0's own beside DDP's in its optimizer (never clipped), a NaN batch clipped (handed over, or
-    armed by ``GradClipper(on_nonfinite="skip")``), dropped and recomputed with a NaN in that parameter's gradient
-    alone, then ``clip_grads_with_norm_``, ``get_total_norm``, a clip again or straight to ``step()``: rank 0 read
-    its own NaN, kept the dropped batch's flag and skipped, rank 1 stepped, and DDP's replicas parted. The set is
-    left out (nothing excluded: every gradient stepped is read, as before) where a flag was armed without saying
-    what it measured, holds a gradient no longer held, or this is a ZeRO or OSS wrapper's inner optimizer; each
-    arming computes it anew, and the step clears it. :data:`_UNSET`, read by :meth:`Agreement._may_differ` alone,
-    passes over the flags read on the CPU (for free) as not set, as :func:`_elsewhere_entry` reads rank 1's entry
-    for the same call: counted, rank 0's own part handed over over the world (finite) beside DDP's whole armed in
-    the same step, the batch dropped to ``None``, recomputed and DDP's whole clipped again, forced rank 0 alone to
-    keep: rank 0 skipped, rank 1 stepped. (Not for the reads: there the ranks' ledgers differ where rank 0 scales in
-    the call and the others hand over, and rank 1 alone left DDP's first layer out: ddp seed 1378 parted; but see
-    below for an arming that combined.)
-    Where the arming combined over several ranks (its flag the same on every rank), :data:`_UNSET` takes the
-    gradients it measured too (its flag, on the CPU not set, holds nothing), and a call measuring nothing on this
-    rank (a part held on another rank alone) computes it as well: counted, a NaN hand-over of DDP's whole (or
-    [l0]), rank 0's own part clipped over the world (finite: measured there, on rank 1 nothing), the batch dropped
-    to ``None``, recomputed and DDP's whole (or [l0]) handed over again forced one rank alone to keep (rank 0 by its
-    own gradient; rank 1, holding no ``_UNSET``, by DDP's second layer). Not for an arming combining over no other
-    rank: rank 1's, measuring every gradient it steps, computes none, while rank 0's, beside its own parameter,
-    would have taken DDP's (ddp seeds 1649, 1659 parted).
-    Where the arming combined, :data:`_BESIDE` is that set too (the reads pass over what no flag that may be set
-    holds): the own part's arming, finite, counted rank 0's own gradient as held by its flag, so that the reads of
-    the dropped NaN batch's flag (at the next call on DDP's gradients, ``group=None``, or at the step) read it: a NaN
-    in it alone in the next batch kept that flag on rank 0 alone (rank 0 skipped, rank 1 stepped; 38 of 608 flows
-    of a NaN batch, its call, the own part's, a drop and the next batch). The flags an arming combining over no
-    other rank leaves on the CPU not set differ among ranks there (above), so its reads still take them as held.
-    A flag armed by a call combining over several ranks that reads on the CPU as not set (:data:`_CALM`, noted here
-    from ``new``; a hand-over's applied in place alike) is that on every rank and holds no gradient in
-    :data:`_BESIDE` either: counted, rank 0's own part's finite entry held its own gradient while rank 1's entry
-    for it (measured nothing there) left nothing out, so a NaN [l0] flag whose gradients were replaced out of place
-    was kept by [l1] and rank 0's own gradient there, by [l1] on rank 1; the batch dropped to ``None``, recomputed
-    and DDP's whole clipped, rank 1 dropped it and rank 0 kept it by its own gradient: rank 0 skipped, rank 1
-    stepped (ddp seed 1414).
-    ``grads``: the optimizer's :func:`gradients`, where the caller has them; ``new``: the flag the call armed."""
-    _forget_beside(optimizer)
-    if measured is None or optimizer.__dict__.get(_OUTER) is not None or not _multi_rank():
-        return
-    if new is not None and _COMBINING.get() and _unset_on_cpu(new):
-        optimizer.__dict__.setdefault(_CALM, []).append(new)
-    grads = grads if grads is not None else gradients(optimizer)
-    # (by identity, not by counting: a call may measure pieces a second optimizer steps, 6 pieces beside rank 0's 5
-    # gradients, whose own parameter then went unrecorded: rank 0 skipped, rank 1 stepped)
-    pieces = set(map(id, measured))
-    if len(grads) <= len(pieces) and all(map(pieces.__contains__, map(id, grads))):
-        return  # (the usual case: the call measured every gradient the optimizer steps)
-    rest = {id(g) for g in _unmeasured(grads, measured)}
-    if not rest:
-        return
-    held: set[int] | None = set()
-    entries = _ledger_entries(optimizer)
-    pending = optimizer.__dict__.get(_PENDING)
-    if pending is not None:
-        entries.append((pending[1], pending[3], None))
-    where = set(map(id, grads))
-    held_set: set[int] | None = set()  # (by the flags that may be set: see _UNSET)
-    calm = optimizer.__dict__.get(_CALM, ())
-    for flag, members, _seen in entries:
-        unset = isinstance(flag, Tensor) and _unset_on_cpu(flag)
-        if unset and any(flag is c for c in calm):
-            continue  # (armed by a call combining over several ranks: not set on any rank, it holds nothing)
-        if members is None or any(id(t) not in where for t in members):
-            # (a flag armed on no gradient said, or on one replaced since: every gradient may hold it)
-            held = None
-            if not unset:
-                held_set = None
-        if held is not None:
-            held.update(map(id, members))
-        if held_set is not None and not unset:
-            held_set.update(map(id, members))
-    among = rest
-    if _COMBINING.get():
-        among, held = where, held_set  # (the reads too: see the docstring)
-    for key, ids in ((_BESIDE, held), (_UNSET, held_set)):
-        if ids is None:
-            continue
-        beside = [p for group in optimizer.param_groups for p in group["params"]
-                  if p.grad is not None and id(getattr(p.grad, "_local_tensor", p.grad)) in among - ids]
-        if beside:
-            optimizer.__dict__[key] = beside
 
 
 def _measured_side(pending: tuple[Any, ...] | None, grads: list[Tensor]) -> list[Tensor]:
@@ -2412,23 +1291,6 @@ def _measured_side(pending: tuple[Any, ...] | None, grads: list[Tensor]) -> list
     coefficient was left to the step (``deferred``), DDP's gradients every one replaced out of place carried the
     clip into rank 0's step alone while the others' stepped unclipped (the replicas parted)."""
     beside = pending[7] if pending is not None and pending[2] is not None else None
-    if not beside:
-        return grads
-    out = {id(getattr(p.grad, "_local_tensor", p.grad)) for p in beside if p.grad is not None}
-    return [g for g in grads if id(g) not in out]
-
-
-def _forget_beside(optimizer: torch.optim.Optimizer) -> None:
-    """Drop what :func:`note_beside` recorded (both sets): at each arming, a hand-over and the step."""
-    optimizer.__dict__.pop(_BESIDE, None)
-    optimizer.__dict__.pop(_UNSET, None)
-
-
-def carry_only(optimizer: Any, grads: list[Tensor], key: str = _BESIDE) -> list[Tensor]:
-    """``grads`` (gradients ``optimizer`` steps now) without those of the parameters no waiting flag of its was
-    armed on (:func:`note_beside`): the ones a replaced flag's NaN may have travelled into. ``key``: :data:`_UNSET`
-    for those no waiting flag that may be set was armed on."""
-    beside = optimizer.__dict__.get(key) if optimizer is not None else None
     if not beside:
         return grads
     out = {id(getattr(p.grad, "_local_tensor", p.grad)) for p in beside if p.grad is not None}
@@ -2456,3 +1318,181 @@ def _stash(
                 cell = _write_cell(p)
                 versions[i] = (cell, cell[0])
     optimizer.__dict__[_PENDING] = (scale, found, coef, grads, versions, raw, shared, beside)
+
+
+# --------------------------------------------------------------------------------------------- the agreed ledger
+# Each optimizer's skip flags until its step, decided from values every rank has alike. An entry is a flag with the
+# parameters of this optimizer whose gradients its arming measured here, those gradients and their versions, and its
+# kind: "local" (armed by a call combining over no other rank: ``group=None`` pieces are replicas, by their
+# contract, so its parameters, their gradients, their writes and reads are the same on every rank), "agreed" (armed
+# by a call whose total was combined over several ranks: its flag is the same on every rank, its parameters are
+# not), "explicit" (``skip_next_step_``: the caller's flag, held while a gradient held then still is), "sticky"
+# (armed on pieces none of which is a gradient the optimizer steps: a slice, a wrapper's copies; until the step). A
+# local entry is decided by this rank's read (:func:`_kept`) at every call arming its optimizer and at the step;
+# agreed and explicit entries only by a call combining over several ranks: each rank's read of them travels in its
+# all-reduce as one value (MAX), and every rank replaces them by one agreed entry of that verdict (held here by the
+# parameters its read kept). The step reads them as they are. In one process every entry is decided by the read.
+_LEDGER = "_dist_clip_ledger"
+#: the call arming under Agreement.armed (its verdict decides the agreed entries)
+_ARMING: contextvars.ContextVar[Any] = contextvars.ContextVar("dist_clip_arming", default=None)
+#: optimizers whose ledger holds an agreed or explicit entry (decided by every combining call: see Agreement)
+_LEDGERED = _ByIdentity()
+
+
+class _Entry:
+    __slots__ = ("flag", "params", "grads", "versions", "kind")
+
+    def __init__(self, flag: Tensor, params: list[Tensor], grads: list[Tensor], kind: str,
+                 versions: list[int] | None = None) -> None:
+        self.flag, self.params, self.grads, self.kind = flag, params, grads, kind
+        self.versions = versions if versions is not None else [_version(g) for g in grads]
+
+
+def _ledger_params(optimizer: Any) -> list[Tensor]:
+    """The parameters holding ``optimizer``'s ledger entries, with a gradient now: its own, and where it is a ZeRO
+    or OSS wrapper's inner optimizer every rank's partition the wrapper holds (over DDP every rank holds every
+    gradient: read over its own partition alone, a NaN in one rank's partition, every gradient replaced out of
+    place and a part clipped again, kept the flag on that rank alone)."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    ref = optimizer.__dict__.get(_OUTER)
+    outer = ref() if ref is not None else None
+    if outer is not None:
+        ids = set(map(id, params))
+        params += [p for group in outer.param_groups for p in group["params"]
+                   if p.grad is not None and id(p) not in ids]
+    return params
+
+
+def _grads_by_param(optimizer: Any) -> dict[int, Tensor]:
+    return {id(p): getattr(p.grad, "_local_tensor", p.grad) for p in _ledger_params(optimizer)}
+
+
+def _measured_params(optimizer: Any, measured: Sequence[Tensor] | None) -> list[Tensor]:
+    """The parameters of ``optimizer``'s ledger whose gradients a call's pieces ``measured`` hold."""
+    if not measured:
+        return []
+    params = _ledger_params(optimizer)
+    grads = [getattr(p.grad, "_local_tensor", p.grad) for p in params]
+    return [params[i] for i in _measured_among(grads, measured)]
+
+
+def _kept(entry: _Entry, again: set[int], now: dict[int, Tensor]) -> _Entry | None:
+    """``entry`` as this rank reads it where a call arming its optimizer measures the parameters ``again``: those
+    leave it (the call's own flag reads them now); held by one of the very gradients it was measured on, unwritten,
+    it lasts as it is; written since (an auxiliary loss into a NaN gradient leaves it NaN, a dropped batch's
+    ``zero_grad()`` in place and the next backward make it finite), replaced (out of place it carries the NaN, the
+    next batch's does not) or gone, it lasts where one of its parameters' gradients is not finite now. An explicit
+    entry lasts while one of the gradients held at its arming is still held (or none was held)."""
+    if entry.kind == "sticky":
+        return entry
+    if entry.kind == "explicit":
+        if not entry.grads or any(now.get(id(p)) is g for p, g in zip(entry.params, entry.grads)):
+            return entry
+        return None
+    if not entry.params:
+        return None  # (an agreed entry held here by nothing: the ranks holding its parameters decide it)
+    pairs = [(p, g, v) for p, g, v in zip(entry.params, entry.grads, entry.versions) if id(p) not in again]
+    if not pairs:
+        return None
+    if any(now.get(id(p)) is g and _version(g) == v for p, g, v in pairs):
+        if len(pairs) == len(entry.params):
+            return entry
+        return _Entry(entry.flag, [p for p, _, _ in pairs], [g for _, g, _ in pairs], entry.kind,
+                      [v for _, _, v in pairs])
+    fresh = [(p, now[id(p)]) for p, _, _ in pairs if id(p) in now]
+    if not fresh or _unset_on_cpu(entry.flag):
+        return None
+    bad = _nonfinite([g for _, g in fresh], entry.flag.device)
+    return _Entry(entry.flag * bad.to(entry.flag.dtype), [p for p, _ in fresh], [g for _, g in fresh], entry.kind)
+
+
+def _agreed_kind(entry: _Entry) -> bool:
+    """Whether only a combining call's verdict decides ``entry`` (among several ranks)."""
+    return entry.kind in ("agreed", "explicit")
+
+
+def agreed_read(arming: Sequence[Any], measured: Callable[[], Sequence[Tensor]]) -> tuple[Tensor, dict[int, Any]]:
+    """This rank's value in a call's all-reduce (float64 0-dim): the largest flag of the agreed and explicit
+    entries of every optimizer holding one that outlast the call here (:func:`_kept`: the parameters of the
+    optimizers it arms, ``arming``, that it measures leave them), and per optimizer what is kept."""
+    out = torch.zeros((), dtype=torch.float64)
+    survivors: dict[int, Any] = {}
+    if not _LEDGERED:
+        return out, survivors
+    ids = {id(o) for o in arming}
+    for optimizer in _LEDGERED:
+        ledger = optimizer.__dict__.get(_LEDGER) or []
+        now = _grads_by_param(optimizer)
+        again = set(map(id, _measured_params(optimizer, measured()))) if id(optimizer) in ids else set()
+        kept = [k for e in ledger if _agreed_kind(e) and (k := _kept(e, again, now)) is not None]
+        survivors[id(optimizer)] = (optimizer, kept)
+        for k in kept:
+            out = torch.maximum(_reduce.moved(out, k.flag.device), k.flag.to(torch.float64))
+    return out, survivors
+
+
+def decide_agreed(survivors: dict[int, Any], verdict: Tensor) -> None:
+    """A combining call's verdict replaces every agreed and explicit entry, on every rank alike."""
+    for optimizer, kept in survivors.values():
+        ledger = optimizer.__dict__.get(_LEDGER)
+        if ledger is None:
+            continue
+        flag = verdict.reshape(()).to(torch.float32)
+        params = [p for k in kept for p in k.params]
+        grads = [g for k in kept for g in k.grads]
+        versions = [v for k in kept for v in k.versions]
+        optimizer.__dict__[_LEDGER] = [*(e for e in ledger if not _agreed_kind(e)),
+                                       _Entry(flag, params, grads, "agreed", versions)]
+
+
+def ledger_arm(optimizer: Any, flag: Tensor, measured: Sequence[Tensor] | None, explicit: bool = False) -> None:
+    """A call arming ``flag`` on its pieces ``measured`` (``explicit``: ``skip_next_step_``, which replaces every
+    entry)."""
+    flag = flag.reshape(()).to(torch.float32)
+    now = _grads_by_param(optimizer)
+    several = _multi_rank()
+    if explicit:
+        params = [p for p in _ledger_params(optimizer) if id(p) in now]
+        optimizer.__dict__[_LEDGER] = [_Entry(flag, params, [now[id(p)] for p in params], "explicit")]
+        if several:
+            _LEDGERED.add(optimizer)
+        return
+    agreement = _ARMING.get()
+    combining = several and agreement is not None and agreement.shared
+    params = _measured_params(optimizer, measured if measured is not None else list(now.values()))
+    again = set(map(id, params))
+    # (pieces measured here none of which is a gradient the optimizer steps, a slice ``w.grad[e]`` or a wrapper's
+    # copies: their flag lasts until the step)
+    sticky = not params and any(getattr(t, "_local_tensor", t).numel() for t in measured or ())
+    out = []
+    for e in optimizer.__dict__.get(_LEDGER, []):
+        if several and _agreed_kind(e):
+            out.append(e)  # (decided by a combining call's verdict alone: see Agreement.agree)
+        elif (k := _kept(e, again, now)) is not None:
+            out.append(k)
+    out.append(_Entry(flag, params, [now[id(p)] for p in params],
+                      "sticky" if sticky else "agreed" if combining else "local"))
+    optimizer.__dict__[_LEDGER] = out
+    if combining:
+        _LEDGERED.add(optimizer)
+
+
+def ledger_flag(optimizer: Any) -> Tensor | None:
+    """The flag the next step reads: agreed entries as they are (among several ranks), explicit and sticky ones
+    too (decided by arming calls only), local ones by this rank's read."""
+    ledger = optimizer.__dict__.get(_LEDGER)
+    if not ledger:
+        return None
+    now = _grads_by_param(optimizer)
+    several = _multi_rank()
+    flags = [e.flag if (several and _agreed_kind(e)) or e.kind in ("sticky", "explicit")
+             else (k.flag if (k := _kept(e, set(), now)) is not None else None) for e in ledger]
+    flags = [f for f in flags if f is not None]
+    if not flags:
+        return None
+    return functools.reduce(lambda a, b: torch.maximum(a, b.to(a.device)), flags)
+
+
+def clear_ledger(optimizer: Any) -> None:
+    optimizer.__dict__.pop(_LEDGER, None)
+    _LEDGERED.discard(optimizer)

@@ -651,7 +651,6 @@ def clip_grad_norm_(
     # (before scaling: a skip armed by an earlier call on these very gradients, a clip of another part of the
     # model, is combined with, not replaced by, this call's flag; see _fused.arm_skip_)
     agreement.apply()  # (a settled hand-over's flag kept by the verdict, before this call hands over or arms)
-    started = _fused.grad_state(optimizer) if skips and not handed and not running else None  # type: ignore[arg-type]
     deferred = None
     if fold is not None and not wide_product:
         fold(coef, everything)
@@ -682,11 +681,11 @@ def clip_grad_norm_(
             # Armed for a finite total too: its False replaces a stale flag of gradients since replaced (a
             # dropped batch's NaN skipped the next good step where the ranks handing over stepped it).
             if beside and fold is None and not wide_product:
-                _fused.hand_over_applied_(optimizer, wide, started, everything,  # type: ignore[arg-type]
+                _fused.hand_over_applied_(optimizer, wide, everything,  # type: ignore[arg-type]
                                           agreement.shared, stepped, deferred)
             else:
                 _fused.arm_skip_(optimizer, torch.logical_not(torch.isfinite(wide)),  # type: ignore[arg-type]
-                                 started, measured=everything)
+                                 measured=everything)
     if skips and fold is None and "deepspeed" in sys.modules:
         # A stage-0 engine stepping this fused optimizer itself: a skipped step is counted as DeepSpeed counts an
         # overflow (it was counted as taken, and the LR scheduler stepped on it)

@@ -209,7 +209,6 @@ class _SkipGuard:
         # that raises drops only this one (ORed together, the flag armed before a failed step was lost with it).
         self.running: Tensor | None = None
         self.replaced = False  # ``running`` replaces ``flag`` (skip_next_step_ inside the step), not ORed in
-        self.armed_on: tuple[Any, ...] | None = None  # _fused.armed_record of the flag
         self.saved: tuple[list[Tensor], list[Tensor], dict[int, dict[str, Any]], list[Tensor],
                           list[tuple[dict[str, Any], dict[str, Any]]]] | None = None
         # The post-hook before the user's own (as _fused's): one keeping an average of the parameters (EMA) read
@@ -223,15 +222,14 @@ class _SkipGuard:
         self,
         optimizer: torch.optim.Optimizer,
         flag: Tensor,
-        started: tuple[list[Tensor], list[int]] | None = None,
         combine: bool = True,
         measured: Sequence[Tensor] | None = None,
     ) -> None:
-        """``started``: the optimizer's :func:`_fused.grad_state` when the arming call began, ``measured`` the
-        pieces it measured (see :func:`_fused.arm_skip_` for how a second arming combines with the first;
+        """``measured``: the pieces the arming call measured (see :func:`_fused.ledger_arm` for how a second arming
+        combines with the first;
         ``combine=False`` replaces)."""
         if _fused.supports_grad_scale(optimizer):
-            _fused.arm_skip_(optimizer, flag, started, combine, measured)
+            _fused.arm_skip_(optimizer, flag, combine, measured)
             self.flag = None
             return
         if _fused.in_step(optimizer):
@@ -249,12 +247,8 @@ class _SkipGuard:
                 self._snapshot(optimizer, force=True)
             return
         self.running, self.replaced = None, False  # left by a step that raised: that step's
-        armed = (self.flag, self.armed_on) if combine and self.flag is not None and self.armed_on is not None else None
-        # (per part, two calls on the same gradients: either skips; see _fused.rearm)
-        now = _fused.grad_state(optimizer)
-        self.flag, self.armed_on = _fused.rearm(armed, flag, now, started, measured, optimizer,
-                                                lambda a, b: a | b.to(a.device))
-        _fused.note_beside(optimizer, measured, now[0], flag)
+        _fused.ledger_arm(optimizer, flag, measured, explicit=not combine)
+        self.flag = flag  # (read again from the ledger at the step: see _pre)
 
     @staticmethod
     def _on_host(flag: Tensor) -> bool:
@@ -277,6 +271,9 @@ class _SkipGuard:
         # that step's snapshot (a restore would put back its values).
         self.running = self.saved = None
         self.replaced = False
+        if not _fused.supports_grad_scale(optimizer):
+            read = _fused.ledger_flag(optimizer)
+            self.flag = None if read is None else read != 0
         # A closure runs inside this step and may arm a skip for it (see arm): snapshot at the step's start
         # whatever the flag, for the post-hook to restore if one is armed by then.
         if _fused.step_closure(args, kwargs) is None:
@@ -316,8 +313,7 @@ class _SkipGuard:
         self.flag = self.running = self.saved = None
         self.replaced = False
         # (kept until the step is over: a step that raised left its arming to combine with the next call's)
-        self.armed_on = None
-        optimizer.__dict__.pop(_fused._CALM, None)  # (see _fused.note_beside)
+        _fused.clear_ledger(optimizer)
         if saved is None or flag is None:
             return
         if self._on_host(flag) and not bool(flag):
@@ -492,7 +488,7 @@ def skip_next_step_(optimizer: torch.optim.Optimizer, flag: Tensor | bool) -> No
         raise TypeError(f"flag must be a bool tensor (e.g. ~torch.isfinite(norm)), got dtype {flag.dtype}")
     if isinstance(flag, bool):  # a constant (skip_next_step_(opt, False) clears a pending flag): no host read
         flag = torch.full((), flag, dtype=torch.bool, device=_first_device(optimizer))  # a fill: no copy
-    _arm_skip(optimizer, flag, None, combine=False)
+    _arm_skip(optimizer, flag, combine=False)
 
 
 def _first_device(optimizer: Any) -> torch.device:
@@ -506,11 +502,8 @@ def _first_device(optimizer: Any) -> torch.device:
 
 def pending_skip_flag(optimizer: torch.optim.Optimizer) -> Tensor | None:
     """The skip flag armed on ``optimizer`` for its next step (a fused optimizer's, or its skip guard's), or None."""
-    armed = optimizer.__dict__.get(_fused._SKIP)
-    if armed is not None:
-        return armed[0] != 0
-    guard = optimizer.__dict__.get("_dist_clip_skip_guard")
-    return None if guard is None else guard.flag
+    flag = _fused.ledger_flag(optimizer)
+    return None if flag is None else flag != 0
 
 
 def _with_replaced(extra: Tensor | None, local: Tensor) -> Tensor:
@@ -557,17 +550,14 @@ def _stepping_optimizers(optimizer: Any) -> list[Any] | None:
 
 
 def _arm_skip(
-    optimizer: Any, flag: Tensor, started: dict[int, tuple[list[Tensor], list[int]]] | None, combine: bool = True,
-    measured: Sequence[Tensor] | None = None,
+    optimizer: Any, flag: Tensor, combine: bool = True, measured: Sequence[Tensor] | None = None,
 ) -> None:
-    """:func:`skip_next_step_`, with each torch optimizer's :func:`_fused.grad_state` at the start of the
-    arming call (``started``, by ``id``), when a call scaled the gradients before arming, and the pieces the
-    call measured (``measured``). ``combine=False`` (an explicit ``skip_next_step_``): the flag replaces any
-    pending one."""
+    """:func:`skip_next_step_`, with the pieces the arming call measured (``measured``). ``combine=False`` (an
+    explicit ``skip_next_step_``): the flag replaces any pending one."""
     inner = _stepping_optimizers(optimizer)
     if inner is not None:
         for opt in inner:
-            _arm_skip(opt, flag, started, combine, measured)
+            _arm_skip(opt, flag, combine, measured)
         return
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
@@ -586,8 +576,7 @@ def _arm_skip(
     if guard is None:
         guard = _SkipGuard(optimizer)
         optimizer._dist_clip_skip_guard = guard  # type: ignore[attr-defined]
-    guard.arm(optimizer, flag.reshape(()).to(torch.bool), started.get(id(optimizer)) if started else None, combine,
-              measured)
+    guard.arm(optimizer, flag.reshape(()).to(torch.bool), combine, measured)
 
 
 def _check_undoable(optimizer: torch.optim.Optimizer) -> None:
@@ -628,12 +617,7 @@ def _skip_handle(target: object, optimizer: Any) -> tuple[Callable[..., None], A
     for o in _stepping_optimizers(chosen) or [chosen]:
         if isinstance(o, torch.optim.Optimizer):
             _check_undoable(o)  # before the collective: refused on every rank together
-    # The gradients as this call finds them, before it scales any: a second call on the same ones (clipping
-    # another part of the model) combines its flag with the first's (see _fused.arm_skip_).
-    # Taken only where a flag is pending (none, in a loop that steps after every call): it walks the gradients.
-    started = {id(o): _fused.grad_state(o) for o in (_stepping_optimizers(chosen) or [chosen])
-               if isinstance(o, torch.optim.Optimizer) and _skip_pending(o)}
-    return (lambda flag, measured=None: _arm_skip(chosen, flag, started, measured=measured)), optimizer
+    return (lambda flag, measured=None: _arm_skip(chosen, flag, measured=measured)), optimizer
 
 
 # ------------------------------------------------------------------------------------------- the clipper
