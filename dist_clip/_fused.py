@@ -876,15 +876,9 @@ class Agreement:
     :func:`ledger_arm`): ``local`` (0-dim float64, 0 or 1: SUM or MAX) travels in the call's own all-reduce, one
     more value in every call (so the layout never depends on what a rank found): the largest flag of the agreed
     and explicit entries this rank's read keeps (:func:`agreed_read`); where the call combined over several ranks,
-    :meth:`agree` replaces every such entry by one of the combined verdict, on every rank alike. ``optimizers``:
-    those the call arms (the parameters it measures leave their entries), ``measured``: its pieces (or a function
-    giving them, called only where a ledger holds such an entry)."""
+    :meth:`agree` replaces every such entry by one of the combined verdict, on every rank alike."""
 
-    def __init__(self, optimizers: Sequence[Any],
-                 measured: Sequence[Tensor] | Callable[[], Sequence[Tensor]], hands_over: bool = False) -> None:
-        self.optimizers = [o for o in optimizers if isinstance(o, torch.optim.Optimizer)]
-        self.ids = {id(o) for o in self.optimizers}
-        self._measured = measured
+    def __init__(self) -> None:
         #: the verdict (and the call's total) combined over more than one rank: see :func:`hand_over_`
         self.shared = False
         self._read: tuple[Tensor, dict[int, Any]] | None = None
@@ -893,14 +887,8 @@ class Agreement:
     def local(self) -> Tensor:
         """This rank's value in the call's all-reduce."""
         if self._read is None:
-            self._read = agreed_read(self.optimizers, lambda: self.measured)
+            self._read = agreed_read()
         return self._read[0]
-
-    @property
-    def measured(self) -> Sequence[Tensor]:
-        if callable(self._measured):
-            self._measured = self._measured()
-        return self._measured
 
     def agree(self, combined: Tensor, alone: bool = False) -> None:
         """The all-reduced ``local`` (any rank's 1: true on every rank). ``alone``: the call combined over no other
@@ -1385,10 +1373,16 @@ def _kept(entry: _Entry, again: set[int], now: dict[int, Tensor]) -> _Entry | No
     entry lasts while one of the gradients held at its arming is still held (or none was held)."""
     if entry.kind == "sticky":
         return entry
-    if entry.kind == "explicit":
-        if not entry.grads or any(now.get(id(p)) is g for p, g in zip(entry.params, entry.grads)):
+    if entry.kind in ("explicit", "held"):
+        if not entry.grads:
+            return entry if entry.kind == "explicit" else None  # ("held": none here, the ranks holding one decide)
+        if any(now.get(id(p)) is g for p, g in zip(entry.params, entry.grads)):
             return entry
-        return None
+        # (or made anew over the same bytes by their wrapper: FSDP1's views of the flat gradient after a forward,
+        # or it re-aliased by a backward; the held tensors keep those bytes alive, so equal addresses are the same
+        # memory: read as gone, a forward between skip_next_step_ and a clip dropped it and the step was taken)
+        held = {_bytes_key(g) for g in entry.grads if getattr(g, "_local_tensor", g).numel()}
+        return entry if held and any(_bytes_key(g) in held for g in now.values()) else None
     if not entry.params:
         return None  # (an agreed entry held here by nothing: the ranks holding its parameters decide it)
     pairs = [(p, g, v) for p, g, v in zip(entry.params, entry.grads, entry.versions) if id(p) not in again]
@@ -1408,23 +1402,22 @@ def _kept(entry: _Entry, again: set[int], now: dict[int, Tensor]) -> _Entry | No
 
 def _agreed_kind(entry: _Entry) -> bool:
     """Whether only a combining call's verdict decides ``entry`` (among several ranks)."""
-    return entry.kind in ("agreed", "explicit")
+    return entry.kind in ("agreed", "explicit", "held")
 
 
-def agreed_read(arming: Sequence[Any], measured: Callable[[], Sequence[Tensor]]) -> tuple[Tensor, dict[int, Any]]:
+def agreed_read() -> tuple[Tensor, dict[int, Any]]:
     """This rank's value in a call's all-reduce (float64 0-dim): the largest flag of the agreed and explicit
-    entries of every optimizer holding one that outlast the call here (:func:`_kept`: the parameters of the
-    optimizers it arms, ``arming``, that it measures leave them), and per optimizer what is kept."""
+    entries of every optimizer holding one that this rank's read keeps (:func:`_kept`; not their parameters the
+    call measures again, which its own flag reads: a call raising after its all-reduce, ``error_if_nonfinite``,
+    arms none), and per optimizer what is kept."""
     out = torch.zeros((), dtype=torch.float64)
     survivors: dict[int, Any] = {}
     if not _LEDGERED:
         return out, survivors
-    ids = {id(o) for o in arming}
     for optimizer in _LEDGERED:
         ledger = optimizer.__dict__.get(_LEDGER) or []
         now = _grads_by_param(optimizer)
-        again = set(map(id, _measured_params(optimizer, measured()))) if id(optimizer) in ids else set()
-        kept = [k for e in ledger if _agreed_kind(e) and (k := _kept(e, again, now)) is not None]
+        kept = [k for e in ledger if _agreed_kind(e) and (k := _kept(e, set(), now)) is not None]
         survivors[id(optimizer)] = (optimizer, kept)
         for k in kept:
             out = torch.maximum(_reduce.moved(out, k.flag.device), k.flag.to(torch.float64))
@@ -1438,11 +1431,16 @@ def decide_agreed(survivors: dict[int, Any], verdict: Tensor) -> None:
         if ledger is None:
             continue
         flag = verdict.reshape(()).to(torch.float32)
-        params = [p for k in kept for p in k.params]
-        grads = [g for k in kept for g in k.grads]
-        versions = [v for k in kept for v in k.versions]
-        optimizer.__dict__[_LEDGER] = [*(e for e in ledger if not _agreed_kind(e)),
-                                       _Entry(flag, params, grads, "agreed", versions)]
+
+        def merged(ks: list[_Entry], kind: str, flag: Tensor = flag) -> _Entry:
+            return _Entry(flag, [p for k in ks for p in k.params], [g for k in ks for g in k.grads], kind,
+                          [v for k in ks for v in k.versions])
+
+        out = [*(e for e in ledger if not _agreed_kind(e)), merged([k for k in kept if k.kind == "agreed"], "agreed")]
+        if any(e.kind in ("explicit", "held") for e in ledger):
+            # (skip_next_step_'s stay held by the gradients held at its arming, whatever wrote them: "held")
+            out.append(merged([k for k in kept if k.kind in ("explicit", "held")], "held"))
+        optimizer.__dict__[_LEDGER] = out
 
 
 def ledger_arm(optimizer: Any, flag: Tensor, measured: Sequence[Tensor] | None, explicit: bool = False) -> None:
@@ -1485,7 +1483,7 @@ def ledger_flag(optimizer: Any) -> Tensor | None:
         return None
     now = _grads_by_param(optimizer)
     several = _multi_rank()
-    flags = [e.flag if (several and _agreed_kind(e)) or e.kind in ("sticky", "explicit")
+    flags = [e.flag if (several and _agreed_kind(e)) or e.kind in ("sticky", "explicit", "held")
              else (k.flag if (k := _kept(e, set(), now)) is not None else None) for e in ledger]
     flags = [f for f in flags if f is not None]
     if not flags:

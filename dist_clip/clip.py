@@ -473,7 +473,7 @@ def get_total_norm(
         shards = resolve(tensors, _check_group(group))
         everything = _all_tensors(shards)
         # A hand-over settled here whose gradients were replaced waits for the ranks' verdict (_fused.Agreement)
-        agreement = _fused.Agreement([], everything)
+        agreement = _fused.Agreement()
         with agreement.deferring():
             settle_hand_over(tensors, everything)
     except (ValueError, TypeError):
@@ -531,7 +531,7 @@ def clip_grads_with_norm_(
         # ranks the flag is kept as it is where the pieces may differ among them (a hand-over combined over several
         # ranks, or one stepping gradients not passed here: see _fused.Agreement.agree; read by each rank alone, a
         # NaN in rank 0's shard of a hand-over replaced out of place skipped rank 0's step and rank 1 stepped)
-        agreement = _fused.Agreement([], tensors)
+        agreement = _fused.Agreement()
         with agreement.deferring():
             settle_hand_over(parameters, tensors)
         agreement.agree(agreement.local, alone=True)
@@ -628,7 +628,7 @@ def clip_grad_norm_(
         fused = fused and exact
         # (before settling: a hand-over's flag whose gradients were replaced waits for the ranks' verdict)
         # (another optimizer's hand-over settled here waits for the verdict too: see _fused.Agreement.fold)
-        agreement = _fused.Agreement([optimizer] if skips else [], everything, hands_over=fused or beside)
+        agreement = _fused.Agreement()
         with agreement.deferring():
             settle_hand_over(parameters, everything)
     except (ValueError, TypeError):

@@ -949,11 +949,9 @@ class GradClipper:
                 # How many norms the adaptive threshold has seen (host-side): a checkpoint loaded on one rank only
                 # gave each rank its own threshold, so one gradient was scaled by a different factor on each.
                 settings += f", threshold_calls={self._threshold.count}"
-            # (before settling: a hand-over's flag whose gradients were replaced waits for the ranks' verdict,
-            # which travels in this call's measurement, 0 where nothing arms: see _fused.Agreement)
-            skipping = (_stepping_optimizers(optimizer) or [optimizer]) if arm_skip is not None else []
-            flat = [t for s in shards for t in s.tensors]  # (listed once: the agreement's and the dtype's)
-            agreement = _fused.Agreement(skipping, flat)
+            # (the ranks' read of the agreed skip flags travels in this call's measurement: see _fused.Agreement)
+            flat = [t for s in shards for t in s.tensors]  # (listed once)
+            agreement = _fused.Agreement()
             with agreement.deferring():
                 _clip.settle_hand_over(target, flat)
             # (after settling: another optimizer's hand-over settled here adds its read, see _fused.Agreement.fold)
@@ -1248,8 +1246,7 @@ class GradClipper:
         # The ranks' verdict on gradients replaced out of place travels in the measurement, as in the other modes
         # (read by each rank alone, a NaN in rank 0's FSDP2 shard kept the flag there alone: rank 0 skipped, the
         # others stepped): see _fused.Agreement
-        skipping = (_stepping_optimizers(optimizer) or [optimizer]) if arm_skip is not None else []
-        agreement = _fused.Agreement(skipping, measured)
+        agreement = _fused.Agreement()
         with agreement.deferring():
             _clip.settle_hand_over(target, measured)
         try:

@@ -515,7 +515,7 @@ def get_total_norm(target: object, plan: ParallelPlan, norm_type: float | str = 
     tensors = [t for s in named.shards for t in s.tensors]
     # A hand-over settled here whose gradients were replaced waits for the ranks' verdict, one more value in the
     # all-reduce (see _fused.Agreement), as in the other calls
-    agreement = _fused.Agreement([], tensors)
+    agreement = _fused.Agreement()
     with agreement.deferring():
         _clip_api.settle_hand_over(target, lambda: tensors)
     try:

@@ -701,6 +701,13 @@ FIXED = {
     "ddp_own_nan_dropped_then_empty_part": ("ddp", [("fused", False), ("bwd", (0, 2)), ("call", "skip", [2]),
                                                     ("zero", True), ("call", "skip", [0]), ("bwd", None),
                                                     ("step",)]),
+    # a on rank 0 alone: NaN in b on rank 0, [a] handed over (rank 1 passing nothing), [b] handed over (NaN over the
+    # world), every gradient replaced out of place, get_total_norm of [b] over the world, stepped: rank 0 skipped,
+    # rank 1 stepped (alone seed 2431, h3's sweep of 1450-2449 on 9bdd020); the agreed ledger's: [b]'s flag, armed
+    # over the world, is decided by the read's verdict (rank 0's b + 0, NaN): every rank skips (session 39)
+    "alone_nan_b_replaced_then_read": ("alone", [("fused", True), ("bwd", (0, 1)), ("call", "hand", [0]),
+                                                 ("call", "hand", [1]), ("replace",), ("call", "total", [1]),
+                                                 ("step",)]),
     "ddp_own_part_kept_without_gradients": ("ddp", [("fused", False), ("bwd", (-1, 1)), ("call", "skip", [1]),
                                                     ("call", "skip", [0]), ("zero", True), ("bwd", (-1, 0)),
                                                     ("call", "skip", [2]), ("zero", True), ("bwd", None),
@@ -709,7 +716,7 @@ FIXED = {
 
 
 #: FIXED flows whose last step every rank skips (README: a flag that lasts to the step)
-KEPT = {"ddp_own_nan_then_two_parts", "ddp_own_nan_dropped_then_empty_part"}
+KEPT = {"ddp_own_nan_then_two_parts", "ddp_own_nan_dropped_then_empty_part", "alone_nan_b_replaced_then_read"}
 
 
 @pytest.mark.parametrize("name", sorted(FIXED))
