@@ -881,6 +881,8 @@ class Agreement:
     def __init__(self) -> None:
         #: the verdict (and the call's total) combined over more than one rank: see :func:`hand_over_`
         self.shared = False
+        #: the global ranks the call combined over (where ``shared``): see :func:`decide_agreed`
+        self.ranks: frozenset[int] | None = None
         self._read: tuple[Tensor, dict[int, Any]] | None = None
 
     @property
@@ -890,12 +892,15 @@ class Agreement:
             self._read = agreed_read()
         return self._read[0]
 
-    def agree(self, combined: Tensor, alone: bool = False) -> None:
-        """The all-reduced ``local`` (any rank's 1: true on every rank). ``alone``: the call combined over no other
-        rank (no reduction group, or a group of one): nothing agreed is decided."""
+    def agree(self, combined: Tensor, alone: bool = False, group: Any = None) -> None:
+        """The all-reduced ``local`` (any rank's 1: true on every rank) over ``group`` (None: the world).
+        ``alone``: the call combined over no other rank (no reduction group, or a group of one): nothing agreed is
+        decided."""
         self.shared = not alone
-        if self.shared and self._read is not None and _multi_rank():
-            decide_agreed(self._read[1], combined.reshape(()) > 0)
+        if self.shared and _multi_rank():
+            self.ranks = group_ranks(group)
+            if self._read is not None:
+                decide_agreed(self._read[1], combined.reshape(()) > 0, self.ranks)
 
     @contextlib.contextmanager
     def deferring(self) -> Iterator[None]:
@@ -1328,12 +1333,18 @@ _LEDGERED = _ByIdentity()
 
 
 class _Entry:
-    __slots__ = ("flag", "params", "grads", "versions", "kind")
+    __slots__ = ("flag", "params", "grads", "versions", "kind", "pieces", "ranks")
 
     def __init__(self, flag: Tensor, params: list[Tensor], grads: list[Tensor], kind: str,
-                 versions: list[int] | None = None) -> None:
+                 versions: list[int] | None = None, pieces: list[tuple[Any, int]] | None = None,
+                 ranks: frozenset[int] | None = None) -> None:
         self.flag, self.params, self.grads, self.kind = flag, params, grads, kind
         self.versions = versions if versions is not None else [_version(g) for g in grads]
+        #: weak references to the measured pieces that are no gradient the optimizer steps (a wrapper's copies:
+        #: DeepSpeed stage 0's), with their versions: they hold the entry while one of them is alive, unwritten
+        self.pieces = pieces or []
+        #: the ranks of the group an agreed entry was armed (or last decided) over: see :func:`decide_agreed`
+        self.ranks = ranks
 
 
 def _ledger_params(optimizer: Any) -> list[Tensor]:
@@ -1355,24 +1366,47 @@ def _grads_by_param(optimizer: Any) -> dict[int, Tensor]:
     return {id(p): getattr(p.grad, "_local_tensor", p.grad) for p in _ledger_params(optimizer)}
 
 
-def _measured_params(optimizer: Any, measured: Sequence[Tensor] | None) -> list[Tensor]:
-    """The parameters of ``optimizer``'s ledger whose gradients a call's pieces ``measured`` hold."""
+def _measured_params(optimizer: Any, measured: Sequence[Tensor] | None
+                     ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """The parameters of ``optimizer``'s ledger whose gradients a call's pieces ``measured`` hold whole, those of
+    which they hold only a slice (``w.grad[e]``: one expert's rows), and the pieces that are no view of a gradient
+    the optimizer steps (a wrapper's copies)."""
     if not measured:
-        return []
+        return [], [], []
     params = _ledger_params(optimizer)
     grads = [getattr(p.grad, "_local_tensor", p.grad) for p in params]
-    return [params[i] for i in _measured_among(grads, measured)]
+    whole = [params[i] for i in _measured_among(grads, measured)]
+    by_grad = {id(g): p for p, g in zip(params, grads)}
+    taken = {id(getattr(p.grad, "_local_tensor", p.grad)) for p in whole}
+    partial: dict[int, Tensor] = {}
+    others = []
+    for t in measured:
+        t = getattr(t, "_local_tensor", t)
+        if id(t) in taken or id(t) in by_grad:
+            continue
+        base = t._base
+        p = by_grad.get(id(base)) if base is not None else None
+        if p is not None:
+            if id(base) not in taken:
+                partial.setdefault(id(p), p)
+        elif t.numel():
+            others.append(t)
+    return whole, list(partial.values()), others
+
+
+def _pieces_held(entry: _Entry) -> bool:
+    """Whether one of the pieces ``entry`` was armed on (no gradient the optimizer steps) is alive, unwritten."""
+    return any((t := ref()) is not None and _version(t) == v for ref, v in entry.pieces)
 
 
 def _kept(entry: _Entry, again: set[int], now: dict[int, Tensor]) -> _Entry | None:
     """``entry`` as this rank reads it where a call arming its optimizer measures the parameters ``again``: those
     leave it (the call's own flag reads them now); held by one of the very gradients it was measured on, unwritten,
-    it lasts as it is; written since (an auxiliary loss into a NaN gradient leaves it NaN, a dropped batch's
-    ``zero_grad()`` in place and the next backward make it finite), replaced (out of place it carries the NaN, the
-    next batch's does not) or gone, it lasts where one of its parameters' gradients is not finite now. An explicit
-    entry lasts while one of the gradients held at its arming is still held (or none was held)."""
-    if entry.kind == "sticky":
-        return entry
+    or by one of its pieces that are no gradient the optimizer steps, alive and unwritten, it lasts as it is;
+    written since (an auxiliary loss into a NaN gradient leaves it NaN, a dropped batch's ``zero_grad()`` in place
+    and the next backward make it finite), replaced (out of place it carries the NaN, the next batch's does not) or
+    gone, it lasts where one of its parameters' gradients is not finite now. An explicit entry lasts while one of
+    the gradients held at its arming is still held (or none was held)."""
     if entry.kind in ("explicit", "held"):
         if not entry.grads:
             return entry if entry.kind == "explicit" else None  # ("held": none here, the ranks holding one decide)
@@ -1383,21 +1417,28 @@ def _kept(entry: _Entry, again: set[int], now: dict[int, Tensor]) -> _Entry | No
         # memory: read as gone, a forward between skip_next_step_ and a clip dropped it and the step was taken)
         held = {_bytes_key(g) for g in entry.grads if getattr(g, "_local_tensor", g).numel()}
         return entry if held and any(_bytes_key(g) in held for g in now.values()) else None
-    if not entry.params:
+    pieces = entry.pieces if _pieces_held(entry) else []
+    if not entry.params and not pieces:
         return None  # (an agreed entry held here by nothing: the ranks holding its parameters decide it)
     pairs = [(p, g, v) for p, g, v in zip(entry.params, entry.grads, entry.versions) if id(p) not in again]
-    if not pairs:
-        return None
-    if any(now.get(id(p)) is g and _version(g) == v for p, g, v in pairs):
+    if pieces:
         if len(pairs) == len(entry.params):
             return entry
         return _Entry(entry.flag, [p for p, _, _ in pairs], [g for _, g, _ in pairs], entry.kind,
-                      [v for _, _, v in pairs])
+                      [v for _, _, v in pairs], pieces, entry.ranks)
+    if not pairs:
+        return None
+    if any(now.get(id(p)) is g and _version(g) == v for p, g, v in pairs):
+        if len(pairs) == len(entry.params) and not entry.pieces:
+            return entry
+        return _Entry(entry.flag, [p for p, _, _ in pairs], [g for _, g, _ in pairs], entry.kind,
+                      [v for _, _, v in pairs], None, entry.ranks)
     fresh = [(p, now[id(p)]) for p, _, _ in pairs if id(p) in now]
     if not fresh or _unset_on_cpu(entry.flag):
         return None
     bad = _nonfinite([g for _, g in fresh], entry.flag.device)
-    return _Entry(entry.flag * bad.to(entry.flag.dtype), [p for p, _ in fresh], [g for _, g in fresh], entry.kind)
+    return _Entry(entry.flag * bad.to(entry.flag.dtype), [p for p, _ in fresh], [g for _, g in fresh], entry.kind,
+                  None, None, entry.ranks)
 
 
 def _agreed_kind(entry: _Entry) -> bool:
@@ -1409,7 +1450,7 @@ def agreed_read() -> tuple[Tensor, dict[int, Any]]:
     """This rank's value in a call's all-reduce (float64 0-dim): the largest flag of the agreed and explicit
     entries of every optimizer holding one that this rank's read keeps (:func:`_kept`; not their parameters the
     call measures again, which its own flag reads: a call raising after its all-reduce, ``error_if_nonfinite``,
-    arms none), and per optimizer what is kept."""
+    arms none), and per optimizer the entries read with what is kept of each."""
     out = torch.zeros((), dtype=torch.float64)
     survivors: dict[int, Any] = {}
     if not _LEDGERED:
@@ -1417,27 +1458,53 @@ def agreed_read() -> tuple[Tensor, dict[int, Any]]:
     for optimizer in _LEDGERED:
         ledger = optimizer.__dict__.get(_LEDGER) or []
         now = _grads_by_param(optimizer)
-        kept = [k for e in ledger if _agreed_kind(e) and (k := _kept(e, set(), now)) is not None]
-        survivors[id(optimizer)] = (optimizer, kept)
-        for k in kept:
-            out = torch.maximum(_reduce.moved(out, k.flag.device), k.flag.to(torch.float64))
+        read = [(e, _kept(e, set(), now)) for e in ledger if _agreed_kind(e)]
+        survivors[id(optimizer)] = (optimizer, read)
+        for _, k in read:
+            if k is not None:
+                out = torch.maximum(_reduce.moved(out, k.flag.device), k.flag.to(torch.float64))
     return out, survivors
 
 
-def decide_agreed(survivors: dict[int, Any], verdict: Tensor) -> None:
-    """A combining call's verdict replaces every agreed and explicit entry, on every rank alike."""
-    for optimizer, kept in survivors.values():
+def group_ranks(group: Any) -> frozenset[int]:
+    """The global ranks of a process group (``None``: the world)."""
+    import torch.distributed as dist
+
+    if group is None or group is dist.group.WORLD:
+        return frozenset(range(dist.get_world_size()))
+    return frozenset(dist.get_process_group_ranks(group))
+
+
+def _decided_by(entry: _Entry, ranks: frozenset[int]) -> bool:
+    """Whether a call combining over ``ranks`` decides the agreed or explicit ``entry``: every rank that armed it
+    (or last decided it) takes part, and so receives the same verdict. A call over fewer ranks (a pair's norm
+    logged after a clip over the world) leaves it as it is: decided by each pair's own verdict, the pair holding
+    the NaN skipped and the other stepped."""
+    return entry.ranks is None or entry.ranks <= ranks
+
+
+def decide_agreed(survivors: dict[int, Any], verdict: Tensor, ranks: frozenset[int]) -> None:
+    """A verdict combined over ``ranks`` replaces every agreed and explicit entry armed over those ranks or fewer,
+    on every rank alike (the verdict carries each rank's read of all of them: a rank's read of an entry this call
+    does not decide can only make it skip, alike on every rank of the call)."""
+    for optimizer, read in survivors.values():
         ledger = optimizer.__dict__.get(_LEDGER)
         if ledger is None:
             continue
         flag = verdict.reshape(()).to(torch.float32)
+        decided = {id(e) for e, _ in read if _decided_by(e, ranks)}
+        if not decided:
+            continue
+        kept = [k for e, k in read if id(e) in decided and k is not None]
 
         def merged(ks: list[_Entry], kind: str, flag: Tensor = flag) -> _Entry:
             return _Entry(flag, [p for k in ks for p in k.params], [g for k in ks for g in k.grads], kind,
-                          [v for k in ks for v in k.versions])
+                          [v for k in ks for v in k.versions], [r for k in ks for r in k.pieces], ranks)
 
-        out = [*(e for e in ledger if not _agreed_kind(e)), merged([k for k in kept if k.kind == "agreed"], "agreed")]
-        if any(e.kind in ("explicit", "held") for e in ledger):
+        out = [e for e in ledger if id(e) not in decided]
+        if any(e.kind == "agreed" for e in ledger if id(e) in decided):
+            out.append(merged([k for k in kept if k.kind == "agreed"], "agreed"))
+        if any(e.kind in ("explicit", "held") for e in ledger if id(e) in decided):
             # (skip_next_step_'s stay held by the gradients held at its arming, whatever wrote them: "held")
             out.append(merged([k for k in kept if k.kind in ("explicit", "held")], "held"))
         optimizer.__dict__[_LEDGER] = out
@@ -1451,39 +1518,48 @@ def ledger_arm(optimizer: Any, flag: Tensor, measured: Sequence[Tensor] | None, 
     several = _multi_rank()
     if explicit:
         params = [p for p in _ledger_params(optimizer) if id(p) in now]
-        optimizer.__dict__[_LEDGER] = [_Entry(flag, params, [now[id(p)] for p in params], "explicit")]
+        optimizer.__dict__[_LEDGER] = [_Entry(flag, params, [now[id(p)] for p in params], "explicit",
+                                              ranks=group_ranks(None) if several else None)]
         if several:
             _LEDGERED.add(optimizer)
         return
     agreement = _ARMING.get()
     combining = several and agreement is not None and agreement.shared
-    params = _measured_params(optimizer, measured if measured is not None else list(now.values()))
+    if measured is None:
+        params, partial, others = _ledger_params(optimizer), [], []
+        params = [p for p in params if id(p) in now]
+    else:
+        params, partial, others = _measured_params(optimizer, measured)
     again = set(map(id, params))
-    # (pieces measured here none of which is a gradient the optimizer steps, a slice ``w.grad[e]`` or a wrapper's
-    # copies: their flag lasts until the step)
-    sticky = not params and any(getattr(t, "_local_tensor", t).numel() for t in measured or ())
     out = []
     for e in optimizer.__dict__.get(_LEDGER, []):
         if several and _agreed_kind(e):
             out.append(e)  # (decided by a combining call's verdict alone: see Agreement.agree)
         elif (k := _kept(e, again, now)) is not None:
             out.append(k)
-    out.append(_Entry(flag, params, [now[id(p)] for p in params],
-                      "sticky" if sticky else "agreed" if combining else "local"))
+    # The entry's kind is the call's, alike on every rank whatever its pieces here: a slice ``w.grad[:4]`` holds
+    # the entry by ``w`` (not measured whole: a later call measuring another slice leaves it), a piece that is no
+    # view of a gradient the optimizer steps (a wrapper's copies) while it is alive and unwritten. (Read as lasting
+    # to the step on the rank measuring a slice, agreed on the rank measuring the whole, a dropped NaN batch's flag
+    # read again over the world was dropped there alone: the ranks parted.)
+    held = [*params, *(p for p in partial if id(p) not in again)]
+    out.append(_Entry(flag, held, [now[id(p)] for p in held], "agreed" if combining else "local",
+                      pieces=[(weakref.ref(t), _version(t)) for t in others],
+                      ranks=agreement.ranks if combining else None))
     optimizer.__dict__[_LEDGER] = out
     if combining:
         _LEDGERED.add(optimizer)
 
 
 def ledger_flag(optimizer: Any) -> Tensor | None:
-    """The flag the next step reads: agreed entries as they are (among several ranks), explicit and sticky ones
-    too (decided by arming calls only), local ones by this rank's read."""
+    """The flag the next step reads: agreed entries as they are (among several ranks), explicit ones too (decided
+    by arming calls only), local ones by this rank's read."""
     ledger = optimizer.__dict__.get(_LEDGER)
     if not ledger:
         return None
     now = _grads_by_param(optimizer)
     several = _multi_rank()
-    flags = [e.flag if (several and _agreed_kind(e)) or e.kind in ("sticky", "explicit", "held")
+    flags = [e.flag if (several and _agreed_kind(e)) or e.kind in ("explicit", "held")
              else (k.flag if (k := _kept(e, set(), now)) is not None else None) for e in ledger]
     flags = [f for f in flags if f is not None]
     if not flags:

@@ -287,7 +287,7 @@ def _wide_total(
     if error is not None:
         raise error  # this rank's own reason; the others raised REFUSED (or hold NaN norms on accelerators)
     if agreement is not None:
-        agreement.agree(combined[1])
+        agreement.agree(combined[1], group=group)
     if agree:
         out = agreed_dtype(combined[2])
     return _finished(_norm.finalize(combined[0], p), p, scale, out, error_if_nonfinite and not refused)

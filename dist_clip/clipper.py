@@ -984,7 +984,7 @@ class GradClipper:
                 self._count_refused_call(getattr(e, "dist_clip_others_counted", False))
             raise
         assert m.extra is not None  # the verdict, the last extra value (see _with_replaced)
-        agreement.agree(m.extra[-1], alone=_reduce.group_size(m.group) <= 1)
+        agreement.agree(m.extra[-1], alone=_reduce.group_size(m.group) <= 1, group=m.group)
         if arm_skip is None:
             agreement.apply()  # (settled hand-overs' flags kept or dropped; a skipping call does it as it arms)
         m = dataclasses.replace(m, extra=m.extra[:-1] if m.extra.numel() > 1 else None)
@@ -1256,7 +1256,8 @@ class GradClipper:
             if getattr(e, "dist_clip_joined", False) or isinstance(e, _slots.RefusedElsewhere):
                 self._count_refused_call(getattr(e, "dist_clip_others_counted", False))
             raise
-        agreement.agree(outcome.replaced, alone=_reduce.group_size(outcome.measurement.group) <= 1)
+        agreement.agree(outcome.replaced, alone=_reduce.group_size(outcome.measurement.group) <= 1,
+                        group=outcome.measurement.group)
         if arm_skip is None:
             agreement.apply()  # (settled hand-overs' flags kept or dropped; a skipping call does it as it arms)
         out = outcome.measurement.result_dtype

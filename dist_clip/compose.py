@@ -528,7 +528,7 @@ def get_total_norm(target: object, plan: ParallelPlan, norm_type: float | str = 
         agreement.abandon()
         raise
     assert m.extra is not None
-    agreement.agree(m.extra[-1], alone=_reduce.group_size(m.group) <= 1)
+    agreement.agree(m.extra[-1], alone=_reduce.group_size(m.group) <= 1, group=m.group)
     agreement.apply()  # (the settled hand-overs' flags kept or dropped by the verdict)
     plan.check_once(named.shards, m, p)
     assert m.result_dtype is not None

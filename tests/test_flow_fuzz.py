@@ -631,21 +631,21 @@ def body_an_agreed_flag_then_a_call_over_a_smaller_group(layout: str) -> bool:
     return not torch.equal(before, b.detach())
 
 
-@pytest.mark.xfail(strict=True, reason="open: an agreed flag armed over the world is decided by a call over a pair")
 @pytest.mark.parametrize("layout", ["alone", "replaced"])
-def test_open_an_agreed_flag_decided_by_a_call_over_a_smaller_group_parts_the_ranks(run_ranks, layout):
-    """The NaN batch's flag, armed by a call combining over the world, is decided by the next call combining over
-    several ranks, here a pair: the pair holding the NaN keeps it, the other pair (holding nothing of ``a``, or
-    ``a``'s finite gradients replaced) drops it: ranks 0 and 1 skip, 2 and 3 step (``alone``: the other way
-    round). Every rank skipped on the tree before session 39's ledger (h10, session 39)."""
+def test_an_agreed_flag_armed_over_the_world_outlasts_a_call_over_a_smaller_group_on_every_rank(run_ranks, layout):
+    """The NaN batch's flag, armed by a call combining over the world, was decided by the next call combining over
+    several ranks, here a pair: the pair holding the NaN kept it, the other pair (holding nothing of ``a``, or
+    ``a``'s finite gradients replaced) dropped it: ranks 0 and 1 skipped, 2 and 3 stepped (``replaced``: the other
+    way round; h10, session 39). A call decides only the entries armed over its ranks or fewer: the pair's leaves
+    the world's flag to the step, and every rank skips."""
     assert run_ranks(4, body_an_agreed_flag_then_a_call_over_a_smaller_group, layout) == [False] * 4
 
 
 def body_a_slice_on_one_rank_beside_a_whole_gradient_dropped_then_read(other: str) -> bool:
     """2 ranks: a NaN batch's ``GradClipper(on_nonfinite="skip")`` over the world measuring a slice ``w.grad[:4]``
-    on rank 0 (no gradient the optimizer steps as such: a sticky entry) and ``w`` whole (``other="whole"``) or
-    nothing (``"empty"``) on rank 1 (an agreed entry), the batch dropped (set to None) and a finite one computed,
-    then ``get_total_norm([w])`` over the world and the step; whether this rank stepped."""
+    on rank 0 and ``w`` whole (``other="whole"``) or nothing (``"empty"``) on rank 1, the batch dropped (set to
+    None) and a finite one computed, then ``get_total_norm([w])`` over the world and the step; whether this rank
+    stepped."""
     rank = dist.get_rank()
     w = nn.Parameter(torch.randn(5, generator=torch.Generator().manual_seed(rank)))
     opt = torch.optim.AdamW([w], lr=0.1)
@@ -662,14 +662,15 @@ def body_a_slice_on_one_rank_beside_a_whole_gradient_dropped_then_read(other: st
     return not torch.equal(before, w.detach())
 
 
-@pytest.mark.xfail(strict=True, reason="open: rank 0's sticky flag lasts, rank 1's agreed one is decided by the read")
 @pytest.mark.parametrize("other", ["whole", "empty"])
-def test_open_a_slice_on_one_rank_beside_a_whole_gradient_dropped_then_read_parts_the_ranks(run_ranks, other):
-    """One call arms a sticky entry on rank 0 (its piece a slice) and an agreed one on rank 1 (a whole gradient,
-    or none): the next call combining over the world decides only the agreed entries, by the ranks' reads of the
-    new batch (finite; rank 0 sends 0, holding no agreed entry): rank 1 drops its flag and steps, rank 0's sticky
-    flag lasts to the step: took [False, True]. Every rank skipped on the tree before session 39's ledger (h10)."""
-    assert run_ranks(2, body_a_slice_on_one_rank_beside_a_whole_gradient_dropped_then_read, other) == [False] * 2
+def test_a_slice_on_one_rank_beside_a_whole_gradient_dropped_then_read_steps_on_every_rank(run_ranks, other):
+    """One call armed a sticky entry on rank 0 (its piece a slice, lasting to the step) and an agreed one on rank 1
+    (a whole gradient, or none): the next call combining over the world decided only the agreed one, by the ranks'
+    reads of the new batch (finite): rank 1 dropped its flag and stepped, rank 0 skipped (h10, session 39). The
+    entry's kind is the call's on every rank (agreed), a slice held by its gradient's parameter: the world's read
+    of the new batch (finite, the NaN one set to None) drops it on both ranks, which step, as where rank 0 measures
+    ``w`` whole (a plain loop steps that batch too)."""
+    assert run_ranks(2, body_a_slice_on_one_rank_beside_a_whole_gradient_dropped_then_read, other) == [True] * 2
 
 
 @pytest.mark.xfail(strict=True, reason="open: a NaN hand-over's coefficient steps after its flag is dropped (HSDP)")
