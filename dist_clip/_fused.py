@@ -1036,8 +1036,15 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple
     pending = optimizer.__dict__.get(_PENDING)
     grads = gradients(optimizer) if pending is not None else []
     closure = step_closure(args, kwargs)
+    # A coefficient still to apply reaches this step (its gradients read as the ones measured) with its flag: the
+    # step skips where it is NaN, whatever the ledger read of those gradients since (FSDP2's shards, views, are
+    # told written by their versions and the same by their identity: an HSDP NaN hand-over accumulated onto and
+    # zeroed in place dropped the ledger's flag, and grad_scale 1/NaN stepped NaN into every parameter).
+    carried = None
     if pending is not None and pending[2] is not None:
         verdict, kept = _verdict(pending[3], pending[4], grads, pending[5], optimizer)
+        if not _dropped(verdict) and not _in_gradients(pending):
+            carried = pending[1]
         in_place = closure is not None or not supports_grad_scale(optimizer)
         if verdict in ("kept", "replaced") or (verdict == "same" and in_place):
             # Measured gradients untouched beside others (add_param_group, a gradient replaced or set to None):
@@ -1062,6 +1069,8 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple
             del optimizer.__dict__[_PENDING]  # measured on gradients that are gone: not this step's (its flag is
             pending = None  # the ledger's, see ledger_flag)
     skip = ledger_flag(optimizer)
+    if carried is not None:
+        skip = carried if skip is None else torch.maximum(skip, _reduce.moved(carried, skip.device))
     if not supports_grad_scale(optimizer):
         _no_longer_fused(optimizer, skip)
         return None

@@ -673,13 +673,13 @@ def test_a_slice_on_one_rank_beside_a_whole_gradient_dropped_then_read_steps_on_
     assert run_ranks(2, body_a_slice_on_one_rank_beside_a_whole_gradient_dropped_then_read, other) == [True] * 2
 
 
-@pytest.mark.xfail(strict=True, reason="open: a NaN hand-over's coefficient steps after its flag is dropped (HSDP)")
 @pytest.mark.parametrize("even", [True, False])
-def test_open_hsdp_nan_hand_over_accumulated_then_zeroed_in_place_takes_a_nan_step(run_ranks, even):
+def test_hsdp_nan_hand_over_accumulated_then_zeroed_in_place_skips_on_every_rank(run_ranks, even):
     """HSDP (tests/test_flow_fuzz_fsdp.py's run_fsdp_flow): a NaN in rank 0's shard of l1, the whole handed over
     to the fused AdamW, a second backward accumulated onto it, the batch dropped in place (``zero_grad(False)``),
-    stepped: both ranks step and their parameters are NaN (gen2 hsdp seed 189, h10; passes on the tree before
-    session 39's ledger)."""
+    stepped: both ranks stepped and their parameters were NaN (gen2 hsdp seed 189, h10): the ledger read the
+    shards as written (versions) and zero, the hand-over as the same gradients (identity), so its 1/NaN reached
+    grad_scale without its flag. A coefficient still to apply carries its flag into the step: both skip."""
     from tests.test_flow_fuzz_fsdp import body_fsdp_flow
 
     flow = [("fused", True, even), ("bwd", (0, 1)), ("call", "hand", [0, 1]), ("bwd", None), ("zero", False),
