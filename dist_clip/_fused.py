@@ -922,10 +922,15 @@ class Agreement:
         """Nothing waits for the verdict outside :meth:`agree`."""
 
 
+def _on_host(flag: Tensor) -> bool:
+    """Whether reading ``flag`` on the host is free (the CPU); a device flag is never read there (a host sync)."""
+    return flag.device.type == "cpu"
+
+
 def _unset_on_cpu(flag: Tensor) -> bool:
     """Whether ``flag`` is on the CPU and reads as not set: a free read there, never made on a device (a host
     sync); a device flag is taken as possibly set."""
-    return flag.device.type == "cpu" and not bool(flag)
+    return _on_host(flag) and not bool(flag)
 
 
 def _multi_rank() -> bool:

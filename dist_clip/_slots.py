@@ -308,7 +308,7 @@ def _named_plain(items: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup |
     # A gradient None here (all of them, or one set to None on this rank only): empty stand-ins make this rank's
     # plan the other ranks' (absent_dtensor_grads), not counted.
     absent = absent_dtensor_grads(list(items), alone=not grads) if len(grads) < len(seen) else []
-    out = shards_with_stand_ins(grads, absent, group)
+    out = shards_with_stand_ins(grads, absent, group, items)
     return Named(out, tuple(dict.fromkeys(names)), params)
 
 

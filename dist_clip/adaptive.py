@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from . import _norm, _reduce, _scale, _slots
 from . import clip as _clip
 from .adapters import unwrap_compiled
+from .adapters.fsdp import refuse_partial
 from .adapters.params import copy_counted_here, copy_peers, listed_stand_ins, refuse_managed, replica_groups
 from .shards import Shards, UnitLayout
 
@@ -888,6 +889,7 @@ def unit_pieces(
                 units.append(_Unit(name, empty, empty, geo.group, False, "rows"))
                 continue
             if type(g).__name__ == "DTensor":
+                refuse_partial(name, tuple(g.placements))  # (as the other modes: not "placements differ")
                 if tuple(g.placements) != tuple(param.placements):
                     raise NotImplementedError(
                         f"unit-wise clipping of {name!r}: its gradient has placements {tuple(g.placements)}, its "
@@ -1106,7 +1108,8 @@ def unitwise_join_refused(target: object, p: float, group: object, settings: str
         if isinstance(unwrap_compiled(target), DistributedDataParallel):
             return None
         checked = _clip._check_group(group)
-        units, cut, names = unit_pieces(target, checked)
+        with _clip._partial_grads_set_aside(target):  # (planned as a rank holding none of them)
+            units, cut, names = unit_pieces(target, checked)
     except Exception:  # noqa: BLE001 - the layout is unknown: the caller raises its error alone
         return None
     return _join_refused(units, cut, names, {n: i for i, n in enumerate(names)}, p, checked, settings)
@@ -1131,65 +1134,77 @@ def unitwise_measure(target: object, config: AGC, p: float, foreach: bool | None
         # Replicas: nothing to combine, as in the other modes. Reduced over group= they were counted on its
         # first rank only, and another DDP group's ranks took that group's norms and NaN verdict.
         group = None
-    units, cut, names = unit_pieces(target, group)
+    try:
+        units, cut, names = unit_pieces(target, group)
+    except Exception as e:  # noqa: BLE001 - joined only where the layout is known without the refused pieces
+        # A refusal of this rank's pieces (a Partial gradient: the others hold none of that parameter, or a
+        # reduced one) joins as a rank holding none of them (see unitwise_join_refused); it raised alone, and the
+        # others paired their collective with this rank's next call.
+        joined = unitwise_join_refused(target, p, group, settings)
+        if joined is not None:
+            e.dist_clip_others_counted, e.dist_clip_joined = joined, True  # type: ignore[attr-defined]
+        raise
     index = {n: i for i, n in enumerate(names)}
     try:
         _check_units(units)
-    except (ValueError, TypeError) as e:
+        cut_index, blocks, k = _cut_layout(cut)  # (blocks: a parameter whose every unit is cut)
+        red = _reduce.reduction_group([u.group for u in units] + ([group] if group is not None else []))
+        # (a stand-in is not counted there: zeros add nothing to the norms, its parameter stays out of reports)
+        shards = [Shards([u.grad], group=u.group, counted=u.counted and u.present, names=[u.name],
+                         loss_scale=u.loss_scale) for u in units]
+        device = _reduce.home_device((t for s in shards for t in s.tensors), red)
+        # The cut units' partials, then one value per rank of the reduction: the smallest coefficient of the units
+        # this rank holds whole, at its own position (zeros elsewhere), so that after the sum (or max) every
+        # rank reads every rank's smallest and all report the same one (each reported its own: clipped on one
+        # rank only).
+        n_ranks = _reduce.group_size(red) if red is not None else 1
+        me = _reduce.group_rank(red) if red is not None else 0
+        # ... and last, the call's verdict on gradients replaced out of place (see _fused.Agreement)
+        extra = torch.zeros(2 * k + n_ranks + 1, dtype=torch.float64, device=device)
+        if replaced is not None:
+            extra[-1:] = _reduce.moved(replaced.reshape(1).to(torch.float64), device)
+        first = me == 0
+        local: list[tuple[Tensor, Tensor, Tensor]] = []  # per unit piece: (ids, weight partials, grad partials)
+        whole: list[Tensor | None] = []  # per unit piece: its coefficients where no unit is cut (None: redo all)
+        in_block: dict[int, Tensor] = {}  # unit piece -> positions of its rows in the extra buffer
+        mine = torch.ones((), dtype=torch.float64, device=device)
+        for i, u in enumerate(units):
+            ids, gp = _unit_partials(u, u.grad, p)
+            _, wp = _unit_partials(u, u.data, p)
+            gp, wp = gp.to(device), wp.to(device)
+            local.append((ids, wp, gp))
+            contributes = u.counted and (u.group is not None or first)
+            pos: list[int] = []
+            if u.name in blocks:  # every row cut (tensor parallelism's Shard(1)): vectorised, no per-row Python
+                at, first_id = blocks[u.name]
+                in_block[i] = _reduce.moved(ids, device) - first_id + at
+                if contributes:
+                    _add_partials_(extra, k, in_block[i], wp, gp, p)
+            elif u.split_units:
+                pos = [j for j, uid in enumerate(ids.tolist()) if (u.name, uid) in cut_index]
+                if pos and contributes:
+                    where = _on(device, [cut_index[(u.name, int(ids[j]))] for j in pos])
+                    sel = _on(device, pos)
+                    _add_partials_(extra, k, where, wp[sel], gp[sel], p)
+            if i in in_block:
+                whole.append(None)
+                continue
+            coef = _unit_coefs(wp, gp, p, u.loss_scale, config, u.name, u.grad.dtype)
+            whole.append(None if pos else coef)
+            kept = coef
+            if pos:  # the rows cut across ranks are counted from the combined buffer below, on every rank
+                keep = torch.ones(coef.numel(), dtype=torch.bool, device=device)
+                keep[_on(device, pos)] = False
+                kept = torch.where(keep, coef, torch.full_like(coef, math.inf))  # (a boolean index is a host sync)
+            if kept.numel():
+                mine = torch.minimum(mine, kept.min().to(device, torch.float64))
+        extra[2 * k + me] = mine
+    except Exception as e:  # noqa: BLE001 - any error of this rank's own pieces (see _slots.measure)
+        # (a gradient it cannot take, or one torch cannot read: a meta gradient's NotImplementedError raised
+        # alone, and this rank's next call met the others' collective: gloo aborted the process on its length)
         e.dist_clip_others_counted = _join_refused(units, cut, names, index, p, group, settings)  # type: ignore[attr-defined]
         e.dist_clip_joined = True  # type: ignore[attr-defined]
         raise
-    cut_index, blocks, k = _cut_layout(cut)  # (blocks: a parameter whose every unit is cut)
-    red = _reduce.reduction_group([u.group for u in units] + ([group] if group is not None else []))
-    # (a stand-in is not counted there: zeros add nothing to the norms, and its parameter stays out of reports)
-    shards = [Shards([u.grad], group=u.group, counted=u.counted and u.present, names=[u.name],
-                     loss_scale=u.loss_scale) for u in units]
-    device = _reduce.home_device((t for s in shards for t in s.tensors), red)
-    # The cut units' partials, then one value per rank of the reduction: the smallest coefficient of the units
-    # this rank holds whole, at its own position (zeros elsewhere), so that after the sum (or max) every rank
-    # reads every rank's smallest and all report the same one (each reported its own: clipped on one rank only).
-    n_ranks = _reduce.group_size(red) if red is not None else 1
-    me = _reduce.group_rank(red) if red is not None else 0
-    # ... and last, the call's verdict on gradients replaced out of place (see _fused.Agreement)
-    extra = torch.zeros(2 * k + n_ranks + 1, dtype=torch.float64, device=device)
-    if replaced is not None:
-        extra[-1:] = _reduce.moved(replaced.reshape(1).to(torch.float64), device)
-    first = me == 0
-    local: list[tuple[Tensor, Tensor, Tensor]] = []  # per unit piece: (ids, weight partials, grad partials)
-    whole: list[Tensor | None] = []  # per unit piece: its coefficients where no unit is cut (None: redo them all)
-    in_block: dict[int, Tensor] = {}  # unit piece -> positions of its rows in the extra buffer
-    mine = torch.ones((), dtype=torch.float64, device=device)
-    for i, u in enumerate(units):
-        ids, gp = _unit_partials(u, u.grad, p)
-        _, wp = _unit_partials(u, u.data, p)
-        gp, wp = gp.to(device), wp.to(device)
-        local.append((ids, wp, gp))
-        contributes = u.counted and (u.group is not None or first)
-        pos: list[int] = []
-        if u.name in blocks:  # every row cut (tensor parallelism's Shard(1)): vectorised, no per-row Python
-            at, first_id = blocks[u.name]
-            in_block[i] = _reduce.moved(ids, device) - first_id + at
-            if contributes:
-                _add_partials_(extra, k, in_block[i], wp, gp, p)
-        elif u.split_units:
-            pos = [j for j, uid in enumerate(ids.tolist()) if (u.name, uid) in cut_index]
-            if pos and contributes:
-                where = _on(device, [cut_index[(u.name, int(ids[j]))] for j in pos])
-                sel = _on(device, pos)
-                _add_partials_(extra, k, where, wp[sel], gp[sel], p)
-        if i in in_block:
-            whole.append(None)
-            continue
-        coef = _unit_coefs(wp, gp, p, u.loss_scale, config, u.name, u.grad.dtype)
-        whole.append(None if pos else coef)
-        kept = coef
-        if pos:  # the rows cut across ranks are counted from the combined buffer below, on every rank
-            keep = torch.ones(coef.numel(), dtype=torch.bool, device=device)
-            keep[_on(device, pos)] = False
-            kept = torch.where(keep, coef, torch.full_like(coef, math.inf))  # (a boolean index is a host sync)
-        if kept.numel():
-            mine = torch.minimum(mine, kept.min().to(device, torch.float64))
-    extra[2 * k + me] = mine
     layout = [*names, *(f"{c[0]}:{c[1]}" for c in cut)]  # the slots, then the cut units' order in ``extra``
     result_dtype = _clip._result_dtype([u.grad for u in units], None)
     m = _slots.measure(shards, lambda n, _i: index[n], max(len(names), 1), p, foreach, presence=True,

@@ -7,7 +7,7 @@ import math
 import numbers
 import operator
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -324,8 +324,12 @@ def _partial_grads_set_aside(target: object) -> Iterator[None]:
     its parameter (``absent_dtensor_grads``). A rank holding no gradient of that parameter (a DTensor layer
     unused there) entered the call's collective alone, and the next call of the refusing rank met it (2 ranks, a
     ``Shard(0)`` parameter: rank 0 returned 4.899, rank 1's next call paired with it, rank 0's next hung)."""
-    items = list(target.parameters()) if isinstance(target, nn.Module) else (
-        list(target) if isinstance(target, (list, tuple)) else [])
+    if isinstance(target, nn.Module):
+        items = list(target.parameters())
+    elif isinstance(target, Mapping):
+        items = list(target.values())
+    else:
+        items = [target] if isinstance(target, Tensor) else list(target) if isinstance(target, (list, tuple)) else []
     aside = [(q, q.grad) for q in items if isinstance(q, Tensor) and q.grad is not None
              and any(pl.is_partial() for pl in getattr(q.grad, "placements", ()))]
     try:

@@ -963,9 +963,7 @@ class GradClipper:
             elif before_units:
                 # (a bad optimizer= on one rank left the others in the collective until the process group's
                 # timeout: the units' layout is known from the target alone)
-                joined = unitwise_join_refused(target, p, group, cfg.settings)
-                if joined is not None:
-                    self._count_refused_call(joined)
+                self._join_units_refused(target, group)
             elif isinstance(plan, ParallelPlan) and cfg.mode != "unitwise":
                 # named_under_plan joins for what it finds; bad input found before it (an optimizer= of the
                 # wrong type on one stage) joins here, with the same layout
@@ -1119,11 +1117,12 @@ class GradClipper:
         per_name = cfg.mode != "total" or want_report
         try:
             g = _check_group(group)
-            if per_name:
-                named = named if named is not None else _slots.named_shards(target, g)
-                shards, names = named.shards, named.names
-            else:
-                shards, names = (shards if shards is not None else _plain_shards(target, g)), None
+            with _clip._partial_grads_set_aside(target):  # (planned as a rank holding none of them: see there)
+                if per_name:
+                    named = named if named is not None else _slots.named_shards(target, g)
+                    shards, names = named.shards, named.names
+                else:
+                    shards, names = (shards if shards is not None else _plain_shards(target, g)), None
             red = _reduce.reduction_group(s.group for s in shards)
         except Exception:  # noqa: BLE001 - the layout is unknown: raise the caller's error alone
             return
@@ -1144,6 +1143,13 @@ class GradClipper:
             self._count_refused_call()  # the REFUSED error every other rank raises; the caller raises its own
         else:
             self._count_refused_call(others_counted=True)  # off the CPU: the others read NaN norms and went on
+
+    def _join_units_refused(self, target: object, group: object) -> None:
+        """Bad input this rank found before a ``mode="unitwise"`` measurement: join the others' collective (see
+        :func:`unitwise_join_refused`) and count the call as they do."""
+        joined = unitwise_join_refused(target, self.config.p, group, self.config.settings)
+        if joined is not None:
+            self._count_refused_call(joined)
 
     def _count_refused_call(self, others_counted: bool = False) -> None:
         """A call refused together still counts as one call of the adaptive threshold on every rank: elsewhere
@@ -1247,8 +1253,14 @@ class GradClipper:
         # (read by each rank alone, a NaN in rank 0's FSDP2 shard kept the flag there alone: rank 0 skipped, the
         # others stepped): see _fused.Agreement
         agreement = _fused.Agreement()
-        with agreement.deferring():
-            _clip.settle_hand_over(target, measured)
+        try:
+            with agreement.deferring():
+                _clip.settle_hand_over(target, measured)
+        except (ValueError, TypeError):
+            # (a hand-over pending: this rank's pieces, found for it, refused here, a Partial gradient, before
+            # unitwise_measure could join: rank 0 waited in its collective, gloo aborted rank 1's next call)
+            self._join_units_refused(target, group)
+            raise
         try:
             outcome = unitwise_measure(target, cfg.agc, p, cfg.foreach, group, cfg.settings, agreement.local)
         except BaseException as e:

@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import _fused, _norm, _reduce, _slots
+from .adapters.fsdp import refuse_partial
 from .shards import Shards
 
 __all__ = ["ParallelPlan", "Rule", "clip_grad_norm_", "get_total_norm"]
@@ -256,12 +257,7 @@ class ParallelPlan:
             sub = mesh.get_coordinate()
             if sub is None:
                 return False
-            for pl in grad.placements:
-                if pl.is_partial():
-                    raise ValueError(
-                        f"gradient of {name!r} has placements {tuple(grad.placements)}: a Partial gradient is not "
-                        "reduced yet; redistribute it before clipping"
-                    )
+            refuse_partial(name, tuple(grad.placements))
             mesh_names = mesh.mesh_dim_names or ()
             distinct = [
                 not pl.is_replicate() or (d < len(mesh_names) and mesh_names[d] in rule.distinct)

@@ -1343,11 +1343,22 @@ def refusals_name_the_layouts_gradient() -> list[str]:
     return out
 
 
+# GradClipper settings by name, each mode and policy (the functional calls are "total" and "clip")
+PARTIAL_CLIPPERS: dict[str, dict[str, Any]] = {
+    "fixed": {}, "report": {"report": True}, "autoclip": {"max_norm": dist_clip.AutoClip()},
+    "zclip": {"max_norm": dist_clip.ZClip()}, "unitwise": {"mode": "unitwise"}, "per_param": {"mode": "per_param"},
+    "per_group": {"mode": "per_group"}, "skip": {"on_nonfinite": "skip"}, "hand-over": {},
+    "unitwise-pending": {"mode": "unitwise"}, "per_param-mapping": {"mode": "per_param"},
+}
+
+
 def partial_on_one_rank_none_on_another(how: str) -> list[str]:
     """A module with a ``Shard(0)`` DTensor parameter ``w`` (and a plain ``b``) on a 1-D mesh of 2 ranks: rank 1
     holds a ``Partial`` gradient of ``w``, rank 0 none (the layer unused there: a stand-in in ``w``'s layout, one
-    collective). ``how`` calls ``get_total_norm`` or ``clip_grad_norm_`` on the module; then every rank measures
-    ``b`` over the world. Returns what each call gave: the exception's type, or the value."""
+    collective). ``how`` calls ``get_total_norm`` or ``clip_grad_norm_`` on the module, or a ``GradClipper`` set
+    as ``PARTIAL_CLIPPERS[how]`` says (with an optimizer, fused for "hand-over"; "unitwise-pending": a hand-over
+    of another part pending, which the call settles first; "-mapping": the target ``{"w": w, "b": b}``); then
+    every rank measures ``b`` over the world. Returns what each call gave: the exception's type, or the value."""
     from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
 
     m = mesh((2,), ("dp",))
@@ -1357,14 +1368,53 @@ def partial_on_one_rank_none_on_another(how: str) -> list[str]:
     mod.b.grad = torch.full((3,), 2.0)
     if dist.get_rank() == 1:
         mod.w.grad = DTensor.from_local(torch.ones(4, 2), m, [Partial()], run_check=False)
+    if how == "total":
+        first = lambda: dist_clip.get_total_norm(mod)  # noqa: E731
+    elif how == "clip":
+        first = lambda: dist_clip.clip_grad_norm_(mod, 1.0)  # noqa: E731
+    else:
+        clipper = dist_clip.GradClipper(**PARTIAL_CLIPPERS[how])
+        opt = torch.optim.SGD(mod.parameters(), lr=0.1, fused=how == "hand-over")
+        target = {"w": mod.w, "b": mod.b} if how.endswith("mapping") else mod
+        first = lambda: clipper(target, optimizer=opt).total_norm  # noqa: E731
+    other = nn.Parameter(torch.ones(3))
+    other.grad = torch.full((3,), 5.0)
+    fused = torch.optim.SGD([other], lr=0.1, fused=True)
+    if how.endswith("pending"):
+        dist_clip.clip_grad_norm_([other], 1.0, optimizer=fused)  # (replicas: no collective)
     out = []
-    for call in ((lambda: dist_clip.get_total_norm(mod)) if how == "total" else
-                 (lambda: dist_clip.clip_grad_norm_(mod, 1.0)),
-                 lambda: dist_clip.get_total_norm(mod.b, group=dist.group.WORLD)):
+    for call in (first, lambda: dist_clip.get_total_norm(mod.b, group=dist.group.WORLD)):
         try:
             out.append(f"{float(call()):.4f}")
         except (ValueError, RuntimeError) as e:
             out.append(type(e).__name__)
+    fused.step()  # (the pending hand-over taken)
+    return out
+
+
+def lone_parameter_without_gradient_on_one_rank(how: str) -> list[str]:
+    """A lone ``Shard(0)`` DTensor parameter ``w`` (not in a list) on a 1-D mesh of 2 ranks, its gradient ones on
+    rank 0's shard and ``None`` on rank 1 (the layer unused there): ``how`` measures ``w`` itself
+    (``get_total_norm``, ``clip_grad_norm_`` or a ``GradClipper``), then every rank measures a plain ``b`` over
+    the world. Returns what each call gave."""
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    m = mesh((2,), ("dp",))
+    w = nn.Parameter(distribute_tensor(torch.ones(4, 2), m, [Shard(0)]))
+    b = nn.Parameter(torch.ones(3))
+    b.grad = torch.full((3,), 2.0)
+    if dist.get_rank() == 0:
+        w.grad = DTensor.from_local(torch.ones(2, 2), m, [Shard(0)], run_check=False)
+    first = {"total": lambda: dist_clip.get_total_norm(w), "clip": lambda: dist_clip.clip_grad_norm_(w, 1.0),
+             "clipper": lambda: dist_clip.GradClipper()(w).total_norm}[how]
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ("the target holds no gradients on this rank", as for a list)
+        for call in (first, lambda: dist_clip.get_total_norm(b, group=dist.group.WORLD)):
+            try:
+                out.append(f"{float(call()):.4f}")
+            except RuntimeError as e:
+                out.append(type(e).__name__)
     return out
 
 
@@ -2796,3 +2846,141 @@ def fsdp2_layouts_remade_between_calls() -> list[tuple[str, str, float, float]]:
     dist.destroy_process_group(pg)
     _clear_sharding_prop_cache()
     return out
+
+
+def fsdp2_frozen_sharded_layers_beside_unsharded_ones() -> list[tuple[str, str, float, float]]:
+    """FSDP2 blocks frozen (fine-tuning the layers left unsharded: plain, averaged by hand, the same on every
+    rank): no DTensor gradient is left, and under ``group=`` the plain gradients were taken for the caller's own
+    pieces and summed over it (7.952 for 5.623 on 2 ranks, every per-parameter norm sqrt(2) times its own, and
+    clip_grad_norm_ clipped by that), where with the blocks trainable, or their gradients None, they count once as
+    FSDP2's unsharded copies (AGC already took them so). (mode, group, ours, reference) per call, list and module."""
+    from torch.distributed.fsdp import fully_shard
+
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    model = new_model()
+    model.blocks.requires_grad_(False)
+    ref = reference(model, list(range(ws)))
+    want = reference_norm(list(ref.grads.values()))
+    per_param = reference_param_norms(ref.grads)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh((ws,)))
+    loss_fn(model, *batch(rank)).backward()
+    average_grads_([q for q in model.parameters() if q.grad is not None])
+    saved = [q.grad.clone() for q in model.parameters() if q.grad is not None]
+    out: list[tuple[str, str, float, float]] = []
+    for label, group in (("none", None), ("world", dist.group.WORLD), ("new", dist.new_group(list(range(ws))))):
+        for kind, target in (("module", model), ("list", list(model.parameters()))):
+            out.append((f"{kind} total", label, float(dist_clip.get_total_norm(target, group=group)), want))
+        report = dist_clip.GradClipper(max_norm=math.inf, mode="per_param", report=True)(model, group=group).norms
+        out += [(f"per_param {n}", label, report[n], w) for n, w in per_param.items()]
+        total = float(dist_clip.clip_grad_norm_(model, 1.0, group=group))
+        after = reference_norm([q.grad for q in model.parameters() if q.grad is not None])
+        out += [("clip", label, total, want), ("clipped", label, after, min(1.0, want))]
+        for q, s in zip([q for q in model.parameters() if q.grad is not None], saved):
+            q.grad.copy_(s)
+    return out
+
+
+def fsdp2_over_tp_with_the_tp_layers_frozen() -> list[tuple[str, str, float, float]]:
+    """FSDP2 over tensor parallelism (2 dp x 2 tp, as in :func:`group_over_sliced_meshes`) with the tensor-parallel
+    Linears frozen: the last Linear and the LayerNorm, sharded on ``mesh["dp"]`` alone, have a copy on every tp
+    slice, which only the frozen layers' meshes show. Under ``group=`` the slices were taken for pipeline stages
+    and summed (2.351 for 1.662, every per-parameter norm sqrt(2) times its own; AGC, reading the parameters, was
+    right). (what, group, ours, reference) per call."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    m = mesh((2, 2), ("dp", "tp"))
+    dp = m.get_coordinate()[0]
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 5), nn.Tanh(), nn.Linear(5, 3), nn.LayerNorm(3))
+    model[0].requires_grad_(False)
+    model[2].requires_grad_(False)
+    ref = copy.deepcopy(model).double()
+
+    def data(d: int) -> Tensor:
+        return torch.randn(4, 6, generator=torch.Generator().manual_seed(50 + d)) * 2
+
+    parallelize_module(model, m["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    fully_shard(model, mesh=m["dp"])
+    model(data(dp)).square().mean().backward()
+    torch.stack([ref(data(d).double()).square().mean() for d in range(2)]).mean().backward()
+    want = reference_norm([q.grad for q in ref.parameters() if q.grad is not None])
+    per_param = reference_param_norms({n: q.grad for n, q in ref.named_parameters() if q.grad is not None})
+    out: list[tuple[str, str, float, float]] = []
+    for label, group in (("none", None), ("world", dist.group.WORLD), ("new", dist.new_group(list(range(4))))):
+        for kind, target in (("module", model), ("list", list(model.parameters()))):
+            out.append((f"{kind} total", label, float(dist_clip.get_total_norm(target, group=group)), want))
+        report = dist_clip.GradClipper(max_norm=math.inf, mode="per_param", report=True)(model, group=group).norms
+        out += [(f"per_param {n}", label, report[n], w) for n, w in per_param.items()]
+    return out
+
+
+def fsdp2_layer_sharded_after_the_root_s_lazy_init() -> list[tuple[str, Any, Any]]:
+    """A block made anew and ``fully_shard``-ed after the FSDP2 root's lazy init (the root's list of states, read
+    instead of a walk, was made then and lacks it): after an evaluation forward its unsharded parameters were not
+    stood in for by the sharded ones (their gradients left out: 3.910 for 3.991 on 2 ranks, the list right), and
+    with sync off on it the module was measured (8.38) instead of refused; the block it replaced, still in that
+    list, refused the model where its sync was off. (what, ours, reference) per call."""
+    from torch.distributed.fsdp import fully_shard
+
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    model = new_model()
+    for module in (*model.blocks, model):
+        fully_shard(module, mesh=mesh((ws,)))
+    loss_fn(model, *batch(rank)).backward()
+    dist_clip.get_total_norm(model)  # (the root's lazy init ran in the forward)
+    model.blocks[1].set_requires_gradient_sync(False)  # (the block replaced: the model's sync is on)
+    torch.manual_seed(5)
+    model.blocks[1] = Block(7, 5)
+    fully_shard(model.blocks[1], mesh=mesh((ws,)))
+    model.zero_grad(set_to_none=True)
+    loss_fn(model, *batch(rank + 10)).backward()
+    want = reference_norm([q.grad.full_tensor() for q in model.parameters()])
+    out: list[tuple[str, Any, Any]] = [("sharded", float(dist_clip.get_total_norm(model)), want)]
+    with torch.no_grad():
+        model(batch(rank)[0])  # an evaluation forward: the root and the new block stay unsharded
+    out.append(("unsharded", [type(q).__name__ for q in model.blocks[1].parameters()], ["Parameter"] * 2))
+    for kind, target in (("module", model), ("list", list(model.parameters()))):
+        out.append((f"{kind} after the forward", float(dist_clip.get_total_norm(target)), want))
+    report = dist_clip.GradClipper(max_norm=math.inf, mode="per_param", report=True)(model)
+    out.append(("per_param total", float(report.total_norm), want))
+    model.blocks[1].set_requires_gradient_sync(False)
+    loss_fn(model, *batch(rank + 20)).backward()
+    out.append(("sync off", _refused(lambda: dist_clip.get_total_norm(model), "not reduced yet"), True))
+    model.blocks[1].set_requires_gradient_sync(True)
+    return out
+
+
+def fsdp2_frozen_stage_beside_a_trainable_one_under_group() -> list[tuple[str, float, float]]:
+    """Two pipeline stages on a (pp, dp) = (2, 1) mesh under ``group=WORLD``: stage 0 its FSDP2 block frozen
+    beside a plain weight it trains, stage 1 an FSDP2 block it trains. Stage 0's plain gradient is a copy of its
+    stage only (taken so beside its frozen DTensor parameters), and its rank must still join the collective the
+    other stage's DTensor gradients plan over the group (it took none, and stage 1 waited until the timeout).
+    (target, ours, reference) per call."""
+    from torch.distributed.fsdp import fully_shard
+
+    stage = dist.get_rank()
+    m = mesh((2, 1), ("pp", "dp"))
+    torch.manual_seed(40)
+    blocks = [Block(4, 4), Block(4, 3)]
+    head = nn.Parameter(torch.randn(3, 4))
+    ref0, ref1 = copy.deepcopy(blocks[0]).double().requires_grad_(False), copy.deepcopy(blocks[1]).double()
+    ref_head = head.detach().double().clone().requires_grad_()
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(41))
+    model = nn.Module()
+    model.block = blocks[stage]
+    if stage == 0:
+        model.block.requires_grad_(False)
+        model.head = head
+    fully_shard(model.block, mesh=m["dp"])
+    if stage == 0:
+        (model.block(x) @ model.head.t()).square().mean().backward()
+    else:
+        model.block(x).square().mean().backward()
+    (ref0(x.double()) @ ref_head.t()).square().mean().backward()
+    ref1(x.double()).square().mean().backward()
+    want = reference_norm([ref_head.grad, *(q.grad for q in ref1.parameters())])
+    # (the stages' names differ: the per-parameter modes need a ParallelPlan there)
+    return [(kind, float(dist_clip.get_total_norm(target, group=dist.group.WORLD)), want)
+            for kind, target in (("module", model), ("list", list(model.parameters())))]

@@ -12,6 +12,7 @@ torch's own kernels below the op a dist_clip line calls (``tests/test_gpu.py`` u
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -610,3 +611,87 @@ def test_off_host_sparse_gradients_sync_once_each_to_coalesce(off_host_results):
 #: The checks run together in one process (``off_host_results``), by name.
 _SHARED = {"partials": _PARTIALS, "half_scaling": _HALF_SCALING, "policies": _POLICIES,
            "default_syncs": _DEFAULT_SYNCS, "sparse_syncs": _SPARSE_SYNCS}
+
+
+#: Flows of DDP beside a parameter of rank 0's own (tests/test_flow_fuzz.py's "ddp" setting) whose agreement on the
+#: CPU came from reading a flag there (README, Limits: a flag armed by a call that combines, read on the CPU as not
+#: set, holds no gradient). Each: (name, flow, whether the last, finite, batch steps on every rank).
+_CLASS_E = [
+    *[(f"E_{first}_{own}_{last}",
+       [("fused", True), ("bwd", (-1, 0)), ("call", first, [0]), ("call", own, [2]), ("call", first, [1]),
+        ("replace",), ("call", first, [0]), ("zero", True), ("bwd", None), ("call", last, [0, 1]), ("step",)], True)
+      for first, own, last in [("skip", "skip", "skip"), ("hand", "hand", "hand"), ("skip", "hand", "skip"),
+                               ("skip", "skip", "hand")]],
+    ("E_unfused", [("fused", False), ("bwd", (-1, 0)), ("call", "skip", [0]), ("call", "skip", [2]),
+                   ("call", "skip", [1]), ("replace",), ("call", "skip", [0]), ("zero", True), ("bwd", None),
+                   ("call", "skip", [0, 1]), ("step",)], True),
+    # (the own part's NaN: its flag set, the same on every rank; the batch dropped, both skip alike)
+    ("E_own_nan", [("fused", True), ("bwd", (0, 2)), ("call", "skip", [0]), ("call", "hand", [2]),
+                   ("call", "skip", [1]), ("replace",), ("call", "skip", [0]), ("zero", True), ("bwd", None),
+                   ("call", "hand", [0, 1]), ("step",)], None),
+    # ddp seed 1337 minimised: [l1] armed and clipped again, replaced, DDP's whole handed over (rank 0 steps its own
+    # parameter beside it: armed as a hand-over applied in place), dropped, DDP's whole handed over again
+    ("ddp_1337", [("fused", True), ("bwd", None), ("call", "with_norm", [2]), ("zero", True), ("bwd", (-1, 0)),
+                  ("call", "skip", [1]), ("call", "plain", [1]), ("replace",), ("call", "hand", [0, 1]),
+                  ("zero", True), ("bwd", None), ("call", "hand", [0, 1]), ("step",)], True),
+]
+
+
+def test_off_host_flows_beside_one_ranks_own_combining_part_agree_without_a_host_read(off_host_copy):
+    """Class E off the host (simulated: every flag a device's, never read there): DDP and rank 0's own parameter
+    in one AdamW, a NaN in DDP's first layer, [l0] clipped, rank 0's own part clipped over the world (finite; rank 1
+    passing nothing), [l1] clipped, every gradient replaced out of place, [l0] clipped again, the batch dropped to
+    ``None``, the next one computed and DDP's whole clipped (``GradClipper(on_nonfinite="skip")`` or handed over,
+    fused or not). The own part's flag, combined over the ranks (0 on both), was taken as possibly set: rank 0 held
+    its own gradient by it, kept [l0]'s replaced NaN flag by that gradient and was forced alone to keep it at the
+    last call, while rank 1, whose entry for that flag holds no gradient, forced itself alike or not: rank 0 skipped,
+    rank 1 stepped, DDP's replicas parted (where both were forced, a good step skipped). So too where an entry kept
+    by a verdict of 0 with no gradient left (rank 0's [l1] flag, decided in a hand-over beside its own parameter,
+    which rank 1's hand-over of DDP's whole drops) forced rank 0 alone at the next call (ddp seeds 1156, 1337).
+    Every rank steps now (both skip where the own part's NaN was measured, its flag set), and no host sync is
+    recorded in dist_clip's code on these paths."""
+    repo = str(Path(__file__).resolve().parent.parent)
+    out = _run(off_host_copy, f"""
+    import json, os, sys, tempfile
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    sys.path.append({repo!r})
+    from tests.test_flow_fuzz import run_flow, violations
+    FLOWS = {[(name, flow) for name, flow, _ in _CLASS_E]!r}
+
+    def rank_body(rank, world, store, tmp):
+        import syncs
+        from dist_clip import _reduce, bootstrap
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{{store}}", rank=rank, world_size=world)
+        _reduce.backends = lambda group: {{"": "nccl"}}
+        results, found = {{}}, []
+        for name, flow in FLOWS:
+            with syncs.record() as seen:
+                results[name] = run_flow("ddp", flow)
+            found += [f"{{name}}: {{what}} at " + " <- ".join(reversed(where)) for what, where in seen]
+        bootstrap.shutdown()
+        with open(os.path.join(tmp, f"rank{{rank}}.json"), "w") as f:
+            json.dump({{"results": results, "syncs": found}}, f)
+
+    if __name__ == "__main__":
+        with tempfile.TemporaryDirectory() as tmp:
+            mp.spawn(rank_body, args=(2, os.path.join(tmp, "store"), tmp), nprocs=2)
+            ranks = [json.load(open(os.path.join(tmp, f"rank{{r}}.json"))) for r in range(2)]
+        for name, flow in FLOWS:
+            per_rank = [r["results"][name] for r in ranks]
+            print("FLOW", name, json.dumps({{"took": [[s["took"] for s in steps] for steps in per_rank],
+                                             "bad": violations(flow, per_rank)}}))
+        for r in ranks:
+            for line in r["syncs"]:
+                print("SYNC", line)
+    """)
+    told = {line.split()[1]: json.loads(line.split(" ", 2)[2]) for line in out.splitlines()
+            if line.startswith("FLOW ")}
+    # (but the documented one: the "skip" restore of a plain AdamW, whose step counters live on the host)
+    syncs = [line for line in out.splitlines() if line.startswith("SYNC ")
+             and not line.endswith("# one host read: state the device cannot put back")]
+    assert not syncs, "\n".join(syncs)
+    failures = [f"{name}: {told[name]}" for name, _flow, steps in _CLASS_E
+                if told[name]["bad"] or (steps is not None and told[name]["took"] != [[steps], [steps]])]
+    assert not failures, "\n".join(failures)

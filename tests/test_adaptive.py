@@ -706,6 +706,9 @@ def test_autoclip_history_that_is_no_list_of_numbers_is_refused(history):
     state["threshold"]["history"] = [2, 1]  # whole numbers are norms too
     clipper.load_state_dict(state)
     assert clipper.state_dict()["threshold"]["history"] == [2.0, 1.0]
+    state["threshold"]["history"] = (2.0, 1)  # and a tuple of them, as a list
+    clipper.load_state_dict(state)
+    assert clipper.state_dict()["threshold"]["history"] == [2.0, 1.0]
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -1014,7 +1017,8 @@ def body_agc(names: list[str]) -> list[int]:
             )
             smallest = min([smallest] + [float(torch.linalg.vector_norm(want[n], p) / torch.linalg.vector_norm(
                 ref_grads[n], p)) for n in want if want[n].dim() <= 1])
-            assert result.clip_coef.item() == pytest.approx(smallest, rel=1e-4), (name, p, result.clip_coef, smallest)
+            # (the coefficient is float32: 1e-6)
+            assert result.clip_coef.item() == pytest.approx(smallest, rel=1e-6), (name, p, result.clip_coef, smallest)
             assert bool(result.clipped), (name, p)
             cuts.append(len(cut))
     return cuts

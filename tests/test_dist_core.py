@@ -1597,6 +1597,13 @@ def _refusal_call(case: str, full: list, bad: bool, p: float):
         named = list(_named_pieces(full, rank, world, params=True).values())
         clipper = GradClipper(mode="unitwise", norm_type=p)
         return lambda: clipper(named, group=world_group, optimizer="sgd" if bad else None).total_norm.item()
+    if case == "clipper_unitwise_meta":  # torch's error reading the units' partials, before measuring: alone
+        named = list(_named_pieces(full, rank, world, params=True).values())
+        if bad:
+            named[1] = nn.Parameter(torch.empty(named[1].shape, device="meta"))
+            named[1].grad = torch.empty(named[1].shape, device="meta")
+        clipper = GradClipper(mode="unitwise", norm_type=p)
+        return lambda: clipper(named, group=world_group).total_norm.item()
     if case == "clipper_unitwise_stride0":  # refused by unit-wise clipping's own checks, before measuring
         named = list(_named_pieces(full, rank, world, params=True).values())
         if bad:
@@ -1674,6 +1681,8 @@ def _refusal_expected(case: str, world: int, bad_rank: int, all_refuse: bool = F
         ("clipper_unitwise_optimizer", 2.0),
         ("clipper_unitwise_optimizer", math.inf),
         ("clipper_unitwise_stride0", 2.0),
+        ("clipper_unitwise_meta", 2.0),
+        ("clipper_unitwise_meta", math.inf),
     ],
 )
 def test_bad_input_on_one_rank_raises_on_every_rank_and_the_next_call_is_aligned(run_ranks, case, p):

@@ -205,3 +205,27 @@ def test_fsdp2_flows_found_beyond_the_suite_s_seeds_and_fixed(run_ranks, name):
     per_rank = run_ranks(2, body_fsdp_flow, setting, flow)
     assert not violations(flow, per_rank), (flow, violations(flow, per_rank))
     assert [r[-1]["took"] for r in per_rank] == [False, False], (flow, per_rank)
+
+
+def body_fsdp_flows_off_host(setting: str, seeds: list[int]) -> list:
+    """:func:`body_fsdp_flows` with every skip flag taken for an accelerator's, never read on the host, as on a GPU
+    (see tests/test_flow_fuzz.py's ``body_flows_off_host``)."""
+    from dist_clip import _fused
+
+    saved = _fused._on_host
+    _fused._on_host = lambda flag: False
+    try:
+        return body_fsdp_flows(setting, seeds)
+    finally:
+        _fused._on_host = saved
+
+
+def test_hsdp_flows_off_the_host_take_the_promised_good_step(run_ranks):
+    """HSDP seeds 1039, 1074, 1170 and 1171 where no flag is read on the host (simulated): flags the CPU reads as
+    not set, taken there as possibly set, kept a dropped batch's flag on every rank, and the promised good step was
+    skipped on both (took [False, False]; they step on the CPU). Each takes it now, their value deciding (seed 1153
+    still skips it off the host, alike on both ranks: README, Limits)."""
+    seeds = [1039, 1074, 1170, 1171]
+    per_rank = run_ranks(2, body_fsdp_flows_off_host, "hsdp", seeds, timeout_s=300)
+    failures = failures_of("hsdp", seeds, per_rank)
+    assert not failures, "\n".join(failures)

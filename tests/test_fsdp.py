@@ -192,15 +192,27 @@ def test_a_refusal_names_the_first_gradient_of_the_refused_layout(run_ranks) -> 
         assert partial.startswith("gradient of '1' has placements (Partial(sum),)"), partial
 
 
-@pytest.mark.parametrize("how", ["total", "clip"])
+@pytest.mark.parametrize("how", ["total", "clip", *cases.PARTIAL_CLIPPERS])
 def test_a_partial_gradient_on_one_rank_is_refused_where_another_holds_none(run_ranks, how) -> None:
     """A Partial gradient of a module's DTensor parameter on rank 1, none on rank 0 (a stand-in there): rank 1
     refused alone, without joining the collective rank 0's plan makes (its own target did not resolve), so rank
-    0's call met rank 1's next one (rank 0 returned 4.899, the next call's total, and then hung in its next call).
-    The refusing rank plans as if it held no gradient of that parameter and joins: every rank raises, and the next
-    call is every rank's next call (sqrt(24) = 4.899, b's copies summed over the world)."""
+    0's call met rank 1's next one (rank 0 returned 4.899, the next call's total, and then hung in its next call;
+    a GradClipper's call read the next call's settings as a disagreement, or gloo aborted the process on its
+    length, and "unitwise" raised NotImplementedError, "placements differ", alone). The refusing rank plans as if
+    it held no gradient of that parameter and joins: every rank raises, and the next call is every rank's next
+    call (sqrt(24) = 4.899, b's copies summed over the world), in every GradClipper mode and policy too."""
     assert run_ranks(2, cases.partial_on_one_rank_none_on_another, how) == [
         ["RefusedElsewhere", "4.8990"], ["ValueError", "4.8990"]]
+
+
+@pytest.mark.parametrize("how", ["total", "clip", "clipper"])
+def test_a_lone_dtensor_parameter_without_gradient_on_one_rank_joins_the_others(run_ranks, how) -> None:
+    """A lone DTensor parameter as the target (not in a list), its gradient None on rank 1: rank 1 made no
+    collective and returned 0, and rank 0's collective met rank 1's next call (get_total_norm returned 4.0 on both,
+    the next call's 4.899 on neither; clip_grad_norm_ and GradClipper read the next call's settings as a
+    disagreement), then rank 0's next call hung. It is planned as a list of it is, with a stand-in: 2.0 (rank 0's
+    shard of ones) on both, and the next call aligned."""
+    assert run_ranks(2, cases.lone_parameter_without_gradient_on_one_rank, how) == [["2.0000", "4.8990"]] * 2
 
 
 # --------------------------------------------------------------------------------------------------- FSDP1
@@ -685,3 +697,42 @@ def test_fsdp2_layouts_remade_between_calls_are_read_anew(run_ranks, world_size:
     assert tuple(dict.fromkeys(step for step, *_ in results[0])) == steps
     for step, what, ours, want in results[0]:
         assert math.isclose(ours, want, rel_tol=RTOL), (step, what, ours, want)
+
+
+def test_fsdp2_frozen_sharded_layers_beside_unsharded_ones_count_them_once_under_group(run_ranks) -> None:
+    """Every sharded layer frozen: the layers FSDP2 left unsharded are copies under group= too (they were summed
+    over the group: sqrt(2) times the norm on 2 ranks), as with the sharded layers trainable."""
+    results = run_ranks(2, cases.fsdp2_frozen_sharded_layers_beside_unsharded_ones, timeout_s=90)
+    assert results[0] == results[1], "ranks disagree"
+    wrong = [(what, group, ours, want) for what, group, ours, want in results[0]
+             if not math.isclose(ours, want, rel_tol=RTOL)]
+    assert not wrong, wrong
+
+
+def test_fsdp2_over_tp_with_the_tp_layers_frozen_counts_the_dp_layers_once_under_group(run_ranks) -> None:
+    """The frozen tensor-parallel layers still say the tp slices hold copies of the layers on mesh["dp"] (they were
+    summed as pipeline stages under group=: sqrt(2) times the norm on 2 dp x 2 tp)."""
+    results = run_ranks(4, cases.fsdp2_over_tp_with_the_tp_layers_frozen, timeout_s=90)
+    assert all(r == results[0] for r in results), "ranks disagree"
+    # (the last Linear's gradients are about 2e-4: float32's forward leaves them 3e-4 off, relative)
+    wrong = [(what, group, ours, want) for what, group, ours, want in results[0]
+             if not math.isclose(ours, want, rel_tol=RTOL, abs_tol=cases.ATOL)]
+    assert not wrong, wrong
+
+
+def test_fsdp2_layer_sharded_after_the_root_s_lazy_init_is_read_with_the_others(run_ranks) -> None:
+    """A block fully_shard-ed anew after the root's first forward: stood in for once unsharded, refused with sync off
+    (the root's state list from its lazy init lacked it: its gradients were left out, or measured unreduced)."""
+    results = run_ranks(2, cases.fsdp2_layer_sharded_after_the_root_s_lazy_init, timeout_s=90)
+    assert results[0] == results[1], "ranks disagree"
+    wrong = [(what, ours, want) for what, ours, want in results[0]
+             if not (math.isclose(ours, want, rel_tol=RTOL) if isinstance(want, float) else ours == want)]
+    assert not wrong, wrong
+
+
+def test_fsdp2_frozen_stage_beside_a_trainable_one_joins_the_group_s_collective(run_ranks) -> None:
+    """A stage whose DTensor parameters are all frozen still joins group='s collective (its plain gradients are
+    copies there, counted once), where the other stage's DTensor gradients plan one."""
+    results = run_ranks(2, cases.fsdp2_frozen_stage_beside_a_trainable_one_under_group, timeout_s=60)
+    assert results[0] == results[1], "ranks disagree"
+    assert all(math.isclose(ours, want, rel_tol=RTOL) for _, ours, want in results[0]), results[0]

@@ -212,13 +212,26 @@ _LOCAL = operator.attrgetter("_local_tensor")
 _NAME, _GRAD = operator.itemgetter(0), operator.itemgetter(1)
 
 
-def dtensor_shards(pairs: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup | None) -> list[Shards]:
+def refuse_partial(name: str, placements: tuple[Any, ...]) -> None:
+    """A gradient whose ``placements`` hold a ``Partial`` is refused (a ``ValueError``), in every mode alike."""
+    if any(pl.is_partial() for pl in placements):
+        raise ValueError(
+            f"gradient of {name!r} has placements {placements}: a Partial gradient is not reduced yet, so its "
+            "norm is undefined; redistribute it to Shard/Replicate before clipping"
+        )
+
+
+def dtensor_shards(pairs: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup | None,
+                   params: Sequence[tuple[str, Tensor]] = ()) -> list[Shards]:
     """Shards for (name, DTensor gradient) pairs, read from their meshes and placements.
 
     Args:
         pairs: (name, gradient) with DTensor gradients.
         group: the caller's override. With it, ranks of ``group`` outside a gradient's mesh are taken to hold
             different pieces (pipeline stages): only the mesh's own Replicate dims make copies.
+        params: the target's (name, tensor) pairs, frozen parameters too: with ``group``, the meshes of its
+            DTensor parameters say which sibling slices hold copies (:class:`GroupCounting`), as the gradients'
+            do. The tensor-parallel layers frozen, the layers on ``mesh["dp"]`` were taken for pipeline stages.
     """
     names, grads = list(map(_NAME, pairs)), list(map(_GRAD, pairs))
     ids = list(map(id, map(_SPEC, grads)))
@@ -239,11 +252,7 @@ def dtensor_shards(pairs: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup
         mesh, placements = spec.mesh, tuple(spec.placements)
         known = seen.get((id(mesh), placements))
         if known is None:
-            if any(pl.is_partial() for pl in placements):
-                raise ValueError(
-                    f"gradient of {names[ids.index(sid)]!r} has placements {placements}: a Partial gradient is "
-                    "not reduced yet, so its norm is undefined; redistribute it to Shard/Replicate before clipping"
-                )
+            refuse_partial(names[ids.index(sid)], placements)
             distinct = [_is_distinct(pl) for pl in placements]
             root = _root_mesh(mesh)
             dims = [d for d, is_d in enumerate(distinct) if is_d]
@@ -288,7 +297,8 @@ def dtensor_shards(pairs: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup
         return [Shards(ts, group=group, names=ns)]
 
     reduce_over = group if group is not None else _world()
-    counting = GroupCounting(group, [layouts[i][0] for i in held]) if group is not None else None
+    counting = GroupCounting(group, [layouts[i][0] for i in held] + _param_meshes(params)) if group is not None \
+        else None
     for i in held:  # (in the order of each layout's first gradient: a refusal names the first one)
         mesh, root, distinct, coord = layouts[i]
         if counting is not None:
@@ -301,6 +311,14 @@ def dtensor_shards(pairs: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup
     if scaled_t:
         out.append(Shards(scaled_t, group=reduce_over, counted=False, names=scaled))
     return out
+
+
+def _param_meshes(params: Sequence[tuple[str, Tensor]]) -> list[Any]:
+    """The meshes of the DTensors among (name, tensor) ``params`` that hold this rank (each spec read once)."""
+    specs = {id(spec): spec for q in map(_GRAD, params) if (spec := getattr(q, "_spec", None)) is not None
+             and hasattr(q, "device_mesh")}
+    meshes = {id(spec.mesh): spec.mesh for spec in specs.values()}
+    return [m for m in meshes.values() if m.get_coordinate() is not None]
 
 
 def _cut(names: list[str], grads: list[Tensor], ids: list[int], of_spec: dict[int, int], bucket: list[int],

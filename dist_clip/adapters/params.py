@@ -29,6 +29,7 @@ __all__ = [
     "copy_peers",
     "fsdp2_data_peers",
     "gradient_of",
+    "holds_dtensors",
     "is_parameter",
     "listed_stand_ins",
     "matches",
@@ -164,17 +165,19 @@ def module_parameters(module: nn.Module, remove_duplicate: bool = True) -> list[
     groups: dict[int, Any] = {}
     root = fully_shard is not None and isinstance(module, fully_shard.FSDPModule)
     if root:
-        # An FSDP2 root after its lazy init lists every state under it: no walk over the module tree (which took
-        # 0.3 ms a call on a 32-block model).
-        state = module._get_fsdp_state()  # type: ignore[operator]
-        everyone = state._state_ctx.all_states if state._is_root else []
-        for st in everyone:
-            groups.update((id(pg), pg) for pg in _param_groups(st))
-        root = bool(everyone)
+        # An FSDP2 root after its lazy init: the states under it from the walk kept on it (no walk over the module
+        # tree per call, which took 0.3 ms on a 32-block model). Not the root's own list of states from its lazy
+        # init: a module fully_shard-ed under it after that (a layer made anew) is not in it (its unsharded
+        # parameters were not stood in for, left out after an evaluation forward, 3.910 for 3.991, and its sync off
+        # not refused: measured, 8.38), and a module replaced since still is (its sync off refused the model).
+        root = bool(module._get_fsdp_state()._is_root)  # type: ignore[operator]
         if root:
+            holders, states = _walk(module, replicate)
+            for st in states:
+                groups.update((id(pg), pg) for pg in _param_groups(st))
             # A DDP (its parameters ignored by fully_shard) or a replicate() module under the root, inside its own
             # no_sync: counted as replicas, rank 0's unaveraged gradients set every rank's total (0.85 both).
-            for m in _sync_holders(module, replicate):
+            for m in holders:
                 _check_synced(m, replicate)
     if not root:
         ddp = _ddp_types()
@@ -267,9 +270,16 @@ _SYNC_HOLDERS = "_dist_clip_sync_holders"
 
 
 def _sync_holders(root: nn.Module, replicate: Any) -> list[nn.Module]:
-    """The DDP (and, given torch's composable ``replicate`` module, ``replicate()``d) modules under ``root``, by a
-    plain walk over ``_modules`` (``modules()`` took 5x as long), kept on the root until a module or parameter is
-    registered anywhere or a composable state is added (a walk of a 673-module model cost 0.25 ms a call)."""
+    """The DDP (and, given torch's composable ``replicate`` module, ``replicate()``d) modules under ``root``
+    (:func:`_walk`)."""
+    return _walk(root, replicate)[0]
+
+
+def _walk(root: nn.Module, replicate: Any) -> tuple[list[nn.Module], list[Any]]:
+    """:func:`_sync_holders`, and the FSDP2 states of the ``fully_shard``-ed modules under ``root`` (the root's
+    included), by a plain walk over ``_modules`` (``modules()`` took 5x as long), kept on the root until a module
+    or parameter is registered anywhere or a composable state is added (a walk of a 673-module model cost 0.25 ms
+    a call)."""
     from torch.distributed._composable_state import _module_state_mapping
 
     from .fsdp import _watch_registrations, registrations
@@ -278,17 +288,30 @@ def _sync_holders(root: nn.Module, replicate: Any) -> list[nn.Module]:
     key = (registrations(), len(_module_state_mapping))
     kept = root.__dict__.get(_SYNC_HOLDERS)
     if kept is not None and kept[0] == key:
-        return kept[1]  # type: ignore[no-any-return]
+        return kept[1], kept[2]
     ddp = _ddp_types()
+    fully_shard = sys.modules.get("torch.distributed.fsdp._fully_shard._fully_shard")
+    sharded = fully_shard.FSDPModule if fully_shard is not None else ()
     found: list[nn.Module] = []
+    states: list[Any] = []
     stack = [root]
     while stack:
         m = stack.pop()
         if isinstance(m, ddp) or (replicate is not None and replicate.replicate.state(m) is not None):
             found.append(m)
+        if isinstance(m, sharded) and (st := _fsdp2_state(m)) is not None:
+            states.append(st)
         stack.extend(c for c in m._modules.values() if c is not None)
-    root.__dict__[_SYNC_HOLDERS] = (key, found)
-    return found
+    root.__dict__[_SYNC_HOLDERS] = (key, found, states)
+    return found, states
+
+
+def _fsdp2_state(module: nn.Module) -> Any:  # noqa: ANN401 - torch's FSDPState
+    """A ``fully_shard``-ed module's state, or None where torch has none for it (a deep copy's)."""
+    try:
+        return module._get_fsdp_state()  # type: ignore[operator]
+    except AssertionError:
+        return None
 
 
 def _check_synced(m: nn.Module, replicate: Any) -> None:
@@ -583,21 +606,36 @@ def _ddp_types() -> tuple[type, ...]:
     return (DistributedDataParallel,)
 
 
-def shards_of_grads(grads: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup | None) -> list[Shards]:
-    """Shards for (name, gradient) pairs: plain tensors and DTensors, each by its own rule."""
+def shards_of_grads(grads: Sequence[tuple[str, Tensor]], group: dist.ProcessGroup | None,
+                    params: Sequence[tuple[str, Tensor]] = ()) -> list[Shards]:
+    """Shards for (name, gradient) pairs: plain tensors and DTensors, each by its own rule. ``params``: the
+    target's (name, tensor) pairs, frozen parameters and those without a gradient too (:func:`holds_dtensors`)."""
     plain, dtensors = split_dtensors(grads)
     out: list[Shards] = []
     if plain or not dtensors:
         # Plain tensors beside DTensors are the parameters FSDP2 left unsharded: copies on every rank,
-        # whatever group= says about the DTensors. Alone, with group=, they are the caller's own shards.
-        plain_group = None if dtensors else group
+        # whatever group= says about the DTensors. Alone, with group=, they are the caller's own shards, unless
+        # the target holds DTensor parameters without a gradient: every sharded layer frozen (fine-tuning the
+        # unsharded ones), they were summed over group= (sqrt(2) times the norm on 2 ranks), where trainable
+        # ones, or ones whose gradients are None (stand-ins), made them copies.
+        copies = not dtensors and group is not None and bool(plain) and holds_dtensors(params)
+        plain_group = None if dtensors or copies else group
         names, tensors = zip(*plain) if plain else ((), ())
         out.append(Shards(list(tensors), group=plain_group, names=list(names)))
+        if copies:
+            # group='s collective joined all the same, with nothing: a pipeline stage frozen so took none, and the
+            # stages holding DTensor gradients waited in theirs until the timeout
+            out.append(Shards([], group=group))
     if dtensors:
         from .fsdp import dtensor_shards
 
-        out.extend(dtensor_shards(dtensors, group))
+        out.extend(dtensor_shards(dtensors, group, params))
     return out
+
+
+def holds_dtensors(params: Sequence[tuple[str, Tensor]]) -> bool:
+    """Whether some tensor of the (name, tensor) pairs ``params`` is a DTensor (by type, each type once)."""
+    return any(map(_is_dtensor_type, set(map(type, map(_second, params))) - _PLAIN_KINDS))
 
 
 def check_ddp_synced(ddp: nn.Module) -> None:
@@ -672,7 +710,7 @@ def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
 
         def plan(over: dist.ProcessGroup | None) -> list[Shards]:
             if len(pairs) < len(params):  # some gradient None here (frozen, unused, or set to None on this rank)
-                return shards_with_stand_ins(pairs, absent_dtensor_grads(params, alone=not pairs), over)
+                return shards_with_stand_ins(pairs, absent_dtensor_grads(params, alone=not pairs), over, params)
             return shards_of_grads(pairs, over)
 
         return planned_with_copies(target, params, group, plan)
@@ -684,8 +722,8 @@ def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
         pairs = named_grads(items)
         if len(pairs) < len(items):
             listed = _listed_stand_ins(items, items) or items  # (FSDP2's unsharded ones: their sharded ones)
-            absent = absent_dtensor_grads([(n, t) for n, t in zip(_positions(len(listed)), listed)
-                                           if isinstance(t, Tensor)], alone=not pairs)
+            named = [(n, t) for n, t in zip(_positions(len(listed)), listed) if isinstance(t, Tensor)]
+            absent = absent_dtensor_grads(named, alone=not pairs)
             if absent and not pairs:
                 # A list whose gradients are all None on this rank (a per-rank zero_grad(set_to_none=True), a
                 # rank whose layers were all unused) joins the others' collective through its stand-ins: it
@@ -693,9 +731,15 @@ def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
                 # target without gradients (before a backward, under FSDP2's sync off the total reads 0).
                 warn_at_caller("dist_clip: the target holds no gradients on this rank; its total is the other "
                                "ranks' (0 where none holds any)")
-            return shards_with_stand_ins(pairs, absent, group)
+            return shards_with_stand_ins(pairs, absent, group, named)
     else:
         pairs = named_grads(target)
+        if not pairs and isinstance(target, Tensor):
+            # A lone parameter without a gradient here (its layer unused on this rank): planned as a list of it,
+            # with a stand-in in its layout where it is a DTensor, as the named modes plan it. It made no
+            # collective and read 0, and the other rank's collective met this rank's next call (2 ranks, a
+            # Shard(0) parameter: both returned 4.0, the next call's 4.899 on neither, then a hang).
+            return shards([target], group)
     return shards_of_grads(pairs, group)
 
 
@@ -888,15 +932,15 @@ def copy_counted_here(copies: dist.ProcessGroup, reduce_over: dist.ProcessGroup,
 
 
 def shards_with_stand_ins(pairs: list[tuple[str, Tensor]], absent: list[tuple[str, Tensor]],
-                          group: dist.ProcessGroup | None) -> list[Shards]:
+                          group: dist.ProcessGroup | None, params: Sequence[tuple[str, Tensor]] = ()) -> list[Shards]:
     """:func:`shards_of_grads` of the gradients ``pairs`` and the stand-ins ``absent``
     (:func:`absent_dtensor_grads`) planned together, as the ranks holding those gradients plan them (planned
     apart, the gradients here could take the plan over their shard group, whose replicas would then be summed
     twice over the world the stand-ins need); the stand-ins moved into Shards of their own, not counted (a
-    parameter without a gradient anywhere stays out of reports)."""
+    parameter without a gradient anywhere stays out of reports). ``params``: as :func:`shards_of_grads` reads it."""
     if not absent:
-        return shards_of_grads(pairs, group)
-    out = shards_of_grads(pairs + absent, group)
+        return shards_of_grads(pairs, group, params)
+    out = shards_of_grads(pairs + absent, group, params)
     stand_ins = {id(t._local_tensor) for _, t in absent}  # type: ignore[attr-defined]
     split: list[Shards] = []
     for sh in out:
