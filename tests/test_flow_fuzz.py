@@ -744,25 +744,7 @@ def test_a_written_nan_hand_over_whose_part_was_replaced_keeps_its_flag_on_every
 
 #: Minimised flows that break an invariant on the current code, each replayed by a strict xfail below for whoever
 #: fixes it (a fix moves its entry to FIXED; the test is collected only while one is open).
-OPEN: dict[str, tuple[str, list[tuple]]] = {
-    # DDP, fused: a NaN in DDP's l1 (every rank), DDP's whole handed over, l1's gradients alone replaced out of place,
-    # rank 0's own part clipped over the world (GradClipper, rank 1 passing nothing), the batch dropped to None,
-    # the next one computed and DDP's whole handed over again: rank 0 skipped, rank 1 stepped, DDP's replicas
-    # parted (same fuzz, seed 1453; 1499 alike with l0's NaN)
-    "ddp_part_replaced_then_own_part_dropped": ("ddp", [("fused", True), ("bwd", (-1, 1)), ("call", "hand", [0, 1]),
-                                                        ("replace", [1]), ("call", "skip", [2]), ("zero", True),
-                                                        ("bwd", None), ("call", "hand", [0, 1]), ("step",)]),
-    # The mirror of FIXED alone_replaced_then_read_by_no_arming: the NaN in rank 1's ``b``; [a, b] handed over over
-    # the world, every gradient replaced out of place, [a] read by get_total_norm over the world (rank 0 settles by
-    # its own finite read of a and b and drops; rank 1, measuring nothing, keeps its hand-over waiting), [b] read:
-    # rank 1 settles by its read of ``b``, NaN, and keeps: rank 0 stepped, rank 1 skipped (18 of h11's 576 2-rank
-    # variants, all this form; so on base too). Remedy not done: a waiting hand-over's flag combined over several
-    # ranks joining such a call's value (it may skip good steps elsewhere: unswept)
-    "alone_replaced_nan_on_rank_1_then_read_by_no_arming": ("alone", [("fused", True), ("bwd", (1, 1)),
-                                                                      ("call", "hand", [0, 1]), ("replace",),
-                                                                      ("call", "total", [0]), ("call", "total", [1]),
-                                                                      ("step",)]),
-}
+OPEN: dict[str, tuple[str, list[tuple]]] = {}
 
 if OPEN:
     @pytest.mark.xfail(strict=True, reason="open: the ranks take different verdicts, DDP's replicas part, or a NaN "
@@ -861,6 +843,26 @@ def test_hsdp_nan_hand_over_accumulated_then_zeroed_in_place_skips_on_every_rank
 
 #: Flows the fuzz found open and a fix since closed (kept as replays that must pass).
 FIXED = {
+    # DDP, fused: a NaN in DDP's l1 (every rank), DDP's whole handed over, l1's gradients alone replaced out of place,
+    # rank 0's own part clipped over the world (GradClipper, rank 1 passing nothing), the batch dropped to None,
+    # the next one computed and DDP's whole handed over again: rank 0 skipped, rank 1 stepped, DDP's replicas
+    # parted (same fuzz, seed 1453; 1499 alike with l0's NaN); passes under the agreed ledger (session 40, h1): the
+    # own part's agreed entry is decided by that combining call's read, alike, and the next batch's hand-over of
+    # DDP's whole (finite) replaces the local ones: both step
+    "ddp_part_replaced_then_own_part_dropped": ("ddp", [("fused", True), ("bwd", (-1, 1)), ("call", "hand", [0, 1]),
+                                                        ("replace", [1]), ("call", "skip", [2]), ("zero", True),
+                                                        ("bwd", None), ("call", "hand", [0, 1]), ("step",)]),
+    # The mirror of FIXED alone_replaced_then_read_by_no_arming: the NaN in rank 1's ``b``; [a, b] handed over over
+    # the world, every gradient replaced out of place, [a] read by get_total_norm over the world (rank 0 settles by
+    # its own finite read of a and b and drops; rank 1, measuring nothing, keeps its hand-over waiting), [b] read:
+    # rank 1 settles by its read of ``b``, NaN, and keeps: rank 0 stepped, rank 1 skipped (18 of h11's 576 2-rank
+    # variants, all this form; so on base too). Passes under the agreed ledger (session 40, h1): the hand-over's
+    # flag is an agreed entry, decided by each combining read's verdict: [b]'s read (rank 1's NaN, replaced out of
+    # place, carries it) keeps it on both ranks: both skip (KEPT)
+    "alone_replaced_nan_on_rank_1_then_read_by_no_arming": ("alone", [("fused", True), ("bwd", (1, 1)),
+                                                                      ("call", "hand", [0, 1]), ("replace",),
+                                                                      ("call", "total", [0]), ("call", "total", [1]),
+                                                                      ("step",)]),
     # DDP, fused: a NaN in DDP's l0 (every rank), DDP's whole handed over, an auxiliary loss into the held gradients,
     # l0's gradients alone replaced out of place, [l1] clipped by GradClipper(on_nonfinite="skip") (group=None):
     # the [l1] call settled the hand-over as "written" (l1 written by the auxiliary loss), whose flag joined the
@@ -1003,6 +1005,7 @@ FIXED = {
 
 #: FIXED flows whose last step every rank skips (README: a flag that lasts to the step)
 KEPT = {"ddp_own_nan_then_two_parts", "ddp_own_nan_dropped_then_empty_part", "alone_nan_b_replaced_then_read",
+        "alone_replaced_nan_on_rank_1_then_read_by_no_arming",
         "alone_settled_then_read_by_no_arming", "alone_replaced_then_read_by_no_arming",
         "alone_replaced_twice_then_read_by_no_arming", "ddp_part_replaced_after_aux_loss_nan_stepped"}
 
