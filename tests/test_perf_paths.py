@@ -5003,7 +5003,7 @@ def test_a_parameter_of_one_ranks_own_replaced_beside_a_clipped_piece_steps_with
 
 
 @pytest.mark.parametrize(("then", "piece", "stepped"), [("total", "whole", True), ("step", "whole", False),
-                                                        ("total", "slice", False), ("total", "other", True)])
+                                                        ("total", "slice", True), ("total", "other", True)])
 def test_a_hand_over_beside_a_parameter_of_one_ranks_own_parts_no_ranks(run_ranks, then, piece, stepped):
     """Rank 0's optimizer steps more than the call measured, so the call scaled there and armed the skip (lasting
     to the step) where rank 1 handed over (dropped with the batch, by the verdict of a call reading it): the next
@@ -5013,7 +5013,9 @@ def test_a_hand_over_beside_a_parameter_of_one_ranks_own_parts_no_ranks(run_rank
     steps: no rank hands over, each arms the skip until the step, rank 0 too (kept as a hand-over's on rank 0 alone,
     mutation run 17's T04 and T05, rank 0 stepped and rank 1 skipped). Since session 39 ``w`` with ``c`` arms an
     agreed entry held by ``w`` (``c`` is no optimizer's), which ``get_total_norm`` decides by the ranks' read of
-    ``w``'s new gradient: every rank steps; the slice's, held by no parameter, lasts until the step."""
+    ``w``'s new gradient: every rank steps. Since session 40 the slice's entry is agreed too, held by ``w`` (a slice
+    of its gradient), and decided alike: every rank steps (it lasted to the step, a kind chosen by each rank's
+    pieces, which parted the ranks where another rank measured ``w`` whole)."""
     assert run_ranks(2, body_a_hand_over_beside_a_parameter_of_one_ranks_own, then, piece) == [stepped] * 2
 
 
