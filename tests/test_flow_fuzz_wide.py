@@ -460,6 +460,15 @@ def test_a_flag_pending_as_a_closure_step_begins_skips_it_on_every_rank(run_rank
 
 #: Minimised wide flows that broke an invariant until a fix (kept as replays that must pass): (setting, flow)
 FIXED: dict[str, tuple[str, list[tuple]]] = {
+    # skip_next_step_(opt, True) before the backward (no gradient held on any rank), [a] clipped over the world by
+    # GradClipper(on_nonfinite="skip") (measuring nothing), the backward, [a] clipped again, stepped: the first
+    # call's verdict (1) made the explicit entry one held by the gradients held at its arming, none, and the second
+    # call's finite read dropped it: both ranks stepped the batch the skip was asked for (wplain seed 73, session 40,
+    # on the agreed ledger alone; main skips). An explicit entry armed while no gradient was held stays one lasting
+    # to the step: both skip (KEPT)
+    "explicit_before_backward_then_clipped_twice": ("wplain", [("opts", "fused"), ("skipnext", 0, True),
+                                                               ("call", "skip", [0], 0), ("bwd", None),
+                                                               ("call", "skip", [0], 0), ("step", 0, None)]),
     # W2: DDP (optimizer A) beside rank 0's own parameter stepped by an optimizer of its own (B, README's advice in
     # Limits); a NaN in rank 0's own gradient, [own] clipped over the world arming A's skip (GradClipper, optimizer=A,
     # which steps none of it; rank 1 passing nothing arms an entry standing for rank 0's gradient), [own] then
@@ -512,7 +521,7 @@ def test_fixed_wide_flows(run_ranks, name):
 
 #: FIXED wide flows whose last step every rank skips (a flag armed over the world that no later call over the world
 #: drops: README, Non-finite gradients)
-KEPT = {"ddp_own_outside_written"}
+KEPT = {"ddp_own_outside_written", "explicit_before_backward_then_clipped_twice"}
 
 
 #: Minimised wide flows that break an invariant on the current code, each replayed by a strict xfail below for
