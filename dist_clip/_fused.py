@@ -1519,13 +1519,8 @@ def decide_agreed(survivors: dict[int, Any], verdict: Tensor, ranks: frozenset[i
         if any(e.kind == "agreed" for e in ledger if id(e) in decided):
             out.append(merged([k for k in kept if k.kind == "agreed"], "agreed"))
         if any(e.kind in ("explicit", "held") for e in ledger if id(e) in decided):
-            # (skip_next_step_'s stay held by the gradients held at its arming, whatever wrote them: "held"; one
-            # armed while this rank held no gradient lasts to the step as it was, by the verdict's flag: merged into
-            # "held" with nothing to hold it, the next call's finite read dropped it, and a skip asked before the
-            # backward was lost on every rank, the step taken; wplain seed 73)
-            if any(k.kind == "explicit" and not k.grads for k in kept):
-                out.append(_Entry(flag, [], [], "explicit", ranks=ranks))
-            out.append(merged([k for k in kept if k.kind in ("explicit", "held") and k.grads], "held"))
+            # (skip_next_step_'s stay held by the gradients held at its arming, whatever wrote them: "held")
+            out.append(merged([k for k in kept if k.kind in ("explicit", "held")], "held"))
         optimizer.__dict__[_LEDGER] = out
 
 
