@@ -450,7 +450,9 @@ class AGC:
 
     For every unit (row along dim 0 of a parameter with 2+ dims, the whole of a 0/1-D parameter), with
     ``max = clipping * max(||w_unit||, eps)``: a gradient unit with ``||g_unit|| >= max`` is scaled to norm
-    ``max`` (``g * max / max(||g_unit||, 1e-6)``), others are left alone. Norms are of the clipper's order.
+    ``max`` (``g * max / max(||g_unit||, 1e-6)``), others are left alone. Norms are of the clipper's order. A NaN
+    in a weight makes its unit's ``max`` NaN: where that unit's gradient is not zero the call is a non-finite one
+    (``on_nonfinite`` applies, on every rank), as its coefficient would write NaN into the gradient.
 
     Attributes:
         clipping: the ratio λ (0.01 for batch sizes up to 4096 in the paper, smaller for larger batches).
@@ -757,13 +759,18 @@ def _dtensor_geometry(name: str, param: Any, world: bool, group: dist.ProcessGro
 
 
 def unit_pieces(
-    target: object, group: dist.ProcessGroup | None
+    target: object, group: dist.ProcessGroup | None, *, refusing: bool = False
 ) -> tuple[list[_Unit], list[tuple[str, int | range]], tuple[str, ...]]:
     """Every local piece of ``target`` with its unit geometry, the cut units (identical on every rank) and names.
 
     Cut units are listed by (parameter name, unit id) in an order every rank derives from the model's
     structure alone; (parameter name, range of unit ids) is a parameter whose every unit is cut (a
     tensor-parallel ``Shard(1)`` weight), combined as one block of the buffer.
+
+    ``refusing``: the layout of a rank that refuses its input (:func:`unitwise_join_refused`): a listed tensor
+    that is no parameter (refused with a ``TypeError`` otherwise) is laid out as a parameter without gradient,
+    as the ranks holding that parameter lay it out, and a DTensor gradient whose placements are not its
+    parameter's (refused with ``NotImplementedError``) as no gradient, as a rank holding none of it does.
     """
     units: list[_Unit] = []
     cut: list[tuple[str, int | range]] = []
@@ -857,9 +864,10 @@ def unit_pieces(
     seen: set[int] = set()
     for name, param in items:
         # (a tensor given a .grad is a parameter, as everywhere else: adapters.params.is_parameter)
-        if not isinstance(param, Tensor) or not (
+        stray = isinstance(param, Tensor) and not (
             isinstance(param, nn.Parameter) or param.requires_grad or param.grad is not None
-        ):
+        )
+        if not isinstance(param, Tensor) or (stray and not refusing):
             raise TypeError(
                 f"unit-wise clipping needs parameters (it reads their values), got {type(param).__name__} at {name!r}"
             )
@@ -878,7 +886,9 @@ def unit_pieces(
                 cut.append((name, 0))
             elif geo.cut == "rows":
                 cut.append((name, range(int(param.shape[0]))))  # one block: every row is cut
-            g = param.grad
+            g = None if stray else param.grad
+            if refusing and type(g).__name__ == "DTensor" and tuple(g.placements) != tuple(param.placements):
+                g = None  # (refused below: laid out as a rank holding none of it, as the others may)
             if not geo.here:
                 continue
             if g is None:
@@ -911,7 +921,8 @@ def unit_pieces(
             split = group is not None and param.dim() <= 1 and copies is None and not beside
             if split:
                 cut.append((name, 0))
-            grad = param.grad
+            grad = None if stray else param.grad
+            present = grad is not None
             if grad is None and split:
                 # Its weight piece still counts in the unit's weight norm (left out, the other ranks' limit was
                 # that of their own pieces: 0.05 for 0.50), beside a gradient piece of zeros.
@@ -923,7 +934,7 @@ def unit_pieces(
                 if group is None and copies is not None:
                     ddp_units.append((len(units), copies))
                 units.append(_Unit(name, grad, param.detach(), mine, counted, "rows",
-                                   split_units=(0,) if split else (), present=param.grad is not None))
+                                   split_units=(0,) if split else (), present=present))
     reduce_over = _reduce.reduction_group([u.group for u in units]) if ddp_units else None
     if reduce_over is not None:
         for i, copies in ddp_units:  # each DDP group's copy once, on its lowest rank in the call's reduction
@@ -1026,8 +1037,8 @@ def _unit_coefs(wp: Tensor, gp: Tensor, p: float, loss_scale: float, config: AGC
     if math.isinf(config.clipping):
         # clipping=inf is no limit, as max_norm=inf is (_scale.clip_coefficient): a unit norm that reads inf (an inf
         # entry, or p = 100 on finite entries of 2e3) met inf / inf = NaN, and the unit's finite entries became NaN
-        # (timm's formula does that). A NaN unit norm stays NaN.
-        coef = torch.where(gn == math.inf, torch.ones_like(coef), coef)
+        # (timm's formula does that); so did a NaN in the weight (its limit inf * NaN). A NaN unit norm stays NaN.
+        coef = torch.where(gn.isnan(), coef, torch.ones_like(coef))
     coef = coef.to(torch.float64 if dtype == torch.float64 else torch.float32)  # the gradient's precision
     if name and any(fnmatch.fnmatchcase(name, pat) for pat in config.exclude):
         coef = torch.ones_like(coef)
@@ -1108,8 +1119,8 @@ def unitwise_join_refused(target: object, p: float, group: object, settings: str
         if isinstance(unwrap_compiled(target), DistributedDataParallel):
             return None
         checked = _clip._check_group(group)
-        with _clip._partial_grads_set_aside(target):  # (planned as a rank holding none of them)
-            units, cut, names = unit_pieces(target, checked)
+        with _clip._partial_grads_set_aside(target) as planned:  # (as a rank holding none of them)
+            units, cut, names = unit_pieces(planned, checked, refusing=True)
     except Exception:  # noqa: BLE001 - the layout is unknown: the caller raises its error alone
         return None
     return _join_refused(units, cut, names, {n: i for i, n in enumerate(names)}, p, checked, settings)

@@ -318,24 +318,54 @@ def _limit_setting(limit: float | Tensor) -> str:
 
 
 @contextlib.contextmanager
-def _partial_grads_set_aside(target: object) -> Iterator[None]:
+def _partial_grads_set_aside(target: object) -> Iterator[object]:
     """The ``Partial`` DTensor gradients of a module's (or a list's) parameters set to ``None`` for the while: the
     refusal of such a gradient then plans the call as a rank holding none of it does, with a stand-in laid out as
     its parameter (``absent_dtensor_grads``). A rank holding no gradient of that parameter (a DTensor layer
     unused there) entered the call's collective alone, and the next call of the refusing rank met it (2 ranks, a
-    ``Shard(0)`` parameter: rank 0 returned 4.899, rank 1's next call paired with it, rank 0's next hung)."""
+    ``Shard(0)`` parameter: rank 0 returned 4.899, rank 1's next call paired with it, rank 0's next hung).
+
+    Yields the target to plan: ``target`` itself, or, where a list, tuple or mapping holds ``Partial`` gradients
+    themselves (no parameter: ``[p.grad for p in ... if p.grad is not None]``), a copy without them, as a rank
+    holding none of them lists them (a lone one: nothing). Planned with them, such a list did not resolve, and the
+    refusing rank joined nothing: the others' collective met its next call.
+
+    A ``None`` listed (or mapped), a gradient this rank does not hold (``[p.grad for p in model.parameters()]``
+    beside a layer unused here), is planned as a parameter without gradient in its place (its position's name
+    kept): refused alone, the others' collective met this rank's next call (gloo aborted a process)."""
+    from .adapters.params import is_parameter
+
+    def partial(t: object) -> bool:
+        return isinstance(t, Tensor) and any(pl.is_partial() for pl in getattr(t, "placements", ()))
+
+    def gradient(t: object) -> bool:  # a Partial gradient given as such, not a parameter's
+        return partial(t) and not is_parameter(t)  # type: ignore[arg-type]
+
+    def held(t: object) -> object:  # (None: a parameter without gradient, holding nothing, in its place)
+        return nn.Parameter(torch.empty(0), requires_grad=False) if t is None else t
+
+    planned = target
     if isinstance(target, nn.Module):
         items = list(target.parameters())
     elif isinstance(target, Mapping):
         items = list(target.values())
+        if any(gradient(t) or t is None for t in items):
+            planned = {k: held(v) for k, v in target.items() if not gradient(v)}
+    elif isinstance(target, Tensor):
+        items = [target]
+        if gradient(target):
+            planned, items = [], []
+    elif isinstance(target, (list, tuple)):
+        items = list(target)
+        if any(gradient(t) or t is None for t in items):
+            planned = items = [held(t) for t in items if not gradient(t)]
     else:
-        items = [target] if isinstance(target, Tensor) else list(target) if isinstance(target, (list, tuple)) else []
-    aside = [(q, q.grad) for q in items if isinstance(q, Tensor) and q.grad is not None
-             and any(pl.is_partial() for pl in getattr(q.grad, "placements", ()))]
+        items = []
+    aside = [(q, q.grad) for q in items if isinstance(q, Tensor) and partial(q.grad)]
     try:
         for q, _ in aside:
             q.grad = None
-        yield
+        yield planned
     finally:
         for q, g in aside:
             q.grad = g
@@ -357,8 +387,8 @@ def _refuse_together(
     try:
         p = _norm.parse_norm_type(norm_type)
         if shards is None:
-            with _partial_grads_set_aside(target):
-                shards = resolve(target, _check_group(group))
+            with _partial_grads_set_aside(target) as planned:
+                shards = resolve(planned, _check_group(group))
         red = _reduce.reduction_group(s.group for s in shards)
     except Exception:  # noqa: BLE001 - the layout is unknown: raise the caller's error alone
         return

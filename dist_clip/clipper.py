@@ -78,12 +78,13 @@ class ClipperConfig:
         mode: ``"total"`` (one norm, as ``clip_grad_norm_``), ``"per_param"`` (each parameter's norm across all
             its shards against ``max_norm``), ``"per_group"`` (each optimizer param group's norm against its
             own limit), ``"unitwise"`` (AGC, configured by ``agc``).
-        on_nonfinite: when the total norm is NaN or infinite: ``"error"`` raises ``RuntimeError`` on every rank
-            naming the ranks and parameters holding non-finite values; ``"skip"`` turns the next
-            ``optimizer.step()`` into a no-op (needs ``optimizer=``; on a DeepSpeed engine the next
-            ``engine.step()``, through DeepSpeed's overflow path under ZeRO 1-3); ``"zero"`` zeroes every gradient;
-            ``"ignore"`` scales by the non-finite coefficient, as ``torch.nn.utils.clip_grad_norm_`` does (on a
-            DeepSpeed engine a NaN one by 1: see :func:`dist_clip.adapters.deepspeed.applied_coefficient`).
+        on_nonfinite: when the total norm is NaN or infinite (in ``"unitwise"`` mode also where a unit's
+            coefficient is NaN: a NaN in its weight, with a gradient not zero): ``"error"`` raises
+            ``RuntimeError`` on every rank naming the ranks and parameters holding non-finite values; ``"skip"``
+            turns the next ``optimizer.step()`` into a no-op (needs ``optimizer=``; on a DeepSpeed engine the
+            next ``engine.step()``, through DeepSpeed's overflow path under ZeRO 1-3); ``"zero"`` zeroes every
+            gradient; ``"ignore"`` scales by the non-finite coefficient, as ``torch.nn.utils.clip_grad_norm_``
+            does (on a DeepSpeed engine a NaN one by 1: see :func:`dist_clip.adapters.deepspeed.applied_coefficient`).
         report: return the norm of every parameter as a dict (one host read).
         report_depth: report per module prefix of this many dotted components instead of per parameter.
         agc: the unit-wise clipping settings of ``mode="unitwise"``.
@@ -169,7 +170,8 @@ class ClipResult:
         clip_coef: the coefficient applied: 0-dim in ``total`` mode, one per entry of ``slots`` in
             ``per_param``/``per_group`` modes; in ``unitwise`` mode the smallest unit coefficient.
         clipped: 0-dim bool, whether some gradient was scaled down (False when the norm was not finite).
-        finite: 0-dim bool, whether the total norm was finite.
+        finite: 0-dim bool, whether the total norm was finite (in ``unitwise`` mode, and every unit coefficient:
+            a NaN in a weight made its unit's NaN).
         max_norm: the limit used (0-dim, or one per slot of ``per_group``; the AGC ratio in ``unitwise``).
         slots: names of the entries of ``clip_coef`` (parameter names or param group names), else empty.
         norms: the report, name (or module prefix) -> norm, when asked for; parameters without a gradient
@@ -651,25 +653,50 @@ def _nonfinite_message(
                 name = _slots.clean_name(s.names[i]) if s.names else f"<piece {i}>"
                 if name not in local:
                     local.append(name)
+    where = _holders(local, group) or "no rank found a non-finite element (the norm itself overflowed)"
+    return (
+        f"The total gradient norm of order {p} is non-finite ({total}); non-finite gradients on {where}. Every "
+        "rank raises this error together. Set on_nonfinite='skip' to skip the optimizer step, 'zero' to zero the "
+        "gradients, or 'ignore' to scale by the non-finite coefficient as torch does"
+    )
+
+
+def _nan_limit_message(units: Sequence[Any], coefs: Sequence[Tensor], group: dist.ProcessGroup | None,
+                       total: float, p: float) -> str:
+    """``mode="unitwise"``'s debug pass of ``on_nonfinite="error"`` where the total is finite but a unit
+    coefficient is NaN: which ranks hold non-finite weights in the units whose coefficient is NaN."""
+    local: list[str] = []
+    for u, c in zip(units, coefs):
+        nan_coef = c.numel() and not bool(torch.isfinite(c).all())
+        if nan_coef and u.data.numel() and not bool(torch.isfinite(u.data).all()):
+            name = _slots.clean_name(u.name)
+            if name not in local:
+                local.append(name)
+    where = _holders(local, group) or "no rank found a non-finite weight"
+    return (
+        f"AGC's limit clipping * max(||w_unit||, eps) is NaN for some unit whose gradient is not zero (the total "
+        f"gradient norm of order {p} is finite, {total}): non-finite weights on {where}. Scaled by it, the "
+        "gradient would hold NaN. Every rank raises this error together. Set on_nonfinite='skip' to skip the "
+        "optimizer step, 'zero' to zero the gradients, or 'ignore' to scale by the NaN coefficient as timm does"
+    )
+
+
+def _holders(local: list[str], group: dist.ProcessGroup | None) -> str:
+    """``"rank r: names; ..."`` of every rank's ``local`` names (an ``all_gather_object`` over ``group``)."""
     if group is not None and _reduce.group_size(group) > 1:
         gathered: list[Any] = [None] * _reduce.group_size(group)
         dist.all_gather_object(gathered, local, group=group)
         ranks = [dist.get_global_rank(group, i) for i in range(len(gathered))]
     elif dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         gathered = [local]
-        ranks = ["every rank (replicated gradients)"]  # type: ignore[list-item]
+        ranks = ["every rank (replicas)"]  # type: ignore[list-item]
     else:
         gathered = [local]
         ranks = [0]
     holders = [
         f"{r if isinstance(r, str) else f'rank {r}'}: {', '.join(names)}" for r, names in zip(ranks, gathered) if names
     ]
-    where = "; ".join(holders) if holders else "no rank found a non-finite element (the norm itself overflowed)"
-    return (
-        f"The total gradient norm of order {p} is non-finite ({total}); non-finite gradients on {where}. Every "
-        "rank raises this error together. Set on_nonfinite='skip' to skip the optimizer step, 'zero' to zero the "
-        "gradients, or 'ignore' to scale by the non-finite coefficient as torch does"
-    )
+    return "; ".join(holders)
 
 
 class GradClipper:
@@ -1117,12 +1144,12 @@ class GradClipper:
         per_name = cfg.mode != "total" or want_report
         try:
             g = _check_group(group)
-            with _clip._partial_grads_set_aside(target):  # (planned as a rank holding none of them: see there)
+            with _clip._partial_grads_set_aside(target) as planned:  # (as a rank holding none of them: see there)
                 if per_name:
-                    named = named if named is not None else _slots.named_shards(target, g)
+                    named = named if named is not None else _slots.named_shards(planned, g)
                     shards, names = named.shards, named.names
                 else:
-                    shards, names = (shards if shards is not None else _plain_shards(target, g)), None
+                    shards, names = (shards if shards is not None else _plain_shards(planned, g)), None
             red = _reduce.reduction_group(s.group for s in shards)
         except Exception:  # noqa: BLE001 - the layout is unknown: raise the caller's error alone
             return
@@ -1276,10 +1303,17 @@ class GradClipper:
         assert out is not None
         total = outcome.total.to(out)
         finite = torch.isfinite(outcome.total)  # the float64 norm: one beyond float32's range is finite
+        # A NaN unit coefficient (a NaN in a weight: its limit NaN, a gradient not zero) is a non-finite call too,
+        # on every rank alike: min_coef is every rank's smallest, combined in the collective (NaN-safe). It wrote
+        # NaN into a finite gradient, and the call said finite: "skip" took the step (the row and its Adam
+        # moments turned NaN), "error" and "zero" did nothing. (No host read: a device flag, as the total's.)
+        finite = finite & torch.isfinite(outcome.min_coef).to(finite.device)
         units = outcome.units
         if cfg.on_nonfinite == "error" and not bool(finite):
             shards = [Shards([u.grad], group=u.group, names=[u.name]) for u in units]
             self._count(torch.zeros_like(finite), finite)
+            if bool(torch.isfinite(outcome.total)):  # (the same on every rank: one message, one all-gather)
+                raise RuntimeError(_nan_limit_message(units, outcome.coefs, outcome.group, total.item(), p))
             raise RuntimeError(_nonfinite_message(shards, outcome.group, total.item(), p))
         policy = _policy(cfg.on_nonfinite, target)
         on_cpu = total.device.type == "cpu"

@@ -537,6 +537,21 @@ def clip_grad_norm_(target: object, max_norm: float, plan: ParallelPlan, norm_ty
 
     Must be called on every rank of the plan's mesh. Returns the total norm before clipping (0-dim float32).
     """
-    from .clipper import GradClipper
+    from . import _norm
+    from .clipper import GradClipper, _refuse_together
 
-    return GradClipper(max_norm=max_norm, norm_type=norm_type)(target, plan=plan).total_norm
+    try:
+        clipper = GradClipper(max_norm=max_norm, norm_type=norm_type)
+    except (ValueError, TypeError):
+        # A bad max_norm on this stage alone (NaN, negative, not a number: the clipper's config refuses it) joins
+        # the others' collective as a refusal under the plan does: it raised alone, and the others' collective met
+        # this rank's next call (gloo aborted its process on the lengths). Not where the layout is unknown here
+        # (an invalid norm_type: its combine op; a plan of another type), as in the other calls.
+        try:
+            p = _norm.parse_norm_type(norm_type)
+        except (ValueError, TypeError):
+            p = None
+        if p is not None and isinstance(plan, ParallelPlan):
+            _refuse_together(plan, p, False, True)  # (as the call's plan path lays it out: total mode, the verdict)
+        raise
+    return clipper(target, plan=plan).total_norm

@@ -126,8 +126,8 @@ def reference_agc_(
         limit = unit_norm(w).clamp(min=eps) * clipping
         gn = unit_norm(g)
         keep = gn < limit
-        if math.isinf(clipping):  # no limit: an inf unit norm too (inf / inf made it NaN)
-            keep = keep | (gn == math.inf)
+        if math.isinf(clipping):  # no limit: an inf unit norm too (inf / inf made it NaN), and a NaN weight's unit
+            keep = keep | ~gn.isnan()
         g.copy_(torch.where(keep, g, g * (limit / gn.clamp(min=1e-6))))
 
 

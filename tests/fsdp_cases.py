@@ -24,6 +24,7 @@ import copy
 import gc
 import itertools
 import math
+import os
 import warnings
 import zlib
 from collections.abc import Callable
@@ -1349,7 +1350,20 @@ PARTIAL_CLIPPERS: dict[str, dict[str, Any]] = {
     "zclip": {"max_norm": dist_clip.ZClip()}, "unitwise": {"mode": "unitwise"}, "per_param": {"mode": "per_param"},
     "per_group": {"mode": "per_group"}, "skip": {"on_nonfinite": "skip"}, "hand-over": {},
     "unitwise-pending": {"mode": "unitwise"}, "per_param-mapping": {"mode": "per_param"},
+    "fixed-lone": {}, "unitwise-lone": {"mode": "unitwise"},
 }
+
+
+def _outcomes(calls: tuple[Callable[[], Any], ...], errors: tuple[type[BaseException], ...]) -> list[str]:
+    """Each call's total to 4 digits, or the name of the exception (of ``errors``) it raised, in order: what the
+    cases of a refusal on one rank return (the refused call, then one every rank must meet)."""
+    out = []
+    for call in calls:
+        try:
+            out.append(f"{float(call()):.4f}")
+        except errors as e:
+            out.append(type(e).__name__)
+    return out
 
 
 def partial_on_one_rank_none_on_another(how: str) -> list[str]:
@@ -1357,8 +1371,9 @@ def partial_on_one_rank_none_on_another(how: str) -> list[str]:
     holds a ``Partial`` gradient of ``w``, rank 0 none (the layer unused there: a stand-in in ``w``'s layout, one
     collective). ``how`` calls ``get_total_norm`` or ``clip_grad_norm_`` on the module, or a ``GradClipper`` set
     as ``PARTIAL_CLIPPERS[how]`` says (with an optimizer, fused for "hand-over"; "unitwise-pending": a hand-over
-    of another part pending, which the call settles first; "-mapping": the target ``{"w": w, "b": b}``); then
-    every rank measures ``b`` over the world. Returns what each call gave: the exception's type, or the value."""
+    of another part pending, which the call settles first; "-mapping": the target ``{"w": w, "b": b}``; "-lone":
+    the target ``w`` itself, not in a list); then every rank measures ``b`` over the world. Returns what each call
+    gave: the exception's type, or the value."""
     from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
 
     m = mesh((2,), ("dp",))
@@ -1368,28 +1383,136 @@ def partial_on_one_rank_none_on_another(how: str) -> list[str]:
     mod.b.grad = torch.full((3,), 2.0)
     if dist.get_rank() == 1:
         mod.w.grad = DTensor.from_local(torch.ones(4, 2), m, [Partial()], run_check=False)
-    if how == "total":
-        first = lambda: dist_clip.get_total_norm(mod)  # noqa: E731
-    elif how == "clip":
-        first = lambda: dist_clip.clip_grad_norm_(mod, 1.0)  # noqa: E731
+    target = {"w": mod.w, "b": mod.b} if how.endswith("mapping") else mod.w if how.endswith("lone") else mod
+    if how.startswith("total"):
+        first = lambda: dist_clip.get_total_norm(target)  # noqa: E731
+    elif how.startswith("clip"):
+        first = lambda: dist_clip.clip_grad_norm_(target, 1.0)  # noqa: E731
     else:
         clipper = dist_clip.GradClipper(**PARTIAL_CLIPPERS[how])
         opt = torch.optim.SGD(mod.parameters(), lr=0.1, fused=how == "hand-over")
-        target = {"w": mod.w, "b": mod.b} if how.endswith("mapping") else mod
         first = lambda: clipper(target, optimizer=opt).total_norm  # noqa: E731
     other = nn.Parameter(torch.ones(3))
     other.grad = torch.full((3,), 5.0)
     fused = torch.optim.SGD([other], lr=0.1, fused=True)
     if how.endswith("pending"):
         dist_clip.clip_grad_norm_([other], 1.0, optimizer=fused)  # (replicas: no collective)
-    out = []
-    for call in (first, lambda: dist_clip.get_total_norm(mod.b, group=dist.group.WORLD)):
-        try:
-            out.append(f"{float(call()):.4f}")
-        except (ValueError, RuntimeError) as e:
-            out.append(type(e).__name__)
+    out = _outcomes((first, lambda: dist_clip.get_total_norm(mod.b, group=dist.group.WORLD)),
+                    (ValueError, RuntimeError))
     fused.step()  # (the pending hand-over taken)
     return out
+
+
+# The settings a list of gradients (no parameters) is measured with, by name: the functional calls and the
+# GradClipper modes and policies that take one
+LISTED_PARTIAL = ("total", "clip", "fixed", "report", "autoclip", "zclip", "per_param", "skip")
+
+
+def partial_gradient_listed_on_one_rank(how: str) -> list[str]:
+    """A list of gradients (no parameters, ``[p.grad for p in ... if p.grad is not None]``) on a 1-D mesh of 2
+    ranks: a ``Shard(0)`` gradient ``a`` (ones) on both, and on rank 1 also a ``Partial`` gradient ``w``, which
+    rank 0 does not hold (its layer unused there). ``how`` measures the list (``LISTED_PARTIAL``: the functional
+    calls or a ``GradClipper`` as ``PARTIAL_CLIPPERS`` sets it; "skip" with a plain SGD); then every rank measures a
+    plain ``b`` over the world. Returns what each call gave: the exception's type, or the value."""
+    from torch.distributed.tensor import DTensor, Partial, Shard
+
+    m = mesh((2,), ("dp",))
+    a = DTensor.from_local(torch.ones(2, 2), m, [Shard(0)], run_check=False)
+    grads = [a]
+    if dist.get_rank() == 1:
+        grads.append(DTensor.from_local(torch.ones(4, 2), m, [Partial()], run_check=False))
+    if how == "total":
+        first = lambda: dist_clip.get_total_norm(grads)  # noqa: E731
+    elif how == "clip":
+        first = lambda: dist_clip.clip_grad_norm_(grads, 1.0)  # noqa: E731
+    else:
+        clipper = dist_clip.GradClipper(**PARTIAL_CLIPPERS[how])
+        opt = torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1) if how == "skip" else None
+        first = lambda: clipper(grads, optimizer=opt).total_norm  # noqa: E731
+    b = torch.full((3,), 2.0)
+    return _outcomes((first, lambda: dist_clip.get_total_norm([b], group=dist.group.WORLD)), (ValueError, RuntimeError))
+
+
+# How a target holding None in place of a gradient is measured, by name (see none_listed_on_one_rank)
+NONE_LISTED = ("total", "clip", "fixed", "autoclip", "per_param", "report", "unitwise", "mapping")
+
+
+def none_listed_on_one_rank(how: str) -> list[str]:
+    """``[w, x]`` on a 1-D mesh of 2 ranks (``w`` a ``Shard(0)`` DTensor parameter with its gradient, ``x`` a plain
+    one), where rank 1 lists ``None`` in ``x``'s place (``[p.grad for p in model.parameters()]`` beside a layer
+    unused there: the gradients themselves; for "unitwise", the parameters); "mapping": ``{"w": .., "x": None}``
+    to a ``GradClipper``. Every call refuses the ``None`` with a ``TypeError`` on rank 1. ``how`` names the call
+    (``NONE_LISTED``); then every rank measures a plain ``b`` over the world. Returns what each call gave: the
+    exception's type, or the value."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    m = mesh((2,), ("dp",))
+    w = nn.Parameter(distribute_tensor(torch.ones(4, 2), m, [Shard(0)]))
+    w.grad = distribute_tensor(torch.ones(4, 2), m, [Shard(0)])
+    x = nn.Parameter(torch.ones(3))
+    x.grad = torch.ones(3)
+    params = how == "unitwise"
+    listed = [w if params else w.grad, None if dist.get_rank() == 1 else x if params else x.grad]
+    target = dict(zip("wx", listed)) if how == "mapping" else listed
+    first = {"total": lambda: dist_clip.get_total_norm(target),
+             "clip": lambda: dist_clip.clip_grad_norm_(target, 1.0)}.get(how)
+    if first is None:
+        config = {"autoclip": {"max_norm": dist_clip.AutoClip()}, "per_param": {"mode": "per_param"},
+                  "report": {"report": True}, "unitwise": {"mode": "unitwise"}}.get(how, {})
+        clipper = dist_clip.GradClipper(**config)
+        first = lambda: clipper(target).total_norm  # noqa: E731
+    b = torch.full((3,), 2.0)
+    return _outcomes((first, lambda: dist_clip.get_total_norm([b], group=dist.group.WORLD)), (TypeError, RuntimeError))
+
+
+def unitwise_tensor_not_a_parameter_on_one_rank(how: str) -> list[str]:
+    """``mode="unitwise"`` over ``[w, x]`` (or ``{"w": w, "x": x}``): ``w`` a ``Shard(0)`` DTensor parameter on a 1-D
+    mesh of 2 ranks with its gradient, ``x`` a parameter with a gradient on rank 0 and, on rank 1, a plain tensor
+    (no gradient, not requiring one), which unit-wise clipping refuses there ("needs parameters"); "group": ``w``
+    plain too, the list clipped with ``group=`` the world (``x`` a unit cut across the ranks). Then every rank
+    measures a plain ``b`` over the world. Returns what each call gave: the exception's type, or the value."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    m = mesh((2,), ("dp",))
+    if how == "group":
+        w = nn.Parameter(torch.ones(4, 2))
+        w.grad = torch.ones(4, 2)
+    else:
+        w = nn.Parameter(distribute_tensor(torch.ones(4, 2), m, [Shard(0)]))
+        w.grad = distribute_tensor(torch.ones(4, 2), m, [Shard(0)])
+    if dist.get_rank() == 0:
+        x = nn.Parameter(torch.ones(3))
+        x.grad = torch.ones(3)
+    else:
+        x = torch.ones(3)
+    target = {"w": w, "x": x} if how == "mapping" else [w, x]
+    clipper = dist_clip.GradClipper(mode="unitwise")
+    group = dist.group.WORLD if how == "group" else None
+    b = torch.full((3,), 2.0)
+    return _outcomes((lambda: clipper(target, group=group).total_norm,
+                      lambda: dist_clip.get_total_norm([b], group=dist.group.WORLD)), (TypeError, RuntimeError))
+
+
+def unitwise_placements_differ_where_another_holds_none(how: str) -> list[str]:
+    """``mode="unitwise"`` over a module (or ``[w, b]``) with a ``Shard(0)`` DTensor parameter ``w`` on a 1-D mesh of
+    2 ranks: rank 0 holds a ``Replicate`` gradient of it (torch gives a vocab-parallel ``nn.Embedding`` one), which
+    unit-wise clipping refuses there ("placements differ", ``NotImplementedError``), rank 1 none (the layer unused
+    there: a stand-in, one collective). Then every rank measures a plain ``b`` over the world. Returns what each
+    call gave: the exception's type, or the value."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    m = mesh((2,), ("dp",))
+    mod = nn.Module()
+    mod.w = nn.Parameter(distribute_tensor(torch.ones(4, 2), m, [Shard(0)]))
+    mod.b = nn.Parameter(torch.ones(3))
+    mod.b.grad = torch.full((3,), 2.0)
+    if dist.get_rank() == 0:
+        mod.w.grad = DTensor.from_local(torch.ones(4, 2), m, [Replicate()], run_check=False)
+    target = mod if how == "module" else [mod.w, mod.b]
+    clipper = dist_clip.GradClipper(mode="unitwise")
+    return _outcomes((lambda: clipper(target).total_norm,
+                      lambda: dist_clip.get_total_norm(mod.b, group=dist.group.WORLD)),
+                     (NotImplementedError, RuntimeError))
 
 
 def lone_parameter_without_gradient_on_one_rank(how: str) -> list[str]:
@@ -1407,15 +1530,9 @@ def lone_parameter_without_gradient_on_one_rank(how: str) -> list[str]:
         w.grad = DTensor.from_local(torch.ones(2, 2), m, [Shard(0)], run_check=False)
     first = {"total": lambda: dist_clip.get_total_norm(w), "clip": lambda: dist_clip.clip_grad_norm_(w, 1.0),
              "clipper": lambda: dist_clip.GradClipper()(w).total_norm}[how]
-    out = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ("the target holds no gradients on this rank", as for a list)
-        for call in (first, lambda: dist_clip.get_total_norm(b, group=dist.group.WORLD)):
-            try:
-                out.append(f"{float(call()):.4f}")
-            except RuntimeError as e:
-                out.append(type(e).__name__)
-    return out
+        return _outcomes((first, lambda: dist_clip.get_total_norm(b, group=dist.group.WORLD)), (RuntimeError,))
 
 
 def dtensor_placements() -> dict[str, Any]:
@@ -1531,7 +1648,8 @@ def fsdp1_tiny(use_orig_params: bool) -> dict[str, Any]:
     return {"per_p": run_case(case), "nothing_here": held == 0}
 
 
-def fsdp1_tiny_float64(use_orig_params: bool, agree_on_host: bool = True, keep_low: bool = False) -> dict[str, Any]:
+def fsdp1_tiny_float64(use_orig_params: bool, agree_on_host: bool = True, keep_low: bool = False,
+                       full_in_eval: bool = False) -> dict[str, Any]:
     """The tiny model in float64: every rank returns the same float64 total, the padding-only ones included.
 
     ``agree_on_host=False``: the ranks do not agree on the result's dtype through the collective, as on NCCL
@@ -1542,7 +1660,11 @@ def fsdp1_tiny_float64(use_orig_params: bool, agree_on_host: bool = True, keep_l
     ``keep_low``: ``MixedPrecision(param_dtype=float32, keep_low_precision_grads=True)`` over the float64 model:
     the gradients are float32, and so must the total be on every rank, the padding-only ones included (their
     stand-in took the float64 parameters' dtype: float64 on every rank on gloo, and on NCCL float64 there beside
-    float32 elsewhere)."""
+    float32 elsewhere).
+
+    ``full_in_eval``: with ``keep_low``, the backward and the clip in eval mode under FSDP's
+    ``FSDP_USE_FULL_PREC_IN_EVAL=1``, which forces full precision there: the gradients are float64 again, and so
+    must the total be (the padding-only ranks' stand-ins included)."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     from dist_clip import ClipperConfig, GradClipper, _reduce
@@ -1551,9 +1673,15 @@ def fsdp1_tiny_float64(use_orig_params: bool, agree_on_host: bool = True, keep_l
         real = _reduce.reduces_on_host
         _reduce.reduces_on_host = lambda group, device: False  # type: ignore[assignment]
         try:
-            return fsdp1_tiny_float64(use_orig_params, keep_low=keep_low)
+            return fsdp1_tiny_float64(use_orig_params, keep_low=keep_low, full_in_eval=full_in_eval)
         finally:
             _reduce.reduces_on_host = real  # (the ranks are reused)
+    if full_in_eval and "FSDP_USE_FULL_PREC_IN_EVAL" not in os.environ:
+        os.environ["FSDP_USE_FULL_PREC_IN_EVAL"] = "1"  # (read as FSDP wraps the model)
+        try:
+            return fsdp1_tiny_float64(use_orig_params, keep_low=keep_low, full_in_eval=True)
+        finally:
+            del os.environ["FSDP_USE_FULL_PREC_IN_EVAL"]  # (the ranks are reused)
 
     rank, ws = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
@@ -1566,6 +1694,8 @@ def fsdp1_tiny_float64(use_orig_params: bool, agree_on_host: bool = True, keep_l
         kw["mixed_precision"] = MixedPrecision(param_dtype=torch.float32, reduce_dtype=torch.float32,
                                                keep_low_precision_grads=True)
     fsdp_model = FSDP(model, use_orig_params=use_orig_params, device_id=torch.device("cpu"), **kw)
+    if full_in_eval:
+        fsdp_model.eval()
     loss_fn(fsdp_model, *batch(rank, torch.float64)).backward()
     held = sum(
         q.grad.numel() - getattr(q, "_shard_numel_padded", 0) for q in fsdp_model.parameters() if q.grad is not None

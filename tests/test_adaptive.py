@@ -1199,6 +1199,128 @@ def test_agc_an_infinite_clipping_leaves_a_unit_alone_whose_norm_is_inf(grad, p)
     assert w.grad[0, 1:].tolist() == [0.0, 0.0] and torch.equal(w.grad[1], g[1]), w.grad
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("policy", ["skip", "zero", "error", "ignore"])
+def test_agc_a_nan_weight_row_makes_the_call_non_finite(policy, fused):
+    """A NaN in a weight row makes AGC's limit clipping * max(||w_row||, eps) NaN, and with a gradient not zero the
+    unit's coefficient NaN: it wrote NaN into the row's finite gradient while the call said finite, so "skip"
+    took the step (the whole row and its exp_avg turned NaN, fused AdamW or not), "zero" zeroed nothing and
+    "error" did not raise. Such a call is a non-finite one now, under every policy (timm's formula writes the
+    NaN, as "ignore" still does)."""
+    w = nn.Parameter(torch.tensor([[math.nan, 1.0, 2.0], [1.0, 1.0, 1.0]]))
+    w.grad = torch.full_like(w, 5.0)
+    opt = torch.optim.AdamW([w], lr=0.1, fused=fused)
+    clipper = GradClipper(mode="unitwise", on_nonfinite=policy)
+    if policy == "error":
+        with pytest.raises(RuntimeError, match=r"NaN .* non-finite weights on rank 0: w\b"):
+            clipper({"w": w}, optimizer=opt)
+        assert torch.equal(w.grad, torch.full_like(w, 5.0)) and clipper.num_nonfinite.item() == 1
+        return
+    result = clipper({"w": w}, optimizer=opt)
+    assert not bool(result.finite) and not bool(result.clipped) and clipper.num_nonfinite.item() == 1, result
+    assert result.total_norm.item() == pytest.approx(5.0 * 6.0 ** 0.5)  # the gradients are finite
+    opt.step()
+    state = [v for v in opt.state[w].values() if v.dim()]
+    if policy == "ignore":  # scaled by the NaN coefficient, as timm does: row 0 all NaN
+        assert math.isnan(result.clip_coef.item()) and bool(w.grad[0].isnan().all()) and bool(w[0].isnan().all())
+        return
+    if policy == "skip":  # no step: the weights as they were, Adam's moments (a fused first step's zeros) finite
+        assert result.clip_coef.item() == 1.0 and torch.equal(w.grad, torch.full_like(w, 5.0))
+        assert w[0, 1:].tolist() == [1.0, 2.0] and w[1].tolist() == [1.0, 1.0, 1.0]
+    else:  # "zero": a step on zeroed gradients (AdamW's decay alone)
+        assert result.clip_coef.item() == 0.0 and torch.equal(w.grad, torch.zeros_like(w))
+        assert bool(w[0, 1:].isfinite().all()) and bool(w[1].isfinite().all()), w
+    assert all(bool(v.isfinite().all()) for v in state), state
+
+
+def test_agc_a_nonfinite_weight_that_writes_no_nan_leaves_the_call_finite():
+    """Only a NaN coefficient makes the call non-finite: a NaN weight row whose gradient is zero is left alone
+    (coefficient 1, as every zero-gradient unit), an inf weight row has an inf limit (no limit, as
+    clipping=inf: its finite gradient passes whole), and under AGC(clipping=inf) a NaN weight sets no limit
+    either (the limit inf * NaN made its coefficient NaN: row 0 all NaN with finite gradients, clip_coef NaN)
+    nor in a parameter AGC excludes. The gradients stay finite, and so does the call: a step is taken."""
+    g = torch.tensor([[5.0, 5.0, 5.0], [5.0, 5.0, 5.0]])
+    for weight, grad, agc in (
+        ([[math.nan, 1.0, 2.0], [1.0, 1.0, 1.0]], [[0.0, 0.0, 0.0], [5.0, 5.0, 5.0]], AGC()),
+        ([[math.inf, 1.0, 2.0], [1.0, 1.0, 1.0]], g.tolist(), AGC()),
+        ([[math.nan, 1.0, 2.0], [1.0, 1.0, 1.0]], g.tolist(), AGC(clipping=math.inf)),
+        ([[math.nan, 1.0, 2.0], [1.0, 1.0, 1.0]], g.tolist(), AGC(exclude=("w",))),
+    ):
+        w = nn.Parameter(torch.tensor(weight))
+        w.grad = torch.tensor(grad)
+        clipped_row_1 = math.isfinite(agc.clipping) and not agc.exclude  # 0.01 * sqrt(3) for a norm of 5 sqrt(3)
+        want = torch.tensor([grad[0], [0.01 if clipped_row_1 else 5.0] * 3])
+        result = GradClipper(mode="unitwise", on_nonfinite="error", agc=agc)({"w": w})
+        assert bool(result.finite), (weight, grad, agc, result)
+        torch.testing.assert_close(w.grad, want, rtol=1e-6, atol=0, msg=lambda m, a=agc: f"{a}: {m}")
+        assert result.clip_coef.item() == pytest.approx(0.002 if clipped_row_1 else 1.0, rel=1e-5), result
+        if math.isinf(agc.clipping):  # the float64 reference too (timm's formula, less its inf / inf)
+            ref = {"w": torch.tensor(grad)}
+            reference_agc_({"w": w.detach()}, ref, agc.clipping, agc.eps, 2.0)
+            assert torch.equal(ref["w"], torch.tensor(grad)), ref
+
+
+def body_agc_nan_weight_on_one_rank() -> list:
+    """A NaN in rank 1's weight alone: in a row of a 2-D piece it holds whole (plain tensors with group=), in
+    its piece of a 1-D unit cut across the ranks, and in a row of its FSDP2 shard. Each rank's smallest unit
+    coefficient travels in the call's one all-reduce (NaN-safe), so every rank reads the call as non-finite and
+    takes the same verdict: before, every rank read finite and stepped, rank 1's row (or the cut unit on every
+    rank) turned NaN, and "error" raised nowhere."""
+    rank = dist.get_rank()
+    out = []
+    for where in ("w", "b", "fsdp2"):
+        for policy in ("skip", "zero", "error", "ignore"):
+            if where == "fsdp2":
+                model = cases.trained("fsdp2", seed=7)[0]
+                params = dict(model.named_parameters())
+                bad = params["0.weight"]
+                if rank == 1:
+                    with torch.no_grad():
+                        bad.to_local()[0, 0] = math.nan
+            else:
+                params = {"w": nn.Parameter(torch.full((2, 3), 1.0 + rank)), "b": nn.Parameter(torch.ones(3))}
+                if rank == 1:
+                    with torch.no_grad():
+                        params[where].view(-1)[1] = math.nan
+                params["w"].grad = torch.full((2, 3), 5.0)
+                params["b"].grad = torch.full((3,), 1e-3)  # under its limit
+            before = {n: (q.detach().clone() if where != "fsdp2" else q.to_local().detach().clone(),
+                          (q.grad if where != "fsdp2" else q.grad.to_local()).clone()) for n, q in params.items()}
+            opt = torch.optim.SGD(list(params.values()), lr=0.1)
+            clipper = GradClipper(mode="unitwise", on_nonfinite=policy)
+            try:
+                result = clipper(model if where == "fsdp2" else params, optimizer=opt,
+                                 group=None if where == "fsdp2" else dist.group.WORLD)
+            except RuntimeError as e:
+                out.append((where, policy, str(e)))
+                continue
+            opt.step()
+            local = {n: (q.detach() if where != "fsdp2" else q.to_local().detach(),
+                         q.grad if where != "fsdp2" else q.grad.to_local()) for n, q in params.items()}
+            nan_grads = sorted(n for n, (_, gr) in local.items() if bool(gr.isnan().any()))
+            stepped = sorted(n for n, (wt, _) in local.items()
+                             if not torch.equal(wt.nan_to_num(7.0), before[n][0].nan_to_num(7.0)))
+            zeroed = all(bool((gr == 0).all()) for _, gr in local.values())
+            out.append((where, policy, bool(result.finite), bool(result.clipped), nan_grads, stepped, zeroed))
+    return out
+
+
+def test_agc_a_nan_weight_on_one_rank_makes_every_rank_take_the_non_finite_verdict(run_ranks):
+    got = run_ranks(2, body_agc_nan_weight_on_one_rank)
+    for rank, calls in enumerate(got):
+        by = {(c[0], c[1]): c[2:] for c in calls}
+        for where in ("w", "b", "fsdp2"):
+            name = "0.weight" if where == "fsdp2" else where
+            (message,) = by[(where, "error")]
+            assert "non-finite weights on rank 1: " + name in message, (rank, message)
+            assert by[(where, "skip")][:2] == (False, False) and by[(where, "skip")][2:4] == ([], []), (rank, where, by)
+            finite, _, nan_grads, stepped, zeroed = by[(where, "zero")]
+            assert not finite and nan_grads == [] and zeroed, (rank, where, by)
+            finite, _, nan_grads, _, _ = by[(where, "ignore")]
+            # scaled by the NaN coefficient where one is: rank 1's row, or the cut unit's pieces on every rank
+            assert not finite and nan_grads == ([name] if where == "b" or rank == 1 else []), (rank, where, by)
+
+
 def test_zclip_warm_up_clips_at_max_norm():
     """README: ZClip's warm-up is clipped at max_norm (the suite's warm-up norms stayed below it, so a warm-up
     that ignored max_norm passed)."""

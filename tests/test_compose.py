@@ -642,16 +642,17 @@ def test_debug_audit_of_complex_and_sparse_pieces(run_ranks):
 
 
 def body_one_sided_bad_input() -> list[str]:
-    """Bad input on one stage only (a name the plan lacks, a negative group limit, a Partial gradient): that
-    rank raises its ValueError and every other rank a RuntimeError at once (they waited in the collective
-    until the process group's timeout)."""
+    """Bad input on one stage only (a name the plan lacks, a negative group limit, a Partial gradient, a NaN
+    max_norm given to compose.clip_grad_norm_): that rank raises its ValueError and every other rank a RuntimeError
+    at once (they waited in the collective until the process group's timeout; compose.clip_grad_norm_'s clipper
+    refused its max_norm alone, and rank 0's collective met rank 1's next call)."""
     from torch.distributed.tensor import DTensor, Partial
 
     rank = dist.get_rank()
     mesh = cases.mesh((2,), ("pp",))
     plan = ParallelPlan(mesh, names=("a.weight", "b.weight"))
     out = []
-    for case in ("missing name", "bad group limit", "partial", "measure only", "optimizer", "report"):
+    for case in ("missing name", "bad group limit", "partial", "measure only", "optimizer", "report", "compose"):
         q = torch.nn.Parameter(torch.zeros(4))
         q.grad = torch.arange(1.0, 5.0)
         pieces = {("a.weight", "b.weight")[rank]: q}
@@ -675,6 +676,8 @@ def body_one_sided_bad_input() -> list[str]:
                 compose.get_total_norm(pieces, plan)
             elif case == "report":
                 GradClipper(max_norm=1.0)(pieces, plan=plan, **kw)
+            elif case == "compose":
+                compose.clip_grad_norm_(pieces, math.nan if rank == 1 else 1.0, plan)
             else:
                 GradClipper(max_norm=1.0, **kw)(pieces, plan=plan, optimizer=opt)
             out.append("no error")
@@ -685,15 +688,16 @@ def body_one_sided_bad_input() -> list[str]:
 
 def test_bad_input_on_one_stage_raises_on_every_rank_at_once(run_ranks):
     a, b = run_ranks(2, body_one_sided_bad_input, timeout_s=60)
-    assert len(a) == 6 and all(m.startswith("RefusedElsewhere: another rank of this call refused its input")
+    assert len(a) == 7 and all(m.startswith("RefusedElsewhere: another rank of this call refused its input")
                                for m in a), a  # a RuntimeError subclass
     expected = ("ValueError: this rank holds 'c.bias', which is neither in the plan's names",
                 "ValueError: param group 0 has max_norm -1.0; expected a number >= 0",
                 "ValueError: gradient of 'b.weight' has placements (Partial(sum),)",
                 "ValueError: this rank holds 'c.bias', which is neither in the plan's names",
                 "TypeError: optimizer must be a torch.optim.Optimizer, got str",
-                "TypeError: report must be None, True or False, got str")
-    assert len(b) == 6 and all(m.startswith(e) for m, e in zip(b, expected)), b
+                "TypeError: report must be None, True or False, got str",
+                "ValueError: max_norm must be a number >= 0, got nan")
+    assert len(b) == 7 and all(m.startswith(e) for m, e in zip(b, expected)), b
 
 
 def body_group_limits_across_stages() -> list[str]:

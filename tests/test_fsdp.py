@@ -192,7 +192,7 @@ def test_a_refusal_names_the_first_gradient_of_the_refused_layout(run_ranks) -> 
         assert partial.startswith("gradient of '1' has placements (Partial(sum),)"), partial
 
 
-@pytest.mark.parametrize("how", ["total", "clip", *cases.PARTIAL_CLIPPERS])
+@pytest.mark.parametrize("how", ["total", "clip", "total-lone", "clip-lone", *cases.PARTIAL_CLIPPERS])
 def test_a_partial_gradient_on_one_rank_is_refused_where_another_holds_none(run_ranks, how) -> None:
     """A Partial gradient of a module's DTensor parameter on rank 1, none on rank 0 (a stand-in there): rank 1
     refused alone, without joining the collective rank 0's plan makes (its own target did not resolve), so rank
@@ -200,9 +200,54 @@ def test_a_partial_gradient_on_one_rank_is_refused_where_another_holds_none(run_
     a GradClipper's call read the next call's settings as a disagreement, or gloo aborted the process on its
     length, and "unitwise" raised NotImplementedError, "placements differ", alone). The refusing rank plans as if
     it held no gradient of that parameter and joins: every rank raises, and the next call is every rank's next
-    call (sqrt(24) = 4.899, b's copies summed over the world), in every GradClipper mode and policy too."""
+    call (sqrt(24) = 4.899, b's copies summed over the world), in every GradClipper mode and policy too, and
+    with the parameter itself as the target ("-lone")."""
     assert run_ranks(2, cases.partial_on_one_rank_none_on_another, how) == [
         ["RefusedElsewhere", "4.8990"], ["ValueError", "4.8990"]]
+
+
+@pytest.mark.parametrize("how", cases.LISTED_PARTIAL)
+def test_a_partial_gradient_listed_on_one_rank_is_refused_on_every_rank(run_ranks, how) -> None:
+    """A list of gradients (no parameters) holding a Partial one on rank 1 only, beside a Shard(0) one on both:
+    rank 1 refused alone (its list did not resolve, so it planned nothing to join), rank 0's collective met rank 1's
+    next call (get_total_norm returned 4.0 on rank 0, and its next call failed in gloo; a GradClipper read the next
+    call's settings as a disagreement). The refusing rank plans the list without its Partial gradients, as rank 0
+    lists them, and joins: rank 0 raises RefusedElsewhere, rank 1 the ValueError, the next call sqrt(24) on both."""
+    assert run_ranks(2, cases.partial_gradient_listed_on_one_rank, how) == [
+        ["RefusedElsewhere", "4.8990"], ["ValueError", "4.8990"]]
+
+
+@pytest.mark.parametrize("how", cases.NONE_LISTED)
+def test_a_none_listed_on_one_rank_is_refused_on_every_rank(run_ranks, how) -> None:
+    """[w.grad, None] on rank 1 where rank 0 lists [w.grad, x.grad] ([p.grad for p in model.parameters()] beside a
+    layer unused on rank 1): rank 1's TypeError was raised alone (its refusal's plan did not resolve either), and
+    rank 0's collective met rank 1's next call (gloo aborted rank 1's process, or rank 0 waited until the
+    timeout), in every call and mode. The refusal plans the None as a parameter without gradient in its place (its
+    name kept) and joins: rank 0 raises RefusedElsewhere, rank 1 the TypeError, the next call sqrt(24) on both."""
+    assert run_ranks(2, cases.none_listed_on_one_rank, how) == [
+        ["RefusedElsewhere", "4.8990"], ["TypeError", "4.8990"]]
+
+
+@pytest.mark.parametrize("how", ["list", "mapping", "group"])
+def test_unitwise_refuses_a_tensor_not_a_parameter_on_one_rank_on_every_rank(run_ranks, how) -> None:
+    """mode="unitwise" given a plain tensor (no gradient, not requiring one) on rank 1 where rank 0 holds a
+    parameter: rank 1's TypeError ("needs parameters") was raised alone, its refusal's layout did not resolve
+    either, and rank 0's collective met rank 1's next call (gloo aborted rank 1's process on the lengths). The
+    refusal lays that tensor out as a parameter without gradient, as rank 0 does, and joins: rank 0 raises
+    RefusedElsewhere, rank 1 the TypeError, and the next call is every rank's (sqrt(24) on both)."""
+    assert run_ranks(2, cases.unitwise_tensor_not_a_parameter_on_one_rank, how) == [
+        ["RefusedElsewhere", "4.8990"], ["TypeError", "4.8990"]]
+
+
+@pytest.mark.parametrize("how", ["module", "list"])
+def test_unitwise_refuses_placements_that_differ_where_another_rank_holds_no_gradient(run_ranks, how) -> None:
+    """mode="unitwise": a Replicate gradient of a Shard(0) parameter on rank 0 (NotImplementedError, "placements
+    differ"), none on rank 1 (a stand-in): rank 0's refusal planned its units with the same gradient, raised again,
+    and joined nothing; rank 1's collective met rank 0's next call (gloo aborted rank 0's process). The refusal lays
+    that gradient out as held by none, as rank 1 does, and joins: rank 0 raises the NotImplementedError, rank 1
+    RefusedElsewhere, and the next call is every rank's (sqrt(24) on both)."""
+    assert run_ranks(2, cases.unitwise_placements_differ_where_another_holds_none, how) == [
+        ["NotImplementedError", "4.8990"], ["RefusedElsewhere", "4.8990"]]
 
 
 @pytest.mark.parametrize("how", ["total", "clip", "clipper"])
@@ -410,6 +455,21 @@ def test_fsdp1_low_precision_gradients_set_the_total_s_dtype_on_every_rank(run_r
     assert {r["dtype"] for r in results} == {r["clipper_dtype"] for r in results} == {"torch.float32"}, results
     assert len({r["total"] for r in results}) == 1, results
     assert abs(results[0]["total"] - results[0]["want"]) <= 1e-6 * results[0]["want"], results[0]
+
+
+@pytest.mark.parametrize("use_orig_params", [True, False])
+def test_fsdp1_low_precision_gradients_forced_to_full_precision_in_eval_set_a_float64_total(
+        run_ranks, use_orig_params: bool) -> None:
+    """``keep_low_precision_grads=True`` over a float64 model, the backward and the clip in eval mode under
+    ``FSDP_USE_FULL_PREC_IN_EVAL=1`` (FSDP then computes in full precision and keeps the gradients float64): a
+    float64 total on every rank, the padding-only ones too, each deciding the dtype by its own pieces (taken as
+    low precision, their stand-in was float32 beside float64 totals elsewhere)."""
+    results = run_ranks(4, cases.fsdp1_tiny_float64, use_orig_params, False, True, True, timeout_s=90)
+    assert results[-1]["nothing_here"], "the last rank holds gradient: the case tests nothing"
+    assert {g for r in results for g in r["grad_dtypes"]} == {"torch.float64"}, results
+    assert {r["dtype"] for r in results} == {r["clipper_dtype"] for r in results} == {"torch.float64"}, results
+    assert len({r["total"] for r in results}) == 1, results
+    assert abs(results[0]["total"] - results[0]["want"]) <= 1e-12 * results[0]["want"], results[0]
 
 
 @pytest.mark.parametrize(("world_size", "use_orig_params"), [(3, True), (4, True), (4, False)])
