@@ -878,7 +878,10 @@ class Agreement:
     and explicit entries this rank's read keeps (:func:`agreed_read`); where the call combined over several ranks,
     :meth:`agree` replaces every such entry by one of the combined verdict, on every rank alike."""
 
-    def __init__(self) -> None:
+    def __init__(self, arming: Any = None) -> None:
+        #: the optimizer the call arms (its ``optimizer=``; None: a call arming none), whose entries alone its
+        #: verdict decides: see :func:`agreed_read`
+        self._arming = arming
         #: the verdict (and the call's total) combined over more than one rank: see :func:`hand_over_`
         self.shared = False
         #: the global ranks the call combined over (where ``shared``): see :func:`decide_agreed`
@@ -889,7 +892,7 @@ class Agreement:
     def local(self) -> Tensor:
         """This rank's value in the call's all-reduce."""
         if self._read is None:
-            self._read = agreed_read()
+            self._read = agreed_read(self._arming)
         return self._read[0]
 
     def agree(self, combined: Tensor, alone: bool = False, group: Any = None) -> None:
@@ -1460,16 +1463,33 @@ def _agreed_kind(entry: _Entry) -> bool:
     return entry.kind in ("agreed", "explicit", "held")
 
 
-def agreed_read() -> tuple[Tensor, dict[int, Any]]:
+def _armed_by(optimizer: Any, arming: Any) -> bool:
+    """Whether ``optimizer``'s ledger is the one a call given ``arming`` (its ``optimizer=``) arms: that optimizer,
+    or the inner optimizer of that ZeRO or OSS wrapper."""
+    if optimizer is arming:
+        return True
+    ref = optimizer.__dict__.get(_OUTER)
+    return ref is not None and ref() is arming
+
+
+def agreed_read(arming: Any = None) -> tuple[Tensor, dict[int, Any]]:
     """This rank's value in a call's all-reduce (float64 0-dim): the largest flag of the agreed and explicit
-    entries of every optimizer holding one that this rank's read keeps (:func:`_kept`; not their parameters the
-    call measures again, which its own flag reads: a call raising after its all-reduce, ``error_if_nonfinite``,
-    arms none), and per optimizer the entries read with what is kept of each."""
+    entries that this rank's read keeps (:func:`_kept`; not their parameters the call measures again, which its own
+    flag reads: a call raising after its all-reduce, ``error_if_nonfinite``, arms none), of the optimizer the call
+    arms (``arming``, the same on every rank by the call's contract), or of every optimizer holding one where it
+    arms none; and per optimizer the entries read with what is kept of each (those the verdict decides). A call
+    arming one optimizer leaves the others' entries as they are: read into its one value, another optimizer's NaN
+    entry made the verdict 1 and set the armed optimizer's earlier agreed entry, and its good step was skipped on
+    every rank (two fused optimizers, one per part, the second's NaN part armed over the world, then the first's
+    part: wmixed seed 191; and ``skip_next_step_`` of one optimizer skipping the other's next hand-over, wplain
+    263, walone 444)."""
     out = torch.zeros((), dtype=torch.float64)
     survivors: dict[int, Any] = {}
     if not _LEDGERED:
         return out, survivors
     for optimizer in _LEDGERED:
+        if arming is not None and not _armed_by(optimizer, arming):
+            continue
         ledger = optimizer.__dict__.get(_LEDGER) or []
         now = _grads_by_param(optimizer)
         read = [(e, _kept(e, set(), now)) for e in ledger if _agreed_kind(e)]
@@ -1519,8 +1539,16 @@ def decide_agreed(survivors: dict[int, Any], verdict: Tensor, ranks: frozenset[i
         if any(e.kind == "agreed" for e in ledger if id(e) in decided):
             out.append(merged([k for k in kept if k.kind == "agreed"], "agreed"))
         if any(e.kind in ("explicit", "held") for e in ledger if id(e) in decided):
-            # (skip_next_step_'s stay held by the gradients held at its arming, whatever wrote them: "held")
-            out.append(merged([k for k in kept if k.kind in ("explicit", "held")], "held"))
+            # (skip_next_step_'s stay held by the gradients held at its arming, whatever wrote them: "held"; one
+            # armed while this rank held no gradient lasts to the step as it was, by its own flag: merged into
+            # "held" with nothing to hold it, the next call's finite read dropped it, and a skip asked before the
+            # backward was lost on every rank, the step taken, wplain seeds 73 and wmixed 276. Such a rank sends it
+            # at every later call deciding that optimizer, so the ranks keep it alike, also where another rank held
+            # gradients then, dropped since: a skip kept that a rank holding them alone would drop)
+            lasting = [k.flag for k in kept if k.kind == "explicit" and not k.grads]
+            if lasting:
+                out.append(_Entry(functools.reduce(torch.maximum, lasting), [], [], "explicit", ranks=ranks))
+            out.append(merged([k for k in kept if k.kind in ("explicit", "held") and k.grads], "held"))
         optimizer.__dict__[_LEDGER] = out
 
 

@@ -662,7 +662,7 @@ def clip_grad_norm_(
         fused = fused and exact
         # (before settling: a hand-over's flag whose gradients were replaced waits for the ranks' verdict)
         # (another optimizer's hand-over settled here waits for the verdict too: see _fused.Agreement.fold)
-        agreement = _fused.Agreement()
+        agreement = _fused.Agreement(optimizer)
         with agreement.deferring():
             settle_hand_over(parameters, everything)
     except (ValueError, TypeError):

@@ -978,7 +978,7 @@ class GradClipper:
                 settings += f", threshold_calls={self._threshold.count}"
             # (the ranks' read of the agreed skip flags travels in this call's measurement: see _fused.Agreement)
             flat = [t for s in shards for t in s.tensors]  # (listed once)
-            agreement = _fused.Agreement()
+            agreement = _fused.Agreement(optimizer if arm_skip is not None else None)
             with agreement.deferring():
                 _clip.settle_hand_over(target, flat)
             # (after settling: another optimizer's hand-over settled here adds its read, see _fused.Agreement.fold)
@@ -1279,7 +1279,7 @@ class GradClipper:
         # The ranks' verdict on gradients replaced out of place travels in the measurement, as in the other modes
         # (read by each rank alone, a NaN in rank 0's FSDP2 shard kept the flag there alone: rank 0 skipped, the
         # others stepped): see _fused.Agreement
-        agreement = _fused.Agreement()
+        agreement = _fused.Agreement(optimizer if arm_skip is not None else None)
         try:
             with agreement.deferring():
                 _clip.settle_hand_over(target, measured)
