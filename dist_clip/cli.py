@@ -16,6 +16,7 @@ from .config import (
     ConfigError,
     TrainConfig,
     check_data_size,
+    check_world_size,
     data_files,
     from_dict,
     load_config,
@@ -58,6 +59,9 @@ def _common(suppress: bool) -> argparse.ArgumentParser:
     common.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS, **kw)
     # launch/torchrun.sh checks the arguments in one process first: torchrun turns a rank's exit 2 into its own 1.
     common.add_argument("--validate-only", action="store_true", help=argparse.SUPPRESS, **kw)
+    # ... and, on one node, tells it the number of ranks torchrun will start: a config that cannot take it
+    # (wrapper: none, an hsdp mesh of another size) was refused by every started rank, which torchrun reported as 1.
+    common.add_argument("--validate-world-size", type=int, metavar="N", help=argparse.SUPPRESS, **kw)
     return common
 
 
@@ -252,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_machine(cfg, source)
         _check_installed(cfg, source, args)
         _check_out_dir(cfg, source, main_rank=main_rank)
+        if args.validate_world_size is not None:
+            check_world_size(cfg, source, args.validate_world_size)
         # Read when the ranks start, checked by --validate-only too: under torchrun every started rank found a bad
         # value, and torchrun reported their 2 as its own 1 with a traceback.
         _timeout()

@@ -30,6 +30,7 @@ __all__ = [
     "ModelConfig",
     "STDLIB_BYTES",
     "check_data_size",
+    "check_world_size",
     "data_files",
     "data_root",
     "read_files",
@@ -170,6 +171,8 @@ def _type_name(tp: Any) -> str:
         return f"a list of {_type_name(get_args(tp)[0])}"
     if tp is type(None):
         return "null"
+    if dataclasses.is_dataclass(tp):  # "clip: expected ClipConfig" named a class the user never sees
+        return f"a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}"
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, tp.__name__)
 
 
@@ -463,6 +466,18 @@ def check_data_size(size: int, data: str, source: str, seq_len: int | None = Non
         raise ConfigError(source, "data", f"{data} holds no readable bytes")
     if seq_len is not None and size < seq_len + 2:
         raise ConfigError(source, "data", f"{data} holds {size} bytes, fewer than model.seq_len + 2 = {seq_len + 2}")
+
+
+def check_world_size(cfg: TrainConfig, source: str, world_size: int) -> None:
+    """ConfigError unless ``cfg`` can train on ``world_size`` ranks: ``wrapper: none`` on one, an ``hsdp`` mesh on
+    as many as it holds. Checked by every rank once the world is known, and by ``--validate-only`` when the launch
+    script can tell the world size (``launch/torchrun.sh`` on one node: torchrun reported the ranks' exit status 2
+    as its own 1, with its traceback)."""
+    if cfg.wrapper == "none" and world_size > 1:
+        raise ConfigError(source, "wrapper", f"none trains one process, but {world_size} were launched")
+    if cfg.wrapper == "hsdp" and cfg.mesh and cfg.mesh[0] * cfg.mesh[1] != world_size:
+        raise ConfigError(source, "mesh", f"{list(cfg.mesh)} needs {cfg.mesh[0] * cfg.mesh[1]} ranks, launched with "
+                          f"{world_size}")
 
 
 def load_config(path: str | os.PathLike[str]) -> TrainConfig:

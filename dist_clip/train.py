@@ -48,6 +48,7 @@ from .config import (  # noqa: F401 - STDLIB_BYTES and MAX_DATA_BYTES are read h
     ModelConfig,
     TrainConfig,
     check_data_size,
+    check_world_size,
     data_files,
     read_files,
     stdlib_files,
@@ -453,8 +454,7 @@ def train(
 
     Must be called on every rank of the default process group (or alone when ``cfg.wrapper`` is ``none``).
     """
-    if cfg.wrapper == "none" and info.world_size > 1:
-        raise ConfigError(source, "wrapper", f"none trains one process, but {info.world_size} were launched")
+    check_world_size(cfg, source, info.world_size)
     if info.device.type == "cpu":
         torch.set_num_threads(_threads_for(info.local_world_size))
     _agree_on_data(text, info)

@@ -29,11 +29,26 @@ if [[ "$NNODES" != 1 ]]; then check_count NODE_RANK 0 "$NNODES"; check_count MAS
 
 # Arguments and config checked in one process first: torchrun reports a rank's exit status 2 (bad config or
 # arguments) as its own 1 with a traceback; this way a bad config is one line and exit status 2. Status 3: the
-# arguments asked for help, which the check printed; nothing to run (the ranks printed it a second time).
+# arguments asked for help, which the check printed; nothing to run (the ranks printed it a second time). On one
+# node the check is told the number of ranks (wrapper: none or an hsdp mesh of another size on NPROC ranks), unless
+# TORCHRUN_ARGS sets it itself; on several, each node's NPROC may differ and the ranks check it.
+CHECK=(--validate-only)
+if [[ "$NNODES" == 1 && "${TORCHRUN_ARGS:-}" != *nproc* && "${TORCHRUN_ARGS:-}" != *nnodes* ]]; then
+    CHECK+=(--validate-world-size "$NPROC")
+fi
 STATUS=0
-"$PYTHON" -m dist_clip "$@" --validate-only || STATUS=$?
+"$PYTHON" -m dist_clip "$@" "${CHECK[@]}" || STATUS=$?
 if [[ "$STATUS" == 3 ]]; then exit 0; fi
 if [[ "$STATUS" != 0 ]]; then exit "$STATUS"; fi
+# Node 0 of several hosts the rendezvous store on MASTER_PORT: a port that a process of this machine listens on was
+# torchrun's RendezvousConnectionError traceback (EADDRINUSE) and exit 1, while the other nodes waited. (Checked by
+# connecting on loopback; where bash cannot open /dev/tcp, nothing is found and torchrun says it.)
+if [[ "$NNODES" != 1 && "$NODE_RANK" == 0 ]] \
+        && timeout 5 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$0"' "$MASTER_PORT" 2>/dev/null; then
+    echo "$(basename "$0"): MASTER_PORT $MASTER_PORT is in use on this machine, where node 0 hosts the rendezvous;" \
+         "give every node a free MASTER_PORT" >&2
+    exit 2
+fi
 
 if [[ "$NNODES" == 1 ]]; then
     # One node: torchrun's own rendezvous on a free local port.

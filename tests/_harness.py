@@ -121,6 +121,9 @@ class RankPool:
         out = []
         for r in range(self.world_size):
             path = os.path.join(self._tmp.name, f"stacks.{r}")
+            if not os.path.exists(path):  # (a rank that died before it set up faulthandler)
+                out.append(f"--- rank {r} --- (no stacks written)")
+                continue
             with open(path) as f:
                 out.append(f"--- rank {r} ---\n{f.read()[-6000:]}")
         return "\n".join(out)

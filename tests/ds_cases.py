@@ -215,17 +215,22 @@ def expected_collectives(engine: Any) -> int:
 
 
 def case_fp32_vs_reference(stage: int, gas: int = 1, offload: bool = False, steps: int = 2,
-                           ps: tuple[float, ...] = P_ALL, hand_over: bool = False, ds_clip: float = 0.0) -> dict:
+                           ps: tuple[float, ...] = P_ALL, hand_over: bool = False, ds_clip: float = 0.0,
+                           zero_extra: dict | None = None, top_extra: dict | None = None) -> dict:
     """For every p: the norm equals the float64 unsharded reference, params after ``steps`` equal the
     unsharded torch run, one collective per call (none at stage 0, whose gradients are replicated).
     ``hand_over``: the coefficient rides in ``engine.step()`` (``optimizer=engine.optimizer``). ``ds_clip``:
     DeepSpeed's own ``gradient_clipping`` (its default is 1.0), above the L2 norm of our clipped gradients, so
-    that its second clip must change nothing."""
+    that its second clip must change nothing. ``zero_extra`` / ``top_extra``: more ``zero_optimization`` and
+    top-level config keys (buckets, overlap, reduce-scatter, persistence, sub-groups, parameter offload)."""
     report: dict[str, Any] = {}
     for p in ps:
+        cfg = ds_config(stage, gas=gas, offload=offload, clip=ds_clip)
+        cfg["zero_optimization"].update(zero_extra or {})
+        cfg.update(top_extra or {})
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*gradient_clipping.*")
-            engine = make_engine(ds_config(stage, gas=gas, offload=offload, clip=ds_clip))
+            engine = make_engine(cfg)
         ref = Reference()
         _params_close(full_params(engine), ref.params(), 0, 1e-7, "initial params")
         for step in range(steps):
@@ -967,6 +972,37 @@ def case_no_sync(stage: int, dtype: str = "fp32", grad_accum_dtype: str | None =
     got = attempt()
     out.append(abs(got - want) <= 1e-5 * want if isinstance(got, float) else got)
     engine.step()
+    return out
+
+
+def case_call_inside_coalesce_grad_reduction(stage: int, offload: bool, steps: int = 2) -> list:
+    """``engine.coalesce_grad_reduction()`` (ZeRO 1-3): its backwards leave each rank's own gradients on the
+    parameters and reduce them into the partitions when the block exits. A call inside the block is a ValueError
+    on every rank (ZeRO 1-2 with offload returned the norm of the fp32 partitions the last step left: 0.0, then
+    0.3, for the model's 17.35, silently); the plain call after the block measures the float64 model's norm and
+    the step gives its parameters."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    engine = make_engine(ds_config(stage, offload=offload))
+    ref = Reference()
+    out: list = []
+    for step in range(steps):
+        batches = [[batch(r, step, m) for r in range(world)] for m in range(2)]
+        grads = ref.grads(batches)  # the mean over the block's micro losses; DeepSpeed adds them (gas 1)
+        for g in grads:
+            g.mul_(2.0)
+        want = reference_norm(grads, 2.0)
+        with engine.coalesce_grad_reduction():
+            for per_rank in batches:
+                engine.backward(loss_fn(engine(per_rank[rank])))
+            out.append(outcome(lambda: dist_clip.clip_grad_norm_(engine, 0.3), ValueError,
+                               lambda m: "coalesce_grad_reduction()" in m))
+        got = float(dist_clip.clip_grad_norm_(engine, 0.3))
+        _close(got, want, 2e-6, f"stage {stage} step {step} norm after the block")
+        for g in grads:
+            g.mul_(min(1.0, 0.3 / (want + 1e-6)))
+        ref.opt.step()
+        engine.step()
+    _params_close(full_params(engine), ref.params(), 1e-5, 1e-6, f"stage {stage} params after step")
     return out
 
 

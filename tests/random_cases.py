@@ -66,9 +66,9 @@ def _close(got: float, want: float) -> bool:
 
 
 def _check_norms(target: nn.Module, grads: dict[str, torch.Tensor], where: str, agc: bool = True,
-                 group: dist.ProcessGroup | None = None) -> list[str]:
+                 group: dist.ProcessGroup | None = None, orders: tuple[float, ...] = ORDERS) -> list[str]:
     errors = []
-    for p in ORDERS:
+    for p in orders:
         want = reference_norm(list(grads.values()), p) if grads else 0.0
         got = dist_clip.get_total_norm(target, p, group=group).item()
         if not _close(got, want):
@@ -236,4 +236,115 @@ def deepspeed_models(trials: int) -> list[str]:
             errors += _check_norms(engine, grads, f"trial {trial} widths {widths} ZeRO-{stage}", agc=False)
             errors += _check_clipped(engine, grads, f"trial {trial} widths {widths} ZeRO-{stage}")
             engine.step()
+    return errors
+
+
+def _fairscale_wrap(rnd: random.Random, model: nn.Sequential, kind: str, low: bool) -> tuple[Any, str, Any]:
+    """(target, description, module to run) for a wrapping: OSS under ShardedDataParallel (either reduce buffer)
+    or torch DDP, or fairscale FSDP (flat or not, nested per layer or not, reshard_after_forward or not, mixed
+    precision where ``low``)."""
+    from fairscale.optim import OSS
+
+    trainable = [q for q in model.parameters() if q.requires_grad]
+    cut = rnd.randint(1, len(trainable) - 1) if len(trainable) > 1 and rnd.random() < 0.5 else len(trainable)
+    groups = [{"params": trainable[:cut], "max_norm": 1.0}] + (
+        [{"params": trainable[cut:], "max_norm": 1.0}] if cut < len(trainable) else [])
+    if kind == "oss_sdp":
+        from fairscale.nn.data_parallel import ShardedDataParallel
+
+        buffer = rnd.choice((0, 2**23))
+        opt = OSS(groups, optim=torch.optim.SGD, lr=0.0)
+        sdp = ShardedDataParallel(model, opt, reduce_buffer_size=buffer)
+        return sdp, f"oss_sdp buffer={buffer} groups cut at {cut}", (sdp, opt)
+    if kind == "oss_ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        opt = OSS(groups, optim=torch.optim.SGD, lr=0.0)
+        return opt, f"oss_ddp groups cut at {cut}", (DistributedDataParallel(model), opt)
+    from fairscale.nn import FullyShardedDataParallel as FSDP
+
+    kw = dict(compute_device=torch.device("cpu"), flatten_parameters=rnd.random() < 0.6,
+              reshard_after_forward=rnd.random() < 0.5, mixed_precision=low)
+    nested = []
+    for i, layer in enumerate(model):
+        frozen = not all(q.requires_grad for q in layer.parameters())
+        if rnd.random() < 0.5 or (frozen and kw["flatten_parameters"]):  # (fairscale flattens one requires_grad)
+            model[i] = FSDP(layer, **kw)
+            nested.append(i)
+    root = FSDP(model, **kw)
+    return root, f"fsdp {kw} nested {nested}", (root, None)
+
+
+def fairscale_models(seeds: list[int]) -> list[str]:
+    """fairscale around the random models on any number of ranks: OSS with ShardedDataParallel or DDP, FSDP flat
+    or not, nested or not, with mixed precision (fp16 compute) or not; OSS also with bf16 gradients. Totals,
+    per-parameter and AGC norms (OSS passed as the target names them "group0.param{i}"), the clipped gradients
+    measured again, and a NaN batch on one rank under ``error_if_nonfinite``."""
+    global RTOL
+    from tests.fairscale_cases import cpu_stream_shim
+
+    rank = dist.get_rank()
+    errors: list[str] = []
+    with cpu_stream_shim():
+        for seed in seeds:
+            rnd, widths, model = _draw(4000 + seed)
+            kind = rnd.choice(["oss_sdp", "oss_ddp", "fsdp", "fsdp"])
+            low = rnd.random() < 0.25
+            dtype = torch.bfloat16 if low and kind != "fsdp" else torch.float32
+            model = model.to(dtype)
+            grads = _reference(model, widths[0])
+            target, what, (module, opt) = _fairscale_wrap(rnd, model, kind, low)
+            where = f"seed {seed} widths {widths} {what} {dtype}"
+            saved = RTOL
+            # bf16 compute against the float64 model: about 1% apart, and p = 0 counts the zeros rounding makes
+            RTOL = 5e-2 if low else 1e-5
+            try:
+                module(_batch(rank, widths[0], dtype)).float().pow(2).sum().backward()
+                want = grads
+                if opt is not None:  # OSS's groups: the parameters' names under each
+                    by_id = {id(q): n for n, q in model.named_parameters()}
+                    in_group = [[by_id[id(q)] for q in g["params"]] for g in opt.param_groups]
+                if kind == "oss_ddp":  # DDP's reduced gradients, whole on every rank, are the exact reference
+                    want = {f"group{g}.param{i}": model.get_parameter(n).grad.double()
+                            for g, names in enumerate(in_group) for i, n in enumerate(names)}
+                    in_group = [[f"group{g}.param{i}" for i in range(len(names))] for g, names in enumerate(in_group)]
+                    RTOL = 1e-5
+                orders = ORDERS[1:] if RTOL > 1e-5 else ORDERS
+                errors += _check_norms(target, want, where, orders=orders)
+                if opt is not None:  # per_group: each group against its own limit, half its reference norm
+                    pg = rnd.choice(orders)
+                    gnorms = [reference_norm([want[n] for n in names], pg) for names in in_group]
+                    for g, w in zip(opt.param_groups, gnorms):
+                        g["max_norm"] = 0.5 * w if w else 1.0
+                    res = GradClipper(mode="per_group", norm_type=pg)(target, optimizer=opt)
+                    coefs = [min(1.0, g["max_norm"] / (w + 1e-6)) for g, w in zip(opt.param_groups, gnorms)]
+                    got = res.clip_coef.reshape(-1).tolist()
+                    if len(got) != len(coefs) or not all(_close(a, b) for a, b in zip(got, coefs)):
+                        errors.append(f"{where} per_group p={pg}: coefs {got} != {coefs}")
+                    want = {n: g * coefs[k] for k, names in enumerate(in_group) for n in names
+                            for g in (want[n],)}
+                    errors += _check_norms(target, want, f"{where} per_group clipped", agc=False, orders=orders)
+                foreach = rnd.choice((None, False))
+                max_norm, coef = _clip_coef(want)
+                dist_clip.clip_grad_norm_(target, max_norm, foreach=foreach)
+                errors += _check_norms(target, {n: g * coef for n, g in want.items()}, f"{where} clipped", agc=False,
+                                       orders=ORDERS[1:] if RTOL > 1e-5 else ORDERS)
+                module.zero_grad()  # a NaN batch on one rank: every rank raises
+                bad = rnd.randrange(dist.get_world_size())
+                x = _batch(rank, widths[0], dtype)
+                if rank == bad:
+                    x[0, 0] = math.nan
+                module(x).float().pow(2).sum().backward()
+                try:
+                    dist_clip.clip_grad_norm_(target, 1.0, error_if_nonfinite=True)
+                    if want:
+                        errors.append(f"{where}: NaN batch on rank {bad} not refused")
+                except RuntimeError:
+                    pass
+            except Exception as e:
+                import traceback
+
+                raise RuntimeError(f"{where}: {type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}") from e
+            finally:
+                RTOL = saved
     return errors

@@ -461,6 +461,18 @@ def test_adaptive_coefficients_divide_by_the_norm_plus_1e_6():
     assert z([torch.tensor([2e-6], dtype=torch.float64)]).clip_coef.item() == pytest.approx(1 / 3, rel=1e-12)
 
 
+def test_zclip_a_z_score_equal_to_z_thresh_is_no_spike():
+    """A spike is a norm whose z-score exceeds z_thresh (the paper's reference code: ``z <= z_thresh`` is none):
+    after a warm-up of equal norms (std 0), a norm whose z is exactly z_thresh passes unclipped, as the reference
+    gives; taken for a spike, it was clipped to the mean (coefficient 0.5)."""
+    threshold = ZClip(warmup_steps=2, z_thresh=2.0, eps=0.5, max_norm=None)
+    clipper = GradClipper(max_norm=threshold)
+    ref = ZClipReference(threshold.alpha, threshold.z_thresh, None, threshold.eps, 2, threshold.clip_option,
+                         threshold.clip_factor, threshold.skip_update_on_spike)
+    coefs = [clipper([torch.tensor([g], dtype=torch.float64)]).clip_coef.item() for g in (1.0, 1.0, 2.0)]
+    assert coefs == [ref.step(g) for g in (1.0, 1.0, 2.0)] == [1.0, 1.0, 1.0]
+
+
 @pytest.mark.parametrize("max_norm", [None, 10.0])
 def test_zclip_warm_up_collects_finite_norms_only(max_norm):
     """Warm-up counted calls: a warm-up of non-finite norms only (fp16 overflows in the first steps) left the
@@ -1175,6 +1187,19 @@ def test_agc_divides_by_a_gradient_norm_floored_at_1e_6():
     torch.testing.assert_close(bias.grad, want, rtol=1e-12, atol=0)
     torch.testing.assert_close(bias.grad, grads["b"] * 1e-4, rtol=1e-12, atol=0)
     assert result.clip_coef.item() == pytest.approx(1e-4, rel=1e-12)
+
+
+def test_agc_a_gradient_norm_equal_to_a_limit_below_1e_6_is_scaled_by_the_floored_formula():
+    """timm's test is ``||g_unit|| < max`` (AGC's docstring: a unit with ``||g_unit|| >= max`` is scaled): a unit
+    whose gradient norm equals a limit below 1e-6 is scaled by max / 1e-6 (2**-25 / 1e-6 here, powers of two so
+    that the norm equals the limit exactly); left alone as unclipped under ``<=``, which passed the suite."""
+    bias = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    bias.grad = torch.tensor([2.0**-25], dtype=torch.float64)
+    grads = {"b": bias.grad.clone()}
+    want = agc_reference({"b": bias.detach()}, grads, 2.0**-15, 2.0**-10, 2.0)["b"]
+    GradClipper(mode="unitwise", agc=AGC(clipping=2.0**-15, eps=2.0**-10))({"b": bias})
+    torch.testing.assert_close(bias.grad, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(bias.grad, grads["b"] * (2.0**-25 / 1e-6), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("grad,p", [

@@ -313,6 +313,17 @@ def test_agc_on_deepspeed_round_robin_aligned_partitions(run_ranks):
 
 
 @pytest.mark.deepspeed
+@pytest.mark.parametrize("stage,extra", [
+    (2, {"overlap_comm": True, "contiguous_gradients": False, "reduce_bucket_size": 16, "reduce_scatter": False}),
+    (3, {"overlap_comm": False, "reduce_bucket_size": 16, "stage3_prefetch_bucket_size": 16, "sub_group_size": 10,
+         "offload_param": {"device": "cpu"}}),
+], ids=["zero2-tiny-buckets-overlap-allreduce", "zero3-tiny-buckets-subgroups-offload-param"])
+def test_agc_on_deepspeed_zero_switches(run_ranks, stage, extra):
+    pytest.importorskip("deepspeed")
+    _same_cuts_on_every_rank(run_ranks(2, case_deepspeed, stage, ps=(2.0, math.inf), zero_extra=extra,
+                                       timeout_s=TIMEOUT))
+
+@pytest.mark.deepspeed
 @pytest.mark.parametrize("stage", [2, 3])
 def test_agc_on_deepspeed_three_ranks_uneven(run_ranks, stage):
     pytest.importorskip("deepspeed")

@@ -171,6 +171,9 @@ def test_the_shards_contract_takes_a_counted_flag_of_another_bool_type():
     for flag, want in ((np.bool_(False), False), (1, True), (torch.tensor(False), False), (torch.tensor([True]), True)):
         made = dist_clip.Shards([g], None, flag)
         assert made.counted is want, (flag, made.counted)
+    for flag in (2, -1, None, "False", torch.tensor([True, False])):  # an integer other than 0 or 1 is no flag
+        with pytest.raises(TypeError, match="Shards.counted must be a bool"):
+            dist_clip.Shards([g], None, flag)
 
 
 def test_pieces_with_two_loss_scales_are_refused(monkeypatch):

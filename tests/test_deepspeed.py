@@ -8,6 +8,7 @@ and ``gradient_clipping``, and counts the collectives of each call. Run with
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -37,6 +38,30 @@ def test_l2_matches_deepspeeds_own_clipping(run_ranks, stage):
 def test_accumulation_and_offload_match_unsharded_run(run_ranks, stage, gas, offload):
     run_ranks(2, ds_cases.case_fp32_vs_reference, stage, gas=gas, offload=offload, timeout_s=TIMEOUT)
 
+
+#: ZeRO switches that change where and how DeepSpeed reduces and partitions the gradients: buckets far smaller
+#: than a parameter (each cut between buckets and by the partition boundary), overlap on and off, non-contiguous
+#: gradients, round-robin partitions, all-reduce instead of reduce-scatter with a predivide factor, persistence
+#: thresholds, one sub-group per parameter, parameter offload.
+ZERO_SWITCHES = {
+    "zero1-allreduce-predivide": (1, {"reduce_scatter": False, "reduce_bucket_size": 16},
+                                  {"gradient_predivide_factor": 4.0}),
+    "zero2-tiny-buckets-overlap": (2, {"overlap_comm": True, "contiguous_gradients": False, "reduce_bucket_size": 16,
+                                       "allgather_bucket_size": 16, "round_robin_gradients": True}, {}),
+    "zero3-tiny-buckets": (3, {"overlap_comm": False, "reduce_bucket_size": 16, "stage3_prefetch_bucket_size": 16,
+                               "stage3_param_persistence_threshold": 0, "sub_group_size": 10}, {}),
+    "zero3-offload-param": (3, {"offload_param": {"device": "cpu"}, "stage3_param_persistence_threshold": 10**9,
+                                "contiguous_gradients": False}, {}),
+}
+
+
+@pytest.mark.parametrize("name", list(ZERO_SWITCHES))
+def test_zero_switches_match_unsharded_run(run_ranks, name):
+    stage, zero, top = ZERO_SWITCHES[name]
+    run_ranks(2, ds_cases.case_fp32_vs_reference, stage, ps=(2.0, math.inf, 1.0), zero_extra=zero, top_extra=top,
+              timeout_s=TIMEOUT)
+    run_ranks(2, ds_cases.case_fp32_vs_reference, stage, ps=(2.0,), hand_over=True, zero_extra=zero, top_extra=top,
+              timeout_s=TIMEOUT)
 
 @pytest.mark.parametrize("offload", [False, True])
 def test_stage3_uneven_partitions_three_ranks(run_ranks, offload):
@@ -343,3 +368,9 @@ def test_hand_over_with_deepspeeds_muon_scales_the_gradients_not_the_update(run_
 @pytest.mark.parametrize("stage,offload", [(3, False), (2, True), (3, True)])
 def test_a_skip_with_deepspeeds_muon_leaves_its_momentum_alone(run_ranks, stage, offload):
     assert run_ranks(2, ds_cases.case_deepspeed_muon_skip, stage, offload, timeout_s=TIMEOUT) == [[True] * 3] * 2
+
+
+@pytest.mark.parametrize("stage,offload", [(2, True), (1, True), (3, False)])
+def test_a_call_inside_coalesce_grad_reduction_is_refused(run_ranks, stage, offload):
+    results = run_ranks(2, ds_cases.case_call_inside_coalesce_grad_reduction, stage, offload, timeout_s=TIMEOUT)
+    assert results == [[True, True]] * 2, results

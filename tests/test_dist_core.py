@@ -1388,6 +1388,52 @@ def test_group_override_reduces_over_that_group_only(run_ranks):
     assert a == b and c == d and a != c
 
 
+def body_groups_of_the_same_ranks_listed_in_another_order() -> list:
+    """Shards of two distinct group objects over the same ranks, listed in one order on rank 0 and the other on
+    rank 1, reduce over one of them, the same on every rank (the first by name): over the first listed, each rank
+    entered the all-reduce of another communicator and waited for the other until the timeout."""
+    with _custom_adapter_listed():
+        from dist_clip import Shards
+
+        from .custom_adapter import HandSharded
+
+        rank = dist.get_rank()
+        g1, g2 = dist.new_group([0, 1]), dist.new_group([0, 1])
+        full = {"a": torch.arange(1.0, 7.0), "b": torch.arange(-4.0, 0.0)}
+        a, b = full["a"][rank * 3:(rank + 1) * 3].clone(), full["b"][rank * 2:(rank + 1) * 2].clone()
+        shards = [Shards([a], g1), Shards([b], g2)]
+        target = HandSharded(shards if rank == 0 else shards[::-1])
+        got = dist_clip.get_total_norm(target, 2.0, group=None)
+        return [got.item() == pytest.approx(reference_norm(list(full.values()), 2.0), rel=1e-6)]
+
+
+def test_groups_of_the_same_ranks_listed_in_another_order_on_each_rank_reduce_over_one(run_ranks):
+    assert run_ranks(2, body_groups_of_the_same_ranks_listed_in_another_order) == [[True], [True]]
+
+
+def body_replicated_shards_beside_sharded_ones_per_param() -> list:
+    """Shards(group=None) (whole and alike on every rank) beside Shards over the world: the call reduces over the
+    world and the replicated pieces are counted once, by its rank 0, in every mode; counted on every rank, the
+    per-parameter norm of "r" read sqrt(2) times its own (the total, measured apart, stayed right)."""
+    with _custom_adapter_listed():
+        from dist_clip import GradClipper, Shards
+
+        from .custom_adapter import HandSharded
+
+        rank = dist.get_rank()
+        full = {"a": torch.arange(1.0, 7.0), "r": torch.tensor([3.0, -4.0])}
+        shards = [Shards([full["a"][rank * 3:(rank + 1) * 3].clone()], dist.group.WORLD, names=["a"]),
+                  Shards([full["r"].clone()], None, names=["r"])]
+        result = GradClipper(max_norm=1e9, mode="per_param", report=True)(HandSharded(shards))
+        return [result.norms["r"] == pytest.approx(5.0, rel=1e-6),
+                result.norms["a"] == pytest.approx(reference_norm([full["a"]], 2.0), rel=1e-6),
+                result.total_norm.item() == pytest.approx(reference_norm(list(full.values()), 2.0), rel=1e-6)]
+
+
+def test_replicated_shards_beside_sharded_ones_count_once_per_parameter(run_ranks):
+    assert run_ranks(2, body_replicated_shards_beside_sharded_ones_per_param) == [[True] * 3] * 2
+
+
 def body_outsider_and_empty_unitwise() -> list[str]:
     """A rank outside group= gets a ValueError saying so (torch hands it an int sentinel, which read "got int");
     a rank with nothing to clip unit-wise while the others hold tensors raises on every rank at once (it raised

@@ -37,6 +37,7 @@ A failure prints the seed and the flow; ``make_flow(seed, setting)`` and :func:`
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import random
@@ -1286,18 +1287,25 @@ def test_a_flag_kept_for_replaced_gradients_without_a_collective_goes_with_the_b
     assert [s["took"] for r in per_rank for s in r] == [False] * world, (flow, per_rank)
 
 
-def body_flows_off_host(setting: str, flows: list[list[tuple]]) -> list:
-    """:func:`run_flow` of each flow with every skip flag taken for an accelerator's, never read on the host
-    (``_fused._on_host`` false), as on a GPU: a flag read on the CPU as not set is a value the host does not know
-    there (the faithful run, every device test rewritten and host syncs recorded: tests/test_accelerator_paths.py)."""
+@contextlib.contextmanager
+def off_the_host():
+    """Within: every skip flag taken for an accelerator's, never read on the host (``_fused._on_host`` false), as
+    on a GPU: a flag read on the CPU as not set is a value the host does not know there (the faithful run, every
+    device test rewritten and host syncs recorded: tests/test_accelerator_paths.py)."""
     from dist_clip import _fused
 
     saved = _fused._on_host
     _fused._on_host = lambda flag: False
     try:
-        return [run_flow(setting, flow) for flow in flows]
+        yield
     finally:
         _fused._on_host = saved
+
+
+def body_flows_off_host(setting: str, flows: list[list[tuple]]) -> list:
+    """:func:`run_flow` of each flow :func:`off_the_host`."""
+    with off_the_host():
+        return [run_flow(setting, flow) for flow in flows]
 
 
 def _e(first: str, own: str, last: str, fused: bool = True, nan: tuple | None = (-1, 0), drop: bool = True
@@ -1357,6 +1365,48 @@ def test_class_e_off_the_host_nan_in_l1_steps_where_an_arming_call_combines_afte
         steps = [per_rank[0][i], per_rank[1][i]]
         assert not violations(flow, steps), (flow, violations(flow, steps))
         assert [r[-1]["took"] for r in steps] == [True, True], (flow, steps)
+
+
+#: Off the host (simulated), a NaN gradient replaced out of place between skip-arming calls over the world: NaN
+#: in one rank's ``a`` (a part held on rank 0 alone in "alone"; the replicated ``b`` NaN on every rank in "mixed"),
+#: the whole armed, the NaN part's gradients replaced (``p.grad = p.grad + 0``), the other part armed twice, stepped.
+#: Both ranks stepped the NaN gradient (on the CPU both skip): h3's sweep (session 41), gen2 plain 923, mixed 374.
+REPLACED_BETWEEN_ARMINGS: dict[str, tuple[str, list[tuple]]] = {
+    "plain": ("plain", [("fused", False), ("bwd", (1, 0)), ("call", "skip", [0, 1]), ("replace", [0]),
+                        ("call", "skip", [1]), ("call", "skip", [1]), ("step",)]),
+    "alone": ("alone", [("fused", False), ("bwd", (0, 0)), ("call", "skip", [0, 1]), ("replace", [0]),
+                        ("call", "skip", [1]), ("call", "skip", [1]), ("step",)]),
+    "mixed": ("mixed", [("fused", False), ("bwd", (-1, 1)), ("call", "skip", [0, 1]), ("replace", [1]),
+                        ("call", "skip", [0]), ("call", "skip", [0]), ("step",)]),
+    "plain_whole_fused_hand": ("plain", [("fused", True), ("bwd", (1, 0)), ("call", "skip", [0, 1]), ("replace",),
+                                         ("call", "hand", [1]), ("call", "skip", [1]), ("step",)]),
+    "plain_fused_hand_last": ("plain", [("fused", True), ("bwd", (0, 0)), ("call", "skip", [0, 1]),
+                                        ("replace", [0]), ("call", "skip", [1]), ("call", "hand", [1]), ("step",)]),
+    # (and [a] handed over beside ``b``, settled by a read, its flag carried at the first [b]: h9's variants)
+    "plain_settled_hand_over": ("plain", [("fused", True), ("bwd", (1, 0)), ("call", "hand", [0]),
+                                          ("call", "total", [0, 1]), ("replace", [0]), ("call", "skip", [1]),
+                                          ("call", "skip", [1]), ("step",)]),
+    "alone_settled_hand_over": ("alone", [("fused", True), ("bwd", (0, 0)), ("call", "hand", [0]),
+                                          ("call", "plain", [0]), ("replace",), ("call", "skip", [1]),
+                                          ("call", "hand", [1]), ("step",)]),
+}
+
+
+@pytest.mark.parametrize("setting", ["plain", "alone", "mixed"])
+def test_a_nan_gradient_replaced_between_armings_over_the_world_skips_off_the_host(run_ranks, setting):
+    """REPLACED_BETWEEN_ARMINGS off the host (a GPU; simulated) and on the CPU: every rank skips. The whole's flag,
+    a device flag of a combining call (``_CALM``), its gradients gone at the first [b], was carried by that call's
+    verdict into an entry held by no gradient, a new tensor that was no ``_CALM`` flag: the second [b]'s read left
+    the replaced NaN gradient out (no entry held it, none of ``_CALM`` stood for it), its verdict dropped the flag on
+    every rank, and the NaN step was taken on both (the CPU holds the carry by the replacement, read at [b] again).
+    So too a settled hand-over's flag carried at the first [b] (_keep_replaced)."""
+    names = [n for n in sorted(REPLACED_BETWEEN_ARMINGS) if REPLACED_BETWEEN_ARMINGS[n][0] == setting]
+    flows = [REPLACED_BETWEEN_ARMINGS[n][1] for n in names]
+    per_rank = run_ranks(2, body_flows_both, setting, flows)
+    for i, (where, name) in enumerate(itertools.product(["off host", "cpu"], names)):
+        steps = [per_rank[0][i], per_rank[1][i]]
+        assert not violations(flows[i % len(flows)], steps), (where, name, violations(flows[i % len(flows)], steps))
+        assert [s["took"] for r in steps for s in r] == [False, False], (where, name, steps)
 
 
 #: Flows of the "ddp" seeds that broke the agreement off the host alone (simulated): an entry kept by a verdict of 0
@@ -1427,6 +1477,10 @@ OFF_HOST_FIXED: dict[str, list[tuple]] = {
     "own_handed_before_backward": [("fused", True), ("call", "hand", [2]), ("bwd", (-1, 1)),
                                    ("call", "hand", [0, 1]), ("zero", True), ("bwd", None),
                                    ("call", "hand", [0, 1]), ("step",)],
+    # (h3's biased generator, ddp seed 482: the same kind, [l1] and [l0] handed over one by one after two backwards)
+    "own_handed_before_two_backwards": [("fused", True), ("call", "hand", [2]), ("bwd", (-1, 0)), ("bwd", (-1, 0)),
+                                        ("call", "hand", [1]), ("call", "hand", [0]), ("zero", True), ("bwd", None),
+                                        ("call", "skip", [0, 1]), ("step",)],
 }
 
 

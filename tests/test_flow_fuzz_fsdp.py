@@ -34,7 +34,16 @@ import torch
 from torch import nn
 
 import dist_clip
-from tests.test_flow_fuzz import BATCHED, FLOWS, draw_event, make_flow, seeded_failures, step_and_record, violations
+from tests.test_flow_fuzz import (
+    BATCHED,
+    FLOWS,
+    draw_event,
+    make_flow,
+    off_the_host,
+    seeded_failures,
+    step_and_record,
+    violations,
+)
 
 SETTINGS = ("fsdp2", "hsdp")
 
@@ -263,15 +272,9 @@ def test_a_flag_kept_for_replaced_gradients_goes_with_the_batch_under_hsdp(run_r
 
 def body_fsdp_flows_off_host(setting: str, seeds: list[int]) -> list:
     """:func:`body_fsdp_flows` with every skip flag taken for an accelerator's, never read on the host, as on a GPU
-    (see tests/test_flow_fuzz.py's ``body_flows_off_host``)."""
-    from dist_clip import _fused
-
-    saved = _fused._on_host
-    _fused._on_host = lambda flag: False
-    try:
+    (tests/test_flow_fuzz.py's ``off_the_host``)."""
+    with off_the_host():
         return body_fsdp_flows(setting, seeds)
-    finally:
-        _fused._on_host = saved
 
 
 def test_hsdp_flows_off_the_host_take_the_promised_good_step(run_ranks):
@@ -283,3 +286,28 @@ def test_hsdp_flows_off_the_host_take_the_promised_good_step(run_ranks):
     per_rank = run_ranks(2, body_fsdp_flows_off_host, "hsdp", seeds, timeout_s=300)
     failures = seeded_failures("hsdp", seeds, per_rank, fsdp_flow)
     assert not failures, "\n".join(failures)
+
+
+def body_fsdp_flow_list_both(setting: str, flows: list[list[tuple]]) -> list:
+    """:func:`run_fsdp_flow` of each flow off the host (every skip flag taken for an accelerator's, see
+    :func:`body_fsdp_flows_off_host`), then the same on the CPU."""
+    with off_the_host():
+        off = [run_fsdp_flow(setting, flow) for flow in flows]
+    return [*off, *(run_fsdp_flow(setting, flow) for flow in flows)]
+
+
+def test_a_nan_shard_replaced_between_armings_skips_off_the_host(run_ranks):
+    """tests/test_flow_fuzz.py's REPLACED_BETWEEN_ARMINGS under FSDP2: a NaN in one rank's shard of l0, the whole
+    armed, l0's gradients replaced out of place, [l1] armed twice (each armed or handed over), stepped: off the host
+    (simulated) both ranks stepped the NaN shard (h3's sweep, session 41: every one of the 8 variants, fused or not,
+    parts as modules or parameters, the NaN on rank 0 or 1); every rank skips now, as on the CPU."""
+    flows = [[("fused", False, False), ("bwd", (1, 0)), ("call", "skip", [0, 1]), ("replace", [0]),
+              ("call", "skip", [1]), ("call", "skip", [1]), ("step",)],
+             [("fused", True, True), ("bwd", (0, 0)), ("call", "skip", [0, 1]), ("replace", [0]),
+              ("call", "hand", [1]), ("call", "skip", [1]), ("step",)]]
+    per_rank = run_ranks(2, body_fsdp_flow_list_both, "fsdp2", flows)
+    for i, where in enumerate(["off host"] * len(flows) + ["cpu"] * len(flows)):
+        flow = flows[i % len(flows)]
+        steps = [per_rank[0][i], per_rank[1][i]]
+        assert not violations(flow, steps), (where, flow, violations(flow, steps))
+        assert [s["took"] for r in steps for s in r] == [False, False], (where, flow, steps)

@@ -232,7 +232,8 @@ def test_two_node_simulation_hsdp_agrees_with_replay(tmp_path):
 def test_bad_config_under_a_launcher_is_one_line_from_rank_0(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("wrapper: ddp\nclip: {max_norm: -1}\n")
-    code, out = finish(start("torchrun.sh", ["train", "--config", str(cfg)], job_env(NPROC="2")))
+    code, out = finish(start("torchrun.sh", ["train", "--config", str(cfg), "--out", str(tmp_path)],
+                             job_env(NPROC="2")))
     assert code == 2, out[-6000:]  # torchrun itself would report 1 with a traceback: checked before it starts
     errors = [line for line in out.splitlines() if "config error" in line]
     assert errors == [f"config error: {cfg}: clip.max_norm: must be >= 0, got -1.0"], out[-6000:]
@@ -250,6 +251,74 @@ def test_a_bad_timeout_variable_under_torchrun_is_one_line_exit_2(tmp_path):
     errors = [line for line in out.splitlines() if "config error" in line]
     assert errors == ["config error: DIST_CLIP_TIMEOUT_S must be a number of seconds > 0, got 'abc'"], out[-6000:]
     assert "Traceback" not in out and "torch.distributed.run" not in out, out[-6000:]
+
+
+@pytest.mark.timeout(120)
+def test_a_config_the_number_of_ranks_cannot_run_under_torchrun_is_one_line_exit_2(tmp_path):
+    """`wrapper: none`, or an hsdp mesh [2, 2], on NPROC=2 passed the one-process check: torchrun started both
+    ranks, each refused the config (exit 2), and torchrun reported exit 1 with its ChildFailedError traceback. On
+    one node the script knows the number of ranks and the check refuses it before torchrun starts."""
+    for fields, why in (({"wrapper": "none"}, "wrapper: none trains one process, but 2 were launched"),
+                        ({"wrapper": "hsdp", "mesh": [2, 2]}, "mesh: [2, 2] needs 4 ranks, launched with 2")):
+        cfg = write_config(tmp_path, fields["wrapper"], **fields)
+        code, out = finish(start("torchrun.sh", ["check", "--config", str(cfg), "--out", str(tmp_path)],
+                                 job_env(NPROC="2")))
+        assert code == 2, out[-6000:]
+        errors = [line for line in out.splitlines() if "config error" in line]
+        assert errors == [f"config error: {cfg} (with command-line overrides): {why}"], out[-6000:]
+        assert "Traceback" not in out and "torch.distributed.run" not in out, out[-6000:]
+
+
+@pytest.mark.timeout(60)
+def test_torchrun_sh_tells_its_check_the_number_of_ranks_only_where_it_knows_it(tmp_path):
+    """On one node the one-process check is told NPROC; not where TORCHRUN_ARGS sets the ranks or nodes itself
+    (torchrun takes the last value given), nor on several nodes, whose NPROC may differ (a stand-in interpreter
+    records what would have started)."""
+    calls = tmp_path / "calls"
+    stub = tmp_path / "python"
+    stub.write_text(f'#!/bin/sh\necho "$*" >> "{calls}"\n')
+    stub.chmod(0o755)
+    for env, told in (({"NPROC": "3"}, True), ({"NPROC": "3", "TORCHRUN_ARGS": "--nproc-per-node 4"}, False),
+                      ({"NPROC": "3", "TORCHRUN_ARGS": "--nnodes 1:2"}, False),
+                      ({"NPROC": "3", "NNODES": "2", "NODE_RANK": "1"}, False)):
+        calls.unlink(missing_ok=True)
+        proc = subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh"), "check"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=50, env={**job_env(**env), "PYTHON": str(stub)})
+        assert proc.returncode == 0, proc.stderr
+        validate = calls.read_text().splitlines()[0]
+        want = "-m dist_clip check --validate-only" + (" --validate-world-size 3" if told else "")
+        assert validate == want, (env, validate)
+
+
+@pytest.mark.timeout(60)
+def test_torchrun_sh_on_node_0_refuses_a_master_port_in_use(tmp_path):
+    """Two nodes, node 0's MASTER_PORT held by another process of its machine: torchrun failed to host the
+    rendezvous store with a RendezvousConnectionError traceback (EADDRINUSE, ~40 lines) and exit 1, while node 1
+    waited. Node 0's script finds it before torchrun starts: one line, exit 2. Node 1 does not host the store and
+    is not refused (a stand-in interpreter records what would have started)."""
+    import socket
+
+    calls = tmp_path / "calls"
+    stub = tmp_path / "python"
+    stub.write_text(f'#!/bin/sh\necho "$*" >> "{calls}"\n')
+    stub.chmod(0o755)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = str(held.getsockname()[1])
+        for node, refused in (("0", True), ("1", False)):
+            calls.unlink(missing_ok=True)
+            env = {**job_env(NNODES="2", NODE_RANK=node, MASTER_PORT=port), "PYTHON": str(stub)}
+            proc = subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh"), "check"], cwd=tmp_path,
+                                  capture_output=True, text=True, timeout=50, env=env)
+            started = [line for line in calls.read_text().splitlines() if "torch.distributed.run" in line]
+            if refused:
+                assert (proc.returncode, proc.stderr) == (2, f"torchrun.sh: MASTER_PORT {port} is in use on this "
+                                                             "machine, where node 0 hosts the rendezvous; give every "
+                                                             "node a free MASTER_PORT\n"), proc.stderr
+                assert started == [], started
+            else:
+                assert proc.returncode == 0 and len(started) == 1, proc.stderr
 
 
 @pytest.mark.timeout(JOB_TIMEOUT_S + 30)

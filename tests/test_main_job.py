@@ -32,6 +32,15 @@ CONFIGS = ROOT / "configs"
 TINY = {"steps": 6, "batch_size": 4, "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "seq_len": 16}}
 
 
+@pytest.fixture(autouse=True)
+def _in_a_folder_of_its_own(tmp_path, monkeypatch):
+    """Every test runs in its own folder: a run's ``out_dir`` (``runs`` by default) is relative to it, and a run
+    refused for a value removes the previous outputs of its run folder. ``cli.main(["train", "--steps", "0"])``
+    (the built-in config) from the repository removed ``runs/fsdp2/log.jsonl`` and ``plot.png``: the demo's, when
+    ``make test`` followed ``make demo``."""
+    monkeypatch.chdir(tmp_path)
+
+
 def write_config(folder: Path, name: str, **fields) -> Path:
     data = {**TINY, **fields}
     path = folder / f"{name}.yaml"
@@ -76,6 +85,9 @@ BAD_CONFIGS = [
     ("clip: {norm_type: -2}\n", "clip.norm_type", ">= 0 or inf"),
     ("model: {d_model: 30, n_heads: 4}\n", "model.n_heads", "must divide"),
     ("model: {depth: 3}\n", "model.depth", "unknown key"),
+    # (these said "expected ClipConfig" / "expected ModelConfig", a class the user never meets)
+    ("clip: 1.0\n", "clip", "expected a mapping of max_norm, norm_type, mode, got float 1.0"),
+    ("model:\n", "model", "expected a mapping of d_model, n_layers, n_heads, seq_len, mlp_ratio, got NoneType None"),
     ("wrapper: fsdp3\n", "wrapper", "expected one of"),
     ("precision: fp8\n", "precision", "expected one of"),
     ("batch_size: true\n", "batch_size", "expected an integer"),

@@ -223,6 +223,24 @@ def test_slots_beside_a_subnormal_one_keep_their_own_rounding(mode):
     assert tiny < 2.0**-126 and torch.equal(beside["a"], (grads["a"].double() * tiny).float())
 
 
+def test_a_group_at_a_zero_limit_beside_a_subnormal_coefficient_is_zeroed():
+    """per_group: a group whose max_norm is 0 (coefficient exactly 0) beside a group whose coefficient float32
+    holds only as a subnormal (the call scales slot by slot through the float64 products): its gradients are
+    zeroed as torch zeroes them under max_norm=0, and the tiny group takes its float64 product rounded once."""
+    from dist_clip import GradClipper
+
+    torch.manual_seed(0)
+    grads = {"a": torch.cat([torch.tensor([9.3e37]), torch.ones(10)]), "d": torch.randn(6)}
+    params = {n: torch.nn.Parameter(torch.zeros_like(g)) for n, g in grads.items()}
+    for n, q in params.items():
+        q.grad = grads[n].clone()
+    groups = [{"params": [params["a"]], "max_norm": 1.0}, {"params": [params["d"]], "max_norm": 0.0}]
+    GradClipper(max_norm=1.0, mode="per_group")(params, optimizer=torch.optim.SGD(groups, lr=0.1))
+    assert torch.equal(params["d"].grad, torch.zeros(6))
+    tiny = 1.0 / (reference_norm([grads["a"]]) + 1e-6)
+    assert tiny < 2.0**-126 and torch.equal(params["a"].grad, (grads["a"].double() * tiny).float())
+
+
 @pytest.mark.parametrize("max_norm", [1e-10, 1e-20])
 @pytest.mark.parametrize("total_as", ["tensor", "float"])
 def test_two_steps_apply_a_subnormal_coefficient_as_clip_grad_norm_does(max_norm, total_as):

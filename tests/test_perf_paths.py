@@ -712,6 +712,24 @@ def test_optimizer_argument_gives_the_parameters_of_clip_then_step(name, fused, 
     assert "grad_scale" not in opt.__dict__ and "found_inf" not in opt.__dict__
 
 
+def test_float64_gradients_of_a_fused_optimizer_are_scaled_in_the_call_in_float64():
+    """torch's fused kernels take grad_scale in float32 only: float64 gradients are scaled in the call by the
+    float64 coefficient, nothing handed over, and the step takes them clipped to a rounding of float64 (handed
+    over, the float32 reciprocal put them 1e-8 off, 1e8 times a float64 rounding)."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(50, dtype=torch.float64))
+    w.grad = torch.randn(50, dtype=torch.float64) * 3
+    g = w.grad.clone()
+    start = w.detach().clone()
+    opt = torch.optim.SGD([w], lr=1.0, fused=True)
+    total = dist_clip.clip_grad_norm_([w], 0.5, optimizer=opt)
+    assert total.dtype == torch.float64 and _fused._PENDING not in opt.__dict__
+    coef = 0.5 / (float(torch.linalg.vector_norm(g)) + 1e-6)
+    torch.testing.assert_close(w.grad, g * coef, rtol=1e-15, atol=0)
+    opt.step()
+    torch.testing.assert_close(w.detach(), start - g * coef, rtol=1e-15, atol=1e-15)
+
+
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_fused_step_is_bit_identical_to_dividing_by_the_handed_over_scale(name):
     """The exact contract: the step equals clipping by ``g / (1 / coef)`` then stepping, bit for bit."""

@@ -452,10 +452,24 @@ class _BackwardMark:
 
 def _inside_no_sync(engine: Any) -> bool:
     """Inside ``engine.no_sync()``, where a backward skips DeepSpeed's all-reduce; not inside
-    ``coalesce_grad_reduction()``, which sets the same flag and reduces when it exits (its own checks refuse a
-    call inside it)."""
-    return bool(getattr(engine, "inside_no_sync_ctxt", False)) and not getattr(
-        engine.optimizer, "_coalesce_grad_reduction", False)
+    ``coalesce_grad_reduction()``, which sets the same flag and reduces when it exits (a call inside it is refused
+    by :func:`_inside_coalesce`)."""
+    return bool(getattr(engine, "inside_no_sync_ctxt", False)) and not _inside_coalesce(engine)
+
+
+def _inside_coalesce(engine: Any) -> bool:
+    """Inside ``engine.coalesce_grad_reduction()`` (ZeRO 1-3): its backwards leave each rank's own gradients on
+    the parameters, reduced into the partitions only when the block exits. The ZeRO optimizers' flags refused a
+    call there except with ``offload_optimizer`` at ZeRO 1-2, whose fp32 gradient partitions still held the last
+    step's (clipped) gradients: it returned their norm (0.0, then 0.3 for 17.35), silently."""
+    return bool(getattr(engine.optimizer, "_coalesce_grad_reduction", False))
+
+
+_COALESCE = (
+    "dist_clip was called inside DeepSpeed's engine.coalesce_grad_reduction(): the backwards inside it leave each "
+    "rank's own gradients on the parameters, reduced into ZeRO's partitions only when the block exits. Clip after "
+    "the block, before engine.step()"
+)
 
 
 _NO_SYNC = (
@@ -599,6 +613,8 @@ def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
             "with managed_gradient_accumulation=false DeepSpeed reduces the gradients inside engine.step(), "
             "where dist_clip cannot reach them; keep the default (managed) gradient accumulation"
         )
+    if _inside_coalesce(engine):
+        raise ValueError(_COALESCE)
     if not engine.is_gradient_accumulation_boundary():
         raise ValueError(
             "dist_clip was called on a DeepSpeed engine between gradient accumulation boundaries: its gradients "
