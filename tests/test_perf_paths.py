@@ -1354,10 +1354,11 @@ def test_compiled_autograd_runs_after_dist_clip_watched_module_registrations():
 
 
 def test_compiled_autograd_does_not_recompile_on_dist_clips_backward_counts():
-    """A skip armed on part of gradients that share a buffer (DDP's bucket views) installs a post-accumulate-grad
-    hook counting each parameter's backwards. Compiled autograd traces that hook into its backward graph, and
-    dynamo guarded on the Python int it incremented (``cell[0] == 7``): every backward recompiled the whole graph,
-    and after torch's limit of 8 the backward ran uncompiled. The counts must still be right."""
+    """A hand-over of gradients that share a buffer (DDP's bucket views) installs a post-accumulate-grad hook
+    counting each parameter's backwards (what tells a view's write from a write beside it in the bucket).
+    Compiled autograd traces that hook into its backward graph, and dynamo guarded on the Python int it
+    incremented (``cell[0] == 7``): every backward recompiled the whole graph, and after torch's limit of 8 the
+    backward ran uncompiled. The counts must still be right."""
 
     def run(compiled: bool) -> tuple[list[torch.Tensor], list[int]]:
         torch._dynamo.reset()
@@ -1368,8 +1369,7 @@ def test_compiled_autograd_does_not_recompile_on_dist_clips_backward_counts():
         offsets = [0, *itertools.accumulate(p.numel() for p in ps)]
         for p, a, b in zip(ps, offsets, offsets[1:]):
             p.grad = flat[a:b].view_as(p)
-        opt = torch.optim.SGD(ps, lr=0.1)
-        clipper = dist_clip.GradClipper(max_norm=0.5, on_nonfinite="skip")
+        opt = torch.optim.SGD(ps, lr=0.1, fused=True)
         for s in range(10):
             flat.zero_()
             loss = (m(torch.randn(4, 5, generator=torch.Generator().manual_seed(s))) ** 2).sum()
@@ -1379,8 +1379,7 @@ def test_compiled_autograd_does_not_recompile_on_dist_clips_backward_counts():
                     loss.backward()
             else:
                 loss.backward()
-            clipper(ps[:2], optimizer=opt)  # two parts of one buffer: the backward counts are installed
-            clipper(ps[2:], optimizer=opt)
+            dist_clip.clip_grad_norm_(ps, 0.5, optimizer=opt)  # views of one buffer handed over: counts installed
             opt.step()
         counts = [_fused._write_cell_of(p)[0] for p in ps]  # type: ignore[index]
         return [p.detach().clone() for p in ps], counts
@@ -1405,8 +1404,7 @@ def test_backward_counts_add_up_over_eager_and_compiled_backwards_of_one_model(w
     flat = torch.zeros(sum(p.numel() for p in ps))
     for p, g in zip(ps, flat.split([p.numel() for p in ps])):
         p.grad = g.view_as(p)
-    opt = torch.optim.SGD(ps, lr=0.1)
-    clipper = dist_clip.GradClipper(max_norm=0.5, on_nonfinite="skip")
+    opt = torch.optim.SGD(ps, lr=0.1, fused=True)
     compiled = torch.compile(m, backend="eager")
     for s, how in enumerate(["eager", "eager", "traced", "eager", "traced", "traced", "eager"]):
         flat.zero_()
@@ -1417,8 +1415,7 @@ def test_backward_counts_add_up_over_eager_and_compiled_backwards_of_one_model(w
                 loss.backward()
         else:
             ((compiled if how == "traced" else m)(x) ** 2).sum().backward()
-        clipper(ps[:2], optimizer=opt)  # two parts of one buffer: the backward counts are installed
-        clipper(ps[2:], optimizer=opt)
+        dist_clip.clip_grad_norm_(ps, 0.5, optimizer=opt)  # views of one buffer handed over: counts installed
         opt.step()
     torch._dynamo.reset()
     cells = [_fused._write_cell_of(p) for p in ps]
