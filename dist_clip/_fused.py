@@ -35,30 +35,14 @@ from . import _reduce, _scale
 from ._warn import warn_at_caller
 
 __all__ = [
-    "arm_skip_", "armed_record", "grad_state", "gradients", "hand_over_", "overlapping",
-    "same_tensors", "settle", "steps_what_was_measured", "supports_grad_scale", "untouched",
+    "arm_skip_", "gradients", "hand_over_", "ledger_arm", "ledger_flag", "overlapping",
+    "same_tensors", "settle", "steps_what_was_measured", "supports_grad_scale",
 ]
 
 _PENDING = "_dist_clip_pending"
 _HOOKS = "_dist_clip_hooks"
 _SAVED = "_dist_clip_saved"
-_SKIP = "_dist_clip_skip"
 _OUTER = "_dist_clip_outer"  # on a ZeRO or OSS wrapper's inner optimizer: a weak reference to the wrapper
-#: set on an optimizer once a call combining over several ranks could arm its skip (see Agreement._may_differ)
-_COMBINED = "_dist_clip_combined"
-#: on an optimizer among several ranks: the parameters it steps that no flag waiting for its step was armed on
-#: (see :func:`note_beside`)
-_BESIDE = "_dist_clip_beside"
-#: the same, but for flags read on the CPU (for free) as not set, which hold nothing: read by Agreement._may_differ
-_UNSET = "_dist_clip_beside_unset"
-#: on an optimizer among several ranks: the flags armed since its last step by calls combining over several ranks
-#: that read on the CPU as not set, the same on every rank (see :func:`note_beside`), and on a device the flags of
-#: such calls' hand-overs of no gradient here (see :func:`hand_over_`), of calls measuring nothing here with no
-#: collective (0) and what the verdicts carry them into (see :func:`_still_calm`)
-_CALM = "_dist_clip_calm"
-#: where the arming combined over several ranks: :data:`_BESIDE` passing over the :data:`_CALM` flags' gradients,
-#: for the carries of calls combining over no other rank (see :func:`note_beside`)
-_BESIDE_ALONE = "_dist_clip_beside_alone"
 # id(parameter) -> (backward count, its hook's handle, the tensor's _cdata) (see _write_cell). By id: a weak
 # reference on a parameter made module.to() / load_state_dict() refuse to swap it
 # (torch.__future__.set_swap_module_params_on_conversion).
@@ -68,22 +52,6 @@ _MISSING = object()
 #: the coefficient a hand-over applied in place leaves to its step (:func:`hand_over_applied_`): 1, in the
 #: gradients already (told apart by identity: see :func:`defers_beside`)
 _APPLIED = torch.ones((), dtype=torch.float32)
-#: a settled hand-over's flag among the entries :func:`_held_flags` reads
-_SETTLED = object()
-#: the ranks' agreed verdict (a 0-dim bool) on whether a gradient the arming call does not measure is non-finite,
-#: read by :func:`carried_by_replacements` in place of this rank's own pieces (see :class:`Agreement`)
-_AGREED: contextvars.ContextVar[Tensor | None] = contextvars.ContextVar("dist_clip_agreed", default=None)
-#: where :func:`_keep_replaced` leaves a flag for the call's agreement to decide, while it settles
-_DEFERRED: contextvars.ContextVar[Agreement | None] = contextvars.ContextVar("dist_clip_deferred", default=None)
-#: whether the call arming under :meth:`Agreement.armed` combined over several ranks (:attr:`Agreement.shared`;
-#: see :func:`note_beside`, :func:`_measured_again`)
-_COMBINING: contextvars.ContextVar[bool] = contextvars.ContextVar("dist_clip_combining", default=False)
-#: the dist_clip call at hand (its :class:`Agreement`), from its entry, before anything is settled or carried: every
-#: carry of the call reads the set that matches whether it combines over several ranks (:func:`_beside_key`); None
-#: outside a call (the step)
-_CALL: contextvars.ContextVar[Agreement | None] = contextvars.ContextVar("dist_clip_call", default=None)
-
-
 class _ByIdentity:
     """A weak set of objects by identity: a ``WeakSet`` hashes and compares its members, so an optimizer class
     defining ``__eq__`` (unhashable) raised ``TypeError`` at the hand-over and at every later ``step()``, and one
@@ -119,10 +87,6 @@ class _ByIdentity:
 
 # Optimizers holding a coefficient for their next step(): a later call reading the same gradients settles it.
 _WAITING = _ByIdentity()
-# Optimizers armed among several ranks whose ledger may hold a flag standing for another rank's gradients
-# (:func:`_elsewhere_entry`): such a flag outlasts a call that does not arm that optimizer, so it joins that call's
-# verdict (see :class:`Agreement`); dropped from here once nothing is armed
-_ARMED = _ByIdentity()
 # ids of optimizers whose step(closure) is running that closure: their step is under way (see _pre_hook). By id:
 # an optimizer class defining __eq__ is not hashable (a WeakSet made its step(closure) raise).
 _IN_CLOSURE: set[int] = set()
@@ -558,27 +522,10 @@ def gradients(optimizer: torch.optim.Optimizer) -> list[Tensor]:
 
 def set_outer(inner: torch.optim.Optimizer, outer: torch.optim.Optimizer) -> None:
     """Record that ``inner`` steps this rank's partition of ``outer`` (a torch ``ZeroRedundancyOptimizer`` or a
-    fairscale ``OSS``), whose param groups hold every rank's parameters (see :func:`read_for_carry`)."""
+    fairscale ``OSS``), whose param groups hold every rank's parameters (see :func:`_ledger_params`)."""
     ref = inner.__dict__.get(_OUTER)
     if ref is None or ref() is not outer:
         inner.__dict__[_OUTER] = weakref.ref(outer)
-
-
-def read_for_carry(optimizer: torch.optim.Optimizer, grads: list[Tensor]) -> list[Tensor]:
-    """The gradients :func:`carried_by_replacements` reads for ``optimizer`` (``grads``: its own): with those of
-    the other ranks' partitions this rank holds where it is a ZeRO or OSS wrapper's inner optimizer. Under DDP
-    every rank holds every gradient, and a call has no collective to carry the ranks' reads: each read its own
-    partition, so a NaN in one rank's partition kept the flag there alone (torch's ZeroRedundancyOptimizer over
-    DDP, GradClipper(on_nonfinite="skip"), gradients replaced out of place, a part clipped again: one rank skipped,
-    the other stepped its partition; fairscale OSS over DDP, a hand-over stepped right after the replacement
-    alike). Read over every gradient held, the ranks read alike; elsewhere (ShardedDDP keeps the owners' alone)
-    the call's all-reduce carries them as before."""
-    ref = optimizer.__dict__.get(_OUTER)
-    outer = ref() if ref is not None else None
-    if outer is None:
-        return grads
-    ids = set(map(id, grads))
-    return [*grads, *(g for g in gradients(outer) if id(g) not in ids)]
 
 
 def settle(tensors: Sequence[Tensor]) -> None:
@@ -622,7 +569,7 @@ def settle(tensors: Sequence[Tensor]) -> None:
         if pending is None:
             _WAITING.discard(optimizer)
             continue
-        scale, found, coef, held, versions, raw, shared, beside = pending
+        scale, found, coef, held, versions, raw, shared, _ = pending
         if coef is None:
             # Applied already: only the skip flag is left, and it lasts until the step whatever wrote the
             # gradients since (the verdict of a later read dropped it: a NaN hand-over, a clip in place, then
@@ -633,15 +580,8 @@ def settle(tensors: Sequence[Tensor]) -> None:
         if verdict in ("stale", "written"):
             # Dropped without a word here: a step skipped, then gradients zeroed in place and recomputed, looks
             # the same as an accumulation after the clip; the step itself warns if it would take them unclipped.
-            # Its skip flag stays with the gradients it measured (see _keep_flag).
+            # Its skip flag is the ledger's (see ledger_arm).
             _WAITING.discard(optimizer)
-            if verdict == "written":
-                _keep_flag(optimizer, found, held, grads)
-            else:  # (every one replaced: out of place, or the next batch's; see carried_by_replacements)
-                if shared and (agreement := _DEFERRED.get()) is not None:
-                    agreement.settled_shared = True  # (its pieces may differ among ranks: see Agreement.agree)
-                read = carry_only(optimizer, grads)
-                _keep_replaced(optimizer, found, [g for g in read if not overlaps(g)], read)
             continue
         if verdict == "replaced":
             _warn_replaced()
@@ -652,7 +592,7 @@ def settle(tensors: Sequence[Tensor]) -> None:
         # by its own zeroed gradient, unmeasured there, kept it and skipped while rank 1 dropped it and stepped.
         stepped = set(map(id, grads))
         _stash(optimizer, torch.ones_like(scale), found, None, [g for g in kept if id(g) in stepped] or grads,
-               shared, beside)  # (the parameters stepped beside them: see note_beside)
+               shared)
         saved = optimizer.__dict__.get(_SAVED)
         if running and saved is not None and saved[3] is not None and optimizer.__dict__.get("grad_scale") is saved[3]:
             # The step under way was handed the coefficient as grad_scale by its pre-hook: it is in the gradients
@@ -864,80 +804,37 @@ def _install_hooks(optimizer: torch.optim.Optimizer) -> None:
 def arm_skip_(
     optimizer: torch.optim.Optimizer,
     flag: Tensor,
-    started: tuple[list[Tensor], list[int]] | None = None,
     combine: bool = True,
     measured: Sequence[Tensor] | None = None,
 ) -> None:
     """Make the next ``step()`` of a fused optimizer skip where the 0-dim ``flag`` is true: ``found_inf``, set in
-    the step pre-hook (combined with a pending hand-over's flag and with what a ``GradScaler`` set just before
-    ``step()``: either skips), put back as it was after the step. Set at arming time instead, it was overwritten
-    by ``GradScaler.step`` (the skip was lost) and missed the first-step preparation of fused SGD's momentum.
-    A flag lasts until the next ``step()``, whatever happens to the gradients meanwhile (they may be copied to
-    master weights, or rewritten by a wrapper's own clipping: a NaN step taken is worse than a good one
-    skipped). Armed again by a call that found the gradients as the previous arming left them (``started``,
-    :func:`grad_state` at that call's start: the same tensors, not written since; two calls clipping parts of
-    one model), either flag skips (the second call's False replaced the first's True, and the NaN step was
-    taken); found them replaced or rewritten (the next batch after a dropped one, ``zero_grad()`` either way),
-    the new flag replaces the old. ``measured``: the pieces the arming call measured; only those of them the
-    optimizer steps are held to that test (:func:`armed_record`), so another part's backward between two calls,
-    making or writing gradients the first did not measure, combines too (it replaced the flag: a NaN step
-    taken). ``combine=False`` (an explicit ``skip_next_step_``) always replaces it."""
+    the step pre-hook (with what a ``GradScaler`` set just before ``step()``: either skips), put back as it was
+    after the step. Set at arming time instead, it was overwritten by ``GradScaler.step`` (the skip was lost) and
+    missed the first-step preparation of fused SGD's momentum. The flag joins the optimizer's ledger, held by the
+    parameters whose gradients the call measured (``measured``: its pieces), until the step (see
+    :func:`ledger_arm`). ``combine=False`` (an explicit ``skip_next_step_``) replaces every flag."""
     running = in_step(optimizer)  # (before installing the hooks: a first call from a user's running pre-hook)
     _install_hooks(optimizer)
-    value = new = flag.reshape(()).to(torch.float32)
+    value = flag.reshape(()).to(torch.float32)
     if running:
         _arm_running(optimizer, value, combine)
         return
     clear_stale(optimizer)
-    now = grad_state(optimizer)
     if combine:
-        _drop_unsettled(optimizer, now[0], measured)
-    armed = optimizer.__dict__.get(_SKIP) if combine else None
-    value, record = rearm(armed, value, now, started, measured, optimizer,
-                          lambda a, b: torch.maximum(a, b.to(a.device)))
-    optimizer.__dict__[_SKIP] = (value, record)
-    pending = optimizer.__dict__.get(_PENDING)
-    if combine and pending is not None and pending[2] is None and pending[3]:
-        # A settled hand-over's flag lasts until the step whatever wrote its gradients since, but not once every
-        # one of them is gone (``zero_grad(set_to_none=True)``: the batch was dropped, as for the skip flag in
-        # :func:`untouched`): a NaN batch clipped whole then in part, dropped, skipped the next good step.
-        where = {id(t) for t in now[0]}
-        if not any(id(t) in where for t in pending[3]):
-            del optimizer.__dict__[_PENDING]
-            _WAITING.discard(optimizer)
-            # (unless replaced out of place, carrying the NaN: see carried_by_replacements)
-            _keep_replaced(optimizer, pending[1], _unmeasured(carry_only(optimizer, now[0]), measured))
-            pending = None
-    if not combine and pending is not None:
-        # skip_next_step_ replaces any pending flag, a hand-over's too (settled or not: skip_next_step_(opt,
-        # False) left a settled NaN hand-over's flag in place, and the next batch's good step was skipped).
-        optimizer.__dict__[_PENDING] = (pending[0], torch.zeros_like(pending[1]), *pending[2:])
-    note_beside(optimizer, measured, now[0], new)  # (grad_state: its gradients, but for a ZeRO or OSS inner one)
+        _drop_unsettled(optimizer)
+    ledger_arm(optimizer, value, measured, explicit=not combine)
 
 
-def _drop_unsettled(optimizer: torch.optim.Optimizer, now: list[Tensor], measured: Sequence[Tensor] | None) -> None:
+def _drop_unsettled(optimizer: torch.optim.Optimizer) -> None:
     """A hand-over not applied yet whose gradients were written since, which no call settled (the call at hand
-    measures none of them; an empty FSDP2 shard it holds settles it since session 38, see :func:`settle`): its
-    coefficient is dropped and its flag kept, as settle() does."""
+    measures none of them): its coefficient is dropped, as settle() does (its flag is the ledger's)."""
     pending = optimizer.__dict__.get(_PENDING)
     if pending is None or pending[2] is None:
         return
-    verdict = _verdict(pending[3], pending[4], now, pending[5], optimizer)[0]
+    verdict = _verdict(pending[3], pending[4], gradients(optimizer), pending[5], optimizer)[0]
     if verdict in ("written", "stale"):
         del optimizer.__dict__[_PENDING]
         _WAITING.discard(optimizer)
-        if verdict == "written":
-            _keep_flag(optimizer, pending[1], pending[3], now)
-        else:
-            _keep_replaced(optimizer, pending[1], _unmeasured(carry_only(optimizer, now), measured))
-
-
-def _unmeasured(grads: list[Tensor], measured: Sequence[Tensor] | None) -> list[Tensor]:
-    """The ``grads`` a call's pieces ``measured`` do not hold (all of them where it does not say)."""
-    if not measured:
-        return grads
-    ids = {id(grads[i]) for i in _measured_among(grads, measured)}
-    return [g for g in grads if id(g) not in ids]
 
 
 def _attributes(optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
@@ -974,505 +871,58 @@ def _arm_running(optimizer: torch.optim.Optimizer, value: Tensor, combine: bool)
     optimizer.__dict__[_SAVED] = (stash[0], stash[1], value, stash[3])
 
 
-def grad_state(optimizer: torch.optim.Optimizer) -> tuple[list[Tensor], list[int]]:
-    """The gradient tensors the skip flag's ledger holds on to for ``optimizer`` and their version counters (a
-    view's is its buffer's): its own, with those of the other ranks' partitions this rank holds where it is a ZeRO
-    or OSS wrapper's inner optimizer (:func:`read_for_carry`), so that over DDP every rank keeps the same ledger
-    (a part's call measuring none of this rank's partition left an entry without gradients there, decided by the
-    ranks' verdict, which a DDP call has no all-reduce to carry: rank 0 dropped the flag of a NaN part held by rank
-    1 alone after an auxiliary loss and a part clipped again, and stepped where rank 1 skipped)."""
-    grads = read_for_carry(optimizer, gradients(optimizer))
-    return grads, version_list(grads)
-
-
-class _Record(tuple):  # type: ignore[type-arg]
-    """An :func:`armed_record` of gradients the optimizer steps (part of them, or all), with the backward count of
-    each held gradient's parameter where they share version counters (:func:`_write_cell`; None where autograd
-    does not accumulate into that parameter, or the gradients are tensors of their own), for :func:`untouched` to
-    tell a new batch's backward from a write beside them."""
-
-    cells: list[tuple[_Count, int] | None]
-    #: the flag's ledger (see :func:`supersede`): each arming's flag with the gradients it measured that no later
-    #: arming measured again (``members``), or, for a flag armed without saying what it measured
-    #: (``skip_next_step_``, a call whose pieces the optimizer does not step), None and that arming's record, which
-    #: :func:`_sticky` keeps or drops; None where unknown
-    parts: list[tuple[Tensor, list[Tensor] | None, tuple[Any, ...] | None]] | None = None
-    #: every gradient the optimizer stepped at the arming, with its version, for :func:`_followed`
-    state: tuple[list[Tensor], list[Any]] | None = None
-
-    @classmethod
-    def uncounted(cls, state: tuple[list[Tensor], list[int]],
-                  parts: list[tuple[Tensor, list[Tensor] | None, tuple[Any, ...] | None]] | None = None) -> _Record:
-        """A record of ``state`` (gradients, versions) without backward counts, with the ledger ``parts``."""
-        record = cls(state)
-        record.cells = [None] * len(state[0])
-        if parts is not None:
-            record.parts = parts
-        return record
-
-
-def supersede(armed: tuple[Any, ...], record: tuple[Any, ...], now: tuple[list[Tensor], list[int]],
-              started: tuple[list[Tensor], list[int]] | None, measured: Sequence[Tensor] | None, new: Tensor,
-              merge: Callable[[Tensor, Tensor], Tensor], optimizer: Any = None) -> Tensor | None:
-    """The flag of a call arming ``new`` on ``record`` over one armed on ``armed``, both records of gradients the
-    optimizer steps (:class:`_Record`) with the flag's ledger (``parts``): each earlier arming's flag lasts while
-    some gradient it measured is still held and was not measured again since; ``new`` covers the ones this call
-    measures, as they are now (a backward accumulating into a NaN gradient leaves it NaN; a dropped batch's
-    ``zero_grad()`` makes it finite, or, to None, takes it away). So the next batch, clipping every gradient again
-    (in one call or in parts), replaces the flag, while a part clipped again within its step after an extra loss
-    keeps the other parts' flags. Deciding from a sign of the next batch instead (the held gradients written since
-    or a backward into them), a part clipped again within its step after an auxiliary loss replaced the whole
-    flag, and the NaN step was taken (heads [h0, h1] and [h2, h3], a batch through h2 alone with a NaN there, the
-    second call measuring every gradient present, an auxiliary loss through h1-h3, [h0, h1] clipped again; also
-    over views of one buffer; 29 of 600 random flows of 4 heads in 2 or 3 parts took a NaN step). A flag armed
-    without gradients it measured (``skip_next_step_``, a call whose pieces the optimizer does not step) lasts
-    while :func:`_sticky` holds for its record. Among several ranks, a flag whose gradients the call measures again
-    is kept by its verdict (:func:`_measured_again`: another rank may hold it). None where it does not apply (a
-    record of another kind): :func:`untouched` decides. ``optimizer``: whose gradients ``now`` are (for
-    :func:`carry_only`)."""
-    parts = getattr(armed, "parts", None)
-    if parts is None or not isinstance(record, _Record) or measured is None:
-        return None
-    where = {id(t) for t in now[0]}
-    again = {id(t) for t in record[0]}
-    kept: list[tuple[Tensor, list[Tensor] | None, tuple[Any, ...] | None]] = []
-    gone: list[Tensor] = []
-    measured_again: list[Tensor] = []
-    # (entries standing for another rank's gradients: kept by the verdict, they stay so, held by no gradient here:
-    # re-held by this rank's gradients the call does not measure, they became an ordinary entry, which the next
-    # call measuring those replaced by its own read. Under DDP with a parameter of rank 0's own, NaN there, [own]
-    # clipped over the world, a backward, [l0] then [l1]: rank 1's entry, kept at [l0] by its forced verdict and
-    # held by l1, was dropped by [l1]'s finite read, while rank 0's, held by its NaN, lasted: rank 1 stepped)
-    elsewhere: list[Tensor] = []
-    calm = _calm_entries(optimizer) if optimizer is not None else []
-    for flag, members, seen in parts:
-        if members is None:
-            if seen is not None and _lasts(seen, started if started is not None else now, measured):
-                kept.append((flag, None, seen))
-            elif _measured_elsewhere(seen):
-                elsewhere.append(flag)
-            elif _decided_by_verdict(seen):
-                gone.append(flag)
-            continue
-        left = [t for t in members if id(t) in where and id(t) not in again]
-        if left:
-            kept.append((flag, left, None))
-        elif not members:
-            # (an entry without gradients, kept by the ranks' verdict where this rank held none to read: decided
-            # again by each arming call's verdict, while the other ranks' entries holding gradients last)
-            elsewhere.append(flag)
-        elif any(id(t) not in where for t in members):
-            if any(flag is e[0] for e in calm):
-                elsewhere.append(flag)  # (a device flag a combining call armed: held by none, see _calm_entries)
-            else:
-                gone.append(flag)
-        else:
-            measured_again.append(flag)
-    again_entry = _measured_again(measured_again, merge)
-    if again_entry is not None:
-        kept.append(again_entry)
-    if gone:
-        holding = {id(t) for _, members, _ in kept if members is not None for t in members}
-        entry = carried_by_replacements(functools.reduce(merge, gone),
-                                        [t for t in carry_only(optimizer, now[0])
-                                         if id(t) not in again and id(t) not in holding])
-        if entry is not None:
-            kept.append(entry)
-    if elsewhere:
-        entry = carried_by_replacements(functools.reduce(merge, elsewhere), [])
-        if entry is not None:
-            kept.append(entry)
-            _still_calm(optimizer, elsewhere, entry[0])
-    record.parts = [*kept, (new, list(record[0]), None)]
-    return functools.reduce(merge, [f for f, _, _ in record.parts])
-
-
-def _still_calm(optimizer: Any, flags: list[Tensor], carried: Tensor) -> None:
-    """``carried``, the verdict's carry of ``flags`` into an entry held by no gradient, is a :data:`_CALM` flag where
-    one of them is (a device flag a combining call armed, whose gradients are gone): held by none here, it stands
-    for every gradient the NaN may have travelled into, which join the verdicts of later calls while it is set
-    (:class:`Agreement`, by a multiply: no host read), as the first carry's did. A new tensor, told by identity from
-    none of :data:`_CALM`, it joined nothing: plain tensors, NaN in rank 1's ``a``, [a, b] armed over the world,
-    ``a``'s gradient replaced out of place, [b] armed twice: the second [b]'s verdict, of ``b`` alone, dropped it on
-    every rank, and rank 1 stepped its NaN (on the CPU the carry is held by the replacement, which the call reads)."""
-    if not _on_host(carried) and any(_is_calm(optimizer, f) for f in flags):
-        optimizer.__dict__[_CALM].append(carried)
-
-
-def _is_calm(optimizer: Any, flag: Any) -> bool:
-    """Whether ``flag`` is a device flag of ``optimizer``'s noted in :data:`_CALM` (told by identity)."""
-    return (optimizer is not None and isinstance(flag, Tensor) and not _on_host(flag)
-            and any(flag is c for c in optimizer.__dict__.get(_CALM, ())))
-
-
-def _measured_again(flags: list[Tensor], merge: Callable[[Tensor, Tensor], Tensor]
-                    ) -> tuple[Tensor, list[Tensor], None] | None:
-    """A ledger entry for the ``flags`` of entries whose gradients, every one still held, an arming call measured
-    again, where its verdict was combined over several ranks: an entry without gradients (as one kept by the
-    verdict where this rank holds none, see :func:`supersede`), its flag kept by that verdict and decided again by
-    each arming call's. A flag armed by a call combining over several ranks stands for every rank's pieces: where
-    another rank holds a piece of the part this rank does not (a part held on rank 0 alone), measured again here,
-    it may still be held there by that piece, whose flag joins the verdict (:func:`_held_flags`). Dropped here by
-    the new measure alone, plain tensors, ``a`` on rank 0 alone and ``b`` on both, a NaN in ``a``, [a, b] then
-    [b] clipped (``GradClipper(on_nonfinite="skip")``, fused or not; [b] handed over): rank 1 stepped, rank 0,
-    holding the flag by ``a``, skipped. None where nothing is measured again, outside such a verdict (in one
-    process the new measure decides, as it did), or the flags read on the CPU as not set."""
-    if not flags or not _COMBINING.get() or _AGREED.get() is None:
-        return None
-    return carried_by_replacements(functools.reduce(merge, flags), [])
-
-
-def _measured_elsewhere(seen: Any) -> bool:
-    """Whether a ledger entry was armed by a call that measured nothing on this rank (another rank measured the
-    part: ``seen``, the gradients held then), once :func:`_sticky` no longer holds for it (those gradients written,
-    by the next part's clip in place or its hand-over settled, or replaced): its flag is decided as any entry whose
-    gradients are gone (:func:`carried_by_replacements`), by the ranks' verdict within an arming call, which a
-    rank's flags held by gradients the call does not measure join (:class:`Agreement`), so it lasts as long as the
-    rank holding the part's NaN keeps its own. Dropped here alone, rank 1 stepped where rank 0 skipped (a part
-    held on rank 0 alone, NaN there, then the next part clipped twice, or its gradients replaced out of place and
-    the next part clipped again). So too one armed while this rank held no gradient at all (``seen`` empty:
-    :func:`untouched` only while there is still none): dropped once one appeared, rank 1 stepped where rank 0
-    skipped (``b``'s gradient made only after [A] was clipped, then [B]); a batch dropped since, its flags gone on
-    every rank, the next call's verdict drops it."""
-    return type(seen) is tuple and len(seen) == 3 and seen[2] is None
-
-
-def _decided_by_verdict(seen: Any) -> bool:
-    """Whether a ledger entry armed without measured gradients, no longer :func:`_sticky`, is decided by the ranks'
-    verdict (:func:`carried_by_replacements`) rather than dropped: one armed by a call that measured nothing on this
-    rank (:func:`_measured_elsewhere`), and one armed by ``skip_next_step_``, whose gradients held then are every one
-    gone here while another rank may still hold one of its own (it keeps its entry, and its flag joins the verdict:
-    :func:`_held_flags`). Dropped here alone, ``skip_next_step_(opt, True)`` on every rank, then the gradient of a
-    part held on every rank replaced out of place and that part clipped: rank 0, holding a part of its own
-    untouched, skipped, and rank 1 stepped."""
-    return isinstance(seen, _Explicit) or _measured_elsewhere(seen)
-
-
-def _lasts(seen: Any, state: tuple[list[Tensor], list[int]], measured: Sequence[Tensor] | None) -> bool:
-    """:func:`_sticky` for a ledger entry armed without measured gradients, but where an arming call's verdict was
-    combined over several ranks, an entry armed by a call that measured nothing on this rank
-    (:func:`_measured_elsewhere`) is decided by that verdict (:func:`carried_by_replacements`) whatever its record says:
-    it stands for another rank's pieces, whose entries there join the verdict while they are kept
-    (:func:`_held_flags`), or are decided by it. Held by this rank's own gradients, a part held on rank 0 alone, NaN
-    there, clipped over the world, then zeroed in place and clipped again: rank 0 dropped the flag by the new read and
-    stepped, rank 1, its gradients untouched, kept it and skipped."""
-    if _COMBINING.get() and _measured_elsewhere(seen):
-        return False
-    return _sticky(seen, state, measured)
-
-
-def carried_by_replacements(flag: Tensor, rest: list[Tensor]) -> tuple[Tensor, list[Tensor], None] | None:
-    """A ledger entry for ``flag``, armed on gradients none of which is held any more, some of them not set to None
-    but replaced by other tensors: ``rest``, the gradients held now that the arming call does not measure (nor an
-    entry of the ledger holds; every one where no flag of the call at hand stands for them, see :func:`_keep_replaced`
-    and the step's :func:`_pre_hook`). Out of place (``p.grad = p.grad + g``, accumulating ``torch.autograd.grad``
-    results by hand) the replacement carries a NaN or inf of the one it replaced (NaN + x is NaN), while the next
-    batch's fresh gradients (after ``zero_grad(set_to_none=True)``) are finite, and nothing else tells the two
-    apart (no trace of ``zero_grad``; dropped, the flag of a NaN batch whose gradients were replaced out of place
-    was lost and the NaN step taken). So the flag lasts, held by ``rest``, where one of them is not finite now:
-    one read of them, on the device (no host read; on the CPU, where reading the flag is free, only when it is
-    set); a later call measuring them replaces it as for any entry. Each rank reads its own pieces, so within a
-    call with an all-reduce, arming or settling, the ranks' verdict (:class:`Agreement`, carried by it) stands for
-    that read; elsewhere (``clip_grads_with_norm_``, the step itself) this rank's read. None where nothing is left
-    to hold it (with a verdict, an entry without gradients: every rank keeps the flag alike)."""
-    agreed = _AGREED.get()
-    if (not rest and agreed is None) or _unset_on_cpu(flag):
-        return None
-    bad = _nonfinite(rest, flag.device) if agreed is None else _reduce.moved(agreed, flag.device)
-    return (flag & bad if flag.dtype == torch.bool else flag * bad.to(flag.dtype)), rest, None
-
-
 class Agreement:
-    """One arming call's verdict on :func:`carried_by_replacements`' read, the same on every rank: each rank's
-    pieces are its own (FSDP, ZeRO, a tensor-parallel plan), so a NaN held in one rank's shard alone, read there
-    alone, kept the flag on that rank alone, which skipped its step while the others stepped (FSDP2, heads [h0]
-    and [h1], NaN in rank 0's shard of h0, gradients replaced out of place, [h1] clipped again). ``local`` (0-dim
-    float64, 0 or 1: SUM or MAX) travels in the call's own all-reduce, one more value in every call that may arm
-    (so the layout never depends on what a rank found); it is 1 where some gradient of the ``optimizers`` that
-    the call does not measure (``measured``) is not finite, read only where a flag's gradients may have been
-    replaced (:func:`_may_carry`: host-side identity tests; on the CPU only where that flag is set), else 0
-    without a read; a hand-over it settles of an optimizer it arms no skip for (any, where it arms none) adds the
-    read of every gradient of that optimizer (:meth:`fold`). Settled hand-overs' flags wait
-    (:meth:`deferring`) for the verdict; :meth:`armed` applies it around the arming. ``hands_over``: the call
-    hands its coefficient over to the ``optimizers`` (replacing a settled hand-over's flag, which otherwise lasts
-    through it: :func:`_held_flags`). ``combines``: whether the call combines over several ranks (its reduction
-    group holds more than one), as its group tells at its entry, or a function telling it; the carries of its read,
-    its settling and its arming read the set that matches (:func:`_beside_key`)."""
+    """One call's agreement on the skip flags that only a verdict of every rank decides (see the agreed ledger,
+    :func:`ledger_arm`): ``local`` (0-dim float64, 0 or 1: SUM or MAX) travels in the call's own all-reduce, one
+    more value in every call (so the layout never depends on what a rank found): the largest flag of the agreed
+    and explicit entries this rank's read keeps (:func:`agreed_read`); where the call combined over several ranks,
+    :meth:`agree` replaces every such entry by one of the combined verdict, on every rank alike."""
 
-    def __init__(self, optimizers: Sequence[Any],
-                 measured: Sequence[Tensor] | Callable[[], Sequence[Tensor]], hands_over: bool = False, *,
-                 combines: bool | Callable[[], bool]) -> None:
-        self.deferred: list[Any] = []
-        self.agreed: Tensor | None = None
+    def __init__(self, arming: Any = None) -> None:
+        #: the optimizer the call arms (its ``optimizer=``; None: a call arming none), whose entries alone its
+        #: verdict decides: see :func:`agreed_read`
+        self._arming = arming
         #: the verdict (and the call's total) combined over more than one rank: see :func:`hand_over_`
         self.shared = False
-        self._combines = combines  # (a function telling it: called only where a carry reads it)
-        #: a hand-over settled here (waiting for the verdict) had its total combined over more than one rank
-        self.settled_shared = False
-        self.optimizers = [o for o in optimizers if isinstance(o, torch.optim.Optimizer)]
-        self.ids = {id(o) for o in self.optimizers}
-        self._measured = measured  # (a function giving the pieces: called only where they are needed)
-        with self.calling():
-            held, read = self._reads(optimizers, hands_over)
-        self._read = (_nonfinite(read, read[0].device).to(torch.float64) if read
-                      else torch.zeros((), dtype=torch.float64))
-        for flag in held:  # (device tensors: no host read)
-            self._read = torch.maximum(_reduce.moved(self._read, flag.device), flag.ne(0).to(torch.float64))
-        self._outlasting = _outlasting(self.ids) if _ARMED else []
-        #: a call arming no skip among several ranks: the hand-overs it leaves waiting join too (see local)
-        self._joins_waiting = not self.optimizers and _multi_rank()
-        if self._joins_waiting and (_WAITING or _ARMED):
-            self._outlasting += _lasting(lambda: self.measured)
-
-    def _reads(self, optimizers: Sequence[Any], hands_over: bool) -> tuple[list[Tensor], list[Tensor]]:
-        """The flags and the gradients this rank's read (``local``) takes, before the call settles anything."""
-        read: list[Tensor] = []
-        held: list[Tensor] = []
-        for optimizer in optimizers:
-            if not isinstance(optimizer, torch.optim.Optimizer) or not _armed_or_pending(optimizer):
-                continue  # (the usual case: nothing armed before this call in this step)
-            candidates = _may_carry(optimizer)
-            where = None
-            if candidates:
-                now = read_for_carry(optimizer, gradients(optimizer))
-                where = set(map(id, now))
-                if any(id(t) not in where for ts in candidates for t in ts):
-                    read += _unmeasured(carry_only(optimizer, now), self.measured)
-            held += _held_flags(optimizer, where, lambda: self.measured, hands_over)
-            calm = _calm_entries(optimizer)
-            if calm and _multi_rank():
-                # (a device flag armed by a combining call may hold no gradient in the reads, as one read on the CPU
-                # as not set holds none, see note_beside: where it is set, every gradient the call does not measure
-                # joins the read, by a multiply; no host read)
-                rest = _unmeasured(read_for_carry(optimizer, gradients(optimizer)), self.measured)
-                if rest:
-                    bad = _nonfinite(rest, rest[0].device)
-                    held += [_reduce.moved(e[0], bad.device).ne(0) & bad for e in calm]
-        return held, read
+        #: the global ranks the call combined over (where ``shared``): see :func:`decide_agreed`
+        self.ranks: frozenset[int] | None = None
+        self._read: tuple[Tensor, dict[int, Any]] | None = None
 
     @property
     def local(self) -> Tensor:
-        """This rank's value in the call's all-reduce: its read, and the flags of its optimizers' ledgers standing
-        for another rank's gradients that the call does not decide (an optimizer it does not arm: see
-        :func:`_outlasting`). Plain tensors, a fused AdamW stepping ``a`` and ``b`` on rank 0, ``b`` on rank 1: a
-        NaN in ``a.grad`` clipped over the world (rank 1 passes nothing, and arms a flag held for rank 0's part,
-        which only a call arming that optimizer decides, by its verdict), the batch dropped, then
-        ``get_total_norm`` over the world: rank 0's flag, kept as a hand-over's, was dropped by the verdict of the
-        new gradients' read and rank 0 stepped, rank 1 kept its flag and skipped. A call arming no skip among
-        several ranks adds the flags that outlast it (:func:`_lasting`) and, read here, after it settled what it
-        measures, those of the hand-overs it left waiting (:func:`_left_waiting`). Where the call combines over no
-        other rank, its verdict is this rank's read alone (:meth:`agree`)."""
-        local = self._read
-        for flag in [*self._outlasting, *(_left_waiting() if self._joins_waiting and _WAITING else ())]:
-            local = torch.maximum(_reduce.moved(local, flag.device), flag.ne(0).to(torch.float64))  # (no host read)
-        return local
+        """This rank's value in the call's all-reduce."""
+        if self._read is None:
+            self._read = agreed_read(self._arming)
+        return self._read[0]
 
-    def fold(self, found: Tensor, rest: list[Tensor]) -> None:
-        """Another optimizer's hand-over this call settles (its measured gradients every one replaced): this rank's
-        read of ``rest`` (every gradient of that optimizer: see :func:`_keep_replaced`) joins ``local`` before the
-        all-reduce carries it, so every rank keeps or drops that flag alike (read by each rank alone, a NaN in rank
-        0's shard of a head stepped by a second fused optimizer, settled by a call arming the first, skipped that
-        optimizer's step on rank 0 only: FSDP2, 2 ranks). One verdict for every flag of the call: where two
-        optimizers' flags wait on it at once, either's non-finite read keeps both (a good step skipped, never a NaN
-        one taken)."""
-        if self.agreed is not None or not rest or _unset_on_cpu(found):
-            return  # (already combined; nothing to hold it; or, on the CPU, no flag to keep: read nothing)
-        bad = _nonfinite(rest, found.device).to(torch.float64)
-        self._read = torch.maximum(_reduce.moved(self._read, bad.device), bad)
-
-    @property
-    def measured(self) -> Sequence[Tensor]:
-        if callable(self._measured):
-            self._measured = self._measured()
-        return self._measured
-
-    def agree(self, combined: Tensor, alone: bool = False) -> None:
-        """The all-reduced ``local`` (any rank's 1: true on every rank). ``alone``: the call combined over no other
-        rank (no reduction group, or a group of one), so ``combined`` is this rank's read alone. While the world holds
-        more ranks, the others' pieces may hold a NaN this rank's do not (a sharded part clipped over the world beside
-        a replicated one clipped with ``group=None``; see :meth:`_may_differ`): the verdict is then true, every flag
-        waiting on it kept as it is, held by the gradients it would have been read from (an entry without gradients:
-        decided again by the next call that combines), on every rank alike (read by each rank alone, NaN in rank 0's
-        shard of S, [S], [R] with ``group=None``, gradients replaced out of place, [R] again: rank 0 skipped and rank
-        1 stepped). So too where a flag standing for another rank's gradients waits (:func:`_armed_elsewhere`), by its
-        value, not read on the host: the verdict is true where that flag is set (on the CPU it is read, for free, and
-        one not set was passed over), and this rank's read where it is not. Taken as set on a device, an entry kept by
-        a verdict of 0 with no gradient left (rank 0's, in a hand-over beside a parameter of its own, which rank 1's
-        hand-over of DDP's whole drops) forced rank 0 alone to keep at the next call on DDP's gradients, and a combining
-        arming's entry on rank 1 forced it alone: one rank skipped, the other stepped (ddp seeds 1156, 1337, 1414 on a
-        GPU). Where the call measures every gradient the flags' optimizers step (DDP, the whole model), the
-        read is of replicas, the same on every rank, and decides. In one process, or where the call combines, the
-        read decides."""
-        elsewhere: list[Tensor] = []
-        if alone and _multi_rank() and self._may_differ(elsewhere):
-            self.agreed = torch.ones((), dtype=torch.bool, device=combined.device)
-            return
-        if alone:
-            combined = self._read  # (not the flags that outlast the call: see local)
-        self.agreed = combined.reshape(()) > 0
-        for flag in elsewhere:  # (device tensors: no host read)
-            self.agreed = self.agreed | _reduce.moved(flag, self.agreed.device).ne(0)
-        self.shared = self._combines = not alone
-        if self.shared:
-            for optimizer in self.optimizers:  # (one dict store each: see _may_differ)
-                optimizer.__dict__[_COMBINED] = True
-
-    def _may_differ(self, elsewhere: list[Tensor]) -> bool:
-        """Whether, in a call combining over no other rank, the flags its verdict decides may be read from pieces that
-        differ among ranks: a hand-over it settled whose total was combined over several ranks (its pieces were shards),
-        or an optimizer whose flag it decides (the call's own, a settled hand-over's, a waiting hand-over it measures
-        gradients of) stepping a gradient the call does not measure that a waiting flag was armed on (not one
-        :func:`note_beside` left out: a parameter of rank 0's own beside DDP's forced rank 0 alone to keep), or a
-        call measuring nothing (no rank holds a gradient of its part: measuring and holding nothing, rank 0 dropped
-        by its own read the entry of a NaN in its own gradient beside DDP's, clipped over the world and dropped to
-        None, while rank 1's, standing for that gradient, was kept: rank 0 stepped, rank 1 skipped; ddp seed 1759),
-        where a call combining over several ranks has armed that optimizer's skip (host-side tests, only where a
-        flag waits). A flag standing for another rank's gradients (:func:`_armed_elsewhere`) of such an optimizer
-        joins ``elsewhere``, which the verdict takes by its value (see :meth:`agree`); in one no combining call armed,
-        such an entry was kept by the verdict of calls combining over no other rank, each rank's own read of its
-        replicas, and that read decides it again (taken by its value, an entry of no gradient kept itself: DDP, a NaN
-        in l0 armed whole and at [l0], l1's gradients replaced out of place, [l1] armed, the batch dropped to None,
-        the next one armed whole: a good step skipped on every rank). Otherwise the call measures every gradient those
-        optimizers step, whole on this rank and alike on every rank (``group=None``: DDP's replicas, by the pieces'
-        contract), or the flags were all armed by calls on such pieces, and each rank's read is the others' (forced
-        to keep, a NaN hand-over under DDP whose batch was dropped and recomputed skipped the next good step on
-        every rank; and where rank 0's optimizer also stepped a parameter of its own outside DDP, rank 0 alone
-        skipped it). An optimizer armed by combining calls once is marked for good (a flag's origin is not kept in
-        its ledger): a loop mixing both keeps such flags from then on, alike on every rank."""
-        if self.settled_shared:
-            return True
-        seen: set[int] = set()
-        waiting = [o for o in _WAITING if id(o) not in self.ids] if _WAITING else []
-        for optimizer in [*self.optimizers, *(d[0] for d in self.deferred), *waiting]:
-            if id(optimizer) in seen:
-                continue
-            seen.add(id(optimizer))
-            deferred = any(d[0] is optimizer for d in self.deferred)
-            if not deferred and not _armed_or_pending(optimizer):
-                continue  # (no flag of its waits: the verdict decides nothing of it)
-            grads = gradients(optimizer)
-            if id(optimizer) not in self.ids and not deferred:
-                if not (self.measured and _measured_among(grads, self.measured)):
-                    continue  # (a hand-over this call neither settles nor measures: left for its own step)
-                pending = optimizer.__dict__.get(_PENDING)
-                if pending is not None and pending[2] is not None and pending[6]:
-                    return True
-            if _COMBINED in optimizer.__dict__ and (
-                    not self.measured or _unmeasured(carry_only(optimizer, grads, _UNSET), self.measured)):
-                return True
-            if _COMBINED in optimizer.__dict__:  # (else no entry stands for another rank's gradients)
-                elsewhere += _armed_elsewhere(optimizer)
-        return False
-
-    @property
-    def combines(self) -> bool:
-        """Whether the call combines over several ranks: told at its entry (``combines``), and by the verdict once
-        it is combined (:meth:`agree`)."""
-        if callable(self._combines):
-            self._combines = bool(self._combines())
-        return self._combines
-
-    @contextlib.contextmanager
-    def calling(self) -> Iterator[None]:
-        """Within: the carries read the set that matches the call (see :func:`_beside_key`)."""
-        token = _CALL.set(self)
-        try:
-            yield
-        finally:
-            _CALL.reset(token)
+    def agree(self, combined: Tensor, alone: bool = False, group: Any = None) -> None:
+        """The all-reduced ``local`` (any rank's 1: true on every rank) over ``group`` (None: the world).
+        ``alone``: the call combined over no other rank (no reduction group, or a group of one): nothing agreed is
+        decided."""
+        self.shared = not alone
+        if self.shared and _multi_rank():
+            self.ranks = group_ranks(group)
+            if self._read is not None:
+                decide_agreed(self._read[1], combined.reshape(()) > 0, self.ranks)
 
     @contextlib.contextmanager
     def deferring(self) -> Iterator[None]:
-        token = _DEFERRED.set(self)
-        try:
-            with self.calling():
-                yield
-        finally:
-            _DEFERRED.reset(token)
+        yield
 
     def abandon(self) -> None:
-        """The call raised: the flags waiting for the verdict are kept by it where the all-reduce gave one (a
-        non-finite total under ``error_if_nonfinite``, raised on every rank after the collective: read by each
-        rank alone, a NaN in rank 0's shard kept the flag there alone, and a step taken after the error was
-        skipped on rank 0 and taken on rank 1), else (raised before it) by this rank's read, as without one."""
-        if self.agreed is not None:
-            with self.armed():
-                # (and a hand-over this rank's call did not settle, which arming would have kept or dropped:
-                # rank 2's, whose pieces of the part, an empty shard, overlap none of its gradients)
-                for optimizer in self.optimizers:
-                    if not in_step(optimizer):
-                        _drop_unsettled(optimizer, gradients(optimizer), self.measured)
-                return
-        self._keep_deferred()
+        """The call raised."""
 
     @contextlib.contextmanager
     def armed(self) -> Iterator[None]:
-        """The verdict stands for this rank's read within (the flags waiting for it are kept or dropped first)."""
-        token = _AGREED.set(self.agreed if self.agreed is not None else self._read > 0)
-        combining = _COMBINING.set(self.shared)
+        """The call arms within: its flag is an agreed entry where it combined (see :func:`ledger_arm`)."""
+        token = _ARMING.set(self)
         try:
-            with self.calling():
-                self._keep_deferred()
-                self._others_unsettled()
-                yield
+            yield
         finally:
-            _COMBINING.reset(combining)
-            _AGREED.reset(token)
+            _ARMING.reset(token)
 
     def apply(self) -> None:
-        """The verdict applied to the settled hand-overs' flags that waited for it, in a call (or at a point of one)
-        that arms nothing under it."""
-        with self.armed():
-            pass
-
-    def _others_unsettled(self) -> None:
-        """Another optimizer's hand-over that this call measures gradients of but did not settle here (its pieces
-        on this rank were empty FSDP2 shards, which overlap nothing; since session 38 :func:`settle` takes such a
-        gradient the call holds as overlapping), as the ranks settling it did (see :meth:`fold`):
-        dropped, its flag kept or dropped by the verdict (left for the step's own check, which drops it, this rank
-        stepped where the others skipped: heads h0 and h1 of a second fused optimizer, rank 2 of 3 holding nothing of
-        h1, a call on [h1] arming the first). A hand-over settled or not replaced is left as it is."""
-        if not _WAITING or not self.measured:
-            return
-        for optimizer in list(_WAITING):
-            if id(optimizer) in self.ids or in_step(optimizer):
-                continue
-            pending = optimizer.__dict__.get(_PENDING)
-            if pending is None or pending[2] is None:
-                continue
-            grads = gradients(optimizer)
-            if _measured_among(_measured_side(pending, grads), self.measured):
-                # (held by every gradient: this call arms no flag of that optimizer's, see _keep_replaced)
-                _drop_unsettled(optimizer, grads, None)
-
-    def _keep_deferred(self) -> None:
-        """The settled hand-overs' flags that waited (:meth:`deferring`): kept or dropped, once each. In one process
-        each by its own read (every piece is this process's): the call's one verdict kept every such flag where any
-        read was not finite, so a hand-over of a second optimizer whose batch was dropped and replaced by a fresh
-        one kept its NaN flag by the first's gradients, replaced out of place and NaN, and its good step was skipped.
-        Among several ranks the verdict stands for every flag of the call (one value in the all-reduce)."""
-        deferred, self.deferred = self.deferred, []
-        token = _AGREED.set(None) if deferred and not _multi_rank() else None
-        try:
-            for optimizer, found, rest in deferred:
-                _keep_replaced(optimizer, found, rest)
-        finally:
-            if token is not None:
-                _AGREED.reset(token)
-
-
-def _armed_elsewhere(optimizer: torch.optim.Optimizer) -> list[Tensor]:
-    """The flags of ``optimizer``'s ledger (the fused skip's or the skip guard's) standing for gradients another
-    rank holds: armed by a call that measured nothing on this rank (:func:`_measured_elsewhere`), or kept by the
-    ranks' verdict with no gradient left here. Such a flag is decided by the ranks' verdict, which this rank's
-    read alone is not: its optimizer steps no gradient of that part here, while the rank holding it does (a part
-    held on rank 0 alone, NaN there, clipped over the world, a replicated part clipped with ``group=None``, every
-    gradient replaced out of place, the replicated part clipped again: rank 1, measuring all it steps, dropped the
-    flag by its own read and stepped, rank 0 skipped). On the CPU only where that flag is set (a free read); so too
-    the device flags armed by a call combining over several ranks (:func:`_calm_entries`), which hold no gradient
-    there: every rank holds such a flag, by the same value (see :meth:`Agreement.agree`)."""
-    return ([entry[0] for entry in _ledger_entries(optimizer) if _elsewhere_entry(*entry)]
-            + [entry[0] for entry in _calm_entries(optimizer)])
+        """Nothing waits for the verdict outside :meth:`agree`."""
 
 
 def _on_host(flag: Tensor) -> bool:
@@ -1486,189 +936,11 @@ def _unset_on_cpu(flag: Tensor) -> bool:
     return _on_host(flag) and not bool(flag)
 
 
-def _calm_entries(optimizer: torch.optim.Optimizer) -> list[tuple[Any, Any, Any]]:
-    """The entries of ``optimizer``'s ledger (and its hand-over's flag) whose flag is a device flag noted in
-    :data:`_CALM`: armed (or handed over) by a call combining over several ranks, the same on every rank, never read
-    on the host (see :func:`note_beside`, :func:`hand_over_`), or by a call measuring nothing with no collective (0).
-    Such a flag holds no gradient in the reads of calls combining over no other rank (:func:`note_beside`), nor once
-    its gradients are gone (:func:`supersede`, :func:`rearm`, :func:`hand_over_`, :func:`_keep_replaced`): its
-    value joins those calls' verdicts on every rank alike instead
-    (:meth:`Agreement.agree`, by a multiply: no host read), as the entry for it on a rank that measured nothing
-    there does. None on the CPU, where such a flag is read for free and one not set holds nothing."""
-    if not optimizer.__dict__.get(_CALM):
-        return []
-    entries = _ledger_entries(optimizer)
-    pending = optimizer.__dict__.get(_PENDING)
-    if pending is not None:
-        entries.append((pending[1], pending[3], None))
-    return [e for e in entries if _is_calm(optimizer, e[0])]
-
-
-def _elsewhere_entry(flag: Any, members: Any, seen: Any) -> bool:
-    """Whether a ledger entry is a flag, possibly set (on the CPU: set), standing for gradients another rank holds
-    (see :func:`_armed_elsewhere`)."""
-    return (((members is None and _measured_elsewhere(seen)) or (members is not None and not members))
-            and isinstance(flag, Tensor) and not _unset_on_cpu(flag))
-
-
-def _outlasting(ids: set[int]) -> list[Tensor]:
-    """The flags standing for another rank's gradients (:func:`_elsewhere_entry`) in the ledgers of the optimizers
-    of :data:`_ARMED` but those whose ids are ``ids`` (the ones a call arms, which decides such flags by its
-    verdict): a call not arming an optimizer leaves them as they are, so they join its verdict, as the flags held
-    by gradients it does not measure do (:func:`_held_flags`)."""
-    out: list[Tensor] = []
-    for optimizer in list(_ARMED):
-        if not _armed_or_pending(optimizer):
-            _ARMED.discard(optimizer)
-        elif id(optimizer) not in ids:
-            out += [entry[0] for entry in _ledger_entries(optimizer) if _elsewhere_entry(*entry)]
-    return out
-
-
-def _lasting(measured: Callable[[], Sequence[Tensor]]) -> list[Tensor]:
-    """For a call arming no skip (``get_total_norm``, a clip without a fused ``optimizer=``,
-    ``clip_grads_with_norm_``) among several ranks: the flags of this rank that outlast it, which another rank's
-    hand-over of the same optimizer, settled by the call, must join (so every rank keeps or drops alike): a settled
-    hand-over's flag whose total was combined over several ranks (it lasts to the step whatever the call reads, see
-    :func:`settle`), the ledger's entries (the call decides none of them), and the flags :func:`_held_flags` finds
-    held by gradients the call does not measure. Left out,
-    ``a`` on rank 0 alone, ``b`` on both, one fused AdamW, a NaN in ``a``, [a, b] handed over over the world, [a]
-    read (settling it on rank 0; rank 1, measuring nothing, kept its hand-over waiting), ``b`` replaced out of
-    place, [b] read: rank 1 settled its hand-over by its own read of ``b``, finite, and stepped, rank 0 skipped
-    (so too with ``b`` replaced before the read of [a], rank 0's flag then an entry of its ledger)."""
-    out: list[Tensor] = []
-    seen: set[int] = set()
-    for optimizer in [*_WAITING, *_ARMED]:
-        if id(optimizer) in seen or not _armed_or_pending(optimizer):
-            continue
-        seen.add(id(optimizer))
-        pending = optimizer.__dict__.get(_PENDING)
-        if (pending is not None and pending[2] is None and pending[6] and isinstance(pending[1], Tensor)
-                and not _unset_on_cpu(pending[1])):
-            out.append(pending[1])
-        out += _held_flags(optimizer, None, measured)
-        # (and the ledger's entries, measured by the call or not, their gradients held or replaced since: it
-        # decides none of them; left out, with [a, b] read last, or with ``a`` and ``b`` replaced again before the
-        # read of [b], rank 0's entry of ``a`` and ``b``, replaced, joined nothing)
-        out += [flag for flag, members, _seen in _ledger_entries(optimizer)
-                if members and isinstance(flag, Tensor) and not _unset_on_cpu(flag)]
-    return out
-
-
-def _left_waiting() -> list[Tensor]:
-    """For a call arming no skip among several ranks (see :func:`_lasting`), read once it settled what it measures
-    here: the flags of the hand-overs it left waiting, unsettled, whose total was combined over several ranks (it
-    measured none of their gradients on this rank). Such a flag reaches this rank's step as it is
-    (:func:`_carried_at_step`), or the verdict of a later call that settles it, which another rank's lasting flag
-    joins; the ranks settling theirs in this call, by its verdict, must keep alike. Left out, ``a`` on rank 0 alone,
-    ``b`` on both, one fused AdamW, a NaN in rank 1's ``b``, [a, b] handed over over the world, every gradient
-    replaced out of place (or the batch dropped and the next one computed), [a] read over the world: rank 0 settled
-    its hand-over by its own finite read and stepped, while rank 1, measuring nothing, kept its own waiting and
-    skipped, at the step or once [b] was read. Every rank keeps now (a good step may be skipped, never a NaN one
-    taken). Host-side tests; on the CPU only where a flag is set."""
-    out: list[Tensor] = []
-    for optimizer in list(_WAITING):
-        pending = optimizer.__dict__.get(_PENDING)
-        if (pending is not None and pending[2] is not None and pending[6] and isinstance(pending[1], Tensor)
-                and not _unset_on_cpu(pending[1]) and not in_step(optimizer)):
-            out.append(pending[1])
-    return out
-
-
-def _ledger_entries(optimizer: torch.optim.Optimizer) -> list[tuple[Any, Any, Any]]:
-    """The ``(flag, members, seen)`` entries of ``optimizer``'s ledger: the fused skip's record's and the skip
-    guard's (see :func:`supersede`)."""
-    records: list[Any] = []
-    armed = optimizer.__dict__.get(_SKIP)
-    if armed is not None:
-        records.append(armed[1])
-    guard = optimizer.__dict__.get("_dist_clip_skip_guard")
-    if guard is not None and getattr(guard, "flag", None) is not None:
-        records.append(getattr(guard, "armed_on", None))
-    return [e for record in records for e in getattr(record, "parts", None) or ()]
-
-
 def _multi_rank() -> bool:
     """Whether this process is one of several ranks (a process group of more than one rank is initialized)."""
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _armed_or_pending(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether a skip flag (fused, or the skip guard's) or a hand-over waits for ``optimizer``'s next step."""
-    guard = optimizer.__dict__.get("_dist_clip_skip_guard")
-    return (_SKIP in optimizer.__dict__ or _PENDING in optimizer.__dict__
-            or (guard is not None and getattr(guard, "flag", None) is not None))
-
-
-def _may_carry(optimizer: torch.optim.Optimizer) -> list[list[Tensor]]:
-    """The gradients of each flag that an arming now may keep by :func:`carried_by_replacements` (host-side, no
-    device read): those a flag of the ledger (the fused skip's or the skip guard's) or a hand-over's flag was
-    armed on, where that flag may be set (on the CPU: is set); it applies where one of them is no longer held."""
-    def live(flag: Any) -> bool:
-        return isinstance(flag, Tensor) and not _unset_on_cpu(flag)
-
-    out = [members for flag, members, _seen in _ledger_entries(optimizer) if members and live(flag)]
-    pending = optimizer.__dict__.get(_PENDING)
-    if pending is not None and pending[3] and live(pending[1]):
-        out.append(pending[3])
-    return out
-
-
-def _held_flags(optimizer: torch.optim.Optimizer, where: set[int] | None,
-                measured: Callable[[], Sequence[Tensor]], hands_over: bool = False) -> list[Tensor]:
-    """The flags of ``optimizer``'s ledger (the fused skip's or the skip guard's) held by a gradient this rank
-    still holds that the call at hand does not measure (``measured()``, read only where such a flag may be set):
-    they outlast the call here, so they join its :class:`Agreement`. An entry whose gradients are all gone lives
-    on every rank by the ranks' verdict (:func:`carried_by_replacements`); read from the replaced gradients alone,
-    the verdict went to 0 once the rank holding the NaN held it again by an entry (the replacement, not measured
-    by the call, now that entry's gradient), and the other ranks dropped their flag while that rank kept its own:
-    a part on rank 0 alone, NaN there, gradients replaced out of place, the next part clipped twice (rank 1
-    stepped, rank 0 skipped). A hand-over's flag (settled or not) counts alike, held by the gradients it was
-    measured on (settled, those among the ones stepped then, see :func:`settle`): it lasts to the step, or joins the
-    ledger, while they are held (left out, rank 0's NaN hand-over of part A, measured while ``b`` had no gradient
-    yet, did not reach the verdict at [B], and rank 1, holding no gradient at [A], dropped its flag and stepped
-    while rank 0 skipped). Host-side identity tests; on the CPU only where a flag is set."""
-    entries = _ledger_entries(optimizer)
-    pending = optimizer.__dict__.get(_PENDING)
-    if pending is not None and pending[3] and _multi_rank():  # (in one process the flag reaches the step as is)
-        entries.append((pending[1], pending[3], _SETTLED if pending[2] is None and not hands_over else None))
-    out: list[Tensor] = []
-    ids: set[int] | None = None
-    plain = None
-    for flag, members, seen in entries:
-        if not isinstance(flag, Tensor) or _unset_on_cpu(flag):
-            continue
-        if seen is _SETTLED:
-            # A settled hand-over's flag lasts to the step whatever the call reads (see settle), measured or not,
-            # unless a hand-over replaces it: held by gradients the call measures again, it was left out, and where
-            # a batch dropped in place was clipped again finite (``a`` on rank 0 alone, a NaN hand-over of [a]
-            # settled by a call on [a], zeroed in place, [a] clipped), rank 0 kept it and skipped while rank 1,
-            # whose entry the verdict decides, stepped.
-            where = where if where is not None else set(map(id, read_for_carry(optimizer, gradients(optimizer))))
-            if any(id(t) in where for t in members):
-                out.append(flag)
-            continue
-        if members is None and isinstance(seen, _Explicit):
-            # skip_next_step_'s flag, lasting while a gradient held then is still held (or armed with none held:
-            # until the step): it outlasts any call here, so it joins too (see _decided_by_verdict)
-            where = where if where is not None else set(map(id, gradients(optimizer)))
-            if not seen[0] or any(id(t) in where for t in seen[0]):
-                out.append(flag)
-            continue
-        if not members:
-            continue
-        if ids is None:
-            where = where if where is not None else set(map(id, read_for_carry(optimizer, gradients(optimizer))))
-            ids = set(map(id, measured()))
-        if not any(id(t) in where and id(t) not in ids for t in members):  # (the first one, usually)
-            continue
-        if plain is None:
-            plain = not any(map(Tensor._is_view, measured()))  # (then identity alone tells what is measured)
-        if plain or _unmeasured([t for t in members if id(t) in where], measured()):
-            out.append(flag)
-    return out
 
 
 def _nonfinite(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
@@ -1685,310 +957,6 @@ def _nonfinite(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
         peaks = torch.stack(torch._foreach_norm(ts, float("inf")))
         out = out | _reduce.moved(~torch.isfinite(peaks).all(), device)
     return out
-
-
-class _Explicit(tuple):  # type: ignore[type-arg]
-    """The gradients held (:func:`grad_state`) when ``skip_next_step_`` armed a flag, in the flag's ledger."""
-
-
-def _sticky(seen: tuple[Any, ...], now: tuple[list[Tensor], list[int]], measured: Sequence[Tensor] | None) -> bool:
-    """Whether a flag of the ledger armed without measured gradients still holds. One armed by ``skip_next_step_``
-    on the gradients ``seen`` held: while one of them is still held (set to None by ``zero_grad()``, the batch
-    was dropped), whatever wrote them since (an auxiliary loss, a clip; a dropped batch's in-place
-    ``zero_grad()`` too, which nothing tells from the first: clear the flag with ``skip_next_step_(optimizer,
-    False)`` there). Replaced on a write, it was lost to a part clipped again after an extra loss, and the step
-    taken. One armed while no gradient was held lasts until the step. Another (a call whose pieces the optimizer
-    does not step): while :func:`untouched` holds."""
-    if not isinstance(seen, _Explicit):
-        return untouched(seen, now, measured)
-    if not seen[0]:
-        # Armed while no gradient was held (after zero_grad(set_to_none=True), before the backward: a batch found
-        # bad before its backward): for this step, whatever the backward makes. Dropped once a gradient appeared,
-        # the first call arming a skip replaced it and the requested skip was lost, the step taken.
-        return True
-    where = set(map(id, now[0]))
-    if any(id(t) in where for t in seen[0]):
-        return True
-    # Or made anew over the same bytes by their wrapper (FSDP1's new views of the flat gradient after a forward,
-    # or it re-aliased by a backward; the held tensors keep those bytes alive, so equal addresses are the same
-    # memory), whatever wrote them since, as for the held ones: read as gone, a forward between skip_next_step_
-    # and a clip (of the whole model, or of a part before it) dropped the flag and the step was taken.
-    held = {_bytes_key(t) for t in seen[0] if getattr(t, "_local_tensor", t).numel()}
-    return bool(held) and any(_bytes_key(g) in held for g in now[0])
-
-
-def first_flag(record: tuple[Any, ...], new: Tensor) -> None:
-    """``record`` arms ``new`` alone (replaced, or nothing armed before): the ledger's first entry."""
-    if isinstance(record, _Record):
-        record.parts = [(new, list(record[0]), None)]
-
-
-def rearm(armed: tuple[Tensor, tuple[Any, ...]] | None, new: Tensor, now: tuple[list[Tensor], list[int]],
-          started: tuple[list[Tensor], list[int]] | None, measured: Sequence[Tensor] | None,
-          optimizer: torch.optim.Optimizer | None,
-          merge: Callable[[Tensor, Tensor], Tensor]) -> tuple[Tensor, tuple[Any, ...]]:
-    """The skip flag and record a call arming ``new`` leaves, over ``armed`` (the flag and record armed before,
-    or None: nothing armed, or an arming that replaces): by the flag's ledger where the records keep one
-    (:func:`supersede`), else both flags merged where the call found the gradients as the arming left them
-    (:func:`untouched`), else ``new`` alone. A call that measured nothing (every gradient of its part None) leaves
-    the record as it was; one measuring only pieces the optimizer does not step joins the ledger (:func:`_beside`).
-    One rule for the fused hand-over's skip (:func:`arm_skip_`) and the clipper's skip guard."""
-    if optimizer is not None and _multi_rank():
-        _ARMED.add(optimizer)  # (its ledger may come to hold a flag for another rank's gradients: see _outlasting)
-    if measured and optimizer is not None and _stand_ins_only(measured, now[0]):
-        measured = []
-    if measured is not None and not measured and optimizer is not None:
-        if armed is not None:
-            parts = getattr(armed[1], "parts", None)
-            if parts is not None:
-                # Its flag joins the ledger as a first call's does (below): another rank may have measured it (an
-                # FSDP1 rank whose shard of the part is padding only). Merged into the flag alone, the next call's
-                # ledger dropped it there: that rank took the step the others skipped (a NaN in a one-element
-                # head on rank 0, use_orig_params=True, 2 ranks: rank 1 stepped its shards, rank 0 did not).
-                where = {id(t) for t in now[0]}
-
-                def decided(m: Any, seen: Any) -> bool:
-                    # (an entry with no gradient left here, or one armed by a call that measured nothing here whose
-                    # gradients held then were replaced or written: decided by this call's verdict too, as in
-                    # supersede; kept here, rank 1 skipped a batch zeroed in place whose [A] had dropped rank 0's
-                    # flag, and where rank 1's call measured nothing again, [A] / nothing after a dropped NaN batch
-                    # of [A], rank 1 skipped while rank 0 stepped; so too skip_next_step_'s entry whose gradients
-                    # are every one gone here, as in supersede: kept here, skip_next_step_(opt, True), every gradient
-                    # replaced out of place, [a] of rank 0's alone clipped over the world: rank 1 skipped, rank 0
-                    # stepped)
-                    if m is not None:
-                        return not any(id(t) in where for t in m)
-                    return _decided_by_verdict(seen) and not _lasts(seen, started if started is not None else now,
-                                                                    measured)
-
-                if _AGREED.get() is not None and any(decided(m, seen) for _, m, seen in parts):
-                    # (kept, held by the gradients held here that no entry left holds, as supersede holds it on a
-                    # rank measuring a part: held by none, it stood for another rank's gradients, and a later call
-                    # with no collective was forced to keep it here alone, while the ranks holding it by theirs
-                    # dropped it with them. DDP, unfused, rank 0's own part clipped over the world after a NaN
-                    # batch, dropped to None, DDP's whole clipped: rank 1 skipped, rank 0 stepped; ddp seed 1649)
-                    holding = {id(t) for _, m, seen in parts if m is not None and not decided(m, seen) for t in m}
-                    rest = [t for t in carry_only(optimizer, now[0]) if id(t) not in holding]
-
-                    def carry(f: Tensor) -> tuple[Tensor, list[Tensor], None] | None:
-                        # (but a _CALM flag, held by no gradient, as supersede carries it: see _still_calm. Held by
-                        # DDP's gradients, a new tensor of no _CALM standing, on rank 1 alone, rank 0's own part
-                        # armed twice over the world (rank 1 measuring nothing) counted them as held there: a NaN
-                        # [l0] armed, the batch dropped to None and [l0] armed again, rank 1 alone was forced to
-                        # keep that flag (its verdict taken as possibly differing) and skipped, rank 0 stepped)
-                        if not _is_calm(optimizer, f):
-                            return carried_by_replacements(f, rest)
-                        entry = carried_by_replacements(f, [])
-                        if entry is not None:
-                            _still_calm(optimizer, [f], entry[0])
-                        return entry
-
-                    parts = [e for e in ((carry(f) if decided(m, seen) else (f, m, seen)) for f, m, seen in parts)
-                             if e is not None]
-                    armed[1].parts = [*parts, (new, None, (*now, None))]
-                    return functools.reduce(merge, [f for f, _, _ in armed[1].parts]), armed[1]
-                armed[1].parts = [*parts, (new, None, (*now, None))]
-            return merge(armed[0], new), armed[1]
-        # (a ledger holding the flag by what untouched says of the gradients held now, as a record of them did:
-        # on another rank, holding pieces of the part, the same flag may have been measured)
-        return new, _Record.uncounted(([], []), [(new, None, (*now, None))])
-    if measured is None and optimizer is not None and armed is None:
-        # skip_next_step_: nothing says what was measured; the flag lasts while _sticky holds for the gradients
-        return new, _Record.uncounted(now, [(new, None, _Explicit(now))])
-    record = armed_record(now, measured, optimizer)
-    if isinstance(record, _Record):
-        record.state = now
-    if armed is not None:
-        armed = (armed[0], _followed(armed[1], now))
-    if measured and optimizer is not None and not isinstance(record, _Record) and not _inside(now[0], measured):
-        if _COMBINING.get() and _multi_rank():
-            # Combined over several ranks, whose flag is the same on every rank: recorded as by a rank that measured
-            # nothing (another rank holding no piece of the part records it so), decided by the verdict of a later
-            # call combining over several ranks (see _lasts), on every rank alike. Held here by the pieces, under DDP
-            # beside rank 0's own parameter (in an optimizer of its own) with a NaN there, [own] clipped over the
-            # world arming DDP's optimizer, then rank 0's gradient written (a plain clip in place, zeroed, a
-            # backward) or the batch dropped, and DDP's whole clipped: rank 0 dropped the flag and stepped, rank 1
-            # kept its entry and skipped (wddpown seed 125)
-            return rearm(armed, new, now, started, [], optimizer, merge)
-        return _beside(armed, record, now, started, measured, new, merge, optimizer)
-    if armed is not None:
-        merged = supersede(armed[1], record, now, started, measured, new, merge, optimizer)
-        if merged is not None:
-            return merged, record
-        if untouched(armed[1], started if started is not None else now, measured):
-            carried(armed, record, new)
-            return merge(armed[0], new), record
-    first_flag(record, new)
-    return new, record
-
-
-def _inside(grads: Sequence[Tensor], measured: Sequence[Tensor]) -> bool:
-    """Whether some of a call's pieces ``measured``, none of them a gradient the optimizer steps (``grads``), lie in
-    the bytes of one: slices of a stepped gradient (experts stored in one weight, each slice ``w.grad[e]`` clipped
-    in its own call), which :func:`untouched` tells apart by their bytes, not pieces the optimizer does not step
-    (:func:`_beside`: held by their version counter, which a slice shares with the whole gradient, the next
-    slice's scaling read as a write and the first slice's NaN flag was dropped: the NaN step was taken)."""
-    ids = set(map(id, grads))
-    overlaps = _overlap_test([m for m in measured if id(m) not in ids])
-    return overlaps is not None and any(overlaps(_span(g)) for g in grads)
-
-
-def _beside(armed: tuple[Tensor, tuple[Any, ...]] | None, record: tuple[Any, ...],
-            now: tuple[list[Tensor], list[int]], started: tuple[list[Tensor], list[int]] | None,
-            measured: Sequence[Tensor], new: Tensor, merge: Callable[[Tensor, Tensor], Tensor],
-            optimizer: Any = None) -> tuple[Tensor, _Record]:
-    """The flag and record of a call arming ``new`` whose pieces the optimizer steps none of (parameters it does not
-    step, copies of its gradients: ``record`` holds them, see :func:`armed_record`): a ledger (:func:`supersede`)
-    whose entries armed before stay as they would for a call measuring none of their gradients, and ``new`` joins
-    it held by ``record`` (while :func:`untouched` holds for it, as a flag :func:`carried` into a ledger is). An
-    earlier flag without a ledger joins it held by its record, where the call found it untouched. Recorded as the
-    call's alone, with no ledger, the flags it merged were lost to a later write to the unstepped gradients
-    before a call measuring them again (read as the flag's gradients written; a hand-over's flag, kept after its
-    gradients were written, had no ledger to join): heads h0, h1 stepped, a module E not, NaN in h0, [h0], [h1],
-    [E] clipped, an auxiliary loss through h1 and E, [E] clipped again: the NaN step was taken (``GradClipper``
-    fused or not and the hand-over alike, gradients of their own or views of one buffer; a
-    ``skip_next_step_(optimizer, True)`` before [E] was lost alike)."""
-    own = _Record.uncounted(([], []))
-    own.state = now
-    if armed is not None and getattr(armed[1], "parts", None) is not None:
-        supersede(armed[1], own, now, started, measured, new, merge, optimizer)
-        assert own.parts is not None
-        own.parts[-1] = (new, None, record)
-    elif armed is not None and untouched(armed[1], started if started is not None else now, measured):
-        own.parts = [(armed[0], None, armed[1]), (new, None, record)]
-    else:
-        own.parts = [(new, None, record)]
-    return functools.reduce(merge, [f for f, _, _ in own.parts]), own
-
-
-def _followed(record: tuple[Any, ...], now: tuple[list[Tensor], list[int]]) -> tuple[Any, ...]:
-    """``record`` (a flag's :func:`armed_record`, its ledger included) with each held gradient that its wrapper made
-    anew over the same bytes (:func:`_successors`) replaced by the tensor the optimizer steps now. FSDP1 does so:
-    with ``use_orig_params=True`` its gradients are new views of the flat gradient after every forward, and both
-    ways a backward accumulating into the flat gradient re-aliases it through ``.data`` (a new tensor, with a
-    fresh version counter). Taken for gradients gone, a forward (logging, evaluation) or an auxiliary loss
-    between the calls clipping parts dropped a part's NaN flag, and the NaN step was taken (heads [ha], [hb],
-    [hc], NaN in hb, 2 ranks, with and without ``use_orig_params``). A view made anew of the same buffer,
-    unwritten, keeps its version; one over a re-aliased buffer counts as written."""
-    state = getattr(record, "state", None)
-    if state is None and not isinstance(record, _Record) and record and not isinstance(record, _Explicit):
-        state = (record[0], record[1])  # a record of every gradient held then, with their versions
-    if state is None or not state[0]:
-        return record
-    moved = _successors(state, now)
-    if not moved:
-        return record
-
-    def follow(ts: Sequence[Tensor]) -> list[Tensor]:
-        return [moved[id(t)][0] if id(t) in moved else t for t in ts]
-
-    def versions(ts: Sequence[Tensor], vs: Sequence[Any]) -> list[Any]:
-        return [moved[id(t)][1] if id(t) in moved else v for t, v in zip(ts, vs)]
-
-    if isinstance(record, _Record):
-        out = _Record((follow(record[0]), versions(record[0], record[1])))
-        out.cells = record.cells
-        if record.parts is not None:
-            out.parts = [(f, follow(m) if m is not None else None,
-                          _Explicit((follow(seen[0]), versions(seen[0], seen[1]))) if isinstance(seen, _Explicit)
-                          else (follow(seen[0]), versions(seen[0], seen[1]), *seen[2:])
-                          if type(seen) is tuple and seen and seen[0] else seen) for f, m, seen in record.parts]
-        out.state = (follow(state[0]), versions(state[0], state[1]))
-        return out
-    return (follow(record[0]), versions(record[0], record[1]), *record[2:])
-
-
-def _successors(state: tuple[list[Tensor], list[Any]], now: tuple[list[Tensor], list[int]]
-                ) -> dict[int, tuple[Tensor, Any]]:
-    """id of each gradient of ``state`` (what the optimizer stepped at an arming, with versions) no longer stepped
-    -> (the tensor now stepped over the very same bytes, the version it stands in with): the held gradient keeps
-    its bytes alive, so equal addresses are the same memory. Only where the held gradient was not written since
-    the arming (a dropped batch's ``zero_grad()`` in place writes it: the next batch's gradients, accumulated by
-    FSDP1 into the same bytes, are new). A view of the same buffer object at its recorded version is the held
-    gradient unwritten (its version); any other (a buffer re-aliased for a backward) was written since (-1)."""
-    if same_tensors(state[0], now[0]):
-        return {}  # (the usual case, in one C-level pass)
-    stepped = {id(g) for g in now[0]}
-    gone = {_bytes_key(h): (h, v) for h, v in zip(*state)
-            if id(h) not in stepped and isinstance(v, int) and getattr(h, "_local_tensor", h).numel()}
-    if not gone:
-        return {}
-    held = {id(h) for h in state[0]}
-    out: dict[int, tuple[Tensor, Any]] = {}
-    for g, v in zip(*now):
-        if id(g) in held:
-            continue
-        hit = gone.get(_bytes_key(g))
-        if hit is None or _version(hit[0]) != hit[1]:
-            continue
-        h = hit[0]
-        out[id(h)] = (g, v if _root(g) is _root(h) else -1)
-    return out
-
-
-def _stand_ins_only(measured: Sequence[Tensor], grads: Sequence[Tensor]) -> bool:
-    """Whether a call's pieces are only stand-ins for absent gradients: FSDP2 parameters whose ``.grad`` is None
-    are measured as empty DTensors (:func:`dist_clip.adapters.params.absent_dtensor_grads`), none of them a
-    gradient the optimizer steps. Such a call measured nothing: recorded as one measuring pieces the optimizer
-    does not step, it dropped the flag's ledger, and a later part's call after a backward into the flag's NaN
-    gradients (new ones beside them in a new reduce-scatter buffer) replaced the flag: the NaN step was taken
-    (one ``fully_shard`` unit, heads h0-h4, a batch through h1 and h2 with a NaN, [h0-h3] then the unused [h4]
-    clipped, an auxiliary loss through h2-h4, [h4] clipped again; 2 ranks). ``mode="unitwise"`` measures them as
-    fresh empty tensors, alike. An empty gradient the optimizer steps (a rank's empty shard of a small parameter)
-    or an empty view of a wrapper's buffer is measured, as the other ranks' non-empty ones are."""
-    if any(getattr(t, "_local_tensor", t).numel() for t in measured):
-        return False
-    from .adapters.params import _STAND_INS
-
-    made = {id(v) for _, _, _, kept in _STAND_INS.values() for v in (kept, kept._local_tensor)}
-    held = set(map(id, grads))
-    return all(id(t) in made or (not t._is_view() and id(t) not in held) for t in measured)
-
-
-def carried(armed: tuple[Tensor, tuple[Any, ...]], record: tuple[Any, ...], new: Tensor) -> None:
-    """A flag armed on ``armed`` combined into one armed on ``record``: the record starts its ledger with the
-    earlier flag held by its record (:func:`supersede`)."""
-    if isinstance(record, _Record):
-        record.parts = [(armed[0], None, armed[1]), (new, list(record[0]), None)]
-
-
-def armed_record(
-    now: tuple[list[Tensor], list[int]], measured: Sequence[Tensor] | None,
-    optimizer: torch.optim.Optimizer | None = None,
-) -> tuple[Any, ...]:
-    """What a skip armed on ``now`` (:func:`grad_state` after the arming call) holds on to: the optimizer's
-    gradients among ``measured`` (the call's pieces), with their versions; all of ``now`` where none of them is
-    one the optimizer steps (FSDP1's flat views) or nothing says what was measured (``skip_next_step_``). Where
-    none of them is, the measured pieces themselves are held too, weakly (:func:`_measured_record`). Part of
-    gradients sharing version counters (``optimizer`` given) also holds their parameters' backward counts."""
-    if measured is None:
-        return now
-    kept = _measured_among(now[0], measured)
-    if not kept:
-        return (*now, _measured_record(measured))
-    if optimizer is None:
-        return ((now[0], now[1]) if len(kept) == len(now[0])
-                else ([now[0][i] for i in kept], [now[1][i] for i in kept]))
-    if len(kept) == len(now[0]):
-        return _Record.uncounted(now)  # every gradient held: its versions tell the next batch (see untouched)
-    held = [now[0][i] for i in kept]
-    if not any(map(Tensor._is_view, held)) or not _shared_counters(now[0]):  # (in C)
-        # Gradients of their own: their versions tell a write; a record of the part, for its flag (see supersede)
-        return _Record.uncounted((held, [now[1][i] for i in kept]))
-    record = _Record((held, [now[1][i] for i in kept]))
-    params = _params_by_grad(optimizer)
-    cells: list[tuple[_Count, int] | None] = []
-    for g in held:
-        p = params.get(id(g))
-        # (not FSDP1's original parameters: autograd accumulates into their flat parameter, theirs never move)
-        if (p is not None and _autograd_leaf_param(p) and p.requires_grad
-                and not getattr(p, "_fsdp_flattened", False)):
-            cell = _write_cell(p)
-            cells.append((cell, cell[0]))
-        else:
-            cells.append(None)
-    record.cells = cells
-    return record
 
 
 def _measured_among(grads: Sequence[Tensor], measured: Sequence[Tensor]) -> list[int]:
@@ -2043,63 +1011,6 @@ def _shared_counters(grads: Sequence[Tensor]) -> bool:
     return len(set(roots)) < len(roots)
 
 
-def _measured_record(measured: Sequence[Tensor]) -> list[tuple[Any, int]] | None:
-    """Weak references to the measured gradients, with their versions, where the optimizer steps none of them
-    (copies of them: a DeepSpeed stage-0 bf16/fp16 wrapper's fp32 gradients, filled in its ``step()`` and
-    dropped after it, so that the optimizer held no gradient at either call; two empty records read as
-    untouched, the next batch's call combined its flag with a NaN batch's that the wrapper had skipped itself,
-    and the good step was skipped too). None where some piece is a view (FSDP1's flat views, whose bases may be
-    made anew for each call) or there is none: the optimizer's gradients decide alone, as before."""
-    pieces = [getattr(t, "_local_tensor", t) for t in measured]
-    if not pieces or any(t._is_view() for t in pieces):
-        return None
-    try:
-        return [(weakref.ref(t), _version(t)) for t in pieces]
-    except TypeError:  # (a tensor subclass without weak references)
-        return None
-
-
-def untouched(armed: tuple[Any, ...], now: tuple[list[Tensor], list[int]],
-              measured: Sequence[Tensor] | None = None) -> bool:
-    """Whether some gradient an armed skip holds (:func:`armed_record`) is still among ``now``'s
-    (:func:`grad_state`) with the same version: not every one of them replaced, dropped or written since (a
-    dropped batch's ``zero_grad()``, either way, touches them all). Gradients that appeared, or were written,
-    beside them do not count: another part's backward between the calls clipping each part, also one
-    accumulating into a trunk both parts share (requiring all of them untouched, it replaced the first part's
-    NaN skip). An empty record (nothing held then) is untouched only while there is still nothing. A record
-    that also holds the measured pieces (the optimizer steps none of them) is touched once every one of them is
-    freed or written since, whatever the optimizer's gradients say."""
-    seen = armed[2] if len(armed) > 2 else None
-    if seen is not None and not any((t := ref()) is not None and _version(t) == v for ref, v in seen):
-        return False
-    if not armed[0]:
-        return not now[0]
-    if same_tensors(armed[0], now[0]):
-        return any(map(operator.eq, armed[1], now[1]))
-    where = {id(t): v for t, v in zip(*now)}
-    if any(where.get(id(t)) == v for t, v in zip(armed[0], armed[1])):
-        return True
-    # Views of one gradient buffer share one version counter: a write beside the held gradients (another part's
-    # backward into the same buffer) bumps theirs too, so their versions cannot tell whether they were written.
-    # A call measuring every held gradient again (``measured``: the next batch clipped, or the same one clipped
-    # whole) replaces the flag; one measuring another part combines with it: replaced, a NaN skip armed on one
-    # part of a flat buffer was dropped by the clip of the next part, and the NaN step taken.
-    held = {id(t) for t in armed[0] if id(t) in where}
-    if not held:
-        return False
-    roots = {id(_root(t)) for t in armed[0] if id(t) in held}
-    if not any(id(_root(g)) in roots for g in now[0] if id(g) not in held):
-        return False
-    cells = getattr(armed, "cells", None)
-    if cells is not None and all(c is not None and c[0][0] != c[1] for t, c in zip(armed[0], cells) if id(t) in held):
-        # A backward accumulated into every held gradient since (their parameters' backward counts moved): the
-        # next batch's, after a dropped one (DDP's bucket views, a model clipped in two calls: the dropped NaN
-        # batch's skip combined with the next batch's first call, and its good step was skipped).
-        return False
-    again = {id(now[0][i]) for i in _measured_among(now[0], measured)} if measured is not None else set()
-    return not held <= again
-
-
 def same_tensors(held: list[Tensor], grads: list[Tensor]) -> bool:
     """Whether ``grads`` are the very gradient tensors ``held`` (none replaced, none added or gone)."""
     return len(held) == len(grads) and all(map(operator.is_, held, grads))
@@ -2131,11 +1042,17 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple
     complete_step_hooks(optimizer, optimizer.__dict__[_HOOKS], _pre_hook, _post_hook)
     clear_stale(optimizer)
     pending = optimizer.__dict__.get(_PENDING)
-    armed = optimizer.__dict__.get(_SKIP)
     grads = gradients(optimizer) if pending is not None else []
     closure = step_closure(args, kwargs)
+    # A coefficient still to apply reaches this step (its gradients read as the ones measured) with its flag: the
+    # step skips where it is NaN, whatever the ledger read of those gradients since (FSDP2's shards, views, are
+    # told written by their versions and the same by their identity: an HSDP NaN hand-over accumulated onto and
+    # zeroed in place dropped the ledger's flag, and grad_scale 1/NaN stepped NaN into every parameter).
+    carried = None
     if pending is not None and pending[2] is not None:
         verdict, kept = _verdict(pending[3], pending[4], grads, pending[5], optimizer)
+        if not _dropped(verdict) and not _in_gradients(pending):
+            carried = pending[1]
         in_place = closure is not None or not supports_grad_scale(optimizer)
         if verdict in ("kept", "replaced") or (verdict == "same" and in_place):
             # Measured gradients untouched beside others (add_param_group, a gradient replaced or set to None):
@@ -2157,21 +1074,13 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple
                     "and recomputed), so they are no longer the ones measured and this step takes them unclipped. "
                     "Clip after the last backward before step()"
                 )
-            del optimizer.__dict__[_PENDING]  # measured on gradients that are gone: not this step's
-            # Its flag lasts where a gradient stepped now is not finite, as the ledger's does: a NaN travels into a
-            # replacement out of place (p.grad + g) and stays under a further backward accumulating into it, while
-            # the next batch's gradients (after zero_grad, either way) are finite (see carried_by_replacements;
-            # dropped with the coefficient, a NaN hand-over, an auxiliary loss and the step took the NaN step)
-            entry = _carried_at_step(pending, carry_only(optimizer, read_for_carry(optimizer, grads)))
-            if entry is not None:
-                armed = (entry[0] if armed is None
-                         else torch.maximum(armed[0], _reduce.moved(entry[0], armed[0].device)), None)
-            pending = None
-    # A coefficient already applied by settle() leaves only its skip flag, which lasts until this step whatever
-    # wrote the gradients since (a later clip of part of them: dropping it took a NaN step).
-    skip = armed[0] if armed is not None else None
+            del optimizer.__dict__[_PENDING]  # measured on gradients that are gone: not this step's (its flag is
+            pending = None  # the ledger's, see ledger_flag)
+    skip = ledger_flag(optimizer)
+    if carried is not None:
+        skip = carried if skip is None else torch.maximum(skip, _reduce.moved(carried, skip.device))
     if not supports_grad_scale(optimizer):
-        _no_longer_fused(optimizer, pending[1] if pending is not None else None, skip)
+        _no_longer_fused(optimizer, skip)
         return None
     if closure is not None:
         # The closure runs inside this step: dist_clip calls from it act on this step (in_closure), so the
@@ -2183,11 +1092,10 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple
     if pending is None and skip is None:
         _WAITING.discard(optimizer)
         return None
-    scale, found = (pending[0], pending[1]) if pending is not None else (None, skip)
+    scale = pending[0] if pending is not None else None
+    found = skip if skip is not None else torch.zeros_like(pending[1])
     if pending is not None and pending[2] is None:
         scale = None  # settled: the gradients hold the coefficient, the step keeps only the flag
-    if pending is not None and skip is not None:
-        found = torch.maximum(found, _reduce.moved(skip, found.device))
     saved = _attributes(optimizer)
     theirs_scale, theirs_found = saved
     if scale is not None and isinstance(theirs_scale, Tensor):
@@ -2205,102 +1113,6 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple
     return (args, kwargs) if closure is not None else None
 
 
-def pending_flag(optimizer: torch.optim.Optimizer) -> Tensor | None:
-    """The skip flag (``found_inf``) a hand-over pending on ``optimizer`` gives its next ``step()``, or None where
-    none would reach it: none pending, or one measured on gradients the step will not take (as :func:`_pre_hook`
-    decides: replaced or written since, the coefficient dropped, and its flag unless a gradient stepped now is not
-    finite). Read before that pre-hook runs."""
-    pending = optimizer.__dict__.get(_PENDING)
-    if pending is None:
-        return None
-    if pending[2] is not None:  # not settled: the step's own check decides
-        grads = gradients(optimizer)
-        verdict, _ = _verdict(pending[3], pending[4], grads, pending[5], optimizer)
-        if _dropped(verdict):  # (kept where the gradients hold a NaN, as the pre-hook keeps it)
-            entry = _carried_at_step(pending, carry_only(optimizer, read_for_carry(optimizer, grads)))
-            return entry[0] if entry is not None else None
-    return pending[1]
-
-
-def _carried_at_step(pending: tuple[Any, ...], grads: list[Tensor]) -> tuple[Tensor, list[Tensor], None] | None:
-    """A hand-over's flag at its step, the hand-over dropped (its gradients written or replaced since, with no
-    dist_clip call between): kept where a gradient stepped now is not finite (:func:`carried_by_replacements`, this
-    rank's read). Where the hand-over's total was combined over several ranks (``pending[6]``, see
-    :func:`hand_over_`), the step has no collective to agree by and each rank's pieces are its own: the flag is kept
-    as it is, on every rank alike (read by each rank alone, a NaN in rank 0's shard, the gradients replaced out of
-    place or an auxiliary loss accumulated into them, then ``step()``: rank 0 skipped and rank 1 stepped). A dropped
-    batch's next one stepped with no clip after a NaN hand-over is then skipped too, on every rank."""
-    flag = pending[1]
-    if pending[6] and _multi_rank() and not _unset_on_cpu(flag):
-        return flag, grads, None
-    return carried_by_replacements(flag, grads)
-
-
-def _keep_flag(optimizer: torch.optim.Optimizer, found: Tensor, held: list[Tensor], grads: list[Tensor]) -> None:
-    """A hand-over's coefficient dropped because its gradients were written since (:func:`_verdict`): its skip flag
-    joins the skip flag's ledger (:func:`supersede`), held by the measured gradients still stepped, so that it
-    lasts until they are all measured again or gone. A write after the clip is a dropped batch's ``zero_grad()``
-    and the next backward, or an auxiliary loss accumulating into a NaN gradient, which stays NaN: dropped with
-    the coefficient, a NaN hand-over's flag was lost there and the NaN step taken (a part of the model whose
-    gradients were every one present handed over, an auxiliary loss, another part clipped again). Kept where a
-    dist_clip call reads them or arms a skip after the write; the step itself, with no such call since, drops
-    the coefficient and warns, and keeps the flag where a gradient it steps is not finite (the next batch of a
-    dropped one, stepped unclipped, is finite: kept whatever they held, its good step was skipped)."""
-    where = set(map(id, grads))
-    members = [t for t in held if id(t) in where]
-    if members:
-        _join_ledger(optimizer, (found, members, None))
-    if len(members) < len(held):
-        # Some measured gradients are no longer stepped: replaced out of place, their replacements carrying the NaN
-        # (see carried_by_replacements). Held by the written ones alone, the flag was dropped once a call measured
-        # those again: under DDP, a NaN in l0 handed over whole, an auxiliary loss, l0's gradients replaced, [l1]
-        # clipped by GradClipper(on_nonfinite="skip"): every rank stepped l0's NaN (2 and 3 ranks).
-        ids = set(map(id, members))
-        _keep_replaced(optimizer, found, [g for g in carry_only(optimizer, grads) if id(g) not in ids])
-
-
-def _join_ledger(optimizer: torch.optim.Optimizer, entry: tuple[Tensor, list[Tensor], None]) -> None:
-    """``entry`` (a flag held by its gradients) joins ``optimizer``'s skip flag and its ledger, or starts both."""
-    if _multi_rank():
-        _ARMED.add(optimizer)  # (see _outlasting)
-    armed = optimizer.__dict__.get(_SKIP)
-    if armed is None:
-        optimizer.__dict__[_SKIP] = (entry[0], _Record.uncounted((entry[1], version_list(entry[1])), [entry]))
-        return
-    parts = getattr(armed[1], "parts", None)
-    if parts is not None:
-        armed[1].parts = [*parts, entry]
-    optimizer.__dict__[_SKIP] = (torch.maximum(armed[0], entry[0].to(armed[0].device)), armed[1])
-
-
-def _keep_replaced(optimizer: torch.optim.Optimizer, found: Tensor, rest: list[Tensor],
-                   stepped: list[Tensor] | None = None) -> None:
-    """A hand-over's skip flag whose measured gradients were every one replaced (:func:`_verdict`'s "stale"): it
-    joins the flag's ledger, held by ``rest`` (the gradients stepped now that the call at hand does not measure)
-    where one of them is not finite (:func:`carried_by_replacements`). ``stepped``: every gradient stepped now,
-    which hold it instead where the call at hand arms no skip for this optimizer (``get_total_norm``, a clip
-    without a fused ``optimizer=``, a call arming another optimizer's, ``clip_grads_with_norm_``): no flag of its
-    own stands for the gradients it measures (held by the others alone, a NaN hand-over whose gradients were
-    replaced out of place, then read whole or where the NaN lay, ``get_total_norm`` of h0 or of the model for a
-    log, lost its flag on every rank and the NaN step was taken)."""
-    agreement = _DEFERRED.get()
-    arms = agreement is not None and id(optimizer) in agreement.ids
-    held = stepped if stepped is not None and not arms else rest
-    if agreement is not None:
-        # (settled within a call: kept or dropped by the ranks' verdict, see Agreement; another optimizer's
-        # hand-over than the one the call arms adds this rank's read of its gradients to the verdict)
-        if not arms:
-            agreement.fold(found, held)
-        agreement.deferred.append((optimizer, found, held))
-        return
-    if _is_calm(optimizer, found):
-        held = []  # (a device flag a combining call armed: held by no gradient, see _calm_entries)
-    entry = carried_by_replacements(found, held)
-    if entry is not None:
-        _join_ledger(optimizer, entry)
-        _still_calm(optimizer, [found], entry[0])  # (so too a settled hand-over's, see _still_calm)
-
-
 def _dropped(verdict: str) -> bool:
     """Whether :func:`_pre_hook` drops a hand-over, its coefficient and flag, on this :func:`_verdict`: measured
     on gradients that are gone (written since, or none of them stepped)."""
@@ -2312,7 +1124,8 @@ def _no_longer_fused(optimizer: torch.optim.Optimizer, *flags: Tensor | None) ->
     ``state_dict``): its step reads no ``found_inf`` (torch's step asserted on the one set here, and the step
     was lost). The coefficient is in the gradients (:func:`_pre_hook`); a skip flag is read on the host (a sync,
     on this path only) and, where set, refused: the step cannot be made a no-op from here."""
-    for key in (_PENDING, _SKIP, _SAVED):
+    clear_ledger(optimizer)
+    for key in (_PENDING, _SAVED):
         optimizer.__dict__.pop(key, None)
     _WAITING.discard(optimizer)
     if any(f is not None and bool(f.any()) for f in flags):
@@ -2329,9 +1142,7 @@ def _post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None
     complete_step_hooks(optimizer, optimizer.__dict__[_HOOKS], _pre_hook, _post_hook)
     _WAITING.discard(optimizer)
     pending = optimizer.__dict__.pop(_PENDING, None)
-    optimizer.__dict__.pop(_SKIP, None)
-    _forget_beside(optimizer)
-    optimizer.__dict__.pop(_CALM, None)
+    clear_ledger(optimizer)
     stashed = optimizer.__dict__.pop(_SAVED, None)
     if stashed is None:
         return
@@ -2401,81 +1212,8 @@ def hand_over_(
     scale = torch.reciprocal(coef.to(torch.float32))  # the kernels divide: 1/1 == 1 keeps an unclipped step exact
     found = torch.logical_not(torch.isfinite(total)).to(torch.float32)
     grads = grads if grads is not None else gradients(optimizer)
-    if not grads and _COMBINED in optimizer.__dict__ and not _COMBINING.get() and _multi_rank():
-        # Nothing held, no collective, among several ranks: a hand-over of nothing, which cannot tell what the other
-        # ranks hold, hands nothing over and leaves every flag as it is, as the verdict forced there keeps them (see
-        # Agreement._may_differ). Replacing them, rank 0 dropped the flag of a NaN in its own gradient beside DDP's,
-        # clipped over the world and dropped to None, while rank 1's, standing for it, was kept: rank 1 skipped alone
-        return
-    armed = optimizer.__dict__.get(_SKIP)
-    parts = getattr(armed[1], "parts", None) if armed is not None else None
-    if parts is not None:
-        # The hand-over measures every gradient the optimizer steps, as they are now: of the flag's ledger (see
-        # supersede) only flags armed without measured gradients (skip_next_step_) may outlast it, while their
-        # records are untouched.
-        now = (grads, version_list(grads))
-        left = [(f, None, seen) for f, members, seen in parts
-                if members is None and seen is not None and _lasts(seen, now, grads)]
-        # (and an entry kept by the ranks' verdict with no gradient left: decided by this call's verdict again, as
-        # in supersede; dropped here, a rank holding none of the NaN part stepped where the others skipped)
-        gone = [f for f, members, seen in parts if (members is None and not (seen is not None and _lasts(
-            seen, now, grads)) and _decided_by_verdict(seen)) or (members is not None and not members)]
-        # (and an entry held by gradients the optimizer does not step: the other ranks' partitions of a ZeRO or OSS
-        # wrapper over DDP, see grad_state, which the hand-over does not measure: kept while one is held, and once
-        # every one is replaced decided as in supersede. Dropped here, the rank whose partition held none of a NaN
-        # part stepped its hand-over where the others skipped: [enc, h1], NaN in enc, [h0], out of place, [h0])
-        wider = read_for_carry(optimizer, grads)
-        if len(wider) > len(grads):
-            stepped, held = set(map(id, grads)), set(map(id, wider))
-            for f, members, _seen in parts:
-                other = [t for t in members or () if id(t) not in stepped]
-                if not other:
-                    continue
-                rest = [t for t in other if id(t) in held]
-                if rest:
-                    left.append((f, rest, None))
-                else:
-                    gone.append(f)
-        if _COMBINING.get():
-            # (and the entries whose gradients it measures again or that are gone, where its verdict was combined
-            # over several ranks: see _measured_again and supersede. Dropped here, a part on rank 0 alone, NaN
-            # there, [a, b] armed by a skip, then [b] handed over, or every gradient replaced out of place first:
-            # rank 1 stepped, rank 0 skipped)
-            stepped, wide = set(map(id, grads)), set(map(id, wider))
-            gone += [f for f, members, _seen in parts
-                     if members and all(id(t) in stepped or id(t) not in wide for t in members)]
-        entry = carried_by_replacements(functools.reduce(torch.maximum, gone), []) if gone else None
-        if entry is not None:
-            left.append(entry)  # type: ignore[arg-type]
-            # (a _CALM one where one of them is, as supersede carries them: carried into a new tensor of no _CALM
-            # standing, under DDP beside rank 0's own parameter, [l0] armed and [own] handed over before any
-            # backward, then [own] armed (rank 1 measuring nothing), a NaN batch's [l0] armed, dropped to None and
-            # [l0] armed again, rank 1 carried it at [own] into an entry held by DDP's gradients (see rearm), and
-            # skipped alone)
-            _still_calm(optimizer, gone, entry[0])
-        if left:
-            armed[1].parts = left
-            optimizer.__dict__[_SKIP] = (functools.reduce(torch.maximum, [f for f, _, _ in left]), armed[1])
-        else:
-            del optimizer.__dict__[_SKIP]
-    elif armed is not None and not untouched(armed[1], (grads, version_list(grads)), grads):
-        # A skip armed on gradients replaced or rewritten since (a dropped batch's NaN, clipped in place): not this
-        # step's, as a hand-over's own flag is replaced by the next hand-over (it skipped the next good step).
-        del optimizer.__dict__[_SKIP]
     _stash(optimizer, scale, found, coef, grads, shared)
-    _forget_beside(optimizer)  # (it measures every gradient stepped)
-    if shared and not grads and not _on_host(found) and _multi_rank():
-        # A device flag of a total combined over several ranks that measured no gradient here: the same on every
-        # rank, standing for the others' pieces, a _CALM one (see note_beside), held by no gradient here, its value
-        # joining the verdicts instead. Carried by the gradients the call settling it does not measure, under DDP
-        # beside rank 0's own parameter, [own] handed over over the world before any backward (0 on every rank),
-        # then a NaN batch's DDP's whole handed over (no collective) settled it into an entry held by rank 0's own
-        # gradient (on rank 1 by none), which forced rank 0 alone to keep the next batch's dropped NaN hand-over at
-        # DDP's whole: rank 0 skipped, rank 1 stepped. (Not one that measured gradients here: held by none once they
-        # are gone, a NaN hand-over of [a, b] over the world, a of rank 0's own, every gradient replaced out of place,
-        # [a] read and [b] armed, lost its flag on every rank and the NaN step was taken. On the CPU one not set
-        # holds nothing: read for free.)
-        optimizer.__dict__.setdefault(_CALM, []).append(found)
+    ledger_arm(optimizer, found, grads)
     _WAITING.add(optimizer)
 
 
@@ -2509,39 +1247,38 @@ def _in_gradients(pending: tuple[Any, ...]) -> bool:
     return pending[2] is None or pending[2] is _APPLIED
 
 
-def hand_over_applied_(optimizer: torch.optim.Optimizer, total: Tensor, started: tuple[list[Tensor], list[int]],
-                       measured: Sequence[Tensor], shared: bool = False, stepped: list[Tensor] | None = None,
+def hand_over_applied_(optimizer: torch.optim.Optimizer, total: Tensor, measured: Sequence[Tensor],
+                       shared: bool = False, stepped: list[Tensor] | None = None,
                        deferred: tuple[Tensor, Tensor] | None = None) -> None:
     """A call's skip flag (``total`` not finite) for an optimizer that steps the call's pieces ``measured`` and
     other gradients beside them (:func:`steps_beside`): kept as a hand-over's is (held by the measured gradients),
     not as an armed skip, which lasts until the step whatever wrote them since. Under DDP the rank whose optimizer
     also steps a parameter of its own scaled here and armed the skip, while the others handed over: a NaN batch
-    dropped and recomputed, then ``clip_grads_with_norm_``, ``get_total_norm`` or straight to ``step()``, the
-    others dropped the hand-over by their read of the new gradients and stepped, that rank kept its skip, and the
-    replicas parted (rank 0 skipped, rank 1 stepped). The ledger's earlier flags are superseded as by an arming of
-    a finite total. ``deferred``: the coefficient's float32 reciprocal and the coefficient, not applied yet
-    (:func:`defers_beside`): the step divides the measured gradients by it in place (:func:`_verdict`'s "kept",
-    the others stepped beside them), a call reading them first settles it, and gradients written or every one
-    replaced since drop it, as on the ranks handing over (applied in the call, gradients every one replaced out of
-    place, ``p.grad = p.grad + 0``, carried the clip into the step on this rank alone and DDP's replicas parted:
-    6.9e-7 after one AdamW step). None: applied in place by the caller (a coefficient of 1 left).
-    ``stepped``: the optimizer's :func:`gradients`, where the caller has them."""
-    arm_skip_(optimizer, torch.zeros((), dtype=torch.bool, device=total.device), started, measured=measured)
+    dropped and recomputed, then ``clip_grads_with_norm_``, ``get_total_norm`` or straight to ``step()``, the others
+    dropped the hand-over by their read of the new gradients and stepped, that rank kept its skip, and the replicas
+    parted (rank 0 skipped, rank 1 stepped). Its flag joins the ledger as any arming's. ``deferred``: the
+    coefficient's float32 reciprocal and the coefficient, not applied yet (:func:`defers_beside`): the step divides
+    the measured gradients by it in place (:func:`_verdict`'s "kept", the others stepped beside them), a call
+    reading them first settles it, and gradients written or every one replaced since drop it, as on the ranks
+    handing over (applied in the call, gradients every one replaced out of place, ``p.grad = p.grad + 0``, carried
+    the clip into the step on this rank alone and DDP's replicas parted: 6.9e-7 after one AdamW step). None: applied
+    in place by the caller (a coefficient of 1 left). ``stepped``: the optimizer's :func:`gradients`, where the
+    caller has them."""
+    _install_hooks(optimizer)
+    clear_stale(optimizer)
+    _drop_unsettled(optimizer)
+    found = torch.logical_not(torch.isfinite(total)).to(torch.float32)
+    ledger_arm(optimizer, found, measured)
     pending = optimizer.__dict__.get(_PENDING)
     ids = set(map(id, measured))
     stepped = stepped if stepped is not None else gradients(optimizer)
-    if pending is not None and not all(id(t) in ids for t in pending[3]) and not _measured_anew(pending, stepped, ids):
+    if pending is not None and not all(id(t) in ids for t in pending[3]):
         if deferred is None:
-            # (a hand-over waiting on gradients this call does not measure: its flag joins this one's as armed)
-            arm_skip_(optimizer, torch.logical_not(torch.isfinite(total)), started, measured=measured)
-            return
-        # (its coefficient in its gradients already, held by them still, see arm_skip_: its flag joins the ledger,
-        # see _in_gradients)
+            return  # (a hand-over waiting on gradients this call does not measure: its coefficient waits)
+        # (its coefficient in its gradients already, see _in_gradients: its flag is the ledger's)
         assert _in_gradients(pending), "defers_beside saw no such hand-over"
         del optimizer.__dict__[_PENDING]
-        _keep_flag(optimizer, pending[1], pending[3], stepped)
     grads = [g for g in stepped if id(g) in ids]
-    found = torch.logical_not(torch.isfinite(total)).to(torch.float32)
     # (the parameters stepped beside the measured ones, whose gradients a later call reads without the hand-over:
     # see _measured_side)
     beside = [p for group in optimizer.param_groups for p in group["params"]
@@ -2550,147 +1287,7 @@ def hand_over_applied_(optimizer: torch.optim.Optimizer, total: Tensor, started:
         _stash(optimizer, deferred[0], found, deferred[1], grads, shared, beside)
     else:  # (the coefficient is in the gradients: 1 on the CPU, which scale_ reads for free and skips)
         _stash(optimizer, torch.ones_like(found), found, _APPLIED, grads, shared, beside)
-    note_beside(optimizer, measured, stepped, found)
     _WAITING.add(optimizer)
-
-
-def _measured_anew(pending: tuple[Any, ...], stepped: list[Tensor], ids: set[int]) -> bool:
-    """Whether a call measuring the gradients ``ids`` measures every gradient a hand-over applied beside parameters
-    it did not measure (``pending``, see :func:`hand_over_applied_`) may be held by now, some of its own replaced
-    since: every one stepped but those parameters' (its NaN travels only into the replacements). The call's own
-    hand-over then replaces it, as on the ranks handing over (its flag joining the ledger after the call's arming,
-    under DDP beside rank 0's own parameter, a NaN hand-over of DDP's whole settled by a read, l1's gradients
-    replaced, the batch dropped in place and DDP's whole handed over again: rank 0 skipped, rank 1 stepped)."""
-    return bool(pending[7]) and all(id(g) in ids for g in _without(stepped, pending[7]))
-
-
-def note_beside(optimizer: torch.optim.Optimizer, measured: Sequence[Tensor] | None,
-                grads: list[Tensor] | None = None, new: Tensor | None = None) -> None:
-    """After a call armed ``optimizer``'s skip (its flag, a hand-over's, the skip guard's) on its pieces
-    ``measured``, among several ranks: record the parameters it steps whose gradients no flag waiting for its
-    step was armed on (:data:`_BESIDE`), which :func:`carry_only` leaves out of the read that keeps a flag whose
-    gradients were replaced (:func:`carried_by_replacements`). A NaN can travel only into the replacement of a
-    gradient the flag was measured on (``p.grad + g``), never into another parameter's; and among several ranks
-    that read must be the same on every rank where the call has no collective to agree by. Under DDP with a
-    parameter of rank 0's own beside DDP's in its optimizer (never clipped), a NaN batch clipped (handed over, or
-    armed by ``GradClipper(on_nonfinite="skip")``), dropped and recomputed with a NaN in that parameter's gradient
-    alone, then ``clip_grads_with_norm_``, ``get_total_norm``, a clip again or straight to ``step()``: rank 0 read
-    its own NaN, kept the dropped batch's flag and skipped, rank 1 stepped, and DDP's replicas parted. The set is
-    left out (nothing excluded: every gradient stepped is read, as before) where a flag was armed without saying
-    what it measured, holds a gradient no longer held, or this is a ZeRO or OSS wrapper's inner optimizer; each
-    arming computes it anew, and the step clears it. :data:`_UNSET`, read by :meth:`Agreement._may_differ` alone,
-    passes over the flags read on the CPU (for free) as not set, as :func:`_elsewhere_entry` reads rank 1's entry
-    for the same call: counted, rank 0's own part handed over over the world (finite) beside DDP's whole armed in
-    the same step, the batch dropped to ``None``, recomputed and DDP's whole clipped again, forced rank 0 alone to
-    keep: rank 0 skipped, rank 1 stepped. (Not for the reads: there the ranks' ledgers differ where rank 0 scales in
-    the call and the others hand over, and rank 1 alone left DDP's first layer out: ddp seed 1378 parted; but see
-    below for an arming that combined.)
-    Where the arming combined over several ranks (its flag the same on every rank), :data:`_UNSET` takes the
-    gradients it measured too (its flag, on the CPU not set, holds nothing), and a call measuring nothing on this
-    rank (a part held on another rank alone) computes it as well: counted, a NaN hand-over of DDP's whole (or
-    [l0]), rank 0's own part clipped over the world (finite: measured there, on rank 1 nothing), the batch dropped
-    to ``None``, recomputed and DDP's whole (or [l0]) handed over again forced one rank alone to keep (rank 0 by its
-    own gradient; rank 1, holding no ``_UNSET``, by DDP's second layer). Not for an arming combining over no other
-    rank: rank 1's, measuring every gradient it steps, computes none, while rank 0's, beside its own parameter,
-    would have taken DDP's (ddp seeds 1649, 1659 parted).
-    Where the arming combined, :data:`_BESIDE` is that set too (the reads pass over what no flag that may be set
-    holds): the own part's arming, finite, counted rank 0's own gradient as held by its flag, so that the reads of
-    the dropped NaN batch's flag (at the next call on DDP's gradients, ``group=None``, or at the step) read it: a NaN
-    in it alone in the next batch kept that flag on rank 0 alone (rank 0 skipped, rank 1 stepped; 38 of 608 flows
-    of a NaN batch, its call, the own part's, a drop and the next batch). The flags an arming combining over no
-    other rank leaves on the CPU not set differ among ranks there (above), so its reads still take them as held.
-    A flag armed by a call combining over several ranks that reads on the CPU as not set (:data:`_CALM`, noted here
-    from ``new``; a hand-over's applied in place alike) is that on every rank and holds no gradient in
-    :data:`_BESIDE` either: counted, rank 0's own part's finite entry held its own gradient while rank 1's entry
-    for it (measured nothing there) left nothing out, so a NaN [l0] flag whose gradients were replaced out of place
-    was kept by [l1] and rank 0's own gradient there, by [l1] on rank 1; the batch dropped to ``None``, recomputed
-    and DDP's whole clipped, rank 1 dropped it and rank 0 kept it by its own gradient: rank 0 skipped, rank 1
-    stepped (ddp seed 1414). On a device, where no flag is read on the host, every flag such a call arms is noted,
-    and holds no gradient in the sets an arming combining over no other rank computes, nor in :data:`_UNSET` (as one
-    not set on the CPU); its value joins the verdicts instead, by a multiply (:func:`_calm_entries`). It holds its
-    gradients in :data:`_BESIDE` where the arming combines, whose reads are combined over the ranks: passed over there
-    too, a NaN hand-over of part [a] over the world (``a`` of each rank's own), its gradients replaced out of place
-    and a read of [a] (``get_total_norm``), lost its flag on every rank, and the NaN step was taken.
-    ``grads``: the optimizer's :func:`gradients`, where the caller has them; ``new``: the flag the call armed."""
-    _forget_beside(optimizer)
-    if measured is None or optimizer.__dict__.get(_OUTER) is not None or not _multi_rank():
-        return
-    if new is not None and _COMBINING.get() and (not _on_host(new) or not bool(new)):
-        optimizer.__dict__.setdefault(_CALM, []).append(new)
-    elif new is not None and not measured and not _COMBINING.get() and not _on_host(new):
-        # (a call that measured nothing here and combined over no other rank armed 0, its total's: on a device a
-        # _CALM flag too, as on the CPU one read as not set, holding nothing. Held by DDP's gradients, on rank 1
-        # alone, [l0] armed before any backward (measuring nothing on every rank), then rank 0's own part armed twice
-        # over the world (rank 1 measuring nothing: its carry, see rearm), a NaN batch's [l0] armed, dropped to None
-        # and [l0] armed again: rank 1 took that verdict as possibly differing, kept the NaN flag and skipped alone)
-        optimizer.__dict__.setdefault(_CALM, []).append(new)
-    grads = grads if grads is not None else gradients(optimizer)
-    # (by identity, not by counting: a call may measure pieces a second optimizer steps, 6 pieces beside rank 0's 5
-    # gradients, whose own parameter then went unrecorded: rank 0 skipped, rank 1 stepped)
-    pieces = set(map(id, measured))
-    if len(grads) <= len(pieces) and all(map(pieces.__contains__, map(id, grads))):
-        return  # (the usual case: the call measured every gradient the optimizer steps)
-    rest = {id(g) for g in _unmeasured(grads, measured)}
-    if not rest:
-        return
-    held: set[int] | None = set()
-    entries = _ledger_entries(optimizer)
-    pending = optimizer.__dict__.get(_PENDING)
-    where = set(map(id, grads))
-    if pending is not None:
-        members = pending[3]
-        if pending[7] and any(id(t) not in where for t in members):
-            # (a hand-over applied beside parameters it did not measure, settled or not, some of its gradients
-            # replaced since: its NaN travels into their replacements, never into those parameters' gradients. Taken
-            # as held by every gradient, under DDP beside rank 0's own parameter, a NaN hand-over of DDP's whole,
-            # l1's gradients alone replaced, rank 0's own part clipped over the world, the batch dropped and the
-            # next one handed over whole: rank 0 was forced alone to keep by its own gradient and skipped)
-            members = _without(grads, pending[7])
-        entries.append((pending[1], members, None))
-    held_set: set[int] | None = set()  # (by the flags that may be set: see _UNSET)
-    reads: set[int] | None = set()  # (the same, for the reads where the arming combined: see _calm_entries)
-    alone: set[int] | None = set()  # (and those, passing over the _CALM flags: see _BESIDE_ALONE)
-    calm = optimizer.__dict__.get(_CALM, ())
-    combining = _COMBINING.get()
-    for flag, members, _seen in entries:
-        unset = isinstance(flag, Tensor) and _unset_on_cpu(flag)
-        quiet = any(flag is c for c in calm)
-        if quiet and (unset or not combining):
-            # (armed by a call combining over several ranks: not set on any rank, it holds nothing; on a device, in
-            # the sets of calls combining over no other rank, its value joining their verdicts: _calm_entries)
-            continue
-        if members is None or any(id(t) not in where for t in members):
-            # (a flag armed on no gradient said, or on one replaced since: every gradient may hold it)
-            held = None
-            if not unset:
-                reads = None
-                if not quiet:
-                    held_set = None
-        if held is not None:
-            held.update(map(id, members))
-        if held_set is not None and not unset and not quiet:
-            held_set.update(map(id, members))
-        if reads is not None and not unset:
-            reads.update(map(id, members))
-        if quiet or alone is None or unset:
-            continue
-        if members is None or any(id(t) not in where for t in members):
-            alone = None
-        else:
-            alone.update(map(id, members))
-    among = rest
-    if combining:
-        among, held = where, reads  # (the reads too: see the docstring)
-    keys: list[tuple[str, set[int] | None]] = [(_BESIDE, held), (_UNSET, held_set)]
-    if combining and alone != reads:
-        keys.append((_BESIDE_ALONE, alone))
-    for key, ids in keys:
-        if ids is None:
-            continue
-        beside = [p for group in optimizer.param_groups for p in group["params"]
-                  if p.grad is not None and id(getattr(p.grad, "_local_tensor", p.grad)) in among - ids]
-        if beside:
-            optimizer.__dict__[key] = beside
 
 
 def _measured_side(pending: tuple[Any, ...] | None, grads: list[Tensor]) -> list[Tensor]:
@@ -2704,46 +1301,9 @@ def _measured_side(pending: tuple[Any, ...] | None, grads: list[Tensor]) -> list
     coefficient was left to the step (``deferred``), DDP's gradients every one replaced out of place carried the
     clip into rank 0's step alone while the others' stepped unclipped (the replicas parted)."""
     beside = pending[7] if pending is not None and pending[2] is not None else None
-    return _without(grads, beside) if beside else grads
-
-
-def _forget_beside(optimizer: torch.optim.Optimizer) -> None:
-    """Drop what :func:`note_beside` recorded (both sets): at each arming, a hand-over and the step."""
-    optimizer.__dict__.pop(_BESIDE, None)
-    optimizer.__dict__.pop(_UNSET, None)
-    optimizer.__dict__.pop(_BESIDE_ALONE, None)
-
-
-def _beside_key() -> str:
-    """:data:`_BESIDE`, or :data:`_BESIDE_ALONE` outside a call combining over several ranks (a call combining over
-    no other rank, the step): there a :data:`_CALM` flag holds no gradient (its value joins the verdict:
-    :func:`_calm_entries`), so the flags its carries keep are not held by the gradients only it held. Counted, off
-    the host (a GPU), rank 0's own part's finite entry held its own gradient, so a NaN [l0] flag whose gradients
-    were replaced out of place was carried by rank 0's own gradient at [l0] again (by l1 on rank 1, which held no
-    such set): DDP's whole clipped after the next batch, rank 0 alone was forced to keep by its own gradient
-    (skipped), rank 1 stepped. Whether the call combines is told at its entry (:data:`_CALL`, from its group), not
-    by the all-reduce: its settling and its own read (:class:`Agreement`) run before it, and read :data:`_BESIDE`
-    where the arming read :data:`_BESIDE_ALONE` (the same flows through settle(), arm_skip_(), _drop_unsettled(),
-    Agreement.__init__ and _keep_flag parted the ranks alike)."""
-    call = _CALL.get()
-    return _BESIDE if call is not None and call.combines else _BESIDE_ALONE
-
-
-def carry_only(optimizer: Any, grads: list[Tensor], key: str | None = None) -> list[Tensor]:
-    """``grads`` (gradients ``optimizer`` steps now) without those of the parameters no waiting flag of its was
-    armed on (:func:`note_beside`): the ones a replaced flag's NaN may have travelled into, by the set that matches
-    the call at hand (:func:`_beside_key`). ``key``: :data:`_UNSET` for those no waiting flag that may be set was
-    armed on."""
-    key = key if key is not None else _beside_key()
-    beside = optimizer.__dict__.get(key) if optimizer is not None else None
-    if key is _BESIDE_ALONE and optimizer is not None and key not in optimizer.__dict__:
-        beside = optimizer.__dict__.get(_BESIDE)  # (no _CALM flag set it apart: see note_beside)
-    return _without(grads, beside) if beside else grads
-
-
-def _without(grads: list[Tensor], params: Sequence[Any]) -> list[Tensor]:
-    """``grads`` without the gradients of ``params`` (a DTensor's by its local tensor)."""
-    out = {id(getattr(p.grad, "_local_tensor", p.grad)) for p in params if p.grad is not None}
+    if not beside:
+        return grads
+    out = {id(getattr(p.grad, "_local_tensor", p.grad)) for p in beside if p.grad is not None}
     return [g for g in grads if id(g) not in out]
 
 
@@ -2754,7 +1314,7 @@ def _stash(
     """What the next step applies (``scale``, ``found``), the coefficient settle() would apply instead (None once
     applied), the gradients it was measured on with their versions (see :func:`_verdict`), whether the total
     was combined over several ranks (see :func:`hand_over_`), and the parameters stepped beside the measured ones
-    of a hand-over applied in place (see :func:`_measured_side`; kept once settled, see :func:`note_beside`)."""
+    of a hand-over applied in place (see :func:`_measured_side`)."""
     raw = version_list(grads)
     versions: list[Any] = list(raw)
     if coef is not None and any(map(Tensor._is_view, grads)):
@@ -2768,3 +1328,287 @@ def _stash(
                 cell = _write_cell(p)
                 versions[i] = (cell, cell[0])
     optimizer.__dict__[_PENDING] = (scale, found, coef, grads, versions, raw, shared, beside)
+
+
+# --------------------------------------------------------------------------------------------- the agreed ledger
+# Each optimizer's skip flags until its step, decided from values every rank has alike. An entry is a flag with the
+# parameters of this optimizer whose gradients its arming measured here, those gradients and their versions, and its
+# kind: "local" (armed by a call combining over no other rank: ``group=None`` pieces are replicas, by their
+# contract, so its parameters, their gradients, their writes and reads are the same on every rank), "agreed" (armed
+# by a call whose total was combined over several ranks: its flag is the same on every rank, its parameters are
+# not), "explicit" (``skip_next_step_``: the caller's flag, held while a gradient held then still is), "sticky"
+# (armed on pieces none of which is a gradient the optimizer steps: a slice, a wrapper's copies; until the step). A
+# local entry is decided by this rank's read (:func:`_kept`) at every call arming its optimizer and at the step;
+# agreed and explicit entries only by a call combining over several ranks: each rank's read of them travels in its
+# all-reduce as one value (MAX), and every rank replaces them by one agreed entry of that verdict (held here by the
+# parameters its read kept). The step reads them as they are. In one process every entry is decided by the read.
+_LEDGER = "_dist_clip_ledger"
+#: the call arming under Agreement.armed (its verdict decides the agreed entries)
+_ARMING: contextvars.ContextVar[Any] = contextvars.ContextVar("dist_clip_arming", default=None)
+#: optimizers whose ledger holds an agreed or explicit entry (decided by every combining call: see Agreement)
+_LEDGERED = _ByIdentity()
+
+
+class _Entry:
+    __slots__ = ("flag", "params", "grads", "versions", "kind", "pieces", "ranks")
+
+    def __init__(self, flag: Tensor, params: list[Tensor], grads: list[Tensor], kind: str,
+                 versions: list[int] | None = None, pieces: list[tuple[Any, int]] | None = None,
+                 ranks: frozenset[int] | None = None) -> None:
+        self.flag, self.params, self.grads, self.kind = flag, params, grads, kind
+        self.versions = versions if versions is not None else [_version(g) for g in grads]
+        #: weak references to the measured pieces that are no gradient the optimizer steps (a wrapper's copies:
+        #: DeepSpeed stage 0's), with their versions: they hold the entry while one of them is alive, unwritten
+        self.pieces = pieces or []
+        #: the ranks of the group an agreed entry was armed (or last decided) over: see :func:`decide_agreed`
+        self.ranks = ranks
+
+
+def _ledger_params(optimizer: Any) -> list[Tensor]:
+    """The parameters holding ``optimizer``'s ledger entries, with a gradient now: its own, and where it is a ZeRO
+    or OSS wrapper's inner optimizer every rank's partition the wrapper holds (over DDP every rank holds every
+    gradient: read over its own partition alone, a NaN in one rank's partition, every gradient replaced out of
+    place and a part clipped again, kept the flag on that rank alone)."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    ref = optimizer.__dict__.get(_OUTER)
+    outer = ref() if ref is not None else None
+    if outer is not None:
+        ids = set(map(id, params))
+        params += [p for group in outer.param_groups for p in group["params"]
+                   if p.grad is not None and id(p) not in ids]
+    return params
+
+
+def _grads_by_param(optimizer: Any) -> dict[int, Tensor]:
+    return {id(p): getattr(p.grad, "_local_tensor", p.grad) for p in _ledger_params(optimizer)}
+
+
+def _measured_params(optimizer: Any, measured: Sequence[Tensor] | None
+                     ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """The parameters of ``optimizer``'s ledger whose gradients a call's pieces ``measured`` hold whole, those of
+    which they hold only a slice (``w.grad[e]``: one expert's rows), and the pieces that are no view of a gradient
+    the optimizer steps (a wrapper's copies)."""
+    if not measured:
+        return [], [], []
+    params = _ledger_params(optimizer)
+    grads = [getattr(p.grad, "_local_tensor", p.grad) for p in params]
+    whole = [params[i] for i in _measured_among(grads, measured)]
+    by_grad = {id(g): p for p, g in zip(params, grads)}
+    taken = {id(getattr(p.grad, "_local_tensor", p.grad)) for p in whole}
+    partial: dict[int, Tensor] = {}
+    others = []
+    for t in measured:
+        t = getattr(t, "_local_tensor", t)
+        if id(t) in taken or id(t) in by_grad:
+            continue
+        base = t._base
+        p = by_grad.get(id(base)) if base is not None else None
+        if p is not None:
+            if id(base) not in taken:
+                partial.setdefault(id(p), p)
+        elif t.numel():
+            others.append(t)
+    return whole, list(partial.values()), others
+
+
+def _pieces_held(entry: _Entry) -> bool:
+    """Whether one of the pieces ``entry`` was armed on (no gradient the optimizer steps) is alive, unwritten."""
+    return any((t := ref()) is not None and _version(t) == v for ref, v in entry.pieces)
+
+
+def _kept(entry: _Entry, again: set[int], now: dict[int, Tensor]) -> _Entry | None:
+    """``entry`` as this rank reads it where a call arming its optimizer measures the parameters ``again``: those
+    leave it (the call's own flag reads them now); held by one of the very gradients it was measured on, unwritten,
+    or by one of its pieces that are no gradient the optimizer steps, alive and unwritten, it lasts as it is;
+    written since (an auxiliary loss into a NaN gradient leaves it NaN, a dropped batch's ``zero_grad()`` in place
+    and the next backward make it finite), replaced (out of place it carries the NaN, the next batch's does not) or
+    gone, it lasts where one of its parameters' gradients is not finite now. An explicit entry lasts while one of
+    the gradients held at its arming is still held (or none was held)."""
+    if entry.kind in ("explicit", "held"):
+        if not entry.grads:
+            return entry if entry.kind == "explicit" else None  # ("held": none here, the ranks holding one decide)
+        if any(now.get(id(p)) is g for p, g in zip(entry.params, entry.grads)):
+            return entry
+        # (or made anew over the same bytes by their wrapper: FSDP1's views of the flat gradient after a forward,
+        # or it re-aliased by a backward; the held tensors keep those bytes alive, so equal addresses are the same
+        # memory: read as gone, a forward between skip_next_step_ and a clip dropped it and the step was taken)
+        held = {_bytes_key(g) for g in entry.grads if getattr(g, "_local_tensor", g).numel()}
+        return entry if held and any(_bytes_key(g) in held for g in now.values()) else None
+    pieces = entry.pieces if _pieces_held(entry) else []
+    if not entry.params and not pieces:
+        return None  # (an agreed entry held here by nothing: the ranks holding its parameters decide it)
+    pairs = [(p, g, v) for p, g, v in zip(entry.params, entry.grads, entry.versions) if id(p) not in again]
+    if pieces:
+        if len(pairs) == len(entry.params):
+            return entry
+        return _Entry(entry.flag, [p for p, _, _ in pairs], [g for _, g, _ in pairs], entry.kind,
+                      [v for _, _, v in pairs], pieces, entry.ranks)
+    if not pairs:
+        return None
+    if any(now.get(id(p)) is g and _version(g) == v for p, g, v in pairs):
+        if len(pairs) == len(entry.params) and not entry.pieces:
+            return entry
+        return _Entry(entry.flag, [p for p, _, _ in pairs], [g for _, g, _ in pairs], entry.kind,
+                      [v for _, _, v in pairs], None, entry.ranks)
+    fresh = [(p, now[id(p)]) for p, _, _ in pairs if id(p) in now]
+    if not fresh or _unset_on_cpu(entry.flag):
+        return None
+    bad = _nonfinite([g for _, g in fresh], entry.flag.device)
+    return _Entry(entry.flag * bad.to(entry.flag.dtype), [p for p, _ in fresh], [g for _, g in fresh], entry.kind,
+                  None, None, entry.ranks)
+
+
+def _agreed_kind(entry: _Entry) -> bool:
+    """Whether only a combining call's verdict decides ``entry`` (among several ranks)."""
+    return entry.kind in ("agreed", "explicit", "held")
+
+
+def _armed_by(optimizer: Any, arming: Any) -> bool:
+    """Whether ``optimizer``'s ledger is the one a call given ``arming`` (its ``optimizer=``) arms: that optimizer,
+    or the inner optimizer of that ZeRO or OSS wrapper."""
+    if optimizer is arming:
+        return True
+    ref = optimizer.__dict__.get(_OUTER)
+    return ref is not None and ref() is arming
+
+
+def agreed_read(arming: Any = None) -> tuple[Tensor, dict[int, Any]]:
+    """This rank's value in a call's all-reduce (float64 0-dim): the largest flag of the agreed and explicit
+    entries that this rank's read keeps (:func:`_kept`; not their parameters the call measures again, which its own
+    flag reads: a call raising after its all-reduce, ``error_if_nonfinite``, arms none), of the optimizer the call
+    arms (``arming``, the same on every rank by the call's contract), or of every optimizer holding one where it
+    arms none; and per optimizer the entries read with what is kept of each (those the verdict decides). A call
+    arming one optimizer leaves the others' entries as they are: read into its one value, another optimizer's NaN
+    entry made the verdict 1 and set the armed optimizer's earlier agreed entry, and its good step was skipped on
+    every rank (two fused optimizers, one per part, the second's NaN part armed over the world, then the first's
+    part: wmixed seed 191; and ``skip_next_step_`` of one optimizer skipping the other's next hand-over, wplain
+    263, walone 444)."""
+    out = torch.zeros((), dtype=torch.float64)
+    survivors: dict[int, Any] = {}
+    if not _LEDGERED:
+        return out, survivors
+    for optimizer in _LEDGERED:
+        if arming is not None and not _armed_by(optimizer, arming):
+            continue
+        ledger = optimizer.__dict__.get(_LEDGER) or []
+        now = _grads_by_param(optimizer)
+        read = [(e, _kept(e, set(), now)) for e in ledger if _agreed_kind(e)]
+        survivors[id(optimizer)] = (optimizer, read)
+        for _, k in read:
+            if k is not None:
+                out = torch.maximum(_reduce.moved(out, k.flag.device), k.flag.to(torch.float64))
+    return out, survivors
+
+
+def group_ranks(group: Any) -> frozenset[int]:
+    """The global ranks of a process group (``None``: the world)."""
+    import torch.distributed as dist
+
+    if group is None or group is dist.group.WORLD:
+        return frozenset(range(dist.get_world_size()))
+    return frozenset(dist.get_process_group_ranks(group))
+
+
+def _decided_by(entry: _Entry, ranks: frozenset[int]) -> bool:
+    """Whether a call combining over ``ranks`` decides the agreed or explicit ``entry``: every rank that armed it
+    (or last decided it) takes part, and so receives the same verdict. A call over fewer ranks (a pair's norm
+    logged after a clip over the world) leaves it as it is: decided by each pair's own verdict, the pair holding
+    the NaN skipped and the other stepped."""
+    return entry.ranks is None or entry.ranks <= ranks
+
+
+def decide_agreed(survivors: dict[int, Any], verdict: Tensor, ranks: frozenset[int]) -> None:
+    """A verdict combined over ``ranks`` replaces every agreed and explicit entry armed over those ranks or fewer,
+    on every rank alike (the verdict carries each rank's read of all of them: a rank's read of an entry this call
+    does not decide can only make it skip, alike on every rank of the call)."""
+    for optimizer, read in survivors.values():
+        ledger = optimizer.__dict__.get(_LEDGER)
+        if ledger is None:
+            continue
+        flag = verdict.reshape(()).to(torch.float32)
+        decided = {id(e) for e, _ in read if _decided_by(e, ranks)}
+        if not decided:
+            continue
+        kept = [k for e, k in read if id(e) in decided and k is not None]
+
+        def merged(ks: list[_Entry], kind: str, flag: Tensor = flag) -> _Entry:
+            return _Entry(flag, [p for k in ks for p in k.params], [g for k in ks for g in k.grads], kind,
+                          [v for k in ks for v in k.versions], [r for k in ks for r in k.pieces], ranks)
+
+        out = [e for e in ledger if id(e) not in decided]
+        if any(e.kind == "agreed" for e in ledger if id(e) in decided):
+            out.append(merged([k for k in kept if k.kind == "agreed"], "agreed"))
+        if any(e.kind in ("explicit", "held") for e in ledger if id(e) in decided):
+            # (skip_next_step_'s stay held by the gradients held at its arming, whatever wrote them: "held"; one
+            # armed while this rank held no gradient lasts to the step as it was, by its own flag: merged into
+            # "held" with nothing to hold it, the next call's finite read dropped it, and a skip asked before the
+            # backward was lost on every rank, the step taken, wplain seeds 73 and wmixed 276. Such a rank sends it
+            # at every later call deciding that optimizer, so the ranks keep it alike, also where another rank held
+            # gradients then, dropped since: a skip kept that a rank holding them alone would drop)
+            lasting = [k.flag for k in kept if k.kind == "explicit" and not k.grads]
+            if lasting:
+                out.append(_Entry(functools.reduce(torch.maximum, lasting), [], [], "explicit", ranks=ranks))
+            out.append(merged([k for k in kept if k.kind in ("explicit", "held") and k.grads], "held"))
+        optimizer.__dict__[_LEDGER] = out
+
+
+def ledger_arm(optimizer: Any, flag: Tensor, measured: Sequence[Tensor] | None, explicit: bool = False) -> None:
+    """A call arming ``flag`` on its pieces ``measured`` (``explicit``: ``skip_next_step_``, which replaces every
+    entry)."""
+    flag = flag.reshape(()).to(torch.float32)
+    now = _grads_by_param(optimizer)
+    several = _multi_rank()
+    if explicit:
+        params = [p for p in _ledger_params(optimizer) if id(p) in now]
+        optimizer.__dict__[_LEDGER] = [_Entry(flag, params, [now[id(p)] for p in params], "explicit",
+                                              ranks=group_ranks(None) if several else None)]
+        if several:
+            _LEDGERED.add(optimizer)
+        return
+    agreement = _ARMING.get()
+    combining = several and agreement is not None and agreement.shared
+    if measured is None:
+        params, partial, others = _ledger_params(optimizer), [], []
+        params = [p for p in params if id(p) in now]
+    else:
+        params, partial, others = _measured_params(optimizer, measured)
+    again = set(map(id, params))
+    out = []
+    for e in optimizer.__dict__.get(_LEDGER, []):
+        if several and _agreed_kind(e):
+            out.append(e)  # (decided by a combining call's verdict alone: see Agreement.agree)
+        elif (k := _kept(e, again, now)) is not None:
+            out.append(k)
+    # The entry's kind is the call's, alike on every rank whatever its pieces here: a slice ``w.grad[:4]`` holds
+    # the entry by ``w`` (not measured whole: a later call measuring another slice leaves it), a piece that is no
+    # view of a gradient the optimizer steps (a wrapper's copies) while it is alive and unwritten. (Read as lasting
+    # to the step on the rank measuring a slice, agreed on the rank measuring the whole, a dropped NaN batch's flag
+    # read again over the world was dropped there alone: the ranks parted.)
+    held = [*params, *(p for p in partial if id(p) not in again)]
+    out.append(_Entry(flag, held, [now[id(p)] for p in held], "agreed" if combining else "local",
+                      pieces=[(weakref.ref(t), _version(t)) for t in others],
+                      ranks=agreement.ranks if combining else None))
+    optimizer.__dict__[_LEDGER] = out
+    if combining:
+        _LEDGERED.add(optimizer)
+
+
+def ledger_flag(optimizer: Any) -> Tensor | None:
+    """The flag the next step reads: agreed entries as they are (among several ranks), explicit ones too (decided
+    by arming calls only), local ones by this rank's read."""
+    ledger = optimizer.__dict__.get(_LEDGER)
+    if not ledger:
+        return None
+    now = _grads_by_param(optimizer)
+    several = _multi_rank()
+    flags = [e.flag if (several and _agreed_kind(e)) or e.kind in ("explicit", "held")
+             else (k.flag if (k := _kept(e, set(), now)) is not None else None) for e in ledger]
+    flags = [f for f in flags if f is not None]
+    if not flags:
+        return None
+    return functools.reduce(lambda a, b: torch.maximum(a, b.to(a.device)), flags)
+
+
+def clear_ledger(optimizer: Any) -> None:
+    optimizer.__dict__.pop(_LEDGER, None)
+    _LEDGERED.discard(optimizer)

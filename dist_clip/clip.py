@@ -82,17 +82,6 @@ def _check_max_norm(max_norm: object) -> float | Tensor:
     return max_norm.reshape(()) if isinstance(max_norm, Tensor) else value
 
 
-def combines(shards: Sequence[Shards], group: dist.ProcessGroup | None = None) -> Callable[[], bool]:
-    """Whether a call on ``shards`` combines over several ranks (its reduction group, ``group`` or the pieces',
-    holds more than one), as :func:`_wide_total` and the measurements decide it: told to the call's
-    :class:`_fused.Agreement` at its entry (found only where a carry reads it)."""
-    def told() -> bool:
-        red = group if group is not None else _reduce.reduction_group(s.group for s in shards)
-        return _reduce.group_size(red) > 1
-
-    return told
-
-
 def _all_tensors(shards: Sequence[Shards]) -> list[Tensor]:
     """Every piece of a call once (a tensor listed twice must not be scaled twice)."""
     if len(shards) == 1:
@@ -298,7 +287,7 @@ def _wide_total(
     if error is not None:
         raise error  # this rank's own reason; the others raised REFUSED (or hold NaN norms on accelerators)
     if agreement is not None:
-        agreement.agree(combined[1])
+        agreement.agree(combined[1], group=group)
     if agree:
         out = agreed_dtype(combined[2])
     return _finished(_norm.finalize(combined[0], p), p, scale, out, error_if_nonfinite and not refused)
@@ -518,7 +507,7 @@ def get_total_norm(
         shards = resolve(tensors, _check_group(group))
         everything = _all_tensors(shards)
         # A hand-over settled here whose gradients were replaced waits for the ranks' verdict (_fused.Agreement)
-        agreement = _fused.Agreement([], everything, combines=combines(shards))
+        agreement = _fused.Agreement()
         with agreement.deferring():
             settle_hand_over(tensors, everything)
     except (ValueError, TypeError):
@@ -576,7 +565,7 @@ def clip_grads_with_norm_(
         # ranks the flag is kept as it is where the pieces may differ among them (a hand-over combined over several
         # ranks, or one stepping gradients not passed here: see _fused.Agreement.agree; read by each rank alone, a
         # NaN in rank 0's shard of a hand-over replaced out of place skipped rank 0's step and rank 1 stepped)
-        agreement = _fused.Agreement([], tensors, combines=False)  # (no collective: see agree below)
+        agreement = _fused.Agreement()
         with agreement.deferring():
             settle_hand_over(parameters, tensors)
         agreement.agree(agreement.local, alone=True)
@@ -673,8 +662,7 @@ def clip_grad_norm_(
         fused = fused and exact
         # (before settling: a hand-over's flag whose gradients were replaced waits for the ranks' verdict)
         # (another optimizer's hand-over settled here waits for the verdict too: see _fused.Agreement.fold)
-        agreement = _fused.Agreement([optimizer] if skips else [], everything, hands_over=fused or beside,
-                                     combines=combines(shards))
+        agreement = _fused.Agreement(optimizer)
         with agreement.deferring():
             settle_hand_over(parameters, everything)
     except (ValueError, TypeError):
@@ -697,7 +685,6 @@ def clip_grad_norm_(
     # (before scaling: a skip armed by an earlier call on these very gradients, a clip of another part of the
     # model, is combined with, not replaced by, this call's flag; see _fused.arm_skip_)
     agreement.apply()  # (a settled hand-over's flag kept by the verdict, before this call hands over or arms)
-    started = _fused.grad_state(optimizer) if skips and not handed and not running else None  # type: ignore[arg-type]
     deferred = None
     if fold is not None and not wide_product:
         fold(coef, everything)
@@ -728,11 +715,11 @@ def clip_grad_norm_(
             # Armed for a finite total too: its False replaces a stale flag of gradients since replaced (a
             # dropped batch's NaN skipped the next good step where the ranks handing over stepped it).
             if beside and fold is None and not wide_product:
-                _fused.hand_over_applied_(optimizer, wide, started, everything,  # type: ignore[arg-type]
+                _fused.hand_over_applied_(optimizer, wide, everything,  # type: ignore[arg-type]
                                           agreement.shared, stepped, deferred)
             else:
                 _fused.arm_skip_(optimizer, torch.logical_not(torch.isfinite(wide)),  # type: ignore[arg-type]
-                                 started, measured=everything)
+                                 measured=everything)
     if skips and fold is None and "deepspeed" in sys.modules:
         # A stage-0 engine stepping this fused optimizer itself: a skipped step is counted as DeepSpeed counts an
         # overflow (it was counted as taken, and the LR scheduler stepped on it)

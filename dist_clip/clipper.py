@@ -211,7 +211,6 @@ class _SkipGuard:
         # that raises drops only this one (ORed together, the flag armed before a failed step was lost with it).
         self.running: Tensor | None = None
         self.replaced = False  # ``running`` replaces ``flag`` (skip_next_step_ inside the step), not ORed in
-        self.armed_on: tuple[Any, ...] | None = None  # _fused.armed_record of the flag
         self.saved: tuple[list[Tensor], list[Tensor], dict[int, dict[str, Any]], list[Tensor],
                           list[tuple[dict[str, Any], dict[str, Any]]]] | None = None
         # The post-hook before the user's own (as _fused's): one keeping an average of the parameters (EMA) read
@@ -225,15 +224,14 @@ class _SkipGuard:
         self,
         optimizer: torch.optim.Optimizer,
         flag: Tensor,
-        started: tuple[list[Tensor], list[int]] | None = None,
         combine: bool = True,
         measured: Sequence[Tensor] | None = None,
     ) -> None:
-        """``started``: the optimizer's :func:`_fused.grad_state` when the arming call began, ``measured`` the
-        pieces it measured (see :func:`_fused.arm_skip_` for how a second arming combines with the first;
+        """``measured``: the pieces the arming call measured (see :func:`_fused.ledger_arm` for how a second arming
+        combines with the first;
         ``combine=False`` replaces)."""
         if _fused.supports_grad_scale(optimizer):
-            _fused.arm_skip_(optimizer, flag, started, combine, measured)
+            _fused.arm_skip_(optimizer, flag, combine, measured)
             self.flag = None
             return
         if _fused.in_step(optimizer):
@@ -251,12 +249,8 @@ class _SkipGuard:
                 self._snapshot(optimizer, force=True)
             return
         self.running, self.replaced = None, False  # left by a step that raised: that step's
-        armed = (self.flag, self.armed_on) if combine and self.flag is not None and self.armed_on is not None else None
-        # (per part, two calls on the same gradients: either skips; see _fused.rearm)
-        now = _fused.grad_state(optimizer)
-        self.flag, self.armed_on = _fused.rearm(armed, flag, now, started, measured, optimizer,
-                                                lambda a, b: a | b.to(a.device))
-        _fused.note_beside(optimizer, measured, now[0], flag)
+        _fused.ledger_arm(optimizer, flag, measured, explicit=not combine)
+        self.flag = flag  # (read again from the ledger at the step: see _pre)
 
     @staticmethod
     def _on_host(flag: Tensor) -> bool:
@@ -279,6 +273,9 @@ class _SkipGuard:
         # that step's snapshot (a restore would put back its values).
         self.running = self.saved = None
         self.replaced = False
+        if not _fused.supports_grad_scale(optimizer):
+            read = _fused.ledger_flag(optimizer)
+            self.flag = None if read is None else read != 0
         # A closure runs inside this step and may arm a skip for it (see arm): snapshot at the step's start
         # whatever the flag, for the post-hook to restore if one is armed by then.
         if _fused.step_closure(args, kwargs) is None:
@@ -318,8 +315,7 @@ class _SkipGuard:
         self.flag = self.running = self.saved = None
         self.replaced = False
         # (kept until the step is over: a step that raised left its arming to combine with the next call's)
-        self.armed_on = None
-        optimizer.__dict__.pop(_fused._CALM, None)  # (see _fused.note_beside)
+        _fused.clear_ledger(optimizer)
         if saved is None or flag is None:
             return
         if self._on_host(flag) and not bool(flag):
@@ -494,7 +490,7 @@ def skip_next_step_(optimizer: torch.optim.Optimizer, flag: Tensor | bool) -> No
         raise TypeError(f"flag must be a bool tensor (e.g. ~torch.isfinite(norm)), got dtype {flag.dtype}")
     if isinstance(flag, bool):  # a constant (skip_next_step_(opt, False) clears a pending flag): no host read
         flag = torch.full((), flag, dtype=torch.bool, device=_first_device(optimizer))  # a fill: no copy
-    _arm_skip(optimizer, flag, None, combine=False)
+    _arm_skip(optimizer, flag, combine=False)
 
 
 def _first_device(optimizer: Any) -> torch.device:
@@ -508,11 +504,8 @@ def _first_device(optimizer: Any) -> torch.device:
 
 def pending_skip_flag(optimizer: torch.optim.Optimizer) -> Tensor | None:
     """The skip flag armed on ``optimizer`` for its next step (a fused optimizer's, or its skip guard's), or None."""
-    armed = optimizer.__dict__.get(_fused._SKIP)
-    if armed is not None:
-        return armed[0] != 0
-    guard = optimizer.__dict__.get("_dist_clip_skip_guard")
-    return None if guard is None else guard.flag
+    flag = _fused.ledger_flag(optimizer)
+    return None if flag is None else flag != 0
 
 
 def _with_replaced(extra: Tensor | None, local: Tensor) -> Tensor:
@@ -559,17 +552,14 @@ def _stepping_optimizers(optimizer: Any) -> list[Any] | None:
 
 
 def _arm_skip(
-    optimizer: Any, flag: Tensor, started: dict[int, tuple[list[Tensor], list[int]]] | None, combine: bool = True,
-    measured: Sequence[Tensor] | None = None,
+    optimizer: Any, flag: Tensor, combine: bool = True, measured: Sequence[Tensor] | None = None,
 ) -> None:
-    """:func:`skip_next_step_`, with each torch optimizer's :func:`_fused.grad_state` at the start of the
-    arming call (``started``, by ``id``), when a call scaled the gradients before arming, and the pieces the
-    call measured (``measured``). ``combine=False`` (an explicit ``skip_next_step_``): the flag replaces any
-    pending one."""
+    """:func:`skip_next_step_`, with the pieces the arming call measured (``measured``). ``combine=False`` (an
+    explicit ``skip_next_step_``): the flag replaces any pending one."""
     inner = _stepping_optimizers(optimizer)
     if inner is not None:
         for opt in inner:
-            _arm_skip(opt, flag, started, combine, measured)
+            _arm_skip(opt, flag, combine, measured)
         return
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
@@ -588,8 +578,7 @@ def _arm_skip(
     if guard is None:
         guard = _SkipGuard(optimizer)
         optimizer._dist_clip_skip_guard = guard  # type: ignore[attr-defined]
-    guard.arm(optimizer, flag.reshape(()).to(torch.bool), started.get(id(optimizer)) if started else None, combine,
-              measured)
+    guard.arm(optimizer, flag.reshape(()).to(torch.bool), combine, measured)
 
 
 def _check_undoable(optimizer: torch.optim.Optimizer) -> None:
@@ -630,12 +619,7 @@ def _skip_handle(target: object, optimizer: Any) -> tuple[Callable[..., None], A
     for o in _stepping_optimizers(chosen) or [chosen]:
         if isinstance(o, torch.optim.Optimizer):
             _check_undoable(o)  # before the collective: refused on every rank together
-    # The gradients as this call finds them, before it scales any: a second call on the same ones (clipping
-    # another part of the model) combines its flag with the first's (see _fused.arm_skip_).
-    # Taken only where a flag is pending (none, in a loop that steps after every call): it walks the gradients.
-    started = {id(o): _fused.grad_state(o) for o in (_stepping_optimizers(chosen) or [chosen])
-               if isinstance(o, torch.optim.Optimizer) and _skip_pending(o)}
-    return (lambda flag, measured=None: _arm_skip(chosen, flag, started, measured=measured)), optimizer
+    return (lambda flag, measured=None: _arm_skip(chosen, flag, measured=measured)), optimizer
 
 
 # ------------------------------------------------------------------------------------------- the clipper
@@ -992,12 +976,9 @@ class GradClipper:
                 # How many norms the adaptive threshold has seen (host-side): a checkpoint loaded on one rank only
                 # gave each rank its own threshold, so one gradient was scaled by a different factor on each.
                 settings += f", threshold_calls={self._threshold.count}"
-            # (before settling: a hand-over's flag whose gradients were replaced waits for the ranks' verdict,
-            # which travels in this call's measurement, 0 where nothing arms: see _fused.Agreement)
-            skipping = (_stepping_optimizers(optimizer) or [optimizer]) if arm_skip is not None else []
-            flat = [t for s in shards for t in s.tensors]  # (listed once: the agreement's and the dtype's)
-            agreement = _fused.Agreement(skipping, flat, combines=_clip.combines(
-                shards, plan.reduction_group if plan is not None else None))
+            # (the ranks' read of the agreed skip flags travels in this call's measurement: see _fused.Agreement)
+            flat = [t for s in shards for t in s.tensors]  # (listed once)
+            agreement = _fused.Agreement(optimizer if arm_skip is not None else None)
             with agreement.deferring():
                 _clip.settle_hand_over(target, flat)
             # (after settling: another optimizer's hand-over settled here adds its read, see _fused.Agreement.fold)
@@ -1028,7 +1009,7 @@ class GradClipper:
                 self._count_refused_call(getattr(e, "dist_clip_others_counted", False))
             raise
         assert m.extra is not None  # the verdict, the last extra value (see _with_replaced)
-        agreement.agree(m.extra[-1], alone=_reduce.group_size(m.group) <= 1)
+        agreement.agree(m.extra[-1], alone=_reduce.group_size(m.group) <= 1, group=m.group)
         if arm_skip is None:
             agreement.apply()  # (settled hand-overs' flags kept or dropped; a skipping call does it as it arms)
         m = dataclasses.replace(m, extra=m.extra[:-1] if m.extra.numel() > 1 else None)
@@ -1293,28 +1274,17 @@ class GradClipper:
     ) -> ClipResult:
         cfg = self.config
         p = cfg.p
-        pieces: list[list[Shards]] = []
+        pieces: list[list[Tensor]] = []
 
-        def shards() -> list[Shards]:  # (found once, where needed: a pending hand-over, a flag to agree on)
+        def measured() -> list[Tensor]:  # (found once, where needed: a pending hand-over, a flag to agree on)
             if not pieces:
-                pieces.append(_plain_shards(target, group))
+                pieces.append(_pieces_of(target, group))
             return pieces[0]
-
-        def measured() -> list[Tensor]:
-            return [t for s in shards() for t in s.tensors]
-
-        def combines() -> bool:  # (as unitwise_measure reduces: its units' groups and group=; DDP's replicas none)
-            from torch.nn.parallel import DistributedDataParallel
-
-            if isinstance(unwrap_compiled(target), DistributedDataParallel):
-                return False
-            return _reduce.group_size(group) > 1 or _clip.combines(shards())()
 
         # The ranks' verdict on gradients replaced out of place travels in the measurement, as in the other modes
         # (read by each rank alone, a NaN in rank 0's FSDP2 shard kept the flag there alone: rank 0 skipped, the
         # others stepped): see _fused.Agreement
-        skipping = (_stepping_optimizers(optimizer) or [optimizer]) if arm_skip is not None else []
-        agreement = _fused.Agreement(skipping, measured, combines=combines)
+        agreement = _fused.Agreement(optimizer if arm_skip is not None else None)
         try:
             with agreement.deferring():
                 _clip.settle_hand_over(target, measured)
@@ -1330,7 +1300,8 @@ class GradClipper:
             if getattr(e, "dist_clip_joined", False) or isinstance(e, _slots.RefusedElsewhere):
                 self._count_refused_call(getattr(e, "dist_clip_others_counted", False))
             raise
-        agreement.agree(outcome.replaced, alone=_reduce.group_size(outcome.measurement.group) <= 1)
+        agreement.agree(outcome.replaced, alone=_reduce.group_size(outcome.measurement.group) <= 1,
+                        group=outcome.measurement.group)
         if arm_skip is None:
             agreement.apply()  # (settled hand-overs' flags kept or dropped; a skipping call does it as it arms)
         out = outcome.measurement.result_dtype

@@ -511,7 +511,7 @@ def get_total_norm(target: object, plan: ParallelPlan, norm_type: float | str = 
     tensors = [t for s in named.shards for t in s.tensors]
     # A hand-over settled here whose gradients were replaced waits for the ranks' verdict, one more value in the
     # all-reduce (see _fused.Agreement), as in the other calls
-    agreement = _fused.Agreement([], tensors, combines=_clip_api.combines(named.shards, plan.reduction_group))
+    agreement = _fused.Agreement()
     with agreement.deferring():
         _clip_api.settle_hand_over(target, lambda: tensors)
     try:
@@ -524,7 +524,7 @@ def get_total_norm(target: object, plan: ParallelPlan, norm_type: float | str = 
         agreement.abandon()
         raise
     assert m.extra is not None
-    agreement.agree(m.extra[-1], alone=_reduce.group_size(m.group) <= 1)
+    agreement.agree(m.extra[-1], alone=_reduce.group_size(m.group) <= 1, group=m.group)
     agreement.apply()  # (the settled hand-overs' flags kept or dropped by the verdict)
     plan.check_once(named.shards, m, p)
     assert m.result_dtype is not None

@@ -525,8 +525,8 @@ def test_ddp_s_parts_handed_over_one_by_one_step_each_clipped_by_its_own_total(r
 def body_calm_per_step(fused: bool, steps: int) -> list[tuple[int, bool]]:
     """Tensors of each rank's own, [a] then [a, b] clipped over the world (finite; fused: handed over by
     ``clip_grad_norm_``, else ``GradClipper(on_nonfinite="skip")``), then stepped, ``steps`` times: per step, how
-    many flags the optimizer held as armed by a call combining over several ranks and read as not set
-    (``_fused._CALM``) before the step, and whether any is left after it."""
+    many entries the optimizer's skip ledger held before the step (``_fused._LEDGER``), and whether the ledger, or
+    the optimizer among those holding an agreed entry (``_fused._LEDGERED``), is left after it."""
     import torch.distributed as dist
 
     from dist_clip import _fused
@@ -543,19 +543,18 @@ def body_calm_per_step(fused: bool, steps: int) -> list[tuple[int, bool]]:
                 dist_clip.clip_grad_norm_(part, 1.0, optimizer=opt, group=dist.group.WORLD)
             else:
                 clipper(part, optimizer=opt, group=dist.group.WORLD)
-        held = len(opt.__dict__.get(_fused._CALM, ()))
+        held = len(opt.__dict__.get(_fused._LEDGER, ()))
         opt.step()
-        out.append((held, _fused._CALM in opt.__dict__))
+        out.append((held, _fused._LEDGER in opt.__dict__ or any(o is opt for o in _fused._LEDGERED)))
         opt.zero_grad()
     return out
 
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_flags_noted_as_calm_are_forgotten_at_each_step(run_ranks, fused):
-    """The flags a combining arming left not set (``_CALM``, read by ``note_beside``) last until the step: each
-    step forgets them (the fused hand-over's post-hook, the skip guard's for any optimizer), so that the list holds
-    one step's armings and no flag tensor of an earlier step (kept, it grew at every step: mutants M24, M60 of run
-    19)."""
+    """The ledger's entries last until the step: each step forgets them (the fused hand-over's post-hook, the skip
+    guard's for any optimizer), so that the ledger holds one step's armings and no flag tensor of an earlier step
+    (kept, it grew at every step: mutants M24, M60 of run 19, on the per-class ledger's list of calm flags)."""
     for per_step in run_ranks(2, body_calm_per_step, fused, 3):
         assert per_step[0][0] > 0 and per_step == [per_step[0]] * 3 and not per_step[0][1], per_step
 
@@ -657,9 +656,9 @@ OWN_PART_BESIDE = {
 }
 
 
-@pytest.mark.parametrize(("read", "last", "took"), [(("skip", [0]), [("call", "skip", [0])], False),
-                                                     (("total", [0]), [("call", "skip", [0])], False),
-                                                     (("skip", [0]), [("bwd", None), ("call", "skip", [0, 1])], False),
+@pytest.mark.parametrize(("read", "last", "took"), [(("skip", [0]), [("call", "skip", [0])], True),
+                                                     (("total", [0]), [("call", "skip", [0])], True),
+                                                     (("skip", [0]), [("bwd", None), ("call", "skip", [0, 1])], True),
                                                      (("skip", [0]), [("bwd", None), ("call", "hand", [0])], True)])
 def test_a_settled_nan_hand_over_of_a_part_on_one_rank_alone_dropped_in_place_keeps_alike_on_every_rank(
         run_ranks, read, last, took):
@@ -668,9 +667,10 @@ def test_a_settled_nan_hand_over_of_a_part_on_one_rank_alone_dropped_in_place_ke
     (``GradClipper(on_nonfinite="skip")``, ``get_total_norm``), the batch dropped in place, then [a] (or [a, b])
     clipped by ``GradClipper(on_nonfinite="skip")``, finite. Rank 0's settled flag, held by ``a`` (measured again),
     was left out of the call's verdict and lasted there, while rank 1's entry, armed by a call that measured
-    nothing there, was decided by the finite verdict: rank 0 skipped, rank 1 stepped. README (the hand-over): a
-    settled hand-over's flag lasts to the step unless a hand-over replaces it: every rank skips; a hand-over of
-    [a] replaces it, and every rank steps."""
+    nothing there, was decided by the finite verdict: rank 0 skipped, rank 1 stepped. Both flags are agreed
+    entries now (armed by calls combining over the world), decided by the last call's verdict alone: [a] measured
+    again (finite, zeroed in place) replaces them, and every rank steps (session 39: before, a settled hand-over's
+    flag lasted to the step unless a hand-over replaced it, and every rank skipped)."""
     flow = [("fused", True), ("bwd", (0, 0)), ("call", "hand", [0]), ("call", *read), ("zero", False), *last,
             ("step",)]
     per_rank = run_ranks(2, body_flow, "alone", flow)
@@ -771,7 +771,7 @@ def body_flow_list(setting: str, flows: list[list[tuple]]) -> list:
 DROPPED_HAND_OVER_OF_S = [
     (True, [], False), (True, [("skip", [1])], False), (True, [("skip", [0]), ("skip", [1])], True),
     (True, [("skip", [1]), ("skip", [0])], True), (True, [("total", [0, 1])], True), (True, [("total", [0])], True),
-    (False, [], False), (False, [("total", [0, 1])], False), (False, [("skip", [0]), ("skip", [1])], True),
+    (False, [], False), (False, [("total", [0, 1])], True), (False, [("skip", [0]), ("skip", [1])], True),
     (False, [("hand", [0, 1])], True)]
 
 
@@ -779,13 +779,13 @@ def test_a_dropped_nan_hand_over_of_a_sharded_part_steps_the_next_batch_where_a_
     """The Limits bullet's flows and remedies, "mixed" setting, fused AdamW: a NaN in rank 0's ``a``, [a] handed
     over over the world, the batch dropped, the next one computed. Stepped with no call, or with only [b] clipped
     (``group=None``), every rank skips that good step; clipped as [a], [b] or [b], [a], or (dropped to ``None``)
-    read by ``get_total_norm`` over the world, whole or [a], every rank steps. Dropped in place, ``get_total_norm``
-    does not decide it (it arms nothing, and the in-place ``zero_grad()`` reads as a write into the held gradients:
-    every rank skips), an arming call on every part or a hand-over of the whole does. Plain tensors with ``group=``:
-    the next batch stepped with no call after the NaN hand-over dropped to ``None`` skips, read by
-    ``get_total_norm`` first it steps. Under DDP beside rank 0's own parameter (its NaN handed over over the world,
-    dropped to ``None``) a ``get_total_norm`` of the own part does not decide it: every rank skips (so with the
-    part armed first, fused or not, or handed over, and DDP's [l0] clipped with no gradient held)."""
+    read by ``get_total_norm`` over the world, whole or [a], every rank steps. Dropped in place, so do
+    ``get_total_norm`` over the world, an arming call on every part and a hand-over of the whole (the agreed entry
+    written since is kept only where its gradients are not finite now: the per-class ledger skipped on every rank
+    after ``get_total_norm``). Plain tensors with ``group=``: the next batch stepped with no call after the NaN
+    hand-over dropped to ``None`` skips, read by ``get_total_norm`` first it steps. Under DDP beside rank 0's own
+    parameter (its NaN handed over over the world, dropped to ``None``) a ``get_total_norm`` of the own part over
+    the world decides it by the ranks' reads of the new batch: every rank steps (the per-class ledger skipped)."""
     flows = [[("fused", True), ("bwd", (0, 0)), ("call", "hand", [0]), ("zero", none), ("bwd", None),
               *[("call", *c) for c in calls], ("step",)] for none, calls, _ in DROPPED_HAND_OVER_OF_S]
     per_rank = run_ranks(2, body_flow_list, "mixed", flows)
@@ -801,7 +801,7 @@ def test_a_dropped_nan_hand_over_of_a_sharded_part_steps_the_next_batch_where_a_
     flow = [("fused", True), ("bwd", (0, 2)), ("call", "hand", [2]), ("zero", True), ("bwd", None),
             ("call", "total", [2]), ("step",)]
     per_rank = run_ranks(2, body_flow, "ddp", flow)
-    assert [r[-1]["took"] for r in per_rank] == [False, False], (flow, per_rank)
+    assert [r[-1]["took"] for r in per_rank] == [True, True], (flow, per_rank)
 
 
 @pytest.mark.parametrize(("world", "fused", "how", "nan", "took"), [
@@ -845,7 +845,7 @@ def _partly(nan: tuple = (-1, 1), replaced: list[int] | None = None, own: str = 
     (2, _partly(drop=False), False), (2, _partly(read=("total", [0, 1])), True),
     (2, _partly(read=("with_norm", [0, 1]), nan=(-1, 0), own="hand"), True),
     (2, _partly(read=("total", [0, 1]), zero=False), True), (2, _partly(read=("plain", [0]), zero=False), True),
-    (2, _partly(read=("total", [0, 1]), zero=False, last=(("skip", [0, 1]),)), False)],
+    (2, _partly(read=("total", [0, 1]), zero=False, last=(("skip", [0, 1]),)), True)],
     ids=["l1", "l1_3_ranks", "l0_l1_replaced", "l0", "own_handed", "in_place", "clipper_last", "parts_last",
          "own_nan_next", "unfused", "not_dropped", "settled", "settled_l0", "settled_in_place",
          "settled_l0_in_place", "settled_in_place_clipper_last"])
@@ -867,9 +867,10 @@ def test_a_nan_hand_over_beside_one_ranks_own_parameter_partly_replaced_then_dro
     DDP's whole kept the settled flag (its gradients partly replaced, so not every one measured again) in the ledger
     after its own arming, held by l0's rewritten gradients, while rank 1's hand-over replaced it: rank 0 skipped,
     rank 1 stepped. A hand-over measuring every gradient such a flag may be held by replaces it on every rank (README:
-    a hand-over replaces a settled one); ``GradClipper`` arming instead keeps it, on every rank (a settled flag lasts
-    through a batch dropped in place). Unfused (``GradClipper`` first: no hand-over waits) stepped on every rank
-    before too; the batch not dropped (DDP's whole handed over again, the replaced NaN measured) skips on every rank."""
+    a hand-over replaces a settled one); so does ``GradClipper`` arming the whole under the agreed ledger (the
+    per-class one kept it, a settled flag lasting through a batch dropped in place: every rank skipped). Unfused
+    (``GradClipper`` first: no hand-over waits) stepped on every rank before too; the batch not dropped (DDP's whole
+    handed over again, the replaced NaN measured) skips on every rank."""
     per_rank = run_ranks(world, body_flow, "ddp", flow)
     assert not violations(flow, per_rank), (flow, violations(flow, per_rank))
     assert [r[-1]["took"] for r in per_rank] == [took] * world, (flow, per_rank)
@@ -877,8 +878,7 @@ def test_a_nan_hand_over_beside_one_ranks_own_parameter_partly_replaced_then_dro
 
 #: Minimised flows that break an invariant on the current code, each replayed by a strict xfail below for whoever
 #: fixes it (a fix moves its entry to FIXED; the test is collected only while one is open).
-OPEN: dict[str, tuple[str, list[tuple]]] = {
-}
+OPEN: dict[str, tuple[str, list[tuple]]] = {}
 
 if OPEN:
     @pytest.mark.xfail(strict=True, reason="open: the ranks take different verdicts, DDP's replicas part, or a NaN "
@@ -889,6 +889,90 @@ if OPEN:
         setting, flow = OPEN[name]
         per_rank = run_ranks(2, body_flow, setting, flow)
         assert not violations(flow, per_rank), (flow, violations(flow, per_rank))
+
+
+def body_an_agreed_flag_then_a_call_over_a_smaller_group(layout: str) -> bool:
+    """4 ranks: ``a`` (NaN on one rank) clipped by ``GradClipper(on_nonfinite="skip")`` over the world, arming an
+    agreed flag, then ``get_total_norm`` over the pair {0, 1} on ranks 0 and 1 and over {2, 3} on ranks 2 and 3 (a
+    per-stage norm logged, say); whether ``b`` stepped. ``alone``: ``a`` is rank 0's alone (the others measure
+    nothing, their optimizers step ``b`` only); ``replaced``: every rank's ``a``, the NaN on rank 2, every gradient
+    replaced out of place (``q.grad = q.grad * 1.0``) before the pair's call."""
+    rank = dist.get_rank()
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    g = torch.Generator().manual_seed(100 + rank)
+    a, b = nn.Parameter(torch.randn(3, generator=g)), nn.Parameter(torch.randn(2, generator=g))
+    ps = [b] if layout == "alone" and rank != 0 else [a, b]
+    measured = [q for q in ps if q is a]
+    opt = torch.optim.AdamW(ps, lr=0.1)
+    sum((q * q).sum() for q in ps).backward()
+    if rank == (0 if layout == "alone" else 2):
+        with torch.no_grad():
+            a.grad[0] = math.nan
+    dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")(measured, optimizer=opt, group=dist.group.WORLD)
+    if layout == "replaced":
+        for q in ps:
+            q.grad = q.grad * 1.0
+    dist_clip.get_total_norm(measured, group=pairs[rank // 2])
+    before = b.detach().clone()
+    opt.step()
+    return not torch.equal(before, b.detach())
+
+
+@pytest.mark.parametrize("layout", ["alone", "replaced"])
+def test_an_agreed_flag_armed_over_the_world_outlasts_a_call_over_a_smaller_group_on_every_rank(run_ranks, layout):
+    """The NaN batch's flag, armed by a call combining over the world, was decided by the next call combining over
+    several ranks, here a pair: the pair holding the NaN kept it, the other pair (holding nothing of ``a``, or
+    ``a``'s finite gradients replaced) dropped it: ranks 0 and 1 skipped, 2 and 3 stepped (``replaced``: the other
+    way round; h10, session 39). A call decides only the entries armed over its ranks or fewer: the pair's leaves
+    the world's flag to the step, and every rank skips."""
+    assert run_ranks(4, body_an_agreed_flag_then_a_call_over_a_smaller_group, layout) == [False] * 4
+
+
+def body_a_slice_on_one_rank_beside_a_whole_gradient_dropped_then_read(other: str) -> bool:
+    """2 ranks: a NaN batch's ``GradClipper(on_nonfinite="skip")`` over the world measuring a slice ``w.grad[:4]``
+    on rank 0 and ``w`` whole (``other="whole"``) or nothing (``"empty"``) on rank 1, the batch dropped (set to
+    None) and a finite one computed, then ``get_total_norm([w])`` over the world and the step; whether this rank
+    stepped."""
+    rank = dist.get_rank()
+    w = nn.Parameter(torch.randn(5, generator=torch.Generator().manual_seed(rank)))
+    opt = torch.optim.AdamW([w], lr=0.1)
+    w.grad = torch.randn(5, generator=torch.Generator().manual_seed(10 + rank))
+    if rank == 0:
+        w.grad[1] = math.nan
+    measured = [w.grad[:4]] if rank == 0 else [w] if other == "whole" else []
+    dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")(measured, optimizer=opt, group=dist.group.WORLD)
+    opt.zero_grad(set_to_none=True)
+    w.grad = torch.randn(5, generator=torch.Generator().manual_seed(20 + rank))
+    dist_clip.get_total_norm([w], group=dist.group.WORLD)
+    before = w.detach().clone()
+    opt.step()
+    return not torch.equal(before, w.detach())
+
+
+@pytest.mark.parametrize("other", ["whole", "empty"])
+def test_a_slice_on_one_rank_beside_a_whole_gradient_dropped_then_read_steps_on_every_rank(run_ranks, other):
+    """One call armed a sticky entry on rank 0 (its piece a slice, lasting to the step) and an agreed one on rank 1
+    (a whole gradient, or none): the next call combining over the world decided only the agreed one, by the ranks'
+    reads of the new batch (finite): rank 1 dropped its flag and stepped, rank 0 skipped (h10, session 39). The
+    entry's kind is the call's on every rank (agreed), a slice held by its gradient's parameter: the world's read
+    of the new batch (finite, the NaN one set to None) drops it on both ranks, which step, as where rank 0 measures
+    ``w`` whole (a plain loop steps that batch too)."""
+    assert run_ranks(2, body_a_slice_on_one_rank_beside_a_whole_gradient_dropped_then_read, other) == [True] * 2
+
+
+@pytest.mark.parametrize("even", [True, False])
+def test_hsdp_nan_hand_over_accumulated_then_zeroed_in_place_skips_on_every_rank(run_ranks, even):
+    """HSDP (tests/test_flow_fuzz_fsdp.py's run_fsdp_flow): a NaN in rank 0's shard of l1, the whole handed over
+    to the fused AdamW, a second backward accumulated onto it, the batch dropped in place (``zero_grad(False)``),
+    stepped: both ranks stepped and their parameters were NaN (gen2 hsdp seed 189, h10): the ledger read the
+    shards as written (versions) and zero, the hand-over as the same gradients (identity), so its 1/NaN reached
+    grad_scale without its flag. A coefficient still to apply carries its flag into the step: both skip."""
+    from tests.test_flow_fuzz_fsdp import body_fsdp_flow
+
+    flow = [("fused", True, even), ("bwd", (0, 1)), ("call", "hand", [0, 1]), ("bwd", None), ("zero", False),
+            ("step",)]
+    per_rank = run_ranks(2, body_fsdp_flow, "hsdp", flow)
+    assert not violations(flow, per_rank), (flow, violations(flow, per_rank))
 
 
 #: Flows the fuzz found open and a fix since closed (kept as replays that must pass).
@@ -915,15 +999,6 @@ FIXED = {
     "ddp_part_replaced_after_aux_loss_nan_stepped": ("ddp", [("fused", True), ("bwd", (-1, 0)),
                                                              ("call", "hand", [0, 1]), ("bwd", None),
                                                              ("replace", [0]), ("call", "skip", [1]), ("step",)]),
-    # DDP, unfused: a NaN in rank 0's own gradient, [own] clipped over the world (rank 1 passing nothing arms an
-    # entry standing for rank 0's gradient), the batch dropped to None, [l0] clipped with no gradient held on either
-    # rank (group=None, no collective), the next batch computed and stepped with no call: rank 0's entry was cleared
-    # by that call, rank 1's, held by no gradient, lasted: rank 0 stepped, rank 1 skipped (ddp seed 1759, found by
-    # h16's sweep of the merged tree); fixed by such a call forcing every rank to keep its flags (Agreement.
-    # _may_differ: it measures nothing), a hand-over of nothing handing nothing over: both skip (session 39, h1)
-    "ddp_own_nan_dropped_then_empty_part": ("ddp", [("fused", False), ("bwd", (0, 2)), ("call", "skip", [2]),
-                                                    ("zero", True), ("call", "skip", [0]), ("bwd", None),
-                                                    ("step",)]),
     # DDP: rank 0's own part handed over over the world (rank 1 passing nothing), then DDP's whole (no NaN), every
     # gradient replaced out of place, stepped: with the own part's hand-over waiting (the one stash), rank 0 divided
     # DDP's gradients in the call, its replacements carried the clip, rank 1's stepped unclipped: DDP's replicas
@@ -973,7 +1048,8 @@ FIXED = {
     # place, [a] clipped again (GradClipper): rank 0's settled flag, held by a (measured again), lasted there, left
     # out of the verdict, while rank 1's entry (armed by a call that measured nothing there) was dropped by it: rank
     # 0 skipped, rank 1 stepped (alone seed 1350; a regression of e75ded4); fixed by a settled hand-over's flag
-    # joining the verdict of any call but a hand-over replacing it, measured or not: every rank skips (session 38)
+    # joining the verdict of any call but a hand-over replacing it, measured or not: every rank skips (session 38);
+    # since session 39 (the agreed ledger) [a] measured again replaces it by the last call's verdict: every rank steps
     "alone_settled_then_zeroed": ("alone", [("fused", True), ("bwd", (0, 0)), ("call", "hand", [0]),
                                             ("call", "skip", [0]), ("zero", False), ("call", "skip", [0]),
                                             ("step",)]),
@@ -1003,6 +1079,22 @@ FIXED = {
                                          ("call", "skip", [2]), ("call", "skip", [1]), ("replace",),
                                          ("call", "skip", [0]), ("zero", True), ("bwd", None),
                                          ("call", "skip", [0, 1]), ("step",)]),
+    # DDP, unfused: a NaN in rank 0's own gradient, [own] clipped over the world (rank 1 passing nothing arms an
+    # entry standing for rank 0's gradient), the batch dropped to None, [l0] clipped with no gradient held on either
+    # rank (group=None, no collective), the next batch computed and stepped with no call: rank 0's entry was cleared
+    # by that call, rank 1's, held by no gradient, lasted: rank 0 stepped, rank 1 skipped (ddp seed 1759, found by
+    # h16's sweep of the merged tree; fails on 81d3edc too); fixed by the agreed ledger: the own part's flag, armed
+    # by a call combining over the world, is decided by such a call's verdict alone: every rank skips (session 39)
+    "ddp_own_nan_dropped_then_empty_part": ("ddp", [("fused", False), ("bwd", (0, 2)), ("call", "skip", [2]),
+                                                    ("zero", True), ("call", "skip", [0]), ("bwd", None),
+                                                    ("step",)]),
+    # a on rank 0 alone: NaN in b on rank 0, [a] handed over (rank 1 passing nothing), [b] handed over (NaN over the
+    # world), every gradient replaced out of place, get_total_norm of [b] over the world, stepped: rank 0 skipped,
+    # rank 1 stepped (alone seed 2431, h3's sweep of 1450-2449 on 9bdd020); the agreed ledger's: [b]'s flag, armed
+    # over the world, is decided by the read's verdict (rank 0's b + 0, NaN): every rank skips (session 39)
+    "alone_nan_b_replaced_then_read": ("alone", [("fused", True), ("bwd", (0, 1)), ("call", "hand", [0]),
+                                                 ("call", "hand", [1]), ("replace",), ("call", "total", [1]),
+                                                 ("step",)]),
     # DDP, unfused: NaN in the second layer, [l1] and [l0] clipped (GradClipper), dropped to None, NaN in the first
     # layer, rank 0's own part clipped over the world (it keeps the NaN flag by the ranks' verdict: rank 0 held it
     # by DDP's gradients, rank 1, measuring nothing, by none), dropped to None, a finite batch, DDP's whole clipped
@@ -1061,10 +1153,10 @@ FIXED = {
 
 
 #: FIXED flows whose last step every rank skips (README: a flag that lasts to the step)
-KEPT = {"alone_settled_then_zeroed", "ddp_own_nan_then_two_parts", "ddp_own_nan_dropped_then_empty_part",
+KEPT = {"ddp_own_nan_then_two_parts", "ddp_own_nan_dropped_then_empty_part", "alone_nan_b_replaced_then_read",
+        "alone_replaced_nan_on_rank_1_then_read_by_no_arming",
         "alone_settled_then_read_by_no_arming", "alone_replaced_then_read_by_no_arming",
-        "alone_replaced_twice_then_read_by_no_arming", "alone_replaced_nan_on_rank_1_then_read_by_no_arming",
-        "ddp_part_replaced_after_aux_loss_nan_stepped"}
+        "alone_replaced_twice_then_read_by_no_arming", "ddp_part_replaced_after_aux_loss_nan_stepped"}
 
 
 @pytest.mark.parametrize("name", sorted(FIXED))
@@ -1104,8 +1196,8 @@ _MID = {"replace": [("replace",)], "drop": [("zero", True), ("bwd", None)],
 
 @pytest.mark.parametrize(("world", "nan", "mid", "read", "last", "took"), [
     (2, (1, 1), "replace", "with_norm", None, False), (2, (1, 1), "replace", "plain", ("with_norm", [1]), False),
-    (3, (2, 1), "replace", "total", ("plain", [1]), False), (2, (0, 0), "drop", "total", None, False),
-    (3, (0, 0), "drop", "plain", None, False), (2, (1, 1), "drop", "with_norm", None, False),
+    (3, (2, 1), "replace", "total", ("plain", [1]), False), (2, (0, 0), "drop", "total", None, True),
+    (3, (0, 0), "drop", "plain", None, True), (2, (1, 1), "drop", "with_norm", None, True),
     (2, (-1, 1), "drop_nan", "total", ("total", [1]), False),
     (3, (0, 1), "drop_nan", "with_norm", ("total", [0, 1]), False),
     (2, (1, 1), "drop", "total", ("hand", [0, 1]), True), (3, (2, 1), "drop", "plain", ("skip", [0, 1]), True)])
@@ -1118,7 +1210,10 @@ def test_a_hand_over_left_waiting_by_a_call_arming_no_skip_keeps_on_every_rank(r
     rank 0 settled its hand-over by its own read of ``a`` and ``b``, finite, and dropped its flag, while the others,
     measuring nothing, kept theirs waiting, to the step (kept as it is: the total was combined) or to the read of
     [b] or [a, b] (kept by their own read): rank 0 stepped, the others skipped ([True, False, False] on 3 ranks).
-    Every rank skips now; a next batch handed over or armed whole (the last two) still steps on every rank."""
+    Every rank skips now where the replaced or recomputed gradients hold a NaN; where the batch was dropped and the
+    next one is finite, the read over the world decides the agreed entry by every rank's read of it (replaced, kept
+    only where not finite now): every rank steps (the per-class ledger skipped on every rank), as where that batch
+    is handed over or armed whole (the last two)."""
     flow = [("fused", True), ("bwd", nan), ("call", "hand", [0, 1]), *_MID[mid], ("call", read, [0]),
             *([("call", *last)] if last else []), ("step",)]
     per_rank = run_ranks(world, body_flow, "alone", flow)
@@ -1345,21 +1440,14 @@ def test_flows_found_off_the_host_agree(run_ranks):
 
 
 #: Minimised flows that broke the agreement off the host alone (simulated, :func:`body_flows_off_host`), on the CPU
-#: every rank stepping: rank 0 skipped, rank 1 stepped, DDP's replicas parted. The first three found by mutating
-#: FIXED's flows (session 40): class E without [l1]'s call (the replays above keep it), and a NaN hand-over of DDP's
-#: whole beside [own] armed, the batch dropped and the next one, NaN in rank 0's own gradient, stepped with no call.
-#: The own part's arming (combining, its flag a _CALM one, possibly set off the host) counted rank 0's own gradient
-#: as held in _BESIDE, so the carry of the replaced NaN [l0] flag at [l0] again (combining over no other rank), or of
-#: the dropped hand-over's flag at the step, was held by rank 0's own gradient (by l1 on rank 1, or by none): forced
-#: to keep at DDP's whole, or kept by the read of its NaN at the step, on rank 0 alone. Those carries pass over such a
-#: flag's gradients (_fused._BESIDE_ALONE). The next five (h12, session 40) went the same way through the carries of
-#: settle(), arm_skip_(), _drop_unsettled(), Agreement.__init__ and _keep_flag, which read _BESIDE in calls combining
-#: over no other rank: every carry of a call now reads the set matching whether the call combines, told at its entry
-#: from its group (_fused._CALL; settle() and Agreement.__init__ run before the all-reduce). The last: rank 0's own
-#: part handed over over the world before any backward (measuring nothing, its flag 0 on every rank) was settled at
-#: DDP's whole (no collective) into a ledger entry held by rank 0's own gradient (on rank 1 by none), which forced rank
-#: 0 alone to keep the next batch's dropped NaN hand-over: the device flag of a combining hand-over of no gradient on
-#: this rank is a _CALM one now, held by no gradient, as a combining arming's.
+#: every rank stepping; found by mutating FIXED's flows (session 40): rank 0 skipped, rank 1 stepped, DDP's replicas
+#: parted. Class E without [l1]'s call (the replays above keep it), and a NaN hand-over of DDP's whole beside [own]
+#: armed, the batch dropped and the next one, NaN in rank 0's own gradient, stepped with no call. The own part's
+#: arming (combining, its flag a _CALM one, possibly set off the host) counted rank 0's own gradient as held in
+#: _BESIDE, so the carry of the replaced NaN [l0] flag at [l0] again (combining over no other rank), or of the
+#: dropped hand-over's flag at the step, was held by rank 0's own gradient (by l1 on rank 1, or by none): forced to
+#: keep at DDP's whole, or kept by the read of its NaN at the step, on rank 0 alone. Those carries pass over such a
+#: flag's gradients on the per-class ledger (its _BESIDE_ALONE); the agreed ledger has no such carry.
 OFF_HOST_FIXED: dict[str, list[tuple]] = {
     "class_e_without_l1": [("fused", False), ("bwd", (-1, 0)), ("call", "skip", [0]), ("call", "skip", [2]),
                            ("replace",), ("call", "skip", [0]), ("zero", True), ("bwd", None),
@@ -1369,6 +1457,11 @@ OFF_HOST_FIXED: dict[str, list[tuple]] = {
                                  ("call", "skip", [0, 1]), ("step",)],
     "hand_over_then_own_nan_unread": [("fused", True), ("bwd", (-1, 0)), ("call", "hand", [0, 1]),
                                       ("call", "skip", [2]), ("zero", True), ("bwd", (0, 2)), ("step",)],
+    # Found in session 40 (h12) after the three above were closed, open on the per-class ledger (rank 0 skipped,
+    # rank 1 stepped off the host, DDP's replicas parted; the CPU steps every rank): the first five through a carry
+    # reading the gradients held by rank 0's own finite _CALM entry, the last by rank 0's own part handed over
+    # over the world before any backward. The agreed ledger reads no flag on the host to decide an entry among
+    # several ranks: every rank steps off the host as on the CPU
     "settle": [("fused", True), ("bwd", (-1, 0)), ("call", "hand", [0, 1]), ("call", "skip", [2]), ("replace",),
                ("call", "skip", [0]), ("zero", True), ("bwd", None), ("call", "skip", [0, 1]), ("step",)],
     "arm_skip": [("fused", True), ("bwd", (-1, 0)), ("call", "hand", [0, 1]), ("call", "total", [0, 1]),

@@ -525,11 +525,42 @@ FIXED: dict[str, tuple[str, list[tuple]]] = {
     "part_on_one_rank_zeroed_then_whole_handed_over": ("walone", [("opts", "fused"), ("bwd", (0, 0)),
                                                                  ("call", "skip", [0], 0), ("zero", False, "p0"),
                                                                  ("call", "hand", [0, 1], 0), ("step", 0, None)]),
+    # skip_next_step_(opt, True) before the backward (no gradient held on any rank), [a] clipped over the world by
+    # GradClipper(on_nonfinite="skip") (measuring nothing), the backward, [a] clipped again, stepped: the first
+    # call's verdict (1) made the explicit entry one held by the gradients held at its arming, none, and the second
+    # call's finite read dropped it: both ranks stepped the batch the skip was asked for (wplain seed 73, on the
+    # agreed ledger; so wmixed 276, its gradients set to None before skip_next_step_). An explicit entry armed while
+    # this rank held no gradient lasts to the step through a verdict, by its own flag (session 41; KEPT). Done first
+    # in session 40 it made walone seed 12 skip a good step of the other optimizer on both ranks: rank 1's lasting
+    # entry joined the one value of a call arming that optimizer (next entries)
+    "explicit_before_backward_then_clipped_twice": ("wplain", [("opts", "fused"), ("skipnext", 0, True),
+                                                               ("call", "skip", [0], 0), ("bwd", None),
+                                                               ("call", "skip", [0], 0), ("step", 0, None)]),
+    "explicit_after_none_then_other_part": ("wmixed", [("opts", "two_fs"), ("bwd", None), ("none", 0),
+                                                       ("skipnext", 0, True), ("call", "per_param", [0], 0),
+                                                       ("call", "skip", [1], 0), ("zero", True, "all"), ("bwd", None),
+                                                       ("call", "skip", [0], 0), ("step", 0, None)]),
+    # Two optimizers (A over piece 0, B over piece 1): a call arming A over the world read B's agreed entries into
+    # its one value too, and its verdict replaced A's earlier agreed entries: B's NaN part armed between two
+    # armings of A (wmixed seed 191), or skip_next_step_(B, True) between two hand-overs of A (wplain 263, walone
+    # 444), set A's earlier entry and A's good step was skipped on every rank. A call arming one optimizer reads and
+    # decides that optimizer's entries alone (session 41): A steps, B's flag waits for B's own calls
+    "other_optimizer_nan_between_armings": ("wplain", [("opts", "two_ff"), ("bwd", (0, 1)), ("call", "skip", [0], 0),
+                                                       ("call", "skip", [1], 1), ("call", "skip", [0], 0),
+                                                       ("step", 0, None)]),
+    "other_optimizer_explicit_between_hand_overs": ("wplain", [("opts", "two_ff"), ("bwd", None),
+                                                               ("call", "hand", [1], 1), ("skipnext", 0, True),
+                                                               ("call", "hand", [1], 1), ("step", 1, None)]),
+    "other_optimizer_explicit_between_hand_overs_mixed": ("wmixed", [("opts", "two_ff"), ("bwd", None),
+                                                                     ("call", "hand", [0], 0), ("skipnext", 1, True),
+                                                                     ("call", "hand", [0], 0), ("step", 0, None)]),
 }
 
 
-#: FIXED flows whose last step every rank skips (a flag armed on pieces the optimizer does not step, decided alike)
-KEPT = {"ddp_own_outside_written", "ddp_own_outside_written_unfused", "ddp_own_outside_written_hand",
+#: FIXED flows whose last step every rank skips (a skip_next_step_ kept; a flag armed on pieces the optimizer does
+#: not step, decided alike)
+KEPT = {"explicit_before_backward_then_clipped_twice", "explicit_after_none_then_other_part",
+        "ddp_own_outside_written", "ddp_own_outside_written_unfused", "ddp_own_outside_written_hand",
         "ddp_own_outside_none", "ddp_own_outside_accumulated", "ddp_own_outside_dropped"}
 
 
@@ -546,7 +577,7 @@ def test_fixed_wide_flows(run_ranks, name):
 
 #: Minimised wide flows that break an invariant on the current code, each replayed by a strict xfail below for
 #: whoever fixes it (a fix moves its entry to a passing replay).
-OPEN: dict[str, tuple[str, list[tuple]]] = {}  # (("wddpown", 125): W2, FIXED since)
+OPEN: dict[str, tuple[str, list[tuple]]] = {}
 
 if OPEN:
     @pytest.mark.xfail(strict=True, reason="open: the ranks take different verdicts, or DDP's replicas part (see OPEN)")

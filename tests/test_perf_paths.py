@@ -913,7 +913,9 @@ def test_gradscaler_overflow_leaves_the_skip_waiting_and_clearing_it_after_the_s
     want, want_params = _scaler_loop(clip=False, clear=False)
     assert want == [True, True, False, True, True]
     waiting, _ = _scaler_loop(clip=True, clear=False)
-    assert waiting == [True, True, False, False, True]  # the documented wart this test pins
+    # (session 39: the unclipped part's flag, its gradients zeroed in place and recomputed finite, is read at the
+    # step and dropped: the wart this test pinned, [True, True, False, False, True], is gone)
+    assert waiting == want
     # zeroed to None, b's gradients are gone at step 3: its flag goes with them and the good step is taken
     want_none, want_none_params = _scaler_loop(clip=False, clear=False, set_to_none=True)
     none, none_params = _scaler_loop(clip=True, clear=False, set_to_none=True)
@@ -1178,12 +1180,11 @@ def test_a_hand_over_is_made_only_to_an_optimizer_stepping_what_was_measured(cas
 
 
 @pytest.mark.parametrize("flow", ["dropped", "replaced"])
-def test_a_part_of_a_fused_optimizer_s_gradients_arms_its_skip_until_the_step_in_one_process(flow):
+def test_a_part_of_a_fused_optimizer_s_gradients_arms_its_skip_read_at_the_step_in_one_process(flow):
     """In one process a NaN part [a] clipped with ``optimizer=`` a fused AdamW that also steps ``b`` is scaled in the
-    call and arms the skip, which lasts until the step whatever happens to the gradients meanwhile (the batch
-    dropped and a finite one computed, or ``a.grad`` replaced by a finite one, with no call between): the step is
-    skipped. Only among several ranks is that flag kept as a hand-over's, dropped with its gradients (see
-    test_a_dropped_nan_batch_of_replicas_lets_the_next_batch_step_on_every_rank)."""
+    call and arms the skip, held by ``a``: the batch dropped and a finite one computed, or ``a.grad`` replaced by a
+    finite one, with no call between, the step reads ``a``'s gradient, finite, and is taken (session 39's ledger;
+    the flag lasted until the step whatever happened to the gradients, and that step was skipped)."""
     a, b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(4))
     opt = torch.optim.AdamW([a, b], lr=0.1, fused=True)
     a.grad, b.grad = torch.tensor([math.nan, 1.0, 2.0]), torch.ones(4)
@@ -1194,8 +1195,8 @@ def test_a_part_of_a_fused_optimizer_s_gradients_arms_its_skip_until_the_step_in
     else:
         a.grad = torch.ones(3)
     opt.step()
-    assert torch.equal(a.detach(), torch.zeros(3)) and torch.equal(b.detach(), torch.zeros(4))
-    assert not opt.state or all(float(s["step"]) == 0 for s in opt.state.values())
+    assert not torch.equal(a.detach(), torch.zeros(3)) and not torch.equal(b.detach(), torch.zeros(4))
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
 
 
 @pytest.mark.parametrize("case", ["halves of each gradient", "every other element", "the same bytes"])
@@ -1356,10 +1357,11 @@ def test_compiled_autograd_runs_after_dist_clip_watched_module_registrations():
 
 
 def test_compiled_autograd_does_not_recompile_on_dist_clips_backward_counts():
-    """A skip armed on part of gradients that share a buffer (DDP's bucket views) installs a post-accumulate-grad
-    hook counting each parameter's backwards. Compiled autograd traces that hook into its backward graph, and
-    dynamo guarded on the Python int it incremented (``cell[0] == 7``): every backward recompiled the whole graph,
-    and after torch's limit of 8 the backward ran uncompiled. The counts must still be right."""
+    """A hand-over of gradients that share a buffer (DDP's bucket views) installs a post-accumulate-grad hook
+    counting each parameter's backwards (what tells a view's write from a write beside it in the bucket).
+    Compiled autograd traces that hook into its backward graph, and dynamo guarded on the Python int it
+    incremented (``cell[0] == 7``): every backward recompiled the whole graph, and after torch's limit of 8 the
+    backward ran uncompiled. The counts must still be right."""
 
     def run(compiled: bool) -> tuple[list[torch.Tensor], list[int]]:
         torch._dynamo.reset()
@@ -1370,8 +1372,7 @@ def test_compiled_autograd_does_not_recompile_on_dist_clips_backward_counts():
         offsets = [0, *itertools.accumulate(p.numel() for p in ps)]
         for p, a, b in zip(ps, offsets, offsets[1:]):
             p.grad = flat[a:b].view_as(p)
-        opt = torch.optim.SGD(ps, lr=0.1)
-        clipper = dist_clip.GradClipper(max_norm=0.5, on_nonfinite="skip")
+        opt = torch.optim.SGD(ps, lr=0.1, fused=True)
         for s in range(10):
             flat.zero_()
             loss = (m(torch.randn(4, 5, generator=torch.Generator().manual_seed(s))) ** 2).sum()
@@ -1381,8 +1382,7 @@ def test_compiled_autograd_does_not_recompile_on_dist_clips_backward_counts():
                     loss.backward()
             else:
                 loss.backward()
-            clipper(ps[:2], optimizer=opt)  # two parts of one buffer: the backward counts are installed
-            clipper(ps[2:], optimizer=opt)
+            dist_clip.clip_grad_norm_(ps, 0.5, optimizer=opt)  # views of one buffer handed over: counts installed
             opt.step()
         counts = [_fused._write_cell_of(p)[0] for p in ps]  # type: ignore[index]
         return [p.detach().clone() for p in ps], counts
@@ -1407,8 +1407,7 @@ def test_backward_counts_add_up_over_eager_and_compiled_backwards_of_one_model(w
     flat = torch.zeros(sum(p.numel() for p in ps))
     for p, g in zip(ps, flat.split([p.numel() for p in ps])):
         p.grad = g.view_as(p)
-    opt = torch.optim.SGD(ps, lr=0.1)
-    clipper = dist_clip.GradClipper(max_norm=0.5, on_nonfinite="skip")
+    opt = torch.optim.SGD(ps, lr=0.1, fused=True)
     compiled = torch.compile(m, backend="eager")
     for s, how in enumerate(["eager", "eager", "traced", "eager", "traced", "traced", "eager"]):
         flat.zero_()
@@ -1419,8 +1418,7 @@ def test_backward_counts_add_up_over_eager_and_compiled_backwards_of_one_model(w
                 loss.backward()
         else:
             ((compiled if how == "traced" else m)(x) ** 2).sum().backward()
-        clipper(ps[:2], optimizer=opt)  # two parts of one buffer: the backward counts are installed
-        clipper(ps[2:], optimizer=opt)
+        dist_clip.clip_grad_norm_(ps, 0.5, optimizer=opt)  # views of one buffer handed over: counts installed
         opt.step()
     torch._dynamo.reset()
     cells = [_fused._write_cell_of(p) for p in ps]
@@ -2381,7 +2379,9 @@ def test_two_nan_hand_overs_settled_by_one_call_keep_or_drop_each_by_its_own_gra
     (its NaN carried) and b's batch dropped (``y.grad`` set to None and a fresh finite gradient computed), and one
     call reading both (``get_total_norm``, ``clip_grad_norm_`` without ``optimizer=``, a ``GradClipper`` arming a's
     skip) settles both hand-overs. One verdict for both flags kept b's by a's NaN: b's good step was skipped. In one
-    process each flag is kept or dropped by its own gradients: a skips, b steps."""
+    process each flag is kept or dropped by its own gradients: a skips, b steps; but after ``clip_grad_norm_``
+    without ``optimizer=``, whose total (NaN by ``x``) scaled ``y.grad`` to NaN, b's flag is kept by that read at
+    the step and b skips too (session 39: it stepped ``y`` to NaN)."""
     torch.manual_seed(0)
     x, y = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(4))
     a = torch.optim.Adam([x], lr=0.1, fused=True)
@@ -2404,7 +2404,7 @@ def test_two_nan_hand_overs_settled_by_one_call_keep_or_drop_each_by_its_own_gra
     before = [x.detach().clone(), y.detach().clone()]
     a.step()
     b.step()
-    assert [torch.equal(before[0], x), torch.equal(before[1], y)] == [True, False]
+    assert [torch.equal(before[0], x), torch.equal(before[1], y)] == [True, then == "clip_grad_norm_"]
 
 
 @pytest.mark.parametrize("nan_in", ["h0", "E"])
@@ -4825,14 +4825,16 @@ def test_a_dropped_nan_batch_of_replicas_lets_the_next_batch_step_on_every_rank(
 
 
 @pytest.mark.parametrize("how", ["clip_norm", "clip_step"])
-def test_float64_replicas_beside_a_parameter_of_one_ranks_own_keep_the_dropped_batch_s_skip_on_every_rank(
+def test_float64_replicas_beside_a_parameter_of_one_ranks_own_step_the_dropped_batch_s_next_one_on_every_rank(
         run_ranks, how):
     """As above in float64: no rank hands over (torch's fused kernels take ``grad_scale`` in float32 only), so
-    every rank scales in the call and arms the NaN batch's skip until the step, rank 0 (whose optimizer also steps
-    a parameter of its own) too: the dropped batch's next one is skipped on every rank alike. Kept as a
-    hand-over's on rank 0 alone (only a call that would hand over is one), rank 0 stepped and rank 1 skipped."""
+    every rank scales in the call and arms the NaN batch's skip, rank 0 (whose optimizer also steps a parameter of
+    its own) too. Kept as a hand-over's on rank 0 alone (only a call that would hand over is one), rank 0 stepped
+    and rank 1 skipped; then kept until the step on every rank, the next batch was skipped on every rank alike. A
+    local entry (``group=None``: DDP's replicas) now, read at the next call and at the step from DDP's gradients
+    alone, the same on every rank: every rank steps (session 39)."""
     assert run_ranks(2, body_a_dropped_nan_batch_of_replicas_lets_the_next_batch_step, how, "ddp_local",
-                     "float64") == [[False, False]] * 2
+                     "float64") == [[True, True]] * 2
 
 
 def body_a_dropped_nan_batch_of_replicas_beside_another_optimizer(other: str) -> bool:
@@ -5019,7 +5021,7 @@ def test_a_parameter_of_one_ranks_own_replaced_beside_a_clipped_piece_steps_with
 
 
 @pytest.mark.parametrize(("then", "piece", "stepped"), [("total", "whole", True), ("step", "whole", False),
-                                                        ("total", "slice", False), ("total", "other", False)])
+                                                        ("total", "slice", True), ("total", "other", True)])
 def test_a_hand_over_beside_a_parameter_of_one_ranks_own_parts_no_ranks(run_ranks, then, piece, stepped):
     """Rank 0's optimizer steps more than the call measured, so the call scaled there and armed the skip (lasting
     to the step) where rank 1 handed over (dropped with the batch, by the verdict of a call reading it): the next
@@ -5027,7 +5029,11 @@ def test_a_hand_over_beside_a_parameter_of_one_ranks_own_parts_no_ranks(run_rank
     on rank 0 too, every rank steps; straight to the step, a hand-over combined over several ranks keeps its flag
     (Limits), on every rank alike. A slice of ``w.grad`` measured, or ``w`` with a parameter no rank's optimizer
     steps: no rank hands over, each arms the skip until the step, rank 0 too (kept as a hand-over's on rank 0 alone,
-    mutation run 17's T04 and T05, rank 0 stepped and rank 1 skipped)."""
+    mutation run 17's T04 and T05, rank 0 stepped and rank 1 skipped). Since session 39 ``w`` with ``c`` arms an
+    agreed entry held by ``w`` (``c`` is no optimizer's), which ``get_total_norm`` decides by the ranks' read of
+    ``w``'s new gradient: every rank steps. Since session 40 the slice's entry is agreed too, held by ``w`` (a slice
+    of its gradient), and decided alike: every rank steps (it lasted to the step, a kind chosen by each rank's
+    pieces, which parted the ranks where another rank measured ``w`` whole)."""
     assert run_ranks(2, body_a_hand_over_beside_a_parameter_of_one_ranks_own, then, piece) == [stepped] * 2
 
 
@@ -5074,13 +5080,15 @@ def body_a_part_on_one_rank_dropped_then_read(then: str, layout: str, how: str =
 
 @pytest.mark.parametrize(("world", "then", "layout"), [(2, "total", "beside"), (2, "total_a", "beside"),
                                                        (3, "total", "beside"), (2, "total_a", "own")])
-def test_a_part_on_one_rank_dropped_then_read_over_the_world_skips_on_every_rank(run_ranks, world, then, layout):
+def test_a_part_on_one_rank_dropped_then_read_over_the_world_steps_on_every_rank(run_ranks, world, then, layout):
     """Rank 0 handed over (or, stepping more than it measured, kept its flag as a hand-over's), and the ranks that
     measured nothing armed a flag standing for rank 0's part, which only a call arming that optimizer decides. The
     next batch's ``get_total_norm`` dropped rank 0's flag by the verdict of its read (finite) and rank 0 stepped,
     while the others kept theirs and skipped (h3, mutation run 17). Such a flag now joins the verdict of a call
-    that does not decide it: rank 0 keeps its flag too, and every rank skips, as straight to the step."""
-    assert run_ranks(world, body_a_part_on_one_rank_dropped_then_read, then, layout) == [False] * world
+    that does not decide it: rank 0 keeps its flag too, and every rank skipped, as straight to the step. Since
+    session 39 every call combining over the world decides the agreed entries, arming or not, by the ranks' read
+    (rank 0's of ``a``'s new gradient, finite; the others hold none of it): every rank steps."""
+    assert run_ranks(world, body_a_part_on_one_rank_dropped_then_read, then, layout) == [True] * world
 
 
 @pytest.mark.parametrize(("world", "layout", "how"), [(2, "beside", "clip_fused"), (3, "own", "clip_fused"),
@@ -5139,7 +5147,7 @@ def body_a_nan_in_one_ranks_own_parameter_after_a_dropped_batch(how: str, then: 
         if combined:
             backward()
             clip(own)  # (rank 0's alone, over the world)
-            assert "_dist_clip_combined" in opt.__dict__
+            assert any(e.kind == "agreed" for e in opt.__dict__["_dist_clip_ledger"])  # (armed combining)
             opt.step()
             opt.zero_grad()
         if nan:

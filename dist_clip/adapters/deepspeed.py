@@ -840,15 +840,11 @@ class _Stage0Overflow:
             self.handles[1] = optimizer.register_step_post_hook(self.post)
 
     def pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        from .. import _fused
         from ..clipper import pending_skip_flag
 
-        self.flag = pending_skip_flag(optimizer)
-        # A clip_grad_norm_(engine, ..., optimizer=) hand-over's flag, where it reaches this step (the fused
+        # (a clip_grad_norm_(engine, ..., optimizer=) hand-over's flag too, where it reaches this step: the fused
         # kernel skipped a NaN step the engine counted as taken, its LR scheduler stepped on it)
-        handed = _fused.pending_flag(optimizer)
-        if handed is not None:
-            self.join(handed != 0)
+        self.flag = pending_skip_flag(optimizer)
 
     def join(self, flag: Tensor) -> None:
         """``flag`` (bool, 0-dim) skips the step under way too."""
