@@ -374,3 +374,24 @@ def test_a_skip_with_deepspeeds_muon_leaves_its_momentum_alone(run_ranks, stage,
 def test_a_call_inside_coalesce_grad_reduction_is_refused(run_ranks, stage, offload):
     results = run_ranks(2, ds_cases.case_call_inside_coalesce_grad_reduction, stage, offload, timeout_s=TIMEOUT)
     assert results == [[True, True]] * 2, results
+
+
+@pytest.mark.parametrize("stage,call", [(1, "plain"), (2, "plain"), (2, "hand_over"), (2, "skip"), (2, "per_param"),
+                                        (2, "unitwise"), (2, "per_group"), (1, "deepspeed"), (2, "deepspeed")])
+def test_moe_experts_match_unsharded_run(run_ranks, stage, call):
+    """DeepSpeed MoE: 4 experts, 2 on each of 2 expert-parallel ranks (each its own expert-data-parallel group).
+    The adapter refused every MoE engine; its experts' local names (``deepspeed_experts.0`` on both ranks, two
+    different experts) would have merged two experts into one slot in the per-parameter modes."""
+    run_ranks(2, ds_cases.case_moe_vs_reference, stage, call, timeout_s=TIMEOUT)
+
+
+@pytest.mark.parametrize("stage,call", [(2, "plain"), (1, "per_param"), (2, "unitwise")])
+def test_moe_experts_over_two_expert_data_parallel_replicas(run_ranks, stage, call):
+    """4 ranks, ep_size 2: each expert partitioned over an expert-data-parallel group of 2 ranks ({0, 2} and
+    {1, 3}), the dense parameters over all 4."""
+    run_ranks(4, ds_cases.case_moe_vs_reference, stage, call, ps=(2.0, math.inf), timeout_s=TIMEOUT)
+
+
+@pytest.mark.parametrize("stage,dtype,accum", [(0, "fp32", None), (1, "bf16", "fp32")])
+def test_moe_where_expert_gradients_are_not_read_is_refused(run_ranks, stage, dtype, accum):
+    assert run_ranks(2, ds_cases.case_moe_refused, stage, dtype, accum, timeout_s=TIMEOUT) == [[True] * 3] * 2
