@@ -272,8 +272,8 @@ _EXPERT_BLOCKS: weakref.WeakKeyDictionary[Any, tuple[int, list[_ExpertBlock]]] =
 def _expert_blocks(engine: Any) -> list[_ExpertBlock]:
     """The DeepSpeed MoE experts of ``engine.module`` (none without MoE layers), kept until a module or parameter
     is registered anywhere. Each rank holds its own experts under the same local names
-    (``...deepspeed_experts.0.weight`` is expert 0 on expert-parallel rank 0 and expert 1 on rank 1 of two):
-    named so, the per-parameter modes added other ranks' experts into one slot."""
+    (``...deepspeed_experts.0.weight`` is expert 0 on expert-parallel rank 0 and expert 1 on rank 1 where each
+    holds one): named so, the per-parameter modes added other ranks' experts into one slot."""
     if not getattr(engine, "has_moe_layers", False):
         return []
     count = registrations()
@@ -501,13 +501,18 @@ _MOE_ONLY = (
 
 def _check_moe(engine: Any) -> None:
     """``NotImplementedError`` (on every rank: it reads what every rank builds alike) for an engine with MoE
-    layers that the adapter cannot measure: another optimizer than ZeRO-1/2's (ZeRO-3 refuses DeepSpeed's MoE
-    itself; stage 0 and DeepSpeed's non-ZeRO wrappers reduce expert gradients their own way, unread), a
-    model-parallel mpu, or expert groups that do not tile the data-parallel group (expert-parallel times
-    expert-data-parallel ranks): there an expert's partials would not meet exactly once."""
+    layers that the adapter cannot measure: DeepSpeed's AutoEP layers (no ``Experts`` module), another optimizer
+    than ZeRO-1/2's (ZeRO-3 refuses DeepSpeed's MoE itself; stage 0 and DeepSpeed's non-ZeRO wrappers reduce
+    expert gradients their own way, unread), a model-parallel mpu, or expert groups that do not tile the
+    data-parallel group (expert-parallel times expert-data-parallel ranks): there an expert's partials would not
+    meet exactly once."""
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     opt = engine.optimizer
+    if not _expert_blocks(engine):
+        # DeepSpeed's AutoEP (AutoEPMoELayer, which it also runs at ZeRO-3) keeps its experts otherwise: unread
+        raise NotImplementedError(f"{_MOE_ONLY}this engine's MoE layers hold no deepspeed.moe.experts.Experts "
+                                  "module (DeepSpeed's AutoEP layers are not handled)")
     if not isinstance(opt, DeepSpeedZeroOptimizer):
         raise NotImplementedError(
             f"{_MOE_ONLY}this engine's optimizer is {type(opt).__name__}"
