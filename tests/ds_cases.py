@@ -1515,31 +1515,31 @@ class MoeNet(torch.nn.Module):
     token dropped: every token reaches its expert on every rank count) and a dense layer. Expert ``e`` (of all of
     them) gets values of its own; DeepSpeed's experts start as copies of one module on every rank."""
 
-    def __init__(self, ep_size: int) -> None:
+    def __init__(self, ep_size: int, experts: int = MOE_EXPERTS, hid: int = HID) -> None:
         super().__init__()
         from deepspeed.moe.layer import MoE
 
         torch.manual_seed(0)
-        self.inp = torch.nn.Linear(IN, HID)
+        self.inp = torch.nn.Linear(IN, hid)
         with contextlib.redirect_stdout(io.StringIO()):
-            self.moe = MoE(HID, torch.nn.Linear(HID, HID), num_experts=MOE_EXPERTS, ep_size=ep_size, k=1,
+            self.moe = MoE(hid, torch.nn.Linear(hid, hid), num_experts=experts, ep_size=ep_size, k=1,
                            min_capacity=0, drop_tokens=False, use_rts=False)
-        self.out = torch.nn.Linear(HID, OUT)
-        local = MOE_EXPERTS // ep_size
+        self.out = torch.nn.Linear(hid, OUT)
+        local = experts // ep_size
         ep_rank = dist.get_rank() % ep_size  # DeepSpeed's expert-parallel groups: consecutive ranks
         with torch.no_grad():
             for k, expert in enumerate(self.moe.deepspeed_moe.experts.deepspeed_experts):
-                expert.weight.copy_(_expert_values(ep_rank * local + k)[0])
-                expert.bias.copy_(_expert_values(ep_rank * local + k)[1])
+                expert.weight.copy_(_expert_values(ep_rank * local + k, hid)[0])
+                expert.bias.copy_(_expert_values(ep_rank * local + k, hid)[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, _, _ = self.moe(torch.tanh(self.inp(x)))
         return self.out(h)
 
 
-def _expert_values(e: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _expert_values(e: int, hid: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(100 + e)
-    return torch.randn(HID, HID, generator=g) * 0.5, torch.randn(HID, generator=g) * 0.2
+    return torch.randn(hid, hid, generator=g) * 0.5, torch.randn(hid, generator=g) * 0.2
 
 
 class MoeReference(torch.nn.Module):
@@ -1549,17 +1549,18 @@ class MoeReference(torch.nn.Module):
     def __init__(self, engine: Any) -> None:
         super().__init__()
         src = engine.module
-        self.inp = torch.nn.Linear(IN, HID).double()
-        self.wg = torch.nn.Linear(HID, MOE_EXPERTS, bias=False).double()
-        self.experts = torch.nn.ModuleList(torch.nn.Linear(HID, HID).double() for _ in range(MOE_EXPERTS))
-        self.out = torch.nn.Linear(HID, OUT).double()
+        hid, experts = src.inp.out_features, src.moe.num_experts
+        self.inp = torch.nn.Linear(IN, hid).double()
+        self.wg = torch.nn.Linear(hid, experts, bias=False).double()
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(hid, hid).double() for _ in range(experts))
+        self.out = torch.nn.Linear(hid, OUT).double()
         with torch.no_grad():
             for mine, theirs in ((self.inp, src.inp), (self.out, src.out), (self.wg, src.moe.deepspeed_moe.gate.wg)):
                 for a, b in zip(mine.parameters(), theirs.parameters()):
                     a.copy_(b)
             for e, expert in enumerate(self.experts):
-                expert.weight.copy_(_expert_values(e)[0])
-                expert.bias.copy_(_expert_values(e)[1])
+                expert.weight.copy_(_expert_values(e, hid)[0])
+                expert.bias.copy_(_expert_values(e, hid)[1])
         self.opt = torch.optim.SGD(self.parameters(), lr=LR, momentum=MOMENTUM)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -1596,13 +1597,13 @@ def moe_batch(rank: int, step: int) -> torch.Tensor:
 
 
 def make_moe_engine(stage: int, ep_size: int = 2, clip: float = 0.0, dtype: str = "fp32",
-                    grad_accum_dtype: str | None = None) -> Any:
+                    grad_accum_dtype: str | None = None, experts: int = MOE_EXPERTS, hid: int = HID) -> Any:
     """A :class:`MoeNet` engine whose torch SGD holds a dense and an expert param group, as DeepSpeed's MoE
     wants them (``split_params_into_different_moe_groups_for_optimizer``)."""
     deepspeed = _quiet()
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-    model = MoeNet(ep_size)
+    model = MoeNet(ep_size, experts, hid)
     groups = split_params_into_different_moe_groups_for_optimizer({"params": list(model.parameters()),
                                                                    "name": "dense"})
     opt = torch.optim.SGD(groups, lr=LR, momentum=MOMENTUM)
@@ -1617,7 +1618,7 @@ def make_moe_engine(stage: int, ep_size: int = 2, clip: float = 0.0, dtype: str 
 def _moe_params_close(engine: Any, ref: MoeReference, what: str) -> None:
     """This rank's parameters (its own experts among them) against the float64 model's."""
     ep_size = engine.module.moe.ep_size
-    first = dist.get_rank() % ep_size * (MOE_EXPERTS // ep_size)  # this rank's first expert of all of them
+    first = dist.get_rank() % ep_size * (engine.module.moe.num_experts // ep_size)  # its first of all experts
     want = ref.named()
     for n, p in engine.module.named_parameters():
         if n.startswith(MOE_EXPERT):
@@ -1628,7 +1629,7 @@ def _moe_params_close(engine: Any, ref: MoeReference, what: str) -> None:
 
 
 def case_moe_vs_reference(stage: int, call: str, ep_size: int = 2, ps: tuple[float, ...] = (2.0, math.inf, 1.0),
-                          steps: int = 2) -> dict:
+                          steps: int = 2, experts: int = MOE_EXPERTS, hid: int = HID) -> dict:
     """DeepSpeed MoE at ZeRO-1/2: each rank holds its own experts (``MOE_EXPERTS / ep_size``), partitioned over
     its expert-data-parallel group. For each p the norm equals the float64 unsharded model's (every expert once,
     dense parameters once), one collective per call, and the parameters after ``steps`` equal the float64 model
@@ -1640,7 +1641,8 @@ def case_moe_vs_reference(stage: int, call: str, ep_size: int = 2, ps: tuple[flo
     out: dict[str, Any] = {}
     for p in ps if call in ("plain", "hand_over") else (2.0,):
         max_norm = 0.05 if math.isinf(p) else 0.3
-        engine = make_moe_engine(stage, ep_size, clip=max_norm if call == "deepspeed" else 0.0)
+        engine = make_moe_engine(stage, ep_size, clip=max_norm if call == "deepspeed" else 0.0, experts=experts,
+                                 hid=hid)
         ref = MoeReference(engine)
         _moe_params_close(engine, ref, "initial params")
         from dist_clip.adapters.deepspeed import _ZERO12_MOE

@@ -385,11 +385,14 @@ def test_moe_experts_match_unsharded_run(run_ranks, stage, call):
     run_ranks(2, ds_cases.case_moe_vs_reference, stage, call, timeout_s=TIMEOUT)
 
 
-@pytest.mark.parametrize("stage,call", [(2, "plain"), (1, "per_param"), (2, "unitwise")])
-def test_moe_experts_over_two_expert_data_parallel_replicas(run_ranks, stage, call):
+@pytest.mark.parametrize("stage,call,experts,hid", [(2, "plain", 4, 7), (1, "per_param", 4, 7),
+                                                   (2, "unitwise", 2, 6), (1, "per_param", 2, 6)])
+def test_moe_experts_over_two_expert_data_parallel_replicas(run_ranks, stage, call, experts, hid):
     """4 ranks, ep_size 2: each expert partitioned over an expert-data-parallel group of 2 ranks ({0, 2} and
-    {1, 3}), the dense parameters over all 4."""
-    run_ranks(4, ds_cases.case_moe_vs_reference, stage, call, ps=(2.0, math.inf), timeout_s=TIMEOUT)
+    {1, 3}), the dense parameters over all 4. One 6x6 expert per rank (42 elements, padded to 44): the partition
+    boundary cuts a row of its weight, whose unit-wise (AGC) norm is then summed over the ranks by name."""
+    run_ranks(4, ds_cases.case_moe_vs_reference, stage, call, ps=(2.0, math.inf), experts=experts, hid=hid,
+              timeout_s=TIMEOUT)
 
 
 @pytest.mark.parametrize("stage,dtype,accum", [(0, "fp32", None), (1, "bf16", "fp32")])
