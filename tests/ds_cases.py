@@ -1630,12 +1630,13 @@ def _moe_params_close(engine: Any, ref: MoeReference, what: str) -> None:
 
 def case_moe_vs_reference(stage: int, call: str, ep_size: int = 2, ps: tuple[float, ...] = (2.0, math.inf, 1.0),
                           steps: int = 2, experts: int = MOE_EXPERTS, hid: int = HID) -> dict:
-    """DeepSpeed MoE at ZeRO-1/2: each rank holds its own experts (``MOE_EXPERTS / ep_size``), partitioned over
-    its expert-data-parallel group. For each p the norm equals the float64 unsharded model's (every expert once,
-    dense parameters once), one collective per call, and the parameters after ``steps`` equal the float64 model
-    stepped the same way. ``call``: "plain" (``clip_grad_norm_``), "hand_over" (``optimizer=engine.optimizer``),
-    "skip" (``GradClipper(on_nonfinite="skip")``, a NaN in rank 0's batch at step 1: the step is skipped),
-    "per_param", "unitwise" (AGC, the float64 model's weights before the step), "deepspeed" (DeepSpeed's own
+    """DeepSpeed MoE at ZeRO-1/2: each rank holds its own experts (``MOE_EXPERTS / ep_size``), partitioned over its
+    expert-data-parallel group (stage 0: whole, all-reduced over it). For each p the norm equals the float64
+    unsharded model's (every expert once, dense parameters once), one collective per call, and the parameters after
+    ``steps`` equal the float64 model stepped the same way. ``call``: "plain" (``clip_grad_norm_``), "hand_over"
+    (``optimizer=engine.optimizer``), "skip" (``GradClipper(on_nonfinite="skip")``, a NaN in rank 0's batch at step
+    1: the step is skipped), "per_param", "per_group" (the dense group and the experts' own, each against its own
+    max_norm), "unitwise" (AGC, the float64 model's weights before the step), "deepspeed" (DeepSpeed's own
     ``gradient_clipping``, dist_clip not called: its norm and step against the float64 model)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     out: dict[str, Any] = {}
@@ -1647,7 +1648,7 @@ def case_moe_vs_reference(stage: int, call: str, ep_size: int = 2, ps: tuple[flo
         _moe_params_close(engine, ref, "initial params")
         from dist_clip.adapters.deepspeed import _ZERO12_MOE
 
-        missing = [a for a in _ZERO12_MOE if not hasattr(engine.optimizer, a)]
+        missing = [a for a in _ZERO12_MOE if not hasattr(engine.optimizer, a)] if stage else []
         assert not missing, f"DeepSpeed's MoE ZeRO optimizer no longer has {missing}: the adapter must be updated"
         for step in range(steps):
             batches = [moe_batch(r, step) for r in range(world)]
@@ -1674,7 +1675,8 @@ def case_moe_vs_reference(stage: int, call: str, ep_size: int = 2, ps: tuple[flo
                     dense = [n for n in grads if not n.startswith(MOE_EXPERT)]
                     groups = [dense, [n for n in grads if n.startswith(MOE_EXPERT)]]
                     group_norms = [reference_norm([grads[n] for n in g], 2.0) for g in groups]
-                    for pg, m in zip(engine.optimizer.optimizer.param_groups, (max_norm, 3 * max_norm)):
+                    torch_opt = getattr(engine.optimizer, "optimizer", engine.optimizer)  # (stage 0: itself)
+                    for pg, m in zip(torch_opt.param_groups, (max_norm, 3 * max_norm)):
                         pg["max_norm"] = m
                     result = dist_clip.GradClipper(mode="per_group", report=True)(engine, optimizer=engine)
                     assert result.slots == ("dense", "ep_size_2"), result.slots  # the groups' names
@@ -1712,15 +1714,17 @@ def case_moe_vs_reference(stage: int, call: str, ep_size: int = 2, ps: tuple[flo
             engine.step()
             ref.opt.step()
             if call == "deepspeed":
-                out[f"deepspeed_norm{step}"] = (float(engine.get_global_grad_norm()), total)
+                theirs = engine.get_global_grad_norm()  # (None at stage 0 with a torch optimizer)
+                out[f"deepspeed_norm{step}"] = (None if theirs is None else float(theirs), total)
         _moe_params_close(engine, ref, f"stage {stage} {call} p={p} params after {steps} steps")
         out[str(p)] = float(got) if got is not None else None
     return out
 
 
 def case_moe_refused(stage: int, dtype: str = "fp32", grad_accum_dtype: str | None = None) -> list:
-    """MoE layers where dist_clip does not read the expert gradients (stage 0, which all-reduces them over the
-    expert-data-parallel group into .grad, and BF16_Optimizer): NotImplementedError on every rank, every mode."""
+    """MoE layers under DeepSpeed's non-ZeRO wrappers (BF16_Optimizer at stage 0, and at ZeRO-1 with fp32
+    accumulation), which reduce the expert gradients into buffers of their own: NotImplementedError on every
+    rank, every mode."""
     engine = make_moe_engine(stage, dtype=dtype, grad_accum_dtype=grad_accum_dtype)
     dtype_ = _engine_dtype(engine)
     engine.backward(loss_fn(engine(moe_batch(dist.get_rank(), 0).to(dtype_))))

@@ -377,7 +377,8 @@ def test_a_call_inside_coalesce_grad_reduction_is_refused(run_ranks, stage, offl
 
 
 @pytest.mark.parametrize("stage,call", [(1, "plain"), (2, "plain"), (2, "hand_over"), (2, "skip"), (2, "per_param"),
-                                        (2, "unitwise"), (2, "per_group"), (1, "deepspeed"), (2, "deepspeed")])
+                                        (2, "unitwise"), (2, "per_group"), (1, "deepspeed"), (2, "deepspeed"),
+                                        (0, "plain"), (0, "skip"), (0, "per_group"), (0, "unitwise")])
 def test_moe_experts_match_unsharded_run(run_ranks, stage, call):
     """DeepSpeed MoE: 4 experts, 2 on each of 2 expert-parallel ranks (each its own expert-data-parallel group).
     The adapter refused every MoE engine; its experts' local names (``deepspeed_experts.0`` on both ranks, two
@@ -386,7 +387,8 @@ def test_moe_experts_match_unsharded_run(run_ranks, stage, call):
 
 
 @pytest.mark.parametrize("stage,call,experts,hid", [(2, "plain", 4, 7), (1, "per_param", 4, 7),
-                                                   (2, "unitwise", 2, 6), (1, "per_param", 2, 6)])
+                                                   (2, "unitwise", 2, 6), (1, "per_param", 2, 6),
+                                                   (0, "plain", 4, 7), (0, "unitwise", 2, 6)])
 def test_moe_experts_over_two_expert_data_parallel_replicas(run_ranks, stage, call, experts, hid):
     """4 ranks, ep_size 2: each expert partitioned over an expert-data-parallel group of 2 ranks ({0, 2} and
     {1, 3}), the dense parameters over all 4. One 6x6 expert per rank (42 elements, padded to 44): the partition
@@ -395,6 +397,6 @@ def test_moe_experts_over_two_expert_data_parallel_replicas(run_ranks, stage, ca
               timeout_s=TIMEOUT)
 
 
-@pytest.mark.parametrize("stage,dtype,accum", [(0, "fp32", None), (1, "bf16", "fp32")])
+@pytest.mark.parametrize("stage,dtype,accum", [(0, "bf16", None), (1, "bf16", "fp32")])
 def test_moe_where_expert_gradients_are_not_read_is_refused(run_ranks, stage, dtype, accum):
     assert run_ranks(2, ds_cases.case_moe_refused, stage, dtype, accum, timeout_s=TIMEOUT) == [[True] * 3] * 2

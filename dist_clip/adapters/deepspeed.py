@@ -19,9 +19,10 @@ boundary, and ``step()`` reads them from the very buffers read here:
 * stage 0 and the non-ZeRO mixed-precision wrappers: whole gradients, identical on every rank after
   DeepSpeed's all-reduce (``param.grad``, or ``BF16_Optimizer``'s fp32 accumulation buffers).
 
-DeepSpeed's MoE layers at ZeRO-1/2: each expert-parallel rank's experts are partitioned over its
-expert-data-parallel group; their partials are summed over the engine's data-parallel group with the dense ones,
-and the experts are named by their index among all of the layer's experts (:func:`_expert_blocks`).
+DeepSpeed's MoE layers at ZeRO-1/2 and stage 0: each expert-parallel rank's experts are partitioned over (stage 0:
+all-reduced over) its expert-data-parallel group; their partials are summed over the engine's data-parallel group
+with the dense ones, and the experts are named by their index among all of the layer's experts
+(:func:`_expert_blocks`).
 
 Partitions are distinct pieces (their partials are summed over the data-parallel group); the alignment padding
 DeepSpeed appends is sliced off. Every piece is named with its parameter's name in ``engine.module`` (a ZeRO-1/2
@@ -493,52 +494,66 @@ def _zero12_peers(opt: Any, i: int) -> dist.ProcessGroup:
 
 
 _MOE_ONLY = (
-    "dist_clip handles DeepSpeed MoE layers under ZeRO-1 and ZeRO-2 (DeepSpeedZeroOptimizer, DeepSpeed's own "
-    "MoE class) without a model-parallel mpu, where DeepSpeed's own \"gradient_clipping\" counts the experts "
-    "right as well; "
+    "dist_clip handles DeepSpeed MoE layers (DeepSpeed's own MoE class) under ZeRO-1 and ZeRO-2, where DeepSpeed's "
+    "own \"gradient_clipping\" counts the experts right as well, and at stage 0 with a torch optimizer, without a "
+    "model-parallel mpu; "
 )
 
 
 def _check_moe(engine: Any) -> None:
     """``NotImplementedError`` (on every rank: it reads what every rank builds alike) for an engine with MoE
-    layers that the adapter cannot measure: DeepSpeed's AutoEP layers (no ``Experts`` module), another optimizer
-    than ZeRO-1/2's (ZeRO-3 refuses DeepSpeed's MoE itself; stage 0 and DeepSpeed's non-ZeRO wrappers reduce
-    expert gradients their own way, unread), a model-parallel mpu, or expert groups that do not tile the
-    data-parallel group (expert-parallel times expert-data-parallel ranks): there an expert's partials would not
-    meet exactly once."""
+    layers that the adapter cannot measure: DeepSpeed's AutoEP layers (no ``Experts`` module), an optimizer other
+    than ZeRO-1/2's or stage 0's torch optimizer (ZeRO-3 refuses DeepSpeed's MoE itself; DeepSpeed's non-ZeRO
+    wrappers reduce expert gradients into buffers of their own, unread), a model-parallel mpu, or expert groups
+    that do not tile the data-parallel group (expert-parallel times expert-data-parallel ranks): there an
+    expert's partials would not meet exactly once."""
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     opt = engine.optimizer
-    if not _expert_blocks(engine):
+    blocks = _expert_blocks(engine)
+    if not blocks:
         # DeepSpeed's AutoEP (AutoEPMoELayer, which it also runs at ZeRO-3) keeps its experts otherwise: unread
         raise NotImplementedError(f"{_MOE_ONLY}this engine's MoE layers hold no deepspeed.moe.experts.Experts "
                                   "module (DeepSpeed's AutoEP layers are not handled)")
-    if not isinstance(opt, DeepSpeedZeroOptimizer):
+    zero = isinstance(opt, DeepSpeedZeroOptimizer)
+    if not zero and not isinstance(opt, torch.optim.Optimizer):
         raise NotImplementedError(
             f"{_MOE_ONLY}this engine's optimizer is {type(opt).__name__}"
         )
     mp = getattr(engine, "mp_world_size", 1)
     if isinstance(mp, int) and mp > 1:
         raise NotImplementedError(f"{_MOE_ONLY}this engine's mpu spreads the model over {mp} model-parallel ranks")
-    _check_attributes(opt, _ZERO12_MOE)
-    dp = opt.dp_process_group
+    if zero:
+        _check_attributes(opt, _ZERO12_MOE)
+    dp = opt.dp_process_group if zero else _stage0_dp_group(engine)
     dp_ranks = set(dist.get_process_group_ranks(dp))
-    blocks = {b.group_name: b for b in _expert_blocks(engine)}
-    for i, group in enumerate(opt.optimizer.param_groups):
-        if not opt.is_moe_param_group[i]:
-            continue
-        edp = opt.real_dp_process_group[i]
-        ep = engine.expert_parallel_group.get(group.get("name"))
-        ok = ep is not None and group.get("name") in blocks
+    for b in blocks:
+        ep = engine.expert_parallel_group.get(b.group_name)
+        edp = engine.expert_data_parallel_group.get(b.group_name)
+        ok = ep is not None and edp is not None
         if ok:
             ep_ranks, edp_ranks = set(dist.get_process_group_ranks(ep)), set(dist.get_process_group_ranks(edp))
             ok = (ep_ranks | edp_ranks <= dp_ranks and len(ep_ranks & edp_ranks) == 1
                   and len(ep_ranks) * len(edp_ranks) == len(dp_ranks))
+        if ok and zero:  # ZeRO-1/2 partition each expert param group over its expert-data-parallel group
+            ok = all(same_ranks(opt.real_dp_process_group[i], edp)
+                     for i, group in enumerate(opt.optimizer.param_groups)
+                     if opt.is_moe_param_group[i] and group.get("name") == b.group_name)
         if not ok:
             raise NotImplementedError(
-                f"{_MOE_ONLY}param group {i} ({group.get('name')!r}) is partitioned over an expert-data-parallel "
-                "group that, with its expert-parallel group, does not make up the engine's data-parallel group"
+                f"{_MOE_ONLY}the experts of {b.prefix[:-1]!r} ({b.group_name!r}) are spread over "
+                "expert-parallel and expert-data-parallel groups that do not make up the engine's data-parallel "
+                "group"
             )
+    if zero and any(opt.is_moe_param_group[i] and group.get("name") not in engine.expert_parallel_group
+                    for i, group in enumerate(opt.optimizer.param_groups)):
+        raise NotImplementedError(f"{_MOE_ONLY}an expert param group of this engine is named after no "
+                                  "expert-parallel group")
+
+
+def _stage0_dp_group(engine: Any) -> dist.ProcessGroup:
+    """The ranks stage 0 all-reduces the dense gradients over."""
+    return getattr(engine, "seq_data_parallel_group", None) or dist.group.WORLD
 
 
 def _zero3_dp_group(opt: Any, i: int) -> dist.ProcessGroup:
@@ -763,11 +778,28 @@ def _replicated_shards(engine: Any, opt: Any, group: dist.ProcessGroup | None) -
     if not named and any(p.requires_grad for p in engine.module.parameters()):
         # engine.step() sets every .grad to None; the boundary's reduction gives every trainable parameter one.
         raise _no_reduced_gradients("no parameter has a gradient")
+    wrapped = name in ("BF16_Optimizer", "FP16_UnfusedOptimizer", "FP16_Optimizer")
+    experts: dict[str, list[tuple[str, Tensor]]] = {}
+    if not wrapped and _expert_blocks(engine):
+        # stage 0 with DeepSpeed MoE (_check_moe): each expert whole, copies over its expert-data-parallel group
+        group_names = {n: getattr(p, "group_name", None) for n, p in _module_named(engine)
+                       if not getattr(p, "allreduce", True)}
+        for n, g in [(n, g) for n, g in named if n in group_names]:
+            experts.setdefault(str(group_names[n]), []).append((n, g))
+        named = [(n, g) for n, g in named if n not in group_names]
     tensors, labels = [g for _, g in named], [n for n, _ in named]
-    if group is None:
-        return [Shards(tensors, group=None, names=labels)]
-    dp = getattr(engine, "seq_data_parallel_group", None) or dist.group.WORLD
-    return [Shards(tensors, group=group, counted=first_copy_in(dp, group), names=labels)]
+    dp = _stage0_dp_group(engine)
+    out = [Shards(tensors, group=None, names=labels) if group is None else
+           Shards(tensors, group=group, counted=first_copy_in(dp, group), names=labels)]
+    for group_name, pieces in experts.items():
+        # the other expert-parallel ranks hold other experts: summed over the data-parallel group (or group=),
+        # each expert counted on the lowest rank of its copies
+        check_covers(group, dp, "DeepSpeed's expert-parallel ranks hold other experts")
+        over = group if group is not None else dp
+        out.append(Shards([g for _, g in pieces], group=over,
+                          counted=first_copy_in(engine.expert_data_parallel_group[group_name], over),
+                          names=[n for n, _ in pieces]))
+    return out
 
 
 def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
@@ -1441,9 +1473,9 @@ def zero3_param_groups(target: object) -> tuple[dict[str, int], Any]:
 
 
 def expert_param_groups(target: object) -> tuple[dict[str, int], Any]:
-    """ZeRO-1/2 with DeepSpeed MoE layers: every expert's name (:func:`all_names`) -> the index of its param group
-    in the torch optimizer, and that optimizer; ``({}, None)`` elsewhere. Another expert-parallel rank's expert
-    lies in the group of this rank's expert at the same local index (every rank builds its expert groups alike):
+    """ZeRO-1/2 and stage 0 with DeepSpeed MoE layers: every expert's name (:func:`all_names`) -> the index of its
+    param group in the torch optimizer, and that optimizer; ``({}, None)`` elsewhere. Another expert-parallel
+    rank's expert lies in the group of this rank's expert at the same local index (every rank builds them alike):
     without it, ``mode="per_group"`` found each rank's own experts only, and the ranks' group layouts differed
     (a ``RuntimeError`` on every rank)."""
     engine: Any = target
@@ -1451,9 +1483,16 @@ def expert_param_groups(target: object) -> tuple[dict[str, int], Any]:
     blocks = _expert_blocks(engine)
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    if not blocks or not isinstance(opt, DeepSpeedZeroOptimizer):
+    if not blocks:
         return {}, None
-    group_by_id = {id(p): i for i, params in enumerate(opt.bit16_groups) for p in params}
+    if isinstance(opt, DeepSpeedZeroOptimizer):
+        group_by_id = {id(p): i for i, params in enumerate(opt.bit16_groups) for p in params}
+        inner = opt.optimizer
+    elif isinstance(opt, torch.optim.Optimizer):  # stage 0: the module's parameters themselves
+        group_by_id = {id(p): i for i, pg in enumerate(opt.param_groups) for p in pg["params"]}
+        inner = opt
+    else:
+        return {}, None
     local = {n: group_by_id[id(p)] for n, p in _module_named(engine) if id(p) in group_by_id}
     out: dict[str, int] = {}
     for name in all_names(engine):
@@ -1463,7 +1502,7 @@ def expert_param_groups(target: object) -> tuple[dict[str, int], Any]:
             twin = f"{b.prefix}{b.ep_rank * b.local + e % b.local}.{rest}"
             if twin in local:
                 out[name] = local[twin]
-    return out, opt.optimizer
+    return out, inner
 
 
 # ------------------------------------------------------------------------------------ unit-wise clipping (AGC)
