@@ -1695,6 +1695,9 @@ def case_moe_vs_reference(stage: int, call: str, ep_size: int = 2, ps: tuple[flo
             if call != "deepspeed":
                 assert c.total == 1, f"{c.total} collectives"
                 _close(float(got), total, 2e-6, f"stage {stage} {call} p={p} step {step} norm")
+            if call == "plain" and step == 0:  # (the gradients are clipped: their norm is max_norm now)
+                _close(float(dist_clip.get_total_norm(engine, p, group=dist.group.WORLD)), max_norm, 2e-6,
+                       f"stage {stage} p={p} group=WORLD after the clip")
             if call == "skip" and step == 1:
                 assert math.isnan(total)
                 engine.step()

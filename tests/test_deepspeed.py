@@ -378,7 +378,8 @@ def test_a_call_inside_coalesce_grad_reduction_is_refused(run_ranks, stage, offl
 
 @pytest.mark.parametrize("stage,call", [(1, "plain"), (2, "plain"), (2, "hand_over"), (2, "skip"), (2, "per_param"),
                                         (2, "unitwise"), (2, "per_group"), (1, "deepspeed"), (2, "deepspeed"),
-                                        (0, "plain"), (0, "skip"), (0, "per_group"), (0, "unitwise")])
+                                        (0, "plain"), (0, "hand_over"), (0, "skip"), (0, "per_param"),
+                                        (0, "per_group"), (0, "unitwise")])
 def test_moe_experts_match_unsharded_run(run_ranks, stage, call):
     """DeepSpeed MoE: 4 experts, 2 on each of 2 expert-parallel ranks (each its own expert-data-parallel group).
     The adapter refused every MoE engine; its experts' local names (``deepspeed_experts.0`` on both ranks, two
