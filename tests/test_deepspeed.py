@@ -387,6 +387,12 @@ def test_moe_experts_match_unsharded_run(run_ranks, stage, call):
     run_ranks(2, ds_cases.case_moe_vs_reference, stage, call, timeout_s=TIMEOUT)
 
 
+@pytest.mark.parametrize("stage,call", [(2, "plain"), (0, "per_param")])
+def test_moe_experts_all_on_every_rank(run_ranks, stage, call):
+    """ep_size 1: every rank holds all 4 experts, partitioned (stage 0: all-reduced) over the whole world."""
+    run_ranks(2, ds_cases.case_moe_vs_reference, stage, call, ep_size=1, timeout_s=TIMEOUT)
+
+
 @pytest.mark.parametrize("stage,call,experts,hid", [(2, "plain", 4, 7), (1, "per_param", 4, 7),
                                                    (2, "unitwise", 2, 6), (1, "per_param", 2, 6),
                                                    (0, "plain", 4, 7), (0, "unitwise", 2, 6)])
