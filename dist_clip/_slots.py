@@ -344,6 +344,8 @@ def _deepspeed_named(engine: object, group: dist.ProcessGroup | None) -> Named:
             raise _name_clash(n)
         if hasattr(p, "ds_id"):
             by_id[f"ds_id{p.ds_id}"] = n
+    if ds_adapter._expert_blocks(engine):  # MoE: the other expert-parallel ranks' experts too
+        names = ds_adapter.all_names(engine)
     shards = resolve(engine, group)
     out = []
     known = set(names)
@@ -357,6 +359,8 @@ def _deepspeed_named(engine: object, group: dist.ProcessGroup | None) -> Named:
             )
         out.append(Shards(s.tensors, group=s.group, counted=s.counted, names=mapped, loss_scale=s.loss_scale))
     group_of, group_optimizer = ds_adapter.zero3_param_groups(engine)  # ZeRO-3: its own name -> group map
+    if not group_of:  # MoE (stage 0, ZeRO-1/2): the groups of the experts other expert-parallel ranks hold
+        group_of, group_optimizer = ds_adapter.expert_param_groups(engine)
     # what the torch optimizer holds, for per-group lookups only
     return Named(out, tuple(names), params, group_of, group_optimizer,
                  more_params=lambda: ds_adapter.optimizer_tensors(engine))

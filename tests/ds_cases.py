@@ -644,10 +644,14 @@ def case_contract() -> dict:
             else:
                 raise AssertionError(f"stage {stage}: a group= short of the partitions' ranks was accepted")
         assert dist_clip.get_total_norm(engine, group=dist.group.WORLD) == dist_clip.get_total_norm(engine)
-        # MoE expert groups are not handled (README, Limits): refused. gloo has no all_to_all, so no MoE layer
-        # runs here: the flag deepspeed.initialize sets for a model holding deepspeed.moe.layer.MoE stands in.
-        # The message names the remedy (DeepSpeed's own gradient_clipping), and no warning to turn that clipping
-        # off comes first (it did, with the config's gradient_clipping set).
+        # MoE layers are measured at ZeRO 1-2 only (case_moe_vs_reference); ZeRO-3 refuses DeepSpeed's MoE itself:
+        # the flag deepspeed.initialize sets for a model holding deepspeed.moe.layer.MoE stands in there. The
+        # message names the remedy (DeepSpeed's own gradient_clipping), and no warning to turn that clipping off
+        # comes first (it did, with the config's gradient_clipping set).
+        if stage != 3:
+            dist_clip.clip_grad_norm_(engine, 1.0)
+            engine.step()
+            continue
         engine.has_moe_layers = True
         engine.gradient_clipping = lambda: 1.0
         try:
@@ -655,7 +659,7 @@ def case_contract() -> dict:
                 warnings.simplefilter("always")
                 dist_clip.get_total_norm(engine)
         except NotImplementedError as e:
-            assert "MoE" in str(e) and '"gradient_clipping" in its config' in str(e), str(e)
+            assert "MoE" in str(e) and '"gradient_clipping"' in str(e), str(e)
             assert not [w for w in seen if "gradient_clipping" in str(w.message)], [str(w.message) for w in seen]
         else:
             raise AssertionError(f"stage {stage}: an engine with MoE layers was measured")
@@ -1497,3 +1501,239 @@ def case_deepspeed_muon_skip(stage: int, offload: bool) -> list:
     (skipped, mom_a, par_a), (_, mom_b, par_b) = final[(0, 1, 2)], final[(0, 2)]
     return [skipped == 1, [torch.equal(a, b) for a, b in zip(mom_a.values(), mom_b.values())] == [True] * len(mom_b),
             torch.equal(par_a, par_b)]
+
+
+# ------------------------------------------------------------------------------------------ DeepSpeed MoE
+
+
+MOE_EXPERTS, MOE_TOKENS = 4, 8
+MOE_EXPERT = "moe.deepspeed_moe.experts.deepspeed_experts."
+
+
+class MoeNet(torch.nn.Module):
+    """A dense layer, DeepSpeed's ``MoE`` (top-1 gate, ``MOE_EXPERTS`` experts spread over ``ep_size`` ranks, no
+    token dropped: every token reaches its expert on every rank count) and a dense layer. Expert ``e`` (of all of
+    them) gets values of its own; DeepSpeed's experts start as copies of one module on every rank."""
+
+    def __init__(self, ep_size: int, experts: int = MOE_EXPERTS, hid: int = HID) -> None:
+        super().__init__()
+        from deepspeed.moe.layer import MoE
+
+        torch.manual_seed(0)
+        self.inp = torch.nn.Linear(IN, hid)
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.moe = MoE(hid, torch.nn.Linear(hid, hid), num_experts=experts, ep_size=ep_size, k=1,
+                           min_capacity=0, drop_tokens=False, use_rts=False)
+        self.out = torch.nn.Linear(hid, OUT)
+        local = experts // ep_size
+        ep_rank = dist.get_rank() % ep_size  # DeepSpeed's expert-parallel groups: consecutive ranks
+        with torch.no_grad():
+            for k, expert in enumerate(self.moe.deepspeed_moe.experts.deepspeed_experts):
+                expert.weight.copy_(_expert_values(ep_rank * local + k, hid)[0])
+                expert.bias.copy_(_expert_values(ep_rank * local + k, hid)[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _, _ = self.moe(torch.tanh(self.inp(x)))
+        return self.out(h)
+
+
+def _expert_values(e: int, hid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + e)
+    return torch.randn(hid, hid, generator=g) * 0.5, torch.randn(hid, generator=g) * 0.2
+
+
+class MoeReference(torch.nn.Module):
+    """The unsharded float64 model of :class:`MoeNet`: every expert on one process, under the names the engine's
+    parameters carry in dist_clip (experts numbered over all expert-parallel ranks)."""
+
+    def __init__(self, engine: Any) -> None:
+        super().__init__()
+        src = engine.module
+        hid, experts = src.inp.out_features, src.moe.num_experts
+        self.inp = torch.nn.Linear(IN, hid).double()
+        self.wg = torch.nn.Linear(hid, experts, bias=False).double()
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(hid, hid).double() for _ in range(experts))
+        self.out = torch.nn.Linear(hid, OUT).double()
+        with torch.no_grad():
+            for mine, theirs in ((self.inp, src.inp), (self.out, src.out), (self.wg, src.moe.deepspeed_moe.gate.wg)):
+                for a, b in zip(mine.parameters(), theirs.parameters()):
+                    a.copy_(b)
+            for e, expert in enumerate(self.experts):
+                expert.weight.copy_(_expert_values(e, hid)[0])
+                expert.bias.copy_(_expert_values(e, hid)[1])
+        self.opt = torch.optim.SGD(self.parameters(), lr=LR, momentum=MOMENTUM)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        gates = torch.softmax(self.wg(h), dim=1)
+        chosen = gates.argmax(dim=1)
+        y = torch.stack([gates[t, e] * self.experts[int(e)](h[t]) for t, e in enumerate(chosen)])
+        return self.out(y)
+
+    def named(self) -> dict[str, torch.Tensor]:
+        """Parameters by the engine's names."""
+        out = {"inp.weight": self.inp.weight, "inp.bias": self.inp.bias, "moe.deepspeed_moe.gate.wg.weight":
+               self.wg.weight}
+        for e, expert in enumerate(self.experts):
+            out[f"{MOE_EXPERT}{e}.weight"], out[f"{MOE_EXPERT}{e}.bias"] = expert.weight, expert.bias
+        out["out.weight"], out["out.bias"] = self.out.weight, self.out.bias
+        return out
+
+    def grads(self, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """DeepSpeed's gradient: the mean over ranks of each rank's loss (experts too: DeepSpeed divides them by
+        the data-parallel size, then sums them over the expert-data-parallel group)."""
+        self.opt.zero_grad(set_to_none=True)
+        for x in batches:
+            (loss_fn(self(x.double())) / len(batches)).backward()
+        for p in self.parameters():  # an expert no token reached: DeepSpeed holds a zero gradient (and steps it)
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return {n: p.grad for n, p in self.named().items()}
+
+
+def moe_batch(rank: int, step: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(5000 + 100 * step + rank)
+    return torch.randn(MOE_TOKENS, IN, generator=g) * (1.0 + rank)
+
+
+def make_moe_engine(stage: int, ep_size: int = 2, clip: float = 0.0, dtype: str = "fp32",
+                    grad_accum_dtype: str | None = None, experts: int = MOE_EXPERTS, hid: int = HID) -> Any:
+    """A :class:`MoeNet` engine whose torch SGD holds a dense and an expert param group, as DeepSpeed's MoE
+    wants them (``split_params_into_different_moe_groups_for_optimizer``)."""
+    deepspeed = _quiet()
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    model = MoeNet(ep_size, experts, hid)
+    groups = split_params_into_different_moe_groups_for_optimizer({"params": list(model.parameters()),
+                                                                   "name": "dense"})
+    opt = torch.optim.SGD(groups, lr=LR, momentum=MOMENTUM)
+    with contextlib.redirect_stdout(io.StringIO()):
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(
+            stage, clip=clip, dtype=dtype, grad_accum_dtype=grad_accum_dtype))
+    name = model.moe.expert_group_name
+    assert dist.get_rank(engine.expert_parallel_group[name]) == dist.get_rank() % ep_size, "expert-parallel rank"
+    return engine
+
+
+def _moe_params_close(engine: Any, ref: MoeReference, what: str) -> None:
+    """This rank's parameters (its own experts among them) against the float64 model's."""
+    ep_size = engine.module.moe.ep_size
+    first = dist.get_rank() % ep_size * (engine.module.moe.num_experts // ep_size)  # its first of all experts
+    want = ref.named()
+    for n, p in engine.module.named_parameters():
+        if n.startswith(MOE_EXPERT):
+            k, _, rest = n[len(MOE_EXPERT):].partition(".")
+            n = f"{MOE_EXPERT}{first + int(k)}.{rest}"
+        err = (p.detach().double() - want[n]).abs().max().item()
+        assert torch.allclose(p.detach().double(), want[n], rtol=1e-5, atol=1e-6), f"{what}: {n} differs by {err:.3e}"
+
+
+def case_moe_vs_reference(stage: int, call: str, ep_size: int = 2, ps: tuple[float, ...] = (2.0, math.inf, 1.0),
+                          steps: int = 2, experts: int = MOE_EXPERTS, hid: int = HID) -> dict:
+    """DeepSpeed MoE at ZeRO-1/2: each rank holds its own experts (``MOE_EXPERTS / ep_size``), partitioned over its
+    expert-data-parallel group (stage 0: whole, all-reduced over it). For each p the norm equals the float64
+    unsharded model's (every expert once, dense parameters once), one collective per call, and the parameters after
+    ``steps`` equal the float64 model stepped the same way. ``call``: "plain" (``clip_grad_norm_``), "hand_over"
+    (``optimizer=engine.optimizer``), "skip" (``GradClipper(on_nonfinite="skip")``, a NaN in rank 0's batch at step
+    1: the step is skipped), "per_param", "per_group" (the dense group and the experts' own, each against its own
+    max_norm), "unitwise" (AGC, the float64 model's weights before the step), "deepspeed" (DeepSpeed's own
+    ``gradient_clipping``, dist_clip not called: its norm and step against the float64 model)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out: dict[str, Any] = {}
+    for p in ps if call in ("plain", "hand_over") else (2.0,):
+        max_norm = 0.05 if math.isinf(p) else 0.3
+        engine = make_moe_engine(stage, ep_size, clip=max_norm if call == "deepspeed" else 0.0, experts=experts,
+                                 hid=hid)
+        ref = MoeReference(engine)
+        _moe_params_close(engine, ref, "initial params")
+        from dist_clip.adapters.deepspeed import _ZERO12_MOE
+
+        missing = [a for a in _ZERO12_MOE if not hasattr(engine.optimizer, a)] if stage else []
+        assert not missing, f"DeepSpeed's MoE ZeRO optimizer no longer has {missing}: the adapter must be updated"
+        for step in range(steps):
+            batches = [moe_batch(r, step) for r in range(world)]
+            if call == "skip" and step == 1:
+                batches[0][0, 0] = float("nan")
+            engine.backward(loss_fn(engine(batches[rank])))
+            grads = ref.grads(batches)
+            total = reference_norm(list(grads.values()), p)
+            with count_collectives() as c:
+                if call == "plain":
+                    got = dist_clip.clip_grad_norm_(engine, max_norm, p)
+                elif call == "hand_over":
+                    got = dist_clip.clip_grad_norm_(engine, max_norm, p, optimizer=engine.optimizer)
+                elif call == "skip":
+                    got = dist_clip.GradClipper(max_norm=max_norm, on_nonfinite="skip")(engine).total_norm
+                elif call == "per_param":
+                    norms = {n: float(torch.linalg.vector_norm(g)) for n, g in grads.items()}
+                    result = dist_clip.GradClipper(mode="per_param", max_norm=max_norm, report=True)(engine)
+                    assert result.slots == tuple(grads), result.slots
+                    for n, want in norms.items():
+                        _close(result.norms[n], want, 2e-6, f"per_param norm of {n}")
+                    got = result.total_norm
+                elif call == "per_group":  # the dense group against max_norm, the experts' group against 3x
+                    dense = [n for n in grads if not n.startswith(MOE_EXPERT)]
+                    groups = [dense, [n for n in grads if n.startswith(MOE_EXPERT)]]
+                    group_norms = [reference_norm([grads[n] for n in g], 2.0) for g in groups]
+                    torch_opt = getattr(engine.optimizer, "optimizer", engine.optimizer)  # (stage 0: itself)
+                    for pg, m in zip(torch_opt.param_groups, (max_norm, 3 * max_norm)):
+                        pg["max_norm"] = m
+                    result = dist_clip.GradClipper(mode="per_group", report=True)(engine, optimizer=engine)
+                    assert result.slots == ("dense", "ep_size_2"), result.slots  # the groups' names
+                    for i, (g, want) in enumerate(zip(groups, group_norms)):
+                        coef = min(1.0, (max_norm, 3 * max_norm)[i] / (want + 1e-6))
+                        _close(float(result.clip_coef[i]), coef, 2e-6, f"per_group coefficient of group {i}")
+                        for n in g:
+                            grads[n].mul_(coef)
+                    got = result.total_norm
+                elif call == "unitwise":
+                    from dist_clip.testing import reference_agc_
+
+                    got = dist_clip.GradClipper(mode="unitwise", agc=dist_clip.AGC(0.05))(engine).total_norm
+                else:
+                    got = None
+            if call != "deepspeed":
+                assert c.total == 1, f"{c.total} collectives"
+                _close(float(got), total, 2e-6, f"stage {stage} {call} p={p} step {step} norm")
+            if call == "plain" and step == 0:  # (the gradients are clipped: their norm is max_norm now)
+                _close(float(dist_clip.get_total_norm(engine, p, group=dist.group.WORLD)), max_norm, 2e-6,
+                       f"stage {stage} p={p} group=WORLD after the clip")
+            if call == "skip" and step == 1:
+                assert math.isnan(total)
+                engine.step()
+                assert engine.skipped_steps == 1, engine.skipped_steps
+                continue
+            if call == "per_group":
+                pass
+            elif call == "per_param":
+                for g in grads.values():
+                    g.mul_(min(1.0, max_norm / (float(torch.linalg.vector_norm(g)) + 1e-6)))
+            elif call == "unitwise":
+                reference_agc_({n: t.detach() for n, t in ref.named().items()}, grads, 0.05, 1e-3)
+            else:
+                assert max_norm < total, "the case must clip"
+                for g in grads.values():
+                    g.mul_(min(1.0, max_norm / (total + 1e-6)))
+            engine.step()
+            ref.opt.step()
+            if call == "deepspeed":
+                theirs = engine.get_global_grad_norm()  # (None at stage 0 with a torch optimizer)
+                out[f"deepspeed_norm{step}"] = (None if theirs is None else float(theirs), total)
+        _moe_params_close(engine, ref, f"stage {stage} {call} p={p} params after {steps} steps")
+        out[str(p)] = float(got) if got is not None else None
+    return out
+
+
+def case_moe_refused(stage: int, dtype: str = "fp32", grad_accum_dtype: str | None = None) -> list:
+    """MoE layers under DeepSpeed's non-ZeRO wrappers (BF16_Optimizer at stage 0, and at ZeRO-1 with fp32
+    accumulation), which reduce the expert gradients into buffers of their own: NotImplementedError on every
+    rank, every mode."""
+    engine = make_moe_engine(stage, dtype=dtype, grad_accum_dtype=grad_accum_dtype)
+    dtype_ = _engine_dtype(engine)
+    engine.backward(loss_fn(engine(moe_batch(dist.get_rank(), 0).to(dtype_))))
+    got = [outcome(call, NotImplementedError, lambda m: "MoE" in m and type(engine.optimizer).__name__ in m)
+           for call in (lambda: dist_clip.clip_grad_norm_(engine, 1.0),
+                        lambda: dist_clip.GradClipper(mode="per_param")(engine),
+                        lambda: dist_clip.GradClipper(mode="unitwise")(engine))]
+    engine.step()
+    return got

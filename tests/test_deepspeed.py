@@ -374,3 +374,36 @@ def test_a_skip_with_deepspeeds_muon_leaves_its_momentum_alone(run_ranks, stage,
 def test_a_call_inside_coalesce_grad_reduction_is_refused(run_ranks, stage, offload):
     results = run_ranks(2, ds_cases.case_call_inside_coalesce_grad_reduction, stage, offload, timeout_s=TIMEOUT)
     assert results == [[True, True]] * 2, results
+
+
+@pytest.mark.parametrize("stage,call", [(1, "plain"), (2, "plain"), (2, "hand_over"), (2, "skip"), (2, "per_param"),
+                                        (2, "unitwise"), (2, "per_group"), (1, "deepspeed"), (2, "deepspeed"),
+                                        (0, "plain"), (0, "hand_over"), (0, "skip"), (0, "per_param"),
+                                        (0, "per_group"), (0, "unitwise")])
+def test_moe_experts_match_unsharded_run(run_ranks, stage, call):
+    """DeepSpeed MoE: 4 experts, 2 on each of 2 expert-parallel ranks (each its own expert-data-parallel group).
+    The adapter refused every MoE engine; its experts' local names (``deepspeed_experts.0`` on both ranks, two
+    different experts) would have merged two experts into one slot in the per-parameter modes."""
+    run_ranks(2, ds_cases.case_moe_vs_reference, stage, call, timeout_s=TIMEOUT)
+
+
+@pytest.mark.parametrize("stage,call", [(2, "plain"), (0, "per_param")])
+def test_moe_experts_all_on_every_rank(run_ranks, stage, call):
+    """ep_size 1: every rank holds all 4 experts, partitioned (stage 0: all-reduced) over the whole world."""
+    run_ranks(2, ds_cases.case_moe_vs_reference, stage, call, ep_size=1, timeout_s=TIMEOUT)
+
+
+@pytest.mark.parametrize("stage,call,experts,hid", [(2, "plain", 4, 7), (1, "per_param", 4, 7),
+                                                   (2, "unitwise", 2, 6), (1, "per_param", 2, 6),
+                                                   (0, "plain", 4, 7), (0, "unitwise", 2, 6)])
+def test_moe_experts_over_two_expert_data_parallel_replicas(run_ranks, stage, call, experts, hid):
+    """4 ranks, ep_size 2: each expert partitioned over an expert-data-parallel group of 2 ranks ({0, 2} and
+    {1, 3}), the dense parameters over all 4. One 6x6 expert per rank (42 elements, padded to 44): the partition
+    boundary cuts a row of its weight, whose unit-wise (AGC) norm is then summed over the ranks by name."""
+    run_ranks(4, ds_cases.case_moe_vs_reference, stage, call, ps=(2.0, math.inf), experts=experts, hid=hid,
+              timeout_s=TIMEOUT)
+
+
+@pytest.mark.parametrize("stage,dtype,accum", [(0, "bf16", None), (1, "bf16", "fp32")])
+def test_moe_where_expert_gradients_are_not_read_is_refused(run_ranks, stage, dtype, accum):
+    assert run_ranks(2, ds_cases.case_moe_refused, stage, dtype, accum, timeout_s=TIMEOUT) == [[True] * 3] * 2

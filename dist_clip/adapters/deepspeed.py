@@ -19,6 +19,11 @@ boundary, and ``step()`` reads them from the very buffers read here:
 * stage 0 and the non-ZeRO mixed-precision wrappers: whole gradients, identical on every rank after
   DeepSpeed's all-reduce (``param.grad``, or ``BF16_Optimizer``'s fp32 accumulation buffers).
 
+DeepSpeed's MoE layers at ZeRO-1/2 and stage 0: each expert-parallel rank's experts are partitioned over (stage 0:
+all-reduced over) its expert-data-parallel group; their partials are summed over the engine's data-parallel group
+with the dense ones, and the experts are named by their index among all of the layer's experts
+(:func:`_expert_blocks`).
+
 Partitions are distinct pieces (their partials are summed over the data-parallel group); the alignment padding
 DeepSpeed appends is sliced off. Every piece is named with its parameter's name in ``engine.module`` (a ZeRO-1/2
 partition is cut into one piece per parameter slice it holds, from ``round_robin_bit16_offsets`` and
@@ -128,6 +133,8 @@ _ZERO12 = ("averaged_gradients", "cpu_offload", "single_partition_of_fp32_groups
 _ZERO3 = ("averaged_gradients", "offload_optimizer", "fp32_partitioned_groups_flat", "fp16_groups",
           "dp_process_group", "loss_scaler", "_swappable_optimizer_subgroup", "grad_position", "get_param_id",
           "is_gradient_accumulation_boundary", "_epilogue_ran_this_backward", "micro_step_id")
+#: What MoE layers add to what the adapter reads on ZeRO-1/2 (see :func:`_check_moe`).
+_ZERO12_MOE = ("is_moe_param_group", "dp_process_group", "has_moe_layers")
 #: What the adapter reads on the engine itself (see :class:`_BackwardMark`).
 _ENGINE = ("micro_steps", "_backward_epilogue")
 _BF16 = ("fp32_groups_gradients", "fp32_groups_has_gradients", "bf16_groups", "is_gradient_accumulation_boundary")
@@ -235,10 +242,118 @@ _ZERO12_LAYOUTS: weakref.WeakKeyDictionary[Any, list[tuple[int, list[_Slice]]]] 
 def _module_named(engine: Any) -> list[tuple[str, Any]]:
     """``engine.module``'s parameters under the unwrapped model's names: without the path parts activation
     checkpointing and a compiled module insert (``0._checkpoint_wrapped_module.weight`` was reported as such, and
-    an AGC ``exclude=("0.*",)`` written against the model's names missed it), as for every other wrapper."""
+    an AGC ``exclude=("0.*",)`` written against the model's names missed it), as for every other wrapper. The
+    experts of a DeepSpeed MoE layer are named by their index among all its experts (:func:`_expert_blocks`)."""
     from .fsdp import clean_name
 
-    return [(clean_name(n), p) for n, p in engine.module.named_parameters()]
+    named = [(clean_name(n), p) for n, p in engine.module.named_parameters()]
+    blocks = _expert_blocks(engine)
+    if blocks:
+        named = [(_global_expert_name(blocks, n), p) for n, p in named]
+    return named
+
+
+@dataclass(frozen=True)
+class _ExpertBlock:
+    """One DeepSpeed MoE layer's ``Experts`` module on this rank: its experts are ``local`` of the layer's
+    ``local * ep_size``, the ``ep_rank``-th run of them (``MOELayer`` all-to-alls expert ``e`` to expert-parallel
+    rank ``e // local``)."""
+
+    prefix: str  # "moe.deepspeed_moe.experts.deepspeed_experts."
+    local: int
+    ep_rank: int
+    ep_size: int
+    group_name: str
+
+
+# engine -> (torch's registration count when read, the expert blocks of its module)
+_EXPERT_BLOCKS: weakref.WeakKeyDictionary[Any, tuple[int, list[_ExpertBlock]]] = weakref.WeakKeyDictionary()
+
+
+def _expert_blocks(engine: Any) -> list[_ExpertBlock]:
+    """The DeepSpeed MoE experts of ``engine.module`` (none without MoE layers), kept until a module or parameter
+    is registered anywhere. Each rank holds its own experts under the same local names
+    (``...deepspeed_experts.0.weight`` is expert 0 on expert-parallel rank 0 and expert 1 on rank 1 where each
+    holds one): named so, the per-parameter modes added other ranks' experts into one slot."""
+    if not getattr(engine, "has_moe_layers", False):
+        return []
+    count = registrations()
+    try:
+        seen = _EXPERT_BLOCKS.get(engine)
+    except TypeError:
+        seen = None
+    if seen is not None and seen[0] == count:
+        return seen[1]
+    from deepspeed.moe.experts import Experts
+
+    from .fsdp import clean_name
+
+    blocks: list[_ExpertBlock] = []
+    for name, module in engine.module.named_modules():
+        if not isinstance(module, Experts):
+            continue
+        group_name = next((getattr(p, "group_name", None) for p in module.parameters()), None)
+        ep_group = getattr(engine, "expert_parallel_group", {}).get(group_name) if group_name else None
+        if ep_group is None:
+            raise NotImplementedError(
+                f"the DeepSpeed MoE experts {name!r} have no expert-parallel group on this engine: dist_clip "
+                "cannot tell which of the layer's experts this rank holds"
+            )
+        prefix = clean_name(f"{name}.deepspeed_experts") + "." if name else "deepspeed_experts."
+        blocks.append(_ExpertBlock(prefix, int(module.num_local_experts), dist.get_rank(ep_group),
+                                   dist.get_world_size(ep_group), str(group_name)))
+    try:
+        _EXPERT_BLOCKS[engine] = (count, blocks)
+    except TypeError:
+        pass
+    return blocks
+
+
+def _split_expert_name(blocks: list[_ExpertBlock], name: str) -> tuple[_ExpertBlock, int, str] | None:
+    """(block, local expert index, the rest of the name) of an expert parameter's local name; None otherwise."""
+    for b in blocks:
+        if name.startswith(b.prefix):
+            k, _, rest = name[len(b.prefix):].partition(".")
+            if k.isdigit():
+                return b, int(k), rest
+    return None
+
+
+def _global_expert_name(blocks: list[_ExpertBlock], name: str) -> str:
+    """An expert parameter's name in the unsharded model (its layer's experts numbered over every
+    expert-parallel rank, as one process with ``ep_size=1`` names them); other names as they are."""
+    found = _split_expert_name(blocks, name)
+    if found is None:
+        return name
+    b, k, rest = found
+    return f"{b.prefix}{b.ep_rank * b.local + k}.{rest}"
+
+
+def all_names(engine: Any) -> list[str]:
+    """Every parameter name of the unsharded model, in an order identical on every rank: ``engine.module``'s
+    (:func:`_module_named`), each MoE layer's experts listed for every expert-parallel rank (this rank holds
+    ``local`` of them)."""
+    from .fsdp import clean_name
+
+    blocks = _expert_blocks(engine)
+    local = [clean_name(n) for n, _ in engine.module.named_parameters()]
+    if not blocks:
+        return local
+    out: list[str] = []
+    done: set[str] = set()
+    for n in local:
+        found = _split_expert_name(blocks, n)
+        if found is None:
+            out.append(n)
+            continue
+        b = found[0]
+        if b.prefix in done:
+            continue
+        done.add(b.prefix)
+        mine = [split[1:] for split in (_split_expert_name([b], m) for m in local) if split is not None]
+        for e in range(b.local * b.ep_size):  # expert e is local expert e % local on its expert-parallel rank
+            out += [f"{b.prefix}{e}.{rest}" for k, rest in mine if k == e % b.local]
+    return out
 
 
 def _names_by_id(engine: Any) -> dict[int, str]:
@@ -337,7 +452,7 @@ def _zero12_shards(engine: Any, opt: Any, group: dist.ProcessGroup | None, scale
     layout = _zero12_layout(engine, opt)
     out: list[Shards] = []
     for i, (size, slices) in enumerate(layout):
-        dp = opt.real_dp_process_group[i]
+        dp = _zero12_peers(opt, i)
         # a group= short of the partitions' ranks: each rank returned its own partition's norm (1.65 and 4.83
         # for 5.11), unrefused
         check_covers(group, dp, "ZeRO partitions the gradients")
@@ -366,6 +481,79 @@ def _zero12_shards(engine: Any, opt: Any, group: dist.ProcessGroup | None, scale
                 pieces.append(t)
         out.append(Shards(pieces, group=pg, loss_scale=scale, names=[s.name for s in slices]))
     return out
+
+
+def _zero12_peers(opt: Any, i: int) -> dist.ProcessGroup:
+    """The ranks whose partials of ZeRO-1/2 param group ``i`` combine: the data-parallel group it is partitioned
+    over, and for a DeepSpeed MoE group (partitioned over an expert-data-parallel group, each expert-parallel
+    rank holding other experts) the engine's data-parallel group, which holds both (:func:`_check_moe`)."""
+    moe = getattr(opt, "is_moe_param_group", None)
+    if getattr(opt, "has_moe_layers", False) and moe and moe[i]:
+        return opt.dp_process_group  # type: ignore[no-any-return]
+    return opt.real_dp_process_group[i]  # type: ignore[no-any-return]
+
+
+_MOE_ONLY = (
+    "dist_clip handles DeepSpeed MoE layers (DeepSpeed's own MoE class) under ZeRO-1 and ZeRO-2, where DeepSpeed's "
+    "own \"gradient_clipping\" counts the experts right as well, and at stage 0 with a torch optimizer, without a "
+    "model-parallel mpu; "
+)
+
+
+def _check_moe(engine: Any) -> None:
+    """``NotImplementedError`` (on every rank: it reads what every rank builds alike) for an engine with MoE
+    layers that the adapter cannot measure: DeepSpeed's AutoEP layers (no ``Experts`` module), an optimizer other
+    than ZeRO-1/2's or stage 0's torch optimizer (ZeRO-3 refuses DeepSpeed's MoE itself; DeepSpeed's non-ZeRO
+    wrappers reduce expert gradients into buffers of their own, unread), a model-parallel mpu, or expert groups
+    that do not tile the data-parallel group (expert-parallel times expert-data-parallel ranks): there an
+    expert's partials would not meet exactly once."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    opt = engine.optimizer
+    blocks = _expert_blocks(engine)
+    if not blocks:
+        # DeepSpeed's AutoEP (AutoEPMoELayer, which it also runs at ZeRO-3) keeps its experts otherwise: unread
+        raise NotImplementedError(f"{_MOE_ONLY}this engine's MoE layers hold no deepspeed.moe.experts.Experts "
+                                  "module (DeepSpeed's AutoEP layers are not handled)")
+    zero = isinstance(opt, DeepSpeedZeroOptimizer)
+    if not zero and not isinstance(opt, torch.optim.Optimizer):
+        raise NotImplementedError(
+            f"{_MOE_ONLY}this engine's optimizer is {type(opt).__name__}"
+        )
+    mp = getattr(engine, "mp_world_size", 1)
+    if isinstance(mp, int) and mp > 1:
+        raise NotImplementedError(f"{_MOE_ONLY}this engine's mpu spreads the model over {mp} model-parallel ranks")
+    if zero:
+        _check_attributes(opt, _ZERO12_MOE)
+    dp = opt.dp_process_group if zero else _stage0_dp_group(engine)
+    dp_ranks = set(dist.get_process_group_ranks(dp))
+    for b in blocks:
+        ep = engine.expert_parallel_group.get(b.group_name)
+        edp = engine.expert_data_parallel_group.get(b.group_name)
+        ok = ep is not None and edp is not None
+        if ok:
+            ep_ranks, edp_ranks = set(dist.get_process_group_ranks(ep)), set(dist.get_process_group_ranks(edp))
+            ok = (ep_ranks | edp_ranks <= dp_ranks and len(ep_ranks & edp_ranks) == 1
+                  and len(ep_ranks) * len(edp_ranks) == len(dp_ranks))
+        if ok and zero:  # ZeRO-1/2 partition each expert param group over its expert-data-parallel group
+            ok = all(same_ranks(opt.real_dp_process_group[i], edp)
+                     for i, group in enumerate(opt.optimizer.param_groups)
+                     if opt.is_moe_param_group[i] and group.get("name") == b.group_name)
+        if not ok:
+            raise NotImplementedError(
+                f"{_MOE_ONLY}the experts of {b.prefix[:-1]!r} ({b.group_name!r}) are spread over "
+                "expert-parallel and expert-data-parallel groups that do not make up the engine's data-parallel "
+                "group"
+            )
+    if zero and any(opt.is_moe_param_group[i] and group.get("name") not in engine.expert_parallel_group
+                    for i, group in enumerate(opt.optimizer.param_groups)):
+        raise NotImplementedError(f"{_MOE_ONLY}an expert param group of this engine is named after no "
+                                  "expert-parallel group")
+
+
+def _stage0_dp_group(engine: Any) -> dist.ProcessGroup:
+    """The ranks stage 0 all-reduces the dense gradients over."""
+    return getattr(engine, "seq_data_parallel_group", None) or dist.group.WORLD
 
 
 def _zero3_dp_group(opt: Any, i: int) -> dist.ProcessGroup:
@@ -590,11 +778,28 @@ def _replicated_shards(engine: Any, opt: Any, group: dist.ProcessGroup | None) -
     if not named and any(p.requires_grad for p in engine.module.parameters()):
         # engine.step() sets every .grad to None; the boundary's reduction gives every trainable parameter one.
         raise _no_reduced_gradients("no parameter has a gradient")
+    wrapped = name in ("BF16_Optimizer", "FP16_UnfusedOptimizer", "FP16_Optimizer")
+    experts: dict[str, list[tuple[str, Tensor]]] = {}
+    if not wrapped and _expert_blocks(engine):
+        # stage 0 with DeepSpeed MoE (_check_moe): each expert whole, copies over its expert-data-parallel group
+        group_names = {n: getattr(p, "group_name", None) for n, p in _module_named(engine)
+                       if not getattr(p, "allreduce", True)}
+        for n, g in [(n, g) for n, g in named if n in group_names]:
+            experts.setdefault(str(group_names[n]), []).append((n, g))
+        named = [(n, g) for n, g in named if n not in group_names]
     tensors, labels = [g for _, g in named], [n for n, _ in named]
-    if group is None:
-        return [Shards(tensors, group=None, names=labels)]
-    dp = getattr(engine, "seq_data_parallel_group", None) or dist.group.WORLD
-    return [Shards(tensors, group=group, counted=first_copy_in(dp, group), names=labels)]
+    dp = _stage0_dp_group(engine)
+    out = [Shards(tensors, group=None, names=labels) if group is None else
+           Shards(tensors, group=group, counted=first_copy_in(dp, group), names=labels)]
+    for group_name, pieces in experts.items():
+        # the other expert-parallel ranks hold other experts: summed over the data-parallel group (or group=),
+        # each expert counted on the lowest rank of its copies
+        check_covers(group, dp, "DeepSpeed's expert-parallel ranks hold other experts")
+        over = group if group is not None else dp
+        out.append(Shards([g for _, g in pieces], group=over,
+                          counted=first_copy_in(engine.expert_data_parallel_group[group_name], over),
+                          names=[n for n, _ in pieces]))
+    return out
 
 
 def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
@@ -628,13 +833,9 @@ def shards(target: object, group: dist.ProcessGroup | None) -> list[Shards]:
     if isinstance(mark, _BackwardMark) and not mark.synced:  # the last backward ran inside no_sync()
         raise ValueError(_NO_SYNC)
     if getattr(engine, "has_moe_layers", False):
-        # Before the gradient_clipping warning, which told the user to turn off the very clipping this names
-        # as the remedy. The same on every rank (deepspeed.initialize sets it from the model), so every rank raises.
-        raise NotImplementedError(
-            "dist_clip's DeepSpeed adapter does not handle MoE expert groups yet (expert gradients are reduced "
-            "over DeepSpeed's expert-data-parallel groups, not the engine's): clip this engine with DeepSpeed's own "
-            "\"gradient_clipping\" in its config, whose ZeRO-1/2 norm counts the expert groups"
-        )
+        # Before the gradient_clipping warning: the same on every rank (deepspeed.initialize sets it from the
+        # model), so every rank raises alike.
+        _check_moe(engine)
     if engine.gradient_clipping() > 0:
         warn_at_caller(
             f"DeepSpeed's gradient_clipping is {engine.gradient_clipping()}, so engine.step() clips the gradients "
@@ -1267,6 +1468,39 @@ def zero3_param_groups(target: object) -> tuple[dict[str, int], Any]:
     return out, opt.optimizer
 
 
+def expert_param_groups(target: object) -> tuple[dict[str, int], Any]:
+    """ZeRO-1/2 and stage 0 with DeepSpeed MoE layers: every expert's name (:func:`all_names`) -> the index of its
+    param group in the torch optimizer, and that optimizer; ``({}, None)`` elsewhere. Another expert-parallel
+    rank's expert lies in the group of this rank's expert at the same local index (every rank builds them alike):
+    without it, ``mode="per_group"`` found each rank's own experts only, and the ranks' group layouts differed
+    (a ``RuntimeError`` on every rank)."""
+    engine: Any = target
+    opt = engine.optimizer
+    blocks = _expert_blocks(engine)
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if not blocks:
+        return {}, None
+    if isinstance(opt, DeepSpeedZeroOptimizer):
+        group_by_id = {id(p): i for i, params in enumerate(opt.bit16_groups) for p in params}
+        inner = opt.optimizer
+    elif isinstance(opt, torch.optim.Optimizer):  # stage 0: the module's parameters themselves
+        group_by_id = {id(p): i for i, pg in enumerate(opt.param_groups) for p in pg["params"]}
+        inner = opt
+    else:
+        return {}, None
+    local = {n: group_by_id[id(p)] for n, p in _module_named(engine) if id(p) in group_by_id}
+    out: dict[str, int] = {}
+    for name in all_names(engine):
+        found = _split_expert_name(blocks, name)
+        if found is not None:
+            b, e, rest = found
+            twin = f"{b.prefix}{b.ep_rank * b.local + e % b.local}.{rest}"
+            if twin in local:
+                out[name] = local[twin]
+    return out, inner
+
+
 # ------------------------------------------------------------------------------------ unit-wise clipping (AGC)
 
 
@@ -1363,8 +1597,8 @@ def unit_layout(target: object, group: dist.ProcessGroup | None) -> UnitLayout:
 
     The gradient pieces (and every check, and the loss scale) are those of :func:`shards`; weights are the fp32
     master partition under ZeRO 1-3 (what ``step()`` updates, aligned with the gradient pieces), the module's
-    parameters where gradients are whole. Raises ``NotImplementedError`` for what it cannot read (MoE, MiCS,
-    NVMe optimizer swapping).
+    parameters where gradients are whole. Raises ``NotImplementedError`` for what it cannot read (MoE outside
+    ZeRO-1/2, MiCS, NVMe optimizer swapping).
     """
     engine: Any = target
     found = shards(target, group)
@@ -1387,7 +1621,21 @@ def unit_layout(target: object, group: dist.ProcessGroup | None) -> UnitLayout:
     if group is not None and isinstance(opt, DeepSpeedZeroOptimizer_Stage3):
         _refuse_group_beyond_dp([_zero3_dp_group(opt, i) for i in range(len(opt.fp16_groups))], group, geometry)
     elif group is not None and isinstance(opt, DeepSpeedZeroOptimizer):
-        _refuse_group_beyond_dp(list(opt.real_dp_process_group), group, geometry)
+        _refuse_group_beyond_dp([_zero12_peers(opt, i) for i in range(len(opt.real_dp_process_group))], group,
+                                geometry)
+    blocks = _expert_blocks(engine)
+    if blocks:
+        # Every rank lists every expert (all_names), and the cuts of another rank's expert are those of this
+        # rank's expert at the same local index: the experts are copies of one module, grouped and partitioned
+        # alike on every expert-parallel rank.
+        module_names = all_names(engine)
+        for name in module_names:
+            found_expert = _split_expert_name(blocks, name)
+            if found_expert is not None and name not in geometry:
+                b, e, rest = found_expert
+                twin = f"{b.prefix}{b.ep_rank * b.local + e % b.local}.{rest}"
+                if twin in geometry:
+                    geometry[name] = geometry[twin]
     names = tuple(dict.fromkeys(module_names + order))
     groups = tuple(dict.fromkeys(s.group for s in found))
     device = next((t.device for s in found for t in s.tensors), None)
