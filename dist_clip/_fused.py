@@ -906,13 +906,6 @@ class Agreement:
                 decide_agreed(self._read[1], combined.reshape(()) > 0, self.ranks)
 
     @contextlib.contextmanager
-    def deferring(self) -> Iterator[None]:
-        yield
-
-    def abandon(self) -> None:
-        """The call raised."""
-
-    @contextlib.contextmanager
     def armed(self) -> Iterator[None]:
         """The call arms within: its flag is an agreed entry where it combined (see :func:`ledger_arm`)."""
         token = _ARMING.set(self)
@@ -920,9 +913,6 @@ class Agreement:
             yield
         finally:
             _ARMING.reset(token)
-
-    def apply(self) -> None:
-        """Nothing waits for the verdict outside :meth:`agree`."""
 
 
 def _on_host(flag: Tensor) -> bool:

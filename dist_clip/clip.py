@@ -506,20 +506,13 @@ def get_total_norm(
         _check_foreach(foreach)
         shards = resolve(tensors, _check_group(group))
         everything = _all_tensors(shards)
-        # A hand-over settled here whose gradients were replaced waits for the ranks' verdict (_fused.Agreement)
-        agreement = _fused.Agreement()
-        with agreement.deferring():
-            settle_hand_over(tensors, everything)
+        settle_hand_over(tensors, everything)
     except (ValueError, TypeError):
         _refuse_together(tensors, norm_type, group, shards)  # every rank raises, none waits or misaligns
         raise
-    try:
-        wide, out = _wide_total(shards, p, error_if_nonfinite, foreach, everything, None, agreement=agreement,
-                                listed=True)
-    except BaseException:
-        agreement.abandon()
-        raise
-    agreement.apply()  # (the settled hand-overs' flags kept or dropped by the verdict)
+    # (this rank's read of the agreed skip flags travels in the all-reduce, which decides them: _fused.Agreement)
+    wide, out = _wide_total(shards, p, error_if_nonfinite, foreach, everything, None, agreement=_fused.Agreement(),
+                            listed=True)
     return wide.to(out)
 
 
@@ -559,19 +552,7 @@ def clip_grads_with_norm_(
     # Before anything is scaled: an integer, bool or float8 gradient raised torch's error from the scaling, after
     # the float gradients grouped before it were scaled (half-clipped gradients for a caller that caught it).
     _norm.check_dtypes(tensors)
-    if _fused._WAITING:
-        # A hand-over settled here whose gradients were all replaced keeps or drops its flag by a verdict, as in the
-        # calls that combine; with no collective here that is this rank's read in one process, and among several
-        # ranks the flag is kept as it is where the pieces may differ among them (a hand-over combined over several
-        # ranks, or one stepping gradients not passed here: see _fused.Agreement.agree; read by each rank alone, a
-        # NaN in rank 0's shard of a hand-over replaced out of place skipped rank 0's step and rank 1 stepped)
-        agreement = _fused.Agreement()
-        with agreement.deferring():
-            settle_hand_over(parameters, tensors)
-        agreement.agree(agreement.local, alone=True)
-        agreement.apply()
-    else:
-        settle_hand_over(parameters, tensors)
+    settle_hand_over(parameters, tensors)  # (no collective: it decides no agreed skip flag, see _fused.Agreement)
     if not tensors:
         return
     if not isinstance(total_norm, Tensor):
@@ -660,20 +641,15 @@ def clip_grad_norm_(
         # DDP's) among several ranks: scaled here, its flag kept as a hand-over's (see _fused.hand_over_applied_)
         beside = fused and not exact and _fused.steps_beside(stepped, everything)  # type: ignore[arg-type]
         fused = fused and exact
-        # (before settling: a hand-over's flag whose gradients were replaced waits for the ranks' verdict)
-        # (another optimizer's hand-over settled here waits for the verdict too: see _fused.Agreement.fold)
+        settle_hand_over(parameters, everything)
+        # (this rank's read of the agreed skip flags of the optimizer it arms travels in the all-reduce, which
+        # decides them; its own flag joins the ledger under agreement.armed(): see _fused.Agreement)
         agreement = _fused.Agreement(optimizer)
-        with agreement.deferring():
-            settle_hand_over(parameters, everything)
     except (ValueError, TypeError):
         _refuse_together(parameters, norm_type, group, shards)
         raise
-    try:
-        wide, out = _wide_total(shards, p, error_if_nonfinite, foreach, everything, groups, limit, agreement=agreement,
-                                skips=skips, listed=True)
-    except BaseException:
-        agreement.abandon()
-        raise
+    wide, out = _wide_total(shards, p, error_if_nonfinite, foreach, everything, groups, limit, agreement=agreement,
+                            skips=skips, listed=True)
     total = wide.to(out)
     coef_wide = _scale.clip_coefficient(limit, wide)  # from the float64 total, which float32 may not hold
     coef = coef_wide.to(out)
@@ -682,9 +658,6 @@ def clip_grad_norm_(
     # the grad_scale 1 / coef would be imprecise or inf).
     wide_product = _scale.needs_wide(coef_wide)
     handed = fold is None and fused and not wide_product
-    # (before scaling: a skip armed by an earlier call on these very gradients, a clip of another part of the
-    # model, is combined with, not replaced by, this call's flag; see _fused.arm_skip_)
-    agreement.apply()  # (a settled hand-over's flag kept by the verdict, before this call hands over or arms)
     deferred = None
     if fold is not None and not wide_product:
         fold(coef, everything)

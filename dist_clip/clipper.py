@@ -979,9 +979,7 @@ class GradClipper:
             # (the ranks' read of the agreed skip flags travels in this call's measurement: see _fused.Agreement)
             flat = [t for s in shards for t in s.tensors]  # (listed once)
             agreement = _fused.Agreement(optimizer if arm_skip is not None else None)
-            with agreement.deferring():
-                _clip.settle_hand_over(target, flat)
-            # (after settling: another optimizer's hand-over settled here adds its read, see _fused.Agreement.fold)
+            _clip.settle_hand_over(target, flat)
             membership = _with_replaced(membership, agreement.local)
             before = False
         except (ValueError, TypeError) as e:
@@ -1004,14 +1002,11 @@ class GradClipper:
                                result_dtype=_clip._result_dtype(flat, None),
                                settings=settings)
         except Exception as e:  # (any error measuring may have joined: see _slots.measure)
-            agreement.abandon()
             if getattr(e, "dist_clip_joined", False) or isinstance(e, _slots.RefusedElsewhere):
                 self._count_refused_call(getattr(e, "dist_clip_others_counted", False))
             raise
         assert m.extra is not None  # the verdict, the last extra value (see _with_replaced)
         agreement.agree(m.extra[-1], alone=_reduce.group_size(m.group) <= 1, group=m.group)
-        if arm_skip is None:
-            agreement.apply()  # (settled hand-overs' flags kept or dropped; a skipping call does it as it arms)
         m = dataclasses.replace(m, extra=m.extra[:-1] if m.extra.numel() > 1 else None)
         out = m.result_dtype
         assert out is not None
@@ -1286,8 +1281,7 @@ class GradClipper:
         # others stepped): see _fused.Agreement
         agreement = _fused.Agreement(optimizer if arm_skip is not None else None)
         try:
-            with agreement.deferring():
-                _clip.settle_hand_over(target, measured)
+            _clip.settle_hand_over(target, measured)
         except (ValueError, TypeError):
             # (a hand-over pending: this rank's pieces, found for it, refused here, a Partial gradient, before
             # unitwise_measure could join: rank 0 waited in its collective, gloo aborted rank 1's next call)
@@ -1296,14 +1290,11 @@ class GradClipper:
         try:
             outcome = unitwise_measure(target, cfg.agc, p, cfg.foreach, group, cfg.settings, agreement.local)
         except BaseException as e:
-            agreement.abandon()
             if getattr(e, "dist_clip_joined", False) or isinstance(e, _slots.RefusedElsewhere):
                 self._count_refused_call(getattr(e, "dist_clip_others_counted", False))
             raise
         agreement.agree(outcome.replaced, alone=_reduce.group_size(outcome.measurement.group) <= 1,
                         group=outcome.measurement.group)
-        if arm_skip is None:
-            agreement.apply()  # (settled hand-overs' flags kept or dropped; a skipping call does it as it arms)
         out = outcome.measurement.result_dtype
         assert out is not None
         total = outcome.total.to(out)

@@ -509,23 +509,17 @@ def get_total_norm(target: object, plan: ParallelPlan, norm_type: float | str = 
     named, _ = named_under_plan(plan, target, p, None, None, True)
     index = {n: i for i, n in enumerate(named.names)}
     tensors = [t for s in named.shards for t in s.tensors]
-    # A hand-over settled here whose gradients were replaced waits for the ranks' verdict, one more value in the
-    # all-reduce (see _fused.Agreement), as in the other calls
+    _clip_api.settle_hand_over(target, lambda: tensors)
+    # This rank's read of every optimizer's agreed skip flags, one more value in the all-reduce, which decides
+    # them (see _fused.Agreement), as in the other calls
     agreement = _fused.Agreement()
-    with agreement.deferring():
-        _clip_api.settle_hand_over(target, lambda: tensors)
-    try:
-        m = _slots.measure(named.shards, (lambda n, _i: index[n]) if named.names else None,
-                           max(len(named.names), 1), p, None, presence=True, group=plan.reduction_group,
-                           layout=named.names, extra=_with_replaced(None, agreement.local),
-                           result_dtype=_clip_api._result_dtype(tensors, None),
-                           settings=f"norm_type={p!r}, {plan.settings}")
-    except BaseException:
-        agreement.abandon()
-        raise
+    m = _slots.measure(named.shards, (lambda n, _i: index[n]) if named.names else None,
+                       max(len(named.names), 1), p, None, presence=True, group=plan.reduction_group,
+                       layout=named.names, extra=_with_replaced(None, agreement.local),
+                       result_dtype=_clip_api._result_dtype(tensors, None),
+                       settings=f"norm_type={p!r}, {plan.settings}")
     assert m.extra is not None
     agreement.agree(m.extra[-1], alone=_reduce.group_size(m.group) <= 1, group=m.group)
-    agreement.apply()  # (the settled hand-overs' flags kept or dropped by the verdict)
     plan.check_once(named.shards, m, p)
     assert m.result_dtype is not None
     return m.total.to(m.result_dtype)
