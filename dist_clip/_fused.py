@@ -569,7 +569,7 @@ def settle(tensors: Sequence[Tensor]) -> None:
         if pending is None:
             _WAITING.discard(optimizer)
             continue
-        scale, found, coef, held, versions, raw, shared, _ = pending
+        scale, found, coef, held, versions, raw, _ = pending
         if coef is None:
             # Applied already: only the skip flag is left, and it lasts until the step whatever wrote the
             # gradients since (the verdict of a later read dropped it: a NaN hand-over, a clip in place, then
@@ -591,8 +591,7 @@ def settle(tensors: Sequence[Tensor]) -> None:
         # the batch dropped in place and DDP's whole handed over again (no collective), rank 0 read the flag held
         # by its own zeroed gradient, unmeasured there, kept it and skipped while rank 1 dropped it and stepped.
         stepped = set(map(id, grads))
-        _stash(optimizer, torch.ones_like(scale), found, None, [g for g in kept if id(g) in stepped] or grads,
-               shared)
+        _stash(optimizer, torch.ones_like(scale), found, None, [g for g in kept if id(g) in stepped] or grads)
         saved = optimizer.__dict__.get(_SAVED)
         if running and saved is not None and saved[3] is not None and optimizer.__dict__.get("grad_scale") is saved[3]:
             # The step under way was handed the coefficient as grad_scale by its pre-hook: it is in the gradients
@@ -882,7 +881,8 @@ class Agreement:
         #: the optimizer the call arms (its ``optimizer=``; None: a call arming none), whose entries alone its
         #: verdict decides: see :func:`agreed_read`
         self._arming = arming
-        #: the verdict (and the call's total) combined over more than one rank: see :func:`hand_over_`
+        #: the verdict (and the call's total) combined over more than one rank: the call arms an agreed entry
+        #: (:func:`ledger_arm`)
         self.shared = False
         #: the global ranks the call combined over (where ``shared``): see :func:`decide_agreed`
         self.ranks: frozenset[int] | None = None
@@ -1054,7 +1054,7 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple
             if verdict == "replaced":
                 _warn_replaced()
             _scale.scale_(kept, pending[0], divide=True)
-            _stash(optimizer, torch.ones_like(pending[0]), pending[1], None, grads, pending[6])  # as settle() leaves it
+            _stash(optimizer, torch.ones_like(pending[0]), pending[1], None, grads)  # as settle() leaves it
             pending = optimizer.__dict__[_PENDING]
         elif _dropped(verdict):
             if verdict == "written":
@@ -1187,22 +1187,20 @@ def _restore_one(optimizer: torch.optim.Optimizer, name: str, value: Any) -> Non
 
 def hand_over_(
     optimizer: torch.optim.Optimizer, coef: Tensor, total: Tensor, grads: list[Tensor] | None = None,
-    shared: bool = False,
 ) -> None:
     """Make the next ``optimizer.step()`` multiply every gradient by ``coef``, or skip if ``total`` is not finite.
 
     ``coef`` and ``total`` are 0-dim device tensors; nothing here reads them on the host. The caller has
     checked :func:`supports_grad_scale`. ``grads``: the optimizer's :func:`gradients`, when the caller has them.
-    ``shared``: ``total`` was combined over more than one rank (each rank's pieces its own), so that the step,
-    which has no collective, keeps the flag as it is where it would read it from this rank's pieces
-    (:func:`_carried_at_step`).
+    The flag joins the optimizer's ledger (:func:`ledger_arm`: an agreed entry where the call, under
+    :meth:`Agreement.armed`, combined over several ranks).
     """
     _install_hooks(optimizer)
     clear_stale(optimizer)
     scale = torch.reciprocal(coef.to(torch.float32))  # the kernels divide: 1/1 == 1 keeps an unclipped step exact
     found = torch.logical_not(torch.isfinite(total)).to(torch.float32)
     grads = grads if grads is not None else gradients(optimizer)
-    _stash(optimizer, scale, found, coef, grads, shared)
+    _stash(optimizer, scale, found, coef, grads)
     ledger_arm(optimizer, found, grads)
     _WAITING.add(optimizer)
 
@@ -1238,22 +1236,20 @@ def _in_gradients(pending: tuple[Any, ...]) -> bool:
 
 
 def hand_over_applied_(optimizer: torch.optim.Optimizer, total: Tensor, measured: Sequence[Tensor],
-                       shared: bool = False, stepped: list[Tensor] | None = None,
+                       stepped: list[Tensor] | None = None,
                        deferred: tuple[Tensor, Tensor] | None = None) -> None:
     """A call's skip flag (``total`` not finite) for an optimizer that steps the call's pieces ``measured`` and
-    other gradients beside them (:func:`steps_beside`): kept as a hand-over's is (held by the measured gradients),
-    not as an armed skip, which lasts until the step whatever wrote them since. Under DDP the rank whose optimizer
-    also steps a parameter of its own scaled here and armed the skip, while the others handed over: a NaN batch
-    dropped and recomputed, then ``clip_grads_with_norm_``, ``get_total_norm`` or straight to ``step()``, the others
-    dropped the hand-over by their read of the new gradients and stepped, that rank kept its skip, and the replicas
-    parted (rank 0 skipped, rank 1 stepped). Its flag joins the ledger as any arming's. ``deferred``: the
-    coefficient's float32 reciprocal and the coefficient, not applied yet (:func:`defers_beside`): the step divides
-    the measured gradients by it in place (:func:`_verdict`'s "kept", the others stepped beside them), a call
-    reading them first settles it, and gradients written or every one replaced since drop it, as on the ranks
-    handing over (applied in the call, gradients every one replaced out of place, ``p.grad = p.grad + 0``, carried
-    the clip into the step on this rank alone and DDP's replicas parted: 6.9e-7 after one AdamW step). None: applied
-    in place by the caller (a coefficient of 1 left). ``stepped``: the optimizer's :func:`gradients`, where the
-    caller has them."""
+    other gradients beside them (:func:`steps_beside`), with the stash a hand-over leaves: the flag joins the ledger
+    as any arming's (:func:`ledger_arm`), and the stash records the measured gradients and the parameters stepped
+    beside them (:func:`_measured_side`), so that this rank settles, keeps and drops the coefficient as the ranks
+    handing over do (under DDP, the rank whose optimizer also steps a parameter of its own beside DDP's).
+    ``deferred``: the coefficient's float32 reciprocal and the coefficient, not applied yet (:func:`defers_beside`):
+    the step divides the measured gradients by it in place (:func:`_verdict`'s "kept", the others stepped beside
+    them), a call reading them first settles it, and gradients written or every one replaced since drop it, as on
+    the ranks handing over (divided in the call, gradients every one replaced out of place, ``p.grad = p.grad + 0``,
+    carried the clip into the step on this rank alone and DDP's replicas parted: 6.9e-7 after one AdamW step).
+    None: applied in place by the caller (a coefficient of 1 left, :data:`_APPLIED`). ``stepped``: the optimizer's
+    :func:`gradients`, where the caller has them."""
     _install_hooks(optimizer)
     clear_stale(optimizer)
     _drop_unsettled(optimizer)
@@ -1274,9 +1270,9 @@ def hand_over_applied_(optimizer: torch.optim.Optimizer, total: Tensor, measured
     beside = [p for group in optimizer.param_groups for p in group["params"]
               if p.grad is not None and id(getattr(p.grad, "_local_tensor", p.grad)) not in ids]
     if deferred is not None:
-        _stash(optimizer, deferred[0], found, deferred[1], grads, shared, beside)
+        _stash(optimizer, deferred[0], found, deferred[1], grads, beside)
     else:  # (the coefficient is in the gradients: 1 on the CPU, which scale_ reads for free and skips)
-        _stash(optimizer, torch.ones_like(found), found, _APPLIED, grads, shared, beside)
+        _stash(optimizer, torch.ones_like(found), found, _APPLIED, grads, beside)
     _WAITING.add(optimizer)
 
 
@@ -1290,7 +1286,7 @@ def _measured_side(pending: tuple[Any, ...] | None, grads: list[Tensor]) -> list
     the batch dropped and the next one stepped, rank 0 skipped and rank 1 stepped; and where the hand-over's
     coefficient was left to the step (``deferred``), DDP's gradients every one replaced out of place carried the
     clip into rank 0's step alone while the others' stepped unclipped (the replicas parted)."""
-    beside = pending[7] if pending is not None and pending[2] is not None else None
+    beside = pending[6] if pending is not None and pending[2] is not None else None
     if not beside:
         return grads
     out = {id(getattr(p.grad, "_local_tensor", p.grad)) for p in beside if p.grad is not None}
@@ -1299,12 +1295,11 @@ def _measured_side(pending: tuple[Any, ...] | None, grads: list[Tensor]) -> list
 
 def _stash(
     optimizer: torch.optim.Optimizer, scale: Tensor, found: Tensor, coef: Tensor | None, grads: list[Tensor],
-    shared: bool = False, beside: list[Tensor] | None = None,
+    beside: list[Tensor] | None = None,
 ) -> None:
     """What the next step applies (``scale``, ``found``), the coefficient settle() would apply instead (None once
-    applied), the gradients it was measured on with their versions (see :func:`_verdict`), whether the total
-    was combined over several ranks (see :func:`hand_over_`), and the parameters stepped beside the measured ones
-    of a hand-over applied in place (see :func:`_measured_side`)."""
+    applied), the gradients it was measured on with their versions (see :func:`_verdict`), and the parameters
+    stepped beside the measured ones of a hand-over applied in place (see :func:`_measured_side`)."""
     raw = version_list(grads)
     versions: list[Any] = list(raw)
     if coef is not None and any(map(Tensor._is_view, grads)):
@@ -1317,7 +1312,7 @@ def _stash(
                     and not getattr(p, "_fsdp_flattened", False)):
                 cell = _write_cell(p)
                 versions[i] = (cell, cell[0])
-    optimizer.__dict__[_PENDING] = (scale, found, coef, grads, versions, raw, shared, beside)
+    optimizer.__dict__[_PENDING] = (scale, found, coef, grads, versions, raw, beside)
 
 
 # --------------------------------------------------------------------------------------------- the agreed ledger

@@ -663,7 +663,7 @@ def clip_grad_norm_(
         fold(coef, everything)
     elif handed:
         with agreement.armed():
-            _fused.hand_over_(optimizer, coef, wide, stepped, agreement.shared)
+            _fused.hand_over_(optimizer, coef, wide, stepped)
     elif wide_product:
         _scale.mul_wide_(everything, float(coef_wide))
     elif beside and fold is None:
@@ -689,7 +689,7 @@ def clip_grad_norm_(
             # dropped batch's NaN skipped the next good step where the ranks handing over stepped it).
             if beside and fold is None and not wide_product:
                 _fused.hand_over_applied_(optimizer, wide, everything,  # type: ignore[arg-type]
-                                          agreement.shared, stepped, deferred)
+                                          stepped, deferred)
             else:
                 _fused.arm_skip_(optimizer, torch.logical_not(torch.isfinite(wide)),  # type: ignore[arg-type]
                                  measured=everything)
