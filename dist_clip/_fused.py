@@ -873,9 +873,10 @@ def _arm_running(optimizer: torch.optim.Optimizer, value: Tensor, combine: bool)
 class Agreement:
     """One call's agreement on the skip flags that only a verdict of every rank decides (see the agreed ledger,
     :func:`ledger_arm`): ``local`` (0-dim float64, 0 or 1: SUM or MAX) travels in the call's own all-reduce, one
-    more value in every call (so the layout never depends on what a rank found): the largest flag of the agreed
-    and explicit entries this rank's read keeps (:func:`agreed_read`); where the call combined over several ranks,
-    :meth:`agree` replaces every such entry by one of the combined verdict, on every rank alike."""
+    more value in every call (so the layout never depends on what a rank found): the largest flag of the agreed,
+    explicit and held entries this rank's read keeps (:func:`agreed_read`); where the call combined over several
+    ranks, :meth:`agree` replaces every such entry armed over those ranks or fewer by one of the combined verdict,
+    on every rank alike (:func:`decide_agreed`). :meth:`armed` makes the call's own flag an agreed entry there."""
 
     def __init__(self, arming: Any = None) -> None:
         #: the optimizer the call arms (its ``optimizer=``; None: a call arming none), whose entries alone its
@@ -952,7 +953,8 @@ def _nonfinite(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
 def _measured_among(grads: Sequence[Tensor], measured: Sequence[Tensor]) -> list[int]:
     """Indices of the ``grads`` that ``measured`` (a call's pieces) holds: by identity; where gradients are views
     of one buffer (DeepSpeed's, Megatron's, DDP's bucket views), which share one version counter, also those whose
-    bytes a measured slice of the buffer overlaps, for :func:`untouched` to tell a write beside them."""
+    bytes a measured slice of the buffer overlaps (a call measuring slices of the buffer, not the parameters'
+    views, measures the gradients those slices cover)."""
     ids = set(map(id, measured))
     kept = [i for i, g in enumerate(grads) if id(g) in ids]
     if len(kept) < len(ids):
@@ -1225,13 +1227,14 @@ def defers_beside(optimizer: torch.optim.Optimizer, measured: Sequence[Tensor]) 
 
 def _in_gradients(pending: tuple[Any, ...]) -> bool:
     """Whether a hand-over's coefficient is in its gradients already: settled (None), or applied in place by
-    :func:`hand_over_applied_` (:data:`_APPLIED`). Only its flag waits for the step, held by those gradients: it
-    joins the ledger (:func:`_keep_flag`) where a call beside them leaves its own coefficient to the step (the stash
-    is the optimizer's one). Kept there instead, under DDP with a parameter of rank 0's own in its fused
-    optimizer, rank 0's own part handed over over the world (rank 1 passing nothing), then DDP's whole, rank 0
-    divided DDP's gradients in the call while rank 1 handed the coefficient over: with every gradient then
-    replaced out of place (``p.grad = p.grad + 0``) rank 0's replacements carried the clip into its step alone and
-    DDP's replicas parted."""
+    :func:`hand_over_applied_` (:data:`_APPLIED`). Only its flag waits for the step, held by those gradients, and
+    that is in the ledger already (:func:`ledger_arm`), so a call beside them may leave its own coefficient to the
+    step in the stash's place (the stash is the optimizer's one). Were it read as a coefficient still waiting, the
+    call beside would divide in the call: under DDP with a parameter of rank 0's own in its fused optimizer, rank
+    0's own part handed over over the world (rank 1 passing nothing), then DDP's whole, rank 0 divided DDP's
+    gradients in the call while rank 1 handed the coefficient over: with every gradient then replaced out of place
+    (``p.grad = p.grad + 0``) rank 0's replacements carried the clip into its step alone and DDP's replicas
+    parted."""
     return pending[2] is None or pending[2] is _APPLIED
 
 
@@ -1317,20 +1320,23 @@ def _stash(
 
 # --------------------------------------------------------------------------------------------- the agreed ledger
 # Each optimizer's skip flags until its step, decided from values every rank has alike. An entry is a flag with the
-# parameters of this optimizer whose gradients its arming measured here, those gradients and their versions, and its
-# kind: "local" (armed by a call combining over no other rank: ``group=None`` pieces are replicas, by their
-# contract, so its parameters, their gradients, their writes and reads are the same on every rank), "agreed" (armed
-# by a call whose total was combined over several ranks: its flag is the same on every rank, its parameters are
-# not), "explicit" (``skip_next_step_``: the caller's flag, held while a gradient held then still is), "sticky"
-# (armed on pieces none of which is a gradient the optimizer steps: a slice, a wrapper's copies; until the step). A
-# local entry is decided by this rank's read (:func:`_kept`) at every call arming its optimizer and at the step;
-# agreed and explicit entries only by a call combining over several ranks: each rank's read of them travels in its
-# all-reduce as one value (MAX), and every rank replaces them by one agreed entry of that verdict (held here by the
-# parameters its read kept). The step reads them as they are. In one process every entry is decided by the read.
+# parameters of this optimizer whose gradients its arming measured here (whole, or a slice of), those gradients and
+# their versions, weak references to the measured pieces that are no gradient the optimizer steps (a wrapper's
+# copies: they hold it while one is alive and unwritten), and its kind: "local" (armed by a call combining over no
+# other rank: ``group=None`` pieces are replicas, by their contract, so its parameters, their gradients, their writes
+# and reads are the same on every rank), "agreed" (armed by a call whose total was combined over several ranks, or
+# made by a verdict: its flag is the same on every rank, its parameters are not), "explicit" (``skip_next_step_``:
+# the caller's flag, held while a gradient held then still is, or to the step where none was held), "held"
+# (``skip_next_step_``'s entries once a verdict decided them: held by those gradients whatever wrote them). A local
+# entry is decided by this rank's read (:func:`_kept`) at every call arming its optimizer and at the step; among
+# several ranks the other kinds only by a call combining over every rank they were armed over
+# (:func:`decide_agreed`): each rank's read of them travels in its all-reduce as one value (MAX), and every rank
+# replaces them by one entry of that verdict (held here by the parameters its read kept). The step reads them as
+# they are. In one process every entry is decided by the read.
 _LEDGER = "_dist_clip_ledger"
 #: the call arming under Agreement.armed (its verdict decides the agreed entries)
 _ARMING: contextvars.ContextVar[Any] = contextvars.ContextVar("dist_clip_arming", default=None)
-#: optimizers whose ledger holds an agreed or explicit entry (decided by every combining call: see Agreement)
+#: optimizers whose ledger holds an agreed, explicit or held entry (decided by combining calls: see Agreement)
 _LEDGERED = _ByIdentity()
 
 
@@ -1408,7 +1414,8 @@ def _kept(entry: _Entry, again: set[int], now: dict[int, Tensor]) -> _Entry | No
     written since (an auxiliary loss into a NaN gradient leaves it NaN, a dropped batch's ``zero_grad()`` in place
     and the next backward make it finite), replaced (out of place it carries the NaN, the next batch's does not) or
     gone, it lasts where one of its parameters' gradients is not finite now. An explicit entry lasts while one of
-    the gradients held at its arming is still held (or none was held)."""
+    the gradients held at its arming is still held (or none was held), a held one likewise (none held: dropped
+    here, the ranks holding one decide it)."""
     if entry.kind in ("explicit", "held"):
         if not entry.grads:
             return entry if entry.kind == "explicit" else None  # ("held": none here, the ranks holding one decide)
@@ -1458,7 +1465,7 @@ def _armed_by(optimizer: Any, arming: Any) -> bool:
 
 
 def agreed_read(arming: Any = None) -> tuple[Tensor, dict[int, Any]]:
-    """This rank's value in a call's all-reduce (float64 0-dim): the largest flag of the agreed and explicit
+    """This rank's value in a call's all-reduce (float64 0-dim): the largest flag of the agreed, explicit and held
     entries that this rank's read keeps (:func:`_kept`; not their parameters the call measures again, which its own
     flag reads: a call raising after its all-reduce, ``error_if_nonfinite``, arms none), of the optimizer the call
     arms (``arming``, the same on every rank by the call's contract), or of every optimizer holding one where it
@@ -1466,8 +1473,7 @@ def agreed_read(arming: Any = None) -> tuple[Tensor, dict[int, Any]]:
     arming one optimizer leaves the others' entries as they are: read into its one value, another optimizer's NaN
     entry made the verdict 1 and set the armed optimizer's earlier agreed entry, and its good step was skipped on
     every rank (two fused optimizers, one per part, the second's NaN part armed over the world, then the first's
-    part: wmixed seed 191; and ``skip_next_step_`` of one optimizer skipping the other's next hand-over, wplain
-    263, walone 444)."""
+    part; and ``skip_next_step_`` of one optimizer skipping the other's next hand-over)."""
     out = torch.zeros((), dtype=torch.float64)
     survivors: dict[int, Any] = {}
     if not _LEDGERED:
@@ -1527,9 +1533,9 @@ def decide_agreed(survivors: dict[int, Any], verdict: Tensor, ranks: frozenset[i
             # (skip_next_step_'s stay held by the gradients held at its arming, whatever wrote them: "held"; one
             # armed while this rank held no gradient lasts to the step as it was, by its own flag: merged into
             # "held" with nothing to hold it, the next call's finite read dropped it, and a skip asked before the
-            # backward was lost on every rank, the step taken, wplain seeds 73 and wmixed 276. Such a rank sends it
-            # at every later call deciding that optimizer, so the ranks keep it alike, also where another rank held
-            # gradients then, dropped since: a skip kept that a rank holding them alone would drop)
+            # backward was lost on every rank, the step taken. Such a rank sends it at every later call deciding
+            # that optimizer, so the ranks keep it alike, also where another rank held gradients then, dropped
+            # since: a skip kept that a rank holding them alone would drop)
             lasting = [k.flag for k in kept if k.kind == "explicit" and not k.grads]
             if lasting:
                 out.append(_Entry(functools.reduce(torch.maximum, lasting), [], [], "explicit", ranks=ranks))
