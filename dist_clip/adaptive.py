@@ -1018,7 +1018,7 @@ class UnitwiseOutcome:
     group: dist.ProcessGroup | None
     units: list[_Unit]
     coefs: list[Tensor]  # per unit piece, aligned with _unit_partials
-    replaced: Tensor  # float64 0-dim: the combined ``replaced`` value (the call's _fused.Agreement verdict)
+    agreed: Tensor  # float64 0-dim: the combined ``agreed`` value (the call's _fused.Agreement verdict)
 
 
 def _add_partials_(extra: Tensor, k: int, where: Tensor, wp: Tensor, gp: Tensor, p: float) -> None:
@@ -1137,10 +1137,10 @@ def unitwise_join_refused(target: object, p: float, group: object, settings: str
 
 def unitwise_measure(target: object, config: AGC, p: float, foreach: bool | None,
                      group: dist.ProcessGroup | None, settings: str = "",
-                     replaced: Tensor | None = None) -> UnitwiseOutcome:
+                     agreed: Tensor | None = None) -> UnitwiseOutcome:
     """Measure per-unit weight and gradient norms (cut units combined) and per-parameter norms, ONE collective.
 
-    ``replaced``: this rank's 0/1 read of the call's :class:`dist_clip._fused.Agreement`, one more value in the
+    ``agreed``: this rank's 0/1 read of the call's :class:`dist_clip._fused.Agreement`, one more value in the
     same all-reduce (0 where None: every call sends it, so the layout never depends on a rank's state).
 
     Gradients it cannot take (sparse, complex, stride 0) on this rank alone join the other ranks' collective
@@ -1179,10 +1179,10 @@ def unitwise_measure(target: object, config: AGC, p: float, foreach: bool | None
         # rank only).
         n_ranks = _reduce.group_size(red) if red is not None else 1
         me = _reduce.group_rank(red) if red is not None else 0
-        # ... and last, the call's verdict on gradients replaced out of place (see _fused.Agreement)
+        # ... and last, this rank's read of the agreed skip flags (see _fused.Agreement)
         extra = torch.zeros(2 * k + n_ranks + 1, dtype=torch.float64, device=device)
-        if replaced is not None:
-            extra[-1:] = _reduce.moved(replaced.reshape(1).to(torch.float64), device)
+        if agreed is not None:
+            extra[-1:] = _reduce.moved(agreed.reshape(1).to(torch.float64), device)
         first = me == 0
         local: list[tuple[Tensor, Tensor, Tensor]] = []  # per unit piece: (ids, weight partials, grad partials)
         whole: list[Tensor | None] = []  # per unit piece: its coefficients where no unit is cut (None: redo all)

@@ -255,11 +255,11 @@ def _wide_total(
         if agreement is not None:
             agreement.agree(agreement.local, alone=True)
         return _finished(_norm.finalize(partial, p), p, scale, out, error_if_nonfinite and not refused)
-    # One more value in every call: whether a gradient an arming call does not measure is non-finite on some rank
-    # (see _fused.Agreement), 0 where this call arms nothing, so that every rank's buffer has the same layout.
-    replaced = (_reduce.moved(agreement.local, home).reshape(1) if agreement is not None and not refused
-                else torch.zeros(1, dtype=torch.float64, device=home))
-    partial = torch.cat([partial.reshape(1), replaced])
+    # One more value in every call: this rank's read of the agreed skip flags (see _fused.Agreement), 0 where the
+    # call reads none, so that every rank's buffer has the same layout.
+    agreed = (_reduce.moved(agreement.local, home).reshape(1) if agreement is not None and not refused
+              else torch.zeros(1, dtype=torch.float64, device=home))
+    partial = torch.cat([partial.reshape(1), agreed])
     agree = _reduce.reduces_on_host(group, home)
     if agree:  # one more value in the same all-reduce: whether any rank holds float64 gradients
         partial = torch.cat([partial, wide_flag(out, home)])

@@ -508,7 +508,7 @@ def pending_skip_flag(optimizer: torch.optim.Optimizer) -> Tensor | None:
     return None if flag is None else flag != 0
 
 
-def _with_replaced(extra: Tensor | None, local: Tensor) -> Tensor:
+def _with_agreed(extra: Tensor | None, local: Tensor) -> Tensor:
     """``extra`` with one more value, last: the call's :class:`_fused.Agreement` (every rank of every call sends
     it, 0 where it arms nothing, so the layouts agree whatever a rank's settings: a mismatch raises by the
     fingerprint)."""
@@ -547,7 +547,7 @@ def _stepping_optimizers(optimizer: Any) -> list[Any] | None:
         inner = [optimizer.optim]  # torch's own ZeroRedundancyOptimizer, alike
     for o in inner or ():
         if isinstance(o, torch.optim.Optimizer) and o is not optimizer:
-            _fused.set_outer(o, optimizer)  # (its replaced gradients' read covers every rank's: read_for_carry)
+            _fused.set_outer(o, optimizer)  # (its ledger is held by every rank's partition: _ledger_params)
     return inner
 
 
@@ -980,7 +980,7 @@ class GradClipper:
             flat = [t for s in shards for t in s.tensors]  # (listed once)
             agreement = _fused.Agreement(optimizer if arm_skip is not None else None)
             _clip.settle_hand_over(target, flat)
-            membership = _with_replaced(membership, agreement.local)
+            membership = _with_agreed(membership, agreement.local)
             before = False
         except (ValueError, TypeError) as e:
             if before:
@@ -1005,7 +1005,7 @@ class GradClipper:
             if getattr(e, "dist_clip_joined", False) or isinstance(e, _slots.RefusedElsewhere):
                 self._count_refused_call(getattr(e, "dist_clip_others_counted", False))
             raise
-        assert m.extra is not None  # the verdict, the last extra value (see _with_replaced)
+        assert m.extra is not None  # the verdict, the last extra value (see _with_agreed)
         agreement.agree(m.extra[-1], alone=_reduce.group_size(m.group) <= 1, group=m.group)
         m = dataclasses.replace(m, extra=m.extra[:-1] if m.extra.numel() > 1 else None)
         out = m.result_dtype
@@ -1157,7 +1157,7 @@ class GradClipper:
         if cfg.mode == "per_group" and (isinstance(target, Mapping) or named is not None and named.by_pieces):
             none = [-1] * n
             extra = torch.cat([_group_membership(none, cfg.p), _group_signatures(none, names or (), set(), cfg.p)])
-        extra = _with_replaced(extra, torch.zeros((), dtype=torch.float64))  # (the verdict: see _with_replaced)
+        extra = _with_agreed(extra, torch.zeros((), dtype=torch.float64))  # (the verdict: see _with_agreed)
         try:
             _slots.measure(shards, None, n, cfg.p, presence=per_name, extra=extra, group=red, layout=names,
                            result_dtype=torch.float32, refused=True, settings=cfg.settings)
@@ -1276,9 +1276,9 @@ class GradClipper:
                 pieces.append(_pieces_of(target, group))
             return pieces[0]
 
-        # The ranks' verdict on gradients replaced out of place travels in the measurement, as in the other modes
-        # (read by each rank alone, a NaN in rank 0's FSDP2 shard kept the flag there alone: rank 0 skipped, the
-        # others stepped): see _fused.Agreement
+        # The ranks' read of the agreed skip flags travels in the measurement, as in the other modes (read by
+        # each rank alone, a NaN in rank 0's FSDP2 shard kept the flag there alone: rank 0 skipped, the others
+        # stepped): see _fused.Agreement
         agreement = _fused.Agreement(optimizer if arm_skip is not None else None)
         try:
             _clip.settle_hand_over(target, measured)
@@ -1293,7 +1293,7 @@ class GradClipper:
             if getattr(e, "dist_clip_joined", False) or isinstance(e, _slots.RefusedElsewhere):
                 self._count_refused_call(getattr(e, "dist_clip_others_counted", False))
             raise
-        agreement.agree(outcome.replaced, alone=_reduce.group_size(outcome.measurement.group) <= 1,
+        agreement.agree(outcome.agreed, alone=_reduce.group_size(outcome.measurement.group) <= 1,
                         group=outcome.measurement.group)
         out = outcome.measurement.result_dtype
         assert out is not None
@@ -1343,7 +1343,7 @@ def named_under_plan(
     p: float,
     groups: Callable[[_slots.Named], tuple[list[int], list[float], list[str]]] | None = None,
     group: dist.ProcessGroup | None = None,
-    replaced_slot: bool = False,
+    agreed_slot: bool = False,
 ) -> tuple[_slots.Named, tuple[list[int], list[float], list[str]] | None]:
     """This rank's named pieces under ``plan`` and, for per_group, its groups (``groups``), both checked before
     the collective: bad input (a name the plan lacks, a Partial gradient, a bad group limit) that only this
@@ -1361,12 +1361,12 @@ def named_under_plan(
             _norm.check_dtypes(shard.tensors)
         return named, groups(named) if groups is not None else None
     except (ValueError, TypeError) as e:
-        if _refuse_together(plan, p, groups is not None, replaced_slot):
+        if _refuse_together(plan, p, groups is not None, agreed_slot):
             e.dist_clip_joined = True  # type: ignore[attr-defined]  # (the call counts as joined)
         raise
 
 
-def _refuse_together(plan: ParallelPlan, p: float, per_group: bool, replaced_slot: bool = False) -> bool:
+def _refuse_together(plan: ParallelPlan, p: float, per_group: bool, agreed_slot: bool = False) -> bool:
     """Bad input on this rank under a plan (a name the plan lacks, a Partial gradient, a bad group limit), which
     the other stages may not share: join their one collective with the same layout and a NaN fingerprint, so
     that every rank raises now (they waited in it until the process group's timeout). Whether it joined."""
@@ -1375,8 +1375,8 @@ def _refuse_together(plan: ParallelPlan, p: float, per_group: bool, replaced_slo
         return False
     n = max(len(plan.names), 1)
     extra = _group_membership([-1] * n, p) if per_group else None
-    if replaced_slot:  # (a GradClipper call's verdict, as the others send it: see _with_replaced)
-        extra = _with_replaced(extra, torch.zeros((), dtype=torch.float64))
+    if agreed_slot:  # (a GradClipper call's verdict, as the others send it: see _with_agreed)
+        extra = _with_agreed(extra, torch.zeros((), dtype=torch.float64))
     try:
         _slots.measure([], None, n, p, presence=True, group=group, layout=plan.names, extra=extra,
                        result_dtype=torch.float32, refused=True)

@@ -500,7 +500,7 @@ def get_total_norm(target: object, plan: ParallelPlan, norm_type: float | str = 
     norm still makes them NaN)."""
     from . import _norm
     from . import clip as _clip_api
-    from .clipper import _with_replaced, named_under_plan
+    from .clipper import _with_agreed, named_under_plan
 
     p = _norm.parse_norm_type(norm_type)
     if not isinstance(plan, ParallelPlan):
@@ -515,7 +515,7 @@ def get_total_norm(target: object, plan: ParallelPlan, norm_type: float | str = 
     agreement = _fused.Agreement()
     m = _slots.measure(named.shards, (lambda n, _i: index[n]) if named.names else None,
                        max(len(named.names), 1), p, None, presence=True, group=plan.reduction_group,
-                       layout=named.names, extra=_with_replaced(None, agreement.local),
+                       layout=named.names, extra=_with_agreed(None, agreement.local),
                        result_dtype=_clip_api._result_dtype(tensors, None),
                        settings=f"norm_type={p!r}, {plan.settings}")
     assert m.extra is not None
