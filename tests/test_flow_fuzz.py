@@ -302,9 +302,10 @@ def seeded_failures(setting: str, seeds: list[int], per_rank: list[list],
 @pytest.mark.parametrize("setting", ["plain", "ddp", "mixed", "alone"])
 def test_random_flows_keep_the_ranks_in_agreement(run_ranks, setting):
     """80 seeded flows on 2 ranks, 40 of 9 to 12 random events and 40 of 2 or 3 batches (1-2 s of rank time a
-    setting): the invariants of the module docstring hold at every step. Mutants of ``Agreement`` it catches:
-    ``agree`` ignoring ``alone=`` and ``_may_differ`` always False (ddp 1007, 1036), ``fold`` a no-op (mixed 1022),
-    the read of unmeasured gradients left out of ``local`` (alone 1002); not the held flags' fold into ``local``.
+    setting): the invariants of the module docstring hold at every step. Mutants of the per-class ledger's
+    ``Agreement`` it caught: ``agree`` ignoring ``alone=`` and ``_may_differ`` always False (ddp 1007, 1036),
+    ``fold`` a no-op (mixed 1022), the read of unmeasured gradients left out of ``local`` (alone 1002); not the held
+    flags' fold into ``local``.
     Session 36's tree before the fixes of DDP beside one rank's own parameter (2534b4e) fails 12 ddp flows."""
     seeds = [s for s in FLOW_SEEDS if (setting, s) not in KNOWN]
     per_rank = run_ranks(2, body_flows, setting, seeds)
@@ -343,9 +344,9 @@ def test_a_nan_hand_over_beside_one_ranks_own_part_written_then_the_own_part_rea
     dropped in place and recomputed, ``get_total_norm``; or every gradient replaced out of place, a plain clip),
     straight to the step: the call reads nothing the hand-over measured, on any rank, so it leaves the hand-over
     pending on every rank for the step to decide alike (the recomputed batch stepped, the replaced NaN skipped):
-    :meth:`_fused.Agreement._others_unsettled` passes over the parameter the hand-over found stepped beside its
-    gradients. Dropped there on rank 0 alone by its read of its own gradient, the flag joined the ledger, held by
-    DDP's gradients: rank 0 skipped the recomputed batch that rank 1 stepped, or stepped the replaced NaN that
+    ``_fused._measured_side`` leaves out the parameter the hand-over found stepped beside its gradients, so the call
+    settles nothing. Dropped there on rank 0 alone by its read of its own gradient, the flag joined the ledger, held
+    by DDP's gradients: rank 0 skipped the recomputed batch that rank 1 stepped, or stepped the replaced NaN that
     rank 1 skipped, and DDP's replicas parted."""
     flow = [("fused", True), ("bwd", (-1, 0)), ("call", "hand", [0, 1]), *write, call, ("step",)]
     per_rank = run_ranks(2, body_flow, "ddp", flow)
@@ -522,7 +523,7 @@ def test_ddp_s_parts_handed_over_one_by_one_step_each_clipped_by_its_own_total(r
         torch.testing.assert_close(after, before - clip * g, rtol=0, atol=1e-6)
 
 
-def body_calm_per_step(fused: bool, steps: int) -> list[tuple[int, bool]]:
+def body_ledger_per_step(fused: bool, steps: int) -> list[tuple[int, bool]]:
     """Tensors of each rank's own, [a] then [a, b] clipped over the world (finite; fused: handed over by
     ``clip_grad_norm_``, else ``GradClipper(on_nonfinite="skip")``), then stepped, ``steps`` times: per step, how
     many entries the optimizer's skip ledger held before the step (``_fused._LEDGER``), and whether the ledger, or
@@ -551,11 +552,11 @@ def body_calm_per_step(fused: bool, steps: int) -> list[tuple[int, bool]]:
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_flags_noted_as_calm_are_forgotten_at_each_step(run_ranks, fused):
+def test_ledger_entries_are_forgotten_at_each_step(run_ranks, fused):
     """The ledger's entries last until the step: each step forgets them (the fused hand-over's post-hook, the skip
     guard's for any optimizer), so that the ledger holds one step's armings and no flag tensor of an earlier step
     (kept, it grew at every step: mutants M24, M60 of run 19, on the per-class ledger's list of calm flags)."""
-    for per_step in run_ranks(2, body_calm_per_step, fused, 3):
+    for per_step in run_ranks(2, body_ledger_per_step, fused, 3):
         assert per_step[0][0] > 0 and per_step == [per_step[0]] * 3 and not per_step[0][1], per_step
 
 

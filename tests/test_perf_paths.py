@@ -5197,8 +5197,8 @@ def test_a_nan_in_one_ranks_own_parameter_after_a_dropped_batch_parts_no_ranks(r
     and DDP's replicas parted; with a call combining over several ranks before (the optimizer marked), rank 0 was
     forced to keep it by that gradient alone (finite or not: 0.1 apart). A flag's NaN travels only into the
     replacements of the gradients it was armed on: the read leaves out the parameters no waiting flag was armed on
-    (``_fused.note_beside``). Every rank steps, as in the run without the NaN batch, rank 0's own parameter stepping
-    its NaN there as it does in that run (no call measures it)."""
+    (``_fused._kept`` reads an entry's own parameters only). Every rank steps, as in the run without the NaN
+    batch, rank 0's own parameter stepping its NaN there as it does in that run (no call measures it)."""
     assert run_ranks(world, body_a_nan_in_one_ranks_own_parameter_after_a_dropped_batch, how, then,
                      combined) == [[True, True, True]] * world
 
