@@ -13,6 +13,11 @@ norm, a report) first applies the coefficient to them (:func:`settle`), so it se
 after a clip that scaled them. The hook combines with what a ``GradScaler`` sets for the same step (it sets
 ``grad_scale``/``found_inf`` before calling ``step``): scales multiply, either ``found_inf`` flag skips. A post-hook
 restores the attributes as they were.
+
+The skip flags themselves wait for the step in each optimizer's ledger (below, "the agreed ledger": a hand-over's,
+an ``on_nonfinite="skip"`` arming's, ``skip_next_step_``'s), which the step pre-hook reads as ``found_inf`` (a
+skip guard, for an optimizer that is not fused). Among several ranks, the flags a rank cannot decide alone are
+decided by an :class:`Agreement`: each rank's read of them is one more value in a call's own all-reduce.
 """
 
 from __future__ import annotations
