@@ -643,8 +643,12 @@ def clip_grad_norm_(
         fused = fused and exact
         settle_hand_over(parameters, everything)
         # (this rank's read of the agreed skip flags of the optimizer it arms travels in the all-reduce, which
-        # decides them; its own flag joins the ledger under agreement.armed(): see _fused.Agreement)
-        agreement = _fused.Agreement(optimizer)
+        # decides them; its own flag joins the ledger under agreement.armed(): see _fused.Agreement). It arms one
+        # exactly where it skips (a fused optimizer=), the same on every rank (the fingerprint checks it); one
+        # arming none reads and decides every optimizer's: read by an unfused optimizer= alone, another
+        # optimizer's dropped NaN flag armed over the world outlasted the next batch clipped whole over the world,
+        # and its good step was skipped on every rank.
+        agreement = _fused.Agreement(optimizer if skips else None)
     except (ValueError, TypeError):
         _refuse_together(parameters, norm_type, group, shards)
         raise

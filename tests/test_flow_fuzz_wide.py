@@ -554,6 +554,14 @@ FIXED: dict[str, tuple[str, list[tuple]]] = {
     "other_optimizer_explicit_between_hand_overs_mixed": ("wmixed", [("opts", "two_ff"), ("bwd", None),
                                                                      ("call", "hand", [0], 0), ("skipnext", 1, True),
                                                                      ("call", "hand", [0], 0), ("step", 0, None)]),
+    # B's NaN part armed over the world, the batch dropped to None and the next one clipped whole over the world by
+    # clip_grad_norm_(optimizer=A) with A not fused (the generator hands over to fused optimizers only): such a
+    # call arms nothing, yet it read and decided A's entries alone, so B's dropped NaN flag lasted and B's good
+    # step was skipped on both ranks (session 42, h10). A call arming nothing decides every optimizer's: B steps
+    "unfused_optimizer_given_decides_every_optimizer": ("wplain", [("opts", "two_af"), ("bwd", (0, 1)),
+                                                                   ("call", "skip", [1], 1), ("zero", True, "all"),
+                                                                   ("bwd", None), ("call", "hand", [0, 1], 0),
+                                                                   ("step", 1, None)]),
 }
 
 
