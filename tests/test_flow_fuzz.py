@@ -897,7 +897,9 @@ def body_an_agreed_flag_then_a_call_over_a_smaller_group(layout: str) -> bool:
     agreed flag, then ``get_total_norm`` over the pair {0, 1} on ranks 0 and 1 and over {2, 3} on ranks 2 and 3 (a
     per-stage norm logged, say); whether ``b`` stepped. ``alone``: ``a`` is rank 0's alone (the others measure
     nothing, their optimizers step ``b`` only); ``replaced``: every rank's ``a``, the NaN on rank 2, every gradient
-    replaced out of place (``q.grad = q.grad * 1.0``) before the pair's call."""
+    replaced out of place (``q.grad = q.grad * 1.0``) before the pair's call; ``explicit``: every rank's ``a``, no
+    NaN, ``skip_next_step_(opt, True)`` on every rank instead of the clipper, and the gradients of ranks 2 and 3
+    alone replaced out of place before the pair's call."""
     rank = dist.get_rank()
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
     g = torch.Generator().manual_seed(100 + rank)
@@ -909,8 +911,11 @@ def body_an_agreed_flag_then_a_call_over_a_smaller_group(layout: str) -> bool:
     if rank == (0 if layout == "alone" else 2):
         with torch.no_grad():
             a.grad[0] = math.nan
-    dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")(measured, optimizer=opt, group=dist.group.WORLD)
-    if layout == "replaced":
+    if layout == "explicit":
+        dist_clip.skip_next_step_(opt, True)
+    else:
+        dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")(measured, optimizer=opt, group=dist.group.WORLD)
+    if layout == "replaced" or (layout == "explicit" and rank >= 2):
         for q in ps:
             q.grad = q.grad * 1.0
     dist_clip.get_total_norm(measured, group=pairs[rank // 2])
@@ -919,13 +924,15 @@ def body_an_agreed_flag_then_a_call_over_a_smaller_group(layout: str) -> bool:
     return not torch.equal(before, b.detach())
 
 
-@pytest.mark.parametrize("layout", ["alone", "replaced"])
+@pytest.mark.parametrize("layout", ["alone", "replaced", "explicit"])
 def test_an_agreed_flag_armed_over_the_world_outlasts_a_call_over_a_smaller_group_on_every_rank(run_ranks, layout):
     """The NaN batch's flag, armed by a call combining over the world, was decided by the next call combining over
     several ranks, here a pair: the pair holding the NaN kept it, the other pair (holding nothing of ``a``, or
     ``a``'s finite gradients replaced) dropped it: ranks 0 and 1 skipped, 2 and 3 stepped (``replaced``: the other
     way round; h10, session 39). A call decides only the entries armed over its ranks or fewer: the pair's leaves
-    the world's flag to the step, and every rank skips."""
+    the world's flag to the step, and every rank skips. So too for ``skip_next_step_``'s flag, armed over the
+    world: recorded without its ranks, the pair {2, 3} (whose held gradients were replaced) decided it and dropped
+    it, and ranks 2 and 3 stepped while 0 and 1 skipped (mutation run 23, R03)."""
     assert run_ranks(4, body_an_agreed_flag_then_a_call_over_a_smaller_group, layout) == [False] * 4
 
 
