@@ -2708,6 +2708,21 @@ def test_an_explicit_skip_lasts_while_some_gradient_it_saw_is_held(second):
     _step_checked(opt, ps, skipped=True)
 
 
+@pytest.mark.parametrize("second", ["clipper", "clipper_fused"])
+def test_an_explicit_skip_is_read_as_it_is_at_the_step(second):
+    """``skip_next_step_(opt, True)`` after the backward, the batch dropped (``zero_grad(set_to_none=True)``) and
+    recomputed, then ``step()`` with no call arming the optimizer between: the flag is read as it is at the step
+    (README: set to None drops it at the next arming call), so the step is skipped. Read at the step by the
+    gradients it held (mutation run 23, R29), it was dropped there and the step taken."""
+    h0, h1, ps, opt, x, clip = _two_heads_skip(second)
+
+    (h0(x).square().sum() + h1(x).square().sum()).backward()
+    dist_clip.skip_next_step_(opt, True)
+    opt.zero_grad(set_to_none=True)
+    (h0(x).square().sum() + h1(x).square().sum()).backward()
+    _step_checked(opt, ps, skipped=True)
+
+
 @pytest.mark.parametrize("parts", [False, True])
 @pytest.mark.parametrize("second", ["clipper", "clipper_fused", "clip_fused"])
 def test_an_explicit_skip_armed_before_the_backward_lasts_until_the_step(second, parts):
