@@ -3023,6 +3023,26 @@ def test_a_step_that_raised_did_not_happen(then):
 
 
 @pytest.mark.parametrize("fused", [True, False])
+def test_skip_next_step_false_inside_a_closure_clears_the_flag_pending_as_the_step_began(fused):
+    """``skip_next_step_(opt, True)``, then ``step(closure)`` whose closure calls ``skip_next_step_(opt, False)``:
+    the flag pending as the step began is that step's, and the explicit ``False`` acts on the step under way and
+    replaces it, so the step is taken. Combined with the step's own flag instead of the one the optimizer held
+    before its pre-hook (mutation run 23, R65), the cleared skip still skipped the fused step."""
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=0.1, fused=fused)
+    _backward(model, 0)
+    dist_clip.skip_next_step_(opt, torch.tensor(True))
+
+    def closure() -> torch.Tensor:
+        dist_clip.skip_next_step_(opt, torch.tensor(False))
+        return torch.zeros(())
+
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step(closure)
+    assert not any(torch.equal(b, p.detach()) for b, p in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("how", ["GradClipper skip", "skip_next_step_", "clip_grad_norm_ optimizer="])
 def test_calls_inside_a_closure_act_on_the_step_under_way(fused, how):
     """dist_clip called from the closure of step(closure) runs while that step is under way: a skip armed there
