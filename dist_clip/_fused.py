@@ -1346,7 +1346,7 @@ _LEDGERED = _ByIdentity()
 
 
 class _Entry:
-    __slots__ = ("flag", "params", "grads", "versions", "kind", "pieces", "ranks")
+    __slots__ = ("flag", "params", "grads", "versions", "kind", "pieces", "ranks", "alone")
 
     def __init__(self, flag: Tensor, params: list[Tensor], grads: list[Tensor], kind: str,
                  versions: list[int] | None = None, pieces: list[tuple[Any, int]] | None = None,
@@ -1358,6 +1358,9 @@ class _Entry:
         self.pieces = pieces or []
         #: the ranks of the group an agreed entry was armed (or last decided) over: see :func:`decide_agreed`
         self.ranks = ranks
+        #: an agreed entry a verdict left held by gradients read as written since: its flag is the verdict only
+        #: where they were not finite then, and a later verdict is its own alike (see :func:`decide_agreed`)
+        self.alone = False
 
 
 def _ledger_params(optimizer: Any) -> list[Tensor]:
@@ -1533,7 +1536,19 @@ def decide_agreed(survivors: dict[int, Any], verdict: Tensor, ranks: frozenset[i
 
         out = [e for e in ledger if id(e) not in decided]
         if any(e.kind == "agreed" for e in ledger if id(e) in decided):
-            out.append(merged([k for k in kept if k.kind == "agreed"], "agreed"))
+            # (an entry read through its gradients written or replaced since, _kept's new flag, lasts by them
+            # only where they are not finite now: held by them the verdict stands there at the next read only so.
+            # Merged into the verdict's entry, one whose flag was not set, dropped on the CPU and kept as its value
+            # off the host, held the verdict by its finite gradients off the host alone: every rank skipped a good
+            # step the CPU took, a NaN armed elsewhere read by a get_total_norm over the world in between)
+            last = {id(k) for e, k in read
+                    if id(e) in decided and k is not None and (k.flag is not e.flag or e.alone)}
+            out.append(merged([k for k in kept if k.kind == "agreed" and id(k) not in last], "agreed"))
+            for k in kept:
+                if k.kind == "agreed" and id(k) in last:
+                    out.append(_Entry(flag * k.flag.ne(0).to(flag.device, flag.dtype), k.params, k.grads, "agreed",
+                                      k.versions, k.pieces, ranks))
+                    out[-1].alone = True
         if any(e.kind in ("explicit", "held") for e in ledger if id(e) in decided):
             # (skip_next_step_'s stay held by the gradients held at its arming, whatever wrote them: "held"; one
             # armed while this rank held no gradient lasts to the step as it was, by its own flag: merged into

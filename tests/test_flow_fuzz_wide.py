@@ -595,3 +595,51 @@ if OPEN:
         setting, flow = OPEN[name]
         per_rank = run_ranks(2, body_wide_flow, setting, flow)
         assert not violations(flow, per_rank), (flow, violations(flow, per_rank))
+
+
+#: Minimised wide flows whose verdicts off the host (a GPU; simulated: every flag taken for a device's) differed
+#: from the CPU's, which step: an agreed entry whose gradients were written since (a backward accumulated into them)
+#: read by a call combining over the world, arming none (``get_total_norm``), while another agreed flag of 1 waits (a
+#: NaN ``a`` armed, or ``skip_next_step_(A, True)``). On the CPU the written entry's flag, 0, was dropped by that
+#: read; off the host it was kept as its value (0 on the device), and the call's verdict (1) replaced both entries
+#: by one held by the written entry's gradients too (``b``), unwritten since: the last call arming the optimizer over
+#: the world read that entry as it was, 1, where on the CPU it was held by nothing left (``a`` set to ``None``) or by
+#: no gradient: every rank skipped a good step the CPU took (h9's gen5-biased wide sweep, session 42: wplain 184;
+#: ``single`` by hand after it; ``read_twice``: two such reads, the second reading the first's verdict as it was)
+OFF_HOST_AFTER_VERDICT: dict[str, tuple[str, list[tuple]]] = {
+    "single": ("wplain", [("opts", "fused"), ("bwd", None), ("call", "skip", [1], 0), ("bwd", (0, 0)),
+                          ("call", "skip", [0], 0), ("call", "total", [1], 0), ("none", 0),
+                          ("call", "skip", [0, 1], 0), ("step", "all", None)]),
+    "two_optimizers": ("wplain", [("opts", "two_ff"), ("bwd", None), ("call", "hand", [0, 1], 1), ("bwd", None),
+                                  ("skipnext", 0, True), ("call", "total", [0], 0), ("call", "total", [1], 0),
+                                  ("call", "skip", [0, 1], 1), ("step", "all", None)]),
+    "read_twice": ("wplain", [("opts", "two_ff"), ("bwd", None), ("call", "hand", [0, 1], 1), ("bwd", None),
+                              ("skipnext", 0, True), ("call", "total", [1], 0), ("call", "total", [1], 0),
+                              ("call", "skip", [1], 1), ("step", "all", None)]),
+}
+
+
+def body_wide_flow_both(setting: str, flow: list[tuple]) -> tuple[list[dict], list[dict]]:
+    """:func:`run_wide_flow` of ``flow`` off the host (simulated), then on the CPU."""
+    from tests.test_flow_fuzz import off_the_host
+
+    with off_the_host():
+        off = run_wide_flow(setting, flow)
+    return off, run_wide_flow(setting, flow)
+
+
+@pytest.mark.parametrize("name", sorted(OFF_HOST_AFTER_VERDICT))
+def test_a_written_entry_read_into_a_set_verdict_off_the_host_takes_the_cpu_s_verdicts(run_ranks, name):
+    """OFF_HOST_AFTER_VERDICT's flows on the CPU: no invariant broken, the last optimizer stepped on every rank (the
+    first, two_optimizers' ``A``, skips its ``skip_next_step_``); off the host the same verdicts (README: the ranks
+    take the CPU's verdicts there). A verdict holds an entry read through gradients written since only where they
+    are not finite (its flag the verdict times that read, there and at every later verdict): the read of finite
+    ones, 0, kept off the host where the CPU drops it, keeps 0 (on the CPU too: a set flag whose gradients are
+    finite now is read as 0 there as well)."""
+    setting, flow = OFF_HOST_AFTER_VERDICT[name]
+    per_rank = run_ranks(2, body_wide_flow_both, setting, flow)
+    off, cpu = [r[0] for r in per_rank], [r[1] for r in per_rank]
+    assert not violations(flow, cpu), (flow, violations(flow, cpu))
+    assert [r[-1]["took"] for r in cpu] == [True, True], (flow, cpu)
+    assert [[s["took"] for s in r] for r in off] == [[s["took"] for s in r] for r in cpu], (flow, off, cpu)
+    assert not violations(flow, off), (flow, violations(flow, off))
