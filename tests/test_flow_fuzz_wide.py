@@ -643,3 +643,26 @@ def test_a_written_entry_read_into_a_set_verdict_off_the_host_takes_the_cpu_s_ve
     assert [r[-1]["took"] for r in cpu] == [True, True], (flow, cpu)
     assert [[s["took"] for s in r] for r in off] == [[s["took"] for s in r] for r in cpu], (flow, off, cpu)
     assert not violations(flow, off), (flow, violations(flow, off))
+
+
+#: README, Limits (one value for every agreed flag): two fused AdamW (``A`` over the per-rank ``a``, ``B`` over the
+#: replicated ``b``), a NaN in rank 1's ``a``, ``skip_next_step_(B, False)``, [a] armed over the world, a plain clip
+#: of [a] (arming none: its verdict sets B's flag too), ``a.grad = None``, [a, b] handed to ``B`` over the world
+#: (h9's gen5-biased wide sweep, wmixed 159 and 458, minimised): with the remedy, ``skip_next_step_(B, False)``
+#: again after the plain clip
+_SET_BY_ANOTHER = [("opts", "two_ff"), ("bwd", (1, 0)), ("skipnext", 1, False), ("call", "unitwise", [0], 0),
+                   ("call", "plain", [0], 1), ("none", 0), ("call", "hand", [0, 1], 1), ("step", "all", None)]
+
+
+@pytest.mark.parametrize("again", [False, True])
+def test_a_skip_next_step_false_set_by_another_optimizer_s_verdict_skips_on_every_rank_until_set_again(run_ranks,
+                                                                                                      again):
+    """The Limit as stated: B's ``skip_next_step_(B, False)``, set by the plain clip's verdict, is held by ``b``'s
+    gradient, so the hand-over over the world reads it as set and ``B`` skips its finite step on every rank, on the
+    CPU and off the host alike; ``skip_next_step_(B, False)`` again before the hand-over steps it everywhere."""
+    flow = [*_SET_BY_ANOTHER[:6], *([("skipnext", 1, False)] if again else []), *_SET_BY_ANOTHER[6:]]
+    per_rank = run_ranks(2, body_wide_flow_both, "wmixed", flow)
+    for where in (0, 1):
+        steps = [r[where] for r in per_rank]
+        assert [r[-1]["took"] for r in steps] == [again, again], (where, flow, steps)
+        assert [r[-1]["opt"] for r in steps] == [1, 1], steps
