@@ -325,8 +325,14 @@ def _global_expert_name(blocks: list[_ExpertBlock], name: str) -> str:
     found = _split_expert_name(blocks, name)
     if found is None:
         return name
-    b, k, rest = found
-    return f"{b.prefix}{b.ep_rank * b.local + k}.{rest}"
+    return _on_this_rank(*found)
+
+
+def _on_this_rank(b: _ExpertBlock, e: int, rest: str) -> str:
+    """The unsharded model's name of this rank's expert at local index ``e % b.local`` (``e`` a local index, or
+    another expert-parallel rank's expert numbered over the layer: every rank builds its experts alike, so that
+    expert's group and cuts are those of this rank's twin)."""
+    return f"{b.prefix}{b.ep_rank * b.local + e % b.local}.{rest}"
 
 
 def all_names(engine: Any) -> list[str]:
@@ -1494,8 +1500,7 @@ def expert_param_groups(target: object) -> tuple[dict[str, int], Any]:
     for name in all_names(engine):
         found = _split_expert_name(blocks, name)
         if found is not None:
-            b, e, rest = found
-            twin = f"{b.prefix}{b.ep_rank * b.local + e % b.local}.{rest}"
+            twin = _on_this_rank(*found)
             if twin in local:
                 out[name] = local[twin]
     return out, inner
@@ -1632,8 +1637,7 @@ def unit_layout(target: object, group: dist.ProcessGroup | None) -> UnitLayout:
         for name in module_names:
             found_expert = _split_expert_name(blocks, name)
             if found_expert is not None and name not in geometry:
-                b, e, rest = found_expert
-                twin = f"{b.prefix}{b.ep_rank * b.local + e % b.local}.{rest}"
+                twin = _on_this_rank(*found_expert)
                 if twin in geometry:
                     geometry[name] = geometry[twin]
     names = tuple(dict.fromkeys(module_names + order))
