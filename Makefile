@@ -24,6 +24,9 @@ $(STAMP): $(ROOT)/pyproject.toml $(ROOT)/Makefile
 	# The native CPU kernel, built ahead of first use; without a compiler dist_clip falls back to plain torch.
 	# Not `python -m dist_clip._native`: runpy warns that the package's __init__ already imported the module.
 	-$(BIN)/python -c 'import dist_clip._native as n; n.main()'
+	# DeepSpeed's CPU comm op, built here once: the first DeepSpeed test built it inside its ranks' timeout (a minute
+	# on idle cores, 15 beside other jobs), and a build killed midway left a lock that stalled every later one.
+	-$(BIN)/python -c 'from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()'
 	touch $(STAMP)
 
 test: install
