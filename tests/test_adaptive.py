@@ -1036,7 +1036,60 @@ def body_agc(names: list[str]) -> list[int]:
     return cuts
 
 
+class _AfterPadding(nn.Module):
+    """``a`` (1 element) then ``b`` (4 x 3): under FSDP1's ``use_orig_params=True`` the flat parameter aligns ``b``
+    to 4 elements (3 of padding between), so the 2-rank shard boundary, at 8, cuts ``b`` at 4, inside row 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor([1.5]))
+        self.b = nn.Parameter(torch.randn(4, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x @ self.b.T * self.a).square().mean()
+
+
+class _OneRow(nn.Module):
+    """One weight row of 2 elements: a flat parameter of 2 elements, one on each of 2 ranks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(1, 2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x[:, :2] @ self.w.T).square().mean()
+
+
+def body_agc_fsdp1_cut_rows() -> list[bool]:
+    """FSDP1 rows cut where the shard boundary falls, on 2 ranks: in a parameter lying after the alignment padding
+    of ``use_orig_params=True`` (an offset counted without the padding put the boundary in row 2, and each rank
+    clipped its part of row 1 as a whole unit), and in a flat parameter of 2 elements, one per rank (shards of
+    one element cut nothing, and each rank clipped its half of the one row alone)."""
+    import copy
+
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    xs = [torch.randn(5, 3, generator=torch.Generator().manual_seed(r)) * 4 for r in range(world)]
+    out = []
+    for make, orig, cut in ((_AfterPadding, True, [("b", 1)]), (_OneRow, False, [("w", 0)])):
+        torch.manual_seed(7)
+        model = make()
+        ref = copy.deepcopy(model).double()
+        target = FSDP(model, device_id=torch.device("cpu"), use_orig_params=orig)
+        target(xs[rank]).backward()
+        torch.stack([ref(x.double()) for x in xs]).mean().backward()
+        want = agc_reference(dict(ref.named_parameters()), {n: q.grad for n, q in ref.named_parameters()}, 0.02,
+                             1e-3, 2.0)
+        out.append(unit_pieces(target, None)[1] == cut)
+        GradClipper(mode="unitwise", agc=AGC(0.02))(target)
+        got = _full_grads_after(target, "fsdp1_orig")
+        out.append(all(torch.allclose(got[n], w, rtol=1e-5, atol=1e-8) for n, w in want.items()))
+    return out
+
+
 def test_agc_on_every_wrapper_matches_reference(run_ranks):
+    assert run_ranks(2, body_agc_fsdp1_cut_rows) == [[True] * 4] * 2
     names = ["ddp", "fsdp2", "fsdp1_flat", "fsdp1_orig", "fsdp1_noshard"]
     cuts = run_ranks(2, body_agc, names)
     assert cuts[0] == cuts[1]
