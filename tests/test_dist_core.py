@@ -209,8 +209,10 @@ def body_ddp(max_norm: float) -> list:
         want = reference_norm(ref_grads, p)
         with count_collectives() as calls:
             total = dist_clip.get_total_norm(ddp, p)
+            ignored = dist_clip.get_total_norm(ddp, p, group=dist.group.WORLD)  # replicas stay replicas
         assert calls.total == 0, calls.names
         assert abs(total.item() - want) <= 1e-5 * want, (p, total.item(), want)
+        assert ignored.item() == total.item(), (p, ignored.item(), total.item())
         out.append(total.item())
     torch_total = torch.nn.utils.get_total_norm([q.grad for q in model.parameters()])
     ours = dist_clip.clip_grad_norm_(ddp, max_norm)
@@ -460,13 +462,15 @@ def _custom_adapter_values(p: float) -> list:
         return full[name][cuts[name][rank]:cuts[name][rank + 1]]
 
     def pieces() -> HandSharded:
-        return HandSharded([Shards([mine("w").clone(), mine("b").clone()], dist.group.WORLD, True, ["w", "b"]),
-                            Shards([mine("r").clone()], dist.group.WORLD, rank == 0, ["r"])])
+        shards = [Shards([mine("w").clone(), mine("b").clone()], dist.group.WORLD, True, ["w", "b"]),
+                  Shards([mine("r").clone()], dist.group.WORLD, rank == 0, ["r"])]
+        return HandSharded(shards[::-1] if rank == 2 else shards)  # (slots follow the sorted names, any order)
 
     out = []
     target = pieces()
     res = GradClipper(max_norm=1.0, norm_type=p, mode="per_param", report=True)(target)
-    got = dict(zip(("w", "b", "r"), target.pieces[0].tensors + target.pieces[1].tensors))
+    out.append(res.slots == ("b", "r", "w"))
+    got = {n: t for s in target.pieces for n, t in zip(s.names, s.tensors)}
     for name, t in full.items():
         want = reference_norm([t], p)  # bf16 "b": of its own values, in float64
         out.append(abs(float(res.norms[name]) - want) <= 1e-5 * want)
@@ -482,7 +486,7 @@ def test_a_custom_adapter_is_named_per_parameter_by_its_shards(run_ranks, p):
     """README's "Adding a framework": Shards.names serve the per-parameter modes and reports. They were
     ignored there: TypeError "cannot name the gradients of a HandSharded per parameter" on every rank."""
     for values in run_ranks(3, body_custom_adapter, p):
-        assert values == [True] * 7, values
+        assert values == [True] * 8, values
 
 
 def body_custom_adapter_output() -> list:
