@@ -2177,6 +2177,8 @@ def stand_ins_keep_dtype_warning_and_lists() -> dict[str, Any]:
     x = torch.randn(3, 4)
     model(x).pow(2).sum().backward()
     out["dtype"] = str(dist_clip.get_total_norm(model).dtype)
+    # The unused layer's stand-ins count nothing, no presence either: it stays out of reports as in every mode
+    out["reported"] = sorted(dist_clip.GradClipper(max_norm=1e9, mode="per_param", report=True)(model).norms)
     want = reference_norm([q.grad.full_tensor() for q in model.parameters() if q.grad is not None], 2.0)
     with torch.no_grad():
         model(x)  # an evaluation forward: the root's parameters stay unsharded

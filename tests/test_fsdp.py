@@ -555,6 +555,7 @@ def test_stand_ins_keep_the_dtype_the_warning_and_listed_parameters(run_ranks) -
     for r in run_ranks(2, cases.stand_ins_keep_dtype_warning_and_lists):
         assert r["no grads warns"] == (0.0, True), r
         assert r["dtype"] == "torch.float32", r
+        assert r["reported"] == ["a.bias", "a.weight", "b.bias", "b.weight"], r
         assert r["after eval"] == {"total": True, "report": True, "per_param": True, "unitwise": True}, r
         assert r["stand-ins kept"] == (0, True, True), r
         assert r["moved after"] is True, r
