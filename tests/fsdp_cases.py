@@ -2402,6 +2402,12 @@ def no_shard_stages() -> dict[str, Any]:
     total = dist_clip.clip_grad_norm_(model, want / 2, group=dist.group.WORLD)
     out["clip"] = _norm_close(float(total), want, 1e-6) and all(
         torch.allclose(q.grad, s * 0.5, rtol=1e-5, atol=0) for q, s in zip(model.parameters(), saved))
+    # A replica holding no gradient at all (set to None on rank 3) still joins the call's one collective with
+    # nothing to count: rank 2 counts the copy
+    for q, s in zip(model.parameters(), saved):
+        q.grad = None if rank == 3 else s.clone()
+    out["replica without gradients"] = _norm_close(float(dist_clip.get_total_norm(model, group=dist.group.WORLD)),
+                                                   want, 1e-6)
     return out
 
 
