@@ -1488,13 +1488,18 @@ def body_outsider_of_an_adapters_group() -> list:
                 out.append(f"{call(target).item():.4f}")
             except ValueError as e:
                 out.append(str(e).split(" (")[0])
+        # Pieces on the pair beside pieces on the world: the call reduces over the world, where each piece counts
+        # once (over the pair alone, ranks 0 and 1 read 3.1623 and rank 2 waited)
+        target = HandSharded(([Shards([torch.full((2,), float(rank + 1))], group=pair)] if rank < 2 else [])
+                             + [Shards([torch.ones(3)], group=dist.group.WORLD, counted=rank == 2)])
+        out.append(f"{dist_clip.get_total_norm(target).item():.4f}")
     return out
 
 
 def test_a_rank_outside_an_adapters_group_is_told_so(run_ranks):
     a, b, c = run_ranks(3, body_outsider_of_an_adapters_group, timeout_s=60)
-    assert a == b == [f"{math.sqrt(15):.4f}"] * 2, (a, b)
-    assert c == ["a Shards' group is a process group this rank"] * 2, c
+    assert a == b == [f"{math.sqrt(15):.4f}"] * 2 + [f"{math.sqrt(13):.4f}"], (a, b)
+    assert c == ["a Shards' group is a process group this rank"] * 2 + [f"{math.sqrt(13):.4f}"], c
 
 
 def body_silent_peer() -> str:
