@@ -502,7 +502,10 @@ def steps_what_was_measured(grads: Sequence[Tensor], tensors: Sequence[Tensor]) 
     FSDP2 shard of a small parameter) covers no bytes: one that ``tensors`` do not hold (:func:`_measured_among`)
     makes it False, as on the ranks holding elements of that parameter (handed over on the rank whose shards of
     the part beside are all empty alone, the call measured every gradient there and dropped the flag of that part:
-    a NaN in rank 0's shard of part B clipped, part A handed over, rank 1 stepped and rank 0 skipped)."""
+    a NaN in rank 0's shard of part B clipped, part A handed over, rank 1 stepped and rank 0 skipped); so does an
+    empty measured piece the optimizer does not step (the whole model handed to an optimizer of part A alone: rank
+    1, whose shards of part B are empty, handed over while rank 0 scaled in the call, and every gradient then
+    replaced out of place stepped rank 1's rows of A unclipped beside rank 0's clipped ones)."""
     # The usual case (the same tensors, in the same order or not), without a walk over the bytes.
     if len(set(map(id, grads))) != len(grads):
         return False  # one gradient tensor stepped for two parameters: the kernel would divide it twice
@@ -514,7 +517,13 @@ def steps_what_was_measured(grads: Sequence[Tensor], tensors: Sequence[Tensor]) 
     if theirs is None or theirs != ours:
         return False
     empty = [i for i, g in enumerate(grads) if not getattr(g, "_local_tensor", g).numel()]
-    return not (empty and _multi_rank() and set(empty) - set(_measured_among(grads, tensors)))
+    if empty and _multi_rank() and set(empty) - set(_measured_among(grads, tensors)):
+        return False
+    # The converse: an empty measured piece the optimizer does not step (this rank's empty shard of a part the
+    # optimizer leaves to another) is a gradient nobody would scale, as on the ranks holding elements of it.
+    ids = set(map(id, grads))
+    return not (_multi_rank() and any(not getattr(t, "_local_tensor", t).numel() and id(t) not in ids
+                                      and id(_whole_of(t)) not in ids for t in tensors))
 
 
 def gradients(optimizer: torch.optim.Optimizer) -> list[Tensor]:

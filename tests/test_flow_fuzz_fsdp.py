@@ -311,3 +311,56 @@ def test_a_nan_shard_replaced_between_armings_skips_off_the_host(run_ranks):
         steps = [per_rank[0][i], per_rank[1][i]]
         assert not violations(flow, steps), (where, flow, violations(flow, steps))
         assert [s["took"] for r in steps for s in r] == [False, False], (where, flow, steps)
+
+
+def body_whole_handed_to_a_part_s_optimizer(mid: str) -> list[float]:
+    """FSDP2 as in :func:`run_fsdp_flow` (2 ranks: rank 1's shards of ``l1`` empty), a fused AdamW over ``l0``
+    alone, the whole model clipped with ``optimizer=`` it, then ``mid`` ("replace": every gradient replaced out of
+    place; "bwd": a second backward accumulating into them), stepped. Returns the largest relative error, over
+    ``l0``'s elements, of the gradient the step consumed (AdamW's first ``exp_avg`` over ``1 - beta1``) against the
+    float64 unsharded reference: the loop without ``optimizer=`` clips the first backward's gradients (by the
+    float64 total over ``l0`` and ``l1``), and a replacement or a further backward keeps that clip."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from tests.fsdp_cases import mesh
+
+    world = dist.get_world_size()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 1))
+    ref = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 1)).double()
+    ref.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    for unit in (model[0], model[1], model):
+        fully_shard(unit, mesh=mesh((world,)))
+    xs = [torch.randn(3, 4, generator=torch.Generator().manual_seed(7 + r)) for r in range(world)]
+    # the reference: FSDP2 averages the ranks' gradients
+    (sum(ref(x.double()).square().sum() for x in xs) / world).backward()
+    grads = [q.grad for q in ref.parameters()]
+    coef = min(1.0, 1.0 / (float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))) + 1e-6))
+    want = [g * coef + (g if mid == "bwd" else 0) for g in grads[:2]]
+    opt = torch.optim.AdamW(model[0].parameters(), lr=0.1, fused=True)
+    x = xs[dist.get_rank()]
+    model(x).square().sum().backward()
+    dist_clip.clip_grad_norm_(model, 1.0, optimizer=opt)
+    if mid == "replace":
+        for q in model.parameters():
+            q.grad = q.grad + 0.0
+    else:
+        model(x).square().sum().backward()
+    opt.step()
+    got = [opt.state[q]["exp_avg"].full_tensor().double() / 0.1 for q in model[0].parameters()]
+    return max(float(((g - w).abs() / w.abs().clamp_min(1e-3)).max()) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("mid", ["replace", "bwd"])
+def test_the_whole_handed_to_an_optimizer_of_one_part_beside_empty_shards_clips_every_rank_s_shard(run_ranks, mid):
+    """The wide flow fuzz under FSDP2 (h7's scratch sweep, session 43: seed 76 at 2, 3 and 4 ranks, 112 at 4, the
+    call's float64 check), minimised: the whole model handed over (``clip_grad_norm_(model, 1.0, optimizer=A)``) to
+    a fused AdamW ``A`` over ``l0`` alone. Rank 1, whose shards of ``l1`` are empty, found its measured pieces
+    covering exactly the bytes ``A`` steps and handed the coefficient over, while rank 0, measuring ``l1``'s
+    elements too, scaled in the call: every gradient then replaced out of place stepped rank 1's row of ``l0``
+    unclipped (the hand-over dropped) beside rank 0's clipped rows (relative error 4.1 against the float64
+    reference), and a second backward scaled rank 1's row's sum of both batches (0.67). Every rank scales in the call
+    now: the step consumes the reference's gradients on every rank."""
+    errors = run_ranks(2, body_whole_handed_to_a_part_s_optimizer, mid)
+    assert max(errors) < 1e-5, errors
