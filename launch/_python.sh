@@ -23,3 +23,10 @@ check_count() {
     fi
     printf -v "$name" '%d' "$((10#$value))"  # 02 is 2
 }
+
+# port_in_use PORT: whether a process of this machine listens on TCP port PORT (a number), found by connecting on
+# loopback; where bash cannot open /dev/tcp, nothing is found. A rendezvous host whose port is taken fails to
+# start, and the ranks of other processes wait for it.
+port_in_use() {
+    [[ "$1" =~ ^[0-9]{1,5}$ ]] && timeout 5 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$0"' "$1" 2>/dev/null
+}

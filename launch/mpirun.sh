@@ -16,7 +16,8 @@
 #   MPI_ARGS    extra mpiexec options, e.g. "-bind-to core" (MPICH) or "--mca btl_tcp_if_include eth0" (Open MPI)
 #   PYTHON      interpreter (default: the repository's .venv, else python3 on PATH)
 #   MASTER_ADDR, MASTER_PORT  rendezvous of torch.distributed; default: agreed through mpi4py. Without mpi4py
-#               this script exports them (node 0 = first of HOSTS, else of HOSTFILE; a free port picked here).
+#               this script exports them (node 0 = first of HOSTS, else of HOSTFILE; a free port picked here;
+#               a MASTER_PORT given that is in use on this machine, where rank 0 runs, is refused: exit status 2).
 #
 # With mpi4py, a rank that raises, or cannot start torch.distributed (MASTER_PORT in use), aborts the whole MPI job
 # (dist_clip.cli); a clean exit status (0, 1, 2) does not.
@@ -60,6 +61,18 @@ if [[ "${DIST_CLIP_MPI4PY:-1}" == 0 ]] || ! "$PYTHON" -c "import mpi4py" 2>/dev/
         # without it every other node waited for a rendezvous at its own 127.0.0.1.
         FIRST_HOST=$(sed -e 's/#.*//' "$HOSTFILE" | awk 'NF { print $1; exit }')
         FIRST_HOST=${FIRST_HOST%%:*}
+    fi
+    # A MASTER_PORT given that a process of this machine listens on, where rank 0 runs here (no HOSTS or HOSTFILE,
+    # or this machine first): rank 0 could not host the rendezvous store and exited 1 with one "error:" line, and
+    # the other ranks waited for it for the 30-minute start-up wait (mpiexec ends no rank for another's exit status,
+    # and without mpi4py no rank can abort the job). Refused here: one line, exit status 2.
+    HERE=$(hostname 2>/dev/null || true)
+    if [[ -n "${MASTER_PORT:-}" ]] && [[ -z "$FIRST_HOST" || "$FIRST_HOST" == localhost || "$FIRST_HOST" == 127.0.0.1 \
+            || ( -n "$HERE" && ( "$FIRST_HOST" == "$HERE" || "$FIRST_HOST" == "${HERE%%.*}" ) ) ]] \
+            && port_in_use "$MASTER_PORT"; then
+        echo "mpirun.sh: MASTER_PORT $MASTER_PORT is in use on this machine, where rank 0 hosts the rendezvous;" \
+             "give a free MASTER_PORT, or leave it unset (a free one is picked)" >&2
+        exit 2
     fi
     export MASTER_ADDR=${MASTER_ADDR:-${FIRST_HOST:-127.0.0.1}}
     export MASTER_PORT=${MASTER_PORT:-$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("",0)); print(s.getsockname()[1])')}

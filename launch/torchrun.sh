@@ -43,8 +43,7 @@ if [[ "$STATUS" != 0 ]]; then exit "$STATUS"; fi
 # Node 0 of several hosts the rendezvous store on MASTER_PORT: a port that a process of this machine listens on was
 # torchrun's RendezvousConnectionError traceback (EADDRINUSE) and exit 1, while the other nodes waited. (Checked by
 # connecting on loopback; where bash cannot open /dev/tcp, nothing is found and torchrun says it.)
-if [[ "$NNODES" != 1 && "$NODE_RANK" == 0 ]] \
-        && timeout 5 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$0"' "$MASTER_PORT" 2>/dev/null; then
+if [[ "$NNODES" != 1 && "$NODE_RANK" == 0 ]] && port_in_use "$MASTER_PORT"; then
     echo "$(basename "$0"): MASTER_PORT $MASTER_PORT is in use on this machine, where node 0 hosts the rendezvous;" \
          "give every node a free MASTER_PORT" >&2
     exit 2

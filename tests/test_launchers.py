@@ -321,6 +321,39 @@ def test_torchrun_sh_on_node_0_refuses_a_master_port_in_use(tmp_path):
                 assert proc.returncode == 0 and len(started) == 1, proc.stderr
 
 
+@pytest.mark.timeout(60)
+def test_mpirun_sh_without_mpi4py_refuses_a_master_port_in_use_where_rank_0_runs(tmp_path):
+    """Without mpi4py, MASTER_PORT given and held by another process: rank 0 could not host the rendezvous store
+    and exited 1 with one "error:" line, and rank 1 waited for the 30-minute start-up wait (mpiexec ends no rank for
+    another's exit status, and no rank can abort the job without mpi4py). The script finds it before mpiexec
+    starts: one line, exit 2. Where rank 0 runs on another host, it is not refused (a stand-in mpiexec records
+    what would have started)."""
+    import socket
+
+    calls = tmp_path / "calls"
+    stub = tmp_path / "mpiexec"
+    stub.write_text(f"#!/usr/bin/env bash\nif [[ \"$1\" == --version ]]; then echo 'HYDRA build details:'; exit 0; fi\n"
+                    f"echo \"$*\" >> \"{calls}\"\n")
+    stub.chmod(0o755)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = str(held.getsockname()[1])
+        for hosts, refused in (("", True), ("node7,node8", False)):
+            calls.unlink(missing_ok=True)
+            env = job_env(MPIEXEC=str(stub), DIST_CLIP_MPI4PY="0", NPROC="2", MASTER_PORT=port, HOSTS=hosts,
+                          NNODES="2" if hosts else "1")
+            proc = subprocess.run(["bash", str(ROOT / "launch" / "mpirun.sh"), "check"], cwd=tmp_path,
+                                  capture_output=True, text=True, timeout=50, env=env)
+            if refused:
+                want = (f"mpirun.sh: MASTER_PORT {port} is in use on this machine, where rank 0 hosts the rendezvous; "
+                        "give a free MASTER_PORT, or leave it unset (a free one is picked)\n")
+                assert (proc.returncode, proc.stderr) == (2, want), proc.stderr
+                assert not calls.exists()
+            else:
+                assert proc.returncode == 0 and len(calls.read_text().splitlines()) == 1, proc.stderr
+
+
 @pytest.mark.timeout(JOB_TIMEOUT_S + 30)
 def test_data_too_small_under_torchrun_is_one_line_exit_2(tmp_path):
     """An empty or 3-byte --data passed the one-process check: every started rank failed, and torchrun reported
