@@ -739,6 +739,9 @@ def run_job(
     Must be called on every rank. Rank 0 prints, writes the log and the plot, and runs the replay while the
     other ranks wait for its verdict.
     """
+    # Before the header: a config the world cannot run (wrapper: none on several ranks, an hsdp mesh of another
+    # size) is one config error line, not the run's header and data lines followed by it.
+    check_world_size(cfg, source, info.world_size)
     text, what = load_text(cfg.data, source)
     n_params = _count_params(cfg)
     rows = cfg.batch_size * info.world_size

@@ -642,12 +642,25 @@ def test_bf16_precision_runs_the_forward_under_bf16_autocast():
     assert fp32 != bf16 and bf16 == pytest.approx(fp32, rel=2e-2)
 
 
+def _case_config_error_printed(cfg_dict: dict) -> tuple[str, str]:
+    """:func:`_case_config_error`, and what the job printed on stdout before it."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        error = _case_config_error(cfg_dict)
+    return error, out.getvalue()
+
+
 @pytest.mark.timeout(120)
 def test_topology_errors_are_config_errors_on_every_rank(run_ranks):
-    got = run_ranks(2, _case_config_error, {**TINY, "wrapper": "hsdp", "mesh": [2, 2]}, timeout_s=60)
-    assert got == ["<test>: mesh: [2, 2] needs 4 ranks, launched with 2"] * 2
-    got = run_ranks(2, _case_config_error, {**TINY, "wrapper": "none"}, timeout_s=60)
-    assert got == ["<test>: wrapper: none trains one process, but 2 were launched"] * 2
+    """Found before the run's header: under a launcher that cannot tell the world size up front (the DeepSpeed
+    launcher, torchrun on several nodes) rank 0 printed the header and data lines, then the config error."""
+    got = run_ranks(2, _case_config_error_printed, {**TINY, "wrapper": "hsdp", "mesh": [2, 2]}, timeout_s=60)
+    assert got == [("<test>: mesh: [2, 2] needs 4 ranks, launched with 2", "")] * 2
+    got = run_ranks(2, _case_config_error_printed, {**TINY, "wrapper": "none"}, timeout_s=60)
+    assert got == [("<test>: wrapper: none trains one process, but 2 were launched", "")] * 2
 
 
 def _case_config_error_on_nodes(cfg_dict: dict, layout: list[tuple[int, int]]) -> str:
