@@ -910,14 +910,15 @@ class Agreement:
             self._read = agreed_read(self._arming)
         return self._read[0]
 
-    def agree(self, combined: Tensor, alone: bool = False, group: Any = None) -> None:
+    def agree(self, combined: Tensor | None, alone: bool = False, group: Any = None) -> None:
         """The all-reduced ``local`` (any rank's 1: true on every rank) over ``group`` (None: the world).
         ``alone``: the call combined over no other rank (no reduction group, or a group of one): nothing agreed is
-        decided."""
+        decided, and ``combined`` is not read (None where the call made no all-reduce)."""
         self.shared = not alone
         if self.shared and _multi_rank():
             self.ranks = group_ranks(group)
             if self._read is not None:
+                assert combined is not None, "a call combining over several ranks passes its all-reduced value"
                 decide_agreed(self._read[1], combined.reshape(()) > 0, self.ranks)
 
     @contextlib.contextmanager

@@ -253,7 +253,7 @@ def _wide_total(
         partial = torch.zeros((), dtype=torch.float64, device=home)
     if not check:  # nothing to combine: the partial is the total's (no buffer to build, no element to pick)
         if agreement is not None:
-            agreement.agree(agreement.local, alone=True)
+            agreement.agree(None, alone=True)  # (nothing agreed is decided: this rank's read of it is not made)
         return _finished(_norm.finalize(partial, p), p, scale, out, error_if_nonfinite and not refused)
     # One more value in every call: this rank's read of the agreed skip flags (see _fused.Agreement), 0 where the
     # call reads none, so that every rank's buffer has the same layout.

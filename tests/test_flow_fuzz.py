@@ -560,6 +560,47 @@ def test_ledger_entries_are_forgotten_at_each_step(run_ranks, fused):
         assert per_step[0][0] > 0 and per_step == [per_step[0]] * 3 and not per_step[0][1], per_step
 
 
+def body_ddp_calls_beside_an_agreed_entry() -> dict:
+    """DDP over two Linear layers with a fused AdamW: the first layer handed over by ``clip_grad_norm_`` over the
+    world (an agreed ledger entry), every gradient replaced out of place, then ``get_total_norm(ddp)`` and
+    ``clip_grad_norm_(ddp, optimizer=)`` (``group=None``: combining over no other rank) and the step: how often
+    those two calls read the agreed entries (``_fused.agreed_read``), their totals, the float64 reference of each,
+    and whether the step was taken."""
+    from dist_clip import _fused
+
+    torch.manual_seed(0)
+    ddp = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))
+    opt = torch.optim.AdamW(ddp.parameters(), lr=0.1, fused=True)
+    ddp(torch.randn(3, 4, generator=torch.Generator().manual_seed(dist.get_rank()))).square().sum().backward()
+    params = list(ddp.parameters())
+    dist_clip.clip_grad_norm_(params[:2], 1.0, optimizer=opt, group=dist.group.WORLD)
+    for q in params:
+        q.grad = q.grad + 0
+    reads, real = [], _fused.agreed_read
+    _fused.agreed_read = lambda *a, **k: (reads.append(1), real(*a, **k))[1]  # type: ignore[assignment]
+    try:
+        ref = float(torch.cat([q.grad.double().flatten() for q in params]).norm())
+        norm = float(dist_clip.get_total_norm(ddp))
+        total = float(dist_clip.clip_grad_norm_(ddp, 0.5, optimizer=opt))
+    finally:
+        _fused.agreed_read = real
+    before = params[-1].detach().clone()
+    opt.step()
+    return {"reads": len(reads), "norm": norm, "total": total, "ref": ref,
+            "took": not torch.equal(before, params[-1].detach())}
+
+
+def test_a_call_combining_over_no_rank_reads_no_agreed_entry(run_ranks):
+    """A call combining over no other rank (DDP, ``group=None``) decides no agreed entry, so it reads none: it read
+    them all the same (a host read of each flag on the CPU; off the host a largest-magnitude pass over every
+    gradient of an entry read through replaced gradients) and dropped the value. The totals are the float64
+    reference's, and the step is taken on every rank (the entry's flag, finite, stands as it was)."""
+    for r in run_ranks(2, body_ddp_calls_beside_an_agreed_entry):
+        assert r["reads"] == 0, r
+        assert math.isclose(r["norm"], r["ref"], rel_tol=1e-6) and math.isclose(r["total"], r["ref"], rel_tol=1e-6), r
+        assert r["took"], r
+
+
 @pytest.mark.parametrize(("first", "zero", "again"), [("hand", False, "skip"), ("hand", True, "skip"),
                                                       ("skip", False, "skip"), ("hand", False, "hand"),
                                                       ("unfused", False, "skip")])
