@@ -932,7 +932,9 @@ class Agreement:
 
 
 def _on_host(flag: Tensor) -> bool:
-    """Whether reading ``flag`` on the host is free (the CPU); a device flag is never read there (a host sync)."""
+    """Whether reading ``flag`` on the host is free (the CPU); a device flag is never read there (a host sync). The
+    one test of it for the ledger, the fused step hooks and the skip guard's snapshot and restore (looked up as
+    ``_fused._on_host`` at each use: tests take every flag for a device's by replacing it)."""
     return flag.device.type == "cpu"
 
 
@@ -1163,7 +1165,7 @@ def _post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None
                 state.pop("momentum_buffer", None)
                 if not state:  # as if never stepped: no entry
                     del optimizer.state[p]
-    if scale is not None and pending is not None and pending[2] is not None and found.device.type == "cpu":
+    if scale is not None and pending is not None and pending[2] is not None and _on_host(found):
         # A skipped step writes nothing back: the gradients it was handed stay unclipped in .grad, where the
         # loop without optimizer= left them clipped (a read after it gave 28.27 for 1.0, and a micro-batch
         # accumulated onto them stepped 1.18 off). Scaled here when the flag is read for free (the CPU).

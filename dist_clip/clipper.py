@@ -253,11 +253,6 @@ class _SkipGuard:
         self.flag = flag  # (read again from the ledger at the step: see _pre)
 
     @staticmethod
-    def _on_host(flag: Tensor) -> bool:
-        """Whether reading ``flag`` is free (the CPU): then the snapshot is taken only when it is set."""
-        return flag.device.type == "cpu"
-
-    @staticmethod
     def _local(t: Tensor) -> Tensor:
         return t._local_tensor if type(t).__name__ == "DTensor" else t  # type: ignore[attr-defined]
 
@@ -288,7 +283,7 @@ class _SkipGuard:
     def _snapshot(self, optimizer: torch.optim.Optimizer, force: bool = False) -> None:
         flag = self.flag
         if not force:
-            if flag is None or (self._on_host(flag) and not bool(flag)):
+            if flag is None or (_fused._on_host(flag) and not bool(flag)):
                 return
         params = [p for g in optimizer.param_groups for p in g["params"]]
         locals_ = [self._local(p.detach()) for p in params]
@@ -318,10 +313,10 @@ class _SkipGuard:
         _fused.clear_ledger(optimizer)
         if saved is None or flag is None:
             return
-        if self._on_host(flag) and not bool(flag):
+        if _fused._on_host(flag) and not bool(flag):
             return  # a snapshot taken for a closure that armed no skip
         values, live, states, params, groups = saved
-        known = self._on_host(flag)  # we only snapshot on the host when the flag is set
+        known = _fused._on_host(flag)  # we only snapshot on the host when the flag is set
         if not known and (self._host_state(optimizer, params, states) or self._groups_changed(groups)):
             if not bool(flag):  # one host read: state the device cannot put back
                 return

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -791,10 +792,54 @@ def test_a_first_call_from_a_user_pre_hook_acts_on_the_running_step(how, fused):
 
 def _skip_guard_branch(monkeypatch: pytest.MonkeyPatch, host: bool) -> None:
     """The skip guard's host branch (the flag read on the host), or, ``host=False``, the accelerator's (no read)."""
-    from dist_clip.clipper import _SkipGuard
+    from dist_clip import _fused
 
     if not host:
-        monkeypatch.setattr(_SkipGuard, "_on_host", staticmethod(lambda flag: False))
+        monkeypatch.setattr(_fused, "_on_host", lambda flag: False)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_every_flag_taken_for_a_device_s_is_read_nowhere_in_the_step(monkeypatch, fused):
+    """``_fused._on_host``, patched to take every flag for an accelerator's (tests/test_flow_fuzz.py's
+    ``off_the_host``), is the one test of it: the skip guard kept a copy of its own and the fused post-hook tested
+    ``found.device.type``, so both still read the flag on the host under that patch (the guard's snapshot and
+    restore of a plain SGD; the fused AdamW's post-hook after a hand-over), and the flows run "off the host" ran
+    their host branches. No value is read on the host by dist_clip's code in such a step now (after a first step,
+    whose new optimizer state only the host restores), and the step is taken with the clipped gradients."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dist_clip import _fused
+
+    monkeypatch.setattr(_fused, "_on_host", lambda flag: False)
+    package = str(Path(dist_clip.__file__).parent)
+    reads: list[str] = []
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            if func is torch.ops.aten._local_scalar_dense.default:
+                stack = traceback.extract_stack()
+                reads.extend(f"{f.filename}:{f.lineno}" for f in stack if f.filename.startswith(package))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(6))
+    opt = (torch.optim.AdamW([w], lr=0.1, fused=True) if fused else torch.optim.SGD([w], lr=0.1, momentum=0.9))
+    clipper = GradClipper(max_norm=0.5, on_nonfinite="skip")
+    for step in range(2):
+        w.grad = torch.full((6,), 3.0)
+        if fused:
+            dist_clip.clip_grad_norm_([w], 0.5, optimizer=opt)
+        else:
+            clipper([w], optimizer=opt)
+        before = w.detach().clone()
+        with Reads():
+            opt.step()
+        assert not torch.equal(before, w.detach()), step
+        if step == 1:
+            assert not reads, reads
+        reads.clear()
 
 
 def test_the_device_restore_leaves_sparse_state_to_the_host(monkeypatch):
