@@ -73,6 +73,24 @@ def _int(name: str, value: object, low: int) -> int:
 _QUANTILE_MAX = 2**24  # the most values torch.quantile/nanquantile take
 
 
+def nanquantile(values: Tensor, q: float, limit: int = _QUANTILE_MAX) -> Tensor:
+    """``torch.nanquantile(values, q, interpolation="linear")`` of a 1-D float tensor of any length (0-dim): torch's
+    refuses more than 2^24 values ("quantile() input tensor is too large", at call 2^24 + 1 of an AutoClip keeping
+    every norm). Beyond ``limit`` values, torch's own computation, spelled out: the values sorted (NaN last), the
+    rank ``q * (n - 1)`` among the ``n`` that are not NaN (0 where none is), the values at its floor and ceiling
+    interpolated by ``torch.lerp`` with its fraction; the same numbers (numpy's "linear" percentile), on the
+    device throughout (no host read)."""
+    if values.numel() <= limit:
+        return torch.nanquantile(values, q, interpolation="linear")
+    ordered = torch.sort(values).values
+    count = torch.logical_not(torch.isnan(ordered)).sum()  # (int64, on the device)
+    rank = ((count - 1).to(values.dtype) * q).clamp(min=0)
+    below = rank.to(torch.int64)
+    above = rank.ceil().to(torch.int64)
+    low, high = ordered.gather(0, below.reshape(1)), ordered.gather(0, above.reshape(1))
+    return torch.lerp(low, high, (rank - below).reshape(1)).reshape(())
+
+
 @dataclass(frozen=True)
 class AutoClip:
     """AutoClip (Seetharaman et al. 2020): clip at a percentile of the history of total norms.
@@ -92,14 +110,7 @@ class AutoClip:
     def __post_init__(self) -> None:
         _real("AutoClip.percentile", self.percentile, low=0.0, high=100.0)
         if self.window is not None:
-            # torch.nanquantile takes at most 2^24 values, and a window is a buffer of that many from the first
-            # call on: a larger one was accepted here and raised torch's "quantile() input tensor is too large" at
-            # the first clip, after the backward.
-            if _int("AutoClip.window", self.window, 1) > _QUANTILE_MAX:
-                raise ValueError(
-                    f"AutoClip.window must be at most {_QUANTILE_MAX} (2^24, the most norms torch.nanquantile "
-                    f"takes), got {self.window}"
-                )
+            _int("AutoClip.window", self.window, 1)
 
 
 def _norms_or_nan(name: str, values: Tensor, nan: bool = True, inf: bool = False) -> None:
@@ -174,12 +185,12 @@ class _AutoClipState:
         self.count += 1
         if cap is None:
             buf[self.count - 1] = value
-            return torch.nanquantile(buf[: self.count], self.config.percentile / 100.0, interpolation="linear")
+            return nanquantile(buf[: self.count], self.config.percentile / 100.0)
         assert self.written is not None
         slot = (torch.arange(cap, device=buf.device) == self.written % cap) & finite
         buf.copy_(torch.where(slot, value, buf))
         self.written += finite.to(torch.int64)
-        return torch.nanquantile(buf, self.config.percentile / 100.0, interpolation="linear")
+        return nanquantile(buf, self.config.percentile / 100.0)
 
     def coefficient(self, threshold: Tensor, total: Tensor) -> Tensor:
         # torch.nn.utils.clip_grad_norm_(params, clip_value), as the original calls it. An inf norm with no

@@ -338,6 +338,46 @@ def test_autoclip_window_holds_the_last_finite_norms(policy):
     assert want[6] == pytest.approx(1.6 / 1000.0, rel=1e-6)  # 10th percentile of {2, 1.5, 1000}, not 1000
 
 
+def test_autoclip_percentile_spelled_out_is_torch_s_below_its_limit():
+    """AutoClip's percentile past torch's limit (:func:`dist_clip.adaptive.nanquantile` beyond ``limit`` values,
+    forced here on small histories) is ``torch.nanquantile``'s linear one bit for bit, NaN entries (skipped norms)
+    left out, and NaN where every entry is: the thresholds below the limit are the ones torch gave."""
+    from dist_clip.adaptive import nanquantile
+
+    for seed in range(120):
+        g = torch.Generator().manual_seed(seed)
+        n = [1, 2, 3, 7, 64, 1000][seed % 6]
+        values = torch.rand(n, dtype=torch.float64, generator=g) * 10.0 ** (seed % 7 - 3)
+        values[torch.rand(n, generator=g) < (seed % 4) / 4] = math.nan  # (every one, some, none)
+        for percentile in (0.0, 100.0, 50.0, 10.0, 33.3, 99.9, 100.0 * torch.rand((), generator=g).item()):
+            want = torch.nanquantile(values, percentile / 100.0, interpolation="linear")
+            got = nanquantile(values, percentile / 100.0, limit=0)
+            assert got.shape == () and got.dtype == torch.float64, (seed, percentile)
+            assert torch.equal(got, want) or (want.isnan() and got.isnan()), (seed, percentile, got, want)
+
+
+def test_autoclip_keeps_clipping_past_2_24_norms():
+    """Call 2^24 + 1 of an AutoClip keeping every norm (about 16.8 M steps in) raised torch's "quantile() input
+    tensor is too large" (``torch.nanquantile`` takes at most 2^24 values), and a ``window`` over 2^24 was refused:
+    the threshold of 2^24 + 1 norms (a history set directly, a tenth of them skipped) is numpy's percentile of the
+    finite ones (to the last bit's rounding of torch's interpolation)."""
+    np = pytest.importorskip("numpy")
+    from dist_clip.adaptive import _AutoClipState
+
+    assert AutoClip(window=2**24 + 1).window == 2**24 + 1
+    state = _AutoClipState(AutoClip(percentile=10))
+    g = torch.Generator().manual_seed(0)
+    history = torch.rand(2**24, dtype=torch.float64, generator=g) * 100.0
+    history[::10] = math.nan
+    state.buffer = torch.cat([history, torch.full((2**24,), math.nan, dtype=torch.float64)])
+    state.count = 2**24
+    total = torch.tensor(37.5, dtype=torch.float64)
+    threshold = state.threshold(total, torch.tensor(True)).item()
+    kept = torch.cat([history, total.reshape(1)]).numpy()
+    want = float(np.nanpercentile(kept, 10.0))
+    assert math.isclose(threshold, want, rel_tol=1e-15), (threshold, want)
+
+
 def test_autoclip_window_state_round_trips_mid_ring():
     """A windowed history saved after the ring wrapped (non-finite norms among the calls) reloads into a
     clipper that continues exactly as the saved one, in a fresh clipper and across a save of a save."""
