@@ -55,8 +55,10 @@ _WRITES: dict[int, tuple[_Count, Any, int]] = {}
 _WRITES_PRUNE = [256]  # prune dead parameters' entries when the table reaches this size
 _MISSING = object()
 #: the coefficient a hand-over applied in place leaves to its step (:func:`hand_over_applied_`): 1, in the
-#: gradients already (told apart by identity: see :func:`defers_beside`)
+#: gradients already (told apart by identity: see :func:`_in_gradients`)
 _APPLIED = torch.ones((), dtype=torch.float32)
+
+
 class _ByIdentity:
     """A weak set of objects by identity: a ``WeakSet`` hashes and compares its members, so an optimizer class
     defining ``__eq__`` (unhashable) raised ``TypeError`` at the hand-over and at every later ``step()``, and one
