@@ -111,7 +111,14 @@ class RankPool:
         for p in self._procs:
             p.start()
         self.broken = False
-        self._collect(timeout_s=120.0, what="start-up")
+        try:
+            self._collect(timeout_s=120.0, what="start-up")
+        except BaseException:
+            # No PoolCache holds a pool that failed to start, so nothing else ends its ranks: left running, they
+            # stayed until pytest exited, each next test spawned another pool beside them, and on busy cores
+            # each start-up then timed out too (11 ranks of 3 failed pools alive at once in one run of test_fsdp.py).
+            self.close()
+            raise
 
     def _stacks(self) -> str:
         for p in self._procs:

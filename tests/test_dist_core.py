@@ -1526,6 +1526,34 @@ def test_a_peer_that_does_not_answer_gives_a_runtime_error(pools):
     assert values[0].startswith("RuntimeError"), values
 
 
+def test_a_pool_that_fails_to_start_ends_its_ranks(monkeypatch):
+    """A pool whose start-up fails raises, and its ranks are gone: no PoolCache holds it to close them later (left
+    running, every next test on busy cores spawned another pool beside them, whose start-up timed out too). Rank 1
+    is killed as it starts; rank 0 would wait for it in the rendezvous (SIGUSR1, the harness's stack dump, blocked
+    in the ranks, so that it cannot end rank 0 before it registered its handler)."""
+    import multiprocessing
+    import signal
+
+    from tests._harness import RankFailure, RankPool
+
+    collect = RankPool._collect
+
+    def rank_1_dies(self, timeout_s: float, what: str) -> list:  # noqa: ANN001
+        self._procs[1].kill()
+        self._procs[1].join()
+        return collect(self, timeout_s, what)
+
+    monkeypatch.setattr(RankPool, "_collect", rank_1_dies)
+    before = {p.pid for p in multiprocessing.active_children()}
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})  # (the spawned ranks inherit the mask)
+    try:
+        with pytest.raises(RankFailure, match=r"start-up: .*\(dead: \[1\]\)"):
+            RankPool(2)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    assert [p.pid for p in multiprocessing.active_children() if p.pid not in before] == []
+
+
 def body_meta_grad_and_a_silent_peer() -> list:
     """A rank that cannot measure its pieces (a meta gradient) joins the collective to say so; where no peer
     answers it (gone, or silent until the timeout) it raises its own error, the collective's failure as its
