@@ -1198,6 +1198,14 @@ FIXED = {
                                                                ("replace", [1]), ("call", "skip", [1]),
                                                                ("zero", True), ("bwd", None),
                                                                ("call", "skip", [0, 1]), ("step",)]),
+    # (mutation, session 43: a GradClipper deciding the agreed flags by its own rank's read, not the all-reduced one.
+    # A NaN in rank 0's a armed over the world, every gradient replaced out of place (the NaN travels on rank 0
+    # alone), a part armed again over the world: rank 1, reading its replaced gradients finite, dropped the flag and
+    # stepped, rank 0 skipped. Fused, or not with the part a rank's own alone)
+    "plain_replaced_nan_then_part_armed": ("plain", [("fused", True), ("bwd", (0, 0)), ("call", "skip", [0, 1]),
+                                                     ("replace",), ("call", "skip", [1]), ("step",)]),
+    "alone_replaced_nan_then_own_part_armed": ("alone", [("fused", False), ("bwd", (0, 1)), ("call", "skip", [1]),
+                                                         ("replace",), ("call", "skip", [0]), ("step",)]),
 }
 
 
@@ -1205,7 +1213,8 @@ FIXED = {
 KEPT = {"ddp_own_nan_then_two_parts", "ddp_own_nan_dropped_then_empty_part", "alone_nan_b_replaced_then_read",
         "alone_replaced_nan_on_rank_1_then_read_by_no_arming",
         "alone_settled_then_read_by_no_arming", "alone_replaced_then_read_by_no_arming",
-        "alone_replaced_twice_then_read_by_no_arming", "ddp_part_replaced_after_aux_loss_nan_stepped"}
+        "alone_replaced_twice_then_read_by_no_arming", "ddp_part_replaced_after_aux_loss_nan_stepped",
+        "plain_replaced_nan_then_part_armed", "alone_replaced_nan_then_own_part_armed"}
 
 
 @pytest.mark.parametrize("name", sorted(FIXED))
