@@ -1606,6 +1606,43 @@ def test_a_hand_over_whose_gradients_are_accumulated_into_warns():
     assert [(w.filename, w.lineno) for w in caught] == [(__file__, sys._getframe().f_lineno - 2)]
 
 
+def test_a_read_after_a_further_backward_sees_the_accumulated_gradients_unclipped():
+    """A hand-over, a further backward accumulating into its gradients, then ``get_total_norm``: they are no longer
+    the measured ones, so the read drops the coefficient and sees them as they are (the float64 norm of 3.1 a
+    coordinate), and the step takes them unclipped. Settled as the measured ones by their identity alone (a
+    mutant of ``settle``), the read saw 1.03 and the step took them clipped."""
+    w = nn.Parameter(torch.ones(4))
+    opt = torch.optim.SGD([w], lr=1.0, fused=True)
+    (w * 3.0).sum().backward()
+    dist_clip.clip_grad_norm_([w], 1.0, optimizer=opt)
+    (w * 0.1).sum().backward()  # accumulates into the same .grad
+    total = dist_clip.get_total_norm([w])
+    want = torch.linalg.vector_norm(torch.full((4,), 3.1, dtype=torch.float64))
+    torch.testing.assert_close(total.double(), want, rtol=1e-6, atol=0)
+    opt.step()
+    torch.testing.assert_close(w.detach().double(), torch.full((4,), 1.0 - 3.1, dtype=torch.float64), rtol=0,
+                               atol=1e-6)
+
+
+def test_a_read_from_a_step_pre_hook_after_dist_clip_s_divides_the_gradients_once():
+    """A user's step pre-hook registered after dist_clip's (which hands the coefficient to the fused step as
+    ``grad_scale``) reads the norm: the read applies the coefficient to the gradients, so the step is handed none
+    (dividing again, the step took 3 * coef**2 a coordinate: 0.083 for 0.5). The read sees the clipped norm and the
+    parameters end where the float64 clip and plain step put them."""
+    w = nn.Parameter(torch.ones(4))
+    opt = torch.optim.SGD([w], lr=1.0, fused=True)
+    (w * 3.0).sum().backward()
+    dist_clip.clip_grad_norm_([w], 1.0, optimizer=opt)
+    seen = []
+    opt.register_step_pre_hook(lambda *_: seen.append(dist_clip.get_total_norm([w]).double()))  # after dist_clip's
+    opt.step()
+    coef = 1.0 / (6.0 + 1e-6)
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], torch.tensor(6.0 * coef, dtype=torch.float64), rtol=1e-6, atol=0)
+    torch.testing.assert_close(w.detach().double(), torch.full((4,), 1.0 - 3.0 * coef, dtype=torch.float64), rtol=0,
+                               atol=1e-6)
+
+
 def test_a_skipped_step_then_gradients_zeroed_in_place_do_not_warn():
     """A loop stepping only on a finite norm, zero_grad(set_to_none=False): after a skipped step the next clip
     finds the old hand-over's gradients rewritten; that is no accumulation and warned falsely."""
