@@ -890,9 +890,10 @@ class Agreement:
     """One call's agreement on the skip flags that only a verdict of every rank decides (see the agreed ledger,
     :func:`ledger_arm`): ``local`` (0-dim float64, 0 or 1: SUM or MAX) travels in the call's own all-reduce, one
     more value in every call (so the layout never depends on what a rank found): the largest flag of the agreed,
-    explicit and held entries this rank's read keeps (:func:`agreed_read`); where the call combined over several
-    ranks, :meth:`agree` replaces every such entry armed over those ranks or fewer by one of the combined verdict,
-    on every rank alike (:func:`decide_agreed`). :meth:`armed` makes the call's own flag an agreed entry there."""
+    explicit and held entries this rank's read keeps (:func:`agreed_read`), or 0 unread where the call combines
+    over no other rank (:meth:`sent`); where the call combined over several ranks, :meth:`agree` replaces every
+    such entry armed over those ranks or fewer by one of the combined verdict, on every rank alike
+    (:func:`decide_agreed`). :meth:`armed` makes the call's own flag an agreed entry there."""
 
     def __init__(self, arming: Any = None) -> None:
         #: the optimizer the call arms (its ``optimizer=``; None: a call arming none), whose entries alone its
@@ -911,6 +912,11 @@ class Agreement:
         if self._read is None:
             self._read = agreed_read(self._arming)
         return self._read[0]
+
+    def sent(self, combines: bool) -> Tensor:
+        """What this rank sends in the call's all-reduce: ``local`` where the call combines over several ranks,
+        else 0 (the layout stays; nothing agreed is decided, so no entry is read: :meth:`agree` with ``alone``)."""
+        return self.local if combines else torch.zeros((), dtype=torch.float64)
 
     def agree(self, combined: Tensor | None, alone: bool = False, group: Any = None) -> None:
         """The all-reduced ``local`` (any rank's 1: true on every rank) over ``group`` (None: the world).

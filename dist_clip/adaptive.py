@@ -25,7 +25,7 @@ import fnmatch
 import math
 import numbers
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -1148,11 +1148,13 @@ def unitwise_join_refused(target: object, p: float, group: object, settings: str
 
 def unitwise_measure(target: object, config: AGC, p: float, foreach: bool | None,
                      group: dist.ProcessGroup | None, settings: str = "",
-                     agreed: Tensor | None = None) -> UnitwiseOutcome:
+                     agreed: Callable[[bool], Tensor] | None = None) -> UnitwiseOutcome:
     """Measure per-unit weight and gradient norms (cut units combined) and per-parameter norms, ONE collective.
 
-    ``agreed``: this rank's 0/1 read of the call's :class:`dist_clip._fused.Agreement`, one more value in the
-    same all-reduce (0 where None: every call sends it, so the layout never depends on a rank's state).
+    ``agreed``: what this rank sends of the call's :class:`dist_clip._fused.Agreement` given whether the call
+    combines over several ranks (:meth:`~dist_clip._fused.Agreement.sent`: its 0/1 read, or 0 unread where it
+    combines over none), one more value in the same all-reduce (0 where None: every call sends it, so the layout
+    never depends on a rank's state).
 
     Gradients it cannot take (sparse, complex, stride 0) on this rank alone join the other ranks' collective
     (see :func:`unitwise_join_refused`), then are raised: they raised alone, and the others waited in the
@@ -1193,7 +1195,7 @@ def unitwise_measure(target: object, config: AGC, p: float, foreach: bool | None
         # ... and last, this rank's read of the agreed skip flags (see _fused.Agreement)
         extra = torch.zeros(2 * k + n_ranks + 1, dtype=torch.float64, device=device)
         if agreed is not None:
-            extra[-1:] = _reduce.moved(agreed.reshape(1).to(torch.float64), device)
+            extra[-1:] = _reduce.moved(agreed(n_ranks > 1).reshape(1).to(torch.float64), device)
         first = me == 0
         local: list[tuple[Tensor, Tensor, Tensor]] = []  # per unit piece: (ids, weight partials, grad partials)
         whole: list[Tensor | None] = []  # per unit piece: its coefficients where no unit is cut (None: redo all)

@@ -971,11 +971,14 @@ class GradClipper:
                 # How many norms the adaptive threshold has seen (host-side): a checkpoint loaded on one rank only
                 # gave each rank its own threshold, so one gradient was scaled by a different factor on each.
                 settings += f", threshold_calls={self._threshold.count}"
-            # (the ranks' read of the agreed skip flags travels in this call's measurement: see _fused.Agreement)
+            # (the ranks' read of the agreed skip flags travels in this call's measurement: see _fused.Agreement;
+            # not read where the call combines over no other rank, DDP or one process, which decides none of them)
             flat = [t for s in shards for t in s.tensors]  # (listed once)
             agreement = _fused.Agreement(optimizer if arm_skip is not None else None)
             _clip.settle_hand_over(target, flat)
-            membership = _with_agreed(membership, agreement.local)
+            red = plan.reduction_group if plan is not None else None  # (as _slots.measure finds it)
+            red = red if red is not None else _reduce.reduction_group(s.group for s in shards)
+            membership = _with_agreed(membership, agreement.sent(_reduce.group_size(red) > 1))
             before = False
         except (ValueError, TypeError) as e:
             if before:
@@ -1283,7 +1286,7 @@ class GradClipper:
             self._join_units_refused(target, group)
             raise
         try:
-            outcome = unitwise_measure(target, cfg.agc, p, cfg.foreach, group, cfg.settings, agreement.local)
+            outcome = unitwise_measure(target, cfg.agc, p, cfg.foreach, group, cfg.settings, agreement.sent)
         except BaseException as e:
             if getattr(e, "dist_clip_joined", False) or isinstance(e, _slots.RefusedElsewhere):
                 self._count_refused_call(getattr(e, "dist_clip_others_counted", False))

@@ -511,11 +511,13 @@ def get_total_norm(target: object, plan: ParallelPlan, norm_type: float | str = 
     tensors = [t for s in named.shards for t in s.tensors]
     _clip_api.settle_hand_over(target, lambda: tensors)
     # This rank's read of every optimizer's agreed skip flags, one more value in the all-reduce, which decides
-    # them (see _fused.Agreement), as in the other calls
+    # them (see _fused.Agreement), as in the other calls (0 unread where the plan's group is this rank alone)
     agreement = _fused.Agreement()
+    red = plan.reduction_group
+    red = red if red is not None else _reduce.reduction_group(s.group for s in named.shards)  # (as measure finds it)
     m = _slots.measure(named.shards, (lambda n, _i: index[n]) if named.names else None,
                        max(len(named.names), 1), p, None, presence=True, group=plan.reduction_group,
-                       layout=named.names, extra=_with_agreed(None, agreement.local),
+                       layout=named.names, extra=_with_agreed(None, agreement.sent(_reduce.group_size(red) > 1)),
                        result_dtype=_clip_api._result_dtype(tensors, None),
                        settings=f"norm_type={p!r}, {plan.settings}")
     assert m.extra is not None

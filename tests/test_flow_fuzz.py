@@ -562,11 +562,13 @@ def test_ledger_entries_are_forgotten_at_each_step(run_ranks, fused):
 
 def body_ddp_calls_beside_an_agreed_entry() -> dict:
     """DDP over two Linear layers with a fused AdamW: the first layer handed over by ``clip_grad_norm_`` over the
-    world (an agreed ledger entry), every gradient replaced out of place, then ``get_total_norm(ddp)`` and
-    ``clip_grad_norm_(ddp, optimizer=)`` (``group=None``: combining over no other rank) and the step: how often
-    those two calls read the agreed entries (``_fused.agreed_read``), their totals, the float64 reference of each,
-    and whether the step was taken."""
-    from dist_clip import _fused
+    world (an agreed ledger entry), every gradient replaced out of place, then calls combining over no other rank
+    (``group=None`` under DDP, or a plan over a mesh of this rank alone): ``GradClipper`` in every mode with
+    ``optimizer=`` (limits no gradient reaches), ``compose.get_total_norm`` and ``compose.clip_grad_norm_``,
+    ``get_total_norm(ddp)`` and ``clip_grad_norm_(ddp, optimizer=)``, and the step: per call, how often it read the
+    agreed entries (``_fused.agreed_read``) and its total; the float64 reference, and whether the step was taken."""
+    from dist_clip import _fused, compose
+    from tests.beyond_cases import mesh
 
     torch.manual_seed(0)
     ddp = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))
@@ -576,28 +578,42 @@ def body_ddp_calls_beside_an_agreed_entry() -> dict:
     dist_clip.clip_grad_norm_(params[:2], 1.0, optimizer=opt, group=dist.group.WORLD)
     for q in params:
         q.grad = q.grad + 0
+    alone = mesh((2, 1), ("dp", "tp"))["tp"]  # (this rank alone: a group of one)
+    plan = compose.ParallelPlan(alone, tuple(n for n, _ in ddp.module.named_parameters()), group=alone.get_group())
+    calls: dict[str, Callable[[], object]] = {
+        mode: (lambda mode=mode: dist_clip.GradClipper(max_norm=1e9, mode=mode, on_nonfinite="skip",
+                                                       agc=dist_clip.AGC(clipping=1e9))(ddp, optimizer=opt).total_norm)
+        for mode in ("total", "per_param", "per_group", "unitwise")}
+    calls["compose.get_total_norm"] = lambda: compose.get_total_norm(ddp.module, plan)
+    calls["compose.clip_grad_norm_"] = lambda: compose.clip_grad_norm_(ddp.module, 1e9, plan)
+    calls["get_total_norm"] = lambda: dist_clip.get_total_norm(ddp)
+    calls["clip_grad_norm_"] = lambda: dist_clip.clip_grad_norm_(ddp, 0.5, optimizer=opt)  # (last: it clips)
     reads, real = [], _fused.agreed_read
     _fused.agreed_read = lambda *a, **k: (reads.append(1), real(*a, **k))[1]  # type: ignore[assignment]
+    out: dict = {"ref": float(torch.cat([q.grad.double().flatten() for q in params]).norm())}
     try:
-        ref = float(torch.cat([q.grad.double().flatten() for q in params]).norm())
-        norm = float(dist_clip.get_total_norm(ddp))
-        total = float(dist_clip.clip_grad_norm_(ddp, 0.5, optimizer=opt))
+        for name, call in calls.items():
+            before = len(reads)
+            total = float(call())  # type: ignore[arg-type]
+            out[name] = (len(reads) - before, total)
     finally:
         _fused.agreed_read = real
     before = params[-1].detach().clone()
     opt.step()
-    return {"reads": len(reads), "norm": norm, "total": total, "ref": ref,
-            "took": not torch.equal(before, params[-1].detach())}
+    out["took"] = not torch.equal(before, params[-1].detach())
+    return out
 
 
 def test_a_call_combining_over_no_rank_reads_no_agreed_entry(run_ranks):
-    """A call combining over no other rank (DDP, ``group=None``) decides no agreed entry, so it reads none: it read
-    them all the same (a host read of each flag on the CPU; off the host a largest-magnitude pass over every
-    gradient of an entry read through replaced gradients) and dropped the value. The totals are the float64
+    """A call combining over no other rank (DDP, ``group=None``, a plan over one rank) decides no agreed entry, so
+    it reads none: it read them all the same (a host read of each flag on the CPU; off the host a largest-magnitude
+    pass over every gradient of an entry read through replaced gradients) and dropped the value (GradClipper in
+    every mode and the plan's calls sent it in their measurement, to no other rank). The totals are the float64
     reference's, and the step is taken on every rank (the entry's flag, finite, stands as it was)."""
     for r in run_ranks(2, body_ddp_calls_beside_an_agreed_entry):
-        assert r["reads"] == 0, r
-        assert math.isclose(r["norm"], r["ref"], rel_tol=1e-6) and math.isclose(r["total"], r["ref"], rel_tol=1e-6), r
+        calls = {k: v for k, v in r.items() if isinstance(v, tuple)}
+        assert len(calls) == 8 and all(n == 0 for n, _ in calls.values()), r
+        assert all(math.isclose(t, r["ref"], rel_tol=1e-6) for _, t in calls.values()), r
         assert r["took"], r
 
 
