@@ -616,8 +616,8 @@ def settle(tensors: Sequence[Tensor]) -> None:
             optimizer.__dict__[_SAVED] = (*saved[:3], None)
 
 
-def _verdict(held: list[Tensor], versions: list[Any], grads: list[Tensor], raw: list[int] | None = None,
-             optimizer: torch.optim.Optimizer | None = None) -> tuple[str, list[Tensor]]:
+def _verdict(held: list[Tensor], versions: list[Any], grads: list[Tensor], raw: list[int],
+             optimizer: torch.optim.Optimizer) -> tuple[str, list[Tensor]]:
     """What became of the gradients ``held`` a coefficient was measured on, now that the optimizer steps
     ``grads``, and which of them take the coefficient in place if the step's ``grad_scale`` cannot:
 
@@ -649,7 +649,7 @@ def _verdict(held: list[Tensor], versions: list[Any], grads: list[Tensor], raw: 
     stepped = set(map(id, grads))
     still = [(a, v) for a, v in zip(held, versions) if id(a) in stepped]
     moved: dict[int, Tensor] = {}  # id of a held gradient -> the stepped tensor it moved to
-    if len(still) < len(held) and len(still) < len(grads) and raw is not None and optimizer is not None:
+    if len(still) < len(held) and len(still) < len(grads):
         ids = set(map(id, held))
         found = _moved(held, versions, raw, [g for g in grads if id(g) not in ids], stepped, optimizer)
         if found is None:
