@@ -161,6 +161,7 @@ def run_flow(setting: str, flow: list[tuple]) -> list[dict]:
     stepped = [q for ps in params for q in ps]
     opt = torch.optim.AdamW(stepped, lr=0.1, fused=fused)
     clipper = dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")
+    unitwise = dist_clip.GradClipper(mode="unitwise", agc=dist_clip.AGC(clipping=1e9), on_nonfinite="skip")
     # per stepped parameter: a call arming the skip measured it non-finite since the last step
     seen: dict[int, bool] = {}
     inplace_zero = False
@@ -197,6 +198,14 @@ def run_flow(setting: str, flow: list[tuple]) -> list[dict]:
                 dist_clip.clip_grad_norm_(tgt, 1.0, optimizer=opt, **kw)
             elif how == "skip":
                 clipper(tgt, optimizer=opt, **kw)
+            elif how == "unit":  # (AGC arming the skip; a limit no gradient reaches)
+                unitwise(tgt, optimizer=opt, **kw)
+            elif how == "compose":  # (plain tensors: each rank's a shard of the part over the world)
+                from tests.fsdp_cases import mesh
+
+                named = {f"{i}.{j}": q for i in part for j, q in enumerate(params[i])}
+                dist_clip.compose.get_total_norm(named, dist_clip.ParallelPlan(
+                    mesh((dist.get_world_size(),), ("dp",)), names=tuple(named), rules=(dist_clip.Rule("*"),)))
             elif how == "total":
                 dist_clip.get_total_norm(tgt, **kw)
             elif how == "with_norm":
@@ -206,7 +215,7 @@ def run_flow(setting: str, flow: list[tuple]) -> list[dict]:
                 dist_clip.clip_grad_norm_(tgt, 1.0, **kw)
             if part == [2]:
                 own_part = True
-            if how in ("hand", "skip"):
+            if how in ("hand", "skip", "unit"):
                 for q in measured:
                     if nonfinite(q):
                         seen[id(q)] = True
@@ -477,6 +486,39 @@ def test_a_hand_over_beside_one_ranks_own_parameter_steps_sgd_as_on_the_ranks_ha
     for i, (after, before, g) in enumerate(zip(r0["after"], r0["before"], r0["grads"])):
         coef = 1.0 if replaced == "all" or (replaced == "weight" and i == 0) else clip
         torch.testing.assert_close(after.double(), before - coef * g, rtol=0, atol=1e-6)
+
+
+def body_written_hand_over_then_own_part_armed() -> list[str]:
+    """DDP over one Linear layer and a parameter of rank 0's own in one fused SGD; DDP's whole handed over, a further
+    backward accumulating into every gradient, then ``GradClipper(on_nonfinite="skip")`` over the world on rank 0's
+    own part (rank 1 passing nothing) and the step; the warnings this rank's calls and step raised."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    model = DDP(nn.Linear(4, 2))
+    own = [nn.Parameter(torch.ones(3))] if dist.get_rank() == 0 else []
+    opt = torch.optim.SGD([*model.parameters(), *own], lr=1.0, fused=True)
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(7))
+
+    def backward() -> None:
+        (model(x).square().sum() * 4 + sum((q * q).sum() for q in own)).backward()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        backward()
+        dist_clip.clip_grad_norm_(model, 1.0, optimizer=opt)
+        backward()
+        dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")(own, optimizer=opt, group=dist.group.WORLD)
+        opt.step()
+    return [str(w.message)[:80] for w in caught]
+
+
+def test_a_written_hand_over_dropped_by_a_call_reading_none_of_its_gradients_warns_on_no_rank(run_ranks):
+    """A hand-over whose gradients a further backward wrote is dropped without a word by the next call arming
+    over the world, also on a rank whose call reads none of the gradients it measured (rank 0 reads only its own
+    parameter's, stepped beside DDP's; rank 1 reads nothing), so no rank's step warns. Left to the step there
+    (mutant R63: arm_skip_ not dropping it), rank 0 alone warned that the coefficient was dropped."""
+    assert run_ranks(2, body_written_hand_over_then_own_part_armed) == [[], []]
 
 
 def body_sgd_parts(own_too: bool, order: list[int]) -> dict:
@@ -1222,6 +1264,15 @@ FIXED = {
                                                      ("replace",), ("call", "skip", [1]), ("step",)]),
     "alone_replaced_nan_then_own_part_armed": ("alone", [("fused", False), ("bwd", (0, 1)), ("call", "skip", [1]),
                                                          ("replace",), ("call", "skip", [0]), ("step",)]),
+    # (the same, the part armed again by a unit-wise GradClipper deciding by its own rank's read: mutant R74d; not
+    # "alone": unit-wise calls naming different parameters per rank make gloo abort, see README Limits)
+    "plain_replaced_nan_then_part_armed_unitwise": ("plain", [("fused", True), ("bwd", (0, 0)),
+                                                              ("call", "skip", [0, 1]), ("replace",),
+                                                              ("call", "unit", [1]), ("step",)]),
+    # (the same, read by compose.get_total_norm deciding by its own rank's read: mutant R74c)
+    "plain_replaced_nan_then_part_read_by_compose": ("plain", [("fused", True), ("bwd", (0, 0)),
+                                                               ("call", "skip", [0, 1]), ("replace",),
+                                                               ("call", "compose", [1]), ("step",)]),
 }
 
 
@@ -1230,7 +1281,9 @@ KEPT = {"ddp_own_nan_then_two_parts", "ddp_own_nan_dropped_then_empty_part", "al
         "alone_replaced_nan_on_rank_1_then_read_by_no_arming",
         "alone_settled_then_read_by_no_arming", "alone_replaced_then_read_by_no_arming",
         "alone_replaced_twice_then_read_by_no_arming", "ddp_part_replaced_after_aux_loss_nan_stepped",
-        "plain_replaced_nan_then_part_armed", "alone_replaced_nan_then_own_part_armed"}
+        "plain_replaced_nan_then_part_armed", "alone_replaced_nan_then_own_part_armed",
+        "plain_replaced_nan_then_part_armed_unitwise",
+        "plain_replaced_nan_then_part_read_by_compose"}
 
 
 @pytest.mark.parametrize("name", sorted(FIXED))
