@@ -12,6 +12,7 @@ Run with ``.venv/bin/python -m pytest tests/test_launchers.py``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import re
@@ -290,22 +291,28 @@ def test_torchrun_sh_tells_its_check_the_number_of_ranks_only_where_it_knows_it(
         assert validate == want, (env, validate)
 
 
+@contextlib.contextmanager
+def held_port():
+    """A loopback TCP port this process listens on while the block runs: a MASTER_PORT in use on this machine."""
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        yield str(held.getsockname()[1])
+
+
 @pytest.mark.timeout(60)
 def test_torchrun_sh_on_node_0_refuses_a_master_port_in_use(tmp_path):
     """Two nodes, node 0's MASTER_PORT held by another process of its machine: torchrun failed to host the
     rendezvous store with a RendezvousConnectionError traceback (EADDRINUSE, ~40 lines) and exit 1, while node 1
     waited. Node 0's script finds it before torchrun starts: one line, exit 2. Node 1 does not host the store and
     is not refused (a stand-in interpreter records what would have started)."""
-    import socket
-
     calls = tmp_path / "calls"
     stub = tmp_path / "python"
     stub.write_text(f'#!/bin/sh\necho "$*" >> "{calls}"\n')
     stub.chmod(0o755)
-    with socket.socket() as held:
-        held.bind(("127.0.0.1", 0))
-        held.listen()
-        port = str(held.getsockname()[1])
+    with held_port() as port:
         for node, refused in (("0", True), ("1", False)):
             calls.unlink(missing_ok=True)
             env = {**job_env(NNODES="2", NODE_RANK=node, MASTER_PORT=port), "PYTHON": str(stub)}
@@ -328,17 +335,12 @@ def test_mpirun_sh_without_mpi4py_refuses_a_master_port_in_use_where_rank_0_runs
     another's exit status, and no rank can abort the job without mpi4py). The script finds it before mpiexec
     starts: one line, exit 2. Where rank 0 runs on another host, it is not refused (a stand-in mpiexec records
     what would have started)."""
-    import socket
-
     calls = tmp_path / "calls"
     stub = tmp_path / "mpiexec"
     stub.write_text(f"#!/usr/bin/env bash\nif [[ \"$1\" == --version ]]; then echo 'HYDRA build details:'; exit 0; fi\n"
                     f"echo \"$*\" >> \"{calls}\"\n")
     stub.chmod(0o755)
-    with socket.socket() as held:
-        held.bind(("127.0.0.1", 0))
-        held.listen()
-        port = str(held.getsockname()[1])
+    with held_port() as port:
         for hosts, refused in (("", True), ("node7,node8", False)):
             calls.unlink(missing_ok=True)
             env = job_env(MPIEXEC=str(stub), DIST_CLIP_MPI4PY="0", NPROC="2", MASTER_PORT=port, HOSTS=hosts,
