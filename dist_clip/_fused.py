@@ -509,7 +509,8 @@ def steps_what_was_measured(grads: Sequence[Tensor], tensors: Sequence[Tensor]) 
     1, whose shards of part B are empty, handed over while rank 0 scaled in the call, and every gradient then
     replaced out of place stepped rank 1's rows of A unclipped beside rank 0's clipped ones)."""
     # The usual case (the same tensors, in the same order or not), without a walk over the bytes.
-    if len(set(map(id, grads))) != len(grads):
+    ids = set(map(id, grads))
+    if len(ids) != len(grads):
         return False  # one gradient tensor stepped for two parameters: the kernel would divide it twice
     if same_tensors(grads, tensors):
         return True
@@ -523,7 +524,6 @@ def steps_what_was_measured(grads: Sequence[Tensor], tensors: Sequence[Tensor]) 
         return False
     # The converse: an empty measured piece the optimizer does not step (this rank's empty shard of a part the
     # optimizer leaves to another) is a gradient nobody would scale, as on the ranks holding elements of it.
-    ids = set(map(id, grads))
     return not (_multi_rank() and any(not getattr(t, "_local_tensor", t).numel() and id(t) not in ids
                                       and id(_whole_of(t)) not in ids for t in tensors))
 
