@@ -102,33 +102,47 @@ __all__ += ["assert_clip_matches_unsharded", "reference_agc_", "reference_param_
 
 
 def reference_param_norms(grads: dict[str, Tensor], norm_type: float | str = 2.0) -> dict[str, float]:
-    """The norm of each full gradient in float64, by name: the definition of a per-parameter report."""
+    """The norm of each full gradient in float64, by name: the definition of a per-parameter report, each as
+    :func:`reference_norm` takes it (NaN for a gradient holding NaN for every order, L0 too: ``vector_norm``
+    counts a NaN as a non-zero; 0 for an empty gradient, whose inf norm ``vector_norm`` refuses)."""
+    return {n: reference_norm([g], norm_type) for n, g in grads.items()}
+
+
+def _unit_norms(x: Tensor, p: float) -> Tensor:
+    """The norm of each unit of ``x`` (a row along dim 0, kept as a dim of 1 elsewhere; the whole of a 0/1-D
+    tensor), 0 for a unit of no elements (``vector_norm`` refuses the inf norm of nothing)."""
+    if x.dim() <= 1:
+        return torch.linalg.vector_norm(x, p) if x.numel() else x.new_zeros(())
+    if x.numel() == 0:
+        return x.new_zeros((x.shape[0],) + (1,) * (x.dim() - 1))
+    return torch.linalg.vector_norm(x, p, dim=tuple(range(1, x.dim())), keepdim=True)
+
+
+def _agc_coefficients(weight: Tensor, grad: Tensor, clipping: float, eps: float, norm_type: float | str) -> Tensor:
+    """Each unit's AGC coefficient of one full parameter, in float64, shaped to multiply ``grad``: ``limit / max(
+    ||g_unit||, 1e-6)`` with ``limit = clipping * max(||w_unit||, eps)`` where ``||g_unit|| >= limit``, else 1;
+    1 for a unit whose gradient is zero (with a NaN weight too, where timm's formula gives 0 * NaN) and, under
+    ``clipping=inf``, for every unit whose gradient norm is not NaN."""
     p = float(norm_type)
-    return {
-        n: torch.linalg.vector_norm(_wide(g), p).item() for n, g in grads.items()
-    }
+    limit = _unit_norms(_wide(weight).reshape(weight.shape), p).clamp(min=eps) * clipping
+    gn = _unit_norms(_wide(grad).reshape(grad.shape), p)
+    keep = (gn < limit) | (gn == 0)
+    if math.isinf(clipping):  # no limit: an inf unit norm too (inf / inf made it NaN), and a NaN weight's unit
+        keep = keep | ~gn.isnan()
+    return torch.where(keep, torch.ones_like(gn), limit / gn.clamp(min=1e-6))
 
 
 def reference_agc_(
     params: dict[str, Tensor], grads: dict[str, Tensor], clipping: float, eps: float, norm_type: float | str = 2.0
 ) -> None:
-    """Unit-wise AGC on full tensors in place, single process (the timm formulation): the reference of
-    ``mode="unitwise"``. A unit is a row along dim 0 (the whole tensor for 0/1-D parameters)."""
-    p = float(norm_type)
-
-    def unit_norm(x: Tensor) -> Tensor:
-        if x.dim() <= 1:
-            return torch.linalg.vector_norm(x, p)
-        return torch.linalg.vector_norm(x, p, dim=tuple(range(1, x.dim())), keepdim=True)
-
+    """Unit-wise AGC on full tensors in place, single process (the timm formulation, a unit whose gradient is
+    zero left as it is: :func:`_agc_coefficients`): the reference of ``mode="unitwise"``. A unit is a row along
+    dim 0 (the whole tensor for 0/1-D parameters). Norms and products are taken in float64, each product rounded
+    once to the gradient's dtype (taken in a bf16 gradient's own dtype, they were 2.4e-4 off dist_clip's clip of
+    entries near 0.05, which rounds once)."""
     for name, g in grads.items():
-        w = params[name].detach().to(g.dtype)
-        limit = unit_norm(w).clamp(min=eps) * clipping
-        gn = unit_norm(g)
-        keep = gn < limit
-        if math.isinf(clipping):  # no limit: an inf unit norm too (inf / inf made it NaN), and a NaN weight's unit
-            keep = keep | ~gn.isnan()
-        g.copy_(torch.where(keep, g, g * (limit / gn.clamp(min=1e-6))))
+        coef = _agc_coefficients(params[name].detach(), g, clipping, eps, norm_type)
+        g.copy_(_wide(g).reshape(g.shape) * coef)
 
 
 def _coef(max_norm: float, norm: float) -> float:

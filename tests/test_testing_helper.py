@@ -486,6 +486,67 @@ def test_references_measure_complex_and_sparse_gradients_as_dist_clip_does():
                                   loss_fn=lambda out: out.abs().square().mean(), max_norm=0.1)
 
 
+class _EmptyAndUnreachedRow(nn.Module):
+    """An empty parameter beside a linear layer, and a weight whose row 0 (NaN) the forward never reaches: its
+    gradient there is zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.empty = nn.Parameter(torch.zeros(0))
+        self.w = nn.Parameter(torch.tensor([[math.nan] * 3, [0.5, -1.0, 2.0]]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) @ self.w[1:].T + self.empty.sum()
+
+
+def _nan_batch4(rank: int, world: int) -> torch.Tensor:
+    x = _batch4(rank, world)
+    x[0, 0] = math.inf  # NaN in the first layer's gradients
+    return x
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0, 2.0, math.inf])
+def test_references_take_nan_empty_and_zero_gradient_units_as_dist_clip_does(p):
+    """reference_param_norms counted a NaN as a non-zero at p = 0 (2.0 for [nan, 1, 0], where dist_clip reports
+    NaN, as reference_norm gives) and raised on the inf norm of an empty gradient (vector_norm has no identity
+    there); reference_agc_ made a zero-gradient row whose weight holds NaN NaN (timm's 0 * NaN, where unit-wise
+    clipping leaves it alone) and raised on a row of no elements at inf. So the CI check failed correct setups: a
+    model holding an empty parameter at inf (RuntimeError), NaN gradients at p = 0 (a table of mismatches), a
+    NaN row the forward does not reach in unitwise mode. reference_agc_ also took a bf16 gradient's norms and
+    products in bf16, an ulp off dist_clip's clip in most entries (float64 now, rounded once)."""
+    from dist_clip import GradClipper
+    from dist_clip.testing import reference_agc_, reference_param_norms
+
+    a, b, e = (nn.Parameter(torch.zeros(n)) for n in (3, 1, 0))
+    a.grad, b.grad, e.grad = torch.tensor([math.nan, 1.0, 0.0]), torch.tensor([3.0]), torch.zeros(0)
+    got = GradClipper(max_norm=math.inf, mode="per_param", norm_type=p, report=True)({"a": a, "b": b, "e": e}).norms
+    want = reference_param_norms({"a": a.grad, "b": b.grad, "e": e.grad}, p)
+    assert math.isnan(got["a"]) and math.isnan(want["a"]), (got, want)
+    assert got["b"] == want["b"] == (1.0 if p == 0 else 3.0) and got["e"] == want["e"] == 0.0, (got, want)
+    if p > 0:
+        w = nn.Parameter(torch.tensor([[math.nan, 1.0], [1.0, 1.0], [1.0, 2.0]]))
+        z = nn.Parameter(torch.ones(3, 0))
+        w.grad, z.grad = torch.tensor([[0.0, 0.0], [5.0, 5.0], [1e-3, 0.0]]), torch.zeros(3, 0)
+        ref = {"w": w.grad.clone(), "z": z.grad.clone()}
+        reference_agc_({"w": w.detach(), "z": z.detach()}, ref, 0.01, 1e-3, p)
+        result = GradClipper(mode="unitwise", norm_type=p)({"w": w, "z": z})
+        assert bool(result.finite) and ref["w"][0].eq(0).all() and ref["z"].numel() == 0, (result, ref)
+        torch.testing.assert_close(ref["w"], w.grad, rtol=1e-6, atol=0)  # (float32's coefficient: an ulp apart)
+        g = torch.Generator().manual_seed(0)
+        wb = nn.Parameter(torch.randn(4, 300, generator=g).bfloat16())
+        wb.grad = (torch.randn(4, 300, generator=g) * 0.05).bfloat16()
+        ref = {"w": wb.grad.clone()}
+        reference_agc_({"w": wb.detach()}, ref, 0.01, 1e-3, p)
+        GradClipper(mode="unitwise", norm_type=p)({"w": wb})
+        # (615-789 of the 1,200 entries differed; a product rounded through float32 may, rarely)
+        assert int((ref["w"] != wb.grad).sum()) <= 12, (ref["w"] - wb.grad).abs().max()
+    for mode in ("total", "per_param") + (("unitwise",) if p > 0 else ()):
+        assert_clip_matches_unsharded(_EmptyAndUnreachedRow, lambda m: m, _batch4, norm_type=p, mode=mode,
+                                      max_norm=0.05)
+    assert_clip_matches_unsharded(_linear, lambda m: m, _nan_batch4, norm_type=p, max_norm=0.05)
+
+
 def _linear() -> nn.Module:
     return nn.Linear(4, 3)
 
