@@ -226,6 +226,7 @@ def _check_rank(
     before = reference_param_norms(ref_grads, p)
     total = reference_norm(list(ref_grads.values()), p)
     agc_cfg = agc if agc is not None else AGC()
+    smallest = 1.0  # unitwise: the float64 model's smallest unit coefficient (NaN where one is NaN)
     if mode == "total":
         coef = _coef(max_norm, total)
         for g in ref_grads.values():
@@ -235,6 +236,9 @@ def _check_rank(
             g.mul_(_coef(max_norm, before[n]))
     else:  # "unitwise" (assert_clip_matches_unsharded checked the mode); excluded parameters stay as they are
         clipped = {n: g for n, g in ref_grads.items() if not any(fnmatch.fnmatchcase(n, x) for x in agc_cfg.exclude)}
+        units = [_agc_coefficients(ref_params[n], g, agc_cfg.clipping, agc_cfg.eps, p).reshape(-1)
+                 for n, g in clipped.items()]
+        smallest = float(torch.cat([torch.ones(1, dtype=torch.float64), *units]).min())  # (torch's min keeps NaN)
         reference_agc_(ref_params, clipped, agc_cfg.clipping, agc_cfg.eps, p)
     after = reference_param_norms(ref_grads, p)
 
@@ -262,6 +266,7 @@ def _check_rank(
     problems += _diff_table(before, got_before, rtol, atol, "gradient norm before clipping")
     problems += _diff_table(after, got_after, rtol, atol, "gradient norm after clipping")
     problems += scaling
+    problems += _verdict_problems(result, total, smallest, got_before, mode, rtol, atol)
     if problems:
         raise AssertionError(
             f"dist_clip on rank {rank}/{world} does not match the unsharded float64 model "
@@ -358,6 +363,35 @@ def _scaling_problems(
     if wrong:
         problems.append("gradient pieces on this rank not equal to their copy before the clip times clip_coef: "
                         + ", ".join(wrong[:8]) + (f" and {len(wrong) - 8} more" if len(wrong) > 8 else ""))
+    return problems
+
+
+def _verdict_problems(result: Any, total: float, smallest: float, norms: dict[str, float], mode: str, rtol: float,
+                      atol: float) -> list[str]:
+    """``finite`` against the float64 model (its total finite, and in mode "unitwise" no unit coefficient NaN),
+    ``clipped`` against the coefficients returned (one below 1 whose norm is not zero, in a finite call), and in
+    mode "unitwise" ``clip_coef`` against the float64 model's smallest unit coefficient (to twice ``rtol``: a ratio
+    of two norms). A wrong flag, or a unit-wise ``clip_coef`` of 1 over clipped rows, passed every other check."""
+    problems = []
+    coefs = result.clip_coef.detach().to("cpu", torch.float64).reshape(-1)
+    finite = bool(result.finite)
+    want = math.isfinite(total) and not math.isnan(smallest)
+    if finite != want:
+        problems.append(f"finite: {finite}, but the unsharded total norm is {total!r}"
+                        + (f" and its smallest unit coefficient {smallest!r}" if mode == "unitwise" else ""))
+    if mode == "unitwise":
+        got = float(coefs[0])
+        if not _agree(smallest, got, 2 * rtol, atol):
+            problems.append(f"clip_coef (the smallest unit coefficient): unsharded reference {smallest!r}, sharded "
+                            f"{got!r}")
+        scaled = got < 1
+    elif mode == "total":
+        scaled = float(coefs[0]) < 1 and float(result.total_norm) > 0
+    else:  # a slot whose gradients are all zero, or absent, is left as it was whatever its coefficient
+        scaled = any(float(coefs[i]) < 1 and norms.get(n, 0.0) > 0 for i, n in enumerate(result.slots))
+    if bool(result.clipped) != (finite and scaled):
+        problems.append(f"clipped: {bool(result.clipped)}, but clip_coef {coefs.tolist()[:8]} and finite {finite} "
+                        f"say {finite and scaled}")
     return problems
 
 
@@ -465,7 +499,8 @@ def assert_clip_matches_unsharded(
     parameter. Each rank also checks that the clip it applied is exactly the one the returned norms imply
     (``clip_coef`` from the total, or per parameter, and every local gradient piece equal to its copy before
     the clip times that coefficient, bit for bit, in modes "total" and "per_param"): that check does not
-    depend on the model's precision.
+    depend on the model's precision. ``finite`` must match the float64 model, ``clipped`` the coefficients
+    returned, and in mode "unitwise" ``clip_coef`` the float64 model's smallest unit coefficient.
 
     Args:
         build_model: ``() -> nn.Module``; called on every rank (and picklable when ``world_size`` is given).

@@ -577,6 +577,33 @@ def test_a_coefficient_5e6_off_fails(monkeypatch):
         assert_clip_matches_unsharded(_linear, lambda m: m, _batch4, max_norm=0.1)
 
 
+@pytest.mark.parametrize("wrong", ["unitwise clip_coef", "clipped", "finite"])
+def test_a_wrong_unitwise_clip_coef_clipped_or_finite_fails(monkeypatch, wrong):
+    """clip_coef was checked in modes "total" and "per_param" only, clipped and finite in none: a unit-wise clip
+    reporting a clip_coef of 1 over clipped rows (each rank's own smallest, say), a result saying clipped=False
+    after scaling or finite=True over NaN gradients passed the check in every mode."""
+    import dataclasses
+
+    from dist_clip import adaptive, clipper
+
+    if wrong == "unitwise clip_coef":
+        measure = adaptive.unitwise_measure
+
+        def ones(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            out = measure(*args, **kwargs)
+            return dataclasses.replace(out, min_coef=torch.ones_like(out.min_coef))
+
+        monkeypatch.setattr(clipper, "unitwise_measure", ones)
+    else:
+        real = clipper.ClipResult
+        monkeypatch.setattr(clipper, "ClipResult", lambda *a: real(*a[:2], *(
+            (torch.zeros_like(a[2]), a[3]) if wrong == "clipped" else (a[2], torch.ones_like(a[3]))), *a[4:]))
+    for mode in ("unitwise",) if wrong == "unitwise clip_coef" else ("total", "per_param", "unitwise"):
+        with pytest.raises(AssertionError, match=wrong.split()[-1] + r"( \(the smallest unit coefficient\))?: "):
+            assert_clip_matches_unsharded(_linear, lambda m: m, _nan_batch4 if wrong == "finite" else _batch4,
+                                          mode=mode, max_norm=0.1)
+
+
 class _WithUnused(nn.Module):
     def __init__(self) -> None:
         super().__init__()
