@@ -302,7 +302,9 @@ class ZClip:
         _int("ZClip.warmup_steps", self.warmup_steps, 1)
         if self.clip_option not in ("adaptive_scaling", "mean"):
             raise ValueError(f"ZClip.clip_option must be 'adaptive_scaling' or 'mean', got {self.clip_option!r}")
-        _real("ZClip.clip_factor", self.clip_factor, low=0.0, low_open=True)
+        # (finite: an inf one fed the EMA an inf mean and a NaN variance at the first spike, after which no spike
+        # was caught, and the state saved was one its own load_state_dict refused)
+        _real("ZClip.clip_factor", self.clip_factor, low=0.0, low_open=True, high=math.inf, high_open=True)
         if not isinstance(self.skip_update_on_spike, bool):
             raise TypeError(f"ZClip.skip_update_on_spike must be a bool, got {self.skip_update_on_spike!r}")
 

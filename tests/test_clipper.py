@@ -57,6 +57,7 @@ def test_config_errors_name_expected_and_received(kwargs, error, match):
         (lambda: ZClip(clip_option="max"), ValueError, "clip_option"),
         (lambda: ZClip(warmup_steps=2.5), TypeError, "warmup_steps must be an int"),
         (lambda: ZClip(warmup_steps=0), ValueError, "warmup_steps must be an int >= 1, got 0"),
+        (lambda: ZClip(clip_factor=math.inf), ValueError, "clip_factor must be a number > 0.0 and < inf, got inf"),
         (lambda: AGC(clipping=0), ValueError, "clipping"),
         (lambda: AGC(exclude="fc.*"), TypeError, "exclude"),
     ],
