@@ -303,11 +303,16 @@ def _combined(norms: Sequence[float], p: float) -> float:
     """The total of per-parameter norms of order ``p``, in float64."""
     if not norms:
         return 0.0
+    if any(math.isnan(n) for n in norms):
+        return math.nan  # (Python's max skips a NaN after the first entry)
     if math.isinf(p):
         return max(norms)
     if p == 0:
         return math.fsum(norms)
-    return math.fsum(n**p for n in norms) ** (1.0 / p)
+    try:
+        return math.fsum(n**p for n in norms) ** (1.0 / p)
+    except OverflowError:  # p-th powers summing beyond float64: the total measured is inf too (the check raised)
+        return math.inf
 
 
 def _scaling_problems(

@@ -604,6 +604,29 @@ def test_a_wrong_unitwise_clip_coef_clipped_or_finite_fails(monkeypatch, wrong):
                                           mode=mode, max_norm=0.1)
 
 
+class _TwoFloat64Weights(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.ones(1, dtype=torch.float64))
+        self.b = nn.Parameter(torch.ones(1, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a * x + self.b * x
+
+
+def test_a_total_beyond_float64_is_judged_not_raised():
+    """Two float64 gradients of 1e154: each norm is finite, their sum of squares is not, and the total dist_clip
+    and the float64 model measure is inf. The check's own float64 total of the reported norms raised Python's
+    OverflowError ("intermediate overflow in fsum") in mode "total" instead of a verdict."""
+    from dist_clip.testing import _combined
+
+    def batch(rank: int, world: int) -> torch.Tensor:
+        return torch.full((1,), 1e154, dtype=torch.float64)
+
+    assert_clip_matches_unsharded(_TwoFloat64Weights, lambda m: m, batch, loss_fn=lambda out: out.sum(), max_norm=1.0)
+    assert _combined([1e154, 1e154], 2.0) == math.inf and math.isnan(_combined([1.0, math.nan], math.inf))
+
+
 class _WithUnused(nn.Module):
     def __init__(self) -> None:
         super().__init__()
