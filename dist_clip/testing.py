@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from . import _norm
+
 __all__ = ["CollectiveCount", "count_collectives", "reference_norm"]
 
 
@@ -53,7 +55,7 @@ def reference_norm(grads: Sequence[Tensor], norm_type: float | str = 2.0) -> flo
 def _reference_norm_on(grads: Sequence[Tensor], norm_type: float | str, device: str | None) -> float:
     """:func:`reference_norm` computed on ``device``, or (None) on the gradients' own device (one device: the
     benchmark's CUDA rows, where copying every row's gradients to the host took longer than the benchmark)."""
-    p = float(norm_type)
+    p = _norm.parse_norm_type(norm_type)  # (a ValueError naming it: float() took -1 for an order, True for 1)
     flat = [_wide(g, device) for g in grads if g is not None]
     whole = torch.cat(flat) if flat else torch.zeros(0, dtype=torch.float64)
     if whole.numel() == 0:
@@ -123,7 +125,12 @@ def _agc_coefficients(weight: Tensor, grad: Tensor, clipping: float, eps: float,
     ||g_unit||, 1e-6)`` with ``limit = clipping * max(||w_unit||, eps)`` where ``||g_unit|| >= limit``, else 1;
     1 for a unit whose gradient is zero (with a NaN weight too, where timm's formula gives 0 * NaN) and, under
     ``clipping=inf``, for every unit whose gradient norm is not NaN."""
-    p = float(norm_type)
+    from .adaptive import AGC
+
+    AGC(clipping=clipping, eps=eps)  # (its checks: a ValueError or TypeError naming the bad one)
+    p = _norm.parse_norm_type(norm_type)
+    if p == 0:
+        raise ValueError("unit-wise clipping needs a norm order p > 0 or inf, got norm_type=0")
     limit = _unit_norms(_wide(weight).reshape(weight.shape), p).clamp(min=eps) * clipping
     gn = _unit_norms(_wide(grad).reshape(grad.shape), p)
     keep = (gn < limit) | (gn == 0)
@@ -531,7 +538,6 @@ def assert_clip_matches_unsharded(
         The sharded per-parameter norms before clipping (name -> float), from this rank (or rank 0 when spawned).
     """
     # Checked here, before any rank starts, so that a bad argument is a ValueError, not a failure of the ranks.
-    from . import _norm
     from .clip import _check_max_norm
 
     _norm.parse_norm_type(norm_type)

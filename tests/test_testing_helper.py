@@ -547,6 +547,22 @@ def test_references_take_nan_empty_and_zero_gradient_units_as_dist_clip_does(p):
     assert_clip_matches_unsharded(_linear, lambda m: m, _nan_batch4, norm_type=p, max_norm=0.05)
 
 
+@pytest.mark.parametrize("norm_type", [-1.0, True, "fro", math.nan])
+def test_references_refuse_a_bad_norm_type_naming_it(norm_type):
+    """The references read norm_type with float(): -1 gave a "norm" (0.5 for two ones), True the L1 norm, "fro"
+    Python's "could not convert string to float"; reference_agc_ also took p = 0 and any clipping or eps."""
+    from dist_clip.testing import reference_agc_, reference_param_norms
+
+    g = torch.ones(2, 3)
+    for call in (lambda: reference_norm([g], norm_type), lambda: reference_param_norms({"g": g}, norm_type),
+                 lambda: reference_agc_({"g": g}, {"g": g.clone()}, 0.01, 1e-3, norm_type)):
+        with pytest.raises(ValueError, match="norm_type must be"):
+            call()
+    for clipping, eps, match in ((0.01, 1e-3, "p > 0"), (0.0, 1e-3, "AGC.clipping"), (0.01, -1.0, "AGC.eps")):
+        with pytest.raises(ValueError, match=match):
+            reference_agc_({"g": g}, {"g": g.clone()}, clipping, eps, 0.0 if match == "p > 0" else 2.0)
+
+
 def _linear() -> nn.Module:
     return nn.Linear(4, 3)
 
