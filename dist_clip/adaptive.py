@@ -1076,6 +1076,17 @@ def _check_units(units: Iterable[_Unit]) -> None:
                 f"mode='unitwise' needs dense real gradients and weights, got a {u.grad.dtype} "
                 f"{'sparse ' if u.grad.is_sparse else ''}gradient for {u.name!r}; use mode='total' or 'per_param'"
             )
+        if (u.grad.shape != u.data.shape) if u.kind == "rows" else (u.grad.numel() != u.data.numel()):
+            # Units are read off the gradient and the weight alike (rows along dim 0, or flat ranges): a weight
+            # whose data was replaced after the backward by one of another shape (w.data = torch.ones(20) beside
+            # a (4, 5) gradient) gave every row the whole weight's limit, silently, or torch's "The size of
+            # tensor a (4) must match the size of tensor b (5)" from inside the measuring.
+            raise ValueError(
+                f"mode='unitwise' needs each gradient shaped as its weight (it compares their units row by row); "
+                f"{u.name!r} has a gradient of shape {tuple(u.grad.shape)} and a weight of shape "
+                f"{tuple(u.data.shape)}: give the parameter a gradient of its own shape, or use mode='total' or "
+                "'per_param'"
+            )
         if any(st == 0 and n > 1 for n, st in zip(u.grad.shape, u.grad.stride())):
             # Units sharing memory (an expand()) would each write their own coefficient into it: torch's copy
             # refused it after the other gradients were scaled.

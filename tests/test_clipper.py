@@ -147,6 +147,22 @@ def test_unitwise_refuses_complex_and_sparse_gradients_clearly(kind):
     GradClipper(mode="per_param", max_norm=0.5)(model)  # the other modes measure them
 
 
+@pytest.mark.parametrize("shape", [(20,), (5, 4), (2, 10)])
+def test_unitwise_refuses_a_gradient_shaped_unlike_its_weight(shape):
+    """AGC reads units off the gradient and the weight alike: a weight whose ``.data`` was replaced after the
+    backward by one of another shape gave every row of a (4, 5) gradient the whole (20,) weight's limit, silently
+    (rows clipped to 0.447 where a (4, 5) weight of ones allows 0.224), or torch's size mismatch from inside."""
+    w = nn.Parameter(torch.ones(4, 5))
+    w.grad = torch.arange(20.0).reshape(4, 5)
+    before = w.grad.clone()
+    with torch.no_grad():
+        w.data = torch.ones(shape)
+    with pytest.raises(ValueError, match=r"'0' has a gradient of shape \(4, 5\) and a weight of shape"):
+        GradClipper(mode="unitwise", agc=AGC(clipping=0.1))([w])
+    assert torch.equal(w.grad, before)
+    GradClipper(mode="per_param", max_norm=0.5)([w])  # the other modes read no weights
+
+
 @pytest.mark.parametrize("mode", ["total", "per_param", "per_group", "unitwise"])
 @pytest.mark.parametrize("policy,applied", [("skip", 1.0), ("zero", 0.0)])
 @pytest.mark.parametrize("bad", [math.inf, math.nan])

@@ -1680,6 +1680,13 @@ def _refusal_call(case: str, full: list, bad: bool, p: float):
         named = list(_named_pieces(full, rank, world, params=True).values())
         clipper = GradClipper(mode="unitwise", norm_type=p)
         return lambda: clipper(named, group=world_group, optimizer="sgd" if bad else None).total_norm.item()
+    if case == "clipper_unitwise_shape":  # a weight's data replaced by another shape: refused by the same checks
+        named = list(_named_pieces(full, rank, world, params=True).values())
+        if bad:
+            with torch.no_grad():
+                named[1].data = named[1].data.new_ones(named[1].numel() + 1)
+        clipper = GradClipper(mode="unitwise", norm_type=p)
+        return lambda: clipper(named, group=world_group).total_norm.item()
     if case == "clipper_unitwise_meta":  # torch's error reading the units' partials, before measuring: alone
         named = list(_named_pieces(full, rank, world, params=True).values())
         if bad:
@@ -1764,6 +1771,7 @@ def _refusal_expected(case: str, world: int, bad_rank: int, all_refuse: bool = F
         ("clipper_unitwise_optimizer", 2.0),
         ("clipper_unitwise_optimizer", math.inf),
         ("clipper_unitwise_stride0", 2.0),
+        ("clipper_unitwise_shape", 2.0),
         ("clipper_unitwise_meta", 2.0),
         ("clipper_unitwise_meta", math.inf),
     ],
