@@ -252,7 +252,17 @@ def mul_group_(group: list[Tensor], c: Tensor, foreach: bool | None, divide: boo
             foreach_op(plain, [one] * len(plain))
         return
     if fused:
-        foreach_op(group, c)
+        try:
+            foreach_op(group, c)
+        except NotImplementedError:
+            # A nested tensor (strided layout, a plain Tensor to every type test): torch has no fused multiply for
+            # it and refuses the whole list before writing any (the call measured it, then raised torch's error
+            # from here on its rank alone, nothing scaled); foreach=None falls back to one by one, as torch's
+            # tri-state promises, where foreach=True raises.
+            if foreach or not any(t.is_nested for t in group):
+                raise
+            for t in group:
+                getattr(t, op)(c)
     else:
         for t in group:
             getattr(t, op)(c)

@@ -874,10 +874,14 @@ def scale_slots_(pieces: Sequence[tuple[Tensor, int]], coefs: Tensor, foreach: b
                 entry[1].append(v)
         for (device, dtype), (tensors, scalars) in by_kind.items():
             if dtype in _SCALAR_LIST_EXACT and _scale.resolve_foreach(foreach, device, tensors):
-                torch._foreach_mul_(tensors, scalars)
-            else:
-                for t, v in zip(tensors, scalars):
-                    (t._values() if t.is_sparse else t).mul_(v)  # (sparse mul rounds v to t's dtype first)
+                try:
+                    torch._foreach_mul_(tensors, scalars)
+                    continue
+                except NotImplementedError:  # a nested tensor: one by one (see _scale.mul_group_)
+                    if foreach or not any(t.is_nested for t in tensors):
+                        raise
+            for t, v in zip(tensors, scalars):
+                (t._values() if t.is_sparse else t).mul_(v)  # (sparse mul rounds v to t's dtype first)
         return
     by_key: dict[tuple[torch.device, torch.dtype, int], list[Tensor]] = {}
     for t, slot in _scale.writable_pieces(pieces):

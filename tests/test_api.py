@@ -943,6 +943,45 @@ def test_tensor_subclasses_without_storage_take_torchs_ops():
         assert float(total) == pytest.approx(want, rel=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_nested_gradients_are_scaled_one_by_one():
+    """A nested tensor (strided layout, a plain ``Tensor`` to every type test) given as a gradient was measured,
+    then torch's fused multiply refused it and the call raised torch's ``NotImplementedError``, nothing scaled (on
+    its rank alone, after the collective). ``foreach=None`` now scales it one by one, as ``foreach=False`` does;
+    ``foreach=True`` still raises, as torch's tri-state says."""
+    from dist_clip import GradClipper
+
+    def make() -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(0)
+        parts = [torch.randn(2, generator=gen) * 3, torch.randn(3, generator=gen) * 4]
+        return torch.randn(4, 5, generator=gen), torch.nested.nested_tensor(parts)
+
+    def values(a: torch.Tensor, n: torch.Tensor) -> list[torch.Tensor]:
+        return [a, *n.unbind()]
+
+    for p in (2.0, math.inf):
+        a, n = make()
+        before = [t.clone() for t in values(a, n)]
+        want = reference_norm(before, p)
+        total = dist_clip.clip_grad_norm_([a, n], 0.5, p)
+        assert float(total) == pytest.approx(want, rel=1e-6)
+        for got, was in zip(values(a, n), before):
+            torch.testing.assert_close(got, was * (0.5 / (float(total) + 1e-6)), rtol=1e-6, atol=0)
+    a, n = make()
+    before = [t.clone() for t in values(a, n)]
+    dist_clip.clip_grads_with_norm_([a, n], 0.5, 10.0)
+    for got, was in zip(values(a, n), before):
+        torch.testing.assert_close(got, was * (0.5 / (10.0 + 1e-6)), rtol=1e-6, atol=0)
+    a, n = make()
+    before = [t.clone() for t in values(a, n)]
+    coefs = GradClipper(mode="per_param", max_norm=0.5)({"a": a, "n": n}).clip_coef.tolist()
+    for got, was, coef in zip(values(a, n), before, [coefs[0], coefs[1], coefs[1]]):
+        assert coef < 1
+        torch.testing.assert_close(got, was * coef, rtol=1e-6, atol=0)
+    with pytest.raises(NotImplementedError):
+        dist_clip.clip_grad_norm_(list(make()), 0.5, foreach=True)
+
+
 def test_meta_gradients_on_one_process_give_a_meta_total_as_torch():
     """A dry run on the meta device (no data): torch's clipping returns a meta total, and so did every call here
     until meta pieces were passed over when choosing the result's device on one process too (for a rank of a
