@@ -114,6 +114,10 @@ BAD_CONFIGS = [
     ("wrapper: hsdp\nmesh: [2, 0]\n", "mesh", "expected [replicas, shard size] of positive integers"),
     ("tolerance: 0\n", "tolerance", "must be > 0, got 0.0"),
     ("lr: true\n", "lr", "expected a number, got bool True"),
+    # An integer beyond float64 (YAML reads 1e400 as .inf, but 1 and 400 zeros as an int): float()'s OverflowError
+    # was a traceback and exit 1
+    ("lr: 1" + "0" * 400 + "\n", "lr", "expected a number within float64's range, got an integer of 401 digits"),
+    ("clip: {norm_type: 1" + "0" * 400 + "}\n", "clip.norm_type", "got an integer of 401 digits"),
 ]
 
 
