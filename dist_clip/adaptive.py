@@ -60,11 +60,21 @@ def _real(name: str, value: object, *, low: float | None = None, high: float | N
     return v
 
 
-def _int(name: str, value: object, low: int) -> int:
+#: The most values a float64 buffer may be made of: its byte size must fit torch's int64 storage size.
+_BUFFER_MAX = 2**60 - 1
+
+
+def _int(name: str, value: object, low: int, high: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if int(value) < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value}")
+    if high is not None and int(value) > high:
+        # (a buffer of this many float64 values is made at the first call: 10**400 raised float()'s OverflowError
+        # there, 2**62 torch's "Storage size calculation overflowed", after the gradients were measured)
+        shown = value if int(value).bit_length() <= 128 else f"an int of {len(str(int(value)))} digits"
+        raise ValueError(f"{name} must be an int <= {high} (a float64 buffer of that many values is made at the "
+                         f"first call), got {shown}")
     return int(value)
 
 
@@ -110,7 +120,7 @@ class AutoClip:
     def __post_init__(self) -> None:
         _real("AutoClip.percentile", self.percentile, low=0.0, high=100.0)
         if self.window is not None:
-            _int("AutoClip.window", self.window, 1)
+            _int("AutoClip.window", self.window, 1, _BUFFER_MAX)
 
 
 def _norms_or_nan(name: str, values: Tensor, nan: bool = True, inf: bool = False) -> None:
@@ -299,7 +309,7 @@ class ZClip:
         if self.max_norm is not None:
             _real("ZClip.max_norm", self.max_norm, low=0.0)
         _real("ZClip.eps", self.eps, low=0.0)
-        _int("ZClip.warmup_steps", self.warmup_steps, 1)
+        _int("ZClip.warmup_steps", self.warmup_steps, 1, _BUFFER_MAX)
         if self.clip_option not in ("adaptive_scaling", "mean"):
             raise ValueError(f"ZClip.clip_option must be 'adaptive_scaling' or 'mean', got {self.clip_option!r}")
         # (finite: an inf one fed the EMA an inf mean and a NaN variance at the first spike, after which no spike

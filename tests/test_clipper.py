@@ -58,6 +58,10 @@ def test_config_errors_name_expected_and_received(kwargs, error, match):
         (lambda: ZClip(warmup_steps=2.5), TypeError, "warmup_steps must be an int"),
         (lambda: ZClip(warmup_steps=0), ValueError, "warmup_steps must be an int >= 1, got 0"),
         (lambda: ZClip(clip_factor=math.inf), ValueError, "clip_factor must be a number > 0.0 and < inf, got inf"),
+        # Buffers of this many float64 values are made at the first call: float()'s OverflowError and torch's
+        # "Storage size calculation overflowed" came from there, after the gradients were measured.
+        (lambda: ZClip(warmup_steps=10**400), ValueError, f"warmup_steps must be an int <= {2**60 - 1} .*401 digits"),
+        (lambda: AutoClip(window=2**60), ValueError, f"window must be an int <= {2**60 - 1} .*got {2**60}"),
         (lambda: AGC(clipping=0), ValueError, "clipping"),
         (lambda: AGC(exclude="fc.*"), TypeError, "exclude"),
     ],
