@@ -483,6 +483,9 @@ def skip_next_step_(optimizer: torch.optim.Optimizer, flag: Tensor | bool) -> No
     """
     if isinstance(flag, Tensor) and flag.dtype != torch.bool:
         raise TypeError(f"flag must be a bool tensor (e.g. ~torch.isfinite(norm)), got dtype {flag.dtype}")
+    if isinstance(flag, Tensor) and flag.is_meta:
+        # (armed, it made that step raise "Cannot copy out of meta tensor", and a fused optimizer's every step after)
+        raise ValueError("flag is a meta tensor, which holds no value; pass a bool tensor on a real device, or a bool")
     if isinstance(flag, bool):  # a constant (skip_next_step_(opt, False) clears a pending flag): no host read
         flag = torch.full((), flag, dtype=torch.bool, device=_first_device(optimizer))  # a fill: no copy
     _arm_skip(optimizer, flag, combine=False)

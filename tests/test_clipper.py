@@ -1515,6 +1515,12 @@ def test_skip_next_step_takes_a_python_bool(fused):
     dist_clip.skip_next_step_(opt, False)
     opt.step()
     assert torch.equal(p.detach(), -torch.ones(2))
+    # A meta flag holds no value: armed, it made that step raise "Cannot copy out of meta tensor" (and, fused, every
+    # step after it); refused instead, the next step is taken.
+    with pytest.raises(ValueError, match="flag is a meta tensor"):
+        dist_clip.skip_next_step_(opt, torch.tensor(True, device="meta"))
+    opt.step()
+    assert torch.equal(p.detach(), -2 * torch.ones(2))
 
 
 def _conj_model() -> tuple[nn.Parameter, nn.Parameter]:
