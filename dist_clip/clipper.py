@@ -1190,7 +1190,8 @@ class GradClipper:
     def _groups(
         self, named: _slots.Named, optimizer: torch.optim.Optimizer
     ) -> tuple[list[int], list[float], list[str]]:
-        """Each slot's param group in this rank's optimizer (-1: none), and every group's limit and label."""
+        """Each slot's param group in this rank's optimizer (-1: none), and every group's limit and label, the
+        groups numbered as :func:`_group_order` orders them."""
         where: dict[int, int] = {}
         grads: dict[int, int] = {}
         limits: list[float] = []
@@ -1226,6 +1227,11 @@ class GradClipper:
         if grads and min(groups_of, default=0) < 0:
             groups_of = _groups_by_memory(named, optimizer, groups_of, grads)
         groups_of = [g if g >= 0 else fallback.get(n, -1) for g, n in zip(groups_of, named.names)]
+        order = _group_order(optimizer.param_groups)
+        if order is not None:
+            place = {old: new for new, old in enumerate(order)}
+            groups_of = [place[g] if g >= 0 else g for g in groups_of]
+            limits, labels = [limits[i] for i in order], [labels[i] for i in order]
         return groups_of, limits, labels
 
     def _report(self, names: Sequence[str], m: _slots.Measurement, p: float) -> dict[str, float]:
@@ -1384,6 +1390,26 @@ def _refuse_together(plan: ParallelPlan, p: float, per_group: bool, agreed_slot:
     except RuntimeError:
         pass  # the REFUSED error every rank raises; this rank raises its own
     return True
+
+
+def _group_order(param_groups: Sequence[dict[str, Any]]) -> list[int] | None:
+    """The order ``mode="per_group"`` numbers the param groups in (``order[k]``: the optimizer's index of group
+    ``k``), or None where it is the optimizer's own. DeepSpeed's expert param groups (``"moe": True``, made by
+    ``split_params_into_different_moe_groups_for_optimizer``) come in the order a Python set iterates their names
+    (``ep_size_2``, ``ep_size_1``), which differs between processes without a common ``PYTHONHASHSEED``: numbered
+    as listed, the ranks' groups disagreed and every call raised ``RuntimeError`` on every rank. They are taken
+    sorted by name in the places they hold, the other groups where they are. The sort is stable: groups of one
+    name (one per original group, or one name split at DeepSpeed's ``max_group_size``) keep DeepSpeed's order,
+    which is the same on every rank. Only the numbering changes: which parameter is in which group, and each
+    group's limit, still travel in the call's fingerprint, so ranks whose groups differ otherwise still raise."""
+    places = [i for i, pg in enumerate(param_groups) if pg.get("moe", False)]
+    ranked = sorted(places, key=lambda i: str(param_groups[i].get("name", "")))
+    if ranked == places:
+        return None
+    order = list(range(len(param_groups)))
+    for at, i in zip(places, ranked):
+        order[at] = i
+    return order
 
 
 def _groups_by_memory(named: _slots.Named, optimizer: torch.optim.Optimizer, groups_of: list[int],

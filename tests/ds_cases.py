@@ -1508,32 +1508,39 @@ def case_deepspeed_muon_skip(stage: int, offload: bool) -> list:
 
 MOE_EXPERTS, MOE_TOKENS = 4, 8
 MOE_EXPERT = "moe.deepspeed_moe.experts.deepspeed_experts."
+MOE2_EXPERTS, MOE2_EXPERT = 2, "moe2.deepspeed_moe.experts.deepspeed_experts."
 
 
 class MoeNet(torch.nn.Module):
     """A dense layer, DeepSpeed's ``MoE`` (top-1 gate, ``MOE_EXPERTS`` experts spread over ``ep_size`` ranks, no
-    token dropped: every token reaches its expert on every rank count) and a dense layer. Expert ``e`` (of all of
-    them) gets values of its own; DeepSpeed's experts start as copies of one module on every rank."""
+    token dropped: every token reaches its expert on every rank count), with ``second_ep`` a second one
+    (``MOE2_EXPERTS`` experts over ``second_ep`` ranks: its own expert param group), and a dense layer. Expert
+    ``e`` (of all of a layer's) gets values of its own; DeepSpeed's experts start as copies of one module on every
+    rank."""
 
-    def __init__(self, ep_size: int, experts: int = MOE_EXPERTS, hid: int = HID) -> None:
+    def __init__(self, ep_size: int, experts: int = MOE_EXPERTS, hid: int = HID, second_ep: int | None = None) -> None:
         super().__init__()
         from deepspeed.moe.layer import MoE
 
         torch.manual_seed(0)
         self.inp = torch.nn.Linear(IN, hid)
-        with contextlib.redirect_stdout(io.StringIO()):
-            self.moe = MoE(hid, torch.nn.Linear(hid, hid), num_experts=experts, ep_size=ep_size, k=1,
-                           min_capacity=0, drop_tokens=False, use_rts=False)
+        layers = [("moe", experts, ep_size, 0)] + ([("moe2", MOE2_EXPERTS, second_ep, 200)] if second_ep else [])
+        for attr, n, ep, seed in layers:
+            with contextlib.redirect_stdout(io.StringIO()):
+                setattr(self, attr, MoE(hid, torch.nn.Linear(hid, hid), num_experts=n, ep_size=ep, k=1,
+                                        min_capacity=0, drop_tokens=False, use_rts=False))
+            local = n // ep
+            ep_rank = dist.get_rank() % ep  # DeepSpeed's expert-parallel groups: consecutive ranks
+            with torch.no_grad():
+                for k, expert in enumerate(getattr(self, attr).deepspeed_moe.experts.deepspeed_experts):
+                    expert.weight.copy_(_expert_values(seed + ep_rank * local + k, hid)[0])
+                    expert.bias.copy_(_expert_values(seed + ep_rank * local + k, hid)[1])
         self.out = torch.nn.Linear(hid, OUT)
-        local = experts // ep_size
-        ep_rank = dist.get_rank() % ep_size  # DeepSpeed's expert-parallel groups: consecutive ranks
-        with torch.no_grad():
-            for k, expert in enumerate(self.moe.deepspeed_moe.experts.deepspeed_experts):
-                expert.weight.copy_(_expert_values(ep_rank * local + k, hid)[0])
-                expert.bias.copy_(_expert_values(ep_rank * local + k, hid)[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, _, _ = self.moe(torch.tanh(self.inp(x)))
+        if hasattr(self, "moe2"):
+            h, _, _ = self.moe2(h)
         return self.out(h)
 
 
@@ -1549,33 +1556,44 @@ class MoeReference(torch.nn.Module):
     def __init__(self, engine: Any) -> None:
         super().__init__()
         src = engine.module
-        hid, experts = src.inp.out_features, src.moe.num_experts
+        hid = src.inp.out_features
         self.inp = torch.nn.Linear(IN, hid).double()
-        self.wg = torch.nn.Linear(hid, experts, bias=False).double()
-        self.experts = torch.nn.ModuleList(torch.nn.Linear(hid, hid).double() for _ in range(experts))
+        self.layers = [("moe", 0)] + ([("moe2", 200)] if hasattr(src, "moe2") else [])
+        for attr, _ in self.layers:
+            n = getattr(src, attr).num_experts
+            setattr(self, f"{attr}_wg", torch.nn.Linear(hid, n, bias=False).double())
+            setattr(self, f"{attr}_experts",
+                    torch.nn.ModuleList(torch.nn.Linear(hid, hid).double() for _ in range(n)))
         self.out = torch.nn.Linear(hid, OUT).double()
         with torch.no_grad():
-            for mine, theirs in ((self.inp, src.inp), (self.out, src.out), (self.wg, src.moe.deepspeed_moe.gate.wg)):
+            for mine, theirs in ((self.inp, src.inp), (self.out, src.out),
+                                 *((getattr(self, f"{a}_wg"), getattr(src, a).deepspeed_moe.gate.wg)
+                                   for a, _ in self.layers)):
                 for a, b in zip(mine.parameters(), theirs.parameters()):
                     a.copy_(b)
-            for e, expert in enumerate(self.experts):
-                expert.weight.copy_(_expert_values(e, hid)[0])
-                expert.bias.copy_(_expert_values(e, hid)[1])
+            for attr, seed in self.layers:
+                for e, expert in enumerate(getattr(self, f"{attr}_experts")):
+                    expert.weight.copy_(_expert_values(seed + e, hid)[0])
+                    expert.bias.copy_(_expert_values(seed + e, hid)[1])
         self.opt = torch.optim.SGD(self.parameters(), lr=LR, momentum=MOMENTUM)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.inp(x))
-        gates = torch.softmax(self.wg(h), dim=1)
-        chosen = gates.argmax(dim=1)
-        y = torch.stack([gates[t, e] * self.experts[int(e)](h[t]) for t, e in enumerate(chosen)])
+        y = torch.tanh(self.inp(x))
+        for attr, _ in self.layers:
+            experts = getattr(self, f"{attr}_experts")
+            gates = torch.softmax(getattr(self, f"{attr}_wg")(y), dim=1)
+            chosen = gates.argmax(dim=1)
+            y = torch.stack([gates[t, e] * experts[int(e)](y[t]) for t, e in enumerate(chosen)])
         return self.out(y)
 
     def named(self) -> dict[str, torch.Tensor]:
         """Parameters by the engine's names."""
-        out = {"inp.weight": self.inp.weight, "inp.bias": self.inp.bias, "moe.deepspeed_moe.gate.wg.weight":
-               self.wg.weight}
-        for e, expert in enumerate(self.experts):
-            out[f"{MOE_EXPERT}{e}.weight"], out[f"{MOE_EXPERT}{e}.bias"] = expert.weight, expert.bias
+        out = {"inp.weight": self.inp.weight, "inp.bias": self.inp.bias}
+        for attr, _ in self.layers:
+            out[f"{attr}.deepspeed_moe.gate.wg.weight"] = getattr(self, f"{attr}_wg").weight
+            prefix = f"{attr}.deepspeed_moe.experts.deepspeed_experts."
+            for e, expert in enumerate(getattr(self, f"{attr}_experts")):
+                out[f"{prefix}{e}.weight"], out[f"{prefix}{e}.bias"] = expert.weight, expert.bias
         out["out.weight"], out["out.bias"] = self.out.weight, self.out.bias
         return out
 
@@ -1597,19 +1615,25 @@ def moe_batch(rank: int, step: int) -> torch.Tensor:
 
 
 def make_moe_engine(stage: int, ep_size: int = 2, clip: float = 0.0, dtype: str = "fp32",
-                    grad_accum_dtype: str | None = None, experts: int = MOE_EXPERTS, hid: int = HID) -> Any:
-    """A :class:`MoeNet` engine whose torch SGD holds a dense and an expert param group, as DeepSpeed's MoE
-    wants them (``split_params_into_different_moe_groups_for_optimizer``)."""
+                    grad_accum_dtype: str | None = None, experts: int = MOE_EXPERTS, hid: int = HID,
+                    second_ep: int | None = None, permuted: bool = False, offload: bool = False) -> Any:
+    """A :class:`MoeNet` engine whose torch SGD holds a dense and an expert param group per expert-parallel size,
+    as DeepSpeed's MoE wants them (``split_params_into_different_moe_groups_for_optimizer``). ``permuted``: rank 0
+    lists the expert groups by name, rank 1 the other way round, as DeepSpeed's split lists them (in a Python set's
+    order of their names) in processes of different ``PYTHONHASHSEED``."""
     deepspeed = _quiet()
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-    model = MoeNet(ep_size, experts, hid)
+    model = MoeNet(ep_size, experts, hid, second_ep)
     groups = split_params_into_different_moe_groups_for_optimizer({"params": list(model.parameters()),
                                                                    "name": "dense"})
+    if permuted:  # (spawned ranks hash with seeds of their own: the split's order may differ between them already)
+        assert len(groups) == 3, [g["name"] for g in groups]
+        groups = [groups[0], *sorted(groups[1:], key=lambda g: g["name"], reverse=dist.get_rank() == 1)]
     opt = torch.optim.SGD(groups, lr=LR, momentum=MOMENTUM)
     with contextlib.redirect_stdout(io.StringIO()):
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(
-            stage, clip=clip, dtype=dtype, grad_accum_dtype=grad_accum_dtype))
+            stage, clip=clip, dtype=dtype, grad_accum_dtype=grad_accum_dtype, offload=offload))
     name = model.moe.expert_group_name
     assert dist.get_rank(engine.expert_parallel_group[name]) == dist.get_rank() % ep_size, "expert-parallel rank"
     return engine
@@ -1617,19 +1641,21 @@ def make_moe_engine(stage: int, ep_size: int = 2, clip: float = 0.0, dtype: str 
 
 def _moe_params_close(engine: Any, ref: MoeReference, what: str) -> None:
     """This rank's parameters (its own experts among them) against the float64 model's."""
-    ep_size = engine.module.moe.ep_size
-    first = dist.get_rank() % ep_size * (engine.module.moe.num_experts // ep_size)  # its first of all experts
     want = ref.named()
     for n, p in engine.module.named_parameters():
-        if n.startswith(MOE_EXPERT):
-            k, _, rest = n[len(MOE_EXPERT):].partition(".")
-            n = f"{MOE_EXPERT}{first + int(k)}.{rest}"
+        for attr, _ in ref.layers:
+            prefix, layer = f"{attr}.deepspeed_moe.experts.deepspeed_experts.", getattr(engine.module, attr)
+            if n.startswith(prefix):
+                first = dist.get_rank() % layer.ep_size * (layer.num_experts // layer.ep_size)  # its first expert
+                k, _, rest = n[len(prefix):].partition(".")
+                n = f"{prefix}{first + int(k)}.{rest}"
         err = (p.detach().double() - want[n]).abs().max().item()
         assert torch.allclose(p.detach().double(), want[n], rtol=1e-5, atol=1e-6), f"{what}: {n} differs by {err:.3e}"
 
 
 def case_moe_vs_reference(stage: int, call: str, ep_size: int = 2, ps: tuple[float, ...] = (2.0, math.inf, 1.0),
-                          steps: int = 2, experts: int = MOE_EXPERTS, hid: int = HID) -> dict:
+                          steps: int = 2, experts: int = MOE_EXPERTS, hid: int = HID, second_ep: int | None = None,
+                          permuted: bool = False, offload: bool = False) -> dict:
     """DeepSpeed MoE at ZeRO-1/2: each rank holds its own experts (``MOE_EXPERTS / ep_size``), partitioned over its
     expert-data-parallel group (stage 0: whole, all-reduced over it). For each p the norm equals the float64
     unsharded model's (every expert once, dense parameters once), one collective per call, and the parameters after
@@ -1637,14 +1663,20 @@ def case_moe_vs_reference(stage: int, call: str, ep_size: int = 2, ps: tuple[flo
     (``optimizer=engine.optimizer``), "skip" (``GradClipper(on_nonfinite="skip")``, a NaN in rank 0's batch at step
     1: the step is skipped), "per_param", "per_group" (the dense group and the experts' own, each against its own
     max_norm), "unitwise" (AGC, the float64 model's weights before the step), "deepspeed" (DeepSpeed's own
-    ``gradient_clipping``, dist_clip not called: its norm and step against the float64 model)."""
+    ``gradient_clipping``, dist_clip not called: its norm and step against the float64 model). ``second_ep``, a
+    second MoE layer of that expert-parallel size (a second expert param group); ``permuted``, its expert groups in
+    another order on rank 1 (see :func:`make_moe_engine`): "per_group" numbers them by name on every rank, and a
+    rank giving one of them another max_norm is a RuntimeError on every rank. ``offload``: ZeRO-Offload of the
+    optimizer (CPU)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     out: dict[str, Any] = {}
     for p in ps if call in ("plain", "hand_over") else (2.0,):
         max_norm = 0.05 if math.isinf(p) else 0.3
         engine = make_moe_engine(stage, ep_size, clip=max_norm if call == "deepspeed" else 0.0, experts=experts,
-                                 hid=hid)
+                                 hid=hid, second_ep=second_ep, permuted=permuted, offload=offload)
         ref = MoeReference(engine)
+        torch_opt = getattr(engine.optimizer, "optimizer", engine.optimizer)  # (stage 0: itself)
+        out["group_order"] = [pg["name"] for pg in torch_opt.param_groups]
         _moe_params_close(engine, ref, "initial params")
         from dist_clip.adapters.deepspeed import _ZERO12_MOE
 
@@ -1657,6 +1689,21 @@ def case_moe_vs_reference(stage: int, call: str, ep_size: int = 2, ps: tuple[flo
             engine.backward(loss_fn(engine(batches[rank])))
             grads = ref.grads(batches)
             total = reference_norm(list(grads.values()), p)
+            # per_group: the dense group against max_norm, ep_size_2's experts against 3x, ep_size_1's against 2x
+            limits = {"dense": max_norm, "ep_size_2": 3 * max_norm, "ep_size_1": 2 * max_norm}
+            if call == "per_group":
+                for pg in torch_opt.param_groups:
+                    pg["max_norm"] = limits[pg["name"]]
+            if call == "per_group" and permuted and step == 0:
+                # rank 1 giving the group of one name another limit: refused on every rank, gradients untouched
+                for pg in torch_opt.param_groups:
+                    if rank == 1 and pg["name"] == f"ep_size_{second_ep}":
+                        pg["max_norm"] = 5 * max_norm
+                clipper = dist_clip.GradClipper(mode="per_group")
+                out["refused"] = outcome(functools.partial(clipper, engine, optimizer=engine), RuntimeError,
+                                         lambda m: "disagree" in m and "group_limits" in m)
+                for pg in torch_opt.param_groups:
+                    pg["max_norm"] = limits[pg["name"]]
             with count_collectives() as c:
                 if call == "plain":
                     got = dist_clip.clip_grad_norm_(engine, max_norm, p)
@@ -1671,19 +1718,22 @@ def case_moe_vs_reference(stage: int, call: str, ep_size: int = 2, ps: tuple[flo
                     for n, want in norms.items():
                         _close(result.norms[n], want, 2e-6, f"per_param norm of {n}")
                     got = result.total_norm
-                elif call == "per_group":  # the dense group against max_norm, the experts' group against 3x
-                    dense = [n for n in grads if not n.startswith(MOE_EXPERT)]
-                    groups = [dense, [n for n in grads if n.startswith(MOE_EXPERT)]]
-                    group_norms = [reference_norm([grads[n] for n in g], 2.0) for g in groups]
-                    torch_opt = getattr(engine.optimizer, "optimizer", engine.optimizer)  # (stage 0: itself)
-                    for pg, m in zip(torch_opt.param_groups, (max_norm, 3 * max_norm)):
-                        pg["max_norm"] = m
+                elif call == "per_group":
+                    prefixes = {f"ep_size_{ep_size}": MOE_EXPERT}
+                    if second_ep is not None:
+                        prefixes[f"ep_size_{second_ep}"] = MOE2_EXPERT
+                    names = ("dense", *sorted(prefixes))
+                    members = {k: [n for n in grads if n.startswith(v)] for k, v in prefixes.items()}
+                    members["dense"] = [n for n in grads if not n.startswith((MOE_EXPERT, MOE2_EXPERT))]
                     result = dist_clip.GradClipper(mode="per_group", report=True)(engine, optimizer=engine)
-                    assert result.slots == ("dense", "ep_size_2"), result.slots  # the groups' names
-                    for i, (g, want) in enumerate(zip(groups, group_norms)):
-                        coef = min(1.0, (max_norm, 3 * max_norm)[i] / (want + 1e-6))
-                        _close(float(result.clip_coef[i]), coef, 2e-6, f"per_group coefficient of group {i}")
-                        for n in g:
+                    assert result.slots == names, result.slots  # the groups' names, expert groups sorted
+                    for i, name in enumerate(names):
+                        want = reference_norm([grads[n] for n in members[name]], 2.0)
+                        coef = min(1.0, limits[name] / (want + 1e-6))
+                        assert coef < 1, f"the case must clip group {name}"
+                        _close(float(result.clip_coef[i]), coef, 2e-6, f"per_group coefficient of group {name}")
+                        _close(float(result.max_norm[i]), limits[name], 1e-7, f"per_group limit of group {name}")
+                        for n in members[name]:
                             grads[n].mul_(coef)
                     got = result.total_norm
                 elif call == "unitwise":

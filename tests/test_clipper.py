@@ -259,6 +259,26 @@ def test_per_group_under_ignore_gives_the_group_of_a_nan_gradient_a_nan_coeffici
     assert bool(torch.isnan(w.grad).all()) and v.grad.tolist() == [0.5, 0.25]
 
 
+@pytest.mark.parametrize("listed", [("ep_size_2", "ep_size_1"), ("ep_size_1", "ep_size_2")])
+def test_per_group_numbers_deepspeed_expert_groups_by_name(listed):
+    """DeepSpeed lists its expert param groups ("moe": True) in the order a Python set iterates their names, which
+    differs between processes: per_group takes them sorted by name in their places, each with its own limit and
+    parameters (ranks listing them apart numbered them apart: a RuntimeError on every rank), the others in place."""
+    d, e1, e2, last = (nn.Parameter(torch.ones(2)) for _ in range(4))
+    d.grad, e1.grad, e2.grad, last.grad = (torch.tensor(x) for x in ([3.0, 4.0], [6.0, 8.0], [0.0, 9.0], [1.0, 0.0]))
+    experts = {"ep_size_1": {"params": [e1], "max_norm": 2.0}, "ep_size_2": {"params": [e2], "max_norm": 3.0}}
+    opt = torch.optim.SGD([{"params": [d], "name": "dense", "max_norm": 1.0},
+                           *({**experts[n], "name": n, "moe": True} for n in listed),
+                           {"params": [last], "name": "tail", "max_norm": 0.5}], lr=0.1)
+    result = GradClipper(mode="per_group")({"d": d, "e1": e1, "e2": e2, "last": last}, optimizer=opt)
+    assert result.slots == ("dense", "ep_size_1", "ep_size_2", "tail"), result.slots
+    assert result.max_norm.tolist() == [1.0, 2.0, 3.0, 0.5]
+    want = [m / (n + 1e-6) for m, n in ((1.0, 5.0), (2.0, 10.0), (3.0, 9.0), (0.5, 1.0))]
+    assert result.clip_coef.tolist() == pytest.approx(want, rel=1e-6)
+    torch.testing.assert_close(e1.grad, torch.tensor([6.0, 8.0]) * want[1])
+    torch.testing.assert_close(e2.grad, torch.tensor([0.0, 9.0]) * want[2])
+
+
 @pytest.mark.parametrize("mode", ["per_param", "unitwise"])
 def test_report_leaves_out_parameters_without_gradients(mode):
     """A frozen layer has no gradient anywhere: neither report lists it (AGC's listed it with a norm of 0)."""
