@@ -242,6 +242,12 @@ class ParallelPlan:
         The rule's ``distinct=`` dims are never taken for copies (experts on ``mesh["dp"]`` beside dense layers
         on the flattened ``("dp", "ep")`` mesh: only ep = 0 counted, 6.06 for 8.14).
         """
+        dtensor = type(grad).__name__ == "DTensor"
+        if dtensor:
+            # Refused on every rank holding one, copies too: a replica off coordinate 0 of a replicate= dim passed
+            # it (raising the others' "another rank refused" instead of its own ValueError), and a tied copy's
+            # Partial gradient, not reduced before its sum with the owner's, was scaled and never refused.
+            refuse_partial(name, tuple(grad.placements))
         if name in dict(self.tied):
             return False
         rule = self._rule(self.owner(name))
@@ -252,12 +258,11 @@ class ParallelPlan:
         dims = list(self.mesh.mesh_dim_names)
         if any(coord[dims.index(d)] != 0 for d in rule.replicate):
             return False
-        if type(grad).__name__ == "DTensor":
+        if dtensor:
             mesh = grad.device_mesh
             sub = mesh.get_coordinate()
             if sub is None:
                 return False
-            refuse_partial(name, tuple(grad.placements))
             mesh_names = mesh.mesh_dim_names or ()
             distinct = [
                 not pl.is_replicate() or (d < len(mesh_names) and mesh_names[d] in rule.distinct)

@@ -645,18 +645,29 @@ def body_one_sided_bad_input() -> list[str]:
     """Bad input on one stage only (a name the plan lacks, a negative group limit, a Partial gradient, a NaN
     max_norm given to compose.clip_grad_norm_): that rank raises its ValueError and every other rank a RuntimeError
     at once (they waited in the collective until the process group's timeout; compose.clip_grad_norm_'s clipper
-    refused its max_norm alone, and rank 0's collective met rank 1's next call)."""
+    refused its max_norm alone, and rank 0's collective met rank 1's next call). A Partial gradient is refused on
+    every rank holding one, copies too: a replica off coordinate 0 raised "another rank refused" instead of its
+    own ValueError, and a tied copy's Partial gradient was measured as a copy on no error at all."""
     from torch.distributed.tensor import DTensor, Partial
 
     rank = dist.get_rank()
     mesh = cases.mesh((2,), ("pp",))
-    plan = ParallelPlan(mesh, names=("a.weight", "b.weight"))
     out = []
-    for case in ("missing name", "bad group limit", "partial", "measure only", "optimizer", "report", "compose"):
+    for case in ("missing name", "bad group limit", "partial", "measure only", "optimizer", "report", "compose",
+                 "partial replica", "partial tied copy"):
         q = torch.nn.Parameter(torch.zeros(4))
         q.grad = torch.arange(1.0, 5.0)
         pieces = {("a.weight", "b.weight")[rank]: q}
         kw, opt = {}, None
+        plan = ParallelPlan(mesh, names=("a.weight", "b.weight"))
+        if case == "partial replica":  # the same parameter on both ranks, a copy over pp, Partial on both
+            plan = ParallelPlan(mesh, names=("a.weight",), rules=(Rule("*", replicate=("pp",)),))
+            q.grad = DTensor.from_local(torch.ones(4), mesh, [Partial()], run_check=False)
+            pieces = {"a.weight": q}
+        if case == "partial tied copy":  # rank 1 holds the tied copy, its gradient Partial
+            plan = ParallelPlan(mesh, names=("a.weight",), tied=(("b.weight", "a.weight"),))
+            if rank == 1:
+                q.grad = DTensor.from_local(torch.ones(4), mesh, [Partial()], run_check=False)
         if case in ("missing name", "measure only") and rank == 1:
             pieces["c.bias"] = torch.nn.Parameter(torch.zeros(2))
             pieces["c.bias"].grad = torch.ones(2)
@@ -688,16 +699,20 @@ def body_one_sided_bad_input() -> list[str]:
 
 def test_bad_input_on_one_stage_raises_on_every_rank_at_once(run_ranks):
     a, b = run_ranks(2, body_one_sided_bad_input, timeout_s=60)
-    assert len(a) == 7 and all(m.startswith("RefusedElsewhere: another rank of this call refused its input")
-                               for m in a), a  # a RuntimeError subclass
+    refused = "RefusedElsewhere: another rank of this call refused its input"  # a RuntimeError subclass
+    partial = "ValueError: gradient of '{}' has placements (Partial(sum),)"
+    assert len(a) == 9 and all(m.startswith(refused) for m in a[:7] + a[8:]), a
+    assert a[7].startswith(partial.format("a.weight")), a
     expected = ("ValueError: this rank holds 'c.bias', which is neither in the plan's names",
                 "ValueError: param group 0 has max_norm -1.0; expected a number >= 0",
-                "ValueError: gradient of 'b.weight' has placements (Partial(sum),)",
+                partial.format("b.weight"),
                 "ValueError: this rank holds 'c.bias', which is neither in the plan's names",
                 "TypeError: optimizer must be a torch.optim.Optimizer, got str",
                 "TypeError: report must be None, True or False, got str",
-                "ValueError: max_norm must be a number >= 0, got nan")
-    assert len(b) == 7 and all(m.startswith(e) for m, e in zip(b, expected)), b
+                "ValueError: max_norm must be a number >= 0, got nan",
+                partial.format("a.weight"),
+                partial.format("b.weight"))
+    assert len(b) == 9 and all(m.startswith(e) for m, e in zip(b, expected)), b
 
 
 def body_group_limits_across_stages() -> list[str]:
