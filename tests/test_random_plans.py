@@ -7,10 +7,10 @@ many at once from fixed seeds: meshes of pp/tp/dp/ep dims (size-1 dims, two jobs
 copies, stages holding nothing, experts on one ep coordinate, tied copies; ``parallelize_module`` column/row
 layers beside ``fully_shard`` ones; fairscale OSS (ShardedDataParallel, either reduce buffer, or DDP) and FSDP
 (flat or not, nested or not, reshard_after_forward, mixed precision). Checked: totals and per-parameter norms for
-p in {0, 1, 2, 3.5, inf}, clipped gradients (total, per_param, per_group, foreach), bf16 gradients, AutoClip and
-ZClip, ``debug=True``, non-finite gradients under "error" and "skip" (plans) and ``error_if_nonfinite``
-(fairscale), AGC norms (fairscale). A failure names its seed; ``scratch``-style drivers replay any seed range
-with ``plan_cases.random_plans(seeds)``, ``plan_cases.random_modules(seeds)`` or
+p in {0, 1, 2, 3.5, inf}, clipped gradients (total, per_param, per_group, foreach), bf16 and fp16 gradients, one
+collective per plan measurement, AutoClip and ZClip, ``debug=True``, non-finite gradients under "error" and "skip"
+(plans) and ``error_if_nonfinite`` (fairscale), AGC norms (fairscale). A failure names its seed; ``scratch``-style
+drivers replay any seed range with ``plan_cases.random_plans(seeds)``, ``plan_cases.random_modules(seeds)`` or
 ``random_cases.fairscale_models(seeds)``. Bodies: tests/plan_cases.py, tests/random_cases.py.
 Run: ``.venv/bin/python -m pytest tests/test_random_plans.py``.
 """
