@@ -168,6 +168,7 @@ _Place = tuple[Any, "nn.Parameter | None", int, int, str, int, torch.Size, "dist
 def _fsdp1_places(root: nn.Module, group: dist.ProcessGroup | None) -> tuple[list[_Place], Fsdp1Layout]:
     """Where every FSDP1 parameter of ``root`` lies, kept on the root while its handles stand (a walk costs tens
     of milliseconds on a model of a thousand parameters): the in-shard places, and a layout without pieces."""
+    _fsdp.check_context(root)  # (a layout built inside summon_full_params() is wrong, and would be kept)
 
     def build() -> tuple[list[_Place], Fsdp1Layout]:
         places: list[_Place] = []

@@ -1096,24 +1096,58 @@ def fsdp2_late_sync_resharded() -> list:
     return [_refused(c, "sync was turned back on after the last backward") for c in calls]
 
 
-def fsdp1_summon_with_grads() -> list[bool]:
-    """Inside summon_full_params(with_grads=True) the gradients are unsharded for the context: refused on every
-    rank with a message naming the context (it blamed no_sync()); outside it, the reference's total."""
+def fsdp1_inside_summon_full_params() -> list[bool]:
+    """Inside summon_full_params() the parameters (with ``with_grads=True`` the gradients too) are unsharded for
+    the context: every call is refused on every rank with a message naming the context, with and without
+    ``with_grads``, ``rank0_only`` and flat parameters; outside it, the reference's total and AGC.
+
+    Before: with_grads=True named no_sync(); rank0_only=True with with_grads=True refused on rank 0 alone while
+    rank 1 waited in the collective until the timeout; AGC without with_grads combined the rows cut between
+    shards wrong (inp.weight and blocks.1.lin.weight clipped apart from the same call outside, silently), and
+    with flat parameters and rank0_only=True made the ranks' buffers differ (gloo aborted the process)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from dist_clip import AGC, GradClipper
+
     rank, ws = dist.get_rank(), dist.get_world_size()
     model = new_model()
     ref = reference(model, list(range(ws)))
-    fsdp_model = _fsdp1_wrap(model, "FULL_SHARD", True)
-    loss_fn(fsdp_model, *batch(rank)).backward()
-    average_grads_(list(model.side.parameters()))  # the ignored module: the user's job
     out = []
-    with fsdp_model.summon_full_params(fsdp_model, with_grads=True):
-        try:
-            dist_clip.get_total_norm(fsdp_model)
-            out.append(False)
-        except ValueError as e:
-            out.append("summon_full_params(with_grads=True)" in str(e))
-    want = reference_norm(list(ref.grads.values()), 2.0)
-    out.append(abs(dist_clip.get_total_norm(fsdp_model).item() - want) <= 1e-6 * want)
+    for use_orig_params in (True, False):
+        fsdp_model = _fsdp1_wrap(copy.deepcopy(model), use_orig_params=use_orig_params, strategy="FULL_SHARD")
+        loss_fn(fsdp_model, *batch(rank)).backward()
+        average_grads_(list(fsdp_model.module.side.parameters()))  # the ignored module: the user's job
+        calls = (
+            lambda m=fsdp_model: dist_clip.get_total_norm(m),
+            lambda m=fsdp_model: GradClipper(mode="unitwise", agc=AGC(0.05, 1e-3))(m),
+        )
+        contexts = [{"rank0_only": True, "writeback": False}]
+        if use_orig_params:  # (with_grads needs them)
+            contexts = [{}, {"with_grads": True}, {"with_grads": True, "rank0_only": True, "writeback": False}]
+        for kw in contexts:
+            for call in calls:
+                with FSDP.summon_full_params(fsdp_model, **kw):
+                    try:
+                        call()
+                        out.append(False)
+                    except ValueError as e:
+                        out.append("summon_full_params(with_grads=True)" in str(e) and "Clip outside it" in str(e))
+        # Outside it: the reference (nothing was built or kept inside), and AGC as on a model never summoned.
+        want = reference_norm(list(ref.grads.values()), 2.0)
+        out.append(abs(dist_clip.get_total_norm(fsdp_model).item() - want) <= 1e-6 * want)
+        flat = _fsdp1_gathered_grads(fsdp_model)
+
+        def grads(m: nn.Module = fsdp_model, flat: Callable[[], dict[str, Tensor]] = flat) -> dict[str, Tensor]:
+            return {**flat(), **{f"side.{n}": q.grad.double() for n, q in m.module.side.named_parameters()}}
+
+        agc = grads()
+        with FSDP.summon_full_params(fsdp_model):
+            weights = {_clean(n): q.detach().double().clone() for n, q in fsdp_model.named_parameters()}
+        reference_agc_(weights, agc, 0.05, 1e-3)
+        GradClipper(mode="unitwise", agc=AGC(0.05, 1e-3))(fsdp_model)
+        got = grads()
+        out.append(set(got) == set(ref.grads) and all(torch.allclose(got[n], agc[n], rtol=RTOL, atol=1e-7)
+                                                      for n in agc))
     return out
 
 

@@ -381,8 +381,8 @@ def test_fsdp2_late_sync_after_a_resharded_backward_is_refused(run_ranks) -> Non
     assert run_ranks(2, cases.fsdp2_late_sync_resharded, timeout_s=90) == [[True, True, True]] * 2
 
 
-def test_fsdp1_inside_summon_full_params_with_grads_is_named(run_ranks) -> None:
-    assert run_ranks(2, cases.fsdp1_summon_with_grads, timeout_s=90) == [[True, True]] * 2
+def test_fsdp1_inside_summon_full_params_is_refused_on_every_rank(run_ranks) -> None:
+    assert run_ranks(2, cases.fsdp1_inside_summon_full_params, timeout_s=90) == [[True] * 12] * 2
 
 
 @pytest.mark.parametrize("unsharded", ["none", "root", "all"])

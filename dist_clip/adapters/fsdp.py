@@ -38,6 +38,7 @@ from .._reduce import check_covers, same_ranks
 from ..shards import Shards
 
 __all__ = [
+    "check_context",
     "clean_name",
     "dtensor_shards",
     "fsdp1_handles",
@@ -609,6 +610,7 @@ def fsdp1_shards(root: nn.Module, group: dist.ProcessGroup | None, per_param: bo
     replicated_names: list[str] = []
     replicated: list[Tensor] = []
     unsharded: list[tuple[dist.ProcessGroup, list[tuple[str, Tensor]]]] = []  # NO_SHARD handles' replicas
+    check_context(root)  # (before the plan: one built inside summon_full_params() is wrong, and kept)
     units, unmanaged = _plan(root, per_param)
     check_reduced(root, units)
     hint: tuple[str, Tensor] | None = None  # an empty tensor of a handle's dtype, for a rank holding no gradient
@@ -688,12 +690,25 @@ def _sync_holders(root: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
     return kept_on_root(root, "sync holders", build)
 
 
-def check_reduced(root: nn.Module, units: list[_Unit] | None = None) -> None:
-    """ValueError unless the FSDP1 gradients under ``root`` are reduced. Inside ``no_sync()`` (the root's
-    ``_sync_gradients`` is off) each rank holds its own gradient; a sharded handle keeps the whole unsharded,
-    unreduced gradient where its shard will be until a synchronised backward, which measured as a shard gave a
-    meaningless total (the ranks' local norms combined) and, less its padding, dropped real entries."""
+_SUMMONED = (
+    "dist_clip was called inside FSDP1's summon_full_params(): the parameters are unsharded for the context (and "
+    "under summon_full_params(with_grads=True) the gradients; with rank0_only=True on rank 0 alone), not laid out "
+    "as the shards the call reads. Clip outside it"
+)
+
+
+def check_context(root: nn.Module) -> None:
+    """ValueError, on every rank, where the FSDP1 instances under ``root`` are in a state whose gradients cannot be
+    read as reduced shards: inside ``no_sync()`` or ``summon_full_params()`` (both set on every rank). Checked
+    before the plan is built: one built inside ``summon_full_params()`` with flat parameters would list their
+    unflattened views (FSDP1 registers them for the context) as parameters no handle manages, and be kept on the
+    root after it."""
     instances, ddps = _sync_holders(root)
+    if any(getattr(m.training_state, "name", "") == "SUMMON_FULL_PARAMS" for m in instances):
+        # (the state of every instance summoned, on every rank: with rank0_only=True and with_grads=True rank 0
+        # alone holds unsharded gradients, and it alone raised while the others waited in the collective; AGC
+        # combined the rows cut between shards wrong with the parameters unsharded)
+        raise ValueError(_SUMMONED)
     if getattr(root, "_sync_gradients", True) is False or any(m._sync_gradients is False for m in instances):
         # (every FSDP1 instance under the root: a NO_SHARD child in a plain container inside its own no_sync()
         # gave each rank its own total, 0.35 and 0.74, which no shard size tells)
@@ -702,14 +717,20 @@ def check_reduced(root: nn.Module, units: list[_Unit] | None = None) -> None:
 
     for ddp in ddps:  # a DDP beside the FSDP1 modules (in the container, or FSDP1's ignored_states)
         check_ddp_synced(ddp)
-    for handle, _, pg, _, _ in units if units is not None else _plan(root, False)[0]:
+
+
+def check_reduced(root: nn.Module, units: list[_Unit] | None = None) -> None:
+    """ValueError unless the FSDP1 gradients under ``root`` are reduced. Inside ``no_sync()`` (the root's
+    ``_sync_gradients`` is off) each rank holds its own gradient; a sharded handle keeps the whole unsharded,
+    unreduced gradient where its shard will be until a synchronised backward, which measured as a shard gave a
+    meaningless total (the ranks' local norms combined) and, less its padding, dropped real entries. ``units``:
+    the plan, built after :func:`check_context` passed (else that is checked here first)."""
+    if units is None:
+        check_context(root)
+        units = _plan(root, False)[0]
+    for handle, _, pg, _, _ in units:
         flat = handle.flat_param
         if pg is not None and flat.grad is not None and flat.grad.numel() != flat._sharded_size.numel():
-            if getattr(getattr(handle, "_training_state", None), "name", "") == "SUMMON_FULL_PARAMS":
-                raise ValueError(
-                    "dist_clip was called inside FSDP1's summon_full_params(with_grads=True): the gradients are "
-                    "unsharded for the context, not laid out as shards. Clip outside it"
-                )
             raise ValueError(_UNREDUCED)
 
 
