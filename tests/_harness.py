@@ -50,6 +50,43 @@ def settle_heap() -> None:
     gc.freeze()
 
 
+def _refcounts(groups: set[Any]) -> dict[Any, int]:
+    import sys
+
+    return {pg: sys.getrefcount(pg) for pg in groups}
+
+
+def own_refcount(world_size: int) -> int:
+    """The reference count of a group that only torch's own tables hold, as :func:`_refcounts` reads it: a group
+    made and destroyed at start-up on every rank (the same ``new_group`` every rank calls)."""
+    import torch.distributed as dist
+
+    made = {dist.new_group(list(range(world_size)))}
+    (count,) = _refcounts(made).values()
+    for pg in made:
+        dist.destroy_process_group(pg)
+    return count
+
+
+def drop_task_groups(startup_groups: set[Any], own: int) -> None:
+    """Destroy the process groups the earlier tasks made (meshes, ``new_group``, FSDP's, DeepSpeed's) that nothing
+    but torch's own tables holds: a group a module or an object kept for later (DeepSpeed's world clone and expert
+    groups, fairscale's group cache, a wrapper still alive) has more references and is left. Each gloo group keeps
+    a TCP loop thread waking every 10 ms: a 4-rank pool had ~100 groups a rank by mid-suite (~300 threads) and spent
+    half a core idling, beside every later test. Called when the next task arrives: every rank finished the last
+    one (a failure breaks the pool), so no collective still runs on them."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d
+
+    world = distributed_c10d.GroupMember.WORLD  # a task may have made the world's group anew
+    made = {pg for pg in list(distributed_c10d._world.pg_map) if pg not in startup_groups and pg is not world}
+    if not made:
+        return
+    for pg, count in _refcounts(made).items():
+        if count <= own:
+            dist.destroy_process_group(pg)
+
+
 def _worker(rank: int, world_size: int, workdir: str, pg_timeout_s: float, tasks: Any, results: Any) -> None:
     stack_file = open(os.path.join(workdir, f"stacks.{rank}"), "w")  # noqa: SIM115 - lives with the process
     faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
@@ -72,6 +109,10 @@ def _worker(rank: int, world_size: int, workdir: str, pg_timeout_s: float, tasks
         "gloo", store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout_s)
     )
     settle_heap()
+    from torch.distributed import distributed_c10d
+
+    startup_groups = set(distributed_c10d._world.pg_map)
+    own = own_refcount(world_size)
     results.put((rank, True, "ready"))
     while True:
         item = tasks.get()
@@ -79,6 +120,7 @@ def _worker(rank: int, world_size: int, workdir: str, pg_timeout_s: float, tasks
             break
         fn, args, kwargs = item
         try:
+            drop_task_groups(startup_groups, own)
             value = fn(*args, **kwargs)
             results.put((rank, True, value))
         except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test
