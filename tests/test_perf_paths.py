@@ -497,7 +497,11 @@ def test_a_damaged_cached_kernel_is_rebuilt_and_the_cache_is_shared(tmp_path):
     whole = built.read_bytes()
     for size in (100_000, 1000, 64, 0):
         built.write_bytes(whole[:size])
-        assert not _native.intact(built)
+        assert not _native.intact(built), size
+    # A new process rebuilding (importing torch and compiling: ~10 s each) for a library cut within its mapped
+    # sections and for an empty one; the two other cuts are the same check of intact() above.
+    for size in (100_000, 0):
+        built.write_bytes(whole[:size])
         again = run()
         assert again.returncode == 0 and float(again.stdout) == pytest.approx(math.sqrt(4000.0)), (size, again)
         assert _native.intact(built) and built.stat().st_size == len(whole), size
