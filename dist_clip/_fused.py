@@ -1244,7 +1244,14 @@ def defers_beside(optimizer: torch.optim.Optimizer, measured: Sequence[Tensor]) 
     (:func:`steps_beside`) to the step: no hand-over waits on gradients the call does not measure (its stash is
     the optimizer's one; arming never adds one, so none appears before :func:`hand_over_applied_` reads it), or
     the one waiting holds its coefficient in its gradients already (applied in place, or settled), so that only
-    its flag is left, which then joins the ledger (:func:`_in_gradients`)."""
+    its flag is left, which then joins the ledger (:func:`_in_gradients`). A hand-over whose gradients were written
+    or are gone since waits on nothing: it is dropped first (:func:`_drop_unsettled`, as the call would drop it
+    after), so it does not make this rank divide in the call where the others leave it to the step (under DDP with a
+    parameter of rank 0's own, [l0] left to the step, l0's gradients set to None, [l1] then handed over by rank 1,
+    whose optimizer steps l1's alone, and divided in the call by rank 0: a further backward accumulated onto the
+    clipped gradients there alone, and DDP's all-reduce averaged them with rank 1's unclipped ones, so every rank
+    stepped (3 + c) / 2 g where the ranks handing over drop the coefficient, 2 g)."""
+    _drop_unsettled(optimizer)
     pending = optimizer.__dict__.get(_PENDING)
     ids = set(map(id, measured))
     return pending is None or _in_gradients(pending) or all(id(t) in ids for t in pending[3])

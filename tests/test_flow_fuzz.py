@@ -488,6 +488,58 @@ def test_a_hand_over_beside_one_ranks_own_parameter_steps_sgd_as_on_the_ranks_ha
         torch.testing.assert_close(after.double(), before - coef * g, rtol=0, atol=1e-6)
 
 
+def body_gone_part_then_other_part_handed_over() -> dict:
+    """DDP over two Linear layers and a parameter of rank 0's own in one fused SGD (lr 1, no momentum); [l0] handed
+    over (``group=None``: stepped beside the others, the division left to the step on every rank), l0's gradients
+    then set to ``None`` (``inner[0].zero_grad()``), [l1] handed over (rank 1's optimizer now steps l1's alone: a
+    hand-over; rank 0's steps its own parameter beside them), a further backward, stepped. DDP's parameters before
+    the [l1] call and after the step, l1's gradients at the call (float64), its total, the step's warnings."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    model = DDP(inner)
+    own = [nn.Parameter(torch.ones(3))] if dist.get_rank() == 0 else []
+    opt = torch.optim.SGD([*model.parameters(), *own], lr=1.0, fused=True)
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(7))
+
+    def backward() -> None:
+        (model(x).square().sum() * 4 + sum((q * q).sum() for q in own)).backward()
+
+    backward()
+    dist_clip.clip_grad_norm_(list(inner[0].parameters()), 1.0, optimizer=opt)
+    inner[0].zero_grad(set_to_none=True)
+    before = [q.detach().double().clone() for q in model.parameters()]
+    grads = [q.grad.double().clone() for q in inner[1].parameters()]
+    total = dist_clip.clip_grad_norm_(list(inner[1].parameters()), 1.0, optimizer=opt)
+    backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    return {"after": [q.detach().double().clone() for q in model.parameters()], "before": before, "grads": grads,
+            "total": float(total), "warned": [str(w.message)[:80] for w in caught]}
+
+
+def test_a_hand_over_beside_a_gone_part_s_hand_over_waits_for_the_step_as_on_the_ranks_handing_over(run_ranks):
+    """A coefficient left to the step beside other gradients waits there also where a hand-over of gradients gone
+    since ([l0]'s, set to ``None``) is still pending: it is dropped first, as the step drops it, so rank 0 leaves
+    [l1]'s division to the step as rank 1, handing it over, does, and the further backward drops it on every rank
+    with the step's warning: l1 steps the two backwards' gradients unclipped (``2 g``), DDP's replicas bit-identical.
+    Counted as a hand-over waiting, it made rank 0 divide [l1]'s gradients in the call (``c g``), which the backward
+    then accumulated onto and DDP's all-reduce averaged with rank 1's unclipped ones: every rank stepped
+    ``(3 + c) / 2 g``, neither clipped nor dropped (up to 40% off). (So too with mutant R64 of session 43,
+    ``_drop_unsettled`` keeping a hand-over of gradients gone.)"""
+    per_rank = run_ranks(2, body_gone_part_then_other_part_handed_over)
+    for a, b in zip(per_rank[0]["after"], per_rank[1]["after"]):
+        assert torch.equal(a, b), (a - b).abs().max()
+    r = per_rank[0]
+    ref = torch.cat([g.flatten() for g in r["grads"]]).norm()
+    assert abs(r["total"] - float(ref)) <= 1e-6 * float(ref) and 1.0 / float(ref) < 0.5  # (the coefficient shows)
+    for after, before, g in zip(r["after"][2:], r["before"][2:], r["grads"]):
+        torch.testing.assert_close(after, before - 2 * g, rtol=0, atol=1e-5)
+    assert [any("was dropped" in w for w in p["warned"]) for p in per_rank] == [True, True], per_rank
+
+
 def body_written_hand_over_then_own_part_armed() -> list[str]:
     """DDP over one Linear layer and a parameter of rank 0's own in one fused SGD; DDP's whole handed over, a further
     backward accumulating into every gradient, then ``GradClipper(on_nonfinite="skip")`` over the world on rank 0's
