@@ -540,10 +540,12 @@ def test_a_hand_over_beside_a_gone_part_s_hand_over_waits_for_the_step_as_on_the
     assert [any("was dropped" in w for w in p["warned"]) for p in per_rank] == [True, True], per_rank
 
 
-def body_written_hand_over_then_own_part_armed() -> list[str]:
+def body_written_hand_over_then_own_part_armed(how: str = "skip") -> list[str]:
     """DDP over one Linear layer and a parameter of rank 0's own in one fused SGD; DDP's whole handed over, a further
     backward accumulating into every gradient, then ``GradClipper(on_nonfinite="skip")`` over the world on rank 0's
-    own part (rank 1 passing nothing) and the step; the warnings this rank's calls and step raised."""
+    own part (rank 1 passing nothing; ``how="hand"``: ``clip_grad_norm_(own, optimizer=opt)``, which rank 0 divides
+    in the call, stepped beside DDP's, and keeps as a hand-over's) and the step; the warnings this rank's calls and
+    step raised."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.manual_seed(0)
@@ -560,17 +562,22 @@ def body_written_hand_over_then_own_part_armed() -> list[str]:
         backward()
         dist_clip.clip_grad_norm_(model, 1.0, optimizer=opt)
         backward()
-        dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")(own, optimizer=opt, group=dist.group.WORLD)
+        if how == "hand":
+            dist_clip.clip_grad_norm_(own, 1.0, optimizer=opt, group=dist.group.WORLD)
+        else:
+            dist_clip.GradClipper(max_norm=1.0, on_nonfinite="skip")(own, optimizer=opt, group=dist.group.WORLD)
         opt.step()
     return [str(w.message)[:80] for w in caught]
 
 
-def test_a_written_hand_over_dropped_by_a_call_reading_none_of_its_gradients_warns_on_no_rank(run_ranks):
+@pytest.mark.parametrize("how", ["skip", "hand"])
+def test_a_written_hand_over_dropped_by_a_call_reading_none_of_its_gradients_warns_on_no_rank(run_ranks, how):
     """A hand-over whose gradients a further backward wrote is dropped without a word by the next call arming
     over the world, also on a rank whose call reads none of the gradients it measured (rank 0 reads only its own
     parameter's, stepped beside DDP's; rank 1 reads nothing), so no rank's step warns. Left to the step there
-    (mutant R63: arm_skip_ not dropping it), rank 0 alone warned that the coefficient was dropped."""
-    assert run_ranks(2, body_written_hand_over_then_own_part_armed) == [[], []]
+    (mutant R63: arm_skip_ not dropping it; ``hand``, mutant M31: the hand-over of rank 0's own part, kept as a
+    hand-over's beside DDP's, not dropping it), rank 0 alone warned that the coefficient was dropped."""
+    assert run_ranks(2, body_written_hand_over_then_own_part_armed, how) == [[], []]
 
 
 def body_sgd_parts(own_too: bool, order: list[int]) -> dict:
@@ -1325,6 +1332,13 @@ FIXED = {
     "plain_replaced_nan_then_part_read_by_compose": ("plain", [("fused", True), ("bwd", (0, 0)),
                                                                ("call", "skip", [0, 1]), ("replace",),
                                                                ("call", "compose", [1]), ("step",)]),
+    # (mutation, session 44: a verdict dropping the entries it does not decide, mutant M08. The sharded a armed over
+    # the world (an agreed entry, finite), a NaN in the replicated b (every rank) armed with group=None (a local
+    # entry), then [a] read by get_total_norm over the world, which decides the agreed entry alone: the local NaN
+    # flag was lost with it and every rank stepped b's NaN)
+    "mixed_local_nan_beside_an_agreed_entry_then_read": ("mixed", [("fused", True), ("bwd", (-1, 1)),
+                                                                    ("call", "skip", [0]), ("call", "skip", [1]),
+                                                                    ("call", "total", [0]), ("step",)]),
 }
 
 
@@ -1335,7 +1349,7 @@ KEPT = {"ddp_own_nan_then_two_parts", "ddp_own_nan_dropped_then_empty_part", "al
         "alone_replaced_twice_then_read_by_no_arming", "ddp_part_replaced_after_aux_loss_nan_stepped",
         "plain_replaced_nan_then_part_armed", "alone_replaced_nan_then_own_part_armed",
         "plain_replaced_nan_then_part_armed_unitwise",
-        "plain_replaced_nan_then_part_read_by_compose"}
+        "plain_replaced_nan_then_part_read_by_compose", "mixed_local_nan_beside_an_agreed_entry_then_read"}
 
 
 @pytest.mark.parametrize("name", sorted(FIXED))

@@ -562,6 +562,28 @@ FIXED: dict[str, tuple[str, list[tuple]]] = {
                                                                    ("call", "skip", [1], 1), ("zero", True, "all"),
                                                                    ("bwd", None), ("call", "hand", [0, 1], 0),
                                                                    ("step", 1, None)]),
+    # (mutation, session 44: the entry a verdict leaves a rank holding none of skip_next_step_'s gradients, held by
+    # nothing, read as it was by the next call, mutant M15. skip_next_step_(opt, True) on every rank, b's gradient
+    # set to None (rank 1, holding no a, holds none), [a] read over the world (the verdict 1: rank 0 still holds a),
+    # the batch dropped to None and the next one clipped whole over the world: rank 1 read its entry of no gradient,
+    # 1, and every rank skipped the good step that the explicit flag, its gradients gone, no longer asks for)
+    "explicit_held_by_nothing_on_one_rank_then_dropped": ("walone", [("opts", "fused"), ("bwd", None),
+                                                                     ("skipnext", 0, True), ("none", 1),
+                                                                     ("call", "total", [0], 0),
+                                                                     ("zero", True, "all"), ("bwd", None),
+                                                                     ("call", "skip", [0, 1], 0),
+                                                                     ("step", 0, None)]),
+    # (mutation, session 44: skip_next_step_'s entry, once a verdict made it one held by its gradients, left to each
+    # rank's read by a call combining over no other rank, mutant M58. skip_next_step_(opt, True), [a] read over the
+    # world, every gradient replaced out of place, the replicated b armed with group=None: that call dropped the
+    # entry, its gradients gone, and every rank stepped; only a call combining over the world decides it (README,
+    # Limits: the step is skipped on every rank)
+    "explicit_decided_then_replaced_then_armed_without_a_collective": ("wmixed", [("opts", "fused"), ("bwd", None),
+                                                                                  ("skipnext", 0, True),
+                                                                                  ("call", "total", [0], 0),
+                                                                                  ("replace",),
+                                                                                  ("call", "skip", [1], 0),
+                                                                                  ("step", 0, None)]),
 }
 
 
@@ -569,7 +591,8 @@ FIXED: dict[str, tuple[str, list[tuple]]] = {
 #: not step, decided alike)
 KEPT = {"explicit_before_backward_then_clipped_twice", "explicit_after_none_then_other_part",
         "ddp_own_outside_written", "ddp_own_outside_written_unfused", "ddp_own_outside_written_hand",
-        "ddp_own_outside_none", "ddp_own_outside_accumulated", "ddp_own_outside_dropped"}
+        "ddp_own_outside_none", "ddp_own_outside_accumulated", "ddp_own_outside_dropped",
+        "explicit_decided_then_replaced_then_armed_without_a_collective"}
 
 
 @pytest.mark.parametrize("name", sorted(FIXED))
