@@ -599,7 +599,7 @@ def settle(tensors: Sequence[Tensor]) -> None:
             # Its skip flag is the ledger's (see ledger_arm).
             _WAITING.discard(optimizer)
             continue
-        if verdict == "replaced":
+        if verdict == "replaced" and coef is not _APPLIED:  # (applied in the call: see _pre_hook)
             _warn_replaced()
         _scale.scale_(kept, scale, divide=True)  # as the kernels apply it (see hand_over_)
         # Its flag stays with the stepped gradients it was measured on, not every one stepped: under DDP with a
@@ -1078,13 +1078,15 @@ def _pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple
             # step(), after this hook, and writes new gradients, which grad_scale would have divided by the old
             # coefficient (x1/8000 of the plain step); and for an optimizer no longer fused (its param groups
             # loaded from a non-fused run's state_dict: torch's step refused the grad_scale it does not read).
-            if verdict == "replaced":
+            if verdict == "replaced" and pending[2] is not _APPLIED:  # (applied in the call: see below)
                 _warn_replaced()
             _scale.scale_(kept, pending[0], divide=True)
             _stash(optimizer, torch.ones_like(pending[0]), pending[1], None, grads)  # as settle() leaves it
             pending = optimizer.__dict__[_PENDING]
         elif _dropped(verdict):
-            if verdict == "written":
+            # (not for a coefficient divided in the call, hand_over_applied_: it is in the gradients, and the step
+            # takes them as they are, clipped, as after a clip in place; it warned that they stepped unclipped)
+            if verdict == "written" and pending[2] is not _APPLIED:
                 warn_at_caller(  # the line calling step(), past torch's step wrappers and hooks
                     "dist_clip: the clip coefficient handed to this optimizer's step() was dropped: its gradients "
                     "were written after the clip (a further backward accumulating into them, or zeroed in place "

@@ -580,6 +580,51 @@ def test_a_written_hand_over_dropped_by_a_call_reading_none_of_its_gradients_war
     assert run_ranks(2, body_written_hand_over_then_own_part_armed, how) == [[], []]
 
 
+def body_part_divided_in_the_call_then_written(then: str) -> dict:
+    """Plain tensors of each rank's own (``a``, ``b``, ``c``) in one fused SGD (lr 1, no momentum): [a, b] handed
+    over over the world, which rank divides in the call (its optimizer steps ``c`` beside them) and keeps as a
+    hand-over's; then a further backward (``then="written"``) or ``a``'s gradient replaced out of place
+    (``"replaced"``; ``"replaced_read"``: then [a, b] read by ``get_total_norm`` over the world), and the step. The
+    warnings, ``a``'s update and its gradient at the step (float64), and the call's total."""
+    gen = torch.Generator().manual_seed(100 + dist.get_rank())
+    a, b, c = (nn.Parameter(torch.randn(n, generator=gen)) for n in (3, 2, 2))
+    opt = torch.optim.SGD([a, b, c], lr=1.0, fused=True)
+
+    def backward() -> None:
+        sum((q * q).sum() * 4 for q in (a, b, c)).backward()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        backward()
+        total = dist_clip.clip_grad_norm_([a, b], 1.0, optimizer=opt, group=dist.group.WORLD)
+        if then == "written":
+            backward()
+        else:
+            a.grad = a.grad + 0.0
+        if then == "replaced_read":
+            dist_clip.get_total_norm([a, b], group=dist.group.WORLD)
+        at_step = a.grad.double().clone()
+        before = a.detach().double().clone()
+        opt.step()
+    return {"warned": [str(w.message)[:80] for w in caught], "update": before - a.detach().double(),
+            "at_step": at_step, "total": float(total)}
+
+
+@pytest.mark.parametrize("then", ["written", "replaced", "replaced_read"])
+def test_a_part_divided_in_the_call_then_written_steps_as_it_is_without_a_warning(run_ranks, then):
+    """A coefficient divided in the call beside gradients the optimizer also steps is in the gradients: a further
+    backward (or ``a``'s gradient replaced out of place) after it steps what ``.grad`` holds, the clipped part with
+    the rest, as a clip in place does, and neither the step nor a read before it warns. The step warned that the
+    coefficient was dropped and took the gradients unclipped (or, as the read did, that replacements of unclipped
+    gradients stepped unclipped), on every rank, where the step took them clipped (and not where a settled
+    hand-over, written since, waited beside: mutant M53 of session 43, ``_drop_unsettled`` dropping it, warned there
+    too)."""
+    for r in run_ranks(2, body_part_divided_in_the_call_then_written, then):
+        assert r["warned"] == [], r["warned"]
+        assert r["total"] > 2.0  # (the coefficient shows)
+        torch.testing.assert_close(r["update"], r["at_step"], rtol=0, atol=1e-5)
+
+
 def body_sgd_parts(own_too: bool, order: list[int]) -> dict:
     """DDP over two Linear layers (and, ``own_too``, a parameter of rank 0's own) in one fused SGD (lr 1, no
     momentum); DDP's parts handed over one by one in ``order`` (``group=None``: no collective), stepped. DDP's
