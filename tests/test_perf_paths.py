@@ -2734,6 +2734,24 @@ def test_a_whole_model_nan_skip_ends_once_each_part_is_measured_again(second, fl
     _step_checked(opt, ps, skipped=False)
 
 
+@pytest.mark.parametrize("second", ["clipper", "clipper_fused"])
+def test_a_whole_model_nan_skip_ends_once_the_nan_part_is_gone_and_the_rest_measured_again(second):
+    """A NaN in h1, the whole armed (``GradClipper(on_nonfinite="skip")``, fused Adam or not, a limit no gradient
+    reaches: nothing is scaled), h1's gradients set to None by hand, [h0] armed again: that call takes h0 out of the
+    whole call's flag (its own flag reads h0 now, finite), and h1, holding no gradient, holds none of it: h0 steps.
+    Left held by h0's gradients, unwritten since (mutant M20 of session 43: the parameters a call measures again not
+    taken out), the good step was skipped."""
+    h0, h1, ps, opt, x, _ = _two_heads_skip(second)
+    clipper = dist_clip.GradClipper(max_norm=1e9, on_nonfinite="skip")
+
+    (h0(x).square().sum() + h1(x).square().sum() * math.nan).backward()
+    clipper(ps, optimizer=opt)
+    for q in h1.parameters():
+        q.grad = None
+    clipper(list(h0.parameters()), optimizer=opt)
+    _step_checked(opt, ps, skipped=False, moved=0)
+
+
 @pytest.mark.parametrize("second", ["clipper", "clipper_fused", "clip_fused"])
 def test_an_explicit_skip_lasts_while_some_gradient_it_saw_is_held(second):
     """``skip_next_step_(opt, True)`` with h0's and h1's gradients held, then h1's set to None by hand and [h0]
