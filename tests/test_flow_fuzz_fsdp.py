@@ -316,7 +316,9 @@ def test_a_nan_shard_replaced_between_armings_skips_off_the_host(run_ranks):
 def body_whole_handed_to_a_part_s_optimizer(mid: str) -> list[float]:
     """FSDP2 as in :func:`run_fsdp_flow` (2 ranks: rank 1's shards of ``l1`` empty), a fused AdamW over ``l0``
     alone, the whole model clipped with ``optimizer=`` it, then ``mid`` ("replace": every gradient replaced out of
-    place; "bwd": a second backward accumulating into them), stepped. Returns the largest relative error, over
+    place; "bwd": a second backward accumulating into them; "read_replace": the optimizer over the whole model, so
+    that every rank hands the coefficient over, ``l1`` read by ``get_total_norm``, then every gradient replaced),
+    stepped. Returns the largest relative error, over
     ``l0``'s elements, of the gradient the step consumed (AdamW's first ``exp_avg`` over ``1 - beta1``) against the
     float64 unsharded reference: the loop without ``optimizer=`` clips the first backward's gradients (by the
     float64 total over ``l0`` and ``l1``), and a replacement or a further backward keeps that clip."""
@@ -338,11 +340,13 @@ def body_whole_handed_to_a_part_s_optimizer(mid: str) -> list[float]:
     grads = [q.grad for q in ref.parameters()]
     coef = min(1.0, 1.0 / (float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))) + 1e-6))
     want = [g * coef + (g if mid == "bwd" else 0) for g in grads[:2]]
-    opt = torch.optim.AdamW(model[0].parameters(), lr=0.1, fused=True)
+    opt = torch.optim.AdamW((model if mid == "read_replace" else model[0]).parameters(), lr=0.1, fused=True)
     x = xs[dist.get_rank()]
     model(x).square().sum().backward()
     dist_clip.clip_grad_norm_(model, 1.0, optimizer=opt)
-    if mid == "replace":
+    if mid == "read_replace":
+        dist_clip.get_total_norm(model[1])
+    if mid != "bwd":
         for q in model.parameters():
             q.grad = q.grad + 0.0
     else:
@@ -352,7 +356,7 @@ def body_whole_handed_to_a_part_s_optimizer(mid: str) -> list[float]:
     return max(float(((g - w).abs() / w.abs().clamp_min(1e-3)).max()) for g, w in zip(got, want))
 
 
-@pytest.mark.parametrize("mid", ["replace", "bwd"])
+@pytest.mark.parametrize("mid", ["replace", "bwd", "read_replace"])
 def test_the_whole_handed_to_an_optimizer_of_one_part_beside_empty_shards_clips_every_rank_s_shard(run_ranks, mid):
     """The wide flow fuzz under FSDP2 (h7's scratch sweep, session 43: seed 76 at 2, 3 and 4 ranks, 112 at 4, the
     call's float64 check), minimised: the whole model handed over (``clip_grad_norm_(model, 1.0, optimizer=A)``) to
@@ -361,6 +365,10 @@ def test_the_whole_handed_to_an_optimizer_of_one_part_beside_empty_shards_clips_
     elements too, scaled in the call: every gradient then replaced out of place stepped rank 1's row of ``l0``
     unclipped (the hand-over dropped) beside rank 0's clipped rows (relative error 4.1 against the float64
     reference), and a second backward scaled rank 1's row's sum of both batches (0.67). Every rank scales in the call
-    now: the step consumes the reference's gradients on every rank."""
+    now: the step consumes the reference's gradients on every rank. ``read_replace``: the whole handed over to an
+    optimizer of the whole (every rank hands over), ``l1`` read, whose pieces on rank 1 are empty and cover no bytes:
+    the read settles the hand-over there too (an empty gradient the call holds counts as read), so the replacements
+    carry the clip on every rank (mutant M37 of session 43, settle() passing over empty pieces, left rank 1's waiting
+    and dropped it with its gradients replaced: rank 1's row of ``l0`` stepped unclipped)."""
     errors = run_ranks(2, body_whole_handed_to_a_part_s_optimizer, mid)
     assert max(errors) < 1e-5, errors
