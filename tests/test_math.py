@@ -312,6 +312,38 @@ def test_a_max_norm_beyond_float32_leaves_float32_gradients_alone(max_norm):
     assert torch.equal(param.grad, g) and result.clip_coef.item() == 1.0 and not bool(result.clipped)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("how", ["clip_grad_norm_", "total", "per_param"])
+def test_a_coefficient_of_exactly_one_writes_nothing(dtype, how):
+    """Gradients whose coefficient is exactly 1 are not multiplied on the CPU (README, Semantics): torch.equal
+    cannot tell x * 1 from x, but a multiply bumps the version counter (a gradient autograd saved then raises
+    "modified by an inplace operation") and, under torch.set_flush_denormal(True), flushes float32 and bfloat16
+    subnormals to 0. 40 gradients (the native multi-tensor multiply for halves); per_param clips one more."""
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    grads = {f"g{i}": torch.full((64,), 1e-3, dtype=dtype) for i in range(40)}
+    for g in grads.values():
+        g[0] = torch.finfo(dtype).tiny / 4  # a subnormal
+    if how == "per_param":
+        grads["big"] = torch.full((64,), 10.0, dtype=dtype)
+    params = {n: nn.Parameter(torch.zeros_like(g)) for n, g in grads.items()}
+    for n, g in grads.items():
+        params[n].grad = g.clone()
+    kept = {n: params[n].grad._version for n in grads if n != "big"}
+    torch.set_flush_denormal(True)  # (False where the CPU has no such mode: the version counters still tell)
+    try:
+        if how == "clip_grad_norm_":
+            dist_clip.clip_grad_norm_(list(params.values()), 1.0)
+        else:
+            dist_clip.GradClipper(max_norm=1.0, mode=how)(params)
+    finally:
+        torch.set_flush_denormal(False)  # torch's default
+    for n, version in kept.items():
+        assert params[n].grad._version == version, n
+        assert torch.equal(params[n].grad.view(bits), grads[n].view(bits)), n
+    if how == "per_param":
+        assert params["big"].grad.double().norm().item() == pytest.approx(1.0, rel=1e-2)
+
+
 def test_large_fp32_tensor_accuracy_beats_torch():
     torch.manual_seed(0)
     g = torch.randn(1 << 24)
