@@ -33,6 +33,15 @@ TINY = {"steps": 5, "batch_size": 4, "model": {"d_model": 32, "n_layers": 2, "n_
 JOB_TIMEOUT_S = 150
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _no_idle_rank_pools(pools):
+    """The earlier modules' rank pools are closed while these tests run launchers of their own (the later modules
+    spawn them again, seconds each): idle, a pool's ranks still ran a gloo loop thread for every group its tasks
+    kept (a 4-rank pool ~200 threads a rank, ~40% of a core in all), beside ~10 minutes of jobs on 2 cores."""
+    pools.close()
+    yield
+
+
 def write_config(folder: Path, name: str, **fields) -> Path:
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump({**TINY, **fields}))
