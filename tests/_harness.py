@@ -15,6 +15,7 @@ import gc
 import os
 import queue
 import signal
+import sys
 import tempfile
 import time
 import traceback
@@ -51,8 +52,6 @@ def settle_heap() -> None:
 
 
 def _refcounts(groups: set[Any]) -> dict[Any, int]:
-    import sys
-
     return {pg: sys.getrefcount(pg) for pg in groups}
 
 
@@ -82,6 +81,15 @@ def drop_task_groups(startup_groups: set[Any], own: int) -> None:
     made = {pg for pg in list(distributed_c10d._world.pg_map) if pg not in startup_groups and pg is not world}
     if not made:
         return
+    if "torch.distributed.tensor" in sys.modules:
+        # DTensor's caches (sharding propagation, redistribute plans) keep the specs, so the device meshes, so the
+        # groups of every FSDP2/DTensor model run (a 4-rank pool reached ~200 threads a rank with them): a cache only
+        from torch.distributed.tensor import _redistribute
+        from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+
+        _clear_sharding_prop_cache()
+        _redistribute._gen_transform_infos.cache_clear()
+        gc.collect()  # (meshes in cycles; the heap is frozen, so this walks the last task's survivors only)
     for pg, count in _refcounts(made).items():
         if count <= own:
             dist.destroy_process_group(pg)
