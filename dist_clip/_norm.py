@@ -71,13 +71,27 @@ def tensor_bytes(t: Tensor) -> bytes:
     return ctypes.string_at(t.data_ptr(), n) if n else b""
 
 
+def int_digits(value: numbers.Integral) -> int:
+    """How many decimal digits an integer has, without ``str()``, which refuses one of over 4300 digits (a
+    ValueError of its own, "Exceeds the limit ... for integer string conversion", in place of the caller's)."""
+    n = abs(int(value))
+    if n < 10:
+        return 1
+    digits = math.floor(math.log10(n)) + 1  # (a float estimate: corrected by exact powers below)
+    if 10 ** (digits - 1) > n:
+        digits -= 1
+    elif 10**digits <= n:
+        digits += 1
+    return digits
+
+
 def as_float(name: str, value: numbers.Real) -> float:
     """``float(value)``, with an integer beyond float's range (``10**400``) a ``ValueError`` naming ``name``
     instead of Python's ``OverflowError``."""
     try:
         return float(value)
     except OverflowError:
-        raise ValueError(f"{name} must fit a float64, got an integer of {len(str(int(value)))} digits") from None
+        raise ValueError(f"{name} must fit a float64, got an integer of {int_digits(value)} digits") from None
 
 
 def parse_norm_type(norm_type: object) -> float:

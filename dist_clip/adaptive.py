@@ -67,12 +67,13 @@ _BUFFER_MAX = 2**60 - 1
 def _int(name: str, value: object, low: int, high: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    shown = value if int(value).bit_length() <= 128 else (
+        f"{'a negative' if value < 0 else 'an'} int of {_norm.int_digits(value)} digits")
     if int(value) < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value}")
+        raise ValueError(f"{name} must be an int >= {low}, got {shown}")
     if high is not None and int(value) > high:
         # (a buffer of this many float64 values is made at the first call: 10**400 raised float()'s OverflowError
         # there, 2**62 torch's "Storage size calculation overflowed", after the gradients were measured)
-        shown = value if int(value).bit_length() <= 128 else f"an int of {len(str(int(value)))} digits"
         raise ValueError(f"{name} must be an int <= {high} (a float64 buffer of that many values is made at the "
                          f"first call), got {shown}")
     return int(value)

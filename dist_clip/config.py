@@ -13,10 +13,13 @@ import dataclasses
 import math
 import os
 import pathlib
+import sys
 import types
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from . import _norm
 
 __all__ = [
     "BACKENDS",
@@ -177,13 +180,10 @@ def _type_name(tp: Any) -> str:
 
 
 def _describe(value: Any) -> str:
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > _FLOAT_MAX:
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > sys.float_info.max:
         # (its repr is hundreds of digits, and Python refuses to write one of over 4300: a ValueError of its own)
-        return f"an integer of {math.floor(math.log10(abs(value))) + 1} digits"
+        return f"an integer of {_norm.int_digits(value)} digits"
     return f"{type(value).__name__} {value!r}" if not isinstance(value, dict) else "a mapping"
-
-
-_FLOAT_MAX = 1.7976931348623157e308
 
 
 def _coerce(value: Any, tp: Any, source: str, name: str) -> Any:
@@ -214,7 +214,7 @@ def _coerce(value: Any, tp: Any, source: str, name: str) -> Any:
     elif tp is float:
         # No strings: float() took YAML 1.1's 1_000 and 1_0e-3 (and "nan"); the loader reads 3e-4 as a number.
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if isinstance(value, int) and abs(value) > _FLOAT_MAX:
+            if isinstance(value, int) and abs(value) > sys.float_info.max:
                 # (float() raised OverflowError: a traceback and exit 1 instead of the one line and exit 2)
                 raise ConfigError(source, name, f"expected a number within float64's range, got {_describe(value)}")
             return float(value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -10,9 +11,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Shards", "UnitLayout", "UnitPiece", "common_loss_scale", "partition_cuts"]
+from . import _norm
 
-_FLOAT_MAX = 1.7976931348623157e308
+__all__ = ["Shards", "UnitLayout", "UnitPiece", "common_loss_scale", "partition_cuts"]
 
 
 @dataclass(frozen=True)
@@ -74,9 +75,9 @@ class Shards:
             raise TypeError(f"Shards.loss_scale must be a number, got {type(self.loss_scale).__name__}")
         if self.names and len(self.names) != len(self.tensors):
             raise ValueError(f"Shards.names has {len(self.names)} entries for {len(self.tensors)} tensors")
-        if not (self.loss_scale > 0 and self.loss_scale <= _FLOAT_MAX):  # (an int past float64: OverflowError later)
-            big = isinstance(self.loss_scale, numbers.Integral) and self.loss_scale > _FLOAT_MAX
-            shown = f"an int of {len(str(int(self.loss_scale)))} digits" if big else self.loss_scale
+        if not (self.loss_scale > 0 and self.loss_scale <= sys.float_info.max):  # (an int past float64: OverflowError)
+            big = isinstance(self.loss_scale, numbers.Integral) and self.loss_scale > sys.float_info.max
+            shown = f"an int of {_norm.int_digits(self.loss_scale)} digits" if big else self.loss_scale
             raise ValueError(f"Shards.loss_scale must be a finite number > 0, got {shown}")
 
 

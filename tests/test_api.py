@@ -145,6 +145,8 @@ def test_mixed_float32_and_float64_gradients_give_a_float64_norm():
     (lambda g: dist_clip.Shards([g], loss_scale=math.inf), ValueError, "loss_scale"),
     # (an int past float64's range was taken, then common_loss_scale's float() raised OverflowError in the call)
     (lambda g: dist_clip.Shards([g], loss_scale=10**400), ValueError, "loss_scale must be .* an int of 401 digits"),
+    # (past 4300 digits str() refuses the int: Python's own "Exceeds the limit" ValueError came instead)
+    (lambda g: dist_clip.Shards([g], loss_scale=10**5000), ValueError, "loss_scale must be .* an int of 5001 digits"),
     (lambda g: dist_clip.Shards([g], loss_scale=True), TypeError, "loss_scale"),
     (lambda g: dist_clip.Shards([g, 1.0]), TypeError, "tensors"),
     (lambda g: dist_clip.Shards([g], None, None), TypeError, "Shards.counted must be a bool"),
@@ -153,8 +155,9 @@ def test_mixed_float32_and_float64_gradients_give_a_float64_norm():
     (lambda g: dist_clip.Shards([g], "world"), TypeError, "Shards.group must be a torch.distributed.ProcessGroup"),
     (lambda g: dist_clip.Shards([g, g.clone()], names="wb"), TypeError, "Shards.names must be a list of names"),
     (lambda g: dist_clip.Shards([g], names=[0]), TypeError, "Shards.names must hold str names, got a int"),
-], ids=["names-one-short", "loss-scale-0", "loss-scale-inf", "loss-scale-10**400", "loss-scale-bool", "a-float-piece",
-        "counted-none", "counted-str", "counted-2", "group-str", "names-a-str", "names-an-int"])
+], ids=["names-one-short", "loss-scale-0", "loss-scale-inf", "loss-scale-10**400", "loss-scale-10**5000",
+        "loss-scale-bool", "a-float-piece", "counted-none", "counted-str", "counted-2", "group-str", "names-a-str",
+        "names-an-int"])
 def test_the_shards_contract_refuses_bad_pieces_when_made(make, error, match):
     """What a custom adapter hands back is checked when made (README, Adding a framework): each of these was
     taken by a mutant (a loss scale of 0 or inf gave a total of inf or 0, True a total, names one short and a

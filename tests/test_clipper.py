@@ -62,6 +62,8 @@ def test_config_errors_name_expected_and_received(kwargs, error, match):
         # "Storage size calculation overflowed" came from there, after the gradients were measured.
         (lambda: ZClip(warmup_steps=10**400), ValueError, f"warmup_steps must be an int <= {2**60 - 1} .*401 digits"),
         (lambda: AutoClip(window=2**60), ValueError, f"window must be an int <= {2**60 - 1} .*got {2**60}"),
+        (lambda: AutoClip(window=-(10**5000)), ValueError, "must be an int >= 1, got a negative int of 5001 digits"),
+        (lambda: AutoClip(window=10**5000), ValueError, "window must be an int <= .*got an int of 5001 digits"),
         (lambda: AGC(clipping=0), ValueError, "clipping"),
         (lambda: AGC(exclude="fc.*"), TypeError, "exclude"),
     ],
