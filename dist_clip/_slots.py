@@ -669,6 +669,13 @@ def _layout_check(combined: Tensor, p: float, world: int, n_slots: int, settings
     return torch.where(same, body, torch.full_like(body, math.nan))
 
 
+def reduction_group_of(shards: Sequence[Shards], group: dist.ProcessGroup | None = None) -> dist.ProcessGroup | None:
+    """The group :func:`measure` all-reduces over: ``group`` where given (a plan's), else the one spanning the
+    shards' groups. A caller sizing what it sends (a fingerprint's width, whether it combines over other ranks)
+    takes it from here, so that it cannot drift from the measurement's."""
+    return group if group is not None else _reduce.reduction_group(s.group for s in shards)
+
+
 def measure(
     shards: Sequence[Shards],
     slot_of: Callable[[str, int], int] | None,
@@ -716,7 +723,7 @@ def measure(
     """
     if n_slots < 1:
         raise ValueError(f"a measurement needs at least one slot, got {n_slots}")
-    red = group if group is not None else _reduce.reduction_group(s.group for s in shards)
+    red = reduction_group_of(shards, group)
     device = _reduce.home_device((t for s in shards for t in s.tensors), red)
     check = (layout is not None or bool(settings)) and red is not None and _reduce.group_size(red) > 1
     pick = slot_of if slot_of is not None else (lambda _n, _i: 0)

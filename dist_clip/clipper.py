@@ -952,8 +952,8 @@ class GradClipper:
                     # Pipeline stages, or named pieces (a mapping, a user adapter's Shards) whose ranks' optimizers
                     # differ (a rank holding nothing of a parameter may leave it out, or hold it without a
                     # gradient): every rank's memberships travel in the measurement.
-                    red = plan.reduction_group if plan is not None else _reduce.reduction_group(
-                        s.group for s in shards)  # as _slots.measure finds it: the digests' width follows it
+                    # (as _slots.measure finds it: the digests' width follows it)
+                    red = _slots.reduction_group_of(shards, plan.reduction_group if plan is not None else None)
                     world = _reduce.group_size(red)
                     held = {n for s in named.shards for n, t in zip(s.names, s.tensors) if t.numel() > 0}
                     unlisted = [g < 0 and n in held for g, n in zip(grouping[0], named.names)]
@@ -979,8 +979,7 @@ class GradClipper:
             flat = [t for s in shards for t in s.tensors]  # (listed once)
             agreement = _fused.Agreement(optimizer if arm_skip is not None else None)
             _clip.settle_hand_over(target, flat)
-            red = plan.reduction_group if plan is not None else None  # (as _slots.measure finds it)
-            red = red if red is not None else _reduce.reduction_group(s.group for s in shards)
+            red = _slots.reduction_group_of(shards, plan.reduction_group if plan is not None else None)
             membership = _with_agreed(membership, agreement.sent(_reduce.group_size(red) > 1))
             before = False
         except (ValueError, TypeError) as e:

@@ -518,8 +518,7 @@ def get_total_norm(target: object, plan: ParallelPlan, norm_type: float | str = 
     # This rank's read of every optimizer's agreed skip flags, one more value in the all-reduce, which decides
     # them (see _fused.Agreement), as in the other calls (0 unread where the plan's group is this rank alone)
     agreement = _fused.Agreement()
-    red = plan.reduction_group
-    red = red if red is not None else _reduce.reduction_group(s.group for s in named.shards)  # (as measure finds it)
+    red = _slots.reduction_group_of(named.shards, plan.reduction_group)
     m = _slots.measure(named.shards, (lambda n, _i: index[n]) if named.names else None,
                        max(len(named.names), 1), p, None, presence=True, group=plan.reduction_group,
                        layout=named.names, extra=_with_agreed(None, agreement.sent(_reduce.group_size(red) > 1)),
