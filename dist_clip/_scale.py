@@ -219,6 +219,14 @@ def scale_(
         mul_group_(group, _reduce.moved(coef, device), foreach, divide)
 
 
+def one_by_one_instead(foreach: bool | None, tensors: Sequence[Tensor]) -> bool:
+    """Whether a fused multiply torch refused with ``NotImplementedError`` is done one tensor at a time instead: a
+    list holding a nested tensor (strided layout, a plain Tensor to every type test), which torch has no fused
+    multiply for and refuses whole before writing any (the call measured it, then raised torch's error on its rank
+    alone, nothing scaled), under ``foreach=None``, as torch's tri-state promises; ``foreach=True`` raises."""
+    return not foreach and any(t.is_nested for t in tensors)
+
+
 def mul_group_(group: list[Tensor], c: Tensor, foreach: bool | None, divide: bool = False) -> None:
     """``t *= c`` for every tensor of one (device, dtype) group, the product taken in float32 or better and
     rounded once to the tensor's dtype. Off the CPU a 0-dim ``c`` of another dtype is cast to the tensors' dtype
@@ -255,11 +263,7 @@ def mul_group_(group: list[Tensor], c: Tensor, foreach: bool | None, divide: boo
         try:
             foreach_op(group, c)
         except NotImplementedError:
-            # A nested tensor (strided layout, a plain Tensor to every type test): torch has no fused multiply for
-            # it and refuses the whole list before writing any (the call measured it, then raised torch's error
-            # from here on its rank alone, nothing scaled); foreach=None falls back to one by one, as torch's
-            # tri-state promises, where foreach=True raises.
-            if foreach or not any(t.is_nested for t in group):
+            if not one_by_one_instead(foreach, group):
                 raise
             for t in group:
                 getattr(t, op)(c)

@@ -885,8 +885,8 @@ def scale_slots_(pieces: Sequence[tuple[Tensor, int]], coefs: Tensor, foreach: b
                 try:
                     torch._foreach_mul_(tensors, scalars)
                     continue
-                except NotImplementedError:  # a nested tensor: one by one (see _scale.mul_group_)
-                    if foreach or not any(t.is_nested for t in tensors):
+                except NotImplementedError:
+                    if not _scale.one_by_one_instead(foreach, tensors):
                         raise
             for t, v in zip(tensors, scalars):
                 (t._values() if t.is_sparse else t).mul_(v)  # (sparse mul rounds v to t's dtype first)
